@@ -1,0 +1,25 @@
+// Package config holds orch-host's configuration: defaults, then a YAML
+// file, then ORCH_* environment variables (__ for nesting), then the flags
+// the user actually set. Unknown keys are errors.
+//
+// Each section's struct lives in its own file (plugins.go, server.go, ...);
+// koanf tags are snake_case.
+package config
+
+// Config is the whole orch-host configuration.
+type Config struct {
+	LogLevel string        `koanf:"log_level"`
+	Plugins  PluginsConfig `koanf:"plugins"`
+	Models   []ModelConfig `koanf:"models"`
+	Server   ServerConfig  `koanf:"server"`
+}
+
+// ModelConfig is one model to serve.
+type ModelConfig struct {
+	Path          string `koanf:"path"`
+	Name          string `koanf:"name"`    // served model id; default: file name without .gguf
+	Adapter       string `koanf:"adapter"` // pin an adapter by name (overrides plugins.architectures)
+	Device        string `koanf:"device"`  // auto, cpu, cuda
+	ContextLength int    `koanf:"context_length"`
+	MaxSequences  int    `koanf:"max_sequences"`
+}
