@@ -4,7 +4,11 @@
 // paged KV cache) and gets an sdk.Adapter from NewAdapter.
 package engine
 
-import "context"
+import (
+	"context"
+
+	"github.com/llama-orch/orch/sdk"
+)
 
 // Spec describes a loaded model to the engine.
 type Spec struct {
@@ -53,3 +57,9 @@ type Model interface {
 	CopyBlock(dst, src int32) error
 	Close() error
 }
+
+// Loader opens a model for the engine: it reads req.Path, sizes the KV pool
+// from req.Options (context length, max sequences, KV cache fraction of free
+// memory), reports progress and returns the Model with the ModelInfo the
+// adapter reports. Architectures provide one (e.g. gpt.Loader, llama.Loader).
+type Loader func(ctx context.Context, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (Model, sdk.ModelInfo, error)
