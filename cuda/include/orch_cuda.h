@@ -1,0 +1,197 @@
+/*
+ * orch_cuda.h — the C ABI of liborch_cuda.so, the only thing Go sees of cuda/.
+ *
+ * Rules of this header:
+ *  - No CUDA types. Device memory is a plain pointer (void*/float*) that the
+ *    caller got from orch_malloc; streams, graphs and events are opaque.
+ *  - Every entry returns an orch_status; ORCH_OK (0) is success. On failure
+ *    orch_last_error() copies a message naming the op and the CUDA error.
+ *  - All ops enqueue work on the context's stream and return without waiting
+ *    for the GPU (no host synchronisation), so a decode step can be captured
+ *    into a CUDA graph between orch_graph_begin and orch_graph_end. Only the
+ *    d2h copy and orch_sync wait.
+ *  - Activations are float32, row-major. Weights are raw GGUF bytes on the
+ *    device (quantized blocks exactly as llama.cpp lays them out), typed by
+ *    the GGUF type ids below; a 2-D weight with ne=[k, m] is m rows of k.
+ *  - Integer args that index memory are int64; counts are int32 or int64.
+ *  - Positions, sequence ids, block tables, slot maps, expert ids and RNG
+ *    states are device arrays so a captured graph reads this step's values.
+ */
+#ifndef ORCH_CUDA_H
+#define ORCH_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ORCH_ABI_VERSION 1
+
+typedef enum {
+  ORCH_OK = 0,
+  ORCH_ERR_INVALID = 1,     /* bad argument (shape, type, null pointer) */
+  ORCH_ERR_CUDA = 2,        /* a CUDA runtime / cuBLAS call failed */
+  ORCH_ERR_OOM = 3,         /* device or pinned memory exhausted */
+  ORCH_ERR_UNSUPPORTED = 4, /* dtype/shape combination not implemented */
+  ORCH_ERR_NO_DEVICE = 5    /* no usable CUDA device / driver */
+} orch_status;
+
+/* GGUF tensor type ids (ggml_type). */
+enum {
+  ORCH_T_F32 = 0,
+  ORCH_T_F16 = 1,
+  ORCH_T_Q4_0 = 2,
+  ORCH_T_Q8_0 = 8,
+  ORCH_T_Q4_K = 12,
+  ORCH_T_Q6_K = 14,
+  ORCH_T_BF16 = 30,
+  ORCH_T_MXFP4 = 39
+};
+
+/* KV cache element types. */
+enum { ORCH_KV_F32 = 0, ORCH_KV_F16 = 1 };
+
+typedef struct orch_ctx orch_ctx;
+
+/* ---- runtime (runtime.cu) ---- */
+int orch_abi_version(void);
+/* Copies the last error message (thread-global) into buf (NUL-terminated). */
+int orch_last_error(char *buf, int64_t n);
+/* Number of CUDA devices; 0 with ORCH_ERR_NO_DEVICE when none or no driver. */
+int orch_device_count(int32_t *count);
+int orch_init(int32_t device, orch_ctx **out);
+int orch_destroy(orch_ctx *ctx);
+/* name: device name; cc = major*10+minor; sm_count; memory in bytes. */
+int orch_device_info(orch_ctx *ctx, char *name, int64_t name_len, int32_t *cc, int32_t *sm_count,
+                     int64_t *free_bytes, int64_t *total_bytes);
+int orch_malloc(orch_ctx *ctx, int64_t bytes, void **out);
+int orch_free(orch_ctx *ctx, void *p);
+int orch_host_alloc(int64_t bytes, void **out); /* pinned host memory */
+int orch_host_free(void *p);
+/* Async on the stream; src must stay valid until the stream reaches it. */
+int orch_memcpy_h2d(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
+int orch_memcpy_d2d(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
+/* Synchronous: waits for the stream, then copies. */
+int orch_memcpy_d2h(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
+int orch_memset(orch_ctx *ctx, void *dst, int32_t byte_value, int64_t bytes);
+int orch_fill_f32(orch_ctx *ctx, float *dst, float value, int64_t n);
+int orch_sync(orch_ctx *ctx);
+/* Graph capture of everything enqueued on ctx's stream between begin and end. */
+int orch_graph_begin(orch_ctx *ctx);
+int orch_graph_end(orch_ctx *ctx, void **graph_exec);
+int orch_graph_launch(orch_ctx *ctx, void *graph_exec);
+int orch_graph_destroy(void *graph_exec);
+int orch_event_create(void **ev);
+int orch_event_destroy(void *ev);
+int orch_event_record(orch_ctx *ctx, void *ev);
+/* Waits for ev1, returns milliseconds between ev0 and ev1. */
+int orch_event_elapsed(void *ev0, void *ev1, float *ms);
+
+/* ---- matmul.cu ----
+ * y[n, m] (+)= x[n, k] · W^T + bias. W: m rows of k elements of type wtype,
+ * row stride row_bytes(wtype, k). bias: float[m] or NULL. accumulate != 0
+ * adds into y (residual fusion). n <= 8 runs a dequantizing GEMV that reads
+ * W once; larger n dequantizes W to bf16 tiles and calls cuBLAS. y must not
+ * alias x. */
+int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
+                int64_t n, int64_t k, int64_t m, int32_t accumulate);
+/* Mixture-of-experts matmul: for each (token t, slot s), p = t*n_slots + s,
+ * e = ids[p], y[p, :] = x[xi, :] · W_e^T + bias[e, :], xi = p if x_per_slot
+ * else t. W: n_exp experts of m rows of k (GGUF ne=[k, m, n_exp]). */
+int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t x_per_slot, const void *w, int32_t wtype,
+                    const float *bias, const int32_t *ids, int64_t n, int32_t n_slots, int64_t k, int64_t m);
+/* out[i, :] (+)= dequant(table row ids[i]), table: rows of dim elements. */
+int orch_get_rows(orch_ctx *ctx, float *out, const void *table, int32_t ttype, const int32_t *ids, int64_t n,
+                  int64_t dim, int32_t accumulate);
+/* Bytes of one row of k elements of type t (0 when k is not a multiple of
+ * the block size or t is unknown). */
+int64_t orch_row_bytes(int32_t t, int64_t k);
+
+/* ---- norm.cu ----
+ * If add != NULL: x += add (x is written back: the residual stream).
+ * Then out = norm(x) * w (+ b). w, b may be NULL. out may alias x. */
+int orch_rmsnorm(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, int64_t n, int64_t dim,
+                 float eps);
+int orch_layernorm(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, const float *b,
+                   int64_t n, int64_t dim, float eps);
+
+/* ---- act.cu ---- (elementwise; out may alias inputs) */
+int orch_add(orch_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
+/* y[i, :] += bias for n rows of dim. */
+int orch_add_bias(orch_ctx *ctx, float *y, const float *bias, int64_t n, int64_t dim);
+int orch_scale(orch_ctx *ctx, float *out, const float *x, float s, int64_t n);
+int orch_gelu(orch_ctx *ctx, float *out, const float *x, int64_t n); /* tanh form */
+/* out = silu(gate) * up, rows of dim; gate/up/out have row strides in elements. */
+int orch_swiglu(orch_ctx *ctx, float *out, const float *gate, const float *up, int64_t n, int64_t dim,
+                int64_t gate_stride, int64_t up_stride);
+/* gpt-oss: g = min(gate, limit); u = clamp(up, -limit, limit);
+ * out = (u + 1) * g * sigmoid(alpha * g). */
+int orch_swiglu_oai(orch_ctx *ctx, float *out, const float *gate, const float *up, int64_t n, int64_t dim,
+                    int64_t gate_stride, int64_t up_stride, float alpha, float limit);
+
+/* ---- rope.cu ----
+ * In place on x: n_tok rows (row_stride elements apart) of n_heads heads of
+ * head_dim; the first rot_dim dims of each head rotate by
+ * theta_i = pos * inv_freq[i] (i < rot_dim/2; inv_freq is a device array so
+ * YaRN / llama3 / rope_freqs are computed on the host), cos and sin scaled by
+ * attn_factor. neox != 0: pairs (i, i + rot_dim/2); else adjacent (2i, 2i+1). */
+int orch_rope(orch_ctx *ctx, float *x, int64_t row_stride, int64_t n_tok, int32_t n_heads, int32_t head_dim,
+              int32_t rot_dim, const int32_t *pos, const float *inv_freq, float attn_factor, int32_t neox);
+
+/* ---- attention.cu ----
+ * Paged KV cache: per layer, K and V are [n_slots, n_kv_heads, head_dim] of
+ * kv_dtype; slot = block_tables[seq*max_blocks + pos/block_size]*block_size
+ * + pos%block_size. */
+int orch_kv_write(orch_ctx *ctx, void *k_cache, void *v_cache, int32_t kv_dtype, const float *k, const float *v,
+                  int64_t k_stride, int64_t v_stride, const int32_t *slots, int64_t n_tok, int32_t n_kv_heads,
+                  int32_t head_dim);
+
+typedef struct {
+  float *out;                  /* [n_tok, n_heads*head_dim] */
+  const float *q;              /* n_tok rows, q_stride elements apart */
+  const void *k_cache;
+  const void *v_cache;
+  const int32_t *tok_seq;      /* [n_tok] sequence index of each query token */
+  const int32_t *tok_pos;      /* [n_tok] absolute position of each query token */
+  const int32_t *block_tables; /* [n_seq, max_blocks] */
+  const float *sinks;          /* [n_heads] or NULL */
+  int64_t q_stride;
+  int64_t n_tok;
+  int32_t max_blocks;
+  int32_t block_size;
+  int32_t n_heads;
+  int32_t n_kv_heads;
+  int32_t head_dim; /* 64, 128 or 256 */
+  int32_t window;   /* >0: key kp visible iff qpos - kp < window */
+  int32_t kv_dtype;
+  float scale; /* usually 1/sqrt(head_dim) */
+} orch_attn_args;
+/* Causal attention of each query token over keys 0..pos of its sequence
+ * (already written to the cache), softmax with optional sinks (one extra
+ * logit per head in the denominator only). */
+int orch_attention(orch_ctx *ctx, const orch_attn_args *a);
+
+/* ---- moe.cu ----
+ * Router: for each row of logits[n, n_exp], the top-k expert ids (largest
+ * first; ties by lower index) and weights = softmax over the k selected. */
+int orch_moe_topk(orch_ctx *ctx, int32_t *ids, float *weights, const float *logits, int64_t n, int32_t n_exp,
+                  int32_t k);
+/* out[t, :] (+)= sum_s w[t, s] * y[t*k + s, :]. */
+int orch_moe_combine(orch_ctx *ctx, float *out, const float *y, const float *w, int64_t n, int32_t k, int64_t dim,
+                     int32_t accumulate);
+
+/* ---- sample.cu ---- */
+int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab);
+/* Per row: temperature <= 0 → argmax. Else p ∝ exp(l/T); keep the top_k
+ * (0 = all), then the smallest set with mass >= top_p (1 = all) of those,
+ * then p >= min_p * p_max (0 = all); draw u from the row's RNG state
+ * (rng[i], advanced in place so a replayed graph draws fresh numbers). */
+int orch_sample(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab, float temperature,
+                int32_t top_k, float top_p, float min_p, uint64_t *rng);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ORCH_CUDA_H */

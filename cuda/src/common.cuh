@@ -1,0 +1,90 @@
+// common.cuh — shared host/device helpers of liborch_cuda: the context, error
+// recording, launch checking, warp/block reductions.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cublas_v2.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <vector>
+
+#include "../include/orch_cuda.h"
+
+struct orch_ctx {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  void *cublas_ws = nullptr;
+  size_t cublas_ws_bytes = 0;
+  // Scratch for the dequantize-then-cuBLAS GEMM (bf16 weight tile, bf16 x).
+  // Grown on demand; old buffers are kept until destroy because a captured
+  // graph may still reference them.
+  void *scratch = nullptr;
+  size_t scratch_bytes = 0;
+  std::vector<void *> retired;
+};
+
+// Records msg as the last error (thread-global, mutex-protected).
+void orch_set_error(const char *fmt, ...);
+
+#define ORCH_CHECK_ARG(cond, op)                                          \
+  do {                                                                    \
+    if (!(cond)) {                                                        \
+      orch_set_error("%s: invalid argument: %s", op, #cond);              \
+      return ORCH_ERR_INVALID;                                            \
+    }                                                                     \
+  } while (0)
+
+#define ORCH_CUDA(call, op)                                                              \
+  do {                                                                                   \
+    cudaError_t e_ = (call);                                                             \
+    if (e_ != cudaSuccess) {                                                             \
+      orch_set_error("%s: %s: %s (%s:%d)", op, #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
+      return e_ == cudaErrorMemoryAllocation ? ORCH_ERR_OOM : ORCH_ERR_CUDA;             \
+    }                                                                                    \
+  } while (0)
+
+// After a kernel launch: any launch error becomes the op's error.
+#define ORCH_LAUNCHED(op) ORCH_CUDA(cudaGetLastError(), op)
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grows ctx scratch to at least bytes.
+int orch_scratch(orch_ctx *ctx, size_t bytes, void **out);
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum; every thread gets the result. blockDim.x multiple of 32, <= 1024.
+__device__ __forceinline__ float block_sum(float v, float *sh /* >= 32 floats */) {
+  int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  float r = lane < nw ? sh[lane] : 0.f;
+  r = warp_sum(r);
+  return r;
+}
+
+__device__ __forceinline__ float block_max(float v, float *sh) {
+  int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  float r = lane < nw ? sh[lane] : -INFINITY;
+  r = warp_max(r);
+  return r;
+}

@@ -1,0 +1,256 @@
+// matmul.cu — matrix products with GGUF weights read in place:
+//  - gemv: n <= 8 tokens (decode). One warp per output row; lanes walk the
+//    row's 32-element chunks, dequantize in registers and dot with up to 8
+//    token vectors; the weight is read from device memory exactly once.
+//  - gemm: n > 8 (prefill). The weight is dequantized tile by tile to bf16
+//    into scratch and multiplied by cuBLAS (bf16 inputs, f32 accumulate).
+//  - moe_matmul: the gemv over (token, slot) pairs, each with its expert.
+//  - get_rows: embedding lookup of any type.
+#include "quant.cuh"
+
+constexpr int GEMV_WARPS = 4;
+
+extern "C" int64_t orch_row_bytes(int32_t t, int64_t k) {
+  if (!type_known(t) || k <= 0) return 0;
+  int be = type_block_elems(t);
+  if (k % be) return 0;
+  return k / be * type_block_bytes(t);
+}
+
+// x rows for token j: x + xrow[j]*k. NT tokens per block column.
+template <int T, int NT>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+            // MoE (ids != nullptr): blockIdx.y is the pair p; NT == 1.
+            const int32_t *__restrict__ ids, int n_slots, int x_per_slot, int64_t expert_bytes) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+  if (row >= m) return;
+  int64_t t0 = (int64_t)blockIdx.y * NT;
+  int nt = (int)min((int64_t)NT, n - t0);
+  const uint8_t *wr = w + row * row_bytes;
+  const float *bias_row = bias;
+  int64_t xrow0 = t0, yrow0 = t0;
+  if (ids) {
+    int64_t p = blockIdx.y;
+    int e = ids[p];
+    wr = w + (int64_t)e * expert_bytes + row * row_bytes;
+    if (bias) bias_row = bias + (int64_t)e * m;
+    xrow0 = x_per_slot ? p : p / n_slots;
+    yrow0 = p;
+    nt = 1;
+  }
+  float acc[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) acc[j] = 0.f;
+  const int64_t nchunks = k / 32;
+  for (int64_t c = lane; c < nchunks; c += 32) {
+    float v[32];
+    dequant_chunk<T>(wr, c, v);
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      if (j < nt) {
+        const float4 *xp = reinterpret_cast<const float4 *>(x + (xrow0 + j) * k + c * 32);
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+          float4 xv = __ldg(xp + i);
+          s += v[4 * i] * xv.x + v[4 * i + 1] * xv.y + v[4 * i + 2] * xv.z + v[4 * i + 3] * xv.w;
+        }
+        acc[j] += s;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    float s = warp_sum(acc[j]);
+    if (lane == 0 && j < nt) {
+      if (bias_row) s += bias_row[row];
+      float *yp = y + (yrow0 + j) * m + row;
+      *yp = accumulate ? *yp + s : s;
+    }
+  }
+}
+
+template <int T>
+static void launch_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                        int64_t k, int64_t m, int64_t rb, int acc) {
+  dim3 block(GEMV_WARPS * 32);
+  if (n == 1) {
+    dim3 grid((unsigned)ceil_div(m, GEMV_WARPS), 1);
+    gemv_kernel<T, 1><<<grid, block, 0, st>>>(y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+  } else if (n == 2) {
+    dim3 grid((unsigned)ceil_div(m, GEMV_WARPS), 1);
+    gemv_kernel<T, 2><<<grid, block, 0, st>>>(y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+  } else if (n <= 4) {
+    dim3 grid((unsigned)ceil_div(m, GEMV_WARPS), 1);
+    gemv_kernel<T, 4><<<grid, block, 0, st>>>(y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+  } else {
+    dim3 grid((unsigned)ceil_div(m, GEMV_WARPS), (unsigned)ceil_div(n, 8));
+    gemv_kernel<T, 8><<<grid, block, 0, st>>>(y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+  }
+}
+
+template <int T>
+static void launch_moe(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
+                       const int32_t *ids, int64_t n, int n_slots, int x_per_slot, int64_t k, int64_t m, int64_t rb) {
+  dim3 block(GEMV_WARPS * 32);
+  dim3 grid((unsigned)ceil_div(m, GEMV_WARPS), (unsigned)(n * n_slots));
+  gemv_kernel<T, 1><<<grid, block, 0, st>>>(y, x, w, bias, n * n_slots, k, m, rb, 0, ids, n_slots, x_per_slot,
+                                            rb * m);
+}
+
+// Dequantize rows [0, mc) of w into bf16 out[mc, k].
+template <int T>
+__global__ void dequant_bf16_kernel(__nv_bfloat16 *__restrict__ out, const uint8_t *__restrict__ w, int64_t mc,
+                                    int64_t k, int64_t row_bytes) {
+  const int64_t nch = k / 32;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < mc * nch; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = i / nch, c = i % nch;
+    float v[32];
+    dequant_chunk<T>(w + r * row_bytes, c, v);
+    __nv_bfloat162 *o = reinterpret_cast<__nv_bfloat162 *>(out + r * k + c * 32);
+#pragma unroll
+    for (int j = 0; j < 16; j++) o[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+  }
+}
+
+template <int T>
+static void launch_dequant_bf16(cudaStream_t st, __nv_bfloat16 *out, const uint8_t *w, int64_t mc, int64_t k,
+                                int64_t rb) {
+  int64_t work = mc * (k / 32);
+  unsigned blocks = (unsigned)min(ceil_div(work, 256), (int64_t)65535);
+  dequant_bf16_kernel<T><<<blocks, 256, 0, st>>>(out, w, mc, k, rb);
+}
+
+__global__ void f32_to_bf16_kernel(__nv_bfloat16 *__restrict__ out, const float *__restrict__ x, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    out[i] = __float2bfloat16(x[i]);
+}
+
+__global__ void add_bias_rows_kernel(float *__restrict__ y, const float *__restrict__ b, int64_t n, int64_t m) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * m; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] += b[i % m];
+}
+
+static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
+                           int64_t n, int64_t k, int64_t m, int32_t accumulate) {
+  const char *op = "matmul";
+  ORCH_CHECK_ARG(ctx && y && x && w && n >= 0 && k > 0 && m > 0, op);
+  if (!type_known(wtype)) {
+    orch_set_error("matmul: unsupported weight type %d", wtype);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  if (k % 32 || k % type_block_elems(wtype)) {
+    orch_set_error("matmul: k=%lld is not a multiple of 32 / the block size of type %d", (long long)k, wtype);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  ORCH_CHECK_ARG(aligned16(x) && aligned16(w), op);
+  if (n == 0) return ORCH_OK;
+  const int64_t rb = orch_row_bytes(wtype, k);
+  const uint8_t *wb = (const uint8_t *)w;
+  if (n <= 8) {
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+    ORCH_LAUNCHED(op);
+    return ORCH_OK;
+  }
+  // Prefill: bf16 x once, then weight tiles of mc rows.
+  const int64_t tile_elems = 16ll << 20; // 32 MiB of bf16 per weight tile
+  int64_t mc = tile_elems / k;
+  if (mc < 64) mc = 64;
+  if (mc > m) mc = m;
+  mc = (mc + 7) / 8 * 8;
+  size_t xbytes = (size_t)(n * k * 2 + 255) / 256 * 256;
+  size_t need = xbytes + (size_t)(mc * k * 2);
+  void *scr = nullptr;
+  int rc = orch_scratch(ctx, need, &scr);
+  if (rc != ORCH_OK) return rc;
+  __nv_bfloat16 *xb = (__nv_bfloat16 *)scr;
+  __nv_bfloat16 *wt = (__nv_bfloat16 *)((char *)scr + xbytes);
+  {
+    unsigned blocks = (unsigned)min(ceil_div(n * k, 256), (int64_t)65535);
+    f32_to_bf16_kernel<<<blocks, 256, 0, ctx->stream>>>(xb, x, n * k);
+    ORCH_LAUNCHED(op);
+  }
+  const float one = 1.f, zero = 0.f;
+  for (int64_t m0 = 0; m0 < m; m0 += mc) {
+    int64_t rows = min(mc, m - m0);
+    ORCH_DISPATCH_TYPE(wtype, launch_dequant_bf16, ctx->stream, wt, wb + m0 * rb, rows, k, rb);
+    ORCH_LAUNCHED(op);
+    // Column-major view: Y^T[m, n] = W[m, k] · X^T[k, n].
+    cublasStatus_t s = cublasGemmEx(ctx->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n, (int)k, &one, wt,
+                                    CUDA_R_16BF, (int)k, xb, CUDA_R_16BF, (int)k, accumulate ? &one : &zero,
+                                    y + m0, CUDA_R_32F, (int)m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+      orch_set_error("matmul: cublasGemmEx failed (status %d) m=%lld n=%lld k=%lld", (int)s, (long long)rows,
+                     (long long)n, (long long)k);
+      return ORCH_ERR_CUDA;
+    }
+  }
+  if (bias) {
+    unsigned blocks = (unsigned)min(ceil_div(n * m, 256), (int64_t)65535);
+    add_bias_rows_kernel<<<blocks, 256, 0, ctx->stream>>>(y, bias, n, m);
+    ORCH_LAUNCHED(op);
+  }
+  return ORCH_OK;
+}
+
+extern "C" int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t x_per_slot, const void *w,
+                               int32_t wtype, const float *bias, const int32_t *ids, int64_t n, int32_t n_slots,
+                               int64_t k, int64_t m) {
+  const char *op = "moe_matmul";
+  ORCH_CHECK_ARG(ctx && y && x && w && ids && n >= 0 && n_slots > 0 && k > 0 && m > 0, op);
+  if (!type_known(wtype) || k % 32 || k % type_block_elems(wtype)) {
+    orch_set_error("moe_matmul: unsupported type %d or k=%lld", wtype, (long long)k);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  ORCH_CHECK_ARG(aligned16(x) && aligned16(w), op);
+  ORCH_CHECK_ARG(n * n_slots <= 65535, op);
+  if (n == 0) return ORCH_OK;
+  const int64_t rb = orch_row_bytes(wtype, k);
+  ORCH_DISPATCH_TYPE(wtype, launch_moe, ctx->stream, y, x, (const uint8_t *)w, bias, ids, n, n_slots, x_per_slot,
+                     k, m, rb);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+template <int T>
+__global__ void get_rows_kernel(float *__restrict__ out, const uint8_t *__restrict__ table,
+                                const int32_t *__restrict__ ids, int64_t n, int64_t dim, int64_t row_bytes,
+                                int accumulate) {
+  const int64_t nch = dim / 32;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * nch; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = i / nch, c = i % nch;
+    float v[32];
+    dequant_chunk<T>(table + (int64_t)ids[r] * row_bytes, c, v);
+    float *o = out + r * dim + c * 32;
+#pragma unroll
+    for (int j = 0; j < 32; j++) o[j] = accumulate ? o[j] + v[j] : v[j];
+  }
+}
+
+template <int T>
+static void launch_get_rows(cudaStream_t st, float *out, const uint8_t *table, const int32_t *ids, int64_t n,
+                            int64_t dim, int64_t rb, int acc) {
+  unsigned blocks = (unsigned)min(ceil_div(n * (dim / 32), 128), (int64_t)65535);
+  get_rows_kernel<T><<<blocks, 128, 0, st>>>(out, table, ids, n, dim, rb, acc);
+}
+
+extern "C" int orch_get_rows(orch_ctx *ctx, float *out, const void *table, int32_t ttype, const int32_t *ids,
+                             int64_t n, int64_t dim, int32_t accumulate) {
+  const char *op = "get_rows";
+  ORCH_CHECK_ARG(ctx && out && table && ids && n >= 0 && dim > 0, op);
+  if (!type_known(ttype) || dim % 32 || dim % type_block_elems(ttype)) {
+    orch_set_error("get_rows: unsupported type %d or dim=%lld", ttype, (long long)dim);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  ORCH_CHECK_ARG(aligned16(table), op);
+  if (n == 0) return ORCH_OK;
+  ORCH_DISPATCH_TYPE(ttype, launch_get_rows, ctx->stream, out, (const uint8_t *)table, ids, n, dim,
+                     orch_row_bytes(ttype, dim), accumulate);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}

@@ -1,0 +1,148 @@
+// quant.cuh — GGUF block layouts (exactly llama.cpp's) and dequantization of
+// one 32-element chunk of a row, the unit every matmul/get_rows kernel uses.
+// Chunk c of a row covers elements [32c, 32c+32).
+#pragma once
+#include "common.cuh"
+
+struct blk_q4_0 { __half d; uint8_t qs[16]; };                 // 18 B / 32
+struct blk_q8_0 { __half d; int8_t qs[32]; };                  // 34 B / 32
+struct blk_mxfp4 { uint8_t e; uint8_t qs[16]; };               // 17 B / 32
+struct blk_q4_K { __half d; __half dmin; uint8_t scales[12]; uint8_t qs[128]; };  // 144 B / 256
+struct blk_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; __half d; }; // 210 B / 256
+
+static_assert(sizeof(blk_q4_0) == 18, "q4_0");
+static_assert(sizeof(blk_q8_0) == 34, "q8_0");
+static_assert(sizeof(blk_mxfp4) == 17, "mxfp4");
+static_assert(sizeof(blk_q4_K) == 144, "q4_K");
+static_assert(sizeof(blk_q6_K) == 210, "q6_K");
+
+// Elements per block and bytes per block of each type.
+__host__ __device__ constexpr int type_block_elems(int t) {
+  return (t == ORCH_T_Q4_K || t == ORCH_T_Q6_K) ? 256 : (t == ORCH_T_F32 || t == ORCH_T_F16 || t == ORCH_T_BF16) ? 1 : 32;
+}
+__host__ __device__ constexpr int type_block_bytes(int t) {
+  return t == ORCH_T_F32 ? 4 : t == ORCH_T_F16 ? 2 : t == ORCH_T_BF16 ? 2 : t == ORCH_T_Q4_0 ? 18
+       : t == ORCH_T_Q8_0 ? 34 : t == ORCH_T_MXFP4 ? 17 : t == ORCH_T_Q4_K ? 144 : t == ORCH_T_Q6_K ? 210 : 0;
+}
+
+static inline bool type_known(int t) { return type_block_bytes(t) != 0; }
+
+// E2M1 magnitudes; sign in bit 3.
+__device__ __forceinline__ float e2m1(int q) {
+  const float v[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  float m = v[q & 7];
+  return (q & 8) ? -m : m;
+}
+
+// 2^(e-127) for an E8M0 byte (e=0 → 2^-127 subnormal; 255 is NaN in OCP, treat as 2^128 → inf like ggml's bit trick).
+__device__ __forceinline__ float e8m0(uint8_t e) {
+  uint32_t bits = e == 0 ? 0x00400000u : ((uint32_t)e << 23);
+  return __uint_as_float(bits);
+}
+
+__device__ __forceinline__ void q4k_scale_min(int j, const uint8_t *q, int &d, int &m) {
+  if (j < 4) {
+    d = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// Dequantizes chunk c of a row starting at row (bytes) into v[32].
+template <int T>
+__device__ __forceinline__ void dequant_chunk(const uint8_t *__restrict__ row, int64_t c, float *v) {
+  if constexpr (T == ORCH_T_F32) {
+    const float4 *p = reinterpret_cast<const float4 *>(row) + c * 8;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      float4 f = p[i];
+      v[4 * i] = f.x; v[4 * i + 1] = f.y; v[4 * i + 2] = f.z; v[4 * i + 3] = f.w;
+    }
+  } else if constexpr (T == ORCH_T_F16) {
+    const uint4 *p = reinterpret_cast<const uint4 *>(row) + c * 4;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      uint4 u = p[i];
+      const __half2 *h = reinterpret_cast<const __half2 *>(&u);
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        float2 f = __half22float2(h[j]);
+        v[8 * i + 2 * j] = f.x; v[8 * i + 2 * j + 1] = f.y;
+      }
+    }
+  } else if constexpr (T == ORCH_T_BF16) {
+    const uint4 *p = reinterpret_cast<const uint4 *>(row) + c * 4;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      uint4 u = p[i];
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        v[8 * i + 2 * j] = __uint_as_float(w[j] << 16);
+        v[8 * i + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+      }
+    }
+  } else if constexpr (T == ORCH_T_Q8_0) {
+    const blk_q8_0 *b = reinterpret_cast<const blk_q8_0 *>(row) + c;
+    float d = __half2float(b->d);
+#pragma unroll
+    for (int j = 0; j < 32; j++) v[j] = d * (float)b->qs[j];
+  } else if constexpr (T == ORCH_T_Q4_0) {
+    const blk_q4_0 *b = reinterpret_cast<const blk_q4_0 *>(row) + c;
+    float d = __half2float(b->d);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+      uint8_t q = b->qs[j];
+      v[j] = d * (float)((int)(q & 0xF) - 8);
+      v[j + 16] = d * (float)((int)(q >> 4) - 8);
+    }
+  } else if constexpr (T == ORCH_T_MXFP4) {
+    const blk_mxfp4 *b = reinterpret_cast<const blk_mxfp4 *>(row) + c;
+    float d = e8m0(b->e);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+      uint8_t q = b->qs[j];
+      v[j] = d * e2m1(q & 0xF);
+      v[j + 16] = d * e2m1(q >> 4);
+    }
+  } else if constexpr (T == ORCH_T_Q4_K) {
+    const blk_q4_K *b = reinterpret_cast<const blk_q4_K *>(row) + (c >> 3);
+    int sub = (int)(c & 7);
+    int sc, mn;
+    q4k_scale_min(sub, b->scales, sc, mn);
+    float d = __half2float(b->d) * sc, m = __half2float(b->dmin) * mn;
+    const uint8_t *q = b->qs + 32 * (sub >> 1);
+    int shift = (sub & 1) * 4;
+#pragma unroll
+    for (int l = 0; l < 32; l++) v[l] = d * (float)((q[l] >> shift) & 0xF) - m;
+  } else if constexpr (T == ORCH_T_Q6_K) {
+    const blk_q6_K *b = reinterpret_cast<const blk_q6_K *>(row) + (c >> 3);
+    int sub = (int)(c & 7), h = sub >> 2, g = sub & 3;
+    const uint8_t *ql = b->ql + 64 * h + ((g & 1) ? 32 : 0);
+    const uint8_t *qh = b->qh + 32 * h;
+    const int8_t *sc = b->scales + 8 * h + 2 * g;
+    int lshift = (g >> 1) * 4, hshift = 2 * g;
+    float d = __half2float(b->d);
+#pragma unroll
+    for (int l = 0; l < 32; l++) {
+      int q = (int)(((ql[l] >> lshift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32;
+      v[l] = d * (float)sc[l / 16] * (float)q;
+    }
+  }
+}
+
+// Dispatches a templated functor over the supported weight types.
+#define ORCH_DISPATCH_TYPE(t, F, ...)                     \
+  switch (t) {                                            \
+    case ORCH_T_F32: F<ORCH_T_F32>(__VA_ARGS__); break;   \
+    case ORCH_T_F16: F<ORCH_T_F16>(__VA_ARGS__); break;   \
+    case ORCH_T_BF16: F<ORCH_T_BF16>(__VA_ARGS__); break; \
+    case ORCH_T_Q8_0: F<ORCH_T_Q8_0>(__VA_ARGS__); break; \
+    case ORCH_T_Q4_0: F<ORCH_T_Q4_0>(__VA_ARGS__); break; \
+    case ORCH_T_MXFP4: F<ORCH_T_MXFP4>(__VA_ARGS__); break; \
+    case ORCH_T_Q4_K: F<ORCH_T_Q4_K>(__VA_ARGS__); break; \
+    case ORCH_T_Q6_K: F<ORCH_T_Q6_K>(__VA_ARGS__); break; \
+    default: break;                                       \
+  }

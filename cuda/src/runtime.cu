@@ -1,0 +1,270 @@
+// runtime.cu — context, memory, copies, streams, CUDA graphs and events.
+#include <mutex>
+#include <stdarg.h>
+#include <string.h>
+
+#include "common.cuh"
+
+static std::mutex g_err_mu;
+static char g_err[1024] = "";
+
+void orch_set_error(const char *fmt, ...) {
+  std::lock_guard<std::mutex> lk(g_err_mu);
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_err, sizeof g_err, fmt, ap);
+  va_end(ap);
+}
+
+extern "C" int orch_abi_version(void) { return ORCH_ABI_VERSION; }
+
+extern "C" int orch_last_error(char *buf, int64_t n) {
+  if (!buf || n <= 0) return ORCH_ERR_INVALID;
+  std::lock_guard<std::mutex> lk(g_err_mu);
+  strncpy(buf, g_err, (size_t)n - 1);
+  buf[n - 1] = 0;
+  return ORCH_OK;
+}
+
+extern "C" int orch_device_count(int32_t *count) {
+  ORCH_CHECK_ARG(count, "device_count");
+  int c = 0;
+  cudaError_t e = cudaGetDeviceCount(&c);
+  if (e != cudaSuccess || c == 0) {
+    *count = 0;
+    orch_set_error("device_count: no CUDA device: %s", e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
+    return ORCH_ERR_NO_DEVICE;
+  }
+  *count = c;
+  return ORCH_OK;
+}
+
+extern "C" int orch_init(int32_t device, orch_ctx **out) {
+  ORCH_CHECK_ARG(out, "init");
+  int32_t count = 0;
+  int rc = orch_device_count(&count);
+  if (rc != ORCH_OK) return rc;
+  ORCH_CHECK_ARG(device >= 0 && device < count, "init");
+  ORCH_CUDA(cudaSetDevice(device), "init");
+  orch_ctx *c = new orch_ctx();
+  c->device = device;
+  cudaError_t e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+  if (e != cudaSuccess) {
+    orch_set_error("init: cudaStreamCreate: %s", cudaGetErrorString(e));
+    delete c;
+    return ORCH_ERR_CUDA;
+  }
+  if (cublasCreate(&c->cublas) != CUBLAS_STATUS_SUCCESS) {
+    orch_set_error("init: cublasCreate failed");
+    cudaStreamDestroy(c->stream);
+    delete c;
+    return ORCH_ERR_CUDA;
+  }
+  cublasSetStream(c->cublas, c->stream);
+  // A fixed workspace makes cuBLAS safe inside graph capture.
+  c->cublas_ws_bytes = 32u << 20;
+  if (cudaMalloc(&c->cublas_ws, c->cublas_ws_bytes) != cudaSuccess) {
+    orch_set_error("init: cublas workspace: out of memory");
+    cublasDestroy(c->cublas);
+    cudaStreamDestroy(c->stream);
+    delete c;
+    return ORCH_ERR_OOM;
+  }
+  cublasSetWorkspace(c->cublas, c->cublas_ws, c->cublas_ws_bytes);
+  cublasSetMathMode(c->cublas, CUBLAS_DEFAULT_MATH);
+  *out = c;
+  return ORCH_OK;
+}
+
+extern "C" int orch_destroy(orch_ctx *ctx) {
+  if (!ctx) return ORCH_OK;
+  cudaSetDevice(ctx->device);
+  cudaStreamSynchronize(ctx->stream);
+  for (void *p : ctx->retired) cudaFree(p);
+  if (ctx->scratch) cudaFree(ctx->scratch);
+  if (ctx->cublas) cublasDestroy(ctx->cublas);
+  if (ctx->cublas_ws) cudaFree(ctx->cublas_ws);
+  if (ctx->stream) cudaStreamDestroy(ctx->stream);
+  delete ctx;
+  return ORCH_OK;
+}
+
+int orch_scratch(orch_ctx *ctx, size_t bytes, void **out) {
+  if (bytes > ctx->scratch_bytes) {
+    if (ctx->scratch) ctx->retired.push_back(ctx->scratch);
+    ctx->scratch = nullptr;
+    ctx->scratch_bytes = 0;
+    size_t want = bytes + bytes / 4;
+    ORCH_CUDA(cudaMalloc(&ctx->scratch, want), "scratch");
+    ctx->scratch_bytes = want;
+  }
+  *out = ctx->scratch;
+  return ORCH_OK;
+}
+
+extern "C" int orch_device_info(orch_ctx *ctx, char *name, int64_t name_len, int32_t *cc, int32_t *sm_count,
+                                int64_t *free_bytes, int64_t *total_bytes) {
+  ORCH_CHECK_ARG(ctx, "device_info");
+  cudaDeviceProp p;
+  ORCH_CUDA(cudaGetDeviceProperties(&p, ctx->device), "device_info");
+  if (name && name_len > 0) {
+    strncpy(name, p.name, (size_t)name_len - 1);
+    name[name_len - 1] = 0;
+  }
+  if (cc) *cc = p.major * 10 + p.minor;
+  if (sm_count) *sm_count = p.multiProcessorCount;
+  size_t f = 0, t = 0;
+  ORCH_CUDA(cudaSetDevice(ctx->device), "device_info");
+  ORCH_CUDA(cudaMemGetInfo(&f, &t), "device_info");
+  if (free_bytes) *free_bytes = (int64_t)f;
+  if (total_bytes) *total_bytes = (int64_t)t;
+  return ORCH_OK;
+}
+
+extern "C" int orch_malloc(orch_ctx *ctx, int64_t bytes, void **out) {
+  ORCH_CHECK_ARG(ctx && out && bytes >= 0, "malloc");
+  *out = nullptr;
+  if (bytes == 0) bytes = 1;
+  cudaError_t e = cudaMalloc(out, (size_t)bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    size_t f = 0, t = 0;
+    cudaMemGetInfo(&f, &t);
+    orch_set_error("malloc: %lld bytes: %s (free %zu of %zu)", (long long)bytes, cudaGetErrorString(e), f, t);
+    return e == cudaErrorMemoryAllocation ? ORCH_ERR_OOM : ORCH_ERR_CUDA;
+  }
+  return ORCH_OK;
+}
+
+extern "C" int orch_free(orch_ctx *ctx, void *p) {
+  (void)ctx;
+  if (!p) return ORCH_OK;
+  ORCH_CUDA(cudaFree(p), "free");
+  return ORCH_OK;
+}
+
+extern "C" int orch_host_alloc(int64_t bytes, void **out) {
+  ORCH_CHECK_ARG(out && bytes > 0, "host_alloc");
+  cudaError_t e = cudaMallocHost(out, (size_t)bytes);
+  if (e != cudaSuccess) {
+    orch_set_error("host_alloc: %lld bytes: %s", (long long)bytes, cudaGetErrorString(e));
+    return ORCH_ERR_OOM;
+  }
+  return ORCH_OK;
+}
+
+extern "C" int orch_host_free(void *p) {
+  if (!p) return ORCH_OK;
+  ORCH_CUDA(cudaFreeHost(p), "host_free");
+  return ORCH_OK;
+}
+
+extern "C" int orch_memcpy_h2d(orch_ctx *ctx, void *dst, const void *src, int64_t bytes) {
+  ORCH_CHECK_ARG(ctx && dst && src && bytes >= 0, "memcpy_h2d");
+  if (bytes == 0) return ORCH_OK;
+  ORCH_CUDA(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyHostToDevice, ctx->stream), "memcpy_h2d");
+  return ORCH_OK;
+}
+
+extern "C" int orch_memcpy_d2d(orch_ctx *ctx, void *dst, const void *src, int64_t bytes) {
+  ORCH_CHECK_ARG(ctx && dst && src && bytes >= 0, "memcpy_d2d");
+  if (bytes == 0) return ORCH_OK;
+  ORCH_CUDA(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToDevice, ctx->stream), "memcpy_d2d");
+  return ORCH_OK;
+}
+
+extern "C" int orch_memcpy_d2h(orch_ctx *ctx, void *dst, const void *src, int64_t bytes) {
+  ORCH_CHECK_ARG(ctx && dst && src && bytes >= 0, "memcpy_d2h");
+  if (bytes == 0) return ORCH_OK;
+  ORCH_CUDA(cudaStreamSynchronize(ctx->stream), "memcpy_d2h (pending work)");
+  ORCH_CUDA(cudaMemcpy(dst, src, (size_t)bytes, cudaMemcpyDeviceToHost), "memcpy_d2h");
+  return ORCH_OK;
+}
+
+extern "C" int orch_memset(orch_ctx *ctx, void *dst, int32_t v, int64_t bytes) {
+  ORCH_CHECK_ARG(ctx && dst && bytes >= 0, "memset");
+  if (bytes == 0) return ORCH_OK;
+  ORCH_CUDA(cudaMemsetAsync(dst, v, (size_t)bytes, ctx->stream), "memset");
+  return ORCH_OK;
+}
+
+__global__ void fill_f32_kernel(float *p, float v, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    p[i] = v;
+}
+
+extern "C" int orch_fill_f32(orch_ctx *ctx, float *dst, float value, int64_t n) {
+  ORCH_CHECK_ARG(ctx && dst && n >= 0, "fill_f32");
+  if (n == 0) return ORCH_OK;
+  int blocks = (int)(ceil_div(n, 256) < 4096 ? ceil_div(n, 256) : 4096);
+  fill_f32_kernel<<<blocks, 256, 0, ctx->stream>>>(dst, value, n);
+  ORCH_LAUNCHED("fill_f32");
+  return ORCH_OK;
+}
+
+extern "C" int orch_sync(orch_ctx *ctx) {
+  ORCH_CHECK_ARG(ctx, "sync");
+  ORCH_CUDA(cudaStreamSynchronize(ctx->stream), "sync");
+  return ORCH_OK;
+}
+
+extern "C" int orch_graph_begin(orch_ctx *ctx) {
+  ORCH_CHECK_ARG(ctx, "graph_begin");
+  // Relaxed: the GEMM path may grow its scratch (cudaMalloc) while capturing.
+  ORCH_CUDA(cudaStreamBeginCapture(ctx->stream, cudaStreamCaptureModeRelaxed), "graph_begin");
+  return ORCH_OK;
+}
+
+extern "C" int orch_graph_end(orch_ctx *ctx, void **graph_exec) {
+  ORCH_CHECK_ARG(ctx && graph_exec, "graph_end");
+  cudaGraph_t g = nullptr;
+  ORCH_CUDA(cudaStreamEndCapture(ctx->stream, &g), "graph_end");
+  cudaGraphExec_t ex = nullptr;
+  cudaError_t e = cudaGraphInstantiate(&ex, g, 0);
+  cudaGraphDestroy(g);
+  if (e != cudaSuccess) {
+    orch_set_error("graph_end: cudaGraphInstantiate: %s", cudaGetErrorString(e));
+    return ORCH_ERR_CUDA;
+  }
+  *graph_exec = (void *)ex;
+  return ORCH_OK;
+}
+
+extern "C" int orch_graph_launch(orch_ctx *ctx, void *graph_exec) {
+  ORCH_CHECK_ARG(ctx && graph_exec, "graph_launch");
+  ORCH_CUDA(cudaGraphLaunch((cudaGraphExec_t)graph_exec, ctx->stream), "graph_launch");
+  return ORCH_OK;
+}
+
+extern "C" int orch_graph_destroy(void *graph_exec) {
+  if (!graph_exec) return ORCH_OK;
+  ORCH_CUDA(cudaGraphExecDestroy((cudaGraphExec_t)graph_exec), "graph_destroy");
+  return ORCH_OK;
+}
+
+extern "C" int orch_event_create(void **ev) {
+  ORCH_CHECK_ARG(ev, "event_create");
+  cudaEvent_t e;
+  ORCH_CUDA(cudaEventCreate(&e), "event_create");
+  *ev = (void *)e;
+  return ORCH_OK;
+}
+
+extern "C" int orch_event_destroy(void *ev) {
+  if (!ev) return ORCH_OK;
+  ORCH_CUDA(cudaEventDestroy((cudaEvent_t)ev), "event_destroy");
+  return ORCH_OK;
+}
+
+extern "C" int orch_event_record(orch_ctx *ctx, void *ev) {
+  ORCH_CHECK_ARG(ctx && ev, "event_record");
+  ORCH_CUDA(cudaEventRecord((cudaEvent_t)ev, ctx->stream), "event_record");
+  return ORCH_OK;
+}
+
+extern "C" int orch_event_elapsed(void *ev0, void *ev1, float *ms) {
+  ORCH_CHECK_ARG(ev0 && ev1 && ms, "event_elapsed");
+  ORCH_CUDA(cudaEventSynchronize((cudaEvent_t)ev1), "event_elapsed");
+  ORCH_CUDA(cudaEventElapsedTime(ms, (cudaEvent_t)ev0, (cudaEvent_t)ev1), "event_elapsed");
+  return ORCH_OK;
+}

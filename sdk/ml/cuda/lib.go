@@ -1,0 +1,216 @@
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/ebitengine/purego"
+)
+
+// LibName is the shared library built from cuda/ (make cuda).
+const LibName = "liborch_cuda.so"
+
+// abiVersion must equal ORCH_ABI_VERSION in cuda/include/orch_cuda.h.
+const abiVersion = 1
+
+// ErrUnavailable is returned (wrapped, with the reason) when the CUDA backend
+// cannot run here: the library is missing or does not load, or there is no
+// usable GPU. Callers fall back to the CPU backend.
+var ErrUnavailable = errors.New("cuda backend unavailable")
+
+// Status codes of the C ABI (orch_status).
+const (
+	stOK          = 0
+	stInvalid     = 1
+	stCUDA        = 2
+	stOOM         = 3
+	stUnsupported = 4
+	stNoDevice    = 5
+)
+
+// ErrOutOfMemory is wrapped by errors of allocations that ran out of device memory.
+var ErrOutOfMemory = errors.New("cuda: out of device memory")
+
+// ErrUnsupported is wrapped by errors of ops whose dtype/shape the kernels do not implement.
+var ErrUnsupported = errors.New("cuda: unsupported")
+
+// lib holds the C entry points, bound once with purego (no cgo needed, so
+// binaries that import this package still build with CGO_ENABLED=0).
+type lib struct {
+	handle uintptr
+	path   string
+
+	abiVersion   func() int32
+	lastError    func(buf *byte, n int64) int32
+	deviceCount  func(count *int32) int32
+	initCtx      func(device int32, out *uintptr) int32
+	destroy      func(ctx uintptr) int32
+	deviceInfo   func(ctx uintptr, name *byte, nameLen int64, cc, sms *int32, free, total *int64) int32
+	malloc       func(ctx uintptr, bytes int64, out *uintptr) int32
+	free         func(ctx uintptr, p uintptr) int32
+	memcpyH2D    func(ctx, dst uintptr, src *byte, bytes int64) int32
+	memcpyD2D    func(ctx, dst, src uintptr, bytes int64) int32
+	memcpyD2H    func(ctx uintptr, dst *byte, src uintptr, bytes int64) int32
+	memset       func(ctx, dst uintptr, v int32, bytes int64) int32
+	fillF32      func(ctx, dst uintptr, v float32, n int64) int32
+	sync         func(ctx uintptr) int32
+	graphBegin   func(ctx uintptr) int32
+	graphEnd     func(ctx uintptr, exec *uintptr) int32
+	graphLaunch  func(ctx, exec uintptr) int32
+	graphDestroy func(exec uintptr) int32
+	eventCreate  func(ev *uintptr) int32
+	eventDestroy func(ev uintptr) int32
+	eventRecord  func(ctx, ev uintptr) int32
+	eventElapsed func(ev0, ev1 uintptr, ms *float32) int32
+
+	matmul     func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32) int32
+	moeMatmul  func(ctx, y, x uintptr, xPerSlot int32, w uintptr, wtype int32, bias, ids uintptr, n int64, slots int32, k, m int64) int32
+	getRows    func(ctx, out, table uintptr, ttype int32, ids uintptr, n, dim int64, acc int32) int32
+	rowBytes   func(t int32, k int64) int64
+	rmsnorm    func(ctx, out, x, add, w uintptr, n, dim int64, eps float32) int32
+	layernorm  func(ctx, out, x, add, w, b uintptr, n, dim int64, eps float32) int32
+	add        func(ctx, out, a, b uintptr, n int64) int32
+	addBias    func(ctx, y, bias uintptr, n, dim int64) int32
+	scale      func(ctx, out, x uintptr, s float32, n int64) int32
+	gelu       func(ctx, out, x uintptr, n int64) int32
+	swiglu     func(ctx, out, gate, up uintptr, n, dim, gs, us int64) int32
+	swigluOAI  func(ctx, out, gate, up uintptr, n, dim, gs, us int64, alpha, limit float32) int32
+	rope       func(ctx, x uintptr, rowStride, nTok int64, nHeads, headDim, rotDim int32, pos, invFreq uintptr, attnFactor float32, neox int32) int32
+	kvWrite    func(ctx, kc, vc uintptr, kvType int32, k, v uintptr, ks, vs int64, slots uintptr, nTok int64, nKV, hd int32) int32
+	attention  func(ctx uintptr, args *attnArgs) int32
+	moeTopK    func(ctx, ids, w, logits uintptr, n int64, nExp, k int32) int32
+	moeCombine func(ctx, out, y, w uintptr, n int64, k int32, dim int64, acc int32) int32
+	argmax     func(ctx, out, logits uintptr, n, vocab int64) int32
+	sample     func(ctx, out, logits uintptr, n, vocab int64, temp float32, topK int32, topP, minP float32, rng uintptr) int32
+}
+
+// attnArgs mirrors orch_attn_args field by field (same order, same sizes).
+type attnArgs struct {
+	out, q, kCache, vCache, tokSeq, tokPos, blockTables, sinks uintptr
+	qStride, nTok                                              int64
+	maxBlocks, blockSize, nHeads, nKVHeads, headDim, window    int32
+	kvDType                                                    int32
+	scale                                                      float32
+}
+
+var (
+	libOnce sync.Once
+	theLib  *lib
+	libErr  error
+)
+
+// candidates lists where the library is looked for, in order.
+func candidates() []string {
+	var c []string
+	if p := os.Getenv("ORCH_CUDA_LIB"); p != "" {
+		c = append(c, p)
+	}
+	if exe, err := os.Executable(); err == nil {
+		d := filepath.Dir(exe)
+		c = append(c, filepath.Join(d, LibName), filepath.Join(d, "..", "lib", LibName),
+			filepath.Join(d, "..", "build", "cuda", LibName))
+	}
+	if wd, err := os.Getwd(); err == nil {
+		for d := wd; ; d = filepath.Dir(d) {
+			c = append(c, filepath.Join(d, "build", "cuda", LibName))
+			if filepath.Dir(d) == d {
+				break
+			}
+		}
+	}
+	return append(c, LibName) // the dynamic loader's own search (LD_LIBRARY_PATH, ldconfig)
+}
+
+func loadLib() (*lib, error) {
+	libOnce.Do(func() { theLib, libErr = openLib() })
+	return theLib, libErr
+}
+
+func openLib() (*lib, error) {
+	var errs []error
+	for _, p := range candidates() {
+		if p != LibName {
+			if _, err := os.Stat(p); err != nil {
+				continue
+			}
+		}
+		h, err := purego.Dlopen(p, purego.RTLD_NOW|purego.RTLD_LOCAL)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", p, err))
+			continue
+		}
+		l := &lib{handle: h, path: p}
+		if err := l.bind(); err != nil {
+			return nil, fmt.Errorf("%w: %s: %v", ErrUnavailable, p, err)
+		}
+		if v := l.abiVersion(); v != abiVersion {
+			return nil, fmt.Errorf("%w: %s has ABI version %d, want %d (rebuild with make cuda)", ErrUnavailable, p, v, abiVersion)
+		}
+		return l, nil
+	}
+	return nil, fmt.Errorf("%w: %s not found or not loadable (build it with `make cuda`, or set ORCH_CUDA_LIB): %v",
+		ErrUnavailable, LibName, errors.Join(errs...))
+}
+
+// bind resolves every symbol; a missing one is an error, not a panic.
+func (l *lib) bind() (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("binding symbols: %v", r)
+		}
+	}()
+	syms := []struct {
+		fn   any
+		name string
+	}{
+		{&l.abiVersion, "orch_abi_version"}, {&l.lastError, "orch_last_error"},
+		{&l.deviceCount, "orch_device_count"}, {&l.initCtx, "orch_init"}, {&l.destroy, "orch_destroy"},
+		{&l.deviceInfo, "orch_device_info"}, {&l.malloc, "orch_malloc"}, {&l.free, "orch_free"},
+		{&l.memcpyH2D, "orch_memcpy_h2d"}, {&l.memcpyD2D, "orch_memcpy_d2d"}, {&l.memcpyD2H, "orch_memcpy_d2h"},
+		{&l.memset, "orch_memset"}, {&l.fillF32, "orch_fill_f32"}, {&l.sync, "orch_sync"},
+		{&l.graphBegin, "orch_graph_begin"}, {&l.graphEnd, "orch_graph_end"},
+		{&l.graphLaunch, "orch_graph_launch"}, {&l.graphDestroy, "orch_graph_destroy"},
+		{&l.eventCreate, "orch_event_create"}, {&l.eventDestroy, "orch_event_destroy"},
+		{&l.eventRecord, "orch_event_record"}, {&l.eventElapsed, "orch_event_elapsed"},
+		{&l.matmul, "orch_matmul"}, {&l.moeMatmul, "orch_moe_matmul"}, {&l.getRows, "orch_get_rows"},
+		{&l.rowBytes, "orch_row_bytes"}, {&l.rmsnorm, "orch_rmsnorm"}, {&l.layernorm, "orch_layernorm"},
+		{&l.add, "orch_add"}, {&l.addBias, "orch_add_bias"}, {&l.scale, "orch_scale"}, {&l.gelu, "orch_gelu"},
+		{&l.swiglu, "orch_swiglu"}, {&l.swigluOAI, "orch_swiglu_oai"}, {&l.rope, "orch_rope"},
+		{&l.kvWrite, "orch_kv_write"}, {&l.attention, "orch_attention"}, {&l.moeTopK, "orch_moe_topk"},
+		{&l.moeCombine, "orch_moe_combine"}, {&l.argmax, "orch_argmax"}, {&l.sample, "orch_sample"},
+	}
+	for _, s := range syms {
+		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
+			return fmt.Errorf("symbol %s: %w", s.name, err)
+		}
+		purego.RegisterLibFunc(s.fn, l.handle, s.name)
+	}
+	return nil
+}
+
+// status turns an orch_status into a Go error naming op and the library's message.
+func (l *lib) status(op string, rc int32) error {
+	if rc == stOK {
+		return nil
+	}
+	buf := make([]byte, 1024)
+	l.lastError(&buf[0], int64(len(buf)))
+	n := 0
+	for n < len(buf) && buf[n] != 0 {
+		n++
+	}
+	msg := string(buf[:n])
+	switch rc {
+	case stOOM:
+		return fmt.Errorf("cuda %s: %w: %s", op, ErrOutOfMemory, msg)
+	case stUnsupported:
+		return fmt.Errorf("cuda %s: %w: %s", op, ErrUnsupported, msg)
+	case stNoDevice:
+		return fmt.Errorf("cuda %s: %w: %s", op, ErrUnavailable, msg)
+	default:
+		return fmt.Errorf("cuda %s: status %d: %s", op, rc, msg)
+	}
+}

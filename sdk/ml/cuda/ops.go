@@ -1,0 +1,496 @@
+package cuda
+
+import (
+	"slices"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+const anyType = ml.DType(1 << 30)
+
+// arg checks an op operand and returns it, recording an error otherwise.
+func (b *Backend) arg(op, name string, t ml.Tensor, dt ml.DType) *tensor {
+	if b.err != nil {
+		return nil
+	}
+	if t == nil {
+		b.failf(op, "%s is nil", name)
+		return nil
+	}
+	ct, err := b.get(t)
+	if err != nil {
+		b.failf(op, "%s: %v", name, err)
+		return nil
+	}
+	if dt != anyType && ct.dt != dt {
+		b.failf(op, "%s is %v, want %v", name, ct.dt, dt)
+		return nil
+	}
+	return ct
+}
+
+// optF32 returns the device pointer of an optional F32 operand (0 when nil).
+func (b *Backend) optF32(op, name string, t ml.Tensor, want int) (uintptr, bool) {
+	if t == nil {
+		return 0, true
+	}
+	ct := b.arg(op, name, t, ml.F32)
+	if ct == nil {
+		return 0, false
+	}
+	if want >= 0 && ct.n != want {
+		b.failf(op, "%s %v: want %d values", name, ct.shape, want)
+		return 0, false
+	}
+	return ct.ptr, true
+}
+
+func rows2(t *tensor) (inner, rows int) { return t.shape[0], t.n / t.shape[0] }
+
+func b2i(v bool) int32 {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+func (b *Backend) Embed(dst, table, ids ml.Tensor, add bool) {
+	const op = "embed"
+	d, tb, id := b.arg(op, "dst", dst, ml.F32), b.arg(op, "table", table, anyType), b.arg(op, "ids", ids, ml.I32)
+	if d == nil || tb == nil || id == nil {
+		return
+	}
+	dim, _ := rows2(tb)
+	if d.shape[0] != dim || d.n != dim*id.n {
+		b.failf(op, "dst %v, table %v, %d ids", d.shape, tb.shape, id.n)
+		return
+	}
+	b.call(op, b.l.getRows(b.ctx, d.ptr, tb.ptr, int32(tb.dt), id.ptr, int64(id.n), int64(dim), b2i(add)))
+}
+
+func (b *Backend) Copy(dst, src ml.Tensor) {
+	d, s := b.arg("copy", "dst", dst, anyType), b.arg("copy", "src", src, anyType)
+	if d == nil || s == nil {
+		return
+	}
+	if d.dt != s.dt || d.bytes != s.bytes {
+		b.failf("copy", "%v into %v", s, d)
+		return
+	}
+	b.call("copy", b.l.memcpyD2D(b.ctx, d.ptr, s.ptr, int64(d.bytes)))
+}
+
+func (b *Backend) Add(dst, x, y ml.Tensor) {
+	const op = "add"
+	d, a, c := b.arg(op, "dst", dst, ml.F32), b.arg(op, "a", x, ml.F32), b.arg(op, "b", y, ml.F32)
+	if d == nil || a == nil || c == nil {
+		return
+	}
+	if d.n != a.n || a.n != c.n {
+		b.failf(op, "lengths %d, %d, %d differ", d.n, a.n, c.n)
+		return
+	}
+	b.call(op, b.l.add(b.ctx, d.ptr, a.ptr, c.ptr, int64(d.n)))
+}
+
+func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, layer bool) {
+	d, xx := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
+	if d == nil || xx == nil {
+		return
+	}
+	if d.n != xx.n {
+		b.failf(op, "dst %v, x %v", d.shape, xx.shape)
+		return
+	}
+	dim, n := rows2(xx)
+	wp, ok := b.optF32(op, "w", w, dim)
+	if !ok {
+		return
+	}
+	if w == nil && !layer {
+		b.failf(op, "w is nil")
+		return
+	}
+	bp, ok := b.optF32(op, "b", bias, dim)
+	if !ok {
+		return
+	}
+	// The kernel normalises its x argument, adding `add` into it first.
+	xp, addp := xx.ptr, uintptr(0)
+	if res != nil {
+		r := b.arg(op, "res", res, ml.F32)
+		if r == nil {
+			return
+		}
+		if r.n != xx.n {
+			b.failf(op, "res %v, x %v", r.shape, xx.shape)
+			return
+		}
+		xp, addp = r.ptr, xx.ptr
+	}
+	if layer {
+		b.call(op, b.l.layernorm(b.ctx, d.ptr, xp, addp, wp, bp, int64(n), int64(dim), eps))
+	} else {
+		b.call(op, b.l.rmsnorm(b.ctx, d.ptr, xp, addp, wp, int64(n), int64(dim), eps))
+	}
+}
+
+func (b *Backend) RMSNorm(dst, x, w ml.Tensor, eps float32) {
+	b.norm("rms_norm", nil, dst, x, w, nil, eps, false)
+}
+func (b *Backend) AddRMSNorm(res, dst, x, w ml.Tensor, eps float32) {
+	b.norm("add_rms_norm", res, dst, x, w, nil, eps, false)
+}
+func (b *Backend) LayerNorm(dst, x, w, bias ml.Tensor, eps float32) {
+	b.norm("layer_norm", nil, dst, x, w, bias, eps, true)
+}
+func (b *Backend) AddLayerNorm(res, dst, x, w, bias ml.Tensor, eps float32) {
+	b.norm("add_layer_norm", res, dst, x, w, bias, eps, true)
+}
+
+func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
+	const op = "matmul"
+	d, xx, ww := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32), b.arg(op, "w", w, anyType)
+	if d == nil || xx == nil || ww == nil {
+		return
+	}
+	in, n := rows2(xx)
+	if len(ww.shape) != 2 || ww.shape[0] != in {
+		b.failf(op, "w %v for x %v", ww.shape, xx.shape)
+		return
+	}
+	out := ww.shape[1]
+	if d.shape[0] != out || d.n != out*n {
+		b.failf(op, "dst %v, want [%d, %d]", d.shape, out, n)
+		return
+	}
+	bp, ok := b.optF32(op, "bias", bias, out)
+	if !ok {
+		return
+	}
+	b.call(op, b.l.matmul(b.ctx, d.ptr, xx.ptr, ww.ptr, int32(ww.dt), bp, int64(n), int64(in), int64(out), 0))
+}
+
+func (b *Backend) unary(op string, dst, x ml.Tensor) (*tensor, *tensor) {
+	d, xx := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
+	if d == nil || xx == nil {
+		return nil, nil
+	}
+	if d.n != xx.n {
+		b.failf(op, "dst %v, x %v", d.shape, xx.shape)
+		return nil, nil
+	}
+	return d, xx
+}
+
+func (b *Backend) GELU(dst, x ml.Tensor) {
+	if d, xx := b.unary("gelu", dst, x); d != nil {
+		b.call("gelu", b.l.gelu(b.ctx, d.ptr, xx.ptr, int64(d.n)))
+	}
+}
+
+func (b *Backend) glu(op string, dst, gate, up ml.Tensor) (d, g, u *tensor) {
+	d, g, u = b.arg(op, "dst", dst, ml.F32), b.arg(op, "gate", gate, ml.F32), b.arg(op, "up", up, ml.F32)
+	if d == nil || g == nil || u == nil {
+		return nil, nil, nil
+	}
+	if d.n != g.n || g.n != u.n {
+		b.failf(op, "dst %v, gate %v, up %v", d.shape, g.shape, u.shape)
+		return nil, nil, nil
+	}
+	return
+}
+
+func (b *Backend) SwiGLU(dst, gate, up ml.Tensor) {
+	if d, g, u := b.glu("swiglu", dst, gate, up); d != nil {
+		n := int64(d.n)
+		b.call("swiglu", b.l.swiglu(b.ctx, d.ptr, g.ptr, u.ptr, 1, n, n, n))
+	}
+}
+
+func (b *Backend) SwiGLUOAI(dst, gate, up ml.Tensor, alpha, limit float32) {
+	if d, g, u := b.glu("swiglu_oai", dst, gate, up); d != nil {
+		n := int64(d.n)
+		b.call("swiglu_oai", b.l.swigluOAI(b.ctx, d.ptr, g.ptr, u.ptr, 1, n, n, n, alpha, limit))
+	}
+}
+
+func (b *Backend) RoPE(x, pos ml.Tensor, r *ml.Rope) {
+	const op = "rope"
+	xx, p := b.arg(op, "x", x, ml.F32), b.arg(op, "pos", pos, ml.I32)
+	if xx == nil || p == nil {
+		return
+	}
+	if r == nil {
+		b.failf(op, "nil parameters")
+		return
+	}
+	f := b.arg(op, "inv_freq", r.InvFreq, ml.F32)
+	if f == nil {
+		return
+	}
+	if len(xx.shape) < 2 {
+		b.failf(op, "x %v: want [head_dim, heads, n]", xx.shape)
+		return
+	}
+	hd, n := xx.shape[0], p.n
+	if (xx.n/hd)%n != 0 {
+		b.failf(op, "x %v does not hold %d tokens", xx.shape, n)
+		return
+	}
+	heads := xx.n / hd / n
+	if r.Dims <= 0 || r.Dims%2 != 0 || r.Dims > hd || f.n != r.Dims/2 {
+		b.failf(op, "dims %d, head dim %d, %d frequencies", r.Dims, hd, f.n)
+		return
+	}
+	scale := r.Scale
+	if scale == 0 {
+		scale = 1
+	}
+	b.call(op, b.l.rope(b.ctx, xx.ptr, int64(hd*heads), int64(n), int32(heads), int32(hd), int32(r.Dims), p.ptr, f.ptr,
+		scale, b2i(r.Mode == ml.RopeNeoX)))
+}
+
+func kvType(dt ml.DType) (int32, bool) {
+	switch dt {
+	case ml.F32:
+		return 0, true
+	case ml.F16:
+		return 1, true
+	}
+	return 0, false
+}
+
+func (b *Backend) caches(op string, kCache, vCache ml.Tensor) (kc, vc *tensor, kvt int32, ok bool) {
+	kc, vc = b.arg(op, "k_cache", kCache, anyType), b.arg(op, "v_cache", vCache, anyType)
+	if kc == nil || vc == nil {
+		return
+	}
+	if len(kc.shape) != 4 || !slices.Equal(kc.shape, vc.shape) || kc.dt != vc.dt {
+		b.failf(op, "caches %v %v, %v %v: want equal [head_dim, kv_heads, block_size, blocks]", kc.dt, kc.shape, vc.dt, vc.shape)
+		return
+	}
+	if kvt, ok = kvType(kc.dt); !ok {
+		b.failf(op, "cache type %v: %v", kc.dt, ErrUnsupported)
+	}
+	return
+}
+
+func (b *Backend) batch(op string, bt *ml.Batch, n, bs int) (pos, seq, slots, blocks *tensor, ok bool) {
+	if bt == nil {
+		b.failf(op, "nil batch")
+		return
+	}
+	pos, seq = b.arg(op, "pos", bt.Pos, ml.I32), b.arg(op, "seq", bt.Seq, ml.I32)
+	slots, blocks = b.arg(op, "slots", bt.Slots, ml.I32), b.arg(op, "blocks", bt.Blocks, ml.I32)
+	if pos == nil || seq == nil || slots == nil || blocks == nil {
+		return
+	}
+	if pos.n < n || seq.n < n || slots.n < n {
+		b.failf(op, "batch tensors shorter than %d tokens", n)
+		return
+	}
+	if bt.BlockSize != bs {
+		b.failf(op, "batch block size %d, cache block size %d", bt.BlockSize, bs)
+		return
+	}
+	return pos, seq, slots, blocks, true
+}
+
+func (b *Backend) KVWrite(kCache, vCache, k, v ml.Tensor, bt *ml.Batch) {
+	const op = "kv_write"
+	kc, vc, kvt, ok := b.caches(op, kCache, vCache)
+	if !ok {
+		return
+	}
+	kk, vv := b.arg(op, "k", k, ml.F32), b.arg(op, "v", v, ml.F32)
+	if kk == nil || vv == nil {
+		return
+	}
+	hd, nkv, bs := kc.shape[0], kc.shape[1], kc.shape[2]
+	row := hd * nkv
+	if kk.n%row != 0 || kk.n != vv.n || kk.shape[0] != hd {
+		b.failf(op, "k %v, v %v for cache rows of %d x %d", kk.shape, vv.shape, hd, nkv)
+		return
+	}
+	n := kk.n / row
+	_, _, slots, _, ok := b.batch(op, bt, n, bs)
+	if !ok {
+		return
+	}
+	b.call(op, b.l.kvWrite(b.ctx, kc.ptr, vc.ptr, kvt, kk.ptr, vv.ptr, int64(row), int64(row), slots.ptr, int64(n),
+		int32(nkv), int32(hd)))
+}
+
+func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.Attention) {
+	const op = "attend"
+	kc, vc, kvt, ok := b.caches(op, kCache, vCache)
+	if !ok {
+		return
+	}
+	d, qq := b.arg(op, "dst", dst, ml.F32), b.arg(op, "q", q, ml.F32)
+	if d == nil || qq == nil {
+		return
+	}
+	if a == nil {
+		b.failf(op, "nil parameters")
+		return
+	}
+	hd, nkv, bs := kc.shape[0], kc.shape[1], kc.shape[2]
+	if len(qq.shape) < 2 || qq.shape[0] != hd || d.n != qq.n {
+		b.failf(op, "q %v, dst %v for head dim %d", qq.shape, d.shape, hd)
+		return
+	}
+	nh := qq.shape[1]
+	if nh%nkv != 0 || qq.n%(hd*nh) != 0 {
+		b.failf(op, "q %v: %d query heads for %d kv heads", qq.shape, nh, nkv)
+		return
+	}
+	n := qq.n / (hd * nh)
+	pos, seq, _, blocks, ok := b.batch(op, bt, n, bs)
+	if !ok {
+		return
+	}
+	sp, ok := b.optF32(op, "sinks", a.Sinks, nh)
+	if !ok {
+		return
+	}
+	args := attnArgs{
+		out: d.ptr, q: qq.ptr, kCache: kc.ptr, vCache: vc.ptr, tokSeq: seq.ptr, tokPos: pos.ptr,
+		blockTables: blocks.ptr, sinks: sp, qStride: int64(hd * nh), nTok: int64(n),
+		maxBlocks: int32(blocks.shape[0]), blockSize: int32(bs), nHeads: int32(nh), nKVHeads: int32(nkv),
+		headDim: int32(hd), window: int32(a.Window), kvDType: kvt, scale: a.Scale,
+	}
+	b.call(op, b.l.attention(b.ctx, &args))
+}
+
+func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
+	const op = "moe"
+	d, xx := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
+	if d == nil || xx == nil {
+		return
+	}
+	if m == nil {
+		b.failf(op, "nil weights")
+		return
+	}
+	router, gate := b.arg(op, "router", m.Router, anyType), b.arg(op, "gate", m.Gate, anyType)
+	up, down := b.arg(op, "up", m.Up, anyType), b.arg(op, "down", m.Down, anyType)
+	if router == nil || gate == nil || up == nil || down == nil {
+		return
+	}
+	dim, n := rows2(xx)
+	if d.n != xx.n || d.shape[0] != dim {
+		b.failf(op, "dst %v for x %v", d.shape, xx.shape)
+		return
+	}
+	if len(router.shape) != 2 || router.shape[0] != dim {
+		b.failf(op, "router %v for width %d", router.shape, dim)
+		return
+	}
+	ne := router.shape[1]
+	if len(gate.shape) != 3 || gate.shape[0] != dim || gate.shape[2] != ne {
+		b.failf(op, "gate %v: want [%d, ff, %d]", gate.shape, dim, ne)
+		return
+	}
+	ff := gate.shape[1]
+	if !slices.Equal(up.shape, gate.shape) {
+		b.failf(op, "up %v: want %v", up.shape, gate.shape)
+		return
+	}
+	if len(down.shape) != 3 || down.shape[0] != ff || down.shape[1] != dim || down.shape[2] != ne {
+		b.failf(op, "down %v: want [%d, %d, %d]", down.shape, ff, dim, ne)
+		return
+	}
+	k := m.TopK
+	if k <= 0 || k > ne || k > 16 {
+		b.failf(op, "top-k %d of %d experts (at most 16)", k, ne)
+		return
+	}
+	rb, ok1 := b.optF32(op, "router_bias", m.RouterBias, ne)
+	gb, ok2 := b.optF32(op, "gate_bias", m.GateBias, ff*ne)
+	ub, ok3 := b.optF32(op, "up_bias", m.UpBias, ff*ne)
+	db, ok4 := b.optF32(op, "down_bias", m.DownBias, dim*ne)
+	if !ok1 || !ok2 || !ok3 || !ok4 {
+		return
+	}
+	logits := b.scratchBuf("moe.logits", 4*ne*n)
+	ids := b.scratchBuf("moe.ids", 4*k*n)
+	wts := b.scratchBuf("moe.w", 4*k*n)
+	g := b.scratchBuf("moe.gate", 4*ff*k*n)
+	u := b.scratchBuf("moe.up", 4*ff*k*n)
+	y := b.scratchBuf("moe.down", 4*dim*k*n)
+	if b.err != nil {
+		return
+	}
+	N, K := int64(n), int32(k)
+	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, N, int64(dim), int64(ne), 0))
+	b.call(op, b.l.moeTopK(b.ctx, ids, wts, logits, N, int32(ne), K))
+	b.call(op, b.l.moeMatmul(b.ctx, g, xx.ptr, 0, gate.ptr, int32(gate.dt), gb, ids, N, K, int64(dim), int64(ff)))
+	b.call(op, b.l.moeMatmul(b.ctx, u, xx.ptr, 0, up.ptr, int32(up.dt), ub, ids, N, K, int64(dim), int64(ff)))
+	nk := N * int64(K)
+	b.call(op, b.l.swigluOAI(b.ctx, g, g, u, nk, int64(ff), int64(ff), int64(ff), m.Alpha, m.Limit))
+	b.call(op, b.l.moeMatmul(b.ctx, y, g, 1, down.ptr, int32(down.dt), db, ids, N, K, int64(ff), int64(dim)))
+	b.call(op, b.l.moeCombine(b.ctx, d.ptr, y, wts, N, K, int64(dim), 0))
+}
+
+func (b *Backend) Argmax(dst, x ml.Tensor) {
+	d, xx := b.arg("argmax", "dst", dst, ml.I32), b.arg("argmax", "x", x, ml.F32)
+	if d == nil || xx == nil {
+		return
+	}
+	v, n := rows2(xx)
+	if d.n < n {
+		b.failf("argmax", "dst of %d for %d rows", d.n, n)
+		return
+	}
+	b.call("argmax", b.l.argmax(b.ctx, d.ptr, xx.ptr, int64(n), int64(v)))
+}
+
+// Sample draws one token per row of logits x [v, n] into dst I32 [n] on the
+// GPU (temperature, top-k, top-p, min-p; temperature <= 0 is argmax). rng is
+// a device tensor of n uint64 RNG states (I32 [2n], seeded by the caller with
+// WriteI32 of the seed's two halves) that the kernel advances, so a captured
+// step draws fresh numbers on every replay.
+func (b *Backend) Sample(dst, x, rng ml.Tensor, temperature float32, topK int, topP, minP float32) {
+	const op = "sample"
+	d, xx, r := b.arg(op, "dst", dst, ml.I32), b.arg(op, "x", x, ml.F32), b.arg(op, "rng", rng, ml.I32)
+	if d == nil || xx == nil || r == nil {
+		return
+	}
+	v, n := rows2(xx)
+	if d.n < n || r.n < 2*n {
+		b.failf(op, "dst of %d, rng of %d for %d rows", d.n, r.n/2, n)
+		return
+	}
+	if topP <= 0 || topP > 1 {
+		topP = 1
+	}
+	b.call(op, b.l.sample(b.ctx, d.ptr, xx.ptr, int64(n), int64(v), temperature, int32(topK), topP, minP, r.ptr))
+}
+
+func (b *Backend) CopyBlock(cache ml.Tensor, dst, src int) {
+	c := b.arg("copy_block", "cache", cache, anyType)
+	if c == nil {
+		return
+	}
+	nb := c.shape[len(c.shape)-1]
+	if dst < 0 || src < 0 || dst >= nb || src >= nb {
+		b.failf("copy_block", "blocks %d <- %d of %d", dst, src, nb)
+		return
+	}
+	if dst == src {
+		return
+	}
+	bb := c.bytes / nb
+	b.call("copy_block", b.l.memcpyD2D(b.ctx, c.ptr+uintptr(dst*bb), c.ptr+uintptr(src*bb), int64(bb)))
+}
+
+// Fill sets every element of an F32 tensor to v (tests poison outputs with NaN).
+func (b *Backend) Fill(t ml.Tensor, v float32) {
+	ct := b.arg("fill", "t", t, ml.F32)
+	if ct != nil {
+		b.call("fill", b.l.fillF32(b.ctx, ct.ptr, v, int64(ct.n)))
+	}
+}
+
