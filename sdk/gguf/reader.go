@@ -384,7 +384,7 @@ func (c *cursor) str(what string) (string, error) {
 		return "", err
 	}
 	if n > maxStringLen || int64(n) > c.remaining() {
-		return "", formatErr("%s length %d at offset %d exceeds the %d bytes left", what, n, c.off-8, c.remaining())
+		return "", formatErr("truncated or corrupt: %s length %d at offset %d exceeds the %d bytes left", what, n, c.off-8, c.remaining())
 	}
 	b, err := c.bytes(int64(n), what)
 	if err != nil {
