@@ -1,0 +1,163 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/llama-orch/orch/sdk"
+)
+
+// Option configures NewAdapter.
+type Option func(*options)
+
+type options struct {
+	maxBatchTokens int
+	maxQueue       int
+	maxSeqs        int
+	prefixCache    bool
+	planner        PlanFunc
+}
+
+// WithMaxBatchTokens sets the token budget of one forward step (decodes plus
+// prefill chunks; default 512). A long prompt is prefilled in chunks of at
+// most this many tokens, mixed with the running decodes.
+func WithMaxBatchTokens(n int) Option { return func(o *options) { o.maxBatchTokens = n } }
+
+// WithMaxQueue bounds the waiting queue (default 256); Generate returns
+// sdk.ErrBusy when it is full.
+func WithMaxQueue(n int) Option { return func(o *options) { o.maxQueue = n } }
+
+// WithMaxSequences caps the running batch. Without it the cap is
+// LoadOptions.MaxSequences, else the loader's ModelInfo.MaxSequences, else 16.
+func WithMaxSequences(n int) Option { return func(o *options) { o.maxSeqs = n } }
+
+// WithPrefixCache turns prefix caching on (the default) or off.
+func WithPrefixCache(on bool) Option { return func(o *options) { o.prefixCache = on } }
+
+// WithPlanner gives the adapter a memory planner: the adapter returned by
+// NewAdapter then implements sdk.Planner.
+func WithPlanner(p PlanFunc) Option { return func(o *options) { o.planner = p } }
+
+// adapter is the sdk.Adapter NewAdapter returns.
+type adapter struct {
+	load Loader
+	log  hclog.Logger
+	opts options
+
+	mu  sync.RWMutex
+	eng *sched // nil when no model is loaded
+}
+
+// plannedAdapter adds sdk.Planner.
+type plannedAdapter struct{ *adapter }
+
+func (p plannedAdapter) Plan(ctx context.Context, req sdk.LoadRequest) (sdk.MemoryPlan, error) {
+	return p.opts.planner(ctx, req)
+}
+
+// NewAdapter turns a Loader (an architecture's model code) into a complete
+// sdk.Adapter with continuous batching, a paged KV cache, a prefix cache and
+// host-side sampling.
+func NewAdapter(load Loader, log hclog.Logger, opts ...Option) sdk.Adapter {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	o := options{maxBatchTokens: 512, maxQueue: 256, prefixCache: true}
+	for _, f := range opts {
+		f(&o)
+	}
+	a := &adapter{load: load, log: log, opts: o}
+	if o.planner != nil {
+		return plannedAdapter{a}
+	}
+	return a
+}
+
+func (a *adapter) Load(ctx context.Context, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (sdk.ModelInfo, error) {
+	if progress == nil {
+		progress = func(sdk.LoadProgress) {}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.eng != nil {
+		return sdk.ModelInfo{}, sdk.ErrAlreadyLoaded
+	}
+	if a.load == nil {
+		return sdk.ModelInfo{}, fmt.Errorf("engine: no loader: %w", sdk.ErrInvalidArgument)
+	}
+	m, info, err := a.load(ctx, req, progress)
+	if err != nil {
+		return sdk.ModelInfo{}, fmt.Errorf("load %s: %w", req.Path, err)
+	}
+	if m == nil {
+		return sdk.ModelInfo{}, fmt.Errorf("load %s: loader returned no model", req.Path)
+	}
+	eng, info, err := newSched(m, info, req.Options, a.opts, a.log)
+	if err != nil {
+		if cerr := m.Close(); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+		return sdk.ModelInfo{}, fmt.Errorf("load %s: %w", req.Path, err)
+	}
+	a.eng = eng
+	a.log.Info("model loaded", "model", req.Path, "arch", info.Architecture, "backend", info.Backend,
+		"kv_blocks", eng.spec.NumBlocks, "block_size", eng.spec.BlockSize, "context", eng.ctxLen, "max_seqs", eng.maxSeqs)
+	return info, nil
+}
+
+func (a *adapter) current() (*sched, error) {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	if a.eng == nil {
+		return nil, sdk.ErrNotLoaded
+	}
+	return a.eng, nil
+}
+
+func (a *adapter) Generate(ctx context.Context, req sdk.GenerateRequest, emit func(sdk.Chunk) error) error {
+	e, err := a.current()
+	if err != nil {
+		return err
+	}
+	return e.generate(ctx, req, emit)
+}
+
+func (a *adapter) Cancel(_ context.Context, id string) error {
+	e, err := a.current()
+	if err != nil {
+		return err
+	}
+	e.cancelID(id)
+	return nil
+}
+
+func (a *adapter) Evaluate(ctx context.Context, tokens []int32) (sdk.Logits, error) {
+	e, err := a.current()
+	if err != nil {
+		return sdk.Logits{}, err
+	}
+	return e.evaluate(ctx, tokens)
+}
+
+func (a *adapter) Stats(context.Context) (sdk.Stats, error) {
+	e, err := a.current()
+	if err != nil {
+		return sdk.Stats{}, err
+	}
+	return e.snapshot(), nil
+}
+
+func (a *adapter) Unload(context.Context) error {
+	a.mu.Lock()
+	e := a.eng
+	a.eng = nil
+	a.mu.Unlock()
+	if e == nil {
+		return nil // nothing loaded: unloading is idempotent
+	}
+	return e.close()
+}

@@ -1,0 +1,586 @@
+package engine_test
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/engine/enginetest"
+)
+
+type result struct {
+	toks    []int32
+	info    []sdk.TokenInfo
+	finish  sdk.FinishReason
+	timings *sdk.Timings
+	chunks  int
+	err     error
+}
+
+func collect(ctx context.Context, a sdk.Adapter, req sdk.GenerateRequest) result {
+	var r result
+	r.err = a.Generate(ctx, req, func(c sdk.Chunk) error {
+		r.chunks++
+		r.toks = append(r.toks, c.Tokens...)
+		r.info = append(r.info, c.Info...)
+		if c.Finish != sdk.FinishNone {
+			r.finish, r.timings = c.Finish, c.Timings
+		}
+		return nil
+	})
+	return r
+}
+
+func load(t *testing.T, cfg enginetest.Config, opts ...engine.Option) (sdk.Adapter, *enginetest.Model) {
+	t.Helper()
+	var m *enginetest.Model
+	a := engine.NewAdapter(enginetest.Loader(cfg, func(x *enginetest.Model) { m = x }), nil, opts...)
+	_, err := a.Load(context.Background(), sdk.LoadRequest{Path: "fake"}, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = a.Unload(context.Background()) })
+	return a, m
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func randPrompt(r *rand.Rand, n, vocab int) []int32 {
+	p := make([]int32, n)
+	for i := range p {
+		p[i] = int32(r.IntN(vocab))
+	}
+	return p
+}
+
+// prompts returns n prompts of mixed lengths, some sharing prefixes.
+func prompts(n, vocab int) [][]int32 {
+	r := rand.New(rand.NewPCG(1, 2))
+	shared := randPrompt(r, 13, vocab)
+	out := make([][]int32, n)
+	for i := range out {
+		p := randPrompt(r, 3+7*i, vocab)
+		if i%2 == 0 {
+			p = append(append([]int32(nil), shared...), p...)
+		}
+		out[i] = p
+	}
+	return out
+}
+
+func greedy(p []int32, n int) sdk.GenerateRequest {
+	return sdk.GenerateRequest{Prompt: p, MaxTokens: n}
+}
+
+// runConcurrent runs all requests at once and returns their results in order.
+func runConcurrent(ctx context.Context, a sdk.Adapter, reqs []sdk.GenerateRequest) []result {
+	res := make([]result, len(reqs))
+	var wg sync.WaitGroup
+	for i, rq := range reqs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res[i] = collect(ctx, a, rq)
+		}()
+	}
+	wg.Wait()
+	return res
+}
+
+func TestConcurrentStreamsMatchSolo(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 97, BlockSize: 4, NumBlocks: 512, ContextLength: 512}
+	a, m := load(t, cfg, engine.WithMaxBatchTokens(32))
+	ctx := ctxT(t)
+	ps := prompts(8, cfg.Vocab)
+	reqs := make([]sdk.GenerateRequest, len(ps))
+	solo := make([][]int32, len(ps))
+	for i, p := range ps {
+		reqs[i] = greedy(p, 40)
+		r := collect(ctx, a, reqs[i])
+		require.NoError(t, r.err)
+		assert.Equal(t, sdk.FinishLength, r.finish)
+		assert.Equal(t, enginetest.Greedy(p, 40, cfg.Vocab), r.toks, "solo stream %d vs direct reference", i)
+		solo[i] = r.toks
+	}
+	for round := 0; round < 2; round++ { // second round runs with a warm prefix cache
+		res := runConcurrent(ctx, a, reqs)
+		for i, r := range res {
+			require.NoError(t, r.err)
+			assert.Equal(t, solo[i], r.toks, "round %d stream %d", round, i)
+			assert.Equal(t, 40, r.timings.GeneratedTokens)
+			assert.Equal(t, len(ps[i]), r.timings.PromptTokens)
+		}
+	}
+	assert.Greater(t, m.MaxBatchSeqs.Load(), int64(4), "streams were batched together")
+	st, err := a.Stats(ctx)
+	require.NoError(t, err)
+	assert.Zero(t, st.KVUsedBlocks)
+	assert.Zero(t, st.Running)
+}
+
+func TestThroughputScalesWithStreams(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, StepCost: 2 * time.Millisecond, TokenCost: 5 * time.Microsecond}
+	a, _ := load(t, cfg)
+	ctx := ctxT(t)
+	ps := prompts(8, cfg.Vocab)
+	rate := func(n int) float64 {
+		reqs := make([]sdk.GenerateRequest, n)
+		for i := range reqs {
+			reqs[i] = greedy(ps[i], 24)
+		}
+		start := time.Now()
+		res := runConcurrent(ctx, a, reqs)
+		el := time.Since(start)
+		total := 0
+		for _, r := range res {
+			require.NoError(t, r.err)
+			total += len(r.toks)
+		}
+		return float64(total) / el.Seconds()
+	}
+	one, eight := rate(1), rate(8)
+	t.Logf("aggregate decode: 1 stream %.0f tok/s, 8 streams %.0f tok/s", one, eight)
+	assert.Greater(t, eight, 2*one)
+}
+
+func TestChunkedPrefillMixesWithDecode(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, NumBlocks: 1024, ContextLength: 2048, StepCost: 200 * time.Microsecond}
+	a, m := load(t, cfg, engine.WithMaxBatchTokens(16))
+	ctx := ctxT(t)
+	r := rand.New(rand.NewPCG(3, 4))
+	short, long := randPrompt(r, 5, cfg.Vocab), randPrompt(r, 400, cfg.Vocab)
+	started := make(chan struct{})
+	var wg sync.WaitGroup
+	var first result
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		var once sync.Once
+		first.err = a.Generate(ctx, greedy(short, 120), func(c sdk.Chunk) error {
+			first.toks = append(first.toks, c.Tokens...)
+			once.Do(func() { close(started) })
+			return nil
+		})
+	}()
+	<-started
+	second := collect(ctx, a, greedy(long, 8))
+	wg.Wait()
+	require.NoError(t, first.err)
+	require.NoError(t, second.err)
+	assert.Equal(t, enginetest.Greedy(short, 120, cfg.Vocab), first.toks)
+	assert.Equal(t, enginetest.Greedy(long, 8, cfg.Vocab), second.toks)
+	assert.LessOrEqual(t, m.MaxChunk(), 16, "prefill chunked to the step budget")
+	assert.Greater(t, m.MixedSteps.Load(), int64(10), "long prefill ran alongside the running decode")
+}
+
+func TestPrefixReuse(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, BlockSize: 4}
+	a, m := load(t, cfg)
+	ctx := ctxT(t)
+	r := rand.New(rand.NewPCG(5, 6))
+	system := randPrompt(r, 32, cfg.Vocab) // 8 full blocks
+	p1 := append(append([]int32(nil), system...), randPrompt(r, 6, cfg.Vocab)...)
+	p2 := append(append([]int32(nil), system...), randPrompt(r, 9, cfg.Vocab)...)
+
+	r1 := collect(ctx, a, greedy(p1, 10))
+	require.NoError(t, r1.err)
+	assert.Zero(t, r1.timings.CachedTokens)
+	before := m.Tokens.Load()
+	r2 := collect(ctx, a, greedy(p2, 10))
+	require.NoError(t, r2.err)
+	assert.Equal(t, 32, r2.timings.CachedTokens, "shared system prompt served from the cache")
+	assert.Equal(t, enginetest.Greedy(p2, 10, cfg.Vocab), r2.toks)
+	assert.Equal(t, int64(len(p2)-32+9), m.Tokens.Load()-before, "only the uncached suffix and decodes were computed")
+
+	// The same prompt again, a whole number of blocks long: everything but the
+	// last token is cached and the last block is copied before it is written.
+	p3 := p1[:36]
+	r3 := collect(ctx, a, greedy(p3, 10))
+	require.NoError(t, r3.err)
+	copies := m.Copies.Load()
+	r4 := collect(ctx, a, greedy(p3, 10))
+	require.NoError(t, r4.err)
+	assert.Equal(t, 35, r4.timings.CachedTokens)
+	assert.Equal(t, r3.toks, r4.toks)
+	assert.Equal(t, enginetest.Greedy(p3, 10, cfg.Vocab), r4.toks)
+	assert.Greater(t, m.Copies.Load(), copies, "copy-on-write of the shared last block")
+
+	st, err := a.Stats(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, int64(4), st.PrefixQueries)
+	assert.Equal(t, int64(3), st.PrefixHits)
+}
+
+func TestPrefixCacheOffComputesEverything(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64}
+	a, m := load(t, cfg, engine.WithPrefixCache(false))
+	ctx := ctxT(t)
+	p := prompts(1, cfg.Vocab)[0]
+	for i := 0; i < 2; i++ {
+		r := collect(ctx, a, greedy(p, 5))
+		require.NoError(t, r.err)
+		assert.Zero(t, r.timings.CachedTokens)
+	}
+	assert.Equal(t, int64(2*(len(p)+4)), m.Tokens.Load())
+}
+
+func TestPreemptionUnderBlockPressure(t *testing.T) {
+	for _, prefix := range []bool{true, false} {
+		t.Run(fmt.Sprintf("prefix=%v", prefix), func(t *testing.T) {
+			// 24 blocks of 4 = 96 tokens; 6 streams of 10+50 tokens need 360.
+			cfg := enginetest.Config{Vocab: 64, BlockSize: 4, NumBlocks: 24, ContextLength: 96}
+			a, m := load(t, cfg, engine.WithPrefixCache(prefix), engine.WithMaxSequences(6))
+			ctx := ctxT(t)
+			r := rand.New(rand.NewPCG(7, 8))
+			reqs := make([]sdk.GenerateRequest, 6)
+			unique := 0
+			for i := range reqs {
+				reqs[i] = greedy(randPrompt(r, 10, cfg.Vocab), 50)
+				unique += 10 + 49
+			}
+			res := runConcurrent(ctx, a, reqs)
+			for i, rr := range res {
+				require.NoError(t, rr.err)
+				assert.Equal(t, enginetest.Greedy(reqs[i].Prompt, 50, cfg.Vocab), rr.toks, "stream %d", i)
+			}
+			assert.Greater(t, m.MaxBatchSeqs.Load(), int64(1))
+			if !prefix {
+				assert.Greater(t, m.Tokens.Load(), int64(unique), "preempted sequences were recomputed")
+			}
+			st, err := a.Stats(ctx)
+			require.NoError(t, err)
+			assert.Zero(t, st.KVUsedBlocks)
+		})
+	}
+}
+
+func TestCancellationFreesBlocks(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, StepCost: time.Millisecond}
+	a, _ := load(t, cfg)
+	ctx := ctxT(t)
+	p := prompts(1, cfg.Vocab)[0]
+
+	t.Run("cancel by id", func(t *testing.T) {
+		got := make(chan struct{})
+		var once sync.Once
+		var r result
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			r.err = a.Generate(ctx, sdk.GenerateRequest{ID: "req-1", Prompt: p, MaxTokens: 100000}, func(c sdk.Chunk) error {
+				r.toks = append(r.toks, c.Tokens...)
+				if c.Finish != sdk.FinishNone {
+					r.finish, r.timings = c.Finish, c.Timings
+				}
+				once.Do(func() { close(got) })
+				return nil
+			})
+		}()
+		<-got
+		st, err := a.Stats(ctx)
+		require.NoError(t, err)
+		assert.Positive(t, st.KVUsedBlocks)
+		require.NoError(t, a.Cancel(ctx, "req-1"))
+		<-done
+		require.NoError(t, r.err)
+		assert.Equal(t, sdk.FinishCanceled, r.finish)
+		require.NotNil(t, r.timings)
+		assert.Equal(t, len(r.toks), r.timings.GeneratedTokens)
+		assert.Less(t, len(r.toks), 100000)
+		st, err = a.Stats(ctx)
+		require.NoError(t, err)
+		assert.Zero(t, st.KVUsedBlocks)
+		assert.Zero(t, st.Running)
+	})
+
+	t.Run("context canceled", func(t *testing.T) {
+		cctx, cancel := context.WithCancel(ctx)
+		n := 0
+		err := a.Generate(cctx, sdk.GenerateRequest{Prompt: p, MaxTokens: 100000}, func(c sdk.Chunk) error {
+			n += len(c.Tokens)
+			if n >= 3 {
+				cancel()
+			}
+			return nil
+		})
+		require.ErrorIs(t, err, sdk.ErrCanceled)
+		assert.Eventually(t, func() bool {
+			st, err := a.Stats(ctx)
+			return err == nil && st.KVUsedBlocks == 0 && st.Running == 0
+		}, 2*time.Second, 5*time.Millisecond)
+	})
+
+	t.Run("emit error stops the stream", func(t *testing.T) {
+		boom := fmt.Errorf("client went away")
+		err := a.Generate(ctx, sdk.GenerateRequest{Prompt: p, MaxTokens: 100000}, func(c sdk.Chunk) error { return boom })
+		require.ErrorIs(t, err, boom)
+		assert.Eventually(t, func() bool {
+			st, err := a.Stats(ctx)
+			return err == nil && st.KVUsedBlocks == 0
+		}, 2*time.Second, 5*time.Millisecond)
+	})
+}
+
+func TestQueueBoundAndFIFO(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, StepCost: time.Millisecond}
+	a, _ := load(t, cfg, engine.WithMaxSequences(1), engine.WithMaxQueue(1))
+	ctx := ctxT(t)
+	p := prompts(1, cfg.Vocab)[0]
+	running := make(chan struct{})
+	var once sync.Once
+	errs := make(chan error, 2)
+	go func() {
+		errs <- a.Generate(ctx, sdk.GenerateRequest{ID: "a", Prompt: p, MaxTokens: 200}, func(sdk.Chunk) error {
+			once.Do(func() { close(running) })
+			return nil
+		})
+	}()
+	<-running
+	go func() {
+		errs <- a.Generate(ctx, sdk.GenerateRequest{ID: "b", Prompt: p, MaxTokens: 2}, func(sdk.Chunk) error { return nil })
+	}()
+	require.Eventually(t, func() bool { st, _ := a.Stats(ctx); return st.Waiting == 1 }, 2*time.Second, time.Millisecond)
+	err := a.Generate(ctx, sdk.GenerateRequest{ID: "c", Prompt: p, MaxTokens: 2}, func(sdk.Chunk) error { return nil })
+	require.ErrorIs(t, err, sdk.ErrBusy)
+	require.NoError(t, a.Cancel(ctx, "a"))
+	require.NoError(t, <-errs)
+	require.NoError(t, <-errs)
+}
+
+func TestSeededSampling(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 200}
+	a, _ := load(t, cfg)
+	ctx := ctxT(t)
+	ps := prompts(6, cfg.Vocab)
+	sampled := func(p []int32, seed uint64) sdk.GenerateRequest {
+		return sdk.GenerateRequest{Prompt: p, MaxTokens: 30, Sampling: sdk.SamplingParams{
+			Temperature: 1.5, TopK: 50, TopP: 0.95, MinP: 0.01, Seed: seed, HasSeed: true,
+			RepetitionPenalty: 1.1, PresencePenalty: 0.2, FrequencyPenalty: 0.1,
+		}}
+	}
+	alone := collect(ctx, a, sampled(ps[0], 42))
+	require.NoError(t, alone.err)
+	reqs := []sdk.GenerateRequest{sampled(ps[0], 42)}
+	for _, p := range ps[1:] {
+		reqs = append(reqs, sampled(p, 7))
+	}
+	res := runConcurrent(ctx, a, reqs)
+	require.NoError(t, res[0].err)
+	assert.Equal(t, alone.toks, res[0].toks, "same seed, same tokens, whatever the batch")
+	other := collect(ctx, a, sampled(ps[0], 43))
+	require.NoError(t, other.err)
+	assert.NotEqual(t, alone.toks, other.toks, "another seed gives another sample")
+	assert.NotEqual(t, enginetest.Greedy(ps[0], 30, cfg.Vocab), alone.toks, "sampling is not greedy")
+}
+
+func TestStopTokensAndLimits(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, ContextLength: 64, NumBlocks: 64}
+	a, _ := load(t, cfg)
+	ctx := ctxT(t)
+	p := prompts(1, cfg.Vocab)[0]
+	ref := enginetest.Greedy(p, 40, cfg.Vocab)
+	stop := ref[5]
+	first := 0
+	for ref[first] != stop {
+		first++
+	}
+
+	r := collect(ctx, a, sdk.GenerateRequest{Prompt: p, MaxTokens: 40, StopTokens: []int32{stop}})
+	require.NoError(t, r.err)
+	assert.Equal(t, sdk.FinishStop, r.finish)
+	assert.Equal(t, ref[:first+1], r.toks, "stops after the stop token, which is included")
+
+	r = collect(ctx, a, sdk.GenerateRequest{Prompt: p, MaxTokens: 12, MinTokens: 12, StopTokens: []int32{stop}})
+	require.NoError(t, r.err)
+	assert.Equal(t, sdk.FinishLength, r.finish)
+	assert.Len(t, r.toks, 12)
+	assert.NotContains(t, r.toks, stop, "stop tokens cannot be sampled before MinTokens")
+
+	// Context limit: the sequence fills all 64 positions, plus the last token.
+	r = collect(ctx, a, sdk.GenerateRequest{Prompt: p, MaxTokens: 1000})
+	require.NoError(t, r.err)
+	assert.Equal(t, sdk.FinishLength, r.finish)
+	assert.Equal(t, 64+1, len(p)+len(r.toks))
+
+	long := make([]int32, 65)
+	r = collect(ctx, a, sdk.GenerateRequest{Prompt: long, MaxTokens: 1})
+	require.ErrorIs(t, r.err, sdk.ErrContextTooLong)
+	r = collect(ctx, a, sdk.GenerateRequest{Prompt: []int32{1, 64}, MaxTokens: 1})
+	require.ErrorIs(t, r.err, sdk.ErrInvalidArgument)
+	r = collect(ctx, a, sdk.GenerateRequest{MaxTokens: 1})
+	require.ErrorIs(t, r.err, sdk.ErrInvalidArgument)
+	r = collect(ctx, a, sdk.GenerateRequest{Prompt: p, MaxTokens: 1, Sampling: sdk.SamplingParams{TopP: 2}})
+	require.ErrorIs(t, r.err, sdk.ErrInvalidArgument)
+}
+
+func TestLogprobs(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64}
+	a, _ := load(t, cfg)
+	ctx := ctxT(t)
+	p := prompts(1, cfg.Vocab)[0]
+	r := collect(ctx, a, sdk.GenerateRequest{Prompt: p, MaxTokens: 6, Logprobs: true, TopLogprobs: 3})
+	require.NoError(t, r.err)
+	require.Len(t, r.info, len(r.toks))
+	for i, in := range r.info {
+		require.Len(t, in.Top, 3)
+		assert.Equal(t, r.toks[i], in.Top[0].Token, "greedy picks the most likely token")
+		assert.InDelta(t, in.Top[0].Logprob, in.Logprob, 1e-6)
+		assert.LessOrEqual(t, in.Logprob, float32(0))
+		assert.GreaterOrEqual(t, in.Top[0].Logprob, in.Top[1].Logprob)
+		assert.GreaterOrEqual(t, in.Top[1].Logprob, in.Top[2].Logprob)
+	}
+	r = collect(ctx, a, greedy(p, 3))
+	require.NoError(t, r.err)
+	assert.Empty(t, r.info)
+}
+
+func TestEvaluate(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 32, BlockSize: 4}
+	a, m := load(t, cfg, engine.WithMaxBatchTokens(16))
+	ctx := ctxT(t)
+	toks := prompts(4, cfg.Vocab)[3] // 13+3+21 = 37 tokens: several chunks
+	// Run generations alongside to mix the evaluation into busy batches.
+	var wg sync.WaitGroup
+	for _, p := range prompts(3, cfg.Vocab) {
+		wg.Add(1)
+		go func() { defer wg.Done(); assert.NoError(t, collect(ctx, a, greedy(p, 20)).err) }()
+	}
+	got, err := a.Evaluate(ctx, toks)
+	wg.Wait()
+	require.NoError(t, err)
+	require.Equal(t, len(toks), got.Rows)
+	require.Equal(t, cfg.Vocab, got.Vocab)
+	h := enginetest.Root
+	for i, tk := range toks {
+		h = enginetest.Step(h, tk, i)
+		want := enginetest.Logits(h, cfg.Vocab, nil)
+		require.Equal(t, want, got.Data[i*cfg.Vocab:(i+1)*cfg.Vocab], "row %d", i)
+	}
+	assert.LessOrEqual(t, m.MaxChunk(), 16)
+	_, err = a.Evaluate(ctx, nil)
+	require.ErrorIs(t, err, sdk.ErrInvalidArgument)
+}
+
+func TestLifecycle(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, StepCost: time.Millisecond}
+	a := engine.NewAdapter(enginetest.Loader(cfg, nil), nil)
+	ctx := ctxT(t)
+	p := prompts(1, cfg.Vocab)[0]
+	require.ErrorIs(t, collect(ctx, a, greedy(p, 1)).err, sdk.ErrNotLoaded)
+	_, err := a.Evaluate(ctx, p)
+	require.ErrorIs(t, err, sdk.ErrNotLoaded)
+	_, err = a.Stats(ctx)
+	require.ErrorIs(t, err, sdk.ErrNotLoaded)
+
+	info, err := a.Load(ctx, sdk.LoadRequest{Path: "x", Options: sdk.LoadOptions{ContextLength: 100, MaxSequences: 3}}, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 100, info.ContextLength)
+	assert.Equal(t, 3, info.MaxSequences)
+	assert.Equal(t, 64, info.VocabSize)
+	_, err = a.Load(ctx, sdk.LoadRequest{Path: "x"}, nil)
+	require.ErrorIs(t, err, sdk.ErrAlreadyLoaded)
+
+	// Unload with streams running and waiting: they end with an error, nothing hangs.
+	var wg sync.WaitGroup
+	errs := make([]error, 5)
+	for i := range errs {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = collect(ctx, a, greedy(p, 1000)).err }()
+	}
+	require.Eventually(t, func() bool { st, _ := a.Stats(ctx); return st.Running == 3 && st.Waiting == 2 }, 2*time.Second, time.Millisecond)
+	require.NoError(t, a.Unload(ctx))
+	wg.Wait()
+	for _, err := range errs {
+		require.ErrorIs(t, err, sdk.ErrNotLoaded)
+	}
+	require.ErrorIs(t, collect(ctx, a, greedy(p, 1)).err, sdk.ErrNotLoaded)
+
+	// Load again works.
+	_, err = a.Load(ctx, sdk.LoadRequest{Path: "x"}, nil)
+	require.NoError(t, err)
+	r := collect(ctx, a, greedy(p, 4))
+	require.NoError(t, r.err)
+	assert.Equal(t, enginetest.Greedy(p, 4, cfg.Vocab), r.toks)
+	require.NoError(t, a.Unload(ctx))
+}
+
+func TestPlanner(t *testing.T) {
+	plain := engine.NewAdapter(enginetest.Loader(enginetest.Config{}, nil), nil)
+	_, ok := plain.(sdk.Planner)
+	assert.False(t, ok, "no planner given: no sdk.Planner")
+
+	planned := engine.NewAdapter(enginetest.Loader(enginetest.Config{}, nil), nil,
+		engine.WithPlanner(func(ctx context.Context, req sdk.LoadRequest) (sdk.MemoryPlan, error) {
+			blocks, err := engine.PlanKV(engine.KVRequest{BlockBytes: 1 << 20, BlockSize: 16, ContextLength: 4096, MaxSequences: 4}, 0, 0, 0)
+			if err != nil {
+				return sdk.MemoryPlan{}, err
+			}
+			return engine.Plan("cuda:0", 10<<30, blocks, 1<<20, 1<<30, 16<<30)
+		}))
+	pl, ok := planned.(sdk.Planner)
+	require.True(t, ok)
+	plan, err := pl.Plan(context.Background(), sdk.LoadRequest{Path: "x"})
+	require.NoError(t, err)
+	assert.Equal(t, int64(1024)<<20, plan.KVBytes)
+	assert.Equal(t, int64(10<<30+1<<30+1<<30), plan.Total())
+
+	_, err = engine.Plan("cuda:0", 20<<30, 10, 1<<20, 0, 16<<30)
+	var oom *sdk.OutOfMemoryError
+	require.ErrorAs(t, err, &oom)
+	assert.Equal(t, int64(16<<30), oom.Free)
+
+	blocks, err := engine.PlanKV(engine.KVRequest{BlockBytes: 1 << 20, BlockSize: 16, ContextLength: 4096, Fraction: 0.5}, 20<<30, 10<<30, 2<<30)
+	require.NoError(t, err)
+	assert.Equal(t, 4096, blocks)
+	_, err = engine.PlanKV(engine.KVRequest{}, 0, 0, 0)
+	require.ErrorIs(t, err, sdk.ErrInvalidArgument)
+}
+
+// failingModel errors on the n-th Forward and panics on the m-th.
+type failingModel struct {
+	*enginetest.Model
+	calls, failAt, panicAt int
+}
+
+func (f *failingModel) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
+	f.calls++
+	if f.calls == f.failAt {
+		return nil, fmt.Errorf("device lost")
+	}
+	if f.calls == f.panicAt {
+		panic("kernel bug")
+	}
+	return f.Model.Forward(ctx, b)
+}
+
+func TestModelErrorsFailRequestsNotTheAdapter(t *testing.T) {
+	fm := &failingModel{Model: enginetest.New(enginetest.Config{}), failAt: 3, panicAt: 6}
+	a := engine.NewAdapter(func(context.Context, sdk.LoadRequest, func(sdk.LoadProgress)) (engine.Model, sdk.ModelInfo, error) {
+		return fm, sdk.ModelInfo{}, nil
+	}, nil)
+	ctx := ctxT(t)
+	_, err := a.Load(ctx, sdk.LoadRequest{}, nil)
+	require.NoError(t, err)
+	defer a.Unload(ctx)
+	p := prompts(1, 64)[0]
+	r := collect(ctx, a, greedy(p, 10))
+	require.ErrorContains(t, r.err, "device lost")
+	r = collect(ctx, a, greedy(p, 10))
+	require.ErrorContains(t, r.err, "kernel bug")
+	r = collect(ctx, a, greedy(p, 10))
+	require.NoError(t, r.err)
+	assert.Equal(t, enginetest.Greedy(p, 10, 64), r.toks)
+	st, err := a.Stats(ctx)
+	require.NoError(t, err)
+	assert.Zero(t, st.KVUsedBlocks)
+}

@@ -1,0 +1,275 @@
+// Package enginetest holds a fake engine.Model for testing the serving engine
+// and tools built on it (orch-host bench) without weights.
+//
+// The fake keeps a real paged KV pool: every (block, slot) stores the token
+// and position written there. A forward pass reads the whole context of each
+// token back through the sequence's block table and its logits are a
+// deterministic function of everything it read, so a wrong block table, lost
+// or overwritten KV, bad prefix sharing or a preemption bug changes the
+// generated tokens (and reads of never-written or misplaced slots are
+// reported as errors). It lives in a normal package, not a _test file,
+// because the engine's tests and the bench command's tests both use it.
+package enginetest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
+)
+
+// Config shapes a fake model.
+type Config struct {
+	Vocab         int           // vocabulary size (default 64)
+	BlockSize     int           // tokens per KV block (default 4)
+	NumBlocks     int           // KV blocks in the pool (default 256)
+	ContextLength int           // max tokens per sequence (default 1024)
+	StepCost      time.Duration // simulated time per Forward call (fixed cost, like reading the weights once)
+	TokenCost     time.Duration // simulated time per token in a Forward call
+	MaxSequences  int           // reported in ModelInfo (0 = let the engine choose)
+}
+
+func (c Config) withDefaults() Config {
+	if c.Vocab <= 0 {
+		c.Vocab = 64
+	}
+	if c.BlockSize <= 0 {
+		c.BlockSize = 4
+	}
+	if c.NumBlocks <= 0 {
+		c.NumBlocks = 256
+	}
+	if c.ContextLength <= 0 {
+		c.ContextLength = 1024
+	}
+	return c
+}
+
+type slot struct {
+	tok, pos int32
+	ok       bool
+}
+
+// Model is the fake. Counters are safe to read concurrently.
+type Model struct {
+	cfg Config
+	kv  []slot // NumBlocks*BlockSize
+
+	busy   atomic.Bool
+	closed atomic.Bool
+
+	Forwards     atomic.Int64 // Forward calls
+	Tokens       atomic.Int64 // tokens processed (prefill + decode)
+	MaxBatchSeqs atomic.Int64 // largest number of sequences in one Forward
+	MixedSteps   atomic.Int64 // Forward calls holding both a decode (1 token) and a prefill chunk (>1 token)
+	Copies       atomic.Int64 // CopyBlock calls
+
+	mu    sync.Mutex
+	sizes []int // tokens per sequence of each step (last 1000 steps), for tests
+}
+
+// New makes a fake model.
+func New(cfg Config) *Model {
+	cfg = cfg.withDefaults()
+	return &Model{cfg: cfg, kv: make([]slot, cfg.NumBlocks*cfg.BlockSize)}
+}
+
+// Loader returns an engine.Loader that makes a new fake per Load; got (if not
+// nil) receives each model made.
+func Loader(cfg Config, got func(*Model)) engine.Loader {
+	return func(ctx context.Context, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (engine.Model, sdk.ModelInfo, error) {
+		if err := ctx.Err(); err != nil {
+			return nil, sdk.ModelInfo{}, err
+		}
+		m := New(cfg)
+		progress(sdk.LoadProgress{Stage: "kv", Done: 1, Total: 1})
+		if got != nil {
+			got(m)
+		}
+		c := m.cfg
+		return m, sdk.ModelInfo{
+			Architecture: "fake", Name: "fake", Backend: "cpu", DeviceName: "cpu (fake)",
+			ContextLength: c.ContextLength, VocabSize: c.Vocab, MaxSequences: c.MaxSequences,
+			KVBytes: int64(c.NumBlocks * c.BlockSize * 8),
+		}, nil
+	}
+}
+
+// Spec implements engine.Model.
+func (m *Model) Spec() engine.Spec {
+	return engine.Spec{
+		Architecture: "fake", VocabSize: m.cfg.Vocab, ContextLength: m.cfg.ContextLength,
+		BlockSize: m.cfg.BlockSize, NumBlocks: m.cfg.NumBlocks, KVBlockBytes: int64(m.cfg.BlockSize * 8),
+	}
+}
+
+// Logits is the fake's logits row for a context hash (exported so tests can
+// compute expected tokens independently of the engine).
+func Logits(h uint64, vocab int, dst []float32) []float32 {
+	for v := 0; v < vocab; v++ {
+		x := mix(h ^ (uint64(v)+1)*0x9e3779b97f4a7c15)
+		dst = append(dst, float32(x>>48)/8192-4)
+	}
+	return dst
+}
+
+// Step folds one (token, position) into a context hash; Root is the empty context.
+func Step(h uint64, tok int32, pos int) uint64 {
+	return mix(h ^ uint64(uint32(tok))<<20 ^ uint64(pos)*0xff51afd7ed558ccd)
+}
+
+// Root is the hash of the empty context.
+const Root uint64 = 0x243f6a8885a308d3
+
+func mix(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return x
+}
+
+// Greedy returns the tokens greedy decoding produces after prompt, computed
+// directly (no KV cache): the reference the engine's output must equal.
+func Greedy(prompt []int32, n, vocab int) []int32 {
+	h := Root
+	toks := append([]int32(nil), prompt...)
+	for i, t := range prompt {
+		h = Step(h, t, i)
+	}
+	var out []int32
+	row := make([]float32, 0, vocab)
+	for len(out) < n {
+		row = Logits(h, vocab, row[:0])
+		best := 0
+		for v := range row {
+			if row[v] > row[best] {
+				best = v
+			}
+		}
+		out = append(out, int32(best))
+		h = Step(h, int32(best), len(toks))
+		toks = append(toks, int32(best))
+	}
+	return out
+}
+
+// Forward implements engine.Model.
+func (m *Model) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
+	if !m.busy.CompareAndSwap(false, true) {
+		return nil, fmt.Errorf("fake: concurrent Forward calls")
+	}
+	defer m.busy.Store(false)
+	if m.closed.Load() {
+		return nil, fmt.Errorf("fake: model closed")
+	}
+	bs, vocab := m.cfg.BlockSize, m.cfg.Vocab
+	out := &engine.Output{Logits: make([][]float32, len(b.Seqs))}
+	tokens, decode, prefill := 0, false, false
+	var sizes []int
+	for i, s := range b.Seqs {
+		if len(s.Tokens) == 0 || s.Pos < 0 || s.Pos+len(s.Tokens) > m.cfg.ContextLength {
+			return nil, fmt.Errorf("fake: seq %d: %d tokens at position %d", i, len(s.Tokens), s.Pos)
+		}
+		if len(s.Blocks)*bs < s.Pos+len(s.Tokens) {
+			return nil, fmt.Errorf("fake: seq %d: %d blocks cannot hold %d positions", i, len(s.Blocks), s.Pos+len(s.Tokens))
+		}
+		seen := make(map[int32]bool, len(s.Blocks))
+		for _, blk := range s.Blocks {
+			if blk < 0 || int(blk) >= m.cfg.NumBlocks || seen[blk] {
+				return nil, fmt.Errorf("fake: seq %d: bad or repeated block %d in table %v", i, blk, s.Blocks)
+			}
+			seen[blk] = true
+		}
+		// Read the context back through the block table.
+		h := Root
+		for q := 0; q < s.Pos; q++ {
+			sl := m.kv[int(s.Blocks[q/bs])*bs+q%bs]
+			if !sl.ok || int(sl.pos) != q {
+				return nil, fmt.Errorf("fake: seq %d: KV slot for position %d (block %d) holds %+v", i, q, s.Blocks[q/bs], sl)
+			}
+			h = Step(h, sl.tok, q)
+		}
+		var rows []float32
+		for k, t := range s.Tokens {
+			if t < 0 || int(t) >= vocab {
+				return nil, fmt.Errorf("fake: seq %d: token %d outside vocabulary", i, t)
+			}
+			p := s.Pos + k
+			m.kv[int(s.Blocks[p/bs])*bs+p%bs] = slot{tok: t, pos: int32(p), ok: true}
+			h = Step(h, t, p)
+			if s.AllLogits || k == len(s.Tokens)-1 {
+				rows = Logits(h, vocab, rows)
+			}
+		}
+		out.Logits[i] = rows
+		tokens += len(s.Tokens)
+		if len(s.Tokens) == 1 {
+			decode = true
+		} else {
+			prefill = true
+		}
+		sizes = append(sizes, len(s.Tokens))
+	}
+	m.Forwards.Add(1)
+	m.Tokens.Add(int64(tokens))
+	if decode && prefill {
+		m.MixedSteps.Add(1)
+	}
+	for {
+		cur := m.MaxBatchSeqs.Load()
+		if int64(len(b.Seqs)) <= cur || m.MaxBatchSeqs.CompareAndSwap(cur, int64(len(b.Seqs))) {
+			break
+		}
+	}
+	m.mu.Lock()
+	m.sizes = append(m.sizes, sizes...)
+	if len(m.sizes) > 100000 {
+		m.sizes = m.sizes[len(m.sizes)-1000:]
+	}
+	m.mu.Unlock()
+	if cost := m.cfg.StepCost + time.Duration(tokens)*m.cfg.TokenCost; cost > 0 {
+		t := time.NewTimer(cost)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		}
+	}
+	return out, nil
+}
+
+// MaxChunk is the largest number of tokens any one sequence had in a Forward call.
+func (m *Model) MaxChunk() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	best := 0
+	for _, n := range m.sizes {
+		best = max(best, n)
+	}
+	return best
+}
+
+// CopyBlock implements engine.Model.
+func (m *Model) CopyBlock(dst, src int32) error {
+	n := int32(m.cfg.NumBlocks)
+	if dst < 0 || dst >= n || src < 0 || src >= n {
+		return fmt.Errorf("fake: copy block %d -> %d out of range", src, dst)
+	}
+	bs := m.cfg.BlockSize
+	copy(m.kv[int(dst)*bs:int(dst+1)*bs], m.kv[int(src)*bs:int(src+1)*bs])
+	m.Copies.Add(1)
+	return nil
+}
+
+// Close implements engine.Model.
+func (m *Model) Close() error {
+	m.closed.Store(true)
+	return nil
+}

@@ -1,0 +1,840 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/llama-orch/orch/sdk"
+)
+
+// sched is a loaded model with its scheduler goroutine.
+//
+// One goroutine (loop) owns the running batch, the block pool and every call
+// into the model. Request goroutines only touch the waiting queue, the id map
+// and the published stats, under mu, and read their own sequence's output
+// buffer.
+type sched struct {
+	model   Model
+	spec    Spec
+	log     hclog.Logger
+	ctxLen  int // max tokens per sequence (prompt + generated)
+	maxSeqs int
+	budget  int // tokens per forward step
+	queue   int // max waiting requests
+	prefix  bool
+
+	pool    *blockPool // scheduler-owned
+	running []*seq     // scheduler-owned, in arrival order
+	ended   []ending   // scheduler-owned: finished, to be ended by flush
+	pushed  []pushed   // scheduler-owned: tokens to deliver in flush
+
+	mu       sync.Mutex
+	waiting  []*seq // arrival order; preempted sequences go back in order
+	byID     map[string]*seq
+	closed   bool
+	arrivals uint64
+	stats    sdk.Stats
+	rate     rateMeter
+
+	wake   chan struct{}
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hclog.Logger) (*sched, sdk.ModelInfo, error) {
+	spec := m.Spec()
+	switch {
+	case spec.VocabSize <= 0:
+		return nil, info, fmt.Errorf("engine: model spec: vocab size %d", spec.VocabSize)
+	case spec.BlockSize <= 0 || spec.NumBlocks <= 0:
+		return nil, info, fmt.Errorf("engine: model spec: %d KV blocks of %d tokens", spec.NumBlocks, spec.BlockSize)
+	case spec.ContextLength <= 0:
+		return nil, info, fmt.Errorf("engine: model spec: context length %d", spec.ContextLength)
+	}
+	ctxLen := spec.ContextLength
+	if lo.ContextLength > 0 && lo.ContextLength < ctxLen {
+		ctxLen = lo.ContextLength
+	}
+	// A sequence alone must always fit in the pool: that is what makes
+	// preemption (of others) always able to make progress.
+	ctxLen = min(ctxLen, spec.NumBlocks*spec.BlockSize)
+	maxSeqs := o.maxSeqs
+	if maxSeqs <= 0 {
+		maxSeqs = lo.MaxSequences
+	}
+	if maxSeqs <= 0 {
+		maxSeqs = info.MaxSequences
+	}
+	if maxSeqs <= 0 {
+		maxSeqs = 16
+	}
+	budget := max(o.maxBatchTokens, maxSeqs, 1)
+	if o.maxBatchTokens <= 0 {
+		budget = max(512, maxSeqs)
+	}
+	queue := o.maxQueue
+	if queue <= 0 {
+		queue = 256
+	}
+	info.ContextLength = ctxLen
+	info.MaxSequences = maxSeqs
+	if info.VocabSize == 0 {
+		info.VocabSize = spec.VocabSize
+	}
+	if info.Architecture == "" {
+		info.Architecture = spec.Architecture
+	}
+	if info.KVBytes == 0 {
+		info.KVBytes = spec.KVBlockBytes * int64(spec.NumBlocks)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	e := &sched{
+		model: m, spec: spec, log: log,
+		ctxLen: ctxLen, maxSeqs: maxSeqs, budget: budget, queue: queue, prefix: o.prefixCache,
+		pool:   newBlockPool(spec.NumBlocks, spec.BlockSize),
+		byID:   make(map[string]*seq),
+		wake:   make(chan struct{}, 1),
+		cancel: cancel,
+		done:   make(chan struct{}),
+	}
+	e.stats.KVTotalBlocks = spec.NumBlocks
+	go e.loop(ctx)
+	return e, info, nil
+}
+
+// seq is one request (a generation or an evaluation) in the scheduler.
+type seq struct {
+	id      string
+	arrival uint64
+	req     sdk.GenerateRequest
+	eval    bool
+
+	// scheduler-owned
+	tokens    []int32  // prompt, then generated tokens
+	nPrompt   int      // prompt length
+	computed  int      // tokens whose KV is in the cache: positions [0, computed)
+	blocks    []int32  // block table
+	keys      []uint64 // prefix keys of the first len(keys) full blocks
+	generated int
+	samp      *sampler
+	admitted  bool
+	cached    int // prompt tokens served from the prefix cache at first admission
+	rows      []float32
+	tEnqueue  time.Time
+	tAdmit    time.Time
+	tFirst    time.Time
+	tLast     time.Time
+
+	canceled atomic.Bool
+	queued   bool // in e.waiting (guarded by e.mu)
+
+	// output, guarded by omu
+	omu     sync.Mutex
+	otoks   []int32
+	oinfo   []sdk.TokenInfo
+	done    bool
+	finish  sdk.FinishReason
+	err     error
+	timings *sdk.Timings
+	notify  chan struct{}
+}
+
+func (s *seq) signal() {
+	select {
+	case s.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (s *seq) push(tok int32, info *sdk.TokenInfo) {
+	s.omu.Lock()
+	s.otoks = append(s.otoks, tok)
+	if info != nil {
+		s.oinfo = append(s.oinfo, *info)
+	}
+	s.omu.Unlock()
+	s.signal()
+}
+
+// end finishes the sequence once; later calls do nothing.
+func (s *seq) end(reason sdk.FinishReason, err error, now time.Time) {
+	s.omu.Lock()
+	if s.done {
+		s.omu.Unlock()
+		return
+	}
+	s.done, s.finish, s.err = true, reason, err
+	t := &sdk.Timings{PromptTokens: s.nPrompt, CachedTokens: s.cached, GeneratedTokens: s.generated}
+	if !s.tAdmit.IsZero() {
+		t.QueueTime = s.tAdmit.Sub(s.tEnqueue)
+		if !s.tFirst.IsZero() {
+			t.PromptTime = s.tFirst.Sub(s.tAdmit)
+			t.GenerateTime = s.tLast.Sub(s.tFirst)
+		}
+	} else {
+		t.QueueTime = now.Sub(s.tEnqueue)
+	}
+	s.timings = t
+	s.omu.Unlock()
+	s.signal()
+}
+
+func (s *seq) take() (toks []int32, info []sdk.TokenInfo, done bool) {
+	s.omu.Lock()
+	defer s.omu.Unlock()
+	toks, info = s.otoks, s.oinfo
+	s.otoks, s.oinfo = nil, nil
+	return toks, info, s.done
+}
+
+func (e *sched) wakeup() {
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (e *sched) validate(tokens []int32) error {
+	if len(tokens) == 0 {
+		return fmt.Errorf("empty prompt: %w", sdk.ErrInvalidArgument)
+	}
+	if len(tokens) > e.ctxLen {
+		return fmt.Errorf("%d prompt tokens, context length is %d: %w", len(tokens), e.ctxLen, sdk.ErrContextTooLong)
+	}
+	for i, t := range tokens {
+		if t < 0 || int(t) >= e.spec.VocabSize {
+			return fmt.Errorf("token %d at position %d outside the vocabulary [0, %d): %w", t, i, e.spec.VocabSize, sdk.ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+// submit queues s; it fails when the adapter is closing, the queue is full
+// or the id is in use.
+func (e *sched) submit(s *seq) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return sdk.ErrNotLoaded
+	}
+	if len(e.waiting) >= e.queue {
+		return fmt.Errorf("%d requests waiting: %w", len(e.waiting), sdk.ErrBusy)
+	}
+	if s.id != "" {
+		if _, dup := e.byID[s.id]; dup {
+			return fmt.Errorf("request id %q already in use: %w", s.id, sdk.ErrInvalidArgument)
+		}
+		e.byID[s.id] = s
+	}
+	e.arrivals++
+	s.arrival = e.arrivals
+	s.tEnqueue = time.Now()
+	s.queued = true
+	e.waiting = append(e.waiting, s)
+	e.stats.Waiting = len(e.waiting)
+	e.wakeup()
+	return nil
+}
+
+// abandon marks s canceled: a queued sequence is dropped at once, a running
+// one is freed by the scheduler before its next step.
+func (e *sched) abandon(s *seq, reason sdk.FinishReason) {
+	s.canceled.Store(true)
+	e.mu.Lock()
+	if s.queued {
+		e.removeWaitingLocked(s)
+		e.forgetLocked(s)
+		e.mu.Unlock()
+		s.end(reason, nil, time.Now())
+		return
+	}
+	e.mu.Unlock()
+	e.wakeup()
+}
+
+func (e *sched) removeWaitingLocked(s *seq) {
+	if i := slices.Index(e.waiting, s); i >= 0 {
+		e.waiting = slices.Delete(e.waiting, i, i+1)
+	}
+	s.queued = false
+	e.stats.Waiting = len(e.waiting)
+}
+
+func (e *sched) forgetLocked(s *seq) {
+	if s.id != "" && e.byID[s.id] == s {
+		delete(e.byID, s.id)
+	}
+}
+
+func (e *sched) cancelID(id string) {
+	e.mu.Lock()
+	s := e.byID[id]
+	e.mu.Unlock()
+	if s != nil {
+		e.abandon(s, sdk.FinishCanceled)
+	}
+}
+
+func (e *sched) generate(ctx context.Context, req sdk.GenerateRequest, emit func(sdk.Chunk) error) error {
+	if err := e.validate(req.Prompt); err != nil {
+		return fmt.Errorf("generate %s: %w", req.ID, err)
+	}
+	if req.MaxTokens < 0 || req.MinTokens < 0 || req.TopLogprobs < 0 {
+		return fmt.Errorf("generate %s: negative max/min tokens or top logprobs: %w", req.ID, sdk.ErrInvalidArgument)
+	}
+	sp := req.Sampling
+	if sp.Temperature < 0 || sp.TopK < 0 || sp.TopP < 0 || sp.TopP > 1 || sp.MinP < 0 || sp.MinP > 1 || sp.RepetitionPenalty < 0 {
+		return fmt.Errorf("generate %s: sampling parameters out of range: %w", req.ID, sdk.ErrInvalidArgument)
+	}
+	if req.TopLogprobs > e.spec.VocabSize {
+		req.TopLogprobs = e.spec.VocabSize
+	}
+	s := &seq{
+		id: req.ID, req: req,
+		tokens:  slices.Clone(req.Prompt),
+		nPrompt: len(req.Prompt),
+		samp:    newSampler(req),
+		notify:  make(chan struct{}, 1),
+	}
+	if err := e.submit(s); err != nil {
+		return fmt.Errorf("generate %s: %w", req.ID, err)
+	}
+	for {
+		select {
+		case <-s.notify:
+		case <-ctx.Done():
+			e.abandon(s, sdk.FinishCanceled)
+			return fmt.Errorf("generate %s: %w: %w", req.ID, sdk.ErrCanceled, ctx.Err())
+		}
+		toks, info, done := s.take()
+		var ch sdk.Chunk
+		if len(toks) > 0 {
+			ch.Tokens = toks
+			ch.Info = info
+		}
+		if done && s.err != nil {
+			if len(toks) > 0 {
+				_ = emit(ch) // deliver what was generated; the error follows
+			}
+			return fmt.Errorf("generate %s: %w", req.ID, s.err)
+		}
+		if done {
+			ch.Finish, ch.Timings = s.finish, s.timings
+		}
+		if len(ch.Tokens) > 0 || done {
+			if err := emit(ch); err != nil {
+				if !done {
+					e.abandon(s, sdk.FinishCanceled)
+				}
+				return fmt.Errorf("generate %s: emit: %w", req.ID, err)
+			}
+		}
+		if done {
+			return nil
+		}
+	}
+}
+
+func (e *sched) evaluate(ctx context.Context, tokens []int32) (sdk.Logits, error) {
+	if err := e.validate(tokens); err != nil {
+		return sdk.Logits{}, fmt.Errorf("evaluate: %w", err)
+	}
+	s := &seq{
+		eval:    true,
+		tokens:  slices.Clone(tokens),
+		nPrompt: len(tokens),
+		notify:  make(chan struct{}, 1),
+	}
+	if err := e.submit(s); err != nil {
+		return sdk.Logits{}, fmt.Errorf("evaluate: %w", err)
+	}
+	for {
+		select {
+		case <-s.notify:
+		case <-ctx.Done():
+			e.abandon(s, sdk.FinishCanceled)
+			return sdk.Logits{}, fmt.Errorf("evaluate: %w: %w", sdk.ErrCanceled, ctx.Err())
+		}
+		if _, _, done := s.take(); !done {
+			continue
+		}
+		if s.err != nil {
+			return sdk.Logits{}, fmt.Errorf("evaluate: %w", s.err)
+		}
+		if s.finish == sdk.FinishCanceled {
+			return sdk.Logits{}, fmt.Errorf("evaluate: %w", sdk.ErrCanceled)
+		}
+		return sdk.Logits{Rows: len(tokens), Vocab: e.spec.VocabSize, Data: s.rows}, nil
+	}
+}
+
+func (e *sched) snapshot() sdk.Stats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := e.stats
+	st.TokensPerSecond = e.rate.rate(time.Now())
+	return st
+}
+
+// close stops the scheduler, fails every request still in it and closes the model.
+func (e *sched) close() error {
+	e.mu.Lock()
+	e.closed = true
+	e.mu.Unlock()
+	e.cancel()
+	<-e.done
+	now := time.Now()
+	e.mu.Lock()
+	waiting := e.waiting
+	e.waiting = nil
+	e.mu.Unlock()
+	for _, x := range e.pushed {
+		x.s.push(x.tok, x.info)
+	}
+	for _, x := range e.ended {
+		x.s.end(x.reason, x.err, x.at)
+	}
+	e.pushed, e.ended = nil, nil
+	for _, s := range append(e.running, waiting...) {
+		s.end(sdk.FinishError, fmt.Errorf("model unloaded: %w", sdk.ErrNotLoaded), now)
+	}
+	e.running = nil
+	if err := e.model.Close(); err != nil {
+		return fmt.Errorf("close model: %w", err)
+	}
+	return nil
+}
+
+func (e *sched) loop(ctx context.Context) {
+	defer close(e.done)
+	for ctx.Err() == nil {
+		e.reap()
+		e.admit()
+		e.flush(0, time.Now())
+		if len(e.running) == 0 {
+			select {
+			case <-e.wake:
+			case <-ctx.Done():
+			}
+			continue
+		}
+		ran := e.step(ctx)
+		e.flush(0, time.Now())
+		if !ran {
+			// Nothing could be scheduled (should not happen): wait for a change.
+			select {
+			case <-e.wake:
+			case <-ctx.Done():
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}
+}
+
+// reap frees canceled running sequences.
+func (e *sched) reap() {
+	now := time.Now()
+	e.running = slices.DeleteFunc(e.running, func(s *seq) bool {
+		if !s.canceled.Load() {
+			return false
+		}
+		e.finish(s, sdk.FinishCanceled, nil, now)
+		return true
+	})
+}
+
+// finish releases s's blocks and queues its end, which flush delivers after
+// the stats are published (so a client that sees its last chunk also sees its
+// blocks freed). The caller removes s from running.
+func (e *sched) finish(s *seq, reason sdk.FinishReason, err error, now time.Time) {
+	e.freeBlocks(s)
+	e.mu.Lock()
+	e.forgetLocked(s)
+	e.mu.Unlock()
+	e.ended = append(e.ended, ending{s, reason, err, now})
+}
+
+type ending struct {
+	s      *seq
+	reason sdk.FinishReason
+	err    error
+	at     time.Time
+}
+
+type pushed struct {
+	s    *seq
+	tok  int32
+	info *sdk.TokenInfo
+}
+
+// flush publishes the stats, then delivers the step's tokens and ends the
+// finished sequences.
+func (e *sched) flush(generated int, now time.Time) {
+	e.publish(generated, now)
+	for _, x := range e.pushed {
+		x.s.push(x.tok, x.info)
+	}
+	clear(e.pushed)
+	e.pushed = e.pushed[:0]
+	for _, x := range e.ended {
+		x.s.end(x.reason, x.err, x.at)
+	}
+	clear(e.ended)
+	e.ended = e.ended[:0]
+}
+
+func (e *sched) freeBlocks(s *seq) {
+	for _, b := range s.blocks {
+		e.pool.release(b)
+	}
+	s.blocks, s.keys = nil, nil
+}
+
+// admit moves waiting sequences into the running batch, FIFO, while there are
+// slots and blocks for their whole remaining prompt plus one spare block per
+// running sequence (so admissions do not immediately force preemptions).
+func (e *sched) admit() {
+	now := time.Now()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for len(e.waiting) > 0 && len(e.running) < e.maxSeqs {
+		s := e.waiting[0]
+		bs := e.spec.BlockSize
+		var hit []int32
+		var keys []uint64
+		if e.prefix && !s.eval {
+			hit, keys = e.pool.lookup(s.tokens, len(s.tokens)/bs)
+		}
+		cached := min(len(hit)*bs, len(s.tokens)-1)
+		need := (len(s.tokens)+bs-1)/bs - len(hit)
+		if cached < len(hit)*bs {
+			need++ // copy-on-write of the last shared block
+		}
+		avail := e.pool.available() - e.pool.unpinned(hit)
+		if need+len(e.running) > avail && (len(e.running) > 0 || need > avail) {
+			break
+		}
+		for _, b := range hit {
+			e.pool.retain(b)
+		}
+		if e.prefix && !s.eval {
+			e.stats.PrefixQueries++
+			if len(hit) > 0 {
+				e.stats.PrefixHits++
+			}
+		}
+		s.blocks, s.keys, s.computed = hit, keys, cached
+		if !s.admitted {
+			s.admitted, s.cached, s.tAdmit = true, cached, now
+		}
+		e.waiting = e.waiting[1:]
+		s.queued = false
+		e.running = append(e.running, s)
+	}
+	e.stats.Waiting = len(e.waiting)
+	e.stats.Running = len(e.running)
+}
+
+// preempt takes the running sequence at index i out of the batch, frees its
+// blocks and puts it back in the waiting queue in arrival order; it is
+// recomputed (prompt and generated tokens) when readmitted.
+func (e *sched) preempt(i int) {
+	s := e.running[i]
+	e.running = slices.Delete(e.running, i, i+1)
+	e.freeBlocks(s)
+	s.computed = 0
+	s.rows = s.rows[:0]
+	e.log.Debug("preempted", "request_id", s.id, "tokens", len(s.tokens))
+	e.mu.Lock()
+	j, _ := slices.BinarySearchFunc(e.waiting, s.arrival, func(w *seq, a uint64) int {
+		switch {
+		case w.arrival < a:
+			return -1
+		case w.arrival > a:
+			return 1
+		}
+		return 0
+	})
+	e.waiting = slices.Insert(e.waiting, j, s)
+	s.queued = true
+	e.stats.Waiting = len(e.waiting)
+	e.mu.Unlock()
+}
+
+// ensure gives s blocks for positions [0, upto) and a private block for its
+// next write, preempting the youngest running sequences when the pool is
+// exhausted. It reports false when s itself had to go (preempted or failed).
+func (e *sched) ensure(s *seq, upto int) bool {
+	bs := e.spec.BlockSize
+	for {
+		ok, err := e.grow(s, upto, bs)
+		if err != nil {
+			i := slices.Index(e.running, s)
+			e.running = slices.Delete(e.running, i, i+1)
+			e.finish(s, sdk.FinishError, err, time.Now())
+			return false
+		}
+		if ok {
+			return true
+		}
+		last := len(e.running) - 1
+		if e.running[last] != s {
+			e.preempt(last)
+			continue
+		}
+		if last == 0 {
+			// Alone and still out of blocks: cannot happen while ctxLen
+			// fits the pool, but never loop or crash on it.
+			e.running = e.running[:0]
+			err := fmt.Errorf("KV cache exhausted by one sequence of %d tokens (%d blocks of %d): %w",
+				upto, e.pool.total(), bs, sdk.ErrContextTooLong)
+			e.finish(s, sdk.FinishError, err, time.Now())
+			return false
+		}
+		e.preempt(last)
+		return false
+	}
+}
+
+// grow does the allocation part of ensure; ok is false when the pool ran out.
+func (e *sched) grow(s *seq, upto, bs int) (bool, error) {
+	if j := s.computed / bs; j < len(s.blocks) && e.pool.shared(s.blocks[j]) {
+		nb, ok := e.pool.alloc()
+		if !ok {
+			return false, nil
+		}
+		if err := e.model.CopyBlock(nb, s.blocks[j]); err != nil {
+			e.pool.release(nb)
+			return false, fmt.Errorf("copy KV block %d to %d: %w", s.blocks[j], nb, err)
+		}
+		e.pool.release(s.blocks[j])
+		s.blocks[j] = nb
+		if j < len(s.keys) {
+			s.keys = s.keys[:j]
+		}
+	}
+	for len(s.blocks)*bs < upto {
+		b, ok := e.pool.alloc()
+		if !ok {
+			return false, nil
+		}
+		s.blocks = append(s.blocks, b)
+	}
+	return true, nil
+}
+
+// step plans one forward batch, runs it and handles its logits. It reports
+// whether anything ran.
+func (e *sched) step(ctx context.Context) bool {
+	decodes := 0
+	for _, s := range e.running {
+		if len(s.tokens)-s.computed == 1 {
+			decodes++
+		}
+	}
+	prefill := e.budget - decodes
+	var batch Batch
+	var in []*seq
+	for i := 0; i < len(e.running); i++ {
+		s := e.running[i]
+		n := len(s.tokens) - s.computed
+		if n > 1 {
+			n = min(n, prefill)
+			if n <= 0 {
+				continue
+			}
+		}
+		if !e.ensure(s, s.computed+n) {
+			i-- // s left the batch; e.running shifted (only entries after i can have gone)
+			continue
+		}
+		if n > 1 {
+			prefill -= n
+		}
+		batch.Seqs = append(batch.Seqs, SeqInput{
+			Tokens:    s.tokens[s.computed : s.computed+n],
+			Pos:       s.computed,
+			Blocks:    s.blocks,
+			AllLogits: s.eval,
+		})
+		in = append(in, s)
+	}
+	if len(in) == 0 {
+		return false
+	}
+	out, err := e.forward(ctx, &batch)
+	now := time.Now()
+	if err == nil {
+		err = e.checkOutput(&batch, out)
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return true // unloading; close() fails the requests
+		}
+		e.log.Error("forward failed", "seqs", len(in), "error", err)
+		for _, s := range in {
+			e.finish(s, sdk.FinishError, fmt.Errorf("forward: %w", err), now)
+		}
+		e.running = slices.DeleteFunc(e.running, func(s *seq) bool { return slices.Contains(in, s) })
+		return true
+	}
+	generated := 0
+	var gone []*seq
+	for k, s := range in {
+		n := len(batch.Seqs[k].Tokens)
+		s.computed += n
+		e.register(s)
+		rows := out.Logits[k]
+		if s.eval {
+			s.rows = append(s.rows, rows...)
+			if s.computed == len(s.tokens) {
+				gone = append(gone, s)
+				e.finish(s, sdk.FinishStop, nil, now)
+			}
+			continue
+		}
+		if s.computed < len(s.tokens) {
+			continue // more prompt to prefill
+		}
+		tok, info := s.samp.sample(rows[len(rows)-e.spec.VocabSize:], s.generated)
+		s.samp.accept(tok)
+		s.tokens = append(s.tokens, tok)
+		s.generated++
+		generated++
+		if s.tFirst.IsZero() {
+			s.tFirst = now
+		}
+		s.tLast = now
+		e.pushed = append(e.pushed, pushed{s, tok, info})
+		if reason := e.stopReason(s, tok); reason != sdk.FinishNone {
+			gone = append(gone, s)
+			e.finish(s, reason, nil, now)
+		}
+	}
+	if len(gone) > 0 {
+		e.running = slices.DeleteFunc(e.running, func(s *seq) bool { return slices.Contains(gone, s) })
+	}
+	e.flush(generated, now)
+	return true
+}
+
+func (e *sched) stopReason(s *seq, tok int32) sdk.FinishReason {
+	if s.generated >= s.req.MinTokens && slices.Contains(s.req.StopTokens, tok) {
+		return sdk.FinishStop
+	}
+	if s.req.MaxTokens > 0 && s.generated >= s.req.MaxTokens {
+		return sdk.FinishLength
+	}
+	if len(s.tokens) > e.ctxLen {
+		return sdk.FinishLength // the new token has no position left to be fed at
+	}
+	return sdk.FinishNone
+}
+
+// register records the sequence's newly completed full blocks in the prefix cache.
+func (e *sched) register(s *seq) {
+	if !e.prefix {
+		return
+	}
+	bs := e.spec.BlockSize
+	for i := len(s.keys); (i+1)*bs <= s.computed && i < len(s.blocks); i++ {
+		parent := rootKey
+		if i > 0 {
+			parent = s.keys[i-1]
+		}
+		s.keys = append(s.keys, e.pool.register(s.blocks[i], parent, s.tokens[i*bs:(i+1)*bs]))
+	}
+}
+
+// forward calls the model, turning a panic into an error.
+func (e *sched) forward(ctx context.Context, b *Batch) (out *Output, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("model panic: %v\n%s", r, debug.Stack())
+		}
+	}()
+	out, err = e.model.Forward(ctx, b)
+	if err == nil && out == nil {
+		err = errors.New("model returned no output")
+	}
+	return out, err
+}
+
+func (e *sched) checkOutput(b *Batch, out *Output) error {
+	if len(out.Logits) != len(b.Seqs) {
+		return fmt.Errorf("model returned logits for %d sequences, batch has %d", len(out.Logits), len(b.Seqs))
+	}
+	for i, si := range b.Seqs {
+		rows := 1
+		if si.AllLogits {
+			rows = len(si.Tokens)
+		}
+		if len(out.Logits[i]) != rows*e.spec.VocabSize {
+			return fmt.Errorf("model returned %d logits for sequence %d, want %d rows of %d",
+				len(out.Logits[i]), i, rows, e.spec.VocabSize)
+		}
+	}
+	return nil
+}
+
+func (e *sched) publish(generated int, now time.Time) {
+	e.mu.Lock()
+	e.rate.add(now, generated)
+	e.stats.Running = len(e.running)
+	e.stats.Waiting = len(e.waiting)
+	e.stats.KVUsedBlocks = e.pool.used
+	e.mu.Unlock()
+}
+
+// rateMeter measures generated tokens per second over the last few seconds.
+type rateMeter struct {
+	marks []rateMark
+}
+
+type rateMark struct {
+	t time.Time
+	n int
+}
+
+const rateWindow = 5 * time.Second
+
+func (r *rateMeter) add(now time.Time, n int) {
+	if n > 0 {
+		r.marks = append(r.marks, rateMark{now, n})
+	}
+	i := 0
+	for i < len(r.marks) && now.Sub(r.marks[i].t) > rateWindow {
+		i++
+	}
+	r.marks = r.marks[i:]
+}
+
+func (r *rateMeter) rate(now time.Time) float64 {
+	total := 0
+	var first time.Time
+	for _, m := range r.marks {
+		if now.Sub(m.t) > rateWindow {
+			continue
+		}
+		if first.IsZero() {
+			first = m.t
+		}
+		total += m.n
+	}
+	if total == 0 {
+		return 0
+	}
+	span := now.Sub(first)
+	if span < time.Second {
+		span = time.Second
+	}
+	return float64(total) / span.Seconds()
+}
