@@ -34,7 +34,7 @@ func TestDequantKnownValues(t *testing.T) {
 	t.Run("Q8_0", func(t *testing.T) {
 		blk := make([]byte, 34)
 		binary.LittleEndian.PutUint16(blk, 0x3400) // 0.25
-		blk[2] = byte(0xfd)                          // -3
+		blk[2] = byte(0xfd)                        // -3
 		blk[33] = 127
 		y := make([]float32, 32)
 		require.NoError(t, DequantizeRow(Q8_0, blk, y))

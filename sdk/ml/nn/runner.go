@@ -1,0 +1,351 @@
+package nn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// KVCache is a paged KV cache: per layer, K and V tensors of shape
+// [headDim, kvHeads, BlockSize, NumBlocks] (F32).
+type KVCache struct {
+	K, V      []ml.Tensor
+	HeadDim   int
+	KVHeads   int
+	BlockSize int
+	NumBlocks int
+}
+
+// NewKVCache allocates the cache for layers layers.
+func NewKVCache(b ml.Backend, layers, headDim, kvHeads, blockSize, numBlocks int) (*KVCache, error) {
+	if layers <= 0 || headDim <= 0 || kvHeads <= 0 || blockSize <= 0 || numBlocks <= 0 {
+		return nil, fmt.Errorf("kv cache: %d layers, head dim %d, %d kv heads, %d blocks of %d", layers, headDim, kvHeads, numBlocks, blockSize)
+	}
+	c := &KVCache{HeadDim: headDim, KVHeads: kvHeads, BlockSize: blockSize, NumBlocks: numBlocks}
+	for range layers {
+		k, err := b.Alloc(ml.F32, headDim, kvHeads, blockSize, numBlocks)
+		if err != nil {
+			c.Free(b)
+			return nil, fmt.Errorf("kv cache: %w", err)
+		}
+		v, err := b.Alloc(ml.F32, headDim, kvHeads, blockSize, numBlocks)
+		if err != nil {
+			b.Free(k)
+			c.Free(b)
+			return nil, fmt.Errorf("kv cache: %w", err)
+		}
+		c.K, c.V = append(c.K, k), append(c.V, v)
+	}
+	return c, nil
+}
+
+// BlockBytes is the size of one block over all layers (K and V).
+func (c *KVCache) BlockBytes() int64 {
+	return int64(len(c.K)) * 2 * int64(c.HeadDim*c.KVHeads*c.BlockSize) * 4
+}
+
+// Free releases the cache.
+func (c *KVCache) Free(b ml.Backend) {
+	for i := range c.K {
+		b.Free(c.K[i])
+		b.Free(c.V[i])
+	}
+	c.K, c.V = nil, nil
+}
+
+// Piece is the host-side plan of one forward sub-batch: at most MaxTokens
+// tokens of one or more sequences.
+type Piece struct {
+	Tokens, Pos, Seq, Slots []int32
+	Blocks                  []int32 // [MaxBlocks, NSeq] (row s contiguous)
+	MaxBlocks, NSeq         int
+	OutRows                 []int32 // token indices whose logits are returned
+	OutOwner                []int   // for each OutRows entry: index of the engine.SeqInput
+}
+
+// Split validates b and cuts it into pieces of at most maxTokens tokens,
+// keeping each sequence's tokens in order (a long prefill chunk spans several
+// pieces; earlier pieces write the KV later ones read).
+func Split(b *engine.Batch, vocab, blockSize, numBlocks, maxTokens int) ([]Piece, error) {
+	if b == nil || len(b.Seqs) == 0 {
+		return nil, fmt.Errorf("empty batch: %w", sdk.ErrInvalidArgument)
+	}
+	var pieces []Piece
+	cur := Piece{}
+	seqIdx := map[int]int{} // SeqInput index -> sequence index within cur
+	var tables [][]int32    // block table of each sequence of cur
+	finish := func() {
+		if len(cur.Tokens) == 0 {
+			return
+		}
+		mb := 1
+		for _, t := range tables {
+			mb = max(mb, len(t))
+		}
+		cur.MaxBlocks, cur.NSeq = mb, len(tables)
+		cur.Blocks = make([]int32, mb*len(tables))
+		for s, t := range tables {
+			copy(cur.Blocks[s*mb:], t)
+		}
+		pieces = append(pieces, cur)
+		cur, tables, seqIdx = Piece{}, nil, map[int]int{}
+	}
+	for i, s := range b.Seqs {
+		if len(s.Tokens) == 0 {
+			return nil, fmt.Errorf("sequence %d: no tokens: %w", i, sdk.ErrInvalidArgument)
+		}
+		if s.Pos < 0 {
+			return nil, fmt.Errorf("sequence %d: position %d: %w", i, s.Pos, sdk.ErrInvalidArgument)
+		}
+		end := s.Pos + len(s.Tokens)
+		need := (end + blockSize - 1) / blockSize
+		if len(s.Blocks) < need {
+			return nil, fmt.Errorf("sequence %d: %d blocks cover %d positions, need %d: %w",
+				i, len(s.Blocks), len(s.Blocks)*blockSize, end, sdk.ErrInvalidArgument)
+		}
+		for _, blk := range s.Blocks[:need] {
+			if blk < 0 || int(blk) >= numBlocks {
+				return nil, fmt.Errorf("sequence %d: block %d outside [0,%d): %w", i, blk, numBlocks, sdk.ErrInvalidArgument)
+			}
+		}
+		for j, tok := range s.Tokens {
+			if tok < 0 || int(tok) >= vocab {
+				return nil, fmt.Errorf("sequence %d: token %d = %d outside the vocabulary of %d: %w", i, j, tok, vocab, sdk.ErrInvalidArgument)
+			}
+		}
+		for j, tok := range s.Tokens {
+			if len(cur.Tokens) == maxTokens {
+				finish()
+			}
+			si, ok := seqIdx[i]
+			if !ok {
+				si = len(tables)
+				seqIdx[i] = si
+				tables = append(tables, s.Blocks[:need])
+			}
+			p := s.Pos + j
+			t := int32(len(cur.Tokens))
+			cur.Tokens = append(cur.Tokens, tok)
+			cur.Pos = append(cur.Pos, int32(p))
+			cur.Seq = append(cur.Seq, int32(si))
+			cur.Slots = append(cur.Slots, s.Blocks[p/blockSize]*int32(blockSize)+int32(p%blockSize))
+			if s.AllLogits || j == len(s.Tokens)-1 {
+				cur.OutRows = append(cur.OutRows, t)
+				cur.OutOwner = append(cur.OutOwner, i)
+			}
+		}
+	}
+	finish()
+	return pieces, nil
+}
+
+// Staged is one piece uploaded to the device: views sized to the piece.
+type Staged struct {
+	N      int       // tokens
+	Tokens ml.Tensor // I32 [N]
+	Batch  ml.Batch
+	OutIdx ml.Tensor // I32 [len(OutRows)]
+	NOut   int
+}
+
+// Net is an architecture's forward pass over staged tokens.
+type Net interface {
+	// Hidden runs the layers for st's tokens and returns the final hidden
+	// states [d, st.N] before the output norm.
+	Hidden(st *Staged) (ml.Tensor, error)
+	// Head writes logits [vocab, m] of hidden rows [d, m] (output norm and LM head).
+	Head(dst, rows ml.Tensor) error
+	// Close frees the net's weights and buffers.
+	Close() error
+}
+
+// RunnerConfig sizes a Runner.
+type RunnerConfig struct {
+	Spec      engine.Spec
+	Width     int // hidden size d
+	MaxTokens int // tokens per internal sub-batch (0 = 256)
+}
+
+// Runner implements engine.Model on top of a Net: it splits batches, stages
+// per-step tensors, gathers the requested rows and reads the logits back.
+type Runner struct {
+	B   ml.Backend
+	KV  *KVCache
+	Net Net
+	cfg RunnerConfig
+
+	tokens, pos, seq, slots, outIdx ml.Tensor // I32 [MaxTokens]
+	blocks                          ml.Tensor // I32, grown on demand
+	gathered, logits                ml.Tensor // F32 [d, MaxTokens], [vocab, chunk]
+	logitRows                       int
+	host                            []float32
+}
+
+var _ engine.Model = (*Runner)(nil)
+
+// NewRunner makes a Runner; it allocates the staging tensors.
+func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, error) {
+	if cfg.MaxTokens <= 0 {
+		cfg.MaxTokens = 256
+	}
+	r := &Runner{B: b, KV: kv, Net: net, cfg: cfg}
+	var err error
+	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
+		if err != nil {
+			return nil
+		}
+		var t ml.Tensor
+		t, err = b.Alloc(dt, shape...)
+		return t
+	}
+	m := cfg.MaxTokens
+	r.tokens, r.pos, r.seq = alloc(ml.I32, m), alloc(ml.I32, m), alloc(ml.I32, m)
+	r.slots, r.outIdx = alloc(ml.I32, m), alloc(ml.I32, m)
+	r.gathered = alloc(ml.F32, cfg.Width, m)
+	// logits are computed at most logitRows rows at a time (bounded memory for big vocabularies)
+	r.logitRows = max(1, min(m, (64<<20)/(4*cfg.Spec.VocabSize)))
+	r.logits = alloc(ml.F32, cfg.Spec.VocabSize, r.logitRows)
+	if err != nil {
+		r.freeStaging()
+		return nil, fmt.Errorf("runner: %w", err)
+	}
+	return r, nil
+}
+
+func (r *Runner) freeStaging() {
+	for _, t := range []ml.Tensor{r.tokens, r.pos, r.seq, r.slots, r.outIdx, r.blocks, r.gathered, r.logits} {
+		if t != nil {
+			r.B.Free(t)
+		}
+	}
+}
+
+func (r *Runner) Spec() engine.Spec { return r.cfg.Spec }
+
+// CopyBlock copies one KV block in every layer.
+func (r *Runner) CopyBlock(dst, src int32) error {
+	nb := r.KV.NumBlocks
+	if dst < 0 || src < 0 || int(dst) >= nb || int(src) >= nb {
+		return fmt.Errorf("copy block %d <- %d outside [0,%d): %w", dst, src, nb, sdk.ErrInvalidArgument)
+	}
+	for i := range r.KV.K {
+		r.B.CopyBlock(r.KV.K[i], int(dst), int(src))
+		r.B.CopyBlock(r.KV.V[i], int(dst), int(src))
+	}
+	return r.B.Sync()
+}
+
+// Close frees the net, the cache and the staging tensors, then the backend.
+func (r *Runner) Close() error {
+	err := r.Net.Close()
+	r.KV.Free(r.B)
+	r.freeStaging()
+	return errors.Join(err, r.B.Close())
+}
+
+func (r *Runner) view(t ml.Tensor, n int) ml.Tensor {
+	v, err := r.B.Rows(t, 0, n)
+	if err != nil {
+		panic(err) // n <= capacity is guaranteed by Split; a failure is a bug
+	}
+	return v
+}
+
+// stage uploads p and returns its device views.
+func (r *Runner) stage(p *Piece) (*Staged, error) {
+	n := len(p.Tokens)
+	if r.blocks == nil || r.blocks.Len() < len(p.Blocks) {
+		if r.blocks != nil {
+			r.B.Free(r.blocks)
+		}
+		var err error
+		if r.blocks, err = r.B.Alloc(ml.I32, max(len(p.Blocks), 256)); err != nil {
+			r.blocks = nil
+			return nil, fmt.Errorf("block table: %w", err)
+		}
+	}
+	for _, w := range []struct {
+		t ml.Tensor
+		v []int32
+	}{{r.tokens, p.Tokens}, {r.pos, p.Pos}, {r.seq, p.Seq}, {r.slots, p.Slots}, {r.outIdx, p.OutRows}, {r.blocks, p.Blocks}} {
+		if err := r.B.WriteI32(w.t, w.v); err != nil {
+			return nil, fmt.Errorf("stage: %w", err)
+		}
+	}
+	bt, err := r.B.Rows(r.blocks, 0, len(p.Blocks))
+	if err != nil {
+		return nil, err
+	}
+	if bt, err = r.B.Reshape(bt, p.MaxBlocks, p.NSeq); err != nil {
+		return nil, err
+	}
+	maxPos := 0
+	for _, v := range p.Pos {
+		maxPos = max(maxPos, int(v)+1)
+	}
+	return &Staged{
+		N: n, Tokens: r.view(r.tokens, n), NOut: len(p.OutRows), OutIdx: r.view(r.outIdx, len(p.OutRows)),
+		Batch: ml.Batch{Pos: r.view(r.pos, n), Seq: r.view(r.seq, n), Slots: r.view(r.slots, n),
+			Blocks: bt, BlockSize: r.KV.BlockSize, MaxPos: maxPos},
+	}, nil
+}
+
+// Forward runs a batch (see engine.Model).
+func (r *Runner) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
+	spec := r.cfg.Spec
+	pieces, err := Split(b, spec.VocabSize, spec.BlockSize, spec.NumBlocks, r.cfg.MaxTokens)
+	if err != nil {
+		return nil, err
+	}
+	out := &engine.Output{Logits: make([][]float32, len(b.Seqs))}
+	for i := range pieces {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		p := &pieces[i]
+		st, err := r.stage(p)
+		if err != nil {
+			return nil, err
+		}
+		h, err := r.Net.Hidden(st)
+		if err != nil {
+			return nil, err
+		}
+		if st.NOut == 0 {
+			if err := r.B.Sync(); err != nil {
+				return nil, fmt.Errorf("forward: %w", err)
+			}
+			continue
+		}
+		g := r.view(r.gathered, st.NOut)
+		r.B.Embed(g, h, st.OutIdx, false) // gather the rows whose logits are wanted
+		V := spec.VocabSize
+		for lo := 0; lo < st.NOut; lo += r.logitRows {
+			m := min(r.logitRows, st.NOut-lo)
+			rows, err := r.B.Rows(g, lo, m)
+			if err != nil {
+				return nil, err
+			}
+			lg := r.view(r.logits, m)
+			if err := r.Net.Head(lg, rows); err != nil {
+				return nil, err
+			}
+			if cap(r.host) < m*V {
+				r.host = make([]float32, m*V)
+			}
+			host := r.host[:m*V]
+			if err := r.B.ReadF32(lg, host); err != nil {
+				return nil, fmt.Errorf("forward: %w", err)
+			}
+			for j := 0; j < m; j++ {
+				owner := p.OutOwner[lo+j]
+				out.Logits[owner] = append(out.Logits[owner], host[j*V:(j+1)*V]...)
+			}
+		}
+	}
+	return out, nil
+}
