@@ -117,7 +117,8 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 			return &APIError{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error",
 				Message: fmt.Sprintf("request body larger than %d bytes", mbe.Limit)}
 		case errors.As(err, &ute):
-			return badParam(ute.Field, "invalid type for %q: expected %s, got JSON %s", ute.Field, ute.Type, ute.Value)
+			field := strings.TrimPrefix(ute.Field, "samplingFields.")
+			return badParam(field, "invalid type for %q: expected %s, got JSON %s", field, ute.Type, ute.Value)
 		case errors.As(err, &se):
 			return badParam("", "request body is not valid JSON: %v (offset %d)", err, se.Offset)
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
