@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gguf_reader import GGUFFile, GGUFError  # noqa: E402
+from ref_tokens import make_tokens  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -424,18 +425,6 @@ LOADERS = {"gpt-oss": load_gpt_oss, "gpt2": load_gpt2, "llama": load_llama}
 
 
 # ---------------------------------------------------------------------------- main
-
-def make_tokens(g, n, seed):
-    V = int(g.tensors["token_embd.weight"].ne[1])
-    types = g.get("tokenizer.ggml.token_type")
-    ok = np.arange(V)
-    if types is not None and len(types) >= V:
-        ok = np.array([i for i in range(V) if types[i] == 1])
-    if len(ok) == 0:
-        ok = np.arange(V)
-    rng = np.random.default_rng(seed)
-    return [int(x) for x in rng.choice(ok, size=n, replace=True)]
-
 
 def forward_logits(model, ids):
     with torch.no_grad():
