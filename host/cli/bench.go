@@ -1,0 +1,442 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spf13/cobra"
+
+	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/gguf"
+)
+
+func init() { register(newBenchCmd) }
+
+// benchOptions say which tests bench runs.
+type benchOptions struct {
+	Prompts []int // pp N: prompt processing of N random tokens
+	Gens    []int // tg N: N generated tokens
+	Depths  []int // tg N @ dD: generation after a prefix of D tokens (0 = none)
+	Streams []int // aggregate decode with S concurrent pp128+tgN requests
+	Repeats int
+	Seed    uint64
+}
+
+// benchRow is one line of the table: a test and its rate in each repeat.
+type benchRow struct {
+	Test    string
+	Rates   []float64     // tokens per second, one per repeat
+	ITL50   time.Duration // stream tests: inter-token latency percentiles seen by the clients
+	ITL99   time.Duration
+	Streams int
+}
+
+// streamPrompt is the prompt length of each request in a --streams test
+// (llama.cpp's comparison runs pp128+tg128 per stream).
+const streamPrompt = 128
+
+// benchAdapter opens an adapter for the model at path. It is the one place
+// the bench command gets its adapter from; tests replace it with an
+// in-process engine over a fake model.
+//
+// The plugin runtime (host/plugins: Scan, Select, Launch) is being written in
+// parallel and does not build yet; until it lands this reports that clearly.
+var benchAdapter = func(ctx context.Context, cmd *cobra.Command, path, pin string, log hclog.Logger) (sdk.Adapter, func() error, error) {
+	f, err := gguf.Open(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open model: %w", err)
+	}
+	arch := f.Architecture()
+	if err := f.Close(); err != nil {
+		return nil, nil, fmt.Errorf("close model: %w", err)
+	}
+	return nil, nil, fmt.Errorf("no adapter runtime wired into bench yet for architecture %q", arch)
+}
+
+func newBenchCmd() *cobra.Command {
+	var (
+		model, device, adapterName string
+		o                          benchOptions
+		threads                    int
+	)
+	cmd := &cobra.Command{
+		Use:   "bench --model FILE",
+		Short: "Measure prompt processing and generation throughput (llama-bench style)",
+		Long: `bench loads a model through its adapter and prints a markdown table like
+llama-bench: for each test the tokens per second, mean ± standard deviation
+over the repeats (a warm-up run before each test is not counted).
+
+  pp N            prompt processing of N random tokens (N / time to first token)
+  tg N            generation of N tokens after a one-token prompt ((N-1) / generate time)
+  tg N @ dD       generation of N tokens after a prompt of D tokens (--depth)
+  pp128+tgN xS    S concurrent requests of 128 prompt + N generated tokens
+                  (--streams): aggregate decode rate (generated tokens after the
+                  first of each request / time from the first first-token to the
+                  last finish) and the inter-token latency p50/p99 the clients saw
+
+Prompt and generation times are measured by the adapter around its forward
+passes (the model synchronises there, so they are device times); prompts are
+random tokens, different in every run, so the prefix cache does not help.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if model == "" {
+				return errors.New("bench: --model is required")
+			}
+			if err := o.validate(); err != nil {
+				return fmt.Errorf("bench: %w", err)
+			}
+			st, err := os.Stat(model)
+			if err != nil {
+				return fmt.Errorf("bench: %w", err)
+			}
+			level := hclog.Info
+			if l, _ := cmd.Flags().GetString("log-level"); l != "" {
+				level = hclog.LevelFromString(l)
+			}
+			log := hclog.New(&hclog.LoggerOptions{Name: "bench", Level: level, Output: cmd.ErrOrStderr()})
+			ctx := cmd.Context()
+			if ctx == nil {
+				ctx = context.Background()
+			}
+			a, closeFn, err := benchAdapter(ctx, cmd, model, adapterName, log)
+			if err != nil {
+				return fmt.Errorf("bench: %w", err)
+			}
+			defer func() {
+				if err := closeFn(); err != nil {
+					log.Warn("closing adapter", "error", err)
+				}
+			}()
+			log.Info("loading", "model", model)
+			info, err := a.Load(ctx, sdk.LoadRequest{Path: model, Options: o.loadOptions(device, threads)}, func(p sdk.LoadProgress) {
+				log.Debug("load", "stage", p.Stage, "done", p.Done, "total", p.Total)
+			})
+			if err != nil {
+				return fmt.Errorf("bench: %w", err)
+			}
+			rows, err := runBench(ctx, a, info, o, log)
+			if err != nil {
+				return fmt.Errorf("bench: %w", err)
+			}
+			name := info.Name
+			if name == "" {
+				name = strings.TrimSuffix(filepath.Base(model), ".gguf")
+			}
+			backend := info.Backend
+			switch {
+			case strings.HasPrefix(info.DeviceName, info.Backend):
+				backend = info.DeviceName
+			case info.DeviceName != "":
+				backend += " (" + info.DeviceName + ")"
+			}
+			writeBenchTable(cmd.OutOrStdout(), name, st.Size(), backend, rows)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVarP(&model, "model", "m", "", "GGUF model file")
+	f.IntSliceVarP(&o.Prompts, "n-prompt", "p", []int{512}, "prompt lengths for pp tests (comma-separated; 0 = none)")
+	f.IntSliceVarP(&o.Gens, "n-gen", "n", []int{128}, "generation lengths for tg tests (comma-separated; 0 = none)")
+	f.IntSliceVarP(&o.Depths, "depth", "d", []int{0}, "prompt depths before tg tests (comma-separated)")
+	f.IntSliceVar(&o.Streams, "streams", nil, "concurrent streams for aggregate decode tests, e.g. 1,8,32,64")
+	f.IntVarP(&o.Repeats, "repetitions", "r", 3, "repeats per test")
+	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompts")
+	f.StringVar(&device, "device", "auto", "device: auto, cpu or cuda")
+	f.IntVarP(&threads, "threads", "t", 0, "CPU threads (0 = all cores)")
+	f.StringVar(&adapterName, "adapter", "", "use this adapter (by name) instead of the one declaring the model's architecture")
+	return cmd
+}
+
+func (o *benchOptions) validate() error {
+	o.Prompts = slices.DeleteFunc(o.Prompts, func(n int) bool { return n == 0 })
+	o.Gens = slices.DeleteFunc(o.Gens, func(n int) bool { return n == 0 })
+	if len(o.Depths) == 0 {
+		o.Depths = []int{0}
+	}
+	for _, l := range [][]int{o.Prompts, o.Gens, o.Depths, o.Streams} {
+		for _, n := range l {
+			if n < 0 {
+				return fmt.Errorf("negative size %d: %w", n, sdk.ErrInvalidArgument)
+			}
+		}
+	}
+	if slices.Contains(o.Streams, 0) {
+		return fmt.Errorf("--streams needs positive counts: %w", sdk.ErrInvalidArgument)
+	}
+	if o.Repeats < 1 {
+		return fmt.Errorf("--repetitions must be at least 1: %w", sdk.ErrInvalidArgument)
+	}
+	if len(o.Prompts)+len(o.Gens)+len(o.Streams) == 0 {
+		return fmt.Errorf("nothing to run: %w", sdk.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// streamGen is the generation length of the --streams tests.
+func (o benchOptions) streamGen() int {
+	if len(o.Gens) > 0 {
+		return o.Gens[0]
+	}
+	return 128
+}
+
+// loadOptions asks for a context and batch the tests fit in.
+func (o benchOptions) loadOptions(device string, threads int) sdk.LoadOptions {
+	ctxLen := streamPrompt + o.streamGen()
+	for _, p := range o.Prompts {
+		ctxLen = max(ctxLen, p)
+	}
+	for _, d := range o.Depths {
+		for _, g := range o.Gens {
+			ctxLen = max(ctxLen, max(d, 1)+g)
+		}
+	}
+	seqs := 1
+	for _, s := range o.Streams {
+		seqs = max(seqs, s)
+	}
+	return sdk.LoadOptions{Device: device, ContextLength: ctxLen, MaxSequences: seqs, Threads: threads}
+}
+
+// runBench runs the tests against a loaded adapter.
+func runBench(ctx context.Context, a sdk.Adapter, info sdk.ModelInfo, o benchOptions, log hclog.Logger) ([]benchRow, error) {
+	if info.VocabSize <= 0 {
+		return nil, fmt.Errorf("adapter reports vocabulary size %d", info.VocabSize)
+	}
+	rng := rand.New(rand.NewPCG(o.Seed, o.Seed^0x5851f42d4c957f2d))
+	prompt := func(n int) []int32 {
+		p := make([]int32, n)
+		for i := range p {
+			p[i] = int32(rng.IntN(info.VocabSize))
+		}
+		return p
+	}
+	var rows []benchRow
+	repeat := func(test string, run func() (float64, error)) error {
+		log.Info("running", "test", test, "repeats", o.Repeats)
+		if _, err := run(); err != nil { // warm-up
+			return fmt.Errorf("%s (warm-up): %w", test, err)
+		}
+		row := benchRow{Test: test}
+		for r := 0; r < o.Repeats; r++ {
+			v, err := run()
+			if err != nil {
+				return fmt.Errorf("%s: %w", test, err)
+			}
+			row.Rates = append(row.Rates, v)
+		}
+		rows = append(rows, row)
+		return nil
+	}
+	for _, n := range o.Prompts {
+		err := repeat(fmt.Sprintf("pp%d", n), func() (float64, error) {
+			t, err := generateOnce(ctx, a, prompt(n), 1)
+			if err != nil {
+				return 0, err
+			}
+			if t.PromptTime <= 0 {
+				return 0, errors.New("adapter reported no prompt time")
+			}
+			return float64(n-t.CachedTokens) / t.PromptTime.Seconds(), nil
+		})
+		if err != nil {
+			return rows, err
+		}
+	}
+	for _, d := range o.Depths {
+		for _, g := range o.Gens {
+			test := fmt.Sprintf("tg%d", g)
+			if d > 0 {
+				test += fmt.Sprintf(" @ d%d", d)
+			}
+			err := repeat(test, func() (float64, error) {
+				t, err := generateOnce(ctx, a, prompt(max(d, 1)), g)
+				if err != nil {
+					return 0, err
+				}
+				if t.GeneratedTokens < 2 || t.GenerateTime <= 0 {
+					return 0, fmt.Errorf("generated %d tokens in %v: too few to time", t.GeneratedTokens, t.GenerateTime)
+				}
+				return float64(t.GeneratedTokens-1) / t.GenerateTime.Seconds(), nil
+			})
+			if err != nil {
+				return rows, err
+			}
+		}
+	}
+	g := o.streamGen()
+	for _, s := range o.Streams {
+		var itl []time.Duration
+		test := fmt.Sprintf("pp%d+tg%d x%d", streamPrompt, g, s)
+		first := true
+		err := repeat(test, func() (float64, error) {
+			rate, gaps, err := streamsOnce(ctx, a, s, g, prompt)
+			if err == nil && !first {
+				itl = append(itl, gaps...)
+			}
+			first = false
+			return rate, err
+		})
+		if err != nil {
+			return rows, err
+		}
+		rows[len(rows)-1].Streams = s
+		rows[len(rows)-1].ITL50, rows[len(rows)-1].ITL99 = percentile(itl, 0.50), percentile(itl, 0.99)
+	}
+	return rows, nil
+}
+
+// generateOnce runs one greedy request with no stop tokens and returns its timings.
+func generateOnce(ctx context.Context, a sdk.Adapter, prompt []int32, n int) (sdk.Timings, error) {
+	var t *sdk.Timings
+	got := 0
+	err := a.Generate(ctx, sdk.GenerateRequest{Prompt: prompt, MaxTokens: n}, func(c sdk.Chunk) error {
+		got += len(c.Tokens)
+		if c.Timings != nil {
+			t = c.Timings
+		}
+		return nil
+	})
+	if err != nil {
+		return sdk.Timings{}, err
+	}
+	if t == nil {
+		return sdk.Timings{}, errors.New("adapter sent no timings")
+	}
+	if got != n {
+		return sdk.Timings{}, fmt.Errorf("asked for %d tokens, got %d (context too small?)", n, got)
+	}
+	return *t, nil
+}
+
+// streamsOnce runs s concurrent pp128+tg g requests. It returns the aggregate
+// decode rate and the inter-token gaps the clients saw.
+func streamsOnce(ctx context.Context, a sdk.Adapter, s, g int, prompt func(int) []int32) (float64, []time.Duration, error) {
+	prompts := make([][]int32, s)
+	for i := range prompts {
+		prompts[i] = prompt(streamPrompt)
+	}
+	type res struct {
+		first, last time.Time
+		tokens      int
+		gaps        []time.Duration
+		err         error
+	}
+	out := make([]res, s)
+	var wg sync.WaitGroup
+	for i := range s {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := &out[i]
+			r.err = a.Generate(ctx, sdk.GenerateRequest{Prompt: prompts[i], MaxTokens: g}, func(c sdk.Chunk) error {
+				if len(c.Tokens) == 0 {
+					return nil
+				}
+				now := time.Now()
+				if r.tokens > 0 {
+					gap := now.Sub(r.last) / time.Duration(len(c.Tokens))
+					for range c.Tokens {
+						r.gaps = append(r.gaps, gap)
+					}
+				} else {
+					r.first = now
+				}
+				r.last = now
+				r.tokens += len(c.Tokens)
+				return nil
+			})
+		}()
+	}
+	wg.Wait()
+	var start, end time.Time
+	decoded := 0
+	var gaps []time.Duration
+	for _, r := range out {
+		if r.err != nil {
+			return 0, nil, r.err
+		}
+		if r.tokens == 0 {
+			return 0, nil, errors.New("a stream produced no tokens")
+		}
+		if start.IsZero() || r.first.Before(start) {
+			start = r.first
+		}
+		if r.last.After(end) {
+			end = r.last
+		}
+		decoded += r.tokens - 1
+		gaps = append(gaps, r.gaps...)
+	}
+	el := end.Sub(start)
+	if decoded == 0 || el <= 0 {
+		return 0, nil, fmt.Errorf("%d decoded tokens in %v: too few to time", decoded, el)
+	}
+	return float64(decoded) / el.Seconds(), gaps, nil
+}
+
+func percentile(d []time.Duration, q float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := int(math.Ceil(q*float64(len(s)))) - 1
+	return s[min(max(i, 0), len(s)-1)]
+}
+
+func meanSD(v []float64) (mean, sd float64) {
+	for _, x := range v {
+		mean += x
+	}
+	mean /= float64(len(v))
+	if len(v) < 2 {
+		return mean, 0
+	}
+	for _, x := range v {
+		sd += (x - mean) * (x - mean)
+	}
+	return mean, math.Sqrt(sd / float64(len(v)-1))
+}
+
+// writeBenchTable prints the results as a markdown table.
+func writeBenchTable(w io.Writer, model string, size int64, backend string, rows []benchRow) {
+	withITL := slices.ContainsFunc(rows, func(r benchRow) bool { return r.Streams > 0 })
+	head := "| model | size | backend | test | t/s |"
+	sep := "| --- | ---: | --- | --- | ---: |"
+	if withITL {
+		head += " itl p50 | itl p99 |"
+		sep += " ---: | ---: |"
+	}
+	fmt.Fprintln(w, head)
+	fmt.Fprintln(w, sep)
+	gib := fmt.Sprintf("%.2f GiB", float64(size)/(1<<30))
+	if size < 1<<30 {
+		gib = fmt.Sprintf("%.2f MiB", float64(size)/(1<<20))
+	}
+	for _, r := range rows {
+		m, sd := meanSD(r.Rates)
+		line := fmt.Sprintf("| %s | %s | %s | %s | %.2f ± %.2f |", model, gib, backend, r.Test, m, sd)
+		if withITL {
+			if r.Streams > 0 {
+				line += fmt.Sprintf(" %.2f ms | %.2f ms |", ms(r.ITL50), ms(r.ITL99))
+			} else {
+				line += " - | - |"
+			}
+		}
+		fmt.Fprintln(w, line)
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -1,0 +1,101 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spf13/cobra"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/engine/enginetest"
+)
+
+// fakeBenchAdapter makes bench use an in-process engine over the fake model.
+func fakeBenchAdapter(t *testing.T, cfg enginetest.Config) {
+	t.Helper()
+	old := benchAdapter
+	t.Cleanup(func() { benchAdapter = old })
+	benchAdapter = func(ctx context.Context, cmd *cobra.Command, path, pin string, log hclog.Logger) (sdk.Adapter, func() error, error) {
+		a := engine.NewAdapter(enginetest.Loader(cfg, nil), log)
+		return a, func() error { return a.Unload(context.Background()) }, nil
+	}
+}
+
+func TestBenchCommandOnFakeModel(t *testing.T) {
+	// A per-step cost makes batching visible: 8 streams decode faster in aggregate than 1.
+	fakeBenchAdapter(t, enginetest.Config{Vocab: 50, NumBlocks: 1024, ContextLength: 4096,
+		StepCost: time.Millisecond, TokenCost: 2 * time.Microsecond})
+	model := filepath.Join(t.TempDir(), "tiny.gguf")
+	require.NoError(t, os.WriteFile(model, make([]byte, 3<<20), 0o644))
+
+	root := NewRoot()
+	var out, errb bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errb)
+	root.SetArgs([]string{"bench", "--model", model, "-p", "64,256", "-n", "16", "--depth", "0,200",
+		"--streams", "1,8", "-r", "1", "--log-level", "warn"})
+	require.NoError(t, root.Execute(), errb.String())
+
+	table := out.String()
+	t.Log("\n" + table)
+	lines := strings.Split(strings.TrimSpace(table), "\n")
+	require.Len(t, lines, 2+6, "header, separator, pp64, pp256, tg16, tg16 @ d200, two stream rows")
+	assert.Contains(t, lines[0], "| model | size | backend | test | t/s | itl p50 | itl p99 |")
+	rate := regexp.MustCompile(`\| ([0-9.]+) ± ([0-9.]+) \|`)
+	tests := []string{"pp64", "pp256", "tg16", "tg16 @ d200", "pp128+tg16 x1", "pp128+tg16 x8"}
+	rates := map[string]float64{}
+	for i, name := range tests {
+		l := lines[2+i]
+		assert.Contains(t, l, "| fake | 3.00 MiB | cpu (fake) | "+name+" |")
+		m := rate.FindStringSubmatch(l)
+		require.NotNil(t, m, l)
+		v, err := strconv.ParseFloat(m[1], 64)
+		require.NoError(t, err)
+		assert.Positive(t, v, name)
+		rates[name] = v
+	}
+	assert.Greater(t, rates["pp128+tg16 x8"], 2*rates["pp128+tg16 x1"], "aggregate decode scales with streams")
+	assert.Greater(t, rates["pp256"], rates["tg16"], "prompt processing is batched")
+	assert.Contains(t, lines[6], " ms | ", "stream rows report inter-token latency")
+	assert.Contains(t, lines[2], "| - | - |")
+}
+
+func TestBenchRejectsBadFlags(t *testing.T) {
+	fakeBenchAdapter(t, enginetest.Config{})
+	model := filepath.Join(t.TempDir(), "m.gguf")
+	require.NoError(t, os.WriteFile(model, []byte("x"), 0o644))
+	for _, args := range [][]string{
+		{"bench"},
+		{"bench", "--model", model, "-r", "0"},
+		{"bench", "--model", model, "--streams", "0"},
+		{"bench", "--model", model, "-p", "-5"},
+		{"bench", "--model", filepath.Join(t.TempDir(), "missing.gguf")},
+	} {
+		root := NewRoot()
+		root.SetOut(&bytes.Buffer{})
+		root.SetErr(&bytes.Buffer{})
+		root.SetArgs(args)
+		assert.Error(t, root.Execute(), "%v", args)
+	}
+}
+
+func TestPercentileAndMeanSD(t *testing.T) {
+	d := []time.Duration{5, 1, 4, 2, 3}
+	assert.Equal(t, time.Duration(3), percentile(d, 0.5))
+	assert.Equal(t, time.Duration(5), percentile(d, 0.99))
+	assert.Zero(t, percentile(nil, 0.5))
+	m, sd := meanSD([]float64{2, 4, 4, 4, 5, 5, 7, 9})
+	assert.InDelta(t, 5, m, 1e-9)
+	assert.InDelta(t, 2.138, sd, 1e-3)
+}
