@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
@@ -150,6 +151,7 @@ type Staged struct {
 	Batch  ml.Batch
 	OutIdx ml.Tensor // I32 [len(OutRows)]
 	NOut   int
+	KV     *KVCache // the model's cache
 }
 
 // Net is an architecture's forward pass over staged tokens.
@@ -177,6 +179,12 @@ type Runner struct {
 	KV  *KVCache
 	Net Net
 	cfg RunnerConfig
+	// OwnBackend: Close also closes B. File, when set, is closed last (the
+	// mmapped GGUF the CPU weights alias).
+	OwnBackend bool
+	File       io.Closer
+	// Params and WeightBytes describe the bound weights (for sdk.ModelInfo).
+	Params, WeightBytes int64
 
 	tokens, pos, seq, slots, outIdx ml.Tensor // I32 [MaxTokens]
 	blocks                          ml.Tensor // I32, grown on demand
@@ -239,12 +247,19 @@ func (r *Runner) CopyBlock(dst, src int32) error {
 	return r.B.Sync()
 }
 
-// Close frees the net, the cache and the staging tensors, then the backend.
+// Close frees the net, the cache and the staging tensors, then the backend
+// (when owned) and the file.
 func (r *Runner) Close() error {
 	err := r.Net.Close()
 	r.KV.Free(r.B)
 	r.freeStaging()
-	return errors.Join(err, r.B.Close())
+	if r.OwnBackend {
+		err = errors.Join(err, r.B.Close())
+	}
+	if r.File != nil {
+		err = errors.Join(err, r.File.Close())
+	}
+	return err
 }
 
 func (r *Runner) view(t ml.Tensor, n int) ml.Tensor {
@@ -288,7 +303,7 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 		maxPos = max(maxPos, int(v)+1)
 	}
 	return &Staged{
-		N: n, Tokens: r.view(r.tokens, n), NOut: len(p.OutRows), OutIdx: r.view(r.outIdx, len(p.OutRows)),
+		N: n, Tokens: r.view(r.tokens, n), KV: r.KV, NOut: len(p.OutRows), OutIdx: r.view(r.outIdx, len(p.OutRows)),
 		Batch: ml.Batch{Pos: r.view(r.pos, n), Seq: r.view(r.seq, n), Slots: r.view(r.slots, n),
 			Blocks: bt, BlockSize: r.KV.BlockSize, MaxPos: maxPos},
 	}, nil
@@ -296,6 +311,14 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 
 // Forward runs a batch (see engine.Model).
 func (r *Runner) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
+	out, err := r.forward(ctx, b)
+	if err != nil {
+		r.B.Sync() //nolint:errcheck // clear the sticky op error so the next step starts clean
+	}
+	return out, err
+}
+
+func (r *Runner) forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
 	spec := r.cfg.Spec
 	pieces, err := Split(b, spec.VocabSize, spec.BlockSize, spec.NumBlocks, r.cfg.MaxTokens)
 	if err != nil {

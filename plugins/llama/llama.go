@@ -1,0 +1,306 @@
+// Package llama is the model code of the Llama adapter: Llama 2 and 3 style
+// models (RMSNorm, GQA attention, RoPE on llama.cpp's permuted q/k rows —
+// the adjacent-pair rotation — with rope_freqs.weight divisors when present,
+// SwiGLU feed-forward, tied or separate output). It is written once against
+// sdk/ml; tensor names and metadata keys are llama.cpp's (see sdk/synth).
+package llama
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/gguf"
+	"github.com/llama-orch/orch/sdk/ml"
+	"github.com/llama-orch/orch/sdk/ml/nn"
+)
+
+// Options configure Load (see nn.Options: Backend is required).
+type Options = nn.Options
+
+var builders = nn.Builders{"llama": build}
+
+// Architectures lists the GGUF architectures this package serves.
+func Architectures() []string { return builders.Architectures() }
+
+// Load opens the GGUF at path and builds its model on opts.Backend. Close
+// the model to unmap the file; the backend stays the caller's.
+func Load(path string, opts Options) (engine.Model, error) {
+	r, err := builders.Load(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// NewLoader returns the engine.Loader of the Llama adapter (backend from the
+// request, CUDA when usable; other architectures fail with
+// sdk.ErrUnsupportedArchitecture).
+func NewLoader(log hclog.Logger) engine.Loader { return builders.Loader(log) }
+
+type layer struct {
+	attnNorm, ffnNorm          ml.Tensor
+	q, qb, k, kb, v, vb, o, ob ml.Tensor
+	gate, up, down             ml.Tensor
+}
+
+// model is the Llama forward pass:
+//
+//	x = embed(tokens)
+//	per layer: h = rmsnorm(x); q,k,v = h·W; rope(q,k) (adjacent pairs); x += attn·Wo
+//	           h = rmsnorm(x); x += (silu(h·Wgate) * h·Wup)·Wdown
+//	logits = rmsnorm(x)·Wout
+type model struct {
+	b                              ml.Backend
+	w                              *nn.Weights
+	s                              nn.Scratch
+	d, nh, nkv, hd, ff, vocab      int
+	eps, scale                     float32
+	tokEmbd, outNorm, output       ml.Tensor
+	layers                         []layer
+	rope                           ml.Rope
+	x, h, q, k, v, att, o, g, u, f ml.Tensor
+}
+
+func build(f *gguf.File, o nn.Options) (*nn.Runner, error) {
+	o, err := o.Normalize(nn.TrainedContext(f))
+	if err != nil {
+		return nil, err
+	}
+	w := nn.NewWeights(f, o.Backend)
+	if o.Progress != nil {
+		w.Progress = func(done int64) { o.Progress(done, 0) }
+	}
+	m := &model{b: o.Backend, w: w, s: nn.Scratch{B: o.Backend}}
+	r, err := m.build(nn.Hparams{File: f, Arch: "llama"}, o)
+	if err != nil {
+		m.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+func (m *model) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
+	w := m.w
+	layers, err := hp.Int("block_count")
+	if err != nil {
+		return nil, err
+	}
+	if m.d, err = hp.Int("embedding_length"); err != nil {
+		return nil, err
+	}
+	if m.nh, err = hp.Int("attention.head_count"); err != nil {
+		return nil, err
+	}
+	if m.nkv, err = hp.IntOr("attention.head_count_kv", m.nh); err != nil {
+		return nil, err
+	}
+	if m.nkv == 0 || m.nh%m.nkv != 0 {
+		return nil, fmt.Errorf("metadata key llama.attention.head_count_kv = %d: must divide head_count %d", m.nkv, m.nh)
+	}
+	es, err := w.Shape("token_embd.weight")
+	if err != nil {
+		return nil, err
+	}
+	if len(es) != 2 || es[0] != m.d {
+		return nil, fmt.Errorf("tensor token_embd.weight has shape %v, want [%d, vocab]", es, m.d)
+	}
+	m.vocab = es[1]
+	qs, err := w.Shape("blk.0.attn_q.weight")
+	if err != nil {
+		return nil, err
+	}
+	if len(qs) != 2 || qs[1]%m.nh != 0 {
+		return nil, fmt.Errorf("tensor blk.0.attn_q.weight has shape %v: rows not a multiple of %d heads", qs, m.nh)
+	}
+	if m.hd, err = hp.IntOr("attention.key_length", qs[1]/m.nh); err != nil {
+		return nil, err
+	}
+	if vl, err := hp.IntOr("attention.value_length", m.hd); err != nil || vl != m.hd {
+		return nil, fmt.Errorf("metadata key llama.attention.value_length = %d, must equal key_length %d (%v)", vl, m.hd, err)
+	}
+	gs, err := w.Shape("blk.0.ffn_gate.weight")
+	if err != nil {
+		return nil, err
+	}
+	if len(gs) != 2 {
+		return nil, fmt.Errorf("tensor blk.0.ffn_gate.weight has shape %v, want [%d, ff]", gs, m.d)
+	}
+	m.ff = gs[1]
+	if n, err := hp.IntOr("expert_count", 0); err != nil || n != 0 {
+		return nil, fmt.Errorf("metadata key llama.expert_count = %d: mixture-of-experts Llama models are not supported (%v)", n, err)
+	}
+	eps, err := hp.FloatOr("attention.layer_norm_rms_epsilon", 1e-5)
+	if err != nil {
+		return nil, err
+	}
+	m.eps, m.scale = float32(eps), float32(1/math.Sqrt(float64(m.hd)))
+
+	base, err := hp.FloatOr("rope.freq_base", 10000)
+	if err != nil {
+		return nil, err
+	}
+	dims, err := hp.IntOr("rope.dimension_count", m.hd)
+	if err != nil {
+		return nil, err
+	}
+	if dims > m.hd || dims%2 != 0 || dims == 0 {
+		return nil, fmt.Errorf("metadata key llama.rope.dimension_count = %d: must be even, > 0 and <= head dim %d", dims, m.hd)
+	}
+	var divisors []float32
+	if w.Has("rope_freqs.weight") {
+		if divisors, err = w.Host("rope_freqs.weight", dims/2); err != nil {
+			return nil, err
+		}
+	}
+	inv, err := ml.RopeInvFreq(base, dims, divisors)
+	if err != nil {
+		return nil, fmt.Errorf("rope: %w", err)
+	}
+	stype, err := hp.StringOr("rope.scaling.type", "none")
+	if err != nil {
+		return nil, err
+	}
+	switch stype {
+	case "none", "":
+	case "linear":
+		factor, err := hp.FloatOr("rope.scaling.factor", 1)
+		if err != nil {
+			return nil, err
+		}
+		if !(factor > 0) {
+			return nil, fmt.Errorf("metadata key llama.rope.scaling.factor = %g: must be > 0", factor)
+		}
+		for i := range inv {
+			inv[i] /= float32(factor)
+		}
+	default:
+		return nil, fmt.Errorf("metadata key llama.rope.scaling.type = %q: unsupported (none, linear; llama3 scaling comes as rope_freqs.weight)", stype)
+	}
+	invT, err := w.Upload(inv, dims/2)
+	if err != nil {
+		return nil, err
+	}
+	m.rope = ml.Rope{Mode: ml.RopeNormal, Dims: dims, InvFreq: invT, Scale: 1}
+
+	d, ff, qd, kvd := m.d, m.ff, m.nh*m.hd, m.nkv*m.hd
+	if m.tokEmbd, err = w.Tensor("token_embd.weight", d, m.vocab); err != nil {
+		return nil, err
+	}
+	if m.outNorm, err = w.Vector("output_norm.weight", d); err != nil {
+		return nil, err
+	}
+	if w.Has("output.weight") {
+		if m.output, err = w.Tensor("output.weight", d, m.vocab); err != nil {
+			return nil, err
+		}
+	} else {
+		m.output = m.tokEmbd
+	}
+	for i := range layers {
+		p := fmt.Sprintf("blk.%d.", i)
+		var L layer
+		get := func(dst *ml.Tensor, name string, shape ...int) {
+			if err == nil {
+				*dst, err = w.Tensor(p+name, shape...)
+			}
+		}
+		vec := func(dst *ml.Tensor, name string, optional bool, shape ...int) {
+			if err != nil {
+				return
+			}
+			if optional {
+				*dst, err = w.OptionalVector(p+name, shape...)
+			} else {
+				*dst, err = w.Vector(p+name, shape...)
+			}
+		}
+		vec(&L.attnNorm, "attn_norm.weight", false, d)
+		get(&L.q, "attn_q.weight", d, qd)
+		get(&L.k, "attn_k.weight", d, kvd)
+		get(&L.v, "attn_v.weight", d, kvd)
+		get(&L.o, "attn_output.weight", qd, d)
+		vec(&L.qb, "attn_q.bias", true, qd)
+		vec(&L.kb, "attn_k.bias", true, kvd)
+		vec(&L.vb, "attn_v.bias", true, kvd)
+		vec(&L.ob, "attn_output.bias", true, d)
+		vec(&L.ffnNorm, "ffn_norm.weight", false, d)
+		get(&L.gate, "ffn_gate.weight", d, ff)
+		get(&L.up, "ffn_up.weight", d, ff)
+		get(&L.down, "ffn_down.weight", ff, d)
+		if err != nil {
+			return nil, err
+		}
+		m.layers = append(m.layers, L)
+	}
+	n := o.MaxTokens
+	s := &m.s
+	m.x, m.h, m.o, m.f = s.Alloc(d, n), s.Alloc(d, n), s.Alloc(d, n), s.Alloc(d, n)
+	m.q, m.att = s.Alloc(qd, n), s.Alloc(qd, n)
+	m.k, m.v = s.Alloc(kvd, n), s.Alloc(kvd, n)
+	m.g, m.u = s.Alloc(ff, n), s.Alloc(ff, n)
+	if s.Err != nil {
+		return nil, s.Err
+	}
+	return nn.Finish(o, w, m, nn.Model{Arch: "llama", Layers: layers, HeadDim: m.hd, KVHeads: m.nkv, Width: d, Vocab: m.vocab})
+}
+
+// Hidden runs the blocks (see nn.Net).
+func (m *model) Hidden(st *nn.Staged) (ml.Tensor, error) {
+	b, n := m.b, st.N
+	var err error
+	view := func(t ml.Tensor, shape ...int) ml.Tensor {
+		if err != nil {
+			return nil
+		}
+		var v ml.Tensor
+		v, err = nn.View(b, t, n, shape...)
+		return v
+	}
+	x, h, o, g, u, f := view(m.x), view(m.h), view(m.o), view(m.g), view(m.u), view(m.f)
+	q2, k2, v2, att2 := view(m.q), view(m.k), view(m.v), view(m.att)
+	q, k, v, att := view(m.q, m.hd, m.nh, 0), view(m.k, m.hd, m.nkv, 0), view(m.v, m.hd, m.nkv, 0), view(m.att, m.hd, m.nh, 0)
+	if err != nil {
+		return nil, err
+	}
+	b.Embed(x, m.tokEmbd, st.Tokens, false)
+	attn := &ml.Attention{Scale: m.scale}
+	for i := range m.layers {
+		L := &m.layers[i]
+		if i == 0 {
+			b.RMSNorm(h, x, L.attnNorm, m.eps)
+		} else {
+			b.AddRMSNorm(x, h, f, L.attnNorm, m.eps)
+		}
+		b.MatMul(q2, h, L.q, L.qb)
+		b.MatMul(k2, h, L.k, L.kb)
+		b.MatMul(v2, h, L.v, L.vb)
+		b.RoPE(q, st.Batch.Pos, &m.rope)
+		b.RoPE(k, st.Batch.Pos, &m.rope)
+		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, &st.Batch)
+		b.Attend(att, q, st.KV.K[i], st.KV.V[i], &st.Batch, attn)
+		b.MatMul(o, att2, L.o, L.ob)
+		b.AddRMSNorm(x, h, o, L.ffnNorm, m.eps)
+		b.MatMul(g, h, L.gate, nil)
+		b.MatMul(u, h, L.up, nil)
+		b.SwiGLU(g, g, u)
+		b.MatMul(f, g, L.down, nil)
+	}
+	b.Add(x, x, f)
+	return x, b.Err()
+}
+
+// Head applies the output norm (in place on rows) and the LM head.
+func (m *model) Head(dst, rows ml.Tensor) error {
+	m.b.RMSNorm(rows, rows, m.outNorm, m.eps)
+	m.b.MatMul(dst, rows, m.output, nil)
+	return m.b.Err()
+}
+
+func (m *model) Close() error {
+	m.s.Free()
+	m.w.Close()
+	return nil
+}

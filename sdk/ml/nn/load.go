@@ -1,0 +1,202 @@
+package nn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/gguf"
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// Options configure building a model from an open GGUF file.
+type Options struct {
+	Backend       ml.Backend // required
+	NumBlocks     int        // KV blocks in the pool (0 = enough for one sequence of ContextLength)
+	BlockSize     int        // tokens per KV block (0 = DefaultBlockSize)
+	MaxTokens     int        // tokens per internal forward sub-batch (0 = 256)
+	ContextLength int        // max tokens per sequence (0 = min(trained, 4096))
+	// Progress, when set, receives the bytes of weights bound so far.
+	Progress func(done, total int64)
+}
+
+// Normalize fills defaults given the model's trained context.
+func (o Options) Normalize(trained int) (Options, error) {
+	if o.Backend == nil {
+		return o, errors.New("no backend given")
+	}
+	if o.BlockSize <= 0 {
+		o.BlockSize = DefaultBlockSize
+	}
+	if trained <= 0 {
+		trained = 4096
+	}
+	if o.ContextLength <= 0 {
+		o.ContextLength = min(trained, 4096)
+	}
+	o.ContextLength = min(o.ContextLength, trained)
+	if o.NumBlocks <= 0 {
+		o.NumBlocks = (o.ContextLength + o.BlockSize - 1) / o.BlockSize
+	}
+	if o.MaxTokens <= 0 {
+		o.MaxTokens = 256
+	}
+	return o, nil
+}
+
+// Builder builds a Runner for one architecture from an open file. On error
+// it frees what it allocated (not the file nor the backend).
+type Builder func(f *gguf.File, o Options) (*Runner, error)
+
+// Builders maps GGUF general.architecture values to builders.
+type Builders map[string]Builder
+
+// Architectures lists the served architectures, sorted.
+func (bs Builders) Architectures() []string {
+	out := make([]string, 0, len(bs))
+	for a := range bs {
+		out = append(out, a)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Open builds the model in f (whose architecture must be served); the
+// returned Runner closes f on Close.
+func (bs Builders) Open(f *gguf.File, o Options) (*Runner, error) {
+	arch := f.Architecture()
+	build, ok := bs[arch]
+	if !ok {
+		return nil, fmt.Errorf("architecture %q (this adapter serves %v): %w", arch, bs.Architectures(), sdk.ErrUnsupportedArchitecture)
+	}
+	r, err := build(f, o)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", arch, err)
+	}
+	r.File = f
+	return r, nil
+}
+
+// Load opens the GGUF at path and builds its model on o.Backend.
+func (bs Builders) Load(path string, o Options) (*Runner, error) {
+	f, err := gguf.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	r, err := bs.Open(f, o)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+// TrainedContext reads <arch>.context_length (0 when absent).
+func TrainedContext(f *gguf.File) int {
+	v, _ := f.ArchUint("context_length")
+	if v > 1<<30 {
+		return 1 << 30
+	}
+	return int(v)
+}
+
+// Loader returns an engine.Loader for these architectures: it opens the
+// file, checks the architecture before anything else, picks the backend from
+// req.Options.Device, sizes the KV pool (see Size) and builds the model.
+func (bs Builders) Loader(log hclog.Logger) engine.Loader {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return func(ctx context.Context, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (engine.Model, sdk.ModelInfo, error) {
+		if progress == nil {
+			progress = func(sdk.LoadProgress) {}
+		}
+		progress(sdk.LoadProgress{Stage: "open"})
+		f, err := gguf.Open(req.Path)
+		if err != nil {
+			return nil, sdk.ModelInfo{}, err
+		}
+		arch := f.Architecture()
+		if _, ok := bs[arch]; !ok {
+			f.Close()
+			return nil, sdk.ModelInfo{}, fmt.Errorf("architecture %q (this adapter serves %v): %w", arch, bs.Architectures(), sdk.ErrUnsupportedArchitecture)
+		}
+		if err := ctx.Err(); err != nil {
+			f.Close()
+			return nil, sdk.ModelInfo{}, err
+		}
+		be, err := OpenBackend(req.Options.Device, req.Options.Threads, log)
+		if err != nil {
+			f.Close()
+			return nil, sdk.ModelInfo{}, err
+		}
+		sz, err := Size(req.Options, TrainedContext(f), be.Name())
+		if err != nil {
+			be.Close()
+			f.Close()
+			return nil, sdk.ModelInfo{}, err
+		}
+		var total int64
+		for _, t := range f.Tensors {
+			total += t.Size
+		}
+		r, err := bs.Open(f, Options{
+			Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context,
+			Progress: func(done, _ int64) { progress(sdk.LoadProgress{Stage: "weights", Done: done, Total: total}) },
+		})
+		if err != nil {
+			be.Close()
+			f.Close()
+			return nil, sdk.ModelInfo{}, err
+		}
+		r.OwnBackend = true
+		spec := r.Spec()
+		name, _ := f.String("general.name")
+		info := sdk.ModelInfo{
+			Architecture: arch, Name: name, Backend: be.Name(), DeviceName: be.DeviceName(),
+			ContextLength: spec.ContextLength, VocabSize: spec.VocabSize, MaxSequences: sz.MaxSeqs,
+			ParamCount: r.Params, WeightBytes: r.WeightBytes, KVBytes: spec.KVBlockBytes * int64(spec.NumBlocks),
+		}
+		log.Info("model built", "arch", arch, "backend", be.Name(), "context", spec.ContextLength,
+			"kv_blocks", spec.NumBlocks, "block_size", spec.BlockSize, "params", r.Params)
+		return r, info, nil
+	}
+}
+
+// Model describes a built net to Finish.
+type Model struct {
+	Arch          string
+	Layers        int
+	HeadDim       int
+	KVHeads       int
+	Width         int
+	Vocab         int
+	SlidingWindow int
+}
+
+// Finish allocates the KV cache for m and wraps net in a Runner sized by o
+// (already normalized). On error it closes net.
+func Finish(o Options, w *Weights, net Net, m Model) (*Runner, error) {
+	kv, err := NewKVCache(o.Backend, m.Layers, m.HeadDim, m.KVHeads, o.BlockSize, o.NumBlocks)
+	if err != nil {
+		net.Close()
+		return nil, err
+	}
+	spec := engine.Spec{
+		Architecture: m.Arch, VocabSize: m.Vocab, ContextLength: o.ContextLength,
+		BlockSize: o.BlockSize, NumBlocks: o.NumBlocks, KVBlockBytes: kv.BlockBytes(), SlidingWindow: m.SlidingWindow,
+	}
+	r, err := NewRunner(o.Backend, kv, net, RunnerConfig{Spec: spec, Width: m.Width, MaxTokens: o.MaxTokens})
+	if err != nil {
+		kv.Free(o.Backend)
+		net.Close()
+		return nil, err
+	}
+	r.Params, r.WeightBytes = w.Params, w.Bytes
+	return r, nil
+}
