@@ -293,4 +293,3 @@ func objectType(o *obj, indent string) string {
 	sb.WriteString(indent + "}")
 	return sb.String()
 }
-
