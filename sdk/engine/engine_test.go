@@ -98,7 +98,13 @@ func runConcurrent(ctx context.Context, a sdk.Adapter, reqs []sdk.GenerateReques
 }
 
 func TestConcurrentStreamsMatchSolo(t *testing.T) {
-	cfg := enginetest.Config{Vocab: 97, BlockSize: 4, NumBlocks: 512, ContextLength: 512}
+	for _, dev := range []bool{false, true} {
+		t.Run(fmt.Sprintf("device_greedy=%v", dev), func(t *testing.T) { testConcurrentStreamsMatchSolo(t, dev) })
+	}
+}
+
+func testConcurrentStreamsMatchSolo(t *testing.T, deviceGreedy bool) {
+	cfg := enginetest.Config{Vocab: 97, BlockSize: 4, NumBlocks: 512, ContextLength: 512, DeviceGreedy: deviceGreedy}
 	a, m := load(t, cfg, engine.WithMaxBatchTokens(32))
 	ctx := ctxT(t)
 	ps := prompts(8, cfg.Vocab)
@@ -122,6 +128,11 @@ func TestConcurrentStreamsMatchSolo(t *testing.T) {
 		}
 	}
 	assert.Greater(t, m.MaxBatchSeqs.Load(), int64(4), "streams were batched together")
+	if deviceGreedy {
+		assert.Equal(t, m.Forwards.Load(), m.GreedySteps.Load(), "all-greedy steps use the device argmax")
+	} else {
+		assert.Zero(t, m.GreedySteps.Load())
+	}
 	st, err := a.Stats(ctx)
 	require.NoError(t, err)
 	assert.Zero(t, st.KVUsedBlocks)
@@ -583,4 +594,30 @@ func TestModelErrorsFailRequestsNotTheAdapter(t *testing.T) {
 	st, err := a.Stats(ctx)
 	require.NoError(t, err)
 	assert.Zero(t, st.KVUsedBlocks)
+}
+
+func TestDeviceGreedyMixedWithHostSampling(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, DeviceGreedy: true, StepCost: 100 * time.Microsecond}
+	a, m := load(t, cfg)
+	ctx := ctxT(t)
+	ps := prompts(4, cfg.Vocab)
+	reqs := []sdk.GenerateRequest{
+		greedy(ps[0], 30),
+		{Prompt: ps[1], MaxTokens: 10, Logprobs: true},                                       // needs host logits
+		{Prompt: ps[2], MaxTokens: 30, Sampling: sdk.SamplingParams{RepetitionPenalty: 1.3}}, // host penalties
+		greedy(ps[3], 50),
+	}
+	res := runConcurrent(ctx, a, reqs)
+	for i, r := range res {
+		require.NoError(t, r.err)
+		if i != 2 {
+			assert.Equal(t, enginetest.Greedy(reqs[i].Prompt, reqs[i].MaxTokens, cfg.Vocab), r.toks, "request %d", i)
+		}
+	}
+	assert.Len(t, res[1].info, 10)
+	assert.Positive(t, m.GreedySteps.Load(), "steps with only plain greedy sequences use the device")
+	assert.Less(t, m.GreedySteps.Load(), m.Forwards.Load(), "steps needing host logits do not")
+	got, err := a.Evaluate(ctx, ps[0])
+	require.NoError(t, err)
+	assert.Equal(t, len(ps[0]), got.Rows)
 }

@@ -271,3 +271,35 @@ func TestLogprobInfo(t *testing.T) {
 	}
 	assert.InDelta(t, 1, sum, 1e-6)
 }
+
+func TestTopKMatchesSort(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 3))
+	for trial := range 300 {
+		n := 1 + r.IntN(2000)
+		w := make([]float32, n)
+		for i := range w {
+			w[i] = float32(r.IntN(50)) // many ties
+			if r.IntN(20) == 0 {
+				w[i] = float32(math.Inf(-1))
+			}
+		}
+		k := 1 + r.IntN(n)
+		got := topK(w, k, nil)
+		ref := make([]int32, 0, n)
+		for i, v := range w {
+			if !math.IsInf(float64(v), -1) {
+				ref = append(ref, int32(i))
+			}
+		}
+		slices.SortFunc(ref, func(a, b int32) int {
+			if c := cmp.Compare(w[b], w[a]); c != 0 {
+				return c
+			}
+			return cmp.Compare(a, b)
+		})
+		ref = ref[:min(k, len(ref))]
+		slices.Sort(got)
+		slices.Sort(ref)
+		require.Equal(t, ref, got, "trial %d n %d k %d", trial, n, k)
+	}
+}

@@ -63,3 +63,16 @@ type Model interface {
 // memory), reports progress and returns the Model with the ModelInfo the
 // adapter reports. Architectures provide one (e.g. gpt.Loader, llama.Loader).
 type Loader func(ctx context.Context, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (Model, sdk.ModelInfo, error)
+
+// GreedyModel is optionally implemented by models that can pick the argmax
+// token on the device (no logits copied to the host). When every sequence
+// that needs a token in a step decodes greedily with nothing that needs the
+// logits on the host (no logit bias, penalties, logprobs or stop-token
+// masking) and no sequence wants AllLogits, the engine calls ForwardGreedy
+// instead of Forward. It returns one token per SeqInput: the argmax of the
+// row Forward would return (ties to the lowest token id, like the host
+// sampler); the engine ignores the tokens of unfinished prefill chunks.
+type GreedyModel interface {
+	Model
+	ForwardGreedy(ctx context.Context, b *Batch) ([]int32, error)
+}

@@ -58,6 +58,14 @@ func newSampler(req sdk.GenerateRequest) *sampler {
 	return s
 }
 
+// plain reports whether the next token is simply the argmax of the model's
+// logits, so a device-side argmax (GreedyModel) can replace the host sampler.
+func (s *sampler) plain(generated int) bool {
+	return s.p.Temperature <= 0 && len(s.p.LogitBias) == 0 && s.seen == nil &&
+		s.p.PresencePenalty == 0 && s.p.FrequencyPenalty == 0 && !s.logprobs &&
+		(generated >= s.minTokens || len(s.stop) == 0)
+}
+
 // accept records a generated token for the penalties.
 func (s *sampler) accept(tok int32) {
 	s.counts[tok]++
@@ -69,8 +77,12 @@ func (s *sampler) accept(tok int32) {
 // sample picks the next token from one logits row; generated is the number of
 // tokens generated so far. info is nil unless logprobs were requested.
 func (s *sampler) sample(logits []float32, generated int) (int32, *sdk.TokenInfo) {
-	w := append(s.work[:0], logits...)
-	s.work = w
+	masked := generated < s.minTokens && len(s.stop) > 0
+	w := logits
+	if len(s.p.LogitBias) > 0 || s.seen != nil || s.p.PresencePenalty != 0 || s.p.FrequencyPenalty != 0 || masked {
+		w = append(s.work[:0], logits...) // the model's row stays intact for logprobs
+		s.work = w
+	}
 	for t, b := range s.p.LogitBias {
 		if int(t) >= 0 && int(t) < len(w) {
 			w[t] += b
@@ -95,7 +107,7 @@ func (s *sampler) sample(logits []float32, generated int) (int32, *sdk.TokenInfo
 			}
 		}
 	}
-	if generated < s.minTokens {
+	if masked {
 		for _, t := range s.stop {
 			if int(t) >= 0 && int(t) < len(w) {
 				w[t] = float32(math.Inf(-1))
@@ -186,28 +198,52 @@ func (s *sampler) draw(w []float32) int32 {
 	return idx[len(idx)-1]
 }
 
-// topK appends the indices of the k largest values of w (ties: lower index) to dst.
+// topK returns, in dst's storage, the indices of the k largest finite values
+// of w (ties: lower index first), in no particular order. It is a quickselect
+// (O(V)): sorting a 200k vocabulary per token would cost milliseconds.
 func topK(w []float32, k int, dst []int32) []int32 {
-	all := make([]int32, len(w))
-	for i := range all {
-		all[i] = int32(i)
-	}
-	less := func(a, b int32) int {
-		if c := cmp.Compare(w[b], w[a]); c != 0 {
-			return c
-		}
-		return cmp.Compare(a, b)
-	}
-	// Partial selection by sorting is O(V log V); V is at most a few hundred
-	// thousand and top-k is only used with sampling, so this stays well under
-	// a millisecond per token.
-	slices.SortFunc(all, less)
-	for _, t := range all[:k] {
-		if !math.IsInf(float64(w[t]), -1) && !math.IsNaN(float64(w[t])) {
-			dst = append(dst, t)
+	idx := dst[:0]
+	for i, v := range w {
+		if !math.IsInf(float64(v), -1) && !math.IsNaN(float64(v)) {
+			idx = append(idx, int32(i))
 		}
 	}
-	return dst
+	if len(idx) <= k {
+		return idx
+	}
+	better := func(a, b int32) bool { return w[a] > w[b] || (w[a] == w[b] && a < b) }
+	lo, hi := 0, len(idx)-1
+	for lo < hi {
+		// median of three as pivot, moved to hi
+		mid := lo + (hi-lo)/2
+		if better(idx[mid], idx[lo]) {
+			idx[mid], idx[lo] = idx[lo], idx[mid]
+		}
+		if better(idx[hi], idx[lo]) {
+			idx[hi], idx[lo] = idx[lo], idx[hi]
+		}
+		if better(idx[mid], idx[hi]) {
+			idx[mid], idx[hi] = idx[hi], idx[mid]
+		}
+		pivot := idx[hi]
+		store := lo
+		for i := lo; i < hi; i++ {
+			if better(idx[i], pivot) {
+				idx[i], idx[store] = idx[store], idx[i]
+				store++
+			}
+		}
+		idx[store], idx[hi] = idx[hi], idx[store]
+		switch {
+		case store == k-1:
+			return idx[:k]
+		case store > k-1:
+			hi = store - 1
+		default:
+			lo = store + 1
+		}
+	}
+	return idx[:k]
 }
 
 // nucleus keeps the smallest set of most probable candidates whose mass

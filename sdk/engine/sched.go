@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -35,6 +36,7 @@ type sched struct {
 	running []*seq     // scheduler-owned, in arrival order
 	ended   []ending   // scheduler-owned: finished, to be ended by flush
 	pushed  []pushed   // scheduler-owned: tokens to deliver in flush
+	jobs    []sampleJob
 
 	mu       sync.Mutex
 	waiting  []*seq // arrival order; preempted sequences go back in order
@@ -670,11 +672,27 @@ func (e *sched) step(ctx context.Context) bool {
 	if len(in) == 0 {
 		return false
 	}
-	out, err := e.forward(ctx, &batch)
-	now := time.Now()
-	if err == nil {
-		err = e.checkOutput(&batch, out)
+	// Device-side argmax when nothing in the step needs logits on the host.
+	gm, greedy := e.model.(GreedyModel)
+	for k, s := range in {
+		if !greedy {
+			break
+		}
+		finishing := s.computed+len(batch.Seqs[k].Tokens) == len(s.tokens)
+		greedy = !s.eval && (!finishing || s.samp.plain(s.generated))
 	}
+	var out *Output
+	var picked []int32
+	var err error
+	if greedy {
+		picked, err = e.forwardGreedy(ctx, gm, &batch)
+	} else {
+		out, err = e.forward(ctx, &batch)
+		if err == nil {
+			err = e.checkOutput(&batch, out)
+		}
+	}
+	now := time.Now()
 	if err != nil {
 		if ctx.Err() != nil {
 			return true // unloading; close() fails the requests
@@ -686,15 +704,13 @@ func (e *sched) step(ctx context.Context) bool {
 		e.running = slices.DeleteFunc(e.running, func(s *seq) bool { return slices.Contains(in, s) })
 		return true
 	}
-	generated := 0
 	var gone []*seq
+	jobs := e.jobs[:0]
 	for k, s := range in {
-		n := len(batch.Seqs[k].Tokens)
-		s.computed += n
+		s.computed += len(batch.Seqs[k].Tokens)
 		e.register(s)
-		rows := out.Logits[k]
 		if s.eval {
-			s.rows = append(s.rows, rows...)
+			s.rows = append(s.rows, out.Logits[k]...)
 			if s.computed == len(s.tokens) {
 				gone = append(gone, s)
 				e.finish(s, sdk.FinishStop, nil, now)
@@ -704,16 +720,28 @@ func (e *sched) step(ctx context.Context) bool {
 		if s.computed < len(s.tokens) {
 			continue // more prompt to prefill
 		}
-		tok, info := s.samp.sample(rows[len(rows)-e.spec.VocabSize:], s.generated)
+		j := sampleJob{s: s}
+		if greedy {
+			j.tok = picked[k]
+		} else {
+			rows := out.Logits[k]
+			j.row = rows[len(rows)-e.spec.VocabSize:]
+		}
+		jobs = append(jobs, j)
+	}
+	if !greedy {
+		sampleAll(jobs, e.spec.VocabSize)
+	}
+	for _, j := range jobs {
+		s, tok := j.s, j.tok
 		s.samp.accept(tok)
 		s.tokens = append(s.tokens, tok)
 		s.generated++
-		generated++
 		if s.tFirst.IsZero() {
 			s.tFirst = now
 		}
 		s.tLast = now
-		e.pushed = append(e.pushed, pushed{s, tok, info})
+		e.pushed = append(e.pushed, pushed{s, tok, j.info})
 		if reason := e.stopReason(s, tok); reason != sdk.FinishNone {
 			gone = append(gone, s)
 			e.finish(s, reason, nil, now)
@@ -722,8 +750,69 @@ func (e *sched) step(ctx context.Context) bool {
 	if len(gone) > 0 {
 		e.running = slices.DeleteFunc(e.running, func(s *seq) bool { return slices.Contains(gone, s) })
 	}
+	generated := len(jobs)
+	clear(jobs)
+	e.jobs = jobs[:0]
 	e.flush(generated, now)
 	return true
+}
+
+// sampleJob is one sequence's token choice after a forward step.
+type sampleJob struct {
+	s    *seq
+	row  []float32
+	tok  int32
+	info *sdk.TokenInfo
+}
+
+// sampleAll samples the jobs' tokens, spreading big batches over the cores.
+// Each sequence has its own sampler and random stream, so the result does not
+// depend on how the work is split.
+func sampleAll(jobs []sampleJob, vocab int) {
+	workers := min(runtime.GOMAXPROCS(0), len(jobs))
+	if workers < 2 || len(jobs)*vocab < 1<<18 {
+		for i := range jobs {
+			j := &jobs[i]
+			j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
+		}
+		return
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= len(jobs) {
+					return
+				}
+				j := &jobs[i]
+				j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// forwardGreedy calls the model's device argmax, turning a panic into an error.
+func (e *sched) forwardGreedy(ctx context.Context, gm GreedyModel, b *Batch) (toks []int32, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("model panic: %v\n%s", r, debug.Stack())
+		}
+	}()
+	toks, err = gm.ForwardGreedy(ctx, b)
+	if err == nil && len(toks) != len(b.Seqs) {
+		err = fmt.Errorf("model returned %d greedy tokens for %d sequences", len(toks), len(b.Seqs))
+	}
+	for i := 0; err == nil && i < len(toks); i++ {
+		if toks[i] < 0 || int(toks[i]) >= e.spec.VocabSize {
+			err = fmt.Errorf("model returned greedy token %d outside the vocabulary", toks[i])
+		}
+	}
+	return toks, err
 }
 
 func (e *sched) stopReason(s *seq, tok int32) sdk.FinishReason {

@@ -31,6 +31,7 @@ type Config struct {
 	StepCost      time.Duration // simulated time per Forward call (fixed cost, like reading the weights once)
 	TokenCost     time.Duration // simulated time per token in a Forward call
 	MaxSequences  int           // reported in ModelInfo (0 = let the engine choose)
+	DeviceGreedy  bool          // the model implements engine.GreedyModel
 }
 
 func (c Config) withDefaults() Config {
@@ -67,6 +68,7 @@ type Model struct {
 	MaxBatchSeqs atomic.Int64 // largest number of sequences in one Forward
 	MixedSteps   atomic.Int64 // Forward calls holding both a decode (1 token) and a prefill chunk (>1 token)
 	Copies       atomic.Int64 // CopyBlock calls
+	GreedySteps  atomic.Int64 // ForwardGreedy calls
 
 	mu    sync.Mutex
 	sizes []int // tokens per sequence of each step (last 1000 steps), for tests
@@ -91,7 +93,11 @@ func Loader(cfg Config, got func(*Model)) engine.Loader {
 			got(m)
 		}
 		c := m.cfg
-		return m, sdk.ModelInfo{
+		var em engine.Model = m
+		if c.DeviceGreedy {
+			em = DeviceGreedy{m}
+		}
+		return em, sdk.ModelInfo{
 			Architecture: "fake", Name: "fake", Backend: "cpu", DeviceName: "cpu (fake)",
 			ContextLength: c.ContextLength, VocabSize: c.Vocab, MaxSequences: c.MaxSequences,
 			KVBytes: int64(c.NumBlocks * c.BlockSize * 8),
@@ -243,6 +249,34 @@ func (m *Model) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, e
 		}
 	}
 	return out, nil
+}
+
+// DeviceGreedy is the fake with a "device" argmax: it implements engine.GreedyModel.
+type DeviceGreedy struct{ *Model }
+
+// ForwardGreedy implements engine.GreedyModel: the argmax of each row Forward returns.
+func (g DeviceGreedy) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, error) {
+	for _, s := range b.Seqs {
+		if s.AllLogits {
+			return nil, fmt.Errorf("fake: ForwardGreedy with AllLogits")
+		}
+	}
+	out, err := g.Forward(ctx, b)
+	if err != nil {
+		return nil, err
+	}
+	g.GreedySteps.Add(1)
+	toks := make([]int32, len(out.Logits))
+	for i, row := range out.Logits {
+		best := 0
+		for v := range row {
+			if row[v] > row[best] {
+				best = v
+			}
+		}
+		toks[i] = int32(best)
+	}
+	return toks, nil
 }
 
 // MaxChunk is the largest number of tokens any one sequence had in a Forward call.
