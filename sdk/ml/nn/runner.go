@@ -302,8 +302,12 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 	for _, v := range p.Pos {
 		maxPos = max(maxPos, int(v)+1)
 	}
+	var outIdx ml.Tensor
+	if len(p.OutRows) > 0 {
+		outIdx = r.view(r.outIdx, len(p.OutRows))
+	}
 	return &Staged{
-		N: n, Tokens: r.view(r.tokens, n), KV: r.KV, NOut: len(p.OutRows), OutIdx: r.view(r.outIdx, len(p.OutRows)),
+		N: n, Tokens: r.view(r.tokens, n), KV: r.KV, NOut: len(p.OutRows), OutIdx: outIdx,
 		Batch: ml.Batch{Pos: r.view(r.pos, n), Seq: r.view(r.seq, n), Slots: r.view(r.slots, n),
 			Blocks: bt, BlockSize: r.KV.BlockSize, MaxPos: maxPos},
 	}, nil
