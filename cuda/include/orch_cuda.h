@@ -2,7 +2,7 @@
  * orch_cuda.h — the C ABI of liborch_cuda.so, the only thing Go sees of cuda/.
  *
  * Rules of this header:
- *  - No CUDA types. Device memory is a plain pointer (void*/float*) that the
+ *  - No CUDA types. Device memory is a plain pointer (void* or float*) that the
  *    caller got from orch_malloc; streams, graphs and events are opaque.
  *  - Every entry returns an orch_status; ORCH_OK (0) is success. On failure
  *    orch_last_error() copies a message naming the op and the CUDA error.

@@ -157,6 +157,24 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
     ORCH_LAUNCHED(op);
     return ORCH_OK;
   }
+  const float one = 1.f, zero = 0.f;
+  if (wtype == ORCH_T_F32) {
+    // Full-precision weights (routers, small heads): plain fp32 GEMM, no
+    // dequantization and no bf16 rounding (router logits pick experts).
+    cublasStatus_t s = cublasGemmEx(ctx->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)k, &one, w,
+                                    CUDA_R_32F, (int)k, x, CUDA_R_32F, (int)k, accumulate ? &one : &zero, y,
+                                    CUDA_R_32F, (int)m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+      orch_set_error("matmul: cublasGemmEx f32 failed (status %d)", (int)s);
+      return ORCH_ERR_CUDA;
+    }
+    if (bias) {
+      unsigned blocks = (unsigned)min(ceil_div(n * m, 256), (int64_t)65535);
+      add_bias_rows_kernel<<<blocks, 256, 0, ctx->stream>>>(y, bias, n, m);
+      ORCH_LAUNCHED(op);
+    }
+    return ORCH_OK;
+  }
   // Prefill: bf16 x once, then weight tiles of mc rows.
   const int64_t tile_elems = 16ll << 20; // 32 MiB of bf16 per weight tile
   int64_t mc = tile_elems / k;
@@ -175,7 +193,6 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
     f32_to_bf16_kernel<<<blocks, 256, 0, ctx->stream>>>(xb, x, n * k);
     ORCH_LAUNCHED(op);
   }
-  const float one = 1.f, zero = 0.f;
   for (int64_t m0 = 0; m0 < m; m0 += mc) {
     int64_t rows = min(mc, m - m0);
     ORCH_DISPATCH_TYPE(wtype, launch_dequant_bf16, ctx->stream, wt, wb + m0 * rb, rows, k, rb);

@@ -27,10 +27,10 @@ __host__ __device__ constexpr int type_block_bytes(int t) {
 
 static inline bool type_known(int t) { return type_block_bytes(t) != 0; }
 
-// E2M1 magnitudes; sign in bit 3.
-__device__ __forceinline__ float e2m1(int q) {
-  const float v[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
-  float m = v[q & 7];
+// E2M1 value of a nibble, times 2: {0,1,2,3,4,6,8,12} packed in one word
+// (a register lookup; an indexed local array would spill to local memory).
+__device__ __forceinline__ float e2m1x2(int q) {
+  float m = (float)((0xC8643210u >> (4 * (q & 7))) & 0xF);
   return (q & 8) ? -m : m;
 }
 
@@ -100,12 +100,12 @@ __device__ __forceinline__ void dequant_chunk(const uint8_t *__restrict__ row, i
     }
   } else if constexpr (T == ORCH_T_MXFP4) {
     const blk_mxfp4 *b = reinterpret_cast<const blk_mxfp4 *>(row) + c;
-    float d = e8m0(b->e);
+    float d = 0.5f * e8m0(b->e);
 #pragma unroll
     for (int j = 0; j < 16; j++) {
       uint8_t q = b->qs[j];
-      v[j] = d * e2m1(q & 0xF);
-      v[j + 16] = d * e2m1(q >> 4);
+      v[j] = d * e2m1x2(q & 0xF);
+      v[j + 16] = d * e2m1x2(q >> 4);
     }
   } else if constexpr (T == ORCH_T_Q4_K) {
     const blk_q4_K *b = reinterpret_cast<const blk_q4_K *>(row) + (c >> 3);

@@ -220,10 +220,10 @@ extern "C" int orch_graph_end(orch_ctx *ctx, void **graph_exec) {
   cudaGraph_t g = nullptr;
   ORCH_CUDA(cudaStreamEndCapture(ctx->stream, &g), "graph_end");
   cudaGraphExec_t ex = nullptr;
-  cudaError_t e = cudaGraphInstantiate(&ex, g, 0);
+  cudaError_t e = cudaGraphInstantiateWithFlags(&ex, g, 0);
   cudaGraphDestroy(g);
   if (e != cudaSuccess) {
-    orch_set_error("graph_end: cudaGraphInstantiate: %s", cudaGetErrorString(e));
+    orch_set_error("graph_end: cudaGraphInstantiateWithFlags: %s", cudaGetErrorString(e));
     return ORCH_ERR_CUDA;
   }
   *graph_exec = (void *)ex;

@@ -493,4 +493,3 @@ func (b *Backend) Fill(t ml.Tensor, v float32) {
 		b.call("fill", b.l.fillF32(b.ctx, ct.ptr, v, int64(ct.n)))
 	}
 }
-

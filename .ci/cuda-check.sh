@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# CI compile check of cuda/: every .cu must compile for sm_80 and sm_90.
+# Installs Debian's nvidia-cuda-toolkit (nvcc 11.8; needs the contrib and
+# non-free components) when nvcc is missing (~1.5 min). Nothing runs on a GPU.
+# Code that only sm_90a / newer CUDA can compile (wgmma, setmaxnreg) must sit
+# behind __CUDA_ARCH_FEAT_SM90_ALL / CUDART_VERSION guards so this passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v nvcc >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then echo "cuda-check: nvcc missing and not root: cannot install" >&2; exit 1; fi
+  src=/etc/apt/sources.list.d/debian.sources
+  if [ -f "$src" ] && ! grep -q 'non-free' "$src"; then
+    sed -i '0,/^Components: main$/s//Components: main contrib non-free/' "$src"
+  elif [ -f /etc/apt/sources.list ] && ! grep -q 'non-free' /etc/apt/sources.list; then
+    sed -i 's/ main$/ main contrib non-free/' /etc/apt/sources.list
+  fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nvidia-cuda-toolkit
+fi
+nvcc --version | tail -1
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+fail=0
+for f in cuda/src/*.cu; do
+  for arch in 80 90; do
+    if ! nvcc -std=c++17 -c -arch=sm_$arch -Xptxas=-warn-spills -Icuda/include -o "$out/$(basename "$f").$arch.o" "$f"; then
+      echo "cuda-check: FAILED $f sm_$arch" >&2
+      fail=1
+    fi
+  done
+done
+# The C ABI header must stay plain C (no CUDA types): compile it as C.
+echo '#include "orch_cuda.h"' | cc -x c -std=c11 -Wall -Werror -Icuda/include -fsyntax-only -
+[ "$fail" = 0 ] && echo "cuda-check: all $(ls cuda/src/*.cu | wc -l) sources compile for sm_80 and sm_90"
+exit "$fail"
