@@ -146,3 +146,12 @@ func TestLoader(t *testing.T) {
 		assert.Contains(t, info.DeviceName, "cpu")
 	}
 }
+
+func TestGoldens(t *testing.T) {
+	nntest.RunGoldens(t, "../testdata/golden", Architectures(), func(t *testing.T, path string, n int) engine.Model {
+		m, err := Load(path, Options{Backend: cpu.New(0), NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n})
+		require.NoError(t, err)
+		t.Cleanup(func() { m.Close() })
+		return m
+	})
+}

@@ -101,3 +101,12 @@ func TestLoadErrors(t *testing.T) {
 	_, _, err := NewLoader(nil)(context.Background(), sdk.LoadRequest{Path: path, Options: sdk.LoadOptions{Device: "cpu"}}, nil)
 	assert.True(t, errors.Is(err, sdk.ErrUnsupportedArchitecture), "%v", err)
 }
+
+func TestGoldens(t *testing.T) {
+	nntest.RunGoldens(t, "../testdata/golden", Architectures(), func(t *testing.T, path string, n int) engine.Model {
+		m, err := Load(path, Options{Backend: cpu.New(0), NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n})
+		require.NoError(t, err)
+		t.Cleanup(func() { m.Close() })
+		return m
+	})
+}
