@@ -126,11 +126,14 @@ func (s *sampler) sample(logits []float32, generated int) (int32, *sdk.TokenInfo
 	return tok, logprobInfo(logits, tok, s.top)
 }
 
+// argmax returns the index of the largest value (lowest index on ties; NaN
+// never wins; 0 when nothing is larger than -Inf). The loop is kept minimal:
+// it runs over the whole vocabulary for every greedy token.
 func argmax(w []float32) int32 {
-	best := 0
+	best, bv := 0, float32(math.Inf(-1))
 	for i, v := range w {
-		if v > w[best] || (math.IsNaN(float64(w[best])) && !math.IsNaN(float64(v))) {
-			best = i
+		if v > bv {
+			best, bv = i, v
 		}
 	}
 	return int32(best)
