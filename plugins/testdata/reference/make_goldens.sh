@@ -7,10 +7,21 @@ cd "$(dirname "$0")/../../.."
 gold=plugins/testdata/golden
 mkdir -p "$gold"
 py=${PYTHON:-python3}
-go build -o /tmp/orch-host-goldens ./host/cmd/orch-host
+# SYNTH_BIN (optional): a program taking "ARCH SIZE OUT SEED" that calls sdk/synth.Write; default is
+# `orch-host synth`.
+if [ -z "${SYNTH_BIN:-}" ]; then
+	go build -o /tmp/orch-host-goldens ./host/cmd/orch-host
+fi
+synth() { # arch size seed out
+	if [ -n "${SYNTH_BIN:-}" ]; then
+		"$SYNTH_BIN" "$1" "$2" "$4" "$3"
+	else
+		/tmp/orch-host-goldens synth --arch "$1" --size "$2" --seed "$3" --out "$4"
+	fi
+}
 # name arch size seed prompt-length
 while read -r name arch size seed n; do
-	/tmp/orch-host-goldens synth --arch "$arch" --size "$size" --seed "$seed" --out "$gold/$name.gguf"
+	synth "$arch" "$size" "$seed" "$gold/$name.gguf"
 	rm -f "$gold/$name.tokens.json"
 	$py plugins/testdata/reference/tokens.py "$gold/$name.gguf" "$n" "$seed" > "$gold/$name.tokens.json"
 done <<LIST
