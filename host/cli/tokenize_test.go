@@ -59,7 +59,7 @@ func TestTokenizeCLI(t *testing.T) {
 	out, err := runCLI(t, "", "tokenize", "--model", model, "hello<|start|>")
 	require.NoError(t, err)
 	// "hello" merges to one token; "<|start|>" is plain text by default.
-	assert.Equal(t, "[259,27,91,82,116,97,114,116,91,29]\n", out)
+	assert.Equal(t, "[259,60,124,115,116,97,114,116,124,62]\n", out)
 
 	out, err = runCLI(t, "", "tokenize", "--model", model, "--parse-special", "--add-special", "hello<|start|>")
 	require.NoError(t, err)
