@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"unsafe"
 
 	"github.com/ebitengine/purego"
 )
@@ -214,3 +215,5 @@ func (l *lib) status(op string, rc int32) error {
 		return fmt.Errorf("cuda %s: status %d: %s", op, rc, msg)
 	}
 }
+
+func sizeofAttnArgs(a *attnArgs) uintptr { return unsafe.Sizeof(*a) }

@@ -1,0 +1,626 @@
+//go:build gpu
+
+// GPU test suite: every op of the CUDA backend against the CPU backend (the
+// reference) on fresh random inputs each run, with CUDA outputs poisoned
+// (NaN) first and every element checked. Built here with
+//   go test -c -tags gpu -o bin/cuda-gpu.test ./sdk/ml/cuda
+// and run on the GPU machine by cuda/scripts/gpu-check.sh.
+
+package cuda
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+	"github.com/llama-orch/orch/sdk/ml/cpu"
+)
+
+var (
+	gpu  *Backend
+	ref  *cpu.Backend
+	seed uint64
+)
+
+func TestMain(m *testing.M) {
+	var err error
+	gpu, err = New(0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "cuda gpu tests: no CUDA backend:", err)
+		os.Exit(1)
+	}
+	ref = cpu.New(0)
+	seed = uint64(time.Now().UnixNano())
+	fmt.Fprintf(os.Stderr, "cuda gpu tests on %s (cc %d, %s), seed %d\n", gpu.DeviceName(), gpu.ComputeCapability(), gpu.LibraryPath(), seed)
+	code := m.Run()
+	gpu.Close()
+	os.Exit(code)
+}
+
+func newRNG(t *testing.T) *rand.Rand {
+	t.Logf("seed %d", seed)
+	return rand.New(rand.NewPCG(seed, uint64(len(t.Name()))))
+}
+
+func randF32(r *rand.Rand, n int, scale float32) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = float32(r.NormFloat64()) * scale
+	}
+	return v
+}
+
+func f32bytes(v []float32) []byte {
+	b := make([]byte, 4*len(v))
+	for i, f := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(f))
+	}
+	return b
+}
+
+func putHalf(b []byte, f float32) { binary.LittleEndian.PutUint16(b, ml.FloatToHalf(f)) }
+
+// randWeight returns rows rows of k random elements of dt in GGUF layout,
+// with scales that keep values O(1).
+func randWeight(r *rand.Rand, dt ml.DType, k, rows int) []byte {
+	rb, err := dt.RowBytes(k)
+	if err != nil {
+		panic(err)
+	}
+	b := make([]byte, rb*rows)
+	switch dt {
+	case ml.F32:
+		copy(b, f32bytes(randF32(r, k*rows, 1)))
+		return b
+	case ml.F16:
+		for i := 0; i < k*rows; i++ {
+			putHalf(b[2*i:], float32(r.NormFloat64()))
+		}
+		return b
+	case ml.BF16:
+		for i := 0; i < k*rows; i++ {
+			binary.LittleEndian.PutUint16(b[2*i:], uint16(math.Float32bits(float32(r.NormFloat64()))>>16))
+		}
+		return b
+	}
+	for i := 0; i+8 <= len(b); i += 8 {
+		binary.LittleEndian.PutUint64(b[i:], r.Uint64())
+	}
+	for i := len(b) &^ 7; i < len(b); i++ {
+		b[i] = byte(r.IntN(256))
+	}
+	bb := dt.BlockBytes()
+	for off := 0; off < len(b); off += bb {
+		blk := b[off : off+bb]
+		switch dt {
+		case ml.Q8_0:
+			putHalf(blk, 0.01+0.02*r.Float32())
+		case ml.Q4_0:
+			putHalf(blk, 0.05+0.2*r.Float32())
+		case ml.MXFP4:
+			blk[0] = byte(124 + r.IntN(5)) // 2^-3 .. 2^1
+		case ml.Q4_K:
+			putHalf(blk, 0.002+0.01*r.Float32())
+			putHalf(blk[2:], 0.002+0.01*r.Float32())
+		case ml.Q6_K:
+			for j := 0; j < 16; j++ { // int8 scales
+				blk[192+j] = byte(int8(r.IntN(64) - 32))
+			}
+			putHalf(blk[208:], 0.0005+0.002*r.Float32())
+		}
+	}
+	return b
+}
+
+// pair makes the same tensor on both backends.
+type pair struct{ g, c ml.Tensor }
+
+func weightPair(t *testing.T, name string, dt ml.DType, shape []int, data []byte) pair {
+	g, err := gpu.Weight(name, dt, shape, data)
+	require.NoError(t, err)
+	c, err := ref.Weight(name, dt, shape, data)
+	require.NoError(t, err)
+	t.Cleanup(func() { gpu.Free(g) })
+	return pair{g, c}
+}
+
+func f32Pair(t *testing.T, v []float32, shape ...int) pair {
+	g, err := gpu.Alloc(ml.F32, shape...)
+	require.NoError(t, err)
+	c, err := ref.Alloc(ml.F32, shape...)
+	require.NoError(t, err)
+	if v != nil {
+		require.NoError(t, gpu.WriteF32(g, v))
+		require.NoError(t, ref.WriteF32(c, v))
+	}
+	t.Cleanup(func() { gpu.Free(g) })
+	return pair{g, c}
+}
+
+func i32Pair(t *testing.T, v []int32, shape ...int) pair {
+	g, err := gpu.Alloc(ml.I32, shape...)
+	require.NoError(t, err)
+	c, err := ref.Alloc(ml.I32, shape...)
+	require.NoError(t, err)
+	require.NoError(t, gpu.WriteI32(g, v))
+	require.NoError(t, ref.WriteI32(c, v))
+	t.Cleanup(func() { gpu.Free(g) })
+	return pair{g, c}
+}
+
+// out makes an output pair; the GPU side is poisoned with NaN.
+func out(t *testing.T, shape ...int) pair {
+	p := f32Pair(t, nil, shape...)
+	gpu.Fill(p.g, float32(math.NaN()))
+	return p
+}
+
+func readBoth(t *testing.T, p pair) (g, c []float32) {
+	g = make([]float32, p.g.Len())
+	c = make([]float32, p.c.Len())
+	require.NoError(t, gpu.ReadF32(p.g, g))
+	require.NoError(t, ref.ReadF32(p.c, c))
+	require.NoError(t, gpu.Sync())
+	require.NoError(t, ref.Sync())
+	return
+}
+
+// relErr is ||g-c|| / ||c||; any NaN/Inf in g fails.
+func checkClose(t *testing.T, what string, p pair, tol float64) {
+	t.Helper()
+	g, c := readBoth(t, p)
+	var num, den float64
+	for i := range g {
+		if math.IsNaN(float64(g[i])) || math.IsInf(float64(g[i]), 0) {
+			t.Fatalf("%s: element %d is %v (unwritten or overflow); reference %v", what, i, g[i], c[i])
+		}
+		d := float64(g[i]) - float64(c[i])
+		num += d * d
+		den += float64(c[i]) * float64(c[i])
+	}
+	rel := math.Sqrt(num / math.Max(den, 1e-30))
+	if rel > tol {
+		t.Fatalf("%s: relative error %.3g > %.3g", what, rel, tol)
+	}
+	t.Logf("%s: rel err %.3g (n=%d)", what, rel, len(g))
+}
+
+func TestMatMul(t *testing.T) {
+	r := newRNG(t)
+	for _, dt := range ml.WeightDTypes {
+		for _, n := range []int{1, 2, 3, 8, 33} {
+			for _, withBias := range []bool{false, true} {
+				name := fmt.Sprintf("%v/n=%d/bias=%v", dt, n, withBias)
+				t.Run(name, func(t *testing.T) {
+					k, m := 512, 72+r.IntN(3)*8
+					w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
+					x := f32Pair(t, randF32(r, k*n, 1), k, n)
+					var bias pair
+					if withBias {
+						bias = f32Pair(t, randF32(r, m, 1), m)
+					}
+					y := out(t, m, n)
+					gpu.MatMul(y.g, x.g, w.g, bias.g)
+					ref.MatMul(y.c, x.c, w.c, bias.c)
+					tol := 1e-4
+					if n > 8 && dt != ml.F32 {
+						tol = 1e-2 // bf16 operands on the cuBLAS path
+					}
+					checkClose(t, name, y, tol)
+				})
+			}
+		}
+	}
+}
+
+func TestEmbed(t *testing.T) {
+	r := newRNG(t)
+	for _, dt := range ml.WeightDTypes {
+		t.Run(dt.String(), func(t *testing.T) {
+			d, vocab, n := 256, 300, 7
+			tb := weightPair(t, "tok", dt, []int{d, vocab}, randWeight(r, dt, d, vocab))
+			ids := make([]int32, n)
+			for i := range ids {
+				ids[i] = int32(r.IntN(vocab))
+			}
+			ids[0] = int32(vocab - 1)
+			id := i32Pair(t, ids, n)
+			y := out(t, d, n)
+			gpu.Embed(y.g, tb.g, id.g, false)
+			ref.Embed(y.c, tb.c, id.c, false)
+			checkClose(t, "embed", y, 1e-6)
+			gpu.Embed(y.g, tb.g, id.g, true)
+			ref.Embed(y.c, tb.c, id.c, true)
+			checkClose(t, "embed add", y, 1e-6)
+		})
+	}
+}
+
+func TestNorms(t *testing.T) {
+	r := newRNG(t)
+	d, n := 2880, 5
+	x := f32Pair(t, randF32(r, d*n, 2), d, n)
+	w := f32Pair(t, randF32(r, d, 1), d)
+	bb := f32Pair(t, randF32(r, d, 1), d)
+	y := out(t, d, n)
+	gpu.RMSNorm(y.g, x.g, w.g, 1e-5)
+	ref.RMSNorm(y.c, x.c, w.c, 1e-5)
+	checkClose(t, "rmsnorm", y, 1e-5)
+	gpu.LayerNorm(y.g, x.g, w.g, bb.g, 1e-5)
+	ref.LayerNorm(y.c, x.c, w.c, bb.c, 1e-5)
+	checkClose(t, "layernorm", y, 1e-5)
+	gpu.LayerNorm(y.g, x.g, w.g, nil, 1e-5)
+	ref.LayerNorm(y.c, x.c, w.c, nil, 1e-5)
+	checkClose(t, "layernorm no bias", y, 1e-5)
+
+	res := f32Pair(t, randF32(r, d*n, 1), d, n)
+	gpu.AddRMSNorm(res.g, y.g, x.g, w.g, 1e-5)
+	ref.AddRMSNorm(res.c, y.c, x.c, w.c, 1e-5)
+	checkClose(t, "add_rmsnorm out", y, 1e-5)
+	checkClose(t, "add_rmsnorm residual", res, 1e-6)
+	gpu.AddLayerNorm(res.g, y.g, x.g, w.g, bb.g, 1e-5)
+	ref.AddLayerNorm(res.c, y.c, x.c, w.c, bb.c, 1e-5)
+	checkClose(t, "add_layernorm out", y, 1e-5)
+	checkClose(t, "add_layernorm residual", res, 1e-6)
+	// in place
+	gpu.RMSNorm(x.g, x.g, w.g, 1e-5)
+	ref.RMSNorm(x.c, x.c, w.c, 1e-5)
+	checkClose(t, "rmsnorm in place", x, 1e-5)
+}
+
+func TestElementwise(t *testing.T) {
+	r := newRNG(t)
+	n := 10007
+	a := f32Pair(t, randF32(r, n, 5), n)
+	b := f32Pair(t, randF32(r, n, 5), n)
+	y := out(t, n)
+	gpu.Add(y.g, a.g, b.g)
+	ref.Add(y.c, a.c, b.c)
+	checkClose(t, "add", y, 1e-7)
+	gpu.GELU(y.g, a.g)
+	ref.GELU(y.c, a.c)
+	checkClose(t, "gelu", y, 1e-5)
+	gpu.SwiGLU(y.g, a.g, b.g)
+	ref.SwiGLU(y.c, a.c, b.c)
+	checkClose(t, "swiglu", y, 1e-5)
+	gpu.SwiGLUOAI(y.g, a.g, b.g, 1.702, 7)
+	ref.SwiGLUOAI(y.c, a.c, b.c, 1.702, 7)
+	checkClose(t, "swiglu_oai", y, 1e-5)
+	y2 := out(t, n)
+	gpu.Copy(y2.g, a.g)
+	ref.Copy(y2.c, a.c)
+	checkClose(t, "copy", y2, 0)
+}
+
+func TestRoPE(t *testing.T) {
+	r := newRNG(t)
+	for _, mode := range []ml.RopeMode{ml.RopeNeoX, ml.RopeNormal} {
+		for _, dims := range []int{64, 32} {
+			name := fmt.Sprintf("mode=%d/dims=%d", mode, dims)
+			t.Run(name, func(t *testing.T) {
+				hd, heads, n := 64, 6, 9
+				inv, scale, err := ml.YaRNInvFreq(150000, dims, ml.YaRN{Factor: 32, OrigContext: 4096})
+				require.NoError(t, err)
+				f := f32Pair(t, inv, dims/2)
+				pos := make([]int32, n)
+				for i := range pos {
+					pos[i] = int32(r.IntN(131072))
+				}
+				p := i32Pair(t, pos, n)
+				x := f32Pair(t, randF32(r, hd*heads*n, 1), hd, heads, n)
+				rp := &ml.Rope{Mode: mode, Dims: dims, Scale: scale}
+				rc := *rp
+				rp.InvFreq, rc.InvFreq = f.g, f.c
+				gpu.RoPE(x.g, p.g, rp)
+				ref.RoPE(x.c, p.c, &rc)
+				checkClose(t, name, x, 1e-5)
+			})
+		}
+	}
+}
+
+// attnCase runs KVWrite + Attend on both backends over a paged cache with
+// shuffled block tables, sequences mixing a prefill chunk and decodes.
+func TestAttention(t *testing.T) {
+	r := newRNG(t)
+	type tc struct {
+		hd, nh, nkv, window int
+		sinks               bool
+		kv                  ml.DType
+	}
+	cases := []tc{
+		{64, 8, 2, 0, false, ml.F32}, {64, 8, 2, 0, true, ml.F32}, {64, 8, 1, 7, true, ml.F32},
+		{128, 4, 4, 0, false, ml.F32}, {64, 8, 8, 5, false, ml.F32}, {256, 2, 1, 0, true, ml.F32},
+		{64, 8, 2, 0, true, ml.F16}, {128, 8, 2, 6, false, ml.F16},
+	}
+	for _, c := range cases {
+		name := fmt.Sprintf("hd=%d/h=%d/kv=%d/win=%d/sinks=%v/%v", c.hd, c.nh, c.nkv, c.window, c.sinks, c.kv)
+		t.Run(name, func(t *testing.T) {
+			const bs, nb, maxBlocks = 4, 40, 8
+			// Three sequences: lengths of history already cached, and new tokens.
+			hist := []int{0, 9, 13}
+			newT := []int{11, 1, 3}
+			perm := r.Perm(nb)
+			blocks := make([]int32, maxBlocks*len(hist))
+			for i := range blocks {
+				blocks[i] = int32(perm[i])
+			}
+			hd, nkv, nh := c.hd, c.nkv, c.nh
+			var pos, seq, slots []int32
+			for s := range hist {
+				for p := 0; p < hist[s]+newT[s]; p++ {
+					pos = append(pos, int32(p))
+					seq = append(seq, int32(s))
+					slots = append(slots, blocks[s*maxBlocks+p/bs]*bs+int32(p%bs))
+				}
+			}
+			n := len(pos)
+			bp := i32Pair(t, blocks, maxBlocks, len(hist))
+			pp, sp, slp := i32Pair(t, pos, n), i32Pair(t, seq, n), i32Pair(t, slots, n)
+			bg := &ml.Batch{Pos: pp.g, Seq: sp.g, Slots: slp.g, Blocks: bp.g, BlockSize: bs, MaxPos: 64}
+			bc := &ml.Batch{Pos: pp.c, Seq: sp.c, Slots: slp.c, Blocks: bp.c, BlockSize: bs, MaxPos: 64}
+			kc := f32Pair(t, nil, hd, nkv, bs, nb)
+			vc := f32Pair(t, nil, hd, nkv, bs, nb)
+			kg, vg := kc.g, vc.g
+			if c.kv == ml.F16 {
+				var err error
+				kg, err = gpu.Alloc(ml.F16, hd, nkv, bs, nb)
+				require.NoError(t, err)
+				vg, err = gpu.Alloc(ml.F16, hd, nkv, bs, nb)
+				require.NoError(t, err)
+			}
+			k := f32Pair(t, randF32(r, hd*nkv*n, 1), hd, nkv, n)
+			v := f32Pair(t, randF32(r, hd*nkv*n, 1), hd, nkv, n)
+			q := f32Pair(t, randF32(r, hd*nh*n, 1), hd, nh, n)
+			// KV for all positions (history + new) written in one call.
+			gpu.KVWrite(kg, vg, k.g, v.g, bg)
+			ref.KVWrite(kc.c, vc.c, k.c, v.c, bc)
+			if c.kv == ml.F32 {
+				checkClose(t, "k cache", kc, 0)
+				checkClose(t, "v cache", vc, 0)
+			}
+			a := &ml.Attention{Scale: float32(1 / math.Sqrt(float64(hd))), Window: c.window}
+			ac := *a
+			if c.sinks {
+				s := f32Pair(t, randF32(r, nh, 2), nh)
+				a.Sinks, ac.Sinks = s.g, s.c
+			}
+			y := out(t, hd, nh, n)
+			gpu.Attend(y.g, q.g, kg, vg, bg, a)
+			ref.Attend(y.c, q.c, kc.c, vc.c, bc, &ac)
+			tol := 1e-5
+			if c.kv == ml.F16 {
+				tol = 2e-3
+			}
+			checkClose(t, "attend", y, tol)
+		})
+	}
+}
+
+func TestMoE(t *testing.T) {
+	r := newRNG(t)
+	for _, dt := range []ml.DType{ml.MXFP4, ml.Q8_0} {
+		for _, n := range []int{1, 3, 12} {
+			for _, topk := range []int{4, 2} {
+				name := fmt.Sprintf("%v/n=%d/k=%d", dt, n, topk)
+				t.Run(name, func(t *testing.T) {
+					d, ff, ne := 128, 96, 8
+					m := &ml.MoE{TopK: topk, Alpha: 1.702, Limit: 7}
+					mc := *m
+					set := func(dst, dstc *ml.Tensor, p pair) { *dst, *dstc = p.g, p.c }
+					set(&m.Router, &mc.Router, weightPair(t, "router", ml.F32, []int{d, ne}, randWeight(r, ml.F32, d, ne)))
+					set(&m.RouterBias, &mc.RouterBias, f32Pair(t, randF32(r, ne, 1), ne))
+					set(&m.Gate, &mc.Gate, weightPair(t, "gate", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
+					set(&m.Up, &mc.Up, weightPair(t, "up", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
+					set(&m.Down, &mc.Down, weightPair(t, "down", dt, []int{ff, d, ne}, randWeight(r, dt, ff, d*ne)))
+					set(&m.GateBias, &mc.GateBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
+					set(&m.UpBias, &mc.UpBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
+					set(&m.DownBias, &mc.DownBias, f32Pair(t, randF32(r, d*ne, 1), d, ne))
+					x := f32Pair(t, randF32(r, d*n, 1), d, n)
+					y := out(t, d, n)
+					gpu.MoE(y.g, x.g, m)
+					ref.MoE(y.c, x.c, &mc)
+					checkClose(t, name, y, 1e-4)
+				})
+			}
+		}
+	}
+}
+
+func TestArgmax(t *testing.T) {
+	r := newRNG(t)
+	v, n := 201088, 4
+	x := randF32(r, v*n, 3)
+	x[1*v+77] = 100 // planted max
+	x[2*v+5], x[2*v+9] = 200, 200
+	xp := f32Pair(t, x, v, n)
+	ids := i32Pair(t, []int32{-1, -1, -1, -1}, n)
+	gpu.Argmax(ids.g, xp.g)
+	ref.Argmax(ids.c, xp.c)
+	g, c := make([]int32, n), make([]int32, n)
+	require.NoError(t, gpu.ReadI32(ids.g, g))
+	require.NoError(t, ref.ReadI32(ids.c, c))
+	require.Equal(t, c, g)
+	require.Equal(t, int32(77), g[1])
+	require.Equal(t, int32(5), g[2], "ties: lowest index")
+}
+
+// Sampling has no CPU backend op; the reference here is the documented
+// semantics: the empirical distribution of many rows with identical logits
+// and distinct RNG states must match the filtered softmax.
+func TestSample(t *testing.T) {
+	r := newRNG(t)
+	const v, n = 40, 8192
+	logits := randF32(r, v, 1.5)
+	rows := make([]float32, 0, v*n)
+	for i := 0; i < n; i++ {
+		rows = append(rows, logits...)
+	}
+	xg, err := gpu.Alloc(ml.F32, v, n)
+	require.NoError(t, err)
+	defer gpu.Free(xg)
+	require.NoError(t, gpu.WriteF32(xg, rows))
+	dst, err := gpu.Alloc(ml.I32, n)
+	require.NoError(t, err)
+	defer gpu.Free(dst)
+	rng, err := gpu.Alloc(ml.I32, 2*n)
+	require.NoError(t, err)
+	defer gpu.Free(rng)
+	states := make([]int32, 2*n)
+	for i := range states {
+		states[i] = int32(r.Uint32())
+	}
+	type params struct {
+		temp       float32
+		topK       int
+		topP, minP float32
+	}
+	for _, p := range []params{{1, 0, 1, 0}, {0.7, 5, 1, 0}, {1.3, 0, 0.8, 0}, {1, 0, 1, 0.2}, {0.9, 10, 0.9, 0.05}} {
+		name := fmt.Sprintf("T=%g/k=%d/p=%g/minp=%g", p.temp, p.topK, p.topP, p.minP)
+		t.Run(name, func(t *testing.T) {
+			want := filteredProbs(logits, p.temp, p.topK, p.topP, p.minP)
+			require.NoError(t, gpu.WriteI32(rng, states))
+			require.NoError(t, gpu.WriteI32(dst, make([]int32, n)))
+			gpu.Sample(dst, xg, rng, p.temp, p.topK, p.topP, p.minP)
+			got := make([]int32, n)
+			require.NoError(t, gpu.ReadI32(dst, got))
+			cnt := make([]float64, v)
+			for _, id := range got {
+				require.True(t, id >= 0 && id < v, "token %d", id)
+				require.Greater(t, want[id], 0.0, "token %d is filtered out", id)
+				cnt[id]++
+			}
+			for i := range cnt {
+				f := cnt[i] / n
+				require.InDelta(t, want[i], f, 0.02+3*math.Sqrt(want[i]*(1-want[i])/n), "token %d", i)
+			}
+			// Same states -> same tokens (deterministic).
+			require.NoError(t, gpu.WriteI32(rng, states))
+			gpu.Sample(dst, xg, rng, p.temp, p.topK, p.topP, p.minP)
+			again := make([]int32, n)
+			require.NoError(t, gpu.ReadI32(dst, again))
+			require.Equal(t, got, again)
+		})
+	}
+}
+
+// filteredProbs: softmax(l/T), top-k, then top-p (smallest prefix by
+// descending p with mass >= topP of the top-k mass), then min-p.
+func filteredProbs(l []float32, temp float32, topK int, topP, minP float32) []float64 {
+	v := len(l)
+	mx := math.Inf(-1)
+	for _, x := range l {
+		mx = math.Max(mx, float64(x))
+	}
+	p := make([]float64, v)
+	for i, x := range l {
+		p[i] = math.Exp((float64(x) - mx) / float64(temp))
+	}
+	idx := make([]int, v)
+	for i := range idx {
+		idx[i] = i
+	}
+	for i := 1; i < v; i++ { // insertion sort by p desc
+		for j := i; j > 0 && p[idx[j]] > p[idx[j-1]]; j-- {
+			idx[j], idx[j-1] = idx[j-1], idx[j]
+		}
+	}
+	keep := v
+	if topK > 0 && topK < v {
+		keep = topK
+	}
+	if topP < 1 {
+		var tot, cum float64
+		for _, i := range idx[:keep] {
+			tot += p[i]
+		}
+		for j, i := range idx[:keep] {
+			cum += p[i]
+			if cum >= float64(topP)*tot {
+				keep = j + 1
+				break
+			}
+		}
+	}
+	out := make([]float64, v)
+	var z float64
+	for _, i := range idx[:keep] {
+		if p[i] >= float64(minP) {
+			out[i] = p[i]
+			z += p[i]
+		}
+	}
+	for i := range out {
+		out[i] /= z
+	}
+	return out
+}
+
+// A step captured with Run and replayed with new inputs must equal eager
+// execution of the same ops.
+func TestGraphReplay(t *testing.T) {
+	r := newRNG(t)
+	d, vocab, n := 256, 1000, 4
+	tok := weightPair(t, "tok", ml.Q8_0, []int{d, vocab}, randWeight(r, ml.Q8_0, d, vocab))
+	head := weightPair(t, "head", ml.Q8_0, []int{d, vocab}, randWeight(r, ml.Q8_0, d, vocab))
+	w := f32Pair(t, randF32(r, d, 1), d)
+	ids := i32Pair(t, make([]int32, n), n)
+	h := out(t, d, n)
+	logits := out(t, vocab, n)
+	am, err := gpu.Alloc(ml.I32, n)
+	require.NoError(t, err)
+	step := func() {
+		gpu.Embed(h.g, tok.g, ids.g, false)
+		gpu.RMSNorm(h.g, h.g, w.g, 1e-5)
+		gpu.MatMul(logits.g, h.g, head.g, nil)
+		gpu.Argmax(am, logits.g)
+	}
+	for it := 0; it < 3; it++ {
+		in := make([]int32, n)
+		for i := range in {
+			in[i] = int32(r.IntN(vocab))
+		}
+		require.NoError(t, gpu.WriteI32(ids.g, in))
+		require.NoError(t, ref.WriteI32(ids.c, in))
+		gpu.Fill(logits.g, float32(math.NaN()))
+		require.NoError(t, gpu.Run("step", step))
+		ref.Embed(h.c, tok.c, ids.c, false)
+		ref.RMSNorm(h.c, h.c, w.c, 1e-5)
+		ref.MatMul(logits.c, h.c, head.c, nil)
+		checkClose(t, fmt.Sprintf("replay %d logits", it), logits, 1e-4)
+	}
+	require.Len(t, gpu.graphs, 1)
+}
+
+func TestCopyBlock(t *testing.T) {
+	r := newRNG(t)
+	c := f32Pair(t, randF32(r, 64*2*4*6, 1), 64, 2, 4, 6)
+	gpu.CopyBlock(c.g, 1, 4)
+	ref.CopyBlock(c.c, 1, 4)
+	checkClose(t, "copy_block", c, 0)
+}
+
+// Bad input is an error, never a crash.
+func TestErrors(t *testing.T) {
+	x, err := gpu.Alloc(ml.F32, 48, 2)
+	require.NoError(t, err)
+	w, err := gpu.Weight("w", ml.F32, []int{48, 8}, make([]byte, 48*8*4))
+	require.NoError(t, err)
+	y, err := gpu.Alloc(ml.F32, 8, 2)
+	require.NoError(t, err)
+	gpu.MatMul(y, x, w, nil) // k=48 is not a multiple of 32
+	err = gpu.Sync()
+	require.ErrorIs(t, err, ErrUnsupported)
+	gpu.MatMul(y, y, w, nil) // shape mismatch
+	require.Error(t, gpu.Sync())
+	require.NoError(t, gpu.Sync(), "errors are cleared by Sync")
+	_, err = gpu.Alloc(ml.F32, 1<<40)
+	require.ErrorIs(t, err, ErrOutOfMemory)
+}

@@ -1,0 +1,391 @@
+//go:build gpu
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// TestPerf times the kernels at gpt-oss-20b shapes with device events and a
+// synthetic decode step (24 layers, captured into a CUDA graph and replayed).
+// Weights are random (valid blocks), never zeros. It runs only with
+// ORCH_GPU_PERF=1 and prints a markdown table (also to $ORCH_PERF_OUT).
+
+type perfRow struct {
+	name      string
+	bytes     float64 // minimum device bytes moved
+	flops     float64
+	ms        float64
+	peakBytes float64 // measured copy bandwidth, bytes/s
+}
+
+func (p perfRow) String() string {
+	floor := p.bytes / p.peakBytes * 1e3
+	bw := p.bytes / (p.ms * 1e-3) / 1e9
+	return fmt.Sprintf("| %s | %.2f MB | %.3g | %.4f ms | %.4f ms | %.0f GB/s | %.0f%% |",
+		p.name, p.bytes/1e6, p.flops, p.ms, floor, bw, 100*floor/p.ms)
+}
+
+// timeMs returns the median over reps of fn's device time (events around it).
+func timeMs(t *testing.T, reps int, fn func()) float64 {
+	var e0, e1 uintptr
+	require.NoError(t, gpu.l.status("event", gpu.l.eventCreate(&e0)))
+	require.NoError(t, gpu.l.status("event", gpu.l.eventCreate(&e1)))
+	defer gpu.l.eventDestroy(e0)
+	defer gpu.l.eventDestroy(e1)
+	for i := 0; i < 3; i++ { // warm-up
+		fn()
+	}
+	require.NoError(t, gpu.Sync())
+	ts := make([]float64, reps)
+	for i := range ts {
+		gpu.l.eventRecord(gpu.ctx, e0)
+		fn()
+		gpu.l.eventRecord(gpu.ctx, e1)
+		var ms float32
+		require.NoError(t, gpu.l.status("elapsed", gpu.l.eventElapsed(e0, e1, &ms)))
+		ts[i] = float64(ms)
+	}
+	require.NoError(t, gpu.Sync())
+	slices.Sort(ts)
+	return ts[len(ts)/2]
+}
+
+func mustW(t *testing.T, r randSrc, name string, dt ml.DType, shape ...int) ml.Tensor {
+	rows := 1
+	for _, d := range shape[1:] {
+		rows *= d
+	}
+	w, err := gpu.Weight(name, dt, shape, r.weight(dt, shape[0], rows))
+	require.NoError(t, err)
+	return w
+}
+
+func mustA(t *testing.T, dt ml.DType, shape ...int) ml.Tensor {
+	x, err := gpu.Alloc(dt, shape...)
+	require.NoError(t, err)
+	return x
+}
+
+func TestPerf(t *testing.T) {
+	if os.Getenv("ORCH_GPU_PERF") == "" {
+		t.Skip("set ORCH_GPU_PERF=1 to run the timing table")
+	}
+	r := newRandSrc(newRNG(t))
+	var rows []perfRow
+	var notes []string
+
+	// Copy bandwidth ceiling: 1 GiB device-to-device, bytes read + written.
+	const cb = 1 << 30
+	var src, dst uintptr
+	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &src)))
+	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &dst)))
+	gpu.l.memset(gpu.ctx, src, 7, cb)
+	copyMs := timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) })
+	peak := 2 * cb / (copyMs * 1e-3)
+	gpu.l.free(gpu.ctx, src)
+	gpu.l.free(gpu.ctx, dst)
+	notes = append(notes, fmt.Sprintf("device-to-device copy: %.0f GB/s (read+write)", peak/1e9))
+
+	const d, nh, nkv, hd, ff, ne, topk, vocab = 2880, 64, 8, 64, 2880, 32, 4, 201088
+	qkvOut := (nh + 2*nkv) * hd
+	rowB := func(dt ml.DType, k int) float64 { b, _ := dt.RowBytes(k); return float64(b) }
+
+	// GEMV (n=1) at decode shapes; weights rotated over copies to defeat L2 (50 MB).
+	gemv := func(name string, dt ml.DType, k, m, n, copies int) {
+		ws := make([]ml.Tensor, copies)
+		for i := range ws {
+			ws[i] = mustW(t, r, name, dt, k, m)
+		}
+		x := mustA(t, ml.F32, k, n)
+		require.NoError(t, gpu.WriteF32(x, r.f32(k*n)))
+		y := mustA(t, ml.F32, m, n)
+		i := 0
+		ms := timeMs(t, 50, func() { gpu.MatMul(y, x, ws[i%copies], nil); i++ })
+		require.NoError(t, gpu.Sync())
+		rows = append(rows, perfRow{fmt.Sprintf("matmul %v %dx%d n=%d", dt, k, m, n),
+			rowB(dt, k)*float64(m) + 4*float64(k*n+m*n), 2 * float64(k*m*n), ms, peak})
+		for _, w := range ws {
+			gpu.Free(w)
+		}
+		gpu.Free(x)
+		gpu.Free(y)
+	}
+	gemv("attn_qkv", ml.Q8_0, d, qkvOut, 1, 8)
+	gemv("attn_out", ml.Q8_0, nh*hd, d, 1, 8)
+	gemv("output", ml.Q8_0, d, vocab, 1, 1)
+	gemv("expert", ml.MXFP4, d, ff, 1, 16)
+	gemv("attn_qkv", ml.Q8_0, d, qkvOut, 8, 8)
+	gemv("f16", ml.F16, 4096, 4096, 1, 4)
+	gemv("q4k", ml.Q4_K, 4096, 4096, 1, 8)
+	gemv("q6k", ml.Q6_K, 4096, 4096, 1, 8)
+	gemv("attn_qkv", ml.Q8_0, d, qkvOut, 512, 1)
+
+	// Attention decode over a paged F32/F16 cache at depth 4096.
+	for _, kvdt := range []ml.DType{ml.F32, ml.F16} {
+		const bs, depth = 16, 4096
+		nb := depth / bs
+		kc, vc := mustA(t, kvdt, hd, nkv, bs, nb), mustA(t, kvdt, hd, nkv, bs, nb)
+		q := mustA(t, ml.F32, hd, nh, 1)
+		require.NoError(t, gpu.WriteF32(q, r.f32(hd*nh)))
+		o := mustA(t, ml.F32, hd, nh, 1)
+		blocks := make([]int32, nb)
+		for i := range blocks {
+			blocks[i] = int32(i)
+		}
+		bt := r.batch(t, []int32{depth - 1}, []int32{0}, blocks, nb, bs)
+		ms := timeMs(t, 50, func() { gpu.Attend(o, q, kc, vc, bt, &ml.Attention{Scale: 0.125}) })
+		eb := 4.0
+		if kvdt == ml.F16 {
+			eb = 2
+		}
+		rows = append(rows, perfRow{fmt.Sprintf("attend decode %v depth %d", kvdt, depth),
+			float64(depth*nkv*hd*2) * eb, float64(4 * depth * nh * hd), ms, peak})
+	}
+
+	// The fused MoE op at decode (router + top-4 + 3 expert GEMVs + act + combine).
+	{
+		mo := r.moe(t, d, ff, ne, topk)
+		x := mustA(t, ml.F32, d, 1)
+		require.NoError(t, gpu.WriteF32(x, r.f32(d)))
+		y := mustA(t, ml.F32, d, 1)
+		ms := timeMs(t, 50, func() { gpu.MoE(y, x, mo) })
+		rows = append(rows, perfRow{"moe decode (4 of 32 experts)", float64(topk)*3*rowB(ml.MXFP4, d)*ff + rowB(ml.F32, d)*ne,
+			float64(topk) * 6 * d * ff, ms, peak})
+	}
+
+	// Synthetic gpt-oss-20b decode step, graph-captured.
+	for _, depth := range []int{128, 4096} {
+		for _, n := range []int{1} {
+			ms, bytes := r.decodeStep(t, depth, n, peak)
+			rows = append(rows, perfRow{fmt.Sprintf("gpt-oss-20b shape decode step, %d seq at depth %d (graph)", n, depth),
+				bytes, 0, ms, peak})
+			notes = append(notes, fmt.Sprintf("decode step depth %d: %.3f ms -> %.0f tok/s", depth, ms, 1e3/ms))
+		}
+	}
+	require.NoError(t, gpu.Sync())
+
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n", gpu.DeviceName(), gpu.ComputeCapability())
+	sb.WriteString("| kernel | min bytes | FLOPs | measured (median) | bytes floor | achieved | of floor |\n|---|---|---|---|---|---|---|\n")
+	for _, row := range rows {
+		sb.WriteString(row.String() + "\n")
+	}
+	sb.WriteString("\n")
+	for _, n := range notes {
+		sb.WriteString("- " + n + "\n")
+	}
+	fmt.Print(sb.String())
+	if p := os.Getenv("ORCH_PERF_OUT"); p != "" {
+		require.NoError(t, os.WriteFile(p, []byte(sb.String()), 0o644))
+	}
+}
+
+// randSrc caches one random pattern per dtype so multi-GB weight sets are
+// cheap to make (distinct device copies of the same valid random blocks).
+type randSrc struct {
+	r   interface{ Uint64() uint64 }
+	pat map[ml.DType][]byte
+}
+
+func newRandSrc(rr interface {
+	Uint64() uint64
+}) randSrc {
+	rs := randSrc{r: rr, pat: map[ml.DType][]byte{}}
+	return rs
+}
+
+func (s randSrc) f32(n int) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		// uniform in [-1, 1)
+		v[i] = float32(int64(s.r.Uint64()>>11))/float32(1<<52) - 1
+	}
+	return v
+}
+
+// weight returns rows*RowBytes(k) bytes of valid random blocks.
+func (s randSrc) weight(dt ml.DType, k, rows int) []byte {
+	rb, err := dt.RowBytes(k)
+	if err != nil {
+		panic(err)
+	}
+	need := rb * rows
+	const patRows = 4096
+	p, ok := s.pat[dt]
+	if !ok || len(p) < rb {
+		p = randWeight(pcgFrom(s.r.Uint64()), dt, k, patRows)
+		s.pat[dt] = p
+	}
+	out := make([]byte, need)
+	for off := 0; off < need; off += copy(out[off:], p[:len(p)/rb*rb]) {
+	}
+	return out
+}
+
+func (s randSrc) batch(t *testing.T, pos, seq, blocks []int32, maxBlocks, bs int) *ml.Batch {
+	n := len(pos)
+	slots := make([]int32, n)
+	for i, p := range pos {
+		slots[i] = blocks[int(seq[i])*maxBlocks+int(p)/bs]*int32(bs) + p%int32(bs)
+	}
+	mk := func(v []int32, shape ...int) ml.Tensor {
+		x := mustA(t, ml.I32, shape...)
+		require.NoError(t, gpu.WriteI32(x, v))
+		return x
+	}
+	return &ml.Batch{Pos: mk(pos, n), Seq: mk(seq, n), Slots: mk(slots, n),
+		Blocks: mk(blocks, maxBlocks, len(blocks)/maxBlocks), BlockSize: bs, MaxPos: int(slices.Max(pos)) + 1}
+}
+
+func (s randSrc) moe(t *testing.T, d, ff, ne, topk int) *ml.MoE {
+	f := func(n int, shape ...int) ml.Tensor {
+		x := mustA(t, ml.F32, shape...)
+		require.NoError(t, gpu.WriteF32(x, s.f32(n)))
+		return x
+	}
+	return &ml.MoE{
+		Router: mustW(t, s, "router", ml.F32, d, ne), RouterBias: f(ne, ne),
+		Gate: mustW(t, s, "gate", ml.MXFP4, d, ff, ne), GateBias: f(ff*ne, ff, ne),
+		Up: mustW(t, s, "up", ml.MXFP4, d, ff, ne), UpBias: f(ff*ne, ff, ne),
+		Down: mustW(t, s, "down", ml.MXFP4, ff, d, ne), DownBias: f(d*ne, d, ne),
+		TopK: topk, Alpha: 1.702, Limit: 7,
+	}
+}
+
+// decodeStep builds a 24-layer gpt-oss-20b-shaped stack (Q8_0 attention and
+// embeddings, MXFP4 experts, F32 norms/biases/sinks, F16 KV) and times one
+// graph-replayed decode step of n sequences at depth. Returns ms and the
+// minimum bytes a step reads.
+func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, float64) {
+	const d, nh, nkv, hd, ff, ne, topk, vocab, layers, bs = 2880, 64, 8, 64, 2880, 32, 4, 201088, 24, 16
+	qkvOut := (nh + 2*nkv) * hd
+	f := func(v int, shape ...int) ml.Tensor {
+		x := mustA(t, ml.F32, shape...)
+		require.NoError(t, gpu.WriteF32(x, s.f32(v)))
+		return x
+	}
+	type layer struct {
+		norm1, norm2, qkvB, oB, sinks ml.Tensor
+		qkv, o                        ml.Tensor
+		moe                           *ml.MoE
+		kc, vc                        ml.Tensor
+	}
+	nb := (depth+bs)/bs*n + 1
+	maxBlocks := (depth + bs) / bs
+	var ls []layer
+	var freed []ml.Tensor
+	for i := 0; i < layers; i++ {
+		l := layer{norm1: f(d, d), norm2: f(d, d), qkvB: f(qkvOut, qkvOut), oB: f(d, d), sinks: f(nh, nh),
+			qkv: mustW(t, s, "qkv", ml.Q8_0, d, qkvOut), o: mustW(t, s, "o", ml.Q8_0, nh*hd, d),
+			moe: s.moe(t, d, ff, ne, topk),
+			kc:  mustA(t, ml.F16, hd, nkv, bs, nb), vc: mustA(t, ml.F16, hd, nkv, bs, nb)}
+		ls = append(ls, l)
+		freed = append(freed, l.norm1, l.norm2, l.qkvB, l.oB, l.sinks, l.qkv, l.o, l.kc, l.vc, l.moe.Router, l.moe.RouterBias,
+			l.moe.Gate, l.moe.GateBias, l.moe.Up, l.moe.UpBias, l.moe.Down, l.moe.DownBias)
+	}
+	tokEmb := mustW(t, s, "tok", ml.Q8_0, d, vocab)
+	head := mustW(t, s, "head", ml.Q8_0, d, vocab)
+	normF := f(d, d)
+	inv, scale, err := ml.YaRNInvFreq(150000, hd, ml.YaRN{Factor: 32, OrigContext: 4096})
+	require.NoError(t, err)
+	invT := mustA(t, ml.F32, hd/2)
+	require.NoError(t, gpu.WriteF32(invT, inv))
+	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: invT, Scale: scale}
+
+	pos, seq := make([]int32, n), make([]int32, n)
+	blocks := make([]int32, maxBlocks*n)
+	for i := range blocks {
+		blocks[i] = int32(i % nb)
+	}
+	for i := 0; i < n; i++ {
+		pos[i], seq[i] = int32(depth), int32(i)
+	}
+	bt := s.batch(t, pos, seq, blocks, maxBlocks, bs)
+	ids := mustA(t, ml.I32, n)
+	require.NoError(t, gpu.WriteI32(ids, make([]int32, n)))
+	x, h := mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n)
+	qkv := mustA(t, ml.F32, qkvOut, n)
+	att := mustA(t, ml.F32, hd, nh, n)
+	logits := mustA(t, ml.F32, vocab, n)
+	next := mustA(t, ml.I32, n)
+	require.Equal(t, 1, n, "the synthetic step slices q/k/v as contiguous views (n=1)")
+	qkvHeads := mustReshape(t, qkv, hd, nh+2*nkv) // [hd, heads] for n=1
+	qT, _ := gpu.Rows(qkvHeads, 0, nh)
+	kT, _ := gpu.Rows(qkvHeads, nh, nkv)
+	vT, _ := gpu.Rows(qkvHeads, nh+nkv, nkv)
+	qT = mustReshape(t, qT, hd, nh, 1)
+	kT = mustReshape(t, kT, hd, nkv, 1)
+	vT = mustReshape(t, vT, hd, nkv, 1)
+	attFlat := mustReshape(t, att, hd*nh, n)
+
+	step := func() {
+		gpu.Embed(x, tokEmb, ids, false)
+		for i, l := range ls {
+			gpu.RMSNorm(h, x, l.norm1, 1e-5)
+			gpu.MatMul(qkv, h, l.qkv, l.qkvB)
+			gpu.RoPE(qT, bt.Pos, rope)
+			gpu.RoPE(kT, bt.Pos, rope)
+			gpu.KVWrite(l.kc, l.vc, kT, vT, bt)
+			win := 0
+			if i%2 == 0 {
+				win = 128
+			}
+			gpu.Attend(att, qT, l.kc, l.vc, bt, &ml.Attention{Scale: 0.125, Window: win, Sinks: l.sinks})
+			gpu.MatMul(h, attFlat, l.o, l.oB)
+			gpu.AddRMSNorm(x, h, h, l.norm2, 1e-5)
+			gpu.MoE(h, h, l.moe)
+			gpu.Add(x, x, h)
+		}
+		gpu.RMSNorm(h, x, normF, 1e-5)
+		gpu.MatMul(logits, h, head, nil)
+		gpu.Argmax(next, logits)
+	}
+	key := fmt.Sprintf("decode-%d-%d", depth, n)
+	ms := timeMs(t, 20, func() { require.NoError(t, gpu.Run(key, step)) })
+	eager := timeMs(t, 5, step)
+	t.Logf("decode depth %d: graph %.3f ms, eager %.3f ms", depth, ms, eager)
+	require.NoError(t, gpu.Sync())
+	// Check the step computed finite logits.
+	lg := make([]float32, vocab)
+	require.NoError(t, gpu.ReadF32(logits, lg))
+	for i, v := range lg {
+		require.False(t, math.IsNaN(float64(v)) || math.IsInf(float64(v), 0), "logit %d = %v", i, v)
+	}
+	rb := func(dt ml.DType, k int) float64 { b, _ := dt.RowBytes(k); return float64(b) }
+	perLayer := rb(ml.Q8_0, d)*float64(qkvOut) + rb(ml.Q8_0, nh*hd)*d + float64(topk)*3*rb(ml.MXFP4, d)*ff + 4*d*ne
+	kv := 0.0
+	for i := 0; i < layers; i++ {
+		span := depth + 1
+		if i%2 == 0 {
+			span = min(span, 128)
+		}
+		kv += float64(span * nkv * hd * 2 * 2)
+	}
+	bytes := perLayer*layers + kv + rb(ml.Q8_0, d)*vocab
+	gpu.ResetGraphs()
+	for _, x := range freed {
+		gpu.Free(x)
+	}
+	gpu.Free(tokEmb)
+	gpu.Free(head)
+	return ms, bytes
+}
+
+func mustReshape(t *testing.T, x ml.Tensor, shape ...int) ml.Tensor {
+	y, err := gpu.Reshape(x, shape...)
+	require.NoError(t, err)
+	return y
+}
+
+func pcgFrom(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 1)) }
