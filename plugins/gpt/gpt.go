@@ -9,7 +9,9 @@ package gpt
 import (
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/nn"
 )
 
@@ -37,3 +39,27 @@ func Load(path string, opts Options) (engine.Model, error) {
 // and builds a gpt-oss or gpt2 model; other architectures fail with
 // sdk.ErrUnsupportedArchitecture.
 func NewLoader(log hclog.Logger) engine.Loader { return builders.Loader(log) }
+
+// Version is the adapter's version (set at build time with -ldflags -X).
+var Version = "0.1.0"
+
+// Info describes the GPT adapter.
+func Info() sdk.Info {
+	return sdk.Info{
+		Name: "gpt", Version: Version, Architectures: Architectures(),
+		DTypes:   dtypeNames(),
+		Features: []string{"paged-kv", "prefix-cache", "logprobs", "cuda"},
+	}
+}
+
+func dtypeNames() []string {
+	var out []string
+	for _, d := range ml.WeightDTypes {
+		out = append(out, d.String())
+	}
+	return out
+}
+
+// New returns the GPT adapter: the engine's continuous batching over this
+// package's models.
+func New(log hclog.Logger) sdk.Adapter { return engine.NewAdapter(NewLoader(log), log) }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/gguf"
 	"github.com/llama-orch/orch/sdk/ml"
@@ -34,6 +35,23 @@ func Load(path string, opts Options) (engine.Model, error) {
 	}
 	return r, nil
 }
+
+// Version is the adapter's version (set at build time with -ldflags -X).
+var Version = "0.1.0"
+
+// Info describes the Llama adapter.
+func Info() sdk.Info {
+	var dts []string
+	for _, d := range ml.WeightDTypes {
+		dts = append(dts, d.String())
+	}
+	return sdk.Info{Name: "llama", Version: Version, Architectures: Architectures(), DTypes: dts,
+		Features: []string{"paged-kv", "prefix-cache", "logprobs", "cuda"}}
+}
+
+// New returns the Llama adapter: the engine's continuous batching over this
+// package's model.
+func New(log hclog.Logger) sdk.Adapter { return engine.NewAdapter(NewLoader(log), log) }
 
 // NewLoader returns the engine.Loader of the Llama adapter (backend from the
 // request, CUDA when usable; other architectures fail with
