@@ -218,7 +218,7 @@ func TestVocabs(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, toks, 50257)
 	assert.Equal(t, "<|endoftext|>", toks[50256])
-	assert.Equal(t, "Ġthe", toks[262]) // GPT-2's " the"
+	assert.Equal(t, "Ġthe", toks[262])  // GPT-2's " the"
 	assert.Equal(t, 50000, len(merges)) // GPT-2 has exactly 50000 merges
 	assert.Equal(t, "Ġ t", merges[0])
 }
