@@ -80,6 +80,14 @@ func Serve(info Info, factory func(hclog.Logger) (Adapter, error), opts ...Serve
 			Level:      level,
 		})
 	}
+	if cfg.test == nil {
+		// Before factory: it may initialise native code that prints.
+		out, err := protectStdout()
+		if err != nil {
+			return fmt.Errorf("sdk.Serve: %w", err)
+		}
+		os.Stdout = out // go-plugin writes the handshake to os.Stdout
+	}
 	impl, err := factory(logger)
 	if err != nil {
 		return fmt.Errorf("create adapter %s: %w", info.Name, err)

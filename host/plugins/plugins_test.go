@@ -19,13 +19,15 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llama-orch/orch/host/config"
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/example"
 )
 
 // binDir holds the example adapter built twice: orch-adapter-example
 // (architecture example-counter) and orch-adapter-example2 (example-b).
-var binDir string
+// noisyDir holds orch-adapter-noisy (testdata/noisy).
+var binDir, noisyDir string
 
 func TestMain(m *testing.M) {
 	if os.Getenv("ORCH_TEST_HOST_HELPER") != "" {
@@ -53,6 +55,13 @@ func buildAndRun(m *testing.M) int {
 			fmt.Fprintln(os.Stderr, "build example adapter:", err)
 			return 1
 		}
+	}
+	noisyDir = filepath.Join(dir, "noisy")
+	cmd := exec.Command("go", "build", "-o", filepath.Join(noisyDir, "orch-adapter-noisy"), "./testdata/noisy")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build noisy adapter:", err)
+		return 1
 	}
 	binDir = dir
 	return m.Run()
@@ -354,4 +363,30 @@ func TestHostSIGKILLLeavesNoAdapter(t *testing.T) {
 				"adapter %d outlived its host", pid)
 		})
 	}
+}
+
+func TestNativeStdoutDoesNotBreakHandshake(t *testing.T) {
+	log, logs := testLogger(t)
+	ps, err := Scan([]string{noisyDir}, log)
+	require.NoError(t, err)
+	require.Len(t, ps, 1, "the noisy adapter must still describe itself; log:\n%s", logs.String())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	inst, err := Launch(ctx, ps[0], LaunchOptions{Logger: log})
+	require.NoError(t, err)
+	defer func() { _ = inst.Close(ctx) }()
+	_, err = inst.Load(ctx, sdk.LoadRequest{Path: writeModel(t, "noisy")}, nil)
+	require.NoError(t, err)
+	toks, err := generate(ctx, inst, 2)
+	require.NoError(t, err)
+	assert.Equal(t, []int32{3, 4}, toks)
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "cuda init: hello from native code") },
+		5*time.Second, 10*time.Millisecond, "native stdout output goes to the host log via stderr")
+}
+
+func TestPinFor(t *testing.T) {
+	cfg := config.PluginsConfig{Architectures: map[string]string{"llama": "llama-fast"}}
+	assert.Equal(t, "mine", PinFor(cfg, config.ModelConfig{Adapter: "mine"}, "llama"))
+	assert.Equal(t, "llama-fast", PinFor(cfg, config.ModelConfig{}, "llama"))
+	assert.Equal(t, "", PinFor(cfg, config.ModelConfig{}, "gpt2"))
 }
