@@ -81,9 +81,10 @@ over the repeats (a warm-up run before each test is not counted).
   tg N            generation of N tokens after a one-token prompt ((N-1) / generate time)
   tg N @ dD       generation of N tokens after a prompt of D tokens (--depth)
   pp128+tgN xS    S concurrent requests of 128 prompt + N generated tokens
-                  (--streams): aggregate decode rate (generated tokens after the
-                  first of each request / time from the first first-token to the
-                  last finish) and the inter-token latency p50/p99 the clients saw
+                  (--streams): aggregate decode rate while all S requests decode
+                  (tokens in the window from the last request's first token to the
+                  first request's last token / its length) and the inter-token
+                  latency p50/p99 the clients saw (prefill stalls included)
 
 Prompt and generation times are measured by the adapter around its forward
 passes (the model synchronises there, so they are device times); prompts are
@@ -320,18 +321,22 @@ func generateOnce(ctx context.Context, a sdk.Adapter, prompt []int32, n int) (sd
 	return *t, nil
 }
 
-// streamsOnce runs s concurrent pp128+tg g requests. It returns the aggregate
-// decode rate and the inter-token gaps the clients saw.
+// streamsOnce runs s concurrent pp128+tg g requests. The aggregate decode
+// rate is measured in the window where every stream is decoding (from the
+// last stream's first token to the first stream's last token), the steady
+// state llama.cpp's batched-bench reports as S_TG; when the streams barely
+// overlap it falls back to all tokens after each stream's first over the
+// whole span. gaps are the inter-token gaps the clients saw (all of them:
+// stalls while other prompts are prefilled included).
 func streamsOnce(ctx context.Context, a sdk.Adapter, s, g int, prompt func(int) []int32) (float64, []time.Duration, error) {
 	prompts := make([][]int32, s)
 	for i := range prompts {
 		prompts[i] = prompt(streamPrompt)
 	}
 	type res struct {
-		first, last time.Time
-		tokens      int
-		gaps        []time.Duration
-		err         error
+		at   []time.Time // arrival time of each token
+		gaps []time.Duration
+		err  error
 	}
 	out := make([]res, s)
 	var wg sync.WaitGroup
@@ -345,41 +350,60 @@ func streamsOnce(ctx context.Context, a sdk.Adapter, s, g int, prompt func(int) 
 					return nil
 				}
 				now := time.Now()
-				if r.tokens > 0 {
-					gap := now.Sub(r.last) / time.Duration(len(c.Tokens))
+				if len(r.at) > 0 {
+					gap := now.Sub(r.at[len(r.at)-1]) / time.Duration(len(c.Tokens))
 					for range c.Tokens {
 						r.gaps = append(r.gaps, gap)
 					}
-				} else {
-					r.first = now
 				}
-				r.last = now
-				r.tokens += len(c.Tokens)
+				for range c.Tokens {
+					r.at = append(r.at, now)
+				}
 				return nil
 			})
 		}()
 	}
 	wg.Wait()
-	var start, end time.Time
+	var firstAll, lastAll, steadyFrom, steadyTo time.Time
 	decoded := 0
 	var gaps []time.Duration
-	for _, r := range out {
+	for i, r := range out {
 		if r.err != nil {
 			return 0, nil, r.err
 		}
-		if r.tokens == 0 {
+		if len(r.at) == 0 {
 			return 0, nil, errors.New("a stream produced no tokens")
 		}
-		if start.IsZero() || r.first.Before(start) {
-			start = r.first
+		first, last := r.at[0], r.at[len(r.at)-1]
+		if i == 0 || first.Before(firstAll) {
+			firstAll = first
 		}
-		if r.last.After(end) {
-			end = r.last
+		if i == 0 || first.After(steadyFrom) {
+			steadyFrom = first
 		}
-		decoded += r.tokens - 1
+		if i == 0 || last.After(lastAll) {
+			lastAll = last
+		}
+		if i == 0 || last.Before(steadyTo) {
+			steadyTo = last
+		}
+		decoded += len(r.at) - 1
 		gaps = append(gaps, r.gaps...)
 	}
-	el := end.Sub(start)
+	if span := steadyTo.Sub(steadyFrom); span > 0 {
+		n := 0
+		for _, r := range out {
+			for _, t := range r.at {
+				if t.After(steadyFrom) && !t.After(steadyTo) {
+					n++
+				}
+			}
+		}
+		if n >= 2*s {
+			return float64(n) / span.Seconds(), gaps, nil
+		}
+	}
+	el := lastAll.Sub(firstAll)
 	if decoded == 0 || el <= 0 {
 		return 0, nil, fmt.Errorf("%d decoded tokens in %v: too few to time", decoded, el)
 	}

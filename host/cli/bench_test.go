@@ -16,6 +16,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llama-orch/orch/host/defaultmodel"
+	"github.com/llama-orch/orch/plugins/gpt"
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/engine/enginetest"
@@ -98,4 +100,33 @@ func TestPercentileAndMeanSD(t *testing.T) {
 	m, sd := meanSD([]float64{2, 4, 4, 4, 5, 5, 7, 9})
 	assert.InDelta(t, 5, m, 1e-9)
 	assert.InDelta(t, 2.138, sd, 1e-3)
+}
+
+// TestBenchDefaultModelCPU runs the bench core on a real model: the embedded
+// 7M-parameter GPT-2 through the GPT adapter's loader, in process, on the CPU.
+func TestBenchDefaultModelCPU(t *testing.T) {
+	if testing.Short() || raceEnabled {
+		t.Skip("runs a real model on the CPU: too slow under -race or -short")
+	}
+	path, err := defaultmodel.PathIn(t.TempDir())
+	require.NoError(t, err)
+	old := benchAdapter
+	t.Cleanup(func() { benchAdapter = old })
+	benchAdapter = func(ctx context.Context, cmd *cobra.Command, _, _ string, log hclog.Logger) (sdk.Adapter, func() error, error) {
+		a := engine.NewAdapter(gpt.NewLoader(log), log)
+		return a, func() error { return a.Unload(context.Background()) }, nil
+	}
+	root := NewRoot()
+	var out, errb bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errb)
+	root.SetArgs([]string{"bench", "--model", path, "-p", "32", "-n", "8", "--streams", "1,4", "-r", "1", "--device", "cpu", "--log-level", "warn"})
+	require.NoError(t, root.Execute(), errb.String())
+	t.Log("\n" + out.String())
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	require.Len(t, lines, 2+4)
+	for i, name := range []string{"pp32", "tg8", "pp128+tg8 x1", "pp128+tg8 x4"} {
+		assert.Contains(t, lines[2+i], "| "+name+" |")
+		assert.Regexp(t, `\| [0-9.]+ ± [0-9.]+ \|`, lines[2+i])
+	}
 }
