@@ -2,11 +2,9 @@ package cli
 
 import (
 	"fmt"
-	"os"
 	"strings"
 	"text/tabwriter"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
 	"github.com/llama-orch/orch/host/plugins"
@@ -14,13 +12,7 @@ import (
 
 func init() { register(newPluginsCmd) }
 
-// pluginsDirHook returns the configured plugins.dir; the integrator points it
-// at the loaded configuration (host/cli/common.go). Until then the
-// --plugins-dir flag and ORCH_PLUGINS__DIR are honoured.
-var pluginsDirHook = func(cmd *cobra.Command) (string, error) { return os.Getenv("ORCH_PLUGINS__DIR"), nil }
-
 func newPluginsCmd() *cobra.Command {
-	var dir string
 	cmd := &cobra.Command{
 		Use:   "plugins",
 		Short: "List installed adapter plugins (orch-adapter-*)",
@@ -30,19 +22,12 @@ describe itself; the table shows its name, version, the GGUF architectures it
 serves and its path.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if dir == "" {
-				d, err := pluginsDirHook(cmd)
-				if err != nil {
-					return err
-				}
-				dir = d
+			cfg, err := loadConfig(cmd)
+			if err != nil {
+				return err
 			}
-			level := hclog.Warn
-			if l, _ := cmd.Flags().GetString("log-level"); l != "" {
-				level = hclog.LevelFromString(l)
-			}
-			log := hclog.New(&hclog.LoggerOptions{Name: "orch-host", Level: level, Output: cmd.ErrOrStderr()})
-			dirs := plugins.DefaultDirs(dir)
+			log := newLoggerTo(cfg, cmd.ErrOrStderr())
+			dirs := plugins.DefaultDirs(cfg.Plugins.Dir)
 			found, err := plugins.Scan(dirs, log)
 			if err != nil {
 				return err
@@ -60,6 +45,6 @@ serves and its path.`,
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVar(&dir, "plugins-dir", "", "extra directory to scan for orch-adapter-* binaries (plugins.dir)")
+	cmd.Flags().String("plugins-dir", "", "extra directory to scan for orch-adapter-* binaries (plugins.dir)")
 	return cmd
 }
