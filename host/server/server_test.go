@@ -520,3 +520,10 @@ func TestAdapterErrors(t *testing.T) {
 	errorOf(t, r, 503, "")
 	assert.NotEmpty(t, r.header.Get("Retry-After"))
 }
+
+func httptestPost(h http.Handler, path string, body any) *httptest.ResponseRecorder {
+	b, _ := json.Marshal(body)
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", path, bytes.NewReader(b)))
+	return rec
+}
