@@ -7,7 +7,7 @@ out=${1:?usage: fetch_corpus.sh OUT_DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-(cd "$tmp" && apt-get download r-cran-janeaustenr >/dev/null)
+(cd "$tmp" && apt-get download r-cran-janeaustenr >/dev/null) || { echo "apt-get download failed: run apt-get update once, then retry" >&2; exit 1; }
 dpkg-deb -f "$tmp"/r-cran-janeaustenr_*.deb Version
 dpkg -x "$tmp"/r-cran-janeaustenr_*.deb "$tmp/pkg"
 python3 "$here/extract_austen.py" "$tmp/pkg/usr/lib/R/site-library/janeaustenr/data" "$out/novels"
