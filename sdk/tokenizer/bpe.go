@@ -55,7 +55,7 @@ type bpeModel struct {
 	t            *Tokenizer
 	byteID       [256]int32
 	pieces       map[string]int32 // raw bytes -> id of normal tokens
-	pairs        map[uint64]merge
+	pairs        *pairTable
 	ignoreMerges bool // a piece that is a whole token is that token (tiktoken, Llama 3)
 }
 
@@ -95,7 +95,7 @@ func newBPE(t *Tokenizer) (*bpeModel, error) {
 		m.pairs = pairsFromRanks(t, m)
 		return m, nil
 	}
-	m.pairs = make(map[uint64]merge, len(t.v.Merges))
+	m.pairs = newPairTable(len(t.v.Merges))
 	for r, s := range t.v.Merges {
 		sp := strings.IndexByte(s, ' ')
 		if sp <= 0 || sp == len(s)-1 {
@@ -109,10 +109,7 @@ func newBPE(t *Tokenizer) (*bpeModel, error) {
 		if !okA || !okB || !okC {
 			continue // llama.cpp also skips merges of unknown tokens
 		}
-		k := pairKey(a, b)
-		if _, dup := m.pairs[k]; !dup {
-			m.pairs[k] = merge{rank: int32(r), id: c}
-		}
+		m.pairs.put(pairKey(a, b), merge{rank: int32(r), id: c})
 	}
 	return m, nil
 }
@@ -120,8 +117,14 @@ func newBPE(t *Tokenizer) (*bpeModel, error) {
 // pairsFromRanks derives the merge table from token order (tiktoken ranks):
 // every split of a token into two tokens merges at the token's rank. This is
 // what tiktoken does and what Hugging Face's tiktoken converter writes.
-func pairsFromRanks(t *Tokenizer, m *bpeModel) map[uint64]merge {
-	pairs := make(map[uint64]merge, 2*len(t.text))
+func pairsFromRanks(t *Tokenizer, m *bpeModel) *pairTable {
+	n := 0
+	for _, b := range t.bytes {
+		if len(b) > 1 {
+			n += len(b) - 1
+		}
+	}
+	pairs := newPairTable(n)
 	for i, b := range t.bytes {
 		if t.types[i] != TypeNormal && t.types[i] != TypeUndefined || len(b) < 2 {
 			continue
@@ -130,10 +133,7 @@ func pairsFromRanks(t *Tokenizer, m *bpeModel) map[uint64]merge {
 			a, okA := m.pieces[string(b[:k])]
 			c, okC := m.pieces[string(b[k:])]
 			if okA && okC {
-				key := pairKey(a, c)
-				if old, dup := pairs[key]; !dup || old.rank > int32(i) {
-					pairs[key] = merge{rank: int32(i), id: int32(i)}
-				}
+				pairs.put(pairKey(a, c), merge{rank: int32(i), id: int32(i)})
 			}
 		}
 	}
@@ -223,7 +223,7 @@ func (m *bpeModel) merge(out []int32, piece string, parts []int32) []int32 {
 const noRank = 1<<31 - 1
 
 func (m *bpeModel) lookup(a, b int32) merge {
-	if mg, ok := m.pairs[pairKey(a, b)]; ok {
+	if mg, ok := m.pairs.get(pairKey(a, b)); ok {
 		return mg
 	}
 	return merge{rank: noRank, id: -1}

@@ -1,6 +1,7 @@
 package tokenizer
 
 import (
+	"sync"
 	"unicode"
 	"unicode/utf8"
 )
@@ -52,10 +53,35 @@ const (
 
 var asciiClass [128]uint8
 
+// bmpClass caches classOf for the Basic Multilingual Plane; built on first
+// use (64 KiB, a few milliseconds) because Unicode table lookups dominate
+// pre-tokenization of non-Latin text otherwise.
+var (
+	bmpOnce  sync.Once
+	bmpClass []uint8
+)
+
 func init() {
 	for c := 0; c < 128; c++ {
 		asciiClass[c] = classOf(rune(c))
 	}
+}
+
+func buildBMP() {
+	t := make([]uint8, 0x10000)
+	for r := range t {
+		t[r] = classOf(rune(r))
+	}
+	bmpClass = t
+}
+
+// classOfCached is classOf with the BMP table.
+func classOfCached(r rune) uint8 {
+	if r < 0x10000 {
+		bmpOnce.Do(buildBMP)
+		return bmpClass[r]
+	}
+	return classOf(r)
 }
 
 func classOf(r rune) uint8 {
@@ -100,7 +126,7 @@ func (sc scanner) at(i int) (uint8, int) {
 	if r == utf8.RuneError && w == 1 {
 		return cOther, 1
 	}
-	return classOf(r), w
+	return classOfCached(r), w
 }
 
 // run advances over runes whose class intersects mask.
@@ -217,7 +243,7 @@ func (sc scanner) o200kAlt1(i int) int {
 		for p := j; p > i; {
 			r, w := utf8.DecodeLastRuneInString(sc.s[i:p])
 			p -= w
-			if classOf(r)&cLower != 0 {
+			if classOfCached(r)&cLower != 0 {
 				e = p + w
 				break
 			}
