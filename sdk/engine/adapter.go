@@ -48,8 +48,9 @@ type adapter struct {
 	log  hclog.Logger
 	opts options
 
-	mu  sync.RWMutex
-	eng *sched // nil when no model is loaded
+	mu      sync.RWMutex
+	eng     *sched // nil when no model is loaded
+	loading bool   // a Load is running
 }
 
 // plannedAdapter adds sdk.Planner.
@@ -81,14 +82,24 @@ func (a *adapter) Load(ctx context.Context, req sdk.LoadRequest, progress func(s
 	if progress == nil {
 		progress = func(sdk.LoadProgress) {}
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.eng != nil {
-		return sdk.ModelInfo{}, sdk.ErrAlreadyLoaded
-	}
 	if a.load == nil {
 		return sdk.ModelInfo{}, fmt.Errorf("engine: no loader: %w", sdk.ErrInvalidArgument)
 	}
+	// The lock is not held while the loader runs (a big model takes minutes):
+	// meanwhile other calls answer ErrNotLoaded and a second Load
+	// ErrAlreadyLoaded.
+	a.mu.Lock()
+	if a.eng != nil || a.loading {
+		a.mu.Unlock()
+		return sdk.ModelInfo{}, sdk.ErrAlreadyLoaded
+	}
+	a.loading = true
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		a.loading = false
+		a.mu.Unlock()
+	}()
 	m, info, err := a.load(ctx, req, progress)
 	if err != nil {
 		return sdk.ModelInfo{}, fmt.Errorf("load %s: %w", req.Path, err)
@@ -103,7 +114,9 @@ func (a *adapter) Load(ctx context.Context, req sdk.LoadRequest, progress func(s
 		}
 		return sdk.ModelInfo{}, fmt.Errorf("load %s: %w", req.Path, err)
 	}
+	a.mu.Lock()
 	a.eng = eng
+	a.mu.Unlock()
 	a.log.Info("model loaded", "model", req.Path, "arch", info.Architecture, "backend", info.Backend,
 		"kv_blocks", eng.spec.NumBlocks, "block_size", eng.spec.BlockSize, "context", eng.ctxLen, "max_seqs", eng.maxSeqs)
 	return info, nil

@@ -249,7 +249,7 @@ func TestPreemptionUnderBlockPressure(t *testing.T) {
 	for _, prefix := range []bool{true, false} {
 		t.Run(fmt.Sprintf("prefix=%v", prefix), func(t *testing.T) {
 			// 24 blocks of 4 = 96 tokens; 6 streams of 10+50 tokens need 360.
-			cfg := enginetest.Config{Vocab: 64, BlockSize: 4, NumBlocks: 24, ContextLength: 96}
+			cfg := enginetest.Config{Vocab: 64, BlockSize: 4, NumBlocks: 24, ContextLength: 96, StepCost: 200 * time.Microsecond}
 			a, m := load(t, cfg, engine.WithPrefixCache(prefix), engine.WithMaxSequences(6))
 			ctx := ctxT(t)
 			r := rand.New(rand.NewPCG(7, 8))
@@ -620,4 +620,27 @@ func TestDeviceGreedyMixedWithHostSampling(t *testing.T) {
 	got, err := a.Evaluate(ctx, ps[0])
 	require.NoError(t, err)
 	assert.Equal(t, len(ps[0]), got.Rows)
+}
+
+func TestCallsDuringLoadDoNotBlock(t *testing.T) {
+	release, started := make(chan struct{}), make(chan struct{})
+	inner := enginetest.Loader(enginetest.Config{}, nil)
+	a := engine.NewAdapter(func(ctx context.Context, req sdk.LoadRequest, p func(sdk.LoadProgress)) (engine.Model, sdk.ModelInfo, error) {
+		close(started)
+		<-release
+		return inner(ctx, req, p)
+	}, nil)
+	ctx := ctxT(t)
+	done := make(chan error, 1)
+	go func() { _, err := a.Load(ctx, sdk.LoadRequest{Path: "slow"}, nil); done <- err }()
+	<-started
+	_, err := a.Load(ctx, sdk.LoadRequest{Path: "again"}, nil)
+	require.ErrorIs(t, err, sdk.ErrAlreadyLoaded, "a second Load while loading is refused")
+	_, err = a.Stats(ctx)
+	require.ErrorIs(t, err, sdk.ErrNotLoaded, "Stats answers at once while loading")
+	close(release)
+	require.NoError(t, <-done)
+	_, err = a.Stats(ctx)
+	require.NoError(t, err)
+	require.NoError(t, a.Unload(ctx))
 }
