@@ -390,3 +390,66 @@ func TestPinFor(t *testing.T) {
 	assert.Equal(t, "llama-fast", PinFor(cfg, config.ModelConfig{}, "llama"))
 	assert.Equal(t, "", PinFor(cfg, config.ModelConfig{}, "gpt2"))
 }
+
+func TestCancelReachesAdapterProcess(t *testing.T) {
+	ps := scanAll(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	inst, err := Launch(ctx, ps[0], LaunchOptions{})
+	require.NoError(t, err)
+	defer func() { _ = inst.Close(ctx) }()
+	_, err = inst.Load(ctx, sdk.LoadRequest{Path: writeModel(t, "example-counter"), Options: sdk.LoadOptions{Extra: map[string]string{"step_delay": "2ms"}}}, nil)
+	require.NoError(t, err)
+
+	gctx, gcancel := context.WithCancel(ctx)
+	n := 0
+	err = inst.Generate(gctx, sdk.GenerateRequest{Prompt: []int32{1}, MaxTokens: 50000}, func(c sdk.Chunk) error {
+		if n += len(c.Tokens); n == 3 {
+			gcancel()
+		}
+		return nil
+	})
+	assert.ErrorIs(t, err, context.Canceled)
+	assert.NotErrorIs(t, err, sdk.ErrAdapterCrashed)
+	require.Eventually(t, func() bool {
+		st, err := inst.Stats(ctx)
+		return err == nil && st.Running == 0
+	}, 2*time.Second, 5*time.Millisecond, "the adapter's generation must stop when the host cancels")
+	assert.False(t, inst.Exited())
+}
+
+func TestSupervisorGivesUpWithoutHanging(t *testing.T) {
+	dir := t.TempDir()
+	src, err := os.ReadFile(filepath.Join(binDir, "orch-adapter-example"))
+	require.NoError(t, err)
+	path := filepath.Join(dir, "orch-adapter-example")
+	require.NoError(t, os.WriteFile(path, src, 0o755))
+	ps, err := Scan([]string{dir}, nil)
+	require.NoError(t, err)
+	require.Len(t, ps, 1)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	m, err := Supervise(ctx, ps[0], LaunchOptions{}, SuperviseOptions{HealthInterval: 50 * time.Millisecond, MinBackoff: 10 * time.Millisecond, MaxRestarts: 2})
+	require.NoError(t, err)
+	defer func() { _ = m.Close(context.Background()) }()
+	require.NoError(t, os.Remove(path)) // relaunching will fail
+	require.NoError(t, syscall.Kill(m.Pid(), syscall.SIGKILL))
+
+	// Every call fails (first against the dead process, then while it is
+	// relaunched, then because the supervisor gave up); none hangs.
+	start := time.Now()
+	for {
+		_, err = generate(ctx, m, 2)
+		require.Error(t, err)
+		require.ErrorIs(t, err, sdk.ErrAdapterCrashed)
+		if strings.Contains(err.Error(), "gave up after 2 relaunch attempts") {
+			break
+		}
+		require.Less(t, time.Since(start), 10*time.Second, "the supervisor did not give up")
+		time.Sleep(10 * time.Millisecond)
+	}
+	require.NoError(t, m.Close(ctx))
+	_, err = generate(ctx, m, 2)
+	assert.ErrorIs(t, err, ErrClosed)
+}
