@@ -17,6 +17,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
+	"github.com/llama-orch/orch/host/config"
+	"github.com/llama-orch/orch/host/plugins"
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/gguf"
 )
@@ -46,12 +48,12 @@ type benchRow struct {
 // (llama.cpp's comparison runs pp128+tg128 per stream).
 const streamPrompt = 128
 
-// benchAdapter opens an adapter for the model at path. It is the one place
-// the bench command gets its adapter from; tests replace it with an
-// in-process engine over a fake model.
-//
-// The plugin runtime (host/plugins: Scan, Select, Launch) is being written in
-// parallel and does not build yet; until it lands this reports that clearly.
+// benchAdapter opens an adapter for the model at path through the plugin
+// runtime: scan the plugin directories (next to orch-host, then plugins.dir),
+// pick the adapter pinned by --adapter or plugins.architectures, else the
+// one declaring the file's architecture, and launch it. It is the one place
+// bench (and logits) get their adapter from; tests replace it with an
+// in-process engine.
 var benchAdapter = func(ctx context.Context, cmd *cobra.Command, path, pin string, log hclog.Logger) (sdk.Adapter, func() error, error) {
 	f, err := gguf.Open(path)
 	if err != nil {
@@ -61,7 +63,27 @@ var benchAdapter = func(ctx context.Context, cmd *cobra.Command, path, pin strin
 	if err := f.Close(); err != nil {
 		return nil, nil, fmt.Errorf("close model: %w", err)
 	}
-	return nil, nil, fmt.Errorf("no adapter runtime wired into bench yet for architecture %q", arch)
+	cfg, err := loadConfig(cmd)
+	if err != nil {
+		return nil, nil, err
+	}
+	if pin == "" {
+		pin = plugins.PinFor(cfg.Plugins, config.ModelConfig{Path: path}, arch)
+	}
+	found, err := plugins.Scan(plugins.DefaultDirs(cfg.Plugins.Dir), log)
+	if err != nil {
+		return nil, nil, fmt.Errorf("scan adapters: %w", err)
+	}
+	p, err := plugins.Select(found, arch, pin)
+	if err != nil {
+		return nil, nil, err
+	}
+	log.Info("launching adapter", "plugin", p.Name, "arch", arch)
+	inst, err := plugins.Launch(ctx, p, plugins.LaunchOptions{Logger: log})
+	if err != nil {
+		return nil, nil, fmt.Errorf("launch adapter %s: %w", p.Name, err)
+	}
+	return inst, func() error { return inst.Close(context.Background()) }, nil
 }
 
 func newBenchCmd() *cobra.Command {
@@ -155,6 +177,7 @@ random tokens, different in every run, so the prefix cache does not help.`,
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompts")
 	f.StringVar(&device, "device", "auto", "device: auto, cpu or cuda")
 	f.IntVarP(&threads, "threads", "t", 0, "CPU threads (0 = all cores)")
+	f.String("plugins-dir", "", "extra directory to scan for orch-adapter-* binaries (plugins.dir)")
 	f.StringVar(&adapterName, "adapter", "", "use this adapter (by name) instead of the one declaring the model's architecture")
 	return cmd
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -126,6 +127,37 @@ func TestBenchDefaultModelCPU(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
 	require.Len(t, lines, 2+4)
 	for i, name := range []string{"pp32", "tg8", "pp128+tg8 x1", "pp128+tg8 x4"} {
+		assert.Contains(t, lines[2+i], "| "+name+" |")
+		assert.Regexp(t, `\| [0-9.]+ ± [0-9.]+ \|`, lines[2+i])
+	}
+}
+
+// TestBenchThroughPlugin runs bench end to end: the real orch-adapter-gpt
+// binary, launched over go-plugin/gRPC, serving the embedded GPT-2 on the CPU.
+func TestBenchThroughPlugin(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and launches an adapter binary")
+	}
+	dir := t.TempDir()
+	build := exec.Command("go", "build", "-o", filepath.Join(dir, "orch-adapter-gpt"), "github.com/llama-orch/orch/plugins/gpt/cmd/orch-adapter-gpt")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	outb, err := build.CombinedOutput()
+	require.NoError(t, err, string(outb))
+	path, err := defaultmodel.PathIn(t.TempDir())
+	require.NoError(t, err)
+
+	root := NewRoot()
+	var out, errb bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errb)
+	root.SetArgs([]string{"bench", "--model", path, "--plugins-dir", dir, "-p", "16", "-n", "4",
+		"--streams", "2", "-r", "1", "--device", "cpu", "--log-level", "warn"})
+	require.NoError(t, root.Execute(), errb.String())
+	t.Log("\n" + out.String())
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	require.Len(t, lines, 2+3)
+	assert.Contains(t, lines[2], "| orch-austen-gpt2-7m | 9.89 MiB | cpu")
+	for i, name := range []string{"pp16", "tg4", "pp128+tg4 x2"} {
 		assert.Contains(t, lines[2+i], "| "+name+" |")
 		assert.Regexp(t, `\| [0-9.]+ ± [0-9.]+ \|`, lines[2+i])
 	}
