@@ -107,8 +107,8 @@ var presets = map[string]map[string]Config{
 			RopeBase: 150000, YarnFactor: 32, YarnOrigContext: 128, NormEps: 1e-5,
 			MatType: gguf.TypeQ8_0, EmbdType: gguf.TypeQ8_0, OutType: gguf.TypeQ8_0, ExpertType: gguf.TypeMXFP4, Tokenizer: TokTinyBPE},
 		// small: real o200k_harmony vocabulary, head_dim 64 like the real model.
-		"small": {Arch: ArchGPTOSS, Name: "synth-gpt-oss-small", Layers: 4, Embd: 128, Heads: 4, KVHeads: 2, HeadDim: 64,
-			FF: 128, ExpertFF: 128, Experts: 8, ExpertsUsed: 4, Context: 8192, SlidingWindow: 32,
+		"small": {Arch: ArchGPTOSS, Name: "synth-gpt-oss-small", Layers: 4, Embd: 64, Heads: 4, KVHeads: 2, HeadDim: 64,
+			FF: 64, ExpertFF: 64, Experts: 8, ExpertsUsed: 4, Context: 8192, SlidingWindow: 32,
 			RopeBase: 150000, YarnFactor: 32, YarnOrigContext: 256, NormEps: 1e-5,
 			MatType: gguf.TypeQ8_0, EmbdType: gguf.TypeQ8_0, OutType: gguf.TypeQ8_0, ExpertType: gguf.TypeMXFP4, Tokenizer: TokO200kHarmony},
 		// 20b: gpt-oss-20b's real shapes.
@@ -120,7 +120,7 @@ var presets = map[string]map[string]Config{
 	ArchGPT2: {
 		"tiny": {Arch: ArchGPT2, Name: "synth-gpt2-tiny", Layers: 2, Embd: 64, Heads: 4, HeadDim: 16, FF: 256, Context: 256,
 			NormEps: 1e-5, MatType: gguf.TypeF32, EmbdType: gguf.TypeF32, OutType: gguf.TypeF32, Tokenizer: TokTinyBPE},
-		"small": {Arch: ArchGPT2, Name: "synth-gpt2-small", Layers: 4, Embd: 128, Heads: 4, HeadDim: 32, FF: 512, Context: 1024,
+		"small": {Arch: ArchGPT2, Name: "synth-gpt2-small", Layers: 4, Embd: 64, Heads: 2, HeadDim: 32, FF: 256, Context: 1024,
 			NormEps: 1e-5, MatType: gguf.TypeF16, EmbdType: gguf.TypeF16, OutType: gguf.TypeF16, Tokenizer: TokR50k},
 		"124m": {Arch: ArchGPT2, Name: "synth-gpt2-124m", Layers: 12, Embd: 768, Heads: 12, HeadDim: 64, FF: 3072, Context: 1024,
 			NormEps: 1e-5, MatType: gguf.TypeF16, EmbdType: gguf.TypeF16, OutType: gguf.TypeF16, Tokenizer: TokR50k},
@@ -132,7 +132,7 @@ var presets = map[string]map[string]Config{
 		"tiny-llama2": {Arch: ArchLlama, Name: "synth-llama2-tiny", Layers: 2, Embd: 64, Heads: 4, KVHeads: 4, HeadDim: 16, FF: 160,
 			Context: 2048, RopeBase: 10000, NormEps: 1e-5,
 			MatType: gguf.TypeF32, EmbdType: gguf.TypeF32, OutType: gguf.TypeF32, Tokenizer: TokTinySPM},
-		"small": {Arch: ArchLlama, Name: "synth-llama-small", Layers: 4, Embd: 128, Heads: 4, KVHeads: 2, HeadDim: 32, FF: 384,
+		"small": {Arch: ArchLlama, Name: "synth-llama-small", Layers: 4, Embd: 64, Heads: 4, KVHeads: 2, HeadDim: 32, FF: 192,
 			Context: 8192, RopeBase: 500000, RopeFreqs: true, NormEps: 1e-5,
 			MatType: gguf.TypeQ8_0, EmbdType: gguf.TypeQ8_0, OutType: gguf.TypeQ8_0, Tokenizer: TokLlama3},
 		"llama3-8b": {Arch: ArchLlama, Name: "synth-llama3-8b", Layers: 32, Embd: 4096, Heads: 32, KVHeads: 8, HeadDim: 128, FF: 14336,

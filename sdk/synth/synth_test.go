@@ -122,6 +122,9 @@ func TestRoundTrip(t *testing.T) {
 						}
 					}
 				}
+				if size == "small" {
+					return // real vocabularies: sdk/tokenizer tests them against references
+				}
 				// the tokenizer of the file round-trips text
 				tok, err := tokenizer.FromGGUF(f)
 				require.NoError(t, err)

@@ -2,6 +2,7 @@ package synth
 
 import (
 	"fmt"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -372,6 +373,39 @@ func buildTiny() {
 	tinyOnce.spmTok, tinyOnce.spmSc, tinyOnce.spmTy = tok, sc, ty
 }
 
+// mergesFor rebuilds the merges of ranks lo..hi-1.
+func mergesFor(byRank [][]byte, ranks map[string]int, lo, hi int) []string {
+	var merges []string
+	var starts []int // start offsets of the current parts of tok (plus len(tok))
+	for r := lo; r < hi; r++ {
+		tok := byRank[r]
+		if len(tok) < 2 {
+			continue
+		}
+		starts = starts[:0]
+		for i := 0; i <= len(tok); i++ {
+			starts = append(starts, i)
+		}
+		for len(starts) > 3 { // more than two parts
+			best, bestRank := -1, r
+			for i := 0; i+2 < len(starts); i++ {
+				pr, ok := ranks[string(tok[starts[i]:starts[i+2]])]
+				if ok && pr < bestRank {
+					best, bestRank = i, pr
+				}
+			}
+			if best < 0 {
+				break
+			}
+			starts = append(starts[:best+1], starts[best+2:]...)
+		}
+		if len(starts) == 3 {
+			merges = append(merges, ByteToUnicode(tok[:starts[1]])+" "+ByteToUnicode(tok[starts[1]:]))
+		}
+	}
+	return merges
+}
+
 // tiktoken vocabularies, built once per process.
 var tiktokenCache sync.Map // name -> *tiktokenVocab
 
@@ -406,43 +440,28 @@ func buildTiktoken(name string) ([][]byte, []string, error) {
 	for tok, r := range ranks {
 		byRank[r] = []byte(tok)
 	}
-	var merges []string
-	for r, tok := range byRank {
-		if len(tok) < 2 {
+	// tokens are independent: split the ranks over goroutines, keep rank order
+	workers := runtime.GOMAXPROCS(0)
+	per := (len(byRank) + workers - 1) / workers
+	parts := make([][]string, workers)
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		lo, hi := w*per, min(len(byRank), (w+1)*per)
+		if lo >= hi {
 			continue
 		}
-		parts := make([][]byte, len(tok))
-		for i := range tok {
-			parts[i] = tok[i : i+1]
-		}
-		for len(parts) > 2 {
-			best, bestRank := -1, r
-			for i := 0; i+1 < len(parts); i++ {
-				pr, ok := ranks[string(parts[i])+string(parts[i+1])]
-				if ok && pr < bestRank {
-					best, bestRank = i, pr
-				}
-			}
-			if best < 0 {
-				break
-			}
-			parts[best] = tok[offset(tok, parts, best) : offset(tok, parts, best)+len(parts[best])+len(parts[best+1])]
-			parts = append(parts[:best+1], parts[best+2:]...)
-		}
-		if len(parts) == 2 {
-			merges = append(merges, ByteToUnicode(parts[0])+" "+ByteToUnicode(parts[1]))
-		}
+		wg.Add(1)
+		go func(w, lo, hi int) {
+			defer wg.Done()
+			parts[w] = mergesFor(byRank, ranks, lo, hi)
+		}(w, lo, hi)
+	}
+	wg.Wait()
+	var merges []string
+	for _, p := range parts {
+		merges = append(merges, p...)
 	}
 	return byRank, merges, nil
-}
-
-// offset returns where parts[i] starts inside tok (parts tile tok).
-func offset(tok []byte, parts [][]byte, i int) int {
-	o := 0
-	for k := 0; k < i; k++ {
-		o += len(parts[k])
-	}
-	return o
 }
 
 func vocabFromRanks(byRank [][]byte, size int, specials map[int]string, reserved func(int) string) ([]string, []int32) {
