@@ -270,6 +270,15 @@ func TestCrashMidStreamRelaunchesAndReloads(t *testing.T) {
 	assert.NotEqual(t, pid, m.Pid())
 	assert.True(t, processGone(pid))
 	assert.Contains(t, logs.String(), "model reloaded after relaunch")
+
+	// An adapter that dies while idle is found by the health check.
+	pid = m.Pid()
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	require.Eventually(t, func() bool { return m.Restarts() == 2 }, 10*time.Second, 10*time.Millisecond,
+		"the health check must notice an idle adapter's death")
+	after, err = generate(ctx, m, 5)
+	require.NoError(t, err)
+	assert.Equal(t, before, after)
 }
 
 func TestTwoAdaptersServeTwoModels(t *testing.T) {
