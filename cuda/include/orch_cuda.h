@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define ORCH_ABI_VERSION 1
+#define ORCH_ABI_VERSION 2
 
 typedef enum {
   ORCH_OK = 0,
@@ -167,6 +167,10 @@ typedef struct {
   int32_t window;   /* >0: key kp visible iff qpos - kp < window */
   int32_t kv_dtype;
   float scale; /* usually 1/sqrt(head_dim) */
+  /* Upper bound of tok_pos[t]+1 over the batch (sizes the split over keys of
+   * the decode kernel; a captured graph may pass the context length); 0 =
+   * unknown (no split). */
+  int32_t max_pos;
 } orch_attn_args;
 /* Causal attention of each query token over keys 0..pos of its sequence
  * (already written to the cache), softmax with optional sinks (one extra

@@ -45,7 +45,7 @@ done
 if [ -x bin/cuda-gpu.test ] && command -v compute-sanitizer >/dev/null; then
   t0=$(date +%s)
   compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 bin/cuda-gpu.test -test.timeout 300s \
-    -test.run 'TestMatMul/(Q4_K|MXFP4|Q6_K)/n=(1|33)/bias=true|TestAttention|TestMoE/MXFP4/n=3|TestEmbed/Q4_0|TestNorms|TestSample|TestGraphReplay|TestArgmax' \
+    -test.run 'TestMatMul/(Q4_K|MXFP4|Q6_K|Q8_0|F32)/n=(1|3|33)/|TestAttention|TestMoE/MXFP4/n=3|TestEmbed/Q4_0|TestNorms|TestSample|TestGraphReplay|TestArgmax' \
     >"$OUT/memcheck.log" 2>&1
   rc=$?
   if [ $rc = 0 ]; then row memcheck PASS "$(tail -1 "$OUT/memcheck.log"), $(( $(date +%s) - t0 )) s"
@@ -53,8 +53,13 @@ if [ -x bin/cuda-gpu.test ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 if [ $perf = 1 ] && [ -x bin/cuda-gpu.test ]; then
+  # Kept kernel versions first (ORCH_CUDA_GEMV=v1 ORCH_CUDA_ATTN=v1), then the current ones, same machine.
+  ORCH_CUDA_GEMV=v1 ORCH_CUDA_ATTN=v1 ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf-v1.md" bin/cuda-gpu.test \
+    -test.run 'TestPerf' -test.v -test.timeout 400s >"$OUT/perf-v1.log" 2>&1 \
+    && row perf-v1 ok "perf-v1.md" || { row perf-v1 FAIL "see perf-v1.log"; tail -30 "$OUT/perf-v1.log"; }
   ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf.md" bin/cuda-gpu.test -test.run 'TestPerf' -test.v -test.timeout 400s \
     >"$OUT/perf.log" 2>&1 && row perf ok "perf.md" || { row perf FAIL "see perf.log"; tail -30 "$OUT/perf.log"; }
+  [ -f "$OUT/perf-v1.md" ] && grep -E 'decode step|copy' "$OUT/perf-v1.md"
   [ -f "$OUT/perf.md" ] && cat "$OUT/perf.md"
 fi
 

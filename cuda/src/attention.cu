@@ -116,9 +116,175 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
   }
 }
 
+
+// v2 (flash-decoding): grid (head, token, split). Each split takes a slice of
+// the visible keys; inside it a warp scores 32 keys at once (lane = key, the
+// q vector in shared memory), keeps an online softmax, and accumulates V with
+// lanes over dims. Partial (m, l, acc) go to scratch; attn_combine merges the
+// splits with the sink. Replaces v1's one-key-at-a-time warp chain.
+template <typename KV, int HD>
+__global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a, float *part, int splits) {
+  constexpr int E = HD / 32;
+  const int h = blockIdx.x, sp = blockIdx.z;
+  const int64_t t = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kvh = h / (a.n_heads / a.n_kv_heads);
+  const int qp = a.tok_pos[t];
+  const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
+  const KV *kc = (const KV *)a.k_cache;
+  const KV *vc = (const KV *)a.v_cache;
+  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
+  __shared__ float qs[HD];
+  const float *qr = a.q + t * a.q_stride + (int64_t)h * HD;
+  for (int i = threadIdx.x; i < HD; i += blockDim.x) qs[i] = qr[i] * a.scale;
+  __syncthreads();
+  int start = a.window > 0 ? max(0, qp - a.window + 1) : 0;
+  const int span = qp - start + 1;
+  const int per = (span + splits - 1) / splits;
+  const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
+  float m = -INFINITY, l = 0.f, acc[E];
+#pragma unroll
+  for (int e = 0; e < E; e++) acc[e] = 0.f;
+  for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
+    const int kp = base + lane;
+    const bool ok = kp < k1;
+    int64_t slot = 0;
+    float s = -INFINITY;
+    if (ok) {
+      slot = (int64_t)bt[kp / a.block_size] * a.block_size + kp % a.block_size;
+      const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
+      float d = 0.f;
+      if constexpr (sizeof(KV) == 4) {
+        const float4 *k4 = reinterpret_cast<const float4 *>(kr);
+#pragma unroll
+        for (int i = 0; i < HD / 4; i++) {
+          float4 kv = k4[i];
+          d += qs[4 * i] * kv.x + qs[4 * i + 1] * kv.y + qs[4 * i + 2] * kv.z + qs[4 * i + 3] * kv.w;
+        }
+      } else {
+        const uint4 *k8 = reinterpret_cast<const uint4 *>(kr);
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+          uint4 u = k8[i];
+          const __half2 *h2 = reinterpret_cast<const __half2 *>(&u);
+#pragma unroll
+          for (int j = 0; j < 4; j++) {
+            float2 f = __half22float2(h2[j]);
+            d += qs[8 * i + 2 * j] * f.x + qs[8 * i + 2 * j + 1] * f.y;
+          }
+        }
+      }
+      s = d;
+    }
+    const float mc = warp_max(s);
+    const float mn = fmaxf(m, mc);
+    const float corr = __expf(m - mn); // m = -inf first: 0
+    const float p = ok ? __expf(s - mn) : 0.f;
+    l = l * corr + warp_sum(p);
+#pragma unroll
+    for (int e = 0; e < E; e++) acc[e] *= corr;
+    m = mn;
+    const int cnt = min(32, k1 - base);
+    for (int j = 0; j < cnt; j++) {
+      const float pj = __shfl_sync(0xffffffffu, p, j);
+      const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
+      const KV *vr = vc + sj * slot_stride + (int64_t)kvh * HD + lane * E;
+#pragma unroll
+      for (int e = 0; e < E; e++) acc[e] += pj * kv_load<KV>(vr + e);
+    }
+  }
+  __shared__ float sm[ATTN_WARPS], sl[ATTN_WARPS];
+  __shared__ float sacc[ATTN_WARPS][HD];
+  if (lane == 0) {
+    sm[warp] = m;
+    sl[warp] = l;
+  }
+#pragma unroll
+  for (int e = 0; e < E; e++) sacc[warp][lane * E + e] = acc[e];
+  __syncthreads();
+  if (warp == 0) {
+    float M = -INFINITY;
+    for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w]);
+    float L = 0.f, f[ATTN_WARPS];
+    for (int w = 0; w < ATTN_WARPS; w++) {
+      f[w] = sl[w] > 0.f ? __expf(sm[w] - M) : 0.f;
+      L += sl[w] * f[w];
+    }
+    float *o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
+    if (lane == 0) {
+      o[HD] = M;
+      o[HD + 1] = L;
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      int dd = lane * E + e;
+      float v = 0.f;
+      for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][dd] * f[w];
+      o[dd] = v;
+    }
+  }
+}
+
+// Merges the splits of (token, head) with the sink logit: one warp per CTA.
+template <int HD>
+__global__ void attn_combine_kernel(orch_attn_args a, const float *part, int splits) {
+  constexpr int E = HD / 32;
+  const int h = blockIdx.x, lane = threadIdx.x;
+  const int64_t t = blockIdx.y;
+  const float *pp = part + (t * a.n_heads + h) * (int64_t)splits * (HD + 2);
+  float M = a.sinks ? a.sinks[h] : -INFINITY;
+  for (int s = 0; s < splits; s++)
+    if (pp[s * (HD + 2) + HD + 1] > 0.f) M = fmaxf(M, pp[s * (HD + 2) + HD]);
+  float L = a.sinks ? __expf(a.sinks[h] - M) : 0.f;
+  float acc[E];
+#pragma unroll
+  for (int e = 0; e < E; e++) acc[e] = 0.f;
+  for (int s = 0; s < splits; s++) {
+    const float *ps = pp + s * (HD + 2);
+    float ls = ps[HD + 1];
+    if (!(ls > 0.f)) continue;
+    float f = __expf(ps[HD] - M);
+    L += ls * f;
+#pragma unroll
+    for (int e = 0; e < E; e++) acc[e] += ps[lane * E + e] * f;
+  }
+  float inv = 1.f / L;
+  float *o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
+#pragma unroll
+  for (int e = 0; e < E; e++) o[lane * E + e] = acc[e] * inv;
+}
+
+template <typename KV, int HD>
+static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a) {
+  int64_t ctas = (int64_t)a->n_heads * a->n_tok;
+  int span = a->max_pos > 0 ? a->max_pos : 1;
+  if (a->window > 0) span = min(span, a->window);
+  int splits = 1;
+  if (ctas < 1024) splits = (int)min((int64_t)ceil_div(span, 256), max((int64_t)1, 2048 / ctas));
+  splits = max(1, min(splits, 64));
+  void *part = nullptr;
+  int rc = orch_scratch(ctx, (size_t)ctas * splits * (HD + 2) * sizeof(float), &part);
+  if (rc != ORCH_OK) return rc;
+  dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok, (unsigned)splits);
+  attn2_kernel<KV, HD><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits);
+  ORCH_LAUNCHED("attention");
+  attn_combine_kernel<HD><<<dim3((unsigned)a->n_heads, (unsigned)a->n_tok), 32, 0, ctx->stream>>>(*a, (const float *)part,
+                                                                                                 splits);
+  ORCH_LAUNCHED("attention combine");
+  return ORCH_OK;
+}
+
 template <typename KV>
 static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
   dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok);
+  if (!ctx->attn_v1) {
+    switch (a->head_dim) {
+      case 64: return launch_attn2<KV, 64>(ctx, a);
+      case 128: return launch_attn2<KV, 128>(ctx, a);
+      case 256: return launch_attn2<KV, 256>(ctx, a);
+      default: break;
+    }
+  }
   switch (a->head_dim) {
     case 64: attn_kernel<KV, 64><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a); break;
     case 128: attn_kernel<KV, 128><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a); break;

@@ -24,6 +24,9 @@ struct orch_ctx {
   void *scratch = nullptr;
   size_t scratch_bytes = 0;
   std::vector<void *> retired;
+  // Kernel versions kept for A/B timing (env ORCH_CUDA_GEMV=v1, ORCH_CUDA_ATTN=v1).
+  bool gemv_v1 = false;
+  bool attn_v1 = false;
 };
 
 // Records msg as the last error (thread-global, mutex-protected).

@@ -73,6 +73,156 @@ gemv_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *_
   }
 }
 
+// v2 GEMV: the CTA first copies the raw GGUF bytes of its rows (a k-tile of
+// them) into shared memory with 16-byte coalesced loads (GGUF blocks are not
+// word aligned, so v1's per-lane byte loads left most of the bandwidth
+// unused), then each warp dequantizes its row from shared memory.
+constexpr int GEMV2_WARPS = 8;
+constexpr int GEMV2_TILE_BYTES = 3072; // per row per tile (smem = 8 x (3072 + 32))
+
+// Copies bytes [src, src+len) to dst + (src & 15) (dst 16-aligned), touching
+// no global byte outside the range (vector loads only where fully inside).
+__device__ __forceinline__ void stage_bytes(uint8_t *dst, const uint8_t *src, int len, int tid, int nthr) {
+  uintptr_t a = (uintptr_t)src, e = a + len;
+  uintptr_t a16 = (a + 15) & ~(uintptr_t)15, e16 = e & ~(uintptr_t)15;
+  uintptr_t base = a & ~(uintptr_t)15;
+  if (a16 > e16) { // tiny range inside one 16-byte word
+    for (uintptr_t p = a + tid; p < e; p += nthr) dst[p - base] = *(const uint8_t *)p;
+    return;
+  }
+  for (uintptr_t p = a16 + (uintptr_t)tid * 16; p < e16; p += (uintptr_t)nthr * 16)
+    *reinterpret_cast<uint4 *>(dst + (p - base)) = __ldg(reinterpret_cast<const uint4 *>(p));
+  for (uintptr_t p = a + tid; p < a16; p += nthr) dst[p - base] = *(const uint8_t *)p;
+  for (uintptr_t p = e16 + tid; p < e; p += nthr) dst[p - base] = *(const uint8_t *)p;
+}
+
+template <int T, int NT>
+__global__ void __launch_bounds__(GEMV2_WARPS * 32)
+gemv2_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+             const int32_t *__restrict__ ids, int n_slots, int x_per_slot, int64_t expert_bytes, int tile_chunks) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row0 = (int64_t)blockIdx.x * GEMV2_WARPS;
+  const int nrows = (int)min((int64_t)GEMV2_WARPS, m - row0);
+  int64_t t0 = (int64_t)blockIdx.y * NT;
+  int nt = (int)min((int64_t)NT, n - t0);
+  const uint8_t *wbase = w;
+  const float *bias_row = bias;
+  int64_t xrow0 = t0, yrow0 = t0;
+  if (ids) {
+    int64_t p = blockIdx.y;
+    int e = ids[p];
+    wbase = w + (int64_t)e * expert_bytes;
+    if (bias) bias_row = bias + (int64_t)e * m;
+    xrow0 = x_per_slot ? p : p / n_slots;
+    yrow0 = p;
+    nt = 1;
+  }
+  constexpr int BE = type_block_elems(T) < 32 ? 32 : type_block_elems(T); // elements per addressable unit
+  constexpr int BB = type_block_elems(T) < 32 ? 32 * type_block_bytes(T) : type_block_bytes(T);
+  const int64_t nchunks = k / 32;
+  const int tile_bytes_max = tile_chunks * 32 / BE * BB;
+  const int slot = (tile_bytes_max + 31) & ~15;
+  float acc[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) acc[j] = 0.f;
+  for (int64_t c0 = 0; c0 < nchunks; c0 += tile_chunks) {
+    const int tc = (int)min((int64_t)tile_chunks, nchunks - c0);
+    const int64_t off = c0 * 32 / BE * BB;
+    const int len = tc * 32 / BE * BB;
+    const bool contig = tc == nchunks; // whole rows: the CTA's rows are one contiguous span
+    __syncthreads();
+    if (contig) {
+      stage_bytes(smem, wbase + row0 * row_bytes, nrows * (int)row_bytes, threadIdx.x, blockDim.x);
+    } else {
+      for (int r = 0; r < nrows; r++)
+        stage_bytes(smem + r * slot, wbase + (row0 + r) * row_bytes + off, len, threadIdx.x, blockDim.x);
+    }
+    __syncthreads();
+    if (warp < nrows) {
+      const uint8_t *src = wbase + (row0 + warp) * row_bytes + off;
+      const uint8_t *sr = contig ? smem + ((uintptr_t)(wbase + row0 * row_bytes) & 15) + warp * row_bytes
+                                 : smem + warp * slot + ((uintptr_t)src & 15);
+      for (int c = lane; c < tc; c += 32) {
+        float v[32];
+        dequant_chunk<T>(sr, c, v);
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+          if (j < nt) {
+            const float4 *xp = reinterpret_cast<const float4 *>(x + (xrow0 + j) * k + (c0 + c) * 32);
+            float s = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+              float4 xv = __ldg(xp + i);
+              s += v[4 * i] * xv.x + v[4 * i + 1] * xv.y + v[4 * i + 2] * xv.z + v[4 * i + 3] * xv.w;
+            }
+            acc[j] += s;
+          }
+        }
+      }
+    }
+  }
+  if (warp >= nrows) return;
+  const int64_t row = row0 + warp;
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    float s = warp_sum(acc[j]);
+    if (lane == 0 && j < nt) {
+      if (bias_row) s += bias_row[row];
+      float *yp = y + (yrow0 + j) * m + row;
+      *yp = accumulate ? *yp + s : s;
+    }
+  }
+}
+
+// Tile in chunks of 32 elements: a multiple of 8 (whole K-quant super-blocks)
+// whose bytes fit GEMV2_TILE_BYTES.
+static int gemv2_tile_chunks(int t, int64_t k) {
+  int be = type_block_elems(t) < 32 ? 32 : type_block_elems(t);
+  int bb = type_block_elems(t) < 32 ? 32 * type_block_bytes(t) : type_block_bytes(t);
+  int64_t nch = k / 32;
+  int64_t per = (int64_t)GEMV2_TILE_BYTES * be / 32 / bb; // chunks that fit
+  per = per / 8 * 8;
+  if (per < 8) per = 8;
+  return (int)min(per, nch);
+}
+
+static size_t gemv2_smem(int t, int tile_chunks) {
+  int be = type_block_elems(t) < 32 ? 32 : type_block_elems(t);
+  int bb = type_block_elems(t) < 32 ? 32 * type_block_bytes(t) : type_block_bytes(t);
+  int tb = tile_chunks * 32 / be * bb;
+  return (size_t)GEMV2_WARPS * ((tb + 31) & ~15);
+}
+
+template <int T, int NT>
+static void launch_gemv2_nt(cudaStream_t st, dim3 grid, float *y, const float *x, const uint8_t *w, const float *bias,
+                            int64_t n, int64_t k, int64_t m, int64_t rb, int acc, const int32_t *ids, int n_slots,
+                            int x_per_slot, int64_t expert_bytes) {
+  int tc = gemv2_tile_chunks(T, k);
+  size_t sm = gemv2_smem(T, tc);
+  if (sm > 48 * 1024) cudaFuncSetAttribute(gemv2_kernel<T, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  gemv2_kernel<T, NT><<<grid, GEMV2_WARPS * 32, sm, st>>>(y, x, w, bias, n, k, m, rb, acc, ids, n_slots, x_per_slot,
+                                                          expert_bytes, tc);
+}
+
+template <int T>
+static void launch_gemv2(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                         int64_t k, int64_t m, int64_t rb, int acc) {
+  unsigned gx = (unsigned)ceil_div(m, GEMV2_WARPS);
+  if (n == 1) launch_gemv2_nt<T, 1>(st, dim3(gx, 1), y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+  else if (n == 2) launch_gemv2_nt<T, 2>(st, dim3(gx, 1), y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+  else if (n <= 4) launch_gemv2_nt<T, 4>(st, dim3(gx, 1), y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+  else launch_gemv2_nt<T, 8>(st, dim3(gx, (unsigned)ceil_div(n, 8)), y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+}
+
+template <int T>
+static void launch_moe2(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
+                        const int32_t *ids, int64_t n, int n_slots, int x_per_slot, int64_t k, int64_t m, int64_t rb) {
+  dim3 grid((unsigned)ceil_div(m, GEMV2_WARPS), (unsigned)(n * n_slots));
+  launch_gemv2_nt<T, 1>(st, grid, y, x, w, bias, n * n_slots, k, m, rb, 0, ids, n_slots, x_per_slot, rb * m);
+}
+
 template <int T>
 static void launch_gemv(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
                         int64_t k, int64_t m, int64_t rb, int acc) {
@@ -153,7 +303,11 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   const int64_t rb = orch_row_bytes(wtype, k);
   const uint8_t *wb = (const uint8_t *)w;
   if (n <= 8) {
-    ORCH_DISPATCH_TYPE(wtype, launch_gemv, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+    if (ctx->gemv_v1) {
+      ORCH_DISPATCH_TYPE(wtype, launch_gemv, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+    } else {
+      ORCH_DISPATCH_TYPE(wtype, launch_gemv2, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+    }
     ORCH_LAUNCHED(op);
     return ORCH_OK;
   }
@@ -228,8 +382,13 @@ extern "C" int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t 
   ORCH_CHECK_ARG(n * n_slots <= 65535, op);
   if (n == 0) return ORCH_OK;
   const int64_t rb = orch_row_bytes(wtype, k);
-  ORCH_DISPATCH_TYPE(wtype, launch_moe, ctx->stream, y, x, (const uint8_t *)w, bias, ids, n, n_slots, x_per_slot,
-                     k, m, rb);
+  if (ctx->gemv_v1) {
+    ORCH_DISPATCH_TYPE(wtype, launch_moe, ctx->stream, y, x, (const uint8_t *)w, bias, ids, n, n_slots, x_per_slot,
+                       k, m, rb);
+  } else {
+    ORCH_DISPATCH_TYPE(wtype, launch_moe2, ctx->stream, y, x, (const uint8_t *)w, bias, ids, n, n_slots, x_per_slot,
+                       k, m, rb);
+  }
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

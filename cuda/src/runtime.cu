@@ -1,6 +1,7 @@
 // runtime.cu — context, memory, copies, streams, CUDA graphs and events.
 #include <mutex>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.cuh"
@@ -72,6 +73,10 @@ extern "C" int orch_init(int32_t device, orch_ctx **out) {
   }
   cublasSetWorkspace(c->cublas, c->cublas_ws, c->cublas_ws_bytes);
   cublasSetMathMode(c->cublas, CUBLAS_DEFAULT_MATH);
+  const char *gv = getenv("ORCH_CUDA_GEMV");
+  c->gemv_v1 = gv && strcmp(gv, "v1") == 0;
+  const char *av = getenv("ORCH_CUDA_ATTN");
+  c->attn_v1 = av && strcmp(av, "v1") == 0;
   *out = c;
   return ORCH_OK;
 }

@@ -197,9 +197,13 @@ func TestMatMul(t *testing.T) {
 	for _, dt := range ml.WeightDTypes {
 		for _, n := range []int{1, 2, 3, 8, 33} {
 			for _, withBias := range []bool{false, true} {
-				name := fmt.Sprintf("%v/n=%d/bias=%v", dt, n, withBias)
+				k := 512
+				if withBias {
+					k = 4096 // several k-tiles in the staged GEMV
+				}
+				name := fmt.Sprintf("%v/n=%d/bias=%v/k=%d", dt, n, withBias, k)
 				t.Run(name, func(t *testing.T) {
-					k, m := 512, 72+r.IntN(3)*8
+					m := 72 + r.IntN(3)*8 + 1
 					w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
 					x := f32Pair(t, randF32(r, k*n, 1), k, n)
 					var bias pair
@@ -334,38 +338,56 @@ func TestAttention(t *testing.T) {
 		hd, nh, nkv, window int
 		sinks               bool
 		kv                  ml.DType
+		long                bool
 	}
 	cases := []tc{
-		{64, 8, 2, 0, false, ml.F32}, {64, 8, 2, 0, true, ml.F32}, {64, 8, 1, 7, true, ml.F32},
-		{128, 4, 4, 0, false, ml.F32}, {64, 8, 8, 5, false, ml.F32}, {256, 2, 1, 0, true, ml.F32},
-		{64, 8, 2, 0, true, ml.F16}, {128, 8, 2, 6, false, ml.F16},
+		{64, 8, 2, 0, false, ml.F32, false}, {64, 8, 2, 0, true, ml.F32, false}, {64, 8, 1, 7, true, ml.F32, false},
+		{128, 4, 4, 0, false, ml.F32, false}, {64, 8, 8, 5, false, ml.F32, false}, {256, 2, 1, 0, true, ml.F32, false},
+		{64, 8, 2, 0, true, ml.F16, false}, {128, 8, 2, 6, false, ml.F16, false},
+		{64, 8, 2, 0, true, ml.F32, true}, {64, 8, 2, 128, true, ml.F16, true}, {128, 4, 2, 0, false, ml.F16, true},
 	}
 	for _, c := range cases {
-		name := fmt.Sprintf("hd=%d/h=%d/kv=%d/win=%d/sinks=%v/%v", c.hd, c.nh, c.nkv, c.window, c.sinks, c.kv)
+		name := fmt.Sprintf("hd=%d/h=%d/kv=%d/win=%d/sinks=%v/%v/long=%v", c.hd, c.nh, c.nkv, c.window, c.sinks, c.kv, c.long)
 		t.Run(name, func(t *testing.T) {
-			const bs, nb, maxBlocks = 4, 40, 8
-			// Three sequences: lengths of history already cached, and new tokens.
-			hist := []int{0, 9, 13}
-			newT := []int{11, 1, 3}
+			// Three sequences: history already cached, then new tokens (a
+			// prefill chunk and decodes) that attend over it.
+			hist, newT := []int{0, 9, 13}, []int{11, 1, 3}
+			bs := 4
+			if c.long {
+				hist, newT, bs = []int{0, 700, 1500 + r.IntN(100)}, []int{3, 1, 2}, 16
+			}
+			maxLen := 0
+			for s := range hist {
+				maxLen = max(maxLen, hist[s]+newT[s])
+			}
+			maxBlocks := (maxLen + bs - 1) / bs
+			nb := maxBlocks*len(hist) + 3
 			perm := r.Perm(nb)
 			blocks := make([]int32, maxBlocks*len(hist))
 			for i := range blocks {
 				blocks[i] = int32(perm[i])
 			}
 			hd, nkv, nh := c.hd, c.nkv, c.nh
-			var pos, seq, slots []int32
+			var pos, seq, slots []int32    // every position: KV write
+			var qpos, qseq, qslots []int32 // new tokens: queries
 			for s := range hist {
 				for p := 0; p < hist[s]+newT[s]; p++ {
-					pos = append(pos, int32(p))
-					seq = append(seq, int32(s))
-					slots = append(slots, blocks[s*maxBlocks+p/bs]*bs+int32(p%bs))
+					sl := blocks[s*maxBlocks+p/bs]*int32(bs) + int32(p%bs)
+					pos, seq, slots = append(pos, int32(p)), append(seq, int32(s)), append(slots, sl)
+					if p >= hist[s] {
+						qpos, qseq, qslots = append(qpos, int32(p)), append(qseq, int32(s)), append(qslots, sl)
+					}
 				}
 			}
-			n := len(pos)
+			n, nq := len(pos), len(qpos)
 			bp := i32Pair(t, blocks, maxBlocks, len(hist))
-			pp, sp, slp := i32Pair(t, pos, n), i32Pair(t, seq, n), i32Pair(t, slots, n)
-			bg := &ml.Batch{Pos: pp.g, Seq: sp.g, Slots: slp.g, Blocks: bp.g, BlockSize: bs, MaxPos: 64}
-			bc := &ml.Batch{Pos: pp.c, Seq: sp.c, Slots: slp.c, Blocks: bp.c, BlockSize: bs, MaxPos: 64}
+			mkBatch := func(pos, seq, slots []int32) (*ml.Batch, *ml.Batch) {
+				pp, sp, slp := i32Pair(t, pos, len(pos)), i32Pair(t, seq, len(pos)), i32Pair(t, slots, len(pos))
+				return &ml.Batch{Pos: pp.g, Seq: sp.g, Slots: slp.g, Blocks: bp.g, BlockSize: bs, MaxPos: maxLen + r.IntN(3000)},
+					&ml.Batch{Pos: pp.c, Seq: sp.c, Slots: slp.c, Blocks: bp.c, BlockSize: bs, MaxPos: maxLen}
+			}
+			bg, bc := mkBatch(pos, seq, slots)
+			qbg, qbc := mkBatch(qpos, qseq, qslots)
 			kc := f32Pair(t, nil, hd, nkv, bs, nb)
 			vc := f32Pair(t, nil, hd, nkv, bs, nb)
 			kg, vg := kc.g, vc.g
@@ -375,11 +397,11 @@ func TestAttention(t *testing.T) {
 				require.NoError(t, err)
 				vg, err = gpu.Alloc(ml.F16, hd, nkv, bs, nb)
 				require.NoError(t, err)
+				t.Cleanup(func() { gpu.Free(kg); gpu.Free(vg) })
 			}
 			k := f32Pair(t, randF32(r, hd*nkv*n, 1), hd, nkv, n)
 			v := f32Pair(t, randF32(r, hd*nkv*n, 1), hd, nkv, n)
-			q := f32Pair(t, randF32(r, hd*nh*n, 1), hd, nh, n)
-			// KV for all positions (history + new) written in one call.
+			q := f32Pair(t, randF32(r, hd*nh*nq, 1), hd, nh, nq)
 			gpu.KVWrite(kg, vg, k.g, v.g, bg)
 			ref.KVWrite(kc.c, vc.c, k.c, v.c, bc)
 			if c.kv == ml.F32 {
@@ -392,9 +414,9 @@ func TestAttention(t *testing.T) {
 				s := f32Pair(t, randF32(r, nh, 2), nh)
 				a.Sinks, ac.Sinks = s.g, s.c
 			}
-			y := out(t, hd, nh, n)
-			gpu.Attend(y.g, q.g, kg, vg, bg, a)
-			ref.Attend(y.c, q.c, kc.c, vc.c, bc, &ac)
+			y := out(t, hd, nh, nq)
+			gpu.Attend(y.g, q.g, kg, vg, qbg, a)
+			ref.Attend(y.c, q.c, kc.c, vc.c, qbc, &ac)
 			tol := 1e-5
 			if c.kv == ml.F16 {
 				tol = 2e-3

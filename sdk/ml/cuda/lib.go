@@ -15,7 +15,7 @@ import (
 const LibName = "liborch_cuda.so"
 
 // abiVersion must equal ORCH_ABI_VERSION in cuda/include/orch_cuda.h.
-const abiVersion = 1
+const abiVersion = 2
 
 // ErrUnavailable is returned (wrapped, with the reason) when the CUDA backend
 // cannot run here: the library is missing or does not load, or there is no
@@ -95,6 +95,7 @@ type attnArgs struct {
 	maxBlocks, blockSize, nHeads, nKVHeads, headDim, window    int32
 	kvDType                                                    int32
 	scale                                                      float32
+	maxPos                                                     int32
 }
 
 var (

@@ -359,7 +359,7 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 		out: d.ptr, q: qq.ptr, kCache: kc.ptr, vCache: vc.ptr, tokSeq: seq.ptr, tokPos: pos.ptr,
 		blockTables: blocks.ptr, sinks: sp, qStride: int64(hd * nh), nTok: int64(n),
 		maxBlocks: int32(blocks.shape[0]), blockSize: int32(bs), nHeads: int32(nh), nKVHeads: int32(nkv),
-		headDim: int32(hd), window: int32(a.Window), kvDType: kvt, scale: a.Scale,
+		headDim: int32(hd), window: int32(a.Window), kvDType: kvt, scale: a.Scale, maxPos: int32(bt.MaxPos),
 	}
 	b.call(op, b.l.attention(b.ctx, &args))
 }
