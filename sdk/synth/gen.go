@@ -138,6 +138,23 @@ func generate(out io.Writer, s TensorSpec, seed uint64, c Config, workers int) e
 
 var sqrt3 = math.Sqrt(3)
 
+// noMinus128 turns every 0x80 byte (int8 -128) of v into 0x81 (-127), so
+// Q8_0 values are symmetric like llama.cpp's quantizer output. A SWAR test
+// skips the byte loop for the ~97% of words without such a byte.
+func noMinus128(v uint64) uint64 {
+	const lo, hi = 0x0101010101010101, 0x8080808080808080
+	t := v ^ hi // bytes equal to 0x80 become 0
+	if (t-lo)&^t&hi == 0 {
+		return v
+	}
+	for i := 0; i < 64; i += 8 {
+		if (v>>i)&0xff == 0x80 {
+			v |= 1 << i
+		}
+	}
+	return v
+}
+
 // unit returns a uniform value in [-sqrt3, sqrt3) (zero mean, unit variance).
 func unit(rng *rand.Rand) float64 {
 	return (float64(rng.Uint64()>>11)/(1<<53)*2 - 1) * sqrt3
@@ -170,14 +187,8 @@ func fillChunk(buf []byte, s TensorSpec, rng *rand.Rand) {
 		d := floatToHalf(float32(s.Std * sqrt3 / 127))
 		for o := 0; o+34 <= len(buf); o += 34 {
 			le.PutUint16(buf[o:], d)
-			q := buf[o+2 : o+34]
 			for k := 0; k < 32; k += 8 {
-				le.PutUint64(q[k:], rng.Uint64())
-			}
-			for k := range q {
-				if q[k] == 0x80 { // -128 -> -127 keeps the range symmetric
-					q[k] = 0x81
-				}
+				le.PutUint64(buf[o+2+k:], noMinus128(rng.Uint64()))
 			}
 		}
 	case gguf.TypeQ4_0:

@@ -248,3 +248,27 @@ func Write(path string, opts Options, progress func(done, total int64)) error {
 func (p *Plan) WriteTo(path string, progress func(done, total int64)) error {
 	return p.writer.WriteFile(path, progress)
 }
+
+// Stream writes the model to w (for example io.Discard to measure the
+// generator, or a pipe) and returns the bytes written.
+func (p *Plan) Stream(w io.Writer, progress func(done, total int64)) (int64, error) {
+	if progress == nil {
+		return p.writer.WriteTo(w)
+	}
+	pw := &progressWriter{w: w, total: p.Bytes, progress: progress}
+	return p.writer.WriteTo(pw)
+}
+
+type progressWriter struct {
+	w        io.Writer
+	done     int64
+	total    int64
+	progress func(done, total int64)
+}
+
+func (p *progressWriter) Write(b []byte) (int, error) {
+	n, err := p.w.Write(b)
+	p.done += int64(n)
+	p.progress(p.done, p.total)
+	return n, err
+}

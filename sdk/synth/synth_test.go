@@ -240,3 +240,27 @@ func TestBadOptions(t *testing.T) {
 	err = synth.Write(filepath.Join(t.TempDir(), "x.gguf"), synth.Options{Config: &c}, nil)
 	assert.ErrorContains(t, err, "cannot generate Q4_1")
 }
+
+func TestQ8NoMinus128(t *testing.T) {
+	c, err := synth.Preset("llama", "tiny")
+	require.NoError(t, err)
+	path := filepath.Join(t.TempDir(), "m.gguf")
+	require.NoError(t, synth.Write(path, synth.Options{Config: &c, Seed: 5}, nil))
+	f, err := gguf.Open(path)
+	require.NoError(t, err)
+	defer f.Close()
+	ti, _ := f.Tensor("token_embd.weight")
+	require.Equal(t, gguf.TypeQ8_0, ti.Type)
+	d, err := f.Data(ti)
+	require.NoError(t, err)
+	hist := map[int8]int{}
+	for o := 0; o < len(d); o += 34 {
+		for _, q := range d[o+2 : o+34] {
+			hist[int8(q)]++
+		}
+	}
+	assert.Zero(t, hist[-128])
+	assert.Greater(t, hist[-127], 0)
+	assert.Greater(t, hist[127], 0)
+	assert.Greater(t, hist[0], 0)
+}
