@@ -96,18 +96,21 @@ func newBPE(t *Tokenizer) (*bpeModel, error) {
 		return m, nil
 	}
 	m.pairs = newPairTable(len(t.v.Merges))
+	var buf []byte
 	for r, s := range t.v.Merges {
 		sp := strings.IndexByte(s, ' ')
 		if sp <= 0 || sp == len(s)-1 {
-			// Some converters write merges whose left part starts with a space
-			// (mapped, so never a raw ' '); anything else is malformed.
 			return nil, fmt.Errorf("%w: merge %d %q is not \"left right\"", ErrInvalidVocab, r, s)
 		}
 		a, okA := t.index[s[:sp]]
 		b, okB := t.index[s[sp+1:]]
-		c, okC := t.index[s[:sp]+s[sp+1:]]
-		if !okA || !okB || !okC {
+		if !okA || !okB {
 			continue // llama.cpp also skips merges of unknown tokens
+		}
+		buf = append(append(buf[:0], t.bytes[a]...), t.bytes[b]...)
+		c, okC := m.pieces[string(buf)]
+		if !okC {
+			continue
 		}
 		m.pairs.put(pairKey(a, b), merge{rank: int32(r), id: c})
 	}
@@ -153,13 +156,15 @@ func MergesFromRanks(tokens []string) []string {
 	}
 	var out []string
 	for _, s := range tokens {
-		rs := []rune(s)
-		for k := 1; k < len(rs); k++ {
-			l, r := string(rs[:k]), string(rs[k:])
-			_, okA := index[l]
-			_, okB := index[r]
-			if okA && okB {
-				out = append(out, l+" "+r)
+		for k := range s {
+			if k == 0 {
+				continue
+			}
+			if _, ok := index[s[:k]]; !ok {
+				continue
+			}
+			if _, ok := index[s[k:]]; ok {
+				out = append(out, s[:k]+" "+s[k:])
 			}
 		}
 	}

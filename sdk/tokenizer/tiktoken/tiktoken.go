@@ -74,9 +74,14 @@ var HarmonySpecials = map[int32]string{
 // HarmonyVocabSize is gpt-oss's vocabulary size.
 const HarmonyVocabSize = 201088
 
+// O200kBaseSize is the number of ordinary (ranked) tokens of o200k.
+const O200kBaseSize = 199998
+
 // O200kHarmony is the gpt-oss vocabulary as a GGUF file carries it
-// (model gpt2, pre gpt-4o, byte-level token text, merges in Hugging Face's
-// converted order). BOS <|startoftext|>, EOS <|return|>, PAD <|endoftext|>.
+// (model gpt2, pre gpt-4o, byte-level token text). BOS <|startoftext|>,
+// EOS <|return|>, PAD <|endoftext|>. Merges are left nil: the tokenizer then
+// derives them from the ranks, which is faster; a GGUF writer needs
+// tokenizer.MergesFromRanks(v.Tokens[:O200kBaseSize]) (Hugging Face's order).
 func O200kHarmony() (tokenizer.Vocab, error) {
 	ranks, err := Ranks("o200k_base.tiktoken")
 	if err != nil {
@@ -97,7 +102,7 @@ func O200kHarmony() (tokenizer.Vocab, error) {
 }
 
 // GPT2 is the GPT-2 vocabulary (r50k_base) with <|endoftext|> (50256) as
-// BOS and EOS.
+// BOS and EOS. Merges are nil, as for O200kHarmony.
 func GPT2() (tokenizer.Vocab, error) {
 	ranks, err := Ranks("r50k_base.tiktoken")
 	if err != nil {
@@ -123,6 +128,5 @@ func fromRanks(ranks [][]byte, size int) tokenizer.Vocab {
 		v.Tokens[i] = tokenizer.ByteLevelEncode(b)
 		v.Types[i] = tokenizer.TypeNormal
 	}
-	v.Merges = tokenizer.MergesFromRanks(v.Tokens[:len(ranks)])
 	return v
 }
