@@ -94,6 +94,7 @@ func (d *fakeDec) Flush() string { out := string(d.pending); d.pending = nil; re
 type fakeAdapter struct {
 	step     time.Duration
 	failWith error
+	scriptFn func(prompt []int32) []int32 // replaces the "say:" script when set
 
 	mu        sync.Mutex
 	canceled  []string
@@ -112,6 +113,9 @@ func (a *fakeAdapter) Load(context.Context, sdk.LoadRequest, func(sdk.LoadProgre
 }
 
 func (a *fakeAdapter) script(prompt []int32) []int32 {
+	if a.scriptFn != nil {
+		return a.scriptFn(prompt)
+	}
 	text := fakeTok{}.Decode(prompt)
 	if i := strings.LastIndex(text, "say:"); i >= 0 {
 		s := text[i+4:]
