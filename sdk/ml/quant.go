@@ -32,6 +32,19 @@ func HalfToFloat(h uint16) float32 {
 	return math.Float32frombits(sign | (exp+112)<<23 | mant<<13)
 }
 
+// halfTable maps every binary16 bit pattern to its float32 value (256 KiB):
+// a load instead of the branches of HalfToFloat in the hot loops.
+var halfTable = func() *[1 << 16]float32 {
+	var t [1 << 16]float32
+	for i := range t {
+		t[i] = HalfToFloat(uint16(i))
+	}
+	return &t
+}()
+
+// HalfTable returns the binary16 -> float32 lookup table (read-only).
+func HalfTable() *[1 << 16]float32 { return halfTable }
+
 // FloatToHalf converts a float32 to binary16 with round-to-nearest-even.
 func FloatToHalf(f float32) uint16 {
 	b := math.Float32bits(f)
@@ -108,7 +121,7 @@ func dequantRow(dt DType, src []byte, dst []float32) {
 		}
 	case F16:
 		for i := range dst {
-			dst[i] = HalfToFloat(binary.LittleEndian.Uint16(src[2*i:]))
+			dst[i] = halfTable[binary.LittleEndian.Uint16(src[2*i:])]
 		}
 	case BF16:
 		for i := range dst {
@@ -117,7 +130,7 @@ func dequantRow(dt DType, src []byte, dst []float32) {
 	case Q8_0:
 		for b := 0; b < len(dst)/32; b++ {
 			blk := src[b*34 : b*34+34]
-			d := HalfToFloat(binary.LittleEndian.Uint16(blk))
+			d := halfTable[binary.LittleEndian.Uint16(blk)]
 			y := dst[b*32 : b*32+32]
 			for j := range 32 {
 				y[j] = float32(int8(blk[2+j])) * d

@@ -595,3 +595,52 @@ func TestViews(t *testing.T) {
 	b.Add(x, x, y)
 	assert.ErrorContains(t, b.Sync(), "not from this backend")
 }
+
+// The fused decode kernels equal dequantize-then-dot bit for bit.
+func TestFusedDotBitIdentical(t *testing.T) {
+	rng := rand.New(rand.NewPCG(21, 22))
+	for _, dt := range ml.WeightDTypes {
+		if !hasFusedDot(dt) {
+			continue
+		}
+		for _, in := range []int{32, 96, 1024} {
+			raw, _ := randWeight(t, rng, dt, in, 1)
+			x := randF32(rng, in, 1)
+			w := make([]float32, in)
+			require.NoError(t, ml.DequantizeRow(dt, raw, w))
+			assert.Equal(t, math.Float32bits(dot(w, x)), math.Float32bits(dotQuant(dt, raw, x)), "%s in=%d", dt, in)
+		}
+	}
+	// odd lengths for the plain 16-bit types
+	for _, dt := range []ml.DType{ml.F16, ml.BF16} {
+		raw, _ := randWeight(t, rng, dt, 13, 1)
+		x := randF32(rng, 13, 1)
+		w := make([]float32, 13)
+		require.NoError(t, ml.DequantizeRow(dt, raw, w))
+		assert.Equal(t, dot(w, x), dotQuant(dt, raw, x))
+	}
+}
+
+// A single-token MatMul (fused path) equals the same row inside a batch.
+func TestMatMulBatchInvariant(t *testing.T) {
+	rng := rand.New(rand.NewPCG(23, 24))
+	b := New(2)
+	for _, dt := range ml.WeightDTypes {
+		in, out, n := 256, 9, 3
+		wb, _ := randWeight(t, rng, dt, in, out)
+		w, err := b.Weight("w", dt, []int{in, out}, wb)
+		require.NoError(t, err)
+		xs := randF32(rng, in*n, 1)
+		x := tensorF32(t, b, xs, in, n)
+		all, _ := b.Alloc(ml.F32, out, n)
+		b.MatMul(all, x, w, nil)
+		got := read(t, b, all)
+		for r := 0; r < n; r++ {
+			x1 := tensorF32(t, b, xs[r*in:(r+1)*in], in, 1)
+			one, _ := b.Alloc(ml.F32, out, 1)
+			b.MatMul(one, x1, w, nil)
+			assert.Equal(t, got[r*out:(r+1)*out], read(t, b, one), "%s row %d", dt, r)
+		}
+		require.NoError(t, b.Sync())
+	}
+}

@@ -230,11 +230,25 @@ func (b *Backend) AddLayerNorm(res, dst, x, w, bias ml.Tensor, eps float32) {
 // splitting output rows over workers. x is [in, n] float32.
 func (b *Backend) matRows(wdt ml.DType, wdata []byte, in, oLo, oHi int, x []float32, n int, bias []float32, out []float32, outStride int) {
 	rb, _ := wdt.RowBytes(in)
+	rowsOut := oHi - oLo
+	if n == 1 && hasFusedDot(wdt) {
+		// decode: decode and multiply in one pass (bit-identical to the path below)
+		b.parallel(rowsOut, func(_, lo, hi int) {
+			xr := x[:in]
+			for o := oLo + lo; o < oLo+hi; o++ {
+				var bo float32
+				if bias != nil {
+					bo = bias[o]
+				}
+				out[o-oLo] = dotQuant(wdt, wdata[o*rb:(o+1)*rb], xr) + bo
+			}
+		})
+		return
+	}
 	var bufs [][]float32
 	if wdt != ml.F32 {
 		bufs = b.scratchFor(0, in)
 	}
-	rowsOut := oHi - oLo
 	b.parallel(rowsOut, func(w, lo, hi int) {
 		var buf []float32
 		if bufs != nil {

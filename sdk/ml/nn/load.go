@@ -147,7 +147,9 @@ func (bs Builders) Loader(log hclog.Logger) engine.Loader {
 		}
 		r, err := bs.Open(f, Options{
 			Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context,
-			Progress: func(done, _ int64) { progress(sdk.LoadProgress{Stage: "weights", Done: min(done, total), Total: total}) },
+			Progress: func(done, _ int64) {
+				progress(sdk.LoadProgress{Stage: "weights", Done: min(done, total), Total: total})
+			},
 		})
 		if err != nil {
 			be.Close()
