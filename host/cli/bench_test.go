@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -160,5 +161,48 @@ func TestBenchThroughPlugin(t *testing.T) {
 	for i, name := range []string{"pp16", "tg4", "pp128+tg4 x2"} {
 		assert.Contains(t, lines[2+i], "| "+name+" |")
 		assert.Regexp(t, `\| [0-9.]+ ± [0-9.]+ \|`, lines[2+i])
+	}
+}
+
+// TestEngineBatchInvarianceDefaultModel checks the serving engine on a real
+// model: 8 concurrent greedy streams of the embedded GPT-2 (CPU backend)
+// produce exactly the tokens each produces alone.
+func TestEngineBatchInvarianceDefaultModel(t *testing.T) {
+	if testing.Short() || raceEnabled {
+		t.Skip("runs a real model on the CPU: too slow under -race or -short")
+	}
+	path, err := defaultmodel.PathIn(t.TempDir())
+	require.NoError(t, err)
+	a := engine.NewAdapter(gpt.NewLoader(hclog.NewNullLogger()), nil)
+	ctx := context.Background()
+	info, err := a.Load(ctx, sdk.LoadRequest{Path: path, Options: sdk.LoadOptions{Device: "cpu", ContextLength: 256, MaxSequences: 8}}, nil)
+	require.NoError(t, err)
+	defer a.Unload(ctx)
+	gen := func(p []int32) []int32 {
+		var toks []int32
+		require.NoError(t, a.Generate(ctx, sdk.GenerateRequest{Prompt: p, MaxTokens: 12}, func(c sdk.Chunk) error {
+			toks = append(toks, c.Tokens...)
+			return nil
+		}))
+		return toks
+	}
+	prompts := make([][]int32, 8)
+	solo := make([][]int32, 8)
+	for i := range prompts {
+		for j := 0; j < 5+3*i; j++ {
+			prompts[i] = append(prompts[i], int32((i*131+j*17)%info.VocabSize))
+		}
+		solo[i] = gen(prompts[i])
+		require.Len(t, solo[i], 12)
+	}
+	got := make([][]int32, 8)
+	var wg sync.WaitGroup
+	for i := range prompts {
+		wg.Add(1)
+		go func() { defer wg.Done(); got[i] = gen(prompts[i]) }()
+	}
+	wg.Wait()
+	for i := range prompts {
+		assert.Equal(t, solo[i], got[i], "stream %d", i)
 	}
 }
