@@ -17,6 +17,26 @@
 //
 // Tensors documents every tensor per architecture; it is the single source
 // of truth for names used by the generator.
+//
+// Presets (Preset, Sizes; heads are query/KV):
+//
+//	gpt-oss  tiny          2 layers, d   64,  4/2 heads x  16, 4 experts top-2, window 128, vocab    565, 178 KiB
+//	gpt-oss  tiny-swa      same as tiny with sliding window 8
+//	gpt-oss  small         4 layers, d   64,  4/2 heads x  64, 8 experts top-4, window 32, vocab 201088, 34.4 MiB
+//	gpt-oss  20b          24 layers, d 2880, 64/8 heads x  64, 32 experts top-4, window 128, vocab 201088, 11.27 GiB
+//	gpt2     tiny          2 layers, d   64,  4 heads x 16, ff  256, vocab    557, F32, 748 KiB
+//	gpt2     small         4 layers, d   64,  2 heads x 32, ff  256, vocab  50257, F16, 14.6 MiB
+//	gpt2     124m         12 layers, d  768, 12 heads x 64, ff 3072, vocab  50257, F16, 314 MiB
+//	llama    tiny          2 layers, d   64,  4/2 heads x  16, ff   128, vocab    561, Q8_0, rope_freqs, 167 KiB
+//	llama    tiny-llama2   2 layers, d   64,  4/4 heads x  16, ff   160, vocab    614 (SentencePiece), F32, 691 KiB
+//	llama    small         4 layers, d   64,  4/2 heads x  32, ff   192, vocab 128256, Q8_0, 21 MiB
+//	llama    llama3-8b    32 layers, d 4096, 32/8 heads x 128, ff 14336, vocab 128256, Q8_0, 7.95 GiB
+//
+// The 20b and llama3-8b files have exactly the sizes of llama.cpp's files of
+// those models (11.27 GiB MXFP4, 7.95 GiB Q8_0). On the 2-core development
+// machine (shared) generation runs at ~750 MB/s for MXFP4 and ~450 MB/s for
+// Q8_0 (BenchmarkGenerate*); it scales with cores, so on a 16-core box the
+// disk is the limit.
 package synth
 
 import (
