@@ -644,3 +644,24 @@ func TestCallsDuringLoadDoNotBlock(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, a.Unload(ctx))
 }
+
+func TestFullPoolPromptWithCachedPrefix(t *testing.T) {
+	// The prompt fills the whole pool; on a repeat every block is a cache hit
+	// and copy-on-write of the last one would need a fifth block: the engine
+	// falls back to recomputing instead of waiting forever.
+	cfg := enginetest.Config{Vocab: 64, BlockSize: 4, NumBlocks: 4, ContextLength: 16}
+	a, _ := load(t, cfg)
+	ctx := ctxT(t)
+	p := randPrompt(rand.New(rand.NewPCG(9, 9)), 16, cfg.Vocab)
+	for i := 0; i < 2; i++ {
+		r := collect(ctx, a, greedy(p, 5))
+		require.NoError(t, r.err)
+		assert.Equal(t, enginetest.Greedy(p, 1, cfg.Vocab), r.toks, "context full after one token")
+		assert.Equal(t, sdk.FinishLength, r.finish)
+	}
+	p2 := append(append([]int32(nil), p[:12]...), 1, 2) // 3 cached blocks + 2 tokens
+	r := collect(ctx, a, greedy(p2, 3))
+	require.NoError(t, r.err)
+	assert.Equal(t, 12, r.timings.CachedTokens)
+	assert.Equal(t, enginetest.Greedy(p2, 3, cfg.Vocab), r.toks)
+}

@@ -515,13 +515,33 @@ func (e *sched) admit() {
 		if e.prefix && !s.eval {
 			hit, keys = e.pool.lookup(s.tokens, len(s.tokens)/bs)
 		}
-		cached := min(len(hit)*bs, len(s.tokens)-1)
-		need := (len(s.tokens)+bs-1)/bs - len(hit)
-		if cached < len(hit)*bs {
-			need++ // copy-on-write of the last shared block
+		var cached, need, avail int
+		plan := func() bool {
+			cached = min(len(hit)*bs, len(s.tokens)-1)
+			need = (len(s.tokens)+bs-1)/bs - len(hit)
+			if cached < len(hit)*bs {
+				need++ // copy-on-write of the last shared block
+			}
+			avail = e.pool.available() - e.pool.unpinned(hit)
+			if len(e.running) == 0 {
+				return need <= avail
+			}
+			return need+len(e.running) <= avail
 		}
-		avail := e.pool.available() - e.pool.unpinned(hit)
-		if need+len(e.running) > avail && (len(e.running) > 0 || need > avail) {
+		if !plan() && len(e.running) == 0 && len(hit) > 0 {
+			hit, keys = nil, nil // an alone sequence always fits without the cache
+			plan()
+		}
+		if need > avail && len(e.running) == 0 {
+			// Cannot happen while prompts fit ctxLen <= pool; never hang on it.
+			e.waiting = e.waiting[1:]
+			s.queued = false
+			e.forgetLocked(s)
+			e.ended = append(e.ended, ending{s, sdk.FinishError, fmt.Errorf("%d tokens need %d KV blocks, the pool has %d: %w",
+				len(s.tokens), need, e.pool.total(), sdk.ErrContextTooLong), now})
+			continue
+		}
+		if need+len(e.running) > avail && len(e.running) > 0 {
 			break
 		}
 		for _, b := range hit {
