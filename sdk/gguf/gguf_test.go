@@ -312,6 +312,16 @@ func TestMalformed(t *testing.T) {
 		b.u64(1 << 60)
 		return b.Bytes()
 	}
+	smallArray := func() []byte {
+		var b rawBuilder
+		b.header(3, 0, 1)
+		b.str("k")
+		b.u32(uint32(ValueArray))
+		b.u32(uint32(ValueInt32))
+		b.u64(1000)
+		b.u32(7)
+		return b.Bytes()
+	}
 	hugeString := func() []byte {
 		var b rawBuilder
 		b.header(3, 0, 1)
@@ -362,7 +372,8 @@ func TestMalformed(t *testing.T) {
 		{"truncated data", good[:len(good)-1], "past the end"},
 		{"huge kv count", mut(func(b []byte) []byte { le.PutUint64(b[16:], 1<<60); return b }), "metadata count"},
 		{"huge tensor count", mut(func(b []byte) []byte { le.PutUint64(b[8:], 1<<60); return b }), "tensor count"},
-		{"2^60 array", hugeArray(), "does not fit"},
+		{"2^60 array", hugeArray(), "array of 1152921504606846976 elements"},
+		{"array past eof", smallArray(), "does not fit"},
 		{"huge string", hugeString(), "exceeds"},
 		{"overlap", tensors(0, 0, 0, 0), "overlap"},
 		{"past eof", tensors(0, 4096, 0, 0), "past the end"},
@@ -393,4 +404,38 @@ func TestOpenErrors(t *testing.T) {
 	_, err = Open(p)
 	assert.ErrorIs(t, err, ErrFormat)
 	assert.ErrorContains(t, err, "empty.gguf")
+}
+
+func TestLimits(t *testing.T) {
+	// a large file claiming a 2^30-element uint8 array: rejected by the
+	// per-array limit before anything is allocated
+	var b rawBuilder
+	b.header(3, 0, 1)
+	b.str("k")
+	b.u32(uint32(ValueArray))
+	b.u32(uint32(ValueUint8))
+	b.u64(1 << 30)
+	_, err := Parse(sparseReader{b.Bytes()}, 1<<31)
+	assert.ErrorContains(t, err, "exceeds the limit")
+
+	var c rawBuilder
+	c.header(3, 1<<24, 0)
+	_, err = Parse(sparseReader{c.Bytes()}, 1<<40)
+	assert.ErrorContains(t, err, "exceed the limits")
+}
+
+// sparseReader serves a header followed by zeros up to any size, to model a
+// huge file without writing it.
+type sparseReader struct{ head []byte }
+
+func (s sparseReader) ReadAt(p []byte, off int64) (int, error) {
+	for i := range p {
+		j := off + int64(i)
+		if j < int64(len(s.head)) {
+			p[i] = s.head[j]
+		} else {
+			p[i] = 0
+		}
+	}
+	return len(p), nil
 }

@@ -26,6 +26,9 @@ const (
 	maxNesting    = 8       // nested array depth
 	maxStringLen  = 1 << 30 // one metadata string or key
 	maxTensorName = 1 << 16
+	maxArrayLen   = 1 << 26 // elements of one metadata array (vocabularies are ~1<<18)
+	maxTensors    = 1 << 20
+	maxKV         = 1 << 20
 )
 
 // ErrFormat is wrapped by every error about a malformed file, so callers can
@@ -434,6 +437,9 @@ func (c *cursor) value(t ValueType, key string, depth int) (Value, error) {
 		if err != nil {
 			return Value{}, err
 		}
+		if n > maxArrayLen {
+			return Value{}, formatErr("key %q: array of %d elements exceeds the limit of %d", key, n, maxArrayLen)
+		}
 		if n > uint64(c.remaining()/minEncoded(et)) {
 			return Value{}, formatErr("key %q: array of %d %s elements does not fit in the %d bytes left", key, n, et, c.remaining())
 		}
@@ -610,9 +616,12 @@ func parse(r io.ReaderAt, size int64) (*File, error) {
 	if nTensors > uint64(c.remaining()/32) {
 		return nil, formatErr("tensor count %d cannot fit in the %d bytes left", nTensors, c.remaining())
 	}
+	if nKV > maxKV || nTensors > maxTensors {
+		return nil, formatErr("%d metadata entries / %d tensors exceed the limits (%d / %d)", nKV, nTensors, maxKV, maxTensors)
+	}
 	f := &File{Version: version, Alignment: DefaultAlignment, Size: size,
 		kvIndex: make(map[string]int, nKV), tensorIndex: make(map[string]int, nTensors)}
-	f.KV = make([]KV, 0, nKV)
+	f.KV = make([]KV, 0, min(nKV, 1024))
 	for i := uint64(0); i < nKV; i++ {
 		key, err := c.str(fmt.Sprintf("key of metadata entry %d", i))
 		if err != nil {
