@@ -45,7 +45,8 @@ func TestConsistency(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			// MaxTokens 8 forces long chunks to be split inside the model too
 			m := load(t, tc.c, Options{MaxTokens: 8})
-			nntest.CheckConsistency(t, m, 21) // longer than the sliding window (8)
+			nntest.CheckConsistency(t, m, 21)
+			nntest.CheckGreedy(t, m) // longer than the sliding window (8)
 		})
 	}
 }

@@ -48,6 +48,7 @@ func TestConsistency(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			m := load(t, tc.c, Options{MaxTokens: 8})
 			nntest.CheckConsistency(t, m, 21)
+			nntest.CheckGreedy(t, m)
 		})
 	}
 }

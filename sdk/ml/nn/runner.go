@@ -187,13 +187,14 @@ type Runner struct {
 	Params, WeightBytes int64
 
 	tokens, pos, seq, slots, outIdx ml.Tensor // I32 [MaxTokens]
+	argmax                          ml.Tensor // I32 [MaxTokens]
 	blocks                          ml.Tensor // I32, grown on demand
 	gathered, logits                ml.Tensor // F32 [d, MaxTokens], [vocab, chunk]
 	logitRows                       int
 	host                            []float32
 }
 
-var _ engine.Model = (*Runner)(nil)
+var _ engine.GreedyModel = (*Runner)(nil)
 
 // NewRunner makes a Runner; it allocates the staging tensors.
 func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, error) {
@@ -212,7 +213,7 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 	}
 	m := cfg.MaxTokens
 	r.tokens, r.pos, r.seq = alloc(ml.I32, m), alloc(ml.I32, m), alloc(ml.I32, m)
-	r.slots, r.outIdx = alloc(ml.I32, m), alloc(ml.I32, m)
+	r.slots, r.outIdx, r.argmax = alloc(ml.I32, m), alloc(ml.I32, m), alloc(ml.I32, m)
 	r.gathered = alloc(ml.F32, cfg.Width, m)
 	// logits are computed at most logitRows rows at a time (bounded memory for big vocabularies)
 	r.logitRows = max(1, min(m, (64<<20)/(4*cfg.Spec.VocabSize)))
@@ -225,7 +226,7 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 }
 
 func (r *Runner) freeStaging() {
-	for _, t := range []ml.Tensor{r.tokens, r.pos, r.seq, r.slots, r.outIdx, r.blocks, r.gathered, r.logits} {
+	for _, t := range []ml.Tensor{r.tokens, r.pos, r.seq, r.slots, r.outIdx, r.argmax, r.blocks, r.gathered, r.logits} {
 		if t != nil {
 			r.B.Free(t)
 		}
@@ -315,58 +316,90 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 
 // Forward runs a batch (see engine.Model).
 func (r *Runner) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
-	out, err := r.forward(ctx, b)
+	out := &engine.Output{Logits: make([][]float32, len(b.Seqs))}
+	err := r.forward(ctx, b, out, nil)
 	if err != nil {
 		r.B.Sync() //nolint:errcheck // clear the sticky op error so the next step starts clean
+		return nil, err
 	}
-	return out, err
+	return out, nil
 }
 
-func (r *Runner) forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
+// ForwardGreedy runs a batch and returns the argmax token of each
+// sequence's last row, computed on the device (engine.GreedyModel).
+func (r *Runner) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, error) {
+	if b != nil {
+		for i, s := range b.Seqs {
+			if s.AllLogits {
+				return nil, fmt.Errorf("sequence %d: ForwardGreedy with AllLogits: %w", i, sdk.ErrInvalidArgument)
+			}
+		}
+	}
+	toks := make([]int32, 0, len(b.Seqs))
+	err := r.forward(ctx, b, nil, &toks)
+	if err != nil {
+		r.B.Sync() //nolint:errcheck // as in Forward
+		return nil, err
+	}
+	return toks, nil
+}
+
+// forward runs b; it appends logits rows to out, or (greedy) the argmax of
+// each returned row to toks, in SeqInput order.
+func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Output, toks *[]int32) error {
 	spec := r.cfg.Spec
 	pieces, err := Split(b, spec.VocabSize, spec.BlockSize, spec.NumBlocks, r.cfg.MaxTokens)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	out := &engine.Output{Logits: make([][]float32, len(b.Seqs))}
+	V := spec.VocabSize
 	for i := range pieces {
 		if err := ctx.Err(); err != nil {
-			return nil, err
+			return err
 		}
 		p := &pieces[i]
 		st, err := r.stage(p)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		h, err := r.Net.Hidden(st)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if st.NOut == 0 {
 			if err := r.B.Sync(); err != nil {
-				return nil, fmt.Errorf("forward: %w", err)
+				return fmt.Errorf("forward: %w", err)
 			}
 			continue
 		}
 		g := r.view(r.gathered, st.NOut)
 		r.B.Embed(g, h, st.OutIdx, false) // gather the rows whose logits are wanted
-		V := spec.VocabSize
 		for lo := 0; lo < st.NOut; lo += r.logitRows {
 			m := min(r.logitRows, st.NOut-lo)
 			rows, err := r.B.Rows(g, lo, m)
 			if err != nil {
-				return nil, err
+				return err
 			}
 			lg := r.view(r.logits, m)
 			if err := r.Net.Head(lg, rows); err != nil {
-				return nil, err
+				return err
+			}
+			if toks != nil {
+				am := r.view(r.argmax, m)
+				r.B.Argmax(am, lg)
+				ids := make([]int32, m)
+				if err := r.B.ReadI32(am, ids); err != nil {
+					return fmt.Errorf("forward: %w", err)
+				}
+				*toks = append(*toks, ids...)
+				continue
 			}
 			if cap(r.host) < m*V {
 				r.host = make([]float32, m*V)
 			}
 			host := r.host[:m*V]
 			if err := r.B.ReadF32(lg, host); err != nil {
-				return nil, fmt.Errorf("forward: %w", err)
+				return fmt.Errorf("forward: %w", err)
 			}
 			for j := 0; j < m; j++ {
 				owner := p.OutOwner[lo+j]
@@ -374,5 +407,5 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch) (*engine.Output, 
 			}
 		}
 	}
-	return out, nil
+	return nil
 }

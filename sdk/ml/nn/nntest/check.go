@@ -142,3 +142,32 @@ func CheckConsistency(t *testing.T, m engine.Model, n int) {
 		assert.Equal(t, whole[:2*V], again)
 	})
 }
+
+// CheckGreedy asserts that a GreedyModel's device argmax equals the argmax
+// of Forward's rows, for a batch mixing a prefill and a decode.
+func CheckGreedy(t *testing.T, m engine.Model) {
+	gm, ok := m.(engine.GreedyModel)
+	require.True(t, ok, "model does not implement engine.GreedyModel")
+	spec := m.Spec()
+	rng := rand.New(rand.NewPCG(5, 6))
+	alloc := newBlockAlloc(spec.NumBlocks, rng)
+	p1, p2 := Prompt(rng, 9, spec.VocabSize), Prompt(rng, 5, spec.VocabSize)
+	t1, t2 := alloc.table(t, 10, spec.BlockSize), alloc.table(t, 5, spec.BlockSize)
+	batch := &engine.Batch{Seqs: []engine.SeqInput{{Tokens: p1, Blocks: t1}, {Tokens: p2, Blocks: t2}}}
+	out, err := m.Forward(context.Background(), batch)
+	require.NoError(t, err)
+	t3, t4 := alloc.table(t, 10, spec.BlockSize), alloc.table(t, 5, spec.BlockSize)
+	batch.Seqs[0].Blocks, batch.Seqs[1].Blocks = t3, t4
+	toks, err := gm.ForwardGreedy(context.Background(), batch)
+	require.NoError(t, err)
+	require.Len(t, toks, 2)
+	for i, row := range out.Logits {
+		best := 0
+		for j, v := range row {
+			if v > row[best] {
+				best = j
+			}
+		}
+		assert.Equal(t, int32(best), toks[i], "sequence %d", i)
+	}
+}
