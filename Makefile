@@ -5,7 +5,7 @@ VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/llama-orch/orch/host/cli.Version=$(VERSION)
 TESTFLAGS ?= -race -timeout 15m
 
-.PHONY: all build test lint fmt vet cuda cuda-check gpu-check clean help
+.PHONY: all build serve test lint fmt vet cuda cuda-check gpu-check clean help
 
 all: build
 
@@ -13,6 +13,9 @@ build: ## build orch-host and the adapters into bin/
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/orch-host ./host/cmd/orch-host
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/orch-adapter-gpt ./plugins/gpt/cmd/orch-adapter-gpt
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/orch-adapter-llama ./plugins/llama/cmd/orch-adapter-llama
+
+serve: build ## build, then serve the embedded default model (or ARGS="--model F.gguf")
+	$(BIN)/orch-host serve $(ARGS)
 
 test: build ## run every Go test with -race
 	$(GO) test $(TESTFLAGS) ./...
