@@ -665,3 +665,81 @@ func TestFullPoolPromptWithCachedPrefix(t *testing.T) {
 	assert.Equal(t, 12, r.timings.CachedTokens)
 	assert.Equal(t, enginetest.Greedy(p2, 3, cfg.Vocab), r.toks)
 }
+
+// TestStress throws random requests at a small pool: shared prefixes,
+// preemption, chunked prefill, cancellations, evaluations and sampled
+// requests all at once. Every completed greedy stream must equal the direct
+// reference, every evaluation the reference logits, and the pool must end
+// empty.
+func TestStress(t *testing.T) {
+	for _, dev := range []bool{false, true} {
+		t.Run(fmt.Sprintf("device_greedy=%v", dev), func(t *testing.T) {
+			cfg := enginetest.Config{Vocab: 48, BlockSize: 4, NumBlocks: 40, ContextLength: 120,
+				StepCost: 50 * time.Microsecond, DeviceGreedy: dev}
+			a, _ := load(t, cfg, engine.WithMaxBatchTokens(24), engine.WithMaxSequences(6), engine.WithMaxQueue(1000))
+			ctx := ctxT(t)
+			r := rand.New(rand.NewPCG(11, 12))
+			bases := [][]int32{randPrompt(r, 20, cfg.Vocab), randPrompt(r, 9, cfg.Vocab)}
+			var wg sync.WaitGroup
+			for i := range 60 {
+				p := randPrompt(r, 1+r.IntN(30), cfg.Vocab)
+				if r.IntN(2) == 0 {
+					p = append(append([]int32(nil), bases[r.IntN(2)]...), p...)
+				}
+				n := 1 + r.IntN(40)
+				kind := r.IntN(10)
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					switch {
+					case kind == 0: // evaluation
+						got, err := a.Evaluate(ctx, p)
+						if !assert.NoError(t, err) {
+							return
+						}
+						h := enginetest.Root
+						for i, tk := range p {
+							h = enginetest.Step(h, tk, i)
+						}
+						assert.Equal(t, enginetest.Logits(h, cfg.Vocab, nil), got.Data[(len(p)-1)*cfg.Vocab:])
+					case kind == 1: // canceled after a few tokens
+						cctx, cancel := context.WithCancel(ctx)
+						defer cancel()
+						seen := 0
+						err := a.Generate(cctx, greedy(p, 1000), func(c sdk.Chunk) error {
+							seen += len(c.Tokens)
+							if seen >= 3 {
+								cancel()
+							}
+							return nil
+						})
+						assert.ErrorIs(t, err, sdk.ErrCanceled)
+					case kind == 2: // sampled with penalties and logprobs
+						res := collect(ctx, a, sdk.GenerateRequest{ID: fmt.Sprintf("s%d", i), Prompt: p, MaxTokens: n, Logprobs: true,
+							Sampling: sdk.SamplingParams{Temperature: 0.9, TopP: 0.9, PresencePenalty: 0.5, Seed: uint64(i), HasSeed: true}})
+						assert.NoError(t, res.err)
+						assert.Len(t, res.info, len(res.toks))
+					default:
+						res := collect(ctx, a, greedy(p, n))
+						if !assert.NoError(t, res.err) {
+							return
+						}
+						want := enginetest.Greedy(p, n, cfg.Vocab)
+						if len(p)+n > cfg.ContextLength+1 {
+							want = want[:cfg.ContextLength+1-len(p)]
+						}
+						assert.Equal(t, want, res.toks)
+					}
+				}()
+				if r.IntN(3) == 0 {
+					time.Sleep(time.Duration(r.IntN(2000)) * time.Microsecond)
+				}
+			}
+			wg.Wait()
+			assert.Eventually(t, func() bool {
+				st, err := a.Stats(ctx)
+				return err == nil && st.KVUsedBlocks == 0 && st.Running == 0 && st.Waiting == 0
+			}, 2*time.Second, 5*time.Millisecond)
+		})
+	}
+}
