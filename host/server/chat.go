@@ -213,9 +213,6 @@ func (s *Server) prepareChat(req *ChatCompletionRequest, m *servedModel) (*genRe
 	if err != nil {
 		return nil, err
 	}
-	if req.ParallelToolCalls != nil && !*req.ParallelToolCalls && opts.ToolChoice != ToolChoiceNone {
-		// One call per turn is what the parsers return first; extra calls are dropped below.
-	}
 	switch req.ReasoningEffort {
 	case "":
 	case "low", "medium", "high":
@@ -246,6 +243,8 @@ func (s *Server) prepareChat(req *ChatCompletionRequest, m *servedModel) (*genRe
 		}
 	}
 	g := &genRequest{}
+	// parallel_tool_calls false: only the first tool call of a turn is returned.
+	g.singleToolCall = req.ParallelToolCalls != nil && !*req.ParallelToolCalls
 	if req.Logprobs {
 		top := 0
 		if req.TopLogprobs != nil {

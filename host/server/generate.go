@@ -34,6 +34,8 @@ type genRequest struct {
 	n           int
 	firstIndex  int                 // choice index of the first choice
 	newParser   func() OutputParser // nil: plain text
+	// singleToolCall drops tool calls after the first (parallel_tool_calls false).
+	singleToolCall bool
 }
 
 // tokenLogprob is the logprob information of one generated token.
@@ -152,6 +154,9 @@ func (s *Server) runChoice(ctx context.Context, g *genRequest, i int, out chan<-
 				}
 				stopped = st
 			case DeltaToolCall:
+				if sawToolCall && g.singleToolCall {
+					continue
+				}
 				sawToolCall = true
 				rel = append(rel, d)
 			default:

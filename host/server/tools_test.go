@@ -84,6 +84,15 @@ func TestJSONToolCallConvention(t *testing.T) {
 			}
 		})
 	}
+	// parallel_tool_calls false keeps the first call only.
+	r0 := doReq(t, "POST", ts.url+"/v1/chat/completions", chatBody(`say:[{"name": "get_weather", "arguments": {"city": "A"}}, {"name": "get_weather", "arguments": {"city": "B"}}]`,
+		map[string]any{"tools": weatherTool, "parallel_tool_calls": false}))
+	require.Equal(t, 200, r0.status, "%s", r0.body)
+	var c0 ChatCompletion
+	require.NoError(t, json.Unmarshal(r0.body, &c0))
+	require.Len(t, c0.Choices[0].Message.ToolCalls, 1)
+	assert.JSONEq(t, `{"city": "A"}`, c0.Choices[0].Message.ToolCalls[0].Function.Arguments)
+
 	// tool_choice none: the same output is plain content and tools are not rendered.
 	r := doReq(t, "POST", ts.url+"/v1/chat/completions", chatBody(`say:{"name": "get_weather", "arguments": {}}`, map[string]any{"tools": weatherTool, "tool_choice": "none"}))
 	require.Equal(t, 200, r.status)
