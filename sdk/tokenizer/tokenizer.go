@@ -13,6 +13,13 @@
 //
 // Special (control) tokens are split out of the text only when the caller asks
 // (EncodeOptions.ParseSpecial); user text never turns into control tokens.
+// User-defined tokens (GGUF type 4, non-special added tokens) are always
+// split out, as llama.cpp and Hugging Face do.
+//
+// Sources: FromGGUF/Open (tokenizer.ggml.* metadata), OpenHF/VocabFromHF
+// (Hugging Face tokenizer.json, for models whose GGUF lacks a tokenizer),
+// New (a Vocab built by hand; sdk/tokenizer/tiktoken has o200k_harmony and
+// GPT-2 offline). Conformance: testdata/README.md.
 package tokenizer
 
 import (
