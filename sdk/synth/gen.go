@@ -155,18 +155,25 @@ func noMinus128(v uint64) uint64 {
 	return v
 }
 
-// unit returns a uniform value in [-sqrt3, sqrt3) (zero mean, unit variance).
-func unit(rng *rand.Rand) float64 {
-	return (float64(rng.Uint64()>>11)/(1<<53)*2 - 1) * sqrt3
-}
-
 func fillChunk(buf []byte, s TensorSpec, rng *rand.Rand) {
 	le := binary.LittleEndian
+	// float values: two 32-bit uniforms per 64-bit draw
+	var spare uint32
+	var haveSpare bool
+	mean := 0.0
+	if s.Init == InitNorm {
+		mean = 1
+	}
+	scale := s.Std * sqrt3 * 2 / (1 << 32)
 	val := func() float32 {
-		if s.Init == InitNorm {
-			return float32(1 + s.Std*unit(rng))
+		var u uint32
+		if haveSpare {
+			u, haveSpare = spare, false
+		} else {
+			x := rng.Uint64()
+			u, spare, haveSpare = uint32(x), uint32(x>>32), true
 		}
-		return float32(s.Std * unit(rng))
+		return float32(mean + (float64(u)+0.5)*scale - s.Std*sqrt3)
 	}
 	switch s.Type {
 	case gguf.TypeF32:

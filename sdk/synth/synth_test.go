@@ -264,3 +264,85 @@ func TestQ8NoMinus128(t *testing.T) {
 	assert.Greater(t, hist[127], 0)
 	assert.Greater(t, hist[0], 0)
 }
+
+// TestWeightScales dequantizes one tensor of each generated type and checks
+// that its standard deviation is the one Tensors asks for.
+func TestWeightScales(t *testing.T) {
+	dir := t.TempDir()
+	check := func(arch, size, name string) {
+		plan, err := synth.NewPlan(synth.Options{Arch: arch, Size: size, Seed: 9})
+		require.NoError(t, err)
+		var spec synth.TensorSpec
+		for _, s := range plan.Tensors {
+			if s.Name == name {
+				spec = s
+			}
+		}
+		require.Equal(t, name, spec.Name)
+		path := filepath.Join(dir, arch+size+".gguf")
+		require.NoError(t, synth.Write(path, synth.Options{Arch: arch, Size: size, Seed: 9}, nil))
+		f, err := gguf.Open(path)
+		require.NoError(t, err)
+		defer f.Close()
+		ti, _ := f.Tensor(name)
+		d, err := f.Data(ti)
+		require.NoError(t, err)
+		var vals []float64
+		le := binary.LittleEndian
+		switch ti.Type {
+		case gguf.TypeF32:
+			for o := 0; o < len(d); o += 4 {
+				vals = append(vals, float64(math.Float32frombits(le.Uint32(d[o:]))))
+			}
+		case gguf.TypeQ8_0:
+			for o := 0; o < len(d); o += 34 {
+				sc := halfToFloat(le.Uint16(d[o:]))
+				for _, q := range d[o+2 : o+34] {
+					vals = append(vals, sc*float64(int8(q)))
+				}
+			}
+		case gguf.TypeMXFP4:
+			e2m1 := []float64{0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6}
+			for o := 0; o < len(d); o += 17 {
+				sc := math.Ldexp(1, int(d[o])-127)
+				for _, q := range d[o+1 : o+17] {
+					vals = append(vals, sc*e2m1[q&15], sc*e2m1[q>>4])
+				}
+			}
+		}
+		require.EqualValues(t, spec.Elements(), len(vals))
+		var sum, sq float64
+		for _, v := range vals {
+			sum += v
+			sq += v * v
+		}
+		n := float64(len(vals))
+		mean := sum / n
+		std := math.Sqrt(sq/n - mean*mean)
+		tol := 0.1 // MXFP4 rounds the scale to a power of two: up to ~41% off
+		if ti.Type == gguf.TypeMXFP4 {
+			tol = 0.45
+		}
+		assert.InEpsilon(t, spec.Std, std, tol, "%s %s", name, ti.Type)
+		assert.InDelta(t, 0, mean, 4*spec.Std/math.Sqrt(n)+1e-3, name)
+	}
+	check("gpt2", "tiny", "blk.0.attn_qkv.weight")
+	check("llama", "tiny", "blk.1.ffn_down.weight")
+	check("gpt-oss", "tiny", "blk.0.ffn_up_exps.weight")
+}
+
+func halfToFloat(h uint16) float64 {
+	e := int(h>>10) & 0x1f
+	m := float64(h & 0x3ff)
+	var v float64
+	switch e {
+	case 0:
+		v = math.Ldexp(m, -24)
+	default:
+		v = math.Ldexp(1+m/1024, e-15)
+	}
+	if h&0x8000 != 0 {
+		v = -v
+	}
+	return v
+}
