@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
@@ -23,8 +24,9 @@ type options struct {
 }
 
 // WithMaxBatchTokens sets the token budget of one forward step (decodes plus
-// prefill chunks; default 512). A long prompt is prefilled in chunks of at
-// most this many tokens, mixed with the running decodes.
+// prefill chunks; default 512, never less than the max sequences). A long
+// prompt is prefilled in chunks of at most this many tokens, mixed with the
+// running decodes.
 func WithMaxBatchTokens(n int) Option { return func(o *options) { o.maxBatchTokens = n } }
 
 // WithMaxQueue bounds the waiting queue (default 256); Generate returns
@@ -41,6 +43,43 @@ func WithPrefixCache(on bool) Option { return func(o *options) { o.prefixCache =
 // WithPlanner gives the adapter a memory planner: the adapter returned by
 // NewAdapter then implements sdk.Planner.
 func WithPlanner(p PlanFunc) Option { return func(o *options) { o.planner = p } }
+
+// LoadOptions.Extra keys the engine reads (the host passes them through from
+// its configuration); they override the Options given to NewAdapter.
+const (
+	ExtraMaxBatchTokens = "engine.max_batch_tokens" // integer > 0
+	ExtraMaxQueue       = "engine.max_queue"        // integer > 0
+	ExtraPrefixCache    = "engine.prefix_cache"     // true or false
+)
+
+func (o options) withExtra(extra map[string]string) (options, error) {
+	positive := func(key string, dst *int) error {
+		v, ok := extra[key]
+		if !ok {
+			return nil
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return fmt.Errorf("option %s=%q: want a positive integer: %w", key, v, sdk.ErrInvalidArgument)
+		}
+		*dst = n
+		return nil
+	}
+	if err := positive(ExtraMaxBatchTokens, &o.maxBatchTokens); err != nil {
+		return o, err
+	}
+	if err := positive(ExtraMaxQueue, &o.maxQueue); err != nil {
+		return o, err
+	}
+	if v, ok := extra[ExtraPrefixCache]; ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return o, fmt.Errorf("option %s=%q: want true or false: %w", ExtraPrefixCache, v, sdk.ErrInvalidArgument)
+		}
+		o.prefixCache = b
+	}
+	return o, nil
+}
 
 // adapter is the sdk.Adapter NewAdapter returns.
 type adapter struct {
@@ -85,6 +124,10 @@ func (a *adapter) Load(ctx context.Context, req sdk.LoadRequest, progress func(s
 	if a.load == nil {
 		return sdk.ModelInfo{}, fmt.Errorf("engine: no loader: %w", sdk.ErrInvalidArgument)
 	}
+	opts, err := a.opts.withExtra(req.Options.Extra)
+	if err != nil {
+		return sdk.ModelInfo{}, fmt.Errorf("load %s: %w", req.Path, err)
+	}
 	// The lock is not held while the loader runs (a big model takes minutes):
 	// meanwhile other calls answer ErrNotLoaded and a second Load
 	// ErrAlreadyLoaded.
@@ -107,7 +150,7 @@ func (a *adapter) Load(ctx context.Context, req sdk.LoadRequest, progress func(s
 	if m == nil {
 		return sdk.ModelInfo{}, fmt.Errorf("load %s: loader returned no model", req.Path)
 	}
-	eng, info, err := newSched(m, info, req.Options, a.opts, a.log)
+	eng, info, err := newSched(m, info, req.Options, opts, a.log)
 	if err != nil {
 		if cerr := m.Close(); cerr != nil {
 			err = errors.Join(err, cerr)

@@ -743,3 +743,28 @@ func TestStress(t *testing.T) {
 		})
 	}
 }
+
+func TestLoadOptionsExtra(t *testing.T) {
+	var m *enginetest.Model
+	a := engine.NewAdapter(enginetest.Loader(enginetest.Config{}, func(x *enginetest.Model) { m = x }), nil)
+	ctx := ctxT(t)
+	for _, bad := range []map[string]string{
+		{engine.ExtraMaxBatchTokens: "0"},
+		{engine.ExtraMaxQueue: "x"},
+		{engine.ExtraPrefixCache: "maybe"},
+	} {
+		_, err := a.Load(ctx, sdk.LoadRequest{Options: sdk.LoadOptions{Extra: bad}}, nil)
+		require.ErrorIs(t, err, sdk.ErrInvalidArgument, "%v", bad)
+	}
+	_, err := a.Load(ctx, sdk.LoadRequest{Options: sdk.LoadOptions{MaxSequences: 4, Extra: map[string]string{
+		engine.ExtraMaxBatchTokens: "8", engine.ExtraPrefixCache: "false", "other.key": "ignored"}}}, nil)
+	require.NoError(t, err)
+	defer a.Unload(ctx)
+	p := prompts(4, 64)[3]
+	for range 2 {
+		r := collect(ctx, a, greedy(p, 3))
+		require.NoError(t, r.err)
+		assert.Zero(t, r.timings.CachedTokens)
+	}
+	assert.Equal(t, 8, m.MaxChunk())
+}
