@@ -346,3 +346,39 @@ func halfToFloat(h uint16) float64 {
 	}
 	return v
 }
+
+func TestRopeFreqs(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l.gguf")
+	require.NoError(t, synth.Write(path, synth.Options{Arch: "llama", Size: "tiny"}, nil))
+	f, err := gguf.Open(path)
+	require.NoError(t, err)
+	defer f.Close()
+	ti, ok := f.Tensor("rope_freqs.weight")
+	require.True(t, ok)
+	assert.Equal(t, []int64{8}, ti.Shape) // head_dim 16 / 2
+	d, err := f.Data(ti)
+	require.NoError(t, err)
+	var fr []float32
+	for o := 0; o < len(d); o += 4 {
+		fr = append(fr, math.Float32frombits(binary.LittleEndian.Uint32(d[o:])))
+	}
+	assert.Equal(t, float32(1), fr[0], "high frequencies are not scaled")
+	assert.Equal(t, float32(8), fr[len(fr)-1], "low frequencies are divided by the factor 8")
+	for i := 1; i < len(fr); i++ {
+		assert.GreaterOrEqual(t, fr[i], fr[i-1])
+	}
+	_, ok = func() (*gguf.TensorInfo, bool) {
+		p := filepath.Join(t.TempDir(), "l2.gguf")
+		require.NoError(t, synth.Write(p, synth.Options{Arch: "llama", Size: "tiny-llama2"}, nil))
+		g, err := gguf.Open(p)
+		require.NoError(t, err)
+		defer g.Close()
+		m, _ := g.String("tokenizer.ggml.model")
+		assert.Equal(t, "llama", m)
+		sc, ok := g.Floats("tokenizer.ggml.scores")
+		assert.True(t, ok)
+		assert.NotEmpty(t, sc)
+		return g.Tensor("rope_freqs.weight")
+	}()
+	assert.False(t, ok, "Llama 2 has no rope_freqs")
+}
