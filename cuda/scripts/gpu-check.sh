@@ -42,6 +42,13 @@ for bin in bin/*-gpu.test; do
   fi
 done
 
+# The kept v1 kernels must stay correct too (they are selectable at run time).
+if [ -x bin/cuda-gpu.test ]; then
+  if ORCH_CUDA_GEMV=v1 ORCH_CUDA_ATTN=v1 bin/cuda-gpu.test -test.timeout 300s >"$OUT/cuda-gpu-v1.log" 2>&1; then
+    row "cuda-gpu (v1 kernels)" PASS "$(tail -1 "$OUT/cuda-gpu-v1.log")"
+  else status=1; row "cuda-gpu (v1 kernels)" FAIL "$(grep -E -- '--- FAIL' "$OUT/cuda-gpu-v1.log" | head -3 | tr '\n' ' ')"; fi
+fi
+
 if [ -x bin/cuda-gpu.test ] && command -v compute-sanitizer >/dev/null; then
   t0=$(date +%s)
   compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 bin/cuda-gpu.test -test.timeout 300s \

@@ -90,10 +90,26 @@ __device__ __forceinline__ void stage_bytes(uint8_t *dst, const uint8_t *src, in
     for (uintptr_t p = a + tid; p < e; p += nthr) dst[p - base] = *(const uint8_t *)p;
     return;
   }
-  for (uintptr_t p = a16 + (uintptr_t)tid * 16; p < e16; p += (uintptr_t)nthr * 16)
+  // All 16-byte copies of the range go out at once: cp.async (sm_80+) needs
+  // no registers, so nothing waits until cp.async.wait_all below; a plain
+  // load/store loop would wait one DRAM latency per iteration.
+  for (uintptr_t p = a16 + (uintptr_t)tid * 16; p < e16; p += (uintptr_t)nthr * 16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned sdst = (unsigned)__cvta_generic_to_shared(dst + (p - base));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sdst), "l"(p) : "memory");
+#else
     *reinterpret_cast<uint4 *>(dst + (p - base)) = __ldg(reinterpret_cast<const uint4 *>(p));
+#endif
+  }
   for (uintptr_t p = a + tid; p < a16; p += nthr) dst[p - base] = *(const uint8_t *)p;
   for (uintptr_t p = e16 + tid; p < e; p += nthr) dst[p - base] = *(const uint8_t *)p;
+}
+
+// Waits for this thread's cp.async copies (call before the CTA barrier).
+__device__ __forceinline__ void stage_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 template <int T, int NT>
@@ -139,6 +155,7 @@ gemv2_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
       for (int r = 0; r < nrows; r++)
         stage_bytes(smem + r * slot, wbase + (row0 + r) * row_bytes + off, len, threadIdx.x, blockDim.x);
     }
+    stage_wait();
     __syncthreads();
     if (warp < nrows) {
       const uint8_t *src = wbase + (row0 + warp) * row_bytes + off;
