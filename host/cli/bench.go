@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"github.com/llama-orch/orch/host/config"
 	"github.com/llama-orch/orch/host/plugins"
 	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/gguf"
 )
 
@@ -90,7 +92,7 @@ func newBenchCmd() *cobra.Command {
 	var (
 		model, device, adapterName string
 		o                          benchOptions
-		threads                    int
+		threads, batchTokens       int
 	)
 	cmd := &cobra.Command{
 		Use:   "bench --model FILE",
@@ -142,7 +144,11 @@ random tokens, different in every run, so the prefix cache does not help.`,
 				}
 			}()
 			log.Info("loading", "model", model)
-			info, err := a.Load(ctx, sdk.LoadRequest{Path: model, Options: o.loadOptions(device, threads)}, func(p sdk.LoadProgress) {
+			lo := o.loadOptions(device, threads)
+			if batchTokens > 0 {
+				lo.Extra = map[string]string{engine.ExtraMaxBatchTokens: strconv.Itoa(batchTokens)}
+			}
+			info, err := a.Load(ctx, sdk.LoadRequest{Path: model, Options: lo}, func(p sdk.LoadProgress) {
 				log.Debug("load", "stage", p.Stage, "done", p.Done, "total", p.Total)
 			})
 			if err != nil {
@@ -177,6 +183,7 @@ random tokens, different in every run, so the prefix cache does not help.`,
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompts")
 	f.StringVar(&device, "device", "auto", "device: auto, cpu or cuda")
 	f.IntVarP(&threads, "threads", "t", 0, "CPU threads (0 = all cores)")
+	f.IntVar(&batchTokens, "batch-tokens", 0, "tokens per forward step of engine-based adapters (prefill chunk size; 0 = adapter default)")
 	f.String("plugins-dir", "", "extra directory to scan for orch-adapter-* binaries (plugins.dir)")
 	f.StringVar(&adapterName, "adapter", "", "use this adapter (by name) instead of the one declaring the model's architecture")
 	return cmd

@@ -26,29 +26,31 @@ import (
 )
 
 // fakeBenchAdapter makes bench use an in-process engine over the fake model.
-func fakeBenchAdapter(t *testing.T, cfg enginetest.Config) {
+func fakeBenchAdapter(t *testing.T, cfg enginetest.Config) **enginetest.Model {
 	t.Helper()
 	old := benchAdapter
 	t.Cleanup(func() { benchAdapter = old })
+	var m *enginetest.Model
 	benchAdapter = func(ctx context.Context, cmd *cobra.Command, path, pin string, log hclog.Logger) (sdk.Adapter, func() error, error) {
-		a := engine.NewAdapter(enginetest.Loader(cfg, nil), log)
+		a := engine.NewAdapter(enginetest.Loader(cfg, func(x *enginetest.Model) { m = x }), log)
 		return a, func() error { return a.Unload(context.Background()) }, nil
 	}
+	return &m
 }
 
 func TestBenchCommandOnFakeModel(t *testing.T) {
 	// A per-step cost makes batching visible: 8 streams decode faster in aggregate than 1.
-	fakeBenchAdapter(t, enginetest.Config{Vocab: 50, NumBlocks: 1024, ContextLength: 4096,
+	model := fakeBenchAdapter(t, enginetest.Config{Vocab: 50, NumBlocks: 1024, ContextLength: 4096,
 		StepCost: time.Millisecond, TokenCost: 2 * time.Microsecond})
-	model := filepath.Join(t.TempDir(), "tiny.gguf")
-	require.NoError(t, os.WriteFile(model, make([]byte, 3<<20), 0o644))
+	file := filepath.Join(t.TempDir(), "tiny.gguf")
+	require.NoError(t, os.WriteFile(file, make([]byte, 3<<20), 0o644))
 
 	root := NewRoot()
 	var out, errb bytes.Buffer
 	root.SetOut(&out)
 	root.SetErr(&errb)
-	root.SetArgs([]string{"bench", "--model", model, "-p", "64,256", "-n", "16", "--depth", "0,200",
-		"--streams", "1,8", "-r", "1", "--log-level", "warn"})
+	root.SetArgs([]string{"bench", "--model", file, "-p", "64,256", "-n", "16", "--depth", "0,200",
+		"--streams", "1,8", "-r", "1", "--batch-tokens", "128", "--log-level", "warn"})
 	require.NoError(t, root.Execute(), errb.String())
 
 	table := out.String()
@@ -73,6 +75,7 @@ func TestBenchCommandOnFakeModel(t *testing.T) {
 	assert.Greater(t, rates["pp256"], rates["tg16"], "prompt processing is batched")
 	assert.Contains(t, lines[6], " ms | ", "stream rows report inter-token latency")
 	assert.Contains(t, lines[2], "| - | - |")
+	assert.Equal(t, 128, (*model).MaxChunk(), "--batch-tokens reaches the engine")
 }
 
 func TestBenchRejectsBadFlags(t *testing.T) {
