@@ -156,6 +156,21 @@ func IsMemberDown(err error) bool {
 	return false
 }
 
+// readier is implemented by *plugins.Managed: WaitReady with a done
+// context answers at once whether a process is up.
+type readier interface{ WaitReady(context.Context) error }
+
+var doneCtx = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
+
+func notReady(a sdk.Adapter) bool {
+	r, ok := a.(readier)
+	return ok && r.WaitReady(doneCtx) != nil
+}
+
 // retryable: the call may go to another member (nothing was emitted).
 func retryable(err error) bool { return IsMemberDown(err) || errors.Is(err, sdk.ErrBusy) }
 
@@ -174,6 +189,14 @@ func (s *Set) pick(exclude *member) (*member, error) {
 		m := s.mems[(s.rr+k)%n]
 		anyLoaded = anyLoaded || m.loaded
 		if !m.loaded || !m.up || m == exclude {
+			continue
+		}
+		if notReady(m.a) {
+			// A supervised member that is being relaunched would make the
+			// call wait for its restart and reload: take it out instead.
+			m.up = false
+			m.failures++
+			s.log.Warn("replica is restarting; taken out of rotation", "replica", m.name)
 			continue
 		}
 		if best == nil || m.inflight < best.inflight {
@@ -348,7 +371,9 @@ func (s *Set) Cancel(ctx context.Context, id string) error {
 	var m *member
 	if run != nil {
 		run.canceled = true
-		m = run.m
+		if run.m.up {
+			m = run.m // a member that is down fails the request on its own
+		}
 	}
 	s.mu.Unlock()
 	if m == nil {
