@@ -156,3 +156,19 @@ func TestGoldens(t *testing.T) {
 		return m
 	})
 }
+
+// Decode steps go through ml.GraphBackend.Run (captured once, replayed after)
+// and give the same bits as the uncaptured path.
+func TestGraphReplay(t *testing.T) {
+	for _, arch := range []string{"gpt-oss", "gpt2"} {
+		t.Run(arch, func(t *testing.T) {
+			rb := nntest.NewReplay(cpu.New(2))
+			m := load(t, nntest.Tiny(arch), Options{Backend: rb, MaxTokens: 8})
+			nntest.CheckConsistency(t, m, 21)
+			nntest.CheckGreedy(t, m)
+			assert.Positive(t, rb.Captures)
+			assert.Greater(t, rb.Replays, 10)
+			assert.Empty(t, rb.Violations)
+		})
+	}
+}

@@ -111,3 +111,11 @@ func TestGoldens(t *testing.T) {
 		return m
 	})
 }
+
+func TestGraphReplay(t *testing.T) {
+	rb := nntest.NewReplay(cpu.New(2))
+	m := load(t, nntest.Tiny("llama"), Options{Backend: rb, MaxTokens: 8})
+	nntest.CheckConsistency(t, m, 21)
+	assert.Greater(t, rb.Replays, 10)
+	assert.Empty(t, rb.Violations)
+}

@@ -170,6 +170,9 @@ type RunnerConfig struct {
 	Spec      engine.Spec
 	Width     int // hidden size d
 	MaxTokens int // tokens per internal sub-batch (0 = 256)
+	// NoGraphs disables step capture and replay on backends that support it
+	// (decode steps are otherwise replayed as graphs, keyed by batch size).
+	NoGraphs bool
 }
 
 // Runner implements engine.Model on top of a Net: it splits batches, stages
@@ -192,6 +195,8 @@ type Runner struct {
 	gathered, logits                ml.Tensor // F32 [d, MaxTokens], [vocab, chunk]
 	logitRows                       int
 	host                            []float32
+	graphs                          ml.GraphBackend // nil: the backend cannot replay steps
+	tableBlocks                     int             // block-table rows of a captured decode step
 }
 
 var _ engine.GreedyModel = (*Runner)(nil)
@@ -218,6 +223,13 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 	// logits are computed at most logitRows rows at a time (bounded memory for big vocabularies)
 	r.logitRows = max(1, min(m, (64<<20)/(4*cfg.Spec.VocabSize)))
 	r.logits = alloc(ml.F32, cfg.Spec.VocabSize, r.logitRows)
+	// block tables: sized for MaxTokens sequences of a full context, so
+	// captured decode steps always find the table at the same address
+	r.tableBlocks = max(1, (cfg.Spec.ContextLength+cfg.Spec.BlockSize-1)/cfg.Spec.BlockSize)
+	r.blocks = alloc(ml.I32, min(m*r.tableBlocks, 1<<24))
+	if g, ok := b.(ml.GraphBackend); ok && !cfg.NoGraphs {
+		r.graphs = g
+	}
 	if err != nil {
 		r.freeStaging()
 		return nil, fmt.Errorf("runner: %w", err)
@@ -278,6 +290,9 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 		if r.blocks != nil {
 			r.B.Free(r.blocks)
 		}
+		if g, ok := r.graphs.(interface{ ResetGraphs() }); ok {
+			g.ResetGraphs() // captured steps point at the old table
+		}
 		var err error
 		if r.blocks, err = r.B.Alloc(ml.I32, max(len(p.Blocks), 256)); err != nil {
 			r.blocks = nil
@@ -312,6 +327,43 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 		Batch: ml.Batch{Pos: r.view(r.pos, n), Seq: r.view(r.seq, n), Slots: r.view(r.slots, n),
 			Blocks: bt, BlockSize: r.KV.BlockSize, MaxPos: maxPos},
 	}, nil
+}
+
+// decodeStep reports whether p is a pure decode step that can be captured:
+// one token and one output row per sequence, within the fixed table size.
+func (r *Runner) decodeStep(p *Piece) bool {
+	return p.NSeq == len(p.Tokens) && len(p.OutRows) == len(p.Tokens) && len(p.Tokens) <= r.logitRows &&
+		p.MaxBlocks <= r.tableBlocks && p.NSeq*r.tableBlocks <= r.blocks.Len()
+}
+
+// padTables widens the block table to mb rows per sequence (padding with
+// block 0, never read: positions stay within each sequence's own blocks).
+func (p *Piece) padTables(mb int) {
+	if p.MaxBlocks == mb {
+		return
+	}
+	nb := make([]int32, mb*p.NSeq)
+	for s := 0; s < p.NSeq; s++ {
+		copy(nb[s*mb:], p.Blocks[s*p.MaxBlocks:(s+1)*p.MaxBlocks])
+	}
+	p.Blocks, p.MaxBlocks = nb, mb
+}
+
+// head issues the output norm, LM head (and argmax) for gathered rows
+// [lo, lo+m) into the first m rows of the logits (and argmax) buffers.
+func (r *Runner) head(lo, m int, greedy bool) error {
+	rows, err := r.B.Rows(r.gathered, lo, m)
+	if err != nil {
+		return err
+	}
+	lg := r.view(r.logits, m)
+	if err := r.Net.Head(lg, rows); err != nil {
+		return err
+	}
+	if greedy {
+		r.B.Argmax(r.view(r.argmax, m), lg)
+	}
+	return r.B.Err()
 }
 
 // Forward runs a batch (see engine.Model).
@@ -358,37 +410,54 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 			return err
 		}
 		p := &pieces[i]
+		graph := r.graphs != nil && r.decodeStep(p)
+		if graph {
+			p.padTables(r.tableBlocks)
+		}
 		st, err := r.stage(p)
 		if err != nil {
 			return err
 		}
-		h, err := r.Net.Hidden(st)
-		if err != nil {
-			return err
-		}
 		if st.NOut == 0 {
+			if _, err := r.Net.Hidden(st); err != nil {
+				return err
+			}
 			if err := r.B.Sync(); err != nil {
 				return fmt.Errorf("forward: %w", err)
 			}
 			continue
 		}
-		g := r.view(r.gathered, st.NOut)
-		r.B.Embed(g, h, st.OutIdx, false) // gather the rows whose logits are wanted
+		greedy := toks != nil
 		for lo := 0; lo < st.NOut; lo += r.logitRows {
 			m := min(r.logitRows, st.NOut-lo)
-			rows, err := r.B.Rows(g, lo, m)
+			if lo == 0 {
+				// the layers, then the first logits chunk
+				step := func() error {
+					h, err := r.Net.Hidden(st)
+					if err != nil {
+						return err
+					}
+					g := r.view(r.gathered, st.NOut)
+					r.B.Embed(g, h, st.OutIdx, false) // gather the rows whose logits are wanted
+					return r.head(0, m, greedy)
+				}
+				if graph {
+					st.Batch.MaxPos = r.cfg.Spec.ContextLength
+					var recErr error
+					err = r.graphs.Run(fmt.Sprintf("decode/n=%d/greedy=%t", st.N, greedy), func() { recErr = step() })
+					err = errors.Join(recErr, err)
+				} else {
+					err = step()
+				}
+			} else {
+				err = r.head(lo, m, greedy)
+			}
 			if err != nil {
 				return err
 			}
-			lg := r.view(r.logits, m)
-			if err := r.Net.Head(lg, rows); err != nil {
-				return err
-			}
-			if toks != nil {
-				am := r.view(r.argmax, m)
-				r.B.Argmax(am, lg)
+			if greedy {
 				ids := make([]int32, m)
-				if err := r.B.ReadI32(am, ids); err != nil {
+				if err := r.B.ReadI32(r.view(r.argmax, m), ids); err != nil {
 					return fmt.Errorf("forward: %w", err)
 				}
 				*toks = append(*toks, ids...)
@@ -398,7 +467,7 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 				r.host = make([]float32, m*V)
 			}
 			host := r.host[:m*V]
-			if err := r.B.ReadF32(lg, host); err != nil {
+			if err := r.B.ReadF32(r.view(r.logits, m), host); err != nil {
 				return fmt.Errorf("forward: %w", err)
 			}
 			for j := 0; j < m; j++ {
