@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
 	"github.com/llama-orch/orch/host/config"
@@ -154,7 +155,9 @@ random tokens, different in every run, so the prefix cache does not help.`,
 			if err != nil {
 				return fmt.Errorf("bench: %w", err)
 			}
-			rows, err := runBench(ctx, a, info, o, log)
+			tick, done := benchProgress(cmd, o)
+			rows, err := runBench(ctx, a, info, o, log, tick)
+			done()
 			if err != nil {
 				return fmt.Errorf("bench: %w", err)
 			}
@@ -241,7 +244,11 @@ func (o benchOptions) loadOptions(device string, threads int) sdk.LoadOptions {
 }
 
 // runBench runs the tests against a loaded adapter.
-func runBench(ctx context.Context, a sdk.Adapter, info sdk.ModelInfo, o benchOptions, log hclog.Logger) ([]benchRow, error) {
+// tick (may be nil) is called after every run, warm-ups included.
+func runBench(ctx context.Context, a sdk.Adapter, info sdk.ModelInfo, o benchOptions, log hclog.Logger, tick func(test string)) ([]benchRow, error) {
+	if tick == nil {
+		tick = func(string) {}
+	}
 	if info.VocabSize <= 0 {
 		return nil, fmt.Errorf("adapter reports vocabulary size %d", info.VocabSize)
 	}
@@ -259,12 +266,14 @@ func runBench(ctx context.Context, a sdk.Adapter, info sdk.ModelInfo, o benchOpt
 		if _, err := run(); err != nil { // warm-up
 			return fmt.Errorf("%s (warm-up): %w", test, err)
 		}
+		tick(test)
 		row := benchRow{Test: test}
 		for r := 0; r < o.Repeats; r++ {
 			v, err := run()
 			if err != nil {
 				return fmt.Errorf("%s: %w", test, err)
 			}
+			tick(test)
 			row.Rates = append(row.Rates, v)
 		}
 		rows = append(rows, row)
@@ -326,6 +335,27 @@ func runBench(ctx context.Context, a sdk.Adapter, info sdk.ModelInfo, o benchOpt
 		rows[len(rows)-1].ITL50, rows[len(rows)-1].ITL99 = percentile(itl, 0.50), percentile(itl, 0.99)
 	}
 	return rows, nil
+}
+
+// benchProgress shows a progress bar of the runs on a terminal (the log
+// lines of runBench say the same otherwise).
+func benchProgress(cmd *cobra.Command, o benchOptions) (func(string), func()) {
+	errw := cmd.ErrOrStderr()
+	if !isTerminal(errw) {
+		return nil, func() {}
+	}
+	tests := len(o.Prompts) + len(o.Depths)*len(o.Gens) + len(o.Streams)
+	bar := progressbar.NewOptions(tests*(o.Repeats+1),
+		progressbar.OptionSetWriter(errw),
+		progressbar.OptionSetDescription("bench"),
+		progressbar.OptionClearOnFinish(),
+	)
+	return func(test string) {
+			bar.Describe("bench " + test)
+			_ = bar.Add(1)
+		}, func() {
+			_ = bar.Finish()
+		}
 }
 
 // generateOnce runs one greedy request with no stop tokens and returns its timings.
