@@ -22,4 +22,8 @@ type ModelConfig struct {
 	Device        string `koanf:"device"`  // auto, cpu, cuda
 	ContextLength int    `koanf:"context_length"`
 	MaxSequences  int    `koanf:"max_sequences"`
+	// Replicas: adapter processes for this model, one per GPU: a number or
+	// "all" (every GPU the model fits); "" = 1. Parsed by
+	// placement.ParseReplicas; see docs/multi-gpu.md.
+	Replicas string `koanf:"replicas"`
 }
