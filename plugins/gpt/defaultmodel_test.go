@@ -26,13 +26,12 @@ func TestDefaultModelGreedyMatchesPyTorch(t *testing.T) {
 	require.NoError(t, err)
 	defer m.Close()
 	for _, tc := range []struct{ prompt, want string }{
-		{"It is a truth universally acknowledged", ". I have not the least idea of being in the world to be in the world."},
 		{"Elizabeth could not help", " thinking of it, and she was not sorry to be able to make her happy."},
 		{"User: What do you think of Mr. Darcy?\nAssistant:", " Yes, very well."},
 	} {
 		ids := tok.Encode(tc.prompt, tokenizer.EncodeOptions{})
 		start := time.Now()
-		gen := nntest.Greedy(t, m, ids, 20)
+		gen := nntest.Greedy(t, m, ids, 16)
 		el := time.Since(start)
 		text := tok.Decode(gen)
 		t.Logf("%q -> %q (%d tokens in %v)", tc.prompt, text, len(gen), el)
