@@ -16,6 +16,39 @@ import (
 	"github.com/llama-orch/orch/sdk"
 )
 
+// How the engine serves (the design in one place):
+//
+// Requests: Generate and Evaluate validate their tokens, queue a seq in the
+// bounded FIFO waiting queue (full: sdk.ErrBusy) and then only read their
+// own output buffer; the scheduler never blocks on a slow client.
+//
+// One scheduler goroutine (loop) repeats a step:
+//  1. reap: sequences canceled (Cancel(id), ctx, emit error) leave the batch
+//     and free their blocks before anything else runs;
+//  2. admit: waiting sequences join the running batch in arrival order while
+//     there is a slot (max sequences) and blocks for their whole uncached
+//     prompt plus one spare block per running sequence; the head of the queue
+//     is never overtaken. Admission looks the prompt up in the prefix cache;
+//  3. plan: every decoding sequence gets its one token, prefilling sequences
+//     share the rest of the token budget (oldest first), so a long prompt is
+//     prefilled in chunks mixed with the running decodes. Blocks are
+//     allocated as positions need them; when the pool is exhausted the
+//     youngest running sequence is preempted (blocks freed, back to the
+//     queue in arrival order, recomputed from its prompt and generated tokens
+//     when readmitted — its full blocks usually come back from the prefix
+//     cache). A sequence never writes into a block someone else can read:
+//     such a block is copied first (Model.CopyBlock);
+//  4. forward: one Model.Forward (or GreedyModel.ForwardGreedy when only
+//     plain greedy tokens are needed) over the mixed batch;
+//  5. sample and stream: finished prefills and decodes sample their next
+//     token on the host (in parallel over sequences for big batches), full
+//     blocks are registered in the prefix cache, stop conditions are checked;
+//     then the stats are published and the tokens and final chunks delivered.
+//
+// Sliding-window layers: blocks are not freed behind the window. The block
+// table is shared by all layers, and the models served so far (gpt-oss)
+// alternate sliding and full layers, so no block could be freed anyway.
+
 // sched is a loaded model with its scheduler goroutine.
 //
 // One goroutine (loop) owns the running batch, the block pool and every call
