@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -27,39 +28,59 @@ var (
 	adaptersOnce sync.Once
 	adaptersDir  string
 	adaptersErr  error
+	// builtAdapters says adaptersDir is ours to remove.
+	builtAdapters bool
 )
 
-// buildAdapters builds orch-adapter-gpt and orch-adapter-llama once per test
-// binary into a temporary directory (the Go build cache makes it quick).
+// buildAdapters returns a directory with orch-adapter-gpt and
+// orch-adapter-llama: $ORCH_TEST_ADAPTERS_DIR, else the repository's bin/
+// when `make build` put both there (make test builds first), else it builds
+// them once per test binary into a temporary directory.
 func buildAdapters(t *testing.T) string {
 	t.Helper()
 	adaptersOnce.Do(func() {
-		adaptersDir, adaptersErr = os.MkdirTemp("", "orch-server-e2e-")
-		if adaptersErr != nil {
-			return
-		}
 		root, err := filepath.Abs("../..")
 		if err != nil {
 			adaptersErr = err
 			return
 		}
-		for _, name := range []string{"gpt", "llama"} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(adaptersDir, "orch-adapter-"+name), "./plugins/"+name+"/cmd/orch-adapter-"+name)
-			cmd.Dir = root
-			if out, err := cmd.CombinedOutput(); err != nil {
-				adaptersErr = err
-				t.Logf("go build %s: %s", name, out)
-				return
+		has := func(dir string) bool {
+			for _, n := range []string{"orch-adapter-gpt", "orch-adapter-llama"} {
+				if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
+					return false
+				}
 			}
+			return true
+		}
+		if d := os.Getenv("ORCH_TEST_ADAPTERS_DIR"); d != "" {
+			adaptersDir = d
+			return
+		}
+		if bin := filepath.Join(root, "bin"); has(bin) {
+			adaptersDir = bin
+			return
+		}
+		tmp, err := os.MkdirTemp("", "orch-server-e2e-")
+		if err != nil {
+			adaptersErr = err
+			return
+		}
+		adaptersDir, builtAdapters = tmp, true
+		cmd := exec.Command("go", "build", "-o", tmp+string(filepath.Separator),
+			"./plugins/gpt/cmd/orch-adapter-gpt", "./plugins/llama/cmd/orch-adapter-llama")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			adaptersErr = fmt.Errorf("go build adapters: %w: %s", err, out)
 		}
 	})
 	require.NoError(t, adaptersErr)
+	t.Logf("adapters from %s", adaptersDir)
 	return adaptersDir
 }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if adaptersDir != "" {
+	if builtAdapters {
 		_ = os.RemoveAll(adaptersDir)
 	}
 	os.Exit(code)
