@@ -44,7 +44,9 @@ func (s *Server) execute(w http.ResponseWriter, r *http.Request, m *servedModel,
 	}
 	defer release()
 
-	genID := newID()
+	// Adapter-side ids carry the request id, so adapter logs can be matched
+	// with the host's; the random part keeps them unique if a client reuses one.
+	genID := reqID + "." + newID()[:8]
 	promptTokens := 0
 	for _, g := range gens {
 		g.model, g.reqID, g.genID, g.arrival = m, reqID, genID+"-"+strconv.Itoa(g.promptIndex), arrival

@@ -9,6 +9,56 @@
 // the generated tokens. Models run behind sdk.Adapter and speak token ids, so
 // the same code drives an in-process fake in tests and a plugin process in
 // production.
+//
+// Behaviour worth knowing:
+//
+//   - Request bodies are decoded strictly: an unknown field is a 400 naming it
+//     (code unsupported_parameter), as is a parameter the model cannot honour
+//     (logprobs on an adapter without the "logprobs" feature, reasoning_effort
+//     on a non-harmony model, suffix, json_schema, non-text content parts).
+//   - `model` may be omitted when exactly one model is served; an unknown one
+//     is a 404 (code model_not_found) listing the served ids.
+//   - Context length: prompt >= context is a 400 on messages/prompt; prompt +
+//     max_tokens > context is a 400 on max_tokens (code
+//     context_length_exceeded). Without max_tokens the rest of the context is
+//     the limit.
+//   - Stop strings (`stop`) are matched on the content text; text that could
+//     still become a stop string is held back until decided, so the stop text
+//     never reaches the client. stop_token_ids (vLLM) add stop tokens; the
+//     model's end-of-generation tokens stop generation unless ignore_eos;
+//     min_tokens is passed to the adapter, which ignores stop tokens until then.
+//     End-of-generation tokens are counted in usage but never returned as text.
+//   - n > 1 runs n generations concurrently; with a seed, choice i uses seed+i
+//     (distinct, reproducible choices).
+//   - response_format json_object is validated as OpenAI does (the messages
+//     must mention JSON) but the output is not grammar-constrained: adapters
+//     sample freely, so the client must still validate the JSON.
+//   - Tools: gpt-oss uses harmony (reasoning -> reasoning_content, messages to
+//     functions.NAME -> tool_calls); other models use the JSON tool-call
+//     convention documented on TemplateFormat. tool_choice required/named
+//     prefill the assistant turn so the model continues a call;
+//     parallel_tool_calls false keeps only the first call.
+//   - /v1/completions prompts are encoded with BOS/EOS per the model's metadata
+//     and with special-token text parsed (so raw harmony or template prompts
+//     can be sent); chat prompts come from the chat format.
+//   - Queue: each model admits Model.MaxRunning generations (default: the
+//     adapter's MaxSequences) and lets Options.MaxQueue more wait; further
+//     requests get 429 with Retry-After. A request counts once whatever its n.
+//   - A client disconnect cancels the generation context (which cancels the
+//     adapter's Generate stream) and also calls Adapter.Cancel with the
+//     generation id (request id + random suffix), so the sequence is freed
+//     within one engine step.
+//   - Shutdown: new requests get 503 (code shutting_down); running ones may
+//     finish until the Shutdown context ends, then they are canceled.
+//   - Metrics: vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds,
+//     vllm:e2e_request_latency_seconds, vllm:request_queue_time_seconds,
+//     vllm:num_requests_running, vllm:num_requests_waiting,
+//     vllm:prompt_tokens_total, vllm:generation_tokens_total,
+//     vllm:kv_cache_usage_perc (from Adapter.Stats at scrape time),
+//     vllm:request_success_total{finished_reason}, and orch:request_aborted_total,
+//     orch:request_rejected_total{reason}, orch:request_failed_total; all with
+//     model_name. success + aborted + rejected + failed = requests received
+//     (the load test checks it).
 package server
 
 import (
