@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 
@@ -13,6 +14,18 @@ import (
 	"github.com/llama-orch/orch/host/plugins"
 	"github.com/llama-orch/orch/sdk"
 )
+
+// MulticastOffEnv is set in every member's environment: NVLink multicast
+// (NVLS) stays off in NCCL, NVSHMEM and PyTorch, as the GPU machines
+// require (a program using it can take shared GPUs out of service). The
+// plugin runtime passes only PATH, HOME, ORCH_*, CUDA_* ... to adapters, so
+// these would otherwise be dropped; no adapter uses NCCL yet, this keeps
+// the rule when one does (docs/multi-gpu.md).
+var MulticastOffEnv = map[string]string{
+	"NCCL_NVLS_ENABLE":                 "0",
+	"NVSHMEM_DISABLE_NVLS":             "1",
+	"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+}
 
 // OpenOptions configure Open.
 type OpenOptions struct {
@@ -86,7 +99,7 @@ func Open(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOpti
 	}
 	for i := range dec.Processes {
 		name := "cpu" + strconv.Itoa(i)
-		env := map[string]string{}
+		env := maps.Clone(MulticastOffEnv)
 		if dec.Kind != placement.CPU {
 			name = "gpu" + strconv.Itoa(dec.GPUs[i])
 			env["CUDA_VISIBLE_DEVICES"] = strconv.Itoa(dec.GPUs[i])

@@ -109,7 +109,9 @@ func TestOpenTwoProcessesFailover(t *testing.T) {
 	assert.Equal(t, []int{0, 1}, dec.GPUs)
 	require.Equal(t, 2, s.Len())
 	for i, g := range dec.GPUs {
-		assert.Equal(t, fmt.Sprint(g), childEnv(t, managed(s, i).Pid())["CUDA_VISIBLE_DEVICES"], "member %d", i)
+		env := childEnv(t, managed(s, i).Pid())
+		assert.Equal(t, fmt.Sprint(g), env["CUDA_VISIBLE_DEVICES"], "member %d", i)
+		assert.Equal(t, "0", env["NCCL_NVLS_ENABLE"], "NVLink multicast stays off")
 		assert.Equal(t, fmt.Sprintf("gpu%d", g), s.Members()[i].Name)
 	}
 	_, err = s.Load(ctx, req, nil)
