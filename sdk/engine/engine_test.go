@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -767,4 +768,50 @@ func TestLoadOptionsExtra(t *testing.T) {
 		assert.Zero(t, r.timings.CachedTokens)
 	}
 	assert.Equal(t, 8, m.MaxChunk())
+}
+
+func TestAdmissionIsFIFO(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, StepCost: 300 * time.Microsecond}
+	a, _ := load(t, cfg, engine.WithMaxSequences(2))
+	ctx := ctxT(t)
+	ps := prompts(8, cfg.Vocab)
+	var mu sync.Mutex
+	var order []int
+	var wg sync.WaitGroup
+	var finished atomic.Int32
+	for i, p := range ps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer finished.Add(1)
+			first := true
+			assert.NoError(t, a.Generate(ctx, greedy(p, 100), func(c sdk.Chunk) error {
+				if first && len(c.Tokens) > 0 {
+					first = false
+					mu.Lock()
+					order = append(order, i)
+					mu.Unlock()
+				}
+				return nil
+			}))
+		}()
+		// Submit in a known order, faster than requests finish.
+		require.Eventually(t, func() bool {
+			st, _ := a.Stats(ctx)
+			return st.Running+st.Waiting+int(finished.Load()) == i+1
+		}, time.Second, 50*time.Microsecond)
+	}
+	st, err := a.Stats(ctx)
+	require.NoError(t, err)
+	assert.Positive(t, st.Waiting, "requests queued up")
+	wg.Wait()
+	require.Len(t, order, len(ps))
+	// With two slots, request i starts no later than request i+2.
+	pos := make([]int, len(ps))
+	for k, i := range order {
+		pos[i] = k
+	}
+	for i := 0; i+2 < len(ps); i++ {
+		assert.Less(t, pos[i], pos[i+2], "order %v", order)
+	}
 }
