@@ -220,3 +220,43 @@ func scrape(t *testing.T, url string) map[string]float64 {
 	}
 	return out
 }
+
+func TestClientGoneWhileQueued(t *testing.T) {
+	ts := startServer(t, 5*time.Millisecond, func(o *Options, m *Model) {
+		m.MaxRunning = 1
+		o.MaxQueue = 2
+	})
+	ctxA, cancelA := context.WithCancel(context.Background())
+	defer cancelA()
+	respA, rdA := openStream(t, ctxA, ts.url+"/v1/chat/completions", chatBody("endless", map[string]any{"stream": true}))
+	require.Equal(t, 200, respA.StatusCode)
+	nextEvent(t, rdA)
+
+	ctxB, cancelB := context.WithCancel(context.Background())
+	errB := make(chan error, 1)
+	go func() {
+		req, _ := http.NewRequestWithContext(ctxB, "POST", ts.url+"/v1/completions", strings.NewReader(`{"model":"fake","prompt":"say:b"}`))
+		_, err := http.DefaultClient.Do(req)
+		errB <- err
+	}()
+	eventually(t, "B to wait", func() bool { return scrape(t, ts.url)[`vllm:num_requests_waiting{model_name="fake"}`] == 1 })
+	cancelB()
+	require.Error(t, <-errB)
+	eventually(t, "B to leave the queue", func() bool {
+		m := scrape(t, ts.url)
+		return m[`vllm:num_requests_waiting{model_name="fake"}`] == 0 && m[`orch:request_aborted_total{model_name="fake"}`] == 1
+	})
+	ts.adapter.mu.Lock()
+	n := len(ts.adapter.reqs)
+	ts.adapter.mu.Unlock()
+	assert.Equal(t, 1, n, "the queued request never reached the adapter")
+	cancelA()
+	respA.Body.Close()
+}
+
+func TestBodyTooLarge(t *testing.T) {
+	ts := startServer(t, 0)
+	big := `{"model":"fake","prompt":"` + strings.Repeat("a", maxBodyBytes) + `"}`
+	r := doReq(t, "POST", ts.url+"/v1/completions", big)
+	errorOf(t, r, 413, "")
+}

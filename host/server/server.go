@@ -57,8 +57,9 @@
 //     vllm:kv_cache_usage_perc (from Adapter.Stats at scrape time),
 //     vllm:request_success_total{finished_reason}, and orch:request_aborted_total,
 //     orch:request_rejected_total{reason}, orch:request_failed_total; all with
-//     model_name. success + aborted + rejected + failed = requests received
-//     (the load test checks it).
+//     model_name. For each model, success + aborted + rejected + failed counts
+//     every completion request that named it and decoded (the load test checks
+//     the sum against the requests it sent).
 package server
 
 import (

@@ -515,6 +515,9 @@ func TestAdapterErrors(t *testing.T) {
 	assert.Equal(t, "[DONE]", ev[len(ev)-1])
 	ts.adapter.failWith = fmt.Errorf("wrapped: %w", sdk.ErrContextTooLong)
 	errorOf(t, doReq(t, "POST", ts.url+"/v1/completions", map[string]any{"model": "fake", "prompt": "x"}), 400, "max_tokens")
+	ts.adapter.failWith = &sdk.OutOfMemoryError{Device: "cuda:0", Requested: 10, Free: 1}
+	e = errorOf(t, doReq(t, "POST", ts.url+"/v1/completions", map[string]any{"model": "fake", "prompt": "x"}), 503, "")
+	assert.Equal(t, "out_of_memory", e["code"])
 	ts.adapter.failWith = fmt.Errorf("wrapped: %w", sdk.ErrBusy)
 	r = doReq(t, "POST", ts.url+"/v1/completions", map[string]any{"model": "fake", "prompt": "x"})
 	errorOf(t, r, 503, "")
