@@ -172,3 +172,12 @@ func TestGraphReplay(t *testing.T) {
 		})
 	}
 }
+
+// CompareModels (the GPU oracle) passes for two CPU models of one file, one
+// of them on the replaying backend.
+func TestCompareModelsCPU(t *testing.T) {
+	c := nntest.Tiny("gpt-oss")
+	ref := load(t, c, Options{MaxTokens: 16})
+	m := load(t, c, Options{Backend: nntest.NewReplay(cpu.New(2)), MaxTokens: 16})
+	nntest.CompareModels(t, ref, m, 21, 1e-6)
+}

@@ -3,6 +3,7 @@ package nntest
 import (
 	"context"
 	"math/rand/v2"
+	"os"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -170,4 +171,58 @@ func CheckGreedy(t *testing.T, m engine.Model) {
 		}
 		assert.Equal(t, int32(best), toks[i], "sequence %d", i)
 	}
+}
+
+// CompareModels checks a model (e.g. on the GPU) against a reference model
+// of the same file (the CPU backend) within a relative tolerance: a prefill
+// of n tokens (all rows), the same prompt decoded token by token (the
+// captured-graph path on GPU backends), and a batch mixing a prefill chunk
+// with decodes.
+func CompareModels(t *testing.T, ref, m engine.Model, n int, tol float64) {
+	spec := m.Spec()
+	V, bs := spec.VocabSize, spec.BlockSize
+	rng := rand.New(rand.NewPCG(77, uint64(n)))
+	prompt := Prompt(rng, n, V)
+	tbl := func(a *blockAlloc, l int) []int32 { return a.table(t, l, bs) }
+	ra, ma := newBlockAlloc(ref.Spec().NumBlocks, rng), newBlockAlloc(spec.NumBlocks, rng)
+	want := Prefill(t, ref, prompt, tbl(ra, n))
+	got := Prefill(t, m, prompt, tbl(ma, n))
+	e := RelErr(got, want)
+	t.Logf("prefill %d tokens: relative error %.3g", n, e)
+	assert.LessOrEqual(t, e, tol, "prefill")
+
+	blocks := tbl(ma, n)
+	var dec []float32
+	for pos := 0; pos < n; pos++ {
+		out, err := m.Forward(context.Background(), &engine.Batch{Seqs: []engine.SeqInput{{Tokens: prompt[pos : pos+1], Pos: pos, Blocks: blocks}}})
+		require.NoError(t, err)
+		dec = append(dec, out.Logits[0]...)
+	}
+	e = RelErr(dec, want)
+	t.Logf("decode %d steps: relative error %.3g", n, e)
+	assert.LessOrEqual(t, e, tol, "token-by-token decode")
+
+	// a batch: sequence A decodes its last token while B prefills
+	b1 := tbl(ma, n)
+	_, err := m.Forward(context.Background(), &engine.Batch{Seqs: []engine.SeqInput{{Tokens: prompt[:n-1], Blocks: b1}}})
+	require.NoError(t, err)
+	other := Prompt(rng, n/2+1, V)
+	wantOther := Prefill(t, ref, other, tbl(ra, len(other)))
+	out, err := m.Forward(context.Background(), &engine.Batch{Seqs: []engine.SeqInput{
+		{Tokens: other, Blocks: tbl(ma, len(other)), AllLogits: true},
+		{Tokens: prompt[n-1:], Pos: n - 1, Blocks: b1},
+	}})
+	require.NoError(t, err)
+	assert.LessOrEqual(t, RelErr(out.Logits[0], wantOther), tol, "batched prefill")
+	assert.LessOrEqual(t, RelErr(out.Logits[1], want[(n-1)*V:]), tol, "batched decode")
+}
+
+// FindDir returns the first of the candidate directories that exists ("" if none).
+func FindDir(candidates ...string) string {
+	for _, c := range candidates {
+		if st, err := os.Stat(c); err == nil && st.IsDir() {
+			return c
+		}
+	}
+	return ""
 }
