@@ -417,7 +417,7 @@ func (s *Set) Stats(ctx context.Context) (sdk.Stats, error) {
 	s.mu.Lock()
 	var ms []*member
 	for _, m := range s.mems {
-		if m.up {
+		if m.up && !notReady(m.a) {
 			ms = append(ms, m)
 		}
 	}
