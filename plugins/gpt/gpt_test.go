@@ -181,3 +181,15 @@ func TestCompareModelsCPU(t *testing.T) {
 	m := load(t, c, Options{Backend: nntest.NewReplay(cpu.New(2)), MaxTokens: 16})
 	nntest.CompareModels(t, ref, m, 21, 1e-6)
 }
+
+func TestTinyGPUConfigs(t *testing.T) {
+	for _, arch := range []string{"gpt-oss", "gpt2"} {
+		c := nntest.TinyGPU(arch)
+		p := nntest.MustWrite(t, c)
+		assert.Equal(t, 64, nntest.HeadDim(p), arch)
+		m, err := Load(p, Options{Backend: cpu.New(1), NumBlocks: 8, BlockSize: 4})
+		require.NoError(t, err)
+		nntest.Prefill(t, m, []int32{1, 2, 3}, []int32{0})
+		require.NoError(t, m.Close())
+	}
+}

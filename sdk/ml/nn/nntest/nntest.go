@@ -282,3 +282,42 @@ func MustWrite(t testing.TB, c Config) string {
 	}
 	return p
 }
+
+// TinyGPU is Tiny with head dimension 64 (the smallest the CUDA attention
+// kernels take).
+func TinyGPU(arch string) Config {
+	c := Tiny(arch)
+	switch arch {
+	case "gpt-oss":
+		c.HeadDim = 64
+	case "gpt2":
+		c.Width, c.Heads, c.KVHeads, c.FF = 128, 2, 2, 256
+	case "llama":
+		c.Width, c.Heads, c.KVHeads, c.FF = 128, 2, 1, 192
+	}
+	return c
+}
+
+// HeadDim reads the attention head size of a GGUF model (0 if unknown).
+func HeadDim(path string) int {
+	f, err := gguf.Open(path)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	arch := f.Architecture()
+	if v, ok := f.Uint(arch + ".attention.key_length"); ok {
+		return int(v)
+	}
+	heads, ok := f.Uint(arch + ".attention.head_count")
+	if !ok || heads == 0 {
+		return 0
+	}
+	if v, ok := f.Uint(arch + ".embedding_length"); ok && arch == "gpt2" {
+		return int(v / heads)
+	}
+	if t, ok := f.Tensor("blk.0.attn_q.weight"); ok && len(t.Shape) == 2 {
+		return int(uint64(t.Shape[1]) / heads)
+	}
+	return 0
+}
