@@ -400,6 +400,13 @@ func (r *Runner) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, e
 // each returned row to toks, in SeqInput order.
 func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Output, toks *[]int32) error {
 	spec := r.cfg.Spec
+	if b != nil {
+		for i, s := range b.Seqs {
+			if end := s.Pos + len(s.Tokens); end > spec.ContextLength {
+				return fmt.Errorf("sequence %d: positions up to %d, context length is %d: %w", i, end, spec.ContextLength, sdk.ErrContextTooLong)
+			}
+		}
+	}
 	pieces, err := Split(b, spec.VocabSize, spec.BlockSize, spec.NumBlocks, r.cfg.MaxTokens)
 	if err != nil {
 		return err

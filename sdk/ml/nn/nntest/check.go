@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
 )
 
@@ -138,6 +139,9 @@ func CheckConsistency(t *testing.T, m engine.Model, n int) {
 		assert.ErrorContains(t, err, "blocks")
 		_, err = m.Forward(context.Background(), &engine.Batch{Seqs: []engine.SeqInput{{Tokens: []int32{1}, Blocks: []int32{int32(spec.NumBlocks)}}}})
 		assert.Error(t, err)
+		_, err = m.Forward(context.Background(), &engine.Batch{Seqs: []engine.SeqInput{{Tokens: []int32{1}, Pos: spec.ContextLength,
+			Blocks: make([]int32, spec.ContextLength/bs+1)}}})
+		assert.ErrorIs(t, err, sdk.ErrContextTooLong)
 		// the model still works after errors
 		again := Prefill(t, m, prompt[:2], []int32{0})
 		assert.Equal(t, whole[:2*V], again)
