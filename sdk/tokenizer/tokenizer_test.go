@@ -200,3 +200,30 @@ func FuzzRoundTrip(f *testing.F) {
 		}
 	})
 }
+
+// TestConcurrentEncode shares one tokenizer between goroutines (run with
+// -race).
+func TestConcurrentEncode(t *testing.T) {
+	tok := o200k(t)
+	texts := loadCorpus(t)[:200]
+	want := make([][]int32, len(texts))
+	for i, s := range texts {
+		want[i] = tok.Encode(s, tokenizer.EncodeOptions{})
+	}
+	done := make(chan error, 4)
+	for g := 0; g < 4; g++ {
+		go func() {
+			for i, s := range texts {
+				if got := tok.Encode(s, tokenizer.EncodeOptions{}); !equal(got, want[i]) {
+					done <- assert.AnError
+					return
+				}
+				_ = tok.Decode(want[i])
+			}
+			done <- nil
+		}()
+	}
+	for g := 0; g < 4; g++ {
+		require.NoError(t, <-done)
+	}
+}
