@@ -15,8 +15,7 @@ perf=0
 declare -a rows
 row() { rows+=("| $1 | $2 | $3 |"); }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-echo "GPU: $(cat "$OUT/gpu.txt")"
+echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 t0=$(date +%s)
 if cmake -S cuda -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >"$OUT/build.log" 2>&1 &&
    cmake --build build/cuda >>"$OUT/build.log" 2>&1; then
@@ -44,9 +43,12 @@ done
 
 # The kept v1 kernels must stay correct too (they are selectable at run time).
 if [ -x bin/cuda-gpu.test ]; then
-  if ORCH_CUDA_GEMV=v1 ORCH_CUDA_ATTN=v1 bin/cuda-gpu.test -test.timeout 300s >"$OUT/cuda-gpu-v1.log" 2>&1; then
-    row "cuda-gpu (v1 kernels)" PASS "$(tail -1 "$OUT/cuda-gpu-v1.log")"
-  else status=1; row "cuda-gpu (v1 kernels)" FAIL "$(grep -E -- '--- FAIL' "$OUT/cuda-gpu-v1.log" | head -3 | tr '\n' ' ')"; fi
+  for v in v1 v2; do
+    log=/tmp/cuda-gpu-$v.log
+    if ORCH_CUDA_GEMV=$v ORCH_CUDA_ATTN=v1 bin/cuda-gpu.test -test.timeout 300s >"$log" 2>&1; then
+      row "cuda-gpu (GEMV $v, attention v1)" PASS "$(tail -1 "$log")"
+    else status=1; cp "$log" "$OUT/"; row "cuda-gpu (GEMV $v, attention v1)" FAIL "$(grep -E -- '--- FAIL' "$log" | head -3 | tr '\n' ' ')"; fi
+  done
 fi
 
 if [ -x bin/cuda-gpu.test ] && command -v compute-sanitizer >/dev/null; then
@@ -62,10 +64,11 @@ fi
 if [ $perf = 1 ] && [ -x bin/cuda-gpu.test ]; then
   # Kept kernel versions first (ORCH_CUDA_GEMV=v1 ORCH_CUDA_ATTN=v1), then the current ones, same machine.
   ORCH_CUDA_GEMV=v1 ORCH_CUDA_ATTN=v1 ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf-v1.md" bin/cuda-gpu.test \
-    -test.run 'TestPerf' -test.v -test.timeout 400s >"$OUT/perf-v1.log" 2>&1 \
-    && row perf-v1 ok "perf-v1.md" || { row perf-v1 FAIL "see perf-v1.log"; tail -30 "$OUT/perf-v1.log"; }
+    -test.run 'TestPerf' -test.v -test.timeout 400s >/tmp/perf-v1.log 2>&1 \
+    && row perf-v1 ok "perf-v1.md" || { row perf-v1 FAIL "see perf-v1.log"; cp /tmp/perf-v1.log "$OUT/"; tail -30 /tmp/perf-v1.log; }
   ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf.md" bin/cuda-gpu.test -test.run 'TestPerf' -test.v -test.timeout 400s \
-    >"$OUT/perf.log" 2>&1 && row perf ok "perf.md" || { row perf FAIL "see perf.log"; tail -30 "$OUT/perf.log"; }
+    >/tmp/perf.log 2>&1 && row perf ok "perf.md" || { row perf FAIL "see perf.log"; cp /tmp/perf.log "$OUT/"; tail -30 /tmp/perf.log; }
+  grep -E "decode depth" /tmp/perf-v1.log /tmp/perf.log
   [ -f "$OUT/perf-v1.md" ] && grep -E 'decode step|copy' "$OUT/perf-v1.md"
   [ -f "$OUT/perf.md" ] && cat "$OUT/perf.md"
 fi

@@ -24,8 +24,9 @@ struct orch_ctx {
   void *scratch = nullptr;
   size_t scratch_bytes = 0;
   std::vector<void *> retired;
-  // Kernel versions kept for A/B timing (env ORCH_CUDA_GEMV=v1, ORCH_CUDA_ATTN=v1).
-  bool gemv_v1 = false;
+  // Kernel versions kept for A/B timing: ORCH_CUDA_GEMV=v1|v2|v3 (GEMV for
+  // n <= 8; v3 is the default where it applies, else v1), ORCH_CUDA_ATTN=v1.
+  int gemv = 3;
   bool attn_v1 = false;
 };
 

@@ -193,6 +193,156 @@ gemv2_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
   }
 }
 
+// v3 GEMV (Q8_0, Q4_0, MXFP4: one block per 32-element chunk). v1's lanes
+// used few registers, so the compiler interleaved each byte load with its use
+// and every chunk cost several dependent memory latencies. Here each lane
+// first loads two whole blocks into registers (all loads in flight), and x is
+// staged once per CTA in shared memory (padded 36 floats per 32 so lanes that
+// read different chunks hit different banks).
+constexpr int GEMV3_WARPS = 4;
+
+template <int T>
+__device__ __forceinline__ float block_scale(const uint8_t *b) {
+  if constexpr (T == ORCH_T_MXFP4) return 0.5f * e8m0(b[0]);
+  else return __half2float(__ushort_as_half((unsigned short)(b[0] | (b[1] << 8))));
+}
+
+template <int T>
+__device__ __forceinline__ float block_dot(const uint8_t *b, const float *xs) {
+  const float d = block_scale<T>(b);
+  float s = 0.f;
+  if constexpr (T == ORCH_T_Q8_0) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      float4 xv = *reinterpret_cast<const float4 *>(xs + 4 * i);
+      s += (float)(int8_t)b[2 + 4 * i] * xv.x + (float)(int8_t)b[3 + 4 * i] * xv.y +
+           (float)(int8_t)b[4 + 4 * i] * xv.z + (float)(int8_t)b[5 + 4 * i] * xv.w;
+    }
+  } else {
+    constexpr int off = T == ORCH_T_MXFP4 ? 1 : 2;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      float4 lo = *reinterpret_cast<const float4 *>(xs + 4 * i);
+      float4 hi = *reinterpret_cast<const float4 *>(xs + 16 + 4 * i);
+      float ql[4], qh[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        int q = b[off + 4 * i + j];
+        if constexpr (T == ORCH_T_MXFP4) {
+          ql[j] = e2m1x2(q & 0xF);
+          qh[j] = e2m1x2(q >> 4);
+        } else {
+          ql[j] = (float)((q & 0xF) - 8);
+          qh[j] = (float)((q >> 4) - 8);
+        }
+      }
+      s += ql[0] * lo.x + ql[1] * lo.y + ql[2] * lo.z + ql[3] * lo.w + qh[0] * hi.x + qh[1] * hi.y + qh[2] * hi.z +
+           qh[3] * hi.w;
+    }
+  }
+  return d * s;
+}
+
+template <int T, int NT>
+__global__ void __launch_bounds__(GEMV3_WARPS * 32)
+gemv3_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+             const int32_t *__restrict__ ids, int n_slots, int x_per_slot, int64_t expert_bytes) {
+  extern __shared__ __align__(16) float xs[]; // NT rows of (k/32)*36 floats
+  constexpr int BB = type_block_bytes(T);
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * GEMV3_WARPS + (threadIdx.x >> 5);
+  int64_t t0 = (int64_t)blockIdx.y * NT;
+  int nt = (int)min((int64_t)NT, n - t0);
+  const uint8_t *wbase = w;
+  const float *bias_row = bias;
+  int64_t xrow0 = t0, yrow0 = t0;
+  if (ids) {
+    int64_t p = blockIdx.y;
+    int e = ids[p];
+    wbase = w + (int64_t)e * expert_bytes;
+    if (bias) bias_row = bias + (int64_t)e * m;
+    xrow0 = x_per_slot ? p : p / n_slots;
+    yrow0 = p;
+    nt = 1;
+  }
+  const int64_t nchunks = k / 32;
+  const int64_t xstride = nchunks * 36;
+  for (int j = 0; j < nt; j++)
+    for (int64_t i = threadIdx.x; i < k / 4; i += blockDim.x) {
+      int64_t c = i / 8, o = (i % 8) * 4;
+      *reinterpret_cast<float4 *>(xs + j * xstride + c * 36 + o) =
+          __ldg(reinterpret_cast<const float4 *>(x + (xrow0 + j) * k) + i);
+    }
+  __syncthreads();
+  if (row >= m) return;
+  const uint8_t *wr = wbase + row * row_bytes;
+  float acc[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) acc[j] = 0.f;
+  for (int64_t c = lane; c < nchunks; c += 64) {
+    const bool two = c + 32 < nchunks;
+    uint8_t b0[BB], b1[BB];
+    const uint8_t *p0 = wr + c * BB, *p1 = p0 + 32 * BB;
+#pragma unroll
+    for (int i = 0; i < BB; i++) {
+      b0[i] = __ldg(p0 + i);
+      b1[i] = two ? __ldg(p1 + i) : (uint8_t)0;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      if (j < nt) {
+        acc[j] += block_dot<T>(b0, xs + j * xstride + c * 36);
+        if (two) acc[j] += block_dot<T>(b1, xs + j * xstride + (c + 32) * 36);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    float s = warp_sum(acc[j]);
+    if (lane == 0 && j < nt) {
+      if (bias_row) s += bias_row[row];
+      float *yp = y + (yrow0 + j) * m + row;
+      *yp = accumulate ? *yp + s : s;
+    }
+  }
+}
+
+static bool gemv3_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
+static size_t gemv3_smem(int64_t k, int nt) { return (size_t)nt * (k / 32) * 36 * sizeof(float); }
+constexpr size_t GEMV3_MAX_SMEM = 96 * 1024;
+
+template <int T, int NT>
+static void launch_gemv3_nt(cudaStream_t st, dim3 grid, float *y, const float *x, const uint8_t *w, const float *bias,
+                            int64_t n, int64_t k, int64_t m, int64_t rb, int acc, const int32_t *ids, int n_slots,
+                            int x_per_slot, int64_t expert_bytes) {
+  size_t sm = gemv3_smem(k, NT);
+  if (sm > 48 * 1024) cudaFuncSetAttribute(gemv3_kernel<T, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  gemv3_kernel<T, NT><<<grid, GEMV3_WARPS * 32, sm, st>>>(y, x, w, bias, n, k, m, rb, acc, ids, n_slots, x_per_slot,
+                                                          expert_bytes);
+}
+
+template <int T>
+static void launch_gemv3(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                         int64_t k, int64_t m, int64_t rb, int acc) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    unsigned gx = (unsigned)ceil_div(m, GEMV3_WARPS);
+    if (n == 1) launch_gemv3_nt<T, 1>(st, dim3(gx, 1), y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+    else if (n == 2) launch_gemv3_nt<T, 2>(st, dim3(gx, 1), y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+    else if (n <= 4) launch_gemv3_nt<T, 4>(st, dim3(gx, 1), y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+    else launch_gemv3_nt<T, 8>(st, dim3(gx, (unsigned)ceil_div(n, 8)), y, x, w, bias, n, k, m, rb, acc, nullptr, 0, 0, 0);
+  }
+}
+
+template <int T>
+static void launch_moe3(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
+                        const int32_t *ids, int64_t n, int n_slots, int x_per_slot, int64_t k, int64_t m, int64_t rb) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    dim3 grid((unsigned)ceil_div(m, GEMV3_WARPS), (unsigned)(n * n_slots));
+    launch_gemv3_nt<T, 1>(st, grid, y, x, w, bias, n * n_slots, k, m, rb, 0, ids, n_slots, x_per_slot, rb * m);
+  }
+}
+
 // Tile in chunks of 32 elements: a multiple of 8 (whole K-quant super-blocks)
 // whose bytes fit GEMV2_TILE_BYTES.
 static int gemv2_tile_chunks(int t, int64_t k) {
@@ -320,7 +470,9 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   const int64_t rb = orch_row_bytes(wtype, k);
   const uint8_t *wb = (const uint8_t *)w;
   if (n <= 8) {
-    if (ctx->gemv_v1) {
+    if (ctx->gemv == 3 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) <= GEMV3_MAX_SMEM) {
+      ORCH_DISPATCH_TYPE(wtype, launch_gemv3, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+    } else if (ctx->gemv != 2) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
     } else {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv2, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
@@ -399,7 +551,10 @@ extern "C" int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t 
   ORCH_CHECK_ARG(n * n_slots <= 65535, op);
   if (n == 0) return ORCH_OK;
   const int64_t rb = orch_row_bytes(wtype, k);
-  if (ctx->gemv_v1) {
+  if (ctx->gemv == 3 && gemv3_type(wtype) && gemv3_smem(k, 1) <= GEMV3_MAX_SMEM) {
+    ORCH_DISPATCH_TYPE(wtype, launch_moe3, ctx->stream, y, x, (const uint8_t *)w, bias, ids, n, n_slots, x_per_slot,
+                       k, m, rb);
+  } else if (ctx->gemv != 2) {
     ORCH_DISPATCH_TYPE(wtype, launch_moe, ctx->stream, y, x, (const uint8_t *)w, bias, ids, n, n_slots, x_per_slot,
                        k, m, rb);
   } else {

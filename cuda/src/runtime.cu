@@ -74,7 +74,8 @@ extern "C" int orch_init(int32_t device, orch_ctx **out) {
   cublasSetWorkspace(c->cublas, c->cublas_ws, c->cublas_ws_bytes);
   cublasSetMathMode(c->cublas, CUBLAS_DEFAULT_MATH);
   const char *gv = getenv("ORCH_CUDA_GEMV");
-  c->gemv_v1 = gv && strcmp(gv, "v1") == 0;
+  if (gv && strcmp(gv, "v1") == 0) c->gemv = 1;
+  if (gv && strcmp(gv, "v2") == 0) c->gemv = 2;
   const char *av = getenv("ORCH_CUDA_ATTN");
   c->attn_v1 = av && strcmp(av, "v1") == 0;
   *out = c;
