@@ -342,7 +342,7 @@ func (s *Set) Generate(ctx context.Context, req sdk.GenerateRequest, emit func(s
 	first := m
 	m, perr := s.pick(first)
 	if perr != nil {
-		return fmt.Errorf("replica %s: %w (no other replica to retry on: %w)", first.name, err, perr)
+		return fmt.Errorf("replica %s: %w (no other replica to retry on: %v)", first.name, err, perr)
 	}
 	if run != nil {
 		s.mu.Lock()

@@ -460,3 +460,42 @@ func TestIsMemberDown(t *testing.T) {
 	assert.False(t, IsMemberDown(sdk.ErrInvalidArgument))
 	assert.False(t, IsMemberDown(context.Canceled))
 }
+
+// busyAdapter answers Generate with sdk.ErrBusy.
+type busyAdapter struct{ sdk.Adapter }
+
+func (busyAdapter) Generate(context.Context, sdk.GenerateRequest, func(sdk.Chunk) error) error {
+	return fmt.Errorf("queue full: %w", sdk.ErrBusy)
+}
+
+// A busy member is not down: the request goes to another member once, and
+// the busy one stays in rotation.
+func TestBusyRetriedElsewhere(t *testing.T) {
+	ex := example.New(hclog.NewNullLogger(), counterArch)
+	s, err := New([]Member{
+		{Name: "busy", Adapter: busyAdapter{example.New(hclog.NewNullLogger(), counterArch)}},
+		{Name: "ok", Adapter: ex},
+	}, Options{})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	loadSet2(t, s)
+	for i := range 4 {
+		st := start(s, fmt.Sprintf("b%d", i), 1, 2)
+		st.wait(t)
+		require.NoError(t, st.err)
+		assert.Equal(t, []int32{2, 3}, st.tokens)
+	}
+	ms := s.Members()
+	assert.True(t, ms[0].Up, "busy is not down")
+	assert.Zero(t, ms[0].Failures)
+	assert.EqualValues(t, 4, ms[1].Served)
+
+	// With only busy members, the error says busy.
+	s2, err := New([]Member{{Adapter: busyAdapter{example.New(hclog.NewNullLogger(), counterArch)}}}, Options{})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s2.Close(context.Background()) })
+	loadSet2(t, s2)
+	err = s2.Generate(context.Background(), sdk.GenerateRequest{Prompt: []int32{1}, MaxTokens: 1}, func(sdk.Chunk) error { return nil })
+	require.ErrorIs(t, err, sdk.ErrBusy)
+	assert.NotErrorIs(t, err, sdk.ErrAdapterCrashed, "busy is not a crash (429, not 503)")
+}
