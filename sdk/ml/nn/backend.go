@@ -65,6 +65,7 @@ type Sizing struct {
 	MaxSeqs   int
 	BlockSize int
 	NumBlocks int
+	KVType    ml.DType // F32 unless opts.Extra["kv_type"] says f16 or bf16
 }
 
 // DefaultBlockSize is the KV block size models use unless told otherwise.
@@ -73,7 +74,8 @@ const DefaultBlockSize = 16
 // Size chooses the context length (the request's, capped at the trained
 // context; default min(trained, 4096)), the number of sequences (the
 // request's; default 4 on CPU, 16 on GPU) and NumBlocks = blocks per
-// context x sequences. opts.Extra["num_blocks"] and ["block_size"] override.
+// context x sequences. opts.Extra["num_blocks"] and ["block_size"] override;
+// opts.Extra["kv_type"] (f32, f16, bf16) sets the KV cache type.
 func Size(opts sdk.LoadOptions, trained int, backend string) (Sizing, error) {
 	s := Sizing{BlockSize: DefaultBlockSize}
 	if trained <= 0 {
@@ -98,6 +100,18 @@ func Size(opts sdk.LoadOptions, trained int, backend string) (Sizing, error) {
 		s.BlockSize = n
 	}
 	s.NumBlocks = (s.Context + s.BlockSize - 1) / s.BlockSize * s.MaxSeqs
+	if v, ok := opts.Extra["kv_type"]; ok {
+		switch strings.ToLower(v) {
+		case "f32":
+			s.KVType = ml.F32
+		case "f16":
+			s.KVType = ml.F16
+		case "bf16":
+			s.KVType = ml.BF16
+		default:
+			return s, fmt.Errorf("option kv_type=%q (want f32, f16 or bf16): %w", v, sdk.ErrInvalidArgument)
+		}
+	}
 	if v, ok := opts.Extra["num_blocks"]; ok {
 		n, err := strconv.Atoi(v)
 		if err != nil || n <= 0 {

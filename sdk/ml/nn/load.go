@@ -21,6 +21,7 @@ type Options struct {
 	BlockSize     int        // tokens per KV block (0 = DefaultBlockSize)
 	MaxTokens     int        // tokens per internal forward sub-batch (0 = 256)
 	ContextLength int        // max tokens per sequence (0 = min(trained, 4096))
+	KVType        ml.DType   // KV cache element type: F32 (the zero value), or F16/BF16 on the GPU
 	// Progress, when set, receives the bytes of weights bound so far.
 	Progress func(done, total int64)
 }
@@ -146,7 +147,7 @@ func (bs Builders) Loader(log hclog.Logger) engine.Loader {
 			total += t.Size
 		}
 		r, err := bs.Open(f, Options{
-			Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context,
+			Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType,
 			Progress: func(done, _ int64) {
 				progress(sdk.LoadProgress{Stage: "weights", Done: min(done, total), Total: total})
 			},
@@ -184,7 +185,7 @@ type Model struct {
 // Finish allocates the KV cache for m and wraps net in a Runner sized by o
 // (already normalized). On error it closes net.
 func Finish(o Options, w *Weights, net Net, m Model) (*Runner, error) {
-	kv, err := NewKVCache(o.Backend, m.Layers, m.HeadDim, m.KVHeads, o.BlockSize, o.NumBlocks)
+	kv, err := NewKVCache(o.Backend, o.KVType, m.Layers, m.HeadDim, m.KVHeads, o.BlockSize, o.NumBlocks)
 	if err != nil {
 		net.Close()
 		return nil, err

@@ -12,8 +12,10 @@ import (
 )
 
 // KVCache is a paged KV cache: per layer, K and V tensors of shape
-// [headDim, kvHeads, BlockSize, NumBlocks] (F32).
+// [headDim, kvHeads, BlockSize, NumBlocks] (F32, or F16/BF16 where the
+// backend supports it).
 type KVCache struct {
+	DType     ml.DType
 	K, V      []ml.Tensor
 	HeadDim   int
 	KVHeads   int
@@ -21,19 +23,23 @@ type KVCache struct {
 	NumBlocks int
 }
 
-// NewKVCache allocates the cache for layers layers.
-func NewKVCache(b ml.Backend, layers, headDim, kvHeads, blockSize, numBlocks int) (*KVCache, error) {
+// NewKVCache allocates the cache for layers layers in type dt (F32, F16 or
+// BF16; the CPU backend takes F32 only).
+func NewKVCache(b ml.Backend, dt ml.DType, layers, headDim, kvHeads, blockSize, numBlocks int) (*KVCache, error) {
 	if layers <= 0 || headDim <= 0 || kvHeads <= 0 || blockSize <= 0 || numBlocks <= 0 {
 		return nil, fmt.Errorf("kv cache: %d layers, head dim %d, %d kv heads, %d blocks of %d", layers, headDim, kvHeads, numBlocks, blockSize)
 	}
-	c := &KVCache{HeadDim: headDim, KVHeads: kvHeads, BlockSize: blockSize, NumBlocks: numBlocks}
+	if dt != ml.F32 && dt != ml.F16 && dt != ml.BF16 {
+		return nil, fmt.Errorf("kv cache: type %s (want F32, F16 or BF16): %w", dt, sdk.ErrInvalidArgument)
+	}
+	c := &KVCache{DType: dt, HeadDim: headDim, KVHeads: kvHeads, BlockSize: blockSize, NumBlocks: numBlocks}
 	for range layers {
-		k, err := b.Alloc(ml.F32, headDim, kvHeads, blockSize, numBlocks)
+		k, err := b.Alloc(dt, headDim, kvHeads, blockSize, numBlocks)
 		if err != nil {
 			c.Free(b)
 			return nil, fmt.Errorf("kv cache: %w", err)
 		}
-		v, err := b.Alloc(ml.F32, headDim, kvHeads, blockSize, numBlocks)
+		v, err := b.Alloc(dt, headDim, kvHeads, blockSize, numBlocks)
 		if err != nil {
 			b.Free(k)
 			c.Free(b)
@@ -46,7 +52,11 @@ func NewKVCache(b ml.Backend, layers, headDim, kvHeads, blockSize, numBlocks int
 
 // BlockBytes is the size of one block over all layers (K and V).
 func (c *KVCache) BlockBytes() int64 {
-	return int64(len(c.K)) * 2 * int64(c.HeadDim*c.KVHeads*c.BlockSize) * 4
+	el := int64(4)
+	if c.DType != ml.F32 {
+		el = 2
+	}
+	return int64(len(c.K)) * 2 * int64(c.HeadDim*c.KVHeads*c.BlockSize) * el
 }
 
 // Free releases the cache.
