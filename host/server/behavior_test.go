@@ -164,18 +164,36 @@ func TestGracefulShutdown(t *testing.T) {
 		rec := httptestPost(h, "/v1/chat/completions", chatBody("say:x", nil))
 		assert.Equal(t, 503, rec.Code)
 		assert.Equal(t, 503, httptestDo(ts.srv, "GET", "/health").Code)
-		// The endless stream is cut when the grace period ends.
+		// The endless stream ends when the grace period ends: finish_reason
+		// "abort", then [DONE].
+		var rest strings.Builder
 		for {
 			line, err := rd.ReadString('\n')
+			rest.WriteString(line)
 			if err != nil {
 				break
 			}
-			_ = line
 		}
 		resp.Body.Close()
 		require.NoError(t, <-done)
+		assert.Contains(t, rest.String(), `"finish_reason":"abort"`)
+		assert.True(t, strings.HasSuffix(rest.String(), "data: [DONE]\n\n"), rest.String())
 		assert.Equal(t, 0, ts.adapter.numActive())
 	})
+}
+
+func TestShutdownCancelsNonStreamed(t *testing.T) {
+	ts := startServer(t, 5*time.Millisecond)
+	res := make(chan httpResult, 1)
+	go func() {
+		res <- doReq(t, "POST", ts.url+"/v1/completions", map[string]any{"model": "fake", "prompt": "endless", "max_tokens": 200})
+	}()
+	eventually(t, "the generation to start", func() bool { return ts.adapter.numActive() == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	require.NoError(t, ts.srv.Shutdown(ctx))
+	e := errorOf(t, <-res, 503, "")
+	assert.Equal(t, "shutting_down", e["code"])
 }
 
 func TestMetrics(t *testing.T) {

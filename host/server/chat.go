@@ -165,6 +165,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	s.execute(w, r, m, []*genRequest{g}, func(ctx context.Context, ev <-chan choiceEvent) outcome {
 		res, aborted, ferr := collectAll(ctx, ev, g.n)
 		if aborted {
+			s.writeShutdownError(w)
 			return outcome{aborted: true}
 		}
 		if ferr != nil {
@@ -312,6 +313,7 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter, m *serve
 	}
 	toolIdx := make([]int, g.n)
 	tokens := make([]int, g.n)
+	finished := make([]bool, g.n)
 	first := ""
 	var firstErr error
 	aborted := false
@@ -375,10 +377,21 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter, m *serve
 			if ev.index == 0 {
 				first = f
 			}
+			finished[ev.index] = true
 			_ = sse.send(chunk(ChatChunkChoice{Index: ev.index, Delta: ChatMessageOut{}, FinishReason: &f}))
 		}
 	}
 	if ctx.Err() != nil || sse.err != nil {
+		if s.shuttingDown() {
+			// The client is still there: end its stream properly.
+			for i, done := range finished {
+				if !done {
+					f := "abort"
+					_ = sse.send(chunk(ChatChunkChoice{Index: i, Delta: ChatMessageOut{}, FinishReason: &f}))
+				}
+			}
+			sse.done()
+		}
 		return outcome{aborted: true}
 	}
 	if includeUsage {

@@ -115,6 +115,7 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 			}
 			tokens := make([]int, total)
 			offsets := make([]int, total)
+			finished := make([]bool, total)
 			first := ""
 			var firstErr error
 			for ev := range events {
@@ -144,10 +145,20 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 					if ev.index == 0 {
 						first = f
 					}
+					finished[ev.index] = true
 					_ = sse.send(chunk(CompletionChoice{Index: ev.index, FinishReason: &f}))
 				}
 			}
 			if ctx.Err() != nil || sse.err != nil {
+				if s.shuttingDown() {
+					for i, done := range finished {
+						if !done {
+							f := "abort"
+							_ = sse.send(chunk(CompletionChoice{Index: i, FinishReason: &f}))
+						}
+					}
+					sse.done()
+				}
 				return outcome{aborted: true}
 			}
 			if includeUsage {
@@ -169,6 +180,7 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 	s.execute(w, r, m, gens, func(ctx context.Context, events <-chan choiceEvent) outcome {
 		res, aborted, ferr := collectAll(ctx, events, total)
 		if aborted {
+			s.writeShutdownError(w)
 			return outcome{aborted: true}
 		}
 		if ferr != nil {

@@ -254,6 +254,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return err
 }
 
+// shuttingDown reports that Shutdown gave up waiting and canceled generations.
+func (s *Server) shuttingDown() bool { return s.baseCtx.Err() != nil }
+
+// writeShutdownError answers a non-streamed request that shutdown canceled
+// (a client that went away gets nothing).
+func (s *Server) writeShutdownError(w http.ResponseWriter) {
+	if s.shuttingDown() {
+		writeError(w, unavailable("shutting_down", "the server shut down before the request finished", s.opts.RetryAfter))
+	}
+}
+
 // lookup finds a served model; an unknown id is a 404 naming the served ones.
 func (s *Server) lookup(id string) (*servedModel, error) {
 	s.mu.RLock()
