@@ -303,3 +303,43 @@ func TestTopKMatchesSort(t *testing.T) {
 		require.Equal(t, ref, got, "trial %d n %d k %d", trial, n, k)
 	}
 }
+
+// FuzzSample: any logits (NaN, ±Inf included) and any valid parameters give
+// a token inside the vocabulary, never a panic.
+func FuzzSample(f *testing.F) {
+	f.Add([]byte{0, 0, 128, 63, 0, 0, 0, 64}, float32(1), 2, float32(0.9), float32(0.1), float32(1.2), uint64(1))
+	f.Add([]byte{0, 0, 192, 127, 0, 0, 128, 255, 0, 0, 128, 127}, float32(0.5), 0, float32(0), float32(0), float32(0), uint64(2))
+	f.Fuzz(func(t *testing.T, raw []byte, temp float32, topK int, topP, minP, rep float32, seed uint64) {
+		n := len(raw) / 4
+		if n == 0 || n > 4096 {
+			return
+		}
+		logits := make([]float32, n)
+		for i := range logits {
+			logits[i] = math.Float32frombits(uint32(raw[4*i]) | uint32(raw[4*i+1])<<8 | uint32(raw[4*i+2])<<16 | uint32(raw[4*i+3])<<24)
+		}
+		clamp := func(x float32) float32 {
+			if math.IsNaN(float64(x)) || x < 0 {
+				return 0
+			}
+			return min(x, 1)
+		}
+		if math.IsNaN(float64(temp)) || temp < 0 {
+			temp = 0
+		}
+		sp := sdk.SamplingParams{Temperature: temp, TopK: max(topK, 0) % (n + 2), TopP: clamp(topP), MinP: clamp(minP),
+			RepetitionPenalty: 1 + clamp(rep), PresencePenalty: 0.5, Seed: seed, HasSeed: true,
+			LogitBias: map[int32]float32{0: 1}}
+		s := newSampler(sdk.GenerateRequest{Prompt: []int32{0, int32(n - 1)}, Sampling: sp, StopTokens: []int32{0}, MinTokens: 1, TopLogprobs: 3})
+		for g := range 3 {
+			tok, info := s.sample(logits, g)
+			if tok < 0 || int(tok) >= n {
+				t.Fatalf("token %d outside [0, %d)", tok, n)
+			}
+			if info == nil {
+				t.Fatal("no logprobs")
+			}
+			s.accept(tok)
+		}
+	})
+}

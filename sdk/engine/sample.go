@@ -17,7 +17,7 @@ import (
 // (prompt and generated tokens, divide positive / multiply negative logits as
 // in transformers), presence and frequency penalties (generated tokens, as in
 // OpenAI's API), masking of stop tokens before MinTokens; then greedy
-// (temperature 0, lowest id on ties) or temperature, top-k, top-p, min-p and a
+// (temperature below 1e-5, lowest id on ties) or temperature, top-k, top-p, min-p and a
 // draw. Logprobs are those of the model's raw distribution (log-softmax of the
 // unmodified logits), the convention of vLLM's default "raw_logprobs".
 type sampler struct {
@@ -61,7 +61,7 @@ func newSampler(req sdk.GenerateRequest) *sampler {
 // plain reports whether the next token is simply the argmax of the model's
 // logits, so a device-side argmax (GreedyModel) can replace the host sampler.
 func (s *sampler) plain(generated int) bool {
-	return s.p.Temperature <= 0 && len(s.p.LogitBias) == 0 && s.seen == nil &&
+	return s.p.Temperature < minTemperature && len(s.p.LogitBias) == 0 && s.seen == nil &&
 		s.p.PresencePenalty == 0 && s.p.FrequencyPenalty == 0 && !s.logprobs &&
 		(generated >= s.minTokens || len(s.stop) == 0)
 }
@@ -115,7 +115,7 @@ func (s *sampler) sample(logits []float32, generated int) (int32, *sdk.TokenInfo
 		}
 	}
 	var tok int32
-	if s.p.Temperature <= 0 {
+	if s.p.Temperature < minTemperature {
 		tok = argmax(w)
 	} else {
 		tok = s.draw(w)
@@ -129,6 +129,10 @@ func (s *sampler) sample(logits []float32, generated int) (int32, *sdk.TokenInfo
 // argmax returns the index of the largest value (lowest index on ties; NaN
 // never wins; 0 when nothing is larger than -Inf). The loop is kept minimal:
 // it runs over the whole vocabulary for every greedy token.
+// minTemperature: below it sampling is greedy (1/T would overflow the
+// scaled logits).
+const minTemperature = 1e-5
+
 func argmax(w []float32) int32 {
 	best, bv := 0, float32(math.Inf(-1))
 	for i, v := range w {
@@ -163,7 +167,15 @@ func (s *sampler) draw(w []float32) int32 {
 	probs := s.probs[:0]
 	sum := 0.0
 	for _, t := range idx {
-		p := math.Exp(float64(w[t])*invT - maxv)
+		x := float64(w[t]) * invT
+		var p float64
+		if math.IsInf(maxv, 1) { // +Inf logits (or overflow at a tiny temperature) share all the mass
+			if math.IsInf(x, 1) {
+				p = 1
+			}
+		} else {
+			p = math.Exp(x - maxv)
+		}
 		probs = append(probs, p)
 		sum += p
 	}
@@ -187,6 +199,9 @@ func (s *sampler) draw(w []float32) int32 {
 		idx, probs = idx[:j], probs[:j]
 	}
 	s.idx, s.probs = idx, probs
+	if len(idx) == 0 {
+		return argmax(w)
+	}
 	total := 0.0
 	for _, p := range probs {
 		total += p
@@ -268,7 +283,7 @@ func nucleus(idx []int32, probs []float64, pmax, topP float64) ([]int32, []float
 				mass += p
 			}
 		}
-		if mass >= topP || len(sel) == len(idx) || thr < 1e-300 {
+		if mass >= topP || len(sel) == len(idx) || !(thr > 1e-300) { // (NaN-safe)
 			break
 		}
 	}
