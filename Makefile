@@ -5,7 +5,7 @@ VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/llama-orch/orch/host/cli.Version=$(VERSION)
 TESTFLAGS ?= -race -timeout 15m
 
-.PHONY: all build serve test lint fmt vet cuda cuda-check gpu-check clean help
+.PHONY: all build serve test lint fmt vet cuda cuda-check proto-check gpu-bins gpu-check clean help
 
 all: build
 
@@ -28,9 +28,23 @@ fmt:
 vet:
 	$(GO) vet ./...
 
-cuda: ## build cuda/ into build/cuda/liborch_cuda.so (needs nvcc)
-	cmake -S cuda -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release
+cuda: ## build cuda/ into build/cuda/liborch_cuda.so (needs nvcc and cmake)
+	cmake -S cuda -B build/cuda $$(command -v ninja >/dev/null && echo -G Ninja) -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cuda
+
+cuda-check: ## compile every .cu for sm_80 and sm_90 (installs Debian's nvcc 11.8 when missing)
+	bash .ci/cuda-check.sh
+
+proto-check: ## regenerate the adapter protocol with buf and fail on a diff
+	$(GO) install github.com/bufbuild/buf/cmd/buf@v1.75.0 google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12 google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.0
+	bash .ci/proto-check.sh
+
+gpu-bins: build ## build the GPU test binaries (run on a GPU machine with cuda/scripts/gpu-check.sh)
+	$(GO) test -c -tags gpu -o $(BIN)/cuda-gpu.test ./sdk/ml/cuda
+	@for p in gpt llama; do if $(GO) list -tags gpu -f '{{len .TestGoFiles}}' ./plugins/$$p >/dev/null 2>&1; then $(GO) test -c -tags gpu -o $(BIN)/$$p-gpu.test ./plugins/$$p; fi; done
+
+gpu-check: gpu-bins ## on a GPU machine: build liborch_cuda.so, run the GPU suite and memcheck
+	bash cuda/scripts/gpu-check.sh
 
 clean:
 	rm -rf $(BIN) build
