@@ -17,7 +17,9 @@ import (
 
 	"github.com/llama-orch/orch/host/config"
 	"github.com/llama-orch/orch/host/defaultmodel"
+	"github.com/llama-orch/orch/host/placement"
 	"github.com/llama-orch/orch/host/plugins"
+	"github.com/llama-orch/orch/host/replica"
 	"github.com/llama-orch/orch/host/server"
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/gguf"
@@ -51,19 +53,24 @@ var serveOpenModel = func(ctx context.Context, cfg *config.Config, found []plugi
 		_ = f.Close()
 		return loadedModel{}, fmt.Errorf("%s: %w", mc.Path, err)
 	}
-	alog := log.Named(p.Name)
-	a, err := plugins.Supervise(ctx, p, plugins.LaunchOptions{Logger: alog}, plugins.SuperviseOptions{})
+	reps, err := placement.ParseReplicas(mc.Replicas)
 	if err != nil {
 		_ = f.Close()
-		return loadedModel{}, fmt.Errorf("%s: launch adapter %s: %w", mc.Path, p.Name, err)
+		return loadedModel{}, fmt.Errorf("%s: %w", mc.Path, err)
+	}
+	req := sdk.LoadRequest{Path: mc.Path, Options: sdk.LoadOptions{
+		Device: mc.Device, ContextLength: mc.ContextLength, MaxSequences: mc.MaxSequences,
+	}}
+	a, _, err := replica.Open(ctx, p, req, replica.OpenOptions{Replicas: reps, Logger: log.Named(p.Name)})
+	if err != nil {
+		_ = f.Close()
+		return loadedModel{}, fmt.Errorf("%s: %w", mc.Path, err)
 	}
 	closeAll := func(ctx context.Context) error {
 		return errors.Join(a.Close(ctx), f.Close())
 	}
 	log.Info("loading model", "model", mc.Path, "arch", arch, "adapter", p.Name)
-	info, err := a.Load(ctx, sdk.LoadRequest{Path: mc.Path, Options: sdk.LoadOptions{
-		Device: mc.Device, ContextLength: mc.ContextLength, MaxSequences: mc.MaxSequences,
-	}}, func(pr sdk.LoadProgress) {
+	info, err := a.Load(ctx, req, func(pr sdk.LoadProgress) {
 		log.Debug("load", "model", mc.Path, "stage", pr.Stage, "done", pr.Done, "total", pr.Total)
 	})
 	if err != nil {
@@ -89,6 +96,7 @@ func newServeCmd() *cobra.Command {
 		device   string
 		ctxLen   int
 		maxSeqs  int
+		replicas string
 		shutdown time.Duration
 	)
 	cmd := &cobra.Command{
@@ -131,6 +139,9 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 				if cmd.Flags().Changed("max-sequences") {
 					mcs[i].MaxSequences = maxSeqs
 				}
+				if cmd.Flags().Changed("replicas") {
+					mcs[i].Replicas = replicas
+				}
 			}
 			if len(mcs) == 0 {
 				p, err := defaultmodel.Path()
@@ -138,7 +149,7 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 					return fmt.Errorf("serve: no model given and the default model is unavailable (%v); pass --model FILE.gguf", err)
 				}
 				log.Info("no --model given: serving the embedded default model", "model", defaultmodel.Name())
-				mcs = []config.ModelConfig{{Path: p, Name: defaultmodel.Name(), Device: device}}
+				mcs = []config.ModelConfig{{Path: p, Name: defaultmodel.Name(), Device: device, Replicas: replicas}}
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -154,6 +165,7 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 	f.StringVar(&device, "device", "auto", "device for models without one: auto, cpu or cuda")
 	f.IntVar(&ctxLen, "context-length", 0, "max tokens per sequence (0 = model's, capped by memory)")
 	f.IntVar(&maxSeqs, "max-sequences", 0, "max concurrent sequences per model (0 = adapter default)")
+	f.StringVar(&replicas, "replicas", "", "adapter processes per model, one per GPU: a number or \"all\" (default: one; docs/multi-gpu.md)")
 	f.DurationVar(&shutdown, "shutdown-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running requests may finish")
 	return cmd
 }
