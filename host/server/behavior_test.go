@@ -65,6 +65,12 @@ func TestClientDisconnectCancelsGeneration(t *testing.T) {
 	cancel()
 	resp.Body.Close()
 	eventually(t, "the adapter generation to stop", func() bool { return ts.adapter.numActive() == 0 })
+	// Cancel is sent from its own goroutine when the request context ends.
+	eventually(t, "Cancel to reach the adapter", func() bool {
+		ts.adapter.mu.Lock()
+		defer ts.adapter.mu.Unlock()
+		return len(ts.adapter.canceled) > 0
+	})
 	ts.adapter.mu.Lock()
 	reqs, canceled, afterStop := ts.adapter.reqs, ts.adapter.canceled, ts.adapter.afterStop
 	ts.adapter.mu.Unlock()

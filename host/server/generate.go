@@ -184,14 +184,21 @@ func (s *Server) runChoice(ctx context.Context, g *genRequest, i int, out chan<-
 
 	// A client disconnect or shutdown cancels ctx; tell the adapter too, so it
 	// frees the sequence within one step even if the cancel races the stream.
-	stopCancel := context.AfterFunc(ctx, func() {
+	cancelAdapter := func() {
 		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		if err := m.Adapter.Cancel(cctx, id); err != nil && !errors.Is(err, context.Canceled) {
 			log.Debug("adapter cancel", "gen_id", id, "error", err)
 		}
-	})
-	defer stopCancel()
+	}
+	stopCancel := context.AfterFunc(ctx, cancelAdapter)
+	defer func() {
+		// stop can win against a cancel that is still propagating; then the
+		// AfterFunc never runs and the cancel is sent here.
+		if stopCancel() && ctx.Err() != nil {
+			cancelAdapter()
+		}
+	}()
 
 	emit := func(c sdk.Chunk) error {
 		now := time.Now()
