@@ -67,7 +67,7 @@ func randF32(rng *rand.Rand, n int, scale float64) []float32 {
 	return out
 }
 
-func tensorF32(t *testing.T, b *Backend, data []float32, shape ...int) ml.Tensor {
+func tensorF32(t testing.TB, b *Backend, data []float32, shape ...int) ml.Tensor {
 	t.Helper()
 	x, err := b.Alloc(ml.F32, shape...)
 	require.NoError(t, err)

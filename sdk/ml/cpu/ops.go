@@ -44,6 +44,9 @@ func (b *Backend) sameLen(op string, ts ...*tensor) bool {
 // dot is the float32 inner product used by every matrix op, with a fixed
 // summation order (8 partial sums) so results are reproducible.
 func dot(a, x []float32) float32 {
+	if useAVX && len(a) > 0 {
+		return dotAVX(a, x)
+	}
 	x = x[:len(a)]
 	var s0, s1, s2, s3, s4, s5, s6, s7 float32
 	i := 0
@@ -229,6 +232,10 @@ func (b *Backend) AddLayerNorm(res, dst, x, w, bias ml.Tensor, eps float32) {
 // for o in [oLo, oHi) of weight w (rows of `in` elements, raw bytes wdata),
 // splitting output rows over workers. x is [in, n] float32.
 func (b *Backend) matRows(wdt ml.DType, wdata []byte, in, oLo, oHi int, x []float32, n int, bias []float32, out []float32, outStride int) {
+	if useAVX {
+		b.matRowsAVX(wdt, wdata, in, oLo, oHi, x, n, bias, out, outStride)
+		return
+	}
 	rb, _ := wdt.RowBytes(in)
 	rowsOut := oHi - oLo
 	if n == 1 && hasFusedDot(wdt) {

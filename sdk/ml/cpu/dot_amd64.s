@@ -1,0 +1,137 @@
+#include "textflag.h"
+
+// AVX2 kernels for the float32 inner products. Every kernel keeps, per
+// output, one 8-lane accumulator where lane j sums the products of elements
+// i ≡ j (mod 8) in increasing i, with a separate multiply and add (VMULPS then
+// VADDPS, never a fused FMA): exactly the 8 partial sums s0..s7 of the
+// portable dot in ops.go. The caller adds the tail and reduces the lanes in
+// the same order as the portable code, so results are bit-identical.
+
+// func dot1AVX(a, x *float32, n int, acc *[8]float32)
+// n is a multiple of 8.
+TEXT ·dot1AVX(SB), NOSPLIT, $0-32
+	MOVQ a+0(FP), SI
+	MOVQ x+8(FP), DI
+	MOVQ n+16(FP), CX
+	MOVQ acc+24(FP), DX
+	VXORPS Y0, Y0, Y0
+	SHRQ $3, CX
+	JZ   done1
+loop1:
+	VMOVUPS (SI), Y1
+	VMULPS  (DI), Y1, Y1
+	VADDPS  Y1, Y0, Y0
+	ADDQ    $32, SI
+	ADDQ    $32, DI
+	DECQ    CX
+	JNZ     loop1
+done1:
+	VMOVUPS Y0, (DX)
+	VZEROUPPER
+	RET
+
+// func dot4AVX(a, x *float32, ldx, n int, acc *[32]float32)
+// Four outputs: a · x[r*ldx : r*ldx+n] for r = 0..3 (a is read once for all
+// four). n is a multiple of 8.
+TEXT ·dot4AVX(SB), NOSPLIT, $0-40
+	MOVQ a+0(FP), SI
+	MOVQ x+8(FP), DI
+	MOVQ ldx+16(FP), BX
+	MOVQ n+24(FP), CX
+	MOVQ acc+32(FP), DX
+	SHLQ $2, BX
+	LEAQ (DI)(BX*1), R8
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R9)(BX*1), R10
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+	XORQ AX, AX
+	SHRQ $3, CX
+	JZ   done4
+loop4:
+	VMOVUPS (SI)(AX*1), Y4
+	VMULPS  (DI)(AX*1), Y4, Y5
+	VADDPS  Y5, Y0, Y0
+	VMULPS  (R8)(AX*1), Y4, Y6
+	VADDPS  Y6, Y1, Y1
+	VMULPS  (R9)(AX*1), Y4, Y7
+	VADDPS  Y7, Y2, Y2
+	VMULPS  (R10)(AX*1), Y4, Y8
+	VADDPS  Y8, Y3, Y3
+	ADDQ    $32, AX
+	DECQ    CX
+	JNZ     loop4
+done4:
+	VMOVUPS Y0, (DX)
+	VMOVUPS Y1, 32(DX)
+	VMOVUPS Y2, 64(DX)
+	VMOVUPS Y3, 96(DX)
+	VZEROUPPER
+	RET
+
+// func dot4F16AVX(x *float32, w *byte, ldw, n int, acc *[32]float32)
+// Four outputs: dot(f16 row r of w, x) for r = 0..3, rows ldw bytes apart,
+// n (a multiple of 8) elements each; half -> float conversion is exact.
+TEXT ·dot4F16AVX(SB), NOSPLIT, $0-40
+	MOVQ x+0(FP), SI
+	MOVQ w+8(FP), DI
+	MOVQ ldw+16(FP), BX
+	MOVQ n+24(FP), CX
+	MOVQ acc+32(FP), DX
+	LEAQ (DI)(BX*1), R8
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R9)(BX*1), R10
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+	XORQ AX, AX
+	XORQ R11, R11
+	SHRQ $3, CX
+	JZ   doneh
+looph:
+	VMOVUPS   (SI)(AX*1), Y4
+	VCVTPH2PS (DI)(R11*1), Y5
+	VMULPS    Y4, Y5, Y5
+	VADDPS    Y5, Y0, Y0
+	VCVTPH2PS (R8)(R11*1), Y6
+	VMULPS    Y4, Y6, Y6
+	VADDPS    Y6, Y1, Y1
+	VCVTPH2PS (R9)(R11*1), Y7
+	VMULPS    Y4, Y7, Y7
+	VADDPS    Y7, Y2, Y2
+	VCVTPH2PS (R10)(R11*1), Y8
+	VMULPS    Y4, Y8, Y8
+	VADDPS    Y8, Y3, Y3
+	ADDQ      $32, AX
+	ADDQ      $16, R11
+	DECQ      CX
+	JNZ       looph
+doneh:
+	VMOVUPS Y0, (DX)
+	VMOVUPS Y1, 32(DX)
+	VMOVUPS Y2, 64(DX)
+	VMOVUPS Y3, 96(DX)
+	VZEROUPPER
+	RET
+
+// func cvtF16AVX(dst *float32, src *byte, n int)
+// Decodes n (a multiple of 8) halves to float32, exactly.
+TEXT ·cvtF16AVX(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	SHRQ $3, CX
+	JZ   donec
+loopc:
+	VCVTPH2PS (SI), Y0
+	VMOVUPS   Y0, (DI)
+	ADDQ      $16, SI
+	ADDQ      $32, DI
+	DECQ      CX
+	JNZ       loopc
+donec:
+	VZEROUPPER
+	RET

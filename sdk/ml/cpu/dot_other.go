@@ -1,0 +1,11 @@
+//go:build !amd64
+
+package cpu
+
+// useAVX is false off amd64: the portable kernels run.
+var useAVX = false
+
+func dot1AVX(a, x *float32, n int, acc *[8]float32)                { panic("cpu: no AVX") }
+func dot4AVX(a, x *float32, ldx, n int, acc *[32]float32)          { panic("cpu: no AVX") }
+func dot4F16AVX(x *float32, w *byte, ldw, n int, acc *[32]float32) { panic("cpu: no AVX") }
+func cvtF16AVX(dst *float32, src *byte, n int)                     { panic("cpu: no AVX") }
