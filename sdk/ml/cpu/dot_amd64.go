@@ -19,3 +19,6 @@ func dot4F16AVX(x *float32, w *byte, ldw, n int, acc *[32]float32)
 
 //go:noescape
 func cvtF16AVX(dst *float32, src *byte, n int)
+
+//go:noescape
+func cvtQ8_0AVX(dst *float32, src *byte, nb int)

@@ -135,3 +135,41 @@ loopc:
 donec:
 	VZEROUPPER
 	RET
+
+// func cvtQ8_0AVX(dst *float32, src *byte, nb int)
+// Decodes nb Q8_0 blocks (f16 scale d, 32 int8 q) to float32(q)*d, the
+// same single rounding as ml.DequantizeRow.
+TEXT ·cvtQ8_0AVX(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ nb+16(FP), CX
+	TESTQ CX, CX
+	JZ   doneq
+loopq:
+	MOVWLZX      (SI), AX
+	MOVQ         AX, X0
+	VCVTPH2PS    X0, X0
+	VBROADCASTSS X0, Y0
+	VPMOVSXBD    2(SI), Y1
+	VCVTDQ2PS    Y1, Y1
+	VMULPS       Y0, Y1, Y1
+	VMOVUPS      Y1, (DI)
+	VPMOVSXBD    10(SI), Y2
+	VCVTDQ2PS    Y2, Y2
+	VMULPS       Y0, Y2, Y2
+	VMOVUPS      Y2, 32(DI)
+	VPMOVSXBD    18(SI), Y3
+	VCVTDQ2PS    Y3, Y3
+	VMULPS       Y0, Y3, Y3
+	VMOVUPS      Y3, 64(DI)
+	VPMOVSXBD    26(SI), Y4
+	VCVTDQ2PS    Y4, Y4
+	VMULPS       Y0, Y4, Y4
+	VMOVUPS      Y4, 96(DI)
+	ADDQ         $34, SI
+	ADDQ         $128, DI
+	DECQ         CX
+	JNZ          loopq
+doneq:
+	VZEROUPPER
+	RET

@@ -9,3 +9,5 @@ func dot1AVX(a, x *float32, n int, acc *[8]float32)                { panic("cpu:
 func dot4AVX(a, x *float32, ldx, n int, acc *[32]float32)          { panic("cpu: no AVX") }
 func dot4F16AVX(x *float32, w *byte, ldw, n int, acc *[32]float32) { panic("cpu: no AVX") }
 func cvtF16AVX(dst *float32, src *byte, n int)                     { panic("cpu: no AVX") }
+
+func cvtQ8_0AVX(dst *float32, src *byte, nb int) { panic("cpu: no AVX") }

@@ -68,6 +68,13 @@ func decodeRow(dt ml.DType, raw []byte, dst []float32) {
 		cvtF16AVX(&dst[0], &raw[0], len(dst))
 		return
 	}
+	if dt == ml.Q8_0 && useAVX && len(dst) > 0 {
+		nb := len(dst) / 32
+		_ = raw[34*nb-1]
+		_ = dst[32*nb-1]
+		cvtQ8_0AVX(&dst[0], &raw[0], nb)
+		return
+	}
 	ml.DequantizeRowUnchecked(dt, raw, dst)
 }
 

@@ -89,3 +89,36 @@ func TestDotAVXMatchesPortable(t *testing.T) {
 		}
 	}
 }
+
+// The vector F16 and Q8_0 decoders equal ml.DequantizeRow for random bit
+// patterns (every scale, subnormals included; NaN/Inf skipped).
+func TestDecodeRowAVX(t *testing.T) {
+	if !useAVX {
+		t.Skip("no AVX2/F16C on this machine")
+	}
+	rng := rand.New(rand.NewPCG(35, 36))
+	for _, dt := range []ml.DType{ml.F16, ml.Q8_0} {
+		in := 4096
+		rb, err := dt.RowBytes(in)
+		require.NoError(t, err)
+		raw := make([]byte, rb)
+		for i := range raw {
+			raw[i] = byte(rng.IntN(256))
+		}
+		// clear exponent-all-ones halves (NaN payloads may differ)
+		step, off := 2, 0
+		if dt == ml.Q8_0 {
+			step = 34
+		}
+		for ; off+1 < len(raw); off += step {
+			if raw[off+1]&0x7c == 0x7c {
+				raw[off+1] &^= 0x40
+			}
+		}
+		want := make([]float32, in)
+		got := make([]float32, in)
+		require.NoError(t, ml.DequantizeRow(dt, raw, want))
+		decodeRow(dt, raw, got)
+		require.Equal(t, bits(want), bits(got), "%s", dt)
+	}
+}
