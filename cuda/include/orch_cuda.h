@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define ORCH_ABI_VERSION 2
+#define ORCH_ABI_VERSION 3
 
 typedef enum {
   ORCH_OK = 0,
@@ -185,6 +185,18 @@ int orch_moe_topk(orch_ctx *ctx, int32_t *ids, float *weights, const float *logi
 /* out[t, :] (+)= sum_s w[t, s] * y[t*k + s, :]. */
 int orch_moe_combine(orch_ctx *ctx, float *out, const float *y, const float *w, int64_t n, int32_t k, int64_t dim,
                      int32_t accumulate);
+/* (ABI 3) Fused expert FFN after routing, two launches: for p = t*n_slots + s,
+ * e = ids[p]: act[p, :] = swiglu_oai(x[t] . gate_e^T + gate_bias[e],
+ * x[t] . up_e^T + up_bias[e]) (act: scratch of n*n_slots*ff floats), then
+ * out[t, :] = sum_s weights[p] * (act[p] . down_e^T + down_bias[e]).
+ * gate/up: [n_exp][ff rows of dim] of gu_type, down: [n_exp][dim rows of ff]
+ * of down_type; biases may be NULL. out may alias x. Returns
+ * ORCH_ERR_UNSUPPORTED (without recording an error) for types/shapes it does
+ * not fuse or when ORCH_CUDA_MOE=v1; the caller then runs the unfused ops. */
+int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, const float *weights,
+                 const void *gate, const void *up, int32_t gu_type, const float *gate_bias, const float *up_bias,
+                 const void *down, int32_t down_type, const float *down_bias, float *act, int64_t n,
+                 int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit);
 
 /* ---- sample.cu ---- */
 int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab);

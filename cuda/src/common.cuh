@@ -24,10 +24,13 @@ struct orch_ctx {
   void *scratch = nullptr;
   size_t scratch_bytes = 0;
   std::vector<void *> retired;
-  // Kernel versions kept for A/B timing: ORCH_CUDA_GEMV=v1|v2|v3 (GEMV for
-  // n <= 8; v3 is the default where it applies, else v1), ORCH_CUDA_ATTN=v1.
-  int gemv = 3;
+  // Kernel versions kept for A/B timing: ORCH_CUDA_GEMV=v1|v2|v3|v4 (GEMV for
+  // n <= 8; v4 is the default for n <= 4 where it applies, then v3, else v1),
+  // ORCH_CUDA_ATTN=v1.
+  int gemv = 4;
   bool attn_v1 = false;
+  // ORCH_CUDA_MOE=v1: MoE through the unfused ops (orch_moe_ffn declines).
+  bool moe_v1 = false;
 };
 
 // Records msg as the last error (thread-global, mutex-protected).

@@ -201,48 +201,6 @@ gemv2_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
 // read different chunks hit different banks).
 constexpr int GEMV3_WARPS = 4;
 
-template <int T>
-__device__ __forceinline__ float block_scale(const uint8_t *b) {
-  if constexpr (T == ORCH_T_MXFP4) return 0.5f * e8m0(b[0]);
-  else return __half2float(__ushort_as_half((unsigned short)(b[0] | (b[1] << 8))));
-}
-
-template <int T>
-__device__ __forceinline__ float block_dot(const uint8_t *b, const float *xs) {
-  const float d = block_scale<T>(b);
-  float s = 0.f;
-  if constexpr (T == ORCH_T_Q8_0) {
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-      float4 xv = *reinterpret_cast<const float4 *>(xs + 4 * i);
-      s += (float)(int8_t)b[2 + 4 * i] * xv.x + (float)(int8_t)b[3 + 4 * i] * xv.y +
-           (float)(int8_t)b[4 + 4 * i] * xv.z + (float)(int8_t)b[5 + 4 * i] * xv.w;
-    }
-  } else {
-    constexpr int off = T == ORCH_T_MXFP4 ? 1 : 2;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      float4 lo = *reinterpret_cast<const float4 *>(xs + 4 * i);
-      float4 hi = *reinterpret_cast<const float4 *>(xs + 16 + 4 * i);
-      float ql[4], qh[4];
-#pragma unroll
-      for (int j = 0; j < 4; j++) {
-        int q = b[off + 4 * i + j];
-        if constexpr (T == ORCH_T_MXFP4) {
-          ql[j] = e2m1x2(q & 0xF);
-          qh[j] = e2m1x2(q >> 4);
-        } else {
-          ql[j] = (float)((q & 0xF) - 8);
-          qh[j] = (float)((q >> 4) - 8);
-        }
-      }
-      s += ql[0] * lo.x + ql[1] * lo.y + ql[2] * lo.z + ql[3] * lo.w + qh[0] * hi.x + qh[1] * hi.y + qh[2] * hi.z +
-           qh[3] * hi.w;
-    }
-  }
-  return d * s;
-}
-
 template <int T, int NT>
 __global__ void __launch_bounds__(GEMV3_WARPS * 32)
 gemv3_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
@@ -340,6 +298,83 @@ static void launch_moe3(cudaStream_t st, float *y, const float *x, const uint8_t
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     dim3 grid((unsigned)ceil_div(m, GEMV3_WARPS), (unsigned)(n * n_slots));
     launch_gemv3_nt<T, 1>(st, grid, y, x, w, bias, n * n_slots, k, m, rb, 0, ids, n_slots, x_per_slot, rb * m);
+  }
+}
+
+// v4 GEMV (Q8_0, Q4_0, MXFP4; n <= 4): v3 staged x, waited at the barrier
+// and only then issued its weight loads, so every CTA paid an L2 latency
+// and a DRAM latency in series; and each 4-row CTA re-staged all of x
+// (the LM head's 50k CTAs copied ~580 MB of x from L2 into smem, as much as
+// the weight itself). v4 issues the first NB blocks per lane of its first
+// row before staging x, uses 8 warps per CTA and R rows per warp (R = 4 for
+// large m), so x is staged once per 8R rows.
+constexpr int GEMV4_WARPS = 8;
+
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV4_WARPS * 32)
+gemv4_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+             int rows_per_warp) {
+  extern __shared__ __align__(16) float xs[]; // NT rows of (k/32)*36 floats
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (int)min((int64_t)NT, n);
+  const int64_t nch = k / 32, xstride = nch * 36;
+  const int64_t row0 = ((int64_t)blockIdx.x * GEMV4_WARPS + warp) * rows_per_warp;
+  bool staged = false;
+  for (int r = 0; r < rows_per_warp; r++) {
+    const int64_t row = row0 + r;
+    const bool valid = row < m;
+    const uint8_t *wr = w + (valid ? row : 0) * row_bytes;
+    float acc[NT];
+#pragma unroll
+    for (int j = 0; j < NT; j++) acc[j] = 0.f;
+    for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+      uint8_t b[NB][type_block_bytes(T)];
+      ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
+      if (!staged) { // first round of the first row: uniform over the CTA
+        for (int j = 0; j < nt; j++)
+          for (int64_t i = threadIdx.x; i < k / 4; i += blockDim.x) {
+            int64_t c = i / 8, o = (i % 8) * 4;
+            *reinterpret_cast<float4 *>(xs + j * xstride + c * 36 + o) =
+                __ldg(reinterpret_cast<const float4 *>(x + j * k) + i);
+          }
+        __syncthreads();
+        staged = true;
+      }
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+        if (j < nt) acc[j] += ffn_dot<T, NB>(b, xs + j * xstride, c0, lane, nch);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      float s = warp_sum(acc[j]);
+      if (lane == 0 && j < nt && valid) {
+        if (bias) s += bias[row];
+        float *yp = y + j * m + row;
+        *yp = accumulate ? *yp + s : s;
+      }
+    }
+  }
+}
+
+template <int T, int NT>
+static void launch_gemv4_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                            int64_t k, int64_t m, int64_t rb, int acc) {
+  constexpr int NB = T == ORCH_T_Q8_0 ? 2 : 3;
+  const int rpw = m >= 32768 ? 4 : 1;
+  size_t sm = gemv3_smem(k, NT);
+  if (sm > 48 * 1024) cudaFuncSetAttribute(gemv4_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV4_WARPS * rpw);
+  gemv4_kernel<T, NT, NB><<<gx, GEMV4_WARPS * 32, sm, st>>>(y, x, w, bias, n, k, m, rb, acc, rpw);
+}
+
+template <int T>
+static void launch_gemv4(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                         int64_t k, int64_t m, int64_t rb, int acc) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (n == 1) launch_gemv4_nt<T, 1>(st, y, x, w, bias, n, k, m, rb, acc);
+    else if (n == 2) launch_gemv4_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
+    else launch_gemv4_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
   }
 }
 
@@ -470,7 +505,9 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   const int64_t rb = orch_row_bytes(wtype, k);
   const uint8_t *wb = (const uint8_t *)w;
   if (n <= 8) {
-    if (ctx->gemv == 3 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) <= GEMV3_MAX_SMEM) {
+    if (ctx->gemv == 4 && n <= 4 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : 4) <= GEMV3_MAX_SMEM) {
+      ORCH_DISPATCH_TYPE(wtype, launch_gemv4, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+    } else if (ctx->gemv >= 3 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) <= GEMV3_MAX_SMEM) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv3, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
     } else if (ctx->gemv != 2) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
@@ -551,7 +588,7 @@ extern "C" int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t 
   ORCH_CHECK_ARG(n * n_slots <= 65535, op);
   if (n == 0) return ORCH_OK;
   const int64_t rb = orch_row_bytes(wtype, k);
-  if (ctx->gemv == 3 && gemv3_type(wtype) && gemv3_smem(k, 1) <= GEMV3_MAX_SMEM) {
+  if (ctx->gemv >= 3 && gemv3_type(wtype) && gemv3_smem(k, 1) <= GEMV3_MAX_SMEM) {
     ORCH_DISPATCH_TYPE(wtype, launch_moe3, ctx->stream, y, x, (const uint8_t *)w, bias, ids, n, n_slots, x_per_slot,
                        k, m, rb);
   } else if (ctx->gemv != 2) {

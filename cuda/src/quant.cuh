@@ -133,6 +133,89 @@ __device__ __forceinline__ void dequant_chunk(const uint8_t *__restrict__ row, i
   }
 }
 
+// Dot of one Q8_0 / Q4_0 / MXFP4 block (raw bytes b, in registers) with 32
+// floats xs (shared memory, 16-byte aligned): the GEMV v3 / fused-MoE unit.
+template <int T>
+__device__ __forceinline__ float block_scale(const uint8_t *b) {
+  if constexpr (T == ORCH_T_MXFP4) return 0.5f * e8m0(b[0]);
+  else return __half2float(__ushort_as_half((unsigned short)(b[0] | (b[1] << 8))));
+}
+
+template <int T>
+__device__ __forceinline__ float block_dot(const uint8_t *b, const float *xs) {
+  const float d = block_scale<T>(b);
+  float s = 0.f;
+  if constexpr (T == ORCH_T_Q8_0) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      float4 xv = *reinterpret_cast<const float4 *>(xs + 4 * i);
+      s += (float)(int8_t)b[2 + 4 * i] * xv.x + (float)(int8_t)b[3 + 4 * i] * xv.y +
+           (float)(int8_t)b[4 + 4 * i] * xv.z + (float)(int8_t)b[5 + 4 * i] * xv.w;
+    }
+  } else {
+    constexpr int off = T == ORCH_T_MXFP4 ? 1 : 2;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      float4 lo = *reinterpret_cast<const float4 *>(xs + 4 * i);
+      float4 hi = *reinterpret_cast<const float4 *>(xs + 16 + 4 * i);
+      float ql[4], qh[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        int q = b[off + 4 * i + j];
+        if constexpr (T == ORCH_T_MXFP4) {
+          ql[j] = e2m1x2(q & 0xF);
+          qh[j] = e2m1x2(q >> 4);
+        } else {
+          ql[j] = (float)((q & 0xF) - 8);
+          qh[j] = (float)((q >> 4) - 8);
+        }
+      }
+      s += ql[0] * lo.x + ql[1] * lo.y + ql[2] * lo.z + ql[3] * lo.w + qh[0] * hi.x + qh[1] * hi.y + qh[2] * hi.z +
+           qh[3] * hi.w;
+    }
+  }
+  return d * s;
+}
+
+// Register-prefetch helpers of GEMV v4 and the fused MoE FFN (moe_ffn.cu).
+// Loads NB blocks of row wr for this lane: chunks c0 + lane + 32 i (zeros
+// past the row or when !valid).
+template <int T, int NB>
+__device__ __forceinline__ void ffn_load(uint8_t (&b)[NB][type_block_bytes(T)], const uint8_t *__restrict__ wr,
+                                         int64_t c0, int lane, int64_t nch, bool valid) {
+  constexpr int BB = type_block_bytes(T);
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int64_t c = c0 + lane + 32 * i;
+    const bool ok = valid && c < nch;
+    const uint8_t *p = wr + (ok ? c : 0) * BB;
+#pragma unroll
+    for (int j = 0; j < BB; j++) b[i][j] = ok ? __ldg(p + j) : (uint8_t)0;
+  }
+}
+
+template <int T, int NB>
+__device__ __forceinline__ float ffn_dot(const uint8_t (&b)[NB][type_block_bytes(T)], const float *xs, int64_t c0,
+                                         int lane, int64_t nch) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int64_t c = c0 + lane + 32 * i;
+    if (c < nch) s += block_dot<T>(b[i], xs + c * 36);
+  }
+  return s;
+}
+
+// Copies rows x[r*k .. r*k+k) for r in [0, nr) to xs padded to 36 floats per 32.
+__device__ __forceinline__ void ffn_stage(float *xs, const float *__restrict__ x, int nr, int64_t k) {
+  const int64_t xstride = k / 32 * 36;
+  for (int r = 0; r < nr; r++)
+    for (int64_t i = threadIdx.x; i < k / 4; i += blockDim.x) {
+      int64_t c = i / 8, o = (i % 8) * 4;
+      *reinterpret_cast<float4 *>(xs + r * xstride + c * 36 + o) = __ldg(reinterpret_cast<const float4 *>(x + r * k) + i);
+    }
+}
+
 // Dispatches a templated functor over the supported weight types.
 #define ORCH_DISPATCH_TYPE(t, F, ...)                     \
   switch (t) {                                            \

@@ -456,6 +456,52 @@ func TestMoE(t *testing.T) {
 	}
 }
 
+// TestMoEWide runs the MoE op at widths where the fused kernels (and the
+// unfused ones under ORCH_CUDA_MOE=v1) need several rounds of blocks per lane.
+func TestMoEWide(t *testing.T) {
+	r := newRNG(t)
+	for _, n := range []int{1, 2} {
+		name := fmt.Sprintf("MXFP4/n=%d", n)
+		t.Run(name, func(t *testing.T) {
+			d, ff, ne, topk := 3200, 3200, 3, 2
+			m := &ml.MoE{TopK: topk, Alpha: 1.702, Limit: 7}
+			mc := *m
+			set := func(dst, dstc *ml.Tensor, p pair) { *dst, *dstc = p.g, p.c }
+			set(&m.Router, &mc.Router, weightPair(t, "router", ml.F32, []int{d, ne}, randWeight(r, ml.F32, d, ne)))
+			set(&m.Gate, &mc.Gate, weightPair(t, "gate", ml.MXFP4, []int{d, ff, ne}, randWeight(r, ml.MXFP4, d, ff*ne)))
+			set(&m.Up, &mc.Up, weightPair(t, "up", ml.MXFP4, []int{d, ff, ne}, randWeight(r, ml.MXFP4, d, ff*ne)))
+			set(&m.Down, &mc.Down, weightPair(t, "down", ml.MXFP4, []int{ff, d, ne}, randWeight(r, ml.MXFP4, ff, d*ne)))
+			set(&m.DownBias, &mc.DownBias, f32Pair(t, randF32(r, d*ne, 1), d, ne))
+			x := f32Pair(t, randF32(r, d*n, 1), d, n)
+			y := out(t, d, n)
+			gpu.MoE(y.g, x.g, m)
+			ref.MoE(y.c, x.c, &mc)
+			checkClose(t, name, y, 1e-4)
+		})
+	}
+}
+
+// TestMatMulTall covers the GEMV path for very tall weights (LM head shape:
+// GEMV v4 gives each warp several rows there), with a ragged last CTA.
+func TestMatMulTall(t *testing.T) {
+	r := newRNG(t)
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4, ml.Q4_0} {
+		for _, n := range []int{1, 3} {
+			name := fmt.Sprintf("%v/n=%d", dt, n)
+			t.Run(name, func(t *testing.T) {
+				k, m := 96, 32771
+				w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
+				x := f32Pair(t, randF32(r, k*n, 1), k, n)
+				bias := f32Pair(t, randF32(r, m, 1), m)
+				y := out(t, m, n)
+				gpu.MatMul(y.g, x.g, w.g, bias.g)
+				ref.MatMul(y.c, x.c, w.c, bias.c)
+				checkClose(t, name, y, 1e-4)
+			})
+		}
+	}
+}
+
 func TestArgmax(t *testing.T) {
 	r := newRNG(t)
 	v, n := 201088, 4

@@ -15,7 +15,7 @@ import (
 const LibName = "liborch_cuda.so"
 
 // abiVersion must equal ORCH_ABI_VERSION in cuda/include/orch_cuda.h.
-const abiVersion = 2
+const abiVersion = 3
 
 // ErrUnavailable is returned (wrapped, with the reason) when the CUDA backend
 // cannot run here: the library is missing or does not load, or there is no
@@ -84,6 +84,7 @@ type lib struct {
 	attention  func(ctx uintptr, args *attnArgs) int32
 	moeTopK    func(ctx, ids, w, logits uintptr, n int64, nExp, k int32) int32
 	moeCombine func(ctx, out, y, w uintptr, n int64, k int32, dim int64, acc int32) int32
+	moeFFN     func(ctx, out, x, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 	argmax     func(ctx, out, logits uintptr, n, vocab int64) int32
 	sample     func(ctx, out, logits uintptr, n, vocab int64, temp float32, topK int32, topP, minP float32, rng uintptr) int32
 }
@@ -182,7 +183,7 @@ func (l *lib) bind() (err error) {
 		{&l.add, "orch_add"}, {&l.addBias, "orch_add_bias"}, {&l.scale, "orch_scale"}, {&l.gelu, "orch_gelu"},
 		{&l.swiglu, "orch_swiglu"}, {&l.swigluOAI, "orch_swiglu_oai"}, {&l.rope, "orch_rope"},
 		{&l.kvWrite, "orch_kv_write"}, {&l.attention, "orch_attention"}, {&l.moeTopK, "orch_moe_topk"},
-		{&l.moeCombine, "orch_moe_combine"}, {&l.argmax, "orch_argmax"}, {&l.sample, "orch_sample"},
+		{&l.moeCombine, "orch_moe_combine"}, {&l.moeFFN, "orch_moe_ffn"}, {&l.argmax, "orch_argmax"}, {&l.sample, "orch_sample"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {

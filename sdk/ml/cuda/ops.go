@@ -426,6 +426,20 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	N, K := int64(n), int32(k)
 	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, N, int64(dim), int64(ne), 0))
 	b.call(op, b.l.moeTopK(b.ctx, ids, wts, logits, N, int32(ne), K))
+	// Fused expert FFN (gate+up+act, then down+bias+combine: two launches);
+	// the library declines (stUnsupported) for types/shapes it does not fuse
+	// and under ORCH_CUDA_MOE=v1, and the unfused ops below run instead.
+	if b.err != nil {
+		return
+	}
+	if gate.dt == up.dt {
+		rc := b.l.moeFFN(b.ctx, d.ptr, xx.ptr, ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb, ub, down.ptr,
+			int32(down.dt), db, g, N, K, int64(dim), int64(ff), m.Alpha, m.Limit)
+		if rc != stUnsupported {
+			b.call(op, rc)
+			return
+		}
+	}
 	b.call(op, b.l.moeMatmul(b.ctx, g, xx.ptr, 0, gate.ptr, int32(gate.dt), gb, ids, N, K, int64(dim), int64(ff)))
 	b.call(op, b.l.moeMatmul(b.ctx, u, xx.ptr, 0, up.ptr, int32(up.dt), ub, ids, N, K, int64(dim), int64(ff)))
 	nk := N * int64(K)

@@ -1,0 +1,152 @@
+// moe_ffn.cu — the fused MoE expert FFN (MoE v2): two launches per MoE op
+// instead of five (gate GEMV, up GEMV, clamped SwiGLU, down GEMV, combine).
+//  1. gate_up: one warp per (pair, row): the gate row and the up row of the
+//     pair's expert are dotted with the same x (staged once per CTA), biases
+//     added and the gpt-oss clamped SwiGLU applied in registers; only the
+//     activation (n*k*ff floats) is written — gate/up outputs never hit memory.
+//  2. down: one warp per (token, row) over all k slots: each slot's
+//     activation row is staged in shared memory, the down rows of the k
+//     experts dotted, bias added and weighted by the router weight, summed in
+//     a fixed order (deterministic, no atomics) and written once.
+// Both issue their weight loads (NB whole blocks per lane, into registers)
+// before staging x and waiting at the barrier, so the DRAM latency of the
+// weights overlaps the x staging (GEMV v3 serialised the two).
+// The old path stays selectable with ORCH_CUDA_MOE=v1.
+#include "quant.cuh"
+
+constexpr int FFN_WARPS = 8;
+
+// act[p, row] = swiglu_oai(x[t] . gate_e[row] + gb[e, row], x[t] . up_e[row] + ub[e, row]),
+// p = t*n_slots + s = blockIdx.y, e = ids[p]. Experts: m rows of k (row_bytes rb).
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32)
+moe_gate_up_kernel(float *__restrict__ act, const float *__restrict__ x, const uint8_t *__restrict__ wg,
+                   const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                   const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
+                   float limit) {
+  extern __shared__ __align__(16) float xs[];
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int64_t p = blockIdx.y, t = p / n_slots;
+  const int e = ids[p];
+  const bool valid = row < m;
+  const int64_t off = (int64_t)e * m * rb + (valid ? row : 0) * rb;
+  const int64_t nch = k / 32;
+  float ag = 0.f, au = 0.f;
+  for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+    uint8_t bg[NB][type_block_bytes(T)], bu[NB][type_block_bytes(T)];
+    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+    if (c0 == 0) { // uniform over the CTA: every warp runs the same rounds
+      ffn_stage(xs, x + t * k, 1, k);
+      __syncthreads();
+    }
+    ag += ffn_dot<T, NB>(bg, xs, c0, lane, nch);
+    au += ffn_dot<T, NB>(bu, xs, c0, lane, nch);
+  }
+  ag = warp_sum(ag);
+  au = warp_sum(au);
+  if (valid && lane == 0) {
+    float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+    float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+    act[p * m + row] = (u + 1.f) * g / (1.f + expf(-alpha * g));
+  }
+}
+
+// out[t, row] = sum_s w[t, s] * (act[t*n_slots + s] . down_e[row] + db[e, row]), e = ids[t*n_slots + s],
+// t = blockIdx.y. Experts: m rows of k.
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32)
+moe_down_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
+                const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
+                int n_slots, int64_t k, int64_t m, int64_t rb) {
+  extern __shared__ __align__(16) float xs[];
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int64_t t = blockIdx.y;
+  const bool valid = row < m;
+  const int64_t nch = k / 32, xstride = nch * 36;
+  float res = 0.f;
+  for (int s = 0; s < n_slots; s++) {
+    const int64_t p = t * n_slots + s;
+    const int e = ids[p];
+    const uint8_t *wr = wd + (int64_t)e * m * rb + (valid ? row : 0) * rb;
+    float acc = 0.f;
+    for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+      uint8_t b[NB][type_block_bytes(T)];
+      ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
+      if (s == 0 && c0 == 0) {
+        ffn_stage(xs, act + t * n_slots * k, n_slots, k);
+        __syncthreads();
+      }
+      acc += ffn_dot<T, NB>(b, xs + s * xstride, c0, lane, nch);
+    }
+    acc = warp_sum(acc);
+    res += wts[p] * (acc + (db && valid ? db[(int64_t)e * m + row] : 0.f));
+  }
+  if (valid && lane == 0) out[t * m + row] = res;
+}
+
+constexpr size_t FFN_MAX_SMEM = 96 * 1024;
+static size_t ffn_smem(int64_t k, int rows) { return (size_t)rows * (k / 32) * 36 * sizeof(float); }
+
+// Register budget: NB blocks per row per lane (bytes live in registers).
+template <int T> constexpr int gate_up_nb() { return T == ORCH_T_Q8_0 ? 1 : 2; }
+template <int T> constexpr int down_nb() { return T == ORCH_T_Q8_0 ? 2 : 3; }
+
+template <int T>
+static void launch_gate_up(cudaStream_t st, float *act, const float *x, const uint8_t *wg, const uint8_t *wu,
+                           const float *gb, const float *ub, const int32_t *ids, int64_t n, int n_slots, int64_t k,
+                           int64_t m, float alpha, float limit) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    constexpr int NB = gate_up_nb<T>();
+    size_t sm = ffn_smem(k, 1);
+    if (sm > 48 * 1024)
+      cudaFuncSetAttribute(moe_gate_up_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)(n * n_slots));
+    moe_gate_up_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+                                                                orch_row_bytes(T, k), alpha, limit);
+  }
+}
+
+template <int T>
+static void launch_down(cudaStream_t st, float *out, const float *act, const uint8_t *wd, const float *db,
+                        const int32_t *ids, const float *wts, int64_t n, int n_slots, int64_t k, int64_t m) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    constexpr int NB = down_nb<T>();
+    size_t sm = ffn_smem(k, n_slots);
+    if (sm > 48 * 1024)
+      cudaFuncSetAttribute(moe_down_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
+    moe_down_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(out, act, wd, db, ids, wts, n_slots, k, m,
+                                                             orch_row_bytes(T, k));
+  }
+}
+
+static bool ffn_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
+static bool aligned16p(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, const float *weights,
+                            const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
+                            const float *up_bias, const void *down, int32_t down_type, const float *down_bias,
+                            float *act, int64_t n, int32_t n_slots, int64_t dim, int64_t ff, float alpha,
+                            float limit) {
+  const char *op = "moe_ffn";
+  ORCH_CHECK_ARG(ctx && out && x && ids && weights && gate && up && down && act, op);
+  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && dim > 0 && ff > 0, op);
+  // Not an error: the caller falls back to the unfused ops.
+  if (ctx->moe_v1 || !ffn_type(gu_type) || !ffn_type(down_type) || dim % 32 || ff % 32 ||
+      ffn_smem(dim, 1) > FFN_MAX_SMEM || ffn_smem(ff, n_slots) > FFN_MAX_SMEM || n * n_slots > 65535 || n > 65535)
+    return ORCH_ERR_UNSUPPORTED;
+  ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
+  if (n == 0) return ORCH_OK;
+  ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, act, x, (const uint8_t *)gate, (const uint8_t *)up,
+                     gate_bias, up_bias, ids, n, n_slots, dim, ff, alpha, limit);
+  ORCH_LAUNCHED(op);
+  ORCH_DISPATCH_TYPE(down_type, launch_down, ctx->stream, out, act, (const uint8_t *)down, down_bias, ids, weights,
+                     n, n_slots, ff, dim);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
