@@ -5,7 +5,7 @@ VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/llama-orch/orch/host/cli.Version=$(VERSION)
 TESTFLAGS ?= -race -timeout 15m
 
-.PHONY: all build serve test lint fmt vet cuda cuda-check proto-check gpu-bins gpu-check clean help
+.PHONY: all build serve test lint fmt vet cuda cuda-check proto-check gpu-bins gpu-pack gpu-check clean help
 
 all: build
 
@@ -41,7 +41,17 @@ proto-check: ## regenerate the adapter protocol with buf and fail on a diff
 
 gpu-bins: build ## build the GPU test binaries (run on a GPU machine with cuda/scripts/gpu-check.sh)
 	$(GO) test -c -tags gpu -o $(BIN)/cuda-gpu.test ./sdk/ml/cuda
-	@for p in gpt llama; do if $(GO) list -tags gpu -f '{{len .TestGoFiles}}' ./plugins/$$p >/dev/null 2>&1; then $(GO) test -c -tags gpu -o $(BIN)/$$p-gpu.test ./plugins/$$p; fi; done
+	$(GO) test -c -tags gpu -o $(BIN)/gpt-gpu.test ./plugins/gpt
+	$(GO) test -c -tags gpu -o $(BIN)/llama-gpu.test ./plugins/llama
+
+gpu-pack: ## pack stripped binaries for cuda/scripts/e2e-gpu.sh into .gpu/bins.tar.xz (carry ".gpu"; < 64 MiB with the tree)
+	mkdir -p .gpu/pack && rm -f .gpu/pack/*
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o .gpu/pack/orch-host ./host/cmd/orch-host
+	$(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o .gpu/pack/orch-adapter-gpt ./plugins/gpt/cmd/orch-adapter-gpt
+	$(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o .gpu/pack/orch-adapter-llama ./plugins/llama/cmd/orch-adapter-llama
+	$(GO) test -c -tags gpu -trimpath -ldflags '-s -w' -o .gpu/pack/gpt-gpu.test ./plugins/gpt
+	tar -C .gpu/pack -cJf .gpu/bins.tar.xz .
+	@ls -la .gpu/bins.tar.xz
 
 gpu-check: gpu-bins ## on a GPU machine: build liborch_cuda.so, run the GPU suite and memcheck
 	bash cuda/scripts/gpu-check.sh

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# End-to-end run on a GPU machine (one call of the device tool):
+#   1. build liborch_cuda.so (CMake), unpack the carried Go binaries
+#   2. model-level GPU tests (CUDA backend vs CPU backend, whole models)
+#   3. synthesize full-size gpt-oss-20b (and llama3-8b) with orch-host synth
+#   4. orch-host bench on the GPU (pp, tg, streams)
+#   5. orch-host serve on the GPU: a streamed harmony chat completion
+#   6. with two GPUs: replica scaling (host/replica/testdata/two-gpu.sh)
+# Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
+# (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all; steps: tests bench serve llama replicas)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+steps=${*:-tests bench serve llama replicas}
+has() { [[ " $steps " == *" $1 "* ]]; }
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.md"; }
+M=/tmp/orch-models
+mkdir -p "$M" bin
+
+nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.free --format=csv,noheader | tee -a "$OUT/summary.md"
+[ -f .gpu/bins.tar.xz ] && tar -xJf .gpu/bins.tar.xz -C bin
+ls -la bin >>"$OUT/summary.md"
+t0=$(date +%s)
+if ! { cmake -S cuda -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build/cuda; } >"$OUT/build.log" 2>&1; then
+  log "cuda build FAILED"; tail -30 "$OUT/build.log"; exit 1
+fi
+log "cuda build ok in $(( $(date +%s) - t0 )) s"
+export ORCH_CUDA_LIB=$PWD/build/cuda/liborch_cuda.so
+
+if has tests; then
+  for b in bin/gpt-gpu.test bin/llama-gpu.test; do  # run from the package dir (testdata paths)
+    [ -x "$b" ] || continue
+    t0=$(date +%s)
+    pkg=plugins/$(basename "$b" -gpu.test)
+    if (cd "$pkg" && timeout 240 "../../$b" -test.v -test.timeout 230s -test.run 'TestGPUMatchesCPU|TestGPUGoldens') >"$OUT/$(basename "$b").log" 2>&1; then
+      log "$(basename "$b"): PASS ($(grep -c -- '--- PASS' "$OUT/$(basename "$b").log") passed, $(grep -c -- '--- SKIP' "$OUT/$(basename "$b").log") skipped, $(( $(date +%s) - t0 )) s)"
+    else
+      log "$(basename "$b"): FAIL"; grep -E -A6 -- '--- FAIL|panic' "$OUT/$(basename "$b").log" | head -40 | tee -a "$OUT/summary.md"
+    fi
+  done
+fi
+
+synth() { # arch size file
+  [ -f "$3" ] && return 0
+  t0=$(date +%s)
+  bin/orch-host synth --arch "$1" --size "$2" --out "$3" --seed 1 >/dev/null 2>>"$OUT/synth.log" || { log "synth $1 $2 FAILED"; return 1; }
+  log "synth $1 $2: $(du -h "$3" | cut -f1) in $(( $(date +%s) - t0 )) s"
+}
+
+if has bench || has serve || has replicas; then
+  synth gpt-oss 20b "$M/gpt-oss-20b.gguf"
+fi
+if has bench; then
+  log "bench gpt-oss-20b (cuda)"
+  timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 512,2048 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+  timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 8,32 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+fi
+if has serve; then
+  log "serve gpt-oss-20b (cuda)"
+  bin/orch-host serve --model "$M/gpt-oss-20b.gguf" --device cuda --addr 127.0.0.1:18080 >"$OUT/serve.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 240); do curl -sf 127.0.0.1:18080/health >/dev/null 2>&1 && break; kill -0 $pid 2>/dev/null || break; sleep 1; done
+  curl -s 127.0.0.1:18080/health | tee -a "$OUT/summary.md"; echo | tee -a "$OUT/summary.md"
+  curl -sN --max-time 60 127.0.0.1:18080/v1/chat/completions -H 'Content-Type: application/json' \
+    -d '{"model":"gpt-oss-20b","messages":[{"role":"user","content":"Say hello."}],"reasoning_effort":"low","max_tokens":48,"stream":true,"stream_options":{"include_usage":true}}' \
+    >"$OUT/serve-stream.txt" 2>&1
+  log "streamed chunks: $(grep -c '^data: {' "$OUT/serve-stream.txt"), done: $(grep -c '^data: \[DONE\]' "$OUT/serve-stream.txt")"
+  tail -3 "$OUT/serve-stream.txt" | cut -c1-400 | tee -a "$OUT/summary.md"
+  grep -E 'backend|placement' "$OUT/serve.log" | head -4 | cut -c1-300 | tee -a "$OUT/summary.md"
+  kill $pid; wait $pid 2>/dev/null
+fi
+if has llama; then
+  synth llama llama3-8b "$M/llama3-8b.gguf" && {
+    log "bench llama3-8b Q8_0 (cuda)"
+    timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 512 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+    rm -f "$M/llama3-8b.gguf"; }
+fi
+if has replicas && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  log "replicas: 1 vs 2 GPUs, gpt-oss-20b, 32 streams x 64 tokens"
+  timeout 300 bash host/replica/testdata/two-gpu.sh bin "$M/gpt-oss-20b.gguf" 32 64 2>&1 | tail -25 | tee -a "$OUT/summary.md"
+fi
+log "done"
