@@ -22,3 +22,6 @@ func cvtF16AVX(dst *float32, src *byte, n int)
 
 //go:noescape
 func cvtQ8_0AVX(dst *float32, src *byte, nb int)
+
+//go:noescape
+func dot2x4AVX(w *float32, ldw int, x *float32, ldx, n int, acc *[64]float32)

@@ -173,3 +173,70 @@ loopq:
 doneq:
 	VZEROUPPER
 	RET
+
+// func dot2x4AVX(w *float32, ldw int, x *float32, ldx, n int, acc *[64]float32)
+// Eight outputs: w[k*ldw:] · x[r*ldx:] for weight rows k = 0..1 and
+// activation rows r = 0..3, acc[32*(4k+r):] their lane sums. Each loaded
+// vector serves 2 or 4 products (half the loads of dot4AVX per product).
+// n is a multiple of 8.
+TEXT ·dot2x4AVX(SB), NOSPLIT, $0-48
+	MOVQ w+0(FP), SI
+	MOVQ ldw+8(FP), R12
+	MOVQ x+16(FP), DI
+	MOVQ ldx+24(FP), BX
+	MOVQ n+32(FP), CX
+	MOVQ acc+40(FP), DX
+	SHLQ $2, R12
+	ADDQ SI, R12
+	SHLQ $2, BX
+	LEAQ (DI)(BX*1), R8
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R9)(BX*1), R10
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+	VXORPS Y4, Y4, Y4
+	VXORPS Y5, Y5, Y5
+	VXORPS Y6, Y6, Y6
+	VXORPS Y7, Y7, Y7
+	XORQ AX, AX
+	SHRQ $3, CX
+	JZ   done24
+loop24:
+	VMOVUPS (SI)(AX*1), Y8
+	VMOVUPS (R12)(AX*1), Y9
+	VMOVUPS (DI)(AX*1), Y10
+	VMULPS  Y10, Y8, Y11
+	VADDPS  Y11, Y0, Y0
+	VMULPS  Y10, Y9, Y12
+	VADDPS  Y12, Y4, Y4
+	VMOVUPS (R8)(AX*1), Y13
+	VMULPS  Y13, Y8, Y14
+	VADDPS  Y14, Y1, Y1
+	VMULPS  Y13, Y9, Y15
+	VADDPS  Y15, Y5, Y5
+	VMOVUPS (R9)(AX*1), Y10
+	VMULPS  Y10, Y8, Y11
+	VADDPS  Y11, Y2, Y2
+	VMULPS  Y10, Y9, Y12
+	VADDPS  Y12, Y6, Y6
+	VMOVUPS (R10)(AX*1), Y13
+	VMULPS  Y13, Y8, Y14
+	VADDPS  Y14, Y3, Y3
+	VMULPS  Y13, Y9, Y15
+	VADDPS  Y15, Y7, Y7
+	ADDQ    $32, AX
+	DECQ    CX
+	JNZ     loop24
+done24:
+	VMOVUPS Y0, (DX)
+	VMOVUPS Y1, 32(DX)
+	VMOVUPS Y2, 64(DX)
+	VMOVUPS Y3, 96(DX)
+	VMOVUPS Y4, 128(DX)
+	VMOVUPS Y5, 160(DX)
+	VMOVUPS Y6, 192(DX)
+	VMOVUPS Y7, 224(DX)
+	VZEROUPPER
+	RET

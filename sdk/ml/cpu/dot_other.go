@@ -11,3 +11,5 @@ func dot4F16AVX(x *float32, w *byte, ldw, n int, acc *[32]float32) { panic("cpu:
 func cvtF16AVX(dst *float32, src *byte, n int)                     { panic("cpu: no AVX") }
 
 func cvtQ8_0AVX(dst *float32, src *byte, nb int) { panic("cpu: no AVX") }
+
+func dot2x4AVX(w *float32, ldw int, x *float32, ldx, n int, acc *[64]float32) { panic("cpu: no AVX") }

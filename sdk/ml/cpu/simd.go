@@ -49,6 +49,29 @@ func dot4(a, x []float32, ldx int, out *[4]float32) {
 	}
 }
 
+// dot2x4 sets out[4k+r] = dot(w[k*ldw : k*ldw+in], x[r*ldx : r*ldx+in])
+// for weight rows k = 0..1 and activation rows r = 0..3.
+func dot2x4(w []float32, ldw int, x []float32, ldx, in int, out *[8]float32) {
+	_ = w[ldw+in-1]
+	_ = x[3*ldx+in-1]
+	m := in &^ 7
+	var acc [64]float32
+	if m > 0 {
+		dot2x4AVX(&w[0], ldw, &x[0], ldx, m, &acc)
+	}
+	for k := range 2 {
+		wk := w[k*ldw : k*ldw+in]
+		for r := range 4 {
+			s := acc[32*k+8*r : 32*k+8*r+8]
+			xr := x[r*ldx : r*ldx+in]
+			for i := m; i < in; i++ {
+				s[0] += wk[i] * xr[i]
+			}
+			out[4*k+r] = reduce8(s)
+		}
+	}
+}
+
 // dot4F16 sets out[r] = dot(f16 row r of w, x) for 4 rows of rb bytes
 // (in elements each, in a multiple of 8).
 func dot4F16(x []float32, w []byte, rb, in int, out *[4]float32) {
@@ -135,7 +158,26 @@ func (b *Backend) matRowsAVX(wdt ml.DType, wdata []byte, in, oLo, oHi int, x []f
 				}
 				continue
 			}
-			for k := range g {
+			k := 0
+			var res8 [8]float32
+			for ; k+2 <= g; k += 2 {
+				// two weight rows x four activation rows per kernel call
+				b0, b1 := biasAt(bias, o+k), biasAt(bias, o+k+1)
+				r := 0
+				for ; r+4 <= n; r += 4 {
+					dot2x4(wf[k*ws:], ws, x[r*in:], in, in, &res8)
+					for j := range 4 {
+						out[(r+j)*outStride+o+k-oLo] = res8[j] + b0
+						out[(r+j)*outStride+o+k+1-oLo] = res8[4+j] + b1
+					}
+				}
+				for ; r < n; r++ {
+					xr := x[r*in : (r+1)*in]
+					out[r*outStride+o+k-oLo] = dotAVX(wf[k*ws:k*ws+in], xr) + b0
+					out[r*outStride+o+k+1-oLo] = dotAVX(wf[(k+1)*ws:(k+1)*ws+in], xr) + b1
+				}
+			}
+			for ; k < g; k++ {
 				wr := wf[k*ws : k*ws+in]
 				bo := biasAt(bias, o+k)
 				r := 0
