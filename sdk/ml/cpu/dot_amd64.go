@@ -25,3 +25,12 @@ func cvtQ8_0AVX(dst *float32, src *byte, nb int)
 
 //go:noescape
 func dot2x4AVX(w *float32, ldw int, x *float32, ldx, n int, acc *[64]float32)
+
+//go:noescape
+func cvtBF16AVX(dst *float32, src *byte, n int)
+
+//go:noescape
+func cvtQ4_0AVX(dst *float32, src *byte, nb int)
+
+//go:noescape
+func cvtMXFP4AVX(dst *float32, src *byte, nb int, table *[16]float32)

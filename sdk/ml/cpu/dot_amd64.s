@@ -240,3 +240,133 @@ done24:
 	VMOVUPS Y7, 224(DX)
 	VZEROUPPER
 	RET
+
+// func cvtBF16AVX(dst *float32, src *byte, n int)
+// Decodes n (a multiple of 8) bfloat16 values: the bits shifted up 16.
+TEXT ·cvtBF16AVX(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	SHRQ $3, CX
+	JZ   doneb
+loopb:
+	VPMOVZXWD (SI), Y0
+	VPSLLD    $16, Y0, Y0
+	VMOVUPS   Y0, (DI)
+	ADDQ      $16, SI
+	ADDQ      $32, DI
+	DECQ      CX
+	JNZ       loopb
+doneb:
+	VZEROUPPER
+	RET
+
+// func cvtQ4_0AVX(dst *float32, src *byte, nb int)
+// Decodes nb Q4_0 blocks (f16 scale d, 16 bytes of nibbles: low nibbles are
+// elements 0..15, high nibbles 16..31) to float32(q-8)*d.
+TEXT ·cvtQ4_0AVX(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ nb+16(FP), CX
+	MOVL $15, AX
+	MOVQ AX, X13
+	VPBROADCASTD X13, Y13
+	MOVL $8, AX
+	MOVQ AX, X14
+	VPBROADCASTD X14, Y14
+	TESTQ CX, CX
+	JZ   done40
+loop40:
+	MOVWLZX      (SI), AX
+	MOVQ         AX, X0
+	VCVTPH2PS    X0, X0
+	VBROADCASTSS X0, Y0
+	VPMOVZXBD    2(SI), Y1
+	VPAND        Y13, Y1, Y2
+	VPSUBD       Y14, Y2, Y2
+	VCVTDQ2PS    Y2, Y2
+	VMULPS       Y0, Y2, Y2
+	VMOVUPS      Y2, (DI)
+	VPSRLD       $4, Y1, Y3
+	VPSUBD       Y14, Y3, Y3
+	VCVTDQ2PS    Y3, Y3
+	VMULPS       Y0, Y3, Y3
+	VMOVUPS      Y3, 64(DI)
+	VPMOVZXBD    10(SI), Y1
+	VPAND        Y13, Y1, Y2
+	VPSUBD       Y14, Y2, Y2
+	VCVTDQ2PS    Y2, Y2
+	VMULPS       Y0, Y2, Y2
+	VMOVUPS      Y2, 32(DI)
+	VPSRLD       $4, Y1, Y3
+	VPSUBD       Y14, Y3, Y3
+	VCVTDQ2PS    Y3, Y3
+	VMULPS       Y0, Y3, Y3
+	VMOVUPS      Y3, 96(DI)
+	ADDQ         $18, SI
+	ADDQ         $128, DI
+	DECQ         CX
+	JNZ          loop40
+done40:
+	VZEROUPPER
+	RET
+
+// func cvtMXFP4AVX(dst *float32, src *byte, nb int, table *[16]float32)
+// Decodes nb MXFP4 blocks (E8M0 scale byte, 16 bytes of E2M1 nibbles, low
+// nibbles elements 0..15) to table[code]*d with d = 2^(e-127) (e = 0:
+// 2^-127), as ml.DequantizeRow. The 16-entry lookup is two 8-entry VPERMPS
+// (low 3 bits of the code) blended on bit 3.
+TEXT ·cvtMXFP4AVX(SB), NOSPLIT, $0-32
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ nb+16(FP), CX
+	MOVQ table+24(FP), DX
+	VMOVUPS (DX), Y15
+	VMOVUPS 32(DX), Y14
+	MOVL $0x00400000, R11
+	TESTQ CX, CX
+	JZ   donemx
+loopmx:
+	MOVBLZX      (SI), AX
+	SHLL         $23, AX
+	TESTL        AX, AX
+	CMOVLEQ      R11, AX
+	MOVQ         AX, X0
+	VBROADCASTSS X0, Y0
+	// bytes 0..7: elements 0..7 (low nibbles), 16..23 (high)
+	VPMOVZXBD    1(SI), Y1
+	VPERMPS      Y15, Y1, Y2
+	VPERMPS      Y14, Y1, Y3
+	VPSLLD       $28, Y1, Y4
+	VBLENDVPS    Y4, Y3, Y2, Y2
+	VMULPS       Y0, Y2, Y2
+	VMOVUPS      Y2, (DI)
+	VPSRLD       $4, Y1, Y5
+	VPERMPS      Y15, Y5, Y6
+	VPERMPS      Y14, Y5, Y7
+	VPSLLD       $28, Y5, Y8
+	VBLENDVPS    Y8, Y7, Y6, Y6
+	VMULPS       Y0, Y6, Y6
+	VMOVUPS      Y6, 64(DI)
+	// bytes 8..15: elements 8..15 (low), 24..31 (high)
+	VPMOVZXBD    9(SI), Y1
+	VPERMPS      Y15, Y1, Y2
+	VPERMPS      Y14, Y1, Y3
+	VPSLLD       $28, Y1, Y4
+	VBLENDVPS    Y4, Y3, Y2, Y2
+	VMULPS       Y0, Y2, Y2
+	VMOVUPS      Y2, 32(DI)
+	VPSRLD       $4, Y1, Y5
+	VPERMPS      Y15, Y5, Y6
+	VPERMPS      Y14, Y5, Y7
+	VPSLLD       $28, Y5, Y8
+	VBLENDVPS    Y8, Y7, Y6, Y6
+	VMULPS       Y0, Y6, Y6
+	VMOVUPS      Y6, 96(DI)
+	ADDQ         $17, SI
+	ADDQ         $128, DI
+	DECQ         CX
+	JNZ          loopmx
+donemx:
+	VZEROUPPER
+	RET

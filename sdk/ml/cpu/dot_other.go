@@ -13,3 +13,7 @@ func cvtF16AVX(dst *float32, src *byte, n int)                     { panic("cpu:
 func cvtQ8_0AVX(dst *float32, src *byte, nb int) { panic("cpu: no AVX") }
 
 func dot2x4AVX(w *float32, ldw int, x *float32, ldx, n int, acc *[64]float32) { panic("cpu: no AVX") }
+
+func cvtBF16AVX(dst *float32, src *byte, n int)                       { panic("cpu: no AVX") }
+func cvtQ4_0AVX(dst *float32, src *byte, nb int)                      { panic("cpu: no AVX") }
+func cvtMXFP4AVX(dst *float32, src *byte, nb int, table *[16]float32) { panic("cpu: no AVX") }

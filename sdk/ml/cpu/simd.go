@@ -84,18 +84,37 @@ func dot4F16(x []float32, w []byte, rb, in int, out *[4]float32) {
 	}
 }
 
-// decodeRow is ml.DequantizeRowUnchecked with a vector F16 decoder.
+// decodeRow is ml.DequantizeRowUnchecked with vector decoders for F16, BF16,
+// Q8_0, Q4_0 and MXFP4 (bit-identical: the same single rounding of q·d).
 func decodeRow(dt ml.DType, raw []byte, dst []float32) {
-	if dt == ml.F16 && useAVX && len(dst)%8 == 0 && len(dst) > 0 {
-		_ = raw[2*len(dst)-1]
-		cvtF16AVX(&dst[0], &raw[0], len(dst))
+	n := len(dst)
+	if !useAVX || n == 0 {
+		ml.DequantizeRowUnchecked(dt, raw, dst)
 		return
 	}
-	if dt == ml.Q8_0 && useAVX && len(dst) > 0 {
-		nb := len(dst) / 32
-		_ = raw[34*nb-1]
+	switch dt {
+	case ml.F16, ml.BF16:
+		if n%8 == 0 {
+			_ = raw[2*n-1]
+			if dt == ml.F16 {
+				cvtF16AVX(&dst[0], &raw[0], n)
+			} else {
+				cvtBF16AVX(&dst[0], &raw[0], n)
+			}
+			return
+		}
+	case ml.Q8_0, ml.Q4_0, ml.MXFP4:
+		nb := n / 32
 		_ = dst[32*nb-1]
-		cvtQ8_0AVX(&dst[0], &raw[0], nb)
+		_ = raw[nb*dt.BlockBytes()-1]
+		switch dt {
+		case ml.Q8_0:
+			cvtQ8_0AVX(&dst[0], &raw[0], nb)
+		case ml.Q4_0:
+			cvtQ4_0AVX(&dst[0], &raw[0], nb)
+		default:
+			cvtMXFP4AVX(&dst[0], &raw[0], nb, &ml.MXFP4Values)
+		}
 		return
 	}
 	ml.DequantizeRowUnchecked(dt, raw, dst)

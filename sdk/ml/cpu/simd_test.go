@@ -97,7 +97,7 @@ func TestDecodeRowAVX(t *testing.T) {
 		t.Skip("no AVX2/F16C on this machine")
 	}
 	rng := rand.New(rand.NewPCG(35, 36))
-	for _, dt := range []ml.DType{ml.F16, ml.Q8_0} {
+	for _, dt := range []ml.DType{ml.F16, ml.BF16, ml.Q8_0, ml.Q4_0, ml.MXFP4} {
 		in := 4096
 		rb, err := dt.RowBytes(in)
 		require.NoError(t, err)
@@ -105,15 +105,28 @@ func TestDecodeRowAVX(t *testing.T) {
 		for i := range raw {
 			raw[i] = byte(rng.IntN(256))
 		}
-		// clear exponent-all-ones halves (NaN payloads may differ)
-		step, off := 2, 0
-		if dt == ml.Q8_0 {
-			step = 34
-		}
-		for ; off+1 < len(raw); off += step {
-			if raw[off+1]&0x7c == 0x7c {
-				raw[off+1] &^= 0x40
+		// clear exponent-all-ones halves and scales (NaN payloads may differ)
+		switch dt {
+		case ml.F16, ml.Q8_0, ml.Q4_0:
+			step := map[ml.DType]int{ml.F16: 2, ml.Q8_0: 34, ml.Q4_0: 18}[dt]
+			for off := 0; off+1 < len(raw); off += step {
+				if raw[off+1]&0x7c == 0x7c {
+					raw[off+1] &^= 0x40
+				}
 			}
+		case ml.BF16:
+			for off := 0; off+1 < len(raw); off += 2 {
+				if raw[off+1]&0x7f == 0x7f && raw[off]&0x80 != 0 {
+					raw[off+1] &^= 0x40
+				}
+			}
+		case ml.MXFP4:
+			for off := 0; off < len(raw); off += 17 {
+				if raw[off] == 255 {
+					raw[off] = 254
+				}
+			}
+			raw[0], raw[17] = 0, 1 // the e = 0 special case and the smallest normal scale
 		}
 		want := make([]float32, in)
 		got := make([]float32, in)
