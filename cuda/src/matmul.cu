@@ -329,7 +329,7 @@ gemv4_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
 #pragma unroll
     for (int j = 0; j < NT; j++) acc[j] = 0.f;
     for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
-      uint8_t b[NB][type_block_bytes(T)];
+      wblocks<T, NB> b;
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
       if (!staged) { // first round of the first row: uniform over the CTA
         for (int j = 0; j < nt; j++)
@@ -360,8 +360,8 @@ gemv4_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
 template <int T, int NT>
 static void launch_gemv4_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
                             int64_t k, int64_t m, int64_t rb, int acc) {
-  constexpr int NB = T == ORCH_T_Q8_0 ? 2 : 3;
-  const int rpw = m >= 32768 ? 4 : 1;
+  constexpr int NB = 3;
+  const int rpw = m >= 32768 ? 2 : 1;
   size_t sm = gemv3_smem(k, NT);
   if (sm > 48 * 1024) cudaFuncSetAttribute(gemv4_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV4_WARPS * rpw);

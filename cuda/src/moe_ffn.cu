@@ -8,8 +8,8 @@
 //     activation row is staged in shared memory, the down rows of the k
 //     experts dotted, bias added and weighted by the router weight, summed in
 //     a fixed order (deterministic, no atomics) and written once.
-// Both issue their weight loads (NB whole blocks per lane, into registers)
-// before staging x and waiting at the barrier, so the DRAM latency of the
+// Both issue their weight loads (NB whole blocks per lane, into registers,
+// as aligned 32-bit words) before staging x and waiting at the barrier, so the DRAM latency of the
 // weights overlaps the x staging (GEMV v3 serialised the two).
 // The old path stays selectable with ORCH_CUDA_MOE=v1.
 #include "quant.cuh"
@@ -34,7 +34,7 @@ moe_gate_up_kernel(float *__restrict__ act, const float *__restrict__ x, const u
   const int64_t nch = k / 32;
   float ag = 0.f, au = 0.f;
   for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
-    uint8_t bg[NB][type_block_bytes(T)], bu[NB][type_block_bytes(T)];
+    wblocks<T, NB> bg, bu;
     ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
     ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
     if (c0 == 0) { // uniform over the CTA: every warp runs the same rounds
@@ -75,7 +75,7 @@ moe_down_kernel(float *__restrict__ out, const float *__restrict__ act, const ui
     const uint8_t *wr = wd + (int64_t)e * m * rb + (valid ? row : 0) * rb;
     float acc = 0.f;
     for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
-      uint8_t b[NB][type_block_bytes(T)];
+      wblocks<T, NB> b;
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
       if (s == 0 && c0 == 0) {
         ffn_stage(xs, act + t * n_slots * k, n_slots, k);
@@ -92,9 +92,9 @@ moe_down_kernel(float *__restrict__ out, const float *__restrict__ act, const ui
 constexpr size_t FFN_MAX_SMEM = 96 * 1024;
 static size_t ffn_smem(int64_t k, int rows) { return (size_t)rows * (k / 32) * 36 * sizeof(float); }
 
-// Register budget: NB blocks per row per lane (bytes live in registers).
-template <int T> constexpr int gate_up_nb() { return T == ORCH_T_Q8_0 ? 1 : 2; }
-template <int T> constexpr int down_nb() { return T == ORCH_T_Q8_0 ? 2 : 3; }
+// Register budget: NB blocks per row per lane (5 or 9 words each).
+template <int T> constexpr int gate_up_nb() { return T == ORCH_T_Q8_0 ? 2 : 3; }
+template <int T> constexpr int down_nb() { return 3; }
 
 template <int T>
 static void launch_gate_up(cudaStream_t st, float *act, const float *x, const uint8_t *wg, const uint8_t *wu,

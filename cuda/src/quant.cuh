@@ -178,30 +178,84 @@ __device__ __forceinline__ float block_dot(const uint8_t *b, const float *xs) {
 }
 
 // Register-prefetch helpers of GEMV v4 and the fused MoE FFN (moe_ffn.cu).
+// A block is loaded with aligned 32-bit loads of the words that cover it
+// (MXFP4 17 B -> 5 words, Q4_0 18 B (2-aligned) -> 5, Q8_0 34 B (2-aligned)
+// -> 9) and its bytes are extracted with funnel shifts: a first version
+// loaded byte by byte (one register per byte), which capped the warps per SM
+// and so the bytes in flight. The last word may extend up to 3 bytes past
+// the block, never past the aligned word holding its last byte.
+template <int T> __host__ __device__ constexpr int block_words() { return T == ORCH_T_Q8_0 ? 9 : 5; }
+template <int T, int NB> struct wblocks {
+  uint32_t w[NB][block_words<T>()];
+  uint32_t sh[NB]; // byte offset of the block in its first word
+};
+
 // Loads NB blocks of row wr for this lane: chunks c0 + lane + 32 i (zeros
 // past the row or when !valid).
 template <int T, int NB>
-__device__ __forceinline__ void ffn_load(uint8_t (&b)[NB][type_block_bytes(T)], const uint8_t *__restrict__ wr,
-                                         int64_t c0, int lane, int64_t nch, bool valid) {
+__device__ __forceinline__ void ffn_load(wblocks<T, NB> &b, const uint8_t *__restrict__ wr, int64_t c0, int lane,
+                                         int64_t nch, bool valid) {
   constexpr int BB = type_block_bytes(T);
 #pragma unroll
   for (int i = 0; i < NB; i++) {
     const int64_t c = c0 + lane + 32 * i;
     const bool ok = valid && c < nch;
-    const uint8_t *p = wr + (ok ? c : 0) * BB;
+    const uintptr_t p = (uintptr_t)(wr + (ok ? c : 0) * BB);
+    b.sh[i] = (uint32_t)(p & 3);
+    const uint32_t *q = reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
 #pragma unroll
-    for (int j = 0; j < BB; j++) b[i][j] = ok ? __ldg(p + j) : (uint8_t)0;
+    for (int j = 0; j < block_words<T>(); j++) b.w[i][j] = ok ? __ldg(q + j) : 0u;
   }
 }
 
+// Dot of the block held in words w (starting sh bytes into w[0]) with xs[32].
+template <int T>
+__device__ __forceinline__ float wblock_dot(const uint32_t *w, uint32_t sh, const float *xs) {
+  float s = 0.f, d;
+  if constexpr (T == ORCH_T_Q8_0) {
+    d = __half2float(__ushort_as_half((unsigned short)(__funnelshift_r(w[0], w[1], 8 * sh) & 0xffffu)));
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      const uint32_t q = __funnelshift_rc(w[i], w[i + 1], 8 * sh + 16);
+      float4 xv = *reinterpret_cast<const float4 *>(xs + 4 * i);
+      s += (float)(int8_t)(q & 0xff) * xv.x + (float)(int8_t)((q >> 8) & 0xff) * xv.y +
+           (float)(int8_t)((q >> 16) & 0xff) * xv.z + (float)(int8_t)(q >> 24) * xv.w;
+    }
+  } else {
+    constexpr uint32_t off = T == ORCH_T_MXFP4 ? 8 : 16; // bits before qs
+    if constexpr (T == ORCH_T_MXFP4) d = 0.5f * e8m0((uint8_t)((w[0] >> (8 * sh)) & 0xffu));
+    else d = __half2float(__ushort_as_half((unsigned short)(__funnelshift_r(w[0], w[1], 8 * sh) & 0xffffu)));
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const uint32_t q = __funnelshift_rc(w[i], w[i + 1], 8 * sh + off);
+      float4 lo = *reinterpret_cast<const float4 *>(xs + 4 * i);
+      float4 hi = *reinterpret_cast<const float4 *>(xs + 16 + 4 * i);
+      float ql[4], qh[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const int v = (int)((q >> (8 * j)) & 0xffu);
+        if constexpr (T == ORCH_T_MXFP4) {
+          ql[j] = e2m1x2(v & 0xF);
+          qh[j] = e2m1x2(v >> 4);
+        } else {
+          ql[j] = (float)((v & 0xF) - 8);
+          qh[j] = (float)((v >> 4) - 8);
+        }
+      }
+      s += ql[0] * lo.x + ql[1] * lo.y + ql[2] * lo.z + ql[3] * lo.w + qh[0] * hi.x + qh[1] * hi.y + qh[2] * hi.z +
+           qh[3] * hi.w;
+    }
+  }
+  return d * s;
+}
+
 template <int T, int NB>
-__device__ __forceinline__ float ffn_dot(const uint8_t (&b)[NB][type_block_bytes(T)], const float *xs, int64_t c0,
-                                         int lane, int64_t nch) {
+__device__ __forceinline__ float ffn_dot(const wblocks<T, NB> &b, const float *xs, int64_t c0, int lane, int64_t nch) {
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < NB; i++) {
     const int64_t c = c0 + lane + 32 * i;
-    if (c < nch) s += block_dot<T>(b[i], xs + c * 36);
+    if (c < nch) s += wblock_dot<T>(b.w[i], b.sh[i], xs + c * 36);
   }
   return s;
 }
