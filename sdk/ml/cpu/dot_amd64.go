@@ -34,3 +34,6 @@ func cvtQ4_0AVX(dst *float32, src *byte, nb int)
 
 //go:noescape
 func cvtMXFP4AVX(dst *float32, src *byte, nb int, table *[16]float32)
+
+//go:noescape
+func dot4Q8_0AVX(x *float32, w *byte, ldw, nb int, acc *[32]float32)

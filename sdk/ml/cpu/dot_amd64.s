@@ -370,3 +370,135 @@ loopmx:
 donemx:
 	VZEROUPPER
 	RET
+
+// func dot4Q8_0AVX(x *float32, w *byte, ldw, nb int, acc *[32]float32)
+// Four outputs: dot(Q8_0 row r of w, x) for r = 0..3, rows ldw bytes apart,
+// nb blocks each: ((float32(q)*d)*x) added lane-wise, as dequantize + dot.
+TEXT ·dot4Q8_0AVX(SB), NOSPLIT, $0-40
+	MOVQ x+0(FP), SI
+	MOVQ w+8(FP), DI
+	MOVQ ldw+16(FP), BX
+	MOVQ nb+24(FP), CX
+	MOVQ acc+32(FP), DX
+	LEAQ (DI)(BX*1), R8
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R9)(BX*1), R10
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+	XORQ R11, R11
+	TESTQ CX, CX
+	JZ   doneq4
+loopq4:
+	VMOVUPS (SI), Y4
+	VMOVUPS 32(SI), Y5
+	VMOVUPS 64(SI), Y6
+	VMOVUPS 96(SI), Y7
+	MOVWLZX      (DI)(R11*1), AX
+	MOVQ         AX, X8
+	VCVTPH2PS    X8, X8
+	VBROADCASTSS X8, Y8
+	VPMOVSXBD    2(DI)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y4, Y9, Y9
+	VADDPS       Y9, Y0, Y0
+	VPMOVSXBD    10(DI)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y5, Y9, Y9
+	VADDPS       Y9, Y0, Y0
+	VPMOVSXBD    18(DI)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y6, Y9, Y9
+	VADDPS       Y9, Y0, Y0
+	VPMOVSXBD    26(DI)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y7, Y9, Y9
+	VADDPS       Y9, Y0, Y0
+	MOVWLZX      (R8)(R11*1), AX
+	MOVQ         AX, X8
+	VCVTPH2PS    X8, X8
+	VBROADCASTSS X8, Y8
+	VPMOVSXBD    2(R8)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y4, Y9, Y9
+	VADDPS       Y9, Y1, Y1
+	VPMOVSXBD    10(R8)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y5, Y9, Y9
+	VADDPS       Y9, Y1, Y1
+	VPMOVSXBD    18(R8)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y6, Y9, Y9
+	VADDPS       Y9, Y1, Y1
+	VPMOVSXBD    26(R8)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y7, Y9, Y9
+	VADDPS       Y9, Y1, Y1
+	MOVWLZX      (R9)(R11*1), AX
+	MOVQ         AX, X8
+	VCVTPH2PS    X8, X8
+	VBROADCASTSS X8, Y8
+	VPMOVSXBD    2(R9)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y4, Y9, Y9
+	VADDPS       Y9, Y2, Y2
+	VPMOVSXBD    10(R9)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y5, Y9, Y9
+	VADDPS       Y9, Y2, Y2
+	VPMOVSXBD    18(R9)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y6, Y9, Y9
+	VADDPS       Y9, Y2, Y2
+	VPMOVSXBD    26(R9)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y7, Y9, Y9
+	VADDPS       Y9, Y2, Y2
+	MOVWLZX      (R10)(R11*1), AX
+	MOVQ         AX, X8
+	VCVTPH2PS    X8, X8
+	VBROADCASTSS X8, Y8
+	VPMOVSXBD    2(R10)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y4, Y9, Y9
+	VADDPS       Y9, Y3, Y3
+	VPMOVSXBD    10(R10)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y5, Y9, Y9
+	VADDPS       Y9, Y3, Y3
+	VPMOVSXBD    18(R10)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y6, Y9, Y9
+	VADDPS       Y9, Y3, Y3
+	VPMOVSXBD    26(R10)(R11*1), Y9
+	VCVTDQ2PS    Y9, Y9
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y7, Y9, Y9
+	VADDPS       Y9, Y3, Y3
+	ADDQ $128, SI
+	ADDQ $34, R11
+	DECQ CX
+	JNZ  loopq4
+doneq4:
+	VMOVUPS Y0, (DX)
+	VMOVUPS Y1, 32(DX)
+	VMOVUPS Y2, 64(DX)
+	VMOVUPS Y3, 96(DX)
+	VZEROUPPER
+	RET

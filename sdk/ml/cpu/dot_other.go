@@ -17,3 +17,5 @@ func dot2x4AVX(w *float32, ldw int, x *float32, ldx, n int, acc *[64]float32) { 
 func cvtBF16AVX(dst *float32, src *byte, n int)                       { panic("cpu: no AVX") }
 func cvtQ4_0AVX(dst *float32, src *byte, nb int)                      { panic("cpu: no AVX") }
 func cvtMXFP4AVX(dst *float32, src *byte, nb int, table *[16]float32) { panic("cpu: no AVX") }
+
+func dot4Q8_0AVX(x *float32, w *byte, ldw, nb int, acc *[32]float32) { panic("cpu: no AVX") }

@@ -72,6 +72,19 @@ func dot2x4(w []float32, ldw int, x []float32, ldx, in int, out *[8]float32) {
 	}
 }
 
+// dot4Q8_0 sets out[r] = dot(Q8_0 row r of w, x) for 4 rows of rb bytes
+// (in elements each, in a multiple of 32).
+func dot4Q8_0(x []float32, w []byte, rb, in int, out *[4]float32) {
+	nb := in / 32
+	_ = w[3*rb+34*nb-1]
+	_ = x[32*nb-1]
+	var acc [32]float32
+	dot4Q8_0AVX(&x[0], &w[0], rb, nb, &acc)
+	for r := range 4 {
+		out[r] = reduce8(acc[8*r : 8*r+8])
+	}
+}
+
 // dot4F16 sets out[r] = dot(f16 row r of w, x) for 4 rows of rb bytes
 // (in elements each, in a multiple of 8).
 func dot4F16(x []float32, w []byte, rb, in int, out *[4]float32) {
@@ -106,13 +119,15 @@ func decodeRow(dt ml.DType, raw []byte, dst []float32) {
 	case ml.Q8_0, ml.Q4_0, ml.MXFP4:
 		nb := n / 32
 		_ = dst[32*nb-1]
-		_ = raw[nb*dt.BlockBytes()-1]
-		switch dt {
+		switch dt { // block bytes as constants (DType.BlockBytes is a map lookup)
 		case ml.Q8_0:
+			_ = raw[34*nb-1]
 			cvtQ8_0AVX(&dst[0], &raw[0], nb)
 		case ml.Q4_0:
+			_ = raw[18*nb-1]
 			cvtQ4_0AVX(&dst[0], &raw[0], nb)
 		default:
+			_ = raw[17*nb-1]
 			cvtMXFP4AVX(&dst[0], &raw[0], nb, &ml.MXFP4Values)
 		}
 		return
@@ -147,9 +162,13 @@ func (b *Backend) matRowsAVX(wdt ml.DType, wdata []byte, in, oLo, oHi int, x []f
 			switch {
 			case wdt == ml.F32:
 				wf = f32view(wdata[o*rb : (o+g)*rb])
-			case n == 1 && fusedF16 && g == 4:
-				// decode: fused f16 kernel, no scratch
-				dot4F16(x[:in], wdata[o*rb:(o+4)*rb], rb, in, &res)
+			case n == 1 && (fusedF16 || wdt == ml.Q8_0) && g == 4:
+				// decode: fused kernels, no scratch
+				if wdt == ml.Q8_0 {
+					dot4Q8_0(x[:in], wdata[o*rb:(o+4)*rb], rb, in, &res)
+				} else {
+					dot4F16(x[:in], wdata[o*rb:(o+4)*rb], rb, in, &res)
+				}
 				for k := range 4 {
 					out[o+k-oLo] = res[k] + biasAt(bias, o+k)
 				}
