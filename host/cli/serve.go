@@ -40,18 +40,21 @@ type loadedModel struct {
 var serveOpenModel = func(ctx context.Context, cfg *config.Config, found []plugins.Plugin, mc config.ModelConfig, log hclog.Logger) (loadedModel, error) {
 	f, err := gguf.Open(mc.Path)
 	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return loadedModel{}, fmt.Errorf("model file %s does not exist: pass --model with the path of a .gguf file", mc.Path)
+		}
 		return loadedModel{}, err
 	}
 	arch := f.Architecture()
-	tok, err := tokenizer.FromGGUF(f)
-	if err != nil {
-		_ = f.Close()
-		return loadedModel{}, fmt.Errorf("%s: tokenizer: %w", mc.Path, err)
-	}
 	p, err := plugins.Select(found, arch, plugins.PinFor(cfg.Plugins, mc, arch))
 	if err != nil {
 		_ = f.Close()
 		return loadedModel{}, fmt.Errorf("%s: %w", mc.Path, err)
+	}
+	tok, err := tokenizer.FromGGUF(f)
+	if err != nil {
+		_ = f.Close()
+		return loadedModel{}, fmt.Errorf("%s: tokenizer: %w", mc.Path, err)
 	}
 	reps, err := placement.ParseReplicas(mc.Replicas)
 	if err != nil {
@@ -180,6 +183,9 @@ func runServe(ctx context.Context, cfg *config.Config, mcs []config.ModelConfig,
 	srv := server.New(server.Options{Logger: log.Named("http"), APIKeys: cfg.Server.APIKeys, MaxQueue: maxQueue})
 	l, err := net.Listen("tcp", cfg.Server.Addr)
 	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("serve: address %s is already in use (another orch-host?): stop it or pick another with --addr", cfg.Server.Addr)
+		}
 		return fmt.Errorf("serve: %w", err)
 	}
 	serveErr := make(chan error, 1)

@@ -210,7 +210,7 @@ func Decide(r Request) (Decision, error) {
 		return Decision{Kind: CPU, Processes: wantN, Reason: why}, nil
 	}
 	if len(r.GPUs) == 0 {
-		return Decision{}, fmt.Errorf("device cuda: no GPU found (nvidia-smi lists none)")
+		return Decision{}, fmt.Errorf("device cuda: no GPU found (nvidia-smi lists none); use --device auto or cpu to run on the CPU")
 	}
 	seen := map[int]bool{}
 	for _, g := range r.GPUs {
