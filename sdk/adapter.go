@@ -88,7 +88,7 @@ type SamplingParams struct {
 type GenerateRequest struct {
 	ID          string // request id, unique per host; used by Cancel and in logs
 	Prompt      []int32
-	MaxTokens   int     // >0; generation stops with FinishLength after this many tokens
+	MaxTokens   int     // generation stops with FinishLength after this many tokens; 0 = until the context is full
 	MinTokens   int     // stop tokens are ignored before this many tokens
 	StopTokens  []int32 // generation stops (FinishStop) after emitting one of these (it is included in the chunk)
 	Sampling    SamplingParams

@@ -242,7 +242,7 @@ func (e *sched) validate(tokens []int32) error {
 		return fmt.Errorf("empty prompt: %w", sdk.ErrInvalidArgument)
 	}
 	if len(tokens) > e.ctxLen {
-		return fmt.Errorf("%d prompt tokens, context length is %d: %w", len(tokens), e.ctxLen, sdk.ErrContextTooLong)
+		return &sdk.ContextTooLongError{Requested: len(tokens), Max: e.ctxLen}
 	}
 	for i, t := range tokens {
 		if t < 0 || int(t) >= e.spec.VocabSize {
