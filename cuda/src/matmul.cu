@@ -505,7 +505,9 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   const int64_t rb = orch_row_bytes(wtype, k);
   const uint8_t *wb = (const uint8_t *)w;
   if (n <= 8) {
-    if (ctx->gemv == 4 && n <= 4 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : 4) <= GEMV3_MAX_SMEM) {
+    // v4 reads whole aligned 32-bit words, up to 3 bytes past a block: only
+    // where the weight's end (w is 16-aligned) is word-aligned too.
+    if (ctx->gemv == 4 && n <= 4 && (m * rb) % 4 == 0 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : 4) <= GEMV3_MAX_SMEM) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv4, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
     } else if (ctx->gemv >= 3 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) <= GEMV3_MAX_SMEM) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv3, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);

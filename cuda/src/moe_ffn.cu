@@ -136,9 +136,11 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
   const char *op = "moe_ffn";
   ORCH_CHECK_ARG(ctx && out && x && ids && weights && gate && up && down && act, op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && dim > 0 && ff > 0, op);
-  // Not an error: the caller falls back to the unfused ops.
+  // Not an error: the caller falls back to the unfused ops. Expert sizes must
+  // be whole words: ffn_load reads aligned 32-bit words, up to 3 bytes past a
+  // block, which then never passes the tensor's end.
   if (ctx->moe_v1 || !ffn_type(gu_type) || !ffn_type(down_type) || dim % 32 || ff % 32 ||
-      ffn_smem(dim, 1) > FFN_MAX_SMEM || ffn_smem(ff, n_slots) > FFN_MAX_SMEM || n * n_slots > 65535 || n > 65535)
+      ffn_smem(dim, 1) > FFN_MAX_SMEM || (ff * orch_row_bytes(gu_type, dim)) % 4 || (dim * orch_row_bytes(down_type, ff)) % 4 || ffn_smem(ff, n_slots) > FFN_MAX_SMEM || n * n_slots > 65535 || n > 65535)
     return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   if (n == 0) return ORCH_OK;
