@@ -2,6 +2,8 @@
 //  - gemv: n <= 8 tokens (decode). One warp per output row; lanes walk the
 //    row's 32-element chunks, dequantize in registers and dot with up to 8
 //    token vectors; the weight is read from device memory exactly once.
+//    Versions v1..v4 are kept (ORCH_CUDA_GEMV); v4 (default for Q8_0 / Q4_0 /
+//    MXFP4, n <= 4) loads blocks as aligned words before staging x.
 //  - gemm: n > 8 (prefill). The weight is dequantized tile by tile to bf16
 //    into scratch and multiplied by cuBLAS (bf16 inputs, f32 accumulate).
 //  - moe_matmul: the gemv over (token, slot) pairs, each with its expert.
