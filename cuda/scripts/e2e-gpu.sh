@@ -8,12 +8,12 @@
 #   6. with two GPUs: replica scaling (host/replica/testdata/two-gpu.sh)
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all; steps: tests bench serve llama replicas)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all; steps: kernels tests bench serve llama replicas)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-steps=${*:-tests bench serve llama replicas}
+steps=${*:-kernels tests bench serve llama replicas}
 has() { [[ " $steps " == *" $1 "* ]]; }
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.md"; }
 M=/tmp/orch-models
@@ -40,6 +40,11 @@ if has tests; then
       log "$(basename "$b"): PASS ($(grep -c -- '--- PASS' "$OUT/$(basename "$b").log") passed, $(grep -c -- '--- SKIP' "$OUT/$(basename "$b").log") skipped, $(( $(date +%s) - t0 )) s)"
     else
       log "$(basename "$b"): FAIL"; grep -E -A6 -- '--- FAIL|panic' "$OUT/$(basename "$b").log" | head -40 | tee -a "$OUT/summary.md"
+      if command -v compute-sanitizer >/dev/null; then
+        (cd "$pkg" && timeout 120 compute-sanitizer --tool memcheck --print-limit 3 "../../$b" -test.run 'TestGPUMatchesCPU' -test.timeout 110s) \
+          >"$OUT/$(basename "$b")-memcheck.log" 2>&1
+        grep -m12 -E 'Invalid|at 0x|by thread|ERROR SUMMARY|Address' "$OUT/$(basename "$b")-memcheck.log" | cut -c1-220 | tee -a "$OUT/summary.md"
+      fi
       # fall back to the previous kernel versions for the rest of the run
       export ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3
       if (cd "$pkg" && timeout 200 "../../$b" -test.timeout 190s -test.run 'TestGPUMatchesCPU|TestGPUGoldens') >"$OUT/$(basename "$b")-v1.log" 2>&1; then
@@ -47,6 +52,16 @@ if has tests; then
       else log "$(basename "$b") with older kernels: FAIL too"; fi
     fi
   done
+fi
+
+if has kernels && [ -x bin/cuda-gpu.test ]; then
+  t0=$(date +%s)
+  if timeout 200 bin/cuda-gpu.test -test.timeout 190s >"$OUT/cuda-gpu.log" 2>&1; then
+    log "cuda-gpu.test: PASS ($(grep -c -- '--- PASS' "$OUT/cuda-gpu.log") passed, $(( $(date +%s) - t0 )) s)"
+  else log "cuda-gpu.test: FAIL"; grep -E -A4 -- '--- FAIL' "$OUT/cuda-gpu.log" | head -30 | tee -a "$OUT/summary.md"; fi
+  timeout 150 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 bin/cuda-gpu.test -test.timeout 140s \
+    -test.run 'TestMatMulTall|TestMoE|TestMoEWide|TestAttention|TestGraphReplay' >"$OUT/cuda-memcheck.log" 2>&1
+  log "memcheck (MatMulTall, MoE, MoEWide, Attention, GraphReplay): rc=$? $(grep -m1 'ERROR SUMMARY' "$OUT/cuda-memcheck.log")"
 fi
 
 synth() { # arch size file
