@@ -6,6 +6,14 @@
 // depend on how tokens are batched: every output element is computed by the
 // same code in the same order whatever the batch, so a batch of sequences
 // gives bit-identical results to each sequence alone.
+//
+// On amd64 CPUs with AVX2 and F16C the matrix products run through small
+// assembly kernels (dot_amd64.s; Go does not vectorise, and these products
+// are nearly all of the time): a batch decodes each weight row once and
+// multiplies it with every activation row, 2 weight rows x 4 activation rows
+// per kernel call. They compute the same 8 partial sums in the same order as
+// the portable Go code (separate multiply and add, no FMA), so results are
+// bit-identical with or without them and whatever the batch (simd.go).
 package cpu
 
 import (
