@@ -193,3 +193,19 @@ func TestTinyGPUConfigs(t *testing.T) {
 		require.NoError(t, m.Close())
 	}
 }
+
+// Two models on one replaying backend (as the GPU tests share one CUDA
+// backend) never replay each other's captured decode steps: each matches a
+// model of its own on a plain CPU backend.
+func TestGraphReplaySharedBackend(t *testing.T) {
+	rb := nntest.NewReplay(cpu.New(2))
+	for _, arch := range []string{"gpt-oss", "gpt2"} {
+		t.Run(arch, func(t *testing.T) {
+			c := nntest.Tiny(arch)
+			ref := load(t, c, Options{MaxTokens: 16})
+			m := load(t, c, Options{Backend: rb, MaxTokens: 16})
+			nntest.CompareModels(t, ref, m, 21, 1e-6)
+		})
+	}
+	assert.Positive(t, rb.Replays)
+}

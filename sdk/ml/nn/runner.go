@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync/atomic"
 
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
@@ -206,17 +207,22 @@ type Runner struct {
 	logitRows                       int
 	host                            []float32
 	graphs                          ml.GraphBackend // nil: the backend cannot replay steps
+	id                              uint64          // namespaces this runner's graph keys on a shared backend
 	tableBlocks                     int             // block-table rows of a captured decode step
 }
 
 var _ engine.GreedyModel = (*Runner)(nil)
+
+// runnerIDs numbers runners: a captured decode graph bakes in one model's
+// buffers, so two models sharing a backend must never replay each other's.
+var runnerIDs atomic.Uint64
 
 // NewRunner makes a Runner; it allocates the staging tensors.
 func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, error) {
 	if cfg.MaxTokens <= 0 {
 		cfg.MaxTokens = 256
 	}
-	r := &Runner{B: b, KV: kv, Net: net, cfg: cfg}
+	r := &Runner{B: b, KV: kv, Net: net, cfg: cfg, id: runnerIDs.Add(1)}
 	var err error
 	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
 		if err != nil {
@@ -461,7 +467,7 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 				if graph {
 					st.Batch.MaxPos = r.cfg.Spec.ContextLength
 					var recErr error
-					err = r.graphs.Run(fmt.Sprintf("decode/n=%d/greedy=%t", st.N, greedy), func() { recErr = step() })
+					err = r.graphs.Run(fmt.Sprintf("runner%d/decode/n=%d/greedy=%t", r.id, st.N, greedy), func() { recErr = step() })
 					err = errors.Join(recErr, err)
 				} else {
 					err = step()
