@@ -105,7 +105,8 @@ func TestConcurrentStreamsMatchSolo(t *testing.T) {
 }
 
 func testConcurrentStreamsMatchSolo(t *testing.T, deviceGreedy bool) {
-	cfg := enginetest.Config{Vocab: 97, BlockSize: 4, NumBlocks: 512, ContextLength: 512, DeviceGreedy: deviceGreedy}
+	// A step cost lets all 8 streams join the batch even on a loaded 2-core machine.
+	cfg := enginetest.Config{Vocab: 97, BlockSize: 4, NumBlocks: 512, ContextLength: 512, DeviceGreedy: deviceGreedy, StepCost: 2 * time.Millisecond}
 	a, m := load(t, cfg, engine.WithMaxBatchTokens(32))
 	ctx := ctxT(t)
 	ps := prompts(8, cfg.Vocab)
