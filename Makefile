@@ -36,7 +36,9 @@ cuda-check: ## compile every .cu for sm_80 and sm_90 (installs Debian's nvcc 11.
 	bash .ci/cuda-check.sh
 
 proto-check: ## regenerate the adapter protocol with buf and fail on a diff
-	$(GO) install github.com/bufbuild/buf/cmd/buf@v1.75.0 google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12 google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.0
+	$(GO) install github.com/bufbuild/buf/cmd/buf@v1.75.0
+	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.0
 	bash .ci/proto-check.sh
 
 gpu-bins: build ## build the GPU test binaries (run on a GPU machine with cuda/scripts/gpu-check.sh)
