@@ -7,10 +7,13 @@
 package gpt
 
 import (
+	"fmt"
+
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/gguf"
 	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/nn"
 )
@@ -62,4 +65,110 @@ func dtypeNames() []string {
 
 // New returns the GPT adapter: the engine's continuous batching over this
 // package's models.
-func New(log hclog.Logger) sdk.Adapter { return engine.NewAdapter(NewLoader(log), log) }
+func New(log hclog.Logger) sdk.Adapter {
+	return engine.NewAdapter(NewLoader(log), log, engine.WithPlanner(NewPlanner(log)))
+}
+
+// NewPlanner returns the memory planner of the GPT adapter: what NewLoader
+// would allocate for a request (weights, KV cache, workspace) and whether it
+// fits the device, from the file's metadata and tensor infos only.
+func NewPlanner(log hclog.Logger) engine.PlanFunc {
+	return builders.Planner(map[string]nn.Footprinter{"gpt-oss": footprintGPTOSS, "gpt2": footprintGPT2}, log)
+}
+
+// footprintGPTOSS mirrors buildGPTOSS's allocations.
+func footprintGPTOSS(f *gguf.File) (nn.Footprint, error) {
+	hp, w := nn.Hparams{File: f, Arch: "gpt-oss"}, nn.NewWeights(f, nil)
+	var fp nn.Footprint
+	var err error
+	if fp.Layers, err = hp.Int("block_count"); err != nil {
+		return fp, err
+	}
+	if fp.Width, err = hp.Int("embedding_length"); err != nil {
+		return fp, err
+	}
+	nh, err := hp.Int("attention.head_count")
+	if err != nil {
+		return fp, err
+	}
+	if fp.KVHeads, err = hp.Int("attention.head_count_kv"); err != nil {
+		return fp, err
+	}
+	es, err := w.Shape("token_embd.weight")
+	if err != nil {
+		return fp, err
+	}
+	qs, err := w.Shape("blk.0.attn_q.weight")
+	if err != nil {
+		return fp, err
+	}
+	gs, err := w.Shape("blk.0.ffn_gate_exps.weight")
+	if err != nil {
+		return fp, err
+	}
+	if len(es) != 2 || len(qs) != 2 || len(gs) != 3 {
+		return fp, fmt.Errorf("tensor shapes token_embd %v, blk.0.attn_q %v, blk.0.ffn_gate_exps %v: want 2, 2 and 3 dimensions", es, qs, gs)
+	}
+	fp.Vocab, fp.Arch = es[1], "gpt-oss"
+	if fp.HeadDim, err = hp.IntOr("attention.key_length", qs[1]/nh); err != nil {
+		return fp, err
+	}
+	dims, err := hp.IntOr("rope.dimension_count", fp.HeadDim)
+	if err != nil {
+		return fp, err
+	}
+	ne, err := hp.Int("expert_count")
+	if err != nil {
+		return fp, err
+	}
+	k, err := hp.Int("expert_used_count")
+	if err != nil {
+		return fp, err
+	}
+	d, qd, kvd, ff := int64(fp.Width), int64(nh*fp.HeadDim), int64(fp.KVHeads*fp.HeadDim), int64(gs[1])
+	fp.WeightBytes = nn.WeightBytes(f, nil, nn.VectorName) + 4*int64(dims/2) // + the uploaded RoPE table
+	// x, h, moe, o; q, att; k, v — and the CUDA MoE's per-token buffers
+	// (router logits, ids, weights, gate, up, down outputs per chosen expert)
+	fp.ScratchFloats = 4*d + 2*qd + 2*kvd + int64(ne) + int64(k)*(2+2*ff+d)
+	return fp, nil
+}
+
+// footprintGPT2 mirrors buildGPT2's allocations.
+func footprintGPT2(f *gguf.File) (nn.Footprint, error) {
+	hp, w := nn.Hparams{File: f, Arch: "gpt2"}, nn.NewWeights(f, nil)
+	var fp nn.Footprint
+	var err error
+	if fp.Layers, err = hp.Int("block_count"); err != nil {
+		return fp, err
+	}
+	if fp.Width, err = hp.Int("embedding_length"); err != nil {
+		return fp, err
+	}
+	if fp.KVHeads, err = hp.Int("attention.head_count"); err != nil {
+		return fp, err
+	}
+	es, err := w.Shape("token_embd.weight")
+	if err != nil {
+		return fp, err
+	}
+	ps, err := w.Shape("position_embd.weight")
+	if err != nil {
+		return fp, err
+	}
+	us, err := w.Shape("blk.0.ffn_up.weight")
+	if err != nil {
+		return fp, err
+	}
+	if len(es) != 2 || len(ps) != 2 || len(us) != 2 {
+		return fp, fmt.Errorf("tensor shapes token_embd %v, position_embd %v, blk.0.ffn_up %v: want 2 dimensions", es, ps, us)
+	}
+	fp.Arch, fp.Vocab, fp.HeadDim = "gpt2", es[1], fp.Width/fp.KVHeads
+	// the learned position table bounds the context (as in buildGPT2)
+	fp.Trained = nn.TrainedContext(f)
+	if fp.Trained == 0 || ps[1] < fp.Trained {
+		fp.Trained = ps[1]
+	}
+	fp.WeightBytes = nn.WeightBytes(f, nil, nn.VectorName)
+	fp.ScratchFloats = 8*int64(fp.Width) + int64(us[1]) // x, h, o, q, k, v, att, ffo; up
+	return fp, nil
+}

@@ -51,7 +51,64 @@ func Info() sdk.Info {
 
 // New returns the Llama adapter: the engine's continuous batching over this
 // package's model.
-func New(log hclog.Logger) sdk.Adapter { return engine.NewAdapter(NewLoader(log), log) }
+func New(log hclog.Logger) sdk.Adapter {
+	return engine.NewAdapter(NewLoader(log), log, engine.WithPlanner(NewPlanner(log)))
+}
+
+// NewPlanner returns the memory planner of the Llama adapter: what NewLoader
+// would allocate for a request (weights, KV cache, workspace) and whether it
+// fits the device, from the file's metadata and tensor infos only.
+func NewPlanner(log hclog.Logger) engine.PlanFunc {
+	return builders.Planner(map[string]nn.Footprinter{"llama": footprint}, log)
+}
+
+// footprint mirrors build's allocations.
+func footprint(f *gguf.File) (nn.Footprint, error) {
+	hp, w := nn.Hparams{File: f, Arch: "llama"}, nn.NewWeights(f, nil)
+	var fp nn.Footprint
+	var err error
+	if fp.Layers, err = hp.Int("block_count"); err != nil {
+		return fp, err
+	}
+	if fp.Width, err = hp.Int("embedding_length"); err != nil {
+		return fp, err
+	}
+	nh, err := hp.Int("attention.head_count")
+	if err != nil {
+		return fp, err
+	}
+	if fp.KVHeads, err = hp.IntOr("attention.head_count_kv", nh); err != nil {
+		return fp, err
+	}
+	es, err := w.Shape("token_embd.weight")
+	if err != nil {
+		return fp, err
+	}
+	qs, err := w.Shape("blk.0.attn_q.weight")
+	if err != nil {
+		return fp, err
+	}
+	gs, err := w.Shape("blk.0.ffn_gate.weight")
+	if err != nil {
+		return fp, err
+	}
+	if len(es) != 2 || len(qs) != 2 || len(gs) != 2 {
+		return fp, fmt.Errorf("tensor shapes token_embd %v, blk.0.attn_q %v, blk.0.ffn_gate %v: want 2 dimensions", es, qs, gs)
+	}
+	fp.Arch, fp.Vocab = "llama", es[1]
+	if fp.HeadDim, err = hp.IntOr("attention.key_length", qs[1]/nh); err != nil {
+		return fp, err
+	}
+	dims, err := hp.IntOr("rope.dimension_count", fp.HeadDim)
+	if err != nil {
+		return fp, err
+	}
+	d, qd, kvd, ff := int64(fp.Width), int64(nh*fp.HeadDim), int64(fp.KVHeads*fp.HeadDim), int64(gs[1])
+	// rope_freqs.weight is read on the host; the RoPE table is uploaded
+	fp.WeightBytes = nn.WeightBytes(f, func(n string) bool { return n == "rope_freqs.weight" }, nn.VectorName) + 4*int64(dims/2)
+	fp.ScratchFloats = 4*d + 2*qd + 2*kvd + 2*ff // x, h, o, f; q, att; k, v; gate, up
+	return fp, nil
+}
 
 // NewLoader returns the engine.Loader of the Llama adapter (backend from the
 // request, CUDA when usable; other architectures fail with

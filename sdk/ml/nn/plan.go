@@ -1,0 +1,213 @@
+package nn
+
+// Memory planning: what Loader would allocate for a request, computed from
+// the GGUF metadata and tensor infos only (no weight is read), with the same
+// sizing code (Size, Options.Normalize) the loader uses, so that the plan
+// equals what a load reports in sdk.ModelInfo (WeightBytes, KVBytes).
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/gguf"
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// Footprint is what an architecture's builder will allocate for a file,
+// read from its metadata and tensor infos.
+type Footprint struct {
+	Model // Layers, HeadDim, KVHeads, Width and Vocab size the KV cache and the runner
+	// Trained is the trained context the builder normalizes against (0 =
+	// TrainedContext(f)); GPT-2 caps it at its position table.
+	Trained int
+	// WeightBytes is what Weights.Bytes will be after binding: stored
+	// tensor bytes, F32 bytes of vectors stored in other types, and F32
+	// tables the builder uploads (see WeightBytes).
+	WeightBytes int64
+	// ScratchFloats is the F32 activation elements per token of MaxTokens:
+	// the Net's Scratch buffers and, where an op keeps its own per-token
+	// buffers on the backend (the CUDA MoE), those too.
+	ScratchFloats int64
+}
+
+// Footprinter reads one architecture's Footprint from an open file.
+type Footprinter func(f *gguf.File) (Footprint, error)
+
+// WeightBytes sums what Weights.Bytes counts when a builder binds every
+// tensor of f except those skip names (tensors the builder reads on the
+// host, e.g. rope_freqs.weight): the stored size for tensors bound with
+// Tensor, 4 bytes per element for tensors vector names (bound with Vector)
+// that are stored in another type than F32. nil predicates mean none.
+func WeightBytes(f *gguf.File, skip, vector func(name string) bool) int64 {
+	var total int64
+	for _, t := range f.Tensors {
+		if skip != nil && skip(t.Name) {
+			continue
+		}
+		if vector != nil && vector(t.Name) && ml.DType(t.Type) != ml.F32 {
+			total += 4 * t.Elements()
+			continue
+		}
+		total += t.Size
+	}
+	return total
+}
+
+// KVBlockBytes is the size of one KV block over all layers (K and V), the
+// same as KVCache.BlockBytes of the cache NewKVCache would allocate.
+func KVBlockBytes(dt ml.DType, layers, headDim, kvHeads, blockSize int) int64 {
+	el := int64(4)
+	if dt != ml.F32 {
+		el = 2
+	}
+	return int64(layers) * 2 * int64(headDim*kvHeads*blockSize) * el
+}
+
+// RunnerBytes is what NewRunner allocates for its staging tensors (token
+// ids, positions, slots, gathered rows, a logits chunk, block tables).
+func RunnerBytes(width, vocab, contextLength, blockSize, maxTokens int) int64 {
+	if maxTokens <= 0 {
+		maxTokens = 256
+	}
+	m := int64(maxTokens)
+	logitRows := max(1, min(m, int64((64<<20)/(4*max(vocab, 1)))))
+	tableBlocks := max(1, int64((contextLength+blockSize-1)/max(blockSize, 1)))
+	i32 := 6*m + min(m*tableBlocks, 1<<24)
+	return 4 * (i32 + int64(width)*m + int64(vocab)*logitRows)
+}
+
+// Workspace margins on top of the counted buffers: the CUDA backend's
+// cuBLAS workspace, captured decode graphs and allocator slack; on the CPU
+// the Go runtime's slack around the buffers.
+const (
+	CUDAMargin int64 = 256 << 20
+	CPUMargin  int64 = 16 << 20
+)
+
+// Planner returns an engine.PlanFunc for these architectures (pass it with
+// engine.WithPlanner next to bs.Loader). It opens the file (metadata and
+// tensor infos only), checks the architecture first, resolves the device
+// as the loader does (OpenBackend: auto means CUDA when usable), reads its
+// free memory (the CUDA backend's MemoryInfo; on the CPU MemAvailable of
+// /proc/meminfo, 0 when unknown), sizes the KV pool with Size and returns
+// the plan, or the plan and an *sdk.OutOfMemoryError when it does not fit.
+func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.PlanFunc {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return func(ctx context.Context, req sdk.LoadRequest) (sdk.MemoryPlan, error) {
+		f, err := gguf.Open(req.Path)
+		if err != nil {
+			return sdk.MemoryPlan{}, err
+		}
+		defer f.Close()
+		arch := f.Architecture()
+		if _, ok := bs[arch]; !ok {
+			return sdk.MemoryPlan{}, fmt.Errorf("architecture %q (this adapter serves %v): %w", arch, bs.Architectures(), sdk.ErrUnsupportedArchitecture)
+		}
+		footprint, ok := fps[arch]
+		if !ok {
+			return sdk.MemoryPlan{}, fmt.Errorf("memory plan for architecture %q: %w", arch, sdk.ErrNotImplemented)
+		}
+		fp, err := footprint(f)
+		if err != nil {
+			return sdk.MemoryPlan{}, fmt.Errorf("%s: %w", arch, err)
+		}
+		if err := ctx.Err(); err != nil {
+			return sdk.MemoryPlan{}, err
+		}
+		be, err := OpenBackend(req.Options.Device, req.Options.Threads, log)
+		if err != nil {
+			return sdk.MemoryPlan{}, err
+		}
+		defer be.Close()
+		device, free, margin := be.Name(), int64(0), CPUMargin
+		if device == "cuda" {
+			device, margin = cudaDevice(req.Options.Device), CUDAMargin
+			free, _ = be.MemoryInfo()
+		} else {
+			free = MemAvailable()
+		}
+		sz, err := Size(req.Options, TrainedContext(f), be.Name())
+		if err != nil {
+			return sdk.MemoryPlan{}, err
+		}
+		trained := fp.Trained
+		if trained <= 0 {
+			trained = TrainedContext(f)
+		}
+		o, err := Options{Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize,
+			ContextLength: sz.Context, KVType: sz.KVType}.Normalize(trained)
+		if err != nil {
+			return sdk.MemoryPlan{}, err
+		}
+		blockBytes := KVBlockBytes(o.KVType, fp.Layers, fp.HeadDim, fp.KVHeads, o.BlockSize)
+		workspace := 4*fp.ScratchFloats*int64(o.MaxTokens) +
+			RunnerBytes(fp.Width, fp.Vocab, o.ContextLength, o.BlockSize, o.MaxTokens) + margin
+		plan, err := engine.Plan(device, fp.WeightBytes, o.NumBlocks, blockBytes, workspace, free)
+		log.Debug("memory plan", "arch", arch, "device", device, "weights", plan.WeightBytes,
+			"kv", plan.KVBytes, "kv_blocks", o.NumBlocks, "workspace", plan.WorkspaceBytes, "free", free)
+		if err != nil {
+			return plan, fmt.Errorf("%s at context %d x %d sequences (weights %d, KV %d, workspace %d bytes): %w",
+				req.Path, o.ContextLength, sz.MaxSeqs, plan.WeightBytes, plan.KVBytes, plan.WorkspaceBytes, err)
+		}
+		return plan, nil
+	}
+}
+
+// cudaDevice names the GPU a "cuda", "cuda:N" or "auto" request uses.
+func cudaDevice(device string) string {
+	dev := strings.ToLower(strings.TrimSpace(device))
+	if strings.HasPrefix(dev, "cuda:") {
+		return dev
+	}
+	return "cuda:0"
+}
+
+// MemAvailable returns MemAvailable of /proc/meminfo in bytes (0 when
+// unknown, e.g. not on Linux). Read by hand: it is one line of one file.
+func MemAvailable() int64 {
+	fh, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	defer fh.Close()
+	return parseMemAvailable(bufio.NewScanner(fh))
+}
+
+func parseMemAvailable(sc *bufio.Scanner) int64 {
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), "MemAvailable:")
+		if !ok {
+			continue
+		}
+		fields := strings.Fields(rest)
+		if len(fields) == 0 {
+			return 0
+		}
+		kb, err := strconv.ParseInt(fields[0], 10, 64)
+		if err != nil || kb < 0 {
+			return 0
+		}
+		if len(fields) > 1 && fields[1] != "kB" {
+			return 0
+		}
+		return kb << 10
+	}
+	return 0
+}
+
+// VectorName reports whether the served architectures bind a tensor with
+// Weights.Vector (as F32): norm weights, biases and attention sinks.
+func VectorName(name string) bool {
+	return strings.HasSuffix(name, ".bias") || strings.HasSuffix(name, "norm.weight") ||
+		strings.HasSuffix(name, "attn_sinks.weight")
+}
