@@ -12,6 +12,7 @@ import (
 	"github.com/llama-orch/orch/sdk/gguf"
 	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/cpu"
+	"github.com/llama-orch/orch/sdk/ml/cuda"
 	"github.com/llama-orch/orch/sdk/ml/nn"
 	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
 )
@@ -105,6 +106,15 @@ func TestPlanOutOfMemory(t *testing.T) {
 	assert.Greater(t, oom.Requested, oom.Free)
 	assert.Greater(t, plan.KVBytes, int64(1)<<40, "KV for 64 x 2^28 tokens")
 	assert.Contains(t, err.Error(), "context 268435456 x 64 sequences")
+
+	// "auto" without a usable GPU plans for the CPU, as the loader loads there
+	if cuda.Available() == nil {
+		return
+	}
+	_, err = NewPlanner(nil)(context.Background(), sdk.LoadRequest{Path: path,
+		Options: sdk.LoadOptions{Device: "auto", ContextLength: 1 << 28, MaxSequences: 64}})
+	require.True(t, errors.As(err, &oom), "want *sdk.OutOfMemoryError, got %v", err)
+	assert.Equal(t, "cpu", oom.Device)
 }
 
 func TestPlanErrors(t *testing.T) {

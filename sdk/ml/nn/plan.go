@@ -98,7 +98,10 @@ const (
 // as the loader does (OpenBackend: auto means CUDA when usable), reads its
 // free memory (the CUDA backend's MemoryInfo; on the CPU MemAvailable of
 // /proc/meminfo, 0 when unknown), sizes the KV pool with Size and returns
-// the plan, or the plan and an *sdk.OutOfMemoryError when it does not fit.
+// the plan, or the plan and an *sdk.OutOfMemoryError when it does not fit
+// on the CPU or on an explicit cuda:N. With "auto" or "cuda" on a GPU the
+// plan carries GPU 0's free bytes but does not refuse: the host places the
+// model on whichever GPU has room (host/placement) and says so when none has.
 func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.PlanFunc {
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -124,15 +127,18 @@ func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.
 		if err := ctx.Err(); err != nil {
 			return sdk.MemoryPlan{}, err
 		}
-		be, err := OpenBackend(req.Options.Device, req.Options.Threads, log)
+		// the loader logs which backend it picks and why; here it is only probed
+		be, err := OpenBackend(req.Options.Device, req.Options.Threads, hclog.NewNullLogger())
 		if err != nil {
 			return sdk.MemoryPlan{}, err
 		}
 		defer be.Close()
 		device, free, margin := be.Name(), int64(0), CPUMargin
+		pinned := true // the request names the one device the model goes to
 		if device == "cuda" {
 			device, margin = cudaDevice(req.Options.Device), CUDAMargin
 			free, _ = be.MemoryInfo()
+			pinned = strings.Contains(req.Options.Device, ":")
 		} else {
 			free = MemAvailable()
 		}
@@ -152,7 +158,15 @@ func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.
 		blockBytes := KVBlockBytes(o.KVType, fp.Layers, fp.HeadDim, fp.KVHeads, o.BlockSize)
 		workspace := 4*fp.ScratchFloats*int64(o.MaxTokens) +
 			RunnerBytes(fp.Width, fp.Vocab, o.ContextLength, o.BlockSize, o.MaxTokens) + margin
-		plan, err := engine.Plan(device, fp.WeightBytes, o.NumBlocks, blockBytes, workspace, free)
+		// "auto" or "cuda" leave the GPU to the host's placement, which
+		// checks the plan against every GPU's free memory: refuse here only
+		// for the CPU and an explicit cuda:N.
+		check := free
+		if !pinned {
+			check = 0
+		}
+		plan, err := engine.Plan(device, fp.WeightBytes, o.NumBlocks, blockBytes, workspace, check)
+		plan.FreeBytes = free
 		log.Debug("memory plan", "arch", arch, "device", device, "weights", plan.WeightBytes,
 			"kv", plan.KVBytes, "kv_blocks", o.NumBlocks, "workspace", plan.WorkspaceBytes, "free", free)
 		if err != nil {
