@@ -53,6 +53,7 @@ gpu-pack: ## pack stripped binaries for cuda/scripts/e2e-gpu.sh into .gpu/bins.t
 	$(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o .gpu/pack/orch-adapter-llama ./plugins/llama/cmd/orch-adapter-llama
 	$(GO) test -c -tags gpu -trimpath -ldflags '-s -w' -o .gpu/pack/gpt-gpu.test ./plugins/gpt
 	$(GO) test -c -tags gpu -trimpath -ldflags '-s -w' -o .gpu/pack/cuda-gpu.test ./sdk/ml/cuda
+	$(GO) test -c -tags gpu -trimpath -ldflags '-s -w' -o .gpu/pack/llama-gpu.test ./plugins/llama
 	tar -C .gpu/pack -cJf .gpu/bins.tar.xz .
 	rm -rf .gpu/cuda .gpu/pack/ && cp -r cuda .gpu/cuda
 	@ls -la .gpu/bins.tar.xz

@@ -36,7 +36,7 @@ if has tests; then
     [ -x "$b" ] || continue
     t0=$(date +%s)
     pkg=plugins/$(basename "$b" -gpu.test)
-    if (cd "$pkg" && timeout 240 "../../$b" -test.v -test.timeout 230s -test.run 'TestGPUMatchesCPU|TestGPUGoldens') >"$OUT/$(basename "$b").log" 2>&1; then
+    if (cd "$pkg" && timeout 240 "../../$b" -test.v -test.timeout 230s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan') >"$OUT/$(basename "$b").log" 2>&1; then
       log "$(basename "$b"): PASS ($(grep -c -- '--- PASS' "$OUT/$(basename "$b").log") passed, $(grep -c -- '--- SKIP' "$OUT/$(basename "$b").log") skipped, $(( $(date +%s) - t0 )) s)"
     else
       log "$(basename "$b"): FAIL"; grep -E -A6 -- '--- FAIL|panic' "$OUT/$(basename "$b").log" | head -40 | tee -a "$OUT/summary.md"
@@ -47,7 +47,7 @@ if has tests; then
       fi
       # fall back to the previous kernel versions for the rest of the run
       export ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3
-      if (cd "$pkg" && timeout 200 "../../$b" -test.timeout 190s -test.run 'TestGPUMatchesCPU|TestGPUGoldens') >"$OUT/$(basename "$b")-v1.log" 2>&1; then
+      if (cd "$pkg" && timeout 200 "../../$b" -test.timeout 190s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan') >"$OUT/$(basename "$b")-v1.log" 2>&1; then
         log "$(basename "$b") with ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3: PASS (used for the rest of the run)"
       else log "$(basename "$b") with older kernels: FAIL too"; fi
     fi
