@@ -40,8 +40,9 @@ func Load(path string, opts Options) (engine.Model, error) {
 // NewLoader returns the engine.Loader of the GPT adapter: it picks the
 // backend from the request (CUDA when usable, else CPU), sizes the KV pool
 // and builds a gpt-oss or gpt2 model; other architectures fail with
-// sdk.ErrUnsupportedArchitecture.
-func NewLoader(log hclog.Logger) engine.Loader { return builders.Loader(log) }
+// sdk.ErrUnsupportedArchitecture. It honours LoadOptions.KVCacheFraction
+// with the same sizing as NewPlanner (nn.Builders.LoaderWith).
+func NewLoader(log hclog.Logger) engine.Loader { return builders.LoaderWith(footprints(), log) }
 
 // Version is the adapter's version (set at build time with -ldflags -X).
 var Version = "0.1.0"
@@ -73,7 +74,12 @@ func New(log hclog.Logger) sdk.Adapter {
 // would allocate for a request (weights, KV cache, workspace) and whether it
 // fits the device, from the file's metadata and tensor infos only.
 func NewPlanner(log hclog.Logger) engine.PlanFunc {
-	return builders.Planner(map[string]nn.Footprinter{"gpt-oss": footprintGPTOSS, "gpt2": footprintGPT2}, log)
+	return builders.Planner(footprints(), log)
+}
+
+// footprints are the memory footprints NewPlanner and NewLoader share.
+func footprints() map[string]nn.Footprinter {
+	return map[string]nn.Footprinter{"gpt-oss": footprintGPTOSS, "gpt2": footprintGPT2}
 }
 
 // footprintGPTOSS mirrors buildGPTOSS's allocations.

@@ -59,8 +59,11 @@ func New(log hclog.Logger) sdk.Adapter {
 // would allocate for a request (weights, KV cache, workspace) and whether it
 // fits the device, from the file's metadata and tensor infos only.
 func NewPlanner(log hclog.Logger) engine.PlanFunc {
-	return builders.Planner(map[string]nn.Footprinter{"llama": footprint}, log)
+	return builders.Planner(footprints(), log)
 }
+
+// footprints are the memory footprints NewPlanner and NewLoader share.
+func footprints() map[string]nn.Footprinter { return map[string]nn.Footprinter{"llama": footprint} }
 
 // footprint mirrors build's allocations.
 func footprint(f *gguf.File) (nn.Footprint, error) {
@@ -112,8 +115,9 @@ func footprint(f *gguf.File) (nn.Footprint, error) {
 
 // NewLoader returns the engine.Loader of the Llama adapter (backend from the
 // request, CUDA when usable; other architectures fail with
-// sdk.ErrUnsupportedArchitecture).
-func NewLoader(log hclog.Logger) engine.Loader { return builders.Loader(log) }
+// sdk.ErrUnsupportedArchitecture). It honours LoadOptions.KVCacheFraction
+// with the same sizing as NewPlanner (nn.Builders.LoaderWith).
+func NewLoader(log hclog.Logger) engine.Loader { return builders.LoaderWith(footprints(), log) }
 
 type layer struct {
 	attnNorm, ffnNorm          ml.Tensor

@@ -2,6 +2,7 @@ package nn
 
 import (
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 
@@ -66,6 +67,10 @@ type Sizing struct {
 	BlockSize int
 	NumBlocks int
 	KVType    ml.DType // F32 unless opts.Extra["kv_type"] says f16 or bf16
+	// Fraction is opts.KVCacheFraction when NumBlocks is still to be sized
+	// from free memory (see FractionBlocks); 0 when NumBlocks is final
+	// (no fraction, or opts.Extra["num_blocks"] set).
+	Fraction float64
 }
 
 // DefaultBlockSize is the KV block size models use unless told otherwise.
@@ -75,9 +80,16 @@ const DefaultBlockSize = 16
 // context; default min(trained, 4096)), the number of sequences (the
 // request's; default 4 on CPU, 16 on GPU) and NumBlocks = blocks per
 // context x sequences. opts.Extra["num_blocks"] and ["block_size"] override;
-// opts.Extra["kv_type"] (f32, f16, bf16) sets the KV cache type.
+// opts.Extra["kv_type"] (f32, f16, bf16) sets the KV cache type. A
+// KVCacheFraction in (0, 1] is kept in Sizing.Fraction (unless num_blocks
+// is set): the loader and the planner then size NumBlocks from free memory
+// with FractionBlocks; one outside [0, 1] is sdk.ErrInvalidArgument.
 func Size(opts sdk.LoadOptions, trained int, backend string) (Sizing, error) {
 	s := Sizing{BlockSize: DefaultBlockSize}
+	if fr := opts.KVCacheFraction; math.IsNaN(fr) || fr < 0 || fr > 1 {
+		return s, fmt.Errorf("option kv_cache_fraction=%v (want a fraction in (0, 1], 0 = off): %w", fr, sdk.ErrInvalidArgument)
+	}
+	s.Fraction = opts.KVCacheFraction
 	if trained <= 0 {
 		trained = 4096
 	}
@@ -118,6 +130,7 @@ func Size(opts sdk.LoadOptions, trained int, backend string) (Sizing, error) {
 			return s, fmt.Errorf("option num_blocks=%q: %w", v, sdk.ErrInvalidArgument)
 		}
 		s.NumBlocks = n
+		s.Fraction = 0 // an explicit pool size wins
 	}
 	return s, nil
 }

@@ -109,7 +109,18 @@ func TrainedContext(f *gguf.File) int {
 // Loader returns an engine.Loader for these architectures: it opens the
 // file, checks the architecture before anything else, picks the backend from
 // req.Options.Device, sizes the KV pool (see Size) and builds the model.
-func (bs Builders) Loader(log hclog.Logger) engine.Loader {
+// It does not honour LoadOptions.KVCacheFraction (it logs that it ignores
+// one); LoaderWith does, given the architectures' footprints.
+func (bs Builders) Loader(log hclog.Logger) engine.Loader { return bs.LoaderWith(nil, log) }
+
+// LoaderWith is Loader that also honours LoadOptions.KVCacheFraction: for an
+// architecture with a Footprinter in fps it sizes the KV pool from that
+// fraction of the device's free memory (FreeMemory, read before the weights
+// are uploaded) less the planned weights and workspace, exactly as Planner
+// with the same fps does, and fails with an *sdk.OutOfMemoryError when that
+// does not hold one full context. When the free memory is unknown, or the
+// architecture has no footprint, it sizes the pool as Loader does and logs it.
+func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engine.Loader {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
@@ -141,6 +152,24 @@ func (bs Builders) Loader(log hclog.Logger) engine.Loader {
 			be.Close()
 			f.Close()
 			return nil, sdk.ModelInfo{}, err
+		}
+		if sz.Fraction > 0 {
+			if footprint, ok := fps[arch]; ok {
+				fp, err := footprint(f)
+				if err == nil {
+					var lay layout
+					lay, err = sizeFor(req, f, fp, be, log)
+					sz.NumBlocks = lay.o.NumBlocks
+				}
+				if err != nil {
+					be.Close()
+					f.Close()
+					return nil, sdk.ModelInfo{}, fmt.Errorf("%s: %s: %w", req.Path, arch, err)
+				}
+			} else {
+				log.Warn("kv_cache_fraction ignored: no memory footprint for this architecture; KV pool sized for context x sequences",
+					"arch", arch, "kv_cache_fraction", sz.Fraction, "kv_blocks", sz.NumBlocks)
+			}
 		}
 		var total int64
 		for _, t := range f.Tensors {

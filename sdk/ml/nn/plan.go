@@ -8,7 +8,9 @@ package nn
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -133,31 +135,22 @@ func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.
 			return sdk.MemoryPlan{}, err
 		}
 		defer be.Close()
-		device, free, margin := be.Name(), int64(0), CPUMargin
 		pinned := true // the request names the one device the model goes to
-		if device == "cuda" {
-			device, margin = cudaDevice(req.Options.Device), CUDAMargin
-			free, _ = be.MemoryInfo()
+		if be.Name() == "cuda" {
 			pinned = strings.Contains(req.Options.Device, ":")
-		} else {
-			free = MemAvailable()
 		}
-		sz, err := Size(req.Options, TrainedContext(f), be.Name())
+		lay, err := sizeFor(req, f, fp, be, log)
+		var oom *sdk.OutOfMemoryError
+		if err != nil && !pinned && errors.As(err, &oom) {
+			// the fraction of GPU 0 is too small, but another GPU may do:
+			// plan the smallest pool and leave the choice to placement
+			lay.o.NumBlocks = lay.minBlocks
+			err = nil
+		}
 		if err != nil {
-			return sdk.MemoryPlan{}, err
+			return sdk.MemoryPlan{}, fmt.Errorf("%s: %w", req.Path, err)
 		}
-		trained := fp.Trained
-		if trained <= 0 {
-			trained = TrainedContext(f)
-		}
-		o, err := Options{Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize,
-			ContextLength: sz.Context, KVType: sz.KVType}.Normalize(trained)
-		if err != nil {
-			return sdk.MemoryPlan{}, err
-		}
-		blockBytes := KVBlockBytes(o.KVType, fp.Layers, fp.HeadDim, fp.KVHeads, o.BlockSize)
-		workspace := 4*fp.ScratchFloats*int64(o.MaxTokens) +
-			RunnerBytes(fp.Width, fp.Vocab, o.ContextLength, o.BlockSize, o.MaxTokens) + margin
+		o, sz, free, device := lay.o, lay.sz, lay.free, lay.device
 		// "auto" or "cuda" leave the GPU to the host's placement, which
 		// checks the plan against every GPU's free memory: refuse here only
 		// for the CPU and an explicit cuda:N.
@@ -165,7 +158,7 @@ func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.
 		if !pinned {
 			check = 0
 		}
-		plan, err := engine.Plan(device, fp.WeightBytes, o.NumBlocks, blockBytes, workspace, check)
+		plan, err := engine.Plan(device, fp.WeightBytes, o.NumBlocks, lay.blockBytes, lay.workspace, check)
 		plan.FreeBytes = free
 		log.Debug("memory plan", "arch", arch, "device", device, "weights", plan.WeightBytes,
 			"kv", plan.KVBytes, "kv_blocks", o.NumBlocks, "workspace", plan.WorkspaceBytes, "free", free)
@@ -175,6 +168,106 @@ func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.
 		}
 		return plan, nil
 	}
+}
+
+// FreeMemory returns the free bytes of be's device, 0 when unknown: the
+// CUDA backend's MemoryInfo, on the CPU MemAvailable of /proc/meminfo. The
+// planner and the loader both read it once, before any weight is uploaded,
+// so that a fraction-sized KV pool is the same in the plan and the load.
+// It is a variable so that tests can inject free memory.
+var FreeMemory = func(be ml.Backend) int64 {
+	if be.Name() == "cuda" {
+		free, _ := be.MemoryInfo()
+		return free
+	}
+	return MemAvailable()
+}
+
+// layout is what the planner and the loader decide for a request.
+type layout struct {
+	o          Options // normalized; NumBlocks final
+	sz         Sizing
+	device     string // "cpu" or "cuda:N"
+	free       int64  // FreeMemory at sizing time (0 = unknown)
+	blockBytes int64
+	workspace  int64
+	minBlocks  int // one full context
+}
+
+// sizeFor sizes req on be for a file whose footprint is fp: Size, Normalize,
+// the KV block and workspace bytes and, with a KVCacheFraction, NumBlocks
+// from free memory (FractionBlocks); when the free memory is unknown it
+// keeps Size's NumBlocks and logs that. The planner and the loader share it,
+// so that plan == load.
+func sizeFor(req sdk.LoadRequest, f *gguf.File, fp Footprint, be ml.Backend, log hclog.Logger) (layout, error) {
+	var lay layout
+	lay.device, lay.free = be.Name(), FreeMemory(be)
+	margin := CPUMargin
+	if lay.device == "cuda" {
+		lay.device, margin = cudaDevice(req.Options.Device), CUDAMargin
+	}
+	sz, err := Size(req.Options, TrainedContext(f), be.Name())
+	if err != nil {
+		return lay, err
+	}
+	trained := fp.Trained
+	if trained <= 0 {
+		trained = TrainedContext(f)
+	}
+	o, err := Options{Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize,
+		ContextLength: sz.Context, KVType: sz.KVType}.Normalize(trained)
+	if err != nil {
+		return lay, err
+	}
+	lay.sz = sz
+	lay.blockBytes = KVBlockBytes(o.KVType, fp.Layers, fp.HeadDim, fp.KVHeads, o.BlockSize)
+	lay.workspace = 4*fp.ScratchFloats*int64(o.MaxTokens) +
+		RunnerBytes(fp.Width, fp.Vocab, o.ContextLength, o.BlockSize, o.MaxTokens) + margin
+	lay.minBlocks = (o.ContextLength + o.BlockSize - 1) / o.BlockSize
+	lay.o = o
+	if sz.Fraction > 0 {
+		if lay.free <= 0 {
+			log.Info("free memory unknown: KV pool sized for context x sequences, not kv_cache_fraction",
+				"device", lay.device, "kv_cache_fraction", sz.Fraction, "kv_blocks", o.NumBlocks)
+			return lay, nil
+		}
+		n, err := FractionBlocks(lay.device, sz.Fraction, lay.free, fp.WeightBytes, lay.workspace, lay.blockBytes, lay.minBlocks)
+		if err != nil {
+			return lay, err
+		}
+		lay.o.NumBlocks = n
+		log.Debug("KV pool sized from free memory", "device", lay.device, "kv_cache_fraction", sz.Fraction,
+			"free", lay.free, "weights", fp.WeightBytes, "workspace", lay.workspace, "kv_blocks", n)
+	}
+	return lay, nil
+}
+
+// maxKVBlocks bounds a fraction-sized pool (block ids are int32 on the device).
+const maxKVBlocks = math.MaxInt32
+
+// FractionBlocks sizes a KV pool from a fraction of free memory:
+// floor(fraction x (free - weights - workspace) / blockBytes) blocks (at most
+// maxKVBlocks). It is deliberately not capped at context x sequences: more
+// blocks hold more prefix cache. Fewer than minBlocks (one full context) is
+// an *sdk.OutOfMemoryError on device, wrapped with the numbers.
+func FractionBlocks(device string, fraction float64, free, weights, workspace, blockBytes int64, minBlocks int) (int, error) {
+	if math.IsNaN(fraction) || fraction <= 0 || fraction > 1 || blockBytes <= 0 || minBlocks <= 0 {
+		return 0, fmt.Errorf("KV pool from fraction %v, block of %d bytes, at least %d blocks: %w",
+			fraction, blockBytes, minBlocks, sdk.ErrInvalidArgument)
+	}
+	left := free - weights - workspace
+	var n int64
+	if left > 0 {
+		n = int64(min(math.Floor(fraction*float64(left)/float64(blockBytes)), maxKVBlocks))
+	}
+	if n < int64(minBlocks) {
+		need := int64(minBlocks) * blockBytes
+		oom := &sdk.OutOfMemoryError{Device: device, Free: free,
+			Requested: weights + workspace + int64(math.Ceil(float64(need)/fraction))}
+		return 0, fmt.Errorf("kv_cache_fraction %v of the %d bytes left after weights (%d) and workspace (%d) holds %d KV blocks of %d bytes; one full context needs %d: %w",
+			fraction, max(left, 0), weights, workspace, n, blockBytes, minBlocks, oom)
+	}
+	return int(n), nil
 }
 
 // cudaDevice names the GPU a "cuda", "cuda:N" or "auto" request uses.
