@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"os/signal"
@@ -61,9 +62,7 @@ var serveOpenModel = func(ctx context.Context, cfg *config.Config, found []plugi
 		_ = f.Close()
 		return loadedModel{}, fmt.Errorf("%s: %w", mc.Path, err)
 	}
-	req := sdk.LoadRequest{Path: mc.Path, Options: sdk.LoadOptions{
-		Device: mc.Device, ContextLength: mc.ContextLength, MaxSequences: mc.MaxSequences,
-	}}
+	req := sdk.LoadRequest{Path: mc.Path, Options: loadOptions(mc)}
 	a, _, err := replica.Open(ctx, p, req, replica.OpenOptions{Replicas: reps, Logger: log.Named(p.Name)})
 	if err != nil {
 		_ = f.Close()
@@ -85,6 +84,14 @@ var serveOpenModel = func(ctx context.Context, cfg *config.Config, found []plugi
 	return loadedModel{model: server.NewModel(modelID(mc), a, info, p.Info.Features, tok), close: closeAll}, nil
 }
 
+// loadOptions are the adapter's load options for a configured model.
+func loadOptions(mc config.ModelConfig) sdk.LoadOptions {
+	return sdk.LoadOptions{
+		Device: mc.Device, ContextLength: mc.ContextLength, MaxSequences: mc.MaxSequences,
+		KVCacheFraction: mc.KVCacheFraction,
+	}
+}
+
 // modelID is the served id: models[].name, else the file name without .gguf.
 func modelID(mc config.ModelConfig) string {
 	if mc.Name != "" {
@@ -99,6 +106,7 @@ func newServeCmd() *cobra.Command {
 		device   string
 		ctxLen   int
 		maxSeqs  int
+		kvFrac   float64
 		replicas string
 		shutdown time.Duration
 	)
@@ -142,6 +150,9 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 				if cmd.Flags().Changed("max-sequences") {
 					mcs[i].MaxSequences = maxSeqs
 				}
+				if cmd.Flags().Changed("kv-cache-fraction") {
+					mcs[i].KVCacheFraction = kvFrac
+				}
 				if cmd.Flags().Changed("replicas") {
 					mcs[i].Replicas = replicas
 				}
@@ -152,7 +163,12 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 					return fmt.Errorf("serve: no model given and the default model is unavailable (%v); pass --model FILE.gguf", err)
 				}
 				log.Info("no --model given: serving the embedded default model", "model", defaultmodel.Name())
-				mcs = []config.ModelConfig{{Path: p, Name: defaultmodel.Name(), Device: device, Replicas: replicas}}
+				mcs = []config.ModelConfig{{Path: p, Name: defaultmodel.Name(), Device: device, Replicas: replicas, KVCacheFraction: kvFrac}}
+			}
+			for _, mc := range mcs {
+				if fr := mc.KVCacheFraction; math.IsNaN(fr) || fr < 0 || fr > 1 {
+					return fmt.Errorf("serve: %s: kv_cache_fraction %v: want a share of free memory in (0, 1], or 0 for context x sequences", mc.Path, fr)
+				}
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -168,6 +184,7 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 	f.StringVar(&device, "device", "auto", "device for models without one: auto, cpu or cuda")
 	f.IntVar(&ctxLen, "context-length", 0, "max tokens per sequence (0 = model's, capped by memory)")
 	f.IntVar(&maxSeqs, "max-sequences", 0, "max concurrent sequences per model (0 = adapter default)")
+	f.Float64Var(&kvFrac, "kv-cache-fraction", 0, "share of free device memory (after weights and workspace) for the KV cache, in (0, 1]; 0 = context x sequences (models[].kv_cache_fraction)")
 	f.StringVar(&replicas, "replicas", "", "adapter processes per model, one per GPU: a number or \"all\" (default: one; docs/multi-gpu.md)")
 	f.DurationVar(&shutdown, "shutdown-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running requests may finish")
 	return cmd

@@ -22,6 +22,10 @@ type ModelConfig struct {
 	Device        string `koanf:"device"`  // auto, cpu, cuda
 	ContextLength int    `koanf:"context_length"`
 	MaxSequences  int    `koanf:"max_sequences"`
+	// KVCacheFraction: share of the device's free memory (after weights and
+	// workspace, at load) given to the KV cache, in (0, 1]; 0 = the pool
+	// holds context_length tokens for each of max_sequences sequences.
+	KVCacheFraction float64 `koanf:"kv_cache_fraction"`
 	// Replicas: adapter processes for this model, one per GPU: a number or
 	// "all" (every GPU the model fits); "" = 1. Parsed by
 	// placement.ParseReplicas; see docs/multi-gpu.md.
