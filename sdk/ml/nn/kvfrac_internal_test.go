@@ -1,6 +1,7 @@
 package nn
 
 import (
+	"fmt"
 	"math"
 	"testing"
 
@@ -70,4 +71,34 @@ func TestSizeFraction(t *testing.T) {
 	require.NoError(t, err)
 	assert.Zero(t, s.Fraction)
 	assert.Equal(t, 7, s.NumBlocks)
+}
+
+func TestPlannedBlocks(t *testing.T) {
+	oom := fmt.Errorf("x: %w", &sdk.OutOfMemoryError{Device: "cuda:0"})
+	frac := layout{o: Options{NumBlocks: 900}, sz: Sizing{Fraction: 0.9}, free: 1 << 30, minBlocks: 16}
+	// CPU or cuda:N: what the load allocates, and its error
+	n, err := plannedBlocks(frac, true, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 900, n)
+	_, err = plannedBlocks(frac, true, oom)
+	assert.ErrorIs(t, err, oom)
+	// auto/cuda on a GPU with a fraction: one full context, never refused
+	n, err = plannedBlocks(frac, false, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 16, n)
+	n, err = plannedBlocks(frac, false, oom)
+	require.NoError(t, err)
+	assert.Equal(t, 16, n)
+	// other errors stay errors; without a fraction or free memory, as sized
+	_, err = plannedBlocks(frac, false, sdk.ErrInvalidArgument)
+	assert.ErrorIs(t, err, sdk.ErrInvalidArgument)
+	plain := layout{o: Options{NumBlocks: 64}, free: 1 << 30, minBlocks: 16}
+	n, err = plannedBlocks(plain, false, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 64, n)
+	unknown := frac
+	unknown.free, unknown.o.NumBlocks = 0, 64
+	n, err = plannedBlocks(unknown, false, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 64, n)
 }

@@ -95,15 +95,16 @@ const (
 )
 
 // Planner returns an engine.PlanFunc for these architectures (pass it with
-// engine.WithPlanner next to bs.Loader). It opens the file (metadata and
-// tensor infos only), checks the architecture first, resolves the device
-// as the loader does (OpenBackend: auto means CUDA when usable), reads its
-// free memory (the CUDA backend's MemoryInfo; on the CPU MemAvailable of
-// /proc/meminfo, 0 when unknown), sizes the KV pool with Size and returns
-// the plan, or the plan and an *sdk.OutOfMemoryError when it does not fit
-// on the CPU or on an explicit cuda:N. With "auto" or "cuda" on a GPU the
-// plan carries GPU 0's free bytes but does not refuse: the host places the
-// model on whichever GPU has room (host/placement) and says so when none has.
+// engine.WithPlanner next to bs.LoaderWith(fps, ...)). It opens the file
+// (metadata and tensor infos only), checks the architecture first, resolves
+// the device as the loader does (OpenBackend: auto means CUDA when usable),
+// reads its free memory (FreeMemory), sizes the KV pool as the loader does
+// (Size, and with a KVCacheFraction FractionBlocks) and returns the plan, or
+// the plan and an *sdk.OutOfMemoryError when it does not fit on the CPU or
+// on an explicit cuda:N. With "auto" or "cuda" on a GPU the plan carries
+// GPU 0's free bytes but does not refuse: the host places the model on
+// whichever GPU has room (host/placement) and says so when none has; a
+// fraction-sized pool is then planned at one full context (plannedBlocks).
 func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.PlanFunc {
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -140,13 +141,7 @@ func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.
 			pinned = strings.Contains(req.Options.Device, ":")
 		}
 		lay, err := sizeFor(req, f, fp, be, log)
-		var oom *sdk.OutOfMemoryError
-		if err != nil && !pinned && errors.As(err, &oom) {
-			// the fraction of GPU 0 is too small, but another GPU may do:
-			// plan the smallest pool and leave the choice to placement
-			lay.o.NumBlocks = lay.minBlocks
-			err = nil
-		}
+		lay.o.NumBlocks, err = plannedBlocks(lay, pinned, err)
 		if err != nil {
 			return sdk.MemoryPlan{}, fmt.Errorf("%s: %w", req.Path, err)
 		}
@@ -240,6 +235,22 @@ func sizeFor(req sdk.LoadRequest, f *gguf.File, fp Footprint, be ml.Backend, log
 			"free", lay.free, "weights", fp.WeightBytes, "workspace", lay.workspace, "kv_blocks", n)
 	}
 	return lay, nil
+}
+
+// plannedBlocks is the KV pool a plan reports for lay (sizeFor's result
+// and error). On the CPU or an explicit cuda:N it is what the load
+// allocates. With a kv_cache_fraction and "auto" or "cuda" on a GPU, the
+// host's placement picks the GPU with the plan, and the adapter process on
+// that GPU then takes the fraction of that GPU's free memory: the plan
+// reports the least the model needs there (one full context), not the
+// fraction of GPU 0 (with a fraction near 1 that plus placement's reserve
+// would fit no GPU), and not refuse for GPU 0.
+func plannedBlocks(lay layout, pinned bool, err error) (int, error) {
+	var oom *sdk.OutOfMemoryError
+	if !pinned && lay.sz.Fraction > 0 && lay.free > 0 && (err == nil || errors.As(err, &oom)) {
+		return lay.minBlocks, nil
+	}
+	return lay.o.NumBlocks, err
 }
 
 // maxKVBlocks bounds a fraction-sized pool (block ids are int32 on the device).
