@@ -54,7 +54,8 @@ func checkPlan(t *testing.T, c nntest.Config, opts sdk.LoadOptions, extra func(n
 	plan, err := NewPlanner(nil)(context.Background(), req)
 	require.NoError(t, err)
 	assert.Equal(t, "cpu", plan.Device)
-	assert.Equal(t, nn.MemAvailable(), plan.FreeBytes)
+	// free memory moves between two readings on a busy machine: same order, not same bytes
+	assert.InDelta(t, float64(nn.MemAvailable()), float64(plan.FreeBytes), 256<<20)
 
 	m, info, err := NewLoader(nil)(context.Background(), req, nil)
 	require.NoError(t, err)
@@ -102,7 +103,8 @@ func TestPlanOutOfMemory(t *testing.T) {
 	require.True(t, errors.As(err, &oom), "want *sdk.OutOfMemoryError, got %v", err)
 	assert.Equal(t, "cpu", oom.Device)
 	assert.Equal(t, plan.Total(), oom.Requested)
-	assert.Equal(t, nn.MemAvailable(), plan.FreeBytes)
+	// free memory moves between two readings on a busy machine: same order, not same bytes
+	assert.InDelta(t, float64(nn.MemAvailable()), float64(plan.FreeBytes), 256<<20)
 	assert.Greater(t, oom.Requested, oom.Free)
 	assert.Greater(t, plan.KVBytes, int64(1)<<40, "KV for 64 x 2^28 tokens")
 	assert.Contains(t, err.Error(), "context 268435456 x 64 sequences")
