@@ -94,6 +94,8 @@ func newBenchCmd() *cobra.Command {
 		model, device, adapterName string
 		o                          benchOptions
 		threads, batchTokens       int
+		kvType                     string
+		kvFraction                 float64
 	)
 	cmd := &cobra.Command{
 		Use:   "bench --model FILE",
@@ -146,9 +148,17 @@ random tokens, different in every run, so the prefix cache does not help.`,
 			}()
 			log.Info("loading", "model", model)
 			lo := o.loadOptions(device, threads)
+			lo.Extra = map[string]string{}
 			if batchTokens > 0 {
-				lo.Extra = map[string]string{engine.ExtraMaxBatchTokens: strconv.Itoa(batchTokens)}
+				lo.Extra[engine.ExtraMaxBatchTokens] = strconv.Itoa(batchTokens)
 			}
+			if kvType != "" {
+				lo.Extra["kv_type"] = kvType
+			}
+			if kvFraction < 0 || kvFraction > 1 {
+				return fmt.Errorf("bench: --kv-cache-fraction %g: want a fraction between 0 and 1", kvFraction)
+			}
+			lo.KVCacheFraction = kvFraction
 			info, err := a.Load(ctx, sdk.LoadRequest{Path: model, Options: lo}, func(p sdk.LoadProgress) {
 				log.Debug("load", "stage", p.Stage, "done", p.Done, "total", p.Total)
 			})
@@ -186,6 +196,8 @@ random tokens, different in every run, so the prefix cache does not help.`,
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompts")
 	f.StringVar(&device, "device", "auto", "device: auto, cpu or cuda")
 	f.IntVarP(&threads, "threads", "t", 0, "CPU threads (0 = all cores)")
+	f.StringVar(&kvType, "kv-type", "", "KV cache element type for engine-based adapters: f32, f16 or bf16 (default: the adapter's)")
+	f.Float64Var(&kvFraction, "kv-cache-fraction", 0, "size the KV cache from this fraction of free device memory (0 = from context x streams)")
 	f.IntVar(&batchTokens, "batch-tokens", 0, "tokens per forward step of engine-based adapters (prefill chunk size; 0 = adapter default)")
 	f.String("plugins-dir", "", "extra directory to scan for orch-adapter-* binaries (plugins.dir)")
 	f.StringVar(&adapterName, "adapter", "", "use this adapter (by name) instead of the one declaring the model's architecture")
