@@ -86,25 +86,7 @@ func footprints() map[string]nn.Footprinter {
 func footprintGPTOSS(f *gguf.File) (nn.Footprint, error) {
 	hp, w := nn.Hparams{File: f, Arch: "gpt-oss"}, nn.NewWeights(f, nil)
 	var fp nn.Footprint
-	var err error
-	if fp.Layers, err = hp.Int("block_count"); err != nil {
-		return fp, err
-	}
-	if fp.Width, err = hp.Int("embedding_length"); err != nil {
-		return fp, err
-	}
-	nh, err := hp.Int("attention.head_count")
-	if err != nil {
-		return fp, err
-	}
-	if fp.KVHeads, err = hp.Int("attention.head_count_kv"); err != nil {
-		return fp, err
-	}
-	es, err := w.Shape("token_embd.weight")
-	if err != nil {
-		return fp, err
-	}
-	qs, err := w.Shape("blk.0.attn_q.weight")
+	dd, err := nn.ReadDims(hp, w, false)
 	if err != nil {
 		return fp, err
 	}
@@ -112,13 +94,11 @@ func footprintGPTOSS(f *gguf.File) (nn.Footprint, error) {
 	if err != nil {
 		return fp, err
 	}
-	if len(es) != 2 || len(qs) != 2 || len(gs) != 3 {
-		return fp, fmt.Errorf("tensor shapes token_embd %v, blk.0.attn_q %v, blk.0.ffn_gate_exps %v: want 2, 2 and 3 dimensions", es, qs, gs)
+	if len(gs) != 3 {
+		return fp, fmt.Errorf("tensor blk.0.ffn_gate_exps.weight has shape %v: want 3 dimensions", gs)
 	}
-	fp.Vocab, fp.Arch = es[1], "gpt-oss"
-	if fp.HeadDim, err = hp.IntOr("attention.key_length", qs[1]/nh); err != nil {
-		return fp, err
-	}
+	nh := dd.Heads
+	fp.Arch, fp.Layers, fp.Width, fp.KVHeads, fp.HeadDim, fp.Vocab = "gpt-oss", dd.Layers, dd.Width, dd.KVHeads, dd.HeadDim, dd.Vocab
 	dims, err := hp.IntOr("rope.dimension_count", fp.HeadDim)
 	if err != nil {
 		return fp, err

@@ -59,43 +59,12 @@ func buildGPTOSS(f *gguf.File, o nn.Options) (*nn.Runner, error) {
 
 func (m *gptOSS) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	w := m.w
-	layers, err := hp.Int("block_count")
+	dd, err := nn.ReadDims(hp, w, false)
 	if err != nil {
 		return nil, err
 	}
-	if m.d, err = hp.Int("embedding_length"); err != nil {
-		return nil, err
-	}
-	if m.nh, err = hp.Int("attention.head_count"); err != nil {
-		return nil, err
-	}
-	if m.nkv, err = hp.Int("attention.head_count_kv"); err != nil {
-		return nil, err
-	}
-	if m.nh%m.nkv != 0 {
-		return nil, fmt.Errorf("attention.head_count %d is not a multiple of attention.head_count_kv %d", m.nh, m.nkv)
-	}
-	shape, err := w.Shape("token_embd.weight")
-	if err != nil {
-		return nil, err
-	}
-	if len(shape) != 2 || shape[0] != m.d {
-		return nil, fmt.Errorf("tensor token_embd.weight has shape %v, want [%d, vocab]", shape, m.d)
-	}
-	m.vocab = shape[1]
-	qShape, err := w.Shape("blk.0.attn_q.weight")
-	if err != nil {
-		return nil, err
-	}
-	if len(qShape) != 2 || qShape[1]%m.nh != 0 {
-		return nil, fmt.Errorf("tensor blk.0.attn_q.weight has shape %v: rows not a multiple of %d heads", qShape, m.nh)
-	}
-	if m.hd, err = hp.IntOr("attention.key_length", qShape[1]/m.nh); err != nil {
-		return nil, err
-	}
-	if vl, err := hp.IntOr("attention.value_length", m.hd); err != nil || vl != m.hd {
-		return nil, fmt.Errorf("metadata key gpt-oss.attention.value_length = %d, must equal key_length %d (%v)", vl, m.hd, err)
-	}
+	layers := dd.Layers
+	m.d, m.nh, m.nkv, m.hd, m.vocab = dd.Width, dd.Heads, dd.KVHeads, dd.HeadDim, dd.Vocab
 	ne, err := hp.Int("expert_count")
 	if err != nil {
 		return nil, err

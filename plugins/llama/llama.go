@@ -69,25 +69,7 @@ func footprints() map[string]nn.Footprinter { return map[string]nn.Footprinter{"
 func footprint(f *gguf.File) (nn.Footprint, error) {
 	hp, w := nn.Hparams{File: f, Arch: "llama"}, nn.NewWeights(f, nil)
 	var fp nn.Footprint
-	var err error
-	if fp.Layers, err = hp.Int("block_count"); err != nil {
-		return fp, err
-	}
-	if fp.Width, err = hp.Int("embedding_length"); err != nil {
-		return fp, err
-	}
-	nh, err := hp.Int("attention.head_count")
-	if err != nil {
-		return fp, err
-	}
-	if fp.KVHeads, err = hp.IntOr("attention.head_count_kv", nh); err != nil {
-		return fp, err
-	}
-	es, err := w.Shape("token_embd.weight")
-	if err != nil {
-		return fp, err
-	}
-	qs, err := w.Shape("blk.0.attn_q.weight")
+	dd, err := nn.ReadDims(hp, w, true)
 	if err != nil {
 		return fp, err
 	}
@@ -95,13 +77,11 @@ func footprint(f *gguf.File) (nn.Footprint, error) {
 	if err != nil {
 		return fp, err
 	}
-	if len(es) != 2 || len(qs) != 2 || len(gs) != 2 {
-		return fp, fmt.Errorf("tensor shapes token_embd %v, blk.0.attn_q %v, blk.0.ffn_gate %v: want 2 dimensions", es, qs, gs)
+	if len(gs) != 2 {
+		return fp, fmt.Errorf("tensor blk.0.ffn_gate.weight has shape %v: want 2 dimensions", gs)
 	}
-	fp.Arch, fp.Vocab = "llama", es[1]
-	if fp.HeadDim, err = hp.IntOr("attention.key_length", qs[1]/nh); err != nil {
-		return fp, err
-	}
+	nh := dd.Heads
+	fp.Arch, fp.Layers, fp.Width, fp.KVHeads, fp.HeadDim, fp.Vocab = "llama", dd.Layers, dd.Width, dd.KVHeads, dd.HeadDim, dd.Vocab
 	dims, err := hp.IntOr("rope.dimension_count", fp.HeadDim)
 	if err != nil {
 		return fp, err
@@ -163,43 +143,12 @@ func build(f *gguf.File, o nn.Options) (*nn.Runner, error) {
 
 func (m *model) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	w := m.w
-	layers, err := hp.Int("block_count")
+	dd, err := nn.ReadDims(hp, w, true)
 	if err != nil {
 		return nil, err
 	}
-	if m.d, err = hp.Int("embedding_length"); err != nil {
-		return nil, err
-	}
-	if m.nh, err = hp.Int("attention.head_count"); err != nil {
-		return nil, err
-	}
-	if m.nkv, err = hp.IntOr("attention.head_count_kv", m.nh); err != nil {
-		return nil, err
-	}
-	if m.nkv == 0 || m.nh%m.nkv != 0 {
-		return nil, fmt.Errorf("metadata key llama.attention.head_count_kv = %d: must divide head_count %d", m.nkv, m.nh)
-	}
-	es, err := w.Shape("token_embd.weight")
-	if err != nil {
-		return nil, err
-	}
-	if len(es) != 2 || es[0] != m.d {
-		return nil, fmt.Errorf("tensor token_embd.weight has shape %v, want [%d, vocab]", es, m.d)
-	}
-	m.vocab = es[1]
-	qs, err := w.Shape("blk.0.attn_q.weight")
-	if err != nil {
-		return nil, err
-	}
-	if len(qs) != 2 || qs[1]%m.nh != 0 {
-		return nil, fmt.Errorf("tensor blk.0.attn_q.weight has shape %v: rows not a multiple of %d heads", qs, m.nh)
-	}
-	if m.hd, err = hp.IntOr("attention.key_length", qs[1]/m.nh); err != nil {
-		return nil, err
-	}
-	if vl, err := hp.IntOr("attention.value_length", m.hd); err != nil || vl != m.hd {
-		return nil, fmt.Errorf("metadata key llama.attention.value_length = %d, must equal key_length %d (%v)", vl, m.hd, err)
-	}
+	layers := dd.Layers
+	m.d, m.nh, m.nkv, m.hd, m.vocab = dd.Width, dd.Heads, dd.KVHeads, dd.HeadDim, dd.Vocab
 	gs, err := w.Shape("blk.0.ffn_gate.weight")
 	if err != nil {
 		return nil, err
