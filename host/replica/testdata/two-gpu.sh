@@ -8,9 +8,7 @@
 # Needs: BIN_DIR/orch-host and the adapters, python3, curl, nvidia-smi.
 #
 # The replicas come from the config file (models[].replicas, see
-# docs/multi-gpu.md); `orch-host serve` must be wired to host/replica.Open
-# for them to take effect. If only one GPU shows adapter processes with
-# replicas=2, serve is not wired yet.
+# docs/multi-gpu.md); with replicas=2 each GPU shows one adapter process.
 set -euo pipefail
 BIN=${1:?usage: two-gpu.sh BIN_DIR MODEL.gguf [STREAMS] [MAX_TOKENS]}
 MODEL=${2:?usage: two-gpu.sh BIN_DIR MODEL.gguf [STREAMS] [MAX_TOKENS]}
