@@ -479,6 +479,15 @@ func scalarFromBytes(t ValueType, b []byte, key string) (Value, error) {
 	return Value{}, formatErr("key %q: unknown value type %d", key, uint32(t))
 }
 
+// decodeLE decodes n little-endian elements of size bytes each from b.
+func decodeLE[T any](b []byte, n, size int, at func([]byte) T) []T {
+	a := make([]T, n)
+	for i := range a {
+		a[i] = at(b[size*i:])
+	}
+	return a
+}
+
 func (c *cursor) array(et ValueType, n int, key string, depth int) (Value, error) {
 	v := Value{Type: ValueArray, ElemType: et}
 	if sz := et.fixedSize(); sz > 0 {
@@ -506,53 +515,21 @@ func (c *cursor) array(et ValueType, n int, key string, depth int) (Value, error
 			}
 			v.arr = a
 		case ValueUint16:
-			a := make([]uint16, n)
-			for i := range a {
-				a[i] = le.Uint16(b[2*i:])
-			}
-			v.arr = a
+			v.arr = decodeLE(b, n, 2, le.Uint16)
 		case ValueInt16:
-			a := make([]int16, n)
-			for i := range a {
-				a[i] = int16(le.Uint16(b[2*i:]))
-			}
-			v.arr = a
+			v.arr = decodeLE(b, n, 2, func(p []byte) int16 { return int16(le.Uint16(p)) })
 		case ValueUint32:
-			a := make([]uint32, n)
-			for i := range a {
-				a[i] = le.Uint32(b[4*i:])
-			}
-			v.arr = a
+			v.arr = decodeLE(b, n, 4, le.Uint32)
 		case ValueInt32:
-			a := make([]int32, n)
-			for i := range a {
-				a[i] = int32(le.Uint32(b[4*i:]))
-			}
-			v.arr = a
+			v.arr = decodeLE(b, n, 4, func(p []byte) int32 { return int32(le.Uint32(p)) })
 		case ValueFloat32:
-			a := make([]float32, n)
-			for i := range a {
-				a[i] = math.Float32frombits(le.Uint32(b[4*i:]))
-			}
-			v.arr = a
+			v.arr = decodeLE(b, n, 4, func(p []byte) float32 { return math.Float32frombits(le.Uint32(p)) })
 		case ValueUint64:
-			a := make([]uint64, n)
-			for i := range a {
-				a[i] = le.Uint64(b[8*i:])
-			}
-			v.arr = a
+			v.arr = decodeLE(b, n, 8, le.Uint64)
 		case ValueInt64:
-			a := make([]int64, n)
-			for i := range a {
-				a[i] = int64(le.Uint64(b[8*i:]))
-			}
-			v.arr = a
+			v.arr = decodeLE(b, n, 8, func(p []byte) int64 { return int64(le.Uint64(p)) })
 		case ValueFloat64:
-			a := make([]float64, n)
-			for i := range a {
-				a[i] = math.Float64frombits(le.Uint64(b[8*i:]))
-			}
-			v.arr = a
+			v.arr = decodeLE(b, n, 8, func(p []byte) float64 { return math.Float64frombits(le.Uint64(p)) })
 		}
 		return v, nil
 	}
