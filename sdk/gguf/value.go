@@ -361,85 +361,42 @@ func NewValue(x any) (Value, error) {
 }
 
 func scalarsToTyped(x []Value, et ValueType) any {
-	var vs []Value = x
 	switch et {
 	case ValueString:
-		a := make([]string, len(vs))
-		for i, e := range vs {
-			a[i] = e.s
-		}
-		return a
-	}
-	// Keep generic representation for other scalars: convert via Raw.
-	switch et {
+		return mapValues(x, func(e Value) string { return e.s })
 	case ValueUint8:
-		a := make([]uint8, len(vs))
-		for i, e := range vs {
-			a[i] = uint8(e.u)
-		}
-		return a
+		return mapValues(x, func(e Value) uint8 { return uint8(e.u) })
 	case ValueInt8:
-		a := make([]int8, len(vs))
-		for i, e := range vs {
-			a[i] = int8(e.i)
-		}
-		return a
+		return mapValues(x, func(e Value) int8 { return int8(e.i) })
 	case ValueUint16:
-		a := make([]uint16, len(vs))
-		for i, e := range vs {
-			a[i] = uint16(e.u)
-		}
-		return a
+		return mapValues(x, func(e Value) uint16 { return uint16(e.u) })
 	case ValueInt16:
-		a := make([]int16, len(vs))
-		for i, e := range vs {
-			a[i] = int16(e.i)
-		}
-		return a
+		return mapValues(x, func(e Value) int16 { return int16(e.i) })
 	case ValueUint32:
-		a := make([]uint32, len(vs))
-		for i, e := range vs {
-			a[i] = uint32(e.u)
-		}
-		return a
+		return mapValues(x, func(e Value) uint32 { return uint32(e.u) })
 	case ValueInt32:
-		a := make([]int32, len(vs))
-		for i, e := range vs {
-			a[i] = int32(e.i)
-		}
-		return a
+		return mapValues(x, func(e Value) int32 { return int32(e.i) })
 	case ValueFloat32:
-		a := make([]float32, len(vs))
-		for i, e := range vs {
-			a[i] = float32(e.f)
-		}
-		return a
+		return mapValues(x, func(e Value) float32 { return float32(e.f) })
 	case ValueBool:
-		a := make([]bool, len(vs))
-		for i, e := range vs {
-			a[i] = e.u != 0
-		}
-		return a
+		return mapValues(x, func(e Value) bool { return e.u != 0 })
 	case ValueUint64:
-		a := make([]uint64, len(vs))
-		for i, e := range vs {
-			a[i] = e.u
-		}
-		return a
+		return mapValues(x, func(e Value) uint64 { return e.u })
 	case ValueInt64:
-		a := make([]int64, len(vs))
-		for i, e := range vs {
-			a[i] = e.i
-		}
-		return a
+		return mapValues(x, func(e Value) int64 { return e.i })
 	case ValueFloat64:
-		a := make([]float64, len(vs))
-		for i, e := range vs {
-			a[i] = e.f
-		}
-		return a
+		return mapValues(x, func(e Value) float64 { return e.f })
 	}
 	return nil
+}
+
+// mapValues converts each scalar Value to its typed Go representation.
+func mapValues[T any](x []Value, at func(Value) T) []T {
+	a := make([]T, len(x))
+	for i, e := range x {
+		a[i] = at(e)
+	}
+	return a
 }
 
 // nestedToValues converts [][]T (any depth) into []Value.
