@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync/atomic"
 
 	"github.com/llama-orch/orch/sdk"
@@ -205,7 +206,6 @@ type Runner struct {
 	blocks                          ml.Tensor // I32, grown on demand
 	gathered, logits                ml.Tensor // F32 [d, MaxTokens], [vocab, chunk]
 	logitRows                       int
-	host                            []float32
 	graphs                          ml.GraphBackend // nil: the backend cannot replay steps
 	id                              uint64          // namespaces this runner's graph keys on a shared backend
 	tableBlocks                     int             // block-table rows of a captured decode step
@@ -479,23 +479,33 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 				return err
 			}
 			if greedy {
-				ids := make([]int32, m)
-				if err := r.B.ReadI32(r.view(r.argmax, m), ids); err != nil {
+				n := len(*toks)
+				*toks = slices.Grow(*toks, m)[:n+m] // read straight into the result
+				if err := r.B.ReadI32(r.view(r.argmax, m), (*toks)[n:]); err != nil {
 					return fmt.Errorf("forward: %w", err)
 				}
-				*toks = append(*toks, ids...)
 				continue
 			}
-			if cap(r.host) < m*V {
-				r.host = make([]float32, m*V)
-			}
-			host := r.host[:m*V]
+			// read the chunk into memory the result keeps: each sequence's
+			// rows of it (consecutive, OutOwner is in SeqInput order) become
+			// its logits without a second copy, unless a sequence's rows
+			// span chunks (AllLogits), where they are appended
+			host := make([]float32, m*V)
 			if err := r.B.ReadF32(r.view(r.logits, m), host); err != nil {
 				return fmt.Errorf("forward: %w", err)
 			}
-			for j := 0; j < m; j++ {
-				owner := p.OutOwner[lo+j]
-				out.Logits[owner] = append(out.Logits[owner], host[j*V:(j+1)*V]...)
+			for j := 0; j < m; {
+				owner, k := p.OutOwner[lo+j], j+1
+				for k < m && p.OutOwner[lo+k] == owner {
+					k++
+				}
+				rows := host[j*V : k*V : k*V] // capped: an append never runs into the next sequence's rows
+				if out.Logits[owner] == nil {
+					out.Logits[owner] = rows
+				} else {
+					out.Logits[owner] = append(out.Logits[owner], rows...)
+				}
+				j = k
 			}
 		}
 	}
