@@ -8,6 +8,7 @@ import (
 	"sync"
 	"unicode"
 
+	sdktok "github.com/llama-orch/orch/sdk/tokenizer"
 	tiktoken_loader "github.com/pkoukk/tiktoken-go-loader"
 )
 
@@ -158,39 +159,20 @@ func buildTokenizer(c Config) (*tokenizer, error) {
 	return nil, fmt.Errorf("synth: unknown tokenizer %q", c.Tokenizer)
 }
 
-// byteEncoder is GPT-2's bytes_to_unicode table; byteOrder lists bytes in the
-// order GPT-2's vocabulary numbers them (printable ones first).
-var byteEncoder, byteOrder = func() ([256]string, []byte) {
-	var enc [256]string
-	var order []byte
-	printable := func(b int) bool {
-		return (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF)
-	}
+// byteOrder lists bytes in the order GPT-2's vocabulary numbers them:
+// printable ones (those GPT-2's byte-to-unicode table maps to themselves)
+// first, then the rest.
+var byteOrder = func() []byte {
+	var printable, other []byte
 	for b := 0; b < 256; b++ {
-		if printable(b) {
-			enc[b] = string(rune(b))
-			order = append(order, byte(b))
+		if sdktok.ByteLevelEncode([]byte{byte(b)}) == string(rune(b)) {
+			printable = append(printable, byte(b))
+		} else {
+			other = append(other, byte(b))
 		}
 	}
-	n := 0
-	for b := 0; b < 256; b++ {
-		if !printable(b) {
-			enc[b] = string(rune(256 + n))
-			n++
-			order = append(order, byte(b))
-		}
-	}
-	return enc, order
+	return append(printable, other...)
 }()
-
-// ByteToUnicode maps raw bytes to GPT-2's printable token spelling.
-func ByteToUnicode(b []byte) string {
-	var sb strings.Builder
-	for _, c := range b {
-		sb.WriteString(byteEncoder[c])
-	}
-	return sb.String()
-}
 
 // pretokenize splits text GPT-2 style: optional leading space + letters,
 // optional space + digits, optional space + other symbols, runs of space.
@@ -309,7 +291,7 @@ func buildTiny() {
 	// byte-level BPE
 	enc := make([]string, len(words))
 	for i, w := range words {
-		enc[i] = ByteToUnicode([]byte(w))
+		enc[i] = sdktok.ByteLevelEncode([]byte(w))
 	}
 	splitRunes := func(s string) []string {
 		var out []string
@@ -320,7 +302,7 @@ func buildTiny() {
 	}
 	ms := learn(enc, splitRunes, tinyMerges)
 	for _, b := range byteOrder {
-		tinyOnce.tokens = append(tinyOnce.tokens, byteEncoder[b])
+		tinyOnce.tokens = append(tinyOnce.tokens, sdktok.ByteLevelEncode([]byte{b}))
 	}
 	for _, m := range ms {
 		tinyOnce.merges = append(tinyOnce.merges, m[0]+" "+m[1])
@@ -400,7 +382,7 @@ func mergesFor(byRank [][]byte, ranks map[string]int, lo, hi int) []string {
 			starts = append(starts[:best+1], starts[best+2:]...)
 		}
 		if len(starts) == 3 {
-			merges = append(merges, ByteToUnicode(tok[:starts[1]])+" "+ByteToUnicode(tok[starts[1]:]))
+			merges = append(merges, sdktok.ByteLevelEncode(tok[:starts[1]])+" "+sdktok.ByteLevelEncode(tok[starts[1]:]))
 		}
 	}
 	return merges
@@ -472,7 +454,7 @@ func vocabFromRanks(byRank [][]byte, size int, specials map[int]string, reserved
 		case specials[i] != "":
 			tokens[i], types[i] = specials[i], TokenControl
 		case i < len(byRank) && byRank[i] != nil:
-			tokens[i], types[i] = ByteToUnicode(byRank[i]), TokenNormal
+			tokens[i], types[i] = sdktok.ByteLevelEncode(byRank[i]), TokenNormal
 		default:
 			tokens[i], types[i] = reserved(i), TokenUnused
 		}
