@@ -9,70 +9,15 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llama-orch/orch/sdk"
-	"github.com/llama-orch/orch/sdk/gguf"
-	"github.com/llama-orch/orch/sdk/ml"
-	"github.com/llama-orch/orch/sdk/ml/cpu"
 	"github.com/llama-orch/orch/sdk/ml/cuda"
 	"github.com/llama-orch/orch/sdk/ml/nn"
 	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
 )
 
-// counting wraps the CPU backend and counts the bytes a load allocates.
-type counting struct {
-	ml.Backend
-	alloc, weights int64
-}
-
-func (c *counting) Alloc(dt ml.DType, shape ...int) (ml.Tensor, error) {
-	t, err := c.Backend.Alloc(dt, shape...)
-	if err == nil {
-		el := int64(4)
-		if dt == ml.F16 || dt == ml.BF16 {
-			el = 2
-		}
-		c.alloc += el * int64(t.Len())
-	}
-	return t, err
-}
-
-func (c *counting) Weight(name string, dt ml.DType, shape []int, data []byte) (ml.Tensor, error) {
-	t, err := c.Backend.Weight(name, dt, shape, data)
-	if err == nil {
-		c.weights += int64(len(data))
-	}
-	return t, err
-}
-
-// checkPlan asserts that the plan for c under opts equals what the adapter's
-// loader reports, and that the workspace covers what the build allocated
-// besides weights and KV (exactly, but for the margin and extra, the part of
-// the workspace only the CUDA backend allocates).
+// checkPlan is nntest.CheckPlan on this package's planner, loader and Load.
 func checkPlan(t *testing.T, c nntest.Config, opts sdk.LoadOptions, extra func(nn.Footprint) int64, fp nn.Footprinter) {
 	t.Helper()
-	path := nntest.MustWrite(t, c)
-	req := sdk.LoadRequest{Path: path, Options: opts}
-	plan, err := NewPlanner(nil)(context.Background(), req)
-	require.NoError(t, err)
-	assert.Equal(t, "cpu", plan.Device)
-	// free memory moves between two readings on a busy machine: same order, not same bytes
-	assert.InDelta(t, float64(nn.MemAvailable()), float64(plan.FreeBytes), 256<<20)
-
-	m, info, err := NewLoader(nil)(context.Background(), req, nil)
-	require.NoError(t, err)
-	require.NoError(t, m.Close())
-	assert.Equal(t, info.WeightBytes, plan.WeightBytes, "weights: plan == load")
-	assert.Equal(t, info.KVBytes, plan.KVBytes, "KV: plan == load")
-
-	// the same build on a counting backend: every byte it allocates is planned
-	sz, err := nn.Size(opts, c.Context, "cpu")
-	require.NoError(t, err)
-	cb := &counting{Backend: cpu.New(1)}
-	m2, err := Load(path, Options{Backend: cb, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType})
-	require.NoError(t, err)
-	require.NoError(t, m2.Close())
-	f, err := openFootprint(path, fp)
-	require.NoError(t, err)
-	assert.Equal(t, plan.Total()-nn.CPUMargin-4*extra(f)*256, cb.alloc+cb.weights, "every allocated byte is planned")
+	nntest.CheckPlan(t, c, opts, nntest.PlanAdapter{Plan: NewPlanner(nil), Loader: NewLoader(nil), Load: Load, Footprint: fp}, extra)
 }
 
 func TestPlanEqualsLoad(t *testing.T) {
@@ -139,13 +84,4 @@ func TestAdapterPlans(t *testing.T) {
 	assert.Positive(t, plan.WeightBytes)
 	assert.Positive(t, plan.KVBytes)
 	assert.Greater(t, plan.WorkspaceBytes, nn.CPUMargin)
-}
-
-func openFootprint(path string, fp nn.Footprinter) (nn.Footprint, error) {
-	f, err := gguf.Open(path)
-	if err != nil {
-		return nn.Footprint{}, err
-	}
-	defer f.Close()
-	return fp(f)
 }
