@@ -138,13 +138,8 @@ func chatTools(req *ChatCompletionRequest) (ChatOptions, error) {
 
 func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	var req ChatCompletionRequest
-	if err := decodeBody(w, r, &req); err != nil {
-		writeError(w, err)
-		return
-	}
-	m, err := s.lookup(req.Model)
-	if err != nil {
-		writeError(w, err)
+	m := s.decodeFor(w, r, &req, func() string { return req.Model })
+	if m == nil {
 		return
 	}
 	g, err := s.prepareChat(&req, m)

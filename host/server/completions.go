@@ -72,13 +72,8 @@ const maxPrompts = 64
 
 func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 	var req CompletionRequest
-	if err := decodeBody(w, r, &req); err != nil {
-		writeError(w, err)
-		return
-	}
-	m, err := s.lookup(req.Model)
-	if err != nil {
-		writeError(w, err)
+	m := s.decodeFor(w, r, &req, func() string { return req.Model })
+	if m == nil {
 		return
 	}
 	gens, texts, err := s.prepareCompletions(&req, m)

@@ -287,6 +287,22 @@ func (s *Server) lookup(id string) (*servedModel, error) {
 	return m, nil
 }
 
+// decodeFor decodes the request body into v and looks up the model that
+// model (read once v is decoded) names. On failure it writes the error
+// response and returns nil.
+func (s *Server) decodeFor(w http.ResponseWriter, r *http.Request, v any, model func() string) *servedModel {
+	if err := decodeBody(w, r, v); err != nil {
+		writeError(w, err)
+		return nil
+	}
+	m, err := s.lookup(model())
+	if err != nil {
+		writeError(w, err)
+		return nil
+	}
+	return m
+}
+
 type ctxKey int
 
 const requestIDKey ctxKey = 0

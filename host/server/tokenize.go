@@ -8,13 +8,8 @@ import (
 // as /v1/completions would, messages as /v1/chat/completions would.
 func (s *Server) handleTokenize(w http.ResponseWriter, r *http.Request) {
 	var req TokenizeRequest
-	if err := decodeBody(w, r, &req); err != nil {
-		writeError(w, err)
-		return
-	}
-	m, err := s.lookup(req.Model)
-	if err != nil {
-		writeError(w, err)
+	m := s.decodeFor(w, r, &req, func() string { return req.Model })
+	if m == nil {
 		return
 	}
 	var ids []int32
@@ -63,13 +58,8 @@ func (s *Server) handleTokenize(w http.ResponseWriter, r *http.Request) {
 // handleDetokenize answers POST /detokenize.
 func (s *Server) handleDetokenize(w http.ResponseWriter, r *http.Request) {
 	var req DetokenizeRequest
-	if err := decodeBody(w, r, &req); err != nil {
-		writeError(w, err)
-		return
-	}
-	m, err := s.lookup(req.Model)
-	if err != nil {
-		writeError(w, err)
+	m := s.decodeFor(w, r, &req, func() string { return req.Model })
+	if m == nil {
 		return
 	}
 	vocab := m.Tokenizer.VocabSize()
