@@ -9,7 +9,7 @@ import (
 	"unicode"
 
 	sdktok "github.com/llama-orch/orch/sdk/tokenizer"
-	tiktoken_loader "github.com/pkoukk/tiktoken-go-loader"
+	"github.com/llama-orch/orch/sdk/tokenizer/tiktoken"
 )
 
 // llama.cpp token types (enum llama_token_type).
@@ -410,17 +410,13 @@ func loadTiktoken(name string) ([][]byte, []string, error) {
 // lower-ranked tokens; the last two parts are the merge (the standard
 // tiktoken -> HF conversion).
 func buildTiktoken(name string) ([][]byte, []string, error) {
-	ranks, err := tiktoken_loader.NewOfflineLoader().LoadTiktokenBpe(name + ".tiktoken")
+	byRank, err := tiktoken.Ranks(name + ".tiktoken")
 	if err != nil {
 		return nil, nil, fmt.Errorf("synth: load %s: %w", name, err)
 	}
-	n := 0
-	for _, r := range ranks {
-		n = max(n, r+1)
-	}
-	byRank := make([][]byte, n)
-	for tok, r := range ranks {
-		byRank[r] = []byte(tok)
+	ranks := make(map[string]int, len(byRank))
+	for r, tok := range byRank {
+		ranks[string(tok)] = r
 	}
 	// tokens are independent: split the ranks over goroutines, keep rank order
 	workers := runtime.GOMAXPROCS(0)
