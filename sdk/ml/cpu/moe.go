@@ -35,33 +35,12 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	if router == nil || gate == nil || up == nil || down == nil {
 		return
 	}
-	dim, n := rows2(xx)
-	if d.n != xx.n || d.shape[0] != dim {
-		b.fail(op, "dst %v for x %v", d.shape, xx.shape)
+	md, err := ml.MoEShapes(d.shape, xx.shape, router.shape, gate.shape, up.shape, down.shape, m.TopK)
+	if err != nil {
+		b.fail(op, "%v", err)
 		return
 	}
-	if len(router.shape) != 2 || router.shape[0] != dim {
-		b.fail(op, "router %v for width %d", router.shape, dim)
-		return
-	}
-	ne := router.shape[1]
-	if len(gate.shape) != 3 || gate.shape[0] != dim || gate.shape[2] != ne {
-		b.fail(op, "gate %v: want [%d, ff, %d]", gate.shape, dim, ne)
-		return
-	}
-	ff := gate.shape[1]
-	if len(up.shape) != 3 || up.shape[0] != dim || up.shape[1] != ff || up.shape[2] != ne {
-		b.fail(op, "up %v: want [%d, %d, %d]", up.shape, dim, ff, ne)
-		return
-	}
-	if len(down.shape) != 3 || down.shape[0] != ff || down.shape[1] != dim || down.shape[2] != ne {
-		b.fail(op, "down %v: want [%d, %d, %d]", down.shape, ff, dim, ne)
-		return
-	}
-	if m.TopK <= 0 || m.TopK > ne {
-		b.fail(op, "top-k %d of %d experts", m.TopK, ne)
-		return
-	}
+	dim, n, ne, ff := md.Dim, md.N, md.Experts, md.FF
 	bias := func(name string, t ml.Tensor, want int) ([]float32, bool) {
 		if t == nil {
 			return nil, true

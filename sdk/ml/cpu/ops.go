@@ -370,23 +370,13 @@ func (b *Backend) RoPE(x, pos ml.Tensor, r *ml.Rope) {
 	if f == nil {
 		return
 	}
-	if len(xx.shape) < 2 {
-		b.fail(op, "x %v: want [head_dim, heads, n]", xx.shape)
-		return
-	}
-	hd := xx.shape[0]
-	heads := xx.n / hd
 	n := p.n
-	if heads%n != 0 {
-		b.fail(op, "x %v does not hold %d tokens", xx.shape, n)
+	hd, heads, err := ml.RopeShape(xx.shape, n, r, f.n)
+	if err != nil {
+		b.fail(op, "%v", err)
 		return
 	}
-	heads /= n
 	dims := r.Dims
-	if dims <= 0 || dims%2 != 0 || dims > hd || f.n != dims/2 {
-		b.fail(op, "dims %d, head dim %d, %d frequencies", dims, hd, f.n)
-		return
-	}
 	scale := r.Scale
 	if scale == 0 {
 		scale = 1

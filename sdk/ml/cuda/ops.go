@@ -229,18 +229,10 @@ func (b *Backend) RoPE(x, pos ml.Tensor, r *ml.Rope) {
 	if f == nil {
 		return
 	}
-	if len(xx.shape) < 2 {
-		b.failf(op, "x %v: want [head_dim, heads, n]", xx.shape)
-		return
-	}
-	hd, n := xx.shape[0], p.n
-	if (xx.n/hd)%n != 0 {
-		b.failf(op, "x %v does not hold %d tokens", xx.shape, n)
-		return
-	}
-	heads := xx.n / hd / n
-	if r.Dims <= 0 || r.Dims%2 != 0 || r.Dims > hd || f.n != r.Dims/2 {
-		b.failf(op, "dims %d, head dim %d, %d frequencies", r.Dims, hd, f.n)
+	n := p.n
+	hd, heads, err := ml.RopeShape(xx.shape, n, r, f.n)
+	if err != nil {
+		b.failf(op, "%v", err)
 		return
 	}
 	scale := r.Scale
@@ -379,31 +371,13 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	if router == nil || gate == nil || up == nil || down == nil {
 		return
 	}
-	dim, n := rows2(xx)
-	if d.n != xx.n || d.shape[0] != dim {
-		b.failf(op, "dst %v for x %v", d.shape, xx.shape)
+	md, err := ml.MoEShapes(d.shape, xx.shape, router.shape, gate.shape, up.shape, down.shape, m.TopK)
+	if err != nil {
+		b.failf(op, "%v", err)
 		return
 	}
-	if len(router.shape) != 2 || router.shape[0] != dim {
-		b.failf(op, "router %v for width %d", router.shape, dim)
-		return
-	}
-	ne := router.shape[1]
-	if len(gate.shape) != 3 || gate.shape[0] != dim || gate.shape[2] != ne {
-		b.failf(op, "gate %v: want [%d, ff, %d]", gate.shape, dim, ne)
-		return
-	}
-	ff := gate.shape[1]
-	if !slices.Equal(up.shape, gate.shape) {
-		b.failf(op, "up %v: want %v", up.shape, gate.shape)
-		return
-	}
-	if len(down.shape) != 3 || down.shape[0] != ff || down.shape[1] != dim || down.shape[2] != ne {
-		b.failf(op, "down %v: want [%d, %d, %d]", down.shape, ff, dim, ne)
-		return
-	}
-	k := m.TopK
-	if k <= 0 || k > ne || k > 16 {
+	dim, n, ne, ff, k := md.Dim, md.N, md.Experts, md.FF, m.TopK
+	if k > 16 {
 		b.failf(op, "top-k %d of %d experts (at most 16)", k, ne)
 		return
 	}
