@@ -17,20 +17,7 @@ import (
 
 func load(t *testing.T, c nntest.Config, opts Options) engine.Model {
 	t.Helper()
-	path := nntest.MustWrite(t, c)
-	if opts.Backend == nil {
-		opts.Backend = cpu.New(2)
-	}
-	if opts.NumBlocks == 0 {
-		opts.NumBlocks = 64
-	}
-	if opts.BlockSize == 0 {
-		opts.BlockSize = 4
-	}
-	m, err := Load(path, opts)
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, m.Close()) })
-	return m
+	return nntest.Load(t, c, opts, Load)
 }
 
 func TestConsistency(t *testing.T) {
