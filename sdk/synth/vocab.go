@@ -76,13 +76,6 @@ const (
 	gpt2Template   = "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
 )
 
-// Harmony special tokens of o200k_harmony at their real ids.
-var harmonySpecials = map[int]string{
-	199998: "<|startoftext|>", 199999: "<|endoftext|>", 200002: "<|return|>", 200003: "<|constrain|>",
-	200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>", 200008: "<|message|>",
-	200012: "<|call|>", 200018: "<|endofprompt|>",
-}
-
 // Llama 3.1 specials from 128000 (others are <|reserved_special_token_N|>).
 var llama3Specials = map[int]string{
 	128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
@@ -442,13 +435,13 @@ func buildTiktoken(name string) ([][]byte, []string, error) {
 	return byRank, merges, nil
 }
 
-func vocabFromRanks(byRank [][]byte, size int, specials map[int]string, reserved func(int) string) ([]string, []int32) {
+func vocabFromRanks(byRank [][]byte, size int, specials map[int32]string, reserved func(int) string) ([]string, []int32) {
 	tokens := make([]string, size)
 	types := make([]int32, size)
 	for i := 0; i < size; i++ {
 		switch {
-		case specials[i] != "":
-			tokens[i], types[i] = specials[i], TokenControl
+		case specials[int32(i)] != "":
+			tokens[i], types[i] = specials[int32(i)], TokenControl
 		case i < len(byRank) && byRank[i] != nil:
 			tokens[i], types[i] = sdktok.ByteLevelEncode(byRank[i]), TokenNormal
 		default:
@@ -466,8 +459,8 @@ func VocabO200kHarmony() (tokens []string, types []int32, merges []string, err e
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	tokens, types = vocabFromRanks(byRank, 201088, harmonySpecials, func(i int) string { return fmt.Sprintf("<|reserved_%d|>", i) })
-	for i := 199998; i < 201088; i++ { // harmony reserves the whole range as specials
+	tokens, types = vocabFromRanks(byRank, tiktoken.HarmonyVocabSize, tiktoken.HarmonySpecials, func(i int) string { return fmt.Sprintf("<|reserved_%d|>", i) })
+	for i := len(byRank); i < tiktoken.HarmonyVocabSize; i++ { // harmony reserves the whole range as specials
 		types[i] = TokenControl
 	}
 	return tokens, types, merges, nil
@@ -479,7 +472,7 @@ func VocabR50k() (tokens []string, types []int32, merges []string, err error) {
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	tokens, types = vocabFromRanks(byRank, 50257, map[int]string{50256: "<|endoftext|>"}, func(i int) string { return fmt.Sprintf("<|unused_%d|>", i) })
+	tokens, types = vocabFromRanks(byRank, 50257, map[int32]string{50256: "<|endoftext|>"}, func(i int) string { return fmt.Sprintf("<|unused_%d|>", i) })
 	return tokens, types, merges, nil
 }
 
@@ -491,14 +484,14 @@ func VocabLlama3() (tokens []string, types []int32, merges []string, err error) 
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	specials := map[int]string{}
+	specials := map[int32]string{}
 	r := 0
 	for i := 128000; i < 128256; i++ {
 		if s, ok := llama3Specials[i]; ok {
-			specials[i] = s
+			specials[int32(i)] = s
 			continue
 		}
-		specials[i] = fmt.Sprintf("<|reserved_special_token_%d|>", r)
+		specials[int32(i)] = fmt.Sprintf("<|reserved_special_token_%d|>", r)
 		r++
 	}
 	tokens, types = vocabFromRanks(byRank, 128256, specials, func(i int) string { return fmt.Sprintf("<|unused_%d|>", i) })
