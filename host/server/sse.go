@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"encoding/json"
 	"net/http"
 )
@@ -11,6 +12,8 @@ type sseWriter struct {
 	w       http.ResponseWriter
 	flusher http.Flusher
 	err     error
+	buf     bytes.Buffer  // one event, reused: no allocation per token
+	enc     *json.Encoder // writes into buf
 }
 
 func newSSE(w http.ResponseWriter) *sseWriter {
@@ -22,6 +25,7 @@ func newSSE(w http.ResponseWriter) *sseWriter {
 	w.WriteHeader(http.StatusOK)
 	f, _ := w.(http.Flusher)
 	s := &sseWriter{w: w, flusher: f}
+	s.enc = json.NewEncoder(&s.buf)
 	s.flush()
 	return s
 }
@@ -37,16 +41,15 @@ func (s *sseWriter) send(v any) error {
 	if s.err != nil {
 		return s.err
 	}
-	b, err := json.Marshal(v)
-	if err != nil {
+	s.buf.Reset()
+	s.buf.WriteString("data: ")
+	// Encode writes what json.Marshal returns, then '\n'
+	if err := s.enc.Encode(v); err != nil {
 		s.err = err
 		return err
 	}
-	buf := make([]byte, 0, len(b)+8)
-	buf = append(buf, "data: "...)
-	buf = append(buf, b...)
-	buf = append(buf, '\n', '\n')
-	if _, err := s.w.Write(buf); err != nil {
+	s.buf.WriteByte('\n')
+	if _, err := s.w.Write(s.buf.Bytes()); err != nil {
 		s.err = err
 		return err
 	}
