@@ -72,3 +72,28 @@ func MoEShapes(dst, x, router, gate, up, down []int, topK int) (MoEDims, error) 
 	m.Experts, m.FF = ne, ff
 	return m, nil
 }
+
+// KVRows checks KVWrite's k and v [head_dim, kv_heads, n] against cache rows
+// of headDim x kvHeads and returns the tokens n.
+func KVRows(k, v []int, headDim, kvHeads int) (n int, err error) {
+	row := headDim * kvHeads
+	if nk := numelOf(k); nk%row != 0 || nk != numelOf(v) || k[0] != headDim {
+		return 0, fmt.Errorf("k %v, v %v for cache rows of %d x %d", k, v, headDim, kvHeads)
+	}
+	return numelOf(k) / row, nil
+}
+
+// AttendShape checks Attend's q [head_dim, heads, n] and dst (as many
+// elements) against a cache of headDim x kvHeads (heads a multiple of
+// kvHeads) and returns the query heads and tokens.
+func AttendShape(q, dst []int, headDim, kvHeads int) (heads, n int, err error) {
+	nq := numelOf(q)
+	if len(q) < 2 || q[0] != headDim || numelOf(dst) != nq {
+		return 0, 0, fmt.Errorf("q %v, dst %v for head dim %d", q, dst, headDim)
+	}
+	heads = q[1]
+	if heads%kvHeads != 0 || nq%(headDim*heads) != 0 {
+		return 0, 0, fmt.Errorf("q %v: %d query heads for %d kv heads", q, heads, kvHeads)
+	}
+	return heads, nq / (headDim * heads), nil
+}

@@ -472,11 +472,11 @@ func (b *Backend) KVWrite(kCache, vCache, k, v ml.Tensor, bt *ml.Batch) {
 		return
 	}
 	row := hd * nkv
-	if kk.n%row != 0 || kk.n != vv.n || kk.shape[0] != hd {
-		b.fail(op, "k %v, v %v for cache rows of %d x %d", kk.shape, vv.shape, hd, nkv)
+	n, err := ml.KVRows(kk.shape, vv.shape, hd, nkv)
+	if err != nil {
+		b.fail(op, "%v", err)
 		return
 	}
-	n := kk.n / row
 	_, _, slots, _, ok := b.checkBatch(op, bt, n, nb, bs)
 	if !ok {
 		return
@@ -504,16 +504,11 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 		b.fail(op, "caches %v, %v: want equal [head_dim, kv_heads, block_size, blocks]", kc.shape, vc.shape)
 		return
 	}
-	if len(qq.shape) < 2 || qq.shape[0] != hd || d.n != qq.n {
-		b.fail(op, "q %v, dst %v for head dim %d", qq.shape, d.shape, hd)
+	nh, n, err := ml.AttendShape(qq.shape, d.shape, hd, nkv)
+	if err != nil {
+		b.fail(op, "%v", err)
 		return
 	}
-	nh := qq.shape[1]
-	if nh%nkv != 0 || qq.n%(hd*nh) != 0 {
-		b.fail(op, "q %v: %d query heads for %d kv heads", qq.shape, nh, nkv)
-		return
-	}
-	n := qq.n / (hd * nh)
 	pos, seq, _, blocks, ok := b.checkBatch(op, bt, n, nb, bs)
 	if !ok {
 		return

@@ -301,11 +301,11 @@ func (b *Backend) KVWrite(kCache, vCache, k, v ml.Tensor, bt *ml.Batch) {
 	}
 	hd, nkv, bs := kc.shape[0], kc.shape[1], kc.shape[2]
 	row := hd * nkv
-	if kk.n%row != 0 || kk.n != vv.n || kk.shape[0] != hd {
-		b.failf(op, "k %v, v %v for cache rows of %d x %d", kk.shape, vv.shape, hd, nkv)
+	n, err := ml.KVRows(kk.shape, vv.shape, hd, nkv)
+	if err != nil {
+		b.failf(op, "%v", err)
 		return
 	}
-	n := kk.n / row
 	_, _, slots, _, ok := b.batch(op, bt, n, bs)
 	if !ok {
 		return
@@ -329,16 +329,11 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 		return
 	}
 	hd, nkv, bs := kc.shape[0], kc.shape[1], kc.shape[2]
-	if len(qq.shape) < 2 || qq.shape[0] != hd || d.n != qq.n {
-		b.failf(op, "q %v, dst %v for head dim %d", qq.shape, d.shape, hd)
+	nh, n, err := ml.AttendShape(qq.shape, d.shape, hd, nkv)
+	if err != nil {
+		b.failf(op, "%v", err)
 		return
 	}
-	nh := qq.shape[1]
-	if nh%nkv != 0 || qq.n%(hd*nh) != 0 {
-		b.failf(op, "q %v: %d query heads for %d kv heads", qq.shape, nh, nkv)
-		return
-	}
-	n := qq.n / (hd * nh)
 	pos, seq, _, blocks, ok := b.batch(op, bt, n, bs)
 	if !ok {
 		return
