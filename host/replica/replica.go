@@ -233,6 +233,15 @@ func (s *Set) fail(m *member, err error) {
 	}
 }
 
+// done releases m after a call and takes it out of rotation when err says
+// it is down.
+func (s *Set) done(m *member, err error) {
+	s.release(m)
+	if IsMemberDown(err) {
+		s.fail(m, err)
+	}
+}
+
 // Load implements sdk.Adapter: every member loads the model in parallel;
 // progress is merged (per stage, the sum over members). It succeeds when
 // at least one member loaded; members that failed are logged and left out
@@ -326,18 +335,12 @@ func (s *Set) Generate(ctx context.Context, req sdk.GenerateRequest, emit func(s
 		return emit(c)
 	}
 	err = m.a.Generate(ctx, req, wrapped)
-	s.release(m)
+	s.done(m, err)
 	if err == nil || emitted || ctx.Err() != nil || !retryable(err) {
-		if err != nil && IsMemberDown(err) {
-			s.fail(m, err)
-		}
-		if err != nil && emitted && IsMemberDown(err) {
+		if emitted && IsMemberDown(err) {
 			return fmt.Errorf("replica %s died mid-stream: %w", m.name, err)
 		}
 		return err
-	}
-	if IsMemberDown(err) {
-		s.fail(m, err)
 	}
 	first := m
 	m, perr := s.pick(first)
@@ -356,10 +359,7 @@ func (s *Set) Generate(ctx context.Context, req sdk.GenerateRequest, emit func(s
 	}
 	s.log.Debug("retrying request on another replica", "request_id", req.ID, "failed", first.name, "replica", m.name, "error", err)
 	err = m.a.Generate(ctx, req, emit)
-	s.release(m)
-	if IsMemberDown(err) {
-		s.fail(m, err)
-	}
+	s.done(m, err)
 	return err
 }
 
@@ -396,15 +396,9 @@ func (s *Set) Evaluate(ctx context.Context, tokens []int32) (sdk.Logits, error) 
 			return sdk.Logits{}, err
 		}
 		l, err := m.a.Evaluate(ctx, tokens)
-		s.release(m)
+		s.done(m, err)
 		if err == nil || attempt > 0 || ctx.Err() != nil || !retryable(err) {
-			if IsMemberDown(err) {
-				s.fail(m, err)
-			}
 			return l, err
-		}
-		if IsMemberDown(err) {
-			s.fail(m, err)
 		}
 		exclude = m
 	}
