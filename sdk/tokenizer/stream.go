@@ -29,11 +29,10 @@ func (d *StreamDecoder) Flush() string { return d.drain(true) }
 
 func (d *StreamDecoder) drain(all bool) string {
 	b := d.buf
-	var out []byte
-	i := 0
+	var fixed []byte // only when an invalid byte becomes U+FFFD
+	copied, i := 0, 0
 	for i < len(b) {
 		if b[i] < utf8.RuneSelf {
-			out = append(out, b[i])
 			i++
 			continue
 		}
@@ -42,13 +41,19 @@ func (d *StreamDecoder) drain(all bool) string {
 			if !all && !utf8.FullRune(b[i:]) {
 				break // may still complete
 			}
-			out = append(out, "\uFFFD"...)
+			fixed = append(append(fixed, b[copied:i]...), "\uFFFD"...)
 			i++
+			copied = i
 			continue
 		}
-		out = append(out, b[i:i+w]...)
 		i += w
 	}
+	var out string
+	if fixed == nil {
+		out = string(b[:i]) // the common case: one copy, no scratch buffer
+	} else {
+		out = string(append(fixed, b[copied:i]...))
+	}
 	d.buf = append(d.buf[:0], b[i:]...)
-	return string(out)
+	return out
 }
