@@ -89,8 +89,8 @@ func Split(b *engine.Batch, vocab, blockSize, numBlocks, maxTokens int) ([]Piece
 	}
 	var pieces []Piece
 	cur := Piece{}
-	seqIdx := map[int]int{} // SeqInput index -> sequence index within cur
-	var tables [][]int32    // block table of each sequence of cur
+	var tables [][]int32 // block table of each sequence of cur
+	last := -1           // SeqInput index of cur's last sequence (a sequence's tokens are consecutive)
 	finish := func() {
 		if len(cur.Tokens) == 0 {
 			return
@@ -105,7 +105,7 @@ func Split(b *engine.Batch, vocab, blockSize, numBlocks, maxTokens int) ([]Piece
 			copy(cur.Blocks[s*mb:], t)
 		}
 		pieces = append(pieces, cur)
-		cur, tables, seqIdx = Piece{}, nil, map[int]int{}
+		cur, tables, last = Piece{}, nil, -1
 	}
 	for i, s := range b.Seqs {
 		if len(s.Tokens) == 0 {
@@ -134,12 +134,11 @@ func Split(b *engine.Batch, vocab, blockSize, numBlocks, maxTokens int) ([]Piece
 			if len(cur.Tokens) == maxTokens {
 				finish()
 			}
-			si, ok := seqIdx[i]
-			if !ok {
-				si = len(tables)
-				seqIdx[i] = si
+			if last != i {
+				last = i
 				tables = append(tables, s.Blocks[:need])
 			}
+			si := len(tables) - 1
 			p := s.Pos + j
 			t := int32(len(cur.Tokens))
 			cur.Tokens = append(cur.Tokens, tok)
