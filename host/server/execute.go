@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -83,6 +84,9 @@ type choiceResult struct {
 // whether the request was aborted, and the first adapter error.
 func collectAll(ctx context.Context, events <-chan choiceEvent, total int) ([]choiceResult, bool, error) {
 	res := make([]choiceResult, total)
+	// text grows in builders: += per event would copy it once per token
+	content := make([]strings.Builder, total)
+	reasoning := make([]strings.Builder, total)
 	var firstErr error
 	aborted := false
 	for ev := range events {
@@ -93,10 +97,10 @@ func collectAll(ctx context.Context, events <-chan choiceEvent, total int) ([]ch
 		for _, d := range ev.deltas {
 			switch d.Kind {
 			case DeltaContent:
-				c.content += d.Text
+				content[ev.index].WriteString(d.Text)
 				c.hasContent = true
 			case DeltaReasoning:
-				c.reasoning += d.Text
+				reasoning[ev.index].WriteString(d.Text)
 			case DeltaToolCall:
 				c.toolCalls = append(c.toolCalls, d)
 			}
@@ -115,6 +119,9 @@ func collectAll(ctx context.Context, events <-chan choiceEvent, total int) ([]ch
 				firstErr = ev.err
 			}
 		}
+	}
+	for i := range res {
+		res[i].content, res[i].reasoning = content[i].String(), reasoning[i].String()
 	}
 	if ctx.Err() != nil {
 		aborted = true
