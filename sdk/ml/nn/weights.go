@@ -37,11 +37,15 @@ func (w *Weights) Shape(name string) ([]int, error) {
 	if !ok {
 		return nil, fmt.Errorf("missing tensor %s", name)
 	}
+	return intShape(ti), nil
+}
+
+func intShape(ti *gguf.TensorInfo) []int {
 	out := make([]int, len(ti.Shape))
 	for i, v := range ti.Shape {
 		out[i] = int(v)
 	}
-	return out, nil
+	return out
 }
 
 func trimOnes(s []int) []int {
@@ -56,10 +60,7 @@ func (w *Weights) info(name string, shape []int) (*gguf.TensorInfo, error) {
 	if !ok {
 		return nil, fmt.Errorf("missing tensor %s", name)
 	}
-	got := make([]int, len(ti.Shape))
-	for i, v := range ti.Shape {
-		got[i] = int(v)
-	}
+	got := intShape(ti)
 	if !slices.Equal(trimOnes(got), trimOnes(slices.Clone(shape))) {
 		return nil, fmt.Errorf("tensor %s has shape %v, want %v", name, got, shape)
 	}
