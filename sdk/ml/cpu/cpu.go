@@ -305,6 +305,14 @@ func (b *Backend) parallel(n int, fn func(w, lo, hi int)) {
 	wg.Wait()
 }
 
+// Scratch slots of scratchFor: one per op that keeps per-worker buffers.
+const (
+	scratchMatRows = iota
+	scratchAttend
+	scratchRoPE
+	scratchEmbed
+)
+
 // scratchFor returns per-worker float32 buffers of at least size elements
 // for slot k (several independent scratch areas per op).
 func (b *Backend) scratchFor(k, size int) [][]float32 {

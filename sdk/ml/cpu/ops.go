@@ -94,10 +94,14 @@ func (b *Backend) Embed(dst, table, ids ml.Tensor, add bool) {
 		}
 	}
 	rb, _ := tb.dt.RowBytes(dim)
+	var bufs [][]float32
+	if add {
+		bufs = b.scratchFor(scratchEmbed, dim)
+	}
 	b.parallel(id.n, func(w, lo, hi int) {
 		var tmp []float32
 		if add {
-			tmp = make([]float32, dim)
+			tmp = bufs[w]
 		}
 		for i := lo; i < hi; i++ {
 			row := int(id.i32[i])
@@ -254,7 +258,7 @@ func (b *Backend) matRows(wdt ml.DType, wdata []byte, in, oLo, oHi int, x []floa
 	}
 	var bufs [][]float32
 	if wdt != ml.F32 {
-		bufs = b.scratchFor(0, in)
+		bufs = b.scratchFor(scratchMatRows, in)
 	}
 	b.parallel(rowsOut, func(w, lo, hi int) {
 		var buf []float32
@@ -382,8 +386,9 @@ func (b *Backend) RoPE(x, pos ml.Tensor, r *ml.Rope) {
 		scale = 1
 	}
 	half := dims / 2
-	b.parallel(n, func(_, lo, hi int) {
-		cs := make([]float32, 2*half)
+	bufs := b.scratchFor(scratchRoPE, 2*half)
+	b.parallel(n, func(w, lo, hi int) {
+		cs := bufs[w]
 		for t := lo; t < hi; t++ {
 			pp := float32(p.i32[t])
 			for i := 0; i < half; i++ {
@@ -530,7 +535,7 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 	for t := 0; t < n; t++ {
 		maxPos = max(maxPos, int(pos.i32[t])+1)
 	}
-	bufs := b.scratchFor(1, maxPos+hd)
+	bufs := b.scratchFor(scratchAttend, maxPos+hd)
 	group := nh / nkv
 	row := hd * nkv
 	b.parallel(n*nh, func(w, lo, hi int) {

@@ -144,7 +144,7 @@ func (b *Backend) matRowsAVX(wdt ml.DType, wdata []byte, in, oLo, oHi int, x []f
 	rowsOut := oHi - oLo
 	var bufs [][]float32
 	if wdt != ml.F32 {
-		bufs = b.scratchFor(0, 4*in)
+		bufs = b.scratchFor(scratchMatRows, 4*in)
 	}
 	fusedF16 := wdt == ml.F16 && in%8 == 0
 	b.parallel(rowsOut, func(w, lo, hi int) {
