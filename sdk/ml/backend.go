@@ -209,4 +209,7 @@ type Backend interface {
 type GraphBackend interface {
 	Backend
 	Run(key string, record func()) error
+	// ResetGraphs forgets every recording (after tensors that recorded steps
+	// use were freed or reallocated).
+	ResetGraphs()
 }

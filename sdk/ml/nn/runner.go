@@ -305,8 +305,8 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 		if r.blocks != nil {
 			r.B.Free(r.blocks)
 		}
-		if g, ok := r.graphs.(interface{ ResetGraphs() }); ok {
-			g.ResetGraphs() // captured steps point at the old table
+		if r.graphs != nil {
+			r.graphs.ResetGraphs() // captured steps point at the old table
 		}
 		var err error
 		if r.blocks, err = r.B.Alloc(ml.I32, max(len(p.Blocks), 256)); err != nil {
