@@ -8,7 +8,7 @@
 #   6. with two GPUs: replica scaling (host/replica/testdata/two-gpu.sh)
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all; steps: kernels tests bench serve llama replicas)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf; steps: kernels tests perf bench depth serve llama replicas)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -45,11 +45,13 @@ if has tests; then
           >"$OUT/$(basename "$b")-memcheck.log" 2>&1
         grep -m12 -E 'Invalid|at 0x|by thread|ERROR SUMMARY|Address' "$OUT/$(basename "$b")-memcheck.log" | cut -c1-220 | tee -a "$OUT/summary.md"
       fi
-      # fall back to the previous kernel versions for the rest of the run
-      export ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3
-      if (cd "$pkg" && timeout 200 "../../$b" -test.timeout 190s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan') >"$OUT/$(basename "$b")-v1.log" 2>&1; then
-        log "$(basename "$b") with ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3: PASS (used for the rest of the run)"
-      else log "$(basename "$b") with older kernels: FAIL too"; fi
+      # find which new kernel breaks it: switch them off one at a time, keep the first combination
+      # that passes for the rest of the run (ORCH_CUDA_FALLBACK overrides the list)
+      for combo in ${ORCH_CUDA_FALLBACK:-"ORCH_CUDA_GEMM=v1" "ORCH_CUDA_MOE=v2 ORCH_CUDA_GEMV=v4" "ORCH_CUDA_ATTN=v2" "ORCH_CUDA_GEMM=v1 ORCH_CUDA_MOE=v2 ORCH_CUDA_GEMV=v4 ORCH_CUDA_ATTN=v2" "ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3 ORCH_CUDA_GEMM=v1"}; do
+        if (cd "$pkg" && env $combo timeout 200 "../../$b" -test.timeout 190s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan') >"$OUT/$(basename "$b")-fallback.log" 2>&1; then
+          log "$(basename "$b") with $combo: PASS (used for the rest of the run)"; export $combo; break
+        else log "$(basename "$b") with $combo: FAIL"; fi
+      done
     fi
   done
 fi
@@ -62,6 +64,16 @@ if has kernels && [ -x bin/cuda-gpu.test ]; then
   timeout 150 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 bin/cuda-gpu.test -test.timeout 140s \
     -test.run 'TestMatMulTall|TestMoE|TestMoEWide|TestAttention|TestGraphReplay' >"$OUT/cuda-memcheck.log" 2>&1
   log "memcheck (MatMulTall, MoE, MoEWide, Attention, GraphReplay): rc=$? $(grep -m1 'ERROR SUMMARY' "$OUT/cuda-memcheck.log")"
+fi
+
+if has perf && [ -x bin/cuda-gpu.test ]; then
+  # the kernel timing table (sdk/ml/cuda TestPerf), current defaults, then the kernels they replace
+  ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf.md" timeout 240 bin/cuda-gpu.test -test.run TestPerf -test.timeout 230s >"$OUT/perf.log" 2>&1
+  log "perf (defaults): rc=$? $(grep -E 'decode step' "$OUT/perf.md" | cut -c1-160 | tr '\n' ' ')"
+  if [ -n "${ORCH_PERF_BASE:-}" ]; then
+    env $ORCH_PERF_BASE ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf-base.md" timeout 240 bin/cuda-gpu.test -test.run TestPerf -test.timeout 230s >>"$OUT/perf.log" 2>&1
+    log "perf ($ORCH_PERF_BASE): rc=$? $(grep -E 'decode step' "$OUT/perf-base.md" | cut -c1-160 | tr '\n' ' ')"
+  fi
 fi
 
 synth() { # arch size file
@@ -77,7 +89,8 @@ fi
 if has bench; then
   log "bench gpt-oss-20b (cuda)"
   timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 512,2048 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
-  timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 8,32 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+  timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 8,32,64 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+  has depth && timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --depth 8192 -r 2 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
 fi
 if has serve; then
   log "serve gpt-oss-20b (cuda)"
