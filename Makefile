@@ -27,6 +27,7 @@ fmt:
 
 vet:
 	$(GO) vet ./...
+	$(GO) vet -tags hftokenizers ./sdk/tokenizer/hfrust/ # optional Rust tokenizers backend: type-checked, never linked here
 
 cuda: ## build cuda/ into build/cuda/liborch_cuda.so (needs nvcc and cmake)
 	cmake -S cuda -B build/cuda $$(command -v ninja >/dev/null && echo -G Ninja) -DCMAKE_BUILD_TYPE=Release
