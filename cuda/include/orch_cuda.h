@@ -163,7 +163,7 @@ typedef struct {
   int32_t block_size;
   int32_t n_heads;
   int32_t n_kv_heads;
-  int32_t head_dim; /* 64, 128 or 256 */
+  int32_t head_dim; /* a multiple of 16 from 16 to 256 (else ORCH_ERR_UNSUPPORTED) */
   int32_t window;   /* >0: key kp visible iff qpos - kp < window */
   int32_t kv_dtype;
   float scale; /* usually 1/sqrt(head_dim) */

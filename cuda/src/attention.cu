@@ -3,7 +3,15 @@
 // and prefill: a CTA per (query token, head); its warps split the visible
 // keys, each warp keeps an online softmax (lanes hold head_dim/32 dims), and
 // the warps are merged at the end together with the sink logit.
+//
+// Head dims: every multiple of 16 from 16 to 256 (ATTN_HEAD_DIMS below; one
+// template instance each). A lane holds attn_lane_dims(HD) consecutive dims
+// (HD/32 rounded up); for HD not a multiple of 32 the tail lanes/dims are
+// masked (attn_dim_ok), e.g. HD 16: lanes 0..15 hold one dim each, HD 80:
+// lanes 0..26 hold three (lane 26 only 78, 79). The mapping is host-tested
+// in cuda/test/attn_index_test.cu.
 #include "common.cuh"
+#include "attention_index.cuh"
 
 template <typename KV> __device__ __forceinline__ float kv_load(const KV *p);
 template <> __device__ __forceinline__ float kv_load<float>(const float *p) { return *p; }
@@ -47,7 +55,7 @@ constexpr int ATTN_WARPS = 4;
 
 template <typename KV, int HD>
 __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a) {
-  constexpr int E = HD / 32; // dims per lane
+  constexpr int E = attn_lane_dims(HD); // dims per lane
   const int h = blockIdx.x;
   const int64_t t = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -63,7 +71,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
   const float *qr = a.q + t * a.q_stride + (int64_t)h * HD;
 #pragma unroll
   for (int e = 0; e < E; e++) {
-    q[e] = qr[lane * E + e] * a.scale;
+    q[e] = attn_dim_ok(HD, lane, e) ? qr[lane * E + e] * a.scale : 0.f;
     acc[e] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
@@ -75,13 +83,15 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
     const KV *vr = vc + slot * slot_stride + (int64_t)kvh * HD + lane * E;
     float s = 0.f;
 #pragma unroll
-    for (int e = 0; e < E; e++) s += q[e] * kv_load<KV>(kr + e);
+    for (int e = 0; e < E; e++)
+      if (attn_dim_ok(HD, lane, e)) s += q[e] * kv_load<KV>(kr + e);
     s = warp_sum(s);
     float mn = fmaxf(m, s);
     float corr = __expf(m - mn), p = __expf(s - mn);
     l = l * corr + p;
 #pragma unroll
-    for (int e = 0; e < E; e++) acc[e] = acc[e] * corr + p * kv_load<KV>(vr + e);
+    for (int e = 0; e < E; e++)
+      if (attn_dim_ok(HD, lane, e)) acc[e] = acc[e] * corr + p * kv_load<KV>(vr + e);
     m = mn;
   }
   __shared__ float sm[ATTN_WARPS], sl[ATTN_WARPS];
@@ -91,7 +101,8 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
     sl[warp] = l;
   }
 #pragma unroll
-  for (int e = 0; e < E; e++) sacc[warp][lane * E + e] = acc[e];
+  for (int e = 0; e < E; e++)
+    if (attn_dim_ok(HD, lane, e)) sacc[warp][lane * E + e] = acc[e];
   __syncthreads();
   if (warp == 0) {
     float M = -INFINITY;
@@ -108,6 +119,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
     float *o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
 #pragma unroll
     for (int e = 0; e < E; e++) {
+      if (!attn_dim_ok(HD, lane, e)) continue;
       int d = lane * E + e;
       float v = 0.f;
       for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][d] * f[w];
@@ -124,7 +136,8 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
 // splits with the sink. Replaces v1's one-key-at-a-time warp chain.
 template <typename KV, int HD>
 __global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a, float *part, int splits) {
-  constexpr int E = HD / 32;
+  constexpr int E = attn_lane_dims(HD);
+  static_assert(HD % 8 == 0, "K rows are read in 16-byte vectors");
   const int h = blockIdx.x, sp = blockIdx.z;
   const int64_t t = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -190,7 +203,8 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a
       const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
       const KV *vr = vc + sj * slot_stride + (int64_t)kvh * HD + lane * E;
 #pragma unroll
-      for (int e = 0; e < E; e++) acc[e] += pj * kv_load<KV>(vr + e);
+      for (int e = 0; e < E; e++)
+        if (attn_dim_ok(HD, lane, e)) acc[e] += pj * kv_load<KV>(vr + e);
     }
   }
   __shared__ float sm[ATTN_WARPS], sl[ATTN_WARPS];
@@ -200,7 +214,8 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a
     sl[warp] = l;
   }
 #pragma unroll
-  for (int e = 0; e < E; e++) sacc[warp][lane * E + e] = acc[e];
+  for (int e = 0; e < E; e++)
+    if (attn_dim_ok(HD, lane, e)) sacc[warp][lane * E + e] = acc[e];
   __syncthreads();
   if (warp == 0) {
     float M = -INFINITY;
@@ -217,6 +232,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a
     }
 #pragma unroll
     for (int e = 0; e < E; e++) {
+      if (!attn_dim_ok(HD, lane, e)) continue;
       int dd = lane * E + e;
       float v = 0.f;
       for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][dd] * f[w];
@@ -228,7 +244,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a
 // Merges the splits of (token, head) with the sink logit: one warp per CTA.
 template <int HD>
 __global__ void attn_combine_kernel(orch_attn_args a, const float *part, int splits) {
-  constexpr int E = HD / 32;
+  constexpr int E = attn_lane_dims(HD);
   const int h = blockIdx.x, lane = threadIdx.x;
   const int64_t t = blockIdx.y;
   const float *pp = part + (t * a.n_heads + h) * (int64_t)splits * (HD + 2);
@@ -246,12 +262,14 @@ __global__ void attn_combine_kernel(orch_attn_args a, const float *part, int spl
     float f = __expf(ps[HD] - M);
     L += ls * f;
 #pragma unroll
-    for (int e = 0; e < E; e++) acc[e] += ps[lane * E + e] * f;
+    for (int e = 0; e < E; e++)
+      if (attn_dim_ok(HD, lane, e)) acc[e] += ps[lane * E + e] * f;
   }
   float inv = 1.f / L;
   float *o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
 #pragma unroll
-  for (int e = 0; e < E; e++) o[lane * E + e] = acc[e] * inv;
+  for (int e = 0; e < E; e++)
+    if (attn_dim_ok(HD, lane, e)) o[lane * E + e] = acc[e] * inv;
 }
 
 template <typename KV, int HD>
@@ -274,27 +292,41 @@ static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a) {
   return ORCH_OK;
 }
 
+template <typename KV, int HD>
+static int launch_attn1(orch_ctx *ctx, const orch_attn_args *a) {
+  dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok);
+  attn_kernel<KV, HD><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a);
+  ORCH_LAUNCHED("attention");
+  return ORCH_OK;
+}
+
+// Every supported head dim, one template instance each (multiples of 16 up
+// to 256: gpt-oss/llama 64, llama-3.2 128, gemma 256, phi 80/96, the tiny
+// test models 16/32).
+#define ATTN_HEAD_DIMS(X) \
+  X(16) X(32) X(48) X(64) X(80) X(96) X(112) X(128) X(144) X(160) X(176) X(192) X(208) X(224) X(240) X(256)
+
 template <typename KV>
 static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
-  dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok);
   if (!ctx->attn_v1) {
     switch (a->head_dim) {
-      case 64: return launch_attn2<KV, 64>(ctx, a);
-      case 128: return launch_attn2<KV, 128>(ctx, a);
-      case 256: return launch_attn2<KV, 256>(ctx, a);
+#define ATTN_CASE2(H) \
+  case H: return launch_attn2<KV, H>(ctx, a);
+      ATTN_HEAD_DIMS(ATTN_CASE2)
+#undef ATTN_CASE2
+      default: break;
+    }
+  } else {
+    switch (a->head_dim) {
+#define ATTN_CASE1(H) \
+  case H: return launch_attn1<KV, H>(ctx, a);
+      ATTN_HEAD_DIMS(ATTN_CASE1)
+#undef ATTN_CASE1
       default: break;
     }
   }
-  switch (a->head_dim) {
-    case 64: attn_kernel<KV, 64><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a); break;
-    case 128: attn_kernel<KV, 128><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a); break;
-    case 256: attn_kernel<KV, 256><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a); break;
-    default:
-      orch_set_error("attention: head_dim %d not supported (64, 128, 256)", a->head_dim);
-      return ORCH_ERR_UNSUPPORTED;
-  }
-  ORCH_LAUNCHED("attention");
-  return ORCH_OK;
+  orch_set_error("attention: head_dim %d not supported (a multiple of 16 from 16 to 256)", a->head_dim);
+  return ORCH_ERR_UNSUPPORTED;
 }
 
 extern "C" int orch_attention(orch_ctx *ctx, const orch_attn_args *a) {

@@ -9,6 +9,7 @@ package gpt
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"testing"
 	"time"
@@ -53,16 +54,18 @@ func TestGPUGoldens(t *testing.T) {
 		if gd.Arch != "gpt-oss" && gd.Arch != "gpt2" {
 			continue
 		}
-		t.Run(gd.Name, func(t *testing.T) {
-			if hd := nntest.HeadDim(gd.GGUF); hd != 64 && hd != 128 && hd != 256 {
-				t.Skipf("head dim %d: the CUDA attention kernels take 64, 128 or 256", hd)
-			}
-			n := len(gd.Tokens) + len(gd.Greedy) + 1
-			m, err := Load(gd.GGUF, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n})
-			require.NoError(t, err)
-			defer m.Close()
-			nntest.CheckGolden(t, gd, m, 2e-2)
-		})
+		// Whole prompt in one sub-batch (bf16 prefill GEMMs, multi-token
+		// attention), and in sub-batches of 8 (the float32 GEMV path).
+		for _, mt := range []int{0, 8} {
+			t.Run(fmt.Sprintf("%s/max_tokens=%d", gd.Name, mt), func(t *testing.T) {
+				t.Logf("head dim %d", nntest.HeadDim(gd.GGUF))
+				n := len(gd.Tokens) + len(gd.Greedy) + 1
+				m, err := Load(gd.GGUF, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: mt})
+				require.NoError(t, err)
+				defer m.Close()
+				nntest.CheckGolden(t, gd, m, 2e-2)
+			})
+		}
 	}
 }
 

@@ -7,6 +7,7 @@
 package llama
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -25,24 +26,33 @@ func TestGPUMatchesCPU(t *testing.T) {
 	m := load(t, c, Options{Backend: g, MaxTokens: 16})
 	nntest.CompareModels(t, ref, m, 21, 2e-2)
 	nntest.CheckGreedy(t, m)
+}
 
+// TestGPUGoldens checks the CUDA backend against the transformers goldens
+// (plugins/testdata/golden): logits within 2e-2, greedy tokens identical.
+func TestGPUGoldens(t *testing.T) {
+	g, err := cuda.New(0)
+	require.NoError(t, err, "CUDA backend")
+	defer g.Close()
 	dir := nntest.FindDir("plugins/testdata/golden", "../testdata/golden")
 	if dir == "" {
-		return
+		t.Skip("no golden directory")
 	}
 	for _, gd := range nntest.Goldens(t, dir) {
 		if gd.Arch != "llama" {
 			continue
 		}
-		t.Run(gd.Name, func(t *testing.T) {
-			if hd := nntest.HeadDim(gd.GGUF); hd != 64 && hd != 128 && hd != 256 {
-				t.Skipf("head dim %d: the CUDA attention kernels take 64, 128 or 256", hd)
-			}
-			n := len(gd.Tokens) + len(gd.Greedy) + 1
-			m, err := Load(gd.GGUF, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n})
-			require.NoError(t, err)
-			defer m.Close()
-			nntest.CheckGolden(t, gd, m, 2e-2)
-		})
+		// Whole prompt in one sub-batch (bf16 prefill GEMMs, multi-token
+		// attention), and in sub-batches of 8 (the float32 GEMV path).
+		for _, mt := range []int{0, 8} {
+			t.Run(fmt.Sprintf("%s/max_tokens=%d", gd.Name, mt), func(t *testing.T) {
+				t.Logf("head dim %d", nntest.HeadDim(gd.GGUF))
+				n := len(gd.Tokens) + len(gd.Greedy) + 1
+				m, err := Load(gd.GGUF, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: mt})
+				require.NoError(t, err)
+				defer m.Close()
+				nntest.CheckGolden(t, gd, m, 2e-2)
+			})
+		}
 	}
 }

@@ -1,0 +1,188 @@
+//go:build gpu
+
+// Attention kernels vs the CPU backend over every supported head dim
+// (multiples of 16 up to 256): decode batches at depths 1..5000, prefill
+// chunks of 7, 64 and 300 tokens after a cached history (mixed with decode
+// tokens of other sequences), windows, sinks, GQA and MHA, F32 and F16 KV,
+// shuffled (ragged) block tables of odd block sizes. Uses gpu_test.go's
+// helpers (pair, i32Pair, f32Pair, out, checkClose, newRNG).
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// attnSpec is one Attend call: sequence s holds hist[s] cached tokens and
+// queries newT[s] new ones (written to the cache first, as a model does).
+type attnSpec struct {
+	hd, nh, nkv int
+	window      int
+	sinks       bool
+	kv          ml.DType
+	bs          int
+	hist, newT  []int
+	maxPosSlack int // Batch.MaxPos = longest sequence + slack (a graph may pass more)
+}
+
+func (c attnSpec) String() string {
+	return fmt.Sprintf("hd=%d/h=%d/kv=%d/win=%d/sinks=%v/%v/bs=%d/hist=%v/new=%v", c.hd, c.nh, c.nkv, c.window, c.sinks,
+		c.kv, c.bs, c.hist, c.newT)
+}
+
+// roundHalf rounds v to float16 precision, so the CPU reference (F32 cache)
+// sees exactly the values an F16 cache holds.
+func roundHalf(v []float32) []float32 {
+	for i, f := range v {
+		v[i] = ml.HalfToFloat(ml.FloatToHalf(f))
+	}
+	return v
+}
+
+// runAttn writes K/V of every position of every sequence through KVWrite on
+// both backends, runs Attend for the new tokens and compares.
+func runAttn(t *testing.T, r *rand.Rand, c attnSpec) {
+	t.Helper()
+	bs := c.bs
+	maxLen := 0
+	for s := range c.hist {
+		maxLen = max(maxLen, c.hist[s]+c.newT[s])
+	}
+	maxBlocks := (maxLen + bs - 1) / bs
+	nb := maxBlocks*len(c.hist) + 3
+	perm := r.Perm(nb)
+	blocks := make([]int32, maxBlocks*len(c.hist))
+	for i := range blocks {
+		blocks[i] = int32(perm[i])
+	}
+	hd, nkv, nh := c.hd, c.nkv, c.nh
+	var pos, seq, slots []int32    // every position: KV write
+	var qpos, qseq, qslots []int32 // new tokens: queries
+	for s := range c.hist {
+		for p := 0; p < c.hist[s]+c.newT[s]; p++ {
+			sl := blocks[s*maxBlocks+p/bs]*int32(bs) + int32(p%bs)
+			pos, seq, slots = append(pos, int32(p)), append(seq, int32(s)), append(slots, sl)
+			if p >= c.hist[s] {
+				qpos, qseq, qslots = append(qpos, int32(p)), append(qseq, int32(s)), append(qslots, sl)
+			}
+		}
+	}
+	n, nq := len(pos), len(qpos)
+	bp := i32Pair(t, blocks, maxBlocks, len(c.hist))
+	mkBatch := func(pos, seq, slots []int32) (*ml.Batch, *ml.Batch) {
+		pp, sp, slp := i32Pair(t, pos, len(pos)), i32Pair(t, seq, len(pos)), i32Pair(t, slots, len(pos))
+		return &ml.Batch{Pos: pp.g, Seq: sp.g, Slots: slp.g, Blocks: bp.g, BlockSize: bs, MaxPos: maxLen + c.maxPosSlack},
+			&ml.Batch{Pos: pp.c, Seq: sp.c, Slots: slp.c, Blocks: bp.c, BlockSize: bs, MaxPos: maxLen}
+	}
+	bg, bc := mkBatch(pos, seq, slots)
+	qbg, qbc := mkBatch(qpos, qseq, qslots)
+	kc := f32Pair(t, nil, hd, nkv, bs, nb)
+	vc := f32Pair(t, nil, hd, nkv, bs, nb)
+	kg, vg := kc.g, vc.g
+	kd, vd := randF32(r, hd*nkv*n, 1), randF32(r, hd*nkv*n, 1)
+	if c.kv == ml.F16 {
+		var err error
+		kg, err = gpu.Alloc(ml.F16, hd, nkv, bs, nb)
+		require.NoError(t, err)
+		vg, err = gpu.Alloc(ml.F16, hd, nkv, bs, nb)
+		require.NoError(t, err)
+		t.Cleanup(func() { gpu.Free(kg); gpu.Free(vg) })
+		kd, vd = roundHalf(kd), roundHalf(vd)
+	}
+	k := f32Pair(t, kd, hd, nkv, n)
+	v := f32Pair(t, vd, hd, nkv, n)
+	q := f32Pair(t, randF32(r, hd*nh*nq, 1), hd, nh, nq)
+	gpu.KVWrite(kg, vg, k.g, v.g, bg)
+	ref.KVWrite(kc.c, vc.c, k.c, v.c, bc)
+	if c.kv == ml.F32 {
+		checkClose(t, "k cache", kc, 0)
+		checkClose(t, "v cache", vc, 0)
+	}
+	a := &ml.Attention{Scale: float32(1 / math.Sqrt(float64(hd))), Window: c.window}
+	ac := *a
+	if c.sinks {
+		s := f32Pair(t, randF32(r, nh, 2), nh)
+		a.Sinks, ac.Sinks = s.g, s.c
+	}
+	y := out(t, hd, nh, nq)
+	gpu.Attend(y.g, q.g, kg, vg, qbg, a)
+	ref.Attend(y.c, q.c, kc.c, vc.c, qbc, &ac)
+	require.NoError(t, gpu.Err(), "attend")
+	// F16 inputs are pre-rounded, so both sides see the same values; what
+	// differs is summation order and __expf (F16 V is read as half, exact).
+	checkClose(t, "attend", y, 2e-5)
+}
+
+// The head dims the task and the model zoo need get every scenario; the other
+// multiples of 16 get a decode and a prefill case each.
+var (
+	attnMainDims  = []int{16, 32, 64, 80, 96, 128, 256}
+	attnOtherDims = []int{48, 112, 144, 160, 176, 192, 208, 224, 240}
+)
+
+func TestAttentionHeadDims(t *testing.T) {
+	r := newRNG(t)
+	var cases []attnSpec
+	for _, hd := range attnMainDims {
+		for _, kv := range []ml.DType{ml.F32, ml.F16} {
+			for _, ws := range []struct {
+				window int
+				sinks  bool
+			}{{0, false}, {128, true}, {5, false}} {
+				// Decode: one token of each of six sequences at depths 1..5000.
+				cases = append(cases, attnSpec{hd: hd, nh: 8, nkv: 2, window: ws.window, sinks: ws.sinks, kv: kv, bs: 16,
+					hist: []int{0, 1, 4, 99, 999, 4999}, newT: []int{1, 1, 1, 1, 1, 1}, maxPosSlack: r.IntN(3000)})
+				// Decode of a single token (n_tok 1) at a random depth up to 5000, MHA.
+				cases = append(cases, attnSpec{hd: hd, nh: 4, nkv: 4, window: ws.window, sinks: ws.sinks, kv: kv, bs: 16,
+					hist: []int{r.IntN(5000)}, newT: []int{1}})
+				// Prefill chunks of 7, 64 and 300 after a history, next to a
+				// decode token of another sequence; odd block size.
+				for _, chunk := range []int{7, 64, 300} {
+					cases = append(cases, attnSpec{hd: hd, nh: 8, nkv: 2, window: ws.window, sinks: ws.sinks, kv: kv, bs: 7,
+						hist: []int{r.IntN(40), 57}, newT: []int{chunk, 1}, maxPosSlack: r.IntN(100)})
+				}
+			}
+		}
+	}
+	for _, hd := range attnOtherDims {
+		kv := []ml.DType{ml.F32, ml.F16}[hd/16%2]
+		cases = append(cases,
+			attnSpec{hd: hd, nh: 6, nkv: 3, sinks: true, kv: kv, bs: 16, hist: []int{0, 2000}, newT: []int{1, 1}},
+			attnSpec{hd: hd, nh: 4, nkv: 1, window: 9, kv: kv, bs: 5, hist: []int{3, 0}, newT: []int{64, 7}})
+	}
+	for _, c := range cases {
+		t.Run(c.String(), func(t *testing.T) { runAttn(t, r, c) })
+	}
+}
+
+// Head dims the kernels do not take fail with a clear error (and no launch).
+func TestAttentionUnsupportedHeadDim(t *testing.T) {
+	for _, hd := range []int{8, 24, 272} {
+		t.Run(fmt.Sprint(hd), func(t *testing.T) {
+			bs, nkv, nh := 4, 1, 2
+			blocks := i32Pair(t, []int32{0}, 1, 1)
+			p := i32Pair(t, []int32{0}, 1)
+			bt := &ml.Batch{Pos: p.g, Seq: p.g, Slots: p.g, Blocks: blocks.g, BlockSize: bs, MaxPos: 1}
+			kc, err := gpu.Alloc(ml.F32, hd, nkv, bs, 1)
+			require.NoError(t, err)
+			vc, err := gpu.Alloc(ml.F32, hd, nkv, bs, 1)
+			require.NoError(t, err)
+			t.Cleanup(func() { gpu.Free(kc); gpu.Free(vc) })
+			q := f32Pair(t, make([]float32, hd*nh), hd, nh, 1)
+			y := out(t, hd, nh, 1)
+			gpu.Attend(y.g, q.g, kc, vc, bt, &ml.Attention{Scale: 1})
+			err = gpu.Sync()
+			require.ErrorIs(t, err, ErrUnsupported)
+			require.True(t, strings.Contains(err.Error(), "head_dim"), "error %q names the head dim", err)
+			require.NoError(t, gpu.Sync(), "the error is not sticky after Sync")
+		})
+	}
+}
