@@ -185,12 +185,26 @@ func (p *blockPool) lookup(tokens []int32, maxBlocks int) (blocks []int32, keys 
 	return blocks, keys
 }
 
+// find returns the cached block registered under key when it holds tokens
+// after parent (the same verification as lookup).
+func (p *blockPool) find(key, parent uint64, tokens []int32) (int32, bool) {
+	b, ok := p.index[key]
+	if !ok {
+		return 0, false
+	}
+	m := &p.meta[b]
+	if m.parent != parent || !slices.Equal(m.tokens, tokens) {
+		return 0, false
+	}
+	return b, true
+}
+
 // unpinned counts the blocks among bs that are cached with ref 0 (they count
 // in available() but stop being allocatable once retained).
 func (p *blockPool) unpinned(bs []int32) int {
 	n := 0
 	for _, b := range bs {
-		if p.meta[b].ref == 0 {
+		if b >= 0 && p.meta[b].ref == 0 {
 			n++
 		}
 	}

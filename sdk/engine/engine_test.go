@@ -674,10 +674,14 @@ func TestFullPoolPromptWithCachedPrefix(t *testing.T) {
 // reference, every evaluation the reference logits, and the pool must end
 // empty.
 func TestStress(t *testing.T) {
-	for _, dev := range []bool{false, true} {
-		t.Run(fmt.Sprintf("device_greedy=%v", dev), func(t *testing.T) {
+	for _, tc := range []struct {
+		dev    bool
+		window int // > 0: a window KV group of 16 blocks
+	}{{false, 0}, {true, 0}, {false, 5}, {true, 7}} {
+		dev := tc.dev
+		t.Run(fmt.Sprintf("device_greedy=%v/window=%d", dev, tc.window), func(t *testing.T) {
 			cfg := enginetest.Config{Vocab: 48, BlockSize: 4, NumBlocks: 40, ContextLength: 120,
-				StepCost: 50 * time.Microsecond, DeviceGreedy: dev}
+				StepCost: 50 * time.Microsecond, DeviceGreedy: dev, Window: tc.window, WindowBlocks: 16}
 			a, _ := load(t, cfg, engine.WithMaxBatchTokens(24), engine.WithMaxSequences(6), engine.WithMaxQueue(1000))
 			ctx := ctxT(t)
 			r := rand.New(rand.NewPCG(11, 12))

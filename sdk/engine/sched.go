@@ -45,9 +45,12 @@ import (
 //     blocks are registered in the prefix cache, stop conditions are checked;
 //     then the stats are published and the tokens and final chunks delivered.
 //
-// Sliding-window layers: blocks are not freed behind the window. The block
-// table is shared by all layers, and the models served so far (gpt-oss)
-// alternate sliding and full layers, so no block could be freed anyway.
+// KV groups (Spec.Groups; see the package doc): each group has its own
+// blockPool and each sequence one table per group, all indexed by logical
+// block. Group 0 drives the prefix keys. Every step the scheduler allocates
+// in all groups (exhausting any one preempts), and after it trims each
+// window group's table to the blocks the sequence's next query can see,
+// releasing the rest at once (a registered block goes to its pool's LRU).
 
 // sched is a loaded model with its scheduler goroutine.
 //
@@ -65,7 +68,10 @@ type sched struct {
 	queue   int // max waiting requests
 	prefix  bool
 
-	pool    *blockPool // scheduler-owned
+	pool    *blockPool // scheduler-owned; groups[0].pool
+	groups  []kvGroup  // scheduler-owned: one per KV group (one when the model declares none)
+	gm      GroupModel // the model when it declares groups, else nil
+	chunk   int        // max prefill tokens of one sequence in one step (window pools bound it)
 	running []*seq     // scheduler-owned, in arrival order
 	ended   []ending   // scheduler-owned: finished, to be ended by flush
 	pushed  []pushed   // scheduler-owned: tokens to deliver in flush
@@ -98,9 +104,6 @@ func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hc
 	if lo.ContextLength > 0 && lo.ContextLength < ctxLen {
 		ctxLen = lo.ContextLength
 	}
-	// A sequence alone must always fit in the pool: that is what makes
-	// preemption (of others) always able to make progress.
-	ctxLen = min(ctxLen, spec.NumBlocks*spec.BlockSize)
 	maxSeqs := o.maxSeqs
 	if maxSeqs <= 0 {
 		maxSeqs = lo.MaxSequences
@@ -115,6 +118,12 @@ func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hc
 	if o.maxBatchTokens <= 0 {
 		budget = max(512, maxSeqs)
 	}
+	// A sequence alone must always fit in every pool: that is what makes
+	// preemption (of others) always able to make progress.
+	groups, gm, chunk, ctxLen, err := newGroups(m, spec, budget, ctxLen)
+	if err != nil {
+		return nil, info, err
+	}
 	queue := o.maxQueue
 	if queue <= 0 {
 		queue = 256
@@ -128,21 +137,94 @@ func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hc
 		info.Architecture = spec.Architecture
 	}
 	if info.KVBytes == 0 {
-		info.KVBytes = spec.KVBlockBytes * int64(spec.NumBlocks)
+		info.KVBytes = spec.KVBytes()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	e := &sched{
 		model: m, spec: spec, log: log,
 		ctxLen: ctxLen, maxSeqs: maxSeqs, budget: budget, queue: queue, prefix: o.prefixCache,
-		pool:   newBlockPool(spec.NumBlocks, spec.BlockSize),
+		pool:   groups[0].pool, groups: groups, gm: gm, chunk: chunk,
 		byID:   make(map[string]*seq),
 		wake:   make(chan struct{}, 1),
 		cancel: cancel,
 		done:   make(chan struct{}),
 	}
-	e.stats.KVTotalBlocks = spec.NumBlocks
+	for _, g := range groups {
+		e.stats.KVTotalBlocks += g.pool.total()
+	}
 	go e.loop(ctx)
 	return e, info, nil
+}
+
+// kvGroup is one KV group's pool as the scheduler sees it.
+type kvGroup struct {
+	window int // 0: full attention
+	pool   *blockPool
+}
+
+// newGroups makes the scheduler's pools for spec and returns them with the
+// largest prefill chunk of one sequence that every window pool can hold
+// (alone, with a copy-on-write block in flight), at most budget, and the
+// context cap the full pools impose.
+func newGroups(m Model, spec Spec, budget, ctxLen int) ([]kvGroup, GroupModel, int, int, error) {
+	bs := spec.BlockSize
+	if len(spec.Groups) < 2 {
+		return []kvGroup{{pool: newBlockPool(spec.NumBlocks, bs)}}, nil, budget, min(ctxLen, spec.NumBlocks*bs), nil
+	}
+	gm, ok := m.(GroupModel)
+	if !ok {
+		return nil, nil, 0, 0, fmt.Errorf("engine: model spec declares %d KV groups but the model does not implement GroupModel", len(spec.Groups))
+	}
+	if g := spec.Groups[0]; g.NumBlocks != spec.NumBlocks || g.BlockBytes != spec.KVBlockBytes {
+		return nil, nil, 0, 0, fmt.Errorf("engine: model spec: KV group 0 has %d blocks of %d bytes, the spec %d of %d",
+			g.NumBlocks, g.BlockBytes, spec.NumBlocks, spec.KVBlockBytes)
+	}
+	chunk := budget
+	groups := make([]kvGroup, len(spec.Groups))
+	for i, g := range spec.Groups {
+		if g.NumBlocks <= 0 || g.Window < 0 {
+			return nil, nil, 0, 0, fmt.Errorf("engine: model spec: KV group %d (%s): %d blocks, window %d", i, g.Name, g.NumBlocks, g.Window)
+		}
+		groups[i] = kvGroup{window: g.Window, pool: newBlockPool(g.NumBlocks, bs)}
+		if g.Window == 0 {
+			ctxLen = min(ctxLen, g.NumBlocks*bs)
+			continue
+		}
+		// n tokens at c span at most floor((n+W-2)/bs)+2 blocks (windowSpan);
+		// one more for a copy-on-write in flight.
+		n := (g.NumBlocks-2)*bs - g.Window + 1
+		if n < 1 {
+			return nil, nil, 0, 0, fmt.Errorf("engine: model spec: KV group %d (%s): %d blocks of %d tokens cannot hold a window of %d",
+				i, g.Name, g.NumBlocks, bs, g.Window)
+		}
+		chunk = min(chunk, n)
+	}
+	return groups, gm, chunk, ctxLen, nil
+}
+
+// low is the first logical block group g must keep for a query at position
+// c (0 for full attention).
+func (e *sched) low(g, c int) int {
+	w := e.groups[g].window
+	if w == 0 {
+		return 0
+	}
+	return max(0, c-w+1) / e.spec.BlockSize
+}
+
+// trim releases the window groups' blocks that s's next query (at
+// s.computed) can no longer see; their table entries become -1.
+func (e *sched) trim(s *seq) {
+	for g := 1; g < len(s.tables); g++ {
+		if e.groups[g].window == 0 {
+			continue
+		}
+		t := s.tables[g]
+		for i := min(e.low(g, s.computed), len(t)) - 1; i >= 0 && t[i] >= 0; i-- {
+			e.groups[g].pool.release(t[i])
+			t[i] = -1
+		}
+	}
 }
 
 // seq is one request (a generation or an evaluation) in the scheduler.
@@ -155,9 +237,9 @@ type seq struct {
 	// scheduler-owned
 	tokens    []int32  // prompt, then generated tokens
 	nPrompt   int      // prompt length
-	computed  int      // tokens whose KV is in the cache: positions [0, computed)
-	blocks    []int32  // block table
-	keys      []uint64 // prefix keys of the first len(keys) full blocks
+	computed  int       // tokens whose KV is in the cache: positions [0, computed)
+	tables    [][]int32 // block table per KV group (-1: freed behind a window)
+	keys      []uint64  // prefix keys of the first len(keys) full blocks
 	generated int
 	samp      *sampler
 	admitted  bool
@@ -527,10 +609,58 @@ func (e *sched) flush(generated int, now time.Time) {
 }
 
 func (e *sched) freeBlocks(s *seq) {
-	for _, b := range s.blocks {
-		e.pool.release(b)
+	for g, t := range s.tables {
+		for _, b := range t {
+			if b >= 0 {
+				e.groups[g].pool.release(b)
+			}
+		}
 	}
-	s.blocks, s.keys = nil, nil
+	s.tables, s.keys = nil, nil
+}
+
+// prefixFor shrinks a group-0 prefix hit of the prompt tokens to the longest
+// one whose blocks every other group still holds under the same keys (a
+// window group only the blocks the first recomputed query can see: KV of
+// one layer at a position depends on the tokens up to it only, so a block
+// registered under a key holds the same KV in any sequence). It returns the
+// hit length in blocks and, per group, the table of the retained hit blocks
+// (-1 below the window); tabs[0] is hit[:k].
+func (e *sched) prefixFor(tokens []int32, hit []int32, keys []uint64) (k int, tabs [][]int32) {
+	bs := e.spec.BlockSize
+	tabs = make([][]int32, len(e.groups))
+	for k = len(hit); k > 0; k-- {
+		c := min(k*bs, len(tokens)-1)
+		ok := true
+		for g := 1; g < len(e.groups) && ok; g++ {
+			t := tabs[g][:0]
+			for i := 0; i < k; i++ {
+				if i < e.low(g, c) {
+					t = append(t, -1)
+					continue
+				}
+				parent := rootKey
+				if i > 0 {
+					parent = keys[i-1]
+				}
+				b, found := e.groups[g].pool.find(keys[i], parent, tokens[i*bs:(i+1)*bs])
+				if !found {
+					ok = false
+					break
+				}
+				t = append(t, b)
+			}
+			tabs[g] = t
+		}
+		if ok {
+			break
+		}
+	}
+	tabs[0] = hit[:k:k]
+	for g := 1; g < len(tabs); g++ {
+		tabs[g] = tabs[g][:k:k]
+	}
+	return k, tabs
 }
 
 // admit moves waiting sequences into the running batch, FIFO, while there are
@@ -548,45 +678,56 @@ func (e *sched) admit() {
 		if e.prefix && !s.eval {
 			hit, keys = e.pool.lookup(s.tokens, len(s.tokens)/bs)
 		}
-		var cached, need, avail int
+		k, tabs := e.prefixFor(s.tokens, hit, keys)
+		var cached, need, avail, short int
 		plan := func() bool {
-			cached = min(len(hit)*bs, len(s.tokens)-1)
-			need = (len(s.tokens)+bs-1)/bs - len(hit)
-			if cached < len(hit)*bs {
-				need++ // copy-on-write of the last shared block
+			cached = min(k*bs, len(s.tokens)-1)
+			fits := true
+			for g := range e.groups {
+				n := e.need(g, len(s.tokens), cached, k)
+				a := e.groups[g].pool.available() - e.groups[g].pool.unpinned(tabs[g])
+				if len(e.running) > 0 {
+					n += len(e.running)
+				}
+				if n > a && fits {
+					fits, short, need, avail = false, g, n, a
+				}
 			}
-			avail = e.pool.available() - e.pool.unpinned(hit)
-			if len(e.running) == 0 {
-				return need <= avail
-			}
-			return need+len(e.running) <= avail
+			return fits
 		}
-		if !plan() && len(e.running) == 0 && len(hit) > 0 {
-			hit, keys = nil, nil // an alone sequence always fits without the cache
-			plan()
+		fits := plan()
+		if !fits && len(e.running) == 0 && k > 0 {
+			// an alone sequence always fits without the cache
+			k, tabs = 0, make([][]int32, len(e.groups))
+			fits = plan()
 		}
-		if need > avail && len(e.running) == 0 {
+		if !fits && len(e.running) == 0 {
 			// Cannot happen while prompts fit ctxLen <= pool; never hang on it.
 			e.waiting = e.waiting[1:]
 			s.queued = false
 			e.forgetLocked(s)
-			e.ended = append(e.ended, ending{s, sdk.FinishError, fmt.Errorf("%d tokens need %d KV blocks, the pool has %d: %w",
-				len(s.tokens), need, e.pool.total(), sdk.ErrContextTooLong), now})
+			e.ended = append(e.ended, ending{s, sdk.FinishError, fmt.Errorf("%d tokens need %d KV blocks of group %d, the pool has %d: %w",
+				len(s.tokens), need, short, avail, sdk.ErrContextTooLong), now})
 			continue
 		}
-		if need+len(e.running) > avail && len(e.running) > 0 {
+		if !fits {
 			break
 		}
-		for _, b := range hit {
-			e.pool.retain(b)
+		keys = keys[:k:k]
+		for g, t := range tabs {
+			for _, b := range t {
+				if b >= 0 {
+					e.groups[g].pool.retain(b)
+				}
+			}
 		}
 		if e.prefix && !s.eval {
 			e.stats.PrefixQueries++
-			if len(hit) > 0 {
+			if k > 0 {
 				e.stats.PrefixHits++
 			}
 		}
-		s.blocks, s.keys, s.computed = hit, keys, cached
+		s.tables, s.keys, s.computed = tabs, keys, cached
 		if !s.admitted {
 			s.admitted, s.cached, s.tAdmit = true, cached, now
 		}
@@ -596,6 +737,26 @@ func (e *sched) admit() {
 	}
 	e.stats.Waiting = len(e.waiting)
 	e.stats.Running = len(e.running)
+}
+
+// need is the blocks group g must still allocate to admit a prompt of n
+// tokens of which cached are in the cache, with k hit blocks retained: the
+// uncached prompt for a full group; for a window group the blocks of its
+// first chunk and the window before it (it is trimmed as it goes). One more
+// for the copy-on-write of a partly recomputed last hit block.
+func (e *sched) need(g, n, cached, k int) int {
+	bs := e.spec.BlockSize
+	cow := 0
+	if cached < k*bs {
+		cow = 1
+	}
+	if e.groups[g].window == 0 {
+		return (n+bs-1)/bs - k + cow
+	}
+	lo := e.low(g, cached)
+	end := cached + min(n-cached, e.chunk) // first chunk: positions [cached, end)
+	span := (end-1)/bs - lo + 1
+	return span - max(0, k-lo) + cow
 }
 
 // preempt takes the running sequence at index i out of the batch, frees its
@@ -659,29 +820,42 @@ func (e *sched) ensure(s *seq, upto int) bool {
 	}
 }
 
-// grow does the allocation part of ensure; ok is false when the pool ran out.
+// grow does the allocation part of ensure in every KV group; ok is false
+// when a pool ran out.
 func (e *sched) grow(s *seq, upto, bs int) (bool, error) {
-	if j := s.computed / bs; j < len(s.blocks) && e.pool.shared(s.blocks[j]) {
-		nb, ok := e.pool.alloc()
-		if !ok {
-			return false, nil
+	e.trim(s)
+	for g := range e.groups {
+		pool, t := e.groups[g].pool, s.tables[g]
+		if j := s.computed / bs; j < len(t) && t[j] >= 0 && pool.shared(t[j]) {
+			nb, ok := pool.alloc()
+			if !ok {
+				return false, nil
+			}
+			var err error
+			if g == 0 {
+				err = e.model.CopyBlock(nb, t[j])
+			} else {
+				err = e.gm.CopyGroupBlock(g, nb, t[j])
+			}
+			if err != nil {
+				pool.release(nb)
+				return false, fmt.Errorf("copy KV block %d to %d (group %d): %w", t[j], nb, g, err)
+			}
+			pool.release(t[j])
+			t[j] = nb
+			if g == 0 && j < len(s.keys) {
+				s.keys = s.keys[:j]
+			}
 		}
-		if err := e.model.CopyBlock(nb, s.blocks[j]); err != nil {
-			e.pool.release(nb)
-			return false, fmt.Errorf("copy KV block %d to %d: %w", s.blocks[j], nb, err)
+		for len(t)*bs < upto {
+			b, ok := pool.alloc()
+			if !ok {
+				s.tables[g] = t
+				return false, nil
+			}
+			t = append(t, b)
 		}
-		e.pool.release(s.blocks[j])
-		s.blocks[j] = nb
-		if j < len(s.keys) {
-			s.keys = s.keys[:j]
-		}
-	}
-	for len(s.blocks)*bs < upto {
-		b, ok := e.pool.alloc()
-		if !ok {
-			return false, nil
-		}
-		s.blocks = append(s.blocks, b)
+		s.tables[g] = t
 	}
 	return true, nil
 }
@@ -702,7 +876,7 @@ func (e *sched) step(ctx context.Context) bool {
 		s := e.running[i]
 		n := len(s.tokens) - s.computed
 		if n > 1 {
-			n = min(n, prefill)
+			n = min(n, prefill, e.chunk)
 			if n <= 0 {
 				continue
 			}
@@ -714,12 +888,16 @@ func (e *sched) step(ctx context.Context) bool {
 		if n > 1 {
 			prefill -= n
 		}
-		batch.Seqs = append(batch.Seqs, SeqInput{
+		si := SeqInput{
 			Tokens:    s.tokens[s.computed : s.computed+n],
 			Pos:       s.computed,
-			Blocks:    s.blocks,
+			Blocks:    s.tables[0],
 			AllLogits: s.eval,
-		})
+		}
+		if len(e.groups) > 1 {
+			si.GroupBlocks = s.tables
+		}
+		batch.Seqs = append(batch.Seqs, si)
 		in = append(in, s)
 	}
 	if len(in) == 0 {
@@ -762,6 +940,7 @@ func (e *sched) step(ctx context.Context) bool {
 	for k, s := range in {
 		s.computed += len(batch.Seqs[k].Tokens)
 		e.register(s)
+		e.trim(s)
 		if s.eval {
 			s.rows = append(s.rows, out.Logits[k]...)
 			if s.computed == len(s.tokens) {
@@ -887,12 +1066,18 @@ func (e *sched) register(s *seq) {
 		return
 	}
 	bs := e.spec.BlockSize
-	for i := len(s.keys); (i+1)*bs <= s.computed && i < len(s.blocks); i++ {
+	for i := len(s.keys); (i+1)*bs <= s.computed && i < len(s.tables[0]); i++ {
 		parent := rootKey
 		if i > 0 {
 			parent = s.keys[i-1]
 		}
-		s.keys = append(s.keys, e.pool.register(s.blocks[i], parent, s.tokens[i*bs:(i+1)*bs]))
+		seg := s.tokens[i*bs : (i+1)*bs]
+		s.keys = append(s.keys, e.pool.register(s.tables[0][i], parent, seg))
+		for g := 1; g < len(s.tables); g++ {
+			if i < len(s.tables[g]) && s.tables[g][i] >= 0 {
+				e.groups[g].pool.register(s.tables[g][i], parent, seg)
+			}
+		}
 	}
 }
 
@@ -932,7 +1117,10 @@ func (e *sched) publish(generated int, now time.Time) {
 	e.rate.add(now, generated)
 	e.stats.Running = len(e.running)
 	e.stats.Waiting = len(e.waiting)
-	e.stats.KVUsedBlocks = e.pool.used
+	e.stats.KVUsedBlocks = 0
+	for _, g := range e.groups {
+		e.stats.KVUsedBlocks += g.pool.used
+	}
 	e.mu.Unlock()
 }
 

@@ -9,6 +9,14 @@
 // generated tokens (and reads of never-written or misplaced slots are
 // reported as errors). It lives in a normal package, not a _test file,
 // because the engine's tests and the bench command's tests both use it.
+//
+// With Config.Window the fake declares two KV groups like gpt-oss: group 0
+// (full attention) and a window group with its own pool. It writes every
+// token into both and checks that each token's window (the positions it
+// would attend to in a window layer) reads back the right tokens through the
+// window group's table, so a block freed too early or a wrong window table
+// is an error; it also counts tables that hold more blocks than the window
+// bound ceil((W+n)/BlockSize)+1 for a chunk of n tokens.
 package enginetest
 
 import (
@@ -32,6 +40,9 @@ type Config struct {
 	TokenCost     time.Duration // simulated time per token in a Forward call
 	MaxSequences  int           // reported in ModelInfo (0 = let the engine choose)
 	DeviceGreedy  bool          // the model implements engine.GreedyModel
+	// Window > 0 declares a second KV group of window layers with
+	// WindowBlocks blocks (default NumBlocks) in its own pool.
+	Window, WindowBlocks int
 }
 
 func (c Config) withDefaults() Config {
@@ -47,6 +58,9 @@ func (c Config) withDefaults() Config {
 	if c.ContextLength <= 0 {
 		c.ContextLength = 1024
 	}
+	if c.Window > 0 && c.WindowBlocks <= 0 {
+		c.WindowBlocks = c.NumBlocks
+	}
 	return c
 }
 
@@ -59,6 +73,7 @@ type slot struct {
 type Model struct {
 	cfg Config
 	kv  []slot // NumBlocks*BlockSize
+	kvw []slot // WindowBlocks*BlockSize: the window group's pool
 
 	busy   atomic.Bool
 	closed atomic.Bool
@@ -69,6 +84,11 @@ type Model struct {
 	MixedSteps   atomic.Int64 // Forward calls holding both a decode (1 token) and a prefill chunk (>1 token)
 	Copies       atomic.Int64 // CopyBlock calls
 	GreedySteps  atomic.Int64 // ForwardGreedy calls
+	WindowCopies atomic.Int64 // CopyGroupBlock calls
+	// MaxWindowBlocks is the most window-group blocks one sequence's table
+	// held in a Forward call; OverWindow counts tables holding more than
+	// ceil((Window+n)/BlockSize)+1 blocks for a chunk of n tokens.
+	MaxWindowBlocks, OverWindow atomic.Int64
 
 	mu    sync.Mutex
 	sizes []int // tokens per sequence of each step (last 1000 steps), for tests
@@ -77,7 +97,7 @@ type Model struct {
 // New makes a fake model.
 func New(cfg Config) *Model {
 	cfg = cfg.withDefaults()
-	return &Model{cfg: cfg, kv: make([]slot, cfg.NumBlocks*cfg.BlockSize)}
+	return &Model{cfg: cfg, kv: make([]slot, cfg.NumBlocks*cfg.BlockSize), kvw: make([]slot, cfg.WindowBlocks*cfg.BlockSize)}
 }
 
 // Loader returns an engine.Loader that makes a new fake per Load; got (if not
@@ -100,17 +120,26 @@ func Loader(cfg Config, got func(*Model)) engine.Loader {
 		return em, sdk.ModelInfo{
 			Architecture: "fake", Name: "fake", Backend: "cpu", DeviceName: "cpu (fake)",
 			ContextLength: c.ContextLength, VocabSize: c.Vocab, MaxSequences: c.MaxSequences,
-			KVBytes: int64(c.NumBlocks * c.BlockSize * 8),
+			KVBytes: m.Spec().KVBytes(),
 		}, nil
 	}
 }
 
 // Spec implements engine.Model.
 func (m *Model) Spec() engine.Spec {
-	return engine.Spec{
-		Architecture: "fake", VocabSize: m.cfg.Vocab, ContextLength: m.cfg.ContextLength,
-		BlockSize: m.cfg.BlockSize, NumBlocks: m.cfg.NumBlocks, KVBlockBytes: int64(m.cfg.BlockSize * 8),
+	c := m.cfg
+	s := engine.Spec{
+		Architecture: "fake", VocabSize: c.Vocab, ContextLength: c.ContextLength,
+		BlockSize: c.BlockSize, NumBlocks: c.NumBlocks, KVBlockBytes: int64(c.BlockSize * 8),
 	}
+	if c.Window > 0 {
+		s.SlidingWindow = c.Window
+		s.Groups = []engine.KVGroup{
+			{Name: "full", Layers: 1, NumBlocks: c.NumBlocks, BlockBytes: s.KVBlockBytes},
+			{Name: "window", Window: c.Window, Layers: 1, NumBlocks: c.WindowBlocks, BlockBytes: s.KVBlockBytes},
+		}
+	}
+	return s
 }
 
 // Logits is the fake's logits row for a context hash (exported so tests can
@@ -213,6 +242,11 @@ func (m *Model) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, e
 				rows = Logits(h, vocab, rows)
 			}
 		}
+		if m.cfg.Window > 0 {
+			if err := m.window(i, s); err != nil {
+				return nil, err
+			}
+		}
 		out.Logits[i] = rows
 		tokens += len(s.Tokens)
 		if len(s.Tokens) == 1 {
@@ -249,6 +283,61 @@ func (m *Model) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, e
 		}
 	}
 	return out, nil
+}
+
+// window writes s's tokens into the window group and checks that every
+// token's window reads back through the window table (see the package doc).
+func (m *Model) window(i int, s engine.SeqInput) error {
+	bs, w := m.cfg.BlockSize, m.cfg.Window
+	t := s.Blocks
+	if s.GroupBlocks != nil {
+		if len(s.GroupBlocks) != 2 || len(s.GroupBlocks[0]) != len(s.Blocks) {
+			return fmt.Errorf("fake: seq %d: %d group tables", i, len(s.GroupBlocks))
+		}
+		t = s.GroupBlocks[1]
+	}
+	end := s.Pos + len(s.Tokens)
+	if len(t)*bs < end {
+		return fmt.Errorf("fake: seq %d: window table of %d blocks cannot hold %d positions", i, len(t), end)
+	}
+	lo := max(0, s.Pos-w+1) / bs // first block the chunk's first token sees
+	held := 0
+	seen := make(map[int32]bool, len(t))
+	for j, blk := range t {
+		if blk < 0 && j >= lo {
+			return fmt.Errorf("fake: seq %d: window block %d (positions from %d) freed but visible from position %d: %v", i, j, j*bs, s.Pos, t)
+		}
+		if blk >= 0 {
+			if int(blk) >= m.cfg.WindowBlocks || seen[blk] {
+				return fmt.Errorf("fake: seq %d: bad or repeated window block %d in table %v", i, blk, t)
+			}
+			seen[blk] = true
+			held++
+		}
+	}
+	if bound := (w+len(s.Tokens)+bs-1)/bs + 1; held > bound {
+		m.OverWindow.Add(1)
+	}
+	for {
+		cur := m.MaxWindowBlocks.Load()
+		if int64(held) <= cur || m.MaxWindowBlocks.CompareAndSwap(cur, int64(held)) {
+			break
+		}
+	}
+	for k, tok := range s.Tokens {
+		p := s.Pos + k
+		m.kvw[int(t[p/bs])*bs+p%bs] = slot{tok: tok, pos: int32(p), ok: true}
+	}
+	for p := s.Pos; p < end; p++ {
+		for q := max(0, p-w+1); q <= p; q++ {
+			got := m.kvw[int(t[q/bs])*bs+q%bs]
+			want := m.kv[int(s.Blocks[q/bs])*bs+q%bs]
+			if got != want {
+				return fmt.Errorf("fake: seq %d: window KV for position %d (seen from %d) holds %+v, the full group %+v", i, q, p, got, want)
+			}
+		}
+	}
+	return nil
 }
 
 // DeviceGreedy is the fake with a "device" argmax: it implements engine.GreedyModel.
@@ -299,6 +388,21 @@ func (m *Model) CopyBlock(dst, src int32) error {
 	bs := m.cfg.BlockSize
 	copy(m.kv[int(dst)*bs:int(dst+1)*bs], m.kv[int(src)*bs:int(src+1)*bs])
 	m.Copies.Add(1)
+	return nil
+}
+
+// CopyGroupBlock implements engine.GroupModel (group 1 is the window pool).
+func (m *Model) CopyGroupBlock(group int, dst, src int32) error {
+	if group == 0 {
+		return m.CopyBlock(dst, src)
+	}
+	n := int32(m.cfg.WindowBlocks)
+	if group != 1 || dst < 0 || dst >= n || src < 0 || src >= n {
+		return fmt.Errorf("fake: copy group %d block %d -> %d out of range", group, src, dst)
+	}
+	bs := m.cfg.BlockSize
+	copy(m.kvw[int(dst)*bs:int(dst+1)*bs], m.kvw[int(src)*bs:int(src+1)*bs])
+	m.WindowCopies.Add(1)
 	return nil
 }
 
