@@ -143,7 +143,7 @@ func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hc
 	e := &sched{
 		model: m, spec: spec, log: log,
 		ctxLen: ctxLen, maxSeqs: maxSeqs, budget: budget, queue: queue, prefix: o.prefixCache,
-		pool:   groups[0].pool, groups: groups, gm: gm, chunk: chunk,
+		pool: groups[0].pool, groups: groups, gm: gm, chunk: chunk,
 		byID:   make(map[string]*seq),
 		wake:   make(chan struct{}, 1),
 		cancel: cancel,
@@ -235,8 +235,8 @@ type seq struct {
 	eval    bool
 
 	// scheduler-owned
-	tokens    []int32  // prompt, then generated tokens
-	nPrompt   int      // prompt length
+	tokens    []int32   // prompt, then generated tokens
+	nPrompt   int       // prompt length
 	computed  int       // tokens whose KV is in the cache: positions [0, computed)
 	tables    [][]int32 // block table per KV group (-1: freed behind a window)
 	keys      []uint64  // prefix keys of the first len(keys) full blocks
