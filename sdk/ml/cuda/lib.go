@@ -15,7 +15,7 @@ import (
 const LibName = "liborch_cuda.so"
 
 // abiVersion must equal ORCH_ABI_VERSION in cuda/include/orch_cuda.h.
-const abiVersion = 3
+const abiVersion = 4
 
 // ErrUnavailable is returned (wrapped, with the reason) when the CUDA backend
 // cannot run here: the library is missing or does not load, or there is no
@@ -86,7 +86,11 @@ type lib struct {
 	moeCombine func(ctx, out, y, w uintptr, n int64, k int32, dim int64, acc int32) int32
 	moeFFN     func(ctx, out, x, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 	argmax     func(ctx, out, logits uintptr, n, vocab int64) int32
-	sample     func(ctx, out, logits uintptr, n, vocab int64, temp float32, topK int32, topP, minP float32, rng uintptr) int32
+	// ABI 4: tensor-core GEMM with in-smem dequantization and the grouped MoE FFN.
+	qgemm         func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc, tile int32) int32
+	moeRouteInts  func(pairs int64, nExp int32) int64
+	moeFFNGrouped func(ctx, out, x, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias uintptr, n int64, slots, nExp int32, dim, ff int64, alpha, limit float32, act, ybuf, route uintptr, tile int32) int32
+	sample        func(ctx, out, logits uintptr, n, vocab int64, temp float32, topK int32, topP, minP float32, rng uintptr) int32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
@@ -184,6 +188,7 @@ func (l *lib) bind() (err error) {
 		{&l.swiglu, "orch_swiglu"}, {&l.swigluOAI, "orch_swiglu_oai"}, {&l.rope, "orch_rope"},
 		{&l.kvWrite, "orch_kv_write"}, {&l.attention, "orch_attention"}, {&l.moeTopK, "orch_moe_topk"},
 		{&l.moeCombine, "orch_moe_combine"}, {&l.moeFFN, "orch_moe_ffn"}, {&l.argmax, "orch_argmax"}, {&l.sample, "orch_sample"},
+		{&l.qgemm, "orch_qgemm"}, {&l.moeRouteInts, "orch_moe_route_ints"}, {&l.moeFFNGrouped, "orch_moe_ffn_grouped"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {

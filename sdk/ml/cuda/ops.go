@@ -1,12 +1,39 @@
 package cuda
 
 import (
+	"os"
 	"slices"
 
 	"github.com/llama-orch/orch/sdk/ml"
 )
 
 const anyType = ml.DType(1 << 30)
+
+// Routing to the tensor-core GEMM (orch_qgemm, orch_moe_ffn_grouped; ABI 4).
+// ORCH_CUDA_GEMM=v1 restores the session-2 paths exactly: GEMV for n <= 8,
+// dequantize-to-bf16 + cuBLAS above, MoE through the fused / per-pair GEMVs.
+var (
+	// gemmV1 is read once; tests flip it to compare the two paths.
+	gemmV1 = os.Getenv("ORCH_CUDA_GEMM") == "v1"
+	// gemmTile forces the tile configuration of both kernels (0 = by shape,
+	// 1..3 = 16/64/128 token rows per CTA); tests and TestPerf set it.
+	gemmTile int32
+)
+
+// Thresholds (cost model in docs/perf-cuda.md, Round 3). Dense: GEMV v4
+// (n <= 4) reads W once at 44-98% of the bytes floor; n = 5..8 is the GEMV's
+// (decode of several streams, fp32 activations, checked at 1e-4 by
+// TestMatMul); from n = 9 the bf16 GEMM replaces dequantize + cuBLAS, which
+// wrote and re-read 2 bytes per weight element per call. MoE: the grouped
+// GEMMs read each routed expert once per tile of pairs instead of once per
+// (token, slot) pair; from 64 pairs (16 tokens at top-4) over 32 experts most
+// experts are shared by several pairs. Below that the fused fp32 GEMVs stay.
+const (
+	qgemmMinN       = 9
+	moeGroupedPairs = 64
+)
+
+func qgemmType(dt ml.DType) bool { return dt == ml.Q8_0 || dt == ml.Q4_0 || dt == ml.MXFP4 }
 
 // arg checks an op operand and returns it, recording an error otherwise.
 func (b *Backend) arg(op, name string, t ml.Tensor, dt ml.DType) *tensor {
@@ -167,6 +194,13 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	bp, ok := b.optF32(op, "bias", bias, out)
 	if !ok {
 		return
+	}
+	if !gemmV1 && n >= qgemmMinN && qgemmType(ww.dt) {
+		rc := b.l.qgemm(b.ctx, d.ptr, xx.ptr, ww.ptr, int32(ww.dt), bp, int64(n), int64(in), int64(out), 0, gemmTile)
+		if rc != stUnsupported { // unsupported shape: the v1 path below
+			b.call(op, rc)
+			return
+		}
 	}
 	b.call(op, b.l.matmul(b.ctx, d.ptr, xx.ptr, ww.ptr, int32(ww.dt), bp, int64(n), int64(in), int64(out), 0))
 }
@@ -400,6 +434,19 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	// and under ORCH_CUDA_MOE=v1, and the unfused ops below run instead.
 	if b.err != nil {
 		return
+	}
+	if !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt) {
+		// Grouped GEMMs: act reuses moe.gate, the per-pair down output moe.down.
+		route := b.scratchBuf("moe.route", 4*int(b.l.moeRouteInts(int64(n*k), int32(ne))))
+		if b.err != nil {
+			return
+		}
+		rc := b.l.moeFFNGrouped(b.ctx, d.ptr, xx.ptr, ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb, ub, down.ptr,
+			int32(down.dt), db, N, K, int32(ne), int64(dim), int64(ff), m.Alpha, m.Limit, g, y, route, gemmTile)
+		if rc != stUnsupported {
+			b.call(op, rc)
+			return
+		}
 	}
 	if gate.dt == up.dt {
 		rc := b.l.moeFFN(b.ctx, d.ptr, xx.ptr, ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb, ub, down.ptr,

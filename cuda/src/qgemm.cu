@@ -1,0 +1,561 @@
+// qgemm.cu — tensor-core GEMM over raw GGUF weights (Q8_0, Q4_0, MXFP4),
+// dequantized tile by tile in shared memory (ABI 4):
+//  - orch_qgemm: y[n, m] (+)= x[n, k] . W^T (+ bias), the prefill / multi-
+//    stream matmul. Replaces "dequantize the whole W to bf16, then cuBLAS"
+//    (matmul.cu), which wrote and re-read 2 bytes per weight element per call.
+//  - orch_moe_ffn_grouped: the MoE expert FFN for many tokens: (token, slot)
+//    pairs are bucketed by expert on the device (count, scan, scatter: no host
+//    sync, so the op can be captured in a CUDA graph), then per expert one GEMM
+//    over its gathered rows for gate and up together (+ biases, clamped SwiGLU
+//    in the epilogue), one for down (+ bias) into a per-pair buffer, and the
+//    weighted combine in a fixed order (orch_moe_combine). Each expert's
+//    weights are read once per tile of up to BN pairs instead of once per pair.
+//
+// Kernel (one template for the three uses): a CTA computes a BN (token rows)
+// x BM (W rows) tile of the output. Per stage of KB GGUF blocks (32 k each):
+//   1. the raw bytes of the BM row segments are copied global -> shared with
+//      cp.async (16-byte chunks; rows are not 16-byte aligned, so the chunks
+//      covering each segment are copied and the segment's offset kept), NS
+//      stages in flight;
+//   2. each thread dequantizes whole blocks from shared memory (32-bit word
+//      reads + funnel shifts) into a bf16 W tile Ws[BM][BK+8]; x rows are read
+//      as float4 (issued one stage ahead into registers), rounded to bf16 into
+//      Xs[BN][BK+8];
+//   3. warps multiply with WMMA bf16 16x16x16 fragments, fp32 accumulators
+//      (documented fragment semantics; no hand-derived mma layouts).
+// The epilogue goes through a per-warp 16x16 shared scratch (bias, accumulate,
+// SwiGLU, ragged-edge masks). Every output element's sum runs over k in the
+// same order whatever other rows share its tile.
+// Precision: MXFP4 -> bf16 is exact; Q8_0 / Q4_0 blocks are rounded to bf16
+// (d * q), as the cuBLAS path does; x is rounded to bf16; sums are fp32.
+#include <mma.h>
+
+#include "qgemm.cuh"
+#include "quant.cuh"
+
+using namespace nvcuda;
+
+namespace {
+
+template <int BM_, int BN_, int WM_, int WN_, int KB_, int NS_, int THREADS_>
+struct QCfg {
+  static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, KB = KB_, NS = NS_, THREADS = THREADS_;
+  static constexpr int FM = BM / (16 * WM), FN = BN / (16 * WN);
+  static constexpr int BK = 32 * KB;  // k elements per stage
+  static constexpr int LDS = BK + 8;  // bf16 row stride of Ws / Xs (16-byte multiple, skews banks)
+  static constexpr int WARPS = THREADS / 32;
+  static_assert(FM >= 1 && FN >= 1 && FM * 16 * WM == BM && FN * 16 * WN == BN, "tile");
+  static_assert(WM * WN <= WARPS, "mma warps");
+  static_assert(LDS % 8 == 0, "wmma ldm of 16-bit elements: a multiple of 8 (fragment starts, 16 rows apart, stay 32-byte aligned)");
+};
+
+// Tile configurations (tile argument of the ABI: 1, 2, 3; 0 picks by rows).
+// S: few tokens (decode of several streams, sparse experts): many CTAs, deep
+//    pipeline, helper warps that only load/dequantize.
+using CfgS1 = QCfg<32, 16, 2, 1, 4, 4, 128>;   // dense, FM = 1
+using CfgS2 = QCfg<64, 16, 2, 1, 4, 4, 128>;   // MoE (gate/up pairing needs FM = 2)
+using CfgM = QCfg<64, 64, 2, 2, 2, 3, 128>;
+using CfgL = QCfg<128, 128, 4, 2, 2, 3, 256>;
+
+enum { MODE_DENSE = 0, MODE_GROUPED = 1, MODE_GATE_UP = 2 };
+
+struct QArgs {
+  float *y;                 // dense: [n, m]; grouped: [pairs, m] (row = pair)
+  const float *x;           // rows of k
+  const uint8_t *w, *w2;    // W (and, gate_up, the up W): [n_exp][m rows of k]
+  const uint8_t *w_end, *w2_end;
+  const float *bias, *bias2; // [n_exp, m] or NULL
+  int64_t n, k, m, rb, expert_bytes;
+  int accumulate;
+  // grouped: route scratch (see qgemm.cuh) and the pair -> x row map
+  const int32_t *exp_off, *ntiles, *sorted, *tile_e, *tile_r0;
+  int n_slots, x_per_slot;
+  float alpha, limit;
+};
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int bytes) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+
+// Dequantizes the block held in words w (starting sh bytes into w[0]) to 32
+// bf16 at dst (16-byte aligned).
+template <int T>
+__device__ __forceinline__ void dequant_block_bf16(const uint32_t *w, uint32_t sh, __nv_bfloat16 *dst) {
+  uint32_t o[16];
+  if constexpr (T == ORCH_T_Q8_0) {
+    const float d = __half2float(__ushort_as_half((unsigned short)(__funnelshift_r(w[0], w[1], 8 * sh) & 0xffffu)));
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      const uint32_t q = __funnelshift_rc(w[i], w[i + 1], 8 * sh + 16);
+      o[2 * i] = pack_bf16(d * (float)(int8_t)(q & 0xff), d * (float)(int8_t)((q >> 8) & 0xff));
+      o[2 * i + 1] = pack_bf16(d * (float)(int8_t)((q >> 16) & 0xff), d * (float)(int8_t)(q >> 24));
+    }
+  } else {
+    constexpr uint32_t off = T == ORCH_T_MXFP4 ? 8 : 16;
+    float d;
+    if constexpr (T == ORCH_T_MXFP4) d = 0.5f * e8m0((uint8_t)((w[0] >> (8 * sh)) & 0xffu));
+    else d = __half2float(__ushort_as_half((unsigned short)(__funnelshift_r(w[0], w[1], 8 * sh) & 0xffffu)));
+    float lo[16], hi[16];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const uint32_t q = __funnelshift_rc(w[i], w[i + 1], 8 * sh + off);
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const int v = (int)((q >> (8 * j)) & 0xffu);
+        if constexpr (T == ORCH_T_MXFP4) {
+          lo[4 * i + j] = d * e2m1x2(v & 0xF);
+          hi[4 * i + j] = d * e2m1x2(v >> 4);
+        } else {
+          lo[4 * i + j] = d * (float)((v & 0xF) - 8);
+          hi[4 * i + j] = d * (float)((v >> 4) - 8);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      o[j] = pack_bf16(lo[2 * j], lo[2 * j + 1]);
+      o[8 + j] = pack_bf16(hi[2 * j], hi[2 * j + 1]);
+    }
+  }
+  uint4 *p = reinterpret_cast<uint4 *>(dst);
+#pragma unroll
+  for (int i = 0; i < 4; i++) p[i] = make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
+}
+
+template <int T, class C>
+__host__ __device__ constexpr int raw_row_bytes() {
+  return 16 * qg_chunks(type_block_bytes(T), C::KB);
+}
+
+template <int T, class C, int MODE>
+__host__ __device__ constexpr size_t qgemm_smem() {
+  // Ws | Xs | raw stages (the epilogue scratch reuses them) | row maps
+  constexpr size_t ws = (size_t)C::BM * C::LDS * 2, xs = (size_t)C::BN * C::LDS * 2;
+  constexpr size_t raw = (size_t)C::NS * C::BM * raw_row_bytes<T, C>();
+  constexpr size_t epi = (size_t)C::WARPS * 512 * 4;
+  return ws + xs + (raw > epi ? raw : epi) + 2 * C::BN * 4;
+}
+
+template <int T, class C, int MODE>
+__global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
+  constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = 16 * CH;
+  constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
+  constexpr bool DUAL = MODE == MODE_GATE_UP;
+  static_assert(!DUAL || C::FM == 2, "gate/up pairing: fragment 0 = gate rows, 1 = the same up rows");
+  extern __shared__ __align__(128) uint8_t smem[];
+  __nv_bfloat16 *Ws = reinterpret_cast<__nv_bfloat16 *>(smem);
+  __nv_bfloat16 *Xs = Ws + BM * LDS;
+  uint8_t *raw = reinterpret_cast<uint8_t *>(Xs + BN * LDS);
+  constexpr size_t RAWB = (size_t)NS * BM * RAWROW > (size_t)C::WARPS * 2048 ? (size_t)NS * BM * RAWROW
+                                                                              : (size_t)C::WARPS * 2048;
+  int *xrow = reinterpret_cast<int *>(raw + RAWB); // x row of tile row i (-1: none)
+  int *orow = xrow + BN;                            // output row of tile row i (-1: none)
+  const int tid = threadIdx.x;
+
+  // Which token rows and which expert this CTA covers.
+  int e = 0;
+  if constexpr (MODE == MODE_DENSE) {
+    const int64_t t0 = (int64_t)blockIdx.y * BN;
+    for (int i = tid; i < BN; i += THREADS) {
+      const int64_t t = t0 + i;
+      xrow[i] = orow[i] = t < a.n ? (int)t : -1;
+    }
+  } else {
+    const int ty = blockIdx.y;
+    if (ty >= *a.ntiles) return; // uniform: past the routed tiles (grid is an upper bound)
+    e = a.tile_e[ty];
+    const int base = a.exp_off[e] + a.tile_r0[ty], lim = a.exp_off[e + 1];
+    for (int i = tid; i < BN; i += THREADS) {
+      const int pos = base + i;
+      const int p = pos < lim ? a.sorted[pos] : -1;
+      orow[i] = p;
+      xrow[i] = p < 0 ? -1 : a.x_per_slot ? p : p / a.n_slots;
+    }
+  }
+  const int64_t r0 = (int64_t)blockIdx.x * (DUAL ? BM / 2 : BM); // first W row (of each W when DUAL)
+  const uint8_t *wb = a.w + (int64_t)e * a.expert_bytes;
+  const uint8_t *wb2 = DUAL ? a.w2 + (int64_t)e * a.expert_bytes : nullptr;
+  const int64_t nb = a.k / 32; // blocks per row
+  const int nstages = (int)((nb + KB - 1) / KB);
+
+  // Tile row i -> (W, row): DUAL interleaves 16 gate rows and the same 16 up
+  // rows per 32, so each warp holds a row's gate and up accumulators.
+  auto wrow = [&](int i, const uint8_t *&base, const uint8_t *&end) -> int64_t {
+    if constexpr (DUAL) {
+      const int band = i >> 5, within = i & 31;
+      base = within < 16 ? wb : wb2;
+      end = within < 16 ? a.w_end : a.w2_end;
+      return r0 + band * 16 + (within & 15);
+    } else {
+      base = wb;
+      end = a.w_end;
+      return r0 + i;
+    }
+  };
+
+  // Issue the cp.async copies of stage s (into raw buffer s % NS).
+  auto issue = [&](int s) {
+    if (s < nstages) {
+      const int64_t kb0 = (int64_t)s * KB;
+      const int nblk = (int)min((int64_t)KB, nb - kb0);
+      uint8_t *dst = raw + (size_t)(s % NS) * BM * RAWROW;
+      for (int q = tid; q < BM * CH; q += THREADS) {
+        const int i = q / CH, c = q % CH;
+        const uint8_t *base, *end;
+        const int64_t row = wrow(i, base, end);
+        if (row >= a.m) continue;
+        const uint8_t *seg = base + row * a.rb + kb0 * BB;
+        const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
+        if (c >= sp.chunks) continue;
+        const uint64_t addr = sp.a0 + 16ull * c;
+        const int bytes = qg_chunk_bytes(addr, (uint64_t)end);
+        if (bytes > 0) cp_async16(dst + i * RAWROW + 16 * c, reinterpret_cast<const void *>(addr), bytes);
+      }
+    }
+    cp_async_commit(); // always: keeps the group count per stage uniform
+  };
+
+  // x of stage s into registers (float4s), then rounded into Xs.
+  constexpr int XV = BN * KB * 8;                  // float4 per stage
+  constexpr int XPT = (XV + THREADS - 1) / THREADS; // per thread
+  float4 xr[XPT];
+  auto load_x = [&](int s) {
+    const int64_t col0 = (int64_t)s * KB * 32;
+#pragma unroll
+    for (int u = 0; u < XPT; u++) {
+      const int q = tid + u * THREADS;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (q < XV) {
+        const int i = q / (KB * 8), c4 = q % (KB * 8);
+        const int64_t col = col0 + 4 * c4;
+        const int xi = xrow[i];
+        if (xi >= 0 && col < a.k) v = __ldg(reinterpret_cast<const float4 *>(a.x + (int64_t)xi * a.k + col));
+      }
+      xr[u] = v;
+    }
+  };
+  auto store_x = [&]() {
+#pragma unroll
+    for (int u = 0; u < XPT; u++) {
+      const int q = tid + u * THREADS;
+      if (q < XV) {
+        const int i = q / (KB * 8), c4 = q % (KB * 8);
+        uint2 pk = make_uint2(pack_bf16(xr[u].x, xr[u].y), pack_bf16(xr[u].z, xr[u].w));
+        *reinterpret_cast<uint2 *>(Xs + i * LDS + 4 * c4) = pk;
+      }
+    }
+  };
+  // Dequantize stage s's raw blocks into Ws (zeros past m / past k).
+  auto dequant = [&](int s) {
+    const int64_t kb0 = (int64_t)s * KB;
+    const uint8_t *src = raw + (size_t)(s % NS) * BM * RAWROW;
+    for (int q = tid; q < BM * KB; q += THREADS) {
+      const int i = q / KB, j = q % KB;
+      __nv_bfloat16 *dst = Ws + i * LDS + 32 * j;
+      const uint8_t *base, *end;
+      const int64_t row = wrow(i, base, end);
+      if (row < a.m && kb0 + j < nb) {
+        const uint8_t *seg = base + row * a.rb + kb0 * BB;
+        const int o = (int)((uintptr_t)seg & 15) + j * BB; // block offset in the staged row
+        const uint32_t *wp = reinterpret_cast<const uint32_t *>(src + i * RAWROW + (o & ~3));
+        uint32_t wv[block_words<T>()];
+#pragma unroll
+        for (int z = 0; z < block_words<T>(); z++) wv[z] = wp[z];
+        dequant_block_bf16<T>(wv, (uint32_t)(o & 3), dst);
+      } else {
+        uint4 *p = reinterpret_cast<uint4 *>(dst);
+#pragma unroll
+        for (int z = 0; z < 4; z++) p[z] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  __syncthreads(); // row maps
+  const int warp = tid >> 5, lane = tid & 31;
+  const bool mma_warp = warp < C::WM * C::WN;
+  const int wm = warp % C::WM, wn = warp / C::WM;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[C::FN][C::FM];
+#pragma unroll
+  for (int j = 0; j < C::FN; j++)
+#pragma unroll
+    for (int i = 0; i < C::FM; i++) wmma::fill_fragment(acc[j][i], 0.f);
+
+#pragma unroll
+  for (int s = 0; s < NS - 1; s++) issue(s);
+  load_x(0);
+  for (int s = 0; s < nstages; s++) {
+    issue(s + NS - 1);  // its buffer was last read by dequant(s - 1), before barrier B of step s - 1
+    cp_async_wait<NS - 1>(); // this thread's copies of stage s have landed
+    __syncthreads();         // A: everyone's copies visible; step s-1's mma done with Ws / Xs
+    dequant(s);
+    store_x();
+    if (s + 1 < nstages) load_x(s + 1); // in flight during the mma below
+    __syncthreads();                    // B: Ws / Xs ready
+    if (mma_warp) {
+#pragma unroll
+      for (int kk = 0; kk < C::BK / 16; kk++) {
+        // FM <= FN in every config: hold the W fragments, stream the x ones.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb[C::FM];
+#pragma unroll
+        for (int i = 0; i < C::FM; i++)
+          wmma::load_matrix_sync(fb[i], Ws + (wm * C::FM * 16 + i * 16) * LDS + kk * 16, LDS);
+#pragma unroll
+        for (int j = 0; j < C::FN; j++) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, Xs + (wn * C::FN * 16 + j * 16) * LDS + kk * 16, LDS);
+#pragma unroll
+          for (int i = 0; i < C::FM; i++) wmma::mma_sync(acc[j][i], fa, fb[i], acc[j][i]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads(); // the raw buffers become the epilogue scratch
+  if (!mma_warp) return;
+
+  float *scr = reinterpret_cast<float *>(raw) + warp * 512;
+#pragma unroll
+  for (int j = 0; j < C::FN; j++) {
+    if constexpr (DUAL) {
+      wmma::store_matrix_sync(scr, acc[j][0], 16, wmma::mem_row_major);
+      wmma::store_matrix_sync(scr + 256, acc[j][1], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int q = lane; q < 256; q += 32) {
+        const int tl = q >> 4, rl = q & 15;
+        const int o = orow[wn * C::FN * 16 + j * 16 + tl];
+        const int64_t row = r0 + wm * 16 + rl;
+        if (o >= 0 && row < a.m) {
+          float g = scr[q] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
+          float u = scr[256 + q] + (a.bias2 ? a.bias2[(int64_t)e * a.m + row] : 0.f);
+          g = fminf(g, a.limit);
+          u = fminf(fmaxf(u, -a.limit), a.limit);
+          a.y[(int64_t)o * a.m + row] = (u + 1.f) * g / (1.f + expf(-a.alpha * g));
+        }
+      }
+      __syncwarp();
+    } else {
+#pragma unroll
+      for (int i = 0; i < C::FM; i++) {
+        wmma::store_matrix_sync(scr, acc[j][i], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int q = lane; q < 256; q += 32) {
+          const int tl = q >> 4, rl = q & 15;
+          const int o = orow[wn * C::FN * 16 + j * 16 + tl];
+          const int64_t row = r0 + wm * C::FM * 16 + i * 16 + rl;
+          if (o >= 0 && row < a.m) {
+            const float v = scr[q] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
+            float *yp = a.y + (int64_t)o * a.m + row;
+            *yp = a.accumulate ? *yp + v : v;
+          }
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
+template <int T, class C, int MODE>
+int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t gx, int64_t gy) {
+  constexpr size_t sm = qgemm_smem<T, C, MODE>();
+  static_assert(sm <= 200 * 1024, "shared memory");
+  if (sm > 48 * 1024)
+    cudaFuncSetAttribute(qgemm_kernel<T, C, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  qgemm_kernel<T, C, MODE><<<dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st>>>(a);
+  return ORCH_OK;
+}
+
+// Config by tile code: 1 = S, 2 = M, 3 = L.
+template <int T, int MODE>
+int launch_cfg(cudaStream_t st, const QArgs &a, int tile, int64_t rows_x, int64_t gy_of_bn16, int64_t gy_of_bn64,
+               int64_t gy_of_bn128) {
+  const bool dual = MODE == MODE_GATE_UP;
+  switch (tile) {
+    case 1:
+      if constexpr (MODE == MODE_DENSE) return launch_qgemm<T, CfgS1, MODE>(st, a, ceil_div(rows_x, CfgS1::BM), gy_of_bn16);
+      else return launch_qgemm<T, CfgS2, MODE>(st, a, ceil_div(rows_x, dual ? CfgS2::BM / 2 : CfgS2::BM), gy_of_bn16);
+    case 2:
+      return launch_qgemm<T, CfgM, MODE>(st, a, ceil_div(rows_x, dual ? CfgM::BM / 2 : CfgM::BM), gy_of_bn64);
+    default:
+      return launch_qgemm<T, CfgL, MODE>(st, a, ceil_div(rows_x, dual ? CfgL::BM / 2 : CfgL::BM), gy_of_bn128);
+  }
+}
+
+template <int MODE>
+int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_x, int64_t g16, int64_t g64,
+             int64_t g128) {
+  switch (wtype) {
+    case ORCH_T_Q8_0: return launch_cfg<ORCH_T_Q8_0, MODE>(st, a, tile, rows_x, g16, g64, g128);
+    case ORCH_T_Q4_0: return launch_cfg<ORCH_T_Q4_0, MODE>(st, a, tile, rows_x, g16, g64, g128);
+    case ORCH_T_MXFP4: return launch_cfg<ORCH_T_MXFP4, MODE>(st, a, tile, rows_x, g16, g64, g128);
+  }
+  return ORCH_ERR_UNSUPPORTED;
+}
+
+bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
+bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+constexpr int bn_of(int tile) { return tile == 1 ? 16 : tile == 2 ? 64 : 128; }
+
+// Bucketing of (token, slot) pairs by expert, one CTA: counts (shared-memory
+// atomics), the tile plan (moe_tile_plan, one thread), then the scatter. The
+// order of a bucket's pairs depends on atomic order; no output depends on it
+// (each pair's row is computed alone and combined per token in slot order).
+// Pairs with an expert id outside [0, n_exp) are dropped.
+__global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ ids, int pairs, int n_exp, int bn,
+                                  int64_t tiles_bound) {
+  extern __shared__ int shb[];
+  int *cnt = shb, *fill = shb + n_exp, *off = shb + 2 * n_exp, *tst = off + n_exp + 1;
+  int32_t *exp_off = route, *ntiles = route + n_exp + 1, *sorted = ntiles + 1;
+  int32_t *tile_e = sorted + pairs, *tile_r0 = tile_e + tiles_bound;
+  for (int e = threadIdx.x; e < n_exp; e += blockDim.x) cnt[e] = fill[e] = 0;
+  __syncthreads();
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int e = ids[p];
+    if (e >= 0 && e < n_exp) atomicAdd(&cnt[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    *ntiles = moe_tile_plan(cnt, n_exp, bn, off, tst);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e <= n_exp; e += blockDim.x) exp_off[e] = off[e];
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int e = ids[p];
+    if (e >= 0 && e < n_exp) sorted[off[e] + atomicAdd(&fill[e], 1)] = p;
+  }
+  for (int e = threadIdx.x; e < n_exp; e += blockDim.x)
+    for (int t = tst[e], r = 0; t < tst[e + 1]; t++, r += bn) {
+      tile_e[t] = e;
+      tile_r0[t] = r;
+    }
+}
+
+} // namespace
+
+extern "C" int orch_qgemm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
+                          int64_t n, int64_t k, int64_t m, int32_t accumulate, int32_t tile) {
+  const char *op = "qgemm";
+  ORCH_CHECK_ARG(ctx && y && x && w && n >= 0 && k > 0 && m > 0 && tile >= 0 && tile <= 3, op);
+  if (!qgemm_type(wtype) || k % 32) {
+    orch_set_error("qgemm: weight type %d / k=%lld not handled (Q8_0, Q4_0, MXFP4; k %% 32 == 0)", wtype, (long long)k);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  ORCH_CHECK_ARG(aligned16(x) && aligned16(w), op);
+  if (tile == 0) tile = n <= 16 ? 1 : n <= 64 ? 2 : 3;
+  const int64_t gy = ceil_div(n, bn_of(tile));
+  if (n > INT32_MAX / 2 || gy > 65535 || ceil_div(m, 32) > INT32_MAX) {
+    orch_set_error("qgemm: n=%lld m=%lld too large for the grid", (long long)n, (long long)m);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  if (n == 0) return ORCH_OK;
+  QArgs a{};
+  a.y = y;
+  a.x = x;
+  a.w = (const uint8_t *)w;
+  a.rb = orch_row_bytes(wtype, k);
+  a.w_end = a.w + m * a.rb;
+  a.bias = bias;
+  a.n = n;
+  a.k = k;
+  a.m = m;
+  a.accumulate = accumulate;
+  int rc = dispatch<MODE_DENSE>(ctx->stream, wtype, a, tile, m, gy, gy, gy);
+  if (rc != ORCH_OK) return rc;
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+extern "C" int64_t orch_moe_route_ints(int64_t pairs, int32_t n_exp) {
+  return pairs < 0 || n_exp <= 0 ? 0 : moe_route_ints(pairs, n_exp);
+}
+
+extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, const int32_t *ids,
+                                    const float *weights, const void *gate, const void *up, int32_t gu_type,
+                                    const float *gate_bias, const float *up_bias, const void *down, int32_t down_type,
+                                    const float *down_bias, int64_t n, int32_t n_slots, int32_t n_exp, int64_t dim,
+                                    int64_t ff, float alpha, float limit, float *act, float *ybuf, int32_t *route,
+                                    int32_t tile) {
+  const char *op = "moe_ffn_grouped";
+  ORCH_CHECK_ARG(ctx && out && x && ids && weights && gate && up && down && act && ybuf && route, op);
+  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && dim > 0 && ff > 0 && tile >= 0 && tile <= 3, op);
+  if (!qgemm_type(gu_type) || !qgemm_type(down_type) || dim % 32 || ff % 32 || n_exp > 4096) {
+    orch_set_error("moe_ffn_grouped: types %d/%d, dim=%lld, ff=%lld, %d experts not handled", gu_type, down_type,
+                   (long long)dim, (long long)ff, n_exp);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  ORCH_CHECK_ARG(aligned16(x) && aligned16(act) && aligned16(ybuf) && aligned16(gate) && aligned16(up) &&
+                     aligned16(down),
+                 op);
+  const int64_t pairs = n * n_slots;
+  if (tile == 0) {
+    const int64_t per = pairs / n_exp; // mean pairs per expert
+    tile = per <= 16 ? 1 : per <= 96 ? 2 : 3;
+  }
+  const int bn = bn_of(tile);
+  const int64_t tb = moe_tiles_bound(pairs, n_exp, bn);
+  if (pairs > INT32_MAX / 2 || tb > 65535) {
+    orch_set_error("moe_ffn_grouped: %lld pairs too many for the grid", (long long)pairs);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  if (n == 0) return ORCH_OK;
+  const int64_t rb_gu = orch_row_bytes(gu_type, dim), rb_dn = orch_row_bytes(down_type, ff);
+  // Route layout (qgemm.cuh): exp_off[n_exp+1] | ntiles | sorted[pairs] | tile_e[tb] | tile_r0[tb].
+  // tb here is for this call's bn; moe_route_ints sized for bn = 16 (the largest).
+  moe_bucket_kernel<<<1, 1024, (size_t)(4 * n_exp + 2) * sizeof(int), ctx->stream>>>(route, ids, (int)pairs, n_exp,
+                                                                                      bn, tb);
+  ORCH_LAUNCHED(op);
+  QArgs a{};
+  a.exp_off = route;
+  a.ntiles = route + n_exp + 1;
+  a.sorted = a.ntiles + 1;
+  a.tile_e = a.sorted + pairs;
+  a.tile_r0 = a.tile_e + tb;
+  a.n_slots = n_slots;
+  a.alpha = alpha;
+  a.limit = limit;
+  // gate + up (+ biases, clamped SwiGLU) -> act[pair, ff]
+  a.y = act;
+  a.x = x;
+  a.x_per_slot = 0;
+  a.w = (const uint8_t *)gate;
+  a.w2 = (const uint8_t *)up;
+  a.expert_bytes = ff * rb_gu;
+  a.w_end = a.w + n_exp * a.expert_bytes;
+  a.w2_end = a.w2 + n_exp * a.expert_bytes;
+  a.bias = gate_bias;
+  a.bias2 = up_bias;
+  a.k = dim;
+  a.m = ff;
+  a.rb = rb_gu;
+  int rc = dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb, tb, tb);
+  if (rc != ORCH_OK) return rc;
+  ORCH_LAUNCHED(op);
+  // down (+ bias) -> ybuf[pair, dim]
+  a.y = ybuf;
+  a.x = act;
+  a.x_per_slot = 1;
+  a.w = (const uint8_t *)down;
+  a.w2 = nullptr;
+  a.expert_bytes = dim * rb_dn;
+  a.w_end = a.w + n_exp * a.expert_bytes;
+  a.w2_end = nullptr;
+  a.bias = down_bias;
+  a.bias2 = nullptr;
+  a.k = ff;
+  a.m = dim;
+  a.rb = rb_dn;
+  rc = dispatch<MODE_GROUPED>(ctx->stream, down_type, a, tile, dim, tb, tb, tb);
+  if (rc != ORCH_OK) return rc;
+  ORCH_LAUNCHED(op);
+  return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
+}

@@ -1,0 +1,412 @@
+//go:build gpu
+
+// GPU tests of the tensor-core GEMM (orch_qgemm) and the grouped MoE FFN
+// (orch_moe_ffn_grouped): against the CPU backend (dense) and a float64 Go
+// reference from dequantized weights (MoE with chosen routings), every tile
+// configuration, ragged shapes, outputs poisoned with NaN, every element
+// checked. Tolerance: bf16 operands (as the n > 8 cuBLAS matmul test).
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+const bf16Tol = 1e-2
+
+func dptr(t *testing.T, x ml.Tensor) uintptr {
+	t.Helper()
+	if x == nil {
+		return 0
+	}
+	ct, err := gpu.get(x)
+	require.NoError(t, err)
+	return ct.ptr
+}
+
+// TestQGemm calls orch_qgemm directly (every tile config, accumulate on and
+// off) and compares with the CPU backend's MatMul.
+func TestQGemm(t *testing.T) {
+	r := newRNG(t)
+	type shape struct{ k, m int }
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4, ml.Q4_0} {
+		for _, sh := range []shape{{352, 203}, {2880, 77}, {32, 40}} {
+			ns := []int{1, 5, 9, 33, 130, 512}
+			if sh.k != 352 {
+				ns = []int{9, 130}
+			}
+			for _, n := range ns {
+				for _, tile := range []int32{0, 1, 2, 3} {
+					for _, c := range []struct{ bias, acc bool }{{false, false}, {true, false}, {true, true}, {false, true}} {
+						name := fmt.Sprintf("%v/k=%d/m=%d/n=%d/tile=%d/bias=%v/acc=%v", dt, sh.k, sh.m, n, tile, c.bias, c.acc)
+						t.Run(name, func(t *testing.T) {
+							k, m := sh.k, sh.m
+							w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
+							x := f32Pair(t, randF32(r, k*n, 1), k, n)
+							var bias pair
+							if c.bias {
+								bias = f32Pair(t, randF32(r, m, 1), m)
+							}
+							y := f32Pair(t, randF32(r, m*n, 1), m, n)
+							if !c.acc {
+								gpu.Fill(y.g, float32(math.NaN()))
+							}
+							rc := gpu.l.qgemm(gpu.ctx, dptr(t, y.g), dptr(t, x.g), dptr(t, w.g), int32(dt), dptr(t, bias.g),
+								int64(n), int64(k), int64(m), b2i(c.acc), tile)
+							require.NoError(t, gpu.l.status("qgemm", rc))
+							tmp := out(t, m, n)
+							ref.MatMul(tmp.c, x.c, w.c, bias.c)
+							if c.acc {
+								ref.Add(y.c, y.c, tmp.c)
+							} else {
+								ref.Copy(y.c, tmp.c)
+							}
+							checkClose(t, name, y, bf16Tol)
+						})
+					}
+				}
+			}
+		}
+	}
+}
+
+// TestQGemmRoute goes through Backend.MatMul: n >= 9 with Q8_0 / Q4_0 /
+// MXFP4 takes the GEMM, ORCH_CUDA_GEMM=v1 (gemmV1) the old paths; both must
+// match the CPU backend. n <= 8 must be bit-identical under both settings
+// (the same GEMV), n >= 9 must differ (another kernel, another summation
+// order), which shows the switch really switches.
+func TestQGemmRoute(t *testing.T) {
+	r := newRNG(t)
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4} {
+		for _, n := range []int{4, 8, 9, 64, 512} {
+			name := fmt.Sprintf("%v/n=%d", dt, n)
+			t.Run(name, func(t *testing.T) {
+				k, m := 2880, 130
+				w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
+				x := f32Pair(t, randF32(r, k*n, 1), k, n)
+				bias := f32Pair(t, randF32(r, m, 1), m)
+				y := out(t, m, n)
+				ref.MatMul(y.c, x.c, w.c, bias.c)
+				tol := bf16Tol
+				if n < qgemmMinN {
+					tol = 1e-4
+				}
+				gpu.MatMul(y.g, x.g, w.g, bias.g)
+				checkClose(t, name+"/default", y, tol)
+				cur, _ := readBoth(t, y)
+
+				defer func(v bool) { gemmV1 = v }(gemmV1)
+				gemmV1 = true
+				gpu.Fill(y.g, float32(math.NaN()))
+				gpu.MatMul(y.g, x.g, w.g, bias.g)
+				v1tol := 1e-4
+				if n > 8 {
+					v1tol = bf16Tol
+				}
+				checkClose(t, name+"/v1", y, v1tol)
+				old, _ := readBoth(t, y)
+				same := true
+				for i := range cur {
+					same = same && cur[i] == old[i]
+				}
+				if n < qgemmMinN {
+					require.True(t, same, "n < %d: both settings run the same GEMV", qgemmMinN)
+				} else {
+					require.False(t, same, "n >= %d: the GEMM must differ from dequantize + cuBLAS", qgemmMinN)
+				}
+			})
+		}
+	}
+}
+
+// moeRef is the float64 reference of the expert FFN from dequantized weights.
+type moeRef struct {
+	dim, ff, ne       int
+	gate, up, down    []float32 // [ne][rows][k]
+	gb, ub, db        []float32 // nil or [ne][rows]
+	alpha, limit      float64
+	gateT, upT, downT ml.Tensor // device weights
+	gbT, ubT, dbT     ml.Tensor // device biases (nil when none)
+	gateDT, downDT    ml.DType
+}
+
+func dequantAll(t *testing.T, dt ml.DType, data []byte, k, rows int) []float32 {
+	rb, err := dt.RowBytes(k)
+	require.NoError(t, err)
+	out := make([]float32, k*rows)
+	for i := 0; i < rows; i++ {
+		require.NoError(t, ml.DequantizeRow(dt, data[i*rb:(i+1)*rb], out[i*k:(i+1)*k]))
+	}
+	return out
+}
+
+func newMoERef(t *testing.T, r *rand.Rand, guDT, downDT ml.DType, dim, ff, ne int, withBias bool) *moeRef {
+	m := &moeRef{dim: dim, ff: ff, ne: ne, alpha: 1.702, limit: 7, gateDT: guDT, downDT: downDT}
+	mk := func(name string, dt ml.DType, k, rows int, shape []int) (ml.Tensor, []float32) {
+		data := randWeight(r, dt, k, rows)
+		w, err := gpu.Weight(name, dt, shape, data)
+		require.NoError(t, err)
+		t.Cleanup(func() { gpu.Free(w) })
+		return w, dequantAll(t, dt, data, k, rows)
+	}
+	m.gateT, m.gate = mk("gate", guDT, dim, ff*ne, []int{dim, ff, ne})
+	m.upT, m.up = mk("up", guDT, dim, ff*ne, []int{dim, ff, ne})
+	m.downT, m.down = mk("down", downDT, ff, dim*ne, []int{ff, dim, ne})
+	if withBias {
+		bias := func(n int, shape ...int) (ml.Tensor, []float32) {
+			v := randF32(r, n, 1)
+			b, err := gpu.Alloc(ml.F32, shape...)
+			require.NoError(t, err)
+			require.NoError(t, gpu.WriteF32(b, v))
+			t.Cleanup(func() { gpu.Free(b) })
+			return b, v
+		}
+		m.gbT, m.gb = bias(ff*ne, ff, ne)
+		m.ubT, m.ub = bias(ff*ne, ff, ne)
+		m.dbT, m.db = bias(dim*ne, dim, ne)
+	}
+	return m
+}
+
+func dot64(a, b []float32) float64 {
+	var s float64
+	for i := range a {
+		s += float64(a[i]) * float64(b[i])
+	}
+	return s
+}
+
+// forward: out[t] = sum_s w[p] * (swiglu(x[t].gate_e + gb, x[t].up_e + ub) . down_e + db), p = t*k+s.
+func (m *moeRef) forward(x []float32, ids []int32, w []float32, n, k int) []float32 {
+	d, ff := m.dim, m.ff
+	res := make([]float32, n*d)
+	act := make([]float32, ff)
+	for tk := 0; tk < n; tk++ {
+		xt := x[tk*d : (tk+1)*d]
+		acc := make([]float64, d)
+		for s := 0; s < k; s++ {
+			p := tk*k + s
+			e := int(ids[p])
+			for f := 0; f < ff; f++ {
+				row := (e*ff + f) * d
+				g := dot64(xt, m.gate[row:row+d])
+				u := dot64(xt, m.up[row:row+d])
+				if m.gb != nil {
+					g += float64(m.gb[e*ff+f])
+					u += float64(m.ub[e*ff+f])
+				}
+				g = math.Min(g, m.limit)
+				u = math.Max(math.Min(u, m.limit), -m.limit)
+				act[f] = float32((u + 1) * g / (1 + math.Exp(-m.alpha*g)))
+			}
+			for o := 0; o < d; o++ {
+				row := (e*d + o) * ff
+				v := dot64(act, m.down[row:row+ff])
+				if m.db != nil {
+					v += float64(m.db[e*d+o])
+				}
+				acc[o] += float64(w[p]) * v
+			}
+		}
+		for o := range acc {
+			res[tk*d+o] = float32(acc[o])
+		}
+	}
+	return res
+}
+
+// routing makes n*k expert ids: "uniform" (k distinct random experts per
+// token), "skew" (slot 0 always expert 7, the rest among 0..15, so experts
+// 16.. get no pairs), "one" (every token on experts 0..k-1: n pairs each).
+func routing(r *rand.Rand, kind string, n, k, ne int) []int32 {
+	ids := make([]int32, 0, n*k)
+	for t := 0; t < n; t++ {
+		switch kind {
+		case "one":
+			for s := 0; s < k; s++ {
+				ids = append(ids, int32(s))
+			}
+		case "skew":
+			ids = append(ids, 7)
+			for _, e := range r.Perm(15)[:k-1] {
+				if e >= 7 { // 0..14 -> 0..15 without 7
+					e++
+				}
+				ids = append(ids, int32(e))
+			}
+		default:
+			for _, e := range r.Perm(ne)[:k] {
+				ids = append(ids, int32(e))
+			}
+		}
+	}
+	return ids
+}
+
+// moeGroupedCall runs orch_moe_ffn_grouped on device tensors (scratch sized
+// by the caller's n*k).
+type moeGroupedCall struct {
+	out, x, ids, w, act, ybuf, route ml.Tensor
+	n, k                             int
+}
+
+func newMoEGroupedCall(t *testing.T, m *moeRef, n, k int) *moeGroupedCall {
+	c := &moeGroupedCall{n: n, k: k}
+	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
+		x, err := gpu.Alloc(dt, shape...)
+		require.NoError(t, err)
+		t.Cleanup(func() { gpu.Free(x) })
+		return x
+	}
+	p := n * k
+	c.out, c.x = alloc(ml.F32, m.dim, n), alloc(ml.F32, m.dim, n)
+	c.ids, c.w = alloc(ml.I32, p), alloc(ml.F32, p)
+	c.act, c.ybuf = alloc(ml.F32, m.ff, p), alloc(ml.F32, m.dim, p)
+	c.route = alloc(ml.I32, int(gpu.l.moeRouteInts(int64(p), int32(m.ne))))
+	return c
+}
+
+func (c *moeGroupedCall) run(t *testing.T, m *moeRef, tile int32) int32 {
+	return gpu.l.moeFFNGrouped(gpu.ctx, dptr(t, c.out), dptr(t, c.x), dptr(t, c.ids), dptr(t, c.w),
+		dptr(t, m.gateT), dptr(t, m.upT), int32(m.gateDT), dptr(t, m.gbT), dptr(t, m.ubT), dptr(t, m.downT),
+		int32(m.downDT), dptr(t, m.dbT), int64(c.n), int32(c.k), int32(m.ne), int64(m.dim), int64(m.ff),
+		float32(m.alpha), float32(m.limit), dptr(t, c.act), dptr(t, c.ybuf), dptr(t, c.route), tile)
+}
+
+func checkVec(t *testing.T, what string, g, want []float32, tol float64) {
+	t.Helper()
+	var num, den float64
+	for i := range g {
+		if math.IsNaN(float64(g[i])) || math.IsInf(float64(g[i]), 0) {
+			t.Fatalf("%s: element %d is %v (unwritten or overflow); reference %v", what, i, g[i], want[i])
+		}
+		d := float64(g[i]) - float64(want[i])
+		num += d * d
+		den += float64(want[i]) * float64(want[i])
+	}
+	rel := math.Sqrt(num / math.Max(den, 1e-30))
+	if rel > tol {
+		t.Fatalf("%s: relative error %.3g > %.3g", what, rel, tol)
+	}
+	t.Logf("%s: rel err %.3g (n=%d)", what, rel, len(g))
+}
+
+// TestMoEGrouped: 32 experts, top-4, ragged token counts, uniform / skewed /
+// single-expert routings (experts with zero pairs, one expert with every
+// token), biases nil and set, every tile config.
+func TestMoEGrouped(t *testing.T) {
+	r := newRNG(t)
+	const dim, ff, ne, k = 160, 224, 32, 4 // 5 and 7 blocks: not multiples of any stage
+	for _, dts := range [][2]ml.DType{{ml.MXFP4, ml.MXFP4}, {ml.Q8_0, ml.Q8_0}, {ml.MXFP4, ml.Q8_0}} {
+		for _, withBias := range []bool{true, false} {
+			m := newMoERef(t, r, dts[0], dts[1], dim, ff, ne, withBias)
+			for _, n := range []int{1, 5, 9, 33, 130, 512} {
+				c := newMoEGroupedCall(t, m, n, k)
+				for _, kind := range []string{"uniform", "skew", "one"} {
+					tiles := []int32{0, 1, 2, 3}
+					if !withBias || dts[0] != dts[1] {
+						tiles = []int32{0}
+					}
+					for _, tile := range tiles {
+						name := fmt.Sprintf("%v+%v/bias=%v/n=%d/%s/tile=%d", dts[0], dts[1], withBias, n, kind, tile)
+						t.Run(name, func(t *testing.T) {
+							x := randF32(r, dim*n, 1)
+							ids := routing(r, kind, n, k, ne)
+							w := make([]float32, n*k)
+							for i := range w {
+								w[i] = r.Float32()
+							}
+							require.NoError(t, gpu.WriteF32(c.x, x))
+							require.NoError(t, gpu.WriteI32(c.ids, ids))
+							require.NoError(t, gpu.WriteF32(c.w, w))
+							gpu.Fill(c.out, float32(math.NaN()))
+							require.NoError(t, gpu.l.status("moe_ffn_grouped", c.run(t, m, tile)))
+							got := make([]float32, dim*n)
+							require.NoError(t, gpu.ReadF32(c.out, got))
+							checkVec(t, name, got, m.forward(x, ids, w, n, k), bf16Tol)
+						})
+					}
+				}
+			}
+		}
+	}
+}
+
+// TestMoEGroupedGraph captures the grouped op once into a CUDA graph and
+// replays it with different routings written into the same ids tensor:
+// nothing of the routing may be baked in at capture time.
+func TestMoEGroupedGraph(t *testing.T) {
+	r := newRNG(t)
+	const dim, ff, ne, k, n = 160, 224, 32, 4, 70
+	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
+	c := newMoEGroupedCall(t, m, n, k)
+	for it, kind := range []string{"uniform", "one", "skew", "uniform"} {
+		x := randF32(r, dim*n, 1)
+		ids := routing(r, kind, n, k, ne)
+		w := make([]float32, n*k)
+		for i := range w {
+			w[i] = r.Float32()
+		}
+		require.NoError(t, gpu.WriteF32(c.x, x))
+		require.NoError(t, gpu.WriteI32(c.ids, ids))
+		require.NoError(t, gpu.WriteF32(c.w, w))
+		gpu.Fill(c.out, float32(math.NaN()))
+		require.NoError(t, gpu.Run("moe-grouped", func() { gpu.call("moe_ffn_grouped", c.run(t, m, 0)) }))
+		got := make([]float32, dim*n)
+		require.NoError(t, gpu.ReadF32(c.out, got))
+		checkVec(t, fmt.Sprintf("replay %d (%s)", it, kind), got, m.forward(x, ids, w, n, k), bf16Tol)
+	}
+	gpu.ResetGraphs()
+}
+
+// TestMoEGroupedRoute goes through Backend.MoE (router + top-k + grouped
+// FFN) against the CPU backend: a random router, and a skewed one (zero
+// router weights, separated biases: every token on the same 4 experts, the
+// other 28 with no pairs).
+func TestMoEGroupedRoute(t *testing.T) {
+	r := newRNG(t)
+	for _, dt := range []ml.DType{ml.MXFP4, ml.Q8_0} {
+		for _, n := range []int{8, 16, 33, 256} {
+			for _, skew := range []bool{false, true} {
+				name := fmt.Sprintf("%v/n=%d/skew=%v", dt, n, skew)
+				t.Run(name, func(t *testing.T) {
+					d, ff, ne, topk := 128, 96, 32, 4
+					m := &ml.MoE{TopK: topk, Alpha: 1.702, Limit: 7}
+					mc := *m
+					set := func(dst, dstc *ml.Tensor, p pair) { *dst, *dstc = p.g, p.c }
+					rw := randWeight(r, ml.F32, d, ne)
+					rb := randF32(r, ne, 1)
+					if skew {
+						clear(rw)
+						for e := range rb {
+							rb[e] = float32(-e)
+						}
+					}
+					set(&m.Router, &mc.Router, weightPair(t, "router", ml.F32, []int{d, ne}, rw))
+					set(&m.RouterBias, &mc.RouterBias, f32Pair(t, rb, ne))
+					set(&m.Gate, &mc.Gate, weightPair(t, "gate", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
+					set(&m.Up, &mc.Up, weightPair(t, "up", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
+					set(&m.Down, &mc.Down, weightPair(t, "down", dt, []int{ff, d, ne}, randWeight(r, dt, ff, d*ne)))
+					set(&m.GateBias, &mc.GateBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
+					set(&m.UpBias, &mc.UpBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
+					set(&m.DownBias, &mc.DownBias, f32Pair(t, randF32(r, d*ne, 1), d, ne))
+					x := f32Pair(t, randF32(r, d*n, 1), d, n)
+					y := out(t, d, n)
+					gpu.MoE(y.g, x.g, m)
+					ref.MoE(y.c, x.c, &mc)
+					checkClose(t, name, y, bf16Tol)
+					// in place (out aliases x), as model code calls it
+					gpu.MoE(x.g, x.g, m)
+					checkClose(t, name+"/in place", pair{x.g, y.c}, bf16Tol)
+				})
+			}
+		}
+	}
+}
