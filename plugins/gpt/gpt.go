@@ -111,6 +111,11 @@ func footprintGPTOSS(f *gguf.File) (nn.Footprint, error) {
 	if err != nil {
 		return fp, err
 	}
+	window, err := hp.IntOr("attention.sliding_window", 0)
+	if err != nil {
+		return fp, err
+	}
+	fp.SlidingWindow, fp.LayerWindows = window, ossWindows(fp.Layers, window)
 	d, qd, kvd, ff := int64(fp.Width), int64(nh*fp.HeadDim), int64(fp.KVHeads*fp.HeadDim), int64(gs[1])
 	fp.WeightBytes = nn.WeightBytes(f, nil, nn.VectorName) + 4*int64(dims/2) // + the uploaded RoPE table
 	// x, h, moe, o; q, att; k, v — and the CUDA MoE's per-token buffers

@@ -166,6 +166,7 @@ func (m *gptOSS) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	} else {
 		m.output = m.tokEmbd
 	}
+	windows := ossWindows(layers, window)
 	for i := range layers {
 		p := fmt.Sprintf("blk.%d.", i)
 		L := ossLayer{}
@@ -202,9 +203,7 @@ func (m *gptOSS) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 			return nil, err
 		}
 		L.moe.TopK, L.moe.Alpha, L.moe.Limit = k, 1.702, 7
-		if window > 0 && i%2 == 0 {
-			L.window = window
-		}
+		L.window = windows[i]
 		m.layers = append(m.layers, L)
 	}
 	n := o.MaxTokens
@@ -217,7 +216,20 @@ func (m *gptOSS) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 		return nil, s.Err
 	}
 	return nn.Finish(o, w, m, nn.Model{Arch: "gpt-oss", Layers: layers, HeadDim: m.hd, KVHeads: m.nkv,
-		Width: d, Vocab: m.vocab, SlidingWindow: window})
+		Width: d, Vocab: m.vocab, SlidingWindow: window, LayerWindows: windows})
+}
+
+// ossWindows is each layer's attention window: gpt-oss alternates a
+// sliding window (even layers) with full attention (odd layers). The
+// window layers get their own KV pool (nn.KVGroups), bounded by the window.
+func ossWindows(layers, window int) []int {
+	w := make([]int, layers)
+	for i := range w {
+		if window > 0 && i%2 == 0 {
+			w[i] = window
+		}
+	}
+	return w
 }
 
 // Hidden runs the blocks (see nn.Net).
@@ -252,8 +264,10 @@ func (m *gptOSS) Hidden(st *nn.Staged) (ml.Tensor, error) {
 		b.MatMul(v2, h, L.v, L.vb)
 		b.RoPE(q, st.Batch.Pos, &m.rope)
 		b.RoPE(k, st.Batch.Pos, &m.rope)
-		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, &st.Batch)
-		b.Attend(att, q, st.KV.K[i], st.KV.V[i], &st.Batch, &ml.Attention{Scale: m.scale, Window: L.window, Sinks: L.sinks})
+		// each layer's KV group has its own slots and block tables
+		lb := st.LayerBatch(i)
+		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, lb)
+		b.Attend(att, q, st.KV.K[i], st.KV.V[i], lb, &ml.Attention{Scale: m.scale, Window: L.window, Sinks: L.sinks})
 		b.MatMul(o, att2, L.o, L.ob)
 		b.AddRMSNorm(x, h, o, L.postNorm, m.eps)
 		b.MoE(moe, h, &L.moe)

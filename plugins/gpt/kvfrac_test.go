@@ -31,15 +31,27 @@ func TestKVCacheFractionPlanEqualsLoad(t *testing.T) {
 			base := sdk.LoadRequest{Path: path, Options: sdk.LoadOptions{Device: "cpu", MaxSequences: 2}}
 			plain, err := NewPlanner(nil)(ctx, base)
 			require.NoError(t, err)
-			blockBytes := plain.KVBytes / int64(2*256/16) // 2 sequences of the trained 256 tokens
-			fixed := plain.WeightBytes + plain.WorkspaceBytes
+			// gpt-oss's window layers have a pool of their own (window
+			// bytes, sized by sequences): the fraction sizes the full pool
+			// from what is left of its share after the window pool
+			m0, _, err := NewLoader(nil)(ctx, base, nil)
+			require.NoError(t, err)
+			spec := m0.Spec()
+			require.NoError(t, m0.Close())
+			blockBytes := spec.KVBlockBytes
+			window := spec.KVBytes() - int64(spec.NumBlocks)*blockBytes
+			assert.Equal(t, plain.KVBytes, blockBytes*int64(2*256/16)+window) // 2 sequences of the trained 256 tokens
+			if arch == "gpt-oss" {
+				assert.Positive(t, window)
+			}
+			fixed := plain.WeightBytes + plain.WorkspaceBytes + 2*window
 
 			withFree(t, fixed+300*blockBytes+blockBytes/2)
 			req := base
 			req.Options.KVCacheFraction = 0.5
 			plan, err := NewPlanner(nil)(ctx, req)
 			require.NoError(t, err)
-			assert.Equal(t, 150*blockBytes, plan.KVBytes, "0.5 x 300.5 blocks, floored")
+			assert.Equal(t, 150*blockBytes+window, plan.KVBytes, "0.5 x 300.5 blocks, floored")
 			assert.Equal(t, plain.WeightBytes, plan.WeightBytes)
 			assert.Equal(t, plain.WorkspaceBytes, plan.WorkspaceBytes)
 			assert.Equal(t, fixed+300*blockBytes+blockBytes/2, plan.FreeBytes)

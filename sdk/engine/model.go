@@ -58,11 +58,12 @@ type Spec struct {
 	SlidingWindow int
 	// Groups, when it has two or more entries, splits the layers into KV
 	// groups, each with its own block pool and block tables (see KVGroup and
-	// the package doc). Groups[0] is the group that NumBlocks, KVBlockBytes,
-	// SeqInput.Blocks and Model.CopyBlock refer to; its NumBlocks and
-	// BlockBytes must equal those fields. A model that declares groups must
-	// implement GroupModel. Empty (or one group): one block table for all
-	// layers, as NumBlocks and KVBlockBytes say.
+	// the package doc). Groups[0] is the group that NumBlocks, KVBlockBytes
+	// and SeqInput.Blocks refer to; its NumBlocks and BlockBytes must equal
+	// those fields. A model that declares groups must implement GroupModel;
+	// the engine then copies blocks with CopyGroupBlock only. Empty (or one
+	// group): one block table for all layers, as NumBlocks and KVBlockBytes
+	// say.
 	Groups []KVGroup
 }
 
@@ -142,7 +143,9 @@ type Loader func(ctx context.Context, req sdk.LoadRequest, progress func(sdk.Loa
 
 // GroupModel is implemented by models that declare KV groups
 // (Spec.Groups): CopyGroupBlock copies block src of group g's pool into
-// block dst of the same pool, in the group's layers only.
+// block dst of the same pool, in the group's layers only. (Model.CopyBlock
+// of such a model copies the block in every layer, for callers that pass
+// one table for all groups; see SeqInput.)
 type GroupModel interface {
 	Model
 	CopyGroupBlock(group int, dst, src int32) error

@@ -44,10 +44,16 @@ func PlanKV(r KVRequest, free, weights, workspace int64) (blocks int, err error)
 // Plan builds a MemoryPlan and checks it against the free memory; it returns
 // the plan and an *sdk.OutOfMemoryError when free > 0 and the plan does not fit.
 func Plan(device string, weights int64, kvBlocks int, blockBytes, workspace, free int64) (sdk.MemoryPlan, error) {
+	return PlanBytes(device, weights, int64(kvBlocks)*blockBytes, workspace, free)
+}
+
+// PlanBytes is Plan with the KV bytes given (e.g. the sum over KV groups,
+// Spec.KVBytes).
+func PlanBytes(device string, weights, kvBytes, workspace, free int64) (sdk.MemoryPlan, error) {
 	p := sdk.MemoryPlan{
 		Device:         device,
 		WeightBytes:    weights,
-		KVBytes:        int64(kvBlocks) * blockBytes,
+		KVBytes:        kvBytes,
 		WorkspaceBytes: workspace,
 		FreeBytes:      free,
 	}

@@ -188,10 +188,14 @@ func newGroups(m Model, spec Spec, budget, ctxLen int) ([]kvGroup, GroupModel, i
 		groups[i] = kvGroup{window: g.Window, pool: newBlockPool(g.NumBlocks, bs)}
 		if g.Window == 0 {
 			ctxLen = min(ctxLen, g.NumBlocks*bs)
-			continue
 		}
-		// n tokens at c span at most floor((n+W-2)/bs)+2 blocks (windowSpan);
-		// one more for a copy-on-write in flight.
+	}
+	for i, g := range spec.Groups {
+		if g.Window == 0 || g.NumBlocks >= (ctxLen+bs-1)/bs+1 {
+			continue // holds a whole context (and a copy-on-write block)
+		}
+		// n tokens at c span at most floor((n+W-2)/bs)+2 blocks (see the
+		// package doc); one more for a copy-on-write in flight.
 		n := (g.NumBlocks-2)*bs - g.Window + 1
 		if n < 1 {
 			return nil, nil, 0, 0, fmt.Errorf("engine: model spec: KV group %d (%s): %d blocks of %d tokens cannot hold a window of %d",
@@ -832,10 +836,10 @@ func (e *sched) grow(s *seq, upto, bs int) (bool, error) {
 				return false, nil
 			}
 			var err error
-			if g == 0 {
-				err = e.model.CopyBlock(nb, t[j])
-			} else {
+			if e.gm != nil {
 				err = e.gm.CopyGroupBlock(g, nb, t[j])
+			} else {
+				err = e.model.CopyBlock(nb, t[j])
 			}
 			if err != nil {
 				pool.release(nb)

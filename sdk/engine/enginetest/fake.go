@@ -379,30 +379,32 @@ func (m *Model) MaxChunk() int {
 	return best
 }
 
-// CopyBlock implements engine.Model.
+// CopyBlock implements engine.Model: the block in every group (the ids of
+// a caller that passes one table for all groups).
 func (m *Model) CopyBlock(dst, src int32) error {
-	n := int32(m.cfg.NumBlocks)
-	if dst < 0 || dst >= n || src < 0 || src >= n {
-		return fmt.Errorf("fake: copy block %d -> %d out of range", src, dst)
+	if err := m.CopyGroupBlock(0, dst, src); err != nil {
+		return err
 	}
-	bs := m.cfg.BlockSize
-	copy(m.kv[int(dst)*bs:int(dst+1)*bs], m.kv[int(src)*bs:int(src+1)*bs])
-	m.Copies.Add(1)
+	if m.cfg.Window > 0 {
+		return m.CopyGroupBlock(1, dst, src)
+	}
 	return nil
 }
 
 // CopyGroupBlock implements engine.GroupModel (group 1 is the window pool).
 func (m *Model) CopyGroupBlock(group int, dst, src int32) error {
-	if group == 0 {
-		return m.CopyBlock(dst, src)
+	kv, n, count := m.kv, int32(m.cfg.NumBlocks), &m.Copies
+	if group == 1 && m.cfg.Window > 0 {
+		kv, n, count = m.kvw, int32(m.cfg.WindowBlocks), &m.WindowCopies
+	} else if group != 0 {
+		return fmt.Errorf("fake: copy block of group %d", group)
 	}
-	n := int32(m.cfg.WindowBlocks)
-	if group != 1 || dst < 0 || dst >= n || src < 0 || src >= n {
+	if dst < 0 || dst >= n || src < 0 || src >= n {
 		return fmt.Errorf("fake: copy group %d block %d -> %d out of range", group, src, dst)
 	}
 	bs := m.cfg.BlockSize
-	copy(m.kvw[int(dst)*bs:int(dst+1)*bs], m.kvw[int(src)*bs:int(src+1)*bs])
-	m.WindowCopies.Add(1)
+	copy(kv[int(dst)*bs:int(dst+1)*bs], kv[int(src)*bs:int(src+1)*bs])
+	count.Add(1)
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/cpu"
 	"github.com/llama-orch/orch/sdk/ml/cuda"
@@ -71,6 +72,13 @@ type Sizing struct {
 	// from free memory (see FractionBlocks); 0 when NumBlocks is final
 	// (no fraction, or opts.Extra["num_blocks"] set).
 	Fraction float64
+	// WindowBlocks (opts.Extra["window_blocks"]; 0 = sized, see KVGroups),
+	// SharedKV (opts.Extra["kv_groups"] = "off") and StepTokens (the
+	// engine's opts.Extra["engine.max_batch_tokens"], 0 = its default) shape
+	// the KV groups.
+	WindowBlocks int
+	SharedKV     bool
+	StepTokens   int
 }
 
 // DefaultBlockSize is the KV block size models use unless told otherwise.
@@ -123,6 +131,29 @@ func Size(opts sdk.LoadOptions, trained int, backend string) (Sizing, error) {
 		default:
 			return s, fmt.Errorf("option kv_type=%q (want f32, f16 or bf16): %w", v, sdk.ErrInvalidArgument)
 		}
+	}
+	if v, ok := opts.Extra[ExtraKVGroups]; ok {
+		switch strings.ToLower(v) {
+		case "off", "false", "0":
+			s.SharedKV = true
+		case "on", "true", "1":
+		default:
+			return s, fmt.Errorf("option %s=%q (want on or off): %w", ExtraKVGroups, v, sdk.ErrInvalidArgument)
+		}
+	}
+	if v, ok := opts.Extra[engine.ExtraMaxBatchTokens]; ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return s, fmt.Errorf("option %s=%q: want a positive integer: %w", engine.ExtraMaxBatchTokens, v, sdk.ErrInvalidArgument)
+		}
+		s.StepTokens = n
+	}
+	if v, ok := opts.Extra[ExtraWindowBlocks]; ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return s, fmt.Errorf("option %s=%q: %w", ExtraWindowBlocks, v, sdk.ErrInvalidArgument)
+		}
+		s.WindowBlocks = n
 	}
 	if v, ok := opts.Extra["num_blocks"]; ok {
 		n, err := strconv.Atoi(v)

@@ -22,6 +22,14 @@ type Options struct {
 	MaxTokens     int        // tokens per internal forward sub-batch (0 = 256)
 	ContextLength int        // max tokens per sequence (0 = min(trained, 4096))
 	KVType        ml.DType   // KV cache element type: F32 (the zero value), or F16/BF16 on the GPU
+	// KV groups (see KVGroups): MaxSequences and StepTokens (the engine's
+	// tokens per step, 0 = its default) size the window pools (0 sequences =
+	// the full contexts NumBlocks holds); WindowBlocks > 0 sets each window
+	// pool's blocks instead; SharedKV keeps one pool for all layers.
+	MaxSequences int
+	StepTokens   int
+	WindowBlocks int
+	SharedKV     bool
 	// Progress, when set, receives the bytes of weights bound so far.
 	Progress func(done, total int64)
 }
@@ -177,6 +185,7 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 		}
 		r, err := bs.Open(f, Options{
 			Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType,
+			MaxSequences: sz.MaxSeqs, StepTokens: sz.StepTokens, WindowBlocks: sz.WindowBlocks, SharedKV: sz.SharedKV,
 			Progress: func(done, _ int64) {
 				progress(sdk.LoadProgress{Stage: "weights", Done: min(done, total), Total: total})
 			},
@@ -192,10 +201,13 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 		info := sdk.ModelInfo{
 			Architecture: arch, Name: name, Backend: be.Name(), DeviceName: be.DeviceName(),
 			ContextLength: spec.ContextLength, VocabSize: spec.VocabSize, MaxSequences: sz.MaxSeqs,
-			ParamCount: r.Params, WeightBytes: r.WeightBytes, KVBytes: spec.KVBlockBytes * int64(spec.NumBlocks),
+			ParamCount: r.Params, WeightBytes: r.WeightBytes, KVBytes: spec.KVBytes(),
 		}
 		log.Info("model built", "arch", arch, "backend", be.Name(), "context", spec.ContextLength,
 			"kv_blocks", spec.NumBlocks, "block_size", spec.BlockSize, "params", r.Params)
+		for _, g := range spec.Groups {
+			log.Info("KV group", "group", g.Name, "layers", g.Layers, "kv_blocks", g.NumBlocks, "bytes", int64(g.NumBlocks)*g.BlockBytes)
+		}
 		return r, info, nil
 	}
 }
@@ -209,19 +221,27 @@ type Model struct {
 	Width         int
 	Vocab         int
 	SlidingWindow int
+	// LayerWindows, when set, is each layer's attention window (0 = full);
+	// layers with a window get their own KV pool (KVGroups). nil: one pool.
+	LayerWindows []int
 }
 
 // Finish allocates the KV cache for m and wraps net in a Runner sized by o
 // (already normalized). On error it closes net.
 func Finish(o Options, w *Weights, net Net, m Model) (*Runner, error) {
-	kv, err := NewKVCache(o.Backend, o.KVType, m.Layers, m.HeadDim, m.KVHeads, o.BlockSize, o.NumBlocks)
+	if len(m.LayerWindows) > 0 && len(m.LayerWindows) != m.Layers {
+		net.Close()
+		return nil, fmt.Errorf("model: %d layer windows for %d layers", len(m.LayerWindows), m.Layers)
+	}
+	kv, err := NewGroupedKVCache(o.Backend, o.KVType, m.Layers, m.HeadDim, m.KVHeads, o.BlockSize, o.NumBlocks, KVGroups(m.LayerWindows, o))
 	if err != nil {
 		net.Close()
 		return nil, err
 	}
 	spec := engine.Spec{
 		Architecture: m.Arch, VocabSize: m.Vocab, ContextLength: o.ContextLength,
-		BlockSize: o.BlockSize, NumBlocks: o.NumBlocks, KVBlockBytes: kv.BlockBytes(), SlidingWindow: m.SlidingWindow,
+		BlockSize: o.BlockSize, NumBlocks: kv.NumBlocks, KVBlockBytes: kv.BlockBytes(), SlidingWindow: m.SlidingWindow,
+		Groups: kv.EngineGroups(),
 	}
 	r, err := NewRunner(o.Backend, kv, net, RunnerConfig{Spec: spec, Width: m.Width, MaxTokens: o.MaxTokens})
 	if err != nil {

@@ -76,13 +76,20 @@ func KVBlockBytes(dt ml.DType, layers, headDim, kvHeads, blockSize int) int64 {
 // RunnerBytes is what NewRunner allocates for its staging tensors (token
 // ids, positions, slots, gathered rows, a logits chunk, block tables).
 func RunnerBytes(width, vocab, contextLength, blockSize, maxTokens int) int64 {
+	return RunnerGroupBytes(width, vocab, contextLength, blockSize, maxTokens, 1)
+}
+
+// RunnerGroupBytes is RunnerBytes for a cache of kvGroups KV groups: each
+// group past the first has its own slots and block tables.
+func RunnerGroupBytes(width, vocab, contextLength, blockSize, maxTokens, kvGroups int) int64 {
 	if maxTokens <= 0 {
 		maxTokens = 256
 	}
 	m := int64(maxTokens)
 	logitRows := max(1, min(m, int64((64<<20)/(4*max(vocab, 1)))))
 	tableBlocks := max(1, int64((contextLength+blockSize-1)/max(blockSize, 1)))
-	i32 := 6*m + min(m*tableBlocks, 1<<24)
+	table := min(m*tableBlocks, 1<<24)
+	i32 := 6*m + table + int64(max(kvGroups-1, 0))*(m+table)
 	return 4 * (i32 + int64(width)*m + int64(vocab)*logitRows)
 }
 
@@ -153,7 +160,7 @@ func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.
 		if !pinned {
 			check = 0
 		}
-		plan, err := engine.Plan(device, fp.WeightBytes, o.NumBlocks, lay.blockBytes, lay.workspace, check)
+		plan, err := engine.PlanBytes(device, fp.WeightBytes, int64(o.NumBlocks)*lay.blockBytes+lay.fixedKV, lay.workspace, check)
 		plan.FreeBytes = free
 		log.Debug("memory plan", "arch", arch, "device", device, "weights", plan.WeightBytes,
 			"kv", plan.KVBytes, "kv_blocks", o.NumBlocks, "workspace", plan.WorkspaceBytes, "free", free)
@@ -184,7 +191,8 @@ type layout struct {
 	sz         Sizing
 	device     string // "cpu" or "cuda:N"
 	free       int64  // FreeMemory at sizing time (0 = unknown)
-	blockBytes int64
+	blockBytes int64  // one block of KV group 0 (of all layers without groups)
+	fixedKV    int64  // the other KV groups' pools (window pools: sized by sequences, not by NumBlocks)
 	workspace  int64
 	minBlocks  int // one full context
 }
@@ -210,14 +218,16 @@ func sizeFor(req sdk.LoadRequest, f *gguf.File, fp Footprint, be ml.Backend, log
 		trained = TrainedContext(f)
 	}
 	o, err := Options{Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize,
-		ContextLength: sz.Context, KVType: sz.KVType}.Normalize(trained)
+		ContextLength: sz.Context, KVType: sz.KVType,
+		MaxSequences: sz.MaxSeqs, StepTokens: sz.StepTokens, WindowBlocks: sz.WindowBlocks, SharedKV: sz.SharedKV}.Normalize(trained)
 	if err != nil {
 		return lay, err
 	}
 	lay.sz = sz
-	lay.blockBytes = KVBlockBytes(o.KVType, fp.Layers, fp.HeadDim, fp.KVHeads, o.BlockSize)
+	groups := KVGroups(fp.LayerWindows, o)
+	lay.blockBytes, lay.fixedKV = GroupKVBytes(o.KVType, fp.Layers, fp.HeadDim, fp.KVHeads, o.BlockSize, groups)
 	lay.workspace = 4*fp.ScratchFloats*int64(o.MaxTokens) +
-		RunnerBytes(fp.Width, fp.Vocab, o.ContextLength, o.BlockSize, o.MaxTokens) + margin
+		RunnerGroupBytes(fp.Width, fp.Vocab, o.ContextLength, o.BlockSize, o.MaxTokens, max(len(groups), 1)) + margin
 	lay.minBlocks = (o.ContextLength + o.BlockSize - 1) / o.BlockSize
 	lay.o = o
 	if sz.Fraction > 0 {
@@ -226,7 +236,7 @@ func sizeFor(req sdk.LoadRequest, f *gguf.File, fp Footprint, be ml.Backend, log
 				"device", lay.device, "kv_cache_fraction", sz.Fraction, "kv_blocks", o.NumBlocks)
 			return lay, nil
 		}
-		n, err := FractionBlocks(lay.device, sz.Fraction, lay.free, fp.WeightBytes, lay.workspace, lay.blockBytes, lay.minBlocks)
+		n, err := fractionBlocks(lay.device, sz.Fraction, lay.free, fp.WeightBytes, lay.workspace, lay.fixedKV, lay.blockBytes, lay.minBlocks)
 		if err != nil {
 			return lay, err
 		}
@@ -262,6 +272,12 @@ const maxKVBlocks = math.MaxInt32
 // blocks hold more prefix cache. Fewer than minBlocks (one full context) is
 // an *sdk.OutOfMemoryError on device, wrapped with the numbers.
 func FractionBlocks(device string, fraction float64, free, weights, workspace, blockBytes int64, minBlocks int) (int, error) {
+	return fractionBlocks(device, fraction, free, weights, workspace, 0, blockBytes, minBlocks)
+}
+
+// fractionBlocks is FractionBlocks where fixedKV bytes of the fraction go
+// to pools of a fixed size first (the window groups' pools).
+func fractionBlocks(device string, fraction float64, free, weights, workspace, fixedKV, blockBytes int64, minBlocks int) (int, error) {
 	if math.IsNaN(fraction) || fraction <= 0 || fraction > 1 || blockBytes <= 0 || minBlocks <= 0 {
 		return 0, fmt.Errorf("KV pool from fraction %v, block of %d bytes, at least %d blocks: %w",
 			fraction, blockBytes, minBlocks, sdk.ErrInvalidArgument)
@@ -269,10 +285,10 @@ func FractionBlocks(device string, fraction float64, free, weights, workspace, b
 	left := free - weights - workspace
 	var n int64
 	if left > 0 {
-		n = int64(min(math.Floor(fraction*float64(left)/float64(blockBytes)), maxKVBlocks))
+		n = int64(min(math.Floor((fraction*float64(left)-float64(fixedKV))/float64(blockBytes)), maxKVBlocks))
 	}
 	if n < int64(minBlocks) {
-		need := int64(minBlocks) * blockBytes
+		need := int64(minBlocks)*blockBytes + fixedKV
 		oom := &sdk.OutOfMemoryError{Device: device, Free: free,
 			Requested: weights + workspace + int64(math.Ceil(float64(need)/fraction))}
 		return 0, fmt.Errorf("kv_cache_fraction %v of the %d bytes left after weights (%d) and workspace (%d) holds %d KV blocks of %d bytes; one full context needs %d: %w",

@@ -16,6 +16,9 @@ import (
 // KVCache is a paged KV cache: per layer, K and V tensors of shape
 // [headDim, kvHeads, BlockSize, NumBlocks] (F32, or F16/BF16 where the
 // backend supports it).
+//
+// With KV groups (NewGroupedKVCache), layer i belongs to group Group[i] and
+// its tensors have Groups[Group[i]].NumBlocks blocks; NumBlocks is group 0's.
 type KVCache struct {
 	DType     ml.DType
 	K, V      []ml.Tensor
@@ -23,16 +26,25 @@ type KVCache struct {
 	KVHeads   int
 	BlockSize int
 	NumBlocks int
+	Groups    []KVGroup // nil: one pool for all layers
+	Group     []int     // KV group of each layer (nil without groups)
+}
+
+func checkKVDims(dt ml.DType, layers, headDim, kvHeads, blockSize, numBlocks int) error {
+	if layers <= 0 || headDim <= 0 || kvHeads <= 0 || blockSize <= 0 || numBlocks <= 0 {
+		return fmt.Errorf("kv cache: %d layers, head dim %d, %d kv heads, %d blocks of %d", layers, headDim, kvHeads, numBlocks, blockSize)
+	}
+	if dt != ml.F32 && dt != ml.F16 && dt != ml.BF16 {
+		return fmt.Errorf("kv cache: type %s (want F32, F16 or BF16): %w", dt, sdk.ErrInvalidArgument)
+	}
+	return nil
 }
 
 // NewKVCache allocates the cache for layers layers in type dt (F32, F16 or
 // BF16; the CPU backend takes F32 only).
 func NewKVCache(b ml.Backend, dt ml.DType, layers, headDim, kvHeads, blockSize, numBlocks int) (*KVCache, error) {
-	if layers <= 0 || headDim <= 0 || kvHeads <= 0 || blockSize <= 0 || numBlocks <= 0 {
-		return nil, fmt.Errorf("kv cache: %d layers, head dim %d, %d kv heads, %d blocks of %d", layers, headDim, kvHeads, numBlocks, blockSize)
-	}
-	if dt != ml.F32 && dt != ml.F16 && dt != ml.BF16 {
-		return nil, fmt.Errorf("kv cache: type %s (want F32, F16 or BF16): %w", dt, sdk.ErrInvalidArgument)
+	if err := checkKVDims(dt, layers, headDim, kvHeads, blockSize, numBlocks); err != nil {
+		return nil, err
 	}
 	c := &KVCache{DType: dt, HeadDim: headDim, KVHeads: kvHeads, BlockSize: blockSize, NumBlocks: numBlocks}
 	for range layers {
@@ -52,13 +64,14 @@ func NewKVCache(b ml.Backend, dt ml.DType, layers, headDim, kvHeads, blockSize, 
 	return c, nil
 }
 
-// BlockBytes is the size of one block over all layers (K and V).
+// BlockBytes is the size of one block over all layers (K and V); with KV
+// groups, over group 0's layers (the engine's Spec.KVBlockBytes).
 func (c *KVCache) BlockBytes() int64 {
-	el := int64(4)
-	if c.DType != ml.F32 {
-		el = 2
+	layers := len(c.K)
+	if len(c.Groups) > 0 {
+		layers = len(c.Groups[0].Layers)
 	}
-	return int64(len(c.K)) * 2 * int64(c.HeadDim*c.KVHeads*c.BlockSize) * el
+	return KVBlockBytes(c.DType, layers, c.HeadDim, c.KVHeads, c.BlockSize)
 }
 
 // Free releases the cache.
@@ -72,40 +85,108 @@ func (c *KVCache) Free(b ml.Backend) {
 
 // Piece is the host-side plan of one forward sub-batch: at most MaxTokens
 // tokens of one or more sequences.
+//
+// With KV groups, GroupSlots[g-1] and GroupBlocks[g-1] are the slots and
+// block tables of group g (laid out as Slots and Blocks; entries of blocks
+// a window group's tokens cannot see are 0, never read).
 type Piece struct {
 	Tokens, Pos, Seq, Slots []int32
 	Blocks                  []int32 // [MaxBlocks, NSeq] (row s contiguous)
 	MaxBlocks, NSeq         int
 	OutRows                 []int32 // token indices whose logits are returned
 	OutOwner                []int   // for each OutRows entry: index of the engine.SeqInput
+	GroupSlots, GroupBlocks [][]int32
 }
 
 // Split validates b and cuts it into pieces of at most maxTokens tokens,
 // keeping each sequence's tokens in order (a long prefill chunk spans several
 // pieces; earlier pieces write the KV later ones read).
 func Split(b *engine.Batch, vocab, blockSize, numBlocks, maxTokens int) ([]Piece, error) {
+	return split(b, vocab, blockSize, []KVGroup{{NumBlocks: numBlocks}}, maxTokens)
+}
+
+// groupTable returns sequence s's table for group g (of groups) covering
+// need blocks, validated for the blocks its tokens can see; entries below
+// those (a window group's freed blocks, -1) become 0 in a copy.
+func groupTable(i int, s *engine.SeqInput, g int, kg KVGroup, ng, blockSize, need int) ([]int32, error) {
+	grp := ""
+	if ng > 1 {
+		grp = fmt.Sprintf(" (KV group %d)", g)
+	}
+	t := s.Blocks
+	if g > 0 && s.GroupBlocks != nil {
+		if len(s.GroupBlocks) != ng {
+			return nil, fmt.Errorf("sequence %d: %d group block tables for %d KV groups: %w", i, len(s.GroupBlocks), ng, sdk.ErrInvalidArgument)
+		}
+		t = s.GroupBlocks[g]
+	}
+	if len(t) < need {
+		return nil, fmt.Errorf("sequence %d: %d blocks cover %d positions, need %d%s: %w",
+			i, len(t), len(t)*blockSize, s.Pos+len(s.Tokens), grp, sdk.ErrInvalidArgument)
+	}
+	t = t[:need]
+	lo := 0
+	if kg.Window > 0 {
+		lo = max(0, s.Pos-kg.Window+1) / blockSize
+	}
+	for _, blk := range t[lo:] {
+		if blk < 0 || int(blk) >= kg.NumBlocks {
+			return nil, fmt.Errorf("sequence %d: block %d outside [0,%d)%s: %w", i, blk, kg.NumBlocks, grp, sdk.ErrInvalidArgument)
+		}
+	}
+	for j, blk := range t[:lo] {
+		if blk < 0 || int(blk) >= kg.NumBlocks {
+			t = slices.Clone(t)
+			for k := j; k < lo; k++ {
+				if t[k] < 0 || int(t[k]) >= kg.NumBlocks {
+					t[k] = 0 // never read: outside every token's window
+				}
+			}
+			break
+		}
+	}
+	return t, nil
+}
+
+// split is Split over KV groups (groups[0] is the pool of Blocks).
+func split(b *engine.Batch, vocab, blockSize int, groups []KVGroup, maxTokens int) ([]Piece, error) {
 	if b == nil || len(b.Seqs) == 0 {
 		return nil, fmt.Errorf("empty batch: %w", sdk.ErrInvalidArgument)
 	}
+	ng := len(groups)
 	var pieces []Piece
 	cur := Piece{}
-	var tables [][]int32 // block table of each sequence of cur
-	last := -1           // SeqInput index of cur's last sequence (a sequence's tokens are consecutive)
+	var tables [][][]int32 // block tables of each sequence of cur, per group
+	last := -1             // SeqInput index of cur's last sequence (a sequence's tokens are consecutive)
+	seqTables := make([][]int32, ng)
 	finish := func() {
 		if len(cur.Tokens) == 0 {
 			return
 		}
 		mb := 1
 		for _, t := range tables {
-			mb = max(mb, len(t))
+			mb = max(mb, len(t[0]))
 		}
 		cur.MaxBlocks, cur.NSeq = mb, len(tables)
-		cur.Blocks = make([]int32, mb*len(tables))
-		for s, t := range tables {
-			copy(cur.Blocks[s*mb:], t)
+		flat := func(g int) []int32 {
+			out := make([]int32, mb*len(tables))
+			for s, t := range tables {
+				copy(out[s*mb:], t[g])
+			}
+			return out
+		}
+		cur.Blocks = flat(0)
+		for g := 1; g < ng; g++ {
+			cur.GroupBlocks = append(cur.GroupBlocks, flat(g))
 		}
 		pieces = append(pieces, cur)
 		cur, tables, last = Piece{}, nil, -1
+		if ng > 1 {
+			cur.GroupSlots = make([][]int32, ng-1)
+		}
+	}
+	if ng > 1 {
+		cur.GroupSlots = make([][]int32, ng-1)
 	}
 	for i, s := range b.Seqs {
 		if len(s.Tokens) == 0 {
@@ -116,14 +197,12 @@ func Split(b *engine.Batch, vocab, blockSize, numBlocks, maxTokens int) ([]Piece
 		}
 		end := s.Pos + len(s.Tokens)
 		need := (end + blockSize - 1) / blockSize
-		if len(s.Blocks) < need {
-			return nil, fmt.Errorf("sequence %d: %d blocks cover %d positions, need %d: %w",
-				i, len(s.Blocks), len(s.Blocks)*blockSize, end, sdk.ErrInvalidArgument)
-		}
-		for _, blk := range s.Blocks[:need] {
-			if blk < 0 || int(blk) >= numBlocks {
-				return nil, fmt.Errorf("sequence %d: block %d outside [0,%d): %w", i, blk, numBlocks, sdk.ErrInvalidArgument)
+		for g, kg := range groups {
+			t, err := groupTable(i, &b.Seqs[i], g, kg, ng, blockSize, need)
+			if err != nil {
+				return nil, err
 			}
+			seqTables[g] = t
 		}
 		for j, tok := range s.Tokens {
 			if tok < 0 || int(tok) >= vocab {
@@ -136,7 +215,7 @@ func Split(b *engine.Batch, vocab, blockSize, numBlocks, maxTokens int) ([]Piece
 			}
 			if last != i {
 				last = i
-				tables = append(tables, s.Blocks[:need])
+				tables = append(tables, slices.Clone(seqTables))
 			}
 			si := len(tables) - 1
 			p := s.Pos + j
@@ -144,7 +223,10 @@ func Split(b *engine.Batch, vocab, blockSize, numBlocks, maxTokens int) ([]Piece
 			cur.Tokens = append(cur.Tokens, tok)
 			cur.Pos = append(cur.Pos, int32(p))
 			cur.Seq = append(cur.Seq, int32(si))
-			cur.Slots = append(cur.Slots, s.Blocks[p/blockSize]*int32(blockSize)+int32(p%blockSize))
+			cur.Slots = append(cur.Slots, seqTables[0][p/blockSize]*int32(blockSize)+int32(p%blockSize))
+			for g := 1; g < ng; g++ {
+				cur.GroupSlots[g-1] = append(cur.GroupSlots[g-1], seqTables[g][p/blockSize]*int32(blockSize)+int32(p%blockSize))
+			}
 			if s.AllLogits || j == len(s.Tokens)-1 {
 				cur.OutRows = append(cur.OutRows, t)
 				cur.OutOwner = append(cur.OutOwner, i)
@@ -163,6 +245,22 @@ type Staged struct {
 	OutIdx ml.Tensor // I32 [len(OutRows)]
 	NOut   int
 	KV     *KVCache // the model's cache
+	// GroupBatch[g-1] is the Batch of KV group g (its slots and block
+	// tables; Pos and Seq are Batch's). Nets pass LayerBatch(i) to layer
+	// i's KVWrite and Attend.
+	GroupBatch []ml.Batch
+}
+
+// LayerBatch is the Batch layer i's KVWrite and Attend take: its KV group's
+// (Batch without groups).
+func (st *Staged) LayerBatch(i int) *ml.Batch {
+	if st.KV == nil || len(st.GroupBatch) == 0 {
+		return &st.Batch
+	}
+	if g := st.KV.Group[i]; g > 0 {
+		return &st.GroupBatch[g-1]
+	}
+	return &st.Batch
 }
 
 // Net is an architecture's forward pass over staged tokens.
@@ -208,9 +306,14 @@ type Runner struct {
 	graphs                          ml.GraphBackend // nil: the backend cannot replay steps
 	id                              uint64          // namespaces this runner's graph keys on a shared backend
 	tableBlocks                     int             // block-table rows of a captured decode step
+	groups                          []KVGroup       // the cache's KV groups (one, of Spec.NumBlocks, without)
+	gslots, gblocks                 []ml.Tensor     // slots and block tables of groups 1.. (I32, as slots and blocks)
 }
 
-var _ engine.GreedyModel = (*Runner)(nil)
+var (
+	_ engine.GreedyModel = (*Runner)(nil)
+	_ engine.GroupModel  = (*Runner)(nil)
+)
 
 // runnerIDs numbers runners: a captured decode graph bakes in one model's
 // buffers, so two models sharing a backend must never replay each other's.
@@ -242,6 +345,14 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 	// captured decode steps always find the table at the same address
 	r.tableBlocks = max(1, (cfg.Spec.ContextLength+cfg.Spec.BlockSize-1)/cfg.Spec.BlockSize)
 	r.blocks = alloc(ml.I32, min(m*r.tableBlocks, 1<<24))
+	r.groups = []KVGroup{{NumBlocks: cfg.Spec.NumBlocks}}
+	if kv != nil && len(kv.Groups) > 1 {
+		r.groups = kv.Groups
+		for range kv.Groups[1:] {
+			r.gslots = append(r.gslots, alloc(ml.I32, m))
+			r.gblocks = append(r.gblocks, alloc(ml.I32, min(m*r.tableBlocks, 1<<24)))
+		}
+	}
 	if g, ok := b.(ml.GraphBackend); ok && !cfg.NoGraphs {
 		r.graphs = g
 	}
@@ -253,7 +364,7 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 }
 
 func (r *Runner) freeStaging() {
-	for _, t := range []ml.Tensor{r.tokens, r.pos, r.seq, r.slots, r.outIdx, r.argmax, r.blocks, r.gathered, r.logits} {
+	for _, t := range append([]ml.Tensor{r.tokens, r.pos, r.seq, r.slots, r.outIdx, r.argmax, r.blocks, r.gathered, r.logits}, append(r.gslots, r.gblocks...)...) {
 		if t != nil {
 			r.B.Free(t)
 		}
@@ -262,13 +373,38 @@ func (r *Runner) freeStaging() {
 
 func (r *Runner) Spec() engine.Spec { return r.cfg.Spec }
 
-// CopyBlock copies one KV block in every layer.
-func (r *Runner) CopyBlock(dst, src int32) error {
-	nb := r.KV.NumBlocks
+// CopyBlock copies one KV block in every layer (with KV groups: the same
+// block id in every group's pool, for callers that pass one table for all
+// groups; the engine uses CopyGroupBlock).
+func (r *Runner) CopyBlock(dst, src int32) error { return r.copyBlock(-1, dst, src) }
+
+// CopyGroupBlock copies one block of KV group g's pool in the group's layers
+// (engine.GroupModel; group 0 is every layer without groups).
+func (r *Runner) CopyGroupBlock(g int, dst, src int32) error {
+	if g < 0 || g >= len(r.groups) {
+		return fmt.Errorf("copy block of KV group %d (%d groups): %w", g, len(r.groups), sdk.ErrInvalidArgument)
+	}
+	return r.copyBlock(g, dst, src)
+}
+
+// copyBlock copies a block in group g's layers (every layer when g < 0).
+func (r *Runner) copyBlock(g int, dst, src int32) error {
+	nb := r.KV.NumBlocks // group 0's
+	switch {
+	case g > 0:
+		nb = r.KV.Groups[g].NumBlocks
+	case g < 0:
+		for _, kg := range r.KV.Groups {
+			nb = min(nb, kg.NumBlocks)
+		}
+	}
 	if dst < 0 || src < 0 || int(dst) >= nb || int(src) >= nb {
 		return fmt.Errorf("copy block %d <- %d outside [0,%d): %w", dst, src, nb, sdk.ErrInvalidArgument)
 	}
 	for i := range r.KV.K {
+		if g >= 0 && len(r.KV.Group) > 0 && r.KV.Group[i] != g {
+			continue
+		}
 		r.B.CopyBlock(r.KV.K[i], int(dst), int(src))
 		r.B.CopyBlock(r.KV.V[i], int(dst), int(src))
 	}
@@ -301,32 +437,56 @@ func (r *Runner) view(t ml.Tensor, n int) ml.Tensor {
 // stage uploads p and returns its device views.
 func (r *Runner) stage(p *Piece) (*Staged, error) {
 	n := len(p.Tokens)
-	if r.blocks == nil || r.blocks.Len() < len(p.Blocks) {
-		if r.blocks != nil {
-			r.B.Free(r.blocks)
+	if len(p.GroupBlocks) != len(r.gblocks) {
+		return nil, fmt.Errorf("stage: piece of %d KV groups, runner has %d", len(p.GroupBlocks)+1, len(r.gblocks)+1)
+	}
+	grow := func(t *ml.Tensor) error {
+		if *t != nil && (*t).Len() >= len(p.Blocks) {
+			return nil
+		}
+		if *t != nil {
+			r.B.Free(*t)
 		}
 		if r.graphs != nil {
 			r.graphs.ResetGraphs() // captured steps point at the old table
 		}
 		var err error
-		if r.blocks, err = r.B.Alloc(ml.I32, max(len(p.Blocks), 256)); err != nil {
-			r.blocks = nil
-			return nil, fmt.Errorf("block table: %w", err)
+		if *t, err = r.B.Alloc(ml.I32, max(len(p.Blocks), 256)); err != nil {
+			*t = nil
+			return fmt.Errorf("block table: %w", err)
+		}
+		return nil
+	}
+	if err := grow(&r.blocks); err != nil {
+		return nil, err
+	}
+	for g := range r.gblocks {
+		if err := grow(&r.gblocks[g]); err != nil {
+			return nil, err
 		}
 	}
-	for _, w := range []struct {
+	type write struct {
 		t ml.Tensor
 		v []int32
-	}{{r.tokens, p.Tokens}, {r.pos, p.Pos}, {r.seq, p.Seq}, {r.slots, p.Slots}, {r.outIdx, p.OutRows}, {r.blocks, p.Blocks}} {
+	}
+	writes := []write{{r.tokens, p.Tokens}, {r.pos, p.Pos}, {r.seq, p.Seq}, {r.slots, p.Slots}, {r.outIdx, p.OutRows}, {r.blocks, p.Blocks}}
+	for g := range r.gblocks {
+		writes = append(writes, write{r.gslots[g], p.GroupSlots[g]}, write{r.gblocks[g], p.GroupBlocks[g]})
+	}
+	for _, w := range writes {
 		if err := r.B.WriteI32(w.t, w.v); err != nil {
 			return nil, fmt.Errorf("stage: %w", err)
 		}
 	}
-	bt, err := r.B.Rows(r.blocks, 0, len(p.Blocks))
-	if err != nil {
-		return nil, err
+	table := func(t ml.Tensor) (ml.Tensor, error) {
+		bt, err := r.B.Rows(t, 0, len(p.Blocks))
+		if err != nil {
+			return nil, err
+		}
+		return r.B.Reshape(bt, p.MaxBlocks, p.NSeq)
 	}
-	if bt, err = r.B.Reshape(bt, p.MaxBlocks, p.NSeq); err != nil {
+	bt, err := table(r.blocks)
+	if err != nil {
 		return nil, err
 	}
 	maxPos := 0
@@ -337,18 +497,32 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 	if len(p.OutRows) > 0 {
 		outIdx = r.view(r.outIdx, len(p.OutRows))
 	}
-	return &Staged{
+	st := &Staged{
 		N: n, Tokens: r.view(r.tokens, n), KV: r.KV, NOut: len(p.OutRows), OutIdx: outIdx,
 		Batch: ml.Batch{Pos: r.view(r.pos, n), Seq: r.view(r.seq, n), Slots: r.view(r.slots, n),
 			Blocks: bt, BlockSize: r.KV.BlockSize, MaxPos: maxPos},
-	}, nil
+	}
+	for g := range r.gblocks {
+		gb, err := table(r.gblocks[g])
+		if err != nil {
+			return nil, err
+		}
+		b := st.Batch
+		b.Slots, b.Blocks = r.view(r.gslots[g], n), gb
+		st.GroupBatch = append(st.GroupBatch, b)
+	}
+	return st, nil
 }
 
 // decodeStep reports whether p is a pure decode step that can be captured:
 // one token and one output row per sequence, within the fixed table size.
 func (r *Runner) decodeStep(p *Piece) bool {
+	fits := p.NSeq*r.tableBlocks <= r.blocks.Len()
+	for _, t := range r.gblocks {
+		fits = fits && p.NSeq*r.tableBlocks <= t.Len()
+	}
 	return p.NSeq == len(p.Tokens) && len(p.OutRows) == len(p.Tokens) && len(p.Tokens) <= r.logitRows &&
-		p.MaxBlocks <= r.tableBlocks && p.NSeq*r.tableBlocks <= r.blocks.Len()
+		p.MaxBlocks <= r.tableBlocks && fits
 }
 
 // padTables widens the block table to mb rows per sequence (padding with
@@ -357,11 +531,18 @@ func (p *Piece) padTables(mb int) {
 	if p.MaxBlocks == mb {
 		return
 	}
-	nb := make([]int32, mb*p.NSeq)
-	for s := 0; s < p.NSeq; s++ {
-		copy(nb[s*mb:], p.Blocks[s*p.MaxBlocks:(s+1)*p.MaxBlocks])
+	pad := func(t []int32) []int32 {
+		nb := make([]int32, mb*p.NSeq)
+		for s := 0; s < p.NSeq; s++ {
+			copy(nb[s*mb:], t[s*p.MaxBlocks:(s+1)*p.MaxBlocks])
+		}
+		return nb
 	}
-	p.Blocks, p.MaxBlocks = nb, mb
+	p.Blocks = pad(p.Blocks)
+	for g := range p.GroupBlocks {
+		p.GroupBlocks[g] = pad(p.GroupBlocks[g])
+	}
+	p.MaxBlocks = mb
 }
 
 // head issues the output norm, LM head (and argmax) for gathered rows
@@ -422,7 +603,7 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 			}
 		}
 	}
-	pieces, err := Split(b, spec.VocabSize, spec.BlockSize, spec.NumBlocks, r.cfg.MaxTokens)
+	pieces, err := split(b, spec.VocabSize, spec.BlockSize, r.groups, r.cfg.MaxTokens)
 	if err != nil {
 		return err
 	}
@@ -465,6 +646,9 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 				}
 				if graph {
 					st.Batch.MaxPos = r.cfg.Spec.ContextLength
+					for g := range st.GroupBatch {
+						st.GroupBatch[g].MaxPos = r.cfg.Spec.ContextLength
+					}
 					var recErr error
 					err = r.graphs.Run(fmt.Sprintf("runner%d/decode/n=%d/greedy=%t", r.id, st.N, greedy), func() { recErr = step() })
 					err = errors.Join(recErr, err)

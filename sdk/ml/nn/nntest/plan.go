@@ -77,7 +77,8 @@ func CheckPlan(t *testing.T, c Config, opts sdk.LoadOptions, a PlanAdapter, extr
 	sz, err := nn.Size(opts, c.Context, "cpu")
 	require.NoError(t, err)
 	cb := &Counting{Backend: cpu.New(1)}
-	m2, err := a.Load(path, nn.Options{Backend: cb, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType})
+	m2, err := a.Load(path, nn.Options{Backend: cb, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType,
+		MaxSequences: sz.MaxSeqs, StepTokens: sz.StepTokens, WindowBlocks: sz.WindowBlocks, SharedKV: sz.SharedKV})
 	require.NoError(t, err)
 	require.NoError(t, m2.Close())
 	f, err := OpenFootprint(path, a.Footprint)
