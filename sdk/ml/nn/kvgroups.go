@@ -66,8 +66,11 @@ func stepTokens(o Options, seqs int) int {
 // KVGroups groups layers by their window for normalized options o: group 0
 // holds the full-attention layers with o.NumBlocks blocks, then one group
 // per distinct window (in order of first appearance) with o.WindowBlocks
-// blocks, or WindowBlocks(...) for o.MaxSequences sequences (default: the
-// full contexts o.NumBlocks holds). nil — one shared pool — when no layer
+// blocks, or WindowBlocks(...) for o.MaxSequences sequences. Without
+// either (a direct caller of Load, not the engine's loader) a window pool
+// has o.NumBlocks blocks, so that one table (SeqInput.Blocks) fits every
+// group's pool as before; the savings come with the loader, which always
+// sets MaxSequences. nil — one shared pool — when no layer
 // has a window, when o.SharedKV is set or the ORCH_KV_GROUPS switch is off,
 // and when there would be one group only (every layer with the same window:
 // such a model keeps the shared pool of before).
@@ -76,19 +79,17 @@ func KVGroups(layerWindows []int, o Options) []KVGroup {
 		return nil
 	}
 	var groups []KVGroup
-	perCtx := (o.ContextLength + o.BlockSize - 1) / o.BlockSize
 	seqs := o.MaxSequences
-	if seqs <= 0 {
-		seqs = max(1, o.NumBlocks/max(perCtx, 1))
-	}
 	for i, w := range layerWindows {
 		w = max(w, 0)
 		j := slices.IndexFunc(groups, func(g KVGroup) bool { return g.Window == w })
 		if j < 0 {
 			nb := o.NumBlocks
 			if w > 0 {
-				nb = o.WindowBlocks
-				if nb <= 0 {
+				switch {
+				case o.WindowBlocks > 0:
+					nb = o.WindowBlocks
+				case seqs > 0:
 					nb = WindowBlocks(w, o.BlockSize, stepTokens(o, seqs), o.ContextLength, seqs)
 				}
 			}

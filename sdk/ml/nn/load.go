@@ -23,8 +23,8 @@ type Options struct {
 	ContextLength int        // max tokens per sequence (0 = min(trained, 4096))
 	KVType        ml.DType   // KV cache element type: F32 (the zero value), or F16/BF16 on the GPU
 	// KV groups (see KVGroups): MaxSequences and StepTokens (the engine's
-	// tokens per step, 0 = its default) size the window pools (0 sequences =
-	// the full contexts NumBlocks holds); WindowBlocks > 0 sets each window
+	// tokens per step, 0 = its default) size the window pools (0 sequences:
+	// NumBlocks blocks, as the full pool); WindowBlocks > 0 sets each window
 	// pool's blocks instead; SharedKV keeps one pool for all layers.
 	MaxSequences int
 	StepTokens   int
