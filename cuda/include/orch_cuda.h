@@ -200,23 +200,25 @@ int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, 
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,
- * same operands as orch_matmul. W tiles are dequantized into shared memory as
- * bf16 (exact for MXFP4; Q8_0 / Q4_0 rounded as the cuBLAS path does), x is
- * rounded to bf16, sums are fp32. Handles Q8_0, Q4_0, MXFP4 with k % 32 == 0;
- * any n, m. tile: 0 = chosen by n, 1 = 16 tokens x 32 rows per CTA, 2 = 64 x
- * 64, 3 = 128 x 128 (kept selectable for tests and timing). Returns
+ * same operands as orch_matmul. x is first rounded to bf16 into the caller's
+ * scratch xbf16 (n*k*2 bytes, 16-byte aligned); W tiles are dequantized into
+ * shared memory as bf16 (exact for MXFP4; Q8_0 / Q4_0 rounded as the cuBLAS
+ * path does); sums are fp32. Handles Q8_0, Q4_0, MXFP4 with k % 32 == 0; any
+ * n, m. tile: 0 = chosen by n; 1..4 = 16x32, 64x64, 64x128, 128x128 (token
+ * rows x W rows per CTA), kept selectable for tests and timing. Returns
  * ORCH_ERR_UNSUPPORTED for other types/shapes: the caller uses orch_matmul. */
 int orch_qgemm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
-               int64_t n, int64_t k, int64_t m, int32_t accumulate, int32_t tile);
+               int64_t n, int64_t k, int64_t m, int32_t accumulate, void *xbf16, int32_t tile);
 /* Ints of the route scratch orch_moe_ffn_grouped needs for n_pairs pairs. */
 int64_t orch_moe_route_ints(int64_t n_pairs, int32_t n_exp);
-/* Grouped MoE expert FFN after routing (same semantics as orch_moe_ffn):
- * pairs p = t*n_slots + s are bucketed by expert ids[p] on the device (no
- * host sync: graph-capturable), then per expert tile: act[p] =
- * swiglu_oai(x[t] . gate_e^T + gate_bias[e], x[t] . up_e^T + up_bias[e]),
- * ybuf[p] = act[p] . down_e^T + down_bias[e], and out[t] = sum_s weights[p] *
- * ybuf[p] (orch_moe_combine, fixed order). Caller scratch: act n*n_slots*ff
- * floats, ybuf n*n_slots*dim floats, route orch_moe_route_ints(n*n_slots,
+/* Grouped MoE expert FFN after routing (same result as orch_moe_ffn up to
+ * bf16 rounding): pairs p = t*n_slots + s are bucketed by expert ids[p] on
+ * the device (no host sync: graph-capturable), their x rows gathered as bf16,
+ * then per expert tile: act = swiglu_oai(x[t] . gate_e^T + gate_bias[e],
+ * x[t] . up_e^T + up_bias[e]) (bf16), ybuf[p] = act . down_e^T +
+ * down_bias[e], and out[t] = sum_s weights[p] * ybuf[p] (orch_moe_combine,
+ * fixed order). Caller scratch (16-byte aligned), P = n*n_slots: xg P*dim*2
+ * bytes, act P*ff*2 bytes, ybuf P*dim floats, route orch_moe_route_ints(P,
  * n_exp) ints. Types as orch_qgemm (gate and up one type); dim, ff % 32 == 0.
  * out may alias x. tile as orch_qgemm (0: chosen by pairs per expert).
  * Returns ORCH_ERR_UNSUPPORTED for what it does not handle. */
@@ -224,7 +226,7 @@ int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, const int32_
                          const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
                          const float *up_bias, const void *down, int32_t down_type, const float *down_bias,
                          int64_t n, int32_t n_slots, int32_t n_exp, int64_t dim, int64_t ff, float alpha,
-                         float limit, float *act, float *ybuf, int32_t *route, int32_t tile);
+                         float limit, void *xg, void *act, float *ybuf, int32_t *route, int32_t tile);
 
 /* ---- sample.cu ---- */
 int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab);

@@ -5,29 +5,33 @@
 //    (matmul.cu), which wrote and re-read 2 bytes per weight element per call.
 //  - orch_moe_ffn_grouped: the MoE expert FFN for many tokens: (token, slot)
 //    pairs are bucketed by expert on the device (count, scan, scatter: no host
-//    sync, so the op can be captured in a CUDA graph), then per expert one GEMM
-//    over its gathered rows for gate and up together (+ biases, clamped SwiGLU
-//    in the epilogue), one for down (+ bias) into a per-pair buffer, and the
+//    sync, so the op can be captured in a CUDA graph), their x rows gathered
+//    in that order as bf16, then per expert one GEMM over its rows for gate and
+//    up together (+ biases, clamped SwiGLU in the epilogue, bf16 activations
+//    in the same order), one for down (+ bias) into a per-pair buffer, and the
 //    weighted combine in a fixed order (orch_moe_combine). Each expert's
 //    weights are read once per tile of up to BN pairs instead of once per pair.
 //
-// Kernel (one template for the three uses): a CTA computes a BN (token rows)
-// x BM (W rows) tile of the output. Per stage of KB GGUF blocks (32 k each):
-//   1. the raw bytes of the BM row segments are copied global -> shared with
-//      cp.async (16-byte chunks; rows are not 16-byte aligned, so the chunks
-//      covering each segment are copied and the segment's offset kept), NS
-//      stages in flight;
+// Kernel (one template for the three uses): a CTA computes a BN (A rows:
+// tokens / sorted pairs) x BM (W rows) tile of the output. A is bf16 (x is
+// converted once per call, n*k*2 bytes: the A tile is re-read by every CTA
+// column, m/BM times, so f32 rows would double that L2 traffic). Per stage of
+// KB GGUF blocks (32 k each), NS stages in flight with cp.async:
+//   1. the raw bytes of the BM W row segments are copied global -> shared
+//      (16-byte chunks; W rows are not 16-byte aligned, so the chunks covering
+//      each segment are copied and the segment's offset kept; the chunk at
+//      the tensor's end copies only the bytes inside it), and the A tile
+//      (bf16 rows, 16-byte aligned) straight into its stage buffer;
 //   2. each thread dequantizes whole blocks from shared memory (32-bit word
-//      reads + funnel shifts) into a bf16 W tile Ws[BM][BK+8]; x rows are read
-//      as float4 (issued one stage ahead into registers), rounded to bf16 into
-//      Xs[BN][BK+8];
+//      reads + funnel shifts) into the bf16 W tile Ws[BM][BK+8];
 //   3. warps multiply with WMMA bf16 16x16x16 fragments, fp32 accumulators
 //      (documented fragment semantics; no hand-derived mma layouts).
 // The epilogue goes through a per-warp 16x16 shared scratch (bias, accumulate,
 // SwiGLU, ragged-edge masks). Every output element's sum runs over k in the
 // same order whatever other rows share its tile.
 // Precision: MXFP4 -> bf16 is exact; Q8_0 / Q4_0 blocks are rounded to bf16
-// (d * q), as the cuBLAS path does; x is rounded to bf16; sums are fp32.
+// (d * q), as the cuBLAS path does; x and the MoE activations are rounded to
+// bf16; sums are fp32.
 #include <mma.h>
 
 #include "qgemm.cuh"
@@ -42,34 +46,35 @@ struct QCfg {
   static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, KB = KB_, NS = NS_, THREADS = THREADS_;
   static constexpr int FM = BM / (16 * WM), FN = BN / (16 * WN);
   static constexpr int BK = 32 * KB;  // k elements per stage
-  static constexpr int LDS = BK + 8;  // bf16 row stride of Ws / Xs (16-byte multiple, skews banks)
+  static constexpr int LDS = BK + 8;  // bf16 row stride of Ws / Xs (skews banks)
   static constexpr int WARPS = THREADS / 32;
   static_assert(FM >= 1 && FN >= 1 && FM * 16 * WM == BM && FN * 16 * WN == BN, "tile");
   static_assert(WM * WN <= WARPS, "mma warps");
-  static_assert(LDS % 8 == 0, "wmma ldm of 16-bit elements: a multiple of 8 (fragment starts, 16 rows apart, stay 32-byte aligned)");
+  static_assert(LDS % 8 == 0, "wmma ldm of 16-bit elements: a multiple of 8 (fragment starts stay 32-byte aligned)");
+  static_assert(NS >= 2, "pipeline");
 };
 
-// Tile configurations (tile argument of the ABI: 1, 2, 3; 0 picks by rows).
-// S: few tokens (decode of several streams, sparse experts): many CTAs, deep
-//    pipeline, helper warps that only load/dequantize.
-using CfgS1 = QCfg<32, 16, 2, 1, 4, 4, 128>;   // dense, FM = 1
-using CfgS2 = QCfg<64, 16, 2, 1, 4, 4, 128>;   // MoE (gate/up pairing needs FM = 2)
-using CfgM = QCfg<64, 64, 2, 2, 2, 3, 128>;
-using CfgL = QCfg<128, 128, 4, 2, 2, 3, 256>;
+// Tile configurations (tile argument of the ABI: 1..4; 0 picks by rows).
+// S: few rows (decode of several streams, sparse experts): many CTAs, deep
+//    pipeline, helper warps that only copy / dequantize.
+using CfgS1 = QCfg<32, 16, 2, 1, 4, 4, 128>;   // 1, dense (FM = 1)
+using CfgS2 = QCfg<64, 16, 2, 1, 4, 4, 128>;   // 1, MoE (gate/up pairing needs FM = 2)
+using CfgM = QCfg<64, 64, 2, 2, 2, 3, 128>;    // 2
+using CfgML = QCfg<128, 64, 4, 2, 2, 3, 256>;  // 3
+using CfgL = QCfg<128, 128, 4, 2, 2, 3, 256>;  // 4
 
-enum { MODE_DENSE = 0, MODE_GROUPED = 1, MODE_GATE_UP = 2 };
+enum { MODE_DENSE = 0, MODE_DOWN = 1, MODE_GATE_UP = 2 };
 
 struct QArgs {
-  float *y;                 // dense: [n, m]; grouped: [pairs, m] (row = pair)
-  const float *x;           // rows of k
-  const uint8_t *w, *w2;    // W (and, gate_up, the up W): [n_exp][m rows of k]
+  void *y;                      // dense: f32 [n, m]; gate_up: bf16 [pairs, m] (sorted order); down: f32 [pairs, m]
+  const __nv_bfloat16 *xa;      // A rows of k (dense: token order; grouped: sorted order)
+  const uint8_t *w, *w2;        // W (and, gate_up, the up W): [n_exp][m rows of k]
   const uint8_t *w_end, *w2_end;
-  const float *bias, *bias2; // [n_exp, m] or NULL
+  const float *bias, *bias2;    // [n_exp, m] or NULL
   int64_t n, k, m, rb, expert_bytes;
   int accumulate;
-  // grouped: route scratch (see qgemm.cuh) and the pair -> x row map
+  // grouped: route scratch (see qgemm.cuh)
   const int32_t *exp_off, *ntiles, *sorted, *tile_e, *tile_r0;
-  int n_slots, x_per_slot;
   float alpha, limit;
 };
 
@@ -133,54 +138,50 @@ __device__ __forceinline__ void dequant_block_bf16(const uint32_t *w, uint32_t s
   for (int i = 0; i < 4; i++) p[i] = make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
 }
 
+// Shared memory: Ws | Xs stages | raw W stages (the epilogue scratch reuses them) | row maps.
 template <int T, class C>
-__host__ __device__ constexpr int raw_row_bytes() {
-  return 16 * qg_chunks(type_block_bytes(T), C::KB);
-}
-
-template <int T, class C, int MODE>
-__host__ __device__ constexpr size_t qgemm_smem() {
-  // Ws | Xs | raw stages (the epilogue scratch reuses them) | row maps
-  constexpr size_t ws = (size_t)C::BM * C::LDS * 2, xs = (size_t)C::BN * C::LDS * 2;
-  constexpr size_t raw = (size_t)C::NS * C::BM * raw_row_bytes<T, C>();
-  constexpr size_t epi = (size_t)C::WARPS * 512 * 4;
-  return ws + xs + (raw > epi ? raw : epi) + 2 * C::BN * 4;
-}
+struct QSmem {
+  static constexpr int RAWROW = 16 * qg_chunks(type_block_bytes(T), C::KB);
+  static constexpr size_t WS = (size_t)C::BM * C::LDS * 2;
+  static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
+  static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
+  static constexpr size_t EPI = (size_t)C::WARPS * 512 * 4;
+  static constexpr size_t RAWU = RAW > EPI ? RAW : EPI;
+  static constexpr size_t TOTAL = WS + XS + RAWU + 2 * C::BN * 4;
+};
 
 template <int T, class C, int MODE>
 __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
-  constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = 16 * CH;
+  using SM = QSmem<T, C>;
+  constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
   constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
   constexpr bool DUAL = MODE == MODE_GATE_UP;
   static_assert(!DUAL || C::FM == 2, "gate/up pairing: fragment 0 = gate rows, 1 = the same up rows");
   extern __shared__ __align__(128) uint8_t smem[];
   __nv_bfloat16 *Ws = reinterpret_cast<__nv_bfloat16 *>(smem);
-  __nv_bfloat16 *Xs = Ws + BM * LDS;
-  uint8_t *raw = reinterpret_cast<uint8_t *>(Xs + BN * LDS);
-  constexpr size_t RAWB = (size_t)NS * BM * RAWROW > (size_t)C::WARPS * 2048 ? (size_t)NS * BM * RAWROW
-                                                                              : (size_t)C::WARPS * 2048;
-  int *xrow = reinterpret_cast<int *>(raw + RAWB); // x row of tile row i (-1: none)
-  int *orow = xrow + BN;                            // output row of tile row i (-1: none)
+  __nv_bfloat16 *Xs = reinterpret_cast<__nv_bfloat16 *>(smem + SM::WS);
+  uint8_t *raw = smem + SM::WS + SM::XS;
+  int *arow = reinterpret_cast<int *>(raw + SM::RAWU); // A row of tile row i (-1: none)
+  int *orow = arow + BN;                                // output row of tile row i (-1: none)
   const int tid = threadIdx.x;
 
-  // Which token rows and which expert this CTA covers.
+  // Which rows and which expert this CTA covers.
   int e = 0;
   if constexpr (MODE == MODE_DENSE) {
     const int64_t t0 = (int64_t)blockIdx.y * BN;
     for (int i = tid; i < BN; i += THREADS) {
       const int64_t t = t0 + i;
-      xrow[i] = orow[i] = t < a.n ? (int)t : -1;
+      arow[i] = orow[i] = t < a.n ? (int)t : -1;
     }
   } else {
     const int ty = blockIdx.y;
-    if (ty >= *a.ntiles) return; // uniform: past the routed tiles (grid is an upper bound)
+    if (ty >= *a.ntiles) return; // uniform: past the routed tiles (the grid is an upper bound)
     e = a.tile_e[ty];
     const int base = a.exp_off[e] + a.tile_r0[ty], lim = a.exp_off[e + 1];
     for (int i = tid; i < BN; i += THREADS) {
       const int pos = base + i;
-      const int p = pos < lim ? a.sorted[pos] : -1;
-      orow[i] = p;
-      xrow[i] = p < 0 ? -1 : a.x_per_slot ? p : p / a.n_slots;
+      arow[i] = pos < lim ? pos : -1;
+      orow[i] = pos >= lim ? -1 : MODE == MODE_GATE_UP ? pos : a.sorted[pos];
     }
   }
   const int64_t r0 = (int64_t)blockIdx.x * (DUAL ? BM / 2 : BM); // first W row (of each W when DUAL)
@@ -204,7 +205,11 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
     }
   };
 
-  // Issue the cp.async copies of stage s (into raw buffer s % NS).
+  __syncthreads(); // row maps
+
+  // Issues the cp.async copies of stage s (W raw into raw[s % NS], A into
+  // Xs[s % NS]) and commits them as one group (an empty one past the end, to
+  // keep the group count per step uniform).
   auto issue = [&](int s) {
     if (s < nstages) {
       const int64_t kb0 = (int64_t)s * KB;
@@ -222,41 +227,22 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
         const int bytes = qg_chunk_bytes(addr, (uint64_t)end);
         if (bytes > 0) cp_async16(dst + i * RAWROW + 16 * c, reinterpret_cast<const void *>(addr), bytes);
       }
-    }
-    cp_async_commit(); // always: keeps the group count per stage uniform
-  };
-
-  // x of stage s into registers (float4s), then rounded into Xs.
-  constexpr int XV = BN * KB * 8;                  // float4 per stage
-  constexpr int XPT = (XV + THREADS - 1) / THREADS; // per thread
-  float4 xr[XPT];
-  auto load_x = [&](int s) {
-    const int64_t col0 = (int64_t)s * KB * 32;
-#pragma unroll
-    for (int u = 0; u < XPT; u++) {
-      const int q = tid + u * THREADS;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (q < XV) {
-        const int i = q / (KB * 8), c4 = q % (KB * 8);
-        const int64_t col = col0 + 4 * c4;
-        const int xi = xrow[i];
-        if (xi >= 0 && col < a.k) v = __ldg(reinterpret_cast<const float4 *>(a.x + (int64_t)xi * a.k + col));
-      }
-      xr[u] = v;
-    }
-  };
-  auto store_x = [&]() {
-#pragma unroll
-    for (int u = 0; u < XPT; u++) {
-      const int q = tid + u * THREADS;
-      if (q < XV) {
-        const int i = q / (KB * 8), c4 = q % (KB * 8);
-        uint2 pk = make_uint2(pack_bf16(xr[u].x, xr[u].y), pack_bf16(xr[u].z, xr[u].w));
-        *reinterpret_cast<uint2 *>(Xs + i * LDS + 4 * c4) = pk;
+      // A: BN rows x KB*4 chunks of 8 bf16; columns past k are zero-filled
+      // (W is zero there too, but stale shared memory could hold NaN bits).
+      // Rows without a pair are skipped: they only feed outputs never stored.
+      __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
+      for (int q = tid; q < BN * KB * 4; q += THREADS) {
+        const int i = q / (KB * 4), c = q % (KB * 4);
+        const int ar = arow[i];
+        if (ar < 0) continue;
+        const int64_t col = kb0 * 32 + 8 * c;
+        const __nv_bfloat16 *src = a.xa + (int64_t)ar * a.k + (col < a.k ? col : 0);
+        cp_async16(xd + i * LDS + 8 * c, src, col < a.k ? 16 : 0);
       }
     }
+    cp_async_commit();
   };
-  // Dequantize stage s's raw blocks into Ws (zeros past m / past k).
+  // Dequantizes stage s's raw blocks into Ws (zeros past m / past k).
   auto dequant = [&](int s) {
     const int64_t kb0 = (int64_t)s * KB;
     const uint8_t *src = raw + (size_t)(s % NS) * BM * RAWROW;
@@ -281,7 +267,6 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
     }
   };
 
-  __syncthreads(); // row maps
   const int warp = tid >> 5, lane = tid & 31;
   const bool mma_warp = warp < C::WM * C::WN;
   const int wm = warp % C::WM, wn = warp / C::WM;
@@ -293,19 +278,17 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
 
 #pragma unroll
   for (int s = 0; s < NS - 1; s++) issue(s);
-  load_x(0);
   for (int s = 0; s < nstages; s++) {
-    issue(s + NS - 1);  // its buffer was last read by dequant(s - 1), before barrier B of step s - 1
-    cp_async_wait<NS - 1>(); // this thread's copies of stage s have landed
-    __syncthreads();         // A: everyone's copies visible; step s-1's mma done with Ws / Xs
+    cp_async_wait<NS - 2>(); // this thread's copies of stage s have landed
+    __syncthreads();         // A: everyone's copies visible; step s-1's mma is done with Ws and Xs[(s-1) % NS]
+    issue(s + NS - 1);       // into the buffers of stage s-1 (raw: read by dequant(s-1), before B of s-1)
     dequant(s);
-    store_x();
-    if (s + 1 < nstages) load_x(s + 1); // in flight during the mma below
-    __syncthreads();                    // B: Ws / Xs ready
+    __syncthreads();         // B: Ws ready
     if (mma_warp) {
+      const __nv_bfloat16 *xs = Xs + (size_t)(s % NS) * BN * LDS;
 #pragma unroll
       for (int kk = 0; kk < C::BK / 16; kk++) {
-        // FM <= FN in every config: hold the W fragments, stream the x ones.
+        // Hold the W fragments, stream the A ones.
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb[C::FM];
 #pragma unroll
         for (int i = 0; i < C::FM; i++)
@@ -313,7 +296,7 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
 #pragma unroll
         for (int j = 0; j < C::FN; j++) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
-          wmma::load_matrix_sync(fa, Xs + (wn * C::FN * 16 + j * 16) * LDS + kk * 16, LDS);
+          wmma::load_matrix_sync(fa, xs + (wn * C::FN * 16 + j * 16) * LDS + kk * 16, LDS);
 #pragma unroll
           for (int i = 0; i < C::FM; i++) wmma::mma_sync(acc[j][i], fa, fb[i], acc[j][i]);
         }
@@ -331,6 +314,7 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
       wmma::store_matrix_sync(scr, acc[j][0], 16, wmma::mem_row_major);
       wmma::store_matrix_sync(scr + 256, acc[j][1], 16, wmma::mem_row_major);
       __syncwarp();
+      __nv_bfloat16 *act = reinterpret_cast<__nv_bfloat16 *>(a.y);
       for (int q = lane; q < 256; q += 32) {
         const int tl = q >> 4, rl = q & 15;
         const int o = orow[wn * C::FN * 16 + j * 16 + tl];
@@ -340,11 +324,12 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
           float u = scr[256 + q] + (a.bias2 ? a.bias2[(int64_t)e * a.m + row] : 0.f);
           g = fminf(g, a.limit);
           u = fminf(fmaxf(u, -a.limit), a.limit);
-          a.y[(int64_t)o * a.m + row] = (u + 1.f) * g / (1.f + expf(-a.alpha * g));
+          act[(int64_t)o * a.m + row] = __float2bfloat16_rn((u + 1.f) * g / (1.f + expf(-a.alpha * g)));
         }
       }
       __syncwarp();
     } else {
+      float *y = reinterpret_cast<float *>(a.y);
 #pragma unroll
       for (int i = 0; i < C::FM; i++) {
         wmma::store_matrix_sync(scr, acc[j][i], 16, wmma::mem_row_major);
@@ -355,7 +340,7 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
           const int64_t row = r0 + wm * C::FM * 16 + i * 16 + rl;
           if (o >= 0 && row < a.m) {
             const float v = scr[q] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
-            float *yp = a.y + (int64_t)o * a.m + row;
+            float *yp = y + (int64_t)o * a.m + row;
             *yp = a.accumulate ? *yp + v : v;
           }
         }
@@ -366,51 +351,76 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
 }
 
 template <int T, class C, int MODE>
-int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t gx, int64_t gy) {
-  constexpr size_t sm = qgemm_smem<T, C, MODE>();
+int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
+  constexpr size_t sm = QSmem<T, C>::TOTAL;
   static_assert(sm <= 200 * 1024, "shared memory");
+  const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
   if (sm > 48 * 1024)
     cudaFuncSetAttribute(qgemm_kernel<T, C, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   qgemm_kernel<T, C, MODE><<<dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st>>>(a);
   return ORCH_OK;
 }
 
-// Config by tile code: 1 = S, 2 = M, 3 = L.
+constexpr int bn_of(int tile) { return tile == 1 ? 16 : tile == 4 ? 128 : 64; }
+
+// gy: grid rows (token tiles or the MoE tile bound) for this tile's BN.
 template <int T, int MODE>
-int launch_cfg(cudaStream_t st, const QArgs &a, int tile, int64_t rows_x, int64_t gy_of_bn16, int64_t gy_of_bn64,
-               int64_t gy_of_bn128) {
-  const bool dual = MODE == MODE_GATE_UP;
+int launch_cfg(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
   switch (tile) {
     case 1:
-      if constexpr (MODE == MODE_DENSE) return launch_qgemm<T, CfgS1, MODE>(st, a, ceil_div(rows_x, CfgS1::BM), gy_of_bn16);
-      else return launch_qgemm<T, CfgS2, MODE>(st, a, ceil_div(rows_x, dual ? CfgS2::BM / 2 : CfgS2::BM), gy_of_bn16);
-    case 2:
-      return launch_qgemm<T, CfgM, MODE>(st, a, ceil_div(rows_x, dual ? CfgM::BM / 2 : CfgM::BM), gy_of_bn64);
-    default:
-      return launch_qgemm<T, CfgL, MODE>(st, a, ceil_div(rows_x, dual ? CfgL::BM / 2 : CfgL::BM), gy_of_bn128);
+      if constexpr (MODE == MODE_DENSE) return launch_qgemm<T, CfgS1, MODE>(st, a, rows_w, gy);
+      else return launch_qgemm<T, CfgS2, MODE>(st, a, rows_w, gy);
+    case 2: return launch_qgemm<T, CfgM, MODE>(st, a, rows_w, gy);
+    case 3: return launch_qgemm<T, CfgML, MODE>(st, a, rows_w, gy);
+    default: return launch_qgemm<T, CfgL, MODE>(st, a, rows_w, gy);
   }
 }
 
 template <int MODE>
-int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_x, int64_t g16, int64_t g64,
-             int64_t g128) {
+int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
   switch (wtype) {
-    case ORCH_T_Q8_0: return launch_cfg<ORCH_T_Q8_0, MODE>(st, a, tile, rows_x, g16, g64, g128);
-    case ORCH_T_Q4_0: return launch_cfg<ORCH_T_Q4_0, MODE>(st, a, tile, rows_x, g16, g64, g128);
-    case ORCH_T_MXFP4: return launch_cfg<ORCH_T_MXFP4, MODE>(st, a, tile, rows_x, g16, g64, g128);
+    case ORCH_T_Q8_0: return launch_cfg<ORCH_T_Q8_0, MODE>(st, a, tile, rows_w, gy);
+    case ORCH_T_Q4_0: return launch_cfg<ORCH_T_Q4_0, MODE>(st, a, tile, rows_w, gy);
+    case ORCH_T_MXFP4: return launch_cfg<ORCH_T_MXFP4, MODE>(st, a, tile, rows_w, gy);
   }
   return ORCH_ERR_UNSUPPORTED;
 }
 
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-constexpr int bn_of(int tile) { return tile == 1 ? 16 : tile == 2 ? 64 : 128; }
+
+// out[r, :] = bf16(x[src(r), :]) for r < rows (rows of k, k % 8 == 0);
+// src(r) = r, or with sorted: sorted[r] / n_slots for r < *count (the routed
+// pairs; the grid covers the upper bound).
+__global__ void to_bf16_rows_kernel(__nv_bfloat16 *__restrict__ out, const float *__restrict__ x, int64_t rows,
+                                    int64_t k, const int32_t *__restrict__ sorted, const int32_t *__restrict__ count,
+                                    int n_slots) {
+  const int64_t per = k / 8, total = rows * per;
+  const int64_t lim = count ? min((int64_t)*count, rows) * per : total;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < lim; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / per, c = i % per;
+    const int64_t sr = sorted ? sorted[r] / n_slots : r;
+    const float4 *p = reinterpret_cast<const float4 *>(x + sr * k + 8 * c);
+    const float4 u = __ldg(p), v = __ldg(p + 1);
+    *reinterpret_cast<uint4 *>(out + r * k + 8 * c) =
+        make_uint4(pack_bf16(u.x, u.y), pack_bf16(u.z, u.w), pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+  }
+}
+
+int launch_to_bf16(cudaStream_t st, __nv_bfloat16 *out, const float *x, int64_t rows, int64_t k,
+                   const int32_t *sorted, const int32_t *count, int n_slots) {
+  const int64_t work = rows * (k / 8);
+  const unsigned blocks = (unsigned)max((int64_t)1, min(ceil_div(work, 256), (int64_t)4096));
+  to_bf16_rows_kernel<<<blocks, 256, 0, st>>>(out, x, rows, k, sorted, count, n_slots);
+  return ORCH_OK;
+}
 
 // Bucketing of (token, slot) pairs by expert, one CTA: counts (shared-memory
 // atomics), the tile plan (moe_tile_plan, one thread), then the scatter. The
 // order of a bucket's pairs depends on atomic order; no output depends on it
 // (each pair's row is computed alone and combined per token in slot order).
-// Pairs with an expert id outside [0, n_exp) are dropped.
+// Pairs with an expert id outside [0, n_exp) are dropped (their rows of the
+// per-pair buffer are not written).
 __global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ ids, int pairs, int n_exp, int bn,
                                   int64_t tiles_bound) {
   extern __shared__ int shb[];
@@ -424,9 +434,7 @@ __global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ id
     if (e >= 0 && e < n_exp) atomicAdd(&cnt[e], 1);
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    *ntiles = moe_tile_plan(cnt, n_exp, bn, off, tst);
-  }
+  if (threadIdx.x == 0) *ntiles = moe_tile_plan(cnt, n_exp, bn, off, tst);
   __syncthreads();
   for (int e = threadIdx.x; e <= n_exp; e += blockDim.x) exp_off[e] = off[e];
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
@@ -443,24 +451,27 @@ __global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ id
 } // namespace
 
 extern "C" int orch_qgemm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
-                          int64_t n, int64_t k, int64_t m, int32_t accumulate, int32_t tile) {
+                          int64_t n, int64_t k, int64_t m, int32_t accumulate, void *xbf16, int32_t tile) {
   const char *op = "qgemm";
-  ORCH_CHECK_ARG(ctx && y && x && w && n >= 0 && k > 0 && m > 0 && tile >= 0 && tile <= 3, op);
+  ORCH_CHECK_ARG(ctx && y && x && w && xbf16 && n >= 0 && k > 0 && m > 0 && tile >= 0 && tile <= 4, op);
   if (!qgemm_type(wtype) || k % 32) {
     orch_set_error("qgemm: weight type %d / k=%lld not handled (Q8_0, Q4_0, MXFP4; k %% 32 == 0)", wtype, (long long)k);
     return ORCH_ERR_UNSUPPORTED;
   }
-  ORCH_CHECK_ARG(aligned16(x) && aligned16(w), op);
-  if (tile == 0) tile = n <= 16 ? 1 : n <= 64 ? 2 : 3;
+  ORCH_CHECK_ARG(aligned16(x) && aligned16(w) && aligned16(xbf16), op);
+  if (tile == 0) tile = n <= 16 ? 1 : n <= 64 ? 2 : n <= 192 ? 3 : 4;
   const int64_t gy = ceil_div(n, bn_of(tile));
-  if (n > INT32_MAX / 2 || gy > 65535 || ceil_div(m, 32) > INT32_MAX) {
+  if (n > INT32_MAX / 2 || gy > 65535 || m > INT32_MAX / 2) {
     orch_set_error("qgemm: n=%lld m=%lld too large for the grid", (long long)n, (long long)m);
     return ORCH_ERR_UNSUPPORTED;
   }
   if (n == 0) return ORCH_OK;
+  __nv_bfloat16 *xa = (__nv_bfloat16 *)xbf16;
+  launch_to_bf16(ctx->stream, xa, x, n, k, nullptr, nullptr, 1);
+  ORCH_LAUNCHED(op);
   QArgs a{};
   a.y = y;
-  a.x = x;
+  a.xa = xa;
   a.w = (const uint8_t *)w;
   a.rb = orch_row_bytes(wtype, k);
   a.w_end = a.w + m * a.rb;
@@ -469,7 +480,7 @@ extern "C" int orch_qgemm(orch_ctx *ctx, float *y, const float *x, const void *w
   a.k = k;
   a.m = m;
   a.accumulate = accumulate;
-  int rc = dispatch<MODE_DENSE>(ctx->stream, wtype, a, tile, m, gy, gy, gy);
+  int rc = dispatch<MODE_DENSE>(ctx->stream, wtype, a, tile, m, gy);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   return ORCH_OK;
@@ -483,34 +494,34 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
                                     const float *weights, const void *gate, const void *up, int32_t gu_type,
                                     const float *gate_bias, const float *up_bias, const void *down, int32_t down_type,
                                     const float *down_bias, int64_t n, int32_t n_slots, int32_t n_exp, int64_t dim,
-                                    int64_t ff, float alpha, float limit, float *act, float *ybuf, int32_t *route,
-                                    int32_t tile) {
+                                    int64_t ff, float alpha, float limit, void *xg, void *act, float *ybuf,
+                                    int32_t *route, int32_t tile) {
   const char *op = "moe_ffn_grouped";
-  ORCH_CHECK_ARG(ctx && out && x && ids && weights && gate && up && down && act && ybuf && route, op);
-  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && dim > 0 && ff > 0 && tile >= 0 && tile <= 3, op);
+  ORCH_CHECK_ARG(ctx && out && x && ids && weights && gate && up && down && xg && act && ybuf && route, op);
+  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && dim > 0 && ff > 0 && tile >= 0 && tile <= 4, op);
   if (!qgemm_type(gu_type) || !qgemm_type(down_type) || dim % 32 || ff % 32 || n_exp > 4096) {
     orch_set_error("moe_ffn_grouped: types %d/%d, dim=%lld, ff=%lld, %d experts not handled", gu_type, down_type,
                    (long long)dim, (long long)ff, n_exp);
     return ORCH_ERR_UNSUPPORTED;
   }
-  ORCH_CHECK_ARG(aligned16(x) && aligned16(act) && aligned16(ybuf) && aligned16(gate) && aligned16(up) &&
-                     aligned16(down),
+  ORCH_CHECK_ARG(aligned16(x) && aligned16(xg) && aligned16(act) && aligned16(ybuf) && aligned16(gate) &&
+                     aligned16(up) && aligned16(down),
                  op);
   const int64_t pairs = n * n_slots;
   if (tile == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
-    tile = per <= 16 ? 1 : per <= 96 ? 2 : 3;
+    tile = per <= 16 ? 1 : per <= 40 ? 2 : 3;
   }
   const int bn = bn_of(tile);
   const int64_t tb = moe_tiles_bound(pairs, n_exp, bn);
-  if (pairs > INT32_MAX / 2 || tb > 65535) {
+  if (pairs > INT32_MAX / 2 || tb > 65535 || ff > INT32_MAX / 2 || dim > INT32_MAX / 2) {
     orch_set_error("moe_ffn_grouped: %lld pairs too many for the grid", (long long)pairs);
     return ORCH_ERR_UNSUPPORTED;
   }
   if (n == 0) return ORCH_OK;
   const int64_t rb_gu = orch_row_bytes(gu_type, dim), rb_dn = orch_row_bytes(down_type, ff);
-  // Route layout (qgemm.cuh): exp_off[n_exp+1] | ntiles | sorted[pairs] | tile_e[tb] | tile_r0[tb].
-  // tb here is for this call's bn; moe_route_ints sized for bn = 16 (the largest).
+  // Route layout (qgemm.cuh): exp_off[n_exp+1] | ntiles | sorted[pairs] | tile_e[tb] | tile_r0[tb]
+  // (tb for this call's bn; orch_moe_route_ints sizes for bn = 16, the largest bound).
   moe_bucket_kernel<<<1, 1024, (size_t)(4 * n_exp + 2) * sizeof(int), ctx->stream>>>(route, ids, (int)pairs, n_exp,
                                                                                       bn, tb);
   ORCH_LAUNCHED(op);
@@ -520,13 +531,14 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.sorted = a.ntiles + 1;
   a.tile_e = a.sorted + pairs;
   a.tile_r0 = a.tile_e + tb;
-  a.n_slots = n_slots;
   a.alpha = alpha;
   a.limit = limit;
-  // gate + up (+ biases, clamped SwiGLU) -> act[pair, ff]
+  // x rows gathered in sorted order, as bf16
+  launch_to_bf16(ctx->stream, (__nv_bfloat16 *)xg, x, pairs, dim, a.sorted, route + n_exp, n_slots);
+  ORCH_LAUNCHED(op);
+  // gate + up (+ biases, clamped SwiGLU) -> act[pos, ff] (bf16, sorted order)
   a.y = act;
-  a.x = x;
-  a.x_per_slot = 0;
+  a.xa = (const __nv_bfloat16 *)xg;
   a.w = (const uint8_t *)gate;
   a.w2 = (const uint8_t *)up;
   a.expert_bytes = ff * rb_gu;
@@ -537,13 +549,12 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = dim;
   a.m = ff;
   a.rb = rb_gu;
-  int rc = dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb, tb, tb);
+  int rc = dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   // down (+ bias) -> ybuf[pair, dim]
   a.y = ybuf;
-  a.x = act;
-  a.x_per_slot = 1;
+  a.xa = (const __nv_bfloat16 *)act;
   a.w = (const uint8_t *)down;
   a.w2 = nullptr;
   a.expert_bytes = dim * rb_dn;
@@ -554,7 +565,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = ff;
   a.m = dim;
   a.rb = rb_dn;
-  rc = dispatch<MODE_GROUPED>(ctx->stream, down_type, a, tile, dim, tb, tb, tb);
+  rc = dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);

@@ -43,7 +43,7 @@ func TestQGemm(t *testing.T) {
 				ns = []int{9, 130}
 			}
 			for _, n := range ns {
-				for _, tile := range []int32{0, 1, 2, 3} {
+				for _, tile := range []int32{0, 1, 2, 3, 4} {
 					for _, c := range []struct{ bias, acc bool }{{false, false}, {true, false}, {true, true}, {false, true}} {
 						name := fmt.Sprintf("%v/k=%d/m=%d/n=%d/tile=%d/bias=%v/acc=%v", dt, sh.k, sh.m, n, tile, c.bias, c.acc)
 						t.Run(name, func(t *testing.T) {
@@ -58,8 +58,9 @@ func TestQGemm(t *testing.T) {
 							if !c.acc {
 								gpu.Fill(y.g, float32(math.NaN()))
 							}
+							xbf := f32Pair(t, nil, n*k/2) // bf16 copy of x
 							rc := gpu.l.qgemm(gpu.ctx, dptr(t, y.g), dptr(t, x.g), dptr(t, w.g), int32(dt), dptr(t, bias.g),
-								int64(n), int64(k), int64(m), b2i(c.acc), tile)
+								int64(n), int64(k), int64(m), b2i(c.acc), dptr(t, xbf.g), tile)
 							require.NoError(t, gpu.l.status("qgemm", rc))
 							tmp := out(t, m, n)
 							ref.MatMul(tmp.c, x.c, w.c, bias.c)
@@ -253,8 +254,8 @@ func routing(r *rand.Rand, kind string, n, k, ne int) []int32 {
 // moeGroupedCall runs orch_moe_ffn_grouped on device tensors (scratch sized
 // by the caller's n*k).
 type moeGroupedCall struct {
-	out, x, ids, w, act, ybuf, route ml.Tensor
-	n, k                             int
+	out, x, ids, w, xg, act, ybuf, route ml.Tensor
+	n, k                                 int
 }
 
 func newMoEGroupedCall(t *testing.T, m *moeRef, n, k int) *moeGroupedCall {
@@ -268,7 +269,8 @@ func newMoEGroupedCall(t *testing.T, m *moeRef, n, k int) *moeGroupedCall {
 	p := n * k
 	c.out, c.x = alloc(ml.F32, m.dim, n), alloc(ml.F32, m.dim, n)
 	c.ids, c.w = alloc(ml.I32, p), alloc(ml.F32, p)
-	c.act, c.ybuf = alloc(ml.F32, m.ff, p), alloc(ml.F32, m.dim, p)
+	c.xg, c.act = alloc(ml.F32, m.dim/2, p), alloc(ml.F32, m.ff/2, p) // bf16 rows
+	c.ybuf = alloc(ml.F32, m.dim, p)
 	c.route = alloc(ml.I32, int(gpu.l.moeRouteInts(int64(p), int32(m.ne))))
 	return c
 }
@@ -277,7 +279,7 @@ func (c *moeGroupedCall) run(t *testing.T, m *moeRef, tile int32) int32 {
 	return gpu.l.moeFFNGrouped(gpu.ctx, dptr(t, c.out), dptr(t, c.x), dptr(t, c.ids), dptr(t, c.w),
 		dptr(t, m.gateT), dptr(t, m.upT), int32(m.gateDT), dptr(t, m.gbT), dptr(t, m.ubT), dptr(t, m.downT),
 		int32(m.downDT), dptr(t, m.dbT), int64(c.n), int32(c.k), int32(m.ne), int64(m.dim), int64(m.ff),
-		float32(m.alpha), float32(m.limit), dptr(t, c.act), dptr(t, c.ybuf), dptr(t, c.route), tile)
+		float32(m.alpha), float32(m.limit), dptr(t, c.xg), dptr(t, c.act), dptr(t, c.ybuf), dptr(t, c.route), tile)
 }
 
 func checkVec(t *testing.T, what string, g, want []float32, tol float64) {
@@ -310,7 +312,7 @@ func TestMoEGrouped(t *testing.T) {
 			for _, n := range []int{1, 5, 9, 33, 130, 512} {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
-					tiles := []int32{0, 1, 2, 3}
+					tiles := []int32{0, 1, 2, 3, 4}
 					if !withBias || dts[0] != dts[1] {
 						tiles = []int32{0}
 					}

@@ -87,9 +87,9 @@ type lib struct {
 	moeFFN     func(ctx, out, x, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 	argmax     func(ctx, out, logits uintptr, n, vocab int64) int32
 	// ABI 4: tensor-core GEMM with in-smem dequantization and the grouped MoE FFN.
-	qgemm         func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc, tile int32) int32
+	qgemm         func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32, xbf16 uintptr, tile int32) int32
 	moeRouteInts  func(pairs int64, nExp int32) int64
-	moeFFNGrouped func(ctx, out, x, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias uintptr, n int64, slots, nExp int32, dim, ff int64, alpha, limit float32, act, ybuf, route uintptr, tile int32) int32
+	moeFFNGrouped func(ctx, out, x, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias uintptr, n int64, slots, nExp int32, dim, ff int64, alpha, limit float32, xg, act, ybuf, route uintptr, tile int32) int32
 	sample        func(ctx, out, logits uintptr, n, vocab int64, temp float32, topK int32, topP, minP float32, rng uintptr) int32
 }
 

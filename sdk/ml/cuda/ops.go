@@ -16,7 +16,7 @@ var (
 	// gemmV1 is read once; tests flip it to compare the two paths.
 	gemmV1 = os.Getenv("ORCH_CUDA_GEMM") == "v1"
 	// gemmTile forces the tile configuration of both kernels (0 = by shape,
-	// 1..3 = 16/64/128 token rows per CTA); tests and TestPerf set it.
+	// 1..4: see orch_qgemm); tests and TestPerf set it.
 	gemmTile int32
 )
 
@@ -196,7 +196,11 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 		return
 	}
 	if !gemmV1 && n >= qgemmMinN && qgemmType(ww.dt) {
-		rc := b.l.qgemm(b.ctx, d.ptr, xx.ptr, ww.ptr, int32(ww.dt), bp, int64(n), int64(in), int64(out), 0, gemmTile)
+		xbf := b.scratchBuf("qgemm.x", 2*n*in)
+		if b.err != nil {
+			return
+		}
+		rc := b.l.qgemm(b.ctx, d.ptr, xx.ptr, ww.ptr, int32(ww.dt), bp, int64(n), int64(in), int64(out), 0, xbf, gemmTile)
 		if rc != stUnsupported { // unsupported shape: the v1 path below
 			b.call(op, rc)
 			return
@@ -436,13 +440,15 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 		return
 	}
 	if !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt) {
-		// Grouped GEMMs: act reuses moe.gate, the per-pair down output moe.down.
+		// Grouped GEMMs: bf16 activations in moe.gate (4*ff*k*n bytes, twice
+		// what they need), the per-pair down output in moe.down.
+		xg := b.scratchBuf("moe.xg", 2*dim*k*n)
 		route := b.scratchBuf("moe.route", 4*int(b.l.moeRouteInts(int64(n*k), int32(ne))))
 		if b.err != nil {
 			return
 		}
 		rc := b.l.moeFFNGrouped(b.ctx, d.ptr, xx.ptr, ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb, ub, down.ptr,
-			int32(down.dt), db, N, K, int32(ne), int64(dim), int64(ff), m.Alpha, m.Limit, g, y, route, gemmTile)
+			int32(down.dt), db, N, K, int32(ne), int64(dim), int64(ff), m.Alpha, m.Limit, xg, g, y, route, gemmTile)
 		if rc != stUnsupported {
 			b.call(op, rc)
 			return
