@@ -28,7 +28,8 @@ var (
 // GEMMs read each routed expert once per tile of pairs instead of once per
 // (token, slot) pair; from 64 pairs (16 tokens at top-4) over 32 experts most
 // experts are shared by several pairs. Below that the fused fp32 GEMVs stay.
-const (
+// (Variables so that TestPerf can time the new paths below them.)
+var (
 	qgemmMinN       = 9
 	moeGroupedPairs = 64
 )

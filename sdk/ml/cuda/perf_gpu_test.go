@@ -27,10 +27,20 @@ type perfRow struct {
 	flops     float64
 	ms        float64
 	peakBytes float64 // measured copy bandwidth, bytes/s
+	// peakFlops > 0 (GEMM rows): the floor is max(bytes floor, flops floor)
+	// at this rate (dense bf16 tensor rate of the card, from its data sheet).
+	peakFlops float64
 }
+
+// h100BF16 is the H100 SXM dense bf16 tensor-core rate (989 TFLOP/s, data
+// sheet; the WMMA / mma.sync path of qgemm cannot reach it, wgmma can).
+const h100BF16 = 989e12
 
 func (p perfRow) String() string {
 	floor := p.bytes / p.peakBytes * 1e3
+	if p.peakFlops > 0 {
+		floor = max(floor, p.flops/p.peakFlops*1e3)
+	}
 	bw := p.bytes / (p.ms * 1e-3) / 1e9
 	return fmt.Sprintf("| %s | %.2f MB | %.3g | %.4f ms | %.4f ms | %.0f GB/s | %.0f%% |",
 		p.name, p.bytes/1e6, p.flops, p.ms, floor, bw, 100*floor/p.ms)
@@ -136,7 +146,7 @@ func TestPerf(t *testing.T) {
 		notes = append(notes, fmt.Sprintf("%s %v n=%d: eager single call (event-timed, includes host launch path) %.4f ms", name, dt, n, eager))
 		require.NoError(t, gpu.Sync())
 		rows = append(rows, perfRow{fmt.Sprintf("matmul %v %dx%d n=%d", dt, k, m, n),
-			rowB(dt, k)*float64(m) + 4*float64(k*n+m*n), 2 * float64(k*m*n), ms, peak})
+			rowB(dt, k)*float64(m) + 4*float64(k*n+m*n), 2 * float64(k*m*n), ms, peak, 0})
 		for _, w := range ws {
 			gpu.Free(w)
 		}
@@ -152,6 +162,82 @@ func TestPerf(t *testing.T) {
 	gemv("q4k", ml.Q4_K, 4096, 4096, 1, 8)
 	gemv("q6k", ml.Q6_K, 4096, 4096, 1, 8)
 	gemv("attn_qkv", ml.Q8_0, d, qkvOut, 512, 1)
+
+	// Round 3: tensor-core GEMM (orch_qgemm) at prefill / multi-stream
+	// shapes: the routed MatMul, every tile config forced, and the v1 path
+	// (ORCH_CUDA_GEMM=v1). The floor column is max(bytes, FLOPs at 989 TF).
+	gemm := func(name string, dt ml.DType, k, m, n, copies int) {
+		ws := make([]ml.Tensor, copies)
+		for i := range ws {
+			ws[i] = mustW(t, r, name, dt, k, m)
+		}
+		x := mustA(t, ml.F32, k, n)
+		require.NoError(t, gpu.WriteF32(x, r.f32(k*n)))
+		y := mustA(t, ml.F32, m, n)
+		bytes := rowB(dt, k)*float64(m) + 4*float64(k*n+m*n)
+		flops := 2 * float64(k) * float64(m) * float64(n)
+		i := 0
+		run := func(label string, v1 bool, tile int32, minN int) {
+			defer func(a bool, b int32, c int) { gemmV1, gemmTile, qgemmMinN = a, b, c }(gemmV1, gemmTile, qgemmMinN)
+			gemmV1, gemmTile, qgemmMinN = v1, tile, minN
+			ms := timeKernel(t, 20, 8, func() { gpu.MatMul(y, x, ws[i%copies], nil); i++ })
+			require.NoError(t, gpu.Sync())
+			rows = append(rows, perfRow{fmt.Sprintf("matmul %v %dx%d n=%d %s", dt, k, m, n, label), bytes, flops, ms, peak, h100BF16})
+		}
+		run("(routed)", false, 0, qgemmMinN)
+		for tile := int32(1); tile <= 4; tile++ {
+			run(fmt.Sprintf("(qgemm tile %d)", tile), false, tile, 1)
+		}
+		run("(v1: GEMV / dequant + cuBLAS)", true, 0, qgemmMinN)
+		for _, w := range ws {
+			gpu.Free(w)
+		}
+		gpu.Free(x)
+		gpu.Free(y)
+	}
+	for _, n := range []int{8, 16, 64, 512} {
+		copies := 8 // 15.7 MB: rotate to keep it out of the 50 MB L2 where memory-bound
+		if n >= 512 {
+			copies = 1
+		}
+		gemm("attn_qkv", ml.Q8_0, d, qkvOut, n, copies)
+	}
+	gemm("llama_ffn", ml.Q8_0, 4096, 14336, 512, 1)
+
+	// Round 3: grouped MoE (router + top-4 + grouped expert GEMMs + combine)
+	// at gpt-oss shape over 8, 64, 512 tokens, against the fused GEMV path.
+	// Bytes: the experts a random routing touches on average,
+	// ne * (1 - (1 - k/ne)^n) of them, each read once.
+	for _, n := range []int{8, 64, 512} {
+		mo := r.moe(t, d, ff, ne, topk)
+		x := mustA(t, ml.F32, d, n)
+		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
+		y := mustA(t, ml.F32, d, n)
+		used := float64(ne) * (1 - math.Pow(1-float64(topk)/float64(ne), float64(n)))
+		bytes := used*3*rowB(ml.MXFP4, d)*ff + rowB(ml.F32, d)*ne + 8*float64(d*n)
+		flops := float64(n*topk) * 6 * d * ff
+		run := func(label string, v1 bool, tile int32, minPairs, reps, inner int) {
+			defer func(a bool, b int32, c int) { gemmV1, gemmTile, moeGroupedPairs = a, b, c }(gemmV1, gemmTile, moeGroupedPairs)
+			gemmV1, gemmTile, moeGroupedPairs = v1, tile, minPairs
+			ms := timeKernel(t, reps, inner, func() { gpu.MoE(y, x, mo) })
+			require.NoError(t, gpu.Sync())
+			rows = append(rows, perfRow{fmt.Sprintf("moe gpt-oss n=%d (%.1f experts) %s", n, used, label), bytes, flops, ms, peak, h100BF16})
+		}
+		run("(routed)", false, 0, moeGroupedPairs, 20, 8)
+		for tile := int32(1); tile <= 4; tile++ {
+			run(fmt.Sprintf("(grouped tile %d)", tile), false, tile, 1, 20, 8)
+		}
+		if n <= 64 {
+			run("(v1: fused GEMV)", true, 0, moeGroupedPairs, 20, 8)
+		} else {
+			run("(v1: fused GEMV)", true, 0, moeGroupedPairs, 5, 1)
+		}
+		for _, w := range []ml.Tensor{mo.Router, mo.RouterBias, mo.Gate, mo.GateBias, mo.Up, mo.UpBias, mo.Down, mo.DownBias} {
+			gpu.Free(w)
+		}
+		gpu.Free(x)
+		gpu.Free(y)
+	}
 
 	// Attention decode over a paged F32/F16 cache at depth 4096.
 	for _, kvdt := range []ml.DType{ml.F32, ml.F16} {
@@ -172,7 +258,7 @@ func TestPerf(t *testing.T) {
 			eb = 2
 		}
 		rows = append(rows, perfRow{fmt.Sprintf("attend decode %v depth %d", kvdt, depth),
-			float64(depth*nkv*hd*2) * eb, float64(4 * depth * nh * hd), ms, peak})
+			float64(depth*nkv*hd*2) * eb, float64(4 * depth * nh * hd), ms, peak, 0})
 	}
 
 	// The fused MoE op at decode (router + top-4 + 3 expert GEMVs + act + combine).
@@ -183,7 +269,7 @@ func TestPerf(t *testing.T) {
 		y := mustA(t, ml.F32, d, 1)
 		ms := timeKernel(t, 20, 16, func() { gpu.MoE(y, x, mo) })
 		rows = append(rows, perfRow{"moe decode (4 of 32 experts)", float64(topk)*3*rowB(ml.MXFP4, d)*ff + rowB(ml.F32, d)*ne,
-			float64(topk) * 6 * d * ff, ms, peak})
+			float64(topk) * 6 * d * ff, ms, peak, 0})
 	}
 
 	// Synthetic gpt-oss-20b decode step, graph-captured.
@@ -191,7 +277,7 @@ func TestPerf(t *testing.T) {
 		for _, n := range []int{1} {
 			ms, bytes := r.decodeStep(t, depth, n, peak)
 			rows = append(rows, perfRow{fmt.Sprintf("gpt-oss-20b shape decode step, %d seq at depth %d (graph)", n, depth),
-				bytes, 0, ms, peak})
+				bytes, 0, ms, peak, 0})
 			notes = append(notes, fmt.Sprintf("decode step depth %d: %.3f ms -> %.0f tok/s", depth, ms, 1e3/ms))
 		}
 	}
