@@ -31,6 +31,12 @@ for f in cuda/src/*.cu; do
     fi
   done
 done
+# Host test of the fp16 decode bit tricks of GEMV v5 / MoE v3 (dec16.cuh;
+# exhaustive over byte values, against CUDA's own host fp16 conversion; ~10 s).
+if nvcc -std=c++17 -O2 -o "$out/dec16_test" cuda/test/dec16_test.cu && "$out/dec16_test"; then :; else
+  echo "cuda-check: FAILED cuda/test/dec16_test.cu" >&2
+  fail=1
+fi
 # The C ABI header must stay plain C (no CUDA types): compile it as C.
 echo '#include "orch_cuda.h"' | cc -x c -std=c11 -Wall -Werror -Icuda/include -fsyntax-only -
 [ "$fail" = 0 ] && echo "cuda-check: all $(ls cuda/src/*.cu | wc -l) sources compile for sm_80 and sm_90"

@@ -8,9 +8,17 @@
 #include <cublas_v2.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <vector>
 
 #include "../include/orch_cuda.h"
+
+// "vN" in env var name -> N, else def (read when a context is created).
+static inline int orch_env_version(const char *name, int def) {
+  const char *v = getenv(name);
+  if (v && v[0] == 'v' && v[1] >= '1' && v[1] <= '9' && v[2] == 0) return v[1] - '0';
+  return def;
+}
 
 struct orch_ctx {
   int device = 0;
@@ -24,13 +32,15 @@ struct orch_ctx {
   void *scratch = nullptr;
   size_t scratch_bytes = 0;
   std::vector<void *> retired;
-  // Kernel versions kept for A/B timing: ORCH_CUDA_GEMV=v1|v2|v3|v4 (GEMV for
-  // n <= 8; v4 is the default for n <= 4 where it applies, then v3, else v1),
-  // ORCH_CUDA_ATTN=v1.
-  int gemv = 4;
+  // Kernel versions kept for A/B timing: ORCH_CUDA_GEMV=v1|v2|v3|v4|v5 (GEMV
+  // for n <= 8; v5 (fp16 decode) is the default for n <= 4 where it applies,
+  // then v4's fp32 path, then v3, else v1), ORCH_CUDA_ATTN=v1.
+  int gemv = orch_env_version("ORCH_CUDA_GEMV", 5);
   bool attn_v1 = false;
   // ORCH_CUDA_MOE=v1: MoE through the unfused ops (orch_moe_ffn declines).
   bool moe_v1 = false;
+  // Fused MoE FFN version: 3 (default) fp16 decode, ORCH_CUDA_MOE=v2 the fp32 kernels.
+  int moe = orch_env_version("ORCH_CUDA_MOE", 3);
 };
 
 // Records msg as the last error (thread-global, mutex-protected).

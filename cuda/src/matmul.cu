@@ -9,6 +9,7 @@
 //  - moe_matmul: the gemv over (token, slot) pairs, each with its expert.
 //  - get_rows: embedding lookup of any type.
 #include "quant.cuh"
+#include "dec16.cuh"
 
 constexpr int GEMV_WARPS = 4;
 
@@ -380,6 +381,91 @@ static void launch_gemv4(cudaStream_t st, float *y, const float *x, const uint8_
   }
 }
 
+// v5 GEMV (Q8_0, Q4_0, MXFP4; n <= 4; default): v4's structure (weight
+// words loaded before x is staged, 8 warps, R rows per warp) with the fp16
+// decode of dec16.cuh: x staged once per CTA in fp16 (power-of-two scale per
+// 32), each weight block decoded once to half2 pairs (prmt/LOP3, no int->float
+// conversion) and multiplied into half2 partial sums for all n tokens,
+// folded into fp32 per block. ORCH_CUDA_GEMV=v4 selects the fp32 v4.
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV4_WARPS * 32)
+gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+             int rows_per_warp) {
+  extern __shared__ __align__(16) uint32_t xsm[]; // nt rows of nch staged chunks, then nt*nch 1/scales
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (int)min((int64_t)NT, n);
+  const int64_t nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
+  const int64_t row0 = ((int64_t)blockIdx.x * GEMV4_WARPS + warp) * rows_per_warp;
+  bool staged = false;
+  for (int r = 0; r < rows_per_warp; r++) {
+    const int64_t row = row0 + r;
+    const bool valid = row < m;
+    const uint8_t *wr = w + (valid ? row : 0) * row_bytes;
+    float acc[NT];
+#pragma unroll
+    for (int j = 0; j < NT; j++) acc[j] = 0.f;
+    for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+      wblocks<T, NB> b;
+      ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
+      if (!staged) { // first round of the first row: uniform over the CTA
+        dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+        __syncthreads();
+        staged = true;
+      }
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int64_t c = c0 + lane + 32 * i;
+        if (c < nch) {
+          const uint4 *xp[NT];
+          uint32_t a[NT][2];
+#pragma unroll
+          for (int j = 0; j < NT; j++) {
+            xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
+            a[j][0] = a[j][1] = 0u;
+          }
+          dec16_block_acc<T, NT>(b.w[i], b.sh[i], xp, nt, a);
+          const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
+#pragma unroll
+          for (int j = 0; j < NT; j++)
+            if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      float s = warp_sum(acc[j]);
+      if (lane == 0 && j < nt && valid) {
+        if (bias) s += bias[row];
+        float *yp = y + j * m + row;
+        *yp = accumulate ? *yp + s : s;
+      }
+    }
+  }
+}
+
+template <int T, int NT>
+static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                            int64_t k, int64_t m, int64_t rb, int acc) {
+  constexpr int NB = (T == ORCH_T_Q8_0 && NT > 1) ? 2 : 3;
+  const int rpw = m >= 32768 ? 2 : 1;
+  size_t sm = dec16_smem(k, NT);
+  if (sm > 48 * 1024) cudaFuncSetAttribute(gemv5_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV4_WARPS * rpw);
+  gemv5_kernel<T, NT, NB><<<gx, GEMV4_WARPS * 32, sm, st>>>(y, x, w, bias, n, k, m, rb, acc, rpw);
+}
+
+template <int T>
+static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                         int64_t k, int64_t m, int64_t rb, int acc) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (n == 1) launch_gemv5_nt<T, 1>(st, y, x, w, bias, n, k, m, rb, acc);
+    else if (n == 2) launch_gemv5_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
+    else launch_gemv5_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
+  }
+}
+
 // Tile in chunks of 32 elements: a multiple of 8 (whole K-quant super-blocks)
 // whose bytes fit GEMV2_TILE_BYTES.
 static int gemv2_tile_chunks(int t, int64_t k) {
@@ -509,7 +595,10 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   if (n <= 8) {
     // v4 reads whole aligned 32-bit words, up to 3 bytes past a block: only
     // where the weight's end (w is 16-aligned) is word-aligned too.
-    if (ctx->gemv == 4 && n <= 4 && (m * rb) % 4 == 0 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : 4) <= GEMV3_MAX_SMEM) {
+    const int nt4 = n == 1 ? 1 : n == 2 ? 2 : 4;
+    if (ctx->gemv >= 5 && n <= 4 && (m * rb) % 4 == 0 && gemv3_type(wtype) && dec16_smem(k, nt4) <= GEMV3_MAX_SMEM) {
+      ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+    } else if (ctx->gemv >= 4 && n <= 4 && (m * rb) % 4 == 0 && gemv3_type(wtype) && gemv3_smem(k, nt4) <= GEMV3_MAX_SMEM) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv4, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
     } else if (ctx->gemv >= 3 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) <= GEMV3_MAX_SMEM) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv3, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);

@@ -13,6 +13,7 @@
 // weights overlaps the x staging (GEMV v3 serialised the two).
 // The old path stays selectable with ORCH_CUDA_MOE=v1.
 #include "quant.cuh"
+#include "dec16.cuh"
 
 constexpr int FFN_WARPS = 8;
 
@@ -89,19 +90,137 @@ moe_down_kernel(float *__restrict__ out, const float *__restrict__ act, const ui
   if (valid && lane == 0) out[t * m + row] = res;
 }
 
+// ---- MoE v3 (default): the same two kernels with the fp16 decode of
+// dec16.cuh: x (and the activation rows) staged once per CTA in fp16 with a
+// power-of-two scale per 32, weights decoded to half2 pairs with prmt/LOP3
+// (no int->float conversions), HFMA2 into half2 partial sums of 8 products
+// folded into fp32 per block. ORCH_CUDA_MOE=v2 selects the fp32 kernels above.
+
+// Dot of NB blocks of two rows (gate, up) with one staged x row.
+template <int T, int NB>
+__device__ __forceinline__ void ffn_dot2_h(const wblocks<T, NB> &bg, const wblocks<T, NB> &bu, const uint32_t *xh,
+                                           const float *xinv, int64_t c0, int lane, int64_t nch, float &ag,
+                                           float &au) {
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int64_t c = c0 + lane + 32 * i;
+    if (c < nch) {
+      const uint4 *xp[1] = {reinterpret_cast<const uint4 *>(xh + c * DEC16_XW)};
+      const float xi = xinv[c];
+      uint32_t g[1][2] = {{0u, 0u}}, u[1][2] = {{0u, 0u}};
+      dec16_block_acc<T, 1>(bg.w[i], bg.sh[i], xp, 1, g);
+      dec16_block_acc<T, 1>(bu.w[i], bu.sh[i], xp, 1, u);
+      ag += dec16_fold(g[0], dec16_wscale<T>(bg.w[i], bg.sh[i]), xi);
+      au += dec16_fold(u[0], dec16_wscale<T>(bu.w[i], bu.sh[i]), xi);
+    }
+  }
+}
+
+template <int T, int NB>
+__device__ __forceinline__ float ffn_dot_h(const wblocks<T, NB> &b, const uint32_t *xh, const float *xinv, int64_t c0,
+                                           int lane, int64_t nch) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int64_t c = c0 + lane + 32 * i;
+    if (c < nch) s += dec16_block_dot<T>(b.w[i], b.sh[i], reinterpret_cast<const uint4 *>(xh + c * DEC16_XW), xinv[c]);
+  }
+  return s;
+}
+
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
+moe_gate_up_h_kernel(float *__restrict__ act, const float *__restrict__ x, const uint8_t *__restrict__ wg,
+                     const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                     const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
+                     float limit) {
+  extern __shared__ __align__(16) uint32_t xsm[];
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int64_t p = blockIdx.y, t = p / n_slots;
+  const int e = ids[p];
+  const bool valid = row < m;
+  const int64_t off = (int64_t)e * m * rb + (valid ? row : 0) * rb;
+  const int64_t nch = k / 32;
+  const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
+  float ag = 0.f, au = 0.f;
+  for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+    wblocks<T, NB> bg, bu;
+    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+    if (c0 == 0) { // uniform over the CTA: every warp runs the same rounds
+      dec16_stage(xsm, const_cast<float *>(xinv), x + t * k, 1, k, dec16_traits<T>::kind);
+      __syncthreads();
+    }
+    ffn_dot2_h<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
+  }
+  ag = warp_sum(ag);
+  au = warp_sum(au);
+  if (valid && lane == 0) {
+    float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+    float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+    act[p * m + row] = (u + 1.f) * g / (1.f + expf(-alpha * g));
+  }
+}
+
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 4)
+moe_down_h_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
+                  const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
+                  int n_slots, int64_t k, int64_t m, int64_t rb) {
+  extern __shared__ __align__(16) uint32_t xsm[];
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int64_t t = blockIdx.y;
+  const bool valid = row < m;
+  const int64_t nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + n_slots * nch * DEC16_XW);
+  float res = 0.f;
+  for (int s = 0; s < n_slots; s++) {
+    const int64_t p = t * n_slots + s;
+    const int e = ids[p];
+    const uint8_t *wr = wd + (int64_t)e * m * rb + (valid ? row : 0) * rb;
+    float acc = 0.f;
+    for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+      wblocks<T, NB> b;
+      ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
+      if (s == 0 && c0 == 0) {
+        dec16_stage(xsm, xinv, act + t * n_slots * k, n_slots, k, dec16_traits<T>::kind);
+        __syncthreads();
+      }
+      acc += ffn_dot_h<T, NB>(b, xsm + s * nch * DEC16_XW, xinv + s * nch, c0, lane, nch);
+    }
+    acc = warp_sum(acc);
+    res += wts[p] * (acc + (db && valid ? db[(int64_t)e * m + row] : 0.f));
+  }
+  if (valid && lane == 0) out[t * m + row] = res;
+}
+
 constexpr size_t FFN_MAX_SMEM = 96 * 1024;
 static size_t ffn_smem(int64_t k, int rows) { return (size_t)rows * (k / 32) * 36 * sizeof(float); }
 
 // Register budget: NB blocks per row per lane (5 or 9 words each).
 template <int T> constexpr int gate_up_nb() { return T == ORCH_T_Q8_0 ? 2 : 3; }
 template <int T> constexpr int down_nb() { return 3; }
+template <int T> constexpr int down_h_nb() { return T == ORCH_T_Q8_0 ? 2 : 3; } // Q8_0 NB=3 spills at 64 registers
 
 template <int T>
-static void launch_gate_up(cudaStream_t st, float *act, const float *x, const uint8_t *wg, const uint8_t *wu,
-                           const float *gb, const float *ub, const int32_t *ids, int64_t n, int n_slots, int64_t k,
-                           int64_t m, float alpha, float limit) {
+static void launch_gate_up(cudaStream_t st, bool f16, float *act, const float *x, const uint8_t *wg,
+                           const uint8_t *wu, const float *gb, const float *ub, const int32_t *ids, int64_t n,
+                           int n_slots, int64_t k, int64_t m, float alpha, float limit) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     constexpr int NB = gate_up_nb<T>();
+    if (f16) {
+      size_t sm = dec16_smem(k, 1);
+      if (sm > 48 * 1024)
+        cudaFuncSetAttribute(moe_gate_up_h_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)(n * n_slots));
+      moe_gate_up_h_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+                                                                    orch_row_bytes(T, k), alpha, limit);
+      return;
+    }
     size_t sm = ffn_smem(k, 1);
     if (sm > 48 * 1024)
       cudaFuncSetAttribute(moe_gate_up_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -112,9 +231,19 @@ static void launch_gate_up(cudaStream_t st, float *act, const float *x, const ui
 }
 
 template <int T>
-static void launch_down(cudaStream_t st, float *out, const float *act, const uint8_t *wd, const float *db,
+static void launch_down(cudaStream_t st, bool f16, float *out, const float *act, const uint8_t *wd, const float *db,
                         const int32_t *ids, const float *wts, int64_t n, int n_slots, int64_t k, int64_t m) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (f16) {
+      constexpr int NB = down_h_nb<T>();
+      size_t sm = dec16_smem(k, n_slots);
+      if (sm > 48 * 1024)
+        cudaFuncSetAttribute(moe_down_h_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
+      moe_down_h_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(out, act, wd, db, ids, wts, n_slots, k, m,
+                                                                 orch_row_bytes(T, k));
+      return;
+    }
     constexpr int NB = down_nb<T>();
     size_t sm = ffn_smem(k, n_slots);
     if (sm > 48 * 1024)
@@ -144,10 +273,12 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
     return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   if (n == 0) return ORCH_OK;
-  ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, act, x, (const uint8_t *)gate, (const uint8_t *)up,
+  // MoE v3 (fp16 decode) unless ORCH_CUDA_MOE=v2 asks for the fp32 kernels.
+  const bool f16 = ctx->moe >= 3;
+  ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, f16, act, x, (const uint8_t *)gate, (const uint8_t *)up,
                      gate_bias, up_bias, ids, n, n_slots, dim, ff, alpha, limit);
   ORCH_LAUNCHED(op);
-  ORCH_DISPATCH_TYPE(down_type, launch_down, ctx->stream, out, act, (const uint8_t *)down, down_bias, ids, weights,
+  ORCH_DISPATCH_TYPE(down_type, launch_down, ctx->stream, f16, out, act, (const uint8_t *)down, down_bias, ids, weights,
                      n, n_slots, ff, dim);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
