@@ -92,6 +92,10 @@ const DefaultBlockSize = 16
 // KVCacheFraction in (0, 1] is kept in Sizing.Fraction (unless num_blocks
 // is set): the loader and the planner then size NumBlocks from free memory
 // with FractionBlocks; one outside [0, 1] is sdk.ErrInvalidArgument.
+// KV groups (see KVGroups): opts.Extra["kv_groups"] ("off" keeps one shared
+// pool), ["window_blocks"] (each window pool's blocks) and the engine's
+// ["engine.max_batch_tokens"] (the step budget the window pools are sized
+// for) are read here too.
 func Size(opts sdk.LoadOptions, trained int, backend string) (Sizing, error) {
 	s := Sizing{BlockSize: DefaultBlockSize}
 	if fr := opts.KVCacheFraction; math.IsNaN(fr) || fr < 0 || fr > 1 {
