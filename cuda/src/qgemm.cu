@@ -141,7 +141,9 @@ __device__ __forceinline__ void dequant_block_bf16(const uint32_t *w, uint32_t s
 // Shared memory: Ws | Xs stages | raw W stages (the epilogue scratch reuses them) | row maps.
 template <int T, class C>
 struct QSmem {
-  static constexpr int RAWROW = 16 * qg_chunks(type_block_bytes(T), C::KB);
+  // Row stride of the raw W stages: an odd number of 16-byte chunks, so that
+  // the lanes of a warp (consecutive rows) read words in different banks.
+  static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
   static constexpr size_t WS = (size_t)C::BM * C::LDS * 2;
   static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
   static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
@@ -499,7 +501,8 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   const char *op = "moe_ffn_grouped";
   ORCH_CHECK_ARG(ctx && out && x && ids && weights && gate && up && down && xg && act && ybuf && route, op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && dim > 0 && ff > 0 && tile >= 0 && tile <= 4, op);
-  if (!qgemm_type(gu_type) || !qgemm_type(down_type) || dim % 32 || ff % 32 || n_exp > 4096) {
+  // n_exp: the bucketing CTA keeps 4*n_exp+2 ints in shared memory (<= 48 KB).
+  if (!qgemm_type(gu_type) || !qgemm_type(down_type) || dim % 32 || ff % 32 || n_exp > 2048) {
     orch_set_error("moe_ffn_grouped: types %d/%d, dim=%lld, ff=%lld, %d experts not handled", gu_type, down_type,
                    (long long)dim, (long long)ff, n_exp);
     return ORCH_ERR_UNSUPPORTED;
