@@ -194,3 +194,16 @@ func (n noGroups) Forward(ctx context.Context, b *engine.Batch) (*engine.Output,
 }
 func (n noGroups) CopyBlock(dst, src int32) error { return n.m.CopyBlock(dst, src) }
 func (n noGroups) Close() error                   { return n.m.Close() }
+
+// A window pool smaller than the step budget caps each sequence's prefill
+// chunk so that one sequence alone always fits: (NumBlocks-2)*bs - W + 1.
+func TestWindowGroupCapsChunk(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 40, BlockSize: 4, Window: 4, WindowBlocks: 6}
+	a, m := load(t, cfg, engine.WithMaxBatchTokens(64))
+	p := randPrompt(rand.New(rand.NewPCG(2, 2)), 100, cfg.Vocab)
+	r := collect(ctxT(t), a, greedy(p, 5))
+	require.NoError(t, r.err)
+	assert.Equal(t, enginetest.Greedy(p, 5, cfg.Vocab), r.toks)
+	assert.Equal(t, (6-2)*4-4+1, m.MaxChunk())
+	assert.Zero(t, m.OverWindow.Load())
+}
