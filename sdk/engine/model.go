@@ -59,8 +59,8 @@ type Spec struct {
 	// Groups, when it has two or more entries, splits the layers into KV
 	// groups, each with its own block pool and block tables (see KVGroup and
 	// the package doc). Groups[0] is the group that NumBlocks, KVBlockBytes
-	// and SeqInput.Blocks refer to; its NumBlocks and BlockBytes must equal
-	// those fields. A model that declares groups must implement GroupModel;
+	// and SeqInput.Blocks refer to: a full-attention group (Window 0) whose
+	// NumBlocks and BlockBytes equal those fields. A model that declares groups must implement GroupModel;
 	// the engine then copies blocks with CopyGroupBlock only. Empty (or one
 	// group): one block table for all layers, as NumBlocks and KVBlockBytes
 	// say.

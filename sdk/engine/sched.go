@@ -175,6 +175,9 @@ func newGroups(m Model, spec Spec, budget, ctxLen int) ([]kvGroup, GroupModel, i
 	if !ok {
 		return nil, nil, 0, 0, fmt.Errorf("engine: model spec declares %d KV groups but the model does not implement GroupModel", len(spec.Groups))
 	}
+	if g := spec.Groups[0]; g.Window != 0 {
+		return nil, nil, 0, 0, fmt.Errorf("engine: model spec: KV group 0 (%s) has window %d: group 0 must be a full-attention group", g.Name, g.Window)
+	}
 	if g := spec.Groups[0]; g.NumBlocks != spec.NumBlocks || g.BlockBytes != spec.KVBlockBytes {
 		return nil, nil, 0, 0, fmt.Errorf("engine: model spec: KV group 0 has %d blocks of %d bytes, the spec %d of %d",
 			g.NumBlocks, g.BlockBytes, spec.NumBlocks, spec.KVBlockBytes)

@@ -183,6 +183,21 @@ func TestWindowGroupSpecErrors(t *testing.T) {
 	}, nil)
 	_, err = a.Load(context.Background(), sdk.LoadRequest{Path: "fake"}, nil)
 	require.ErrorContains(t, err, "GroupModel")
+
+	a = engine.NewAdapter(func(ctx context.Context, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (engine.Model, sdk.ModelInfo, error) {
+		return windowFirst{enginetest.New(enginetest.Config{Window: 4})}, sdk.ModelInfo{}, nil
+	}, nil)
+	_, err = a.Load(context.Background(), sdk.LoadRequest{Path: "fake"}, nil)
+	require.ErrorContains(t, err, "group 0 must be a full-attention group")
+}
+
+// windowFirst declares its window group first.
+type windowFirst struct{ *enginetest.Model }
+
+func (w windowFirst) Spec() engine.Spec {
+	s := w.Model.Spec()
+	s.Groups[0], s.Groups[1] = s.Groups[1], s.Groups[0]
+	return s
 }
 
 // noGroups hides the fake's CopyGroupBlock.

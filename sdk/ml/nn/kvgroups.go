@@ -72,7 +72,7 @@ func stepTokens(o Options, seqs int) int {
 // group's pool as before; the savings come with the loader, which always
 // sets MaxSequences. nil — one shared pool — when no layer
 // has a window, when o.SharedKV is set or the ORCH_KV_GROUPS switch is off,
-// and when there would be one group only (every layer with the same window:
+// and when no layer attends fully (the engine's group 0 is a full group:
 // such a model keeps the shared pool of before).
 func KVGroups(layerWindows []int, o Options) []KVGroup {
 	if o.SharedKV || kvGroupsOff() || !slices.ContainsFunc(layerWindows, func(w int) bool { return w > 0 }) {
@@ -98,14 +98,12 @@ func KVGroups(layerWindows []int, o Options) []KVGroup {
 		}
 		groups[j].Layers = append(groups[j].Layers, i)
 	}
-	if len(groups) < 2 {
+	k := slices.IndexFunc(groups, func(g KVGroup) bool { return g.Window == 0 })
+	if k < 0 {
 		return nil
 	}
-	if k := slices.IndexFunc(groups, func(g KVGroup) bool { return g.Window == 0 }); k > 0 {
-		full := groups[k]
-		groups = append([]KVGroup{full}, slices.Delete(groups, k, k+1)...)
-	}
-	return groups
+	full := groups[k]
+	return append([]KVGroup{full}, slices.Delete(groups, k, k+1)...)
 }
 
 // NewGroupedKVCache allocates a cache whose layers belong to groups (see

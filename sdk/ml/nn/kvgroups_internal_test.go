@@ -34,6 +34,7 @@ func TestKVGroups(t *testing.T) {
 		"nil":         {nil, o},
 		"shared":      {[]int{8, 0}, func() Options { x := o; x.SharedKV = true; return x }()},
 		"all windows": {[]int{8, 8}, o},
+		"no full":     {[]int{8, 4}, o},
 	} {
 		assert.Nil(t, KVGroups(tc.w, tc.o), name)
 	}
