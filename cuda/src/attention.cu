@@ -9,9 +9,44 @@
 // (HD/32 rounded up); for HD not a multiple of 32 the tail lanes/dims are
 // masked (attn_dim_ok), e.g. HD 16: lanes 0..15 hold one dim each, HD 80:
 // lanes 0..26 hold three (lane 26 only 78, 79). The mapping is host-tested
-// in cuda/test/attn_index_test.cu.
+// in cuda/test/attention_index_test.cpp.
+//
+// Versions (ORCH_CUDA_ATTN): v1 = attn_kernel (one key at a time per warp);
+// v2 = attn2 flash-decoding + combine for every row; default (v3) = as v2,
+// but tiles of >= ATTN_TC_MIN_RUN consecutive rows of one sequence (prefill
+// chunks) go to the tensor-core kernel of attention_tc.cu (head dims up to
+// 128), and the flash-decoding kernels skip those rows.
+#include <stdlib.h>
+#include <string.h>
+
 #include "common.cuh"
 #include "attention_index.cuh"
+
+// attention_tc.cu
+bool attn_tc_supports(int head_dim);
+int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a);
+
+// 1, 2 or 3 from ORCH_CUDA_ATTN (read once; v1 is also ctx->attn_v1).
+static int attn_env_version() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_ATTN");
+    if (e && strcmp(e, "v1") == 0) return 1;
+    if (e && strcmp(e, "v2") == 0) return 2;
+    return 3;
+  }();
+  return v;
+}
+
+// In the flash-decoding kernels (every warp, before any barrier): whether
+// row t is the tensor-core kernel's (then the CTA returns).
+__device__ __forceinline__ bool attn_row_taken_by_tc(const orch_attn_args &a, int64_t t) {
+  const int lane = threadIdx.x & 31;
+  const int64_t t0 = t - t % ATTN_TC_ROWS;
+  const bool ok0 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + lane);
+  const bool ok1 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + 32 + lane);
+  const int run = attn_tc_run_from_bits(__ballot_sync(0xffffffffu, ok0), __ballot_sync(0xffffffffu, ok1));
+  return attn_tc_takes(run, (int)(t - t0));
+}
 
 template <typename KV> __device__ __forceinline__ float kv_load(const KV *p);
 template <> __device__ __forceinline__ float kv_load<float>(const float *p) { return *p; }
@@ -135,11 +170,13 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
 // lanes over dims. Partial (m, l, acc) go to scratch; attn_combine merges the
 // splits with the sink. Replaces v1's one-key-at-a-time warp chain.
 template <typename KV, int HD>
-__global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a, float *part, int splits) {
+__global__ void __launch_bounds__(ATTN_WARPS * 32)
+    attn2_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 8 == 0, "K rows are read in 16-byte vectors");
   const int h = blockIdx.x, sp = blockIdx.z;
   const int64_t t = blockIdx.y;
+  if (tc_skip && attn_row_taken_by_tc(a, t)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kvh = h / (a.n_heads / a.n_kv_heads);
   const int qp = a.tok_pos[t];
@@ -218,17 +255,28 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a
     if (attn_dim_ok(HD, lane, e)) sacc[warp][lane * E + e] = acc[e];
   __syncthreads();
   if (warp == 0) {
+    // One split: this CTA saw every key, so it applies the sink and writes
+    // the output itself (no combine launch). Else partials for the combine.
+    const bool direct = splits == 1;
     float M = -INFINITY;
     for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w]);
-    float L = 0.f, f[ATTN_WARPS];
+    const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
+    M = fmaxf(M, sink);
+    float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
     for (int w = 0; w < ATTN_WARPS; w++) {
       f[w] = sl[w] > 0.f ? __expf(sm[w] - M) : 0.f;
       L += sl[w] * f[w];
     }
-    float *o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
-    if (lane == 0) {
-      o[HD] = M;
-      o[HD + 1] = L;
+    float *o, inv = 1.f;
+    if (direct) {
+      o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
+      inv = 1.f / L;
+    } else {
+      o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
+      if (lane == 0) {
+        o[HD] = M;
+        o[HD + 1] = L;
+      }
     }
 #pragma unroll
     for (int e = 0; e < E; e++) {
@@ -236,17 +284,18 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn2_kernel(orch_attn_args a
       int dd = lane * E + e;
       float v = 0.f;
       for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][dd] * f[w];
-      o[dd] = v;
+      o[dd] = v * inv;
     }
   }
 }
 
 // Merges the splits of (token, head) with the sink logit: one warp per CTA.
 template <int HD>
-__global__ void attn_combine_kernel(orch_attn_args a, const float *part, int splits) {
+__global__ void attn_combine_kernel(orch_attn_args a, const float *part, int splits, int tc_skip) {
   constexpr int E = attn_lane_dims(HD);
   const int h = blockIdx.x, lane = threadIdx.x;
   const int64_t t = blockIdx.y;
+  if (tc_skip && attn_row_taken_by_tc(a, t)) return;
   const float *pp = part + (t * a.n_heads + h) * (int64_t)splits * (HD + 2);
   float M = a.sinks ? a.sinks[h] : -INFINITY;
   for (int s = 0; s < splits; s++)
@@ -273,7 +322,7 @@ __global__ void attn_combine_kernel(orch_attn_args a, const float *part, int spl
 }
 
 template <typename KV, int HD>
-static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a) {
+static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
   int64_t ctas = (int64_t)a->n_heads * a->n_tok;
   int span = a->max_pos > 0 ? a->max_pos : 1;
   if (a->window > 0) span = min(span, a->window);
@@ -281,13 +330,16 @@ static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a) {
   if (ctas < 1024) splits = (int)min((int64_t)ceil_div(span, 256), max((int64_t)1, 2048 / ctas));
   splits = max(1, min(splits, 64));
   void *part = nullptr;
-  int rc = orch_scratch(ctx, (size_t)ctas * splits * (HD + 2) * sizeof(float), &part);
-  if (rc != ORCH_OK) return rc;
+  if (splits > 1) {
+    int rc = orch_scratch(ctx, (size_t)ctas * splits * (HD + 2) * sizeof(float), &part);
+    if (rc != ORCH_OK) return rc;
+  }
   dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok, (unsigned)splits);
-  attn2_kernel<KV, HD><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits);
+  attn2_kernel<KV, HD><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits, tc_skip);
   ORCH_LAUNCHED("attention");
+  if (splits == 1) return ORCH_OK; // attn2 wrote the output
   attn_combine_kernel<HD><<<dim3((unsigned)a->n_heads, (unsigned)a->n_tok), 32, 0, ctx->stream>>>(*a, (const float *)part,
-                                                                                                 splits);
+                                                                                                 splits, tc_skip);
   ORCH_LAUNCHED("attention combine");
   return ORCH_OK;
 }
@@ -308,10 +360,16 @@ static int launch_attn1(orch_ctx *ctx, const orch_attn_args *a) {
 
 template <typename KV>
 static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
-  if (!ctx->attn_v1) {
+  if (!ctx->attn_v1 && attn_env_version() >= 2) {
+    int tc = 0;
+    if (attn_env_version() >= 3 && a->n_tok >= ATTN_TC_MIN_RUN && attn_tc_supports(a->head_dim)) {
+      int rc = attn_tc_launch(ctx, a);
+      if (rc == ORCH_OK) tc = 1;
+      else if (rc != ORCH_ERR_UNSUPPORTED) return rc;
+    }
     switch (a->head_dim) {
 #define ATTN_CASE2(H) \
-  case H: return launch_attn2<KV, H>(ctx, a);
+  case H: return launch_attn2<KV, H>(ctx, a, tc);
       ATTN_HEAD_DIMS(ATTN_CASE2)
 #undef ATTN_CASE2
       default: break;

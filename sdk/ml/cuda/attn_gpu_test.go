@@ -13,6 +13,8 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
+	"slices"
 	"strings"
 	"testing"
 
@@ -116,9 +118,80 @@ func runAttn(t *testing.T, r *rand.Rand, c attnSpec) {
 	gpu.Attend(y.g, q.g, kg, vg, qbg, a)
 	ref.Attend(y.c, q.c, kc.c, vc.c, qbc, &ac)
 	require.NoError(t, gpu.Err(), "attend")
-	// F16 inputs are pre-rounded, so both sides see the same values; what
-	// differs is summation order and __expf (F16 V is read as half, exact).
-	checkClose(t, "attend", y, 2e-5)
+	checkAttnRows(t, y, qseq, qpos, hd, nh)
+}
+
+// attnTCOn mirrors the library's choice of the tensor-core prefill kernel
+// (attention.cu launch_attn): not under ORCH_CUDA_ATTN=v1|v2, head dim <= 128,
+// at least attnTCMinRun query rows in the call.
+func attnTCOn(hd, nq int) bool {
+	v := os.Getenv("ORCH_CUDA_ATTN")
+	return v != "v1" && v != "v2" && hd%16 == 0 && hd <= 128 && nq >= attnTCMinRun
+}
+
+const (
+	attnTCRows   = 64 // ATTN_TC_ROWS
+	attnTCMinRun = 16 // ATTN_TC_MIN_RUN
+)
+
+// attnTCTakes mirrors attn_tc_takes (cuda/src/attention_index.cuh): row t is
+// the tensor-core kernel's if the run of same-sequence consecutive-position
+// rows at the start of its 64-row tile has >= 16 rows and t is inside it.
+func attnTCTakes(seq, pos []int32, t int) bool {
+	t0 := t - t%attnTCRows
+	run := 0
+	for run < attnTCRows && t0+run < len(seq) && seq[t0+run] == seq[t0] && pos[t0+run] == pos[t0]+int32(run) {
+		run++
+	}
+	return run >= attnTCMinRun && t-t0 < run
+}
+
+// checkAttnRows compares attention rows: the float32 kernels' rows within
+// 2e-5 (F16 inputs are pre-rounded, so both sides see the same values; what
+// differs is summation order and __expf), the tensor-core kernel's rows
+// (fp16 q, K, V, P; fp32 accumulation and softmax) within 3e-3 overall and
+// 1e-2 per row. Every element must have been written (outputs are NaN-poisoned).
+func checkAttnRows(t *testing.T, y pair, seq, pos []int32, hd, nh int) {
+	t.Helper()
+	g, c := readBoth(t, y)
+	tc := attnTCOn(hd, len(seq))
+	var num, den [2]float64
+	var worst [2]float64
+	var rows [2]int
+	for r := range seq {
+		k := 0
+		if tc && attnTCTakes(seq, pos, r) {
+			k = 1
+		}
+		rows[k]++
+		for h := 0; h < nh; h++ {
+			var rn, rd float64
+			for d := 0; d < hd; d++ {
+				i := (r*nh+h)*hd + d
+				if math.IsNaN(float64(g[i])) || math.IsInf(float64(g[i]), 0) {
+					t.Fatalf("attend: row %d head %d dim %d is %v (unwritten?); reference %v", r, h, d, g[i], c[i])
+				}
+				e := float64(g[i]) - float64(c[i])
+				rn += e * e
+				rd += float64(c[i]) * float64(c[i])
+			}
+			num[k] += rn
+			den[k] += rd
+			worst[k] = math.Max(worst[k], math.Sqrt(rn/math.Max(rd, 1e-30)))
+		}
+	}
+	tol := [2]float64{2e-5, 3e-3}
+	rowTol := [2]float64{1e-4, 1e-2}
+	for k, name := range []string{"fp32 kernels", "tensor-core kernel"} {
+		if rows[k] == 0 {
+			continue
+		}
+		rel := math.Sqrt(num[k] / math.Max(den[k], 1e-30))
+		t.Logf("attend, %s: %d rows, rel err %.3g, worst row %.3g", name, rows[k], rel, worst[k])
+		if rel > tol[k] || worst[k] > rowTol[k] {
+			t.Fatalf("attend, %s: rel err %.3g (tol %.3g), worst row %.3g (tol %.3g)", name, rel, tol[k], worst[k], rowTol[k])
+		}
+	}
 }
 
 // The head dims the task and the model zoo need get every scenario; the other
@@ -158,9 +231,107 @@ func TestAttentionHeadDims(t *testing.T) {
 			attnSpec{hd: hd, nh: 6, nkv: 3, sinks: true, kv: kv, bs: 16, hist: []int{0, 2000}, newT: []int{1, 1}},
 			attnSpec{hd: hd, nh: 4, nkv: 1, window: 9, kv: kv, bs: 5, hist: []int{3, 0}, newT: []int{64, 7}})
 	}
+	// gpt-oss-20b's attention shape (64 q / 8 kv heads of 64, window 128,
+	// sinks), one 512-token prefill chunk.
+	cases = append(cases, attnSpec{hd: 64, nh: 64, nkv: 8, window: 128, sinks: true, kv: ml.F16, bs: 16,
+		hist: []int{0}, newT: []int{512}})
 	for _, c := range cases {
 		t.Run(c.String(), func(t *testing.T) { runAttn(t, r, c) })
 	}
+}
+
+// TestAttentionPrefillSpeed times Attend for gpt-oss-20b prefill chunks (64 q
+// / 8 kv heads of 64; one sequence from position 0; full and window-128
+// layers) with device events, eager launches (a launch is ~10 us against
+// milliseconds). One kernel version per process: compare with
+//
+//	ORCH_GPU_PERF=1 [ORCH_CUDA_ATTN=v2] bin/cuda-gpu.test -test.run PrefillSpeed -test.v
+func TestAttentionPrefillSpeed(t *testing.T) {
+	if os.Getenv("ORCH_GPU_PERF") == "" {
+		t.Skip("set ORCH_GPU_PERF=1 to time prefill attention")
+	}
+	const nh, nkv, hd, bs = 64, 8, 64, 16
+	version := os.Getenv("ORCH_CUDA_ATTN")
+	if version == "" {
+		version = "default (v3: tensor cores for prefill)"
+	}
+	r := newRNG(t)
+	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
+		x, err := gpu.Alloc(dt, shape...)
+		require.NoError(t, err)
+		t.Cleanup(func() { gpu.Free(x) })
+		return x
+	}
+	t.Logf("| attention version %s on %s | time | FLOP/s (4*hd*heads per visible pair) |", version, gpu.DeviceName())
+	for _, n := range []int{512, 2048} {
+		nb := n / bs
+		perm := r.Perm(nb)
+		blocks, pos, seq, slots := make([]int32, nb), make([]int32, n), make([]int32, n), make([]int32, n)
+		for i := range blocks {
+			blocks[i] = int32(perm[i])
+		}
+		for p := range pos {
+			pos[p], slots[p] = int32(p), blocks[p/bs]*bs+int32(p%bs)
+		}
+		i32 := func(v []int32, shape ...int) ml.Tensor {
+			x := alloc(ml.I32, shape...)
+			require.NoError(t, gpu.WriteI32(x, v))
+			return x
+		}
+		bt := &ml.Batch{Pos: i32(pos, n), Seq: i32(seq, n), Slots: i32(slots, n), Blocks: i32(blocks, nb, 1),
+			BlockSize: bs, MaxPos: n}
+		k, v, q := alloc(ml.F32, hd, nkv, n), alloc(ml.F32, hd, nkv, n), alloc(ml.F32, hd, nh, n)
+		require.NoError(t, gpu.WriteF32(k, randF32(r, hd*nkv*n, 1)))
+		require.NoError(t, gpu.WriteF32(v, randF32(r, hd*nkv*n, 1)))
+		require.NoError(t, gpu.WriteF32(q, randF32(r, hd*nh*n, 1)))
+		sinks := alloc(ml.F32, nh)
+		require.NoError(t, gpu.WriteF32(sinks, randF32(r, nh, 1)))
+		y := alloc(ml.F32, hd, nh, n)
+		for _, kv := range []ml.DType{ml.F16, ml.F32} {
+			kc, vc := alloc(kv, hd, nkv, bs, nb), alloc(kv, hd, nkv, bs, nb)
+			gpu.KVWrite(kc, vc, k, v, bt)
+			for _, window := range []int{0, 128} {
+				a := &ml.Attention{Scale: 0.125, Window: window, Sinks: sinks}
+				ms := attnTimeMs(t, 10, func() { gpu.Attend(y, q, kc, vc, bt, a) })
+				pairs := 0
+				for p := 0; p < n; p++ {
+					if window > 0 {
+						pairs += min(p+1, window)
+					} else {
+						pairs += p + 1
+					}
+				}
+				flop := 4 * float64(hd) * nh * float64(pairs)
+				t.Logf("| prefill n=%d, %v KV, window %d | %.4f ms | %.1f TFLOP/s |", n, kv, window, ms, flop/ms/1e9)
+			}
+		}
+	}
+}
+
+// attnTimeMs is the median over reps of fn's device time (events around an
+// eager call), after 3 warm-up calls.
+func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
+	var e0, e1 uintptr
+	require.NoError(t, gpu.l.status("event", gpu.l.eventCreate(&e0)))
+	require.NoError(t, gpu.l.status("event", gpu.l.eventCreate(&e1)))
+	defer gpu.l.eventDestroy(e0)
+	defer gpu.l.eventDestroy(e1)
+	for i := 0; i < 3; i++ {
+		fn()
+	}
+	require.NoError(t, gpu.Sync())
+	ts := make([]float64, reps)
+	for i := range ts {
+		gpu.l.eventRecord(gpu.ctx, e0)
+		fn()
+		gpu.l.eventRecord(gpu.ctx, e1)
+		var ms float32
+		require.NoError(t, gpu.l.status("elapsed", gpu.l.eventElapsed(e0, e1, &ms)))
+		ts[i] = float64(ms)
+	}
+	require.NoError(t, gpu.Sync())
+	slices.Sort(ts)
+	return ts[len(ts)/2]
 }
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
