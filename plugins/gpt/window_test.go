@@ -14,6 +14,7 @@ import (
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/ml/cpu"
+	"github.com/llama-orch/orch/sdk/ml/cuda"
 	"github.com/llama-orch/orch/sdk/ml/nn"
 	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
 )
@@ -321,4 +322,36 @@ func TestWindowKVAdmitsMore(t *testing.T) {
 	// a sequence decoding past position 200 holds >= 51 blocks of group 0
 	assert.LessOrEqual(t, decoding[0], int64(4), "252 shared blocks hold 4 such sequences")
 	assert.GreaterOrEqual(t, decoding[1], int64(7), "the grouped cache's ~440 full blocks hold 7 or 8")
+}
+
+// On a GPU (skipped without one; not a gpu-tagged file so that any GPU run
+// of the package covers it): the grouped KV path gives the tokens of the
+// shared path for the same requests, one stream at a time (both then run
+// the same kernels on the same batch shapes: chunked prefill, then decode
+// steps replayed as graphs).
+func TestWindowKVDevice(t *testing.T) {
+	if err := cuda.Available(); err != nil {
+		t.Skipf("no usable GPU: %v", err)
+	}
+	g, err := cuda.New(0)
+	require.NoError(t, err)
+	t.Cleanup(func() { g.Close() })
+	c := nntest.TinyGPU("gpt-oss")
+	c.Layers = 4
+	path := nntest.MustWrite(t, c)
+	reqs := windowPrompts(4, 40, 23)
+	run := func(opts nn.Options) [][]int32 {
+		a, rec := serve(t, path, opts, engine.WithMaxBatchTokens(16), engine.WithMaxSequences(4))
+		out := make([][]int32, len(reqs))
+		for i, rq := range reqs {
+			var err error
+			out[i], _, err = generate(context.Background(), a, rq)
+			require.NoError(t, err)
+		}
+		assert.Zero(t, rec.over.Load())
+		return out
+	}
+	shared := run(nn.Options{Backend: g, NumBlocks: 128, ContextLength: 256, MaxTokens: 16, SharedKV: true})
+	grouped := run(nn.Options{Backend: g, NumBlocks: 128, ContextLength: 256, MaxTokens: 16, MaxSequences: 4, StepTokens: 16})
+	assert.Equal(t, shared, grouped)
 }
