@@ -61,7 +61,7 @@ using CfgS1 = QCfg<32, 16, 2, 1, 4, 4, 128>;   // 1, dense (FM = 1)
 using CfgS2 = QCfg<64, 16, 2, 1, 4, 4, 128>;   // 1, MoE (gate/up pairing needs FM = 2)
 using CfgM = QCfg<64, 64, 2, 2, 2, 3, 128>;    // 2
 using CfgML = QCfg<128, 64, 4, 2, 2, 3, 256>;  // 3
-using CfgL = QCfg<128, 128, 4, 2, 2, 3, 256>;  // 4
+using CfgL = QCfg<128, 128, 4, 2, 2, 4, 256>;  // 4
 
 enum { MODE_DENSE = 0, MODE_DOWN = 1, MODE_GATE_UP = 2 };
 
@@ -138,13 +138,14 @@ __device__ __forceinline__ void dequant_block_bf16(const uint32_t *w, uint32_t s
   for (int i = 0; i < 4; i++) p[i] = make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
 }
 
-// Shared memory: Ws | Xs stages | raw W stages (the epilogue scratch reuses them) | row maps.
-template <int T, class C>
+// Shared memory: Ws (two buffers when PIPE) | Xs stages | raw W stages (the
+// epilogue scratch reuses them) | row maps.
+template <int T, class C, bool PIPE>
 struct QSmem {
   // Row stride of the raw W stages: an odd number of 16-byte chunks, so that
   // the lanes of a warp (consecutive rows) read words in different banks.
   static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
-  static constexpr size_t WS = (size_t)C::BM * C::LDS * 2;
+  static constexpr size_t WS = (PIPE ? 2 : 1) * (size_t)C::BM * C::LDS * 2;
   static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
   static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
   static constexpr size_t EPI = (size_t)C::WARPS * 512 * 4;
@@ -152,13 +153,18 @@ struct QSmem {
   static constexpr size_t TOTAL = WS + XS + RAWU + 2 * C::BN * 4;
 };
 
-template <int T, class C, int MODE>
+// PIPE (default): one barrier per stage; in the phase after it, MMA warps
+// multiply stage s from Ws[s % 2] while every warp dequantizes stage s+1 into
+// Ws[(s+1) % 2], so tensor and dequantization work of different warps
+// overlap. !PIPE (tile code | 8): dequantize, barrier, multiply, barrier.
+template <int T, class C, int MODE, bool PIPE>
 __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
-  using SM = QSmem<T, C>;
+  using SM = QSmem<T, C, PIPE>;
   constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
   constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
   constexpr bool DUAL = MODE == MODE_GATE_UP;
   static_assert(!DUAL || C::FM == 2, "gate/up pairing: fragment 0 = gate rows, 1 = the same up rows");
+  static_assert(!PIPE || NS >= 3, "PIPE dequantizes one stage ahead of the multiply");
   extern __shared__ __align__(128) uint8_t smem[];
   __nv_bfloat16 *Ws = reinterpret_cast<__nv_bfloat16 *>(smem);
   __nv_bfloat16 *Xs = reinterpret_cast<__nv_bfloat16 *>(smem + SM::WS);
@@ -244,13 +250,13 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
     }
     cp_async_commit();
   };
-  // Dequantizes stage s's raw blocks into Ws (zeros past m / past k).
-  auto dequant = [&](int s) {
+  // Dequantizes stage s's raw blocks into the W tile wt (zeros past m / past k).
+  auto dequant = [&](int s, __nv_bfloat16 *wt) {
     const int64_t kb0 = (int64_t)s * KB;
     const uint8_t *src = raw + (size_t)(s % NS) * BM * RAWROW;
     for (int q = tid; q < BM * KB; q += THREADS) {
       const int i = q / KB, j = q % KB;
-      __nv_bfloat16 *dst = Ws + i * LDS + 32 * j;
+      __nv_bfloat16 *dst = wt + i * LDS + 32 * j;
       const uint8_t *base, *end;
       const int64_t row = wrow(i, base, end);
       if (row < a.m && kb0 + j < nb) {
@@ -278,31 +284,48 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
 #pragma unroll
     for (int i = 0; i < C::FM; i++) wmma::fill_fragment(acc[j][i], 0.f);
 
+  // Stage s's product: W tile wt, A tile Xs[s % NS].
+  auto mma = [&](int s, const __nv_bfloat16 *wt) {
+    const __nv_bfloat16 *xs = Xs + (size_t)(s % NS) * BN * LDS;
+#pragma unroll
+    for (int kk = 0; kk < C::BK / 16; kk++) {
+      // Hold the W fragments, stream the A ones.
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb[C::FM];
+#pragma unroll
+      for (int i = 0; i < C::FM; i++)
+        wmma::load_matrix_sync(fb[i], wt + (wm * C::FM * 16 + i * 16) * LDS + kk * 16, LDS);
+#pragma unroll
+      for (int j = 0; j < C::FN; j++) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, xs + (wn * C::FN * 16 + j * 16) * LDS + kk * 16, LDS);
+#pragma unroll
+        for (int i = 0; i < C::FM; i++) wmma::mma_sync(acc[j][i], fa, fb[i], acc[j][i]);
+      }
+    }
+  };
+
 #pragma unroll
   for (int s = 0; s < NS - 1; s++) issue(s);
-  for (int s = 0; s < nstages; s++) {
-    cp_async_wait<NS - 2>(); // this thread's copies of stage s have landed
-    __syncthreads();         // A: everyone's copies visible; step s-1's mma is done with Ws and Xs[(s-1) % NS]
-    issue(s + NS - 1);       // into the buffers of stage s-1 (raw: read by dequant(s-1), before B of s-1)
-    dequant(s);
-    __syncthreads();         // B: Ws ready
-    if (mma_warp) {
-      const __nv_bfloat16 *xs = Xs + (size_t)(s % NS) * BN * LDS;
-#pragma unroll
-      for (int kk = 0; kk < C::BK / 16; kk++) {
-        // Hold the W fragments, stream the A ones.
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb[C::FM];
-#pragma unroll
-        for (int i = 0; i < C::FM; i++)
-          wmma::load_matrix_sync(fb[i], Ws + (wm * C::FM * 16 + i * 16) * LDS + kk * 16, LDS);
-#pragma unroll
-        for (int j = 0; j < C::FN; j++) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
-          wmma::load_matrix_sync(fa, xs + (wn * C::FN * 16 + j * 16) * LDS + kk * 16, LDS);
-#pragma unroll
-          for (int i = 0; i < C::FM; i++) wmma::mma_sync(acc[j][i], fa, fb[i], acc[j][i]);
-        }
-      }
+  if constexpr (PIPE) {
+    __nv_bfloat16 *Ws2 = Ws + BM * LDS;
+    cp_async_wait<NS - 2>(); // stage 0
+    __syncthreads();
+    dequant(0, Ws);
+    for (int s = 0; s < nstages; s++) {
+      cp_async_wait<NS - 3>(); // this thread's copies of stage s+1 have landed
+      __syncthreads(); // stage s+1 visible; Ws[s % 2] (dequant(s)) visible; step s-1's mma and dequant done
+      issue(s + NS - 1); // buffers of stage s-1: raw read by dequant(s-1) two steps ago, Xs by mma(s-1)
+      if (mma_warp) mma(s, (s & 1) ? Ws2 : Ws);
+      if (s + 1 < nstages) dequant(s + 1, (s & 1) ? Ws : Ws2); // the tile mma(s-1) read
+    }
+  } else {
+    for (int s = 0; s < nstages; s++) {
+      cp_async_wait<NS - 2>(); // this thread's copies of stage s have landed
+      __syncthreads(); // A: everyone's copies visible; step s-1's mma is done with Ws and Xs[(s-1) % NS]
+      issue(s + NS - 1); // into the buffers of stage s-1 (raw: read by dequant(s-1), before B of s-1)
+      dequant(s, Ws);
+      __syncthreads(); // B: Ws ready
+      if (mma_warp) mma(s, Ws);
     }
   }
   cp_async_wait<0>();
@@ -352,29 +375,41 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
   }
 }
 
-template <int T, class C, int MODE>
-int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
-  constexpr size_t sm = QSmem<T, C>::TOTAL;
+template <int T, class C, int MODE, bool PIPE>
+int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
+  constexpr size_t sm = QSmem<T, C, PIPE>::TOTAL;
   static_assert(sm <= 200 * 1024, "shared memory");
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
   if (sm > 48 * 1024)
-    cudaFuncSetAttribute(qgemm_kernel<T, C, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  qgemm_kernel<T, C, MODE><<<dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st>>>(a);
+    cudaFuncSetAttribute(qgemm_kernel<T, C, MODE, PIPE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  qgemm_kernel<T, C, MODE, PIPE><<<dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st>>>(a);
   return ORCH_OK;
 }
 
-constexpr int bn_of(int tile) { return tile == 1 ? 16 : tile == 4 ? 128 : 64; }
+// The two-barrier schedule is built for the dense GEMM only (A/B timing;
+// fewer instantiations): the MoE modes always pipeline.
+template <int T, class C, int MODE>
+int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy, bool pipe) {
+  if constexpr (MODE == MODE_DENSE)
+    if (!pipe) return launch_qgemm_p<T, C, MODE, false>(st, a, rows_w, gy);
+  return launch_qgemm_p<T, C, MODE, true>(st, a, rows_w, gy);
+}
+
+// Tile code: bits 0-2 the configuration (1..4), bit 3 (8) the two-barrier
+// schedule instead of the pipelined one.
+constexpr int bn_of(int tile) { return (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : 64; }
 
 // gy: grid rows (token tiles or the MoE tile bound) for this tile's BN.
 template <int T, int MODE>
 int launch_cfg(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
-  switch (tile) {
+  const bool pipe = !(tile & 8);
+  switch (tile & 7) {
     case 1:
-      if constexpr (MODE == MODE_DENSE) return launch_qgemm<T, CfgS1, MODE>(st, a, rows_w, gy);
-      else return launch_qgemm<T, CfgS2, MODE>(st, a, rows_w, gy);
-    case 2: return launch_qgemm<T, CfgM, MODE>(st, a, rows_w, gy);
-    case 3: return launch_qgemm<T, CfgML, MODE>(st, a, rows_w, gy);
-    default: return launch_qgemm<T, CfgL, MODE>(st, a, rows_w, gy);
+      if constexpr (MODE == MODE_DENSE) return launch_qgemm<T, CfgS1, MODE>(st, a, rows_w, gy, pipe);
+      else return launch_qgemm<T, CfgS2, MODE>(st, a, rows_w, gy, pipe);
+    case 2: return launch_qgemm<T, CfgM, MODE>(st, a, rows_w, gy, pipe);
+    case 3: return launch_qgemm<T, CfgML, MODE>(st, a, rows_w, gy, pipe);
+    default: return launch_qgemm<T, CfgL, MODE>(st, a, rows_w, gy, pipe);
   }
 }
 
@@ -388,6 +423,7 @@ int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_
   return ORCH_ERR_UNSUPPORTED;
 }
 
+bool tile_ok(int t) { return (t & ~15) == 0 && (t & 7) <= 4; } // 0..4, 8..12
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
@@ -455,13 +491,13 @@ __global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ id
 extern "C" int orch_qgemm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                           int64_t n, int64_t k, int64_t m, int32_t accumulate, void *xbf16, int32_t tile) {
   const char *op = "qgemm";
-  ORCH_CHECK_ARG(ctx && y && x && w && xbf16 && n >= 0 && k > 0 && m > 0 && tile >= 0 && tile <= 4, op);
+  ORCH_CHECK_ARG(ctx && y && x && w && xbf16 && n >= 0 && k > 0 && m > 0 && tile_ok(tile), op);
   if (!qgemm_type(wtype) || k % 32) {
     orch_set_error("qgemm: weight type %d / k=%lld not handled (Q8_0, Q4_0, MXFP4; k %% 32 == 0)", wtype, (long long)k);
     return ORCH_ERR_UNSUPPORTED;
   }
   ORCH_CHECK_ARG(aligned16(x) && aligned16(w) && aligned16(xbf16), op);
-  if (tile == 0) tile = n <= 16 ? 1 : n <= 64 ? 2 : n <= 192 ? 3 : 4;
+  if ((tile & 7) == 0) tile |= n <= 16 ? 1 : n <= 64 ? 2 : n <= 192 ? 3 : 4;
   const int64_t gy = ceil_div(n, bn_of(tile));
   if (n > INT32_MAX / 2 || gy > 65535 || m > INT32_MAX / 2) {
     orch_set_error("qgemm: n=%lld m=%lld too large for the grid", (long long)n, (long long)m);
@@ -500,7 +536,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
                                     int32_t *route, int32_t tile) {
   const char *op = "moe_ffn_grouped";
   ORCH_CHECK_ARG(ctx && out && x && ids && weights && gate && up && down && xg && act && ybuf && route, op);
-  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && dim > 0 && ff > 0 && tile >= 0 && tile <= 4, op);
+  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && dim > 0 && ff > 0 && tile_ok(tile), op);
   // n_exp: the bucketing CTA keeps 4*n_exp+2 ints in shared memory (<= 48 KB).
   if (!qgemm_type(gu_type) || !qgemm_type(down_type) || dim % 32 || ff % 32 || n_exp > 2048) {
     orch_set_error("moe_ffn_grouped: types %d/%d, dim=%lld, ff=%lld, %d experts not handled", gu_type, down_type,
@@ -511,9 +547,9 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
                      aligned16(up) && aligned16(down),
                  op);
   const int64_t pairs = n * n_slots;
-  if (tile == 0) {
+  if ((tile & 7) == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
-    tile = per <= 16 ? 1 : per <= 40 ? 2 : 3;
+    tile |= per <= 16 ? 1 : per <= 40 ? 2 : 3;
   }
   const int bn = bn_of(tile);
   const int64_t tb = moe_tiles_bound(pairs, n_exp, bn);

@@ -31,8 +31,8 @@ func dptr(t *testing.T, x ml.Tensor) uintptr {
 	return ct.ptr
 }
 
-// TestQGemm calls orch_qgemm directly (every tile config, accumulate on and
-// off) and compares with the CPU backend's MatMul.
+// TestQGemm calls orch_qgemm directly (every tile config and both
+// schedules, accumulate on and off) and compares with the CPU backend's MatMul.
 func TestQGemm(t *testing.T) {
 	r := newRNG(t)
 	type shape struct{ k, m int }
@@ -43,8 +43,14 @@ func TestQGemm(t *testing.T) {
 				ns = []int{9, 130}
 			}
 			for _, n := range ns {
-				for _, tile := range []int32{0, 1, 2, 3, 4} {
-					for _, c := range []struct{ bias, acc bool }{{false, false}, {true, false}, {true, true}, {false, true}} {
+				// tiles 1..4 pipelined (0: chosen by n), 9..12 the same with the
+				// two-barrier schedule (tile | 8)
+				for _, tile := range []int32{0, 1, 2, 3, 4, 9, 10, 11, 12} {
+					variants := []struct{ bias, acc bool }{{false, false}, {true, false}, {true, true}, {false, true}}
+					if tile > 8 {
+						variants = variants[1:3]
+					}
+					for _, c := range variants {
 						name := fmt.Sprintf("%v/k=%d/m=%d/n=%d/tile=%d/bias=%v/acc=%v", dt, sh.k, sh.m, n, tile, c.bias, c.acc)
 						t.Run(name, func(t *testing.T) {
 							k, m := sh.k, sh.m

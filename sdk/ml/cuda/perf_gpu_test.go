@@ -187,6 +187,7 @@ func TestPerf(t *testing.T) {
 		run("(routed)", false, 0, qgemmMinN)
 		for tile := int32(1); tile <= 4; tile++ {
 			run(fmt.Sprintf("(qgemm tile %d)", tile), false, tile, 1)
+			run(fmt.Sprintf("(qgemm tile %d, two-barrier schedule)", tile), false, tile|8, 1)
 		}
 		run("(v1: GEMV / dequant + cuBLAS)", true, 0, qgemmMinN)
 		for _, w := range ws {
