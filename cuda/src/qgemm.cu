@@ -375,10 +375,24 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
   }
 }
 
+// Opt-in shared memory per block of the current device (227 KB on H100,
+// 163 KB on A100): a tile that needs more is declined (the caller falls back).
+size_t smem_optin() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 48 * 1024;
+  return (size_t)v;
+}
+
 template <int T, class C, int MODE, bool PIPE>
 int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
   constexpr size_t sm = QSmem<T, C, PIPE>::TOTAL;
   static_assert(sm <= 200 * 1024, "shared memory");
+  static const size_t optin = smem_optin();
+  if (sm > optin) {
+    orch_set_error("qgemm: tile needs %zu bytes of shared memory, the device allows %zu", sm, optin);
+    return ORCH_ERR_UNSUPPORTED;
+  }
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
   if (sm > 48 * 1024)
     cudaFuncSetAttribute(qgemm_kernel<T, C, MODE, PIPE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
