@@ -198,6 +198,66 @@ moe_down_h_kernel(float *__restrict__ out, const float *__restrict__ act, const 
   if (valid && lane == 0) out[t * m + row] = res;
 }
 
+// MoE v4 down: v3's down walks the k slots in series, and a slot's weight
+// loads are issued only after the previous slot's dot (one DRAM latency per
+// slot per warp). Here the work items (slot, round of NB blocks per lane) are
+// double-buffered: item i+1's words are loaded before item i is computed.
+template <int T, int NB>
+__device__ __forceinline__ void down_load_item(wblocks<T, NB> &b, const uint8_t *__restrict__ wd,
+                                               const int32_t *__restrict__ ids, int64_t t, int n_slots, int rounds,
+                                               int it, int64_t m, int64_t rb, int64_t row, bool valid, int lane,
+                                               int64_t nch) {
+  const int s = it / rounds;
+  const int64_t c0 = (int64_t)(it % rounds) * 32 * NB;
+  const int e = ids[t * n_slots + s];
+  ffn_load<T, NB>(b, wd + (int64_t)e * m * rb + (valid ? row : 0) * rb, c0, lane, nch, valid);
+}
+
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers (360 CTAs of a decode step all resident)
+moe_down_hp_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
+                   const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
+                   int n_slots, int64_t k, int64_t m, int64_t rb) {
+  extern __shared__ __align__(16) uint32_t xsm[];
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int64_t t = blockIdx.y;
+  const bool valid = row < m;
+  const int64_t nch = k / 32;
+  const int rounds = (int)((nch + 32 * NB - 1) / (32 * NB));
+  const int items = n_slots * rounds;
+  float *xinv = reinterpret_cast<float *>(xsm + n_slots * nch * DEC16_XW);
+  wblocks<T, NB> b0, b1;
+  down_load_item<T, NB>(b0, wd, ids, t, n_slots, rounds, 0, m, rb, row, valid, lane, nch);
+  dec16_stage(xsm, xinv, act + t * n_slots * k, n_slots, k, dec16_traits<T>::kind);
+  __syncthreads();
+  float res = 0.f, acc = 0.f;
+  // Computes item it from b; at the last round of a slot, adds the slot's
+  // weighted result (uniform over the warp: warp_sum is safe).
+  auto finish = [&](int it, const wblocks<T, NB> &b) {
+    const int s = it / rounds;
+    const int64_t c0 = (int64_t)(it % rounds) * 32 * NB;
+    acc += ffn_dot_h<T, NB>(b, xsm + s * nch * DEC16_XW, xinv + s * nch, c0, lane, nch);
+    if (it % rounds == rounds - 1) {
+      const int64_t p = t * n_slots + s;
+      const int e = ids[p];
+      const float a = warp_sum(acc);
+      res += wts[p] * (a + (db && valid ? db[(int64_t)e * m + row] : 0.f));
+      acc = 0.f;
+    }
+  };
+  for (int it = 0; it < items; it += 2) {
+    if (it + 1 < items) down_load_item<T, NB>(b1, wd, ids, t, n_slots, rounds, it + 1, m, rb, row, valid, lane, nch);
+    finish(it, b0);
+    if (it + 1 < items) {
+      if (it + 2 < items)
+        down_load_item<T, NB>(b0, wd, ids, t, n_slots, rounds, it + 2, m, rb, row, valid, lane, nch);
+      finish(it + 1, b1);
+    }
+  }
+  if (valid && lane == 0) out[t * m + row] = res;
+}
+
 constexpr size_t FFN_MAX_SMEM = 96 * 1024;
 static size_t ffn_smem(int64_t k, int rows) { return (size_t)rows * (k / 32) * 36 * sizeof(float); }
 
@@ -207,12 +267,12 @@ template <int T> constexpr int down_nb() { return 3; }
 template <int T> constexpr int down_h_nb() { return T == ORCH_T_Q8_0 ? 2 : 3; } // Q8_0 NB=3 spills at 64 registers
 
 template <int T>
-static void launch_gate_up(cudaStream_t st, bool f16, float *act, const float *x, const uint8_t *wg,
+static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x, const uint8_t *wg,
                            const uint8_t *wu, const float *gb, const float *ub, const int32_t *ids, int64_t n,
                            int n_slots, int64_t k, int64_t m, float alpha, float limit) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     constexpr int NB = gate_up_nb<T>();
-    if (f16) {
+    if (ver >= 3) {
       size_t sm = dec16_smem(k, 1);
       if (sm > 48 * 1024)
         cudaFuncSetAttribute(moe_gate_up_h_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -231,10 +291,20 @@ static void launch_gate_up(cudaStream_t st, bool f16, float *act, const float *x
 }
 
 template <int T>
-static void launch_down(cudaStream_t st, bool f16, float *out, const float *act, const uint8_t *wd, const float *db,
+static void launch_down(cudaStream_t st, int ver, float *out, const float *act, const uint8_t *wd, const float *db,
                         const int32_t *ids, const float *wts, int64_t n, int n_slots, int64_t k, int64_t m) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    if (f16) {
+    if (ver >= 4) {
+      constexpr int NB = down_h_nb<T>();
+      size_t sm = dec16_smem(k, n_slots);
+      if (sm > 48 * 1024)
+        cudaFuncSetAttribute(moe_down_hp_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
+      moe_down_hp_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(out, act, wd, db, ids, wts, n_slots, k, m,
+                                                                  orch_row_bytes(T, k));
+      return;
+    }
+    if (ver == 3) {
       constexpr int NB = down_h_nb<T>();
       size_t sm = dec16_smem(k, n_slots);
       if (sm > 48 * 1024)
@@ -273,12 +343,13 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
     return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   if (n == 0) return ORCH_OK;
-  // MoE v3 (fp16 decode) unless ORCH_CUDA_MOE=v2 asks for the fp32 kernels.
-  const bool f16 = ctx->moe >= 3;
-  ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, f16, act, x, (const uint8_t *)gate, (const uint8_t *)up,
+  // MoE v3 (fp16 decode) unless ORCH_CUDA_MOE=v2 asks for the fp32 kernels;
+  // v4: v3 with the double-buffered down kernel.
+  const int ver = ctx->moe;
+  ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, ver, act, x, (const uint8_t *)gate, (const uint8_t *)up,
                      gate_bias, up_bias, ids, n, n_slots, dim, ff, alpha, limit);
   ORCH_LAUNCHED(op);
-  ORCH_DISPATCH_TYPE(down_type, launch_down, ctx->stream, f16, out, act, (const uint8_t *)down, down_bias, ids, weights,
+  ORCH_DISPATCH_TYPE(down_type, launch_down, ctx->stream, ver, out, act, (const uint8_t *)down, down_bias, ids, weights,
                      n, n_slots, ff, dim);
   ORCH_LAUNCHED(op);
   return ORCH_OK;

@@ -179,13 +179,18 @@ func readBoth(t *testing.T, p pair) (g, c []float32) {
 // fp16 (rms ~u*sqrt(8/6)); the host emulation of the kernels' exact
 // arithmetic measures a relative L2 error of 4.4e-4 (MXFP4), 4.5e-4 (Q8_0)
 // and 5.2e-4 (Q4_0) for one GEMV of k = 2880. One GEMV: 1.5e-3 (3x that).
-// The MoE chains two GEMVs through the SwiGLU (gate/up errors propagate into
-// the activation, which is rounded again for the down GEMV): ~8e-4
-// expected, 2e-3 allowed. The fp32 paths (ORCH_CUDA_GEMV=v1..v4,
-// ORCH_CUDA_MOE=v1/v2) keep 1e-4.
+// The MoE chains two GEMVs through the clamped SwiGLU: with these random
+// weights the gate/up pre-activations are ~10-180 (k = 128..3200) but only
+// values inside the clamp (|u| < 7) or near the sigmoid knee reach the
+// output, and their absolute error is that of a typical pre-activation, so
+// the relative error grows ~3-6x over one GEMV. The host emulation of MoE v3
+// on TestMoE's shapes gives 1.3e-3 mean, 2.4e-3 worst over 25 draws per case
+// (d=128, n=1, top-2), and 3.0e-3 on TestMoEWide's (d=ff=3200): 6e-3
+// allowed (cuda/test/dec16_test.cu, `long` mode). The fp32 paths
+// (ORCH_CUDA_GEMV=v1..v4, ORCH_CUDA_MOE=v1/v2) keep 1e-4.
 const (
 	tolF16GEMV = 1.5e-3
-	tolF16MoE  = 2e-3
+	tolF16MoE  = 6e-3
 )
 
 // kernelVersion is the N of ORCH_CUDA_<what>=vN, or def.
