@@ -2,8 +2,10 @@
 //  - gemv: n <= 8 tokens (decode). One warp per output row; lanes walk the
 //    row's 32-element chunks, dequantize in registers and dot with up to 8
 //    token vectors; the weight is read from device memory exactly once.
-//    Versions v1..v4 are kept (ORCH_CUDA_GEMV); v4 (default for Q8_0 / Q4_0 /
-//    MXFP4, n <= 4) loads blocks as aligned words before staging x.
+//    Versions v1..v6 are kept (ORCH_CUDA_GEMV); v5 (default for Q8_0 / Q4_0 /
+//    MXFP4, n <= 8) loads blocks as aligned words before staging x (as v4,
+//    n <= 4) and decodes them to fp16 for HFMA2 (dec16.cuh); v6 (opt-in)
+//    adds double-buffered rows over a one-wave grid.
 //  - gemm: n > 8 (prefill). The weight is dequantized tile by tile to bf16
 //    into scratch and multiplied by cuBLAS (bf16 inputs, f32 accumulate).
 //  - moe_matmul: the gemv over (token, slot) pairs, each with its expert.
@@ -381,7 +383,7 @@ static void launch_gemv4(cudaStream_t st, float *y, const float *x, const uint8_
   }
 }
 
-// v5 GEMV (Q8_0, Q4_0, MXFP4; n <= 4; default): v4's structure (weight
+// v5 GEMV (Q8_0, Q4_0, MXFP4; n <= 8; default): v4's structure (weight
 // words loaded before x is staged, 8 warps, R rows per warp) with the fp16
 // decode of dec16.cuh: x staged once per CTA in fp16 (power-of-two scale per
 // 32), each weight block decoded once to half2 pairs (prmt/LOP3, no int->float
@@ -448,7 +450,7 @@ gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
 template <int T, int NT>
 static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
                             int64_t k, int64_t m, int64_t rb, int acc) {
-  constexpr int NB = (T == ORCH_T_Q8_0 && NT > 1) ? 2 : 3;
+  constexpr int NB = (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3;
   const int rpw = m >= 32768 ? 2 : 1;
   size_t sm = dec16_smem(k, NT);
   if (sm > 48 * 1024) cudaFuncSetAttribute(gemv5_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -462,7 +464,8 @@ static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     if (n == 1) launch_gemv5_nt<T, 1>(st, y, x, w, bias, n, k, m, rb, acc);
     else if (n == 2) launch_gemv5_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
-    else launch_gemv5_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
+    else if (n <= 4) launch_gemv5_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
+    else launch_gemv5_nt<T, 8>(st, y, x, w, bias, n, k, m, rb, acc);
   }
 }
 
@@ -567,7 +570,8 @@ static void launch_gemv6(cudaStream_t st, float *y, const float *x, const uint8_
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     if (n == 1) launch_gemv6_nt<T, 1>(st, y, x, w, bias, n, k, m, rb, acc);
     else if (n == 2) launch_gemv6_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
-    else launch_gemv6_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
+    else if (n <= 4) launch_gemv6_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
+    else launch_gemv6_nt<T, 8>(st, y, x, w, bias, n, k, m, rb, acc);
   }
 }
 
@@ -700,10 +704,11 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   if (n <= 8) {
     // v4 reads whole aligned 32-bit words, up to 3 bytes past a block: only
     // where the weight's end (w is 16-aligned) is word-aligned too.
-    const int nt4 = n == 1 ? 1 : n == 2 ? 2 : 4;
-    if (ctx->gemv >= 6 && n <= 4 && (m * rb) % 4 == 0 && gemv3_type(wtype) && dec16_smem(k, nt4) <= GEMV3_MAX_SMEM) {
+    const int nt4 = n == 1 ? 1 : n == 2 ? 2 : 4, nt8 = n <= 4 ? nt4 : 8; // token tiles of v4 / v5-v6
+    const bool f16ok = (m * rb) % 4 == 0 && gemv3_type(wtype) && dec16_smem(k, nt8) <= GEMV3_MAX_SMEM;
+    if (ctx->gemv >= 6 && f16ok) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
-    } else if (ctx->gemv >= 5 && n <= 4 && (m * rb) % 4 == 0 && gemv3_type(wtype) && dec16_smem(k, nt4) <= GEMV3_MAX_SMEM) {
+    } else if (ctx->gemv >= 5 && f16ok) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
     } else if (ctx->gemv >= 4 && n <= 4 && (m * rb) % 4 == 0 && gemv3_type(wtype) && gemv3_smem(k, nt4) <= GEMV3_MAX_SMEM) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv4, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
