@@ -1,9 +1,8 @@
 // CPU emulation test of the tensor-core prefill attention kernel: compiles the
-// kernel source itself (cuda/src/attention_tc.cuh) with g++ against a small
-// emulation of what it uses — 128 std::threads per CTA with real barriers for
-// __syncthreads/__syncwarp, shuffles and ballots through per-warp exchange
-// slots, WMMA fragments as full 16x16 fp32 tiles (fp16 inputs), fp16 as
-// _Float16 — and checks it against a float64 reference on paged caches with
+// kernel source itself (cuda/src/attention_tc.cuh) with g++ against the CUDA
+// emulation of cuda_emu.h (a std::thread per CUDA thread, real barriers,
+// WMMA as whole fp32 tiles, fp16 as _Float16) and checks it against a float64
+// reference on paged caches with
 // shuffled block tables, windows, sinks, GQA, F16 and F32 KV, and mixed
 // batches (rows the kernel must not take stay untouched). The WMMA emulation
 // also checks WMMA's preconditions (32-byte aligned pointers, ldm multiples,
@@ -16,209 +15,11 @@
 // What it cannot show: timing, real bank conflicts, and the real fragment
 // layouts (the kernel never depends on them: fragments only go through
 // load/store/mma/fill, which is the documented contract).
-#include <algorithm>
-#include <barrier>
-#include <cassert>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <memory>
 #include <random>
-#include <thread>
-#include <vector>
 
-// ---- emulation of the CUDA surface the kernel uses ----
-#define ORCH_EMU 1
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __align__(n) __attribute__((aligned(n)))
-#define __shared__
-
-struct dim3 {
-  unsigned x = 1, y = 1, z = 1;
-};
-thread_local dim3 threadIdx, blockIdx;
-dim3 blockDim, gridDim;
-
-struct uint4 {
-  unsigned x, y, z, w;
-};
-struct float4 {
-  float x, y, z, w;
-};
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-
-struct __half {
-  _Float16 v;
-};
-struct __half2 {
-  __half x, y;
-};
-static_assert(sizeof(__half) == 2 && sizeof(__half2) == 4, "fp16 sizes");
-inline __half __float2half(float f) { return {(_Float16)f}; }
-inline float __half2float(__half h) { return (float)h.v; }
-inline __half2 __floats2half2_rn(float a, float b) { return {__float2half(a), __float2half(b)}; }
-inline float __expf(float x) { return expf(x); }
-using std::max;
-using std::min;
-
-constexpr int EMU_THREADS = 128; // the kernel's block size
-constexpr size_t EMU_SMEM = 256 * 1024;
-// The kernel's `extern __shared__ unsigned char smem[]` (declared inside
-// namespace attn_tc) names this buffer.
-namespace attn_tc {
-alignas(128) unsigned char smem[EMU_SMEM];
-}
-using attn_tc::smem;
-size_t g_smem_bytes = 0; // dynamic shared memory of the launch: accesses must stay below
-
-struct EmuWarp {
-  std::barrier<> bar{32};
-  float f[32];
-  unsigned u[32];
-};
-std::unique_ptr<std::barrier<>> g_cta;
-std::unique_ptr<EmuWarp> g_warps[EMU_THREADS / 32];
-
-inline int emu_lane() { return threadIdx.x & 31; }
-inline EmuWarp &emu_warp() { return *g_warps[threadIdx.x >> 5]; }
-inline void __syncthreads() { g_cta->arrive_and_wait(); }
-inline void __syncwarp() { emu_warp().bar.arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int m) {
-  EmuWarp &w = emu_warp();
-  w.f[emu_lane()] = v;
-  w.bar.arrive_and_wait();
-  float r = w.f[emu_lane() ^ m];
-  w.bar.arrive_and_wait();
-  return r;
-}
-inline float __shfl_sync(unsigned, float v, int src) {
-  EmuWarp &w = emu_warp();
-  w.f[emu_lane()] = v;
-  w.bar.arrive_and_wait();
-  float r = w.f[src & 31];
-  w.bar.arrive_and_wait();
-  return r;
-}
-inline unsigned __ballot_sync(unsigned, bool p) {
-  EmuWarp &w = emu_warp();
-  w.u[emu_lane()] = p;
-  w.bar.arrive_and_wait();
-  unsigned m = 0;
-  for (int i = 0; i < 32; i++) m |= (w.u[i] ? 1u : 0u) << i;
-  w.bar.arrive_and_wait();
-  return m;
-}
-
-#define CHECK(c, ...)                                            \
-  do {                                                           \
-    if (!(c)) {                                                  \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                         \
-      std::fprintf(stderr, "\n");                                \
-      std::abort();                                              \
-    }                                                            \
-  } while (0)
-
-// Pointer p with `count` elements of size sz read/written by a fragment op:
-// WMMA needs 256-bit alignment; shared-memory operands must stay inside the
-// launch's dynamic shared memory.
-static void emu_check_ptr(const void *p, size_t last_byte) {
-  CHECK(((uintptr_t)p & 31) == 0, "WMMA pointer %p not 32-byte aligned", p);
-  const unsigned char *c = (const unsigned char *)p;
-  if (c >= smem && c < smem + EMU_SMEM)
-    CHECK(c + last_byte < smem + g_smem_bytes, "WMMA access past dynamic shared memory (%zu >= %zu)",
-          (size_t)(c + last_byte - smem), g_smem_bytes);
-}
-
-namespace nvcuda {
-namespace wmma {
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-  float v[16][16];
-};
-inline float emu_f(float x) { return x; }
-inline float emu_f(__half x) { return __half2float(x); }
-template <class Use, class T, class Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout> &f, const T *p, unsigned ldm) {
-  CHECK(ldm % (16 / sizeof(T)) == 0, "ldm %u not a multiple of %zu", ldm, 16 / sizeof(T));
-  emu_check_ptr(p, (15 * (size_t)ldm + 16) * sizeof(T) - 1);
-  for (int i = 0; i < 16; i++)
-    for (int j = 0; j < 16; j++)
-      f.v[i][j] = std::is_same<Layout, col_major>::value ? emu_f(p[j * ldm + i]) : emu_f(p[i * ldm + j]);
-  __syncwarp(); // collective
-}
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p, unsigned ldm, layout_t l) {
-  CHECK(ldm % 4 == 0, "float ldm %u", ldm);
-  emu_check_ptr(p, (15 * (size_t)ldm + 16) * 4 - 1);
-  for (int i = 0; i < 16; i++)
-    for (int j = 0; j < 16; j++) f.v[i][j] = l == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
-  __syncwarp();
-}
-inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f, unsigned ldm, layout_t l) {
-  CHECK(ldm % 4 == 0, "float ldm %u", ldm);
-  emu_check_ptr(p, (15 * (size_t)ldm + 16) * 4 - 1);
-  __syncwarp();
-  if (emu_lane() == 0)
-    for (int i = 0; i < 16; i++)
-      for (int j = 0; j < 16; j++) (l == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.v[i][j];
-  __syncwarp();
-}
-template <class T>
-void fill_fragment(fragment<accumulator, 16, 16, 16, T> &f, float x) {
-  for (auto &r : f.v)
-    for (auto &e : r) e = x;
-}
-template <class LA, class LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, __half, LA> &a,
-              const fragment<matrix_b, 16, 16, 16, __half, LB> &b, const fragment<accumulator, 16, 16, 16, float> &c) {
-  float t[16][16];
-  for (int i = 0; i < 16; i++)
-    for (int j = 0; j < 16; j++) {
-      float s = c.v[i][j];
-      for (int k = 0; k < 16; k++) s += a.v[i][k] * b.v[k][j];
-      t[i][j] = s;
-    }
-  std::memcpy(d.v, t, sizeof t);
-}
-} // namespace wmma
-} // namespace nvcuda
-
+#include "cuda_emu.h"
+#define __shared__ // the kernel's shared memory is extern (dynamic): attn_tc::smem
 #include "../src/attention_tc.cuh"
-
-// Runs kernel over the grid, one CTA at a time, EMU_THREADS threads each.
-static void emu_launch(dim3 grid, size_t smem_bytes, const std::function<void()> &kernel) {
-  CHECK(smem_bytes <= EMU_SMEM, "shared memory %zu", smem_bytes);
-  g_smem_bytes = smem_bytes;
-  gridDim = grid;
-  blockDim = dim3{EMU_THREADS, 1, 1};
-  for (unsigned by = 0; by < grid.y; by++)
-    for (unsigned bx = 0; bx < grid.x; bx++) {
-      std::memset(smem, 0xff, EMU_SMEM); // garbage (NaN floats) like real shared memory
-      g_cta = std::make_unique<std::barrier<>>(EMU_THREADS);
-      for (auto &w : g_warps) w = std::make_unique<EmuWarp>();
-      std::vector<std::thread> th;
-      for (int i = 0; i < EMU_THREADS; i++)
-        th.emplace_back([&, i] {
-          threadIdx = dim3{(unsigned)i, 0, 0};
-          blockIdx = dim3{bx, by, 0};
-          kernel();
-        });
-      for (auto &t : th) t.join();
-    }
-}
 
 // ---- the test ----
 struct Seq {
@@ -292,7 +93,7 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
   a.max_pos = max_len;
 
   using namespace attn_tc;
-  emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TcLayout<HD>::BYTES,
+  emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TC_WARPS * 32, TcLayout<HD>::BYTES,
              [&] { attn_tc_kernel<KV, HD>(a); });
 
   // Which rows the kernel must take (same rule, computed on the host).

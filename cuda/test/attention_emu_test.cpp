@@ -1,0 +1,200 @@
+// CPU emulation test of every attention path as attention.cu launches it,
+// compiled from the kernel sources themselves (cuda/src/attention_kernels.cuh,
+// attention_tc.cuh) against cuda/test/cuda_emu.h:
+//   v1: attn_kernel;
+//   v2: attn2_kernel (splits 1: direct output; splits > 1: + attn_combine);
+//   v3 (default): attn_tc_kernel for the tiles it takes, then v2 with tc_skip
+//       for the other rows.
+// Every supported head dim (16 .. 256; v3's tensor-core part up to 128), F32
+// and F16 KV, decode rows at several depths and a mixed batch (prefill chunk,
+// decode row, short chunk), windows and sinks, shuffled block tables; the
+// slots of unwritten positions hold NaN, outputs start as NaN, so a missed or
+// double-covered row, a read past a sequence or a mask bug shows. Reference:
+// float64 on the values the cache holds. AddressSanitizer checks the global
+// reads and writes.
+//
+//   g++ -std=c++20 -O1 -g -pthread -fsanitize=address -Wno-unknown-pragmas -Icuda/include
+//     -o /tmp/attn_emu cuda/test/attention_emu_test.cpp && /tmp/attn_emu
+#include <random>
+
+#include "cuda_emu.h"
+
+#define __shared__ // extern dynamic shared memory: attn_tc::smem
+#include "../src/attention_tc.cuh"
+#undef __shared__
+#define __shared__ static // static __shared__ arrays: one CTA at a time
+#include "../src/attention_kernels.cuh"
+#undef __shared__
+
+struct Seq {
+  int hist, n; // cached positions before, new rows (queries) of this batch
+};
+
+template <typename KV, int HD>
+static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
+                     bool sinks, int version, int splits) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  int max_len = 0;
+  for (auto &s : seqs) max_len = max(max_len, s.hist + s.n);
+  const int max_blocks = (max_len + bs - 1) / bs, nseq = (int)seqs.size();
+  const int nb = max_blocks * nseq + 3;
+  std::vector<int32_t> perm(nb);
+  for (int i = 0; i < nb; i++) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> blocks(perm.begin(), perm.begin() + max_blocks * nseq);
+  const int64_t slot_stride = (int64_t)nkv * HD;
+  std::vector<KV> kc((size_t)nb * bs * slot_stride), vc(kc.size());
+  std::vector<double> kd(kc.size(), NAN), vd(kc.size(), NAN);
+  std::vector<bool> written(kc.size());
+  for (int s = 0; s < nseq; s++)
+    for (int p = 0; p < seqs[s].hist + seqs[s].n; p++) {
+      int64_t slot = (int64_t)blocks[s * max_blocks + p / bs] * bs + p % bs;
+      for (int64_t j = 0; j < slot_stride; j++) written[slot * slot_stride + j] = true;
+    }
+  for (size_t i = 0; i < kc.size(); i++) {
+    float k = written[i] ? nd(rng) : NAN, v = written[i] ? nd(rng) : NAN;
+    if constexpr (sizeof(KV) == 2) {
+      kc[i] = __float2half(k);
+      vc[i] = __float2half(v);
+      kd[i] = __half2float(kc[i]);
+      vd[i] = __half2float(vc[i]);
+    } else {
+      kc[i] = k;
+      vc[i] = v;
+      kd[i] = k;
+      vd[i] = v;
+    }
+  }
+  std::vector<int32_t> tseq, tpos;
+  for (int s = 0; s < nseq; s++)
+    for (int p = seqs[s].hist; p < seqs[s].hist + seqs[s].n; p++) tseq.push_back(s), tpos.push_back(p);
+  const int64_t n_tok = (int64_t)tseq.size();
+  const int64_t q_stride = (int64_t)nh * HD + 16;
+  std::vector<float> q(n_tok * q_stride), out(n_tok * nh * HD, NAN), sk(nh);
+  for (auto &x : q) x = nd(rng);
+  for (auto &x : sk) x = 2 * nd(rng);
+  orch_attn_args a{};
+  a.out = out.data();
+  a.q = q.data();
+  a.k_cache = kc.data();
+  a.v_cache = vc.data();
+  a.tok_seq = tseq.data();
+  a.tok_pos = tpos.data();
+  a.block_tables = blocks.data();
+  a.sinks = sinks ? sk.data() : nullptr;
+  a.q_stride = q_stride;
+  a.n_tok = n_tok;
+  a.max_blocks = max_blocks;
+  a.block_size = bs;
+  a.n_heads = nh;
+  a.n_kv_heads = nkv;
+  a.head_dim = HD;
+  a.window = window;
+  a.kv_dtype = sizeof(KV) == 2 ? ORCH_KV_F16 : ORCH_KV_F32;
+  a.scale = 1.f / std::sqrt((float)HD);
+  a.max_pos = max_len;
+
+  // The launches of attention.cu's launch_attn / launch_attn2 / attn_tc_launch.
+  const bool tc = version >= 3 && n_tok >= ATTN_TC_MIN_RUN && HD <= 128;
+  if (version == 1) {
+    emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, 1}, attn_k::ATTN_WARPS * 32, 0,
+               [&] { attn_k::attn_kernel<KV, HD>(a); });
+  } else {
+    if (tc) {
+      using namespace attn_tc;
+      emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TC_WARPS * 32, TcLayout<HD>::BYTES,
+                 [&] { attn_tc_kernel<KV, HD>(a); });
+    }
+    std::vector<float> part(splits > 1 ? n_tok * nh * splits * (HD + 2) : 0, NAN);
+    emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0,
+               [&] { attn_k::attn2_kernel<KV, HD>(a, part.data(), splits, tc); });
+    if (splits > 1)
+      emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, 1}, 32, 0,
+                 [&] { attn_k::attn_combine_kernel<HD>(a, part.data(), splits, tc); });
+  }
+
+  double num[2] = {0, 0}, den[2] = {0, 0}, worst[2] = {0, 0};
+  int rows[2] = {0, 0};
+  for (int64_t t = 0; t < n_tok; t++) {
+    const int64_t t0 = t - t % ATTN_TC_ROWS;
+    int run = 0;
+    while (run < ATTN_TC_ROWS && attn_tc_row_ok(tseq.data(), tpos.data(), n_tok, t0, t0 + run)) run++;
+    const int k = tc && attn_tc_takes(run, (int)(t - t0)) ? 1 : 0;
+    rows[k]++;
+    const int s = tseq[t], qp = tpos[t];
+    for (int h = 0; h < nh; h++) {
+      const float *o = &out[(t * nh + h) * HD];
+      const int kvh = h / (nh / nkv);
+      const int start = window > 0 ? max(0, qp - window + 1) : 0;
+      std::vector<double> sc;
+      double mx = sinks ? sk[h] : -INFINITY;
+      for (int kp = start; kp <= qp; kp++) {
+        int64_t slot = (int64_t)blocks[s * max_blocks + kp / bs] * bs + kp % bs;
+        double d = 0;
+        for (int e = 0; e < HD; e++) d += (double)q[t * q_stride + h * HD + e] * kd[slot * slot_stride + kvh * HD + e];
+        d *= a.scale;
+        sc.push_back(d);
+        mx = std::max(mx, d);
+      }
+      double L = sinks ? std::exp(sk[h] - mx) : 0;
+      std::vector<double> acc(HD, 0);
+      for (int kp = start; kp <= qp; kp++) {
+        int64_t slot = (int64_t)blocks[s * max_blocks + kp / bs] * bs + kp % bs;
+        double p = std::exp(sc[kp - start] - mx);
+        L += p;
+        for (int e = 0; e < HD; e++) acc[e] += p * vd[slot * slot_stride + kvh * HD + e];
+      }
+      double rn = 0, rd = 0;
+      for (int d = 0; d < HD; d++) {
+        double ref = acc[d] / L;
+        CHECK(std::isfinite(o[d]), "%s: row %ld head %d dim %d is %f", name, (long)t, h, d, o[d]);
+        rn += (o[d] - ref) * (o[d] - ref);
+        rd += ref * ref;
+      }
+      num[k] += rn;
+      den[k] += rd;
+      worst[k] = std::max(worst[k], std::sqrt(rn / std::max(rd, 1e-30)));
+    }
+  }
+  const double tol[2] = {2e-6, 3e-3}, row_tol[2] = {1e-5, 1e-2};
+  for (int k = 0; k < 2; k++) {
+    if (!rows[k]) continue;
+    const double rel = std::sqrt(num[k] / std::max(den[k], 1e-30));
+    std::printf("%-30s hd %3d %s v%d splits %d: %-11s rows %3d rel err %.2e worst row %.2e\n", name, HD,
+                sizeof(KV) == 2 ? "f16" : "f32", version, splits, k ? "tensor-core" : "fp32", rows[k], rel, worst[k]);
+    CHECK(rel < tol[k] && worst[k] < row_tol[k], "%s: error too large", name);
+  }
+}
+
+template <typename KV, int HD>
+static void cases(std::mt19937 &rng, bool with_v1) {
+  // Decode rows at depths 1, 38 and 601 (window 0 and 16, sinks).
+  const std::vector<Seq> decode = {{0, 1}, {37, 1}, {600, 1}};
+  // A 66-row chunk (tile 0 is the tensor-core kernel's, rows 64-65 are not),
+  // a decode row, a 5-row chunk.
+  const std::vector<Seq> mixed = {{3, 66}, {9, 1}, {0, 5}};
+  for (int version : {2, 3}) {
+    run_case<KV, HD>("decode", rng, decode, 2, 1, 16, 0, true, version, 1);
+    run_case<KV, HD>("decode window16", rng, decode, 4, 2, 7, 16, false, version, 3);
+    run_case<KV, HD>("mixed", rng, mixed, 2, 1, 5, 0, true, version, 1);
+    run_case<KV, HD>("mixed window9", rng, mixed, 2, 2, 16, 9, true, version, 2);
+  }
+  if (with_v1) {
+    run_case<KV, HD>("decode", rng, decode, 2, 1, 16, 0, true, 1, 1);
+    run_case<KV, HD>("mixed window9", rng, mixed, 2, 2, 16, 9, true, 1, 1);
+  }
+}
+
+int main() {
+  std::mt19937 rng(777);
+  cases<float, 16>(rng, true);
+  cases<__half, 32>(rng, false);
+  cases<float, 48>(rng, false);
+  cases<__half, 64>(rng, true);
+  cases<float, 80>(rng, true);
+  cases<__half, 96>(rng, false);
+  cases<float, 128>(rng, false);
+  cases<__half, 256>(rng, true);
+  std::printf("attention_emu_test: ok\n");
+  return 0;
+}
