@@ -63,7 +63,7 @@ func TestGPUGoldens(t *testing.T) {
 				m, err := Load(gd.GGUF, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: mt})
 				require.NoError(t, err)
 				defer m.Close()
-				nntest.CheckGolden(t, gd, m, 2e-2)
+				nntest.CheckGoldenTies(t, gd, m, 2e-2, gpuTies)
 			})
 		}
 	}
@@ -110,3 +110,8 @@ func TestGPUDecodeSpeed(t *testing.T) {
 		t.Logf("tg%d (one stream, ForwardGreedy): %.1f tok/s", steps, steps/time.Since(start).Seconds())
 	}
 }
+
+// gpuTies: the default CUDA kernels use fp16 activations in the decode GEMVs
+// and bf16 in the prefill GEMMs (logits within 2e-2 of transformers); a
+// greedy step may flip a near tie (docs/correctness.md).
+var gpuTies = nntest.Ties{Gap: 1e-2, MaxFlips: 4}

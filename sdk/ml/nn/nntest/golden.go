@@ -197,6 +197,88 @@ func CheckGolden(t *testing.T, g Golden, m engine.Model, tol float64) {
 	}
 }
 
+// Ties bounds the greedy check of CheckGoldenTies.
+type Ties struct {
+	// Gap: a step whose argmax differs from the reference token passes when
+	// logit[argmax] - logit[reference] <= Gap * max|logit| of that row (a
+	// near tie that the path's rounding may flip).
+	Gap float64
+	// MaxFlips: at most this many such steps.
+	MaxFlips int
+}
+
+// CheckGoldenTies is CheckGolden for reduced-precision paths (fp16/bf16
+// activations on the GPU): the logits are checked the same way, and the
+// greedy continuation teacher-forced through the decode path — the prompt,
+// then the reference tokens one per step — must pick the reference token at
+// every step except near ties (see Ties). Free-running greedy decoding would
+// diverge for good after the first flipped tie and check nothing afterwards;
+// forcing the reference keeps every one of the steps checked. The length of
+// the identical free-running prefix is logged.
+func CheckGoldenTies(t *testing.T, g Golden, m engine.Model, tol float64, ties Ties) {
+	t.Helper()
+	if g.Greedy == nil {
+		CheckGolden(t, g, m, tol)
+		return
+	}
+	ref := g
+	ref.Greedy = nil
+	CheckGolden(t, ref, m, tol)
+	flips, worst := ForcedGreedy(t, m, g.Tokens, g.Greedy, ties)
+	gen := Greedy(t, m, g.Tokens, len(g.Greedy))
+	same := 0
+	for same < len(gen) && gen[same] == g.Greedy[same] {
+		same++
+	}
+	t.Logf("%s: teacher-forced greedy: %d of %d steps flipped a near tie (largest gap %.3g of max|logit|); free-running greedy identical for %d of %d steps",
+		g.Name, flips, len(g.Greedy), worst, same, len(g.Greedy))
+}
+
+// ForcedGreedy feeds prompt, then want[:len(want)-1] one token per step (the
+// decode path), and checks that each step's argmax is the next want token up
+// to ties. It returns the number of tolerated flips and the largest relative
+// gap among them.
+func ForcedGreedy(t testing.TB, m engine.Model, prompt, want []int32, ties Ties) (int, float64) {
+	t.Helper()
+	spec := m.Spec()
+	n := len(prompt) + len(want)
+	blocks := make([]int32, (n+spec.BlockSize-1)/spec.BlockSize)
+	require.LessOrEqual(t, len(blocks), spec.NumBlocks)
+	for i := range blocks {
+		blocks[i] = int32(i)
+	}
+	out, err := m.Forward(context.Background(), &engine.Batch{Seqs: []engine.SeqInput{{Tokens: prompt, Blocks: blocks}}})
+	require.NoError(t, err)
+	flips, worst := 0, 0.0
+	for i, w := range want {
+		row := out.Logits[0]
+		best, peak := 0, 0.0
+		for j, v := range row {
+			if v > row[best] {
+				best = j
+			}
+			peak = max(peak, math.Abs(float64(v)))
+		}
+		if int32(best) != w {
+			gap := float64(row[best]-row[w]) / max(peak, 1e-30)
+			if gap > ties.Gap {
+				t.Errorf("step %d: argmax %d, reference %d: gap %.3g of max|logit| (> %.3g): not a near tie", i, best, w, gap, ties.Gap)
+			}
+			flips++
+			worst = max(worst, gap)
+		}
+		if i == len(want)-1 {
+			break
+		}
+		out, err = m.Forward(context.Background(), &engine.Batch{Seqs: []engine.SeqInput{{Tokens: []int32{w}, Pos: len(prompt) + i, Blocks: blocks}}})
+		require.NoError(t, err)
+	}
+	if flips > ties.MaxFlips {
+		t.Errorf("%d near-tie flips in %d steps (at most %d)", flips, len(want), ties.MaxFlips)
+	}
+	return flips, worst
+}
+
 // RunGoldens checks every golden in dir whose architecture is in archs with
 // models from load (CPU, float32: tolerance 1e-4). It skips when dir holds no
 // goldens at all, and each case whose architecture another adapter serves.
@@ -212,6 +294,9 @@ func RunGoldens(t *testing.T, dir string, archs []string, load func(t *testing.T
 			}
 			m := load(t, g.GGUF, len(g.Tokens)+len(g.Greedy)+1)
 			CheckGolden(t, g, m, 1e-4)
+			if g.Greedy != nil { // float32: the teacher-forced check allows no flip at all
+				ForcedGreedy(t, m, g.Tokens, g.Greedy, Ties{})
+			}
 		})
 	}
 }
