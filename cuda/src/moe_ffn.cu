@@ -198,6 +198,74 @@ moe_down_h_kernel(float *__restrict__ out, const float *__restrict__ act, const 
   if (valid && lane == 0) out[t * m + row] = res;
 }
 
+// MoE v4 gate_up: v3 gives each warp one (gate, up) row pair: 1440 CTAs
+// for a gpt-oss decode step (2.7 waves), each loading its rows and only then
+// computing them. Here the grid is at most one wave (occupancy query), the
+// warps of a pair stride over its rows, and the work items (row, round of
+// NB blocks per lane) are double-buffered: the next item's gate and up words
+// are loaded before the current item is computed.
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
+moe_gate_up_hp_kernel(float *__restrict__ act, const float *__restrict__ x, const uint8_t *__restrict__ wg,
+                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                      const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
+                      float limit) {
+  extern __shared__ __align__(16) uint32_t xsm[];
+  const int lane = threadIdx.x & 31;
+  const int64_t gw = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5), nw = (int64_t)gridDim.x * FFN_WARPS;
+  const int64_t p = blockIdx.y, t = p / n_slots;
+  const int e = ids[p];
+  const int64_t nch = k / 32;
+  const int rounds = (int)((nch + 32 * NB - 1) / (32 * NB));
+  const int items = gw < m ? (int)((m - gw + nw - 1) / nw) * rounds : 0;
+  const uint8_t *wge = wg + (int64_t)e * m * rb, *wue = wu + (int64_t)e * m * rb;
+  const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
+  auto load = [&](wblocks<T, NB> &bg, wblocks<T, NB> &bu, int it) {
+    const bool valid = it < items;
+    const int64_t off = (valid ? gw + (int64_t)(it / rounds) * nw : 0) * rb;
+    const int64_t c0 = (int64_t)(it % rounds) * 32 * NB;
+    ffn_load<T, NB>(bg, wge + off, c0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wue + off, c0, lane, nch, valid);
+  };
+  float ag = 0.f, au = 0.f;
+  auto compute = [&](const wblocks<T, NB> &bg, const wblocks<T, NB> &bu, int it) {
+    ffn_dot2_h<T, NB>(bg, bu, xsm, xinv, (int64_t)(it % rounds) * 32 * NB, lane, nch, ag, au);
+    if (it % rounds == rounds - 1) { // row done (uniform over the warp)
+      const int64_t row = gw + (int64_t)(it / rounds) * nw;
+      float g = warp_sum(ag), u = warp_sum(au);
+      ag = au = 0.f;
+      if (lane == 0) {
+        g += gb ? gb[(int64_t)e * m + row] : 0.f;
+        u += ub ? ub[(int64_t)e * m + row] : 0.f;
+        g = fminf(g, limit);
+        u = fminf(fmaxf(u, -limit), limit);
+        act[p * m + row] = (u + 1.f) * g / (1.f + expf(-alpha * g));
+      }
+    }
+  };
+  wblocks<T, NB> g0, u0, g1, u1;
+  load(g0, u0, 0);
+  dec16_stage(xsm, const_cast<float *>(xinv), x + t * k, 1, k, dec16_traits<T>::kind);
+  __syncthreads();
+  for (int it = 0; it < items; it += 2) {
+    load(g1, u1, it + 1);
+    compute(g0, u0, it);
+    if (it + 1 < items) {
+      load(g0, u0, it + 2);
+      compute(g1, u1, it + 1);
+    }
+  }
+}
+
+// CTAs per SM x SMs for kernel f at this block size / shared memory.
+template <typename F> static int64_t one_wave(F f, size_t smem) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, f, FFN_WARPS * 32, smem);
+  return (int64_t)(per_sm < 1 ? 1 : per_sm) * (sms < 1 ? 1 : sms);
+}
+
 // MoE v4 down: v3's down walks the k slots in series, and a slot's weight
 // loads are issued only after the previous slot's dot (one DRAM latency per
 // slot per warp). Here the work items (slot, round of NB blocks per lane) are
@@ -272,6 +340,20 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
                            int n_slots, int64_t k, int64_t m, float alpha, float limit) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     constexpr int NB = gate_up_nb<T>();
+    if (ver >= 4) {
+      constexpr int NBP = T == ORCH_T_Q8_0 ? 1 : 2; // two buffers of gate + up words
+      size_t sm = dec16_smem(k, 1);
+      if (sm > 48 * 1024)
+        cudaFuncSetAttribute(moe_gate_up_hp_kernel<T, NBP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      static int64_t wave = 0; // per process and type (one device per process)
+      if (wave == 0) wave = one_wave(moe_gate_up_hp_kernel<T, NBP>, sm);
+      const int64_t pairs = n * n_slots;
+      const int64_t gx = max((int64_t)1, min(ceil_div(m, FFN_WARPS), wave / pairs));
+      dim3 grid((unsigned)gx, (unsigned)pairs);
+      moe_gate_up_hp_kernel<T, NBP><<<grid, FFN_WARPS * 32, sm, st>>>(act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+                                                                      orch_row_bytes(T, k), alpha, limit);
+      return;
+    }
     if (ver >= 3) {
       size_t sm = dec16_smem(k, 1);
       if (sm > 48 * 1024)
