@@ -32,10 +32,28 @@
 // Precision: MXFP4 -> bf16 is exact; Q8_0 / Q4_0 blocks are rounded to bf16
 // (d * q), as the cuBLAS path does; x and the MoE activations are rounded to
 // bf16; sums are fp32.
+//
+// cuda/test/qgemm_emu_test.cpp compiles this file with g++ against a CPU
+// emulation of CUDA (ORCH_EMU: fibers per thread, real barriers, WMMA as
+// whole tiles, cp.async landing as late as its wait allows) and checks the
+// ABI entry points against a float64 reference.
+#ifndef ORCH_EMU
 #include <mma.h>
+#endif
 
 #include "qgemm.cuh"
 #include "quant.cuh"
+
+#ifdef ORCH_EMU
+// The test provides qg_emu_smem / qg_emu_cp_async / qg_emu_commit /
+// qg_emu_wait and runs launches through emu_launch.
+#define QG_DYN_SMEM(type, name) type *name = reinterpret_cast<type *>(qg_emu_smem())
+#define QG_LAUNCH(kern, grid, threads, smem, stream, ...) \
+  emu_launch(grid, threads, smem, [&] { kern(__VA_ARGS__); })
+#else
+#define QG_DYN_SMEM(type, name) extern __shared__ __align__(128) type name[]
+#define QG_LAUNCH(kern, grid, threads, smem, stream, ...) kern<<<grid, threads, smem, stream>>>(__VA_ARGS__)
+#endif
 
 using namespace nvcuda;
 
@@ -78,6 +96,14 @@ struct QArgs {
   float alpha, limit;
 };
 
+// 16 bytes global -> shared, of which the first `bytes` are read and the rest
+// zero-filled; completion by commit groups.
+#ifdef ORCH_EMU
+inline void cp_async16(void *smem, const void *gmem, int bytes) { qg_emu_cp_async(smem, gmem, bytes); }
+inline void cp_async_commit() { qg_emu_commit(); }
+template <int N>
+inline void cp_async_wait() { qg_emu_wait(N); }
+#else
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int bytes) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
@@ -87,6 +113,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
 
 __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
   __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
@@ -165,7 +192,7 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
   constexpr bool DUAL = MODE == MODE_GATE_UP;
   static_assert(!DUAL || C::FM == 2, "gate/up pairing: fragment 0 = gate rows, 1 = the same up rows");
   static_assert(!PIPE || NS >= 3, "PIPE dequantizes one stage ahead of the multiply");
-  extern __shared__ __align__(128) uint8_t smem[];
+  QG_DYN_SMEM(uint8_t, smem);
   __nv_bfloat16 *Ws = reinterpret_cast<__nv_bfloat16 *>(smem);
   __nv_bfloat16 *Xs = reinterpret_cast<__nv_bfloat16 *>(smem + SM::WS);
   uint8_t *raw = smem + SM::WS + SM::XS;
@@ -396,7 +423,8 @@ int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) 
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
   if (sm > 48 * 1024)
     cudaFuncSetAttribute(qgemm_kernel<T, C, MODE, PIPE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  qgemm_kernel<T, C, MODE, PIPE><<<dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st>>>(a);
+  void (*kern)(const QArgs) = qgemm_kernel<T, C, MODE, PIPE>;
+  QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a);
   return ORCH_OK;
 }
 
@@ -463,7 +491,7 @@ int launch_to_bf16(cudaStream_t st, __nv_bfloat16 *out, const float *x, int64_t 
                    const int32_t *sorted, const int32_t *count, int n_slots) {
   const int64_t work = rows * (k / 8);
   const unsigned blocks = (unsigned)max((int64_t)1, min(ceil_div(work, 256), (int64_t)4096));
-  to_bf16_rows_kernel<<<blocks, 256, 0, st>>>(out, x, rows, k, sorted, count, n_slots);
+  QG_LAUNCH(to_bf16_rows_kernel, dim3(blocks), 256, 0, st, out, x, rows, k, sorted, count, n_slots);
   return ORCH_OK;
 }
 
@@ -475,7 +503,7 @@ int launch_to_bf16(cudaStream_t st, __nv_bfloat16 *out, const float *x, int64_t 
 // per-pair buffer are not written).
 __global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ ids, int pairs, int n_exp, int bn,
                                   int64_t tiles_bound) {
-  extern __shared__ int shb[];
+  QG_DYN_SMEM(int, shb);
   int *cnt = shb, *fill = shb + n_exp, *off = shb + 2 * n_exp, *tst = off + n_exp + 1;
   int32_t *exp_off = route, *ntiles = route + n_exp + 1, *sorted = ntiles + 1;
   int32_t *tile_e = sorted + pairs, *tile_r0 = tile_e + tiles_bound;
@@ -575,8 +603,8 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   const int64_t rb_gu = orch_row_bytes(gu_type, dim), rb_dn = orch_row_bytes(down_type, ff);
   // Route layout (qgemm.cuh): exp_off[n_exp+1] | ntiles | sorted[pairs] | tile_e[tb] | tile_r0[tb]
   // (tb for this call's bn; orch_moe_route_ints sizes for bn = 16, the largest bound).
-  moe_bucket_kernel<<<1, 1024, (size_t)(4 * n_exp + 2) * sizeof(int), ctx->stream>>>(route, ids, (int)pairs, n_exp,
-                                                                                      bn, tb);
+  QG_LAUNCH(moe_bucket_kernel, dim3(1), 1024, (size_t)(4 * n_exp + 2) * sizeof(int), ctx->stream, route, ids,
+            (int)pairs, n_exp, bn, tb);
   ORCH_LAUNCHED(op);
   QArgs a{};
   a.exp_off = route;
