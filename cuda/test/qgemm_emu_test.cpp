@@ -40,29 +40,35 @@ inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) { *v = 22
 template <class F>
 cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 
-struct uint2 {
-  unsigned x, y;
-};
-inline __half __ushort_as_half(unsigned short u) {
+// Function shims are templates: should cuda_emu.h grow a plain function of
+// the same name and signature, that one is preferred and this does not clash.
+template <class U = unsigned short>
+inline __half __ushort_as_half(U u) {
+  const unsigned short v = (unsigned short)u;
   __half h;
-  std::memcpy(&h, &u, 2);
+  std::memcpy(&h, &v, 2);
   return h;
 }
-inline float __uint_as_float(uint32_t u) {
+template <class U = uint32_t>
+inline float __uint_as_float(U u) {
+  const uint32_t v = (uint32_t)u;
   float f;
-  std::memcpy(&f, &u, 4);
+  std::memcpy(&f, &v, 4);
   return f;
 }
 template <class T>
 T __ldg(const T *p) { return *p; }
-inline uint32_t __funnelshift_r(uint32_t lo, uint32_t hi, uint32_t s) {
-  return (uint32_t)((((uint64_t)hi << 32) | lo) >> (s & 31));
+template <class A, class B, class S>
+inline uint32_t __funnelshift_r(A lo, B hi, S s) {
+  return (uint32_t)((((uint64_t)(uint32_t)hi << 32) | (uint32_t)lo) >> ((uint32_t)s & 31));
 }
-inline uint32_t __funnelshift_rc(uint32_t lo, uint32_t hi, uint32_t s) {
-  return (uint32_t)((((uint64_t)hi << 32) | lo) >> (s < 32 ? s : 32));
+template <class A, class B, class S>
+inline uint32_t __funnelshift_rc(A lo, B hi, S s) {
+  return (uint32_t)((((uint64_t)(uint32_t)hi << 32) | (uint32_t)lo) >> ((uint32_t)s < 32 ? (uint32_t)s : 32));
 }
-inline int atomicAdd(int *p, int v) { // fibers switch only at barriers: plain add is atomic
-  const int o = *p;
+template <class I>
+inline I atomicAdd(I *p, I v) { // fibers switch only at barriers: a plain add is atomic
+  const I o = *p;
   *p += v;
   return o;
 }
@@ -174,7 +180,7 @@ extern "C" int orch_moe_combine(orch_ctx *, float *out, const float *y, const fl
 // ---- the test ----
 static int fails = 0;
 
-static float half_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+static float half_to_float(uint16_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
 static uint16_t float_to_half(float f) {
   __half h = __float2half(f);
   uint16_t u;
