@@ -117,3 +117,6 @@ if has replicas && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   timeout 300 bash host/replica/testdata/two-gpu.sh bin "$M/gpt-oss-20b.gguf" 32 64 2>&1 | tail -25 | tee -a "$OUT/summary.md"
 fi
 log "done"
+# at most 8 files come back: keep summary.md and the tables, pack the logs into one archive
+(cd "$OUT" && ls | grep -v -E '^(summary\.md|perf\.md|perf-base\.md|logs\.tar\.gz)$' > /tmp/e2e-logs.txt
+ [ -s /tmp/e2e-logs.txt ] && tar -czf logs.tar.gz -T /tmp/e2e-logs.txt && xargs rm -f < /tmp/e2e-logs.txt)
