@@ -89,6 +89,7 @@ fi
 if has bench; then
   log "bench gpt-oss-20b (cuda)"
   timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 512,2048 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+  timeout 120 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 2048 -n 0 --batch-tokens 2048 -r 2 2>>"$OUT/bench.log" | tail -1 | sed 's/$/ (--batch-tokens 2048)/' | tee -a "$OUT/summary.md"
   timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 8,32,64 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
   has depth && timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --depth 8192 -r 2 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
 fi
