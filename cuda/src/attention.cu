@@ -76,6 +76,8 @@ extern "C" int orch_kv_write(orch_ctx *ctx, void *k_cache, void *v_cache, int32_
   return ORCH_OK;
 }
 
+constexpr int ATTN_TC_V2_ROW_CTAS = 256;
+
 template <typename KV, int HD>
 static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
   int64_t ctas = (int64_t)a->n_heads * a->n_tok;
@@ -89,7 +91,11 @@ static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
     int rc = orch_scratch(ctx, (size_t)ctas * splits * (HD + 2) * sizeof(float), &part);
     if (rc != ORCH_OK) return rc;
   }
-  dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok, (unsigned)splits);
+  // After the tensor-core kernel most rows are skipped: a CTA walks rows
+  // y, y + 256, ... instead of one CTA per row (an exiting CTA still costs
+  // its launch: 131k of them per layer at a 2048-token chunk).
+  const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
+  dim3 grid((unsigned)a->n_heads, (unsigned)rows, (unsigned)splits);
   attn2_kernel<KV, HD><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits, tc_skip);
   ORCH_LAUNCHED("attention");
   if (splits == 1) return ORCH_OK; // attn2 wrote the output

@@ -18,6 +18,13 @@ template <typename KV> __device__ __forceinline__ float kv_load(const KV *p);
 template <> __device__ __forceinline__ float kv_load<float>(const float *p) { return *p; }
 template <> __device__ __forceinline__ float kv_load<__half>(const __half *p) { return __half2float(*p); }
 
+// Two fp16 packed in a 32-bit word (low half first) as floats, without
+// taking an address (which put the loaded uint4 in local memory).
+__device__ __forceinline__ float2 attn_h2f2(unsigned w) {
+  return make_float2(__half2float(__ushort_as_half((unsigned short)(w & 0xffffu))),
+                     __half2float(__ushort_as_half((unsigned short)(w >> 16))));
+}
+
 // In the flash-decoding kernels (every warp, before any barrier): whether
 // row t is the tensor-core kernel's (then the CTA returns).
 __device__ __forceinline__ bool attn_row_taken_by_tc(const orch_attn_args &a, int64_t t) {
@@ -84,11 +91,13 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
   __syncthreads();
   if (warp == 0) {
     float M = -INFINITY;
+#pragma unroll
     for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w]);
     float sink = a.sinks ? a.sinks[h] : -INFINITY;
     M = fmaxf(M, sink);
     float L = a.sinks ? __expf(sink - M) : 0.f;
     float f[ATTN_WARPS];
+#pragma unroll
     for (int w = 0; w < ATTN_WARPS; w++) {
       f[w] = sl[w] > 0.f ? __expf(sm[w] - M) : 0.f;
       L += sl[w] * f[w];
@@ -100,6 +109,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
       if (!attn_dim_ok(HD, lane, e)) continue;
       int d = lane * E + e;
       float v = 0.f;
+#pragma unroll
       for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][d] * f[w];
       o[d] = v * inv;
     }
@@ -107,129 +117,139 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
 }
 
 
-// v2 (flash-decoding): grid (head, token, split). Each split takes a slice of
+// v2 (flash-decoding): grid (head, row, split). Each split takes a slice of
 // the visible keys; inside it a warp scores 32 keys at once (lane = key, the
 // q vector in shared memory), keeps an online softmax, and accumulates V with
 // lanes over dims. Partial (m, l, acc) go to scratch; attn_combine merges the
-// splits with the sink. Replaces v1's one-key-at-a-time warp chain.
+// splits with the sink (one split: the CTA writes the output). Replaces v1's
+// one-key-at-a-time warp chain. A CTA takes rows blockIdx.y, + gridDim.y, ...
+// (gridDim.y = n_tok unless the tensor-core kernel ran: then fewer CTAs, as
+// most rows are skipped and an exiting CTA still costs its launch).
 template <typename KV, int HD>
 __global__ void __launch_bounds__(ATTN_WARPS * 32)
     attn2_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 8 == 0, "K rows are read in 16-byte vectors");
   const int h = blockIdx.x, sp = blockIdx.z;
-  const int64_t t = blockIdx.y;
-  if (tc_skip && attn_row_taken_by_tc(a, t)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kvh = h / (a.n_heads / a.n_kv_heads);
-  const int qp = a.tok_pos[t];
-  const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
   const KV *kc = (const KV *)a.k_cache;
   const KV *vc = (const KV *)a.v_cache;
   const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
   __shared__ float qs[HD];
-  const float *qr = a.q + t * a.q_stride + (int64_t)h * HD;
-  for (int i = threadIdx.x; i < HD; i += blockDim.x) qs[i] = qr[i] * a.scale;
-  __syncthreads();
-  int start = a.window > 0 ? max(0, qp - a.window + 1) : 0;
-  const int span = qp - start + 1;
-  const int per = (span + splits - 1) / splits;
-  const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
-  float m = -INFINITY, l = 0.f, acc[E];
-#pragma unroll
-  for (int e = 0; e < E; e++) acc[e] = 0.f;
-  for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
-    const int kp = base + lane;
-    const bool ok = kp < k1;
-    int64_t slot = 0;
-    float s = -INFINITY;
-    if (ok) {
-      slot = (int64_t)bt[kp / a.block_size] * a.block_size + kp % a.block_size;
-      const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
-      float d = 0.f;
-      if constexpr (sizeof(KV) == 4) {
-        const float4 *k4 = reinterpret_cast<const float4 *>(kr);
-#pragma unroll
-        for (int i = 0; i < HD / 4; i++) {
-          float4 kv = k4[i];
-          d += qs[4 * i] * kv.x + qs[4 * i + 1] * kv.y + qs[4 * i + 2] * kv.z + qs[4 * i + 3] * kv.w;
-        }
-      } else {
-        const uint4 *k8 = reinterpret_cast<const uint4 *>(kr);
-#pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-          uint4 u = k8[i];
-          const __half2 *h2 = reinterpret_cast<const __half2 *>(&u);
-#pragma unroll
-          for (int j = 0; j < 4; j++) {
-            float2 f = __half22float2(h2[j]);
-            d += qs[8 * i + 2 * j] * f.x + qs[8 * i + 2 * j + 1] * f.y;
-          }
-        }
-      }
-      s = d;
-    }
-    const float mc = warp_max(s);
-    const float mn = fmaxf(m, mc);
-    const float corr = __expf(m - mn); // m = -inf first: 0
-    const float p = ok ? __expf(s - mn) : 0.f;
-    l = l * corr + warp_sum(p);
-#pragma unroll
-    for (int e = 0; e < E; e++) acc[e] *= corr;
-    m = mn;
-    const int cnt = min(32, k1 - base);
-    for (int j = 0; j < cnt; j++) {
-      const float pj = __shfl_sync(0xffffffffu, p, j);
-      const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
-      const KV *vr = vc + sj * slot_stride + (int64_t)kvh * HD + lane * E;
-#pragma unroll
-      for (int e = 0; e < E; e++)
-        if (attn_dim_ok(HD, lane, e)) acc[e] += pj * kv_load<KV>(vr + e);
-    }
-  }
   __shared__ float sm[ATTN_WARPS], sl[ATTN_WARPS];
   __shared__ float sacc[ATTN_WARPS][HD];
-  if (lane == 0) {
-    sm[warp] = m;
-    sl[warp] = l;
-  }
+  // No barrier between rows is needed: every warp passes the merge barrier
+  // of a row before any writes qs of the next, and warp 0 (the only reader of
+  // sm/sl/sacc) reaches the next row's q barrier only after its merge.
+  for (int64_t t = blockIdx.y; t < a.n_tok; t += gridDim.y) {
+    if (tc_skip && attn_row_taken_by_tc(a, t)) continue; // uniform over the CTA
+    const int qp = a.tok_pos[t];
+    const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
+    const float *qr = a.q + t * a.q_stride + (int64_t)h * HD;
+    for (int i = threadIdx.x; i < HD; i += blockDim.x) qs[i] = qr[i] * a.scale;
+    __syncthreads();
+    int start = a.window > 0 ? max(0, qp - a.window + 1) : 0;
+    const int span = qp - start + 1;
+    const int per = (span + splits - 1) / splits;
+    const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
+    float m = -INFINITY, l = 0.f, acc[E];
 #pragma unroll
-  for (int e = 0; e < E; e++)
-    if (attn_dim_ok(HD, lane, e)) sacc[warp][lane * E + e] = acc[e];
-  __syncthreads();
-  if (warp == 0) {
-    // One split: this CTA saw every key, so it applies the sink and writes
-    // the output itself (no combine launch). Else partials for the combine.
-    const bool direct = splits == 1;
-    float M = -INFINITY;
-    for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w]);
-    const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
-    M = fmaxf(M, sink);
-    float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
-    for (int w = 0; w < ATTN_WARPS; w++) {
-      f[w] = sl[w] > 0.f ? __expf(sm[w] - M) : 0.f;
-      L += sl[w] * f[w];
-    }
-    float *o, inv = 1.f;
-    if (direct) {
-      o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
-      inv = 1.f / L;
-    } else {
-      o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
-      if (lane == 0) {
-        o[HD] = M;
-        o[HD + 1] = L;
+    for (int e = 0; e < E; e++) acc[e] = 0.f;
+    for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
+      const int kp = base + lane;
+      const bool ok = kp < k1;
+      int64_t slot = 0;
+      float s = -INFINITY;
+      if (ok) {
+        slot = (int64_t)bt[kp / a.block_size] * a.block_size + kp % a.block_size;
+        const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
+        float d = 0.f;
+        if constexpr (sizeof(KV) == 4) {
+          const float4 *k4 = reinterpret_cast<const float4 *>(kr);
+#pragma unroll
+          for (int i = 0; i < HD / 4; i++) {
+            float4 kv = k4[i];
+            d += qs[4 * i] * kv.x + qs[4 * i + 1] * kv.y + qs[4 * i + 2] * kv.z + qs[4 * i + 3] * kv.w;
+          }
+        } else {
+          const uint4 *k8 = reinterpret_cast<const uint4 *>(kr);
+#pragma unroll
+          for (int i = 0; i < HD / 8; i++) {
+            const uint4 u = k8[i];
+            const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+              const float2 f = attn_h2f2(w[j]);
+              d += qs[8 * i + 2 * j] * f.x + qs[8 * i + 2 * j + 1] * f.y;
+            }
+          }
+        }
+        s = d;
+      }
+      const float mc = warp_max(s);
+      const float mn = fmaxf(m, mc);
+      const float corr = __expf(m - mn); // m = -inf first: 0
+      const float p = ok ? __expf(s - mn) : 0.f;
+      l = l * corr + warp_sum(p);
+#pragma unroll
+      for (int e = 0; e < E; e++) acc[e] *= corr;
+      m = mn;
+      const int cnt = min(32, k1 - base);
+      for (int j = 0; j < cnt; j++) {
+        const float pj = __shfl_sync(0xffffffffu, p, j);
+        const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
+        const KV *vr = vc + sj * slot_stride + (int64_t)kvh * HD + lane * E;
+#pragma unroll
+        for (int e = 0; e < E; e++)
+          if (attn_dim_ok(HD, lane, e)) acc[e] += pj * kv_load<KV>(vr + e);
       }
     }
-#pragma unroll
-    for (int e = 0; e < E; e++) {
-      if (!attn_dim_ok(HD, lane, e)) continue;
-      int dd = lane * E + e;
-      float v = 0.f;
-      for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][dd] * f[w];
-      o[dd] = v * inv;
+    if (lane == 0) {
+      sm[warp] = m;
+      sl[warp] = l;
     }
-  }
+#pragma unroll
+    for (int e = 0; e < E; e++)
+      if (attn_dim_ok(HD, lane, e)) sacc[warp][lane * E + e] = acc[e];
+    __syncthreads();
+    if (warp == 0) {
+      // One split: this CTA saw every key, so it applies the sink and writes
+      // the output itself (no combine launch). Else partials for the combine.
+      const bool direct = splits == 1;
+      float M = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w]);
+      const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
+      M = fmaxf(M, sink);
+      float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
+#pragma unroll
+      for (int w = 0; w < ATTN_WARPS; w++) {
+        f[w] = sl[w] > 0.f ? __expf(sm[w] - M) : 0.f;
+        L += sl[w] * f[w];
+      }
+      float *o, inv = 1.f;
+      if (direct) {
+        o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
+        inv = 1.f / L;
+      } else {
+        o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
+        if (lane == 0) {
+          o[HD] = M;
+          o[HD + 1] = L;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        if (!attn_dim_ok(HD, lane, e)) continue;
+        int dd = lane * E + e;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][dd] * f[w];
+        o[dd] = v * inv;
+      }
+    }
+  } // rows
 }
 
 // Merges the splits of (token, head) with the sink logit: one warp per CTA.

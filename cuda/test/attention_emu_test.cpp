@@ -2,7 +2,8 @@
 // compiled from the kernel sources themselves (cuda/src/attention_kernels.cuh,
 // attention_tc.cuh) against cuda/test/cuda_emu.h:
 //   v1: attn_kernel;
-//   v2: attn2_kernel (splits 1: direct output; splits > 1: + attn_combine);
+//   v2: attn2_kernel (splits 1: direct output; splits > 1: + attn_combine;
+//       fewer row CTAs than rows: each walks rows y, y + gridDim.y, ...);
 //   v3 (default): attn_tc_kernel for the tiles it takes, then v2 with tc_skip
 //       for the other rows.
 // Every supported head dim (16 .. 256; v3's tensor-core part up to 128), F32
@@ -32,7 +33,7 @@ struct Seq {
 
 template <typename KV, int HD>
 static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
-                     bool sinks, int version, int splits) {
+                     bool sinks, int version, int splits, int row_ctas = 0) {
   std::normal_distribution<float> nd(0.f, 1.f);
   int max_len = 0;
   for (auto &s : seqs) max_len = max(max_len, s.hist + s.n);
@@ -106,7 +107,11 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
                  [&] { attn_tc_kernel<KV, HD>(a); });
     }
     std::vector<float> part(splits > 1 ? n_tok * nh * splits * (HD + 2) : 0, NAN);
-    emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0,
+    // attention.cu launches min(n_tok, 256) row CTAs after the tensor-core
+    // kernel (each walks rows y, y + gridDim.y, ...); row_ctas exercises that
+    // loop at these small sizes.
+    const unsigned rows = row_ctas > 0 ? (unsigned)min<int64_t>(row_ctas, n_tok) : (unsigned)n_tok;
+    emu_launch(dim3{(unsigned)nh, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0,
                [&] { attn_k::attn2_kernel<KV, HD>(a, part.data(), splits, tc); });
     if (splits > 1)
       emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, 1}, 32, 0,
@@ -178,6 +183,7 @@ static void cases(std::mt19937 &rng, bool with_v1) {
     run_case<KV, HD>("decode window16", rng, decode, 4, 2, 7, 16, false, version, 3);
     run_case<KV, HD>("mixed", rng, mixed, 2, 1, 5, 0, true, version, 1);
     run_case<KV, HD>("mixed window9", rng, mixed, 2, 2, 16, 9, true, version, 2);
+    run_case<KV, HD>("mixed, 5 row CTAs", rng, mixed, 2, 1, 16, 0, true, version, 1, 5);
   }
   if (with_v1) {
     run_case<KV, HD>("decode", rng, decode, 2, 1, 16, 0, true, 1, 1);

@@ -68,6 +68,12 @@ inline __half __float2half(float f) { return {(_Float16)f}; }
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half2 __floats2half2_rn(float a, float b) { return {__float2half(a), __float2half(b)}; }
 inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline __half __ushort_as_half(unsigned short u) {
+  __half h;
+  std::memcpy(&h, &u, 2);
+  return h;
+}
+inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float __expf(float x) { return expf(x); }
 using std::max;
 using std::min;
