@@ -24,9 +24,24 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#if !defined(ORCH_EMU) // cuda/test/cuda_emu.h provides uint4 and the rest
 #include <vector_types.h>
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
+#endif
+#endif
+
+// Kernel launch and dynamic shared memory, so that the kernels using this
+// header also run under the CPU emulation of cuda/test/cuda_emu.h
+// (cuda/test/decode_emu_test.cpp). kern must be a single token (an alias of
+// a template instance: no commas).
+#ifdef ORCH_EMU
+#define DEC16_DYN_SMEM(type, name) type *name = reinterpret_cast<type *>(attn_tc::smem)
+#define DEC16_LAUNCH(kern, grid, threads, smem, stream, ...) \
+  emu_launch(grid, threads, smem, [&] { kern(__VA_ARGS__); })
+#else
+#define DEC16_DYN_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#define DEC16_LAUNCH(kern, grid, threads, smem, stream, ...) kern<<<grid, threads, smem, stream>>>(__VA_ARGS__)
 #endif
 #include "../include/orch_cuda.h"
 
@@ -333,7 +348,7 @@ DEC16_HD void dec16_put4(uint32_t *chunk, int kind, int o, float v0, float v1, f
 
 DEC16_HD uint32_t dec16_absbits(float f) { return dec16_f2u(f) & 0x7FFFFFFFu; }
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(ORCH_EMU)
 // Stages nr rows of x (row r at x + r*k; k % 32 == 0, x 16-byte aligned)
 // for the whole CTA: row r's chunk c at xh + (r*nch + c)*DEC16_XW, its 1/scale
 // at xinv[r*nch + c]. Groups of 8 lanes own one chunk (max by shuffles);

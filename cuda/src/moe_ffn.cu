@@ -25,7 +25,7 @@ moe_gate_up_kernel(float *__restrict__ act, const float *__restrict__ x, const u
                    const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                    const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
                    float limit) {
-  extern __shared__ __align__(16) float xs[];
+  DEC16_DYN_SMEM(float, xs);
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t p = blockIdx.y, t = p / n_slots;
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32)
 moe_down_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
                 const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
                 int n_slots, int64_t k, int64_t m, int64_t rb) {
-  extern __shared__ __align__(16) float xs[];
+  DEC16_DYN_SMEM(float, xs);
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t t = blockIdx.y;
@@ -134,7 +134,7 @@ moe_gate_up_h_kernel(float *__restrict__ act, const float *__restrict__ x, const
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                      const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
                      float limit) {
-  extern __shared__ __align__(16) uint32_t xsm[];
+  DEC16_DYN_SMEM(uint32_t, xsm);
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t p = blockIdx.y, t = p / n_slots;
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, 4)
 moe_down_h_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
                   int n_slots, int64_t k, int64_t m, int64_t rb) {
-  extern __shared__ __align__(16) uint32_t xsm[];
+  DEC16_DYN_SMEM(uint32_t, xsm);
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t t = blockIdx.y;
@@ -210,7 +210,7 @@ moe_gate_up_hp_kernel(float *__restrict__ act, const float *__restrict__ x, cons
                       const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                       const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
                       float limit) {
-  extern __shared__ __align__(16) uint32_t xsm[];
+  DEC16_DYN_SMEM(uint32_t, xsm);
   const int lane = threadIdx.x & 31;
   const int64_t gw = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5), nw = (int64_t)gridDim.x * FFN_WARPS;
   const int64_t p = blockIdx.y, t = p / n_slots;
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 regis
 moe_down_hp_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
                    const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
                    int n_slots, int64_t k, int64_t m, int64_t rb) {
-  extern __shared__ __align__(16) uint32_t xsm[];
+  DEC16_DYN_SMEM(uint32_t, xsm);
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t t = blockIdx.y;
@@ -350,8 +350,9 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
       const int64_t pairs = n * n_slots;
       const int64_t gx = max((int64_t)1, min(ceil_div(m, FFN_WARPS), wave / pairs));
       dim3 grid((unsigned)gx, (unsigned)pairs);
-      moe_gate_up_hp_kernel<T, NBP><<<grid, FFN_WARPS * 32, sm, st>>>(act, x, wg, wu, gb, ub, ids, n_slots, k, m,
-                                                                      orch_row_bytes(T, k), alpha, limit);
+      auto kern = moe_gate_up_hp_kernel<T, NBP>;
+      DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+                   orch_row_bytes(T, k), alpha, limit);
       return;
     }
     if (ver >= 3) {
@@ -359,16 +360,18 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
       if (sm > 48 * 1024)
         cudaFuncSetAttribute(moe_gate_up_h_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)(n * n_slots));
-      moe_gate_up_h_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(act, x, wg, wu, gb, ub, ids, n_slots, k, m,
-                                                                    orch_row_bytes(T, k), alpha, limit);
+      auto kern = moe_gate_up_h_kernel<T, NB>;
+      DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+                   orch_row_bytes(T, k), alpha, limit);
       return;
     }
     size_t sm = ffn_smem(k, 1);
     if (sm > 48 * 1024)
       cudaFuncSetAttribute(moe_gate_up_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)(n * n_slots));
-    moe_gate_up_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(act, x, wg, wu, gb, ub, ids, n_slots, k, m,
-                                                                orch_row_bytes(T, k), alpha, limit);
+    auto kern = moe_gate_up_kernel<T, NB>;
+    DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+                 orch_row_bytes(T, k), alpha, limit);
   }
 }
 
@@ -382,8 +385,9 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
       if (sm > 48 * 1024)
         cudaFuncSetAttribute(moe_down_hp_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
-      moe_down_hp_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(out, act, wd, db, ids, wts, n_slots, k, m,
-                                                                  orch_row_bytes(T, k));
+      auto kern = moe_down_hp_kernel<T, NB>;
+      DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
+                   orch_row_bytes(T, k));
       return;
     }
     if (ver == 3) {
@@ -392,8 +396,9 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
       if (sm > 48 * 1024)
         cudaFuncSetAttribute(moe_down_h_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
-      moe_down_h_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(out, act, wd, db, ids, wts, n_slots, k, m,
-                                                                 orch_row_bytes(T, k));
+      auto kern = moe_down_h_kernel<T, NB>;
+      DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
+                   orch_row_bytes(T, k));
       return;
     }
     constexpr int NB = down_nb<T>();
@@ -401,8 +406,9 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
     if (sm > 48 * 1024)
       cudaFuncSetAttribute(moe_down_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
-    moe_down_kernel<T, NB><<<grid, FFN_WARPS * 32, sm, st>>>(out, act, wd, db, ids, wts, n_slots, k, m,
-                                                             orch_row_bytes(T, k));
+    auto kern = moe_down_kernel<T, NB>;
+    DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
+                 orch_row_bytes(T, k));
   }
 }
 

@@ -1,0 +1,204 @@
+// gemv16.cuh — GEMV v5 (default) and v6 (opt-in) for Q8_0 / Q4_0 / MXFP4
+// weights and n <= 8 tokens, with the fp16 decode of dec16.cuh. Included by
+// matmul.cu (which dispatches to launch_gemv5 / launch_gemv6) and by the CPU
+// emulation test cuda/test/decode_emu_test.cpp.
+#pragma once
+#include "quant.cuh"
+#include "dec16.cuh"
+
+constexpr int GEMV16_WARPS = 8;
+
+// v5 GEMV (Q8_0, Q4_0, MXFP4; n <= 8; default): v4's structure (weight
+// words loaded before x is staged, 8 warps, R rows per warp) with the fp16
+// decode of dec16.cuh: x staged once per CTA in fp16 (power-of-two scale per
+// 32), each weight block decoded once to half2 pairs (prmt/LOP3, no int->float
+// conversion) and multiplied into half2 partial sums for all n tokens,
+// folded into fp32 per block. ORCH_CUDA_GEMV=v4 selects the fp32 v4.
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+             int rows_per_warp) {
+  DEC16_DYN_SMEM(uint32_t, xsm); // nt rows of nch staged chunks, then nt*nch 1/scales
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (int)min((int64_t)NT, n);
+  const int64_t nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
+  const int64_t row0 = ((int64_t)blockIdx.x * GEMV16_WARPS + warp) * rows_per_warp;
+  bool staged = false;
+  for (int r = 0; r < rows_per_warp; r++) {
+    const int64_t row = row0 + r;
+    const bool valid = row < m;
+    const uint8_t *wr = w + (valid ? row : 0) * row_bytes;
+    float acc[NT];
+#pragma unroll
+    for (int j = 0; j < NT; j++) acc[j] = 0.f;
+    for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+      wblocks<T, NB> b;
+      ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
+      if (!staged) { // first round of the first row: uniform over the CTA
+        dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+        __syncthreads();
+        staged = true;
+      }
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int64_t c = c0 + lane + 32 * i;
+        if (c < nch) {
+          const uint4 *xp[NT];
+          uint32_t a[NT][2];
+#pragma unroll
+          for (int j = 0; j < NT; j++) {
+            xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
+            a[j][0] = a[j][1] = 0u;
+          }
+          dec16_block_acc<T, NT>(b.w[i], b.sh[i], xp, nt, a);
+          const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
+#pragma unroll
+          for (int j = 0; j < NT; j++)
+            if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      float s = warp_sum(acc[j]);
+      if (lane == 0 && j < nt && valid) {
+        if (bias) s += bias[row];
+        float *yp = y + j * m + row;
+        *yp = accumulate ? *yp + s : s;
+      }
+    }
+  }
+}
+
+template <int T, int NT>
+static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                            int64_t k, int64_t m, int64_t rb, int acc) {
+  constexpr int NB = (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3;
+  const int rpw = m >= 32768 ? 2 : 1;
+  size_t sm = dec16_smem(k, NT);
+  if (sm > 48 * 1024) cudaFuncSetAttribute(gemv5_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
+  auto kern = gemv5_kernel<T, NT, NB>;
+  DEC16_LAUNCH(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
+}
+
+template <int T>
+static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                         int64_t k, int64_t m, int64_t rb, int acc) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (n == 1) launch_gemv5_nt<T, 1>(st, y, x, w, bias, n, k, m, rb, acc);
+    else if (n == 2) launch_gemv5_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
+    else if (n <= 4) launch_gemv5_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
+    else launch_gemv5_nt<T, 8>(st, y, x, w, bias, n, k, m, rb, acc);
+  }
+}
+
+// v6 GEMV (opt-in: ORCH_CUDA_GEMV=v6): v5's arithmetic, but a grid of at
+// most one wave of CTAs whose warps stride over the rows, with the work items
+// (row, round of NB blocks per lane) double-buffered: the next item's weight
+// words are loaded before the current one is computed. v4/v5 load a row,
+// then compute it, so each warp (and, for m of a few thousand rows, each of
+// ~1.2 waves of CTAs) pays a DRAM latency per row in series with its compute.
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 2)
+gemv6_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (int)min((int64_t)NT, n);
+  const int64_t nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
+  const int64_t gw = (int64_t)blockIdx.x * GEMV16_WARPS + warp, nw = (int64_t)gridDim.x * GEMV16_WARPS;
+  const int rounds = (int)((nch + 32 * NB - 1) / (32 * NB));
+  // Rows of this warp x rounds: < 2^31 for any weight that fits a GPU (m rows of >= 17 bytes each).
+  const int items = gw < m ? (int)((m - gw + nw - 1) / nw) * rounds : 0;
+  auto load = [&](wblocks<T, NB> &b, int it) {
+    const int64_t row = gw + (it / rounds) * nw;
+    const bool valid = it < items;
+    ffn_load<T, NB>(b, w + (valid ? row : 0) * row_bytes, (int64_t)(it % rounds) * 32 * NB, lane, nch, valid);
+  };
+  wblocks<T, NB> b0, b1;
+  load(b0, 0);
+  dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+  __syncthreads();
+  float acc[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) acc[j] = 0.f;
+  auto compute = [&](const wblocks<T, NB> &b, int it) {
+    const int64_t c0 = (int64_t)(it % rounds) * 32 * NB;
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int64_t c = c0 + lane + 32 * i;
+      if (c < nch) {
+        const uint4 *xp[NT];
+        uint32_t a[NT][2];
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+          xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
+          a[j][0] = a[j][1] = 0u;
+        }
+        dec16_block_acc<T, NT>(b.w[i], b.sh[i], xp, nt, a);
+        const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+          if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
+      }
+    }
+    if (it % rounds == rounds - 1) { // the row is done (uniform over the warp)
+      const int64_t row = gw + (it / rounds) * nw;
+#pragma unroll
+      for (int j = 0; j < NT; j++) {
+        float s = warp_sum(acc[j]);
+        acc[j] = 0.f;
+        if (lane == 0 && j < nt) {
+          if (bias) s += bias[row];
+          float *yp = y + j * m + row;
+          *yp = accumulate ? *yp + s : s;
+        }
+      }
+    }
+  };
+  for (int it = 0; it < items; it += 2) {
+    load(b1, it + 1);
+    compute(b0, it);
+    if (it + 1 < items) {
+      load(b0, it + 2);
+      compute(b1, it + 1);
+    }
+  }
+}
+
+template <int T, int NT>
+static void launch_gemv6_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                            int64_t k, int64_t m, int64_t rb, int acc) {
+  constexpr int NB = T == ORCH_T_Q8_0 ? 2 : 3;
+  size_t sm = dec16_smem(k, NT);
+  if (sm > 48 * 1024) cudaFuncSetAttribute(gemv6_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  // At most one wave: resident CTAs per SM x SMs (queried once per process and instantiation).
+  static int per_sm = 0, sms = 0;
+  if (per_sm == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv6_kernel<T, NT, NB>, GEMV16_WARPS * 32, sm);
+    if (per_sm < 1) per_sm = 1;
+    if (sms < 1) sms = 1;
+  }
+  const int64_t gx = min(ceil_div(m, (int64_t)GEMV16_WARPS), (int64_t)per_sm * sms);
+  auto kern = gemv6_kernel<T, NT, NB>;
+  DEC16_LAUNCH(kern, dim3((unsigned)gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc);
+}
+
+template <int T>
+static void launch_gemv6(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                         int64_t k, int64_t m, int64_t rb, int acc) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (n == 1) launch_gemv6_nt<T, 1>(st, y, x, w, bias, n, k, m, rb, acc);
+    else if (n == 2) launch_gemv6_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
+    else if (n <= 4) launch_gemv6_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
+    else launch_gemv6_nt<T, 8>(st, y, x, w, bias, n, k, m, rb, acc);
+  }
+}
+
