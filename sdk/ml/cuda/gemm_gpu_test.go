@@ -84,15 +84,16 @@ func TestQGemm(t *testing.T) {
 	}
 }
 
-// TestQGemmRoute goes through Backend.MatMul: n >= 9 with Q8_0 / Q4_0 /
-// MXFP4 takes the GEMM, ORCH_CUDA_GEMM=v1 (gemmV1) the old paths; both must
-// match the CPU backend. n <= 8 must be bit-identical under both settings
-// (the same GEMV), n >= 9 must differ (another kernel, another summation
-// order), which shows the switch really switches.
+// TestQGemmRoute goes through Backend.MatMul: qgemmMinN <= n <= qgemmMaxN
+// with Q8_0 / Q4_0 / MXFP4 takes the GEMM, ORCH_CUDA_GEMM=v1 (gemmV1) the old
+// paths; both must match the CPU backend. Outside that range both settings
+// must be bit-identical (the same GEMV / cuBLAS path), inside they must
+// differ (another kernel, another summation order), which shows the switch
+// really switches.
 func TestQGemmRoute(t *testing.T) {
 	r := newRNG(t)
 	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4} {
-		for _, n := range []int{4, 8, 9, 64, 512} {
+		for _, n := range []int{4, 8, 9, 64, 96, 97, 512} {
 			name := fmt.Sprintf("%v/n=%d", dt, n)
 			t.Run(name, func(t *testing.T) {
 				k, m := 2880, 130
@@ -123,10 +124,10 @@ func TestQGemmRoute(t *testing.T) {
 				for i := range cur {
 					same = same && cur[i] == old[i]
 				}
-				if n < qgemmMinN {
-					require.True(t, same, "n < %d: both settings run the same GEMV", qgemmMinN)
+				if n < qgemmMinN || n > qgemmMaxN {
+					require.True(t, same, "n outside [%d, %d]: both settings run the same kernels", qgemmMinN, qgemmMaxN)
 				} else {
-					require.False(t, same, "n >= %d: the GEMM must differ from dequantize + cuBLAS", qgemmMinN)
+					require.False(t, same, "n in [%d, %d]: the GEMM must differ from dequantize + cuBLAS", qgemmMinN, qgemmMaxN)
 				}
 			})
 		}

@@ -20,17 +20,20 @@ var (
 	gemmTile int32
 )
 
-// Thresholds (cost model in docs/perf-cuda.md, Round 3). Dense: GEMV v4
-// (n <= 4) reads W once at 44-98% of the bytes floor; n = 5..8 is the GEMV's
-// (decode of several streams, fp32 activations, checked at 1e-4 by
-// TestMatMul); from n = 9 the bf16 GEMM replaces dequantize + cuBLAS, which
-// wrote and re-read 2 bytes per weight element per call. MoE: the grouped
-// GEMMs read each routed expert once per tile of pairs instead of once per
-// (token, slot) pair; from 64 pairs (16 tokens at top-4) over 32 experts most
-// experts are shared by several pairs. Below that the fused fp32 GEMVs stay.
-// (Variables so that TestPerf can time the new paths below them.)
+// Thresholds (docs/perf-cuda.md, Round 3, measured on the H100 in device run
+// 2). Dense: GEMV v4 (n <= 4) reads W once at 44-98% of the bytes floor;
+// n = 5..8 is the GEMV's (decode of several streams, fp32 activations, checked
+// at 1e-4 by TestMatMul); for 9 <= n <= 96 the bf16 GEMM wins (Q8_0
+// 2880x5120: n=16 0.039 vs 0.097 ms, n=64 0.074-0.079 vs 0.098 ms); above,
+// dequantize + cuBLAS wins (n=512: 0.117 vs 0.192 ms best tile), so large n
+// goes back to it. MoE: the grouped GEMMs read each routed expert once per
+// tile of pairs instead of once per (token, slot) pair: n=64 (256 pairs)
+// 1.06 vs 1.82 ms, n=512 1.73 vs 13.8 ms; at n=8 (32 pairs) the fused GEMVs
+// win (0.25 vs 0.70 ms), so grouping starts at 64 pairs.
+// (Variables so that TestPerf can time the new paths outside them.)
 var (
 	qgemmMinN       = 9
+	qgemmMaxN       = 96
 	moeGroupedPairs = 64
 )
 
@@ -196,7 +199,7 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	if !ok {
 		return
 	}
-	if !gemmV1 && n >= qgemmMinN && qgemmType(ww.dt) {
+	if !gemmV1 && n >= qgemmMinN && n <= qgemmMaxN && qgemmType(ww.dt) {
 		xbf := b.scratchBuf("qgemm.x", 2*n*in)
 		if b.err != nil {
 			return

@@ -178,8 +178,11 @@ func TestPerf(t *testing.T) {
 		flops := 2 * float64(k) * float64(m) * float64(n)
 		i := 0
 		run := func(label string, v1 bool, tile int32, minN int) {
-			defer func(a bool, b int32, c int) { gemmV1, gemmTile, qgemmMinN = a, b, c }(gemmV1, gemmTile, qgemmMinN)
+			defer func(a bool, b int32, c, d int) { gemmV1, gemmTile, qgemmMinN, qgemmMaxN = a, b, c, d }(gemmV1, gemmTile, qgemmMinN, qgemmMaxN)
 			gemmV1, gemmTile, qgemmMinN = v1, tile, minN
+			if minN == 1 { // forced: the GEMM at every n
+				qgemmMaxN = 1 << 30
+			}
 			ms := timeKernel(t, 20, 8, func() { gpu.MatMul(y, x, ws[i%copies], nil); i++ })
 			require.NoError(t, gpu.Sync())
 			rows = append(rows, perfRow{fmt.Sprintf("matmul %v %dx%d n=%d %s", dt, k, m, n, label), bytes, flops, ms, peak, h100BF16})
