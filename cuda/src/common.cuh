@@ -32,15 +32,18 @@ struct orch_ctx {
   void *scratch = nullptr;
   size_t scratch_bytes = 0;
   std::vector<void *> retired;
-  // Kernel versions kept for A/B timing: ORCH_CUDA_GEMV=v1|v2|v3|v4|v5 (GEMV
-  // for n <= 8; v5 (fp16 decode) is the default for n <= 4 where it applies,
-  // then v4's fp32 path, then v3, else v1), ORCH_CUDA_ATTN=v1.
-  int gemv = orch_env_version("ORCH_CUDA_GEMV", 5);
+  // Kernel versions kept for A/B timing: ORCH_CUDA_GEMV=v1..v6 (GEMV for
+  // n <= 8; v6 (fp16 decode, one-wave double-buffered rows; v5 for m >= 32768)
+  // is the default where it applies, then v4's fp32 path (n <= 4), then v3,
+  // else v1), ORCH_CUDA_ATTN=v1.
+  int gemv = orch_env_version("ORCH_CUDA_GEMV", 6);
   bool attn_v1 = false;
   // ORCH_CUDA_MOE=v1: MoE through the unfused ops (orch_moe_ffn declines).
   bool moe_v1 = false;
-  // Fused MoE FFN version: 3 (default) fp16 decode, ORCH_CUDA_MOE=v2 the fp32 kernels.
-  int moe = orch_env_version("ORCH_CUDA_MOE", 3);
+  // Fused MoE FFN version: 4 (default) fp16 decode with the double-buffered
+  // down kernel, v3 fp16 decode, v2 the fp32 kernels, v5 v4 + the one-wave
+  // double-buffered gate_up kernel (opt-in).
+  int moe = orch_env_version("ORCH_CUDA_MOE", 4);
 };
 
 // Records msg as the last error (thread-global, mutex-protected).

@@ -198,7 +198,7 @@ moe_down_h_kernel(float *__restrict__ out, const float *__restrict__ act, const 
   if (valid && lane == 0) out[t * m + row] = res;
 }
 
-// MoE v4 gate_up: v3 gives each warp one (gate, up) row pair: 1440 CTAs
+// MoE v5 gate_up (opt-in): v3 gives each warp one (gate, up) row pair: 1440 CTAs
 // for a gpt-oss decode step (2.7 waves), each loading its rows and only then
 // computing them. Here the grid is at most one wave (occupancy query), the
 // warps of a pair stride over its rows, and the work items (row, round of
@@ -340,7 +340,7 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
                            int n_slots, int64_t k, int64_t m, float alpha, float limit) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     constexpr int NB = gate_up_nb<T>();
-    if (ver >= 4) {
+    if (ver >= 5) {
       constexpr int NBP = T == ORCH_T_Q8_0 ? 1 : 2; // two buffers of gate + up words
       size_t sm = dec16_smem(k, 1);
       if (sm > 48 * 1024)
@@ -431,8 +431,8 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
     return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   if (n == 0) return ORCH_OK;
-  // MoE v3 (fp16 decode) unless ORCH_CUDA_MOE=v2 asks for the fp32 kernels;
-  // v4: v3 with the double-buffered down kernel.
+  // MoE v4 (default): fp16 decode, double-buffered down; v3: fp16 decode;
+  // v2: the fp32 kernels; v5: v4 + the one-wave double-buffered gate_up.
   const int ver = ctx->moe;
   ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, ver, act, x, (const uint8_t *)gate, (const uint8_t *)up,
                      gate_bias, up_bias, ids, n, n_slots, dim, ff, alpha, limit);

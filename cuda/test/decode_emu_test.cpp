@@ -1,12 +1,12 @@
 // CPU emulation test of the decode kernels with the fp16 decode: the fused
 // MoE FFN (cuda/src/moe_ffn.cu, compiled whole: v2 fp32, v3 fp16, v4
-// double-buffered) and GEMV v5 / v6 (cuda/src/gemv16.cuh), run on the CPU
+// double-buffered down, v5 + one-wave double-buffered gate_up) and GEMV v5 / v6 (cuda/src/gemv16.cuh), run on the CPU
 // through cuda/test/cuda_emu.h (a fiber per CUDA thread, real barriers and
 // shuffles, shared memory starting as garbage). dec16.cuh's arithmetic runs
 // its host fallbacks (the PTX semantics it emulates are tested exhaustively by
 // dec16_test.cu). Checks: every output against a float64 reference from the
 // dequantized weights (1e-4 for the fp32 kernels, the GPU suite's fp16 bounds
-// for the others), v4 == v3 and v6 == v5 bit for bit (same per-lane
+// for the others), MoE v5 == v4 == v3 and GEMV v6 == v5 bit for bit (same per-lane
 // summation order, different schedule), ragged row counts, several rounds of
 // blocks per lane, token tiles 1/2/4/8, bias and accumulate, and — with
 // weights allocated at their exact size under AddressSanitizer — no read past
@@ -242,8 +242,8 @@ static void test_moe(int t, int64_t dim, int64_t ff, int ne, int topk, int n) {
         want[(size_t)(i * dim + r)] += wv[(size_t)(i * topk + s)] * y;
       }
     }
-  std::vector<float> outs[5];
-  for (int ver = 2; ver <= 4; ver++) {
+  std::vector<float> outs[6];
+  for (int ver = 2; ver <= 5; ver++) {
     orch_ctx ctx;
     ctx.moe = ver;
     Buf<float> bx(x), bgb(gbv), bub(ubv), bdb(dbv), bw(wv), out((size_t)(n * dim), NAN),
@@ -260,6 +260,7 @@ static void test_moe(int t, int64_t dim, int64_t ff, int ne, int topk, int n) {
                 (long long)ff, topk, n, e);
   }
   EXPECT(std::memcmp(outs[3].data(), outs[4].data(), outs[3].size() * 4) == 0, "MoE v4 != v3 (%s)", tname(t));
+  EXPECT(std::memcmp(outs[3].data(), outs[5].data(), outs[3].size() * 4) == 0, "MoE v5 != v3 (%s)", tname(t));
 }
 
 static void test_gemv(int t, int64_t k, int64_t m, int n, bool bias, bool accumulate) {

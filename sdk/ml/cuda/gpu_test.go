@@ -172,7 +172,7 @@ func readBoth(t *testing.T, p pair) (g, c []float32) {
 	return
 }
 
-// Tolerances of the fp16-activation decode paths (GEMV v5, MoE v3), from the
+// Tolerances of the fp16-activation decode paths (GEMV v5/v6, MoE v3-v5), from the
 // error analysis in cuda/src/dec16.cuh and its host test
 // (cuda/test/dec16_test.cu): x is rounded to fp16 (relative rms ~2e-4 per
 // element, unit roundoff u = 2^-11) and each half accumulates 8 products in
@@ -207,15 +207,16 @@ func kernelVersion(what string, def int) int {
 // runs for Q8_0/Q4_0/MXFP4 at n <= 8 (as the library's dispatch; every k
 // of these tests fits its shared-memory limit).
 func gemvTol(dt ml.DType, n int, wordAligned bool) float64 {
-	if n <= 8 && wordAligned && kernelVersion("GEMV", 5) >= 5 && (dt == ml.Q8_0 || dt == ml.Q4_0 || dt == ml.MXFP4) {
+	if n <= 8 && wordAligned && kernelVersion("GEMV", 6) >= 5 && (dt == ml.Q8_0 || dt == ml.Q4_0 || dt == ml.MXFP4) {
 		return tolF16GEMV
 	}
 	return 1e-4
 }
 
-// moeTol: the fused fp16 MoE v3 is the default (ORCH_CUDA_MOE=v1/v2: fp32).
+// moeTol: the fused fp16 MoE (v3 and up; v4 is the default) or the fp32
+// kernels (ORCH_CUDA_MOE=v1/v2).
 func moeTol() float64 {
-	if kernelVersion("MOE", 3) >= 3 {
+	if kernelVersion("MOE", 4) >= 3 {
 		return tolF16MoE
 	}
 	return 1e-4
