@@ -120,6 +120,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
   return *reinterpret_cast<uint32_t *>(&h);
 }
 
+// a * b on two bf16 lanes held as words.
+__device__ __forceinline__ uint32_t bf162_mul(uint32_t a, uint32_t b) {
+  const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
+  return *reinterpret_cast<const uint32_t *>(&r);
+}
+
 // Dequantizes the block held in words w (starting sh bytes into w[0]) to 32
 // bf16 at dst (16-byte aligned).
 template <int T>
@@ -133,11 +139,39 @@ __device__ __forceinline__ void dequant_block_bf16(const uint32_t *w, uint32_t s
       o[2 * i] = pack_bf16(d * (float)(int8_t)(q & 0xff), d * (float)(int8_t)((q >> 8) & 0xff));
       o[2 * i + 1] = pack_bf16(d * (float)(int8_t)((q >> 16) & 0xff), d * (float)(int8_t)(q >> 24));
     }
+  } else if constexpr (T == ORCH_T_MXFP4) {
+    // Table lookups instead of float math (device run 2: the grouped MoE at
+    // n=512 was bound by dequantization instructions): __byte_perm picks, for
+    // the 4 nibbles of two qs bytes [lo(a), hi(a), lo(b), hi(b)], the low and
+    // the high byte of each E2M1 magnitude's bf16 (selector = the nibbles'
+    // 3 magnitude bits, masked: prmt's 4th selector bit would sign-replicate),
+    // two more assemble the pairs (a, b) of the low and of the high nibbles,
+    // the nibble sign bits go to bit 15 of each half, and one bf16x2 multiply
+    // by 2^(E-127) scales (exact: at most 3 significant bits times a power of
+    // two; E = 0, a subnormal scale, may flush to zero on the device).
+    const uint32_t E = (w[0] >> (8 * sh)) & 0xffu;
+    const uint32_t sb = E ? E << 7 : 0x0040u;
+    const uint32_t scale = sb | (sb << 16);
+    constexpr uint32_t TL0 = 0xC0800000u, TL1 = 0xC0804000u; // low bytes of bf16 {0,.5,1,1.5 | 2,3,4,6}
+    constexpr uint32_t TH0 = 0x3F3F3F00u, TH1 = 0x40404040u; // high bytes
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const uint32_t q = __funnelshift_rc(w[i], w[i + 1], 8 * sh + 8); // qs bytes 4i..4i+3
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const uint32_t qq = h ? q >> 16 : q & 0xffffu; // bytes a = 4i+2h, b = a+1
+        const uint32_t sel = qq & 0x7777u;
+        const uint32_t lb = __byte_perm(TL0, TL1, sel), hb = __byte_perm(TH0, TH1, sel);
+        // elements (a, a+1) from the low nibbles, (16+a, 17+a) from the high ones
+        const uint32_t plo = __byte_perm(lb, hb, 0x6240u) | ((qq << 12) & 0x8000u) | ((qq << 20) & 0x80000000u);
+        const uint32_t phi = __byte_perm(lb, hb, 0x7351u) | ((qq << 8) & 0x8000u) | ((qq << 16) & 0x80000000u);
+        o[2 * i + h] = bf162_mul(plo, scale);
+        o[8 + 2 * i + h] = bf162_mul(phi, scale);
+      }
+    }
   } else {
-    constexpr uint32_t off = T == ORCH_T_MXFP4 ? 8 : 16;
-    float d;
-    if constexpr (T == ORCH_T_MXFP4) d = 0.5f * e8m0((uint8_t)((w[0] >> (8 * sh)) & 0xffu));
-    else d = __half2float(__ushort_as_half((unsigned short)(__funnelshift_r(w[0], w[1], 8 * sh) & 0xffffu)));
+    constexpr uint32_t off = 16;
+    const float d = __half2float(__ushort_as_half((unsigned short)(__funnelshift_r(w[0], w[1], 8 * sh) & 0xffffu)));
     float lo[16], hi[16];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -145,13 +179,8 @@ __device__ __forceinline__ void dequant_block_bf16(const uint32_t *w, uint32_t s
 #pragma unroll
       for (int j = 0; j < 4; j++) {
         const int v = (int)((q >> (8 * j)) & 0xffu);
-        if constexpr (T == ORCH_T_MXFP4) {
-          lo[4 * i + j] = d * e2m1x2(v & 0xF);
-          hi[4 * i + j] = d * e2m1x2(v >> 4);
-        } else {
-          lo[4 * i + j] = d * (float)((v & 0xF) - 8);
-          hi[4 * i + j] = d * (float)((v >> 4) - 8);
-        }
+        lo[4 * i + j] = d * (float)((v & 0xF) - 8);
+        hi[4 * i + j] = d * (float)((v >> 4) - 8);
       }
     }
 #pragma unroll

@@ -95,6 +95,25 @@ inline float bf2f(__nv_bfloat16 h) {
 }
 inline float emu_f(__nv_bfloat16 h) { return bf2f(h); } // found by ADL from cuda_emu's load_matrix_sync
 inline float bf16r(float f) { return bf2f(__float2bfloat16_rn(f)); }
+template <class B = __nv_bfloat162>
+inline B __hmul2(B a, B b) { // the product of two bf16 rounded to bf16 (exact for the kernel's power-of-two scales)
+  return {__float2bfloat16_rn(bf2f(a.x) * bf2f(b.x)), __float2bfloat16_rn(bf2f(a.y) * bf2f(b.y))};
+}
+// prmt.b32 generic mode: selector nibble i picks byte (s_i & 7) of {y, x};
+// its bit 3 replicates that byte's sign bit instead (the kernel masks it off,
+// this checks it does).
+template <class U = unsigned>
+inline unsigned __byte_perm(U x, U y, unsigned s) {
+  const uint64_t in = ((uint64_t)(uint32_t)y << 32) | (uint32_t)x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; i++) {
+    const unsigned sel = (s >> (4 * i)) & 15;
+    unsigned b = (unsigned)(in >> (8 * (sel & 7))) & 0xff;
+    if (sel & 8) b = (b & 0x80) ? 0xff : 0;
+    r |= b << (8 * i);
+  }
+  return r;
+}
 
 namespace nvcuda {
 namespace wmma {
@@ -193,6 +212,8 @@ struct QW {
   std::vector<uint8_t> bytes;
   std::vector<float> val; // rows x k
 };
+static int g_mx_emin = 124, g_mx_emax = 128; // E8M0 scale bytes of make_weight's MXFP4 blocks
+
 static QW make_weight(std::mt19937 &rng, int t, int k, int rows) {
   const int64_t rb = orch_row_bytes(t, k);
   QW w;
@@ -218,7 +239,7 @@ static QW make_weight(std::mt19937 &rng, int t, int k, int rows) {
           v[j + 16] = half_to_float(d) * (float)((b[2 + j] >> 4) - 8);
         }
       } else { // MXFP4
-        b[0] = (uint8_t)(124 + byte(rng) % 5);
+        b[0] = (uint8_t)(g_mx_emin + byte(rng) % (g_mx_emax - g_mx_emin + 1));
         const float d = std::ldexp(1.f, (int)b[0] - 127);
         static const float e2m1[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
         for (int j = 0; j < 16; j++) {
@@ -372,6 +393,9 @@ int main() {
     for (int tile : {1, 2, 3, 4, 9, 12}) test_dense(rng, t, 96, 40, 19, tile, true, tile == 2);
   test_dense(rng, ORCH_T_MXFP4, 288, 70, 33, 0, false, false); // several stages, auto tile (M), 2 token tiles
   test_dense(rng, ORCH_T_Q8_0, 32, 17, 5, 0, true, true);      // one block, tiny
+  g_mx_emin = 100, g_mx_emax = 140; // MXFP4 scales 2^-27 .. 2^13: the table path's multiply stays exact
+  test_dense(rng, ORCH_T_MXFP4, 128, 24, 17, 2, false, false);
+  g_mx_emin = 124, g_mx_emax = 128;
   // Grouped MoE: ragged pairs, experts with no pairs, one hot expert.
   for (const char *routing : {"uniform", "skew", "one"})
     for (int tile : {1, 2, 3}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 64, 96, tile, routing, true);
