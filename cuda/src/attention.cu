@@ -13,11 +13,13 @@
 // lanes 0..26 hold three (lane 26 only 78, 79). The mapping is host-tested
 // in cuda/test/attention_index_test.cpp.
 //
-// Versions (ORCH_CUDA_ATTN): v1 = attn_kernel (one key at a time per warp);
-// v2 = attn2 flash-decoding + combine for every row; default (v3) = as v2,
-// but tiles of >= ATTN_TC_MIN_RUN consecutive rows of one sequence (prefill
-// chunks) go to the tensor-core kernel of attention_tc.cu (head dims up to
-// 128), and the flash-decoding kernels skip those rows.
+// Versions (ORCH_CUDA_ATTN; default ATTN_DEFAULT_VERSION): v1 = attn_kernel
+// (one key at a time per warp); v2 = attn2 flash-decoding (+ combine) for
+// every row; v3 = as v2, but tiles of >= ATTN_TC_MIN_RUN consecutive rows of
+// one sequence (prefill chunks) go to the tensor-core kernel of
+// attention_tc.cu (head dims up to 128; O in shared memory), and the
+// flash-decoding kernels skip those rows; v4 = v3 with O in registers and
+// lazy rescaling.
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,15 +30,19 @@ using namespace attn_k;
 
 // attention_tc.cu
 bool attn_tc_supports(int head_dim);
-int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a);
+int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg);
 
-// 1, 2 or 3 from ORCH_CUDA_ATTN (read once; v1 is also ctx->attn_v1).
+// ORCH_CUDA_ATTN v1..v4 as 1..4 (read once; v1 is also ctx->attn_v1);
+// unset or unknown: ATTN_DEFAULT_VERSION.
+constexpr int ATTN_DEFAULT_VERSION = 3;
 static int attn_env_version() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_ATTN");
     if (e && strcmp(e, "v1") == 0) return 1;
     if (e && strcmp(e, "v2") == 0) return 2;
-    return 3;
+    if (e && strcmp(e, "v3") == 0) return 3;
+    if (e && strcmp(e, "v4") == 0) return 4;
+    return ATTN_DEFAULT_VERSION;
   }();
   return v;
 }
@@ -124,7 +130,7 @@ static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
   if (!ctx->attn_v1 && attn_env_version() >= 2) {
     int tc = 0;
     if (attn_env_version() >= 3 && a->n_tok >= ATTN_TC_MIN_RUN && attn_tc_supports(a->head_dim)) {
-      int rc = attn_tc_launch(ctx, a);
+      int rc = attn_tc_launch(ctx, a, attn_env_version() >= 4);
       if (rc == ORCH_OK) tc = 1;
       else if (rc != ORCH_ERR_UNSUPPORTED) return rc;
     }

@@ -1,5 +1,6 @@
 // attention_tc.cu — tensor-core flash attention for prefill chunks (attention
-// v3; ORCH_CUDA_ATTN=v2 or v1 turns it off).
+// v3 and v4: two variants of one kernel, see attention_tc.cuh; ORCH_CUDA_ATTN=v2
+// or v1 turns it off).
 //
 // A CTA takes a tile of ATTN_TC_ROWS (64) consecutive query rows of one
 // sequence (the tile's "run", attention_index.cuh) and one query head; its 4
@@ -7,8 +8,10 @@
 // and V as fp16 in shared memory (F16 cache: copied; F32 cache: rounded),
 // then each warp computes S = Q K^T with WMMA (m16n16k16, fp16 in, fp32
 // accumulate) into shared memory, runs the online softmax on its rows in
-// fp32 (two lanes per row), writes P as fp16 over its S rows, rescales its
-// fp32 O rows in shared memory and adds P V with WMMA. WMMA (documented
+// fp32 (two lanes per row), writes P as fp16 over its S rows and adds P V
+// with WMMA into O: v3 keeps O in shared memory and rescales its rows every
+// tile; v4 keeps O in accumulator fragments and rescales (through shared
+// memory) only when a row's max grows by more than e^8. WMMA (documented
 // API) rather than hand-laid mma.sync fragments: the fragment layout is
 // opaque, which is why S and O go through shared memory. Causal and window
 // masks are applied to S; a warp skips key tiles none of its rows can see.
@@ -41,15 +44,14 @@ int tc_set_smem_attrs(orch_ctx *ctx) {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   ORCH_CUDA(cudaThreadExchangeStreamCaptureMode(&mode), "attention (tensor cores)");
   cudaError_t e = cudaSuccess;
-#define TC_ATTR(H)                                                                                          \
-  if (e == cudaSuccess)                                                                                     \
-    e = cudaFuncSetAttribute(attn_tc_kernel<__half, H>, cudaFuncAttributeMaxDynamicSharedMemorySize,        \
-                             (int)TcLayout<H>::BYTES);                                                      \
-  if (e == cudaSuccess)                                                                                     \
-    e = cudaFuncSetAttribute(attn_tc_kernel<float, H>, cudaFuncAttributeMaxDynamicSharedMemorySize,         \
+#define TC_ATTR1(KV, H, R)                                                                                 \
+  if (e == cudaSuccess)                                                                                    \
+    e = cudaFuncSetAttribute(attn_tc_kernel<KV, H, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,        \
                              (int)TcLayout<H>::BYTES);
+#define TC_ATTR(H) TC_ATTR1(__half, H, false) TC_ATTR1(float, H, false) TC_ATTR1(__half, H, true) TC_ATTR1(float, H, true)
   TC_HEAD_DIMS(TC_ATTR)
 #undef TC_ATTR
+#undef TC_ATTR1
   ORCH_CUDA(cudaThreadExchangeStreamCaptureMode(&mode), "attention (tensor cores)");
   if (e != cudaSuccess) (void)cudaGetLastError(); // not the next launch's error
   state[dev] = e == cudaSuccess ? 1 : 2;
@@ -57,11 +59,14 @@ int tc_set_smem_attrs(orch_ctx *ctx) {
 }
 
 template <typename KV, int HD>
-int launch_tc(orch_ctx *ctx, const orch_attn_args *a) {
+int launch_tc(orch_ctx *ctx, const orch_attn_args *a, bool oreg) {
   int rc = tc_set_smem_attrs(ctx);
   if (rc != ORCH_OK) return rc;
   dim3 grid((unsigned)ceil_div(a->n_tok, TC_BQ), (unsigned)a->n_heads);
-  attn_tc_kernel<KV, HD><<<grid, TC_WARPS * 32, TcLayout<HD>::BYTES, ctx->stream>>>(*a);
+  if (oreg)
+    attn_tc_kernel<KV, HD, true><<<grid, TC_WARPS * 32, TcLayout<HD>::BYTES, ctx->stream>>>(*a);
+  else
+    attn_tc_kernel<KV, HD, false><<<grid, TC_WARPS * 32, TcLayout<HD>::BYTES, ctx->stream>>>(*a);
   ORCH_LAUNCHED("attention (tensor cores)");
   return ORCH_OK;
 }
@@ -74,12 +79,12 @@ bool attn_tc_supports(int head_dim) { return head_dim % 16 == 0 && head_dim >= 1
 // attention_index.cuh); the caller then runs the flash-decoding kernel with
 // tc_skip for the other rows. ORCH_ERR_UNSUPPORTED (no error recorded) when
 // the head dim or KV type has no instance.
-int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a) {
+int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg) {
   const bool f16 = a->kv_dtype == ORCH_KV_F16;
   if (!f16 && a->kv_dtype != ORCH_KV_F32) return ORCH_ERR_UNSUPPORTED;
   switch (a->head_dim) {
 #define TC_CASE(H) \
-  case H: return f16 ? launch_tc<__half, H>(ctx, a) : launch_tc<float, H>(ctx, a);
+  case H: return f16 ? launch_tc<__half, H>(ctx, a, oreg) : launch_tc<float, H>(ctx, a, oreg);
     TC_HEAD_DIMS(TC_CASE)
 #undef TC_CASE
     default: return ORCH_ERR_UNSUPPORTED;

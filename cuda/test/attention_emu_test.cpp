@@ -4,8 +4,8 @@
 //   v1: attn_kernel;
 //   v2: attn2_kernel (splits 1: direct output; splits > 1: + attn_combine;
 //       fewer row CTAs than rows: each walks rows y, y + gridDim.y, ...);
-//   v3 (default): attn_tc_kernel for the tiles it takes, then v2 with tc_skip
-//       for the other rows.
+//   v3, v4: attn_tc_kernel (O in shared memory / in registers) for the tiles
+//       it takes, then v2 with tc_skip for the other rows.
 // Every supported head dim (16 .. 256; v3's tensor-core part up to 128), F32
 // and F16 KV, decode rows at several depths and a mixed batch (prefill chunk,
 // decode row, short chunk), windows and sinks, shuffled block tables; the
@@ -104,7 +104,12 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
     if (tc) {
       using namespace attn_tc;
       emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TC_WARPS * 32, TcLayout<HD>::BYTES,
-                 [&] { attn_tc_kernel<KV, HD>(a); });
+                 [&] {
+                   if (version >= 4)
+                     attn_tc_kernel<KV, HD, true>(a);
+                   else
+                     attn_tc_kernel<KV, HD, false>(a);
+                 });
     }
     std::vector<float> part(splits > 1 ? n_tok * nh * splits * (HD + 2) : 0, NAN);
     // attention.cu launches min(n_tok, 256) row CTAs after the tensor-core
@@ -178,7 +183,7 @@ static void cases(std::mt19937 &rng, bool with_v1) {
   // A 66-row chunk (tile 0 is the tensor-core kernel's, rows 64-65 are not),
   // a decode row, a 5-row chunk.
   const std::vector<Seq> mixed = {{3, 66}, {9, 1}, {0, 5}};
-  for (int version : {2, 3}) {
+  for (int version : {2, 3, 4}) {
     run_case<KV, HD>("decode", rng, decode, 2, 1, 16, 0, true, version, 1);
     run_case<KV, HD>("decode window16", rng, decode, 4, 2, 7, 16, false, version, 3);
     run_case<KV, HD>("mixed", rng, mixed, 2, 1, 5, 0, true, version, 1);

@@ -26,9 +26,9 @@ struct Seq {
   int hist, n; // cached positions before, new rows (queries) of this batch
 };
 
-template <typename KV, int HD>
-static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
-                     bool sinks) {
+template <typename KV, int HD, bool OREG>
+static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
+                      bool sinks, float qmul) {
   std::normal_distribution<float> nd(0.f, 1.f);
   int max_len = 0;
   for (auto &s : seqs) max_len = max(max_len, s.hist + s.n);
@@ -69,7 +69,7 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
   const int64_t n_tok = (int64_t)tseq.size();
   const int64_t q_stride = (int64_t)nh * HD + 8; // not the packed stride: as a fused qkv row
   std::vector<float> q(n_tok * q_stride), out(n_tok * nh * HD, NAN), sk(nh);
-  for (auto &x : q) x = nd(rng);
+  for (auto &x : q) x = qmul * nd(rng);
   for (auto &x : sk) x = 2 * nd(rng);
   orch_attn_args a{};
   a.out = out.data();
@@ -94,7 +94,7 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
 
   using namespace attn_tc;
   emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TC_WARPS * 32, TcLayout<HD>::BYTES,
-             [&] { attn_tc_kernel<KV, HD>(a); });
+             [&] { attn_tc_kernel<KV, HD, OREG>(a); });
 
   // Which rows the kernel must take (same rule, computed on the host).
   int taken = 0;
@@ -145,9 +145,20 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
     }
   }
   const double rel = std::sqrt(num / std::max(den, 1e-30));
-  std::printf("%-44s rows %3ld taken %3d  rel err %.2e  worst row %.2e\n", name, (long)n_tok, taken, rel, worst);
+  std::printf("%-44s %s rows %3ld taken %3d  rel err %.2e  worst row %.2e\n", name, OREG ? "v4" : "v3", (long)n_tok,
+              taken, rel, worst);
   // fp16 rounding of q, K/V (F32 cache) and P: ~1e-3; a wrong index is O(1).
   CHECK(rel < 3e-3 && worst < 1e-2, "%s: error too large", name);
+}
+
+// Both variants: O in shared memory (v3) and in registers with lazy
+// rescaling (v4), on the same inputs (same seed).
+template <typename KV, int HD>
+static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
+                     bool sinks, float qmul = 1.f) {
+  std::mt19937 r2 = rng;
+  run_case1<KV, HD, false>(name, rng, seqs, nh, nkv, bs, window, sinks, qmul);
+  run_case1<KV, HD, true>(name, r2, seqs, nh, nkv, bs, window, sinks, qmul);
 }
 
 int main() {
@@ -163,6 +174,10 @@ int main() {
   run_case<float, 32>("hd32 f32 window8 (gpt-oss-tiny-swa like)", rng, {{0, 40}}, 4, 2, 16, 8, true);
   run_case<__half, 80>("hd80 f16 window 130 long history", rng, {{300, 64}}, 2, 1, 16, 130, false);
   run_case<float, 96>("hd96 f32 mha", rng, {{0, 16}, {0, 15}}, 3, 3, 4, 0, false);
+  // Large, growing scores (q scaled up): the running max moves by more than
+  // e^8 over the keys, so v4's lazy rescale path runs, not just its first tile.
+  run_case<float, 64>("hd64 f32 long n200 big scores", rng, {{100, 200}}, 2, 1, 16, 0, true, 12.f);
+  run_case<__half, 128>("hd128 f16 window 70 big scores", rng, {{0, 130}}, 2, 2, 16, 70, false, 12.f);
   std::printf("attention_tc_emu_test: ok\n");
   return 0;
 }

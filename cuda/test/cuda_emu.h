@@ -177,6 +177,7 @@ inline unsigned __ballot_sync(unsigned, bool p) {
   w.bar.arrive_and_wait();
   return m;
 }
+inline bool __any_sync(unsigned m, bool p) { return __ballot_sync(m, p) != 0; }
 // common.cuh's warp reductions, same butterfly.
 inline float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
