@@ -14,6 +14,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -243,12 +244,28 @@ func TestAttentionHeadDims(t *testing.T) {
 // TestAttentionPrefillSpeed times Attend for gpt-oss-20b prefill chunks (64 q
 // / 8 kv heads of 64; one sequence from position 0; full and window-128
 // layers) with device events, eager launches (a launch is ~10 us against
-// milliseconds). One kernel version per process: compare with
+// milliseconds), for ORCH_CUDA_ATTN v2, v3 and v4 (a child process each):
 //
-//	ORCH_GPU_PERF=1 [ORCH_CUDA_ATTN=v2] bin/cuda-gpu.test -test.run PrefillSpeed -test.v
+//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PrefillSpeed -test.v
 func TestAttentionPrefillSpeed(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to time prefill attention")
+	}
+	// The library reads ORCH_CUDA_ATTN once per process: the parent re-runs
+	// this test in a child process per version, on the same card.
+	if os.Getenv("ORCH_ATTN_SPEED_CHILD") == "" {
+		for _, v := range []string{"v2", "v3", "v4"} {
+			cmd := exec.Command(os.Args[0], "-test.run", "^TestAttentionPrefillSpeed$", "-test.v")
+			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
+			outp, err := cmd.CombinedOutput()
+			for _, line := range strings.Split(string(outp), "\n") {
+				if strings.Contains(line, "|") {
+					t.Log(strings.TrimSpace(line))
+				}
+			}
+			require.NoError(t, err, "ORCH_CUDA_ATTN=%s child:\n%s", v, outp)
+		}
+		return
 	}
 	const nh, nkv, hd, bs = 64, 8, 64, 16
 	version := os.Getenv("ORCH_CUDA_ATTN")
