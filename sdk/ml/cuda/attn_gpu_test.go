@@ -351,6 +351,28 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 	return ts[len(ts)/2]
 }
 
+// TestTensorCoreAttentionV4 re-runs TestAttentionHeadDims in a child process
+// under ORCH_CUDA_ATTN=v4 (the tensor-core prefill kernel with O in
+// registers; the library reads the variable once per process), so the suite
+// checks v4 next to the default.
+func TestTensorCoreAttentionV4(t *testing.T) {
+	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
+		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the v4 child runs from an unpinned one", v)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run", "^TestAttentionHeadDims$", "-test.v")
+	cmd.Env = append(os.Environ(), "ORCH_CUDA_ATTN=v4")
+	outp, err := cmd.CombinedOutput()
+	n := 0
+	for _, line := range strings.Split(string(outp), "\n") {
+		if strings.Contains(line, "tensor-core kernel:") {
+			n++
+		}
+	}
+	require.NoError(t, err, "ORCH_CUDA_ATTN=v4 child:\n%s", outp)
+	require.Positive(t, n, "the v4 child ran no tensor-core rows:\n%s", outp)
+	t.Logf("ORCH_CUDA_ATTN=v4: TestAttentionHeadDims passed, %d cases with tensor-core rows", n)
+}
+
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
 	for _, hd := range []int{8, 24, 272} {
