@@ -271,37 +271,93 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
 
   __syncthreads(); // row maps
 
+  // This thread's copy and dequantization tasks are the same in every stage:
+  // their rows, pointers and shared-memory offsets are computed once here
+  // (device run 2: integer index math per stage was most of the loop's
+  // instructions).
+  constexpr int WPT = (BM * CH + THREADS - 1) / THREADS;     // W chunk copies
+  constexpr int APT = (BN * KB * 4 + THREADS - 1) / THREADS; // A chunk copies
+  constexpr int DPT = (BM * KB + THREADS - 1) / THREADS;     // blocks to dequantize
+  const uint8_t *w_row[WPT], *w_lim[WPT];
+  int w_dst[WPT], w_c[WPT];
+#pragma unroll
+  for (int u = 0; u < WPT; u++) {
+    const int q = tid + u * THREADS;
+    w_row[u] = w_lim[u] = nullptr;
+    w_dst[u] = w_c[u] = 0;
+    if (q < BM * CH) {
+      const int i = q / CH, c = q % CH;
+      const uint8_t *base, *end;
+      const int64_t row = wrow(i, base, end);
+      if (row < a.m) {
+        w_row[u] = base + row * a.rb;
+        w_lim[u] = end;
+      }
+      w_dst[u] = i * RAWROW + 16 * c;
+      w_c[u] = c;
+    }
+  }
+  const __nv_bfloat16 *a_src[APT];
+  int a_dst[APT], a_col[APT];
+#pragma unroll
+  for (int u = 0; u < APT; u++) {
+    const int q = tid + u * THREADS;
+    a_src[u] = nullptr;
+    a_dst[u] = a_col[u] = 0;
+    if (q < BN * KB * 4) {
+      const int i = q / (KB * 4), c = q % (KB * 4);
+      const int ar = arow[i];
+      if (ar >= 0) a_src[u] = a.xa + (int64_t)ar * a.k; // rows without a pair feed only outputs never stored
+      a_dst[u] = i * LDS + 8 * c;
+      a_col[u] = 8 * c;
+    }
+  }
+  const uint8_t *d_row[DPT];
+  int d_dst[DPT], d_raw[DPT], d_j[DPT];
+#pragma unroll
+  for (int u = 0; u < DPT; u++) {
+    const int q = tid + u * THREADS;
+    d_row[u] = nullptr;
+    d_dst[u] = -1;
+    d_raw[u] = d_j[u] = 0;
+    if (q < BM * KB) {
+      const int i = q / KB, j = q % KB;
+      const uint8_t *base, *end;
+      const int64_t row = wrow(i, base, end);
+      if (row < a.m) d_row[u] = base + row * a.rb;
+      d_dst[u] = i * LDS + 32 * j;
+      d_raw[u] = i * RAWROW;
+      d_j[u] = j;
+    }
+  }
+
   // Issues the cp.async copies of stage s (W raw into raw[s % NS], A into
   // Xs[s % NS]) and commits them as one group (an empty one past the end, to
-  // keep the group count per step uniform).
+  // keep the group count per step uniform). W: the 16-byte chunks covering
+  // each row's segment, the one at the tensor's end copied partially. A:
+  // columns past k are zero-filled (W is zero there too, but stale shared
+  // memory could hold NaN bits).
   auto issue = [&](int s) {
     if (s < nstages) {
       const int64_t kb0 = (int64_t)s * KB;
       const int nblk = (int)min((int64_t)KB, nb - kb0);
       uint8_t *dst = raw + (size_t)(s % NS) * BM * RAWROW;
-      for (int q = tid; q < BM * CH; q += THREADS) {
-        const int i = q / CH, c = q % CH;
-        const uint8_t *base, *end;
-        const int64_t row = wrow(i, base, end);
-        if (row >= a.m) continue;
-        const uint8_t *seg = base + row * a.rb + kb0 * BB;
+#pragma unroll
+      for (int u = 0; u < WPT; u++) {
+        if (!w_row[u]) continue;
+        const uint8_t *seg = w_row[u] + kb0 * BB;
         const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
-        if (c >= sp.chunks) continue;
-        const uint64_t addr = sp.a0 + 16ull * c;
-        const int bytes = qg_chunk_bytes(addr, (uint64_t)end);
-        if (bytes > 0) cp_async16(dst + i * RAWROW + 16 * c, reinterpret_cast<const void *>(addr), bytes);
+        if (w_c[u] >= sp.chunks) continue;
+        const uint64_t addr = sp.a0 + 16ull * w_c[u];
+        const int bytes = qg_chunk_bytes(addr, (uint64_t)w_lim[u]);
+        if (bytes > 0) cp_async16(dst + w_dst[u], reinterpret_cast<const void *>(addr), bytes);
       }
-      // A: BN rows x KB*4 chunks of 8 bf16; columns past k are zero-filled
-      // (W is zero there too, but stale shared memory could hold NaN bits).
-      // Rows without a pair are skipped: they only feed outputs never stored.
       __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
-      for (int q = tid; q < BN * KB * 4; q += THREADS) {
-        const int i = q / (KB * 4), c = q % (KB * 4);
-        const int ar = arow[i];
-        if (ar < 0) continue;
-        const int64_t col = kb0 * 32 + 8 * c;
-        const __nv_bfloat16 *src = a.xa + (int64_t)ar * a.k + (col < a.k ? col : 0);
-        cp_async16(xd + i * LDS + 8 * c, src, col < a.k ? 16 : 0);
+#pragma unroll
+      for (int u = 0; u < APT; u++) {
+        if (!a_src[u]) continue;
+        const int64_t col = kb0 * 32 + a_col[u];
+        cp_async16(xd + a_dst[u], a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
       }
     }
     cp_async_commit();
@@ -310,15 +366,14 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
   auto dequant = [&](int s, __nv_bfloat16 *wt) {
     const int64_t kb0 = (int64_t)s * KB;
     const uint8_t *src = raw + (size_t)(s % NS) * BM * RAWROW;
-    for (int q = tid; q < BM * KB; q += THREADS) {
-      const int i = q / KB, j = q % KB;
-      __nv_bfloat16 *dst = wt + i * LDS + 32 * j;
-      const uint8_t *base, *end;
-      const int64_t row = wrow(i, base, end);
-      if (row < a.m && kb0 + j < nb) {
-        const uint8_t *seg = base + row * a.rb + kb0 * BB;
-        const int o = (int)((uintptr_t)seg & 15) + j * BB; // block offset in the staged row
-        const uint32_t *wp = reinterpret_cast<const uint32_t *>(src + i * RAWROW + (o & ~3));
+#pragma unroll
+    for (int u = 0; u < DPT; u++) {
+      if (d_dst[u] < 0) continue;
+      __nv_bfloat16 *dst = wt + d_dst[u];
+      if (d_row[u] && kb0 + d_j[u] < nb) {
+        const uint8_t *seg = d_row[u] + kb0 * BB;
+        const int o = (int)((uintptr_t)seg & 15) + d_j[u] * BB; // block offset in the staged row
+        const uint32_t *wp = reinterpret_cast<const uint32_t *>(src + d_raw[u] + (o & ~3));
         uint32_t wv[block_words<T>()];
 #pragma unroll
         for (int z = 0; z < block_words<T>(); z++) wv[z] = wp[z];
