@@ -204,8 +204,8 @@ int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, 
  * scratch xbf16 (n*k*2 bytes, 16-byte aligned); W tiles are dequantized into
  * shared memory as bf16 (exact for MXFP4; Q8_0 / Q4_0 rounded as the cuBLAS
  * path does); sums are fp32. Handles Q8_0, Q4_0, MXFP4 with k % 32 == 0; any
- * n, m. tile: 0 = chosen by n; 1..4 = 16x32, 64x64, 64x128, 128x128 (token
- * rows x W rows per CTA); + 8 = the same with the unpipelined (two-barrier)
+ * n, m. tile: 0 = chosen by n; 1..5 = 16x32, 64x64, 64x128, 128x128, 96x128
+ * (token rows x W rows per CTA); + 8 = the same with the unpipelined (two-barrier)
  * schedule; kept selectable for tests and timing. Returns
  * ORCH_ERR_UNSUPPORTED for other types/shapes: the caller uses orch_matmul. */
 int orch_qgemm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,

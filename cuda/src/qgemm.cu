@@ -59,9 +59,10 @@ using namespace nvcuda;
 
 namespace {
 
-template <int BM_, int BN_, int WM_, int WN_, int KB_, int NS_, int THREADS_>
+template <int BM_, int BN_, int WM_, int WN_, int KB_, int NS_, int THREADS_, int MINB_ = 1>
 struct QCfg {
   static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, KB = KB_, NS = NS_, THREADS = THREADS_;
+  static constexpr int MINB = MINB_; // CTAs per SM the register budget must allow
   static constexpr int FM = BM / (16 * WM), FN = BN / (16 * WN);
   static constexpr int BK = 32 * KB;  // k elements per stage
   static constexpr int LDS = BK + 8;  // bf16 row stride of Ws / Xs (skews banks)
@@ -78,8 +79,13 @@ struct QCfg {
 using CfgS1 = QCfg<32, 16, 2, 1, 4, 4, 128>;   // 1, dense (FM = 1)
 using CfgS2 = QCfg<64, 16, 2, 1, 4, 4, 128>;   // 1, MoE (gate/up pairing needs FM = 2)
 using CfgM = QCfg<64, 64, 2, 2, 2, 3, 128>;    // 2
-using CfgML = QCfg<128, 64, 4, 2, 2, 3, 256>;  // 3
+using CfgML = QCfg<128, 64, 4, 2, 2, 3, 256, 2>; // 3
 using CfgL = QCfg<128, 128, 4, 2, 2, 4, 256>;  // 4
+// 5: for the grouped MoE at ~40-100 pairs per expert (gpt-oss pp512: ~64 +- 8
+// per expert fit one 96-row tile, where 64-row tiles need ~1.5 per expert
+// and re-dequantize the expert's rows for each). Not the default until
+// measured (ptxas spills 12-20 bytes at the 128-register cap of 2 CTAs/SM).
+using CfgMW = QCfg<128, 96, 4, 2, 2, 3, 256, 2>;
 
 enum { MODE_DENSE = 0, MODE_DOWN = 1, MODE_GATE_UP = 2 };
 
@@ -214,7 +220,7 @@ struct QSmem {
 // Ws[(s+1) % 2], so tensor and dequantization work of different warps
 // overlap. !PIPE (tile code | 8): dequantize, barrier, multiply, barrier.
 template <int T, class C, int MODE, bool PIPE>
-__global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
+__global__ void __launch_bounds__(C::THREADS, C::MINB) qgemm_kernel(const QArgs a) {
   using SM = QSmem<T, C, PIPE>;
   constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
   constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
@@ -278,56 +284,53 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
   constexpr int WPT = (BM * CH + THREADS - 1) / THREADS;     // W chunk copies
   constexpr int APT = (BN * KB * 4 + THREADS - 1) / THREADS; // A chunk copies
   constexpr int DPT = (BM * KB + THREADS - 1) / THREADS;     // blocks to dequantize
-  const uint8_t *w_row[WPT], *w_lim[WPT];
-  int w_dst[WPT], w_c[WPT];
+  static_assert(BM * RAWROW < 65536 && BN * LDS < 65536 && BM * LDS < 65536, "packed shared-memory offsets");
+  // Packed per task (registers: these live through the whole loop):
+  // W copy: smem offset | chunk << 16 | (up matrix) << 24, row pointer (null: no row);
+  // A copy: smem offset | first column << 16, row pointer (null: no row);
+  // dequant: W-tile offset | block << 16 (-1: no task), row pointer (null: zeros).
+  const uint8_t *w_row[WPT];
+  uint32_t w_pk[WPT];
 #pragma unroll
   for (int u = 0; u < WPT; u++) {
     const int q = tid + u * THREADS;
-    w_row[u] = w_lim[u] = nullptr;
-    w_dst[u] = w_c[u] = 0;
+    w_row[u] = nullptr;
+    w_pk[u] = 0;
     if (q < BM * CH) {
       const int i = q / CH, c = q % CH;
       const uint8_t *base, *end;
       const int64_t row = wrow(i, base, end);
-      if (row < a.m) {
-        w_row[u] = base + row * a.rb;
-        w_lim[u] = end;
-      }
-      w_dst[u] = i * RAWROW + 16 * c;
-      w_c[u] = c;
+      if (row < a.m) w_row[u] = base + row * a.rb;
+      w_pk[u] = (uint32_t)(i * RAWROW + 16 * c) | (uint32_t)c << 16 | (uint32_t)(end != a.w_end) << 24;
     }
   }
   const __nv_bfloat16 *a_src[APT];
-  int a_dst[APT], a_col[APT];
+  uint32_t a_pk[APT];
 #pragma unroll
   for (int u = 0; u < APT; u++) {
     const int q = tid + u * THREADS;
     a_src[u] = nullptr;
-    a_dst[u] = a_col[u] = 0;
+    a_pk[u] = 0;
     if (q < BN * KB * 4) {
       const int i = q / (KB * 4), c = q % (KB * 4);
       const int ar = arow[i];
       if (ar >= 0) a_src[u] = a.xa + (int64_t)ar * a.k; // rows without a pair feed only outputs never stored
-      a_dst[u] = i * LDS + 8 * c;
-      a_col[u] = 8 * c;
+      a_pk[u] = (uint32_t)(i * LDS + 8 * c) | (uint32_t)(8 * c) << 16;
     }
   }
   const uint8_t *d_row[DPT];
-  int d_dst[DPT], d_raw[DPT], d_j[DPT];
+  int d_pk[DPT];
 #pragma unroll
   for (int u = 0; u < DPT; u++) {
     const int q = tid + u * THREADS;
     d_row[u] = nullptr;
-    d_dst[u] = -1;
-    d_raw[u] = d_j[u] = 0;
+    d_pk[u] = -1;
     if (q < BM * KB) {
       const int i = q / KB, j = q % KB;
       const uint8_t *base, *end;
       const int64_t row = wrow(i, base, end);
       if (row < a.m) d_row[u] = base + row * a.rb;
-      d_dst[u] = i * LDS + 32 * j;
-      d_raw[u] = i * RAWROW;
-      d_j[u] = j;
+      d_pk[u] = (i * LDS + 32 * j) | j << 16;
     }
   }
 
@@ -345,19 +348,20 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
 #pragma unroll
       for (int u = 0; u < WPT; u++) {
         if (!w_row[u]) continue;
+        const int c = (int)((w_pk[u] >> 16) & 0xffu);
         const uint8_t *seg = w_row[u] + kb0 * BB;
         const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
-        if (w_c[u] >= sp.chunks) continue;
-        const uint64_t addr = sp.a0 + 16ull * w_c[u];
-        const int bytes = qg_chunk_bytes(addr, (uint64_t)w_lim[u]);
-        if (bytes > 0) cp_async16(dst + w_dst[u], reinterpret_cast<const void *>(addr), bytes);
+        if (c >= sp.chunks) continue;
+        const uint64_t addr = sp.a0 + 16ull * c;
+        const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
+        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
       }
       __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
 #pragma unroll
       for (int u = 0; u < APT; u++) {
         if (!a_src[u]) continue;
-        const int64_t col = kb0 * 32 + a_col[u];
-        cp_async16(xd + a_dst[u], a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
+        const int64_t col = kb0 * 32 + (a_pk[u] >> 16);
+        cp_async16(xd + (a_pk[u] & 0xffffu), a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
       }
     }
     cp_async_commit();
@@ -368,12 +372,14 @@ __global__ void __launch_bounds__(C::THREADS) qgemm_kernel(const QArgs a) {
     const uint8_t *src = raw + (size_t)(s % NS) * BM * RAWROW;
 #pragma unroll
     for (int u = 0; u < DPT; u++) {
-      if (d_dst[u] < 0) continue;
-      __nv_bfloat16 *dst = wt + d_dst[u];
-      if (d_row[u] && kb0 + d_j[u] < nb) {
+      if (d_pk[u] < 0) continue;
+      const int off = d_pk[u] & 0xffff, j = d_pk[u] >> 16;
+      __nv_bfloat16 *dst = wt + off;
+      if (d_row[u] && kb0 + j < nb) {
         const uint8_t *seg = d_row[u] + kb0 * BB;
-        const int o = (int)((uintptr_t)seg & 15) + d_j[u] * BB; // block offset in the staged row
-        const uint32_t *wp = reinterpret_cast<const uint32_t *>(src + d_raw[u] + (o & ~3));
+        const int o = (int)((uintptr_t)seg & 15) + j * BB; // block offset in the staged row
+        const int i = off / LDS;
+        const uint32_t *wp = reinterpret_cast<const uint32_t *>(src + i * RAWROW + (o & ~3));
         uint32_t wv[block_words<T>()];
 #pragma unroll
         for (int z = 0; z < block_words<T>(); z++) wv[z] = wp[z];
@@ -523,7 +529,9 @@ int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy, bo
 
 // Tile code: bits 0-2 the configuration (1..4), bit 3 (8) the two-barrier
 // schedule instead of the pipelined one.
-constexpr int bn_of(int tile) { return (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : 64; }
+constexpr int bn_of(int tile) {
+  return (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
+}
 
 // gy: grid rows (token tiles or the MoE tile bound) for this tile's BN.
 template <int T, int MODE>
@@ -535,6 +543,7 @@ int launch_cfg(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_
       else return launch_qgemm<T, CfgS2, MODE>(st, a, rows_w, gy, pipe);
     case 2: return launch_qgemm<T, CfgM, MODE>(st, a, rows_w, gy, pipe);
     case 3: return launch_qgemm<T, CfgML, MODE>(st, a, rows_w, gy, pipe);
+    case 5: return launch_qgemm<T, CfgMW, MODE>(st, a, rows_w, gy, pipe);
     default: return launch_qgemm<T, CfgL, MODE>(st, a, rows_w, gy, pipe);
   }
 }
@@ -549,7 +558,7 @@ int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_
   return ORCH_ERR_UNSUPPORTED;
 }
 
-bool tile_ok(int t) { return (t & ~15) == 0 && (t & 7) <= 4; } // 0..4, 8..12
+bool tile_ok(int t) { return (t & ~15) == 0 && (t & 7) <= 5; } // 0..5, 8..13
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
@@ -675,7 +684,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   const int64_t pairs = n * n_slots;
   if ((tile & 7) == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
-    tile |= per <= 16 ? 1 : per <= 40 ? 2 : 3;
+    tile |= per <= 16 ? 1 : per <= 40 ? 2 : 3; // 5 (96-row tiles) is timed by TestPerf; not yet measured
   }
   const int bn = bn_of(tile);
   const int64_t tb = moe_tiles_bound(pairs, n_exp, bn);

@@ -28,6 +28,8 @@
 #define __CUDA_BF16_H__
 #define CUBLAS_V2_H_
 #define __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...) // qgemm passes (threads, min CTAs per SM)
 typedef void *cudaStream_t;
 typedef void *cublasHandle_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
@@ -390,7 +392,7 @@ int main() {
   // Dense: k = 96 (3 blocks: a partial stage for every KB), m = 40 and n = 19
   // ragged against every tile; both schedules; bias and accumulate.
   for (int t : {ORCH_T_Q8_0, ORCH_T_MXFP4, ORCH_T_Q4_0})
-    for (int tile : {1, 2, 3, 4, 9, 12}) test_dense(rng, t, 96, 40, 19, tile, true, tile == 2);
+    for (int tile : {1, 2, 3, 4, 5, 9, 12, 13}) test_dense(rng, t, 96, 40, 19, tile, true, tile == 2);
   test_dense(rng, ORCH_T_MXFP4, 288, 70, 33, 0, false, false); // several stages, auto tile (M), 2 token tiles
   test_dense(rng, ORCH_T_Q8_0, 32, 17, 5, 0, true, true);      // one block, tiny
   g_mx_emin = 100, g_mx_emax = 140; // MXFP4 scales 2^-27 .. 2^13: the table path's multiply stays exact
@@ -398,7 +400,8 @@ int main() {
   g_mx_emin = 124, g_mx_emax = 128;
   // Grouped MoE: ragged pairs, experts with no pairs, one hot expert.
   for (const char *routing : {"uniform", "skew", "one"})
-    for (int tile : {1, 2, 3}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 64, 96, tile, routing, true);
+    for (int tile : {1, 2, 3, 5}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 64, 96, tile, routing, true);
+  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 8, 64, 64, 0, "uniform", true); // ~65 pairs per expert: auto tile
   test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 21, 2, 5, 96, 64, 0, "uniform", false);
   test_moe(rng, ORCH_T_Q4_0, ORCH_T_Q8_0, 7, 3, 4, 64, 64, 1, "skew", true);
   if (fails) {

@@ -43,9 +43,9 @@ func TestQGemm(t *testing.T) {
 				ns = []int{9, 130}
 			}
 			for _, n := range ns {
-				// tiles 1..4 pipelined (0: chosen by n), 9..12 the same with the
+				// tiles 1..5 pipelined (0: chosen by n), 9..13 the same with the
 				// two-barrier schedule (tile | 8)
-				for _, tile := range []int32{0, 1, 2, 3, 4, 9, 10, 11, 12} {
+				for _, tile := range []int32{0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13} {
 					variants := []struct{ bias, acc bool }{{false, false}, {true, false}, {true, true}, {false, true}}
 					if tile > 8 {
 						variants = variants[1:3]
@@ -319,7 +319,7 @@ func TestMoEGrouped(t *testing.T) {
 			for _, n := range []int{1, 5, 9, 33, 130, 512} {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
-					tiles := []int32{0, 1, 2, 3, 4}
+					tiles := []int32{0, 1, 2, 3, 4, 5}
 					if !withBias || dts[0] != dts[1] {
 						tiles = []int32{0}
 					}

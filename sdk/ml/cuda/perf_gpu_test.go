@@ -188,7 +188,7 @@ func TestPerf(t *testing.T) {
 			rows = append(rows, perfRow{fmt.Sprintf("matmul %v %dx%d n=%d %s", dt, k, m, n, label), bytes, flops, ms, peak, h100BF16})
 		}
 		run("(routed)", false, 0, qgemmMinN)
-		for tile := int32(1); tile <= 4; tile++ {
+		for tile := int32(1); tile <= 5; tile++ {
 			run(fmt.Sprintf("(qgemm tile %d)", tile), false, tile, 1)
 			run(fmt.Sprintf("(qgemm tile %d, two-barrier schedule)", tile), false, tile|8, 1)
 		}
@@ -228,7 +228,7 @@ func TestPerf(t *testing.T) {
 			rows = append(rows, perfRow{fmt.Sprintf("moe gpt-oss n=%d (%.1f experts) %s", n, used, label), bytes, flops, ms, peak, h100BF16})
 		}
 		run("(routed)", false, 0, moeGroupedPairs, 20, 8)
-		for tile := int32(1); tile <= 4; tile++ {
+		for tile := int32(1); tile <= 5; tile++ {
 			run(fmt.Sprintf("(grouped tile %d)", tile), false, tile, 1, 20, 8)
 		}
 		if n <= 64 {
