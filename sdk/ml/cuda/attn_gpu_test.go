@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -241,29 +242,41 @@ func TestAttentionHeadDims(t *testing.T) {
 	}
 }
 
-// TestAttentionPrefillSpeed times Attend for gpt-oss-20b prefill chunks (64 q
+// TestPerfAttentionPrefill times Attend for gpt-oss-20b prefill chunks (64 q
 // / 8 kv heads of 64; one sequence from position 0; full and window-128
 // layers) with device events, eager launches (a launch is ~10 us against
 // milliseconds), for ORCH_CUDA_ATTN v2, v3 and v4 (a child process each):
 //
-//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PrefillSpeed -test.v
-func TestAttentionPrefillSpeed(t *testing.T) {
+//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PerfAttentionPrefill -test.v
+//
+// (gpu-check --perf runs it with TestPerf: the name matches its -test.run.)
+func TestPerfAttentionPrefill(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to time prefill attention")
 	}
 	// The library reads ORCH_CUDA_ATTN once per process: the parent re-runs
-	// this test in a child process per version, on the same card.
+	// this test in a child process per version, on the same card. The table
+	// also goes next to ORCH_PERF_OUT (gpu-check --perf) as perf-attention.md.
 	if os.Getenv("ORCH_ATTN_SPEED_CHILD") == "" {
+		if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
+			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
+		}
+		var table []string
 		for _, v := range []string{"v2", "v3", "v4"} {
-			cmd := exec.Command(os.Args[0], "-test.run", "^TestAttentionPrefillSpeed$", "-test.v")
+			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
 			outp, err := cmd.CombinedOutput()
 			for _, line := range strings.Split(string(outp), "\n") {
-				if strings.Contains(line, "|") {
-					t.Log(strings.TrimSpace(line))
+				if i := strings.Index(line, "|"); i >= 0 {
+					t.Log(line[i:])
+					table = append(table, line[i:])
 				}
 			}
 			require.NoError(t, err, "ORCH_CUDA_ATTN=%s child:\n%s", v, outp)
+		}
+		if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
+			f := filepath.Join(filepath.Dir(po), "perf-attention.md")
+			require.NoError(t, os.WriteFile(f, []byte(strings.Join(table, "\n")+"\n"), 0o644))
 		}
 		return
 	}
