@@ -202,3 +202,66 @@ static void launch_gemv6(cudaStream_t st, float *y, const float *x, const uint8_
   }
 }
 
+
+// F32 weights, small m (routers: gpt-oss 2880 -> 32), n <= 8: the v1 GEMV
+// gives each row one warp (8 CTAs of 4 warps for 32 rows), whose lanes walk
+// the row in ~3 dependent rounds of loads. Here one CTA of 1024 threads per
+// row splits k (one float4 of the row per thread for k <= 4096), then a block
+// reduction per token (fixed order: deterministic).
+constexpr int GEMVF32_THREADS = 1024;
+
+template <int NT>
+__global__ void __launch_bounds__(GEMVF32_THREADS)
+gemv_f32_rows_kernel(float *__restrict__ y, const float *__restrict__ x, const float *__restrict__ w,
+                     const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int accumulate) {
+  DEC16_DYN_SMEM(float, red); // NT x (GEMVF32_THREADS / 32) partial sums
+  const int64_t row = blockIdx.x;
+  const int nt = (int)min((int64_t)NT, n);
+  const float4 *wr = reinterpret_cast<const float4 *>(w + row * k);
+  float acc[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) acc[j] = 0.f;
+  // 1024 threads: a row of k <= 4096 is one round of loads (ptxas interleaved
+  // the loads of unrolled rounds with the products, one latency per round).
+  for (int64_t i = threadIdx.x; i < k / 4; i += GEMVF32_THREADS) {
+    const float4 wv = __ldg(wr + i);
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+      if (j < nt) {
+        const float4 xv = __ldg(reinterpret_cast<const float4 *>(x + j * k) + i);
+        acc[j] += wv.x * xv.x + wv.y * xv.y + wv.z * xv.z + wv.w * xv.w;
+      }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    const float s = warp_sum(acc[j]);
+    if (lane == 0) red[j * (GEMVF32_THREADS / 32) + warp] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < nt) {
+    const int j = threadIdx.x;
+    float s = 0.f;
+    for (int v = 0; v < GEMVF32_THREADS / 32; v++) s += red[j * (GEMVF32_THREADS / 32) + v];
+    if (bias) s += bias[row];
+    float *yp = y + j * m + row;
+    *yp = accumulate ? *yp + s : s;
+  }
+}
+
+template <int NT>
+static void launch_gemv_f32_rows_nt(cudaStream_t st, float *y, const float *x, const float *w, const float *bias,
+                                    int64_t n, int64_t k, int64_t m, int acc) {
+  auto kern = gemv_f32_rows_kernel<NT>;
+  DEC16_LAUNCH(kern, dim3((unsigned)m), GEMVF32_THREADS, (size_t)NT * (GEMVF32_THREADS / 32) * sizeof(float), st, y,
+               x, w, bias, n, k, m, acc);
+}
+
+// y[j, :] (+)= W x[j] (+ bias) for F32 W [m, k], k % 4 == 0, n <= 8.
+static void launch_gemv_f32_rows(cudaStream_t st, float *y, const float *x, const float *w, const float *bias,
+                                 int64_t n, int64_t k, int64_t m, int acc) {
+  if (n == 1) launch_gemv_f32_rows_nt<1>(st, y, x, w, bias, n, k, m, acc);
+  else if (n == 2) launch_gemv_f32_rows_nt<2>(st, y, x, w, bias, n, k, m, acc);
+  else if (n <= 4) launch_gemv_f32_rows_nt<4>(st, y, x, w, bias, n, k, m, acc);
+  else launch_gemv_f32_rows_nt<8>(st, y, x, w, bias, n, k, m, acc);
+}

@@ -516,7 +516,9 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
     const int nt4 = n == 1 ? 1 : n == 2 ? 2 : 4, nt8 = n <= 4 ? nt4 : 8; // token tiles of v4 / v5-v6
     const bool f16ok = (m * rb) % 4 == 0 && gemv3_type(wtype) && dec16_smem(k, nt8) <= GEMV3_MAX_SMEM;
     // v6 (default) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
-    if (ctx->gemv >= 6 && f16ok && m < 32768) {
+    if (ctx->gemv >= 6 && wtype == ORCH_T_F32 && m <= 4096) {
+      launch_gemv_f32_rows(ctx->stream, y, x, (const float *)w, bias, n, k, m, accumulate);
+    } else if (ctx->gemv >= 6 && f16ok && m < 32768) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
     } else if (ctx->gemv >= 5 && f16ok) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);

@@ -291,6 +291,25 @@ static void test_gemv(int t, int64_t k, int64_t m, int n, bool bias, bool accumu
          tname(t), (long long)k, (long long)m, n);
 }
 
+// F32 small-m GEMV (routers): 1e-5 against float64 (fp32 products and sums).
+static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulate) {
+  const auto w = randv((size_t)(m * k), 1.f), x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f),
+             y0 = randv((size_t)(n * m), 1.f);
+  std::vector<double> want((size_t)(n * m));
+  for (int j = 0; j < n; j++)
+    for (int64_t r = 0; r < m; r++) {
+      double s = (bias ? bv[(size_t)r] : 0.0) + (accumulate ? y0[(size_t)(j * m + r)] : 0.0);
+      for (int64_t c = 0; c < k; c++) s += (double)w[(size_t)(r * k + c)] * x[(size_t)(j * k + c)];
+      want[(size_t)(j * m + r)] = s;
+    }
+  Buf<float> bw(w), bx(x), bb(bv), y(y0);
+  launch_gemv_f32_rows(nullptr, y.p, bx.p, bw.p, bias ? bb.p : nullptr, n, k, m, accumulate);
+  const double e = rel_l2(y.vec(), want);
+  EXPECT(e <= 1e-5, "GEMV F32 rows k=%lld m=%lld n=%d: relative error %.3g", (long long)k, (long long)m, n, e);
+  std::printf("GEMV F32 rows k=%-4lld m=%-3lld n=%d bias=%d acc=%d: relative error %.2e\n", (long long)k, (long long)m, n,
+              bias, accumulate, e);
+}
+
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
   // Default (cuda-check): every version and type on small shapes; `long`: wide rows too.
@@ -307,6 +326,9 @@ int main(int argc, char **argv) {
       test_gemv(t, 2880, 24, 4, false, false);
     }
   }
+  for (int n : {1, 3, 8}) test_gemv_f32(96, 5, n, n != 3, n == 3);
+  test_gemv_f32(4224, 3, 2, true, false); // two rounds of the 1024 threads
+  if (long_run) test_gemv_f32(2880, 32, 1, true, false);
   if (long_run) test_gemv(ORCH_T_Q8_0, 32, 32772, 1, true, false); // v5's 2 rows per warp (m >= 32768)
   if (fails) {
     std::fprintf(stderr, "decode_emu_test: %d failures\n", fails);
