@@ -119,5 +119,5 @@ if has replicas && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
 fi
 log "done"
 # at most 8 files come back: keep summary.md and the tables, pack the logs into one archive
-(cd "$OUT" && ls | grep -v -E '^(summary\.md|perf\.md|perf-base\.md|logs\.tar\.gz)$' > /tmp/e2e-logs.txt
+(cd "$OUT" && ls | grep -v -E '^(summary\.md|perf\.md|perf-base\.md|perf-attention\.md|logs\.tar\.gz)$' > /tmp/e2e-logs.txt
  [ -s /tmp/e2e-logs.txt ] && tar -czf logs.tar.gz -T /tmp/e2e-logs.txt && xargs rm -f < /tmp/e2e-logs.txt)
