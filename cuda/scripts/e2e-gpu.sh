@@ -91,6 +91,9 @@ if has bench; then
   timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 512,2048 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
   timeout 120 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 2048 -n 0 --batch-tokens 2048 -r 2 2>>"$OUT/bench.log" | tail -1 | sed 's/$/ (--batch-tokens 2048)/' | tee -a "$OUT/summary.md"
   timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 8,32,64 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+  # KV cache sized from free device memory (issue 8): half of what is free after the weights
+  timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 64 --kv-cache-fraction 0.5 -r 1 --log-level debug 2>"$OUT/bench-kvfrac.log" | tail -1 | sed 's/$/ (--kv-cache-fraction 0.5)/' | tee -a "$OUT/summary.md"
+  grep -m2 -E 'kv_blocks|kv cache|KV' "$OUT/bench-kvfrac.log" | cut -c1-300 | tee -a "$OUT/summary.md"
   has depth && timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --depth 8192 -r 2 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
 fi
 if has serve; then
@@ -111,6 +114,7 @@ if has llama; then
   synth llama llama3-8b "$M/llama3-8b.gguf" && {
     log "bench llama3-8b Q8_0 (cuda)"
     timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 512 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+    timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 0 -n 128 --streams 8,32,64 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
     rm -f "$M/llama3-8b.gguf"; }
 fi
 if has replicas && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
