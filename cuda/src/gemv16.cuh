@@ -1,4 +1,5 @@
 // gemv16.cuh — GEMV v5 (default) and v6 (opt-in) for Q8_0 / Q4_0 / MXFP4
+// (and the split-k F32 GEMV for small m, used from v5 on)
 // weights and n <= 8 tokens, with the fp16 decode of dec16.cuh. Included by
 // matmul.cu (which dispatches to launch_gemv5 / launch_gemv6) and by the CPU
 // emulation test cuda/test/decode_emu_test.cpp.

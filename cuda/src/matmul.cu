@@ -4,8 +4,9 @@
 //    token vectors; the weight is read from device memory exactly once.
 //    Versions v1..v6 are kept (ORCH_CUDA_GEMV); v5 (Q8_0 / Q4_0 / MXFP4,
 //    n <= 8) loads blocks as aligned words before staging x (as v4, n <= 4)
-//    and decodes them to fp16 for HFMA2 (dec16.cuh); v6 (default below
-//    32768 rows) adds double-buffered rows over a one-wave grid.
+//    and decodes them to fp16 for HFMA2 (dec16.cuh), the default; v6
+//    (opt-in, below 32768 rows) adds double-buffered rows over a one-wave
+//    grid (slower than v5 on the H100: fewer warps per SM).
 //  - gemm: n > 8 (prefill). The weight is dequantized tile by tile to bf16
 //    into scratch and multiplied by cuBLAS (bf16 inputs, f32 accumulate).
 //  - moe_matmul: the gemv over (token, slot) pairs, each with its expert.
@@ -515,8 +516,8 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
     // where the weight's end (w is 16-aligned) is word-aligned too.
     const int nt4 = n == 1 ? 1 : n == 2 ? 2 : 4, nt8 = n <= 4 ? nt4 : 8; // token tiles of v4 / v5-v6
     const bool f16ok = (m * rb) % 4 == 0 && gemv3_type(wtype) && dec16_smem(k, nt8) <= GEMV3_MAX_SMEM;
-    // v6 (default) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
-    if (ctx->gemv >= 6 && wtype == ORCH_T_F32 && m <= 4096) {
+    // v6 (opt-in) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
+    if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) {
       launch_gemv_f32_rows(ctx->stream, y, x, (const float *)w, bias, n, k, m, accumulate);
     } else if (ctx->gemv >= 6 && f16ok && m < 32768) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);

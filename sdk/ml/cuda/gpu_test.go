@@ -207,7 +207,7 @@ func kernelVersion(what string, def int) int {
 // runs for Q8_0/Q4_0/MXFP4 at n <= 8 (as the library's dispatch; every k
 // of these tests fits its shared-memory limit).
 func gemvTol(dt ml.DType, n int, wordAligned bool) float64 {
-	if n <= 8 && wordAligned && kernelVersion("GEMV", 6) >= 5 && (dt == ml.Q8_0 || dt == ml.Q4_0 || dt == ml.MXFP4) {
+	if n <= 8 && wordAligned && kernelVersion("GEMV", 5) >= 5 && (dt == ml.Q8_0 || dt == ml.Q4_0 || dt == ml.MXFP4) {
 		return tolF16GEMV
 	}
 	return 1e-4
