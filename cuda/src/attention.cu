@@ -34,7 +34,7 @@ int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg);
 
 // ORCH_CUDA_ATTN v1..v4 as 1..4 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
-constexpr int ATTN_DEFAULT_VERSION = 3;
+constexpr int ATTN_DEFAULT_VERSION = 4;
 static int attn_env_version() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_ATTN");
