@@ -81,10 +81,10 @@ using CfgS2 = QCfg<64, 16, 2, 1, 4, 4, 128>;   // 1, MoE (gate/up pairing needs 
 using CfgM = QCfg<64, 64, 2, 2, 2, 3, 128>;    // 2
 using CfgML = QCfg<128, 64, 4, 2, 2, 3, 256, 2>; // 3
 using CfgL = QCfg<128, 128, 4, 2, 2, 4, 256>;  // 4
-// 5: for the grouped MoE at ~40-100 pairs per expert (gpt-oss pp512: ~64 +- 8
-// per expert fit one 96-row tile, where 64-row tiles need ~1.5 per expert
-// and re-dequantize the expert's rows for each). Not the default until
-// measured (ptxas spills 12-20 bytes at the 128-register cap of 2 CTAs/SM).
+// 5: the grouped MoE's default above 40 pairs per expert (gpt-oss pp512: ~64
+// +- 8 per expert fit one 96-row tile, where 64-row tiles need ~1.5 per
+// expert and re-dequantize the expert's rows for each; device run 3: 1.11 vs
+// 1.29 ms for tile 3, despite 12-20 bytes of spills at the 128-register cap).
 using CfgMW = QCfg<128, 96, 4, 2, 2, 3, 256, 2>;
 
 enum { MODE_DENSE = 0, MODE_DOWN = 1, MODE_GATE_UP = 2 };
@@ -687,7 +687,9 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   const int64_t pairs = n * n_slots;
   if ((tile & 7) == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
-    tile |= per <= 16 ? 1 : per <= 40 ? 2 : 3; // 5 (96-row tiles) is timed by TestPerf; not yet measured
+    // Device run 3 (gpt-oss shape): n=64 (8 per expert) tile 1 0.70 ms; n=512
+    // (64 per expert) tile 5 1.11 ms, 2 1.27, 3 1.29, 4 1.56.
+    tile |= per <= 16 ? 1 : per <= 40 ? 2 : 5;
   }
   const int bn = bn_of(tile);
   const int64_t tb = moe_tiles_bound(pairs, n_exp, bn);

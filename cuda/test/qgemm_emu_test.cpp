@@ -401,7 +401,7 @@ int main() {
   // Grouped MoE: ragged pairs, experts with no pairs, one hot expert.
   for (const char *routing : {"uniform", "skew", "one"})
     for (int tile : {1, 2, 3, 5}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 64, 96, tile, routing, true);
-  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 8, 64, 64, 0, "uniform", true); // ~65 pairs per expert: auto tile
+  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 8, 64, 64, 0, "uniform", true); // ~65 pairs per expert: auto tile 5
   test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 21, 2, 5, 96, 64, 0, "uniform", false);
   test_moe(rng, ORCH_T_Q4_0, ORCH_T_Q8_0, 7, 3, 4, 64, 64, 1, "skew", true);
   if (fails) {
