@@ -19,7 +19,9 @@
 // one sequence (prefill chunks) go to the tensor-core kernel of
 // attention_tc.cu (head dims up to 128; O in shared memory), and the
 // flash-decoding kernels skip those rows; v4 = v3 with O in registers and
-// lazy rescaling.
+// lazy rescaling; v5 = v4 with the GQA-grouped flash-decoding kernel
+// (attn_gq_kernel: K/V read once per kv head) for the other rows, where it
+// has an instance (head dim 64/128, group 1/2/4/8).
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,6 +44,7 @@ static int attn_env_version() {
     if (e && strcmp(e, "v2") == 0) return 2;
     if (e && strcmp(e, "v3") == 0) return 3;
     if (e && strcmp(e, "v4") == 0) return 4;
+    if (e && strcmp(e, "v5") == 0) return 5;
     return ATTN_DEFAULT_VERSION;
   }();
   return v;
@@ -111,6 +114,45 @@ static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
   return ORCH_OK;
 }
 
+// v5: the GQA-grouped flash-decoding kernel for the rows the tensor-core
+// kernel does not take. Splits target 128 keys each (a CTA now carries G
+// heads' work: more, shorter splits keep the GPU busy at one token).
+template <typename KV, int HD, int G>
+static int launch_attn_gq(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
+  const int64_t ctas = (int64_t)a->n_kv_heads * a->n_tok;
+  int span = a->max_pos > 0 ? a->max_pos : 1;
+  if (a->window > 0) span = min(span, a->window);
+  int splits = 1;
+  if (ctas < 1024) splits = (int)min((int64_t)ceil_div(span, 128), max((int64_t)1, 4096 / ctas));
+  splits = max(1, min(splits, 128));
+  void *part = nullptr;
+  if (splits > 1) {
+    int rc = orch_scratch(ctx, (size_t)a->n_heads * a->n_tok * splits * (HD + 2) * sizeof(float), &part);
+    if (rc != ORCH_OK) return rc;
+  }
+  const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
+  dim3 grid((unsigned)a->n_kv_heads, (unsigned)rows, (unsigned)splits);
+  attn_gq_kernel<KV, HD, G><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits, tc_skip);
+  ORCH_LAUNCHED("attention (grouped)");
+  if (splits == 1) return ORCH_OK;
+  attn_combine_kernel<HD><<<dim3((unsigned)a->n_heads, (unsigned)a->n_tok), 32, 0, ctx->stream>>>(*a, (const float *)part,
+                                                                                                 splits, tc_skip);
+  ORCH_LAUNCHED("attention combine");
+  return ORCH_OK;
+}
+
+// The grouped kernel's instances: head dim 64/128, group 1/2/4/8; -1 = none.
+template <typename KV>
+static int launch_attn_gq_any(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
+  const int G = a->n_heads / a->n_kv_heads;
+#define GQ_CASE(H, GG) \
+  if (a->head_dim == H && G == GG) return launch_attn_gq<KV, H, GG>(ctx, a, tc_skip);
+  GQ_CASE(64, 1) GQ_CASE(64, 2) GQ_CASE(64, 4) GQ_CASE(64, 8)
+  GQ_CASE(128, 1) GQ_CASE(128, 2) GQ_CASE(128, 4) GQ_CASE(128, 8)
+#undef GQ_CASE
+  return -1;
+}
+
 template <typename KV, int HD>
 static int launch_attn1(orch_ctx *ctx, const orch_attn_args *a) {
   dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok);
@@ -133,6 +175,10 @@ static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
       int rc = attn_tc_launch(ctx, a, attn_env_version() >= 4);
       if (rc == ORCH_OK) tc = 1;
       else if (rc != ORCH_ERR_UNSUPPORTED) return rc;
+    }
+    if (attn_env_version() >= 5) {
+      int rc = launch_attn_gq_any<KV>(ctx, a, tc);
+      if (rc != -1) return rc;
     }
     switch (a->head_dim) {
 #define ATTN_CASE2(H) \

@@ -252,6 +252,154 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
   } // rows
 }
 
+// v5 (GQA-grouped flash-decoding): grid (kv head, row, split). As attn2, but
+// a CTA serves all G query heads that share kv head blockIdx.x: each K row a
+// lane loads is dotted with G q vectors, and each V element is loaded once
+// for G accumulators, so K/V are read once per kv head instead of G times
+// (gpt-oss: G = 8). Partials use attn2's layout (per query head), so
+// attn_combine merges them; one split writes the output directly.
+template <typename KV, int HD, int G>
+__global__ void __launch_bounds__(ATTN_WARPS * 32)
+    attn_gq_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
+  constexpr int E = attn_lane_dims(HD);
+  static_assert(HD % 32 == 0, "lanes hold whole dims");
+  const int kvh = blockIdx.x, sp = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const KV *kc = (const KV *)a.k_cache;
+  const KV *vc = (const KV *)a.v_cache;
+  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
+  __shared__ float qs[G][HD];
+  __shared__ float sm[ATTN_WARPS][G], sl[ATTN_WARPS][G];
+  __shared__ float sacc[ATTN_WARPS][G][HD];
+  // Rows as in attn2 (no barrier needed between rows, same argument).
+  for (int64_t t = blockIdx.y; t < a.n_tok; t += gridDim.y) {
+    if (tc_skip && attn_row_taken_by_tc(a, t)) continue; // uniform over the CTA
+    const int qp = a.tok_pos[t];
+    const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
+    const float *qr = a.q + t * a.q_stride + (int64_t)kvh * G * HD;
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) qs[i / HD][i % HD] = qr[i] * a.scale;
+    __syncthreads();
+    const int start = a.window > 0 ? max(0, qp - a.window + 1) : 0;
+    const int span = qp - start + 1;
+    const int per = (span + splits - 1) / splits;
+    const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
+    float m[G], l[G], acc[G][E];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      m[g] = -INFINITY;
+      l[g] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) acc[g][e] = 0.f;
+    }
+    for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
+      const int kp = base + lane;
+      const bool ok = kp < k1;
+      int64_t slot = 0;
+      float s[G];
+#pragma unroll
+      for (int g = 0; g < G; g++) s[g] = 0.f;
+      if (ok) {
+        slot = (int64_t)bt[kp / a.block_size] * a.block_size + kp % a.block_size;
+        const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+          float kf[8];
+          if constexpr (sizeof(KV) == 4) {
+            const float4 *k4 = reinterpret_cast<const float4 *>(kr) + 2 * i;
+            const float4 x = k4[0], y = k4[1];
+            kf[0] = x.x, kf[1] = x.y, kf[2] = x.z, kf[3] = x.w, kf[4] = y.x, kf[5] = y.y, kf[6] = y.z, kf[7] = y.w;
+          } else {
+            const uint4 u = reinterpret_cast<const uint4 *>(kr)[i];
+            const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+              const float2 f = attn_h2f2(w[j]);
+              kf[2 * j] = f.x, kf[2 * j + 1] = f.y;
+            }
+          }
+#pragma unroll
+          for (int g = 0; g < G; g++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) s[g] += qs[g][8 * i + j] * kf[j];
+        }
+      }
+      float p[G];
+#pragma unroll
+      for (int g = 0; g < G; g++) {
+        const float sg = ok ? s[g] : -INFINITY;
+        const float mn = fmaxf(m[g], warp_max(sg));
+        const float corr = __expf(m[g] - mn); // m = -inf first: 0
+        p[g] = ok ? __expf(sg - mn) : 0.f;
+        l[g] = l[g] * corr + warp_sum(p[g]);
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[g][e] *= corr;
+        m[g] = mn;
+      }
+      const int cnt = min(32, k1 - base);
+      for (int j = 0; j < cnt; j++) {
+        const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
+        const KV *vr = vc + sj * slot_stride + (int64_t)kvh * HD + lane * E;
+        float v[E];
+#pragma unroll
+        for (int e = 0; e < E; e++) v[e] = kv_load<KV>(vr + e);
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+          const float pj = __shfl_sync(0xffffffffu, p[g], j);
+#pragma unroll
+          for (int e = 0; e < E; e++) acc[g][e] += pj * v[e];
+        }
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int g = 0; g < G; g++) {
+        sm[warp][g] = m[g];
+        sl[warp][g] = l[g];
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+      for (int e = 0; e < E; e++) sacc[warp][g][lane * E + e] = acc[g][e];
+    __syncthreads();
+    // Merge: warp w handles heads w, w + ATTN_WARPS, ... of the group.
+    for (int g = warp; g < G; g += ATTN_WARPS) {
+      const int h = kvh * G + g;
+      const bool direct = splits == 1;
+      float M = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w][g]);
+      const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
+      M = fmaxf(M, sink);
+      float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
+#pragma unroll
+      for (int w = 0; w < ATTN_WARPS; w++) {
+        f[w] = sl[w][g] > 0.f ? __expf(sm[w][g] - M) : 0.f;
+        L += sl[w][g] * f[w];
+      }
+      float *o, inv = 1.f;
+      if (direct) {
+        o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
+        inv = 1.f / L;
+      } else {
+        o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
+        if (lane == 0) {
+          o[HD] = M;
+          o[HD + 1] = L;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        const int dd = lane * E + e;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][g][dd] * f[w];
+        o[dd] = v * inv;
+      }
+    }
+  } // rows
+}
+
 // Merges the splits of (token, head) with the sink logit: one warp per CTA.
 template <int HD>
 __global__ void attn_combine_kernel(orch_attn_args a, const float *part, int splits, int tc_skip) {

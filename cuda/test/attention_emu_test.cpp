@@ -5,7 +5,10 @@
 //   v2: attn2_kernel (splits 1: direct output; splits > 1: + attn_combine;
 //       fewer row CTAs than rows: each walks rows y, y + gridDim.y, ...);
 //   v3, v4: attn_tc_kernel (O in shared memory / in registers) for the tiles
-//       it takes, then v2 with tc_skip for the other rows.
+//       it takes, then v2 with tc_skip for the other rows;
+//   v5: v4, with attn_gq_kernel (GQA-grouped flash-decoding) instead of v2
+//       where it has an instance (head dim 64/128, group 1/2/4/8).
+// `attention_emu_test v5` runs only the v5 cases.
 // Every supported head dim (16 .. 256; v3's tensor-core part up to 128), F32
 // and F16 KV, decode rows at several depths and a mixed batch (prefill chunk,
 // decode row, short chunk), windows and sinks, shuffled block tables; the
@@ -116,8 +119,23 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
     // kernel (each walks rows y, y + gridDim.y, ...); row_ctas exercises that
     // loop at these small sizes.
     const unsigned rows = row_ctas > 0 ? (unsigned)min<int64_t>(row_ctas, n_tok) : (unsigned)n_tok;
-    emu_launch(dim3{(unsigned)nh, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0,
-               [&] { attn_k::attn2_kernel<KV, HD>(a, part.data(), splits, tc); });
+    const int G = nh / nkv;
+    const bool gq = version >= 5 && (HD == 64 || HD == 128) && (G == 1 || G == 2 || G == 4 || G == 8);
+    if (gq) {
+      emu_launch(dim3{(unsigned)nkv, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, [&] {
+        if constexpr (HD == 64 || HD == 128) {
+          switch (G) {
+            case 1: attn_k::attn_gq_kernel<KV, HD, 1>(a, part.data(), splits, tc); break;
+            case 2: attn_k::attn_gq_kernel<KV, HD, 2>(a, part.data(), splits, tc); break;
+            case 4: attn_k::attn_gq_kernel<KV, HD, 4>(a, part.data(), splits, tc); break;
+            default: attn_k::attn_gq_kernel<KV, HD, 8>(a, part.data(), splits, tc); break;
+          }
+        }
+      });
+    } else {
+      emu_launch(dim3{(unsigned)nh, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0,
+                 [&] { attn_k::attn2_kernel<KV, HD>(a, part.data(), splits, tc); });
+    }
     if (splits > 1)
       emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, 1}, 32, 0,
                  [&] { attn_k::attn_combine_kernel<HD>(a, part.data(), splits, tc); });
@@ -176,8 +194,22 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
   }
 }
 
+static bool g_only_v5 = false;
+
 template <typename KV, int HD>
 static void cases(std::mt19937 &rng, bool with_v1) {
+  if (g_only_v5) {
+    if (HD != 64 && HD != 128) return;
+    const std::vector<Seq> decode = {{0, 1}, {37, 1}, {600, 1}};
+    const std::vector<Seq> mixed = {{3, 66}, {9, 1}, {0, 5}};
+    run_case<KV, HD>("v5 decode gqa8 sinks", rng, decode, 8, 1, 16, 0, true, 5, 1);
+    run_case<KV, HD>("v5 decode gqa8 window16 splits5", rng, decode, 8, 1, 7, 16, true, 5, 5);
+    run_case<KV, HD>("v5 decode gqa4", rng, decode, 8, 2, 16, 0, false, 5, 3);
+    run_case<KV, HD>("v5 mixed gqa2 sinks", rng, mixed, 4, 2, 5, 0, true, 5, 1);
+    run_case<KV, HD>("v5 mixed mha window9 splits2", rng, mixed, 2, 2, 16, 9, true, 5, 2);
+    run_case<KV, HD>("v5 mixed gqa8, 5 row CTAs", rng, mixed, 8, 1, 16, 0, true, 5, 1, 5);
+    return;
+  }
   // Decode rows at depths 1, 38 and 601 (window 0 and 16, sinks).
   const std::vector<Seq> decode = {{0, 1}, {37, 1}, {600, 1}};
   // A 66-row chunk (tile 0 is the tensor-core kernel's, rows 64-65 are not),
@@ -196,8 +228,9 @@ static void cases(std::mt19937 &rng, bool with_v1) {
   }
 }
 
-int main() {
+int main(int argc, char **argv) {
   std::mt19937 rng(777);
+  g_only_v5 = argc > 1 && std::strcmp(argv[1], "v5") == 0; // only the GQA-grouped decode kernel's cases
   cases<float, 16>(rng, true);
   cases<__half, 32>(rng, false);
   cases<float, 48>(rng, false);

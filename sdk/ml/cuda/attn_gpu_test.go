@@ -262,7 +262,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
 		}
 		var table []string
-		for _, v := range []string{"v2", "v3", "v4"} {
+		for _, v := range []string{"v2", "v3", "v4", "v5"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
 			outp, err := cmd.CombinedOutput()
@@ -293,6 +293,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 		return x
 	}
 	t.Logf("| attention version %s on %s | time | FLOP/s (4*hd*heads per visible pair) |", version, gpu.DeviceName())
+	attnDecodeSpeed(t, r, alloc)
 	for _, n := range []int{512, 2048} {
 		nb := n / bs
 		perm := r.Perm(nb)
@@ -338,6 +339,52 @@ func TestPerfAttentionPrefill(t *testing.T) {
 	}
 }
 
+// attnDecodeSpeed times one decode token (n_tok 1) at depth 8192 of the
+// gpt-oss shape, F16 KV, full and window 128, against the bytes floor (K and
+// V of every visible key read once).
+func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...int) ml.Tensor) {
+	const nh, nkv, hd, bs, depth = 64, 8, 64, 16, 8192
+	nb := depth / bs
+	perm := r.Perm(nb)
+	blocks, pos, seq, slots := make([]int32, nb), make([]int32, depth), make([]int32, depth), make([]int32, depth)
+	for i := range blocks {
+		blocks[i] = int32(perm[i])
+	}
+	for p := range pos {
+		pos[p], slots[p] = int32(p), blocks[p/bs]*bs+int32(p%bs)
+	}
+	i32 := func(v []int32, shape ...int) ml.Tensor {
+		x := alloc(ml.I32, shape...)
+		require.NoError(t, gpu.WriteI32(x, v))
+		return x
+	}
+	bw := &ml.Batch{Pos: i32(pos, depth), Seq: i32(seq, depth), Slots: i32(slots, depth), Blocks: i32(blocks, nb, 1),
+		BlockSize: bs, MaxPos: depth}
+	k, v := alloc(ml.F32, hd, nkv, depth), alloc(ml.F32, hd, nkv, depth)
+	require.NoError(t, gpu.WriteF32(k, randF32(r, hd*nkv*depth, 1)))
+	require.NoError(t, gpu.WriteF32(v, randF32(r, hd*nkv*depth, 1)))
+	kc, vc := alloc(ml.F16, hd, nkv, bs, nb), alloc(ml.F16, hd, nkv, bs, nb)
+	gpu.KVWrite(kc, vc, k, v, bw)
+	q := alloc(ml.F32, hd, nh, 1)
+	require.NoError(t, gpu.WriteF32(q, randF32(r, hd*nh, 1)))
+	sinks := alloc(ml.F32, nh)
+	require.NoError(t, gpu.WriteF32(sinks, randF32(r, nh, 1)))
+	y := alloc(ml.F32, hd, nh, 1)
+	bq := &ml.Batch{Pos: i32([]int32{depth - 1}, 1), Seq: i32([]int32{0}, 1), Slots: i32([]int32{slots[depth-1]}, 1),
+		Blocks: bw.Blocks, BlockSize: bs, MaxPos: depth}
+	for _, window := range []int{0, 128} {
+		a := &ml.Attention{Scale: 0.125, Window: window, Sinks: sinks}
+		ms := attnTimeMs(t, 20, func() { gpu.Attend(y, q, kc, vc, bq, a) })
+		keys := depth
+		if window > 0 {
+			keys = window
+		}
+		bytes := float64(keys) * nkv * hd * 2 * 2
+		t.Logf("| decode 1 token at depth %d, F16 KV, window %d | %.4f ms | %.0f GB/s (floor %.4f ms at 3 TB/s) |", depth,
+			window, ms, bytes/ms/1e6, bytes/3e12*1e3)
+	}
+}
+
 // attnTimeMs is the median over reps of fn's device time (events around an
 // eager call), after 3 warm-up calls.
 func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
@@ -367,7 +414,8 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 // TestTensorCoreAttentionVersions re-runs TestAttentionHeadDims in a child
 // process per non-default ORCH_CUDA_ATTN version that is still selectable
 // (the library reads the variable once per process), so the suite checks
-// them next to the default: v3 (tensor-core prefill, O in shared memory).
+// them next to the default: v3 (tensor-core prefill, O in shared memory) and
+// v5 (v4 + the GQA-grouped flash-decoding kernel).
 func TestTensorCoreAttentionVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
 		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the version children run from an unpinned one", v)
@@ -390,7 +438,7 @@ func TestTensorCoreAttentionVersions(t *testing.T) {
 	}
 }
 
-var attnChildVersions = []string{"v3"}
+var attnChildVersions = []string{"v3", "v5"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
