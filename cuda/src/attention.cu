@@ -100,9 +100,10 @@ static int launch_attn2(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
     int rc = orch_scratch(ctx, (size_t)ctas * splits * (HD + 2) * sizeof(float), &part);
     if (rc != ORCH_OK) return rc;
   }
-  // After the tensor-core kernel most rows are skipped: a CTA walks rows
-  // y, y + 256, ... instead of one CTA per row (an exiting CTA still costs
-  // its launch: 131k of them per layer at a 2048-token chunk).
+  // After the tensor-core kernel most rows are skipped: a CTA takes a chunk
+  // of ceil(n_tok / 256) consecutive rows instead of one CTA per row (an
+  // exiting CTA still costs its launch: 131k of them per layer at a
+  // 2048-token chunk), checking each 64-row tile it touches once.
   const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
   dim3 grid((unsigned)a->n_heads, (unsigned)rows, (unsigned)splits);
   attn2_kernel<KV, HD><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits, tc_skip);

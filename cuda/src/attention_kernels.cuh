@@ -27,14 +27,38 @@ __device__ __forceinline__ float2 attn_h2f2(unsigned w) {
 
 // In the flash-decoding kernels (every warp, before any barrier): whether
 // row t is the tensor-core kernel's (then the CTA returns).
-__device__ __forceinline__ bool attn_row_taken_by_tc(const orch_attn_args &a, int64_t t) {
+__device__ __forceinline__ int attn_tc_tile_run(const orch_attn_args &a, int64_t t0) {
   const int lane = threadIdx.x & 31;
-  const int64_t t0 = t - t % ATTN_TC_ROWS;
   const bool ok0 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + lane);
   const bool ok1 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + 32 + lane);
-  const int run = attn_tc_run_from_bits(__ballot_sync(0xffffffffu, ok0), __ballot_sync(0xffffffffu, ok1));
-  return attn_tc_takes(run, (int)(t - t0));
+  return attn_tc_run_from_bits(__ballot_sync(0xffffffffu, ok0), __ballot_sync(0xffffffffu, ok1));
 }
+__device__ __forceinline__ bool attn_row_taken_by_tc(const orch_attn_args &a, int64_t t) {
+  const int64_t t0 = t - t % ATTN_TC_ROWS;
+  return attn_tc_takes(attn_tc_tile_run(a, t0), (int)(t - t0));
+}
+
+// Rows of a flash-decoding CTA: a contiguous chunk [r0, r1) of
+// ceil(n_tok / gridDim.y) rows (one row when gridDim.y = n_tok). With tc_skip
+// the tile's run is computed once per tile the chunk touches, not per row.
+struct AttnRows {
+  int64_t r0, r1, t0 = -1;
+  int run = 0;
+  __device__ __forceinline__ AttnRows(const orch_attn_args &a) {
+    const int64_t per = (a.n_tok + gridDim.y - 1) / gridDim.y;
+    r0 = (int64_t)blockIdx.y * per;
+    r1 = min(a.n_tok, r0 + per);
+  }
+  // Whether row t is the tensor-core kernel's (uniform over the CTA).
+  __device__ __forceinline__ bool taken(const orch_attn_args &a, int64_t t) {
+    const int64_t tt = t - t % ATTN_TC_ROWS;
+    if (tt != t0) {
+      run = attn_tc_tile_run(a, tt);
+      t0 = tt;
+    }
+    return attn_tc_takes(run, (int)(t - tt));
+  }
+};
 
 constexpr int ATTN_WARPS = 4;
 
@@ -122,8 +146,8 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
 // q vector in shared memory), keeps an online softmax, and accumulates V with
 // lanes over dims. Partial (m, l, acc) go to scratch; attn_combine merges the
 // splits with the sink (one split: the CTA writes the output). Replaces v1's
-// one-key-at-a-time warp chain. A CTA takes rows blockIdx.y, + gridDim.y, ...
-// (gridDim.y = n_tok unless the tensor-core kernel ran: then fewer CTAs, as
+// one-key-at-a-time warp chain. A CTA takes a chunk of consecutive rows
+// (AttnRows: one row unless the tensor-core kernel ran; then fewer CTAs, as
 // most rows are skipped and an exiting CTA still costs its launch).
 template <typename KV, int HD>
 __global__ void __launch_bounds__(ATTN_WARPS * 32)
@@ -142,8 +166,9 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
   // No barrier between rows is needed: every warp passes the merge barrier
   // of a row before any writes qs of the next, and warp 0 (the only reader of
   // sm/sl/sacc) reaches the next row's q barrier only after its merge.
-  for (int64_t t = blockIdx.y; t < a.n_tok; t += gridDim.y) {
-    if (tc_skip && attn_row_taken_by_tc(a, t)) continue; // uniform over the CTA
+  AttnRows rows(a);
+  for (int64_t t = rows.r0; t < rows.r1; t++) {
+    if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
     const int qp = a.tok_pos[t];
     const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
     const float *qr = a.q + t * a.q_stride + (int64_t)h * HD;
@@ -272,8 +297,9 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
   __shared__ float sm[ATTN_WARPS][G], sl[ATTN_WARPS][G];
   __shared__ float sacc[ATTN_WARPS][G][HD];
   // Rows as in attn2 (no barrier needed between rows, same argument).
-  for (int64_t t = blockIdx.y; t < a.n_tok; t += gridDim.y) {
-    if (tc_skip && attn_row_taken_by_tc(a, t)) continue; // uniform over the CTA
+  AttnRows rows(a);
+  for (int64_t t = rows.r0; t < rows.r1; t++) {
+    if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
     const int qp = a.tok_pos[t];
     const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
     const float *qr = a.q + t * a.q_stride + (int64_t)kvh * G * HD;

@@ -122,6 +122,9 @@ __global__ void __launch_bounds__(TC_WARPS * 32) attn_tc_kernel(orch_attn_args a
   const int kend = p0 + run - 1; // the last key any row of the tile sees
   const int kstart = a.window > 0 ? max(0, p0 - a.window + 1) : 0;
 
+  // Unrolled so that several q loads are in flight per thread (a rolled loop
+  // waits one global latency per element).
+#pragma unroll 8
   for (int i = threadIdx.x; i < TC_BQ * HD; i += TC_WARPS * 32) {
     const int r = i / HD, d = i % HD;
     const float v = r < run ? a.q[(t0 + r) * a.q_stride + (int64_t)h * HD + d] * a.scale : 0.f;

@@ -116,8 +116,8 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
     }
     std::vector<float> part(splits > 1 ? n_tok * nh * splits * (HD + 2) : 0, NAN);
     // attention.cu launches min(n_tok, 256) row CTAs after the tensor-core
-    // kernel (each walks rows y, y + gridDim.y, ...); row_ctas exercises that
-    // loop at these small sizes.
+    // kernel (each takes a chunk of consecutive rows); row_ctas exercises
+    // that at these small sizes (5 CTAs of 15 rows straddle the 64-row tiles).
     const unsigned rows = row_ctas > 0 ? (unsigned)min<int64_t>(row_ctas, n_tok) : (unsigned)n_tok;
     const int G = nh / nkv;
     const bool gq = version >= 5 && (HD == 64 || HD == 128) && (G == 1 || G == 2 || G == 4 || G == 8);
