@@ -5,7 +5,7 @@ VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/llama-orch/orch/host/cli.Version=$(VERSION)
 TESTFLAGS ?= -race -timeout 15m
 
-.PHONY: all build serve test lint fmt vet cuda cuda-check proto-check gpu-bins gpu-pack gpu-check clean help
+.PHONY: all build serve test lint fmt vet cuda cuda-check cuda-host-test proto-check gpu-bins gpu-pack gpu-check clean help
 
 all: build
 
@@ -58,6 +58,9 @@ gpu-pack: ## pack stripped binaries for cuda/scripts/e2e-gpu.sh into .gpu/bins.t
 	tar -C .gpu/pack -cJf .gpu/bins.tar.xz .
 	rm -rf .gpu/cuda .gpu/pack/ && cp -r cuda .gpu/cuda
 	@ls -la .gpu/bins.tar.xz
+
+cuda-host-test: ## host tests of the CUDA kernels (CPU emulation, no GPU)
+	bash cuda/test/run.sh
 
 gpu-check: gpu-bins ## on a GPU machine: build liborch_cuda.so, run the GPU suite and memcheck
 	bash cuda/scripts/gpu-check.sh
