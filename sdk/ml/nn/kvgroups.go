@@ -134,20 +134,8 @@ func NewGroupedKVCache(b ml.Backend, dt ml.DType, layers, headDim, kvHeads, bloc
 	}
 	c := &KVCache{DType: dt, HeadDim: headDim, KVHeads: kvHeads, BlockSize: blockSize, NumBlocks: groups[0].NumBlocks,
 		Groups: groups, Group: group}
-	for l := range layers {
-		nb := groups[group[l]].NumBlocks
-		k, err := b.Alloc(dt, headDim, kvHeads, blockSize, nb)
-		if err != nil {
-			c.Free(b)
-			return nil, fmt.Errorf("kv cache: %w", err)
-		}
-		v, err := b.Alloc(dt, headDim, kvHeads, blockSize, nb)
-		if err != nil {
-			b.Free(k)
-			c.Free(b)
-			return nil, fmt.Errorf("kv cache: %w", err)
-		}
-		c.K, c.V = append(c.K, k), append(c.V, v)
+	if err := c.allocLayers(b, layers, func(l int) int { return groups[group[l]].NumBlocks }); err != nil {
+		return nil, err
 	}
 	return c, nil
 }

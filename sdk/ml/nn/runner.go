@@ -47,21 +47,30 @@ func NewKVCache(b ml.Backend, dt ml.DType, layers, headDim, kvHeads, blockSize, 
 		return nil, err
 	}
 	c := &KVCache{DType: dt, HeadDim: headDim, KVHeads: kvHeads, BlockSize: blockSize, NumBlocks: numBlocks}
-	for range layers {
-		k, err := b.Alloc(dt, headDim, kvHeads, blockSize, numBlocks)
+	if err := c.allocLayers(b, layers, func(int) int { return numBlocks }); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// allocLayers allocates K and V of layers layers, layer l with blocks(l)
+// blocks; on failure it frees everything allocated so far.
+func (c *KVCache) allocLayers(b ml.Backend, layers int, blocks func(l int) int) error {
+	for l := range layers {
+		k, err := b.Alloc(c.DType, c.HeadDim, c.KVHeads, c.BlockSize, blocks(l))
 		if err != nil {
 			c.Free(b)
-			return nil, fmt.Errorf("kv cache: %w", err)
+			return fmt.Errorf("kv cache: %w", err)
 		}
-		v, err := b.Alloc(dt, headDim, kvHeads, blockSize, numBlocks)
+		v, err := b.Alloc(c.DType, c.HeadDim, c.KVHeads, c.BlockSize, blocks(l))
 		if err != nil {
 			b.Free(k)
 			c.Free(b)
-			return nil, fmt.Errorf("kv cache: %w", err)
+			return fmt.Errorf("kv cache: %w", err)
 		}
 		c.K, c.V = append(c.K, k), append(c.V, v)
 	}
-	return c, nil
+	return nil
 }
 
 // BlockBytes is the size of one block over all layers (K and V); with KV
