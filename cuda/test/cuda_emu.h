@@ -244,9 +244,10 @@ void fill_fragment(fragment<accumulator, 16, 16, 16, T> &f, float x) {
   for (auto &r : f.v)
     for (auto &e : r) e = x;
 }
-template <class LA, class LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, __half, LA> &a,
-              const fragment<matrix_b, 16, 16, 16, __half, LB> &b, const fragment<accumulator, 16, 16, 16, float> &c) {
+// Any 16-bit input type (fragments hold the values as float): __half here, __nv_bfloat16 where a test adds it.
+template <class T, class LA, class LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, T, LA> &a,
+              const fragment<matrix_b, 16, 16, 16, T, LB> &b, const fragment<accumulator, 16, 16, 16, float> &c) {
   float t[16][16];
   for (int i = 0; i < 16; i++)
     for (int j = 0; j < 16; j++) {

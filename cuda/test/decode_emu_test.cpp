@@ -82,13 +82,6 @@ inline unsigned __shfl_xor_sync(unsigned, unsigned v, int m) {
   return r;
 }
 
-static char g_err[512];
-void orch_set_error(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::vsnprintf(g_err, sizeof g_err, fmt, ap);
-  va_end(ap);
-}
 
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
@@ -96,11 +89,8 @@ void orch_set_error(const char *fmt, ...) {
 #include "../src/gemv16.cuh"
 #undef warp_sum
 #undef warp_max
+#include "emu_lib.h"
 
-extern "C" int64_t orch_row_bytes(int32_t t, int64_t k) {
-  if (!type_known(t) || k <= 0 || k % type_block_elems(t)) return 0;
-  return k / type_block_elems(t) * type_block_bytes(t);
-}
 
 // ---- the test ----
 static int fails = 0;

@@ -117,23 +117,6 @@ inline unsigned __byte_perm(U x, U y, unsigned s) {
   return r;
 }
 
-namespace nvcuda {
-namespace wmma {
-template <class LA, class LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LA> &a,
-              const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LB> &b,
-              const fragment<accumulator, 16, 16, 16, float> &c) {
-  float t[16][16];
-  for (int i = 0; i < 16; i++)
-    for (int j = 0; j < 16; j++) {
-      float s = c.v[i][j];
-      for (int k = 0; k < 16; k++) s += a.v[i][k] * b.v[k][j];
-      t[i][j] = s;
-    }
-  std::memcpy(d.v, t, sizeof t);
-}
-} // namespace wmma
-} // namespace nvcuda
 
 // cp.async: per thread, open copies and committed groups; wait_group(N) lands
 // every group but the newest N (the latest moment the hardware may).
@@ -167,26 +150,15 @@ inline void qg_emu_wait(int n) {
   }
 }
 
-// The library's other entry points qgemm.cu calls.
-static char g_err[512];
-void orch_set_error(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::vsnprintf(g_err, sizeof g_err, fmt, ap);
-  va_end(ap);
-}
-
 // common.cuh's warp reductions are cuda_emu.h's: rename common.cuh's copies.
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
 #include "../src/qgemm.cu"
 #undef warp_sum
 #undef warp_max
+#include "emu_lib.h"
+// The library's other entry point qgemm.cu calls.
 
-extern "C" int64_t orch_row_bytes(int32_t t, int64_t k) {
-  if (!type_known(t) || k <= 0 || k % type_block_elems(t)) return 0;
-  return k / type_block_elems(t) * type_block_bytes(t);
-}
 extern "C" int orch_moe_combine(orch_ctx *, float *out, const float *y, const float *w, int64_t n, int32_t k, int64_t dim,
                                 int32_t accumulate) {
   for (int64_t t = 0; t < n; t++)

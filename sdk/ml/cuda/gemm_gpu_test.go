@@ -289,6 +289,7 @@ func (c *moeGroupedCall) run(t *testing.T, m *moeRef, tile int32) int32 {
 		float32(m.alpha), float32(m.limit), dptr(t, c.xg), dptr(t, c.act), dptr(t, c.ybuf), dptr(t, c.route), tile)
 }
 
+// checkVec: relative L2 error of g against want within tol; any NaN/Inf in g fails.
 func checkVec(t *testing.T, what string, g, want []float32, tol float64) {
 	t.Helper()
 	var num, den float64

@@ -226,20 +226,7 @@ func moeTol() float64 {
 func checkClose(t *testing.T, what string, p pair, tol float64) {
 	t.Helper()
 	g, c := readBoth(t, p)
-	var num, den float64
-	for i := range g {
-		if math.IsNaN(float64(g[i])) || math.IsInf(float64(g[i]), 0) {
-			t.Fatalf("%s: element %d is %v (unwritten or overflow); reference %v", what, i, g[i], c[i])
-		}
-		d := float64(g[i]) - float64(c[i])
-		num += d * d
-		den += float64(c[i]) * float64(c[i])
-	}
-	rel := math.Sqrt(num / math.Max(den, 1e-30))
-	if rel > tol {
-		t.Fatalf("%s: relative error %.3g > %.3g", what, rel, tol)
-	}
-	t.Logf("%s: rel err %.3g (n=%d)", what, rel, len(g))
+	checkVec(t, what, g, c, tol)
 }
 
 func TestMatMul(t *testing.T) {
