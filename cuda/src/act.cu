@@ -35,9 +35,7 @@ __global__ void swiglu_oai_kernel(float *out, const float *g, const float *u, in
                                   int64_t us, float alpha, float limit) {
   GRID_LOOP(i, n * dim) {
     int64_t r = i / dim, c = i % dim;
-    float gv = fminf(g[r * gs + c], limit);
-    float uv = fminf(fmaxf(u[r * us + c], -limit), limit);
-    out[i] = (uv + 1.f) * gv / (1.f + expf(-alpha * gv));
+    out[i] = swiglu_oai(g[r * gs + c], u[r * us + c], alpha, limit);
   }
 }
 

@@ -75,6 +75,14 @@ static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Grows ctx scratch to at least bytes.
 int orch_scratch(orch_ctx *ctx, size_t bytes, void **out);
 
+// gpt-oss's clamped SwiGLU of one (gate, up) pair (ml.SwiGLUOAI): g = min(gate, limit),
+// u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
+__device__ __forceinline__ float swiglu_oai(float gate, float up, float alpha, float limit) {
+  const float g = fminf(gate, limit);
+  const float u = fminf(fmaxf(up, -limit), limit);
+  return (u + 1.f) * g / (1.f + expf(-alpha * g));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

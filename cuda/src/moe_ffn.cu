@@ -48,11 +48,9 @@ moe_gate_up_kernel(float *__restrict__ act, const float *__restrict__ x, const u
   ag = warp_sum(ag);
   au = warp_sum(au);
   if (valid && lane == 0) {
-    float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
-    float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
-    g = fminf(g, limit);
-    u = fminf(fmaxf(u, -limit), limit);
-    act[p * m + row] = (u + 1.f) * g / (1.f + expf(-alpha * g));
+    const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+    const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+    act[p * m + row] = swiglu_oai(g, u, alpha, limit);
   }
 }
 
@@ -157,11 +155,9 @@ moe_gate_up_h_kernel(float *__restrict__ act, const float *__restrict__ x, const
   ag = warp_sum(ag);
   au = warp_sum(au);
   if (valid && lane == 0) {
-    float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
-    float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
-    g = fminf(g, limit);
-    u = fminf(fmaxf(u, -limit), limit);
-    act[p * m + row] = (u + 1.f) * g / (1.f + expf(-alpha * g));
+    const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+    const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+    act[p * m + row] = swiglu_oai(g, u, alpha, limit);
   }
 }
 
@@ -237,9 +233,7 @@ moe_gate_up_hp_kernel(float *__restrict__ act, const float *__restrict__ x, cons
       if (lane == 0) {
         g += gb ? gb[(int64_t)e * m + row] : 0.f;
         u += ub ? ub[(int64_t)e * m + row] : 0.f;
-        g = fminf(g, limit);
-        u = fminf(fmaxf(u, -limit), limit);
-        act[p * m + row] = (u + 1.f) * g / (1.f + expf(-alpha * g));
+        act[p * m + row] = swiglu_oai(g, u, alpha, limit);
       }
     }
   };

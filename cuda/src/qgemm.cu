@@ -462,11 +462,9 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) qgemm_kernel(const QArgs 
         const int o = orow[wn * C::FN * 16 + j * 16 + tl];
         const int64_t row = r0 + wm * 16 + rl;
         if (o >= 0 && row < a.m) {
-          float g = scr[q] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
-          float u = scr[256 + q] + (a.bias2 ? a.bias2[(int64_t)e * a.m + row] : 0.f);
-          g = fminf(g, a.limit);
-          u = fminf(fmaxf(u, -a.limit), a.limit);
-          act[(int64_t)o * a.m + row] = __float2bfloat16_rn((u + 1.f) * g / (1.f + expf(-a.alpha * g)));
+          const float g = scr[q] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
+          const float u = scr[256 + q] + (a.bias2 ? a.bias2[(int64_t)e * a.m + row] : 0.f);
+          act[(int64_t)o * a.m + row] = __float2bfloat16_rn(swiglu_oai(g, u, a.alpha, a.limit));
         }
       }
       __syncwarp();
