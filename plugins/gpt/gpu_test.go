@@ -9,7 +9,6 @@ package gpt
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"testing"
 	"time"
@@ -47,26 +46,11 @@ func TestGPUMatchesCPU(t *testing.T) {
 func TestGPUGoldens(t *testing.T) {
 	g := gpuBackend(t)
 	dir := nntest.FindDir("plugins/testdata/golden", "../testdata/golden")
-	if dir == "" {
-		t.Skip("no golden directory")
-	}
-	for _, gd := range nntest.Goldens(t, dir) {
-		if gd.Arch != "gpt-oss" && gd.Arch != "gpt2" {
-			continue
-		}
-		// Whole prompt in one sub-batch (bf16 prefill GEMMs, multi-token
-		// attention), and in sub-batches of 8 (the float32 GEMV path).
-		for _, mt := range []int{0, 8} {
-			t.Run(fmt.Sprintf("%s/max_tokens=%d", gd.Name, mt), func(t *testing.T) {
-				t.Logf("head dim %d", nntest.HeadDim(gd.GGUF))
-				n := len(gd.Tokens) + len(gd.Greedy) + 1
-				m, err := Load(gd.GGUF, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: mt})
-				require.NoError(t, err)
-				defer m.Close()
-				nntest.CheckGoldenTies(t, gd, m, 2e-2, gpuTies)
-			})
-		}
-	}
+	nntest.RunGPUGoldens(t, dir, []string{"gpt-oss", "gpt2"}, func(t *testing.T, path string, n, maxTokens int) engine.Model {
+		m, err := Load(path, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: maxTokens})
+		require.NoError(t, err)
+		return m
+	})
 }
 
 // TestGPUDecodeSpeed times single-stream greedy decode (ForwardGreedy, the
@@ -110,8 +94,3 @@ func TestGPUDecodeSpeed(t *testing.T) {
 		t.Logf("tg%d (one stream, ForwardGreedy): %.1f tok/s", steps, steps/time.Since(start).Seconds())
 	}
 }
-
-// gpuTies: the default CUDA kernels use fp16 activations in the decode GEMVs
-// and bf16 in the prefill GEMMs (logits within 2e-2 of transformers); a
-// greedy step may flip a near tie (docs/correctness.md).
-var gpuTies = nntest.Ties{Gap: 1e-2, MaxFlips: 4}

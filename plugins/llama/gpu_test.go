@@ -7,11 +7,11 @@
 package llama
 
 import (
-	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/ml/cpu"
 	"github.com/llama-orch/orch/sdk/ml/cuda"
 	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
@@ -29,35 +29,15 @@ func TestGPUMatchesCPU(t *testing.T) {
 }
 
 // TestGPUGoldens checks the CUDA backend against the transformers goldens
-// (plugins/testdata/golden): logits within 2e-2, greedy tokens identical.
+// (plugins/testdata/golden) through nntest.RunGPUGoldens.
 func TestGPUGoldens(t *testing.T) {
 	g, err := cuda.New(0)
 	require.NoError(t, err, "CUDA backend")
 	defer g.Close()
 	dir := nntest.FindDir("plugins/testdata/golden", "../testdata/golden")
-	if dir == "" {
-		t.Skip("no golden directory")
-	}
-	for _, gd := range nntest.Goldens(t, dir) {
-		if gd.Arch != "llama" {
-			continue
-		}
-		// Whole prompt in one sub-batch (bf16 prefill GEMMs, multi-token
-		// attention), and in sub-batches of 8 (the float32 GEMV path).
-		for _, mt := range []int{0, 8} {
-			t.Run(fmt.Sprintf("%s/max_tokens=%d", gd.Name, mt), func(t *testing.T) {
-				t.Logf("head dim %d", nntest.HeadDim(gd.GGUF))
-				n := len(gd.Tokens) + len(gd.Greedy) + 1
-				m, err := Load(gd.GGUF, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: mt})
-				require.NoError(t, err)
-				defer m.Close()
-				nntest.CheckGoldenTies(t, gd, m, 2e-2, gpuTies)
-			})
-		}
-	}
+	nntest.RunGPUGoldens(t, dir, []string{"llama"}, func(t *testing.T, path string, n, maxTokens int) engine.Model {
+		m, err := Load(path, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: maxTokens})
+		require.NoError(t, err)
+		return m
+	})
 }
-
-// gpuTies: the default CUDA kernels use fp16 activations in the decode GEMVs
-// and bf16 in the prefill GEMMs (logits within 2e-2 of transformers); a
-// greedy step may flip a near tie (docs/correctness.md).
-var gpuTies = nntest.Ties{Gap: 1e-2, MaxFlips: 4}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -232,6 +233,36 @@ func CheckGoldenTies(t *testing.T, g Golden, m engine.Model, tol float64, ties T
 	}
 	t.Logf("%s: teacher-forced greedy: %d of %d steps flipped a near tie (largest gap %.3g of max|logit|); free-running greedy identical for %d of %d steps",
 		g.Name, flips, len(g.Greedy), worst, same, len(g.Greedy))
+}
+
+// GPUTies: the default CUDA kernels use fp16 activations in the decode GEMVs
+// and bf16 in the prefill GEMMs (logits within 2e-2 of transformers); a
+// greedy step may flip a near tie (docs/correctness.md).
+var GPUTies = Ties{Gap: 1e-2, MaxFlips: 4}
+
+// RunGPUGoldens checks every golden in dir whose architecture is in archs on
+// a GPU backend, twice: the whole prompt in one sub-batch (tensor-core
+// prefill GEMMs and attention) and in sub-batches of 8 (the decode GEMVs and
+// flash-decoding); logits within 2e-2, greedy teacher-forced with GPUTies.
+// load builds the model for a context of n positions with maxTokens tokens
+// per sub-batch (0: the whole prompt). It skips when dir is empty.
+func RunGPUGoldens(t *testing.T, dir string, archs []string, load func(t *testing.T, path string, n, maxTokens int) engine.Model) {
+	if dir == "" {
+		t.Skip("no golden directory")
+	}
+	for _, g := range Goldens(t, dir) {
+		if !slices.Contains(archs, g.Arch) {
+			continue
+		}
+		for _, mt := range []int{0, 8} {
+			t.Run(fmt.Sprintf("%s/max_tokens=%d", g.Name, mt), func(t *testing.T) {
+				t.Logf("head dim %d", HeadDim(g.GGUF))
+				m := load(t, g.GGUF, len(g.Tokens)+len(g.Greedy)+1, mt)
+				defer m.Close()
+				CheckGoldenTies(t, g, m, 2e-2, GPUTies)
+			})
+		}
+	}
 }
 
 // ForcedGreedy feeds prompt, then want[:len(want)-1] one token per step (the
