@@ -16,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -150,11 +151,23 @@ func IsMemberDown(err error) bool {
 	if errors.Is(err, sdk.ErrAdapterCrashed) || errors.Is(err, plugins.ErrClosed) {
 		return true
 	}
-	if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable {
-		return true
+	if st, ok := status.FromError(err); ok {
+		switch st.Code() {
+		case codes.Unavailable:
+			return true
+		case codes.Canceled:
+			// grpc.ErrClientConnClosing: the supervisor closed the connection
+			// of a member it is relaunching (not the caller's cancellation,
+			// which is "context canceled").
+			return strings.HasSuffix(st.Message(), clientConnClosing) // FromError prefixes wrapping messages
+		}
 	}
 	return false
 }
+
+// clientConnClosing is the message of grpc.ErrClientConnClosing (deprecated
+// as a value, still what a call on a closed connection returns).
+const clientConnClosing = "grpc: the client connection is closing"
 
 // readier is implemented by *plugins.Managed: WaitReady with a done
 // context answers at once whether a process is up.

@@ -12,6 +12,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/adaptertest"
@@ -459,6 +461,10 @@ func TestIsMemberDown(t *testing.T) {
 	assert.True(t, IsMemberDown(fmt.Errorf("x: %w", sdk.ErrAdapterCrashed)))
 	assert.False(t, IsMemberDown(sdk.ErrInvalidArgument))
 	assert.False(t, IsMemberDown(context.Canceled))
+	assert.False(t, IsMemberDown(status.Error(codes.Canceled, context.Canceled.Error())))
+	// a call on the connection the supervisor closed while relaunching the member
+	assert.True(t, IsMemberDown(fmt.Errorf("generate: %w", status.Error(codes.Canceled, "grpc: the client connection is closing"))))
+	assert.True(t, IsMemberDown(status.Error(codes.Unavailable, "connection refused")))
 }
 
 // busyAdapter answers Generate with sdk.ErrBusy.
