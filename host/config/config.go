@@ -30,4 +30,10 @@ type ModelConfig struct {
 	// "all" (every GPU the model fits); "" = 1. Parsed by
 	// placement.ParseReplicas; see docs/multi-gpu.md.
 	Replicas string `koanf:"replicas"`
+	// TensorParallel: split the model over this many ranks (one adapter
+	// process each, on its own GPU; on the CPU with device cpu) even when it
+	// fits one GPU; 0 or 1 = split only when the model fits no GPU and the
+	// adapter can. On GPUs a power of two no larger than the GPU count; not
+	// combinable with replicas > 1. See docs/multi-gpu.md.
+	TensorParallel int `koanf:"tensor_parallel"`
 }

@@ -194,6 +194,9 @@ func (c *Config) Validate() error {
 		default:
 			errs = append(errs, fmt.Errorf("models[%d].device %q is not one of auto, cpu, cuda", i, m.Device))
 		}
+		if m.TensorParallel < 0 {
+			errs = append(errs, fmt.Errorf("models[%d].tensor_parallel %d is negative (0 or 1: unsplit, N >= 2: N ranks)", i, m.TensorParallel))
+		}
 	}
 	return errors.Join(errs...)
 }

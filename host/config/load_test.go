@@ -141,3 +141,15 @@ func TestBadValues(t *testing.T) {
 	_, err = LoadEnv(writeYAML(t, "server: [1\n"), nil, nil)
 	assert.Error(t, err)
 }
+
+func TestTensorParallelKey(t *testing.T) {
+	cfg, err := LoadEnv(writeYAML(t, "models:\n  - path: a.gguf\n    tensor_parallel: 2\n  - path: b.gguf\n"), nil, nil)
+	require.NoError(t, err)
+	require.Len(t, cfg.Models, 2)
+	assert.Equal(t, 2, cfg.Models[0].TensorParallel)
+	assert.Equal(t, 0, cfg.Models[1].TensorParallel)
+
+	_, err = LoadEnv(writeYAML(t, "models:\n  - path: a.gguf\n    tensor_parallel: -2\n"), nil, nil)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "models[0].tensor_parallel -2 is negative")
+}

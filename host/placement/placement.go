@@ -156,19 +156,32 @@ type Request struct {
 	Replicas Replicas
 	// TensorParallel: the adapter declares FeatureTensorParallel.
 	TensorParallel bool
+	// ForceSplit, when > 1, splits the model over that many ranks even when
+	// it fits one GPU (models[].tensor_parallel, --tensor-parallel): a power
+	// of two no larger than the GPU count, or any number up to MaxCPURanks
+	// on the CPU (rank processes without a GPU; slow, for tests). 0 or 1
+	// leaves the choice to memory (Split only when the model fits no GPU).
+	// It needs TensorParallel and cannot be combined with replicas.
+	ForceSplit int
 	// Reserve is kept free on every GPU beyond the plan (DefaultReserve is
 	// a sensible value; 0 keeps nothing).
 	Reserve int64
 }
 
+// MaxCPURanks bounds a forced split on the CPU (a guard against a typo
+// starting hundreds of processes).
+const MaxCPURanks = 64
+
 // Decision is where the model runs.
 type Decision struct {
 	Kind Kind
 	// GPUs are the CUDA indices used, in ascending order: one per replica
-	// (SingleGPU, Replicated) or the split group (Split). Empty for CPU.
+	// (SingleGPU, Replicated) or the split group (Split; GPUs[r] is rank
+	// r's). Empty for CPU, and for a Split on the CPU (forced split with
+	// device cpu, or auto and no GPU): then Processes CPU ranks.
 	GPUs []int
 	// Processes is the number of adapter processes to start: len(GPUs),
-	// or the replica count on the CPU.
+	// or the replica (CPU) or rank (Split on the CPU) count.
 	Processes int
 	// PerGPUBytes is the planned allocation on each used GPU (0 on CPU or
 	// when the plan is unknown).
@@ -199,13 +212,34 @@ func Decide(r Request) (Decision, error) {
 		return Decision{}, fmt.Errorf("reserve %d bytes: %w", r.Reserve, sdk.ErrInvalidArgument)
 	}
 	wantN := max(r.Replicas.N, 1)
-	if dev == "cpu" || (dev == "auto" && len(r.GPUs) == 0) {
-		if r.Replicas.All {
-			wantN = 1 // "all" counts GPUs; on the CPU one process uses every core
+	if r.ForceSplit < 0 {
+		return Decision{}, fmt.Errorf("tensor_parallel %d: want 0 or 1 (decide from memory) or a rank count >= 2: %w", r.ForceSplit, sdk.ErrInvalidArgument)
+	}
+	forced := r.ForceSplit > 1
+	if forced {
+		if !r.TensorParallel {
+			return Decision{}, fmt.Errorf("tensor_parallel %d: the adapter cannot split a model across processes (it does not declare the %q feature): %w",
+				r.ForceSplit, FeatureTensorParallel, sdk.ErrInvalidArgument)
 		}
+		if r.Replicas.All || wantN > 1 {
+			return Decision{}, fmt.Errorf("tensor_parallel %d with replicas %s: replicas of a split model are not supported; set one or the other: %w",
+				r.ForceSplit, r.Replicas, sdk.ErrInvalidArgument)
+		}
+	}
+	if dev == "cpu" || (dev == "auto" && len(r.GPUs) == 0) {
 		why := "device cpu"
 		if dev == "auto" {
 			why = "no GPU found"
+		}
+		if forced {
+			if r.ForceSplit > MaxCPURanks {
+				return Decision{}, fmt.Errorf("tensor_parallel %d on the CPU: at most %d ranks: %w", r.ForceSplit, MaxCPURanks, sdk.ErrInvalidArgument)
+			}
+			return Decision{Kind: Split, Processes: r.ForceSplit,
+				Reason: fmt.Sprintf("%s; tensor_parallel %d: %d CPU rank processes (slow: for tests, not for speed)", why, r.ForceSplit, r.ForceSplit)}, nil
+		}
+		if r.Replicas.All {
+			wantN = 1 // "all" counts GPUs; on the CPU one process uses every core
 		}
 		return Decision{Kind: CPU, Processes: wantN, Reason: why}, nil
 	}
@@ -233,6 +267,9 @@ func Decide(r Request) (Decision, error) {
 	})
 	need := r.Plan.Total()
 	known := need > 0
+	if forced {
+		return forceSplit(r, gpus)
+	}
 	var fit []Device
 	for _, g := range gpus {
 		if !known || need+r.Reserve <= g.FreeBytes {
@@ -280,7 +317,7 @@ func Decide(r Request) (Decision, error) {
 	// weights and KV divide over the group (heads and experts split), the
 	// workspace is needed on each GPU.
 	for k := 2; k <= len(gpus); k *= 2 {
-		share := ceilDiv(r.Plan.WeightBytes, int64(k)) + ceilDiv(r.Plan.KVBytes, int64(k)) + r.Plan.WorkspaceBytes
+		share := rankShare(r.Plan, k)
 		if share+r.Reserve <= gpus[k-1].FreeBytes {
 			idx := indices(gpus[:k])
 			return Decision{Kind: Split, GPUs: idx, Processes: k, PerGPUBytes: share,
@@ -289,6 +326,47 @@ func Decide(r Request) (Decision, error) {
 	}
 	return Decision{}, fmt.Errorf("%w: needs %s, more than any power-of-two group of the %d GPUs holds (%s)",
 		ErrNoFit, planString(r.Plan, r.Reserve), len(gpus), freeString(gpus))
+}
+
+// forceSplit places a forced split (ForceSplit > 1) on the GPUs (sorted
+// most free first): the ForceSplit freest GPUs, each holding its share.
+func forceSplit(r Request, gpus []Device) (Decision, error) {
+	k := r.ForceSplit
+	if k&(k-1) != 0 {
+		return Decision{}, fmt.Errorf("tensor_parallel %d on GPUs: want a power of two (2, 4, 8; attention heads and feed-forward blocks split evenly): %w",
+			k, sdk.ErrInvalidArgument)
+	}
+	if k > len(gpus) {
+		return Decision{}, fmt.Errorf("tensor_parallel %d: only %d GPUs found (%s): %w", k, len(gpus), freeString(gpus), sdk.ErrInvalidArgument)
+	}
+	share := int64(0)
+	if r.Plan.Total() > 0 {
+		share = rankShare(r.Plan, k)
+		if share+r.Reserve > gpus[k-1].FreeBytes {
+			return Decision{}, fmt.Errorf("%w: tensor_parallel %d: each rank needs %d bytes (weights/%d %d, KV/%d %d, workspace %d, reserve %d), the %d freest GPUs have %s",
+				ErrNoFit, k, share+r.Reserve, k, ceilDiv(r.Plan.WeightBytes, int64(k)), k, ceilDiv(r.Plan.KVBytes, int64(k)),
+				r.Plan.WorkspaceBytes, r.Reserve, k, freeString(gpus[:k]))
+		}
+	}
+	d := Decision{Kind: Split, GPUs: indices(gpus[:k]), Processes: k, PerGPUBytes: share,
+		Reason: fmt.Sprintf("tensor_parallel %d: split over the %d freest GPUs", k, k)}
+	if r.Plan.Total() > 0 {
+		d.Reason += fmt.Sprintf(", %d bytes each", share)
+	} else {
+		d.Reason += " (no memory plan from the adapter)"
+	}
+	return d, nil
+}
+
+// rankShare is one rank's part of a plan split k ways: weights and KV
+// divide (heads and feed-forward columns split), the workspace does not.
+// Replicated tensors (embeddings, norms, router, output head) make the real
+// share larger (gpt-oss-20b at k=2: about 0.6 GB more per rank, the Q8_0
+// embedding and output head counted once instead of twice), so the check is
+// approximate for models that barely fit; the adapter's Load fails with
+// its out-of-memory error then.
+func rankShare(p sdk.MemoryPlan, k int) int64 {
+	return ceilDiv(p.WeightBytes, int64(k)) + ceilDiv(p.KVBytes, int64(k)) + p.WorkspaceBytes
 }
 
 func ceilDiv(a, b int64) int64 { return (a + b - 1) / b }
