@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define ORCH_ABI_VERSION 4
+#define ORCH_ABI_VERSION 5
 
 typedef enum {
   ORCH_OK = 0,
@@ -54,6 +54,7 @@ enum {
 enum { ORCH_KV_F32 = 0, ORCH_KV_F16 = 1 };
 
 typedef struct orch_ctx orch_ctx;
+typedef struct orch_comm orch_comm;
 
 /* ---- runtime (runtime.cu) ---- */
 int orch_abi_version(void);
@@ -237,6 +238,36 @@ int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int
  * (rng[i], advanced in place so a replayed graph draws fresh numbers). */
 int orch_sample(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab, float temperature,
                 int32_t top_k, float top_p, float min_p, uint64_t *rng);
+
+/* ---- comm.cu (ABI 5): tensor-parallel collectives through NCCL ----
+ * libnccl is loaded at run time (dlopen) on first use: $ORCH_NCCL_LIB, then
+ * "libnccl.so.2", then "libnccl.so" (LD_LIBRARY_PATH, ldconfig); NCCL >= 2.9.
+ * Without it these entries return ORCH_ERR_UNSUPPORTED and orch_last_error
+ * names every place looked at; the rest of the library is unaffected.
+ * Before the first NCCL call the process gets NCCL_NVLS_ENABLE=0 unless it
+ * already has that variable (NVLink multicast stays off).
+ * One process per rank and device: ctx's device is the rank's GPU. */
+/* ORCH_OK with the NCCL version code (X*10000 + Y*100 + Z, 22105 = 2.21.5)
+ * when NCCL was found; ORCH_ERR_UNSUPPORTED otherwise. ctx may be NULL. */
+int orch_comm_available(orch_ctx *ctx, int32_t *version);
+/* Path (or soname) the NCCL library was loaded from. */
+int orch_comm_library(char *buf, int64_t n);
+/* The group's bootstrap id (ncclGetUniqueId, 128 bytes), made by rank 0 and
+ * handed to every rank out of band. ctx may be NULL. */
+int orch_comm_unique_id(orch_ctx *ctx, uint8_t out[128]);
+/* Joins the group as rank of size on ctx's device (set first). Blocks until
+ * every rank joined (ncclCommInitRank: no timeout; a rank that never calls
+ * it blocks the others). */
+int orch_comm_init(orch_ctx *ctx, const uint8_t id[128], int32_t rank, int32_t size, orch_comm **out);
+/* In place: buf[0..n) = sum over ranks, enqueued on ctx's stream (captured
+ * into a graph between orch_graph_begin and orch_graph_end). */
+int orch_comm_allreduce_f32(orch_ctx *ctx, orch_comm *comm, float *buf, int64_t n);
+/* ORCH_OK, or the error a collective of comm hit asynchronously (a peer died,
+ * a transport failed); host-side check, does not wait for the GPU. */
+int orch_comm_async_error(orch_comm *comm);
+/* Leaves the group and frees comm (aborts it instead when it holds an
+ * asynchronous error, so that destroy cannot hang on a dead peer). */
+int orch_comm_destroy(orch_comm *comm);
 
 #ifdef __cplusplus
 }

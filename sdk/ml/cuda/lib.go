@@ -15,7 +15,7 @@ import (
 const LibName = "liborch_cuda.so"
 
 // abiVersion must equal ORCH_ABI_VERSION in cuda/include/orch_cuda.h.
-const abiVersion = 4
+const abiVersion = 5
 
 // ErrUnavailable is returned (wrapped, with the reason) when the CUDA backend
 // cannot run here: the library is missing or does not load, or there is no
@@ -91,6 +91,14 @@ type lib struct {
 	moeRouteInts  func(pairs int64, nExp int32) int64
 	moeFFNGrouped func(ctx, out, x, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias uintptr, n int64, slots, nExp int32, dim, ff int64, alpha, limit float32, xg, act, ybuf, route uintptr, tile int32) int32
 	sample        func(ctx, out, logits uintptr, n, vocab int64, temp float32, topK int32, topP, minP float32, rng uintptr) int32
+	// ABI 5: NCCL collectives (comm.go).
+	commAvailable    func(ctx uintptr, version *int32) int32
+	commLibrary      func(buf *byte, n int64) int32
+	commUniqueID     func(ctx uintptr, out *byte) int32
+	commInit         func(ctx uintptr, id *byte, rank, size int32, out *uintptr) int32
+	commAllreduceF32 func(ctx, comm, buf uintptr, n int64) int32
+	commAsyncError   func(comm uintptr) int32
+	commDestroy      func(comm uintptr) int32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
@@ -189,6 +197,10 @@ func (l *lib) bind() (err error) {
 		{&l.kvWrite, "orch_kv_write"}, {&l.attention, "orch_attention"}, {&l.moeTopK, "orch_moe_topk"},
 		{&l.moeCombine, "orch_moe_combine"}, {&l.moeFFN, "orch_moe_ffn"}, {&l.argmax, "orch_argmax"}, {&l.sample, "orch_sample"},
 		{&l.qgemm, "orch_qgemm"}, {&l.moeRouteInts, "orch_moe_route_ints"}, {&l.moeFFNGrouped, "orch_moe_ffn_grouped"},
+		{&l.commAvailable, "orch_comm_available"}, {&l.commLibrary, "orch_comm_library"},
+		{&l.commUniqueID, "orch_comm_unique_id"}, {&l.commInit, "orch_comm_init"},
+		{&l.commAllreduceF32, "orch_comm_allreduce_f32"}, {&l.commAsyncError, "orch_comm_async_error"},
+		{&l.commDestroy, "orch_comm_destroy"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
