@@ -83,7 +83,7 @@ func footprints() map[string]nn.Footprinter {
 }
 
 // footprintGPTOSS mirrors buildGPTOSS's allocations.
-func footprintGPTOSS(f *gguf.File) (nn.Footprint, error) {
+func footprintGPTOSS(f *gguf.File, s ml.Shard) (nn.Footprint, error) {
 	hp, w := nn.Hparams{File: f, Arch: "gpt-oss"}, nn.NewWeights(f, nil)
 	var fp nn.Footprint
 	dd, err := nn.ReadDims(hp, w, false)
@@ -97,8 +97,12 @@ func footprintGPTOSS(f *gguf.File) (nn.Footprint, error) {
 	if len(gs) != 3 {
 		return fp, fmt.Errorf("tensor blk.0.ffn_gate_exps.weight has shape %v: want 3 dimensions", gs)
 	}
-	nh := dd.Heads
-	fp.Arch, fp.Layers, fp.Width, fp.KVHeads, fp.HeadDim, fp.Vocab = "gpt-oss", dd.Layers, dd.Width, dd.KVHeads, dd.HeadDim, dd.Vocab
+	if err := nn.CheckHeads("gpt-oss", dd.Heads, dd.KVHeads, s); err != nil {
+		return fp, err
+	}
+	ranks := max(s.Size, 1) // a rank's heads and ff columns
+	nh := dd.Heads / ranks
+	fp.Arch, fp.Layers, fp.Width, fp.KVHeads, fp.HeadDim, fp.Vocab = "gpt-oss", dd.Layers, dd.Width, dd.KVHeads/ranks, dd.HeadDim, dd.Vocab
 	dims, err := hp.IntOr("rope.dimension_count", fp.HeadDim)
 	if err != nil {
 		return fp, err
@@ -116,8 +120,8 @@ func footprintGPTOSS(f *gguf.File) (nn.Footprint, error) {
 		return fp, err
 	}
 	fp.SlidingWindow, fp.LayerWindows = window, ossWindows(fp.Layers, window)
-	d, qd, kvd, ff := int64(fp.Width), int64(nh*fp.HeadDim), int64(fp.KVHeads*fp.HeadDim), int64(gs[1])
-	fp.WeightBytes = nn.WeightBytes(f, nil, nn.VectorName) + 4*int64(dims/2) // + the uploaded RoPE table
+	d, qd, kvd, ff := int64(fp.Width), int64(nh*fp.HeadDim), int64(fp.KVHeads*fp.HeadDim), int64(gs[1]/ranks)
+	fp.WeightBytes = nn.ShardWeightBytes(f, nil, nn.VectorName, s) + 4*int64(dims/2) // + the uploaded RoPE table
 	// x, h, moe, o; q, att; k, v — and the CUDA MoE's per-token buffers
 	// (router logits, ids, weights, gate, up, down outputs per chosen expert)
 	fp.ScratchFloats = 4*d + 2*qd + 2*kvd + int64(ne) + int64(k)*(2+2*ff+d)
@@ -125,7 +129,7 @@ func footprintGPTOSS(f *gguf.File) (nn.Footprint, error) {
 }
 
 // footprintGPT2 mirrors buildGPT2's allocations.
-func footprintGPT2(f *gguf.File) (nn.Footprint, error) {
+func footprintGPT2(f *gguf.File, s ml.Shard) (nn.Footprint, error) {
 	hp, w := nn.Hparams{File: f, Arch: "gpt2"}, nn.NewWeights(f, nil)
 	var fp nn.Footprint
 	var err error
@@ -154,12 +158,18 @@ func footprintGPT2(f *gguf.File) (nn.Footprint, error) {
 		return fp, fmt.Errorf("tensor shapes token_embd %v, position_embd %v, blk.0.ffn_up %v: want 2 dimensions", es, ps, us)
 	}
 	fp.Arch, fp.Vocab, fp.HeadDim = "gpt2", es[1], fp.Width/fp.KVHeads
+	if err := nn.CheckHeads("gpt2", fp.KVHeads, fp.KVHeads, s); err != nil {
+		return fp, err
+	}
+	ranks := max(s.Size, 1) // a rank's heads and ff columns
+	fp.KVHeads /= ranks
 	// the learned position table bounds the context (as in buildGPT2)
 	fp.Trained = nn.TrainedContext(f)
 	if fp.Trained == 0 || ps[1] < fp.Trained {
 		fp.Trained = ps[1]
 	}
-	fp.WeightBytes = nn.WeightBytes(f, nil, nn.VectorName)
-	fp.ScratchFloats = 8*int64(fp.Width) + int64(us[1]) // x, h, o, q, k, v, att, ffo; up
+	fp.WeightBytes = nn.ShardWeightBytes(f, nil, nn.VectorName, s)
+	ad := int64(fp.KVHeads * fp.HeadDim)                             // a rank's attention width
+	fp.ScratchFloats = 4*int64(fp.Width) + 4*ad + int64(us[1]/ranks) // x, h, o, ffo; q, k, v, att; up
 	return fp, nil
 }

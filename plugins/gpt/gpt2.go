@@ -23,6 +23,7 @@ type gpt2Layer struct {
 //	logits = ln_f(x)·Wout
 type gpt2 struct {
 	b                              ml.Backend
+	comm                           ml.Comm // tensor-parallel group (nil: the whole model)
 	w                              *nn.Weights
 	s                              nn.Scratch
 	d, nh, hd, ff, vocab           int
@@ -45,10 +46,14 @@ func buildGPT2(f *gguf.File, o nn.Options) (*nn.Runner, error) {
 	if err != nil {
 		return nil, err
 	}
+	w.Shard = o.Shard
 	if o.Progress != nil {
 		w.Progress = func(done int64) { o.Progress(done, 0) }
 	}
 	m := &gpt2{b: o.Backend, w: w, s: nn.Scratch{B: o.Backend}}
+	if o.Shard.Split() {
+		m.comm = o.Shard.Comm
+	}
 	r, err := m.build(hp, o)
 	if err != nil {
 		m.Close()
@@ -76,6 +81,10 @@ func (m *gpt2) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 		return nil, fmt.Errorf("metadata key gpt2.attention.head_count_kv = %d: GPT-2 needs %d (MHA) (%v)", kv, m.nh, err)
 	}
 	m.hd = m.d / m.nh
+	if err := nn.CheckHeads("gpt2", m.nh, m.nh, o.Shard); err != nil {
+		return nil, err
+	}
+	m.nh /= max(o.Shard.Size, 1) // this rank's heads
 	eps, err := hp.FloatOr("attention.layer_norm_epsilon", 1e-5)
 	if err != nil {
 		return nil, err
@@ -105,6 +114,7 @@ func (m *gpt2) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	}
 	m.ff = us[1]
 	d, ff := m.d, m.ff
+	ad := m.nh * m.hd // this rank's attention width (d unsplit)
 	if m.tokEmbd, err = w.Tensor("token_embd.weight", d, m.vocab); err != nil {
 		return nil, err
 	}
@@ -132,11 +142,8 @@ func (m *gpt2) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 			if err != nil {
 				return
 			}
-			if vector {
-				*dst, err = w.Vector(p+name, shape...)
-			} else {
-				*dst, err = w.Tensor(p+name, shape...)
-			}
+			// this rank's part (nn.SplitOf: q, k and v by heads); the whole tensor unsplit
+			*dst, err = w.Part(p+name, vector, shape...)
 		}
 		get(&L.attnNorm, "attn_norm.weight", true, d)
 		get(&L.attnNormB, "attn_norm.bias", true, d)
@@ -155,12 +162,12 @@ func (m *gpt2) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 		}
 		// q, k and v are row ranges of the fused qkv weight and bias
 		for j, dst := range []*ml.Tensor{&L.q, &L.k, &L.v} {
-			if *dst, err = m.b.Rows(qkv, j*d, d); err != nil {
+			if *dst, err = m.b.Rows(qkv, j*ad, ad); err != nil {
 				return nil, fmt.Errorf("tensor %sattn_qkv.weight: %w", p, err)
 			}
 		}
 		for j, dst := range []*ml.Tensor{&L.qb, &L.kb, &L.vb} {
-			if *dst, err = m.b.Rows(qkvb, j*d, d); err != nil {
+			if *dst, err = m.b.Rows(qkvb, j*ad, ad); err != nil {
 				return nil, fmt.Errorf("tensor %sattn_qkv.bias: %w", p, err)
 			}
 		}
@@ -169,8 +176,8 @@ func (m *gpt2) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	n := o.MaxTokens
 	s := &m.s
 	m.x, m.h, m.o = s.Alloc(d, n), s.Alloc(d, n), s.Alloc(d, n)
-	m.q, m.k, m.v, m.att = s.Alloc(d, n), s.Alloc(d, n), s.Alloc(d, n), s.Alloc(d, n)
-	m.up, m.ffo = s.Alloc(ff, n), s.Alloc(d, n)
+	m.q, m.k, m.v, m.att = s.Alloc(ad, n), s.Alloc(ad, n), s.Alloc(ad, n), s.Alloc(ad, n)
+	m.up, m.ffo = s.Alloc(ff/max(o.Shard.Size, 1), n), s.Alloc(d, n)
 	if s.Err != nil {
 		return nil, s.Err
 	}
@@ -210,11 +217,17 @@ func (m *gpt2) Hidden(st *nn.Staged) (ml.Tensor, error) {
 		b.MatMul(v2, h, L.v, L.vb)
 		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, &st.Batch)
 		b.Attend(att, q, st.KV.K[i], st.KV.V[i], &st.Batch, attn)
-		b.MatMul(o, att2, L.o, L.ob)
+		b.MatMul(o, att2, L.o, L.ob) // split: this rank's heads' part, the bias on rank 0
+		if m.comm != nil {
+			m.comm.AllReduce(b, o)
+		}
 		b.AddLayerNorm(x, h, o, L.ffnNorm, L.ffnNormB, m.eps)
 		b.MatMul(up, h, L.up, L.upb)
 		b.GELU(up, up)
 		b.MatMul(ffo, up, L.down, L.downb)
+		if m.comm != nil {
+			m.comm.AllReduce(b, ffo)
+		}
 	}
 	b.Add(x, x, ffo)
 	return x, b.Err()

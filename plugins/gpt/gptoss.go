@@ -27,6 +27,7 @@ type ossLayer struct {
 //	logits = rmsnorm(x)·Wout
 type gptOSS struct {
 	b                          ml.Backend
+	comm                       ml.Comm // tensor-parallel group (nil: the whole model)
 	w                          *nn.Weights
 	s                          nn.Scratch
 	d, nh, nkv, hd, vocab      int
@@ -45,10 +46,14 @@ func buildGPTOSS(f *gguf.File, o nn.Options) (*nn.Runner, error) {
 	}
 	hp := nn.Hparams{File: f, Arch: "gpt-oss"}
 	w := nn.NewWeights(f, o.Backend)
+	w.Shard = o.Shard
 	if o.Progress != nil {
 		w.Progress = func(done int64) { o.Progress(done, 0) }
 	}
 	m := &gptOSS{b: o.Backend, w: w, s: nn.Scratch{B: o.Backend}}
+	if o.Shard.Split() {
+		m.comm = o.Shard.Comm
+	}
 	r, err := m.build(hp, o)
 	if err != nil {
 		m.Close()
@@ -64,7 +69,13 @@ func (m *gptOSS) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 		return nil, err
 	}
 	layers := dd.Layers
-	m.d, m.nh, m.nkv, m.hd, m.vocab = dd.Width, dd.Heads, dd.KVHeads, dd.HeadDim, dd.Vocab
+	if err := nn.CheckHeads("gpt-oss", dd.Heads, dd.KVHeads, o.Shard); err != nil {
+		return nil, err
+	}
+	// with tensor parallelism this rank's heads only (Weights.Part slices
+	// the tensors given their full shapes)
+	ranks := max(o.Shard.Size, 1)
+	m.d, m.nh, m.nkv, m.hd, m.vocab = dd.Width, dd.Heads/ranks, dd.KVHeads/ranks, dd.HeadDim, dd.Vocab
 	ne, err := hp.Int("expert_count")
 	if err != nil {
 		return nil, err
@@ -153,6 +164,7 @@ func (m *gptOSS) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	m.rope = ml.Rope{Mode: ml.RopeNeoX, Dims: dims, InvFreq: invT, Scale: scale}
 
 	d, qd, kvd := m.d, m.nh*m.hd, m.nkv*m.hd
+	gqd, gkvd := dd.Heads*m.hd, dd.KVHeads*m.hd // full shapes of the split tensors
 	if m.tokEmbd, err = w.Tensor("token_embd.weight", d, m.vocab); err != nil {
 		return nil, err
 	}
@@ -174,22 +186,19 @@ func (m *gptOSS) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 			if err != nil {
 				return
 			}
-			if vector {
-				*dst, err = w.Vector(p+name, shape...)
-			} else {
-				*dst, err = w.Tensor(p+name, shape...)
-			}
+			// this rank's part (nn.SplitOf); the whole tensor unsplit
+			*dst, err = w.Part(p+name, vector, shape...)
 		}
 		get(&L.attnNorm, "attn_norm.weight", true, d)
-		get(&L.q, "attn_q.weight", false, d, qd)
-		get(&L.qb, "attn_q.bias", true, qd)
-		get(&L.k, "attn_k.weight", false, d, kvd)
-		get(&L.kb, "attn_k.bias", true, kvd)
-		get(&L.v, "attn_v.weight", false, d, kvd)
-		get(&L.vb, "attn_v.bias", true, kvd)
-		get(&L.o, "attn_output.weight", false, qd, d)
+		get(&L.q, "attn_q.weight", false, d, gqd)
+		get(&L.qb, "attn_q.bias", true, gqd)
+		get(&L.k, "attn_k.weight", false, d, gkvd)
+		get(&L.kb, "attn_k.bias", true, gkvd)
+		get(&L.v, "attn_v.weight", false, d, gkvd)
+		get(&L.vb, "attn_v.bias", true, gkvd)
+		get(&L.o, "attn_output.weight", false, gqd, d)
 		get(&L.ob, "attn_output.bias", true, d)
-		get(&L.sinks, "attn_sinks.weight", true, m.nh)
+		get(&L.sinks, "attn_sinks.weight", true, dd.Heads)
 		get(&L.postNorm, "post_attention_norm.weight", true, d)
 		get(&L.moe.Router, "ffn_gate_inp.weight", false, d, ne)
 		get(&L.moe.RouterBias, "ffn_gate_inp.bias", true, ne)
@@ -268,9 +277,15 @@ func (m *gptOSS) Hidden(st *nn.Staged) (ml.Tensor, error) {
 		lb := st.LayerBatch(i)
 		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, lb)
 		b.Attend(att, q, st.KV.K[i], st.KV.V[i], lb, &ml.Attention{Scale: m.scale, Window: L.window, Sinks: L.sinks})
-		b.MatMul(o, att2, L.o, L.ob)
+		b.MatMul(o, att2, L.o, L.ob) // split: this rank's heads' part, the bias on rank 0
+		if m.comm != nil {
+			m.comm.AllReduce(b, o)
+		}
 		b.AddRMSNorm(x, h, o, L.postNorm, m.eps)
-		b.MoE(moe, h, &L.moe)
+		b.MoE(moe, h, &L.moe) // split: every rank routes alike, its ff slice of each expert
+		if m.comm != nil {
+			m.comm.AllReduce(b, moe)
+		}
 	}
 	b.Add(x, x, moe)
 	return x, b.Err()

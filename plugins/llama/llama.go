@@ -66,7 +66,7 @@ func NewPlanner(log hclog.Logger) engine.PlanFunc {
 func footprints() map[string]nn.Footprinter { return map[string]nn.Footprinter{"llama": footprint} }
 
 // footprint mirrors build's allocations.
-func footprint(f *gguf.File) (nn.Footprint, error) {
+func footprint(f *gguf.File, s ml.Shard) (nn.Footprint, error) {
 	hp, w := nn.Hparams{File: f, Arch: "llama"}, nn.NewWeights(f, nil)
 	var fp nn.Footprint
 	dd, err := nn.ReadDims(hp, w, true)
@@ -80,15 +80,19 @@ func footprint(f *gguf.File) (nn.Footprint, error) {
 	if len(gs) != 2 {
 		return fp, fmt.Errorf("tensor blk.0.ffn_gate.weight has shape %v: want 2 dimensions", gs)
 	}
-	nh := dd.Heads
-	fp.Arch, fp.Layers, fp.Width, fp.KVHeads, fp.HeadDim, fp.Vocab = "llama", dd.Layers, dd.Width, dd.KVHeads, dd.HeadDim, dd.Vocab
+	if err := nn.CheckHeads("llama", dd.Heads, dd.KVHeads, s); err != nil {
+		return fp, err
+	}
+	ranks := max(s.Size, 1) // a rank's heads and ff columns
+	nh := dd.Heads / ranks
+	fp.Arch, fp.Layers, fp.Width, fp.KVHeads, fp.HeadDim, fp.Vocab = "llama", dd.Layers, dd.Width, dd.KVHeads/ranks, dd.HeadDim, dd.Vocab
 	dims, err := hp.IntOr("rope.dimension_count", fp.HeadDim)
 	if err != nil {
 		return fp, err
 	}
-	d, qd, kvd, ff := int64(fp.Width), int64(nh*fp.HeadDim), int64(fp.KVHeads*fp.HeadDim), int64(gs[1])
+	d, qd, kvd, ff := int64(fp.Width), int64(nh*fp.HeadDim), int64(fp.KVHeads*fp.HeadDim), int64(gs[1]/ranks)
 	// rope_freqs.weight is read on the host; the RoPE table is uploaded
-	fp.WeightBytes = nn.WeightBytes(f, func(n string) bool { return n == "rope_freqs.weight" }, nn.VectorName) + 4*int64(dims/2)
+	fp.WeightBytes = nn.ShardWeightBytes(f, func(n string) bool { return n == "rope_freqs.weight" }, nn.VectorName, s) + 4*int64(dims/2)
 	fp.ScratchFloats = 4*d + 2*qd + 2*kvd + 2*ff // x, h, o, f; q, att; k, v; gate, up
 	return fp, nil
 }
@@ -113,6 +117,7 @@ type layer struct {
 //	logits = rmsnorm(x)·Wout
 type model struct {
 	b                              ml.Backend
+	comm                           ml.Comm // tensor-parallel group (nil: the whole model)
 	w                              *nn.Weights
 	s                              nn.Scratch
 	d, nh, nkv, hd, ff, vocab      int
@@ -129,10 +134,14 @@ func build(f *gguf.File, o nn.Options) (*nn.Runner, error) {
 		return nil, err
 	}
 	w := nn.NewWeights(f, o.Backend)
+	w.Shard = o.Shard
 	if o.Progress != nil {
 		w.Progress = func(done int64) { o.Progress(done, 0) }
 	}
 	m := &model{b: o.Backend, w: w, s: nn.Scratch{B: o.Backend}}
+	if o.Shard.Split() {
+		m.comm = o.Shard.Comm
+	}
 	r, err := m.build(nn.Hparams{File: f, Arch: "llama"}, o)
 	if err != nil {
 		m.Close()
@@ -148,7 +157,13 @@ func (m *model) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 		return nil, err
 	}
 	layers := dd.Layers
-	m.d, m.nh, m.nkv, m.hd, m.vocab = dd.Width, dd.Heads, dd.KVHeads, dd.HeadDim, dd.Vocab
+	if err := nn.CheckHeads("llama", dd.Heads, dd.KVHeads, o.Shard); err != nil {
+		return nil, err
+	}
+	// with tensor parallelism this rank's heads and ff columns only
+	// (Weights.Part slices the tensors given their full shapes)
+	ranks := max(o.Shard.Size, 1)
+	m.d, m.nh, m.nkv, m.hd, m.vocab = dd.Width, dd.Heads/ranks, dd.KVHeads/ranks, dd.HeadDim, dd.Vocab
 	gs, err := w.Shape("blk.0.ffn_gate.weight")
 	if err != nil {
 		return nil, err
@@ -156,7 +171,7 @@ func (m *model) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	if len(gs) != 2 {
 		return nil, fmt.Errorf("tensor blk.0.ffn_gate.weight has shape %v, want [%d, ff]", gs, m.d)
 	}
-	m.ff = gs[1]
+	m.ff = gs[1] / ranks // Part checks that ranks divide it
 	if n, err := hp.IntOr("expert_count", 0); err != nil || n != 0 {
 		return nil, fmt.Errorf("metadata key llama.expert_count = %d: mixture-of-experts Llama models are not supported (%v)", n, err)
 	}
@@ -214,6 +229,7 @@ func (m *model) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	m.rope = ml.Rope{Mode: ml.RopeNormal, Dims: dims, InvFreq: invT, Scale: 1}
 
 	d, ff, qd, kvd := m.d, m.ff, m.nh*m.hd, m.nkv*m.hd
+	gff, gqd, gkvd := gs[1], dd.Heads*m.hd, dd.KVHeads*m.hd // full shapes of the split tensors
 	if m.tokEmbd, err = w.Tensor("token_embd.weight", d, m.vocab); err != nil {
 		return nil, err
 	}
@@ -230,9 +246,10 @@ func (m *model) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 	for i := range layers {
 		p := fmt.Sprintf("blk.%d.", i)
 		var L layer
+		// this rank's part of each weight (nn.SplitOf); the whole tensor unsplit
 		get := func(dst *ml.Tensor, name string, shape ...int) {
 			if err == nil {
-				*dst, err = w.Tensor(p+name, shape...)
+				*dst, err = w.Part(p+name, false, shape...)
 			}
 		}
 		vec := func(dst *ml.Tensor, name string, optional bool, shape ...int) {
@@ -240,24 +257,24 @@ func (m *model) build(hp nn.Hparams, o nn.Options) (*nn.Runner, error) {
 				return
 			}
 			if optional {
-				*dst, err = w.OptionalVector(p+name, shape...)
+				*dst, err = w.OptionalPart(p+name, true, shape...)
 			} else {
-				*dst, err = w.Vector(p+name, shape...)
+				*dst, err = w.Part(p+name, true, shape...)
 			}
 		}
 		vec(&L.attnNorm, "attn_norm.weight", false, d)
-		get(&L.q, "attn_q.weight", d, qd)
-		get(&L.k, "attn_k.weight", d, kvd)
-		get(&L.v, "attn_v.weight", d, kvd)
-		get(&L.o, "attn_output.weight", qd, d)
-		vec(&L.qb, "attn_q.bias", true, qd)
-		vec(&L.kb, "attn_k.bias", true, kvd)
-		vec(&L.vb, "attn_v.bias", true, kvd)
+		get(&L.q, "attn_q.weight", d, gqd)
+		get(&L.k, "attn_k.weight", d, gkvd)
+		get(&L.v, "attn_v.weight", d, gkvd)
+		get(&L.o, "attn_output.weight", gqd, d)
+		vec(&L.qb, "attn_q.bias", true, gqd)
+		vec(&L.kb, "attn_k.bias", true, gkvd)
+		vec(&L.vb, "attn_v.bias", true, gkvd)
 		vec(&L.ob, "attn_output.bias", true, d)
 		vec(&L.ffnNorm, "ffn_norm.weight", false, d)
-		get(&L.gate, "ffn_gate.weight", d, ff)
-		get(&L.up, "ffn_up.weight", d, ff)
-		get(&L.down, "ffn_down.weight", ff, d)
+		get(&L.gate, "ffn_gate.weight", d, gff)
+		get(&L.up, "ffn_up.weight", d, gff)
+		get(&L.down, "ffn_down.weight", gff, d)
 		if err != nil {
 			return nil, err
 		}
@@ -309,12 +326,18 @@ func (m *model) Hidden(st *nn.Staged) (ml.Tensor, error) {
 		b.RoPE(k, st.Batch.Pos, &m.rope)
 		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, &st.Batch)
 		b.Attend(att, q, st.KV.K[i], st.KV.V[i], &st.Batch, attn)
-		b.MatMul(o, att2, L.o, L.ob)
+		b.MatMul(o, att2, L.o, L.ob) // split: this rank's heads' part, the bias on rank 0
+		if m.comm != nil {
+			m.comm.AllReduce(b, o)
+		}
 		b.AddRMSNorm(x, h, o, L.ffnNorm, m.eps)
 		b.MatMul(g, h, L.gate, nil)
 		b.MatMul(u, h, L.up, nil)
 		b.SwiGLU(g, g, u)
 		b.MatMul(f, g, L.down, nil)
+		if m.comm != nil {
+			m.comm.AllReduce(b, f)
+		}
 	}
 	b.Add(x, x, f)
 	return x, b.Err()

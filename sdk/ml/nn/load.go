@@ -30,6 +30,12 @@ type Options struct {
 	StepTokens   int
 	WindowBlocks int
 	SharedKV     bool
+	// Shard places the model in a tensor-parallel group (docs/multi-gpu.md):
+	// the builder binds rank Shard.Rank's part of every split weight
+	// (Weights.Part), keeps its KV heads only and sums the ranks' partial
+	// outputs with Shard.Comm.AllReduce after the attention output projection
+	// and after the feed-forward. Size <= 1: the whole model.
+	Shard ml.Shard
 	// Progress, when set, receives the bytes of weights bound so far.
 	Progress func(done, total int64)
 }
@@ -38,6 +44,14 @@ type Options struct {
 func (o Options) Normalize(trained int) (Options, error) {
 	if o.Backend == nil {
 		return o, errors.New("no backend given")
+	}
+	if o.Shard.Split() {
+		if o.Shard.Rank < 0 || o.Shard.Rank >= o.Shard.Size {
+			return o, fmt.Errorf("tensor-parallel rank %d of size %d: %w", o.Shard.Rank, o.Shard.Size, sdk.ErrInvalidArgument)
+		}
+		if o.Shard.Comm == nil {
+			return o, fmt.Errorf("tensor-parallel rank %d of %d without a Comm: %w", o.Shard.Rank, o.Shard.Size, sdk.ErrInvalidArgument)
+		}
 	}
 	if o.BlockSize <= 0 {
 		o.BlockSize = DefaultBlockSize
@@ -161,9 +175,15 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 			f.Close()
 			return nil, sdk.ModelInfo{}, err
 		}
+		shard, err := PlanShard(req.Options.Extra)
+		if err != nil {
+			be.Close()
+			f.Close()
+			return nil, sdk.ModelInfo{}, err
+		}
 		if sz.Fraction > 0 {
 			if footprint, ok := fps[arch]; ok {
-				fp, err := footprint(f)
+				fp, err := footprint(f, shard)
 				if err == nil {
 					var lay layout
 					lay, err = sizeFor(req, f, fp, be, log)
@@ -185,7 +205,7 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 		}
 		r, err := bs.Open(f, Options{
 			Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType,
-			MaxSequences: sz.MaxSeqs, StepTokens: sz.StepTokens, WindowBlocks: sz.WindowBlocks, SharedKV: sz.SharedKV,
+			MaxSequences: sz.MaxSeqs, StepTokens: sz.StepTokens, WindowBlocks: sz.WindowBlocks, SharedKV: sz.SharedKV, Shard: shard,
 			Progress: func(done, _ int64) {
 				progress(sdk.LoadProgress{Stage: "weights", Done: min(done, total), Total: total})
 			},
@@ -243,7 +263,7 @@ func Finish(o Options, w *Weights, net Net, m Model) (*Runner, error) {
 		BlockSize: o.BlockSize, NumBlocks: kv.NumBlocks, KVBlockBytes: kv.BlockBytes(), SlidingWindow: m.SlidingWindow,
 		Groups: kv.EngineGroups(),
 	}
-	r, err := NewRunner(o.Backend, kv, net, RunnerConfig{Spec: spec, Width: m.Width, MaxTokens: o.MaxTokens})
+	r, err := NewRunner(o.Backend, kv, net, RunnerConfig{Spec: spec, Width: m.Width, MaxTokens: o.MaxTokens, Comm: o.Shard.Comm})
 	if err != nil {
 		kv.Free(o.Backend)
 		net.Close()

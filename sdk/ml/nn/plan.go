@@ -40,8 +40,11 @@ type Footprint struct {
 	ScratchFloats int64
 }
 
-// Footprinter reads one architecture's Footprint from an open file.
-type Footprinter func(f *gguf.File) (Footprint, error)
+// Footprinter reads one architecture's Footprint from an open file, for
+// rank s.Rank of a model split s.Size ways (tensor parallelism: the rank's
+// part of the weights, its KV heads and activations; the whole model when
+// s.Size <= 1).
+type Footprinter func(f *gguf.File, s ml.Shard) (Footprint, error)
 
 // WeightBytes sums what Weights.Bytes counts when a builder binds every
 // tensor of f except those skip names (tensors the builder reads on the
@@ -130,7 +133,11 @@ func (bs Builders) Planner(fps map[string]Footprinter, log hclog.Logger) engine.
 		if !ok {
 			return sdk.MemoryPlan{}, fmt.Errorf("memory plan for architecture %q: %w", arch, sdk.ErrNotImplemented)
 		}
-		fp, err := footprint(f)
+		shard, err := PlanShard(req.Options.Extra)
+		if err != nil {
+			return sdk.MemoryPlan{}, err
+		}
+		fp, err := footprint(f, shard)
 		if err != nil {
 			return sdk.MemoryPlan{}, fmt.Errorf("%s: %w", arch, err)
 		}

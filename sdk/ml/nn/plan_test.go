@@ -9,6 +9,7 @@ import (
 
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/gguf"
+	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/nn"
 	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
 )
@@ -23,14 +24,14 @@ func TestPlannerArchitectures(t *testing.T) {
 	_, err = nn.Builders{"llama": nil}.Planner(nil, nil)(ctx, req)
 	assert.ErrorIs(t, err, sdk.ErrUnsupportedArchitecture)
 	// a footprint error names the architecture
-	bad := func(*gguf.File) (nn.Footprint, error) { return nn.Footprint{}, assert.AnError }
+	bad := func(*gguf.File, ml.Shard) (nn.Footprint, error) { return nn.Footprint{}, assert.AnError }
 	_, err = nn.Builders{"gpt2": nil}.Planner(map[string]nn.Footprinter{"gpt2": bad}, nil)(ctx, req)
 	assert.ErrorIs(t, err, assert.AnError)
 	assert.Contains(t, err.Error(), "gpt2")
 	// a cancelled context stops before the backend is opened
 	cctx, cancel := context.WithCancel(ctx)
 	cancel()
-	ok := func(*gguf.File) (nn.Footprint, error) { return nn.Footprint{}, nil }
+	ok := func(*gguf.File, ml.Shard) (nn.Footprint, error) { return nn.Footprint{}, nil }
 	_, err = nn.Builders{"gpt2": nil}.Planner(map[string]nn.Footprinter{"gpt2": ok}, nil)(cctx, req)
 	assert.ErrorIs(t, err, context.Canceled)
 }

@@ -291,6 +291,11 @@ type RunnerConfig struct {
 	// NoGraphs disables step capture and replay on backends that support it
 	// (decode steps are otherwise replayed as graphs, keyed by batch size).
 	NoGraphs bool
+	// Comm, when set, is the tensor-parallel group the net's all-reduces go
+	// through: a step whose collective failed returns Comm.Err(), and a Comm
+	// that cannot be recorded in a graph (!Graphable, the host all-reduce)
+	// turns step capture off as NoGraphs does.
+	Comm ml.Comm
 }
 
 // Runner implements engine.Model on top of a Net: it splits batches, stages
@@ -361,6 +366,10 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 			r.gslots = append(r.gslots, alloc(ml.I32, m))
 			r.gblocks = append(r.gblocks, alloc(ml.I32, min(m*r.tableBlocks, 1<<24)))
 		}
+	}
+	if cfg.Comm != nil && !cfg.Comm.Graphable() {
+		cfg.NoGraphs = true
+		r.cfg.NoGraphs = true
 	}
 	if g, ok := b.(ml.GraphBackend); ok && !cfg.NoGraphs {
 		r.graphs = g
@@ -574,7 +583,7 @@ func (r *Runner) head(lo, m int, greedy bool) error {
 // Forward runs a batch (see engine.Model).
 func (r *Runner) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
 	out := &engine.Output{Logits: make([][]float32, len(b.Seqs))}
-	err := r.forward(ctx, b, out, nil)
+	err := r.commErr(r.forward(ctx, b, out, nil))
 	if err != nil {
 		r.B.Sync() //nolint:errcheck // clear the sticky op error so the next step starts clean
 		return nil, err
@@ -593,12 +602,24 @@ func (r *Runner) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, e
 		}
 	}
 	toks := make([]int32, 0, len(b.Seqs))
-	err := r.forward(ctx, b, nil, &toks)
+	err := r.commErr(r.forward(ctx, b, nil, &toks))
 	if err != nil {
 		r.B.Sync() //nolint:errcheck // as in Forward
 		return nil, err
 	}
 	return toks, nil
+}
+
+// commErr is err, or the tensor-parallel group's collective error when
+// one failed during the step (its results are then garbage).
+func (r *Runner) commErr(err error) error {
+	if r.cfg.Comm == nil {
+		return err
+	}
+	if cerr := r.cfg.Comm.Err(); cerr != nil {
+		return errors.Join(fmt.Errorf("tensor-parallel all-reduce: %w", cerr), err)
+	}
+	return err
 }
 
 // forward runs b; it appends logits rows to out, or (greedy) the argmax of

@@ -21,6 +21,9 @@ type Weights struct {
 	Bytes   int64 // bytes of the weights bound so far
 	Params  int64 // elements of the weights bound so far
 	tensors []ml.Tensor
+	// Shard places the model in a tensor-parallel group: Part binds this
+	// rank's part of each split weight (zero value: the whole model).
+	Shard ml.Shard
 	// Progress, when set, is called after each tensor with the bytes bound so far.
 	Progress func(done int64)
 }

@@ -86,12 +86,19 @@ func CheckPlan(t *testing.T, c Config, opts sdk.LoadOptions, a PlanAdapter, extr
 	assert.Equal(t, plan.Total()-nn.CPUMargin-4*extra(f)*256, cb.Allocated+cb.Weights, "every allocated byte is planned")
 }
 
-// OpenFootprint reads the footprint fp computes from the GGUF at path.
+// OpenFootprint reads the footprint fp computes from the GGUF at path
+// (the whole model).
 func OpenFootprint(path string, fp nn.Footprinter) (nn.Footprint, error) {
+	return OpenShardFootprint(path, fp, ml.Shard{})
+}
+
+// OpenShardFootprint is OpenFootprint for rank s.Rank of a model split
+// s.Size ways.
+func OpenShardFootprint(path string, fp nn.Footprinter, s ml.Shard) (nn.Footprint, error) {
 	f, err := gguf.Open(path)
 	if err != nil {
 		return nn.Footprint{}, err
 	}
 	defer f.Close()
-	return fp(f)
+	return fp(f, s)
 }
