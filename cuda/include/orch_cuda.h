@@ -89,6 +89,12 @@ int orch_event_destroy(void *ev);
 int orch_event_record(orch_ctx *ctx, void *ev);
 /* Waits for ev1, returns milliseconds between ev0 and ev1. */
 int orch_event_elapsed(void *ev0, void *ev1, float *ms);
+/* Programmatic dependent launch of the decode kernels (Hopper; process-wide;
+ * default on where the device supports it, off with ORCH_CUDA_PDL=0): on != 0
+ * turns it on (only if the device has compute capability >= 9.0), 0 off;
+ * *was (may be NULL) gets the previous state. Graphs captured before keep the
+ * launches they captured. (Session 3.) */
+int orch_set_pdl(orch_ctx *ctx, int32_t on, int32_t *was);
 
 /* ---- matmul.cu ----
  * y[n, m] (+)= x[n, k] · W^T + bias. W: m rows of k elements of type wtype,
@@ -109,6 +115,22 @@ int orch_get_rows(orch_ctx *ctx, float *out, const void *table, int32_t ttype, c
 /* Bytes of one row of k elements of type t (0 when k is not a multiple of
  * the block size or t is unknown). */
 int64_t orch_row_bytes(int32_t t, int64_t k);
+/* Several decode GEMVs with the same x in one launch (q, k and v of a layer;
+ * session 3): for each of count (1..3) parts, parts[i].y[n, m_i] =
+ * x[n, k] · W_i^T + bias_i (bias may be NULL; no accumulate). Each y is
+ * bit-identical to orch_matmul of that part alone. Returns
+ * ORCH_ERR_UNSUPPORTED (nothing launched) unless orch_matmul would run the
+ * default fp16-decode GEMV (v5) for every part: n <= 8, Q8_0/Q4_0/MXFP4, ...;
+ * the caller then launches the parts separately. No y may overlap x, a
+ * weight, a bias or another y. */
+typedef struct {
+  const void *w;
+  const float *bias;
+  float *y;
+  int64_t m;
+} orch_gemv_part;
+int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
+                      const orch_gemv_part *parts);
 
 /* ---- norm.cu ----
  * If add != NULL: x += add (x is written back: the residual stream).
@@ -140,6 +162,13 @@ int orch_swiglu_oai(orch_ctx *ctx, float *out, const float *gate, const float *u
  * attn_factor. neox != 0: pairs (i, i + rot_dim/2); else adjacent (2i, 2i+1). */
 int orch_rope(orch_ctx *ctx, float *x, int64_t row_stride, int64_t n_tok, int32_t n_heads, int32_t head_dim,
               int32_t rot_dim, const int32_t *pos, const float *inv_freq, float attn_factor, int32_t neox);
+/* orch_rope of x0 (n_heads0 heads, row_stride0) and of x1 (n_heads1,
+ * row_stride1) with the same positions and parameters (q and k of a layer) in
+ * one launch; results bit-identical to two orch_rope calls. x0 and x1 must not
+ * overlap. (Session 3.) */
+int orch_rope2(orch_ctx *ctx, float *x0, int64_t row_stride0, int32_t n_heads0, float *x1, int64_t row_stride1,
+               int32_t n_heads1, int64_t n_tok, int32_t head_dim, int32_t rot_dim, const int32_t *pos,
+               const float *inv_freq, float attn_factor, int32_t neox);
 
 /* ---- attention.cu ----
  * Paged KV cache: per layer, K and V are [n_slots, n_kv_heads, head_dim] of
@@ -265,8 +294,17 @@ int orch_comm_allreduce_f32(orch_ctx *ctx, orch_comm *comm, float *buf, int64_t 
 /* ORCH_OK, or the error a collective of comm hit asynchronously (a peer died,
  * a transport failed); host-side check, does not wait for the GPU. */
 int orch_comm_async_error(orch_comm *comm);
+/* Abandons the group now (ncclCommAbort): collectives of comm in flight on
+ * the GPU end (with undefined results) instead of waiting for a dead peer, so
+ * a thread blocked in orch_sync returns. May be called from another thread,
+ * but not concurrently with another call on comm. comm must still be freed
+ * with orch_comm_destroy. */
+int orch_comm_abort(orch_comm *comm);
 /* Leaves the group and frees comm (aborts it instead when it holds an
- * asynchronous error, so that destroy cannot hang on a dead peer). */
+ * asynchronous error, so that destroy cannot hang on a dead peer).
+ * NCCL's destroy and abort both wait until every CUDA graph that recorded
+ * collectives of comm was destroyed (orch_graph_destroy): destroy those
+ * graphs first. */
 int orch_comm_destroy(orch_comm *comm);
 
 #ifdef __cplusplus

@@ -133,6 +133,18 @@ extern "C" int orch_comm_async_error(orch_comm *comm) {
   return ORCH_OK;
 }
 
+extern "C" int orch_comm_abort(orch_comm *comm) {
+  ORCH_CHECK_ARG(comm, "comm_abort");
+  if (!comm->comm) return ORCH_OK;
+  const Api *a = nccl("comm_abort");
+  if (!a) return ORCH_ERR_UNSUPPORTED;
+  cudaSetDevice(comm->device);
+  ncclResult_t r = a->CommAbort(comm->comm);
+  comm->comm = nullptr; // freed by NCCL even on error; orch_comm_destroy frees the rest
+  if (r != ncclSuccess) return nccl_fail(a, "comm_abort", "ncclCommAbort", r, nullptr);
+  return ORCH_OK;
+}
+
 extern "C" int orch_comm_destroy(orch_comm *comm) {
   if (!comm) return ORCH_OK;
   const Api *a = nccl("comm_destroy");

@@ -85,62 +85,63 @@ func (b *Backend) NewComm(id []byte, rank, size int) (ml.Comm, error) {
 	return &comm{b: b, h: h, rank: rank, size: size}, nil
 }
 
-// comm is one rank's NCCL communicator (ml.Comm).
+// comm is one rank's NCCL communicator (ml.Comm). Its mutex serialises the
+// C calls on the communicator (NCCL forbids concurrent use of one) except
+// Abort's, which runs outside it (see Abort).
 type comm struct {
 	b          *Backend
 	rank, size int
 
-	mu  sync.Mutex
-	h   uintptr // orch_comm*; 0 once closed
-	err error
+	mu       sync.Mutex
+	h        uintptr       // orch_comm*; 0 once closed
+	aborting chan struct{} // non-nil once Abort started; closed when its C call returned
+	err      error
 }
 
 func (c *comm) Rank() int       { return c.rank }
 func (c *comm) Size() int       { return c.size }
 func (c *comm) Graphable() bool { return true }
 
-// fail records err as the comm's and the backend's sticky error.
-func (c *comm) fail(err error) {
-	c.mu.Lock()
+// failLocked records err as the comm's and the backend's sticky error.
+func (c *comm) failLocked(err error) {
 	if c.err == nil {
 		c.err = err
 	}
-	c.mu.Unlock()
 	c.b.fail(err)
 }
 
 // AllReduce enqueues the in-place sum of t over the group on b's stream. b
 // must be the backend the comm was made from, t an F32 tensor of it. After
-// an error (this comm's or b's), it does nothing.
+// an error it enqueues nothing: after b's, or after this comm's (aborted, or
+// a failed all-reduce), which it records on b again so that the step's Sync
+// fails too. Like every op of b, it is
+// not safe to call concurrently with b's other ops.
 func (c *comm) AllReduce(b ml.Backend, t ml.Tensor) {
 	c.mu.Lock()
-	h, cerr := c.h, c.err
-	c.mu.Unlock()
-	if cerr != nil {
+	defer c.mu.Unlock()
+	switch {
+	case c.err != nil:
+		c.b.fail(c.err) // the step fails on b's Sync too, not only on Err
 		return
-	}
-	if b != ml.Backend(c.b) {
-		c.fail(fmt.Errorf("cuda allreduce: backend %v is not the one the comm was made on", b))
+	case b != ml.Backend(c.b):
+		c.failLocked(fmt.Errorf("cuda allreduce: backend %v is not the one the comm was made on", b))
 		return
-	}
-	if h == 0 {
-		c.fail(errors.New("cuda allreduce: comm is closed"))
+	case c.h == 0:
+		c.failLocked(errors.New("cuda allreduce: comm is closed"))
 		return
-	}
-	if c.b.ctx == 0 {
-		c.fail(errors.New("cuda allreduce: backend is closed"))
+	case c.b.ctx == 0:
+		c.failLocked(errors.New("cuda allreduce: backend is closed"))
 		return
-	}
-	if c.b.err != nil {
+	case c.b.err != nil:
 		return
 	}
 	ct := c.b.arg("allreduce", "t", t, ml.F32)
 	if ct == nil {
-		c.fail(c.b.err)
+		c.failLocked(c.b.err)
 		return
 	}
-	if rc := c.b.l.commAllreduceF32(c.b.ctx, h, ct.ptr, int64(ct.n)); rc != stOK {
-		c.fail(c.b.l.status(fmt.Sprintf("allreduce (rank %d of %d, %d floats)", c.rank, c.size, ct.n), rc))
+	if rc := c.b.l.commAllreduceF32(c.b.ctx, c.h, ct.ptr, int64(ct.n)); rc != stOK {
+		c.failLocked(c.b.l.status(fmt.Sprintf("allreduce (rank %d of %d, %d floats)", c.rank, c.size, ct.n), rc))
 	}
 }
 
@@ -149,7 +150,7 @@ func (c *comm) AllReduce(b ml.Backend, t ml.Tensor) {
 func (c *comm) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.err == nil && c.h != 0 {
+	if c.err == nil && c.h != 0 && c.aborting == nil {
 		if rc := c.b.l.commAsyncError(c.h); rc != stOK {
 			c.err = c.b.l.status(fmt.Sprintf("comm (rank %d of %d)", c.rank, c.size), rc)
 		}
@@ -157,8 +158,38 @@ func (c *comm) Err() error {
 	return c.err
 }
 
-// Close leaves the group (destroys the communicator; aborts it when it holds
-// an asynchronous error). Close every comm before its backend.
+// Abort abandons the group (ncclCommAbort): all-reduces in flight on the GPU
+// end with undefined results instead of waiting for a peer that died, so a
+// goroutine blocked in the backend's Sync or Read returns. Later AllReduce
+// calls fail; Err reports the abort. sdk/tp calls it (from another goroutine)
+// when its group breaks; Close must still be called.
+//
+// NCCL's abort returns only once no CUDA graph holds collectives of the
+// communicator (it waits for their release), so while the backend keeps
+// captured graphs that recorded this comm, Abort blocks until Close (which
+// destroys them) — it is called outside the comm's lock for that reason.
+func (c *comm) Abort() error {
+	c.mu.Lock()
+	if c.h == 0 || c.aborting != nil {
+		c.mu.Unlock()
+		return nil
+	}
+	h := c.h
+	done := make(chan struct{})
+	c.aborting = done
+	if c.err == nil {
+		c.err = fmt.Errorf("cuda comm (rank %d of %d): aborted", c.rank, c.size)
+	}
+	c.mu.Unlock()
+	defer close(done)
+	return c.b.l.status("comm_abort", c.b.l.commAbort(h))
+}
+
+// Close leaves the group and frees the communicator (aborts it when it holds
+// an asynchronous error). It first destroys the backend's captured graphs
+// (ResetGraphs: NCCL's destroy waits until no graph holds the comm's
+// collectives), so call it from the goroutine that runs the backend's ops,
+// and before the backend's Close.
 func (c *comm) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -167,5 +198,11 @@ func (c *comm) Close() error {
 	}
 	h := c.h
 	c.h = 0
+	if c.b.ctx != 0 {
+		c.b.ResetGraphs()
+	}
+	if c.aborting != nil {
+		<-c.aborting // the abort's C call may still be waiting for those graphs
+	}
 	return c.b.l.status("comm_destroy", c.b.l.commDestroy(h))
 }

@@ -147,23 +147,7 @@ func commChild(t *testing.T) {
 	t.Logf("rank %d of %d on %s: NCCL %s from %s, NCCL_NVLS_ENABLE=%q", rank, size, gpu.DeviceName(), v, p,
 		os.Getenv("NCCL_NVLS_ENABLE"))
 
-	var id []byte
-	if rank == 0 {
-		id, err = gpu.CommID()
-		require.NoError(t, err)
-		require.Len(t, id, CommIDBytes)
-		require.NoError(t, os.WriteFile(idFile+".tmp", id, 0o600))
-		require.NoError(t, os.Rename(idFile+".tmp", idFile)) // the others never see a partial id
-	} else {
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			if id, err = os.ReadFile(idFile); err == nil {
-				break
-			}
-			require.True(t, time.Now().Before(deadline), "rank 0's id never appeared in %s", idFile)
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
+	id := exchangeID(t, rank, idFile)
 	t0 := time.Now()
 	c, err := gpu.NewComm(id, rank, size)
 	require.NoError(t, err)
@@ -227,4 +211,51 @@ func commChild(t *testing.T) {
 		gpu.Free(buf)
 	}
 	require.NoError(t, gpu.Sync())
+
+	// Abort (sdk/tp aborts a device comm when its group breaks), on a second
+	// group so that both ranks abort: all-reduces after it fail on Err and on
+	// the backend's Sync, and Close still frees it.
+	c2, err := gpu.NewComm(exchangeID(t, rank, idFile+".2"), rank, size)
+	require.NoError(t, err)
+	buf, err := gpu.Alloc(ml.F32, 64)
+	require.NoError(t, err)
+	got := make([]float32, 64)
+	require.NoError(t, gpu.WriteF32(buf, commInputs(sd, rank, 64, 9, true)))
+	c2.AllReduce(gpu, buf)
+	require.NoError(t, gpu.ReadF32(buf, got))
+	checkSum(t, "second comm", got, sd, size, 9, true, 1)
+	// Barrier on the first comm: the peer is done with c2 before either aborts it.
+	c.AllReduce(gpu, buf)
+	require.NoError(t, gpu.Sync())
+	a, ok := c2.(interface{ Abort() error })
+	require.True(t, ok, "the CUDA comm has Abort (sdk/tp's aborter)")
+	require.NoError(t, a.Abort())
+	require.ErrorContains(t, c2.Err(), "aborted")
+	c2.AllReduce(gpu, buf)
+	require.ErrorContains(t, gpu.Sync(), "aborted")
+	require.NoError(t, c2.Close())
+	require.NoError(t, gpu.Sync())
+	gpu.Free(buf)
+}
+
+// exchangeID: rank 0 makes the group's id and writes it to path (renamed
+// into place, so no rank reads a partial id); the others poll for it.
+func exchangeID(t *testing.T, rank int, path string) []byte {
+	if rank == 0 {
+		id, err := gpu.CommID()
+		require.NoError(t, err)
+		require.Len(t, id, CommIDBytes)
+		require.NoError(t, os.WriteFile(path+".tmp", id, 0o600))
+		require.NoError(t, os.Rename(path+".tmp", path))
+		return id
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		id, err := os.ReadFile(path)
+		if err == nil {
+			return id
+		}
+		require.True(t, time.Now().Before(deadline), "rank 0's id never appeared in %s", path)
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -98,6 +98,7 @@ type lib struct {
 	commInit         func(ctx uintptr, id *byte, rank, size int32, out *uintptr) int32
 	commAllreduceF32 func(ctx, comm, buf uintptr, n int64) int32
 	commAsyncError   func(comm uintptr) int32
+	commAbort        func(comm uintptr) int32
 	commDestroy      func(comm uintptr) int32
 }
 
@@ -200,7 +201,7 @@ func (l *lib) bind() (err error) {
 		{&l.commAvailable, "orch_comm_available"}, {&l.commLibrary, "orch_comm_library"},
 		{&l.commUniqueID, "orch_comm_unique_id"}, {&l.commInit, "orch_comm_init"},
 		{&l.commAllreduceF32, "orch_comm_allreduce_f32"}, {&l.commAsyncError, "orch_comm_async_error"},
-		{&l.commDestroy, "orch_comm_destroy"},
+		{&l.commAbort, "orch_comm_abort"}, {&l.commDestroy, "orch_comm_destroy"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
