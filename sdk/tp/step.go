@@ -51,7 +51,8 @@ const stepVersion = 1
 // and empty slices apart, 0 meaning nil):
 //
 //	version u8, op u8, then by op:
-//	Forward, ForwardGreedy: uvarint nSeq+1 (0: nil batch), per sequence:
+//	Forward, ForwardGreedy: uvarint nSeq+2 (0: nil batch, 1: nil Seqs),
+//	per sequence:
 //	    uvarint flags (bit 0 AllLogits), varint Pos, tokens, blocks,
 //	    uvarint nGroups+1 (0: nil GroupBlocks), each group's table
 //	    (a table: uvarint n+1, then n varints)
@@ -75,7 +76,10 @@ func encodeStep(s step) []byte {
 		if s.Batch == nil {
 			return binary.AppendUvarint(b, 0)
 		}
-		b = binary.AppendUvarint(b, uint64(len(s.Batch.Seqs))+1)
+		if s.Batch.Seqs == nil {
+			return binary.AppendUvarint(b, 1)
+		}
+		b = binary.AppendUvarint(b, uint64(len(s.Batch.Seqs))+2)
 		for _, q := range s.Batch.Seqs {
 			var flags uint64
 			if q.AllLogits {
@@ -208,11 +212,19 @@ func decodeStep(p []byte) (step, error) {
 	r := &stepReader{b: p[2:]}
 	switch s.Op {
 	case opForward, opForwardGreedy:
-		n, isNil := r.count("sequence", minSeqBytes)
-		if isNil {
+		v := r.uvarint()
+		if r.err != nil || v == 0 {
+			break // nil batch (or truncated)
+		}
+		s.Batch = &engine.Batch{}
+		if v == 1 {
+			break // nil Seqs
+		}
+		if v-2 > uint64(len(r.b)/minSeqBytes) {
+			r.fail(fmt.Errorf("sequence count %d exceeds what the %d bytes left can hold", v-2, len(r.b)))
 			break
 		}
-		s.Batch = &engine.Batch{Seqs: make([]engine.SeqInput, n)}
+		s.Batch.Seqs = make([]engine.SeqInput, v-2)
 		for i := range s.Batch.Seqs {
 			q := &s.Batch.Seqs[i]
 			flags := r.uvarint()
