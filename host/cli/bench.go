@@ -20,7 +20,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/llama-orch/orch/host/config"
+	"github.com/llama-orch/orch/host/placement"
 	"github.com/llama-orch/orch/host/plugins"
+	"github.com/llama-orch/orch/host/replica"
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/gguf"
@@ -81,12 +83,40 @@ var benchAdapter = func(ctx context.Context, cmd *cobra.Command, path, pin strin
 	if err != nil {
 		return nil, nil, err
 	}
+	if n, _ := cmd.Flags().GetInt("tensor-parallel"); n > 1 {
+		return openSplitAdapter(ctx, cmd, p, path, n, log)
+	}
 	log.Info("launching adapter", "plugin", p.Name, "arch", arch)
 	inst, err := plugins.Launch(ctx, p, plugins.LaunchOptions{Logger: log})
 	if err != nil {
 		return nil, nil, fmt.Errorf("launch adapter %s: %w", p.Name, err)
 	}
 	return inst, func() error { return inst.Close(context.Background()) }, nil
+}
+
+// openSplitAdapter starts the tensor-parallel group of n ranks for bench
+// and logits (--tensor-parallel n): on the n freest GPUs, or n CPU ranks
+// with --device cpu (or auto and no GPU). There is no memory plan here: the
+// ranks' Load reports what does not fit.
+func openSplitAdapter(ctx context.Context, cmd *cobra.Command, p plugins.Plugin, path string, n int, log hclog.Logger) (sdk.Adapter, func() error, error) {
+	device, _ := cmd.Flags().GetString("device")
+	gpus, err := placement.Devices(ctx)
+	if err != nil {
+		log.Warn("listing GPUs failed; placing as if there were none", "error", err)
+	}
+	dec, err := placement.Decide(placement.Request{
+		Device: device, GPUs: gpus, ForceSplit: n,
+		TensorParallel: slices.Contains(p.Info.Features, placement.FeatureTensorParallel),
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("--tensor-parallel %d: %w", n, err)
+	}
+	log.Info("launching tensor-parallel ranks", "plugin", p.Name, "ranks", dec.Processes, "gpus", fmt.Sprint(dec.GPUs), "reason", dec.Reason)
+	g, err := replica.StartSplit(ctx, p, dec, replica.OpenOptions{Logger: log, Name: strings.TrimSuffix(filepath.Base(path), ".gguf")})
+	if err != nil {
+		return nil, nil, err
+	}
+	return g, func() error { return g.Close(context.Background()) }, nil
 }
 
 func newBenchCmd() *cobra.Command {
@@ -201,6 +231,7 @@ random tokens, different in every run, so the prefix cache does not help.`,
 	f.IntVar(&batchTokens, "batch-tokens", 0, "tokens per forward step of engine-based adapters (prefill chunk size; 0 = adapter default)")
 	f.String("plugins-dir", "", "extra directory to scan for orch-adapter-* binaries (plugins.dir)")
 	f.StringVar(&adapterName, "adapter", "", "use this adapter (by name) instead of the one declaring the model's architecture")
+	f.Int("tensor-parallel", 0, "split the model over N ranks (one adapter process per GPU, or N CPU processes with --device cpu); 0 = one process (docs/multi-gpu.md)")
 	return cmd
 }
 

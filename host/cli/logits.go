@@ -111,6 +111,7 @@ Without --out it prints, per position, the --top highest logits.`,
 	f.StringVar(&device, "device", "auto", "device: auto, cpu or cuda")
 	f.IntVarP(&threads, "threads", "t", 0, "CPU threads (0 = all cores)")
 	f.StringVar(&adapterName, "adapter", "", "use this adapter (by name) instead of the one declaring the model's architecture")
+	f.Int("tensor-parallel", 0, "split the model over N ranks (one adapter process per GPU, or N CPU processes with --device cpu); 0 = one process")
 	return cmd
 }
 

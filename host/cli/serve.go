@@ -63,7 +63,9 @@ var serveOpenModel = func(ctx context.Context, cfg *config.Config, found []plugi
 		return loadedModel{}, fmt.Errorf("%s: %w", mc.Path, err)
 	}
 	req := sdk.LoadRequest{Path: mc.Path, Options: loadOptions(mc)}
-	a, _, err := replica.Open(ctx, p, req, replica.OpenOptions{Replicas: reps, Logger: log.Named(p.Name)})
+	a, _, err := replica.OpenModel(ctx, p, req, replica.OpenOptions{
+		Replicas: reps, TensorParallel: mc.TensorParallel, Name: modelID(mc), Logger: log.Named(p.Name),
+	})
 	if err != nil {
 		_ = f.Close()
 		return loadedModel{}, fmt.Errorf("%s: %w", mc.Path, err)
@@ -108,6 +110,7 @@ func newServeCmd() *cobra.Command {
 		maxSeqs  int
 		kvFrac   float64
 		replicas string
+		tpSize   int
 		shutdown time.Duration
 	)
 	cmd := &cobra.Command{
@@ -156,6 +159,9 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 				if cmd.Flags().Changed("replicas") {
 					mcs[i].Replicas = replicas
 				}
+				if cmd.Flags().Changed("tensor-parallel") {
+					mcs[i].TensorParallel = tpSize
+				}
 			}
 			if len(mcs) == 0 {
 				p, err := defaultmodel.Path()
@@ -163,9 +169,12 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 					return fmt.Errorf("serve: no model given and the default model is unavailable (%v); pass --model FILE.gguf", err)
 				}
 				log.Info("no --model given: serving the embedded default model", "model", defaultmodel.Name())
-				mcs = []config.ModelConfig{{Path: p, Name: defaultmodel.Name(), Device: device, Replicas: replicas, KVCacheFraction: kvFrac}}
+				mcs = []config.ModelConfig{{Path: p, Name: defaultmodel.Name(), Device: device, Replicas: replicas, TensorParallel: tpSize, KVCacheFraction: kvFrac}}
 			}
 			for _, mc := range mcs {
+				if mc.TensorParallel < 0 {
+					return fmt.Errorf("serve: %s: tensor_parallel %d: want 0 or 1 (unsplit) or a rank count >= 2", mc.Path, mc.TensorParallel)
+				}
 				if fr := mc.KVCacheFraction; math.IsNaN(fr) || fr < 0 || fr > 1 {
 					return fmt.Errorf("serve: %s: kv_cache_fraction %v: want a share of free memory in (0, 1], or 0 for context x sequences", mc.Path, fr)
 				}
@@ -186,6 +195,7 @@ running ones finish for --shutdown-timeout, then cancel the rest.`,
 	f.IntVar(&maxSeqs, "max-sequences", 0, "max concurrent sequences per model (0 = adapter default)")
 	f.Float64Var(&kvFrac, "kv-cache-fraction", 0, "share of free device memory (after weights and workspace) for the KV cache, in (0, 1]; 0 = context x sequences (models[].kv_cache_fraction)")
 	f.StringVar(&replicas, "replicas", "", "adapter processes per model, one per GPU: a number or \"all\" (default: one; docs/multi-gpu.md)")
+	f.IntVar(&tpSize, "tensor-parallel", 0, "split each model over N ranks, one adapter process per GPU (N CPU processes with --device cpu), even when it fits one GPU; 0 = only when it fits no GPU (models[].tensor_parallel; docs/multi-gpu.md)")
 	f.DurationVar(&shutdown, "shutdown-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running requests may finish")
 	return cmd
 }

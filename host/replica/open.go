@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -27,13 +28,21 @@ var MulticastOffEnv = map[string]string{
 	"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 }
 
-// OpenOptions configure Open.
+// OpenOptions configure Open and OpenModel.
 type OpenOptions struct {
 	// Replicas wanted (zero value: one).
 	Replicas placement.Replicas
+	// TensorParallel > 1 splits the model over that many ranks even when it
+	// fits one GPU (placement.Request.ForceSplit); 0 or 1: split only when
+	// it fits no GPU. Only OpenModel starts split models.
+	TensorParallel int
+	// Name is the model's name in logs (split ranks log as <Name>.tp<r>);
+	// default: the plugin's name.
+	Name string
 	// Logger for the set and the adapters (members log as <name>.gpu<i>).
 	Logger hclog.Logger
-	// Supervise tunes each member's supervision (relaunch on crash).
+	// Supervise tunes each member's supervision (relaunch on crash); for a
+	// split model, the group's.
 	Supervise plugins.SuperviseOptions
 	// Set tunes the set (probe interval); its Logger defaults to Logger.
 	Set Options
@@ -43,6 +52,15 @@ type OpenOptions struct {
 	// Reserve is passed to placement.Decide; negative means 0, zero means
 	// placement.DefaultReserve.
 	Reserve int64
+	// CrashGrace is GroupOptions.CrashGrace for split models.
+	CrashGrace time.Duration
+}
+
+// Model is a placed model's adapter: a replica *Set or, for a split model,
+// a tensor-parallel *Group. The serve command needs no more than this.
+type Model interface {
+	sdk.Adapter
+	Close(ctx context.Context) error
 }
 
 // Open places the model of req and starts its adapter processes: it lists
@@ -50,9 +68,71 @@ type OpenOptions struct {
 // process; sdk.ErrNotImplemented means no plan), decides with
 // placement.Decide and starts one supervised adapter per GPU with
 // CUDA_VISIBLE_DEVICES=<index> (or the CPU replica count without it). The
-// returned set is not loaded: call Load, and Close when done. It is what
-// the serve command calls in place of plugins.Supervise.
+// returned set is not loaded: call Load, and Close when done. A split
+// placement is refused here; OpenModel starts those.
 func Open(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOptions) (*Set, placement.Decision, error) {
+	dec, err := place(ctx, p, req, o)
+	if err != nil {
+		return nil, placement.Decision{}, err
+	}
+	if dec.Kind == placement.Split {
+		return nil, dec, fmt.Errorf("place %s: %s: a split model needs replica.OpenModel", req.Path, dec.Reason)
+	}
+	s, err := openSet(ctx, p, dec, o)
+	return s, dec, err
+}
+
+// OpenModel is Open for every placement: a replica *Set for the CPU, one
+// GPU or replicas, a tensor-parallel *Group (StartSplit) for a split. It is
+// what the serve command calls in place of plugins.Supervise. The model is
+// not loaded: call Load (for a group it passes tp.rank/size/addr to every
+// rank), and Close when done.
+func OpenModel(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOptions) (Model, placement.Decision, error) {
+	dec, err := place(ctx, p, req, o)
+	if err != nil {
+		return nil, placement.Decision{}, err
+	}
+	if dec.Kind == placement.Split {
+		g, err := StartSplit(ctx, p, dec, o)
+		if err != nil {
+			return nil, dec, fmt.Errorf("start %s: %w", req.Path, err)
+		}
+		return g, dec, nil
+	}
+	s, err := openSet(ctx, p, dec, o)
+	if err != nil {
+		return nil, dec, err
+	}
+	return s, dec, nil
+}
+
+// StartSplit starts the tensor-parallel group of a Split decision: one
+// adapter process of p per rank (on GPU dec.GPUs[r], or dec.Processes CPU
+// ranks), supervised as a unit.
+func StartSplit(ctx context.Context, p plugins.Plugin, dec placement.Decision, o OpenOptions) (*Group, error) {
+	if dec.Kind != placement.Split {
+		return nil, fmt.Errorf("start split: placement is %s, not a split: %w", dec.Kind, sdk.ErrInvalidArgument)
+	}
+	log := o.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	name := o.Name
+	if name == "" {
+		name = p.Name
+	}
+	if len(dec.GPUs) == 0 {
+		log.Warn("tensor-parallel ranks on the CPU: every step crosses processes through the host; slow, meant for tests",
+			"model", name, "ranks", dec.Processes)
+	}
+	return StartGroup(ctx, GroupOptions{
+		Name: name, Logger: log, GPUs: dec.GPUs, Size: dec.Processes, Launch: PluginRanks(p),
+		Supervise: o.Supervise, CrashGrace: o.CrashGrace,
+	})
+}
+
+// place lists the GPUs, plans and decides.
+func place(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOptions) (placement.Decision, error) {
 	log := o.Logger
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -68,7 +148,7 @@ func Open(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOpti
 	}
 	plan, err := planModel(ctx, p, req, log)
 	if err != nil {
-		return nil, placement.Decision{}, err
+		return placement.Decision{}, err
 	}
 	reserve := o.Reserve
 	switch {
@@ -80,17 +160,24 @@ func Open(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOpti
 	dec, err := placement.Decide(placement.Request{
 		Device: req.Options.Device, Plan: plan, GPUs: gpus, Replicas: o.Replicas,
 		TensorParallel: slices.Contains(p.Info.Features, placement.FeatureTensorParallel),
+		ForceSplit:     o.TensorParallel,
 		Reserve:        reserve,
 	})
 	if err != nil {
-		return nil, placement.Decision{}, fmt.Errorf("place %s: %w", req.Path, err)
-	}
-	if dec.Kind == placement.Split {
-		return nil, dec, fmt.Errorf("place %s: %s: tensor parallelism is not implemented by the host (docs/multi-gpu.md)", req.Path, dec.Reason)
+		return placement.Decision{}, fmt.Errorf("place %s: %w", req.Path, err)
 	}
 	log.Info("placement", "model", req.Path, "kind", dec.Kind.String(), "gpus", fmt.Sprint(dec.GPUs),
 		"processes", dec.Processes, "bytes_per_gpu", dec.PerGPUBytes, "reason", dec.Reason)
+	return dec, nil
+}
 
+// openSet starts the supervised members of a CPU, SingleGPU or Replicated
+// decision.
+func openSet(ctx context.Context, p plugins.Plugin, dec placement.Decision, o OpenOptions) (*Set, error) {
+	log := o.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
 	var members []Member
 	closeAll := func() {
 		for _, m := range members {
@@ -107,7 +194,7 @@ func Open(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOpti
 		m, err := plugins.Supervise(ctx, p, plugins.LaunchOptions{Env: env, Logger: log.Named(name)}, o.Supervise)
 		if err != nil {
 			closeAll()
-			return nil, dec, fmt.Errorf("launch adapter %s for %s: %w", p.Name, name, err)
+			return nil, fmt.Errorf("launch adapter %s for %s: %w", p.Name, name, err)
 		}
 		members = append(members, Member{Name: name, Adapter: m})
 	}
@@ -118,9 +205,9 @@ func Open(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOpti
 	s, err := New(members, so)
 	if err != nil {
 		closeAll()
-		return nil, dec, err
+		return nil, err
 	}
-	return s, dec, nil
+	return s, nil
 }
 
 // planModel asks a planning adapter process for the model's memory plan.
