@@ -286,7 +286,9 @@ int orch_comm_library(char *buf, int64_t n);
 int orch_comm_unique_id(orch_ctx *ctx, uint8_t out[128]);
 /* Joins the group as rank of size on ctx's device (set first). Blocks until
  * every rank joined (ncclCommInitRank: no timeout; a rank that never calls
- * it blocks the others). */
+ * it blocks the others), then runs a warm-up all-reduce on ctx's stream and
+ * waits for it (the group works; lazy connections are made outside graph
+ * capture). Not while ctx's stream is being captured. */
 int orch_comm_init(orch_ctx *ctx, const uint8_t id[128], int32_t rank, int32_t size, orch_comm **out);
 /* In place: buf[0..n) = sum over ranks, enqueued on ctx's stream (captured
  * into a graph between orch_graph_begin and orch_graph_end). */

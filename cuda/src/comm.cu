@@ -98,6 +98,30 @@ extern "C" int orch_comm_init(orch_ctx *ctx, const uint8_t *id, int32_t rank, in
     if (c) a->CommAbort(c);
     return rc;
   }
+  // Warm-up on the context's stream: one small and one large all-reduce, so
+  // that the group is known to work when this returns, and NCCL's lazy
+  // connection setup (NCCL_RUNTIME_CONNECT, on by default since 2.22) for
+  // the algorithms these sizes pick happens here and not inside the first
+  // graph capture.
+  {
+    const int64_t big = 1 << 20;
+    float *tmp = nullptr;
+    cudaError_t e = cudaMalloc(&tmp, big * sizeof(float));
+    if (e == cudaSuccess) e = cudaMemsetAsync(tmp, 0, big * sizeof(float), ctx->stream);
+    ncclResult_t wr = ncclSuccess;
+    if (e == cudaSuccess) wr = a->AllReduce(tmp, tmp, 1, ncclFloat32, ncclSum, c, (void *)ctx->stream);
+    if (e == cudaSuccess && wr == ncclSuccess)
+      wr = a->AllReduce(tmp, tmp, (size_t)big, ncclFloat32, ncclSum, c, (void *)ctx->stream);
+    if (e == cudaSuccess && wr == ncclSuccess) e = cudaStreamSynchronize(ctx->stream);
+    if (tmp) cudaFree(tmp);
+    if (e != cudaSuccess || wr != ncclSuccess) {
+      int rc = wr != ncclSuccess ? nccl_fail(a, "comm_init", "warm-up ncclAllReduce", wr, c) : ORCH_ERR_CUDA;
+      if (e != cudaSuccess)
+        orch_set_error("comm_init: warm-up all-reduce (rank %d of %d): %s", rank, size, cudaGetErrorString(e));
+      a->CommAbort(c);
+      return rc;
+    }
+  }
   orch_comm *oc = new orch_comm();
   oc->comm = c;
   oc->device = ctx->device;
