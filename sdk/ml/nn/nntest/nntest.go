@@ -34,6 +34,7 @@ type Config struct {
 	RopeDims       int      // llama: rope.dimension_count (0 = head dim)
 	RopeFreqs      bool     // llama: write rope_freqs.weight
 	Tied           bool     // no output.weight
+	Biases         bool     // llama: q/k/v/o biases (optional in the architecture)
 	MatType        ml.DType // attention/FFN/embedding matrices (default F32)
 	ExpertType     ml.DType // gpt-oss experts (default MXFP4)
 	Seed           uint64
@@ -248,6 +249,12 @@ func Write(dir string, c Config) (string, error) {
 			g.tensor(p+"attn_k.weight", mt, is(d), d, kvd)
 			g.tensor(p+"attn_v.weight", mt, is(d), d, kvd)
 			g.tensor(p+"attn_output.weight", mt, is(qd), qd, d)
+			if c.Biases {
+				g.tensor(p+"attn_q.bias", ml.F32, 0.1, qd)
+				g.tensor(p+"attn_k.bias", ml.F32, 0.1, kvd)
+				g.tensor(p+"attn_v.bias", ml.F32, 0.1, kvd)
+				g.tensor(p+"attn_output.bias", ml.F32, 0.1, d)
+			}
 			g.ones(p+"ffn_norm.weight", d)
 			g.tensor(p+"ffn_gate.weight", mt, is(d), d, c.FF)
 			g.tensor(p+"ffn_up.weight", mt, is(d), d, c.FF)
