@@ -209,3 +209,52 @@ func TestOpenCPUAndRefusal(t *testing.T) {
 	assert.Equal(t, 1, s.Len())
 	require.NoError(t, s.Close(ctx))
 }
+
+// A split group of real adapter processes "on two GPUs": each rank gets its
+// GPU; SIGKILL of a follower stops and relaunches the whole group (new
+// processes for both ranks, model reloaded), which then serves again. The
+// example adapter ignores the tp keys, so this tests the host side only.
+func TestSplitProcessesRelaunchAsUnit(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("reads /proc")
+	}
+	ctx := context.Background()
+	model := filepath.Join(t.TempDir(), "counter.json")
+	require.NoError(t, example.WriteModel(model, example.ModelFile{Architecture: "example-counter", Name: "c", VocabSize: 64, ContextLength: 4096}))
+	g, err := StartSplit(ctx, examplePlugin(t), placement.Decision{Kind: placement.Split, GPUs: []int{0, 1}, Processes: 2},
+		OpenOptions{Name: "c", Supervise: plugins.SuperviseOptions{HealthInterval: 20 * time.Millisecond}})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = g.Close(context.Background()) })
+	pids := g.Pids()
+	require.Len(t, pids, 2)
+	for r, pid := range pids {
+		env := childEnv(t, pid)
+		assert.Equal(t, fmt.Sprint(r), env["CUDA_VISIBLE_DEVICES"], "rank %d", r)
+		assert.Equal(t, "0", env["NCCL_NVLS_ENABLE"])
+	}
+	_, err = g.Load(ctx, sdk.LoadRequest{Path: model}, nil)
+	require.NoError(t, err)
+	toks, err := generate(ctx, g, 1, 3)
+	require.NoError(t, err)
+	assert.Equal(t, []int32{2, 3, 4}, toks)
+
+	require.NoError(t, syscall.Kill(pids[1], syscall.SIGKILL))
+	require.Eventually(t, func() bool { return g.Restarts() == 1 && g.WaitReady(doneCtx) == nil }, 20*time.Second, 10*time.Millisecond)
+	now := g.Pids()
+	require.Len(t, now, 2)
+	assert.NotEqual(t, pids[0], now[0], "rank 0 was replaced too")
+	assert.NotEqual(t, pids[1], now[1])
+	assert.Error(t, syscall.Kill(pids[0], 0), "the old rank 0 process is gone")
+	toks, err = generate(ctx, g, 1, 3)
+	require.NoError(t, err, "the relaunched group reloaded the model")
+	assert.Equal(t, []int32{2, 3, 4}, toks)
+	require.NoError(t, g.Close(ctx))
+	for _, pid := range now {
+		assert.Eventually(t, func() bool { return syscall.Kill(pid, 0) != nil }, 5*time.Second, 10*time.Millisecond, "closed rank %d", pid)
+	}
+
+	// The example adapter cannot split: a forced split is refused.
+	_, _, err = OpenModel(ctx, examplePlugin(t), sdk.LoadRequest{Path: model}, OpenOptions{TensorParallel: 2, Devices: fakeGPUs()})
+	require.ErrorIs(t, err, sdk.ErrInvalidArgument)
+	assert.Contains(t, err.Error(), "tensor-parallel")
+}
