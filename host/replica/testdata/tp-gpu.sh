@@ -11,6 +11,7 @@
 #   - a greedy 32-token completion of a fixed prompt; at the end the split
 #     and unsplit completions are compared (random-weight models have near
 #     ties, so a late difference is reported, not failed).
+# DEVICE=cpu runs the same on the CPU (plumbing check; slow). TP=4 splits 4 ways.
 # Needs: BIN_DIR/orch-host and the adapters, python3, curl, nvidia-smi.
 # Fits one 5-minute device call for gpt-oss-20b (two loads of ~12 GB from the
 # page cache, 4 short loads).
@@ -38,6 +39,7 @@ plugins:
   dir: $BIN
 models:
   - path: $MODEL
+    device: ${DEVICE:-auto}
     tensor_parallel: $N
 EOF
   t0=$(date +%s)
