@@ -100,7 +100,8 @@ inline bool load(const std::vector<std::string> &cands, Api *api, std::string *e
     void *h = dlopen(p.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!h) {
       const char *e = dlerror();
-      *err += p + ": " + (e ? e : "dlopen failed") + "; ";
+      std::string why = e ? e : "dlopen failed";
+      *err += (why.find(p) == std::string::npos ? p + ": " + why : why) + "; ";
       continue;
     }
     Api a;
@@ -126,7 +127,7 @@ inline bool load(const std::vector<std::string> &cands, Api *api, std::string *e
       a.version = v;
     }
     if (!ok) {
-      *err += p + ":" + why + " ";
+      *err += p + ":" + why + "; ";
       dlclose(h);
       continue;
     }
@@ -136,6 +137,7 @@ inline bool load(const std::vector<std::string> &cands, Api *api, std::string *e
     err->clear();
     return true;
   }
+  while (!err->empty() && (err->back() == ' ' || err->back() == ';')) err->pop_back();
   return false;
 }
 
