@@ -20,8 +20,8 @@ import (
 // (NVLS) stays off in NCCL, NVSHMEM and PyTorch, as the GPU machines
 // require (a program using it can take shared GPUs out of service). The
 // plugin runtime passes only PATH, HOME, ORCH_*, CUDA_* ... to adapters, so
-// these would otherwise be dropped; no adapter uses NCCL yet, this keeps
-// the rule when one does (docs/multi-gpu.md).
+// these would otherwise be dropped. Tensor-parallel ranks use NCCL
+// (docs/multi-gpu.md).
 var MulticastOffEnv = map[string]string{
 	"NCCL_NVLS_ENABLE":                 "0",
 	"NVSHMEM_DISABLE_NVLS":             "1",

@@ -10,6 +10,11 @@
 // Load balancing is by requests in flight as the set counts them (not by
 // polling members' Stats): that is exact for requests routed through the
 // set, costs no RPC per request, and reacts at once.
+//
+// A model split over several processes (tensor parallelism) is a Group
+// instead (group.go): its ranks load together, only rank 0 serves, and they
+// are supervised and relaunched as one unit. OpenModel places a model and
+// returns whichever of the two it needs.
 package replica
 
 import (
