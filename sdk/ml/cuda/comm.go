@@ -189,7 +189,9 @@ func (c *comm) Abort() error {
 // an asynchronous error). It first destroys the backend's captured graphs
 // (ResetGraphs: NCCL's destroy waits until no graph holds the comm's
 // collectives), so call it from the goroutine that runs the backend's ops,
-// and before the backend's Close.
+// and before the backend's Close. Recent NCCL's destroy synchronises with
+// the other ranks: every rank closes its comm, or a broken group is aborted
+// (Abort) first.
 func (c *comm) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
