@@ -114,8 +114,7 @@ func (c *comm) failLocked(err error) {
 // must be the backend the comm was made from, t an F32 tensor of it. After
 // an error it enqueues nothing: after b's, or after this comm's (aborted, or
 // a failed all-reduce), which it records on b again so that the step's Sync
-// fails too. Like every op of b, it is
-// not safe to call concurrently with b's other ops.
+// fails too. Like every op of b, not safe concurrently with b's other ops.
 func (c *comm) AllReduce(b ml.Backend, t ml.Tensor) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
