@@ -269,14 +269,17 @@ func (g *Group) recv(p *peer, kind byte, timed bool) (frame, error) {
 // Broadcast sends msg from rank 0 to every rank. On rank 0 it returns msg;
 // on the others it waits (without a timeout: the leader may be idle) for
 // rank 0's message and returns it (msg is ignored).
+//
+// A follower still receives the messages rank 0 sent before the group broke
+// (rank 0's last step before it closed), then the error.
 func (g *Group) Broadcast(msg []byte) ([]byte, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if err := g.Err(); err != nil {
-		return nil, err
-	}
 	g.seq++
 	if g.rank == 0 {
+		if err := g.Err(); err != nil {
+			return nil, err
+		}
 		if len(msg) > maxFrame {
 			return nil, fmt.Errorf("tp: broadcast of %d bytes exceeds the %d-byte limit", len(msg), maxFrame)
 		}

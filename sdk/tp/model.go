@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime/debug"
 	"sync"
+	"time"
 
 	"github.com/llama-orch/orch/sdk/engine"
 )
@@ -157,9 +158,10 @@ func (l *leader) Close() error {
 	// A broken group fails this broadcast: its followers have stopped
 	// already, and the calls that met the break reported it.
 	_, _ = l.g.Broadcast(encodeStep(step{Op: opClose}))
-	err := l.m.Close()
+	// Closing the group first releases the followers (they wait for it,
+	// see serve) while m frees its memory.
 	_ = l.g.Close()
-	return err
+	return l.m.Close()
 }
 
 // Follow runs a follower rank: a goroutine receives the leader's step
@@ -257,6 +259,10 @@ func (f *follower) isClosing() bool {
 	return f.closing
 }
 
+// closeLinger bounds how long a follower waits, after the leader's Close
+// message, for the leader to close the group.
+const closeLinger = 5 * time.Second
+
 func (f *follower) loop(done func(error)) {
 	reason := f.serve()
 	_ = f.g.Close()
@@ -287,6 +293,15 @@ func (f *follower) serve() error {
 			return fmt.Errorf("tp: rank %d: %w", f.g.Rank(), err)
 		}
 		if s.Op == opClose {
+			// Wait for the leader to close the connection before closing
+			// ours: if this rank hung up first, rank 0 could take it for a
+			// lost rank and tell the others, racing its own Close message.
+			t := time.NewTimer(closeLinger)
+			defer t.Stop()
+			select {
+			case <-f.g.Done():
+			case <-t.C:
+			}
 			return nil
 		}
 		if err := protect(func() error { return f.run(ctx, s) }); err != nil {
