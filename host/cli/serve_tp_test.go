@@ -2,7 +2,9 @@ package cli
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
+	"math"
 	"net/http"
 	"os"
 	"os/exec"
@@ -110,4 +112,56 @@ func TestServeTensorParallelCPU(t *testing.T) {
 	assert.Equal(t, whole, split, "greedy completion, split over 2 CPU ranks vs unsplit")
 	assert.Contains(t, logs, "kind=tensor-parallel", "placement chose the split")
 	assert.Contains(t, logs, "tensor-parallel group loaded")
+
+	// logits and bench take --tensor-parallel too.
+	tokens := "464,3290,318,257,1310"
+	logitsOf := func(extra ...string) []float32 {
+		out := filepath.Join(t.TempDir(), "l.npy")
+		root := NewRoot()
+		var stdout, stderr syncBuf
+		root.SetOut(&stdout)
+		root.SetErr(&stderr)
+		root.SetArgs(append([]string{"logits", "--model", path, "--plugins-dir", dir, "--device", "cpu", "--tokens", tokens,
+			"--out", out, "--log-level", "warn"}, extra...))
+		require.NoError(t, root.Execute(), stderr.String())
+		return readNPY(t, out)
+	}
+	lw, ls := logitsOf(), logitsOf("--tensor-parallel", "2")
+	require.Equal(t, len(lw), len(ls))
+	require.NotEmpty(t, lw)
+	maxAbs, maxDiff := 0.0, 0.0
+	for i := range lw {
+		maxAbs = math.Max(maxAbs, math.Abs(float64(lw[i])))
+		maxDiff = math.Max(maxDiff, math.Abs(float64(lw[i]-ls[i])))
+	}
+	t.Logf("logits: max |logit| %.3f, max |split - whole| %.3g", maxAbs, maxDiff)
+	assert.LessOrEqual(t, maxDiff, 1e-4*maxAbs)
+
+	root := NewRoot()
+	var stdout, stderr syncBuf
+	root.SetOut(&stdout)
+	root.SetErr(&stderr)
+	root.SetArgs([]string{"bench", "--model", path, "--plugins-dir", dir, "-p", "16", "-n", "4", "-r", "1",
+		"--device", "cpu", "--tensor-parallel", "2", "--log-level", "warn"})
+	require.NoError(t, root.Execute(), stderr.String())
+	t.Log("\n" + stdout.String())
+	assert.Contains(t, stdout.String(), "2 x cpu")
+	assert.Regexp(t, `\| tg4 \| [0-9.]+ ± [0-9.]+ \|`, stdout.String())
+}
+
+// readNPY reads a 2-D little-endian float32 .npy file (format 1.0).
+func readNPY(t *testing.T, path string) []float32 {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.Greater(t, len(b), 10)
+	require.Equal(t, "\x93NUMPY", string(b[:6]))
+	hlen := int(binary.LittleEndian.Uint16(b[8:10]))
+	require.Contains(t, string(b[10:10+hlen]), "'<f4'")
+	data := b[10+hlen:]
+	out := make([]float32, len(data)/4)
+	for i := range out {
+		out[i] = math.Float32frombits(binary.LittleEndian.Uint32(data[4*i:]))
+	}
+	return out
 }
