@@ -2,7 +2,14 @@ package gpt
 
 import (
 	"context"
+	"errors"
+	"net"
+	"strconv"
+	"sync"
 	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -11,7 +18,9 @@ import (
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/cpu"
+	"github.com/llama-orch/orch/sdk/ml/nn"
 	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
+	"github.com/llama-orch/orch/sdk/tp"
 )
 
 // tpTol bounds the split model's logit error relative to max|logit|: the
@@ -136,4 +145,141 @@ func TestTensorParallelCommError(t *testing.T) {
 	assert.ErrorContains(t, err, "injected failure")
 	_, err = split.Forward(context.Background(), &engine.Batch{Seqs: []engine.SeqInput{{Tokens: []int32{1}, Blocks: []int32{0}}}})
 	assert.ErrorContains(t, err, "tensor-parallel all-reduce", "the group stays broken")
+}
+
+// freeAddr returns a loopback address with a port free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	require.NoError(t, ln.Close())
+	return addr
+}
+
+// loadRanks runs the adapter's loader for every rank concurrently with the
+// tensor-parallel Extra keys (over the real TCP group and host all-reduce,
+// as the host's rank processes do) and returns each rank's result.
+func loadRanks(t *testing.T, path string, size int, extra func(rank int) map[string]string) ([]engine.Model, []error) {
+	t.Helper()
+	addr := freeAddr(t)
+	models, errs := make([]engine.Model, size), make([]error, size)
+	var wg sync.WaitGroup
+	for r := range size {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ex := map[string]string{"tp.rank": strconv.Itoa(r), "tp.size": strconv.Itoa(size), "tp.addr": addr}
+			for k, v := range extra(r) {
+				ex[k] = v
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			models[r], _, errs[r] = NewLoader(nil)(ctx, sdk.LoadRequest{Path: path,
+				Options: sdk.LoadOptions{Device: "cpu", Threads: 1, ContextLength: 64, MaxSequences: 2, Extra: ex}}, nil)
+		}()
+	}
+	wg.Wait()
+	return models, errs
+}
+
+// followerExits records FollowerExit's calls instead of exiting.
+func followerExits(t *testing.T) chan error {
+	exits := make(chan error, 8)
+	old := nn.FollowerExit
+	nn.FollowerExit = func(_ hclog.Logger, _ int, err error) { exits <- err }
+	t.Cleanup(func() { nn.FollowerExit = old })
+	return exits
+}
+
+// Two ranks loaded through the adapter's loader (Extra keys, TCP group,
+// host all-reduce): the leader's Forward equals the whole model's, the
+// follower refuses requests of its own, and closing the leader stops the
+// follower cleanly.
+func TestTensorParallelLoader(t *testing.T) {
+	exits := followerExits(t)
+	c := nntest.Tiny("gpt-oss")
+	path := nntest.MustWrite(t, c)
+	whole, _, err := NewLoader(nil)(context.Background(), sdk.LoadRequest{Path: path,
+		Options: sdk.LoadOptions{Device: "cpu", Threads: 1, ContextLength: 64, MaxSequences: 2}}, nil)
+	require.NoError(t, err)
+	defer whole.Close()
+	models, errs := loadRanks(t, path, 2, func(int) map[string]string { return nil })
+	require.NoError(t, errors.Join(errs...))
+	lead, follower := models[0], models[1]
+	ws, ls := whole.Spec(), lead.Spec()
+	assert.Equal(t, ws.NumBlocks, ls.NumBlocks, "the engine's pool: same blocks")
+	assert.Equal(t, ws.KVBlockBytes, 2*ls.KVBlockBytes, "a rank holds half of every block (its KV heads)")
+	assert.Equal(t, len(ws.Groups), len(ls.Groups))
+	_, isGroup := lead.(engine.GroupModel)
+	assert.True(t, isGroup, "the leader keeps the runner's interfaces")
+
+	prompt := []int32{5, 9, 1, 44, 7, 100, 3, 250, 2, 17, 8, 90, 33, 4}
+	batch := func(toks []int32, pos int) *engine.Batch {
+		return &engine.Batch{Seqs: []engine.SeqInput{{Tokens: toks, Pos: pos, Blocks: []int32{0, 1}, AllLogits: true,
+			GroupBlocks: [][]int32{{0, 1}, {0, 1}}}}}
+	}
+	for _, step := range []struct{ lo, hi int }{{0, 10}, {10, 11}, {11, 12}, {12, 14}} {
+		want, err := whole.Forward(context.Background(), batch(prompt[step.lo:step.hi], step.lo))
+		require.NoError(t, err)
+		got, err := lead.Forward(context.Background(), batch(prompt[step.lo:step.hi], step.lo))
+		require.NoError(t, err)
+		assert.LessOrEqual(t, nntest.MaxRelErr(got.Logits[0], want.Logits[0]), tpTol, "tokens %d..%d", step.lo, step.hi)
+	}
+	_, err = follower.Forward(context.Background(), batch(prompt[:1], 0))
+	assert.ErrorIs(t, err, tp.ErrFollower)
+
+	require.NoError(t, lead.Close())
+	select {
+	case err := <-exits:
+		assert.NoError(t, err, "the follower stops cleanly on the leader's Close")
+	case <-time.After(10 * time.Second):
+		t.Fatal("the follower did not stop")
+	}
+	require.NoError(t, follower.Close())
+}
+
+// A rank that fails its load breaks the group: every rank's load fails.
+func TestTensorParallelLoaderFails(t *testing.T) {
+	followerExits(t)
+	path := nntest.MustWrite(t, nntest.Tiny("gpt-oss"))
+	models, errs := loadRanks(t, path, 2, func(r int) map[string]string {
+		if r == 1 {
+			return map[string]string{"kv_type": "q4"} // rank 1 only
+		}
+		return nil
+	})
+	for r, err := range errs {
+		assert.Error(t, err, "rank %d", r)
+		assert.Nil(t, models[r])
+	}
+	assert.ErrorIs(t, errs[1], sdk.ErrInvalidArgument)
+	assert.ErrorContains(t, errs[0], "kv_type", "rank 0 learns rank 1's reason")
+	// incomplete keys are refused before any group is joined
+	_, _, err := NewLoader(nil)(context.Background(), sdk.LoadRequest{Path: path,
+		Options: sdk.LoadOptions{Device: "cpu", Extra: map[string]string{"tp.size": "2"}}}, nil)
+	assert.ErrorIs(t, err, sdk.ErrInvalidArgument)
+}
+
+// The planner plans one rank when the Extra keys say the model is split:
+// the rank's weights (== its load), its KV heads.
+func TestTensorParallelPlan(t *testing.T) {
+	path := nntest.MustWrite(t, nntest.Tiny("gpt-oss"))
+	opts := sdk.LoadOptions{Device: "cpu", ContextLength: 64, MaxSequences: 2}
+	whole, err := NewPlanner(nil)(context.Background(), sdk.LoadRequest{Path: path, Options: opts})
+	require.NoError(t, err)
+	for r := range 2 {
+		opts.Extra = map[string]string{"tp.size": "2", "tp.rank": strconv.Itoa(r)}
+		plan, err := NewPlanner(nil)(context.Background(), sdk.LoadRequest{Path: path, Options: opts})
+		require.NoError(t, err)
+		fp, err := nntest.OpenShardFootprint(path, footprintGPTOSS, ml.Shard{Rank: r, Size: 2})
+		require.NoError(t, err)
+		assert.Equal(t, fp.WeightBytes, plan.WeightBytes)
+		assert.Less(t, plan.WeightBytes, whole.WeightBytes)
+		assert.Equal(t, whole.KVBytes, 2*plan.KVBytes)
+		assert.Less(t, plan.WorkspaceBytes, whole.WorkspaceBytes)
+	}
+	opts.Extra = map[string]string{"tp.size": "4"} // 2 KV heads
+	_, err = NewPlanner(nil)(context.Background(), sdk.LoadRequest{Path: path, Options: opts})
+	assert.ErrorIs(t, err, sdk.ErrInvalidArgument)
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"os"
 	"sort"
 
 	"github.com/hashicorp/go-hclog"
@@ -12,6 +14,7 @@ import (
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/gguf"
 	"github.com/llama-orch/orch/sdk/ml"
+	"github.com/llama-orch/orch/sdk/tp"
 )
 
 // Options configure building a model from an open GGUF file.
@@ -142,6 +145,18 @@ func (bs Builders) Loader(log hclog.Logger) engine.Loader { return bs.LoaderWith
 // with the same fps does, and fails with an *sdk.OutOfMemoryError when that
 // does not hold one full context. When the free memory is unknown, or the
 // architecture has no footprint, it sizes the pool as Loader does and logs it.
+//
+// Tensor parallelism: when LoadOptions.Extra carries sdk/tp's keys (tp.rank,
+// tp.size, tp.addr) the process is one rank of a split model. It joins the
+// group (tp.Join) and its collectives (tp.NewComm: NCCL on a GPU with device
+// collectives, else the host all-reduce), sizes its part (every rank takes
+// the smallest KV pool any rank can hold: rank 0's engine allocates blocks
+// for all), builds its shard (Options.Shard) and meets the others: a rank
+// that fails breaks the group with its reason, so every rank's load fails.
+// Rank 0's model is wrapped with tp.Lead (the engine drives it and every
+// step is broadcast), the others' with tp.Follow (they run rank 0's steps
+// and refuse requests of their own); a follower whose group breaks calls
+// FollowerExit.
 func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engine.Loader {
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -164,40 +179,75 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 			f.Close()
 			return nil, sdk.ModelInfo{}, err
 		}
+		cfg, split, err := tp.ParseExtra(req.Options.Extra)
+		if err != nil {
+			f.Close()
+			return nil, sdk.ModelInfo{}, err
+		}
 		be, err := OpenBackend(req.Options.Device, req.Options.Threads, log)
 		if err != nil {
 			f.Close()
 			return nil, sdk.ModelInfo{}, err
 		}
-		sz, err := Size(req.Options, TrainedContext(f), be.Name())
-		if err != nil {
+		// tensor parallelism: join the group first, so that any later
+		// failure of one rank reaches every rank (fail breaks the group)
+		var (
+			g     *tp.Group
+			shard ml.Shard
+		)
+		fail := func(err error) (engine.Model, sdk.ModelInfo, error) {
+			if g != nil {
+				g.Abort(fmt.Errorf("rank %d: %w", cfg.Rank, err))
+				if shard.Comm != nil {
+					shard.Comm.Close() //nolint:errcheck // the load error is what matters
+				}
+				g.Close() //nolint:errcheck // idem
+			}
 			be.Close()
 			f.Close()
 			return nil, sdk.ModelInfo{}, err
 		}
-		shard, err := PlanShard(req.Options.Extra)
+		if split {
+			progress(sdk.LoadProgress{Stage: "tensor-parallel group"})
+			if g, err = tp.Join(ctx, cfg); err != nil {
+				return fail(err)
+			}
+			comm, err := tp.NewComm(g, be)
+			if err != nil {
+				return fail(err)
+			}
+			shard = ml.Shard{Rank: cfg.Rank, Size: cfg.Size, Comm: comm}
+			log.Info("tensor-parallel rank", "rank", cfg.Rank, "size", cfg.Size, "graphable", comm.Graphable())
+		}
+		sz, err := Size(req.Options, TrainedContext(f), be.Name())
 		if err != nil {
-			be.Close()
-			f.Close()
-			return nil, sdk.ModelInfo{}, err
+			return fail(err)
 		}
 		if sz.Fraction > 0 {
 			if footprint, ok := fps[arch]; ok {
-				fp, err := footprint(f, shard)
+				fp, err := footprint(f, ml.Shard{Rank: shard.Rank, Size: shard.Size})
 				if err == nil {
 					var lay layout
 					lay, err = sizeFor(req, f, fp, be, log)
 					sz.NumBlocks = lay.o.NumBlocks
 				}
 				if err != nil {
-					be.Close()
-					f.Close()
-					return nil, sdk.ModelInfo{}, fmt.Errorf("%s: %s: %w", req.Path, arch, err)
+					return fail(fmt.Errorf("%s: %s: %w", req.Path, arch, err))
 				}
 			} else {
 				log.Warn("kv_cache_fraction ignored: no memory footprint for this architecture; KV pool sized for context x sequences",
 					"arch", arch, "kv_cache_fraction", sz.Fraction, "kv_blocks", sz.NumBlocks)
 			}
+		}
+		if g != nil {
+			n, err := agreeMin(g, sz.NumBlocks)
+			if err != nil {
+				return fail(fmt.Errorf("tensor-parallel KV pool: %w", err))
+			}
+			if n != sz.NumBlocks {
+				log.Info("KV pool: the smallest any rank holds", "kv_blocks", n, "this_rank", sz.NumBlocks)
+			}
+			sz.NumBlocks = n
 		}
 		var total int64
 		for _, t := range f.Tensors {
@@ -211,11 +261,25 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 			},
 		})
 		if err != nil {
-			be.Close()
-			f.Close()
-			return nil, sdk.ModelInfo{}, err
+			return fail(err)
 		}
 		r.OwnBackend = true
+		var model engine.Model = r
+		if g != nil {
+			r.OwnComm = true
+			// every rank built its shard (or one broke the group)
+			if err := g.Barrier(); err != nil {
+				r.Close() //nolint:errcheck // the group's error is what matters
+				g.Close() //nolint:errcheck // idem
+				return nil, sdk.ModelInfo{}, fmt.Errorf("tensor-parallel rank %d: %w", cfg.Rank, err)
+			}
+			if cfg.Rank == 0 {
+				model = tp.Lead(r, g)
+			} else {
+				rank := cfg.Rank
+				model = tp.Follow(r, g, func(err error) { FollowerExit(log, rank, err) })
+			}
+		}
 		spec := r.Spec()
 		name, _ := f.String("general.name")
 		info := sdk.ModelInfo{
@@ -224,12 +288,47 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 			ParamCount: r.Params, WeightBytes: r.WeightBytes, KVBytes: spec.KVBytes(),
 		}
 		log.Info("model built", "arch", arch, "backend", be.Name(), "context", spec.ContextLength,
-			"kv_blocks", spec.NumBlocks, "block_size", spec.BlockSize, "params", r.Params)
+			"kv_blocks", spec.NumBlocks, "block_size", spec.BlockSize, "params", r.Params, "tp_rank", shard.Rank, "tp_size", max(shard.Size, 1))
 		for _, g := range spec.Groups {
 			log.Info("KV group", "group", g.Name, "layers", g.Layers, "kv_blocks", g.NumBlocks, "bytes", int64(g.NumBlocks)*g.BlockBytes)
 		}
-		return r, info, nil
+		return model, info, nil
 	}
+}
+
+// FollowerExit is called when a tensor-parallel follower's step loop ends
+// (tp.Follow's done): err is nil after rank 0 closed the model, else why the
+// group broke. A broken group cannot serve again, so by default the
+// process logs the reason and exits with status 1: the host supervises the
+// ranks as a unit and relaunches the group when one of them dies. Tests
+// that run ranks in one process replace it.
+var FollowerExit = func(log hclog.Logger, rank int, err error) {
+	if err == nil {
+		log.Info("tensor-parallel follower stopped: rank 0 closed the model", "rank", rank)
+		return
+	}
+	log.Error("tensor-parallel group broken: exiting", "rank", rank, "error", err)
+	os.Exit(1)
+}
+
+// agreeMin returns the smallest n over the ranks of g (collective: every
+// rank calls it). Each rank's n travels in its own slots of a vector summed
+// over the group (AllReduceF32), split in 16-bit halves so that any int32
+// is exact in float32.
+func agreeMin(g *tp.Group, n int) (int, error) {
+	if n < 0 || n > math.MaxInt32 {
+		return 0, fmt.Errorf("%d KV blocks: %w", n, sdk.ErrInvalidArgument)
+	}
+	v := make([]float32, 2*g.Size())
+	v[2*g.Rank()], v[2*g.Rank()+1] = float32(n>>16), float32(n&0xffff)
+	if err := g.AllReduceF32(v); err != nil {
+		return 0, err
+	}
+	low := n
+	for r := range g.Size() {
+		low = min(low, int(v[2*r])<<16|int(v[2*r+1]))
+	}
+	return low, nil
 }
 
 // Model describes a built net to Finish.

@@ -309,6 +309,9 @@ type Runner struct {
 	// mmapped GGUF the CPU weights alias).
 	OwnBackend bool
 	File       io.Closer
+	// OwnComm: Close also closes the tensor-parallel Comm (before the
+	// backend, whose device a collective may use).
+	OwnComm bool
 	// Params and WeightBytes describe the bound weights (for sdk.ModelInfo).
 	Params, WeightBytes int64
 
@@ -435,6 +438,9 @@ func (r *Runner) Close() error {
 	err := r.Net.Close()
 	r.KV.Free(r.B)
 	r.freeStaging()
+	if r.OwnComm && r.cfg.Comm != nil {
+		err = errors.Join(err, r.cfg.Comm.Close())
+	}
 	if r.OwnBackend {
 		err = errors.Join(err, r.B.Close())
 	}
