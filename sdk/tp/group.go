@@ -172,7 +172,7 @@ func (g *Group) read(p *peer) {
 	defer g.readers.Done()
 	defer close(p.frames)
 	for {
-		f, err := readFrame(p.conn)
+		f, err := readFrame(p.conn, maxFrame)
 		if err != nil {
 			g.fail(fmt.Errorf("connection to rank %d lost: %w", p.rank, err), p.rank, true)
 			return
@@ -199,15 +199,17 @@ func writeFrame(c net.Conn, kind byte, seq uint64, payload []byte) error {
 	return err
 }
 
-func readFrame(r io.Reader) (frame, error) {
+// readFrame reads one frame whose payload may take up to max bytes (checked
+// before allocating).
+func readFrame(r io.Reader, max uint32) (frame, error) {
 	var h [headerLen]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		return frame{}, err
 	}
 	f := frame{kind: h[0], seq: binary.LittleEndian.Uint64(h[1:])}
 	n := binary.LittleEndian.Uint32(h[9:])
-	if n > maxFrame {
-		return frame{}, fmt.Errorf("frame of %d bytes exceeds the %d-byte limit", n, maxFrame)
+	if n > max {
+		return frame{}, fmt.Errorf("frame of %d bytes exceeds the %d-byte limit", n, max)
 	}
 	if f.kind < kindHello || f.kind > kindAbort {
 		return frame{}, fmt.Errorf("unknown frame kind %d", f.kind)
@@ -503,7 +505,7 @@ func missing(peers []*peer) []int {
 func readHello(c net.Conn) (rank, size int, err error) {
 	_ = c.SetReadDeadline(time.Now().Add(handshakeTimeout))
 	defer func() { _ = c.SetReadDeadline(time.Time{}) }()
-	f, err := readFrame(io.LimitReader(c, int64(headerLen+len(helloMagic)+8)))
+	f, err := readFrame(c, uint32(len(helloMagic)+8))
 	if err != nil {
 		return 0, 0, err
 	}
@@ -567,7 +569,7 @@ func dial(ctx context.Context, cfg Config) (*Group, bool, error) {
 		_ = c.Close()
 		return nil, true, err
 	}
-	f, err := readFrame(io.LimitReader(c, headerLen+4096))
+	f, err := readFrame(c, 4096)
 	if !stop() {
 		_ = c.Close()
 		return nil, false, fmt.Errorf("tp: rank %d waiting for the group at %s: %w", cfg.Rank, cfg.Addr, ctx.Err())

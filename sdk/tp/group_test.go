@@ -331,6 +331,12 @@ func TestHandshakeErrors(t *testing.T) {
 		require.NoError(t, err)
 		_, _ = c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
 		_ = c.Close()
+		// A hello header announcing a 1 GiB payload is refused before
+		// anything is allocated.
+		c, err = net.Dial("tcp", l.Addr())
+		require.NoError(t, err)
+		_, _ = c.Write([]byte{kindHello, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40})
+		_ = c.Close()
 		var g1 *Group
 		done := make(chan error, 1)
 		go func() {
@@ -382,3 +388,69 @@ func TestJoinBadConfig(t *testing.T) {
 	_, err = Listen(Config{Rank: 1, Size: 2, Addr: "127.0.0.1:0"})
 	assert.ErrorContains(t, err, "only rank 0")
 }
+
+func benchAllReduce(b *testing.B, size, n int) {
+	l, err := Listen(Config{Rank: 0, Size: size, Addr: "127.0.0.1:0"})
+	require.NoError(b, err)
+	gs := make([]*Group, size)
+	var wg sync.WaitGroup
+	for r := 1; r < size; r++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g, err := Join(context.Background(), Config{Rank: r, Size: size, Addr: l.Addr()})
+			if err != nil {
+				b.Error(err)
+			}
+			gs[r] = g
+		}()
+	}
+	gs[0], err = l.Accept(context.Background())
+	require.NoError(b, err)
+	wg.Wait()
+	if b.Failed() {
+		return
+	}
+	defer func() {
+		for _, g := range gs {
+			_ = g.Close()
+		}
+	}()
+	stop := make(chan struct{})
+	for r := 1; r < size; r++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			v := make([]float32, n)
+			for {
+				if err := gs[r].AllReduceF32(v); err != nil {
+					return
+				}
+				select {
+				case <-stop:
+					return
+				default:
+				}
+			}
+		}()
+	}
+	v := make([]float32, n)
+	b.SetBytes(int64(4 * n))
+	b.ResetTimer()
+	for range b.N {
+		if err := gs[0].AllReduceF32(v); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	close(stop)
+	for _, g := range gs {
+		_ = g.Close()
+	}
+	wg.Wait()
+}
+
+// Per-layer decode cost of the host all-reduce (gpt-oss hidden 2880) and a
+// prefill chunk (512 tokens x 2880).
+func BenchmarkAllReduce2x2880(b *testing.B)     { benchAllReduce(b, 2, 2880) }
+func BenchmarkAllReduce2x512x2880(b *testing.B) { benchAllReduce(b, 2, 512*2880) }
