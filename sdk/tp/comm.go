@@ -24,9 +24,12 @@ const (
 )
 
 // aborter is implemented by device comms that can abandon collectives in
-// flight (ncclCommAbort): NewComm calls Abort when the group breaks, so a
-// rank blocked in a device all-reduce whose peer died returns instead of
-// hanging.
+// flight (ncclCommAbort): NewComm calls Abort (from another goroutine) when
+// the group breaks, so a rank blocked in a device all-reduce whose peer
+// died returns instead of hanging. The comm's Close is still called after
+// Abort, possibly while Abort runs. A group also "breaks" at a normal
+// shutdown (the leader's Close closes it), so Abort precedes Close there
+// too.
 type aborter interface {
 	Abort() error
 }
@@ -183,10 +186,15 @@ func watchComm(c ml.Comm, a aborter, g *Group) ml.Comm {
 	return w
 }
 
+// Close closes the device comm, then waits for the watcher: an Abort in
+// flight may wait for the comm's Close (NCCL's abort waits until no
+// captured graph holds the comm, and Close releases them), so Close must
+// not wait for the watcher first.
 func (w *abortingComm) Close() error {
 	w.once.Do(func() { close(w.stop) })
+	err := w.Comm.Close()
 	w.wg.Wait()
-	return w.Comm.Close()
+	return err
 }
 
 // hostComm all-reduces through host memory over the TCP group: for CPU
