@@ -144,6 +144,8 @@ type collHub struct {
 	size    int
 	all     chan struct{}
 	aborted int
+	// abortWaitsForClose makes Abort block until the comm's Close.
+	abortWaitsForClose bool
 }
 
 func (b *collBackend) CommID() ([]byte, error) {
@@ -167,13 +169,15 @@ func (b *collBackend) NewComm(id []byte, rank, size int) (ml.Comm, error) {
 	}
 	b.hub.mu.Unlock()
 	<-b.hub.all // blocks forever when a rank never joins (like NCCL)
-	return &fakeDevComm{rank: rank, size: size, hub: b.hub}, nil
+	return &fakeDevComm{rank: rank, size: size, hub: b.hub, released: make(chan struct{})}, nil
 }
 
 type fakeDevComm struct {
 	rank, size int
 	hub        *collHub
+	mu         sync.Mutex
 	closed     bool
+	released   chan struct{} // closed by Close
 }
 
 func (c *fakeDevComm) Rank() int                       { return c.rank }
@@ -181,11 +185,26 @@ func (c *fakeDevComm) Size() int                       { return c.size }
 func (c *fakeDevComm) AllReduce(ml.Backend, ml.Tensor) {}
 func (c *fakeDevComm) Graphable() bool                 { return true }
 func (c *fakeDevComm) Err() error                      { return nil }
-func (c *fakeDevComm) Close() error                    { c.closed = true; return nil }
+func (c *fakeDevComm) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closed {
+		c.closed = true
+		close(c.released)
+	}
+	return nil
+}
+
+// Abort, like ncclCommAbort with captured graphs, returns only once Close
+// released them (when the hub says so).
 func (c *fakeDevComm) Abort() error {
 	c.hub.mu.Lock()
-	defer c.hub.mu.Unlock()
 	c.hub.aborted++
+	wait := c.hub.abortWaitsForClose
+	c.hub.mu.Unlock()
+	if wait {
+		<-c.released
+	}
 	return nil
 }
 
@@ -305,4 +324,33 @@ func TestCommBootstrapErrors(t *testing.T) {
 func TestNewCommNil(t *testing.T) {
 	_, err := NewComm(nil, cpu.New(1))
 	assert.Error(t, err)
+}
+
+// The shutdown order of a rank: the group breaks (Abort starts, and may wait
+// for Close), then the model closes the comm: no deadlock.
+func TestDeviceCommCloseWhileAbortWaits(t *testing.T) {
+	gs := newGroups(t, 2, 0)
+	bs, hub := collBackends(2)
+	hub.abortWaitsForClose = true
+	comms, errs := newComms(t, gs, bs)
+	require.NoError(t, errs[0])
+	require.NoError(t, errs[1])
+	require.NoError(t, gs[0].Close())
+	assert.Eventually(t, func() bool {
+		hub.mu.Lock()
+		defer hub.mu.Unlock()
+		return hub.aborted == 2
+	}, 5*time.Second, 5*time.Millisecond)
+	done := make(chan struct{})
+	go func() {
+		for _, c := range comms {
+			_ = c.Close()
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("comm Close deadlocked with the Abort in flight")
+	}
 }
