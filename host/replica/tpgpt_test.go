@@ -6,9 +6,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/stretchr/testify/assert"
@@ -51,14 +52,14 @@ func gptPlugin(t *testing.T) plugins.Plugin {
 // The embedded GPT-2 split over two CPU rank processes of the real gpt
 // adapter (TCP rendezvous, host all-reduce, leader/follower steps) gives the
 // greedy tokens and (within float tolerance) the logits of the unsplit model.
+// Then a follower is SIGKILLed mid-stream: the stream fails with
+// sdk.ErrAdapterCrashed, both ranks are replaced and the model reloaded, and
+// the group answers as before.
 func TestSplitGPTMatchesUnsplit(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the gpt adapter")
 	}
 	p := gptPlugin(t)
-	if !slices.Contains(p.Info.Features, placement.FeatureTensorParallel) {
-		t.Skip("TODO(issue 9): the gpt adapter does not declare tensor-parallel yet")
-	}
 	path, err := defaultmodel.PathIn(t.TempDir())
 	require.NoError(t, err)
 	ctx := context.Background()
@@ -70,14 +71,18 @@ func TestSplitGPTMatchesUnsplit(t *testing.T) {
 		info   sdk.ModelInfo
 	}
 	run := func(tpN int) result {
-		m, dec, err := OpenModel(ctx, p, req, OpenOptions{TensorParallel: tpN, Devices: fakeGPUs(), Name: "austen"})
+		var m Model
+		var err error
+		if tpN > 1 {
+			// StartSplit, not OpenModel: placement's feature check is tested
+			// on its own (and by the serve test); this is the group over the
+			// real adapter.
+			m, err = StartSplit(ctx, p, placement.Decision{Kind: placement.Split, Processes: tpN}, OpenOptions{Name: "austen"})
+		} else {
+			m, _, err = OpenModel(ctx, p, req, OpenOptions{Devices: fakeGPUs(), Name: "austen"})
+		}
 		require.NoError(t, err)
 		defer func() { assert.NoError(t, m.Close(ctx)) }()
-		if tpN > 1 {
-			assert.Equal(t, placement.Split, dec.Kind)
-			assert.Equal(t, tpN, dec.Processes)
-			require.IsType(t, &Group{}, m)
-		}
 		var res result
 		res.info, err = m.Load(ctx, req, nil)
 		require.NoError(t, err)
@@ -92,10 +97,39 @@ func TestSplitGPTMatchesUnsplit(t *testing.T) {
 		}
 		res.logits, err = m.Evaluate(ctx, prompts[1])
 		require.NoError(t, err)
+		if g, ok := m.(*Group); ok {
+			// A follower killed mid-stream: the stream fails as crashed, the
+			// whole group is relaunched and reloaded, and it answers the same.
+			pids := g.Pids()
+			require.Len(t, pids, 2)
+			n := 0
+			err = g.Generate(ctx, sdk.GenerateRequest{Prompt: prompts[0], MaxTokens: 120}, func(c sdk.Chunk) error {
+				if n == 0 {
+					require.NoError(t, syscall.Kill(pids[1], syscall.SIGKILL))
+					time.Sleep(50 * time.Millisecond)
+				}
+				n += len(c.Tokens)
+				return nil
+			})
+			require.ErrorIs(t, err, sdk.ErrAdapterCrashed)
+			assert.Less(t, n, 120)
+			require.Eventually(t, func() bool { return g.Restarts() == 1 && g.WaitReady(doneCtx) == nil }, 20*time.Second, 20*time.Millisecond)
+			assert.NotEqual(t, pids[0], g.Pids()[0], "rank 0 was replaced too")
+			var out []int32
+			err = g.Generate(ctx, sdk.GenerateRequest{Prompt: prompts[0], MaxTokens: 16}, func(c sdk.Chunk) error {
+				out = append(out, c.Tokens...)
+				return nil
+			})
+			require.NoError(t, err, "the relaunched group serves")
+			assert.Equal(t, res.tokens[0], out, "and answers as before")
+		}
 		return res
 	}
 	whole := run(1)
 	split := run(2)
+	for i := range prompts {
+		assert.Len(t, whole.tokens[i], 16, "prompt %d", i)
+	}
 	assert.Equal(t, whole.tokens, split.tokens, "greedy tokens")
 	assert.Contains(t, split.info.DeviceName, "2 x ")
 	assert.Equal(t, whole.info.VocabSize, split.info.VocabSize)
