@@ -52,7 +52,7 @@ func Info() sdk.Info {
 	return sdk.Info{
 		Name: "gpt", Version: Version, Architectures: Architectures(),
 		DTypes:   dtypeNames(),
-		Features: []string{"paged-kv", "prefix-cache", "logprobs", "cuda"},
+		Features: []string{"paged-kv", "prefix-cache", "logprobs", "cuda", "tensor-parallel"},
 	}
 }
 

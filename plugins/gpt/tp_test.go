@@ -283,3 +283,7 @@ func TestTensorParallelPlan(t *testing.T) {
 	_, err = NewPlanner(nil)(context.Background(), sdk.LoadRequest{Path: path, Options: opts})
 	assert.ErrorIs(t, err, sdk.ErrInvalidArgument)
 }
+
+func TestInfoDeclaresTensorParallel(t *testing.T) {
+	assert.Contains(t, Info().Features, "tensor-parallel")
+}

@@ -46,7 +46,7 @@ func Info() sdk.Info {
 		dts = append(dts, d.String())
 	}
 	return sdk.Info{Name: "llama", Version: Version, Architectures: Architectures(), DTypes: dts,
-		Features: []string{"paged-kv", "prefix-cache", "logprobs", "cuda"}}
+		Features: []string{"paged-kv", "prefix-cache", "logprobs", "cuda", "tensor-parallel"}}
 }
 
 // New returns the Llama adapter: the engine's continuous batching over this

@@ -70,3 +70,7 @@ func TestTensorParallelErrors(t *testing.T) {
 	require.ErrorIs(t, err, sdk.ErrInvalidArgument)
 	assert.ErrorContains(t, err, "llama.attention.head_count_kv = 2")
 }
+
+func TestInfoDeclaresTensorParallel(t *testing.T) {
+	assert.Contains(t, Info().Features, "tensor-parallel")
+}
