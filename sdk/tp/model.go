@@ -22,7 +22,8 @@ import (
 // rank that stopped half-way would leave the others waiting in an
 // all-reduce). A step that fails on this rank, or panics, breaks the group:
 // the ranks cannot tell how far the others got. A broken group fails every
-// later call. Close broadcasts Close, closes m and then g.
+// later call. Close broadcasts Close, closes g (releasing the followers),
+// then m.
 func Lead(m engine.Model, g *Group) engine.Model {
 	l := &leader{m: m, g: g}
 	gm, group := m.(engine.GroupModel)
@@ -146,8 +147,8 @@ func (l *leader) copyGroupBlock(group int, dst, src int32) error {
 	})
 }
 
-// Close tells the followers to stop (they close their models), closes m and
-// leaves the group.
+// Close tells the followers to stop (they close their models), leaves the
+// group and closes m.
 func (l *leader) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
