@@ -1,15 +1,19 @@
 package nn
 
 import (
+	"context"
 	"encoding/binary"
 	"math"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/ml"
+	"github.com/llama-orch/orch/sdk/tp"
 )
 
 func TestSplitOf(t *testing.T) {
@@ -121,4 +125,40 @@ func f32Bytes(vals []float32) []byte {
 		binary.LittleEndian.PutUint32(out[4*i:], math.Float32bits(v))
 	}
 	return out
+}
+
+// agreeMin over a real 3-rank group: every rank gets the smallest count,
+// exactly, for counts beyond float32's 2^24.
+func TestAgreeMin(t *testing.T) {
+	ln, err := tp.Listen(tp.Config{Rank: 0, Size: 3, Addr: "127.0.0.1:0"})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	counts := []int{math.MaxInt32, 1<<24 + 3, 1<<24 + 7}
+	got, errs := make([]int, 3), make([]error, 3)
+	var wg sync.WaitGroup
+	for r := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var g *tp.Group
+			var err error
+			if r == 0 {
+				g, err = ln.Accept(ctx)
+			} else {
+				g, err = tp.Join(ctx, tp.Config{Rank: r, Size: 3, Addr: ln.Addr()})
+			}
+			if err != nil {
+				errs[r] = err
+				return
+			}
+			defer g.Close()
+			got[r], errs[r] = agreeMin(g, counts[r])
+		}()
+	}
+	wg.Wait()
+	for r := range 3 {
+		require.NoError(t, errs[r])
+		assert.Equal(t, 1<<24+3, got[r], "rank %d", r)
+	}
 }

@@ -164,9 +164,12 @@ func (g *localGroup) reduce(rank int, v []float32) error {
 
 // SplitModel runs a model split over ranks in one process: every call runs
 // on all ranks concurrently (each rank's collectives meet the others') and
-// returns rank 0's result (errors of every rank joined).
+// returns rank 0's result (errors of every rank joined). A rank whose call
+// fails closes its comm (when Comms is set), so the others' all-reduces fail
+// instead of waiting for it, as sdk/tp's leader and followers do.
 type SplitModel struct {
 	Ranks []engine.Model
+	Comms []*LocalComm // Comms[r] is rank r's (optional)
 }
 
 var (
@@ -174,15 +177,18 @@ var (
 	_ engine.GroupModel  = (*SplitModel)(nil)
 )
 
-func each[T any](ranks []engine.Model, f func(m engine.Model) (T, error)) (T, error) {
-	res := make([]T, len(ranks))
-	errs := make([]error, len(ranks))
+func each[T any](s *SplitModel, f func(m engine.Model) (T, error)) (T, error) {
+	res := make([]T, len(s.Ranks))
+	errs := make([]error, len(s.Ranks))
 	var wg sync.WaitGroup
-	for r, m := range ranks {
+	for r, m := range s.Ranks {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			res[r], errs[r] = f(m)
+			if errs[r] != nil && r < len(s.Comms) {
+				s.Comms[r].Close() //nolint:errcheck // breaks the group: the others stop waiting
+			}
 		}()
 	}
 	wg.Wait()
@@ -192,11 +198,11 @@ func each[T any](ranks []engine.Model, f func(m engine.Model) (T, error)) (T, er
 func (s *SplitModel) Spec() engine.Spec { return s.Ranks[0].Spec() }
 
 func (s *SplitModel) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
-	return each(s.Ranks, func(m engine.Model) (*engine.Output, error) { return m.Forward(ctx, b) })
+	return each(s, func(m engine.Model) (*engine.Output, error) { return m.Forward(ctx, b) })
 }
 
 func (s *SplitModel) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, error) {
-	return each(s.Ranks, func(m engine.Model) ([]int32, error) {
+	return each(s, func(m engine.Model) ([]int32, error) {
 		gm, ok := m.(engine.GreedyModel)
 		if !ok {
 			return nil, errors.New("rank model is not an engine.GreedyModel")
@@ -206,12 +212,12 @@ func (s *SplitModel) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int3
 }
 
 func (s *SplitModel) CopyBlock(dst, src int32) error {
-	_, err := each(s.Ranks, func(m engine.Model) (struct{}, error) { return struct{}{}, m.CopyBlock(dst, src) })
+	_, err := each(s, func(m engine.Model) (struct{}, error) { return struct{}{}, m.CopyBlock(dst, src) })
 	return err
 }
 
 func (s *SplitModel) CopyGroupBlock(g int, dst, src int32) error {
-	_, err := each(s.Ranks, func(m engine.Model) (struct{}, error) {
+	_, err := each(s, func(m engine.Model) (struct{}, error) {
 		gm, ok := m.(engine.GroupModel)
 		if !ok {
 			return struct{}{}, errors.New("rank model is not an engine.GroupModel")
@@ -246,7 +252,7 @@ func LoadSplit(t *testing.T, c Config, size int, opts nn.Options, load func(path
 		opts.WindowBlocks = opts.NumBlocks
 	}
 	comms := LocalComms(size)
-	s := &SplitModel{}
+	s := &SplitModel{Comms: comms}
 	for r := range size {
 		o := opts
 		o.Backend = cpu.New(1)
