@@ -114,6 +114,7 @@ func TestServeTensorParallelCPU(t *testing.T) {
 	assert.Contains(t, logs, "tensor-parallel group loaded")
 
 	// logits and bench take --tensor-parallel too.
+	t.Setenv("ORCH_PLUGINS__DIR", dir) // logits has no --plugins-dir
 	tokens := "464,3290,318,257,1310"
 	logitsOf := func(extra ...string) []float32 {
 		out := filepath.Join(t.TempDir(), "l.npy")
@@ -121,7 +122,7 @@ func TestServeTensorParallelCPU(t *testing.T) {
 		var stdout, stderr syncBuf
 		root.SetOut(&stdout)
 		root.SetErr(&stderr)
-		root.SetArgs(append([]string{"logits", "--model", path, "--plugins-dir", dir, "--device", "cpu", "--tokens", tokens,
+		root.SetArgs(append([]string{"logits", "--model", path, "--device", "cpu", "--tokens", tokens,
 			"--out", out, "--log-level", "warn"}, extra...))
 		require.NoError(t, root.Execute(), stderr.String())
 		return readNPY(t, out)

@@ -407,7 +407,7 @@ func (s *Group) loadGen(ctx context.Context, g *generation, req sdk.LoadRequest,
 	if info.DeviceName == "" {
 		info.DeviceName = info.Backend
 	}
-	info.DeviceName = fmt.Sprintf("%d x %s (tensor-parallel)", s.size, info.DeviceName)
+	info.DeviceName = fmt.Sprintf("%d x %s, tensor-parallel", s.size, info.DeviceName)
 	return info, nil
 }
 
@@ -415,7 +415,7 @@ func (s *Group) loadGen(ctx context.Context, g *generation, req sdk.LoadRequest,
 // (rank 0 listens at a fresh loopback port, the others connect). Progress
 // is merged over the ranks. ModelInfo is rank 0's with WeightBytes, KVBytes
 // and ParamCount summed over the ranks (replicated tensors count once per
-// rank) and DeviceName "<size> x <rank 0's device> (tensor-parallel)". If any
+// rank) and DeviceName "<size> x <rank 0's device>, tensor-parallel". If any
 // rank fails, the others' Load is cancelled, every rank is restarted
 // (unloaded: a half-joined group cannot be reused) and every rank's error
 // is returned.

@@ -314,7 +314,7 @@ func TestGroupLoadAndRouting(t *testing.T) {
 		Options: sdk.LoadOptions{Threads: 3, Extra: map[string]string{"step_delay": "1ms", "keep": "me"}}},
 		func(p sdk.LoadProgress) { mu.Lock(); last = p; mu.Unlock() })
 	require.NoError(t, err)
-	assert.Equal(t, "2 x fake (tensor-parallel)", info.DeviceName)
+	assert.Equal(t, "2 x fake, tensor-parallel", info.DeviceName)
 	assert.EqualValues(t, 200, info.WeightBytes, "summed over ranks")
 	assert.EqualValues(t, 20, info.KVBytes)
 	assert.Equal(t, 64, info.VocabSize)
