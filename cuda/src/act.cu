@@ -8,6 +8,8 @@ static unsigned grid_for(int64_t n) { return (unsigned)min(ceil_div(n, 256), (in
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
 
 __global__ void add_kernel(float *out, const float *a, const float *b, int64_t n) {
+  pdl_trigger();
+  pdl_wait();
   GRID_LOOP(i, n) out[i] = a[i] + b[i];
 }
 __global__ void add_bias_kernel(float *y, const float *b, int64_t n, int64_t dim) {
@@ -42,7 +44,7 @@ __global__ void swiglu_oai_kernel(float *out, const float *g, const float *u, in
 extern "C" int orch_add(orch_ctx *ctx, float *out, const float *a, const float *b, int64_t n) {
   ORCH_CHECK_ARG(ctx && out && a && b && n >= 0, "add");
   if (!n) return ORCH_OK;
-  add_kernel<<<grid_for(n), 256, 0, ctx->stream>>>(out, a, b, n);
+  orch_launch_pdl(add_kernel, dim3(grid_for(n)), dim3(256), 0, ctx->stream, out, a, b, n);
   ORCH_LAUNCHED("add");
   return ORCH_OK;
 }

@@ -50,6 +50,67 @@ struct orch_ctx {
 // Records msg as the last error (thread-global, mutex-protected).
 void orch_set_error(const char *fmt, ...);
 
+// ---- Programmatic dependent launch (PDL, Hopper; docs/perf-cuda.md "Round 4") ----
+// A kernel launched by orch_launch_pdl may start while the kernel before it
+// in the stream is still running (its CTAs are scheduled as soon as every CTA
+// of the previous kernel has run pdl_trigger() or exited). Such a kernel MUST
+// call pdl_wait() in every thread before it touches any memory that an
+// earlier kernel of the stream writes or reads (read-after-write and
+// write-after-read): pdl_wait() returns once the previous grid has completed
+// and its memory operations are visible. The only loads allowed before it are
+// of memory no kernel ever writes while a step runs (the weights, uploaded
+// once before any step). pdl_trigger() lets the next kernel launch early; its
+// position does not affect correctness (the dependent's pdl_wait waits for
+// this grid's completion, whatever the trigger), only how early the next
+// kernel's CTAs occupy SM slots. Both are no-ops on sm_80 (compiled out), in
+// the CPU emulation (cuda_emu.h), and when the kernel was launched without the
+// attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#elif defined(ORCH_EMU)
+  emu_pdl_wait();
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Process-wide PDL switch: on when ORCH_CUDA_PDL is not "0" and the device
+// of the last orch_init has compute capability >= 9.0 (set in orch_init;
+// orch_set_pdl flips it for A/B timing). Graphs captured before a flip keep
+// the launches they were captured with.
+extern int g_orch_pdl;
+
+#if !defined(ORCH_EMU)
+// Launches kern like kern<<<grid, block, smem, st>>>(args...), with the
+// programmatic-stream-serialization attribute when PDL is on (also under
+// stream capture: CUDA 12.3+ records a programmatic edge between the two
+// kernel nodes). Only for kernels that call pdl_wait() as described above.
+// The launch error, if any, is left for cudaGetLastError (ORCH_LAUNCHED).
+template <typename... KArgs, typename... Args>
+static inline void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                                   Args... args) {
+  if (!g_orch_pdl) {
+    kern<<<grid, block, smem, st>>>(args...);
+    return;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kern, args...);
+}
+#endif
+
 #define ORCH_CHECK_ARG(cond, op)                                          \
   do {                                                                    \
     if (!(cond)) {                                                        \

@@ -39,9 +39,15 @@
 #define DEC16_DYN_SMEM(type, name) type *name = reinterpret_cast<type *>(attn_tc::smem)
 #define DEC16_LAUNCH(kern, grid, threads, smem, stream, ...) \
   emu_launch(grid, threads, smem, [&] { kern(__VA_ARGS__); })
+#define DEC16_LAUNCH_PDL(kern, grid, threads, smem, stream, ...) \
+  emu_launch_pdl(grid, threads, smem, [&] { kern(__VA_ARGS__); })
 #else
 #define DEC16_DYN_SMEM(type, name) extern __shared__ __align__(16) type name[]
 #define DEC16_LAUNCH(kern, grid, threads, smem, stream, ...) kern<<<grid, threads, smem, stream>>>(__VA_ARGS__)
+// Programmatic dependent launch (common.cuh orch_launch_pdl): only for
+// kernels that call pdl_wait() before touching memory earlier kernels use.
+#define DEC16_LAUNCH_PDL(kern, grid, threads, smem, stream, ...) \
+  orch_launch_pdl(kern, dim3(grid), dim3(threads), (size_t)(smem), stream, __VA_ARGS__)
 #endif
 #include "../include/orch_cuda.h"
 

@@ -15,17 +15,20 @@ constexpr int GEMV16_WARPS = 8;
 // 32), each weight block decoded once to half2 pairs (prmt/LOP3, no int->float
 // conversion) and multiplied into half2 partial sums for all n tokens,
 // folded into fp32 per block. ORCH_CUDA_GEMV=v4 selects the fp32 v4.
+// The rows of CTA `cta` (blockIdx.x of a plain launch): warps own
+// rows_per_warp consecutive rows each. With PDL (common.cuh) the first round
+// of weight words is loaded before pdl_wait(): weights are never written
+// while a step runs; x, bias and y are touched only after the wait.
 template <int T, int NT, int NB>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
-gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
-             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
-             int rows_per_warp) {
-  DEC16_DYN_SMEM(uint32_t, xsm); // nt rows of nch staged chunks, then nt*nch 1/scales
+__device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
+                                           const float *__restrict__ x, const uint8_t *__restrict__ w,
+                                           const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
+                                           int64_t row_bytes, int accumulate, int rows_per_warp) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
-  const int64_t row0 = ((int64_t)blockIdx.x * GEMV16_WARPS + warp) * rows_per_warp;
+  const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
   bool staged = false;
   for (int r = 0; r < rows_per_warp; r++) {
     const int64_t row = row0 + r;
@@ -38,6 +41,7 @@ gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
       wblocks<T, NB> b;
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
       if (!staged) { // first round of the first row: uniform over the CTA
+        pdl_wait();
         dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
         __syncthreads();
         staged = true;
@@ -73,16 +77,89 @@ gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
   }
 }
 
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+             int rows_per_warp) {
+  DEC16_DYN_SMEM(uint32_t, xsm); // nt rows of nch staged chunks, then nt*nch 1/scales
+  pdl_trigger();
+  gemv5_rows<T, NT, NB>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
+}
+
+// Multi-weight GEMV v5 (orch_matmul_multi): up to GEMV_MAX_PARTS weights of
+// one type with the same x (q, k and v of a layer) in one launch; part p owns
+// CTAs [end[p-1], end[p]) and runs exactly gemv5_kernel's code on them, so
+// every output is bit-identical to a separate launch.
+constexpr int GEMV_MAX_PARTS = 3;
+struct gemv5_parts {
+  const uint8_t *w[GEMV_MAX_PARTS];
+  const float *bias[GEMV_MAX_PARTS];
+  float *y[GEMV_MAX_PARTS];
+  int64_t m[GEMV_MAX_PARTS];
+  int rpw[GEMV_MAX_PARTS];
+  unsigned end[GEMV_MAX_PARTS]; // cumulative CTA counts (unused parts: the total)
+};
+
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  // Selects instead of P.x[p]: a dynamic index would copy P to local memory.
+  static_assert(GEMV_MAX_PARTS == 3, "part selection below");
+  const unsigned b = blockIdx.x;
+  const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
+#define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
+  const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
+  gemv5_rows<T, NT, NB>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m), row_bytes, 0,
+                        GEMV5_PICK(rpw));
+#undef GEMV5_PICK
+}
+
+template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
+static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : 1; }
+
 template <int T, int NT>
 static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
                             int64_t k, int64_t m, int64_t rb, int acc) {
-  constexpr int NB = (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3;
-  const int rpw = m >= 32768 ? 2 : 1;
+  constexpr int NB = gemv5_nb<T, NT>();
+  const int rpw = gemv5_rpw(m);
   size_t sm = dec16_smem(k, NT);
   if (sm > 48 * 1024) cudaFuncSetAttribute(gemv5_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
   auto kern = gemv5_kernel<T, NT, NB>;
-  DEC16_LAUNCH(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
+  DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
+}
+
+// P: count parts filled in (w, bias, y, m); rpw and end are set here.
+template <int T, int NT>
+static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
+                                  int64_t rb) {
+  constexpr int NB = gemv5_nb<T, NT>();
+  size_t sm = dec16_smem(k, NT);
+  if (sm > 48 * 1024)
+    cudaFuncSetAttribute(gemv5_multi_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  unsigned total = 0;
+  for (int p = 0; p < count; p++) {
+    P.rpw[p] = gemv5_rpw(P.m[p]);
+    total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
+    P.end[p] = total;
+  }
+  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
+  auto kern = gemv5_multi_kernel<T, NT, NB>;
+  DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb);
+}
+
+template <int T>
+static void launch_gemv5_multi(cudaStream_t st, const gemv5_parts &P, int count, const float *x, int64_t n, int64_t k,
+                               int64_t rb) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (n == 1) launch_gemv5_multi_nt<T, 1>(st, P, count, x, n, k, rb);
+    else if (n == 2) launch_gemv5_multi_nt<T, 2>(st, P, count, x, n, k, rb);
+    else if (n <= 4) launch_gemv5_multi_nt<T, 4>(st, P, count, x, n, k, rb);
+    else launch_gemv5_multi_nt<T, 8>(st, P, count, x, n, k, rb);
+  }
 }
 
 template <int T>
@@ -121,7 +198,9 @@ gemv6_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
     ffn_load<T, NB>(b, w + (valid ? row : 0) * row_bytes, (int64_t)(it % rounds) * 32 * NB, lane, nch, valid);
   };
   wblocks<T, NB> b0, b1;
-  load(b0, 0);
+  pdl_trigger();
+  load(b0, 0); // weights only (never written while a step runs): before the PDL wait
+  pdl_wait();
   dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
   __syncthreads();
   float acc[NT];
@@ -189,7 +268,7 @@ static void launch_gemv6_nt(cudaStream_t st, float *y, const float *x, const uin
   }
   const int64_t gx = min(ceil_div(m, (int64_t)GEMV16_WARPS), (int64_t)per_sm * sms);
   auto kern = gemv6_kernel<T, NT, NB>;
-  DEC16_LAUNCH(kern, dim3((unsigned)gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc);
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc);
 }
 
 template <int T>
@@ -216,6 +295,10 @@ __global__ void __launch_bounds__(GEMVF32_THREADS)
 gemv_f32_rows_kernel(float *__restrict__ y, const float *__restrict__ x, const float *__restrict__ w,
                      const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int accumulate) {
   DEC16_DYN_SMEM(float, red); // NT x (GEMVF32_THREADS / 32) partial sums
+  // PDL: wait first — an F32 "weight" may be any F32 tensor, possibly one an
+  // earlier kernel of the step wrote.
+  pdl_trigger();
+  pdl_wait();
   const int64_t row = blockIdx.x;
   const int nt = (int)min((int64_t)NT, n);
   const float4 *wr = reinterpret_cast<const float4 *>(w + row * k);
@@ -254,7 +337,7 @@ template <int NT>
 static void launch_gemv_f32_rows_nt(cudaStream_t st, float *y, const float *x, const float *w, const float *bias,
                                     int64_t n, int64_t k, int64_t m, int acc) {
   auto kern = gemv_f32_rows_kernel<NT>;
-  DEC16_LAUNCH(kern, dim3((unsigned)m), GEMVF32_THREADS, (size_t)NT * (GEMVF32_THREADS / 32) * sizeof(float), st, y,
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)m), GEMVF32_THREADS, (size_t)NT * (GEMVF32_THREADS / 32) * sizeof(float), st, y,
                x, w, bias, n, k, m, acc);
 }
 

@@ -593,6 +593,36 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   return ORCH_OK;
 }
 
+extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
+                                 const orch_gemv_part *parts) {
+  const char *op = "matmul_multi";
+  ORCH_CHECK_ARG(ctx && x && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
+  for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
+  // Only where orch_matmul would run GEMV v5 for every part (so that each
+  // output is bit-identical to its own orch_matmul); otherwise the caller
+  // launches the parts one by one.
+  if (ctx->gemv != 5 || n < 1 || n > 8 || !gemv3_type(wtype) || k % 32 || !aligned16(x) ||
+      dec16_smem(k, n <= 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) > GEMV3_MAX_SMEM) {
+    orch_set_error("matmul_multi: not the v5 GEMV path (type %d, n=%lld, k=%lld)", wtype, (long long)n, (long long)k);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  const int64_t rb = orch_row_bytes(wtype, k);
+  gemv5_parts P = {};
+  for (int p = 0; p < count; p++) {
+    if ((parts[p].m * rb) % 4 || !aligned16(parts[p].w)) {
+      orch_set_error("matmul_multi: part %d is not on the v5 GEMV path", p);
+      return ORCH_ERR_UNSUPPORTED;
+    }
+    P.w[p] = (const uint8_t *)parts[p].w;
+    P.bias[p] = parts[p].bias;
+    P.y[p] = parts[p].y;
+    P.m[p] = parts[p].m;
+  }
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi, ctx->stream, P, count, x, n, k, rb);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
 extern "C" int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t x_per_slot, const void *w,
                                int32_t wtype, const float *bias, const int32_t *ids, int64_t n, int32_t n_slots,
                                int64_t k, int64_t m) {
@@ -624,6 +654,8 @@ template <int T>
 __global__ void get_rows_kernel(float *__restrict__ out, const uint8_t *__restrict__ table,
                                 const int32_t *__restrict__ ids, int64_t n, int64_t dim, int64_t row_bytes,
                                 int accumulate) {
+  pdl_trigger();
+  pdl_wait(); // ids (and out, when accumulating) come from earlier kernels
   const int64_t nch = dim / 32;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * nch; i += (int64_t)gridDim.x * blockDim.x) {
     int64_t r = i / nch, c = i % nch;
@@ -639,7 +671,7 @@ template <int T>
 static void launch_get_rows(cudaStream_t st, float *out, const uint8_t *table, const int32_t *ids, int64_t n,
                             int64_t dim, int64_t rb, int acc) {
   unsigned blocks = (unsigned)min(ceil_div(n * (dim / 32), 128), (int64_t)65535);
-  get_rows_kernel<T><<<blocks, 128, 0, st>>>(out, table, ids, n, dim, rb, acc);
+  orch_launch_pdl(get_rows_kernel<T>, dim3(blocks), dim3(128), 0, st, out, table, ids, n, dim, rb, acc);
 }
 
 extern "C" int orch_get_rows(orch_ctx *ctx, float *out, const void *table, int32_t ttype, const int32_t *ids,

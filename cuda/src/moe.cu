@@ -7,6 +7,8 @@ constexpr int TOPK_MAX = 16;
 
 // One warp per row; k rounds of a warp arg-max (n_exp is small: 32..256).
 __global__ void moe_topk_kernel(int32_t *ids, float *wts, const float *logits, int64_t n, int n_exp, int k) {
+  pdl_trigger();
+  pdl_wait();
   int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
   int lane = threadIdx.x & 31;
   if (row >= n) return;
@@ -59,13 +61,16 @@ extern "C" int orch_moe_topk(orch_ctx *ctx, int32_t *ids, float *weights, const 
   ORCH_CHECK_ARG(n_exp > 0 && n_exp <= 32 * 32 && k > 0 && k <= TOPK_MAX && k <= n_exp, "moe_topk");
   if (!n) return ORCH_OK;
   const int warps = 4;
-  moe_topk_kernel<<<(unsigned)ceil_div(n, warps), warps * 32, 0, ctx->stream>>>(ids, weights, logits, n, n_exp, k);
+  orch_launch_pdl(moe_topk_kernel, dim3((unsigned)ceil_div(n, warps)), dim3(warps * 32), 0, ctx->stream, ids, weights,
+                  logits, n, n_exp, k);
   ORCH_LAUNCHED("moe_topk");
   return ORCH_OK;
 }
 
 __global__ void moe_combine_kernel(float *out, const float *y, const float *w, int64_t n, int k, int64_t dim,
                                    int accumulate) {
+  pdl_trigger();
+  pdl_wait();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * dim; i += (int64_t)gridDim.x * blockDim.x) {
     int64_t t = i / dim, d = i % dim;
     float s = 0.f;
@@ -79,7 +84,7 @@ extern "C" int orch_moe_combine(orch_ctx *ctx, float *out, const float *y, const
   ORCH_CHECK_ARG(ctx && out && y && w && n >= 0 && k > 0 && dim > 0, "moe_combine");
   if (!n) return ORCH_OK;
   unsigned blocks = (unsigned)min(ceil_div(n * dim, 256), (int64_t)65535);
-  moe_combine_kernel<<<blocks, 256, 0, ctx->stream>>>(out, y, w, n, k, dim, accumulate);
+  orch_launch_pdl(moe_combine_kernel, dim3(blocks), dim3(256), 0, ctx->stream, out, y, w, n, k, dim, accumulate);
   ORCH_LAUNCHED("moe_combine");
   return ORCH_OK;
 }

@@ -26,6 +26,8 @@ moe_gate_up_kernel(float *__restrict__ act, const float *__restrict__ x, const u
                    const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
                    float limit) {
   DEC16_DYN_SMEM(float, xs);
+  pdl_trigger();
+  pdl_wait(); // ids / x / act come from the previous kernels
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t p = blockIdx.y, t = p / n_slots;
@@ -62,6 +64,8 @@ moe_down_kernel(float *__restrict__ out, const float *__restrict__ act, const ui
                 const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
                 int n_slots, int64_t k, int64_t m, int64_t rb) {
   DEC16_DYN_SMEM(float, xs);
+  pdl_trigger();
+  pdl_wait(); // ids / x / act come from the previous kernels
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t t = blockIdx.y;
@@ -133,6 +137,8 @@ moe_gate_up_h_kernel(float *__restrict__ act, const float *__restrict__ x, const
                      const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
                      float limit) {
   DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  pdl_wait(); // ids / x / act come from the previous kernels
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t p = blockIdx.y, t = p / n_slots;
@@ -167,6 +173,8 @@ moe_down_h_kernel(float *__restrict__ out, const float *__restrict__ act, const 
                   const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
                   int n_slots, int64_t k, int64_t m, int64_t rb) {
   DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  pdl_wait(); // ids / x / act come from the previous kernels
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t t = blockIdx.y;
@@ -207,6 +215,8 @@ moe_gate_up_hp_kernel(float *__restrict__ act, const float *__restrict__ x, cons
                       const int32_t *__restrict__ ids, int n_slots, int64_t k, int64_t m, int64_t rb, float alpha,
                       float limit) {
   DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  pdl_wait(); // ids / x / act come from the previous kernels
   const int lane = threadIdx.x & 31;
   const int64_t gw = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5), nw = (int64_t)gridDim.x * FFN_WARPS;
   const int64_t p = blockIdx.y, t = p / n_slots;
@@ -281,6 +291,8 @@ moe_down_hp_kernel(float *__restrict__ out, const float *__restrict__ act, const
                    const float *__restrict__ db, const int32_t *__restrict__ ids, const float *__restrict__ wts,
                    int n_slots, int64_t k, int64_t m, int64_t rb) {
   DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  pdl_wait(); // ids / x / act come from the previous kernels
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int64_t t = blockIdx.y;
@@ -345,7 +357,7 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
       const int64_t gx = max((int64_t)1, min(ceil_div(m, FFN_WARPS), wave / pairs));
       dim3 grid((unsigned)gx, (unsigned)pairs);
       auto kern = moe_gate_up_hp_kernel<T, NBP>;
-      DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
                    orch_row_bytes(T, k), alpha, limit);
       return;
     }
@@ -355,7 +367,7 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
         cudaFuncSetAttribute(moe_gate_up_h_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)(n * n_slots));
       auto kern = moe_gate_up_h_kernel<T, NB>;
-      DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
                    orch_row_bytes(T, k), alpha, limit);
       return;
     }
@@ -364,7 +376,7 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
       cudaFuncSetAttribute(moe_gate_up_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)(n * n_slots));
     auto kern = moe_gate_up_kernel<T, NB>;
-    DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
+    DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, k, m,
                  orch_row_bytes(T, k), alpha, limit);
   }
 }
@@ -380,7 +392,7 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
         cudaFuncSetAttribute(moe_down_hp_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
       auto kern = moe_down_hp_kernel<T, NB>;
-      DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
                    orch_row_bytes(T, k));
       return;
     }
@@ -391,7 +403,7 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
         cudaFuncSetAttribute(moe_down_h_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
       auto kern = moe_down_h_kernel<T, NB>;
-      DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
                    orch_row_bytes(T, k));
       return;
     }
@@ -401,7 +413,7 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
       cudaFuncSetAttribute(moe_down_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
     auto kern = moe_down_kernel<T, NB>;
-    DEC16_LAUNCH(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
+    DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, k, m,
                  orch_row_bytes(T, k));
   }
 }

@@ -9,6 +9,8 @@ __global__ void __launch_bounds__(NORM_THREADS)
 norm_kernel(float *__restrict__ out, float *__restrict__ x, const float *__restrict__ add, const float *__restrict__ w,
             const float *__restrict__ b, int64_t dim, float eps) {
   __shared__ float sh[32];
+  pdl_trigger();
+  pdl_wait(); // PDL: everything below reads or writes what earlier kernels use
   float *xr = x + blockIdx.x * dim;
   const float *ar = add ? add + blockIdx.x * dim : nullptr;
   float *orow = out + blockIdx.x * dim;
@@ -42,7 +44,8 @@ extern "C" int orch_rmsnorm(orch_ctx *ctx, float *out, float *x, const float *ad
                             int64_t dim, float eps) {
   ORCH_CHECK_ARG(ctx && out && x && n >= 0 && dim > 0 && n < (1ll << 31), "rmsnorm");
   if (n == 0) return ORCH_OK;
-  norm_kernel<false><<<(unsigned)n, NORM_THREADS, 0, ctx->stream>>>(out, x, add, w, nullptr, dim, eps);
+  orch_launch_pdl(norm_kernel<false>, dim3((unsigned)n), dim3(NORM_THREADS), 0, ctx->stream, out, x, add, w,
+                  (const float *)nullptr, dim, eps);
   ORCH_LAUNCHED("rmsnorm");
   return ORCH_OK;
 }
@@ -51,7 +54,7 @@ extern "C" int orch_layernorm(orch_ctx *ctx, float *out, float *x, const float *
                               int64_t n, int64_t dim, float eps) {
   ORCH_CHECK_ARG(ctx && out && x && n >= 0 && dim > 0 && n < (1ll << 31), "layernorm");
   if (n == 0) return ORCH_OK;
-  norm_kernel<true><<<(unsigned)n, NORM_THREADS, 0, ctx->stream>>>(out, x, add, w, b, dim, eps);
+  orch_launch_pdl(norm_kernel<true>, dim3((unsigned)n), dim3(NORM_THREADS), 0, ctx->stream, out, x, add, w, b, dim, eps);
   ORCH_LAUNCHED("layernorm");
   return ORCH_OK;
 }

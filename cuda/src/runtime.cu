@@ -19,6 +19,21 @@ void orch_set_error(const char *fmt, ...) {
 
 extern "C" int orch_abi_version(void) { return ORCH_ABI_VERSION; }
 
+int g_orch_pdl = 0;
+
+// PDL is available from compute capability 9.0 (Hopper) on.
+static bool pdl_device_ok(int device) {
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+}
+
+extern "C" int orch_set_pdl(orch_ctx *ctx, int32_t on, int32_t *was) {
+  ORCH_CHECK_ARG(ctx, "set_pdl");
+  if (was) *was = g_orch_pdl;
+  g_orch_pdl = on && pdl_device_ok(ctx->device) ? 1 : 0;
+  return ORCH_OK;
+}
+
 extern "C" int orch_last_error(char *buf, int64_t n) {
   if (!buf || n <= 0) return ORCH_ERR_INVALID;
   std::lock_guard<std::mutex> lk(g_err_mu);
@@ -81,6 +96,10 @@ extern "C" int orch_init(int32_t device, orch_ctx **out) {
   c->attn_v1 = av && strcmp(av, "v1") == 0;
   const char *mv = getenv("ORCH_CUDA_MOE");
   c->moe_v1 = mv && strcmp(mv, "v1") == 0;
+  // Programmatic dependent launch of the decode kernels: on by default on
+  // Hopper; ORCH_CUDA_PDL=0 turns it off (A/B on the same card).
+  const char *pv = getenv("ORCH_CUDA_PDL");
+  g_orch_pdl = !(pv && strcmp(pv, "0") == 0) && pdl_device_ok(device) ? 1 : 0;
   *out = c;
   return ORCH_OK;
 }

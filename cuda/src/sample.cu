@@ -16,6 +16,8 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
 }
 
 __global__ void __launch_bounds__(SAMPLE_THREADS) argmax_kernel(int32_t *out, const float *logits, int64_t vocab) {
+  pdl_trigger();
+  pdl_wait(); // PDL: everything below reads or writes what earlier kernels use
   const float *lr = logits + blockIdx.x * vocab;
   float best = -INFINITY;
   int64_t bi = INT64_MAX;
@@ -56,7 +58,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) argmax_kernel(int32_t *out, co
 extern "C" int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab) {
   ORCH_CHECK_ARG(ctx && out && logits && n >= 0 && n <= 65535 && vocab > 0 && vocab < (1ll << 31), "argmax");
   if (!n) return ORCH_OK;
-  argmax_kernel<<<(unsigned)n, SAMPLE_THREADS, 0, ctx->stream>>>(out, logits, vocab);
+  orch_launch_pdl(argmax_kernel, dim3((unsigned)n), dim3(SAMPLE_THREADS), 0, ctx->stream, out, logits, vocab);
   ORCH_LAUNCHED("argmax");
   return ORCH_OK;
 }
@@ -84,6 +86,8 @@ sample_kernel(int32_t *out, const float *logits, int64_t vocab, float temperatur
   __shared__ float sh[32];
   __shared__ float chunk[SAMPLE_THREADS];
   __shared__ int32_t result;
+  pdl_trigger();
+  pdl_wait(); // PDL: everything below reads or writes what earlier kernels use
   SampleRow r{logits + blockIdx.x * vocab, vocab, 0.f, 1.f / temperature};
   float mx = -INFINITY;
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, r.l[i]);
@@ -170,8 +174,8 @@ extern "C" int orch_sample(orch_ctx *ctx, int32_t *out, const float *logits, int
   if (!n) return ORCH_OK;
   if (temperature <= 0.f) return orch_argmax(ctx, out, logits, n, vocab);
   ORCH_CHECK_ARG(rng, "sample");
-  sample_kernel<<<(unsigned)n, SAMPLE_THREADS, 0, ctx->stream>>>(out, logits, vocab, temperature, top_k, top_p,
-                                                                 min_p, rng);
+  orch_launch_pdl(sample_kernel, dim3((unsigned)n), dim3(SAMPLE_THREADS), 0, ctx->stream, out, logits, vocab,
+                  temperature, top_k, top_p, min_p, rng);
   ORCH_LAUNCHED("sample");
   return ORCH_OK;
 }

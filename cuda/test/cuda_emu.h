@@ -104,6 +104,7 @@ struct EmuFiber {
   std::vector<char> stack;
   bool done = false;
   int id = 0;
+  bool pdl_waited = false; // called pdl_wait() / cudaGridDependencySynchronize() (see emu_launch_pdl)
 };
 inline ucontext_t g_sched_ctx;
 inline std::vector<EmuFiber> g_fibers;
@@ -260,8 +261,20 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix
 } // namespace wmma
 } // namespace nvcuda
 
+// Programmatic dependent launch (common.cuh pdl_wait / pdl_trigger): on the
+// CPU every launch runs after the previous one has finished, so waiting is a
+// no-op; what the emulation checks is that a kernel launched with PDL
+// (emu_launch_pdl) calls the wait in every thread of every CTA — a thread that
+// skips it would race with the previous kernel on the GPU.
+inline bool g_emu_pdl_required = false;
+inline void emu_pdl_wait() { g_cur->pdl_waited = true; }
+inline void cudaGridDependencySynchronize() { emu_pdl_wait(); }
+inline void cudaTriggerProgrammaticLaunchCompletion() {}
+
 inline void emu_fiber_main() {
   (*g_kernel)();
+  CHECK(!g_emu_pdl_required || g_cur->pdl_waited, "PDL-launched kernel: thread %d of CTA (%u,%u,%u) exits without pdl_wait()",
+        g_cur->id, blockIdx.x, blockIdx.y, blockIdx.z);
   g_cur->done = true;
   g_progress++;
   swapcontext(&g_cur->ctx, &g_sched_ctx);
@@ -289,6 +302,7 @@ inline void emu_launch(dim3 grid, int threads, size_t smem_bytes, const std::fun
           f.stack.resize(256 * 1024);
           f.done = false;
           f.id = i;
+          f.pdl_waited = false;
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack.data();
           f.ctx.uc_stack.ss_size = f.stack.size();
@@ -308,4 +322,12 @@ inline void emu_launch(dim3 grid, int threads, size_t smem_bytes, const std::fun
           CHECK(g_progress != before, "CTA (%u,%u,%u) deadlocks: a barrier not every thread reaches", bx, by, bz);
         }
       }
+}
+
+// emu_launch for a kernel launched with programmatic dependent launch: also
+// checks that every thread calls pdl_wait().
+inline void emu_launch_pdl(dim3 grid, int threads, size_t smem_bytes, const std::function<void()> &kernel) {
+  g_emu_pdl_required = true;
+  emu_launch(grid, threads, smem_bytes, kernel);
+  g_emu_pdl_required = false;
 }

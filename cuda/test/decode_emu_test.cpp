@@ -83,10 +83,20 @@ inline unsigned __shfl_xor_sync(unsigned, unsigned v, int m) {
 }
 
 
+// common.cuh's orch_launch_pdl (compiled out under ORCH_EMU) for the
+// kernels launched with <<<>>> syntax in the library (rope.cu): a launch that
+// also checks every thread calls pdl_wait().
+struct orch_ctx;
+template <typename... KArgs, typename... Args>
+void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
+  emu_launch_pdl(grid, (int)block.x, smem, [&] { kern(((KArgs)args)...); });
+}
+
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
 #include "../src/moe_ffn.cu"
 #include "../src/gemv16.cuh"
+#include "../src/rope.cu"
 #undef warp_sum
 #undef warp_max
 #include "emu_lib.h"
@@ -281,6 +291,72 @@ static void test_gemv(int t, int64_t k, int64_t m, int n, bool bias, bool accumu
          tname(t), (long long)k, (long long)m, n);
 }
 
+// Multi-weight GEMV (orch_matmul_multi's kernel): parts of different row
+// counts sharing x, each output bit-identical to its own launch_gemv5.
+static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n) {
+  std::vector<std::unique_ptr<QW>> ws;
+  const auto x = randv((size_t)(n * k), 1.f);
+  Buf<float> bx(x);
+  gemv5_parts P = {};
+  std::vector<std::unique_ptr<Buf<float>>> bias, ym, ys;
+  for (size_t p = 0; p < ms.size(); p++) {
+    ws.push_back(std::make_unique<QW>());
+    make_weight(*ws[p], t, k, ms[p]);
+    bias.push_back(std::make_unique<Buf<float>>(randv((size_t)ms[p], 1.f)));
+    ym.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
+    ys.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
+    P.w[p] = ws[p]->bytes;
+    P.bias[p] = p == 1 ? nullptr : bias[p]->p; // one part without bias
+    P.y[p] = ym[p]->p;
+    P.m[p] = ms[p];
+  }
+  const int64_t rb = orch_row_bytes(t, k);
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), bx.p, n, k, rb);
+  for (size_t p = 0; p < ms.size(); p++) {
+    ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb, 0);
+    EXPECT(std::memcmp(ym[p]->p, ys[p]->p, sizeof(float) * ym[p]->n) == 0,
+           "GEMV v5 multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", p, tname(t), (long long)k,
+           (long long)ms[p], n);
+    for (size_t i = 0; i < ym[p]->n; i++)
+      EXPECT(std::isfinite(ym[p]->p[i]), "GEMV v5 multi part %zu: y[%zu] not written", p, i);
+  }
+  std::printf("GEMV v5 multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", tname(t),
+              (long long)k, ms.size(), n);
+}
+
+// RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
+// (bit for bit) and a float64 reference.
+static void test_rope2(int neox) {
+  const int64_t n = 3;
+  const int hd = 16, rot = 12, hq = 4, hk = 2;
+  std::vector<float> q0 = randv((size_t)(n * hq * hd), 1.f), k0 = randv((size_t)(n * hk * hd), 1.f);
+  std::vector<float> inv(rot / 2);
+  for (int i = 0; i < rot / 2; i++) inv[(size_t)i] = std::pow(10000.f, -2.f * i / rot);
+  const std::vector<int32_t> posv = {0, 7, 130};
+  Buf<int32_t> pos(posv);
+  Buf<float> bi(inv), qa(q0), ka(k0), qb(q0), kb(k0);
+  orch_ctx ctx;
+  EXPECT(orch_rope2(&ctx, qa.p, hq * hd, hq, ka.p, hk * hd, hk, n, hd, rot, pos.p, bi.p, 1.25f, neox) == ORCH_OK,
+         "rope2: %s", g_err);
+  EXPECT(orch_rope(&ctx, qb.p, hq * hd, n, hq, hd, rot, pos.p, bi.p, 1.25f, neox) == ORCH_OK, "rope: %s", g_err);
+  EXPECT(orch_rope(&ctx, kb.p, hk * hd, n, hk, hd, rot, pos.p, bi.p, 1.25f, neox) == ORCH_OK, "rope: %s", g_err);
+  EXPECT(std::memcmp(qa.p, qb.p, qa.n * 4) == 0 && std::memcmp(ka.p, kb.p, ka.n * 4) == 0,
+         "rope2 (neox=%d) != two rope calls", neox);
+  // float64 reference of q
+  double worst = 0;
+  for (int64_t t = 0; t < n; t++)
+    for (int h = 0; h < hq; h++)
+      for (int p = 0; p < rot / 2; p++) {
+        const size_t base = (size_t)(t * hq * hd + h * hd);
+        const size_t i0 = base + (neox ? p : 2 * p), i1 = base + (neox ? p + rot / 2 : 2 * p + 1);
+        const double th = (double)posv[(size_t)t] * inv[(size_t)p], c = 1.25 * std::cos(th), s = 1.25 * std::sin(th);
+        worst = std::max(worst, std::fabs(qa.p[i0] - (q0[i0] * c - q0[i1] * s)));
+        worst = std::max(worst, std::fabs(qa.p[i1] - (q0[i0] * s + q0[i1] * c)));
+      }
+  EXPECT(worst < 1e-4, "rope2 (neox=%d): max error %.3g vs float64", neox, worst);
+  std::printf("RoPE q+k in one launch (neox=%d): bit-identical to two launches, max error %.2e\n", neox, worst);
+}
+
 // F32 small-m GEMV (routers): 1e-5 against float64 (fp32 products and sums).
 static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulate) {
   const auto w = randv((size_t)(m * k), 1.f), x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f),
@@ -316,6 +392,13 @@ int main(int argc, char **argv) {
       test_gemv(t, 2880, 24, 4, false, false);
     }
   }
+  for (int t : {ORCH_T_Q8_0, ORCH_T_MXFP4}) {
+    test_gemv_multi(t, 96, {36, 8, 8}, 1);   // q, k, v (ragged first part)
+    test_gemv_multi(t, 128, {16, 24}, 3);    // two parts, token tile 4
+  }
+  test_gemv_multi(ORCH_T_Q4_0, 64, {8, 40, 16}, 8);
+  test_rope2(1);
+  test_rope2(0);
   for (int n : {1, 3, 8}) test_gemv_f32(96, 5, n, n != 3, n == 3);
   test_gemv_f32(4224, 3, 2, true, false); // two rounds of the 1024 threads
   if (long_run) test_gemv_f32(2880, 32, 1, true, false);

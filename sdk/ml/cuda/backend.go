@@ -47,6 +47,10 @@ type Backend struct {
 	retired   []uintptr
 	graphs    map[string]uintptr
 	capturing bool
+	// Ops held back for merging (fuse.go); holdFlush while MatMul / RoPE
+	// validate their own operands.
+	pend      pending
+	holdFlush bool
 }
 
 var _ ml.GraphBackend = (*Backend)(nil)
@@ -114,6 +118,7 @@ func (b *Backend) Close() error {
 	if b.ctx == 0 {
 		return nil
 	}
+	b.flush()
 	for k, g := range b.graphs {
 		b.l.graphDestroy(g)
 		delete(b.graphs, k)
@@ -138,6 +143,7 @@ func (b *Backend) MemoryInfo() (free, total int64) {
 }
 
 func (b *Backend) Sync() error {
+	b.flush()
 	rc := b.l.sync(b.ctx)
 	err := b.err
 	b.err = nil
@@ -240,6 +246,7 @@ func (b *Backend) Weight(name string, dt ml.DType, shape []int, data []byte) (ml
 }
 
 func (b *Backend) Free(t ml.Tensor) {
+	b.flush()
 	ct, ok := t.(*tensor)
 	if !ok || ct.be != b || !ct.owned || ct.ptr == 0 {
 		return
@@ -249,6 +256,7 @@ func (b *Backend) Free(t ml.Tensor) {
 }
 
 func (b *Backend) get(t ml.Tensor) (*tensor, error) {
+	b.flush() // every op, read and write looks its operands up here: launch what is held back first
 	ct, ok := t.(*tensor)
 	if !ok || ct == nil {
 		return nil, fmt.Errorf("tensor %v is not a CUDA tensor", t)
@@ -372,6 +380,7 @@ func (b *Backend) scratchBuf(name string, bytes int) uintptr {
 // Run implements ml.GraphBackend: the first call for key captures what
 // record enqueues into a CUDA graph, later calls replay it.
 func (b *Backend) Run(key string, record func()) error {
+	b.flush() // not into the graph
 	if b.err != nil {
 		return b.err
 	}
@@ -386,6 +395,7 @@ func (b *Backend) Run(key string, record func()) error {
 	}
 	b.capturing = true
 	record()
+	b.flush() // into the graph
 	b.capturing = false
 	var g uintptr
 	endErr := b.l.status("graph_end", b.l.graphEnd(b.ctx, &g))

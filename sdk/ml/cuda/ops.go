@@ -181,7 +181,13 @@ func (b *Backend) AddLayerNorm(res, dst, x, w, bias ml.Tensor, eps float32) {
 
 func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	const op = "matmul"
+	b.holdFlush = true // a held MatMul may merge with this one (fuse.go)
 	d, xx, ww := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32), b.arg(op, "w", w, anyType)
+	bp, okb := uintptr(0), false
+	if d != nil && xx != nil && ww != nil && len(ww.shape) == 2 {
+		bp, okb = b.optF32(op, "bias", bias, ww.shape[1])
+	}
+	b.holdFlush = false
 	if d == nil || xx == nil || ww == nil {
 		return
 	}
@@ -195,11 +201,11 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 		b.failf(op, "dst %v, want [%d, %d]", d.shape, out, n)
 		return
 	}
-	bp, ok := b.optF32(op, "bias", bias, out)
-	if !ok {
+	if !okb {
 		return
 	}
 	if !gemmV1 && n >= qgemmMinN && n <= qgemmMaxN && qgemmType(ww.dt) {
+		b.flush()
 		xbf := b.scratchBuf("qgemm.x", 2*n*in)
 		if b.err != nil {
 			return
@@ -209,6 +215,9 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 			b.call(op, rc)
 			return
 		}
+	}
+	if b.holdMatMul(d, xx, ww, bp, n, in, out) {
+		return
 	}
 	b.call(op, b.l.matmul(b.ctx, d.ptr, xx.ptr, ww.ptr, int32(ww.dt), bp, int64(n), int64(in), int64(out), 0))
 }
@@ -259,7 +268,13 @@ func (b *Backend) SwiGLUOAI(dst, gate, up ml.Tensor, alpha, limit float32) {
 
 func (b *Backend) RoPE(x, pos ml.Tensor, r *ml.Rope) {
 	const op = "rope"
+	b.holdFlush = true // a held RoPE may merge with this one (fuse.go)
 	xx, p := b.arg(op, "x", x, ml.F32), b.arg(op, "pos", pos, ml.I32)
+	var f *tensor
+	if xx != nil && p != nil && r != nil {
+		f = b.arg(op, "inv_freq", r.InvFreq, ml.F32)
+	}
+	b.holdFlush = false
 	if xx == nil || p == nil {
 		return
 	}
@@ -267,7 +282,6 @@ func (b *Backend) RoPE(x, pos ml.Tensor, r *ml.Rope) {
 		b.failf(op, "nil parameters")
 		return
 	}
-	f := b.arg(op, "inv_freq", r.InvFreq, ml.F32)
 	if f == nil {
 		return
 	}
@@ -280,6 +294,10 @@ func (b *Backend) RoPE(x, pos ml.Tensor, r *ml.Rope) {
 	scale := r.Scale
 	if scale == 0 {
 		scale = 1
+	}
+	if b.holdRoPE(xx, int64(hd*heads), int64(n), int32(heads), int32(hd), int32(r.Dims), p.ptr, f.ptr, scale,
+		b2i(r.Mode == ml.RopeNeoX)) {
+		return
 	}
 	b.call(op, b.l.rope(b.ctx, xx.ptr, int64(hd*heads), int64(n), int32(heads), int32(hd), int32(r.Dims), p.ptr, f.ptr,
 		scale, b2i(r.Mode == ml.RopeNeoX)))

@@ -380,6 +380,22 @@ func (s randSrc) moe(t *testing.T, d, ff, ne, topk int) *ml.MoE {
 // graph-replayed decode step of n sequences at depth. Returns ms and the
 // minimum bytes a step reads.
 func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, float64) {
+	ms, bytes := s.decodeSteps(t, depth, n, false, []stepCfg{{name: "default", fuse: fuseOps}})
+	return ms[0], bytes
+}
+
+// stepCfg is one timed configuration of decodeSteps: launch merging
+// (fuseOps) and programmatic dependent launch on or off.
+type stepCfg struct {
+	name      string
+	fuse, pdl bool
+}
+
+// decodeSteps is decodeStep for several configurations of the same stack
+// (one graph each). sep: q, k and v as three weights, outputs and bias adds
+// in the order plugins/gpt's gpt-oss issues them (MatMul q, k, v, RoPE q, k),
+// instead of one fused qkv weight.
+func (s randSrc) decodeSteps(t *testing.T, depth, n int, sep bool, cfgs []stepCfg) ([]float64, float64) {
 	const d, nh, nkv, hd, ff, ne, topk, vocab, layers, bs = 2880, 64, 8, 64, 2880, 32, 4, 201088, 24, 16
 	qkvOut := (nh + 2*nkv) * hd
 	f := func(v int, shape ...int) ml.Tensor {
@@ -390,6 +406,7 @@ func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, 
 	type layer struct {
 		norm1, norm2, qkvB, oB, sinks ml.Tensor
 		qkv, o                        ml.Tensor
+		wq, wk, wv, bq, bk, bv        ml.Tensor // sep
 		moe                           *ml.MoE
 		kc, vc                        ml.Tensor
 	}
@@ -402,6 +419,11 @@ func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, 
 			qkv: mustW(t, s, "qkv", ml.Q8_0, d, qkvOut), o: mustW(t, s, "o", ml.Q8_0, nh*hd, d),
 			moe: s.moe(t, d, ff, ne, topk),
 			kc:  mustA(t, ml.F16, hd, nkv, bs, nb), vc: mustA(t, ml.F16, hd, nkv, bs, nb)}
+		if sep {
+			l.wq, l.wk, l.wv = mustW(t, s, "q", ml.Q8_0, d, nh*hd), mustW(t, s, "k", ml.Q8_0, d, nkv*hd), mustW(t, s, "v", ml.Q8_0, d, nkv*hd)
+			l.bq, l.bk, l.bv = f(nh*hd, nh*hd), f(nkv*hd, nkv*hd), f(nkv*hd, nkv*hd)
+			freed = append(freed, l.wq, l.wk, l.wv, l.bq, l.bk, l.bv)
+		}
 		ls = append(ls, l)
 		freed = append(freed, l.norm1, l.norm2, l.qkvB, l.oB, l.sinks, l.qkv, l.o, l.kc, l.vc, l.moe.Router, l.moe.RouterBias,
 			l.moe.Gate, l.moe.GateBias, l.moe.Up, l.moe.UpBias, l.moe.Down, l.moe.DownBias)
@@ -440,12 +462,24 @@ func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, 
 	kT = mustReshape(t, kT, hd, nkv, 1)
 	vT = mustReshape(t, vT, hd, nkv, 1)
 	attFlat := mustReshape(t, att, hd*nh, n)
+	var q2, k2, v2 ml.Tensor
+	if sep {
+		q2, k2, v2 = mustA(t, ml.F32, nh*hd, n), mustA(t, ml.F32, nkv*hd, n), mustA(t, ml.F32, nkv*hd, n)
+		qT, kT, vT = mustReshape(t, q2, hd, nh, n), mustReshape(t, k2, hd, nkv, n), mustReshape(t, v2, hd, nkv, n)
+		freed = append(freed, q2, k2, v2)
+	}
 
 	step := func() {
 		gpu.Embed(x, tokEmb, ids, false)
 		for i, l := range ls {
 			gpu.RMSNorm(h, x, l.norm1, 1e-5)
-			gpu.MatMul(qkv, h, l.qkv, l.qkvB)
+			if sep {
+				gpu.MatMul(q2, h, l.wq, l.bq)
+				gpu.MatMul(k2, h, l.wk, l.bk)
+				gpu.MatMul(v2, h, l.wv, l.bv)
+			} else {
+				gpu.MatMul(qkv, h, l.qkv, l.qkvB)
+			}
 			gpu.RoPE(qT, bt.Pos, rope)
 			gpu.RoPE(kT, bt.Pos, rope)
 			gpu.KVWrite(l.kc, l.vc, kT, vT, bt)
@@ -463,11 +497,25 @@ func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, 
 		gpu.MatMul(logits, h, head, nil)
 		gpu.Argmax(next, logits)
 	}
-	key := fmt.Sprintf("decode-%d-%d", depth, n)
-	ms := timeMs(t, 20, func() { require.NoError(t, gpu.Run(key, step)) })
-	eager := timeMs(t, 5, step)
-	t.Logf("decode depth %d: graph %.3f ms, eager %.3f ms", depth, ms, eager)
-	require.NoError(t, gpu.Sync())
+	var mss []float64
+	for i, c := range cfgs {
+		func() {
+			defer func(v bool) { fuseOps = v }(fuseOps)
+			fuseOps = c.fuse
+			if c.name != "default" { // default: as the environment set it (ORCH_CUDA_PDL)
+				was := gpu.setPDL(c.pdl)
+				defer gpu.setPDL(was)
+			}
+			key := fmt.Sprintf("decode-%d-%d-%v-%s", depth, n, sep, c.name)
+			ms := timeMs(t, 20, func() { require.NoError(t, gpu.Run(key, step)) })
+			mss = append(mss, ms)
+			if i == 0 {
+				eager := timeMs(t, 5, step)
+				t.Logf("decode depth %d (%s): graph %.3f ms, eager %.3f ms", depth, c.name, ms, eager)
+			}
+			require.NoError(t, gpu.Sync())
+		}()
+	}
 	// Check the step computed finite logits.
 	lg := make([]float32, vocab)
 	require.NoError(t, gpu.ReadF32(logits, lg))
@@ -491,7 +539,41 @@ func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, 
 	}
 	gpu.Free(tokEmb)
 	gpu.Free(head)
-	return ms, bytes
+	return mss, bytes
+}
+
+// TestDecodeLaunchPerf times the session-3 launch changes on a gpt-oss-20b
+// decode step laid out as plugins/gpt issues it (separate q/k/v GEMVs and
+// RoPEs), graph-replayed at depth 128: merged launches (fuse.go) and
+// programmatic dependent launch, each on and off, on the same stack and card.
+// Runs with ORCH_GPU_PERF=1 (not matched by -test.run TestPerf):
+//
+//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestDecodeLaunchPerf -test.v
+func TestDecodeLaunchPerf(t *testing.T) {
+	if os.Getenv("ORCH_GPU_PERF") == "" {
+		t.Skip("set ORCH_GPU_PERF=1 to time the decode launch variants")
+	}
+	r := newRandSrc(newRNG(t))
+	cfgs := []stepCfg{
+		{"fuse+pdl", true, true}, {"fuse", true, false}, {"pdl", false, true}, {"neither", false, false},
+	}
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| gpt-oss-20b shape decode step, depth 128, graph | ms | tok/s |\n|---|---|---|\n",
+		gpu.DeviceName(), gpu.ComputeCapability())
+	for _, sep := range []bool{true, false} {
+		ms, _ := r.decodeSteps(t, 128, 1, sep, cfgs)
+		layout := "separate q/k/v (as plugins/gpt)"
+		if !sep {
+			layout = "one qkv weight (TestPerf's layout)"
+		}
+		for i, c := range cfgs {
+			fmt.Fprintf(&sb, "| %s, %s | %.3f | %.0f |\n", layout, c.name, ms[i], 1e3/ms[i])
+		}
+	}
+	fmt.Print(sb.String())
+	if p := os.Getenv("ORCH_PERF_OUT"); p != "" {
+		require.NoError(t, os.WriteFile(p, []byte(sb.String()), 0o644))
+	}
 }
 
 func mustReshape(t *testing.T, x ml.Tensor, shape ...int) ml.Tensor {

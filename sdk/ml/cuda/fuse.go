@@ -1,0 +1,184 @@
+package cuda
+
+import "os"
+
+// Fewer decode launches without touching model code (issue 7, session 3):
+// the backend holds back a small-n MatMul (or a RoPE) instead of launching
+// it, and when the next op is a compatible MatMul (same x, n, k and weight
+// type: q, k and v of a layer) or RoPE (same positions and parameters: q then
+// k), launches them together as one kernel (orch_matmul_multi, orch_rope2),
+// whose outputs are bit-identical to separate launches. Anything else first
+// launches what is held ("flush"): every op (through get, which arg calls),
+// Write*/Read*, Sync, Run (before a capture begins and before it ends), Free
+// and Close. ORCH_CUDA_FUSE=0 turns the merging off.
+//
+// Why deferral in the backend and not new ml ops: plugins/ and sdk/ml/nn are
+// other code's (and the CPU backend would need the same ops); the backend sees
+// the op stream and can merge where it is provably the same computation.
+
+// fuseOps is read once; tests flip it to compare the two paths.
+var fuseOps = os.Getenv("ORCH_CUDA_FUSE") != "0"
+
+const maxGEMVParts = 3 // orch_matmul_multi's limit (GEMV_MAX_PARTS)
+
+// gemvPart mirrors orch_gemv_part field by field.
+type gemvPart struct {
+	w, bias, y uintptr
+	m          int64
+}
+
+type span struct{ p, n uintptr }
+
+func (a span) overlaps(b span) bool { return a.n > 0 && b.n > 0 && a.p < b.p+b.n && b.p < a.p+a.n }
+
+// pending is what the backend holds back: MatMuls with one x (mm > 0) or
+// RoPEs with one set of positions (rope > 0), never both.
+type pending struct {
+	mm    int
+	x     uintptr
+	wtype int32
+	n, k  int64
+	parts [maxGEMVParts]gemvPart
+	reads []span // x, weights and biases of the held parts
+	dsts  []span
+
+	rope     int
+	rx       [2]uintptr
+	rstride  [2]int64
+	rheads   [2]int32
+	rspan    [2]span
+	rn       int64
+	rhd, rot int32
+	rpos     uintptr
+	rfreq    uintptr
+	rscale   float32
+	rneox    int32
+}
+
+// flush launches what is held back (a no-op while an op validates its own
+// operands: holdFlush).
+func (b *Backend) flush() {
+	if b.holdFlush {
+		return
+	}
+	p := &b.pend
+	switch {
+	case p.mm == 1:
+		q := p.parts[0]
+		b.call("matmul", b.l.matmul(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, 0))
+	case p.mm > 1:
+		rc := b.l.matmulMulti(b.ctx, p.x, p.wtype, p.n, p.k, int32(p.mm), &p.parts[0])
+		if rc == stUnsupported { // not the v5 GEMV for every part: one launch each, as without merging
+			for _, q := range p.parts[:p.mm] {
+				b.call("matmul", b.l.matmul(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, 0))
+			}
+		} else {
+			b.call("matmul", rc)
+		}
+	case p.rope == 1:
+		b.call("rope", b.l.rope(b.ctx, p.rx[0], p.rstride[0], p.rn, p.rheads[0], p.rhd, p.rot, p.rpos, p.rfreq,
+			p.rscale, p.rneox))
+	case p.rope == 2:
+		b.call("rope", b.l.rope2(b.ctx, p.rx[0], p.rstride[0], p.rheads[0], p.rx[1], p.rstride[1], p.rheads[1], p.rn,
+			p.rhd, p.rot, p.rpos, p.rfreq, p.rscale, p.rneox))
+	}
+	p.mm, p.rope = 0, 0
+	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
+}
+
+// holdMatMul queues y = x·W^T + bias (validated, no accumulate) for merging
+// and reports whether it did; false: the caller launches it now.
+func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
+	if !fuseOps || n < 1 || n > 8 || !qgemmType(w.dt) {
+		b.flush()
+		return false
+	}
+	dst := span{d.ptr, uintptr(d.bytes)}
+	rd := []span{{w.ptr, uintptr(w.bytes)}}
+	if bias != 0 {
+		rd = append(rd, span{bias, uintptr(4 * m)})
+	}
+	p := &b.pend
+	if p.mm > 0 && p.mm < maxGEMVParts && p.x == x.ptr && p.n == int64(n) && p.k == int64(k) &&
+		p.wtype == int32(w.dt) && b.independent(dst, rd) {
+		p.parts[p.mm] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
+		p.mm++
+		p.reads = append(p.reads, rd...)
+		p.dsts = append(p.dsts, dst)
+		if p.mm == maxGEMVParts {
+			b.flush()
+		}
+		return true
+	}
+	b.flush()
+	xs := span{x.ptr, uintptr(x.bytes)}
+	if dst.overlaps(xs) { // y aliasing x: the library rejects or the kernel races; keep the old path
+		return false
+	}
+	for _, r := range rd {
+		if dst.overlaps(r) {
+			return false
+		}
+	}
+	*p = pending{mm: 1, x: x.ptr, wtype: int32(w.dt), n: int64(n), k: int64(k), reads: append(p.reads[:0], xs),
+		dsts: append(p.dsts[:0], dst)}
+	p.parts[0] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
+	p.reads = append(p.reads, rd...)
+	return true
+}
+
+// independent reports whether a part writing dst and reading rd can run in
+// the same launch as the held parts with the same results as after them: no
+// write of one is read or written by another.
+func (b *Backend) independent(dst span, rd []span) bool {
+	for _, s := range b.pend.reads {
+		if dst.overlaps(s) {
+			return false
+		}
+	}
+	for _, s := range b.pend.dsts {
+		if dst.overlaps(s) {
+			return false
+		}
+		for _, r := range rd {
+			if s.overlaps(r) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// holdRoPE queues an in-place RoPE of x (validated) for merging with the
+// next one (q then k) and reports whether it did.
+func (b *Backend) holdRoPE(x *tensor, stride, n int64, heads, hd, rot int32, pos, freq uintptr, scale float32,
+	neox int32) bool {
+	if !fuseOps {
+		b.flush()
+		return false
+	}
+	xs := span{x.ptr, uintptr(x.bytes)}
+	p := &b.pend
+	if p.rope == 1 && p.rn == n && p.rhd == hd && p.rot == rot && p.rpos == pos && p.rfreq == freq &&
+		p.rscale == scale && p.rneox == neox && !xs.overlaps(p.rspan[0]) {
+		p.rx[1], p.rstride[1], p.rheads[1], p.rspan[1] = x.ptr, stride, heads, xs
+		p.rope = 2
+		b.flush()
+		return true
+	}
+	b.flush()
+	p.rope = 1
+	p.rx[0], p.rstride[0], p.rheads[0], p.rspan[0] = x.ptr, stride, heads, xs
+	p.rn, p.rhd, p.rot, p.rpos, p.rfreq, p.rscale, p.rneox = n, hd, rot, pos, freq, scale, neox
+	return true
+}
+
+// setPDL turns programmatic dependent launch on or off for the kernels
+// launched from now on (process-wide; graphs captured before keep theirs) and
+// returns the previous state. Tests and TestDecodeLaunchPerf use it for A/B.
+func (b *Backend) setPDL(on bool) (was bool) {
+	var w int32
+	b.flush()
+	b.call("set_pdl", b.l.setPDL(b.ctx, b2i(on), &w))
+	return w != 0
+}

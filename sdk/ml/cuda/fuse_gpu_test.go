@@ -1,0 +1,229 @@
+//go:build gpu
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"slices"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// GPU tests of the session-3 decode launch changes: merged q/k/v GEMVs and
+// merged q/k RoPE (fuse.go, orch_matmul_multi, orch_rope2) must give exactly
+// the bytes of separate launches, and programmatic dependent launch
+// (orch_set_pdl) must not change a single bit of a decode-like op chain,
+// eager or graph-captured and replayed.
+
+func readF32(t *testing.T, x ml.Tensor) []float32 {
+	v := make([]float32, x.Len())
+	require.NoError(t, gpu.ReadF32(x, v))
+	return v
+}
+
+func sameBits(t *testing.T, what string, a, b []float32) {
+	t.Helper()
+	require.Equal(t, len(a), len(b), what)
+	for i := range a {
+		if math.Float32bits(a[i]) != math.Float32bits(b[i]) {
+			require.Failf(t, "not bit-identical", "%s: element %d: %v vs %v", what, i, a[i], b[i])
+		}
+	}
+}
+
+func TestFusedLaunches(t *testing.T) {
+	r := newRNG(t)
+	defer func(v bool) { fuseOps = v }(fuseOps)
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4, ml.Q4_0} {
+		for _, n := range []int{1, 3, 8} {
+			name := fmt.Sprintf("%v/n=%d", dt, n)
+			t.Run(name, func(t *testing.T) {
+				const k, hd, nh, nkv = 2880, 64, 8, 2
+				ms := []int{hd * nh, hd * nkv, hd * nkv}
+				x := f32Pair(t, randF32(r, k*n, 1), k, n)
+				ws := make([]pair, 3)
+				bs := []pair{f32Pair(t, randF32(r, ms[0], 1), ms[0]), {}, f32Pair(t, randF32(r, ms[2], 1), ms[2])}
+				ys := make([]pair, 3)
+				for i, m := range ms {
+					ws[i] = weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
+					ys[i] = out(t, m, n)
+				}
+				inv, scale, err := ml.YaRNInvFreq(150000, hd, ml.YaRN{Factor: 32, OrigContext: 4096})
+				require.NoError(t, err)
+				f := f32Pair(t, inv, hd/2)
+				pos := make([]int32, n)
+				for i := range pos {
+					pos[i] = int32(r.IntN(131072))
+				}
+				p := i32Pair(t, pos, n)
+				rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, Scale: scale, InvFreq: f.g}
+				heads := func(y pair, h int) ml.Tensor { v, err := gpu.Reshape(y.g, hd, h, n); require.NoError(t, err); return v }
+				run := func() [][]float32 {
+					for i := range ys {
+						gpu.Fill(ys[i].g, float32(math.NaN()))
+					}
+					for i := range ys {
+						gpu.MatMul(ys[i].g, x.g, ws[i].g, bs[i].g)
+					}
+					gpu.RoPE(heads(ys[0], nh), p.g, rope)
+					gpu.RoPE(heads(ys[1], nkv), p.g, rope)
+					var res [][]float32
+					for i := range ys {
+						res = append(res, readF32(t, ys[i].g))
+					}
+					return res
+				}
+				fuseOps = false
+				sep := run()
+				fuseOps = true
+				fused := run()
+				graphKey := "fused-" + name
+				for rep := 0; rep < 2; rep++ { // capture, then replay
+					for i := range ys {
+						gpu.Fill(ys[i].g, float32(math.NaN()))
+					}
+					require.NoError(t, gpu.Run(graphKey, func() {
+						for i := range ys {
+							gpu.MatMul(ys[i].g, x.g, ws[i].g, bs[i].g)
+						}
+						gpu.RoPE(heads(ys[0], nh), p.g, rope)
+						gpu.RoPE(heads(ys[1], nkv), p.g, rope)
+					}))
+					for i := range ys {
+						sameBits(t, fmt.Sprintf("%s graph %d out %d", name, rep, i), sep[i], readF32(t, ys[i].g))
+					}
+				}
+				for i := range ys {
+					sameBits(t, fmt.Sprintf("%s out %d", name, i), sep[i], fused[i])
+				}
+				// and against the CPU backend
+				for i := range ys {
+					var b ml.Tensor
+					if bs[i].c != nil {
+						b = bs[i].c
+					}
+					ref.MatMul(ys[i].c, x.c, ws[i].c, b)
+				}
+				rc := *rope
+				rc.InvFreq = f.c
+				for i, h := range []int{nh, nkv} {
+					v, err := ref.Reshape(ys[i].c, hd, h, n)
+					require.NoError(t, err)
+					ref.RoPE(v, p.c, &rc)
+				}
+				for i := range ys {
+					c := make([]float32, ys[i].c.Len())
+					require.NoError(t, ref.ReadF32(ys[i].c, c))
+					checkVec(t, fmt.Sprintf("%s out %d vs CPU", name, i), fused[i], c, gemvTol(dt, n, true))
+				}
+			})
+		}
+	}
+}
+
+// A decode-like chain with read-after-write and write-after-read hazards
+// between consecutive kernels (in-place residual adds, the norm rewriting
+// the GEMVs' input, the MoE reading the router's ids): PDL on and off give the
+// same bits, eagerly and over graph replays.
+func TestPDLChain(t *testing.T) {
+	r := newRNG(t)
+	const d, hd, nh, nkv, ff, ne, topk, vocab, layers, n = 1024, 64, 16, 4, 512, 8, 2, 4096, 3, 1
+	tok := weightPair(t, "tok", ml.Q8_0, []int{d, vocab}, randWeight(r, ml.Q8_0, d, vocab))
+	head := weightPair(t, "head", ml.Q8_0, []int{d, vocab}, randWeight(r, ml.Q8_0, d, vocab))
+	type layer struct {
+		norm1, norm2, bq pair
+		wq, wk, wv, wo   pair
+		moe              *ml.MoE
+	}
+	var ls []layer
+	for i := 0; i < layers; i++ {
+		l := layer{norm1: f32Pair(t, randF32(r, d, 1), d), norm2: f32Pair(t, randF32(r, d, 1), d),
+			bq: f32Pair(t, randF32(r, hd*nh, 1), hd*nh),
+			wq: weightPair(t, "q", ml.Q8_0, []int{d, hd * nh}, randWeight(r, ml.Q8_0, d, hd*nh)),
+			wk: weightPair(t, "k", ml.Q8_0, []int{d, hd * nkv}, randWeight(r, ml.Q8_0, d, hd*nkv)),
+			wv: weightPair(t, "v", ml.Q8_0, []int{d, hd * nkv}, randWeight(r, ml.Q8_0, d, hd*nkv)),
+			wo: weightPair(t, "o", ml.Q8_0, []int{hd * nh, d}, randWeight(r, ml.Q8_0, hd*nh, d)),
+		}
+		l.moe = &ml.MoE{
+			Router: weightPair(t, "router", ml.F32, []int{d, ne}, randWeight(r, ml.F32, d, ne)).g,
+			Gate:   weightPair(t, "gate", ml.MXFP4, []int{d, ff, ne}, randWeight(r, ml.MXFP4, d, ff*ne)).g,
+			Up:     weightPair(t, "up", ml.MXFP4, []int{d, ff, ne}, randWeight(r, ml.MXFP4, d, ff*ne)).g,
+			Down:   weightPair(t, "down", ml.MXFP4, []int{ff, d, ne}, randWeight(r, ml.MXFP4, ff, d*ne)).g,
+			TopK:   topk, Alpha: 1.702, Limit: 7,
+		}
+		ls = append(ls, l)
+	}
+	inv, scale, err := ml.YaRNInvFreq(150000, hd, ml.YaRN{Factor: 32, OrigContext: 4096})
+	require.NoError(t, err)
+	f := f32Pair(t, inv, hd/2)
+	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, Scale: scale, InvFreq: f.g}
+	ids, pos := i32Pair(t, []int32{int32(r.IntN(vocab))}, n), i32Pair(t, []int32{int32(r.IntN(4096))}, n)
+	x, h, o, moe := out(t, d, n), out(t, d, n), out(t, d, n), out(t, d, n)
+	q, k, v := out(t, hd*nh, n), out(t, hd*nkv, n), out(t, hd*nkv, n)
+	logits := out(t, vocab, n)
+	next, err := gpu.Alloc(ml.I32, n)
+	require.NoError(t, err)
+	defer gpu.Free(next)
+	qh, err := gpu.Reshape(q.g, hd, nh, n)
+	require.NoError(t, err)
+	kh, err := gpu.Reshape(k.g, hd, nkv, n)
+	require.NoError(t, err)
+	step := func() {
+		gpu.Embed(x.g, tok.g, ids.g, false)
+		for i, l := range ls {
+			if i == 0 {
+				gpu.RMSNorm(h.g, x.g, l.norm1.g, 1e-5)
+			} else {
+				gpu.AddRMSNorm(x.g, h.g, moe.g, l.norm1.g, 1e-5)
+			}
+			gpu.MatMul(q.g, h.g, l.wq.g, l.bq.g)
+			gpu.MatMul(k.g, h.g, l.wk.g, nil)
+			gpu.MatMul(v.g, h.g, l.wv.g, nil)
+			gpu.RoPE(qh, pos.g, rope)
+			gpu.RoPE(kh, pos.g, rope)
+			gpu.Add(q.g, q.g, q.g) // in place, right after the RoPE
+			gpu.MatMul(o.g, q.g, l.wo.g, nil)
+			gpu.AddRMSNorm(x.g, h.g, o.g, l.norm2.g, 1e-5)
+			gpu.MoE(moe.g, h.g, l.moe)
+		}
+		gpu.Add(x.g, x.g, moe.g)
+		gpu.RMSNorm(h.g, x.g, ls[0].norm1.g, 1e-5)
+		gpu.MatMul(logits.g, h.g, head.g, nil)
+		gpu.Argmax(next, logits.g)
+	}
+	results := func() ([]float32, []float32, []int32) {
+		nx := make([]int32, n)
+		require.NoError(t, gpu.ReadI32(next, nx))
+		return readF32(t, x.g), readF32(t, logits.g), nx
+	}
+	was := gpu.setPDL(false)
+	defer gpu.setPDL(was)
+	step()
+	x0, l0, n0 := results()
+	require.False(t, slices.ContainsFunc(l0, func(v float32) bool { return math.IsNaN(float64(v)) }), "NaN logits")
+	require.NoError(t, gpu.Run("pdl-chain-off", step))
+	x1, l1, _ := results()
+	sameBits(t, "graph, PDL off: x", x0, x1)
+	sameBits(t, "graph, PDL off: logits", l0, l1)
+	if !gpu.setPDL(true) && gpu.ComputeCapability() < 90 {
+		t.Logf("device cc %d: PDL stays off (Hopper and later only)", gpu.ComputeCapability())
+	}
+	step()
+	x2, l2, n2 := results()
+	sameBits(t, "eager, PDL on: x", x0, x2)
+	sameBits(t, "eager, PDL on: logits", l0, l2)
+	require.Equal(t, n0, n2)
+	for rep := 0; rep < 20; rep++ {
+		gpu.Fill(logits.g, float32(math.NaN()))
+		gpu.Fill(x.g, float32(math.NaN()))
+		require.NoError(t, gpu.Run("pdl-chain-on", step))
+		x3, l3, n3 := results()
+		sameBits(t, fmt.Sprintf("graph replay %d, PDL on: x", rep), x0, x3)
+		sameBits(t, fmt.Sprintf("graph replay %d, PDL on: logits", rep), l0, l3)
+		require.Equal(t, n0, n3)
+	}
+}

@@ -1,0 +1,219 @@
+package cuda
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"unsafe"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// Host tests of the launch merging (fuse.go) against a fake library that
+// records what the backend launches, in order: which ops merge, that nothing
+// is reordered past a held op, and every flush point.
+
+type fakeLib struct {
+	log []string
+	// multiRC is what orch_matmul_multi answers (stUnsupported: the library
+	// declines, e.g. not the v5 GEMV).
+	multiRC int32
+}
+
+func (f *fakeLib) add(format string, a ...any) int32 {
+	f.log = append(f.log, fmt.Sprintf(format, a...))
+	return stOK
+}
+
+func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
+	f := &fakeLib{}
+	l := &lib{
+		lastError: func(buf *byte, n int64) int32 { *buf = 0; return stOK },
+		matmul: func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32) int32 {
+			return f.add("matmul y=%x x=%x n=%d", y, x, n)
+		},
+		matmulMulti: func(ctx, x uintptr, wtype int32, n, k int64, count int32, parts *gemvPart) int32 {
+			ps := unsafe.Slice(parts, count)
+			var ys []string
+			for _, p := range ps {
+				ys = append(ys, fmt.Sprintf("%x/%d", p.y, p.m))
+			}
+			if f.multiRC != stOK {
+				return f.multiRC
+			}
+			return f.add("multi x=%x n=%d k=%d [%s]", x, n, k, strings.Join(ys, " "))
+		},
+		rope: func(ctx, x uintptr, rowStride, nTok int64, nHeads, headDim, rotDim int32, pos, invFreq uintptr,
+			attnFactor float32, neox int32) int32 {
+			return f.add("rope x=%x heads=%d", x, nHeads)
+		},
+		rope2: func(ctx, x0 uintptr, stride0 int64, heads0 int32, x1 uintptr, stride1 int64, heads1 int32, nTok int64,
+			headDim, rotDim int32, pos, invFreq uintptr, attnFactor float32, neox int32) int32 {
+			return f.add("rope2 x0=%x heads=%d x1=%x heads=%d", x0, heads0, x1, heads1)
+		},
+		rmsnorm: func(ctx, out, x, add, w uintptr, n, dim int64, eps float32) int32 {
+			return f.add("rmsnorm out=%x", out)
+		},
+		add:          func(ctx, out, a, b uintptr, n int64) int32 { return f.add("add out=%x", out) },
+		sync:         func(ctx uintptr) int32 { return f.add("sync") },
+		free:         func(ctx, p uintptr) int32 { return f.add("free %x", p) },
+		memcpyH2D:    func(ctx, dst uintptr, src *byte, bytes int64) int32 { return f.add("h2d %x", dst) },
+		graphBegin:   func(ctx uintptr) int32 { return f.add("graph_begin") },
+		graphEnd:     func(ctx uintptr, exec *uintptr) int32 { *exec = 1; f.add("graph_end"); return stOK },
+		graphLaunch:  func(ctx, exec uintptr) int32 { return f.add("graph_launch") },
+		graphDestroy: func(exec uintptr) int32 { return stOK },
+	}
+	return &Backend{l: l, ctx: 1, scratch: map[string]*tensor{}, graphs: map[string]uintptr{}}, f
+}
+
+var fakeNext uintptr = 0x1000
+
+func fakeT(b *Backend, dt ml.DType, shape ...int) *tensor {
+	n, nb, err := tensorBytes(dt, shape)
+	if err != nil {
+		panic(err)
+	}
+	p := fakeNext
+	fakeNext += uintptr(nb+255) &^ 255
+	return &tensor{dt: dt, shape: shape, n: n, ptr: p, bytes: nb, owned: true, be: b}
+}
+
+func (f *fakeLib) take() []string {
+	l := f.log
+	f.log = nil
+	return l
+}
+
+// One gpt-oss-like attention block: q/k/v GEMVs merge into one launch, the two
+// RoPEs into one, and the next op launches only after them.
+func TestFuseAttentionBlock(t *testing.T) {
+	defer func(v bool) { fuseOps = v }(fuseOps)
+	fuseOps = true
+	b, f := newFakeBackend(t)
+	const d, hd, nh, nkv, n = 64, 16, 4, 2, 1
+	x, h := fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n)
+	norm := fakeT(b, ml.F32, d)
+	wq, wk, wv := fakeT(b, ml.Q8_0, d, hd*nh), fakeT(b, ml.Q8_0, d, hd*nkv), fakeT(b, ml.Q8_0, d, hd*nkv)
+	bq := fakeT(b, ml.F32, hd*nh)
+	q, k, v := fakeT(b, ml.F32, hd*nh, n), fakeT(b, ml.F32, hd*nkv, n), fakeT(b, ml.F32, hd*nkv, n)
+	qh, kh := &tensor{}, &tensor{}
+	*qh, *kh = *q, *k
+	qh.shape, kh.shape = []int{hd, nh, n}, []int{hd, nkv, n}
+	pos, freq := fakeT(b, ml.I32, n), fakeT(b, ml.F32, hd/2)
+	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
+
+	b.RMSNorm(h, x, norm, 1e-5)
+	b.MatMul(q, h, wq, bq)
+	b.MatMul(k, h, wk, nil)
+	b.MatMul(v, h, wv, nil)
+	b.RoPE(qh, pos, rope)
+	b.RoPE(kh, pos, rope)
+	require.Equal(t, []string{
+		fmt.Sprintf("rmsnorm out=%x", h.ptr),
+		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d %x/%d]", h.ptr, d, q.ptr, hd*nh, k.ptr, hd*nkv, v.ptr, hd*nkv),
+		fmt.Sprintf("rope2 x0=%x heads=%d x1=%x heads=%d", q.ptr, nh, k.ptr, nkv),
+	}, f.take(), "the third GEMV and the second RoPE launch the merged kernels")
+	b.MatMul(q, h, wq, bq)
+	b.RoPE(qh, pos, rope) // held MatMul, then a RoPE: both launch, in order, by the Add
+	b.Add(x, x, h)
+	require.Equal(t, []string{
+		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr),
+		fmt.Sprintf("rope x=%x heads=%d", q.ptr, nh),
+		fmt.Sprintf("add out=%x", x.ptr),
+	}, f.take())
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{"sync"}, f.take())
+
+	// Merging off: one launch per op, same order.
+	fuseOps = false
+	b.MatMul(q, h, wq, bq)
+	b.MatMul(k, h, wk, nil)
+	b.RoPE(qh, pos, rope)
+	b.RoPE(kh, pos, rope)
+	require.Equal(t, []string{
+		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", k.ptr, h.ptr),
+		fmt.Sprintf("rope x=%x heads=%d", q.ptr, nh), fmt.Sprintf("rope x=%x heads=%d", k.ptr, nkv),
+	}, f.take())
+}
+
+// What must not merge: a GEMV reading the previous one's output, different
+// x / n / weight type, n > 8, overlapping outputs; a held op is launched
+// before anything else reaches the stream (read, write, free, sync, graphs).
+func TestFuseBoundaries(t *testing.T) {
+	defer func(v bool) { fuseOps = v }(fuseOps)
+	fuseOps = true
+	b, f := newFakeBackend(t)
+	const d = 64
+	x := fakeT(b, ml.F32, d, 1)
+	w1, w2 := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, d)
+	wm := fakeT(b, ml.MXFP4, d, d)
+	y1, y2, y3 := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1)
+
+	b.MatMul(y1, x, w1, nil)
+	b.MatMul(y2, y1, w2, nil) // reads y1: a chain, not a merge
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", y1.ptr, x.ptr)}, f.take())
+	b.MatMul(y3, x, wm, nil) // other x and weight type
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", y2.ptr, y1.ptr)}, f.take())
+	b.MatMul(y3, x, w1, nil) // same x, other type than the held MXFP4 one; same dst too
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", y3.ptr, x.ptr)}, f.take())
+	b.MatMul(y3, x, w2, nil) // writes the held part's output: no merge
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", y3.ptr, x.ptr)}, f.take())
+	b.MatMul(x, y3, w1, nil) // writes the held part's x: launched after it (the held one goes first)
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", y3.ptr, x.ptr)}, f.take())
+
+	// Every flush point launches what is held first.
+	require.NoError(t, b.Sync())
+	for name, fn := range map[string]func(){
+		"read":  func() { require.NoError(t, b.ReadF32(y1, make([]float32, 1))) },
+		"write": func() { require.NoError(t, b.WriteF32(y1, []float32{1})) },
+		"free":  func() { b.Free(fakeT(b, ml.F32, 4)) },
+		"sync":  func() { require.NoError(t, b.Sync()) },
+	} {
+		f.take()
+		b.MatMul(y1, x, w1, nil)
+		require.Empty(t, f.log, name)
+		func() {
+			defer func() { _ = recover() }() // the fake has no d2h copy; only the order matters
+			fn()
+		}()
+		require.NotEmpty(t, f.log, name)
+		require.Equal(t, fmt.Sprintf("matmul y=%x x=%x n=1", y1.ptr, x.ptr), f.log[0], name)
+	}
+
+	// Graph capture: a held op is launched before the capture begins, and
+	// what the recording holds at its end goes into the graph.
+	f.take()
+	b.MatMul(y1, x, w1, nil)
+	require.NoError(t, b.Run("g", func() {
+		b.MatMul(y2, x, w2, nil)
+		b.MatMul(y3, x, w1, nil)
+	}))
+	require.Equal(t, []string{
+		fmt.Sprintf("matmul y=%x x=%x n=1", y1.ptr, x.ptr), "graph_begin",
+		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d]", x.ptr, d, y2.ptr, d, y3.ptr, d), "graph_end", "graph_launch",
+	}, f.take())
+
+	// The library declines (not the v5 GEMV): the parts run one by one, in order.
+	f.multiRC = stUnsupported
+	b.MatMul(y1, x, w1, nil)
+	b.MatMul(y2, x, w2, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{
+		fmt.Sprintf("matmul y=%x x=%x n=1", y1.ptr, x.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", y2.ptr, x.ptr), "sync",
+	}, f.take())
+
+	// n > 8 is never held (the GEMM path).
+	f.multiRC = stOK
+	defer func(v bool) { gemmV1 = v }(gemmV1)
+	gemmV1 = true
+	x9, y9 := fakeT(b, ml.F32, d, 9), fakeT(b, ml.F32, d, 9)
+	b.MatMul(y9, x9, w1, nil)
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=9", y9.ptr, x9.ptr)}, f.take())
+}
+
+// gemvPart is passed to orch_matmul_multi as orch_gemv_part[]: 3 pointers + int64.
+func TestGemvPartLayout(t *testing.T) {
+	require.Equal(t, uintptr(32), unsafe.Sizeof(gemvPart{}))
+}
