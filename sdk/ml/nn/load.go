@@ -249,10 +249,8 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 			}
 			sz.NumBlocks = n
 		}
-		var total int64
-		for _, t := range f.Tensors {
-			total += t.Size
-		}
+		// progress total: the stored bytes this rank reads (its part of a split model)
+		total := ShardWeightBytes(f, nil, nil, ml.Shard{Rank: shard.Rank, Size: shard.Size})
 		r, err := bs.Open(f, Options{
 			Backend: be, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType,
 			MaxSequences: sz.MaxSeqs, StepTokens: sz.StepTokens, WindowBlocks: sz.WindowBlocks, SharedKV: sz.SharedKV, Shard: shard,
