@@ -274,8 +274,8 @@ func (bs Builders) LoaderWith(fps map[string]Footprinter, log hclog.Logger) engi
 			if cfg.Rank == 0 {
 				model = tp.Lead(r, g)
 			} else {
-				rank := cfg.Rank
-				model = tp.Follow(r, g, func(err error) { FollowerExit(log, rank, err) })
+				rank, exit := cfg.Rank, FollowerExit // the hook of load time
+				model = tp.Follow(r, g, func(err error) { exit(log, rank, err) })
 			}
 		}
 		spec := r.Spec()
