@@ -3,7 +3,9 @@
 // tensor), reading hyperparameters (errors name the key), the paged KV cache,
 // staging an engine.Batch into device tensors, and Runner, which turns an
 // architecture's layer code (Net) into an engine.Model. It also picks the
-// backend for a load request (CUDA when usable, else CPU).
+// backend for a load request (CUDA when usable, else CPU), and splits a
+// model over tensor-parallel ranks (shard.go: which part of every weight a
+// rank binds, its memory plan, and LoaderWith's rank setup over sdk/tp).
 package nn
 
 import (

@@ -3,7 +3,10 @@
 // this one is deliberately minimal and independent of it so the compute
 // tests need no other package, can pick odd shapes (partial RoPE, GQA
 // ratios, tied outputs, tiny sliding windows) and break files on purpose.
-// Tensor names and metadata keys follow llama.cpp.
+// Tensor names and metadata keys follow llama.cpp. It also holds the
+// checks model packages share: consistency, goldens, memory plans, and
+// tensor parallelism in one process (tp.go: an in-process Comm, SplitModel,
+// CompareSplit) and across processes (tprank.go: RunSplitRanks).
 package nntest
 
 import (

@@ -5,6 +5,9 @@ package nntest
 // summing in rank order so every rank gets bit-identical results) and
 // SplitModel, which runs every call on all ranks at once and answers with
 // rank 0's result, as sdk/tp's leader and followers do across processes.
+// Written here rather than using sdk/tp's TCP group so that the model tests
+// need no sockets and can inject a failing round (FailAt); the loader tests
+// use the real group.
 
 import (
 	"context"
