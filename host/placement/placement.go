@@ -163,9 +163,24 @@ type Request struct {
 	// leaves the choice to memory (Split only when the model fits no GPU).
 	// It needs TensorParallel and cannot be combined with replicas.
 	ForceSplit int
+	// SplitPlans are the adapter's own plans for one rank of a k-way split,
+	// by k (asked with LoadOptions.Extra tp.size=k). Where present they
+	// replace the estimate from Plan (weights/k + KV/k + workspace, which
+	// misses the tensors every rank holds whole); a SplitPlan with Err says
+	// the adapter cannot split k ways (a dimension does not divide), and
+	// that k is not chosen.
+	SplitPlans map[int]SplitPlan
 	// Reserve is kept free on every GPU beyond the plan (DefaultReserve is
 	// a sensible value; 0 keeps nothing).
 	Reserve int64
+}
+
+// SplitPlan is the adapter's plan for rank 0 of a k-way split (rank 0 holds
+// the few tensors added once, so its share is the largest), or why it
+// cannot split k ways.
+type SplitPlan struct {
+	Plan sdk.MemoryPlan
+	Err  error
 }
 
 // MaxCPURanks bounds a forced split on the CPU (a guard against a typo
@@ -234,6 +249,9 @@ func Decide(r Request) (Decision, error) {
 		if forced {
 			if r.ForceSplit > MaxCPURanks {
 				return Decision{}, fmt.Errorf("tensor_parallel %d on the CPU: at most %d ranks: %w", r.ForceSplit, MaxCPURanks, sdk.ErrInvalidArgument)
+			}
+			if _, err := r.rankShare(r.ForceSplit); err != nil {
+				return Decision{}, fmt.Errorf("tensor_parallel %d: %w", r.ForceSplit, err)
 			}
 			return Decision{Kind: Split, Processes: r.ForceSplit,
 				Reason: fmt.Sprintf("%s; tensor_parallel %d: %d CPU rank processes (slow: for tests, not for speed)", why, r.ForceSplit, r.ForceSplit)}, nil
@@ -313,19 +331,27 @@ func Decide(r Request) (Decision, error) {
 		return Decision{}, fmt.Errorf("%w: the model fits no single GPU, and replicas of a split model are not supported (replicas %d)",
 			ErrNoFit, wantN)
 	}
-	// Smallest power-of-two group whose every member holds its share:
-	// weights and KV divide over the group (heads and experts split), the
-	// workspace is needed on each GPU.
+	// Smallest power-of-two group whose every member holds its share
+	// (rankShare) and that the adapter can split.
+	var cannot []string
 	for k := 2; k <= len(gpus); k *= 2 {
-		share := rankShare(r.Plan, k)
+		share, err := r.rankShare(k)
+		if err != nil {
+			cannot = append(cannot, err.Error())
+			continue
+		}
 		if share+r.Reserve <= gpus[k-1].FreeBytes {
 			idx := indices(gpus[:k])
 			return Decision{Kind: Split, GPUs: idx, Processes: k, PerGPUBytes: share,
 				Reason: fmt.Sprintf("model fits no single GPU; split over %d GPUs, %d bytes each", k, share)}, nil
 		}
 	}
-	return Decision{}, fmt.Errorf("%w: needs %s, more than any power-of-two group of the %d GPUs holds (%s)",
-		ErrNoFit, planString(r.Plan, r.Reserve), len(gpus), freeString(gpus))
+	why := ""
+	if len(cannot) > 0 {
+		why = "; " + strings.Join(cannot, "; ")
+	}
+	return Decision{}, fmt.Errorf("%w: needs %s, more than any power-of-two group of the %d GPUs holds (%s)%s",
+		ErrNoFit, planString(r.Plan, r.Reserve), len(gpus), freeString(gpus), why)
 }
 
 // forceSplit places a forced split (ForceSplit > 1) on the GPUs (sorted
@@ -339,18 +365,17 @@ func forceSplit(r Request, gpus []Device) (Decision, error) {
 	if k > len(gpus) {
 		return Decision{}, fmt.Errorf("tensor_parallel %d: only %d GPUs found (%s): %w", k, len(gpus), freeString(gpus), sdk.ErrInvalidArgument)
 	}
-	share := int64(0)
-	if r.Plan.Total() > 0 {
-		share = rankShare(r.Plan, k)
-		if share+r.Reserve > gpus[k-1].FreeBytes {
-			return Decision{}, fmt.Errorf("%w: tensor_parallel %d: each rank needs %d bytes (weights/%d %d, KV/%d %d, workspace %d, reserve %d), the %d freest GPUs have %s",
-				ErrNoFit, k, share+r.Reserve, k, ceilDiv(r.Plan.WeightBytes, int64(k)), k, ceilDiv(r.Plan.KVBytes, int64(k)),
-				r.Plan.WorkspaceBytes, r.Reserve, k, freeString(gpus[:k]))
-		}
+	share, err := r.rankShare(k)
+	if err != nil {
+		return Decision{}, err
+	}
+	if share > 0 && share+r.Reserve > gpus[k-1].FreeBytes {
+		return Decision{}, fmt.Errorf("%w: tensor_parallel %d: each rank needs %d bytes (%s, reserve %d), the %d freest GPUs have %s",
+			ErrNoFit, k, share+r.Reserve, r.shareString(k), r.Reserve, k, freeString(gpus[:k]))
 	}
 	d := Decision{Kind: Split, GPUs: indices(gpus[:k]), Processes: k, PerGPUBytes: share,
 		Reason: fmt.Sprintf("tensor_parallel %d: split over the %d freest GPUs", k, k)}
-	if r.Plan.Total() > 0 {
+	if share > 0 {
 		d.Reason += fmt.Sprintf(", %d bytes each", share)
 	} else {
 		d.Reason += " (no memory plan from the adapter)"
@@ -358,15 +383,34 @@ func forceSplit(r Request, gpus []Device) (Decision, error) {
 	return d, nil
 }
 
-// rankShare is one rank's part of a plan split k ways: weights and KV
-// divide (heads and feed-forward columns split), the workspace does not.
-// Replicated tensors (embeddings, norms, router, output head) make the real
-// share larger (gpt-oss-20b at k=2: about 0.6 GB more per rank, the Q8_0
-// embedding and output head counted once instead of twice), so the check is
-// approximate for models that barely fit; the adapter's Load fails with
-// its out-of-memory error then.
-func rankShare(p sdk.MemoryPlan, k int) int64 {
-	return ceilDiv(p.WeightBytes, int64(k)) + ceilDiv(p.KVBytes, int64(k)) + p.WorkspaceBytes
+// rankShare is one rank's bytes in a k-way split (0: unknown): the
+// adapter's SplitPlans[k] when it gave one, else an estimate from the whole
+// plan: weights and KV divide (heads and feed-forward columns split), the
+// workspace does not. The estimate misses the tensors every rank holds whole
+// (embeddings, norms, router, output head: gpt-oss-20b at k=2 about 0.6 GB
+// more per rank), so for a model that barely fits the ranks' Load fails with
+// its out-of-memory error instead. An error: the adapter cannot split k ways.
+func (r Request) rankShare(k int) (int64, error) {
+	if sp, ok := r.SplitPlans[k]; ok {
+		if sp.Err != nil {
+			return 0, fmt.Errorf("the adapter cannot split the model %d ways: %w", k, sp.Err)
+		}
+		if sp.Plan.Total() > 0 {
+			return sp.Plan.Total(), nil
+		}
+	}
+	if r.Plan.Total() == 0 {
+		return 0, nil
+	}
+	return ceilDiv(r.Plan.WeightBytes, int64(k)) + ceilDiv(r.Plan.KVBytes, int64(k)) + r.Plan.WorkspaceBytes, nil
+}
+
+// shareString says what rankShare(k) is made of.
+func (r Request) shareString(k int) string {
+	if sp, ok := r.SplitPlans[k]; ok && sp.Err == nil && sp.Plan.Total() > 0 {
+		return fmt.Sprintf("the adapter's rank plan: weights %d, KV %d, workspace %d", sp.Plan.WeightBytes, sp.Plan.KVBytes, sp.Plan.WorkspaceBytes)
+	}
+	return fmt.Sprintf("weights/%d %d, KV/%d %d, workspace %d", k, ceilDiv(r.Plan.WeightBytes, int64(k)), k, ceilDiv(r.Plan.KVBytes, int64(k)), r.Plan.WorkspaceBytes)
 }
 
 func ceilDiv(a, b int64) int64 { return (a + b - 1) / b }

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -14,6 +15,7 @@ import (
 	"github.com/llama-orch/orch/host/placement"
 	"github.com/llama-orch/orch/host/plugins"
 	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/tp"
 )
 
 // MulticastOffEnv is set in every member's environment: NVLink multicast
@@ -146,7 +148,18 @@ func place(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOpt
 		log.Warn("listing GPUs failed; placing as if there were none", "error", err)
 		gpus = nil
 	}
-	plan, err := planModel(ctx, p, req, log)
+	canSplit := slices.Contains(p.Info.Features, placement.FeatureTensorParallel)
+	var sizes []int // k-way splits to ask rank plans for
+	switch {
+	case !canSplit:
+	case o.TensorParallel > 1:
+		sizes = []int{o.TensorParallel}
+	case strings.ToLower(req.Options.Device) != "cpu":
+		for k := 2; k <= len(gpus); k *= 2 {
+			sizes = append(sizes, k)
+		}
+	}
+	plan, splits, err := planModel(ctx, p, req, sizes, log)
 	if err != nil {
 		return placement.Decision{}, err
 	}
@@ -159,9 +172,8 @@ func place(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, o OpenOpt
 	}
 	dec, err := placement.Decide(placement.Request{
 		Device: req.Options.Device, Plan: plan, GPUs: gpus, Replicas: o.Replicas,
-		TensorParallel: slices.Contains(p.Info.Features, placement.FeatureTensorParallel),
-		ForceSplit:     o.TensorParallel,
-		Reserve:        reserve,
+		TensorParallel: canSplit, ForceSplit: o.TensorParallel, SplitPlans: splits,
+		Reserve: reserve,
 	})
 	if err != nil {
 		return placement.Decision{}, fmt.Errorf("place %s: %w", req.Path, err)
@@ -210,21 +222,47 @@ func openSet(ctx context.Context, p plugins.Plugin, dec placement.Decision, o Op
 	return s, nil
 }
 
-// planModel asks a planning adapter process for the model's memory plan.
-// A zero plan means the adapter cannot plan.
-func planModel(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, log hclog.Logger) (sdk.MemoryPlan, error) {
+// planModel asks a planning adapter process for the model's memory plan
+// (a zero plan means the adapter cannot plan) and, for each k in sizes, the
+// plan of rank 0 of a k-way split (LoadOptions.Extra tp.size=k, tp.rank=0).
+// A split plan the adapter refuses is kept with its error (placement then
+// does not split that way); none are asked when the adapter cannot plan.
+func planModel(ctx context.Context, p plugins.Plugin, req sdk.LoadRequest, sizes []int, log hclog.Logger) (sdk.MemoryPlan, map[int]placement.SplitPlan, error) {
 	inst, err := plugins.Launch(ctx, p, plugins.LaunchOptions{Logger: log.Named(p.Name + ".plan")})
 	if err != nil {
-		return sdk.MemoryPlan{}, fmt.Errorf("plan %s: %w", req.Path, err)
+		return sdk.MemoryPlan{}, nil, fmt.Errorf("plan %s: %w", req.Path, err)
 	}
 	defer func() { _ = inst.Close(context.Background()) }()
 	plan, err := inst.Plan(ctx, req)
 	if errors.Is(err, sdk.ErrNotImplemented) {
 		log.Debug("adapter cannot plan memory; assuming the model fits", "adapter", p.Name)
-		return sdk.MemoryPlan{}, nil
+		return sdk.MemoryPlan{}, nil, nil
 	}
 	if err != nil {
-		return sdk.MemoryPlan{}, fmt.Errorf("plan %s in adapter %s: %w", req.Path, p.Name, err)
+		return sdk.MemoryPlan{}, nil, fmt.Errorf("plan %s in adapter %s: %w", req.Path, p.Name, err)
 	}
-	return plan, nil
+	var splits map[int]placement.SplitPlan
+	for _, k := range sizes {
+		r := req
+		r.Options.Extra = maps.Clone(req.Options.Extra)
+		if r.Options.Extra == nil {
+			r.Options.Extra = map[string]string{}
+		}
+		r.Options.Extra[tp.ExtraSize] = strconv.Itoa(k)
+		r.Options.Extra[tp.ExtraRank] = "0"
+		sp, err := inst.Plan(ctx, r)
+		if errors.Is(err, sdk.ErrNotImplemented) {
+			continue
+		}
+		if err != nil && ctx.Err() != nil {
+			return sdk.MemoryPlan{}, nil, fmt.Errorf("plan %s: %w", req.Path, err)
+		}
+		if splits == nil {
+			splits = map[int]placement.SplitPlan{}
+		}
+		splits[k] = placement.SplitPlan{Plan: sp, Err: err}
+		log.Debug("split memory plan", "model", req.Path, "ranks", k, "weights", sp.WeightBytes, "kv", sp.KVBytes,
+			"workspace", sp.WorkspaceBytes, "error", err)
+	}
+	return plan, splits, nil
 }

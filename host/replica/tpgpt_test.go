@@ -143,3 +143,40 @@ func TestSplitGPTMatchesUnsplit(t *testing.T) {
 	t.Logf("max |logit| %.3f, max |split - whole| %.3g", maxAbs, maxDiff)
 	assert.LessOrEqual(t, maxDiff, 1e-4*maxAbs, "logits within 1e-4 of max|logit|")
 }
+
+// Placement asks the adapter for one rank's plan of a k-way split: it holds
+// more than half the weights (embeddings and norms are whole on every rank)
+// and is what a forced split on (fake) GPUs reserves; a split the adapter
+// cannot do is refused before any rank starts.
+func TestSplitPlansFromTheAdapter(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the gpt adapter")
+	}
+	p := gptPlugin(t)
+	path, err := defaultmodel.PathIn(t.TempDir())
+	require.NoError(t, err)
+	ctx := context.Background()
+	req := sdk.LoadRequest{Path: path, Options: sdk.LoadOptions{ContextLength: 128, MaxSequences: 2}}
+	plan, splits, err := planModel(ctx, p, req, []int{2, 3}, hclog.NewNullLogger())
+	require.NoError(t, err)
+	require.Contains(t, splits, 2)
+	require.NoError(t, splits[2].Err)
+	half := splits[2].Plan
+	t.Logf("whole %+v, rank of 2 %+v", plan, half)
+	assert.Greater(t, half.WeightBytes, plan.WeightBytes/2)
+	assert.Less(t, half.WeightBytes, plan.WeightBytes)
+	assert.Equal(t, plan.KVBytes/2, half.KVBytes, "KV heads split evenly")
+	require.Contains(t, splits, 3)
+	require.ErrorIs(t, splits[3].Err, sdk.ErrInvalidArgument, "8 heads do not split 3 ways")
+
+	dec, err := place(ctx, p, req, OpenOptions{TensorParallel: 2, Devices: fakeGPUs(70<<30, 75<<30)})
+	require.NoError(t, err)
+	assert.Equal(t, placement.Split, dec.Kind)
+	assert.Equal(t, half.Total(), dec.PerGPUBytes, "the rank plan, not the estimate")
+
+	cpu := req
+	cpu.Options.Device = "cpu"
+	_, _, err = OpenModel(ctx, p, cpu, OpenOptions{TensorParallel: 3, Devices: fakeGPUs()})
+	require.ErrorIs(t, err, sdk.ErrInvalidArgument)
+	assert.Contains(t, err.Error(), "cannot split the model 3 ways")
+}
