@@ -122,6 +122,18 @@ func TestSplitGPTMatchesUnsplit(t *testing.T) {
 			})
 			require.NoError(t, err, "the relaunched group serves")
 			assert.Equal(t, res.tokens[0], out, "and answers as before")
+
+			// Unload and load again (a new rendezvous in the same processes).
+			require.NoError(t, g.Unload(ctx))
+			_, err = g.Load(ctx, req, nil)
+			require.NoError(t, err)
+			out = nil
+			err = g.Generate(ctx, sdk.GenerateRequest{Prompt: prompts[0], MaxTokens: 16}, func(c sdk.Chunk) error {
+				out = append(out, c.Tokens...)
+				return nil
+			})
+			require.NoError(t, err, "reloaded after Unload")
+			assert.Equal(t, res.tokens[0], out)
 		}
 		return res
 	}
