@@ -36,7 +36,8 @@ struct orch_ctx {
   // n <= 8; v5 (fp16 decode; plus the split-k F32 GEMV for small m) is the
   // default where it applies, then v4's fp32 path (n <= 4), then v3, else
   // v1; v6 (one-wave double-buffered rows, below 32768 rows) measured slower
-  // than v5 in device run 3 and is opt-in), ORCH_CUDA_ATTN=v1.
+  // than v5 in device run 3 and is opt-in; v7 (opt-in, session 3): tensor-core
+  // mma.sync GEMV below 32768 rows, v5 above), ORCH_CUDA_ATTN=v1.
   int gemv = orch_env_version("ORCH_CUDA_GEMV", 5);
   bool attn_v1 = false;
   // ORCH_CUDA_MOE=v1: MoE through the unfused ops (orch_moe_ffn declines).

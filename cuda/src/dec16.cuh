@@ -22,6 +22,7 @@
 // and multiplies the block result together with the weight scale.
 #pragma once
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #if !defined(ORCH_EMU) // cuda/test/cuda_emu.h provides uint4 and the rest
@@ -207,6 +208,32 @@ DEC16_HD uint32_t dec16_f2u(float f) {
   uint32_t u;
   memcpy(&u, &f, 4);
   return u;
+#endif
+}
+
+// Tensor-core product of one warp (GEMV v7): d[0..3] += A[16x16] * B[16x8]
+// with mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (sm_80+; fp16
+// inputs, products exact, fp32 accumulation). Fragments as the PTX ISA
+// documents them ("Matrix Fragments for mma.m16n8k16 with floating point
+// type"), lane = 4 * group + tig:
+//   a[0] = A[group][2tig, 2tig+1]      a[1] = A[group+8][2tig, 2tig+1]
+//   a[2] = A[group][2tig+8, 2tig+9]    a[3] = A[group+8][2tig+8, 2tig+9]
+//   b[0] = B[2tig, 2tig+1][group]      b[1] = B[2tig+8, 2tig+9][group]
+//   d[0], d[1] = D[group][2tig, 2tig+1]   d[2], d[3] = D[group+8][2tig, 2tig+1]
+// (low half of each register = the lower column / row index). The CPU
+// emulation (cuda_emu.h emu_mma_m16n8k16) gathers the fragments of the whole
+// warp by exactly this table.
+DEC16_HD void dec16_mma16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(ORCH_EMU)
+  emu_mma_m16n8k16(d, a, b);
+#elif !defined(__CUDA_ARCH__)
+  (void)d, (void)a, (void)b;
+  abort(); // a warp-wide instruction: no meaning in plain host code
 #endif
 }
 

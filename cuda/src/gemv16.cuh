@@ -283,6 +283,194 @@ static void launch_gemv6(cudaStream_t st, float *y, const float *x, const uint8_
 }
 
 
+// ---- GEMV v7 (opt-in: ORCH_CUDA_GEMV=v7; Q8_0 / Q4_0 / MXFP4, n <= 8,
+// below 32768 rows): tensor cores. v5 at n = 8 is compute-bound (38.6 us
+// for Q8_0 2880x5120, 14% of its floor): per block a lane decodes once but
+// runs 8 x 16 HFMA2 and 8 folds, and every CTA of 8 rows re-stages all 8
+// rows of x. Here:
+//  1. gemv7_stage_kernel stages x once per call into global scratch in
+//     dec16's layout (fp16 pairs in decoder order, power-of-two scale per
+//     chunk; 16 words per (token, chunk)) with the chunk scales transposed
+//     (xinv[chunk][8 tokens]);
+//  2. gemv7_kernel: a CTA = 16 rows x all of k; its 8 warps split the blocks
+//     (NB consecutive blocks per warp per round). In one block, lane (g, t)
+//     decodes pairs 4t..4t+3 of rows g and g+8 (dec16's decoders: MXFP4 /
+//     Q4_0 word t, Q8_0 words 2t, 2t+1) — exactly the A fragments of two
+//     m16n8k16 mmas (pairs 4t, 4t+1 at k = 2t(+1), 2t+8(+9) of the first,
+//     4t+2, 4t+3 of the second) — and reads B = staged uint4 t of token g
+//     (the same pairs of x). D (fp32, products exact) is folded per block
+//     with the weight scales of rows g, g+8 and the chunk scales of tokens
+//     2t, 2t+1; the 8 warps' partial sums are added in a fixed order.
+// Error: only the fp16 rounding of x (~2e-4 relative; v5 ~4.5e-4).
+
+constexpr int GEMV7_WARPS = 8, GEMV7_NB = 2;
+
+// Bytes of one block a lane (t) of a quad needs: the scale and quant bytes
+// [QOFF + Q t, QOFF + Q (t+1)).
+template <int T> struct q7_traits;
+template <> struct q7_traits<ORCH_T_MXFP4> { static constexpr int QOFF = 1, Q = 4, S = 1; };
+template <> struct q7_traits<ORCH_T_Q4_0> { static constexpr int QOFF = 2, Q = 4, S = 2; };
+template <> struct q7_traits<ORCH_T_Q8_0> { static constexpr int QOFF = 2, Q = 8, S = 2; };
+
+// The aligned 32-bit words holding those bytes. Only words that hold at least
+// one byte of the block are read (a word past a block's quant bytes only when
+// they are not word-aligned), so a read never passes the word holding the
+// weight's last byte.
+template <int T> struct q7_words {
+  uint32_t s0, s1, q[q7_traits<T>::Q / 4 + 1];
+  uint32_t sh_s, sh_q;
+};
+
+template <int T>
+__device__ __forceinline__ void q7_load(q7_words<T> &b, const uint8_t *blk, int t, bool ok) {
+  constexpr int QOFF = q7_traits<T>::QOFF, Q = q7_traits<T>::Q, S = q7_traits<T>::S;
+  const uintptr_t p = (uintptr_t)blk;
+  b.sh_s = (uint32_t)(p & 3);
+  const uint32_t *ws = reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
+  b.s0 = ok ? __ldg(ws) : 0u;
+  b.s1 = ok && b.sh_s + S > 4 ? __ldg(ws + 1) : 0u;
+  const uintptr_t a = p + QOFF + (uintptr_t)(Q * t);
+  b.sh_q = (uint32_t)(a & 3);
+  const uint32_t *wq = reinterpret_cast<const uint32_t *>(a & ~(uintptr_t)3);
+#pragma unroll
+  for (int j = 0; j < Q / 4; j++) b.q[j] = ok ? __ldg(wq + j) : 0u;
+  b.q[Q / 4] = ok && b.sh_q ? __ldg(wq + Q / 4) : 0u;
+}
+
+// Pairs 4t..4t+3 of the block (h[i] = pair 4t+i, dec16's order) and its scale.
+template <int T>
+__device__ __forceinline__ float q7_decode(const q7_words<T> &b, uint32_t h[4]) {
+  const uint32_t q0 = dec16_funnel_rc(b.q[0], b.q[1], 8 * b.sh_q);
+  if constexpr (T == ORCH_T_MXFP4) {
+    dec16_mxfp4_word(q0, h);
+    return dec16_e8m0((b.s0 >> (8 * b.sh_s)) & 0xFFu);
+  } else {
+    if constexpr (T == ORCH_T_Q8_0) {
+      dec16_q8_0_word(q0, h);
+      dec16_q8_0_word(dec16_funnel_rc(b.q[1], b.q[2], 8 * b.sh_q), h + 2);
+    } else {
+      dec16_q4_0_word(q0, h);
+    }
+    return dec16_h2f((uint16_t)(dec16_funnel_rc(b.s0, b.s1, 8 * b.sh_s) & 0xFFFFu));
+  }
+}
+
+// x [n, k] (n <= 8) -> xs[(tok * nch + c) * 16 words] (dec16 pair order for
+// kind), xinv[c * 8 + tok]. One thread per float4; 8 consecutive threads own
+// a chunk (k % 32 == 0, so chunks never straddle a warp).
+__global__ void __launch_bounds__(256)
+gemv7_stage_kernel(uint32_t *__restrict__ xs, float *__restrict__ xinv, const float *__restrict__ x, int64_t n,
+                   int64_t k, int kind) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t nq = k / 4, nch = k / 32;
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const bool ok = i < n * nq;
+  const float4 v = ok ? __ldg(reinterpret_cast<const float4 *>(x) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+  uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
+  mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+  float s, inv;
+  dec16_chunk_scale(mx, s, inv);
+  if (ok) {
+    const int64_t tok = i / nq, q = i % nq, c = q >> 3;
+    const int o = (int)(q & 7);
+    dec16_put4(xs + (tok * nch + c) * 16, kind, o, v.x * s, v.y * s, v.z * s, v.w * s);
+    if (o == 0) xinv[c * 8 + tok] = inv;
+  }
+}
+
+template <int T>
+__global__ void __launch_bounds__(GEMV7_WARPS * 32)
+gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *__restrict__ xinv,
+             const uint8_t *__restrict__ w, const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
+             int64_t row_bytes, int accumulate) {
+  DEC16_DYN_SMEM(float, red); // GEMV7_WARPS x 32 lanes x 4 partial sums
+  pdl_trigger();
+  constexpr int NB = GEMV7_NB, BB = type_block_bytes(T);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int nt = (int)min((int64_t)8, n);
+  const int64_t nch = k / 32;
+  const int64_t r0 = (int64_t)blockIdx.x * 16 + g, r1 = r0 + 8;
+  const bool ok0 = r0 < m, ok1 = r1 < m;
+  const uint8_t *w0 = w + (ok0 ? r0 : 0) * row_bytes, *w1 = w + (ok1 ? r1 : 0) * row_bytes;
+  q7_words<T> b0[NB], b1[NB];
+  auto load = [&](int64_t c0) {
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int64_t c = c0 + warp * NB + i;
+      const bool okc = c < nch;
+      q7_load<T>(b0[i], w0 + (okc ? c : 0) * BB, t, ok0 && okc);
+      q7_load<T>(b1[i], w1 + (okc ? c : 0) * BB, t, ok1 && okc);
+    }
+  };
+  // PDL: the first round of weight words (never written while a step runs)
+  // is loaded before the wait; the staged x only after it.
+  load(0);
+  pdl_wait();
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t c0 = 0; c0 < nch; c0 += GEMV7_WARPS * NB) {
+    if (c0) load(c0);
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int64_t c = c0 + warp * NB + i;
+      if (c < nch) { // uniform over the warp: every lane reaches the mma
+        uint32_t ha[4], hb[4];
+        const float s0 = q7_decode<T>(b0[i], ha), s1 = q7_decode<T>(b1[i], hb);
+        const uint4 X = g < nt ? __ldg(xs + (g * nch + c) * 4 + t) : make_uint4(0u, 0u, 0u, 0u);
+        const float xi0 = 2 * t < nt ? __ldg(xinv + c * 8 + 2 * t) : 0.f;
+        const float xi1 = 2 * t + 1 < nt ? __ldg(xinv + c * 8 + 2 * t + 1) : 0.f;
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, bx0[2] = {X.x, X.y};
+        dec16_mma16816(d, a0, bx0);
+        const uint32_t a1[4] = {ha[2], hb[2], ha[3], hb[3]}, bx1[2] = {X.z, X.w};
+        dec16_mma16816(d, a1, bx1);
+        acc[0] += s0 * xi0 * d[0];
+        acc[1] += s0 * xi1 * d[1];
+        acc[2] += s1 * xi0 * d[2];
+        acc[3] += s1 * xi1 * d[3];
+      }
+    }
+  }
+  float *rw = red + (warp * 32 + lane) * 4;
+#pragma unroll
+  for (int e = 0; e < 4; e++) rw[e] = acc[e];
+  __syncthreads();
+  if (threadIdx.x < 128) { // (row, token) = D element e of lane l, summed over the warps in order
+    const int row = threadIdx.x >> 3, tok = threadIdx.x & 7;
+    const int l = (row & 7) * 4 + (tok >> 1), e = (row >> 3) * 2 + (tok & 1);
+    float s = 0.f;
+    for (int v = 0; v < GEMV7_WARPS; v++) s += red[(v * 32 + l) * 4 + e];
+    const int64_t R = (int64_t)blockIdx.x * 16 + row;
+    if (R < m && tok < nt) {
+      if (bias) s += bias[R];
+      float *yp = y + tok * m + R;
+      *yp = accumulate ? *yp + s : s;
+    }
+  }
+}
+
+// Scratch bytes of v7's staged x for n tokens of k: n * (k/32) * 64 (x) + (k/32) * 32 (scales).
+static inline size_t gemv7_scratch(int64_t n, int64_t k) { return (size_t)(n * (k / 32) * 64 + (k / 32) * 32); }
+
+// xs: gemv7_scratch(n, k) bytes of 16-aligned device scratch.
+template <int T>
+static void launch_gemv7(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w, const float *bias,
+                         int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const int64_t nch = k / 32;
+    uint32_t *xs = reinterpret_cast<uint32_t *>(scratch);
+    float *xinv = reinterpret_cast<float *>(reinterpret_cast<uint8_t *>(scratch) + n * nch * 64);
+    auto stage = gemv7_stage_kernel;
+    DEC16_LAUNCH_PDL(stage, dim3((unsigned)ceil_div(n * (k / 4), 256)), 256, 0, st, xs, xinv, x, n, k,
+                     dec16_traits<T>::kind);
+    auto kern = gemv7_kernel<T>;
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, 16)), GEMV7_WARPS * 32, GEMV7_WARPS * 32 * 4 * sizeof(float), st,
+                     y, reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, acc);
+  }
+}
+
 // F32 weights, small m (routers: gpt-oss 2880 -> 32), n <= 8: the v1 GEMV
 // gives each row one warp (8 CTAs of 4 warps for 32 rows), whose lanes walk
 // the row in ~3 dependent rounds of loads. Here one CTA of 1024 threads per

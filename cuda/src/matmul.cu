@@ -519,6 +519,11 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
     // v6 (opt-in) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
     if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) {
       launch_gemv_f32_rows(ctx->stream, y, x, (const float *)w, bias, n, k, m, accumulate);
+    } else if (ctx->gemv == 7 && f16ok && m < 32768) { // opt-in tensor-core GEMV (gemv16.cuh)
+      void *scr = nullptr;
+      int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
+      if (rc != ORCH_OK) return rc;
+      ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate);
     } else if (ctx->gemv >= 6 && f16ok && m < 32768) {
       ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
     } else if (ctx->gemv >= 5 && f16ok) {

@@ -324,6 +324,49 @@ inline void emu_launch(dim3 grid, int threads, size_t smem_bytes, const std::fun
       }
 }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (cuda/src/dec16.cuh
+// dec16_mma16816): d += A * B over the whole warp. Every lane deposits its
+// fragments; each then computes its own four outputs from the others' by the
+// PTX ISA fragment table (lane = 4 * group + tig): A rows group / group+8 in
+// a[0],a[2] / a[1],a[3], columns 2tig(+1) in a[0..1] and 2tig+8(+9) in
+// a[2..3]; B rows 2tig(+1) in b[0] and 2tig+8(+9) in b[1], column group; D
+// rows group / group+8, columns 2tig, 2tig+1. Products and sums in double,
+// rounded once to float (the hardware's internal accumulation order is not
+// specified; results differ from it by fp32 rounding only).
+struct EmuMmaExchange {
+  unsigned a[32][4], b[32][2];
+};
+inline EmuMmaExchange g_emu_mma[EMU_MAX_THREADS / 32];
+inline double emu_half_bits(unsigned h) {
+  const unsigned short u = (unsigned short)h;
+  _Float16 f;
+  std::memcpy(&f, &u, 2);
+  return (double)f;
+}
+inline void emu_mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2]) {
+  EmuMmaExchange &x = g_emu_mma[threadIdx.x >> 5];
+  const int lane = emu_lane();
+  for (int i = 0; i < 4; i++) x.a[lane][i] = a[i];
+  for (int i = 0; i < 2; i++) x.b[lane][i] = b[i];
+  emu_warp().bar.arrive_and_wait();
+  auto A = [&](int row, int col) { // element A[row][col]
+    const int g = row & 7, t = (col & 7) >> 1, reg = (row >> 3) + 2 * (col >> 3);
+    return emu_half_bits(x.a[4 * g + t][reg] >> (16 * (col & 1)));
+  };
+  auto B = [&](int row, int col) { // element B[row][col]
+    const int t = (row & 7) >> 1, reg = row >> 3;
+    return emu_half_bits(x.b[4 * col + t][reg] >> (16 * (row & 1)));
+  };
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; i++) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    double s = d[i];
+    for (int kk = 0; kk < 16; kk++) s += A(row, kk) * B(kk, col);
+    d[i] = (float)s;
+  }
+  emu_warp().bar.arrive_and_wait();
+}
+
 // emu_launch for a kernel launched with programmatic dependent launch: also
 // checks that every thread calls pdl_wait().
 inline void emu_launch_pdl(dim3 grid, int threads, size_t smem_bytes, const std::function<void()> &kernel) {

@@ -291,6 +291,30 @@ static void test_gemv(int t, int64_t k, int64_t m, int n, bool bias, bool accumu
          tname(t), (long long)k, (long long)m, n);
 }
 
+// GEMV v7 (tensor cores: x staged to scratch, mma.sync m16n8k16 through the
+// emulated fragment table) against float64: fp32 accumulation of exact
+// products, so only x's fp16 rounding remains (bound 5e-4, v5's 1.5e-3).
+static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accumulate) {
+  QW w;
+  make_weight(w, t, k, m);
+  const auto x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f), y0 = randv((size_t)(n * m), 1.f);
+  std::vector<double> want((size_t)(n * m));
+  for (int j = 0; j < n; j++)
+    for (int64_t r = 0; r < m; r++) {
+      double s = (bias ? bv[(size_t)r] : 0.0) + (accumulate ? y0[(size_t)(j * m + r)] : 0.0);
+      for (int64_t c = 0; c < k; c++) s += w.val[(size_t)(r * k + c)] * x[(size_t)(j * k + c)];
+      want[(size_t)(j * m + r)] = s;
+    }
+  Buf<float> bx(x), bb(bv), y(y0);
+  Buf<uint8_t> scratch(gemv7_scratch(n, k), 0xAB); // garbage: every read byte must have been staged
+  ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m,
+                     orch_row_bytes(t, k), accumulate);
+  const double e = rel_l2(y.vec(), want);
+  EXPECT(e <= 5e-4, "GEMV v7 %s k=%lld m=%lld n=%d: relative error %.3g", tname(t), (long long)k, (long long)m, n, e);
+  std::printf("GEMV v7 %-5s k=%-4lld m=%-5lld n=%d bias=%d acc=%d: relative error %.2e\n", tname(t), (long long)k,
+              (long long)m, n, bias, accumulate, e);
+}
+
 // Multi-weight GEMV (orch_matmul_multi's kernel): parts of different row
 // counts sharing x, each output bit-identical to its own launch_gemv5.
 static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n) {
@@ -397,6 +421,11 @@ int main(int argc, char **argv) {
     test_gemv_multi(t, 128, {16, 24}, 3);    // two parts, token tile 4
   }
   test_gemv_multi(ORCH_T_Q4_0, 64, {8, 40, 16}, 8);
+  for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
+    test_gemv7(t, 96, 36, 1, true, false);   // 3 blocks: warps without blocks; ragged last CTA
+    test_gemv7(t, 96, 36, 3, false, true);
+    test_gemv7(t, 1024, 20, 8, true, false); // 32 blocks: two rounds of 8 warps x 2
+  }
   test_rope2(1);
   test_rope2(0);
   for (int n : {1, 3, 8}) test_gemv_f32(96, 5, n, n != 3, n == 3);

@@ -175,7 +175,7 @@ func (b *Backend) holdRoPE(x *tensor, stride, n int64, heads, hd, rot int32, pos
 
 // setPDL turns programmatic dependent launch on or off for the kernels
 // launched from now on (process-wide; graphs captured before keep theirs) and
-// returns the previous state. Tests and TestDecodeLaunchPerf use it for A/B.
+// returns the previous state. Tests and TestPerfDecodeLaunches use it for A/B.
 func (b *Backend) setPDL(on bool) (was bool) {
 	var w int32
 	b.flush()

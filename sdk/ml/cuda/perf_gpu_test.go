@@ -7,6 +7,8 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -542,38 +544,105 @@ func (s randSrc) decodeSteps(t *testing.T, depth, n int, sep bool, cfgs []stepCf
 	return mss, bytes
 }
 
-// TestDecodeLaunchPerf times the session-3 launch changes on a gpt-oss-20b
+// TestPerfDecodeLaunches times the session-3 launch changes on a gpt-oss-20b
 // decode step laid out as plugins/gpt issues it (separate q/k/v GEMVs and
 // RoPEs), graph-replayed at depth 128: merged launches (fuse.go) and
-// programmatic dependent launch, each on and off, on the same stack and card.
-// Runs with ORCH_GPU_PERF=1 (not matched by -test.run TestPerf):
+// programmatic dependent launch, each on and off, on the same stack and card
+// (TestPerf's decode rows use one fused qkv weight).
 //
-//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestDecodeLaunchPerf -test.v
-func TestDecodeLaunchPerf(t *testing.T) {
+//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfDecodeLaunches -test.v
+func TestPerfDecodeLaunches(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to time the decode launch variants")
 	}
 	r := newRandSrc(newRNG(t))
 	cfgs := []stepCfg{
-		{"fuse+pdl", true, true}, {"fuse", true, false}, {"pdl", false, true}, {"neither", false, false},
+		{"merged + PDL (defaults)", true, true}, {"merged, PDL off", true, false}, {"PDL, merging off", false, true},
+		{"neither", false, false},
 	}
+	ms, _ := r.decodeSteps(t, 128, 1, true, cfgs)
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| gpt-oss-20b shape decode step, depth 128, graph | ms | tok/s |\n|---|---|---|\n",
+	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| gpt-oss-20b shape decode step, separate q/k/v (as plugins/gpt), depth 128, graph | ms | tok/s |\n|---|---|---|\n",
 		gpu.DeviceName(), gpu.ComputeCapability())
-	for _, sep := range []bool{true, false} {
-		ms, _ := r.decodeSteps(t, 128, 1, sep, cfgs)
-		layout := "separate q/k/v (as plugins/gpt)"
-		if !sep {
-			layout = "one qkv weight (TestPerf's layout)"
-		}
-		for i, c := range cfgs {
-			fmt.Fprintf(&sb, "| %s, %s | %.3f | %.0f |\n", layout, c.name, ms[i], 1e3/ms[i])
-		}
+	for i, c := range cfgs {
+		fmt.Fprintf(&sb, "| %s | %.3f | %.0f |\n", c.name, ms[i], 1e3/ms[i])
 	}
 	fmt.Print(sb.String())
-	if p := os.Getenv("ORCH_PERF_OUT"); p != "" {
-		require.NoError(t, os.WriteFile(p, []byte(sb.String()), 0o644))
+	if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
+		f := filepath.Join(filepath.Dir(po), "perf-launches.md")
+		require.NoError(t, os.WriteFile(f, []byte(sb.String()), 0o644))
 	}
+}
+
+// TestPerfGEMVVersions times the decode GEMVs at n = 1, 2, 4, 8 under GEMV v5
+// (default) and v7 (tensor cores, opt-in) — the library reads ORCH_CUDA_GEMV
+// once per process, so each version runs in a child process on the same card.
+//
+//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfGEMVVersions -test.v
+func TestPerfGEMVVersions(t *testing.T) {
+	if os.Getenv("ORCH_GPU_PERF") == "" {
+		t.Skip("set ORCH_GPU_PERF=1 to time the GEMV versions")
+	}
+	if os.Getenv("ORCH_GEMV_SPEED_CHILD") == "" {
+		if v := os.Getenv("ORCH_CUDA_GEMV"); v != "" {
+			t.Skipf("ORCH_CUDA_GEMV=%s pins this process; the timing runs from an unpinned one", v)
+		}
+		var table []string
+		for _, v := range []string{"v5", "v7"} {
+			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfGEMVVersions$", "-test.v")
+			cmd.Env = append(os.Environ(), "ORCH_GEMV_SPEED_CHILD=1", "ORCH_CUDA_GEMV="+v)
+			outp, err := cmd.CombinedOutput()
+			for _, line := range strings.Split(string(outp), "\n") {
+				if i := strings.Index(line, "|"); i >= 0 {
+					t.Log(line[i:])
+					table = append(table, line[i:])
+				}
+			}
+			require.NoError(t, err, "ORCH_CUDA_GEMV=%s child:\n%s", v, outp)
+		}
+		if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
+			f := filepath.Join(filepath.Dir(po), "perf-gemv.md")
+			require.NoError(t, os.WriteFile(f, []byte(strings.Join(table, "\n")+"\n"), 0o644))
+		}
+		return
+	}
+	r := newRandSrc(newRNG(t))
+	const cb = 1 << 30
+	var src, dst uintptr
+	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &src)))
+	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &dst)))
+	peak := 2 * cb / (timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) }) * 1e-3)
+	gpu.l.free(gpu.ctx, src)
+	gpu.l.free(gpu.ctx, dst)
+	for _, sh := range []struct {
+		name string
+		dt   ml.DType
+		k, m int
+	}{{"attn qkv", ml.Q8_0, 2880, 5120}, {"attn out", ml.Q8_0, 4096, 2880}, {"expert", ml.MXFP4, 2880, 2880},
+		{"llama qkv", ml.Q8_0, 4096, 6144}} {
+		const copies = 8
+		ws := make([]ml.Tensor, copies)
+		for i := range ws {
+			ws[i] = mustW(t, r, sh.name, sh.dt, sh.k, sh.m)
+		}
+		for _, n := range []int{1, 2, 4, 8} {
+			x := mustA(t, ml.F32, sh.k, n)
+			require.NoError(t, gpu.WriteF32(x, r.f32(sh.k*n)))
+			y := mustA(t, ml.F32, sh.m, n)
+			i := 0
+			ms := timeKernel(t, 20, 16, func() { gpu.MatMul(y, x, ws[i%copies], nil); i++ })
+			rb, _ := sh.dt.RowBytes(sh.k)
+			bytes := float64(rb*sh.m) + 4*float64(sh.k*n+sh.m*n)
+			t.Logf("| GEMV %s | %s %v %dx%d n=%d | %.4f ms | %.0f%% of the bytes floor |", os.Getenv("ORCH_CUDA_GEMV"),
+				sh.name, sh.dt, sh.k, sh.m, n, ms, 100*bytes/peak*1e3/ms)
+			gpu.Free(x)
+			gpu.Free(y)
+		}
+		for _, w := range ws {
+			gpu.Free(w)
+		}
+	}
+	require.NoError(t, gpu.Sync())
 }
 
 func mustReshape(t *testing.T, x ml.Tensor, shape ...int) ml.Tensor {
