@@ -297,6 +297,28 @@ func (s *Group) acquire(ctx context.Context) error {
 
 func (s *Group) releaseSem() { <-s.sem }
 
+// lockGen waits until the group is up and takes the Load/Unload semaphore
+// with the generation still current (the supervisor takes the semaphore to
+// relaunch, so it is not held while waiting).
+func (s *Group) lockGen(ctx context.Context) (*generation, error) {
+	for {
+		g, err := s.waitGen(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.acquire(ctx); err != nil {
+			return nil, err
+		}
+		s.mu.Lock()
+		cur := s.gen
+		s.mu.Unlock()
+		if cur == g {
+			return g, nil
+		}
+		s.releaseSem()
+	}
+}
+
 // WaitReady blocks until the group's processes are up (and, after a
 // relaunch, the model reloaded). With a done ctx it answers at once, which
 // is how a replica Set sees a restarting member.
@@ -355,11 +377,13 @@ func (s *Group) withRank(req sdk.LoadRequest, r int, addr string) sdk.LoadReques
 
 // loadGen loads req on every rank of g concurrently (they rendezvous in
 // Load). The first rank to fail cancels the others' Load; every rank's error
-// is reported.
-func (s *Group) loadGen(ctx context.Context, g *generation, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (sdk.ModelInfo, error) {
+// is reported, and the ranks that did load are unloaded again. On failure
+// reusable says whether g's processes can take another Load (none exited,
+// every loaded rank unloaded).
+func (s *Group) loadGen(ctx context.Context, g *generation, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (info sdk.ModelInfo, reusable bool, err error) {
 	addr, err := s.o.Addr()
 	if err != nil {
-		return sdk.ModelInfo{}, err
+		return sdk.ModelInfo{}, true, err
 	}
 	if progress == nil {
 		progress = func(sdk.LoadProgress) {}
@@ -386,14 +410,26 @@ func (s *Group) loadGen(ctx context.Context, g *generation, req sdk.LoadRequest,
 	wg.Wait()
 	if f := int(first.Load()); f >= 0 {
 		failed := []error{fmt.Errorf("rank %d: %w", f, errs[f])}
+		reusable = true
 		for r, err := range errs {
-			if err != nil && r != f {
-				failed = append(failed, fmt.Errorf("rank %d: %w", r, err))
+			if err != nil {
+				if r != f {
+					failed = append(failed, fmt.Errorf("rank %d: %w", r, err))
+				}
+				reusable = reusable && !IsMemberDown(err) && !g.ranks[r].Exited()
+				continue
 			}
+			// loaded while another rank failed: its group is broken
+			uctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if uerr := g.ranks[r].Unload(uctx); uerr != nil && !errors.Is(uerr, sdk.ErrNotLoaded) {
+				s.log.Warn("unloading a rank after a failed group load", "rank", r, "error", uerr)
+				reusable = false
+			}
+			cancel()
 		}
-		return sdk.ModelInfo{}, fmt.Errorf("tensor-parallel load of %s over %d ranks (rendezvous %s): %w", req.Path, s.size, addr, errors.Join(failed...))
+		return sdk.ModelInfo{}, reusable, fmt.Errorf("tensor-parallel load of %s over %d ranks (rendezvous %s): %w", req.Path, s.size, addr, errors.Join(failed...))
 	}
-	info := infos[0]
+	info = infos[0]
 	for r := 1; r < s.size; r++ {
 		in := infos[r]
 		if in.VocabSize != info.VocabSize || in.ContextLength != info.ContextLength || in.Architecture != info.Architecture {
@@ -408,7 +444,7 @@ func (s *Group) loadGen(ctx context.Context, g *generation, req sdk.LoadRequest,
 		info.DeviceName = info.Backend
 	}
 	info.DeviceName = fmt.Sprintf("%d x %s, tensor-parallel", s.size, info.DeviceName)
-	return info, nil
+	return info, true, nil
 }
 
 // Load implements sdk.Adapter: every rank loads its shard concurrently
@@ -416,27 +452,27 @@ func (s *Group) loadGen(ctx context.Context, g *generation, req sdk.LoadRequest,
 // is merged over the ranks. ModelInfo is rank 0's with WeightBytes, KVBytes
 // and ParamCount summed over the ranks (replicated tensors count once per
 // rank) and DeviceName "<size> x <rank 0's device>, tensor-parallel". If any
-// rank fails, the others' Load is cancelled, every rank is restarted
-// (unloaded: a half-joined group cannot be reused) and every rank's error
-// is returned.
+// rank fails, the others' Load is cancelled, ranks that loaded are unloaded
+// again and every rank's error is returned; the group stays up unloaded,
+// unless a rank process died or would not unload: then the whole group is
+// restarted (unloaded).
 func (s *Group) Load(ctx context.Context, req sdk.LoadRequest, progress func(sdk.LoadProgress)) (sdk.ModelInfo, error) {
-	if err := s.acquire(ctx); err != nil {
-		return sdk.ModelInfo{}, err
-	}
-	defer s.releaseSem()
-	g, err := s.waitGen(ctx)
+	g, err := s.lockGen(ctx)
 	if err != nil {
 		return sdk.ModelInfo{}, err
 	}
+	defer s.releaseSem()
 	s.mu.Lock()
 	loaded := s.lastLoad != nil
 	s.mu.Unlock()
 	if loaded {
 		return sdk.ModelInfo{}, sdk.ErrAlreadyLoaded
 	}
-	info, err := s.loadGen(ctx, g, req, progress)
+	info, reusable, err := s.loadGen(ctx, g, req, progress)
 	if err != nil {
-		s.retire(g, "load failed", false)
+		if !reusable {
+			s.retire(g, "a rank died or would not unload after a failed load", false)
+		}
 		return sdk.ModelInfo{}, err
 	}
 	s.mu.Lock()
@@ -770,7 +806,7 @@ func (s *Group) start(ctx context.Context) (*generation, error) {
 	if load == nil {
 		return g, nil
 	}
-	if _, err := s.loadGen(ctx, g, *load, nil); err != nil {
+	if _, _, err := s.loadGen(ctx, g, *load, nil); err != nil {
 		_ = stopRanks(g, time.Second)
 		return nil, fmt.Errorf("reload %s: %w", load.Path, err)
 	}

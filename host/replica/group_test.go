@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/llama-orch/orch/host/plugins"
 	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/adaptertest"
 	"github.com/llama-orch/orch/sdk/example"
 	"github.com/llama-orch/orch/sdk/tp"
 )
@@ -45,12 +47,16 @@ type fakeCluster struct {
 	launches atomic.Int64
 	// failLoad, when set, makes Load of that rank fail (before the
 	// rendezvous) with this error.
-	failLoad   map[int]error
+	failLoad map[int]error
+	// failLate makes Load of that rank fail after the rendezvous (the
+	// others load); dieInLoad makes that rank's process die in Load.
+	failLate   map[int]error
+	dieInLoad  map[int]bool
 	failLaunch atomic.Int64 // launches left to fail
 }
 
 func newFakeCluster(t *testing.T) *fakeCluster {
-	return &fakeCluster{t: t, worlds: map[string]*world{}, failLoad: map[int]error{}}
+	return &fakeCluster{t: t, worlds: map[string]*world{}, failLoad: map[int]error{}, failLate: map[int]error{}, dieInLoad: map[int]bool{}}
 }
 
 func (c *fakeCluster) launcher() RankLauncher {
@@ -177,6 +183,14 @@ func (r *fakeRank) Load(ctx context.Context, req sdk.LoadRequest, p func(sdk.Loa
 		return sdk.ModelInfo{}, fmt.Errorf("rank %d: rendezvous: %w", rank, ctx.Err())
 	case <-time.After(5 * time.Second):
 		return sdk.ModelInfo{}, fmt.Errorf("rank %d: the other ranks did not join %s (loaded one after another?)", rank, ex[tp.ExtraAddr])
+	}
+	if err := r.c.failLate[r.rank]; err != nil {
+		time.Sleep(100 * time.Millisecond) // the others have loaded by now
+		return sdk.ModelInfo{}, err
+	}
+	if r.c.dieInLoad[r.rank] {
+		r.die()
+		return sdk.ModelInfo{}, errDead
 	}
 	info, err := r.inner.Load(ctx, req, p)
 	info.DeviceName = "fake"
@@ -387,8 +401,8 @@ func TestGroupCPURanksThreads(t *testing.T) {
 }
 
 // One rank failing its Load fails the group's Load with that rank's error
-// (the others' rendezvous is cancelled and reported too), and the group is
-// restarted unloaded, ready for another Load.
+// (the others' rendezvous is cancelled and reported too); the processes
+// stay, unloaded, and take the next Load.
 func TestGroupLoadFailure(t *testing.T) {
 	c := newFakeCluster(t)
 	c.failLoad[1] = fmt.Errorf("ff 2880 not divisible: %w", sdk.ErrInvalidArgument)
@@ -400,12 +414,44 @@ func TestGroupLoadFailure(t *testing.T) {
 	assert.ErrorIs(t, err, sdk.ErrInvalidArgument)
 	assert.Contains(t, err.Error(), "rank 1: ff 2880 not divisible")
 	assert.Contains(t, err.Error(), "rank 0: rank 0: rendezvous: context canceled")
+	_, err = generate(context.Background(), g, 1, 2)
+	require.ErrorIs(t, err, sdk.ErrNotLoaded, "a failed load leaves the group up and unloaded")
 
+	// A rank failing after the others loaded: they are unloaded again.
 	delete(c.failLoad, 1)
-	require.Eventually(t, func() bool { return g.WaitReady(doneCtx) == nil }, 5*time.Second, 5*time.Millisecond)
-	assert.Equal(t, 4, int(c.launches.Load()), "new processes after the failed load")
+	c.failLate[1] = errors.New("late failure")
+	_, err = g.Load(context.Background(), sdk.LoadRequest{Path: counterModel(t)}, nil)
+	require.ErrorContains(t, err, "rank 1: late failure")
+	live := c.live()
+	assert.Equal(t, 1, live[0].callCount("unload"), "rank 0 loaded and was unloaded")
+	_, err = generate(context.Background(), g, 1, 2)
+	require.ErrorIs(t, err, sdk.ErrNotLoaded)
+
+	delete(c.failLate, 1)
 	_, err = g.Load(context.Background(), sdk.LoadRequest{Path: counterModel(t)}, nil)
 	require.NoError(t, err)
+	toks, err := generate(context.Background(), g, 1, 2)
+	require.NoError(t, err)
+	assert.Equal(t, []int32{2, 3}, toks)
+	assert.Equal(t, 2, int(c.launches.Load()), "the same processes throughout")
+	assert.Equal(t, 0, g.Restarts())
+}
+
+// A rank process dying in Load: the group is restarted (unloaded), and a
+// Load issued meanwhile waits for it instead of deadlocking with the
+// supervisor.
+func TestGroupLoadRankDies(t *testing.T) {
+	c := newFakeCluster(t)
+	c.dieInLoad[1] = true
+	g := startFakeGroup(t, c, GroupOptions{Name: "m", Size: 2, Supervise: plugins.SuperviseOptions{MinBackoff: 100 * time.Millisecond}})
+	_, err := g.Load(context.Background(), sdk.LoadRequest{Path: counterModel(t)}, nil)
+	require.ErrorIs(t, err, sdk.ErrAdapterCrashed)
+	delete(c.dieInLoad, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = g.Load(ctx, sdk.LoadRequest{Path: counterModel(t)}, nil)
+	require.NoError(t, err, "Load waits for the relaunch")
+	assert.Equal(t, 4, int(c.launches.Load()), "new processes for both ranks")
 	toks, err := generate(context.Background(), g, 1, 2)
 	require.NoError(t, err)
 	assert.Equal(t, []int32{2, 3}, toks)
@@ -506,4 +552,23 @@ func TestGroupRequestErrorsPassThrough(t *testing.T) {
 	assert.NotErrorIs(t, err, sdk.ErrAdapterCrashed)
 	assert.Equal(t, 0, g.Restarts())
 	assert.Equal(t, 2, int(c.launches.Load()))
+}
+
+// The group passes the adapter conformance suite (fake ranks over the
+// example adapter; rank 0 serves).
+func TestConformanceOverGroup(t *testing.T) {
+	dir := t.TempDir()
+	model := filepath.Join(dir, "counter.json")
+	require.NoError(t, example.WriteModel(model, example.ModelFile{Architecture: "example-counter", Name: "c", VocabSize: 64, ContextLength: 256}))
+	other := filepath.Join(dir, "other.json")
+	require.NoError(t, example.WriteModel(other, example.ModelFile{Architecture: "llama", VocabSize: 64, ContextLength: 256}))
+	info := sdk.Info{Name: "example", Version: "0.1.0", Architectures: counterArch}
+	adaptertest.Run(t, func(l hclog.Logger) (sdk.Adapter, error) {
+		c := newFakeCluster(t)
+		g, err := StartGroup(context.Background(), GroupOptions{Name: "c", Size: 2, Logger: l, Launch: c.launcher()})
+		if err == nil {
+			t.Cleanup(func() { _ = g.Close(context.Background()) })
+		}
+		return g, err
+	}, adaptertest.Options{Info: info, ModelPath: model, UnsupportedModelPath: other})
 }
