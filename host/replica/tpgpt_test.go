@@ -83,8 +83,16 @@ func TestSplitGPTMatchesUnsplit(t *testing.T) {
 		}
 		require.NoError(t, err)
 		defer func() { assert.NoError(t, m.Close(ctx)) }()
+		if tpN > 1 {
+			bad := req
+			bad.Path = filepath.Join(t.TempDir(), "not.gguf")
+			require.NoError(t, os.WriteFile(bad.Path, []byte("not a gguf file"), 0o644))
+			_, err = m.Load(ctx, bad, nil)
+			require.Error(t, err, "a failed load ...")
+			assert.Contains(t, err.Error(), "rank 0")
+		}
 		var res result
-		res.info, err = m.Load(ctx, req, nil)
+		res.info, err = m.Load(ctx, req, nil) // ... leaves the group ready for the next
 		require.NoError(t, err)
 		for _, pr := range prompts {
 			var out []int32
