@@ -6,9 +6,11 @@
 #   4. orch-host bench on the GPU (pp, tg, streams)
 #   5. orch-host serve on the GPU: a streamed harmony chat completion
 #   6. with two GPUs: replica scaling (host/replica/testdata/two-gpu.sh)
+#   7. with two GPUs (step tp): NCCL all-reduce test, gpt-oss-20b split over 2 GPUs vs whole
+#      (nntest.RunSplitRanks), serve unsplit vs --tensor-parallel 2 (host/replica/testdata/tp-gpu.sh)
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf; steps: kernels tests perf bench depth serve llama replicas)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp; steps: kernels tests perf bench depth serve llama replicas tp)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -83,7 +85,7 @@ synth() { # arch size file
   log "synth $1 $2: $(du -h "$3" | cut -f1) in $(( $(date +%s) - t0 )) s"
 }
 
-if has bench || has serve || has replicas; then
+if has bench || has serve || has replicas || has tp; then
   synth gpt-oss 20b "$M/gpt-oss-20b.gguf"
 fi
 if has bench; then
@@ -120,6 +122,23 @@ fi
 if has replicas && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   log "replicas: 1 vs 2 GPUs, gpt-oss-20b, 32 streams x 64 tokens"
   timeout 300 bash host/replica/testdata/two-gpu.sh bin "$M/gpt-oss-20b.gguf" 32 64 2>&1 | tail -25 | tee -a "$OUT/summary.md"
+fi
+if has tp && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  export NCCL_NVLS_ENABLE=0
+  timeout 120 bin/cuda-gpu.test -test.run 'TestComm' -test.v -test.timeout 110s >"$OUT/comm.log" 2>&1
+  log "NCCL comm tests: rc=$? $(grep -c -- '--- PASS' "$OUT/comm.log") passed, $(grep -c -- '--- FAIL' "$OUT/comm.log") failed"
+  grep -E 'NCCL|us per|µs' "$OUT/comm.log" | head -8 | cut -c1-200 | tee -a "$OUT/summary.md"
+  log "gpt-oss-20b split over 2 GPUs vs whole (RunSplitRanks)"
+  (cd plugins/gpt && export ORCH_GPU_MODEL="$M/gpt-oss-20b.gguf" ORCH_TP_SIZE=2 ORCH_TP_ADDR=127.0.0.1:29533
+   CUDA_VISIBLE_DEVICES=1 ORCH_TP_RANK=1 timeout 280 ../../bin/gpt-gpu.test -test.run TestGPUTensorParallel -test.v -test.timeout 270s >"$OUT/tp-rank1.log" 2>&1 &
+   CUDA_VISIBLE_DEVICES=0 ORCH_TP_RANK=0 ORCH_TP_OUT="$OUT/tp.json" timeout 280 ../../bin/gpt-gpu.test -test.run TestGPUTensorParallel -test.v -test.timeout 270s >"$OUT/tp-rank0.log" 2>&1
+   echo "rank0 rc=$?"; wait) | tee -a "$OUT/summary.md"
+  grep -E -- '--- (PASS|FAIL|SKIP)|tok/s|max|Error|error' "$OUT/tp-rank0.log" | head -20 | cut -c1-250 | tee -a "$OUT/summary.md"
+  [ -f "$OUT/tp.json" ] && head -c 1500 "$OUT/tp.json" | tee -a "$OUT/summary.md" && echo | tee -a "$OUT/summary.md"
+  if [ -z "${ORCH_TP_SKIP_SERVE:-}" ]; then
+    log "serve gpt-oss-20b unsplit vs --tensor-parallel 2, 1 and 32 streams x 128 tokens"
+    timeout 330 bash host/replica/testdata/tp-gpu.sh bin "$M/gpt-oss-20b.gguf" 32 128 2>&1 | tail -30 | tee -a "$OUT/summary.md"
+  fi
 fi
 log "done"
 # at most 8 files come back: keep summary.md and the tables, pack the logs into one archive
