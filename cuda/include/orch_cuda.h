@@ -169,6 +169,14 @@ int orch_rope(orch_ctx *ctx, float *x, int64_t row_stride, int64_t n_tok, int32_
 int orch_rope2(orch_ctx *ctx, float *x0, int64_t row_stride0, int32_t n_heads0, float *x1, int64_t row_stride1,
                int32_t n_heads1, int64_t n_tok, int32_t head_dim, int32_t rot_dim, const int32_t *pos,
                const float *inv_freq, float attn_factor, int32_t neox);
+/* orch_rope2 of q (q_heads) and k (kv_heads) followed by orch_kv_write of
+ * the rotated k and of v (kv_heads x head_dim per token, strides in floats)
+ * into k_cache / v_cache at slots, in one launch; results bit-identical to
+ * the two calls. q, k, v and the caches must not overlap. (Session 3.) */
+int orch_rope_kv(orch_ctx *ctx, float *q, int64_t q_stride, int32_t q_heads, float *k, int64_t k_stride,
+                 int32_t kv_heads, const float *v, int64_t v_stride, void *k_cache, void *v_cache, int32_t kv_dtype,
+                 const int32_t *slots, int64_t n_tok, int32_t head_dim, int32_t rot_dim, const int32_t *pos,
+                 const float *inv_freq, float attn_factor, int32_t neox);
 
 /* ---- attention.cu ----
  * Paged KV cache: per layer, K and V are [n_slots, n_kv_heads, head_dim] of

@@ -381,6 +381,46 @@ static void test_rope2(int neox) {
   std::printf("RoPE q+k in one launch (neox=%d): bit-identical to two launches, max error %.2e\n", neox, worst);
 }
 
+// RoPE of q and k fused with the KV-cache write (orch_rope_kv) against
+// orch_rope2 followed by attention.cu's kv_write semantics (cache[slot * per
+// + j] = k[t][j] converted to the cache type), bit for bit, F32 and F16
+// caches, rot_dim < head_dim (unrotated dims copied).
+template <class KV>
+static void test_rope_kv(int neox, int rot) {
+  const int64_t n = 3;
+  const int hd = 16, hq = 4, hk = 2, per = hk * hd, nslots = 7;
+  const std::vector<float> q0 = randv((size_t)(n * hq * hd), 1.f), k0 = randv((size_t)(n * per), 1.f),
+                           v0 = randv((size_t)(n * per), 1.f);
+  std::vector<float> inv(rot / 2);
+  for (int i = 0; i < rot / 2; i++) inv[(size_t)i] = std::pow(10000.f, -2.f * i / rot);
+  const std::vector<int32_t> posv = {5, 0, 131}, slotv = {6, 2, 3};
+  Buf<int32_t> pos(posv), slots(slotv);
+  Buf<float> bi(inv), qa(q0), ka(k0), qb(q0), kb(k0), vv(v0);
+  std::vector<KV> poison((size_t)(nslots * per));
+  for (auto &e : poison) e = (KV)-7.f;
+  Buf<KV> kca(poison), vca(poison);
+  std::vector<KV> kcb = poison, vcb = poison;
+  orch_ctx ctx;
+  const int dt = sizeof(KV) == 4 ? ORCH_KV_F32 : ORCH_KV_F16;
+  EXPECT(orch_rope_kv(&ctx, qa.p, hq * hd, hq, ka.p, per, hk, vv.p, per, kca.p, vca.p, dt, slots.p, n, hd, rot, pos.p,
+                      bi.p, 0.75f, neox) == ORCH_OK,
+         "rope_kv: %s", g_err);
+  EXPECT(orch_rope2(&ctx, qb.p, hq * hd, hq, kb.p, per, hk, n, hd, rot, pos.p, bi.p, 0.75f, neox) == ORCH_OK, "rope2: %s",
+         g_err);
+  for (int64_t t = 0; t < n; t++)
+    for (int j = 0; j < per; j++) {
+      kcb[(size_t)(slotv[(size_t)t] * per + j)] = (KV)kb.p[t * per + j];
+      vcb[(size_t)(slotv[(size_t)t] * per + j)] = (KV)v0[(size_t)(t * per + j)];
+    }
+  EXPECT(std::memcmp(qa.p, qb.p, qa.n * 4) == 0 && std::memcmp(ka.p, kb.p, ka.n * 4) == 0,
+         "rope_kv (neox=%d rot=%d): q/k differ from rope2", neox, rot);
+  EXPECT(std::memcmp(kca.p, kcb.data(), kcb.size() * sizeof(KV)) == 0 &&
+             std::memcmp(vca.p, vcb.data(), vcb.size() * sizeof(KV)) == 0,
+         "rope_kv (neox=%d rot=%d, %zu-byte cache): cache differs from rope2 + kv_write", neox, rot, sizeof(KV));
+  std::printf("RoPE q+k + KV write in one launch (neox=%d rot=%d, %zu-byte cache): bit-identical to rope2 + kv_write\n",
+              neox, rot, sizeof(KV));
+}
+
 // F32 small-m GEMV (routers): 1e-5 against float64 (fp32 products and sums).
 static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulate) {
   const auto w = randv((size_t)(m * k), 1.f), x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f),
@@ -428,6 +468,10 @@ int main(int argc, char **argv) {
   }
   test_rope2(1);
   test_rope2(0);
+  test_rope_kv<float>(1, 16);
+  test_rope_kv<float>(0, 12);
+  test_rope_kv<_Float16>(1, 12);
+  test_rope_kv<_Float16>(0, 16);
   for (int n : {1, 3, 8}) test_gemv_f32(96, 5, n, n != 3, n == 3);
   test_gemv_f32(4224, 3, 2, true, false); // two rounds of the 1024 threads
   if (long_run) test_gemv_f32(2880, 32, 1, true, false);

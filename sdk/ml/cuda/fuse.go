@@ -7,7 +7,9 @@ import "os"
 // it, and when the next op is a compatible MatMul (same x, n, k and weight
 // type: q, k and v of a layer) or RoPE (same positions and parameters: q then
 // k), launches them together as one kernel (orch_matmul_multi, orch_rope2),
-// whose outputs are bit-identical to separate launches. Anything else first
+// whose outputs are bit-identical to separate launches; a held pair of RoPEs
+// followed by the KV write of the rotated k (and v) becomes one launch
+// (orch_rope_kv). Anything else first
 // launches what is held ("flush"): every op (through get, which arg calls),
 // Write*/Read*, Sync, Run (before a capture begins and before it ends), Free
 // and Close. ORCH_CUDA_FUSE=0 turns the merging off.
@@ -162,14 +164,42 @@ func (b *Backend) holdRoPE(x *tensor, stride, n int64, heads, hd, rot int32, pos
 	if p.rope == 1 && p.rn == n && p.rhd == hd && p.rot == rot && p.rpos == pos && p.rfreq == freq &&
 		p.rscale == scale && p.rneox == neox && !xs.overlaps(p.rspan[0]) {
 		p.rx[1], p.rstride[1], p.rheads[1], p.rspan[1] = x.ptr, stride, heads, xs
-		p.rope = 2
-		b.flush()
+		p.rope = 2 // held: the KV write of k may follow
 		return true
 	}
 	b.flush()
 	p.rope = 1
 	p.rx[0], p.rstride[0], p.rheads[0], p.rspan[0] = x.ptr, stride, heads, xs
 	p.rn, p.rhd, p.rot, p.rpos, p.rfreq, p.rscale, p.rneox = n, hd, rot, pos, freq, scale, neox
+	return true
+}
+
+// holdKVWrite launches a held RoPE pair (q, k) together with this KV write
+// when it writes exactly the rotated k (same tensor, tokens, heads and head
+// dim) and v and the caches overlap none of q and k, and reports whether it
+// did; otherwise it flushes and the caller launches the write.
+func (b *Backend) holdKVWrite(kc, vc *tensor, kvt int32, k, v *tensor, slots uintptr, n int64, nkv, hd int32) bool {
+	p := &b.pend
+	if !fuseOps || p.rope != 2 || p.rx[1] != k.ptr || p.rn != n || p.rheads[1] != nkv || p.rhd != hd ||
+		p.rstride[1] != int64(nkv*hd) {
+		b.flush()
+		return false
+	}
+	for _, s := range []span{{v.ptr, uintptr(v.bytes)}, {kc.ptr, uintptr(kc.bytes)}, {vc.ptr, uintptr(vc.bytes)}} {
+		if s.overlaps(p.rspan[0]) || s.overlaps(p.rspan[1]) {
+			b.flush()
+			return false
+		}
+	}
+	if (span{kc.ptr, uintptr(kc.bytes)}).overlaps(span{vc.ptr, uintptr(vc.bytes)}) ||
+		(span{v.ptr, uintptr(v.bytes)}).overlaps(span{kc.ptr, uintptr(kc.bytes)}) ||
+		(span{v.ptr, uintptr(v.bytes)}).overlaps(span{vc.ptr, uintptr(vc.bytes)}) {
+		b.flush()
+		return false
+	}
+	b.call("rope", b.l.ropeKV(b.ctx, p.rx[0], p.rstride[0], p.rheads[0], k.ptr, p.rstride[1], nkv, v.ptr, int64(nkv*hd),
+		kc.ptr, vc.ptr, kvt, slots, n, hd, p.rot, p.rpos, p.rfreq, p.rscale, p.rneox))
+	p.rope = 0
 	return true
 }
 

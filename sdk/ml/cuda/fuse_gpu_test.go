@@ -64,15 +64,45 @@ func TestFusedLaunches(t *testing.T) {
 				p := i32Pair(t, pos, n)
 				rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, Scale: scale, InvFreq: f.g}
 				heads := func(y pair, h int) ml.Tensor { v, err := gpu.Reshape(y.g, hd, h, n); require.NoError(t, err); return v }
-				run := func() [][]float32 {
-					for i := range ys {
-						gpu.Fill(ys[i].g, float32(math.NaN()))
-					}
+				// KV caches (F16 for n = 1, 8; F32 for n = 3) and a batch placing the tokens in shuffled slots.
+				kvdt := ml.F16
+				if n == 3 {
+					kvdt = ml.F32
+				}
+				const cbs, cnb = 16, 4
+				kc, err := gpu.Alloc(kvdt, hd, nkv, cbs, cnb)
+				require.NoError(t, err)
+				vc, err := gpu.Alloc(kvdt, hd, nkv, cbs, cnb)
+				require.NoError(t, err)
+				defer gpu.Free(kc)
+				defer gpu.Free(vc)
+				bpos, bseq := make([]int32, n), make([]int32, n)
+				for i := range bpos {
+					bpos[i] = int32(i)
+				}
+				blocks := []int32{2, 0, 3, 1}
+				bt := newRandSrc(r).batch(t, bpos, bseq, blocks, cnb, cbs)
+				cacheBytes := func(c ml.Tensor) []byte {
+					ct := c.(*tensor)
+					out := make([]byte, ct.bytes)
+					require.NoError(t, gpu.l.status("d2h", gpu.l.memcpyD2H(gpu.ctx, &out[0], ct.ptr, int64(ct.bytes))))
+					return out
+				}
+				record := func() {
 					for i := range ys {
 						gpu.MatMul(ys[i].g, x.g, ws[i].g, bs[i].g)
 					}
 					gpu.RoPE(heads(ys[0], nh), p.g, rope)
 					gpu.RoPE(heads(ys[1], nkv), p.g, rope)
+					gpu.KVWrite(kc, vc, heads(ys[1], nkv), heads(ys[2], nkv), bt)
+				}
+				var sepK, sepV []byte
+				run := func() [][]float32 {
+					for i := range ys {
+						gpu.Fill(ys[i].g, float32(math.NaN()))
+					}
+					require.NoError(t, gpu.Sync())
+					record()
 					var res [][]float32
 					for i := range ys {
 						res = append(res, readF32(t, ys[i].g))
@@ -81,23 +111,24 @@ func TestFusedLaunches(t *testing.T) {
 				}
 				fuseOps = false
 				sep := run()
+				sepK, sepV = cacheBytes(kc), cacheBytes(vc)
+				require.NoError(t, gpu.l.status("memset", gpu.l.memset(gpu.ctx, kc.(*tensor).ptr, 0, int64(kc.(*tensor).bytes))))
+				require.NoError(t, gpu.l.status("memset", gpu.l.memset(gpu.ctx, vc.(*tensor).ptr, 0, int64(vc.(*tensor).bytes))))
 				fuseOps = true
 				fused := run()
+				require.Equal(t, sepK, cacheBytes(kc), "%s: K cache, fused vs separate", name)
+				require.Equal(t, sepV, cacheBytes(vc), "%s: V cache, fused vs separate", name)
 				graphKey := "fused-" + name
 				for rep := 0; rep < 2; rep++ { // capture, then replay
 					for i := range ys {
 						gpu.Fill(ys[i].g, float32(math.NaN()))
 					}
-					require.NoError(t, gpu.Run(graphKey, func() {
-						for i := range ys {
-							gpu.MatMul(ys[i].g, x.g, ws[i].g, bs[i].g)
-						}
-						gpu.RoPE(heads(ys[0], nh), p.g, rope)
-						gpu.RoPE(heads(ys[1], nkv), p.g, rope)
-					}))
+					require.NoError(t, gpu.l.status("memset", gpu.l.memset(gpu.ctx, kc.(*tensor).ptr, 0, int64(kc.(*tensor).bytes))))
+					require.NoError(t, gpu.Run(graphKey, record))
 					for i := range ys {
 						sameBits(t, fmt.Sprintf("%s graph %d out %d", name, rep, i), sep[i], readF32(t, ys[i].g))
 					}
+					require.Equal(t, sepK, cacheBytes(kc), "%s graph %d: K cache", name, rep)
 				}
 				for i := range ys {
 					sameBits(t, fmt.Sprintf("%s out %d", name, i), sep[i], fused[i])

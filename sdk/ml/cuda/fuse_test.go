@@ -53,6 +53,15 @@ func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
 			headDim, rotDim int32, pos, invFreq uintptr, attnFactor float32, neox int32) int32 {
 			return f.add("rope2 x0=%x heads=%d x1=%x heads=%d", x0, heads0, x1, heads1)
 		},
+		ropeKV: func(ctx, q uintptr, qStride int64, qHeads int32, k uintptr, kStride int64, kvHeads int32, v uintptr,
+			vStride int64, kCache, vCache uintptr, kvType int32, slots uintptr, nTok int64, headDim, rotDim int32, pos,
+			invFreq uintptr, attnFactor float32, neox int32) int32 {
+			return f.add("rope_kv q=%x k=%x v=%x kc=%x", q, k, v, kCache)
+		},
+		kvWrite: func(ctx, kc, vc uintptr, kvType int32, k, v uintptr, ks, vs int64, slots uintptr, nTok int64, nKV,
+			hd int32) int32 {
+			return f.add("kv_write k=%x kc=%x", k, kc)
+		},
 		rmsnorm: func(ctx, out, x, add, w uintptr, n, dim int64, eps float32) int32 {
 			return f.add("rmsnorm out=%x", out)
 		},
@@ -104,6 +113,14 @@ func TestFuseAttentionBlock(t *testing.T) {
 	pos, freq := fakeT(b, ml.I32, n), fakeT(b, ml.F32, hd/2)
 	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
 
+	const bs = 16
+	kc, vc := fakeT(b, ml.F16, hd, nkv, bs, 4), fakeT(b, ml.F16, hd, nkv, bs, 4)
+	vh := &tensor{}
+	*vh = *v
+	vh.shape = []int{hd, nkv, n}
+	bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, n), Slots: fakeT(b, ml.I32, n), Blocks: fakeT(b, ml.I32, 4, 1),
+		BlockSize: bs}
+
 	b.RMSNorm(h, x, norm, 1e-5)
 	b.MatMul(q, h, wq, bq)
 	b.MatMul(k, h, wk, nil)
@@ -113,8 +130,25 @@ func TestFuseAttentionBlock(t *testing.T) {
 	require.Equal(t, []string{
 		fmt.Sprintf("rmsnorm out=%x", h.ptr),
 		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d %x/%d]", h.ptr, d, q.ptr, hd*nh, k.ptr, hd*nkv, v.ptr, hd*nkv),
+	}, f.take(), "the third GEMV launches the merged kernel; the RoPE pair waits for the KV write")
+	b.KVWrite(kc, vc, kh, vh, bt)
+	require.Equal(t, []string{fmt.Sprintf("rope_kv q=%x k=%x v=%x kc=%x", q.ptr, k.ptr, v.ptr, kc.ptr)}, f.take())
+
+	// The pair followed by anything else, or by the KV write of another k:
+	// the RoPE pair launches alone, first.
+	b.RoPE(qh, pos, rope)
+	b.RoPE(kh, pos, rope)
+	b.KVWrite(kc, vc, vh, vh, bt)
+	require.Equal(t, []string{
 		fmt.Sprintf("rope2 x0=%x heads=%d x1=%x heads=%d", q.ptr, nh, k.ptr, nkv),
-	}, f.take(), "the third GEMV and the second RoPE launch the merged kernels")
+		fmt.Sprintf("kv_write k=%x kc=%x", v.ptr, kc.ptr),
+	}, f.take())
+	b.RoPE(qh, pos, rope)
+	b.RoPE(kh, pos, rope)
+	b.Add(x, x, h)
+	require.Equal(t, []string{
+		fmt.Sprintf("rope2 x0=%x heads=%d x1=%x heads=%d", q.ptr, nh, k.ptr, nkv), fmt.Sprintf("add out=%x", x.ptr),
+	}, f.take())
 	b.MatMul(q, h, wq, bq)
 	b.RoPE(qh, pos, rope) // held MatMul, then a RoPE: both launch, in order, by the Add
 	b.Add(x, x, h)

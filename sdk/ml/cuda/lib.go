@@ -95,6 +95,7 @@ type lib struct {
 	matmulMulti func(ctx, x uintptr, wtype int32, n, k int64, count int32, parts *gemvPart) int32
 	rope2       func(ctx, x0 uintptr, stride0 int64, heads0 int32, x1 uintptr, stride1 int64, heads1 int32, nTok int64, headDim, rotDim int32, pos, invFreq uintptr, attnFactor float32, neox int32) int32
 	setPDL      func(ctx uintptr, on int32, was *int32) int32
+	ropeKV      func(ctx, q uintptr, qStride int64, qHeads int32, k uintptr, kStride int64, kvHeads int32, v uintptr, vStride int64, kCache, vCache uintptr, kvType int32, slots uintptr, nTok int64, headDim, rotDim int32, pos, invFreq uintptr, attnFactor float32, neox int32) int32
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32
 	commLibrary      func(buf *byte, n int64) int32
@@ -203,6 +204,7 @@ func (l *lib) bind() (err error) {
 		{&l.moeCombine, "orch_moe_combine"}, {&l.moeFFN, "orch_moe_ffn"}, {&l.argmax, "orch_argmax"}, {&l.sample, "orch_sample"},
 		{&l.qgemm, "orch_qgemm"}, {&l.moeRouteInts, "orch_moe_route_ints"}, {&l.moeFFNGrouped, "orch_moe_ffn_grouped"},
 		{&l.matmulMulti, "orch_matmul_multi"}, {&l.rope2, "orch_rope2"}, {&l.setPDL, "orch_set_pdl"},
+		{&l.ropeKV, "orch_rope_kv"},
 		{&l.commAvailable, "orch_comm_available"}, {&l.commLibrary, "orch_comm_library"},
 		{&l.commUniqueID, "orch_comm_unique_id"}, {&l.commInit, "orch_comm_init"},
 		{&l.commAllreduceF32, "orch_comm_allreduce_f32"}, {&l.commAsyncError, "orch_comm_async_error"},

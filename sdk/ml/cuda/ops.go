@@ -351,27 +351,40 @@ func (b *Backend) batch(op string, bt *ml.Batch, n, bs int) (pos, seq, slots, bl
 
 func (b *Backend) KVWrite(kCache, vCache, k, v ml.Tensor, bt *ml.Batch) {
 	const op = "kv_write"
-	kc, vc, kvt, ok := b.caches(op, kCache, vCache)
+	b.holdFlush = true // a held RoPE of q and k may fuse with this write (fuse.go)
+	kc, vc, kk, vv, slots, kvt, n, ok := b.kvWriteArgs(op, kCache, vCache, k, v, bt)
+	b.holdFlush = false
 	if !ok {
 		return
 	}
-	kk, vv := b.arg(op, "k", k, ml.F32), b.arg(op, "v", v, ml.F32)
-	if kk == nil || vv == nil {
-		return
-	}
-	hd, nkv, bs := kc.shape[0], kc.shape[1], kc.shape[2]
+	hd, nkv := kc.shape[0], kc.shape[1]
 	row := hd * nkv
-	n, err := ml.KVRows(kk.shape, vv.shape, hd, nkv)
-	if err != nil {
-		b.failf(op, "%v", err)
-		return
-	}
-	_, _, slots, _, ok := b.batch(op, bt, n, bs)
-	if !ok {
+	if b.holdKVWrite(kc, vc, kvt, kk, vv, slots.ptr, int64(n), int32(nkv), int32(hd)) {
 		return
 	}
 	b.call(op, b.l.kvWrite(b.ctx, kc.ptr, vc.ptr, kvt, kk.ptr, vv.ptr, int64(row), int64(row), slots.ptr, int64(n),
 		int32(nkv), int32(hd)))
+}
+
+// kvWriteArgs checks KVWrite's operands: caches, k and v rows, the batch's slots.
+func (b *Backend) kvWriteArgs(op string, kCache, vCache, k, v ml.Tensor, bt *ml.Batch) (kc, vc, kk, vv, slots *tensor,
+	kvt int32, n int, ok bool) {
+	kc, vc, kvt, ok = b.caches(op, kCache, vCache)
+	if !ok {
+		return
+	}
+	kk, vv = b.arg(op, "k", k, ml.F32), b.arg(op, "v", v, ml.F32)
+	if kk == nil || vv == nil {
+		return kc, vc, kk, vv, nil, kvt, 0, false
+	}
+	hd, nkv, bs := kc.shape[0], kc.shape[1], kc.shape[2]
+	n, err := ml.KVRows(kk.shape, vv.shape, hd, nkv)
+	if err != nil {
+		b.failf(op, "%v", err)
+		return kc, vc, kk, vv, nil, kvt, 0, false
+	}
+	_, _, slots, _, ok = b.batch(op, bt, n, bs)
+	return
 }
 
 func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.Attention) {
