@@ -21,11 +21,68 @@ extern "C" int orch_abi_version(void) { return ORCH_ABI_VERSION; }
 
 int g_orch_pdl = 0;
 
-// PDL is available from compute capability 9.0 (Hopper) on.
-static bool pdl_device_ok(int device) {
-  int major = 0;
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+__global__ void pdl_probe_kernel(int *n) {
+  pdl_trigger();
+  pdl_wait();
+  if (threadIdx.x == 0) atomicAdd(n, 1);
 }
+
+// Whether PDL launches work here, eagerly and captured into a graph: two
+// dependent launches each way on a scratch stream, counted on the device.
+// Probed once per process and device; any failure turns PDL off with one
+// line on stderr (a driver or runtime without programmatic edges in graphs
+// must not break every decode graph).
+static bool pdl_probe(int device) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9) return false;
+  static std::mutex mu;
+  static int probed[64];   // 0 unknown, 1 works, 2 does not
+  std::lock_guard<std::mutex> lk(mu);
+  if (device < 0 || device >= 64) return false;
+  if (probed[device]) return probed[device] == 1;
+  const char *why = nullptr;
+  cudaStream_t s = nullptr;
+  int *d = nullptr, h = 0;
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t ex = nullptr;
+  const int was = g_orch_pdl;
+  g_orch_pdl = 1;
+  if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess || cudaMalloc(&d, sizeof(int)) != cudaSuccess ||
+      cudaMemsetAsync(d, 0, sizeof(int), s) != cudaSuccess) {
+    why = "setup";
+  } else {
+    orch_launch_pdl(pdl_probe_kernel, dim3(2), dim3(32), 0, s, d);
+    orch_launch_pdl(pdl_probe_kernel, dim3(2), dim3(32), 0, s, d);
+    if (cudaGetLastError() != cudaSuccess || cudaStreamSynchronize(s) != cudaSuccess) why = "eager launch";
+  }
+  if (!why) {
+    if (cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+      why = "capture";
+    } else {
+      orch_launch_pdl(pdl_probe_kernel, dim3(2), dim3(32), 0, s, d);
+      orch_launch_pdl(pdl_probe_kernel, dim3(2), dim3(32), 0, s, d);
+      const cudaError_t le = cudaGetLastError();
+      if (cudaStreamEndCapture(s, &g) != cudaSuccess || le != cudaSuccess) why = "captured launch";
+      else if (cudaGraphInstantiateWithFlags(&ex, g, 0) != cudaSuccess) why = "graph instantiate";
+      else if (cudaGraphLaunch(ex, s) != cudaSuccess || cudaStreamSynchronize(s) != cudaSuccess) why = "graph launch";
+    }
+  }
+  if (!why && (cudaMemcpy(&h, d, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess || h != 8)) why = "wrong count";
+  if (ex) cudaGraphExecDestroy(ex);
+  if (g) cudaGraphDestroy(g);
+  if (d) cudaFree(d);
+  if (s) cudaStreamDestroy(s);
+  cudaGetLastError(); // a failed probe leaves no error behind
+  g_orch_pdl = was;
+  probed[device] = why ? 2 : 1;
+  if (why)
+    fprintf(stderr, "liborch_cuda: programmatic dependent launch disabled on device %d (probe failed: %s)\n", device,
+            why);
+  return !why;
+}
+
+// PDL is available from compute capability 9.0 (Hopper) on, where the probe passes.
+static bool pdl_device_ok(int device) { return pdl_probe(device); }
 
 extern "C" int orch_set_pdl(orch_ctx *ctx, int32_t on, int32_t *was) {
   ORCH_CHECK_ARG(ctx, "set_pdl");
