@@ -195,6 +195,12 @@ func commChild(t *testing.T) {
 	require.NoError(t, c.Err())
 	require.NoError(t, gpu.Sync())
 
+	// Both ranks time (their calls must match); rank 0 prints.
+	logTiming := func(format string, args ...any) {
+		if rank == 0 {
+			t.Logf(format, args...)
+		}
+	}
 	// Timing: the all-reduce per layer point of TP decode (gpt-oss: 2880
 	// floats = 11.5 KB per token; Llama 70B: 8192 floats = 32 KB), a batch of
 	// 8 gpt-oss tokens, and 4 MB (bandwidth). Inside a graph (20 back-to-back
@@ -205,7 +211,7 @@ func commChild(t *testing.T) {
 		graphUS := 1e3 * timeKernel(t, 30, 20, func() { c.AllReduce(gpu, buf) })
 		eagerUS := 1e3 * timeMs(t, 30, func() { c.AllReduce(gpu, buf) })
 		bytes := 4 * n
-		t.Logf("allreduce timing rank %d: %d floats (%.1f KB): graph %.1f us/call, eager %.1f us/call, %.1f GB/s bus",
+		logTiming("allreduce timing rank %d: %d floats (%.1f KB): graph %.1f us per call, eager %.1f us per call, %.1f GB/s bus",
 			rank, n, float64(bytes)/1024, graphUS, eagerUS, float64(bytes)*2*float64(size-1)/float64(size)/(graphUS*1e3))
 		require.NoError(t, c.Err())
 		gpu.Free(buf)
