@@ -396,7 +396,9 @@ gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *_
   const bool ok0 = r0 < m, ok1 = r1 < m;
   const uint8_t *w0 = w + (ok0 ? r0 : 0) * row_bytes, *w1 = w + (ok1 ? r1 : 0) * row_bytes;
   q7_words<T> b0[NB], b1[NB];
-  auto load = [&](int64_t c0) {
+  uint4 X[NB];
+  float xi0[NB], xi1[NB];
+  auto load_w = [&](int64_t c0) {
 #pragma unroll
     for (int i = 0; i < NB; i++) {
       const int64_t c = c0 + warp * NB + i;
@@ -405,31 +407,45 @@ gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *_
       q7_load<T>(b1[i], w1 + (okc ? c : 0) * BB, t, ok1 && okc);
     }
   };
+  // The staged x of the round's blocks, issued with the weight words (one
+  // latency per round, not one per dependent load).
+  auto load_x = [&](int64_t c0) {
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int64_t c = c0 + warp * NB + i;
+      const bool okc = c < nch;
+      X[i] = okc && g < nt ? __ldg(xs + (g * nch + c) * 4 + t) : make_uint4(0u, 0u, 0u, 0u);
+      xi0[i] = okc && 2 * t < nt ? __ldg(xinv + c * 8 + 2 * t) : 0.f;
+      xi1[i] = okc && 2 * t + 1 < nt ? __ldg(xinv + c * 8 + 2 * t + 1) : 0.f;
+    }
+  };
   // PDL: the first round of weight words (never written while a step runs)
   // is loaded before the wait; the staged x only after it.
-  load(0);
+  load_w(0);
   pdl_wait();
+  load_x(0);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t c0 = 0; c0 < nch; c0 += GEMV7_WARPS * NB) {
-    if (c0) load(c0);
+    if (c0) {
+      load_w(c0);
+      load_x(c0);
+    }
 #pragma unroll
     for (int i = 0; i < NB; i++) {
       const int64_t c = c0 + warp * NB + i;
       if (c < nch) { // uniform over the warp: every lane reaches the mma
         uint32_t ha[4], hb[4];
         const float s0 = q7_decode<T>(b0[i], ha), s1 = q7_decode<T>(b1[i], hb);
-        const uint4 X = g < nt ? __ldg(xs + (g * nch + c) * 4 + t) : make_uint4(0u, 0u, 0u, 0u);
-        const float xi0 = 2 * t < nt ? __ldg(xinv + c * 8 + 2 * t) : 0.f;
-        const float xi1 = 2 * t + 1 < nt ? __ldg(xinv + c * 8 + 2 * t + 1) : 0.f;
+        const uint4 Xi = X[i];
         float d[4] = {0.f, 0.f, 0.f, 0.f};
-        const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, bx0[2] = {X.x, X.y};
+        const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, bx0[2] = {Xi.x, Xi.y};
         dec16_mma16816(d, a0, bx0);
-        const uint32_t a1[4] = {ha[2], hb[2], ha[3], hb[3]}, bx1[2] = {X.z, X.w};
+        const uint32_t a1[4] = {ha[2], hb[2], ha[3], hb[3]}, bx1[2] = {Xi.z, Xi.w};
         dec16_mma16816(d, a1, bx1);
-        acc[0] += s0 * xi0 * d[0];
-        acc[1] += s0 * xi1 * d[1];
-        acc[2] += s1 * xi0 * d[2];
-        acc[3] += s1 * xi1 * d[3];
+        acc[0] += s0 * xi0[i] * d[0];
+        acc[1] += s0 * xi1[i] * d[1];
+        acc[2] += s1 * xi0[i] * d[2];
+        acc[3] += s1 * xi1[i] * d[3];
       }
     }
   }
