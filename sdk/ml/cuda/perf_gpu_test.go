@@ -567,6 +567,66 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	for i, c := range cfgs {
 		fmt.Fprintf(&sb, "| %s | %.3f | %.0f |\n", c.name, ms[i], 1e3/ms[i])
 	}
+
+	// The merged pieces alone (16 back-to-back copies per graph, as TestPerf's
+	// kernel rows): q/k/v GEMVs of one layer, and RoPE q, k + KV write.
+	const d, nh, nkv, hd, bs = 2880, 64, 8, 64, 16
+	const copies = 8
+	type qkvW struct{ q, k, v, bq, bk, bv ml.Tensor }
+	ws := make([]qkvW, copies)
+	f := func(n int) ml.Tensor {
+		x := mustA(t, ml.F32, n)
+		require.NoError(t, gpu.WriteF32(x, r.f32(n)))
+		return x
+	}
+	for i := range ws {
+		ws[i] = qkvW{mustW(t, r, "q", ml.Q8_0, d, nh*hd), mustW(t, r, "k", ml.Q8_0, d, nkv*hd), mustW(t, r, "v", ml.Q8_0, d, nkv*hd),
+			f(nh * hd), f(nkv * hd), f(nkv * hd)}
+	}
+	x := mustA(t, ml.F32, d, 1)
+	require.NoError(t, gpu.WriteF32(x, r.f32(d)))
+	q, k, v := mustA(t, ml.F32, hd, nh, 1), mustA(t, ml.F32, hd, nkv, 1), mustA(t, ml.F32, hd, nkv, 1)
+	q2, k2, v2 := mustReshape(t, q, nh*hd, 1), mustReshape(t, k, nkv*hd, 1), mustReshape(t, v, nkv*hd, 1)
+	kc, vc := mustA(t, ml.F16, hd, nkv, bs, 16), mustA(t, ml.F16, hd, nkv, bs, 16)
+	bt := r.batch(t, []int32{100}, []int32{0}, []int32{3, 1, 4, 0, 5, 9, 2, 6, 7, 8, 10, 11, 12, 13, 14, 15}, 16, bs)
+	inv, scale, err := ml.YaRNInvFreq(150000, hd, ml.YaRN{Factor: 32, OrigContext: 4096})
+	require.NoError(t, err)
+	invT := mustA(t, ml.F32, hd/2)
+	require.NoError(t, gpu.WriteF32(invT, inv))
+	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: invT, Scale: scale}
+	fmt.Fprintf(&sb, "\n| one layer's pieces, gpt-oss-20b shape, n=1 (graph of 16) | merged + PDL | merged | PDL | neither |\n|---|---|---|---|---|\n")
+	pieces := []struct {
+		name string
+		fn   func(i int)
+	}{
+		{"MatMul q, k, v (+ bias; Q8_0 2880 -> 4096, 512, 512)", func(i int) {
+			w := ws[i%copies]
+			gpu.MatMul(q2, x, w.q, w.bq)
+			gpu.MatMul(k2, x, w.k, w.bk)
+			gpu.MatMul(v2, x, w.v, w.bv)
+		}},
+		{"RoPE q, RoPE k, KVWrite (F16 cache)", func(int) {
+			gpu.RoPE(q, bt.Pos, rope)
+			gpu.RoPE(k, bt.Pos, rope)
+			gpu.KVWrite(kc, vc, k, v, bt)
+		}},
+	}
+	for _, pc := range pieces {
+		fmt.Fprintf(&sb, "| %s |", pc.name)
+		for _, c := range cfgs {
+			func() {
+				defer func(v bool) { fuseOps = v }(fuseOps)
+				fuseOps = c.fuse
+				was := gpu.setPDL(c.pdl)
+				defer gpu.setPDL(was)
+				i := 0
+				us := 1e3 * timeKernel(t, 20, 16, func() { pc.fn(i); i++ })
+				fmt.Fprintf(&sb, " %.1f µs |", us)
+			}()
+		}
+		sb.WriteString("\n")
+	}
+	require.NoError(t, gpu.Sync())
 	fmt.Print(sb.String())
 	if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
 		f := filepath.Join(filepath.Dir(po), "perf-launches.md")
