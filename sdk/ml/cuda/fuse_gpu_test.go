@@ -264,7 +264,7 @@ func TestPDLChain(t *testing.T) {
 	}
 }
 
-// TestGEMVv7 re-runs the GEMV-dependent tests under ORCH_CUDA_GEMV=v7 (the
+// TestGEMVv7 re-runs GEMV-dependent tests under ORCH_CUDA_GEMV=v7 (the
 // opt-in tensor-core GEMV; the library reads the variable once per process,
 // so in a child process): every MatMul of n <= 8 below 32768 rows then goes
 // through mma.sync, checked against the CPU backend at the fp16-GEMV bound.
@@ -272,13 +272,13 @@ func TestGEMVv7(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_GEMV"); v != "" {
 		t.Skipf("ORCH_CUDA_GEMV=%s pins this process; the v7 child runs from an unpinned one", v)
 	}
-	cmd := exec.Command(os.Args[0], "-test.run", "^(TestMatMul|TestMatMulTall|TestGraphReplay|TestFusedLaunches|TestPDLChain)$",
-		"-test.v")
+	// (TestMatMulTall's m >= 32768 stays on v5; kept short for the suite's time budget.)
+	cmd := exec.Command(os.Args[0], "-test.run", "^(TestMatMul|TestFusedLaunches|TestPDLChain)$", "-test.v")
 	cmd.Env = append(os.Environ(), "ORCH_CUDA_GEMV=v7")
 	outp, err := cmd.CombinedOutput()
 	require.NoError(t, err, "ORCH_CUDA_GEMV=v7 child:\n%s", outp)
 	for _, name := range []string{"TestMatMul", "TestFusedLaunches", "TestPDLChain"} {
 		require.Contains(t, string(outp), "--- PASS: "+name+" ", "ORCH_CUDA_GEMV=v7 child:\n%s", outp)
 	}
-	t.Logf("ORCH_CUDA_GEMV=v7: TestMatMul, TestMatMulTall, TestGraphReplay, TestFusedLaunches, TestPDLChain passed")
+	t.Logf("ORCH_CUDA_GEMV=v7: TestMatMul, TestFusedLaunches, TestPDLChain passed")
 }
