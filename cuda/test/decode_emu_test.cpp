@@ -97,6 +97,14 @@ void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem,
 #include "../src/moe_ffn.cu"
 #include "../src/gemv16.cuh"
 #include "../src/rope.cu"
+// norm.cu's kernels use a static __shared__ array: one CTA at a time, so a
+// static local is exactly the CTA's array (cuda_emu.h).
+#undef __shared__
+#define __shared__ static
+inline float rsqrtf(float v) { return 1.f / std::sqrt(v); } // the device's approximate rsqrt: any function, the same in both kernels
+#include "../src/norm.cu"
+#undef __shared__
+#define __shared__
 #undef warp_sum
 #undef warp_max
 #include "emu_lib.h"
@@ -421,6 +429,43 @@ static void test_rope_kv(int neox, int rot) {
               neox, rot, sizeof(KV));
 }
 
+// RMSNorm / LayerNorm (+ residual add): the register kernel (each thread's
+// elements read once) against the looping kernel, bit for bit, and against
+// float64; every thread of both waits for PDL.
+template <bool LAYER, int N>
+static void test_norm(int64_t n, int64_t dim, bool add, bool wb) {
+  const auto x0 = randv((size_t)(n * dim), 2.f), a0 = randv((size_t)(n * dim), 1.f), wv = randv((size_t)dim, 1.f),
+             bv = randv((size_t)dim, 1.f);
+  Buf<float> xa(x0), xb(x0), ad(a0), w(wv), b(bv), oa((size_t)(n * dim), NAN), ob((size_t)(n * dim), NAN);
+  const float *addp = add ? ad.p : nullptr, *wp = wb ? w.p : nullptr, *bp = wb && LAYER ? b.p : nullptr;
+  orch_launch_pdl(norm_reg_kernel<LAYER, N>, dim3((unsigned)n), dim3(NORM_THREADS), 0, nullptr, oa.p, xa.p, addp, wp, bp,
+                  dim, 1e-5f);
+  orch_launch_pdl(norm_kernel<LAYER>, dim3((unsigned)n), dim3(NORM_THREADS), 0, nullptr, ob.p, xb.p, addp, wp, bp, dim,
+                  1e-5f);
+  EXPECT(std::memcmp(oa.p, ob.p, oa.n * 4) == 0 && std::memcmp(xa.p, xb.p, xa.n * 4) == 0,
+         "norm (layer=%d N=%d dim=%lld add=%d): register kernel differs from the looping one", LAYER, N, (long long)dim,
+         add);
+  double worst = 0;
+  for (int64_t r = 0; r < n; r++) {
+    std::vector<double> v((size_t)dim);
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < dim; i++) {
+      v[(size_t)i] = (double)x0[(size_t)(r * dim + i)] + (add ? (double)a0[(size_t)(r * dim + i)] : 0.0);
+      mean += v[(size_t)i];
+    }
+    mean = LAYER ? mean / dim : 0.0;
+    for (auto e : v) var += (e - mean) * (e - mean);
+    const double rs = 1 / std::sqrt(var / dim + 1e-5);
+    for (int64_t i = 0; i < dim; i++) {
+      double o = (v[(size_t)i] - mean) * rs * (wb ? wv[(size_t)i] : 1.0) + (wb && LAYER ? bv[(size_t)i] : 0.0);
+      worst = std::max(worst, std::fabs(oa.p[r * dim + i] - o));
+    }
+  }
+  EXPECT(worst < 1e-4, "norm (layer=%d dim=%lld): max error %.3g vs float64", LAYER, (long long)dim, worst);
+  std::printf("norm layer=%d N=%-2d dim=%-4lld add=%d: bit-identical to the looping kernel, max error %.2e\n", LAYER, N,
+              (long long)dim, add, worst);
+}
+
 // F32 small-m GEMV (routers): 1e-5 against float64 (fp32 products and sums).
 static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulate) {
   const auto w = randv((size_t)(m * k), 1.f), x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f),
@@ -468,6 +513,10 @@ int main(int argc, char **argv) {
   }
   test_rope2(1);
   test_rope2(0);
+  test_norm<false, 12>(2, 2880, true, true); // gpt-oss width
+  test_norm<false, 4>(1, 1000, false, true); // ragged last elements
+  test_norm<true, 8>(3, 2048, true, true);
+  test_norm<true, 4>(1, 64, false, false);
   test_rope_kv<float>(1, 16);
   test_rope_kv<float>(0, 12);
   test_rope_kv<_Float16>(1, 12);
