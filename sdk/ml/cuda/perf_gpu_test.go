@@ -634,9 +634,12 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	}
 }
 
-// TestPerfGEMVVersions times the decode GEMVs at n = 1, 2, 4, 8 under GEMV v5
-// (default) and v7 (tensor cores, opt-in) — the library reads ORCH_CUDA_GEMV
-// once per process, so each version runs in a child process on the same card.
+// TestPerfGEMVVersions times the decode GEMVs at n = 1, 2, 4, 8 and the MoE
+// decode (n = 1, 8) under the default kernels (GEMV v5, MoE v4), GEMV v7
+// (tensor cores, opt-in) and MoE v5 (one-wave double-buffered gate_up,
+// opt-in, never timed before) — the library reads ORCH_CUDA_GEMV /
+// ORCH_CUDA_MOE once per process, so each runs in a child process on the
+// same card.
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfGEMVVersions -test.v
 func TestPerfGEMVVersions(t *testing.T) {
@@ -644,13 +647,13 @@ func TestPerfGEMVVersions(t *testing.T) {
 		t.Skip("set ORCH_GPU_PERF=1 to time the GEMV versions")
 	}
 	if os.Getenv("ORCH_GEMV_SPEED_CHILD") == "" {
-		if v := os.Getenv("ORCH_CUDA_GEMV"); v != "" {
-			t.Skipf("ORCH_CUDA_GEMV=%s pins this process; the timing runs from an unpinned one", v)
+		if v := os.Getenv("ORCH_CUDA_GEMV") + os.Getenv("ORCH_CUDA_MOE"); v != "" {
+			t.Skipf("ORCH_CUDA_GEMV / ORCH_CUDA_MOE pin this process; the timing runs from an unpinned one")
 		}
 		var table []string
-		for _, v := range []string{"v5", "v7"} {
+		for _, v := range []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_MOE=v5"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfGEMVVersions$", "-test.v")
-			cmd.Env = append(os.Environ(), "ORCH_GEMV_SPEED_CHILD=1", "ORCH_CUDA_GEMV="+v)
+			cmd.Env = append(os.Environ(), "ORCH_GEMV_SPEED_CHILD=1", v)
 			outp, err := cmd.CombinedOutput()
 			for _, line := range strings.Split(string(outp), "\n") {
 				if i := strings.Index(line, "|"); i >= 0 {
@@ -658,7 +661,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 					table = append(table, line[i:])
 				}
 			}
-			require.NoError(t, err, "ORCH_CUDA_GEMV=%s child:\n%s", v, outp)
+			require.NoError(t, err, "%s child:\n%s", v, outp)
 		}
 		if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
 			f := filepath.Join(filepath.Dir(po), "perf-gemv.md")
@@ -666,6 +669,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		}
 		return
 	}
+	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
 	r := newRandSrc(newRNG(t))
 	const cb = 1 << 30
 	var src, dst uintptr
@@ -693,14 +697,29 @@ func TestPerfGEMVVersions(t *testing.T) {
 			ms := timeKernel(t, 20, 16, func() { gpu.MatMul(y, x, ws[i%copies], nil); i++ })
 			rb, _ := sh.dt.RowBytes(sh.k)
 			bytes := float64(rb*sh.m) + 4*float64(sh.k*n+sh.m*n)
-			t.Logf("| GEMV %s | %s %v %dx%d n=%d | %.4f ms | %.0f%% of the bytes floor |", os.Getenv("ORCH_CUDA_GEMV"),
-				sh.name, sh.dt, sh.k, sh.m, n, ms, 100*bytes/peak*1e3/ms)
+			t.Logf("| %s | GEMV %s %v %dx%d n=%d | %.4f ms | %.0f%% of the bytes floor |", label, sh.name, sh.dt, sh.k, sh.m,
+				n, ms, 100*bytes/peak*1e3/ms)
 			gpu.Free(x)
 			gpu.Free(y)
 		}
 		for _, w := range ws {
 			gpu.Free(w)
 		}
+	}
+	// MoE decode at gpt-oss shape (router + top-4 + fused expert FFN), 1 and 8 tokens.
+	const d, ff, ne, topk = 2880, 2880, 32, 4
+	mo := r.moe(t, d, ff, ne, topk)
+	for _, n := range []int{1, 8} {
+		x := mustA(t, ml.F32, d, n)
+		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
+		y := mustA(t, ml.F32, d, n)
+		ms := timeKernel(t, 20, 16, func() { gpu.MoE(y, x, mo) })
+		t.Logf("| %s | moe decode gpt-oss n=%d | %.4f ms | |", label, n, ms)
+		gpu.Free(x)
+		gpu.Free(y)
+	}
+	for _, w := range []ml.Tensor{mo.Router, mo.RouterBias, mo.Gate, mo.GateBias, mo.Up, mo.UpBias, mo.Down, mo.DownBias} {
+		gpu.Free(w)
 	}
 	require.NoError(t, gpu.Sync())
 }
