@@ -153,7 +153,12 @@ func (b *Backend) Sync() error {
 	return err
 }
 
-func (b *Backend) Err() error { return b.err }
+// Err is the first op error so far; an op held back for merging (fuse.go) is
+// launched first, so that its launch error is reported here as before.
+func (b *Backend) Err() error {
+	b.flush()
+	return b.err
+}
 
 // fail records the first op error (sticky).
 func (b *Backend) fail(err error) {

@@ -11,8 +11,8 @@ import "os"
 // followed by the KV write of the rotated k (and v) becomes one launch
 // (orch_rope_kv). Anything else first
 // launches what is held ("flush"): every op (through get, which arg calls),
-// Write*/Read*, Sync, Run (before a capture begins and before it ends), Free
-// and Close. ORCH_CUDA_FUSE=0 turns the merging off.
+// Write*/Read*, Sync, Err, Run (before a capture begins and before it ends),
+// Free and Close. ORCH_CUDA_FUSE=0 turns the merging off.
 //
 // Why deferral in the backend and not new ml ops: plugins/ and sdk/ml/nn are
 // other code's (and the CPU backend would need the same ops); the backend sees
