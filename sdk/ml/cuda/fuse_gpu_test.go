@@ -205,6 +205,20 @@ func TestPDLChain(t *testing.T) {
 	require.NoError(t, err)
 	kh, err := gpu.Reshape(k.g, hd, nkv, n)
 	require.NoError(t, err)
+	vh, err := gpu.Reshape(v.g, hd, nkv, n)
+	require.NoError(t, err)
+	const cbs = 16
+	var caches []ml.Tensor // K, V as F16, then K, V as F32
+	for _, dt := range []ml.DType{ml.F16, ml.F16, ml.F32, ml.F32} {
+		c, err := gpu.Alloc(dt, hd, nkv, cbs, layers)
+		require.NoError(t, err)
+		defer gpu.Free(c)
+		caches = append(caches, c)
+	}
+	bts := make([]*ml.Batch, layers) // one cache block per layer
+	for i := range bts {
+		bts[i] = newRandSrc(r).batch(t, []int32{int32(r.IntN(cbs))}, []int32{0}, []int32{int32(i)}, 1, cbs)
+	}
 	step := func() {
 		gpu.Embed(x.g, tok.g, ids.g, false)
 		for i, l := range ls {
@@ -218,6 +232,11 @@ func TestPDLChain(t *testing.T) {
 			gpu.MatMul(v.g, h.g, l.wv.g, nil)
 			gpu.RoPE(qh, pos.g, rope)
 			gpu.RoPE(kh, pos.g, rope)
+			if i%2 == 0 { // RoPE + KV write in one launch (F16 caches)
+				gpu.KVWrite(caches[0], caches[1], kh, vh, bts[i])
+			} else { // RoPE pair, then the write (F32 caches) of another k: two launches
+				gpu.KVWrite(caches[2], caches[3], vh, kh, bts[i])
+			}
 			gpu.Add(q.g, q.g, q.g) // in place, right after the RoPE
 			gpu.MatMul(o.g, q.g, l.wo.g, nil)
 			gpu.AddRMSNorm(x.g, h.g, o.g, l.norm2.g, 1e-5)
@@ -228,6 +247,16 @@ func TestPDLChain(t *testing.T) {
 		gpu.MatMul(logits.g, h.g, head.g, nil)
 		gpu.Argmax(next, logits.g)
 	}
+	cacheBytes := func() []byte {
+		var out []byte
+		for _, c := range caches {
+			ct := c.(*tensor)
+			b := make([]byte, ct.bytes)
+			require.NoError(t, gpu.l.status("d2h", gpu.l.memcpyD2H(gpu.ctx, &b[0], ct.ptr, int64(ct.bytes))))
+			out = append(out, b...)
+		}
+		return out
+	}
 	results := func() ([]float32, []float32, []int32) {
 		nx := make([]int32, n)
 		require.NoError(t, gpu.ReadI32(next, nx))
@@ -237,6 +266,7 @@ func TestPDLChain(t *testing.T) {
 	defer gpu.setPDL(was)
 	step()
 	x0, l0, n0 := results()
+	c0 := cacheBytes()
 	require.False(t, slices.ContainsFunc(l0, func(v float32) bool { return math.IsNaN(float64(v)) }), "NaN logits")
 	require.NoError(t, gpu.Run("pdl-chain-off", step))
 	x1, l1, _ := results()
@@ -253,6 +283,7 @@ func TestPDLChain(t *testing.T) {
 	sameBits(t, "eager, PDL on: x", x0, x2)
 	sameBits(t, "eager, PDL on: logits", l0, l2)
 	require.Equal(t, n0, n2)
+	require.Equal(t, c0, cacheBytes(), "eager, PDL on: KV caches")
 	for rep := 0; rep < 20; rep++ {
 		gpu.Fill(logits.g, float32(math.NaN()))
 		gpu.Fill(x.g, float32(math.NaN()))
@@ -261,6 +292,7 @@ func TestPDLChain(t *testing.T) {
 		sameBits(t, fmt.Sprintf("graph replay %d, PDL on: x", rep), x0, x3)
 		sameBits(t, fmt.Sprintf("graph replay %d, PDL on: logits", rep), l0, l3)
 		require.Equal(t, n0, n3)
+		require.Equal(t, c0, cacheBytes(), "graph replay %d, PDL on: KV caches", rep)
 	}
 }
 
