@@ -21,7 +21,15 @@
 // flash-decoding kernels skip those rows; v4 = v3 with O in registers and
 // lazy rescaling; v5 = v4 with the GQA-grouped flash-decoding kernel
 // (attn_gq_kernel: K/V read once per kv head) for the other rows, where it
-// has an instance (head dim 64/128, group 1/2/4/8).
+// has an instance (head dim 64/128, group 1/2/4/8); v6 (default) = v4 with
+// depth-adaptive flash-decoding for the other rows: the grid is still sized
+// from max_pos (a captured decode graph passes the context length), but each
+// row's split of the keys comes from its actual span on the device
+// (attn_split_* in attention_index.cuh: unused splits exit, one used split
+// writes the output, the combine reads only the used ones), through the
+// grouped kernel attn_gd_kernel (head dim 64/128, 1/2/4/8 query heads per
+// CTA, V rows loaded in batches ahead of use) or, for the other head dims,
+// attn2 with the adaptive split.
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,9 +42,9 @@ using namespace attn_k;
 bool attn_tc_supports(int head_dim);
 int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg);
 
-// ORCH_CUDA_ATTN v1..v4 as 1..4 (read once; v1 is also ctx->attn_v1);
+// ORCH_CUDA_ATTN v1..v6 as 1..6 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
-constexpr int ATTN_DEFAULT_VERSION = 4;
+constexpr int ATTN_DEFAULT_VERSION = 6;
 static int attn_env_version() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_ATTN");
@@ -45,6 +53,7 @@ static int attn_env_version() {
     if (e && strcmp(e, "v3") == 0) return 3;
     if (e && strcmp(e, "v4") == 0) return 4;
     if (e && strcmp(e, "v5") == 0) return 5;
+    if (e && strcmp(e, "v6") == 0) return 6;
     return ATTN_DEFAULT_VERSION;
   }();
   return v;
@@ -154,6 +163,81 @@ static int launch_attn_gq_any(orch_ctx *ctx, const orch_attn_args *a, int tc_ski
   return -1;
 }
 
+// v6: depth-adaptive flash-decoding for the rows the tensor-core kernel does
+// not take. The grid (fixed at capture) is sized from max_pos as before, but
+// the kernels size each row's work from its actual span (attention_index.cuh,
+// attn_split_*): unused splits exit at once, one used split writes the
+// output, and attn_combine6 merges only the used ones. Split budget as v5
+// (grouped: ~4096 CTAs) and v4 (per head: ~2048 CTAs); the combine's lanes
+// hold at most ATTN_GD_MAX_SPLITS splits.
+template <int HD>
+static int launch_combine6(orch_ctx *ctx, const orch_attn_args *a, const float *part, int splits, int tc_skip) {
+  attn_combine6_kernel<HD><<<dim3((unsigned)a->n_heads, (unsigned)a->n_tok), 32, 0, ctx->stream>>>(*a, part, splits,
+                                                                                                  ATTN_GD_GRAN, tc_skip);
+  ORCH_LAUNCHED("attention combine (v6)");
+  return ORCH_OK;
+}
+
+static int attn_span_max(const orch_attn_args *a) {
+  int span = a->max_pos > 0 ? a->max_pos : 1;
+  if (a->window > 0) span = min(span, a->window);
+  return span;
+}
+
+template <typename KV, int HD, int GC>
+static int launch_attn_gd(orch_ctx *ctx, const orch_attn_args *a, int tc_skip, int splits) {
+  void *part = nullptr;
+  if (splits > 1) {
+    int rc = orch_scratch(ctx, (size_t)a->n_heads * a->n_tok * splits * (HD + 2) * sizeof(float), &part);
+    if (rc != ORCH_OK) return rc;
+  }
+  const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
+  dim3 grid((unsigned)(a->n_heads / GC), (unsigned)rows, (unsigned)splits);
+  attn_gd_kernel<KV, HD, GC><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits, tc_skip);
+  ORCH_LAUNCHED("attention (v6 grouped)");
+  if (splits == 1) return ORCH_OK;
+  return launch_combine6<HD>(ctx, a, (const float *)part, splits, tc_skip);
+}
+
+// CTAs of the grid below which the grouped kernel serves fewer heads per CTA.
+constexpr int ATTN_GD_MIN_CTAS = 256;
+
+// The grouped v6 kernel's instances: head dim 64/128, 1/2/4/8 heads per CTA
+// (any group size they divide); -1 = none.
+template <typename KV>
+static int launch_attn_gd_any(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
+  if (a->head_dim != 64 && a->head_dim != 128) return -1;
+  const int G = a->n_heads / a->n_kv_heads;
+  const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
+  const int splits = attn_grid_splits((int64_t)a->n_kv_heads * a->n_tok, attn_span_max(a), ATTN_GD_GRAN, 4096,
+                                      ATTN_GD_MAX_SPLITS);
+  const int gc = attn_gd_heads_per_cta(G, a->n_heads, rows, splits, ATTN_GD_MIN_CTAS);
+#define GD_CASE(H, GG) \
+  if (a->head_dim == H && gc == GG) return launch_attn_gd<KV, H, GG>(ctx, a, tc_skip, splits);
+  GD_CASE(64, 1) GD_CASE(64, 2) GD_CASE(64, 4) GD_CASE(64, 8)
+  GD_CASE(128, 1) GD_CASE(128, 2) GD_CASE(128, 4) GD_CASE(128, 8)
+#undef GD_CASE
+  return -1;
+}
+
+// v6 for the other head dims: attn2 with the depth-adaptive split.
+template <typename KV, int HD>
+static int launch_attn2_adaptive(orch_ctx *ctx, const orch_attn_args *a, int tc_skip) {
+  const int64_t ctas = (int64_t)a->n_heads * a->n_tok;
+  const int splits = attn_grid_splits(ctas, attn_span_max(a), ATTN_GD_GRAN, 2048, 64);
+  void *part = nullptr;
+  if (splits > 1) {
+    int rc = orch_scratch(ctx, (size_t)ctas * splits * (HD + 2) * sizeof(float), &part);
+    if (rc != ORCH_OK) return rc;
+  }
+  const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
+  dim3 grid((unsigned)a->n_heads, (unsigned)rows, (unsigned)splits);
+  attn2_kernel<KV, HD><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits, tc_skip, ATTN_GD_GRAN);
+  ORCH_LAUNCHED("attention (v6)");
+  if (splits == 1) return ORCH_OK;
+  return launch_combine6<HD>(ctx, a, (const float *)part, splits, tc_skip);
+}
+
 template <typename KV, int HD>
 static int launch_attn1(orch_ctx *ctx, const orch_attn_args *a) {
   dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok);
@@ -177,7 +261,17 @@ static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
       if (rc == ORCH_OK) tc = 1;
       else if (rc != ORCH_ERR_UNSUPPORTED) return rc;
     }
-    if (attn_env_version() >= 5) {
+    if (attn_env_version() >= 6) {
+      int rc = launch_attn_gd_any<KV>(ctx, a, tc);
+      if (rc != -1) return rc;
+      switch (a->head_dim) {
+#define ATTN_CASE6(H) \
+  case H: return launch_attn2_adaptive<KV, H>(ctx, a, tc);
+        ATTN_HEAD_DIMS(ATTN_CASE6)
+#undef ATTN_CASE6
+        default: break;
+      }
+    } else if (attn_env_version() == 5) {
       int rc = launch_attn_gq_any<KV>(ctx, a, tc);
       if (rc != -1) return rc;
     }

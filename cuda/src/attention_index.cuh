@@ -48,3 +48,51 @@ ORCH_HD int attn_tc_run_from_bits(uint32_t lo, uint32_t hi) {
 // Whether row r (0-based in its tile) of a tile with run `run` is the
 // tensor-core kernel's.
 ORCH_HD bool attn_tc_takes(int run, int r) { return run >= ATTN_TC_MIN_RUN && r < run; }
+
+// ---- depth-adaptive decode splits (v6) ----
+// A flash-decoding grid has `splits` CTAs per (row, head group), fixed when
+// the launch is made (and captured in a graph) from an upper bound of the
+// span (Batch.MaxPos: the context length in a captured decode step). The
+// kernel sizes the work from the row's ACTUAL span instead: every used split
+// takes `per` keys (span / splits rounded up to `gran`, a whole number of
+// 32-key warp steps per CTA), the first attn_split_used(span, per) splits
+// run, the others exit at once, one used split writes the output itself
+// (no combine), and the combine reads only the used splits. So a short row
+// in a grid sized for a long context costs one or a few CTAs, not `splits`
+// CTAs of one key each plus a combine over all of them.
+
+// Keys visible to the query at position qp: qp + 1, or the last `window`.
+ORCH_HD int attn_span(int qp, int window) { return window > 0 && qp + 1 > window ? window : qp + 1; }
+
+// Keys per used split (a multiple of gran; >= gran).
+ORCH_HD int attn_split_per(int span, int splits, int gran) {
+  const int per = (span + splits - 1) / splits;
+  return (per + gran - 1) / gran * gran;
+}
+
+// Splits that hold keys (1 .. splits for span >= 1).
+ORCH_HD int attn_split_used(int span, int per) { return (span + per - 1) / per; }
+
+// Host: splits of a v6 grid of `ctas` (row, head group) CTAs for rows of at
+// most span_max keys: enough gran-key splits to cover span_max, at most
+// budget / ctas (so a one-token decode fills the GPU and a big batch does not
+// multiply its CTAs), 1 .. cap.
+inline int attn_grid_splits(long long ctas, long long span_max, int gran, long long budget, int cap) {
+  if (ctas <= 0 || span_max <= 0) return 1;
+  long long s = (span_max + gran - 1) / gran;
+  const long long b = budget / ctas;
+  if (s > b) s = b;
+  if (s > cap) s = cap;
+  return s < 1 ? 1 : (int)s;
+}
+
+// Host: query heads per CTA of the grouped kernel (v6): the largest of 8, 4,
+// 2, 1 that divides the group size g while the grid keeps >= min_ctas CTAs
+// (n_heads / gc x rows x splits); 1 if none does. A CTA reads its kv head's
+// K/V once for all its heads, so fewer, fatter CTAs read less; a short grid
+// (window layers: one split) needs more CTAs to fill the GPU.
+inline int attn_gd_heads_per_cta(int g, int n_heads, long long rows, int splits, long long min_ctas) {
+  for (int gc = 8; gc > 1; gc /= 2)
+    if (g % gc == 0 && (long long)(n_heads / gc) * rows * splits >= min_ctas) return gc;
+  return 1;
+}

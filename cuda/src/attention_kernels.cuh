@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a)
 // most rows are skipped and an exiting CTA still costs its launch).
 template <typename KV, int HD>
 __global__ void __launch_bounds__(ATTN_WARPS * 32)
-    attn2_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
+    attn2_kernel(orch_attn_args a, float *part, int splits, int tc_skip, int gran = 0) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 8 == 0, "K rows are read in 16-byte vectors");
   const int h = blockIdx.x, sp = blockIdx.z;
@@ -171,12 +171,16 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
     if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
     const int qp = a.tok_pos[t];
     const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
+    int start = a.window > 0 ? max(0, qp - a.window + 1) : 0;
+    const int span = qp - start + 1;
+    // gran > 0 (v6): splits sized from this row's span (attention_index.cuh),
+    // unused ones skip the row; else (v2..v5) span / splits, every split runs.
+    const int per = gran > 0 ? attn_split_per(span, splits, gran) : (span + splits - 1) / splits;
+    const int used = gran > 0 ? attn_split_used(span, per) : splits;
+    if (sp >= used) continue; // uniform over the CTA, before any barrier of the row
     const float *qr = a.q + t * a.q_stride + (int64_t)h * HD;
     for (int i = threadIdx.x; i < HD; i += blockDim.x) qs[i] = qr[i] * a.scale;
     __syncthreads();
-    int start = a.window > 0 ? max(0, qp - a.window + 1) : 0;
-    const int span = qp - start + 1;
-    const int per = (span + splits - 1) / splits;
     const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
     float m = -INFINITY, l = 0.f, acc[E];
 #pragma unroll
@@ -241,7 +245,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
     if (warp == 0) {
       // One split: this CTA saw every key, so it applies the sink and writes
       // the output itself (no combine launch). Else partials for the combine.
-      const bool direct = splits == 1;
+      const bool direct = used == 1;
       float M = -INFINITY;
 #pragma unroll
       for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w]);
@@ -424,6 +428,281 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
       }
     }
   } // rows
+}
+
+// ---- v6: depth-adaptive GQA-grouped flash-decoding ----
+// Keys per used split are a multiple of ATTN_GD_GRAN (one 32-key step per
+// warp); the grid has at most ATTN_GD_MAX_SPLITS splits (the combine's lanes
+// hold 4 splits each).
+constexpr int ATTN_GD_GRAN = ATTN_WARPS * 32;
+constexpr int ATTN_GD_MAX_SPLITS = 128;
+
+// One lane's E dims of one V row as loaded (raw: fp16 pairs stay packed), so
+// a warp can issue the loads of many rows before it uses any of them.
+template <typename KV, int E> struct AttnVRow;
+template <int E> struct AttnVRow<__half, E> {
+  static_assert(E % 2 == 0, "fp16 pairs");
+  unsigned w[E / 2];
+  __device__ __forceinline__ void load(const __half *p) {
+#pragma unroll
+    for (int i = 0; i < E / 2; i++) w[i] = reinterpret_cast<const unsigned *>(p)[i];
+  }
+  __device__ __forceinline__ float get(int e) const {
+    const float2 f = attn_h2f2(w[e / 2]);
+    return e % 2 ? f.y : f.x;
+  }
+};
+template <int E> struct AttnVRow<float, E> {
+  static_assert(E % 2 == 0, "float2 loads");
+  float f[E];
+  __device__ __forceinline__ void load(const float *p) {
+    if constexpr (E % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < E / 4; i++) {
+        const float4 x = reinterpret_cast<const float4 *>(p)[i];
+        f[4 * i] = x.x, f[4 * i + 1] = x.y, f[4 * i + 2] = x.z, f[4 * i + 3] = x.w;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < E / 2; i++) {
+        const float2 x = reinterpret_cast<const float2 *>(p)[i];
+        f[2 * i] = x.x, f[2 * i + 1] = x.y;
+      }
+    }
+  }
+  __device__ __forceinline__ float get(int e) const { return f[e]; }
+};
+
+// v6 (depth-adaptive GQA-grouped flash-decoding): grid (n_heads / GC, row,
+// split). A CTA serves GC consecutive query heads that share one kv head
+// (GC divides the group size G = n_heads / n_kv_heads, read at run time), so
+// K/V are read G / GC times per kv head (once for GC = G). Differences from
+// v5 (attn_gq_kernel):
+//  - the split of the keys comes from the row's actual span on the device
+//    (attn_split_per / attn_split_used with ATTN_GD_GRAN), not from the grid:
+//    a grid captured for the context length costs a short row one CTA per
+//    head group (which writes the output, sink included) and no combine work;
+//  - all 32 lanes of a key step hold a valid key (the tail lanes repeat the
+//    step's first key with p = 0), so the V rows of a step are loaded
+//    unconditionally, in chunks of VCH rows issued before they are used (the
+//    first chunk before the K dot product): one memory latency per step
+//    instead of one per key of a serial V loop.
+// Partials use attn2's layout (per query head, `splits` = gridDim.z slots);
+// attn_combine6 merges the used ones.
+template <typename KV, int HD, int GC>
+__global__ void __launch_bounds__(ATTN_WARPS * 32)
+    attn_gd_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
+  constexpr int E = attn_lane_dims(HD);
+  static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
+  // V rows per chunk: <= 32 registers of raw V per lane.
+  constexpr int VW = E * (int)sizeof(KV) / 4;
+  constexpr int VCH = VW >= 4 ? 8 : VW >= 2 ? 16 : 32;
+  const int G = a.n_heads / a.n_kv_heads;
+  const int h0 = blockIdx.x * GC, kvh = h0 / G, sp = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const KV *kc = (const KV *)a.k_cache;
+  const KV *vc = (const KV *)a.v_cache;
+  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
+  __shared__ float qs[GC][HD];
+  __shared__ float sm[ATTN_WARPS][GC], sl[ATTN_WARPS][GC];
+  __shared__ float sacc[ATTN_WARPS][GC][HD];
+  // Rows as in attn2 (no barrier needed between rows, same argument).
+  AttnRows rows(a);
+  for (int64_t t = rows.r0; t < rows.r1; t++) {
+    if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
+    const int qp = a.tok_pos[t];
+    const int span = attn_span(qp, a.window), start = qp + 1 - span;
+    const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
+    const int used = attn_split_used(span, per);
+    if (sp >= used) continue; // uniform: this split has no keys of this row
+    const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
+    const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
+    for (int i = threadIdx.x; i < GC * HD; i += blockDim.x) qs[i / HD][i % HD] = qr[i] * a.scale;
+    __syncthreads();
+    const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
+    float m[GC], l[GC], acc[GC][E];
+#pragma unroll
+    for (int g = 0; g < GC; g++) {
+      m[g] = -INFINITY;
+      l[g] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) acc[g][e] = 0.f;
+    }
+    for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
+      const int kp = base + lane;
+      const bool ok = kp < k1;
+      const int kk = ok ? kp : base; // a valid key: its V is finite, and p = 0
+      const int64_t slot = (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
+      const int cnt = min(32, k1 - base);
+      AttnVRow<KV, E> v[VCH];
+#pragma unroll
+      for (int j = 0; j < VCH; j++) {
+        const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
+        v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
+      }
+      const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
+      float s[GC];
+#pragma unroll
+      for (int g = 0; g < GC; g++) s[g] = 0.f;
+#pragma unroll
+      for (int i = 0; i < HD / 8; i++) {
+        float kf[8];
+        if constexpr (sizeof(KV) == 4) {
+          const float4 *k4 = reinterpret_cast<const float4 *>(kr) + 2 * i;
+          const float4 x = k4[0], y = k4[1];
+          kf[0] = x.x, kf[1] = x.y, kf[2] = x.z, kf[3] = x.w, kf[4] = y.x, kf[5] = y.y, kf[6] = y.z, kf[7] = y.w;
+        } else {
+          const uint4 u = reinterpret_cast<const uint4 *>(kr)[i];
+          const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+          for (int j = 0; j < 4; j++) {
+            const float2 f = attn_h2f2(w[j]);
+            kf[2 * j] = f.x, kf[2 * j + 1] = f.y;
+          }
+        }
+#pragma unroll
+        for (int g = 0; g < GC; g++)
+#pragma unroll
+          for (int j = 0; j < 8; j++) s[g] += qs[g][8 * i + j] * kf[j];
+      }
+      float p[GC];
+#pragma unroll
+      for (int g = 0; g < GC; g++) {
+        const float sg = ok ? s[g] : -INFINITY;
+        const float mn = fmaxf(m[g], warp_max(sg));
+        const float corr = __expf(m[g] - mn); // m = -inf first: 0
+        p[g] = ok ? __expf(sg - mn) : 0.f;
+        l[g] = l[g] * corr + warp_sum(p[g]);
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[g][e] *= corr;
+        m[g] = mn;
+      }
+#pragma unroll
+      for (int c = 0; c < 32; c += VCH) {
+        if (c >= cnt) break; // uniform
+        if (c > 0) {
+#pragma unroll
+          for (int j = 0; j < VCH; j++) {
+            const int64_t sj = __shfl_sync(0xffffffffu, slot, c + j);
+            v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < VCH; j++) {
+#pragma unroll
+          for (int g = 0; g < GC; g++) {
+            const float pj = __shfl_sync(0xffffffffu, p[g], c + j);
+#pragma unroll
+            for (int e = 0; e < E; e++) acc[g][e] += pj * v[j].get(e);
+          }
+        }
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int g = 0; g < GC; g++) {
+        sm[warp][g] = m[g];
+        sl[warp][g] = l[g];
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GC; g++)
+#pragma unroll
+      for (int e = 0; e < E; e++) sacc[warp][g][lane * E + e] = acc[g][e];
+    __syncthreads();
+    // Merge: warp w handles heads w, w + ATTN_WARPS, ... of the CTA.
+    const bool direct = used == 1;
+    for (int g = warp; g < GC; g += ATTN_WARPS) {
+      const int h = h0 + g;
+      float M = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w][g]);
+      const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
+      M = fmaxf(M, sink);
+      float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
+#pragma unroll
+      for (int w = 0; w < ATTN_WARPS; w++) {
+        f[w] = sl[w][g] > 0.f ? __expf(sm[w][g] - M) : 0.f;
+        L += sl[w][g] * f[w];
+      }
+      float *o, inv = 1.f;
+      if (direct) {
+        o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
+        inv = 1.f / L;
+      } else {
+        o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
+        if (lane == 0) {
+          o[HD] = M;
+          o[HD + 1] = L;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        const int dd = lane * E + e;
+        float vv = 0.f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) vv += sacc[w][g][dd] * f[w];
+        o[dd] = vv * inv;
+      }
+    }
+  } // rows
+}
+
+// v6 combine: grid (head, row), one warp. Merges only the splits the split
+// kernel used for this row (same attn_split_* on the same device arrays;
+// gran = the split kernel's granularity) with the sink; a row with one used
+// split was written by the split kernel and is skipped. The lanes read the
+// (M, L) of 4 splits each at once (splits <= ATTN_GD_MAX_SPLITS), and the
+// partial rows are read in unrolled runs so that many loads are in flight
+// (the v2..v5 combine walks the splits one dependent step at a time).
+template <int HD>
+__global__ void attn_combine6_kernel(orch_attn_args a, const float *part, int splits, int gran, int tc_skip) {
+  constexpr int E = attn_lane_dims(HD);
+  constexpr int R = ATTN_GD_MAX_SPLITS / 32;
+  const int h = blockIdx.x, lane = threadIdx.x;
+  const int64_t t = blockIdx.y;
+  if (tc_skip && attn_row_taken_by_tc(a, t)) return;
+  const int span = attn_span(a.tok_pos[t], a.window);
+  const int used = attn_split_used(span, attn_split_per(span, splits, gran));
+  if (used <= 1) return; // written by the split kernel
+  const float *pp = part + (t * a.n_heads + h) * (int64_t)splits * (HD + 2);
+  float ms[R], ls[R], M = a.sinks ? a.sinks[h] : -INFINITY;
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const int s = r * 32 + lane;
+    ms[r] = s < used ? pp[s * (HD + 2) + HD] : -INFINITY;
+    ls[r] = s < used ? pp[s * (HD + 2) + HD + 1] : 0.f;
+    if (ls[r] > 0.f) M = fmaxf(M, ms[r]);
+  }
+  M = warp_max(M);
+  float f[R], L = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    f[r] = ls[r] > 0.f ? __expf(ms[r] - M) : 0.f;
+    L += ls[r] * f[r];
+  }
+  L = warp_sum(L) + (a.sinks ? __expf(a.sinks[h] - M) : 0.f);
+  float acc[E];
+#pragma unroll
+  for (int e = 0; e < E; e++) acc[e] = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    if (r * 32 >= used) break;
+    const int n = min(32, used - r * 32);
+#pragma unroll 8
+    for (int j = 0; j < n; j++) {
+      const float fj = __shfl_sync(0xffffffffu, f[r], j);
+      const float *ps = pp + (r * 32 + j) * (HD + 2);
+#pragma unroll
+      for (int e = 0; e < E; e++)
+        if (attn_dim_ok(HD, lane, e)) acc[e] += ps[lane * E + e] * fj;
+    }
+  }
+  const float inv = 1.f / L;
+  float *o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
+#pragma unroll
+  for (int e = 0; e < E; e++)
+    if (attn_dim_ok(HD, lane, e)) o[lane * E + e] = acc[e] * inv;
 }
 
 // Merges the splits of (token, head) with the sink logit: one warp per CTA.

@@ -36,7 +36,7 @@ struct Seq {
 
 template <typename KV, int HD>
 static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
-                     bool sinks, int version, int splits, int row_ctas = 0) {
+                     bool sinks, int version, int splits, int row_ctas = 0, int gc = 0) {
   std::normal_distribution<float> nd(0.f, 1.f);
   int max_len = 0;
   for (auto &s : seqs) max_len = max(max_len, s.hist + s.n);
@@ -120,8 +120,35 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
     // that at these small sizes (5 CTAs of 15 rows straddle the 64-row tiles).
     const unsigned rows = row_ctas > 0 ? (unsigned)min<int64_t>(row_ctas, n_tok) : (unsigned)n_tok;
     const int G = nh / nkv;
-    const bool gq = version >= 5 && (HD == 64 || HD == 128) && (G == 1 || G == 2 || G == 4 || G == 8);
-    if (gq) {
+    const bool gq = version == 5 && (HD == 64 || HD == 128) && (G == 1 || G == 2 || G == 4 || G == 8);
+    if (version >= 6) {
+      // attention.cu launch_attn_gd_any / launch_attn2_adaptive: the grouped
+      // kernel with gc heads per CTA (the host's choice unless the case pins
+      // one) for head dim 64/128, else attn2 with the adaptive split; then
+      // the v6 combine. `splits` is the grid's (a graph sized for max_pos).
+      if (gc == 0) gc = attn_gd_heads_per_cta(G, nh, rows, splits, 256);
+      if (HD == 64 || HD == 128) {
+        CHECK(G % gc == 0, "%s: gc %d does not divide G %d", name, gc, G);
+        emu_launch(dim3{(unsigned)(nh / gc), rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, [&] {
+          if constexpr (HD == 64 || HD == 128) {
+            switch (gc) {
+              case 1: attn_k::attn_gd_kernel<KV, HD, 1>(a, part.data(), splits, tc); break;
+              case 2: attn_k::attn_gd_kernel<KV, HD, 2>(a, part.data(), splits, tc); break;
+              case 4: attn_k::attn_gd_kernel<KV, HD, 4>(a, part.data(), splits, tc); break;
+              default: attn_k::attn_gd_kernel<KV, HD, 8>(a, part.data(), splits, tc); break;
+            }
+          }
+        });
+      } else {
+        emu_launch(dim3{(unsigned)nh, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, [&] {
+          attn_k::attn2_kernel<KV, HD>(a, part.data(), splits, tc, attn_k::ATTN_GD_GRAN);
+        });
+      }
+      if (splits > 1)
+        emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, 1}, 32, 0, [&] {
+          attn_k::attn_combine6_kernel<HD>(a, part.data(), splits, attn_k::ATTN_GD_GRAN, tc);
+        });
+    } else if (gq) {
       emu_launch(dim3{(unsigned)nkv, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, [&] {
         if constexpr (HD == 64 || HD == 128) {
           switch (G) {
@@ -136,7 +163,7 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
       emu_launch(dim3{(unsigned)nh, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0,
                  [&] { attn_k::attn2_kernel<KV, HD>(a, part.data(), splits, tc); });
     }
-    if (splits > 1)
+    if (splits > 1 && version < 6)
       emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, 1}, 32, 0,
                  [&] { attn_k::attn_combine_kernel<HD>(a, part.data(), splits, tc); });
   }
@@ -188,13 +215,40 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
   for (int k = 0; k < 2; k++) {
     if (!rows[k]) continue;
     const double rel = std::sqrt(num[k] / std::max(den[k], 1e-30));
-    std::printf("%-30s hd %3d %s v%d splits %d: %-11s rows %3d rel err %.2e worst row %.2e\n", name, HD,
+    std::printf("%-34s hd %3d %s v%d splits %3d: %-11s rows %3d rel err %.2e worst row %.2e\n", name, HD,
                 sizeof(KV) == 2 ? "f16" : "f32", version, splits, k ? "tensor-core" : "fp32", rows[k], rel, worst[k]);
     CHECK(rel < tol[k] && worst[k] < row_tol[k], "%s: error too large", name);
   }
 }
 
-static bool g_only_v5 = false;
+static bool g_only_v5 = false, g_only_v6 = false;
+
+// v6 (depth-adaptive splits): the grid is sized for a long context (graph
+// capture: Batch.MaxPos = context length) while the rows are short, long,
+// or of very different lengths in one batch; every heads-per-CTA instance.
+template <typename KV, int HD>
+static void cases_v6(std::mt19937 &rng) {
+  // Depths 1, 38, 129 (one split + a 1-key tail), 300, 700 in one batch.
+  const std::vector<Seq> decode = {{0, 1}, {37, 1}, {128, 1}, {299, 1}, {699, 1}};
+  const std::vector<Seq> mixed = {{3, 66}, {9, 1}, {0, 5}, {700, 1}};
+  // The host's grid for a context of 8320 and of 131072 positions, one
+  // decode token of gpt-oss's 8 kv heads: 65 and 128 splits.
+  const int s8k = attn_grid_splits(8, 8320, attn_k::ATTN_GD_GRAN, 4096, attn_k::ATTN_GD_MAX_SPLITS);
+  const int s128k = attn_grid_splits(8, 131072, attn_k::ATTN_GD_GRAN, 4096, attn_k::ATTN_GD_MAX_SPLITS);
+  CHECK(s8k == 65 && s128k == 128, "grid splits %d %d", s8k, s128k);
+  run_case<KV, HD>("v6 decode gqa8 sinks, grid 65", rng, decode, 8, 1, 16, 0, true, 6, s8k);
+  if (HD == 64 || HD == 128) // (attn2 for the other head dims: a CTA per head, 8x the emulation time)
+    run_case<KV, HD>("v6 decode gqa8 sinks, grid 128", rng, decode, 8, 1, 16, 0, true, 6, s128k, 0, 8);
+  run_case<KV, HD>("v6 decode gqa8 window128, grid 1", rng, decode, 8, 1, 16, 128, true, 6, 1);
+  run_case<KV, HD>("v6 decode gqa8 window128 gc2 grid 3", rng, decode, 8, 1, 16, 128, true, 6, 3, 0, 2);
+  run_case<KV, HD>("v6 decode gqa8 window16 gc4 grid 7", rng, decode, 8, 1, 7, 16, true, 6, 7, 0, 4);
+  run_case<KV, HD>("v6 decode gqa4 gc1 grid 5", rng, decode, 8, 2, 16, 0, false, 6, 5, 0, 1);
+  run_case<KV, HD>("v6 decode mha sinks grid 13", rng, decode, 2, 2, 16, 0, true, 6, 13);
+  run_case<KV, HD>("v6 decode gqa6 gc2 grid 2", rng, decode, 6, 1, 16, 0, true, 6, 2, 0, 2);
+  run_case<KV, HD>("v6 mixed gqa8 sinks grid 6", rng, mixed, 8, 1, 5, 0, true, 6, 6);
+  run_case<KV, HD>("v6 mixed gqa2 window9 grid 3", rng, mixed, 4, 2, 16, 9, true, 6, 3);
+  run_case<KV, HD>("v6 mixed gqa8, 5 row CTAs grid 4", rng, mixed, 8, 1, 16, 0, true, 6, 4, 5);
+}
 
 template <typename KV, int HD>
 static void cases(std::mt19937 &rng, bool with_v1) {
@@ -222,6 +276,7 @@ static void cases(std::mt19937 &rng, bool with_v1) {
     run_case<KV, HD>("mixed window9", rng, mixed, 2, 2, 16, 9, true, version, 2);
     run_case<KV, HD>("mixed, 5 row CTAs", rng, mixed, 2, 1, 16, 0, true, version, 1, 5);
   }
+  if (HD == 16 || HD == 64 || HD == 128) cases_v6<KV, HD>(rng); // + main's v6 pass
   if (with_v1) {
     run_case<KV, HD>("decode", rng, decode, 2, 1, 16, 0, true, 1, 1);
     run_case<KV, HD>("mixed window9", rng, mixed, 2, 2, 16, 9, true, 1, 1);
@@ -231,6 +286,18 @@ static void cases(std::mt19937 &rng, bool with_v1) {
 int main(int argc, char **argv) {
   std::mt19937 rng(777);
   g_only_v5 = argc > 1 && std::strcmp(argv[1], "v5") == 0; // only the GQA-grouped decode kernel's cases
+  g_only_v6 = argc > 1 && std::strcmp(argv[1], "v6") == 0; // only the depth-adaptive decode kernels' cases
+  if (g_only_v6) {
+    // The grouped kernel (64/128, both caches) and attn2's adaptive split.
+    cases_v6<float, 64>(rng);
+    cases_v6<__half, 64>(rng);
+    cases_v6<float, 128>(rng);
+    cases_v6<__half, 128>(rng);
+    cases_v6<float, 16>(rng);
+    cases_v6<__half, 80>(rng);
+    std::printf("attention_emu_test v6: ok\n");
+    return 0;
+  }
   cases<float, 16>(rng, true);
   cases<__half, 32>(rng, false);
   cases<float, 48>(rng, false);

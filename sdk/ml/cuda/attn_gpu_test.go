@@ -233,6 +233,24 @@ func TestAttentionHeadDims(t *testing.T) {
 			attnSpec{hd: hd, nh: 6, nkv: 3, sinks: true, kv: kv, bs: 16, hist: []int{0, 2000}, newT: []int{1, 1}},
 			attnSpec{hd: hd, nh: 4, nkv: 1, window: 9, kv: kv, bs: 5, hist: []int{3, 0}, newT: []int{64, 7}})
 	}
+	// Decode steps as a captured graph runs them (Batch.MaxPos = the context
+	// length, far past the rows' depths: the grid is sized for it, the
+	// kernels size the work from the actual depths): gpt-oss's shape (64 q /
+	// 8 kv heads of 64, sinks; full and window 128) and MHA, sequences of
+	// very different depths in one batch, around the 128-key split sizes.
+	for _, hd := range []int{64, 128, 80} {
+		for _, kv := range []ml.DType{ml.F16, ml.F32} {
+			for _, window := range []int{0, 128} {
+				cases = append(cases,
+					attnSpec{hd: hd, nh: 64, nkv: 8, window: window, sinks: true, kv: kv, bs: 16,
+						hist: []int{0, 5, 127, 128, 129, 1000, 8191}, newT: []int{1, 1, 1, 1, 1, 1, 1}, maxPosSlack: 131072 - 8192},
+					attnSpec{hd: hd, nh: 64, nkv: 8, window: window, sinks: true, kv: kv, bs: 16,
+						hist: []int{r.IntN(300)}, newT: []int{1}, maxPosSlack: 8320},
+					attnSpec{hd: hd, nh: 8, nkv: 8, window: window, kv: kv, bs: 16,
+						hist: []int{3, 255, 256, 2047}, newT: []int{1, 1, 1, 1}, maxPosSlack: 60000})
+			}
+		}
+	}
 	// gpt-oss-20b's attention shape (64 q / 8 kv heads of 64, window 128,
 	// sinks), one 512-token prefill chunk.
 	cases = append(cases, attnSpec{hd: 64, nh: 64, nkv: 8, window: 128, sinks: true, kv: ml.F16, bs: 16,
@@ -245,7 +263,8 @@ func TestAttentionHeadDims(t *testing.T) {
 // TestPerfAttentionPrefill times Attend for gpt-oss-20b prefill chunks (64 q
 // / 8 kv heads of 64; one sequence from position 0; full and window-128
 // layers) with device events, eager launches (a launch is ~10 us against
-// milliseconds), for ORCH_CUDA_ATTN v2, v3 and v4 (a child process each):
+// milliseconds), for ORCH_CUDA_ATTN v2 .. v6 (a child process each), and one
+// decode token at depths 128 and 8192 (attnDecodeSpeed):
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PerfAttentionPrefill -test.v
 //
@@ -262,7 +281,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
 		}
 		var table []string
-		for _, v := range []string{"v2", "v3", "v4", "v5"} {
+		for _, v := range []string{"v2", "v3", "v4", "v5", "v6"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
 			outp, err := cmd.CombinedOutput()
@@ -283,7 +302,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 	const nh, nkv, hd, bs = 64, 8, 64, 16
 	version := os.Getenv("ORCH_CUDA_ATTN")
 	if version == "" {
-		version = "default (v4: tensor cores for prefill, O in registers)"
+		version = "default (v6: tensor-core prefill, depth-adaptive grouped decode)"
 	}
 	r := newRNG(t)
 	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
@@ -339,11 +358,13 @@ func TestPerfAttentionPrefill(t *testing.T) {
 	}
 }
 
-// attnDecodeSpeed times one decode token (n_tok 1) at depth 8192 of the
-// gpt-oss shape, F16 KV, full and window 128, against the bytes floor (K and
-// V of every visible key read once).
+// attnDecodeSpeed times one decode token (n_tok 1) at depths 128 and 8192
+// of the gpt-oss shape, F16 KV, full and window 128, against the bytes floor
+// (K and V of every visible key read once), with Batch.MaxPos as a captured
+// decode graph of `orch-host bench --depth 8192` passes it (the context
+// length: 8192 + 128 generated + slack), whatever the depth.
 func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...int) ml.Tensor) {
-	const nh, nkv, hd, bs, depth = 64, 8, 64, 16, 8192
+	const nh, nkv, hd, bs, depth, maxPos = 64, 8, 64, 16, 8192, 8192 + 128 + 64
 	nb := depth / bs
 	perm := r.Perm(nb)
 	blocks, pos, seq, slots := make([]int32, nb), make([]int32, depth), make([]int32, depth), make([]int32, depth)
@@ -370,18 +391,20 @@ func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape .
 	sinks := alloc(ml.F32, nh)
 	require.NoError(t, gpu.WriteF32(sinks, randF32(r, nh, 1)))
 	y := alloc(ml.F32, hd, nh, 1)
-	bq := &ml.Batch{Pos: i32([]int32{depth - 1}, 1), Seq: i32([]int32{0}, 1), Slots: i32([]int32{slots[depth-1]}, 1),
-		Blocks: bw.Blocks, BlockSize: bs, MaxPos: depth}
-	for _, window := range []int{0, 128} {
-		a := &ml.Attention{Scale: 0.125, Window: window, Sinks: sinks}
-		ms := attnTimeMs(t, 20, func() { gpu.Attend(y, q, kc, vc, bq, a) })
-		keys := depth
-		if window > 0 {
-			keys = window
+	for _, d := range []int{128, depth} {
+		bq := &ml.Batch{Pos: i32([]int32{int32(d - 1)}, 1), Seq: i32([]int32{0}, 1), Slots: i32([]int32{slots[d-1]}, 1),
+			Blocks: bw.Blocks, BlockSize: bs, MaxPos: maxPos}
+		for _, window := range []int{0, 128} {
+			a := &ml.Attention{Scale: 0.125, Window: window, Sinks: sinks}
+			ms := attnTimeMs(t, 20, func() { gpu.Attend(y, q, kc, vc, bq, a) })
+			keys := d
+			if window > 0 {
+				keys = min(d, window)
+			}
+			bytes := float64(keys) * nkv * hd * 2 * 2
+			t.Logf("| decode 1 token at depth %d (MaxPos %d), F16 KV, window %d | %.4f ms | %.0f GB/s (floor %.4f ms at 3 TB/s) |",
+				d, maxPos, window, ms, bytes/ms/1e6, bytes/3e12*1e3)
 		}
-		bytes := float64(keys) * nkv * hd * 2 * 2
-		t.Logf("| decode 1 token at depth %d, F16 KV, window %d | %.4f ms | %.0f GB/s (floor %.4f ms at 3 TB/s) |", depth,
-			window, ms, bytes/ms/1e6, bytes/3e12*1e3)
 	}
 }
 
@@ -414,8 +437,9 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 // TestTensorCoreAttentionVersions re-runs TestAttentionHeadDims in a child
 // process per non-default ORCH_CUDA_ATTN version that is still selectable
 // (the library reads the variable once per process), so the suite checks
-// them next to the default: v3 (tensor-core prefill, O in shared memory) and
-// v5 (v4 + the GQA-grouped flash-decoding kernel).
+// them next to the default (v6): v3 (tensor-core prefill, O in shared
+// memory), v4 (O in registers, per-head flash-decoding with splits from
+// MaxPos) and v5 (v4 + the GQA-grouped flash-decoding kernel).
 func TestTensorCoreAttentionVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
 		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the version children run from an unpinned one", v)
@@ -438,7 +462,7 @@ func TestTensorCoreAttentionVersions(t *testing.T) {
 	}
 }
 
-var attnChildVersions = []string{"v3", "v5"}
+var attnChildVersions = []string{"v3", "v4", "v5"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
