@@ -16,9 +16,73 @@
 package gpt
 
 import (
+	"os"
 	"testing"
 
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+	"github.com/llama-orch/orch/sdk/ml/cpu"
+	"github.com/llama-orch/orch/sdk/ml/cuda"
 	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
 )
 
 func TestGPUTensorParallel(t *testing.T) { nntest.RunSplitRanks(t, NewLoader) }
+
+// TestGPUSplitOneGPU runs both ranks of a 2-way split in this process on
+// GPU 0 (one CUDA backend each, the in-process host all-reduce: no NCCL, no
+// second process) and compares with the whole model on the GPU and on the
+// CPU, for shapes of growing size: even and odd MXFP4 blocks per rank's ff
+// slice, and gpt-oss-20b's widths (2 layers). With ORCH_GPU_MODEL set, the
+// file is split the same way (20b: 2 x ~6.7 GB + 12 GB whole on one GPU).
+func TestGPUSplitOneGPU(t *testing.T) {
+	newGPU := func(int) ml.Backend {
+		b, err := cuda.New(0)
+		require.NoError(t, err)
+		return b
+	}
+	type tc struct {
+		name string
+		path string
+		cpu  bool // also compare with the CPU (small files only)
+	}
+	var cases []tc
+	for _, c := range []struct {
+		name                   string
+		d, nh, nkv, hd, ff, ne int
+	}{
+		{"d256-ff256", 256, 8, 4, 32, 256, 4},    // 4 MXFP4 blocks of ff a rank
+		{"d256-ff320", 256, 8, 4, 32, 320, 4},    // 5 (odd)
+		{"20b-widths", 2880, 64, 8, 64, 2880, 4}, // 45 blocks, 32/4 heads a rank
+	} {
+		cfg := nntest.Tiny("gpt-oss")
+		cfg.Width, cfg.Heads, cfg.KVHeads, cfg.HeadDim, cfg.FF, cfg.Experts = c.d, c.nh, c.nkv, c.hd, c.ff, c.ne
+		cases = append(cases, tc{c.name, nntest.MustWrite(t, cfg), true})
+	}
+	if p := os.Getenv("ORCH_GPU_MODEL"); p != "" {
+		cases = append(cases, tc{"ORCH_GPU_MODEL", p, false})
+	}
+	opts := Options{NumBlocks: 64, BlockSize: 16, ContextLength: 1024, WindowBlocks: 64, MaxTokens: 64}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			wb := newGPU(0)
+			defer wb.Close()
+			o := opts
+			o.Backend = wb
+			whole, err := Load(c.path, o)
+			require.NoError(t, err)
+			defer whole.Close()
+			if c.cpu {
+				o.Backend = cpu.New(0)
+				ref, err := Load(c.path, o)
+				require.NoError(t, err)
+				defer ref.Close()
+				t.Log("whole GPU vs whole CPU:")
+				nntest.CompareSplit(t, ref, whole, 33, 0, 2e-2)
+			}
+			split, _ := nntest.LoadSplitOn(t, c.path, 2, opts, Load, newGPU)
+			t.Log("split GPU (2 backends, host all-reduce) vs whole GPU:")
+			nntest.CompareSplit(t, whole, split, 33, 16, 2e-2)
+		})
+	}
+}

@@ -33,12 +33,18 @@ const tpTol = 1e-4
 // the same greedy tokens.
 func TestTensorParallelMatchesWhole(t *testing.T) {
 	gpt2x4 := nntest.Tiny("gpt2") // 4 heads, ff 96: splits 4 ways (F32)
+	// several blocks a rank: attn_output 128 of 256 Q8_0 columns (4 blocks),
+	// 8/4 heads of 32; experts ff 2880 as gpt-oss-20b's (45 MXFP4 blocks of
+	// ffn_down_exps columns a rank: an odd count, 765-byte rows)
+	wide := nntest.Tiny("gpt-oss")
+	wide.Width, wide.Heads, wide.KVHeads, wide.HeadDim, wide.FF = 256, 8, 4, 32, 2880
 	for _, tc := range []struct {
 		name string
 		c    nntest.Config
 		size int
 	}{
 		{"gpt-oss/2", nntest.Tiny("gpt-oss"), 2},
+		{"gpt-oss-wide/2", wide, 2},
 		{"gpt2/2", nntest.Tiny("gpt2"), 2},
 		{"gpt2/4", gpt2x4, 4},
 	} {

@@ -244,7 +244,15 @@ func (s *SplitModel) Close() error {
 // comms (for FailAt).
 func LoadSplit(t *testing.T, c Config, size int, opts nn.Options, load func(path string, opts nn.Options) (engine.Model, error)) (*SplitModel, []*LocalComm) {
 	t.Helper()
-	path := MustWrite(t, c)
+	return LoadSplitOn(t, MustWrite(t, c), size, opts, load, func(int) ml.Backend { return cpu.New(1) })
+}
+
+// LoadSplitOn is LoadSplit of the GGUF at path with rank r on backend(r)
+// (e.g. one CUDA backend per rank on the same GPU); the backends are closed
+// with the model.
+func LoadSplitOn(t *testing.T, path string, size int, opts nn.Options, load func(path string, opts nn.Options) (engine.Model, error),
+	backend func(rank int) ml.Backend) (*SplitModel, []*LocalComm) {
+	t.Helper()
 	if opts.NumBlocks == 0 {
 		opts.NumBlocks = 64
 	}
@@ -256,15 +264,22 @@ func LoadSplit(t *testing.T, c Config, size int, opts nn.Options, load func(path
 	}
 	comms := LocalComms(size)
 	s := &SplitModel{Comms: comms}
+	var bes []ml.Backend
 	for r := range size {
 		o := opts
-		o.Backend = cpu.New(1)
+		o.Backend = backend(r)
+		bes = append(bes, o.Backend)
 		o.Shard = ml.Shard{Rank: r, Size: size, Comm: comms[r]}
 		m, err := load(path, o)
 		require.NoError(t, err, "rank %d", r)
 		s.Ranks = append(s.Ranks, m)
 	}
-	t.Cleanup(func() { require.NoError(t, s.Close()) })
+	t.Cleanup(func() {
+		require.NoError(t, s.Close())
+		for _, b := range bes {
+			require.NoError(t, b.Close())
+		}
+	})
 	return s, comms
 }
 

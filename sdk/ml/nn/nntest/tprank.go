@@ -103,12 +103,12 @@ func splitGenerate(t *testing.T, m engine.Model) splitRun {
 // ORCH_TP_SIZE meeting at ORCH_TP_ADDR, on "cuda:0" (the process sees one
 // GPU through CUDA_VISIBLE_DEVICES; ORCH_TP_DEVICE overrides, e.g. "cpu" to
 // try it without GPUs). A follower runs rank 0's steps until rank 0 closes
-// the model. Rank 0 runs a fixed prompt split (Forward for the first step's
-// logits, then greedy decode with ForwardGreedy, the captured path), closes
-// the group, loads the whole model on its device, runs the same, compares
-// (logits within 2e-2 of max|logit|, greedy tokens identical), logs both
-// runs' one-stream decode and prefill speed and writes everything to
-// ORCH_TP_OUT (JSON). It skips unless ORCH_TP_SIZE and ORCH_GPU_MODEL are set.
+// the model. Rank 0 first runs a fixed prompt on the whole model (Forward
+// for the first step's logits, then greedy decode with ForwardGreedy, the
+// captured path), then joins the group and runs it split, then runs the
+// whole model again; it compares (logits within 2e-2 of max|logit|, greedy
+// tokens identical), logs the runs' one-stream decode and prefill speed and
+// writes everything to ORCH_TP_OUT (JSON). It skips unless ORCH_TP_SIZE and ORCH_GPU_MODEL are set.
 func RunSplitRanks(t *testing.T, newLoader func(hclog.Logger) engine.Loader) {
 	sizeS, path := os.Getenv("ORCH_TP_SIZE"), os.Getenv("ORCH_GPU_MODEL")
 	if sizeS == "" || path == "" {
@@ -118,8 +118,26 @@ func RunSplitRanks(t *testing.T, newLoader func(hclog.Logger) engine.Loader) {
 	log := hclog.New(&hclog.LoggerOptions{Name: "tp-rank" + rank, Level: hclog.Info, Output: os.Stderr})
 	stopped := make(chan error, 1)
 	nn.FollowerExit = func(_ hclog.Logger, _ int, err error) { stopped <- err }
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
+	// rank 0 runs the whole model first, in a fresh process like every other
+	// GPU test (the other ranks wait in the group's rendezvous), then the
+	// split, then the whole model again: whole vs whole tells whether
+	// reloading in one process changes results, split vs both whether the
+	// split does
+	runWhole := func(which string) splitRun {
+		whole, winfo, err := newLoader(log)(ctx, splitRequest(path, nil), nil)
+		require.NoError(t, err)
+		ref := splitGenerate(t, whole)
+		ref.WeightBytes, ref.KVBytes = winfo.WeightBytes, winfo.KVBytes
+		require.NoError(t, whole.Close())
+		t.Logf("whole model (%s): %d weight bytes, first tokens %v", which, ref.WeightBytes, ref.Tokens[:min(8, len(ref.Tokens))])
+		return ref
+	}
+	var ref splitRun
+	if rank == "0" {
+		ref = runWhole("first")
+	}
 	start := time.Now()
 	m, info, err := newLoader(log)(ctx, splitRequest(path, map[string]string{"tp.rank": rank, "tp.size": sizeS, "tp.addr": addr}), nil)
 	require.NoError(t, err)
@@ -138,28 +156,30 @@ func RunSplitRanks(t *testing.T, newLoader func(hclog.Logger) engine.Loader) {
 	split := splitGenerate(t, m)
 	split.WeightBytes, split.KVBytes = info.WeightBytes, info.KVBytes
 	require.NoError(t, m.Close())
+	again := runWhole("again, after the split")
 
-	whole, winfo, err := newLoader(log)(ctx, splitRequest(path, nil), nil)
-	require.NoError(t, err)
-	ref := splitGenerate(t, whole)
-	ref.WeightBytes, ref.KVBytes = winfo.WeightBytes, winfo.KVBytes
-	require.NoError(t, whole.Close())
-
-	e := MaxRelErr(split.Logits, ref.Logits)
-	same := 0
-	for same < len(ref.Tokens) && split.Tokens[same] == ref.Tokens[same] {
-		same++
+	compare := func(what string, a, b splitRun) (float64, int) {
+		e := MaxRelErr(a.Logits, b.Logits)
+		same := 0
+		for same < len(b.Tokens) && a.Tokens[same] == b.Tokens[same] {
+			same++
+		}
+		t.Logf("%s: first-step logits max error / max|logit| %.3g; greedy tokens identical for %d of %d", what, e, same, len(b.Tokens))
+		return e, same
 	}
-	t.Logf("split %s ways vs whole: first-step logits max error / max|logit| %.3g; greedy tokens identical for %d of %d",
-		sizeS, e, same, len(ref.Tokens))
-	t.Logf("decode one stream: split %.1f tok/s, whole %.1f tok/s; prefill %d tokens: split %.0f tok/s, whole %.0f tok/s",
-		split.DecodeTokS, ref.DecodeTokS, splitPrompt, split.PrefillTokS, ref.PrefillTokS)
+	ew, _ := compare("whole again vs whole first", again, ref)
+	e, same := compare("split "+sizeS+" ways vs whole first", split, ref)
+	compare("split "+sizeS+" ways vs whole again", split, again)
+	t.Logf("decode one stream: split %.1f tok/s, whole %.1f tok/s; prefill %d tokens: split %.0f tok/s, whole %.0f tok/s (whole again: %.0f)",
+		split.DecodeTokS, ref.DecodeTokS, splitPrompt, split.PrefillTokS, ref.PrefillTokS, again.PrefillTokS)
 	t.Logf("rank 0 holds %d of %d weight bytes, %d of %d KV bytes", split.WeightBytes, ref.WeightBytes, split.KVBytes, ref.KVBytes)
 	if out := os.Getenv("ORCH_TP_OUT"); out != "" {
-		data, err := json.Marshal(map[string]any{"size": sizeS, "split": split, "whole": ref, "max_rel_err": e, "tokens_identical": same})
+		data, err := json.Marshal(map[string]any{"size": sizeS, "max_rel_err": e, "tokens_identical": same,
+			"whole_again_max_rel_err": ew, "split": split, "whole": ref, "whole_again": again})
 		require.NoError(t, err)
 		require.NoError(t, os.WriteFile(out, data, 0o644))
 	}
+	assert.LessOrEqual(t, ew, 2e-2, "whole model reloaded in the same process")
 	assert.LessOrEqual(t, e, 2e-2, "first-step logits")
 	assert.Equal(t, ref.Tokens, split.Tokens, "greedy tokens")
 }
