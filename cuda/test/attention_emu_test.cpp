@@ -8,7 +8,13 @@
 //       it takes, then v2 with tc_skip for the other rows;
 //   v5: v4, with attn_gq_kernel (GQA-grouped flash-decoding) instead of v2
 //       where it has an instance (head dim 64/128, group 1/2/4/8).
-// `attention_emu_test v5` runs only the v5 cases.
+//   v6: v4's tensor-core part, then the depth-adaptive decode kernels for
+//       the other rows: attn_gd_kernel (grouped, 1/2/4/8 heads per CTA; head
+//       dim 64/128) or attn2 with the adaptive split, and attn_combine6; the
+//       grid's splits are sized for a long context while the rows are short
+//       (a captured graph's condition).
+// `attention_emu_test v5` / `v6` runs only the v5 / v6 cases (v6: all six
+// configs; the full run has two of them).
 // Every supported head dim (16 .. 256; v3's tensor-core part up to 128), F32
 // and F16 KV, decode rows at several depths and a mixed batch (prefill chunk,
 // decode row, short chunk), windows and sinks, shuffled block tables; the
@@ -276,7 +282,8 @@ static void cases(std::mt19937 &rng, bool with_v1) {
     run_case<KV, HD>("mixed window9", rng, mixed, 2, 2, 16, 9, true, version, 2);
     run_case<KV, HD>("mixed, 5 row CTAs", rng, mixed, 2, 1, 16, 0, true, version, 1, 5);
   }
-  if (HD == 16 || HD == 64 || HD == 128) cases_v6<KV, HD>(rng); // + main's v6 pass
+  // v6 here for one grouped (64, f16) and one attn2 (16, f32) config; `attention_emu_test v6` runs all six.
+  if (HD == 16 || HD == 64) cases_v6<KV, HD>(rng);
   if (with_v1) {
     run_case<KV, HD>("decode", rng, decode, 2, 1, 16, 0, true, 1, 1);
     run_case<KV, HD>("mixed window9", rng, mixed, 2, 2, 16, 9, true, 1, 1);
