@@ -120,8 +120,9 @@ int64_t orch_row_bytes(int32_t t, int64_t k);
  * x[n, k] · W_i^T + bias_i (bias may be NULL; no accumulate). Each y is
  * bit-identical to orch_matmul of that part alone. Returns
  * ORCH_ERR_UNSUPPORTED (nothing launched) unless orch_matmul would run the
- * default fp16-decode GEMV (v5) for every part: n <= 8, Q8_0/Q4_0/MXFP4, ...;
- * the caller then launches the parts separately. No y may overlap x, a
+ * same fp16-decode GEMV (v5, or the tensor-core v7 with x staged once) for
+ * every part: n <= 8, Q8_0/Q4_0/MXFP4, ...; the caller then launches the
+ * parts separately. No y may overlap x, a
  * weight, a bias or another y. */
 typedef struct {
   const void *w;

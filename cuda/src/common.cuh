@@ -39,6 +39,10 @@ struct orch_ctx {
   // than v5 in device run 3 and is opt-in; v7 (opt-in, session 3): tensor-core
   // mma.sync GEMV below 32768 rows, v5 above), ORCH_CUDA_ATTN=v1.
   int gemv = orch_env_version("ORCH_CUDA_GEMV", 5);
+  // ORCH_CUDA_GEMV unset: the decode GEMV is routed by n (matmul.cu
+  // gemv_route: v7 from n = 3 (Q8_0, Q4_0) / 4 (MXFP4), v5 below); a
+  // version set pins it everywhere.
+  bool gemv_auto = !getenv("ORCH_CUDA_GEMV") || !getenv("ORCH_CUDA_GEMV")[0];
   bool attn_v1 = false;
   // ORCH_CUDA_MOE=v1: MoE through the unfused ops (orch_moe_ffn declines).
   bool moe_v1 = false;

@@ -381,18 +381,18 @@ gemv7_stage_kernel(uint32_t *__restrict__ xs, float *__restrict__ xinv, const fl
   }
 }
 
+// Rows [16 cta, 16 cta + 16) of y (gemv7_kernel: cta = blockIdx.x). red:
+// GEMV7_WARPS x 32 lanes x 4 floats of shared memory.
 template <int T>
-__global__ void __launch_bounds__(GEMV7_WARPS * 32)
-gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *__restrict__ xinv,
-             const uint8_t *__restrict__ w, const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
-             int64_t row_bytes, int accumulate) {
-  DEC16_DYN_SMEM(float, red); // GEMV7_WARPS x 32 lanes x 4 partial sums
-  pdl_trigger();
+__device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__restrict__ y, const uint4 *__restrict__ xs,
+                                           const float *__restrict__ xinv, const uint8_t *__restrict__ w,
+                                           const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
+                                           int64_t row_bytes, int accumulate) {
   constexpr int NB = GEMV7_NB, BB = type_block_bytes(T);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int nt = (int)min((int64_t)8, n);
   const int64_t nch = k / 32;
-  const int64_t r0 = (int64_t)blockIdx.x * 16 + g, r1 = r0 + 8;
+  const int64_t r0 = cta * 16 + g, r1 = r0 + 8;
   const bool ok0 = r0 < m, ok1 = r1 < m;
   const uint8_t *w0 = w + (ok0 ? r0 : 0) * row_bytes, *w1 = w + (ok1 ? r1 : 0) * row_bytes;
   q7_words<T> b0[NB], b1[NB];
@@ -458,13 +458,42 @@ gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *_
     const int l = (row & 7) * 4 + (tok >> 1), e = (row >> 3) * 2 + (tok & 1);
     float s = 0.f;
     for (int v = 0; v < GEMV7_WARPS; v++) s += red[(v * 32 + l) * 4 + e];
-    const int64_t R = (int64_t)blockIdx.x * 16 + row;
+    const int64_t R = cta * 16 + row;
     if (R < m && tok < nt) {
       if (bias) s += bias[R];
       float *yp = y + tok * m + R;
       *yp = accumulate ? *yp + s : s;
     }
   }
+}
+
+template <int T>
+__global__ void __launch_bounds__(GEMV7_WARPS * 32)
+gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *__restrict__ xinv,
+             const uint8_t *__restrict__ w, const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
+             int64_t row_bytes, int accumulate) {
+  DEC16_DYN_SMEM(float, red); // GEMV7_WARPS x 32 lanes x 4 partial sums
+  pdl_trigger();
+  gemv7_rows<T>(red, blockIdx.x, y, xs, xinv, w, bias, n, k, m, row_bytes, accumulate);
+}
+
+// Multi-weight v7 (orch_matmul_multi for n where v7 is the route): up to
+// GEMV_MAX_PARTS weights of one type with the same x staged once; part p
+// owns CTAs [end[p-1], end[p]) (16 rows each) and runs exactly
+// gemv7_kernel's code on them: bit-identical to separate launches.
+template <int T>
+__global__ void __launch_bounds__(GEMV7_WARPS * 32)
+gemv7_multi_kernel(const gemv5_parts P, const uint4 *__restrict__ xs, const float *__restrict__ xinv, int64_t n,
+                   int64_t k, int64_t row_bytes) {
+  DEC16_DYN_SMEM(float, red);
+  pdl_trigger();
+  static_assert(GEMV_MAX_PARTS == 3, "part selection below");
+  const unsigned b = blockIdx.x;
+  const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0; // selects: a dynamic P.x[p] would copy P to local memory
+#define GEMV7_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
+  const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
+  gemv7_rows<T>(red, cta, GEMV7_PICK(y), xs, xinv, GEMV7_PICK(w), GEMV7_PICK(bias), n, k, GEMV7_PICK(m), row_bytes, 0);
+#undef GEMV7_PICK
 }
 
 // Scratch bytes of v7's staged x for n tokens of k: n * (k/32) * 64 (x) + (k/32) * 32 (scales).
@@ -484,6 +513,29 @@ static void launch_gemv7(cudaStream_t st, void *scratch, float *y, const float *
     auto kern = gemv7_kernel<T>;
     DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, 16)), GEMV7_WARPS * 32, GEMV7_WARPS * 32 * 4 * sizeof(float), st,
                      y, reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, acc);
+  }
+}
+
+// P: count parts filled in (w, bias, y, m); end is set here. x staged once.
+template <int T>
+static void launch_gemv7_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
+                               int64_t k, int64_t rb) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const int64_t nch = k / 32;
+    uint32_t *xs = reinterpret_cast<uint32_t *>(scratch);
+    float *xinv = reinterpret_cast<float *>(reinterpret_cast<uint8_t *>(scratch) + n * nch * 64);
+    auto stage = gemv7_stage_kernel;
+    DEC16_LAUNCH_PDL(stage, dim3((unsigned)ceil_div(n * (k / 4), 256)), 256, 0, st, xs, xinv, x, n, k,
+                     dec16_traits<T>::kind);
+    unsigned total = 0;
+    for (int p = 0; p < count; p++) {
+      total += (unsigned)ceil_div(P.m[p], (int64_t)16);
+      P.end[p] = total;
+    }
+    for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
+    auto kern = gemv7_multi_kernel<T>;
+    DEC16_LAUNCH_PDL(kern, dim3(total), GEMV7_WARPS * 32, GEMV7_WARPS * 32 * 4 * sizeof(float), st, P,
+                     reinterpret_cast<const uint4 *>(xs), xinv, n, k, rb);
   }
 }
 

@@ -495,6 +495,32 @@ __global__ void add_bias_rows_kernel(float *__restrict__ y, const float *__restr
 
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
+// Which decode GEMV (n <= 8) runs a MatMul. Device run 4 (H100, v5 vs v7 on
+// the same card): v7 (tensor cores) wins from n = 3 for Q8_0 (2880x5120:
+// n=4 11.9 vs 21.2 us, n=8 12.3 vs 38.9; n=2 a tie) and from n = 4 for MXFP4
+// (n=4 9.3 vs 10.0, n=8 9.3 vs 21.1), v5 below (n=1 Q8_0 10.2 vs 11.8).
+// With ORCH_CUDA_GEMV unset (gemv_auto) that is the routing, for every m
+// (the LM head too) and k (v7 stages x in global scratch: no shared-memory
+// limit on k); ORCH_CUDA_GEMV=vN pins version N where it applies.
+enum { GR_F32ROWS, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2 };
+static int gemv7_min_n(int wtype) { return wtype == ORCH_T_MXFP4 ? 4 : 3; }
+static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int64_t m, int64_t rb) {
+  // v4 and up read whole aligned 32-bit words, up to 3 bytes past a block:
+  // only where the weight's end (w is 16-aligned) is word-aligned too.
+  const int nt4 = n == 1 ? 1 : n == 2 ? 2 : 4, nt8 = n <= 4 ? nt4 : 8; // token tiles of v4 / v5-v6
+  const bool wordok = (m * rb) % 4 == 0 && gemv3_type(wtype);
+  const bool f16ok = wordok && dec16_smem(k, nt8) <= GEMV3_MAX_SMEM;
+  if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) return GR_F32ROWS;
+  if (wordok && (ctx->gemv == 7 || (ctx->gemv_auto && n >= gemv7_min_n(wtype)))) return GR_V7;
+  // v6 (opt-in) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
+  if (ctx->gemv >= 6 && f16ok && m < 32768) return GR_V6;
+  if (ctx->gemv >= 5 && f16ok) return GR_V5;
+  if (ctx->gemv >= 4 && n <= 4 && wordok && gemv3_smem(k, nt4) <= GEMV3_MAX_SMEM) return GR_V4;
+  if (ctx->gemv >= 3 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) <= GEMV3_MAX_SMEM)
+    return GR_V3;
+  return ctx->gemv != 2 ? GR_V1 : GR_V2;
+}
+
 extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                            int64_t n, int64_t k, int64_t m, int32_t accumulate) {
   const char *op = "matmul";
@@ -512,30 +538,23 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   const int64_t rb = orch_row_bytes(wtype, k);
   const uint8_t *wb = (const uint8_t *)w;
   if (n <= 8) {
-    // v4 reads whole aligned 32-bit words, up to 3 bytes past a block: only
-    // where the weight's end (w is 16-aligned) is word-aligned too.
-    const int nt4 = n == 1 ? 1 : n == 2 ? 2 : 4, nt8 = n <= 4 ? nt4 : 8; // token tiles of v4 / v5-v6
-    const bool f16ok = (m * rb) % 4 == 0 && gemv3_type(wtype) && dec16_smem(k, nt8) <= GEMV3_MAX_SMEM;
-    // v6 (opt-in) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
-    if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) {
+    switch (gemv_route(ctx, wtype, n, k, m, rb)) {
+    case GR_F32ROWS:
       launch_gemv_f32_rows(ctx->stream, y, x, (const float *)w, bias, n, k, m, accumulate);
-    } else if (ctx->gemv == 7 && f16ok && m < 32768) { // opt-in tensor-core GEMV (gemv16.cuh)
+      break;
+    case GR_V7: { // tensor-core GEMV (gemv16.cuh)
       void *scr = nullptr;
       int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
       if (rc != ORCH_OK) return rc;
       ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate);
-    } else if (ctx->gemv >= 6 && f16ok && m < 32768) {
-      ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
-    } else if (ctx->gemv >= 5 && f16ok) {
-      ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
-    } else if (ctx->gemv >= 4 && n <= 4 && (m * rb) % 4 == 0 && gemv3_type(wtype) && gemv3_smem(k, nt4) <= GEMV3_MAX_SMEM) {
-      ORCH_DISPATCH_TYPE(wtype, launch_gemv4, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
-    } else if (ctx->gemv >= 3 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) <= GEMV3_MAX_SMEM) {
-      ORCH_DISPATCH_TYPE(wtype, launch_gemv3, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
-    } else if (ctx->gemv != 2) {
-      ORCH_DISPATCH_TYPE(wtype, launch_gemv, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
-    } else {
-      ORCH_DISPATCH_TYPE(wtype, launch_gemv2, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+      break;
+    }
+    case GR_V6: ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
+    case GR_V5: ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
+    case GR_V4: ORCH_DISPATCH_TYPE(wtype, launch_gemv4, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
+    case GR_V3: ORCH_DISPATCH_TYPE(wtype, launch_gemv3, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
+    case GR_V1: ORCH_DISPATCH_TYPE(wtype, launch_gemv, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
+    default: ORCH_DISPATCH_TYPE(wtype, launch_gemv2, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
     }
     ORCH_LAUNCHED(op);
     return ORCH_OK;
@@ -603,27 +622,35 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
   const char *op = "matmul_multi";
   ORCH_CHECK_ARG(ctx && x && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
   for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
-  // Only where orch_matmul would run GEMV v5 for every part (so that each
-  // output is bit-identical to its own orch_matmul); otherwise the caller
-  // launches the parts one by one.
-  if (ctx->gemv != 5 || n < 1 || n > 8 || !gemv3_type(wtype) || k % 32 || !aligned16(x) ||
-      dec16_smem(k, n <= 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) > GEMV3_MAX_SMEM) {
-    orch_set_error("matmul_multi: not the v5 GEMV path (type %d, n=%lld, k=%lld)", wtype, (long long)n, (long long)k);
-    return ORCH_ERR_UNSUPPORTED;
-  }
+  // Only where orch_matmul would run the same GEMV, v5 or v7, for every part
+  // (so that each output is bit-identical to its own orch_matmul);
+  // otherwise the caller launches the parts one by one.
   const int64_t rb = orch_row_bytes(wtype, k);
+  int route = -1;
+  bool ok = n >= 1 && n <= 8 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x);
   gemv5_parts P = {};
-  for (int p = 0; p < count; p++) {
-    if ((parts[p].m * rb) % 4 || !aligned16(parts[p].w)) {
-      orch_set_error("matmul_multi: part %d is not on the v5 GEMV path", p);
-      return ORCH_ERR_UNSUPPORTED;
-    }
+  for (int p = 0; ok && p < count; p++) {
+    const int r = gemv_route(ctx, wtype, n, k, parts[p].m, rb);
+    ok = (r == GR_V5 || r == GR_V7) && (route < 0 || r == route) && aligned16(parts[p].w);
+    route = r;
     P.w[p] = (const uint8_t *)parts[p].w;
     P.bias[p] = parts[p].bias;
     P.y[p] = parts[p].y;
     P.m[p] = parts[p].m;
   }
-  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi, ctx->stream, P, count, x, n, k, rb);
+  if (!ok) {
+    orch_set_error("matmul_multi: not one v5 / v7 GEMV path for all parts (type %d, n=%lld, k=%lld)", wtype,
+                   (long long)n, (long long)k);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  if (route == GR_V7) {
+    void *scr = nullptr;
+    int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
+    if (rc != ORCH_OK) return rc;
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb);
+  } else {
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi, ctx->stream, P, count, x, n, k, rb);
+  }
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

@@ -323,9 +323,10 @@ static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accum
               (long long)m, n, bias, accumulate, e);
 }
 
-// Multi-weight GEMV (orch_matmul_multi's kernel): parts of different row
-// counts sharing x, each output bit-identical to its own launch_gemv5.
-static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n) {
+// Multi-weight GEMV (orch_matmul_multi's kernels, v5 and v7): parts of
+// different row counts sharing x, each output bit-identical to its own
+// launch_gemv5 / launch_gemv7.
+static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bool v7 = false) {
   std::vector<std::unique_ptr<QW>> ws;
   const auto x = randv((size_t)(n * k), 1.f);
   Buf<float> bx(x);
@@ -343,17 +344,22 @@ static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n) {
     P.m[p] = ms[p];
   }
   const int64_t rb = orch_row_bytes(t, k);
-  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), bx.p, n, k, rb);
+  Buf<uint8_t> scratch(gemv7_scratch(n, k), 0xAB);
+  if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
+  else ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), bx.p, n, k, rb)
   for (size_t p = 0; p < ms.size(); p++) {
-    ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb, 0);
+    if (v7)
+      ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scratch.p, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb,
+                         0)
+    else ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb, 0)
     EXPECT(std::memcmp(ym[p]->p, ys[p]->p, sizeof(float) * ym[p]->n) == 0,
-           "GEMV v5 multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", p, tname(t), (long long)k,
+           "GEMV v%d multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", v7 ? 7 : 5, p, tname(t), (long long)k,
            (long long)ms[p], n);
     for (size_t i = 0; i < ym[p]->n; i++)
       EXPECT(std::isfinite(ym[p]->p[i]), "GEMV v5 multi part %zu: y[%zu] not written", p, i);
   }
-  std::printf("GEMV v5 multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", tname(t),
-              (long long)k, ms.size(), n);
+  std::printf("GEMV v%d multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", v7 ? 7 : 5,
+              tname(t), (long long)k, ms.size(), n);
 }
 
 // RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
@@ -506,6 +512,8 @@ int main(int argc, char **argv) {
     test_gemv_multi(t, 128, {16, 24}, 3);    // two parts, token tile 4
   }
   test_gemv_multi(ORCH_T_Q4_0, 64, {8, 40, 16}, 8);
+  test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 4, true); // v7: ragged 16-row CTAs per part
+  test_gemv_multi(ORCH_T_MXFP4, 64, {16, 32}, 8, true);
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
     test_gemv7(t, 96, 36, 1, true, false);   // 3 blocks: warps without blocks; ragged last CTA
     test_gemv7(t, 96, 36, 3, false, true);
