@@ -135,7 +135,7 @@ if has tp && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
    echo "rank0 rc=$?"; wait) | tee -a "$OUT/summary.md"
   grep -E -- '--- (PASS|FAIL|SKIP)|tok/s|max|Error|error' "$OUT/tp-rank0.log" | head -20 | cut -c1-250 | tee -a "$OUT/summary.md"
   [ -f "$OUT/tp.json" ] && head -c 1500 "$OUT/tp.json" | tee -a "$OUT/summary.md" && echo | tee -a "$OUT/summary.md"
-  if [ -z "${ORCH_TP_SKIP_SERVE:-}" ]; then
+  if [ -z "${E2E_TP_SKIP_SERVE:-}" ]; then
     log "serve gpt-oss-20b unsplit vs --tensor-parallel 2, 1 and 32 streams x 128 tokens"
     timeout 330 bash host/replica/testdata/tp-gpu.sh bin "$M/gpt-oss-20b.gguf" 32 128 2>&1 | tail -30 | tee -a "$OUT/summary.md"
   fi
