@@ -381,9 +381,10 @@ gemv7_stage_kernel(uint32_t *__restrict__ xs, float *__restrict__ xinv, const fl
   }
 }
 
-// Rows [16 cta, 16 cta + 16) of y (gemv7_kernel: cta = blockIdx.x). red:
-// GEMV7_WARPS x 32 lanes x 4 floats of shared memory.
-template <int T>
+// Rows [16 cta, 16 cta + 16) of y (gemv7_kernel: cta = blockIdx.x) by W
+// warps splitting k; DB: two rounds of loads in flight (v8), else one (v7).
+// red: W x 32 lanes x 4 floats of shared memory.
+template <int T, int W, bool DB>
 __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__restrict__ y, const uint4 *__restrict__ xs,
                                            const float *__restrict__ xinv, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
@@ -395,58 +396,90 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
   const int64_t r0 = cta * 16 + g, r1 = r0 + 8;
   const bool ok0 = r0 < m, ok1 = r1 < m;
   const uint8_t *w0 = w + (ok0 ? r0 : 0) * row_bytes, *w1 = w + (ok1 ? r1 : 0) * row_bytes;
-  q7_words<T> b0[NB], b1[NB];
-  uint4 X[NB];
-  float xi0[NB], xi1[NB];
-  auto load_w = [&](int64_t c0) {
+  // A round's loads: the words of NB blocks of rows g and g+8 and the staged
+  // x of those blocks. v8 (DB) keeps two rounds in flight: round r+1 is
+  // loaded before round r is computed. Run 4 measured v7 flat in n (~12 us
+  // for Q8_0 2880x5120 at n = 1..8): each warp walks its ~6 rounds load,
+  // wait, compute — one DRAM latency per round. v8's ~110-118 registers are
+  // paid with 4-warp CTAs (4 CTAs of 128 threads per SM: qkv's 320 CTAs
+  // still one wave).
+  struct round_buf {
+    q7_words<T> b0[NB], b1[NB];
+    uint4 X[NB];
+    float xi0[NB], xi1[NB];
+  };
+  auto load_w = [&](round_buf &r, int64_t c0) {
 #pragma unroll
     for (int i = 0; i < NB; i++) {
       const int64_t c = c0 + warp * NB + i;
       const bool okc = c < nch;
-      q7_load<T>(b0[i], w0 + (okc ? c : 0) * BB, t, ok0 && okc);
-      q7_load<T>(b1[i], w1 + (okc ? c : 0) * BB, t, ok1 && okc);
+      q7_load<T>(r.b0[i], w0 + (okc ? c : 0) * BB, t, ok0 && okc);
+      q7_load<T>(r.b1[i], w1 + (okc ? c : 0) * BB, t, ok1 && okc);
     }
   };
   // The staged x of the round's blocks, issued with the weight words (one
   // latency per round, not one per dependent load).
-  auto load_x = [&](int64_t c0) {
+  auto load_x = [&](round_buf &r, int64_t c0) {
 #pragma unroll
     for (int i = 0; i < NB; i++) {
       const int64_t c = c0 + warp * NB + i;
       const bool okc = c < nch;
-      X[i] = okc && g < nt ? __ldg(xs + (g * nch + c) * 4 + t) : make_uint4(0u, 0u, 0u, 0u);
-      xi0[i] = okc && 2 * t < nt ? __ldg(xinv + c * 8 + 2 * t) : 0.f;
-      xi1[i] = okc && 2 * t + 1 < nt ? __ldg(xinv + c * 8 + 2 * t + 1) : 0.f;
+      r.X[i] = okc && g < nt ? __ldg(xs + (g * nch + c) * 4 + t) : make_uint4(0u, 0u, 0u, 0u);
+      r.xi0[i] = okc && 2 * t < nt ? __ldg(xinv + c * 8 + 2 * t) : 0.f;
+      r.xi1[i] = okc && 2 * t + 1 < nt ? __ldg(xinv + c * 8 + 2 * t + 1) : 0.f;
     }
   };
-  // PDL: the first round of weight words (never written while a step runs)
-  // is loaded before the wait; the staged x only after it.
-  load_w(0);
-  pdl_wait();
-  load_x(0);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t c0 = 0; c0 < nch; c0 += GEMV7_WARPS * NB) {
-    if (c0) {
-      load_w(c0);
-      load_x(c0);
-    }
+  auto compute = [&](const round_buf &r, int64_t c0) {
 #pragma unroll
     for (int i = 0; i < NB; i++) {
       const int64_t c = c0 + warp * NB + i;
       if (c < nch) { // uniform over the warp: every lane reaches the mma
         uint32_t ha[4], hb[4];
-        const float s0 = q7_decode<T>(b0[i], ha), s1 = q7_decode<T>(b1[i], hb);
-        const uint4 Xi = X[i];
+        const float s0 = q7_decode<T>(r.b0[i], ha), s1 = q7_decode<T>(r.b1[i], hb);
+        const uint4 Xi = r.X[i];
         float d[4] = {0.f, 0.f, 0.f, 0.f};
         const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, bx0[2] = {Xi.x, Xi.y};
         dec16_mma16816(d, a0, bx0);
         const uint32_t a1[4] = {ha[2], hb[2], ha[3], hb[3]}, bx1[2] = {Xi.z, Xi.w};
         dec16_mma16816(d, a1, bx1);
-        acc[0] += s0 * xi0[i] * d[0];
-        acc[1] += s0 * xi1[i] * d[1];
-        acc[2] += s1 * xi0[i] * d[2];
-        acc[3] += s1 * xi1[i] * d[3];
+        acc[0] += s0 * r.xi0[i] * d[0];
+        acc[1] += s0 * r.xi1[i] * d[1];
+        acc[2] += s1 * r.xi0[i] * d[2];
+        acc[3] += s1 * r.xi1[i] * d[3];
       }
+    }
+  };
+  constexpr int64_t STEP = W * NB;
+  round_buf ra;
+  // PDL: the first round of weight words (never written while a step runs)
+  // is loaded before the wait; the staged x only after it.
+  load_w(ra, 0);
+  pdl_wait();
+  load_x(ra, 0);
+  if constexpr (DB) {
+    round_buf rb;
+    for (int64_t c0 = 0; c0 < nch; c0 += 2 * STEP) { // conditions uniform over the CTA
+      if (c0 + STEP < nch) {
+        load_w(rb, c0 + STEP);
+        load_x(rb, c0 + STEP);
+      }
+      compute(ra, c0);
+      if (c0 + STEP < nch) {
+        if (c0 + 2 * STEP < nch) {
+          load_w(ra, c0 + 2 * STEP);
+          load_x(ra, c0 + 2 * STEP);
+        }
+        compute(rb, c0 + STEP);
+      }
+    }
+  } else {
+    for (int64_t c0 = 0; c0 < nch; c0 += STEP) {
+      if (c0) {
+        load_w(ra, c0);
+        load_x(ra, c0);
+      }
+      compute(ra, c0);
     }
   }
   float *rw = red + (warp * 32 + lane) * 4;
@@ -457,7 +490,7 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
     const int row = threadIdx.x >> 3, tok = threadIdx.x & 7;
     const int l = (row & 7) * 4 + (tok >> 1), e = (row >> 3) * 2 + (tok & 1);
     float s = 0.f;
-    for (int v = 0; v < GEMV7_WARPS; v++) s += red[(v * 32 + l) * 4 + e];
+    for (int v = 0; v < W; v++) s += red[(v * 32 + l) * 4 + e];
     const int64_t R = cta * 16 + row;
     if (R < m && tok < nt) {
       if (bias) s += bias[R];
@@ -467,22 +500,22 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
   }
 }
 
-template <int T>
-__global__ void __launch_bounds__(GEMV7_WARPS * 32)
+template <int T, int W, bool DB>
+__global__ void __launch_bounds__(W * 32)
 gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *__restrict__ xinv,
              const uint8_t *__restrict__ w, const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
              int64_t row_bytes, int accumulate) {
-  DEC16_DYN_SMEM(float, red); // GEMV7_WARPS x 32 lanes x 4 partial sums
+  DEC16_DYN_SMEM(float, red); // W x 32 lanes x 4 partial sums
   pdl_trigger();
-  gemv7_rows<T>(red, blockIdx.x, y, xs, xinv, w, bias, n, k, m, row_bytes, accumulate);
+  gemv7_rows<T, W, DB>(red, blockIdx.x, y, xs, xinv, w, bias, n, k, m, row_bytes, accumulate);
 }
 
 // Multi-weight v7 (orch_matmul_multi for n where v7 is the route): up to
 // GEMV_MAX_PARTS weights of one type with the same x staged once; part p
 // owns CTAs [end[p-1], end[p]) (16 rows each) and runs exactly
 // gemv7_kernel's code on them: bit-identical to separate launches.
-template <int T>
-__global__ void __launch_bounds__(GEMV7_WARPS * 32)
+template <int T, int W, bool DB>
+__global__ void __launch_bounds__(W * 32)
 gemv7_multi_kernel(const gemv5_parts P, const uint4 *__restrict__ xs, const float *__restrict__ xinv, int64_t n,
                    int64_t k, int64_t row_bytes) {
   DEC16_DYN_SMEM(float, red);
@@ -492,51 +525,75 @@ gemv7_multi_kernel(const gemv5_parts P, const uint4 *__restrict__ xs, const floa
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0; // selects: a dynamic P.x[p] would copy P to local memory
 #define GEMV7_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv7_rows<T>(red, cta, GEMV7_PICK(y), xs, xinv, GEMV7_PICK(w), GEMV7_PICK(bias), n, k, GEMV7_PICK(m), row_bytes, 0);
+  gemv7_rows<T, W, DB>(red, cta, GEMV7_PICK(y), xs, xinv, GEMV7_PICK(w), GEMV7_PICK(bias), n, k, GEMV7_PICK(m),
+                       row_bytes, 0);
 #undef GEMV7_PICK
 }
 
 // Scratch bytes of v7's staged x for n tokens of k: n * (k/32) * 64 (x) + (k/32) * 32 (scales).
 static inline size_t gemv7_scratch(int64_t n, int64_t k) { return (size_t)(n * (k / 32) * 64 + (k / 32) * 32); }
 
-// xs: gemv7_scratch(n, k) bytes of 16-aligned device scratch.
+// v7 (8 warps, one round of loads in flight) or v8 (4 warps, two).
+template <int V> struct gemv7_cfg {
+  static constexpr int W = V == 8 ? 4 : GEMV7_WARPS;
+  static constexpr bool DB = V == 8;
+};
+
+// Stages x (n <= 8 tokens of k) into scratch (gemv7_scratch(n, k) bytes, 16-aligned).
 template <int T>
+static void launch_gemv7_stage(cudaStream_t st, void *scratch, const float *x, int64_t n, int64_t k, uint32_t *&xs,
+                               float *&xinv) {
+  xs = reinterpret_cast<uint32_t *>(scratch);
+  xinv = reinterpret_cast<float *>(reinterpret_cast<uint8_t *>(scratch) + n * (k / 32) * 64);
+  auto stage = gemv7_stage_kernel;
+  DEC16_LAUNCH_PDL(stage, dim3((unsigned)ceil_div(n * (k / 4), 256)), 256, 0, st, xs, xinv, x, n, k,
+                   dec16_traits<T>::kind);
+}
+
+// V: 7 or 8 (gemv7_cfg).
+template <int T, int V = 7>
 static void launch_gemv7(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w, const float *bias,
                          int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const int64_t nch = k / 32;
-    uint32_t *xs = reinterpret_cast<uint32_t *>(scratch);
-    float *xinv = reinterpret_cast<float *>(reinterpret_cast<uint8_t *>(scratch) + n * nch * 64);
-    auto stage = gemv7_stage_kernel;
-    DEC16_LAUNCH_PDL(stage, dim3((unsigned)ceil_div(n * (k / 4), 256)), 256, 0, st, xs, xinv, x, n, k,
-                     dec16_traits<T>::kind);
-    auto kern = gemv7_kernel<T>;
-    DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, 16)), GEMV7_WARPS * 32, GEMV7_WARPS * 32 * 4 * sizeof(float), st,
-                     y, reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, acc);
+    constexpr int W = gemv7_cfg<V>::W;
+    uint32_t *xs;
+    float *xinv;
+    launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv);
+    auto kern = gemv7_kernel<T, W, gemv7_cfg<V>::DB>;
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, 16)), W * 32, W * 32 * 4 * sizeof(float), st, y,
+                     reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, acc);
   }
+}
+template <int T>
+static void launch_gemv8(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w, const float *bias,
+                         int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
+  launch_gemv7<T, 8>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
 }
 
 // P: count parts filled in (w, bias, y, m); end is set here. x staged once.
-template <int T>
+template <int T, int V = 7>
 static void launch_gemv7_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
                                int64_t k, int64_t rb) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const int64_t nch = k / 32;
-    uint32_t *xs = reinterpret_cast<uint32_t *>(scratch);
-    float *xinv = reinterpret_cast<float *>(reinterpret_cast<uint8_t *>(scratch) + n * nch * 64);
-    auto stage = gemv7_stage_kernel;
-    DEC16_LAUNCH_PDL(stage, dim3((unsigned)ceil_div(n * (k / 4), 256)), 256, 0, st, xs, xinv, x, n, k,
-                     dec16_traits<T>::kind);
+    constexpr int W = gemv7_cfg<V>::W;
+    uint32_t *xs;
+    float *xinv;
+    launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv);
     unsigned total = 0;
     for (int p = 0; p < count; p++) {
       total += (unsigned)ceil_div(P.m[p], (int64_t)16);
       P.end[p] = total;
     }
     for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
-    auto kern = gemv7_multi_kernel<T>;
-    DEC16_LAUNCH_PDL(kern, dim3(total), GEMV7_WARPS * 32, GEMV7_WARPS * 32 * 4 * sizeof(float), st, P,
-                     reinterpret_cast<const uint4 *>(xs), xinv, n, k, rb);
+    auto kern = gemv7_multi_kernel<T, W, gemv7_cfg<V>::DB>;
+    DEC16_LAUNCH_PDL(kern, dim3(total), W * 32, W * 32 * 4 * sizeof(float), st, P, reinterpret_cast<const uint4 *>(xs),
+                     xinv, n, k, rb);
   }
+}
+template <int T>
+static void launch_gemv8_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
+                               int64_t k, int64_t rb) {
+  launch_gemv7_multi<T, 8>(st, scratch, P, count, x, n, k, rb);
 }
 
 // F32 weights, small m (routers: gpt-oss 2880 -> 32), n <= 8: the v1 GEMV

@@ -502,7 +502,7 @@ static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 // With ORCH_CUDA_GEMV unset (gemv_auto) that is the routing, for every m
 // (the LM head too) and k (v7 stages x in global scratch: no shared-memory
 // limit on k); ORCH_CUDA_GEMV=vN pins version N where it applies.
-enum { GR_F32ROWS, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2 };
+enum { GR_F32ROWS, GR_V8, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2 };
 static int gemv7_min_n(int wtype) { return wtype == ORCH_T_MXFP4 ? 4 : 3; }
 static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int64_t m, int64_t rb) {
   // v4 and up read whole aligned 32-bit words, up to 3 bytes past a block:
@@ -511,6 +511,7 @@ static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int6
   const bool wordok = (m * rb) % 4 == 0 && gemv3_type(wtype);
   const bool f16ok = wordok && dec16_smem(k, nt8) <= GEMV3_MAX_SMEM;
   if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) return GR_F32ROWS;
+  if (wordok && ctx->gemv == 8) return GR_V8; // opt-in: v7 with two rounds of loads in flight, 4-warp CTAs
   if (wordok && (ctx->gemv == 7 || (ctx->gemv_auto && n >= gemv7_min_n(wtype)))) return GR_V7;
   // v6 (opt-in) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
   if (ctx->gemv >= 6 && f16ok && m < 32768) return GR_V6;
@@ -542,11 +543,13 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
     case GR_F32ROWS:
       launch_gemv_f32_rows(ctx->stream, y, x, (const float *)w, bias, n, k, m, accumulate);
       break;
-    case GR_V7: { // tensor-core GEMV (gemv16.cuh)
+    case GR_V7:
+    case GR_V8: { // tensor-core GEMV (gemv16.cuh)
       void *scr = nullptr;
       int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
       if (rc != ORCH_OK) return rc;
-      ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate);
+      if (ctx->gemv == 8) ORCH_DISPATCH_TYPE(wtype, launch_gemv8, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
+      else ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
       break;
     }
     case GR_V6: ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
@@ -631,7 +634,7 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
   gemv5_parts P = {};
   for (int p = 0; ok && p < count; p++) {
     const int r = gemv_route(ctx, wtype, n, k, parts[p].m, rb);
-    ok = (r == GR_V5 || r == GR_V7) && (route < 0 || r == route) && aligned16(parts[p].w);
+    ok = (r == GR_V5 || r == GR_V7 || r == GR_V8) && (route < 0 || r == route) && aligned16(parts[p].w);
     route = r;
     P.w[p] = (const uint8_t *)parts[p].w;
     P.bias[p] = parts[p].bias;
@@ -643,11 +646,12 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
                    (long long)n, (long long)k);
     return ORCH_ERR_UNSUPPORTED;
   }
-  if (route == GR_V7) {
+  if (route == GR_V7 || route == GR_V8) {
     void *scr = nullptr;
     int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;
-    ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb);
+    if (route == GR_V8) ORCH_DISPATCH_TYPE(wtype, launch_gemv8_multi, ctx->stream, scr, P, count, x, n, k, rb)
+    else ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb)
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi, ctx->stream, P, count, x, n, k, rb);
   }

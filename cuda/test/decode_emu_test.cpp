@@ -302,7 +302,7 @@ static void test_gemv(int t, int64_t k, int64_t m, int n, bool bias, bool accumu
 // GEMV v7 (tensor cores: x staged to scratch, mma.sync m16n8k16 through the
 // emulated fragment table) against float64: fp32 accumulation of exact
 // products, so only x's fp16 rounding remains (bound 5e-4, v5's 1.5e-3).
-static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accumulate) {
+static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accumulate, int ver = 7) {
   QW w;
   make_weight(w, t, k, m);
   const auto x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f), y0 = randv((size_t)(n * m), 1.f);
@@ -315,18 +315,22 @@ static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accum
     }
   Buf<float> bx(x), bb(bv), y(y0);
   Buf<uint8_t> scratch(gemv7_scratch(n, k), 0xAB); // garbage: every read byte must have been staged
-  ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m,
-                     orch_row_bytes(t, k), accumulate);
+  if (ver == 8)
+    ORCH_DISPATCH_TYPE(t, launch_gemv8, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m,
+                       orch_row_bytes(t, k), accumulate)
+  else ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m,
+                          orch_row_bytes(t, k), accumulate)
   const double e = rel_l2(y.vec(), want);
-  EXPECT(e <= 5e-4, "GEMV v7 %s k=%lld m=%lld n=%d: relative error %.3g", tname(t), (long long)k, (long long)m, n, e);
-  std::printf("GEMV v7 %-5s k=%-4lld m=%-5lld n=%d bias=%d acc=%d: relative error %.2e\n", tname(t), (long long)k,
-              (long long)m, n, bias, accumulate, e);
+  EXPECT(e <= 5e-4, "GEMV v%d %s k=%lld m=%lld n=%d: relative error %.3g", ver, tname(t), (long long)k, (long long)m, n,
+         e);
+  std::printf("GEMV v%d %-5s k=%-4lld m=%-5lld n=%d bias=%d acc=%d: relative error %.2e\n", ver, tname(t),
+              (long long)k, (long long)m, n, bias, accumulate, e);
 }
 
 // Multi-weight GEMV (orch_matmul_multi's kernels, v5 and v7): parts of
 // different row counts sharing x, each output bit-identical to its own
 // launch_gemv5 / launch_gemv7.
-static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bool v7 = false) {
+static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bool v7 = false, bool v8 = false) {
   std::vector<std::unique_ptr<QW>> ws;
   const auto x = randv((size_t)(n * k), 1.f);
   Buf<float> bx(x);
@@ -345,20 +349,24 @@ static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bo
   }
   const int64_t rb = orch_row_bytes(t, k);
   Buf<uint8_t> scratch(gemv7_scratch(n, k), 0xAB);
-  if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
+  if (v8) ORCH_DISPATCH_TYPE(t, launch_gemv8_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
+  else if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
   else ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), bx.p, n, k, rb)
   for (size_t p = 0; p < ms.size(); p++) {
-    if (v7)
+    if (v8)
+      ORCH_DISPATCH_TYPE(t, launch_gemv8, nullptr, scratch.p, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb,
+                         0)
+    else if (v7)
       ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scratch.p, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb,
                          0)
     else ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb, 0)
     EXPECT(std::memcmp(ym[p]->p, ys[p]->p, sizeof(float) * ym[p]->n) == 0,
-           "GEMV v%d multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", v7 ? 7 : 5, p, tname(t), (long long)k,
+           "GEMV v%d multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", v8 ? 8 : v7 ? 7 : 5, p, tname(t), (long long)k,
            (long long)ms[p], n);
     for (size_t i = 0; i < ym[p]->n; i++)
       EXPECT(std::isfinite(ym[p]->p[i]), "GEMV v5 multi part %zu: y[%zu] not written", p, i);
   }
-  std::printf("GEMV v%d multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", v7 ? 7 : 5,
+  std::printf("GEMV v%d multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", v8 ? 8 : v7 ? 7 : 5,
               tname(t), (long long)k, ms.size(), n);
 }
 
@@ -514,10 +522,13 @@ int main(int argc, char **argv) {
   test_gemv_multi(ORCH_T_Q4_0, 64, {8, 40, 16}, 8);
   test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 4, true); // v7: ragged 16-row CTAs per part
   test_gemv_multi(ORCH_T_MXFP4, 64, {16, 32}, 8, true);
+  test_gemv_multi(ORCH_T_Q8_0, 320, {40, 8, 24}, 8, false, true); // v8: 10 blocks: 2.5 rounds of 4 warps x 2
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
     test_gemv7(t, 96, 36, 1, true, false);   // 3 blocks: warps without blocks; ragged last CTA
     test_gemv7(t, 96, 36, 3, false, true);
     test_gemv7(t, 1024, 20, 8, true, false); // 32 blocks: two rounds of 8 warps x 2
+    test_gemv7(t, 1024, 20, 8, true, false, 8); // v8: four rounds of 4 warps x 2, double-buffered
+    test_gemv7(t, 96, 36, 3, false, true, 8);   // v8: one partial round
   }
   test_rope2(1);
   test_rope2(0);

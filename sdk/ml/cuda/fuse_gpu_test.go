@@ -296,21 +296,24 @@ func TestPDLChain(t *testing.T) {
 	}
 }
 
-// TestGEMVv7 re-runs GEMV-dependent tests under ORCH_CUDA_GEMV=v7 (the
-// opt-in tensor-core GEMV; the library reads the variable once per process,
-// so in a child process): every MatMul of n <= 8 below 32768 rows then goes
-// through mma.sync, checked against the CPU backend at the fp16-GEMV bound.
+// TestGEMVv7 re-runs GEMV-dependent tests under ORCH_CUDA_GEMV=v7 and v8
+// (the tensor-core GEMV pinned for every n, and its double-buffered variant;
+// the library reads the variable once per process, so in child processes):
+// every quantized MatMul of n <= 8 then goes through mma.sync, checked
+// against the CPU backend at the fp16-GEMV bound.
 func TestGEMVv7(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_GEMV"); v != "" {
 		t.Skipf("ORCH_CUDA_GEMV=%s pins this process; the v7 child runs from an unpinned one", v)
 	}
-	// (TestMatMulTall's m >= 32768 stays on v5; kept short for the suite's time budget.)
-	cmd := exec.Command(os.Args[0], "-test.run", "^(TestMatMul|TestFusedLaunches|TestPDLChain)$", "-test.v")
-	cmd.Env = append(os.Environ(), "ORCH_CUDA_GEMV=v7")
-	outp, err := cmd.CombinedOutput()
-	require.NoError(t, err, "ORCH_CUDA_GEMV=v7 child:\n%s", outp)
-	for _, name := range []string{"TestMatMul", "TestFusedLaunches", "TestPDLChain"} {
-		require.Contains(t, string(outp), "--- PASS: "+name+" ", "ORCH_CUDA_GEMV=v7 child:\n%s", outp)
+	// (kept short for the suite's time budget)
+	for _, v := range []string{"v7", "v8"} {
+		cmd := exec.Command(os.Args[0], "-test.run", "^(TestMatMul|TestFusedLaunches|TestPDLChain)$", "-test.v")
+		cmd.Env = append(os.Environ(), "ORCH_CUDA_GEMV="+v)
+		outp, err := cmd.CombinedOutput()
+		require.NoError(t, err, "ORCH_CUDA_GEMV=%s child:\n%s", v, outp)
+		for _, name := range []string{"TestMatMul", "TestFusedLaunches", "TestPDLChain"} {
+			require.Contains(t, string(outp), "--- PASS: "+name+" ", "ORCH_CUDA_GEMV=%s child:\n%s", v, outp)
+		}
+		t.Logf("ORCH_CUDA_GEMV=%s: TestMatMul, TestFusedLaunches, TestPDLChain passed", v)
 	}
-	t.Logf("ORCH_CUDA_GEMV=v7: TestMatMul, TestFusedLaunches, TestPDLChain passed")
 }

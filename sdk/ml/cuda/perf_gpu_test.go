@@ -635,8 +635,8 @@ func TestPerfDecodeLaunches(t *testing.T) {
 }
 
 // TestPerfGEMVVersions times the decode GEMVs at n = 1, 2, 4, 8 and the MoE
-// decode (n = 1, 8) under the default kernels (GEMV v5, MoE v4), GEMV v7
-// (tensor cores, opt-in) and MoE v5 (one-wave double-buffered gate_up,
+// decode (n = 1, 8) under GEMV v5 and v7 pinned (the default routes by n
+// between them), v8 (v7 with two rounds of loads in flight, opt-in) and MoE v5 (one-wave double-buffered gate_up,
 // opt-in, never timed before) — the library reads ORCH_CUDA_GEMV /
 // ORCH_CUDA_MOE once per process, so each runs in a child process on the
 // same card.
@@ -651,7 +651,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 			t.Skipf("ORCH_CUDA_GEMV / ORCH_CUDA_MOE pin this process; the timing runs from an unpinned one")
 		}
 		var table []string
-		for _, v := range []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_MOE=v5"} {
+		for _, v := range []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v8", "ORCH_CUDA_MOE=v5"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfGEMVVersions$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_GEMV_SPEED_CHILD=1", v)
 			outp, err := cmd.CombinedOutput()
