@@ -36,8 +36,9 @@ struct orch_ctx {
   // n <= 8; v5 (fp16 decode; plus the split-k F32 GEMV for small m) is the
   // default where it applies, then v4's fp32 path (n <= 4), then v3, else
   // v1; v6 (one-wave double-buffered rows, below 32768 rows) measured slower
-  // than v5 in device run 3 and is opt-in; v7 (opt-in, session 3): tensor-core
-  // mma.sync GEMV below 32768 rows, v5 above), ORCH_CUDA_ATTN=v1.
+  // than v5 in device run 3 and is opt-in; v7 (session 3): tensor-core
+  // mma.sync GEMV, routed by n when the variable is unset (gemv_auto); v8
+  // (opt-in): v7 with two rounds of loads in flight), ORCH_CUDA_ATTN=v1.
   int gemv = orch_env_version("ORCH_CUDA_GEMV", 5);
   // ORCH_CUDA_GEMV unset: the decode GEMV is routed by n (matmul.cu
   // gemv_route: v7 from n = 3 (Q8_0, Q4_0) / 4 (MXFP4), v5 below); a
