@@ -332,6 +332,279 @@ moe_down_hp_kernel(float *__restrict__ out, const float *__restrict__ act, const
   if (valid && lane == 0) out[t * m + row] = res;
 }
 
+// ---- MoE v6 (docs/perf-cuda.md "Round 4: MoE decode") ----
+// The same per-lane arithmetic as v4 (results bit-identical: the emulation
+// test compares them), with fewer instructions and fewer serial latencies:
+//  1. MXFP4 decode in ~half the integer-pipe instructions (moe6_mxfp4_word):
+//     the E2M1 bits are placed directly into fp16 exponent/mantissa bits,
+//     which yields 2^-14 * w exactly (e = 0 lands on the fp16 subnormals);
+//     x is staged times 2^14 (exact), so every HFMA2 product — and so every
+//     partial sum — is the same real number as in v4.
+//  2. Staging (moe6_stage): dec16_stage loads one float4 per lane per loop
+//     iteration and shuffles it at once, i.e. one L2 round trip per iteration
+//     (12 in series per thread for down's 4 activation rows); here a batch of
+//     B float4 loads per lane is issued first, and index math is 32-bit.
+//  3. PDL: gate_up triggers its dependents only after its own pdl_wait, so
+//     when down's CTAs start, the routing (ids) is complete; down then loads
+//     its first two work items' weight words before its pdl_wait — overlapping
+//     gate_up's tail — from ids read speculatively through L2 (__ldcg), and
+//     re-reads the ids after the wait, reloading any item whose expert
+//     differs (so a stale read costs time, never correctness).
+
+// 8 nibbles of an MXFP4 quant word q -> the half2 pairs of dec16_mxfp4_word
+// (h[i] = (nibble i, nibble i+4)), each value times 2^-14: nibble s|e1 e0|m
+// becomes the fp16 bits s<<15 | e1 e0 m << 9, i.e. exponent field e, top
+// mantissa bit m: e >= 1 gives 2^(e-15) (1 + m/2), e = 0 the subnormal
+// m 2^-15 — both 2^-14 times the E2M1 value. The sign (nibble bit 3) must
+// move 6 bits above the magnitude's lowest bit, which is the next nibble's
+// bit 2: so the even and the odd nibbles are split into two words (ve, vo)
+// whose free bits take the signs from q rotated left by 3; one shift (or
+// rotate) and one AND per pair then place both nibbles of a pair.
+// Written with explicit PTX (shf.l.wrap, lop3) on the device: given the C
+// expressions, nvcc split the rotates into shifts and redistributed the masks
+// (~2x the instructions).
+DEC16_HD uint32_t moe6_rotl(uint32_t v, uint32_t s) { // rotate left, 0 < s < 32
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("shf.l.wrap.b32 %0, %1, %1, %2;" : "=r"(r) : "r"(v), "r"(s));
+  return r;
+#else
+  return (v << s) | (v >> (32 - s));
+#endif
+}
+DEC16_HD uint32_t moe6_sel(uint32_t a, uint32_t b, uint32_t c) { // (a & c) | (b & ~c): one LOP3
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+#else
+  return (a & c) | (b & ~c);
+#endif
+}
+DEC16_HD void moe6_mxfp4_word(uint32_t q, uint32_t h[4]) {
+  constexpr uint32_t M = 0x8E008E00u;
+  const uint32_t r = moe6_rotl(q, 3);
+  const uint32_t ve = moe6_sel(q, r, 0x07070707u); // nibbles 0,2,4,6: magnitude at 8j..8j+2, sign at 8j+6
+  const uint32_t vo = moe6_sel(q, r, 0x70707070u); // nibbles 1,3,5,7: magnitude at 8j+4.., sign at 8j+10 (7's at 2)
+  h[0] = (ve << 9) & M;
+  h[1] = (vo << 5) & M;
+  h[2] = (ve << 1) & M;
+  h[3] = moe6_rotl(vo, 29) & M;
+}
+
+// dec16_block_acc<T, 1> with moe6_mxfp4_word for MXFP4 (x staged times 2^14;
+// same order of HFMA2s, same products); the other types use dec16's decoders.
+template <int T>
+DEC16_HD void moe6_block_acc(const uint32_t *w, uint32_t sh, const uint4 *xh, uint32_t a[2]) {
+  if constexpr (T == ORCH_T_MXFP4) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      uint32_t h[4];
+      moe6_mxfp4_word(dec16_funnel_rc(w[i], w[i + 1], 8 * sh + 8), h);
+      const uint4 x = xh[i];
+      uint32_t &acc = a[i & 1];
+      acc = dec16_hfma2(h[0], x.x, acc);
+      acc = dec16_hfma2(h[1], x.y, acc);
+      acc = dec16_hfma2(h[2], x.z, acc);
+      acc = dec16_hfma2(h[3], x.w, acc);
+    }
+  } else {
+    uint32_t b[1][2] = {{a[0], a[1]}};
+    const uint4 *xp[1] = {xh};
+    dec16_block_acc<T, 1>(w, sh, xp, 1, b);
+    a[0] = b[0][0];
+    a[1] = b[0][1];
+  }
+}
+
+template <int T, int NB>
+__device__ __forceinline__ void moe6_dot2(const wblocks<T, NB> &bg, const wblocks<T, NB> &bu, const uint32_t *xh,
+                                          const float *xinv, int c0, int lane, int nch, float &ag, float &au) {
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int c = c0 + lane + 32 * i;
+    if (c < nch) {
+      const uint4 *xp = reinterpret_cast<const uint4 *>(xh + c * DEC16_XW);
+      const float xi = xinv[c];
+      uint32_t g[2] = {0u, 0u}, u[2] = {0u, 0u};
+      moe6_block_acc<T>(bg.w[i], bg.sh[i], xp, g);
+      moe6_block_acc<T>(bu.w[i], bu.sh[i], xp, u);
+      ag += dec16_fold(g, dec16_wscale<T>(bg.w[i], bg.sh[i]), xi);
+      au += dec16_fold(u, dec16_wscale<T>(bu.w[i], bu.sh[i]), xi);
+    }
+  }
+}
+
+template <int T, int NB>
+__device__ __forceinline__ float moe6_dot(const wblocks<T, NB> &b, const uint32_t *xh, const float *xinv, int c0,
+                                          int lane, int nch) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int c = c0 + lane + 32 * i;
+    if (c < nch) {
+      uint32_t a[2] = {0u, 0u};
+      moe6_block_acc<T>(b.w[i], b.sh[i], reinterpret_cast<const uint4 *>(xh + c * DEC16_XW), a);
+      s += dec16_fold(a, dec16_wscale<T>(b.w[i], b.sh[i]), xinv[c]);
+    }
+  }
+  return s;
+}
+
+// The fp16 value dec16_stage stores for v (already chunk-scaled), times 2^14
+// when x14 (exact: a binary16 >= 2^-24 times 2^14 is a normal binary16).
+DEC16_HD float moe6_x14(float v, bool x14) {
+  return x14 ? dec16_h2f((uint16_t)(dec16_f2h2(v, 0.f) & 0xFFFFu)) * 16384.f : v;
+}
+
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+// dec16_stage's output (times 2^14 for MXFP4), nr rows of k (contiguous: row
+// r at x + r*k) staged as one run of nr*nch chunks: chunk i>>3 holds the
+// float4s i with the same i>>3. Each lane issues B loads before the first
+// shuffle; every lane of a warp runs the same iterations. Caller syncs.
+template <int B>
+__device__ __forceinline__ void moe6_stage(uint32_t *xh, float *xinv, const float *__restrict__ x, int nr, int k,
+                                           int kind, bool x14) {
+  const int tot = nr * (k / 4); // float4s
+  const int lane = threadIdx.x & 31, step = (int)(blockDim.x & ~31u);
+  const float4 *x4 = reinterpret_cast<const float4 *>(x);
+  for (int base = (int)(threadIdx.x & ~31u); base < tot; base += step * B) {
+    float4 v[B];
+#pragma unroll
+    for (int j = 0; j < B; j++) {
+      const int i = base + j * step + lane;
+      v[j] = i < tot ? __ldg(x4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < B; j++) {
+      if (base + j * step >= tot) break; // uniform over the warp
+      const int i = base + j * step + lane;
+      uint32_t mx = max(max(dec16_absbits(v[j].x), dec16_absbits(v[j].y)),
+                        max(dec16_absbits(v[j].z), dec16_absbits(v[j].w)));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      float s, inv;
+      dec16_chunk_scale(mx, s, inv);
+      if (i < tot) {
+        const int c = i >> 3, o = i & 7;
+        dec16_put4(xh + c * DEC16_XW, kind, o, moe6_x14(v[j].x * s, x14), moe6_x14(v[j].y * s, x14),
+                   moe6_x14(v[j].z * s, x14), moe6_x14(v[j].w * s, x14));
+        if (o == 0) xinv[c] = inv;
+      }
+    }
+  }
+}
+#endif
+
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
+moe_gate_up6_kernel(float *__restrict__ act, const float *__restrict__ x, const uint8_t *__restrict__ wg,
+                    const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                    const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha,
+                    float limit) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / x / act come from the previous kernels
+  pdl_trigger(); // after the wait: down may read the routing before its own wait (see above)
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int p = blockIdx.y, t = p / n_slots;
+  const int e = ids[p];
+  const bool valid = row < m;
+  const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
+  const int nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + nch * DEC16_XW);
+  float ag = 0.f, au = 0.f;
+  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+    wblocks<T, NB> bg, bu;
+    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+    if (c0 == 0) { // uniform over the CTA: every warp runs the same rounds
+      moe6_stage<4>(xsm, xinv, x + (int64_t)t * k, 1, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
+      __syncthreads();
+    }
+    moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
+  }
+  ag = warp_sum(ag);
+  au = warp_sum(au);
+  if (valid && lane == 0) {
+    const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+    const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+    act[(int64_t)p * m + row] = swiglu_oai(g, u, alpha, limit);
+  }
+}
+
+// Routing read before pdl_wait: through L2 (the previous layer's value may
+// still sit in this SM's L1). Only a prefetch hint: re-checked after the wait.
+#if defined(ORCH_EMU)
+inline int g_moe6_stale_id = -1; // emulation test hook: >= 0 makes every speculative read return this expert
+#endif
+__device__ __forceinline__ int moe6_ld_id(const int32_t *p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#elif defined(ORCH_EMU)
+  return g_moe6_stale_id >= 0 ? g_moe6_stale_id : *p;
+#else
+  return *p;
+#endif
+}
+
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
+moe_down6_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
+                 const float *__restrict__ db, const int32_t *ids /* not __restrict__: read before and after the wait */,
+                 const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int t = blockIdx.y;
+  const bool valid = row < m;
+  const int nch = k / 32;
+  const int rounds = (nch + 32 * NB - 1) / (32 * NB);
+  const int items = n_slots * rounds;
+  float *xinv = reinterpret_cast<float *>(xsm + n_slots * nch * DEC16_XW);
+  auto load = [&](wblocks<T, NB> &b, int it, int e) {
+    const int c0 = (it % rounds) * 32 * NB;
+    ffn_load<T, NB>(b, wd + ((int64_t)e * m + (valid ? row : 0)) * rb, c0, lane, nch, valid);
+  };
+  // Items 0 and 1 (slot 0 and, for one round per slot, slot 1) before the wait.
+  wblocks<T, NB> b0, b1;
+  const int e0 = moe6_ld_id(ids + (int64_t)t * n_slots);
+  const int e1 = items > 1 ? moe6_ld_id(ids + (int64_t)t * n_slots + 1 / rounds) : 0;
+  load(b0, 0, e0);
+  if (items > 1) load(b1, 1, e1);
+  pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
+  if (ids[(int64_t)t * n_slots] != e0) load(b0, 0, ids[(int64_t)t * n_slots]); // uniform over the CTA
+  if (items > 1 && ids[(int64_t)t * n_slots + 1 / rounds] != e1) load(b1, 1, ids[(int64_t)t * n_slots + 1 / rounds]);
+  moe6_stage<4>(xsm, xinv, act + (int64_t)t * n_slots * k, n_slots, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
+  __syncthreads();
+  float res = 0.f, acc = 0.f;
+  // Computes item it from b; at the last round of a slot, adds the slot's
+  // weighted result (uniform over the warp: warp_sum is safe). Same order as v4.
+  auto finish = [&](int it, const wblocks<T, NB> &b) {
+    const int s = it / rounds;
+    const int c0 = (it % rounds) * 32 * NB;
+    acc += moe6_dot<T, NB>(b, xsm + s * nch * DEC16_XW, xinv + s * nch, c0, lane, nch);
+    if (it % rounds == rounds - 1) {
+      const int64_t p = (int64_t)t * n_slots + s;
+      const int e = ids[p];
+      const float a = warp_sum(acc);
+      res += wts[p] * (a + (db && valid ? db[(int64_t)e * m + row] : 0.f));
+      acc = 0.f;
+    }
+  };
+  for (int it = 0; it < items; it += 2) {
+    finish(it, b0);
+    if (it + 2 < items) load(b0, it + 2, ids[(int64_t)t * n_slots + (it + 2) / rounds]);
+    if (it + 1 < items) {
+      finish(it + 1, b1);
+      if (it + 3 < items) load(b1, it + 3, ids[(int64_t)t * n_slots + (it + 3) / rounds]);
+    }
+  }
+  if (valid && lane == 0) out[(int64_t)t * m + row] = res;
+}
+
 constexpr size_t FFN_MAX_SMEM = 96 * 1024;
 static size_t ffn_smem(int64_t k, int rows) { return (size_t)rows * (k / 32) * 36 * sizeof(float); }
 
@@ -346,6 +619,16 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
                            int n_slots, int64_t k, int64_t m, float alpha, float limit) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     constexpr int NB = gate_up_nb<T>();
+    if (ver == 6) {
+      size_t sm = dec16_smem(k, 1);
+      if (sm > 48 * 1024)
+        cudaFuncSetAttribute(moe_gate_up6_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)(n * n_slots));
+      auto kern = moe_gate_up6_kernel<T, NB>;
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, n_slots, (int)k, (int)m,
+                       orch_row_bytes(T, k), alpha, limit);
+      return;
+    }
     if (ver >= 5) {
       constexpr int NBP = T == ORCH_T_Q8_0 ? 1 : 2; // two buffers of gate + up words
       size_t sm = dec16_smem(k, 1);
@@ -385,6 +668,17 @@ template <int T>
 static void launch_down(cudaStream_t st, int ver, float *out, const float *act, const uint8_t *wd, const float *db,
                         const int32_t *ids, const float *wts, int64_t n, int n_slots, int64_t k, int64_t m) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (ver == 6) {
+      constexpr int NB = down_h_nb<T>();
+      size_t sm = dec16_smem(k, n_slots);
+      if (sm > 48 * 1024)
+        cudaFuncSetAttribute(moe_down6_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
+      auto kern = moe_down6_kernel<T, NB>;
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, (int)k, (int)m,
+                       orch_row_bytes(T, k));
+      return;
+    }
     if (ver >= 4) {
       constexpr int NB = down_h_nb<T>();
       size_t sm = dec16_smem(k, n_slots);

@@ -1,0 +1,348 @@
+// CPU emulation test of MoE v6 (cuda/src/moe_ffn.cu, compiled whole against
+// cuda/test/cuda_emu.h under AddressSanitizer; docs/perf-cuda.md "Round 4: MoE
+// decode"). Checks:
+//  - moe6_mxfp4_word (E2M1 bits placed into fp16 bits, 2^-14 * w) against
+//    dec16_mxfp4_word (the v3/v4 decoder): every (nibble i, nibble i+4) pair
+//    exhaustively in every position, plus random words, value for value;
+//  - the fused MoE FFN under v6 against v4 BIT FOR BIT (same products, same
+//    summation order; x staged times 2^14) and both against a float64
+//    reference (the GPU suite's fp16 bound 6e-3), for MXFP4 / Q8_0 / Q4_0,
+//    top-2/4, 1..8 tokens, ragged row counts, several rounds of blocks per lane,
+//    x chunks with a huge dynamic range (fp16-subnormal staged values), and
+//    with the speculative routing read of the down kernel returning a wrong
+//    (stale) expert: the re-check after pdl_wait must reload it.
+//
+//   g++ -std=c++20 -O1 -g -pthread -fsanitize=address -Wno-unknown-pragmas -Icuda/include \
+//     -o /tmp/moe_emu cuda/test/moe_emu_test.cpp && /tmp/moe_emu [long]
+#include <cstdarg>
+#include <random>
+
+#include "cuda_emu.h"
+
+// ---- what the kernels need beyond cuda_emu.h ----
+#define __CUDA_RUNTIME_H__
+#define __CUDA_FP16_H__
+#define __CUDA_BF16_H__
+#define CUBLAS_V2_H_
+#define __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+typedef void *cudaStream_t;
+typedef void *cublasHandle_t;
+enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+inline const char *cudaGetErrorString(cudaError_t) { return "emulated"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int *d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline int g_emu_sms = 2; // a small "device": one-wave grids stride over many rows per warp
+inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) {
+  *v = g_emu_sms;
+  return cudaSuccess;
+}
+template <class F>
+cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int *n, F, int, size_t) {
+  *n = 1;
+  return cudaSuccess;
+}
+template <class U = uint32_t>
+inline float __uint_as_float(U u) {
+  const uint32_t v = (uint32_t)u;
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+template <class T>
+T __ldg(const T *p) {
+  return *p;
+}
+template <class A, class B, class S>
+inline uint32_t __funnelshift_r(A lo, B hi, S s) {
+  return (uint32_t)((((uint64_t)(uint32_t)hi << 32) | (uint32_t)lo) >> ((uint32_t)s & 31));
+}
+template <class A, class B, class S>
+inline uint32_t __funnelshift_rc(A lo, B hi, S s) {
+  return (uint32_t)((((uint64_t)(uint32_t)hi << 32) | (uint32_t)lo) >> ((uint32_t)s < 32 ? (uint32_t)s : 32));
+}
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+// Integer shuffle (dec16_stage's chunk max): cuda_emu.h has the float one.
+inline unsigned __shfl_xor_sync(unsigned, unsigned v, int m) {
+  EmuWarp &w = emu_warp();
+  w.u[emu_lane()] = v;
+  w.bar.arrive_and_wait();
+  unsigned r = w.u[emu_lane() ^ m];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+
+// common.cuh's orch_launch_pdl (compiled out under ORCH_EMU) for the
+// kernels launched with <<<>>> syntax in the library (rope.cu): a launch that
+// also checks every thread calls pdl_wait().
+struct orch_ctx;
+template <typename... KArgs, typename... Args>
+void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
+  emu_launch_pdl(grid, (int)block.x, smem, [&] { kern(((KArgs)args)...); });
+}
+
+#define warp_sum common_warp_sum
+#define warp_max common_warp_max
+#include "../src/moe_ffn.cu"
+#undef warp_sum
+#undef warp_max
+#include "emu_lib.h"
+
+// ---- the test ----
+static int fails = 0;
+#define EXPECT(c, ...)                                    \
+  do {                                                    \
+    if (!(c)) {                                           \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                  \
+      std::fprintf(stderr, "\n");                         \
+      fails++;                                            \
+    }                                                     \
+  } while (0)
+
+static std::mt19937 rng(2026);
+static const double kE2M1[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};
+static uint16_t f2h(float f) {
+  const __half h = __float2half(f);
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+static double h2d(uint16_t u) { return (double)__half2float(__ushort_as_half(u)); }
+
+// rows x k random valid GGUF blocks (exact byte size, own allocation) and
+// their dequantized values.
+struct QW {
+  uint8_t *bytes = nullptr;
+  size_t size = 0;
+  std::vector<double> val;
+  QW() = default;
+  QW(const QW &) = delete;
+  ~QW() { std::free(bytes); }
+};
+static void make_weight(QW &w, int t, int64_t k, int64_t rows) {
+  const int64_t rb = orch_row_bytes(t, k);
+  w.size = (size_t)(rb * rows);
+  w.bytes = (uint8_t *)std::malloc(w.size);
+  w.val.assign((size_t)(k * rows), 0.0);
+  for (size_t i = 0; i < w.size; i++) w.bytes[i] = (uint8_t)rng();
+  const int bb = type_block_bytes(t);
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < k / 32; c++) {
+      uint8_t *b = w.bytes + r * rb + c * bb;
+      double *v = &w.val[(size_t)(r * k + c * 32)];
+      if (t == ORCH_T_MXFP4) {
+        b[0] = (uint8_t)(124 + rng() % 5);
+        const double d = std::ldexp(1.0, b[0] - 127);
+        for (int a = 0; a < 32; a++) {
+          const int n = (b[1 + (a & 15)] >> (a >= 16 ? 4 : 0)) & 15;
+          v[a] = d * ((n & 8) ? -kE2M1[n & 7] : kE2M1[n & 7]);
+        }
+      } else {
+        const uint16_t hd = f2h(t == ORCH_T_Q8_0 ? 0.01f + 0.02f * (rng() % 1000) / 1000.f
+                                                 : 0.05f + 0.2f * (rng() % 1000) / 1000.f);
+        std::memcpy(b, &hd, 2);
+        const double d = h2d(hd);
+        for (int a = 0; a < 32; a++)
+          v[a] = t == ORCH_T_Q8_0 ? d * (int8_t)b[2 + a] : d * (((b[2 + (a & 15)] >> (a >= 16 ? 4 : 0)) & 15) - 8);
+      }
+    }
+}
+
+static std::vector<float> randv(size_t n, float scale) {
+  std::normal_distribution<float> nd(0.f, scale);
+  std::vector<float> v(n);
+  for (auto &x : v) x = nd(rng);
+  return v;
+}
+
+// Exactly sized copies (ASan sees reads past the end).
+template <class T>
+struct Buf {
+  T *p;
+  size_t n;
+  explicit Buf(const std::vector<T> &v) : p((T *)std::malloc(sizeof(T) * (v.size() ? v.size() : 1))), n(v.size()) {
+    std::memcpy(p, v.data(), sizeof(T) * v.size());
+  }
+  explicit Buf(size_t count, T fill) : p((T *)std::malloc(sizeof(T) * (count ? count : 1))), n(count) {
+    for (size_t i = 0; i < count; i++) p[i] = fill;
+  }
+  Buf(const Buf &) = delete;
+  ~Buf() { std::free(p); }
+  std::vector<T> vec() const { return std::vector<T>(p, p + n); }
+};
+
+static double rel_l2(const std::vector<float> &got, const std::vector<double> &want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); i++) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+static const char *tname(int t) { return t == ORCH_T_MXFP4 ? "MXFP4" : t == ORCH_T_Q8_0 ? "Q8_0" : "Q4_0"; }
+
+static double swiglu(double g, double u, double alpha, double limit) {
+  g = std::min(g, limit);
+  u = std::min(std::max(u, -limit), limit);
+  return (u + 1) * g / (1 + std::exp(-alpha * g));
+}
+
+
+static uint32_t fbits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// moe6 halves times 2^14 == dec16 halves, as values (exact: both are binary16).
+static bool word_matches(uint32_t q) {
+  uint32_t a[4], b[4];
+  moe6_mxfp4_word(q, a);
+  dec16_mxfp4_word(q, b);
+  for (int i = 0; i < 4; i++)
+    for (int hh = 0; hh < 2; hh++) {
+      const float va = dec16_h2f_host((uint16_t)(a[i] >> (16 * hh))) * 16384.f;
+      const float vb = dec16_h2f_host((uint16_t)(b[i] >> (16 * hh)));
+      if (fbits(va) != fbits(vb)) {
+        std::fprintf(stderr, "q=%08x h[%d].%d: moe6 %g (x2^14) vs dec16 %g\n", q, i, hh, va, vb);
+        return false;
+      }
+    }
+  return true;
+}
+
+static void test_decoder() {
+  long n = 0;
+  for (int i = 0; i < 4; i++) // nibbles i and i+4 exhaustively, the others random
+    for (uint32_t lo = 0; lo < 16; lo++)
+      for (uint32_t hi = 0; hi < 16; hi++)
+        for (int r = 0; r < 8; r++) {
+          uint32_t q = (uint32_t)rng();
+          q = (q & ~((0xFu << (4 * i)) | (0xFu << (4 * i + 16)))) | (lo << (4 * i)) | (hi << (4 * i + 16));
+          EXPECT(word_matches(q), "moe6_mxfp4_word differs from dec16_mxfp4_word");
+          n++;
+        }
+  for (int r = 0; r < 200000; r++, n++) EXPECT(word_matches((uint32_t)rng()), "moe6_mxfp4_word differs (random)");
+  for (uint32_t q : {0u, 0xFFFFFFFFu, 0x88888888u, 0x77777777u, 0x80000000u, 0x08000000u})
+    EXPECT(word_matches(q), "moe6_mxfp4_word differs (edge %08x)", q);
+  std::printf("moe6_mxfp4_word: %ld words, every value = dec16_mxfp4_word's times 2^-14\n", n);
+}
+
+// Runs orch_moe_ffn under version ver; returns out.
+static std::vector<float> run_moe(int ver, int t, const QW &gate, const QW &up, const QW &down,
+                                  const std::vector<float> &x, const std::vector<float> &gbv,
+                                  const std::vector<float> &ubv, const std::vector<float> &dbv,
+                                  const std::vector<int32_t> &idv, const std::vector<float> &wv, int n, int topk,
+                                  int64_t dim, int64_t ff, bool bias) {
+  orch_ctx ctx;
+  ctx.moe = ver;
+  Buf<float> bx(x), bgb(gbv), bub(ubv), bdb(dbv), bw(wv), out((size_t)(n * dim), NAN),
+      act((size_t)(n * topk * ff), NAN);
+  Buf<int32_t> bid(idv);
+  const int rc = orch_moe_ffn(&ctx, out.p, bx.p, bid.p, bw.p, gate.bytes, up.bytes, t, bias ? bgb.p : nullptr,
+                              bias ? bub.p : nullptr, down.bytes, t, bias ? bdb.p : nullptr, act.p, n, topk, dim, ff,
+                              1.702f, 7.f);
+  EXPECT(rc == ORCH_OK, "moe_ffn v%d rc %d (%s)", ver, rc, g_err);
+  return out.vec();
+}
+
+// spread: multiply every 7th x element by 1e-6 (chunks whose small elements
+// stage as fp16 subnormals in v4: v6 must round them identically).
+static void test_moe(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, bool spread) {
+  QW gate, up, down;
+  make_weight(gate, t, dim, ff * ne);
+  make_weight(up, t, dim, ff * ne);
+  make_weight(down, t, ff, dim * ne);
+  auto x = randv((size_t)(n * dim), 1.f);
+  if (spread)
+    for (size_t i = 0; i < x.size(); i += 7) x[i] *= 1e-6f;
+  const auto gbv = randv((size_t)(ff * ne), 1.f), ubv = randv((size_t)(ff * ne), 1.f),
+             dbv = randv((size_t)(dim * ne), 1.f);
+  std::vector<int32_t> idv((size_t)(n * topk));
+  std::vector<float> wv((size_t)(n * topk));
+  for (int i = 0; i < n; i++) {
+    std::vector<int> e(ne);
+    for (int j = 0; j < ne; j++) e[j] = j;
+    std::shuffle(e.begin(), e.end(), rng);
+    for (int s = 0; s < topk; s++) {
+      idv[(size_t)(i * topk + s)] = e[s];
+      wv[(size_t)(i * topk + s)] = 0.1f + (rng() % 1000) / 1000.f;
+    }
+  }
+  const double alpha = 1.702, limit = 7.0;
+  std::vector<double> want((size_t)(n * dim), 0.0);
+  for (int i = 0; i < n; i++)
+    for (int s = 0; s < topk; s++) {
+      const int e = idv[(size_t)(i * topk + s)];
+      std::vector<double> act((size_t)ff);
+      for (int64_t r = 0; r < ff; r++) {
+        double g = bias ? gbv[(size_t)(e * ff + r)] : 0.0, u = bias ? ubv[(size_t)(e * ff + r)] : 0.0;
+        for (int64_t c = 0; c < dim; c++) {
+          g += gate.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
+          u += up.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
+        }
+        act[(size_t)r] = swiglu(g, u, alpha, limit);
+      }
+      for (int64_t r = 0; r < dim; r++) {
+        double y = bias ? dbv[(size_t)(e * dim + r)] : 0.0;
+        for (int64_t c = 0; c < ff; c++) y += down.val[(size_t)((e * dim + r) * ff + c)] * act[(size_t)c];
+        want[(size_t)(i * dim + r)] += wv[(size_t)(i * topk + s)] * y;
+      }
+    }
+  const auto o4 = run_moe(4, t, gate, up, down, x, gbv, ubv, dbv, idv, wv, n, topk, dim, ff, bias);
+  const auto o6 = run_moe(6, t, gate, up, down, x, gbv, ubv, dbv, idv, wv, n, topk, dim, ff, bias);
+  g_moe6_stale_id = idv[0] == 0 ? 1 : 0; // the down kernel's speculative reads all return a wrong expert
+  const auto o6s = run_moe(6, t, gate, up, down, x, gbv, ubv, dbv, idv, wv, n, topk, dim, ff, bias);
+  g_moe6_stale_id = -1;
+  const double e4 = rel_l2(o4, want), e6 = rel_l2(o6, want);
+  EXPECT(e6 <= 6e-3 && e4 <= 6e-3, "MoE %s dim=%lld ff=%lld top-%d n=%d: relative error v6 %.3g v4 %.3g > 6e-3",
+         tname(t), (long long)dim, (long long)ff, topk, n, e6, e4);
+  EXPECT(std::memcmp(o4.data(), o6.data(), o4.size() * 4) == 0, "MoE v6 != v4 bit for bit (%s dim=%lld ff=%lld n=%d)",
+         tname(t), (long long)dim, (long long)ff, n);
+  EXPECT(std::memcmp(o6.data(), o6s.data(), o6.size() * 4) == 0,
+         "MoE v6 with stale speculative routing != v6 (%s dim=%lld ff=%lld n=%d)", tname(t), (long long)dim,
+         (long long)ff, n);
+  std::printf("MoE v6 %-5s dim=%-4lld ff=%-4lld top-%d n=%d bias=%d spread=%d: relative error %.2e, bit-identical to v4"
+              " (also with stale speculative routing)\n",
+              tname(t), (long long)dim, (long long)ff, topk, n, bias, spread, e6);
+}
+
+int main(int argc, char **argv) {
+  const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
+  test_decoder();
+  for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
+    test_moe(t, 64, 32, 3, 2, 3, true, false);
+    test_moe(t, 96, 64, 4, 4, 1, false, true); // no biases, x with a huge range per chunk
+  }
+  test_moe(ORCH_T_MXFP4, 128, 96, 6, 4, 1, true, false);
+  test_moe(ORCH_T_MXFP4, 64, 64, 8, 4, 8, true, true); // 8 tokens: 32 pairs, 4 staged rows per down CTA
+  test_moe(ORCH_T_MXFP4, 64, 32, 5, 1, 2, true, false); // one slot: a single down item per warp
+  if (long_run) { // ~3 min on 2 cores
+    test_moe(ORCH_T_MXFP4, 3200, 32, 2, 2, 1, true, true); // 100 chunks: 2 rounds of blocks per lane (gate/up)
+    test_moe(ORCH_T_MXFP4, 32, 3200, 2, 2, 1, true, false); // ... (down: items = slot x round)
+    for (int t : {ORCH_T_Q8_0, ORCH_T_Q4_0}) {
+      test_moe(t, 3200, 32, 2, 2, 1, true, false);
+      test_moe(t, 32, 3200, 2, 2, 1, true, false);
+    }
+  }
+  if (fails) {
+    std::fprintf(stderr, "moe_emu_test: %d failures\n", fails);
+    return 1;
+  }
+  std::printf("moe_emu_test: PASS\n");
+  return 0;
+}
