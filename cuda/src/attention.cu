@@ -29,7 +29,9 @@
 // writes the output, the combine reads only the used ones), through the
 // grouped kernel attn_gd_kernel (head dim 64/128, 1/2/4/8 query heads per
 // CTA, V rows loaded in batches ahead of use) or, for the other head dims,
-// attn2 with the adaptive split.
+// attn2 with the adaptive split; v7 (opt-in) = v6 with launch bounds for 4
+// CTAs/SM on the grouped kernel and programmatic dependent launch for the
+// KV write, the grouped kernel and the combine (attn_gd7_kernel).
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,7 +44,7 @@ using namespace attn_k;
 bool attn_tc_supports(int head_dim);
 int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg);
 
-// ORCH_CUDA_ATTN v1..v6 as 1..6 (read once; v1 is also ctx->attn_v1);
+// ORCH_CUDA_ATTN v1..v7 as 1..7 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
 constexpr int ATTN_DEFAULT_VERSION = 6;
 static int attn_env_version() {
@@ -54,6 +56,7 @@ static int attn_env_version() {
     if (e && strcmp(e, "v4") == 0) return 4;
     if (e && strcmp(e, "v5") == 0) return 5;
     if (e && strcmp(e, "v6") == 0) return 6;
+    if (e && strcmp(e, "v7") == 0) return 7;
     return ATTN_DEFAULT_VERSION;
   }();
   return v;
@@ -66,6 +69,8 @@ template <> __device__ __forceinline__ __half kv_store<__half>(float v) { return
 template <typename KV>
 __global__ void kv_write_kernel(KV *kc, KV *vc, const float *k, const float *v, int64_t ks, int64_t vs,
                                 const int32_t *slots, int64_t n_tok, int nkv, int hd) {
+  pdl_wait(); // v7 launches it with PDL (a no-op otherwise)
+  pdl_trigger();
   const int64_t per = (int64_t)nkv * hd;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n_tok * per; i += (int64_t)gridDim.x * blockDim.x) {
     int64_t t = i / per, j = i % per;
@@ -84,12 +89,22 @@ extern "C" int orch_kv_write(orch_ctx *ctx, void *k_cache, void *v_cache, int32_
   int64_t total = n_tok * n_kv_heads * head_dim;
   if (!total) return ORCH_OK;
   unsigned blocks = (unsigned)min(ceil_div(total, 256), (int64_t)65535);
-  if (kv_dtype == ORCH_KV_F32)
-    kv_write_kernel<float><<<blocks, 256, 0, ctx->stream>>>((float *)k_cache, (float *)v_cache, k, v, k_stride,
-                                                           v_stride, slots, n_tok, n_kv_heads, head_dim);
-  else
-    kv_write_kernel<__half><<<blocks, 256, 0, ctx->stream>>>((__half *)k_cache, (__half *)v_cache, k, v, k_stride,
-                                                            v_stride, slots, n_tok, n_kv_heads, head_dim);
+  const bool pdl = attn_env_version() >= 7 && !ctx->attn_v1;
+  if (kv_dtype == ORCH_KV_F32) {
+    if (pdl)
+      orch_launch_pdl(kv_write_kernel<float>, dim3(blocks), dim3(256), 0, ctx->stream, (float *)k_cache,
+                      (float *)v_cache, k, v, k_stride, v_stride, slots, n_tok, (int)n_kv_heads, (int)head_dim);
+    else
+      kv_write_kernel<float><<<blocks, 256, 0, ctx->stream>>>((float *)k_cache, (float *)v_cache, k, v, k_stride,
+                                                             v_stride, slots, n_tok, n_kv_heads, head_dim);
+  } else {
+    if (pdl)
+      orch_launch_pdl(kv_write_kernel<__half>, dim3(blocks), dim3(256), 0, ctx->stream, (__half *)k_cache,
+                      (__half *)v_cache, k, v, k_stride, v_stride, slots, n_tok, (int)n_kv_heads, (int)head_dim);
+    else
+      kv_write_kernel<__half><<<blocks, 256, 0, ctx->stream>>>((__half *)k_cache, (__half *)v_cache, k, v, k_stride,
+                                                              v_stride, slots, n_tok, n_kv_heads, head_dim);
+  }
   ORCH_LAUNCHED("kv_write");
   return ORCH_OK;
 }
@@ -171,9 +186,14 @@ static int launch_attn_gq_any(orch_ctx *ctx, const orch_attn_args *a, int tc_ski
 // (grouped: ~4096 CTAs) and v4 (per head: ~2048 CTAs); the combine's lanes
 // hold at most ATTN_GD_MAX_SPLITS splits.
 template <int HD>
-static int launch_combine6(orch_ctx *ctx, const orch_attn_args *a, const float *part, int splits, int tc_skip) {
-  attn_combine6_kernel<HD><<<dim3((unsigned)a->n_heads, (unsigned)a->n_tok), 32, 0, ctx->stream>>>(*a, part, splits,
-                                                                                                  ATTN_GD_GRAN, tc_skip);
+static int launch_combine6(orch_ctx *ctx, const orch_attn_args *a, const float *part, int splits, int tc_skip,
+                           bool pdl = false) {
+  const dim3 grid((unsigned)a->n_heads, (unsigned)a->n_tok);
+  if (pdl)
+    orch_launch_pdl(attn_combine6_kernel<HD>, grid, dim3(32), 0, ctx->stream, *a, part, splits, (int)ATTN_GD_GRAN,
+                    tc_skip);
+  else
+    attn_combine6_kernel<HD><<<grid, 32, 0, ctx->stream>>>(*a, part, splits, ATTN_GD_GRAN, tc_skip);
   ORCH_LAUNCHED("attention combine (v6)");
   return ORCH_OK;
 }
@@ -193,10 +213,15 @@ static int launch_attn_gd(orch_ctx *ctx, const orch_attn_args *a, int tc_skip, i
   }
   const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
   dim3 grid((unsigned)(a->n_heads / GC), (unsigned)rows, (unsigned)splits);
-  attn_gd_kernel<KV, HD, GC><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits, tc_skip);
+  const bool v7 = attn_env_version() >= 7;
+  if (v7)
+    orch_launch_pdl(attn_gd7_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), 0, ctx->stream, *a, (float *)part,
+                    splits, tc_skip);
+  else
+    attn_gd_kernel<KV, HD, GC><<<grid, ATTN_WARPS * 32, 0, ctx->stream>>>(*a, (float *)part, splits, tc_skip);
   ORCH_LAUNCHED("attention (v6 grouped)");
   if (splits == 1) return ORCH_OK;
-  return launch_combine6<HD>(ctx, a, (const float *)part, splits, tc_skip);
+  return launch_combine6<HD>(ctx, a, (const float *)part, splits, tc_skip, v7);
 }
 
 // CTAs of the grid below which the grouped kernel serves fewer heads per CTA.

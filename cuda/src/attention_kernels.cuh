@@ -489,14 +489,19 @@ template <int E> struct AttnVRow<float, E> {
 //    instead of one per key of a serial V loop.
 // Partials use attn2's layout (per query head, `splits` = gridDim.z slots);
 // attn_combine6 merges the used ones.
-template <typename KV, int HD, int GC>
-__global__ void __launch_bounds__(ATTN_WARPS * 32)
-    attn_gd_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
+// The body of attn_gd_kernel (v6) and attn_gd7_kernel (v7). TIGHT (v7):
+// V chunks of half the rows at 8 heads per CTA, for the 128-register cap of
+// attn_gd7_kernel's launch bounds, and the probabilities of a key step go
+// through shared memory (one 16-byte broadcast load per 4 keys and head)
+// instead of one shuffle per key and head (GC x 32 shuffles per step; a
+// shuffle issues at a quarter of the FMA rate).
+template <typename KV, int HD, int GC, bool TIGHT>
+__device__ __forceinline__ void attn_gd_body(const orch_attn_args &a, float *part, int splits, int tc_skip) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
   // V rows per chunk: <= 32 registers of raw V per lane.
   constexpr int VW = E * (int)sizeof(KV) / 4;
-  constexpr int VCH = VW >= 4 ? 8 : VW >= 2 ? 16 : 32;
+  constexpr int VCH = (VW >= 4 ? 8 : VW >= 2 ? 16 : 32) / (TIGHT && GC >= 8 ? 2 : 1);
   const int G = a.n_heads / a.n_kv_heads;
   const int h0 = blockIdx.x * GC, kvh = h0 / G, sp = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -506,6 +511,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
   __shared__ float qs[GC][HD];
   __shared__ float sm[ATTN_WARPS][GC], sl[ATTN_WARPS][GC];
   __shared__ float sacc[ATTN_WARPS][GC][HD];
+  __shared__ __align__(16) float sp_[TIGHT ? ATTN_WARPS : 1][TIGHT ? GC : 1][32]; // TIGHT: p of a key step
   // Rows as in attn2 (no barrier needed between rows, same argument).
   AttnRows rows(a);
   for (int64_t t = rows.r0; t < rows.r1; t++) {
@@ -577,6 +583,11 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
         for (int e = 0; e < E; e++) acc[g][e] *= corr;
         m[g] = mn;
       }
+      if constexpr (TIGHT) {
+#pragma unroll
+        for (int g = 0; g < GC; g++) sp_[warp][g][lane] = p[g];
+        __syncwarp();
+      }
 #pragma unroll
       for (int c = 0; c < 32; c += VCH) {
         if (c >= cnt) break; // uniform
@@ -587,16 +598,32 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
             v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
           }
         }
+        if constexpr (TIGHT) {
 #pragma unroll
-        for (int j = 0; j < VCH; j++) {
+          for (int j4 = 0; j4 < VCH; j4 += 4) {
 #pragma unroll
-          for (int g = 0; g < GC; g++) {
-            const float pj = __shfl_sync(0xffffffffu, p[g], c + j);
+            for (int g = 0; g < GC; g++) {
+              const float4 p4 = *reinterpret_cast<const float4 *>(&sp_[warp][g][c + j4]);
+              const float pj[4] = {p4.x, p4.y, p4.z, p4.w};
 #pragma unroll
-            for (int e = 0; e < E; e++) acc[g][e] += pj * v[j].get(e);
+              for (int jj = 0; jj < 4; jj++)
+#pragma unroll
+                for (int e = 0; e < E; e++) acc[g][e] += pj[jj] * v[j4 + jj].get(e);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < VCH; j++) {
+#pragma unroll
+            for (int g = 0; g < GC; g++) {
+              const float pj = __shfl_sync(0xffffffffu, p[g], c + j);
+#pragma unroll
+              for (int e = 0; e < E; e++) acc[g][e] += pj * v[j].get(e);
+            }
           }
         }
       }
+      if constexpr (TIGHT) __syncwarp(); // every lane read sp_ before the next step writes it
     }
     if (lane == 0) {
 #pragma unroll
@@ -648,6 +675,30 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
   } // rows
 }
 
+template <typename KV, int HD, int GC>
+__global__ void __launch_bounds__(ATTN_WARPS * 32)
+    attn_gd_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
+  attn_gd_body<KV, HD, GC, false>(a, part, splits, tc_skip);
+}
+
+// v7 = v6 with (a) launch bounds for 4 CTAs/SM at >= 4 heads per CTA (v6's
+// 8-head instance takes ~168 registers: 3 CTAs/SM, so the 520 working CTAs of
+// a depth-8192 decode step run as 1.3 waves; capped at 128 it spills ~40-60
+// bytes) and (b) programmatic dependent launch (common.cuh pdl_wait: every
+// thread waits before touching memory; the launch and prologue overlap the
+// previous kernel's tail).
+#ifdef ORCH_EMU
+#define ATTN_GD7_BOUNDS(GC)
+#else
+#define ATTN_GD7_BOUNDS(GC) __launch_bounds__(ATTN_WARPS * 32, (GC) >= 4 ? 4 : 3)
+#endif
+template <typename KV, int HD, int GC>
+__global__ void ATTN_GD7_BOUNDS(GC) attn_gd7_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
+  pdl_wait();
+  pdl_trigger();
+  attn_gd_body<KV, HD, GC, true>(a, part, splits, tc_skip);
+}
+
 // v6 combine: grid (head, row), one warp. Merges only the splits the split
 // kernel used for this row (same attn_split_* on the same device arrays;
 // gran = the split kernel's granularity) with the sink; a row with one used
@@ -659,6 +710,7 @@ template <int HD>
 __global__ void attn_combine6_kernel(orch_attn_args a, const float *part, int splits, int gran, int tc_skip) {
   constexpr int E = attn_lane_dims(HD);
   constexpr int R = ATTN_GD_MAX_SPLITS / 32;
+  pdl_wait(); // v7 launches it with PDL (a no-op otherwise)
   const int h = blockIdx.x, lane = threadIdx.x;
   const int64_t t = blockIdx.y;
   if (tc_skip && attn_row_taken_by_tc(a, t)) return;

@@ -32,6 +32,11 @@
 #define __shared__ // extern dynamic shared memory: attn_tc::smem
 #include "../src/attention_tc.cuh"
 #undef __shared__
+// common.cuh's PDL hooks (the kernel header is included after common.cuh on
+// the device): the emulation checks that a PDL-launched kernel waits in every
+// thread (emu_launch_pdl).
+inline void pdl_wait() { emu_pdl_wait(); }
+inline void pdl_trigger() {}
 #define __shared__ static // static __shared__ arrays: one CTA at a time
 #include "../src/attention_kernels.cuh"
 #undef __shared__
@@ -135,13 +140,26 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
       if (gc == 0) gc = attn_gd_heads_per_cta(G, nh, rows, splits, 256);
       if (HD == 64 || HD == 128) {
         CHECK(G % gc == 0, "%s: gc %d does not divide G %d", name, gc, G);
-        emu_launch(dim3{(unsigned)(nh / gc), rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, [&] {
+        // v7: the same body with PDL (every thread must wait) and the
+        // half-size V chunks at 8 heads per CTA.
+        auto launch = version >= 7 ? emu_launch_pdl : emu_launch;
+        launch(dim3{(unsigned)(nh / gc), rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, [&] {
           if constexpr (HD == 64 || HD == 128) {
-            switch (gc) {
-              case 1: attn_k::attn_gd_kernel<KV, HD, 1>(a, part.data(), splits, tc); break;
-              case 2: attn_k::attn_gd_kernel<KV, HD, 2>(a, part.data(), splits, tc); break;
-              case 4: attn_k::attn_gd_kernel<KV, HD, 4>(a, part.data(), splits, tc); break;
-              default: attn_k::attn_gd_kernel<KV, HD, 8>(a, part.data(), splits, tc); break;
+            using namespace attn_k;
+            if (version >= 7) {
+              switch (gc) {
+                case 1: attn_gd7_kernel<KV, HD, 1>(a, part.data(), splits, tc); break;
+                case 2: attn_gd7_kernel<KV, HD, 2>(a, part.data(), splits, tc); break;
+                case 4: attn_gd7_kernel<KV, HD, 4>(a, part.data(), splits, tc); break;
+                default: attn_gd7_kernel<KV, HD, 8>(a, part.data(), splits, tc); break;
+              }
+            } else {
+              switch (gc) {
+                case 1: attn_gd_kernel<KV, HD, 1>(a, part.data(), splits, tc); break;
+                case 2: attn_gd_kernel<KV, HD, 2>(a, part.data(), splits, tc); break;
+                case 4: attn_gd_kernel<KV, HD, 4>(a, part.data(), splits, tc); break;
+                default: attn_gd_kernel<KV, HD, 8>(a, part.data(), splits, tc); break;
+              }
             }
           }
         });
@@ -151,9 +169,9 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
         });
       }
       if (splits > 1)
-        emu_launch(dim3{(unsigned)nh, (unsigned)n_tok, 1}, 32, 0, [&] {
-          attn_k::attn_combine6_kernel<HD>(a, part.data(), splits, attn_k::ATTN_GD_GRAN, tc);
-        });
+        (version >= 7 && (HD == 64 || HD == 128) ? emu_launch_pdl : emu_launch)(
+            dim3{(unsigned)nh, (unsigned)n_tok, 1}, 32, 0,
+            [&] { attn_k::attn_combine6_kernel<HD>(a, part.data(), splits, attn_k::ATTN_GD_GRAN, tc); });
     } else if (gq) {
       emu_launch(dim3{(unsigned)nkv, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, [&] {
         if constexpr (HD == 64 || HD == 128) {
@@ -233,7 +251,7 @@ static bool g_only_v5 = false, g_only_v6 = false;
 // capture: Batch.MaxPos = context length) while the rows are short, long,
 // or of very different lengths in one batch; every heads-per-CTA instance.
 template <typename KV, int HD>
-static void cases_v6(std::mt19937 &rng) {
+static void cases_v6(std::mt19937 &rng, int v = 6) {
   // Depths 1, 38, 129 (one split + a 1-key tail), 300, 700 in one batch.
   const std::vector<Seq> decode = {{0, 1}, {37, 1}, {128, 1}, {299, 1}, {699, 1}};
   const std::vector<Seq> mixed = {{3, 66}, {9, 1}, {0, 5}, {700, 1}};
@@ -242,18 +260,18 @@ static void cases_v6(std::mt19937 &rng) {
   const int s8k = attn_grid_splits(8, 8320, attn_k::ATTN_GD_GRAN, 4096, attn_k::ATTN_GD_MAX_SPLITS);
   const int s128k = attn_grid_splits(8, 131072, attn_k::ATTN_GD_GRAN, 4096, attn_k::ATTN_GD_MAX_SPLITS);
   CHECK(s8k == 65 && s128k == 128, "grid splits %d %d", s8k, s128k);
-  run_case<KV, HD>("v6 decode gqa8 sinks, grid 65", rng, decode, 8, 1, 16, 0, true, 6, s8k);
+  run_case<KV, HD>("v6 decode gqa8 sinks, grid 65", rng, decode, 8, 1, 16, 0, true, v, s8k);
   if (HD == 64 || HD == 128) // (attn2 for the other head dims: a CTA per head, 8x the emulation time)
-    run_case<KV, HD>("v6 decode gqa8 sinks, grid 128", rng, decode, 8, 1, 16, 0, true, 6, s128k, 0, 8);
-  run_case<KV, HD>("v6 decode gqa8 window128, grid 1", rng, decode, 8, 1, 16, 128, true, 6, 1);
-  run_case<KV, HD>("v6 decode gqa8 window128 gc2 grid 3", rng, decode, 8, 1, 16, 128, true, 6, 3, 0, 2);
-  run_case<KV, HD>("v6 decode gqa8 window16 gc4 grid 7", rng, decode, 8, 1, 7, 16, true, 6, 7, 0, 4);
-  run_case<KV, HD>("v6 decode gqa4 gc1 grid 5", rng, decode, 8, 2, 16, 0, false, 6, 5, 0, 1);
-  run_case<KV, HD>("v6 decode mha sinks grid 13", rng, decode, 2, 2, 16, 0, true, 6, 13);
-  run_case<KV, HD>("v6 decode gqa6 gc2 grid 2", rng, decode, 6, 1, 16, 0, true, 6, 2, 0, 2);
-  run_case<KV, HD>("v6 mixed gqa8 sinks grid 6", rng, mixed, 8, 1, 5, 0, true, 6, 6);
-  run_case<KV, HD>("v6 mixed gqa2 window9 grid 3", rng, mixed, 4, 2, 16, 9, true, 6, 3);
-  run_case<KV, HD>("v6 mixed gqa8, 5 row CTAs grid 4", rng, mixed, 8, 1, 16, 0, true, 6, 4, 5);
+    run_case<KV, HD>("v6 decode gqa8 sinks, grid 128", rng, decode, 8, 1, 16, 0, true, v, s128k, 0, 8);
+  run_case<KV, HD>("v6 decode gqa8 window128, grid 1", rng, decode, 8, 1, 16, 128, true, v, 1);
+  run_case<KV, HD>("v6 decode gqa8 window128 gc2 grid 3", rng, decode, 8, 1, 16, 128, true, v, 3, 0, 2);
+  run_case<KV, HD>("v6 decode gqa8 window16 gc4 grid 7", rng, decode, 8, 1, 7, 16, true, v, 7, 0, 4);
+  run_case<KV, HD>("v6 decode gqa4 gc1 grid 5", rng, decode, 8, 2, 16, 0, false, v, 5, 0, 1);
+  run_case<KV, HD>("v6 decode mha sinks grid 13", rng, decode, 2, 2, 16, 0, true, v, 13);
+  run_case<KV, HD>("v6 decode gqa6 gc2 grid 2", rng, decode, 6, 1, 16, 0, true, v, 2, 0, 2);
+  run_case<KV, HD>("v6 mixed gqa8 sinks grid 6", rng, mixed, 8, 1, 5, 0, true, v, 6);
+  run_case<KV, HD>("v6 mixed gqa2 window9 grid 3", rng, mixed, 4, 2, 16, 9, true, v, 3);
+  run_case<KV, HD>("v6 mixed gqa8, 5 row CTAs grid 4", rng, mixed, 8, 1, 16, 0, true, v, 4, 5);
 }
 
 template <typename KV, int HD>
@@ -284,6 +302,7 @@ static void cases(std::mt19937 &rng, bool with_v1) {
   }
   // v6 here for one grouped (64, f16) and one attn2 (16, f32) config; `attention_emu_test v6` runs all six.
   if (HD == 16 || HD == 64) cases_v6<KV, HD>(rng);
+  if (HD == 64) cases_v6<KV, HD>(rng, 7);
   if (with_v1) {
     run_case<KV, HD>("decode", rng, decode, 2, 1, 16, 0, true, 1, 1);
     run_case<KV, HD>("mixed window9", rng, mixed, 2, 2, 16, 9, true, 1, 1);
@@ -302,6 +321,8 @@ int main(int argc, char **argv) {
     cases_v6<__half, 128>(rng);
     cases_v6<float, 16>(rng);
     cases_v6<__half, 80>(rng);
+    cases_v6<__half, 64>(rng, 7);
+    cases_v6<float, 128>(rng, 7);
     std::printf("attention_emu_test v6: ok\n");
     return 0;
   }

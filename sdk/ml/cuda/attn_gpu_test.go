@@ -263,7 +263,7 @@ func TestAttentionHeadDims(t *testing.T) {
 // TestPerfAttentionPrefill times Attend for gpt-oss-20b prefill chunks (64 q
 // / 8 kv heads of 64; one sequence from position 0; full and window-128
 // layers) with device events, eager launches (a launch is ~10 us against
-// milliseconds), for ORCH_CUDA_ATTN v2 .. v6 (a child process each), and one
+// milliseconds), for ORCH_CUDA_ATTN v2 .. v7 (a child process each), and one
 // decode token at depths 128 and 8192 (attnDecodeSpeed):
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PerfAttentionPrefill -test.v
@@ -281,7 +281,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
 		}
 		var table []string
-		for _, v := range []string{"v2", "v3", "v4", "v5", "v6"} {
+		for _, v := range []string{"v2", "v3", "v4", "v5", "v6", "v7"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
 			outp, err := cmd.CombinedOutput()
@@ -439,7 +439,8 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 // (the library reads the variable once per process), so the suite checks
 // them next to the default (v6): v3 (tensor-core prefill, O in shared
 // memory), v4 (O in registers, per-head flash-decoding with splits from
-// MaxPos) and v5 (v4 + the GQA-grouped flash-decoding kernel).
+// MaxPos), v5 (v4 + the GQA-grouped flash-decoding kernel) and v7 (v6 with
+// launch bounds for 4 CTAs/SM and programmatic dependent launch).
 func TestTensorCoreAttentionVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
 		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the version children run from an unpinned one", v)
@@ -462,7 +463,7 @@ func TestTensorCoreAttentionVersions(t *testing.T) {
 	}
 }
 
-var attnChildVersions = []string{"v3", "v4", "v5"}
+var attnChildVersions = []string{"v3", "v4", "v5", "v7"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
