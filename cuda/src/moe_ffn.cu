@@ -497,6 +497,39 @@ __device__ __forceinline__ void moe6_stage(uint32_t *xh, float *xinv, const floa
 }
 #endif
 
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+// The down kernel's activation rows with one fixed power-of-two scale sc =
+// 2^K for every chunk (xinv = 1/sc): no chunk max (no shuffles), 4 multiplies
+// and 2 conversions per float4. Valid because the clamped SwiGLU bounds every
+// activation (moe6_act_scale); not bit-identical to the chunk-scaled staging
+// where a staged value or partial sum is an fp16 subnormal in one of them
+// (fixed scaling keeps small activations more precise, not less).
+template <int B>
+__device__ __forceinline__ void moe6_stage_fixed(uint32_t *xh, float *xinv, const float *__restrict__ x, int nr, int k,
+                                                 int kind, float sc, bool w14) {
+  const int tot = nr * (k / 4);
+  const int step = (int)blockDim.x;
+  const float4 *x4 = reinterpret_cast<const float4 *>(x);
+  const float inv = (w14 ? 16384.f : 1.f) / sc; // exact (powers of two); w14: weights decoded as 2^-14 w
+  for (int base = (int)threadIdx.x; base < tot; base += step * B) {
+    float4 v[B];
+#pragma unroll
+    for (int j = 0; j < B; j++) {
+      const int i = base + j * step;
+      v[j] = i < tot ? __ldg(x4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < B; j++) {
+      const int i = base + j * step;
+      if (i < tot) {
+        dec16_put4(xh + (i >> 3) * DEC16_XW, kind, i & 7, v[j].x * sc, v[j].y * sc, v[j].z * sc, v[j].w * sc);
+        if ((i & 7) == 0) xinv[i >> 3] = inv;
+      }
+    }
+  }
+}
+#endif
+
 template <int T, int NB>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
 moe_gate_up6_kernel(float *__restrict__ act, const float *__restrict__ x, const uint8_t *__restrict__ wg,
@@ -520,7 +553,7 @@ moe_gate_up6_kernel(float *__restrict__ act, const float *__restrict__ x, const 
     ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
     ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
     if (c0 == 0) { // uniform over the CTA: every warp runs the same rounds
-      moe6_stage<4>(xsm, xinv, x + (int64_t)t * k, 1, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
+      moe6_stage<2>(xsm, xinv, x + (int64_t)t * k, 1, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
       __syncthreads();
     }
     moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
@@ -553,7 +586,7 @@ template <int T, int NB>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
 moe_down6_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
                  const float *__restrict__ db, const int32_t *ids /* not __restrict__: read before and after the wait */,
-                 const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb) {
+                 const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float fixed_sc) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   const int lane = threadIdx.x & 31;
@@ -577,7 +610,11 @@ moe_down6_kernel(float *__restrict__ out, const float *__restrict__ act, const u
   pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
   if (ids[(int64_t)t * n_slots] != e0) load(b0, 0, ids[(int64_t)t * n_slots]); // uniform over the CTA
   if (items > 1 && ids[(int64_t)t * n_slots + 1 / rounds] != e1) load(b1, 1, ids[(int64_t)t * n_slots + 1 / rounds]);
-  moe6_stage<4>(xsm, xinv, act + (int64_t)t * n_slots * k, n_slots, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
+  if (fixed_sc > 0.f)
+    moe6_stage_fixed<4>(xsm, xinv, act + (int64_t)t * n_slots * k, n_slots, k, dec16_traits<T>::kind, fixed_sc,
+                        T == ORCH_T_MXFP4);
+  else
+    moe6_stage<4>(xsm, xinv, act + (int64_t)t * n_slots * k, n_slots, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
   __syncthreads();
   float res = 0.f, acc = 0.f;
   // Computes item it from b; at the last round of a slot, adds the slot's
@@ -603,6 +640,24 @@ moe_down6_kernel(float *__restrict__ out, const float *__restrict__ act, const u
     }
   }
   if (valid && lane == 0) out[(int64_t)t * m + row] = res;
+}
+
+// Fixed staging scale of MoE v6's down kernel for weight type T, or 0 (stage
+// per chunk as v4). Every activation is swiglu_oai(g, u) = (u' + 1) g' s(alpha g')
+// with g' = min(g, L) <= L, u' in [-L, L], and g' s(alpha g') >= -0.2785 / alpha
+// (its minimum), so |act| <= (L + 1) max(L, 0.2785 / alpha) =: A. The scale 2^K
+// (largest K) keeps the staged values A 2^K and every fp16 partial sum of 8
+// products (8 wmax A 2^K; MXFP4 decoded as 2^-14 w, w <= 6; Q8_0 |q| <= 128;
+// Q4_0 8) under 60000 < 65504 (fp16 max) with margin. NaN/Inf limits: 0.
+template <int T> static float moe6_act_scale(float alpha, float limit) {
+  if (!(limit >= 0.f) || !(limit < 1e6f) || !(alpha > 0.f) || !(alpha < 1e30f)) return 0.f;
+  const double a = ((double)limit + 1.0) * fmax((double)limit, 0.2785 / (double)alpha) * 1.01 + 1e-30;
+  const double wsum = 8.0 * (T == ORCH_T_MXFP4 ? 6.0 / 16384.0 : T == ORCH_T_Q8_0 ? 128.0 : 8.0);
+  const double cap = 60000.0 / fmax(a, a * wsum);
+  if (!(cap > 0.0)) return 0.f;
+  const int K = (int)floor(log2(cap));
+  if (K < -60 || K > 60) return 0.f;
+  return (float)ldexp(1.0, K);
 }
 
 constexpr size_t FFN_MAX_SMEM = 96 * 1024;
@@ -666,7 +721,8 @@ static void launch_gate_up(cudaStream_t st, int ver, float *act, const float *x,
 
 template <int T>
 static void launch_down(cudaStream_t st, int ver, float *out, const float *act, const uint8_t *wd, const float *db,
-                        const int32_t *ids, const float *wts, int64_t n, int n_slots, int64_t k, int64_t m) {
+                        const int32_t *ids, const float *wts, int64_t n, int n_slots, int64_t k, int64_t m, float alpha,
+                        float limit) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     if (ver == 6) {
       constexpr int NB = down_h_nb<T>();
@@ -676,7 +732,7 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
       dim3 grid((unsigned)ceil_div(m, FFN_WARPS), (unsigned)n);
       auto kern = moe_down6_kernel<T, NB>;
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, ids, wts, n_slots, (int)k, (int)m,
-                       orch_row_bytes(T, k));
+                       orch_row_bytes(T, k), moe6_act_scale<T>(alpha, limit));
       return;
     }
     if (ver >= 4) {
@@ -738,7 +794,7 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
                      gate_bias, up_bias, ids, n, n_slots, dim, ff, alpha, limit);
   ORCH_LAUNCHED(op);
   ORCH_DISPATCH_TYPE(down_type, launch_down, ctx->stream, ver, out, act, (const uint8_t *)down, down_bias, ids, weights,
-                     n, n_slots, ff, dim);
+                     n, n_slots, ff, dim, alpha, limit);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }
