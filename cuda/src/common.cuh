@@ -47,10 +47,12 @@ struct orch_ctx {
   bool attn_v1 = false;
   // ORCH_CUDA_MOE=v1: MoE through the unfused ops (orch_moe_ffn declines).
   bool moe_v1 = false;
-  // Fused MoE FFN version: 4 (default) fp16 decode with the double-buffered
-  // down kernel, v3 fp16 decode, v2 the fp32 kernels, v5 v4 + the one-wave
-  // double-buffered gate_up kernel (opt-in).
-  int moe = orch_env_version("ORCH_CUDA_MOE", 4);
+  // Fused MoE FFN version: 6 (default; docs/perf-cuda.md "Round 4: MoE
+  // decode") v4 with the bit-placement MXFP4 decode, batched / fixed-scale
+  // staging and down's weights prefetched before pdl_wait; 4 fp16 decode with
+  // the double-buffered down kernel, v3 fp16 decode, v2 the fp32 kernels, v5
+  // v4 + the one-wave double-buffered gate_up kernel (opt-in).
+  int moe = orch_env_version("ORCH_CUDA_MOE", 6);
 };
 
 // Records msg as the last error (thread-global, mutex-protected).

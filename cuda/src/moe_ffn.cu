@@ -787,7 +787,8 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
     return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   if (n == 0) return ORCH_OK;
-  // MoE v4 (default): fp16 decode, double-buffered down; v3: fp16 decode;
+  // MoE v6 (default): v4 arithmetic with the bit-placement MXFP4 decode, batched / fixed-scale staging and down's
+  // weights prefetched before pdl_wait; v4: fp16 decode, double-buffered down; v3: fp16 decode;
   // v2: the fp32 kernels; v5: v4 + the one-wave double-buffered gate_up.
   const int ver = ctx->moe;
   ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, ver, act, x, (const uint8_t *)gate, (const uint8_t *)up,
