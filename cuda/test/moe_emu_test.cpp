@@ -95,6 +95,9 @@ void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem,
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
 #include "../src/moe_ffn.cu"
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __shfl_xor_sync(unsigned m, int v, int o) { return (int)__shfl_xor_sync(m, (unsigned)v, o); }
+#include "../src/moe.cu"
 #undef warp_sum
 #undef warp_max
 #include "emu_lib.h"
@@ -358,10 +361,42 @@ static void test_act_scale() {
               worst);
 }
 
+// orch_moe_topk under v6 (moe_topk32_kernel) against v4 (moe_topk_kernel):
+// identical ids and weights, with ties and -inf logits, n_exp <= 32.
+static void test_topk() {
+  int cases = 0;
+  for (int n_exp : {32, 20, 8})
+    for (int k : {4, 1, 2, 8}) {
+      const int64_t n = 9;
+      std::vector<float> lg((size_t)(n * n_exp));
+      for (size_t i = 0; i < lg.size(); i++) {
+        const unsigned r = (unsigned)rng() % 10;
+        lg[i] = r == 0 ? -INFINITY : r < 4 ? (float)(rng() % 3) : std::normal_distribution<float>(0.f, 2.f)(rng);
+      }
+      std::vector<int32_t> id[2];
+      std::vector<float> w[2];
+      for (int v = 0; v < 2; v++) {
+        orch_ctx ctx;
+        ctx.moe = v ? 6 : 4;
+        Buf<float> l(lg), wb((size_t)(n * k), NAN);
+        Buf<int32_t> ib((size_t)(n * k), -1);
+        EXPECT(orch_moe_topk(&ctx, ib.p, wb.p, l.p, n, n_exp, k) == ORCH_OK, "moe_topk: %s", g_err);
+        id[v] = ib.vec();
+        w[v] = wb.vec();
+      }
+      EXPECT(id[0] == id[1], "top-k ids differ (n_exp=%d k=%d)", n_exp, k);
+      EXPECT(std::memcmp(w[0].data(), w[1].data(), w[0].size() * 4) == 0, "top-k weights differ (n_exp=%d k=%d)", n_exp, k);
+      for (int32_t e : id[1]) EXPECT(e >= 0 && e < n_exp, "top-k id %d out of range", e);
+      cases++;
+    }
+  std::printf("top-k v6 (lane ranks): ids and weights identical to v4 in %d configurations (ties, -inf)\n", cases);
+}
+
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
   test_decoder();
   test_act_scale();
+  test_topk();
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
     test_moe(t, 64, 32, 3, 2, 3, true, false);
     test_moe(t, 64, 64, 4, 4, 1, false, true); // no biases, x with a huge range per chunk
