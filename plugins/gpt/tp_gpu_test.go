@@ -17,6 +17,7 @@ package gpt
 
 import (
 	"os"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -54,13 +55,21 @@ func TestGPUSplitOneGPU(t *testing.T) {
 		name                   string
 		d, nh, nkv, hd, ff, ne int
 	}{
-		{"d256-ff256", 256, 8, 4, 32, 256, 4},    // 4 MXFP4 blocks of ff a rank
-		{"d256-ff320", 256, 8, 4, 32, 320, 4},    // 5 (odd)
-		{"20b-widths", 2880, 64, 8, 64, 2880, 4}, // 45 blocks, 32/4 heads a rank
+		{"d256-ff256", 256, 8, 4, 32, 256, 4},         // 4 MXFP4 blocks of ff a rank
+		{"d256-ff320", 256, 8, 4, 32, 320, 4},         // 5 (odd)
+		{"20b-widths", 2880, 64, 8, 64, 2880, 4},      // 45 blocks, 32/4 heads a rank
+		{"20b-widths-e32", 2880, 64, 8, 64, 2880, 32}, // and 20b's top-4 of 32 experts
 	} {
 		cfg := nntest.Tiny("gpt-oss")
 		cfg.Width, cfg.Heads, cfg.KVHeads, cfg.HeadDim, cfg.FF, cfg.Experts = c.d, c.nh, c.nkv, c.hd, c.ff, c.ne
-		cases = append(cases, tc{c.name, nntest.MustWrite(t, cfg), true})
+		if c.ne == 32 {
+			cfg.TopK = 4
+		}
+		path := nntest.MustWrite(t, cfg)
+		cases = append(cases, tc{c.name, path, true})
+		if c.ne == 32 {
+			t.Run(c.name+"-vs-CPU", func(t *testing.T) { splitVsCPU(t, path, newGPU) })
+		}
 	}
 	if p := os.Getenv("ORCH_GPU_MODEL"); p != "" {
 		cases = append(cases, tc{"ORCH_GPU_MODEL", p, false})
@@ -98,10 +107,28 @@ func TestGPUSplitOneGPU(t *testing.T) {
 // near-tied choice, which moves that token's logits far; split and whole run
 // different GEMM shapes, so they may flip differently. The split is right
 // when it is as close to the CPU as the whole GPU model is.
+//
+// ORCH_TP_CPU_TOKENS sets the prompt length (default 8; one sub-batch up to
+// 64 tokens, so above 8 the GPU takes its GEMM and prefill-attention paths);
+// the block table is reversed (not the identity).
 func splitVsCPU(t *testing.T, path string, newGPU func(int) ml.Backend) {
-	opts := Options{NumBlocks: 8, BlockSize: 16, ContextLength: 128, WindowBlocks: 8, MaxTokens: 16}
-	prompt := []int32{5, 9, 1, 44, 7, 100, 3, 250}
-	rows := func(m engine.Model) []float32 { return nntest.Prefill(t, m, prompt, []int32{0}) }
+	n := 8
+	if v := os.Getenv("ORCH_TP_CPU_TOKENS"); v != "" {
+		var err error
+		n, err = strconv.Atoi(v)
+		require.NoError(t, err, "ORCH_TP_CPU_TOKENS")
+	}
+	nb := (n+15)/16 + 1
+	opts := Options{NumBlocks: nb, BlockSize: 16, ContextLength: 16 * nb, WindowBlocks: nb, MaxTokens: max(16, n)}
+	prompt := make([]int32, n)
+	for i := range prompt {
+		prompt[i] = int32((i*7919 + 13) % 251)
+	}
+	table := make([]int32, (n+15)/16)
+	for i := range table {
+		table[i] = int32(nb - 1 - i)
+	}
+	rows := func(m engine.Model) []float32 { return nntest.Prefill(t, m, prompt, table) }
 	o := opts
 	o.Backend = cpu.New(0)
 	ref, err := Load(path, o)
