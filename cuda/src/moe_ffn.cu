@@ -553,7 +553,7 @@ moe_gate_up6_kernel(float *__restrict__ act, const float *__restrict__ x, const 
     ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
     ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
     if (c0 == 0) { // uniform over the CTA: every warp runs the same rounds
-      moe6_stage<2>(xsm, xinv, x + (int64_t)t * k, 1, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
+      moe6_stage<T == ORCH_T_Q8_0 ? 1 : 2>(xsm, xinv, x + (int64_t)t * k, 1, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
       __syncthreads();
     }
     moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
