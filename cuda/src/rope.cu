@@ -13,6 +13,32 @@ struct rope_set {
   int n_heads;
 };
 
+// rope_pair / rope_rotate: pair p of one head row hp rotated in place by the
+// angle pos * inv_freq[p] (cos and sin scaled by attn_factor; NeoX pairs p and
+// p + half, GPT-J pairs 2p and 2p + 1). Shared by rope_kernel and
+// rope_kv_kernel so that both compute the same bits.
+struct rope_pair {
+  int i0, i1;
+  float r0, r1;
+};
+__device__ __forceinline__ rope_pair rope_rotate(float *hp, int p, int half, int32_t pos, const float *inv_freq,
+                                                 float attn_factor, int neox) {
+  float theta = (float)pos * inv_freq[p];
+  float s, c;
+  sincosf(theta, &s, &c);
+  c *= attn_factor;
+  s *= attn_factor;
+  rope_pair r;
+  r.i0 = neox ? p : 2 * p;
+  r.i1 = neox ? p + half : 2 * p + 1;
+  const float u = hp[r.i0], v = hp[r.i1];
+  r.r0 = u * c - v * s;
+  r.r1 = u * s + v * c;
+  hp[r.i0] = r.r0;
+  hp[r.i1] = r.r1;
+  return r;
+}
+
 __global__ void rope_kernel(rope_set a, rope_set b, int64_t n_tok, int head_dim, int rot_dim, const int32_t *pos,
                             const float *inv_freq, float attn_factor, int neox) {
   pdl_trigger();
@@ -28,16 +54,8 @@ __global__ void rope_kernel(rope_set a, rope_set b, int64_t n_tok, int head_dim,
     int64_t th = i / half;
     int h = (int)(th % n_heads);
     int64_t t = th / n_heads;
-    float theta = (float)pos[t] * inv_freq[p];
-    float s, c;
-    sincosf(theta, &s, &c);
-    c *= attn_factor;
-    s *= attn_factor;
     float *hp = (second ? b.x + t * b.row_stride : a.x + t * a.row_stride) + (int64_t)h * head_dim;
-    int i0 = neox ? p : 2 * p, i1 = neox ? p + half : 2 * p + 1;
-    float u = hp[i0], v = hp[i1];
-    hp[i0] = u * c - v * s;
-    hp[i1] = u * s + v * c;
+    rope_rotate(hp, p, half, pos[t], inv_freq, attn_factor, neox);
   }
 }
 
@@ -101,21 +119,12 @@ __global__ void rope_kv_kernel(rope_set q, rope_set k, const float *v, int64_t v
       int64_t th = i / half;
       int h = (int)(th % n_heads);
       int64_t t = th / n_heads;
-      float theta = (float)pos[t] * inv_freq[p];
-      float s, c;
-      sincosf(theta, &s, &c);
-      c *= attn_factor;
-      s *= attn_factor;
       float *hp = (second ? k.x + t * k.row_stride : q.x + t * q.row_stride) + (int64_t)h * head_dim;
-      int i0 = neox ? p : 2 * p, i1 = neox ? p + half : 2 * p + 1;
-      float a = hp[i0], b = hp[i1];
-      const float r0 = a * c - b * s, r1 = a * s + b * c;
-      hp[i0] = r0;
-      hp[i1] = r1;
+      const rope_pair r = rope_rotate(hp, p, half, pos[t], inv_freq, attn_factor, neox);
       if (second) {
         const int64_t dst = (int64_t)slots[t] * per + (int64_t)h * head_dim;
-        kc[dst + i0] = rope_kv_store<KV>(r0);
-        kc[dst + i1] = rope_kv_store<KV>(r1);
+        kc[dst + r.i0] = rope_kv_store<KV>(r.r0);
+        kc[dst + r.i1] = rope_kv_store<KV>(r.r1);
       }
     } else if (g < tq + tk + tr) { // k dims past rot_dim: stored as they are
       const int64_t i = g - tq - tk;
