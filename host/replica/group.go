@@ -375,6 +375,13 @@ func (s *Group) withRank(req sdk.LoadRequest, r int, addr string) sdk.LoadReques
 	return req
 }
 
+// A rank whose previous (cancelled) Load is still unwinding answers
+// ErrAlreadyLoaded; loadGen retries it this often, this far apart.
+const (
+	alreadyLoadedRetries = 50
+	alreadyLoadedWait    = 100 * time.Millisecond
+)
+
 // loadGen loads req on every rank of g concurrently (they rendezvous in
 // Load). The first rank to fail cancels the others' Load; every rank's error
 // is reported, and the ranks that did load are unloaded again. On failure
@@ -400,7 +407,22 @@ func (s *Group) loadGen(ctx context.Context, g *generation, req sdk.LoadRequest,
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			infos[r], errs[r] = g.ranks[r].Load(lctx, s.withRank(req, r, addr), func(p sdk.LoadProgress) { pm.update(r, p) })
+			for attempt := 0; ; attempt++ {
+				infos[r], errs[r] = g.ranks[r].Load(lctx, s.withRank(req, r, addr), func(p sdk.LoadProgress) { pm.update(r, p) })
+				// The group holds no model here, so a rank answering
+				// ErrAlreadyLoaded is still finishing a Load that a failed
+				// group load cancelled (the RPC returned on our side before
+				// the rank saw the cancellation): wait for it, briefly.
+				if !errors.Is(errs[r], sdk.ErrAlreadyLoaded) || attempt >= alreadyLoadedRetries {
+					break
+				}
+				select {
+				case <-time.After(alreadyLoadedWait):
+					continue
+				case <-lctx.Done():
+				}
+				break
+			}
 			if errs[r] != nil {
 				first.CompareAndSwap(-1, int32(r))
 				cancel() // the others would wait for this rank at the rendezvous

@@ -53,6 +53,9 @@ type fakeCluster struct {
 	failLate   map[int]error
 	dieInLoad  map[int]bool
 	failLaunch atomic.Int64 // launches left to fail
+	// busyLoads[r] Loads of rank r answer ErrAlreadyLoaded first (a rank
+	// still unwinding a cancelled Load); guarded by mu.
+	busyLoads map[int]int
 }
 
 func newFakeCluster(t *testing.T) *fakeCluster {
@@ -150,6 +153,15 @@ func (r *fakeRank) Load(ctx context.Context, req sdk.LoadRequest, p func(sdk.Loa
 	r.count("load")
 	if r.exited.Load() {
 		return sdk.ModelInfo{}, errDead
+	}
+	r.c.mu.Lock()
+	busy := r.c.busyLoads[r.rank] > 0
+	if busy {
+		r.c.busyLoads[r.rank]--
+	}
+	r.c.mu.Unlock()
+	if busy {
+		return sdk.ModelInfo{}, sdk.ErrAlreadyLoaded
 	}
 	r.mu.Lock()
 	r.loads = append(r.loads, req)
@@ -435,6 +447,24 @@ func TestGroupLoadFailure(t *testing.T) {
 	assert.Equal(t, []int32{2, 3}, toks)
 	assert.Equal(t, 2, int(c.launches.Load()), "the same processes throughout")
 	assert.Equal(t, 0, g.Restarts())
+}
+
+// A rank still unwinding a Load that a failed group load cancelled answers
+// ErrAlreadyLoaded for a moment (the RPC returned on the host's side first;
+// seen in CI): the next group Load waits for it instead of failing.
+func TestGroupLoadWaitsForUnwindingRank(t *testing.T) {
+	c := newFakeCluster(t)
+	c.busyLoads = map[int]int{0: 3}
+	g := startFakeGroup(t, c, GroupOptions{Name: "m", Size: 2})
+	_, err := g.Load(context.Background(), sdk.LoadRequest{Path: counterModel(t)}, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 4, c.live()[0].callCount("load"), "three refusals, then the load")
+	toks, err := generate(context.Background(), g, 1, 2)
+	require.NoError(t, err)
+	assert.Equal(t, []int32{2, 3}, toks)
+	// a Load on a loaded group is still refused at once
+	_, err = g.Load(context.Background(), sdk.LoadRequest{Path: counterModel(t)}, nil)
+	require.ErrorIs(t, err, sdk.ErrAlreadyLoaded)
 }
 
 // A rank process dying in Load: the group is restarted (unloaded), and a
