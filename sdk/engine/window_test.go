@@ -64,7 +64,10 @@ func TestWindowGroupPreemption(t *testing.T) {
 		t.Run(fmt.Sprintf("prefix=%v", prefix), func(t *testing.T) {
 			const w, bs, chunk = 8, 4, 8
 			cfg := enginetest.Config{Vocab: 64, BlockSize: bs, NumBlocks: 256, ContextLength: 256, Window: w,
-				WindowBlocks: 2 * int(windowBound(w, chunk, bs)), StepCost: 200 * time.Microsecond}
+				// StepCost: each sequence runs ~50 steps, so at 2 ms a step the six
+				// overlap even when the race detector on 2 busy cores starts their
+				// goroutines tens of ms apart (at 200 µs CI once saw no preemption)
+				WindowBlocks: 2 * int(windowBound(w, chunk, bs)), StepCost: 2 * time.Millisecond}
 			a, m := load(t, cfg, engine.WithPrefixCache(prefix), engine.WithMaxSequences(6), engine.WithMaxBatchTokens(chunk))
 			ctx := ctxT(t)
 			r := rand.New(rand.NewPCG(7, 8))
