@@ -32,7 +32,7 @@ for f in cuda/src/*.cu; do
   done
 done
 # Host tests of the CUDA sources (no GPU): index/tile-plan math, the fp16 decode bit tricks, and the
-# kernels themselves compiled against the CPU emulation cuda/test/cuda_emu.h under ASan (~7 min on 2 cores).
+# kernels themselves compiled against the CPU emulation cuda/test/cuda_emu.h under ASan (~8–12 min on 2 cores; the attention emulation is most of it).
 if ! bash cuda/test/run.sh; then
   echo "cuda-check: FAILED cuda/test host tests" >&2
   fail=1
