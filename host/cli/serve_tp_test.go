@@ -42,9 +42,8 @@ func TestServeTensorParallelCPU(t *testing.T) {
 	found, err := plugins.Scan([]string{dir}, hclog.NewNullLogger())
 	require.NoError(t, err)
 	require.Len(t, found, 1)
-	if !slices.Contains(found[0].Info.Features, placement.FeatureTensorParallel) {
-		t.Skip("TODO(issue 9): the gpt adapter does not declare tensor-parallel yet")
-	}
+	require.True(t, slices.Contains(found[0].Info.Features, placement.FeatureTensorParallel),
+		"the gpt adapter declares %s", placement.FeatureTensorParallel)
 	path, err := defaultmodel.PathIn(t.TempDir())
 	require.NoError(t, err)
 
