@@ -315,21 +315,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 	attnDecodeSpeed(t, r, alloc)
 	for _, n := range []int{512, 2048} {
 		nb := n / bs
-		perm := r.Perm(nb)
-		blocks, pos, seq, slots := make([]int32, nb), make([]int32, n), make([]int32, n), make([]int32, n)
-		for i := range blocks {
-			blocks[i] = int32(perm[i])
-		}
-		for p := range pos {
-			pos[p], slots[p] = int32(p), blocks[p/bs]*bs+int32(p%bs)
-		}
-		i32 := func(v []int32, shape ...int) ml.Tensor {
-			x := alloc(ml.I32, shape...)
-			require.NoError(t, gpu.WriteI32(x, v))
-			return x
-		}
-		bt := &ml.Batch{Pos: i32(pos, n), Seq: i32(seq, n), Slots: i32(slots, n), Blocks: i32(blocks, nb, 1),
-			BlockSize: bs, MaxPos: n}
+		bt, _ := oneSeqBatch(t, r, alloc, n, bs)
 		k, v, q := alloc(ml.F32, hd, nkv, n), alloc(ml.F32, hd, nkv, n), alloc(ml.F32, hd, nh, n)
 		require.NoError(t, gpu.WriteF32(k, randF32(r, hd*nkv*n, 1)))
 		require.NoError(t, gpu.WriteF32(v, randF32(r, hd*nkv*n, 1)))
@@ -358,6 +344,28 @@ func TestPerfAttentionPrefill(t *testing.T) {
 	}
 }
 
+// oneSeqBatch is the batch of one sequence's positions 0..n-1 over nb = n/bs
+// shuffled KV blocks (MaxPos n), for the timing tests, and each position's
+// cache slot.
+func oneSeqBatch(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...int) ml.Tensor, n, bs int) (*ml.Batch, []int32) {
+	nb := n / bs
+	perm := r.Perm(nb)
+	blocks, pos, seq, slots := make([]int32, nb), make([]int32, n), make([]int32, n), make([]int32, n)
+	for i := range blocks {
+		blocks[i] = int32(perm[i])
+	}
+	for p := range pos {
+		pos[p], slots[p] = int32(p), blocks[p/bs]*int32(bs)+int32(p%bs)
+	}
+	i32 := func(v []int32, shape ...int) ml.Tensor {
+		x := alloc(ml.I32, shape...)
+		require.NoError(t, gpu.WriteI32(x, v))
+		return x
+	}
+	return &ml.Batch{Pos: i32(pos, n), Seq: i32(seq, n), Slots: i32(slots, n), Blocks: i32(blocks, nb, 1),
+		BlockSize: bs, MaxPos: n}, slots
+}
+
 // attnDecodeSpeed times one decode token (n_tok 1) at depths 128 and 8192
 // of the gpt-oss shape, F16 KV, full and window 128, against the bytes floor
 // (K and V of every visible key read once), with Batch.MaxPos as a captured
@@ -366,21 +374,12 @@ func TestPerfAttentionPrefill(t *testing.T) {
 func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...int) ml.Tensor) {
 	const nh, nkv, hd, bs, depth, maxPos = 64, 8, 64, 16, 8192, 8192 + 128 + 64
 	nb := depth / bs
-	perm := r.Perm(nb)
-	blocks, pos, seq, slots := make([]int32, nb), make([]int32, depth), make([]int32, depth), make([]int32, depth)
-	for i := range blocks {
-		blocks[i] = int32(perm[i])
-	}
-	for p := range pos {
-		pos[p], slots[p] = int32(p), blocks[p/bs]*bs+int32(p%bs)
-	}
+	bw, slots := oneSeqBatch(t, r, alloc, depth, bs)
 	i32 := func(v []int32, shape ...int) ml.Tensor {
 		x := alloc(ml.I32, shape...)
 		require.NoError(t, gpu.WriteI32(x, v))
 		return x
 	}
-	bw := &ml.Batch{Pos: i32(pos, depth), Seq: i32(seq, depth), Slots: i32(slots, depth), Blocks: i32(blocks, nb, 1),
-		BlockSize: bs, MaxPos: depth}
 	k, v := alloc(ml.F32, hd, nkv, depth), alloc(ml.F32, hd, nkv, depth)
 	require.NoError(t, gpu.WriteF32(k, randF32(r, hd*nkv*depth, 1)))
 	require.NoError(t, gpu.WriteF32(v, randF32(r, hd*nkv*depth, 1)))
