@@ -5,7 +5,6 @@ package cuda
 import (
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -54,23 +53,10 @@ func TestPerfMoEVersions(t *testing.T) {
 		if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 			t.Skipf("ORCH_CUDA_MOE pins this process; the timing runs from an unpinned one")
 		}
-		table := []string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}
-		for _, v := range []string{"v4", "v6", "v5", "v6"} { // v6 twice: run-to-run spread on the same card
-			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfMoEVersions$", "-test.v")
-			cmd.Env = append(os.Environ(), "ORCH_MOE_SPEED_CHILD=1", "ORCH_CUDA_MOE="+v)
-			outp, err := cmd.CombinedOutput()
-			for _, line := range strings.Split(string(outp), "\n") {
-				if i := strings.Index(line, "|"); i >= 0 {
-					t.Log(line[i:])
-					table = append(table, line[i:])
-				}
-			}
-			require.NoError(t, err, "ORCH_CUDA_MOE=%s child:\n%s", v, outp)
-		}
-		if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
-			f := filepath.Join(filepath.Dir(po), "perf-moe.md")
-			require.NoError(t, os.WriteFile(f, []byte(strings.Join(table, "\n")+"\n"), 0o644))
-		}
+		// v6 twice: run-to-run spread on the same card
+		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
+			[]string{"ORCH_CUDA_MOE=v4", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v5", "ORCH_CUDA_MOE=v6"},
+			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
 	r := newRandSrc(newRNG(t))

@@ -634,6 +634,31 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	}
 }
 
+// perfChildren runs test (this binary, -test.run ^test$) once per setting
+// ("VAR=value") in a child process with childVar=1 set: the library reads its
+// kernel switches once per process. It logs the table rows ("| ...") the
+// children print and, with ORCH_PERF_OUT set, writes header and rows to
+// outName next to it.
+func perfChildren(t *testing.T, test, childVar string, settings, header []string, outName string) {
+	table := append([]string(nil), header...)
+	for _, v := range settings {
+		cmd := exec.Command(os.Args[0], "-test.run", "^"+test+"$", "-test.v")
+		cmd.Env = append(os.Environ(), childVar+"=1", v)
+		outp, err := cmd.CombinedOutput()
+		for _, line := range strings.Split(string(outp), "\n") {
+			if i := strings.Index(line, "|"); i >= 0 {
+				t.Log(line[i:])
+				table = append(table, line[i:])
+			}
+		}
+		require.NoError(t, err, "%s child:\n%s", v, outp)
+	}
+	if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
+		f := filepath.Join(filepath.Dir(po), outName)
+		require.NoError(t, os.WriteFile(f, []byte(strings.Join(table, "\n")+"\n"), 0o644))
+	}
+}
+
 // TestPerfGEMVVersions times the decode GEMVs at n = 1, 2, 4, 8 and the MoE
 // decode (n = 1, 8) under GEMV v5 and v7 pinned (the default routes by n
 // between them), v8 (v7 with two rounds of loads in flight, opt-in) and MoE v5 (one-wave double-buffered gate_up,
@@ -650,23 +675,8 @@ func TestPerfGEMVVersions(t *testing.T) {
 		if v := os.Getenv("ORCH_CUDA_GEMV") + os.Getenv("ORCH_CUDA_MOE"); v != "" {
 			t.Skipf("ORCH_CUDA_GEMV / ORCH_CUDA_MOE pin this process; the timing runs from an unpinned one")
 		}
-		var table []string
-		for _, v := range []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v8", "ORCH_CUDA_MOE=v5"} {
-			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfGEMVVersions$", "-test.v")
-			cmd.Env = append(os.Environ(), "ORCH_GEMV_SPEED_CHILD=1", v)
-			outp, err := cmd.CombinedOutput()
-			for _, line := range strings.Split(string(outp), "\n") {
-				if i := strings.Index(line, "|"); i >= 0 {
-					t.Log(line[i:])
-					table = append(table, line[i:])
-				}
-			}
-			require.NoError(t, err, "%s child:\n%s", v, outp)
-		}
-		if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
-			f := filepath.Join(filepath.Dir(po), "perf-gemv.md")
-			require.NoError(t, os.WriteFile(f, []byte(strings.Join(table, "\n")+"\n"), 0o644))
-		}
+		perfChildren(t, "TestPerfGEMVVersions", "ORCH_GEMV_SPEED_CHILD",
+			[]string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v8", "ORCH_CUDA_MOE=v5"}, nil, "perf-gemv.md")
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
