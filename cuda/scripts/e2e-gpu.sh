@@ -8,9 +8,11 @@
 #   6. with two GPUs: replica scaling (host/replica/testdata/two-gpu.sh)
 #   7. with two GPUs (step tp): NCCL all-reduce test, gpt-oss-20b split over 2 GPUs vs whole
 #      (nntest.RunSplitRanks), serve unsplit vs --tensor-parallel 2 (host/replica/testdata/tp-gpu.sh)
+#   8. step llamatp: serve llama3-8b unsplit vs split E2E_LLAMA_TP ways (default "2", e.g. "2 4")
+# E2E_REPLICAS="1 2 4" sets the replica counts of step replicas (default "1 2").
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp; steps: kernels tests perf bench depth serve llama replicas tp)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf bench depth serve llama replicas tp llamatp)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -120,8 +122,8 @@ if has llama; then
     rm -f "$M/llama3-8b.gguf"; }
 fi
 if has replicas && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  log "replicas: 1 vs 2 GPUs, gpt-oss-20b, 32 streams x 64 tokens"
-  timeout 300 bash host/replica/testdata/two-gpu.sh bin "$M/gpt-oss-20b.gguf" 32 64 2>&1 | tail -25 | tee -a "$OUT/summary.md"
+  log "replicas: ${E2E_REPLICAS:-1 2} GPUs, gpt-oss-20b, ${E2E_REPLICA_STREAMS:-32} streams x 64 tokens"
+  REPLICAS=${E2E_REPLICAS:-1 2} timeout 420 bash host/replica/testdata/two-gpu.sh bin "$M/gpt-oss-20b.gguf" "${E2E_REPLICA_STREAMS:-32}" 64 2>&1 | tail -40 | tee -a "$OUT/summary.md"
 fi
 if has tp && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   export NCCL_NVLS_ENABLE=0
@@ -139,6 +141,12 @@ if has tp && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     log "serve gpt-oss-20b unsplit vs --tensor-parallel 2, 1 and 32 streams x 128 tokens"
     timeout 330 bash host/replica/testdata/tp-gpu.sh bin "$M/gpt-oss-20b.gguf" 32 128 2>&1 | tail -30 | tee -a "$OUT/summary.md"
   fi
+fi
+if has llamatp && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  export NCCL_NVLS_ENABLE=0
+  synth llama llama3-8b "$M/llama3-8b.gguf" && {
+    log "serve llama3-8b unsplit vs --tensor-parallel ${E2E_LLAMA_TP:-2}, 1 and 32 streams x 128 tokens"
+    TP=${E2E_LLAMA_TP:-2} timeout 480 bash host/replica/testdata/tp-gpu.sh bin "$M/llama3-8b.gguf" 32 128 2>&1 | tail -60 | tee -a "$OUT/summary.md"; }
 fi
 log "done"
 # at most 8 files come back: keep summary.md and the tables, pack the logs into one archive

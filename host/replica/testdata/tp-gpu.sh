@@ -11,7 +11,8 @@
 #   - a greedy 32-token completion of a fixed prompt; at the end the split
 #     and unsplit completions are compared (random-weight models have near
 #     ties, so a late difference is reported, not failed).
-# DEVICE=cpu runs the same on the CPU (plumbing check; slow). TP=4 splits 4 ways.
+# DEVICE=cpu runs the same on the CPU (plumbing check; slow). TP=4 splits 4 ways;
+# TP="2 4" measures each split after the unsplit run.
 # Needs: BIN_DIR/orch-host and the adapters, python3, curl, nvidia-smi.
 # Fits one 5-minute device call for gpt-oss-20b (two loads of ~12 GB from the
 # page cache, 4 short loads).
@@ -31,7 +32,7 @@ SERVE_PID=
 
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv || true
 
-for N in 1 "$TP"; do
+for N in 1 $TP; do
   LABEL=unsplit
   [ "$N" = 1 ] || LABEL="tensor-parallel=$N"
   cat >"$WORK/orch-host.yaml" <<EOF
@@ -83,12 +84,14 @@ PY
   grep -iE 'error|panic' "$WORK/serve-$N.log" | grep -v 'level=debug' | tail -5 || true
 done
 
-python3 - "$WORK/greedy-1.txt" "$WORK/greedy-$TP.txt" <<'PY'
+for N in $TP; do
+python3 - "$WORK/greedy-1.txt" "$WORK/greedy-$N.txt" "$N" <<'PY'
 import sys
-a, b = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+a, b, n_split = open(sys.argv[1]).read(), open(sys.argv[2]).read(), sys.argv[3]
 if a == b:
-    print(f"greedy 32 tokens: split == unsplit ({len(a)} chars)")
+    print(f"greedy 32 tokens: split {n_split} ways == unsplit ({len(a)} chars)")
 else:
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    print(f"greedy 32 tokens: split and unsplit differ from char {n}: unsplit {a[n:n+40]!r} vs split {b[n:n+40]!r}")
+    print(f"greedy 32 tokens: split {n_split} ways and unsplit differ from char {n}: unsplit {a[n:n+40]!r} vs split {b[n:n+40]!r}")
 PY
+done

@@ -2,7 +2,8 @@
 # two-gpu.sh BIN_DIR MODEL.gguf [STREAMS] [MAX_TOKENS]
 #
 # Replica scaling on a multi-GPU box: serves MODEL with models[].replicas = 1
-# and then = 2 (one adapter process per GPU, CUDA_VISIBLE_DEVICES=<i>), sends
+# and then = 2 (REPLICAS="1 2 4" for more; one adapter process per GPU,
+# CUDA_VISIBLE_DEVICES=<i>), sends
 # STREAMS concurrent /v1/completions (ignore_eos, MAX_TOKENS each) to each,
 # and prints aggregate decode tokens/s and which GPUs held adapter processes.
 # Needs: BIN_DIR/orch-host and the adapters, python3, curl, nvidia-smi.
@@ -24,7 +25,7 @@ SERVE_PID=
 
 nvidia-smi --query-gpu=index,name,memory.free,memory.total --format=csv || true
 
-for R in 1 2; do
+for R in ${REPLICAS:-1 2}; do
   cat >"$WORK/orch-host.yaml" <<EOF
 plugins:
   dir: $BIN
