@@ -8,11 +8,13 @@
 #   6. with two GPUs: replica scaling (host/replica/testdata/two-gpu.sh)
 #   7. with two GPUs (step tp): NCCL all-reduce test, gpt-oss-20b split over 2 GPUs vs whole
 #      (nntest.RunSplitRanks), serve unsplit vs --tensor-parallel 2 (host/replica/testdata/tp-gpu.sh)
-#   8. step llamatp: serve llama3-8b unsplit vs split E2E_LLAMA_TP ways (default "2", e.g. "2 4")
+#   8. step profile: nsys of one-stream decode (gpt-oss-20b, llama3-8b with llama), per-kernel table
+#      (cuda/scripts/nsys-kernels.py) into profile.md
+#   9. step llamatp: serve llama3-8b unsplit vs split E2E_LLAMA_TP ways (default "2", e.g. "2 4")
 # E2E_REPLICAS="1 2 4" sets the replica counts of step replicas (default "1 2").
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf bench depth serve llama replicas tp llamatp)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf bench depth serve llama profile replicas tp llamatp)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -87,7 +89,7 @@ synth() { # arch size file
   log "synth $1 $2: $(du -h "$3" | cut -f1) in $(( $(date +%s) - t0 )) s"
 }
 
-if has bench || has serve || has replicas || has tp; then
+if has bench || has serve || has replicas || has tp || has profile; then
   synth gpt-oss 20b "$M/gpt-oss-20b.gguf"
 fi
 if has bench; then
@@ -99,6 +101,18 @@ if has bench; then
   timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 64 --kv-cache-fraction 0.5 -r 1 --log-level debug 2>"$OUT/bench-kvfrac.log" | tail -1 | sed 's/$/ (--kv-cache-fraction 0.5)/' | tee -a "$OUT/summary.md"
   grep -m2 -E 'kv_blocks|kv cache|KV' "$OUT/bench-kvfrac.log" | cut -c1-300 | tee -a "$OUT/summary.md"
   has depth && timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --depth 8192 -r 2 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+fi
+profile() { # name model.gguf: nsys over a 256-token one-stream decode, graph nodes traced one by one
+  command -v nsys >/dev/null || { log "profile: no nsys"; return 0; }
+  timeout 240 nsys profile --cuda-graph-trace=node --trace=cuda -o "/tmp/prof-$1" --force-overwrite true \
+    bin/orch-host bench --model "$2" --device cuda -p 0 -n 256 -r 1 >"$OUT/profile-$1.log" 2>&1 &&
+  nsys export --type sqlite --force-overwrite true -o "/tmp/prof-$1.sqlite" "/tmp/prof-$1.nsys-rep" >>"$OUT/profile-$1.log" 2>&1 &&
+  { echo "### $1: nsys, one stream, bench -p 0 -n 256 -r 1: 512 decoded tokens with the warm-up, µs/token over both"; python3 cuda/scripts/nsys-kernels.py "/tmp/prof-$1.sqlite" 512; echo; } >>"$OUT/profile.md" 2>&1
+  log "profile $1: rc=$? $(grep -m1 'longest' "$OUT/profile.md")"
+}
+if has profile; then
+  profile gpt-oss-20b "$M/gpt-oss-20b.gguf"
+  ORCH_CUDA_ATTN=v7 profile gpt-oss-20b-attn-v7 "$M/gpt-oss-20b.gguf"
 fi
 if has serve; then
   log "serve gpt-oss-20b (cuda)"
@@ -119,6 +133,7 @@ if has llama; then
     log "bench llama3-8b Q8_0 (cuda)"
     timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 512 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
     timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 0 -n 128 --streams 8,32,64 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+    has profile && profile llama3-8b "$M/llama3-8b.gguf"
     rm -f "$M/llama3-8b.gguf"; }
 fi
 if has replicas && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
@@ -150,5 +165,5 @@ if has llamatp && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
 fi
 log "done"
 # at most 8 files come back: keep summary.md and the tables, pack the logs into one archive
-(cd "$OUT" && ls | grep -v -E '^(summary\.md|perf\.md|perf-base\.md|perf-attention\.md|logs\.tar\.gz)$' > /tmp/e2e-logs.txt
+(cd "$OUT" && ls | grep -v -E '^(summary\.md|perf\.md|perf-base\.md|perf-attention\.md|profile\.md|logs\.tar\.gz)$' > /tmp/e2e-logs.txt
  [ -s /tmp/e2e-logs.txt ] && tar -czf logs.tar.gz -T /tmp/e2e-logs.txt && xargs rm -f < /tmp/e2e-logs.txt)
