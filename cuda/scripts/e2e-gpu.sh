@@ -102,17 +102,20 @@ if has bench; then
   grep -m2 -E 'kv_blocks|kv cache|KV' "$OUT/bench-kvfrac.log" | cut -c1-300 | tee -a "$OUT/summary.md"
   has depth && timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --depth 8192 -r 2 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
 fi
-profile() { # name model.gguf: nsys over a 256-token one-stream decode, graph nodes traced one by one
+profile() { # name model.gguf [prefill]: nsys over a 256-token one-stream decode (or one 2048-token prefill), graph nodes traced one by one
   command -v nsys >/dev/null || { log "profile: no nsys"; return 0; }
+  local args="-p 0 -n 256" toks=512 what="one stream, bench -p 0 -n 256 -r 1: 512 decoded tokens with the warm-up, µs/token over both"
+  [ "${3:-}" = prefill ] && args="-p 2048 -n 0" toks=4096 what="bench -p 2048 -n 0 -r 1: two 2048-token prefills with the warm-up, µs/token over both"
   timeout 240 nsys profile --cuda-graph-trace=node --trace=cuda -o "/tmp/prof-$1" --force-overwrite true \
-    bin/orch-host bench --model "$2" --device cuda -p 0 -n 256 -r 1 >"$OUT/profile-$1.log" 2>&1 &&
+    bin/orch-host bench --model "$2" --device cuda $args -r 1 >"$OUT/profile-$1.log" 2>&1 &&
   nsys export --type sqlite --force-overwrite true -o "/tmp/prof-$1.sqlite" "/tmp/prof-$1.nsys-rep" >>"$OUT/profile-$1.log" 2>&1 &&
-  { echo "### $1: nsys, one stream, bench -p 0 -n 256 -r 1: 512 decoded tokens with the warm-up, µs/token over both"; python3 cuda/scripts/nsys-kernels.py "/tmp/prof-$1.sqlite" 512; echo; } >>"$OUT/profile.md" 2>&1
+  { echo "### $1: nsys, $what"; python3 cuda/scripts/nsys-kernels.py "/tmp/prof-$1.sqlite" $toks; echo; } >>"$OUT/profile.md" 2>&1
   log "profile $1: rc=$? $(grep -m1 'longest' "$OUT/profile.md")"
 }
 if has profile; then
   profile gpt-oss-20b "$M/gpt-oss-20b.gguf"
   ORCH_CUDA_ATTN=v7 profile gpt-oss-20b-attn-v7 "$M/gpt-oss-20b.gguf"
+  profile gpt-oss-20b-pp2048 "$M/gpt-oss-20b.gguf" prefill
 fi
 if has serve; then
   log "serve gpt-oss-20b (cuda)"
@@ -133,7 +136,7 @@ if has llama; then
     log "bench llama3-8b Q8_0 (cuda)"
     timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 512 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
     timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 0 -n 128 --streams 8,32,64 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
-    has profile && profile llama3-8b "$M/llama3-8b.gguf"
+    has profile && profile llama3-8b "$M/llama3-8b.gguf" && profile llama3-8b-pp2048 "$M/llama3-8b.gguf" prefill
     rm -f "$M/llama3-8b.gguf"; }
 fi
 if has replicas && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
