@@ -103,12 +103,13 @@ if has bench; then
   has depth && timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --depth 8192 -r 2 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
 fi
 profile() { # name model.gguf [prefill]: nsys over a 256-token one-stream decode (or one 2048-token prefill), graph nodes traced one by one
-  command -v nsys >/dev/null || { log "profile: no nsys"; return 0; }
+  local nsys; nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys 2>/dev/null | head -1)
+  [ -n "$nsys" ] || { log "profile: no nsys"; return 0; }
   local args="-p 0 -n 256" toks=512 what="one stream, bench -p 0 -n 256 -r 1: 512 decoded tokens with the warm-up, µs/token over both"
   [ "${3:-}" = prefill ] && args="-p 2048 -n 0" toks=4096 what="bench -p 2048 -n 0 -r 1: two 2048-token prefills with the warm-up, µs/token over both"
-  timeout 240 nsys profile --cuda-graph-trace=node --trace=cuda -o "/tmp/prof-$1" --force-overwrite true \
+  timeout 240 "$nsys" profile --cuda-graph-trace=node --trace=cuda -o "/tmp/prof-$1" --force-overwrite true \
     bin/orch-host bench --model "$2" --device cuda $args -r 1 >"$OUT/profile-$1.log" 2>&1 &&
-  nsys export --type sqlite --force-overwrite true -o "/tmp/prof-$1.sqlite" "/tmp/prof-$1.nsys-rep" >>"$OUT/profile-$1.log" 2>&1 &&
+  "$nsys" export --type sqlite --force-overwrite true -o "/tmp/prof-$1.sqlite" "/tmp/prof-$1.nsys-rep" >>"$OUT/profile-$1.log" 2>&1 &&
   { echo "### $1: nsys, $what"; python3 cuda/scripts/nsys-kernels.py "/tmp/prof-$1.sqlite" $toks; echo; } >>"$OUT/profile.md" 2>&1
   log "profile $1: rc=$? $(grep -m1 'longest' "$OUT/profile.md")"
 }
