@@ -44,8 +44,11 @@ func childEnv(opts LaunchOptions) []string {
 			continue
 		}
 		switch {
-		case k == "PATH", k == "HOME", k == "TMPDIR", k == "LD_LIBRARY_PATH",
-			strings.HasPrefix(k, "ORCH_"), strings.HasPrefix(k, "CUDA_"):
+		case k == "PATH", k == "HOME", k == "TMPDIR", k == "LD_LIBRARY_PATH", k == "LD_PRELOAD",
+			strings.HasPrefix(k, "ORCH_"), strings.HasPrefix(k, "CUDA_"),
+			// NCCL's own settings, and NVIDIA's tools (Nsight Compute / Systems, compute-sanitizer)
+			// that reach a profiled child process through NV*-prefixed variables and LD_PRELOAD
+			strings.HasPrefix(k, "NCCL_"), strings.HasPrefix(k, "NV"):
 			if k != sdk.Handshake.MagicCookieKey {
 				env[k] = v
 			}

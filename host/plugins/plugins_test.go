@@ -154,12 +154,16 @@ func TestChildEnv(t *testing.T) {
 	t.Setenv("ORCH_TEST_FOO", "1")
 	t.Setenv("CUDA_VISIBLE_DEVICES", "3")
 	t.Setenv("SECRET_TOKEN", "x")
+	t.Setenv("NV_NSIGHT_INJECTION_PORT_BASE", "49152") // a profiler's injection reaches the adapter
+	t.Setenv("NCCL_DEBUG", "INFO")
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Debug})
 	env := childEnv(LaunchOptions{Env: map[string]string{"CUDA_VISIBLE_DEVICES": "0"}, Logger: log})
 	assert.Contains(t, env, "ORCH_TEST_FOO=1")
 	assert.Contains(t, env, "CUDA_VISIBLE_DEVICES=0")
 	assert.Contains(t, env, "ORCH_LOG_LEVEL=debug")
 	assert.NotContains(t, env, "CUDA_VISIBLE_DEVICES=3")
+	assert.Contains(t, env, "NV_NSIGHT_INJECTION_PORT_BASE=49152")
+	assert.Contains(t, env, "NCCL_DEBUG=INFO")
 	for _, kv := range env {
 		assert.False(t, strings.HasPrefix(kv, "SECRET_TOKEN="), "host env leaked: %s", kv)
 	}
