@@ -237,6 +237,20 @@ int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, 
                  const void *down, int32_t down_type, const float *down_bias, float *act, int64_t n,
                  int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit);
 
+/* (ABI 6) orch_moe_topk + orch_moe_ffn in two launches (MoE v7): the router
+ * logits [n][n_exp] (n_exp <= 32) are routed inside the expert kernels (same
+ * top-k and weights as orch_moe_topk), which also write ids / weights
+ * [n][n_slots] (as orch_moe_topk; "no expert", possible only with NaN logits,
+ * is written as expert 0). Other operands and the result as orch_moe_ffn.
+ * Returns ORCH_ERR_UNSUPPORTED (without recording an error) below
+ * ORCH_CUDA_MOE=v7, for n_exp > 32, gate/up and down of different types, or
+ * whatever orch_moe_ffn declines; the caller then runs orch_moe_topk and
+ * orch_moe_ffn. */
+int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, const float *logits, int32_t n_exp, int32_t *ids,
+                       float *weights, const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
+                       const float *up_bias, const void *down, int32_t down_type, const float *down_bias, float *act,
+                       int64_t n, int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit);
+
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,
  * same operands as orch_matmul. x is first rounded to bf16 into the caller's

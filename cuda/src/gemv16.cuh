@@ -6,6 +6,7 @@
 #pragma once
 #include "quant.cuh"
 #include "dec16.cuh"
+#include "qgemm.cuh"
 
 constexpr int GEMV16_WARPS = 8;
 
@@ -355,12 +356,13 @@ __device__ __forceinline__ float q7_decode(const q7_words<T> &b, uint32_t h[4]) 
   }
 }
 
-// x [n, k] (n <= 8) -> xs[(tok * nch + c) * 16 words] (dec16 pair order for
-// kind), xinv[c * 8 + tok]. One thread per float4; 8 consecutive threads own
-// a chunk (k % 32 == 0, so chunks never straddle a warp).
+// x [n, k] (n <= xst) -> xs[(tok * nch + c) * 16 words] (dec16 pair order for
+// kind), xinv[c * xst + tok] (v7: xst = 8; v9: 8 per token tile). One thread
+// per float4; 8 consecutive threads own a chunk (k % 32 == 0, so chunks never
+// straddle a warp).
 __global__ void __launch_bounds__(256)
 gemv7_stage_kernel(uint32_t *__restrict__ xs, float *__restrict__ xinv, const float *__restrict__ x, int64_t n,
-                   int64_t k, int kind) {
+                   int64_t k, int kind, int xst) {
   pdl_trigger();
   pdl_wait();
   const int64_t nq = k / 4, nch = k / 32;
@@ -377,7 +379,7 @@ gemv7_stage_kernel(uint32_t *__restrict__ xs, float *__restrict__ xinv, const fl
     const int64_t tok = i / nq, q = i % nq, c = q >> 3;
     const int o = (int)(q & 7);
     dec16_put4(xs + (tok * nch + c) * 16, kind, o, v.x * s, v.y * s, v.z * s, v.w * s);
-    if (o == 0) xinv[c * 8 + tok] = inv;
+    if (o == 0) xinv[c * xst + tok] = inv;
   }
 }
 
@@ -539,15 +541,16 @@ template <int V> struct gemv7_cfg {
   static constexpr bool DB = V == 8;
 };
 
-// Stages x (n <= 8 tokens of k) into scratch (gemv7_scratch(n, k) bytes, 16-aligned).
+// Stages x (n <= xst tokens of k) into scratch (gemv7_scratch(n, k) bytes for
+// xst = 8, gemv9_scratch(n, k) for v9; 16-aligned).
 template <int T>
 static void launch_gemv7_stage(cudaStream_t st, void *scratch, const float *x, int64_t n, int64_t k, uint32_t *&xs,
-                               float *&xinv) {
+                               float *&xinv, int xst = 8) {
   xs = reinterpret_cast<uint32_t *>(scratch);
   xinv = reinterpret_cast<float *>(reinterpret_cast<uint8_t *>(scratch) + n * (k / 32) * 64);
   auto stage = gemv7_stage_kernel;
   DEC16_LAUNCH_PDL(stage, dim3((unsigned)ceil_div(n * (k / 4), 256)), 256, 0, st, xs, xinv, x, n, k,
-                   dec16_traits<T>::kind);
+                   dec16_traits<T>::kind, xst);
 }
 
 // V: 7 or 8 (gemv7_cfg).
@@ -594,6 +597,369 @@ template <int T>
 static void launch_gemv8_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
                                int64_t k, int64_t rb) {
   launch_gemv7_multi<T, 8>(st, scratch, P, count, x, n, k, rb);
+}
+
+// ---- GEMV v9 (ORCH_CUDA_GEMV=v9; the default route for n <= 64 where it
+// applies, matmul.cu gemv_route): v7's tensor-core arithmetic for up to 64
+// tokens, with the weights brought in by cp.async. Device runs 4-5 showed v7
+// latency-bound, not bandwidth-bound: each warp walks ~6-8 rounds of "load
+// 2 blocks x 16 rows into registers, wait a DRAM latency, compute", ~8-26 KB
+// in flight per SM where ~36 KB are needed (H200: 4.8 TB/s x ~1 us / 132
+// SMs), so Q8_0 2880x5120 took 11.5 us at every n <= 8 (33% of the floor)
+// and attn out 4096x2880 (180 CTAs) 14 us; from n = 9 the bf16 WMMA GEMM
+// (qgemm tile 1) took 34-70 us. Here:
+//  1. A CTA = 16 rows x all of k, 4 warps. Its weight bytes (16 row segments,
+//     contiguous in memory per row) are copied global -> shared with 16-byte
+//     cp.async in stages of kc blocks (<= GEMV9_STAGE_BYTES per stage, two
+//     stage buffers): for gpt-oss's shapes (16 x 3060 B for Q8_0 k = 2880)
+//     the CTA's whole tile is requested at once, before the PDL wait — the
+//     registers no longer bound the bytes in flight, the shared memory does
+//     (4 CTAs x ~50 KB per SM).
+//  2. The warps split each stage's blocks; a lane decodes its pairs of rows
+//     g and g+8 from shared memory exactly as v7 (q7_decode: the A fragments
+//     of two m16n8k16 mmas) ONCE per block, then runs the two mmas for each
+//     of NTL token tiles of 8 (B = staged x of tokens 8j..8j+7, as v7's
+//     stage kernel writes it, chunk scales at xinv[c * 8 NTL + token]):
+//     the weight bytes and their decode are paid once for up to 64 tokens.
+//  3. The warps' partial sums go through shared memory (reusing the stage
+//     buffers) and are added in a fixed order; (row, token) outputs of tiles
+//     with no token < n are skipped.
+// XS (n <= 2, small k): each CTA stages x itself into shared memory (the
+// stage kernel's arithmetic, same bits) instead of a separate stage launch
+// writing it to global scratch — one launch per GEMV at decode's n = 1.
+// Error: v7's (only x's fp16 rounding); every output's sum runs over the
+// blocks in the same order for every n, so v9 is bit-identical across tile
+// counts and between XS and the global staging (emulation checks both).
+
+constexpr int GEMV9_WARPS = 4;
+constexpr int GEMV9_STAGE_BYTES = 26 * 1024;
+constexpr int GEMV9_XS_MAX_BYTES = 24 * 1024; // x staged in shared memory up to this size (XS)
+
+// cp.async (16 bytes, the first `bytes` read, the rest zero-filled) in commit
+// groups. The CPU emulation lands copies at once unless the test defines
+// GEMV9_EMU_CP_ASYNC and provides gemv9_emu_cp_async / _commit / _wait (it
+// then lands them as late as each wait allows).
+#if defined(ORCH_EMU)
+#if defined(GEMV9_EMU_CP_ASYNC)
+inline void g9_cp_async16(void *d, const void *s, int bytes) { gemv9_emu_cp_async(d, s, bytes); }
+inline void g9_cp_commit() { gemv9_emu_commit(); }
+template <int N> inline void g9_cp_wait() { gemv9_emu_wait(N); }
+#else
+inline void g9_cp_async16(void *d, const void *s, int bytes) {
+  memcpy(d, s, (size_t)bytes);
+  memset(static_cast<char *>(d) + bytes, 0, (size_t)(16 - bytes));
+}
+inline void g9_cp_commit() {}
+template <int N> inline void g9_cp_wait() {}
+#endif
+#else
+__device__ __forceinline__ void g9_cp_async16(void *d, const void *s, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = (unsigned)__cvta_generic_to_shared(d);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(s), "r"(bytes) : "memory");
+#else
+  for (int i = 0; i < 16; i++) static_cast<uint8_t *>(d)[i] = i < bytes ? static_cast<const uint8_t *>(s)[i] : 0;
+#endif
+}
+__device__ __forceinline__ void g9_cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void g9_cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#endif
+
+// q7_load from shared memory (plain loads; same words, same zeros).
+template <int T>
+__device__ __forceinline__ void q9_load(q7_words<T> &b, const uint8_t *blk, int t, bool ok) {
+  constexpr int QOFF = q7_traits<T>::QOFF, Q = q7_traits<T>::Q, S = q7_traits<T>::S;
+  const uintptr_t p = (uintptr_t)blk;
+  b.sh_s = (uint32_t)(p & 3);
+  const uint32_t *ws = reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
+  b.s0 = ok ? ws[0] : 0u;
+  b.s1 = ok && b.sh_s + S > 4 ? ws[1] : 0u;
+  const uintptr_t a = p + QOFF + (uintptr_t)(Q * t);
+  b.sh_q = (uint32_t)(a & 3);
+  const uint32_t *wq = reinterpret_cast<const uint32_t *>(a & ~(uintptr_t)3);
+#pragma unroll
+  for (int j = 0; j < Q / 4; j++) b.q[j] = ok ? wq[j] : 0u;
+  b.q[Q / 4] = ok && b.sh_q ? wq[Q / 4] : 0u;
+}
+
+// Stage geometry: kc blocks per stage, 16-byte chunks per row slot.
+struct gemv9_geom {
+  int kc, ns, ch; // blocks per stage, stages, chunks per row slot
+};
+static inline gemv9_geom gemv9_plan(int bb, int64_t nch) {
+  const int64_t tile = 16 * nch * bb;
+  const int64_t ns0 = (tile + GEMV9_STAGE_BYTES - 1) / GEMV9_STAGE_BYTES;
+  gemv9_geom g;
+  g.kc = (int)((nch + ns0 - 1) / ns0);
+  g.ns = (int)((nch + g.kc - 1) / g.kc);
+  g.ch = (g.kc * bb + 15) / 16 + 1;
+  return g;
+}
+// Bytes of x staged in the v7 layout for n tokens (xst = 8) in shared memory (XS).
+DEC16_HD size_t gemv9_xs_bytes(int64_t n, int64_t k) { return (size_t)(n * (k / 32) * 64 + (k / 32) * 32); }
+// Dynamic shared memory of a v9 CTA: the stage buffers (reused for the
+// warps' partial sums), then (XS) the staged x.
+DEC16_HD size_t gemv9_smem(const gemv9_geom &g, int ntl, bool xs, int64_t n, int64_t k) {
+  size_t bufs = (size_t)(g.ns > 1 ? 2 : 1) * 16 * g.ch * 16;
+  const size_t red = (size_t)GEMV9_WARPS * 32 * 4 * ntl * sizeof(float);
+  if (red > bufs) bufs = red;
+  return bufs + (xs ? gemv9_xs_bytes(n, k) : 0);
+}
+// Scratch of the global x staging: n * (k/32) * 64 (x) + (k/32) * 8 NTL * 4 (scales).
+static inline int gemv9_ntl(int64_t n) { return n <= 8 ? 1 : n <= 16 ? 2 : n <= 32 ? 4 : 8; }
+static inline size_t gemv9_scratch(int64_t n, int64_t k) {
+  return (size_t)(n * (k / 32) * 64 + (k / 32) * 32 * gemv9_ntl(n));
+}
+
+template <bool XS> __device__ __forceinline__ uint4 g9_ldx(const uint4 *p) {
+  if constexpr (XS) return *p;
+  else return __ldg(p);
+}
+template <bool XS> __device__ __forceinline__ float g9_ldf(const float *p) {
+  if constexpr (XS) return *p;
+  else return __ldg(p);
+}
+
+// The stage kernel's arithmetic for the whole CTA into shared memory (xst =
+// 8): every thread of a warp runs the same iterations (shuffles).
+__device__ __forceinline__ void gemv9_stage_smem(uint32_t *xs, float *xinv, const float *__restrict__ x, int64_t n,
+                                                 int64_t k, int kind) {
+  const int64_t nq = k / 4, nch = k / 32;
+  for (int64_t base = 0; base < n * nq; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    const bool ok = i < n * nq;
+    const float4 v = ok ? __ldg(reinterpret_cast<const float4 *>(x) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+    uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+    float s, inv;
+    dec16_chunk_scale(mx, s, inv);
+    if (ok) {
+      const int64_t tok = i / nq, q = i % nq, c = q >> 3;
+      const int o = (int)(q & 7);
+      dec16_put4(xs + (tok * nch + c) * 16, kind, o, v.x * s, v.y * s, v.z * s, v.w * s);
+      if (o == 0) xinv[c * 8 + tok] = inv;
+    }
+  }
+}
+
+// Rows [16 cta, 16 cta + 16) of y for n <= 8 NTL tokens. sm: gemv9_smem bytes.
+// XS: x (fp32) is staged here into shared memory; else xs / xinv hold the
+// stage kernel's output with xinv stride 8 NTL.
+template <int T, int NTL, bool XS>
+__device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__restrict__ y, const float *__restrict__ x,
+                                           const uint4 *__restrict__ xsg, const float *__restrict__ xinvg,
+                                           const uint8_t *__restrict__ w, const uint8_t *w_end,
+                                           const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
+                                           int64_t row_bytes, int accumulate, int kc, int ns, int ch) {
+  constexpr int W = GEMV9_WARPS, BB = type_block_bytes(T), THREADS = W * 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t nch = k / 32;
+  const int slot = ch * 16;
+  const size_t bufb = (size_t)16 * slot;
+  const int64_t row0 = cta * 16;
+  const int rows = (int)min((int64_t)16, m - row0);
+  // Issues stage s's copies (every thread commits one group per stage).
+  auto issue = [&](int s) {
+    uint8_t *b = sm + (s & 1) * bufb;
+    const int64_t c0 = (int64_t)s * kc;
+    const int nb = (int)min((int64_t)kc, nch - c0);
+    for (int i = tid; i < rows * ch; i += THREADS) {
+      const int r = i / ch, c = i - r * ch;
+      const uint8_t *seg = w + (row0 + r) * row_bytes + c0 * BB;
+      const qg_span sp = qg_stage_span((uint64_t)(uintptr_t)seg, (uint64_t)(uintptr_t)(seg + nb * BB));
+      if (c < sp.chunks) {
+        const uint64_t addr = sp.a0 + 16 * (uint64_t)c;
+        g9_cp_async16(b + r * slot + 16 * c, reinterpret_cast<const void *>((uintptr_t)addr),
+                      qg_chunk_bytes(addr, (uint64_t)(uintptr_t)w_end));
+      }
+    }
+    g9_cp_commit();
+  };
+  issue(0); // weights only (never written while a step runs): before the PDL wait
+  if (ns > 1) issue(1);
+  pdl_wait();
+  const uint4 *xs = xsg;
+  const float *xinv = xinvg;
+  int xst = 8 * NTL;
+  if constexpr (XS) {
+    uint32_t *xsm = reinterpret_cast<uint32_t *>(sm + gemv9_smem(gemv9_geom{kc, ns, ch}, NTL, false, n, k));
+    float *xism = reinterpret_cast<float *>(xsm + n * nch * 16);
+    gemv9_stage_smem(xsm, xism, x, n, k, dec16_traits<T>::kind);
+    xs = reinterpret_cast<const uint4 *>(xsm);
+    xinv = xism;
+    xst = 8;
+  }
+  float acc[NTL][4];
+#pragma unroll
+  for (int j = 0; j < NTL; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  const bool ok0 = g < rows, ok1 = g + 8 < rows;
+  for (int s = 0; s < ns; s++) {
+    if (s + 1 < ns) g9_cp_wait<1>();
+    else g9_cp_wait<0>();
+    __syncthreads(); // stage s (and, XS, the staged x) visible to every warp
+    const uint8_t *b = sm + (s & 1) * bufb;
+    const int64_t c0 = (int64_t)s * kc;
+    const int nb = (int)min((int64_t)kc, nch - c0);
+    const uint8_t *p0 = b + g * slot + (int)((uintptr_t)(w + (row0 + g) * row_bytes + c0 * BB) & 15);
+    const uint8_t *p1 = b + (g + 8) * slot + (int)((uintptr_t)(w + (row0 + g + 8) * row_bytes + c0 * BB) & 15);
+    for (int cb = warp; cb < nb; cb += W) { // uniform over the warp: every lane reaches the mma
+      const int64_t c = c0 + cb;
+      q7_words<T> w0, w1;
+      q9_load<T>(w0, p0 + cb * BB, t, ok0);
+      q9_load<T>(w1, p1 + cb * BB, t, ok1);
+      uint32_t ha[4], hb[4];
+      const float s0 = q7_decode<T>(w0, ha), s1 = q7_decode<T>(w1, hb);
+      const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, a1[4] = {ha[2], hb[2], ha[3], hb[3]};
+#pragma unroll
+      for (int j = 0; j < NTL; j++) {
+        if (8 * j < n) { // uniform
+          const int tok = 8 * j + g, tk = 8 * j + 2 * t;
+          const uint4 X = tok < n ? g9_ldx<XS>(xs + (tok * nch + c) * 4 + t) : make_uint4(0u, 0u, 0u, 0u);
+          const float xi0 = tk < n ? g9_ldf<XS>(xinv + c * xst + tk) : 0.f;
+          const float xi1 = tk + 1 < n ? g9_ldf<XS>(xinv + c * xst + tk + 1) : 0.f;
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+          const uint32_t bx0[2] = {X.x, X.y}, bx1[2] = {X.z, X.w};
+          dec16_mma16816(d, a0, bx0);
+          dec16_mma16816(d, a1, bx1);
+          acc[j][0] += s0 * xi0 * d[0];
+          acc[j][1] += s0 * xi1 * d[1];
+          acc[j][2] += s1 * xi0 * d[2];
+          acc[j][3] += s1 * xi1 * d[3];
+        }
+      }
+    }
+    __syncthreads(); // every warp is done with buffer s & 1
+    if (s + 2 < ns) issue(s + 2);
+  }
+  // Partial sums: red[((warp * NTL + j) * 32 + lane) * 4 + e] over the (now idle) stage buffers.
+  float *red = reinterpret_cast<float *>(sm);
+#pragma unroll
+  for (int j = 0; j < NTL; j++) {
+    float *rw = red + ((warp * NTL + j) * 32 + lane) * 4;
+#pragma unroll
+    for (int e = 0; e < 4; e++) rw[e] = acc[j][e];
+  }
+  __syncthreads();
+  for (int i = tid; i < 128 * NTL; i += THREADS) { // (tile, row, token) = D element e of lane l
+    const int j = i >> 7, row = (i >> 3) & 15, tok8 = i & 7;
+    const int l = (row & 7) * 4 + (tok8 >> 1), e = (row >> 3) * 2 + (tok8 & 1);
+    const int64_t tok = 8 * j + tok8, R = row0 + row;
+    if (R < m && tok < n) {
+      float s = 0.f;
+      for (int v = 0; v < W; v++) s += red[((v * NTL + j) * 32 + l) * 4 + e];
+      if (bias) s += bias[R];
+      float *yp = y + tok * m + R;
+      *yp = accumulate ? *yp + s : s;
+    }
+  }
+}
+
+template <int T, int NTL, bool XS>
+__global__ void __launch_bounds__(GEMV9_WARPS * 32, 4)
+gemv9_kernel(float *__restrict__ y, const float *__restrict__ x, const uint4 *__restrict__ xs,
+             const float *__restrict__ xinv, const uint8_t *__restrict__ w, const uint8_t *w_end,
+             const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate, int kc,
+             int ns, int ch) {
+  DEC16_DYN_SMEM(uint8_t, sm);
+  pdl_trigger();
+  gemv9_rows<T, NTL, XS>(sm, blockIdx.x, y, x, xs, xinv, w, w_end, bias, n, k, m, row_bytes, accumulate, kc, ns, ch);
+}
+
+// Multi-weight v9 (orch_matmul_multi): part p owns CTAs [end[p-1], end[p])
+// and runs exactly gemv9_kernel's code on them (x staged once, or per CTA
+// for XS): bit-identical to separate launches.
+template <int T, int NTL, bool XS>
+__global__ void __launch_bounds__(GEMV9_WARPS * 32, 4)
+gemv9_multi_kernel(const gemv5_parts P, const float *__restrict__ x, const uint4 *__restrict__ xs,
+                   const float *__restrict__ xinv, int64_t n, int64_t k, int64_t row_bytes, int kc, int ns, int ch) {
+  DEC16_DYN_SMEM(uint8_t, sm);
+  pdl_trigger();
+  static_assert(GEMV_MAX_PARTS == 3, "part selection below");
+  const unsigned b = blockIdx.x;
+  const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0; // selects: a dynamic P.x[p] would copy P to local memory
+#define GEMV9_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
+  const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
+  const uint8_t *w = GEMV9_PICK(w);
+  const int64_t m = GEMV9_PICK(m);
+  gemv9_rows<T, NTL, XS>(sm, cta, GEMV9_PICK(y), x, xs, xinv, w, w + m * row_bytes, GEMV9_PICK(bias), n, k, m,
+                         row_bytes, 0, kc, ns, ch);
+#undef GEMV9_PICK
+}
+
+// Whether v9 stages x per CTA in shared memory (n <= 2 and small enough).
+static inline bool gemv9_use_xs(int64_t n, int64_t k) { return n <= 2 && gemv9_xs_bytes(n, k) <= GEMV9_XS_MAX_BYTES; }
+
+// xs_mode: -1 by gemv9_use_xs, 0 global staging, 1 per-CTA staging (tests).
+// scratch: gemv9_scratch(n, k) bytes (unused when x is staged per CTA).
+template <int T, int NTL, bool XS>
+static void launch_gemv9_t(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w,
+                           const float *bias, int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
+  const gemv9_geom g = gemv9_plan(type_block_bytes(T), k / 32);
+  const size_t sm = gemv9_smem(g, NTL, XS, n, k);
+  auto kern = gemv9_kernel<T, NTL, XS>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  uint32_t *xs = nullptr;
+  float *xinv = nullptr;
+  if constexpr (!XS) launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv, 8 * NTL);
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)16)), GEMV9_WARPS * 32, sm, st, y, x,
+                   reinterpret_cast<const uint4 *>(xs), xinv, w, w + m * rb, bias, n, k, m, rb, acc, g.kc, g.ns, g.ch);
+}
+
+template <int T, int NTL, bool XS>
+static void launch_gemv9_multi_t(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
+                                 int64_t k, int64_t rb) {
+  const gemv9_geom g = gemv9_plan(type_block_bytes(T), k / 32);
+  const size_t sm = gemv9_smem(g, NTL, XS, n, k);
+  auto kern = gemv9_multi_kernel<T, NTL, XS>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  uint32_t *xs = nullptr;
+  float *xinv = nullptr;
+  if constexpr (!XS) launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv, 8 * NTL);
+  unsigned total = 0;
+  for (int p = 0; p < count; p++) {
+    total += (unsigned)ceil_div(P.m[p], (int64_t)16);
+    P.end[p] = total;
+  }
+  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
+  DEC16_LAUNCH_PDL(kern, dim3(total), GEMV9_WARPS * 32, sm, st, P, x, reinterpret_cast<const uint4 *>(xs), xinv, n, k,
+                   rb, g.kc, g.ns, g.ch);
+}
+
+// n <= 64 tokens. xs_mode: -1 by gemv9_use_xs, 0 global staging, 1 per-CTA staging (n <= 8).
+template <int T>
+static void launch_gemv9(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w, const float *bias,
+                         int64_t n, int64_t k, int64_t m, int64_t rb, int acc, int xs_mode = -1) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const bool xsm = xs_mode < 0 ? gemv9_use_xs(n, k) : xs_mode == 1 && n <= 8;
+    if (xsm) launch_gemv9_t<T, 1, true>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
+    else if (n <= 8) launch_gemv9_t<T, 1, false>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
+    else if (n <= 16) launch_gemv9_t<T, 2, false>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
+    else if (n <= 32) launch_gemv9_t<T, 4, false>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
+    else launch_gemv9_t<T, 8, false>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
+  }
+}
+
+template <int T>
+static void launch_gemv9_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
+                               int64_t k, int64_t rb, int xs_mode = -1) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const bool xsm = xs_mode < 0 ? gemv9_use_xs(n, k) : xs_mode == 1 && n <= 8;
+    if (xsm) launch_gemv9_multi_t<T, 1, true>(st, scratch, P, count, x, n, k, rb);
+    else if (n <= 8) launch_gemv9_multi_t<T, 1, false>(st, scratch, P, count, x, n, k, rb);
+    else if (n <= 16) launch_gemv9_multi_t<T, 2, false>(st, scratch, P, count, x, n, k, rb);
+    else if (n <= 32) launch_gemv9_multi_t<T, 4, false>(st, scratch, P, count, x, n, k, rb);
+    else launch_gemv9_multi_t<T, 8, false>(st, scratch, P, count, x, n, k, rb);
+  }
 }
 
 // F32 weights, small m (routers: gpt-oss 2880 -> 32), n <= 8: the v1 GEMV

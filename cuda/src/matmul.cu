@@ -502,7 +502,27 @@ static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 // With ORCH_CUDA_GEMV unset (gemv_auto) that is the routing, for every m
 // (the LM head too) and k (v7 stages x in global scratch: no shared-memory
 // limit on k); ORCH_CUDA_GEMV=vN pins version N where it applies.
-enum { GR_F32ROWS, GR_V8, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2 };
+enum { GR_F32ROWS, GR_V9, GR_V8, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2, GR_NONE };
+// GEMV v9 (gemv16.cuh; session 4): v7's tensor-core arithmetic with the
+// weights copied to shared memory by cp.async (the CTA's whole tile in
+// flight) and up to 8 token tiles per weight decode, so one GEMV serves
+// n <= 64. Routed (ORCH_CUDA_GEMV unset) for every n <= 64 of Q8_0 / Q4_0 /
+// MXFP4 but the LM head's n <= 2 (m >= 32768: v5 is at ~90% of its floor
+// there); ORCH_CUDA_GEMV=v9 pins it. orch_matmul keeps its contract (n > 8:
+// the dequantize + cuBLAS GEMM); n = 9..64 reaches v9 through
+// orch_matmul_multi (count 1 or more), which the Go side calls for those n
+// (sdk/ml/cuda/ops.go gemvMaxN mirrors gemv_max_n). With any other version
+// pinned, or ORCH_CUDA_GEMM=v1 (the session-2 paths), multi declines n > 8.
+static bool gemm_v1_env() {
+  static const bool v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMM");
+    return e && strcmp(e, "v1") == 0;
+  }();
+  return v;
+}
+static bool gemv9_on(const orch_ctx *ctx) { return ctx->gemv == 9 || (ctx->gemv_auto && !gemm_v1_env()); }
+static int64_t gemv_max_n(const orch_ctx *ctx) { return gemv9_on(ctx) ? 64 : 8; }
+static bool gemv9_auto(int64_t n, int64_t m) { return !(m >= 32768 && n <= 2); }
 static int gemv7_min_n(int wtype) { return wtype == ORCH_T_MXFP4 ? 4 : 3; }
 static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int64_t m, int64_t rb) {
   // v4 and up read whole aligned 32-bit words, up to 3 bytes past a block:
@@ -510,7 +530,9 @@ static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int6
   const int nt4 = n == 1 ? 1 : n == 2 ? 2 : 4, nt8 = n <= 4 ? nt4 : 8; // token tiles of v4 / v5-v6
   const bool wordok = (m * rb) % 4 == 0 && gemv3_type(wtype);
   const bool f16ok = wordok && dec16_smem(k, nt8) <= GEMV3_MAX_SMEM;
+  if (n > 8) return wordok && n <= gemv_max_n(ctx) ? GR_V9 : GR_NONE; // else the GEMM path
   if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) return GR_F32ROWS;
+  if (wordok && (ctx->gemv == 9 || (gemv9_on(ctx) && gemv9_auto(n, m)))) return GR_V9;
   if (wordok && ctx->gemv == 8) return GR_V8; // opt-in: v7 with two rounds of loads in flight, 4-warp CTAs
   if (wordok && (ctx->gemv == 7 || (ctx->gemv_auto && n >= gemv7_min_n(wtype)))) return GR_V7;
   // v6 (opt-in) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
@@ -538,8 +560,11 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
   if (n == 0) return ORCH_OK;
   const int64_t rb = orch_row_bytes(wtype, k);
   const uint8_t *wb = (const uint8_t *)w;
-  if (n <= 8) {
-    switch (gemv_route(ctx, wtype, n, k, m, rb)) {
+  // n > 8: the GEMM below (v9 for 9 <= n <= 64 is reached through
+  // orch_matmul_multi, which the Go side calls for it: sdk/ml/cuda/ops.go).
+  const int route = n <= 8 ? gemv_route(ctx, wtype, n, k, m, rb) : GR_NONE;
+  if (route != GR_NONE) {
+    switch (route) {
     case GR_F32ROWS:
       launch_gemv_f32_rows(ctx->stream, y, x, (const float *)w, bias, n, k, m, accumulate);
       break;
@@ -550,6 +575,13 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
       if (rc != ORCH_OK) return rc;
       if (ctx->gemv == 8) ORCH_DISPATCH_TYPE(wtype, launch_gemv8, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
       else ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
+      break;
+    }
+    case GR_V9: { // v9 (gemv16.cuh): x staged to scratch, or per CTA for n <= 2
+      void *scr = nullptr;
+      int rc = orch_scratch(ctx, gemv9_scratch(n, k), &scr);
+      if (rc != ORCH_OK) return rc;
+      ORCH_DISPATCH_TYPE(wtype, launch_gemv9, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
       break;
     }
     case GR_V6: ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
@@ -630,11 +662,11 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
   // otherwise the caller launches the parts one by one.
   const int64_t rb = orch_row_bytes(wtype, k);
   int route = -1;
-  bool ok = n >= 1 && n <= 8 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x);
+  bool ok = n >= 1 && n <= gemv_max_n(ctx) && gemv3_type(wtype) && k % 32 == 0 && aligned16(x);
   gemv5_parts P = {};
   for (int p = 0; ok && p < count; p++) {
     const int r = gemv_route(ctx, wtype, n, k, parts[p].m, rb);
-    ok = (r == GR_V5 || r == GR_V7 || r == GR_V8) && (route < 0 || r == route) && aligned16(parts[p].w);
+    ok = (r == GR_V5 || r == GR_V7 || r == GR_V8 || r == GR_V9) && (route < 0 || r == route) && aligned16(parts[p].w);
     route = r;
     P.w[p] = (const uint8_t *)parts[p].w;
     P.bias[p] = parts[p].bias;
@@ -642,11 +674,16 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
     P.m[p] = parts[p].m;
   }
   if (!ok) {
-    orch_set_error("matmul_multi: not one v5 / v7 GEMV path for all parts (type %d, n=%lld, k=%lld)", wtype,
+    orch_set_error("matmul_multi: not one v5 / v7 / v9 GEMV path for all parts (type %d, n=%lld, k=%lld)", wtype,
                    (long long)n, (long long)k);
     return ORCH_ERR_UNSUPPORTED;
   }
-  if (route == GR_V7 || route == GR_V8) {
+  if (route == GR_V9) {
+    void *scr = nullptr;
+    int rc = orch_scratch(ctx, gemv9_scratch(n, k), &scr);
+    if (rc != ORCH_OK) return rc;
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv9_multi, ctx->stream, scr, P, count, x, n, k, rb)
+  } else if (route == GR_V7 || route == GR_V8) {
     void *scr = nullptr;
     int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;

@@ -2,6 +2,7 @@
 // selected, as gpt-oss) and the weighted combine of the expert outputs.
 // The expert matmuls themselves are orch_moe_matmul in matmul.cu.
 #include "common.cuh"
+#include "moe_route.cuh"
 
 constexpr int TOPK_MAX = 16;
 
@@ -55,47 +56,24 @@ __global__ void moe_topk_kernel(int32_t *ids, float *wts, const float *logits, i
   }
 }
 
-// MoE v6 routing for n_exp <= 32 (gpt-oss: 32): lane e holds logit e; its
-// rank in the order moe_topk_kernel's rounds pick (greater value first, ties
-// to the lower index) comes from 32 independent broadcasts, instead of k
-// dependent rounds of a 5-step shuffle arg-max; the k selected values are then
-// gathered in rank order (one ballot + shuffle per rank) and every lane forms
-// the same p[r] = exp(sel[r] - sel[0]) and their sum in rank order — the
-// expressions of moe_topk_kernel, so ids and weights are identical for every
-// row without NaN logits (a NaN is never picked here; there it could make a
-// round pick nothing). Checked against moe_topk_kernel in cuda/test/moe_emu_test.cpp.
+// MoE v6 routing for n_exp <= 32 (gpt-oss: 32): one warp per row,
+// moe_topk32_warp (moe_route.cuh: lane ranks instead of k dependent rounds of
+// a shuffle arg-max; ids and weights identical to moe_topk_kernel's for every
+// row without NaN logits). Checked against moe_topk_kernel in
+// cuda/test/moe_emu_test.cpp.
 __global__ void moe_topk32_kernel(int32_t *ids, float *wts, const float *logits, int64_t n, int n_exp, int k) {
   pdl_trigger();
   pdl_wait();
   const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= n) return; // uniform over the warp
-  const bool mine = lane < n_exp;
-  const float v = mine ? logits[row * n_exp + lane] : 0.f;
-  int rank = 0;
-#pragma unroll
-  for (int j = 0; j < 32; j++) {
-    const float o = __shfl_sync(0xffffffffu, v, j);
-    rank += (j < n_exp && (o > v || (o == v && j < lane))) ? 1 : 0;
-  }
-  const bool cand = mine && v == v; // NaN: never picked
-  float mx = 0.f, sum = 0.f, myp = 0.f;
-  int myid = 0x7fffffff;
-  for (int r = 0; r < k; r++) {
-    const unsigned b = __ballot_sync(0xffffffffu, cand && rank == r);
-    const int src = b ? __ffs((int)b) - 1 : 0;
-    const float sv = b ? __shfl_sync(0xffffffffu, v, src) : -INFINITY; // b is uniform; none left: as moe_topk_kernel
-    if (r == 0) mx = sv;
-    const float p = __expf(sv - mx);
-    sum += p;
-    if (lane == r) {
-      myp = p;
-      myid = b ? src : 0x7fffffff;
-    }
-  }
+  const float v = lane < n_exp ? logits[row * n_exp + lane] : 0.f;
+  int myid;
+  float myw;
+  moe_topk32_warp(v, lane, n_exp, k, myid, myw);
   if (lane < k) {
     ids[row * k + lane] = myid;
-    wts[row * k + lane] = myp / sum;
+    wts[row * k + lane] = myw;
   }
 }
 

@@ -21,6 +21,39 @@
 
 #include "emu_decode_shims.h"
 
+// cp.async for GEMV v9: per thread, open copies and committed groups;
+// wait_group(N) lands every group but the newest N (the latest moment the
+// hardware may), so a missing wait or barrier reads the garbage of emu_launch.
+struct EmuCopy {
+  void *dst;
+  const void *src;
+  int bytes;
+};
+inline std::vector<EmuCopy> g_open[EMU_MAX_THREADS];
+inline std::vector<std::vector<EmuCopy>> g_groups[EMU_MAX_THREADS];
+inline void gemv9_emu_cp_async(void *dst, const void *src, int bytes) {
+  const unsigned char *d = (const unsigned char *)dst;
+  CHECK(d >= attn_tc::smem && d + 16 <= attn_tc::smem + g_smem_bytes, "cp.async destination outside shared memory");
+  CHECK(((uintptr_t)dst & 15) == 0 && ((uintptr_t)src & 15) == 0, "cp.async 16: unaligned %p <- %p", dst, src);
+  CHECK(bytes > 0 && bytes <= 16, "cp.async src-size %d", bytes);
+  g_open[threadIdx.x].push_back({dst, src, bytes});
+}
+inline void gemv9_emu_commit() {
+  g_groups[threadIdx.x].push_back(std::move(g_open[threadIdx.x]));
+  g_open[threadIdx.x].clear();
+}
+inline void gemv9_emu_wait(int n) {
+  auto &gs = g_groups[threadIdx.x];
+  while ((int)gs.size() > n) {
+    for (const EmuCopy &c : gs.front()) {
+      std::memcpy(c.dst, c.src, (size_t)c.bytes);
+      std::memset((char *)c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
+    }
+    gs.erase(gs.begin());
+  }
+}
+#define GEMV9_EMU_CP_ASYNC 1
+
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
 #include "../src/moe_ffn.cu"
@@ -157,10 +190,53 @@ static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accum
               (long long)k, (long long)m, n, bias, accumulate, e);
 }
 
+// GEMV v9 (cp.async weight tiles, up to 8 token tiles per decode) against
+// float64 (v7's bound: only x's fp16 rounding), and bit for bit: every
+// token's outputs equal a run of that token alone (n = 1: the per-CTA x
+// staging), so tile counts, the XS staging and ragged token tiles cannot
+// change a result. xs_mode as launch_gemv9.
+static void test_gemv9(int t, int64_t k, int64_t m, int n, bool bias, bool accumulate, int xs_mode = -1) {
+  QW w;
+  make_weight(w, t, k, m);
+  const auto x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f), y0 = randv((size_t)(n * m), 1.f);
+  std::vector<double> want((size_t)(n * m));
+  for (int j = 0; j < n; j++)
+    for (int64_t r = 0; r < m; r++) {
+      double s = (bias ? bv[(size_t)r] : 0.0) + (accumulate ? y0[(size_t)(j * m + r)] : 0.0);
+      for (int64_t c = 0; c < k; c++) s += w.val[(size_t)(r * k + c)] * x[(size_t)(j * k + c)];
+      want[(size_t)(j * m + r)] = s;
+    }
+  const int64_t rb = orch_row_bytes(t, k);
+  Buf<float> bx(x), bb(bv), y(y0);
+  Buf<uint8_t> scratch(gemv9_scratch(n, k), 0xAB); // garbage: every read byte must have been staged
+  ORCH_DISPATCH_TYPE(t, launch_gemv9, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m, rb,
+                     accumulate, xs_mode)
+  const double e = rel_l2(y.vec(), want);
+  EXPECT(e <= 5e-4, "GEMV v9 %s k=%lld m=%lld n=%d xs=%d: relative error %.3g", tname(t), (long long)k, (long long)m, n,
+         xs_mode, e);
+  // Tokens 0, n/2 and n-1 alone (x row, y0 row).
+  for (int j : {0, n / 2, n - 1}) {
+    std::vector<float> x1(x.begin() + (size_t)j * k, x.begin() + (size_t)(j + 1) * k),
+        y1(y0.begin() + (size_t)j * m, y0.begin() + (size_t)(j + 1) * m);
+    Buf<float> bx1(x1), by1(y1);
+    Buf<uint8_t> scr1(gemv9_scratch(1, k), 0xAB);
+    ORCH_DISPATCH_TYPE(t, launch_gemv9, nullptr, scr1.p, by1.p, bx1.p, w.bytes, bias ? bb.p : nullptr, 1, k, m, rb,
+                       accumulate, -1)
+    EXPECT(std::memcmp(by1.p, y.p + (size_t)j * m, sizeof(float) * m) == 0,
+           "GEMV v9 %s k=%lld m=%lld n=%d: token %d differs from its n=1 run", tname(t), (long long)k, (long long)m, n,
+           j);
+  }
+  const gemv9_geom g = gemv9_plan(type_block_bytes(t), k / 32);
+  std::printf("GEMV v9 %-5s k=%-4lld m=%-5lld n=%-2d bias=%d acc=%d xs=%-2d stages=%d: relative error %.2e, tokens == "
+              "their n=1 runs\n",
+              tname(t), (long long)k, (long long)m, n, bias, accumulate, xs_mode, g.ns, e);
+}
+
 // Multi-weight GEMV (orch_matmul_multi's kernels, v5 and v7): parts of
 // different row counts sharing x, each output bit-identical to its own
 // launch_gemv5 / launch_gemv7.
-static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bool v7 = false, bool v8 = false) {
+static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bool v7 = false, bool v8 = false,
+                            bool v9 = false) {
   std::vector<std::unique_ptr<QW>> ws;
   const auto x = randv((size_t)(n * k), 1.f);
   Buf<float> bx(x);
@@ -178,12 +254,16 @@ static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bo
     P.m[p] = ms[p];
   }
   const int64_t rb = orch_row_bytes(t, k);
-  Buf<uint8_t> scratch(gemv7_scratch(n, k), 0xAB);
-  if (v8) ORCH_DISPATCH_TYPE(t, launch_gemv8_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
+  Buf<uint8_t> scratch(v9 ? gemv9_scratch(n, k) : gemv7_scratch(n, k), 0xAB);
+  if (v9) ORCH_DISPATCH_TYPE(t, launch_gemv9_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb, -1)
+  else if (v8) ORCH_DISPATCH_TYPE(t, launch_gemv8_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
   else if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
   else ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), bx.p, n, k, rb)
   for (size_t p = 0; p < ms.size(); p++) {
-    if (v8)
+    if (v9)
+      ORCH_DISPATCH_TYPE(t, launch_gemv9, nullptr, scratch.p, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb,
+                         0, -1)
+    else if (v8)
       ORCH_DISPATCH_TYPE(t, launch_gemv8, nullptr, scratch.p, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb,
                          0)
     else if (v7)
@@ -191,12 +271,12 @@ static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bo
                          0)
     else ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb, 0)
     EXPECT(std::memcmp(ym[p]->p, ys[p]->p, sizeof(float) * ym[p]->n) == 0,
-           "GEMV v%d multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", v8 ? 8 : v7 ? 7 : 5, p, tname(t), (long long)k,
+           "GEMV v%d multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", v9 ? 9 : v8 ? 8 : v7 ? 7 : 5, p, tname(t), (long long)k,
            (long long)ms[p], n);
     for (size_t i = 0; i < ym[p]->n; i++)
       EXPECT(std::isfinite(ym[p]->p[i]), "GEMV v5 multi part %zu: y[%zu] not written", p, i);
   }
-  std::printf("GEMV v%d multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", v8 ? 8 : v7 ? 7 : 5,
+  std::printf("GEMV v%d multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", v9 ? 9 : v8 ? 8 : v7 ? 7 : 5,
               tname(t), (long long)k, ms.size(), n);
 }
 
@@ -360,6 +440,26 @@ int main(int argc, char **argv) {
     test_gemv7(t, 1024, 20, 8, true, false, 8); // v8: four rounds of 4 warps x 2, double-buffered
     test_gemv7(t, 96, 36, 3, false, true, 8);   // v8: one partial round
   }
+  // GEMV v9: every type; n = 1..64 incl. odd counts and ragged token tiles (9, 17, 33, 63); per-CTA and global
+  // x staging; one stage (whole tile) and several (k = 4096 Q8_0, 6400 MXFP4: 3); ragged 16-row CTAs.
+  for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
+    test_gemv9(t, 96, 36, 1, true, false);       // per-CTA x staging; 3 blocks: warps without blocks
+    test_gemv9(t, 96, 36, 2, false, true, 0);    // global staging at n = 2
+    test_gemv9(t, 128, 20, 9, true, true);       // 2 tiles, the second with one token
+    test_gemv9(t, 64, 24, 33, false, false);     // 8 tiles (NTL 8), the last 4 empty
+  }
+  test_gemv9(ORCH_T_Q8_0, 4096, 20, 17, true, false);  // 3 stages (a ring of 2 buffers), NTL 4
+  test_gemv9(ORCH_T_Q8_0, 4096, 18, 1, false, true);   // 3 stages, per-CTA staging
+  test_gemv9(ORCH_T_MXFP4, 6400, 16, 3, true, false);  // 3 stages
+  test_gemv9(ORCH_T_Q4_0, 160, 40, 63, true, true);
+  test_gemv9(ORCH_T_Q8_0, 96, 17, 64, false, false);
+  test_gemv9(ORCH_T_MXFP4, 96, 33, 8, true, false, 1); // per-CTA staging at n = 8 (tests only)
+  if (long_run)
+    for (int n = 1; n <= 64; n++) test_gemv9(n % 3 == 0 ? ORCH_T_MXFP4 : n % 3 == 1 ? ORCH_T_Q8_0 : ORCH_T_Q4_0, 128, 20, n,
+                                             n & 1, n % 4 == 2);
+  test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 1, false, false, true); // v9, per-CTA staging
+  test_gemv_multi(ORCH_T_MXFP4, 64, {16, 32}, 20, false, false, true);  // v9, 3 tiles of 8 (NTL 4)
+  test_gemv_multi(ORCH_T_Q4_0, 4096, {8, 20}, 5, false, false, true);   // v9, 3 stages
   test_rope2(1);
   test_rope2(0);
   test_norm<false, 12>(2, 2880, true, true); // gpt-oss width

@@ -23,9 +23,10 @@
 
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
-#include "../src/moe_ffn.cu"
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __shfl_xor_sync(unsigned m, int v, int o) { return (int)__shfl_xor_sync(m, (unsigned)v, o); }
+inline int __shfl_sync(unsigned m, int v, int src) { return (int)__shfl_sync(m, (long long)v, src); }
+#include "../src/moe_ffn.cu"
 #include "../src/moe.cu"
 #undef warp_sum
 #undef warp_max
@@ -222,6 +223,66 @@ static void test_topk() {
   std::printf("top-k v6 (lane ranks): ids and weights identical to v4 in %d configurations (ties, -inf)\n", cases);
 }
 
+// MoE v7 (orch_moe_ffn_route: top-k folded into the expert kernels) against
+// v6's orch_moe_topk + orch_moe_ffn on the same router logits: ids, weights
+// and output identical bit for bit; also with down's speculative (logit-routed)
+// experts all wrong (the re-check after pdl_wait must reload them).
+static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, float limit = 7.f) {
+  QW gate, up, down;
+  make_weight(gate, t, dim, ff * ne);
+  make_weight(up, t, dim, ff * ne);
+  make_weight(down, t, ff, dim * ne);
+  const auto x = randv((size_t)(n * dim), 1.f);
+  const auto gbv = randv((size_t)(ff * ne), 1.f), ubv = randv((size_t)(ff * ne), 1.f),
+             dbv = randv((size_t)(dim * ne), 1.f);
+  std::vector<float> lg((size_t)(n * ne));
+  for (size_t i = 0; i < lg.size(); i++) { // ties and -inf included
+    const unsigned r = (unsigned)rng() % 10;
+    lg[i] = r == 0 ? -INFINITY : r < 3 ? (float)(rng() % 3) : std::normal_distribution<float>(0.f, 2.f)(rng);
+  }
+  Buf<float> bx(x), bgb(gbv), bub(ubv), bdb(dbv), bl(lg);
+  auto gp = [&](Buf<float> &b) { return bias ? b.p : nullptr; };
+  // v6: top-k kernel, then the fused FFN.
+  std::vector<int32_t> id6;
+  std::vector<float> w6, o6;
+  {
+    orch_ctx ctx;
+    ctx.moe = 6;
+    Buf<int32_t> ib((size_t)(n * topk), -1);
+    Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN);
+    EXPECT(orch_moe_topk(&ctx, ib.p, wb.p, bl.p, n, ne, topk) == ORCH_OK, "moe_topk: %s", g_err);
+    EXPECT(orch_moe_ffn_route(&ctx, out.p, bx.p, bl.p, ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb), gp(bub),
+                              down.bytes, t, gp(bdb), act.p, n, topk, dim, ff, 1.702f, limit) == ORCH_ERR_UNSUPPORTED,
+           "moe_ffn_route must decline under v6");
+    EXPECT(orch_moe_ffn(&ctx, out.p, bx.p, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb), gp(bub), down.bytes, t,
+                        gp(bdb), act.p, n, topk, dim, ff, 1.702f, limit) == ORCH_OK,
+           "moe_ffn v6: %s", g_err);
+    id6 = ib.vec();
+    w6 = wb.vec();
+    o6 = out.vec();
+  }
+  const bool stale = dim * ff <= 64 * 64;
+  for (int pass = 0; pass < (stale ? 2 : 1); pass++) {
+    orch_ctx ctx;
+    ctx.moe = 7;
+    Buf<int32_t> ib((size_t)(n * topk), -1);
+    Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN);
+    if (pass) g_moe6_stale_id = id6[0] == 0 ? 1 : 0;
+    const int rc = orch_moe_ffn_route(&ctx, out.p, bx.p, bl.p, ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb),
+                                      gp(bub), down.bytes, t, gp(bdb), act.p, n, topk, dim, ff, 1.702f, limit);
+    g_moe6_stale_id = -1;
+    EXPECT(rc == ORCH_OK, "moe_ffn_route v7 rc %d (%s)", rc, g_err);
+    EXPECT(ib.vec() == id6, "v7 ids differ from orch_moe_topk's (%s n=%d top-%d of %d)", tname(t), n, topk, ne);
+    const auto w7 = wb.vec(), o7 = out.vec();
+    EXPECT(std::memcmp(w7.data(), w6.data(), w6.size() * 4) == 0, "v7 weights differ from orch_moe_topk's");
+    EXPECT(std::memcmp(o7.data(), o6.data(), o6.size() * 4) == 0,
+           "MoE v7 != v6 bit for bit (%s dim=%lld ff=%lld top-%d n=%d%s)", tname(t), (long long)dim, (long long)ff,
+           topk, n, pass ? ", stale speculative routing" : "");
+  }
+  std::printf("MoE v7 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids, weights, output = v6's bit for bit%s\n",
+              tname(t), (long long)dim, (long long)ff, topk, ne, n, bias, stale ? " (also with stale speculative routing)" : "");
+}
+
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
   test_decoder();
@@ -235,6 +296,10 @@ int main(int argc, char **argv) {
   test_moe(ORCH_T_MXFP4, 64, 64, 8, 4, 8, true, true); // 8 tokens: 32 pairs, 4 staged rows per down CTA
   test_moe(ORCH_T_MXFP4, 64, 32, 5, 1, 2, true, false); // one slot: a single down item per warp
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0}) test_moe(t, 64, 64, 4, 4, 2, true, true, INFINITY); // chunk-scaled down
+  for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) test_route(t, 64, 64, 8, 4, 3, true);
+  test_route(ORCH_T_MXFP4, 96, 32, 32, 4, 2, false); // 32 experts (a full warp of logits), no biases
+  test_route(ORCH_T_MXFP4, 64, 32, 5, 1, 2, true); // one slot
+  test_route(ORCH_T_MXFP4, 64, 64, 4, 2, 9, true, INFINITY); // chunk-scaled down staging
   if (long_run) { // ~3 min on 2 cores
     test_moe(ORCH_T_MXFP4, 3200, 32, 2, 2, 1, true, true); // 100 chunks: 2 rounds of blocks per lane (gate/up)
     test_moe(ORCH_T_MXFP4, 32, 3200, 2, 2, 1, true, false); // ... (down: items = slot x round)

@@ -105,6 +105,8 @@ type lib struct {
 	commAsyncError   func(comm uintptr) int32
 	commAbort        func(comm uintptr) int32
 	commDestroy      func(comm uintptr) int32
+	// MoE v7: routing folded into the fused expert FFN (orch_moe_ffn_route).
+	moeFFNRoute func(ctx, out, x, logits uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
@@ -209,6 +211,7 @@ func (l *lib) bind() (err error) {
 		{&l.commUniqueID, "orch_comm_unique_id"}, {&l.commInit, "orch_comm_init"},
 		{&l.commAllreduceF32, "orch_comm_allreduce_f32"}, {&l.commAsyncError, "orch_comm_async_error"},
 		{&l.commAbort, "orch_comm_abort"}, {&l.commDestroy, "orch_comm_destroy"},
+		{&l.moeFFNRoute, "orch_moe_ffn_route"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {

@@ -467,6 +467,17 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	}
 	N, K := int64(n), int32(k)
 	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, N, int64(dim), int64(ne), 0))
+	grouped := !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt)
+	if !grouped && gate.dt == up.dt && b.err == nil {
+		// MoE v7: top-k folded into the expert kernels (declines below v7,
+		// for more than 32 experts, and where orch_moe_ffn would).
+		rc := b.l.moeFFNRoute(b.ctx, d.ptr, xx.ptr, logits, int32(ne), ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb,
+			ub, down.ptr, int32(down.dt), db, g, N, K, int64(dim), int64(ff), m.Alpha, m.Limit)
+		if rc != stUnsupported {
+			b.call(op, rc)
+			return
+		}
+	}
 	b.call(op, b.l.moeTopK(b.ctx, ids, wts, logits, N, int32(ne), K))
 	// Fused expert FFN (gate+up+act, then down+bias+combine: two launches);
 	// the library declines (stUnsupported) for types/shapes it does not fuse
@@ -474,7 +485,7 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	if b.err != nil {
 		return
 	}
-	if !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt) {
+	if grouped {
 		// Grouped GEMMs: bf16 activations in moe.gate (4*ff*k*n bytes, twice
 		// what they need), the per-pair down output in moe.down.
 		xg := b.scratchBuf("moe.xg", 2*dim*k*n)
