@@ -123,7 +123,12 @@ int64_t orch_row_bytes(int32_t t, int64_t k);
  * same fp16-decode GEMV (v5, or the tensor-core v7 with x staged once) for
  * every part: n <= 8, Q8_0/Q4_0/MXFP4, ...; the caller then launches the
  * parts separately. No y may overlap x, a
- * weight, a bias or another y. */
+ * weight, a bias or another y.
+ * Session 4: with GEMV v9 routed (ORCH_CUDA_GEMV unset or v9, ORCH_CUDA_GEMM
+ * not v1) it also takes 9 <= n <= 64 (Q8_0/Q4_0/MXFP4, m * row bytes a
+ * multiple of 4), count 1 included — the decode GEMV for several streams,
+ * which orch_matmul (n > 8: GEMM) does not run; each y is then bit-identical
+ * to a count-1 call. */
 typedef struct {
   const void *w;
   const float *bias;

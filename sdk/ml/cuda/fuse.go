@@ -65,12 +65,13 @@ func (b *Backend) flush() {
 	}
 	p := &b.pend
 	switch {
-	case p.mm == 1:
+	case p.mm == 1 && p.n <= 8:
 		q := p.parts[0]
 		b.call("matmul", b.l.matmul(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, 0))
-	case p.mm > 1:
+	case p.mm >= 1: // several parts, or one of n > 8 (GEMV v9 only through orch_matmul_multi)
 		rc := b.l.matmulMulti(b.ctx, p.x, p.wtype, p.n, p.k, int32(p.mm), &p.parts[0])
 		if rc == stUnsupported { // not the v5 GEMV for every part: one launch each, as without merging
+			// (n > 8: orch_matmul's GEMM, the v9 GEMV's fallback)
 			for _, q := range p.parts[:p.mm] {
 				b.call("matmul", b.l.matmul(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, 0))
 			}
@@ -91,7 +92,7 @@ func (b *Backend) flush() {
 // holdMatMul queues y = x·W^T + bias (validated, no accumulate) for merging
 // and reports whether it did; false: the caller launches it now.
 func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
-	if !fuseOps || n < 1 || n > 8 || !qgemmType(w.dt) {
+	if !fuseOps || n < 1 || n > gemvMaxN() || !qgemmType(w.dt) {
 		b.flush()
 		return false
 	}

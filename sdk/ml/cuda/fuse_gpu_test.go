@@ -296,17 +296,19 @@ func TestPDLChain(t *testing.T) {
 	}
 }
 
-// TestGEMVv7 re-runs GEMV-dependent tests under ORCH_CUDA_GEMV=v7 and v8
-// (the tensor-core GEMV pinned for every n, and its double-buffered variant;
-// the library reads the variable once per process, so in child processes):
-// every quantized MatMul of n <= 8 then goes through mma.sync, checked
-// against the CPU backend at the fp16-GEMV bound.
+// TestGEMVv7 re-runs GEMV-dependent tests under ORCH_CUDA_GEMV=v5, v7 and
+// v8 (the tensor-core GEMV pinned for every n, and its double-buffered
+// variant; v5, the fp16 GEMV that the default routing (v9 since session 4)
+// no longer takes below the LM head's size; the library reads the variable
+// once per process, so in child processes): every quantized MatMul of n <= 8
+// then goes through that kernel (and n > 8 through the GEMM), checked
+// against the CPU backend.
 func TestGEMVv7(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_GEMV"); v != "" {
 		t.Skipf("ORCH_CUDA_GEMV=%s pins this process; the v7 child runs from an unpinned one", v)
 	}
 	// (kept short for the suite's time budget)
-	for _, v := range []string{"v7", "v8"} {
+	for _, v := range []string{"v5", "v7", "v8"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^(TestMatMul|TestFusedLaunches|TestPDLChain)$", "-test.v")
 		cmd.Env = append(os.Environ(), "ORCH_CUDA_GEMV="+v)
 		outp, err := cmd.CombinedOutput()

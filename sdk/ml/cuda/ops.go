@@ -39,6 +39,25 @@ var (
 
 func qgemmType(dt ml.DType) bool { return dt == ml.Q8_0 || dt == ml.Q4_0 || dt == ml.MXFP4 }
 
+// The decode GEMV for several streams (session 4, docs/perf-cuda.md Round 5):
+// GEMV v9 (cuda/src/gemv16.cuh) decodes each weight block once for up to 8
+// tiles of 8 tokens, so with it routed (ORCH_CUDA_GEMV unset or v9 and
+// ORCH_CUDA_GEMM not v1: the library's matmul.cu gemv_max_n) quantized
+// MatMuls of 9..gemvWideN tokens take the GEMV (through orch_matmul_multi,
+// merged with their siblings as for n <= 8) instead of the bf16 GEMM.
+const gemvWideN = 64
+
+// gemvWide is read once (the library reads ORCH_CUDA_GEMV once per process).
+var gemvWide = func() bool { v := os.Getenv("ORCH_CUDA_GEMV"); return v == "" || v == "v9" }()
+
+// gemvMaxN is the largest n a quantized MatMul sends to the decode GEMV.
+func gemvMaxN() int {
+	if gemvWide && !gemmV1 {
+		return gemvWideN
+	}
+	return 8
+}
+
 // arg checks an op operand and returns it, recording an error otherwise.
 func (b *Backend) arg(op, name string, t ml.Tensor, dt ml.DType) *tensor {
 	if b.err != nil {
@@ -203,6 +222,23 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	}
 	if !okb {
 		return
+	}
+	if n > 8 && n <= gemvMaxN() && qgemmType(ww.dt) {
+		// GEMV v9: held for merging, or one orch_matmul_multi part
+		// (orch_matmul runs the GEMM for n > 8); the library declines
+		// shapes v9 does not take, which go on to the GEMM below.
+		if b.holdMatMul(d, xx, ww, bp, n, in, out) {
+			return
+		}
+		part := gemvPart{w: ww.ptr, bias: bp, y: d.ptr, m: int64(out)}
+		dst := span{d.ptr, uintptr(d.bytes)}
+		if !dst.overlaps(span{xx.ptr, uintptr(xx.bytes)}) && !dst.overlaps(span{ww.ptr, uintptr(ww.bytes)}) &&
+			!dst.overlaps(span{bp, uintptr(4 * out)}) {
+			if rc := b.l.matmulMulti(b.ctx, xx.ptr, int32(ww.dt), int64(n), int64(in), 1, &part); rc != stUnsupported {
+				b.call(op, rc)
+				return
+			}
+		}
 	}
 	if !gemmV1 && n >= qgemmMinN && n <= qgemmMaxN && qgemmType(ww.dt) {
 		b.flush()

@@ -659,12 +659,14 @@ func perfChildren(t *testing.T, test, childVar string, settings, header []string
 	}
 }
 
-// TestPerfGEMVVersions times the decode GEMVs at n = 1, 2, 4, 8 and the MoE
-// decode (n = 1, 8) under GEMV v5 and v7 pinned (the default routes by n
-// between them), v8 (v7 with two rounds of loads in flight, opt-in) and MoE v5 (one-wave double-buffered gate_up,
-// opt-in, never timed before) — the library reads ORCH_CUDA_GEMV /
-// ORCH_CUDA_MOE once per process, so each runs in a child process on the
-// same card.
+// TestPerfGEMVVersions times the decode GEMVs at n = 1, 2, 4, 8, 16, 32, 64
+// and the MoE decode (n = 1, 8) under GEMV v5, v7 and v9 pinned and the
+// default routing (session 4: v9 for n <= 64 but the LM head's n <= 2) —
+// the library reads ORCH_CUDA_GEMV / ORCH_CUDA_MOE once per process, so each
+// runs in a child process on the same card. Under v5 / v7 pinned, n > 8 is
+// the bf16 GEMM (qgemm, n = 9..96: the pre-v9 route), so the table has the
+// old and the new path of every (shape, n) side by side; the path column
+// says which kernel ran.
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfGEMVVersions -test.v
 func TestPerfGEMVVersions(t *testing.T) {
@@ -676,7 +678,8 @@ func TestPerfGEMVVersions(t *testing.T) {
 			t.Skipf("ORCH_CUDA_GEMV / ORCH_CUDA_MOE pin this process; the timing runs from an unpinned one")
 		}
 		perfChildren(t, "TestPerfGEMVVersions", "ORCH_GEMV_SPEED_CHILD",
-			[]string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v8", "ORCH_CUDA_MOE=v5"}, nil, "perf-gemv.md")
+			[]string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV="},
+			[]string{"| setting | shape | path | median | floor | of floor |", "|---|---|---|---|---|---|"}, "perf-gemv.md")
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
@@ -693,13 +696,14 @@ func TestPerfGEMVVersions(t *testing.T) {
 		dt   ml.DType
 		k, m int
 	}{{"attn qkv", ml.Q8_0, 2880, 5120}, {"attn out", ml.Q8_0, 4096, 2880}, {"expert", ml.MXFP4, 2880, 2880},
-		{"llama qkv", ml.Q8_0, 4096, 6144}} {
-		const copies = 8
+		{"expert gate_up", ml.MXFP4, 2880, 5760}, {"llama qkv", ml.Q8_0, 4096, 6144},
+		{"llama gate/up", ml.Q8_0, 4096, 14336}, {"llama down", ml.Q8_0, 14336, 4096}} {
+		const copies = 8 // > the L2 (50-60 MB) for every shape but the small ones
 		ws := make([]ml.Tensor, copies)
 		for i := range ws {
 			ws[i] = mustW(t, r, sh.name, sh.dt, sh.k, sh.m)
 		}
-		for _, n := range []int{1, 2, 4, 8} {
+		for _, n := range []int{1, 2, 4, 8, 16, 32, 64} {
 			x := mustA(t, ml.F32, sh.k, n)
 			require.NoError(t, gpu.WriteF32(x, r.f32(sh.k*n)))
 			y := mustA(t, ml.F32, sh.m, n)
@@ -707,8 +711,15 @@ func TestPerfGEMVVersions(t *testing.T) {
 			ms := timeKernel(t, 20, 16, func() { gpu.MatMul(y, x, ws[i%copies], nil); i++ })
 			rb, _ := sh.dt.RowBytes(sh.k)
 			bytes := float64(rb*sh.m) + 4*float64(sh.k*n+sh.m*n)
-			t.Logf("| %s | GEMV %s %v %dx%d n=%d | %.4f ms | %.0f%% of the bytes floor |", label, sh.name, sh.dt, sh.k, sh.m,
-				n, ms, 100*bytes/peak*1e3/ms)
+			path := "GEMV"
+			if n > gemvMaxN() && n >= qgemmMinN && n <= qgemmMaxN {
+				path = "qgemm (bf16 GEMM)"
+			} else if n > gemvMaxN() {
+				path = "dequant + cuBLAS"
+			}
+			floor := bytes / peak * 1e3
+			t.Logf("| %s | %s %v %dx%d n=%d | %s | %.1f us | %.1f us | %.0f%% |", label, sh.name, sh.dt, sh.k, sh.m, n, path,
+				ms*1e3, floor*1e3, 100*floor/ms)
 			gpu.Free(x)
 			gpu.Free(y)
 		}
@@ -724,7 +735,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
 		y := mustA(t, ml.F32, d, n)
 		ms := timeKernel(t, 20, 16, func() { gpu.MoE(y, x, mo) })
-		t.Logf("| %s | moe decode gpt-oss n=%d | %.4f ms | |", label, n, ms)
+		t.Logf("| %s | moe decode gpt-oss n=%d | MoE | %.1f us | | |", label, n, ms*1e3)
 		gpu.Free(x)
 		gpu.Free(y)
 	}

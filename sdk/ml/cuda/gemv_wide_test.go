@@ -1,0 +1,58 @@
+package cuda
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/llama-orch/orch/sdk/ml"
+	"github.com/stretchr/testify/require"
+)
+
+// TestGEMVWideRoute: with GEMV v9 routed (gemvWide), quantized MatMuls of
+// 9..64 tokens go to orch_matmul_multi — merged with their siblings, or
+// alone as one part (orch_matmul would run the GEMM) — and 65 tokens or
+// ORCH_CUDA_GEMM=v1 (gemmV1) leave them on the old paths.
+func TestGEMVWideRoute(t *testing.T) {
+	defer func(f, w, g bool) { fuseOps, gemvWide, gemmV1 = f, w, g }(fuseOps, gemvWide, gemmV1)
+	fuseOps, gemvWide, gemmV1 = true, true, false
+	b, f := newFakeBackend(t)
+	const d = 64
+	for _, n := range []int{9, 16, 33, 64} {
+		x := fakeT(b, ml.F32, d, n)
+		wq, wk := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, 32)
+		yq, yk := fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, 32, n)
+		b.MatMul(yq, x, wq, nil)
+		b.MatMul(yk, x, wk, nil)
+		require.NoError(t, b.Sync())
+		require.Equal(t, []string{fmt.Sprintf("multi x=%x n=%d k=%d [%x/%d %x/32]", x.ptr, n, d, yq.ptr, d, yk.ptr), "sync"},
+			f.take(), "n=%d: merged", n)
+		b.MatMul(yq, x, wq, nil)
+		require.NoError(t, b.Sync())
+		require.Equal(t, []string{fmt.Sprintf("multi x=%x n=%d k=%d [%x/%d]", x.ptr, n, d, yq.ptr, d), "sync"}, f.take(),
+			"n=%d: one part through orch_matmul_multi", n)
+		// Without merging: the part goes straight to orch_matmul_multi.
+		fuseOps = false
+		b.MatMul(yq, x, wq, nil)
+		require.Equal(t, []string{fmt.Sprintf("multi x=%x n=%d k=%d [%x/%d]", x.ptr, n, d, yq.ptr, d)}, f.take(), "n=%d", n)
+		fuseOps = true
+	}
+	// The library declines (another GEMV pinned, unaligned rows): orch_matmul, one part at a time.
+	x := fakeT(b, ml.F32, d, 16)
+	w := fakeT(b, ml.MXFP4, d, d)
+	y := fakeT(b, ml.F32, d, 16)
+	f.multiRC = stUnsupported
+	b.MatMul(y, x, w, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=16", y.ptr, x.ptr), "sync"}, f.take())
+	f.multiRC = stOK
+	// ORCH_CUDA_GEMM=v1: the session-2 paths (orch_matmul's GEMM for n > 8), nothing held.
+	gemmV1 = true
+	require.Equal(t, 8, gemvMaxN())
+	b.MatMul(y, x, w, nil)
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=16", y.ptr, x.ptr)}, f.take())
+	gemmV1 = false
+	gemvWide = false // another GEMV version pinned
+	require.Equal(t, 8, gemvMaxN())
+	gemvWide = true
+	require.Equal(t, gemvWideN, gemvMaxN())
+}
