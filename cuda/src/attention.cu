@@ -31,9 +31,15 @@
 // CTA, V rows loaded in batches ahead of use) or, for the other head dims,
 // attn2 with the adaptive split; v7 (opt-in) = v6 with launch bounds for 4
 // CTAs/SM on the grouped kernel and programmatic dependent launch for the
-// KV write, the grouped kernel and the combine (attn_gd7_kernel).
+// KV write, the grouped kernel and the combine (attn_gd7_kernel); v8
+// (opt-in) = v7 in one launch (attn_gd8_kernel): a short row's heads spread
+// over the grid's idle split CTAs, and the last CTA of a (row, head group)
+// merges the splits (an atomic ticket) instead of a combine launch.
 #include <stdlib.h>
 #include <string.h>
+
+#include <mutex>
+#include <unordered_map>
 
 #include "common.cuh"
 #include "attention_kernels.cuh"
@@ -44,7 +50,7 @@ using namespace attn_k;
 bool attn_tc_supports(int head_dim);
 int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg);
 
-// ORCH_CUDA_ATTN v1..v7 as 1..7 (read once; v1 is also ctx->attn_v1);
+// ORCH_CUDA_ATTN v1..v8 as 1..8 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
 constexpr int ATTN_DEFAULT_VERSION = 6;
 static int attn_env_version() {
@@ -57,6 +63,7 @@ static int attn_env_version() {
     if (e && strcmp(e, "v5") == 0) return 5;
     if (e && strcmp(e, "v6") == 0) return 6;
     if (e && strcmp(e, "v7") == 0) return 7;
+    if (e && strcmp(e, "v8") == 0) return 8;
     return ATTN_DEFAULT_VERSION;
   }();
   return v;
@@ -204,6 +211,35 @@ static int attn_span_max(const orch_attn_args *a) {
   return span;
 }
 
+// v8's tickets (attn_gd8_kernel): one counter per (row, head group), zero
+// between launches (the kernel's last CTA of a group resets its counter). A
+// device array (zero when the module loads, per device; no allocation, so
+// nothing to do under graph capture), in ATTN8_SLOTS slots of ATTN8_TICKETS:
+// a context gets a slot on its first v8 launch, round-robin, so up to
+// ATTN8_SLOTS contexts of one device may run attention concurrently (one
+// stream each). A launch needing more than ATTN8_TICKETS counters (n_tok x
+// head groups; only grids with splits, i.e. < 2048 (row, kv head) pairs, use
+// them) takes the v7 path.
+constexpr int ATTN8_SLOTS = 16, ATTN8_TICKETS = 8192;
+__device__ unsigned g_attn8_tickets[ATTN8_SLOTS * ATTN8_TICKETS];
+
+static unsigned *attn8_tickets(orch_ctx *ctx) {
+  static std::mutex mu;
+  static std::unordered_map<orch_ctx *, std::pair<int, unsigned *>> slots; // ctx -> (device, tickets)
+  static int next = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = slots.find(ctx);
+  if (it != slots.end() && it->second.first == ctx->device) return it->second.second;
+  void *base = nullptr;
+  if (cudaGetSymbolAddress(&base, g_attn8_tickets) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  unsigned *t = (unsigned *)base + (size_t)(next++ % ATTN8_SLOTS) * ATTN8_TICKETS;
+  slots[ctx] = {ctx->device, t};
+  return t;
+}
+
 template <typename KV, int HD, int GC>
 static int launch_attn_gd(orch_ctx *ctx, const orch_attn_args *a, int tc_skip, int splits) {
   void *part = nullptr;
@@ -213,6 +249,14 @@ static int launch_attn_gd(orch_ctx *ctx, const orch_attn_args *a, int tc_skip, i
   }
   const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
   dim3 grid((unsigned)(a->n_heads / GC), (unsigned)rows, (unsigned)splits);
+  if (attn_env_version() >= 8 && splits > 1 && a->n_tok * (a->n_heads / GC) <= ATTN8_TICKETS) {
+    if (unsigned *tk = attn8_tickets(ctx)) {
+      orch_launch_pdl(attn_gd8_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), 0, ctx->stream, *a, (float *)part,
+                      splits, tc_skip, tk);
+      ORCH_LAUNCHED("attention (v8 single-launch)");
+      return ORCH_OK;
+    }
+  }
   const bool v7 = attn_env_version() >= 7;
   if (v7)
     orch_launch_pdl(attn_gd7_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), 0, ctx->stream, *a, (float *)part,

@@ -96,3 +96,23 @@ inline int attn_gd_heads_per_cta(int g, int n_heads, long long rows, int splits,
     if (g % gc == 0 && (long long)(n_heads / gc) * rows * splits >= min_ctas) return gc;
   return 1;
 }
+
+// ---- single-launch decode (v8) ----
+// Working CTAs below which a v8 row spreads its heads (attn8_heads_per_cta).
+constexpr int ATTN8_MIN_CTAS = 256;
+
+// Device, per row: query heads per working CTA of the v8 kernel, whose grid
+// has `splits` CTAs per (row, head group of gc heads; gc a power of two) and
+// `groups` (head group, row) pairs. The row's `used` key splits times
+// gc / hc head slices are its working CTAs: hc starts at gc (K/V read once
+// per group) and halves while the row has fewer than min_ctas working CTAs
+// over the grid (groups x used x gc / hc) and the halved count still fits
+// the grid's splits. So a short row in a grid sized for a long context runs
+// on many thin CTAs (the idle splits' slots) and a long row keeps fat ones.
+// Always used x gc / hc <= splits (used <= splits).
+ORCH_HD int attn8_heads_per_cta(int gc, int used, int splits, long long groups, long long min_ctas) {
+  int hc = gc;
+  while (hc > 1 && (long long)used * (gc / hc) * groups < min_ctas && (long long)used * (gc / (hc / 2)) <= splits)
+    hc /= 2;
+  return hc;
+}

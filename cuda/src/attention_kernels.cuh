@@ -473,6 +473,190 @@ template <int E> struct AttnVRow<float, E> {
   __device__ __forceinline__ float get(int e) const { return f[e]; }
 };
 
+// Shared memory of the grouped decode kernels, sized for GC heads per CTA (a
+// v8 CTA may serve fewer of them for one row: attn_gd_row<..., HC, ...> uses
+// the first HC slots). p first, for its 16-byte loads.
+template <int HD, int GC, bool TIGHT> struct __align__(16) AttnGdSmem {
+  float p[TIGHT ? ATTN_WARPS : 1][TIGHT ? GC : 1][32]; // TIGHT: p of a key step
+  float qs[GC][HD];
+  float sm[ATTN_WARPS][GC], sl[ATTN_WARPS][GC];
+  float sacc[ATTN_WARPS][GC][HD];
+};
+
+// One row's keys [k0, k1) for HC query heads h0 .. h0 + HC - 1 (sharing kv
+// head kvh): the output (direct: this CTA holds every key of the row; sink
+// included) or the partial (m, l, acc) of split slot sp. The body of
+// attn_gd_kernel (v6), attn_gd7_kernel (v7) and attn_gd8_kernel (v8). TIGHT
+// (v7, v8): V chunks of half the rows at 8 heads per CTA, for the
+// 128-register cap of the v7/v8 launch bounds, and the probabilities of a key
+// step go through shared memory (one 16-byte broadcast load per 4 keys and
+// head) instead of one shuffle per key and head (HC x 32 shuffles per step;
+// a shuffle issues at a quarter of the FMA rate). Starts with a barrier-free
+// q load and ends after the merge's reads of S (see attn_gd_body for why no
+// barrier is needed between rows).
+template <typename KV, int HD, int HC, bool TIGHT, typename SM>
+__device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int64_t t, int h0, int kvh, int k0,
+                                            int k1, bool direct, float *part, int splits, int sp) {
+  constexpr int E = attn_lane_dims(HD);
+  static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
+  // V rows per chunk: <= 32 registers of raw V per lane.
+  constexpr int VW = E * (int)sizeof(KV) / 4;
+  constexpr int VCH = (VW >= 4 ? 8 : VW >= 2 ? 16 : 32) / (TIGHT && HC >= 8 ? 2 : 1);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const KV *kc = (const KV *)a.k_cache;
+  const KV *vc = (const KV *)a.v_cache;
+  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
+  const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
+  const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
+  for (int i = threadIdx.x; i < HC * HD; i += blockDim.x) S.qs[i / HD][i % HD] = qr[i] * a.scale;
+  __syncthreads();
+  float m[HC], l[HC], acc[HC][E];
+#pragma unroll
+  for (int g = 0; g < HC; g++) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) acc[g][e] = 0.f;
+  }
+  for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
+    const int kp = base + lane;
+    const bool ok = kp < k1;
+    const int kk = ok ? kp : base; // a valid key: its V is finite, and p = 0
+    const int64_t slot = (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
+    const int cnt = min(32, k1 - base);
+    AttnVRow<KV, E> v[VCH];
+#pragma unroll
+    for (int j = 0; j < VCH; j++) {
+      const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
+      v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
+    }
+    const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
+    float s[HC];
+#pragma unroll
+    for (int g = 0; g < HC; g++) s[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+      float kf[8];
+      if constexpr (sizeof(KV) == 4) {
+        const float4 *k4 = reinterpret_cast<const float4 *>(kr) + 2 * i;
+        const float4 x = k4[0], y = k4[1];
+        kf[0] = x.x, kf[1] = x.y, kf[2] = x.z, kf[3] = x.w, kf[4] = y.x, kf[5] = y.y, kf[6] = y.z, kf[7] = y.w;
+      } else {
+        const uint4 u = reinterpret_cast<const uint4 *>(kr)[i];
+        const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const float2 f = attn_h2f2(w[j]);
+          kf[2 * j] = f.x, kf[2 * j + 1] = f.y;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < HC; g++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) s[g] += S.qs[g][8 * i + j] * kf[j];
+    }
+    float p[HC];
+#pragma unroll
+    for (int g = 0; g < HC; g++) {
+      const float sg = ok ? s[g] : -INFINITY;
+      const float mn = fmaxf(m[g], warp_max(sg));
+      const float corr = __expf(m[g] - mn); // m = -inf first: 0
+      p[g] = ok ? __expf(sg - mn) : 0.f;
+      l[g] = l[g] * corr + warp_sum(p[g]);
+#pragma unroll
+      for (int e = 0; e < E; e++) acc[g][e] *= corr;
+      m[g] = mn;
+    }
+    if constexpr (TIGHT) {
+#pragma unroll
+      for (int g = 0; g < HC; g++) S.p[warp][g][lane] = p[g];
+      __syncwarp();
+    }
+#pragma unroll
+    for (int c = 0; c < 32; c += VCH) {
+      if (c >= cnt) break; // uniform
+      if (c > 0) {
+#pragma unroll
+        for (int j = 0; j < VCH; j++) {
+          const int64_t sj = __shfl_sync(0xffffffffu, slot, c + j);
+          v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
+        }
+      }
+      if constexpr (TIGHT) {
+#pragma unroll
+        for (int j4 = 0; j4 < VCH; j4 += 4) {
+#pragma unroll
+          for (int g = 0; g < HC; g++) {
+            const float4 p4 = *reinterpret_cast<const float4 *>(&S.p[warp][g][c + j4]);
+            const float pj[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+            for (int jj = 0; jj < 4; jj++)
+#pragma unroll
+              for (int e = 0; e < E; e++) acc[g][e] += pj[jj] * v[j4 + jj].get(e);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < VCH; j++) {
+#pragma unroll
+          for (int g = 0; g < HC; g++) {
+            const float pj = __shfl_sync(0xffffffffu, p[g], c + j);
+#pragma unroll
+            for (int e = 0; e < E; e++) acc[g][e] += pj * v[j].get(e);
+          }
+        }
+      }
+    }
+    if constexpr (TIGHT) __syncwarp(); // every lane read S.p before the next step writes it
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < HC; g++) {
+      S.sm[warp][g] = m[g];
+      S.sl[warp][g] = l[g];
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < HC; g++)
+#pragma unroll
+    for (int e = 0; e < E; e++) S.sacc[warp][g][lane * E + e] = acc[g][e];
+  __syncthreads();
+  // Merge: warp w handles heads w, w + ATTN_WARPS, ... of the CTA.
+  for (int g = warp; g < HC; g += ATTN_WARPS) {
+    const int h = h0 + g;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, S.sm[w][g]);
+    const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
+    M = fmaxf(M, sink);
+    float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
+#pragma unroll
+    for (int w = 0; w < ATTN_WARPS; w++) {
+      f[w] = S.sl[w][g] > 0.f ? __expf(S.sm[w][g] - M) : 0.f;
+      L += S.sl[w][g] * f[w];
+    }
+    float *o, inv = 1.f;
+    if (direct) {
+      o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
+      inv = 1.f / L;
+    } else {
+      o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
+      if (lane == 0) {
+        o[HD] = M;
+        o[HD + 1] = L;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      const int dd = lane * E + e;
+      float vv = 0.f;
+#pragma unroll
+      for (int w = 0; w < ATTN_WARPS; w++) vv += S.sacc[w][g][dd] * f[w];
+      o[dd] = vv * inv;
+    }
+  }
+}
+
 // v6 (depth-adaptive GQA-grouped flash-decoding): grid (n_heads / GC, row,
 // split). A CTA serves GC consecutive query heads that share one kv head
 // (GC divides the group size G = n_heads / n_kv_heads, read at run time), so
@@ -488,30 +672,13 @@ template <int E> struct AttnVRow<float, E> {
 //    first chunk before the K dot product): one memory latency per step
 //    instead of one per key of a serial V loop.
 // Partials use attn2's layout (per query head, `splits` = gridDim.z slots);
-// attn_combine6 merges the used ones.
-// The body of attn_gd_kernel (v6) and attn_gd7_kernel (v7). TIGHT (v7):
-// V chunks of half the rows at 8 heads per CTA, for the 128-register cap of
-// attn_gd7_kernel's launch bounds, and the probabilities of a key step go
-// through shared memory (one 16-byte broadcast load per 4 keys and head)
-// instead of one shuffle per key and head (GC x 32 shuffles per step; a
-// shuffle issues at a quarter of the FMA rate).
+// attn_combine6 merges the used ones. The body of attn_gd_kernel (v6) and
+// attn_gd7_kernel (v7).
 template <typename KV, int HD, int GC, bool TIGHT>
 __device__ __forceinline__ void attn_gd_body(const orch_attn_args &a, float *part, int splits, int tc_skip) {
-  constexpr int E = attn_lane_dims(HD);
-  static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
-  // V rows per chunk: <= 32 registers of raw V per lane.
-  constexpr int VW = E * (int)sizeof(KV) / 4;
-  constexpr int VCH = (VW >= 4 ? 8 : VW >= 2 ? 16 : 32) / (TIGHT && GC >= 8 ? 2 : 1);
   const int G = a.n_heads / a.n_kv_heads;
   const int h0 = blockIdx.x * GC, kvh = h0 / G, sp = blockIdx.z;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const KV *kc = (const KV *)a.k_cache;
-  const KV *vc = (const KV *)a.v_cache;
-  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
-  __shared__ float qs[GC][HD];
-  __shared__ float sm[ATTN_WARPS][GC], sl[ATTN_WARPS][GC];
-  __shared__ float sacc[ATTN_WARPS][GC][HD];
-  __shared__ __align__(16) float sp_[TIGHT ? ATTN_WARPS : 1][TIGHT ? GC : 1][32]; // TIGHT: p of a key step
+  __shared__ AttnGdSmem<HD, GC, TIGHT> S;
   // Rows as in attn2 (no barrier needed between rows, same argument).
   AttnRows rows(a);
   for (int64_t t = rows.r0; t < rows.r1; t++) {
@@ -521,157 +688,8 @@ __device__ __forceinline__ void attn_gd_body(const orch_attn_args &a, float *par
     const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
     const int used = attn_split_used(span, per);
     if (sp >= used) continue; // uniform: this split has no keys of this row
-    const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
-    const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
-    for (int i = threadIdx.x; i < GC * HD; i += blockDim.x) qs[i / HD][i % HD] = qr[i] * a.scale;
-    __syncthreads();
     const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
-    float m[GC], l[GC], acc[GC][E];
-#pragma unroll
-    for (int g = 0; g < GC; g++) {
-      m[g] = -INFINITY;
-      l[g] = 0.f;
-#pragma unroll
-      for (int e = 0; e < E; e++) acc[g][e] = 0.f;
-    }
-    for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
-      const int kp = base + lane;
-      const bool ok = kp < k1;
-      const int kk = ok ? kp : base; // a valid key: its V is finite, and p = 0
-      const int64_t slot = (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
-      const int cnt = min(32, k1 - base);
-      AttnVRow<KV, E> v[VCH];
-#pragma unroll
-      for (int j = 0; j < VCH; j++) {
-        const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
-        v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
-      }
-      const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
-      float s[GC];
-#pragma unroll
-      for (int g = 0; g < GC; g++) s[g] = 0.f;
-#pragma unroll
-      for (int i = 0; i < HD / 8; i++) {
-        float kf[8];
-        if constexpr (sizeof(KV) == 4) {
-          const float4 *k4 = reinterpret_cast<const float4 *>(kr) + 2 * i;
-          const float4 x = k4[0], y = k4[1];
-          kf[0] = x.x, kf[1] = x.y, kf[2] = x.z, kf[3] = x.w, kf[4] = y.x, kf[5] = y.y, kf[6] = y.z, kf[7] = y.w;
-        } else {
-          const uint4 u = reinterpret_cast<const uint4 *>(kr)[i];
-          const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-          for (int j = 0; j < 4; j++) {
-            const float2 f = attn_h2f2(w[j]);
-            kf[2 * j] = f.x, kf[2 * j + 1] = f.y;
-          }
-        }
-#pragma unroll
-        for (int g = 0; g < GC; g++)
-#pragma unroll
-          for (int j = 0; j < 8; j++) s[g] += qs[g][8 * i + j] * kf[j];
-      }
-      float p[GC];
-#pragma unroll
-      for (int g = 0; g < GC; g++) {
-        const float sg = ok ? s[g] : -INFINITY;
-        const float mn = fmaxf(m[g], warp_max(sg));
-        const float corr = __expf(m[g] - mn); // m = -inf first: 0
-        p[g] = ok ? __expf(sg - mn) : 0.f;
-        l[g] = l[g] * corr + warp_sum(p[g]);
-#pragma unroll
-        for (int e = 0; e < E; e++) acc[g][e] *= corr;
-        m[g] = mn;
-      }
-      if constexpr (TIGHT) {
-#pragma unroll
-        for (int g = 0; g < GC; g++) sp_[warp][g][lane] = p[g];
-        __syncwarp();
-      }
-#pragma unroll
-      for (int c = 0; c < 32; c += VCH) {
-        if (c >= cnt) break; // uniform
-        if (c > 0) {
-#pragma unroll
-          for (int j = 0; j < VCH; j++) {
-            const int64_t sj = __shfl_sync(0xffffffffu, slot, c + j);
-            v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
-          }
-        }
-        if constexpr (TIGHT) {
-#pragma unroll
-          for (int j4 = 0; j4 < VCH; j4 += 4) {
-#pragma unroll
-            for (int g = 0; g < GC; g++) {
-              const float4 p4 = *reinterpret_cast<const float4 *>(&sp_[warp][g][c + j4]);
-              const float pj[4] = {p4.x, p4.y, p4.z, p4.w};
-#pragma unroll
-              for (int jj = 0; jj < 4; jj++)
-#pragma unroll
-                for (int e = 0; e < E; e++) acc[g][e] += pj[jj] * v[j4 + jj].get(e);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < VCH; j++) {
-#pragma unroll
-            for (int g = 0; g < GC; g++) {
-              const float pj = __shfl_sync(0xffffffffu, p[g], c + j);
-#pragma unroll
-              for (int e = 0; e < E; e++) acc[g][e] += pj * v[j].get(e);
-            }
-          }
-        }
-      }
-      if constexpr (TIGHT) __syncwarp(); // every lane read sp_ before the next step writes it
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int g = 0; g < GC; g++) {
-        sm[warp][g] = m[g];
-        sl[warp][g] = l[g];
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < GC; g++)
-#pragma unroll
-      for (int e = 0; e < E; e++) sacc[warp][g][lane * E + e] = acc[g][e];
-    __syncthreads();
-    // Merge: warp w handles heads w, w + ATTN_WARPS, ... of the CTA.
-    const bool direct = used == 1;
-    for (int g = warp; g < GC; g += ATTN_WARPS) {
-      const int h = h0 + g;
-      float M = -INFINITY;
-#pragma unroll
-      for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w][g]);
-      const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
-      M = fmaxf(M, sink);
-      float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
-#pragma unroll
-      for (int w = 0; w < ATTN_WARPS; w++) {
-        f[w] = sl[w][g] > 0.f ? __expf(sm[w][g] - M) : 0.f;
-        L += sl[w][g] * f[w];
-      }
-      float *o, inv = 1.f;
-      if (direct) {
-        o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
-        inv = 1.f / L;
-      } else {
-        o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
-        if (lane == 0) {
-          o[HD] = M;
-          o[HD + 1] = L;
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        const int dd = lane * E + e;
-        float vv = 0.f;
-#pragma unroll
-        for (int w = 0; w < ATTN_WARPS; w++) vv += sacc[w][g][dd] * f[w];
-        o[dd] = vv * inv;
-      }
-    }
+    attn_gd_row<KV, HD, GC, TIGHT>(a, S, t, h0, kvh, k0, k1, used == 1, part, splits, sp);
   } // rows
 }
 
@@ -699,6 +717,132 @@ __global__ void ATTN_GD7_BOUNDS(GC) attn_gd7_kernel(orch_attn_args a, float *par
   attn_gd_body<KV, HD, GC, true>(a, part, splits, tc_skip);
 }
 
+// A partial written by another CTA of the same grid (v8's in-kernel combine):
+// loaded through L2 (ld.global.cg; L1 is not coherent across SMs). The v6
+// combine kernel reads its partials plainly (written by an earlier launch).
+template <bool L2> __device__ __forceinline__ float attn_ld_part(const float *p) {
+  if constexpr (L2) return __ldcg(p);
+  else return *p;
+}
+
+// The weights of a combine of `used` split partials of (row t, head h) with
+// the sink: lane j of the result holds f of splits j, 32 + j, ... (f[r]) and
+// the returned L (sum over the splits of l * f, plus the sink's term); M is
+// the max over the splits' m and the sink. One warp; used <= ATTN_GD_MAX_SPLITS.
+template <int HD, bool L2>
+__device__ __forceinline__ float attn_combine_weights(const orch_attn_args &a, const float *pp, int used, int h,
+                                                      float (&f)[ATTN_GD_MAX_SPLITS / 32]) {
+  constexpr int R = ATTN_GD_MAX_SPLITS / 32;
+  const int lane = threadIdx.x & 31;
+  float ms[R], ls[R], M = a.sinks ? a.sinks[h] : -INFINITY;
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const int s = r * 32 + lane;
+    ms[r] = s < used ? attn_ld_part<L2>(pp + s * (HD + 2) + HD) : -INFINITY;
+    ls[r] = s < used ? attn_ld_part<L2>(pp + s * (HD + 2) + HD + 1) : 0.f;
+    if (ls[r] > 0.f) M = fmaxf(M, ms[r]);
+  }
+  M = warp_max(M);
+  float L = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    f[r] = ls[r] > 0.f ? __expf(ms[r] - M) : 0.f;
+    L += ls[r] * f[r];
+  }
+  return warp_sum(L) + (a.sinks ? __expf(a.sinks[h] - M) : 0.f);
+}
+
+// v8 (single-launch depth-adaptive decode): v7's kernel, grid and partials,
+// plus two things decided on the device per row:
+//  - heads per working CTA (attn8_heads_per_cta): a short row (few used
+//    splits) in a grid sized for a long context spreads its GC heads over
+//    otherwise idle split CTAs — CTA z of the row's head group takes split
+//    z / (GC / hc) of heads (z % (GC / hc)) * hc .. + hc — so a depth-128
+//    row runs on 64 one-head CTAs instead of 8 eight-head ones, and a
+//    depth-8192 row keeps v7's 8 heads per CTA (K/V read once);
+//  - the combine: a row with several used splits is merged by the last of
+//    its head group's working CTAs to finish (an atomic ticket per (row,
+//    head group) in `tickets`, zero before the launch; the last CTA sets it
+//    back to zero, so a replayed graph finds it zero), not by a second
+//    launch. Partials go through L2 (__threadfence before the ticket,
+//    __ldcg after). The merge is attn_combine6's arithmetic in its order
+//    (bit-identical): one warp per head computes the weights into shared
+//    memory, then each thread sums float4 columns of one head over the splits.
+template <typename KV, int HD, int GC>
+__global__ void ATTN_GD7_BOUNDS(GC)
+    attn_gd8_kernel(orch_attn_args a, float *part, int splits, int tc_skip, unsigned *tickets) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ AttnGdSmem<HD, GC, true> S;
+  __shared__ float cf[GC][ATTN_GD_MAX_SPLITS], cinv[GC];
+  __shared__ unsigned last;
+  constexpr int R = ATTN_GD_MAX_SPLITS / 32;
+  const int G = a.n_heads / a.n_kv_heads;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int z = blockIdx.z;
+  AttnRows rows(a);
+  for (int64_t t = rows.r0; t < rows.r1; t++) {
+    if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
+    const int qp = a.tok_pos[t];
+    const int span = attn_span(qp, a.window), start = qp + 1 - span;
+    const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
+    const int used = attn_split_used(span, per);
+    const int hc = attn8_heads_per_cta(GC, used, splits, (long long)gridDim.x * gridDim.y, ATTN8_MIN_CTAS);
+    const int sub = GC / hc;
+    if (z >= used * sub) continue; // uniform: no work of this row here
+    const int sp = z / sub, h0 = blockIdx.x * GC + (z % sub) * hc, kvh = h0 / G;
+    const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
+    const bool direct = used == 1;
+    if (hc == GC) attn_gd_row<KV, HD, GC, true>(a, S, t, h0, kvh, k0, k1, direct, part, splits, sp);
+    else if (GC >= 4 && hc == GC / 2) attn_gd_row<KV, HD, (GC >= 2 ? GC / 2 : 1), true>(a, S, t, h0, kvh, k0, k1, direct, part, splits, sp);
+    else if (GC >= 8 && hc == GC / 4) attn_gd_row<KV, HD, (GC >= 4 ? GC / 4 : 1), true>(a, S, t, h0, kvh, k0, k1, direct, part, splits, sp);
+    else attn_gd_row<KV, HD, 1, true>(a, S, t, h0, kvh, k0, k1, direct, part, splits, sp);
+    if (direct) continue;
+    // Partials out; the last working CTA of (t, head group) merges them.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned *tk = tickets + t * gridDim.x + blockIdx.x;
+      const unsigned n = atomicAdd(tk, 1u);
+      last = n + 1 == (unsigned)(used * sub);
+      if (last) {
+        atomicExch(tk, 0u); // every other working CTA has taken its ticket
+        __threadfence();
+      }
+    }
+    __syncthreads();
+    if (!last) continue; // uniform
+    const int64_t hg = (int64_t)blockIdx.x * GC;
+    for (int g = warp; g < GC; g += ATTN_WARPS) {
+      float f[R];
+      const float *pp = part + (t * a.n_heads + hg + g) * (int64_t)splits * (HD + 2);
+      const float L = attn_combine_weights<HD, true>(a, pp, used, (int)(hg + g), f);
+#pragma unroll
+      for (int r = 0; r < R; r++) cf[g][r * 32 + lane] = f[r];
+      if (lane == 0) cinv[g] = 1.f / L;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < GC * HD / 2; i += blockDim.x) {
+      // Thread i: head g, dims 2c, 2c + 1 (lane-pair columns as attn_combine6's lanes hold them for E = 2; the
+      // sum over the splits runs in the same order).
+      const int g = i / (HD / 2), c = i % (HD / 2);
+      const float *pp = part + (t * a.n_heads + hg + g) * (int64_t)splits * (HD + 2) + 2 * c;
+      float a0 = 0.f, a1 = 0.f;
+#pragma unroll 8
+      for (int s = 0; s < used; s++) {
+        const float fs = cf[g][s];
+        const float2 x = __ldcg(reinterpret_cast<const float2 *>(pp + s * (HD + 2)));
+        a0 += x.x * fs;
+        a1 += x.y * fs;
+      }
+      float *o = a.out + t * (int64_t)a.n_heads * HD + (hg + g) * HD + 2 * c;
+      o[0] = a0 * cinv[g];
+      o[1] = a1 * cinv[g];
+    }
+    __syncthreads(); // cf / cinv / last are rewritten by the next row
+  } // rows
+}
+
 // v6 combine: grid (head, row), one warp. Merges only the splits the split
 // kernel used for this row (same attn_split_* on the same device arrays;
 // gran = the split kernel's granularity) with the sink; a row with one used
@@ -718,22 +862,8 @@ __global__ void attn_combine6_kernel(orch_attn_args a, const float *part, int sp
   const int used = attn_split_used(span, attn_split_per(span, splits, gran));
   if (used <= 1) return; // written by the split kernel
   const float *pp = part + (t * a.n_heads + h) * (int64_t)splits * (HD + 2);
-  float ms[R], ls[R], M = a.sinks ? a.sinks[h] : -INFINITY;
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-    const int s = r * 32 + lane;
-    ms[r] = s < used ? pp[s * (HD + 2) + HD] : -INFINITY;
-    ls[r] = s < used ? pp[s * (HD + 2) + HD + 1] : 0.f;
-    if (ls[r] > 0.f) M = fmaxf(M, ms[r]);
-  }
-  M = warp_max(M);
-  float f[R], L = 0.f;
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-    f[r] = ls[r] > 0.f ? __expf(ms[r] - M) : 0.f;
-    L += ls[r] * f[r];
-  }
-  L = warp_sum(L) + (a.sinks ? __expf(a.sinks[h] - M) : 0.f);
+  float f[R];
+  const float L = attn_combine_weights<HD, false>(a, pp, used, h, f);
   float acc[E];
 #pragma unroll
   for (int e = 0; e < E; e++) acc[e] = 0.f;
