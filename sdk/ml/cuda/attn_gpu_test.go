@@ -35,6 +35,11 @@ type attnSpec struct {
 	bs          int
 	hist, newT  []int
 	maxPosSlack int // Batch.MaxPos = longest sequence + slack (a graph may pass more)
+	// replays > 0: the GPU call is captured in a CUDA graph and replayed this
+	// many times, the output poisoned (NaN) before each replay and compared
+	// after it (state a kernel keeps between launches, e.g. v8's tickets,
+	// must be back where it started).
+	replays int
 }
 
 func (c attnSpec) String() string {
@@ -117,10 +122,21 @@ func runAttn(t *testing.T, r *rand.Rand, c attnSpec) {
 		a.Sinks, ac.Sinks = s.g, s.c
 	}
 	y := out(t, hd, nh, nq)
-	gpu.Attend(y.g, q.g, kg, vg, qbg, a)
 	ref.Attend(y.c, q.c, kc.c, vc.c, qbc, &ac)
-	require.NoError(t, gpu.Err(), "attend")
-	checkAttnRows(t, y, qseq, qpos, hd, nh)
+	if c.replays == 0 {
+		gpu.Attend(y.g, q.g, kg, vg, qbg, a)
+		require.NoError(t, gpu.Err(), "attend")
+		checkAttnRows(t, y, qseq, qpos, hd, nh)
+		return
+	}
+	graphSeq++
+	key := fmt.Sprintf("attn-replay-%d", graphSeq)
+	for i := 0; i < c.replays; i++ {
+		gpu.Fill(y.g, float32(math.NaN()))
+		require.NoError(t, gpu.Run(key, func() { gpu.Attend(y.g, q.g, kg, vg, qbg, a) }), "graph run %d", i)
+		require.NoError(t, gpu.Err(), "attend, graph run %d", i)
+		checkAttnRows(t, y, qseq, qpos, hd, nh)
+	}
 }
 
 // attnTCOn mirrors the library's choice of the tensor-core prefill kernel
@@ -243,9 +259,13 @@ func TestAttentionHeadDims(t *testing.T) {
 			for _, window := range []int{0, 128} {
 				cases = append(cases,
 					attnSpec{hd: hd, nh: 64, nkv: 8, window: window, sinks: true, kv: kv, bs: 16,
-						hist: []int{0, 5, 127, 128, 129, 1000, 8191}, newT: []int{1, 1, 1, 1, 1, 1, 1}, maxPosSlack: 131072 - 8192},
+						hist: []int{0, 5, 127, 128, 129, 1000, 8191}, newT: []int{1, 1, 1, 1, 1, 1, 1}, maxPosSlack: 131072 - 8192,
+						replays: 3},
 					attnSpec{hd: hd, nh: 64, nkv: 8, window: window, sinks: true, kv: kv, bs: 16,
 						hist: []int{r.IntN(300)}, newT: []int{1}, maxPosSlack: 8320},
+					// One token at depths 512 / 3000 in a depth-8192 graph (v8: heads spread, several splits).
+					attnSpec{hd: hd, nh: 64, nkv: 8, window: window, sinks: true, kv: kv, bs: 16,
+						hist: []int{511 + r.IntN(2500)}, newT: []int{1}, maxPosSlack: 8320, replays: 3},
 					attnSpec{hd: hd, nh: 8, nkv: 8, window: window, kv: kv, bs: 16,
 						hist: []int{3, 255, 256, 2047}, newT: []int{1, 1, 1, 1}, maxPosSlack: 60000})
 			}
@@ -263,8 +283,9 @@ func TestAttentionHeadDims(t *testing.T) {
 // TestPerfAttentionPrefill times Attend for gpt-oss-20b prefill chunks (64 q
 // / 8 kv heads of 64; one sequence from position 0; full and window-128
 // layers) with device events, eager launches (a launch is ~10 us against
-// milliseconds), for ORCH_CUDA_ATTN v2 .. v7 (a child process each), and one
-// decode token at depths 128 and 8192 (attnDecodeSpeed):
+// milliseconds), for ORCH_CUDA_ATTN v2 .. v8 (a child process each), and
+// decode rows of 1 and 64 sequences at depths 128 .. 8192, eager and in a
+// graph (attnDecodeSpeed):
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PerfAttentionPrefill -test.v
 //
@@ -281,7 +302,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
 		}
 		var table []string
-		for _, v := range []string{"v2", "v3", "v4", "v5", "v6", "v7"} {
+		for _, v := range []string{"v2", "v3", "v4", "v5", "v6", "v7", "v8"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
 			outp, err := cmd.CombinedOutput()
@@ -366,11 +387,17 @@ func oneSeqBatch(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...in
 		BlockSize: bs, MaxPos: n}, slots
 }
 
-// attnDecodeSpeed times one decode token (n_tok 1) at depths 128 and 8192
-// of the gpt-oss shape, F16 KV, full and window 128, against the bytes floor
-// (K and V of every visible key read once), with Batch.MaxPos as a captured
-// decode graph of `orch-host bench --depth 8192` passes it (the context
-// length: 8192 + 128 generated + slack), whatever the depth.
+// attnDecodeSpeed times decode rows of the gpt-oss shape (F16 KV, full and
+// window 128): one sequence and 64 sequences (one token each) at depths 128,
+// 512, 4096 and 8192, with Batch.MaxPos as a captured decode graph of
+// `orch-host bench --depth 8192` passes it (the context length: 8192 + 128
+// generated + slack), whatever the depth. Two times per row: "eager" (events
+// around one call: includes the host launch path, ~10 us) and "graph" (16
+// back-to-back calls captured in one CUDA graph, per call: the cost inside a
+// decode step's graph, launch gaps and PDL included), against the bytes
+// floor (K and V of every visible key read once). The 64-sequence caches
+// are zero-filled (distinct, shuffled blocks; timing does not depend on the
+// values).
 func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...int) ml.Tensor) {
 	const nh, nkv, hd, bs, depth, maxPos = 64, 8, 64, 16, 8192, 8192 + 128 + 64
 	nb := depth / bs
@@ -385,24 +412,52 @@ func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape .
 	require.NoError(t, gpu.WriteF32(v, randF32(r, hd*nkv*depth, 1)))
 	kc, vc := alloc(ml.F16, hd, nkv, bs, nb), alloc(ml.F16, hd, nkv, bs, nb)
 	gpu.KVWrite(kc, vc, k, v, bw)
-	q := alloc(ml.F32, hd, nh, 1)
-	require.NoError(t, gpu.WriteF32(q, randF32(r, hd*nh, 1)))
 	sinks := alloc(ml.F32, nh)
 	require.NoError(t, gpu.WriteF32(sinks, randF32(r, nh, 1)))
-	y := alloc(ml.F32, hd, nh, 1)
-	for _, d := range []int{128, depth} {
-		bq := &ml.Batch{Pos: i32([]int32{int32(d - 1)}, 1), Seq: i32([]int32{0}, 1), Slots: i32([]int32{slots[d-1]}, 1),
-			Blocks: bw.Blocks, BlockSize: bs, MaxPos: maxPos}
-		for _, window := range []int{0, 128} {
-			a := &ml.Attention{Scale: 0.125, Window: window, Sinks: sinks}
-			ms := attnTimeMs(t, 20, func() { gpu.Attend(y, q, kc, vc, bq, a) })
-			keys := d
-			if window > 0 {
-				keys = min(d, window)
+	// 64 sequences of `depth` positions each over shuffled distinct blocks.
+	const nseq = 64
+	kc64, vc64 := alloc(ml.F16, hd, nkv, bs, nb*nseq), alloc(ml.F16, hd, nkv, bs, nb*nseq)
+	for _, c := range []ml.Tensor{kc64, vc64} {
+		require.NoError(t, gpu.l.status("memset", gpu.l.memset(gpu.ctx, c.(*tensor).ptr, 0, int64(c.(*tensor).bytes))))
+	}
+	perm := r.Perm(nb * nseq)
+	bt64 := make([]int32, nb*nseq)
+	for i := range bt64 {
+		bt64[i] = int32(perm[i])
+	}
+	blocks64 := i32(bt64, nb, nseq)
+	for _, ns := range []int{1, nseq} {
+		q := alloc(ml.F32, hd, nh, ns)
+		require.NoError(t, gpu.WriteF32(q, randF32(r, hd*nh*ns, 1)))
+		y := alloc(ml.F32, hd, nh, ns)
+		for _, d := range []int{128, 512, 4096, depth} {
+			pos, seq, sl := make([]int32, ns), make([]int32, ns), make([]int32, ns)
+			bq := &ml.Batch{BlockSize: bs, MaxPos: maxPos}
+			kcc, vcc := kc, vc
+			if ns == 1 {
+				pos[0], sl[0] = int32(d-1), slots[d-1]
+				bq.Blocks = bw.Blocks
+			} else {
+				for i := range pos {
+					pos[i], seq[i] = int32(d-1), int32(i)
+					sl[i] = bt64[i*nb+(d-1)/bs]*bs + int32((d-1)%bs)
+				}
+				bq.Blocks, kcc, vcc = blocks64, kc64, vc64
 			}
-			bytes := float64(keys) * nkv * hd * 2 * 2
-			t.Logf("| decode 1 token at depth %d (MaxPos %d), F16 KV, window %d | %.4f ms | %.0f GB/s (floor %.4f ms at 3 TB/s) |",
-				d, maxPos, window, ms, bytes/ms/1e6, bytes/3e12*1e3)
+			bq.Pos, bq.Seq, bq.Slots = i32(pos, ns), i32(seq, ns), i32(sl, ns)
+			for _, window := range []int{0, 128} {
+				a := &ml.Attention{Scale: 0.125, Window: window, Sinks: sinks}
+				fn := func() { gpu.Attend(y, q, kcc, vcc, bq, a) }
+				eager := attnTimeMs(t, 20, fn)
+				graph := timeKernel(t, 10, 16, fn)
+				keys := d
+				if window > 0 {
+					keys = min(d, window)
+				}
+				bytes := float64(ns) * float64(keys) * nkv * hd * 2 * 2
+				t.Logf("| decode %d seq x 1 token at depth %d (MaxPos %d), F16 KV, window %d | eager %.4f ms | graph %.4f ms | %.0f GB/s in graph (floor %.4f ms at 3 TB/s) |",
+					ns, d, maxPos, window, eager, graph, bytes/graph/1e6, bytes/3e12*1e3)
+			}
 		}
 	}
 }
@@ -438,8 +493,9 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 // (the library reads the variable once per process), so the suite checks
 // them next to the default (v6): v3 (tensor-core prefill, O in shared
 // memory), v4 (O in registers, per-head flash-decoding with splits from
-// MaxPos), v5 (v4 + the GQA-grouped flash-decoding kernel) and v7 (v6 with
-// launch bounds for 4 CTAs/SM and programmatic dependent launch).
+// MaxPos), v5 (v4 + the GQA-grouped flash-decoding kernel), v7 (v6 with
+// launch bounds for 4 CTAs/SM and programmatic dependent launch) and v8 (v7
+// in one launch: heads spread over idle splits, in-kernel combine).
 func TestTensorCoreAttentionVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
 		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the version children run from an unpinned one", v)
@@ -462,7 +518,7 @@ func TestTensorCoreAttentionVersions(t *testing.T) {
 	}
 }
 
-var attnChildVersions = []string{"v3", "v4", "v5", "v7"}
+var attnChildVersions = []string{"v3", "v4", "v5", "v7", "v8"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
