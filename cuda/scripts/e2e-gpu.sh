@@ -8,8 +8,8 @@
 #   6. with two GPUs: replica scaling (host/replica/testdata/two-gpu.sh)
 #   7. with two GPUs (step tp): NCCL all-reduce test, gpt-oss-20b split over 2 GPUs vs whole
 #      (nntest.RunSplitRanks), serve unsplit vs --tensor-parallel 2 (host/replica/testdata/tp-gpu.sh)
-#   8. step profile: ncu kernel times of one-stream decode and 2048-token prefill (gpt-oss-20b; llama3-8b
-#      with step llama), per-kernel tables (cuda/scripts/ncu-kernels.py) into profile.md
+#   8. step profile: device time per op (ORCH_CUDA_OPTIME) of one-stream decode and 2048-token prefill
+#      (gpt-oss-20b; llama3-8b with step llama) into profile.md
 #   9. step llamatp: serve llama3-8b unsplit vs split E2E_LLAMA_TP ways (default "2", e.g. "2 4")
 # E2E_REPLICAS="1 2 4" sets the replica counts of step replicas (default "1 2").
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
@@ -102,20 +102,19 @@ if has bench; then
   grep -m2 -E 'kv_blocks|kv cache|KV' "$OUT/bench-kvfrac.log" | cut -c1-300 | tee -a "$OUT/summary.md"
   has depth && timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --depth 8192 -r 2 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
 fi
-profile() { # name model.gguf [prefill]: Nsight Compute kernel times of a short one-stream decode (or one
-  # 2048-token prefill); graph nodes profiled one by one, boost clocks kept; table by cuda/scripts/ncu-kernels.py
-  command -v ncu >/dev/null || { log "profile: no ncu"; return 0; }
-  local args="-p 0 -n 8" toks=16 what="one stream, bench -p 0 -n 8 -r 1: 16 decoded tokens with the warm-up (+2 one-token prompts)"
-  [ "${3:-}" = prefill ] && args="-p 2048 -n 0" toks=4096 what="bench -p 2048 -n 0 -r 1: two 2048-token prefills with the warm-up"
-  timeout 300 ncu --target-processes all --graph-profiling node --clock-control none --metrics gpu__time_duration.sum \
-    --csv --page raw --log-file "/tmp/ncu-$1.csv" bin/orch-host bench --model "$2" --device cuda $args -r 1 >"$OUT/profile-$1.log" 2>&1
+profile() { # name model.gguf [prefill]: device time per op (ORCH_CUDA_OPTIME, sdk/ml/cuda/optime.go) of a
+  # one-stream decode (eager: timing turns graph capture off) or of 2048-token prefills
+  local args="-p 0 -n 64" what="one stream, bench -p 0 -n 64 -r 1 (warm-up included; eager, no graphs)"
+  [ "${3:-}" = prefill ] && args="-p 2048 -n 0" what="bench -p 2048 -n 0 -r 1 (two 2048-token prefills with the warm-up)"
+  rm -f "/tmp/optime-$1.md"
+  ORCH_CUDA_OPTIME="/tmp/optime-$1.md" timeout 200 bin/orch-host bench --model "$2" --device cuda $args -r 1 >"$OUT/profile-$1.log" 2>&1
   local rc=$?
-  { echo "### $1 ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)): ncu, $what, rc=$rc"; python3 cuda/scripts/ncu-kernels.py "/tmp/ncu-$1.csv" $toks; echo; } >>"$OUT/profile.md" 2>&1
-  log "profile $1: rc=$rc $(grep -m1 'kernel time total' "$OUT/profile.md")"
+  { echo "### $1 ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)): $what, rc=$rc"; grep '|' "$OUT/profile-$1.log" | tail -1
+    cat "/tmp/optime-$1.md" 2>/dev/null || echo "(no op table written)"; echo; } >>"$OUT/profile.md"
+  log "profile $1: rc=$rc $(grep -m1 '^total' "/tmp/optime-$1.md" 2>/dev/null)"
 }
 if has profile; then
   profile gpt-oss-20b "$M/gpt-oss-20b.gguf"
-  ORCH_CUDA_ATTN=v7 profile gpt-oss-20b-attn-v7 "$M/gpt-oss-20b.gguf"
   profile gpt-oss-20b-pp2048 "$M/gpt-oss-20b.gguf" prefill
 fi
 if has serve; then

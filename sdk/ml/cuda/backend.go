@@ -51,6 +51,8 @@ type Backend struct {
 	// validate their own operands.
 	pend      pending
 	holdFlush bool
+	// ot times every op when ORCH_CUDA_OPTIME is set (optime.go); nil otherwise.
+	ot *opTimer
 }
 
 var _ ml.GraphBackend = (*Backend)(nil)
@@ -92,6 +94,7 @@ func New(device int) (*Backend, error) {
 	}
 	b.name = cstr(name)
 	b.cc = int(cc)
+	b.ot = newOpTimer()
 	return b, nil
 }
 
@@ -119,6 +122,9 @@ func (b *Backend) Close() error {
 		return nil
 	}
 	b.flush()
+	if b.ot != nil {
+		b.ot.close(b)
+	}
 	for k, g := range b.graphs {
 		b.l.graphDestroy(g)
 		delete(b.graphs, k)
@@ -145,6 +151,9 @@ func (b *Backend) MemoryInfo() (free, total int64) {
 func (b *Backend) Sync() error {
 	b.flush()
 	rc := b.l.sync(b.ctx)
+	if b.ot != nil {
+		b.ot.idle(b)
+	}
 	err := b.err
 	b.err = nil
 	if err == nil {
@@ -175,6 +184,10 @@ func (b *Backend) failf(op, format string, args ...any) {
 func (b *Backend) call(op string, rc int32) {
 	if rc != stOK {
 		b.fail(b.l.status(op, rc))
+		return
+	}
+	if b.ot != nil && !b.capturing {
+		b.ot.mark(b, op)
 	}
 }
 
@@ -387,6 +400,11 @@ func (b *Backend) scratchBuf(name string, bytes int) uintptr {
 func (b *Backend) Run(key string, record func()) error {
 	b.flush() // not into the graph
 	if b.err != nil {
+		return b.err
+	}
+	if b.ot != nil { // op timing sees the ops one by one: no capture
+		record()
+		b.flush()
 		return b.err
 	}
 	if g, ok := b.graphs[key]; ok {
