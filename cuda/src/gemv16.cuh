@@ -608,7 +608,7 @@ static void launch_gemv8_multi(cudaStream_t st, void *scratch, gemv5_parts P, in
 // SMs), so Q8_0 2880x5120 took 11.5 us at every n <= 8 (33% of the floor)
 // and attn out 4096x2880 (180 CTAs) 14 us; from n = 9 the bf16 WMMA GEMM
 // (qgemm tile 1) took 34-70 us. Here:
-//  1. A CTA = 16 rows x all of k, 4 warps. Its weight bytes (16 row segments,
+//  1. A CTA = 16 RG rows x all of k, 4 warps. Its weight bytes (row segments,
 //     contiguous in memory per row) are copied global -> shared with 16-byte
 //     cp.async in stages of kc blocks (<= GEMV9_STAGE_BYTES per stage, two
 //     stage buffers): for gpt-oss's shapes (16 x 3060 B for Q8_0 k = 2880)
@@ -624,6 +624,11 @@ static void launch_gemv8_multi(cudaStream_t st, void *scratch, gemv5_parts P, in
 //  3. The warps' partial sums go through shared memory (reusing the stage
 //     buffers) and are added in a fixed order; (row, token) outputs of tiles
 //     with no token < n are skipped.
+//  4. Staged x comes from L2 (global scratch): each warp loads the next
+//     block's x fragments before computing the current block. From 17 tokens
+//     a CTA holds RG = 2 groups of 16 rows that share every x fragment: at
+//     n = 64 one group per CTA would read ~7x the weight bytes of staged x
+//     from L2 (Q8_0 2880x5120: 320 CTAs x 368 KB).
 // XS (n <= 2, small k): each CTA stages x itself into shared memory (the
 // stage kernel's arithmetic, same bits) instead of a separate stage launch
 // writing it to global scratch — one launch per GEMV at decode's n = 1.
@@ -690,7 +695,8 @@ __device__ __forceinline__ void q9_load(q7_words<T> &b, const uint8_t *blk, int 
   b.q[Q / 4] = ok && b.sh_q ? wq[Q / 4] : 0u;
 }
 
-// Stage geometry: kc blocks per stage, 16-byte chunks per row slot.
+// Stage geometry: kc blocks per stage, 16-byte chunks per row slot; rg
+// row groups of 16 per CTA (stage budget GEMV9_STAGE_BYTES per group).
 struct gemv9_geom {
   int kc, ns, ch; // blocks per stage, stages, chunks per row slot
 };
@@ -705,11 +711,11 @@ static inline gemv9_geom gemv9_plan(int bb, int64_t nch) {
 }
 // Bytes of x staged in the v7 layout for n tokens (xst = 8) in shared memory (XS).
 DEC16_HD size_t gemv9_xs_bytes(int64_t n, int64_t k) { return (size_t)(n * (k / 32) * 64 + (k / 32) * 32); }
-// Dynamic shared memory of a v9 CTA: the stage buffers (reused for the
-// warps' partial sums), then (XS) the staged x.
-DEC16_HD size_t gemv9_smem(const gemv9_geom &g, int ntl, bool xs, int64_t n, int64_t k) {
-  size_t bufs = (size_t)(g.ns > 1 ? 2 : 1) * 16 * g.ch * 16;
-  const size_t red = (size_t)GEMV9_WARPS * 32 * 4 * ntl * sizeof(float);
+// Dynamic shared memory of a v9 CTA of rg row groups: the stage buffers
+// (reused for the warps' partial sums), then (XS) the staged x.
+DEC16_HD size_t gemv9_smem(const gemv9_geom &g, int rg, int ntl, bool xs, int64_t n, int64_t k) {
+  size_t bufs = (size_t)(g.ns > 1 ? 2 : 1) * 16 * rg * g.ch * 16;
+  const size_t red = (size_t)GEMV9_WARPS * 32 * 4 * rg * ntl * sizeof(float);
   if (red > bufs) bufs = red;
   return bufs + (xs ? gemv9_xs_bytes(n, k) : 0);
 }
@@ -752,22 +758,45 @@ __device__ __forceinline__ void gemv9_stage_smem(uint32_t *xs, float *xinv, cons
   }
 }
 
-// Rows [16 cta, 16 cta + 16) of y for n <= 8 NTL tokens. sm: gemv9_smem bytes.
-// XS: x (fp32) is staged here into shared memory; else xs / xinv hold the
-// stage kernel's output with xinv stride 8 NTL.
-template <int T, int NTL, bool XS>
+// One block's x for the NTL token tiles of a lane (g, t): B fragments
+// (token 8j + g) and the chunk scales of tokens 8j + 2t, 8j + 2t + 1 (zeros
+// past n: staged x holds n tokens only).
+template <int NTL> struct g9_xblk {
+  uint4 X[NTL];
+  float i0[NTL], i1[NTL];
+};
+template <int NTL, bool XS>
+__device__ __forceinline__ void g9_load_x(g9_xblk<NTL> &b, const uint4 *xs, const float *xinv, int xst, int64_t c,
+                                          int64_t nch, int64_t n, int g, int t, bool okc) {
+#pragma unroll
+  for (int j = 0; j < NTL; j++) {
+    const int tok = 8 * j + g, tk = 8 * j + 2 * t;
+    b.X[j] = okc && tok < n ? g9_ldx<XS>(xs + (tok * nch + c) * 4 + t) : make_uint4(0u, 0u, 0u, 0u);
+    b.i0[j] = okc && tk < n ? g9_ldf<XS>(xinv + c * xst + tk) : 0.f;
+    b.i1[j] = okc && tk + 1 < n ? g9_ldf<XS>(xinv + c * xst + tk + 1) : 0.f;
+  }
+}
+
+// Rows [16 RG cta, 16 RG (cta + 1)) of y for n <= 8 NTL tokens (RG row
+// groups of 16 per CTA share each x fragment: RG = 2 halves the staged-x
+// traffic from L2, which at n = 64 is ~7x the weight bytes with RG = 1).
+// sm: gemv9_smem bytes. XS: x (fp32) is staged here into shared memory;
+// else xs / xinv hold the stage kernel's output with xinv stride 8 NTL.
+// The next block's x is loaded before the current block is computed (one
+// L2 latency per stage instead of one per block).
+template <int T, int RG, int NTL, bool XS>
 __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__restrict__ y, const float *__restrict__ x,
                                            const uint4 *__restrict__ xsg, const float *__restrict__ xinvg,
                                            const uint8_t *__restrict__ w, const uint8_t *w_end,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
                                            int64_t row_bytes, int accumulate, int kc, int ns, int ch) {
-  constexpr int W = GEMV9_WARPS, BB = type_block_bytes(T), THREADS = W * 32;
+  constexpr int W = GEMV9_WARPS, BB = type_block_bytes(T), THREADS = W * 32, R = 16 * RG;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int64_t nch = k / 32;
   const int slot = ch * 16;
-  const size_t bufb = (size_t)16 * slot;
-  const int64_t row0 = cta * 16;
-  const int rows = (int)min((int64_t)16, m - row0);
+  const size_t bufb = (size_t)R * slot;
+  const int64_t row0 = cta * R;
+  const int rows = (int)min((int64_t)R, m - row0);
   // Issues stage s's copies (every thread commits one group per stage).
   auto issue = [&](int s) {
     uint8_t *b = sm + (s & 1) * bufb;
@@ -792,17 +821,18 @@ __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__re
   const float *xinv = xinvg;
   int xst = 8 * NTL;
   if constexpr (XS) {
-    uint32_t *xsm = reinterpret_cast<uint32_t *>(sm + gemv9_smem(gemv9_geom{kc, ns, ch}, NTL, false, n, k));
+    uint32_t *xsm = reinterpret_cast<uint32_t *>(sm + gemv9_smem(gemv9_geom{kc, ns, ch}, RG, NTL, false, n, k));
     float *xism = reinterpret_cast<float *>(xsm + n * nch * 16);
     gemv9_stage_smem(xsm, xism, x, n, k, dec16_traits<T>::kind);
     xs = reinterpret_cast<const uint4 *>(xsm);
     xinv = xism;
     xst = 8;
   }
-  float acc[NTL][4];
+  float acc[RG][NTL][4];
 #pragma unroll
-  for (int j = 0; j < NTL; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  const bool ok0 = g < rows, ok1 = g + 8 < rows;
+  for (int q = 0; q < RG; q++)
+#pragma unroll
+    for (int j = 0; j < NTL; j++) acc[q][j][0] = acc[q][j][1] = acc[q][j][2] = acc[q][j][3] = 0.f;
   for (int s = 0; s < ns; s++) {
     if (s + 1 < ns) g9_cp_wait<1>();
     else g9_cp_wait<0>();
@@ -810,76 +840,88 @@ __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__re
     const uint8_t *b = sm + (s & 1) * bufb;
     const int64_t c0 = (int64_t)s * kc;
     const int nb = (int)min((int64_t)kc, nch - c0);
-    const uint8_t *p0 = b + g * slot + (int)((uintptr_t)(w + (row0 + g) * row_bytes + c0 * BB) & 15);
-    const uint8_t *p1 = b + (g + 8) * slot + (int)((uintptr_t)(w + (row0 + g + 8) * row_bytes + c0 * BB) & 15);
-    for (int cb = warp; cb < nb; cb += W) { // uniform over the warp: every lane reaches the mma
-      const int64_t c = c0 + cb;
-      q7_words<T> w0, w1;
-      q9_load<T>(w0, p0 + cb * BB, t, ok0);
-      q9_load<T>(w1, p1 + cb * BB, t, ok1);
-      uint32_t ha[4], hb[4];
-      const float s0 = q7_decode<T>(w0, ha), s1 = q7_decode<T>(w1, hb);
-      const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, a1[4] = {ha[2], hb[2], ha[3], hb[3]};
+    // Rows g + 16q and g + 8 + 16q of the stage buffer (their segments' offsets in their first chunk).
+    const uint8_t *p0[RG], *p1[RG];
 #pragma unroll
-      for (int j = 0; j < NTL; j++) {
-        if (8 * j < n) { // uniform
-          const int tok = 8 * j + g, tk = 8 * j + 2 * t;
-          const uint4 X = tok < n ? g9_ldx<XS>(xs + (tok * nch + c) * 4 + t) : make_uint4(0u, 0u, 0u, 0u);
-          const float xi0 = tk < n ? g9_ldf<XS>(xinv + c * xst + tk) : 0.f;
-          const float xi1 = tk + 1 < n ? g9_ldf<XS>(xinv + c * xst + tk + 1) : 0.f;
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
-          const uint32_t bx0[2] = {X.x, X.y}, bx1[2] = {X.z, X.w};
-          dec16_mma16816(d, a0, bx0);
-          dec16_mma16816(d, a1, bx1);
-          acc[j][0] += s0 * xi0 * d[0];
-          acc[j][1] += s0 * xi1 * d[1];
-          acc[j][2] += s1 * xi0 * d[2];
-          acc[j][3] += s1 * xi1 * d[3];
+    for (int q = 0; q < RG; q++) {
+      const int r0 = 16 * q + g, r1 = r0 + 8;
+      p0[q] = b + r0 * slot + (int)((uintptr_t)(w + (row0 + r0) * row_bytes + c0 * BB) & 15);
+      p1[q] = b + r1 * slot + (int)((uintptr_t)(w + (row0 + r1) * row_bytes + c0 * BB) & 15);
+    }
+    g9_xblk<NTL> xb;
+    g9_load_x<NTL, XS>(xb, xs, xinv, xst, c0 + warp, nch, n, g, t, warp < nb);
+    for (int cb = warp; cb < nb; cb += W) { // uniform over the warp: every lane reaches the mma
+      g9_xblk<NTL> xn; // the next block's x, in flight while this one is computed
+      g9_load_x<NTL, XS>(xn, xs, xinv, xst, c0 + cb + W, nch, n, g, t, cb + W < nb);
+#pragma unroll
+      for (int q = 0; q < RG; q++) {
+        q7_words<T> w0, w1;
+        q9_load<T>(w0, p0[q] + cb * BB, t, 16 * q + g < rows);
+        q9_load<T>(w1, p1[q] + cb * BB, t, 16 * q + g + 8 < rows);
+        uint32_t ha[4], hb[4];
+        const float s0 = q7_decode<T>(w0, ha), s1 = q7_decode<T>(w1, hb);
+        const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, a1[4] = {ha[2], hb[2], ha[3], hb[3]};
+#pragma unroll
+        for (int j = 0; j < NTL; j++) {
+          if (8 * j < n) { // uniform
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            const uint32_t bx0[2] = {xb.X[j].x, xb.X[j].y}, bx1[2] = {xb.X[j].z, xb.X[j].w};
+            dec16_mma16816(d, a0, bx0);
+            dec16_mma16816(d, a1, bx1);
+            acc[q][j][0] += s0 * xb.i0[j] * d[0];
+            acc[q][j][1] += s0 * xb.i1[j] * d[1];
+            acc[q][j][2] += s1 * xb.i0[j] * d[2];
+            acc[q][j][3] += s1 * xb.i1[j] * d[3];
+          }
         }
       }
+      xb = xn;
     }
     __syncthreads(); // every warp is done with buffer s & 1
     if (s + 2 < ns) issue(s + 2);
   }
-  // Partial sums: red[((warp * NTL + j) * 32 + lane) * 4 + e] over the (now idle) stage buffers.
+  // Partial sums: red[(((warp * RG + q) * NTL + j) * 32 + lane) * 4 + e] over the (now idle) stage buffers.
   float *red = reinterpret_cast<float *>(sm);
 #pragma unroll
-  for (int j = 0; j < NTL; j++) {
-    float *rw = red + ((warp * NTL + j) * 32 + lane) * 4;
+  for (int q = 0; q < RG; q++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) rw[e] = acc[j][e];
-  }
+    for (int j = 0; j < NTL; j++) {
+      float *rw = red + (((warp * RG + q) * NTL + j) * 32 + lane) * 4;
+#pragma unroll
+      for (int e = 0; e < 4; e++) rw[e] = acc[q][j][e];
+    }
   __syncthreads();
-  for (int i = tid; i < 128 * NTL; i += THREADS) { // (tile, row, token) = D element e of lane l
-    const int j = i >> 7, row = (i >> 3) & 15, tok8 = i & 7;
+  for (int i = tid; i < 128 * RG * NTL; i += THREADS) { // (group, tile, row, token) = D element e of lane l
+    const int q = i / (128 * NTL), j = (i >> 7) % NTL, row = (i >> 3) & 15, tok8 = i & 7;
     const int l = (row & 7) * 4 + (tok8 >> 1), e = (row >> 3) * 2 + (tok8 & 1);
-    const int64_t tok = 8 * j + tok8, R = row0 + row;
-    if (R < m && tok < n) {
+    const int64_t tok = 8 * j + tok8, Rw = row0 + 16 * q + row;
+    if (Rw < m && tok < n) {
       float s = 0.f;
-      for (int v = 0; v < W; v++) s += red[((v * NTL + j) * 32 + l) * 4 + e];
-      if (bias) s += bias[R];
-      float *yp = y + tok * m + R;
+      for (int v = 0; v < W; v++) s += red[(((v * RG + q) * NTL + j) * 32 + l) * 4 + e];
+      if (bias) s += bias[Rw];
+      float *yp = y + tok * m + Rw;
       *yp = accumulate ? *yp + s : s;
     }
   }
 }
 
-template <int T, int NTL, bool XS>
-__global__ void __launch_bounds__(GEMV9_WARPS * 32, 4)
+template <int T, int RG, int NTL, bool XS>
+__global__ void __launch_bounds__(GEMV9_WARPS * 32, RG == 2 || NTL == 8 ? 2 : 4)
 gemv9_kernel(float *__restrict__ y, const float *__restrict__ x, const uint4 *__restrict__ xs,
              const float *__restrict__ xinv, const uint8_t *__restrict__ w, const uint8_t *w_end,
              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate, int kc,
              int ns, int ch) {
   DEC16_DYN_SMEM(uint8_t, sm);
   pdl_trigger();
-  gemv9_rows<T, NTL, XS>(sm, blockIdx.x, y, x, xs, xinv, w, w_end, bias, n, k, m, row_bytes, accumulate, kc, ns, ch);
+  gemv9_rows<T, RG, NTL, XS>(sm, blockIdx.x, y, x, xs, xinv, w, w_end, bias, n, k, m, row_bytes, accumulate, kc, ns,
+                             ch);
 }
 
 // Multi-weight v9 (orch_matmul_multi): part p owns CTAs [end[p-1], end[p])
 // and runs exactly gemv9_kernel's code on them (x staged once, or per CTA
 // for XS): bit-identical to separate launches.
-template <int T, int NTL, bool XS>
-__global__ void __launch_bounds__(GEMV9_WARPS * 32, 4)
+template <int T, int RG, int NTL, bool XS>
+__global__ void __launch_bounds__(GEMV9_WARPS * 32, RG == 2 || NTL == 8 ? 2 : 4)
 gemv9_multi_kernel(const gemv5_parts P, const float *__restrict__ x, const uint4 *__restrict__ xs,
                    const float *__restrict__ xinv, int64_t n, int64_t k, int64_t row_bytes, int kc, int ns, int ch) {
   DEC16_DYN_SMEM(uint8_t, sm);
@@ -891,43 +933,52 @@ gemv9_multi_kernel(const gemv5_parts P, const float *__restrict__ x, const uint4
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
   const uint8_t *w = GEMV9_PICK(w);
   const int64_t m = GEMV9_PICK(m);
-  gemv9_rows<T, NTL, XS>(sm, cta, GEMV9_PICK(y), x, xs, xinv, w, w + m * row_bytes, GEMV9_PICK(bias), n, k, m,
-                         row_bytes, 0, kc, ns, ch);
+  gemv9_rows<T, RG, NTL, XS>(sm, cta, GEMV9_PICK(y), x, xs, xinv, w, w + m * row_bytes, GEMV9_PICK(bias), n, k, m,
+                             row_bytes, 0, kc, ns, ch);
 #undef GEMV9_PICK
 }
 
 // Whether v9 stages x per CTA in shared memory (n <= 2 and small enough).
 static inline bool gemv9_use_xs(int64_t n, int64_t k) { return n <= 2 && gemv9_xs_bytes(n, k) <= GEMV9_XS_MAX_BYTES; }
 
-// xs_mode: -1 by gemv9_use_xs, 0 global staging, 1 per-CTA staging (tests).
-// scratch: gemv9_scratch(n, k) bytes (unused when x is staged per CTA).
-template <int T, int NTL, bool XS>
+// Row groups per CTA: 2 from 17 tokens (4 and 8 token tiles: the staged-x
+// traffic dominates), else 1 (more CTAs). ORCH_CUDA_GEMV9_RG=1 / 2 pins it
+// (timing; read once per process).
+static inline int gemv9_rg(int64_t n) {
+  static const int pin = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV9_RG");
+    return e && (e[0] == '1' || e[0] == '2') && !e[1] ? e[0] - '0' : 0;
+  }();
+  return pin ? pin : n > 16 ? 2 : 1;
+}
+
+template <int T, int RG, int NTL, bool XS>
 static void launch_gemv9_t(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w,
                            const float *bias, int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
   const gemv9_geom g = gemv9_plan(type_block_bytes(T), k / 32);
-  const size_t sm = gemv9_smem(g, NTL, XS, n, k);
-  auto kern = gemv9_kernel<T, NTL, XS>;
+  const size_t sm = gemv9_smem(g, RG, NTL, XS, n, k);
+  auto kern = gemv9_kernel<T, RG, NTL, XS>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   uint32_t *xs = nullptr;
   float *xinv = nullptr;
   if constexpr (!XS) launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv, 8 * NTL);
-  DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)16)), GEMV9_WARPS * 32, sm, st, y, x,
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)16 * RG)), GEMV9_WARPS * 32, sm, st, y, x,
                    reinterpret_cast<const uint4 *>(xs), xinv, w, w + m * rb, bias, n, k, m, rb, acc, g.kc, g.ns, g.ch);
 }
 
-template <int T, int NTL, bool XS>
+template <int T, int RG, int NTL, bool XS>
 static void launch_gemv9_multi_t(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
                                  int64_t k, int64_t rb) {
   const gemv9_geom g = gemv9_plan(type_block_bytes(T), k / 32);
-  const size_t sm = gemv9_smem(g, NTL, XS, n, k);
-  auto kern = gemv9_multi_kernel<T, NTL, XS>;
+  const size_t sm = gemv9_smem(g, RG, NTL, XS, n, k);
+  auto kern = gemv9_multi_kernel<T, RG, NTL, XS>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   uint32_t *xs = nullptr;
   float *xinv = nullptr;
   if constexpr (!XS) launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv, 8 * NTL);
   unsigned total = 0;
   for (int p = 0; p < count; p++) {
-    total += (unsigned)ceil_div(P.m[p], (int64_t)16);
+    total += (unsigned)ceil_div(P.m[p], (int64_t)16 * RG);
     P.end[p] = total;
   }
   for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
@@ -935,31 +986,49 @@ static void launch_gemv9_multi_t(cudaStream_t st, void *scratch, gemv5_parts P, 
                    rb, g.kc, g.ns, g.ch);
 }
 
-// n <= 64 tokens. xs_mode: -1 by gemv9_use_xs, 0 global staging, 1 per-CTA staging (n <= 8).
+// The instance for n tokens: per-CTA x staging (n <= 2, small k; xs_mode 1
+// forces it for n <= 8, 0 forbids it: tests), token tiles NTL, row groups RG
+// (rg 0: gemv9_rg).
+template <int T, template <int, int, int, bool> class F, class... A>
+static void gemv9_dispatch(int64_t n, int64_t k, int xs_mode, int rg, A... a) {
+  const bool xsm = xs_mode < 0 ? gemv9_use_xs(n, k) : xs_mode == 1 && n <= 8;
+  if (rg == 0) rg = gemv9_rg(n);
+  if (xsm) F<T, 1, 1, true>::run(a...);
+  else if (n <= 8) F<T, 1, 1, false>::run(a...);
+  else if (n <= 16 && rg == 1) F<T, 1, 2, false>::run(a...);
+  else if (n <= 16) F<T, 2, 2, false>::run(a...);
+  else if (n <= 32 && rg == 1) F<T, 1, 4, false>::run(a...);
+  else if (n <= 32) F<T, 2, 4, false>::run(a...);
+  else if (rg == 1) F<T, 1, 8, false>::run(a...);
+  else F<T, 2, 8, false>::run(a...);
+}
+template <int T, int RG, int NTL, bool XS> struct gemv9_one {
+  static void run(cudaStream_t st, void *scr, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                  int64_t k, int64_t m, int64_t rb, int acc) {
+    launch_gemv9_t<T, RG, NTL, XS>(st, scr, y, x, w, bias, n, k, m, rb, acc);
+  }
+};
+template <int T, int RG, int NTL, bool XS> struct gemv9_many {
+  static void run(cudaStream_t st, void *scr, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
+                  int64_t rb) {
+    launch_gemv9_multi_t<T, RG, NTL, XS>(st, scr, P, count, x, n, k, rb);
+  }
+};
+
+// n <= 64 tokens; scratch: gemv9_scratch(n, k) bytes (unused when x is
+// staged per CTA). xs_mode / rg: as gemv9_dispatch (-1 / 0: the routing).
 template <int T>
 static void launch_gemv9(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w, const float *bias,
-                         int64_t n, int64_t k, int64_t m, int64_t rb, int acc, int xs_mode = -1) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const bool xsm = xs_mode < 0 ? gemv9_use_xs(n, k) : xs_mode == 1 && n <= 8;
-    if (xsm) launch_gemv9_t<T, 1, true>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
-    else if (n <= 8) launch_gemv9_t<T, 1, false>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
-    else if (n <= 16) launch_gemv9_t<T, 2, false>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
-    else if (n <= 32) launch_gemv9_t<T, 4, false>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
-    else launch_gemv9_t<T, 8, false>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
-  }
+                         int64_t n, int64_t k, int64_t m, int64_t rb, int acc, int xs_mode = -1, int rg = 0) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4)
+    gemv9_dispatch<T, gemv9_one>(n, k, xs_mode, rg, st, scratch, y, x, w, bias, n, k, m, rb, acc);
 }
 
 template <int T>
 static void launch_gemv9_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
-                               int64_t k, int64_t rb, int xs_mode = -1) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const bool xsm = xs_mode < 0 ? gemv9_use_xs(n, k) : xs_mode == 1 && n <= 8;
-    if (xsm) launch_gemv9_multi_t<T, 1, true>(st, scratch, P, count, x, n, k, rb);
-    else if (n <= 8) launch_gemv9_multi_t<T, 1, false>(st, scratch, P, count, x, n, k, rb);
-    else if (n <= 16) launch_gemv9_multi_t<T, 2, false>(st, scratch, P, count, x, n, k, rb);
-    else if (n <= 32) launch_gemv9_multi_t<T, 4, false>(st, scratch, P, count, x, n, k, rb);
-    else launch_gemv9_multi_t<T, 8, false>(st, scratch, P, count, x, n, k, rb);
-  }
+                               int64_t k, int64_t rb, int xs_mode = -1, int rg = 0) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4)
+    gemv9_dispatch<T, gemv9_many>(n, k, xs_mode, rg, st, scratch, P, count, x, n, k, rb);
 }
 
 // F32 weights, small m (routers: gpt-oss 2880 -> 32), n <= 8: the v1 GEMV

@@ -20,6 +20,9 @@
 #include "cuda_emu.h"
 
 #include "emu_decode_shims.h"
+// moe_route.cuh (MoE v7's top-k, reached through moe_ffn.cu) needs these too (as moe_emu_test.cpp).
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __shfl_sync(unsigned m, int v, int src) { return (int)__shfl_sync(m, (long long)v, src); }
 
 // cp.async for GEMV v9: per thread, open copies and committed groups;
 // wait_group(N) lands every group but the newest N (the latest moment the
@@ -194,7 +197,8 @@ static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accum
 // float64 (v7's bound: only x's fp16 rounding), and bit for bit: every
 // token's outputs equal a run of that token alone (n = 1: the per-CTA x
 // staging), so tile counts, the XS staging and ragged token tiles cannot
-// change a result. xs_mode as launch_gemv9.
+// change a result; from n = 9 one and two row groups per CTA give the same
+// bits too. xs_mode as launch_gemv9.
 static void test_gemv9(int t, int64_t k, int64_t m, int n, bool bias, bool accumulate, int xs_mode = -1) {
   QW w;
   make_weight(w, t, k, m);
@@ -210,8 +214,15 @@ static void test_gemv9(int t, int64_t k, int64_t m, int n, bool bias, bool accum
   Buf<float> bx(x), bb(bv), y(y0);
   Buf<uint8_t> scratch(gemv9_scratch(n, k), 0xAB); // garbage: every read byte must have been staged
   ORCH_DISPATCH_TYPE(t, launch_gemv9, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m, rb,
-                     accumulate, xs_mode)
+                     accumulate, xs_mode, 1)
   const double e = rel_l2(y.vec(), want);
+  if (n > 8) { // two row groups per CTA (the default from 17 tokens): the same sums in the same order
+    Buf<float> y2(y0);
+    ORCH_DISPATCH_TYPE(t, launch_gemv9, nullptr, scratch.p, y2.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m, rb,
+                       accumulate, xs_mode, 2)
+    EXPECT(std::memcmp(y2.p, y.p, sizeof(float) * y.n) == 0, "GEMV v9 %s k=%lld m=%lld n=%d: RG 2 != RG 1", tname(t),
+           (long long)k, (long long)m, n);
+  }
   EXPECT(e <= 5e-4, "GEMV v9 %s k=%lld m=%lld n=%d xs=%d: relative error %.3g", tname(t), (long long)k, (long long)m, n,
          xs_mode, e);
   // Tokens 0, n/2 and n-1 alone (x row, y0 row).
@@ -228,8 +239,8 @@ static void test_gemv9(int t, int64_t k, int64_t m, int n, bool bias, bool accum
   }
   const gemv9_geom g = gemv9_plan(type_block_bytes(t), k / 32);
   std::printf("GEMV v9 %-5s k=%-4lld m=%-5lld n=%-2d bias=%d acc=%d xs=%-2d stages=%d: relative error %.2e, tokens == "
-              "their n=1 runs\n",
-              tname(t), (long long)k, (long long)m, n, bias, accumulate, xs_mode, g.ns, e);
+              "their n=1 runs%s\n",
+              tname(t), (long long)k, (long long)m, n, bias, accumulate, xs_mode, g.ns, e, n > 8 ? ", RG 2 == RG 1" : "");
 }
 
 // Multi-weight GEMV (orch_matmul_multi's kernels, v5 and v7): parts of
@@ -274,7 +285,7 @@ static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bo
            "GEMV v%d multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", v9 ? 9 : v8 ? 8 : v7 ? 7 : 5, p, tname(t), (long long)k,
            (long long)ms[p], n);
     for (size_t i = 0; i < ym[p]->n; i++)
-      EXPECT(std::isfinite(ym[p]->p[i]), "GEMV v5 multi part %zu: y[%zu] not written", p, i);
+      EXPECT(std::isfinite(ym[p]->p[i]), "GEMV v%d multi part %zu: y[%zu] not written", v9 ? 9 : v8 ? 8 : v7 ? 7 : 5, p, i);
   }
   std::printf("GEMV v%d multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", v9 ? 9 : v8 ? 8 : v7 ? 7 : 5,
               tname(t), (long long)k, ms.size(), n);
@@ -446,19 +457,19 @@ int main(int argc, char **argv) {
     test_gemv9(t, 96, 36, 1, true, false);       // per-CTA x staging; 3 blocks: warps without blocks
     test_gemv9(t, 96, 36, 2, false, true, 0);    // global staging at n = 2
     test_gemv9(t, 128, 20, 9, true, true);       // 2 tiles, the second with one token
-    test_gemv9(t, 64, 24, 33, false, false);     // 8 tiles (NTL 8), the last 4 empty
+    test_gemv9(t, 64, 24, 33, false, false);     // 8 tiles (NTL 8), the last 4 empty; RG 2: one ragged 32-row CTA
   }
   test_gemv9(ORCH_T_Q8_0, 4096, 20, 17, true, false);  // 3 stages (a ring of 2 buffers), NTL 4
   test_gemv9(ORCH_T_Q8_0, 4096, 18, 1, false, true);   // 3 stages, per-CTA staging
   test_gemv9(ORCH_T_MXFP4, 6400, 16, 3, true, false);  // 3 stages
-  test_gemv9(ORCH_T_Q4_0, 160, 40, 63, true, true);
+  test_gemv9(ORCH_T_Q4_0, 160, 40, 63, true, true);   // RG 2: 32 + 8 rows
   test_gemv9(ORCH_T_Q8_0, 96, 17, 64, false, false);
   test_gemv9(ORCH_T_MXFP4, 96, 33, 8, true, false, 1); // per-CTA staging at n = 8 (tests only)
   if (long_run)
     for (int n = 1; n <= 64; n++) test_gemv9(n % 3 == 0 ? ORCH_T_MXFP4 : n % 3 == 1 ? ORCH_T_Q8_0 : ORCH_T_Q4_0, 128, 20, n,
                                              n & 1, n % 4 == 2);
   test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 1, false, false, true); // v9, per-CTA staging
-  test_gemv_multi(ORCH_T_MXFP4, 64, {16, 32}, 20, false, false, true);  // v9, 3 tiles of 8 (NTL 4)
+  test_gemv_multi(ORCH_T_MXFP4, 64, {16, 40}, 20, false, false, true);  // v9, 3 tiles of 8 (NTL 4, RG 2: ragged 32-row CTA)
   test_gemv_multi(ORCH_T_Q4_0, 4096, {8, 20}, 5, false, false, true);   // v9, 3 stages
   test_rope2(1);
   test_rope2(0);

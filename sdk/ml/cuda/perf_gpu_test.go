@@ -666,7 +666,8 @@ func perfChildren(t *testing.T, test, childVar string, settings, header []string
 // runs in a child process on the same card. Under v5 / v7 pinned, n > 8 is
 // the bf16 GEMM (qgemm, n = 9..96: the pre-v9 route), so the table has the
 // old and the new path of every (shape, n) side by side; the path column
-// says which kernel ran.
+// says which kernel ran. ORCH_CUDA_GEMV9_RG=1: v9 with one 16-row group per
+// CTA at every n (the default takes two from n = 17).
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfGEMVVersions -test.v
 func TestPerfGEMVVersions(t *testing.T) {
@@ -678,11 +679,15 @@ func TestPerfGEMVVersions(t *testing.T) {
 			t.Skipf("ORCH_CUDA_GEMV / ORCH_CUDA_MOE pin this process; the timing runs from an unpinned one")
 		}
 		perfChildren(t, "TestPerfGEMVVersions", "ORCH_GEMV_SPEED_CHILD",
-			[]string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV="},
+			[]string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
+				"ORCH_CUDA_GEMV9_RG=1"},
 			[]string{"| setting | shape | path | median | floor | of floor |", "|---|---|---|---|---|---|"}, "perf-gemv.md")
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
+	if v := os.Getenv("ORCH_CUDA_GEMV9_RG"); v != "" {
+		label += " ORCH_CUDA_GEMV9_RG=" + v // v9's row groups per CTA pinned (default: 2 from n = 17)
+	}
 	r := newRandSrc(newRNG(t))
 	const cb = 1 << 30
 	var src, dst uintptr
