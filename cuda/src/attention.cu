@@ -231,9 +231,14 @@ static unsigned *attn8_tickets(orch_ctx *ctx) {
   auto it = slots.find(ctx);
   if (it != slots.end() && it->second.first == ctx->device) return it->second.second;
   void *base = nullptr;
-  if (cudaGetSymbolAddress(&base, g_attn8_tickets) != cudaSuccess) {
+  int cur = ctx->device;
+  cudaGetDevice(&cur);
+  if (cur != ctx->device) cudaSetDevice(ctx->device); // the symbol's copy on the context's device
+  const cudaError_t e = cudaGetSymbolAddress(&base, g_attn8_tickets);
+  if (cur != ctx->device) cudaSetDevice(cur);
+  if (e != cudaSuccess) {
     cudaGetLastError();
-    return nullptr;
+    return nullptr; // the caller takes the v7 path
   }
   unsigned *t = (unsigned *)base + (size_t)(next++ % ATTN8_SLOTS) * ATTN8_TICKETS;
   slots[ctx] = {ctx->device, t};

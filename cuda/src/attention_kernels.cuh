@@ -495,8 +495,8 @@ template <int HD, int GC, bool TIGHT> struct __align__(16) AttnGdSmem {
 // q load and ends after the merge's reads of S (see attn_gd_body for why no
 // barrier is needed between rows).
 template <typename KV, int HD, int HC, bool TIGHT, typename SM>
-__device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int64_t t, int h0, int kvh, int k0,
-                                            int k1, bool direct, float *part, int splits, int sp) {
+__device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int64_t t, int seq, int h0, int kvh,
+                                            int k0, int k1, bool direct, float *part, int splits, int sp) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
   // V rows per chunk: <= 32 registers of raw V per lane.
@@ -506,7 +506,17 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
   const KV *kc = (const KV *)a.k_cache;
   const KV *vc = (const KV *)a.v_cache;
   const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
-  const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
+  const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks;
+  // The slot of this lane's key of the warp's first step: its block-table
+  // load is in flight with the q loads (not after the barrier: one memory
+  // latency fewer on a short row's chain).
+  auto key_slot = [&](int base) {
+    const int kp = base + lane;
+    const int kk = kp < k1 ? kp : base; // a valid key: its V is finite, and p = 0
+    return (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
+  };
+  const int b0 = k0 + warp * 32;
+  const int64_t slot0 = b0 < k1 ? key_slot(b0) : 0;
   const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
   for (int i = threadIdx.x; i < HC * HD; i += blockDim.x) S.qs[i / HD][i % HD] = qr[i] * a.scale;
   __syncthreads();
@@ -518,11 +528,9 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
 #pragma unroll
     for (int e = 0; e < E; e++) acc[g][e] = 0.f;
   }
-  for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
-    const int kp = base + lane;
-    const bool ok = kp < k1;
-    const int kk = ok ? kp : base; // a valid key: its V is finite, and p = 0
-    const int64_t slot = (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
+  for (int base = b0; base < k1; base += ATTN_WARPS * 32) {
+    const bool ok = base + lane < k1;
+    const int64_t slot = base == b0 ? slot0 : key_slot(base);
     const int cnt = min(32, k1 - base);
     AttnVRow<KV, E> v[VCH];
 #pragma unroll
@@ -683,13 +691,13 @@ __device__ __forceinline__ void attn_gd_body(const orch_attn_args &a, float *par
   AttnRows rows(a);
   for (int64_t t = rows.r0; t < rows.r1; t++) {
     if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
-    const int qp = a.tok_pos[t];
+    const int qp = a.tok_pos[t], seq = a.tok_seq[t]; // (both loads in flight together)
     const int span = attn_span(qp, a.window), start = qp + 1 - span;
     const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
     const int used = attn_split_used(span, per);
     if (sp >= used) continue; // uniform: this split has no keys of this row
     const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
-    attn_gd_row<KV, HD, GC, TIGHT>(a, S, t, h0, kvh, k0, k1, used == 1, part, splits, sp);
+    attn_gd_row<KV, HD, GC, TIGHT>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp);
   } // rows
 }
 
@@ -783,7 +791,7 @@ __global__ void ATTN_GD7_BOUNDS(GC)
   AttnRows rows(a);
   for (int64_t t = rows.r0; t < rows.r1; t++) {
     if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
-    const int qp = a.tok_pos[t];
+    const int qp = a.tok_pos[t], seq = a.tok_seq[t]; // (both loads in flight together)
     const int span = attn_span(qp, a.window), start = qp + 1 - span;
     const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
     const int used = attn_split_used(span, per);
@@ -793,10 +801,15 @@ __global__ void ATTN_GD7_BOUNDS(GC)
     const int sp = z / sub, h0 = blockIdx.x * GC + (z % sub) * hc, kvh = h0 / G;
     const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
     const bool direct = used == 1;
-    if (hc == GC) attn_gd_row<KV, HD, GC, true>(a, S, t, h0, kvh, k0, k1, direct, part, splits, sp);
-    else if (GC >= 4 && hc == GC / 2) attn_gd_row<KV, HD, (GC >= 2 ? GC / 2 : 1), true>(a, S, t, h0, kvh, k0, k1, direct, part, splits, sp);
-    else if (GC >= 8 && hc == GC / 4) attn_gd_row<KV, HD, (GC >= 4 ? GC / 4 : 1), true>(a, S, t, h0, kvh, k0, k1, direct, part, splits, sp);
-    else attn_gd_row<KV, HD, 1, true>(a, S, t, h0, kvh, k0, k1, direct, part, splits, sp);
+    constexpr int GC2 = GC >= 2 ? GC / 2 : 1, GC4 = GC >= 4 ? GC / 4 : 1;
+    if (hc == GC)
+      attn_gd_row<KV, HD, GC, true>(a, S, t, seq, h0, kvh, k0, k1, direct, part, splits, sp);
+    else if (GC >= 4 && hc == GC2)
+      attn_gd_row<KV, HD, GC2, true>(a, S, t, seq, h0, kvh, k0, k1, direct, part, splits, sp);
+    else if (GC >= 8 && hc == GC4)
+      attn_gd_row<KV, HD, GC4, true>(a, S, t, seq, h0, kvh, k0, k1, direct, part, splits, sp);
+    else
+      attn_gd_row<KV, HD, 1, true>(a, S, t, seq, h0, kvh, k0, k1, direct, part, splits, sp);
     if (direct) continue;
     // Partials out; the last working CTA of (t, head group) merges them.
     __threadfence();

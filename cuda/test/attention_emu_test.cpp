@@ -197,7 +197,8 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
             }
           }
         });
-        for (size_t i = 0; i < tickets.size(); i++) CHECK(tickets[i] == 0, "%s: v8 ticket %zu left at %u", name, i, tickets[i]);
+        for (size_t i = 0; i < tickets.size(); i++)
+          CHECK(tickets[i] == 0, "%s: v8 ticket %zu left at %u", name, i, tickets[i]);
         if (v8) return; // merged in the kernel
       } else {
         emu_launch(dim3{(unsigned)nh, rows, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, [&] {
