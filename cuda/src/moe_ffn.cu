@@ -806,6 +806,242 @@ moe_down7_kernel(float *__restrict__ out, const float *__restrict__ act, const u
   if (valid && lane == 0) out[(int64_t)t * m + row] = res;
 }
 
+// ---- MoE v8 (docs/perf-cuda.md "Round 5"): batched decode, 2..64 tokens ----
+// v6 runs one GEMV per (token, slot) pair, so an expert routed to several of
+// the n tokens is read and decoded once per pair (n = 8: 32 pairs, ~21
+// distinct experts). Here a CTA takes one expert (grid.y = the j-th distinct
+// expert of the step, found on the device: no host sync) and the tokens routed
+// to it: each weight block is loaded and decoded once, and the decoded half2
+// pairs are multiplied with every token's staged x (up to MOE8_TC tokens per
+// pass). Per token the products, partial sums and folds are v6's, in v6's
+// order, so act is v6's bit for bit; down writes each pair's (dot + bias) to a
+// buffer and orch_moe_combine sums them per token in slot order with the
+// router weights — v6's expression (res += w * (dot + bias), from 0), so the
+// output is v6's bit for bit too (the emulation test compares).
+constexpr int MOE8_TC = 8;       // tokens per pass (x / activation rows staged at once)
+constexpr int MOE8_MAX_TOK = 64; // tokens per step (one pair per token per expert)
+
+// Dynamic shared memory of the v8 kernels (k: the dot length): MOE8_TC staged
+// rows (dec16 layout: chunks, then their 1/scales), then the expert's pair list
+// and 2 ints (in dynamic memory: the CPU emulation has no static __shared__).
+DEC16_HD int moe8_list_off(int k) { return MOE8_TC * (k / 32) * (DEC16_XW + 1); } // in 4-byte words
+static size_t moe8_smem(int64_t k) { return (size_t)(moe8_list_off((int)k) + MOE8_MAX_TOK + 2) * 4; }
+
+// CTA-wide: the j-th distinct expert (ascending id; ids out of range count as
+// expert 0: only NaN logits give them, with weight 0) of ids[0..np) and its
+// pairs in ascending order into list (smem, MOE8_MAX_TOK ints); *e = -1 when
+// there are fewer distinct experts. All threads call it; it syncs.
+__device__ __forceinline__ int moe8_bucket(const int32_t *__restrict__ ids, int np, int n_exp, int j, int *list,
+                                           int *sh) {
+  const int lane = threadIdx.x & 31;
+  if ((threadIdx.x >> 5) == 0) {
+    uint32_t used = 0;
+    for (int b = 0; b < np; b += 32) {
+      int id = b + lane < np ? ids[b + lane] : 0;
+      id = id >= 0 && id < n_exp ? id : 0;
+      if (b + lane < np) used |= 1u << id;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) used |= __shfl_xor_sync(0xffffffffu, used, o);
+    int e = -1, cnt = 0;
+    if (j < __popc(used)) {
+      for (int i = 0; i < j; i++) used &= used - 1;
+      e = __ffs((int)used) - 1;
+      for (int b = 0; b < np; b += 32) {
+        int id = b + lane < np ? ids[b + lane] : 0;
+        id = id >= 0 && id < n_exp ? id : 0;
+        const bool mine = b + lane < np && id == e;
+        const unsigned bal = __ballot_sync(0xffffffffu, mine);
+        const int pos = cnt + __popc(bal & ((1u << lane) - 1u));
+        if (mine && pos < MOE8_MAX_TOK) list[pos] = b + lane;
+        cnt += __popc(bal);
+      }
+    }
+    if (lane == 0) {
+      sh[0] = e;
+      sh[1] = cnt < MOE8_MAX_TOK ? cnt : MOE8_MAX_TOK;
+    }
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+// moe6_block_acc for NT token rows: the weight words decoded once (MXFP4: the
+// bit-placement decoder, x staged times 2^14; other types: dec16's).
+template <int T, int NT>
+DEC16_HD void moe8_block_acc(const uint32_t *w, uint32_t sh, const uint4 *const *xh, int nt, uint32_t (*a)[2]) {
+  if constexpr (T == ORCH_T_MXFP4) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      uint32_t h[4];
+      moe6_mxfp4_word(dec16_funnel_rc(w[i], w[i + 1], 8 * sh + 8), h);
+#pragma unroll
+      for (int j = 0; j < NT; j++) {
+        if (j < nt) {
+          const uint4 x = xh[j][i];
+          uint32_t &acc = a[j][i & 1];
+          acc = dec16_hfma2(h[0], x.x, acc);
+          acc = dec16_hfma2(h[1], x.y, acc);
+          acc = dec16_hfma2(h[2], x.z, acc);
+          acc = dec16_hfma2(h[3], x.w, acc);
+        }
+      }
+    }
+  } else {
+    dec16_block_acc<T, NT>(w, sh, xh, nt, a);
+  }
+}
+
+// act[p, row] for the pairs p of expert e (this CTA's): as moe_gate_up6_kernel.
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
+moe_gate_up8_kernel(float *__restrict__ act, const float *__restrict__ x, const uint8_t *__restrict__ wg,
+                    const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                    const int32_t *__restrict__ ids, int np, int n_exp, int n_slots, int k, int m, int64_t rb,
+                    float alpha, float limit) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  int *const list = reinterpret_cast<int *>(xsm) + moe8_list_off(k), *const sh = list + MOE8_MAX_TOK;
+  pdl_wait(); // ids / x come from the previous kernels; act is read by earlier kernels
+  pdl_trigger();
+  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, sh);
+  if (e < 0) return; // uniform over the CTA
+  const int cnt = sh[1];
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const bool valid = row < m;
+  const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
+  const int nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + MOE8_TC * nch * DEC16_XW);
+  for (int t0 = 0; t0 < cnt; t0 += MOE8_TC) {
+    const int nt = min(MOE8_TC, cnt - t0);
+    float ag[MOE8_TC], au[MOE8_TC];
+#pragma unroll
+    for (int j = 0; j < MOE8_TC; j++) ag[j] = au[j] = 0.f;
+    for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+      wblocks<T, NB> bg, bu;
+      ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
+      ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+      if (c0 == 0) { // uniform over the CTA
+        if (t0 > 0) __syncthreads(); // the previous pass's readers are done
+        for (int j = 0; j < nt; j++)
+          moe6_stage<T == ORCH_T_Q8_0 ? 1 : 2>(xsm + j * nch * DEC16_XW, xinv + j * nch,
+                                               x + (int64_t)(list[t0 + j] / n_slots) * k, 1, k, dec16_traits<T>::kind,
+                                               T == ORCH_T_MXFP4);
+        __syncthreads();
+      }
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int c = c0 + lane + 32 * i;
+        if (c < nch) {
+          const uint4 *xp[MOE8_TC];
+#pragma unroll
+          for (int j = 0; j < MOE8_TC; j++) xp[j] = reinterpret_cast<const uint4 *>(xsm + (j * nch + c) * DEC16_XW);
+          uint32_t g[MOE8_TC][2], u[MOE8_TC][2];
+#pragma unroll
+          for (int j = 0; j < MOE8_TC; j++) g[j][0] = g[j][1] = u[j][0] = u[j][1] = 0u;
+          moe8_block_acc<T, MOE8_TC>(bg.w[i], bg.sh[i], xp, nt, g);
+          moe8_block_acc<T, MOE8_TC>(bu.w[i], bu.sh[i], xp, nt, u);
+          const float wsg = dec16_wscale<T>(bg.w[i], bg.sh[i]), wsu = dec16_wscale<T>(bu.w[i], bu.sh[i]);
+#pragma unroll
+          for (int j = 0; j < MOE8_TC; j++) {
+            if (j < nt) {
+              ag[j] += dec16_fold(g[j], wsg, xinv[j * nch + c]);
+              au[j] += dec16_fold(u[j], wsu, xinv[j * nch + c]);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < MOE8_TC; j++) {
+      if (j < nt) { // uniform over the CTA
+        const float a = warp_sum(ag[j]), b = warp_sum(au[j]);
+        if (valid && lane == 0) {
+          const int p = list[t0 + j];
+          const float g = a + (gb ? gb[(int64_t)e * m + row] : 0.f);
+          const float u = b + (ub ? ub[(int64_t)e * m + row] : 0.f);
+          act[(int64_t)p * m + row] = swiglu_oai(g, u, alpha, limit);
+        }
+      }
+    }
+  }
+}
+
+// ybuf[p, row] = act[p] . down_e[row] + db[e, row] for the pairs p of expert
+// e (this CTA's): moe_down6_kernel's per-slot value.
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
+moe_down8_kernel(float *__restrict__ ybuf, const float *__restrict__ act, const uint8_t *__restrict__ wd,
+                 const float *__restrict__ db, const int32_t *__restrict__ ids, int np, int n_exp, int k, int m,
+                 int64_t rb, float fixed_sc) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  int *const list = reinterpret_cast<int *>(xsm) + moe8_list_off(k), *const sh = list + MOE8_MAX_TOK;
+  pdl_wait(); // act / ids come from the previous kernels
+  pdl_trigger();
+  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, sh);
+  if (e < 0) return;
+  const int cnt = sh[1];
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const bool valid = row < m;
+  const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
+  const int nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + MOE8_TC * nch * DEC16_XW);
+  for (int t0 = 0; t0 < cnt; t0 += MOE8_TC) {
+    const int nt = min(MOE8_TC, cnt - t0);
+    float acc[MOE8_TC];
+#pragma unroll
+    for (int j = 0; j < MOE8_TC; j++) acc[j] = 0.f;
+    for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+      wblocks<T, NB> b;
+      ffn_load<T, NB>(b, wd + off, c0, lane, nch, valid);
+      if (c0 == 0) {
+        if (t0 > 0) __syncthreads();
+        for (int j = 0; j < nt; j++) {
+          const float *ar = act + (int64_t)list[t0 + j] * k;
+          if (fixed_sc > 0.f)
+            moe6_stage_fixed<4>(xsm + j * nch * DEC16_XW, xinv + j * nch, ar, 1, k, dec16_traits<T>::kind, fixed_sc,
+                                T == ORCH_T_MXFP4);
+          else
+            moe6_stage<4>(xsm + j * nch * DEC16_XW, xinv + j * nch, ar, 1, k, dec16_traits<T>::kind,
+                          T == ORCH_T_MXFP4);
+        }
+        __syncthreads();
+      }
+      float s[MOE8_TC]; // moe6_dot's per-round sum, then added to acc (v6's order)
+#pragma unroll
+      for (int j = 0; j < MOE8_TC; j++) s[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int c = c0 + lane + 32 * i;
+        if (c < nch) {
+          const uint4 *xp[MOE8_TC];
+#pragma unroll
+          for (int j = 0; j < MOE8_TC; j++) xp[j] = reinterpret_cast<const uint4 *>(xsm + (j * nch + c) * DEC16_XW);
+          uint32_t a[MOE8_TC][2];
+#pragma unroll
+          for (int j = 0; j < MOE8_TC; j++) a[j][0] = a[j][1] = 0u;
+          moe8_block_acc<T, MOE8_TC>(b.w[i], b.sh[i], xp, nt, a);
+          const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
+#pragma unroll
+          for (int j = 0; j < MOE8_TC; j++)
+            if (j < nt) s[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < MOE8_TC; j++) acc[j] += s[j];
+    }
+#pragma unroll
+    for (int j = 0; j < MOE8_TC; j++) {
+      if (j < nt) {
+        const float a = warp_sum(acc[j]);
+        if (valid && lane == 0)
+          ybuf[(int64_t)list[t0 + j] * m + row] = a + (db ? db[(int64_t)e * m + row] : 0.f);
+      }
+    }
+  }
+}
+
 constexpr size_t FFN_MAX_SMEM = 96 * 1024;
 static size_t ffn_smem(int64_t k, int rows) { return (size_t)rows * (k / 32) * 36 * sizeof(float); }
 
@@ -947,7 +1183,7 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
 }
 
 
-// ---- orch_moe_ffn_route (MoE v7): routing + expert FFN in two launches ----
+// ---- orch_moe_ffn_route (MoE v7 / v8) ----
 constexpr int MOE7_GU_WARPS = 16;
 
 template <int T>
@@ -979,24 +1215,69 @@ static void launch_route7(cudaStream_t st, float *out, float *act, const float *
   }
 }
 
+// v8 expert kernels (after orch_moe_topk; orch_moe_combine follows).
+template <int T>
+static void launch_batched8(cudaStream_t st, float *ybuf, float *act, const float *x, int n_exp, const int32_t *ids,
+                            const uint8_t *wg, const uint8_t *wu, const float *gb, const float *ub, const uint8_t *wd,
+                            const float *db, int64_t n, int n_slots, int64_t dim, int64_t ff, float alpha,
+                            float limit) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const int np = (int)(n * n_slots);
+    const unsigned ge = (unsigned)min((int64_t)np, (int64_t)n_exp);
+    {
+      constexpr int NB = gate_up_nb<T>();
+      size_t sm = moe8_smem(dim);
+      if (sm > 48 * 1024)
+        cudaFuncSetAttribute(moe_gate_up8_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), ge);
+      auto kern = moe_gate_up8_kernel<T, NB>;
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, np, n_exp, n_slots, (int)dim,
+                       (int)ff, orch_row_bytes(T, dim), alpha, limit);
+    }
+    {
+      constexpr int NB = down_h_nb<T>();
+      size_t sm = moe8_smem(ff);
+      if (sm > 48 * 1024)
+        cudaFuncSetAttribute(moe_down8_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), ge);
+      auto kern = moe_down8_kernel<T, NB>;
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, ybuf, act, wd, db, ids, np, n_exp, (int)ff, (int)dim,
+                       orch_row_bytes(T, ff), moe6_act_scale<T>(alpha, limit));
+    }
+  }
+}
+
 extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, const float *logits, int32_t n_exp,
                                   int32_t *ids, float *weights, const void *gate, const void *up, int32_t gu_type,
                                   const float *gate_bias, const float *up_bias, const void *down, int32_t down_type,
-                                  const float *down_bias, float *act, int64_t n, int32_t n_slots, int64_t dim,
-                                  int64_t ff, float alpha, float limit) {
+                                  const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots,
+                                  int64_t dim, int64_t ff, float alpha, float limit) {
   const char *op = "moe_ffn_route";
   ORCH_CHECK_ARG(ctx && out && x && logits && ids && weights && gate && up && down && act, op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
   // Declines (not an error) where orch_moe_ffn would, below v7, for more than
   // 32 experts (one warp routes a token) and for gate / up and down of
-  // different types (one launcher instantiation per type).
+  // different types (one launcher instantiation per type); v7 from 64 pairs
+  // (the grouped GEMM's range), v8 from 65 tokens.
   if (ctx->moe_v1 || ctx->moe < 7 || n_exp > 32 || gu_type != down_type || !ffn_type(gu_type) || dim % 32 ||
       ff % 32 || ffn_smem(dim, 1) > FFN_MAX_SMEM || (ff * orch_row_bytes(gu_type, dim)) % 4 ||
       (dim * orch_row_bytes(down_type, ff)) % 4 || ffn_smem(ff, n_slots) > FFN_MAX_SMEM || n * n_slots > 65535 ||
       n > 65535)
     return ORCH_ERR_UNSUPPORTED;
+  const bool batched = ctx->moe >= 8 && n >= 2 && n <= MOE8_MAX_TOK && ybuf && aligned16p(ybuf) &&
+                       moe8_smem(dim) <= FFN_MAX_SMEM && moe8_smem(ff) <= FFN_MAX_SMEM;
+  if (!batched && n * n_slots >= 64) return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   if (n == 0) return ORCH_OK;
+  if (batched) {
+    int rc = orch_moe_topk(ctx, ids, weights, logits, n, n_exp, n_slots);
+    if (rc != ORCH_OK) return rc;
+    ORCH_DISPATCH_TYPE(gu_type, launch_batched8, ctx->stream, ybuf, act, x, (int)n_exp, ids, (const uint8_t *)gate,
+                       (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias, n, n_slots, dim,
+                       ff, alpha, limit);
+    ORCH_LAUNCHED(op);
+    return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
+  }
   ORCH_DISPATCH_TYPE(gu_type, launch_route7, ctx->stream, out, act, x, logits, (int)n_exp, ids, weights,
                      (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
                      n, n_slots, dim, ff, alpha, limit);

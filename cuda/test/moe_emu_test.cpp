@@ -26,6 +26,7 @@
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __shfl_xor_sync(unsigned m, int v, int o) { return (int)__shfl_xor_sync(m, (unsigned)v, o); }
 inline int __shfl_sync(unsigned m, int v, int src) { return (int)__shfl_sync(m, (long long)v, src); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 #include "../src/moe_ffn.cu"
 #include "../src/moe.cu"
 #undef warp_sum
@@ -223,11 +224,14 @@ static void test_topk() {
   std::printf("top-k v6 (lane ranks): ids and weights identical to v4 in %d configurations (ties, -inf)\n", cases);
 }
 
-// MoE v7 (orch_moe_ffn_route: top-k folded into the expert kernels) against
-// v6's orch_moe_topk + orch_moe_ffn on the same router logits: ids, weights
-// and output identical bit for bit; also with down's speculative (logit-routed)
-// experts all wrong (the re-check after pdl_wait must reload them).
-static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, float limit = 7.f) {
+// MoE v7 (orch_moe_ffn_route: top-k folded into the expert kernels) and v8
+// (v7 at one token; 2..64 tokens: expert-major kernels, each expert decoded
+// once for its tokens) against v6's orch_moe_topk + orch_moe_ffn on the same
+// router logits: ids, weights and output identical bit for bit; v7 also with
+// down's speculative (logit-routed) experts all wrong (the re-check after
+// pdl_wait must reload them).
+static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, float limit = 7.f,
+                       bool skew = false) {
   QW gate, up, down;
   make_weight(gate, t, dim, ff * ne);
   make_weight(up, t, dim, ff * ne);
@@ -239,6 +243,7 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
   for (size_t i = 0; i < lg.size(); i++) { // ties and -inf included
     const unsigned r = (unsigned)rng() % 10;
     lg[i] = r == 0 ? -INFINITY : r < 3 ? (float)(rng() % 3) : std::normal_distribution<float>(0.f, 2.f)(rng);
+    if (skew && (int)(i % ne) < topk) lg[i] = 50.f + (float)(i % ne); // every token: experts 0..topk-1
   }
   Buf<float> bx(x), bgb(gbv), bub(ubv), bdb(dbv), bl(lg);
   auto gp = [&](Buf<float> &b) { return bias ? b.p : nullptr; };
@@ -252,7 +257,8 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
     Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN);
     EXPECT(orch_moe_topk(&ctx, ib.p, wb.p, bl.p, n, ne, topk) == ORCH_OK, "moe_topk: %s", g_err);
     EXPECT(orch_moe_ffn_route(&ctx, out.p, bx.p, bl.p, ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb), gp(bub),
-                              down.bytes, t, gp(bdb), act.p, n, topk, dim, ff, 1.702f, limit) == ORCH_ERR_UNSUPPORTED,
+                              down.bytes, t, gp(bdb), act.p, nullptr, n, topk, dim, ff, 1.702f,
+                              limit) == ORCH_ERR_UNSUPPORTED,
            "moe_ffn_route must decline under v6");
     EXPECT(orch_moe_ffn(&ctx, out.p, bx.p, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb), gp(bub), down.bytes, t,
                         gp(bdb), act.p, n, topk, dim, ff, 1.702f, limit) == ORCH_OK,
@@ -262,25 +268,31 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
     o6 = out.vec();
   }
   const bool stale = dim * ff <= 64 * 64;
-  for (int pass = 0; pass < (stale ? 2 : 1); pass++) {
-    orch_ctx ctx;
-    ctx.moe = 7;
-    Buf<int32_t> ib((size_t)(n * topk), -1);
-    Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN);
-    if (pass) g_moe6_stale_id = id6[0] == 0 ? 1 : 0;
-    const int rc = orch_moe_ffn_route(&ctx, out.p, bx.p, bl.p, ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb),
-                                      gp(bub), down.bytes, t, gp(bdb), act.p, n, topk, dim, ff, 1.702f, limit);
-    g_moe6_stale_id = -1;
-    EXPECT(rc == ORCH_OK, "moe_ffn_route v7 rc %d (%s)", rc, g_err);
-    EXPECT(ib.vec() == id6, "v7 ids differ from orch_moe_topk's (%s n=%d top-%d of %d)", tname(t), n, topk, ne);
-    const auto w7 = wb.vec(), o7 = out.vec();
-    EXPECT(std::memcmp(w7.data(), w6.data(), w6.size() * 4) == 0, "v7 weights differ from orch_moe_topk's");
-    EXPECT(std::memcmp(o7.data(), o6.data(), o6.size() * 4) == 0,
-           "MoE v7 != v6 bit for bit (%s dim=%lld ff=%lld top-%d n=%d%s)", tname(t), (long long)dim, (long long)ff,
-           topk, n, pass ? ", stale speculative routing" : "");
-  }
-  std::printf("MoE v7 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids, weights, output = v6's bit for bit%s\n",
-              tname(t), (long long)dim, (long long)ff, topk, ne, n, bias, stale ? " (also with stale speculative routing)" : "");
+  const bool v7ok = n * topk < 64;
+  for (int ver : {7, 8})
+    for (int pass = 0; pass < (stale && ver == 7 ? 2 : 1); pass++) {
+      if (ver == 7 && !v7ok) continue;
+      orch_ctx ctx;
+      ctx.moe = ver;
+      Buf<int32_t> ib((size_t)(n * topk), -1);
+      Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN),
+          yb((size_t)(n * topk * dim), NAN);
+      if (pass) g_moe6_stale_id = id6[0] == 0 ? 1 : 0;
+      const int rc = orch_moe_ffn_route(&ctx, out.p, bx.p, bl.p, ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb),
+                                        gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f, limit);
+      g_moe6_stale_id = -1;
+      EXPECT(rc == ORCH_OK, "moe_ffn_route v%d rc %d (%s)", ver, rc, g_err);
+      EXPECT(ib.vec() == id6, "v%d ids differ from orch_moe_topk's (%s n=%d top-%d of %d)", ver, tname(t), n, topk, ne);
+      const auto w7 = wb.vec(), o7 = out.vec();
+      EXPECT(std::memcmp(w7.data(), w6.data(), w6.size() * 4) == 0, "v%d weights differ from orch_moe_topk's", ver);
+      EXPECT(std::memcmp(o7.data(), o6.data(), o6.size() * 4) == 0,
+             "MoE v%d != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d%s%s)", ver, tname(t), (long long)dim,
+             (long long)ff, topk, ne, n, pass ? ", stale speculative routing" : "", skew ? ", skewed" : "");
+    }
+  std::printf("MoE v7/v8 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d%s: ids, weights, output = v6's bit for "
+              "bit%s%s\n",
+              tname(t), (long long)dim, (long long)ff, topk, ne, n, bias, skew ? " skewed" : "",
+              v7ok ? "" : " (v8 only: v7 declines from 64 pairs)", stale && v7ok ? " (v7 also with stale speculative routing)" : "");
 }
 
 int main(int argc, char **argv) {
@@ -300,6 +312,9 @@ int main(int argc, char **argv) {
   test_route(ORCH_T_MXFP4, 96, 32, 32, 4, 2, false); // 32 experts (a full warp of logits), no biases
   test_route(ORCH_T_MXFP4, 64, 32, 5, 1, 2, true); // one slot
   test_route(ORCH_T_MXFP4, 64, 64, 4, 2, 9, true, INFINITY); // chunk-scaled down staging
+  test_route(ORCH_T_MXFP4, 64, 32, 32, 4, 20, true); // v8 only: 80 pairs (v7 declines)
+  test_route(ORCH_T_MXFP4, 64, 32, 8, 4, 19, false, 7.f, true); // skewed: 19 tokens on experts 0..3 (3 passes)
+  test_route(ORCH_T_Q8_0, 32, 64, 6, 2, 64, true, 7.f, true); // 64 tokens (v8's maximum) on experts 0, 1: 8 passes
   if (long_run) { // ~3 min on 2 cores
     test_moe(ORCH_T_MXFP4, 3200, 32, 2, 2, 1, true, true); // 100 chunks: 2 rounds of blocks per lane (gate/up)
     test_moe(ORCH_T_MXFP4, 32, 3200, 2, 2, 1, true, false); // ... (down: items = slot x round)

@@ -106,7 +106,7 @@ type lib struct {
 	commAbort        func(comm uintptr) int32
 	commDestroy      func(comm uintptr) int32
 	// MoE v7: routing folded into the fused expert FFN (orch_moe_ffn_route).
-	moeFFNRoute func(ctx, out, x, logits uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
+	moeFFNRoute func(ctx, out, x, logits uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
