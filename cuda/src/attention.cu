@@ -21,7 +21,7 @@
 // flash-decoding kernels skip those rows; v4 = v3 with O in registers and
 // lazy rescaling; v5 = v4 with the GQA-grouped flash-decoding kernel
 // (attn_gq_kernel: K/V read once per kv head) for the other rows, where it
-// has an instance (head dim 64/128, group 1/2/4/8); v6 (default) = v4 with
+// has an instance (head dim 64/128, group 1/2/4/8); v6 = v4 with
 // depth-adaptive flash-decoding for the other rows: the grid is still sized
 // from max_pos (a captured decode graph passes the context length), but each
 // row's split of the keys comes from its actual span on the device
@@ -29,7 +29,7 @@
 // writes the output, the combine reads only the used ones), through the
 // grouped kernel attn_gd_kernel (head dim 64/128, 1/2/4/8 query heads per
 // CTA, V rows loaded in batches ahead of use) or, for the other head dims,
-// attn2 with the adaptive split; v7 (opt-in) = v6 with launch bounds for 4
+// attn2 with the adaptive split; v7 (default) = v6 with launch bounds for 4
 // CTAs/SM on the grouped kernel and programmatic dependent launch for the
 // KV write, the grouped kernel and the combine (attn_gd7_kernel); v8
 // (opt-in) = v7 in one launch (attn_gd8_kernel): a short row's heads spread
@@ -52,7 +52,7 @@ int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg);
 
 // ORCH_CUDA_ATTN v1..v8 as 1..8 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
-constexpr int ATTN_DEFAULT_VERSION = 6;
+constexpr int ATTN_DEFAULT_VERSION = 7; // v7 since session 4 (device run 0: tg128 +0.8%, @ d8192 +3.6% over v6)
 static int attn_env_version() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_ATTN");
