@@ -506,9 +506,8 @@ enum { GR_F32ROWS, GR_V9, GR_V8, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2
 // GEMV v9 (gemv16.cuh; session 4): v7's tensor-core arithmetic with the
 // weights copied to shared memory by cp.async (the CTA's whole tile in
 // flight) and up to 8 token tiles per weight decode, so one GEMV serves
-// n <= 64. Routed (ORCH_CUDA_GEMV unset) for every n <= 64 of Q8_0 / Q4_0 /
-// MXFP4 but the LM head's n <= 2 (m >= 32768: v5 is at ~90% of its floor
-// there); ORCH_CUDA_GEMV=v9 pins it. orch_matmul keeps its contract (n > 8:
+// n <= 64. Routed (ORCH_CUDA_GEMV unset) for n > 8 only (gemv9_auto);
+// ORCH_CUDA_GEMV=v9 pins it. orch_matmul keeps its contract (n > 8:
 // the dequantize + cuBLAS GEMM); n = 9..64 reaches v9 through
 // orch_matmul_multi (count 1 or more), which the Go side calls for those n
 // (sdk/ml/cuda/ops.go gemvMaxN mirrors gemv_max_n). With any other version
@@ -522,7 +521,12 @@ static bool gemm_v1_env() {
 }
 static bool gemv9_on(const orch_ctx *ctx) { return ctx->gemv == 9 || (ctx->gemv_auto && !gemm_v1_env()); }
 static int64_t gemv_max_n(const orch_ctx *ctx) { return gemv9_on(ctx) ? 64 : 8; }
-static bool gemv9_auto(int64_t n, int64_t m) { return !(m >= 32768 && n <= 2); }
+// Device run 6 (H100, first v9: .orch-notes/run6-perf-gemv.md): v9 lost to
+// v5 / v7 at every n <= 8 (qkv n=1 13.9 vs 8.8 us, n=8 17.1 vs 11.7; Llama
+// down n=1 85 vs 30): the session-3 routing stays for n <= 8 unless
+// ORCH_CUDA_GEMV=v9 pins it; the Go side picks the 9..64 shapes
+// (ops.go gemvWideFor).
+static bool gemv9_auto(int64_t n, int64_t m) { return n > 8 && m > 0; }
 static int gemv7_min_n(int wtype) { return wtype == ORCH_T_MXFP4 ? 4 : 3; }
 static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int64_t m, int64_t rb) {
   // v4 and up read whole aligned 32-bit words, up to 3 bytes past a block:

@@ -92,7 +92,7 @@ func (b *Backend) flush() {
 // holdMatMul queues y = x·W^T + bias (validated, no accumulate) for merging
 // and reports whether it did; false: the caller launches it now.
 func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
-	if !fuseOps || n < 1 || n > gemvMaxN() || !qgemmType(w.dt) {
+	if !fuseOps || n < 1 || (n > 8 && !gemvWideFor(n, k, m)) || !qgemmType(w.dt) {
 		b.flush()
 		return false
 	}

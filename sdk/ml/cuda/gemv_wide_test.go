@@ -8,13 +8,14 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// TestGEMVWideRoute: with GEMV v9 routed (gemvWide), quantized MatMuls of
+// TestGEMVWideRoute: with GEMV v9 pinned (gemvPin9), quantized MatMuls of
 // 9..64 tokens go to orch_matmul_multi — merged with their siblings, or
 // alone as one part (orch_matmul would run the GEMM) — and 65 tokens or
-// ORCH_CUDA_GEMM=v1 (gemmV1) leave them on the old paths.
+// ORCH_CUDA_GEMM=v1 (gemmV1) leave them on the old paths; by default only
+// the shapes gemvWideFor picks.
 func TestGEMVWideRoute(t *testing.T) {
-	defer func(f, w, g bool) { fuseOps, gemvWide, gemmV1 = f, w, g }(fuseOps, gemvWide, gemmV1)
-	fuseOps, gemvWide, gemmV1 = true, true, false
+	defer func(f, w, p, g bool) { fuseOps, gemvWide, gemvPin9, gemmV1 = f, w, p, g }(fuseOps, gemvWide, gemvPin9, gemmV1)
+	fuseOps, gemvWide, gemvPin9, gemmV1 = true, true, true, false
 	b, f := newFakeBackend(t)
 	const d = 64
 	for _, n := range []int{9, 16, 33, 64} {
@@ -55,4 +56,21 @@ func TestGEMVWideRoute(t *testing.T) {
 	require.Equal(t, 8, gemvMaxN())
 	gemvWide = true
 	require.Equal(t, gemvWideN, gemvMaxN())
+	require.False(t, gemvWideFor(65, 2880, 5120))
+
+	// The default (not pinned): only the shapes measured faster than the GEMM.
+	gemvPin9 = false
+	for _, c := range []struct {
+		n, k, m int
+		want    bool
+	}{{8, 2880, 5120, false}, {9, 2880, 5120, true}, {16, 4096, 14336, true}, {16, 14336, 4096, false},
+		{32, 2880, 5120, true}, {32, 14336, 4096, true}, {32, 4096, 14336, false}, {33, 2880, 5120, false},
+		{64, 2880, 5120, false}} {
+		require.Equal(t, c.want, gemvWideFor(c.n, c.k, c.m), "n=%d k=%d m=%d", c.n, c.k, c.m)
+	}
+	// Not picked: not held, and the GEMM path (the fake has no qgemm: gemmV1 sends it to orch_matmul).
+	gemmV1 = true
+	x64, y64 := fakeT(b, ml.F32, d, 64), fakeT(b, ml.F32, d, 64)
+	b.MatMul(y64, x64, w, nil)
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=64", y64.ptr, x64.ptr)}, f.take())
 }

@@ -41,21 +41,43 @@ func qgemmType(dt ml.DType) bool { return dt == ml.Q8_0 || dt == ml.Q4_0 || dt =
 
 // The decode GEMV for several streams (session 4, docs/perf-cuda.md Round 5):
 // GEMV v9 (cuda/src/gemv16.cuh) decodes each weight block once for up to 8
-// tiles of 8 tokens, so with it routed (ORCH_CUDA_GEMV unset or v9 and
-// ORCH_CUDA_GEMM not v1: the library's matmul.cu gemv_max_n) quantized
-// MatMuls of 9..gemvWideN tokens take the GEMV (through orch_matmul_multi,
-// merged with their siblings as for n <= 8) instead of the bf16 GEMM.
+// tiles of 8 tokens. With it routed (ORCH_CUDA_GEMV unset or v9 and
+// ORCH_CUDA_GEMM not v1: the library's matmul.cu gemv_max_n), quantized
+// MatMuls that gemvWideFor picks take it (through orch_matmul_multi, merged
+// with their siblings as for n <= 8) instead of the bf16 GEMM.
 const gemvWideN = 64
 
-// gemvWide is read once (the library reads ORCH_CUDA_GEMV once per process).
-var gemvWide = func() bool { v := os.Getenv("ORCH_CUDA_GEMV"); return v == "" || v == "v9" }()
+// gemvWide / gemvPin9 are read once (the library reads ORCH_CUDA_GEMV once per process).
+var (
+	gemvWide = func() bool { v := os.Getenv("ORCH_CUDA_GEMV"); return v == "" || v == "v9" }()
+	gemvPin9 = os.Getenv("ORCH_CUDA_GEMV") == "v9"
+)
 
-// gemvMaxN is the largest n a quantized MatMul sends to the decode GEMV.
+// gemvMaxN is the largest n a quantized MatMul may send to the decode GEMV.
 func gemvMaxN() int {
 	if gemvWide && !gemmV1 {
 		return gemvWideN
 	}
 	return 8
+}
+
+// gemvWideFor reports whether a quantized MatMul of n > 8 tokens, k x m,
+// takes GEMV v9. ORCH_CUDA_GEMV=v9 pins it for every n <= 64; by default
+// only where device run 6 (H100, .orch-notes/run6-perf-gemv.md) measured
+// v9 faster than the bf16 GEMM: n <= 16 but k >= 8192 (Llama's FFN down:
+// 146 vs 135 us), n <= 32 for m <= 8192 (Llama gate/up, m = 14336: 134 vs
+// 97 us at n = 32); n > 32 lost everywhere (qkv n = 64: 76 vs 61 us).
+func gemvWideFor(n, k, m int) bool {
+	if n <= 8 || n > gemvMaxN() {
+		return false
+	}
+	if gemvPin9 {
+		return true
+	}
+	if n <= 16 {
+		return k < 8192
+	}
+	return n <= 32 && m <= 8192
 }
 
 // arg checks an op operand and returns it, recording an error otherwise.
@@ -223,7 +245,7 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	if !okb {
 		return
 	}
-	if n > 8 && n <= gemvMaxN() && qgemmType(ww.dt) {
+	if n > 8 && gemvWideFor(n, in, out) && qgemmType(ww.dt) {
 		// GEMV v9: held for merging, or one orch_matmul_multi part
 		// (orch_matmul runs the GEMM for n > 8); the library declines
 		// shapes v9 does not take, which go on to the GEMM below.

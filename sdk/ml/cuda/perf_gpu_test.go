@@ -717,9 +717,9 @@ func TestPerfGEMVVersions(t *testing.T) {
 			rb, _ := sh.dt.RowBytes(sh.k)
 			bytes := float64(rb*sh.m) + 4*float64(sh.k*n+sh.m*n)
 			path := "GEMV"
-			if n > gemvMaxN() && n >= qgemmMinN && n <= qgemmMaxN {
+			if n > 8 && !gemvWideFor(n, sh.k, sh.m) && n >= qgemmMinN && n <= qgemmMaxN {
 				path = "qgemm (bf16 GEMM)"
-			} else if n > gemvMaxN() {
+			} else if n > 8 && !gemvWideFor(n, sh.k, sh.m) {
 				path = "dequant + cuBLAS"
 			}
 			floor := bytes / peak * 1e3
