@@ -34,7 +34,9 @@
 // KV write, the grouped kernel and the combine (attn_gd7_kernel); v8
 // (opt-in) = v7 in one launch (attn_gd8_kernel): a short row's heads spread
 // over the grid's idle split CTAs, and the last CTA of a (row, head group)
-// merges the splits (an atomic ticket) instead of a combine launch.
+// merges the splits (an atomic ticket) instead of a combine launch; v9
+// (opt-in) = v7 with the register-resident mma.sync prefill kernel
+// (attention_fa.cuh) for head dim 64/128.
 #include <stdlib.h>
 #include <string.h>
 
@@ -48,9 +50,9 @@ using namespace attn_k;
 
 // attention_tc.cu
 bool attn_tc_supports(int head_dim);
-int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg);
+int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, int mode);
 
-// ORCH_CUDA_ATTN v1..v8 as 1..8 (read once; v1 is also ctx->attn_v1);
+// ORCH_CUDA_ATTN v1..v9 as 1..9 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
 constexpr int ATTN_DEFAULT_VERSION = 7; // v7 since session 4 (device run 0: tg128 +0.8%, @ d8192 +3.6% over v6)
 static int attn_env_version() {
@@ -64,6 +66,7 @@ static int attn_env_version() {
     if (e && strcmp(e, "v6") == 0) return 6;
     if (e && strcmp(e, "v7") == 0) return 7;
     if (e && strcmp(e, "v8") == 0) return 8;
+    if (e && strcmp(e, "v9") == 0) return 9;
     return ATTN_DEFAULT_VERSION;
   }();
   return v;
@@ -254,7 +257,7 @@ static int launch_attn_gd(orch_ctx *ctx, const orch_attn_args *a, int tc_skip, i
   }
   const int64_t rows = tc_skip ? min(a->n_tok, (int64_t)ATTN_TC_V2_ROW_CTAS) : a->n_tok;
   dim3 grid((unsigned)(a->n_heads / GC), (unsigned)rows, (unsigned)splits);
-  if (attn_env_version() >= 8 && splits > 1 && a->n_tok * (a->n_heads / GC) <= ATTN8_TICKETS) {
+  if (attn_env_version() == 8 && splits > 1 && a->n_tok * (a->n_heads / GC) <= ATTN8_TICKETS) {
     if (unsigned *tk = attn8_tickets(ctx)) {
       orch_launch_pdl(attn_gd8_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), 0, ctx->stream, *a, (float *)part,
                       splits, tc_skip, tk);
@@ -331,7 +334,8 @@ static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
   if (!ctx->attn_v1 && attn_env_version() >= 2) {
     int tc = 0;
     if (attn_env_version() >= 3 && a->n_tok >= ATTN_TC_MIN_RUN && attn_tc_supports(a->head_dim)) {
-      int rc = attn_tc_launch(ctx, a, attn_env_version() >= 4);
+      const int v = attn_env_version();
+      int rc = attn_tc_launch(ctx, a, v >= 9 ? ATTN_TC_FA : v >= 4 ? ATTN_TC_OREG : ATTN_TC_SMEM);
       if (rc == ORCH_OK) tc = 1;
       else if (rc != ORCH_ERR_UNSUPPORTED) return rc;
     }

@@ -1,5 +1,6 @@
 // attention_tc.cu — tensor-core flash attention for prefill chunks (attention
-// v3 and v4: two variants of one kernel, see attention_tc.cuh; ORCH_CUDA_ATTN=v2
+// v3 and v4: two variants of one kernel, see attention_tc.cuh; v9: the
+// register-resident mma.sync kernel of attention_fa.cuh; ORCH_CUDA_ATTN=v2
 // or v1 turns it off).
 //
 // A CTA takes a tile of ATTN_TC_ROWS (64) consecutive query rows of one
@@ -22,6 +23,7 @@
 // to fp16 (2^-11 relative), so outputs move by ~1e-3 relative.
 #include "common.cuh"
 #include "attention_tc.cuh"
+#include "attention_fa.cuh"
 
 namespace {
 
@@ -59,7 +61,17 @@ int tc_set_smem_attrs(orch_ctx *ctx) {
 }
 
 template <typename KV, int HD>
-int launch_tc(orch_ctx *ctx, const orch_attn_args *a, bool oreg) {
+int launch_tc(orch_ctx *ctx, const orch_attn_args *a, int mode) {
+  if constexpr (HD == 64 || HD == 128) {
+    if (mode == ATTN_TC_FA) { // v9: attention_fa.cuh (static shared memory, no attribute)
+      using namespace attn_fa;
+      dim3 grid((unsigned)ceil_div(a->n_tok, FA_BQ), (unsigned)a->n_heads);
+      attn_fa_kernel<KV, HD><<<grid, FA_THREADS, 0, ctx->stream>>>(*a);
+      ORCH_LAUNCHED("attention (tensor cores, v9)");
+      return ORCH_OK;
+    }
+  }
+  const bool oreg = mode != ATTN_TC_SMEM;
   int rc = tc_set_smem_attrs(ctx);
   if (rc != ORCH_OK) return rc;
   dim3 grid((unsigned)ceil_div(a->n_tok, TC_BQ), (unsigned)a->n_heads);
@@ -79,12 +91,15 @@ bool attn_tc_supports(int head_dim) { return head_dim % 16 == 0 && head_dim >= 1
 // attention_index.cuh); the caller then runs the flash-decoding kernel with
 // tc_skip for the other rows. ORCH_ERR_UNSUPPORTED (no error recorded) when
 // the head dim or KV type has no instance.
-int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, bool oreg) {
+// mode: ATTN_TC_SMEM (v3), ATTN_TC_OREG (v4..v8), ATTN_TC_FA (v9: the
+// register-resident kernel of attention_fa.cuh for head dim 64/128; v4's for
+// the others).
+int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, int mode) {
   const bool f16 = a->kv_dtype == ORCH_KV_F16;
   if (!f16 && a->kv_dtype != ORCH_KV_F32) return ORCH_ERR_UNSUPPORTED;
   switch (a->head_dim) {
 #define TC_CASE(H) \
-  case H: return f16 ? launch_tc<__half, H>(ctx, a, oreg) : launch_tc<float, H>(ctx, a, oreg);
+  case H: return f16 ? launch_tc<__half, H>(ctx, a, mode) : launch_tc<float, H>(ctx, a, mode);
     TC_HEAD_DIMS(TC_CASE)
 #undef TC_CASE
     default: return ORCH_ERR_UNSUPPORTED;

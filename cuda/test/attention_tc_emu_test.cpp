@@ -20,13 +20,19 @@
 #include "cuda_emu.h"
 #define __shared__ // the kernel's shared memory is extern (dynamic): attn_tc::smem
 #include "../src/attention_tc.cuh"
+#undef __shared__
+#define __shared__ static // v9's static shared arrays: one CTA at a time
+#include "../src/attention_fa.cuh"
+#undef __shared__
 
 // ---- the test ----
 struct Seq {
   int hist, n; // cached positions before, new rows (queries) of this batch
 };
 
-template <typename KV, int HD, bool OREG>
+// VARIANT: 0 = v3 (O in shared memory), 1 = v4 (O in registers), 2 = v9
+// (attention_fa.cuh: mma.sync fragments in registers).
+template <typename KV, int HD, int VARIANT>
 static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
                       bool sinks, float qmul) {
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -93,8 +99,13 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
   a.max_pos = max_len;
 
   using namespace attn_tc;
-  emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TC_WARPS * 32, TcLayout<HD>::BYTES,
-             [&] { attn_tc_kernel<KV, HD, OREG>(a); });
+  if constexpr (VARIANT == 2) {
+    emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh, 1}, attn_fa::FA_THREADS,
+               0, [&] { attn_fa::attn_fa_kernel<KV, HD>(a); });
+  } else {
+    emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TC_WARPS * 32, TcLayout<HD>::BYTES,
+               [&] { attn_tc_kernel<KV, HD, VARIANT == 1>(a); });
+  }
 
   // Which rows the kernel must take (same rule, computed on the host).
   int taken = 0;
@@ -145,8 +156,8 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
     }
   }
   const double rel = std::sqrt(num / std::max(den, 1e-30));
-  std::printf("%-44s %s rows %3ld taken %3d  rel err %.2e  worst row %.2e\n", name, OREG ? "v4" : "v3", (long)n_tok,
-              taken, rel, worst);
+  std::printf("%-44s %s rows %3ld taken %3d  rel err %.2e  worst row %.2e\n", name,
+              VARIANT == 2 ? "v9" : VARIANT == 1 ? "v4" : "v3", (long)n_tok, taken, rel, worst);
   // fp16 rounding of q, K/V (F32 cache) and P: ~1e-3; a wrong index is O(1).
   CHECK(rel < 3e-3 && worst < 1e-2, "%s: error too large", name);
 }
@@ -156,9 +167,10 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
 template <typename KV, int HD>
 static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
                      bool sinks, float qmul = 1.f) {
-  std::mt19937 r2 = rng;
-  run_case1<KV, HD, false>(name, rng, seqs, nh, nkv, bs, window, sinks, qmul);
-  run_case1<KV, HD, true>(name, r2, seqs, nh, nkv, bs, window, sinks, qmul);
+  std::mt19937 r2 = rng, r3 = rng;
+  run_case1<KV, HD, 0>(name, rng, seqs, nh, nkv, bs, window, sinks, qmul);
+  run_case1<KV, HD, 1>(name, r2, seqs, nh, nkv, bs, window, sinks, qmul);
+  if constexpr (HD == 64 || HD == 128) run_case1<KV, HD, 2>(name, r3, seqs, nh, nkv, bs, window, sinks, qmul);
 }
 
 int main() {
@@ -178,6 +190,11 @@ int main() {
   // e^8 over the keys, so v4's lazy rescale path runs, not just its first tile.
   run_case<float, 64>("hd64 f32 long n200 big scores", rng, {{100, 200}}, 2, 1, 16, 0, true, 12.f);
   run_case<__half, 128>("hd128 f16 window 70 big scores", rng, {{0, 130}}, 2, 2, 16, 70, false, 12.f);
+  // gpt-oss's layer shapes (window 128, sinks, GQA 8:1) over several key
+  // tiles: a 64-row tile whose window starts mid-tile, whole tiles, the
+  // causal diagonal; v9's software-pipelined staging across 4+ key tiles.
+  run_case<__half, 64>("hd64 f16 gqa8 window128 sinks hist200 n70", rng, {{200, 70}}, 8, 1, 16, 128, true);
+  run_case<__half, 64>("hd64 f16 full sinks hist130 n64", rng, {{130, 64}}, 2, 1, 16, 0, true);
   std::printf("attention_tc_emu_test: ok\n");
   return 0;
 }

@@ -280,10 +280,12 @@ func TestAttentionHeadDims(t *testing.T) {
 	}
 }
 
-// TestPerfAttentionPrefill times Attend for gpt-oss-20b prefill chunks (64 q
-// / 8 kv heads of 64; one sequence from position 0; full and window-128
-// layers) with device events, eager launches (a launch is ~10 us against
-// milliseconds), for ORCH_CUDA_ATTN v2 .. v8 (a child process each), and
+// TestPerfAttentionPrefill times Attend for prefill chunks of gpt-oss-20b (64
+// q / 8 kv heads of 64; full and window-128 layers) and Llama-3-8B (32 / 8
+// heads of 128), one sequence from position 0, eager (events around one
+// call) and in a graph (4 calls per graph, per call), for ORCH_CUDA_ATTN v4
+// (tensor-core prefill, per-head decode), v7 (the default), v8 and v9 (a
+// child process each; v2/v3/v5/v6 were timed in earlier sessions), and
 // decode rows of 1 and 64 sequences at depths 128 .. 8192, eager and in a
 // graph (attnDecodeSpeed):
 //
@@ -302,7 +304,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
 		}
 		var table []string
-		for _, v := range []string{"v2", "v3", "v4", "v5", "v6", "v7", "v8"} {
+		for _, v := range []string{"v4", "v7", "v8", "v9"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
 			outp, err := cmd.CombinedOutput()
@@ -334,32 +336,49 @@ func TestPerfAttentionPrefill(t *testing.T) {
 	}
 	t.Logf("| attention version %s on %s | time | FLOP/s (4*hd*heads per visible pair) |", version, gpu.DeviceName())
 	attnDecodeSpeed(t, r, alloc)
-	for _, n := range []int{512, 2048} {
-		nb := n / bs
-		bt, _ := oneSeqBatch(t, r, alloc, n, bs)
-		k, v, q := alloc(ml.F32, hd, nkv, n), alloc(ml.F32, hd, nkv, n), alloc(ml.F32, hd, nh, n)
-		require.NoError(t, gpu.WriteF32(k, randF32(r, hd*nkv*n, 1)))
-		require.NoError(t, gpu.WriteF32(v, randF32(r, hd*nkv*n, 1)))
-		require.NoError(t, gpu.WriteF32(q, randF32(r, hd*nh*n, 1)))
-		sinks := alloc(ml.F32, nh)
-		require.NoError(t, gpu.WriteF32(sinks, randF32(r, nh, 1)))
-		y := alloc(ml.F32, hd, nh, n)
-		for _, kv := range []ml.DType{ml.F16, ml.F32} {
-			kc, vc := alloc(kv, hd, nkv, bs, nb), alloc(kv, hd, nkv, bs, nb)
-			gpu.KVWrite(kc, vc, k, v, bt)
-			for _, window := range []int{0, 128} {
-				a := &ml.Attention{Scale: 0.125, Window: window, Sinks: sinks}
-				ms := attnTimeMs(t, 10, func() { gpu.Attend(y, q, kc, vc, bt, a) })
-				pairs := 0
-				for p := 0; p < n; p++ {
-					if window > 0 {
-						pairs += min(p+1, window)
-					} else {
-						pairs += p + 1
+	// Prefill: gpt-oss (64 q / 8 kv heads of 64, sinks; full and window-128
+	// layers) and Llama-3-8B (32 / 8 heads of 128, full), one sequence from 0.
+	for _, sh := range []struct {
+		name        string
+		nh, nkv, hd int
+		sinks       bool
+		windows     []int
+		kvs         []ml.DType
+	}{{"gpt-oss", nh, nkv, hd, true, []int{0, 128}, []ml.DType{ml.F16, ml.F32}},
+		{"llama-8b", 32, 8, 128, false, []int{0}, []ml.DType{ml.F16}}} {
+		for _, n := range []int{512, 2048} {
+			nb := n / bs
+			bt, _ := oneSeqBatch(t, r, alloc, n, bs)
+			k, v, q := alloc(ml.F32, sh.hd, sh.nkv, n), alloc(ml.F32, sh.hd, sh.nkv, n), alloc(ml.F32, sh.hd, sh.nh, n)
+			require.NoError(t, gpu.WriteF32(k, randF32(r, sh.hd*sh.nkv*n, 1)))
+			require.NoError(t, gpu.WriteF32(v, randF32(r, sh.hd*sh.nkv*n, 1)))
+			require.NoError(t, gpu.WriteF32(q, randF32(r, sh.hd*sh.nh*n, 1)))
+			var sinks ml.Tensor
+			if sh.sinks {
+				sinks = alloc(ml.F32, sh.nh)
+				require.NoError(t, gpu.WriteF32(sinks, randF32(r, sh.nh, 1)))
+			}
+			y := alloc(ml.F32, sh.hd, sh.nh, n)
+			for _, kv := range sh.kvs {
+				kc, vc := alloc(kv, sh.hd, sh.nkv, bs, nb), alloc(kv, sh.hd, sh.nkv, bs, nb)
+				gpu.KVWrite(kc, vc, k, v, bt)
+				for _, window := range sh.windows {
+					a := &ml.Attention{Scale: float32(1 / math.Sqrt(float64(sh.hd))), Window: window, Sinks: sinks}
+					fn := func() { gpu.Attend(y, q, kc, vc, bt, a) }
+					ms := attnTimeMs(t, 10, fn)
+					graph := timeKernel(t, 10, 4, fn)
+					pairs := 0
+					for p := 0; p < n; p++ {
+						if window > 0 {
+							pairs += min(p+1, window)
+						} else {
+							pairs += p + 1
+						}
 					}
+					flop := 4 * float64(sh.hd) * float64(sh.nh) * float64(pairs)
+					t.Logf("| prefill %s n=%d, %v KV, window %d | %.4f ms | graph %.4f ms | %.1f TFLOP/s in graph |",
+						sh.name, n, kv, window, ms, graph, flop/graph/1e9)
 				}
-				flop := 4 * float64(hd) * nh * float64(pairs)
-				t.Logf("| prefill n=%d, %v KV, window %d | %.4f ms | %.1f TFLOP/s |", n, kv, window, ms, flop/ms/1e9)
 			}
 		}
 	}
@@ -496,7 +515,8 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 // memory), v4 (O in registers, per-head flash-decoding with splits from
 // MaxPos), v5 (v4 + the GQA-grouped flash-decoding kernel), v6
 // (depth-adaptive grouped decode) and v8 (v7 in one launch: heads spread over
-// idle splits, in-kernel combine; opt-in, measured no faster).
+// idle splits, in-kernel combine; opt-in, measured no faster) and v9 (v7 with
+// the register-resident mma.sync prefill kernel, attention_fa.cuh).
 func TestTensorCoreAttentionVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
 		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the version children run from an unpinned one", v)
@@ -519,7 +539,7 @@ func TestTensorCoreAttentionVersions(t *testing.T) {
 	}
 }
 
-var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v8"}
+var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v8", "v9"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
