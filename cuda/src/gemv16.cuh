@@ -610,11 +610,11 @@ static void launch_gemv8_multi(cudaStream_t st, void *scratch, gemv5_parts P, in
 // (qgemm tile 1) took 34-70 us. Here:
 //  1. A CTA = 16 RG rows x all of k, 4 warps. Its weight bytes (row segments,
 //     contiguous in memory per row) are copied global -> shared with 16-byte
-//     cp.async in stages of kc blocks (<= GEMV9_STAGE_BYTES per stage, two
-//     stage buffers): for gpt-oss's shapes (16 x 3060 B for Q8_0 k = 2880)
-//     the CTA's whole tile is requested at once, before the PDL wait — the
-//     registers no longer bound the bytes in flight, the shared memory does
-//     (4 CTAs x ~50 KB per SM).
+//     cp.async in stages of kc blocks (<= GEMV9_STAGE_BYTES per 16 rows), a
+//     ring of GEMV9_NBUF stage buffers: the first NBUF stages are requested
+//     before the PDL wait (gpt-oss's qkv: its whole tile, 4 x 12.5 KB per
+//     CTA), the next one as each stage is consumed — the registers no longer
+//     bound the bytes in flight, the shared memory does.
 //  2. The warps split each stage's blocks; a lane decodes its pairs of rows
 //     g and g+8 from shared memory exactly as v7 (q7_decode: the A fragments
 //     of two m16n8k16 mmas) ONCE per block, then runs the two mmas for each
@@ -637,7 +637,11 @@ static void launch_gemv8_multi(cudaStream_t st, void *scratch, gemv5_parts P, in
 // counts and between XS and the global staging (emulation checks both).
 
 constexpr int GEMV9_WARPS = 4;
-constexpr int GEMV9_STAGE_BYTES = 26 * 1024;
+// Stage size per 16 rows and the ring of stage buffers: GEMV9_NBUF stages in
+// flight (the first compute starts after one stage has landed, not the
+// whole tile: device run 6's v9 waited for half of it).
+constexpr int GEMV9_STAGE_BYTES = 13 * 1024;
+constexpr int GEMV9_NBUF = 4;
 constexpr int GEMV9_XS_MAX_BYTES = 24 * 1024; // x staged in shared memory up to this size (XS)
 
 // cp.async (16 bytes, the first `bytes` read, the rest zero-filled) in commit
@@ -714,7 +718,7 @@ DEC16_HD size_t gemv9_xs_bytes(int64_t n, int64_t k) { return (size_t)(n * (k / 
 // Dynamic shared memory of a v9 CTA of rg row groups: the stage buffers
 // (reused for the warps' partial sums), then (XS) the staged x.
 DEC16_HD size_t gemv9_smem(const gemv9_geom &g, int rg, int ntl, bool xs, int64_t n, int64_t k) {
-  size_t bufs = (size_t)(g.ns > 1 ? 2 : 1) * 16 * rg * g.ch * 16;
+  size_t bufs = (size_t)(g.ns < GEMV9_NBUF ? g.ns : GEMV9_NBUF) * 16 * rg * g.ch * 16;
   const size_t red = (size_t)GEMV9_WARPS * 32 * 4 * rg * ntl * sizeof(float);
   if (red > bufs) bufs = red;
   return bufs + (xs ? gemv9_xs_bytes(n, k) : 0);
@@ -739,21 +743,29 @@ template <bool XS> __device__ __forceinline__ float g9_ldf(const float *p) {
 __device__ __forceinline__ void gemv9_stage_smem(uint32_t *xs, float *xinv, const float *__restrict__ x, int64_t n,
                                                  int64_t k, int kind) {
   const int64_t nq = k / 4, nch = k / 32;
-  for (int64_t base = 0; base < n * nq; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    const bool ok = i < n * nq;
-    const float4 v = ok ? __ldg(reinterpret_cast<const float4 *>(x) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
-    uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-    float s, inv;
-    dec16_chunk_scale(mx, s, inv);
-    if (ok) {
-      const int64_t tok = i / nq, q = i % nq, c = q >> 3;
-      const int o = (int)(q & 7);
-      dec16_put4(xs + (tok * nch + c) * 16, kind, o, v.x * s, v.y * s, v.z * s, v.w * s);
-      if (o == 0) xinv[c * 8 + tok] = inv;
+  constexpr int B = 4; // float4s per thread in flight per batch (one L2 latency per batch, not per float4)
+  for (int64_t base = 0; base < n * nq; base += (int64_t)B * blockDim.x) {
+    float4 v[B];
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+      const int64_t i = base + (int64_t)b * blockDim.x + threadIdx.x;
+      v[b] = i < n * nq ? __ldg(reinterpret_cast<const float4 *>(x) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+      const int64_t i = base + (int64_t)b * blockDim.x + threadIdx.x;
+      uint32_t mx = max(max(dec16_absbits(v[b].x), dec16_absbits(v[b].y)), max(dec16_absbits(v[b].z), dec16_absbits(v[b].w)));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      float sc, inv;
+      dec16_chunk_scale(mx, sc, inv);
+      if (i < n * nq) {
+        const int64_t tok = i / nq, q = i % nq, c = q >> 3;
+        const int o = (int)(q & 7);
+        dec16_put4(xs + (tok * nch + c) * 16, kind, o, v[b].x * sc, v[b].y * sc, v[b].z * sc, v[b].w * sc);
+        if (o == 0) xinv[c * 8 + tok] = inv;
+      }
     }
   }
 }
@@ -797,9 +809,16 @@ __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__re
   const size_t bufb = (size_t)R * slot;
   const int64_t row0 = cta * R;
   const int rows = (int)min((int64_t)R, m - row0);
-  // Issues stage s's copies (every thread commits one group per stage).
+  // Issues stage s's copies into buffer s % NBUF; every thread commits one
+  // group per call, empty past the last stage, so that "stage s landed" is
+  // always wait_group(NBUF - 1) at stage s.
+  constexpr int NBUF = GEMV9_NBUF;
   auto issue = [&](int s) {
-    uint8_t *b = sm + (s & 1) * bufb;
+    if (s >= ns) {
+      g9_cp_commit();
+      return;
+    }
+    uint8_t *b = sm + (s % NBUF) * bufb;
     const int64_t c0 = (int64_t)s * kc;
     const int nb = (int)min((int64_t)kc, nch - c0);
     for (int i = tid; i < rows * ch; i += THREADS) {
@@ -814,8 +833,8 @@ __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__re
     }
     g9_cp_commit();
   };
-  issue(0); // weights only (never written while a step runs): before the PDL wait
-  if (ns > 1) issue(1);
+#pragma unroll
+  for (int s = 0; s < NBUF; s++) issue(s); // weights only (never written while a step runs): before the PDL wait
   pdl_wait();
   const uint4 *xs = xsg;
   const float *xinv = xinvg;
@@ -833,11 +852,20 @@ __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__re
   for (int q = 0; q < RG; q++)
 #pragma unroll
     for (int j = 0; j < NTL; j++) acc[q][j][0] = acc[q][j][1] = acc[q][j][2] = acc[q][j][3] = 0.f;
+  // A warp's blocks in stage s: c0 + warp + W i, in rounds of U (the U
+  // blocks' weights are loaded and decoded before their mmas: independent
+  // chains; the folds into acc keep the block order, so U changes no bit).
+  // The next round's x (U blocks, every token tile) is loaded before the
+  // current round is computed, across stage boundaries too.
+  constexpr int U = RG * NTL <= 2 ? 2 : 1;
+  g9_xblk<NTL> xb[U];
+#pragma unroll
+  for (int u = 0; u < U; u++)
+    g9_load_x<NTL, XS>(xb[u], xs, xinv, xst, warp + u * W, nch, n, g, t, warp + u * W < min((int64_t)kc, nch));
   for (int s = 0; s < ns; s++) {
-    if (s + 1 < ns) g9_cp_wait<1>();
-    else g9_cp_wait<0>();
+    g9_cp_wait<NBUF - 1>();
     __syncthreads(); // stage s (and, XS, the staged x) visible to every warp
-    const uint8_t *b = sm + (s & 1) * bufb;
+    const uint8_t *b = sm + (s % NBUF) * bufb;
     const int64_t c0 = (int64_t)s * kc;
     const int nb = (int)min((int64_t)kc, nch - c0);
     // Rows g + 16q and g + 8 + 16q of the stage buffer (their segments' offsets in their first chunk).
@@ -848,37 +876,52 @@ __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__re
       p0[q] = b + r0 * slot + (int)((uintptr_t)(w + (row0 + r0) * row_bytes + c0 * BB) & 15);
       p1[q] = b + r1 * slot + (int)((uintptr_t)(w + (row0 + r1) * row_bytes + c0 * BB) & 15);
     }
-    g9_xblk<NTL> xb;
-    g9_load_x<NTL, XS>(xb, xs, xinv, xst, c0 + warp, nch, n, g, t, warp < nb);
-    for (int cb = warp; cb < nb; cb += W) { // uniform over the warp: every lane reaches the mma
-      g9_xblk<NTL> xn; // the next block's x, in flight while this one is computed
-      g9_load_x<NTL, XS>(xn, xs, xinv, xst, c0 + cb + W, nch, n, g, t, cb + W < nb);
+    for (int cb = warp; cb < nb; cb += U * W) { // uniform over the warp: every lane reaches the mma
+      // The next round: the rest of this stage, else the first round of the next.
+      const bool here = cb + U * W < nb;
+      const int64_t cn = here ? c0 + cb + U * W : c0 + kc + warp, lim = here ? c0 + nb : min(c0 + 2 * (int64_t)kc, nch);
+      g9_xblk<NTL> xn[U];
+#pragma unroll
+      for (int u = 0; u < U; u++) g9_load_x<NTL, XS>(xn[u], xs, xinv, xst, cn + u * W, nch, n, g, t, cn + u * W < lim);
 #pragma unroll
       for (int q = 0; q < RG; q++) {
-        q7_words<T> w0, w1;
-        q9_load<T>(w0, p0[q] + cb * BB, t, 16 * q + g < rows);
-        q9_load<T>(w1, p1[q] + cb * BB, t, 16 * q + g + 8 < rows);
-        uint32_t ha[4], hb[4];
-        const float s0 = q7_decode<T>(w0, ha), s1 = q7_decode<T>(w1, hb);
-        const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, a1[4] = {ha[2], hb[2], ha[3], hb[3]};
+        uint32_t ha[U][4], hb[U][4];
+        float s0[U], s1[U];
 #pragma unroll
-        for (int j = 0; j < NTL; j++) {
-          if (8 * j < n) { // uniform
-            float d[4] = {0.f, 0.f, 0.f, 0.f};
-            const uint32_t bx0[2] = {xb.X[j].x, xb.X[j].y}, bx1[2] = {xb.X[j].z, xb.X[j].w};
-            dec16_mma16816(d, a0, bx0);
-            dec16_mma16816(d, a1, bx1);
-            acc[q][j][0] += s0 * xb.i0[j] * d[0];
-            acc[q][j][1] += s0 * xb.i1[j] * d[1];
-            acc[q][j][2] += s1 * xb.i0[j] * d[2];
-            acc[q][j][3] += s1 * xb.i1[j] * d[3];
+        for (int u = 0; u < U; u++) {
+          const int bi = cb + u * W < nb ? cb + u * W : cb; // (a block past the stage: loaded, never used)
+          q7_words<T> w0, w1;
+          q9_load<T>(w0, p0[q] + bi * BB, t, 16 * q + g < rows);
+          q9_load<T>(w1, p1[q] + bi * BB, t, 16 * q + g + 8 < rows);
+          s0[u] = q7_decode<T>(w0, ha[u]);
+          s1[u] = q7_decode<T>(w1, hb[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+          if (cb + u * W < nb) { // uniform
+            const uint32_t a0[4] = {ha[u][0], hb[u][0], ha[u][1], hb[u][1]},
+                           a1[4] = {ha[u][2], hb[u][2], ha[u][3], hb[u][3]};
+#pragma unroll
+            for (int j = 0; j < NTL; j++) {
+              if (8 * j < n) { // uniform
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                const uint32_t bx0[2] = {xb[u].X[j].x, xb[u].X[j].y}, bx1[2] = {xb[u].X[j].z, xb[u].X[j].w};
+                dec16_mma16816(d, a0, bx0);
+                dec16_mma16816(d, a1, bx1);
+                acc[q][j][0] += s0[u] * xb[u].i0[j] * d[0];
+                acc[q][j][1] += s0[u] * xb[u].i1[j] * d[1];
+                acc[q][j][2] += s1[u] * xb[u].i0[j] * d[2];
+                acc[q][j][3] += s1[u] * xb[u].i1[j] * d[3];
+              }
+            }
           }
         }
       }
-      xb = xn;
+#pragma unroll
+      for (int u = 0; u < U; u++) xb[u] = xn[u];
     }
-    __syncthreads(); // every warp is done with buffer s & 1
-    if (s + 2 < ns) issue(s + 2);
+    __syncthreads(); // every warp is done with buffer s % NBUF
+    issue(s + NBUF);
   }
   // Partial sums: red[(((warp * RG + q) * NTL + j) * 32 + lane) * 4 + e] over the (now idle) stage buffers.
   float *red = reinterpret_cast<float *>(sm);

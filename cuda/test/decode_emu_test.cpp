@@ -20,9 +20,11 @@
 #include "cuda_emu.h"
 
 #include "emu_decode_shims.h"
-// moe_route.cuh (MoE v7's top-k, reached through moe_ffn.cu) needs these too (as moe_emu_test.cpp).
+// moe_ffn.cu's MoE v7 / v8 routing (moe_route.cuh) needs these too (as moe_emu_test.cpp).
 inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __shfl_xor_sync(unsigned m, int v, int o) { return (int)__shfl_xor_sync(m, (unsigned)v, o); }
 inline int __shfl_sync(unsigned m, int v, int src) { return (int)__shfl_sync(m, (long long)v, src); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 // cp.async for GEMV v9: per thread, open copies and committed groups;
 // wait_group(N) lands every group but the newest N (the latest moment the
@@ -60,6 +62,7 @@ inline void gemv9_emu_wait(int n) {
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
 #include "../src/moe_ffn.cu"
+#include "../src/moe.cu" // orch_moe_topk / orch_moe_combine, which moe_ffn.cu's v8 entry calls (as moe_emu_test.cpp)
 #include "../src/gemv16.cuh"
 #include "../src/rope.cu"
 // norm.cu's kernels use a static __shared__ array: one CTA at a time, so a
