@@ -36,7 +36,9 @@
 // over the grid's idle split CTAs, and the last CTA of a (row, head group)
 // merges the splits (an atomic ticket) instead of a combine launch; v9
 // (opt-in) = v7 with the register-resident mma.sync prefill kernel
-// (attention_fa.cuh) for head dim 64/128.
+// (attention_fa.cuh) for head dim 64/128; v10 (opt-in) = v9 with two query
+// heads per prefill CTA (one staged K/V tile serves both) where the group
+// size is even.
 #include <stdlib.h>
 #include <string.h>
 
@@ -52,7 +54,7 @@ using namespace attn_k;
 bool attn_tc_supports(int head_dim);
 int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, int mode);
 
-// ORCH_CUDA_ATTN v1..v9 as 1..9 (read once; v1 is also ctx->attn_v1);
+// ORCH_CUDA_ATTN v1..v10 as 1..10 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
 constexpr int ATTN_DEFAULT_VERSION = 7; // v7 since session 4 (device run 0: tg128 +0.8%, @ d8192 +3.6% over v6)
 static int attn_env_version() {
@@ -67,6 +69,7 @@ static int attn_env_version() {
     if (e && strcmp(e, "v7") == 0) return 7;
     if (e && strcmp(e, "v8") == 0) return 8;
     if (e && strcmp(e, "v9") == 0) return 9;
+    if (e && strcmp(e, "v10") == 0) return 10;
     return ATTN_DEFAULT_VERSION;
   }();
   return v;
@@ -335,7 +338,7 @@ static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
     int tc = 0;
     if (attn_env_version() >= 3 && a->n_tok >= ATTN_TC_MIN_RUN && attn_tc_supports(a->head_dim)) {
       const int v = attn_env_version();
-      int rc = attn_tc_launch(ctx, a, v >= 9 ? ATTN_TC_FA : v >= 4 ? ATTN_TC_OREG : ATTN_TC_SMEM);
+      int rc = attn_tc_launch(ctx, a, v >= 10 ? ATTN_TC_FA2 : v >= 9 ? ATTN_TC_FA : v >= 4 ? ATTN_TC_OREG : ATTN_TC_SMEM);
       if (rc == ORCH_OK) tc = 1;
       else if (rc != ORCH_ERR_UNSUPPORTED) return rc;
     }

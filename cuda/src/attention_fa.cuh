@@ -64,22 +64,23 @@ __device__ __forceinline__ uint4 fa_f32x8_to_f16x8(float4 a, float4 b) {
   return make_uint4(fa_pack(a.x, a.y), fa_pack(a.z, a.w), fa_pack(b.x, b.y), fa_pack(b.z, b.w));
 }
 
-template <int HD> struct FaLayout {
+// THREADS: the CTA's (128 per query head it serves).
+template <int HD, int THREADS = FA_THREADS> struct FaLayout {
   static constexpr int LDK = HD + 8;    // halves per K row (key)
   static constexpr int LDV = FA_BK + 8; // halves per Vt row (dim)
   static constexpr int CH = HD / 8;     // 8-half chunks per key row
-  static constexpr int NK = FA_BK * CH / FA_THREADS;       // K chunks per thread
-  static constexpr int NV = (FA_BK / 2) * CH / FA_THREADS; // (key pair, chunk) V items per thread
-  static_assert(HD % 32 == 0 && NK * FA_THREADS == FA_BK * CH && NV * FA_THREADS == (FA_BK / 2) * CH, "tiling");
+  static constexpr int NK = FA_BK * CH / THREADS;       // K chunks per thread
+  static constexpr int NV = (FA_BK / 2) * CH / THREADS; // (key pair, chunk) V items per thread
+  static_assert(HD % 32 == 0 && NK * THREADS == FA_BK * CH && NV * THREADS == (FA_BK / 2) * CH, "tiling");
 };
 
 // One thread's share of a K/V tile (keys kb .. kb + 63) as fp16, in
-// registers: K chunk i = (key (tid + 128 i) % 64, chunk (tid + 128 i) / 64);
-// V item i = (keys 2p, 2p + 1 with p = (tid + 128 i) % 32, chunk
-// (tid + 128 i) / 32). Keys outside [klo, khi] are zeros (never garbage: a
+// registers: K chunk i = (key (tid + T i) % 64, chunk (tid + T i) / 64);
+// V item i = (keys 2p, 2p + 1 with p = (tid + T i) % 32, chunk
+// (tid + T i) / 32), T = THREADS. Keys outside [klo, khi] are zeros (never garbage: a
 // masked key's P is 0 and 0 * NaN = NaN).
-template <typename KV, int HD> struct FaStage {
-  using L = FaLayout<HD>;
+template <typename KV, int HD, int THREADS> struct FaStage {
+  using L = FaLayout<HD, THREADS>;
   uint4 k[L::NK], va[L::NV], vb[L::NV];
 
   __device__ __forceinline__ static uint4 ld8(const KV *p) {
@@ -99,12 +100,12 @@ template <typename KV, int HD> struct FaStage {
     };
 #pragma unroll
     for (int i = 0; i < L::NK; i++) {
-      const int it = tid + i * FA_THREADS, j = it % FA_BK, c = it / FA_BK, kp = kb + j;
+      const int it = tid + i * THREADS, j = it % FA_BK, c = it / FA_BK, kp = kb + j;
       k[i] = kp >= klo && kp <= khi ? ld8(kc + off(kp, c)) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int i = 0; i < L::NV; i++) {
-      const int it = tid + i * FA_THREADS, p = it % (FA_BK / 2), c = it / (FA_BK / 2), kp = kb + 2 * p;
+      const int it = tid + i * THREADS, p = it % (FA_BK / 2), c = it / (FA_BK / 2), kp = kb + 2 * p;
       va[i] = kp >= klo && kp <= khi ? ld8(vc + off(kp, c)) : make_uint4(0, 0, 0, 0);
       vb[i] = kp + 1 >= klo && kp + 1 <= khi ? ld8(vc + off(kp + 1, c)) : make_uint4(0, 0, 0, 0);
     }
@@ -115,12 +116,12 @@ template <typename KV, int HD> struct FaStage {
     const int tid = threadIdx.x;
 #pragma unroll
     for (int i = 0; i < L::NK; i++) {
-      const int it = tid + i * FA_THREADS, j = it % FA_BK, c = it / FA_BK;
+      const int it = tid + i * THREADS, j = it % FA_BK, c = it / FA_BK;
       *reinterpret_cast<uint4 *>(Ks + j * L::LDK + c * 8) = k[i];
     }
 #pragma unroll
     for (int i = 0; i < L::NV; i++) {
-      const int it = tid + i * FA_THREADS, p = it % (FA_BK / 2), c = it / (FA_BK / 2);
+      const int it = tid + i * THREADS, p = it % (FA_BK / 2), c = it / (FA_BK / 2);
       const unsigned wa[4] = {va[i].x, va[i].y, va[i].z, va[i].w}, wb[4] = {vb[i].x, vb[i].y, vb[i].z, vb[i].w};
 #pragma unroll
       for (int e = 0; e < 8; e++) {
@@ -132,17 +133,29 @@ template <typename KV, int HD> struct FaStage {
   }
 };
 
-template <typename KV, int HD>
-__global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(orch_attn_args a) {
-  using L = FaLayout<HD>;
+// HPC query heads per CTA (1 = v9; 2 = v10, for group sizes G % 2 == 0):
+// warps 4 hw .. 4 hw + 3 serve head blockIdx.y * HPC + hw, which share one
+// kv head, so each staged K/V tile serves HPC heads (K/V traffic from L2 /
+// HPC, staging work per thread / HPC).
+// Launch bounds: two 8-warp CTAs per SM at head dim 64 (v10; <= 128
+// registers), else whatever the kernel takes.
+#ifdef ORCH_EMU
+#define ATTN_FA_BOUNDS(HD, HPC)
+#else
+#define ATTN_FA_BOUNDS(HD, HPC) __launch_bounds__(FA_THREADS * (HPC), (HPC) == 2 && (HD) <= 64 ? 2 : 1)
+#endif
+template <typename KV, int HD, int HPC = 1>
+__global__ void ATTN_FA_BOUNDS(HD, HPC) attn_fa_kernel(orch_attn_args a) {
+  constexpr int THREADS = FA_THREADS * HPC;
+  using L = FaLayout<HD, THREADS>;
   // Software pipelining where the staged tile fits the registers (F16 cache,
   // head dim 64: 32 registers); else each tile is loaded at its turn.
   constexpr bool PREFETCH = sizeof(KV) == 2 && HD <= 64;
   __shared__ __align__(16) __half Ks[FA_BK * L::LDK];
   __shared__ __align__(16) __half Vt[HD * L::LDV];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % FA_WARPS; // warp: the row group
   const int64_t t0 = (int64_t)blockIdx.x * FA_BQ;
-  const int h = blockIdx.y;
+  const int h = blockIdx.y * HPC + (int)(threadIdx.x >> 5) / FA_WARPS;
 
   // The tile's run (every warp computes the same value: a uniform exit).
   const bool ok0 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + lane);
@@ -167,7 +180,7 @@ __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(orch_attn_args a) {
   const int wlast = p0 + min(run, warp * 16 + 16) - 1;                            // last key the warp's rows see
   const int wfirst = a.window > 0 ? max(0, p0 + warp * 16 - a.window + 1) : 0; // first one
 
-  FaStage<KV, HD> st;
+  FaStage<KV, HD, THREADS> st;
   if constexpr (PREFETCH) st.load(kc, vc, bt, a.block_size, slot_stride, kvh, kstart, kstart, kend);
 
   // Q's A fragments (scaled, fp16), rows r0 / r1; rows past the run are 0.

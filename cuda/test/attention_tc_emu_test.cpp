@@ -31,7 +31,8 @@ struct Seq {
 };
 
 // VARIANT: 0 = v3 (O in shared memory), 1 = v4 (O in registers), 2 = v9
-// (attention_fa.cuh: mma.sync fragments in registers).
+// (attention_fa.cuh: mma.sync fragments in registers), 3 = v10 (v9 with two
+// query heads per CTA).
 template <typename KV, int HD, int VARIANT>
 static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
                       bool sinks, float qmul) {
@@ -101,7 +102,11 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
   using namespace attn_tc;
   if constexpr (VARIANT == 2) {
     emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh, 1}, attn_fa::FA_THREADS,
-               0, [&] { attn_fa::attn_fa_kernel<KV, HD>(a); });
+               0, [&] { attn_fa::attn_fa_kernel<KV, HD, 1>(a); });
+  } else if constexpr (VARIANT == 3) { // as attention_tc.cu: two heads per CTA for even group sizes
+    CHECK((nh / nkv) % 2 == 0, "%s: v10 needs an even group", name);
+    emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh / 2, 1},
+               2 * attn_fa::FA_THREADS, 0, [&] { attn_fa::attn_fa_kernel<KV, HD, 2>(a); });
   } else {
     emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TC_WARPS * 32, TcLayout<HD>::BYTES,
                [&] { attn_tc_kernel<KV, HD, VARIANT == 1>(a); });
@@ -157,7 +162,7 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
   }
   const double rel = std::sqrt(num / std::max(den, 1e-30));
   std::printf("%-44s %s rows %3ld taken %3d  rel err %.2e  worst row %.2e\n", name,
-              VARIANT == 2 ? "v9" : VARIANT == 1 ? "v4" : "v3", (long)n_tok, taken, rel, worst);
+              VARIANT == 3 ? "v10" : VARIANT == 2 ? "v9" : VARIANT == 1 ? "v4" : "v3", (long)n_tok, taken, rel, worst);
   // fp16 rounding of q, K/V (F32 cache) and P: ~1e-3; a wrong index is O(1).
   CHECK(rel < 3e-3 && worst < 1e-2, "%s: error too large", name);
 }
@@ -167,10 +172,13 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
 template <typename KV, int HD>
 static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
                      bool sinks, float qmul = 1.f) {
-  std::mt19937 r2 = rng, r3 = rng;
+  std::mt19937 r2 = rng, r3 = rng, r4 = rng;
   run_case1<KV, HD, 0>(name, rng, seqs, nh, nkv, bs, window, sinks, qmul);
   run_case1<KV, HD, 1>(name, r2, seqs, nh, nkv, bs, window, sinks, qmul);
-  if constexpr (HD == 64 || HD == 128) run_case1<KV, HD, 2>(name, r3, seqs, nh, nkv, bs, window, sinks, qmul);
+  if constexpr (HD == 64 || HD == 128) {
+    run_case1<KV, HD, 2>(name, r3, seqs, nh, nkv, bs, window, sinks, qmul);
+    if ((nh / nkv) % 2 == 0) run_case1<KV, HD, 3>(name, r4, seqs, nh, nkv, bs, window, sinks, qmul);
+  }
 }
 
 int main() {
@@ -195,6 +203,7 @@ int main() {
   // causal diagonal; v9's software-pipelined staging across 4+ key tiles.
   run_case<__half, 64>("hd64 f16 gqa8 window128 sinks hist200 n70", rng, {{200, 70}}, 8, 1, 16, 128, true);
   run_case<__half, 64>("hd64 f16 full sinks hist130 n64", rng, {{130, 64}}, 2, 1, 16, 0, true);
+  run_case<__half, 128>("hd128 f16 gqa4 hist90 n100 mixed", rng, {{90, 100}, {7, 1}}, 8, 2, 16, 0, false);
   std::printf("attention_tc_emu_test: ok\n");
   return 0;
 }
