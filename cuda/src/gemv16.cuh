@@ -704,9 +704,18 @@ __device__ __forceinline__ void q9_load(q7_words<T> &b, const uint8_t *blk, int 
 struct gemv9_geom {
   int kc, ns, ch; // blocks per stage, stages, chunks per row slot
 };
+// ORCH_CUDA_GEMV9_STAGE_KB=N (2..48) overrides the stage size (timing; read once per process).
+static inline int64_t gemv9_stage_bytes() {
+  static const int64_t v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV9_STAGE_KB");
+    const int kb = e ? atoi(e) : 0;
+    return kb >= 2 && kb <= 48 ? (int64_t)kb * 1024 : (int64_t)GEMV9_STAGE_BYTES;
+  }();
+  return v;
+}
 static inline gemv9_geom gemv9_plan(int bb, int64_t nch) {
-  const int64_t tile = 16 * nch * bb;
-  const int64_t ns0 = (tile + GEMV9_STAGE_BYTES - 1) / GEMV9_STAGE_BYTES;
+  const int64_t tile = 16 * nch * bb, sb = gemv9_stage_bytes();
+  const int64_t ns0 = (tile + sb - 1) / sb;
   gemv9_geom g;
   g.kc = (int)((nch + ns0 - 1) / ns0);
   g.ns = (int)((nch + g.kc - 1) / g.kc);

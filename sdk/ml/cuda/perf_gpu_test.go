@@ -643,7 +643,7 @@ func perfChildren(t *testing.T, test, childVar string, settings, header []string
 	table := append([]string(nil), header...)
 	for _, v := range settings {
 		cmd := exec.Command(os.Args[0], "-test.run", "^"+test+"$", "-test.v")
-		cmd.Env = append(os.Environ(), childVar+"=1", v)
+		cmd.Env = append(append(os.Environ(), childVar+"=1"), strings.Fields(v)...) // v: one or more VAR=value
 		outp, err := cmd.CombinedOutput()
 		for _, line := range strings.Split(string(outp), "\n") {
 			if i := strings.Index(line, "|"); i >= 0 {
@@ -667,7 +667,8 @@ func perfChildren(t *testing.T, test, childVar string, settings, header []string
 // the bf16 GEMM (qgemm, n = 9..96: the pre-v9 route), so the table has the
 // old and the new path of every (shape, n) side by side; the path column
 // says which kernel ran. ORCH_CUDA_GEMV9_RG=1: v9 with one 16-row group per
-// CTA at every n (the default takes two from n = 17).
+// CTA at every n (the default takes two from n = 17); ORCH_CUDA_GEMV9_STAGE_KB
+// =6: v9 with half-size stages (less shared memory per CTA, more stages).
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfGEMVVersions -test.v
 func TestPerfGEMVVersions(t *testing.T) {
@@ -680,13 +681,15 @@ func TestPerfGEMVVersions(t *testing.T) {
 		}
 		perfChildren(t, "TestPerfGEMVVersions", "ORCH_GEMV_SPEED_CHILD",
 			[]string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
-				"ORCH_CUDA_GEMV9_RG=1"},
+				"ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_RG=1", "ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"},
 			[]string{"| setting | shape | path | median | floor | of floor |", "|---|---|---|---|---|---|"}, "perf-gemv.md")
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	if v := os.Getenv("ORCH_CUDA_GEMV9_RG"); v != "" {
-		label += " ORCH_CUDA_GEMV9_RG=" + v // v9's row groups per CTA pinned (default: 2 from n = 17)
+	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB"} {
+		if e := os.Getenv(v); e != "" {
+			label += " " + v + "=" + e // v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB) pinned
+		}
 	}
 	r := newRandSrc(newRNG(t))
 	const cb = 1 << 30
