@@ -809,30 +809,33 @@ moe_down7_kernel(float *__restrict__ out, const float *__restrict__ act, const u
 // ---- MoE v8 (docs/perf-cuda.md "Round 5"): batched decode, 2..64 tokens ----
 // v6 runs one GEMV per (token, slot) pair, so an expert routed to several of
 // the n tokens is read and decoded once per pair (n = 8: 32 pairs, ~21
-// distinct experts). Here a CTA takes one expert (grid.y = the j-th distinct
-// expert of the step, found on the device: no host sync) and the tokens routed
-// to it: each weight block is loaded and decoded once, and the decoded half2
-// pairs are multiplied with every token's staged x (up to MOE8_TC tokens per
-// pass). Per token the products, partial sums and folds are v6's, in v6's
-// order, so act is v6's bit for bit; down writes each pair's (dot + bias) to a
-// buffer and orch_moe_combine sums them per token in slot order with the
-// router weights — v6's expression (res += w * (dot + bias), from 0), so the
-// output is v6's bit for bit too (the emulation test compares).
-constexpr int MOE8_TC = 8;       // tokens per pass (x / activation rows staged at once)
+// distinct experts; n = 64: 256 pairs, 32 experts). Here a CTA takes one
+// expert (grid.y = the j-th distinct expert of the step, found on the device:
+// no host sync) and the tokens routed to it: each weight block is loaded and
+// decoded once, and the decoded half2 pairs are multiplied with every token's
+// staged x (up to MOE8_TC tokens per pass; code paths for 1, 2 and MOE8_TC).
+// Staging is done once per step, not per CTA: a small kernel stages the n x
+// rows (v6's chunk-scaled fp16, times 2^14 for MXFP4) into scratch, and
+// gate_up writes the activation directly in down's staged form (v6's fixed
+// power-of-two scale, moe6_act_scale), so neither expert kernel converts or
+// stages anything: each lane reads its chunks' staged words from global
+// memory (L1: the CTA's 8 warps read the same chunks). Per token the
+// products, partial sums and folds are v6's, in v6's order, so act is v6's
+// bit for bit; down writes each pair's (dot + bias) to ybuf and
+// orch_moe_combine sums them per token in slot order with the router weights —
+// v6's expression (res += w * (dot + bias), from 0), so the output is v6's bit
+// for bit too (the emulation test compares). Needs a finite SwiGLU limit (the
+// fixed activation scale); otherwise v6 runs.
+constexpr int MOE8_TC = 4; // tokens per pass (8: 128 registers and ~0.9 KB of spill loads in gate_up; 4: ~0.35 KB)
 constexpr int MOE8_MAX_TOK = 64; // tokens per step (one pair per token per expert)
-
-// Dynamic shared memory of the v8 kernels (k: the dot length): MOE8_TC staged
-// rows (dec16 layout: chunks, then their 1/scales), then the expert's pair list
-// and 2 ints (in dynamic memory: the CPU emulation has no static __shared__).
-DEC16_HD int moe8_list_off(int k) { return MOE8_TC * (k / 32) * (DEC16_XW + 1); } // in 4-byte words
-static size_t moe8_smem(int64_t k) { return (size_t)(moe8_list_off((int)k) + MOE8_MAX_TOK + 2) * 4; }
 
 // CTA-wide: the j-th distinct expert (ascending id; ids out of range count as
 // expert 0: only NaN logits give them, with weight 0) of ids[0..np) and its
-// pairs in ascending order into list (smem, MOE8_MAX_TOK ints); *e = -1 when
-// there are fewer distinct experts. All threads call it; it syncs.
+// pairs in ascending order into list (MOE8_MAX_TOK ints); returns -1 when
+// there are fewer distinct experts; *cnt: the pair count. All threads call it
+// (it syncs); list and sh (2 ints) in shared memory.
 __device__ __forceinline__ int moe8_bucket(const int32_t *__restrict__ ids, int np, int n_exp, int j, int *list,
-                                           int *sh) {
+                                           int *sh, int &cnt_out) {
   const int lane = threadIdx.x & 31;
   if ((threadIdx.x >> 5) == 0) {
     uint32_t used = 0;
@@ -863,13 +866,17 @@ __device__ __forceinline__ int moe8_bucket(const int32_t *__restrict__ ids, int 
     }
   }
   __syncthreads();
+  cnt_out = sh[1];
   return sh[0];
 }
 
-// moe6_block_acc for NT token rows: the weight words decoded once (MXFP4: the
-// bit-placement decoder, x staged times 2^14; other types: dec16's).
+// moe6_block_acc for nt <= NT token rows: the weight words decoded once
+// (MXFP4: the bit-placement decoder, x staged times 2^14; other types:
+// dec16's), then v6's 4 HFMA2 per word for each token.
 template <int T, int NT>
-DEC16_HD void moe8_block_acc(const uint32_t *w, uint32_t sh, const uint4 *const *xh, int nt, uint32_t (*a)[2]) {
+DEC16_HD void moe8_block_acc(const uint32_t *w, uint32_t sh, const uint32_t *xb, const int *xo, int nt,
+                             uint32_t (*a)[2]) {
+  // token j's staged chunk at xb + xo[j] (32-bit offsets: fewer registers than NT pointers)
   if constexpr (T == ORCH_T_MXFP4) {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -878,7 +885,7 @@ DEC16_HD void moe8_block_acc(const uint32_t *w, uint32_t sh, const uint4 *const 
 #pragma unroll
       for (int j = 0; j < NT; j++) {
         if (j < nt) {
-          const uint4 x = xh[j][i];
+          const uint4 x = reinterpret_cast<const uint4 *>(xb + xo[j])[i];
           uint32_t &acc = a[j][i & 1];
           acc = dec16_hfma2(h[0], x.x, acc);
           acc = dec16_hfma2(h[1], x.y, acc);
@@ -888,157 +895,198 @@ DEC16_HD void moe8_block_acc(const uint32_t *w, uint32_t sh, const uint4 *const 
       }
     }
   } else {
-    dec16_block_acc<T, NT>(w, sh, xh, nt, a);
+    const uint4 *xp[NT];
+#pragma unroll
+    for (int j = 0; j < NT; j++) xp[j] = reinterpret_cast<const uint4 *>(xb + xo[j]);
+    dec16_block_acc<T, NT>(w, sh, xp, nt, a);
   }
 }
 
-// act[p, row] for the pairs p of expert e (this CTA's): as moe_gate_up6_kernel.
+// Word and half (0: low) of element i (0..31) in a staged chunk (dec16_put4).
+DEC16_HD void moe8_half_pos(int kind, int i, int &word, int &half) {
+  const int o = i >> 2, q = i & 3;
+  if (kind == 0) {
+    word = 2 * o + (q >> 1);
+    half = q & 1;
+  } else {
+    word = 4 * (o & 3) + (o >> 2) + ((q & 1) ? 2 : 0);
+    half = q >> 1;
+  }
+}
+
+// Stages the n rows of x (k) into xg (row r chunk c at (r*nch + c)*DEC16_XW
+// words) and xinv (r*nch + c): moe6_stage, one CTA per row.
+template <int T>
+__global__ void __launch_bounds__(256) moe8_stage_kernel(uint32_t *__restrict__ xg, float *__restrict__ xinv,
+                                                         const float *__restrict__ x, int k) {
+  pdl_wait(); // x comes from the previous kernel; xg is read by earlier ones
+  pdl_trigger();
+  const int r = blockIdx.x, nch = k / 32;
+  moe6_stage<2>(xg + (int64_t)r * nch * DEC16_XW, xinv + (int64_t)r * nch, x + (int64_t)r * k, 1, k,
+                dec16_traits<T>::kind, T == ORCH_T_MXFP4);
+}
+
+// One pass of gate_up8 over nt <= NT tokens (pairs list[0..nt)).
+template <int T, int NB, int NT>
+__device__ __forceinline__ void moe8_gate_up_pass(uint16_t *__restrict__ acth, const uint32_t *__restrict__ xg,
+                                                  const float *__restrict__ xinv, const uint8_t *__restrict__ wg,
+                                                  const uint8_t *__restrict__ wu, const float *__restrict__ gb,
+                                                  const float *__restrict__ ub, const int *list, int nt, int e,
+                                                  int n_slots, int k, int m, int row, bool valid, int64_t off,
+                                                  float alpha, float limit, float sc) {
+  const int lane = threadIdx.x & 31, nch = k / 32;
+  int xo[NT]; // token j's staged row, in words
+#pragma unroll
+  for (int j = 0; j < NT; j++) xo[j] = (j < nt ? list[j] / n_slots : 0) * nch * DEC16_XW;
+  float ag[NT], au[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) ag[j] = au[j] = 0.f;
+  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+    wblocks<T, NB> bg, bu;
+    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int c = c0 + lane + 32 * i;
+      if (c < nch) {
+        const uint32_t *xb = xg + c * DEC16_XW;
+        const float *xi = xinv + c;
+        uint32_t a[NT][2];
+        // gate, then up (v6 accumulates both, then folds both: the same values)
+#pragma unroll
+        for (int j = 0; j < NT; j++) a[j][0] = a[j][1] = 0u;
+        moe8_block_acc<T, NT>(bg.w[i], bg.sh[i], xb, xo, nt, a);
+        const float wsg = dec16_wscale<T>(bg.w[i], bg.sh[i]);
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+          if (j < nt) ag[j] += dec16_fold(a[j], wsg, xi[xo[j] / DEC16_XW]);
+#pragma unroll
+        for (int j = 0; j < NT; j++) a[j][0] = a[j][1] = 0u;
+        moe8_block_acc<T, NT>(bu.w[i], bu.sh[i], xb, xo, nt, a);
+        const float wsu = dec16_wscale<T>(bu.w[i], bu.sh[i]);
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+          if (j < nt) au[j] += dec16_fold(a[j], wsu, xi[xo[j] / DEC16_XW]);
+      }
+    }
+  }
+  int word, half;
+  moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    if (j < nt) { // uniform over the CTA
+      const float a = warp_sum(ag[j]), b = warp_sum(au[j]);
+      if (valid && lane == 0) {
+        const float gv = a + (gb ? gb[(int64_t)e * m + row] : 0.f);
+        const float uv = b + (ub ? ub[(int64_t)e * m + row] : 0.f);
+        const float v = swiglu_oai(gv, uv, alpha, limit);
+        // down's staged activation: v6's moe6_stage_fixed value (v * sc, to fp16)
+        acth[(((int64_t)list[j] * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
+            (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+      }
+    }
+  }
+}
+
+// act (staged for down) for the pairs of this CTA's expert: moe_gate_up6's rows.
 template <int T, int NB>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 2)
-moe_gate_up8_kernel(float *__restrict__ act, const float *__restrict__ x, const uint8_t *__restrict__ wg,
-                    const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
-                    const int32_t *__restrict__ ids, int np, int n_exp, int n_slots, int k, int m, int64_t rb,
-                    float alpha, float limit) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  int *const list = reinterpret_cast<int *>(xsm) + moe8_list_off(k), *const sh = list + MOE8_MAX_TOK;
-  pdl_wait(); // ids / x come from the previous kernels; act is read by earlier kernels
+moe_gate_up8_kernel(uint16_t *__restrict__ acth, const uint32_t *__restrict__ xg, const float *__restrict__ xinv,
+                    const uint8_t *__restrict__ wg, const uint8_t *__restrict__ wu, const float *__restrict__ gb,
+                    const float *__restrict__ ub, const int32_t *__restrict__ ids, int np, int n_exp, int n_slots,
+                    int k, int m, int64_t rb, float alpha, float limit, float sc) {
+  DEC16_DYN_SMEM(int, list);
+  pdl_wait(); // ids / staged x come from the previous kernels; act is read by earlier ones
   pdl_trigger();
-  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, sh);
+  int cnt;
+  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, list + MOE8_MAX_TOK, cnt);
   if (e < 0) return; // uniform over the CTA
-  const int cnt = sh[1];
-  const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const bool valid = row < m;
   const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
-  const int nch = k / 32;
-  float *xinv = reinterpret_cast<float *>(xsm + MOE8_TC * nch * DEC16_XW);
   for (int t0 = 0; t0 < cnt; t0 += MOE8_TC) {
     const int nt = min(MOE8_TC, cnt - t0);
-    float ag[MOE8_TC], au[MOE8_TC];
+    if (nt == 1)
+      moe8_gate_up_pass<T, NB, 1>(acth, xg, xinv, wg, wu, gb, ub, list + t0, nt, e, n_slots, k, m, row, valid, off,
+                                  alpha, limit, sc);
+    else if (nt == 2)
+      moe8_gate_up_pass<T, NB, 2>(acth, xg, xinv, wg, wu, gb, ub, list + t0, nt, e, n_slots, k, m, row, valid, off,
+                                  alpha, limit, sc);
+    else
+      moe8_gate_up_pass<T, NB, MOE8_TC>(acth, xg, xinv, wg, wu, gb, ub, list + t0, nt, e, n_slots, k, m, row, valid,
+                                        off, alpha, limit, sc);
+  }
+}
+
+// One pass of down8 over nt <= NT pairs.
+template <int T, int NB, int NT>
+__device__ __forceinline__ void moe8_down_pass(float *__restrict__ ybuf, const uint32_t *__restrict__ acth,
+                                               float xinv, const uint8_t *__restrict__ wd,
+                                               const float *__restrict__ db, const int *list, int nt, int e, int k,
+                                               int m, int row, bool valid, int64_t off) {
+  const int lane = threadIdx.x & 31, nch = k / 32;
+  int xo[NT]; // pair j's staged activation row, in words
 #pragma unroll
-    for (int j = 0; j < MOE8_TC; j++) ag[j] = au[j] = 0.f;
-    for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
-      wblocks<T, NB> bg, bu;
-      ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
-      ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
-      if (c0 == 0) { // uniform over the CTA
-        if (t0 > 0) __syncthreads(); // the previous pass's readers are done
-        for (int j = 0; j < nt; j++)
-          moe6_stage<T == ORCH_T_Q8_0 ? 1 : 2>(xsm + j * nch * DEC16_XW, xinv + j * nch,
-                                               x + (int64_t)(list[t0 + j] / n_slots) * k, 1, k, dec16_traits<T>::kind,
-                                               T == ORCH_T_MXFP4);
-        __syncthreads();
-      }
+  for (int j = 0; j < NT; j++) xo[j] = (j < nt ? list[j] : 0) * nch * DEC16_XW;
+  float acc[NT];
 #pragma unroll
-      for (int i = 0; i < NB; i++) {
-        const int c = c0 + lane + 32 * i;
-        if (c < nch) {
-          const uint4 *xp[MOE8_TC];
+  for (int j = 0; j < NT; j++) acc[j] = 0.f;
+  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+    wblocks<T, NB> b;
+    ffn_load<T, NB>(b, wd + off, c0, lane, nch, valid);
+    float s[NT]; // moe6_dot's per-round sum, then added to acc (v6's order)
 #pragma unroll
-          for (int j = 0; j < MOE8_TC; j++) xp[j] = reinterpret_cast<const uint4 *>(xsm + (j * nch + c) * DEC16_XW);
-          uint32_t g[MOE8_TC][2], u[MOE8_TC][2];
+    for (int j = 0; j < NT; j++) s[j] = 0.f;
 #pragma unroll
-          for (int j = 0; j < MOE8_TC; j++) g[j][0] = g[j][1] = u[j][0] = u[j][1] = 0u;
-          moe8_block_acc<T, MOE8_TC>(bg.w[i], bg.sh[i], xp, nt, g);
-          moe8_block_acc<T, MOE8_TC>(bu.w[i], bu.sh[i], xp, nt, u);
-          const float wsg = dec16_wscale<T>(bg.w[i], bg.sh[i]), wsu = dec16_wscale<T>(bu.w[i], bu.sh[i]);
+    for (int i = 0; i < NB; i++) {
+      const int c = c0 + lane + 32 * i;
+      if (c < nch) {
+        uint32_t a[NT][2];
 #pragma unroll
-          for (int j = 0; j < MOE8_TC; j++) {
-            if (j < nt) {
-              ag[j] += dec16_fold(g[j], wsg, xinv[j * nch + c]);
-              au[j] += dec16_fold(u[j], wsu, xinv[j * nch + c]);
-            }
-          }
-        }
+        for (int j = 0; j < NT; j++) a[j][0] = a[j][1] = 0u;
+        moe8_block_acc<T, NT>(b.w[i], b.sh[i], acth + c * DEC16_XW, xo, nt, a);
+        const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+          if (j < nt) s[j] += dec16_fold(a[j], ws, xinv);
       }
     }
 #pragma unroll
-    for (int j = 0; j < MOE8_TC; j++) {
-      if (j < nt) { // uniform over the CTA
-        const float a = warp_sum(ag[j]), b = warp_sum(au[j]);
-        if (valid && lane == 0) {
-          const int p = list[t0 + j];
-          const float g = a + (gb ? gb[(int64_t)e * m + row] : 0.f);
-          const float u = b + (ub ? ub[(int64_t)e * m + row] : 0.f);
-          act[(int64_t)p * m + row] = swiglu_oai(g, u, alpha, limit);
-        }
-      }
+    for (int j = 0; j < NT; j++) acc[j] += s[j];
+  }
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    if (j < nt) {
+      const float a = warp_sum(acc[j]);
+      if (valid && lane == 0) ybuf[(int64_t)list[j] * m + row] = a + (db ? db[(int64_t)e * m + row] : 0.f);
     }
   }
 }
 
-// ybuf[p, row] = act[p] . down_e[row] + db[e, row] for the pairs p of expert
-// e (this CTA's): moe_down6_kernel's per-slot value.
+// ybuf[p, row] = act[p] . down_e[row] + db[e, row] for the pairs p of this
+// CTA's expert e: moe_down6_kernel's per-slot value.
 template <int T, int NB>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 2)
-moe_down8_kernel(float *__restrict__ ybuf, const float *__restrict__ act, const uint8_t *__restrict__ wd,
+moe_down8_kernel(float *__restrict__ ybuf, const uint32_t *__restrict__ acth, const uint8_t *__restrict__ wd,
                  const float *__restrict__ db, const int32_t *__restrict__ ids, int np, int n_exp, int k, int m,
-                 int64_t rb, float fixed_sc) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  int *const list = reinterpret_cast<int *>(xsm) + moe8_list_off(k), *const sh = list + MOE8_MAX_TOK;
-  pdl_wait(); // act / ids come from the previous kernels
+                 int64_t rb, float xinv) {
+  DEC16_DYN_SMEM(int, list);
+  pdl_wait(); // act / ids come from the previous kernels; ybuf is read by earlier ones
   pdl_trigger();
-  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, sh);
+  int cnt;
+  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, list + MOE8_MAX_TOK, cnt);
   if (e < 0) return;
-  const int cnt = sh[1];
-  const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const bool valid = row < m;
   const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
-  const int nch = k / 32;
-  float *xinv = reinterpret_cast<float *>(xsm + MOE8_TC * nch * DEC16_XW);
   for (int t0 = 0; t0 < cnt; t0 += MOE8_TC) {
     const int nt = min(MOE8_TC, cnt - t0);
-    float acc[MOE8_TC];
-#pragma unroll
-    for (int j = 0; j < MOE8_TC; j++) acc[j] = 0.f;
-    for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
-      wblocks<T, NB> b;
-      ffn_load<T, NB>(b, wd + off, c0, lane, nch, valid);
-      if (c0 == 0) {
-        if (t0 > 0) __syncthreads();
-        for (int j = 0; j < nt; j++) {
-          const float *ar = act + (int64_t)list[t0 + j] * k;
-          if (fixed_sc > 0.f)
-            moe6_stage_fixed<4>(xsm + j * nch * DEC16_XW, xinv + j * nch, ar, 1, k, dec16_traits<T>::kind, fixed_sc,
-                                T == ORCH_T_MXFP4);
-          else
-            moe6_stage<4>(xsm + j * nch * DEC16_XW, xinv + j * nch, ar, 1, k, dec16_traits<T>::kind,
-                          T == ORCH_T_MXFP4);
-        }
-        __syncthreads();
-      }
-      float s[MOE8_TC]; // moe6_dot's per-round sum, then added to acc (v6's order)
-#pragma unroll
-      for (int j = 0; j < MOE8_TC; j++) s[j] = 0.f;
-#pragma unroll
-      for (int i = 0; i < NB; i++) {
-        const int c = c0 + lane + 32 * i;
-        if (c < nch) {
-          const uint4 *xp[MOE8_TC];
-#pragma unroll
-          for (int j = 0; j < MOE8_TC; j++) xp[j] = reinterpret_cast<const uint4 *>(xsm + (j * nch + c) * DEC16_XW);
-          uint32_t a[MOE8_TC][2];
-#pragma unroll
-          for (int j = 0; j < MOE8_TC; j++) a[j][0] = a[j][1] = 0u;
-          moe8_block_acc<T, MOE8_TC>(b.w[i], b.sh[i], xp, nt, a);
-          const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
-#pragma unroll
-          for (int j = 0; j < MOE8_TC; j++)
-            if (j < nt) s[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < MOE8_TC; j++) acc[j] += s[j];
-    }
-#pragma unroll
-    for (int j = 0; j < MOE8_TC; j++) {
-      if (j < nt) {
-        const float a = warp_sum(acc[j]);
-        if (valid && lane == 0)
-          ybuf[(int64_t)list[t0 + j] * m + row] = a + (db ? db[(int64_t)e * m + row] : 0.f);
-      }
-    }
+    if (nt == 1)
+      moe8_down_pass<T, NB, 1>(ybuf, acth, xinv, wd, db, list + t0, nt, e, k, m, row, valid, off);
+    else if (nt == 2)
+      moe8_down_pass<T, NB, 2>(ybuf, acth, xinv, wd, db, list + t0, nt, e, k, m, row, valid, off);
+    else
+      moe8_down_pass<T, NB, MOE8_TC>(ybuf, acth, xinv, wd, db, list + t0, nt, e, k, m, row, valid, off);
   }
 }
 
@@ -1215,7 +1263,8 @@ static void launch_route7(cudaStream_t st, float *out, float *act, const float *
   }
 }
 
-// v8 expert kernels (after orch_moe_topk; orch_moe_combine follows).
+// v8 (after orch_moe_topk; orch_moe_combine follows): x staged into ybuf
+// (free until down writes it), the staged activation in act.
 template <int T>
 static void launch_batched8(cudaStream_t st, float *ybuf, float *act, const float *x, int n_exp, const int32_t *ids,
                             const uint8_t *wg, const uint8_t *wu, const float *gb, const float *ub, const uint8_t *wd,
@@ -1224,26 +1273,38 @@ static void launch_batched8(cudaStream_t st, float *ybuf, float *act, const floa
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int np = (int)(n * n_slots);
     const unsigned ge = (unsigned)min((int64_t)np, (int64_t)n_exp);
+    const float sc = moe6_act_scale<T>(alpha, limit);
+    uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf);
+    float *xinv = ybuf + n * (dim / 32) * DEC16_XW;
+    const size_t lsm = (MOE8_MAX_TOK + 2) * sizeof(int);
+    {
+      auto kern = moe8_stage_kernel<T>;
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)n), 256, 0, st, xg, xinv, x, (int)dim);
+    }
     {
       constexpr int NB = gate_up_nb<T>();
-      size_t sm = moe8_smem(dim);
-      if (sm > 48 * 1024)
-        cudaFuncSetAttribute(moe_gate_up8_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), ge);
       auto kern = moe_gate_up8_kernel<T, NB>;
-      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, act, x, wg, wu, gb, ub, ids, np, n_exp, n_slots, (int)dim,
-                       (int)ff, orch_row_bytes(T, dim), alpha, limit);
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, lsm, st, reinterpret_cast<uint16_t *>(act), xg, xinv, wg, wu, gb,
+                       ub, ids, np, n_exp, n_slots, (int)dim, (int)ff, orch_row_bytes(T, dim), alpha, limit, sc);
     }
     {
       constexpr int NB = down_h_nb<T>();
-      size_t sm = moe8_smem(ff);
-      if (sm > 48 * 1024)
-        cudaFuncSetAttribute(moe_down8_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), ge);
       auto kern = moe_down8_kernel<T, NB>;
-      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, ybuf, act, wd, db, ids, np, n_exp, (int)ff, (int)dim,
-                       orch_row_bytes(T, ff), moe6_act_scale<T>(alpha, limit));
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, lsm, st, ybuf, reinterpret_cast<const uint32_t *>(act), wd, db,
+                       ids, np, n_exp, (int)ff, (int)dim, orch_row_bytes(T, ff),
+                       (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc);
     }
+  }
+}
+
+static float act_scale(int t, float alpha, float limit) {
+  switch (t) {
+  case ORCH_T_MXFP4: return moe6_act_scale<ORCH_T_MXFP4>(alpha, limit);
+  case ORCH_T_Q8_0: return moe6_act_scale<ORCH_T_Q8_0>(alpha, limit);
+  case ORCH_T_Q4_0: return moe6_act_scale<ORCH_T_Q4_0>(alpha, limit);
+  default: return 0.f;
   }
 }
 
@@ -1264,9 +1325,12 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
       (dim * orch_row_bytes(down_type, ff)) % 4 || ffn_smem(ff, n_slots) > FFN_MAX_SMEM || n * n_slots > 65535 ||
       n > 65535)
     return ORCH_ERR_UNSUPPORTED;
+  // v8: one token as v6 (declined here: the caller's orch_moe_topk +
+  // orch_moe_ffn; v7's folded routing measured slower), 2..64 tokens batched
+  // when the activation has a fixed staging scale (finite SwiGLU limit).
   const bool batched = ctx->moe >= 8 && n >= 2 && n <= MOE8_MAX_TOK && ybuf && aligned16p(ybuf) &&
-                       moe8_smem(dim) <= FFN_MAX_SMEM && moe8_smem(ff) <= FFN_MAX_SMEM;
-  if (!batched && n * n_slots >= 64) return ORCH_ERR_UNSUPPORTED;
+                       act_scale(gu_type, alpha, limit) > 0.f;
+  if (ctx->moe >= 8 ? !batched : n * n_slots >= 64) return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   if (n == 0) return ORCH_OK;
   if (batched) {
