@@ -855,6 +855,7 @@ __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__re
     xs = reinterpret_cast<const uint4 *>(xsm);
     xinv = xism;
     xst = 8;
+    __syncthreads(); // the staged x is read (prefetched) below, before the first stage's barrier
   }
   float acc[RG][NTL][4];
 #pragma unroll
@@ -873,7 +874,7 @@ __device__ __forceinline__ void gemv9_rows(uint8_t *sm, int64_t cta, float *__re
     g9_load_x<NTL, XS>(xb[u], xs, xinv, xst, warp + u * W, nch, n, g, t, warp + u * W < min((int64_t)kc, nch));
   for (int s = 0; s < ns; s++) {
     g9_cp_wait<NBUF - 1>();
-    __syncthreads(); // stage s (and, XS, the staged x) visible to every warp
+    __syncthreads(); // stage s visible to every warp
     const uint8_t *b = sm + (s % NBUF) * bufb;
     const int64_t c0 = (int64_t)s * kc;
     const int nb = (int)min((int64_t)kc, nch - c0);
