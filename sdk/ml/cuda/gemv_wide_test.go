@@ -63,14 +63,16 @@ func TestGEMVWideRoute(t *testing.T) {
 	for _, c := range []struct {
 		n, k, m int
 		want    bool
-	}{{8, 2880, 5120, false}, {9, 2880, 5120, true}, {16, 4096, 14336, true}, {16, 14336, 4096, false},
-		{32, 2880, 5120, true}, {32, 14336, 4096, true}, {32, 4096, 14336, false}, {33, 2880, 5120, false},
-		{64, 2880, 5120, false}} {
+	}{{8, 2880, 5120, false}, {9, 2880, 5120, true}, {16, 4096, 14336, true}, {16, 14336, 4096, true},
+		{32, 2880, 5120, true}, {32, 14336, 4096, true}, {32, 4096, 14336, true}, {33, 2880, 5120, true},
+		{64, 14336, 4096, true}, {33, 4096, 14336, false}, {64, 4096, 14336, false}, {65, 2880, 5120, false}} {
 		require.Equal(t, c.want, gemvWideFor(c.n, c.k, c.m), "n=%d k=%d m=%d", c.n, c.k, c.m)
 	}
 	// Not picked: not held, and the GEMM path (the fake has no qgemm: gemmV1 sends it to orch_matmul).
 	gemmV1 = true
-	x64, y64 := fakeT(b, ml.F32, d, 64), fakeT(b, ml.F32, d, 64)
-	b.MatMul(y64, x64, w, nil)
+	x64, y64 := fakeT(b, ml.F32, d, 64), fakeT(b, ml.F32, 9000, 64)
+	wb := fakeT(b, ml.Q8_0, d, 9000)
+	require.False(t, gemvWideFor(64, d, 9000))
+	b.MatMul(y64, x64, wb, nil)
 	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=64", y64.ptr, x64.ptr)}, f.take())
 }

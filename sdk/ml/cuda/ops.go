@@ -63,21 +63,17 @@ func gemvMaxN() int {
 
 // gemvWideFor reports whether a quantized MatMul of n > 8 tokens, k x m,
 // takes GEMV v9. ORCH_CUDA_GEMV=v9 pins it for every n <= 64; by default
-// only where device run 6 (H100, .orch-notes/run6-perf-gemv.md) measured
-// v9 faster than the bf16 GEMM: n <= 16 but k >= 8192 (Llama's FFN down:
-// 146 vs 135 us), n <= 32 for m <= 8192 (Llama gate/up, m = 14336: 134 vs
-// 97 us at n = 32); n > 32 lost everywhere (qkv n = 64: 76 vs 61 us).
+// where device run 7 (H100, commit 73e576b: v9 with two row groups from
+// n = 17 and x prefetch; .orch-notes/run7-perf-gemv.md) measured v9 faster
+// than the bf16 GEMM: every shape up to n = 32 (Llama down n = 16: 109 vs
+// 137 us, gate/up n = 32: 86 vs 95), and n = 33..64 for m <= 8192 (qkv
+// n = 64: 45 vs 61 us, down: 217 vs 290) but not Llama's gate/up (m = 14336:
+// 122 vs 97 us at n = 64).
 func gemvWideFor(n, k, m int) bool {
 	if n <= 8 || n > gemvMaxN() {
 		return false
 	}
-	if gemvPin9 {
-		return true
-	}
-	if n <= 16 {
-		return k < 8192
-	}
-	return n <= 32 && m <= 8192
+	return gemvPin9 || n <= 32 || m <= 8192
 }
 
 // arg checks an op operand and returns it, recording an error otherwise.
