@@ -103,8 +103,8 @@ if has bench; then
   has depth && timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --depth 8192 -r 2 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
 fi
 profile() { # name model.gguf [prefill]: device time per op (ORCH_CUDA_OPTIME, sdk/ml/cuda/optime.go) of a
-  # one-stream decode (eager: timing turns graph capture off) or of 2048-token prefills
-  local args="-p 0 -n 64" what="one stream, bench -p 0 -n 64 -r 1 (warm-up included; eager, no graphs)"
+  # one-stream decode (graph ops timed as event nodes: "graph:" rows) or of 2048-token prefills
+  local args="-p 0 -n 64" what="one stream, bench -p 0 -n 64 -r 1 (warm-up included; decode graphs timed node by node, PDL overlap off)"
   [ "${3:-}" = prefill ] && args="-p 2048 -n 0" what="bench -p 2048 -n 0 -r 1 (two 2048-token prefills with the warm-up)"
   rm -f "/tmp/optime-$1.md"
   ORCH_CUDA_OPTIME="/tmp/optime-$1.md" timeout 200 bin/orch-host bench --model "$2" --device cuda $args -r 1 >"$OUT/profile-$1.log" 2>&1

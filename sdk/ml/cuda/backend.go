@@ -122,12 +122,12 @@ func (b *Backend) Close() error {
 		return nil
 	}
 	b.flush()
-	if b.ot != nil {
-		b.ot.close(b)
-	}
 	for k, g := range b.graphs {
 		b.l.graphDestroy(g)
 		delete(b.graphs, k)
+	}
+	if b.ot != nil { // after the graphs that hold its event nodes
+		b.ot.close(b)
 	}
 	for _, s := range b.scratch {
 		b.l.free(b.ctx, s.ptr)
@@ -186,7 +186,7 @@ func (b *Backend) call(op string, rc int32) {
 		b.fail(b.l.status(op, rc))
 		return
 	}
-	if b.ot != nil && !b.capturing {
+	if b.ot != nil { // op timing (optime.go); while capturing, as a graph node
 		b.ot.mark(b, op)
 	}
 }
@@ -402,13 +402,12 @@ func (b *Backend) Run(key string, record func()) error {
 	if b.err != nil {
 		return b.err
 	}
-	if b.ot != nil { // op timing sees the ops one by one: no capture
-		record()
-		b.flush()
-		return b.err
-	}
 	if g, ok := b.graphs[key]; ok {
-		return b.l.status("graph_launch", b.l.graphLaunch(b.ctx, g))
+		err := b.l.status("graph_launch", b.l.graphLaunch(b.ctx, g))
+		if b.ot != nil && err == nil {
+			b.ot.replayed(b, key)
+		}
+		return err
 	}
 	if b.capturing {
 		return errors.New("cuda run: nested graph capture")
@@ -417,11 +416,17 @@ func (b *Backend) Run(key string, record func()) error {
 		return err
 	}
 	b.capturing = true
+	if b.ot != nil {
+		b.ot.beginCapture(b)
+	}
 	record()
 	b.flush() // into the graph
 	b.capturing = false
 	var g uintptr
 	endErr := b.l.status("graph_end", b.l.graphEnd(b.ctx, &g))
+	if b.ot != nil {
+		b.ot.endCapture(b, key, b.err == nil && endErr == nil)
+	}
 	if b.err != nil {
 		if g != 0 {
 			b.l.graphDestroy(g)
@@ -432,7 +437,11 @@ func (b *Backend) Run(key string, record func()) error {
 		return endErr
 	}
 	b.graphs[key] = g
-	return b.l.status("graph_launch", b.l.graphLaunch(b.ctx, g))
+	err := b.l.status("graph_launch", b.l.graphLaunch(b.ctx, g))
+	if b.ot != nil && err == nil {
+		b.ot.replayed(b, key)
+	}
+	return err
 }
 
 // ResetGraphs destroys every captured graph (e.g. after reallocating tensors
@@ -441,5 +450,8 @@ func (b *Backend) ResetGraphs() {
 	for k, g := range b.graphs {
 		b.l.graphDestroy(g)
 		delete(b.graphs, k)
+	}
+	if b.ot != nil {
+		b.ot.forgetGraphs(b)
 	}
 }

@@ -14,12 +14,18 @@ import (
 // machines we get, and Nsight Compute serialises every kernel (a decode of a
 // few tokens ran past five minutes), so the backend times itself: after every
 // op it records a device event, and the time between two consecutive events
-// is charged to the later op. Graph capture is off while timing (every step
-// runs eagerly, so the ops are seen one by one). After each Sync the first op
-// only becomes the new baseline (an event recorded on an idle stream is
-// stamped at once, so the host's time before the next launch would be charged
-// to that op): the first op of each step is not timed, and the table counts
-// those ops. The table (op, launches, total, mean, share) is written
+// is charged to the later op. After each Sync the first op only becomes the
+// new baseline (an event recorded on an idle stream is stamped at once, so
+// the host's time before the next launch would be charged to that op): the
+// first op of each eager step is not timed, and the table counts those ops.
+//
+// Captured steps (decode graphs) stay graphs: the events are recorded into
+// the graph as event nodes (one dedicated event per op, plus one at the
+// graph's start), and after every replay the node-to-node times are charged
+// to the ops, under "graph:" names so that they are not mixed with eager
+// ops. An event node between two kernels replaces their programmatic
+// (PDL) edge by a full one, so graph rows show each op without the overlap
+// PDL gives: their sum is a little above the untimed step. The table (op, launches, total, mean, share) is written
 // to FILE ("%p" in it becomes the process id) at most every 50 ms and when
 // the backend closes.
 //
@@ -37,8 +43,12 @@ type opTimer struct {
 	pool    []uintptr
 	agg     map[string]*opStat
 	written time.Time
-	skipped int   // first ops after a Sync: baselines, not timed
-	rebase  bool  // the next op becomes the baseline
+	skipped int  // first ops after a Sync: baselines, not timed
+	rebase  bool // the next op becomes the baseline
+	// captured steps: the event nodes of each graph (by Run key), in order;
+	// capture collects the nodes of the graph being recorded.
+	graphs  map[string][]timedOp
+	capture []timedOp
 	err     error // first failure; timing stops, the run goes on
 }
 
@@ -60,7 +70,7 @@ func newOpTimer() *opTimer {
 		return nil
 	}
 	p = strings.ReplaceAll(p, "%p", strconv.Itoa(os.Getpid()))
-	return &opTimer{path: p, agg: map[string]*opStat{}}
+	return &opTimer{path: p, agg: map[string]*opStat{}, graphs: map[string][]timedOp{}}
 }
 
 func (t *opTimer) event(b *Backend) uintptr {
@@ -80,6 +90,10 @@ func (t *opTimer) event(b *Backend) uintptr {
 // mark records the end of op on the stream.
 func (t *opTimer) mark(b *Backend, op string) {
 	if t.err != nil {
+		return
+	}
+	if b.capturing {
+		t.captureMark(b, "graph:"+op)
 		return
 	}
 	ev := t.event(b)
@@ -104,6 +118,81 @@ func (t *opTimer) mark(b *Backend, op string) {
 	}
 }
 
+// captureMark records an event node into the graph being captured; graph
+// events are never reused (the graph refers to them on every replay).
+func (t *opTimer) captureMark(b *Backend, op string) {
+	var ev uintptr
+	if rc := b.l.eventCreate(&ev); rc != stOK {
+		t.err = b.l.status("event_create", rc)
+		return
+	}
+	if rc := b.l.eventRecord(b.ctx, ev); rc != stOK {
+		t.err = b.l.status("event_record", rc)
+		return
+	}
+	t.capture = append(t.capture, timedOp{op, ev})
+}
+
+// beginCapture starts a graph's node list with its start event.
+func (t *opTimer) beginCapture(b *Backend) {
+	t.capture = nil
+	if t.err == nil {
+		t.captureMark(b, "")
+	}
+}
+
+// endCapture keeps the node list of the graph just captured under key
+// (dropped with the graph when the capture failed).
+func (t *opTimer) endCapture(b *Backend, key string, ok bool) {
+	if ok && len(t.capture) > 1 {
+		t.graphs[key] = t.capture
+	} else {
+		for _, n := range t.capture {
+			b.l.eventDestroy(n.ev)
+		}
+	}
+	t.capture = nil
+}
+
+// replayed charges one replay of graph key (waits for it to finish).
+func (t *opTimer) replayed(b *Backend, key string) {
+	nodes := t.graphs[key]
+	if t.err != nil || len(nodes) < 2 {
+		return
+	}
+	for i := 1; i < len(nodes); i++ {
+		var ms float32
+		if rc := b.l.eventElapsed(nodes[i-1].ev, nodes[i].ev, &ms); rc != stOK {
+			t.err = b.l.status("event_elapsed", rc)
+			return
+		}
+		t.charge(nodes[i].op, ms)
+	}
+	if time.Since(t.written) > 50*time.Millisecond {
+		t.write()
+	}
+}
+
+// forgetGraphs drops the node lists (the graphs were destroyed).
+func (t *opTimer) forgetGraphs(b *Backend) {
+	for k, nodes := range t.graphs {
+		for _, n := range nodes {
+			b.l.eventDestroy(n.ev)
+		}
+		delete(t.graphs, k)
+	}
+}
+
+func (t *opTimer) charge(op string, ms float32) {
+	s := t.agg[op]
+	if s == nil {
+		s = &opStat{}
+		t.agg[op] = s
+	}
+	s.n++
+	s.total += float64(ms)
+}
+
 // settle waits for the pending events and charges their deltas.
 func (t *opTimer) settle(b *Backend) {
 	for _, p := range t.pending {
@@ -115,13 +204,7 @@ func (t *opTimer) settle(b *Backend) {
 			t.err = b.l.status("event_elapsed", rc)
 			break
 		}
-		s := t.agg[p.op]
-		if s == nil {
-			s = &opStat{}
-			t.agg[p.op] = s
-		}
-		s.n++
-		s.total += float64(ms)
+		t.charge(p.op, ms)
 		t.pool = append(t.pool, t.base)
 		t.base = p.ev
 	}
@@ -149,6 +232,7 @@ func (t *opTimer) close(b *Backend) {
 		b.l.eventDestroy(ev)
 	}
 	t.pool, t.base = nil, 0
+	t.forgetGraphs(b)
 }
 
 // table renders the totals, largest first.

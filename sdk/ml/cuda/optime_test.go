@@ -48,9 +48,6 @@ func TestOpTimerCharges(t *testing.T) {
 	now += 100          // host idle between steps: charged to nobody
 	launch("embed", 1)  // the first op after a sync: the new baseline
 	launch("matmul", 4) // 4 ms
-	b.capturing = true  // ops recorded into a graph (not run) are not timed
-	launch("matmul", 0) // (Run never captures with timing on; other capture paths must not count)
-	b.capturing = false
 	for i := 0; i < opTimerBatch+10; i++ { // past one batch: settled mid-run, events reused
 		launch("add", 0.5)
 	}
@@ -82,19 +79,60 @@ func TestOpTimerOffByDefault(t *testing.T) {
 	require.Nil(t, newOpTimer())
 }
 
-// With op timing on, Run executes the step eagerly every time (nothing is captured).
-func TestOpTimerRunsEagerly(t *testing.T) {
+// With op timing on, decode steps stay graphs: each op inside is an event
+// node, and every replay charges the node-to-node times under "graph:" names.
+func TestOpTimerGraphs(t *testing.T) {
 	t.Setenv("ORCH_CUDA_OPTIME", filepath.Join(t.TempDir(), "ops.md"))
 	var now float32
-	var created int
+	var created, destroyed int
 	l := fakeClockLib(&now, &created)
-	l.graphBegin = func(uintptr) int32 { t.Fatal("graph capture with op timing on"); return stOK }
+	// A fake graph: events recorded while capturing are re-stamped on every
+	// launch, each after the device time its op took at capture.
+	type node struct {
+		ev   uintptr
+		cost float32
+	}
+	var capturing bool
+	var nodes []node
+	var last float32
+	stamp := l.eventRecord
+	l.eventRecord = func(ctx, ev uintptr) int32 {
+		if capturing {
+			nodes = append(nodes, node{ev, now - last})
+			last = now
+		}
+		return stamp(ctx, ev)
+	}
+	l.eventDestroy = func(uintptr) int32 { destroyed++; return stOK }
+	l.graphBegin = func(uintptr) int32 { capturing, nodes, last = true, nil, now; return stOK }
+	l.graphEnd = func(_ uintptr, g *uintptr) int32 { capturing = false; *g = 7; return stOK }
+	l.graphLaunch = func(_, g uintptr) int32 {
+		for _, n := range nodes {
+			now += n.cost
+			stamp(0, n.ev)
+		}
+		return stOK
+	}
+	l.graphDestroy = func(uintptr) int32 { return stOK }
 	b := &Backend{l: l, ctx: 1, graphs: map[string]uintptr{}}
 	b.ot = newOpTimer()
-	runs := 0
-	for i := 0; i < 3; i++ {
-		require.NoError(t, b.Run("step", func() { runs++; now++; b.call("matmul", stOK) }))
+	step := func() {
+		now += 2
+		b.call("matmul", stOK)
+		now += 3
+		b.call("attend", stOK)
 	}
-	require.Equal(t, 3, runs)
-	require.Empty(t, b.graphs)
+	for i := 0; i < 3; i++ { // capture + launch, then two replays
+		require.NoError(t, b.Run("step", step))
+	}
+	require.Len(t, b.graphs, 1)
+	got := b.ot.agg
+	require.Equal(t, 3, got["graph:matmul"].n)
+	require.InDelta(t, 6, got["graph:matmul"].total, 1e-4)
+	require.Equal(t, 3, got["graph:attend"].n)
+	require.InDelta(t, 9, got["graph:attend"].total, 1e-4)
+	require.NotContains(t, got, "matmul", "graph ops are not charged as eager ops")
+	b.ResetGraphs() // the node events go with the graphs
+	require.Equal(t, 3, destroyed)
+	require.Empty(t, b.ot.graphs)
 }
