@@ -49,6 +49,7 @@ type opTimer struct {
 	// capture collects the nodes of the graph being recorded.
 	graphs  map[string][]timedOp
 	capture []timedOp
+	replays int
 	err     error // first failure; timing stops, the run goes on
 }
 
@@ -160,6 +161,7 @@ func (t *opTimer) replayed(b *Backend, key string) {
 	if t.err != nil || len(nodes) < 2 {
 		return
 	}
+	t.replays++
 	for i := 1; i < len(nodes); i++ {
 		var ms float32
 		if rc := b.l.eventElapsed(nodes[i-1].ev, nodes[i].ev, &ms); rc != stOK {
@@ -263,6 +265,15 @@ func (t *opTimer) table() string {
 		}
 		return
 	}(), t.skipped)
+	if t.replays > 0 {
+		var g float64
+		for _, r := range rows {
+			if strings.HasPrefix(r.op, "graph:") {
+				g += r.s.total
+			}
+		}
+		fmt.Fprintf(&sb, "; %d graph replays, %.3f ms of graph ops per replay", t.replays, g/float64(t.replays))
+	}
 	if t.err != nil {
 		fmt.Fprintf(&sb, "; timing stopped: %v", t.err)
 	}

@@ -132,6 +132,7 @@ func TestOpTimerGraphs(t *testing.T) {
 	require.Equal(t, 3, got["graph:attend"].n)
 	require.InDelta(t, 9, got["graph:attend"].total, 1e-4)
 	require.NotContains(t, got, "matmul", "graph ops are not charged as eager ops")
+	require.Contains(t, b.ot.table(), "3 graph replays, 5.000 ms of graph ops per replay")
 	b.ResetGraphs() // the node events go with the graphs
 	require.Equal(t, 3, destroyed)
 	require.Empty(t, b.ot.graphs)
