@@ -45,9 +45,9 @@ func TestOpTimerCharges(t *testing.T) {
 	launch("attend", 5) // 5 ms
 	launch("matmul", 3) // 3 ms
 	require.NoError(t, b.Sync())
-	now += 100          // host idle between steps: charged to nobody
-	launch("embed", 1)  // the first op after a sync: the new baseline
-	launch("matmul", 4) // 4 ms
+	now += 100                             // host idle between steps: charged to nobody
+	launch("embed", 1)                     // the first op after a sync: the new baseline
+	launch("matmul", 4)                    // 4 ms
 	for i := 0; i < opTimerBatch+10; i++ { // past one batch: settled mid-run, events reused
 		launch("add", 0.5)
 	}
