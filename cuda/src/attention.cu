@@ -38,7 +38,8 @@
 // (opt-in) = v7 with the register-resident mma.sync prefill kernel
 // (attention_fa.cuh) for head dim 64/128; v10 (opt-in) = v9 with two query
 // heads per prefill CTA (one staged K/V tile serves both) where the group
-// size is even.
+// size is even; v11 / v12 (opt-in) = v9 / v10 with ldmatrix fragments and
+// cp.async double-buffered K/V staging (attn_fa11_kernel).
 #include <stdlib.h>
 #include <string.h>
 
@@ -54,7 +55,7 @@ using namespace attn_k;
 bool attn_tc_supports(int head_dim);
 int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, int mode);
 
-// ORCH_CUDA_ATTN v1..v10 as 1..10 (read once; v1 is also ctx->attn_v1);
+// ORCH_CUDA_ATTN v1..v12 as 1..12 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
 constexpr int ATTN_DEFAULT_VERSION = 7; // v7 since session 4 (device run 0: tg128 +0.8%, @ d8192 +3.6% over v6)
 static int attn_env_version() {
@@ -70,6 +71,8 @@ static int attn_env_version() {
     if (e && strcmp(e, "v8") == 0) return 8;
     if (e && strcmp(e, "v9") == 0) return 9;
     if (e && strcmp(e, "v10") == 0) return 10;
+    if (e && strcmp(e, "v11") == 0) return 11;
+    if (e && strcmp(e, "v12") == 0) return 12;
     return ATTN_DEFAULT_VERSION;
   }();
   return v;
@@ -338,7 +341,13 @@ static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
     int tc = 0;
     if (attn_env_version() >= 3 && a->n_tok >= ATTN_TC_MIN_RUN && attn_tc_supports(a->head_dim)) {
       const int v = attn_env_version();
-      int rc = attn_tc_launch(ctx, a, v >= 10 ? ATTN_TC_FA2 : v >= 9 ? ATTN_TC_FA : v >= 4 ? ATTN_TC_OREG : ATTN_TC_SMEM);
+      const int mode = v >= 12   ? ATTN_TC_FA12
+                       : v == 11 ? ATTN_TC_FA11
+                       : v == 10 ? ATTN_TC_FA2
+                       : v == 9  ? ATTN_TC_FA
+                       : v >= 4  ? ATTN_TC_OREG
+                                 : ATTN_TC_SMEM;
+      int rc = attn_tc_launch(ctx, a, mode);
       if (rc == ORCH_OK) tc = 1;
       else if (rc != ORCH_ERR_UNSUPPORTED) return rc;
     }

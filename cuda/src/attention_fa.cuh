@@ -311,4 +311,276 @@ __global__ void ATTN_FA_BOUNDS(HD, HPC) attn_fa_kernel(orch_attn_args a) {
   }
 }
 
+// ---- v11: ldmatrix fragments, cp.async double-buffered K/V ----
+// K and V tiles stay row-major ([key][dim], 8 halves of padding: the 8 rows
+// of an 8x8 ldmatrix block fall on distinct 16-byte bank groups); K's B
+// fragments come from ldmatrix (one x4 = two k-steps of one 8-key tile), V's
+// from ldmatrix.trans (one x4 = two 8-dim tiles of one 16-key step): a quarter
+// of v9's shared-load instructions. F16 caches stage through cp.async (16-byte
+// copies, zero-filled outside the visible keys) into two buffers at head dim
+// 64 (the next tile lands during this tile's math), one at 128 (static shared
+// memory: 35 KB); F32 caches load, round and store (no overlap).
+__device__ __forceinline__ void fa_ldsm_x4(unsigned r[4], const __half *p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#elif defined(ORCH_EMU)
+  // Lanes 8i .. 8i + 7 give the row addresses of matrix i; lane l gets, of
+  // matrix i, row l / 4, halves 2 (l % 4) and 2 (l % 4) + 1.
+  const int lane = threadIdx.x & 31;
+  for (int i = 0; i < 4; i++) {
+    const __half *rp = (const __half *)__shfl_sync(0xffffffffu, (long long)p, i * 8 + lane / 4);
+    r[i] = *reinterpret_cast<const unsigned *>(rp + 2 * (lane % 4));
+  }
+#endif
+}
+__device__ __forceinline__ void fa_ldsm_x4_trans(unsigned r[4], const __half *p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#elif defined(ORCH_EMU)
+  // Transposed: lane l gets, of matrix i, rows 2 (l % 4) and 2 (l % 4) + 1
+  // at column l / 4 (low half: the lower row).
+  const int lane = threadIdx.x & 31;
+  for (int i = 0; i < 4; i++) {
+    const __half *p0 = (const __half *)__shfl_sync(0xffffffffu, (long long)p, i * 8 + 2 * (lane % 4));
+    const __half *p1 = (const __half *)__shfl_sync(0xffffffffu, (long long)p, i * 8 + 2 * (lane % 4) + 1);
+    unsigned short lo, hi;
+    std::memcpy(&lo, p0 + lane / 4, 2);
+    std::memcpy(&hi, p1 + lane / 4, 2);
+    r[i] = lo | (unsigned)hi << 16;
+  }
+#endif
+}
+// 16 bytes global -> shared, asynchronously; zeros when !valid (src unread).
+__device__ __forceinline__ void fa_cp16(__half *dst, const void *src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+  if (valid) *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+  else *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void fa_cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void fa_cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// Stages keys kb .. kb + 63 of K and V (row-major, fp16) into Ks / Vs; keys
+// outside [klo, khi] are zeros. F16: cp.async (the caller commits / waits);
+// F32: loaded, rounded, stored.
+template <typename KV, int HD, int THREADS>
+__device__ __forceinline__ void fa_stage_rows(__half *Ks, __half *Vs, const KV *kc, const KV *vc, const int32_t *bt,
+                                              int block_size, int64_t slot_stride, int kvh, int kb, int klo, int khi) {
+  constexpr int CH = HD / 8, LDK = HD + 8;
+#pragma unroll
+  for (int i = 0; i < FA_BK * CH / THREADS; i++) {
+    const int it = threadIdx.x + i * THREADS, j = it % FA_BK, c = it / FA_BK, kp = kb + j;
+    const bool ok = kp >= klo && kp <= khi;
+    int64_t off = 0;
+    if (ok) off = ((int64_t)bt[kp / block_size] * block_size + kp % block_size) * slot_stride + (int64_t)kvh * HD + c * 8;
+    if constexpr (sizeof(KV) == 2) {
+      fa_cp16(Ks + j * LDK + c * 8, kc + off, ok);
+      fa_cp16(Vs + j * LDK + c * 8, vc + off, ok);
+    } else {
+      uint4 ku = make_uint4(0, 0, 0, 0), vu = ku;
+      if (ok) {
+        const float4 *k4 = reinterpret_cast<const float4 *>(kc + off), *v4 = reinterpret_cast<const float4 *>(vc + off);
+        ku = fa_f32x8_to_f16x8(k4[0], k4[1]);
+        vu = fa_f32x8_to_f16x8(v4[0], v4[1]);
+      }
+      *reinterpret_cast<uint4 *>(Ks + j * LDK + c * 8) = ku;
+      *reinterpret_cast<uint4 *>(Vs + j * LDK + c * 8) = vu;
+    }
+  }
+}
+
+// v11 = v9's kernel (same tiles, routing, arithmetic order per element up to
+// the fragment sources) with ldmatrix fragments and cp.async staging (above);
+// HPC query heads per CTA as v10.
+template <typename KV, int HD, int HPC = 1>
+__global__ void ATTN_FA_BOUNDS(HD, HPC) attn_fa11_kernel(orch_attn_args a) {
+  constexpr int THREADS = FA_THREADS * HPC;
+  constexpr int LDK = HD + 8;
+  constexpr int NBUF = HD <= 64 ? 2 : 1;
+  static_assert(HD % 32 == 0 && (FA_BK * HD / 8) % THREADS == 0, "tiling");
+  __shared__ __align__(128) __half Ks[NBUF][FA_BK * LDK];
+  __shared__ __align__(128) __half Vs[NBUF][FA_BK * LDK];
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % FA_WARPS; // warp: the row group
+  const int64_t t0 = (int64_t)blockIdx.x * FA_BQ;
+  const int h = blockIdx.y * HPC + (int)(threadIdx.x >> 5) / FA_WARPS;
+
+  const bool ok0 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + lane);
+  const bool ok1 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + 32 + lane);
+  const int run = attn_tc_run_from_bits(__ballot_sync(0xffffffffu, ok0), __ballot_sync(0xffffffffu, ok1));
+  if (!attn_tc_takes(run, 0)) return;
+
+  const int p0 = a.tok_pos[t0];
+  const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t0] * a.max_blocks;
+  const int kvh = h / (a.n_heads / a.n_kv_heads);
+  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
+  const int kend = p0 + run - 1;
+  const int kstart = a.window > 0 ? max(0, p0 - a.window + 1) : 0;
+  const KV *kc = (const KV *)a.k_cache;
+  const KV *vc = (const KV *)a.v_cache;
+
+  const int g = lane >> 2, tq = lane & 3;
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int qp0 = p0 + r0, qp1 = p0 + r1;
+  const bool live0 = r0 < run, live1 = r1 < run;
+  const bool warp_live = warp * 16 < run;
+  const int wlast = p0 + min(run, warp * 16 + 16) - 1;
+  const int wfirst = a.window > 0 ? max(0, p0 + warp * 16 - a.window + 1) : 0;
+
+  fa_stage_rows<KV, HD, THREADS>(Ks[0], Vs[0], kc, vc, bt, a.block_size, slot_stride, kvh, kstart, kstart, kend);
+  fa_cp_commit();
+
+  unsigned qf[HD / 16][4];
+  {
+    const float *q0 = a.q + (t0 + r0) * a.q_stride + (int64_t)h * HD;
+    const float *q1 = a.q + (t0 + r1) * a.q_stride + (int64_t)h * HD;
+#pragma unroll
+    for (int k = 0; k < HD / 16; k++) {
+      const int c0 = k * 16 + 2 * tq, c1 = c0 + 8;
+      qf[k][0] = live0 ? fa_pack(q0[c0] * a.scale, q0[c0 + 1] * a.scale) : 0u;
+      qf[k][1] = live1 ? fa_pack(q1[c0] * a.scale, q1[c0 + 1] * a.scale) : 0u;
+      qf[k][2] = live0 ? fa_pack(q0[c1] * a.scale, q0[c1 + 1] * a.scale) : 0u;
+      qf[k][3] = live1 ? fa_pack(q1[c1] * a.scale, q1[c1 + 1] * a.scale) : 0u;
+    }
+  }
+
+  float o[HD / 8][4];
+#pragma unroll
+  for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+  // ldmatrix row addresses (lane's row of its matrix): K x4 = dims +0/+8/+16/+24
+  // of one 8-key tile; V x4 (trans) = keys +0/+8 x dims +0/+8 of one 16-key step.
+  const int lr = lane & 7, lm = lane >> 3;
+  int it = 0;
+  for (int kb = kstart; kb <= kend; kb += FA_BK, it++) {
+    const int buf = NBUF == 2 ? (it & 1) : 0;
+    if constexpr (NBUF == 2) {
+      if (kb + FA_BK <= kend) // the next tile into the other buffer (free: the barrier ending the last iteration)
+        fa_stage_rows<KV, HD, THREADS>(Ks[buf ^ 1], Vs[buf ^ 1], kc, vc, bt, a.block_size, slot_stride, kvh,
+                                       kb + FA_BK, kstart, kend);
+      fa_cp_commit();
+      fa_cp_wait<1>(); // this tile's group has landed
+    } else {
+      if (kb != kstart) {
+        fa_stage_rows<KV, HD, THREADS>(Ks[0], Vs[0], kc, vc, bt, a.block_size, slot_stride, kvh, kb, kstart, kend);
+        fa_cp_commit();
+      }
+      fa_cp_wait<0>();
+    }
+    __syncthreads();
+    if (warp_live && kb <= wlast && kb + FA_BK - 1 >= wfirst) {
+      const __half *Kt = Ks[buf], *Vt_ = Vs[buf];
+      float s[FA_BK / 8][4];
+#pragma unroll
+      for (int n = 0; n < FA_BK / 8; n++) {
+        s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int k = 0; k < HD / 16; k += 2) {
+          unsigned b[4];
+          fa_ldsm_x4(b, Kt + (n * 8 + lr) * LDK + k * 16 + lm * 8);
+          fa_mma(s[n], qf[k], b);
+          fa_mma(s[n], qf[k + 1], b + 2);
+        }
+      }
+      const bool whole = kb + FA_BK - 1 <= p0 + warp * 16 && (a.window <= 0 || wlast - kb < a.window) &&
+                         warp * 16 + 16 <= run;
+      if (!whole) {
+#pragma unroll
+        for (int n = 0; n < FA_BK / 8; n++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int kp = kb + n * 8 + 2 * tq + (e & 1);
+            const int qp = e < 2 ? qp0 : qp1;
+            const bool vis = (e < 2 ? live0 : live1) && kp <= qp && (a.window <= 0 || qp - kp < a.window);
+            if (!vis) s[n][e] = -INFINITY;
+          }
+      }
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < FA_BK / 8; n++) {
+        mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+      const float corr0 = __expf(m0 - base0), corr1 = __expf(m1 - base1);
+      m0 = mn0;
+      m1 = mn1;
+      l0 *= corr0;
+      l1 *= corr1;
+#pragma unroll
+      for (int n = 0; n < HD / 8; n++) {
+        o[n][0] *= corr0;
+        o[n][1] *= corr0;
+        o[n][2] *= corr1;
+        o[n][3] *= corr1;
+      }
+#pragma unroll
+      for (int n = 0; n < FA_BK / 8; n++) {
+        s[n][0] = __expf(s[n][0] - base0);
+        s[n][1] = __expf(s[n][1] - base0);
+        s[n][2] = __expf(s[n][2] - base1);
+        s[n][3] = __expf(s[n][3] - base1);
+        l0 += s[n][0] + s[n][1];
+        l1 += s[n][2] + s[n][3];
+      }
+#pragma unroll
+      for (int kk = 0; kk < FA_BK / 16; kk++) {
+        const unsigned pa[4] = {fa_pack(s[2 * kk][0], s[2 * kk][1]), fa_pack(s[2 * kk][2], s[2 * kk][3]),
+                                fa_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                fa_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int n = 0; n < HD / 8; n += 2) {
+          unsigned b[4];
+          fa_ldsm_x4_trans(b, Vt_ + (kk * 16 + (lm & 1) * 8 + lr) * LDK + n * 8 + (lm >> 1) * 8);
+          fa_mma(o[n], pa, b);
+          fa_mma(o[n + 1], pa, b + 2);
+        }
+      }
+    }
+    __syncthreads(); // every warp is done with this buffer before it is refilled
+  }
+  if (!warp_live) return;
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  float sc0 = 1.f / l0, sc1 = 1.f / l1;
+  if (a.sinks) {
+    const float sk = a.sinks[h];
+    const float M0 = fmaxf(m0, sk), M1 = fmaxf(m1, sk);
+    const float e0 = __expf(m0 - M0), e1 = __expf(m1 - M1);
+    sc0 = e0 / (l0 * e0 + __expf(sk - M0));
+    sc1 = e1 / (l1 * e1 + __expf(sk - M1));
+  }
+  float *out0 = a.out + (t0 + r0) * (int64_t)a.n_heads * HD + (int64_t)h * HD + 2 * tq;
+  float *out1 = a.out + (t0 + r1) * (int64_t)a.n_heads * HD + (int64_t)h * HD + 2 * tq;
+#pragma unroll
+  for (int n = 0; n < HD / 8; n++) {
+    if (live0) *reinterpret_cast<float2 *>(out0 + n * 8) = make_float2(o[n][0] * sc0, o[n][1] * sc0);
+    if (live1) *reinterpret_cast<float2 *>(out1 + n * 8) = make_float2(o[n][2] * sc1, o[n][3] * sc1);
+  }
+}
+
 } // namespace attn_fa

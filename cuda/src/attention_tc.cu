@@ -63,6 +63,18 @@ int tc_set_smem_attrs(orch_ctx *ctx) {
 template <typename KV, int HD>
 int launch_tc(orch_ctx *ctx, const orch_attn_args *a, int mode) {
   if constexpr (HD == 64 || HD == 128) {
+    if (mode == ATTN_TC_FA11 || mode == ATTN_TC_FA12) { // v11 / v12: ldmatrix + cp.async (attention_fa.cuh)
+      using namespace attn_fa;
+      if (mode == ATTN_TC_FA12 && (a->n_heads / a->n_kv_heads) % 2 == 0) { // two heads per CTA
+        dim3 grid((unsigned)ceil_div(a->n_tok, FA_BQ), (unsigned)(a->n_heads / 2));
+        attn_fa11_kernel<KV, HD, 2><<<grid, 2 * FA_THREADS, 0, ctx->stream>>>(*a);
+      } else {
+        dim3 grid((unsigned)ceil_div(a->n_tok, FA_BQ), (unsigned)a->n_heads);
+        attn_fa11_kernel<KV, HD, 1><<<grid, FA_THREADS, 0, ctx->stream>>>(*a);
+      }
+      ORCH_LAUNCHED("attention (tensor cores, v11/v12)");
+      return ORCH_OK;
+    }
     if (mode == ATTN_TC_FA || mode == ATTN_TC_FA2) { // v9 / v10: attention_fa.cuh (static shared memory)
       using namespace attn_fa;
       if (mode == ATTN_TC_FA2 && (a->n_heads / a->n_kv_heads) % 2 == 0) { // two heads per CTA
@@ -99,7 +111,8 @@ bool attn_tc_supports(int head_dim) { return head_dim % 16 == 0 && head_dim >= 1
 // mode: ATTN_TC_SMEM (v3), ATTN_TC_OREG (v4..v8), ATTN_TC_FA (v9: the
 // register-resident kernel of attention_fa.cuh for head dim 64/128; v4's for
 // the others), ATTN_TC_FA2 (v10: the same with two query heads per CTA where
-// the group size is even).
+// the group size is even), ATTN_TC_FA11 / FA12 (v11 / v12: v9 / v10 with
+// ldmatrix fragments and cp.async staging, attn_fa11_kernel).
 int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, int mode) {
   const bool f16 = a->kv_dtype == ORCH_KV_F16;
   if (!f16 && a->kv_dtype != ORCH_KV_F32) return ORCH_ERR_UNSUPPORTED;

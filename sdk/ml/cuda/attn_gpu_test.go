@@ -284,8 +284,8 @@ func TestAttentionHeadDims(t *testing.T) {
 // q / 8 kv heads of 64; full and window-128 layers) and Llama-3-8B (32 / 8
 // heads of 128), one sequence from position 0, eager (events around one
 // call) and in a graph (4 calls per graph, per call), for ORCH_CUDA_ATTN v4
-// (tensor-core prefill, per-head decode), v7 (the default), v8, v9 and v10 (a
-// child process each; v2/v3/v5/v6 were timed in earlier sessions), and
+// (tensor-core prefill, per-head decode), v7 (the default), v9, v10, v11 and
+// v12 (a child process each; v2/v3/v5/v6/v8 were timed in earlier runs), and
 // decode rows of 1 and 64 sequences at depths 128 .. 8192, eager and in a
 // graph (attnDecodeSpeed):
 //
@@ -304,7 +304,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
 		}
 		var table []string
-		for _, v := range []string{"v4", "v7", "v8", "v9", "v10"} {
+		for _, v := range []string{"v4", "v7", "v9", "v10", "v11", "v12"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
 			outp, err := cmd.CombinedOutput()
@@ -517,7 +517,8 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 // (depth-adaptive grouped decode) and v8 (v7 in one launch: heads spread over
 // idle splits, in-kernel combine; opt-in, measured no faster) and v9 (v7 with
 // the register-resident mma.sync prefill kernel, attention_fa.cuh) and v10
-// (v9 with two query heads per prefill CTA).
+// (v9 with two query heads per prefill CTA), v11 / v12 (v9 / v10 with
+// ldmatrix fragments and cp.async staging).
 func TestTensorCoreAttentionVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
 		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the version children run from an unpinned one", v)
@@ -540,7 +541,7 @@ func TestTensorCoreAttentionVersions(t *testing.T) {
 	}
 }
 
-var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v8", "v9", "v10"}
+var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v8", "v9", "v10", "v11", "v12"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
