@@ -926,6 +926,15 @@ __global__ void __launch_bounds__(256) moe8_stage_kernel(uint32_t *__restrict__ 
                 dec16_traits<T>::kind, T == ORCH_T_MXFP4);
 }
 
+// v9's staging: as moe8_stage_kernel<MXFP4> but unscaled (the dec16 decoder).
+__global__ void __launch_bounds__(256) moe9_stage_kernel(uint32_t *__restrict__ xg, float *__restrict__ xinv,
+                                                         const float *__restrict__ x, int k) {
+  pdl_wait();
+  pdl_trigger();
+  const int r = blockIdx.x, nch = k / 32;
+  moe6_stage<2>(xg + (int64_t)r * nch * DEC16_XW, xinv + (int64_t)r * nch, x + (int64_t)r * k, 1, k, 1, false);
+}
+
 // One pass of gate_up8 over nt <= NT tokens (pairs list[0..nt)).
 template <int T, int NB, int NT>
 __device__ __forceinline__ void moe8_gate_up_pass(uint16_t *__restrict__ acth, const uint32_t *__restrict__ xg,
@@ -1087,6 +1096,192 @@ moe_down8_kernel(float *__restrict__ ybuf, const uint32_t *__restrict__ acth, co
       moe8_down_pass<T, NB, 2>(ybuf, acth, xinv, wd, db, list + t0, nt, e, k, m, row, valid, off);
     else
       moe8_down_pass<T, NB, MOE8_TC>(ybuf, acth, xinv, wd, db, list + t0, nt, e, k, m, row, valid, off);
+  }
+}
+
+// ---- MoE v9 (opt-in; MXFP4): v8's expert-major batching with tensor cores ----
+// v8 spends 4 HFMA2 per decoded word per token (plus a fold per block per
+// token): at 8 tokens per expert that is ~80% of its instructions. Here a CTA
+// is 16 rows of one expert x up to 8 of its tokens (tiles of 8), its 8 warps
+// splitting k by blocks; per block, lane (g, t) decodes word t of rows g and
+// g + 8 (dec16_mxfp4_word: exactly the A fragments of two m16n8k16 mmas, as
+// GEMV v7) and reads staged x uint4 t of the tile's token g (the B fragment);
+// D (fp32; products of fp16 exact) is folded per block with the weight scale
+// and the chunk scale of tokens 2t, 2t+1; the 8 warps' sums are added in a
+// fixed order. Not v6's bits: fp32 sums instead of fp16 partial sums (error:
+// the fp16 rounding of x and the activation only). gate_up applies SwiGLU and
+// writes the activation staged for down (fixed scale sc, weights decoded
+// unscaled); down writes dot + bias per pair; orch_moe_combine sums.
+constexpr int MOE9_W = 8, MOE9_NB = 3; // warps per CTA; blocks per warp per round
+
+struct moe9_blk { // one MXFP4 block's bytes a lane needs: scale byte, quant word t
+  uint32_t s, q0, q1, shs, shq;
+};
+__device__ __forceinline__ void moe9_load(moe9_blk &b, const uint8_t *blk, int t, bool ok) {
+  const uintptr_t p = (uintptr_t)blk;
+  b.shs = (uint32_t)(p & 3);
+  b.s = ok ? __ldg(reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3)) : 0u;
+  const uintptr_t a = p + 1 + 4 * (uintptr_t)t;
+  b.shq = (uint32_t)(a & 3);
+  const uint32_t *wq = reinterpret_cast<const uint32_t *>(a & ~(uintptr_t)3);
+  b.q0 = ok ? __ldg(wq) : 0u;
+  b.q1 = ok && b.shq ? __ldg(wq + 1) : 0u; // never past the word holding the block's last byte
+}
+__device__ __forceinline__ float moe9_decode(const moe9_blk &b, uint32_t h[4]) {
+  dec16_mxfp4_word(dec16_funnel_rc(b.q0, b.q1, 8 * b.shq), h);
+  return dec16_e8m0((b.s >> (8 * b.shs)) & 0xFFu);
+}
+
+// acc[4] (D of rows g, g+8 x tokens 2t, 2t+1) += one block of rows (r0, r1).
+__device__ __forceinline__ void moe9_mma_block(float acc[4], const moe9_blk &b0, const moe9_blk &b1, uint4 X,
+                                               float xi0, float xi1) {
+  uint32_t ha[4], hb[4];
+  const float s0 = moe9_decode(b0, ha), s1 = moe9_decode(b1, hb);
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, bx0[2] = {X.x, X.y};
+  dec16_mma16816(d, a0, bx0);
+  const uint32_t a1[4] = {ha[2], hb[2], ha[3], hb[3]}, bx1[2] = {X.z, X.w};
+  dec16_mma16816(d, a1, bx1);
+  acc[0] += s0 * xi0 * d[0];
+  acc[1] += s0 * xi1 * d[1];
+  acc[2] += s1 * xi0 * d[2];
+  acc[3] += s1 * xi1 * d[3];
+}
+
+// Shared memory: list (MOE8_MAX_TOK) + 2 + pad to 16 B, then red.
+constexpr int MOE9_RED_OFF = MOE8_MAX_TOK + 4; // ints
+static size_t moe9_smem(int nred) { return (MOE9_RED_OFF + (size_t)MOE9_W * 32 * nred) * 4; }
+
+// gate_up: rows [16 bx, 16 bx + 16) of expert e (the y-th distinct), act staged for down.
+__global__ void __launch_bounds__(MOE9_W * 32, 2) // <= 128 registers: 2 CTAs per SM
+moe_gate_up9_kernel(uint16_t *__restrict__ acth, const uint4 *__restrict__ xg, const float *__restrict__ xinv,
+                    const uint8_t *__restrict__ wg, const uint8_t *__restrict__ wu, const float *__restrict__ gb,
+                    const float *__restrict__ ub, const int32_t *__restrict__ ids, int np, int n_exp, int n_slots,
+                    int k, int m, int64_t rb, float alpha, float limit, float sc) {
+  DEC16_DYN_SMEM(int, list);
+  float *red = reinterpret_cast<float *>(list + MOE9_RED_OFF);
+  pdl_wait(); // ids / staged x come from the previous kernels; act is read by earlier ones
+  pdl_trigger();
+  int cnt;
+  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, list + MOE8_MAX_TOK, cnt);
+  if (e < 0) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int nch = k / 32;
+  const int r0 = blockIdx.x * 16 + g, r1 = r0 + 8; // m % 32 == 0: always < m
+  const uint8_t *g0 = wg + ((int64_t)e * m + r0) * rb, *g1 = wg + ((int64_t)e * m + r1) * rb;
+  const uint8_t *u0 = wu + ((int64_t)e * m + r0) * rb, *u1 = wu + ((int64_t)e * m + r1) * rb;
+  constexpr int BB = type_block_bytes(ORCH_T_MXFP4);
+  for (int t0 = 0; t0 < cnt; t0 += 8) {
+    const int nt = min(8, cnt - t0);
+    const int tb = g < nt ? list[t0 + g] / n_slots : 0;
+    const int ta0 = 2 * t < nt ? list[t0 + 2 * t] / n_slots : 0, ta1 = 2 * t + 1 < nt ? list[t0 + 2 * t + 1] / n_slots : 0;
+    float ag[4] = {0.f, 0.f, 0.f, 0.f}, au[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c0 = 0; c0 < nch; c0 += MOE9_W * MOE9_NB) { // uniform over the warp
+      moe9_blk bg0[MOE9_NB], bg1[MOE9_NB], bu0[MOE9_NB], bu1[MOE9_NB];
+      uint4 X[MOE9_NB];
+      float xi0[MOE9_NB], xi1[MOE9_NB];
+#pragma unroll
+      for (int i = 0; i < MOE9_NB; i++) {
+        const int c = c0 + warp * MOE9_NB + i;
+        const bool okc = c < nch;
+        const int cc = okc ? c : 0;
+        moe9_load(bg0[i], g0 + cc * BB, t, okc);
+        moe9_load(bg1[i], g1 + cc * BB, t, okc);
+        moe9_load(bu0[i], u0 + cc * BB, t, okc);
+        moe9_load(bu1[i], u1 + cc * BB, t, okc);
+        X[i] = okc && g < nt ? __ldg(xg + ((int64_t)tb * nch + cc) * (DEC16_XW / 4) + t) : make_uint4(0u, 0u, 0u, 0u);
+        xi0[i] = okc && 2 * t < nt ? __ldg(xinv + (int64_t)ta0 * nch + cc) : 0.f;
+        xi1[i] = okc && 2 * t + 1 < nt ? __ldg(xinv + (int64_t)ta1 * nch + cc) : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < MOE9_NB; i++) {
+        if (c0 + warp * MOE9_NB + i < nch) { // uniform over the warp: every lane reaches the mma
+          moe9_mma_block(ag, bg0[i], bg1[i], X[i], xi0[i], xi1[i]);
+          moe9_mma_block(au, bu0[i], bu1[i], X[i], xi0[i], xi1[i]);
+        }
+      }
+    }
+    float *rw = red + (warp * 32 + lane) * 8;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      rw[j] = ag[j];
+      rw[4 + j] = au[j];
+    }
+    __syncthreads();
+    if (threadIdx.x < 128) { // (row, token) = D element j of lane l, summed over the warps in order
+      const int row = threadIdx.x >> 3, tok = threadIdx.x & 7;
+      const int l = (row & 7) * 4 + (tok >> 1), j = (row >> 3) * 2 + (tok & 1);
+      float sg = 0.f, su = 0.f;
+      for (int v = 0; v < MOE9_W; v++) {
+        sg += red[(v * 32 + l) * 8 + j];
+        su += red[(v * 32 + l) * 8 + 4 + j];
+      }
+      const int R = blockIdx.x * 16 + row;
+      if (tok < nt) {
+        const int p = list[t0 + tok];
+        const float gv = sg + (gb ? gb[(int64_t)e * m + R] : 0.f), uv = su + (ub ? ub[(int64_t)e * m + R] : 0.f);
+        const float v = swiglu_oai(gv, uv, alpha, limit);
+        int word, half;
+        moe8_half_pos(1, R & 31, word, half);
+        acth[(((int64_t)p * (m / 32) + R / 32) * DEC16_XW + word) * 2 + half] = (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+      }
+    }
+    __syncthreads(); // red reused by the next tile
+  }
+}
+
+// down: ybuf[p, R] = act[p] . down_e[R] + db[e, R] for rows [16 bx, 16 bx + 16).
+__global__ void __launch_bounds__(MOE9_W * 32, 2) // <= 128 registers: 2 CTAs per SM
+moe_down9_kernel(float *__restrict__ ybuf, const uint4 *__restrict__ acth, const uint8_t *__restrict__ wd,
+                 const float *__restrict__ db, const int32_t *__restrict__ ids, int np, int n_exp, int k, int m,
+                 int64_t rb, float xinv) {
+  DEC16_DYN_SMEM(int, list);
+  float *red = reinterpret_cast<float *>(list + MOE9_RED_OFF);
+  pdl_wait();
+  pdl_trigger();
+  int cnt;
+  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, list + MOE8_MAX_TOK, cnt);
+  if (e < 0) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int nch = k / 32;
+  const int r0 = blockIdx.x * 16 + g, r1 = r0 + 8;
+  const uint8_t *w0 = wd + ((int64_t)e * m + r0) * rb, *w1 = wd + ((int64_t)e * m + r1) * rb;
+  constexpr int BB = type_block_bytes(ORCH_T_MXFP4);
+  for (int t0 = 0; t0 < cnt; t0 += 8) {
+    const int nt = min(8, cnt - t0);
+    const int pb = g < nt ? list[t0 + g] : 0;
+    const float xi0 = 2 * t < nt ? xinv : 0.f, xi1 = 2 * t + 1 < nt ? xinv : 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c0 = 0; c0 < nch; c0 += MOE9_W * 2 * MOE9_NB) {
+      constexpr int NB = 2 * MOE9_NB; // one weight: twice gate_up's blocks per round
+      moe9_blk b0[NB], b1[NB];
+      uint4 X[NB];
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int c = c0 + warp * NB + i;
+        const bool okc = c < nch;
+        const int cc = okc ? c : 0;
+        moe9_load(b0[i], w0 + cc * BB, t, okc);
+        moe9_load(b1[i], w1 + cc * BB, t, okc);
+        X[i] = okc && g < nt ? __ldg(acth + ((int64_t)pb * nch + cc) * (DEC16_XW / 4) + t) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int i = 0; i < NB; i++)
+        if (c0 + warp * NB + i < nch) moe9_mma_block(acc, b0[i], b1[i], X[i], xi0, xi1);
+    }
+    float *rw = red + (warp * 32 + lane) * 4;
+#pragma unroll
+    for (int j = 0; j < 4; j++) rw[j] = acc[j];
+    __syncthreads();
+    if (threadIdx.x < 128) {
+      const int row = threadIdx.x >> 3, tok = threadIdx.x & 7;
+      const int l = (row & 7) * 4 + (tok >> 1), j = (row >> 3) * 2 + (tok & 1);
+      float s = 0.f;
+      for (int v = 0; v < MOE9_W; v++) s += red[(v * 32 + l) * 4 + j];
+      const int R = blockIdx.x * 16 + row;
+      if (tok < nt) ybuf[(int64_t)list[t0 + tok] * m + R] = s + (db ? db[(int64_t)e * m + R] : 0.f);
+    }
+    __syncthreads();
   }
 }
 
@@ -1266,7 +1461,7 @@ static void launch_route7(cudaStream_t st, float *out, float *act, const float *
 // v8 (after orch_moe_topk; orch_moe_combine follows): x staged into ybuf
 // (free until down writes it), the staged activation in act.
 template <int T>
-static void launch_batched8(cudaStream_t st, float *ybuf, float *act, const float *x, int n_exp, const int32_t *ids,
+static void launch_batched8(cudaStream_t st, int ver, float *ybuf, float *act, const float *x, int n_exp, const int32_t *ids,
                             const uint8_t *wg, const uint8_t *wu, const float *gb, const float *ub, const uint8_t *wd,
                             const float *db, int64_t n, int n_slots, int64_t dim, int64_t ff, float alpha,
                             float limit) {
@@ -1277,6 +1472,28 @@ static void launch_batched8(cudaStream_t st, float *ybuf, float *act, const floa
     uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf);
     float *xinv = ybuf + n * (dim / 32) * DEC16_XW;
     const size_t lsm = (MOE8_MAX_TOK + 2) * sizeof(int);
+    if constexpr (T == ORCH_T_MXFP4) {
+      if (ver >= 9) { // tensor cores: x staged unscaled (dec16 decoder), act at sc (weights unscaled)
+        {
+          auto kern = moe9_stage_kernel;
+          DEC16_LAUNCH_PDL(kern, dim3((unsigned)n), 256, 0, st, xg, xinv, x, (int)dim);
+        }
+        {
+          dim3 grid((unsigned)(ff / 16), ge);
+          auto kern = moe_gate_up9_kernel;
+          DEC16_LAUNCH_PDL(kern, grid, MOE9_W * 32, moe9_smem(8), st, reinterpret_cast<uint16_t *>(act),
+                           reinterpret_cast<const uint4 *>(xg), xinv, wg, wu, gb, ub, ids, np, n_exp, n_slots, (int)dim,
+                           (int)ff, orch_row_bytes(T, dim), alpha, limit, sc);
+        }
+        {
+          dim3 grid((unsigned)(dim / 16), ge);
+          auto kern = moe_down9_kernel;
+          DEC16_LAUNCH_PDL(kern, grid, MOE9_W * 32, moe9_smem(4), st, ybuf, reinterpret_cast<const uint4 *>(act), wd,
+                           db, ids, np, n_exp, (int)ff, (int)dim, orch_row_bytes(T, ff), 1.f / sc);
+        }
+        return;
+      }
+    }
     {
       auto kern = moe8_stage_kernel<T>;
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)n), 256, 0, st, xg, xinv, x, (int)dim);
@@ -1336,7 +1553,7 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
   if (batched) {
     int rc = orch_moe_topk(ctx, ids, weights, logits, n, n_exp, n_slots);
     if (rc != ORCH_OK) return rc;
-    ORCH_DISPATCH_TYPE(gu_type, launch_batched8, ctx->stream, ybuf, act, x, (int)n_exp, ids, (const uint8_t *)gate,
+    ORCH_DISPATCH_TYPE(gu_type, launch_batched8, ctx->stream, ctx->moe, ybuf, act, x, (int)n_exp, ids, (const uint8_t *)gate,
                        (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias, n, n_slots, dim,
                        ff, alpha, limit);
     ORCH_LAUNCHED(op);
