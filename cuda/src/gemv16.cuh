@@ -78,8 +78,10 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   }
 }
 
-template <int T, int NT, int NB>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+// MINB: CTAs per SM the registers must allow (1: the compiler's choice; 5:
+// ORCH_CUDA_GEMV5_MINB=5 for one token, see gemv5_minb).
+template <int T, int NT, int NB, int MINB = 1>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, MINB)
 gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
              int rows_per_warp) {
@@ -102,8 +104,8 @@ struct gemv5_parts {
   unsigned end[GEMV_MAX_PARTS]; // cumulative CTA counts (unused parts: the total)
 };
 
-template <int T, int NT, int NB>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+template <int T, int NT, int NB, int MINB = 1>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, MINB)
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
@@ -121,26 +123,48 @@ gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, 
 template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
 static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : 1; }
 
-template <int T, int NT>
-static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
-                            int64_t k, int64_t m, int64_t rb, int acc) {
+// One token (session 4, device runs 6-7: v5 at 59-82% of the bytes floor):
+// Q8_0 at NT = 1 takes 60 registers, so 4 CTAs of 256 threads per SM (528
+// on an H100) — gpt-oss qkv's 640 CTAs and Llama qkv's 768 run in 1.2 / 1.45
+// waves, the next GEMV's CTAs cannot start early under PDL, and a partial
+// wave ends each call. ORCH_CUDA_GEMV5_MINB=5 (timing, opt-in) compiles the
+// NT = 1 kernels for 5 CTAs per SM (<= 48 registers; Q8_0 spills 24 bytes):
+// one wave for 640 CTAs. Read once per process.
+static inline int gemv5_minb() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_MINB");
+    return e && e[0] == '5' && !e[1] ? 5 : 1;
+  }();
+  return v;
+}
+
+template <int T, int NT, int MINB>
+static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
+                              int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
   constexpr int NB = gemv5_nb<T, NT>();
   const int rpw = gemv5_rpw(m);
   size_t sm = dec16_smem(k, NT);
-  if (sm > 48 * 1024) cudaFuncSetAttribute(gemv5_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  auto kern = gemv5_kernel<T, NT, NB, MINB>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
-  auto kern = gemv5_kernel<T, NT, NB>;
   DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
+}
+template <int T, int NT>
+static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                            int64_t k, int64_t m, int64_t rb, int acc) {
+  if constexpr (NT == 1)
+    if (gemv5_minb() == 5) return launch_gemv5_nt_b<T, NT, 5>(st, y, x, w, bias, n, k, m, rb, acc);
+  launch_gemv5_nt_b<T, NT, 1>(st, y, x, w, bias, n, k, m, rb, acc);
 }
 
 // P: count parts filled in (w, bias, y, m); rpw and end are set here.
-template <int T, int NT>
-static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
-                                  int64_t rb) {
+template <int T, int NT, int MINB>
+static void launch_gemv5_multi_nt_b(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
+                                    int64_t rb) {
   constexpr int NB = gemv5_nb<T, NT>();
   size_t sm = dec16_smem(k, NT);
-  if (sm > 48 * 1024)
-    cudaFuncSetAttribute(gemv5_multi_kernel<T, NT, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  auto kern = gemv5_multi_kernel<T, NT, NB, MINB>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned total = 0;
   for (int p = 0; p < count; p++) {
     P.rpw[p] = gemv5_rpw(P.m[p]);
@@ -148,8 +172,14 @@ static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, con
     P.end[p] = total;
   }
   for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
-  auto kern = gemv5_multi_kernel<T, NT, NB>;
   DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb);
+}
+template <int T, int NT>
+static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
+                                  int64_t rb) {
+  if constexpr (NT == 1)
+    if (gemv5_minb() == 5) return launch_gemv5_multi_nt_b<T, NT, 5>(st, P, count, x, n, k, rb);
+  launch_gemv5_multi_nt_b<T, NT, 1>(st, P, count, x, n, k, rb);
 }
 
 template <int T>

@@ -666,9 +666,11 @@ func perfChildren(t *testing.T, test, childVar string, settings, header []string
 // runs in a child process on the same card. Under v5 / v7 pinned, n > 8 is
 // the bf16 GEMM (qgemm, n = 9..96: the pre-v9 route), so the table has the
 // old and the new path of every (shape, n) side by side; the path column
-// says which kernel ran. ORCH_CUDA_GEMV9_RG=1: v9 with one 16-row group per
-// CTA at every n (the default takes two from n = 17); ORCH_CUDA_GEMV9_STAGE_KB
-// =6: v9 with half-size stages (less shared memory per CTA, more stages).
+// says which kernel ran. ORCH_CUDA_GEMV5_MINB=5: the default routing with
+// v5's one-token kernels compiled for 5 CTAs per SM (gemv16.cuh gemv5_minb);
+// ORCH_CUDA_GEMV9_STAGE_KB=6: v9 with half-size stages (less shared memory
+// per CTA, more stages); ORCH_CUDA_GEMV9_RG=1 (not in the list; run 7: RG 2
+// faster at n = 32) pins one 16-row group per CTA.
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfGEMVVersions -test.v
 func TestPerfGEMVVersions(t *testing.T) {
@@ -681,14 +683,15 @@ func TestPerfGEMVVersions(t *testing.T) {
 		}
 		perfChildren(t, "TestPerfGEMVVersions", "ORCH_GEMV_SPEED_CHILD",
 			[]string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
-				"ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_RG=1", "ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"},
+				"ORCH_CUDA_GEMV5_MINB=5", "ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"},
 			[]string{"| setting | shape | path | median | floor | of floor |", "|---|---|---|---|---|---|"}, "perf-gemv.md")
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB"} {
+	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_MINB"} {
 		if e := os.Getenv(v); e != "" {
-			label += " " + v + "=" + e // v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB) pinned
+			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's CTAs per SM at n = 1
+			label += " " + v + "=" + e
 		}
 	}
 	r := newRandSrc(newRNG(t))
