@@ -1,8 +1,10 @@
-// gemv16.cuh — GEMV v5 (default) and v6 (opt-in) for Q8_0 / Q4_0 / MXFP4
-// (and the split-k F32 GEMV for small m, used from v5 on)
-// weights and n <= 8 tokens, with the fp16 decode of dec16.cuh. Included by
-// matmul.cu (which dispatches to launch_gemv5 / launch_gemv6) and by the CPU
-// emulation test cuda/test/decode_emu_test.cpp.
+// gemv16.cuh — the decode GEMVs for Q8_0 / Q4_0 / MXFP4 weights with the fp16
+// decode of dec16.cuh: v5 (HFMA2, n <= 8; routed for n <= 2), v6 (opt-in),
+// v7 (mma.sync, n <= 8; routed for n = 3..8), v8 (opt-in), v9 (mma.sync with
+// cp.async weight tiles and up to 8 token tiles, n <= 64; routed for
+// n = 9..64 by the Go side: sdk/ml/cuda/ops.go gemvWideFor), and the split-k
+// F32 GEMV for small m. Included by matmul.cu (gemv_route picks the version)
+// and by the CPU emulation test cuda/test/decode_emu_test.cpp.
 #pragma once
 #include "quant.cuh"
 #include "dec16.cuh"
