@@ -242,22 +242,18 @@ int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, 
                  const void *down, int32_t down_type, const float *down_bias, float *act, int64_t n,
                  int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit);
 
-/* (ABI 6) Routing + fused expert FFN (MoE v7 / v8 / v9). The router logits
- * [n][n_exp] (n_exp <= 32) are routed as orch_moe_topk does (same ids and
- * weights, written to ids / weights [n][n_slots]; "no expert", possible only
- * with NaN logits, may be written as expert 0 or as orch_moe_topk writes it).
- * v7: routing folded into the two expert kernels, below 64 pairs. v8: 2..64
- * tokens through expert-major kernels that read and decode each routed expert
- * once for all its tokens (bit-identical to orch_moe_topk + orch_moe_ffn under
- * v6); v9: the same with tensor-core expert kernels for MXFP4 (fp32 sums, not
- * v6's bits). v8 / v9 need a finite limit and ybuf: scratch of
- * n*n_slots*dim floats, 16-byte aligned; they decline one token (v6 runs).
- * Other operands and the result as orch_moe_ffn. Returns ORCH_ERR_UNSUPPORTED
- * (without recording an error) below ORCH_CUDA_MOE=v7, for n_exp > 32,
- * gate/up and down of different types, what orch_moe_ffn declines, and what
- * the version does not take (v7: 64 pairs or more; v8 / v9: one token, more
- * than 64, an infinite limit or ybuf NULL); the caller then runs orch_moe_topk
- * and orch_moe_ffn / orch_moe_ffn_grouped. */
+/* (ABI 6) Routing + fused expert FFN for 2..64 tokens (MoE v8 / v9):
+ * orch_moe_topk over the router logits [n][n_exp] (n_exp <= 32; ids / weights
+ * [n][n_slots] written as it writes them), then expert-major kernels that read
+ * and decode each routed expert once for all its tokens, then
+ * orch_moe_combine. v8 is bit-identical to orch_moe_topk + orch_moe_ffn under
+ * v6; v9 uses tensor-core expert kernels for MXFP4 (fp32 sums, not v6's bits).
+ * ybuf: scratch of n*n_slots*dim floats, 16-byte aligned. Other operands and
+ * the result as orch_moe_ffn. Returns ORCH_ERR_UNSUPPORTED (without recording
+ * an error) below ORCH_CUDA_MOE=v8, for one token or more than 64, n_exp > 32,
+ * gate/up and down of different types, an infinite limit (no fixed activation
+ * scale), ybuf NULL, and what orch_moe_ffn declines; the caller then runs
+ * orch_moe_topk and orch_moe_ffn / orch_moe_ffn_grouped. */
 int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, const float *logits, int32_t n_exp, int32_t *ids,
                        float *weights, const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
                        const float *up_bias, const void *down, int32_t down_type, const float *down_bias, float *act,

@@ -14,7 +14,6 @@
 // The old path stays selectable with ORCH_CUDA_MOE=v1.
 #include "quant.cuh"
 #include "dec16.cuh"
-#include "moe_route.cuh"
 
 constexpr int FFN_WARPS = 8;
 
@@ -661,150 +660,10 @@ template <int T> static float moe6_act_scale(float alpha, float limit) {
   return (float)ldexp(1.0, K);
 }
 
-// ---- MoE v7 (docs/perf-cuda.md "Round 5"): routing folded into the expert
-// kernels (orch_moe_ffn_route). v6 runs router GEMV -> top-k (one warp, its own
-// launch and its own completion on the critical path) -> gate_up -> down; here
-// every gate_up warp routes its token itself from the router logits
-// (moe_topk32_warp, the top-k kernel's own code: the same ids and weights) and
-// the CTAs of column 0 write ids / weights for down; down's speculative weight
-// prefetch before pdl_wait takes its experts from the logits too (complete by
-// then: gate_up triggers only after its own pdl_wait), re-checked against the
-// written ids after the wait. gate_up: 16 warps per CTA (v6: 8), halving the
-// x staging per row and the CTA count. Per-lane arithmetic as v6: the output
-// is v6's bit for bit (the emulation test compares).
-
-// Routing read before pdl_wait (down's hint): through L2 (L1 may still hold
-// the previous layer's logits). Emulation hook g_moe6_stale_id applies.
-__device__ __forceinline__ float moe7_ld_logit(const float *p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(p);
-#else
-  return *p;
-#endif
-}
-
-// Expert of slot s of the warp's token (valid in every lane) from its logits
-// row lr; lanes < k also get (id, weight) of rank lane for writing.
-__device__ __forceinline__ int moe7_route(const float *lr, bool spec, int lane, int n_exp, int k, int s, int &myid,
-                                          float &myw) {
-  const float v = lane < n_exp ? (spec ? moe7_ld_logit(lr + lane) : lr[lane]) : 0.f;
-  moe_topk32_warp(v, lane, n_exp, k, myid, myw);
-  const int e = __shfl_sync(0xffffffffu, myid, s);
-  return e >= 0 && e < n_exp ? e : 0; // no expert (NaN logits): weight 0, any valid rows read
-}
-
-template <int T, int NB, int W>
-__global__ void __launch_bounds__(W * 32, 32 / W) // <= 64 registers: 32 warps per SM
-moe_gate_up7_kernel(float *__restrict__ act, const float *__restrict__ x, const uint8_t *__restrict__ wg,
-                    const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
-                    const float *__restrict__ logits, int n_exp, int32_t *__restrict__ ids, float *__restrict__ wts,
-                    int n_slots, int k, int m, int64_t rb, float alpha, float limit) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_wait(); // logits / x / act come from the previous kernels
-  pdl_trigger(); // after the wait: down may read the logits before its own wait
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row = blockIdx.x * W + warp;
-  const int p = blockIdx.y, t = p / n_slots, s = p - t * n_slots;
-  int myid;
-  float myw;
-  const int e = moe7_route(logits + (int64_t)t * n_exp, false, lane, n_exp, n_slots, s, myid, myw);
-  if (blockIdx.x == 0 && warp == 0 && s == 0 && lane < n_slots) { // one writer per token
-    ids[(int64_t)t * n_slots + lane] = myid >= 0 && myid < n_exp ? myid : 0; // as e (NaN logits only)
-    wts[(int64_t)t * n_slots + lane] = myw;
-  }
-  const bool valid = row < m;
-  const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
-  const int nch = k / 32;
-  float *xinv = reinterpret_cast<float *>(xsm + nch * DEC16_XW);
-  float ag = 0.f, au = 0.f;
-  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
-    wblocks<T, NB> bg, bu;
-    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
-    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
-    if (c0 == 0) { // uniform over the CTA: every warp runs the same rounds
-      moe6_stage<T == ORCH_T_Q8_0 ? 1 : 2>(xsm, xinv, x + (int64_t)t * k, 1, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
-      __syncthreads();
-    }
-    moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
-  }
-  ag = warp_sum(ag);
-  au = warp_sum(au);
-  if (valid && lane == 0) {
-    const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
-    const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
-    act[(int64_t)p * m + row] = swiglu_oai(g, u, alpha, limit);
-  }
-}
-
-// v6's down kernel with the speculative experts routed from the logits (the
-// ids are written by gate_up7, the kernel right before: not readable early).
-template <int T, int NB>
-__global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
-moe_down7_kernel(float *__restrict__ out, const float *__restrict__ act, const uint8_t *__restrict__ wd,
-                 const float *__restrict__ db, const float *logits, int n_exp, const int32_t *__restrict__ ids,
-                 const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float fixed_sc) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
-  const int t = blockIdx.y;
-  const bool valid = row < m;
-  const int nch = k / 32;
-  const int rounds = (nch + 32 * NB - 1) / (32 * NB);
-  const int items = n_slots * rounds;
-  float *xinv = reinterpret_cast<float *>(xsm + n_slots * nch * DEC16_XW);
-  auto load = [&](wblocks<T, NB> &b, int it, int e) {
-    const int c0 = (it % rounds) * 32 * NB;
-    ffn_load<T, NB>(b, wd + ((int64_t)e * m + (valid ? row : 0)) * rb, c0, lane, nch, valid);
-  };
-  // Items 0 and 1 (slot 0 and, for one round per slot, slot 1) before the wait.
-  wblocks<T, NB> b0, b1;
-  int e0, e1;
-  {
-    int myid;
-    float myw;
-    const float *lr = logits + (int64_t)t * n_exp;
-    e0 = moe7_route(lr, true, lane, n_exp, n_slots, 0, myid, myw);
-    e1 = items > 1 ? __shfl_sync(0xffffffffu, myid, 1 / rounds) : 0;
-    e1 = e1 >= 0 && e1 < n_exp ? e1 : 0;
-#if defined(ORCH_EMU)
-    if (g_moe6_stale_id >= 0) e0 = e1 = g_moe6_stale_id;
-#endif
-  }
-  load(b0, 0, e0);
-  if (items > 1) load(b1, 1, e1);
-  pdl_wait(); // act and ids / wts (gate_up7) come from the previous kernel
-  if (ids[(int64_t)t * n_slots] != e0) load(b0, 0, ids[(int64_t)t * n_slots]); // uniform over the CTA
-  if (items > 1 && ids[(int64_t)t * n_slots + 1 / rounds] != e1) load(b1, 1, ids[(int64_t)t * n_slots + 1 / rounds]);
-  if (fixed_sc > 0.f)
-    moe6_stage_fixed<4>(xsm, xinv, act + (int64_t)t * n_slots * k, n_slots, k, dec16_traits<T>::kind, fixed_sc,
-                        T == ORCH_T_MXFP4);
-  else
-    moe6_stage<4>(xsm, xinv, act + (int64_t)t * n_slots * k, n_slots, k, dec16_traits<T>::kind, T == ORCH_T_MXFP4);
-  __syncthreads();
-  float res = 0.f, acc = 0.f;
-  auto finish = [&](int it, const wblocks<T, NB> &b) { // as v6
-    const int s = it / rounds;
-    const int c0 = (it % rounds) * 32 * NB;
-    acc += moe6_dot<T, NB>(b, xsm + s * nch * DEC16_XW, xinv + s * nch, c0, lane, nch);
-    if (it % rounds == rounds - 1) {
-      const int64_t p = (int64_t)t * n_slots + s;
-      const int e = ids[p];
-      const float a = warp_sum(acc);
-      res += wts[p] * (a + (db && valid ? db[(int64_t)e * m + row] : 0.f));
-      acc = 0.f;
-    }
-  };
-  for (int it = 0; it < items; it += 2) {
-    finish(it, b0);
-    if (it + 2 < items) load(b0, it + 2, ids[(int64_t)t * n_slots + (it + 2) / rounds]);
-    if (it + 1 < items) {
-      finish(it + 1, b1);
-      if (it + 3 < items) load(b1, it + 3, ids[(int64_t)t * n_slots + (it + 3) / rounds]);
-    }
-  }
-  if (valid && lane == 0) out[(int64_t)t * m + row] = res;
-}
+// (MoE v7 — top-k folded into the expert kernels, every warp routing its
+// token from the router logits — was removed in session 4: +21% at one token
+// on the H100 (the ~250 top-k instructions per warp on issue-bound kernels)
+// and a PDL-chain mismatch on the device; docs/perf-cuda.md "Round 5".)
 
 // ---- MoE v8 (docs/perf-cuda.md "Round 5"): batched decode, 2..64 tokens ----
 // v6 runs one GEMV per (token, slot) pair, so an expert routed to several of
@@ -1426,38 +1285,7 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
 }
 
 
-// ---- orch_moe_ffn_route (MoE v7 / v8) ----
-constexpr int MOE7_GU_WARPS = 16;
-
-template <int T>
-static void launch_route7(cudaStream_t st, float *out, float *act, const float *x, const float *logits, int n_exp,
-                          int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
-                          const float *ub, const uint8_t *wd, const float *db, int64_t n, int n_slots, int64_t dim,
-                          int64_t ff, float alpha, float limit) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    {
-      constexpr int NB = gate_up_nb<T>(), W = MOE7_GU_WARPS;
-      size_t sm = dec16_smem(dim, 1);
-      if (sm > 48 * 1024)
-        cudaFuncSetAttribute(moe_gate_up7_kernel<T, NB, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      dim3 grid((unsigned)ceil_div(ff, W), (unsigned)(n * n_slots));
-      auto kern = moe_gate_up7_kernel<T, NB, W>;
-      DEC16_LAUNCH_PDL(kern, grid, W * 32, sm, st, act, x, wg, wu, gb, ub, logits, n_exp, ids, wts, n_slots, (int)dim,
-                       (int)ff, orch_row_bytes(T, dim), alpha, limit);
-    }
-    {
-      constexpr int NB = down_h_nb<T>();
-      size_t sm = dec16_smem(ff, n_slots);
-      if (sm > 48 * 1024)
-        cudaFuncSetAttribute(moe_down7_kernel<T, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
-      auto kern = moe_down7_kernel<T, NB>;
-      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, act, wd, db, logits, n_exp, ids, wts, n_slots,
-                       (int)ff, (int)dim, orch_row_bytes(T, ff), moe6_act_scale<T>(alpha, limit));
-    }
-  }
-}
-
+// ---- orch_moe_ffn_route (MoE v8 / v9) ----
 // v8 (after orch_moe_topk; orch_moe_combine follows): x staged into ybuf
 // (free until down writes it), the staged activation in act.
 template <int T>
@@ -1533,35 +1361,23 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
   const char *op = "moe_ffn_route";
   ORCH_CHECK_ARG(ctx && out && x && logits && ids && weights && gate && up && down && act, op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
-  // Declines (not an error) where orch_moe_ffn would, below v7, for more than
-  // 32 experts (one warp routes a token) and for gate / up and down of
-  // different types (one launcher instantiation per type); v7 from 64 pairs
-  // (the grouped GEMM's range), v8 from 65 tokens.
-  if (ctx->moe_v1 || ctx->moe < 7 || n_exp > 32 || gu_type != down_type || !ffn_type(gu_type) || dim % 32 ||
+  // Declines (not an error) where orch_moe_ffn would, below v8, for more than
+  // 32 experts (one warp's bucketing bits) and for gate / up and down of
+  // different types (one launcher instantiation per type); one token (v6 runs)
+  // and more than 64; an infinite SwiGLU limit (no fixed activation scale).
+  if (ctx->moe_v1 || ctx->moe < 8 || n_exp > 32 || gu_type != down_type || !ffn_type(gu_type) || dim % 32 ||
       ff % 32 || ffn_smem(dim, 1) > FFN_MAX_SMEM || (ff * orch_row_bytes(gu_type, dim)) % 4 ||
       (dim * orch_row_bytes(down_type, ff)) % 4 || ffn_smem(ff, n_slots) > FFN_MAX_SMEM || n * n_slots > 65535 ||
       n > 65535)
     return ORCH_ERR_UNSUPPORTED;
-  // v8: one token as v6 (declined here: the caller's orch_moe_topk +
-  // orch_moe_ffn; v7's folded routing measured slower), 2..64 tokens batched
-  // when the activation has a fixed staging scale (finite SwiGLU limit).
-  const bool batched = ctx->moe >= 8 && n >= 2 && n <= MOE8_MAX_TOK && ybuf && aligned16p(ybuf) &&
-                       act_scale(gu_type, alpha, limit) > 0.f;
-  if (ctx->moe >= 8 ? !batched : n * n_slots >= 64) return ORCH_ERR_UNSUPPORTED;
+  if (n < 2 || n > MOE8_MAX_TOK || !ybuf || !aligned16p(ybuf) || !(act_scale(gu_type, alpha, limit) > 0.f))
+    return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
-  if (n == 0) return ORCH_OK;
-  if (batched) {
-    int rc = orch_moe_topk(ctx, ids, weights, logits, n, n_exp, n_slots);
-    if (rc != ORCH_OK) return rc;
-    ORCH_DISPATCH_TYPE(gu_type, launch_batched8, ctx->stream, ctx->moe, ybuf, act, x, (int)n_exp, ids, (const uint8_t *)gate,
-                       (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias, n, n_slots, dim,
-                       ff, alpha, limit);
-    ORCH_LAUNCHED(op);
-    return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
-  }
-  ORCH_DISPATCH_TYPE(gu_type, launch_route7, ctx->stream, out, act, x, logits, (int)n_exp, ids, weights,
+  int rc = orch_moe_topk(ctx, ids, weights, logits, n, n_exp, n_slots);
+  if (rc != ORCH_OK) return rc;
+  ORCH_DISPATCH_TYPE(gu_type, launch_batched8, ctx->stream, ctx->moe, ybuf, act, x, (int)n_exp, ids,
                      (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
                      n, n_slots, dim, ff, alpha, limit);
   ORCH_LAUNCHED(op);
-  return ORCH_OK;
+  return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
 }

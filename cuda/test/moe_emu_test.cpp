@@ -224,12 +224,11 @@ static void test_topk() {
   std::printf("top-k v6 (lane ranks): ids and weights identical to v4 in %d configurations (ties, -inf)\n", cases);
 }
 
-// MoE v7 (orch_moe_ffn_route: top-k folded into the expert kernels) and v8
-// (v7 at one token; 2..64 tokens: expert-major kernels, each expert decoded
-// once for its tokens) against v6's orch_moe_topk + orch_moe_ffn on the same
-// router logits: ids, weights and output identical bit for bit; v7 also with
-// down's speculative (logit-routed) experts all wrong (the re-check after
-// pdl_wait must reload them).
+// MoE v8 (orch_moe_ffn_route, 2..64 tokens: expert-major kernels, each
+// expert decoded once for its tokens) against v6's orch_moe_topk +
+// orch_moe_ffn on the same router logits: ids, weights and output identical
+// bit for bit; v9 (tensor cores, MXFP4) against a float64 reference (no worse
+// than v6). Both decline one token and an infinite limit; v6 and v7 decline.
 static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, float limit = 7.f,
                        bool skew = false) {
   QW gate, up, down;
@@ -267,64 +266,57 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
     w6 = wb.vec();
     o6 = out.vec();
   }
-  const bool stale = dim * ff <= 64 * 64;
-  const bool v7ok = n * topk < 64;
   double e9 = -1;
-  for (int ver : {7, 8, 9})
-    for (int pass = 0; pass < (stale && ver == 7 ? 2 : 1); pass++) {
-      if (ver == 7 && !v7ok) continue;
-      orch_ctx ctx;
-      ctx.moe = ver;
-      Buf<int32_t> ib((size_t)(n * topk), -1);
-      Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN),
-          yb((size_t)(n * topk * dim), NAN);
-      if (pass) g_moe6_stale_id = id6[0] == 0 ? 1 : 0;
-      const int rc = orch_moe_ffn_route(&ctx, out.p, bx.p, bl.p, ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb),
-                                        gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f, limit);
-      g_moe6_stale_id = -1;
-      if (ver >= 8 && (n == 1 || !std::isfinite(limit))) { // v8 / v9 decline: v6 runs
-        EXPECT(rc == ORCH_ERR_UNSUPPORTED, "moe_ffn_route v%d must decline (n=%d limit=%g): rc %d", ver, n, limit, rc);
-        continue;
-      }
-      EXPECT(rc == ORCH_OK, "moe_ffn_route v%d rc %d (%s)", ver, rc, g_err);
-      EXPECT(ib.vec() == id6, "v%d ids differ from orch_moe_topk's (%s n=%d top-%d of %d)", ver, tname(t), n, topk, ne);
-      const auto w7 = wb.vec(), o7 = out.vec();
-      EXPECT(std::memcmp(w7.data(), w6.data(), w6.size() * 4) == 0, "v%d weights differ from orch_moe_topk's", ver);
-      if (ver == 9 && t == ORCH_T_MXFP4) { // tensor cores: fp32 sums, not v6's fp16 partial sums
-        // float64 reference of the routed FFN (ids / weights as orch_moe_topk's)
-        std::vector<double> want((size_t)(n * dim), 0.0);
-        for (int i = 0; i < n; i++)
-          for (int sl = 0; sl < topk; sl++) {
-            const int e = id6[(size_t)(i * topk + sl)];
-            std::vector<double> a((size_t)ff);
-            for (int64_t r = 0; r < ff; r++) {
-              double g = bias ? gbv[(size_t)(e * ff + r)] : 0.0, u = bias ? ubv[(size_t)(e * ff + r)] : 0.0;
-              for (int64_t c = 0; c < dim; c++) {
-                g += gate.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
-                u += up.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
-              }
-              a[(size_t)r] = swiglu(g, u, 1.702, limit);
-            }
-            for (int64_t r = 0; r < dim; r++) {
-              double y = bias ? dbv[(size_t)(e * dim + r)] : 0.0;
-              for (int64_t c = 0; c < ff; c++) y += down.val[(size_t)((e * dim + r) * ff + c)] * a[(size_t)c];
-              want[(size_t)(i * dim + r)] += w6[(size_t)(i * topk + sl)] * y;
-            }
-          }
-        e9 = rel_l2(o7, want);
-        const double e6 = rel_l2(o6, want);
-        EXPECT(e9 <= 6e-3 && e9 <= 1.5 * e6, "MoE v9 (%s dim=%lld ff=%lld top-%d of %d n=%d): relative error %.3g (v6 %.3g)",
-               tname(t), (long long)dim, (long long)ff, topk, ne, n, e9, e6);
-        continue;
-      }
-      EXPECT(std::memcmp(o7.data(), o6.data(), o6.size() * 4) == 0,
-             "MoE v%d != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d%s%s)", ver, tname(t), (long long)dim,
-             (long long)ff, topk, ne, n, pass ? ", stale speculative routing" : "", skew ? ", skewed" : "");
+  for (int ver : {7, 8, 9}) {
+    orch_ctx ctx;
+    ctx.moe = ver;
+    Buf<int32_t> ib((size_t)(n * topk), -1);
+    Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN),
+        yb((size_t)(n * topk * dim), NAN);
+    const int rc = orch_moe_ffn_route(&ctx, out.p, bx.p, bl.p, ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb),
+                                      gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f, limit);
+    if (ver == 7 || n == 1 || !std::isfinite(limit)) { // declines: v6 runs
+      EXPECT(rc == ORCH_ERR_UNSUPPORTED, "moe_ffn_route v%d must decline (n=%d limit=%g): rc %d", ver, n, limit, rc);
+      continue;
     }
-  std::printf("MoE v7/v8/v9 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d%s: ids, weights, output = v6's bit for "
-              "bit%s%s",
-              tname(t), (long long)dim, (long long)ff, topk, ne, n, bias, skew ? " skewed" : "",
-              v7ok ? "" : " (v8 only: v7 declines from 64 pairs)", stale && v7ok ? " (v7 also with stale speculative routing)" : "");
+    EXPECT(rc == ORCH_OK, "moe_ffn_route v%d rc %d (%s)", ver, rc, g_err);
+    EXPECT(ib.vec() == id6, "v%d ids differ from orch_moe_topk's (%s n=%d top-%d of %d)", ver, tname(t), n, topk, ne);
+    const auto w7 = wb.vec(), o7 = out.vec();
+    EXPECT(std::memcmp(w7.data(), w6.data(), w6.size() * 4) == 0, "v%d weights differ from orch_moe_topk's", ver);
+    if (ver == 9 && t == ORCH_T_MXFP4) { // tensor cores: fp32 sums, not v6's fp16 partial sums
+      // float64 reference of the routed FFN (ids / weights as orch_moe_topk's)
+      std::vector<double> want((size_t)(n * dim), 0.0);
+      for (int i = 0; i < n; i++)
+        for (int sl = 0; sl < topk; sl++) {
+          const int e = id6[(size_t)(i * topk + sl)];
+          std::vector<double> a((size_t)ff);
+          for (int64_t r = 0; r < ff; r++) {
+            double g = bias ? gbv[(size_t)(e * ff + r)] : 0.0, u = bias ? ubv[(size_t)(e * ff + r)] : 0.0;
+            for (int64_t c = 0; c < dim; c++) {
+              g += gate.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
+              u += up.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
+            }
+            a[(size_t)r] = swiglu(g, u, 1.702, limit);
+          }
+          for (int64_t r = 0; r < dim; r++) {
+            double y = bias ? dbv[(size_t)(e * dim + r)] : 0.0;
+            for (int64_t c = 0; c < ff; c++) y += down.val[(size_t)((e * dim + r) * ff + c)] * a[(size_t)c];
+            want[(size_t)(i * dim + r)] += w6[(size_t)(i * topk + sl)] * y;
+          }
+        }
+      e9 = rel_l2(o7, want);
+      const double e6 = rel_l2(o6, want);
+      EXPECT(e9 <= 6e-3 && e9 <= 1.5 * e6, "MoE v9 (%s dim=%lld ff=%lld top-%d of %d n=%d): relative error %.3g (v6 %.3g)",
+             tname(t), (long long)dim, (long long)ff, topk, ne, n, e9, e6);
+      continue;
+    }
+    EXPECT(std::memcmp(o7.data(), o6.data(), o6.size() * 4) == 0,
+           "MoE v%d != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d%s)", ver, tname(t), (long long)dim,
+           (long long)ff, topk, ne, n, skew ? ", skewed" : "");
+  }
+  std::printf("MoE v8/v9 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d%s limit=%g: %s", tname(t), (long long)dim,
+              (long long)ff, topk, ne, n, bias, skew ? " skewed" : "", limit,
+              n == 1 || !std::isfinite(limit) ? "declined (v6 runs)" : "ids, weights, output = v6's bit for bit");
   if (e9 >= 0) std::printf("; v9 (tensor cores): relative error %.2e", e9);
   std::printf("\n");
 }
@@ -345,8 +337,8 @@ int main(int argc, char **argv) {
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) test_route(t, 64, 64, 8, 4, 3, true);
   test_route(ORCH_T_MXFP4, 96, 32, 32, 4, 2, false); // 32 experts (a full warp of logits), no biases
   test_route(ORCH_T_MXFP4, 64, 32, 5, 1, 2, true); // one slot
-  test_route(ORCH_T_MXFP4, 64, 64, 4, 2, 9, true, INFINITY); // chunk-scaled down staging
-  test_route(ORCH_T_MXFP4, 64, 32, 32, 4, 20, true); // v8 only: 80 pairs (v7 declines)
+  test_route(ORCH_T_MXFP4, 64, 64, 4, 2, 9, true, INFINITY); // infinite limit: v8 / v9 decline
+  test_route(ORCH_T_MXFP4, 64, 32, 32, 4, 20, true); // 80 pairs
   test_route(ORCH_T_MXFP4, 64, 32, 8, 4, 19, false, 7.f, true); // skewed: 19 tokens on experts 0..3 (3 passes)
   test_route(ORCH_T_Q8_0, 32, 64, 6, 2, 64, true, 7.f, true); // 64 tokens (v8's maximum) on experts 0, 1: 8 passes
   if (long_run) { // ~3 min on 2 cores

@@ -20,16 +20,15 @@ import (
 // TestMoEVersions re-runs the MoE tests (every op against the CPU backend,
 // several rounds of blocks per lane, and the PDL chain — PDL on == off bit
 // for bit, eager and over graph replays, which exercises v6's speculative
-// routing read before pdl_wait) under ORCH_CUDA_MOE=v4, v6, v7 (routing
-// folded into the expert kernels, orch_moe_ffn_route; its speculative experts
-// come from the logits), v8 (expert-major batched kernels for 2..64 tokens,
-// v6 at one token) and v9 (v8 with tensor-core expert kernels for MXFP4).
+// routing read before pdl_wait) under ORCH_CUDA_MOE=v4, v6, v8 (expert-major
+// batched kernels for 2..64 tokens, orch_moe_ffn_route; v6 at one token) and
+// v9 (v8 with tensor-core expert kernels for MXFP4). (v7 was removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
-	for _, v := range []string{"v4", "v6", "v7", "v8", "v9"} {
+	for _, v := range []string{"v4", "v6", "v8", "v9"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), "ORCH_CUDA_MOE="+v)
 		outp, err := cmd.CombinedOutput()
@@ -44,9 +43,9 @@ func TestMoEVersions(t *testing.T) {
 // TestPerfMoEVersions times the fused MoE decode op at the gpt-oss-20b shape
 // (router GEMV + top-4 + gate_up + down; graph of 16 calls, median of 20
 // replays) at n = 1, 2, 4, 8, 16, 32, 64 tokens (from 16 tokens = 64 pairs:
-// the grouped tile path under v6 / v7) under ORCH_CUDA_MOE=v6, v8 and v9 (v7:
-// slower than v6 in session 4's first run), each twice (run-to-run spread), in
-// child processes on the same card; writes perf-moe.md next to ORCH_PERF_OUT.
+// the grouped tile path under v6) under ORCH_CUDA_MOE=v6, v8 and v9, each
+// twice (run-to-run spread), in child processes on the same card; writes
+// perf-moe.md next to ORCH_PERF_OUT.
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfMoEVersions -test.v
 func TestPerfMoEVersions(t *testing.T) {

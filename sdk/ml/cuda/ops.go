@@ -522,12 +522,11 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	N, K := int64(n), int32(k)
 	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, N, int64(dim), int64(ne), 0))
 	grouped := !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt)
-	if n <= 64 && gate.dt == up.dt && b.err == nil {
-		// MoE v7: routing folded into the expert kernels; v8 / v9: each
-		// routed expert read once for all its tokens (2..64 tokens). The
-		// library declines below v7, for more than 32 experts, where
-		// orch_moe_ffn would, v7 from 64 pairs (-> the grouped GEMMs), v8 /
-		// v9 for one token (-> top-k + orch_moe_ffn).
+	if n >= 2 && n <= 64 && gate.dt == up.dt && b.err == nil {
+		// MoE v8 / v9 (2..64 tokens): top-k, then each routed expert
+		// read once for all its tokens. The library declines below v8, for
+		// one token, more than 32 experts, an infinite limit and where
+		// orch_moe_ffn would: top-k + orch_moe_ffn / the grouped GEMMs.
 		rc := b.l.moeFFNRoute(b.ctx, d.ptr, xx.ptr, logits, int32(ne), ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb,
 			ub, down.ptr, int32(down.dt), db, g, y, N, K, int64(dim), int64(ff), m.Alpha, m.Limit)
 		if rc != stUnsupported {
