@@ -317,9 +317,10 @@ __global__ void ATTN_FA_BOUNDS(HD, HPC) attn_fa_kernel(orch_attn_args a) {
 // fragments come from ldmatrix (one x4 = two k-steps of one 8-key tile), V's
 // from ldmatrix.trans (one x4 = two 8-dim tiles of one 16-key step): a quarter
 // of v9's shared-load instructions. F16 caches stage through cp.async (16-byte
-// copies, zero-filled outside the visible keys) into two buffers at head dim
-// 64 (the next tile lands during this tile's math), one at 128 (static shared
-// memory: 35 KB); F32 caches load, round and store (no overlap).
+// copies, zero-filled outside the visible keys) into two buffers (the next
+// tile lands during this tile's math; dynamic shared memory, 45 / 78 KB at
+// head dim 64 / 128), the slots from a block-table cache in shared memory
+// (FaBt); F32 caches load, round and store (no overlap).
 __device__ __forceinline__ void fa_ldsm_x4(unsigned r[4], const __half *p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
@@ -377,19 +378,35 @@ template <int N> __device__ __forceinline__ void fa_cp_wait() {
 #endif
 }
 
+// The CTA's block-table entries in shared memory (v11/v12): the blocks of
+// keys kstart .. kend, loaded once at the start when they are at most
+// FA_BT_CAP (32k keys at block size 16), so a tile's slots need no dependent
+// global load (which stalled every tile's staging by an L2 round trip in v9);
+// longer ranges read the global table.
+constexpr int FA_BT_CAP = 2048;
+struct FaBt {
+  const int32_t *g, *s;
+  int b0, bs;
+  bool cached;
+  __device__ __forceinline__ int64_t slot(int kp) const {
+    const int b = kp / bs;
+    return (int64_t)(cached ? s[b - b0] : g[b]) * bs + kp % bs;
+  }
+};
+
 // Stages keys kb .. kb + 63 of K and V (row-major, fp16) into Ks / Vs; keys
 // outside [klo, khi] are zeros. F16: cp.async (the caller commits / waits);
 // F32: loaded, rounded, stored.
 template <typename KV, int HD, int THREADS>
-__device__ __forceinline__ void fa_stage_rows(__half *Ks, __half *Vs, const KV *kc, const KV *vc, const int32_t *bt,
-                                              int block_size, int64_t slot_stride, int kvh, int kb, int klo, int khi) {
+__device__ __forceinline__ void fa_stage_rows(__half *Ks, __half *Vs, const KV *kc, const KV *vc, const FaBt &bt,
+                                              int64_t slot_stride, int kvh, int kb, int klo, int khi) {
   constexpr int CH = HD / 8, LDK = HD + 8;
 #pragma unroll
   for (int i = 0; i < FA_BK * CH / THREADS; i++) {
     const int it = threadIdx.x + i * THREADS, j = it % FA_BK, c = it / FA_BK, kp = kb + j;
     const bool ok = kp >= klo && kp <= khi;
     int64_t off = 0;
-    if (ok) off = ((int64_t)bt[kp / block_size] * block_size + kp % block_size) * slot_stride + (int64_t)kvh * HD + c * 8;
+    if (ok) off = bt.slot(kp) * slot_stride + (int64_t)kvh * HD + c * 8;
     if constexpr (sizeof(KV) == 2) {
       fa_cp16(Ks + j * LDK + c * 8, kc + off, ok);
       fa_cp16(Vs + j * LDK + c * 8, vc + off, ok);
@@ -406,17 +423,40 @@ __device__ __forceinline__ void fa_stage_rows(__half *Ks, __half *Vs, const KV *
   }
 }
 
+// Dynamic shared memory of attn_fa11_kernel: K and V tiles x 2 buffers, then
+// the block-table cache (HD 64: 45 KB, HD 128: 78 KB).
+template <int HD> struct Fa11Smem {
+  static constexpr size_t TILE = (size_t)FA_BK * (HD + 8) * 2; // bytes; a multiple of 128
+  static constexpr size_t BT_OFF = 4 * TILE;
+  static constexpr size_t BYTES = BT_OFF + FA_BT_CAP * 4;
+  static_assert(TILE % 128 == 0, "tile alignment");
+};
+
 // v11 = v9's kernel (same tiles, routing, arithmetic order per element up to
 // the fragment sources) with ldmatrix fragments and cp.async staging (above);
 // HPC query heads per CTA as v10.
+// v11/v12 launch bounds: head dim 64 at <= 128 registers (4 CTAs/SM for one
+// head per CTA, 2 for two).
+#ifdef ORCH_EMU
+#define ATTN_FA11_BOUNDS(HD, HPC)
+#else
+#define ATTN_FA11_BOUNDS(HD, HPC) __launch_bounds__(FA_THREADS * (HPC), (HD) <= 64 ? 4 / (HPC) : 1)
+#endif
 template <typename KV, int HD, int HPC = 1>
-__global__ void ATTN_FA_BOUNDS(HD, HPC) attn_fa11_kernel(orch_attn_args a) {
+__global__ void ATTN_FA11_BOUNDS(HD, HPC) attn_fa11_kernel(orch_attn_args a) {
   constexpr int THREADS = FA_THREADS * HPC;
   constexpr int LDK = HD + 8;
-  constexpr int NBUF = HD <= 64 ? 2 : 1;
+  using SL = Fa11Smem<HD>;
   static_assert(HD % 32 == 0 && (FA_BK * HD / 8) % THREADS == 0, "tiling");
-  __shared__ __align__(128) __half Ks[NBUF][FA_BK * LDK];
-  __shared__ __align__(128) __half Vs[NBUF][FA_BK * LDK];
+#ifdef ORCH_EMU
+  unsigned char *smem = attn_tc::smem; // cuda_emu.h's dynamic shared memory
+#else
+  extern __shared__ __align__(128) unsigned char smem[];
+#endif
+  // Buffer b of K / V (computed, not an indexed array: that went to local memory).
+  auto Ks = [&](int b) { return reinterpret_cast<__half *>(smem + b * SL::TILE); };
+  auto Vs = [&](int b) { return reinterpret_cast<__half *>(smem + (2 + b) * SL::TILE); };
+  int32_t *sbt = reinterpret_cast<int32_t *>(smem + SL::BT_OFF);
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % FA_WARPS; // warp: the row group
   const int64_t t0 = (int64_t)blockIdx.x * FA_BQ;
   const int h = blockIdx.y * HPC + (int)(threadIdx.x >> 5) / FA_WARPS;
@@ -443,7 +483,18 @@ __global__ void ATTN_FA_BOUNDS(HD, HPC) attn_fa11_kernel(orch_attn_args a) {
   const int wlast = p0 + min(run, warp * 16 + 16) - 1;
   const int wfirst = a.window > 0 ? max(0, p0 + warp * 16 - a.window + 1) : 0;
 
-  fa_stage_rows<KV, HD, THREADS>(Ks[0], Vs[0], kc, vc, bt, a.block_size, slot_stride, kvh, kstart, kstart, kend);
+  FaBt fbt;
+  fbt.g = bt;
+  fbt.s = sbt;
+  fbt.bs = a.block_size;
+  fbt.b0 = kstart / a.block_size;
+  const int nbt = kend / a.block_size - fbt.b0 + 1;
+  fbt.cached = nbt <= FA_BT_CAP;
+  if (fbt.cached) {
+    for (int i = threadIdx.x; i < nbt; i += THREADS) sbt[i] = bt[fbt.b0 + i];
+    __syncthreads();
+  }
+  fa_stage_rows<KV, HD, THREADS>(Ks(0), Vs(0), kc, vc, fbt, slot_stride, kvh, kstart, kstart, kend);
   fa_cp_commit();
 
   unsigned qf[HD / 16][4];
@@ -470,23 +521,15 @@ __global__ void ATTN_FA_BOUNDS(HD, HPC) attn_fa11_kernel(orch_attn_args a) {
   const int lr = lane & 7, lm = lane >> 3;
   int it = 0;
   for (int kb = kstart; kb <= kend; kb += FA_BK, it++) {
-    const int buf = NBUF == 2 ? (it & 1) : 0;
-    if constexpr (NBUF == 2) {
-      if (kb + FA_BK <= kend) // the next tile into the other buffer (free: the barrier ending the last iteration)
-        fa_stage_rows<KV, HD, THREADS>(Ks[buf ^ 1], Vs[buf ^ 1], kc, vc, bt, a.block_size, slot_stride, kvh,
-                                       kb + FA_BK, kstart, kend);
-      fa_cp_commit();
-      fa_cp_wait<1>(); // this tile's group has landed
-    } else {
-      if (kb != kstart) {
-        fa_stage_rows<KV, HD, THREADS>(Ks[0], Vs[0], kc, vc, bt, a.block_size, slot_stride, kvh, kb, kstart, kend);
-        fa_cp_commit();
-      }
-      fa_cp_wait<0>();
-    }
+    const int buf = it & 1;
+    if (kb + FA_BK <= kend) // the next tile into the other buffer (free: the barrier ending the last iteration)
+      fa_stage_rows<KV, HD, THREADS>(Ks(buf ^ 1), Vs(buf ^ 1), kc, vc, fbt, slot_stride, kvh, kb + FA_BK, kstart,
+                                     kend);
+    fa_cp_commit();
+    fa_cp_wait<1>(); // this tile's group has landed
     __syncthreads();
     if (warp_live && kb <= wlast && kb + FA_BK - 1 >= wfirst) {
-      const __half *Kt = Ks[buf], *Vt_ = Vs[buf];
+      const __half *Kt = Ks(buf), *Vt_ = Vs(buf);
       float s[FA_BK / 8][4];
 #pragma unroll
       for (int n = 0; n < FA_BK / 8; n++) {

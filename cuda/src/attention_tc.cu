@@ -54,6 +54,15 @@ int tc_set_smem_attrs(orch_ctx *ctx) {
   TC_HEAD_DIMS(TC_ATTR)
 #undef TC_ATTR
 #undef TC_ATTR1
+  // v11 / v12 (attention_fa.cuh): 45 / 78 KB at head dim 64 / 128.
+#define FA_ATTR1(KV, H, P)                                                                                 \
+  if (e == cudaSuccess)                                                                                    \
+    e = cudaFuncSetAttribute(attn_fa::attn_fa11_kernel<KV, H, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                             (int)attn_fa::Fa11Smem<H>::BYTES);
+#define FA_ATTR(H) FA_ATTR1(__half, H, 1) FA_ATTR1(float, H, 1) FA_ATTR1(__half, H, 2) FA_ATTR1(float, H, 2)
+  FA_ATTR(64) FA_ATTR(128)
+#undef FA_ATTR
+#undef FA_ATTR1
   ORCH_CUDA(cudaThreadExchangeStreamCaptureMode(&mode), "attention (tensor cores)");
   if (e != cudaSuccess) (void)cudaGetLastError(); // not the next launch's error
   state[dev] = e == cudaSuccess ? 1 : 2;
@@ -65,12 +74,15 @@ int launch_tc(orch_ctx *ctx, const orch_attn_args *a, int mode) {
   if constexpr (HD == 64 || HD == 128) {
     if (mode == ATTN_TC_FA11 || mode == ATTN_TC_FA12) { // v11 / v12: ldmatrix + cp.async (attention_fa.cuh)
       using namespace attn_fa;
+      int rc = tc_set_smem_attrs(ctx);
+      if (rc != ORCH_OK) return rc;
+      const size_t sm = Fa11Smem<HD>::BYTES;
       if (mode == ATTN_TC_FA12 && (a->n_heads / a->n_kv_heads) % 2 == 0) { // two heads per CTA
         dim3 grid((unsigned)ceil_div(a->n_tok, FA_BQ), (unsigned)(a->n_heads / 2));
-        attn_fa11_kernel<KV, HD, 2><<<grid, 2 * FA_THREADS, 0, ctx->stream>>>(*a);
+        attn_fa11_kernel<KV, HD, 2><<<grid, 2 * FA_THREADS, sm, ctx->stream>>>(*a);
       } else {
         dim3 grid((unsigned)ceil_div(a->n_tok, FA_BQ), (unsigned)a->n_heads);
-        attn_fa11_kernel<KV, HD, 1><<<grid, FA_THREADS, 0, ctx->stream>>>(*a);
+        attn_fa11_kernel<KV, HD, 1><<<grid, FA_THREADS, sm, ctx->stream>>>(*a);
       }
       ORCH_LAUNCHED("attention (tensor cores, v11/v12)");
       return ORCH_OK;

@@ -105,11 +105,11 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
                0, [&] { attn_fa::attn_fa_kernel<KV, HD, 1>(a); });
   } else if constexpr (VARIANT == 4) { // v11
     emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh, 1}, attn_fa::FA_THREADS,
-               0, [&] { attn_fa::attn_fa11_kernel<KV, HD, 1>(a); });
+               attn_fa::Fa11Smem<HD>::BYTES, [&] { attn_fa::attn_fa11_kernel<KV, HD, 1>(a); });
   } else if constexpr (VARIANT == 5) { // v12
     CHECK((nh / nkv) % 2 == 0, "%s: v12 needs an even group", name);
     emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh / 2, 1},
-               2 * attn_fa::FA_THREADS, 0, [&] { attn_fa::attn_fa11_kernel<KV, HD, 2>(a); });
+               2 * attn_fa::FA_THREADS, attn_fa::Fa11Smem<HD>::BYTES, [&] { attn_fa::attn_fa11_kernel<KV, HD, 2>(a); });
   } else if constexpr (VARIANT == 3) { // as attention_tc.cu: two heads per CTA for even group sizes
     CHECK((nh / nkv) % 2 == 0, "%s: v10 needs an even group", name);
     emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh / 2, 1},
