@@ -1,4 +1,4 @@
-// CPU emulation test of MoE v6 (cuda/src/moe_ffn.cu, compiled whole against
+// CPU emulation test of MoE v6, v8, v9 (cuda/src/moe_ffn.cu, compiled whole against
 // cuda/test/cuda_emu.h under AddressSanitizer; docs/perf-cuda.md "Round 4: MoE
 // decode"). Checks:
 //  - moe6_mxfp4_word (E2M1 bits placed into fp16 bits, 2^-14 * w) against
@@ -10,7 +10,12 @@
 //    top-2/4, 1..8 tokens, ragged row counts, several rounds of blocks per lane,
 //    x chunks with a huge dynamic range (fp16-subnormal staged values), and
 //    with the speculative routing read of the down kernel returning a wrong
-//    (stale) expert: the re-check after pdl_wait must reload it.
+//    (stale) expert: the re-check after pdl_wait must reload it;
+//  - orch_moe_ffn_route (session 4): v8 (expert-major batched kernels, 2..64
+//    tokens) against v6's orch_moe_topk + orch_moe_ffn BIT FOR BIT (ids,
+//    weights, output; uniform and skewed routings up to 64 tokens), v9 (tensor
+//    cores, MXFP4) against a float64 reference, and the declines (v7, one
+//    token, infinite limit).
 //
 //   g++ -std=c++20 -O1 -g -pthread -fsanitize=address -Wno-unknown-pragmas -Icuda/include \
 //     -o /tmp/moe_emu cuda/test/moe_emu_test.cpp && /tmp/moe_emu [long]
