@@ -403,7 +403,10 @@ __device__ __forceinline__ void fa_stage_rows(__half *Ks, __half *Vs, const KV *
   constexpr int CH = HD / 8, LDK = HD + 8;
 #pragma unroll
   for (int i = 0; i < FA_BK * CH / THREADS; i++) {
-    const int it = threadIdx.x + i * THREADS, j = it % FA_BK, c = it / FA_BK, kp = kb + j;
+    // Chunk-fastest: the CH lanes of a key read its row's HD halves as one
+    // contiguous run (whole 32-byte sectors; v9's key-fastest order read 16
+    // bytes of a different row per lane) and write one contiguous smem row.
+    const int it = threadIdx.x + i * THREADS, j = it / CH, c = it % CH, kp = kb + j;
     const bool ok = kp >= klo && kp <= khi;
     int64_t off = 0;
     if (ok) off = bt.slot(kp) * slot_stride + (int64_t)kvh * HD + c * 8;
