@@ -971,31 +971,32 @@ moe_down8_kernel(float *__restrict__ ybuf, const uint32_t *__restrict__ acth, co
 // the fp16 rounding of x and the activation only). gate_up applies SwiGLU and
 // writes the activation staged for down (fixed scale sc, weights decoded
 // unscaled); down writes dot + bias per pair; orch_moe_combine sums.
-constexpr int MOE9_W = 8, MOE9_NB = 3; // warps per CTA; blocks per warp per round
+constexpr int MOE9_W = 8, MOE9_NB = 4; // warps per CTA; blocks per warp per round (gate_up; down 2x)
 
-struct moe9_blk { // one MXFP4 block's bytes a lane needs: scale byte, quant word t
-  uint32_t s, q0, q1, shs, shq;
+// One MXFP4 block's bytes a lane (t) needs: the scale byte and quant word t
+// (bytes 1 + 4t .. 4 + 4t). The byte offset sh = blk & 3 is the same for rows
+// g and g + 8 (8 rows apart: a multiple of 4 bytes) and for gate and up
+// (same layout, 16-byte aligned bases), so it is kept once per block.
+struct moe9_blk {
+  uint32_t s, q0, q1;
 };
-__device__ __forceinline__ void moe9_load(moe9_blk &b, const uint8_t *blk, int t, bool ok) {
+__device__ __forceinline__ void moe9_load(moe9_blk &b, const uint8_t *blk, uint32_t sh, int t, bool ok) {
   const uintptr_t p = (uintptr_t)blk;
-  b.shs = (uint32_t)(p & 3);
   b.s = ok ? __ldg(reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3)) : 0u;
-  const uintptr_t a = p + 1 + 4 * (uintptr_t)t;
-  b.shq = (uint32_t)(a & 3);
-  const uint32_t *wq = reinterpret_cast<const uint32_t *>(a & ~(uintptr_t)3);
+  const uint32_t *wq = reinterpret_cast<const uint32_t *>((p + 1 + 4 * (uintptr_t)t) & ~(uintptr_t)3);
   b.q0 = ok ? __ldg(wq) : 0u;
-  b.q1 = ok && b.shq ? __ldg(wq + 1) : 0u; // never past the word holding the block's last byte
+  b.q1 = ok && sh != 3 ? __ldg(wq + 1) : 0u; // quant word misaligned unless sh == 3; never past the block's last word
 }
-__device__ __forceinline__ float moe9_decode(const moe9_blk &b, uint32_t h[4]) {
-  dec16_mxfp4_word(dec16_funnel_rc(b.q0, b.q1, 8 * b.shq), h);
-  return dec16_e8m0((b.s >> (8 * b.shs)) & 0xFFu);
+__device__ __forceinline__ float moe9_decode(const moe9_blk &b, uint32_t sh, uint32_t h[4]) {
+  dec16_mxfp4_word(dec16_funnel_rc(b.q0, b.q1, 8 * ((sh + 1) & 3)), h);
+  return dec16_e8m0((b.s >> (8 * sh)) & 0xFFu);
 }
 
 // acc[4] (D of rows g, g+8 x tokens 2t, 2t+1) += one block of rows (r0, r1).
-__device__ __forceinline__ void moe9_mma_block(float acc[4], const moe9_blk &b0, const moe9_blk &b1, uint4 X,
-                                               float xi0, float xi1) {
+__device__ __forceinline__ void moe9_mma_block(float acc[4], const moe9_blk &b0, const moe9_blk &b1, uint32_t sh,
+                                               uint4 X, float xi0, float xi1) {
   uint32_t ha[4], hb[4];
-  const float s0 = moe9_decode(b0, ha), s1 = moe9_decode(b1, hb);
+  const float s0 = moe9_decode(b0, sh, ha), s1 = moe9_decode(b1, sh, hb);
   float d[4] = {0.f, 0.f, 0.f, 0.f};
   const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, bx0[2] = {X.x, X.y};
   dec16_mma16816(d, a0, bx0);
@@ -1037,6 +1038,7 @@ moe_gate_up9_kernel(uint16_t *__restrict__ acth, const uint4 *__restrict__ xg, c
     float ag[4] = {0.f, 0.f, 0.f, 0.f}, au[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = 0; c0 < nch; c0 += MOE9_W * MOE9_NB) { // uniform over the warp
       moe9_blk bg0[MOE9_NB], bg1[MOE9_NB], bu0[MOE9_NB], bu1[MOE9_NB];
+      uint32_t sh[MOE9_NB];
       uint4 X[MOE9_NB];
       float xi0[MOE9_NB], xi1[MOE9_NB];
 #pragma unroll
@@ -1044,10 +1046,11 @@ moe_gate_up9_kernel(uint16_t *__restrict__ acth, const uint4 *__restrict__ xg, c
         const int c = c0 + warp * MOE9_NB + i;
         const bool okc = c < nch;
         const int cc = okc ? c : 0;
-        moe9_load(bg0[i], g0 + cc * BB, t, okc);
-        moe9_load(bg1[i], g1 + cc * BB, t, okc);
-        moe9_load(bu0[i], u0 + cc * BB, t, okc);
-        moe9_load(bu1[i], u1 + cc * BB, t, okc);
+        sh[i] = (uint32_t)((uintptr_t)(g0 + cc * BB) & 3);
+        moe9_load(bg0[i], g0 + cc * BB, sh[i], t, okc);
+        moe9_load(bg1[i], g1 + cc * BB, sh[i], t, okc);
+        moe9_load(bu0[i], u0 + cc * BB, sh[i], t, okc);
+        moe9_load(bu1[i], u1 + cc * BB, sh[i], t, okc);
         X[i] = okc && g < nt ? __ldg(xg + ((int64_t)tb * nch + cc) * (DEC16_XW / 4) + t) : make_uint4(0u, 0u, 0u, 0u);
         xi0[i] = okc && 2 * t < nt ? __ldg(xinv + (int64_t)ta0 * nch + cc) : 0.f;
         xi1[i] = okc && 2 * t + 1 < nt ? __ldg(xinv + (int64_t)ta1 * nch + cc) : 0.f;
@@ -1055,8 +1058,8 @@ moe_gate_up9_kernel(uint16_t *__restrict__ acth, const uint4 *__restrict__ xg, c
 #pragma unroll
       for (int i = 0; i < MOE9_NB; i++) {
         if (c0 + warp * MOE9_NB + i < nch) { // uniform over the warp: every lane reaches the mma
-          moe9_mma_block(ag, bg0[i], bg1[i], X[i], xi0[i], xi1[i]);
-          moe9_mma_block(au, bu0[i], bu1[i], X[i], xi0[i], xi1[i]);
+          moe9_mma_block(ag, bg0[i], bg1[i], sh[i], X[i], xi0[i], xi1[i]);
+          moe9_mma_block(au, bu0[i], bu1[i], sh[i], X[i], xi0[i], xi1[i]);
         }
       }
     }
@@ -1114,19 +1117,21 @@ moe_down9_kernel(float *__restrict__ ybuf, const uint4 *__restrict__ acth, const
     for (int c0 = 0; c0 < nch; c0 += MOE9_W * 2 * MOE9_NB) {
       constexpr int NB = 2 * MOE9_NB; // one weight: twice gate_up's blocks per round
       moe9_blk b0[NB], b1[NB];
+      uint32_t sh[NB];
       uint4 X[NB];
 #pragma unroll
       for (int i = 0; i < NB; i++) {
         const int c = c0 + warp * NB + i;
         const bool okc = c < nch;
         const int cc = okc ? c : 0;
-        moe9_load(b0[i], w0 + cc * BB, t, okc);
-        moe9_load(b1[i], w1 + cc * BB, t, okc);
+        sh[i] = (uint32_t)((uintptr_t)(w0 + cc * BB) & 3);
+        moe9_load(b0[i], w0 + cc * BB, sh[i], t, okc);
+        moe9_load(b1[i], w1 + cc * BB, sh[i], t, okc);
         X[i] = okc && g < nt ? __ldg(acth + ((int64_t)pb * nch + cc) * (DEC16_XW / 4) + t) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int i = 0; i < NB; i++)
-        if (c0 + warp * NB + i < nch) moe9_mma_block(acc, b0[i], b1[i], X[i], xi0, xi1);
+        if (c0 + warp * NB + i < nch) moe9_mma_block(acc, b0[i], b1[i], sh[i], X[i], xi0, xi1);
     }
     float *rw = red + (warp * 32 + lane) * 4;
 #pragma unroll
