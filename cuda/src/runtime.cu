@@ -343,7 +343,15 @@ extern "C" int orch_event_destroy(void *ev) {
 
 extern "C" int orch_event_record(orch_ctx *ctx, void *ev) {
   ORCH_CHECK_ARG(ctx && ev, "event_record");
-  ORCH_CUDA(cudaEventRecord((cudaEvent_t)ev, ctx->stream), "event_record");
+  // While the stream is being captured, a plain record only orders the
+  // capture; cudaEventRecordExternal makes it an event-record node that
+  // stamps the event on every replay (op timing in graphs, optime.go).
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  ORCH_CUDA(cudaStreamIsCapturing(ctx->stream, &cs), "event_record");
+  if (cs == cudaStreamCaptureStatusActive)
+    ORCH_CUDA(cudaEventRecordWithFlags((cudaEvent_t)ev, ctx->stream, cudaEventRecordExternal), "event_record");
+  else
+    ORCH_CUDA(cudaEventRecord((cudaEvent_t)ev, ctx->stream), "event_record");
   return ORCH_OK;
 }
 
