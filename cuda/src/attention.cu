@@ -29,7 +29,7 @@
 // writes the output, the combine reads only the used ones), through the
 // grouped kernel attn_gd_kernel (head dim 64/128, 1/2/4/8 query heads per
 // CTA, V rows loaded in batches ahead of use) or, for the other head dims,
-// attn2 with the adaptive split; v7 (default) = v6 with launch bounds for 4
+// attn2 with the adaptive split; v7 = v6 with launch bounds for 4
 // CTAs/SM on the grouped kernel and programmatic dependent launch for the
 // KV write, the grouped kernel and the combine (attn_gd7_kernel); v8
 // (opt-in) = v7 in one launch (attn_gd8_kernel): a short row's heads spread
@@ -38,8 +38,8 @@
 // (opt-in) = v7 with the register-resident mma.sync prefill kernel
 // (attention_fa.cuh) for head dim 64/128; v10 (opt-in) = v9 with two query
 // heads per prefill CTA (one staged K/V tile serves both) where the group
-// size is even; v11 / v12 (opt-in) = v9 / v10 with ldmatrix fragments and
-// cp.async double-buffered K/V staging (attn_fa11_kernel).
+// size is even; v11 / v12 (v12 the default) = v9 / v10 with ldmatrix
+// fragments and cp.async double-buffered K/V staging (attn_fa11_kernel).
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,7 +57,8 @@ int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, int mode);
 
 // ORCH_CUDA_ATTN v1..v12 as 1..12 (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
-constexpr int ATTN_DEFAULT_VERSION = 7; // v7 since session 4 (device run 0: tg128 +0.8%, @ d8192 +3.6% over v6)
+constexpr int ATTN_DEFAULT_VERSION = 12; // session 4: v7's decode (run 0: tg128 +0.8%, @ d8192 +3.6% over v6) + v12's
+                                          // prefill (run 3: n=2048 0.25 vs 0.50 ms gpt-oss, 0.26 vs 0.56 ms Llama)
 static int attn_env_version() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_ATTN");

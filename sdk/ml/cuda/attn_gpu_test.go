@@ -325,7 +325,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 	const nh, nkv, hd, bs = 64, 8, 64, 16
 	version := os.Getenv("ORCH_CUDA_ATTN")
 	if version == "" {
-		version = "default (v7: tensor-core prefill, depth-adaptive grouped decode with PDL)"
+		version = "default (v12: v7 decode + mma.sync/ldmatrix/cp.async prefill, 2 heads per CTA)"
 	}
 	r := newRNG(t)
 	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
@@ -510,8 +510,9 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 // TestTensorCoreAttentionVersions re-runs TestAttentionHeadDims in a child
 // process per non-default ORCH_CUDA_ATTN version that is still selectable
 // (the library reads the variable once per process), so the suite checks
-// them next to the default (v7: v6 with launch bounds for 4 CTAs/SM and
-// programmatic dependent launch): v3 (tensor-core prefill, O in shared
+// them next to the default (v12: v7's decode + v12's prefill): v7 (v6 with
+// launch bounds for 4 CTAs/SM and programmatic dependent launch; v4's WMMA
+// prefill), v3 (tensor-core prefill, O in shared
 // memory), v4 (O in registers, per-head flash-decoding with splits from
 // MaxPos), v5 (v4 + the GQA-grouped flash-decoding kernel), v6
 // (depth-adaptive grouped decode) and v8 (v7 in one launch: heads spread over
@@ -541,7 +542,7 @@ func TestTensorCoreAttentionVersions(t *testing.T) {
 	}
 }
 
-var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v8", "v9", "v10", "v11", "v12"}
+var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
