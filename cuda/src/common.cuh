@@ -53,6 +53,10 @@ struct orch_ctx {
   // the double-buffered down kernel, v3 fp16 decode, v2 the fp32 kernels, v5
   // v4 + the one-wave double-buffered gate_up kernel (opt-in).
   int moe = orch_env_version("ORCH_CUDA_MOE", 6);
+  // ORCH_CUDA_MOE unset: orch_moe_ffn_route runs v9 for MXFP4 from 16 tokens
+  // (device run 3 of session 4: faster from 16, slower up to 8) and declines
+  // below (v6); a version set pins it everywhere.
+  bool moe_auto = !getenv("ORCH_CUDA_MOE") || !getenv("ORCH_CUDA_MOE")[0];
 };
 
 // Records msg as the last error (thread-global, mutex-protected).

@@ -971,6 +971,7 @@ moe_down8_kernel(float *__restrict__ ybuf, const uint32_t *__restrict__ acth, co
 // the fp16 rounding of x and the activation only). gate_up applies SwiGLU and
 // writes the activation staged for down (fixed scale sc, weights decoded
 // unscaled); down writes dot + bias per pair; orch_moe_combine sums.
+constexpr int MOE9_AUTO_MIN_N = 16; // default route (ctx->moe_auto): v9 from 16 tokens (H100, session 4 run 3)
 constexpr int MOE9_W = 8, MOE9_NB = 4; // warps per CTA; blocks per warp per round (gate_up; down 2x)
 
 // One MXFP4 block's bytes a lane (t) needs: the scale byte and quant word t
@@ -1370,7 +1371,9 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
   // 32 experts (one warp's bucketing bits) and for gate / up and down of
   // different types (one launcher instantiation per type); one token (v6 runs)
   // and more than 64; an infinite SwiGLU limit (no fixed activation scale).
-  if (ctx->moe_v1 || ctx->moe < 8 || n_exp > 32 || gu_type != down_type || !ffn_type(gu_type) || dim % 32 ||
+  // Unpinned (ORCH_CUDA_MOE unset): v9 for MXFP4 from MOE9_AUTO_MIN_N tokens, else decline (v6).
+  const int ver = ctx->moe_auto ? (gu_type == ORCH_T_MXFP4 && n >= MOE9_AUTO_MIN_N ? 9 : 6) : ctx->moe;
+  if (ctx->moe_v1 || ver < 8 || n_exp > 32 || gu_type != down_type || !ffn_type(gu_type) || dim % 32 ||
       ff % 32 || ffn_smem(dim, 1) > FFN_MAX_SMEM || (ff * orch_row_bytes(gu_type, dim)) % 4 ||
       (dim * orch_row_bytes(down_type, ff)) % 4 || ffn_smem(ff, n_slots) > FFN_MAX_SMEM || n * n_slots > 65535 ||
       n > 65535)
@@ -1380,7 +1383,7 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   int rc = orch_moe_topk(ctx, ids, weights, logits, n, n_exp, n_slots);
   if (rc != ORCH_OK) return rc;
-  ORCH_DISPATCH_TYPE(gu_type, launch_batched8, ctx->stream, ctx->moe, ybuf, act, x, (int)n_exp, ids,
+  ORCH_DISPATCH_TYPE(gu_type, launch_batched8, ctx->stream, ver, ybuf, act, x, (int)n_exp, ids,
                      (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
                      n, n_slots, dim, ff, alpha, limit);
   ORCH_LAUNCHED(op);

@@ -257,6 +257,7 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
   {
     orch_ctx ctx;
     ctx.moe = 6;
+    ctx.moe_auto = false;
     Buf<int32_t> ib((size_t)(n * topk), -1);
     Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN);
     EXPECT(orch_moe_topk(&ctx, ib.p, wb.p, bl.p, n, ne, topk) == ORCH_OK, "moe_topk: %s", g_err);
@@ -272,14 +273,25 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
     o6 = out.vec();
   }
   double e9 = -1;
-  for (int ver : {7, 8, 9}) {
+  std::vector<float> o9;
+  for (int ver : {7, 8, 9, 0}) { // 0: unpinned (ORCH_CUDA_MOE unset): v9 for MXFP4 from 16 tokens, else decline
     orch_ctx ctx;
-    ctx.moe = ver;
+    ctx.moe = ver ? ver : 6;
+    ctx.moe_auto = ver == 0;
     Buf<int32_t> ib((size_t)(n * topk), -1);
     Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN),
         yb((size_t)(n * topk * dim), NAN);
     const int rc = orch_moe_ffn_route(&ctx, out.p, bx.p, bl.p, ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb),
                                       gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f, limit);
+    if (ver == 0) {
+      if (t == ORCH_T_MXFP4 && n >= 16 && std::isfinite(limit)) {
+        EXPECT(rc == ORCH_OK && std::memcmp(out.vec().data(), o9.data(), o9.size() * 4) == 0,
+               "unpinned route at n=%d must be v9 (rc %d)", n, rc);
+      } else {
+        EXPECT(rc == ORCH_ERR_UNSUPPORTED, "unpinned route at n=%d must decline (rc %d)", n, rc);
+      }
+      continue;
+    }
     if (ver == 7 || n == 1 || !std::isfinite(limit)) { // declines: v6 runs
       EXPECT(rc == ORCH_ERR_UNSUPPORTED, "moe_ffn_route v%d must decline (n=%d limit=%g): rc %d", ver, n, limit, rc);
       continue;
@@ -310,6 +322,7 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
           }
         }
       e9 = rel_l2(o7, want);
+      o9 = o7;
       const double e6 = rel_l2(o6, want);
       EXPECT(e9 <= 6e-3 && e9 <= 1.5 * e6, "MoE v9 (%s dim=%lld ff=%lld top-%d of %d n=%d): relative error %.3g (v6 %.3g)",
              tname(t), (long long)dim, (long long)ff, topk, ne, n, e9, e6);
