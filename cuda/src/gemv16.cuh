@@ -80,14 +80,26 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   }
 }
 
-// MINB: CTAs per SM the registers must allow (1: the compiler's choice; 5:
-// ORCH_CUDA_GEMV5_MINB=5 for one token, see gemv5_minb).
-template <int T, int NT, int NB, int MINB = 1>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, MINB)
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
              int rows_per_warp) {
   DEC16_DYN_SMEM(uint32_t, xsm); // nt rows of nch staged chunks, then nt*nch 1/scales
+  pdl_trigger();
+  gemv5_rows<T, NT, NB>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
+}
+// The same compiled for 5 CTAs per SM (ORCH_CUDA_GEMV5_MINB=5, opt-in: see
+// gemv5_minb). A separate kernel, not a template argument of the one above:
+// __launch_bounds__(256, 1) is not the same request as (256) — device run 8
+// measured the default one-token Q8_0 kernel slower with it (68 registers
+// instead of 60: 3 CTAs per SM instead of 4; Llama down 30.1 -> 34.3 us).
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 5)
+gemv5_kernel_b5(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+                const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+                int rows_per_warp) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   gemv5_rows<T, NT, NB>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
 }
@@ -106,9 +118,25 @@ struct gemv5_parts {
   unsigned end[GEMV_MAX_PARTS]; // cumulative CTA counts (unused parts: the total)
 };
 
-template <int T, int NT, int NB, int MINB = 1>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, MINB)
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  // Selects instead of P.x[p]: a dynamic index would copy P to local memory.
+  static_assert(GEMV_MAX_PARTS == 3, "part selection below");
+  const unsigned b = blockIdx.x;
+  const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
+#define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
+  const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
+  gemv5_rows<T, NT, NB>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m), row_bytes, 0,
+                        GEMV5_PICK(rpw));
+#undef GEMV5_PICK
+}
+// gemv5_multi_kernel compiled for 5 CTAs per SM (as gemv5_kernel_b5).
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 5)
+gemv5_multi_kernel_b5(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   // Selects instead of P.x[p]: a dynamic index would copy P to local memory.
@@ -146,7 +174,10 @@ static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const u
   constexpr int NB = gemv5_nb<T, NT>();
   const int rpw = gemv5_rpw(m);
   size_t sm = dec16_smem(k, NT);
-  auto kern = gemv5_kernel<T, NT, NB, MINB>;
+  auto kern = [] { // only the instance asked for is compiled
+    if constexpr (MINB == 5) return gemv5_kernel_b5<T, NT, NB>;
+    else return gemv5_kernel<T, NT, NB>;
+  }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
   DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
@@ -165,7 +196,10 @@ static void launch_gemv5_multi_nt_b(cudaStream_t st, gemv5_parts P, int count, c
                                     int64_t rb) {
   constexpr int NB = gemv5_nb<T, NT>();
   size_t sm = dec16_smem(k, NT);
-  auto kern = gemv5_multi_kernel<T, NT, NB, MINB>;
+  auto kern = [] {
+    if constexpr (MINB == 5) return gemv5_multi_kernel_b5<T, NT, NB>;
+    else return gemv5_multi_kernel<T, NT, NB>;
+  }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned total = 0;
   for (int p = 0; p < count; p++) {
