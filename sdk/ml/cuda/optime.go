@@ -170,9 +170,7 @@ func (t *opTimer) replayed(b *Backend, key string) {
 		}
 		t.charge(nodes[i].op, ms)
 	}
-	if time.Since(t.written) > 50*time.Millisecond {
-		t.write()
-	}
+	t.writeSoon()
 }
 
 // forgetGraphs drops the node lists (the graphs were destroyed).
@@ -211,9 +209,7 @@ func (t *opTimer) settle(b *Backend) {
 		t.base = p.ev
 	}
 	t.pending = t.pending[:0]
-	if time.Since(t.written) > 50*time.Millisecond { // the adapter may be killed without a Close
-		t.write()
-	}
+	t.writeSoon()
 }
 
 // idle is called after the stream drained (Sync): the next op starts a new
@@ -279,6 +275,14 @@ func (t *opTimer) table() string {
 	}
 	sb.WriteString("\n")
 	return sb.String()
+}
+
+// writeSoon writes the table if the last write is 50 ms old: the adapter may
+// be killed without a Close.
+func (t *opTimer) writeSoon() {
+	if time.Since(t.written) > 50*time.Millisecond {
+		t.write()
+	}
 }
 
 func (t *opTimer) write() {
