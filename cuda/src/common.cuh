@@ -147,6 +147,9 @@ static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grows ctx scratch to at least bytes.
 int orch_scratch(orch_ctx *ctx, size_t bytes, void **out);
+// The large-n path of orch_matmul (matmul_prefill.cu); rb = bytes per weight row.
+int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int32_t wtype, const float *bias,
+                 int64_t n, int64_t k, int64_t m, int32_t accumulate, int64_t rb);
 
 // gpt-oss's clamped SwiGLU of one (gate, up) pair (ml.SwiGLUOAI): g = min(gate, limit),
 // u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
