@@ -1,0 +1,177 @@
+//go:build gpu
+
+// GPU tests and timing of orch_matmul's large-n path (cuda/src/matmul_prefill.cu:
+// dequantize + cuBLAS, and the versions selected by ORCH_CUDA_PREFILL).
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// prefillVersions are the ORCH_CUDA_PREFILL values the tests below re-run
+// themselves under (child processes: the library reads it once per process).
+var prefillVersions = []string{"v1", "v2"}
+
+// runPrefillChildren re-runs test in one child process per version (same
+// card) and returns the lines of each child's output that hold a table row.
+// It returns ok = false in a child (the caller then does the work itself).
+func runPrefillChildren(t *testing.T, test string) (rows []string, parent bool) {
+	if os.Getenv("ORCH_PREFILL_CHILD") != "" {
+		return nil, false
+	}
+	if v := os.Getenv("ORCH_CUDA_PREFILL"); v != "" {
+		return nil, false // pinned by the caller: run once, here
+	}
+	for _, v := range prefillVersions {
+		cmd := exec.Command(os.Args[0], "-test.run", "^"+test+"$", "-test.v")
+		cmd.Env = append(os.Environ(), "ORCH_PREFILL_CHILD=1", "ORCH_CUDA_PREFILL="+v)
+		outp, err := cmd.CombinedOutput()
+		for _, line := range strings.Split(string(outp), "\n") {
+			if i := strings.Index(line, "|"); i >= 0 {
+				t.Log(line[i:])
+				rows = append(rows, line[i:])
+			}
+		}
+		require.NoError(t, err, "ORCH_CUDA_PREFILL=%s child:\n%s", v, outp)
+	}
+	return rows, true
+}
+
+// TestMatMulPrefill checks orch_matmul at n > 96 (the large-n path; n = 97
+// also has 97 % 8 != 0 token rows) against the CPU backend for every weight
+// type, with and without bias and accumulate, ragged m, outputs poisoned
+// with NaN (accumulate: random), under every ORCH_CUDA_PREFILL version. One
+// shape whose bf16 copy is over v2's 128 MiB tile cap (k 8192, m 8200: two
+// tiles of 4104 rows) checks the tiling.
+func TestMatMulPrefill(t *testing.T) {
+	if _, parent := runPrefillChildren(t, "TestMatMulPrefill"); parent {
+		return
+	}
+	r := newRNG(t)
+	type shape struct{ k, m, n int }
+	shapes := []shape{{512, 203, 97}, {2880, 130, 200}, {4096, 72, 512}}
+	for _, dt := range ml.WeightDTypes {
+		for _, sh := range shapes {
+			for _, c := range []struct{ bias, acc bool }{{false, false}, {true, false}, {true, true}, {false, true}} {
+				name := fmt.Sprintf("%s/%v/k=%d/m=%d/n=%d/bias=%v/acc=%v", os.Getenv("ORCH_CUDA_PREFILL"), dt, sh.k, sh.m, sh.n, c.bias, c.acc)
+				t.Run(name, func(t *testing.T) { prefillCase(t, r, dt, sh.k, sh.m, sh.n, c.bias, c.acc) })
+			}
+		}
+	}
+	t.Run("Q8_0/two-tiles", func(t *testing.T) { prefillCase(t, r, ml.Q8_0, 8192, 8200, 97, true, false) })
+}
+
+func prefillCase(t *testing.T, rr *rand.Rand, dt ml.DType, k, m, n int, withBias, acc bool) {
+	w := weightPair(t, "w", dt, []int{k, m}, randWeight(rr, dt, k, m))
+	x := f32Pair(t, randF32(rr, k*n, 1), k, n)
+	var bias pair
+	if withBias {
+		bias = f32Pair(t, randF32(rr, m, 1), m)
+	}
+	y := f32Pair(t, randF32(rr, m*n, 1), m, n)
+	if !acc {
+		gpu.Fill(y.g, float32(math.NaN()))
+	}
+	rc := gpu.l.matmul(gpu.ctx, dptr(t, y.g), dptr(t, x.g), dptr(t, w.g), int32(dt), dptr(t, bias.g),
+		int64(n), int64(k), int64(m), b2i(acc))
+	require.NoError(t, gpu.l.status("matmul", rc))
+	tmp := out(t, m, n)
+	ref.MatMul(tmp.c, x.c, w.c, bias.c)
+	if acc {
+		ref.Add(y.c, y.c, tmp.c)
+	} else {
+		ref.Copy(y.c, tmp.c)
+	}
+	tol := bf16Tol
+	if dt == ml.F32 {
+		tol = 1e-4
+	}
+	checkClose(t, fmt.Sprintf("%v k=%d m=%d n=%d", dt, k, m, n), y, tol)
+}
+
+// TestPerfPrefillMatMul times orch_matmul's large-n path at the prefill
+// shapes the models call (Llama-3-8B Q8_0: q, k / v, o, gate / up, down, and
+// the merged qkv; gpt-oss-20b: q, k / v, o; n = 512 is the engine's prefill
+// chunk, 2048 for reference), one child process per ORCH_CUDA_PREFILL
+// version on the same card. Floor: max(Q8_0 W + f32 x + f32 y bytes at the
+// measured copy rate, FLOPs at the card's dense bf16 rate, 989 TFLOP/s).
+//
+//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PerfPrefillMatMul -test.v
+//
+// (gpu-check --perf runs it with TestPerf; the table also goes next to
+// ORCH_PERF_OUT as perf-prefill.md.)
+func TestPerfPrefillMatMul(t *testing.T) {
+	if os.Getenv("ORCH_GPU_PERF") == "" {
+		t.Skip("set ORCH_GPU_PERF=1 to time the prefill matmul")
+	}
+	if table, parent := runPrefillChildren(t, "TestPerfPrefillMatMul"); parent {
+		if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
+			f := filepath.Join(filepath.Dir(po), "perf-prefill.md")
+			require.NoError(t, os.WriteFile(f, []byte(strings.Join(table, "\n")+"\n"), 0o644))
+		}
+		return
+	}
+	version := os.Getenv("ORCH_CUDA_PREFILL")
+	if version == "" {
+		version = "default"
+	}
+	r := newRandSrc(newRNG(t))
+	// Copy rate (read + write), as TestPerf.
+	const cb = 1 << 30
+	var src, dst uintptr
+	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &src)))
+	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &dst)))
+	gpu.l.memset(gpu.ctx, src, 7, cb)
+	copyMs := timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) })
+	peak := 2 * cb / (copyMs * 1e-3)
+	gpu.l.free(gpu.ctx, src)
+	gpu.l.free(gpu.ctx, dst)
+	t.Logf("| prefill matmul %s on %s | measured | TFLOP/s | floor | of floor |", version, gpu.DeviceName())
+	type shape struct {
+		name string
+		k, m int
+	}
+	shapes := []shape{
+		{"llama q / o", 4096, 4096}, {"llama k / v", 4096, 1024}, {"llama qkv merged", 4096, 6144},
+		{"llama gate / up", 4096, 14336}, {"llama down", 14336, 4096},
+		{"gpt-oss q", 2880, 4096}, {"gpt-oss k / v", 2880, 512}, {"gpt-oss o", 4096, 2880},
+	}
+	for _, sh := range shapes {
+		w := mustW(t, r, sh.name, ml.Q8_0, sh.k, sh.m)
+		bias := mustA(t, ml.F32, sh.m)
+		require.NoError(t, gpu.WriteF32(bias, r.f32(sh.m)))
+		for _, n := range []int{512, 2048} {
+			x := mustA(t, ml.F32, sh.k, n)
+			require.NoError(t, gpu.WriteF32(x, r.f32(sh.k*n)))
+			y := mustA(t, ml.F32, sh.m, n)
+			var b ml.Tensor
+			if strings.HasPrefix(sh.name, "gpt-oss") { // gpt-oss's projections have biases
+				b = bias
+			}
+			ms := timeKernel(t, 10, 4, func() { gpu.MatMul(y, x, w, b) })
+			require.NoError(t, gpu.Sync())
+			rb, _ := ml.Q8_0.RowBytes(sh.k)
+			bytes := float64(rb*sh.m) + 4*float64(sh.k*n+sh.m*n)
+			flops := 2 * float64(sh.k) * float64(sh.m) * float64(n)
+			floor := max(bytes/peak, flops/h100BF16) * 1e3
+			t.Logf("| Q8_0 %s %dx%d n=%d (%s) | %.4f ms | %.0f | %.4f ms | %.0f%% |", sh.name, sh.k, sh.m, n, version,
+				ms, flops/ms/1e9, floor, 100*floor/ms)
+			gpu.Free(x)
+			gpu.Free(y)
+		}
+		gpu.Free(w)
+		gpu.Free(bias)
+	}
+}
