@@ -13,7 +13,11 @@
 //    16-byte store (coalesced), x converted 4 floats per thread; without
 //    accumulate the bias is written into y first and cuBLAS adds into it
 //    (beta = 1) instead of a read-modify-write pass afterwards.
+//  - v3 (opt-in): Q8_0 with k % 64 == 0 through gq8::gemm (gemm_q8.cuh: raw
+//    blocks dequantized in shared memory, fp16 mma.sync, no copy of W);
+//    other types and shapes take v2.
 #include "quant.cuh"
+#include "gemm_q8.cuh"
 
 // Dequantize rows [0, mc) of w into bf16 out[mc, k].
 template <int T>
@@ -134,8 +138,15 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
     }
     return ORCH_OK;
   }
-  // Prefill: bf16 x once, then weight tiles of mc rows.
   const int version = prefill_version();
+  if (version == 3 && wtype == ORCH_T_Q8_0 && gq8::supported(n, k, m, (uintptr_t)wb, (uintptr_t)x)) {
+    void *scr = nullptr;
+    int rc = orch_scratch(ctx, (size_t)gq8::scratch_bytes(n, k), &scr);
+    if (rc != ORCH_OK) return rc;
+    ORCH_CUDA(gq8::run(ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate), op);
+    return ORCH_OK;
+  }
+  // Prefill: bf16 x once, then weight tiles of mc rows.
   const int64_t mc = prefill_tile_rows(version, m, k);
   size_t xbytes = (size_t)(n * k * 2 + 255) / 256 * 256;
   size_t need = xbytes + (size_t)(mc * k * 2);

@@ -22,7 +22,7 @@ import (
 
 // prefillVersions are the ORCH_CUDA_PREFILL values the tests below re-run
 // themselves under (child processes: the library reads it once per process).
-var prefillVersions = []string{"v1", "v2"}
+var prefillVersions = []string{"v1", "v2", "v3"}
 
 // runPrefillChildren re-runs test in one child process per version (same
 // card) and returns the lines of each child's output that hold a table row.
