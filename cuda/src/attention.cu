@@ -34,12 +34,13 @@
 // KV write, the grouped kernel and the combine (attn_gd7_kernel); v8
 // (opt-in) = v7 in one launch (attn_gd8_kernel): a short row's heads spread
 // over the grid's idle split CTAs, and the last CTA of a (row, head group)
-// merges the splits (an atomic ticket) instead of a combine launch; v9
+// merges the splits (an atomic ticket) instead of a combine launch; v11
 // (opt-in) = v7 with the register-resident mma.sync prefill kernel
-// (attention_fa.cuh) for head dim 64/128; v10 (opt-in) = v9 with two query
-// heads per prefill CTA (one staged K/V tile serves both) where the group
-// size is even; v11 / v12 (v12 the default) = v9 / v10 with ldmatrix
-// fragments and cp.async double-buffered K/V staging (attn_fa11_kernel).
+// (attention_fa.cuh: ldmatrix fragments, cp.async double-buffered K/V
+// staging, attn_fa11_kernel) for head dim 64/128; v12 (the default) = v11
+// with two query heads per prefill CTA (one staged K/V tile serves both)
+// where the group size is even. v9 / v10 (session 4's first steps towards
+// v11 / v12, software-pipelined register staging) were removed in session 5.
 #include <stdlib.h>
 #include <string.h>
 
@@ -55,7 +56,7 @@ using namespace attn_k;
 bool attn_tc_supports(int head_dim);
 int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, int mode);
 
-// ORCH_CUDA_ATTN v1..v12 as 1..12 (read once; v1 is also ctx->attn_v1);
+// ORCH_CUDA_ATTN v1..v8, v11, v12 as their numbers (read once; v1 is also ctx->attn_v1);
 // unset or unknown: ATTN_DEFAULT_VERSION.
 constexpr int ATTN_DEFAULT_VERSION = 12; // session 4: v7's decode (run 0: tg128 +0.8%, @ d8192 +3.6% over v6) + v12's
                                           // prefill (run 3: n=2048 0.25 vs 0.50 ms gpt-oss, 0.26 vs 0.56 ms Llama)
@@ -70,8 +71,6 @@ static int attn_env_version() {
     if (e && strcmp(e, "v6") == 0) return 6;
     if (e && strcmp(e, "v7") == 0) return 7;
     if (e && strcmp(e, "v8") == 0) return 8;
-    if (e && strcmp(e, "v9") == 0) return 9;
-    if (e && strcmp(e, "v10") == 0) return 10;
     if (e && strcmp(e, "v11") == 0) return 11;
     if (e && strcmp(e, "v12") == 0) return 12;
     return ATTN_DEFAULT_VERSION;
@@ -344,8 +343,6 @@ static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
       const int v = attn_env_version();
       const int mode = v >= 12   ? ATTN_TC_FA12
                        : v == 11 ? ATTN_TC_FA11
-                       : v == 10 ? ATTN_TC_FA2
-                       : v == 9  ? ATTN_TC_FA
                        : v >= 4  ? ATTN_TC_OREG
                                  : ATTN_TC_SMEM;
       int rc = attn_tc_launch(ctx, a, mode);

@@ -1,32 +1,33 @@
 // attention_fa.cuh — the register-resident tensor-core prefill kernel
-// (attention v9, ORCH_CUDA_ATTN=v9; launched from attention_tc.cu). A header
-// of its own so that cuda/test/attention_tc_emu_test.cpp compiles the same
-// source on the CPU against cuda_emu.h (its mma.sync emulation gathers the
-// fragments by the PTX ISA table, so the hand-laid fragments below are
-// checked there, not assumed).
+// (attention v11 / v12, v12 the default; launched from attention_tc.cu). A
+// header of its own so that cuda/test/attention_tc_emu_test.cpp compiles the
+// same source on the CPU against cuda_emu.h (its mma.sync and ldmatrix
+// emulation gathers the fragments by the PTX ISA table, so the hand-laid
+// fragments below are checked there, not assumed).
 //
 // FlashAttention-2 style, for head dim 64 and 128: a CTA takes the same
 // 64-row tiles as v3/v4 (attention_index.cuh: a tile's run of consecutive
 // rows of one sequence; the flash-decoding kernels skip exactly these rows)
-// and one query head; warp w owns rows 16w .. 16w + 15. Per 64-key tile:
-//  - K (row-major) and V (transposed: Vt[dim][key]) are staged in shared
-//    memory as fp16 (F32 caches rounded), from registers that were loaded
-//    during the previous tile's math (F16 cache, head dim 64: software
-//    pipelining instead of cp.async, whose copies cannot transpose);
+// and one query head (v11) or two of one kv group (v12); warp w owns rows
+// 16w .. 16w + 15. Per 64-key tile:
+//  - K and V are staged row-major in shared memory as fp16 (F16 cache:
+//    cp.async, double-buffered; F32 cache: loaded, rounded, stored);
 //  - S = Q K^T with mma.sync m16n8k16 (fp16 in, fp32 accumulate): Q's
-//    A fragments stay in registers for the whole kernel, K's B fragments are
-//    two 32-bit shared loads each (conflict-free: rows padded by 8 halves);
+//    A fragments stay in registers for the whole kernel, K's B fragments come
+//    from ldmatrix;
 //  - the online softmax runs on the S accumulators in registers (a lane holds
 //    2 rows x 16 keys; the 4 lanes of a row meet through 2 shuffles), exact
 //    per-tile rescale of O (registers: no shared-memory round trip);
 //  - P's A fragments are the S accumulators repacked to fp16 pairs (the
 //    m16n8k16 C layout of two 8-key tiles is the A layout of one 16-key step),
-//    O += P V with V's B fragments from Vt (again two 32-bit loads).
+//    O += P V with V's B fragments from ldmatrix.trans.
 // Fragments (lane = 4 * group + tig), as dec16.cuh documents them:
 //   a[0] = A[g][2t, 2t+1]  a[1] = A[g+8][2t, 2t+1]  a[2] = A[g][2t+8, +9]  a[3] = A[g+8][2t+8, +9]
 //   b[0] = B[2t, 2t+1][g]  b[1] = B[2t+8, 2t+9][g]
 //   d[0], d[1] = D[g][2t, 2t+1]  d[2], d[3] = D[g+8][2t, 2t+1]
 // Error: q (scaled), K/V (F32 cache) and P rounded to fp16, as v3/v4.
+// (v9 / v10, the first register-resident versions with 32-bit fragment loads
+// and software-pipelined register staging, were removed in session 5.)
 #pragma once
 
 #ifndef ORCH_EMU
@@ -64,259 +65,12 @@ __device__ __forceinline__ uint4 fa_f32x8_to_f16x8(float4 a, float4 b) {
   return make_uint4(fa_pack(a.x, a.y), fa_pack(a.z, a.w), fa_pack(b.x, b.y), fa_pack(b.z, b.w));
 }
 
-// THREADS: the CTA's (128 per query head it serves).
-template <int HD, int THREADS = FA_THREADS> struct FaLayout {
-  static constexpr int LDK = HD + 8;    // halves per K row (key)
-  static constexpr int LDV = FA_BK + 8; // halves per Vt row (dim)
-  static constexpr int CH = HD / 8;     // 8-half chunks per key row
-  static constexpr int NK = FA_BK * CH / THREADS;       // K chunks per thread
-  static constexpr int NV = (FA_BK / 2) * CH / THREADS; // (key pair, chunk) V items per thread
-  static_assert(HD % 32 == 0 && NK * THREADS == FA_BK * CH && NV * THREADS == (FA_BK / 2) * CH, "tiling");
-};
-
-// One thread's share of a K/V tile (keys kb .. kb + 63) as fp16, in
-// registers: K chunk i = (key (tid + T i) % 64, chunk (tid + T i) / 64);
-// V item i = (keys 2p, 2p + 1 with p = (tid + T i) % 32, chunk
-// (tid + T i) / 32), T = THREADS. Keys outside [klo, khi] are zeros (never garbage: a
-// masked key's P is 0 and 0 * NaN = NaN).
-template <typename KV, int HD, int THREADS> struct FaStage {
-  using L = FaLayout<HD, THREADS>;
-  uint4 k[L::NK], va[L::NV], vb[L::NV];
-
-  __device__ __forceinline__ static uint4 ld8(const KV *p) {
-    if constexpr (sizeof(KV) == 2) {
-      return *reinterpret_cast<const uint4 *>(p);
-    } else {
-      const float4 *f = reinterpret_cast<const float4 *>(p);
-      return fa_f32x8_to_f16x8(f[0], f[1]);
-    }
-  }
-  __device__ __forceinline__ void load(const KV *kc, const KV *vc, const int32_t *bt, int block_size,
-                                       int64_t slot_stride, int kvh, int kb, int klo, int khi) {
-    const int tid = threadIdx.x;
-    auto off = [&](int kp, int c) {
-      const int64_t slot = (int64_t)bt[kp / block_size] * block_size + kp % block_size;
-      return slot * slot_stride + (int64_t)kvh * HD + c * 8;
-    };
-#pragma unroll
-    for (int i = 0; i < L::NK; i++) {
-      const int it = tid + i * THREADS, j = it % FA_BK, c = it / FA_BK, kp = kb + j;
-      k[i] = kp >= klo && kp <= khi ? ld8(kc + off(kp, c)) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int i = 0; i < L::NV; i++) {
-      const int it = tid + i * THREADS, p = it % (FA_BK / 2), c = it / (FA_BK / 2), kp = kb + 2 * p;
-      va[i] = kp >= klo && kp <= khi ? ld8(vc + off(kp, c)) : make_uint4(0, 0, 0, 0);
-      vb[i] = kp + 1 >= klo && kp + 1 <= khi ? ld8(vc + off(kp + 1, c)) : make_uint4(0, 0, 0, 0);
-    }
-  }
-  // K rows as loaded; V transposed: Vt[dim][key], keys 2p and 2p + 1 of a
-  // dim in one 32-bit word (the order of a B fragment register).
-  __device__ __forceinline__ void store(__half *Ks, __half *Vt) const {
-    const int tid = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < L::NK; i++) {
-      const int it = tid + i * THREADS, j = it % FA_BK, c = it / FA_BK;
-      *reinterpret_cast<uint4 *>(Ks + j * L::LDK + c * 8) = k[i];
-    }
-#pragma unroll
-    for (int i = 0; i < L::NV; i++) {
-      const int it = tid + i * THREADS, p = it % (FA_BK / 2), c = it / (FA_BK / 2);
-      const unsigned wa[4] = {va[i].x, va[i].y, va[i].z, va[i].w}, wb[4] = {vb[i].x, vb[i].y, vb[i].z, vb[i].w};
-#pragma unroll
-      for (int e = 0; e < 8; e++) {
-        const unsigned sh = 16 * (e & 1);
-        const unsigned w = ((wa[e / 2] >> sh) & 0xffffu) | (((wb[e / 2] >> sh) & 0xffffu) << 16);
-        *reinterpret_cast<unsigned *>(Vt + (c * 8 + e) * L::LDV + 2 * p) = w;
-      }
-    }
-  }
-};
-
-// HPC query heads per CTA (1 = v9; 2 = v10, for group sizes G % 2 == 0):
-// warps 4 hw .. 4 hw + 3 serve head blockIdx.y * HPC + hw, which share one
-// kv head, so each staged K/V tile serves HPC heads (K/V traffic from L2 /
-// HPC, staging work per thread / HPC).
-// Launch bounds: two 8-warp CTAs per SM at head dim 64 (v10; <= 128
-// registers), else whatever the kernel takes.
-#ifdef ORCH_EMU
-#define ATTN_FA_BOUNDS(HD, HPC)
-#else
-#define ATTN_FA_BOUNDS(HD, HPC) __launch_bounds__(FA_THREADS * (HPC), (HPC) == 2 && (HD) <= 64 ? 2 : 1)
-#endif
-template <typename KV, int HD, int HPC = 1>
-__global__ void ATTN_FA_BOUNDS(HD, HPC) attn_fa_kernel(orch_attn_args a) {
-  constexpr int THREADS = FA_THREADS * HPC;
-  using L = FaLayout<HD, THREADS>;
-  // Software pipelining where the staged tile fits the registers (F16 cache,
-  // head dim 64: 32 registers); else each tile is loaded at its turn.
-  constexpr bool PREFETCH = sizeof(KV) == 2 && HD <= 64;
-  __shared__ __align__(16) __half Ks[FA_BK * L::LDK];
-  __shared__ __align__(16) __half Vt[HD * L::LDV];
-  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % FA_WARPS; // warp: the row group
-  const int64_t t0 = (int64_t)blockIdx.x * FA_BQ;
-  const int h = blockIdx.y * HPC + (int)(threadIdx.x >> 5) / FA_WARPS;
-
-  // The tile's run (every warp computes the same value: a uniform exit).
-  const bool ok0 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + lane);
-  const bool ok1 = attn_tc_row_ok(a.tok_seq, a.tok_pos, a.n_tok, t0, t0 + 32 + lane);
-  const int run = attn_tc_run_from_bits(__ballot_sync(0xffffffffu, ok0), __ballot_sync(0xffffffffu, ok1));
-  if (!attn_tc_takes(run, 0)) return;
-
-  const int p0 = a.tok_pos[t0];
-  const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t0] * a.max_blocks;
-  const int kvh = h / (a.n_heads / a.n_kv_heads);
-  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
-  const int kend = p0 + run - 1; // the last key any row of the tile sees
-  const int kstart = a.window > 0 ? max(0, p0 - a.window + 1) : 0;
-  const KV *kc = (const KV *)a.k_cache;
-  const KV *vc = (const KV *)a.v_cache;
-
-  const int g = lane >> 2, tq = lane & 3;
-  const int r0 = warp * 16 + g, r1 = r0 + 8; // the lane's two rows of the tile
-  const int qp0 = p0 + r0, qp1 = p0 + r1;
-  const bool live0 = r0 < run, live1 = r1 < run;
-  const bool warp_live = warp * 16 < run;
-  const int wlast = p0 + min(run, warp * 16 + 16) - 1;                            // last key the warp's rows see
-  const int wfirst = a.window > 0 ? max(0, p0 + warp * 16 - a.window + 1) : 0; // first one
-
-  FaStage<KV, HD, THREADS> st;
-  if constexpr (PREFETCH) st.load(kc, vc, bt, a.block_size, slot_stride, kvh, kstart, kstart, kend);
-
-  // Q's A fragments (scaled, fp16), rows r0 / r1; rows past the run are 0.
-  unsigned qf[HD / 16][4];
-  {
-    const float *q0 = a.q + (t0 + r0) * a.q_stride + (int64_t)h * HD;
-    const float *q1 = a.q + (t0 + r1) * a.q_stride + (int64_t)h * HD;
-#pragma unroll
-    for (int k = 0; k < HD / 16; k++) {
-      const int c0 = k * 16 + 2 * tq, c1 = c0 + 8;
-      qf[k][0] = live0 ? fa_pack(q0[c0] * a.scale, q0[c0 + 1] * a.scale) : 0u;
-      qf[k][1] = live1 ? fa_pack(q1[c0] * a.scale, q1[c0 + 1] * a.scale) : 0u;
-      qf[k][2] = live0 ? fa_pack(q0[c1] * a.scale, q0[c1 + 1] * a.scale) : 0u;
-      qf[k][3] = live1 ? fa_pack(q1[c1] * a.scale, q1[c1 + 1] * a.scale) : 0u;
-    }
-  }
-
-  float o[HD / 8][4];
-#pragma unroll
-  for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f; // l: this lane's 16 keys per tile, summed at the end
-
-  for (int kb = kstart; kb <= kend; kb += FA_BK) {
-    __syncthreads(); // every warp is done with the previous tile
-    if constexpr (!PREFETCH) st.load(kc, vc, bt, a.block_size, slot_stride, kvh, kb, kstart, kend);
-    st.store(Ks, Vt);
-    __syncthreads();
-    if constexpr (PREFETCH) {
-      if (kb + FA_BK <= kend) st.load(kc, vc, bt, a.block_size, slot_stride, kvh, kb + FA_BK, kstart, kend);
-    }
-    if (!warp_live || kb > wlast || kb + FA_BK - 1 < wfirst) continue; // uniform over the warp
-
-    // S = Q K^T: 8 tiles of 8 keys.
-    float s[FA_BK / 8][4];
-#pragma unroll
-    for (int n = 0; n < FA_BK / 8; n++) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-      const __half *kr = Ks + (n * 8 + g) * L::LDK + 2 * tq;
-#pragma unroll
-      for (int k = 0; k < HD / 16; k++) {
-        const unsigned b[2] = {*reinterpret_cast<const unsigned *>(kr + k * 16),
-                               *reinterpret_cast<const unsigned *>(kr + k * 16 + 8)};
-        fa_mma(s[n], qf[k], b);
-      }
-    }
-    // Masks (causal, window, rows past the run); a tile every live row of
-    // the warp sees whole needs none.
-    const bool whole = kb + FA_BK - 1 <= p0 + warp * 16 && (a.window <= 0 || wlast - kb < a.window) &&
-                       warp * 16 + 16 <= run;
-    if (!whole) {
-#pragma unroll
-      for (int n = 0; n < FA_BK / 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int kp = kb + n * 8 + 2 * tq + (e & 1);
-          const int qp = e < 2 ? qp0 : qp1;
-          const bool vis = (e < 2 ? live0 : live1) && kp <= qp && (a.window <= 0 || qp - kp < a.window);
-          if (!vis) s[n][e] = -INFINITY;
-        }
-    }
-    // Online softmax, rows r0 (e = 0, 1) and r1 (e = 2, 3).
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < FA_BK / 8; n++) {
-      mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1; // nothing visible: p = 0
-    const float corr0 = __expf(m0 - base0), corr1 = __expf(m1 - base1); // m = -inf: 0 (O, l are 0)
-    m0 = mn0;
-    m1 = mn1;
-    l0 *= corr0;
-    l1 *= corr1;
-#pragma unroll
-    for (int n = 0; n < HD / 8; n++) {
-      o[n][0] *= corr0;
-      o[n][1] *= corr0;
-      o[n][2] *= corr1;
-      o[n][3] *= corr1;
-    }
-#pragma unroll
-    for (int n = 0; n < FA_BK / 8; n++) {
-      s[n][0] = __expf(s[n][0] - base0);
-      s[n][1] = __expf(s[n][1] - base0);
-      s[n][2] = __expf(s[n][2] - base1);
-      s[n][3] = __expf(s[n][3] - base1);
-      l0 += s[n][0] + s[n][1];
-      l1 += s[n][2] + s[n][3];
-    }
-    // O += P V: 4 steps of 16 keys.
-#pragma unroll
-    for (int kk = 0; kk < FA_BK / 16; kk++) {
-      const unsigned pa[4] = {fa_pack(s[2 * kk][0], s[2 * kk][1]), fa_pack(s[2 * kk][2], s[2 * kk][3]),
-                              fa_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), fa_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int n = 0; n < HD / 8; n++) {
-        const __half *vr = Vt + (n * 8 + g) * L::LDV + kk * 16 + 2 * tq;
-        const unsigned b[2] = {*reinterpret_cast<const unsigned *>(vr), *reinterpret_cast<const unsigned *>(vr + 8)};
-        fa_mma(o[n], pa, b);
-      }
-    }
-  }
-  if (!warp_live) return;
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  // out = O / (l + sink term), stable in the max of m and the sink.
-  float sc0 = 1.f / l0, sc1 = 1.f / l1;
-  if (a.sinks) {
-    const float sk = a.sinks[h];
-    const float M0 = fmaxf(m0, sk), M1 = fmaxf(m1, sk);
-    const float e0 = __expf(m0 - M0), e1 = __expf(m1 - M1);
-    sc0 = e0 / (l0 * e0 + __expf(sk - M0));
-    sc1 = e1 / (l1 * e1 + __expf(sk - M1));
-  }
-  float *out0 = a.out + (t0 + r0) * (int64_t)a.n_heads * HD + (int64_t)h * HD + 2 * tq;
-  float *out1 = a.out + (t0 + r1) * (int64_t)a.n_heads * HD + (int64_t)h * HD + 2 * tq;
-#pragma unroll
-  for (int n = 0; n < HD / 8; n++) {
-    if (live0) *reinterpret_cast<float2 *>(out0 + n * 8) = make_float2(o[n][0] * sc0, o[n][1] * sc0);
-    if (live1) *reinterpret_cast<float2 *>(out1 + n * 8) = make_float2(o[n][2] * sc1, o[n][3] * sc1);
-  }
-}
-
 // ---- v11: ldmatrix fragments, cp.async double-buffered K/V ----
 // K and V tiles stay row-major ([key][dim], 8 halves of padding: the 8 rows
 // of an 8x8 ldmatrix block fall on distinct 16-byte bank groups); K's B
 // fragments come from ldmatrix (one x4 = two k-steps of one 8-key tile), V's
 // from ldmatrix.trans (one x4 = two 8-dim tiles of one 16-key step): a quarter
-// of v9's shared-load instructions. F16 caches stage through cp.async (16-byte
+// of the 32-bit fragment loads it replaced (v9). F16 caches stage through cp.async (16-byte
 // copies, zero-filled outside the visible keys) into two buffers (the next
 // tile lands during this tile's math; dynamic shared memory, 45 / 78 KB at
 // head dim 64 / 128), the slots from a block-table cache in shared memory
@@ -435,9 +189,9 @@ template <int HD> struct Fa11Smem {
   static_assert(TILE % 128 == 0, "tile alignment");
 };
 
-// v11 = v9's kernel (same tiles, routing, arithmetic order per element up to
-// the fragment sources) with ldmatrix fragments and cp.async staging (above);
-// HPC query heads per CTA as v10.
+// v11 / v12: HPC = 1 / 2 query heads per CTA (warps 4 hw .. 4 hw + 3 serve
+// head blockIdx.y * HPC + hw, which share one kv head, so each staged K/V
+// tile serves HPC heads), ldmatrix fragments and cp.async staging (above).
 // v11/v12 launch bounds: head dim 64 at <= 128 registers (4 CTAs/SM for one
 // head per CTA, 2 for two).
 #ifdef ORCH_EMU

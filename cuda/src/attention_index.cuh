@@ -30,7 +30,7 @@ ORCH_HD constexpr bool attn_dim_ok(int hd, int lane, int e) {
 constexpr int ATTN_TC_ROWS = 64;
 constexpr int ATTN_TC_MIN_RUN = 16;
 // Tensor-core prefill kernel variants (attention_tc.cu attn_tc_launch).
-constexpr int ATTN_TC_SMEM = 0, ATTN_TC_OREG = 1, ATTN_TC_FA = 2, ATTN_TC_FA2 = 3, ATTN_TC_FA11 = 4, ATTN_TC_FA12 = 5;
+constexpr int ATTN_TC_SMEM = 0, ATTN_TC_OREG = 1, ATTN_TC_FA11 = 4, ATTN_TC_FA12 = 5;
 
 // Whether row t continues the run that starts at t0.
 ORCH_HD bool attn_tc_row_ok(const int32_t *seq, const int32_t *pos, int64_t n_tok, int64_t t0, int64_t t) {

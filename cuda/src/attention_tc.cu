@@ -1,5 +1,5 @@
 // attention_tc.cu — tensor-core flash attention for prefill chunks (attention
-// v3 and v4: two variants of one kernel, see attention_tc.cuh; v9: the
+// v3 and v4: two variants of one kernel, see attention_tc.cuh; v11 / v12: the
 // register-resident mma.sync kernel of attention_fa.cuh; ORCH_CUDA_ATTN=v2
 // or v1 turns it off).
 //
@@ -87,18 +87,6 @@ int launch_tc(orch_ctx *ctx, const orch_attn_args *a, int mode) {
       ORCH_LAUNCHED("attention (tensor cores, v11/v12)");
       return ORCH_OK;
     }
-    if (mode == ATTN_TC_FA || mode == ATTN_TC_FA2) { // v9 / v10: attention_fa.cuh (static shared memory)
-      using namespace attn_fa;
-      if (mode == ATTN_TC_FA2 && (a->n_heads / a->n_kv_heads) % 2 == 0) { // two heads per CTA
-        dim3 grid((unsigned)ceil_div(a->n_tok, FA_BQ), (unsigned)(a->n_heads / 2));
-        attn_fa_kernel<KV, HD, 2><<<grid, 2 * FA_THREADS, 0, ctx->stream>>>(*a);
-      } else {
-        dim3 grid((unsigned)ceil_div(a->n_tok, FA_BQ), (unsigned)a->n_heads);
-        attn_fa_kernel<KV, HD, 1><<<grid, FA_THREADS, 0, ctx->stream>>>(*a);
-      }
-      ORCH_LAUNCHED("attention (tensor cores, v9/v10)");
-      return ORCH_OK;
-    }
   }
   const bool oreg = mode != ATTN_TC_SMEM;
   int rc = tc_set_smem_attrs(ctx);
@@ -120,11 +108,10 @@ bool attn_tc_supports(int head_dim) { return head_dim % 16 == 0 && head_dim >= 1
 // attention_index.cuh); the caller then runs the flash-decoding kernel with
 // tc_skip for the other rows. ORCH_ERR_UNSUPPORTED (no error recorded) when
 // the head dim or KV type has no instance.
-// mode: ATTN_TC_SMEM (v3), ATTN_TC_OREG (v4..v8), ATTN_TC_FA (v9: the
-// register-resident kernel of attention_fa.cuh for head dim 64/128; v4's for
-// the others), ATTN_TC_FA2 (v10: the same with two query heads per CTA where
-// the group size is even), ATTN_TC_FA11 / FA12 (v11 / v12: v9 / v10 with
-// ldmatrix fragments and cp.async staging, attn_fa11_kernel).
+// mode: ATTN_TC_SMEM (v3), ATTN_TC_OREG (v4..v8), ATTN_TC_FA11 / FA12 (v11 /
+// v12: the register-resident mma.sync kernel of attention_fa.cuh with
+// ldmatrix fragments and cp.async staging, attn_fa11_kernel, one / two query
+// heads per CTA; head dim 64/128, v4's kernel for the others).
 int attn_tc_launch(orch_ctx *ctx, const orch_attn_args *a, int mode) {
   const bool f16 = a->kv_dtype == ORCH_KV_F16;
   if (!f16 && a->kv_dtype != ORCH_KV_F32) return ORCH_ERR_UNSUPPORTED;

@@ -21,18 +21,16 @@
 #define __shared__ // the kernel's shared memory is extern (dynamic): attn_tc::smem
 #include "../src/attention_tc.cuh"
 #undef __shared__
-#define __shared__ static // v9's static shared arrays: one CTA at a time
 #include "../src/attention_fa.cuh"
-#undef __shared__
 
 // ---- the test ----
 struct Seq {
   int hist, n; // cached positions before, new rows (queries) of this batch
 };
 
-// VARIANT: 0 = v3 (O in shared memory), 1 = v4 (O in registers), 2 = v9
-// (attention_fa.cuh: mma.sync fragments in registers), 3 = v10 (v9 with two
-// query heads per CTA), 4 / 5 = v11 / v12 (v9 / v10 with ldmatrix and cp.async).
+// VARIANT: 0 = v3 (O in shared memory), 1 = v4 (O in registers), 4 / 5 = v11 /
+// v12 (attention_fa.cuh: mma.sync fragments in registers, ldmatrix, cp.async;
+// one / two query heads per CTA). (2 / 3 were v9 / v10, removed in session 5.)
 template <typename KV, int HD, int VARIANT>
 static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
                       bool sinks, float qmul) {
@@ -100,20 +98,13 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
   a.max_pos = max_len;
 
   using namespace attn_tc;
-  if constexpr (VARIANT == 2) {
-    emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh, 1}, attn_fa::FA_THREADS,
-               0, [&] { attn_fa::attn_fa_kernel<KV, HD, 1>(a); });
-  } else if constexpr (VARIANT == 4) { // v11
+  if constexpr (VARIANT == 4) { // v11
     emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh, 1}, attn_fa::FA_THREADS,
                attn_fa::Fa11Smem<HD>::BYTES, [&] { attn_fa::attn_fa11_kernel<KV, HD, 1>(a); });
   } else if constexpr (VARIANT == 5) { // v12
     CHECK((nh / nkv) % 2 == 0, "%s: v12 needs an even group", name);
     emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh / 2, 1},
                2 * attn_fa::FA_THREADS, attn_fa::Fa11Smem<HD>::BYTES, [&] { attn_fa::attn_fa11_kernel<KV, HD, 2>(a); });
-  } else if constexpr (VARIANT == 3) { // as attention_tc.cu: two heads per CTA for even group sizes
-    CHECK((nh / nkv) % 2 == 0, "%s: v10 needs an even group", name);
-    emu_launch(dim3{(unsigned)((n_tok + attn_fa::FA_BQ - 1) / attn_fa::FA_BQ), (unsigned)nh / 2, 1},
-               2 * attn_fa::FA_THREADS, 0, [&] { attn_fa::attn_fa_kernel<KV, HD, 2>(a); });
   } else {
     emu_launch(dim3{(unsigned)((n_tok + TC_BQ - 1) / TC_BQ), (unsigned)nh, 1}, TC_WARPS * 32, TcLayout<HD>::BYTES,
                [&] { attn_tc_kernel<KV, HD, VARIANT == 1>(a); });
@@ -171,8 +162,6 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
   std::printf("%-44s %s rows %3ld taken %3d  rel err %.2e  worst row %.2e\n", name,
               VARIANT == 5   ? "v12"
               : VARIANT == 4 ? "v11"
-              : VARIANT == 3 ? "v10"
-              : VARIANT == 2 ? "v9"
               : VARIANT == 1 ? "v4"
                              : "v3",
               (long)n_tok, taken, rel, worst);
@@ -185,14 +174,12 @@ static void run_case1(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
 template <typename KV, int HD>
 static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
                      bool sinks, float qmul = 1.f) {
-  std::mt19937 r2 = rng, r3 = rng, r4 = rng, r5 = rng, r6 = rng;
+  std::mt19937 r2 = rng, r5 = rng, r6 = rng;
   run_case1<KV, HD, 0>(name, rng, seqs, nh, nkv, bs, window, sinks, qmul);
   run_case1<KV, HD, 1>(name, r2, seqs, nh, nkv, bs, window, sinks, qmul);
   if constexpr (HD == 64 || HD == 128) {
-    run_case1<KV, HD, 2>(name, r3, seqs, nh, nkv, bs, window, sinks, qmul);
     run_case1<KV, HD, 4>(name, r5, seqs, nh, nkv, bs, window, sinks, qmul);
     if ((nh / nkv) % 2 == 0 && nh >= 8) { // the two-heads-per-CTA variants on the wide-group cases only (CI time)
-      run_case1<KV, HD, 3>(name, r4, seqs, nh, nkv, bs, window, sinks, qmul);
       run_case1<KV, HD, 5>(name, r6, seqs, nh, nkv, bs, window, sinks, qmul);
     }
   }
@@ -217,7 +204,7 @@ int main() {
   run_case<__half, 128>("hd128 f16 window 70 big scores", rng, {{0, 130}}, 2, 2, 16, 70, false, 12.f);
   // gpt-oss's layer shapes (window 128, sinks, GQA 8:1) over several key
   // tiles: a 64-row tile whose window starts mid-tile, whole tiles, the
-  // causal diagonal; v9's software-pipelined staging across 4+ key tiles.
+  // causal diagonal; the double-buffered staging across 4+ key tiles.
   run_case<__half, 64>("hd64 f16 gqa8 window128 sinks hist200 n70", rng, {{200, 70}}, 8, 1, 16, 128, true);
   run_case<__half, 64>("hd64 f16 full sinks hist130 n64", rng, {{130, 64}}, 2, 1, 16, 0, true);
   run_case<__half, 128>("hd128 f16 gqa4 hist90 n100 mixed", rng, {{90, 100}, {7, 1}}, 8, 2, 16, 0, false);

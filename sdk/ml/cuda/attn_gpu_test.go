@@ -284,8 +284,9 @@ func TestAttentionHeadDims(t *testing.T) {
 // q / 8 kv heads of 64; full and window-128 layers) and Llama-3-8B (32 / 8
 // heads of 128), one sequence from position 0, eager (events around one
 // call) and in a graph (4 calls per graph, per call), for ORCH_CUDA_ATTN v4
-// (tensor-core prefill, per-head decode), v7 (the default), v9, v10, v11 and
-// v12 (a child process each; v2/v3/v5/v6/v8 were timed in earlier runs), and
+// (tensor-core prefill, per-head decode), v7, v11 and v12 (the default; a
+// child process each; v2/v3/v5/v6/v8 and the removed v9/v10 were timed in
+// earlier runs), and
 // decode rows of 1 and 64 sequences at depths 128 .. 8192, eager and in a
 // graph (attnDecodeSpeed):
 //
@@ -304,7 +305,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
 		}
 		var table []string
-		for _, v := range []string{"v4", "v7", "v9", "v10", "v11", "v12"} {
+		for _, v := range []string{"v4", "v7", "v11", "v12"} {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
 			outp, err := cmd.CombinedOutput()
@@ -516,10 +517,9 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 // memory), v4 (O in registers, per-head flash-decoding with splits from
 // MaxPos), v5 (v4 + the GQA-grouped flash-decoding kernel), v6
 // (depth-adaptive grouped decode) and v8 (v7 in one launch: heads spread over
-// idle splits, in-kernel combine; opt-in, measured no faster) and v9 (v7 with
-// the register-resident mma.sync prefill kernel, attention_fa.cuh) and v10
-// (v9 with two query heads per prefill CTA), v11 / v12 (v9 / v10 with
-// ldmatrix fragments and cp.async staging).
+// idle splits, in-kernel combine; opt-in, measured no faster) and v11 (v7
+// with the register-resident mma.sync prefill kernel of attention_fa.cuh, one
+// query head per CTA; v12 has two).
 func TestTensorCoreAttentionVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
 		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the version children run from an unpinned one", v)
@@ -542,7 +542,7 @@ func TestTensorCoreAttentionVersions(t *testing.T) {
 	}
 }
 
-var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11"}
+var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v7", "v8", "v11"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
