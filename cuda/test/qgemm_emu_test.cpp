@@ -12,7 +12,7 @@
 // gate/up pairing, bucketing and both schedules.
 //
 //   g++ -std=c++20 -O1 -g -fsanitize=address -Wno-unknown-pragmas -Icuda/include \
-//     -o /tmp/qgemm_emu cuda/test/qgemm_emu_test.cpp && /tmp/qgemm_emu
+//     -o /tmp/qgemm_emu cuda/test/qgemm_emu_test.cpp && /tmp/qgemm_emu [name filter, e.g. "tile=16"]
 //
 // It cannot show timing, bank conflicts or real fragment layouts (the kernel
 // only uses the documented load/store/mma/fill fragment contract).
@@ -172,6 +172,7 @@ extern "C" int orch_moe_combine(orch_ctx *, float *out, const float *y, const fl
 
 // ---- the test ----
 static int fails = 0;
+static const char *g_filter = ""; // argv[1]: run only the cases whose name contains it
 
 static float half_to_float(uint16_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
 static uint16_t float_to_half(float f) {
@@ -259,6 +260,7 @@ static const char *tname(int t) { return t == ORCH_T_Q8_0 ? "Q8_0" : t == ORCH_T
 static void test_dense(std::mt19937 &rng, int t, int k, int m, int n, int tile, bool bias, bool acc) {
   char name[160];
   std::snprintf(name, sizeof name, "qgemm %s k=%d m=%d n=%d tile=%d bias=%d acc=%d", tname(t), k, m, n, tile, bias, acc);
+  if (!std::strstr(name, g_filter)) return;
   std::normal_distribution<float> nd(0.f, 1.f);
   QW w = make_weight(rng, t, k, m);
   ExactBuf wd(w.bytes);
@@ -290,6 +292,7 @@ static void test_moe(std::mt19937 &rng, int gt, int dt, int n, int k, int ne, in
   char name[200];
   std::snprintf(name, sizeof name, "moe %s+%s n=%d k=%d experts=%d dim=%d ff=%d tile=%d %s bias=%d", tname(gt),
                 tname(dt), n, k, ne, dim, ff, tile, routing, bias);
+  if (!std::strstr(name, g_filter)) return;
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_real_distribution<float> u01(0.f, 1.f);
   QW g = make_weight(rng, gt, dim, ff * ne), u = make_weight(rng, gt, dim, ff * ne), d = make_weight(rng, dt, ff, dim * ne);
@@ -359,7 +362,8 @@ static void test_moe(std::mt19937 &rng, int gt, int dt, int n, int k, int ne, in
   check(name, out, want);
 }
 
-int main() {
+int main(int argc, char **argv) {
+  if (argc > 1) g_filter = argv[1];
   std::mt19937 rng(20261125);
   // Dense: k = 96 (3 blocks: a partial stage for every KB), m = 40 and n = 19
   // ragged against every tile; both schedules; bias and accumulate.
@@ -376,6 +380,16 @@ int main() {
   test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 8, 64, 64, 0, "uniform", true); // ~65 pairs per expert: auto tile 5
   test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 21, 2, 5, 96, 64, 0, "uniform", false);
   test_moe(rng, ORCH_T_Q4_0, ORCH_T_Q8_0, 7, 3, 4, 64, 64, 1, "skew", true);
+  // v2 (tile 16, moe_gemm.cuh: mma.sync / ldmatrix by the PTX fragment
+  // tables): k = 96 (a partial stage), m below one CTA's rows, ragged pair
+  // counts (n-blocks skipped per warp), empty experts, one expert over two
+  // 96-pair tiles (130 tokens on 5 experts: ~104 each), no biases; and a
+  // Q8_0 call asking for 16 (v1's tiles take it).
+  for (const char *routing : {"uniform", "skew", "one"})
+    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, 16, routing, true);
+  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 5, 64, 64, 16, "uniform", false);
+  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 60, 3, 3, 64, 32, 16, "one", true);
+  test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 9, 2, 5, 64, 64, 16, "uniform", true);
   if (fails) {
     std::printf("qgemm_emu_test: %d failures\n", fails);
     return 1;

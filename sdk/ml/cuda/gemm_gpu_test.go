@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -320,9 +321,9 @@ func TestMoEGrouped(t *testing.T) {
 			for _, n := range []int{1, 5, 9, 33, 130, 512} {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
-					tiles := []int32{0, 1, 2, 3, 4, 5}
+					tiles := []int32{0, 1, 2, 3, 4, 5, 16} // 16: v2 (moe_gemm.cuh; MXFP4 only, others fall back)
 					if !withBias || dts[0] != dts[1] {
-						tiles = []int32{0}
+						tiles = []int32{0, 16}
 					}
 					for _, tile := range tiles {
 						name := fmt.Sprintf("%v+%v/bias=%v/n=%d/%s/tile=%d", dts[0], dts[1], withBias, n, kind, tile)
@@ -357,7 +358,11 @@ func TestMoEGroupedGraph(t *testing.T) {
 	const dim, ff, ne, k, n = 160, 224, 32, 4, 70
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
-	for it, kind := range []string{"uniform", "one", "skew", "uniform"} {
+	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v2", "uniform/v2"} {
+		tile := int32(0)
+		if strings.HasSuffix(kind, "/v2") {
+			kind, tile = strings.TrimSuffix(kind, "/v2"), 16
+		}
 		x := randF32(r, dim*n, 1)
 		ids := routing(r, kind, n, k, ne)
 		w := make([]float32, n*k)
@@ -368,7 +373,7 @@ func TestMoEGroupedGraph(t *testing.T) {
 		require.NoError(t, gpu.WriteI32(c.ids, ids))
 		require.NoError(t, gpu.WriteF32(c.w, w))
 		gpu.Fill(c.out, float32(math.NaN()))
-		require.NoError(t, gpu.Run("moe-grouped", func() { gpu.call("moe_ffn_grouped", c.run(t, m, 0)) }))
+		require.NoError(t, gpu.Run(fmt.Sprintf("moe-grouped-%d", tile), func() { gpu.call("moe_ffn_grouped", c.run(t, m, tile)) }))
 		got := make([]float32, dim*n)
 		require.NoError(t, gpu.ReadF32(c.out, got))
 		checkVec(t, fmt.Sprintf("replay %d (%s)", it, kind), got, m.forward(x, ids, w, n, k), bf16Tol)

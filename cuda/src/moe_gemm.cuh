@@ -1,0 +1,377 @@
+// moe_gemm.cuh — grouped MoE expert GEMM v2 (ORCH_CUDA_MOEGEMM=v2, tile code
+// 16 of orch_moe_ffn_grouped; session 5, issue 7). Included by qgemm.cu
+// inside its anonymous namespace: it reuses qgemm.cu's QArgs, cp.async
+// wrappers, the MXFP4 -> bf16 block decode (dequant_block_bf16) and the
+// route (bucketing, gather, tile plan, combine); only the GEMM kernel is new.
+//
+// Versus v1 (qgemm_kernel, WMMA 16x16x16):
+//  - mma.sync m16n8k16 bf16 (fp32 accumulate) with ldmatrix.x4 fragment loads
+//    from padded shared memory (rows of BK + 8 bf16: 144 bytes, an odd number
+//    of 16-byte units, so the 8 row addresses of an 8x8 ldmatrix block hit
+//    distinct bank groups). W rows are the A operand (M), pairs the B operand
+//    (N, 8 per mma): a tile's n8 column blocks past its pair count are skipped
+//    (warp-uniform branch), so a 96-pair tile holding 64 pairs issues 2/3 of
+//    the MMAs (v1 computed all 96 columns);
+//  - a taller tile, 192 W rows (gate_up: 96 gate + the same 96 up rows) x 96
+//    pairs, 12 warps (6 along M x 2 along N): each pair's activations are
+//    re-read from L2 m / 192 times (v1: m / 128), and 2880 = 15 x 192 and
+//    2880 = 30 x 96 (gpt-oss dim and ff) leave no partial column of CTAs;
+//  - the N blocks are dealt round robin to the two warps of an M band (block
+//    j to warp j % 2), so a ragged tile splits its MMAs evenly between them;
+//  - the epilogue runs on the accumulators in registers: a warp's two m16
+//    tiles are the same 16 ff rows of gate and of up (bands of 32 tile rows:
+//    16 gate, 16 up), so the clamped SwiGLU pairs element d[i] of one with
+//    d[i] of the other; no shared-memory scratch.
+// Pipeline as v1's PIPE schedule: NS = 3 stages of raw W bytes + bf16 pair
+// rows in flight (cp.async), W dequantized once per stage by all threads into
+// one of two bf16 W tiles, one barrier per stage: after it, warps multiply
+// stage s while dequantizing stage s + 1 into the other tile.
+// Fragment layouts (PTX ISA, lane = 4 g + t), as attention_fa.cuh:
+//   A (16 x 16, row-major W tile): a0 = A[g][2t..], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   B (16 x 8, the pair rows [n][k]): b0 = B[k 2t..][n g], b1 = B[k 2t+8..][n g]
+//   D: d0, d1 = D[g][2t, 2t+1], d2, d3 = D[g+8][2t, 2t+1]
+// ldmatrix.x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l gets
+// of matrix i row l / 4, elements 2 (l % 4), +1 -> register i. So A's x4 takes
+// matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
+// (rows 8-15, k 8-15); B's x4 (n-block j, k 0-7), (j, k 8-15), (j', k 0-7),
+// (j', k 8-15) = the b0, b1 of two n-blocks.
+// The CPU emulation (cuda/test/qgemm_emu_test.cpp) runs this source with
+// ldmatrix and mma done lane by lane from these tables, so the layouts are
+// checked, not assumed.
+#pragma once
+
+// ---- fragment primitives ----
+__device__ __forceinline__ void mg_mma_bf16(float d[4], const uint32_t a[4], const uint32_t b0, const uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(ORCH_EMU)
+  // The warp's fragments gathered by the table above; products and sums in
+  // double, rounded once (the hardware's order is unspecified).
+  EmuMmaExchange &x = g_emu_mma[threadIdx.x >> 5];
+  const int lane = threadIdx.x & 31;
+  for (int i = 0; i < 4; i++) x.a[lane][i] = a[i];
+  x.b[lane][0] = b0;
+  x.b[lane][1] = b1;
+  emu_warp().bar.arrive_and_wait();
+  auto bf = [](uint32_t w, int hi) {
+    const uint32_t u = (hi ? w >> 16 : w & 0xffffu) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return (double)f;
+  };
+  auto A = [&](int row, int col) {
+    return bf(x.a[4 * (row & 7) + ((col & 7) >> 1)][(row >> 3) + 2 * (col >> 3)], col & 1);
+  };
+  auto B = [&](int row, int col) { return bf(x.b[4 * col + ((row & 7) >> 1)][row >> 3], row & 1); };
+  const int g = lane >> 2, t = lane & 3;
+  float r[4];
+  for (int i = 0; i < 4; i++) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    double s = d[i];
+    for (int kk = 0; kk < 16; kk++) s += A(row, kk) * B(kk, col);
+    r[i] = (float)s;
+  }
+  emu_warp().bar.arrive_and_wait();
+  for (int i = 0; i < 4; i++) d[i] = r[i];
+#endif
+}
+
+__device__ __forceinline__ void mg_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#elif defined(ORCH_EMU)
+  const unsigned char *c = (const unsigned char *)p;
+  CHECK(((uintptr_t)p & 15) == 0, "ldmatrix row address %p not 16-byte aligned", (const void *)p);
+  CHECK(c >= attn_tc::smem && c + 16 <= attn_tc::smem + g_smem_bytes, "ldmatrix row outside shared memory");
+  const int lane = threadIdx.x & 31;
+  for (int i = 0; i < 4; i++) {
+    const unsigned char *rp = (const unsigned char *)__shfl_sync(0xffffffffu, (long long)p, i * 8 + lane / 4);
+    std::memcpy(&r[i], rp + 4 * (lane % 4), 4);
+  }
+#endif
+}
+
+// ---- configuration ----
+struct MgCfg {
+  static constexpr int BM = 192, BN = 96, KB = 2, NS = 3;
+  static constexpr int WM = 6, WN = 2, THREADS = WM * WN * 32;
+  static constexpr int BK = 32 * KB, LDS = BK + 8;
+  static constexpr int MT = BM / WM / 16; // m16 tiles per warp (2: gate_up pairs gate / up)
+  static constexpr int NT = BN / 8 / WN;  // n8 blocks per warp
+  static_assert(MT == 2 && NT % 2 == 0 && MT * 16 * WM == BM && NT * 8 * WN == BN, "tile");
+  static_assert((LDS * 2) % 16 == 0 && ((LDS * 2 / 16) & 1), "ldmatrix rows: 16-byte aligned, odd 16-byte stride");
+};
+
+template <int T>
+struct MgSmem {
+  using C = MgCfg;
+  static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
+  static constexpr size_t WS = 2 * (size_t)C::BM * C::LDS * 2;
+  static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
+  static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
+  static constexpr size_t TOTAL = WS + XS + RAW + 2 * C::BN * 4;
+};
+
+// One CTA: the BM W rows from blockIdx.x (gate_up: BM/2 rows of each W) x the
+// route tile blockIdx.y (up to BN pairs of one expert). MODE_GATE_UP: bf16
+// SwiGLU activations act[pos, m] (sorted order); MODE_DOWN: f32 y[pair, m].
+template <int T, int MODE>
+__global__ void __launch_bounds__(MgCfg::THREADS, 1) moe_gemm2_kernel(const QArgs a) {
+  using C = MgCfg;
+  using SM = MgSmem<T>;
+  constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
+  constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
+  constexpr bool DUAL = MODE == MODE_GATE_UP;
+  QG_DYN_SMEM(uint8_t, smem);
+  __nv_bfloat16 *Ws = reinterpret_cast<__nv_bfloat16 *>(smem);
+  __nv_bfloat16 *Xs = reinterpret_cast<__nv_bfloat16 *>(smem + SM::WS);
+  uint8_t *raw = smem + SM::WS + SM::XS;
+  int *arow = reinterpret_cast<int *>(raw + SM::RAW); // A row of tile row i (-1: none)
+  int *orow = arow + BN;                               // output row of tile row i (-1: none)
+  const int tid = threadIdx.x;
+
+  const int ty = blockIdx.y;
+  if (ty >= *a.ntiles) return; // uniform: past the routed tiles (the grid is an upper bound)
+  const int e = a.tile_e[ty];
+  const int base = a.exp_off[e] + a.tile_r0[ty], lim = a.exp_off[e + 1];
+  const int cnt = min(BN, lim - base); // pairs in this tile (>= 1)
+  for (int i = tid; i < BN; i += THREADS) {
+    const int pos = base + i;
+    arow[i] = pos < lim ? pos : -1;
+    orow[i] = pos >= lim ? -1 : DUAL ? pos : a.sorted[pos];
+  }
+  const int64_t r0 = (int64_t)blockIdx.x * (DUAL ? BM / 2 : BM); // first W row (of each W when DUAL)
+  const uint8_t *wb = a.w + (int64_t)e * a.expert_bytes;
+  const uint8_t *wb2 = DUAL ? a.w2 + (int64_t)e * a.expert_bytes : nullptr;
+  const int64_t nb = a.k / 32;
+  const int nstages = (int)((nb + KB - 1) / KB);
+
+  // Tile row i -> (W, row): DUAL interleaves 16 gate rows and the same 16 up
+  // rows per 32 (a warp's band).
+  auto wrow = [&](int i, const uint8_t *&wbase, const uint8_t *&wend) -> int64_t {
+    if constexpr (DUAL) {
+      const int band = i >> 5, within = i & 31;
+      wbase = within < 16 ? wb : wb2;
+      wend = within < 16 ? a.w_end : a.w2_end;
+      return r0 + band * 16 + (within & 15);
+    } else {
+      wbase = wb;
+      wend = a.w_end;
+      return r0 + i;
+    }
+  };
+
+  __syncthreads(); // row maps
+
+  // Per-thread copy / dequantization tasks, fixed for the whole loop (as v1).
+  constexpr int WPT = (BM * CH + THREADS - 1) / THREADS;
+  constexpr int APT = (BN * KB * 4 + THREADS - 1) / THREADS;
+  constexpr int DPT = (BM * KB + THREADS - 1) / THREADS;
+  static_assert(BM * RAWROW < 65536 && BN * LDS < 65536 && BM * LDS < 65536, "packed shared-memory offsets");
+  const uint8_t *w_row[WPT];
+  uint32_t w_pk[WPT];
+#pragma unroll
+  for (int u = 0; u < WPT; u++) {
+    const int q = tid + u * THREADS;
+    w_row[u] = nullptr;
+    w_pk[u] = 0;
+    if (q < BM * CH) {
+      const int i = q / CH, c = q % CH;
+      const uint8_t *wbase, *wend;
+      const int64_t row = wrow(i, wbase, wend);
+      if (row < a.m) w_row[u] = wbase + row * a.rb;
+      w_pk[u] = (uint32_t)(i * RAWROW + 16 * c) | (uint32_t)c << 16 | (uint32_t)(wend != a.w_end) << 24;
+    }
+  }
+  const __nv_bfloat16 *a_src[APT];
+  uint32_t a_pk[APT];
+#pragma unroll
+  for (int u = 0; u < APT; u++) {
+    const int q = tid + u * THREADS;
+    a_src[u] = nullptr;
+    a_pk[u] = 0;
+    if (q < BN * KB * 4) {
+      const int i = q / (KB * 4), c = q % (KB * 4);
+      const int ar = arow[i];
+      if (ar >= 0) a_src[u] = a.xa + (int64_t)ar * a.k; // rows without a pair feed only columns never stored
+      a_pk[u] = (uint32_t)(i * LDS + 8 * c) | (uint32_t)(8 * c) << 16;
+    }
+  }
+  const uint8_t *d_row[DPT];
+  int d_pk[DPT];
+#pragma unroll
+  for (int u = 0; u < DPT; u++) {
+    const int q = tid + u * THREADS;
+    d_row[u] = nullptr;
+    d_pk[u] = -1;
+    if (q < BM * KB) {
+      const int i = q / KB, j = q % KB;
+      const uint8_t *wbase, *wend;
+      const int64_t row = wrow(i, wbase, wend);
+      if (row < a.m) d_row[u] = wbase + row * a.rb;
+      d_pk[u] = (i * LDS + 32 * j) | j << 16;
+    }
+  }
+
+  // Stage s's cp.async copies (W raw -> raw[s % NS], pair rows -> Xs[s % NS]), one commit group.
+  auto issue = [&](int s) {
+    if (s < nstages) {
+      const int64_t kb0 = (int64_t)s * KB;
+      const int nblk = (int)min((int64_t)KB, nb - kb0);
+      uint8_t *dst = raw + (size_t)(s % NS) * BM * RAWROW;
+#pragma unroll
+      for (int u = 0; u < WPT; u++) {
+        if (!w_row[u]) continue;
+        const int c = (int)((w_pk[u] >> 16) & 0xffu);
+        const uint8_t *seg = w_row[u] + kb0 * BB;
+        const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
+        if (c >= sp.chunks) continue;
+        const uint64_t addr = sp.a0 + 16ull * c;
+        const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
+        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
+      }
+      __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
+#pragma unroll
+      for (int u = 0; u < APT; u++) {
+        if (!a_src[u]) continue;
+        const int64_t col = kb0 * 32 + (a_pk[u] >> 16);
+        cp_async16(xd + (a_pk[u] & 0xffffu), a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  };
+  // Stage s's raw blocks -> bf16 W tile wt (zeros past m / past k).
+  auto dequant = [&](int s, __nv_bfloat16 *wt) {
+    const int64_t kb0 = (int64_t)s * KB;
+    const uint8_t *src = raw + (size_t)(s % NS) * BM * RAWROW;
+#pragma unroll
+    for (int u = 0; u < DPT; u++) {
+      if (d_pk[u] < 0) continue;
+      const int off = d_pk[u] & 0xffff, j = d_pk[u] >> 16;
+      __nv_bfloat16 *dst = wt + off;
+      if (d_row[u] && kb0 + j < nb) {
+        const uint8_t *seg = d_row[u] + kb0 * BB;
+        const int o = (int)((uintptr_t)seg & 15) + j * BB;
+        const int i = off / LDS;
+        const uint32_t *wp = reinterpret_cast<const uint32_t *>(src + i * RAWROW + (o & ~3));
+        uint32_t wv[block_words<T>()];
+#pragma unroll
+        for (int z = 0; z < block_words<T>(); z++) wv[z] = wp[z];
+        dequant_block_bf16<T>(wv, (uint32_t)(o & 3), dst);
+      } else {
+        uint4 *p = reinterpret_cast<uint4 *>(dst);
+#pragma unroll
+        for (int z = 0; z < 4; z++) p[z] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  const int warp = tid >> 5, lane = tid & 31;
+  const int wm = warp % C::WM, wn = warp / C::WM;
+  // ldmatrix row offsets (elements) of this lane: A (W rows of the band), B
+  // (pair rows of n-blocks wn and wn + 2; + 32 rows per further pair of blocks).
+  const int a_off = (wm * 32 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + (lane >> 4) * 8;
+  const int b_off = ((wn + 2 * (lane >> 4)) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8;
+  float acc[C::MT][C::NT][4];
+#pragma unroll
+  for (int i = 0; i < C::MT; i++)
+#pragma unroll
+    for (int j = 0; j < C::NT; j++)
+#pragma unroll
+      for (int z = 0; z < 4; z++) acc[i][j][z] = 0.f;
+
+  // Stage s's product: W tile wt, pair rows Xs[s % NS]. Local block j of this
+  // warp is n-block 2 j + wn (pairs 8 (2 j + wn) ..); blocks past cnt skipped.
+  auto mma = [&](int s, const __nv_bfloat16 *wt) {
+    const __nv_bfloat16 *xs = Xs + (size_t)(s % NS) * BN * LDS;
+#pragma unroll
+    for (int kk = 0; kk < C::BK / 16; kk++) {
+      uint32_t af[C::MT][4];
+#pragma unroll
+      for (int i = 0; i < C::MT; i++) mg_ldsm_x4(af[i], wt + a_off + i * 16 * LDS + kk * 16);
+#pragma unroll
+      for (int jp = 0; jp < C::NT / 2; jp++) {
+        if ((4 * jp + wn) * 8 >= cnt) break; // warp-uniform
+        uint32_t bf[4];
+        mg_ldsm_x4(bf, xs + b_off + jp * 32 * LDS + kk * 16);
+        const bool second = (4 * jp + 2 + wn) * 8 < cnt;
+#pragma unroll
+        for (int i = 0; i < C::MT; i++) {
+          mg_mma_bf16(acc[i][2 * jp], af[i], bf[0], bf[1]);
+          if (second) mg_mma_bf16(acc[i][2 * jp + 1], af[i], bf[2], bf[3]);
+        }
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < NS - 1; s++) issue(s);
+  {
+    __nv_bfloat16 *Ws2 = Ws + BM * LDS;
+    cp_async_wait<NS - 2>(); // stage 0
+    __syncthreads();
+    dequant(0, Ws);
+    for (int s = 0; s < nstages; s++) {
+      cp_async_wait<NS - 3>(); // this thread's copies of stage s+1 have landed
+      __syncthreads(); // stage s+1 visible; Ws[s % 2] ready; step s-1's mma and dequant done
+      issue(s + NS - 1); // into the buffers of stage s-1
+      mma(s, (s & 1) ? Ws2 : Ws);
+      if (s + 1 < nstages) dequant(s + 1, (s & 1) ? Ws : Ws2);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue from registers: lane (g, t) holds, per local block j, rows g and
+  // g + 8 of each m16 tile at pairs 2t, 2t + 1 of n-block 2 j + wn.
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < C::NT; j++) {
+    const int nb0 = (2 * j + wn) * 8;
+    if (nb0 >= cnt) break;
+#pragma unroll
+    for (int z = 0; z < 4; z++) {
+      const int col = nb0 + 2 * t + (z & 1);
+      const int o = col < cnt ? orow[col] : -1;
+      if (o < 0) continue;
+      if constexpr (DUAL) {
+        const int64_t row = r0 + wm * 16 + g + 8 * (z >> 1);
+        if (row >= a.m) continue;
+        const float gv = acc[0][j][z] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
+        const float uv = acc[1][j][z] + (a.bias2 ? a.bias2[(int64_t)e * a.m + row] : 0.f);
+        reinterpret_cast<__nv_bfloat16 *>(a.y)[(int64_t)o * a.m + row] =
+            __float2bfloat16_rn(swiglu_oai(gv, uv, a.alpha, a.limit));
+      } else {
+#pragma unroll
+        for (int i = 0; i < C::MT; i++) {
+          const int64_t row = r0 + wm * 32 + i * 16 + g + 8 * (z >> 1);
+          if (row >= a.m) continue;
+          const float v = acc[i][j][z] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
+          float *yp = reinterpret_cast<float *>(a.y) + (int64_t)o * a.m + row;
+          *yp = a.accumulate ? *yp + v : v;
+        }
+      }
+    }
+  }
+}
+
+template <int T, int MODE>
+int launch_moe_gemm2(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
+  constexpr size_t sm = MgSmem<T>::TOTAL;
+  static_assert(sm <= 200 * 1024, "shared memory");
+  static const size_t optin = smem_optin();
+  if (sm > optin) {
+    orch_set_error("moe_gemm v2: tile needs %zu bytes of shared memory, the device allows %zu", sm, optin);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? MgCfg::BM / 2 : MgCfg::BM);
+  cudaFuncSetAttribute(moe_gemm2_kernel<T, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs) = moe_gemm2_kernel<T, MODE>;
+  QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), MgCfg::THREADS, sm, st, a);
+  return ORCH_OK;
+}

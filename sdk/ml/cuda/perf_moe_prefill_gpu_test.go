@@ -1,0 +1,116 @@
+//go:build gpu
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// TestPerfMoEPrefill times the grouped MoE expert FFN (orch_moe_ffn_grouped:
+// bucketing, gather, gate_up GEMM + SwiGLU, down GEMM, combine; no router or
+// top-k) at gpt-oss-20b shape (dim = ff = 2880, 32 experts, top-4, MXFP4)
+// for n = 64, 512 (the engine's prefill chunk) and 2048 tokens, uniform
+// random routing, per GEMM version / tile: v1 tile 5 (WMMA, 128 x 96), v1
+// by shape, v2 (tile 16: mma.sync + ldmatrix, 192 x 96, moe_gemm.cuh). It
+// also checks v2's output against v1's at that shape (relative L2 error:
+// both round activations to bf16 and sum in fp32 in different orders).
+// ORCH_GPU_PERF=1 runs it; the table goes to stdout and, with
+// ORCH_PERF_OUT, to perf-moe-prefill.md next to that file.
+func TestPerfMoEPrefill(t *testing.T) {
+	if os.Getenv("ORCH_GPU_PERF") == "" {
+		t.Skip("set ORCH_GPU_PERF=1 to run the timing table")
+	}
+	r := newRandSrc(newRNG(t))
+	rng := rand.New(rand.NewPCG(7, 11))
+	const d, ff, ne, topk = 2880, 2880, 32, 4
+	mo := r.moe(t, d, ff, ne, topk)
+	defer func() {
+		for _, w := range []ml.Tensor{mo.Router, mo.RouterBias, mo.Gate, mo.GateBias, mo.Up, mo.UpBias, mo.Down, mo.DownBias} {
+			gpu.Free(w)
+		}
+	}()
+	rowB := func(dt ml.DType, k int) float64 { b, _ := dt.RowBytes(k); return float64(b) }
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n", gpu.DeviceName(), gpu.ComputeCapability())
+	sb.WriteString("| grouped MoE FFN, gpt-oss shape | measured (median) | TFLOP/s | floor (989 TF / HBM) | of floor |\n|---|---|---|---|---|\n")
+	var notes []string
+	for _, n := range []int{64, 512, 2048} {
+		p := n * topk
+		alloc := func(dt ml.DType, shape ...int) ml.Tensor {
+			x := mustA(t, dt, shape...)
+			t.Cleanup(func() { gpu.Free(x) })
+			return x
+		}
+		out, x := alloc(ml.F32, d, n), alloc(ml.F32, d, n)
+		ids, w := alloc(ml.I32, p), alloc(ml.F32, p)
+		xg, act, ybuf := alloc(ml.F32, d/2, p), alloc(ml.F32, ff/2, p), alloc(ml.F32, d, p)
+		route := alloc(ml.I32, int(gpu.l.moeRouteInts(int64(p), ne)))
+		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
+		iv := make([]int32, 0, p)
+		wv := make([]float32, 0, p)
+		for range n {
+			for _, e := range rng.Perm(ne)[:topk] {
+				iv = append(iv, int32(e))
+				wv = append(wv, 0.25)
+			}
+		}
+		require.NoError(t, gpu.WriteI32(ids, iv))
+		require.NoError(t, gpu.WriteF32(w, wv))
+		call := func(tile int32) int32 {
+			return gpu.l.moeFFNGrouped(gpu.ctx, dptr(t, out), dptr(t, x), dptr(t, ids), dptr(t, w),
+				dptr(t, mo.Gate), dptr(t, mo.Up), int32(ml.MXFP4), dptr(t, mo.GateBias), dptr(t, mo.UpBias),
+				dptr(t, mo.Down), int32(ml.MXFP4), dptr(t, mo.DownBias), int64(n), topk, ne, d, ff,
+				mo.Alpha, mo.Limit, dptr(t, xg), dptr(t, act), dptr(t, ybuf), dptr(t, route), tile)
+		}
+		used := float64(ne) * (1 - math.Pow(1-float64(topk)/float64(ne), float64(n)))
+		bytes := used*3*rowB(ml.MXFP4, d)*ff + 8*float64(d*n)
+		flops := float64(p) * 6 * d * ff
+		floor := max(bytes/3.35e12, flops/h100BF16) * 1e3
+		for _, c := range []struct {
+			label string
+			tile  int32
+		}{{"v1 tile 5", 5}, {"v1 by shape (tile 0, ORCH_CUDA_MOEGEMM=" + os.Getenv("ORCH_CUDA_MOEGEMM") + ")", 0}, {"v2 (tile 16)", 16}} {
+			ms := timeKernel(t, 20, 8, func() { gpu.call("moe_ffn_grouped", call(c.tile)) })
+			require.NoError(t, gpu.Sync())
+			fmt.Fprintf(&sb, "| n=%d (%d pairs, %.1f experts) %s | %.4f ms | %.0f | %.4f ms | %.0f%% |\n",
+				n, p, used, c.label, ms, flops/(ms*1e-3)/1e12, floor, 100*floor/ms)
+		}
+		// v2 against v1 at this shape.
+		got := func(tile int32) []float32 {
+			gpu.Fill(out, float32(math.NaN()))
+			require.NoError(t, gpu.l.status("moe_ffn_grouped", call(tile)))
+			v := make([]float32, d*n)
+			require.NoError(t, gpu.ReadF32(out, v))
+			return v
+		}
+		v1, v2 := got(5), got(16)
+		var num, den float64
+		for i := range v1 {
+			require.False(t, math.IsNaN(float64(v2[i])) || math.IsInf(float64(v2[i]), 0), "v2 element %d is %v", i, v2[i])
+			dd := float64(v2[i]) - float64(v1[i])
+			num += dd * dd
+			den += float64(v1[i]) * float64(v1[i])
+		}
+		rel := math.Sqrt(num / math.Max(den, 1e-30))
+		notes = append(notes, fmt.Sprintf("n=%d: v2 vs v1 relative L2 difference %.3g", n, rel))
+		require.Less(t, rel, 5e-3, "n=%d: v2 differs from v1", n)
+	}
+	sb.WriteString("\n")
+	for _, s := range notes {
+		sb.WriteString("- " + s + "\n")
+	}
+	fmt.Print(sb.String())
+	if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
+		require.NoError(t, os.WriteFile(filepath.Join(filepath.Dir(po), "perf-moe-prefill.md"), []byte(sb.String()), 0o644))
+	}
+}
