@@ -44,6 +44,12 @@ __host__ __device__ inline bool supported(int64_t n, int64_t k, int64_t m, uintp
   return n > 0 && k > 0 && m > 0 && k % BK == 0 && (w & 3) == 0 && (x & 15) == 0 && n * k < (1ll << 31) &&
          m < (1ll << 31) && n < (1ll << 31);
 }
+// Output tiles below which v3 hands the call to v2 (dequantize + cuBLAS): a
+// grid of fewer CTAs than ~3/4 of an H100's 132 SMs leaves SMs idle for the
+// whole k loop (no split-k here), e.g. gpt-oss k / v (m = 512) at n = 512:
+// 16 CTAs. Host-side policy, not a correctness limit.
+constexpr int64_t MIN_TILES = 96;
+__host__ __device__ inline int64_t tiles(int64_t n, int64_t m) { return ((n + BN - 1) / BN) * ((m + BM - 1) / BM); }
 // Scratch bytes: fp16 x [n, k], then n fp32 row factors.
 __host__ __device__ inline int64_t scratch_bytes(int64_t n, int64_t k) { return (n * k * 2 + 255) / 256 * 256 + n * 4; }
 
@@ -290,12 +296,9 @@ inline cudaError_t run(cudaStream_t st, void *scr, float *y, const float *x, con
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
 #ifndef ORCH_EMU
-  static bool attr = false; // once per process (the device's limit: 227 KB on sm_90)
-  if (!attr) {
-    e = cudaFuncSetAttribute(gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
-    if (e != cudaSuccess) return e;
-    attr = true;
-  }
+  // Every call, as the library's other kernels (cheap; per device, allowed under capture).
+  e = cudaFuncSetAttribute(gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
+  if (e != cudaSuccess) return e;
 #endif
   GQ8_LAUNCH(gemm, dim3((unsigned)ceil_div(n, BN), (unsigned)ceil_div(m, BM)), THREADS, SMEM, st, y, xh, xf, w, bias,
              (int)n, (int)k, (int)m, rb, acc);

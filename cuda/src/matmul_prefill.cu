@@ -15,7 +15,9 @@
 //    (beta = 1) instead of a read-modify-write pass afterwards.
 //  - v3 (opt-in): Q8_0 with k % 64 == 0 through gq8::gemm (gemm_q8.cuh: raw
 //    blocks dequantized in shared memory, fp16 mma.sync, no copy of W);
-//    other types and shapes take v2.
+//    other types and shapes take v2, and so do grids of fewer than
+//    gq8::MIN_TILES output tiles (e.g. k / v projections at n = 512) unless
+//    ORCH_CUDA_PREFILL_FORCE=1 (tests: the kernel at every shape).
 #include "quant.cuh"
 #include "gemm_q8.cuh"
 
@@ -96,6 +98,15 @@ static int prefill_version() {
   return v;
 }
 
+// ORCH_CUDA_PREFILL_FORCE=1: v3 takes every shape it supports (tests).
+static bool prefill_force_v3() {
+  static const bool f = [] {
+    const char *v = getenv("ORCH_CUDA_PREFILL_FORCE");
+    return v && v[0] == '1';
+  }();
+  return f;
+}
+
 // Weight rows per dequantized tile: v1 32 MiB of bf16 (at least 64 rows);
 // v2 the whole m when m * k * 2 bytes <= cap, else equal tiles under it
 // (multiples of 8 rows). Host-only arithmetic.
@@ -139,7 +150,8 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
     return ORCH_OK;
   }
   const int version = prefill_version();
-  if (version == 3 && wtype == ORCH_T_Q8_0 && gq8::supported(n, k, m, (uintptr_t)wb, (uintptr_t)x)) {
+  if (version == 3 && wtype == ORCH_T_Q8_0 && gq8::supported(n, k, m, (uintptr_t)wb, (uintptr_t)x) &&
+      (gq8::tiles(n, m) >= gq8::MIN_TILES || prefill_force_v3())) {
     void *scr = nullptr;
     int rc = orch_scratch(ctx, (size_t)gq8::scratch_bytes(n, k), &scr);
     if (rc != ORCH_OK) return rc;

@@ -20,23 +20,35 @@ import (
 	"github.com/llama-orch/orch/sdk/ml"
 )
 
-// prefillVersions are the ORCH_CUDA_PREFILL values the tests below re-run
-// themselves under (child processes: the library reads it once per process).
-var prefillVersions = []string{"v1", "v2", "v3"}
+// prefillVariants are the environments the tests below re-run themselves
+// under (child processes: the library reads ORCH_CUDA_PREFILL once per
+// process). "v3 forced" runs the raw-Q8_0 GEMM at every shape it supports,
+// also the small grids that v3 otherwise hands to v2.
+var prefillVariants = []struct {
+	name string
+	env  []string
+	perf bool // also timed by TestPerfPrefillMatMul
+}{
+	{"v1", []string{"ORCH_CUDA_PREFILL=v1"}, true},
+	{"v2", []string{"ORCH_CUDA_PREFILL=v2"}, true},
+	{"v3", []string{"ORCH_CUDA_PREFILL=v3"}, true},
+	{"v3 forced", []string{"ORCH_CUDA_PREFILL=v3", "ORCH_CUDA_PREFILL_FORCE=1"}, true},
+}
 
-// runPrefillChildren re-runs test in one child process per version (same
-// card) and returns the lines of each child's output that hold a table row.
-// It returns ok = false in a child (the caller then does the work itself).
-func runPrefillChildren(t *testing.T, test string) (rows []string, parent bool) {
-	if os.Getenv("ORCH_PREFILL_CHILD") != "" {
+// runPrefillChildren re-runs test in one child process per variant (same
+// card) and returns the lines of the children's output that hold a table
+// row, with parent = true; in a child (or a process pinned by the caller's
+// ORCH_CUDA_PREFILL) it returns parent = false and the caller does the work.
+func runPrefillChildren(t *testing.T, test string, perf bool) (rows []string, parent bool) {
+	if os.Getenv("ORCH_PREFILL_CHILD") != "" || os.Getenv("ORCH_CUDA_PREFILL") != "" {
 		return nil, false
 	}
-	if v := os.Getenv("ORCH_CUDA_PREFILL"); v != "" {
-		return nil, false // pinned by the caller: run once, here
-	}
-	for _, v := range prefillVersions {
+	for _, v := range prefillVariants {
+		if perf && !v.perf {
+			continue
+		}
 		cmd := exec.Command(os.Args[0], "-test.run", "^"+test+"$", "-test.v")
-		cmd.Env = append(os.Environ(), "ORCH_PREFILL_CHILD=1", "ORCH_CUDA_PREFILL="+v)
+		cmd.Env = append(append(os.Environ(), "ORCH_PREFILL_CHILD="+v.name), v.env...)
 		outp, err := cmd.CombinedOutput()
 		for _, line := range strings.Split(string(outp), "\n") {
 			if i := strings.Index(line, "|"); i >= 0 {
@@ -44,7 +56,7 @@ func runPrefillChildren(t *testing.T, test string) (rows []string, parent bool) 
 				rows = append(rows, line[i:])
 			}
 		}
-		require.NoError(t, err, "ORCH_CUDA_PREFILL=%s child:\n%s", v, outp)
+		require.NoError(t, err, "%s child:\n%s", v.name, outp)
 	}
 	return rows, true
 }
@@ -52,11 +64,11 @@ func runPrefillChildren(t *testing.T, test string) (rows []string, parent bool) 
 // TestMatMulPrefill checks orch_matmul at n > 96 (the large-n path; n = 97
 // also has 97 % 8 != 0 token rows) against the CPU backend for every weight
 // type, with and without bias and accumulate, ragged m, outputs poisoned
-// with NaN (accumulate: random), under every ORCH_CUDA_PREFILL version. One
+// with NaN (accumulate: random), under every prefillVariants entry. One
 // shape whose bf16 copy is over v2's 128 MiB tile cap (k 8192, m 8200: two
 // tiles of 4104 rows) checks the tiling.
 func TestMatMulPrefill(t *testing.T) {
-	if _, parent := runPrefillChildren(t, "TestMatMulPrefill"); parent {
+	if _, parent := runPrefillChildren(t, "TestMatMulPrefill", false); parent {
 		return
 	}
 	r := newRNG(t)
@@ -65,12 +77,14 @@ func TestMatMulPrefill(t *testing.T) {
 	for _, dt := range ml.WeightDTypes {
 		for _, sh := range shapes {
 			for _, c := range []struct{ bias, acc bool }{{false, false}, {true, false}, {true, true}, {false, true}} {
-				name := fmt.Sprintf("%s/%v/k=%d/m=%d/n=%d/bias=%v/acc=%v", os.Getenv("ORCH_CUDA_PREFILL"), dt, sh.k, sh.m, sh.n, c.bias, c.acc)
+				name := fmt.Sprintf("%s/%v/k=%d/m=%d/n=%d/bias=%v/acc=%v", os.Getenv("ORCH_PREFILL_CHILD"), dt, sh.k, sh.m, sh.n, c.bias, c.acc)
 				t.Run(name, func(t *testing.T) { prefillCase(t, r, dt, sh.k, sh.m, sh.n, c.bias, c.acc) })
 			}
 		}
 	}
 	t.Run("Q8_0/two-tiles", func(t *testing.T) { prefillCase(t, r, ml.Q8_0, 8192, 8200, 97, true, false) })
+	// k % 64 != 0: v3 declines (v2 runs it); n = 1000, m = 1030: 8 x 9 output tiles, ragged.
+	t.Run("Q8_0/k=160", func(t *testing.T) { prefillCase(t, r, ml.Q8_0, 160, 1030, 1000, true, true) })
 }
 
 func prefillCase(t *testing.T, rr *rand.Rand, dt ml.DType, k, m, n int, withBias, acc bool) {
@@ -116,16 +130,16 @@ func TestPerfPrefillMatMul(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to time the prefill matmul")
 	}
-	if table, parent := runPrefillChildren(t, "TestPerfPrefillMatMul"); parent {
+	if table, parent := runPrefillChildren(t, "TestPerfPrefillMatMul", true); parent {
 		if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
 			f := filepath.Join(filepath.Dir(po), "perf-prefill.md")
 			require.NoError(t, os.WriteFile(f, []byte(strings.Join(table, "\n")+"\n"), 0o644))
 		}
 		return
 	}
-	version := os.Getenv("ORCH_CUDA_PREFILL")
+	version := os.Getenv("ORCH_PREFILL_CHILD")
 	if version == "" {
-		version = "default"
+		version = "ORCH_CUDA_PREFILL=" + os.Getenv("ORCH_CUDA_PREFILL")
 	}
 	r := newRandSrc(newRNG(t))
 	// Copy rate (read + write), as TestPerf.
