@@ -13,10 +13,12 @@
 //    to fp16 (d * q rounded once to fp16: xor 0x80 and prmt under the
 //    exponent of 1024, an exact HSUB2 of 1152, one HMUL2 by d — 11-bit
 //    precision, finer than the bf16 cuBLAS path's 8) into a padded fp16 W
-//    tile; 8 warps (2 x 4, 64 rows x 32 tokens each) run mma.sync m16n8k16
+//    tile; 8 (16) warps (2 (4) x 4, 64 rows x 32 tokens each) run mma.sync m16n8k16
 //    (fp16 in, fp32 accumulate) on ldmatrix fragments. Two barriers per stage.
 //    Grid x = token tiles (fastest), so the CTAs sharing a W tile run together
 //    and W comes from DRAM about once.
+//
+// Two tile configurations (Cfg): 128 W rows per CTA (v3) and 256 (v4).
 //
 // cuda/test/gemm_q8_emu_test.cpp compiles this header against the CPU CUDA
 // emulation (ORCH_EMU: fibers, barriers, mma.sync and ldmatrix by the PTX
@@ -27,16 +29,30 @@
 
 namespace gq8 {
 
-constexpr int BM = 128, BN = 128, BK = 64, NS = 3, THREADS = 256;
-constexpr int XS = BK + 8;                         // halves per shared row (x and W tiles): 144 B, 9 x 16 B
-constexpr int RAW_ROW = 68;                        // bytes of one W row per stage: two Q8_0 blocks
-constexpr int RAW_BYTES = BM * RAW_ROW;            // 8704
-constexpr int X_BYTES = BN * XS * 2;               // 18432
-constexpr int STAGE_BYTES = RAW_BYTES + X_BYTES;   // 27136
-constexpr int WH_OFF = NS * STAGE_BYTES;           // 81408
-constexpr int SMEM = WH_OFF + BM * XS * 2;         // 99840: two CTAs per SM
-constexpr int PREP_ROWS = 8;                       // token rows per gq8_prep_x CTA (a warp each)
-static_assert(STAGE_BYTES % 16 == 0 && RAW_BYTES % 16 == 0 && WH_OFF % 16 == 0, "16-byte aligned regions");
+constexpr int BN = 128, BK = 64, NS = 3;
+constexpr int XS = BK + 8;   // halves per shared row (x and W tiles): 144 B, 9 x 16 B
+constexpr int RAW_ROW = 68;  // bytes of one W row per stage: two Q8_0 blocks
+constexpr int PREP_ROWS = 8; // token rows per prep_x CTA (a warp each)
+
+// Tile configuration by W rows per CTA: 128 (v3: 8 warps, 99.8 KB, two CTAs
+// per SM) or 256 (v4: 16 warps, 141 KB, one CTA per SM; each x tile read
+// from L2 half as often). Warps are (BM / 64) x 4, each 64 W rows x 32
+// tokens; one thread per Q8_0 block of the stage (BM rows x 2 blocks).
+template <int BM>
+struct Cfg {
+  static constexpr int THREADS = 2 * BM;
+  static constexpr int WARPS_M = BM / 64;
+  static constexpr int XCH = BN * BK * 2 / 16 / THREADS; // 16-byte x chunks per thread per stage
+  static constexpr int RAW_BYTES = BM * RAW_ROW;
+  static constexpr int X_BYTES = BN * XS * 2;
+  static constexpr int STAGE_BYTES = RAW_BYTES + X_BYTES;
+  static constexpr int WH_OFF = NS * STAGE_BYTES;
+  static constexpr int SMEM = WH_OFF + BM * XS * 2;
+  static constexpr int MIN_BLOCKS = BM == 128 ? 2 : 1;
+  static_assert(STAGE_BYTES % 16 == 0 && RAW_BYTES % 16 == 0 && WH_OFF % 16 == 0, "16-byte aligned regions");
+  static_assert(XCH * 16 * THREADS == BN * BK * 2 && THREADS / 8 * XCH == BN, "x copy tasks");
+};
+static_assert(Cfg<128>::SMEM == 99840 && Cfg<256>::SMEM == 144384, "shared memory");
 
 // Shapes the kernel takes: Q8_0, k a multiple of 64 (whole stages; row bytes
 // a multiple of 4), 4-byte aligned weights, 16-byte aligned x, int-sized dims.
@@ -49,7 +65,9 @@ __host__ __device__ inline bool supported(int64_t n, int64_t k, int64_t m, uintp
 // whole k loop (no split-k here), e.g. gpt-oss k / v (m = 512) at n = 512:
 // 16 CTAs. Host-side policy, not a correctness limit.
 constexpr int64_t MIN_TILES = 96;
-__host__ __device__ inline int64_t tiles(int64_t n, int64_t m) { return ((n + BN - 1) / BN) * ((m + BM - 1) / BM); }
+// v4's 256-row tiles run one CTA per SM: taken where they make >= 120 CTAs.
+constexpr int64_t MIN_TILES_256 = 120;
+__host__ __device__ inline int64_t tiles(int64_t n, int64_t m, int bm) { return ((n + BN - 1) / BN) * ((m + bm - 1) / bm); }
 // Scratch bytes: fp16 x [n, k], then n fp32 row factors.
 __host__ __device__ inline int64_t scratch_bytes(int64_t n, int64_t k) { return (n * k * 2 + 255) / 256 * 256 + n * 4; }
 
@@ -170,9 +188,11 @@ __global__ void __launch_bounds__(PREP_ROWS * 32) prep_x(__half *__restrict__ xh
 #define GQ8_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
-__global__ void __launch_bounds__(THREADS, 2)
+template <int BM>
+__global__ void __launch_bounds__(Cfg<BM>::THREADS, Cfg<BM>::MIN_BLOCKS)
     gemm(float *__restrict__ y, const __half *__restrict__ xh, const float *__restrict__ xf,
          const uint8_t *__restrict__ w, const float *__restrict__ bias, int n, int k, int m, int64_t rb, int acc) {
+  using C = Cfg<BM>;
   GQ8_SMEM(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t0 = blockIdx.x * BN, r0 = blockIdx.y * BM;
@@ -182,22 +202,24 @@ __global__ void __launch_bounds__(THREADS, 2)
   const int wr = tid >> 1, h = tid & 1;
   const uint8_t *wsrc = w + (int64_t)min(r0 + wr, m - 1) * rb + 32 * h;
   const int wdst = wr * RAW_ROW + 32 * h;
-  // x: 4 chunks of 16 bytes, rows (tid >> 3) + 32 i, column chunk tid & 7.
+  // x: XCH chunks of 16 bytes, rows (tid >> 3) + XR i, column chunk tid & 7.
+  constexpr int XR = C::THREADS / 8;
   const __half *xsrc = xh + (int64_t)min(t0 + (tid >> 3), n - 1) * k + (tid & 7) * 8;
-  int64_t xstep[4];
+  int64_t xstep[C::XCH];
 #pragma unroll
-  for (int i = 0; i < 4; i++) xstep[i] = (int64_t)(min(t0 + (tid >> 3) + 32 * i, n - 1) - min(t0 + (tid >> 3), n - 1)) * k;
-  const int xdst = RAW_BYTES + (tid >> 3) * XS * 2 + (tid & 7) * 16;
+  for (int i = 0; i < C::XCH; i++)
+    xstep[i] = (int64_t)(min(t0 + (tid >> 3) + XR * i, n - 1) - min(t0 + (tid >> 3), n - 1)) * k;
+  const int xdst = C::RAW_BYTES + (tid >> 3) * XS * 2 + (tid & 7) * 16;
 
   auto load_stage = [&](int kt) {
-    unsigned char *st = smem + (kt % NS) * STAGE_BYTES;
+    unsigned char *st = smem + (kt % NS) * C::STAGE_BYTES;
     const uint8_t *ws = wsrc + (int64_t)kt * RAW_ROW;
 #pragma unroll
     for (int j = 0; j < 9; j++)
       if (j < 8 + h) cp_async4(st + wdst + 4 * j, ws + 4 * j);
     const __half *xs = xsrc + kt * BK;
 #pragma unroll
-    for (int i = 0; i < 4; i++) cp_async16(st + xdst + i * 32 * XS * 2, xs + xstep[i]);
+    for (int i = 0; i < C::XCH; i++) cp_async16(st + xdst + i * XR * XS * 2, xs + xstep[i]);
   };
 
   float accv[4][4][4];
@@ -213,14 +235,14 @@ __global__ void __launch_bounds__(THREADS, 2)
   if (nk > 1) load_stage(1);
   cp_async_commit();
 
-  __half *wh = reinterpret_cast<__half *>(smem + WH_OFF);
-  const int wm0 = (warp & 1) * 64, wn0 = (warp >> 1) * 32;
+  __half *wh = reinterpret_cast<__half *>(smem + C::WH_OFF);
+  const int wm0 = (warp % C::WARPS_M) * 64, wn0 = (warp / C::WARPS_M) * 32;
   for (int kt = 0; kt < nk; kt++) {
     cp_async_wait<NS - 2>(); // this thread's copies of stage kt have landed
     __syncthreads();         // everyone's; and every warp is past stage kt-1's MMA (W tile and slot reuse)
     if (kt + 2 < nk) load_stage(kt + 2);
     cp_async_commit();
-    const unsigned char *st = smem + (kt % NS) * STAGE_BYTES;
+    const unsigned char *st = smem + (kt % NS) * C::STAGE_BYTES;
     {
       uint32_t wv[9], o[16];
       const uint32_t *rw = reinterpret_cast<const uint32_t *>(st + wr * RAW_ROW) + 8 * h;
@@ -232,7 +254,7 @@ __global__ void __launch_bounds__(THREADS, 2)
       for (int i = 0; i < 4; i++) dst[i] = make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
     }
     __syncthreads();
-    const __half *xt = reinterpret_cast<const __half *>(st + RAW_BYTES);
+    const __half *xt = reinterpret_cast<const __half *>(st + C::RAW_BYTES);
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ks++) {
       unsigned b[4][2];
@@ -286,23 +308,32 @@ __global__ void __launch_bounds__(THREADS, 2)
 #define GQ8_LAUNCH(kern, grid, threads, smem, stream, ...) kern<<<grid, threads, smem, stream>>>(__VA_ARGS__)
 #endif
 
-// Runs both kernels on st; scr holds scratch_bytes(n, k) (256-byte aligned).
-// The caller checked supported(); returns a cudaError_t of the launches.
+// Runs both kernels on st with bm W rows per CTA (128 or 256); scr holds
+// scratch_bytes(n, k) (256-byte aligned). The caller checked supported();
+// returns a cudaError_t of the launches.
+template <int BM>
+inline cudaError_t launch_gemm(cudaStream_t st, float *y, const __half *xh, const float *xf, const uint8_t *w,
+                               const float *bias, int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
+  using C = Cfg<BM>;
+#ifndef ORCH_EMU
+  // Every call, as the library's other kernels (cheap; per device, allowed under capture).
+  cudaError_t e = cudaFuncSetAttribute(gemm<BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess) return e;
+#endif
+  GQ8_LAUNCH(gemm<BM>, dim3((unsigned)ceil_div(n, BN), (unsigned)ceil_div(m, BM)), C::THREADS, C::SMEM, st, y, xh, xf,
+             w, bias, (int)n, (int)k, (int)m, rb, acc);
+  return cudaGetLastError();
+}
+
 inline cudaError_t run(cudaStream_t st, void *scr, float *y, const float *x, const uint8_t *w, const float *bias,
-                       int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
+                       int64_t n, int64_t k, int64_t m, int64_t rb, int acc, int bm) {
   __half *xh = reinterpret_cast<__half *>(scr);
   float *xf = reinterpret_cast<float *>(reinterpret_cast<char *>(scr) + (n * k * 2 + 255) / 256 * 256);
   GQ8_LAUNCH(prep_x, dim3((unsigned)ceil_div(n, PREP_ROWS)), PREP_ROWS * 32, 0, st, xh, xf, x, (int)n, (int)k);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-#ifndef ORCH_EMU
-  // Every call, as the library's other kernels (cheap; per device, allowed under capture).
-  e = cudaFuncSetAttribute(gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
-  if (e != cudaSuccess) return e;
-#endif
-  GQ8_LAUNCH(gemm, dim3((unsigned)ceil_div(n, BN), (unsigned)ceil_div(m, BM)), THREADS, SMEM, st, y, xh, xf, w, bias,
-             (int)n, (int)k, (int)m, rb, acc);
-  return cudaGetLastError();
+  return bm == 256 ? launch_gemm<256>(st, y, xh, xf, w, bias, n, k, m, rb, acc)
+                   : launch_gemm<128>(st, y, xh, xf, w, bias, n, k, m, rb, acc);
 }
 
 } // namespace gq8

@@ -18,6 +18,10 @@
 //    other types and shapes take v2, and so do grids of fewer than
 //    gq8::MIN_TILES output tiles (e.g. k / v projections at n = 512) unless
 //    ORCH_CUDA_PREFILL_FORCE=1 (tests: the kernel at every shape).
+//  - v4 (opt-in): v3 with 256-row tiles (16 warps, one CTA per SM: each x
+//    tile crosses L2 -> SM half as often) where the grid has >=
+//    gq8::MIN_TILES_256 tiles, else as v3; with ORCH_CUDA_PREFILL_FORCE=1
+//    always 256-row tiles.
 #include "quant.cuh"
 #include "gemm_q8.cuh"
 
@@ -150,13 +154,20 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
     return ORCH_OK;
   }
   const int version = prefill_version();
-  if (version == 3 && wtype == ORCH_T_Q8_0 && gq8::supported(n, k, m, (uintptr_t)wb, (uintptr_t)x) &&
-      (gq8::tiles(n, m) >= gq8::MIN_TILES || prefill_force_v3())) {
-    void *scr = nullptr;
-    int rc = orch_scratch(ctx, (size_t)gq8::scratch_bytes(n, k), &scr);
-    if (rc != ORCH_OK) return rc;
-    ORCH_CUDA(gq8::run(ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate), op);
-    return ORCH_OK;
+  if (version >= 3 && wtype == ORCH_T_Q8_0 && gq8::supported(n, k, m, (uintptr_t)wb, (uintptr_t)x)) {
+    // v3: 128-row tiles; v4: 256-row tiles where they fill the card, else
+    // as v3. Small grids go on to v2 unless forced.
+    const bool force = prefill_force_v3();
+    int bm = 0;
+    if (version == 4 && (force || gq8::tiles(n, m, 256) >= gq8::MIN_TILES_256)) bm = 256;
+    else if (force || gq8::tiles(n, m, 128) >= gq8::MIN_TILES) bm = 128;
+    if (bm) {
+      void *scr = nullptr;
+      int rc = orch_scratch(ctx, (size_t)gq8::scratch_bytes(n, k), &scr);
+      if (rc != ORCH_OK) return rc;
+      ORCH_CUDA(gq8::run(ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate, bm), op);
+      return ORCH_OK;
+    }
   }
   // Prefill: bf16 x once, then weight tiles of mc rows.
   const int64_t mc = prefill_tile_rows(version, m, k);

@@ -100,7 +100,7 @@ static double h2d(_Float16 h) { return (double)h; }
 
 // One case: random Q8_0 W [m rows of k], x [n, k] with rows of very
 // different magnitudes (the per-row factor), optional bias / accumulate.
-static void run_case(std::mt19937 &rng, int n, int k, int m, bool bias, bool acc) {
+static void run_case(std::mt19937 &rng, int bm, int n, int k, int m, bool bias, bool acc) {
   const int nb = k / 32;
   const int64_t rb = (int64_t)nb * 34;
   std::vector<uint8_t> wb(rb * m); // exact size: ASan sees any read past the end
@@ -148,7 +148,7 @@ static void run_case(std::mt19937 &rng, int n, int k, int m, bool bias, bool acc
   std::vector<unsigned char> scr(gq8::scratch_bytes(n, k) + 256);
   void *sp = (void *)(((uintptr_t)scr.data() + 255) / 256 * 256);
   CHECK(gq8::supported(n, k, m, (uintptr_t)wb.data(), (uintptr_t)xv.data()), "supported");
-  gq8::run(nullptr, sp, y.data(), xv.data(), wb.data(), bias ? b.data() : nullptr, n, k, m, rb, acc ? 1 : 0);
+  gq8::run(nullptr, sp, y.data(), xv.data(), wb.data(), bias ? b.data() : nullptr, n, k, m, rb, acc ? 1 : 0, bm);
   double worst = 0;
   for (int t = 0; t < n; t++) {
     double rmax = 0;
@@ -158,14 +158,15 @@ static void run_case(std::mt19937 &rng, int n, int k, int m, bool bias, bool acc
       const double err = std::fabs(g - want) / std::max(rmax, 1e-30);
       if (!(err <= 1e-5)) {
         if (fails < 10)
-          std::fprintf(stderr, "n=%d k=%d m=%d bias=%d acc=%d: y[t=%d][r=%d] = %.9g, want %.9g\n", n, k, m, bias, acc,
-                       t, r, g, want);
+          std::fprintf(stderr, "bm=%d n=%d k=%d m=%d bias=%d acc=%d: y[t=%d][r=%d] = %.9g, want %.9g\n", bm, n, k, m,
+                       bias, acc, t, r, g, want);
         fails++;
       }
       worst = std::max(worst, std::isnan(err) ? 1.0 : err);
     }
   }
-  std::printf("n=%d k=%d m=%d bias=%d acc=%d: worst error %.3g of the row's max\n", n, k, m, bias, acc, worst);
+  std::printf("bm=%d n=%d k=%d m=%d bias=%d acc=%d: worst error %.3g of the row's max\n", bm, n, k, m, bias, acc,
+              worst);
 }
 
 int main() {
@@ -173,9 +174,11 @@ int main() {
   // Gates: k % 64 != 0 and unaligned pointers are not taken.
   CHECK(!gq8::supported(4, 96, 8, 0, 0) && !gq8::supported(4, 128, 8, 2, 0) && !gq8::supported(4, 128, 8, 0, 8),
         "supported() gates");
-  run_case(rng, 130, 320, 200, true, false); // ragged token and row tiles, 5 stages (slot reuse)
-  run_case(rng, 3, 64, 129, false, true);     // one stage; 3 tokens; accumulate
-  run_case(rng, 128, 256, 128, true, true);   // exact tiles, 4 stages
+  run_case(rng, 128, 130, 320, 200, true, false); // ragged token and row tiles, 5 stages (slot reuse)
+  run_case(rng, 128, 3, 64, 129, false, true);     // one stage; 3 tokens; accumulate
+  run_case(rng, 128, 128, 256, 128, true, true);   // exact tiles, 4 stages
+  run_case(rng, 256, 40, 256, 300, true, false);   // 256-row tiles (16 warps): ragged, 4 stages
+  run_case(rng, 256, 5, 64, 256, false, true);     // one exact row tile, one stage
   if (fails) {
     std::printf("FAILED: %d elements\n", fails);
     return 1;
