@@ -375,3 +375,277 @@ int launch_moe_gemm2(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
   QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), MgCfg::THREADS, sm, st, a);
   return ORCH_OK;
 }
+
+// ---- v3 (tile 17): MXFP4 decoded straight into A fragments ----
+// A CTA is 384 W rows (gate_up: 192 gate + the same 192 up rows) x 96 pairs,
+// 12 warps, each owning a band of 32 tile rows (16 gate, 16 up) across ALL
+// of the tile's pairs (no N split). As a warp is the only reader of its rows,
+// it decodes the raw MXFP4 bytes (cp.async-staged, NS = 4 stages) directly
+// into its mma A fragments in registers: no bf16 W tile in shared memory, no
+// A ldmatrix (v2's shared-memory traffic was about as large as its tensor
+// time). Lane (g, t) needs of each of its rows (g, g + 8 of each m16 tile)
+// per 32-element block the scale byte and qs bytes {2t, 2t+1} and
+// {2t+8, 2t+9}: their low nibbles are A elements k = 2t.. and 2t+8.. of the
+// block's first k16 step, their high nibbles the same of the second (MXFP4:
+// element j < 16 is the low nibble of qs[j], element 16 + j its high nibble).
+// Activations are re-read from L2 m / 384 times (v2: m / 192). Only B (pair
+// rows) goes through ldmatrix: one x4 per two n8 blocks and k16 step.
+struct Mg3Cfg {
+  static constexpr int BM = 384, BN = 96, KB = 2, NS = 4, WARPS = 12, THREADS = WARPS * 32;
+  static constexpr int BK = 32 * KB, LDS = BK + 8, NT = BN / 8;
+  static_assert(BM == WARPS * 32 && NT % 2 == 0, "tile");
+  static_assert((LDS * 2) % 16 == 0 && ((LDS * 2 / 16) & 1), "ldmatrix rows: 16-byte aligned, odd 16-byte stride");
+};
+
+template <int T>
+struct Mg3Smem {
+  using C = Mg3Cfg;
+  static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
+  static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
+  static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
+  static constexpr size_t TOTAL = XS + RAW + 2 * C::BN * 4;
+};
+
+// Two MXFP4 qs bytes (qq: byte a low, byte b high) -> the bf16 pairs
+// (lo(a), lo(b)) and (hi(a), hi(b)) times the block scale (bf16x2 words);
+// the table decode of dequant_block_bf16.
+__device__ __forceinline__ void mx_pair_bf16(uint32_t qq, uint32_t scale, uint32_t &lo, uint32_t &hi) {
+  constexpr uint32_t TL0 = 0xC0800000u, TL1 = 0xC0804000u, TH0 = 0x3F3F3F00u, TH1 = 0x40404040u;
+  const uint32_t sel = qq & 0x7777u;
+  const uint32_t lb = __byte_perm(TL0, TL1, sel), hb = __byte_perm(TH0, TH1, sel);
+  const uint32_t plo = __byte_perm(lb, hb, 0x6240u) | ((qq << 12) & 0x8000u) | ((qq << 20) & 0x80000000u);
+  const uint32_t phi = __byte_perm(lb, hb, 0x7351u) | ((qq << 8) & 0x8000u) | ((qq << 16) & 0x80000000u);
+  lo = bf162_mul(plo, scale);
+  hi = bf162_mul(phi, scale);
+}
+
+template <int MODE>
+__global__ void __launch_bounds__(Mg3Cfg::THREADS, 1) moe_gemm3_kernel(const QArgs a) {
+  using C = Mg3Cfg;
+  constexpr int T = ORCH_T_MXFP4;
+  using SM = Mg3Smem<T>;
+  constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
+  constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
+  constexpr bool DUAL = MODE == MODE_GATE_UP;
+  QG_DYN_SMEM(uint8_t, smem);
+  __nv_bfloat16 *Xs = reinterpret_cast<__nv_bfloat16 *>(smem);
+  uint8_t *raw = smem + SM::XS;
+  int *arow = reinterpret_cast<int *>(raw + SM::RAW);
+  int *orow = arow + BN;
+  const int tid = threadIdx.x;
+
+  const int ty = blockIdx.y;
+  if (ty >= *a.ntiles) return;
+  const int e = a.tile_e[ty];
+  const int base = a.exp_off[e] + a.tile_r0[ty], lim = a.exp_off[e + 1];
+  const int cnt = min(BN, lim - base);
+  for (int i = tid; i < BN; i += THREADS) {
+    const int pos = base + i;
+    arow[i] = pos < lim ? pos : -1;
+    orow[i] = pos >= lim ? -1 : DUAL ? pos : a.sorted[pos];
+  }
+  const int64_t r0 = (int64_t)blockIdx.x * (DUAL ? BM / 2 : BM);
+  const uint8_t *wb = a.w + (int64_t)e * a.expert_bytes;
+  const uint8_t *wb2 = DUAL ? a.w2 + (int64_t)e * a.expert_bytes : nullptr;
+  const int64_t nb = a.k / 32;
+  const int nstages = (int)((nb + KB - 1) / KB);
+  auto wrow = [&](int i, const uint8_t *&wbase, const uint8_t *&wend) -> int64_t {
+    if constexpr (DUAL) {
+      const int band = i >> 5, within = i & 31;
+      wbase = within < 16 ? wb : wb2;
+      wend = within < 16 ? a.w_end : a.w2_end;
+      return r0 + band * 16 + (within & 15);
+    } else {
+      wbase = wb;
+      wend = a.w_end;
+      return r0 + i;
+    }
+  };
+  __syncthreads(); // row maps
+
+  constexpr int WPT = (BM * CH + THREADS - 1) / THREADS;
+  constexpr int APT = (BN * KB * 4 + THREADS - 1) / THREADS;
+  static_assert(BM * RAWROW < 65536 && BN * LDS < 65536, "packed shared-memory offsets");
+  const uint8_t *w_row[WPT];
+  uint32_t w_pk[WPT];
+#pragma unroll
+  for (int u = 0; u < WPT; u++) {
+    const int q = tid + u * THREADS;
+    w_row[u] = nullptr;
+    w_pk[u] = 0;
+    if (q < BM * CH) {
+      const int i = q / CH, c = q % CH;
+      const uint8_t *wbase, *wend;
+      const int64_t row = wrow(i, wbase, wend);
+      if (row < a.m) w_row[u] = wbase + row * a.rb;
+      w_pk[u] = (uint32_t)(i * RAWROW + 16 * c) | (uint32_t)c << 16 | (uint32_t)(wend != a.w_end) << 24;
+    }
+  }
+  const __nv_bfloat16 *a_src[APT];
+  uint32_t a_pk[APT];
+#pragma unroll
+  for (int u = 0; u < APT; u++) {
+    const int q = tid + u * THREADS;
+    a_src[u] = nullptr;
+    a_pk[u] = 0;
+    if (q < BN * KB * 4) {
+      const int i = q / (KB * 4), c = q % (KB * 4);
+      const int ar = arow[i];
+      if (ar >= 0) a_src[u] = a.xa + (int64_t)ar * a.k;
+      a_pk[u] = (uint32_t)(i * LDS + 8 * c) | (uint32_t)(8 * c) << 16;
+    }
+  }
+  auto issue = [&](int s) {
+    if (s < nstages) {
+      const int64_t kb0 = (int64_t)s * KB;
+      const int nblk = (int)min((int64_t)KB, nb - kb0);
+      uint8_t *dst = raw + (size_t)(s % NS) * BM * RAWROW;
+#pragma unroll
+      for (int u = 0; u < WPT; u++) {
+        if (!w_row[u]) continue;
+        const int c = (int)((w_pk[u] >> 16) & 0xffu);
+        const uint8_t *seg = w_row[u] + kb0 * BB;
+        const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
+        if (c >= sp.chunks) continue;
+        const uint64_t addr = sp.a0 + 16ull * c;
+        const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
+        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
+      }
+      __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
+#pragma unroll
+      for (int u = 0; u < APT; u++) {
+        if (!a_src[u]) continue;
+        const int64_t col = kb0 * 32 + (a_pk[u] >> 16);
+        cp_async16(xd + (a_pk[u] & 0xffffu), a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  };
+
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  // This warp's rows all past m (the last CTA column): it only copies.
+  const bool active = (DUAL ? r0 + warp * 16 : r0 + warp * 32) < a.m;
+  // This lane's 4 rows (m16 tile i, +8 h): offset in a raw stage and the low
+  // 4 address bits of the row start (a stage's segment starts (lo4 + 34 s) % 16
+  // bytes into its first chunk; 34 = KB * 17). Rows past m read stale bytes:
+  // they only feed output rows that are never stored.
+  int r_off[2][2];
+  uint32_t r_lo4[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int ti = warp * 32 + i * 16 + g + 8 * h;
+      const uint8_t *wbase, *wend;
+      const int64_t row = wrow(ti, wbase, wend);
+      r_off[i][h] = ti * RAWROW;
+      r_lo4[i][h] = row < a.m ? (uint32_t)((uintptr_t)(wbase + row * a.rb) & 15) : 0u;
+    }
+  const int b_off = ((lane >> 4) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8;
+  float acc[2][C::NT][4];
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < C::NT; j++)
+#pragma unroll
+      for (int z = 0; z < 4; z++) acc[i][j][z] = 0.f;
+
+  // Stage s: per block, decode this lane's A fragments (both k16 steps), then
+  // the MMAs over the tile's live n8 blocks.
+  auto compute = [&](int s) {
+    const uint8_t *rs = raw + (size_t)(s % NS) * BM * RAWROW;
+    const __nv_bfloat16 *xs = Xs + (size_t)(s % NS) * BN * LDS;
+    const int nblk = (int)min((int64_t)KB, nb - (int64_t)s * KB);
+#pragma unroll
+    for (int j = 0; j < KB; j++) {
+      if (j >= nblk) break; // uniform: the last stage of a k that is not a multiple of BK
+      uint32_t af[2][2][4]; // [m16 tile][k16 step][fragment register]
+#pragma unroll
+      for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const uint8_t *bp = rs + r_off[i][h] + ((r_lo4[i][h] + 34u * (uint32_t)s) & 15u) + BB * j;
+          const uint32_t E = bp[0];
+          const uint32_t sb = E ? E << 7 : 0x0040u;
+          const uint32_t scale = sb | (sb << 16);
+          const uint32_t qa = (uint32_t)bp[1 + 2 * t] | (uint32_t)bp[2 + 2 * t] << 8;
+          const uint32_t qb = (uint32_t)bp[9 + 2 * t] | (uint32_t)bp[10 + 2 * t] << 8;
+          // row g (h = 0): registers 0 (k 2t) and 2 (k 2t + 8); row g + 8: 1 and 3
+          mx_pair_bf16(qa, scale, af[i][0][h], af[i][1][h]);
+          mx_pair_bf16(qb, scale, af[i][0][2 + h], af[i][1][2 + h]);
+        }
+#pragma unroll
+      for (int kk = 0; kk < 2; kk++) {
+#pragma unroll
+        for (int jp = 0; jp < C::NT / 2; jp++) {
+          if (jp * 16 >= cnt) break; // uniform
+          uint32_t bf[4];
+          mg_ldsm_x4(bf, xs + b_off + jp * 16 * LDS + j * 32 + kk * 16);
+          const bool second = jp * 16 + 8 < cnt;
+#pragma unroll
+          for (int i = 0; i < 2; i++) {
+            mg_mma_bf16(acc[i][2 * jp], af[i][kk], bf[0], bf[1]);
+            if (second) mg_mma_bf16(acc[i][2 * jp + 1], af[i][kk], bf[2], bf[3]);
+          }
+        }
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < NS - 1; s++) issue(s);
+  for (int s = 0; s < nstages; s++) {
+    cp_async_wait<NS - 2>(); // this thread's copies of stage s have landed
+    __syncthreads();         // everyone's visible; step s-1's reads of buffer (s-1) % NS done
+    issue(s + NS - 1);
+    if (active) compute(s);
+  }
+  cp_async_wait<0>();
+  if (!active) return;
+
+  // Epilogue: lane (g, t) holds rows g, g + 8 of each m16 tile at pairs
+  // 8 j + 2t, + 1 of n-block j.
+#pragma unroll
+  for (int j = 0; j < C::NT; j++) {
+    if (j * 8 >= cnt) break;
+#pragma unroll
+    for (int z = 0; z < 4; z++) {
+      const int col = j * 8 + 2 * t + (z & 1);
+      const int o = col < cnt ? orow[col] : -1;
+      if (o < 0) continue;
+      if constexpr (DUAL) {
+        const int64_t row = r0 + warp * 16 + g + 8 * (z >> 1);
+        if (row >= a.m) continue;
+        const float gv = acc[0][j][z] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
+        const float uv = acc[1][j][z] + (a.bias2 ? a.bias2[(int64_t)e * a.m + row] : 0.f);
+        reinterpret_cast<__nv_bfloat16 *>(a.y)[(int64_t)o * a.m + row] =
+            __float2bfloat16_rn(swiglu_oai(gv, uv, a.alpha, a.limit));
+      } else {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+          const int64_t row = r0 + warp * 32 + i * 16 + g + 8 * (z >> 1);
+          if (row >= a.m) continue;
+          const float v = acc[i][j][z] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
+          float *yp = reinterpret_cast<float *>(a.y) + (int64_t)o * a.m + row;
+          *yp = a.accumulate ? *yp + v : v;
+        }
+      }
+    }
+  }
+}
+
+template <int MODE>
+int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
+  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4>::TOTAL;
+  static_assert(sm <= 200 * 1024, "shared memory");
+  static const size_t optin = smem_optin();
+  if (sm > optin) {
+    orch_set_error("moe_gemm v3: tile needs %zu bytes of shared memory, the device allows %zu", sm, optin);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? Mg3Cfg::BM / 2 : Mg3Cfg::BM);
+  cudaFuncSetAttribute(moe_gemm3_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE>;
+  QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), Mg3Cfg::THREADS, sm, st, a);
+  return ORCH_OK;
+}

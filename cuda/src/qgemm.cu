@@ -516,17 +516,18 @@ int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) 
   return ORCH_OK;
 }
 
-// Grouped MoE GEMM v2 (mma.sync + ldmatrix; tile code 16, ORCH_CUDA_MOEGEMM=v2).
+// Grouped MoE GEMM v2 / v3 (mma.sync + ldmatrix; tile codes 16 / 17,
+// ORCH_CUDA_MOEGEMM=v2 / v3).
 #include "moe_gemm.cuh"
 
-// ORCH_CUDA_MOEGEMM=vN, read once per process: 2 makes v2 the grouped MoE's
-// tile when the caller leaves the choice (tile 0) and both weight types are
-// MXFP4; 1 (the default until the device run) keeps v1's tiles.
+// ORCH_CUDA_MOEGEMM=vN, read once per process: 2 / 3 make v2 / v3 the
+// grouped MoE's tile when the caller leaves the choice (tile 0) and both
+// weight types are MXFP4; 1 (the default until the device run) keeps v1's.
 int moegemm_version() {
   static const int v = orch_env_version("ORCH_CUDA_MOEGEMM", 1);
   return v;
 }
-constexpr int TILE_MOE2 = 16;
+constexpr int TILE_MOE2 = 16, TILE_MOE3 = 17;
 
 // The two-barrier schedule is built for the dense GEMM only (A/B timing;
 // fewer instantiations): the MoE modes always pipeline.
@@ -540,7 +541,7 @@ int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy, bo
 // Tile code: bits 0-2 the configuration (1..4), bit 3 (8) the two-barrier
 // schedule instead of the pipelined one.
 constexpr int bn_of(int tile) {
-  return tile == TILE_MOE2 ? MgCfg::BN : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
+  return tile == TILE_MOE2 ? MgCfg::BN : tile == TILE_MOE3 ? Mg3Cfg::BN : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
 }
 
 // gy: grid rows (token tiles or the MoE tile bound) for this tile's BN.
@@ -568,7 +569,7 @@ int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_
   return ORCH_ERR_UNSUPPORTED;
 }
 
-bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || t == TILE_MOE2; } // 0..5, 8..13; 16 (grouped MoE v2)
+bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || t == TILE_MOE2 || t == TILE_MOE3; } // 0..5, 8..13; 16, 17 (grouped MoE v2, v3)
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
@@ -695,12 +696,14 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
                      aligned16(up) && aligned16(down),
                  op);
   const int64_t pairs = n * n_slots;
-  // v2 (moe_gemm.cuh) is built for MXFP4 gate/up and down (gpt-oss); other
-  // types take v1's tiles (tile 16 then means "by shape").
+  // v2 / v3 (moe_gemm.cuh) are built for MXFP4 gate/up and down (gpt-oss);
+  // other types take v1's tiles (tile 16 / 17 then means "by shape").
   const bool mx = gu_type == ORCH_T_MXFP4 && down_type == ORCH_T_MXFP4;
   if (tile == 0 && mx && moegemm_version() == 2) tile = TILE_MOE2;
-  if (tile == TILE_MOE2 && !mx) tile = 0;
-  if (tile != TILE_MOE2 && (tile & 7) == 0) {
+  if (tile == 0 && mx && moegemm_version() == 3) tile = TILE_MOE3;
+  const bool v23 = tile == TILE_MOE2 || tile == TILE_MOE3;
+  if (v23 && !mx) tile = 0;
+  if (!(v23 && mx) && (tile & 7) == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
     // Device run 3 (gpt-oss shape): n=64 (8 per expert) tile 1 0.70 ms; n=512
     // (64 per expert) tile 5 1.11 ms, 2 1.27, 3 1.29, 4 1.56.
@@ -743,8 +746,9 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = dim;
   a.m = ff;
   a.rb = rb_gu;
-  int rc = tile == TILE_MOE2 ? launch_moe_gemm2<ORCH_T_MXFP4, MODE_GATE_UP>(ctx->stream, a, ff, tb)
-                             : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
+  int rc = tile == TILE_MOE2   ? launch_moe_gemm2<ORCH_T_MXFP4, MODE_GATE_UP>(ctx->stream, a, ff, tb)
+           : tile == TILE_MOE3 ? launch_moe_gemm3<MODE_GATE_UP>(ctx->stream, a, ff, tb)
+                               : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   // down (+ bias) -> ybuf[pair, dim]
@@ -760,8 +764,9 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = ff;
   a.m = dim;
   a.rb = rb_dn;
-  rc = tile == TILE_MOE2 ? launch_moe_gemm2<ORCH_T_MXFP4, MODE_DOWN>(ctx->stream, a, dim, tb)
-                         : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
+  rc = tile == TILE_MOE2   ? launch_moe_gemm2<ORCH_T_MXFP4, MODE_DOWN>(ctx->stream, a, dim, tb)
+       : tile == TILE_MOE3 ? launch_moe_gemm3<MODE_DOWN>(ctx->stream, a, dim, tb)
+                           : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);

@@ -385,11 +385,14 @@ int main(int argc, char **argv) {
   // counts (n-blocks skipped per warp), empty experts, one expert over two
   // 96-pair tiles (130 tokens on 5 experts: ~104 each), no biases; and a
   // Q8_0 call asking for 16 (v1's tiles take it).
-  for (const char *routing : {"uniform", "skew", "one"})
-    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, 16, routing, true);
-  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 5, 64, 64, 16, "uniform", false);
-  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 60, 3, 3, 64, 32, 16, "one", true);
-  test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 9, 2, 5, 64, 64, 16, "uniform", true);
+  // v3 (tile 17: MXFP4 decoded into A fragments), the same cases.
+  for (int tile : {16, 17}) {
+    for (const char *routing : {"uniform", "skew", "one"})
+      test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, tile, routing, true);
+    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 5, 64, 64, tile, "uniform", false);
+    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 60, 3, 3, 64, 32, tile, "one", true);
+    test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 9, 2, 5, 64, 64, tile, "uniform", true);
+  }
   if (fails) {
     std::printf("qgemm_emu_test: %d failures\n", fails);
     return 1;

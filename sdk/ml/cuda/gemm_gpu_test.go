@@ -321,9 +321,10 @@ func TestMoEGrouped(t *testing.T) {
 			for _, n := range []int{1, 5, 9, 33, 130, 512} {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
-					tiles := []int32{0, 1, 2, 3, 4, 5, 16} // 16: v2 (moe_gemm.cuh; MXFP4 only, others fall back)
+					// 16, 17: v2, v3 (moe_gemm.cuh; MXFP4 only, other types fall back to v1)
+					tiles := []int32{0, 1, 2, 3, 4, 5, 16, 17}
 					if !withBias || dts[0] != dts[1] {
-						tiles = []int32{0, 16}
+						tiles = []int32{0, 16, 17}
 					}
 					for _, tile := range tiles {
 						name := fmt.Sprintf("%v+%v/bias=%v/n=%d/%s/tile=%d", dts[0], dts[1], withBias, n, kind, tile)
@@ -358,10 +359,13 @@ func TestMoEGroupedGraph(t *testing.T) {
 	const dim, ff, ne, k, n = 160, 224, 32, 4, 70
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
-	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v2", "uniform/v2"} {
+	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v2", "uniform/v2", "skew/v3", "uniform/v3"} {
 		tile := int32(0)
-		if strings.HasSuffix(kind, "/v2") {
-			kind, tile = strings.TrimSuffix(kind, "/v2"), 16
+		if k, ok := strings.CutSuffix(kind, "/v2"); ok {
+			kind, tile = k, 16
+		}
+		if k, ok := strings.CutSuffix(kind, "/v3"); ok {
+			kind, tile = k, 17
 		}
 		x := randF32(r, dim*n, 1)
 		ids := routing(r, kind, n, k, ne)

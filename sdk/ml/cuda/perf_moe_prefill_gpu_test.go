@@ -21,9 +21,10 @@ import (
 // top-k) at gpt-oss-20b shape (dim = ff = 2880, 32 experts, top-4, MXFP4)
 // for n = 64, 512 (the engine's prefill chunk) and 2048 tokens, uniform
 // random routing, per GEMM version / tile: v1 tile 5 (WMMA, 128 x 96), v1
-// by shape, v2 (tile 16: mma.sync + ldmatrix, 192 x 96, moe_gemm.cuh). It
-// also checks v2's output against v1's at that shape (relative L2 error:
-// both round activations to bf16 and sum in fp32 in different orders).
+// by shape, v2 (tile 16: mma.sync + ldmatrix, 192 x 96, moe_gemm.cuh), v3
+// (tile 17: MXFP4 decoded into A fragments, 384 x 96). It also checks v2's
+// and v3's outputs against v1's at that shape (relative L2 error: all round
+// activations to bf16 and sum in fp32 in different orders).
 // ORCH_GPU_PERF=1 runs it; the table goes to stdout and, with
 // ORCH_PERF_OUT, to perf-moe-prefill.md next to that file.
 func TestPerfMoEPrefill(t *testing.T) {
@@ -79,7 +80,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 		for _, c := range []struct {
 			label string
 			tile  int32
-		}{{"v1 tile 5", 5}, {"v1 by shape (tile 0, ORCH_CUDA_MOEGEMM=" + os.Getenv("ORCH_CUDA_MOEGEMM") + ")", 0}, {"v2 (tile 16)", 16}} {
+		}{{"v1 tile 5", 5}, {"v1 by shape (tile 0, ORCH_CUDA_MOEGEMM=" + os.Getenv("ORCH_CUDA_MOEGEMM") + ")", 0}, {"v2 (tile 16)", 16}, {"v3 (tile 17)", 17}} {
 			ms := timeKernel(t, 20, 8, func() { gpu.call("moe_ffn_grouped", call(c.tile)) })
 			require.NoError(t, gpu.Sync())
 			fmt.Fprintf(&sb, "| n=%d (%d pairs, %.1f experts) %s | %.4f ms | %.0f | %.4f ms | %.0f%% |\n",
@@ -93,17 +94,20 @@ func TestPerfMoEPrefill(t *testing.T) {
 			require.NoError(t, gpu.ReadF32(out, v))
 			return v
 		}
-		v1, v2 := got(5), got(16)
-		var num, den float64
-		for i := range v1 {
-			require.False(t, math.IsNaN(float64(v2[i])) || math.IsInf(float64(v2[i]), 0), "v2 element %d is %v", i, v2[i])
-			dd := float64(v2[i]) - float64(v1[i])
-			num += dd * dd
-			den += float64(v1[i]) * float64(v1[i])
+		v1 := got(5)
+		for _, tile := range []int32{16, 17} {
+			v := got(tile)
+			var num, den float64
+			for i := range v1 {
+				require.False(t, math.IsNaN(float64(v[i])) || math.IsInf(float64(v[i]), 0), "tile %d element %d is %v", tile, i, v[i])
+				dd := float64(v[i]) - float64(v1[i])
+				num += dd * dd
+				den += float64(v1[i]) * float64(v1[i])
+			}
+			rel := math.Sqrt(num / math.Max(den, 1e-30))
+			notes = append(notes, fmt.Sprintf("n=%d: tile %d vs v1 tile 5: relative L2 difference %.3g", n, tile, rel))
+			require.Less(t, rel, 5e-3, "n=%d: tile %d differs from v1", n, tile)
 		}
-		rel := math.Sqrt(num / math.Max(den, 1e-30))
-		notes = append(notes, fmt.Sprintf("n=%d: v2 vs v1 relative L2 difference %.3g", n, rel))
-		require.Less(t, rel, 5e-3, "n=%d: v2 differs from v1", n)
 	}
 	sb.WriteString("\n")
 	for _, s := range notes {
