@@ -8,13 +8,14 @@
 #   6. with two GPUs: replica scaling (host/replica/testdata/two-gpu.sh)
 #   7. with two GPUs (step tp): NCCL all-reduce test, gpt-oss-20b split over 2 GPUs vs whole
 #      (nntest.RunSplitRanks), serve unsplit vs --tensor-parallel 2 (host/replica/testdata/tp-gpu.sh)
+#   7b. step tables: kernel-version timing tables (E2E_TABLES: test names) into tables.md
 #   8. step profile: device time per op (ORCH_CUDA_OPTIME) of one-stream decode and 2048-token prefill
 #      (gpt-oss-20b; llama3-8b with step llama) into profile.md
 #   9. step llamatp: serve llama3-8b unsplit vs split E2E_LLAMA_TP ways (default "2", e.g. "2 4")
 # E2E_REPLICAS="1 2 4" sets the replica counts of step replicas (default "1 2").
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf bench depth serve llama profile replicas tp llamatp)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf tables bench depth serve llama profile replicas tp llamatp)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -80,6 +81,18 @@ if has perf && [ -x bin/cuda-gpu.test ]; then
     env $ORCH_PERF_BASE ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf-base.md" timeout 240 bin/cuda-gpu.test -test.run TestPerf -test.timeout 230s >>"$OUT/perf.log" 2>&1
     log "perf ($ORCH_PERF_BASE): rc=$? $(grep -E 'decode step' "$OUT/perf-base.md" | cut -c1-160 | tr '\n' ' ')"
   fi
+fi
+
+if has tables && [ -x bin/cuda-gpu.test ]; then
+  # the kernel-version tables named by E2E_TABLES (space-separated test names), each test's '|' rows into tables.md
+  for tst in ${E2E_TABLES:-TestPerfGEMVVersions TestPerfMoEVersions TestPerfPrefillMatMul TestPerfMoEPrefill}; do
+    t0=$(date +%s)
+    ORCH_GPU_PERF=1 timeout 200 bin/cuda-gpu.test -test.run "^$tst\$" -test.v -test.timeout 190s >"/tmp/$tst.log" 2>&1
+    rc=$?
+    { echo "### $tst (rc=$rc, $(( $(date +%s) - t0 )) s)"; grep -E '^\s*(\S+\.go:[0-9]+: )?\|' "/tmp/$tst.log" | sed -E 's/^\s*\S+\.go:[0-9]+: //' | awk '!seen[$0]++'
+      grep -E -- '--- FAIL|panic' -A5 "/tmp/$tst.log" | head -20; echo; } >>"$OUT/tables.md"
+    log "table $tst: rc=$rc ($(( $(date +%s) - t0 )) s)"
+  done
 fi
 
 synth() { # arch size file
