@@ -137,6 +137,18 @@ typedef struct {
 } orch_gemv_part;
 int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
                       const orch_gemv_part *parts);
+/* (session 5) The RMSNorm folded into the one-token GEMV: if add != NULL,
+ * res += add (written back); dst = rmsnorm(res) * nw (eps); then every part
+ * p: y_p = dst . W_p^T + bias_p, as orch_matmul_multi with x = dst. One
+ * launch; every output (res, dst, y_p) bit-identical to orch_rmsnorm
+ * followed by orch_matmul_multi. Only where that would run GEMV v5 at
+ * n = 1 or 2 (ORCH_CUDA_GEMV unset or v5, default kernels): otherwise
+ * ORCH_ERR_UNSUPPORTED and nothing is launched (the caller runs the two).
+ * dst may alias res; add, nw, the weights, biases and ys must overlap
+ * neither res nor dst, nor each other's outputs. ORCH_CUDA_GEMV_NORM=0:
+ * always unsupported. */
+int orch_matmul_multi_norm(orch_ctx *ctx, float *res, const float *add, const float *nw, float *dst, float eps,
+                           int32_t wtype, int64_t n, int64_t k, int32_t count, const orch_gemv_part *parts);
 
 /* ---- norm.cu ----
  * If add != NULL: x += add (x is written back: the residual stream).
@@ -258,6 +270,22 @@ int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, const float *l
                        float *weights, const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
                        const float *up_bias, const void *down, int32_t down_type, const float *down_bias, float *act,
                        float *ybuf, int64_t n, int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit);
+
+/* (ABI 7, session 5) The whole MoE op for 1..8 tokens, MoE v10 (three
+ * launches): router logits x . router^T + router_bias (router: F32
+ * [n_exp][dim], bias may be NULL) and the top-n_slots routing (ids / weights
+ * [n][n_slots], as orch_moe_topk computes them from the logits), then the
+ * fused expert FFN with orch_moe_ffn's result. Scratch: act n*n_slots*ff
+ * floats, ybuf n*n_slots*dim floats, both 16-byte aligned. Returns
+ * ORCH_ERR_UNSUPPORTED (without recording an error) unless ORCH_CUDA_MOE=v10,
+ * for more than 8 tokens, a router that is not F32, n_exp > 32, gate/up and
+ * down of different types, an infinite limit, and what orch_moe_ffn declines;
+ * the caller then runs the router GEMV, orch_moe_topk and orch_moe_ffn. */
+int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const void *router, int32_t router_type,
+                    const float *router_bias, int32_t n_exp, int32_t *ids, float *weights, const void *gate,
+                    const void *up, int32_t gu_type, const float *gate_bias, const float *up_bias, const void *down,
+                    int32_t down_type, const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots,
+                    int64_t dim, int64_t ff, float alpha, float limit);
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,

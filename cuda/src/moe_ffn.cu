@@ -1389,3 +1389,6 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
   ORCH_LAUNCHED(op);
   return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
 }
+
+// MoE v10 (session 5): router + top-k + expert FFN at 1..8 tokens in three launches.
+#include "moe_dec10.cuh"

@@ -339,6 +339,103 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
   std::printf("\n");
 }
 
+// MoE v10 (orch_moe_decode, 1..8 tokens; ORCH_CUDA_MOE=v10): the route
+// kernel (router partials per 64-wide slice, the last CTA of each token
+// (atomic ticket) summing them and running the top-k; x staged once), then
+// gate_up10 / down10. Checks: ids = orch_moe_topk's over the float64 logits
+// (rounded to float), weights within 1e-5; the output = orch_moe_ffn under v6
+// with v10's ids and weights BIT FOR BIT; a second call identical (the tickets
+// wrap back to 0: checked); stale speculative routing reads in down10 change
+// nothing; the declines (unpinned, 9 tokens, infinite limit).
+static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, bool stale = false) {
+  QW gate, up, down;
+  make_weight(gate, t, dim, ff * ne);
+  make_weight(up, t, dim, ff * ne);
+  make_weight(down, t, ff, dim * ne);
+  const auto x = randv((size_t)(n * dim), 1.f), rw = randv((size_t)(ne * dim), 1.f), rb = randv((size_t)ne, 4.f);
+  const auto gbv = randv((size_t)(ff * ne), 1.f), ubv = randv((size_t)(ff * ne), 1.f),
+             dbv = randv((size_t)(dim * ne), 1.f);
+  Buf<float> bx(x), brw(rw), brb(rb), bgb(gbv), bub(ubv), bdb(dbv);
+  auto gp = [&](Buf<float> &b) { return bias ? b.p : nullptr; };
+  const float limit = 7.f;
+  // reference routing: orch_moe_topk (v6) over the float64 logits
+  std::vector<float> lg((size_t)(n * ne));
+  for (int i = 0; i < n; i++)
+    for (int e = 0; e < ne; e++) {
+      double v = bias ? rb[(size_t)e] : 0.0;
+      for (int64_t c = 0; c < dim; c++) v += (double)rw[(size_t)(e * dim + c)] * x[(size_t)(i * dim + c)];
+      lg[(size_t)(i * ne + e)] = (float)v;
+    }
+  std::vector<int32_t> idr;
+  std::vector<float> wr;
+  {
+    orch_ctx ctx;
+    ctx.moe = 6;
+    Buf<float> l(lg), wb((size_t)(n * topk), NAN);
+    Buf<int32_t> ib((size_t)(n * topk), -1);
+    EXPECT(orch_moe_topk(&ctx, ib.p, wb.p, l.p, n, ne, topk) == ORCH_OK, "moe_topk: %s", g_err);
+    idr = ib.vec();
+    wr = wb.vec();
+  }
+  auto run10 = [&](bool pinned, int nn, float lim, std::vector<int32_t> *ids, std::vector<float> *w,
+                   std::vector<float> *o) {
+    if (pinned) setenv("ORCH_CUDA_MOE", "v10", 1);
+    orch_ctx ctx;
+    ctx.moe = 6;
+    ctx.moe_auto = false;
+    Buf<int32_t> ib((size_t)(nn * topk), -1);
+    Buf<float> wb((size_t)(nn * topk), NAN), out((size_t)(nn * dim), NAN), act((size_t)(nn * topk * ff), NAN),
+        yb((size_t)(nn * topk * dim), NAN), xx((size_t)(nn * dim), 0.5f);
+    const int rc = orch_moe_decode(&ctx, out.p, nn <= n ? bx.p : xx.p, brw.p, ORCH_T_F32, gp(brb), ne, ib.p, wb.p,
+                                   gate.bytes, up.bytes, t, gp(bgb), gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, nn,
+                                   topk, dim, ff, 1.702f, lim);
+    unsetenv("ORCH_CUDA_MOE");
+    if (ids) *ids = ib.vec();
+    if (w) *w = wb.vec();
+    if (o) *o = out.vec();
+    return rc;
+  };
+  std::vector<int32_t> id10;
+  std::vector<float> w10, o10, o10b, o10s;
+  EXPECT(run10(true, n, limit, &id10, &w10, &o10) == ORCH_OK, "moe_decode v10: %s", g_err);
+  for (int i = 0; i < MOE10_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "ticket %d = %u after the op", i, g_moe10_ticket[i]);
+  EXPECT(id10 == idr, "v10 ids differ from orch_moe_topk's over the float64 logits (%s n=%d top-%d of %d)", tname(t), n,
+         topk, ne);
+  for (size_t i = 0; i < wr.size(); i++)
+    EXPECT(std::fabs(w10[i] - wr[i]) <= 1e-5f * (1.f + std::fabs(wr[i])), "v10 weight %zu: %g vs %g", i, w10[i], wr[i]);
+  EXPECT(run10(true, n, limit, nullptr, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (again): %s", g_err);
+  EXPECT(std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0, "v10: a second call differs");
+  if (stale) {
+    g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
+    EXPECT(run10(true, n, limit, nullptr, nullptr, &o10s) == ORCH_OK, "moe_decode v10 (stale): %s", g_err);
+    g_moe6_stale_id = -1;
+    EXPECT(std::memcmp(o10.data(), o10s.data(), o10.size() * 4) == 0, "v10 with stale speculative routing differs");
+  }
+  // v6 on v10's routing
+  {
+    orch_ctx ctx;
+    ctx.moe = 6;
+    Buf<int32_t> ib(id10);
+    Buf<float> wb(w10), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN);
+    EXPECT(orch_moe_ffn(&ctx, out.p, bx.p, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb), gp(bub), down.bytes, t,
+                        gp(bdb), act.p, n, topk, dim, ff, 1.702f, limit) == ORCH_OK,
+           "moe_ffn v6: %s", g_err);
+    const auto o6 = out.vec();
+    EXPECT(std::memcmp(o10.data(), o6.data(), o6.size() * 4) == 0,
+           "MoE v10 != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d)", tname(t), (long long)dim,
+           (long long)ff, topk, ne, n);
+  }
+  EXPECT(run10(false, n, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode unpinned must decline");
+  EXPECT(run10(true, n, INFINITY, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
+         "moe_decode must decline an infinite limit");
+  EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
+         "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
+  std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
+              "v6's bit for bit, tickets back to 0%s\n",
+              tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
+              stale ? ", stale speculative routing: bit-identical" : "");
+}
+
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
   test_decoder();
@@ -359,6 +456,10 @@ int main(int argc, char **argv) {
   test_route(ORCH_T_MXFP4, 64, 32, 32, 4, 20, true); // 80 pairs
   test_route(ORCH_T_MXFP4, 64, 32, 8, 4, 19, false, 7.f, true); // skewed: 19 tokens on experts 0..3 (3 passes)
   test_route(ORCH_T_Q8_0, 32, 64, 6, 2, 64, true, 7.f, true); // 64 tokens (v8's maximum) on experts 0, 1: 8 passes
+  test_decode10(ORCH_T_MXFP4, 96, 64, 32, 4, 1, true, true); // 32 experts, a half last router slice, stale reads
+  test_decode10(ORCH_T_MXFP4, 64, 32, 8, 4, 8, false); // 8 tokens (v10's maximum), no biases
+  test_decode10(ORCH_T_Q8_0, 64, 64, 6, 2, 3, true);
+  test_decode10(ORCH_T_Q4_0, 128, 32, 5, 1, 2, true); // one slot: one down item per warp
   if (long_run) { // ~3 min on 2 cores
     test_moe(ORCH_T_MXFP4, 3200, 32, 2, 2, 1, true, true); // 100 chunks: 2 rounds of blocks per lane (gate/up)
     test_moe(ORCH_T_MXFP4, 32, 3200, 2, 2, 1, true, false); // ... (down: items = slot x round)

@@ -107,6 +107,11 @@ type lib struct {
 	commDestroy      func(comm uintptr) int32
 	// MoE v7: routing folded into the fused expert FFN (orch_moe_ffn_route).
 	moeFFNRoute func(ctx, out, x, logits uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
+	// MoE v10: router + top-k + fused expert FFN for 1..8 tokens (orch_moe_decode; ABI 7).
+	moeDecode func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
+	// Session 5 (fuse.go): the RMSNorm folded into the one-token GEMV. Optional:
+	// nil when the library predates it (the norm and GEMV then launch apart).
+	matmulMultiNorm func(ctx, res, add, nw, dst uintptr, eps float32, wtype int32, n, k int64, count int32, parts *gemvPart) int32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
@@ -212,12 +217,17 @@ func (l *lib) bind() (err error) {
 		{&l.commAllreduceF32, "orch_comm_allreduce_f32"}, {&l.commAsyncError, "orch_comm_async_error"},
 		{&l.commAbort, "orch_comm_abort"}, {&l.commDestroy, "orch_comm_destroy"},
 		{&l.moeFFNRoute, "orch_moe_ffn_route"},
+		{&l.moeDecode, "orch_moe_decode"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
 			return fmt.Errorf("symbol %s: %w", s.name, err)
 		}
 		purego.RegisterLibFunc(s.fn, l.handle, s.name)
+	}
+	// Optional symbols (added after the ABI version the Go side requires).
+	if _, err := purego.Dlsym(l.handle, "orch_matmul_multi_norm"); err == nil {
+		purego.RegisterLibFunc(&l.matmulMultiNorm, l.handle, "orch_matmul_multi_norm")
 	}
 	return nil
 }

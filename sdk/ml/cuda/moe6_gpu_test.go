@@ -22,13 +22,15 @@ import (
 // for bit, eager and over graph replays, which exercises v6's speculative
 // routing read before pdl_wait) under ORCH_CUDA_MOE=v4, v6, v8 (expert-major
 // batched kernels for 2..64 tokens, orch_moe_ffn_route; v6 at one token) and
-// v9 (v8 with tensor-core expert kernels for MXFP4). (v7 was removed.)
+// v9 (v8 with tensor-core expert kernels for MXFP4) and v10 (router + top-k
+// + expert FFN at 1..8 tokens in three launches, orch_moe_decode; session 5).
+// (v7 was removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
-	for _, v := range []string{"v4", "v6", "v8", "v9"} {
+	for _, v := range []string{"v4", "v6", "v8", "v9", "v10"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), "ORCH_CUDA_MOE="+v)
 		outp, err := cmd.CombinedOutput()
@@ -42,10 +44,12 @@ func TestMoEVersions(t *testing.T) {
 
 // TestPerfMoEVersions times the fused MoE decode op at the gpt-oss-20b shape
 // (router GEMV + top-4 + gate_up + down; graph of 16 calls, median of 20
-// replays) at n = 1, 2, 4, 8, 16, 32, 64 tokens (from 16 tokens = 64 pairs:
-// the grouped tile path under v6) under ORCH_CUDA_MOE=v6, v8 and v9, each
-// twice (run-to-run spread), in child processes on the same card; writes
-// perf-moe.md next to ORCH_PERF_OUT.
+// replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
+// grouped tile path under v6 and v10, v9 unpinned) under ORCH_CUDA_MOE=v6,
+// v10 and unpinned (the default routing), each twice (run-to-run spread), in
+// child processes on the same card; under v6 at n = 1 also the op's parts
+// (router GEMV, top-k, gate_up + down) alone. Writes perf-moe.md next to
+// ORCH_PERF_OUT.
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfMoEVersions -test.v
 func TestPerfMoEVersions(t *testing.T) {
@@ -58,8 +62,8 @@ func TestPerfMoEVersions(t *testing.T) {
 		}
 		// each twice: run-to-run spread on the same card
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
-			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v8", "ORCH_CUDA_MOE=v9", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v8",
-				"ORCH_CUDA_MOE=v9"},
+			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10",
+				"ORCH_CUDA_MOE="},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -74,7 +78,7 @@ func TestPerfMoEVersions(t *testing.T) {
 	const d, ff, ne, topk = 2880, 2880, 32, 4
 	mo := r.moe(t, d, ff, ne, topk)
 	rb, _ := ml.MXFP4.RowBytes(d)
-	for _, n := range []int{1, 2, 4, 8, 16, 32, 64} {
+	for _, n := range []int{1, 2, 4, 8, 16} {
 		x := mustA(t, ml.F32, d, n)
 		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
 		y := mustA(t, ml.F32, d, n)
@@ -83,6 +87,9 @@ func TestPerfMoEVersions(t *testing.T) {
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
 		t.Logf("| ORCH_CUDA_MOE=%s | moe decode gpt-oss n=%d | %.4f ms | %.0f%% (<= %d experts) |", os.Getenv("ORCH_CUDA_MOE"),
 			n, ms, 100*bytes/peak*1e3/ms, experts)
+		if n == 1 && os.Getenv("ORCH_CUDA_MOE") == "v6" {
+			moePartsN1(t, mo, x, y, peak)
+		}
 		gpu.Free(x)
 		gpu.Free(y)
 	}
@@ -90,4 +97,44 @@ func TestPerfMoEVersions(t *testing.T) {
 		gpu.Free(w)
 	}
 	require.NoError(t, gpu.Sync())
+}
+
+// moePartsN1 times the parts of the v6 MoE op at one token alone (graphs of
+// 16 back-to-back calls, as the whole op): the F32 router GEMV, the top-k and
+// the fused expert FFN (gate_up + down) — where the op's time goes.
+func moePartsN1(t *testing.T, mo *ml.MoE, x, y ml.Tensor, peak float64) {
+	const op = "moe parts"
+	b := gpu
+	xx, d := b.arg(op, "x", x, ml.F32), b.arg(op, "y", y, ml.F32)
+	router, gate := b.arg(op, "router", mo.Router, anyType), b.arg(op, "gate", mo.Gate, anyType)
+	up, down := b.arg(op, "up", mo.Up, anyType), b.arg(op, "down", mo.Down, anyType)
+	rb, _ := b.optF32(op, "router_bias", mo.RouterBias, -1)
+	gb, _ := b.optF32(op, "gate_bias", mo.GateBias, -1)
+	ub, _ := b.optF32(op, "up_bias", mo.UpBias, -1)
+	db, _ := b.optF32(op, "down_bias", mo.DownBias, -1)
+	require.NoError(t, b.err)
+	dim, ne, ff, k := router.shape[0], router.shape[1], gate.shape[1], mo.TopK
+	logits := b.scratchBuf("parts.logits", 4*ne)
+	ids := b.scratchBuf("parts.ids", 4*k)
+	wts := b.scratchBuf("parts.w", 4*k)
+	act := b.scratchBuf("parts.act", 4*ff*k)
+	require.NoError(t, b.err)
+	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, 1, int64(dim), int64(ne), 0))
+	b.call(op, b.l.moeTopK(b.ctx, ids, wts, logits, 1, int32(ne), int32(k)))
+	require.NoError(t, b.Sync())
+	rbytes := float64(4 * dim * ne)
+	ms := timeKernel(t, 20, 16, func() {
+		b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, 1, int64(dim), int64(ne), 0))
+	})
+	t.Logf("| ORCH_CUDA_MOE=v6 | part n=1: router F32 GEMV %dx%d | %.4f ms | %.0f%% |", ne, dim, ms, 100*rbytes/peak*1e3/ms)
+	ms = timeKernel(t, 20, 16, func() { b.call(op, b.l.moeTopK(b.ctx, ids, wts, logits, 1, int32(ne), int32(k))) })
+	t.Logf("| ORCH_CUDA_MOE=v6 | part n=1: top-%d of %d | %.4f ms | — |", k, ne, ms)
+	rowb, _ := ml.MXFP4.RowBytes(dim)
+	fbytes := float64(k) * 3 * float64(rowb) * float64(ff)
+	ms = timeKernel(t, 20, 16, func() {
+		b.call(op, b.l.moeFFN(b.ctx, d.ptr, xx.ptr, ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb, ub, down.ptr,
+			int32(down.dt), db, act, 1, int32(k), int64(dim), int64(ff), mo.Alpha, mo.Limit))
+	})
+	t.Logf("| ORCH_CUDA_MOE=v6 | part n=1: expert FFN (gate_up + down) | %.4f ms | %.0f%% |", ms, 100*fbytes/peak*1e3/ms)
+	require.NoError(t, b.err)
 }

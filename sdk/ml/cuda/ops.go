@@ -185,6 +185,7 @@ func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, l
 	}
 	// The kernel normalises its x argument, adding `add` into it first.
 	xp, addp := xx.ptr, uintptr(0)
+	rt, at := xx, (*tensor)(nil)
 	if res != nil {
 		r := b.arg(op, "res", res, ml.F32)
 		if r == nil {
@@ -195,6 +196,13 @@ func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, l
 			return
 		}
 		xp, addp = r.ptr, xx.ptr
+		rt, at = r, xx
+	}
+	if !layer && w != nil {
+		// held for folding into the next GEMV (fuse.go); w was validated above
+		if wt, err := b.get(w); err == nil && b.holdNorm(op, rt, at, wt, d, n, dim, eps) {
+			return
+		}
 	}
 	if layer {
 		b.call(op, b.l.layernorm(b.ctx, d.ptr, xp, addp, wp, bp, int64(n), int64(dim), eps))
@@ -520,6 +528,19 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 		return
 	}
 	N, K := int64(n), int32(k)
+	if n <= 8 && router.dt == ml.F32 && gate.dt == up.dt {
+		// MoE v10 (ORCH_CUDA_MOE=v10, 1..8 tokens): router GEMV + top-k in
+		// one kernel, then the fused expert FFN (three launches). The library
+		// declines otherwise (unpinned, other router types, what orch_moe_ffn
+		// declines) and the path below runs.
+		rc := b.l.moeDecode(b.ctx, d.ptr, xx.ptr, router.ptr, int32(router.dt), rb, int32(ne), ids, wts, gate.ptr,
+			up.ptr, int32(gate.dt), gb, ub, down.ptr, int32(down.dt), db, g, y, N, K, int64(dim), int64(ff), m.Alpha,
+			m.Limit)
+		if rc != stUnsupported {
+			b.call(op, rc)
+			return
+		}
+	}
 	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, N, int64(dim), int64(ne), 0))
 	grouped := !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt)
 	if n >= 2 && n <= 64 && gate.dt == up.dt && b.err == nil {

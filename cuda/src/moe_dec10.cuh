@@ -1,0 +1,384 @@
+// moe_dec10.cuh — MoE v10 (session 5, ORCH_CUDA_MOE=v10): the whole MoE
+// decode op at 1..8 tokens in three launches (v6: router GEMV, top-k,
+// gate_up, down = four), included by moe_ffn.cu (it uses v6's decoder, dots
+// and fixed activation scale).
+//  1. moe10_route_kernel: grid (ceil(dim / 64), n). CTA s takes x[64s, 64s+64)
+//     of token t: the 32 x 64 router weights (F32, constant: loaded before
+//     pdl_wait) dotted into per-slice partial logits, and x's two chunks
+//     staged exactly as v6's gate_up stages them (chunk-scaled fp16, times 2^14
+//     for MXFP4) into scratch — once per token instead of once per gate_up CTA.
+//     The last CTA of a token (atomic ticket, wrapping back to 0 by itself:
+//     graph-safe) sums the partials in slice order, adds the bias and runs v6's
+//     top-k (moe_topk32_warp): ids and weights. No separate top-k launch.
+//  2. moe_gate_up10_kernel: v6's gate_up (same rows per warp, same dots) with
+//     the staged x copied in (no per-CTA staging: no chunk max, no
+//     conversions), and the activation written directly in down's staged form
+//     (v6's fixed power-of-two scale, fp16; as v8).
+//  3. moe_down10_kernel: v6's down (double-buffered slots, speculative
+//     routing read before pdl_wait) with the staged activation copied in (half
+//     the L2 bytes of v6's float rows, no conversions).
+// Per token and slot, every product, fp16 partial sum and fold is v6's in
+// v6's order, so with the same ids and weights the output is v6's bit for bit
+// (cuda/test/moe_emu_test.cpp). The router logits are summed in another order
+// than orch_matmul's (fp32 rounding only), so near-tied experts may be picked
+// differently from v6's path; ids and weights are exact functions of them.
+// The ticket counters are per device (static): MoE v10 ops of one process must
+// not run concurrently on two streams of the same device (orch runs each
+// device's ops on its context's one stream).
+#pragma once
+#include <cstring>
+
+#include "moe_route.cuh"
+
+constexpr int MOE10_MAX_N = 8;  // tokens per op (one ticket each)
+constexpr int MOE10_RK = 64;    // router k per route CTA: two staged chunks
+constexpr int MOE10_THREADS = 256;
+
+__device__ unsigned g_moe10_ticket[MOE10_MAX_N];
+
+#if defined(ORCH_EMU)
+#define MOE10_SHARED static // one CTA at a time: a static local is the CTA's shared variable
+#else
+#define MOE10_SHARED __shared__
+#endif
+
+// Atomic ticket: returns the old value and wraps to 0 after lim (atomicInc).
+__device__ __forceinline__ unsigned moe10_ticket(unsigned *p, unsigned lim) {
+#if defined(__CUDA_ARCH__)
+  return atomicInc(p, lim);
+#else
+  const unsigned o = *p; // the emulation runs one CTA at a time
+  *p = o >= lim ? 0u : o + 1u;
+  return o;
+#endif
+}
+__device__ __forceinline__ void moe10_fence() {
+#if defined(__CUDA_ARCH__)
+  __threadfence();
+#endif
+}
+// Reads of data written by other CTAs of the same kernel: through L2 (L1 is
+// not coherent).
+__device__ __forceinline__ float moe10_ldcg(const float *p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+__device__ __forceinline__ uint4 moe10_ldcg4(const uint4 *p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
+// Words of one token's staged x: nch chunks of DEC16_XW words, then nch
+// 1/scale floats, rounded up to whole uint4s.
+DEC16_HD int moe10_xstride(int nch) { return (nch * DEC16_XW + nch + 3) & ~3; }
+
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+// n4 uint4s from global src (written by an earlier kernel) into shared dst;
+// B loads per thread in flight. Caller syncs.
+template <int B> __device__ __forceinline__ void moe10_copy(uint4 *dst, const uint4 *src, int n4) {
+  for (int b = (int)threadIdx.x; b < n4; b += B * (int)blockDim.x) {
+    uint4 v[B];
+#pragma unroll
+    for (int j = 0; j < B; j++) {
+      const int i = b + j * (int)blockDim.x;
+      if (i < n4) v[j] = moe10_ldcg4(src + i);
+    }
+#pragma unroll
+    for (int j = 0; j < B; j++) {
+      const int i = b + j * (int)blockDim.x;
+      if (i < n4) dst[i] = v[j];
+    }
+  }
+}
+#endif
+
+// part: [n][S][n_exp] partial logits; xg: n rows of xstride words (staged x,
+// then xinv); ids / wts: [n][k_slots]. kind / x14: the staging of weight type
+// T (dec16_traits<T>::kind, T == MXFP4).
+__global__ void __launch_bounds__(MOE10_THREADS)
+moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t *__restrict__ ids,
+                   float *__restrict__ wts, const float *__restrict__ x, const float *__restrict__ rw,
+                   const float *__restrict__ rbias, int dim, int n_exp, int k_slots, int kind, int x14) {
+  MOE10_SHARED unsigned last;
+  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
+  const int tid = threadIdx.x, e = tid >> 3, q = tid & 7;
+  const int k0 = s * MOE10_RK + 8 * q; // this thread's 8 elements of expert e's row
+  const bool ok0 = e < n_exp && k0 < dim, ok1 = e < n_exp && k0 + 4 < dim;
+  const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
+  // The router weights are constant (uploaded before any step): read before the wait.
+  const float4 w0 = ok0 ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)e * dim + k0)) : z4;
+  const float4 w1 = ok1 ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)e * dim + k0 + 4)) : z4;
+  pdl_wait(); // x comes from the previous kernel; part / xg / ids / wts are read by earlier ones
+  pdl_trigger();
+  const float *xt = x + (int64_t)t * dim;
+  const float4 x0 = ok0 ? *reinterpret_cast<const float4 *>(xt + k0) : z4;
+  const float4 x1 = ok1 ? *reinterpret_cast<const float4 *>(xt + k0 + 4) : z4;
+  float acc = w0.x * x0.x;
+  acc = fmaf(w0.y, x0.y, acc);
+  acc = fmaf(w0.z, x0.z, acc);
+  acc = fmaf(w0.w, x0.w, acc);
+  acc = fmaf(w1.x, x1.x, acc);
+  acc = fmaf(w1.y, x1.y, acc);
+  acc = fmaf(w1.z, x1.z, acc);
+  acc = fmaf(w1.w, x1.w, acc);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+  if (q == 0 && e < n_exp) part[((int64_t)t * S + s) * n_exp + e] = acc;
+  // Stage the slice's chunks (2s, 2s+1): moe6_stage's values (the 8 lanes of
+  // a chunk share its max), written where gate_up10 copies them from.
+  const int nch = dim / 32;
+  if (tid < 32) {
+    const int kk = s * MOE10_RK + 4 * tid;
+    const bool ok = tid < 16 && kk < dim;
+    const float4 v = ok ? *reinterpret_cast<const float4 *>(xt + kk) : z4;
+    uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+    float sc, inv;
+    dec16_chunk_scale(mx, sc, inv);
+    if (ok) {
+      const int c = kk >> 5, o = tid & 7;
+      uint32_t *xr = xg + (int64_t)t * moe10_xstride(nch);
+      const bool b14 = x14 != 0;
+      dec16_put4(xr + c * DEC16_XW, kind, o, moe6_x14(v.x * sc, b14), moe6_x14(v.y * sc, b14),
+                 moe6_x14(v.z * sc, b14), moe6_x14(v.w * sc, b14));
+      if (o == 0) reinterpret_cast<float *>(xr + nch * DEC16_XW)[c] = inv;
+    }
+  }
+  // The last CTA of token t (ticket) routes it.
+  moe10_fence(); // this thread's partial / staged writes before the ticket
+  __syncthreads();
+  if (tid == 0) last = moe10_ticket(&g_moe10_ticket[t], (unsigned)(S - 1)) == (unsigned)(S - 1);
+  __syncthreads();
+  if (!last) return; // uniform over the CTA
+  moe10_fence();
+  if (tid < 32) {
+    float v = 0.f;
+    if (tid < n_exp) {
+      const float *pp = part + (int64_t)t * S * n_exp + tid;
+#pragma unroll 8
+      for (int j = 0; j < S; j++) v += moe10_ldcg(pp + (int64_t)j * n_exp);
+      if (rbias) v += rbias[tid];
+    }
+    int id;
+    float w;
+    moe_topk32_warp(v, tid, n_exp, k_slots, id, w);
+    if (tid < k_slots) {
+      ids[t * k_slots + tid] = id;
+      wts[t * k_slots + tid] = w;
+    }
+  }
+}
+
+// act (staged for down: pair p's chunk c at acth words ((p * nch_m + c) *
+// DEC16_XW), v6's fixed scale sc) = swiglu(x[t] . gate_e[row] + gb, x[t] .
+// up_e[row] + ub), t = blockIdx.z, slot blockIdx.y: v6's gate_up rows and dots
+// with x copied from the route kernel's staging.
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
+moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
+                     const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                     const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha, float limit,
+                     float sc) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
+  pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int p = (int)blockIdx.z * n_slots + (int)blockIdx.y;
+  const int e = ids[p];
+  const bool valid = row < m;
+  const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
+  const int nch = k / 32, xs4 = moe10_xstride(nch) / 4;
+  const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
+  float ag = 0.f, au = 0.f;
+  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+    wblocks<T, NB> bg, bu;
+    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+    if (c0 == 0) { // uniform over the CTA
+      moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg + (int64_t)blockIdx.z * xs4, xs4);
+      __syncthreads();
+    }
+    moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
+  }
+  ag = warp_sum(ag);
+  au = warp_sum(au);
+  if (valid && lane == 0) {
+    const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+    const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+    const float v = swiglu_oai(g, u, alpha, limit);
+    int word, half;
+    moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
+    // moe6_stage_fixed's value: v * sc to fp16
+    acth[(((int64_t)p * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
+        (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+  }
+}
+
+// moe6_dot with one 1/scale for every chunk (the fixed activation scale).
+template <int T, int NB>
+__device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
+                                           int nch) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int c = c0 + lane + 32 * i;
+    if (c < nch) {
+      uint32_t a[2] = {0u, 0u};
+      moe6_block_acc<T>(b.w[i], b.sh[i], reinterpret_cast<const uint4 *>(xh + c * DEC16_XW), a);
+      s += dec16_fold(a, dec16_wscale<T>(b.w[i], b.sh[i]), xinv);
+    }
+  }
+  return s;
+}
+
+// out[t, row] = sum_s w[t, s] * (act[t, s] . down_e[row] + db[e, row]): v6's
+// down kernel with the staged activation copied in (xinv: v6's 1/scale).
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
+moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
+                  const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
+                  const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+  const int t = blockIdx.y;
+  const bool valid = row < m;
+  const int nch = k / 32;
+  const int rounds = (nch + 32 * NB - 1) / (32 * NB);
+  const int items = n_slots * rounds;
+  auto load = [&](wblocks<T, NB> &b, int it, int e) {
+    const int c0 = (it % rounds) * 32 * NB;
+    ffn_load<T, NB>(b, wd + ((int64_t)e * m + (valid ? row : 0)) * rb, c0, lane, nch, valid);
+  };
+  wblocks<T, NB> b0, b1;
+  const int e0 = moe6_ld_id(ids + (int64_t)t * n_slots);
+  const int e1 = items > 1 ? moe6_ld_id(ids + (int64_t)t * n_slots + 1 / rounds) : 0;
+  load(b0, 0, e0);
+  if (items > 1) load(b1, 1, e1);
+  pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
+  if (ids[(int64_t)t * n_slots] != e0) load(b0, 0, ids[(int64_t)t * n_slots]); // uniform over the CTA
+  if (items > 1 && ids[(int64_t)t * n_slots + 1 / rounds] != e1) load(b1, 1, ids[(int64_t)t * n_slots + 1 / rounds]);
+  const int cw4 = nch * DEC16_XW / 4; // uint4s per staged pair
+  moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth + (int64_t)t * n_slots * cw4, n_slots * cw4);
+  __syncthreads();
+  float res = 0.f, acc = 0.f;
+  auto finish = [&](int it, const wblocks<T, NB> &b) {
+    const int s = it / rounds;
+    const int c0 = (it % rounds) * 32 * NB;
+    acc += moe10_dot<T, NB>(b, xsm + s * nch * DEC16_XW, xinv, c0, lane, nch);
+    if (it % rounds == rounds - 1) {
+      const int64_t p = (int64_t)t * n_slots + s;
+      const int e = ids[p];
+      const float a = warp_sum(acc);
+      res += wts[p] * (a + (db && valid ? db[(int64_t)e * m + row] : 0.f));
+      acc = 0.f;
+    }
+  };
+  for (int it = 0; it < items; it += 2) {
+    finish(it, b0);
+    if (it + 2 < items) load(b0, it + 2, ids[(int64_t)t * n_slots + (it + 2) / rounds]);
+    if (it + 1 < items) {
+      finish(it + 1, b1);
+      if (it + 3 < items) load(b1, it + 3, ids[(int64_t)t * n_slots + (it + 3) / rounds]);
+    }
+  }
+  if (valid && lane == 0) out[(int64_t)t * m + row] = res;
+}
+
+// ---- launch ----
+// ORCH_CUDA_MOE=v10 (orch_env_version reads one digit: parsed here).
+static bool moe10_pinned(const orch_ctx *ctx) {
+  if (ctx->moe >= 10) return ctx->moe == 10;
+  const char *v = getenv("ORCH_CUDA_MOE");
+  return v && std::strcmp(v, "v10") == 0;
+}
+
+// Scratch: ybuf holds the partial logits (n * S * n_exp floats, rounded up to
+// 4) and then the staged x (n * moe10_xstride(dim / 32) words); act holds the
+// staged activation (n * n_slots * (ff / 32) * DEC16_XW words).
+static int64_t moe10_ybuf_floats(int64_t n, int64_t dim, int n_exp) {
+  const int64_t S = (dim + MOE10_RK - 1) / MOE10_RK;
+  return ((n * S * n_exp + 3) & ~(int64_t)3) + n * moe10_xstride((int)(dim / 32));
+}
+
+template <int T>
+static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
+                            int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
+                            const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
+                            int n_slots, int dim, int ff, float alpha, float limit) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const int S = (dim + MOE10_RK - 1) / MOE10_RK;
+    float *part = ybuf;
+    uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
+    const float sc = moe6_act_scale<T>(alpha, limit);
+    {
+      auto kern = moe10_route_kernel;
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
+                       dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0);
+    }
+    {
+      constexpr int NB = gate_up_nb<T>();
+      const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
+      auto kern = moe_gate_up10_kernel<T, NB>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), (unsigned)n_slots, (unsigned)n);
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
+                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
+                       orch_row_bytes(T, dim), alpha, limit, sc);
+    }
+    {
+      constexpr int NB = down_h_nb<T>();
+      const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
+      auto kern = moe_down10_kernel<T, NB>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,
+                       wts, n_slots, ff, dim, orch_row_bytes(T, ff), (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc);
+    }
+  }
+}
+
+extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const void *router, int32_t router_type,
+                               const float *router_bias, int32_t n_exp, int32_t *ids, float *weights,
+                               const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
+                               const float *up_bias, const void *down, int32_t down_type, const float *down_bias,
+                               float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim, int64_t ff,
+                               float alpha, float limit) {
+  const char *op = "moe_decode";
+  ORCH_CHECK_ARG(ctx && out && x && router && ids && weights && gate && up && down && act && ybuf, op);
+  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
+  // Declines (not an error; the caller runs the router GEMV, orch_moe_topk and
+  // orch_moe_ffn / orch_moe_ffn_route): unless pinned to v10; more than
+  // MOE10_MAX_N tokens; a router that is not F32; more than 32 experts (one
+  // warp's top-k); gate / up and down of different or unfused types; an
+  // infinite SwiGLU limit (no fixed activation scale); where orch_moe_ffn
+  // declines.
+  if (!moe10_pinned(ctx) || ctx->moe_v1 || n < 1 || n > MOE10_MAX_N || router_type != ORCH_T_F32 || n_exp > 32 ||
+      gu_type != down_type || !ffn_type(gu_type) || dim % 32 || ff % 32 || ffn_smem(dim, 1) > FFN_MAX_SMEM ||
+      (ff * orch_row_bytes(gu_type, dim)) % 4 || (dim * orch_row_bytes(down_type, ff)) % 4 ||
+      ffn_smem(ff, n_slots) > FFN_MAX_SMEM || !(act_scale(gu_type, alpha, limit) > 0.f))
+    return ORCH_ERR_UNSUPPORTED;
+  // The caller's scratch (ybuf n*n_slots*dim floats, act n*n_slots*ff floats) must hold v10's.
+  if (moe10_ybuf_floats(n, dim, n_exp) > n * n_slots * dim || (ff / 32) * DEC16_XW > ff * 2)
+    return ORCH_ERR_UNSUPPORTED;
+  ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
+                     aligned16p(up) && aligned16p(down),
+                 op);
+  ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
+                     ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
+                     (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
+                     limit);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
