@@ -18,7 +18,9 @@
 //    Grid x = token tiles (fastest), so the CTAs sharing a W tile run together
 //    and W comes from DRAM about once.
 //
-// Two tile configurations (Cfg): 128 W rows per CTA (v3) and 256 (v4).
+// Two tile configurations (Cfg): 128 W rows per CTA (v3) and 256 (v4); and
+// gemm_p (v5, below): 128-row tiles, one barrier per stage, the next stage's
+// dequantization interleaved with this stage's MMAs.
 //
 // cuda/test/gemm_q8_emu_test.cpp compiles this header against the CPU CUDA
 // emulation (ORCH_EMU: fibers, barriers, mma.sync and ldmatrix by the PTX
@@ -188,6 +190,36 @@ __global__ void __launch_bounds__(PREP_ROWS * 32) prep_x(__half *__restrict__ xh
 #define GQ8_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
+// Epilogue of a warp's 64 W rows (from r) x 32 tokens (from t): D rows g,
+// g + 8 of each m16 tile, columns (tokens) 2 tig, 2 tig + 1 of each n8 tile;
+// y = acc * 2^e(token) (+ bias) (+ y).
+__device__ __forceinline__ void epilogue(const float (&accv)[4][4][4], float *__restrict__ y,
+                                         const float *__restrict__ xf, const float *__restrict__ bias, int n, int m,
+                                         int t, int r, int lane, int acc) {
+  const int g = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      const int T = t + nt * 8 + 2 * tig + j;
+      if (T >= n) continue;
+      const float fx = xf[T];
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++) {
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+          const int R = r + mt * 16 + g + 8 * hh;
+          if (R >= m) continue;
+          float v = accv[mt][nt][2 * hh + j] * fx;
+          if (bias) v += bias[R];
+          float *yp = y + (int64_t)T * m + R;
+          *yp = acc ? *yp + v : v;
+        }
+      }
+    }
+  }
+}
+
 template <int BM>
 __global__ void __launch_bounds__(Cfg<BM>::THREADS, Cfg<BM>::MIN_BLOCKS)
     gemm(float *__restrict__ y, const __half *__restrict__ xh, const float *__restrict__ xf,
@@ -277,29 +309,149 @@ __global__ void __launch_bounds__(Cfg<BM>::THREADS, Cfg<BM>::MIN_BLOCKS)
     }
   }
   cp_async_wait<0>();
-  // Epilogue: D rows (W rows) g, g + 8; columns (tokens) 2 tig, 2 tig + 1.
-  const int g = lane >> 2, tig = lane & 3;
+  epilogue(accv, y, xf, bias, n, m, t0 + wn0, r0 + wm0, lane, acc);
+}
+
+// ---- v5: one barrier per stage, dequantization inside the MMA loop ----
+// Same tiles and arithmetic as gemm<128>, other schedule: the fp16 W tile is
+// double-buffered, and while a warp multiplies stage kt from one buffer it
+// dequantizes stage kt+1's blocks into the other, a 16-byte chunk after each
+// k16 step (the decode's integer/fp16 work interleaves with the HMMAs of the
+// same warp instead of a separate phase between two barriers). Raw W runs 3
+// stages ahead, x 2 (both in the group of iteration kt-2). x and W tiles are
+// unpadded 128-byte rows with 16-byte chunk c of row r at c ^ (r & 7) (the 8
+// rows of an ldmatrix fall on distinct bank groups), 105.5 KB: two CTAs/SM.
+struct PCfg {
+  static constexpr int BM = 128, THREADS = 256, XCH = 4, XR = 32;
+  static constexpr int RAW_BYTES = BM * RAW_ROW;    // 8704 per slot
+  static constexpr int X_BYTES = BN * BK * 2;       // 16384 per slot
+  static constexpr int WH_BYTES = BM * BK * 2;      // 16384 per buffer
+  static constexpr int X_OFF = NS * RAW_BYTES;      // 26112
+  static constexpr int WH_OFF = X_OFF + NS * X_BYTES; // 75264
+  static constexpr int SMEM = WH_OFF + 2 * WH_BYTES;  // 108032
+  static_assert(X_OFF % 16 == 0 && WH_OFF % 16 == 0, "16-byte aligned regions");
+};
+
+// Halves offset of 8-half chunk c of row r in a swizzled 64-half-row tile.
+__host__ __device__ __forceinline__ int swz(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
+
+// Chunk j (0..3: elements 8j .. 8j+7) of a block as in deq_block.
+__device__ __forceinline__ uint4 deq_chunk(const uint32_t w[9], int h, int j) {
+  const uint32_t db = h ? (w[0] >> 16) : (w[0] & 0xffffu);
+  const uint32_t d2 = db | (db << 16);
+  const uint32_t sh = h ? 32u : 16u;
+  const uint32_t q0 = __funnelshift_rc(w[2 * j], w[2 * j + 1], sh) ^ 0x80808080u;
+  const uint32_t q1 = __funnelshift_rc(w[2 * j + 1], w[2 * j + 2], sh) ^ 0x80808080u;
+  return make_uint4(deq2(__byte_perm(q0, 0x64646464u, 0x4140), d2), deq2(__byte_perm(q0, 0x64646464u, 0x4342), d2),
+                    deq2(__byte_perm(q1, 0x64646464u, 0x4140), d2), deq2(__byte_perm(q1, 0x64646464u, 0x4342), d2));
+}
+
+__global__ void __launch_bounds__(PCfg::THREADS, 2)
+    gemm_p(float *__restrict__ y, const __half *__restrict__ xh, const float *__restrict__ xf,
+           const uint8_t *__restrict__ w, const float *__restrict__ bias, int n, int k, int m, int64_t rb, int acc) {
+  using C = PCfg;
+  GQ8_SMEM(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t0 = blockIdx.x * BN, r0 = blockIdx.y * C::BM;
+  const int nk = k / BK;
+  const int wr = tid >> 1, h = tid & 1;
+  const uint8_t *wsrc = w + (int64_t)min(r0 + wr, m - 1) * rb + 32 * h;
+  const int wdst = wr * RAW_ROW + 32 * h;
+  const __half *xsrc = xh + (int64_t)min(t0 + (tid >> 3), n - 1) * k + (tid & 7) * 8;
+  int64_t xstep[C::XCH];
 #pragma unroll
-  for (int nt = 0; nt < 4; nt++) {
+  for (int i = 0; i < C::XCH; i++)
+    xstep[i] = (int64_t)(min(t0 + (tid >> 3) + C::XR * i, n - 1) - min(t0 + (tid >> 3), n - 1)) * k;
+  // rows (tid >> 3) + 32 i all have row & 7 == (tid >> 3) & 7
+  const int xdst = C::X_OFF + 2 * swz(tid >> 3, tid & 7);
+
+  auto load_raw = [&](int kt) {
+    unsigned char *st = smem + (kt % NS) * C::RAW_BYTES;
+    const uint8_t *ws = wsrc + (int64_t)kt * RAW_ROW;
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-      const int T = t0 + wn0 + nt * 8 + 2 * tig + j;
-      if (T >= n) continue;
-      const float fx = xf[T];
+    for (int j = 0; j < 9; j++)
+      if (j < 8 + h) cp_async4(st + wdst + 4 * j, ws + 4 * j);
+  };
+  auto load_x = [&](int kt) {
+    unsigned char *st = smem + (kt % NS) * C::X_BYTES;
+    const __half *xs = xsrc + kt * BK;
+#pragma unroll
+    for (int i = 0; i < C::XCH; i++) cp_async16(st + xdst + i * C::XR * BK * 2, xs + xstep[i]);
+  };
+  auto raw_words = [&](int kt, uint32_t wv[9]) {
+    const uint32_t *rw = reinterpret_cast<const uint32_t *>(smem + (kt % NS) * C::RAW_BYTES + wr * RAW_ROW) + 8 * h;
+#pragma unroll
+    for (int i = 0; i < 9; i++) wv[i] = rw[i];
+  };
+  __half *whb = reinterpret_cast<__half *>(smem + C::WH_OFF);
+  auto wh_chunk = [&](int buf, int j) -> uint4 * {
+    return reinterpret_cast<uint4 *>(whb + buf * (C::WH_BYTES / 2) + swz(wr, 4 * h + j));
+  };
+
+  float accv[4][4][4];
+#pragma unroll
+  for (int a = 0; a < 4; a++)
+#pragma unroll
+    for (int b = 0; b < 4; b++)
+#pragma unroll
+      for (int c = 0; c < 4; c++) accv[a][b][c] = 0.f;
+
+  // Prologue: {raw 0, raw 1, x 0}, {raw 2, x 1}; stage 0 dequantized into buffer 0.
+  load_raw(0);
+  if (nk > 1) load_raw(1);
+  load_x(0);
+  cp_async_commit();
+  if (nk > 2) load_raw(2);
+  if (nk > 1) load_x(1);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+  {
+    uint32_t wv[9];
+    raw_words(0, wv);
+#pragma unroll
+    for (int j = 0; j < 4; j++) *wh_chunk(0, j) = deq_chunk(wv, h, j);
+  }
+
+  const int wm0 = (warp & 1) * 64, wn0 = (warp >> 1) * 32;
+  for (int kt = 0; kt < nk; kt++) {
+    // Group of iteration kt-2 (x kt, raw kt+1) landed for this thread; the
+    // barrier makes everyone's visible, finishes W buffer kt & 1, and puts
+    // every warp past stage kt-1 (its x slot, its W buffer, raw slot kt).
+    cp_async_wait<1>();
+    __syncthreads();
+    if (kt + 3 < nk) load_raw(kt + 3);
+    if (kt + 2 < nk) load_x(kt + 2);
+    cp_async_commit();
+    const bool dq = kt + 1 < nk;
+    uint32_t wv[9];
+    if (dq) raw_words(kt + 1, wv);
+    const __half *xt = reinterpret_cast<const __half *>(smem + C::X_OFF + (kt % NS) * C::X_BYTES);
+    const __half *wc = whb + (kt & 1) * (C::WH_BYTES / 2);
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ks++) {
+      unsigned b[4][2];
+#pragma unroll
+      for (int p = 0; p < 2; p++) {
+        unsigned r[4];
+        ldsm_x4(r, xt + swz(wn0 + p * 16 + (lane >> 4) * 8 + (lane & 7), 2 * ks + ((lane >> 3) & 1)));
+        b[2 * p][0] = r[0];
+        b[2 * p][1] = r[1];
+        b[2 * p + 1][0] = r[2];
+        b[2 * p + 1][1] = r[3];
+      }
 #pragma unroll
       for (int mt = 0; mt < 4; mt++) {
+        unsigned a[4];
+        ldsm_x4(a, wc + swz(wm0 + mt * 16 + (lane & 15), 2 * ks + (lane >> 4)));
 #pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-          const int R = r0 + wm0 + mt * 16 + g + 8 * hh;
-          if (R >= m) continue;
-          float v = accv[mt][nt][2 * hh + j] * fx;
-          if (bias) v += bias[R];
-          float *yp = y + (int64_t)T * m + R;
-          *yp = acc ? *yp + v : v;
-        }
+        for (int nt = 0; nt < 4; nt++) mma16816(accv[mt][nt], a, b[nt]);
       }
+      if (dq) *wh_chunk((kt + 1) & 1, ks) = deq_chunk(wv, h, ks);
     }
   }
+  cp_async_wait<0>();
+  epilogue(accv, y, xf, bias, n, m, t0 + wn0, r0 + wm0, lane, acc);
 }
 
 #ifdef ORCH_EMU
@@ -308,7 +460,8 @@ __global__ void __launch_bounds__(Cfg<BM>::THREADS, Cfg<BM>::MIN_BLOCKS)
 #define GQ8_LAUNCH(kern, grid, threads, smem, stream, ...) kern<<<grid, threads, smem, stream>>>(__VA_ARGS__)
 #endif
 
-// Runs both kernels on st with bm W rows per CTA (128 or 256); scr holds
+// Runs prep_x and the GEMM on st: cfg = 128 or 256 (gemm<cfg>), else gemm_p
+// (128-row tiles, v5); scr holds
 // scratch_bytes(n, k) (256-byte aligned). The caller checked supported();
 // returns a cudaError_t of the launches.
 template <int BM>
@@ -326,14 +479,21 @@ inline cudaError_t launch_gemm(cudaStream_t st, float *y, const __half *xh, cons
 }
 
 inline cudaError_t run(cudaStream_t st, void *scr, float *y, const float *x, const uint8_t *w, const float *bias,
-                       int64_t n, int64_t k, int64_t m, int64_t rb, int acc, int bm) {
+                       int64_t n, int64_t k, int64_t m, int64_t rb, int acc, int cfg) {
   __half *xh = reinterpret_cast<__half *>(scr);
   float *xf = reinterpret_cast<float *>(reinterpret_cast<char *>(scr) + (n * k * 2 + 255) / 256 * 256);
   GQ8_LAUNCH(prep_x, dim3((unsigned)ceil_div(n, PREP_ROWS)), PREP_ROWS * 32, 0, st, xh, xf, x, (int)n, (int)k);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  return bm == 256 ? launch_gemm<256>(st, y, xh, xf, w, bias, n, k, m, rb, acc)
-                   : launch_gemm<128>(st, y, xh, xf, w, bias, n, k, m, rb, acc);
+  if (cfg == 256) return launch_gemm<256>(st, y, xh, xf, w, bias, n, k, m, rb, acc);
+  if (cfg == 128) return launch_gemm<128>(st, y, xh, xf, w, bias, n, k, m, rb, acc);
+#ifndef ORCH_EMU
+  e = cudaFuncSetAttribute(gemm_p, cudaFuncAttributeMaxDynamicSharedMemorySize, PCfg::SMEM);
+  if (e != cudaSuccess) return e;
+#endif
+  GQ8_LAUNCH(gemm_p, dim3((unsigned)ceil_div(n, BN), (unsigned)ceil_div(m, PCfg::BM)), PCfg::THREADS, PCfg::SMEM, st,
+             y, xh, xf, w, bias, (int)n, (int)k, (int)m, rb, acc);
+  return cudaGetLastError();
 }
 
 } // namespace gq8

@@ -22,6 +22,9 @@
 //    tile crosses L2 -> SM half as often) where the grid has >=
 //    gq8::MIN_TILES_256 tiles, else as v3; with ORCH_CUDA_PREFILL_FORCE=1
 //    always 256-row tiles.
+//  - v5 (opt-in): v3's tiles and routing, gq8::gemm_p's schedule (double-
+//    buffered fp16 W tile, one barrier per stage, the next stage's
+//    dequantization interleaved with this stage's MMAs, swizzled tiles).
 #include "quant.cuh"
 #include "gemm_q8.cuh"
 
@@ -156,11 +159,12 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
   const int version = prefill_version();
   if (version >= 3 && wtype == ORCH_T_Q8_0 && gq8::supported(n, k, m, (uintptr_t)wb, (uintptr_t)x)) {
     // v3: 128-row tiles; v4: 256-row tiles where they fill the card, else
-    // as v3. Small grids go on to v2 unless forced.
+    // as v3; v5: the pipelined 128-row kernel. Small grids go on to v2
+    // unless forced.
     const bool force = prefill_force_v3();
     int bm = 0;
     if (version == 4 && (force || gq8::tiles(n, m, 256) >= gq8::MIN_TILES_256)) bm = 256;
-    else if (force || gq8::tiles(n, m, 128) >= gq8::MIN_TILES) bm = 128;
+    else if (force || gq8::tiles(n, m, 128) >= gq8::MIN_TILES) bm = version == 5 ? 1 : 128;
     if (bm) {
       void *scr = nullptr;
       int rc = orch_scratch(ctx, (size_t)gq8::scratch_bytes(n, k), &scr);

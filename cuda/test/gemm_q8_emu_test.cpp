@@ -179,6 +179,9 @@ int main() {
   run_case(rng, 128, 128, 256, 128, true, true);   // exact tiles, 4 stages
   run_case(rng, 256, 40, 256, 300, true, false);   // 256-row tiles (16 warps): ragged, 4 stages
   run_case(rng, 256, 5, 64, 256, false, true);     // one exact row tile, one stage
+  run_case(rng, 1, 130, 384, 200, true, false);    // gemm_p: ragged, 6 stages (raw slots reused twice)
+  run_case(rng, 1, 3, 64, 129, false, true);       // gemm_p: one stage
+  run_case(rng, 1, 17, 128, 128, true, true);      // gemm_p: two stages
   if (fails) {
     std::printf("FAILED: %d elements\n", fails);
     return 1;

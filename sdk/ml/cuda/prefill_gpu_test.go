@@ -22,8 +22,8 @@ import (
 
 // prefillVariants are the environments the tests below re-run themselves
 // under (child processes: the library reads ORCH_CUDA_PREFILL once per
-// process). v3 / v4 run forced (ORCH_CUDA_PREFILL_FORCE=1): the raw-Q8_0
-// GEMM with 128- / 256-row tiles at every shape it supports, also the small
+// process). v3 / v4 / v5 run forced (ORCH_CUDA_PREFILL_FORCE=1): the raw-Q8_0
+// GEMM (128- / 256-row tiles, the pipelined kernel) at every shape it supports, also the small
 // grids that they otherwise hand to v2 (the routed times follow from these
 // rows: the kernel where its grid is large enough, else v2's).
 var prefillVariants = []struct {
@@ -35,6 +35,7 @@ var prefillVariants = []struct {
 	{"v2", []string{"ORCH_CUDA_PREFILL=v2"}, true},
 	{"v3 forced", []string{"ORCH_CUDA_PREFILL=v3", "ORCH_CUDA_PREFILL_FORCE=1"}, true},
 	{"v4 forced", []string{"ORCH_CUDA_PREFILL=v4", "ORCH_CUDA_PREFILL_FORCE=1"}, true},
+	{"v5 forced", []string{"ORCH_CUDA_PREFILL=v5", "ORCH_CUDA_PREFILL_FORCE=1"}, true},
 }
 
 // runPrefillChildren re-runs test in one child process per variant (same
