@@ -390,16 +390,21 @@ int launch_moe_gemm2(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
 // element j < 16 is the low nibble of qs[j], element 16 + j its high nibble).
 // Activations are re-read from L2 m / 384 times (v2: m / 192). Only B (pair
 // rows) goes through ldmatrix: one x4 per two n8 blocks and k16 step.
+// BN_: pairs per tile (tile 17: 96, 18: 80, 19: 64): the accumulators are
+// 2 x BN_/8 x 4 registers of the 168 a thread may have; fewer leave the
+// compiler room to keep ldmatrix loads ahead of the MMAs, but an expert with
+// more pairs takes another tile (its rows decoded again).
+template <int BN_>
 struct Mg3Cfg {
-  static constexpr int BM = 384, BN = 96, KB = 2, NS = 4, WARPS = 12, THREADS = WARPS * 32;
+  static constexpr int BM = 384, BN = BN_, KB = 2, NS = 4, WARPS = 12, THREADS = WARPS * 32;
   static constexpr int BK = 32 * KB, LDS = BK + 8, NT = BN / 8;
   static_assert(BM == WARPS * 32 && NT % 2 == 0, "tile");
   static_assert((LDS * 2) % 16 == 0 && ((LDS * 2 / 16) & 1), "ldmatrix rows: 16-byte aligned, odd 16-byte stride");
 };
 
-template <int T>
+template <int T, int BN_>
 struct Mg3Smem {
-  using C = Mg3Cfg;
+  using C = Mg3Cfg<BN_>;
   static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
   static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
   static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
@@ -419,11 +424,11 @@ __device__ __forceinline__ void mx_pair_bf16(uint32_t qq, uint32_t scale, uint32
   hi = bf162_mul(phi, scale);
 }
 
-template <int MODE>
-__global__ void __launch_bounds__(Mg3Cfg::THREADS, 1) moe_gemm3_kernel(const QArgs a) {
-  using C = Mg3Cfg;
+template <int MODE, int BN_>
+__global__ void __launch_bounds__(Mg3Cfg<BN_>::THREADS, 1) moe_gemm3_kernel(const QArgs a) {
+  using C = Mg3Cfg<BN_>;
   constexpr int T = ORCH_T_MXFP4;
-  using SM = Mg3Smem<T>;
+  using SM = Mg3Smem<T, BN_>;
   constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
   constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
   constexpr bool DUAL = MODE == MODE_GATE_UP;
@@ -574,20 +579,22 @@ __global__ void __launch_bounds__(Mg3Cfg::THREADS, 1) moe_gemm3_kernel(const QAr
           mx_pair_bf16(qa, scale, af[i][0][h], af[i][1][h]);
           mx_pair_bf16(qb, scale, af[i][0][2 + h], af[i][1][2 + h]);
         }
+      // Per pair of n-blocks: both k16 steps' B fragments (two ldmatrix in
+      // flight), then up to 8 MMAs on them.
 #pragma unroll
-      for (int kk = 0; kk < 2; kk++) {
+      for (int jp = 0; jp < C::NT / 2; jp++) {
+        if (jp * 16 >= cnt) break; // uniform
+        uint32_t bf[2][4];
 #pragma unroll
-        for (int jp = 0; jp < C::NT / 2; jp++) {
-          if (jp * 16 >= cnt) break; // uniform
-          uint32_t bf[4];
-          mg_ldsm_x4(bf, xs + b_off + jp * 16 * LDS + j * 32 + kk * 16);
-          const bool second = jp * 16 + 8 < cnt;
+        for (int kk = 0; kk < 2; kk++) mg_ldsm_x4(bf[kk], xs + b_off + jp * 16 * LDS + j * 32 + kk * 16);
+        const bool second = jp * 16 + 8 < cnt;
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++)
 #pragma unroll
           for (int i = 0; i < 2; i++) {
-            mg_mma_bf16(acc[i][2 * jp], af[i][kk], bf[0], bf[1]);
-            if (second) mg_mma_bf16(acc[i][2 * jp + 1], af[i][kk], bf[2], bf[3]);
+            mg_mma_bf16(acc[i][2 * jp], af[i][kk], bf[kk][0], bf[kk][1]);
+            if (second) mg_mma_bf16(acc[i][2 * jp + 1], af[i][kk], bf[kk][2], bf[kk][3]);
           }
-        }
       }
     }
   };
@@ -634,18 +641,30 @@ __global__ void __launch_bounds__(Mg3Cfg::THREADS, 1) moe_gemm3_kernel(const QAr
   }
 }
 
-template <int MODE>
+template <int MODE, int BN_>
 int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
-  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4>::TOTAL;
+  using C = Mg3Cfg<BN_>;
+  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_>::TOTAL;
   static_assert(sm <= 200 * 1024, "shared memory");
   static const size_t optin = smem_optin();
   if (sm > optin) {
     orch_set_error("moe_gemm v3: tile needs %zu bytes of shared memory, the device allows %zu", sm, optin);
     return ORCH_ERR_UNSUPPORTED;
   }
-  const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? Mg3Cfg::BM / 2 : Mg3Cfg::BM);
-  cudaFuncSetAttribute(moe_gemm3_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE>;
-  QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), Mg3Cfg::THREADS, sm, st, a);
+  const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
+  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_>;
+  QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a);
   return ORCH_OK;
+}
+
+// Tile codes of v3: 17, 18, 19 = 96, 80, 64 pairs per tile.
+constexpr int mg3_bn(int tile) { return tile == 17 ? 96 : tile == 18 ? 80 : 64; }
+template <int MODE>
+int launch_moe_gemm3_tile(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
+  switch (tile) {
+    case 17: return launch_moe_gemm3<MODE, 96>(st, a, rows_w, gy);
+    case 18: return launch_moe_gemm3<MODE, 80>(st, a, rows_w, gy);
+    default: return launch_moe_gemm3<MODE, 64>(st, a, rows_w, gy);
+  }
 }

@@ -516,7 +516,7 @@ int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) 
   return ORCH_OK;
 }
 
-// Grouped MoE GEMM v2 / v3 (mma.sync + ldmatrix; tile codes 16 / 17,
+// Grouped MoE GEMM v2 / v3 (mma.sync + ldmatrix; tile codes 16 / 17-19,
 // ORCH_CUDA_MOEGEMM=v2 / v3).
 #include "moe_gemm.cuh"
 
@@ -527,7 +527,8 @@ int moegemm_version() {
   static const int v = orch_env_version("ORCH_CUDA_MOEGEMM", 1);
   return v;
 }
-constexpr int TILE_MOE2 = 16, TILE_MOE3 = 17;
+constexpr int TILE_MOE2 = 16, TILE_MOE3 = 17, TILE_MOE3_LAST = 19;
+constexpr bool tile_v3(int t) { return t >= TILE_MOE3 && t <= TILE_MOE3_LAST; }
 
 // The two-barrier schedule is built for the dense GEMM only (A/B timing;
 // fewer instantiations): the MoE modes always pipeline.
@@ -541,7 +542,7 @@ int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy, bo
 // Tile code: bits 0-2 the configuration (1..4), bit 3 (8) the two-barrier
 // schedule instead of the pipelined one.
 constexpr int bn_of(int tile) {
-  return tile == TILE_MOE2 ? MgCfg::BN : tile == TILE_MOE3 ? Mg3Cfg::BN : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
+  return tile == TILE_MOE2 ? MgCfg::BN : tile_v3(tile) ? mg3_bn(tile) : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
 }
 
 // gy: grid rows (token tiles or the MoE tile bound) for this tile's BN.
@@ -569,7 +570,7 @@ int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_
   return ORCH_ERR_UNSUPPORTED;
 }
 
-bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || t == TILE_MOE2 || t == TILE_MOE3; } // 0..5, 8..13; 16, 17 (grouped MoE v2, v3)
+bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || t == TILE_MOE2 || tile_v3(t); } // 0..5, 8..13; 16, 17..19 (grouped MoE v2, v3)
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
@@ -701,7 +702,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   const bool mx = gu_type == ORCH_T_MXFP4 && down_type == ORCH_T_MXFP4;
   if (tile == 0 && mx && moegemm_version() == 2) tile = TILE_MOE2;
   if (tile == 0 && mx && moegemm_version() == 3) tile = TILE_MOE3;
-  const bool v23 = tile == TILE_MOE2 || tile == TILE_MOE3;
+  const bool v23 = tile == TILE_MOE2 || tile_v3(tile);
   if (v23 && !mx) tile = 0;
   if (!(v23 && mx) && (tile & 7) == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
@@ -747,7 +748,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.m = ff;
   a.rb = rb_gu;
   int rc = tile == TILE_MOE2   ? launch_moe_gemm2<ORCH_T_MXFP4, MODE_GATE_UP>(ctx->stream, a, ff, tb)
-           : tile == TILE_MOE3 ? launch_moe_gemm3<MODE_GATE_UP>(ctx->stream, a, ff, tb)
+           : tile_v3(tile)     ? launch_moe_gemm3_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
                                : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
@@ -765,7 +766,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.m = dim;
   a.rb = rb_dn;
   rc = tile == TILE_MOE2   ? launch_moe_gemm2<ORCH_T_MXFP4, MODE_DOWN>(ctx->stream, a, dim, tb)
-       : tile == TILE_MOE3 ? launch_moe_gemm3<MODE_DOWN>(ctx->stream, a, dim, tb)
+       : tile_v3(tile)     ? launch_moe_gemm3_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
                            : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);

@@ -385,13 +385,18 @@ int main(int argc, char **argv) {
   // counts (n-blocks skipped per warp), empty experts, one expert over two
   // 96-pair tiles (130 tokens on 5 experts: ~104 each), no biases; and a
   // Q8_0 call asking for 16 (v1's tiles take it).
-  // v3 (tile 17: MXFP4 decoded into A fragments), the same cases.
+  // v3 (tile 17: MXFP4 decoded into A fragments, 96 pairs per tile), the same cases.
   for (int tile : {16, 17}) {
     for (const char *routing : {"uniform", "skew", "one"})
       test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, tile, routing, true);
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 5, 64, 64, tile, "uniform", false);
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 60, 3, 3, 64, 32, tile, "one", true);
-    test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 9, 2, 5, 64, 64, tile, "uniform", true);
+    test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 9, 2, 5, 64, 64, tile, "uniform", false);
+  }
+  // v3 with 80 / 64 pairs per tile: the hot expert (13 pairs) and 105 pairs over 5 experts (two tiles each).
+  for (int tile : {18, 19}) {
+    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, tile, "skew", true);
+    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 105, 4, 4, 64, 64, tile, "uniform", false);
   }
   if (fails) {
     std::printf("qgemm_emu_test: %d failures\n", fails);

@@ -321,8 +321,9 @@ func TestMoEGrouped(t *testing.T) {
 			for _, n := range []int{1, 5, 9, 33, 130, 512} {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
-					// 16, 17: v2, v3 (moe_gemm.cuh; MXFP4 only, other types fall back to v1)
-					tiles := []int32{0, 1, 2, 3, 4, 5, 16, 17}
+					// 16, 17..19: v2, v3 with 96 / 80 / 64 pairs a tile (moe_gemm.cuh;
+					// MXFP4 only, other types fall back to v1)
+					tiles := []int32{0, 1, 2, 3, 4, 5, 16, 17, 18, 19}
 					if !withBias || dts[0] != dts[1] {
 						tiles = []int32{0, 16, 17}
 					}
