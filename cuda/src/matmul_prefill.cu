@@ -105,7 +105,7 @@ static int prefill_version() {
   return v;
 }
 
-// ORCH_CUDA_PREFILL_FORCE=1: v3 takes every shape it supports (tests).
+// ORCH_CUDA_PREFILL_FORCE=1: v3 / v4 / v5 take every shape they support (tests).
 static bool prefill_force_v3() {
   static const bool f = [] {
     const char *v = getenv("ORCH_CUDA_PREFILL_FORCE");
