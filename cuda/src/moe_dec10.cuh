@@ -224,6 +224,71 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   }
 }
 
+// Streaming gate_up (ORCH_CUDA_MOE10_STREAM=1 under v10): one wave of CTAs
+// (2 per SM: <= 128 registers), each warp walking row pairs (pair p, row)
+// strided over the grid, double-buffered — the next row pair's gate and up
+// words are loaded before the current one is computed — so the weight stream
+// does not stop between waves / CTA prologues (v6: 2.7 waves of 8-row CTAs at
+// one token, each loading, then computing). v5 tried this with two rounds of
+// 2 blocks per lane (70% of the lanes busy in the second round at k = 2880);
+// here one round of NB = 3 blocks covers k <= 96 * 32. Same dots and
+// activation as gate_up10 (bit-identical); all n tokens' staged x in shared
+// memory.
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
+moe_gate_up10s_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
+                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                      const int32_t *__restrict__ ids, int n, int n_slots, int k, int m, int64_t rb, float alpha,
+                      float limit, float sc) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
+  pdl_trigger();
+  const int lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5), nw = gridDim.x * FFN_WARPS;
+  const int nch = k / 32, xs = moe10_xstride(nch);
+  const int total = n * n_slots * m;
+  const int cnt = gw < total ? (total - gw + nw - 1) / nw : 0;
+  auto load = [&](wblocks<T, NB> &bg, wblocks<T, NB> &bu, int j) {
+    const bool valid = j < cnt;
+    const int i = valid ? gw + j * nw : 0;
+    const int p = i / m, row = i - p * m;
+    const int64_t off = ((int64_t)ids[p] * m + row) * rb;
+    ffn_load<T, NB>(bg, wg + off, 0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu + off, 0, lane, nch, valid);
+  };
+  auto compute = [&](const wblocks<T, NB> &bg, const wblocks<T, NB> &bu, int j) {
+    const int i = gw + j * nw;
+    const int p = i / m, row = i - p * m, t = p / n_slots;
+    const uint32_t *xh = xsm + t * xs;
+    float ag = 0.f, au = 0.f;
+    moe6_dot2<T, NB>(bg, bu, xh, reinterpret_cast<const float *>(xh + nch * DEC16_XW), 0, lane, nch, ag, au);
+    ag = warp_sum(ag);
+    au = warp_sum(au);
+    if (lane == 0) {
+      const int e = ids[p];
+      const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+      const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+      const float v = swiglu_oai(g, u, alpha, limit);
+      int word, half;
+      moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
+      acth[(((int64_t)p * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
+          (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+    }
+  };
+  wblocks<T, NB> g0, u0, g1, u1;
+  load(g0, u0, 0);
+  moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg, n * xs / 4);
+  __syncthreads();
+  for (int j = 0; j < cnt; j += 2) {
+    load(g1, u1, j + 1);
+    compute(g0, u0, j);
+    if (j + 1 < cnt) {
+      load(g0, u0, j + 2);
+      compute(g1, u1, j + 1);
+    }
+  }
+}
+
 // moe6_dot with one 1/scale for every chunk (the fixed activation scale).
 template <int T, int NB>
 __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
@@ -304,6 +369,12 @@ static bool moe10_pinned(const orch_ctx *ctx) {
   return v && std::strcmp(v, "v10") == 0;
 }
 
+// ORCH_CUDA_MOE10_STREAM=1: the streaming gate_up (moe_gate_up10s_kernel).
+static bool moe10_stream() {
+  const char *v = getenv("ORCH_CUDA_MOE10_STREAM");
+  return v && v[0] == '1';
+}
+
 // Scratch: ybuf holds the partial logits (n * S * n_exp floats, rounded up to
 // 4) and then the staged x (n * moe10_xstride(dim / 32) words); act holds the
 // staged activation (n * n_slots * (ff / 32) * DEC16_XW words).
@@ -316,7 +387,7 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit) {
+                            int n_slots, int dim, int ff, float alpha, float limit, bool stream) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -327,8 +398,20 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0);
     }
-    {
-      constexpr int NB = gate_up_nb<T>();
+    constexpr int NBG = gate_up_nb<T>();
+    if (stream && dim / 32 <= 32 * NBG) {
+      const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4;
+      auto kern = moe_gate_up10s_kernel<T, NBG>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      const int64_t items = (int64_t)n * n_slots * ff;
+      static int64_t wave[MOE10_MAX_N + 1]; // per process and type (one device per process), by n (shared memory)
+      if (wave[n] == 0) wave[n] = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave[n], ceil_div(items, (int64_t)FFN_WARPS)));
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
+                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n, n_slots, dim, ff,
+                       orch_row_bytes(T, dim), alpha, limit, sc);
+    } else {
+      constexpr int NB = NBG;
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
       auto kern = moe_gate_up10_kernel<T, NB>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -378,7 +461,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit);
+                     limit, moe10_stream());
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

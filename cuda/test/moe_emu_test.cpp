@@ -405,6 +405,12 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     EXPECT(std::fabs(w10[i] - wr[i]) <= 1e-5f * (1.f + std::fabs(wr[i])), "v10 weight %zu: %g vs %g", i, w10[i], wr[i]);
   EXPECT(run10(true, n, limit, nullptr, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (again): %s", g_err);
   EXPECT(std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0, "v10: a second call differs");
+  setenv("ORCH_CUDA_MOE10_STREAM", "1", 1); // the streaming gate_up: same bits
+  std::vector<int32_t> id10s;
+  EXPECT(run10(true, n, limit, &id10s, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (stream): %s", g_err);
+  unsetenv("ORCH_CUDA_MOE10_STREAM");
+  EXPECT(id10s == id10 && std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0,
+         "v10 with the streaming gate_up differs");
   if (stale) {
     g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
     EXPECT(run10(true, n, limit, nullptr, nullptr, &o10s) == ORCH_OK, "moe_decode v10 (stale): %s", g_err);
@@ -431,13 +437,15 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit, tickets back to 0%s\n",
+              "v6's bit for bit (gate_up10 and the streaming gate_up10s), tickets back to 0%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
 
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
+  const bool only10 = argc > 1 && std::strcmp(argv[1], "v10") == 0; // the v10 cases only (development)
+  if (!only10) {
   test_decoder();
   test_act_scale();
   test_topk();
@@ -456,6 +464,7 @@ int main(int argc, char **argv) {
   test_route(ORCH_T_MXFP4, 64, 32, 32, 4, 20, true); // 80 pairs
   test_route(ORCH_T_MXFP4, 64, 32, 8, 4, 19, false, 7.f, true); // skewed: 19 tokens on experts 0..3 (3 passes)
   test_route(ORCH_T_Q8_0, 32, 64, 6, 2, 64, true, 7.f, true); // 64 tokens (v8's maximum) on experts 0, 1: 8 passes
+  }
   test_decode10(ORCH_T_MXFP4, 96, 64, 32, 4, 1, true, true); // 32 experts, a half last router slice, stale reads
   test_decode10(ORCH_T_MXFP4, 64, 32, 8, 4, 8, false); // 8 tokens (v10's maximum), no biases
   test_decode10(ORCH_T_Q8_0, 64, 64, 6, 2, 3, true);

@@ -30,9 +30,9 @@ func TestMoEVersions(t *testing.T) {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
-	for _, v := range []string{"v4", "v6", "v8", "v9", "v10"} {
+	for _, v := range []string{"v4", "v6", "v8", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
-		cmd.Env = append(os.Environ(), "ORCH_CUDA_MOE="+v)
+		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
 		require.NoError(t, err, "ORCH_CUDA_MOE=%s child:\n%s", v, outp)
 		for _, name := range tests {
@@ -46,7 +46,8 @@ func TestMoEVersions(t *testing.T) {
 // (router GEMV + top-4 + gate_up + down; graph of 16 calls, median of 20
 // replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
 // grouped tile path under v6 and v10, v9 unpinned) under ORCH_CUDA_MOE=v6,
-// v10 and unpinned (the default routing), each twice (run-to-run spread), in
+// v10, v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=1) and unpinned
+// (the default routing), each twice (run-to-run spread), in
 // child processes on the same card; under v6 at n = 1 also the op's parts
 // (router GEMV, top-k, gate_up + down) alone. Writes perf-moe.md next to
 // ORCH_PERF_OUT.
@@ -62,8 +63,8 @@ func TestPerfMoEVersions(t *testing.T) {
 		}
 		// each twice: run-to-run spread on the same card
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
-			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10",
-				"ORCH_CUDA_MOE="},
+			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1", "ORCH_CUDA_MOE=",
+				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1", "ORCH_CUDA_MOE="},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -85,8 +86,12 @@ func TestPerfMoEVersions(t *testing.T) {
 		ms := timeKernel(t, 20, 16, func() { gpu.MoE(y, x, mo) })
 		experts := min(ne, topk*n) // upper bound: random routing of n tokens
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
-		t.Logf("| ORCH_CUDA_MOE=%s | moe decode gpt-oss n=%d | %.4f ms | %.0f%% (<= %d experts) |", os.Getenv("ORCH_CUDA_MOE"),
-			n, ms, 100*bytes/peak*1e3/ms, experts)
+		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
+		if os.Getenv("ORCH_CUDA_MOE10_STREAM") != "" {
+			label += " ORCH_CUDA_MOE10_STREAM=" + os.Getenv("ORCH_CUDA_MOE10_STREAM")
+		}
+		t.Logf("| %s | moe decode gpt-oss n=%d | %.4f ms | %.0f%% (<= %d experts) |", label, n, ms,
+			100*bytes/peak*1e3/ms, experts)
 		if n == 1 && os.Getenv("ORCH_CUDA_MOE") == "v6" {
 			moePartsN1(t, mo, x, y, peak)
 		}
