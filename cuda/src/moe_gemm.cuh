@@ -79,6 +79,20 @@ __device__ __forceinline__ void mg_mma_bf16(float d[4], const uint32_t a[4], con
 #endif
 }
 
+// mg_mma_bf16 under a warp-uniform guard predicate (straight-line code for
+// the scheduler instead of a branch around the MMA).
+__device__ __forceinline__ void mg_mma_bf16_if(bool p, float d[4], const uint32_t a[4], const uint32_t b0,
+                                               const uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %10, 0;\n"
+      " @p mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n}"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"((int)p));
+#elif defined(ORCH_EMU)
+  if (p) mg_mma_bf16(d, a, b0, b1); // uniform in the warp: all lanes or none meet the warp barrier
+#endif
+}
+
 __device__ __forceinline__ void mg_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
@@ -424,7 +438,7 @@ __device__ __forceinline__ void mx_pair_bf16(uint32_t qq, uint32_t scale, uint32
   hi = bf162_mul(phi, scale);
 }
 
-template <int MODE, int BN_>
+template <int MODE, int BN_, bool PIPE>
 __global__ void __launch_bounds__(Mg3Cfg<BN_>::THREADS, 1) moe_gemm3_kernel(const QArgs a) {
   using C = Mg3Cfg<BN_>;
   constexpr int T = ORCH_T_MXFP4;
@@ -555,57 +569,99 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_>::THREADS, 1) moe_gemm3_kernel(cons
 #pragma unroll
       for (int z = 0; z < 4; z++) acc[i][j][z] = 0.f;
 
-  // Stage s: per block, decode this lane's A fragments (both k16 steps), then
-  // the MMAs over the tile's live n8 blocks.
-  auto compute = [&](int s) {
+  // Block j of stage s -> this lane's A fragments of both k16 steps,
+  // af[m16 tile][k16 step][register]. Reads only shared memory inside the
+  // stage buffer, whatever s and j (PIPE decodes one block past the end: its
+  // fragments are never used).
+  auto decode = [&](int s, int j, uint32_t (&af)[2][2][4]) {
     const uint8_t *rs = raw + (size_t)(s % NS) * BM * RAWROW;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const uint8_t *bp = rs + r_off[i][h] + ((r_lo4[i][h] + 34u * (uint32_t)s) & 15u) + BB * j;
+        const uint32_t E = bp[0];
+        const uint32_t sb = E ? E << 7 : 0x0040u;
+        const uint32_t scale = sb | (sb << 16);
+        const uint32_t qa = (uint32_t)bp[1 + 2 * t] | (uint32_t)bp[2 + 2 * t] << 8;
+        const uint32_t qb = (uint32_t)bp[9 + 2 * t] | (uint32_t)bp[10 + 2 * t] << 8;
+        // row g (h = 0): registers 0 (k 2t) and 2 (k 2t + 8); row g + 8: 1 and 3
+        mx_pair_bf16(qa, scale, af[i][0][h], af[i][1][h]);
+        mx_pair_bf16(qb, scale, af[i][0][2 + h], af[i][1][2 + h]);
+      }
+  };
+  // The MMAs of block j of stage s over the tile's live n8 blocks: per pair
+  // of n-blocks both k16 steps' B fragments (two ldmatrix in flight), then up
+  // to 8 MMAs. !PIPE: dead n-block pairs are branched over. PIPE: straight-
+  // line code (so that the compiler can interleave the next block's decode
+  // with these MMAs): every ldmatrix is issued (rows inside the stage), the
+  // MMAs carry the warp-uniform predicate "live" (and ok: the block exists).
+  auto mmas = [&](int s, int j, const uint32_t (&af)[2][2][4], bool ok) {
     const __nv_bfloat16 *xs = Xs + (size_t)(s % NS) * BN * LDS;
-    const int nblk = (int)min((int64_t)KB, nb - (int64_t)s * KB);
 #pragma unroll
-    for (int j = 0; j < KB; j++) {
-      if (j >= nblk) break; // uniform: the last stage of a k that is not a multiple of BK
-      uint32_t af[2][2][4]; // [m16 tile][k16 step][fragment register]
-#pragma unroll
-      for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const uint8_t *bp = rs + r_off[i][h] + ((r_lo4[i][h] + 34u * (uint32_t)s) & 15u) + BB * j;
-          const uint32_t E = bp[0];
-          const uint32_t sb = E ? E << 7 : 0x0040u;
-          const uint32_t scale = sb | (sb << 16);
-          const uint32_t qa = (uint32_t)bp[1 + 2 * t] | (uint32_t)bp[2 + 2 * t] << 8;
-          const uint32_t qb = (uint32_t)bp[9 + 2 * t] | (uint32_t)bp[10 + 2 * t] << 8;
-          // row g (h = 0): registers 0 (k 2t) and 2 (k 2t + 8); row g + 8: 1 and 3
-          mx_pair_bf16(qa, scale, af[i][0][h], af[i][1][h]);
-          mx_pair_bf16(qb, scale, af[i][0][2 + h], af[i][1][2 + h]);
-        }
-      // Per pair of n-blocks: both k16 steps' B fragments (two ldmatrix in
-      // flight), then up to 8 MMAs on them.
-#pragma unroll
-      for (int jp = 0; jp < C::NT / 2; jp++) {
+    for (int jp = 0; jp < C::NT / 2; jp++) {
+      if constexpr (!PIPE)
         if (jp * 16 >= cnt) break; // uniform
-        uint32_t bf[2][4];
+      uint32_t bf[2][4];
 #pragma unroll
-        for (int kk = 0; kk < 2; kk++) mg_ldsm_x4(bf[kk], xs + b_off + jp * 16 * LDS + j * 32 + kk * 16);
-        const bool second = jp * 16 + 8 < cnt;
+      for (int kk = 0; kk < 2; kk++) mg_ldsm_x4(bf[kk], xs + b_off + jp * 16 * LDS + j * 32 + kk * 16);
+      const bool first = ok && jp * 16 < cnt, second = ok && jp * 16 + 8 < cnt;
 #pragma unroll
-        for (int kk = 0; kk < 2; kk++)
+      for (int kk = 0; kk < 2; kk++)
 #pragma unroll
-          for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < 2; i++) {
+          if constexpr (PIPE) {
+            mg_mma_bf16_if(first, acc[i][2 * jp], af[i][kk], bf[kk][0], bf[kk][1]);
+            mg_mma_bf16_if(second, acc[i][2 * jp + 1], af[i][kk], bf[kk][2], bf[kk][3]);
+          } else {
             mg_mma_bf16(acc[i][2 * jp], af[i][kk], bf[kk][0], bf[kk][1]);
             if (second) mg_mma_bf16(acc[i][2 * jp + 1], af[i][kk], bf[kk][2], bf[kk][3]);
           }
-      }
+        }
     }
   };
 
 #pragma unroll
   for (int s = 0; s < NS - 1; s++) issue(s);
-  for (int s = 0; s < nstages; s++) {
-    cp_async_wait<NS - 2>(); // this thread's copies of stage s have landed
-    __syncthreads();         // everyone's visible; step s-1's reads of buffer (s-1) % NS done
-    issue(s + NS - 1);
-    if (active) compute(s);
+  if constexpr (!PIPE) {
+    for (int s = 0; s < nstages; s++) {
+      cp_async_wait<NS - 2>(); // this thread's copies of stage s have landed
+      __syncthreads();         // everyone's visible; step s-1's reads of buffer (s-1) % NS done
+      issue(s + NS - 1);
+      if (active) {
+        const int nblk = (int)min((int64_t)KB, nb - (int64_t)s * KB);
+#pragma unroll
+        for (int j = 0; j < KB; j++) {
+          if (j >= nblk) break; // uniform: the last stage of a k that is not a multiple of BK
+          uint32_t af[2][2][4];
+          decode(s, j, af);
+          mmas(s, j, af, true);
+        }
+      }
+    }
+  } else {
+    // One stage ahead: at step s, stage s+1 is already visible, and the
+    // decode of each next block (block 1 of s, block 0 of s+1) sits between
+    // the MMAs of the current one. Buffers: issue(s+3) overwrites stage
+    // s-1's, which every warp finished (MMAs of s-1, decode of s's block 0
+    // happened in step s-1) before this step's barrier.
+    static_assert(KB == 2, "PIPE alternates two fragment sets: blocks 0 and 1 of a stage");
+    uint32_t af0[2][2][4], af1[2][2][4];
+    cp_async_wait<NS - 2>(); // stage 0
+    __syncthreads();
+    decode(0, 0, af0);
+    for (int s = 0; s < nstages; s++) {
+      cp_async_wait<NS - 3>(); // this thread's copies of stage s+1 have landed
+      __syncthreads();         // stage s+1 visible; step s-1 done with buffer (s-1) % NS
+      issue(s + NS - 1);
+      if (active) {
+        const bool two = (int64_t)s * KB + 1 < nb; // block 1 of stage s exists
+        decode(s, 1, af1);
+        mmas(s, 0, af0, true);
+        decode(s + 1, 0, af0); // past the last stage: unused
+        mmas(s, 1, af1, two);
+      }
+    }
   }
   cp_async_wait<0>();
   if (!active) return;
@@ -641,7 +697,7 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_>::THREADS, 1) moe_gemm3_kernel(cons
   }
 }
 
-template <int MODE, int BN_>
+template <int MODE, int BN_, bool PIPE>
 int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
   using C = Mg3Cfg<BN_>;
   constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_>::TOTAL;
@@ -652,19 +708,22 @@ int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
     return ORCH_ERR_UNSUPPORTED;
   }
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
-  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_>;
+  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_, PIPE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_, PIPE>;
   QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a);
   return ORCH_OK;
 }
 
-// Tile codes of v3: 17, 18, 19 = 96, 80, 64 pairs per tile.
-constexpr int mg3_bn(int tile) { return tile == 17 ? 96 : tile == 18 ? 80 : 64; }
+// Tile codes of v3: 17, 18, 19 = 96, 80, 64 pairs per tile; 20, 21 = 80,
+// 64 with the decode pipelined against the MMAs (PIPE).
+constexpr int mg3_bn(int tile) { return tile == 17 ? 96 : tile == 18 || tile == 20 ? 80 : 64; }
 template <int MODE>
 int launch_moe_gemm3_tile(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
   switch (tile) {
-    case 17: return launch_moe_gemm3<MODE, 96>(st, a, rows_w, gy);
-    case 18: return launch_moe_gemm3<MODE, 80>(st, a, rows_w, gy);
-    default: return launch_moe_gemm3<MODE, 64>(st, a, rows_w, gy);
+    case 17: return launch_moe_gemm3<MODE, 96, false>(st, a, rows_w, gy);
+    case 18: return launch_moe_gemm3<MODE, 80, false>(st, a, rows_w, gy);
+    case 19: return launch_moe_gemm3<MODE, 64, false>(st, a, rows_w, gy);
+    case 20: return launch_moe_gemm3<MODE, 80, true>(st, a, rows_w, gy);
+    default: return launch_moe_gemm3<MODE, 64, true>(st, a, rows_w, gy);
   }
 }

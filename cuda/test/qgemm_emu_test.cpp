@@ -393,10 +393,14 @@ int main(int argc, char **argv) {
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 60, 3, 3, 64, 32, tile, "one", true);
     test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 9, 2, 5, 64, 64, tile, "uniform", false);
   }
-  // v3 with 80 / 64 pairs per tile: the hot expert (13 pairs) and 105 pairs over 5 experts (two tiles each).
-  for (int tile : {18, 19}) {
+  // v3 with 80 / 64 pairs per tile (20, 21: decode pipelined against the
+  // MMAs): the hot expert (13 pairs; k = 96: the last stage has one block),
+  // 105 pairs over 4 experts (two tiles each); k = 160 (3 stages: the
+  // buffers' reuse) for the pipelined ones.
+  for (int tile : {18, 19, 20, 21}) {
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, tile, "skew", true);
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 105, 4, 4, 64, 64, tile, "uniform", false);
+    if (tile >= 20) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 21, 4, 5, 160, 96, tile, "uniform", true);
   }
   if (fails) {
     std::printf("qgemm_emu_test: %d failures\n", fails);

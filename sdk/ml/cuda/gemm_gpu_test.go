@@ -321,9 +321,9 @@ func TestMoEGrouped(t *testing.T) {
 			for _, n := range []int{1, 5, 9, 33, 130, 512} {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
-					// 16, 17..19: v2, v3 with 96 / 80 / 64 pairs a tile (moe_gemm.cuh;
-					// MXFP4 only, other types fall back to v1)
-					tiles := []int32{0, 1, 2, 3, 4, 5, 16, 17, 18, 19}
+					// 16, 17..21: v2, v3 with 96 / 80 / 64 pairs a tile, 80 / 64
+					// pipelined (moe_gemm.cuh; MXFP4 only, other types fall back to v1)
+					tiles := []int32{0, 1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21}
 					if !withBias || dts[0] != dts[1] {
 						tiles = []int32{0, 16, 17}
 					}
@@ -360,13 +360,16 @@ func TestMoEGroupedGraph(t *testing.T) {
 	const dim, ff, ne, k, n = 160, 224, 32, 4, 70
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
-	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v2", "uniform/v2", "skew/v3", "uniform/v3"} {
+	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v2", "uniform/v2", "skew/v3", "uniform/v3", "one/v3p", "uniform/v3p"} {
 		tile := int32(0)
 		if k, ok := strings.CutSuffix(kind, "/v2"); ok {
 			kind, tile = k, 16
 		}
 		if k, ok := strings.CutSuffix(kind, "/v3"); ok {
 			kind, tile = k, 17
+		}
+		if k, ok := strings.CutSuffix(kind, "/v3p"); ok {
+			kind, tile = k, 21
 		}
 		x := randF32(r, dim*n, 1)
 		ids := routing(r, kind, n, k, ne)
