@@ -1,6 +1,7 @@
 // gemv16.cuh — the decode GEMVs for Q8_0 / Q4_0 / MXFP4 weights with the fp16
-// decode of dec16.cuh: v5 (HFMA2, n <= 8; routed for n <= 2), v6 (opt-in),
-// v7 (mma.sync, n <= 8; routed for n = 3..8), v8 (opt-in), v9 (mma.sync with
+// decode of dec16.cuh: v5 (HFMA2, n <= 8; routed for n <= 2; with the
+// RMSNorm folded into its prologue, gemv_norm.cuh), v6 (opt-in),
+// v7 (mma.sync, n <= 8; routed for n = 3..8), v9 (mma.sync with
 // cp.async weight tiles and up to 8 token tiles, n <= 64; routed for
 // n = 9..64 by the Go side: sdk/ml/cuda/ops.go gemvWideFor), and the split-k
 // F32 GEMV for small m. Included by matmul.cu (gemv_route picks the version)
@@ -9,8 +10,10 @@
 #include "quant.cuh"
 #include "dec16.cuh"
 #include "qgemm.cuh"
+#include "gemv_norm.cuh"
 
 constexpr int GEMV16_WARPS = 8;
+static_assert(GEMV16_WARPS * 32 == GEMV_NORM_THREADS, "the folded norm's summation order needs 256 threads");
 
 // v5 GEMV (Q8_0, Q4_0, MXFP4; n <= 8; default): v4's structure (weight
 // words loaded before x is staged, 8 warps, R rows per warp) with the fp16
@@ -22,17 +25,22 @@ constexpr int GEMV16_WARPS = 8;
 // rows_per_warp consecutive rows each. With PDL (common.cuh) the first round
 // of weight words is loaded before pdl_wait(): weights are never written
 // while a step runs; x, bias and y are touched only after the wait.
-template <int T, int NT, int NB>
+// NORM (gemv_norm.cuh, orch_matmul_multi_norm): x is the RMSNorm of na's
+// rows, computed in the staging step; xsm is preceded by
+// gemv_norm_smem(k, NT) bytes of shared memory.
+template <int T, int NT, int NB, bool NORM = false>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
-                                           int64_t row_bytes, int accumulate, int rows_per_warp) {
+                                           int64_t row_bytes, int accumulate, int rows_per_warp,
+                                           const gemv_norm_args na = {}) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
   const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
   bool staged = false;
+  [[maybe_unused]] unsigned ticket = 0; // NORM: thread 0's ticket (gemv_norm.cuh)
   for (int r = 0; r < rows_per_warp; r++) {
     const int64_t row = row0 + r;
     const bool valid = row < m;
@@ -45,8 +53,14 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
       if (!staged) { // first round of the first row: uniform over the CTA
         pdl_wait();
-        dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+        if constexpr (NORM) {
+          float *red = reinterpret_cast<float *>(xsm) - (32 + NT * k);
+          gemv_norm_prologue<NT>(xsm, xinv, red, red + 32, na, nt, k, dec16_traits<T>::kind);
+        } else {
+          dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+        }
         __syncthreads();
+        if constexpr (NORM) ticket = gemv_norm_take_ticket(na);
         staged = true;
       }
 #pragma unroll
@@ -77,6 +91,10 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
         *yp = accumulate ? *yp + s : s;
       }
     }
+  }
+  if constexpr (NORM) {
+    float *red = reinterpret_cast<float *>(xsm) - (32 + NT * k);
+    gemv_norm_epilogue<NT>(red, red + 32, na, nt, k, ticket);
   }
 }
 
@@ -147,6 +165,24 @@ gemv5_multi_kernel_b5(const gemv5_parts P, const float *__restrict__ x, int64_t 
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
   gemv5_rows<T, NT, NB>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m), row_bytes, 0,
                         GEMV5_PICK(rpw));
+#undef GEMV5_PICK
+}
+
+// gemv5_multi_kernel with the RMSNorm folded in (gemv_norm.cuh): every
+// part's y is bit-identical to orch_rmsnorm followed by gemv5_multi_kernel.
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_norm_multi_kernel(const gemv5_parts P, const gemv_norm_args na, int64_t n, int64_t k, int64_t row_bytes) {
+  DEC16_DYN_SMEM(uint32_t, gemv5_norm_sm);
+  uint32_t *xsm = gemv5_norm_sm + 32 + NT * k;
+  pdl_trigger();
+  static_assert(GEMV_MAX_PARTS == 3, "part selection below");
+  const unsigned b = blockIdx.x;
+  const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
+#define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
+  const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
+  gemv5_rows<T, NT, NB, true>(xsm, cta, GEMV5_PICK(y), nullptr, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
+                              row_bytes, 0, GEMV5_PICK(rpw), na);
 #undef GEMV5_PICK
 }
 
@@ -227,6 +263,36 @@ static void launch_gemv5_multi(cudaStream_t st, const gemv5_parts &P, int count,
     else if (n <= 4) launch_gemv5_multi_nt<T, 4>(st, P, count, x, n, k, rb);
     else launch_gemv5_multi_nt<T, 8>(st, P, count, x, n, k, rb);
   }
+}
+
+// The folded-norm launch (n <= 2; the caller checked the smem limit).
+template <int T, int NT>
+static void launch_gemv5_norm_multi_nt(cudaStream_t st, gemv5_parts P, int count, const gemv_norm_args &na, int64_t n,
+                                       int64_t k, int64_t rb) {
+  constexpr int NB = gemv5_nb<T, NT>();
+  const size_t sm = gemv_norm_smem(k, NT) + dec16_smem(k, NT);
+  auto kern = gemv5_norm_multi_kernel<T, NT, NB>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  unsigned total = 0;
+  for (int p = 0; p < count; p++) {
+    P.rpw[p] = gemv5_rpw(P.m[p]);
+    total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
+    P.end[p] = total;
+  }
+  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
+  DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, na, n, k, rb);
+}
+template <int T>
+static void launch_gemv5_norm_multi(cudaStream_t st, const gemv5_parts &P, int count, const gemv_norm_args &na,
+                                    int64_t n, int64_t k, int64_t rb) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (n == 1) launch_gemv5_norm_multi_nt<T, 1>(st, P, count, na, n, k, rb);
+    else if (n == 2) launch_gemv5_norm_multi_nt<T, 2>(st, P, count, na, n, k, rb);
+  }
+}
+static inline size_t gemv5_norm_smem_total(int64_t k, int64_t n) {
+  const int nt = n == 1 ? 1 : 2;
+  return gemv_norm_smem(k, nt) + dec16_smem(k, nt);
 }
 
 template <int T>
@@ -450,9 +516,10 @@ gemv7_stage_kernel(uint32_t *__restrict__ xs, float *__restrict__ xinv, const fl
 }
 
 // Rows [16 cta, 16 cta + 16) of y (gemv7_kernel: cta = blockIdx.x) by W
-// warps splitting k; DB: two rounds of loads in flight (v8), else one (v7).
+// warps splitting k, one round of loads in flight. (v8, two rounds in flight
+// with 4-warp CTAs, measured slower and was deleted in session 5.)
 // red: W x 32 lanes x 4 floats of shared memory.
-template <int T, int W, bool DB>
+template <int T, int W>
 __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__restrict__ y, const uint4 *__restrict__ xs,
                                            const float *__restrict__ xinv, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
@@ -465,12 +532,10 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
   const bool ok0 = r0 < m, ok1 = r1 < m;
   const uint8_t *w0 = w + (ok0 ? r0 : 0) * row_bytes, *w1 = w + (ok1 ? r1 : 0) * row_bytes;
   // A round's loads: the words of NB blocks of rows g and g+8 and the staged
-  // x of those blocks. v8 (DB) keeps two rounds in flight: round r+1 is
-  // loaded before round r is computed. Run 4 measured v7 flat in n (~12 us
-  // for Q8_0 2880x5120 at n = 1..8): each warp walks its ~6 rounds load,
-  // wait, compute — one DRAM latency per round. v8's ~110-118 registers are
-  // paid with 4-warp CTAs (4 CTAs of 128 threads per SM: qkv's 320 CTAs
-  // still one wave).
+  // x of those blocks. Run 4 measured v7 flat in n (~12 us for Q8_0
+  // 2880x5120 at n = 1..8): each warp walks its ~6 rounds load, wait,
+  // compute — one DRAM latency per round (v8's two rounds in flight, 4-warp
+  // CTAs, did not pay: deleted).
   struct round_buf {
     q7_words<T> b0[NB], b1[NB];
     uint4 X[NB];
@@ -525,30 +590,12 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
   load_w(ra, 0);
   pdl_wait();
   load_x(ra, 0);
-  if constexpr (DB) {
-    round_buf rb;
-    for (int64_t c0 = 0; c0 < nch; c0 += 2 * STEP) { // conditions uniform over the CTA
-      if (c0 + STEP < nch) {
-        load_w(rb, c0 + STEP);
-        load_x(rb, c0 + STEP);
-      }
-      compute(ra, c0);
-      if (c0 + STEP < nch) {
-        if (c0 + 2 * STEP < nch) {
-          load_w(ra, c0 + 2 * STEP);
-          load_x(ra, c0 + 2 * STEP);
-        }
-        compute(rb, c0 + STEP);
-      }
+  for (int64_t c0 = 0; c0 < nch; c0 += STEP) {
+    if (c0) {
+      load_w(ra, c0);
+      load_x(ra, c0);
     }
-  } else {
-    for (int64_t c0 = 0; c0 < nch; c0 += STEP) {
-      if (c0) {
-        load_w(ra, c0);
-        load_x(ra, c0);
-      }
-      compute(ra, c0);
-    }
+    compute(ra, c0);
   }
   float *rw = red + (warp * 32 + lane) * 4;
 #pragma unroll
@@ -568,21 +615,21 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
   }
 }
 
-template <int T, int W, bool DB>
+template <int T, int W>
 __global__ void __launch_bounds__(W * 32)
 gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *__restrict__ xinv,
              const uint8_t *__restrict__ w, const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
              int64_t row_bytes, int accumulate) {
   DEC16_DYN_SMEM(float, red); // W x 32 lanes x 4 partial sums
   pdl_trigger();
-  gemv7_rows<T, W, DB>(red, blockIdx.x, y, xs, xinv, w, bias, n, k, m, row_bytes, accumulate);
+  gemv7_rows<T, W>(red, blockIdx.x, y, xs, xinv, w, bias, n, k, m, row_bytes, accumulate);
 }
 
 // Multi-weight v7 (orch_matmul_multi for n where v7 is the route): up to
 // GEMV_MAX_PARTS weights of one type with the same x staged once; part p
 // owns CTAs [end[p-1], end[p]) (16 rows each) and runs exactly
 // gemv7_kernel's code on them: bit-identical to separate launches.
-template <int T, int W, bool DB>
+template <int T, int W>
 __global__ void __launch_bounds__(W * 32)
 gemv7_multi_kernel(const gemv5_parts P, const uint4 *__restrict__ xs, const float *__restrict__ xinv, int64_t n,
                    int64_t k, int64_t row_bytes) {
@@ -593,19 +640,13 @@ gemv7_multi_kernel(const gemv5_parts P, const uint4 *__restrict__ xs, const floa
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0; // selects: a dynamic P.x[p] would copy P to local memory
 #define GEMV7_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv7_rows<T, W, DB>(red, cta, GEMV7_PICK(y), xs, xinv, GEMV7_PICK(w), GEMV7_PICK(bias), n, k, GEMV7_PICK(m),
+  gemv7_rows<T, W>(red, cta, GEMV7_PICK(y), xs, xinv, GEMV7_PICK(w), GEMV7_PICK(bias), n, k, GEMV7_PICK(m),
                        row_bytes, 0);
 #undef GEMV7_PICK
 }
 
 // Scratch bytes of v7's staged x for n tokens of k: n * (k/32) * 64 (x) + (k/32) * 32 (scales).
 static inline size_t gemv7_scratch(int64_t n, int64_t k) { return (size_t)(n * (k / 32) * 64 + (k / 32) * 32); }
-
-// v7 (8 warps, one round of loads in flight) or v8 (4 warps, two).
-template <int V> struct gemv7_cfg {
-  static constexpr int W = V == 8 ? 4 : GEMV7_WARPS;
-  static constexpr bool DB = V == 8;
-};
 
 // Stages x (n <= xst tokens of k) into scratch (gemv7_scratch(n, k) bytes for
 // xst = 8, gemv9_scratch(n, k) for v9; 16-aligned).
@@ -619,32 +660,26 @@ static void launch_gemv7_stage(cudaStream_t st, void *scratch, const float *x, i
                    dec16_traits<T>::kind, xst);
 }
 
-// V: 7 or 8 (gemv7_cfg).
-template <int T, int V = 7>
+template <int T>
 static void launch_gemv7(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w, const float *bias,
                          int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    constexpr int W = gemv7_cfg<V>::W;
+    constexpr int W = GEMV7_WARPS;
     uint32_t *xs;
     float *xinv;
     launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv);
-    auto kern = gemv7_kernel<T, W, gemv7_cfg<V>::DB>;
+    auto kern = gemv7_kernel<T, W>;
     DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, 16)), W * 32, W * 32 * 4 * sizeof(float), st, y,
                      reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, acc);
   }
 }
-template <int T>
-static void launch_gemv8(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w, const float *bias,
-                         int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
-  launch_gemv7<T, 8>(st, scratch, y, x, w, bias, n, k, m, rb, acc);
-}
 
 // P: count parts filled in (w, bias, y, m); end is set here. x staged once.
-template <int T, int V = 7>
+template <int T>
 static void launch_gemv7_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
                                int64_t k, int64_t rb) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    constexpr int W = gemv7_cfg<V>::W;
+    constexpr int W = GEMV7_WARPS;
     uint32_t *xs;
     float *xinv;
     launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv);
@@ -654,15 +689,10 @@ static void launch_gemv7_multi(cudaStream_t st, void *scratch, gemv5_parts P, in
       P.end[p] = total;
     }
     for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
-    auto kern = gemv7_multi_kernel<T, W, gemv7_cfg<V>::DB>;
+    auto kern = gemv7_multi_kernel<T, W>;
     DEC16_LAUNCH_PDL(kern, dim3(total), W * 32, W * 32 * 4 * sizeof(float), st, P, reinterpret_cast<const uint4 *>(xs),
                      xinv, n, k, rb);
   }
-}
-template <int T>
-static void launch_gemv8_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
-                               int64_t k, int64_t rb) {
-  launch_gemv7_multi<T, 8>(st, scratch, P, count, x, n, k, rb);
 }
 
 // ---- GEMV v9 (ORCH_CUDA_GEMV=v9; the default route for n <= 64 where it

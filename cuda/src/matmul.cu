@@ -10,6 +10,9 @@
 //  - gemm: n > 8 (prefill): matmul_large in matmul_prefill.cu.
 //  - moe_matmul: the gemv over (token, slot) pairs, each with its expert.
 //  - get_rows: embedding lookup of any type.
+#include <mutex>
+#include <unordered_map>
+
 #include "quant.cuh"
 #include "dec16.cuh"
 #include "gemv16.cuh"
@@ -468,7 +471,7 @@ static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 // With ORCH_CUDA_GEMV unset (gemv_auto) that is the routing, for every m
 // (the LM head too) and k (v7 stages x in global scratch: no shared-memory
 // limit on k); ORCH_CUDA_GEMV=vN pins version N where it applies.
-enum { GR_F32ROWS, GR_V9, GR_V8, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2, GR_NONE };
+enum { GR_F32ROWS, GR_V9, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2, GR_NONE };
 // GEMV v9 (gemv16.cuh; session 4): v7's tensor-core arithmetic with the
 // weights copied to shared memory by cp.async (the CTA's whole tile in
 // flight) and up to 8 token tiles per weight decode, so one GEMV serves
@@ -503,7 +506,8 @@ static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int6
   if (n > 8) return wordok && n <= gemv_max_n(ctx) ? GR_V9 : GR_NONE; // else the GEMM path
   if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) return GR_F32ROWS;
   if (wordok && (ctx->gemv == 9 || (gemv9_on(ctx) && gemv9_auto(n, m)))) return GR_V9;
-  if (wordok && ctx->gemv == 8) return GR_V8; // opt-in: v7 with two rounds of loads in flight, 4-warp CTAs
+  // (v8, opt-in v7 with two rounds of loads in flight, was deleted in session 5: ORCH_CUDA_GEMV=v8 now falls
+  // through to the v6 / v5 lines below, as any pinned version without a kernel of its own.)
   if (wordok && (ctx->gemv == 7 || (ctx->gemv_auto && n >= gemv7_min_n(wtype)))) return GR_V7;
   // v6 (opt-in) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
   if (ctx->gemv >= 6 && f16ok && m < 32768) return GR_V6;
@@ -538,13 +542,11 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
     case GR_F32ROWS:
       launch_gemv_f32_rows(ctx->stream, y, x, (const float *)w, bias, n, k, m, accumulate);
       break;
-    case GR_V7:
-    case GR_V8: { // tensor-core GEMV (gemv16.cuh)
+    case GR_V7: { // tensor-core GEMV (gemv16.cuh)
       void *scr = nullptr;
       int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
       if (rc != ORCH_OK) return rc;
-      if (ctx->gemv == 8) ORCH_DISPATCH_TYPE(wtype, launch_gemv8, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
-      else ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
+      ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
       break;
     }
     case GR_V9: { // v9 (gemv16.cuh): x staged to scratch, or per CTA for n <= 2
@@ -582,7 +584,7 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
   gemv5_parts P = {};
   for (int p = 0; ok && p < count; p++) {
     const int r = gemv_route(ctx, wtype, n, k, parts[p].m, rb);
-    ok = (r == GR_V5 || r == GR_V7 || r == GR_V8 || r == GR_V9) && (route < 0 || r == route) && aligned16(parts[p].w);
+    ok = (r == GR_V5 || r == GR_V7 || r == GR_V9) && (route < 0 || r == route) && aligned16(parts[p].w);
     route = r;
     P.w[p] = (const uint8_t *)parts[p].w;
     P.bias[p] = parts[p].bias;
@@ -599,15 +601,87 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
     int rc = orch_scratch(ctx, gemv9_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;
     ORCH_DISPATCH_TYPE(wtype, launch_gemv9_multi, ctx->stream, scr, P, count, x, n, k, rb)
-  } else if (route == GR_V7 || route == GR_V8) {
+  } else if (route == GR_V7) {
     void *scr = nullptr;
     int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;
-    if (route == GR_V8) ORCH_DISPATCH_TYPE(wtype, launch_gemv8_multi, ctx->stream, scr, P, count, x, n, k, rb)
-    else ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb)
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb)
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi, ctx->stream, P, count, x, n, k, rb);
   }
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+// Tickets of the folded norm (gemv_norm.cuh): one counter per context,
+// zero between launches (the last CTA resets it). A device array (zero when
+// the module loads, per device; nothing to allocate under graph capture);
+// a context takes a slot on its first folded launch, round-robin over
+// GEMV_NORM_SLOTS, as attention.cu's v8 tickets.
+constexpr int GEMV_NORM_SLOTS = 64;
+__device__ unsigned g_gemv_norm_tickets[GEMV_NORM_SLOTS * 32]; // 128 bytes apart
+
+static unsigned *gemv_norm_ticket(orch_ctx *ctx) {
+  static std::mutex mu;
+  static std::unordered_map<orch_ctx *, std::pair<int, unsigned *>> slots; // ctx -> (device, ticket)
+  static int next = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = slots.find(ctx);
+  if (it != slots.end() && it->second.first == ctx->device) return it->second.second;
+  void *base = nullptr;
+  int cur = ctx->device;
+  cudaGetDevice(&cur);
+  if (cur != ctx->device) cudaSetDevice(ctx->device);
+  const cudaError_t e = cudaGetSymbolAddress(&base, g_gemv_norm_tickets);
+  if (cur != ctx->device) cudaSetDevice(cur);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr; // the caller declines: two launches
+  }
+  unsigned *t = (unsigned *)base + (size_t)(next++ % GEMV_NORM_SLOTS) * 32;
+  slots[ctx] = {ctx->device, t};
+  return t;
+}
+
+// ORCH_CUDA_GEMV_NORM=0 declines every folded launch (A/B timing; the Go
+// side has its own switch too). Read once per process.
+static bool gemv_norm_on() {
+  static const bool v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV_NORM");
+    return !(e && strcmp(e, "0") == 0);
+  }();
+  return v;
+}
+
+extern "C" int orch_matmul_multi_norm(orch_ctx *ctx, float *res, const float *add, const float *nw, float *dst,
+                                      float eps, int32_t wtype, int64_t n, int64_t k, int32_t count,
+                                      const orch_gemv_part *parts) {
+  const char *op = "matmul_multi_norm";
+  ORCH_CHECK_ARG(ctx && res && nw && dst && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
+  for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
+  // Only where orch_matmul_multi would run GEMV v5 (the default kernels,
+  // not the 5-CTA ones) at n = 1 or 2 for every part; otherwise nothing is
+  // launched and the caller runs orch_rmsnorm and the GEMVs.
+  const int64_t rb = orch_row_bytes(wtype, k);
+  bool ok = gemv_norm_on() && (n == 1 || n == 2) && gemv3_type(wtype) && k % 32 == 0 && gemv5_minb() != 5 &&
+            aligned16(res) && aligned16(nw) && aligned16(dst) && (!add || aligned16(add)) &&
+            gemv5_norm_smem_total(k, n) <= GEMV3_MAX_SMEM;
+  gemv5_parts P = {};
+  for (int p = 0; ok && p < count; p++) {
+    ok = gemv_route(ctx, wtype, n, k, parts[p].m, rb) == GR_V5 && aligned16(parts[p].w);
+    P.w[p] = (const uint8_t *)parts[p].w;
+    P.bias[p] = parts[p].bias;
+    P.y[p] = parts[p].y;
+    P.m[p] = parts[p].m;
+  }
+  unsigned *ticket = ok ? gemv_norm_ticket(ctx) : nullptr;
+  if (!ticket) {
+    orch_set_error("matmul_multi_norm: not the v5 GEMV at n <= 2 for all parts (type %d, n=%lld, k=%lld)", wtype,
+                   (long long)n, (long long)k);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  const gemv_norm_args na = {res, add, nw, dst, ticket, eps};
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_norm_multi, ctx->stream, P, count, na, n, k, rb);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

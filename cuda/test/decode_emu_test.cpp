@@ -59,6 +59,23 @@ inline void gemv9_emu_wait(int n) {
 }
 #define GEMV9_EMU_CP_ASYNC 1
 
+// The folded norm's ticket (gemv_norm.cuh). CTAs run one at a time here (in
+// grid order), so the ticket logic is checked (the last CTA writes res and
+// dst: an earlier write would change what later CTAs read), not the memory
+// ordering.
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned *p, unsigned v) {
+  const unsigned o = *p;
+  *p = o + v;
+  return o;
+}
+inline unsigned atomicExch(unsigned *p, unsigned v) {
+  const unsigned o = *p;
+  *p = v;
+  return o;
+}
+inline float rsqrtf(float v) { return 1.f / std::sqrt(v); } // the device's approximate rsqrt: any function, the same in both kernels
+
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
 #include "../src/moe_ffn.cu"
@@ -69,7 +86,6 @@ inline void gemv9_emu_wait(int n) {
 // static local is exactly the CTA's array (cuda_emu.h).
 #undef __shared__
 #define __shared__ static
-inline float rsqrtf(float v) { return 1.f / std::sqrt(v); } // the device's approximate rsqrt: any function, the same in both kernels
 #include "../src/norm.cu"
 #undef __shared__
 #define __shared__
@@ -171,7 +187,8 @@ static void test_gemv(int t, int64_t k, int64_t m, int n, bool bias, bool accumu
 // GEMV v7 (tensor cores: x staged to scratch, mma.sync m16n8k16 through the
 // emulated fragment table) against float64: fp32 accumulation of exact
 // products, so only x's fp16 rounding remains (bound 5e-4, v5's 1.5e-3).
-static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accumulate, int ver = 7) {
+static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accumulate) {
+  const int ver = 7;
   QW w;
   make_weight(w, t, k, m);
   const auto x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f), y0 = randv((size_t)(n * m), 1.f);
@@ -184,11 +201,8 @@ static void test_gemv7(int t, int64_t k, int64_t m, int n, bool bias, bool accum
     }
   Buf<float> bx(x), bb(bv), y(y0);
   Buf<uint8_t> scratch(gemv7_scratch(n, k), 0xAB); // garbage: every read byte must have been staged
-  if (ver == 8)
-    ORCH_DISPATCH_TYPE(t, launch_gemv8, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m,
-                       orch_row_bytes(t, k), accumulate)
-  else ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m,
-                          orch_row_bytes(t, k), accumulate)
+  ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scratch.p, y.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m,
+                     orch_row_bytes(t, k), accumulate)
   const double e = rel_l2(y.vec(), want);
   EXPECT(e <= 5e-4, "GEMV v%d %s k=%lld m=%lld n=%d: relative error %.3g", ver, tname(t), (long long)k, (long long)m, n,
          e);
@@ -249,8 +263,7 @@ static void test_gemv9(int t, int64_t k, int64_t m, int n, bool bias, bool accum
 // Multi-weight GEMV (orch_matmul_multi's kernels, v5 and v7): parts of
 // different row counts sharing x, each output bit-identical to its own
 // launch_gemv5 / launch_gemv7.
-static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bool v7 = false, bool v8 = false,
-                            bool v9 = false) {
+static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bool v7 = false, bool v9 = false) {
   std::vector<std::unique_ptr<QW>> ws;
   const auto x = randv((size_t)(n * k), 1.f);
   Buf<float> bx(x);
@@ -270,27 +283,23 @@ static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bo
   const int64_t rb = orch_row_bytes(t, k);
   Buf<uint8_t> scratch(v9 ? gemv9_scratch(n, k) : gemv7_scratch(n, k), 0xAB);
   if (v9) ORCH_DISPATCH_TYPE(t, launch_gemv9_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb, -1)
-  else if (v8) ORCH_DISPATCH_TYPE(t, launch_gemv8_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
   else if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7_multi, nullptr, scratch.p, P, (int)ms.size(), bx.p, n, k, rb)
   else ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), bx.p, n, k, rb)
   for (size_t p = 0; p < ms.size(); p++) {
     if (v9)
       ORCH_DISPATCH_TYPE(t, launch_gemv9, nullptr, scratch.p, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb,
                          0, -1)
-    else if (v8)
-      ORCH_DISPATCH_TYPE(t, launch_gemv8, nullptr, scratch.p, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb,
-                         0)
     else if (v7)
       ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scratch.p, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb,
                          0)
     else ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, ys[p]->p, bx.p, ws[p]->bytes, P.bias[p], n, k, ms[p], rb, 0)
     EXPECT(std::memcmp(ym[p]->p, ys[p]->p, sizeof(float) * ym[p]->n) == 0,
-           "GEMV v%d multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", v9 ? 9 : v8 ? 8 : v7 ? 7 : 5, p, tname(t), (long long)k,
+           "GEMV v%d multi part %zu (%s k=%lld m=%lld n=%d) != its own launch", v9 ? 9 : v7 ? 7 : 5, p, tname(t), (long long)k,
            (long long)ms[p], n);
     for (size_t i = 0; i < ym[p]->n; i++)
-      EXPECT(std::isfinite(ym[p]->p[i]), "GEMV v%d multi part %zu: y[%zu] not written", v9 ? 9 : v8 ? 8 : v7 ? 7 : 5, p, i);
+      EXPECT(std::isfinite(ym[p]->p[i]), "GEMV v%d multi part %zu: y[%zu] not written", v9 ? 9 : v7 ? 7 : 5, p, i);
   }
-  std::printf("GEMV v%d multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", v9 ? 9 : v8 ? 8 : v7 ? 7 : 5,
+  std::printf("GEMV v%d multi %-5s k=%-4lld parts=%zu n=%d: bit-identical to separate launches\n", v9 ? 9 : v7 ? 7 : 5,
               tname(t), (long long)k, ms.size(), n);
 }
 
@@ -404,6 +413,54 @@ static void test_norm(int64_t n, int64_t dim, bool add, bool wb) {
               (long long)dim, add, worst);
 }
 
+// The RMSNorm folded into GEMV v5 (gemv_norm.cuh): res (+= add), dst and
+// every part's y bit-identical to the norm kernel followed by the multi GEMV;
+// in place (dst == res, the output norm) too; the ticket back at zero.
+static void test_gemv_norm(int t, int64_t k, std::vector<int64_t> ms, int n, bool add, bool inplace) {
+  const auto x0 = randv((size_t)(n * k), 2.f), a0 = randv((size_t)(n * k), 1.f), wv = randv((size_t)k, 1.f);
+  std::vector<std::unique_ptr<QW>> ws;
+  std::vector<std::unique_ptr<Buf<float>>> bias, ya, yb;
+  gemv5_parts PA = {}, PB = {};
+  for (size_t p = 0; p < ms.size(); p++) {
+    ws.push_back(std::make_unique<QW>());
+    make_weight(*ws[p], t, k, ms[p]);
+    bias.push_back(std::make_unique<Buf<float>>(randv((size_t)ms[p], 1.f)));
+    ya.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
+    yb.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
+    PA.w[p] = PB.w[p] = ws[p]->bytes;
+    PA.bias[p] = PB.bias[p] = p == 0 ? bias[p]->p : nullptr;
+    PA.m[p] = PB.m[p] = ms[p];
+    PA.y[p] = ya[p]->p;
+    PB.y[p] = yb[p]->p;
+  }
+  const int64_t rb = orch_row_bytes(t, k);
+  // A: two launches (orch_rmsnorm's kernel, then the multi GEMV on dst).
+  Buf<float> ra(x0), ad(a0), w(wv), da((size_t)(n * k), NAN);
+  float *dsta = inplace ? ra.p : da.p;
+  launch_norm<false>(nullptr, n, dsta, ra.p, add ? ad.p : nullptr, w.p, nullptr, k, 1e-5f);
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, PA, (int)ms.size(), dsta, n, k, rb)
+  // B: folded.
+  Buf<float> rbuf(x0), db((size_t)(n * k), NAN);
+  Buf<unsigned> ticket(std::vector<unsigned>{0u});
+  float *dstb = inplace ? rbuf.p : db.p;
+  const gemv_norm_args na = {rbuf.p, add ? ad.p : nullptr, w.p, dstb, ticket.p, 1e-5f};
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_norm_multi, nullptr, PB, (int)ms.size(), na, n, k, rb)
+  EXPECT(ticket.p[0] == 0u, "GEMV v5 + norm: ticket %u after the launch, want 0", ticket.p[0]);
+  EXPECT(std::memcmp(ra.p, rbuf.p, ra.n * 4) == 0, "GEMV v5 + norm (%s k=%lld n=%d add=%d): res differs", tname(t),
+         (long long)k, n, add);
+  if (!inplace)
+    EXPECT(std::memcmp(da.p, db.p, da.n * 4) == 0, "GEMV v5 + norm (%s k=%lld n=%d add=%d): dst differs", tname(t),
+           (long long)k, n, add);
+  for (size_t p = 0; p < ms.size(); p++) {
+    EXPECT(std::memcmp(ya[p]->p, yb[p]->p, ya[p]->n * 4) == 0,
+           "GEMV v5 + norm part %zu (%s k=%lld m=%lld n=%d add=%d in-place=%d) != norm then GEMV", p, tname(t),
+           (long long)k, (long long)ms[p], n, add, inplace);
+    for (size_t i = 0; i < yb[p]->n; i++) EXPECT(std::isfinite(yb[p]->p[i]), "GEMV v5 + norm: y[%zu] not written", i);
+  }
+  std::printf("GEMV v5 + norm %-5s k=%-4lld parts=%zu n=%d add=%d in-place=%d: bit-identical to norm + GEMV\n",
+              tname(t), (long long)k, ms.size(), n, add, inplace);
+}
+
 // F32 small-m GEMV (routers): 1e-5 against float64 (fp32 products and sums).
 static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulate) {
   const auto w = randv((size_t)(m * k), 1.f), x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f),
@@ -446,13 +503,10 @@ int main(int argc, char **argv) {
   test_gemv_multi(ORCH_T_Q4_0, 64, {8, 40, 16}, 8);
   test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 4, true); // v7: ragged 16-row CTAs per part
   test_gemv_multi(ORCH_T_MXFP4, 64, {16, 32}, 8, true);
-  test_gemv_multi(ORCH_T_Q8_0, 320, {40, 8, 24}, 8, false, true); // v8: 10 blocks: 2.5 rounds of 4 warps x 2
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
     test_gemv7(t, 96, 36, 1, true, false);   // 3 blocks: warps without blocks; ragged last CTA
     test_gemv7(t, 96, 36, 3, false, true);
     test_gemv7(t, 1024, 20, 8, true, false); // 32 blocks: two rounds of 8 warps x 2
-    test_gemv7(t, 1024, 20, 8, true, false, 8); // v8: four rounds of 4 warps x 2, double-buffered
-    test_gemv7(t, 96, 36, 3, false, true, 8);   // v8: one partial round
   }
   // GEMV v9: every type; n = 1..64 incl. odd counts and ragged token tiles (9, 17, 33, 63); per-CTA and global
   // x staging; one stage (whole tile) and several (k = 4096 Q8_0, 6400 MXFP4: 3); ragged 16-row CTAs.
@@ -471,9 +525,13 @@ int main(int argc, char **argv) {
   if (long_run)
     for (int n = 1; n <= 64; n++) test_gemv9(n % 3 == 0 ? ORCH_T_MXFP4 : n % 3 == 1 ? ORCH_T_Q8_0 : ORCH_T_Q4_0, 128, 20, n,
                                              n & 1, n % 4 == 2);
-  test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 1, false, false, true); // v9, per-CTA staging
-  test_gemv_multi(ORCH_T_MXFP4, 64, {16, 40}, 20, false, false, true);  // v9, 3 tiles of 8 (NTL 4, RG 2: ragged 32-row CTA)
-  test_gemv_multi(ORCH_T_Q4_0, 4096, {8, 20}, 5, false, false, true);   // v9, 3 stages
+  test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 1, false, true); // v9, per-CTA staging
+  test_gemv_multi(ORCH_T_MXFP4, 64, {16, 40}, 20, false, true);  // v9, 3 tiles of 8 (NTL 4, RG 2: ragged 32-row CTA)
+  test_gemv_multi(ORCH_T_Q4_0, 4096, {8, 20}, 5, false, true);   // v9, 3 stages
+  test_gemv_norm(ORCH_T_Q8_0, 96, {36, 8, 8}, 1, true, false);   // q, k, v after the attention norm (ragged CTA)
+  test_gemv_norm(ORCH_T_Q8_0, 288, {16, 24}, 2, true, false);     // gate, up; 2 tokens; 9 chunks: ragged stage rounds
+  test_gemv_norm(ORCH_T_MXFP4, 64, {40}, 1, false, true);         // output norm in place -> LM head
+  test_gemv_norm(ORCH_T_Q4_0, 96, {8, 16}, 2, false, false);      // layer 0: plain norm
   test_rope2(1);
   test_rope2(0);
   test_norm<false, 12>(2, 2880, true, true); // gpt-oss width

@@ -251,3 +251,95 @@ func TestFuseBoundaries(t *testing.T) {
 func TestGemvPartLayout(t *testing.T) {
 	require.Equal(t, uintptr(32), unsafe.Sizeof(gemvPart{}))
 }
+
+// The folded norm (fuse.go holdNorm): a held AddRMSNorm / RMSNorm goes into
+// the launch of the GEMVs that read its output (Llama's attention block:
+// norm + q/k/v in one launch; the FFN: norm + gate/up; the in-place output
+// norm + LM head); anything else, a declining library, n > 2, or the switch
+// off launches the norm alone, first.
+func TestFoldNorm(t *testing.T) {
+	defer func(v, w bool) { fuseOps, foldNorm = v, w }(fuseOps, foldNorm)
+	fuseOps, foldNorm = true, true
+	b, f := newFakeBackend(t)
+	normRC := int32(stOK)
+	b.l.matmulMultiNorm = func(ctx, res, add, nw, dst uintptr, eps float32, wtype int32, n, k int64, count int32,
+		parts *gemvPart) int32 {
+		if normRC != stOK {
+			return normRC
+		}
+		var ys []string
+		for _, p := range unsafe.Slice(parts, count) {
+			ys = append(ys, fmt.Sprintf("%x", p.y))
+		}
+		return f.add("norm+multi res=%x add=%x dst=%x n=%d k=%d eps=%g [%s]", res, add, dst, n, k, eps,
+			strings.Join(ys, " "))
+	}
+	const d, ff = 64, 96
+	x, h, o := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1)
+	nw := fakeT(b, ml.F32, d)
+	wq, wk, wv := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, 32), fakeT(b, ml.Q8_0, d, 32)
+	q, k, v := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, 32, 1), fakeT(b, ml.F32, 32, 1)
+	wg, wu := fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.Q8_0, d, ff)
+	g, u := fakeT(b, ml.F32, ff, 1), fakeT(b, ml.F32, ff, 1)
+
+	b.AddRMSNorm(x, h, o, nw, 1e-5)
+	b.MatMul(q, h, wq, nil)
+	b.MatMul(k, h, wk, nil)
+	require.Empty(t, f.log, "norm and two parts held")
+	b.MatMul(v, h, wv, nil)
+	require.Equal(t, []string{fmt.Sprintf("norm+multi res=%x add=%x dst=%x n=1 k=%d eps=1e-05 [%x %x %x]", x.ptr, o.ptr,
+		h.ptr, d, q.ptr, k.ptr, v.ptr)}, f.take(), "norm + q/k/v: one launch")
+
+	b.AddRMSNorm(x, h, o, nw, 1e-5)
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.Add(g, g, u)
+	logs := f.take()
+	require.Equal(t, fmt.Sprintf("norm+multi res=%x add=%x dst=%x n=1 k=%d eps=1e-05 [%x %x]", x.ptr, o.ptr, h.ptr, d,
+		g.ptr, u.ptr), logs[0], "norm + gate/up: one launch, before the next op")
+
+	// In place (the output norm), one part (the LM head).
+	b.RMSNorm(h, h, nw, 1e-5)
+	b.MatMul(q, h, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("norm+multi res=%x add=0 dst=%x n=1 k=%d eps=1e-05 [%x]", h.ptr, h.ptr, d,
+		q.ptr), "sync"}, f.take())
+
+	// The next op does not read the norm's output: the norm alone, first.
+	b.AddRMSNorm(x, h, o, nw, 1e-5)
+	b.MatMul(q, x, wq, nil) // reads res, not dst
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x", h.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, x.ptr),
+		"sync"}, f.take())
+	// A GEMV writing what the norm reads (its add): not folded.
+	b.AddRMSNorm(x, h, o, nw, 1e-5)
+	b.MatMul(o, h, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x", h.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, h.ptr),
+		"sync"}, f.take())
+	// F32 weights (not a GEMV type): the norm alone.
+	wf := fakeT(b, ml.F32, d, d)
+	b.RMSNorm(h, x, nw, 1e-5)
+	b.MatMul(q, h, wf, nil)
+	require.Equal(t, fmt.Sprintf("rmsnorm out=%x", h.ptr), f.take()[0])
+
+	// The library declines: norm, then the merged GEMV, in order.
+	normRC = stUnsupported
+	b.AddRMSNorm(x, h, o, nw, 1e-5)
+	b.MatMul(q, h, wq, nil)
+	b.MatMul(k, h, wk, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x", h.ptr),
+		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d]", h.ptr, d, q.ptr, d, k.ptr, 32), "sync"}, f.take())
+	normRC = stOK
+
+	// Three rows: never held.
+	x3, h3, o3 := fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3)
+	b.AddRMSNorm(x3, h3, o3, nw, 1e-5)
+	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x", h3.ptr)}, f.take())
+
+	// Switched off.
+	foldNorm = false
+	b.AddRMSNorm(x, h, o, nw, 1e-5)
+	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x", h.ptr)}, f.take())
+}
