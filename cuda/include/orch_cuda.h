@@ -254,15 +254,15 @@ int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, 
                  const void *down, int32_t down_type, const float *down_bias, float *act, int64_t n,
                  int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit);
 
-/* (ABI 6) Routing + fused expert FFN for 2..64 tokens (MoE v8 / v9):
- * orch_moe_topk over the router logits [n][n_exp] (n_exp <= 32; ids / weights
- * [n][n_slots] written as it writes them), then expert-major kernels that read
- * and decode each routed expert once for all its tokens, then
- * orch_moe_combine. v8 is bit-identical to orch_moe_topk + orch_moe_ffn under
- * v6; v9 uses tensor-core expert kernels for MXFP4 (fp32 sums, not v6's bits).
- * ybuf: scratch of n*n_slots*dim floats, 16-byte aligned. Other operands and
- * the result as orch_moe_ffn. Returns ORCH_ERR_UNSUPPORTED (without recording
- * an error) below ORCH_CUDA_MOE=v8, for one token or more than 64, n_exp > 32,
+/* (ABI 6) Routing + fused expert FFN for 2..64 tokens (MoE v9; v8 was
+ * removed in session 5): orch_moe_topk over the router logits [n][n_exp]
+ * (n_exp <= 32; ids / weights [n][n_slots] written as it writes them), then
+ * expert-major tensor-core kernels (MXFP4) that read and decode each routed
+ * expert once for all its tokens, then orch_moe_combine (fp32 sums, not v6's
+ * bits). ybuf: scratch of n*n_slots*dim floats, 16-byte aligned. Other
+ * operands and the result as orch_moe_ffn. Returns ORCH_ERR_UNSUPPORTED
+ * (without recording an error) unless ORCH_CUDA_MOE=v9 (or unset and n >= 16),
+ * for weights other than MXFP4, one token or more than 64, n_exp > 32,
  * gate/up and down of different types, an infinite limit (no fixed activation
  * scale), ybuf NULL, and what orch_moe_ffn declines; the caller then runs
  * orch_moe_topk and orch_moe_ffn / orch_moe_ffn_grouped. */

@@ -665,27 +665,11 @@ template <int T> static float moe6_act_scale(float alpha, float limit) {
 // on the H100 (the ~250 top-k instructions per warp on issue-bound kernels)
 // and a PDL-chain mismatch on the device; docs/perf-cuda.md "Round 5".)
 
-// ---- MoE v8 (docs/perf-cuda.md "Round 5"): batched decode, 2..64 tokens ----
-// v6 runs one GEMV per (token, slot) pair, so an expert routed to several of
-// the n tokens is read and decoded once per pair (n = 8: 32 pairs, ~21
-// distinct experts; n = 64: 256 pairs, 32 experts). Here a CTA takes one
-// expert (grid.y = the j-th distinct expert of the step, found on the device:
-// no host sync) and the tokens routed to it: each weight block is loaded and
-// decoded once, and the decoded half2 pairs are multiplied with every token's
-// staged x (up to MOE8_TC tokens per pass; code paths for 1, 2 and MOE8_TC).
-// Staging is done once per step, not per CTA: a small kernel stages the n x
-// rows (v6's chunk-scaled fp16, times 2^14 for MXFP4) into scratch, and
-// gate_up writes the activation directly in down's staged form (v6's fixed
-// power-of-two scale, moe6_act_scale), so neither expert kernel converts or
-// stages anything: each lane reads its chunks' staged words from global
-// memory (L1: the CTA's 8 warps read the same chunks). Per token the
-// products, partial sums and folds are v6's, in v6's order, so act is v6's
-// bit for bit; down writes each pair's (dot + bias) to ybuf and
-// orch_moe_combine sums them per token in slot order with the router weights —
-// v6's expression (res += w * (dot + bias), from 0), so the output is v6's bit
-// for bit too (the emulation test compares). Needs a finite SwiGLU limit (the
-// fixed activation scale); otherwise v6 runs.
-constexpr int MOE8_TC = 4; // tokens per pass (8: 128 registers and ~0.9 KB of spill loads in gate_up; 4: ~0.35 KB)
+// ---- expert-major helpers (MoE v8, session 4, removed in session 5: slower
+// than v6 up to 8 tokens and than v9 from 16; docs/perf-cuda.md "Round 5").
+// v9 buckets the pairs of a step by expert on the device (moe8_bucket) and
+// writes down's staged activation (moe8_half_pos); moe8_block_acc multiplies
+// one decoded block into several tokens' staged x rows.
 constexpr int MOE8_MAX_TOK = 64; // tokens per step (one pair per token per expert)
 
 // CTA-wide: the j-th distinct expert (ascending id; ids out of range count as
@@ -773,19 +757,7 @@ DEC16_HD void moe8_half_pos(int kind, int i, int &word, int &half) {
   }
 }
 
-// Stages the n rows of x (k) into xg (row r chunk c at (r*nch + c)*DEC16_XW
-// words) and xinv (r*nch + c): moe6_stage, one CTA per row.
-template <int T>
-__global__ void __launch_bounds__(256) moe8_stage_kernel(uint32_t *__restrict__ xg, float *__restrict__ xinv,
-                                                         const float *__restrict__ x, int k) {
-  pdl_wait(); // x comes from the previous kernel; xg is read by earlier ones
-  pdl_trigger();
-  const int r = blockIdx.x, nch = k / 32;
-  moe6_stage<2>(xg + (int64_t)r * nch * DEC16_XW, xinv + (int64_t)r * nch, x + (int64_t)r * k, 1, k,
-                dec16_traits<T>::kind, T == ORCH_T_MXFP4);
-}
-
-// v9's staging: as moe8_stage_kernel<MXFP4> but unscaled (the dec16 decoder).
+// v9's staging: x rows chunk-scaled to fp16 as v6's moe6_stage, unscaled (the dec16 decoder).
 __global__ void __launch_bounds__(256) moe9_stage_kernel(uint32_t *__restrict__ xg, float *__restrict__ xinv,
                                                          const float *__restrict__ x, int k) {
   pdl_wait();
@@ -794,171 +766,7 @@ __global__ void __launch_bounds__(256) moe9_stage_kernel(uint32_t *__restrict__ 
   moe6_stage<2>(xg + (int64_t)r * nch * DEC16_XW, xinv + (int64_t)r * nch, x + (int64_t)r * k, 1, k, 1, false);
 }
 
-// One pass of gate_up8 over nt <= NT tokens (pairs list[0..nt)).
-template <int T, int NB, int NT>
-__device__ __forceinline__ void moe8_gate_up_pass(uint16_t *__restrict__ acth, const uint32_t *__restrict__ xg,
-                                                  const float *__restrict__ xinv, const uint8_t *__restrict__ wg,
-                                                  const uint8_t *__restrict__ wu, const float *__restrict__ gb,
-                                                  const float *__restrict__ ub, const int *list, int nt, int e,
-                                                  int n_slots, int k, int m, int row, bool valid, int64_t off,
-                                                  float alpha, float limit, float sc) {
-  const int lane = threadIdx.x & 31, nch = k / 32;
-  int xo[NT]; // token j's staged row, in words
-#pragma unroll
-  for (int j = 0; j < NT; j++) xo[j] = (j < nt ? list[j] / n_slots : 0) * nch * DEC16_XW;
-  float ag[NT], au[NT];
-#pragma unroll
-  for (int j = 0; j < NT; j++) ag[j] = au[j] = 0.f;
-  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
-    wblocks<T, NB> bg, bu;
-    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
-    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
-#pragma unroll
-    for (int i = 0; i < NB; i++) {
-      const int c = c0 + lane + 32 * i;
-      if (c < nch) {
-        const uint32_t *xb = xg + c * DEC16_XW;
-        const float *xi = xinv + c;
-        uint32_t a[NT][2];
-        // gate, then up (v6 accumulates both, then folds both: the same values)
-#pragma unroll
-        for (int j = 0; j < NT; j++) a[j][0] = a[j][1] = 0u;
-        moe8_block_acc<T, NT>(bg.w[i], bg.sh[i], xb, xo, nt, a);
-        const float wsg = dec16_wscale<T>(bg.w[i], bg.sh[i]);
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-          if (j < nt) ag[j] += dec16_fold(a[j], wsg, xi[xo[j] / DEC16_XW]);
-#pragma unroll
-        for (int j = 0; j < NT; j++) a[j][0] = a[j][1] = 0u;
-        moe8_block_acc<T, NT>(bu.w[i], bu.sh[i], xb, xo, nt, a);
-        const float wsu = dec16_wscale<T>(bu.w[i], bu.sh[i]);
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-          if (j < nt) au[j] += dec16_fold(a[j], wsu, xi[xo[j] / DEC16_XW]);
-      }
-    }
-  }
-  int word, half;
-  moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
-#pragma unroll
-  for (int j = 0; j < NT; j++) {
-    if (j < nt) { // uniform over the CTA
-      const float a = warp_sum(ag[j]), b = warp_sum(au[j]);
-      if (valid && lane == 0) {
-        const float gv = a + (gb ? gb[(int64_t)e * m + row] : 0.f);
-        const float uv = b + (ub ? ub[(int64_t)e * m + row] : 0.f);
-        const float v = swiglu_oai(gv, uv, alpha, limit);
-        // down's staged activation: v6's moe6_stage_fixed value (v * sc, to fp16)
-        acth[(((int64_t)list[j] * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
-            (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
-      }
-    }
-  }
-}
-
-// act (staged for down) for the pairs of this CTA's expert: moe_gate_up6's rows.
-template <int T, int NB>
-__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
-moe_gate_up8_kernel(uint16_t *__restrict__ acth, const uint32_t *__restrict__ xg, const float *__restrict__ xinv,
-                    const uint8_t *__restrict__ wg, const uint8_t *__restrict__ wu, const float *__restrict__ gb,
-                    const float *__restrict__ ub, const int32_t *__restrict__ ids, int np, int n_exp, int n_slots,
-                    int k, int m, int64_t rb, float alpha, float limit, float sc) {
-  DEC16_DYN_SMEM(int, list);
-  pdl_wait(); // ids / staged x come from the previous kernels; act is read by earlier ones
-  pdl_trigger();
-  int cnt;
-  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, list + MOE8_MAX_TOK, cnt);
-  if (e < 0) return; // uniform over the CTA
-  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
-  const bool valid = row < m;
-  const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
-  for (int t0 = 0; t0 < cnt; t0 += MOE8_TC) {
-    const int nt = min(MOE8_TC, cnt - t0);
-    if (nt == 1)
-      moe8_gate_up_pass<T, NB, 1>(acth, xg, xinv, wg, wu, gb, ub, list + t0, nt, e, n_slots, k, m, row, valid, off,
-                                  alpha, limit, sc);
-    else if (nt == 2)
-      moe8_gate_up_pass<T, NB, 2>(acth, xg, xinv, wg, wu, gb, ub, list + t0, nt, e, n_slots, k, m, row, valid, off,
-                                  alpha, limit, sc);
-    else
-      moe8_gate_up_pass<T, NB, MOE8_TC>(acth, xg, xinv, wg, wu, gb, ub, list + t0, nt, e, n_slots, k, m, row, valid,
-                                        off, alpha, limit, sc);
-  }
-}
-
-// One pass of down8 over nt <= NT pairs.
-template <int T, int NB, int NT>
-__device__ __forceinline__ void moe8_down_pass(float *__restrict__ ybuf, const uint32_t *__restrict__ acth,
-                                               float xinv, const uint8_t *__restrict__ wd,
-                                               const float *__restrict__ db, const int *list, int nt, int e, int k,
-                                               int m, int row, bool valid, int64_t off) {
-  const int lane = threadIdx.x & 31, nch = k / 32;
-  int xo[NT]; // pair j's staged activation row, in words
-#pragma unroll
-  for (int j = 0; j < NT; j++) xo[j] = (j < nt ? list[j] : 0) * nch * DEC16_XW;
-  float acc[NT];
-#pragma unroll
-  for (int j = 0; j < NT; j++) acc[j] = 0.f;
-  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
-    wblocks<T, NB> b;
-    ffn_load<T, NB>(b, wd + off, c0, lane, nch, valid);
-    float s[NT]; // moe6_dot's per-round sum, then added to acc (v6's order)
-#pragma unroll
-    for (int j = 0; j < NT; j++) s[j] = 0.f;
-#pragma unroll
-    for (int i = 0; i < NB; i++) {
-      const int c = c0 + lane + 32 * i;
-      if (c < nch) {
-        uint32_t a[NT][2];
-#pragma unroll
-        for (int j = 0; j < NT; j++) a[j][0] = a[j][1] = 0u;
-        moe8_block_acc<T, NT>(b.w[i], b.sh[i], acth + c * DEC16_XW, xo, nt, a);
-        const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-          if (j < nt) s[j] += dec16_fold(a[j], ws, xinv);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < NT; j++) acc[j] += s[j];
-  }
-#pragma unroll
-  for (int j = 0; j < NT; j++) {
-    if (j < nt) {
-      const float a = warp_sum(acc[j]);
-      if (valid && lane == 0) ybuf[(int64_t)list[j] * m + row] = a + (db ? db[(int64_t)e * m + row] : 0.f);
-    }
-  }
-}
-
-// ybuf[p, row] = act[p] . down_e[row] + db[e, row] for the pairs p of this
-// CTA's expert e: moe_down6_kernel's per-slot value.
-template <int T, int NB>
-__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
-moe_down8_kernel(float *__restrict__ ybuf, const uint32_t *__restrict__ acth, const uint8_t *__restrict__ wd,
-                 const float *__restrict__ db, const int32_t *__restrict__ ids, int np, int n_exp, int k, int m,
-                 int64_t rb, float xinv) {
-  DEC16_DYN_SMEM(int, list);
-  pdl_wait(); // act / ids come from the previous kernels; ybuf is read by earlier ones
-  pdl_trigger();
-  int cnt;
-  const int e = moe8_bucket(ids, np, n_exp, (int)blockIdx.y, list, list + MOE8_MAX_TOK, cnt);
-  if (e < 0) return;
-  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
-  const bool valid = row < m;
-  const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
-  for (int t0 = 0; t0 < cnt; t0 += MOE8_TC) {
-    const int nt = min(MOE8_TC, cnt - t0);
-    if (nt == 1)
-      moe8_down_pass<T, NB, 1>(ybuf, acth, xinv, wd, db, list + t0, nt, e, k, m, row, valid, off);
-    else if (nt == 2)
-      moe8_down_pass<T, NB, 2>(ybuf, acth, xinv, wd, db, list + t0, nt, e, k, m, row, valid, off);
-    else
-      moe8_down_pass<T, NB, MOE8_TC>(ybuf, acth, xinv, wd, db, list + t0, nt, e, k, m, row, valid, off);
-  }
-}
-
-// ---- MoE v9 (opt-in; MXFP4): v8's expert-major batching with tensor cores ----
+// ---- MoE v9 (MXFP4; the default from 16 tokens): expert-major batching (the removed v8's) with tensor cores ----
 // v8 spends 4 HFMA2 per decoded word per token (plus a fold per block per
 // token): at 8 tokens per expert that is ~80% of its instructions. Here a CTA
 // is 16 rows of one expert x up to 8 of its tokens (tiles of 8), its 8 warps
@@ -1291,62 +1099,36 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
 }
 
 
-// ---- orch_moe_ffn_route (MoE v8 / v9) ----
-// v8 (after orch_moe_topk; orch_moe_combine follows): x staged into ybuf
-// (free until down writes it), the staged activation in act.
-template <int T>
-static void launch_batched8(cudaStream_t st, int ver, float *ybuf, float *act, const float *x, int n_exp, const int32_t *ids,
+// ---- orch_moe_ffn_route (MoE v9; v8 was removed in session 5) ----
+// After orch_moe_topk; orch_moe_combine follows: x staged into ybuf (free
+// until down writes it), the staged activation in act.
+static void launch_batched9(cudaStream_t st, float *ybuf, float *act, const float *x, int n_exp, const int32_t *ids,
                             const uint8_t *wg, const uint8_t *wu, const float *gb, const float *ub, const uint8_t *wd,
                             const float *db, int64_t n, int n_slots, int64_t dim, int64_t ff, float alpha,
                             float limit) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const int np = (int)(n * n_slots);
-    const unsigned ge = (unsigned)min((int64_t)np, (int64_t)n_exp);
-    const float sc = moe6_act_scale<T>(alpha, limit);
-    uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf);
-    float *xinv = ybuf + n * (dim / 32) * DEC16_XW;
-    const size_t lsm = (MOE8_MAX_TOK + 2) * sizeof(int);
-    if constexpr (T == ORCH_T_MXFP4) {
-      if (ver >= 9) { // tensor cores: x staged unscaled (dec16 decoder), act at sc (weights unscaled)
-        {
-          auto kern = moe9_stage_kernel;
-          DEC16_LAUNCH_PDL(kern, dim3((unsigned)n), 256, 0, st, xg, xinv, x, (int)dim);
-        }
-        {
-          dim3 grid((unsigned)(ff / 16), ge);
-          auto kern = moe_gate_up9_kernel;
-          DEC16_LAUNCH_PDL(kern, grid, MOE9_W * 32, moe9_smem(8), st, reinterpret_cast<uint16_t *>(act),
-                           reinterpret_cast<const uint4 *>(xg), xinv, wg, wu, gb, ub, ids, np, n_exp, n_slots, (int)dim,
-                           (int)ff, orch_row_bytes(T, dim), alpha, limit, sc);
-        }
-        {
-          dim3 grid((unsigned)(dim / 16), ge);
-          auto kern = moe_down9_kernel;
-          DEC16_LAUNCH_PDL(kern, grid, MOE9_W * 32, moe9_smem(4), st, ybuf, reinterpret_cast<const uint4 *>(act), wd,
-                           db, ids, np, n_exp, (int)ff, (int)dim, orch_row_bytes(T, ff), 1.f / sc);
-        }
-        return;
-      }
-    }
-    {
-      auto kern = moe8_stage_kernel<T>;
-      DEC16_LAUNCH_PDL(kern, dim3((unsigned)n), 256, 0, st, xg, xinv, x, (int)dim);
-    }
-    {
-      constexpr int NB = gate_up_nb<T>();
-      dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), ge);
-      auto kern = moe_gate_up8_kernel<T, NB>;
-      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, lsm, st, reinterpret_cast<uint16_t *>(act), xg, xinv, wg, wu, gb,
-                       ub, ids, np, n_exp, n_slots, (int)dim, (int)ff, orch_row_bytes(T, dim), alpha, limit, sc);
-    }
-    {
-      constexpr int NB = down_h_nb<T>();
-      dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), ge);
-      auto kern = moe_down8_kernel<T, NB>;
-      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, lsm, st, ybuf, reinterpret_cast<const uint32_t *>(act), wd, db,
-                       ids, np, n_exp, (int)ff, (int)dim, orch_row_bytes(T, ff),
-                       (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc);
-    }
+  constexpr int T = ORCH_T_MXFP4;
+  const int np = (int)(n * n_slots);
+  const unsigned ge = (unsigned)min((int64_t)np, (int64_t)n_exp);
+  const float sc = moe6_act_scale<T>(alpha, limit);
+  uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf);
+  float *xinv = ybuf + n * (dim / 32) * DEC16_XW;
+  // tensor cores: x staged unscaled (dec16 decoder), act at sc (weights unscaled)
+  {
+    auto kern = moe9_stage_kernel;
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)n), 256, 0, st, xg, xinv, x, (int)dim);
+  }
+  {
+    dim3 grid((unsigned)(ff / 16), ge);
+    auto kern = moe_gate_up9_kernel;
+    DEC16_LAUNCH_PDL(kern, grid, MOE9_W * 32, moe9_smem(8), st, reinterpret_cast<uint16_t *>(act),
+                     reinterpret_cast<const uint4 *>(xg), xinv, wg, wu, gb, ub, ids, np, n_exp, n_slots, (int)dim,
+                     (int)ff, orch_row_bytes(T, dim), alpha, limit, sc);
+  }
+  {
+    dim3 grid((unsigned)(dim / 16), ge);
+    auto kern = moe_down9_kernel;
+    DEC16_LAUNCH_PDL(kern, grid, MOE9_W * 32, moe9_smem(4), st, ybuf, reinterpret_cast<const uint4 *>(act), wd, db,
+                     ids, np, n_exp, (int)ff, (int)dim, orch_row_bytes(T, ff), 1.f / sc);
   }
 }
 
@@ -1367,13 +1149,14 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
   const char *op = "moe_ffn_route";
   ORCH_CHECK_ARG(ctx && out && x && logits && ids && weights && gate && up && down && act, op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
-  // Declines (not an error) where orch_moe_ffn would, below v8, for more than
-  // 32 experts (one warp's bucketing bits) and for gate / up and down of
-  // different types (one launcher instantiation per type); one token (v6 runs)
-  // and more than 64; an infinite SwiGLU limit (no fixed activation scale).
-  // Unpinned (ORCH_CUDA_MOE unset): v9 for MXFP4 from MOE9_AUTO_MIN_N tokens, else decline (v6).
-  const int ver = ctx->moe_auto ? (gu_type == ORCH_T_MXFP4 && n >= MOE9_AUTO_MIN_N ? 9 : 6) : ctx->moe;
-  if (ctx->moe_v1 || ver < 8 || n_exp > 32 || gu_type != down_type || !ffn_type(gu_type) || dim % 32 ||
+  // Declines (not an error) where orch_moe_ffn would, unless v9 (pinned, or
+  // unpinned from MOE9_AUTO_MIN_N tokens), for weights other than MXFP4 (v9's
+  // decoder; v8 ran them before it was removed), more than 32 experts (one
+  // warp's bucketing bits), gate / up and down of different types; one token
+  // (v6 runs) and more than 64; an infinite SwiGLU limit (no fixed activation
+  // scale).
+  const int ver = ctx->moe_auto ? (n >= MOE9_AUTO_MIN_N ? 9 : 6) : ctx->moe;
+  if (ctx->moe_v1 || ver != 9 || gu_type != ORCH_T_MXFP4 || n_exp > 32 || gu_type != down_type || dim % 32 ||
       ff % 32 || ffn_smem(dim, 1) > FFN_MAX_SMEM || (ff * orch_row_bytes(gu_type, dim)) % 4 ||
       (dim * orch_row_bytes(down_type, ff)) % 4 || ffn_smem(ff, n_slots) > FFN_MAX_SMEM || n * n_slots > 65535 ||
       n > 65535)
@@ -1383,9 +1166,8 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(gate) && aligned16p(up) && aligned16p(down), op);
   int rc = orch_moe_topk(ctx, ids, weights, logits, n, n_exp, n_slots);
   if (rc != ORCH_OK) return rc;
-  ORCH_DISPATCH_TYPE(gu_type, launch_batched8, ctx->stream, ver, ybuf, act, x, (int)n_exp, ids,
-                     (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
-                     n, n_slots, dim, ff, alpha, limit);
+  launch_batched9(ctx->stream, ybuf, act, x, (int)n_exp, ids, (const uint8_t *)gate, (const uint8_t *)up, gate_bias,
+                  up_bias, (const uint8_t *)down, down_bias, n, n_slots, dim, ff, alpha, limit);
   ORCH_LAUNCHED(op);
   return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
 }

@@ -20,17 +20,17 @@ import (
 // TestMoEVersions re-runs the MoE tests (every op against the CPU backend,
 // several rounds of blocks per lane, and the PDL chain — PDL on == off bit
 // for bit, eager and over graph replays, which exercises v6's speculative
-// routing read before pdl_wait) under ORCH_CUDA_MOE=v4, v6, v8 (expert-major
-// batched kernels for 2..64 tokens, orch_moe_ffn_route; v6 at one token) and
-// v9 (v8 with tensor-core expert kernels for MXFP4) and v10 (router + top-k
-// + expert FFN at 1..8 tokens in three launches, orch_moe_decode; session 5).
-// (v7 was removed.)
+// routing read before pdl_wait) under ORCH_CUDA_MOE=v4, v6, v9 (expert-major
+// tensor-core kernels for MXFP4, 2..64 tokens, orch_moe_ffn_route; v6 below)
+// and v10 (router + top-k + expert FFN at 1..8 tokens in three launches,
+// orch_moe_decode; session 5), v10 also with its streaming gate_up. (v7 and
+// v8 were removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
-	for _, v := range []string{"v4", "v6", "v8", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1"} {
+	for _, v := range []string{"v4", "v6", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()

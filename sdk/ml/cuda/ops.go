@@ -544,10 +544,10 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, N, int64(dim), int64(ne), 0))
 	grouped := !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt)
 	if n >= 2 && n <= 64 && gate.dt == up.dt && b.err == nil {
-		// MoE v8 / v9 (2..64 tokens): top-k, then each routed expert
-		// read once for all its tokens; unpinned (ORCH_CUDA_MOE unset): v9
-		// for MXFP4 from 16 tokens. The library declines otherwise (below
-		// v8, one token, more than 32 experts, an infinite limit, where
+		// MoE v9 (2..64 tokens, MXFP4): top-k, then each routed expert
+		// read once for all its tokens; unpinned (ORCH_CUDA_MOE unset): from
+		// 16 tokens. The library declines otherwise (other versions and
+		// types, one token, more than 32 experts, an infinite limit, where
 		// orch_moe_ffn would): top-k + orch_moe_ffn / the grouped GEMMs.
 		rc := b.l.moeFFNRoute(b.ctx, d.ptr, xx.ptr, logits, int32(ne), ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb,
 			ub, down.ptr, int32(down.dt), db, g, y, N, K, int64(dim), int64(ff), m.Alpha, m.Limit)
