@@ -187,7 +187,11 @@ func TestPerfPrefillMatMul(t *testing.T) {
 		w := mustW(t, r, sh.name, ml.Q8_0, sh.k, sh.m)
 		bias := mustA(t, ml.F32, sh.m)
 		require.NoError(t, gpu.WriteF32(bias, r.f32(sh.m)))
-		for _, n := range []int{512, 2048} {
+		// n = 96 / 128: where the large-n path would take over from qgemm
+		// (Backend.MatMul routes n <= qgemmMaxN = 96 there): "direct" calls
+		// orch_matmul (this version's large-n path) at any n, "routed" goes
+		// through Backend.MatMul (qgemm at 96).
+		for _, n := range []int{96, 128, 512, 2048} {
 			x := mustA(t, ml.F32, sh.k, n)
 			require.NoError(t, gpu.WriteF32(x, r.f32(sh.k*n)))
 			y := mustA(t, ml.F32, sh.m, n)
@@ -195,14 +199,33 @@ func TestPerfPrefillMatMul(t *testing.T) {
 			if strings.HasPrefix(sh.name, "gpt-oss") { // gpt-oss's projections have biases
 				b = bias
 			}
-			ms := timeKernel(t, 10, 4, func() { gpu.MatMul(y, x, w, b) })
-			require.NoError(t, gpu.Sync())
 			rb, _ := ml.Q8_0.RowBytes(sh.k)
 			bytes := float64(rb*sh.m) + 4*float64(sh.k*n+sh.m*n)
 			flops := 2 * float64(sh.k) * float64(sh.m) * float64(n)
 			floor := max(bytes/peak, flops/h100BF16) * 1e3
-			t.Logf("| Q8_0 %s %dx%d n=%d (%s) | %.4f ms | %.0f | %.4f ms | %.0f%% |", sh.name, sh.k, sh.m, n, version,
-				ms, flops/ms/1e9, floor, 100*floor/ms)
+			row := func(label string, ms float64) {
+				t.Logf("| Q8_0 %s %dx%d n=%d (%s%s) | %.4f ms | %.0f | %.4f ms | %.0f%% |", sh.name, sh.k, sh.m, n, version,
+					label, ms, flops/ms/1e9, floor, 100*floor/ms)
+			}
+			if n <= 128 {
+				if sh.m < 4096 { // the large shapes only
+					gpu.Free(x)
+					gpu.Free(y)
+					continue
+				}
+				yp, xp, wp, bp := dptr(t, y), dptr(t, x), dptr(t, w), dptr(t, b)
+				direct := timeKernel(t, 10, 4, func() {
+					gpu.call("matmul", gpu.l.matmul(gpu.ctx, yp, xp, wp, int32(ml.Q8_0), bp, int64(n), int64(sh.k), int64(sh.m), 0))
+				})
+				row(", direct", direct)
+				if n <= qgemmMaxN {
+					row(", routed: qgemm", timeKernel(t, 10, 4, func() { gpu.MatMul(y, x, w, b) }))
+				}
+			} else {
+				ms := timeKernel(t, 10, 4, func() { gpu.MatMul(y, x, w, b) })
+				row("", ms)
+			}
+			require.NoError(t, gpu.Sync())
 			gpu.Free(x)
 			gpu.Free(y)
 		}
