@@ -289,6 +289,136 @@ moe_gate_up10s_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_
   }
 }
 
+// Grouped streaming gate_up (ORCH_CUDA_MOE10_STREAM=2 under v10; for n > 1):
+// gate_up10s with the row pairs of an expert shared by its tokens — each
+// weight row is loaded and decoded once for up to MOE10_GT of the tokens
+// routed to that expert (moe8_block_acc: v6's HFMA2s per token), so at n = 8
+// (32 pairs, ~21.5 distinct experts) a third fewer rows are read. Each CTA
+// buckets the pairs by expert once (warp 0, MOE10_MAX_N tokens at most: lane e
+// scans the ids for expert e) into groups q = (expert, up to MOE10_GT pairs);
+// work items are (group, row), strided over the one-wave grid. Per token the
+// products, partial sums and folds are v6's in v6's order (bit-identical act).
+constexpr int MOE10_GT = 4;         // tokens per group (registers: 2 x 30 weight words + 4 x 4 accumulators)
+constexpr int MOE10_MAXQ = 32 + 64; // groups: <= n_exp + pairs / MOE10_GT
+// ints after the staged x: nq, then per group q: expert, count, MOE10_GT pairs
+constexpr int MOE10_QW = 2 + MOE10_GT;
+static size_t moe10g_list_bytes(int np) { return (size_t)(4 + MOE10_MAXQ * MOE10_QW + np + 32 * MOE10_MAX_N) * 4; }
+
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
+moe_gate_up10g_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
+                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                      const int32_t *__restrict__ ids, int n, int n_slots, int n_exp, int k, int m, int64_t rb,
+                      float alpha, float limit, float sc) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
+  pdl_trigger();
+  const int lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5), nw = gridDim.x * FFN_WARPS;
+  const int nch = k / 32, xs = moe10_xstride(nch), np = n * n_slots;
+  int *ql = reinterpret_cast<int *>(xsm + n * xs); // nq, pad, groups
+  int *sid = ql + 4 + MOE10_MAXQ * MOE10_QW;       // np ids
+  int *pl = sid + np;                               // per expert: MOE10_MAX_N pairs
+  for (int i = threadIdx.x; i < np; i += blockDim.x) {
+    const int id = ids[i];
+    sid[i] = id >= 0 && id < n_exp ? id : 0; // out of range (NaN logits only): expert 0, as v8 / v9
+  }
+  moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg, n * xs / 4);
+  __syncthreads();
+  if (threadIdx.x < 32) { // lane e: expert e's pairs in ascending order, cut into groups of MOE10_GT
+    int cnt = 0;
+    if (lane < n_exp)
+      for (int p = 0; p < np; p++)
+        if (sid[p] == lane && cnt < MOE10_MAX_N) pl[lane * MOE10_MAX_N + cnt++] = p;
+    const int ng = (cnt + MOE10_GT - 1) / MOE10_GT;
+    int off = ng; // inclusive scan of the group counts over the lanes
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_sync(0xffffffffu, off, lane >= o ? lane - o : 0);
+      if (lane >= o) off += v;
+    }
+    off -= ng;
+    for (int g = 0; g < ng; g++) {
+      int *q = ql + 4 + (off + g) * MOE10_QW;
+      const int c = min(MOE10_GT, cnt - g * MOE10_GT);
+      q[0] = lane;
+      q[1] = c;
+      for (int j = 0; j < MOE10_GT; j++) q[2 + j] = j < c ? pl[lane * MOE10_MAX_N + g * MOE10_GT + j] : 0;
+    }
+    if (lane == 31) ql[0] = off + ng;
+  }
+  __syncthreads();
+  const int total = ql[0] * m;
+  const int cnt = gw < total ? (total - gw + nw - 1) / nw : 0;
+  auto load = [&](wblocks<T, NB> &bg, wblocks<T, NB> &bu, int j) {
+    const bool valid = j < cnt;
+    const int i = valid ? gw + j * nw : 0;
+    const int q = i / m, row = i - q * m;
+    const int64_t off = ((int64_t)ql[4 + q * MOE10_QW] * m + row) * rb;
+    ffn_load<T, NB>(bg, wg + off, 0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu + off, 0, lane, nch, valid);
+  };
+  auto compute = [&](const wblocks<T, NB> &bg, const wblocks<T, NB> &bu, int j) {
+    const int i = gw + j * nw;
+    const int q = i / m, row = i - q * m;
+    const int *qq = ql + 4 + q * MOE10_QW;
+    const int e = qq[0], nt = qq[1];
+    int xo[MOE10_GT]; // token j's staged row, in words
+#pragma unroll
+    for (int t = 0; t < MOE10_GT; t++) xo[t] = (qq[2 + t] / n_slots) * xs;
+    float ag[MOE10_GT], au[MOE10_GT];
+#pragma unroll
+    for (int t = 0; t < MOE10_GT; t++) ag[t] = au[t] = 0.f;
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+      const int c = lane + 32 * b;
+      if (c < nch) {
+        const uint32_t *xb = xsm + c * DEC16_XW;
+        uint32_t a[MOE10_GT][2];
+        // gate, then up (v6 accumulates both, then folds both: the same values)
+#pragma unroll
+        for (int t = 0; t < MOE10_GT; t++) a[t][0] = a[t][1] = 0u;
+        moe8_block_acc<T, MOE10_GT>(bg.w[b], bg.sh[b], xb, xo, nt, a);
+        const float wsg = dec16_wscale<T>(bg.w[b], bg.sh[b]);
+#pragma unroll
+        for (int t = 0; t < MOE10_GT; t++)
+          if (t < nt) ag[t] += dec16_fold(a[t], wsg, reinterpret_cast<const float *>(xsm + xo[t] + nch * DEC16_XW)[c]);
+#pragma unroll
+        for (int t = 0; t < MOE10_GT; t++) a[t][0] = a[t][1] = 0u;
+        moe8_block_acc<T, MOE10_GT>(bu.w[b], bu.sh[b], xb, xo, nt, a);
+        const float wsu = dec16_wscale<T>(bu.w[b], bu.sh[b]);
+#pragma unroll
+        for (int t = 0; t < MOE10_GT; t++)
+          if (t < nt) au[t] += dec16_fold(a[t], wsu, reinterpret_cast<const float *>(xsm + xo[t] + nch * DEC16_XW)[c]);
+      }
+    }
+    int word, half;
+    moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
+    const float gbv = gb ? gb[(int64_t)e * m + row] : 0.f, ubv = ub ? ub[(int64_t)e * m + row] : 0.f;
+#pragma unroll
+    for (int t = 0; t < MOE10_GT; t++) {
+      if (t < nt) { // uniform over the warp
+        const float g = warp_sum(ag[t]) + gbv, u = warp_sum(au[t]) + ubv;
+        if (lane == 0) {
+          const float v = swiglu_oai(g, u, alpha, limit);
+          acth[(((int64_t)qq[2 + t] * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
+              (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+        }
+      }
+    }
+  };
+  wblocks<T, NB> g0, u0, g1, u1;
+  load(g0, u0, 0);
+  for (int j = 0; j < cnt; j += 2) {
+    load(g1, u1, j + 1);
+    compute(g0, u0, j);
+    if (j + 1 < cnt) {
+      load(g0, u0, j + 2);
+      compute(g1, u1, j + 1);
+    }
+  }
+}
+
 // moe6_dot with one 1/scale for every chunk (the fixed activation scale).
 template <int T, int NB>
 __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
@@ -369,10 +499,11 @@ static bool moe10_pinned(const orch_ctx *ctx) {
   return v && std::strcmp(v, "v10") == 0;
 }
 
-// ORCH_CUDA_MOE10_STREAM=1: the streaming gate_up (moe_gate_up10s_kernel).
-static bool moe10_stream() {
+// ORCH_CUDA_MOE10_STREAM=1: the streaming gate_up (moe_gate_up10s_kernel);
+// 2: the grouped streaming gate_up (moe_gate_up10g_kernel); else gate_up10.
+static int moe10_stream() {
   const char *v = getenv("ORCH_CUDA_MOE10_STREAM");
-  return v && v[0] == '1';
+  return v && (v[0] == '1' || v[0] == '2') && !v[1] ? v[0] - '0' : 0;
 }
 
 // Scratch: ybuf holds the partial logits (n * S * n_exp floats, rounded up to
@@ -387,7 +518,7 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, bool stream) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int stream) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -399,7 +530,18 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0);
     }
     constexpr int NBG = gate_up_nb<T>();
-    if (stream && dim / 32 <= 32 * NBG) {
+    if (stream == 2 && dim / 32 <= 32 * NBG && n_exp <= 32) {
+      const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4 + moe10g_list_bytes(n * n_slots);
+      auto kern = moe_gate_up10g_kernel<T, NBG>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      const int64_t items = (int64_t)min(n * n_slots, n_exp + n * n_slots / MOE10_GT) * ff; // upper bound
+      static int64_t wave[MOE10_MAX_N + 1];
+      if (wave[n] == 0) wave[n] = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave[n], ceil_div(items, (int64_t)FFN_WARPS)));
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
+                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n, n_slots, n_exp, dim, ff,
+                       orch_row_bytes(T, dim), alpha, limit, sc);
+    } else if (stream && dim / 32 <= 32 * NBG) {
       const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4;
       auto kern = moe_gate_up10s_kernel<T, NBG>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);

@@ -401,12 +401,14 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     EXPECT(std::fabs(w10[i] - wr[i]) <= 1e-5f * (1.f + std::fabs(wr[i])), "v10 weight %zu: %g vs %g", i, w10[i], wr[i]);
   EXPECT(run10(true, n, limit, nullptr, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (again): %s", g_err);
   EXPECT(std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0, "v10: a second call differs");
-  setenv("ORCH_CUDA_MOE10_STREAM", "1", 1); // the streaming gate_up: same bits
-  std::vector<int32_t> id10s;
-  EXPECT(run10(true, n, limit, &id10s, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (stream): %s", g_err);
-  unsetenv("ORCH_CUDA_MOE10_STREAM");
-  EXPECT(id10s == id10 && std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0,
-         "v10 with the streaming gate_up differs");
+  for (const char *sv : {"1", "2"}) { // the streaming gate_up, plain and grouped by expert: same bits
+    setenv("ORCH_CUDA_MOE10_STREAM", sv, 1);
+    std::vector<int32_t> id10s;
+    EXPECT(run10(true, n, limit, &id10s, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (stream %s): %s", sv, g_err);
+    unsetenv("ORCH_CUDA_MOE10_STREAM");
+    EXPECT(id10s == id10 && std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0,
+           "v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=%s) differs", sv);
+  }
   if (stale) {
     g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
     EXPECT(run10(true, n, limit, nullptr, nullptr, &o10s) == ORCH_OK, "moe_decode v10 (stale): %s", g_err);
@@ -433,7 +435,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit (gate_up10 and the streaming gate_up10s), tickets back to 0%s\n",
+              "v6's bit for bit (gate_up10, streaming 10s and grouped 10g), tickets back to 0%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
@@ -465,6 +467,7 @@ int main(int argc, char **argv) {
   test_decode10(ORCH_T_MXFP4, 64, 32, 8, 4, 8, false); // 8 tokens (v10's maximum), no biases
   test_decode10(ORCH_T_Q8_0, 64, 64, 6, 2, 3, true);
   test_decode10(ORCH_T_Q4_0, 128, 32, 5, 1, 2, true); // one slot: one down item per warp
+  test_decode10(ORCH_T_MXFP4, 64, 32, 4, 3, 7, true); // 7 tokens on 3 of 4 experts: groups of 4 + 3 tokens
   if (long_run) { // ~3 min on 2 cores
     test_moe(ORCH_T_MXFP4, 3200, 32, 2, 2, 1, true, true); // 100 chunks: 2 rounds of blocks per lane (gate/up)
     test_moe(ORCH_T_MXFP4, 32, 3200, 2, 2, 1, true, false); // ... (down: items = slot x round)

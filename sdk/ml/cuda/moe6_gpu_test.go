@@ -23,14 +23,15 @@ import (
 // routing read before pdl_wait) under ORCH_CUDA_MOE=v4, v6, v9 (expert-major
 // tensor-core kernels for MXFP4, 2..64 tokens, orch_moe_ffn_route; v6 below)
 // and v10 (router + top-k + expert FFN at 1..8 tokens in three launches,
-// orch_moe_decode; session 5), v10 also with its streaming gate_up. (v7 and
-// v8 were removed.)
+// orch_moe_decode; session 5), v10 also with its streaming gate_up, plain
+// (ORCH_CUDA_MOE10_STREAM=1) and grouped by expert (=2). (v7 and v8 were
+// removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
-	for _, v := range []string{"v4", "v6", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1"} {
+	for _, v := range []string{"v4", "v6", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1", "v10 ORCH_CUDA_MOE10_STREAM=2"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -46,8 +47,8 @@ func TestMoEVersions(t *testing.T) {
 // (router GEMV + top-4 + gate_up + down; graph of 16 calls, median of 20
 // replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
 // grouped tile path under v6 and v10, v9 unpinned) under ORCH_CUDA_MOE=v6,
-// v10, v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=1) and unpinned
-// (the default routing), each twice (run-to-run spread), in
+// v10, v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=1; =2 grouped by
+// expert) and unpinned (the default routing), most twice (run-to-run spread), in
 // child processes on the same card; under v6 at n = 1 also the op's parts
 // (router GEMV, top-k, gate_up + down) alone. Writes perf-moe.md next to
 // ORCH_PERF_OUT.
@@ -63,8 +64,9 @@ func TestPerfMoEVersions(t *testing.T) {
 		}
 		// each twice: run-to-run spread on the same card
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
-			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1", "ORCH_CUDA_MOE=",
-				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1", "ORCH_CUDA_MOE="},
+			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2", "ORCH_CUDA_MOE=", "ORCH_CUDA_MOE=v6",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
