@@ -408,17 +408,21 @@ int launch_moe_gemm2(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
 // 2 x BN_/8 x 4 registers of the 168 a thread may have; fewer leave the
 // compiler room to keep ldmatrix loads ahead of the MMAs, but an expert with
 // more pairs takes another tile (its rows decoded again).
-template <int BN_>
+// WARPS_: 12 (384 W rows, one CTA per SM) or 6 (192 rows, two CTAs per SM:
+// each the other's overlap, and twice the CTAs for the tail of the wave; at
+// gpt-oss n = 512 down has 8 x ~34 = 272 CTAs of 384 rows = 2.06 waves).
+template <int BN_, int WARPS_ = 12>
 struct Mg3Cfg {
-  static constexpr int BM = 384, BN = BN_, KB = 2, NS = 4, WARPS = 12, THREADS = WARPS * 32;
+  static constexpr int BM = 32 * WARPS_, BN = BN_, KB = 2, NS = 4, WARPS = WARPS_, THREADS = WARPS * 32;
+  static constexpr int MINB = WARPS_ <= 6 ? 2 : 1;
   static constexpr int BK = 32 * KB, LDS = BK + 8, NT = BN / 8;
   static_assert(BM == WARPS * 32 && NT % 2 == 0, "tile");
   static_assert((LDS * 2) % 16 == 0 && ((LDS * 2 / 16) & 1), "ldmatrix rows: 16-byte aligned, odd 16-byte stride");
 };
 
-template <int T, int BN_>
+template <int T, int BN_, int WARPS_>
 struct Mg3Smem {
-  using C = Mg3Cfg<BN_>;
+  using C = Mg3Cfg<BN_, WARPS_>;
   static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
   static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
   static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
@@ -438,11 +442,12 @@ __device__ __forceinline__ void mx_pair_bf16(uint32_t qq, uint32_t scale, uint32
   hi = bf162_mul(phi, scale);
 }
 
-template <int MODE, int BN_, bool PIPE>
-__global__ void __launch_bounds__(Mg3Cfg<BN_>::THREADS, 1) moe_gemm3_kernel(const QArgs a) {
-  using C = Mg3Cfg<BN_>;
+template <int MODE, int BN_, bool PIPE, int WARPS_>
+__global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_>::THREADS, Mg3Cfg<BN_, WARPS_>::MINB)
+    moe_gemm3_kernel(const QArgs a) {
+  using C = Mg3Cfg<BN_, WARPS_>;
   constexpr int T = ORCH_T_MXFP4;
-  using SM = Mg3Smem<T, BN_>;
+  using SM = Mg3Smem<T, BN_, WARPS_>;
   constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
   constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
   constexpr bool DUAL = MODE == MODE_GATE_UP;
@@ -697,10 +702,11 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_>::THREADS, 1) moe_gemm3_kernel(cons
   }
 }
 
-template <int MODE, int BN_, bool PIPE>
+template <int MODE, int BN_, bool PIPE, int WARPS_ = 12>
 int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
-  using C = Mg3Cfg<BN_>;
-  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_>::TOTAL;
+  using C = Mg3Cfg<BN_, WARPS_>;
+  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_, WARPS_>::TOTAL;
+  static_assert(C::MINB == 1 || C::MINB * (sm + 1024) <= 227 * 1024, "two CTAs per SM must fit 227 KB");
   static_assert(sm <= 200 * 1024, "shared memory");
   static const size_t optin = smem_optin();
   if (sm > optin) {
@@ -708,15 +714,16 @@ int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
     return ORCH_ERR_UNSUPPORTED;
   }
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
-  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_, PIPE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_, PIPE>;
+  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_>;
   QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a);
   return ORCH_OK;
 }
 
 // Tile codes of v3: 17, 18, 19 = 96, 80, 64 pairs per tile; 20, 21 = 80,
-// 64 with the decode pipelined against the MMAs (PIPE).
-constexpr int mg3_bn(int tile) { return tile == 17 ? 96 : tile == 18 || tile == 20 ? 80 : 64; }
+// 64 with the decode pipelined against the MMAs (PIPE); 22, 23 = 192-row
+// CTAs (6 warps, two per SM) with 80 pairs, 23 pipelined.
+constexpr int mg3_bn(int tile) { return tile == 17 ? 96 : tile == 19 || tile == 21 ? 64 : 80; }
 template <int MODE>
 int launch_moe_gemm3_tile(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
   switch (tile) {
@@ -724,6 +731,8 @@ int launch_moe_gemm3_tile(cudaStream_t st, const QArgs &a, int tile, int64_t row
     case 18: return launch_moe_gemm3<MODE, 80, false>(st, a, rows_w, gy);
     case 19: return launch_moe_gemm3<MODE, 64, false>(st, a, rows_w, gy);
     case 20: return launch_moe_gemm3<MODE, 80, true>(st, a, rows_w, gy);
-    default: return launch_moe_gemm3<MODE, 64, true>(st, a, rows_w, gy);
+    case 21: return launch_moe_gemm3<MODE, 64, true>(st, a, rows_w, gy);
+    case 22: return launch_moe_gemm3<MODE, 80, false, 6>(st, a, rows_w, gy);
+    default: return launch_moe_gemm3<MODE, 80, true, 6>(st, a, rows_w, gy);
   }
 }

@@ -516,7 +516,7 @@ int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) 
   return ORCH_OK;
 }
 
-// Grouped MoE GEMM v2 / v3 (mma.sync + ldmatrix; tile codes 16 / 17-21,
+// Grouped MoE GEMM v2 / v3 (mma.sync + ldmatrix; tile codes 16 / 17-23,
 // ORCH_CUDA_MOEGEMM=v2 / v3).
 #include "moe_gemm.cuh"
 
@@ -527,7 +527,7 @@ int moegemm_version() {
   static const int v = orch_env_version("ORCH_CUDA_MOEGEMM", 1);
   return v;
 }
-constexpr int TILE_MOE2 = 16, TILE_MOE3 = 17, TILE_MOE3_LAST = 21;
+constexpr int TILE_MOE2 = 16, TILE_MOE3 = 17, TILE_MOE3_LAST = 23;
 constexpr bool tile_v3(int t) { return t >= TILE_MOE3 && t <= TILE_MOE3_LAST; }
 
 // The two-barrier schedule is built for the dense GEMM only (A/B timing;
@@ -570,7 +570,7 @@ int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_
   return ORCH_ERR_UNSUPPORTED;
 }
 
-bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || t == TILE_MOE2 || tile_v3(t); } // 0..5, 8..13; 16, 17..21 (grouped MoE v2, v3)
+bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || t == TILE_MOE2 || tile_v3(t); } // 0..5, 8..13; 16, 17..23 (grouped MoE v2, v3)
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 

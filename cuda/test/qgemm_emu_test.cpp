@@ -397,10 +397,14 @@ int main(int argc, char **argv) {
   // MMAs): the hot expert (13 pairs; k = 96: the last stage has one block),
   // 105 pairs over 4 experts (two tiles each); k = 160 (3 stages: the
   // buffers' reuse) for the pipelined ones.
-  for (int tile : {18, 19, 20, 21}) {
+  // Several CTA columns (r0 > 0, the last one partial) for gate_up (ff 224)
+  // and down (dim 416), k of 13 and 7 blocks.
+  for (int tile : {16, 17, 21, 23}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 9, 4, 6, 416, 224, tile, "uniform", true);
+  // 22, 23: 192-row CTAs (6 warps), 23 pipelined.
+  for (int tile : {18, 19, 20, 21, 22, 23}) {
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, tile, "skew", true);
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 105, 4, 4, 64, 64, tile, "uniform", false);
-    if (tile >= 20) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 21, 4, 5, 160, 96, tile, "uniform", true);
+    if (tile == 20 || tile == 21 || tile == 23) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 21, 4, 5, 160, 96, tile, "uniform", true);
   }
   if (fails) {
     std::printf("qgemm_emu_test: %d failures\n", fails);

@@ -321,9 +321,10 @@ func TestMoEGrouped(t *testing.T) {
 			for _, n := range []int{1, 5, 9, 33, 130, 512} {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
-					// 16, 17..21: v2, v3 with 96 / 80 / 64 pairs a tile, 80 / 64
-					// pipelined (moe_gemm.cuh; MXFP4 only, other types fall back to v1)
-					tiles := []int32{0, 1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21}
+					// 16, 17..23: v2, v3 with 96 / 80 / 64 pairs a tile, 80 / 64
+					// pipelined, 192-row CTAs (moe_gemm.cuh; MXFP4 only, other
+					// types fall back to v1)
+					tiles := []int32{0, 1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21, 22, 23}
 					if !withBias || dts[0] != dts[1] {
 						tiles = []int32{0, 16, 17}
 					}
@@ -360,7 +361,7 @@ func TestMoEGroupedGraph(t *testing.T) {
 	const dim, ff, ne, k, n = 160, 224, 32, 4, 70
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
-	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v2", "uniform/v2", "skew/v3", "uniform/v3", "one/v3p", "uniform/v3p"} {
+	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v2", "uniform/v2", "skew/v3", "uniform/v3", "one/v3p", "uniform/v3p", "skew/v3w6", "uniform/v3w6"} {
 		tile := int32(0)
 		if k, ok := strings.CutSuffix(kind, "/v2"); ok {
 			kind, tile = k, 16
@@ -370,6 +371,9 @@ func TestMoEGroupedGraph(t *testing.T) {
 		}
 		if k, ok := strings.CutSuffix(kind, "/v3p"); ok {
 			kind, tile = k, 21
+		}
+		if k, ok := strings.CutSuffix(kind, "/v3w6"); ok {
+			kind, tile = k, 23
 		}
 		x := randF32(r, dim*n, 1)
 		ids := routing(r, kind, n, k, ne)
