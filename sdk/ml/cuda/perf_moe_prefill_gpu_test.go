@@ -19,7 +19,8 @@ import (
 // TestPerfMoEPrefill times the grouped MoE expert FFN (orch_moe_ffn_grouped:
 // bucketing, gather, gate_up GEMM + SwiGLU, down GEMM, combine; no router or
 // top-k) at gpt-oss-20b shape (dim = ff = 2880, 32 experts, top-4, MXFP4)
-// for n = 64, 512 (the engine's prefill chunk) and 2048 tokens, uniform
+// for n = 16, 64 (where MoE v9 runs today), 512 (the engine's prefill chunk)
+// and 2048 tokens, uniform
 // random routing, per GEMM version / tile: v1 tile 5 (WMMA, 128 x 96), v1
 // by shape, v2 (tile 16: mma.sync + ldmatrix, 192 x 96, moe_gemm.cuh), v3
 // (tiles 17 / 18 / 19: MXFP4 decoded into A fragments, 384 W rows x 96 / 80
@@ -47,7 +48,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n", gpu.DeviceName(), gpu.ComputeCapability())
 	sb.WriteString("| grouped MoE FFN, gpt-oss shape | measured (median) | TFLOP/s | floor (989 TF / HBM) | of floor |\n|---|---|---|---|---|\n")
 	var notes []string
-	for _, n := range []int{64, 512, 2048} {
+	for _, n := range []int{16, 64, 512, 2048} {
 		p := n * topk
 		alloc := func(dt ml.DType, shape ...int) ml.Tensor {
 			x := mustA(t, dt, shape...)
