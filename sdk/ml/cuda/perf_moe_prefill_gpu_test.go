@@ -20,16 +20,15 @@ import (
 // bucketing, gather, gate_up GEMM + SwiGLU, down GEMM, combine; no router or
 // top-k) at gpt-oss-20b shape (dim = ff = 2880, 32 experts, top-4, MXFP4)
 // for n = 16, 64 (where MoE v9 runs today), 512 (the engine's prefill chunk)
-// and 2048 tokens, uniform
-// random routing, per GEMM version / tile: v1 tile 5 (WMMA, 128 x 96), v1
-// by shape, v2 (tile 16: mma.sync + ldmatrix, 192 x 96, moe_gemm.cuh), v3
-// (tiles 17 / 18 / 19: MXFP4 decoded into A fragments, 384 W rows x 96 / 80
-// / 64 pairs; 20 / 21: 80 / 64 with the decode pipelined against the MMAs;
-// 22 / 23: 192-row CTAs, two per SM, 80 pairs, 23 pipelined).
-// It also checks v2's and v3's outputs against v1's at that shape (relative L2 error: all round
-// activations to bf16 and sum in fp32 in different orders).
-// ORCH_GPU_PERF=1 runs it; the table goes to stdout and, with
-// ORCH_PERF_OUT, to perf-moe-prefill.md next to that file.
+// and 2048 tokens, uniform random routing, per GEMM version / tile: v1 tile
+// 5 (WMMA, 128 x 96), v1 by shape, v2 (tile 16: mma.sync + ldmatrix, 192 x
+// 96, moe_gemm.cuh), v3 (tiles 17 / 18 / 19: MXFP4 decoded into A
+// fragments, 384 W rows x 96 / 80 / 64 pairs; 20 / 21: 80 / 64 with the
+// decode pipelined against the MMAs; 22 / 23: 192-row CTAs, two per SM, 80
+// pairs, 23 pipelined). It also checks v2's and v3's outputs against v1's at
+// that shape (relative L2 error: all round activations to bf16 and sum in
+// fp32 in different orders). ORCH_GPU_PERF=1 runs it; the table goes to
+// stdout and, with ORCH_PERF_OUT, to perf-moe-prefill.md next to that file.
 func TestPerfMoEPrefill(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to run the timing table")
