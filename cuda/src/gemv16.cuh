@@ -1246,3 +1246,6 @@ static void launch_gemv_f32_rows(cudaStream_t st, float *y, const float *x, cons
   else if (n <= 4) launch_gemv_f32_rows_nt<4>(st, y, x, w, bias, n, k, m, acc);
   else launch_gemv_f32_rows_nt<8>(st, y, x, w, bias, n, k, m, acc);
 }
+
+// GEMV v10 (session 5): v5 with per-warp cp.async weight stages (needs the g9_cp_* helpers above).
+#include "gemv10.cuh"

@@ -566,10 +566,11 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	}
 	ms, _ := r.decodeSteps(t, 128, 1, true, cfgs)
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| gpt-oss-20b shape decode step, separate q/k/v (as plugins/gpt), depth 128, graph | ms | tok/s |\n|---|---|---|\n",
-		gpu.DeviceName(), gpu.ComputeCapability())
+	gv := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV")
+	fmt.Fprintf(&sb, "device: %s (cc %d), %s\n\n| gpt-oss-20b shape decode step, separate q/k/v (as plugins/gpt), depth 128, graph | ms | tok/s |\n|---|---|---|\n",
+		gpu.DeviceName(), gpu.ComputeCapability(), gv)
 	for i, c := range cfgs {
-		fmt.Fprintf(&sb, "| %s | %.3f | %.0f |\n", c.name, ms[i], 1e3/ms[i])
+		fmt.Fprintf(&sb, "| %s %s | %.3f | %.0f |\n", gv, c.name, ms[i], 1e3/ms[i])
 	}
 
 	// The merged pieces alone (16 back-to-back copies per graph, as TestPerf's
@@ -652,7 +653,7 @@ func TestPerfDecodeLaunches(t *testing.T) {
 		}},
 	}
 	for _, pc := range pieces {
-		fmt.Fprintf(&sb, "| %s |", pc.name)
+		fmt.Fprintf(&sb, "| %s %s |", gv, pc.name)
 		for _, c := range cfgs {
 			func() {
 				defer func(v, w bool) { fuseOps, foldNorm = v, w }(fuseOps, foldNorm)
@@ -668,9 +669,18 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	}
 	require.NoError(t, gpu.Sync())
 	fmt.Print(sb.String())
+	if os.Getenv("ORCH_DECODE_LAUNCH_CHILD") != "" {
+		return
+	}
 	if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
 		f := filepath.Join(filepath.Dir(po), "perf-launches.md")
 		require.NoError(t, os.WriteFile(f, []byte(sb.String()), 0o644))
+	}
+	// The same under GEMV v10 (the library reads ORCH_CUDA_GEMV once per
+	// process: a child), unless this process pins a version itself.
+	if os.Getenv("ORCH_CUDA_GEMV") == "" {
+		perfChildren(t, "TestPerfDecodeLaunches", "ORCH_DECODE_LAUNCH_CHILD", []string{"ORCH_CUDA_GEMV=v10"},
+			[]string{"| ORCH_CUDA_GEMV=v10 rows | | |", "|---|---|---|"}, "perf-launches-v10.md")
 	}
 }
 
@@ -726,7 +736,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// Session 5: the one-token GEMVs only (n = 1, 2), v5 against the default
 		// route; ORCH_GEMV_PERF_WIDE=1 restores session 4's table (n up to 64,
 		// v7 / v9 / 5-CTA / small-stage children).
-		settings := []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV="}
+		settings := []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v10", "ORCH_CUDA_GEMV="}
 		if os.Getenv("ORCH_GEMV_PERF_WIDE") != "" {
 			settings = []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
 				"ORCH_CUDA_GEMV5_MINB=5", "ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"}
