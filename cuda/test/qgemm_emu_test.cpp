@@ -399,7 +399,7 @@ int main(int argc, char **argv) {
   // buffers' reuse) for the pipelined ones.
   // Several CTA columns (r0 > 0, the last one partial) for gate_up (ff 224)
   // and down (dim 416), k of 13 and 7 blocks.
-  for (int tile : {16, 17, 21, 23}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 9, 4, 6, 416, 224, tile, "uniform", true);
+  for (int tile : {16, 17, 21, 23}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 9, 2, 2, 416, 224, tile, "uniform", true);
   // 22, 23: 192-row CTAs (6 warps), 23 pipelined.
   for (int tile : {18, 19, 20, 21, 22, 23}) {
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, tile, "skew", true);
