@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 
@@ -435,5 +437,26 @@ func TestMoEGroupedRoute(t *testing.T) {
 				})
 			}
 		}
+	}
+}
+
+// TestMoEGEMMVersions reruns the by-shape grouped MoE tests (tile 0:
+// TestMoEGroupedGraph, and TestMoEGroupedRoute through Backend.MoE) in a
+// child process per ORCH_CUDA_MOEGEMM version, which the library reads once
+// per process: v2 / v3 make moe_gemm.cuh's kernels the by-shape choice for
+// MXFP4 (Q8_0 keeps v1's tiles).
+func TestMoEGEMMVersions(t *testing.T) {
+	if v := os.Getenv("ORCH_CUDA_MOEGEMM"); v != "" {
+		t.Skipf("ORCH_CUDA_MOEGEMM=%s pins this process; the version children run from an unpinned one", v)
+	}
+	for _, v := range []string{"v1", "v2", "v3"} {
+		t.Run(v, func(t *testing.T) {
+			cmd := exec.Command(os.Args[0], "-test.run", "^(TestMoEGroupedGraph|TestMoEGroupedRoute)$", "-test.v")
+			cmd.Env = append(os.Environ(), "ORCH_CUDA_MOEGEMM="+v)
+			outp, err := cmd.CombinedOutput()
+			require.NoError(t, err, "ORCH_CUDA_MOEGEMM=%s child:\n%s", v, outp)
+			require.Contains(t, string(outp), "--- PASS: TestMoEGroupedGraph", "ORCH_CUDA_MOEGEMM=%s child:\n%s", v, outp)
+			require.Contains(t, string(outp), "--- PASS: TestMoEGroupedRoute", "ORCH_CUDA_MOEGEMM=%s child:\n%s", v, outp)
+		})
 	}
 }
