@@ -74,6 +74,51 @@ __device__ __forceinline__ uint4 moe10_ldcg4(const uint4 *p) {
 #endif
 }
 
+// ORCH_CUDA_MOE10_PF=1: while gate_up runs, its warps prefetch the routed
+// experts' down weights into L2 (prefetch.global.L2, fire and forget), and
+// load their own gate / up words with the evict-first (streaming) policy, so
+// that gate_up's once-read stream does not push the prefetched lines out:
+// down then reads its weights from L2 (gate_up alone keeps DRAM ~60% busy at
+// one token — the gaps carry down's bytes).
+__device__ __forceinline__ void moe10_prefetch_l2(const void *p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
+__device__ __forceinline__ uint32_t moe10_ldcs(const uint32_t *p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcs(p);
+#else
+  return *p;
+#endif
+}
+// ffn_load, with the evict-first policy when CS.
+template <int T, int NB, bool CS>
+__device__ __forceinline__ void moe10_load(wblocks<T, NB> &b, const uint8_t *__restrict__ wr, int c0, int lane,
+                                           int nch, bool valid) {
+  if constexpr (!CS) {
+    ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
+  } else {
+    constexpr int BB = type_block_bytes(T);
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int c = c0 + lane + 32 * i;
+      const bool ok = valid && c < nch;
+      const uintptr_t p = (uintptr_t)(wr + (int64_t)(ok ? c : 0) * BB);
+      b.sh[i] = (uint32_t)(p & 3);
+      const uint32_t *q = reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
+#pragma unroll
+      for (int j = 0; j < block_words<T>(); j++) b.w[i][j] = ok ? moe10_ldcs(q + j) : 0u;
+    }
+  }
+}
+// Prefetch bytes [lo, hi) of base into L2, 128-byte lines, threads i0, i0 + step, ...
+__device__ __forceinline__ void moe10_prefetch_range(const uint8_t *base, int64_t lo, int64_t hi, int i0, int step) {
+  for (int64_t a = lo + (int64_t)i0 * 128; a < hi; a += (int64_t)step * 128) moe10_prefetch_l2(base + a);
+}
+
 // Words of one token's staged x: nch chunks of DEC16_XW words, then nch
 // 1/scale floats, rounded up to whole uint4s.
 DEC16_HD int moe10_xstride(int nch) { return (nch * DEC16_XW + nch + 3) & ~3; }
@@ -182,12 +227,12 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
 // DEC16_XW), v6's fixed scale sc) = swiglu(x[t] . gate_e[row] + gb, x[t] .
 // up_e[row] + ub), t = blockIdx.z, slot blockIdx.y: v6's gate_up rows and dots
 // with x copied from the route kernel's staging.
-template <int T, int NB>
+template <int T, int NB, bool PF>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
 moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                      const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha, float limit,
-                     float sc) {
+                     float sc, const uint8_t *__restrict__ wd, int64_t dbytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
   pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
@@ -202,9 +247,12 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   float ag = 0.f, au = 0.f;
   for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
     wblocks<T, NB> bg, bu;
-    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
-    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+    moe10_load<T, NB, PF>(bg, wg + off, c0, lane, nch, valid);
+    moe10_load<T, NB, PF>(bu, wu + off, c0, lane, nch, valid);
     if (c0 == 0) { // uniform over the CTA
+      if (PF) // this CTA's share of its expert's down matrix
+        moe10_prefetch_range(wd + (int64_t)e * dbytes, dbytes * blockIdx.x / gridDim.x,
+                             dbytes * (blockIdx.x + 1) / gridDim.x, threadIdx.x, blockDim.x);
       moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg + (int64_t)blockIdx.z * xs4, xs4);
       __syncthreads();
     }
@@ -234,12 +282,12 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
 // here one round of NB = 3 blocks covers k <= 96 * 32. Same dots and
 // activation as gate_up10 (bit-identical); all n tokens' staged x in shared
 // memory.
-template <int T, int NB>
+template <int T, int NB, bool PF>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 2)
 moe_gate_up10s_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                       const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                       const int32_t *__restrict__ ids, int n, int n_slots, int k, int m, int64_t rb, float alpha,
-                      float limit, float sc) {
+                      float limit, float sc, const uint8_t *__restrict__ wd, int64_t dbytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
   pdl_trigger();
@@ -252,9 +300,12 @@ moe_gate_up10s_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_
     const bool valid = j < cnt;
     const int i = valid ? gw + j * nw : 0;
     const int p = i / m, row = i - p * m;
-    const int64_t off = ((int64_t)ids[p] * m + row) * rb;
-    ffn_load<T, NB>(bg, wg + off, 0, lane, nch, valid);
-    ffn_load<T, NB>(bu, wu + off, 0, lane, nch, valid);
+    const int e = ids[p];
+    const int64_t off = ((int64_t)e * m + row) * rb;
+    moe10_load<T, NB, PF>(bg, wg + off, 0, lane, nch, valid);
+    moe10_load<T, NB, PF>(bu, wu + off, 0, lane, nch, valid);
+    if (PF && valid) // the share of expert e's down matrix that goes with this row
+      moe10_prefetch_range(wd + (int64_t)e * dbytes, dbytes * row / m, dbytes * (row + 1) / m, lane, 32);
   };
   auto compute = [&](const wblocks<T, NB> &bg, const wblocks<T, NB> &bu, int j) {
     const int i = gw + j * nw;
@@ -304,12 +355,12 @@ constexpr int MOE10_MAXQ = 32 + 64; // groups: <= n_exp + pairs / MOE10_GT
 constexpr int MOE10_QW = 2 + MOE10_GT;
 static size_t moe10g_list_bytes(int np) { return (size_t)(4 + MOE10_MAXQ * MOE10_QW + np + 32 * MOE10_MAX_N) * 4; }
 
-template <int T, int NB>
+template <int T, int NB, bool PF>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 2)
 moe_gate_up10g_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                       const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                       const int32_t *__restrict__ ids, int n, int n_slots, int n_exp, int k, int m, int64_t rb,
-                      float alpha, float limit, float sc) {
+                      float alpha, float limit, float sc, const uint8_t *__restrict__ wd, int64_t dbytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
   pdl_trigger();
@@ -354,9 +405,12 @@ moe_gate_up10g_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_
     const bool valid = j < cnt;
     const int i = valid ? gw + j * nw : 0;
     const int q = i / m, row = i - q * m;
-    const int64_t off = ((int64_t)ql[4 + q * MOE10_QW] * m + row) * rb;
-    ffn_load<T, NB>(bg, wg + off, 0, lane, nch, valid);
-    ffn_load<T, NB>(bu, wu + off, 0, lane, nch, valid);
+    const int e = ql[4 + q * MOE10_QW];
+    const int64_t off = ((int64_t)e * m + row) * rb;
+    moe10_load<T, NB, PF>(bg, wg + off, 0, lane, nch, valid);
+    moe10_load<T, NB, PF>(bu, wu + off, 0, lane, nch, valid);
+    if (PF && valid) // the share of expert e's down matrix that goes with this row
+      moe10_prefetch_range(wd + (int64_t)e * dbytes, dbytes * row / m, dbytes * (row + 1) / m, lane, 32);
   };
   auto compute = [&](const wblocks<T, NB> &bg, const wblocks<T, NB> &bu, int j) {
     const int i = gw + j * nw;
@@ -506,6 +560,12 @@ static int moe10_stream() {
   return v && (v[0] == '1' || v[0] == '2') && !v[1] ? v[0] - '0' : 0;
 }
 
+// ORCH_CUDA_MOE10_PF=1: gate_up prefetches the down weights into L2 (moe10_prefetch_l2).
+static bool moe10_pf() {
+  const char *v = getenv("ORCH_CUDA_MOE10_PF");
+  return v && v[0] == '1' && !v[1];
+}
+
 // Scratch: ybuf holds the partial logits (n * S * n_exp floats, rounded up to
 // 4) and then the staged x (n * moe10_xstride(dim / 32) words); act holds the
 // staged activation (n * n_slots * (ff / 32) * DEC16_XW words).
@@ -518,7 +578,7 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int stream) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int stream, bool pf) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -532,35 +592,35 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     constexpr int NBG = gate_up_nb<T>();
     if (stream == 2 && dim / 32 <= 32 * NBG && n_exp <= 32) {
       const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4 + moe10g_list_bytes(n * n_slots);
-      auto kern = moe_gate_up10g_kernel<T, NBG>;
+      auto kern = pf ? moe_gate_up10g_kernel<T, NBG, true> : moe_gate_up10g_kernel<T, NBG, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       const int64_t items = (int64_t)min(n * n_slots, n_exp + n * n_slots / MOE10_GT) * ff; // upper bound
-      static int64_t wave[MOE10_MAX_N + 1];
-      if (wave[n] == 0) wave[n] = one_wave(kern, sm);
-      const int64_t ctas = std::max((int64_t)1, std::min(wave[n], ceil_div(items, (int64_t)FFN_WARPS)));
+      static int64_t wave[2][MOE10_MAX_N + 1];
+      if (wave[pf][n] == 0) wave[pf][n] = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave[pf][n], ceil_div(items, (int64_t)FFN_WARPS)));
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n, n_slots, n_exp, dim, ff,
-                       orch_row_bytes(T, dim), alpha, limit, sc);
+                       orch_row_bytes(T, dim), alpha, limit, sc, wd, (int64_t)dim * orch_row_bytes(T, ff));
     } else if (stream && dim / 32 <= 32 * NBG) {
       const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4;
-      auto kern = moe_gate_up10s_kernel<T, NBG>;
+      auto kern = pf ? moe_gate_up10s_kernel<T, NBG, true> : moe_gate_up10s_kernel<T, NBG, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       const int64_t items = (int64_t)n * n_slots * ff;
-      static int64_t wave[MOE10_MAX_N + 1]; // per process and type (one device per process), by n (shared memory)
-      if (wave[n] == 0) wave[n] = one_wave(kern, sm);
-      const int64_t ctas = std::max((int64_t)1, std::min(wave[n], ceil_div(items, (int64_t)FFN_WARPS)));
+      static int64_t wave[2][MOE10_MAX_N + 1]; // per process and type (one device per process), by pf, n (smem)
+      if (wave[pf][n] == 0) wave[pf][n] = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave[pf][n], ceil_div(items, (int64_t)FFN_WARPS)));
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n, n_slots, dim, ff,
-                       orch_row_bytes(T, dim), alpha, limit, sc);
+                       orch_row_bytes(T, dim), alpha, limit, sc, wd, (int64_t)dim * orch_row_bytes(T, ff));
     } else {
       constexpr int NB = NBG;
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
-      auto kern = moe_gate_up10_kernel<T, NB>;
+      auto kern = pf ? moe_gate_up10_kernel<T, NB, true> : moe_gate_up10_kernel<T, NB, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), (unsigned)n_slots, (unsigned)n);
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
-                       orch_row_bytes(T, dim), alpha, limit, sc);
+                       orch_row_bytes(T, dim), alpha, limit, sc, wd, (int64_t)dim * orch_row_bytes(T, ff));
     }
     {
       constexpr int NB = down_h_nb<T>();
@@ -603,7 +663,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe10_stream());
+                     limit, moe10_stream(), moe10_pf());
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

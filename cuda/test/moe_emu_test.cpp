@@ -21,6 +21,7 @@
 //     -o /tmp/moe_emu cuda/test/moe_emu_test.cpp && /tmp/moe_emu [long]
 #include <cstdarg>
 #include <random>
+#include <string>
 
 #include "cuda_emu.h"
 
@@ -401,13 +402,17 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     EXPECT(std::fabs(w10[i] - wr[i]) <= 1e-5f * (1.f + std::fabs(wr[i])), "v10 weight %zu: %g vs %g", i, w10[i], wr[i]);
   EXPECT(run10(true, n, limit, nullptr, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (again): %s", g_err);
   EXPECT(std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0, "v10: a second call differs");
-  for (const char *sv : {"1", "2"}) { // the streaming gate_up, plain and grouped by expert: same bits
-    setenv("ORCH_CUDA_MOE10_STREAM", sv, 1);
+  // the streaming gate_up, plain and grouped by expert, and the L2 prefetch of down's weights: same bits
+  for (const char *sv : {"1", "2", "0 1", "1 1", "2 1"}) {
+    const std::string st(sv);
+    setenv("ORCH_CUDA_MOE10_STREAM", st.substr(0, 1).c_str(), 1);
+    if (st.size() > 1) setenv("ORCH_CUDA_MOE10_PF", "1", 1);
     std::vector<int32_t> id10s;
-    EXPECT(run10(true, n, limit, &id10s, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (stream %s): %s", sv, g_err);
+    EXPECT(run10(true, n, limit, &id10s, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (stream, pf %s): %s", sv, g_err);
     unsetenv("ORCH_CUDA_MOE10_STREAM");
+    unsetenv("ORCH_CUDA_MOE10_PF");
     EXPECT(id10s == id10 && std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0,
-           "v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=%s) differs", sv);
+           "v10 with ORCH_CUDA_MOE10_STREAM / _PF = %s differs", sv);
   }
   if (stale) {
     g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
@@ -435,7 +440,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit (gate_up10, streaming 10s and grouped 10g), tickets back to 0%s\n",
+              "v6's bit for bit (gate_up10, streaming 10s, grouped 10g, each with and without the L2 prefetch), tickets back to 0%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
