@@ -21,8 +21,9 @@
 //    9 words, at the same byte offsets mod 4, as v5 reads from global) and
 //    run exactly v5's decode and accumulation (block c = lane + 32 q, q
 //    ascending; warp_sum; bias): every y is bit-identical to v5's;
-//  - the grid is at most one wave (occupancy x SMs CTAs); CTA b takes the
-//    8-row groups b, b + grid, ... (one x staging per CTA, the stage ring
+//  - the grid is at most one wave (occupancy x SMs CTAs), sized so that
+//    every CTA gets the same number of 8-row groups (within one); CTA b
+//    takes groups b, b + grid, ... (one x staging per CTA, the stage ring
 //    runs on across its rows);
 //  - the folded RMSNorm (gemv_norm.cuh) works as in v5 (NORM).
 // Shared memory: the ring (8 warps x NBUF x gemv10_slot bytes) in front of
@@ -223,7 +224,11 @@ static void launch_gemv10_nt(cudaStream_t st, gemv10_parts P, int count, const f
   }
   int occ = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, GEMV16_WARPS * 32, sm) != cudaSuccess || occ <= 0) occ = 1;
-  const int64_t grid = min(total, (int64_t)occ * sms);
+  // Balanced: every CTA the same number of groups (within one), e.g. Llama
+  // down's 512 groups as 256 CTAs of 2 rather than 396 (3 per SM) with a tail
+  // of 116 second groups at ~1 CTA per SM.
+  const int64_t slots = (int64_t)occ * sms, per = (total + slots - 1) / slots;
+  const int64_t grid = (total + per - 1) / per;
   DEC16_LAUNCH_PDL(kern, dim3((unsigned)grid), GEMV16_WARPS * 32, sm, st, P, x, na, n, k, rb);
 }
 template <int T>
