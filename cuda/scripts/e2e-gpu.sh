@@ -90,7 +90,7 @@ if has tables && [ -x bin/cuda-gpu.test ]; then
     ORCH_GPU_PERF=1 timeout 200 bin/cuda-gpu.test -test.run "^$tst\$" -test.v -test.timeout 190s >"/tmp/$tst.log" 2>&1
     rc=$?
     { echo "### $tst (rc=$rc, $(( $(date +%s) - t0 )) s)"; grep -E '^\s*(\S+\.go:[0-9]+: )?\|' "/tmp/$tst.log" | sed -E 's/^\s*\S+\.go:[0-9]+: //' | awk '!seen[$0]++'
-      grep -E -- '--- FAIL|panic' -A5 "/tmp/$tst.log" | head -20; echo; } >>"$OUT/tables.md"
+      grep -E -A5 -- '--- FAIL|panic' "/tmp/$tst.log" | head -20; echo; } >>"$OUT/tables.md"
     log "table $tst: rc=$rc ($(( $(date +%s) - t0 )) s)"
   done
 fi
