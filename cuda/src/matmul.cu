@@ -509,7 +509,7 @@ static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int6
   if (n > 8) return wordok && n <= gemv_max_n(ctx) ? GR_V9 : GR_NONE; // else the GEMM path
   if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) return GR_F32ROWS;
   if (ctx->gemv == 10 && wtype == ORCH_T_Q8_0 && n <= 2 && wordok &&
-      gemv10_smem<ORCH_T_Q8_0, 2, 2>(k, false) <= GEMV3_MAX_SMEM)
+      (n == 1 ? gemv10_smem<ORCH_T_Q8_0, 1, 2>(k, false) : gemv10_smem<ORCH_T_Q8_0, 2, 2>(k, false)) <= GEMV3_MAX_SMEM)
     return GR_V10;
   if (wordok && (ctx->gemv == 9 || (gemv9_on(ctx) && gemv9_auto(n, m)))) return GR_V9;
   // (v8, opt-in v7 with two rounds of loads in flight, was deleted in session 5: ORCH_CUDA_GEMV=v8 now falls
