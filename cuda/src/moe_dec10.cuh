@@ -492,7 +492,10 @@ __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32
 
 // out[t, row] = sum_s w[t, s] * (act[t, s] . down_e[row] + db[e, row]): v6's
 // down kernel with the staged activation copied in (xinv: v6's 1/scale).
-template <int T, int NB>
+// DPF (ORCH_CUDA_MOE10_PF bit 2): the rows of items 2.. (registers hold only
+// items 0 and 1) are prefetched into L2 before pdl_wait too, from the same
+// speculative routing read, so their loads after the wait hit L2.
+template <int T, int NB, bool DPF>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
 moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
@@ -515,6 +518,15 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   const int e1 = items > 1 ? moe6_ld_id(ids + (int64_t)t * n_slots + 1 / rounds) : 0;
   load(b0, 0, e0);
   if (items > 1) load(b1, 1, e1);
+  if (DPF && valid) {
+    constexpr int BB = type_block_bytes(T);
+    for (int it = 2; it < items; it++) {
+      const int e = moe6_ld_id(ids + (int64_t)t * n_slots + it / rounds);
+      const int c0 = (it % rounds) * 32 * NB;
+      moe10_prefetch_range(wd + ((int64_t)e * m + row) * rb, (int64_t)c0 * BB, (int64_t)min(nch, c0 + 32 * NB) * BB,
+                           lane, 32);
+    }
+  }
   pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
   if (ids[(int64_t)t * n_slots] != e0) load(b0, 0, ids[(int64_t)t * n_slots]); // uniform over the CTA
   if (items > 1 && ids[(int64_t)t * n_slots + 1 / rounds] != e1) load(b1, 1, ids[(int64_t)t * n_slots + 1 / rounds]);
@@ -560,10 +572,12 @@ static int moe10_stream() {
   return v && (v[0] == '1' || v[0] == '2') && !v[1] ? v[0] - '0' : 0;
 }
 
-// ORCH_CUDA_MOE10_PF=1: gate_up prefetches the down weights into L2 (moe10_prefetch_l2).
-static bool moe10_pf() {
+// ORCH_CUDA_MOE10_PF (bits): 1 gate_up prefetches the down weights into L2
+// (and streams its own evict-first); 2 down prefetches the rows of its later
+// slots into L2 before pdl_wait; 3 both.
+static int moe10_pf() {
   const char *v = getenv("ORCH_CUDA_MOE10_PF");
-  return v && v[0] == '1' && !v[1];
+  return v && v[0] >= '0' && v[0] <= '3' && !v[1] ? v[0] - '0' : 0;
 }
 
 // Scratch: ybuf holds the partial logits (n * S * n_exp floats, rounded up to
@@ -578,7 +592,7 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int stream, bool pf) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int stream, int pf) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -592,30 +606,30 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     constexpr int NBG = gate_up_nb<T>();
     if (stream == 2 && dim / 32 <= 32 * NBG && n_exp <= 32) {
       const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4 + moe10g_list_bytes(n * n_slots);
-      auto kern = pf ? moe_gate_up10g_kernel<T, NBG, true> : moe_gate_up10g_kernel<T, NBG, false>;
+      auto kern = (pf & 1) ? moe_gate_up10g_kernel<T, NBG, true> : moe_gate_up10g_kernel<T, NBG, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       const int64_t items = (int64_t)min(n * n_slots, n_exp + n * n_slots / MOE10_GT) * ff; // upper bound
       static int64_t wave[2][MOE10_MAX_N + 1];
-      if (wave[pf][n] == 0) wave[pf][n] = one_wave(kern, sm);
-      const int64_t ctas = std::max((int64_t)1, std::min(wave[pf][n], ceil_div(items, (int64_t)FFN_WARPS)));
+      if (wave[pf & 1][n] == 0) wave[pf & 1][n] = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave[pf & 1][n], ceil_div(items, (int64_t)FFN_WARPS)));
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n, n_slots, n_exp, dim, ff,
                        orch_row_bytes(T, dim), alpha, limit, sc, wd, (int64_t)dim * orch_row_bytes(T, ff));
     } else if (stream && dim / 32 <= 32 * NBG) {
       const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4;
-      auto kern = pf ? moe_gate_up10s_kernel<T, NBG, true> : moe_gate_up10s_kernel<T, NBG, false>;
+      auto kern = (pf & 1) ? moe_gate_up10s_kernel<T, NBG, true> : moe_gate_up10s_kernel<T, NBG, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       const int64_t items = (int64_t)n * n_slots * ff;
       static int64_t wave[2][MOE10_MAX_N + 1]; // per process and type (one device per process), by pf, n (smem)
-      if (wave[pf][n] == 0) wave[pf][n] = one_wave(kern, sm);
-      const int64_t ctas = std::max((int64_t)1, std::min(wave[pf][n], ceil_div(items, (int64_t)FFN_WARPS)));
+      if (wave[pf & 1][n] == 0) wave[pf & 1][n] = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave[pf & 1][n], ceil_div(items, (int64_t)FFN_WARPS)));
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n, n_slots, dim, ff,
                        orch_row_bytes(T, dim), alpha, limit, sc, wd, (int64_t)dim * orch_row_bytes(T, ff));
     } else {
       constexpr int NB = NBG;
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
-      auto kern = pf ? moe_gate_up10_kernel<T, NB, true> : moe_gate_up10_kernel<T, NB, false>;
+      auto kern = (pf & 1) ? moe_gate_up10_kernel<T, NB, true> : moe_gate_up10_kernel<T, NB, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), (unsigned)n_slots, (unsigned)n);
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
@@ -625,7 +639,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
-      auto kern = moe_down10_kernel<T, NB>;
+      auto kern = (pf & 2) ? moe_down10_kernel<T, NB, true> : moe_down10_kernel<T, NB, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,

@@ -25,16 +25,16 @@ import (
 // and v10 (router + top-k + expert FFN at 1..8 tokens in three launches,
 // orch_moe_decode; session 5), v10 also with its streaming gate_up, plain
 // (ORCH_CUDA_MOE10_STREAM=1) and grouped by expert (=2), and with the L2
-// prefetch of the down weights (ORCH_CUDA_MOE10_PF=1). (v7 and v8 were
-// removed.)
+// prefetches of the down weights (ORCH_CUDA_MOE10_PF=3: by gate_up, and by
+// down before its pdl_wait). (v7 and v8 were removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
 	for _, v := range []string{"v4", "v6", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1", "v10 ORCH_CUDA_MOE10_STREAM=2",
-		"v10 ORCH_CUDA_MOE10_PF=1", "v10 ORCH_CUDA_MOE10_STREAM=1 ORCH_CUDA_MOE10_PF=1",
-		"v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=1"} {
+		"v10 ORCH_CUDA_MOE10_PF=3", "v10 ORCH_CUDA_MOE10_STREAM=1 ORCH_CUDA_MOE10_PF=3",
+		"v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=3"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -51,7 +51,8 @@ func TestMoEVersions(t *testing.T) {
 // replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
 // grouped tile path under v6 and v10, v9 unpinned) under ORCH_CUDA_MOE=v6,
 // v10, v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=1; =2 grouped by
-// expert) and / or the L2 prefetch of down's weights (ORCH_CUDA_MOE10_PF=1),
+// expert) and / or the L2 prefetches of down's weights (ORCH_CUDA_MOE10_PF=2:
+// by down before its pdl_wait; 3: also by gate_up),
 // and unpinned (the default routing); v6 twice (run-to-run spread) (run-to-run spread), in
 // child processes on the same card; under v6 at n = 1 also the op's parts
 // (router GEMV, top-k, gate_up + down) alone. Writes perf-moe.md next to
@@ -69,9 +70,9 @@ func TestPerfMoEVersions(t *testing.T) {
 		// each twice: run-to-run spread on the same card
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_PF=1",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1 ORCH_CUDA_MOE10_PF=1",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=1", "ORCH_CUDA_MOE=", "ORCH_CUDA_MOE=v6"},
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_PF=2",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_PF=3", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1 ORCH_CUDA_MOE10_PF=3",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=3", "ORCH_CUDA_MOE=", "ORCH_CUDA_MOE=v6"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
