@@ -23,20 +23,23 @@ import (
 
 // prefillVariants are the environments the tests below re-run themselves
 // under (child processes: the library reads ORCH_CUDA_PREFILL once per
-// process). v3 / v4 / v5 run forced (ORCH_CUDA_PREFILL_FORCE=1): the raw-Q8_0
-// GEMM (128- / 256-row tiles, the pipelined kernel) at every shape it supports, also the small
-// grids that they otherwise hand to v2 (the routed times follow from these
-// rows: the kernel where its grid is large enough, else v2's).
+// process): v1, v2 (default), v2 with 32 MiB tiles (the bf16 tile then
+// stays in L2 for cuBLAS, at the price of thinner cuBLAS calls), and v6
+// (dequantization of the next row chunk on a second stream, overlapping
+// cuBLAS) with 2 and 4 chunks; timing only (wrong results, not checked):
+// v2's dequantization alone and its cuBLAS calls alone.
 var prefillVariants = []struct {
-	name string
-	env  []string
-	perf bool // also timed by TestPerfPrefillMatMul
+	name       string
+	env        []string
+	timingOnly bool
 }{
-	{"v1", []string{"ORCH_CUDA_PREFILL=v1"}, true},
-	{"v2", []string{"ORCH_CUDA_PREFILL=v2"}, true},
-	{"v3 forced", []string{"ORCH_CUDA_PREFILL=v3", "ORCH_CUDA_PREFILL_FORCE=1"}, true},
-	{"v4 forced", []string{"ORCH_CUDA_PREFILL=v4", "ORCH_CUDA_PREFILL_FORCE=1"}, true},
-	{"v5 forced", []string{"ORCH_CUDA_PREFILL=v5", "ORCH_CUDA_PREFILL_FORCE=1"}, true},
+	{"v1", []string{"ORCH_CUDA_PREFILL=v1"}, false},
+	{"v2", []string{"ORCH_CUDA_PREFILL=v2"}, false},
+	{"v2 cap 32 MiB", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_CAP=32"}, false},
+	{"v6 2 chunks", []string{"ORCH_CUDA_PREFILL=v6"}, false},
+	{"v6 4 chunks", []string{"ORCH_CUDA_PREFILL=v6", "ORCH_CUDA_PREFILL_CHUNKS=4"}, false},
+	{"v2 dequant only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=dequant"}, true},
+	{"v2 cuBLAS only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=gemm"}, true},
 }
 
 // runPrefillChildren re-runs test in one child process per variant (same
@@ -48,7 +51,7 @@ func runPrefillChildren(t *testing.T, test string, perf bool) (rows []string, pa
 		return nil, false
 	}
 	for _, v := range prefillVariants {
-		if perf && !v.perf {
+		if v.timingOnly && !perf {
 			continue
 		}
 		cmd := exec.Command(os.Args[0], "-test.run", "^"+test+"$", "-test.v")
@@ -80,10 +83,10 @@ func TestMatMulPrefill(t *testing.T) {
 	for _, dt := range ml.WeightDTypes {
 		shs := shapes
 		if dt != ml.Q8_0 {
-			// Only Q8_0 differs between the versions' kernels; the other
-			// types take the same generic dequantization in v1 .. v5 (tiles
-			// and the bias pass differ): one shape, in the v2 child only.
-			if os.Getenv("ORCH_CUDA_PREFILL") != "v2" {
+			// Q8_0 has its own dequantization kernel from v2 on; the other
+			// types take the generic one in every version (tiles, streams
+			// and the bias pass differ): one shape, in the v2 and v6 children.
+			if v := os.Getenv("ORCH_PREFILL_CHILD"); v != "v2" && v != "v6 2 chunks" {
 				continue
 			}
 			shs = shapes[:1]
@@ -98,7 +101,27 @@ func TestMatMulPrefill(t *testing.T) {
 	// v2's tiling: 8192 x 8200 is over the 128 MiB cap (two tiles of 4104
 	// rows); n = 9 reaches the large-n path through orch_matmul directly.
 	t.Run("Q8_0/two-tiles", func(t *testing.T) { prefillCase(t, r, ml.Q8_0, 8192, 8200, 9, true, false) })
-	// k % 64 != 0: v3..v5 decline (v2 runs it); n = 1000, m = 1030: 8 x 9 output tiles, ragged.
+	// Captured into a CUDA graph (v6: the second stream forks and joins
+	// inside the capture) and replayed on new x: must match the CPU.
+	t.Run("Q8_0/graph", func(t *testing.T) {
+		const k, m, n = 2880, 1030, 130
+		w := weightPair(t, "w", ml.Q8_0, []int{k, m}, randWeight(r, ml.Q8_0, k, m))
+		x := f32Pair(t, randF32(r, k*n, 1), k, n)
+		bias := f32Pair(t, randF32(r, m, 1), m)
+		y := out(t, m, n)
+		yp, xp, wp, bp := dptr(t, y.g), dptr(t, x.g), dptr(t, w.g), dptr(t, bias.g)
+		key := "prefill-graph-" + os.Getenv("ORCH_PREFILL_CHILD")
+		rec := func() { gpu.call("matmul", gpu.l.matmul(gpu.ctx, yp, xp, wp, int32(ml.Q8_0), bp, n, k, m, 0)) }
+		require.NoError(t, gpu.Run(key, rec))
+		x2 := randF32(r, k*n, 1)
+		require.NoError(t, gpu.WriteF32(x.g, x2))
+		require.NoError(t, ref.WriteF32(x.c, x2))
+		gpu.Fill(y.g, float32(math.NaN()))
+		require.NoError(t, gpu.Run(key, rec))
+		ref.MatMul(y.c, x.c, w.c, bias.c)
+		checkClose(t, "graph replay", y, bf16Tol)
+	})
+	// n = 1000, m = 1030: ragged chunks (v6: 2 x 576 / 4 x 320 rows) and a large n.
 	t.Run("Q8_0/k=160", func(t *testing.T) { prefillCase(t, r, ml.Q8_0, 160, 1030, 1000, true, true) })
 }
 
@@ -146,7 +169,7 @@ func TestPerfPrefillMatMul(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to time the prefill matmul")
 	}
-	// Five child processes: only when asked for by name (e2e-gpu.sh's
+	// Child processes: only when asked for by name (e2e-gpu.sh's
 	// tables step), not inside the broad -test.run TestPerf timing runs.
 	if f := flag.Lookup("test.run"); f == nil || !strings.Contains(f.Value.String(), "PrefillMatMul") {
 		t.Skip("run by name: -test.run TestPerfPrefillMatMul")
