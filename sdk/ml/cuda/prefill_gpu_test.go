@@ -210,11 +210,11 @@ func TestPerfPrefillMatMul(t *testing.T) {
 		w := mustW(t, r, sh.name, ml.Q8_0, sh.k, sh.m)
 		bias := mustA(t, ml.F32, sh.m)
 		require.NoError(t, gpu.WriteF32(bias, r.f32(sh.m)))
-		// n = 96 / 128: where the large-n path would take over from qgemm
-		// (Backend.MatMul routes n <= qgemmMaxN = 96 there): "direct" calls
-		// orch_matmul (this version's large-n path) at any n, "routed" goes
-		// through Backend.MatMul (qgemm at 96).
-		for _, n := range []int{96, 128, 512, 2048} {
+		// n = 32 .. 128: where the large-n path could take over from GEMV v9
+		// / qgemm (Backend.MatMul routes n <= qgemmMaxN = 96 there): "direct"
+		// calls orch_matmul (this version's large-n path) at any n, "routed"
+		// goes through Backend.MatMul (GEMV v9 or qgemm below 97).
+		for _, n := range []int{32, 64, 96, 128, 512, 2048} {
 			x := mustA(t, ml.F32, sh.k, n)
 			require.NoError(t, gpu.WriteF32(x, r.f32(sh.k*n)))
 			y := mustA(t, ml.F32, sh.m, n)
@@ -241,8 +241,8 @@ func TestPerfPrefillMatMul(t *testing.T) {
 					gpu.call("matmul", gpu.l.matmul(gpu.ctx, yp, xp, wp, int32(ml.Q8_0), bp, int64(n), int64(sh.k), int64(sh.m), 0))
 				})
 				row(", direct", direct)
-				if n <= qgemmMaxN {
-					row(", routed: qgemm", timeKernel(t, 10, 4, func() { gpu.MatMul(y, x, w, b) }))
+				if n <= qgemmMaxN && os.Getenv("ORCH_PREFILL_CHILD") == "v2" { // the same in every child
+					row(", routed (GEMV v9 / qgemm)", timeKernel(t, 10, 4, func() { gpu.MatMul(y, x, w, b) }))
 				}
 			} else {
 				ms := timeKernel(t, 10, 4, func() { gpu.MatMul(y, x, w, b) })
