@@ -86,19 +86,43 @@ __global__ void dequant_q8_bf16_v2(uint4 *__restrict__ out, const uint8_t *__res
   }
 }
 
-// v2: x to bf16, 4 floats per thread (n4 = count / 4; 16-byte aligned x).
-__global__ void f32_to_bf16_v2(uint2 *__restrict__ out, const float4 *__restrict__ x, int64_t n4) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
-    const float4 f = x[i];
-    __nv_bfloat162 a = __floats2bfloat162_rn(f.x, f.y), b = __floats2bfloat162_rn(f.z, f.w);
-    out[i] = make_uint2(*reinterpret_cast<uint32_t *>(&a), *reinterpret_cast<uint32_t *>(&b));
-  }
-}
-
 // v2: y[t, :] = b for every token row (cuBLAS then adds W x with beta = 1).
 __global__ void fill_bias_rows_kernel(float *__restrict__ y, const float *__restrict__ b, int64_t n, int64_t m) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * m; i += (int64_t)gridDim.x * blockDim.x)
     y[i] = b[i % m];
+}
+
+// v2: one launch for the work before the first cuBLAS call: x to bf16 (nx4
+// items of 4 floats), y = bias (nb items: rows of m floats), and the
+// dequantization of the first Q8_0 chunk (nq items of 8 elements), as the
+// three kernels above do it (same arithmetic).
+__global__ void prep_v2_kernel(uint2 *__restrict__ xb, const float4 *__restrict__ x, int64_t nx4, float *__restrict__ y,
+                               const float *__restrict__ b, int64_t nb, int64_t m, uint4 *__restrict__ wt,
+                               const uint8_t *__restrict__ w, int64_t nq) {
+  const int64_t total = nx4 + nb + nq;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    if (i < nx4) {
+      const float4 f = x[i];
+      __nv_bfloat162 a = __floats2bfloat162_rn(f.x, f.y), c = __floats2bfloat162_rn(f.z, f.w);
+      xb[i] = make_uint2(*reinterpret_cast<uint32_t *>(&a), *reinterpret_cast<uint32_t *>(&c));
+    } else if (i < nx4 + nb) {
+      const int64_t j = i - nx4;
+      y[j] = b[j % m];
+    } else {
+      const int64_t j = i - nx4 - nb;
+      const uint8_t *blk = w + (j >> 2) * 34;
+      const float d = __half2float(*reinterpret_cast<const __half *>(blk));
+      const uint16_t *q = reinterpret_cast<const uint16_t *>(blk + 2 + 8 * (j & 3));
+      uint32_t o[4];
+#pragma unroll
+      for (int t = 0; t < 4; t++) {
+        const uint16_t u = __ldg(q + t);
+        __nv_bfloat162 h = __floats2bfloat162_rn(d * (float)(int8_t)(u & 0xff), d * (float)(int8_t)(u >> 8));
+        o[t] = *reinterpret_cast<uint32_t *>(&h);
+      }
+      wt[j] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+  }
 }
 
 static unsigned grid_for(int64_t work) { return (unsigned)min(ceil_div(work, 256), (int64_t)(132 * 16)); }
@@ -225,21 +249,10 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
   __nv_bfloat16 *xb = (__nv_bfloat16 *)scr;
   __nv_bfloat16 *wt[2] = {(__nv_bfloat16 *)((char *)scr + xbytes), (__nv_bfloat16 *)((char *)scr + xbytes + wbytes)};
   const bool v2 = version != 1;
-  if (v2 && (n * k) % 4 == 0 && ((uintptr_t)x & 15) == 0) {
-    f32_to_bf16_v2<<<grid_for(n * k / 4), 256, 0, ctx->stream>>>((uint2 *)xb, (const float4 *)x, n * k / 4);
-  } else {
-    unsigned blocks = (unsigned)min(ceil_div(n * k, 256), (int64_t)65535);
-    f32_to_bf16_kernel<<<blocks, 256, 0, ctx->stream>>>(xb, x, n * k);
-  }
-  ORCH_LAUNCHED(op);
   // v2 without accumulate: y = bias first, cuBLAS adds into it.
   // (Not when y overlaps the bias: the fill would overwrite it.)
   const bool bias_first = v2 && bias && !accumulate &&
                           ((const char *)bias >= (const char *)(y + n * m) || (const char *)(bias + m) <= (const char *)y);
-  if (bias_first) {
-    fill_bias_rows_kernel<<<grid_for(n * m), 256, 0, ctx->stream>>>(y, bias, n, m);
-    ORCH_LAUNCHED(op);
-  }
   const bool q8_v2 = v2 && wtype == ORCH_T_Q8_0 && ((uintptr_t)wb & 1) == 0;
   const int64_t chunks = ceil_div(m, mc);
   // Dequantizes chunk c into buffer c % nbuf on stream st.
@@ -258,12 +271,36 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
   };
   if (aux) {
     // The second stream starts after everything before this call on the
-    // first (the buffers' earlier readers), and dequantizes one chunk ahead.
+    // first (the buffers' earlier readers; x's conversion below may run
+    // beside chunk 0), and dequantizes one chunk ahead.
     ORCH_CUDA(cudaEventRecord(aux->start, ctx->stream), op);
     ORCH_CUDA(cudaStreamWaitEvent(aux->s, aux->start, 0), op);
     if ((rc = dequant(0, aux->s)) != ORCH_OK) return rc;
     ORCH_CUDA(cudaEventRecord(aux->deq[0], aux->s), op);
   }
+  // v2: x, the bias fill and (on this stream, Q8_0) chunk 0 in one launch.
+  const bool fuse0 = q8_v2 && !aux && prefill_timing() != 2;
+  if (v2 && (n * k) % 4 == 0 && ((uintptr_t)x & 15) == 0) {
+    // (The bias fill joins the launch only when y does not overlap x.)
+    const bool yx = (const char *)y < (const char *)(x + n * k) && (const char *)x < (const char *)(y + n * m);
+    const int64_t nx4 = n * k / 4, nb = bias_first && !yx ? n * m : 0, nq = fuse0 ? min(mc, m) * k / 8 : 0;
+    prep_v2_kernel<<<grid_for(nx4 + nb + nq), 256, 0, ctx->stream>>>((uint2 *)xb, (const float4 *)x, nx4, y, bias, nb,
+                                                                       m, (uint4 *)wt[0], wb, nq);
+    ORCH_LAUNCHED(op);
+    if (bias_first && yx) {
+      fill_bias_rows_kernel<<<grid_for(n * m), 256, 0, ctx->stream>>>(y, bias, n, m);
+      ORCH_LAUNCHED(op);
+    }
+  } else {
+    unsigned blocks = (unsigned)min(ceil_div(n * k, 256), (int64_t)65535);
+    f32_to_bf16_kernel<<<blocks, 256, 0, ctx->stream>>>(xb, x, n * k);
+    ORCH_LAUNCHED(op);
+    if (bias_first) {
+      fill_bias_rows_kernel<<<grid_for(n * m), 256, 0, ctx->stream>>>(y, bias, n, m);
+      ORCH_LAUNCHED(op);
+    }
+  }
+  const bool deq0_done = fuse0 && (n * k) % 4 == 0 && ((uintptr_t)x & 15) == 0;
   for (int64_t c = 0; c < chunks; c++) {
     const int64_t m0 = c * mc, rows = min(mc, m - m0);
     if (aux) {
@@ -273,7 +310,7 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
         ORCH_CUDA(cudaEventRecord(aux->deq[(c + 1) % 2], aux->s), op);
       }
       ORCH_CUDA(cudaStreamWaitEvent(ctx->stream, aux->deq[c % 2], 0), op);
-    } else if ((rc = dequant(c, ctx->stream)) != ORCH_OK) {
+    } else if (!(c == 0 && deq0_done) && (rc = dequant(c, ctx->stream)) != ORCH_OK) {
       return rc;
     }
     if (prefill_timing() == 1) {
