@@ -121,6 +121,19 @@ func TestMatMulPrefill(t *testing.T) {
 		ref.MatMul(y.c, x.c, w.c, bias.c)
 		checkClose(t, "graph replay", y, bf16Tol)
 	})
+	// In place (y is x, k = m) with a bias: x must be read before y is written.
+	t.Run("Q8_0/in-place", func(t *testing.T) {
+		const k, m, n = 512, 512, 130
+		w := weightPair(t, "w", ml.Q8_0, []int{k, m}, randWeight(r, ml.Q8_0, k, m))
+		x := f32Pair(t, randF32(r, k*n, 1), k, n)
+		bias := f32Pair(t, randF32(r, m, 1), m)
+		want := out(t, m, n)
+		ref.MatMul(want.c, x.c, w.c, bias.c)
+		xp := dptr(t, x.g)
+		require.NoError(t, gpu.l.status("matmul", gpu.l.matmul(gpu.ctx, xp, xp, dptr(t, w.g), int32(ml.Q8_0), dptr(t, bias.g), n, k, m, 0)))
+		ref.Copy(x.c, want.c)
+		checkClose(t, "in place", x, bf16Tol)
+	})
 	// n = 1000, m = 1030: ragged chunks (v6: 2 x 576 / 4 x 320 rows) and a large n.
 	t.Run("Q8_0/k=160", func(t *testing.T) { prefillCase(t, r, ml.Q8_0, 160, 1030, 1000, true, true) })
 }
