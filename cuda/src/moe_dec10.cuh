@@ -355,28 +355,20 @@ constexpr int MOE10_MAXQ = 32 + 64; // groups: <= n_exp + pairs / MOE10_GT
 constexpr int MOE10_QW = 2 + MOE10_GT;
 static size_t moe10g_list_bytes(int np) { return (size_t)(4 + MOE10_MAXQ * MOE10_QW + np + 32 * MOE10_MAX_N) * 4; }
 
-template <int T, int NB, bool PF>
-__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
-moe_gate_up10g_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
-                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
-                      const int32_t *__restrict__ ids, int n, int n_slots, int n_exp, int k, int m, int64_t rb,
-                      float alpha, float limit, float sc, const uint8_t *__restrict__ wd, int64_t dbytes) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
-  pdl_trigger();
+// CTA-wide (all threads; syncs): the np pairs bucketed by expert (ids out of
+// range — NaN logits only — count as expert 0, as v9), each expert's pairs in
+// ascending order cut into groups of <= MOE10_GT: ql[0] = group count, group
+// q at ql + 4 + q * MOE10_QW = {expert, count, pairs...}, ascending experts.
+// sid: np ints, pl: 32 * MOE10_MAX_N ints of shared scratch. n_exp <= 32.
+__device__ __forceinline__ void moe10_groups(const int32_t *__restrict__ ids, int np, int n_exp, int *ql, int *sid,
+                                             int *pl) {
   const int lane = threadIdx.x & 31;
-  const int gw = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5), nw = gridDim.x * FFN_WARPS;
-  const int nch = k / 32, xs = moe10_xstride(nch), np = n * n_slots;
-  int *ql = reinterpret_cast<int *>(xsm + n * xs); // nq, pad, groups
-  int *sid = ql + 4 + MOE10_MAXQ * MOE10_QW;       // np ids
-  int *pl = sid + np;                               // per expert: MOE10_MAX_N pairs
   for (int i = threadIdx.x; i < np; i += blockDim.x) {
     const int id = ids[i];
-    sid[i] = id >= 0 && id < n_exp ? id : 0; // out of range (NaN logits only): expert 0, as v8 / v9
+    sid[i] = id >= 0 && id < n_exp ? id : 0;
   }
-  moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg, n * xs / 4);
   __syncthreads();
-  if (threadIdx.x < 32) { // lane e: expert e's pairs in ascending order, cut into groups of MOE10_GT
+  if (threadIdx.x < 32) { // lane e: expert e's pairs
     int cnt = 0;
     if (lane < n_exp)
       for (int p = 0; p < np; p++)
@@ -399,6 +391,25 @@ moe_gate_up10g_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_
     if (lane == 31) ql[0] = off + ng;
   }
   __syncthreads();
+}
+
+template <int T, int NB, bool PF>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
+moe_gate_up10g_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
+                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                      const int32_t *__restrict__ ids, int n, int n_slots, int n_exp, int k, int m, int64_t rb,
+                      float alpha, float limit, float sc, const uint8_t *__restrict__ wd, int64_t dbytes) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
+  pdl_trigger();
+  const int lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5), nw = gridDim.x * FFN_WARPS;
+  const int nch = k / 32, xs = moe10_xstride(nch), np = n * n_slots;
+  int *ql = reinterpret_cast<int *>(xsm + n * xs); // nq, pad, groups
+  int *sid = ql + 4 + MOE10_MAXQ * MOE10_QW;       // np ids
+  int *pl = sid + np;                               // per expert: MOE10_MAX_N pairs
+  moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg, n * xs / 4);
+  moe10_groups(ids, np, n_exp, ql, sid, pl); // syncs (also for the copy)
   const int total = ql[0] * m;
   const int cnt = gw < total ? (total - gw + nw - 1) / nw : 0;
   auto load = [&](wblocks<T, NB> &bg, wblocks<T, NB> &bu, int j) {
@@ -557,6 +568,89 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   if (valid && lane == 0) out[(int64_t)t * m + row] = res;
 }
 
+
+// Grouped down (ORCH_CUDA_MOE10_STREAM=2, n >= 2): ybuf[p, row] = act[p] .
+// down_e[row] + db[e, row] for the pairs p of expert group q (<= MOE10_GT
+// tokens routed to e): each down row loaded and decoded once for the group's
+// tokens (moe8_block_acc; v6's per-slot value bit for bit), then
+// orch_moe_combine sums each token's slots in slot order with the router
+// weights (v6's expression from 0: the output is v6's bit for bit). One wave of
+// CTAs over units (group, 32 rows): the group's staged activation rows are
+// copied into shared memory once per unit, each warp takes 4 rows,
+// double-buffered.
+constexpr int MOE10_DROWS = 32; // rows per unit (4 per warp)
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
+moe_down10g_kernel(float *__restrict__ ybuf, const uint4 *acth, const uint8_t *__restrict__ wd,
+                   const float *__restrict__ db, const int32_t *__restrict__ ids, int np, int n_exp, int k, int m,
+                   int64_t rb, float xinv) {
+  DEC16_DYN_SMEM(uint32_t, xsm); // MOE10_GT staged activation rows, then the group table
+  pdl_wait(); // act / ids come from the previous kernels; ybuf is read by earlier ones
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nch = k / 32, cw = nch * DEC16_XW; // words per staged row
+  int *ql = reinterpret_cast<int *>(xsm + MOE10_GT * cw);
+  int *sid = ql + 4 + MOE10_MAXQ * MOE10_QW;
+  int *pl = sid + np;
+  moe10_groups(ids, np, n_exp, ql, sid, pl);
+  const int nrb = (m + MOE10_DROWS - 1) / MOE10_DROWS, units = ql[0] * nrb;
+  constexpr int RW = MOE10_DROWS / FFN_WARPS; // rows per warp per unit
+  for (int u = blockIdx.x; u < units; u += gridDim.x) { // uniform over the CTA
+    const int q = u / nrb, r0 = (u - q * nrb) * MOE10_DROWS + warp * RW;
+    const int *qq = ql + 4 + q * MOE10_QW;
+    const int e = qq[0], nt = qq[1];
+    auto load = [&](wblocks<T, NB> &b, int r) {
+      const int row = r0 + r;
+      const bool valid = row < m;
+      ffn_load<T, NB>(b, wd + ((int64_t)e * m + (valid ? row : 0)) * rb, 0, lane, nch, valid);
+    };
+    wblocks<T, NB> b0, b1;
+    load(b0, 0);
+    __syncthreads(); // the previous unit's reads of the staged rows are done
+    for (int t = 0; t < nt; t++)
+      moe10_copy<2>(reinterpret_cast<uint4 *>(xsm + t * cw), acth + (int64_t)qq[2 + t] * (cw / 4), cw / 4);
+    __syncthreads();
+    int xo[MOE10_GT];
+#pragma unroll
+    for (int t = 0; t < MOE10_GT; t++) xo[t] = t * cw;
+    auto compute = [&](const wblocks<T, NB> &b, int r) {
+      const int row = r0 + r;
+      float acc[MOE10_GT];
+#pragma unroll
+      for (int t = 0; t < MOE10_GT; t++) acc[t] = 0.f;
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int c = lane + 32 * i;
+        if (c < nch) {
+          uint32_t a[MOE10_GT][2];
+#pragma unroll
+          for (int t = 0; t < MOE10_GT; t++) a[t][0] = a[t][1] = 0u;
+          moe8_block_acc<T, MOE10_GT>(b.w[i], b.sh[i], xsm + c * DEC16_XW, xo, nt, a);
+          const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
+#pragma unroll
+          for (int t = 0; t < MOE10_GT; t++)
+            if (t < nt) acc[t] += dec16_fold(a[t], ws, xinv);
+        }
+      }
+      const float bias = db && row < m ? db[(int64_t)e * m + row] : 0.f;
+#pragma unroll
+      for (int t = 0; t < MOE10_GT; t++) {
+        if (t < nt) { // uniform over the warp
+          const float a = warp_sum(0.f + acc[t]); // v6: acc = 0 + (the round's sum), then warp_sum
+          if (lane == 0 && row < m) ybuf[(int64_t)qq[2 + t] * m + row] = a + bias;
+        }
+      }
+    };
+#pragma unroll
+    for (int r = 0; r < RW; r += 2) {
+      load(b1, r + 1);
+      compute(b0, r);
+      if (r + 2 < RW) load(b0, r + 2);
+      compute(b1, r + 1);
+    }
+  }
+}
+
 // ---- launch ----
 // ORCH_CUDA_MOE=v10 (orch_env_version reads one digit: parsed here).
 static bool moe10_pinned(const orch_ctx *ctx) {
@@ -592,7 +686,7 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int stream, int pf) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int stream, int pf, bool *combine) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -636,8 +730,21 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
                        orch_row_bytes(T, dim), alpha, limit, sc, wd, (int64_t)dim * orch_row_bytes(T, ff));
     }
-    {
-      constexpr int NB = down_h_nb<T>();
+    constexpr int NBD = down_h_nb<T>();
+    *combine = stream == 2 && n >= 2 && ff / 32 <= 32 * NBD && n_exp <= 32;
+    if (*combine) { // grouped down into ybuf (the route scratch is consumed), then orch_moe_combine (caller)
+      const int np = n * n_slots;
+      const size_t sm = (size_t)MOE10_GT * (ff / 32) * DEC16_XW * 4 + moe10g_list_bytes(np);
+      auto kern = moe_down10g_kernel<T, NBD>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      const int64_t units = (int64_t)min(np, n_exp + np / MOE10_GT) * ceil_div(dim, MOE10_DROWS); // upper bound
+      static int64_t wave = 0;
+      if (wave == 0) wave = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave, units));
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, ybuf, reinterpret_cast<const uint4 *>(act),
+                       wd, db, ids, np, n_exp, ff, dim, orch_row_bytes(T, ff), (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc);
+    } else {
+      constexpr int NB = NBD;
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
       auto kern = (pf & 2) ? moe_down10_kernel<T, NB, true> : moe_down10_kernel<T, NB, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -674,10 +781,11 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
                      aligned16p(up) && aligned16p(down),
                  op);
+  bool combine = false;
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe10_stream(), moe10_pf());
+                     limit, moe10_stream(), moe10_pf(), &combine);
   ORCH_LAUNCHED(op);
-  return ORCH_OK;
+  return combine ? orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0) : ORCH_OK;
 }

@@ -343,7 +343,10 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
 // (rounded to float), weights within 1e-5; the output = orch_moe_ffn under v6
 // with v10's ids and weights BIT FOR BIT; a second call identical (the tickets
 // wrap back to 0: checked); stale speculative routing reads in down10 change
-// nothing; the declines (unpinned, 9 tokens, infinite limit).
+// nothing; the declines (unpinned, 9 tokens, infinite limit). The variants
+// (ORCH_CUDA_MOE10_STREAM=1 streaming gate_up, =2 grouped gate_up and, from 2
+// tokens, grouped down + orch_moe_combine; ORCH_CUDA_MOE10_PF L2 prefetches)
+// must give the same bits.
 static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, bool stale = false) {
   QW gate, up, down;
   make_weight(gate, t, dim, ff * ne);
@@ -440,7 +443,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit (gate_up10, streaming 10s, grouped 10g, with and without the L2 prefetches), tickets back to 0%s\n",
+              "v6's bit for bit (gate_up10, streaming 10s, grouped 10g + grouped down, with and without the L2 prefetches), tickets back to 0%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
