@@ -22,8 +22,8 @@ import "os"
 // the norm of the row; res, dst and every y bit-identical to the two
 // launches), and further MatMuls of the same x merge as before. If the
 // library declines (not the v5 GEMV, n > 2, ...), the norm launches alone
-// first. ORCH_CUDA_FOLD_NORM=0 (or ORCH_CUDA_FUSE=0) keeps the norm a launch
-// of its own.
+// first. Opt-in: ORCH_CUDA_FOLD_NORM=1 (ORCH_CUDA_FUSE=0 turns it off with
+// the rest of the merging).
 //
 // Why deferral in the backend and not new ml ops: plugins/ and sdk/ml/nn are
 // other code's (and the CPU backend would need the same ops); the backend sees
@@ -33,8 +33,11 @@ import "os"
 var fuseOps = os.Getenv("ORCH_CUDA_FUSE") != "0"
 
 // foldNorm (with fuseOps) folds a held RMSNorm into the next GEMV; read once,
-// tests and TestPerfDecodeLaunches flip it.
-var foldNorm = os.Getenv("ORCH_CUDA_FOLD_NORM") != "0"
+// tests and TestPerfDecodeLaunches flip it. Off unless ORCH_CUDA_FOLD_NORM=1:
+// device run 1 of session 5 (H100) measured it slower end to end on GEMV v5
+// (Llama-8B tg128 200.4 vs 222.5 tok/s, gpt-oss 458.6 vs 470.7): every one of
+// v5's CTAs (3,584 for Llama's gate/up) re-reads the row, add and norm weight.
+var foldNorm = os.Getenv("ORCH_CUDA_FOLD_NORM") == "1"
 
 // normMaxN is the most rows a held norm may have (orch_matmul_multi_norm
 // takes n = 1 and 2).

@@ -391,7 +391,7 @@ func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, 
 type stepCfg struct {
 	name      string
 	fuse, pdl bool
-	noFold    bool // the RMSNorm not folded into the next GEMV (session 5: fuse.go foldNorm)
+	fold      bool // the RMSNorm folded into the next GEMV (session 5: fuse.go foldNorm; off by default)
 }
 
 // decodeSteps is decodeStep for several configurations of the same stack
@@ -505,8 +505,8 @@ func (s randSrc) decodeSteps(t *testing.T, depth, n int, sep bool, cfgs []stepCf
 		func() {
 			defer func(v, w bool) { fuseOps, foldNorm = v, w }(fuseOps, foldNorm)
 			fuseOps = c.fuse
-			if c.noFold {
-				foldNorm = false
+			if c.name != "default" { // default: foldNorm as the environment set it
+				foldNorm = c.fold
 			}
 			if c.name != "default" { // default: as the environment set it (ORCH_CUDA_PDL)
 				was := gpu.setPDL(c.pdl)
@@ -561,7 +561,7 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	}
 	r := newRandSrc(newRNG(t))
 	cfgs := []stepCfg{
-		{"merged + PDL (defaults)", true, true, false}, {"merged + PDL, norm not folded", true, true, true},
+		{"merged + PDL (defaults)", true, true, false}, {"merged + PDL + folded norm", true, true, true},
 		{"merged, PDL off", true, false, false}, {"PDL, merging off", false, true, false}, {"neither", false, false, false},
 	}
 	ms, _ := r.decodeSteps(t, 128, 1, true, cfgs)
@@ -599,7 +599,7 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	invT := mustA(t, ml.F32, hd/2)
 	require.NoError(t, gpu.WriteF32(invT, inv))
 	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: invT, Scale: scale}
-	fmt.Fprintf(&sb, "\n| one layer's pieces, n=1 (graph of 16) | merged + PDL | merged + PDL, no fold | merged | PDL | neither |\n|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&sb, "\n| one layer's pieces, n=1 (graph of 16) | merged + PDL | merged + PDL + fold | merged | PDL | neither |\n|---|---|---|---|---|---|\n")
 	// Llama-8B shapes for the folded norm: AddRMSNorm -> q, k, v and -> gate, up.
 	const ld, lkv, lff = 4096, 1024, 14336
 	type llamaW struct{ q, k, v, g, u ml.Tensor }
@@ -657,7 +657,7 @@ func TestPerfDecodeLaunches(t *testing.T) {
 		for _, c := range cfgs {
 			func() {
 				defer func(v, w bool) { fuseOps, foldNorm = v, w }(fuseOps, foldNorm)
-				fuseOps, foldNorm = c.fuse, !c.noFold
+				fuseOps, foldNorm = c.fuse, c.fold
 				was := gpu.setPDL(c.pdl)
 				defer gpu.setPDL(was)
 				i := 0
