@@ -670,12 +670,16 @@ static unsigned *gemv_norm_ticket(orch_ctx *ctx) {
   return t;
 }
 
-// ORCH_CUDA_GEMV_NORM=0 declines every folded launch (A/B timing; the Go
-// side has its own switch too). Read once per process.
-static bool gemv_norm_on() {
-  static const bool v = [] {
+// Which GEMV routes take the folded norm: unset — v10 only (device run 1 of
+// session 5: folded into v5, whose grid has up to thousands of CTAs each
+// re-reading the rows, Llama-8B decode was 10% slower end to end; v10's
+// grid is one wave); "v5" — v5 too (tests); "0" — none. Read once per
+// process. (The Go side folds only with ORCH_CUDA_FOLD_NORM=1.)
+static int gemv_norm_mode() { // 0 none, 1 v10, 2 v5 and v10
+  static const int v = [] {
     const char *e = getenv("ORCH_CUDA_GEMV_NORM");
-    return !(e && strcmp(e, "0") == 0);
+    if (e && strcmp(e, "0") == 0) return 0;
+    return e && strcmp(e, "v5") == 0 ? 2 : 1;
   }();
   return v;
 }
@@ -690,14 +694,14 @@ extern "C" int orch_matmul_multi_norm(orch_ctx *ctx, float *res, const float *ad
   // not the 5-CTA ones) at n = 1 or 2 for every part; otherwise nothing is
   // launched and the caller runs orch_rmsnorm and the GEMVs.
   const int64_t rb = orch_row_bytes(wtype, k);
-  bool ok = gemv_norm_on() && (n == 1 || n == 2) && gemv3_type(wtype) && k % 32 == 0 && gemv5_minb() != 5 &&
+  bool ok = gemv_norm_mode() > 0 && (n == 1 || n == 2) && gemv3_type(wtype) && k % 32 == 0 && gemv5_minb() != 5 &&
             aligned16(res) && aligned16(nw) && aligned16(dst) && (!add || aligned16(add)) &&
             gemv5_norm_smem_total(k, n) <= GEMV3_MAX_SMEM;
   gemv5_parts P = {};
   int route = -1;
   for (int p = 0; ok && p < count; p++) {
     const int r = gemv_route(ctx, wtype, n, k, parts[p].m, rb);
-    ok = (r == GR_V5 || r == GR_V10) && (route < 0 || r == route) && aligned16(parts[p].w);
+    ok = ((r == GR_V5 && gemv_norm_mode() == 2) || r == GR_V10) && (route < 0 || r == route) && aligned16(parts[p].w);
     route = r;
     P.w[p] = (const uint8_t *)parts[p].w;
     P.bias[p] = parts[p].bias;

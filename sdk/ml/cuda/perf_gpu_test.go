@@ -766,8 +766,12 @@ func TestPerfGEMVVersions(t *testing.T) {
 		k, m int
 	}{{"attn qkv", ml.Q8_0, 2880, 5120}, {"attn out", ml.Q8_0, 4096, 2880}, {"expert", ml.MXFP4, 2880, 2880},
 		{"expert gate_up", ml.MXFP4, 2880, 5760}, {"llama qkv", ml.Q8_0, 4096, 6144},
-		{"llama gate/up", ml.Q8_0, 4096, 14336}, {"llama down", ml.Q8_0, 14336, 4096}} {
-		const copies = 8 // > the L2 (50-60 MB) for every shape but the small ones
+		{"llama gate/up", ml.Q8_0, 4096, 14336}, {"llama down", ml.Q8_0, 14336, 4096},
+		{"llama head", ml.Q8_0, 4096, 128256}, {"gpt-oss head", ml.Q8_0, 2880, 201088}} {
+		copies := 8 // > the L2 (50-60 MB) for every shape but the small ones
+		if sh.m > 100000 {
+			copies = 2 // the LM heads: 0.56 / 0.62 GB each
+		}
 		ws := make([]ml.Tensor, copies)
 		for i := range ws {
 			ws[i] = mustW(t, r, sh.name, sh.dt, sh.k, sh.m)
