@@ -1,40 +1,35 @@
-// moe_gemm.cuh — grouped MoE expert GEMM v2 (ORCH_CUDA_MOEGEMM=v2, tile code
-// 16 of orch_moe_ffn_grouped; session 5, issue 7). Included by qgemm.cu
-// inside its anonymous namespace: it reuses qgemm.cu's QArgs, cp.async
-// wrappers, the MXFP4 -> bf16 block decode (dequant_block_bf16) and the
-// route (bucketing, gather, tile plan, combine); only the GEMM kernel is new.
+// moe_gemm.cuh — grouped MoE expert GEMM v3 (ORCH_CUDA_MOEGEMM=v3, the
+// default; tile codes 17-28 of orch_moe_ffn_grouped; session 5, issue 7).
+// Included by qgemm.cu inside its anonymous namespace: it reuses qgemm.cu's
+// QArgs, cp.async wrappers and the route (bucketing, gather, tile plan,
+// combine); only the GEMM kernel is new. MXFP4 weights only (gpt-oss).
 //
-// Versus v1 (qgemm_kernel, WMMA 16x16x16):
-//  - mma.sync m16n8k16 bf16 (fp32 accumulate) with ldmatrix.x4 fragment loads
-//    from padded shared memory (rows of BK + 8 bf16: 144 bytes, an odd number
-//    of 16-byte units, so the 8 row addresses of an 8x8 ldmatrix block hit
-//    distinct bank groups). W rows are the A operand (M), pairs the B operand
-//    (N, 8 per mma): a tile's n8 column blocks past its pair count are skipped
-//    (warp-uniform branch), so a 96-pair tile holding 64 pairs issues 2/3 of
-//    the MMAs (v1 computed all 96 columns);
-//  - a taller tile, 192 W rows (gate_up: 96 gate + the same 96 up rows) x 96
-//    pairs, 12 warps (6 along M x 2 along N): each pair's activations are
-//    re-read from L2 m / 192 times (v1: m / 128), and 2880 = 15 x 192 and
-//    2880 = 30 x 96 (gpt-oss dim and ff) leave no partial column of CTAs;
-//  - the N blocks are dealt round robin to the two warps of an M band (block
-//    j to warp j % 2), so a ragged tile splits its MMAs evenly between them;
+// Versus v1 (qgemm_kernel: W dequantized into a bf16 shared-memory tile, WMMA
+// 16x16x16 from it):
+//  - mma.sync m16n8k16 bf16 (fp32 accumulate). W rows are the A operand (M),
+//    pairs the B operand (N, 8 per mma): a tile's n8 blocks past its pair
+//    count are skipped (warp-uniform), where v1 computed all 96 columns;
+//  - the MXFP4 bytes (cp.async-staged raw, as v1) are decoded by each warp
+//    straight into its A fragments in registers: no bf16 W tile, no A
+//    fragment loads (v2, which decoded into shared memory and read A with
+//    ldmatrix, measured 1.03 ms at n = 512 against v3's 0.77: deleted);
+//  - 384 W rows (gate_up: 192 gate + the same 192 up rows) per CTA, 12 warps
+//    of 32 rows each across all the tile's pairs; pair rows (bf16) through
+//    ldmatrix.x4 from padded shared memory (rows of BK + 8 bf16: 144 bytes,
+//    an odd number of 16-byte units, so the 8 row addresses of an 8x8 block
+//    hit distinct bank groups); activations re-read from L2 m / 384 times
+//    (v1: m / 128);
 //  - the epilogue runs on the accumulators in registers: a warp's two m16
-//    tiles are the same 16 ff rows of gate and of up (bands of 32 tile rows:
-//    16 gate, 16 up), so the clamped SwiGLU pairs element d[i] of one with
-//    d[i] of the other; no shared-memory scratch.
-// Pipeline as v1's PIPE schedule: NS = 3 stages of raw W bytes + bf16 pair
-// rows in flight (cp.async), W dequantized once per stage by all threads into
-// one of two bf16 W tiles, one barrier per stage: after it, warps multiply
-// stage s while dequantizing stage s + 1 into the other tile.
+//    tiles are the same 16 ff rows of gate and of up (bands of 32 tile rows),
+//    so the clamped SwiGLU pairs element d[i] of one with d[i] of the other.
 // Fragment layouts (PTX ISA, lane = 4 g + t), as attention_fa.cuh:
-//   A (16 x 16, row-major W tile): a0 = A[g][2t..], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   A (16 x 16, row-major): a0 = A[g][2t..], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
 //   B (16 x 8, the pair rows [n][k]): b0 = B[k 2t..][n g], b1 = B[k 2t+8..][n g]
 //   D: d0, d1 = D[g][2t, 2t+1], d2, d3 = D[g+8][2t, 2t+1]
 // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l gets
-// of matrix i row l / 4, elements 2 (l % 4), +1 -> register i. So A's x4 takes
-// matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
-// (rows 8-15, k 8-15); B's x4 (n-block j, k 0-7), (j, k 8-15), (j', k 0-7),
-// (j', k 8-15) = the b0, b1 of two n-blocks.
+// of matrix i row l / 4, elements 2 (l % 4), +1 -> register i; B's x4 takes
+// (n-block j, k 0-7), (j, k 8-15), (j', k 0-7), (j', k 8-15) = the b0, b1 of
+// two n-blocks.
 // The CPU emulation (cuda/test/qgemm_emu_test.cpp) runs this source with
 // ldmatrix and mma done lane by lane from these tables, so the layouts are
 // checked, not assumed.
@@ -111,286 +106,31 @@ __device__ __forceinline__ void mg_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p
 #endif
 }
 
-// ---- configuration ----
-struct MgCfg {
-  static constexpr int BM = 192, BN = 96, KB = 2, NS = 3;
-  static constexpr int WM = 6, WN = 2, THREADS = WM * WN * 32;
-  static constexpr int BK = 32 * KB, LDS = BK + 8;
-  static constexpr int MT = BM / WM / 16; // m16 tiles per warp (2: gate_up pairs gate / up)
-  static constexpr int NT = BN / 8 / WN;  // n8 blocks per warp
-  static_assert(MT == 2 && NT % 2 == 0 && MT * 16 * WM == BM && NT * 8 * WN == BN, "tile");
-  static_assert((LDS * 2) % 16 == 0 && ((LDS * 2 / 16) & 1), "ldmatrix rows: 16-byte aligned, odd 16-byte stride");
-};
-
-template <int T>
-struct MgSmem {
-  using C = MgCfg;
-  static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
-  static constexpr size_t WS = 2 * (size_t)C::BM * C::LDS * 2;
-  static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
-  static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
-  static constexpr size_t TOTAL = WS + XS + RAW + 2 * C::BN * 4;
-};
-
-// One CTA: the BM W rows from blockIdx.x (gate_up: BM/2 rows of each W) x the
-// route tile blockIdx.y (up to BN pairs of one expert). MODE_GATE_UP: bf16
-// SwiGLU activations act[pos, m] (sorted order); MODE_DOWN: f32 y[pair, m].
-template <int T, int MODE>
-__global__ void __launch_bounds__(MgCfg::THREADS, 1) moe_gemm2_kernel(const QArgs a) {
-  using C = MgCfg;
-  using SM = MgSmem<T>;
-  constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
-  constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
-  constexpr bool DUAL = MODE == MODE_GATE_UP;
-  QG_DYN_SMEM(uint8_t, smem);
-  __nv_bfloat16 *Ws = reinterpret_cast<__nv_bfloat16 *>(smem);
-  __nv_bfloat16 *Xs = reinterpret_cast<__nv_bfloat16 *>(smem + SM::WS);
-  uint8_t *raw = smem + SM::WS + SM::XS;
-  int *arow = reinterpret_cast<int *>(raw + SM::RAW); // A row of tile row i (-1: none)
-  int *orow = arow + BN;                               // output row of tile row i (-1: none)
-  const int tid = threadIdx.x;
-
-  const int ty = blockIdx.y;
-  if (ty >= *a.ntiles) return; // uniform: past the routed tiles (the grid is an upper bound)
-  const int e = a.tile_e[ty];
-  const int base = a.exp_off[e] + a.tile_r0[ty], lim = a.exp_off[e + 1];
-  const int cnt = min(BN, lim - base); // pairs in this tile (>= 1)
-  for (int i = tid; i < BN; i += THREADS) {
-    const int pos = base + i;
-    arow[i] = pos < lim ? pos : -1;
-    orow[i] = pos >= lim ? -1 : DUAL ? pos : a.sorted[pos];
-  }
-  const int64_t r0 = (int64_t)blockIdx.x * (DUAL ? BM / 2 : BM); // first W row (of each W when DUAL)
-  const uint8_t *wb = a.w + (int64_t)e * a.expert_bytes;
-  const uint8_t *wb2 = DUAL ? a.w2 + (int64_t)e * a.expert_bytes : nullptr;
-  const int64_t nb = a.k / 32;
-  const int nstages = (int)((nb + KB - 1) / KB);
-
-  // Tile row i -> (W, row): DUAL interleaves 16 gate rows and the same 16 up
-  // rows per 32 (a warp's band).
-  auto wrow = [&](int i, const uint8_t *&wbase, const uint8_t *&wend) -> int64_t {
-    if constexpr (DUAL) {
-      const int band = i >> 5, within = i & 31;
-      wbase = within < 16 ? wb : wb2;
-      wend = within < 16 ? a.w_end : a.w2_end;
-      return r0 + band * 16 + (within & 15);
-    } else {
-      wbase = wb;
-      wend = a.w_end;
-      return r0 + i;
-    }
-  };
-
-  __syncthreads(); // row maps
-
-  // Per-thread copy / dequantization tasks, fixed for the whole loop (as v1).
-  constexpr int WPT = (BM * CH + THREADS - 1) / THREADS;
-  constexpr int APT = (BN * KB * 4 + THREADS - 1) / THREADS;
-  constexpr int DPT = (BM * KB + THREADS - 1) / THREADS;
-  static_assert(BM * RAWROW < 65536 && BN * LDS < 65536 && BM * LDS < 65536, "packed shared-memory offsets");
-  const uint8_t *w_row[WPT];
-  uint32_t w_pk[WPT];
-#pragma unroll
-  for (int u = 0; u < WPT; u++) {
-    const int q = tid + u * THREADS;
-    w_row[u] = nullptr;
-    w_pk[u] = 0;
-    if (q < BM * CH) {
-      const int i = q / CH, c = q % CH;
-      const uint8_t *wbase, *wend;
-      const int64_t row = wrow(i, wbase, wend);
-      if (row < a.m) w_row[u] = wbase + row * a.rb;
-      w_pk[u] = (uint32_t)(i * RAWROW + 16 * c) | (uint32_t)c << 16 | (uint32_t)(wend != a.w_end) << 24;
-    }
-  }
-  const __nv_bfloat16 *a_src[APT];
-  uint32_t a_pk[APT];
-#pragma unroll
-  for (int u = 0; u < APT; u++) {
-    const int q = tid + u * THREADS;
-    a_src[u] = nullptr;
-    a_pk[u] = 0;
-    if (q < BN * KB * 4) {
-      const int i = q / (KB * 4), c = q % (KB * 4);
-      const int ar = arow[i];
-      if (ar >= 0) a_src[u] = a.xa + (int64_t)ar * a.k; // rows without a pair feed only columns never stored
-      a_pk[u] = (uint32_t)(i * LDS + 8 * c) | (uint32_t)(8 * c) << 16;
-    }
-  }
-  const uint8_t *d_row[DPT];
-  int d_pk[DPT];
-#pragma unroll
-  for (int u = 0; u < DPT; u++) {
-    const int q = tid + u * THREADS;
-    d_row[u] = nullptr;
-    d_pk[u] = -1;
-    if (q < BM * KB) {
-      const int i = q / KB, j = q % KB;
-      const uint8_t *wbase, *wend;
-      const int64_t row = wrow(i, wbase, wend);
-      if (row < a.m) d_row[u] = wbase + row * a.rb;
-      d_pk[u] = (i * LDS + 32 * j) | j << 16;
-    }
-  }
-
-  // Stage s's cp.async copies (W raw -> raw[s % NS], pair rows -> Xs[s % NS]), one commit group.
-  auto issue = [&](int s) {
-    if (s < nstages) {
-      const int64_t kb0 = (int64_t)s * KB;
-      const int nblk = (int)min((int64_t)KB, nb - kb0);
-      uint8_t *dst = raw + (size_t)(s % NS) * BM * RAWROW;
-#pragma unroll
-      for (int u = 0; u < WPT; u++) {
-        if (!w_row[u]) continue;
-        const int c = (int)((w_pk[u] >> 16) & 0xffu);
-        const uint8_t *seg = w_row[u] + kb0 * BB;
-        const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
-        if (c >= sp.chunks) continue;
-        const uint64_t addr = sp.a0 + 16ull * c;
-        const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
-        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
-      }
-      __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
-#pragma unroll
-      for (int u = 0; u < APT; u++) {
-        if (!a_src[u]) continue;
-        const int64_t col = kb0 * 32 + (a_pk[u] >> 16);
-        cp_async16(xd + (a_pk[u] & 0xffffu), a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
-      }
-    }
-    cp_async_commit();
-  };
-  // Stage s's raw blocks -> bf16 W tile wt (zeros past m / past k).
-  auto dequant = [&](int s, __nv_bfloat16 *wt) {
-    const int64_t kb0 = (int64_t)s * KB;
-    const uint8_t *src = raw + (size_t)(s % NS) * BM * RAWROW;
-#pragma unroll
-    for (int u = 0; u < DPT; u++) {
-      if (d_pk[u] < 0) continue;
-      const int off = d_pk[u] & 0xffff, j = d_pk[u] >> 16;
-      __nv_bfloat16 *dst = wt + off;
-      if (d_row[u] && kb0 + j < nb) {
-        const uint8_t *seg = d_row[u] + kb0 * BB;
-        const int o = (int)((uintptr_t)seg & 15) + j * BB;
-        const int i = off / LDS;
-        const uint32_t *wp = reinterpret_cast<const uint32_t *>(src + i * RAWROW + (o & ~3));
-        uint32_t wv[block_words<T>()];
-#pragma unroll
-        for (int z = 0; z < block_words<T>(); z++) wv[z] = wp[z];
-        dequant_block_bf16<T>(wv, (uint32_t)(o & 3), dst);
-      } else {
-        uint4 *p = reinterpret_cast<uint4 *>(dst);
-#pragma unroll
-        for (int z = 0; z < 4; z++) p[z] = make_uint4(0, 0, 0, 0);
-      }
-    }
-  };
-
-  const int warp = tid >> 5, lane = tid & 31;
-  const int wm = warp % C::WM, wn = warp / C::WM;
-  // ldmatrix row offsets (elements) of this lane: A (W rows of the band), B
-  // (pair rows of n-blocks wn and wn + 2; + 32 rows per further pair of blocks).
-  const int a_off = (wm * 32 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + (lane >> 4) * 8;
-  const int b_off = ((wn + 2 * (lane >> 4)) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8;
-  float acc[C::MT][C::NT][4];
-#pragma unroll
-  for (int i = 0; i < C::MT; i++)
-#pragma unroll
-    for (int j = 0; j < C::NT; j++)
-#pragma unroll
-      for (int z = 0; z < 4; z++) acc[i][j][z] = 0.f;
-
-  // Stage s's product: W tile wt, pair rows Xs[s % NS]. Local block j of this
-  // warp is n-block 2 j + wn (pairs 8 (2 j + wn) ..); blocks past cnt skipped.
-  auto mma = [&](int s, const __nv_bfloat16 *wt) {
-    const __nv_bfloat16 *xs = Xs + (size_t)(s % NS) * BN * LDS;
-#pragma unroll
-    for (int kk = 0; kk < C::BK / 16; kk++) {
-      uint32_t af[C::MT][4];
-#pragma unroll
-      for (int i = 0; i < C::MT; i++) mg_ldsm_x4(af[i], wt + a_off + i * 16 * LDS + kk * 16);
-#pragma unroll
-      for (int jp = 0; jp < C::NT / 2; jp++) {
-        if ((4 * jp + wn) * 8 >= cnt) break; // warp-uniform
-        uint32_t bf[4];
-        mg_ldsm_x4(bf, xs + b_off + jp * 32 * LDS + kk * 16);
-        const bool second = (4 * jp + 2 + wn) * 8 < cnt;
-#pragma unroll
-        for (int i = 0; i < C::MT; i++) {
-          mg_mma_bf16(acc[i][2 * jp], af[i], bf[0], bf[1]);
-          if (second) mg_mma_bf16(acc[i][2 * jp + 1], af[i], bf[2], bf[3]);
-        }
-      }
-    }
-  };
-
-#pragma unroll
-  for (int s = 0; s < NS - 1; s++) issue(s);
-  {
-    __nv_bfloat16 *Ws2 = Ws + BM * LDS;
-    cp_async_wait<NS - 2>(); // stage 0
-    __syncthreads();
-    dequant(0, Ws);
-    for (int s = 0; s < nstages; s++) {
-      cp_async_wait<NS - 3>(); // this thread's copies of stage s+1 have landed
-      __syncthreads(); // stage s+1 visible; Ws[s % 2] ready; step s-1's mma and dequant done
-      issue(s + NS - 1); // into the buffers of stage s-1
-      mma(s, (s & 1) ? Ws2 : Ws);
-      if (s + 1 < nstages) dequant(s + 1, (s & 1) ? Ws : Ws2);
-    }
-  }
-  cp_async_wait<0>();
-
-  // Epilogue from registers: lane (g, t) holds, per local block j, rows g and
-  // g + 8 of each m16 tile at pairs 2t, 2t + 1 of n-block 2 j + wn.
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int j = 0; j < C::NT; j++) {
-    const int nb0 = (2 * j + wn) * 8;
-    if (nb0 >= cnt) break;
-#pragma unroll
-    for (int z = 0; z < 4; z++) {
-      const int col = nb0 + 2 * t + (z & 1);
-      const int o = col < cnt ? orow[col] : -1;
-      if (o < 0) continue;
-      if constexpr (DUAL) {
-        const int64_t row = r0 + wm * 16 + g + 8 * (z >> 1);
-        if (row >= a.m) continue;
-        const float gv = acc[0][j][z] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
-        const float uv = acc[1][j][z] + (a.bias2 ? a.bias2[(int64_t)e * a.m + row] : 0.f);
-        reinterpret_cast<__nv_bfloat16 *>(a.y)[(int64_t)o * a.m + row] =
-            __float2bfloat16_rn(swiglu_oai(gv, uv, a.alpha, a.limit));
-      } else {
-#pragma unroll
-        for (int i = 0; i < C::MT; i++) {
-          const int64_t row = r0 + wm * 32 + i * 16 + g + 8 * (z >> 1);
-          if (row >= a.m) continue;
-          const float v = acc[i][j][z] + (a.bias ? a.bias[(int64_t)e * a.m + row] : 0.f);
-          float *yp = reinterpret_cast<float *>(a.y) + (int64_t)o * a.m + row;
-          *yp = a.accumulate ? *yp + v : v;
-        }
-      }
-    }
-  }
+// cp.async of 16 bytes (the first `bytes` read, the rest zero-filled) with
+// the L2::256B prefetch-size hint: the L2 fetches the whole 256-byte block
+// around the address from DRAM. v3 stages each W row 34 bytes (two blocks) a
+// stage, 384 rows 1530 bytes apart: without the hint every stage costs each
+// row a separate 64-byte DRAM access (device run 1: ~0.8 TB/s, the whole
+// per-tile cost); with it one 256-byte read serves 7-8 stages.
+__device__ __forceinline__ void cp_async16_l2pf(void *smem, const void *gmem, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem), "r"(bytes) : "memory");
+#else
+  cp_async16(smem, gmem, bytes);
+#endif
 }
 
-template <int T, int MODE>
-int launch_moe_gemm2(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
-  constexpr size_t sm = MgSmem<T>::TOTAL;
-  static_assert(sm <= 200 * 1024, "shared memory");
-  static const size_t optin = smem_optin();
-  if (sm > optin) {
-    orch_set_error("moe_gemm v2: tile needs %zu bytes of shared memory, the device allows %zu", sm, optin);
-    return ORCH_ERR_UNSUPPORTED;
-  }
-  const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? MgCfg::BM / 2 : MgCfg::BM);
-  cudaFuncSetAttribute(moe_gemm2_kernel<T, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs) = moe_gemm2_kernel<T, MODE>;
-  QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), MgCfg::THREADS, sm, st, a);
-  return ORCH_OK;
+// Prefetch of the 128-byte line holding p into L2 (no register result).
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
 }
 
-// ---- v3 (tile 17): MXFP4 decoded straight into A fragments ----
+// ---- v3: MXFP4 decoded straight into A fragments ----
 // A CTA is 384 W rows (gate_up: 192 gate + the same 192 up rows) x 96 pairs,
 // 12 warps, each owning a band of 32 tile rows (16 gate, 16 up) across ALL
 // of the tile's pairs (no N split). As a warp is the only reader of its rows,
@@ -411,6 +151,10 @@ int launch_moe_gemm2(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
 // WARPS_: 12 (384 W rows, one CTA per SM) or 6 (192 rows, two CTAs per SM:
 // each the other's overlap, and twice the CTAs for the tail of the wave; at
 // gpt-oss n = 512 down has 8 x ~34 = 272 CTAs of 384 rows = 2.06 waves).
+// PF (DRAM access of the W rows): 0 plain cp.async (run 1), 1 with the
+// L2::256B hint, 2 the hint plus prefetch.global.L2 of each row's bytes 8
+// stages ahead (two 128-byte lines every 4 stages: 272 bytes of row per 8
+// stages, so the DRAM reads run ahead of the copies).
 template <int BN_, int WARPS_ = 12>
 struct Mg3Cfg {
   static constexpr int BM = 32 * WARPS_, BN = BN_, KB = 2, NS = 4, WARPS = WARPS_, THREADS = WARPS * 32;
@@ -442,7 +186,7 @@ __device__ __forceinline__ void mx_pair_bf16(uint32_t qq, uint32_t scale, uint32
   hi = bf162_mul(phi, scale);
 }
 
-template <int MODE, int BN_, bool PIPE, int WARPS_>
+template <int MODE, int BN_, bool PIPE, int WARPS_, int PF>
 __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_>::THREADS, Mg3Cfg<BN_, WARPS_>::MINB)
     moe_gemm3_kernel(const QArgs a) {
   using C = Mg3Cfg<BN_, WARPS_>;
@@ -533,7 +277,20 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_>::THREADS, Mg3Cfg<BN_, WARP
         if (c >= sp.chunks) continue;
         const uint64_t addr = sp.a0 + 16ull * c;
         const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
-        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
+        if (bytes > 0) {
+          if constexpr (PF >= 1) cp_async16_l2pf(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
+          else cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
+        }
+        if constexpr (PF == 2) {
+          // The row's first-chunk task prefetches its bytes 8 stages ahead
+          // (two lines, every 4 stages), inside the row.
+          if (c == 0 && (s & 3) == 0) {
+            const uint8_t *wend = (w_pk[u] >> 24) ? a.w2_end : a.w_end;
+            const uint8_t *pf = seg + 8 * KB * BB;
+            if (pf < wend) prefetch_l2(pf);
+            if (pf + 128 < wend) prefetch_l2(pf + 128);
+          }
+        }
       }
       __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
 #pragma unroll
@@ -702,7 +459,7 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_>::THREADS, Mg3Cfg<BN_, WARP
   }
 }
 
-template <int MODE, int BN_, bool PIPE, int WARPS_ = 12>
+template <int MODE, int BN_, bool PIPE, int WARPS_, int PF>
 int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
   using C = Mg3Cfg<BN_, WARPS_>;
   constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_, WARPS_>::TOTAL;
@@ -714,25 +471,53 @@ int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
     return ORCH_ERR_UNSUPPORTED;
   }
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
-  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_>;
+  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_, PF>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       (int)sm);
+  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_, PF>;
   QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a);
   return ORCH_OK;
 }
 
-// Tile codes of v3: 17, 18, 19 = 96, 80, 64 pairs per tile; 20, 21 = 80,
-// 64 with the decode pipelined against the MMAs (PIPE); 22, 23 = 192-row
-// CTAs (6 warps, two per SM) with 80 pairs, 23 pipelined.
-constexpr int mg3_bn(int tile) { return tile == 17 ? 96 : tile == 19 || tile == 21 ? 64 : 80; }
+// Tile codes of v3 (pairs per tile, CTA warps, decode pipelined, PF):
+//   17 / 18 / 19: 96 / 80 / 64 pairs, 12 warps, PF 0 (device run 1: n = 512
+//   0.771 / 0.779 / 0.963 ms, n = 64 0.542 / 0.523 / 0.501);
+//   22: 80 pairs, 6 warps (two CTAs per SM), PF 0;
+//   24 / 25: 96 pairs, PF 1 / 2;  26: 64 pairs, PF 1;  27: 80 pairs, 6 warps,
+//   PF 1;  28: 80 pairs, pipelined (device run 1, PF 0: no faster), PF 1.
+// (20, 21, 23: pipelined 80 / 64 / 6-warp at PF 0, removed after run 1.)
+struct Mg3Tile {
+  int bn, warps, pf;
+  bool pipe;
+};
+constexpr Mg3Tile mg3_tile(int tile) {
+  switch (tile) {
+    case 17: return {96, 12, 0, false};
+    case 18: return {80, 12, 0, false};
+    case 19: return {64, 12, 0, false};
+    case 22: return {80, 6, 0, false};
+    case 24: return {96, 12, 1, false};
+    case 25: return {96, 12, 2, false};
+    case 26: return {64, 12, 1, false};
+    case 27: return {80, 6, 1, false};
+    case 28: return {80, 12, 1, true};
+  }
+  return {0, 0, 0, false};
+}
+constexpr bool mg3_tile_ok(int tile) { return mg3_tile(tile).bn != 0; }
+constexpr int mg3_bn(int tile) { return mg3_tile(tile).bn; }
 template <int MODE>
 int launch_moe_gemm3_tile(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
   switch (tile) {
-    case 17: return launch_moe_gemm3<MODE, 96, false>(st, a, rows_w, gy);
-    case 18: return launch_moe_gemm3<MODE, 80, false>(st, a, rows_w, gy);
-    case 19: return launch_moe_gemm3<MODE, 64, false>(st, a, rows_w, gy);
-    case 20: return launch_moe_gemm3<MODE, 80, true>(st, a, rows_w, gy);
-    case 21: return launch_moe_gemm3<MODE, 64, true>(st, a, rows_w, gy);
-    case 22: return launch_moe_gemm3<MODE, 80, false, 6>(st, a, rows_w, gy);
-    default: return launch_moe_gemm3<MODE, 80, true, 6>(st, a, rows_w, gy);
+    case 17: return launch_moe_gemm3<MODE, 96, false, 12, 0>(st, a, rows_w, gy);
+    case 18: return launch_moe_gemm3<MODE, 80, false, 12, 0>(st, a, rows_w, gy);
+    case 19: return launch_moe_gemm3<MODE, 64, false, 12, 0>(st, a, rows_w, gy);
+    case 22: return launch_moe_gemm3<MODE, 80, false, 6, 0>(st, a, rows_w, gy);
+    case 24: return launch_moe_gemm3<MODE, 96, false, 12, 1>(st, a, rows_w, gy);
+    case 25: return launch_moe_gemm3<MODE, 96, false, 12, 2>(st, a, rows_w, gy);
+    case 26: return launch_moe_gemm3<MODE, 64, false, 12, 1>(st, a, rows_w, gy);
+    case 27: return launch_moe_gemm3<MODE, 80, false, 6, 1>(st, a, rows_w, gy);
+    case 28: return launch_moe_gemm3<MODE, 80, true, 12, 1>(st, a, rows_w, gy);
   }
+  orch_set_error("moe_ffn_grouped: tile %d is not a v3 tile", tile);
+  return ORCH_ERR_INVALID;
 }

@@ -11,6 +11,9 @@
 //    in the same order), one for down (+ bias) into a per-pair buffer, and the
 //    weighted combine in a fixed order (orch_moe_combine). Each expert's
 //    weights are read once per tile of up to BN pairs instead of once per pair.
+//    For MXFP4 gate/up/down the two grouped GEMMs are v3 by default
+//    (moe_gemm.cuh: mma.sync with the weights decoded into fragments in
+//    registers); ORCH_CUDA_MOEGEMM=v1 keeps this file's kernel below.
 //
 // Kernel (one template for the three uses): a CTA computes a BN (A rows:
 // tokens / sorted pairs) x BM (W rows) tile of the output. A is bf16 (x is
@@ -516,19 +519,19 @@ int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) 
   return ORCH_OK;
 }
 
-// Grouped MoE GEMM v2 / v3 (mma.sync + ldmatrix; tile codes 16 / 17-23,
-// ORCH_CUDA_MOEGEMM=v2 / v3).
+// Grouped MoE GEMM v3 (mma.sync, MXFP4 decoded into fragments; tile codes
+// 17-28, ORCH_CUDA_MOEGEMM=v3, the default).
 #include "moe_gemm.cuh"
 
-// ORCH_CUDA_MOEGEMM=vN, read once per process: 2 / 3 make v2 / v3 the
-// grouped MoE's tile when the caller leaves the choice (tile 0) and both
-// weight types are MXFP4; 1 (the default until the device run) keeps v1's.
+// ORCH_CUDA_MOEGEMM=vN, read once per process: 3 (default) makes v3 the
+// grouped MoE's kernel when the caller leaves the choice (tile 0) and both
+// weight types are MXFP4; any other version (v1) keeps v1's tiles. (v2, the
+// shared-memory-decode step, was deleted after device run 1.)
 int moegemm_version() {
-  static const int v = orch_env_version("ORCH_CUDA_MOEGEMM", 1);
+  static const int v = orch_env_version("ORCH_CUDA_MOEGEMM", 3);
   return v;
 }
-constexpr int TILE_MOE2 = 16, TILE_MOE3 = 17, TILE_MOE3_LAST = 23;
-constexpr bool tile_v3(int t) { return t >= TILE_MOE3 && t <= TILE_MOE3_LAST; }
+constexpr bool tile_v3(int t) { return mg3_tile_ok(t); }
 
 // The two-barrier schedule is built for the dense GEMM only (A/B timing;
 // fewer instantiations): the MoE modes always pipeline.
@@ -542,7 +545,7 @@ int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy, bo
 // Tile code: bits 0-2 the configuration (1..4), bit 3 (8) the two-barrier
 // schedule instead of the pipelined one.
 constexpr int bn_of(int tile) {
-  return tile == TILE_MOE2 ? MgCfg::BN : tile_v3(tile) ? mg3_bn(tile) : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
+  return tile_v3(tile) ? mg3_bn(tile) : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
 }
 
 // gy: grid rows (token tiles or the MoE tile bound) for this tile's BN.
@@ -570,7 +573,7 @@ int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_
   return ORCH_ERR_UNSUPPORTED;
 }
 
-bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || t == TILE_MOE2 || tile_v3(t); } // 0..5, 8..13; 16, 17..23 (grouped MoE v2, v3)
+bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || tile_v3(t); } // 0..5, 8..13; v3's (grouped MoE)
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
@@ -697,14 +700,18 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
                      aligned16(up) && aligned16(down),
                  op);
   const int64_t pairs = n * n_slots;
-  // v2 / v3 (moe_gemm.cuh) are built for MXFP4 gate/up and down (gpt-oss);
-  // other types take v1's tiles (tile 16 / 17 then means "by shape").
+  // v3 (moe_gemm.cuh) is built for MXFP4 gate/up and down (gpt-oss); other
+  // types take v1's tiles (a v3 tile code then means "by shape").
   const bool mx = gu_type == ORCH_T_MXFP4 && down_type == ORCH_T_MXFP4;
-  if (tile == 0 && mx && moegemm_version() == 2) tile = TILE_MOE2;
-  if (tile == 0 && mx && moegemm_version() == 3) tile = TILE_MOE3;
-  const bool v23 = tile == TILE_MOE2 || tile_v3(tile);
-  if (v23 && !mx) tile = 0;
-  if (!(v23 && mx) && (tile & 7) == 0) {
+  if (tile == 0 && mx && moegemm_version() == 3) {
+    // By mean pairs per expert (device run 1, gpt-oss, PF 0: n = 64 (8 per
+    // expert) 64-pair tiles 0.501 ms, 96 0.542; n = 512 / 2048 96-pair tiles
+    // best, 0.771 / 2.42 ms); the L2::256B variants (PF 1) of those two.
+    tile = pairs / n_exp <= 16 ? 26 : 24;
+  }
+  const bool v3 = tile_v3(tile);
+  if (v3 && !mx) tile = 0;
+  if (!(v3 && mx) && (tile & 7) == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
     // Device run 3 (gpt-oss shape): n=64 (8 per expert) tile 1 0.70 ms; n=512
     // (64 per expert) tile 5 1.11 ms, 2 1.27, 3 1.29, 4 1.56.
@@ -747,9 +754,8 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = dim;
   a.m = ff;
   a.rb = rb_gu;
-  int rc = tile == TILE_MOE2   ? launch_moe_gemm2<ORCH_T_MXFP4, MODE_GATE_UP>(ctx->stream, a, ff, tb)
-           : tile_v3(tile)     ? launch_moe_gemm3_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
-                               : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
+  int rc = tile_v3(tile) ? launch_moe_gemm3_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
+                         : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   // down (+ bias) -> ybuf[pair, dim]
@@ -765,9 +771,8 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = ff;
   a.m = dim;
   a.rb = rb_dn;
-  rc = tile == TILE_MOE2   ? launch_moe_gemm2<ORCH_T_MXFP4, MODE_DOWN>(ctx->stream, a, dim, tb)
-       : tile_v3(tile)     ? launch_moe_gemm3_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
-                           : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
+  rc = tile_v3(tile) ? launch_moe_gemm3_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
+                     : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);

@@ -377,34 +377,33 @@ int main(int argc, char **argv) {
   // Grouped MoE: ragged pairs, experts with no pairs, one hot expert.
   for (const char *routing : {"uniform", "skew", "one"})
     for (int tile : {1, 2, 3, 5}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 64, 96, tile, routing, true);
-  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 8, 64, 64, 0, "uniform", true); // ~65 pairs per expert: auto tile 5
+  // ~65 pairs per expert, by shape: MXFP4 takes v3 (ORCH_CUDA_MOEGEMM unset), tile 24
+  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 8, 64, 64, 0, "uniform", true);
   test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 21, 2, 5, 96, 64, 0, "uniform", false);
   test_moe(rng, ORCH_T_Q4_0, ORCH_T_Q8_0, 7, 3, 4, 64, 64, 1, "skew", true);
-  // v2 (tile 16, moe_gemm.cuh: mma.sync / ldmatrix by the PTX fragment
-  // tables): k = 96 (a partial stage), m below one CTA's rows, ragged pair
-  // counts (n-blocks skipped per warp), empty experts, one expert over two
-  // 96-pair tiles (130 tokens on 5 experts: ~104 each), no biases; and a
-  // Q8_0 call asking for 16 (v1's tiles take it).
-  // v3 (tile 17: MXFP4 decoded into A fragments, 96 pairs per tile), the same cases.
-  for (int tile : {16, 17}) {
-    for (const char *routing : {"uniform", "skew", "one"})
-      test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, tile, routing, true);
-    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 5, 64, 64, tile, "uniform", false);
-    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 60, 3, 3, 64, 32, tile, "one", true);
-    test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 9, 2, 5, 64, 64, tile, "uniform", false);
-  }
-  // v3 with 80 / 64 pairs per tile (20, 21: decode pipelined against the
-  // MMAs): the hot expert (13 pairs; k = 96: the last stage has one block),
-  // 105 pairs over 4 experts (two tiles each); k = 160 (3 stages: the
-  // buffers' reuse) for the pipelined ones.
+  // v3 (moe_gemm.cuh: MXFP4 decoded into mma A fragments, ldmatrix B, by
+  // the PTX fragment tables), tile 17 (96 pairs a tile): k = 96 (a partial
+  // stage), m below one CTA's rows, ragged pair counts (n-blocks skipped),
+  // empty experts, one expert over two tiles (130 tokens on 5 experts: ~104
+  // each), no biases; a Q8_0 call asking for 17 (v1's tiles take it).
+  for (const char *routing : {"uniform", "skew", "one"})
+    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, 17, routing, true);
+  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 130, 4, 5, 64, 64, 17, "uniform", false);
+  test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 60, 3, 3, 64, 32, 17, "one", true);
+  test_moe(rng, ORCH_T_Q8_0, ORCH_T_MXFP4, 9, 2, 5, 64, 64, 17, "uniform", false);
   // Several CTA columns (r0 > 0, the last one partial) for gate_up (ff 224)
-  // and down (dim 416), k of 13 and 7 blocks.
-  for (int tile : {16, 17, 21, 23}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 9, 2, 2, 416, 224, tile, "uniform", true);
-  // 22, 23: 192-row CTAs (6 warps), 23 pipelined.
-  for (int tile : {18, 19, 20, 21, 22, 23}) {
+  // and down (dim 416), k of 13 and 7 blocks: 384-row (17) and 192-row (27) CTAs.
+  for (int tile : {17, 27}) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 9, 2, 2, 416, 224, tile, "uniform", true);
+  // The other variants (18/19: 80/64 pairs, 22/27: 6 warps, 24-28: L2
+  // prefetch (the same code here but PF 2's prefetch addresses), 28:
+  // pipelined): the hot expert (13 pairs; k = 96: the last stage has one
+  // block) and 105 pairs over 4 experts (two tiles each at 80 / 64); k = 160
+  // (3 stages: the pipelined buffers' reuse) for 28.
+  for (int tile : {18, 19, 22, 24, 25, 26, 27, 28}) {
     test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 13, 4, 6, 96, 96, tile, "skew", true);
-    test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 105, 4, 4, 64, 64, tile, "uniform", false);
-    if (tile == 20 || tile == 21 || tile == 23) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 21, 4, 5, 160, 96, tile, "uniform", true);
+    if (tile == 18 || tile == 19 || tile == 28)
+      test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 105, 4, 4, 64, 64, tile, "uniform", false);
+    if (tile == 28) test_moe(rng, ORCH_T_MXFP4, ORCH_T_MXFP4, 21, 4, 5, 160, 96, tile, "uniform", true);
   }
   if (fails) {
     std::printf("qgemm_emu_test: %d failures\n", fails);

@@ -323,12 +323,12 @@ func TestMoEGrouped(t *testing.T) {
 			for _, n := range []int{1, 5, 9, 33, 130, 512} {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
-					// 16, 17..23: v2, v3 with 96 / 80 / 64 pairs a tile, 80 / 64
-					// pipelined, 192-row CTAs (moe_gemm.cuh; MXFP4 only, other
-					// types fall back to v1)
-					tiles := []int32{0, 1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21, 22, 23}
+					// 17..28: v3 (moe_gemm.cuh; MXFP4 only, other types fall back
+					// to v1): 96 / 80 / 64 pairs a tile, 192-row CTAs, L2
+					// prefetch variants, pipelined (mg3_tile)
+					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 18, 19, 22, 24, 25, 26, 27, 28}
 					if !withBias || dts[0] != dts[1] {
-						tiles = []int32{0, 16, 17}
+						tiles = []int32{0, 5, 24}
 					}
 					for _, tile := range tiles {
 						name := fmt.Sprintf("%v+%v/bias=%v/n=%d/%s/tile=%d", dts[0], dts[1], withBias, n, kind, tile)
@@ -363,19 +363,19 @@ func TestMoEGroupedGraph(t *testing.T) {
 	const dim, ff, ne, k, n = 160, 224, 32, 4, 70
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
-	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v2", "uniform/v2", "skew/v3", "uniform/v3", "one/v3p", "uniform/v3p", "skew/v3w6", "uniform/v3w6"} {
+	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v1", "uniform/v1", "skew/v3", "uniform/v3", "one/v3p", "uniform/v3p", "skew/v3w6", "uniform/v3w6"} {
 		tile := int32(0)
-		if k, ok := strings.CutSuffix(kind, "/v2"); ok {
-			kind, tile = k, 16
+		if k, ok := strings.CutSuffix(kind, "/v1"); ok {
+			kind, tile = k, 5
 		}
 		if k, ok := strings.CutSuffix(kind, "/v3"); ok {
-			kind, tile = k, 17
+			kind, tile = k, 24
 		}
 		if k, ok := strings.CutSuffix(kind, "/v3p"); ok {
-			kind, tile = k, 21
+			kind, tile = k, 28
 		}
 		if k, ok := strings.CutSuffix(kind, "/v3w6"); ok {
-			kind, tile = k, 23
+			kind, tile = k, 27
 		}
 		x := randF32(r, dim*n, 1)
 		ids := routing(r, kind, n, k, ne)
@@ -443,13 +443,13 @@ func TestMoEGroupedRoute(t *testing.T) {
 // TestMoEGEMMVersions reruns the by-shape grouped MoE tests (tile 0:
 // TestMoEGroupedGraph, and TestMoEGroupedRoute through Backend.MoE) in a
 // child process per ORCH_CUDA_MOEGEMM version, which the library reads once
-// per process: v2 / v3 make moe_gemm.cuh's kernels the by-shape choice for
-// MXFP4 (Q8_0 keeps v1's tiles).
+// per process: v3 (the default) makes moe_gemm.cuh's kernel the by-shape
+// choice for MXFP4, v1 keeps qgemm.cu's tiles (Q8_0 always does).
 func TestMoEGEMMVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOEGEMM"); v != "" {
 		t.Skipf("ORCH_CUDA_MOEGEMM=%s pins this process; the version children run from an unpinned one", v)
 	}
-	for _, v := range []string{"v1", "v2", "v3"} {
+	for _, v := range []string{"v1", "v3"} {
 		t.Run(v, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run", "^(TestMoEGroupedGraph|TestMoEGroupedRoute)$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_CUDA_MOEGEMM="+v)

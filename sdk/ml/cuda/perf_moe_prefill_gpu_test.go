@@ -21,14 +21,13 @@ import (
 // top-k) at gpt-oss-20b shape (dim = ff = 2880, 32 experts, top-4, MXFP4)
 // for n = 16, 64 (where MoE v9 runs today), 512 (the engine's prefill chunk)
 // and 2048 tokens, uniform random routing, per GEMM version / tile: v1 tile
-// 5 (WMMA, 128 x 96), v1 by shape, v2 (tile 16: mma.sync + ldmatrix, 192 x
-// 96, moe_gemm.cuh), v3 (tiles 17 / 18 / 19: MXFP4 decoded into A
-// fragments, 384 W rows x 96 / 80 / 64 pairs; 20 / 21: 80 / 64 with the
-// decode pipelined against the MMAs; 22 / 23: 192-row CTAs, two per SM, 80
-// pairs, 23 pipelined). It also checks v2's and v3's outputs against v1's at
-// that shape (relative L2 error: all round activations to bf16 and sum in
-// fp32 in different orders). ORCH_GPU_PERF=1 runs it; the table goes to
-// stdout and, with ORCH_PERF_OUT, to perf-moe-prefill.md next to that file.
+// 5 (WMMA, 128 x 96), by shape (v3 unless ORCH_CUDA_MOEGEMM=v1), and the v3
+// variants of moe_gemm.cuh (mg3_tile: pairs a tile, 384- or 192-row CTAs,
+// the L2::256B / prefetch W staging, pipelined). It also checks v3's outputs
+// against v1's at that shape (relative L2 error: all round activations to
+// bf16 and sum in fp32 in different orders). ORCH_GPU_PERF=1 runs it; the
+// table goes to stdout and, with ORCH_PERF_OUT, to perf-moe-prefill.md next
+// to that file.
 func TestPerfMoEPrefill(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to run the timing table")
@@ -82,9 +81,14 @@ func TestPerfMoEPrefill(t *testing.T) {
 		for _, c := range []struct {
 			label string
 			tile  int32
-		}{{"v1 tile 5", 5}, {"v1 by shape (tile 0, ORCH_CUDA_MOEGEMM=" + os.Getenv("ORCH_CUDA_MOEGEMM") + ")", 0}, {"v2 (tile 16)", 16}, {"v3 (tile 17, 96 pairs a tile)", 17}, {"v3 (tile 18, 80 pairs)", 18}, {"v3 (tile 19, 64 pairs)", 19},
-			{"v3 pipelined (tile 20, 80 pairs)", 20}, {"v3 pipelined (tile 21, 64 pairs)", 21},
-			{"v3 192-row CTAs (tile 22, 80 pairs)", 22}, {"v3 192-row CTAs pipelined (tile 23, 80 pairs)", 23}} {
+		}{
+			{"v1 tile 5", 5}, {"by shape (tile 0, ORCH_CUDA_MOEGEMM=" + os.Getenv("ORCH_CUDA_MOEGEMM") + ")", 0},
+			{"v3 96 pairs (tile 17)", 17}, {"v3 80 pairs (tile 18)", 18}, {"v3 64 pairs (tile 19)", 19},
+			{"v3 80 pairs, 192-row CTAs (tile 22)", 22},
+			{"v3 96 pairs, L2::256B (tile 24)", 24}, {"v3 96 pairs, L2::256B + prefetch (tile 25)", 25},
+			{"v3 64 pairs, L2::256B (tile 26)", 26}, {"v3 80 pairs, 192-row CTAs, L2::256B (tile 27)", 27},
+			{"v3 80 pairs, pipelined, L2::256B (tile 28)", 28},
+		} {
 			ms := timeKernel(t, 20, 8, func() { gpu.call("moe_ffn_grouped", call(c.tile)) })
 			require.NoError(t, gpu.Sync())
 			fmt.Fprintf(&sb, "| n=%d (%d pairs, %.1f experts) %s | %.4f ms | %.0f | %.4f ms | %.0f%% |\n",
@@ -99,7 +103,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 			return v
 		}
 		v1 := got(5)
-		for _, tile := range []int32{16, 17, 18, 19, 20, 21, 22, 23} {
+		for _, tile := range []int32{0, 17, 24, 25, 27, 28} {
 			v := got(tile)
 			var num, den float64
 			for i := range v1 {
