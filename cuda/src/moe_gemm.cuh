@@ -155,18 +155,21 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
 // L2::256B hint, 2 the hint plus prefetch.global.L2 of each row's bytes 8
 // stages ahead (two 128-byte lines every 4 stages: 272 bytes of row per 8
 // stages, so the DRAM reads run ahead of the copies).
-template <int BN_, int WARPS_ = 12>
+// KB_: MXFP4 blocks (of 32 k) per stage: 2 (4 stages in flight) or 4 (3
+// stages; half the barriers and copy-issue passes, 68 contiguous bytes of each
+// row a stage; 208 KB of shared memory at 96 pairs).
+template <int BN_, int WARPS_ = 12, int KB_ = 2>
 struct Mg3Cfg {
-  static constexpr int BM = 32 * WARPS_, BN = BN_, KB = 2, NS = 4, WARPS = WARPS_, THREADS = WARPS * 32;
+  static constexpr int BM = 32 * WARPS_, BN = BN_, KB = KB_, NS = KB_ == 2 ? 4 : 3, WARPS = WARPS_, THREADS = WARPS * 32;
   static constexpr int MINB = WARPS_ <= 6 ? 2 : 1;
   static constexpr int BK = 32 * KB, LDS = BK + 8, NT = BN / 8;
   static_assert(BM == WARPS * 32 && NT % 2 == 0, "tile");
   static_assert((LDS * 2) % 16 == 0 && ((LDS * 2 / 16) & 1), "ldmatrix rows: 16-byte aligned, odd 16-byte stride");
 };
 
-template <int T, int BN_, int WARPS_>
+template <int T, int BN_, int WARPS_, int KB_>
 struct Mg3Smem {
-  using C = Mg3Cfg<BN_, WARPS_>;
+  using C = Mg3Cfg<BN_, WARPS_, KB_>;
   static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
   static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
   static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
@@ -186,12 +189,12 @@ __device__ __forceinline__ void mx_pair_bf16(uint32_t qq, uint32_t scale, uint32
   hi = bf162_mul(phi, scale);
 }
 
-template <int MODE, int BN_, bool PIPE, int WARPS_, int PF>
-__global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_>::THREADS, Mg3Cfg<BN_, WARPS_>::MINB)
+template <int MODE, int BN_, bool PIPE, int WARPS_, int PF, int KB_>
+__global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_, KB_>::THREADS, Mg3Cfg<BN_, WARPS_, KB_>::MINB)
     moe_gemm3_kernel(const QArgs a) {
-  using C = Mg3Cfg<BN_, WARPS_>;
+  using C = Mg3Cfg<BN_, WARPS_, KB_>;
   constexpr int T = ORCH_T_MXFP4;
-  using SM = Mg3Smem<T, BN_, WARPS_>;
+  using SM = Mg3Smem<T, BN_, WARPS_, KB_>;
   constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
   constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
   constexpr bool DUAL = MODE == MODE_GATE_UP;
@@ -307,8 +310,8 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_>::THREADS, Mg3Cfg<BN_, WARP
   // This warp's rows all past m (the last CTA column): it only copies.
   const bool active = (DUAL ? r0 + warp * 16 : r0 + warp * 32) < a.m;
   // This lane's 4 rows (m16 tile i, +8 h): offset in a raw stage and the low
-  // 4 address bits of the row start (a stage's segment starts (lo4 + 34 s) % 16
-  // bytes into its first chunk; 34 = KB * 17). Rows past m read stale bytes:
+  // 4 address bits of the row start (a stage's segment starts
+  // (lo4 + KB * 17 * s) % 16 bytes into its first chunk). Rows past m read stale bytes:
   // they only feed output rows that are never stored.
   int r_off[2][2];
   uint32_t r_lo4[2][2];
@@ -341,7 +344,7 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_>::THREADS, Mg3Cfg<BN_, WARP
     for (int i = 0; i < 2; i++)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        const uint8_t *bp = rs + r_off[i][h] + ((r_lo4[i][h] + 34u * (uint32_t)s) & 15u) + BB * j;
+        const uint8_t *bp = rs + r_off[i][h] + ((r_lo4[i][h] + (uint32_t)(KB * BB) * (uint32_t)s) & 15u) + BB * j;
         const uint32_t E = bp[0];
         const uint32_t sb = E ? E << 7 : 0x0040u;
         const uint32_t scale = sb | (sb << 16);
@@ -459,21 +462,21 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_>::THREADS, Mg3Cfg<BN_, WARP
   }
 }
 
-template <int MODE, int BN_, bool PIPE, int WARPS_, int PF>
+template <int MODE, int BN_, bool PIPE, int WARPS_, int PF, int KB_ = 2>
 int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
-  using C = Mg3Cfg<BN_, WARPS_>;
-  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_, WARPS_>::TOTAL;
+  using C = Mg3Cfg<BN_, WARPS_, KB_>;
+  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_, WARPS_, KB_>::TOTAL;
   static_assert(C::MINB == 1 || C::MINB * (sm + 1024) <= 227 * 1024, "two CTAs per SM must fit 227 KB");
-  static_assert(sm <= 200 * 1024, "shared memory");
+  static_assert(sm <= 220 * 1024, "shared memory (H100 opt-in: 227 KB)");
   static const size_t optin = smem_optin();
   if (sm > optin) {
     orch_set_error("moe_gemm v3: tile needs %zu bytes of shared memory, the device allows %zu", sm, optin);
     return ORCH_ERR_UNSUPPORTED;
   }
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
-  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_, PF>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       (int)sm);
-  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_, PF>;
+  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_, PF, KB_>,
+                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_, PF, KB_>;
   QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a);
   return ORCH_OK;
 }
@@ -483,7 +486,8 @@ int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
 //   0.771 / 0.779 / 0.963 ms, n = 64 0.542 / 0.523 / 0.501);
 //   22: 80 pairs, 6 warps (two CTAs per SM), PF 0;
 //   24 / 25: 96 pairs, PF 1 / 2;  26: 64 pairs, PF 1;  27: 80 pairs, 6 warps,
-//   PF 1;  28: 80 pairs, pipelined (device run 1, PF 0: no faster), PF 1.
+//   PF 1;  28: 80 pairs, pipelined (device run 1, PF 0: no faster), PF 1;
+//   29: 96 pairs, 4 blocks a stage (3 stages), PF 1.
 // (20, 21, 23: pipelined 80 / 64 / 6-warp at PF 0, removed after run 1.)
 struct Mg3Tile {
   int bn, warps, pf;
@@ -500,6 +504,7 @@ constexpr Mg3Tile mg3_tile(int tile) {
     case 26: return {64, 12, 1, false};
     case 27: return {80, 6, 1, false};
     case 28: return {80, 12, 1, true};
+    case 29: return {96, 12, 1, false};
   }
   return {0, 0, 0, false};
 }
@@ -517,6 +522,7 @@ int launch_moe_gemm3_tile(cudaStream_t st, const QArgs &a, int tile, int64_t row
     case 26: return launch_moe_gemm3<MODE, 64, false, 12, 1>(st, a, rows_w, gy);
     case 27: return launch_moe_gemm3<MODE, 80, false, 6, 1>(st, a, rows_w, gy);
     case 28: return launch_moe_gemm3<MODE, 80, true, 12, 1>(st, a, rows_w, gy);
+    case 29: return launch_moe_gemm3<MODE, 96, false, 12, 1, 4>(st, a, rows_w, gy);
   }
   orch_set_error("moe_ffn_grouped: tile %d is not a v3 tile", tile);
   return ORCH_ERR_INVALID;

@@ -326,7 +326,7 @@ func TestMoEGrouped(t *testing.T) {
 					// 17..28: v3 (moe_gemm.cuh; MXFP4 only, other types fall back
 					// to v1): 96 / 80 / 64 pairs a tile, 192-row CTAs, L2
 					// prefetch variants, pipelined (mg3_tile)
-					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 18, 19, 22, 24, 25, 26, 27, 28}
+					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 18, 19, 22, 24, 25, 26, 27, 28, 29}
 					if !withBias || dts[0] != dts[1] {
 						tiles = []int32{0, 5, 24}
 					}

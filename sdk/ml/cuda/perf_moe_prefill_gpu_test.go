@@ -87,7 +87,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 			{"v3 80 pairs, 192-row CTAs (tile 22)", 22},
 			{"v3 96 pairs, L2::256B (tile 24)", 24}, {"v3 96 pairs, L2::256B + prefetch (tile 25)", 25},
 			{"v3 64 pairs, L2::256B (tile 26)", 26}, {"v3 80 pairs, 192-row CTAs, L2::256B (tile 27)", 27},
-			{"v3 80 pairs, pipelined, L2::256B (tile 28)", 28},
+			{"v3 80 pairs, pipelined, L2::256B (tile 28)", 28}, {"v3 96 pairs, 4 blocks a stage, L2::256B (tile 29)", 29},
 		} {
 			ms := timeKernel(t, 20, 8, func() { gpu.call("moe_ffn_grouped", call(c.tile)) })
 			require.NoError(t, gpu.Sync())
@@ -103,7 +103,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 			return v
 		}
 		v1 := got(5)
-		for _, tile := range []int32{0, 17, 24, 25, 27, 28} {
+		for _, tile := range []int32{0, 17, 24, 25, 27, 28, 29} {
 			v := got(tile)
 			var num, den float64
 			for i := range v1 {
