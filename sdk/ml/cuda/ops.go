@@ -35,6 +35,11 @@ var (
 	qgemmMinN       = 9
 	qgemmMaxN       = 96
 	moeGroupedPairs = 64
+	// moeRouteMaxN: the largest n that tries the fused MoE v8 / v9 route
+	// (orch_moe_ffn_route) before the grouped GEMMs. Session 5: the grouped
+	// path's v3 kernel (moe_gemm.cuh) may beat v9 at 16-64 tokens; this moves
+	// down once the device tables say so (TestPerfMoEPrefill's Backend.MoE rows).
+	moeRouteMaxN = 64
 )
 
 func qgemmType(dt ml.DType) bool { return dt == ml.Q8_0 || dt == ml.Q4_0 || dt == ml.MXFP4 }
@@ -543,7 +548,7 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	}
 	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, N, int64(dim), int64(ne), 0))
 	grouped := !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt)
-	if n >= 2 && n <= 64 && gate.dt == up.dt && b.err == nil {
+	if n >= 2 && n <= moeRouteMaxN && gate.dt == up.dt && b.err == nil {
 		// MoE v9 (2..64 tokens, MXFP4): top-k, then each routed expert
 		// read once for all its tokens; unpinned (ORCH_CUDA_MOE unset): from
 		// 16 tokens. The library declines otherwise (other versions and

@@ -95,6 +95,26 @@ func TestPerfMoEPrefill(t *testing.T) {
 				n, p, used, c.label, ms, flops/(ms*1e-3)/1e12, floor, 100*floor/ms)
 		}
 		// v2 against v1 at this shape.
+		// The whole op through Backend.MoE (router GEMV + top-k + expert
+		// FFN): as routed (n <= moeRouteMaxN: the fused v8 / v9 route first),
+		// and with the grouped GEMMs forced (moeRouteMaxN = 0).
+		if n <= 64 {
+			xm := alloc(ml.F32, d, n)
+			require.NoError(t, gpu.WriteF32(xm, r.f32(d*n)))
+			for _, c := range []struct {
+				label string
+				maxN  int
+			}{{"Backend.MoE routed (v9 route)", moeRouteMaxN}, {"Backend.MoE, grouped forced", 0}} {
+				func() {
+					defer func(v int) { moeRouteMaxN = v }(moeRouteMaxN)
+					moeRouteMaxN = c.maxN
+					ms := timeKernel(t, 20, 8, func() { gpu.MoE(out, xm, mo) })
+					require.NoError(t, gpu.Sync())
+					fmt.Fprintf(&sb, "| n=%d %s | %.4f ms | %.0f | %.4f ms | %.0f%% |\n", n, c.label, ms,
+						flops/(ms*1e-3)/1e12, floor, 100*floor/ms)
+				}()
+			}
+		}
 		got := func(tile int32) []float32 {
 			gpu.Fill(out, float32(math.NaN()))
 			require.NoError(t, gpu.l.status("moe_ffn_grouped", call(tile)))
