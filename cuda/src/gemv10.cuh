@@ -29,6 +29,7 @@
 // Shared memory: the ring (8 warps x NBUF x gemv10_slot bytes) in front of
 // v5's staged x (and, NORM, the norm's rows in front of that).
 #pragma once
+#include <mutex>
 
 constexpr int GEMV10_NB = 2; // blocks per lane per stage
 
@@ -56,14 +57,25 @@ __device__ __forceinline__ void gemv10_body(uint8_t *ring, uint32_t *xsm, const 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
-  const int64_t rounds = (nch + STAGE - 1) / STAGE; // stages per row
-  const int64_t groups = P.end[GEMV_MAX_PARTS - 1];
-  const int64_t mygroups = groups > blockIdx.x ? (groups - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int64_t items = mygroups * rounds; // uniform over the CTA's warps
+  const int rounds = (int)((nch + STAGE - 1) / STAGE); // stages per row
+  const int groups = (int)P.end[GEMV_MAX_PARTS - 1];
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
   uint8_t *myring = ring + (size_t)warp * NBUF * SLOT;
 
-  // Item it = (the CTA's group it / rounds, round it % rounds) of this warp's row in that group.
+  // Items in order: for the CTA's groups g = blockIdx.x, + gridDim.x, ...
+  // (uniform over its warps), the rounds of this warp's row in g; a cursor
+  // steps through them (no divisions: the issue and compute sides each keep
+  // their own).
+  struct cursor {
+    int g, rd, slot;
+  };
+  auto step = [&](cursor &c) {
+    c.slot = c.slot + 1 == NBUF ? 0 : c.slot + 1;
+    if (++c.rd == rounds) {
+      c.rd = 0;
+      c.g += gridDim.x;
+    }
+  };
   struct item_row {
     const uint8_t *w, *wend;
     const float *bias;
@@ -71,8 +83,7 @@ __device__ __forceinline__ void gemv10_body(uint8_t *ring, uint32_t *xsm, const 
     int64_t m, row;
     bool valid;
   };
-  auto row_of = [&](int64_t it) {
-    const int64_t g = blockIdx.x + (it / rounds) * gridDim.x;
+  auto row_of = [&](int g) {
     const int p = g >= P.end[0] ? (g >= P.end[1] ? 2 : 1) : 0; // selects: a dynamic index would copy P to local memory
     item_row r;
 #define GEMV10_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
@@ -87,30 +98,32 @@ __device__ __forceinline__ void gemv10_body(uint8_t *ring, uint32_t *xsm, const 
     r.valid = r.row < r.m;
     return r;
   };
-  // Issues item it's copies into ring slot it % NBUF; every lane commits one
-  // group per call (empty past the end or for a row past m).
-  auto issue = [&](int64_t it) {
-    if (it < items) {
-      const item_row r = row_of(it);
+  // Issues the item at the issue cursor into its ring slot and steps; every
+  // lane commits one group per call (empty past the end or for a row past m).
+  cursor ic = {(int)blockIdx.x, 0, 0};
+  auto issue = [&]() {
+    if (ic.g < groups) {
+      const item_row r = row_of(ic.g);
       if (r.valid) {
-        const int64_t c0 = (it % rounds) * STAGE;
+        const int64_t c0 = (int64_t)ic.rd * STAGE;
         const int nb = (int)min((int64_t)STAGE, nch - c0);
         const uint8_t *seg = r.w + r.row * row_bytes + c0 * BB;
         const qg_span sp = qg_stage_span((uint64_t)(uintptr_t)seg, (uint64_t)(uintptr_t)(seg + nb * BB));
-        uint8_t *dst = myring + (it % NBUF) * SLOT;
+        uint8_t *dst = myring + ic.slot * SLOT;
         for (int c = lane; c < sp.chunks; c += 32) {
           const uint64_t addr = sp.a0 + 16 * (uint64_t)c;
           g9_cp_async16(dst + 16 * c, reinterpret_cast<const void *>((uintptr_t)addr),
                         qg_chunk_bytes(addr, (uint64_t)(uintptr_t)r.wend));
         }
       }
+      step(ic);
     }
     g9_cp_commit();
   };
   // The weights are never written while a step runs: the first stages are
   // requested before the PDL wait.
 #pragma unroll
-  for (int s = 0; s < NBUF - 1; s++) issue(s);
+  for (int s = 0; s < NBUF - 1; s++) issue();
   pdl_wait();
   [[maybe_unused]] unsigned ticket = 0;
   if constexpr (NORM) {
@@ -125,15 +138,15 @@ __device__ __forceinline__ void gemv10_body(uint8_t *ring, uint32_t *xsm, const 
   float acc[NT];
 #pragma unroll
   for (int j = 0; j < NT; j++) acc[j] = 0.f;
-  for (int64_t it = 0; it < items; it++) {
-    issue(it + NBUF - 1); // into the slot item it - 1 used (freed by the __syncwarp that ended it)
-    g9_cp_wait<NBUF - 1>(); // this lane's copies of item it have landed
+  for (cursor cc = {(int)blockIdx.x, 0, 0}; cc.g < groups; step(cc)) { // uniform over the CTA
+    issue(); // NBUF - 1 items ahead, into the slot the previous item used (freed by the __syncwarp that ended it)
+    g9_cp_wait<NBUF - 1>(); // this lane's copies of this item have landed
     __syncwarp();           // ... and every lane's
-    const int64_t rd = it % rounds, c0 = rd * STAGE;
-    const item_row r = row_of(it);
+    const int64_t c0 = (int64_t)cc.rd * STAGE;
+    const item_row r = row_of(cc.g);
     if (r.valid) {
       const qg_span sp = qg_stage_span((uint64_t)(uintptr_t)(r.w + r.row * row_bytes + c0 * BB), 0);
-      const uint8_t *buf = myring + (it % NBUF) * SLOT + sp.off;
+      const uint8_t *buf = myring + cc.slot * SLOT + sp.off;
 #pragma unroll
       for (int i = 0; i < GEMV10_NB; i++) {
         const int64_t c = c0 + lane + 32 * i;
@@ -160,7 +173,7 @@ __device__ __forceinline__ void gemv10_body(uint8_t *ring, uint32_t *xsm, const 
       }
     }
     __syncwarp(); // every lane is done with this slot before it is refilled
-    if (rd == rounds - 1) { // the row's last stage: v5's epilogue
+    if (cc.rd == rounds - 1) { // the row's last stage: v5's epilogue
 #pragma unroll
       for (int j = 0; j < NT; j++) {
         float s = warp_sum(acc[j]);
@@ -195,9 +208,17 @@ template <int T, int NT, int NBUF>
 static inline size_t gemv10_smem(int64_t k, bool norm) {
   return gemv10_ring_bytes<T, NBUF>() + (norm ? gemv_norm_smem(k, NT) : 0) + dec16_smem(k, NT);
 }
-// NBUF: 3 stages per warp where three CTAs per SM still fit, else 2.
+// NBUF: 3 stages per warp where three CTAs per SM still fit, else 2;
+// ORCH_CUDA_GEMV10_NBUF=2 or 3 forces it (timing; read once per process).
 template <int T, int NT>
-static inline int gemv10_nbuf(int64_t k, bool norm) { return gemv10_smem<T, NT, 3>(k, norm) <= 75 * 1024 ? 3 : 2; }
+static inline int gemv10_nbuf(int64_t k, bool norm) {
+  static const int forced = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV10_NBUF");
+    return e && (e[0] == '2' || e[0] == '3') && !e[1] ? e[0] - '0' : 0;
+  }();
+  if (forced) return forced;
+  return gemv10_smem<T, NT, 3>(k, norm) <= 75 * 1024 ? 3 : 2;
+}
 
 // Launches v10 over count parts (w, bias, y, m of P filled in; end set here)
 // with x, or (na.res != nullptr) the folded norm of na's rows. Q8_0, n <= 2.
@@ -222,8 +243,25 @@ static void launch_gemv10_nt(cudaStream_t st, gemv10_parts P, int count, const f
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (sms <= 0) sms = 1;
   }
+  // CTAs per SM for this kernel and shared-memory size (cached: the query
+  // costs host time on every eager launch).
+  static std::mutex mu;
+  static size_t cached_sm[2] = {0, 0};
+  static int cached_occ[2] = {0, 0};
   int occ = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, GEMV16_WARPS * 32, sm) != cudaSuccess || occ <= 0) occ = 1;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (cached_sm[norm] == sm) occ = cached_occ[norm];
+  }
+  if (occ <= 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, GEMV16_WARPS * 32, sm) != cudaSuccess || occ <= 0) {
+      cudaGetLastError();
+      occ = 1;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    cached_sm[norm] = sm;
+    cached_occ[norm] = occ;
+  }
   // Balanced: every CTA the same number of groups (within one), e.g. Llama
   // down's 512 groups as 256 CTAs of 2 rather than 396 (3 per SM) with a tail
   // of 116 second groups at ~1 CTA per SM.
