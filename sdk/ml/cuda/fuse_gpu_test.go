@@ -316,6 +316,9 @@ func TestGEMVv7(t *testing.T) {
 		if v == "v5" { // the folded norm on v5's kernel too (the library folds into v10 only by default)
 			cmd.Env = append(cmd.Env, "ORCH_CUDA_GEMV_NORM=v5")
 		}
+		if v != "v7" { // TestPDLChain's norms then fold into the q/k/v and head GEMVs (PDL on and off alike)
+			cmd.Env = append(cmd.Env, "ORCH_CUDA_FOLD_NORM=1")
+		}
 		outp, err := cmd.CombinedOutput()
 		require.NoError(t, err, "ORCH_CUDA_GEMV=%s child:\n%s", v, outp)
 		for _, name := range []string{"TestMatMul", "TestFusedLaunches", "TestPDLChain", "TestFoldNormGPU"} {
