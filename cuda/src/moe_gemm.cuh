@@ -509,6 +509,14 @@ constexpr Mg3Tile mg3_tile(int tile) {
   return {0, 0, 0, false};
 }
 constexpr bool mg3_tile_ok(int tile) { return mg3_tile(tile).bn != 0; }
+// Dynamic shared memory of a v3 tile's CTA (bytes).
+constexpr size_t mg3_smem(int tile) {
+  return tile == 29 ? Mg3Smem<ORCH_T_MXFP4, 96, 12, 4>::TOTAL
+                    : mg3_tile(tile).warps == 6 ? Mg3Smem<ORCH_T_MXFP4, 80, 6, 2>::TOTAL
+                    : mg3_tile(tile).bn == 96   ? Mg3Smem<ORCH_T_MXFP4, 96, 12, 2>::TOTAL
+                    : mg3_tile(tile).bn == 80   ? Mg3Smem<ORCH_T_MXFP4, 80, 12, 2>::TOTAL
+                                                : Mg3Smem<ORCH_T_MXFP4, 64, 12, 2>::TOTAL;
+}
 constexpr int mg3_bn(int tile) { return mg3_tile(tile).bn; }
 template <int MODE>
 int launch_moe_gemm3_tile(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {

@@ -707,7 +707,8 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
     // By mean pairs per expert (device run 1, gpt-oss, PF 0: n = 64 (8 per
     // expert) 64-pair tiles 0.501 ms, 96 0.542; n = 512 / 2048 96-pair tiles
     // best, 0.771 / 2.42 ms); the L2::256B variants (PF 1) of those two.
-    tile = pairs / n_exp <= 16 ? 26 : 24;
+    const int pick = pairs / n_exp <= 16 ? 26 : 24;
+    if (mg3_smem(pick) <= smem_optin()) tile = pick; // else (A100: 163 KB) v1's tiles
   }
   const bool v3 = tile_v3(tile);
   if (v3 && !mx) tile = 0;
