@@ -205,14 +205,32 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
   __syncthreads();
   if (!last) return; // uniform over the CTA
   moe10_fence();
+  // Thread (e, q) sums the partials of slices q, q + 8, ... (all its loads in
+  // flight at once: one L2 round trip, not S / 8 dependent ones), then the 8
+  // threads of expert e add theirs in a fixed tree: deterministic.
+  MOE10_SHARED float lg[32];
+  {
+    constexpr int JM = 8; // slices per thread in flight (S <= 64: dim <= 4096)
+    const float *pp = part + (int64_t)t * S * n_exp + e;
+    float pv[JM];
+#pragma unroll
+    for (int j = 0; j < JM; j++) {
+      const int sl = q + 8 * j;
+      pv[j] = e < n_exp && sl < S ? moe10_ldcg(pp + (int64_t)sl * n_exp) : 0.f;
+    }
+    float v = 0.f;
+#pragma unroll
+    for (int j = 0; j < JM; j++) v += pv[j];
+    for (int sl = q + 8 * JM; sl < S; sl += 8) v += e < n_exp ? moe10_ldcg(pp + (int64_t)sl * n_exp) : 0.f;
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    if (q == 0) lg[e] = v;
+  }
+  __syncthreads();
   if (tid < 32) {
     float v = 0.f;
-    if (tid < n_exp) {
-      const float *pp = part + (int64_t)t * S * n_exp + tid;
-#pragma unroll 8
-      for (int j = 0; j < S; j++) v += moe10_ldcg(pp + (int64_t)j * n_exp);
-      if (rbias) v += rbias[tid];
-    }
+    if (tid < n_exp) v = lg[tid] + (rbias ? rbias[tid] : 0.f);
     int id;
     float w;
     moe_topk32_warp(v, tid, n_exp, k_slots, id, w);
@@ -484,6 +502,107 @@ moe_gate_up10g_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_
   }
 }
 
+// cp.async of 16 bytes (global -> shared; the emulation copies at once).
+#if defined(ORCH_EMU)
+inline void moe10_cp16(void *d, const void *s) { memcpy(d, s, 16); }
+inline void moe10_cp_wait_all() {}
+#else
+__device__ __forceinline__ void moe10_cp16(void *d, const void *s) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = (unsigned)__cvta_generic_to_shared(d);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(s) : "memory");
+#else
+  *static_cast<uint4 *>(d) = *static_cast<const uint4 *>(s);
+#endif
+}
+__device__ __forceinline__ void moe10_cp_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+#endif
+
+// The bytes [a, a + len) of global memory into shared dst by 16-byte cp.async
+// of the covering aligned range; returns a's offset in dst. The covering
+// range must stay inside the tensor (host: tensor size % 16 == 0, base
+// 16-aligned). All threads call it.
+__device__ __forceinline__ int moe10_cp_range(uint8_t *dst, const uint8_t *a, int64_t len) {
+  const uintptr_t lo = (uintptr_t)a & ~(uintptr_t)15, hi = ((uintptr_t)a + (uintptr_t)len + 15) & ~(uintptr_t)15;
+  const int n16 = (int)((hi - lo) / 16);
+  for (int i = threadIdx.x; i < n16; i += blockDim.x)
+    moe10_cp16(dst + 16 * i, reinterpret_cast<const uint8_t *>(lo + 16 * (uintptr_t)i));
+  return (int)((uintptr_t)a - lo);
+}
+
+// ffn_load's words, from a row in shared memory.
+template <int T, int NB>
+__device__ __forceinline__ void moe10_lds(wblocks<T, NB> &b, const uint8_t *wr, int c0, int lane, int nch) {
+  constexpr int BB = type_block_bytes(T);
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int c = c0 + lane + 32 * i;
+    const bool ok = c < nch;
+    const uintptr_t p = (uintptr_t)(wr + (ok ? c : 0) * BB);
+    b.sh[i] = (uint32_t)(p & 3);
+    const uint32_t *q = reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
+#pragma unroll
+    for (int j = 0; j < block_words<T>(); j++) b.w[i][j] = ok ? q[j] : 0u;
+  }
+}
+
+// Coalesced gate_up (ORCH_CUDA_MOE10_STREAM=3): gate_up10's CTAs and dots, but
+// the CTA's 8 gate rows and 8 up rows (two contiguous byte ranges) are brought
+// into shared memory by 16-byte cp.async — each 128-byte line once, fully
+// coalesced — instead of 5 aligned 32-bit loads per block per lane (a warp's
+// load instruction then spans ~5 lines at a 17-byte lane stride: ~6x the L1
+// wavefronts of the bytes, and 30 load instructions per lane). Each warp then
+// reads its row's words from shared memory. Bit-identical to gate_up10.
+constexpr int MOE10C_ROWS = FFN_WARPS; // rows per CTA (one per warp)
+static size_t moe10c_win(int64_t rb) { return (size_t)((MOE10C_ROWS * rb + 15 + 15) & ~(int64_t)15) + 16; }
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 4)
+moe_gate_up10c_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
+                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                      const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha, float limit,
+                      float sc, int win) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = blockIdx.x * MOE10C_ROWS, row = r0 + warp;
+  const int p = (int)blockIdx.z * n_slots + (int)blockIdx.y;
+  const int e = ids[p];
+  const int nrows = min(MOE10C_ROWS, m - r0);
+  const int nch = k / 32, xs4 = moe10_xstride(nch) / 4;
+  uint8_t *gs = reinterpret_cast<uint8_t *>(xsm + xs4 * 4), *us = gs + win;
+  const int64_t off = ((int64_t)e * m + r0) * rb;
+  const int og = moe10_cp_range(gs, wg + off, nrows * rb);
+  const int ou = moe10_cp_range(us, wu + off, nrows * rb);
+  moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg + (int64_t)blockIdx.z * xs4, xs4);
+  moe10_cp_wait_all();
+  __syncthreads();
+  if (row >= m) return; // after the barrier; uniform over the warp
+  const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
+  float ag = 0.f, au = 0.f;
+  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+    wblocks<T, NB> bg, bu;
+    moe10_lds<T, NB>(bg, gs + og + (int64_t)warp * rb, c0, lane, nch);
+    moe10_lds<T, NB>(bu, us + ou + (int64_t)warp * rb, c0, lane, nch);
+    moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
+  }
+  ag = warp_sum(ag);
+  au = warp_sum(au);
+  if (lane == 0) {
+    const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+    const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+    const float v = swiglu_oai(g, u, alpha, limit);
+    int word, half;
+    moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
+    acth[(((int64_t)p * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
+        (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+  }
+}
+
 // moe6_dot with one 1/scale for every chunk (the fixed activation scale).
 template <int T, int NB>
 __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
@@ -660,10 +779,12 @@ static bool moe10_pinned(const orch_ctx *ctx) {
 }
 
 // ORCH_CUDA_MOE10_STREAM=1: the streaming gate_up (moe_gate_up10s_kernel);
-// 2: the grouped streaming gate_up (moe_gate_up10g_kernel); else gate_up10.
+// 2: the grouped streaming gate_up (moe_gate_up10g_kernel) and from 2 tokens
+// the grouped down; 3: the coalesced gate_up (moe_gate_up10c_kernel); else
+// gate_up10.
 static int moe10_stream() {
   const char *v = getenv("ORCH_CUDA_MOE10_STREAM");
-  return v && (v[0] == '1' || v[0] == '2') && !v[1] ? v[0] - '0' : 0;
+  return v && v[0] >= '1' && v[0] <= '3' && !v[1] ? v[0] - '0' : 0;
 }
 
 // ORCH_CUDA_MOE10_PF (bits): 1 gate_up prefetches the down weights into L2
@@ -686,19 +807,31 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int stream, int pf, bool *combine) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int stream, int pf, int only, bool *combine) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
     uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
     const float sc = moe6_act_scale<T>(alpha, limit);
+    const int64_t gu_bytes = (int64_t)n_exp * ff * orch_row_bytes(T, dim); // cp.async's covering ranges stay inside
     {
       auto kern = moe10_route_kernel;
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0);
     }
     constexpr int NBG = gate_up_nb<T>();
-    if (stream == 2 && dim / 32 <= 32 * NBG && n_exp <= 32) {
+    if (only & 2) {
+      // timing hook (ORCH_CUDA_MOE_ONLY): no gate_up
+    } else if (stream == 3 && gu_bytes % 16 == 0) {
+      const int win = (int)moe10c_win(orch_row_bytes(T, dim));
+      const size_t sm = (size_t)moe10_xstride(dim / 32) * 4 + 2 * (size_t)win;
+      auto kern = moe_gate_up10c_kernel<T, NBG>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(ff, MOE10C_ROWS), (unsigned)n_slots, (unsigned)n);
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
+                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
+                       orch_row_bytes(T, dim), alpha, limit, sc, win);
+    } else if (stream == 2 && dim / 32 <= 32 * NBG && n_exp <= 32) {
       const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4 + moe10g_list_bytes(n * n_slots);
       auto kern = (pf & 1) ? moe_gate_up10g_kernel<T, NBG, true> : moe_gate_up10g_kernel<T, NBG, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -731,8 +864,10 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        orch_row_bytes(T, dim), alpha, limit, sc, wd, (int64_t)dim * orch_row_bytes(T, ff));
     }
     constexpr int NBD = down_h_nb<T>();
-    *combine = stream == 2 && n >= 2 && ff / 32 <= 32 * NBD && n_exp <= 32;
-    if (*combine) { // grouped down into ybuf (the route scratch is consumed), then orch_moe_combine (caller)
+    *combine = !(only & 1) && stream == 2 && n >= 2 && ff / 32 <= 32 * NBD && n_exp <= 32;
+    if (only & 1) {
+      // timing hook (ORCH_CUDA_MOE_ONLY): no down
+    } else if (*combine) { // grouped down into ybuf (the route scratch is consumed), then orch_moe_combine (caller)
       const int np = n * n_slots;
       const size_t sm = (size_t)MOE10_GT * (ff / 32) * DEC16_XW * 4 + moe10g_list_bytes(np);
       auto kern = moe_down10g_kernel<T, NBD>;
@@ -785,7 +920,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe10_stream(), moe10_pf(), &combine);
+                     limit, moe10_stream(), moe10_pf(), moe_only(), &combine);
   ORCH_LAUNCHED(op);
   return combine ? orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0) : ORCH_OK;
 }

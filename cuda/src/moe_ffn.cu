@@ -12,6 +12,8 @@
 // as aligned 32-bit words) before staging x and waiting at the barrier, so the DRAM latency of the
 // weights overlaps the x staging (GEMV v3 serialised the two).
 // The old path stays selectable with ORCH_CUDA_MOE=v1.
+#include <cstring>
+
 #include "quant.cuh"
 #include "dec16.cuh"
 
@@ -1066,6 +1068,16 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
   }
 }
 
+// Timing hook (TestPerfMoEVersions only; the op's result is then garbage):
+// ORCH_CUDA_MOE_ONLY=gate_up skips the down kernel of orch_moe_ffn /
+// orch_moe_decode (1), =down skips gate_up (2), =route skips both (3; v10's
+// routing kernel alone). Unset: 0.
+static int moe_only() {
+  const char *v = getenv("ORCH_CUDA_MOE_ONLY");
+  if (!v) return 0;
+  return !strcmp(v, "gate_up") ? 1 : !strcmp(v, "down") ? 2 : !strcmp(v, "route") ? 3 : 0;
+}
+
 static bool ffn_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 static bool aligned16p(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
@@ -1088,13 +1100,17 @@ extern "C" int orch_moe_ffn(orch_ctx *ctx, float *out, const float *x, const int
   // MoE v6 (default): v4 arithmetic with the bit-placement MXFP4 decode, batched / fixed-scale staging and down's
   // weights prefetched before pdl_wait; v4: fp16 decode, double-buffered down; v3: fp16 decode;
   // v2: the fp32 kernels; v5: v4 + the one-wave double-buffered gate_up.
-  const int ver = ctx->moe;
-  ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, ver, act, x, (const uint8_t *)gate, (const uint8_t *)up,
-                     gate_bias, up_bias, ids, n, n_slots, dim, ff, alpha, limit);
-  ORCH_LAUNCHED(op);
-  ORCH_DISPATCH_TYPE(down_type, launch_down, ctx->stream, ver, out, act, (const uint8_t *)down, down_bias, ids, weights,
-                     n, n_slots, ff, dim, alpha, limit);
-  ORCH_LAUNCHED(op);
+  const int ver = ctx->moe, only = moe_only();
+  if (!(only & 2)) {
+    ORCH_DISPATCH_TYPE(gu_type, launch_gate_up, ctx->stream, ver, act, x, (const uint8_t *)gate, (const uint8_t *)up,
+                       gate_bias, up_bias, ids, n, n_slots, dim, ff, alpha, limit);
+    ORCH_LAUNCHED(op);
+  }
+  if (!(only & 1)) {
+    ORCH_DISPATCH_TYPE(down_type, launch_down, ctx->stream, ver, out, act, (const uint8_t *)down, down_bias, ids,
+                       weights, n, n_slots, ff, dim, alpha, limit);
+    ORCH_LAUNCHED(op);
+  }
   return ORCH_OK;
 }
 

@@ -24,17 +24,18 @@ import (
 // tensor-core kernels for MXFP4, 2..64 tokens, orch_moe_ffn_route; v6 below)
 // and v10 (router + top-k + expert FFN at 1..8 tokens in three launches,
 // orch_moe_decode; session 5), v10 also with its streaming gate_up, plain
-// (ORCH_CUDA_MOE10_STREAM=1) and grouped by expert (=2), and with the L2
-// prefetches of the down weights (ORCH_CUDA_MOE10_PF=3: by gate_up, and by
-// down before its pdl_wait). (v7 and v8 were removed.)
+// (ORCH_CUDA_MOE10_STREAM=1), grouped by expert (=2), coalesced through
+// shared memory (=3), and with the L2 prefetches of the down weights
+// (ORCH_CUDA_MOE10_PF=3: by gate_up, and by down before its pdl_wait). (v7 and
+// v8 were removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
 	for _, v := range []string{"v4", "v6", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1", "v10 ORCH_CUDA_MOE10_STREAM=2",
-		"v10 ORCH_CUDA_MOE10_PF=3", "v10 ORCH_CUDA_MOE10_STREAM=1 ORCH_CUDA_MOE10_PF=3",
-		"v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=3"} {
+		"v10 ORCH_CUDA_MOE10_STREAM=3", "v10 ORCH_CUDA_MOE10_PF=3", "v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=3",
+		"v10 ORCH_CUDA_MOE10_STREAM=3 ORCH_CUDA_MOE10_PF=3"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -51,9 +52,11 @@ func TestMoEVersions(t *testing.T) {
 // replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
 // grouped tile path under v6 and v10, v9 unpinned) under ORCH_CUDA_MOE=v6,
 // v10, v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=1; =2 grouped by
-// expert) and / or the L2 prefetches of down's weights (ORCH_CUDA_MOE10_PF=2:
-// by down before its pdl_wait; 3: also by gate_up),
-// and unpinned (the default routing); v6 twice (run-to-run spread) (run-to-run spread), in
+// expert, =3 coalesced through shared memory) and / or the L2 prefetch of
+// down's later slots (ORCH_CUDA_MOE10_PF=2), and unpinned (the default
+// routing); then, at n = 1 and 8, the op with one kernel left out
+// (ORCH_CUDA_MOE_ONLY=gate_up / down / route: a timing hook, the result is
+// garbage) — where the time goes (run-to-run spread), in
 // child processes on the same card; under v6 at n = 1 also the op's parts
 // (router GEMV, top-k, gate_up + down) alone. Writes perf-moe.md next to
 // ORCH_PERF_OUT.
@@ -67,12 +70,15 @@ func TestPerfMoEVersions(t *testing.T) {
 		if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 			t.Skipf("ORCH_CUDA_MOE pins this process; the timing runs from an unpinned one")
 		}
-		// each twice: run-to-run spread on the same card
+		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
-			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_PF=2",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_PF=3", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=1 ORCH_CUDA_MOE10_PF=3",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=3", "ORCH_CUDA_MOE=", "ORCH_CUDA_MOE=v6"},
+			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=3", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_PF=2",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=3 ORCH_CUDA_MOE10_PF=2", "ORCH_CUDA_MOE=",
+				// where the time goes (n = 1, 8): one kernel left out of the op (timing hook; results garbage)
+				"ORCH_CUDA_MOE=v6 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v6 ORCH_CUDA_MOE_ONLY=down",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=down", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=3 ORCH_CUDA_MOE_ONLY=gate_up"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -87,7 +93,11 @@ func TestPerfMoEVersions(t *testing.T) {
 	const d, ff, ne, topk = 2880, 2880, 32, 4
 	mo := r.moe(t, d, ff, ne, topk)
 	rb, _ := ml.MXFP4.RowBytes(d)
-	for _, n := range []int{1, 2, 4, 8, 16} {
+	ns := []int{1, 2, 4, 8, 16}
+	if os.Getenv("ORCH_CUDA_MOE_ONLY") != "" {
+		ns = []int{1, 8}
+	}
+	for _, n := range ns {
 		x := mustA(t, ml.F32, d, n)
 		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
 		y := mustA(t, ml.F32, d, n)
@@ -95,14 +105,14 @@ func TestPerfMoEVersions(t *testing.T) {
 		experts := min(ne, topk*n) // upper bound: random routing of n tokens
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
 		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-		for _, v := range []string{"ORCH_CUDA_MOE10_STREAM", "ORCH_CUDA_MOE10_PF"} {
+		for _, v := range []string{"ORCH_CUDA_MOE10_STREAM", "ORCH_CUDA_MOE10_PF", "ORCH_CUDA_MOE_ONLY"} {
 			if e := os.Getenv(v); e != "" {
 				label += " " + v + "=" + e
 			}
 		}
 		t.Logf("| %s | moe decode gpt-oss n=%d | %.4f ms | %.0f%% (<= %d experts) |", label, n, ms,
 			100*bytes/peak*1e3/ms, experts)
-		if n == 1 && os.Getenv("ORCH_CUDA_MOE") == "v6" {
+		if n == 1 && os.Getenv("ORCH_CUDA_MOE") == "v6" && os.Getenv("ORCH_CUDA_MOE_ONLY") == "" {
 			moePartsN1(t, mo, x, y, peak)
 		}
 		gpu.Free(x)
