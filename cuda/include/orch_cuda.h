@@ -277,8 +277,8 @@ int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, const float *l
  * [n][n_slots], as orch_moe_topk computes them from the logits), then the
  * fused expert FFN with orch_moe_ffn's result. Scratch: act n*n_slots*ff
  * floats, ybuf n*n_slots*dim floats, both 16-byte aligned. Returns
- * ORCH_ERR_UNSUPPORTED (without recording an error) unless ORCH_CUDA_MOE=v10,
- * for more than 8 tokens, a router that is not F32, n_exp > 32, gate/up and
+ * ORCH_ERR_UNSUPPORTED (without recording an error) unless ORCH_CUDA_MOE=v10
+ * (or unset and n >= 2: the default for 2..8 tokens), for more than 8 tokens, a router that is not F32, n_exp > 32, gate/up and
  * down of different types, an infinite limit, and what orch_moe_ffn declines;
  * the caller then runs the router GEMV, orch_moe_topk and orch_moe_ffn. */
 int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const void *router, int32_t router_type,

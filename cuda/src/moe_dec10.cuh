@@ -777,6 +777,13 @@ static bool moe10_pinned(const orch_ctx *ctx) {
   const char *v = getenv("ORCH_CUDA_MOE");
   return v && std::strcmp(v, "v10") == 0;
 }
+// Unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens (device
+// run 1 of session 5, H100: n = 2 / 4 / 8 59 / 101 / 184 us vs v6's 62.5 /
+// 109 / 207; n = 1 36.0 vs 36.3: equal, v6 kept there).
+constexpr int MOE10_AUTO_MIN_N = 2;
+static bool moe10_on(const orch_ctx *ctx, int64_t n) {
+  return moe10_pinned(ctx) || (ctx->moe_auto && n >= MOE10_AUTO_MIN_N);
+}
 
 // ORCH_CUDA_MOE10_STREAM=1: the streaming gate_up (moe_gate_up10s_kernel);
 // 2: the grouped streaming gate_up (moe_gate_up10g_kernel) and from 2 tokens
@@ -900,12 +907,13 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_CHECK_ARG(ctx && out && x && router && ids && weights && gate && up && down && act && ybuf, op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
   // Declines (not an error; the caller runs the router GEMV, orch_moe_topk and
-  // orch_moe_ffn / orch_moe_ffn_route): unless pinned to v10; more than
+  // orch_moe_ffn / orch_moe_ffn_route): unless pinned to v10 or unpinned with
+  // n >= MOE10_AUTO_MIN_N; more than
   // MOE10_MAX_N tokens; a router that is not F32; more than 32 experts (one
   // warp's top-k); gate / up and down of different or unfused types; an
   // infinite SwiGLU limit (no fixed activation scale); where orch_moe_ffn
   // declines.
-  if (!moe10_pinned(ctx) || ctx->moe_v1 || n < 1 || n > MOE10_MAX_N || router_type != ORCH_T_F32 || n_exp > 32 ||
+  if (!moe10_on(ctx, n) || ctx->moe_v1 || n < 1 || n > MOE10_MAX_N || router_type != ORCH_T_F32 || n_exp > 32 ||
       gu_type != down_type || !ffn_type(gu_type) || dim % 32 || ff % 32 || ffn_smem(dim, 1) > FFN_MAX_SMEM ||
       (ff * orch_row_bytes(gu_type, dim)) % 4 || (dim * orch_row_bytes(down_type, ff)) % 4 ||
       ffn_smem(ff, n_slots) > FFN_MAX_SMEM || !(act_scale(gu_type, alpha, limit) > 0.f))

@@ -438,7 +438,23 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
            "MoE v10 != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d)", tname(t), (long long)dim,
            (long long)ff, topk, ne, n);
   }
-  EXPECT(run10(false, n, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode unpinned must decline");
+  EXPECT(run10(false, n, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode under v6 must decline");
+  { // unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens, else decline (v6)
+    orch_ctx ctx;
+    ctx.moe = 6;
+    ctx.moe_auto = true;
+    Buf<int32_t> ib((size_t)(n * topk), -1);
+    Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN),
+        yb((size_t)(n * topk * dim), NAN);
+    const int rc = orch_moe_decode(&ctx, out.p, bx.p, brw.p, ORCH_T_F32, gp(brb), ne, ib.p, wb.p, gate.bytes, up.bytes,
+                                   t, gp(bgb), gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f,
+                                   limit);
+    if (n >= MOE10_AUTO_MIN_N)
+      EXPECT(rc == ORCH_OK && std::memcmp(out.vec().data(), o10.data(), o10.size() * 4) == 0,
+             "unpinned moe_decode at n=%d must be v10 (rc %d)", n, rc);
+    else
+      EXPECT(rc == ORCH_ERR_UNSUPPORTED, "unpinned moe_decode at n=%d must decline (rc %d)", n, rc);
+  }
   EXPECT(run10(true, n, INFINITY, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline an infinite limit");
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,

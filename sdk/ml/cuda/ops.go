@@ -534,10 +534,11 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	}
 	N, K := int64(n), int32(k)
 	if n <= 8 && router.dt == ml.F32 && gate.dt == up.dt {
-		// MoE v10 (ORCH_CUDA_MOE=v10, 1..8 tokens): router GEMV + top-k in
-		// one kernel, then the fused expert FFN (three launches). The library
-		// declines otherwise (unpinned, other router types, what orch_moe_ffn
-		// declines) and the path below runs.
+		// MoE v10 (ORCH_CUDA_MOE=v10 1..8 tokens; unpinned 2..8): router
+		// GEMV + top-k in one kernel, then the fused expert FFN (three
+		// launches). The library declines otherwise (other versions, one
+		// token unpinned, other router types, what orch_moe_ffn declines) and
+		// the path below runs.
 		rc := b.l.moeDecode(b.ctx, d.ptr, xx.ptr, router.ptr, int32(router.dt), rb, int32(ne), ids, wts, gate.ptr,
 			up.ptr, int32(gate.dt), gb, ub, down.ptr, int32(down.dt), db, g, y, N, K, int64(dim), int64(ff), m.Alpha,
 			m.Limit)
