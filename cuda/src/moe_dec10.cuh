@@ -603,6 +603,86 @@ moe_gate_up10c_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_
   }
 }
 
+// Coalesced streaming gate_up (ORCH_CUDA_MOE10_STREAM=4): gate_up10c's
+// cp.async row windows, but one wave of CTAs (3 per SM at one token) walking
+// units (pair, 8 rows) with two shared-memory buffers: the next unit's 2 x 8
+// rows are in flight while the current unit is computed, so the weight stream
+// and the decode overlap (v6 / gate_up10 / 10c: each CTA loads, then computes,
+// in ~2.7 synchronized waves). Bit-identical to gate_up10.
+__device__ __forceinline__ void moe10_cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void moe10_cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 3)
+moe_gate_up10cs_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
+                       const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                       const int32_t *__restrict__ ids, int n, int n_slots, int k, int m, int64_t rb, float alpha,
+                       float limit, float sc, int win) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nch = k / 32, xs = moe10_xstride(nch);
+  uint8_t *wbuf = reinterpret_cast<uint8_t *>(xsm + n * xs); // 2 buffers of (gate, up) windows
+  const int nrb = (m + MOE10C_ROWS - 1) / MOE10C_ROWS, units = n * n_slots * nrb;
+  const int cnt = (int)blockIdx.x < units ? (units - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x : 0;
+  auto issue = [&](int j) { // unit j's rows into buffer j & 1
+    const int u = (int)blockIdx.x + j * (int)gridDim.x, p = u / nrb, r0 = (u - p * nrb) * MOE10C_ROWS;
+    const int64_t off = ((int64_t)ids[p] * m + r0) * rb, len = (int64_t)min(MOE10C_ROWS, m - r0) * rb;
+    uint8_t *b = wbuf + (size_t)(j & 1) * 2 * win;
+    moe10_cp_range(b, wg + off, len);
+    moe10_cp_range(b + win, wu + off, len);
+    moe10_cp_commit();
+  };
+  moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg, n * xs / 4);
+  if (cnt > 0) issue(0);
+  for (int j = 0; j < cnt; j++) { // uniform over the CTA
+    if (j + 1 < cnt) {
+      issue(j + 1); // its buffer was last read by unit j - 1 (barrier at the end of that iteration)
+      moe10_cp_wait<1>();
+    } else {
+      moe10_cp_wait<0>();
+    }
+    __syncthreads();
+    const int u = (int)blockIdx.x + j * (int)gridDim.x, p = u / nrb, r0 = (u - p * nrb) * MOE10C_ROWS;
+    const int row = r0 + warp, t = p / n_slots;
+    if (row < m) { // uniform over the warp
+      const int e = ids[p];
+      const int64_t off = ((int64_t)e * m + r0) * rb;
+      const uint8_t *b = wbuf + (size_t)(j & 1) * 2 * win;
+      const int og = (int)((uintptr_t)(wg + off) & 15), ou = (int)((uintptr_t)(wu + off) & 15);
+      const uint32_t *xh = xsm + t * xs;
+      const float *xinv = reinterpret_cast<const float *>(xh + nch * DEC16_XW);
+      float ag = 0.f, au = 0.f;
+      for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+        wblocks<T, NB> bg, bu;
+        moe10_lds<T, NB>(bg, b + og + (int64_t)warp * rb, c0, lane, nch);
+        moe10_lds<T, NB>(bu, b + win + ou + (int64_t)warp * rb, c0, lane, nch);
+        moe6_dot2<T, NB>(bg, bu, xh, xinv, c0, lane, nch, ag, au);
+      }
+      ag = warp_sum(ag);
+      au = warp_sum(au);
+      if (lane == 0) {
+        const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+        const float uu = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+        const float v = swiglu_oai(g, uu, alpha, limit);
+        int word, half;
+        moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
+        acth[(((int64_t)p * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
+            (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+      }
+    }
+    __syncthreads(); // buffer j & 1 is refilled by issue(j + 2)
+  }
+}
+
 // moe6_dot with one 1/scale for every chunk (the fixed activation scale).
 template <int T, int NB>
 __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
@@ -787,11 +867,11 @@ static bool moe10_on(const orch_ctx *ctx, int64_t n) {
 
 // ORCH_CUDA_MOE10_STREAM=1: the streaming gate_up (moe_gate_up10s_kernel);
 // 2: the grouped streaming gate_up (moe_gate_up10g_kernel) and from 2 tokens
-// the grouped down; 3: the coalesced gate_up (moe_gate_up10c_kernel); else
-// gate_up10.
+// the grouped down; 3: the coalesced gate_up (moe_gate_up10c_kernel); 4: the
+// coalesced streaming gate_up (moe_gate_up10cs_kernel); else gate_up10.
 static int moe10_stream() {
   const char *v = getenv("ORCH_CUDA_MOE10_STREAM");
-  return v && v[0] >= '1' && v[0] <= '3' && !v[1] ? v[0] - '0' : 0;
+  return v && v[0] >= '1' && v[0] <= '4' && !v[1] ? v[0] - '0' : 0;
 }
 
 // ORCH_CUDA_MOE10_PF (bits): 1 gate_up prefetches the down weights into L2
@@ -829,6 +909,18 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     constexpr int NBG = gate_up_nb<T>();
     if (only & 2) {
       // timing hook (ORCH_CUDA_MOE_ONLY): no gate_up
+    } else if (stream == 4 && gu_bytes % 16 == 0) {
+      const int win = (int)moe10c_win(orch_row_bytes(T, dim));
+      const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4 + 4 * (size_t)win;
+      auto kern = moe_gate_up10cs_kernel<T, NBG>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      const int64_t units = (int64_t)n * n_slots * ceil_div(ff, MOE10C_ROWS);
+      static int64_t wave[MOE10_MAX_N + 1];
+      if (wave[n] == 0) wave[n] = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave[n], units));
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
+                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n, n_slots, dim, ff,
+                       orch_row_bytes(T, dim), alpha, limit, sc, win);
     } else if (stream == 3 && gu_bytes % 16 == 0) {
       const int win = (int)moe10c_win(orch_row_bytes(T, dim));
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4 + 2 * (size_t)win;
