@@ -9,7 +9,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <memory>
 #include <vector>
 
 #include "../include/orch_cuda.h"
@@ -58,9 +57,6 @@ struct orch_ctx {
   // (device run 3 of session 4: faster from 16, slower up to 8) and declines
   // below (v6); a version set pins it everywhere.
   bool moe_auto = !getenv("ORCH_CUDA_MOE") || !getenv("ORCH_CUDA_MOE")[0];
-  // matmul_prefill.cu's second stream and events (ORCH_CUDA_PREFILL=v6),
-  // made on first use; its deleter releases them when the context is deleted.
-  std::shared_ptr<void> prefill_aux;
 };
 
 // Records msg as the last error (thread-global, mutex-protected).

@@ -13,11 +13,8 @@
 //    16-byte store (coalesced), x converted 4 floats per thread; without
 //    accumulate the bias is written into y first and cuBLAS adds into it
 //    (beta = 1) instead of a read-modify-write pass afterwards.
-//  - v6 (opt-in): v2 with W in ORCH_CUDA_PREFILL_CHUNKS (default 2) or more
-//    row chunks, chunk c+1 dequantized on a second stream while cuBLAS
-//    multiplies chunk c (two chunk buffers; events order the buffers' reuse;
-//    under graph capture the second stream forks from and joins the first).
-// ORCH_CUDA_PREFILL_CAP=<MiB> sets v2 / v6's tile cap (default 128).
+// ORCH_CUDA_PREFILL_CAP=<MiB> sets v2's tile cap (default 128; 32 measured
+// mixed on the H100: gate/up n=512 0.157 vs 0.164 ms, down 0.195 vs 0.156).
 // ORCH_CUDA_PREFILL_TIMING=dequant / gemm (TestPerfPrefillMatMul only; the
 // results are WRONG): skip the cuBLAS calls / the dequantization, to time
 // the two halves of v2 separately.
@@ -26,8 +23,10 @@
 // fp16 mma.sync + ldmatrix, W dequantized in shared memory, 128- / 256-row
 // tiles, a one-barrier pipelined schedule): 110-165 TFLOP/s on the H100
 // against v2's 260-600 (bound by shared-memory / LSU wavefronts: 4-byte
-// cp.async of the 68-byte row segments, ldmatrix), so it was removed
-// (docs/perf-cuda.md, Round 6).
+// cp.async of the 68-byte row segments, ldmatrix), so it was removed; and
+// a v2 that dequantized the next row chunk on a second stream while cuBLAS
+// ran (no overlap: cuBLAS holds every SM; Llama pp512 11,334 vs 12,292
+// tok/s) (docs/perf-cuda.md, Round 6).
 #include <string.h>
 
 #include "quant.cuh"
@@ -133,7 +132,7 @@ static int prefill_version() {
   return v;
 }
 
-// ORCH_CUDA_PREFILL_CAP / _CHUNKS: a positive integer, else def (read once).
+// ORCH_CUDA_PREFILL_CAP: a positive integer, else def (read once).
 static int64_t env_int(const char *name, int64_t def) {
   const char *v = getenv(name);
   if (!v || !v[0]) return def;
@@ -153,53 +152,22 @@ static int prefill_timing() {
   }();
   return t;
 }
-static int64_t prefill_chunks() {
-  static const int64_t c = env_int("ORCH_CUDA_PREFILL_CHUNKS", 2);
-  return c;
-}
 
 // Weight rows per dequantized tile: v1 32 MiB of bf16 (at least 64 rows);
 // v2 the whole m when m * k * 2 bytes <= cap, else equal tiles under it
-// (multiples of 8 rows); v6 at least min_tiles equal tiles (multiples of 64
-// rows, none under 64). Host-only arithmetic.
-static int64_t prefill_tile_rows(int version, int64_t m, int64_t k, int64_t cap, int64_t min_tiles) {
+// (multiples of 8 rows). Host-only arithmetic.
+static int64_t prefill_tile_rows(int version, int64_t m, int64_t k, int64_t cap) {
   if (version == 1) {
     int64_t mc = (16ll << 20) / k;
     if (mc < 64) mc = 64;
     if (mc > m) mc = m;
     return (mc + 7) / 8 * 8;
   }
-  int64_t tiles = max(ceil_div(m * k * 2, cap), min_tiles);
+  int64_t tiles = ceil_div(m * k * 2, cap);
   if (tiles < 1) tiles = 1;
-  const int64_t align = min_tiles > 1 ? 64 : 8;
-  int64_t mc = (ceil_div(m, tiles) + align - 1) / align * align;
-  if (mc * k * 2 > cap && mc > align) mc = max(align, cap / (k * 2) / align * align);
+  int64_t mc = (ceil_div(m, tiles) + 7) / 8 * 8;
+  if (mc * k * 2 > cap && mc > 8) mc = max((int64_t)8, cap / (k * 2) / 8 * 8);
   return min(mc, m);
-}
-
-// v6's second stream and its events, made on first use (ctx->prefill_aux).
-struct PrefillAux {
-  cudaStream_t s = nullptr;
-  cudaEvent_t start = nullptr, deq[2] = {}, gemm[2] = {};
-  ~PrefillAux() {
-    for (cudaEvent_t e : {start, deq[0], deq[1], gemm[0], gemm[1]})
-      if (e) cudaEventDestroy(e);
-    if (s) cudaStreamDestroy(s);
-  }
-};
-static PrefillAux *prefill_aux(orch_ctx *ctx) {
-  if (!ctx->prefill_aux) {
-    auto *a = new PrefillAux();
-    ctx->prefill_aux = std::shared_ptr<void>(a, [](void *p) { delete static_cast<PrefillAux *>(p); });
-    bool ok = cudaStreamCreateWithFlags(&a->s, cudaStreamNonBlocking) == cudaSuccess;
-    for (cudaEvent_t *e : {&a->start, &a->deq[0], &a->deq[1], &a->gemm[0], &a->gemm[1]})
-      ok = ok && cudaEventCreateWithFlags(e, cudaEventDisableTiming) == cudaSuccess;
-    if (!ok) {
-      ctx->prefill_aux.reset();
-      return nullptr;
-    }
-  }
-  return static_cast<PrefillAux *>(ctx->prefill_aux.get());
 }
 
 // matmul_large: y[n, m] (+)= x[n, k] · W[m, k]^T (+ bias) for orch_matmul when
@@ -227,65 +195,29 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
     return ORCH_OK;
   }
   const int version = prefill_version();
-  // Prefill: bf16 x once, then weight tiles of mc rows (v6: at least two, in
-  // two buffers, dequantized on the second stream).
-  PrefillAux *aux = nullptr;
-  if (version == 6 && m >= 128) {
-    aux = prefill_aux(ctx);
-    if (!aux) {
-      orch_set_error("matmul: prefill v6: could not create its stream / events");
-      return ORCH_ERR_CUDA;
-    }
-  }
-  const int64_t mc = prefill_tile_rows(version, m, k, prefill_cap_bytes(), aux ? prefill_chunks() : 1);
-  const int nbuf = aux && mc < m ? 2 : 1;
-  if (nbuf == 1) aux = nullptr;
+  // Prefill: bf16 x once, then weight tiles of mc rows.
+  const int64_t mc = prefill_tile_rows(version, m, k, prefill_cap_bytes());
   size_t xbytes = (size_t)(n * k * 2 + 255) / 256 * 256;
-  size_t wbytes = (size_t)(mc * k * 2 + 255) / 256 * 256;
-  size_t need = xbytes + nbuf * wbytes;
+  size_t need = xbytes + (size_t)(mc * k * 2);
   void *scr = nullptr;
   int rc = orch_scratch(ctx, need, &scr);
   if (rc != ORCH_OK) return rc;
   __nv_bfloat16 *xb = (__nv_bfloat16 *)scr;
-  __nv_bfloat16 *wt[2] = {(__nv_bfloat16 *)((char *)scr + xbytes), (__nv_bfloat16 *)((char *)scr + xbytes + wbytes)};
+  __nv_bfloat16 *wt = (__nv_bfloat16 *)((char *)scr + xbytes);
   const bool v2 = version != 1;
   // v2 without accumulate: y = bias first, cuBLAS adds into it.
   // (Not when y overlaps the bias: the fill would overwrite it.)
   const bool bias_first = v2 && bias && !accumulate &&
                           ((const char *)bias >= (const char *)(y + n * m) || (const char *)(bias + m) <= (const char *)y);
   const bool q8_v2 = v2 && wtype == ORCH_T_Q8_0 && ((uintptr_t)wb & 1) == 0;
-  const int64_t chunks = ceil_div(m, mc);
-  // Dequantizes chunk c into buffer c % nbuf on stream st.
-  auto dequant = [&](int64_t c, cudaStream_t st) -> int {
-    if (prefill_timing() == 2) return ORCH_OK;
-    const int64_t m0 = c * mc, rows = min(mc, m - m0);
-    __nv_bfloat16 *dst = wt[c % nbuf];
-    if (q8_v2) {
-      const int64_t items = rows * k / 8;
-      dequant_q8_bf16_v2<<<grid_for(items), 256, 0, st>>>((uint4 *)dst, wb + m0 * rb, items);
-    } else {
-      ORCH_DISPATCH_TYPE(wtype, launch_dequant_bf16, st, dst, wb + m0 * rb, rows, k, rb);
-    }
-    ORCH_LAUNCHED(op);
-    return ORCH_OK;
-  };
-  if (aux) {
-    // The second stream starts after everything before this call on the
-    // first (the buffers' earlier readers; x's conversion below may run
-    // beside chunk 0), and dequantizes one chunk ahead.
-    ORCH_CUDA(cudaEventRecord(aux->start, ctx->stream), op);
-    ORCH_CUDA(cudaStreamWaitEvent(aux->s, aux->start, 0), op);
-    if ((rc = dequant(0, aux->s)) != ORCH_OK) return rc;
-    ORCH_CUDA(cudaEventRecord(aux->deq[0], aux->s), op);
-  }
-  // v2: x, the bias fill and (on this stream, Q8_0) chunk 0 in one launch.
-  const bool fuse0 = q8_v2 && !aux && prefill_timing() != 2;
+  // v2: x, the bias fill and (Q8_0) tile 0's dequantization in one launch.
+  const bool fuse0 = q8_v2 && prefill_timing() != 2;
   if (v2 && (n * k) % 4 == 0 && ((uintptr_t)x & 15) == 0) {
     // (The bias fill joins the launch only when y does not overlap x.)
     const bool yx = (const char *)y < (const char *)(x + n * k) && (const char *)x < (const char *)(y + n * m);
     const int64_t nx4 = n * k / 4, nb = bias_first && !yx ? n * m : 0, nq = fuse0 ? min(mc, m) * k / 8 : 0;
     prep_v2_kernel<<<grid_for(nx4 + nb + nq), 256, 0, ctx->stream>>>((uint2 *)xb, (const float4 *)x, nx4, y, bias, nb,
-                                                                       m, (uint4 *)wt[0], wb, nq);
+                                                                       m, (uint4 *)wt, wb, nq);
     ORCH_LAUNCHED(op);
     if (bias_first && yx) {
       fill_bias_rows_kernel<<<grid_for(n * m), 256, 0, ctx->stream>>>(y, bias, n, m);
@@ -301,25 +233,21 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
     }
   }
   const bool deq0_done = fuse0 && (n * k) % 4 == 0 && ((uintptr_t)x & 15) == 0;
-  for (int64_t c = 0; c < chunks; c++) {
-    const int64_t m0 = c * mc, rows = min(mc, m - m0);
-    if (aux) {
-      if (c + 1 < chunks) { // chunk c+1 into the other buffer, once chunk c-1's GEMM has read it
-        if (c >= 1) ORCH_CUDA(cudaStreamWaitEvent(aux->s, aux->gemm[(c + 1) % 2], 0), op);
-        if ((rc = dequant(c + 1, aux->s)) != ORCH_OK) return rc;
-        ORCH_CUDA(cudaEventRecord(aux->deq[(c + 1) % 2], aux->s), op);
+  for (int64_t m0 = 0; m0 < m; m0 += mc) {
+    const int64_t rows = min(mc, m - m0);
+    if (prefill_timing() != 2 && !(m0 == 0 && deq0_done)) {
+      if (q8_v2) {
+        const int64_t items = rows * k / 8;
+        dequant_q8_bf16_v2<<<grid_for(items), 256, 0, ctx->stream>>>((uint4 *)wt, wb + m0 * rb, items);
+      } else {
+        ORCH_DISPATCH_TYPE(wtype, launch_dequant_bf16, ctx->stream, wt, wb + m0 * rb, rows, k, rb);
       }
-      ORCH_CUDA(cudaStreamWaitEvent(ctx->stream, aux->deq[c % 2], 0), op);
-    } else if (!(c == 0 && deq0_done) && (rc = dequant(c, ctx->stream)) != ORCH_OK) {
-      return rc;
+      ORCH_LAUNCHED(op);
     }
-    if (prefill_timing() == 1) {
-      if (aux) ORCH_CUDA(cudaEventRecord(aux->gemm[c % 2], ctx->stream), op);
-      continue;
-    }
+    if (prefill_timing() == 1) continue;
     // Column-major view: Y^T[m, n] = W[m, k] · X^T[k, n].
-    cublasStatus_t s = cublasGemmEx(ctx->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n, (int)k, &one,
-                                    wt[c % nbuf], CUDA_R_16BF, (int)k, xb, CUDA_R_16BF, (int)k,
+    cublasStatus_t s = cublasGemmEx(ctx->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n, (int)k, &one, wt,
+                                    CUDA_R_16BF, (int)k, xb, CUDA_R_16BF, (int)k,
                                     (accumulate || bias_first) ? &one : &zero, y + m0, CUDA_R_32F, (int)m,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (s != CUBLAS_STATUS_SUCCESS) {
@@ -327,7 +255,6 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
                      (long long)n, (long long)k);
       return ORCH_ERR_CUDA;
     }
-    if (aux) ORCH_CUDA(cudaEventRecord(aux->gemm[c % 2], ctx->stream), op);
   }
   if (bias && !bias_first) {
     unsigned blocks = (unsigned)min(ceil_div(n * m, 256), (int64_t)65535);

@@ -23,17 +23,22 @@ var (
 // Thresholds (docs/perf-cuda.md, Round 3, measured on the H100 in device run
 // 2). Dense: GEMV v4 (n <= 4) reads W once at 44-98% of the bytes floor;
 // n = 5..8 is the GEMV's (decode of several streams, fp32 activations, checked
-// at 1e-4 by TestMatMul); for 9 <= n <= 96 the bf16 GEMM wins (Q8_0
+// at 1e-4 by TestMatMul); for 9 <= n <= 96 the bf16 GEMM won (Q8_0
 // 2880x5120: n=16 0.039 vs 0.097 ms, n=64 0.074-0.079 vs 0.098 ms); above,
 // dequantize + cuBLAS wins (n=512: 0.117 vs 0.192 ms best tile), so large n
-// goes back to it. MoE: the grouped GEMMs read each routed expert once per
-// tile of pairs instead of once per (token, slot) pair: n=64 (256 pairs)
-// 1.06 vs 1.82 ms, n=512 1.73 vs 13.8 ms; at n=8 (32 pairs) the fused GEMVs
-// win (0.25 vs 0.70 ms), so grouping starts at 64 pairs.
+// goes back to it. Session 5 (cuda/src/matmul_prefill.cu v2: whole-m
+// cuBLAS calls, coalesced dequantization; TestPerfPrefillMatMul on the H100,
+// session 5 device run 2) moved that border down to 64: at n = 96 the
+// large-n path beat the routed qgemm on every Q8_0 shape timed (Llama
+// gate/up 0.115 vs 0.198 ms, down 0.120 vs 0.299, q/o 0.032 vs 0.089,
+// gpt-oss q 0.021 vs 0.065). MoE: the grouped GEMMs read each routed
+// expert once per tile of pairs instead of once per (token, slot) pair:
+// n=64 (256 pairs) 1.06 vs 1.82 ms, n=512 1.73 vs 13.8 ms; at n=8 (32 pairs)
+// the fused GEMVs win (0.25 vs 0.70 ms), so grouping starts at 64 pairs.
 // (Variables so that TestPerf can time the new paths outside them.)
 var (
 	qgemmMinN       = 9
-	qgemmMaxN       = 96
+	qgemmMaxN       = 64
 	moeGroupedPairs = 64
 	// moeRouteMaxN: the largest n that tries the fused MoE v8 / v9 route
 	// (orch_moe_ffn_route) before the grouped GEMMs. Session 5: the grouped

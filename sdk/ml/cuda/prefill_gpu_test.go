@@ -24,10 +24,9 @@ import (
 // prefillVariants are the environments the tests below re-run themselves
 // under (child processes: the library reads ORCH_CUDA_PREFILL once per
 // process): v1, v2 (default), v2 with 32 MiB tiles (the bf16 tile then
-// stays in L2 for cuBLAS, at the price of thinner cuBLAS calls), and v6
-// (dequantization of the next row chunk on a second stream, overlapping
-// cuBLAS) with 2 and 4 chunks; timing only (wrong results, not checked):
-// v2's dequantization alone and its cuBLAS calls alone.
+// stays in L2 for cuBLAS, at the price of thinner cuBLAS calls); timing only
+// (wrong results, not checked): v2's dequantization alone and its cuBLAS
+// calls alone (each with x's conversion and the bias fill).
 var prefillVariants = []struct {
 	name       string
 	env        []string
@@ -36,8 +35,6 @@ var prefillVariants = []struct {
 	{"v1", []string{"ORCH_CUDA_PREFILL=v1"}, false},
 	{"v2", []string{"ORCH_CUDA_PREFILL=v2"}, false},
 	{"v2 cap 32 MiB", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_CAP=32"}, false},
-	{"v6 2 chunks", []string{"ORCH_CUDA_PREFILL=v6"}, false},
-	{"v6 4 chunks", []string{"ORCH_CUDA_PREFILL=v6", "ORCH_CUDA_PREFILL_CHUNKS=4"}, false},
 	{"v2 dequant only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=dequant"}, true},
 	{"v2 cuBLAS only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=gemm"}, true},
 }
@@ -84,9 +81,9 @@ func TestMatMulPrefill(t *testing.T) {
 		shs := shapes
 		if dt != ml.Q8_0 {
 			// Q8_0 has its own dequantization kernel from v2 on; the other
-			// types take the generic one in every version (tiles, streams
-			// and the bias pass differ): one shape, in the v2 and v6 children.
-			if v := os.Getenv("ORCH_PREFILL_CHILD"); v != "v2" && v != "v6 2 chunks" {
+			// types take the generic one in every version (tiles and the
+			// bias pass differ): one shape, in the v2 child.
+			if os.Getenv("ORCH_PREFILL_CHILD") != "v2" {
 				continue
 			}
 			shs = shapes[:1]
@@ -101,8 +98,8 @@ func TestMatMulPrefill(t *testing.T) {
 	// v2's tiling: 8192 x 8200 is over the 128 MiB cap (two tiles of 4104
 	// rows); n = 9 reaches the large-n path through orch_matmul directly.
 	t.Run("Q8_0/two-tiles", func(t *testing.T) { prefillCase(t, r, ml.Q8_0, 8192, 8200, 9, true, false) })
-	// Captured into a CUDA graph (v6: the second stream forks and joins
-	// inside the capture) and replayed on new x: must match the CPU.
+	// Captured into a CUDA graph (cuBLAS, the fused first launch) and
+	// replayed on new x: must match the CPU.
 	t.Run("Q8_0/graph", func(t *testing.T) {
 		const k, m, n = 2880, 1030, 130
 		w := weightPair(t, "w", ml.Q8_0, []int{k, m}, randWeight(r, ml.Q8_0, k, m))
@@ -134,7 +131,7 @@ func TestMatMulPrefill(t *testing.T) {
 		ref.Copy(x.c, want.c)
 		checkClose(t, "in place", x, bf16Tol)
 	})
-	// n = 1000, m = 1030: ragged chunks (v6: 2 x 576 / 4 x 320 rows) and a large n.
+	// n = 1000, m = 1030, k = 160: a large n, ragged m.
 	t.Run("Q8_0/k=160", func(t *testing.T) { prefillCase(t, r, ml.Q8_0, 160, 1030, 1000, true, true) })
 }
 
@@ -224,9 +221,9 @@ func TestPerfPrefillMatMul(t *testing.T) {
 		bias := mustA(t, ml.F32, sh.m)
 		require.NoError(t, gpu.WriteF32(bias, r.f32(sh.m)))
 		// n = 32 .. 128: where the large-n path could take over from GEMV v9
-		// / qgemm (Backend.MatMul routes n <= qgemmMaxN = 96 there): "direct"
+		// / qgemm (Backend.MatMul routes n <= qgemmMaxN there): "direct"
 		// calls orch_matmul (this version's large-n path) at any n, "routed"
-		// goes through Backend.MatMul (GEMV v9 or qgemm below 97).
+		// goes through Backend.MatMul (GEMV v9 or qgemm up to qgemmMaxN).
 		for _, n := range []int{32, 64, 96, 128, 512, 2048} {
 			x := mustA(t, ml.F32, sh.k, n)
 			require.NoError(t, gpu.WriteF32(x, r.f32(sh.k*n)))
