@@ -1,5 +1,5 @@
 // moe_gemm.cuh — grouped MoE expert GEMM v3 (ORCH_CUDA_MOEGEMM=v3, the
-// default; tile codes 17-28 of orch_moe_ffn_grouped; session 5, issue 7).
+// default; tile codes 17 and 19 of orch_moe_ffn_grouped; session 5, issue 7).
 // Included by qgemm.cu inside its anonymous namespace: it reuses qgemm.cu's
 // QArgs, cp.async wrappers and the route (bucketing, gather, tile plan,
 // combine); only the GEMM kernel is new. MXFP4 weights only (gpt-oss).
@@ -74,20 +74,6 @@ __device__ __forceinline__ void mg_mma_bf16(float d[4], const uint32_t a[4], con
 #endif
 }
 
-// mg_mma_bf16 under a warp-uniform guard predicate (straight-line code for
-// the scheduler instead of a branch around the MMA).
-__device__ __forceinline__ void mg_mma_bf16_if(bool p, float d[4], const uint32_t a[4], const uint32_t b0,
-                                               const uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("{\n .reg .pred p;\n setp.ne.b32 p, %10, 0;\n"
-      " @p mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n}"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"((int)p));
-#elif defined(ORCH_EMU)
-  if (p) mg_mma_bf16(d, a, b0, b1); // uniform in the warp: all lanes or none meet the warp barrier
-#endif
-}
-
 __device__ __forceinline__ void mg_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
@@ -106,30 +92,6 @@ __device__ __forceinline__ void mg_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p
 #endif
 }
 
-// cp.async of 16 bytes (the first `bytes` read, the rest zero-filled) with
-// the L2::256B prefetch-size hint: the L2 fetches the whole 256-byte block
-// around the address from DRAM. v3 stages each W row 34 bytes (two blocks) a
-// stage, 384 rows 1530 bytes apart: without the hint every stage costs each
-// row a separate 64-byte DRAM access (device run 1: ~0.8 TB/s, the whole
-// per-tile cost); with it one 256-byte read serves 7-8 stages.
-__device__ __forceinline__ void cp_async16_l2pf(void *smem, const void *gmem, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem), "r"(bytes) : "memory");
-#else
-  cp_async16(smem, gmem, bytes);
-#endif
-}
-
-// Prefetch of the 128-byte line holding p into L2 (no register result).
-__device__ __forceinline__ void prefetch_l2(const void *p) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-#else
-  (void)p;
-#endif
-}
-
 // ---- v3: MXFP4 decoded straight into A fragments ----
 // A CTA is 384 W rows (gate_up: 192 gate + the same 192 up rows) x 96 pairs,
 // 12 warps, each owning a band of 32 tile rows (16 gate, 16 up) across ALL
@@ -144,32 +106,26 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
 // element j < 16 is the low nibble of qs[j], element 16 + j its high nibble).
 // Activations are re-read from L2 m / 384 times (v2: m / 192). Only B (pair
 // rows) goes through ldmatrix: one x4 per two n8 blocks and k16 step.
-// BN_: pairs per tile (tile 17: 96, 18: 80, 19: 64): the accumulators are
-// 2 x BN_/8 x 4 registers of the 168 a thread may have; fewer leave the
-// compiler room to keep ldmatrix loads ahead of the MMAs, but an expert with
-// more pairs takes another tile (its rows decoded again).
-// WARPS_: 12 (384 W rows, one CTA per SM) or 6 (192 rows, two CTAs per SM:
-// each the other's overlap, and twice the CTAs for the tail of the wave; at
-// gpt-oss n = 512 down has 8 x ~34 = 272 CTAs of 384 rows = 2.06 waves).
-// PF (DRAM access of the W rows): 0 plain cp.async (run 1), 1 with the
-// L2::256B hint, 2 the hint plus prefetch.global.L2 of each row's bytes 8
-// stages ahead (two 128-byte lines every 4 stages: 272 bytes of row per 8
-// stages, so the DRAM reads run ahead of the copies).
-// KB_: MXFP4 blocks (of 32 k) per stage: 2 (4 stages in flight) or 4 (3
-// stages; half the barriers and copy-issue passes, 68 contiguous bytes of each
-// row a stage; 208 KB of shared memory at 96 pairs).
-template <int BN_, int WARPS_ = 12, int KB_ = 2>
+// BN_: pairs per tile (tile 17: 96, 19: 64): the accumulators are
+// 2 x BN_/8 x 4 of the 168 registers a thread may have; an expert with more
+// pairs takes another tile (its rows streamed and decoded again).
+// Measured variants deleted after device run 2 (n = 16 / 64 / 512 / 2048 ms;
+// tile 17: 0.53 / 0.52 / 0.765 / 2.38): 80 pairs (0.77 at 512, 2.73 at
+// 2048), 192-row CTAs two per SM (0.50 / 0.52 / 0.749 / 2.64), the next
+// block's decode pipelined against the MMAs (0.67 / 0.67 / 0.763 / 2.71), the
+// L2::256B prefetch-size hint on the W copies (no change: 0.768 / 2.38), plus
+// prefetch.global.L2 ahead (0.84 at 512), 4 blocks a stage (0.84, 2.53).
+template <int BN_>
 struct Mg3Cfg {
-  static constexpr int BM = 32 * WARPS_, BN = BN_, KB = KB_, NS = KB_ == 2 ? 4 : 3, WARPS = WARPS_, THREADS = WARPS * 32;
-  static constexpr int MINB = WARPS_ <= 6 ? 2 : 1;
+  static constexpr int BM = 384, BN = BN_, KB = 2, NS = 4, WARPS = 12, THREADS = WARPS * 32;
   static constexpr int BK = 32 * KB, LDS = BK + 8, NT = BN / 8;
   static_assert(BM == WARPS * 32 && NT % 2 == 0, "tile");
   static_assert((LDS * 2) % 16 == 0 && ((LDS * 2 / 16) & 1), "ldmatrix rows: 16-byte aligned, odd 16-byte stride");
 };
 
-template <int T, int BN_, int WARPS_, int KB_>
+template <int T, int BN_>
 struct Mg3Smem {
-  using C = Mg3Cfg<BN_, WARPS_, KB_>;
+  using C = Mg3Cfg<BN_>;
   static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(T), C::KB) | 1);
   static constexpr size_t XS = (size_t)C::NS * C::BN * C::LDS * 2;
   static constexpr size_t RAW = (size_t)C::NS * C::BM * RAWROW;
@@ -189,12 +145,11 @@ __device__ __forceinline__ void mx_pair_bf16(uint32_t qq, uint32_t scale, uint32
   hi = bf162_mul(phi, scale);
 }
 
-template <int MODE, int BN_, bool PIPE, int WARPS_, int PF, int KB_>
-__global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_, KB_>::THREADS, Mg3Cfg<BN_, WARPS_, KB_>::MINB)
-    moe_gemm3_kernel(const QArgs a) {
-  using C = Mg3Cfg<BN_, WARPS_, KB_>;
+template <int MODE, int BN_>
+__global__ void __launch_bounds__(Mg3Cfg<BN_>::THREADS, 1) moe_gemm3_kernel(const QArgs a) {
+  using C = Mg3Cfg<BN_>;
   constexpr int T = ORCH_T_MXFP4;
-  using SM = Mg3Smem<T, BN_, WARPS_, KB_>;
+  using SM = Mg3Smem<T, BN_>;
   constexpr int BB = type_block_bytes(T), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
   constexpr int BM = C::BM, BN = C::BN, KB = C::KB, NS = C::NS, LDS = C::LDS, THREADS = C::THREADS;
   constexpr bool DUAL = MODE == MODE_GATE_UP;
@@ -280,20 +235,7 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_, KB_>::THREADS, Mg3Cfg<BN_,
         if (c >= sp.chunks) continue;
         const uint64_t addr = sp.a0 + 16ull * c;
         const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
-        if (bytes > 0) {
-          if constexpr (PF >= 1) cp_async16_l2pf(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
-          else cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
-        }
-        if constexpr (PF == 2) {
-          // The row's first-chunk task prefetches its bytes 8 stages ahead
-          // (two lines, every 4 stages), inside the row.
-          if (c == 0 && (s & 3) == 0) {
-            const uint8_t *wend = (w_pk[u] >> 24) ? a.w2_end : a.w_end;
-            const uint8_t *pf = seg + 8 * KB * BB;
-            if (pf < wend) prefetch_l2(pf);
-            if (pf + 128 < wend) prefetch_l2(pf + 128);
-          }
-        }
+        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
       }
       __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
 #pragma unroll
@@ -335,9 +277,7 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_, KB_>::THREADS, Mg3Cfg<BN_,
       for (int z = 0; z < 4; z++) acc[i][j][z] = 0.f;
 
   // Block j of stage s -> this lane's A fragments of both k16 steps,
-  // af[m16 tile][k16 step][register]. Reads only shared memory inside the
-  // stage buffer, whatever s and j (PIPE decodes one block past the end: its
-  // fragments are never used).
+  // af[m16 tile][k16 step][register].
   auto decode = [&](int s, int j, uint32_t (&af)[2][2][4]) {
     const uint8_t *rs = raw + (size_t)(s % NS) * BM * RAWROW;
 #pragma unroll
@@ -355,76 +295,42 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_, KB_>::THREADS, Mg3Cfg<BN_,
         mx_pair_bf16(qb, scale, af[i][0][2 + h], af[i][1][2 + h]);
       }
   };
-  // The MMAs of block j of stage s over the tile's live n8 blocks: per pair
-  // of n-blocks both k16 steps' B fragments (two ldmatrix in flight), then up
-  // to 8 MMAs. !PIPE: dead n-block pairs are branched over. PIPE: straight-
-  // line code (so that the compiler can interleave the next block's decode
-  // with these MMAs): every ldmatrix is issued (rows inside the stage), the
-  // MMAs carry the warp-uniform predicate "live" (and ok: the block exists).
-  auto mmas = [&](int s, int j, const uint32_t (&af)[2][2][4], bool ok) {
+  // The MMAs of block j of stage s over the tile's live n8 blocks (dead
+  // pairs of n-blocks branched over, warp-uniform): per pair of n-blocks both
+  // k16 steps' B fragments (two ldmatrix in flight), then up to 8 MMAs.
+  auto mmas = [&](int s, int j, const uint32_t (&af)[2][2][4]) {
     const __nv_bfloat16 *xs = Xs + (size_t)(s % NS) * BN * LDS;
 #pragma unroll
     for (int jp = 0; jp < C::NT / 2; jp++) {
-      if constexpr (!PIPE)
-        if (jp * 16 >= cnt) break; // uniform
+      if (jp * 16 >= cnt) break; // uniform
       uint32_t bf[2][4];
 #pragma unroll
       for (int kk = 0; kk < 2; kk++) mg_ldsm_x4(bf[kk], xs + b_off + jp * 16 * LDS + j * 32 + kk * 16);
-      const bool first = ok && jp * 16 < cnt, second = ok && jp * 16 + 8 < cnt;
+      const bool second = jp * 16 + 8 < cnt;
 #pragma unroll
       for (int kk = 0; kk < 2; kk++)
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-          if constexpr (PIPE) {
-            mg_mma_bf16_if(first, acc[i][2 * jp], af[i][kk], bf[kk][0], bf[kk][1]);
-            mg_mma_bf16_if(second, acc[i][2 * jp + 1], af[i][kk], bf[kk][2], bf[kk][3]);
-          } else {
-            mg_mma_bf16(acc[i][2 * jp], af[i][kk], bf[kk][0], bf[kk][1]);
-            if (second) mg_mma_bf16(acc[i][2 * jp + 1], af[i][kk], bf[kk][2], bf[kk][3]);
-          }
+          mg_mma_bf16(acc[i][2 * jp], af[i][kk], bf[kk][0], bf[kk][1]);
+          if (second) mg_mma_bf16(acc[i][2 * jp + 1], af[i][kk], bf[kk][2], bf[kk][3]);
         }
     }
   };
 
 #pragma unroll
   for (int s = 0; s < NS - 1; s++) issue(s);
-  if constexpr (!PIPE) {
-    for (int s = 0; s < nstages; s++) {
-      cp_async_wait<NS - 2>(); // this thread's copies of stage s have landed
-      __syncthreads();         // everyone's visible; step s-1's reads of buffer (s-1) % NS done
-      issue(s + NS - 1);
-      if (active) {
-        const int nblk = (int)min((int64_t)KB, nb - (int64_t)s * KB);
+  for (int s = 0; s < nstages; s++) {
+    cp_async_wait<NS - 2>(); // this thread's copies of stage s have landed
+    __syncthreads();         // everyone's visible; step s-1's reads of buffer (s-1) % NS done
+    issue(s + NS - 1);
+    if (active) {
+      const int nblk = (int)min((int64_t)KB, nb - (int64_t)s * KB);
 #pragma unroll
-        for (int j = 0; j < KB; j++) {
-          if (j >= nblk) break; // uniform: the last stage of a k that is not a multiple of BK
-          uint32_t af[2][2][4];
-          decode(s, j, af);
-          mmas(s, j, af, true);
-        }
-      }
-    }
-  } else {
-    // One stage ahead: at step s, stage s+1 is already visible, and the
-    // decode of each next block (block 1 of s, block 0 of s+1) sits between
-    // the MMAs of the current one. Buffers: issue(s+3) overwrites stage
-    // s-1's, which every warp finished (MMAs of s-1, decode of s's block 0
-    // happened in step s-1) before this step's barrier.
-    static_assert(KB == 2, "PIPE alternates two fragment sets: blocks 0 and 1 of a stage");
-    uint32_t af0[2][2][4], af1[2][2][4];
-    cp_async_wait<NS - 2>(); // stage 0
-    __syncthreads();
-    decode(0, 0, af0);
-    for (int s = 0; s < nstages; s++) {
-      cp_async_wait<NS - 3>(); // this thread's copies of stage s+1 have landed
-      __syncthreads();         // stage s+1 visible; step s-1 done with buffer (s-1) % NS
-      issue(s + NS - 1);
-      if (active) {
-        const bool two = (int64_t)s * KB + 1 < nb; // block 1 of stage s exists
-        decode(s, 1, af1);
-        mmas(s, 0, af0, true);
-        decode(s + 1, 0, af0); // past the last stage: unused
-        mmas(s, 1, af1, two);
+      for (int j = 0; j < KB; j++) {
+        if (j >= nblk) break; // uniform: the last stage of a k that is not a multiple of BK
+        uint32_t af[2][2][4];
+        decode(s, j, af);
+        mmas(s, j, af);
       }
     }
   }
@@ -462,76 +368,31 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_, WARPS_, KB_>::THREADS, Mg3Cfg<BN_,
   }
 }
 
-template <int MODE, int BN_, bool PIPE, int WARPS_, int PF, int KB_ = 2>
+template <int MODE, int BN_>
 int launch_moe_gemm3(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
-  using C = Mg3Cfg<BN_, WARPS_, KB_>;
-  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_, WARPS_, KB_>::TOTAL;
-  static_assert(C::MINB == 1 || C::MINB * (sm + 1024) <= 227 * 1024, "two CTAs per SM must fit 227 KB");
-  static_assert(sm <= 220 * 1024, "shared memory (H100 opt-in: 227 KB)");
+  using C = Mg3Cfg<BN_>;
+  constexpr size_t sm = Mg3Smem<ORCH_T_MXFP4, BN_>::TOTAL;
+  static_assert(sm <= 200 * 1024, "shared memory");
   static const size_t optin = smem_optin();
   if (sm > optin) {
     orch_set_error("moe_gemm v3: tile needs %zu bytes of shared memory, the device allows %zu", sm, optin);
     return ORCH_ERR_UNSUPPORTED;
   }
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
-  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_, PF, KB_>,
-                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_, PIPE, WARPS_, PF, KB_>;
+  cudaFuncSetAttribute(moe_gemm3_kernel<MODE, BN_>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs) = moe_gemm3_kernel<MODE, BN_>;
   QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a);
   return ORCH_OK;
 }
 
-// Tile codes of v3 (pairs per tile, CTA warps, decode pipelined, PF):
-//   17 / 18 / 19: 96 / 80 / 64 pairs, 12 warps, PF 0 (device run 1: n = 512
-//   0.771 / 0.779 / 0.963 ms, n = 64 0.542 / 0.523 / 0.501);
-//   22: 80 pairs, 6 warps (two CTAs per SM), PF 0;
-//   24 / 25: 96 pairs, PF 1 / 2;  26: 64 pairs, PF 1;  27: 80 pairs, 6 warps,
-//   PF 1;  28: 80 pairs, pipelined (device run 1, PF 0: no faster), PF 1;
-//   29: 96 pairs, 4 blocks a stage (3 stages), PF 1.
-// (20, 21, 23: pipelined 80 / 64 / 6-warp at PF 0, removed after run 1.)
-struct Mg3Tile {
-  int bn, warps, pf;
-  bool pipe;
-};
-constexpr Mg3Tile mg3_tile(int tile) {
-  switch (tile) {
-    case 17: return {96, 12, 0, false};
-    case 18: return {80, 12, 0, false};
-    case 19: return {64, 12, 0, false};
-    case 22: return {80, 6, 0, false};
-    case 24: return {96, 12, 1, false};
-    case 25: return {96, 12, 2, false};
-    case 26: return {64, 12, 1, false};
-    case 27: return {80, 6, 1, false};
-    case 28: return {80, 12, 1, true};
-    case 29: return {96, 12, 1, false};
-  }
-  return {0, 0, 0, false};
-}
-constexpr bool mg3_tile_ok(int tile) { return mg3_tile(tile).bn != 0; }
+// Tile codes of v3: 17 = 96 pairs a tile, 19 = 64.
+constexpr bool mg3_tile_ok(int tile) { return tile == 17 || tile == 19; }
+constexpr int mg3_bn(int tile) { return tile == 17 ? 96 : 64; }
 // Dynamic shared memory of a v3 tile's CTA (bytes).
 constexpr size_t mg3_smem(int tile) {
-  return tile == 29 ? Mg3Smem<ORCH_T_MXFP4, 96, 12, 4>::TOTAL
-                    : mg3_tile(tile).warps == 6 ? Mg3Smem<ORCH_T_MXFP4, 80, 6, 2>::TOTAL
-                    : mg3_tile(tile).bn == 96   ? Mg3Smem<ORCH_T_MXFP4, 96, 12, 2>::TOTAL
-                    : mg3_tile(tile).bn == 80   ? Mg3Smem<ORCH_T_MXFP4, 80, 12, 2>::TOTAL
-                                                : Mg3Smem<ORCH_T_MXFP4, 64, 12, 2>::TOTAL;
+  return tile == 17 ? Mg3Smem<ORCH_T_MXFP4, 96>::TOTAL : Mg3Smem<ORCH_T_MXFP4, 64>::TOTAL;
 }
-constexpr int mg3_bn(int tile) { return mg3_tile(tile).bn; }
 template <int MODE>
 int launch_moe_gemm3_tile(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
-  switch (tile) {
-    case 17: return launch_moe_gemm3<MODE, 96, false, 12, 0>(st, a, rows_w, gy);
-    case 18: return launch_moe_gemm3<MODE, 80, false, 12, 0>(st, a, rows_w, gy);
-    case 19: return launch_moe_gemm3<MODE, 64, false, 12, 0>(st, a, rows_w, gy);
-    case 22: return launch_moe_gemm3<MODE, 80, false, 6, 0>(st, a, rows_w, gy);
-    case 24: return launch_moe_gemm3<MODE, 96, false, 12, 1>(st, a, rows_w, gy);
-    case 25: return launch_moe_gemm3<MODE, 96, false, 12, 2>(st, a, rows_w, gy);
-    case 26: return launch_moe_gemm3<MODE, 64, false, 12, 1>(st, a, rows_w, gy);
-    case 27: return launch_moe_gemm3<MODE, 80, false, 6, 1>(st, a, rows_w, gy);
-    case 28: return launch_moe_gemm3<MODE, 80, true, 12, 1>(st, a, rows_w, gy);
-    case 29: return launch_moe_gemm3<MODE, 96, false, 12, 1, 4>(st, a, rows_w, gy);
-  }
-  orch_set_error("moe_ffn_grouped: tile %d is not a v3 tile", tile);
-  return ORCH_ERR_INVALID;
+  return tile == 17 ? launch_moe_gemm3<MODE, 96>(st, a, rows_w, gy) : launch_moe_gemm3<MODE, 64>(st, a, rows_w, gy);
 }

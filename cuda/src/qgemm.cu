@@ -520,7 +520,7 @@ int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) 
 }
 
 // Grouped MoE GEMM v3 (mma.sync, MXFP4 decoded into fragments; tile codes
-// 17-28, ORCH_CUDA_MOEGEMM=v3, the default).
+// 17 and 19, ORCH_CUDA_MOEGEMM=v3, the default).
 #include "moe_gemm.cuh"
 
 // ORCH_CUDA_MOEGEMM=vN, read once per process: 3 (default) makes v3 the
@@ -704,10 +704,10 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   // types take v1's tiles (a v3 tile code then means "by shape").
   const bool mx = gu_type == ORCH_T_MXFP4 && down_type == ORCH_T_MXFP4;
   if (tile == 0 && mx && moegemm_version() == 3) {
-    // By mean pairs per expert (device run 1, gpt-oss, PF 0: n = 64 (8 per
-    // expert) 64-pair tiles 0.501 ms, 96 0.542; n = 512 / 2048 96-pair tiles
-    // best, 0.771 / 2.42 ms); the L2::256B variants (PF 1) of those two.
-    const int pick = pairs / n_exp <= 16 ? 26 : 24;
+    // By mean pairs per expert (device runs 1-2, gpt-oss: n = 64 (8 per
+    // expert) 64-pair tiles 0.498 ms, 96 0.519; n = 512 / 2048 96-pair tiles
+    // 0.765 / 2.38 ms, 64 0.99 / 2.87; v1 tile 5 1.02 / 1.09 / 3.17).
+    const int pick = pairs / n_exp <= 16 ? 19 : 17;
     if (mg3_smem(pick) <= smem_optin()) tile = pick; // else (A100: 163 KB) v1's tiles
   }
   const bool v3 = tile_v3(tile);
