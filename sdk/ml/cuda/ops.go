@@ -41,10 +41,20 @@ var (
 	qgemmMaxN       = 64
 	moeGroupedPairs = 64
 	// moeRouteMaxN: the largest n that tries the fused MoE v8 / v9 route
-	// (orch_moe_ffn_route) before the grouped GEMMs. Session 5: the grouped
-	// path's v3 kernel (moe_gemm.cuh) may beat v9 at 16-64 tokens; this moves
-	// down once the device tables say so (TestPerfMoEPrefill's Backend.MoE rows).
-	moeRouteMaxN = 64
+	// (orch_moe_ffn_route) before the grouped GEMMs when those run v3
+	// (moe_gemm.cuh: MXFP4, ORCH_CUDA_MOEGEMM and ORCH_CUDA_MOE unset or v3;
+	// otherwise 64 as before). Session 5, device run 2 (H100, gpt-oss,
+	// Backend.MoE with router, TestPerfMoEPrefill): n = 16 v9 0.430 ms vs
+	// grouped v3 0.510; n = 64 v9 0.626 vs grouped 0.518. Grouped v3 is flat
+	// at ~0.51 ms from 16 to 64 tokens (the weights streamed once per tile
+	// dominate); v9 grows ~4.2 us a token (session 4: 406 / 472 / 606 us at
+	// 16 / 32 / 64): they cross at ~41 tokens.
+	moeRouteMaxN = 40
+	// moeV3 is read once, as the library reads ORCH_CUDA_MOEGEMM.
+	moeV3 = func() bool {
+		g, m := os.Getenv("ORCH_CUDA_MOEGEMM"), os.Getenv("ORCH_CUDA_MOE")
+		return (g == "" || g == "v3") && m == ""
+	}()
 )
 
 func qgemmType(dt ml.DType) bool { return dt == ml.Q8_0 || dt == ml.Q4_0 || dt == ml.MXFP4 }
@@ -554,7 +564,11 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	}
 	b.call(op, b.l.matmul(b.ctx, logits, xx.ptr, router.ptr, int32(router.dt), rb, N, int64(dim), int64(ne), 0))
 	grouped := !gemmV1 && n*k >= moeGroupedPairs && gate.dt == up.dt && qgemmType(gate.dt) && qgemmType(down.dt)
-	if n >= 2 && n <= moeRouteMaxN && gate.dt == up.dt && b.err == nil {
+	routeMax := 64
+	if grouped && moeV3 && gate.dt == ml.MXFP4 && down.dt == ml.MXFP4 {
+		routeMax = moeRouteMaxN
+	}
+	if n >= 2 && n <= routeMax && gate.dt == up.dt && b.err == nil {
 		// MoE v9 (2..64 tokens, MXFP4): top-k, then each routed expert
 		// read once for all its tokens; unpinned (ORCH_CUDA_MOE unset): from
 		// 16 tokens. The library declines otherwise (other versions and
