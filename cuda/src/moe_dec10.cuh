@@ -683,6 +683,107 @@ moe_gate_up10cs_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8
   }
 }
 
+// Grouped coalesced streaming gate_up (ORCH_CUDA_MOE10_STREAM=5; for n > 1):
+// gate_up10cs over units (expert group of <= MOE10_GT tokens, 8 rows), each
+// unit's rows decoded once for the group's tokens (gate_up10g's compute, words
+// from shared memory); the grouped down + orch_moe_combine follow (as
+// STREAM=2). Bit-identical to gate_up10.
+template <int T, int NB>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 2)
+moe_gate_up10gcs_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
+                        const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                        const int32_t *__restrict__ ids, int n, int n_slots, int n_exp, int k, int m, int64_t rb,
+                        float alpha, float limit, float sc, int win) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nch = k / 32, xs = moe10_xstride(nch), np = n * n_slots;
+  uint8_t *wbuf = reinterpret_cast<uint8_t *>(xsm + n * xs); // 2 buffers of (gate, up) windows
+  int *ql = reinterpret_cast<int *>(wbuf + 4 * (size_t)win);
+  int *sid = ql + 4 + MOE10_MAXQ * MOE10_QW;
+  int *pl = sid + np;
+  moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg, n * xs / 4);
+  moe10_groups(ids, np, n_exp, ql, sid, pl); // syncs (also for the copy)
+  const int nrb = (m + MOE10C_ROWS - 1) / MOE10C_ROWS, units = ql[0] * nrb;
+  const int cnt = (int)blockIdx.x < units ? (units - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x : 0;
+  auto issue = [&](int j) { // unit j's rows into buffer j & 1
+    const int u = (int)blockIdx.x + j * (int)gridDim.x, q = u / nrb, r0 = (u - q * nrb) * MOE10C_ROWS;
+    const int64_t off = ((int64_t)ql[4 + q * MOE10_QW] * m + r0) * rb, len = (int64_t)min(MOE10C_ROWS, m - r0) * rb;
+    uint8_t *b = wbuf + (size_t)(j & 1) * 2 * win;
+    moe10_cp_range(b, wg + off, len);
+    moe10_cp_range(b + win, wu + off, len);
+    moe10_cp_commit();
+  };
+  if (cnt > 0) issue(0);
+  for (int j = 0; j < cnt; j++) { // uniform over the CTA
+    if (j + 1 < cnt) {
+      issue(j + 1);
+      moe10_cp_wait<1>();
+    } else {
+      moe10_cp_wait<0>();
+    }
+    __syncthreads();
+    const int u = (int)blockIdx.x + j * (int)gridDim.x, q = u / nrb, r0 = (u - q * nrb) * MOE10C_ROWS;
+    const int row = r0 + warp;
+    if (row < m) { // uniform over the warp
+      const int *qq = ql + 4 + q * MOE10_QW;
+      const int e = qq[0], nt = qq[1];
+      const int64_t off = ((int64_t)e * m + r0) * rb;
+      const uint8_t *b = wbuf + (size_t)(j & 1) * 2 * win;
+      const int og = (int)((uintptr_t)(wg + off) & 15), ou = (int)((uintptr_t)(wu + off) & 15);
+      int xo[MOE10_GT];
+#pragma unroll
+      for (int t = 0; t < MOE10_GT; t++) xo[t] = (qq[2 + t] / n_slots) * xs;
+      float ag[MOE10_GT], au[MOE10_GT];
+#pragma unroll
+      for (int t = 0; t < MOE10_GT; t++) ag[t] = au[t] = 0.f;
+      for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
+        wblocks<T, NB> bg, bu;
+        moe10_lds<T, NB>(bg, b + og + (int64_t)warp * rb, c0, lane, nch);
+        moe10_lds<T, NB>(bu, b + win + ou + (int64_t)warp * rb, c0, lane, nch);
+#pragma unroll
+        for (int i = 0; i < NB; i++) {
+          const int c = c0 + lane + 32 * i;
+          if (c < nch) {
+            const uint32_t *xb = xsm + c * DEC16_XW;
+            uint32_t a[MOE10_GT][2];
+#pragma unroll
+            for (int t = 0; t < MOE10_GT; t++) a[t][0] = a[t][1] = 0u;
+            moe8_block_acc<T, MOE10_GT>(bg.w[i], bg.sh[i], xb, xo, nt, a);
+            const float wsg = dec16_wscale<T>(bg.w[i], bg.sh[i]);
+#pragma unroll
+            for (int t = 0; t < MOE10_GT; t++)
+              if (t < nt) ag[t] += dec16_fold(a[t], wsg, reinterpret_cast<const float *>(xsm + xo[t] + nch * DEC16_XW)[c]);
+#pragma unroll
+            for (int t = 0; t < MOE10_GT; t++) a[t][0] = a[t][1] = 0u;
+            moe8_block_acc<T, MOE10_GT>(bu.w[i], bu.sh[i], xb, xo, nt, a);
+            const float wsu = dec16_wscale<T>(bu.w[i], bu.sh[i]);
+#pragma unroll
+            for (int t = 0; t < MOE10_GT; t++)
+              if (t < nt) au[t] += dec16_fold(a[t], wsu, reinterpret_cast<const float *>(xsm + xo[t] + nch * DEC16_XW)[c]);
+          }
+        }
+      }
+      int word, half;
+      moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
+      const float gbv = gb ? gb[(int64_t)e * m + row] : 0.f, ubv = ub ? ub[(int64_t)e * m + row] : 0.f;
+#pragma unroll
+      for (int t = 0; t < MOE10_GT; t++) {
+        if (t < nt) { // uniform over the warp
+          const float g = warp_sum(ag[t]) + gbv, uu = warp_sum(au[t]) + ubv;
+          if (lane == 0) {
+            const float v = swiglu_oai(g, uu, alpha, limit);
+            acth[(((int64_t)qq[2 + t] * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
+                (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+          }
+        }
+      }
+    }
+    __syncthreads(); // buffer j & 1 is refilled by issue(j + 2)
+  }
+}
+
 // moe6_dot with one 1/scale for every chunk (the fixed activation scale).
 template <int T, int NB>
 __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
@@ -868,10 +969,11 @@ static bool moe10_on(const orch_ctx *ctx, int64_t n) {
 // ORCH_CUDA_MOE10_STREAM=1: the streaming gate_up (moe_gate_up10s_kernel);
 // 2: the grouped streaming gate_up (moe_gate_up10g_kernel) and from 2 tokens
 // the grouped down; 3: the coalesced gate_up (moe_gate_up10c_kernel); 4: the
-// coalesced streaming gate_up (moe_gate_up10cs_kernel); else gate_up10.
+// coalesced streaming gate_up (moe_gate_up10cs_kernel); 5: its grouped form
+// (moe_gate_up10gcs_kernel) and from 2 tokens the grouped down; else gate_up10.
 static int moe10_stream() {
   const char *v = getenv("ORCH_CUDA_MOE10_STREAM");
-  return v && v[0] >= '1' && v[0] <= '4' && !v[1] ? v[0] - '0' : 0;
+  return v && v[0] >= '1' && v[0] <= '5' && !v[1] ? v[0] - '0' : 0;
 }
 
 // ORCH_CUDA_MOE10_PF (bits): 1 gate_up prefetches the down weights into L2
@@ -909,6 +1011,18 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     constexpr int NBG = gate_up_nb<T>();
     if (only & 2) {
       // timing hook (ORCH_CUDA_MOE_ONLY): no gate_up
+    } else if (stream == 5 && gu_bytes % 16 == 0 && n_exp <= 32) {
+      const int win = (int)moe10c_win(orch_row_bytes(T, dim));
+      const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4 + 4 * (size_t)win + moe10g_list_bytes(n * n_slots);
+      auto kern = moe_gate_up10gcs_kernel<T, NBG>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      const int64_t units = (int64_t)min(n * n_slots, n_exp + n * n_slots / MOE10_GT) * ceil_div(ff, MOE10C_ROWS);
+      static int64_t wave[MOE10_MAX_N + 1];
+      if (wave[n] == 0) wave[n] = one_wave(kern, sm);
+      const int64_t ctas = std::max((int64_t)1, std::min(wave[n], units));
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ctas), FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
+                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n, n_slots, n_exp, dim, ff,
+                       orch_row_bytes(T, dim), alpha, limit, sc, win);
     } else if (stream == 4 && gu_bytes % 16 == 0) {
       const int win = (int)moe10c_win(orch_row_bytes(T, dim));
       const size_t sm = (size_t)n * moe10_xstride(dim / 32) * 4 + 4 * (size_t)win;
@@ -963,7 +1077,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        orch_row_bytes(T, dim), alpha, limit, sc, wd, (int64_t)dim * orch_row_bytes(T, ff));
     }
     constexpr int NBD = down_h_nb<T>();
-    *combine = !(only & 1) && stream == 2 && n >= 2 && ff / 32 <= 32 * NBD && n_exp <= 32;
+    *combine = !(only & 1) && (stream == 2 || stream == 5) && n >= 2 && ff / 32 <= 32 * NBD && n_exp <= 32;
     if (only & 1) {
       // timing hook (ORCH_CUDA_MOE_ONLY): no down
     } else if (*combine) { // grouped down into ybuf (the route scratch is consumed), then orch_moe_combine (caller)

@@ -346,7 +346,7 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
 // nothing; the declines (unpinned, 9 tokens, infinite limit). The variants
 // (ORCH_CUDA_MOE10_STREAM=1 streaming gate_up, =2 grouped gate_up and, from 2
 // tokens, grouped down + orch_moe_combine, =3 coalesced (cp.async) gate_up,
-// =4 coalesced streaming gate_up;
+// =4 coalesced streaming gate_up, =5 its grouped form + grouped down;
 // ORCH_CUDA_MOE10_PF L2 prefetches)
 // must give the same bits.
 static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, bool stale = false,
@@ -409,7 +409,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, n, limit, nullptr, nullptr, &o10b) == ORCH_OK, "moe_decode v10 (again): %s", g_err);
   EXPECT(std::memcmp(o10.data(), o10b.data(), o10.size() * 4) == 0, "v10: a second call differs");
   // the streaming gate_up, plain and grouped by expert, and the L2 prefetch of down's weights: same bits
-  for (const char *sv : {"10", "20", "30", "40", "01", "02", "13", "23", "33", "42"}) { // ORCH_CUDA_MOE10_STREAM, ORCH_CUDA_MOE10_PF
+  for (const char *sv : {"10", "20", "30", "40", "50", "01", "02", "13", "23", "33", "42", "52"}) { // ORCH_CUDA_MOE10_STREAM, ORCH_CUDA_MOE10_PF
     if (!variants) break;
     const std::string st(sv);
     setenv("ORCH_CUDA_MOE10_STREAM", st.substr(0, 1).c_str(), 1);
@@ -463,7 +463,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit (gate_up10, streaming 10s, grouped 10g + grouped down, coalesced 10c and 10cs, with and without the L2 prefetches), tickets back to 0%s\n",
+              "v6's bit for bit (gate_up10, streaming 10s, grouped 10g + grouped down, coalesced 10c and 10cs, grouped coalesced 10gcs, with and without the L2 prefetches), tickets back to 0%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
   if (!variants) std::printf("  (gate_up / down variants not run for this case)\n");

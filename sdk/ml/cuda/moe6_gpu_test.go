@@ -25,7 +25,7 @@ import (
 // and v10 (router + top-k + expert FFN at 1..8 tokens in three launches,
 // orch_moe_decode; session 5), v10 also with its streaming gate_up, plain
 // (ORCH_CUDA_MOE10_STREAM=1), grouped by expert (=2), coalesced through
-// shared memory (=3; =4 streaming), and with the L2 prefetches of the down weights
+// shared memory (=3; =4 streaming; =5 streaming and grouped), and with the L2 prefetches of the down weights
 // (ORCH_CUDA_MOE10_PF=3: by gate_up, and by down before its pdl_wait). (v7 and
 // v8 were removed.)
 func TestMoEVersions(t *testing.T) {
@@ -35,7 +35,8 @@ func TestMoEVersions(t *testing.T) {
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
 	for _, v := range []string{"v4", "v6", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1", "v10 ORCH_CUDA_MOE10_STREAM=2",
 		"v10 ORCH_CUDA_MOE10_STREAM=3", "v10 ORCH_CUDA_MOE10_STREAM=4", "v10 ORCH_CUDA_MOE10_PF=3",
-		"v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=3", "v10 ORCH_CUDA_MOE10_STREAM=4 ORCH_CUDA_MOE10_PF=2"} {
+		"v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=3", "v10 ORCH_CUDA_MOE10_STREAM=4 ORCH_CUDA_MOE10_PF=2",
+		"v10 ORCH_CUDA_MOE10_STREAM=5"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -52,7 +53,8 @@ func TestMoEVersions(t *testing.T) {
 // replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
 // grouped tile path under v6 and v10, v9 unpinned) under ORCH_CUDA_MOE=v6,
 // v10, v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=1; =2 grouped by
-// expert, =3 coalesced through shared memory, =4 also streaming) and / or the L2 prefetch of
+// expert, =3 coalesced through shared memory, =4 also streaming, =5 also
+// grouped) and / or the L2 prefetch of
 // down's later slots (ORCH_CUDA_MOE10_PF=2), and unpinned (the default
 // routing); then, at n = 1 and 8, the op with one kernel left out
 // (ORCH_CUDA_MOE_ONLY=gate_up / down / route: a timing hook, the result is
@@ -75,7 +77,7 @@ func TestPerfMoEVersions(t *testing.T) {
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2",
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=3", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=4",
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_PF=2", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=4 ORCH_CUDA_MOE10_PF=2",
-				"ORCH_CUDA_MOE=",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=5", "ORCH_CUDA_MOE=",
 				// where the time goes (n = 1, 8): one kernel left out of the op (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v6 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v6 ORCH_CUDA_MOE_ONLY=down",
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
