@@ -137,18 +137,6 @@ typedef struct {
 } orch_gemv_part;
 int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
                       const orch_gemv_part *parts);
-/* (session 5) The RMSNorm folded into the one-token GEMV: if add != NULL,
- * res += add (written back); dst = rmsnorm(res) * nw (eps); then every part
- * p: y_p = dst . W_p^T + bias_p, as orch_matmul_multi with x = dst. One
- * launch; every output (res, dst, y_p) bit-identical to orch_rmsnorm
- * followed by orch_matmul_multi. Only where that would run GEMV v10 at
- * n = 1 or 2 (ORCH_CUDA_GEMV=v10; with ORCH_CUDA_GEMV_NORM=v5 also v5's
- * default kernels): otherwise ORCH_ERR_UNSUPPORTED and nothing is launched
- * (the caller runs the two). dst may alias res; add, nw, the weights, biases
- * and ys must overlap neither res nor dst, nor each other's outputs.
- * ORCH_CUDA_GEMV_NORM=0: always unsupported. */
-int orch_matmul_multi_norm(orch_ctx *ctx, float *res, const float *add, const float *nw, float *dst, float eps,
-                           int32_t wtype, int64_t n, int64_t k, int32_t count, const orch_gemv_part *parts);
 
 /* ---- norm.cu ----
  * If add != NULL: x += add (x is written back: the residual stream).

@@ -1,6 +1,5 @@
 // gemv16.cuh — the decode GEMVs for Q8_0 / Q4_0 / MXFP4 weights with the fp16
-// decode of dec16.cuh: v5 (HFMA2, n <= 8; routed for n <= 2; with the
-// RMSNorm folded into its prologue, gemv_norm.cuh), v6 (opt-in),
+// decode of dec16.cuh: v5 (HFMA2, n <= 8; routed for n <= 2), v6 (opt-in),
 // v7 (mma.sync, n <= 8; routed for n = 3..8), v9 (mma.sync with
 // cp.async weight tiles and up to 8 token tiles, n <= 64; routed for
 // n = 9..64 by the Go side: sdk/ml/cuda/ops.go gemvWideFor), and the split-k
@@ -10,10 +9,8 @@
 #include "quant.cuh"
 #include "dec16.cuh"
 #include "qgemm.cuh"
-#include "gemv_norm.cuh"
 
 constexpr int GEMV16_WARPS = 8;
-static_assert(GEMV16_WARPS * 32 == GEMV_NORM_THREADS, "the folded norm's summation order needs 256 threads");
 
 // v5 GEMV (Q8_0, Q4_0, MXFP4; n <= 8; default): v4's structure (weight
 // words loaded before x is staged, 8 warps, R rows per warp) with the fp16
@@ -25,22 +22,17 @@ static_assert(GEMV16_WARPS * 32 == GEMV_NORM_THREADS, "the folded norm's summati
 // rows_per_warp consecutive rows each. With PDL (common.cuh) the first round
 // of weight words is loaded before pdl_wait(): weights are never written
 // while a step runs; x, bias and y are touched only after the wait.
-// NORM (gemv_norm.cuh, orch_matmul_multi_norm): x is the RMSNorm of na's
-// rows, computed in the staging step; xsm is preceded by
-// gemv_norm_smem(k, NT) bytes of shared memory.
-template <int T, int NT, int NB, bool NORM = false>
+template <int T, int NT, int NB>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
-                                           int64_t row_bytes, int accumulate, int rows_per_warp,
-                                           const gemv_norm_args na = {}) {
+                                           int64_t row_bytes, int accumulate, int rows_per_warp) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
   const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
   bool staged = false;
-  [[maybe_unused]] unsigned ticket = 0; // NORM: thread 0's ticket (gemv_norm.cuh)
   for (int r = 0; r < rows_per_warp; r++) {
     const int64_t row = row0 + r;
     const bool valid = row < m;
@@ -53,14 +45,8 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
       if (!staged) { // first round of the first row: uniform over the CTA
         pdl_wait();
-        if constexpr (NORM) {
-          float *red = reinterpret_cast<float *>(xsm) - (32 + NT * k);
-          gemv_norm_prologue<NT>(xsm, xinv, red, red + 32, na, nt, k, dec16_traits<T>::kind);
-        } else {
-          dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
-        }
+        dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
         __syncthreads();
-        if constexpr (NORM) ticket = gemv_norm_take_ticket(na);
         staged = true;
       }
 #pragma unroll
@@ -91,10 +77,6 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
         *yp = accumulate ? *yp + s : s;
       }
     }
-  }
-  if constexpr (NORM) {
-    float *red = reinterpret_cast<float *>(xsm) - (32 + NT * k);
-    gemv_norm_epilogue<NT>(red, red + 32, na, nt, k, ticket);
   }
 }
 
@@ -165,24 +147,6 @@ gemv5_multi_kernel_b5(const gemv5_parts P, const float *__restrict__ x, int64_t 
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
   gemv5_rows<T, NT, NB>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m), row_bytes, 0,
                         GEMV5_PICK(rpw));
-#undef GEMV5_PICK
-}
-
-// gemv5_multi_kernel with the RMSNorm folded in (gemv_norm.cuh): every
-// part's y is bit-identical to orch_rmsnorm followed by gemv5_multi_kernel.
-template <int T, int NT, int NB>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
-gemv5_norm_multi_kernel(const gemv5_parts P, const gemv_norm_args na, int64_t n, int64_t k, int64_t row_bytes) {
-  DEC16_DYN_SMEM(uint32_t, gemv5_norm_sm);
-  uint32_t *xsm = gemv5_norm_sm + 32 + NT * k;
-  pdl_trigger();
-  static_assert(GEMV_MAX_PARTS == 3, "part selection below");
-  const unsigned b = blockIdx.x;
-  const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
-#define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
-  const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv5_rows<T, NT, NB, true>(xsm, cta, GEMV5_PICK(y), nullptr, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
-                              row_bytes, 0, GEMV5_PICK(rpw), na);
 #undef GEMV5_PICK
 }
 
@@ -263,36 +227,6 @@ static void launch_gemv5_multi(cudaStream_t st, const gemv5_parts &P, int count,
     else if (n <= 4) launch_gemv5_multi_nt<T, 4>(st, P, count, x, n, k, rb);
     else launch_gemv5_multi_nt<T, 8>(st, P, count, x, n, k, rb);
   }
-}
-
-// The folded-norm launch (n <= 2; the caller checked the smem limit).
-template <int T, int NT>
-static void launch_gemv5_norm_multi_nt(cudaStream_t st, gemv5_parts P, int count, const gemv_norm_args &na, int64_t n,
-                                       int64_t k, int64_t rb) {
-  constexpr int NB = gemv5_nb<T, NT>();
-  const size_t sm = gemv_norm_smem(k, NT) + dec16_smem(k, NT);
-  auto kern = gemv5_norm_multi_kernel<T, NT, NB>;
-  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  unsigned total = 0;
-  for (int p = 0; p < count; p++) {
-    P.rpw[p] = gemv5_rpw(P.m[p]);
-    total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
-    P.end[p] = total;
-  }
-  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
-  DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, na, n, k, rb);
-}
-template <int T>
-static void launch_gemv5_norm_multi(cudaStream_t st, const gemv5_parts &P, int count, const gemv_norm_args &na,
-                                    int64_t n, int64_t k, int64_t rb) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    if (n == 1) launch_gemv5_norm_multi_nt<T, 1>(st, P, count, na, n, k, rb);
-    else if (n == 2) launch_gemv5_norm_multi_nt<T, 2>(st, P, count, na, n, k, rb);
-  }
-}
-static inline size_t gemv5_norm_smem_total(int64_t k, int64_t n) {
-  const int nt = n == 1 ? 1 : 2;
-  return gemv_norm_smem(k, nt) + dec16_smem(k, nt);
 }
 
 template <int T>
@@ -1246,6 +1180,3 @@ static void launch_gemv_f32_rows(cudaStream_t st, float *y, const float *x, cons
   else if (n <= 4) launch_gemv_f32_rows_nt<4>(st, y, x, w, bias, n, k, m, acc);
   else launch_gemv_f32_rows_nt<8>(st, y, x, w, bias, n, k, m, acc);
 }
-
-// GEMV v10 (session 5): v5 with per-warp cp.async weight stages (needs the g9_cp_* helpers above).
-#include "gemv10.cuh"

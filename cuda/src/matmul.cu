@@ -10,9 +10,6 @@
 //  - gemm: n > 8 (prefill): matmul_large in matmul_prefill.cu.
 //  - moe_matmul: the gemv over (token, slot) pairs, each with its expert.
 //  - get_rows: embedding lookup of any type.
-#include <mutex>
-#include <unordered_map>
-
 #include "quant.cuh"
 #include "dec16.cuh"
 #include "gemv16.cuh"
@@ -471,7 +468,7 @@ static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 // With ORCH_CUDA_GEMV unset (gemv_auto) that is the routing, for every m
 // (the LM head too) and k (v7 stages x in global scratch: no shared-memory
 // limit on k); ORCH_CUDA_GEMV=vN pins version N where it applies.
-enum { GR_F32ROWS, GR_V10, GR_V9, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2, GR_NONE };
+enum { GR_F32ROWS, GR_V9, GR_V7, GR_V6, GR_V5, GR_V4, GR_V3, GR_V1, GR_V2, GR_NONE };
 // GEMV v9 (gemv16.cuh; session 4): v7's tensor-core arithmetic with the
 // weights copied to shared memory by cp.async (the CTA's whole tile in
 // flight) and up to 8 token tiles per weight decode, so one GEMV serves
@@ -488,10 +485,7 @@ static bool gemm_v1_env() {
   }();
   return v;
 }
-// ORCH_CUDA_GEMV=v10 (session 5, opt-in): GEMV v10 (gemv10.cuh) for Q8_0 at
-// n <= 2, everything else routed as with the variable unset.
-static bool gemv_auto(const orch_ctx *ctx) { return ctx->gemv_auto || ctx->gemv == 10; }
-static bool gemv9_on(const orch_ctx *ctx) { return ctx->gemv == 9 || (gemv_auto(ctx) && !gemm_v1_env()); }
+static bool gemv9_on(const orch_ctx *ctx) { return ctx->gemv == 9 || (ctx->gemv_auto && !gemm_v1_env()); }
 static int64_t gemv_max_n(const orch_ctx *ctx) { return gemv9_on(ctx) ? 64 : 8; }
 // Device run 6 (H100, first v9: .orch-notes/run6-perf-gemv.md): v9 lost to
 // v5 / v7 at every n <= 8 (qkv n=1 13.9 vs 8.8 us, n=8 17.1 vs 11.7; Llama
@@ -508,15 +502,12 @@ static int gemv_route(const orch_ctx *ctx, int wtype, int64_t n, int64_t k, int6
   const bool f16ok = wordok && dec16_smem(k, nt8) <= GEMV3_MAX_SMEM;
   if (n > 8) return wordok && n <= gemv_max_n(ctx) ? GR_V9 : GR_NONE; // else the GEMM path
   if (ctx->gemv >= 5 && wtype == ORCH_T_F32 && m <= 4096) return GR_F32ROWS;
-  if (ctx->gemv == 10 && wtype == ORCH_T_Q8_0 && n <= 2 && wordok &&
-      (n == 1 ? gemv10_smem<ORCH_T_Q8_0, 1, 2>(k, false) : gemv10_smem<ORCH_T_Q8_0, 2, 2>(k, false)) <= GEMV3_MAX_SMEM)
-    return GR_V10;
   if (wordok && (ctx->gemv == 9 || (gemv9_on(ctx) && gemv9_auto(n, m)))) return GR_V9;
   // (v8, opt-in v7 with two rounds of loads in flight, was deleted in session 5: ORCH_CUDA_GEMV=v8 now falls
   // through to the v6 / v5 lines below, as any pinned version without a kernel of its own.)
-  if (wordok && (ctx->gemv == 7 || (gemv_auto(ctx) && n >= gemv7_min_n(wtype)))) return GR_V7;
+  if (wordok && (ctx->gemv == 7 || (ctx->gemv_auto && n >= gemv7_min_n(wtype)))) return GR_V7;
   // v6 (opt-in) for m < 32768; the LM head (m = 201088) keeps v5, measured at 100% of its floor.
-  if (ctx->gemv >= 6 && ctx->gemv != 10 && f16ok && m < 32768) return GR_V6;
+  if (ctx->gemv >= 6 && f16ok && m < 32768) return GR_V6;
   if (ctx->gemv >= 5 && f16ok) return GR_V5;
   if (ctx->gemv >= 4 && n <= 4 && wordok && gemv3_smem(k, nt4) <= GEMV3_MAX_SMEM) return GR_V4;
   if (ctx->gemv >= 3 && gemv3_type(wtype) && gemv3_smem(k, n == 1 ? 1 : n == 2 ? 2 : n <= 4 ? 4 : 8) <= GEMV3_MAX_SMEM)
@@ -562,18 +553,6 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
       ORCH_DISPATCH_TYPE(wtype, launch_gemv9, ctx->stream, scr, y, x, wb, bias, n, k, m, rb, accumulate)
       break;
     }
-    case GR_V10:
-      if (!accumulate) { // v10 writes y; accumulate: v5 (bit-identical sums)
-        gemv10_parts P = {};
-        P.w[0] = wb;
-        P.bias[0] = bias;
-        P.y[0] = y;
-        P.m[0] = m;
-        launch_gemv10<ORCH_T_Q8_0>(ctx->stream, P, 1, x, gemv_norm_args{}, n, k, rb);
-        break;
-      }
-      ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
-      break;
     case GR_V6: ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
     case GR_V5: ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
     case GR_V4: ORCH_DISPATCH_TYPE(wtype, launch_gemv4, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
@@ -602,7 +581,7 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
   gemv5_parts P = {};
   for (int p = 0; ok && p < count; p++) {
     const int r = gemv_route(ctx, wtype, n, k, parts[p].m, rb);
-    ok = (r == GR_V5 || r == GR_V7 || r == GR_V9 || r == GR_V10) && (route < 0 || r == route) && aligned16(parts[p].w);
+    ok = (r == GR_V5 || r == GR_V7 || r == GR_V9) && (route < 0 || r == route) && aligned16(parts[p].w);
     route = r;
     P.w[p] = (const uint8_t *)parts[p].w;
     P.bias[p] = parts[p].bias;
@@ -614,16 +593,7 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
                    (long long)n, (long long)k);
     return ORCH_ERR_UNSUPPORTED;
   }
-  if (route == GR_V10) {
-    gemv10_parts Q = {};
-    for (int p = 0; p < count; p++) {
-      Q.w[p] = P.w[p];
-      Q.bias[p] = P.bias[p];
-      Q.y[p] = P.y[p];
-      Q.m[p] = P.m[p];
-    }
-    launch_gemv10<ORCH_T_Q8_0>(ctx->stream, Q, count, x, gemv_norm_args{}, n, k, rb);
-  } else if (route == GR_V9) {
+  if (route == GR_V9) {
     void *scr = nullptr;
     int rc = orch_scratch(ctx, gemv9_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;
@@ -635,99 +605,6 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
     ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb)
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi, ctx->stream, P, count, x, n, k, rb);
-  }
-  ORCH_LAUNCHED(op);
-  return ORCH_OK;
-}
-
-// Tickets of the folded norm (gemv_norm.cuh): one counter per context,
-// zero between launches (the last CTA resets it). A device array (zero when
-// the module loads, per device; nothing to allocate under graph capture);
-// a context takes a slot on its first folded launch, round-robin over
-// GEMV_NORM_SLOTS, as attention.cu's v8 tickets.
-constexpr int GEMV_NORM_SLOTS = 64;
-__device__ unsigned g_gemv_norm_tickets[GEMV_NORM_SLOTS * 32]; // 128 bytes apart
-
-static unsigned *gemv_norm_ticket(orch_ctx *ctx) {
-  static std::mutex mu;
-  static std::unordered_map<orch_ctx *, std::pair<int, unsigned *>> slots; // ctx -> (device, ticket)
-  static int next = 0;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = slots.find(ctx);
-  if (it != slots.end() && it->second.first == ctx->device) return it->second.second;
-  void *base = nullptr;
-  int cur = ctx->device;
-  cudaGetDevice(&cur);
-  if (cur != ctx->device) cudaSetDevice(ctx->device);
-  const cudaError_t e = cudaGetSymbolAddress(&base, g_gemv_norm_tickets);
-  if (cur != ctx->device) cudaSetDevice(cur);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return nullptr; // the caller declines: two launches
-  }
-  unsigned *t = (unsigned *)base + (size_t)(next++ % GEMV_NORM_SLOTS) * 32;
-  slots[ctx] = {ctx->device, t};
-  return t;
-}
-
-// Which GEMV routes take the folded norm: unset — v10 only (device run 1 of
-// session 5: folded into v5, whose grid has up to thousands of CTAs each
-// re-reading the rows, Llama-8B decode was 10% slower end to end; v10's
-// grid is one wave); "v5" — v5 too (tests); "0" — none. Read once per
-// process. (The Go side folds only with ORCH_CUDA_FOLD_NORM=1.)
-static int gemv_norm_mode() { // 0 none, 1 v10, 2 v5 and v10
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV_NORM");
-    if (e && strcmp(e, "0") == 0) return 0;
-    return e && strcmp(e, "v5") == 0 ? 2 : 1;
-  }();
-  return v;
-}
-
-extern "C" int orch_matmul_multi_norm(orch_ctx *ctx, float *res, const float *add, const float *nw, float *dst,
-                                      float eps, int32_t wtype, int64_t n, int64_t k, int32_t count,
-                                      const orch_gemv_part *parts) {
-  const char *op = "matmul_multi_norm";
-  ORCH_CHECK_ARG(ctx && res && nw && dst && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
-  for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
-  // Only where orch_matmul_multi would run GEMV v5 (the default kernels,
-  // not the 5-CTA ones) at n = 1 or 2 for every part; otherwise nothing is
-  // launched and the caller runs orch_rmsnorm and the GEMVs.
-  const int64_t rb = orch_row_bytes(wtype, k);
-  bool ok = gemv_norm_mode() > 0 && (n == 1 || n == 2) && gemv3_type(wtype) && k % 32 == 0 && gemv5_minb() != 5 &&
-            aligned16(res) && aligned16(nw) && aligned16(dst) && (!add || aligned16(add)) &&
-            gemv5_norm_smem_total(k, n) <= GEMV3_MAX_SMEM;
-  gemv5_parts P = {};
-  int route = -1;
-  for (int p = 0; ok && p < count; p++) {
-    const int r = gemv_route(ctx, wtype, n, k, parts[p].m, rb);
-    ok = ((r == GR_V5 && gemv_norm_mode() == 2) || r == GR_V10) && (route < 0 || r == route) && aligned16(parts[p].w);
-    route = r;
-    P.w[p] = (const uint8_t *)parts[p].w;
-    P.bias[p] = parts[p].bias;
-    P.y[p] = parts[p].y;
-    P.m[p] = parts[p].m;
-  }
-  unsigned *ticket = ok ? gemv_norm_ticket(ctx) : nullptr;
-  if (!ticket) {
-    orch_set_error("matmul_multi_norm: not the v5 / v10 GEMV at n <= 2 for all parts (type %d, n=%lld, k=%lld)", wtype,
-                   (long long)n, (long long)k);
-    return ORCH_ERR_UNSUPPORTED;
-  }
-  const gemv_norm_args na = {res, add, nw, dst, ticket, eps};
-  // v10 where it is the route and its ring + the norm's rows fit; else v5's kernel (the same bits).
-  if (route == GR_V10 && (n == 1 ? gemv10_smem<ORCH_T_Q8_0, 1, 2>(k, true) : gemv10_smem<ORCH_T_Q8_0, 2, 2>(k, true)) <=
-                             GEMV3_MAX_SMEM) {
-    gemv10_parts Q = {};
-    for (int p = 0; p < count; p++) {
-      Q.w[p] = P.w[p];
-      Q.bias[p] = P.bias[p];
-      Q.y[p] = P.y[p];
-      Q.m[p] = P.m[p];
-    }
-    launch_gemv10<ORCH_T_Q8_0>(ctx->stream, Q, count, nullptr, na, n, k, rb);
-  } else {
-    ORCH_DISPATCH_TYPE(wtype, launch_gemv5_norm_multi, ctx->stream, P, count, na, n, k, rb);
   }
   ORCH_LAUNCHED(op);
   return ORCH_OK;

@@ -28,7 +28,7 @@ norm_kernel(float *__restrict__ out, float *__restrict__ x, const float *__restr
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
     float v = xr[i] - mean;
-    ss = fmaf(v, v, ss); // explicit: the folded norm (gemv_norm.cuh) sums the same way
+    ss += v * v;
   }
   float var = block_sum(ss, sh) / (float)dim;
   float r = rsqrtf(var + eps);
@@ -83,7 +83,7 @@ norm_reg_kernel(float *__restrict__ out, float *__restrict__ x, const float *__r
     const int64_t i = threadIdx.x + (int64_t)j * NORM_THREADS;
     if (i < dim) {
       float d = v[j] - mean;
-      ss = fmaf(d, d, ss); // explicit: the folded norm (gemv_norm.cuh) sums the same way
+      ss += d * d;
     }
   }
   float var = block_sum(ss, sh) / (float)dim;

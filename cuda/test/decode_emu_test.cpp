@@ -59,21 +59,6 @@ inline void gemv9_emu_wait(int n) {
 }
 #define GEMV9_EMU_CP_ASYNC 1
 
-// The folded norm's ticket (gemv_norm.cuh). CTAs run one at a time here (in
-// grid order), so the ticket logic is checked (the last CTA writes res and
-// dst: an earlier write would change what later CTAs read), not the memory
-// ordering.
-inline void __threadfence() {}
-inline unsigned atomicAdd(unsigned *p, unsigned v) {
-  const unsigned o = *p;
-  *p = o + v;
-  return o;
-}
-inline unsigned atomicExch(unsigned *p, unsigned v) {
-  const unsigned o = *p;
-  *p = v;
-  return o;
-}
 inline float rsqrtf(float v) { return 1.f / std::sqrt(v); } // the device's approximate rsqrt: any function, the same in both kernels
 
 #define warp_sum common_warp_sum
@@ -413,108 +398,6 @@ static void test_norm(int64_t n, int64_t dim, bool add, bool wb) {
               (long long)dim, add, worst);
 }
 
-// The RMSNorm folded into GEMV v5 (gemv_norm.cuh): res (+= add), dst and
-// every part's y bit-identical to the norm kernel followed by the multi GEMV;
-// in place (dst == res, the output norm) too; the ticket back at zero.
-static void test_gemv_norm(int t, int64_t k, std::vector<int64_t> ms, int n, bool add, bool inplace) {
-  const auto x0 = randv((size_t)(n * k), 2.f), a0 = randv((size_t)(n * k), 1.f), wv = randv((size_t)k, 1.f);
-  std::vector<std::unique_ptr<QW>> ws;
-  std::vector<std::unique_ptr<Buf<float>>> bias, ya, yb;
-  gemv5_parts PA = {}, PB = {};
-  for (size_t p = 0; p < ms.size(); p++) {
-    ws.push_back(std::make_unique<QW>());
-    make_weight(*ws[p], t, k, ms[p]);
-    bias.push_back(std::make_unique<Buf<float>>(randv((size_t)ms[p], 1.f)));
-    ya.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
-    yb.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
-    PA.w[p] = PB.w[p] = ws[p]->bytes;
-    PA.bias[p] = PB.bias[p] = p == 0 ? bias[p]->p : nullptr;
-    PA.m[p] = PB.m[p] = ms[p];
-    PA.y[p] = ya[p]->p;
-    PB.y[p] = yb[p]->p;
-  }
-  const int64_t rb = orch_row_bytes(t, k);
-  // A: two launches (orch_rmsnorm's kernel, then the multi GEMV on dst).
-  Buf<float> ra(x0), ad(a0), w(wv), da((size_t)(n * k), NAN);
-  float *dsta = inplace ? ra.p : da.p;
-  launch_norm<false>(nullptr, n, dsta, ra.p, add ? ad.p : nullptr, w.p, nullptr, k, 1e-5f);
-  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, PA, (int)ms.size(), dsta, n, k, rb)
-  // B: folded.
-  Buf<float> rbuf(x0), db((size_t)(n * k), NAN);
-  Buf<unsigned> ticket(std::vector<unsigned>{0u});
-  float *dstb = inplace ? rbuf.p : db.p;
-  const gemv_norm_args na = {rbuf.p, add ? ad.p : nullptr, w.p, dstb, ticket.p, 1e-5f};
-  ORCH_DISPATCH_TYPE(t, launch_gemv5_norm_multi, nullptr, PB, (int)ms.size(), na, n, k, rb)
-  EXPECT(ticket.p[0] == 0u, "GEMV v5 + norm: ticket %u after the launch, want 0", ticket.p[0]);
-  EXPECT(std::memcmp(ra.p, rbuf.p, ra.n * 4) == 0, "GEMV v5 + norm (%s k=%lld n=%d add=%d): res differs", tname(t),
-         (long long)k, n, add);
-  if (!inplace)
-    EXPECT(std::memcmp(da.p, db.p, da.n * 4) == 0, "GEMV v5 + norm (%s k=%lld n=%d add=%d): dst differs", tname(t),
-           (long long)k, n, add);
-  for (size_t p = 0; p < ms.size(); p++) {
-    EXPECT(std::memcmp(ya[p]->p, yb[p]->p, ya[p]->n * 4) == 0,
-           "GEMV v5 + norm part %zu (%s k=%lld m=%lld n=%d add=%d in-place=%d) != norm then GEMV", p, tname(t),
-           (long long)k, (long long)ms[p], n, add, inplace);
-    for (size_t i = 0; i < yb[p]->n; i++) EXPECT(std::isfinite(yb[p]->p[i]), "GEMV v5 + norm: y[%zu] not written", i);
-  }
-  std::printf("GEMV v5 + norm %-5s k=%-4lld parts=%zu n=%d add=%d in-place=%d: bit-identical to norm + GEMV\n",
-              tname(t), (long long)k, ms.size(), n, add, inplace);
-}
-
-// GEMV v10 (gemv10.cuh: v5's arithmetic, weights through per-warp cp.async
-// stages; a grid of at most occupancy x SMs CTAs — 2 here — striding over the
-// 8-row groups): every y bit-identical to v5's (the multi kernel, or the
-// folded norm's v5 kernel with norm), res / dst as well; NBUF 2 and 3;
-// ragged rows, rows 2 bytes off a word (k = 96), several stages per row.
-static void test_gemv10(int64_t k, std::vector<int64_t> ms, int n, bool norm, int nbuf) {
-  constexpr int t = ORCH_T_Q8_0;
-  const auto x0 = randv((size_t)(n * k), 2.f), a0 = randv((size_t)(n * k), 1.f), wv = randv((size_t)k, 1.f);
-  std::vector<std::unique_ptr<QW>> ws;
-  std::vector<std::unique_ptr<Buf<float>>> bias, ya, yb;
-  gemv5_parts PA = {};
-  gemv10_parts PB = {};
-  for (size_t p = 0; p < ms.size(); p++) {
-    ws.push_back(std::make_unique<QW>());
-    make_weight(*ws[p], t, k, ms[p]);
-    bias.push_back(std::make_unique<Buf<float>>(randv((size_t)ms[p], 1.f)));
-    ya.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
-    yb.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
-    PA.w[p] = PB.w[p] = ws[p]->bytes;
-    PA.bias[p] = PB.bias[p] = p == 1 ? nullptr : bias[p]->p;
-    PA.m[p] = PB.m[p] = ms[p];
-    PA.y[p] = ya[p]->p;
-    PB.y[p] = yb[p]->p;
-  }
-  const int64_t rb = orch_row_bytes(t, k);
-  Buf<float> ra(x0), rbuf(x0), ad(a0), w(wv), da((size_t)(n * k), NAN), db((size_t)(n * k), NAN);
-  Buf<unsigned> ta(std::vector<unsigned>{0u}), tb(std::vector<unsigned>{0u});
-  gemv_norm_args naa = {}, nab = {};
-  if (norm) {
-    naa = {ra.p, ad.p, w.p, da.p, ta.p, 1e-5f};
-    nab = {rbuf.p, ad.p, w.p, db.p, tb.p, 1e-5f};
-    launch_gemv5_norm_multi<t>(nullptr, PA, (int)ms.size(), naa, n, k, rb);
-  } else {
-    launch_gemv5_multi<t>(nullptr, PA, (int)ms.size(), ra.p, n, k, rb);
-  }
-  const float *xb = norm ? nullptr : rbuf.p;
-  if (n == 1 && nbuf == 2) launch_gemv10_nt<t, 1, 2>(nullptr, PB, (int)ms.size(), xb, nab, n, k, rb);
-  else if (n == 1) launch_gemv10_nt<t, 1, 3>(nullptr, PB, (int)ms.size(), xb, nab, n, k, rb);
-  else if (nbuf == 2) launch_gemv10_nt<t, 2, 2>(nullptr, PB, (int)ms.size(), xb, nab, n, k, rb);
-  else launch_gemv10_nt<t, 2, 3>(nullptr, PB, (int)ms.size(), xb, nab, n, k, rb);
-  for (size_t p = 0; p < ms.size(); p++) {
-    EXPECT(std::memcmp(ya[p]->p, yb[p]->p, ya[p]->n * 4) == 0, "GEMV v10 part %zu (k=%lld m=%lld n=%d norm=%d NBUF=%d) != v5",
-           p, (long long)k, (long long)ms[p], n, norm, nbuf);
-    for (size_t i = 0; i < yb[p]->n; i++) EXPECT(std::isfinite(yb[p]->p[i]), "GEMV v10: y[%zu] not written", i);
-  }
-  if (norm) {
-    EXPECT(std::memcmp(ra.p, rbuf.p, ra.n * 4) == 0 && std::memcmp(da.p, db.p, da.n * 4) == 0,
-           "GEMV v10 + norm (k=%lld n=%d): res / dst differ from v5's", (long long)k, n);
-    EXPECT(tb.p[0] == 0u, "GEMV v10 + norm: ticket %u after the launch", tb.p[0]);
-  }
-  std::printf("GEMV v10 Q8_0 k=%-5lld parts=%zu n=%d norm=%d NBUF=%d: bit-identical to v5\n", (long long)k, ms.size(), n,
-              norm, nbuf);
-}
-
 // F32 small-m GEMV (routers): 1e-5 against float64 (fp32 products and sums).
 static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulate) {
   const auto w = randv((size_t)(m * k), 1.f), x = randv((size_t)(n * k), 1.f), bv = randv((size_t)m, 1.f),
@@ -582,15 +465,6 @@ int main(int argc, char **argv) {
   test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 1, false, true); // v9, per-CTA staging
   test_gemv_multi(ORCH_T_MXFP4, 64, {16, 40}, 20, false, true);  // v9, 3 tiles of 8 (NTL 4, RG 2: ragged 32-row CTA)
   test_gemv_multi(ORCH_T_Q4_0, 4096, {8, 20}, 5, false, true);   // v9, 3 stages
-  test_gemv_norm(ORCH_T_Q8_0, 96, {36, 8, 8}, 1, true, false);   // q, k, v after the attention norm (ragged CTA)
-  test_gemv_norm(ORCH_T_Q8_0, 288, {16, 24}, 2, true, false);     // gate, up; 2 tokens; 9 chunks: ragged stage rounds
-  test_gemv_norm(ORCH_T_MXFP4, 64, {40}, 1, false, true);         // output norm in place -> LM head
-  test_gemv_norm(ORCH_T_Q4_0, 96, {8, 16}, 2, false, false);      // layer 0: plain norm
-  test_gemv10(96, {36, 8, 8}, 1, false, 3);     // 3 blocks: lanes without blocks; rows 2 bytes off a word; 6 groups on 2 CTAs
-  test_gemv10(4096, {20}, 1, false, 2);         // 2 stages per row; ring of 2 wraps
-  test_gemv10(4160, {16, 8}, 2, true, 3);       // 130 blocks: a 2-block last stage; folded norm; 2 tokens
-  test_gemv10(288, {40}, 2, false, 2);
-  test_gemv10(96, {8, 24}, 1, true, 2);
   test_rope2(1);
   test_rope2(0);
   test_norm<false, 12>(2, 2880, true, true); // gpt-oss width

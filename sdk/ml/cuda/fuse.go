@@ -14,34 +14,12 @@ import "os"
 // Write*/Read*, Sync, Err, Run (before a capture begins and before it ends),
 // Free and Close. ORCH_CUDA_FUSE=0 turns the merging off.
 //
-//
-// Session 5: an RMSNorm of one or two rows (AddRMSNorm / RMSNorm) is held
-// too; when the next MatMul reads its output (q/k/v after the attention norm,
-// gate/up after the FFN norm, the LM head after the output norm), the norm
-// folds into that GEMV's launch (orch_matmul_multi_norm: each CTA recomputes
-// the norm of the row; res, dst and every y bit-identical to the two
-// launches), and further MatMuls of the same x merge as before. If the
-// library declines (not the v5 GEMV, n > 2, ...), the norm launches alone
-// first. Opt-in: ORCH_CUDA_FOLD_NORM=1 (ORCH_CUDA_FUSE=0 turns it off with
-// the rest of the merging).
-//
 // Why deferral in the backend and not new ml ops: plugins/ and sdk/ml/nn are
 // other code's (and the CPU backend would need the same ops); the backend sees
 // the op stream and can merge where it is provably the same computation.
 
 // fuseOps is read once; tests flip it to compare the two paths.
 var fuseOps = os.Getenv("ORCH_CUDA_FUSE") != "0"
-
-// foldNorm (with fuseOps) folds a held RMSNorm into the next GEMV; read once,
-// tests and TestPerfDecodeLaunches flip it. Off unless ORCH_CUDA_FOLD_NORM=1:
-// device run 1 of session 5 (H100) measured it slower end to end on GEMV v5
-// (Llama-8B tg128 200.4 vs 222.5 tok/s, gpt-oss 458.6 vs 470.7): every one of
-// v5's CTAs (3,584 for Llama's gate/up) re-reads the row, add and norm weight.
-var foldNorm = os.Getenv("ORCH_CUDA_FOLD_NORM") == "1"
-
-// normMaxN is the most rows a held norm may have (orch_matmul_multi_norm
-// takes n = 1 and 2).
-const normMaxN = 2
 
 const maxGEMVParts = 3 // orch_matmul_multi's limit (GEMV_MAX_PARTS)
 
@@ -77,15 +55,6 @@ type pending struct {
 	rfreq    uintptr
 	rscale   float32
 	rneox    int32
-
-	// a held RMSNorm (norm): res (+= add), dst = rmsnorm(res) * nw; the
-	// MatMuls held after it read dst (p.x == ndst).
-	norm           bool
-	nop            string
-	nres, nadd, nw uintptr
-	ndst           uintptr
-	neps           float32
-	nn, ndim       int64
 }
 
 // flush launches what is held back (a no-op while an op validates its own
@@ -95,20 +64,6 @@ func (b *Backend) flush() {
 		return
 	}
 	p := &b.pend
-	if p.norm {
-		p.norm = false
-		if p.mm > 0 && b.l.matmulMultiNorm != nil {
-			rc := b.l.matmulMultiNorm(b.ctx, p.nres, p.nadd, p.nw, p.ndst, p.neps, p.wtype, p.n, p.k, int32(p.mm),
-				&p.parts[0])
-			if rc != stUnsupported {
-				b.call(p.nop+"+matmul", rc)
-				p.mm, p.rope = 0, 0
-				p.reads, p.dsts = p.reads[:0], p.dsts[:0]
-				return
-			}
-		}
-		b.call(p.nop, b.l.rmsnorm(b.ctx, p.ndst, p.nres, p.nadd, p.nw, p.nn, p.ndim, p.neps))
-	}
 	switch {
 	case p.mm == 1 && p.n <= 8:
 		q := p.parts[0]
@@ -147,17 +102,6 @@ func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
 		rd = append(rd, span{bias, uintptr(4 * m)})
 	}
 	p := &b.pend
-	if p.norm && p.mm == 0 {
-		if n <= normMaxN && p.ndst == x.ptr && p.nn == int64(n) && p.ndim == int64(k) && x.bytes == 4*n*k &&
-			b.independent(dst, rd) {
-			p.mm, p.x, p.wtype, p.n, p.k = 1, x.ptr, int32(w.dt), int64(n), int64(k)
-			p.parts[0] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
-			p.reads = append(p.reads, rd...)
-			p.dsts = append(p.dsts, dst)
-			return true
-		}
-		b.flush() // the norm alone; this MatMul as without it
-	}
 	if p.mm > 0 && p.mm < maxGEMVParts && p.x == x.ptr && p.n == int64(n) && p.k == int64(k) &&
 		p.wtype == int32(w.dt) && b.independent(dst, rd) {
 		p.parts[p.mm] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
@@ -183,34 +127,6 @@ func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
 		dsts: append(p.dsts[:0], dst)}
 	p.parts[0] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
 	p.reads = append(p.reads, rd...)
-	return true
-}
-
-// holdNorm queues dst = rmsnorm(res (+= add)) * w (validated; n rows of dim)
-// for folding into the next GEMV and reports whether it did; false: the
-// caller launches it now.
-func (b *Backend) holdNorm(op string, res, add, w, dst *tensor, n, dim int, eps float32) bool {
-	b.flush()
-	if !fuseOps || !foldNorm || b.l.matmulMultiNorm == nil || n < 1 || n > normMaxN || w == nil {
-		return false
-	}
-	rs, ds, ws := span{res.ptr, uintptr(res.bytes)}, span{dst.ptr, uintptr(dst.bytes)}, span{w.ptr, uintptr(4 * dim)}
-	if ws.overlaps(rs) || ws.overlaps(ds) || (res.ptr != dst.ptr && rs.overlaps(ds)) {
-		return false
-	}
-	p := &b.pend
-	*p = pending{norm: true, nop: op, nres: res.ptr, nw: w.ptr, ndst: dst.ptr, nn: int64(n), ndim: int64(dim), neps: eps,
-		reads: append(p.reads[:0], rs, ws), dsts: append(p.dsts[:0], ds)}
-	if add != nil {
-		as := span{add.ptr, uintptr(add.bytes)}
-		if as.overlaps(rs) || as.overlaps(ds) || as.overlaps(ws) {
-			*p = pending{reads: p.reads[:0], dsts: p.dsts[:0]}
-			return false
-		}
-		p.nadd = add.ptr
-		p.reads = append(p.reads, as)
-		p.dsts = append(p.dsts, rs)
-	}
 	return true
 }
 

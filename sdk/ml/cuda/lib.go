@@ -109,9 +109,6 @@ type lib struct {
 	moeFFNRoute func(ctx, out, x, logits uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 	// MoE v10: router + top-k + fused expert FFN for 1..8 tokens (orch_moe_decode; ABI 7).
 	moeDecode func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
-	// Session 5 (fuse.go): the RMSNorm folded into the one-token GEMV. Optional:
-	// nil when the library predates it (the norm and GEMV then launch apart).
-	matmulMultiNorm func(ctx, res, add, nw, dst uintptr, eps float32, wtype int32, n, k int64, count int32, parts *gemvPart) int32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
@@ -224,10 +221,6 @@ func (l *lib) bind() (err error) {
 			return fmt.Errorf("symbol %s: %w", s.name, err)
 		}
 		purego.RegisterLibFunc(s.fn, l.handle, s.name)
-	}
-	// Optional symbols (added after the ABI version the Go side requires).
-	if _, err := purego.Dlsym(l.handle, "orch_matmul_multi_norm"); err == nil {
-		purego.RegisterLibFunc(&l.matmulMultiNorm, l.handle, "orch_matmul_multi_norm")
 	}
 	return nil
 }

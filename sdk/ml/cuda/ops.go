@@ -205,7 +205,6 @@ func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, l
 	}
 	// The kernel normalises its x argument, adding `add` into it first.
 	xp, addp := xx.ptr, uintptr(0)
-	rt, at := xx, (*tensor)(nil)
 	if res != nil {
 		r := b.arg(op, "res", res, ml.F32)
 		if r == nil {
@@ -216,13 +215,6 @@ func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, l
 			return
 		}
 		xp, addp = r.ptr, xx.ptr
-		rt, at = r, xx
-	}
-	if !layer && w != nil {
-		// held for folding into the next GEMV (fuse.go); w was validated above
-		if wt, err := b.get(w); err == nil && b.holdNorm(op, rt, at, wt, d, n, dim, eps) {
-			return
-		}
 	}
 	if layer {
 		b.call(op, b.l.layernorm(b.ctx, d.ptr, xp, addp, wp, bp, int64(n), int64(dim), eps))

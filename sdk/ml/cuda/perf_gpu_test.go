@@ -391,7 +391,6 @@ func (s randSrc) decodeStep(t *testing.T, depth, n int, peak float64) (float64, 
 type stepCfg struct {
 	name      string
 	fuse, pdl bool
-	fold      bool // the RMSNorm folded into the next GEMV (session 5: fuse.go foldNorm; off by default)
 }
 
 // decodeSteps is decodeStep for several configurations of the same stack
@@ -503,11 +502,8 @@ func (s randSrc) decodeSteps(t *testing.T, depth, n int, sep bool, cfgs []stepCf
 	var mss []float64
 	for i, c := range cfgs {
 		func() {
-			defer func(v, w bool) { fuseOps, foldNorm = v, w }(fuseOps, foldNorm)
+			defer func(v bool) { fuseOps = v }(fuseOps)
 			fuseOps = c.fuse
-			if c.name != "default" { // default: foldNorm as the environment set it
-				foldNorm = c.fold
-			}
 			if c.name != "default" { // default: as the environment set it (ORCH_CUDA_PDL)
 				was := gpu.setPDL(c.pdl)
 				defer gpu.setPDL(was)
@@ -561,16 +557,15 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	}
 	r := newRandSrc(newRNG(t))
 	cfgs := []stepCfg{
-		{"merged + PDL (defaults)", true, true, false}, {"merged + PDL + folded norm", true, true, true},
-		{"merged, PDL off", true, false, false}, {"PDL, merging off", false, true, false}, {"neither", false, false, false},
+		{"merged + PDL (defaults)", true, true}, {"merged, PDL off", true, false}, {"PDL, merging off", false, true},
+		{"neither", false, false},
 	}
 	ms, _ := r.decodeSteps(t, 128, 1, true, cfgs)
 	var sb strings.Builder
-	gv := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV")
-	fmt.Fprintf(&sb, "device: %s (cc %d), %s\n\n| gpt-oss-20b shape decode step, separate q/k/v (as plugins/gpt), depth 128, graph | ms | tok/s |\n|---|---|---|\n",
-		gpu.DeviceName(), gpu.ComputeCapability(), gv)
+	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| gpt-oss-20b shape decode step, separate q/k/v (as plugins/gpt), depth 128, graph | ms | tok/s |\n|---|---|---|\n",
+		gpu.DeviceName(), gpu.ComputeCapability())
 	for i, c := range cfgs {
-		fmt.Fprintf(&sb, "| %s %s | %.3f | %.0f |\n", gv, c.name, ms[i], 1e3/ms[i])
+		fmt.Fprintf(&sb, "| %s | %.3f | %.0f |\n", c.name, ms[i], 1e3/ms[i])
 	}
 
 	// The merged pieces alone (16 back-to-back copies per graph, as TestPerf's
@@ -599,23 +594,7 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	invT := mustA(t, ml.F32, hd/2)
 	require.NoError(t, gpu.WriteF32(invT, inv))
 	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: invT, Scale: scale}
-	fmt.Fprintf(&sb, "\n| one layer's pieces, n=1 (graph of 16) | merged + PDL | merged + PDL + fold | merged | PDL | neither |\n|---|---|---|---|---|---|\n")
-	// Llama-8B shapes for the folded norm: AddRMSNorm -> q, k, v and -> gate, up.
-	const ld, lkv, lff = 4096, 1024, 14336
-	type llamaW struct{ q, k, v, g, u ml.Tensor }
-	lws := make([]llamaW, copies)
-	for i := range lws {
-		lws[i] = llamaW{mustW(t, r, "lq", ml.Q8_0, ld, ld), mustW(t, r, "lk", ml.Q8_0, ld, lkv), mustW(t, r, "lv", ml.Q8_0, ld, lkv),
-			mustW(t, r, "lg", ml.Q8_0, ld, lff), mustW(t, r, "lu", ml.Q8_0, ld, lff)}
-	}
-	lx, lh, ladd, lnw := mustA(t, ml.F32, ld, 1), mustA(t, ml.F32, ld, 1), mustA(t, ml.F32, ld, 1), mustA(t, ml.F32, ld)
-	for _, a := range []ml.Tensor{lx, ladd, lnw} {
-		require.NoError(t, gpu.WriteF32(a, r.f32(ld)))
-	}
-	lq, lk, lv := mustA(t, ml.F32, ld, 1), mustA(t, ml.F32, lkv, 1), mustA(t, ml.F32, lkv, 1)
-	lg, lu := mustA(t, ml.F32, lff, 1), mustA(t, ml.F32, lff, 1)
-	gh, gnw := mustA(t, ml.F32, d, 1), mustA(t, ml.F32, d)
-	require.NoError(t, gpu.WriteF32(gnw, r.f32(d)))
+	fmt.Fprintf(&sb, "\n| one layer's pieces, gpt-oss-20b shape, n=1 (graph of 16) | merged + PDL | merged | PDL | neither |\n|---|---|---|---|---|\n")
 	pieces := []struct {
 		name string
 		fn   func(i int)
@@ -626,26 +605,6 @@ func TestPerfDecodeLaunches(t *testing.T) {
 			gpu.MatMul(k2, x, w.k, w.bk)
 			gpu.MatMul(v2, x, w.v, w.bv)
 		}},
-		{"RMSNorm + MatMul q, k, v (gpt-oss, Q8_0 2880 -> 4096, 512, 512)", func(i int) {
-			w := ws[i%copies]
-			gpu.RMSNorm(gh, x, gnw, 1e-5)
-			gpu.MatMul(q2, gh, w.q, w.bq)
-			gpu.MatMul(k2, gh, w.k, w.bk)
-			gpu.MatMul(v2, gh, w.v, w.bv)
-		}},
-		{"AddRMSNorm + MatMul q, k, v (Llama, Q8_0 4096 -> 4096, 1024, 1024)", func(i int) {
-			w := lws[i%copies]
-			gpu.AddRMSNorm(lx, lh, ladd, lnw, 1e-5)
-			gpu.MatMul(lq, lh, w.q, nil)
-			gpu.MatMul(lk, lh, w.k, nil)
-			gpu.MatMul(lv, lh, w.v, nil)
-		}},
-		{"AddRMSNorm + MatMul gate, up (Llama, Q8_0 4096 -> 14336 x 2)", func(i int) {
-			w := lws[i%copies]
-			gpu.AddRMSNorm(lx, lh, ladd, lnw, 1e-5)
-			gpu.MatMul(lg, lh, w.g, nil)
-			gpu.MatMul(lu, lh, w.u, nil)
-		}},
 		{"RoPE q, RoPE k, KVWrite (F16 cache)", func(int) {
 			gpu.RoPE(q, bt.Pos, rope)
 			gpu.RoPE(k, bt.Pos, rope)
@@ -653,11 +612,11 @@ func TestPerfDecodeLaunches(t *testing.T) {
 		}},
 	}
 	for _, pc := range pieces {
-		fmt.Fprintf(&sb, "| %s %s |", gv, pc.name)
+		fmt.Fprintf(&sb, "| %s |", pc.name)
 		for _, c := range cfgs {
 			func() {
-				defer func(v, w bool) { fuseOps, foldNorm = v, w }(fuseOps, foldNorm)
-				fuseOps, foldNorm = c.fuse, c.fold
+				defer func(v bool) { fuseOps = v }(fuseOps)
+				fuseOps = c.fuse
 				was := gpu.setPDL(c.pdl)
 				defer gpu.setPDL(was)
 				i := 0
@@ -669,18 +628,9 @@ func TestPerfDecodeLaunches(t *testing.T) {
 	}
 	require.NoError(t, gpu.Sync())
 	fmt.Print(sb.String())
-	if os.Getenv("ORCH_DECODE_LAUNCH_CHILD") != "" {
-		return
-	}
 	if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
 		f := filepath.Join(filepath.Dir(po), "perf-launches.md")
 		require.NoError(t, os.WriteFile(f, []byte(sb.String()), 0o644))
-	}
-	// The same under GEMV v10 (the library reads ORCH_CUDA_GEMV once per
-	// process: a child), unless this process pins a version itself.
-	if os.Getenv("ORCH_CUDA_GEMV") == "" {
-		perfChildren(t, "TestPerfDecodeLaunches", "ORCH_DECODE_LAUNCH_CHILD", []string{"ORCH_CUDA_GEMV=v10"},
-			[]string{"| ORCH_CUDA_GEMV=v10 rows | | |", "|---|---|---|"}, "perf-launches-v10.md")
 	}
 }
 
@@ -709,9 +659,10 @@ func perfChildren(t *testing.T, test, childVar string, settings, header []string
 	}
 }
 
-// TestPerfGEMVVersions times the one-token decode GEMVs (n = 1, 2) under v5
-// pinned and the default route (session 5); with ORCH_GEMV_PERF_WIDE=1 as in
-// session 4: n = 1, 2, 4, 8, 16, 32, 64
+// TestPerfGEMVVersions times the one-token decode GEMVs (n = 1, 2; the Q8_0
+// shapes and the two LM heads) under v5 pinned and the default route
+// (session 5); with ORCH_GEMV_PERF_WIDE=1 as in session 4: n = 1, 2, 4, 8,
+// 16, 32, 64
 // and the MoE decode (n = 1, 8) under GEMV v5, v7 and v9 pinned and the
 // default routing (session 4: v9 for n <= 64 but the LM head's n <= 2) —
 // the library reads ORCH_CUDA_GEMV / ORCH_CUDA_MOE once per process, so each
@@ -736,8 +687,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// Session 5: the one-token GEMVs only (n = 1, 2), v5 against the default
 		// route; ORCH_GEMV_PERF_WIDE=1 restores session 4's table (n up to 64,
 		// v7 / v9 / 5-CTA / small-stage children).
-		settings := []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v10", "ORCH_CUDA_GEMV=v10 ORCH_CUDA_GEMV10_NBUF=2",
-			"ORCH_CUDA_GEMV="}
+		settings := []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV="}
 		if os.Getenv("ORCH_GEMV_PERF_WIDE") != "" {
 			settings = []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
 				"ORCH_CUDA_GEMV5_MINB=5", "ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"}
@@ -747,7 +697,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_MINB", "ORCH_CUDA_GEMV10_NBUF"} {
+	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_MINB"} {
 		if e := os.Getenv(v); e != "" {
 			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's CTAs per SM at n = 1
 			label += " " + v + "=" + e
