@@ -1070,12 +1070,15 @@ static void launch_down(cudaStream_t st, int ver, float *out, const float *act, 
 
 // Timing hook (TestPerfMoEVersions only; the op's result is then garbage):
 // ORCH_CUDA_MOE_ONLY=gate_up skips the down kernel of orch_moe_ffn /
-// orch_moe_decode (1), =down skips gate_up (2), =route skips both (3; v10's
-// routing kernel alone). Unset: 0.
+// orch_moe_decode (1), =route skips both expert kernels (3; v10's routing
+// kernel alone). Unset: 0. There is no "down only": v6's / v10's down kernel
+// reads the routing speculatively before its pdl_wait, which is safe only
+// because gate_up (which triggers after its own wait) runs in between —
+// device run 2 of session 5 faulted on a fresh ids buffer without it.
 static int moe_only() {
   const char *v = getenv("ORCH_CUDA_MOE_ONLY");
   if (!v) return 0;
-  return !strcmp(v, "gate_up") ? 1 : !strcmp(v, "down") ? 2 : !strcmp(v, "route") ? 3 : 0;
+  return !strcmp(v, "gate_up") ? 1 : !strcmp(v, "route") ? 3 : 0;
 }
 
 static bool ffn_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }

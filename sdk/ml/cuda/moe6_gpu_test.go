@@ -19,24 +19,18 @@ import (
 
 // TestMoEVersions re-runs the MoE tests (every op against the CPU backend,
 // several rounds of blocks per lane, and the PDL chain — PDL on == off bit
-// for bit, eager and over graph replays, which exercises v6's speculative
-// routing read before pdl_wait) under ORCH_CUDA_MOE=v4, v6, v9 (expert-major
-// tensor-core kernels for MXFP4, 2..64 tokens, orch_moe_ffn_route; v6 below)
-// and v10 (router + top-k + expert FFN at 1..8 tokens in three launches,
-// orch_moe_decode; session 5), v10 also with its streaming gate_up, plain
-// (ORCH_CUDA_MOE10_STREAM=1), grouped by expert (=2), coalesced through
-// shared memory (=3; =4 streaming; =5 streaming and grouped), and with the L2 prefetches of the down weights
-// (ORCH_CUDA_MOE10_PF=3: by gate_up, and by down before its pdl_wait). (v7 and
-// v8 were removed.)
+// for bit, eager and over graph replays, which exercises v6's and v10's
+// speculative routing read before pdl_wait and v10's routing ticket) under
+// ORCH_CUDA_MOE=v4, v6, v9 (expert-major tensor-core kernels for MXFP4, 2..64
+// tokens, orch_moe_ffn_route; v6 below) and v10 (router + top-k + expert FFN
+// at 1..8 tokens in three launches, orch_moe_decode; session 5). (v7 and v8
+// were removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
-	for _, v := range []string{"v4", "v6", "v9", "v10", "v10 ORCH_CUDA_MOE10_STREAM=1", "v10 ORCH_CUDA_MOE10_STREAM=2",
-		"v10 ORCH_CUDA_MOE10_STREAM=3", "v10 ORCH_CUDA_MOE10_STREAM=4", "v10 ORCH_CUDA_MOE10_PF=3",
-		"v10 ORCH_CUDA_MOE10_STREAM=2 ORCH_CUDA_MOE10_PF=3", "v10 ORCH_CUDA_MOE10_STREAM=4 ORCH_CUDA_MOE10_PF=2",
-		"v10 ORCH_CUDA_MOE10_STREAM=5"} {
+	for _, v := range []string{"v4", "v6", "v9", "v10"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -52,15 +46,11 @@ func TestMoEVersions(t *testing.T) {
 // (router GEMV + top-4 + gate_up + down; graph of 16 calls, median of 20
 // replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
 // grouped tile path under v6 and v10, v9 unpinned) under ORCH_CUDA_MOE=v6,
-// v10, v10 with the streaming gate_up (ORCH_CUDA_MOE10_STREAM=1; =2 grouped by
-// expert, =3 coalesced through shared memory, =4 also streaming, =5 also
-// grouped) and / or the L2 prefetch of
-// down's later slots (ORCH_CUDA_MOE10_PF=2), and unpinned (the default
-// routing); then, at n = 1 and 8, the op with one kernel left out
-// (ORCH_CUDA_MOE_ONLY=gate_up / down / route: a timing hook, the result is
-// garbage) — where the time goes (run-to-run spread), in
-// child processes on the same card; under v6 at n = 1 also the op's parts
-// (router GEMV, top-k, gate_up + down) alone. Writes perf-moe.md next to
+// v10 and unpinned (the default: v6 at 1, v10 at 2..8, v9 from 16), in child
+// processes on the same card; under v6 at n = 1 also the op's parts (router
+// GEMV, top-k, gate_up + down) alone; at n = 1 and 8 the op without its down
+// kernel (ORCH_CUDA_MOE_ONLY=gate_up) and v10's routing kernel alone
+// (=route): a timing hook, the result is garbage. Writes perf-moe.md next to
 // ORCH_PERF_OUT.
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfMoEVersions -test.v
@@ -74,15 +64,11 @@ func TestPerfMoEVersions(t *testing.T) {
 		}
 		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
-			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=2",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=3", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=4",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_PF=2", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=4 ORCH_CUDA_MOE10_PF=2",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=5", "ORCH_CUDA_MOE=",
-				// where the time goes (n = 1, 8): one kernel left out of the op (timing hook; results garbage)
-				"ORCH_CUDA_MOE=v6 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v6 ORCH_CUDA_MOE_ONLY=down",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=down", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=3 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE10_STREAM=4 ORCH_CUDA_MOE_ONLY=gate_up"},
+			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=",
+				// where the time goes (n = 1, 8): the op without down / without both expert kernels
+				// (timing hook; results garbage)
+				"ORCH_CUDA_MOE=v6 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -109,7 +95,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		experts := min(ne, topk*n) // upper bound: random routing of n tokens
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
 		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-		for _, v := range []string{"ORCH_CUDA_MOE10_STREAM", "ORCH_CUDA_MOE10_PF", "ORCH_CUDA_MOE_ONLY"} {
+		for _, v := range []string{"ORCH_CUDA_MOE_ONLY"} {
 			if e := os.Getenv(v); e != "" {
 				label += " " + v + "=" + e
 			}
