@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define ORCH_ABI_VERSION 6 /* 6: orch_moe_ffn_route (session 4) */
+#define ORCH_ABI_VERSION 7 /* 6: orch_moe_ffn_route (session 4); 7: orch_moe_decode (session 5) */
 
 typedef enum {
   ORCH_OK = 0,
