@@ -105,7 +105,7 @@ type lib struct {
 	commAsyncError   func(comm uintptr) int32
 	commAbort        func(comm uintptr) int32
 	commDestroy      func(comm uintptr) int32
-	// MoE v7: routing folded into the fused expert FFN (orch_moe_ffn_route).
+	// MoE v9: top-k routing + the fused expert-major FFN (orch_moe_ffn_route; ABI 6).
 	moeFFNRoute func(ctx, out, x, logits uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 	// MoE v10: router + top-k + fused expert FFN for 1..8 tokens (orch_moe_decode; ABI 7).
 	moeDecode func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32

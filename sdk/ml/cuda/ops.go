@@ -40,7 +40,7 @@ var (
 	qgemmMinN       = 9
 	qgemmMaxN       = 64
 	moeGroupedPairs = 64
-	// moeRouteMaxN: the largest n that tries the fused MoE v8 / v9 route
+	// moeRouteMaxN: the largest n that tries the fused MoE v9 route
 	// (orch_moe_ffn_route) before the grouped GEMMs when those run v3
 	// (moe_gemm.cuh: MXFP4, ORCH_CUDA_MOEGEMM and ORCH_CUDA_MOE unset or v3;
 	// otherwise 64 as before). Session 5, device run 2 (H100, gpt-oss,
