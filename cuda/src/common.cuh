@@ -37,8 +37,9 @@ struct orch_ctx {
   // default where it applies, then v4's fp32 path (n <= 4), then v3, else
   // v1; v6 (one-wave double-buffered rows, below 32768 rows) measured slower
   // than v5 in device run 3 and is opt-in; v7 (session 3): tensor-core
-  // mma.sync GEMV, routed by n when the variable is unset (gemv_auto); v8
-  // (opt-in): v7 with two rounds of loads in flight), ORCH_CUDA_ATTN=v1.
+  // mma.sync GEMV, routed by n when the variable is unset (gemv_auto); v9
+  // (session 4) the tensor-core GEMV for 9..64 tokens; v8 and session 5's
+  // v10 were deleted: no faster), ORCH_CUDA_ATTN=v1.
   int gemv = orch_env_version("ORCH_CUDA_GEMV", 5);
   // ORCH_CUDA_GEMV unset: the decode GEMV is routed by n (matmul.cu
   // gemv_route: v7 from n = 3 (Q8_0, Q4_0) / 4 (MXFP4), v5 below); a
@@ -53,9 +54,11 @@ struct orch_ctx {
   // the double-buffered down kernel, v3 fp16 decode, v2 the fp32 kernels, v5
   // v4 + the one-wave double-buffered gate_up kernel (opt-in).
   int moe = orch_env_version("ORCH_CUDA_MOE", 6);
-  // ORCH_CUDA_MOE unset: orch_moe_ffn_route runs v9 for MXFP4 from 16 tokens
-  // (device run 3 of session 4: faster from 16, slower up to 8) and declines
-  // below (v6); a version set pins it everywhere.
+  // ORCH_CUDA_MOE unset: orch_moe_decode runs v10 for 2..8 tokens (session 5:
+  // router + top-k in one route kernel; equal to v6 at one token, which keeps
+  // v6), orch_moe_ffn_route runs v9 for MXFP4 from 16 tokens (device run 3 of
+  // session 4: faster from 16, slower up to 8) and declines below (v6); a
+  // version set pins it everywhere (v10 is parsed by moe_ffn.cu: two digits).
   bool moe_auto = !getenv("ORCH_CUDA_MOE") || !getenv("ORCH_CUDA_MOE")[0];
 };
 
