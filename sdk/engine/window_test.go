@@ -68,28 +68,38 @@ func TestWindowGroupPreemption(t *testing.T) {
 				// overlap even when the race detector on 2 busy cores starts their
 				// goroutines tens of ms apart (at 200 µs CI once saw no preemption)
 				WindowBlocks: 2 * int(windowBound(w, chunk, bs)), StepCost: 2 * time.Millisecond}
-			a, m := load(t, cfg, engine.WithPrefixCache(prefix), engine.WithMaxSequences(6), engine.WithMaxBatchTokens(chunk))
-			ctx := ctxT(t)
-			r := rand.New(rand.NewPCG(7, 8))
-			reqs := make([]sdk.GenerateRequest, 6)
-			for i := range reqs {
-				reqs[i] = greedy(randPrompt(r, 30+7*i, cfg.Vocab), 40)
+			// Preemption here depends on when the six arrive (queued all at
+			// once, admission control alone keeps them within the pool; it is
+			// staggered arrivals that overrun it), so a run on a loaded machine
+			// may see none: up to 10 fresh adapters, each checked for exact
+			// tokens, until one has recomputed preempted sequences.
+			preempted := false
+			for attempt := 0; attempt < 10 && !preempted; attempt++ {
+				a, m := load(t, cfg, engine.WithPrefixCache(prefix), engine.WithMaxSequences(6), engine.WithMaxBatchTokens(chunk))
+				ctx := ctxT(t)
+				r := rand.New(rand.NewPCG(7, 8))
+				reqs := make([]sdk.GenerateRequest, 6)
+				for i := range reqs {
+					reqs[i] = greedy(randPrompt(r, 30+7*i, cfg.Vocab), 40)
+				}
+				res := runConcurrent(ctx, a, reqs)
+				unique := int64(0)
+				for i, rr := range res {
+					require.NoError(t, rr.err)
+					assert.Equal(t, enginetest.Greedy(reqs[i].Prompt, 40, cfg.Vocab), rr.toks, "stream %d", i)
+					unique += int64(len(reqs[i].Prompt) + 39)
+				}
+				assert.Greater(t, m.MaxBatchSeqs.Load(), int64(1))
+				assert.Zero(t, m.OverWindow.Load())
+				preempted = prefix || m.Tokens.Load() > unique
+				st, err := a.Stats(ctx)
+				require.NoError(t, err)
+				assert.Zero(t, st.KVUsedBlocks)
+				if !preempted {
+					t.Logf("attempt %d: no preemption (arrival timing); again", attempt)
+				}
 			}
-			res := runConcurrent(ctx, a, reqs)
-			unique := int64(0)
-			for i, rr := range res {
-				require.NoError(t, rr.err)
-				assert.Equal(t, enginetest.Greedy(reqs[i].Prompt, 40, cfg.Vocab), rr.toks, "stream %d", i)
-				unique += int64(len(reqs[i].Prompt) + 39)
-			}
-			assert.Greater(t, m.MaxBatchSeqs.Load(), int64(1))
-			assert.Zero(t, m.OverWindow.Load())
-			if !prefix {
-				assert.Greater(t, m.Tokens.Load(), unique, "preempted sequences were recomputed")
-			}
-			st, err := a.Stats(ctx)
-			require.NoError(t, err)
-			assert.Zero(t, st.KVUsedBlocks)
+			assert.True(t, preempted, "preempted sequences were recomputed in one of 10 attempts")
 		})
 	}
 }
