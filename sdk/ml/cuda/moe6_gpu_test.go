@@ -73,13 +73,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		return
 	}
 	r := newRandSrc(newRNG(t))
-	const cb = 1 << 30
-	var src, dst uintptr
-	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &src)))
-	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &dst)))
-	peak := 2 * cb / (timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) }) * 1e-3)
-	gpu.l.free(gpu.ctx, src)
-	gpu.l.free(gpu.ctx, dst)
+	peak := copyPeak(t)
 	const d, ff, ne, topk = 2880, 2880, 32, 4
 	mo := r.moe(t, d, ff, ne, topk)
 	rb, _ := ml.MXFP4.RowBytes(d)

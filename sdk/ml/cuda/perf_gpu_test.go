@@ -118,15 +118,7 @@ func TestPerf(t *testing.T) {
 	var notes []string
 
 	// Copy bandwidth ceiling: 1 GiB device-to-device, bytes read + written.
-	const cb = 1 << 30
-	var src, dst uintptr
-	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &src)))
-	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &dst)))
-	gpu.l.memset(gpu.ctx, src, 7, cb)
-	copyMs := timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) })
-	peak := 2 * cb / (copyMs * 1e-3)
-	gpu.l.free(gpu.ctx, src)
-	gpu.l.free(gpu.ctx, dst)
+	peak := copyPeak(t)
 	notes = append(notes, fmt.Sprintf("device-to-device copy: %.0f GB/s (read+write)", peak/1e9))
 
 	const d, nh, nkv, hd, ff, ne, topk, vocab = 2880, 64, 8, 64, 2880, 32, 4, 201088
@@ -704,13 +696,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		}
 	}
 	r := newRandSrc(newRNG(t))
-	const cb = 1 << 30
-	var src, dst uintptr
-	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &src)))
-	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &dst)))
-	peak := 2 * cb / (timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) }) * 1e-3)
-	gpu.l.free(gpu.ctx, src)
-	gpu.l.free(gpu.ctx, dst)
+	peak := copyPeak(t)
 	for _, sh := range []struct {
 		name string
 		dt   ml.DType
@@ -780,3 +766,17 @@ func mustReshape(t *testing.T, x ml.Tensor, shape ...int) ml.Tensor {
 }
 
 func pcgFrom(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 1)) }
+
+// copyPeak times a 1 GiB device-to-device copy and returns the bytes read +
+// written per second: the bandwidth ceiling the timing tables divide by.
+func copyPeak(t *testing.T) float64 {
+	const cb = 1 << 30
+	var src, dst uintptr
+	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &src)))
+	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &dst)))
+	defer gpu.l.free(gpu.ctx, src)
+	defer gpu.l.free(gpu.ctx, dst)
+	gpu.l.memset(gpu.ctx, src, 7, cb)
+	copyMs := timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) })
+	return 2 * cb / (copyMs * 1e-3)
+}

@@ -197,15 +197,7 @@ func TestPerfPrefillMatMul(t *testing.T) {
 	}
 	r := newRandSrc(newRNG(t))
 	// Copy rate (read + write), as TestPerf.
-	const cb = 1 << 30
-	var src, dst uintptr
-	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &src)))
-	require.NoError(t, gpu.l.status("malloc", gpu.l.malloc(gpu.ctx, cb, &dst)))
-	gpu.l.memset(gpu.ctx, src, 7, cb)
-	copyMs := timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) })
-	peak := 2 * cb / (copyMs * 1e-3)
-	gpu.l.free(gpu.ctx, src)
-	gpu.l.free(gpu.ctx, dst)
+	peak := copyPeak(t)
 	t.Logf("| prefill matmul %s on %s | measured | TFLOP/s | floor | of floor |", version, gpu.DeviceName())
 	type shape struct {
 		name string
