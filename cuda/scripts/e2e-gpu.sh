@@ -32,7 +32,7 @@ ls -la bin >>"$OUT/summary.md"
 t0=$(date +%s)
 CUDA_SRC=${CUDA_SRC:-cuda}   # .gpu/cuda: a snapshot packed with the binaries
 [ -d .gpu/cuda ] && CUDA_SRC=.gpu/cuda
-if ! { cmake -S "$CUDA_SRC" -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build/cuda; } >"$OUT/build.log" 2>&1; then
+if ! { cmake -S "$CUDA_SRC" -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="${ORCH_CUDA_ARCH:-90a}" && cmake --build build/cuda; } >"$OUT/build.log" 2>&1; then
   log "cuda build FAILED"; tail -30 "$OUT/build.log"; exit 1
 fi
 log "cuda build ok in $(( $(date +%s) - t0 )) s"

@@ -3,6 +3,7 @@ package cuda
 import (
 	"os"
 	"slices"
+	"strconv"
 
 	"github.com/llama-orch/orch/sdk/ml"
 )
@@ -73,6 +74,19 @@ var (
 	gemvPin9 = os.Getenv("ORCH_CUDA_GEMV") == "v9"
 )
 
+// denseV2From is the smallest n whose quantized MatMuls skip GEMV v9 and the
+// qgemm tile GEMM for orch_matmul's large-n path (dequantize the whole weight
+// + one cuBLAS call, matmul_prefill.cu v2). Default 65: v2 only above
+// qgemmMaxN. ORCH_CUDA_DENSE_V2_FROM=33 tries it for 33..64-token steps (many
+// streams): session 5's prefill table had v2 ahead of v9 at n = 64 (q/o 0.031
+// vs 0.072 ms, down 0.117 vs 0.233) but it was not measured end to end.
+var denseV2From = func() int {
+	if v, err := strconv.Atoi(os.Getenv("ORCH_CUDA_DENSE_V2_FROM")); err == nil && v > 8 {
+		return v
+	}
+	return qgemmMaxN + 1
+}()
+
 // gemvMaxN is the largest n a quantized MatMul may send to the decode GEMV.
 func gemvMaxN() int {
 	if gemvWide && !gemmV1 {
@@ -90,7 +104,7 @@ func gemvMaxN() int {
 // n = 64: 45 vs 61 us, down: 217 vs 290) but not Llama's gate/up (m = 14336:
 // 122 vs 97 us at n = 64).
 func gemvWideFor(n, k, m int) bool {
-	if n <= 8 || n > gemvMaxN() {
+	if n <= 8 || n > gemvMaxN() || n >= denseV2From {
 		return false
 	}
 	return gemvPin9 || n <= 32 || m <= 8192
@@ -278,7 +292,7 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 			}
 		}
 	}
-	if !gemmV1 && n >= qgemmMinN && n <= qgemmMaxN && qgemmType(ww.dt) {
+	if !gemmV1 && n >= qgemmMinN && n <= qgemmMaxN && n < denseV2From && qgemmType(ww.dt) {
 		b.flush()
 		xbf := b.scratchBuf("qgemm.x", 2*n*in)
 		if b.err != nil {
