@@ -15,7 +15,7 @@
 # E2E_REPLICAS="1 2 4" sets the replica counts of step replicas (default "1 2").
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf tables bench depth serve llama profile replicas tp llamatp)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf tables bench depth serve llama profile ab replicas tp llamatp)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -32,8 +32,10 @@ ls -la bin >>"$OUT/summary.md"
 t0=$(date +%s)
 CUDA_SRC=${CUDA_SRC:-cuda}   # .gpu/cuda: a snapshot packed with the binaries
 [ -d .gpu/cuda ] && CUDA_SRC=.gpu/cuda
-if ! { cmake -S "$CUDA_SRC" -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="${ORCH_CUDA_ARCH:-90a}" && cmake --build build/cuda; } >"$OUT/build.log" 2>&1; then
-  log "cuda build FAILED"; tail -30 "$OUT/build.log"; exit 1
+cuda_build() { rm -rf build/cuda; cmake -S "$CUDA_SRC" -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$1" && cmake --build build/cuda; }
+if ! cuda_build "${ORCH_CUDA_ARCH:-90a}" >"$OUT/build.log" 2>&1; then
+  log "cuda build for ${ORCH_CUDA_ARCH:-90a} FAILED:"; grep -m5 -E 'error|Error' "$OUT/build.log" | tee -a "$OUT/summary.md"
+  log "retrying for sm_90"; cuda_build 90 >"$OUT/build.log" 2>&1 || { log "cuda build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
 fi
 log "cuda build ok in $(( $(date +%s) - t0 )) s"
 export ORCH_CUDA_LIB=$PWD/build/cuda/liborch_cuda.so
@@ -102,7 +104,7 @@ synth() { # arch size file
   log "synth $1 $2: $(du -h "$3" | cut -f1) in $(( $(date +%s) - t0 )) s"
 }
 
-if has bench || has serve || has replicas || has tp || has profile; then
+if has bench || has serve || has replicas || has tp || has profile || has ab; then
   synth gpt-oss 20b "$M/gpt-oss-20b.gguf"
 fi
 if has bench; then
@@ -118,7 +120,7 @@ fi
 profile() { # name model.gguf [prefill]: device time per op (ORCH_CUDA_OPTIME, sdk/ml/cuda/optime.go) of a
   # one-stream decode (graph ops timed as event nodes: "graph:" rows) or of 2048-token prefills
   local args="-p 0 -n 64" what="one stream, bench -p 0 -n 64 -r 1 (warm-up included; decode graphs timed node by node, PDL overlap off)"
-  [ "${3:-}" = prefill ] && args="-p 2048 -n 0" what="bench -p 2048 -n 0 -r 1 (two 2048-token prefills with the warm-up)"
+  [ "${3:-}" = prefill ] && args="-p 2048 -n 0 ${E2E_PREFILL_BT:+--batch-tokens $E2E_PREFILL_BT}" what="bench $args -r 1 (two 2048-token prefills with the warm-up)"
   rm -f "/tmp/optime-$1.md"
   ORCH_CUDA_OPTIME="/tmp/optime-$1.md" timeout 200 bin/orch-host bench --model "$2" --device cuda $args -r 1 >"$OUT/profile-$1.log" 2>&1
   local rc=$?
@@ -127,8 +129,26 @@ profile() { # name model.gguf [prefill]: device time per op (ORCH_CUDA_OPTIME, s
   log "profile $1: rc=$rc $(grep -m1 '^total' "/tmp/optime-$1.md" 2>/dev/null)"
 }
 if has profile; then
-  profile gpt-oss-20b "$M/gpt-oss-20b.gguf"
+  [ -z "${E2E_PROFILE_NO_DECODE:-}" ] && profile gpt-oss-20b "$M/gpt-oss-20b.gguf"
   profile gpt-oss-20b-pp2048 "$M/gpt-oss-20b.gguf" prefill
+fi
+# step ab: A/B bench lines from $E2E_AB (default .gpu/ab.txt), one per line: "label;ENV=v ENV2=v;gpt|llama;bench args"
+# (e.g. "v2 from 33;ORCH_CUDA_DENSE_V2_FROM=33;gpt;-p 0 -n 128 --streams 64 -r 1") into ab.md, in file order.
+if has ab; then
+  abf=${E2E_AB:-.gpu/ab.txt}
+  if [ -f "$abf" ]; then
+    grep -q ';llama;' "$abf" && synth llama llama3-8b "$M/llama3-8b.gguf"
+    echo "### A/B ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" >>"$OUT/ab.md"
+    while IFS=';' read -r label envs model args; do
+      [ -z "$label" ] || [[ "$label" == \#* ]] && continue
+      f="$M/gpt-oss-20b.gguf"; [ "$model" = llama ] && f="$M/llama3-8b.gguf"
+      t0=$(date +%s)
+      res=$(env $envs timeout 200 bin/orch-host bench --model "$f" --device cuda $args 2>>"$OUT/ab.log" </dev/null | grep -E '^\| (gpt|llama|synth)' | tr '\n' ' ')
+      echo "| $label | $envs | $model $args | ${res:-FAILED rc=$?} ($(( $(date +%s) - t0 )) s)" | tee -a "$OUT/ab.md"
+    done <"$abf"
+  else
+    log "ab: no $abf"
+  fi
 fi
 if has serve; then
   log "serve gpt-oss-20b (cuda)"
@@ -181,5 +201,5 @@ if has llamatp && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
 fi
 log "done"
 # at most 8 files come back: keep summary.md and the tables, pack the logs into one archive
-(cd "$OUT" && ls | grep -v -E '^(summary\.md|perf\.md|perf-base\.md|perf-attention\.md|profile\.md|logs\.tar\.gz)$' > /tmp/e2e-logs.txt
+(cd "$OUT" && ls | grep -v -E '^(summary\.md|perf\.md|perf-base\.md|perf-attention\.md|profile\.md|tables\.md|ab\.md|logs\.tar\.gz)$' > /tmp/e2e-logs.txt
  [ -s /tmp/e2e-logs.txt ] && tar -czf logs.tar.gz -T /tmp/e2e-logs.txt && xargs rm -f < /tmp/e2e-logs.txt)
