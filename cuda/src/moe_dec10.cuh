@@ -324,12 +324,16 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
 }
 
 
+// MoE v11 (session 6): v10's route kernel + one persistent expert kernel.
+#include "moe_dec11.cuh"
+
 // ---- launch ----
-// ORCH_CUDA_MOE=v10 (orch_env_version reads one digit: parsed here).
+// ORCH_CUDA_MOE=v10 (orch_env_version reads one digit: parsed here); v11 runs
+// v10's route kernel, so it counts as pinned here too.
 static bool moe10_pinned(const orch_ctx *ctx) {
-  if (ctx->moe >= 10) return ctx->moe == 10;
+  if (ctx->moe >= 10) return ctx->moe == 10 || ctx->moe == 11;
   const char *v = getenv("ORCH_CUDA_MOE");
-  return v && std::strcmp(v, "v10") == 0;
+  return v && (std::strcmp(v, "v10") == 0 || std::strcmp(v, "v11") == 0);
 }
 // Unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens (device
 // run 1 of session 5, H100: n = 2 / 4 / 8 59 / 101 / 184 us vs v6's 62.5 /
@@ -351,7 +355,7 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int only) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int only, bool v11) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -362,6 +366,11 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0);
     }
+    const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
+    if (v11 && !(only & 2) &&
+        launch_ffn11<T>(st, out, reinterpret_cast<uint16_t *>(act), reinterpret_cast<const uint4 *>(xg), wg, wu, gb,
+                        ub, wd, db, ids, wts, n, n_slots, dim, ff, alpha, limit, sc, dxinv, only))
+      return;
     if (!(only & 2)) {
       constexpr int NB = gate_up_nb<T>();
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
@@ -379,7 +388,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,
-                       wts, n_slots, ff, dim, orch_row_bytes(T, ff), (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc);
+                       wts, n_slots, ff, dim, orch_row_bytes(T, ff), dxinv);
     }
   }
 }
@@ -414,7 +423,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe_only());
+                     limit, moe_only(), moe11_pinned() || ctx->moe == 11);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

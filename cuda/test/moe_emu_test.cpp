@@ -15,7 +15,8 @@
 //    against a float64 reference (ids and weights = orch_moe_topk's), and the
 //    declines (v7 and v8 — both removed —, other types, one token, infinite
 //    limit);
-//  - orch_moe_decode (session 5, MoE v10, 1..8 tokens): see test_decode10.
+//  - orch_moe_decode (session 5, MoE v10, 1..8 tokens; session 6, MoE v11:
+//    the persistent expert kernel in split mode): see test_decode10.
 //
 //   g++ -std=c++20 -O1 -g -pthread -fsanitize=address -Wno-unknown-pragmas -Icuda/include \
 //     -o /tmp/moe_emu cuda/test/moe_emu_test.cpp && /tmp/moe_emu [long]
@@ -374,9 +375,10 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     idr = ib.vec();
     wr = wb.vec();
   }
+  const char *ver = "v10";
   auto run10 = [&](bool pinned, int nn, float lim, std::vector<int32_t> *ids, std::vector<float> *w,
                    std::vector<float> *o) {
-    if (pinned) setenv("ORCH_CUDA_MOE", "v10", 1);
+    if (pinned) setenv("ORCH_CUDA_MOE", ver, 1);
     orch_ctx ctx;
     ctx.moe = 6;
     ctx.moe_auto = false;
@@ -407,6 +409,23 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     EXPECT(run10(true, n, limit, nullptr, nullptr, &o10s) == ORCH_OK, "moe_decode v10 (stale): %s", g_err);
     g_moe6_stale_id = -1;
     EXPECT(std::memcmp(o10.data(), o10s.data(), o10.size() * 4) == 0, "v10 with stale speculative routing differs");
+  }
+  // v11 (split mode: the emulation runs one CTA at a time) == v10 bit for bit,
+  // with 2 (one CTA per token from 2 tokens), 5 (uneven token groups) and 11
+  // "SMs" (one CTA per SM here).
+  for (int sms : {2, 5, 11}) {
+    const int keep = g_emu_sms;
+    g_emu_sms = sms;
+    ver = "v11";
+    std::vector<int32_t> id11;
+    std::vector<float> w11, o11;
+    EXPECT(run10(true, n, limit, &id11, &w11, &o11) == ORCH_OK, "moe_decode v11: %s", g_err);
+    ver = "v10";
+    g_emu_sms = keep;
+    EXPECT(id11 == id10 && std::memcmp(w11.data(), w10.data(), w10.size() * 4) == 0, "v11 routing != v10's");
+    EXPECT(std::memcmp(o10.data(), o11.data(), o10.size() * 4) == 0,
+           "MoE v11 != v10 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d, %d SMs)", tname(t), (long long)dim,
+           (long long)ff, topk, ne, n, sms);
   }
   // v6 on v10's routing
   {
@@ -444,14 +463,14 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit, tickets back to 0%s\n",
+              "v6's bit for bit (v11: v10's), tickets back to 0%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
 
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
-  const bool only10 = argc > 1 && std::strcmp(argv[1], "v10") == 0; // the v10 cases only (development)
+  const bool only10 = argc > 1 && (std::strcmp(argv[1], "v10") == 0 || std::strcmp(argv[1], "v11") == 0); // the v10 / v11 cases only (development)
   if (!only10) {
   test_decoder();
   test_act_scale();
