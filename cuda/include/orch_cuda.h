@@ -137,6 +137,13 @@ typedef struct {
 } orch_gemv_part;
 int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
                       const orch_gemv_part *parts);
+/* (session 6) gate_up[0] = gate, [1] = up (same m): writes their GEMVs to
+ * gate_up[i].y exactly as orch_matmul_multi would, and out = silu(gate) * up
+ * exactly as orch_swiglu (out may alias either y). ORCH_ERR_UNSUPPORTED
+ * (nothing launched) unless both run the v5 GEMV (n = 1, 2), or with
+ * ORCH_CUDA_GLU=0: the caller then runs the three ops. */
+int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,
+                       const orch_gemv_part *gate_up, float *out);
 
 /* ---- norm.cu ----
  * If add != NULL: x += add (x is written back: the residual stream).

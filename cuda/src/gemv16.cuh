@@ -240,6 +240,117 @@ static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_
   }
 }
 
+// ---- GEMV v5 + SwiGLU (orch_matmul_swiglu; session 6) ----
+// Llama's feed-forward runs gate = x.Wg, up = x.Wu (one orch_matmul_multi
+// launch) and then SwiGLU(gate, up) as its own launch: a kernel boundary
+// (PDL wait + tail, ~3 us measured per boundary in session 5) and a round
+// trip of 2 x m floats per token. Here each warp owns gate row r AND up row r:
+// per round it loads NB blocks of both rows (both in flight), computes them
+// against the one staged x, and lane 0 writes gate, up and
+// out = silu(gate) * up. Half as many CTAs as the merged launch, so x is
+// staged half as often.
+// Bit-identity: each row's sum is exactly gemv5_rows's (per lane the blocks
+// c = lane, lane + 32, ... in increasing order whatever NB, then warp_sum,
+// then + bias); out is act.cu swiglu_kernel's expression on those floats
+// (gemv5_silu_mul below; keep the two the same).
+__device__ __forceinline__ float gemv5_silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+struct gemv5_glu_args {
+  const uint8_t *wg, *wu;
+  const float *bg, *bu;
+  float *yg, *yu, *out; // yg / yu: the gate / up outputs as orch_matmul writes them; out may alias either
+  int64_t m;
+};
+
+template <int T, int NT, int NB>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (int)min((int64_t)NT, n);
+  const int64_t nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
+  const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
+  const bool valid = row < A.m;
+  const uint8_t *wg = A.wg + (valid ? row : 0) * row_bytes, *wu = A.wu + (valid ? row : 0) * row_bytes;
+  float accg[NT], accu[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) accg[j] = accu[j] = 0.f;
+  for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+    wblocks<T, NB> bg, bu;
+    ffn_load<T, NB>(bg, wg, c0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu, c0, lane, nch, valid);
+    if (c0 == 0) { // uniform over the CTA
+      pdl_wait();
+      dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+      __syncthreads();
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const wblocks<T, NB> &b = h ? bu : bg;
+      float *acc = h ? accu : accg;
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int64_t c = c0 + lane + 32 * i;
+        if (c < nch) {
+          const uint4 *xp[NT];
+          uint32_t a[NT][2];
+#pragma unroll
+          for (int j = 0; j < NT; j++) {
+            xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
+            a[j][0] = a[j][1] = 0u;
+          }
+          dec16_block_acc<T, NT>(b.w[i], b.sh[i], xp, nt, a);
+          const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
+#pragma unroll
+          for (int j = 0; j < NT; j++)
+            if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    float g = warp_sum(accg[j]), u = warp_sum(accu[j]);
+    if (lane == 0 && j < nt && valid) {
+      if (A.bg) g += A.bg[row];
+      if (A.bu) u += A.bu[row];
+      const int64_t o = j * A.m + row;
+      A.yg[o] = g;
+      A.yu[o] = u;
+      A.out[o] = gemv5_silu_mul(g, u);
+    }
+  }
+}
+
+// NB per matrix: v5's NB for Q8_0 at one token is 3; two rows of 3 blocks
+// would hold ~60 words of weights per lane, so 2 each (4 blocks in flight:
+// 64 registers, 4 CTAs per SM as v5); Q8_0 at two tokens 1 each (NB 2 took
+// 77 registers: 3 CTAs per SM).
+template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 && NT > 1 ? 1 : 2; }
+
+template <int T, int NT>
+static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
+                                int64_t rb) {
+  constexpr int NB = gemv5_glu_nb<T, NT>();
+  size_t sm = dec16_smem(k, NT);
+  auto kern = gemv5_glu_kernel<T, NT, NB>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, A, x, n, k,
+                   rb);
+}
+
+// n = 1, 2 (v5's one- and two-token route); the caller checks.
+template <int T>
+static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
+                             int64_t rb) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    if (n == 1) launch_gemv5_glu_nt<T, 1>(st, A, x, n, k, rb);
+    else launch_gemv5_glu_nt<T, 2>(st, A, x, n, k, rb);
+  }
+}
+
 // v6 GEMV (opt-in: ORCH_CUDA_GEMV=v6): v5's arithmetic, but a grid of at
 // most one wave of CTAs whose warps stride over the rows, with the work items
 // (row, round of NB blocks per lane) double-buffered: the next item's weight

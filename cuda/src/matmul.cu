@@ -610,6 +610,39 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
   return ORCH_OK;
 }
 
+// Gate and up GEMVs with the SwiGLU folded in (gemv16.cuh gemv5_glu_kernel):
+// only where orch_matmul_multi would run v5 for both parts (n = 1, 2 with
+// the default routing), so gate and up are bit-identical to it and out to
+// orch_swiglu on them; otherwise ORCH_ERR_UNSUPPORTED and the caller runs
+// the three ops. ORCH_CUDA_GLU=0 declines always (A/B timing).
+static bool glu_off_env() {
+  static const bool v = [] {
+    const char *e = getenv("ORCH_CUDA_GLU");
+    return e && strcmp(e, "0") == 0;
+  }();
+  return v;
+}
+
+extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,
+                                  const orch_gemv_part *gate_up, float *out) {
+  const char *op = "matmul_swiglu";
+  ORCH_CHECK_ARG(ctx && x && gate_up && out && n >= 0 && k > 0, op);
+  const orch_gemv_part &g = gate_up[0], &u = gate_up[1];
+  ORCH_CHECK_ARG(g.w && g.y && u.w && u.y && g.m > 0 && g.m == u.m, op);
+  const int64_t rb = orch_row_bytes(wtype, k);
+  const bool ok = !glu_off_env() && n >= 1 && n <= 2 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) &&
+                  aligned16(g.w) && aligned16(u.w) && gemv_route(ctx, wtype, n, k, g.m, rb) == GR_V5;
+  if (!ok) {
+    orch_set_error("matmul_swiglu: not the v5 GEMV (type %d, n=%lld, k=%lld, m=%lld)", wtype, (long long)n,
+                   (long long)k, (long long)g.m);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  gemv5_glu_args A = {(const uint8_t *)g.w, (const uint8_t *)u.w, g.bias, u.bias, g.y, u.y, out, g.m};
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
 extern "C" int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t x_per_slot, const void *w,
                                int32_t wtype, const float *bias, const int32_t *ids, int64_t n, int32_t n_slots,
                                int64_t k, int64_t m) {

@@ -288,6 +288,42 @@ static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bo
               tname(t), (long long)k, ms.size(), n);
 }
 
+// Gate/up GEMVs + SwiGLU in one launch (orch_matmul_swiglu's kernel):
+// gate and up bit-identical to the merged v5 launch, out to act.cu's
+// swiglu expression on them; out separate or in place over gate.
+static void test_gemv_glu(int t, int64_t k, int64_t m, int n, bool bias, bool inplace) {
+  QW wg, wu;
+  make_weight(wg, t, k, m);
+  make_weight(wu, t, k, m);
+  const auto x = randv((size_t)(n * k), 2.f);
+  Buf<float> bx(x), bg(randv((size_t)m, 1.f)), bu(randv((size_t)m, 1.f));
+  const size_t ny = (size_t)(n * m);
+  Buf<float> rg(ny, NAN), ru(ny, NAN), yg(ny, NAN), yu(ny, NAN), out(ny, NAN);
+  gemv5_parts P = {};
+  P.w[0] = wg.bytes, P.w[1] = wu.bytes;
+  P.bias[0] = bias ? bg.p : nullptr, P.bias[1] = bias ? bu.p : nullptr;
+  P.y[0] = rg.p, P.y[1] = ru.p;
+  P.m[0] = P.m[1] = m;
+  const int64_t rb = orch_row_bytes(t, k);
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, 2, bx.p, n, k, rb)
+  gemv5_glu_args A = {wg.bytes, wu.bytes, P.bias[0], P.bias[1], yg.p, yu.p, inplace ? yg.p : out.p, m};
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, A, bx.p, n, k, rb)
+  const float *o = inplace ? yg.p : out.p;
+  if (!inplace) EXPECT(std::memcmp(yg.p, rg.p, ny * 4) == 0, "GLU gate (%s k=%lld m=%lld n=%d) != v5", tname(t),
+                       (long long)k, (long long)m, n);
+  EXPECT(std::memcmp(yu.p, ru.p, ny * 4) == 0, "GLU up (%s k=%lld m=%lld n=%d) != v5", tname(t), (long long)k,
+         (long long)m, n);
+  int bad = 0;
+  for (size_t i = 0; i < ny; i++) {
+    const float g = rg.p[i], u = ru.p[i], want = g / (1.f + expf(-g)) * u; // act.cu swiglu_kernel
+    if (std::memcmp(&o[i], &want, 4) != 0) bad++;
+  }
+  EXPECT(bad == 0, "GLU out (%s k=%lld m=%lld n=%d inplace=%d): %d of %zu != swiglu(v5 gate, v5 up)", tname(t),
+         (long long)k, (long long)m, n, inplace, bad, ny);
+  std::printf("GEMV v5+SwiGLU %-5s k=%-4lld m=%-3lld n=%d bias=%d inplace=%d: bit-identical to multi + swiglu\n",
+              tname(t), (long long)k, (long long)m, n, bias, inplace);
+}
+
 // RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
 // (bit for bit) and a float64 reference.
 static void test_rope2(int neox) {
@@ -465,6 +501,10 @@ int main(int argc, char **argv) {
   test_gemv_multi(ORCH_T_Q8_0, 96, {40, 8, 24}, 1, false, true); // v9, per-CTA staging
   test_gemv_multi(ORCH_T_MXFP4, 64, {16, 40}, 20, false, true);  // v9, 3 tiles of 8 (NTL 4, RG 2: ragged 32-row CTA)
   test_gemv_multi(ORCH_T_Q4_0, 4096, {8, 20}, 5, false, true);   // v9, 3 stages
+  test_gemv_glu(ORCH_T_Q8_0, 4096, 20, 1, false, true); // two rounds of 2 blocks per lane; ragged CTA
+  test_gemv_glu(ORCH_T_Q8_0, 96, 36, 2, true, false);
+  test_gemv_glu(ORCH_T_MXFP4, 128, 16, 1, true, false);
+  test_gemv_glu(ORCH_T_Q4_0, 96, 8, 2, false, true);
   test_rope2(1);
   test_rope2(0);
   test_norm<false, 12>(2, 2880, true, true); // gpt-oss width

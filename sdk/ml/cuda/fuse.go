@@ -21,6 +21,11 @@ import "os"
 // fuseOps is read once; tests flip it to compare the two paths.
 var fuseOps = os.Getenv("ORCH_CUDA_FUSE") != "0"
 
+// fuseGLU (session 6): held gate and up GEMVs followed by SwiGLU(gate, up)
+// become one orch_matmul_swiglu launch. ORCH_CUDA_GLU=0 turns it off (the
+// library reads the same variable and declines too).
+var fuseGLU = os.Getenv("ORCH_CUDA_GLU") != "0"
+
 const maxGEMVParts = 3 // orch_matmul_multi's limit (GEMV_MAX_PARTS)
 
 // gemvPart mirrors orch_gemv_part field by field.
@@ -212,4 +217,45 @@ func (b *Backend) setPDL(on bool) (was bool) {
 	b.flush()
 	b.call("set_pdl", b.l.setPDL(b.ctx, b2i(on), &w))
 	return w != 0
+}
+
+// foldSwiGLU launches the two held GEMVs together with SwiGLU(dst, gate, up)
+// as one kernel (orch_matmul_swiglu) when they are exactly gate = x.Wg and
+// up = x.Wu (the held parts' outputs, whole) and dst is gate, up or memory
+// none of the held parts reads or writes; it reports whether it did. On
+// false nothing was launched and the held GEMVs are still held. The kernel
+// writes gate and up as the merged GEMV would and dst as orch_swiglu.
+func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
+	p := &b.pend
+	if !fuseOps || !fuseGLU || p.mm != 2 || p.n > 2 || g.ptr == u.ptr {
+		return false
+	}
+	var gu [2]gemvPart
+	switch {
+	case p.parts[0].y == g.ptr && p.parts[1].y == u.ptr:
+		gu = [2]gemvPart{p.parts[0], p.parts[1]}
+	case p.parts[1].y == g.ptr && p.parts[0].y == u.ptr:
+		gu = [2]gemvPart{p.parts[1], p.parts[0]}
+	default:
+		return false
+	}
+	if gu[0].m != gu[1].m || int64(g.n) != p.n*gu[0].m || u.n != g.n || d.n != g.n {
+		return false
+	}
+	if d.ptr != g.ptr && d.ptr != u.ptr {
+		ds := span{d.ptr, uintptr(d.bytes)}
+		for _, s := range append(append([]span(nil), p.reads...), p.dsts...) {
+			if ds.overlaps(s) {
+				return false
+			}
+		}
+	}
+	rc := b.l.matmulSwiGLU(b.ctx, p.x, p.wtype, p.n, p.k, &gu[0], d.ptr)
+	if rc == stUnsupported { // not the v5 GEMV: the caller flushes and runs the three ops
+		return false
+	}
+	p.mm = 0
+	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
+	b.call("swiglu", rc)
+	return true
 }

@@ -319,3 +319,97 @@ func TestGEMVv7(t *testing.T) {
 		t.Logf("ORCH_CUDA_GEMV=%s: TestMatMul, TestFusedLaunches, TestPDLChain passed", v)
 	}
 }
+
+// Gate/up GEMVs + SwiGLU folded into one launch (orch_matmul_swiglu, fuse.go
+// foldSwiGLU): gate, up and the SwiGLU output bit-identical to the merged GEMV
+// + orch_swiglu, eagerly and over a graph capture and replay, in place (as
+// plugins/llama) and into a separate dst, with and without biases; the
+// library must take n = 1, 2 (called directly: a silent decline would make
+// the comparison vacuous) and decline n = 3; and against the CPU backend.
+func TestFusedSwiGLU(t *testing.T) {
+	r := newRNG(t)
+	defer func(v, g bool) { fuseOps, fuseGLU = v, g }(fuseOps, fuseGLU)
+	fuseOps = true
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4, ml.Q4_0} {
+		for _, n := range []int{1, 2, 3} {
+			for _, inplace := range []bool{true, false} {
+				name := fmt.Sprintf("%v/n=%d/inplace=%v", dt, n, inplace)
+				t.Run(name, func(t *testing.T) {
+					const k, ff = 4096, 1000 // 125 CTAs of 8 rows
+					x := f32Pair(t, randF32(r, k*n, 1), k, n)
+					wg := weightPair(t, "gate", dt, []int{k, ff}, randWeight(r, dt, k, ff))
+					wu := weightPair(t, "up", dt, []int{k, ff}, randWeight(r, dt, k, ff))
+					var bg, bu pair
+					if !inplace { // biases on one of the two variants
+						bg, bu = f32Pair(t, randF32(r, ff, 1), ff), f32Pair(t, randF32(r, ff, 1), ff)
+					}
+					g, u, o := out(t, ff, n), out(t, ff, n), out(t, ff, n)
+					dst := o
+					if inplace {
+						dst = g
+					}
+					record := func() {
+						gpu.MatMul(g.g, x.g, wg.g, bg.g)
+						gpu.MatMul(u.g, x.g, wu.g, bu.g)
+						gpu.SwiGLU(dst.g, g.g, u.g)
+					}
+					run := func() [3][]float32 {
+						for _, p := range []pair{g, u, o} {
+							gpu.Fill(p.g, float32(math.NaN()))
+						}
+						record()
+						return [3][]float32{readF32(t, g.g), readF32(t, u.g), readF32(t, dst.g)}
+					}
+					fuseGLU = false
+					sep := run()
+					fuseGLU = true
+					fused := run()
+					for i := range sep {
+						sameBits(t, fmt.Sprintf("%s output %d fused vs separate", name, i), sep[i], fused[i])
+					}
+					for rep := 0; rep < 2; rep++ {
+						for _, p := range []pair{g, u, o} {
+							gpu.Fill(p.g, float32(math.NaN()))
+						}
+						require.NoError(t, gpu.Run("glu-"+name, record))
+						sameBits(t, fmt.Sprintf("%s graph %d gate", name, rep), sep[0], readF32(t, g.g))
+						sameBits(t, fmt.Sprintf("%s graph %d up", name, rep), sep[1], readF32(t, u.g))
+						sameBits(t, fmt.Sprintf("%s graph %d out", name, rep), sep[2], readF32(t, dst.g))
+					}
+					// The library takes this launch itself for n <= 2 (the default GEMV route).
+					ptr := func(p pair) uintptr {
+						if p.g == nil {
+							return 0
+						}
+						return p.g.(*tensor).ptr
+					}
+					gu := [2]gemvPart{{w: ptr(wg), bias: ptr(bg), y: ptr(g), m: ff}, {w: ptr(wu), bias: ptr(bu), y: ptr(u), m: ff}}
+					gpu.Fill(o.g, float32(math.NaN()))
+					require.NoError(t, gpu.Sync())
+					rc := gpu.l.matmulSwiGLU(gpu.ctx, ptr(x), int32(dt), int64(n), k, &gu[0], ptr(o))
+					if n <= 2 && os.Getenv("ORCH_CUDA_GEMV") == "" && os.Getenv("ORCH_CUDA_GLU") != "0" {
+						require.NoError(t, gpu.l.status("matmul_swiglu", rc))
+						require.NoError(t, gpu.Sync())
+						sameBits(t, name+" direct out", sep[2], readF32(t, o.g))
+					} else if n > 2 {
+						require.Equal(t, int32(stUnsupported), rc, "n = %d must be declined", n)
+					}
+					// CPU backend.
+					var rbg, rbu ml.Tensor
+					if bg.c != nil {
+						rbg, rbu = bg.c, bu.c
+					}
+					ref.MatMul(g.c, x.c, wg.c, rbg)
+					ref.MatMul(u.c, x.c, wu.c, rbu)
+					cu := make([]float32, ff*n)
+					require.NoError(t, ref.ReadF32(u.c, cu))
+					checkVec(t, name+" up vs CPU", fused[1], cu, gemvTol(dt, n, true))
+					ref.SwiGLU(o.c, g.c, u.c)
+					co := make([]float32, ff*n)
+					require.NoError(t, ref.ReadF32(o.c, co))
+					checkVec(t, name+" out vs CPU", fused[2], co, 2*gemvTol(dt, n, true))
+				})
+			}
+		}
+	}
+}

@@ -20,6 +20,8 @@ type fakeLib struct {
 	// multiRC is what orch_matmul_multi answers (stUnsupported: the library
 	// declines, e.g. not the v5 GEMV).
 	multiRC int32
+	// gluRC is what orch_matmul_swiglu answers.
+	gluRC int32
 }
 
 func (f *fakeLib) add(format string, a ...any) int32 {
@@ -44,6 +46,17 @@ func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
 				return f.multiRC
 			}
 			return f.add("multi x=%x n=%d k=%d [%s]", x, n, k, strings.Join(ys, " "))
+		},
+		matmulSwiGLU: func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32 {
+			if f.gluRC != stOK {
+				return f.gluRC
+			}
+			ps := unsafe.Slice(gateUp, 2)
+			return f.add("matmul_swiglu x=%x n=%d k=%d gate=%x/%d up=%x/%d out=%x", x, n, k, ps[0].y, ps[0].m, ps[1].y,
+				ps[1].m, out)
+		},
+		swiglu: func(ctx, out, gate, up uintptr, n, dim, gs, us int64) int32 {
+			return f.add("swiglu out=%x gate=%x up=%x", out, gate, up)
 		},
 		rope: func(ctx, x uintptr, rowStride, nTok int64, nHeads, headDim, rotDim int32, pos, invFreq uintptr,
 			attnFactor float32, neox int32) int32 {
@@ -250,4 +263,82 @@ func TestFuseBoundaries(t *testing.T) {
 // gemvPart is passed to orch_matmul_multi as orch_gemv_part[]: 3 pointers + int64.
 func TestGemvPartLayout(t *testing.T) {
 	require.Equal(t, uintptr(32), unsafe.Sizeof(gemvPart{}))
+}
+
+// Llama's feed-forward: gate and up GEMVs held, then SwiGLU(gate, gate, up)
+// becomes one orch_matmul_swiglu launch; everything that is not exactly that
+// (other tensors, a third part, n > 2, dst overlapping x, the library
+// declining, the switches off) runs the merged GEMV and then orch_swiglu.
+func TestFuseSwiGLU(t *testing.T) {
+	defer func(v, g bool) { fuseOps, fuseGLU = v, g }(fuseOps, fuseGLU)
+	fuseOps, fuseGLU = true, true
+	b, f := newFakeBackend(t)
+	const d, ff = 64, 96
+	h := fakeT(b, ml.F32, d, 1)
+	wg, wu := fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.Q8_0, d, ff)
+	g, u, o := fakeT(b, ml.F32, ff, 1), fakeT(b, ml.F32, ff, 1), fakeT(b, ml.F32, ff, 1)
+	fused := func(out uintptr) string {
+		return fmt.Sprintf("matmul_swiglu x=%x n=1 k=%d gate=%x/%d up=%x/%d out=%x", h.ptr, d, g.ptr, ff, u.ptr, ff, out)
+	}
+	unfused := func(out, gate, up uintptr) []string {
+		return []string{fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d]", h.ptr, d, g.ptr, ff, u.ptr, ff),
+			fmt.Sprintf("swiglu out=%x gate=%x up=%x", out, gate, up)}
+	}
+
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(g, g, u) // in place, as plugins/llama
+	require.Equal(t, []string{fused(g.ptr)}, f.take())
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{"sync"}, f.take(), "nothing left held")
+
+	b.MatMul(u, h, wu, nil) // up first: gate is still found by pointer
+	b.MatMul(g, h, wg, nil)
+	b.SwiGLU(o, g, u) // separate dst
+	require.Equal(t, []string{fused(o.ptr)}, f.take())
+
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(g, u, g) // gate and up swapped: still exactly two held outputs, gate = u
+	require.Equal(t, []string{fmt.Sprintf("matmul_swiglu x=%x n=1 k=%d gate=%x/%d up=%x/%d out=%x", h.ptr, d, u.ptr,
+		ff, g.ptr, ff, g.ptr)}, f.take())
+
+	// dst overlapping a held read (x): no fold.
+	hh := &tensor{}
+	*hh = *h
+	hh.shape, hh.n, hh.bytes = []int{ff, 1}, ff, 4*ff
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(hh, g, u)
+	require.Equal(t, unfused(h.ptr, g.ptr, u.ptr), f.take())
+
+	// A SwiGLU of other tensors than the held outputs.
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(o, h, wu, nil)
+	b.SwiGLU(g, g, u)
+	require.Equal(t, []string{fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d]", h.ptr, d, g.ptr, ff, o.ptr, ff),
+		fmt.Sprintf("swiglu out=%x gate=%x up=%x", g.ptr, g.ptr, u.ptr)}, f.take())
+
+	// The library declines: merged GEMV, then the SwiGLU.
+	f.gluRC = stUnsupported
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(g, g, u)
+	require.Equal(t, unfused(g.ptr, g.ptr, u.ptr), f.take())
+	f.gluRC = stOK
+
+	// Three tokens (v7's route): not folded.
+	h3, g3, u3 := fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, ff, 3), fakeT(b, ml.F32, ff, 3)
+	b.MatMul(g3, h3, wg, nil)
+	b.MatMul(u3, h3, wu, nil)
+	b.SwiGLU(g3, g3, u3)
+	require.Equal(t, []string{fmt.Sprintf("multi x=%x n=3 k=%d [%x/%d %x/%d]", h3.ptr, d, g3.ptr, ff, u3.ptr, ff),
+		fmt.Sprintf("swiglu out=%x gate=%x up=%x", g3.ptr, g3.ptr, u3.ptr)}, f.take())
+
+	// Switched off.
+	fuseGLU = false
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(g, g, u)
+	require.Equal(t, unfused(g.ptr, g.ptr, u.ptr), f.take())
 }

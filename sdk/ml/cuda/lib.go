@@ -96,6 +96,10 @@ type lib struct {
 	rope2       func(ctx, x0 uintptr, stride0 int64, heads0 int32, x1 uintptr, stride1 int64, heads1 int32, nTok int64, headDim, rotDim int32, pos, invFreq uintptr, attnFactor float32, neox int32) int32
 	setPDL      func(ctx uintptr, on int32, was *int32) int32
 	ropeKV      func(ctx, q uintptr, qStride int64, qHeads int32, k uintptr, kStride int64, kvHeads int32, v uintptr, vStride int64, kCache, vCache uintptr, kvType int32, slots uintptr, nTok int64, headDim, rotDim int32, pos, invFreq uintptr, attnFactor float32, neox int32) int32
+
+	// Session 6 (fuse.go foldSwiGLU): gateUp points at 2 parts (gate, up; same m).
+	matmulSwiGLU func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32
+
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32
 	commLibrary      func(buf *byte, n int64) int32
@@ -215,6 +219,7 @@ func (l *lib) bind() (err error) {
 		{&l.commAbort, "orch_comm_abort"}, {&l.commDestroy, "orch_comm_destroy"},
 		{&l.moeFFNRoute, "orch_moe_ffn_route"},
 		{&l.moeDecode, "orch_moe_decode"},
+		{&l.matmulSwiGLU, "orch_matmul_swiglu"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {

@@ -341,10 +341,15 @@ func (b *Backend) glu(op string, dst, gate, up ml.Tensor) (d, g, u *tensor) {
 }
 
 func (b *Backend) SwiGLU(dst, gate, up ml.Tensor) {
-	if d, g, u := b.glu("swiglu", dst, gate, up); d != nil {
-		n := int64(d.n)
-		b.call("swiglu", b.l.swiglu(b.ctx, d.ptr, g.ptr, u.ptr, 1, n, n, n))
+	b.holdFlush = true // held gate/up GEMVs may take the SwiGLU into their launch (fuse.go)
+	d, g, u := b.glu("swiglu", dst, gate, up)
+	b.holdFlush = false
+	if d == nil || b.foldSwiGLU(d, g, u) {
+		return
 	}
+	b.flush()
+	n := int64(d.n)
+	b.call("swiglu", b.l.swiglu(b.ctx, d.ptr, g.ptr, u.ptr, 1, n, n, n))
 }
 
 func (b *Backend) SwiGLUOAI(dst, gate, up ml.Tensor, alpha, limit float32) {
