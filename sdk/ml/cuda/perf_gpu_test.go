@@ -741,6 +741,48 @@ func TestPerfGEMVVersions(t *testing.T) {
 			gpu.Free(w)
 		}
 	}
+	// Llama's feed-forward gate/up (Q8_0 4096 -> 2 x 14336) at n = 1, 2 (session 6): the merged
+	// GEMV alone (one launch), merged GEMV + SwiGLU (two launches), and the folded
+	// orch_matmul_swiglu (one launch; ORCH_CUDA_GLU=0 in the process makes it the two).
+	func() {
+		defer func(v bool) { fuseGLU = v }(fuseGLU)
+		const k, m, copies = 4096, 14336, 4 // 4 x 125 MB: more than the L2
+		wg, wu := make([]ml.Tensor, copies), make([]ml.Tensor, copies)
+		for i := range wg {
+			wg[i], wu[i] = mustW(t, r, "gate", ml.Q8_0, k, m), mustW(t, r, "up", ml.Q8_0, k, m)
+		}
+		rb, _ := ml.Q8_0.RowBytes(k)
+		for _, n := range []int{1, 2} {
+			x := mustA(t, ml.F32, k, n)
+			require.NoError(t, gpu.WriteF32(x, r.f32(k*n)))
+			g, u := mustA(t, ml.F32, m, n), mustA(t, ml.F32, m, n)
+			floor := (2*float64(rb*m) + 4*float64(k*n+2*m*n)) / peak * 1e3
+			for _, c := range []struct {
+				path     string
+				glu, act bool
+			}{{"gate+up merged", false, false}, {"gate+up merged, SwiGLU", false, true}, {"gate+up+SwiGLU folded", true, true}} {
+				fuseGLU = c.glu
+				i := 0
+				ms := timeKernel(t, 20, 16, func() {
+					gpu.MatMul(g, x, wg[i%copies], nil)
+					gpu.MatMul(u, x, wu[i%copies], nil)
+					if c.act {
+						gpu.SwiGLU(g, g, u)
+					}
+					i++
+				})
+				t.Logf("| %s | llama ffn Q8_0 %dx2x%d n=%d | %s | %.1f us | %.1f us | %.0f%% |", label, k, m, n, c.path,
+					ms*1e3, floor*1e3, 100*floor/ms)
+			}
+			gpu.Free(x)
+			gpu.Free(g)
+			gpu.Free(u)
+		}
+		for i := range wg {
+			gpu.Free(wg[i])
+			gpu.Free(wu[i])
+		}
+	}()
 	// MoE decode at gpt-oss shape (router + top-4 + fused expert FFN), 1 and 8 tokens.
 	const d, ff, ne, topk = 2880, 2880, 32, 4
 	mo := r.moe(t, d, ff, ne, topk)
