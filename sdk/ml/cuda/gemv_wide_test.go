@@ -58,13 +58,25 @@ func TestGEMVWideRoute(t *testing.T) {
 	require.Equal(t, gemvWideN, gemvMaxN())
 	require.False(t, gemvWideFor(65, 2880, 5120))
 
-	// The default (not pinned): only the shapes measured faster than the GEMM.
+	// The default (not pinned): only the shapes measured faster than the GEMM
+	// (9..denseV2From-1 tokens; from denseV2From the dequantize + cuBLAS path).
 	gemvPin9 = false
+	defer func(v int) { denseV2From = v }(denseV2From)
+	denseV2From = 17
 	for _, c := range []struct {
 		n, k, m int
 		want    bool
 	}{{8, 2880, 5120, false}, {9, 2880, 5120, true}, {16, 4096, 14336, true}, {16, 14336, 4096, true},
-		{32, 2880, 5120, true}, {32, 14336, 4096, true}, {32, 4096, 14336, true}, {33, 2880, 5120, true},
+		{17, 2880, 5120, false}, {32, 14336, 4096, false}, {33, 2880, 5120, false}, {64, 14336, 4096, false},
+		{65, 2880, 5120, false}} {
+		require.Equal(t, c.want, gemvWideFor(c.n, c.k, c.m), "n=%d k=%d m=%d", c.n, c.k, c.m)
+	}
+	// Session 5's border (ORCH_CUDA_DENSE_V2_FROM=65): v9 up to 32 tokens, and up to 64 where m <= 8192.
+	denseV2From = 65
+	for _, c := range []struct {
+		n, k, m int
+		want    bool
+	}{{32, 2880, 5120, true}, {32, 14336, 4096, true}, {32, 4096, 14336, true}, {33, 2880, 5120, true},
 		{64, 14336, 4096, true}, {33, 4096, 14336, false}, {64, 4096, 14336, false}, {65, 2880, 5120, false}} {
 		require.Equal(t, c.want, gemvWideFor(c.n, c.k, c.m), "n=%d k=%d m=%d", c.n, c.k, c.m)
 	}

@@ -76,15 +76,17 @@ var (
 
 // denseV2From is the smallest n whose quantized MatMuls skip GEMV v9 and the
 // qgemm tile GEMM for orch_matmul's large-n path (dequantize the whole weight
-// + one cuBLAS call, matmul_prefill.cu v2). Default 65: v2 only above
-// qgemmMaxN. ORCH_CUDA_DENSE_V2_FROM=33 tries it for 33..64-token steps (many
-// streams): session 5's prefill table had v2 ahead of v9 at n = 64 (q/o 0.031
-// vs 0.072 ms, down 0.117 vs 0.233) but it was not measured end to end.
+// + one cuBLAS call, matmul_prefill.cu v2); ORCH_CUDA_GEMV=v9 (gemvPin9) keeps
+// v9 up to 64. Session 6, device run 1 (H100, same card and call, bench
+// pp128+tg128): ORCH_CUDA_DENSE_V2_FROM=17 vs 65 (session 5's routing) gave
+// x32 gpt-oss 2,102 vs 2,043 and Llama 1,913 vs 1,788; =33 gave x64 gpt-oss
+// 3,721 / 3,737 vs 3,526 and Llama 3,567 / 3,575 vs 2,849. Default 17;
+// ORCH_CUDA_DENSE_V2_FROM=N (> 8) moves the border.
 var denseV2From = func() int {
 	if v, err := strconv.Atoi(os.Getenv("ORCH_CUDA_DENSE_V2_FROM")); err == nil && v > 8 {
 		return v
 	}
-	return qgemmMaxN + 1
+	return 17
 }()
 
 // gemvMaxN is the largest n a quantized MatMul may send to the decode GEMV.
@@ -104,7 +106,7 @@ func gemvMaxN() int {
 // n = 64: 45 vs 61 us, down: 217 vs 290) but not Llama's gate/up (m = 14336:
 // 122 vs 97 us at n = 64).
 func gemvWideFor(n, k, m int) bool {
-	if n <= 8 || n > gemvMaxN() || n >= denseV2From {
+	if n <= 8 || n > gemvMaxN() || (n >= denseV2From && !gemvPin9) {
 		return false
 	}
 	return gemvPin9 || n <= 32 || m <= 8192
