@@ -33,7 +33,9 @@ t0=$(date +%s)
 CUDA_SRC=${CUDA_SRC:-cuda}   # .gpu/cuda: a snapshot packed with the binaries
 [ -d .gpu/cuda ] && CUDA_SRC=.gpu/cuda
 cuda_build() { rm -rf build/cuda; cmake -S "$CUDA_SRC" -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$1" && cmake --build build/cuda; }
-if ! cuda_build "${ORCH_CUDA_ARCH:-90a}" >"$OUT/build.log" 2>&1; then
+if [ -n "${E2E_REUSE_BUILD:-}" ] && [ -f build/cuda/liborch_cuda.so ]; then
+  log "reusing build/cuda (E2E_REUSE_BUILD)"
+elif ! cuda_build "${ORCH_CUDA_ARCH:-90a}" >"$OUT/build.log" 2>&1; then
   log "cuda build for ${ORCH_CUDA_ARCH:-90a} FAILED:"; grep -m5 -E 'error|Error' "$OUT/build.log" | tee -a "$OUT/summary.md"
   log "retrying for sm_90"; cuda_build 90 >"$OUT/build.log" 2>&1 || { log "cuda build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
 fi
