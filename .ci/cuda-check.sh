@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI compile check of cuda/: every .cu must compile for sm_80 and sm_90.
+# CI compile check of cuda/: every .cu must compile for sm_80 and sm_90 (nvcc 11.8) and sm_90a (nvcc 12.4).
 # Installs Debian's nvidia-cuda-toolkit (nvcc 11.8; needs the contrib and
 # non-free components) when nvcc is missing (~1.5 min). Nothing runs on a GPU.
 # Code that only sm_90a / newer CUDA can compile (wgmma, setmaxnreg) must sit
@@ -31,6 +31,16 @@ for f in cuda/src/*.cu; do
     fi
   done
 done
+# sm_90a (what the device builds: wgmma, TMA bulk copies, setmaxnreg behind __CUDA_ARCH_FEAT_SM90_ALL) needs
+# CUDA 12: cuda/scripts/nvcc12.sh unpacks Debian trixie's 12.4 under /opt/cuda124 (~1 GB, ~1 min).
+nvcc12=$(bash cuda/scripts/nvcc12.sh) || { echo "cuda-check: could not install CUDA 12 nvcc" >&2; exit 1; }
+"$nvcc12" --version | tail -1
+for f in cuda/src/*.cu; do
+  if ! "$nvcc12" -std=c++17 -c -arch=sm_90a -Xptxas=-warn-spills -Icuda/include -o "$out/$(basename "$f").90a.o" "$f"; then
+    echo "cuda-check: FAILED $f sm_90a (CUDA 12)" >&2
+    fail=1
+  fi
+done
 # Host tests of the CUDA sources (no GPU): index/tile-plan math, the fp16 decode bit tricks, and the
 # kernels themselves compiled against the CPU emulation cuda/test/cuda_emu.h under ASan (~8–12 min on 2 cores; the attention emulation is most of it).
 if ! bash cuda/test/run.sh; then
@@ -39,5 +49,5 @@ if ! bash cuda/test/run.sh; then
 fi
 # The C ABI header must stay plain C (no CUDA types): compile it as C.
 echo '#include "orch_cuda.h"' | cc -x c -std=c11 -Wall -Werror -Icuda/include -fsyntax-only -
-[ "$fail" = 0 ] && echo "cuda-check: all $(ls cuda/src/*.cu | wc -l) sources compile for sm_80 and sm_90"
+[ "$fail" = 0 ] && echo "cuda-check: all $(ls cuda/src/*.cu | wc -l) sources compile for sm_80, sm_90 and sm_90a"
 exit "$fail"
