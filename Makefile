@@ -33,7 +33,7 @@ cuda: ## build cuda/ into build/cuda/liborch_cuda.so (needs nvcc and cmake)
 	cmake -S cuda -B build/cuda $$(command -v ninja >/dev/null && echo -G Ninja) -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cuda
 
-cuda-check: ## compile every .cu for sm_80 and sm_90 (installs Debian's nvcc 11.8 when missing)
+cuda-check: ## compile every .cu for sm_80/sm_90 (Debian's nvcc 11.8) and sm_90a (CUDA 12.4, cuda/scripts/nvcc12.sh), run the host tests
 	bash .ci/cuda-check.sh
 
 proto-check: ## regenerate the adapter protocol with buf and fail on a diff

@@ -17,7 +17,7 @@ row() { rows+=("| $1 | $2 | $3 |"); }
 
 echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 t0=$(date +%s)
-if cmake -S cuda -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >"$OUT/build.log" 2>&1 &&
+if cmake -S cuda -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=${ORCH_CUDA_ARCH:-90a} >"$OUT/build.log" 2>&1 &&
    cmake --build build/cuda >>"$OUT/build.log" 2>&1; then
   row build ok "$(( $(date +%s) - t0 )) s, $(nvcc --version | tail -1)"
 else
