@@ -96,6 +96,42 @@ int orch_event_elapsed(void *ev0, void *ev1, float *ms);
  * launches they captured. (Session 3.) */
 int orch_set_pdl(orch_ctx *ctx, int32_t on, int32_t *was);
 
+/* ---- prefetch.cu (session 6): L2 prefetch of weights inside a captured graph ----
+ * While ctx's stream is captured (orch_graph_begin .. orch_graph_end), the
+ * caller marks each op it enqueued (orch_pf_mark: a capture-time marker, no
+ * graph node) and may add prefetch nodes (orch_pf_l2) that pull byte ranges
+ * (a later GEMV's weight) into L2. Such a node depends only on the op of mark
+ * `anchor` (1-based, counted from orch_graph_begin) and has no successors:
+ * it runs concurrently with the ops enqueued after that op, delays none of
+ * them, and changes no memory (results are bit-identical without it).
+ * orch_graph_end joins the prefetch nodes before the capture ends. Outside a
+ * capture both are no-ops. Not while the library is used from another thread
+ * on the same ctx. */
+#define ORCH_PF_MAX_RANGES 4
+enum {
+  ORCH_PF_EVICT_LAST = 1, /* L2::evict_last cache policy on the prefetched lines */
+  ORCH_PF_LINES = 2       /* prefetch.global.L2 per 128-byte line even where bulk prefetch exists */
+};
+typedef struct {
+  const void *ptr; /* device memory from orch_malloc (or inside it) */
+  int64_t bytes;
+} orch_pf_range;
+/* Creates ctx's prefetch state (a side stream, events); not while capturing.
+ * orch_pf_mark / orch_pf_l2 fail with ORCH_ERR_INVALID before it. */
+int orch_pf_init(orch_ctx *ctx);
+/* Marks the op just enqueued; *marks (may be NULL) = marks so far in this capture. */
+int orch_pf_mark(orch_ctx *ctx, int64_t *marks);
+/* Adds one prefetch node for ranges[0..count) (count <= ORCH_PF_MAX_RANGES;
+ * empty ranges skipped) after the op of mark anchor; flags: ORCH_PF_*.
+ * anchor < 1, or older than the last 32 marks: nothing added (ORCH_OK);
+ * anchor beyond the marks so far: ORCH_ERR_INVALID. *added (may be NULL) =
+ * 1 when a node was added. */
+int orch_pf_l2(orch_ctx *ctx, int64_t anchor, const orch_pf_range *ranges, int32_t count, int32_t flags,
+               int32_t *added);
+/* Test helper: one warp busy-waits ns nanoseconds on ctx's stream (an
+ * "idle" link of a decode chain: no DRAM traffic). */
+int orch_spin(orch_ctx *ctx, int64_t ns);
+
 /* ---- matmul.cu ----
  * y[n, m] (+)= x[n, k] · W^T + bias. W: m rows of k elements of type wtype,
  * row stride row_bytes(wtype, k). bias: float[m] or NULL. accumulate != 0

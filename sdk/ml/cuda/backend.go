@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"unsafe"
 
 	"github.com/llama-orch/orch/sdk/ml"
@@ -53,6 +54,8 @@ type Backend struct {
 	holdFlush bool
 	// ot times every op when ORCH_CUDA_OPTIME is set (optime.go); nil otherwise.
 	ot *opTimer
+	// pf: L2 prefetch of decode weights in captured graphs (prefetch.go).
+	pf prefetcher
 }
 
 var _ ml.GraphBackend = (*Backend)(nil)
@@ -95,6 +98,11 @@ func New(device int) (*Backend, error) {
 	b.name = cstr(name)
 	b.cc = int(cc)
 	b.ot = newOpTimer()
+	if l2pfEnvErr != nil {
+		fmt.Fprintf(os.Stderr, "orch cuda: %v: L2 prefetch off\n", l2pfEnvErr)
+	} else if err := b.initL2PF(l2pfEnv); err != nil {
+		fmt.Fprintf(os.Stderr, "orch cuda: %v: L2 prefetch off\n", err)
+	}
 	return b, nil
 }
 
@@ -188,6 +196,9 @@ func (b *Backend) call(op string, rc int32) {
 	}
 	if b.ot != nil { // op timing (optime.go); while capturing, as a graph node
 		b.ot.mark(b, op)
+	}
+	if b.capturing { // L2 prefetch nodes and the launch mark (prefetch.go)
+		b.l2pfLaunched(op)
 	}
 }
 
@@ -416,11 +427,13 @@ func (b *Backend) Run(key string, record func()) error {
 		return err
 	}
 	b.capturing = true
+	b.l2pfBegin()
 	if b.ot != nil {
 		b.ot.beginCapture(b)
 	}
 	record()
 	b.flush() // into the graph
+	b.l2pfEnd()
 	b.capturing = false
 	var g uintptr
 	endErr := b.l.status("graph_end", b.l.graphEnd(b.ctx, &g))

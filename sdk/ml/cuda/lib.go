@@ -113,6 +113,12 @@ type lib struct {
 	moeFFNRoute func(ctx, out, x, logits uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 	// MoE v10: router + top-k + fused expert FFN for 1..8 tokens (orch_moe_decode; ABI 7).
 	moeDecode func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
+	// Session 6, optional (nil when the library lacks them; no ABI bump): L2
+	// prefetch nodes in captured graphs (prefetch.go) and the spin test kernel.
+	pfInit func(ctx uintptr) int32
+	pfMark func(ctx uintptr, marks *int64) int32
+	pfL2   func(ctx uintptr, anchor int64, ranges *pfRange, count, flags int32, added *int32) int32
+	spin   func(ctx uintptr, ns int64) int32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
@@ -226,6 +232,18 @@ func (l *lib) bind() (err error) {
 			return fmt.Errorf("symbol %s: %w", s.name, err)
 		}
 		purego.RegisterLibFunc(s.fn, l.handle, s.name)
+	}
+	// Optional entry points: left nil when missing (the feature is then off).
+	opt := []struct {
+		fn   any
+		name string
+	}{
+		{&l.pfInit, "orch_pf_init"}, {&l.pfMark, "orch_pf_mark"}, {&l.pfL2, "orch_pf_l2"}, {&l.spin, "orch_spin"},
+	}
+	for _, s := range opt {
+		if _, err := purego.Dlsym(l.handle, s.name); err == nil {
+			purego.RegisterLibFunc(s.fn, l.handle, s.name)
+		}
 	}
 	return nil
 }
