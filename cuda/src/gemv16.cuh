@@ -22,7 +22,40 @@ constexpr int GEMV16_WARPS = 8;
 // rows_per_warp consecutive rows each. With PDL (common.cuh) the first round
 // of weight words is loaded before pdl_wait(): weights are never written
 // while a step runs; x, bias and y are touched only after the wait.
-template <int T, int NT, int NB>
+// x staged per round (XR = 1; ORCH_CUDA_GEMV5_XR=1, session 6): the first
+// row's round j stages only the chunks that round reads ([c0, c0 + 32 NB)),
+// after issuing that round's weight loads, then syncs; so the staging of x
+// (Llama down: 14336 floats per CTA, ~420 instructions per thread, ~57 KB
+// from L2, all before the first FMA with XR = 0) is spread over the rounds and
+// overlaps each round's DRAM latency instead of sitting serially after the
+// PDL wait. Same staged values, same arithmetic: bit-identical to XR = 0.
+// Chunk ranges start at multiples of 32 chunks, so each 8-lane group of
+// dec16_stage's loop still owns one chunk.
+__device__ __forceinline__ void gemv5_stage_range(uint32_t *xh, float *xinv, const float *__restrict__ x, int nr,
+                                                  int64_t k, int kind, int64_t ch0, int64_t ch1) {
+  const int64_t nch = k / 32, q0 = ch0 * 8, q1 = ch1 * 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int r = 0; r < nr; r++)
+    for (int64_t base = q0 + (int64_t)warp * 32; base < q1; base += (int64_t)nw * 32) {
+      const int64_t i = base + lane;
+      const bool ok = i < q1;
+      const float4 v = ok ? __ldg(reinterpret_cast<const float4 *>(x + r * k) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      float sc, inv;
+      dec16_chunk_scale(mx, sc, inv);
+      if (ok) {
+        const int64_t c = i >> 3;
+        const int o = (int)(i & 7);
+        dec16_put4(xh + (r * nch + c) * DEC16_XW, kind, o, v.x * sc, v.y * sc, v.z * sc, v.w * sc);
+        if (o == 0) xinv[r * nch + c] = inv;
+      }
+    }
+}
+
+template <int T, int NT, int NB, int XR = 0>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
@@ -43,7 +76,13 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
     for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
       wblocks<T, NB> b;
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
-      if (!staged) { // first round of the first row: uniform over the CTA
+      if constexpr (XR) {
+        if (r == 0) { // every round of the first row: uniform over the CTA
+          if (c0 == 0) pdl_wait();
+          gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
+          __syncthreads();
+        }
+      } else if (!staged) { // first round of the first row: uniform over the CTA
         pdl_wait();
         dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
         __syncthreads();
@@ -80,14 +119,14 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   }
 }
 
-template <int T, int NT, int NB>
+template <int T, int NT, int NB, int XR = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
              int rows_per_warp) {
   DEC16_DYN_SMEM(uint32_t, xsm); // nt rows of nch staged chunks, then nt*nch 1/scales
   pdl_trigger();
-  gemv5_rows<T, NT, NB>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
+  gemv5_rows<T, NT, NB, XR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
 }
 // The same compiled for 5 CTAs per SM (ORCH_CUDA_GEMV5_MINB=5, opt-in: see
 // gemv5_minb). A separate kernel, not a template argument of the one above:
@@ -118,7 +157,7 @@ struct gemv5_parts {
   unsigned end[GEMV_MAX_PARTS]; // cumulative CTA counts (unused parts: the total)
 };
 
-template <int T, int NT, int NB>
+template <int T, int NT, int NB, int XR = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -129,7 +168,7 @@ gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, 
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
 #define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv5_rows<T, NT, NB>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m), row_bytes, 0,
+  gemv5_rows<T, NT, NB, XR>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m), row_bytes, 0,
                         GEMV5_PICK(rpw));
 #undef GEMV5_PICK
 }
@@ -168,6 +207,18 @@ static inline int gemv5_minb() {
   return v;
 }
 
+// ORCH_CUDA_GEMV5_XR=1 (session 6, opt-in until measured): x staged per
+// round (gemv5_rows XR = 1) in the one- and two-token v5 kernels (plain,
+// multi, and the SwiGLU fold). Read once per process.
+static inline bool gemv5_xr() {
+  static const bool v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_XR");
+    return e && e[0] == '1' && !e[1];
+  }();
+  return v;
+}
+
+// MINB: 1 the default kernel, 5 its 5-CTA build, 2 the default with XR = 1.
 template <int T, int NT, int MINB>
 static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                               int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
@@ -176,6 +227,7 @@ static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const u
   size_t sm = dec16_smem(k, NT);
   auto kern = [] { // only the instance asked for is compiled
     if constexpr (MINB == 5) return gemv5_kernel_b5<T, NT, NB>;
+    else if constexpr (MINB == 2) return gemv5_kernel<T, NT, NB, 1>;
     else return gemv5_kernel<T, NT, NB>;
   }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -187,6 +239,8 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
                             int64_t k, int64_t m, int64_t rb, int acc) {
   if constexpr (NT == 1)
     if (gemv5_minb() == 5) return launch_gemv5_nt_b<T, NT, 5>(st, y, x, w, bias, n, k, m, rb, acc);
+  if constexpr (NT <= 2)
+    if (gemv5_xr()) return launch_gemv5_nt_b<T, NT, 2>(st, y, x, w, bias, n, k, m, rb, acc);
   launch_gemv5_nt_b<T, NT, 1>(st, y, x, w, bias, n, k, m, rb, acc);
 }
 
@@ -198,6 +252,7 @@ static void launch_gemv5_multi_nt_b(cudaStream_t st, gemv5_parts P, int count, c
   size_t sm = dec16_smem(k, NT);
   auto kern = [] {
     if constexpr (MINB == 5) return gemv5_multi_kernel_b5<T, NT, NB>;
+    else if constexpr (MINB == 2) return gemv5_multi_kernel<T, NT, NB, 1>;
     else return gemv5_multi_kernel<T, NT, NB>;
   }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -215,6 +270,8 @@ static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, con
                                   int64_t rb) {
   if constexpr (NT == 1)
     if (gemv5_minb() == 5) return launch_gemv5_multi_nt_b<T, NT, 5>(st, P, count, x, n, k, rb);
+  if constexpr (NT <= 2)
+    if (gemv5_xr()) return launch_gemv5_multi_nt_b<T, NT, 2>(st, P, count, x, n, k, rb);
   launch_gemv5_multi_nt_b<T, NT, 1>(st, P, count, x, n, k, rb);
 }
 
@@ -262,8 +319,33 @@ struct gemv5_glu_args {
   int64_t m;
 };
 
+// One round of one row: gemv5_rows's inner loop (a function of its own: a
+// ternary reference between the gate and up blocks sent them to local memory).
 template <int T, int NT, int NB>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+__device__ __forceinline__ void gemv5_glu_round(const wblocks<T, NB> &b, float (&acc)[NT], const uint32_t *xsm,
+                                                const float *xinv, int64_t c0, int lane, int64_t nch, int nt) {
+#pragma unroll
+  for (int i = 0; i < NB; i++) {
+    const int64_t c = c0 + lane + 32 * i;
+    if (c < nch) {
+      const uint4 *xp[NT];
+      uint32_t a[NT][2];
+#pragma unroll
+      for (int j = 0; j < NT; j++) {
+        xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
+        a[j][0] = a[j][1] = 0u;
+      }
+      dec16_block_acc<T, NT>(b.w[i], b.sh[i], xp, nt, a);
+      const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+        if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
+    }
+  }
+}
+
+template <int T, int NT, int NB, int XR = 0>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM (XR = 1 took 70)
 gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
@@ -281,34 +363,17 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
     wblocks<T, NB> bg, bu;
     ffn_load<T, NB>(bg, wg, c0, lane, nch, valid);
     ffn_load<T, NB>(bu, wu, c0, lane, nch, valid);
-    if (c0 == 0) { // uniform over the CTA
+    if constexpr (XR) { // every round (gemv5_rows XR)
+      if (c0 == 0) pdl_wait();
+      gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
+      __syncthreads();
+    } else if (c0 == 0) { // uniform over the CTA
       pdl_wait();
       dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
       __syncthreads();
     }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const wblocks<T, NB> &b = h ? bu : bg;
-      float *acc = h ? accu : accg;
-#pragma unroll
-      for (int i = 0; i < NB; i++) {
-        const int64_t c = c0 + lane + 32 * i;
-        if (c < nch) {
-          const uint4 *xp[NT];
-          uint32_t a[NT][2];
-#pragma unroll
-          for (int j = 0; j < NT; j++) {
-            xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
-            a[j][0] = a[j][1] = 0u;
-          }
-          dec16_block_acc<T, NT>(b.w[i], b.sh[i], xp, nt, a);
-          const float ws = dec16_wscale<T>(b.w[i], b.sh[i]);
-#pragma unroll
-          for (int j = 0; j < NT; j++)
-            if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
-        }
-      }
-    }
+    gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt);
+    gemv5_glu_round<T, NT, NB>(bu, accu, xsm, xinv, c0, lane, nch, nt);
   }
 #pragma unroll
   for (int j = 0; j < NT; j++) {
@@ -332,22 +397,24 @@ template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 
 
 template <int T, int NT>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
-                                int64_t rb) {
+                                int64_t rb, bool xr) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   size_t sm = dec16_smem(k, NT);
-  auto kern = gemv5_glu_kernel<T, NT, NB>;
+  auto kern = xr ? gemv5_glu_kernel<T, NT, NB, 1> : gemv5_glu_kernel<T, NT, NB>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, A, x, n, k,
                    rb);
 }
 
-// n = 1, 2 (v5's one- and two-token route); the caller checks.
+// n = 1, 2 (v5's one- and two-token route); the caller checks. xr: -1 as
+// ORCH_CUDA_GEMV5_XR, else x staged per round (1) or not (0).
 template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
-                             int64_t rb) {
+                             int64_t rb, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    if (n == 1) launch_gemv5_glu_nt<T, 1>(st, A, x, n, k, rb);
-    else launch_gemv5_glu_nt<T, 2>(st, A, x, n, k, rb);
+    const bool x1 = xr < 0 ? gemv5_xr() : xr != 0;
+    if (n == 1) launch_gemv5_glu_nt<T, 1>(st, A, x, n, k, rb, x1);
+    else launch_gemv5_glu_nt<T, 2>(st, A, x, n, k, rb, x1);
   }
 }
 

@@ -291,7 +291,7 @@ static void test_gemv_multi(int t, int64_t k, std::vector<int64_t> ms, int n, bo
 // Gate/up GEMVs + SwiGLU in one launch (orch_matmul_swiglu's kernel):
 // gate and up bit-identical to the merged v5 launch, out to act.cu's
 // swiglu expression on them; out separate or in place over gate.
-static void test_gemv_glu(int t, int64_t k, int64_t m, int n, bool bias, bool inplace) {
+static void test_gemv_glu(int t, int64_t k, int64_t m, int n, bool bias, bool inplace, int xr = 0) {
   QW wg, wu;
   make_weight(wg, t, k, m);
   make_weight(wu, t, k, m);
@@ -307,7 +307,7 @@ static void test_gemv_glu(int t, int64_t k, int64_t m, int n, bool bias, bool in
   const int64_t rb = orch_row_bytes(t, k);
   ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, 2, bx.p, n, k, rb)
   gemv5_glu_args A = {wg.bytes, wu.bytes, P.bias[0], P.bias[1], yg.p, yu.p, inplace ? yg.p : out.p, m};
-  ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, A, bx.p, n, k, rb)
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, A, bx.p, n, k, rb, xr)
   const float *o = inplace ? yg.p : out.p;
   if (!inplace) EXPECT(std::memcmp(yg.p, rg.p, ny * 4) == 0, "GLU gate (%s k=%lld m=%lld n=%d) != v5", tname(t),
                        (long long)k, (long long)m, n);
@@ -320,8 +320,43 @@ static void test_gemv_glu(int t, int64_t k, int64_t m, int n, bool bias, bool in
   }
   EXPECT(bad == 0, "GLU out (%s k=%lld m=%lld n=%d inplace=%d): %d of %zu != swiglu(v5 gate, v5 up)", tname(t),
          (long long)k, (long long)m, n, inplace, bad, ny);
-  std::printf("GEMV v5+SwiGLU %-5s k=%-4lld m=%-3lld n=%d bias=%d inplace=%d: bit-identical to multi + swiglu\n",
-              tname(t), (long long)k, (long long)m, n, bias, inplace);
+  std::printf("GEMV v5+SwiGLU %-5s k=%-4lld m=%-3lld n=%d bias=%d inplace=%d xr=%d: bit-identical to multi + swiglu\n",
+              tname(t), (long long)k, (long long)m, n, bias, inplace, xr);
+}
+
+// GEMV v5 with x staged per round (gemv5_rows XR = 1, ORCH_CUDA_GEMV5_XR):
+// bit-identical to XR = 0, plain (1 and 2 rows per warp) and multi.
+template <int T, int NT>
+static void gemv5_xr_pair(float *y0, float *y1, const float *x, const uint8_t *w, const float *bias, int64_t n,
+                          int64_t k, int64_t m, int64_t rb, int rpw) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    constexpr int NB = gemv5_nb<T, NT>();
+    const size_t sm = dec16_smem(k, NT);
+    const unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
+    auto k0 = gemv5_kernel<T, NT, NB, 0>;
+    auto k1 = gemv5_kernel<T, NT, NB, 1>;
+    DEC16_LAUNCH_PDL(k0, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y0, x, w, bias, n, k, m, rb, 0, rpw);
+    DEC16_LAUNCH_PDL(k1, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y1, x, w, bias, n, k, m, rb, 0, rpw);
+  }
+}
+template <int T>
+static void gemv5_xr_run(float *y0, float *y1, const float *x, const uint8_t *w, const float *bias, int64_t n, int64_t k,
+                         int64_t m, int64_t rb, int rpw) {
+  if (n == 1) gemv5_xr_pair<T, 1>(y0, y1, x, w, bias, n, k, m, rb, rpw);
+  else gemv5_xr_pair<T, 2>(y0, y1, x, w, bias, n, k, m, rb, rpw);
+}
+static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
+  QW w;
+  make_weight(w, t, k, m);
+  Buf<float> bx(randv((size_t)(n * k), 3.f)), bb(randv((size_t)m, 1.f));
+  Buf<float> y0((size_t)(n * m), NAN), y1((size_t)(n * m), NAN);
+  const int64_t rb = orch_row_bytes(t, k);
+  ORCH_DISPATCH_TYPE(t, gemv5_xr_run, y0.p, y1.p, bx.p, w.bytes, bb.p, n, k, m, rb, rpw)
+  EXPECT(std::memcmp(y0.p, y1.p, y0.n * 4) == 0, "GEMV v5 XR (%s k=%lld m=%lld n=%d rpw=%d) != XR 0", tname(t),
+         (long long)k, (long long)m, n, rpw);
+  for (size_t i = 0; i < y1.n; i++) EXPECT(std::isfinite(y1.p[i]), "GEMV v5 XR: y[%zu] not written", i);
+  std::printf("GEMV v5 XR %-5s k=%-5lld m=%-3lld n=%d rpw=%d: bit-identical to XR 0\n", tname(t), (long long)k,
+              (long long)m, n, rpw);
 }
 
 // RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
@@ -505,6 +540,12 @@ int main(int argc, char **argv) {
   test_gemv_glu(ORCH_T_Q8_0, 96, 36, 2, true, false);
   test_gemv_glu(ORCH_T_MXFP4, 128, 16, 1, true, false);
   test_gemv_glu(ORCH_T_Q4_0, 96, 8, 2, false, true);
+  test_gemv_glu(ORCH_T_Q8_0, 4096, 12, 2, true, true, 1); // x per round: 2 rounds
+  test_gemv_glu(ORCH_T_MXFP4, 2880, 8, 1, false, false, 1); // 90 chunks: a partial second round
+  test_gemv_xr(ORCH_T_Q8_0, 14336, 8, 1, 1);  // Llama down's k: 5 rounds, the last partial
+  test_gemv_xr(ORCH_T_Q8_0, 4096, 20, 2, 2);  // 2 rows per warp: the second row reads what the first staged
+  test_gemv_xr(ORCH_T_MXFP4, 2880, 12, 1, 1);
+  test_gemv_xr(ORCH_T_Q4_0, 96, 8, 2, 1);     // 3 chunks: one round, lanes without blocks
   test_rope2(1);
   test_rope2(0);
   test_norm<false, 12>(2, 2880, true, true); // gpt-oss width

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -318,6 +319,26 @@ func TestGEMVv7(t *testing.T) {
 		}
 		t.Logf("ORCH_CUDA_GEMV=%s: TestMatMul, TestFusedLaunches, TestPDLChain passed", v)
 	}
+}
+
+// TestGEMV5XR re-runs the GEMV tests with ORCH_CUDA_GEMV5_XR=1 (session 6:
+// x staged per round in the one- and two-token v5 kernels, plain, merged and
+// with the SwiGLU fold; bit-identical to the default in the CPU emulation),
+// in a child process (the library reads the variable once), against the CPU
+// backend and the separate-launch results.
+func TestGEMV5XR(t *testing.T) {
+	if os.Getenv("ORCH_CUDA_GEMV5_XR") != "" || os.Getenv("ORCH_CUDA_GEMV") != "" {
+		t.Skip("ORCH_CUDA_GEMV5_XR / ORCH_CUDA_GEMV set: the XR child runs from a process without them")
+	}
+	tests := []string{"TestMatMul", "TestFusedLaunches", "TestFusedSwiGLU", "TestPDLChain"}
+	cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
+	cmd.Env = append(os.Environ(), "ORCH_CUDA_GEMV5_XR=1")
+	outp, err := cmd.CombinedOutput()
+	require.NoError(t, err, "ORCH_CUDA_GEMV5_XR=1 child:\n%s", outp)
+	for _, name := range tests {
+		require.Contains(t, string(outp), "--- PASS: "+name+" ", "ORCH_CUDA_GEMV5_XR=1 child:\n%s", outp)
+	}
+	t.Logf("ORCH_CUDA_GEMV5_XR=1: %s passed", strings.Join(tests, ", "))
 }
 
 // Gate/up GEMVs + SwiGLU folded into one launch (orch_matmul_swiglu, fuse.go

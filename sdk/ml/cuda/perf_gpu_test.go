@@ -679,7 +679,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// Session 5: the one-token GEMVs only (n = 1, 2), v5 against the default
 		// route; ORCH_GEMV_PERF_WIDE=1 restores session 4's table (n up to 64,
 		// v7 / v9 / 5-CTA / small-stage children).
-		settings := []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV="}
+		settings := []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_XR=1"}
 		if os.Getenv("ORCH_GEMV_PERF_WIDE") != "" {
 			settings = []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
 				"ORCH_CUDA_GEMV5_MINB=5", "ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"}
@@ -689,7 +689,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_MINB"} {
+	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_MINB", "ORCH_CUDA_GEMV5_XR"} {
 		if e := os.Getenv(v); e != "" {
 			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's CTAs per SM at n = 1
 			label += " " + v + "=" + e
@@ -746,7 +746,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 	// orch_matmul_swiglu (one launch; ORCH_CUDA_GLU=0 in the process makes it the two).
 	func() {
 		defer func(v bool) { fuseGLU = v }(fuseGLU)
-		const k, m, copies = 4096, 14336, 4 // 4 x 125 MB: more than the L2
+		const k, m, copies = 4096, 14336, 2 // 2 x 2 x 117 MB: more than the L2
 		wg, wu := make([]ml.Tensor, copies), make([]ml.Tensor, copies)
 		for i := range wg {
 			wg[i], wu[i] = mustW(t, r, "gate", ml.Q8_0, k, m), mustW(t, r, "up", ml.Q8_0, k, m)
