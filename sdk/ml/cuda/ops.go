@@ -277,7 +277,7 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	if !okb {
 		return
 	}
-	b.l2pfWant(ww, n) // L2 prefetch of W while capturing (prefetch.go)
+	b.l2pfWant(ww, xx, n) // L2 prefetch of W while capturing (prefetch.go)
 	if n > 8 && gemvWideFor(n, in, out) && qgemmType(ww.dt) {
 		// GEMV v9: held for merging, or one orch_matmul_multi part
 		// (orch_matmul runs the GEMM for n > 8); the library declines

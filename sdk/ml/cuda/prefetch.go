@@ -24,7 +24,13 @@ import (
 // FFN matrices or an LM head, which would not stay in the 50 MB L2 anyway),
 // ORCH_CUDA_L2PF_POLICY=last (L2::evict_last on the prefetched lines),
 // ORCH_CUDA_L2PF_LINES=1 (prefetch.global.L2 per line instead of bulk
-// prefetches). Outside a capture nothing is prefetched.
+// prefetches), ORCH_CUDA_L2PF_MODE=stream (the anchor is also never before
+// the last weight-streaming launch, a MatMul or MoE: the prefetch then
+// overlaps only the links that leave DRAM idle — with dist 3, gpt-oss's
+// attention-out weight loads during RoPE + attention and q/k/v during the
+// norm after the MoE — instead of competing with a GEMV's or the MoE's
+// weight stream and being evicted by it). Outside a capture nothing is
+// prefetched.
 //
 // Why marks and a side stream instead of adding graph nodes directly: the
 // graph-node query APIs (cudaStreamGetCaptureInfo, cudaGraphNodeGetDependencies)
@@ -46,15 +52,16 @@ const (
 
 // l2pfConfig is the prefetch setting; dist 0 = off.
 type l2pfConfig struct {
-	dist     int
-	maxBytes int64
-	flags    int32
+	dist        int
+	maxBytes    int64
+	flags       int32
+	afterStream bool // ORCH_CUDA_L2PF_MODE=stream
 }
 
 const defaultL2PFMaxBytes = 32 << 20
 
 // parseL2PF reads the ORCH_CUDA_L2PF* values (empty = default).
-func parseL2PF(dist, maxMB, policy, lines string) (l2pfConfig, error) {
+func parseL2PF(dist, maxMB, policy, lines, mode string) (l2pfConfig, error) {
 	c := l2pfConfig{maxBytes: defaultL2PFMaxBytes}
 	if s := strings.TrimSpace(dist); s != "" {
 		d, err := strconv.Atoi(s)
@@ -84,13 +91,20 @@ func parseL2PF(dist, maxMB, policy, lines string) (l2pfConfig, error) {
 	default:
 		return l2pfConfig{}, fmt.Errorf("ORCH_CUDA_L2PF_LINES=%q: want 0 or 1", lines)
 	}
+	switch strings.TrimSpace(mode) {
+	case "", "dist":
+	case "stream":
+		c.afterStream = true
+	default:
+		return l2pfConfig{}, fmt.Errorf("ORCH_CUDA_L2PF_MODE=%q: want dist or stream", mode)
+	}
 	return c, nil
 }
 
 // l2pfEnv is read once; a bad value turns prefetching off with a line on
 // stderr (New reports it), as a bad ORCH_CUDA_* version falls back.
 var l2pfEnv, l2pfEnvErr = parseL2PF(os.Getenv("ORCH_CUDA_L2PF"), os.Getenv("ORCH_CUDA_L2PF_MAX_MB"),
-	os.Getenv("ORCH_CUDA_L2PF_POLICY"), os.Getenv("ORCH_CUDA_L2PF_LINES"))
+	os.Getenv("ORCH_CUDA_L2PF_POLICY"), os.Getenv("ORCH_CUDA_L2PF_LINES"), os.Getenv("ORCH_CUDA_L2PF_MODE"))
 
 // pfRange mirrors orch_pf_range.
 type pfRange struct {
@@ -109,6 +123,8 @@ type prefetcher struct {
 	cfg   l2pfConfig
 	ready bool  // orch_pf_init succeeded (the library has the entry points)
 	marks int64 // launches marked in this capture
+	// lastStream: the mark of the last weight-streaming launch (MatMul, MoE) in this capture.
+	lastStream int64
 	want  []pfWant
 	// Counted over the backend's life (tests, perf): nodes added, wants
 	// without a node (no anchor yet: the first launches of a capture).
@@ -139,18 +155,41 @@ func (b *Backend) l2pfOn() bool { return b.capturing && b.pf.ready && b.pf.cfg.d
 
 // l2pfBegin starts a capture's count (after orch_graph_begin).
 func (b *Backend) l2pfBegin() {
-	b.pf.marks = 0
+	b.pf.marks, b.pf.lastStream = 0, 0
 	b.pf.want = b.pf.want[:0]
 }
 
-// l2pfWant asks for w's bytes in L2 before the MatMul about to be launched
-// (n tokens): anchored dist launches before it, when n and the size qualify.
-func (b *Backend) l2pfWant(w *tensor, n int) {
+// l2pfWant asks for w's bytes in L2 before the MatMul of x about to be
+// launched (n tokens): anchored dist launches before it, when n and the size
+// qualify.
+func (b *Backend) l2pfWant(w, x *tensor, n int) {
 	if !b.l2pfOn() || n < 1 || n > maxL2PFTokens || int64(w.bytes) > b.pf.cfg.maxBytes || w.bytes <= 0 {
 		return
 	}
-	b.pf.want = append(b.pf.want, pfWant{r: pfRange{ptr: w.ptr, bytes: int64(w.bytes)},
-		anchor: b.pf.marks - int64(b.pf.cfg.dist)})
+	// An op held back for merging (fuse.go) that this MatMul will not merge
+	// with launches before it: count it (a held MatMul streams weights).
+	marks, last := b.pf.marks, b.pf.lastStream
+	if p := &b.pend; p.rope > 0 || (p.mm > 0 && (p.x != x.ptr || p.n != int64(n) || p.wtype != int32(w.dt))) {
+		marks++
+		if p.mm > 0 {
+			last = marks
+		}
+	}
+	anchor := marks - int64(b.pf.cfg.dist)
+	if b.pf.cfg.afterStream && last > anchor {
+		anchor = last
+		if anchor >= marks { // the launch right before streams weights: nothing to overlap
+			b.pf.skipped++
+			return
+		}
+	}
+	b.pf.want = append(b.pf.want, pfWant{r: pfRange{ptr: w.ptr, bytes: int64(w.bytes)}, anchor: anchor})
+}
+
+// streamsWeights reports whether a launch of op reads a weight matrix from
+// DRAM (the ops whose names start so: matmul, matmul_multi, moe, ...).
+func streamsWeights(op string) bool {
+	return strings.HasPrefix(op, "matmul") || strings.HasPrefix(op, "moe")
 }
 
 // l2pfLaunched runs after every successful library launch while capturing:
@@ -170,6 +209,9 @@ func (b *Backend) l2pfLaunched(op string) {
 	// The library counts only while the stream really captures (not after
 	// the capture was invalidated, which orch_graph_end then reports).
 	b.pf.marks = m
+	if streamsWeights(op) {
+		b.pf.lastStream = m
+	}
 }
 
 // l2pfIssue adds what is wanted: consecutive wants of one anchor share a

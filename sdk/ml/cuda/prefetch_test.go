@@ -40,18 +40,19 @@ func withPF(t *testing.T, b *Backend, f *fakeLib, cfg l2pfConfig) {
 }
 
 func TestParseL2PF(t *testing.T) {
-	c, err := parseL2PF("", "", "", "")
+	c, err := parseL2PF("", "", "", "", "")
 	require.NoError(t, err)
 	require.Equal(t, l2pfConfig{maxBytes: defaultL2PFMaxBytes}, c, "unset: off")
-	c, err = parseL2PF("2", "16", "last", "1")
+	c, err = parseL2PF("2", "16", "last", "1", "stream")
 	require.NoError(t, err)
-	require.Equal(t, l2pfConfig{dist: 2, maxBytes: 16 << 20, flags: pfEvictLast | pfLines}, c)
-	c, err = parseL2PF(" 0 ", "0.5", "normal", "0")
+	require.Equal(t, l2pfConfig{dist: 2, maxBytes: 16 << 20, flags: pfEvictLast | pfLines, afterStream: true}, c)
+	c, err = parseL2PF(" 0 ", "0.5", "normal", "0", "dist")
 	require.NoError(t, err)
 	require.Equal(t, l2pfConfig{maxBytes: 1 << 19}, c)
-	for _, bad := range [][4]string{{"-1", "", "", ""}, {"17", "", "", ""}, {"x", "", "", ""}, {"1", "0", "", ""},
-		{"1", "abc", "", ""}, {"1", "", "first", ""}, {"1", "", "", "yes"}} {
-		_, err := parseL2PF(bad[0], bad[1], bad[2], bad[3])
+	for _, bad := range [][5]string{{"-1", "", "", "", ""}, {"17", "", "", "", ""}, {"x", "", "", "", ""},
+		{"1", "0", "", "", ""}, {"1", "abc", "", "", ""}, {"1", "", "first", "", ""}, {"1", "", "", "yes", ""},
+		{"1", "", "", "", "auto"}} {
+		_, err := parseL2PF(bad[0], bad[1], bad[2], bad[3], bad[4])
 		require.Error(t, err, "%q", bad)
 	}
 }
@@ -141,7 +142,7 @@ func TestL2PFCaps(t *testing.T) {
 		b.Add(x, x, x)           // 1
 		b.Add(x, x, x)           // 2
 		b.MatMul(y, x, big, nil) // 3: too big, no prefetch
-		b.l2pfWant(w, 9)         // n = 9: no prefetch
+		b.l2pfWant(w, x, 9)      // n = 9: no prefetch
 		b.MatMul(y1, x, w, nil)  // 4: prefetched, anchored at mark 2
 	}))
 	var pfs []string
@@ -159,9 +160,9 @@ func TestL2PFCaps(t *testing.T) {
 	ws := []*tensor{fakeT(b, ml.Q8_0, d, d/2), fakeT(b, ml.Q8_0, d, d/2), fakeT(b, ml.Q8_0, d, d/2),
 		fakeT(b, ml.Q8_0, d, d/2), fakeT(b, ml.Q8_0, d, d/2)}
 	for _, wt := range ws {
-		b.l2pfWant(wt, 1)
+		b.l2pfWant(wt, x, 1)
 	}
-	b.l2pfWant(ws[4], 1)
+	b.l2pfWant(ws[4], x, 1)
 	b.pf.cfg.maxBytes = 1 << 20
 	b.l2pfIssue()
 	b.capturing = false
@@ -177,7 +178,7 @@ func TestL2PFCaps(t *testing.T) {
 	b.capturing = true
 	b.pf.cfg.maxBytes = int64(ws[0].bytes) * 2
 	for _, wt := range ws[:3] {
-		b.l2pfWant(wt, 1)
+		b.l2pfWant(wt, x, 1)
 	}
 	b.l2pfIssue()
 	b.capturing = false
@@ -191,4 +192,54 @@ func TestL2PFMissingLibrary(t *testing.T) {
 	require.ErrorIs(t, err, ErrUnsupported)
 	require.Zero(t, b.pf.cfg.dist)
 	require.NoError(t, b.initL2PF(l2pfConfig{}), "off needs nothing")
+}
+
+// ORCH_CUDA_L2PF_MODE=stream: the anchor is never before the last MatMul /
+// MoE launch, and a GEMV right after one gets no prefetch.
+func TestL2PFStreamMode(t *testing.T) {
+	defer func(v bool) { fuseOps = v }(fuseOps)
+	fuseOps = true
+	const d, n = 64, 1
+	b, f := newFakeBackend(t)
+	withPF(t, b, f, l2pfConfig{dist: 3, maxBytes: 1 << 20, afterStream: true})
+	x, h, a := fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n)
+	norm := fakeT(b, ml.F32, d)
+	wq, wk, wo, w2 := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, d)
+	q, k, o, o2 := fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n)
+	layer := func() {
+		b.RMSNorm(h, x, norm, 1e-5) // 1, 7
+		b.MatMul(q, h, wq, nil)     // q, k: 2, 8 (streams)
+		b.MatMul(k, h, wk, nil)
+		b.Add(a, q, q)          // 3, 9
+		b.Add(a, a, k)          // 4, 10
+		b.MatMul(o, a, wo, nil) // 5, 11 (streams)
+		b.Add(x, x, o)          // 6, 12
+	}
+	require.NoError(t, b.Run("g", func() {
+		layer()
+		layer()
+		b.MatMul(o2, o, w2, nil) // 13: right after the add
+		b.MatMul(h, o2, wq, nil) // 14: right after a streaming launch (the held w2's): no prefetch
+		b.Add(x, x, h)
+	}))
+	var pfs []string
+	for _, l := range f.take() {
+		if len(l) > 3 && l[:3] == "pf " {
+			pfs = append(pfs, l)
+		}
+	}
+	p := func(anchor int, ws ...*tensor) string {
+		s := fmt.Sprintf("pf anchor=%d flags=0", anchor)
+		for _, w := range ws {
+			s += fmt.Sprintf(" %x/%d", w.ptr, w.bytes)
+		}
+		return s
+	}
+	require.Equal(t, []string{
+		p(2, wo),     // o of layer 1: max(4-3, q/k at 2) = 2: overlaps the two adds
+		p(5, wq, wk), // q/k of layer 2: max(7-3, o at 5) = 5: overlaps the add and the norm
+		p(8, wo),     // o of layer 2
+		p(11, w2),    // w2: max(12-3, o at 11) = 11
+	}, pfs)
+	require.Equal(t, 3, b.pf.skipped, "q/k of layer 1 (no anchor yet), wq of launch 14")
 }
