@@ -153,8 +153,9 @@ func TestL2Prefetch(t *testing.T) {
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run TestPerfL2Prefetch -test.v
 //
 // With ORCH_L2PF_STEP=1 it also times TestPerf's synthetic gpt-oss decode
-// step (separate q/k/v, depth 128) under ORCH_CUDA_L2PF=0,1,2,3 and
-// 1 + evict_last, each in a child process (the environment is read once).
+// step (separate q/k/v, depth 128) under ORCH_CUDA_L2PF=0,1,2,3, 3 in
+// stream mode, and 1, 2 with evict_last, each in a child process (the
+// environment is read once).
 func TestPerfL2Prefetch(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to time the L2 prefetch")
@@ -162,8 +163,8 @@ func TestPerfL2Prefetch(t *testing.T) {
 	if os.Getenv("ORCH_L2PF_STEP_CHILD") != "" {
 		r := newRandSrc(newRNG(t))
 		ms, _ := r.decodeSteps(t, 128, 1, true, []stepCfg{{name: "default", fuse: fuseOps}})
-		fmt.Printf("| ORCH_CUDA_L2PF=%s policy=%s | %.3f | %.0f | nodes %d |\n", os.Getenv("ORCH_CUDA_L2PF"),
-			os.Getenv("ORCH_CUDA_L2PF_POLICY"), ms[0], 1e3/ms[0], gpu.pf.nodes)
+		fmt.Printf("| ORCH_CUDA_L2PF=%s mode=%s policy=%s | %.3f | %.0f | nodes %d |\n", os.Getenv("ORCH_CUDA_L2PF"),
+			os.Getenv("ORCH_CUDA_L2PF_MODE"), os.Getenv("ORCH_CUDA_L2PF_POLICY"), ms[0], 1e3/ms[0], gpu.pf.nodes)
 		return
 	}
 	if gpu.l.spin == nil {
@@ -273,7 +274,8 @@ func TestPerfL2Prefetch(t *testing.T) {
 	if os.Getenv("ORCH_L2PF_STEP") != "" {
 		perfChildren(t, "TestPerfL2Prefetch", "ORCH_L2PF_STEP_CHILD",
 			[]string{"ORCH_CUDA_L2PF=0", "ORCH_CUDA_L2PF=1", "ORCH_CUDA_L2PF=2", "ORCH_CUDA_L2PF=3",
-				"ORCH_CUDA_L2PF=1 ORCH_CUDA_L2PF_POLICY=last", "ORCH_CUDA_L2PF=2 ORCH_CUDA_L2PF_POLICY=last"},
+				"ORCH_CUDA_L2PF=3 ORCH_CUDA_L2PF_MODE=stream", "ORCH_CUDA_L2PF=1 ORCH_CUDA_L2PF_POLICY=last",
+				"ORCH_CUDA_L2PF=2 ORCH_CUDA_L2PF_POLICY=last"},
 			[]string{"| synthetic gpt-oss decode step (separate q/k/v, depth 128), graph | ms | tok/s | |", "|---|---|---|---|"},
 			"perf-l2pf-step.md")
 	}
