@@ -9,19 +9,23 @@
 // rate), down starts only after a kernel boundary (~2 us) and then loads its
 // weights (another exposed round trip).
 //
-// moe_ffn11_kernel: one wave (grid = SMs x CTAs per SM from the occupancy API),
-// 8 warps per CTA, each warp an independent stream of weight ROWS through its
-// own MOE11_R-deep cp.async ring in shared memory (one stage = one row's
-// 16-byte-aligned segments): while the warp computes a row (pair), its next
-// MOE11_R - 2 rows are in flight (~16 warps x ~6 KB = ~100 KB per SM). A warp's
-// row stream is its gate_up rows (phase A: unit = one (gate, up) row pair of one
-// (token, slot)) followed by its down rows (phase B: unit = one output row of one
-// token, its n_slots down rows in slot order), so when a warp finishes phase A
-// its first phase-B rows (the routing is known since the kernel start) are
-// already in flight, and they land while the CTA waits at the grid barrier.
+// moe_ffn11_kernel: one wave (grid = SMs x CTAs per SM from the occupancy API:
+// one CTA of 16 warps per SM at gpt-oss's shape), each warp an independent
+// stream of weight ROWS through its own MOE11_R-deep cp.async ring in shared
+// memory (one stage = one row's 16-byte-aligned segments): while the warp
+// computes a row pair, its next MOE11_R - 2 rows are in flight (16 warps x 5 x
+// 1.5 KB = ~120 KB per SM). A warp's row stream is its gate_up rows (phase A:
+// unit = one (gate, up) row pair of one (token, slot)) followed by its down rows
+// (phase B: one (output row, slot) each), so when a warp finishes phase A its
+// phase-B rows (the routing is known since the kernel start) are already in
+// flight, and they land while the CTA waits at the grid barrier.
 //  - CTA b serves token b % n (the CTAs of a token share its staged x / staged
-//    activation in shared memory); the units of a token are dealt to its warps
-//    warp-major (warp w of every CTA before warp w + 1) for an even SM load.
+//    activation in shared memory); phase A's units of a token are dealt to its
+//    warps warp-major (warp w of every CTA before warp w + 1: an even SM load);
+//    phase B's rows to its CTAs (R = lb, lb + Gt, ...), and each CTA's (row,
+//    slot) items to its warps: at gpt-oss's shape and one token <= 6 down rows
+//    per warp <= MOE11_R, i.e. ALL of down's weights are requested before the
+//    barrier.
 //  - Phase A computes v10's gate_up (same blocks per lane, moe6_dot2, same
 //    fold) with x copied from the route kernel's staging, and writes the
 //    activation staged for down (v10's format, v6's fixed scale).
@@ -37,18 +41,22 @@
 //    launches of the same kernel instead (no barrier; for MPS / green
 //    contexts, where co-residency is not guaranteed, and for A/B timing).
 //  - Phase B copies the token's staged activation (all slots) into shared
-//    memory (through L2: written by other CTAs of this kernel) and computes
-//    v10's down (moe10_dot per slot, warp sum, weighted in slot order).
+//    memory (through L2: written by other CTAs of this kernel), computes v10's
+//    per-slot dot (moe10_dot, warp sum) per item into shared partials, then
+//    one thread per row forms v10's weighted sum, slots in order.
 // Every product, fp16 partial sum, fold and sum is v10's in v10's order: the
 // output equals v10's bit for bit (cuda/test/moe_emu_test.cpp, split mode).
 // The barrier words are per device (static): MoE v11 ops of one process must
 // not run concurrently on two streams of one device (as v10's tickets).
 #pragma once
 
-constexpr int MOE11_W = 8; // warps per CTA
-constexpr int MOE11_R = 6; // row stages per warp (ring depth)
+constexpr int MOE11_W = 16; // warps per CTA (one CTA per SM: one copy of x / the activation per SM)
+constexpr int MOE11_R = 7;  // row stages per warp (ring depth)
 
 __device__ unsigned g_moe11_bar[2]; // [0] arrivals (wraps to 0), [1] generation
+#if defined(ORCH_EMU)
+inline int g_moe11_runs = 0; // emulation test hook: v11 expert launches (not v10's fallback)
+#endif
 
 // Bytes of one ring stage for rows of rb bytes: the row's 16-byte segments
 // (its start may sit up to 15 bytes into the first) plus 16 bytes of slack
@@ -149,10 +157,11 @@ __device__ __forceinline__ void moe11_grid_sync(unsigned G) {
 // phases: 1 = gate_up only, 2 = down only, 3 = both with the grid barrier
 // between them. acth: n * n_slots staged activation rows (v10's layout);
 // xg: the route kernel's staged x (moe10_xstride words per token); dxinv:
-// down's 1/scale (v10's). Shared memory: moe11_xa_words words, then
-// MOE11_W rings of MOE11_R stages of sb bytes.
+// down's 1/scale (v10's). Shared memory (moe11_smem): moe11_xa_words words,
+// MOE11_W rings of MOE11_R stages of sb bytes, then the down partials (one
+// float per (row, slot) of the CTA: moe11_count(dim, lb, Gt) * n_slots).
 template <int T, int NBG, int NBD>
-__global__ void __launch_bounds__(MOE11_W * 32, 2)
+__global__ void __launch_bounds__(MOE11_W * 32, 1)
 moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                  const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                  const uint8_t *__restrict__ wd, const float *__restrict__ db, const int32_t *__restrict__ ids,
@@ -163,14 +172,22 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
   if (phases != 3) pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int G = (int)gridDim.x, b = (int)blockIdx.x;
-  const int t = b % n, Gt = (G - t + n - 1) / n; // token of this CTA; CTAs of token t
-  const int Wt = Gt * MOE11_W, wl = warp * Gt + b / n; // this warp among token t's
+  const int t = b % n, lb = b / n, Gt = (G - t + n - 1) / n; // token of this CTA; its index among token t's Gt CTAs
+  const int Wt = Gt * MOE11_W, wl = warp * Gt + lb;          // phase A: this warp among token t's
   const int nchg = dim / 32, nchd = ff / 32;
+  // Phase A units (token t's (slot, row) pairs) are dealt to token t's warps;
+  // phase B rows R = lb + i Gt (i < nr) to the CTAs, and their (row, slot)
+  // items q = i n_slots + s to the CTA's warps (q = warp + k MOE11_W): at most
+  // ceil(nr n_slots / MOE11_W) down rows per warp (gpt-oss at one token: 6 <=
+  // MOE11_R — all of a warp's down rows are in flight before the barrier).
+  const int nr = moe11_count(dim, lb, Gt);
   const int nA = (phases & 1) ? moe11_count(n_slots * ff, wl, Wt) : 0;
-  const int nB = (phases & 2) ? moe11_count(dim, wl, Wt) : 0;
-  const int itemsA = 2 * nA, items = itemsA + n_slots * nB;
+  const int nB = (phases & 2) ? moe11_count(nr * n_slots, warp, MOE11_W) : 0;
+  const int itemsA = 2 * nA, items = itemsA + nB;
   const int32_t *tid = ids + (int64_t)t * n_slots;
-  uint8_t *ring = reinterpret_cast<uint8_t *>(xsm + moe11_xa_words(dim, ff, n_slots)) + warp * MOE11_R * sb;
+  uint8_t *rings = reinterpret_cast<uint8_t *>(xsm + moe11_xa_words(dim, ff, n_slots));
+  uint8_t *ring = rings + warp * MOE11_R * sb;
+  float *part = reinterpret_cast<float *>(rings + MOE11_W * MOE11_R * sb);
   // Row of item it (gate / up rows of phase A, then the down rows of phase B).
   auto row_of = [&](int it, int64_t &rb) -> const uint8_t * {
     if (it < itemsA) {
@@ -178,9 +195,9 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
       rb = rbg;
       return ((it & 1) ? wu : wg) + ((int64_t)tid[s] * ff + r) * rbg;
     }
-    const int j = it - itemsA, q = j / n_slots, s = j - q * n_slots;
+    const int q = warp + (it - itemsA) * MOE11_W, i = q / n_slots, s = q - i * n_slots;
     rb = rbd;
-    return wd + ((int64_t)tid[s] * dim + wl + q * Wt) * rbd;
+    return wd + ((int64_t)tid[s] * dim + lb + i * Gt) * rbd;
   };
   auto issue = [&](int it) { // one commit group per item (empty past the end)
     if (it < items) {
@@ -243,28 +260,32 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
   }
   __syncthreads();
 #pragma unroll 1
-  for (int j = 0; j < nB; j++) { // phase B: one output row per unit, its slots in order
-    const int R = wl + j * Wt;
-    float res = 0.f;
-#pragma unroll 1
-    for (int s = 0; s < n_slots; s++, it++) {
-      moe11_wait<MOE11_R - 1>();
-      __syncwarp();
-      const int e = tid[s];
-      const uint8_t *w = wd + ((int64_t)e * dim + R) * rbd;
-      const uint8_t *sd = ring + (it % MOE11_R) * sb + (int)((uintptr_t)w & 15);
-      float acc = 0.f;
-      for (int c0 = 0; c0 < nchd; c0 += 32 * NBD) {
-        wblocks<T, NBD> bd;
-        moe11_lds<T, NBD>(bd, sd, c0, lane, nchd);
-        acc += moe10_dot<T, NBD>(bd, xsm + s * nchd * DEC16_XW, dxinv, c0, lane, nchd);
-      }
-      __syncwarp();
-      issue(it + MOE11_R);
-      const float a = warp_sum(acc);
-      res += wts[(int64_t)t * n_slots + s] * (a + (db ? db[(int64_t)e * dim + R] : 0.f));
+  for (int j = 0; j < nB; j++, it++) { // phase B: one (row, slot) dot per item: v10's per-slot dot
+    moe11_wait<MOE11_R - 1>();
+    __syncwarp();
+    const int q = warp + j * MOE11_W, i = q / n_slots, s = q - i * n_slots;
+    const uint8_t *w = wd + ((int64_t)tid[s] * dim + lb + i * Gt) * rbd;
+    const uint8_t *sd = ring + (it % MOE11_R) * sb + (int)((uintptr_t)w & 15);
+    float acc = 0.f;
+    for (int c0 = 0; c0 < nchd; c0 += 32 * NBD) {
+      wblocks<T, NBD> bd;
+      moe11_lds<T, NBD>(bd, sd, c0, lane, nchd);
+      acc += moe10_dot<T, NBD>(bd, xsm + s * nchd * DEC16_XW, dxinv, c0, lane, nchd);
     }
-    if (lane == 0) out[(int64_t)t * dim + R] = res;
+    __syncwarp();
+    issue(it + MOE11_R);
+    const float a = warp_sum(acc);
+    if (lane == 0) part[q] = a;
+  }
+  __syncthreads();
+  for (int i = (int)threadIdx.x; i < nr; i += (int)blockDim.x) { // v10's weighted sum, slots in order
+    const int R = lb + i * Gt;
+    float res = 0.f;
+    for (int s = 0; s < n_slots; s++) {
+      const int e = tid[s];
+      res += wts[(int64_t)t * n_slots + s] * (part[i * n_slots + s] + (db ? db[(int64_t)e * dim + R] : 0.f));
+    }
+    out[(int64_t)t * dim + R] = res;
   }
 }
 #endif
@@ -283,8 +304,11 @@ static bool moe11_split() {
   return v && std::strcmp(v, "1") == 0;
 #endif
 }
-static size_t moe11_smem(int dim, int ff, int n_slots, int sb) {
-  return (size_t)moe11_xa_words(dim, ff, n_slots) * 4 + (size_t)MOE11_W * MOE11_R * sb;
+// Shared memory of a grid of g CTAs (the partials: the most rows any CTA takes).
+static size_t moe11_smem(int n, int dim, int ff, int n_slots, int sb, int g) {
+  const int gt = g / n > 0 ? g / n : 1;
+  return (size_t)moe11_xa_words(dim, ff, n_slots) * 4 + (size_t)MOE11_W * MOE11_R * sb +
+         (size_t)((dim + gt - 1) / gt) * n_slots * 4;
 }
 
 // Launches v11's expert kernel(s) after the route kernel; false (nothing
@@ -298,33 +322,58 @@ static bool launch_ffn11(cudaStream_t st, float *out, uint16_t *acth, const uint
   constexpr int NBG = gate_up_nb<T>(), NBD = down_h_nb<T>();
   const int64_t rbg = orch_row_bytes(T, dim), rbd = orch_row_bytes(T, ff);
   const int sb = moe11_stage_bytes(rbg > rbd ? rbg : rbd);
-  const size_t sm = moe11_smem(dim, ff, n_slots, sb);
-  if (sm > 227 * 1024) return false;
   auto kern = moe_ffn11_kernel<T, NBG, NBD>;
-  // CTAs per SM x SMs for this shared-memory size (per process, type and size: one device per process).
-  static size_t wave_sm = 0;
-  static int wave = 0;
-  if (wave_sm != sm) {
-    if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-    int dev = 0, sms = 0, per = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, MOE11_W * 32, sm) != cudaSuccess) per = 0;
-    wave = per * sms;
-    wave_sm = sm;
+  // One wave: CTAs per SM (occupancy API) x SMs, for the shared memory of that
+  // grid (the partials shrink as the grid grows: a fixed point in <= 3 steps).
+  // Per process, type and token count (one device per process).
+  struct wave_t {
+    int dim, ff, ns, sms, wave;
+    size_t sm;
+  };
+  static wave_t cache[MOE10_MAX_N + 1];
+  static size_t attr_sm = 0; // the largest dynamic shared memory allowed so far
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  wave_t &c = cache[n];
+  if (c.dim != dim || c.ff != ff || c.ns != n_slots || c.sms != sms) {
+    int g = sms > n ? sms : n;
+    c = wave_t{dim, ff, n_slots, sms, 0, 0};
+    for (int step = 0; step < 3 && g >= 1; step++) {
+      const size_t sm = moe11_smem(n, dim, ff, n_slots, sb, g);
+      if (sm > 227 * 1024) break;
+      if (sm > attr_sm && cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) == cudaSuccess)
+        attr_sm = sm;
+      int per = 0;
+      if (sm > attr_sm || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, MOE11_W * 32, sm) != cudaSuccess)
+        per = 0;
+      if (per >= 1 && per * sms == g) {
+        c.wave = g;
+        c.sm = sm;
+        break;
+      }
+      g = per * sms;
+    }
+    cudaGetLastError(); // a refused attribute / occupancy query: v10 runs
   }
-  if (wave < 1) return false;
+  if (c.wave < 1) return false;
   const float *dbv = db;
-  if (!moe11_split() && wave >= n && !(only & 1)) {
-    DEC16_LAUNCH_PDL(kern, dim3((unsigned)wave), MOE11_W * 32, sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv, ids,
-                     wts, n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 3);
+  // Fused: one wave with the barrier (needs a CTA per token); split: two
+  // launches, no barrier, any grid of at least one CTA per token (the
+  // partials region is sized for the wave: enough for a larger grid).
+  if (!moe11_split() && c.wave >= n && !(only & 1)) {
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)c.wave), MOE11_W * 32, c.sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv,
+                     ids, wts, n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 3);
     return true;
   }
-  const int g = wave > n ? wave : n; // split: no barrier, any grid (>= one CTA per token)
-  DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv, ids, wts,
+  const int g = c.wave > n ? c.wave : n;
+#if defined(ORCH_EMU)
+  g_moe11_runs++;
+#endif
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, c.sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv, ids, wts,
                    n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 1);
   if (!(only & 1))
-    DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv, ids, wts,
-                     n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 2);
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, c.sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv, ids,
+                     wts, n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 2);
   return true;
 }
