@@ -522,16 +522,20 @@ int launch_qgemm_p(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) 
 // Grouped MoE GEMM v3 (mma.sync, MXFP4 decoded into fragments; tile codes
 // 17 and 19, ORCH_CUDA_MOEGEMM=v3, the default).
 #include "moe_gemm.cuh"
+// Grouped MoE GEMM v4 (wgmma, sm_90a; tile codes 30 and 31, ORCH_CUDA_MOEGEMM=v4).
+#include "moe_wg.cuh"
 
 // ORCH_CUDA_MOEGEMM=vN, read once per process: 3 (default) makes v3 the
 // grouped MoE's kernel when the caller leaves the choice (tile 0) and both
-// weight types are MXFP4; any other version (v1) keeps v1's tiles. (v2, the
+// weight types are MXFP4; 4 makes it v4 (moe_wg.cuh) where the library holds
+// its sm_90a build, else v3; any other version (v1) keeps v1's tiles. (v2, the
 // shared-memory-decode step, was deleted after device run 1.)
 int moegemm_version() {
   static const int v = orch_env_version("ORCH_CUDA_MOEGEMM", 3);
   return v;
 }
 constexpr bool tile_v3(int t) { return mg3_tile_ok(t); }
+constexpr bool tile_v4(int t) { return mg4_tile_ok(t); }
 
 // The two-barrier schedule is built for the dense GEMM only (A/B timing;
 // fewer instantiations): the MoE modes always pipeline.
@@ -545,7 +549,7 @@ int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy, bo
 // Tile code: bits 0-2 the configuration (1..4), bit 3 (8) the two-barrier
 // schedule instead of the pipelined one.
 constexpr int bn_of(int tile) {
-  return tile_v3(tile) ? mg3_bn(tile) : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
+  return tile_v4(tile) ? mg4_bn(tile) : tile_v3(tile) ? mg3_bn(tile) : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
 }
 
 // gy: grid rows (token tiles or the MoE tile bound) for this tile's BN.
@@ -573,7 +577,7 @@ int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_
   return ORCH_ERR_UNSUPPORTED;
 }
 
-bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || tile_v3(t); } // 0..5, 8..13; v3's (grouped MoE)
+bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || tile_v3(t) || tile_v4(t); } // 0..5, 8..13; v3's, v4's (grouped MoE)
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
@@ -703,14 +707,22 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   // v3 (moe_gemm.cuh) is built for MXFP4 gate/up and down (gpt-oss); other
   // types take v1's tiles (a v3 tile code then means "by shape").
   const bool mx = gu_type == ORCH_T_MXFP4 && down_type == ORCH_T_MXFP4;
-  if (tile == 0 && mx && moegemm_version() == 3) {
+  if (tile == 0 && mx && moegemm_version() == 4 && mg4_available()) {
+    // v4 by mean pairs per expert (predictions, session 6: few pairs stay on
+    // v3's 64-pair tile; up to 96 the 256-row x 128-pair tile 31, above it
+    // the 128-row x 256-pair tile 30).
+    const int64_t per = pairs / n_exp;
+    const int pick = per <= 16 ? 19 : per <= 96 ? 31 : 30;
+    if ((tile_v4(pick) ? mg4_smem(pick) : mg3_smem(pick)) <= smem_optin()) tile = pick;
+  }
+  if (tile == 0 && mx && moegemm_version() >= 3) {
     // By mean pairs per expert (device runs 1-2, gpt-oss: n = 64 (8 per
     // expert) 64-pair tiles 0.498 ms, 96 0.519; n = 512 / 2048 96-pair tiles
     // 0.765 / 2.38 ms, 64 0.99 / 2.87; v1 tile 5 1.02 / 1.09 / 3.17).
     const int pick = pairs / n_exp <= 16 ? 19 : 17;
     if (mg3_smem(pick) <= smem_optin()) tile = pick; // else (A100: 163 KB) v1's tiles
   }
-  const bool v3 = tile_v3(tile);
+  const bool v3 = tile_v3(tile) || tile_v4(tile);
   if (v3 && !mx) tile = 0;
   if (!(v3 && mx) && (tile & 7) == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
@@ -755,8 +767,9 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = dim;
   a.m = ff;
   a.rb = rb_gu;
-  int rc = tile_v3(tile) ? launch_moe_gemm3_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
-                         : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
+  int rc = tile_v4(tile)   ? launch_moe_gemm4_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
+           : tile_v3(tile) ? launch_moe_gemm3_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
+                           : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   // down (+ bias) -> ybuf[pair, dim]
@@ -772,8 +785,9 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = ff;
   a.m = dim;
   a.rb = rb_dn;
-  rc = tile_v3(tile) ? launch_moe_gemm3_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
-                     : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
+  rc = tile_v4(tile)   ? launch_moe_gemm4_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
+       : tile_v3(tile) ? launch_moe_gemm3_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
+                       : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
   if (rc != ORCH_OK) return rc;
   ORCH_LAUNCHED(op);
   return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);

@@ -9,6 +9,7 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -292,6 +293,18 @@ func (c *moeGroupedCall) run(t *testing.T, m *moeRef, tile int32) int32 {
 		float32(m.alpha), float32(m.limit), dptr(t, c.xg), dptr(t, c.act), dptr(t, c.ybuf), dptr(t, c.route), tile)
 }
 
+// poison fills the output and the intermediate buffers (gathered x, the
+// bf16 activations: both halves of every word a NaN, and the per-pair down
+// rows) with NaN, so a kernel that leaves any row unwritten fails the check
+// instead of passing on an earlier tile's leftovers.
+func (c *moeGroupedCall) poison() {
+	nan2 := math.Float32frombits(0x7FC07FC0)
+	gpu.Fill(c.out, float32(math.NaN()))
+	gpu.Fill(c.xg, nan2)
+	gpu.Fill(c.act, nan2)
+	gpu.Fill(c.ybuf, float32(math.NaN()))
+}
+
 // checkVec: relative L2 error of g against want within tol; any NaN/Inf in g fails.
 func checkVec(t *testing.T, what string, g, want []float32, tol float64) {
 	t.Helper()
@@ -324,10 +337,12 @@ func TestMoEGrouped(t *testing.T) {
 				c := newMoEGroupedCall(t, m, n, k)
 				for _, kind := range []string{"uniform", "skew", "one"} {
 					// 17, 19: v3 with 96 / 64 pairs a tile (moe_gemm.cuh; MXFP4
-					// only, other types fall back to v1's tiles)
-					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 19}
+					// only, other types fall back to v1's tiles); 30, 31: v4
+					// (moe_wg.cuh, wgmma: 256 / 128 pairs a tile; sm_90a builds
+					// only, skipped where the library reports it unsupported)
+					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 19, 30, 31}
 					if !withBias || dts[0] != dts[1] {
-						tiles = []int32{0, 5, 17}
+						tiles = []int32{0, 5, 17, 30}
 					}
 					for _, tile := range tiles {
 						name := fmt.Sprintf("%v+%v/bias=%v/n=%d/%s/tile=%d", dts[0], dts[1], withBias, n, kind, tile)
@@ -341,8 +356,12 @@ func TestMoEGrouped(t *testing.T) {
 							require.NoError(t, gpu.WriteF32(c.x, x))
 							require.NoError(t, gpu.WriteI32(c.ids, ids))
 							require.NoError(t, gpu.WriteF32(c.w, w))
-							gpu.Fill(c.out, float32(math.NaN()))
-							require.NoError(t, gpu.l.status("moe_ffn_grouped", c.run(t, m, tile)))
+							c.poison()
+							if err := gpu.l.status("moe_ffn_grouped", c.run(t, m, tile)); tile >= 30 && errors.Is(err, ErrUnsupported) {
+								t.Skipf("v4 not in this build: %v", err)
+							} else {
+								require.NoError(t, err)
+							}
 							got := make([]float32, dim*n)
 							require.NoError(t, gpu.ReadF32(c.out, got))
 							checkVec(t, name, got, m.forward(x, ids, w, n, k), bf16Tol)
@@ -362,7 +381,8 @@ func TestMoEGroupedGraph(t *testing.T) {
 	const dim, ff, ne, k, n = 160, 224, 32, 4, 70
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
-	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v1", "uniform/v1", "skew/v3", "uniform/v3", "one/v3s", "uniform/v3s"} {
+	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v1", "uniform/v1", "skew/v3", "uniform/v3", "one/v3s", "uniform/v3s",
+		"skew/v4", "one/v4", "uniform/v4n", "skew/v4n"} {
 		tile := int32(0)
 		if k, ok := strings.CutSuffix(kind, "/v1"); ok {
 			kind, tile = k, 5
@@ -373,6 +393,15 @@ func TestMoEGroupedGraph(t *testing.T) {
 		if k, ok := strings.CutSuffix(kind, "/v3s"); ok {
 			kind, tile = k, 19
 		}
+		if k, ok := strings.CutSuffix(kind, "/v4"); ok {
+			kind, tile = k, 30
+		}
+		if k, ok := strings.CutSuffix(kind, "/v4n"); ok {
+			kind, tile = k, 31
+		}
+		if tile >= 30 && !moeV4Built(t, m, c) {
+			continue
+		}
 		x := randF32(r, dim*n, 1)
 		ids := routing(r, kind, n, k, ne)
 		w := make([]float32, n*k)
@@ -382,13 +411,25 @@ func TestMoEGroupedGraph(t *testing.T) {
 		require.NoError(t, gpu.WriteF32(c.x, x))
 		require.NoError(t, gpu.WriteI32(c.ids, ids))
 		require.NoError(t, gpu.WriteF32(c.w, w))
-		gpu.Fill(c.out, float32(math.NaN()))
+		c.poison()
 		require.NoError(t, gpu.Run(fmt.Sprintf("moe-grouped-%d", tile), func() { gpu.call("moe_ffn_grouped", c.run(t, m, tile)) }))
 		got := make([]float32, dim*n)
 		require.NoError(t, gpu.ReadF32(c.out, got))
 		checkVec(t, fmt.Sprintf("replay %d (%s)", it, kind), got, m.forward(x, ids, w, n, k), bf16Tol)
 	}
 	gpu.ResetGraphs()
+}
+
+// moeV4Built: whether the library runs the grouped GEMM v4 (tile 30: an
+// sm_90a build on an sm_90 device), by one uncaptured call.
+func moeV4Built(t *testing.T, m *moeRef, c *moeGroupedCall) bool {
+	err := gpu.l.status("moe_ffn_grouped", c.run(t, m, 30))
+	if errors.Is(err, ErrUnsupported) {
+		t.Logf("v4 not in this build: %v", err)
+		return false
+	}
+	require.NoError(t, err)
+	return true
 }
 
 // TestMoEGroupedRoute goes through Backend.MoE (router + top-k + grouped
@@ -440,12 +481,13 @@ func TestMoEGroupedRoute(t *testing.T) {
 // TestMoEGroupedGraph, and TestMoEGroupedRoute through Backend.MoE) in a
 // child process per ORCH_CUDA_MOEGEMM version, which the library reads once
 // per process: v3 (the default) makes moe_gemm.cuh's kernel the by-shape
-// choice for MXFP4, v1 keeps qgemm.cu's tiles (Q8_0 always does).
+// choice for MXFP4, v4 moe_wg.cuh's (wgmma; v3 where not built), v1 keeps
+// qgemm.cu's tiles (Q8_0 always does).
 func TestMoEGEMMVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOEGEMM"); v != "" {
 		t.Skipf("ORCH_CUDA_MOEGEMM=%s pins this process; the version children run from an unpinned one", v)
 	}
-	for _, v := range []string{"v1", "v3"} {
+	for _, v := range []string{"v1", "v3", "v4"} {
 		t.Run(v, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run", "^(TestMoEGroupedGraph|TestMoEGroupedRoute)$", "-test.v")
 			cmd.Env = append(os.Environ(), "ORCH_CUDA_MOEGEMM="+v)

@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -21,10 +22,12 @@ import (
 // top-k) at gpt-oss-20b shape (dim = ff = 2880, 32 experts, top-4, MXFP4)
 // for n = 16, 64 (where MoE v9 runs today), 512 (the engine's prefill chunk)
 // and 2048 tokens, uniform random routing, per GEMM version / tile: v1 tile
-// 5 (WMMA, 128 x 96), by shape (v3 unless ORCH_CUDA_MOEGEMM=v1), and v3's
-// two tiles (moe_gemm.cuh: 96 / 64 pairs a tile). It also checks v3's outputs
-// against v1's at that shape (relative L2 error: all round activations to
-// bf16 and sum in fp32 in different orders). ORCH_GPU_PERF=1 runs it; the
+// 5 (WMMA, 128 x 96), by shape (v3 unless ORCH_CUDA_MOEGEMM=v1 / v4), v3's
+// two tiles (moe_gemm.cuh: 96 / 64 pairs a tile) and v4's (moe_wg.cuh,
+// wgmma, sm_90a builds only: tile 30 = 128 W rows x 256 pairs, 31 = 256 x
+// 128). It also checks v3's and v4's outputs against v1's at that shape
+// (relative L2 error: all round activations to bf16 and sum in fp32 in
+// different orders), with the intermediate buffers poisoned. ORCH_GPU_PERF=1 runs it; the
 // table goes to stdout and, with ORCH_PERF_OUT, to perf-moe-prefill.md next
 // to that file.
 func TestPerfMoEPrefill(t *testing.T) {
@@ -73,6 +76,14 @@ func TestPerfMoEPrefill(t *testing.T) {
 				dptr(t, mo.Down), int32(ml.MXFP4), dptr(t, mo.DownBias), int64(n), topk, ne, d, ff,
 				mo.Alpha, mo.Limit, dptr(t, xg), dptr(t, act), dptr(t, ybuf), dptr(t, route), tile)
 		}
+		// v4 runs only where the library holds its sm_90a build.
+		v4 := true
+		if err := gpu.l.status("moe_ffn_grouped", call(30)); errors.Is(err, ErrUnsupported) {
+			v4 = false
+			notes = append(notes, fmt.Sprintf("n=%d: v4 not in this build (%v)", n, err))
+		} else {
+			require.NoError(t, err)
+		}
 		used := float64(ne) * (1 - math.Pow(1-float64(topk)/float64(ne), float64(n)))
 		bytes := used*3*rowB(ml.MXFP4, d)*ff + 8*float64(d*n)
 		flops := float64(p) * 6 * d * ff
@@ -83,7 +94,11 @@ func TestPerfMoEPrefill(t *testing.T) {
 		}{
 			{"v1 tile 5", 5}, {"by shape (tile 0, ORCH_CUDA_MOEGEMM=" + os.Getenv("ORCH_CUDA_MOEGEMM") + ")", 0},
 			{"v3 96 pairs (tile 17)", 17}, {"v3 64 pairs (tile 19)", 19},
+			{"v4 wgmma 128 rows x 256 pairs (tile 30)", 30}, {"v4 wgmma 256 rows x 128 pairs (tile 31)", 31},
 		} {
+			if c.tile >= 30 && !v4 {
+				continue
+			}
 			ms := timeKernel(t, 20, 8, func() { gpu.call("moe_ffn_grouped", call(c.tile)) })
 			require.NoError(t, gpu.Sync())
 			fmt.Fprintf(&sb, "| n=%d (%d pairs, %.1f experts) %s | %.4f ms | %.0f | %.4f ms | %.0f%% |\n",
@@ -115,14 +130,21 @@ func TestPerfMoEPrefill(t *testing.T) {
 			}
 		}
 		got := func(tile int32) []float32 {
+			nan2 := math.Float32frombits(0x7FC07FC0) // both bf16 halves NaN
 			gpu.Fill(out, float32(math.NaN()))
+			gpu.Fill(xg, nan2)
+			gpu.Fill(act, nan2)
+			gpu.Fill(ybuf, float32(math.NaN()))
 			require.NoError(t, gpu.l.status("moe_ffn_grouped", call(tile)))
 			v := make([]float32, d*n)
 			require.NoError(t, gpu.ReadF32(out, v))
 			return v
 		}
 		v1 := got(5)
-		for _, tile := range []int32{0, 17, 19} {
+		for _, tile := range []int32{0, 17, 19, 30, 31} {
+			if tile >= 30 && !v4 {
+				continue
+			}
 			v := got(tile)
 			var num, den float64
 			for i := range v1 {
