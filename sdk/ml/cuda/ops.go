@@ -43,7 +43,8 @@ var (
 	moeGroupedPairs = 64
 	// moeRouteMaxN: the largest n that tries the fused MoE v9 route
 	// (orch_moe_ffn_route) before the grouped GEMMs when those run v3
-	// (moe_gemm.cuh: MXFP4, ORCH_CUDA_MOEGEMM and ORCH_CUDA_MOE unset or v3;
+	// (moe_gemm.cuh: MXFP4, ORCH_CUDA_MOEGEMM and ORCH_CUDA_MOE unset or v3
+	// (or v4, moe_wg.cuh, which keeps v3's 64-pair tile up to 16 pairs per expert);
 	// otherwise 64 as before). Session 5, device run 2 (H100, gpt-oss,
 	// Backend.MoE with router, TestPerfMoEPrefill): n = 16 v9 0.430 ms vs
 	// grouped v3 0.510; n = 64 v9 0.626 vs grouped 0.518. Grouped v3 is flat
@@ -54,7 +55,7 @@ var (
 	// moeV3 is read once, as the library reads ORCH_CUDA_MOEGEMM.
 	moeV3 = func() bool {
 		g, m := os.Getenv("ORCH_CUDA_MOEGEMM"), os.Getenv("ORCH_CUDA_MOE")
-		return (g == "" || g == "v3") && m == ""
+		return (g == "" || g == "v3" || g == "v4") && m == ""
 	}()
 )
 
