@@ -110,7 +110,8 @@ int orch_set_pdl(orch_ctx *ctx, int32_t on, int32_t *was);
 #define ORCH_PF_MAX_RANGES 4
 enum {
   ORCH_PF_EVICT_LAST = 1, /* L2::evict_last cache policy on the prefetched lines */
-  ORCH_PF_LINES = 2       /* prefetch.global.L2 per 128-byte line even where bulk prefetch exists */
+  ORCH_PF_LINES = 2,      /* prefetch.global.L2 per 128-byte line even where bulk prefetch exists */
+  ORCH_PF_CTAS_SHIFT = 8  /* flags bits 8..15: most CTAs of 128 threads per prefetch node (0: 64) */
 };
 typedef struct {
   const void *ptr; /* device memory from orch_malloc (or inside it) */

@@ -126,7 +126,8 @@ int pf_launch(orch_ctx *ctx, cudaStream_t st, const orch_pf_range *ranges, int32
   if (pf_plan(&a, ranges, count, line ? PF_LINE : PF_CHUNK) == 0) return ORCH_OK;
   a.policy = flags & ORCH_PF_EVICT_LAST;
   a.line = line;
-  const int64_t ctas = pf_ctas(a, PF_THREADS, PF_BYTES_PER_CTA, PF_MAX_CTAS);
+  const int64_t max_ctas = (flags >> ORCH_PF_CTAS_SHIFT) & 0xff; // 0: the default
+  const int64_t ctas = pf_ctas(a, PF_THREADS, PF_BYTES_PER_CTA, max_ctas ? max_ctas : PF_MAX_CTAS);
   l2_prefetch_kernel<<<(unsigned)ctas, PF_THREADS, 0, st>>>(a);
   ORCH_LAUNCHED(op);
   *launched = true;

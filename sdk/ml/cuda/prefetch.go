@@ -29,8 +29,10 @@ import (
 // overlaps only the links that leave DRAM idle — with dist 3, gpt-oss's
 // attention-out weight loads during RoPE + attention and q/k/v during the
 // norm after the MoE — instead of competing with a GEMV's or the MoE's
-// weight stream and being evicted by it). Outside a capture nothing is
-// prefetched.
+// weight stream and being evicted by it), ORCH_CUDA_L2PF_CTAS (most CTAs of
+// 128 threads a prefetch node uses, 1..255, default 64: each issues one 16 KB
+// bulk prefetch per thread and exits, but needs a free SM slot while the
+// kernels it overlaps run). Outside a capture nothing is prefetched.
 //
 // Why marks and a side stream instead of adding graph nodes directly: the
 // graph-node query APIs (cudaStreamGetCaptureInfo, cudaGraphNodeGetDependencies)
@@ -47,6 +49,7 @@ const maxL2PFTokens = 8
 const (
 	pfEvictLast = 1
 	pfLines     = 2
+	pfCTAsShift = 8 // ORCH_PF_CTAS_SHIFT: flags bits 8..15 = most CTAs
 	pfMaxRanges = 4 // ORCH_PF_MAX_RANGES
 )
 
@@ -61,7 +64,7 @@ type l2pfConfig struct {
 const defaultL2PFMaxBytes = 32 << 20
 
 // parseL2PF reads the ORCH_CUDA_L2PF* values (empty = default).
-func parseL2PF(dist, maxMB, policy, lines, mode string) (l2pfConfig, error) {
+func parseL2PF(dist, maxMB, policy, lines, mode, ctas string) (l2pfConfig, error) {
 	c := l2pfConfig{maxBytes: defaultL2PFMaxBytes}
 	if s := strings.TrimSpace(dist); s != "" {
 		d, err := strconv.Atoi(s)
@@ -98,13 +101,21 @@ func parseL2PF(dist, maxMB, policy, lines, mode string) (l2pfConfig, error) {
 	default:
 		return l2pfConfig{}, fmt.Errorf("ORCH_CUDA_L2PF_MODE=%q: want dist or stream", mode)
 	}
+	if s := strings.TrimSpace(ctas); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > 255 {
+			return l2pfConfig{}, fmt.Errorf("ORCH_CUDA_L2PF_CTAS=%q: want 1..255", ctas)
+		}
+		c.flags |= int32(n) << pfCTAsShift
+	}
 	return c, nil
 }
 
 // l2pfEnv is read once; a bad value turns prefetching off with a line on
 // stderr (New reports it), as a bad ORCH_CUDA_* version falls back.
 var l2pfEnv, l2pfEnvErr = parseL2PF(os.Getenv("ORCH_CUDA_L2PF"), os.Getenv("ORCH_CUDA_L2PF_MAX_MB"),
-	os.Getenv("ORCH_CUDA_L2PF_POLICY"), os.Getenv("ORCH_CUDA_L2PF_LINES"), os.Getenv("ORCH_CUDA_L2PF_MODE"))
+	os.Getenv("ORCH_CUDA_L2PF_POLICY"), os.Getenv("ORCH_CUDA_L2PF_LINES"), os.Getenv("ORCH_CUDA_L2PF_MODE"),
+	os.Getenv("ORCH_CUDA_L2PF_CTAS"))
 
 // pfRange mirrors orch_pf_range.
 type pfRange struct {
@@ -125,7 +136,7 @@ type prefetcher struct {
 	marks int64 // launches marked in this capture
 	// lastStream: the mark of the last weight-streaming launch (MatMul, MoE) in this capture.
 	lastStream int64
-	want  []pfWant
+	want       []pfWant
 	// Counted over the backend's life (tests, perf): nodes added, wants
 	// without a node (no anchor yet: the first launches of a capture).
 	nodes, skipped int

@@ -163,8 +163,9 @@ func TestPerfL2Prefetch(t *testing.T) {
 	if os.Getenv("ORCH_L2PF_STEP_CHILD") != "" {
 		r := newRandSrc(newRNG(t))
 		ms, _ := r.decodeSteps(t, 128, 1, true, []stepCfg{{name: "default", fuse: fuseOps}})
-		fmt.Printf("| ORCH_CUDA_L2PF=%s mode=%s policy=%s | %.3f | %.0f | nodes %d |\n", os.Getenv("ORCH_CUDA_L2PF"),
-			os.Getenv("ORCH_CUDA_L2PF_MODE"), os.Getenv("ORCH_CUDA_L2PF_POLICY"), ms[0], 1e3/ms[0], gpu.pf.nodes)
+		fmt.Printf("| ORCH_CUDA_L2PF=%s mode=%s policy=%s ctas=%s | %.3f | %.0f | nodes %d |\n",
+			os.Getenv("ORCH_CUDA_L2PF"), os.Getenv("ORCH_CUDA_L2PF_MODE"), os.Getenv("ORCH_CUDA_L2PF_POLICY"),
+			os.Getenv("ORCH_CUDA_L2PF_CTAS"), ms[0], 1e3/ms[0], gpu.pf.nodes)
 		return
 	}
 	if gpu.l.spin == nil {
@@ -187,7 +188,7 @@ func TestPerfL2Prefetch(t *testing.T) {
 		{"Llama-8B q/k/v (Q8_0 4096 -> 4096+1024+1024, 26.7 MB)", 4096, []int{4096, 1024, 1024}},
 	}
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| chain: flush -> spin S -> GEMV, n=1, graph | S µs | spin alone | GEMV cold (no spin) | GEMV hot (in L2) | after spin, no prefetch | prefetch | prefetch evict_last | prefetch lines |\n|---|---|---|---|---|---|---|---|---|\n",
+	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| chain: flush -> spin S -> GEMV, n=1, graph | S µs | spin alone | GEMV cold (no spin) | GEMV hot (in L2) | after spin, no prefetch | prefetch | prefetch evict_last | prefetch lines | prefetch 8 CTAs |\n|---|---|---|---|---|---|---|---|---|---|\n",
 		gpu.DeviceName(), gpu.ComputeCapability())
 	seq := 0
 	for _, sh := range shapes {
@@ -257,8 +258,10 @@ func TestPerfL2Prefetch(t *testing.T) {
 			pf := chain(true, ns, true, on(0))
 			last := chain(true, ns, true, on(pfEvictLast))
 			lines := chain(true, ns, true, on(pfLines))
-			fmt.Fprintf(&sb, "| %s | %d | %.1f | %.1f | %.1f | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) |\n",
-				sh.name, spinUs, alone, cold, hot, plain, plain-alone, pf, pf-alone, last, last-alone, lines, lines-alone)
+			few := chain(true, ns, true, on(8<<pfCTAsShift))
+			fmt.Fprintf(&sb, "| %s | %d | %.1f | %.1f | %.1f | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) |\n",
+				sh.name, spinUs, alone, cold, hot, plain, plain-alone, pf, pf-alone, last, last-alone, lines, lines-alone,
+				few, few-alone)
 		}
 		for i := range ws {
 			gpu.Free(ws[i])
@@ -275,7 +278,7 @@ func TestPerfL2Prefetch(t *testing.T) {
 		perfChildren(t, "TestPerfL2Prefetch", "ORCH_L2PF_STEP_CHILD",
 			[]string{"ORCH_CUDA_L2PF=0", "ORCH_CUDA_L2PF=1", "ORCH_CUDA_L2PF=2", "ORCH_CUDA_L2PF=3",
 				"ORCH_CUDA_L2PF=3 ORCH_CUDA_L2PF_MODE=stream", "ORCH_CUDA_L2PF=1 ORCH_CUDA_L2PF_POLICY=last",
-				"ORCH_CUDA_L2PF=2 ORCH_CUDA_L2PF_POLICY=last"},
+				"ORCH_CUDA_L2PF=2 ORCH_CUDA_L2PF_POLICY=last", "ORCH_CUDA_L2PF=1 ORCH_CUDA_L2PF_CTAS=8"},
 			[]string{"| synthetic gpt-oss decode step (separate q/k/v, depth 128), graph | ms | tok/s | |", "|---|---|---|---|"},
 			"perf-l2pf-step.md")
 	}

@@ -40,19 +40,19 @@ func withPF(t *testing.T, b *Backend, f *fakeLib, cfg l2pfConfig) {
 }
 
 func TestParseL2PF(t *testing.T) {
-	c, err := parseL2PF("", "", "", "", "")
+	c, err := parseL2PF("", "", "", "", "", "")
 	require.NoError(t, err)
 	require.Equal(t, l2pfConfig{maxBytes: defaultL2PFMaxBytes}, c, "unset: off")
-	c, err = parseL2PF("2", "16", "last", "1", "stream")
+	c, err = parseL2PF("2", "16", "last", "1", "stream", "8")
 	require.NoError(t, err)
-	require.Equal(t, l2pfConfig{dist: 2, maxBytes: 16 << 20, flags: pfEvictLast | pfLines, afterStream: true}, c)
-	c, err = parseL2PF(" 0 ", "0.5", "normal", "0", "dist")
+	require.Equal(t, l2pfConfig{dist: 2, maxBytes: 16 << 20, flags: pfEvictLast | pfLines | 8<<pfCTAsShift, afterStream: true}, c)
+	c, err = parseL2PF(" 0 ", "0.5", "normal", "0", "dist", "")
 	require.NoError(t, err)
 	require.Equal(t, l2pfConfig{maxBytes: 1 << 19}, c)
-	for _, bad := range [][5]string{{"-1", "", "", "", ""}, {"17", "", "", "", ""}, {"x", "", "", "", ""},
-		{"1", "0", "", "", ""}, {"1", "abc", "", "", ""}, {"1", "", "first", "", ""}, {"1", "", "", "yes", ""},
-		{"1", "", "", "", "auto"}} {
-		_, err := parseL2PF(bad[0], bad[1], bad[2], bad[3], bad[4])
+	for _, bad := range [][6]string{{"-1", "", "", "", "", ""}, {"17", "", "", "", "", ""}, {"x", "", "", "", "", ""},
+		{"1", "0", "", "", "", ""}, {"1", "abc", "", "", "", ""}, {"1", "", "first", "", "", ""}, {"1", "", "", "yes", "", ""},
+		{"1", "", "", "", "auto", ""}, {"1", "", "", "", "", "0"}, {"1", "", "", "", "", "256"}} {
+		_, err := parseL2PF(bad[0], bad[1], bad[2], bad[3], bad[4], bad[5])
 		require.Error(t, err, "%q", bad)
 	}
 }
