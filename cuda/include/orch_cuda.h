@@ -181,6 +181,13 @@ int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, i
  * ORCH_CUDA_GLU=0: the caller then runs the three ops. */
 int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,
                        const orch_gemv_part *gate_up, float *out);
+/* (session 6, timing aid) Syncs ctx's stream; copies up to cap records of
+ * the GEMV trace (48 bytes each: u64 t0 CTA start, t1 after the PDL wait, t2
+ * after x staging, t3 end (%globaltimer ns); u32 block, SM, 2 pad) to out,
+ * *count = records since the last call (may exceed what is kept: 65536);
+ * resets them; then traces (on != 0) or not the one-token Q8_0 v5 GEMVs
+ * launched (or captured) from now on. */
+int orch_gemv_trace(orch_ctx *ctx, int32_t on, void *out, int64_t cap, int64_t *count);
 
 /* ---- norm.cu ----
  * If add != NULL: x += add (x is written back: the residual stream).

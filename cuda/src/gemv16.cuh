@@ -55,7 +55,32 @@ __device__ __forceinline__ void gemv5_stage_range(uint32_t *xh, float *xinv, con
     }
 }
 
-template <int T, int NT, int NB, int XR = 0>
+// Per-CTA timestamps of the one-token v5 GEMV (orch_gemv_trace; session 6,
+// timing only): %globaltimer at CTA start (t0), after the PDL wait (t1),
+// after x is staged (t2; XR: the first round's chunks) and at the end (t3,
+// after a barrier), with the block and SM index — where the time between two
+// dependent GEMVs goes (start latency, wait, staging, tail).
+constexpr int GEMV_TRACE_CAP = 1 << 16;
+struct gemv_trace_rec {
+  unsigned long long t0, t1, t2, t3;
+  unsigned blk, sm, pad[2];
+};
+#if !defined(ORCH_EMU)
+__device__ gemv_trace_rec g_gemv_trace[GEMV_TRACE_CAP];
+__device__ unsigned g_gemv_trace_n;
+static bool g_gemv_trace_on = false; // host: launch the TR = 1 kernels (one token, plain v5)
+#endif
+__device__ __forceinline__ unsigned long long gemv_gtime() {
+#if defined(__CUDA_ARCH__)
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+#else
+  return 0;
+#endif
+}
+
+template <int T, int NT, int NB, int XR = 0, int TR = 0>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
@@ -66,6 +91,8 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
   const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
   bool staged = false;
+  unsigned long long tr[3] = {0, 0, 0};
+  if constexpr (TR) tr[0] = gemv_gtime();
   for (int r = 0; r < rows_per_warp; r++) {
     const int64_t row = row0 + r;
     const bool valid = row < m;
@@ -78,14 +105,21 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
       if constexpr (XR) {
         if (r == 0) { // every round of the first row: uniform over the CTA
-          if (c0 == 0) pdl_wait();
+          if (c0 == 0) {
+            pdl_wait();
+            if constexpr (TR) tr[1] = gemv_gtime();
+          }
           gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
           __syncthreads();
+          if constexpr (TR)
+            if (c0 == 0) tr[2] = gemv_gtime();
         }
       } else if (!staged) { // first round of the first row: uniform over the CTA
         pdl_wait();
+        if constexpr (TR) tr[1] = gemv_gtime();
         dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
         __syncthreads();
+        if constexpr (TR) tr[2] = gemv_gtime();
         staged = true;
       }
 #pragma unroll
@@ -117,16 +151,27 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       }
     }
   }
+#if !defined(ORCH_EMU)
+  if constexpr (TR) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      const unsigned i = atomicAdd(&g_gemv_trace_n, 1u);
+      if (i < GEMV_TRACE_CAP) g_gemv_trace[i] = {tr[0], tr[1], tr[2], gemv_gtime(), blockIdx.x, sm, {0u, 0u}};
+    }
+  }
+#endif
 }
 
-template <int T, int NT, int NB, int XR = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
              int rows_per_warp) {
   DEC16_DYN_SMEM(uint32_t, xsm); // nt rows of nch staged chunks, then nt*nch 1/scales
   pdl_trigger();
-  gemv5_rows<T, NT, NB, XR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
+  gemv5_rows<T, NT, NB, XR, TR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
 }
 // The same compiled for 5 CTAs per SM (ORCH_CUDA_GEMV5_MINB=5, opt-in: see
 // gemv5_minb). A separate kernel, not a template argument of the one above:
@@ -218,7 +263,8 @@ static inline bool gemv5_xr() {
   return v;
 }
 
-// MINB: 1 the default kernel, 5 its 5-CTA build, 2 the default with XR = 1.
+// MINB: 1 the default kernel, 5 its 5-CTA build, 2 the default with XR = 1;
+// 3 / 4: 1 / 2 with the trace (orch_gemv_trace).
 template <int T, int NT, int MINB>
 static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                               int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
@@ -228,6 +274,8 @@ static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const u
   auto kern = [] { // only the instance asked for is compiled
     if constexpr (MINB == 5) return gemv5_kernel_b5<T, NT, NB>;
     else if constexpr (MINB == 2) return gemv5_kernel<T, NT, NB, 1>;
+    else if constexpr (MINB == 3) return gemv5_kernel<T, NT, NB, 0, 1>;
+    else if constexpr (MINB == 4) return gemv5_kernel<T, NT, NB, 1, 1>;
     else return gemv5_kernel<T, NT, NB>;
   }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -239,6 +287,13 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
                             int64_t k, int64_t m, int64_t rb, int acc) {
   if constexpr (NT == 1)
     if (gemv5_minb() == 5) return launch_gemv5_nt_b<T, NT, 5>(st, y, x, w, bias, n, k, m, rb, acc);
+#if !defined(ORCH_EMU)
+  if constexpr (NT == 1 && T == ORCH_T_Q8_0)
+    if (g_gemv_trace_on) {
+      if (gemv5_xr()) return launch_gemv5_nt_b<T, NT, 4>(st, y, x, w, bias, n, k, m, rb, acc);
+      return launch_gemv5_nt_b<T, NT, 3>(st, y, x, w, bias, n, k, m, rb, acc);
+    }
+#endif
   if constexpr (NT <= 2)
     if (gemv5_xr()) return launch_gemv5_nt_b<T, NT, 2>(st, y, x, w, bias, n, k, m, rb, acc);
   launch_gemv5_nt_b<T, NT, 1>(st, y, x, w, bias, n, k, m, rb, acc);

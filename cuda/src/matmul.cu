@@ -643,6 +643,23 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
   return ORCH_OK;
 }
 
+// Timing aid (session 6): see orch_cuda.h. The trace kernels run for Q8_0
+// at n = 1 on v5's route while on.
+extern "C" int orch_gemv_trace(orch_ctx *ctx, int32_t on, void *out, int64_t cap, int64_t *count) {
+  const char *op = "gemv_trace";
+  ORCH_CHECK_ARG(ctx && cap >= 0 && (cap == 0 || out), op);
+  ORCH_CUDA(cudaStreamSynchronize(ctx->stream), op);
+  unsigned n = 0;
+  ORCH_CUDA(cudaMemcpyFromSymbol(&n, g_gemv_trace_n, sizeof n), op);
+  if (count) *count = n;
+  const int64_t got = min(min((int64_t)n, (int64_t)GEMV_TRACE_CAP), cap);
+  if (got > 0) ORCH_CUDA(cudaMemcpyFromSymbol(out, g_gemv_trace, (size_t)got * sizeof(gemv_trace_rec)), op);
+  const unsigned zero = 0;
+  ORCH_CUDA(cudaMemcpyToSymbol(g_gemv_trace_n, &zero, sizeof zero), op);
+  g_gemv_trace_on = on != 0;
+  return ORCH_OK;
+}
+
 extern "C" int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t x_per_slot, const void *w,
                                int32_t wtype, const float *bias, const int32_t *ids, int64_t n, int32_t n_slots,
                                int64_t k, int64_t m) {

@@ -99,6 +99,7 @@ type lib struct {
 
 	// Session 6 (fuse.go foldSwiGLU): gateUp points at 2 parts (gate, up; same m).
 	matmulSwiGLU func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32
+	gemvTrace    func(ctx uintptr, on int32, out *gemvTraceRec, cap int64, count *int64) int32
 
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32
@@ -119,6 +120,13 @@ type lib struct {
 	pfMark func(ctx uintptr, marks *int64) int32
 	pfL2   func(ctx uintptr, anchor int64, ranges *pfRange, count, flags int32, added *int32) int32
 	spin   func(ctx uintptr, ns int64) int32
+}
+
+// gemvTraceRec mirrors gemv_trace_rec (cuda/src/gemv16.cuh; orch_gemv_trace).
+type gemvTraceRec struct {
+	t0, t1, t2, t3 uint64 // ns: CTA start, after the PDL wait, x staged, end
+	blk, sm        uint32
+	_              [2]uint32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
@@ -225,7 +233,7 @@ func (l *lib) bind() (err error) {
 		{&l.commAbort, "orch_comm_abort"}, {&l.commDestroy, "orch_comm_destroy"},
 		{&l.moeFFNRoute, "orch_moe_ffn_route"},
 		{&l.moeDecode, "orch_moe_decode"},
-		{&l.matmulSwiGLU, "orch_matmul_swiglu"},
+		{&l.matmulSwiGLU, "orch_matmul_swiglu"}, {&l.gemvTrace, "orch_gemv_trace"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {

@@ -783,6 +783,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 			gpu.Free(wu[i])
 		}
 	}()
+	gemvTraceTable(t, r, label, peak)
 	// MoE decode at gpt-oss shape (router + top-4 + fused expert FFN), 1 and 8 tokens.
 	const d, ff, ne, topk = 2880, 2880, 32, 4
 	mo := r.moe(t, d, ff, ne, topk)
@@ -821,4 +822,147 @@ func copyPeak(t *testing.T) float64 {
 	gpu.l.memset(gpu.ctx, src, 7, cb)
 	copyMs := timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) })
 	return 2 * cb / (copyMs * 1e-3)
+}
+
+// gemvTraceTable (session 6, goal: where the ~3-4 us between two dependent
+// one-token GEMVs go): a graph of 16 back-to-back Q8_0 GEMVs of each shape
+// (as TestPerfGEMVVersions times them, PDL on) replayed once with the
+// per-CTA trace on (orch_gemv_trace: %globaltimer at CTA start, after the
+// PDL wait, after x is staged, at the end). Per launch L >= 1, medians over
+// the 15: period = end(L) - end(L-1) (the chain time per GEMV); early = how
+// long before end(L-1) the first CTA of L started (its pre-wait weight
+// loads); lag = first wait return of L - end(L-1); staged = median CTA's
+// staging done - end(L-1) (when the median CTA can issue its first FMA);
+// stage = median (t2 - t1); tail = end(L) - 90th percentile of L's CTA ends;
+// resident = CTAs of L started before end(L-1). tick = smallest nonzero
+// timestamp difference seen (the timer's resolution).
+func gemvTraceTable(t *testing.T, r randSrc, label string, peak float64) {
+	const inner = 16
+	recs := make([]gemvTraceRec, 1<<16)
+	t.Logf("| %s | trace shape | CTAs | period | floor | early | lag | staged | stage | tail p90 | resident | tick |", label)
+	for _, sh := range []struct {
+		name string
+		k, m int
+	}{{"attn qkv", 2880, 5120}, {"attn out", 4096, 2880}, {"llama qkv", 4096, 6144}, {"llama gate/up", 4096, 14336},
+		{"llama down", 14336, 4096}} {
+		const copies = 8
+		ws := make([]ml.Tensor, copies)
+		for i := range ws {
+			ws[i] = mustW(t, r, sh.name, ml.Q8_0, sh.k, sh.m)
+		}
+		x, y := mustA(t, ml.F32, sh.k, 1), mustA(t, ml.F32, sh.m, 1)
+		require.NoError(t, gpu.WriteF32(x, r.f32(sh.k)))
+		var cnt int64
+		trace := func(on int32) {
+			require.NoError(t, gpu.l.status("gemv_trace", gpu.l.gemvTrace(gpu.ctx, on, &recs[0], int64(len(recs)), &cnt)))
+		}
+		graphSeq++
+		key := fmt.Sprintf("trace-%d", graphSeq)
+		i := 0
+		body := func() {
+			for j := 0; j < inner; j++ {
+				gpu.MatMul(y, x, ws[i%copies], nil)
+				i++
+			}
+		}
+		trace(1) // the traced kernels from the capture on
+		require.NoError(t, gpu.Run(key, body))
+		require.NoError(t, gpu.Run(key, body))
+		trace(1) // reset
+		require.NoError(t, gpu.Run(key, body))
+		trace(0)
+		n := int(min(cnt, int64(len(recs))))
+		rs := slices.Clone(recs[:n])
+		for _, w := range ws {
+			gpu.Free(w)
+		}
+		gpu.Free(x)
+		gpu.Free(y)
+		rb, _ := ml.Q8_0.RowBytes(sh.k)
+		floor := (float64(rb*sh.m) + 4*float64(sh.k+sh.m)) / peak * 1e6 // us
+		if n == 0 || n%inner != 0 || cnt > int64(len(recs)) {
+			t.Logf("| %s | trace %s | %d records (want a multiple of %d): no table |", label, sh.name, cnt, inner)
+			continue
+		}
+		slices.SortFunc(rs, func(a, b gemvTraceRec) int {
+			switch {
+			case a.t0 < b.t0:
+				return -1
+			case a.t0 > b.t0:
+				return 1
+			}
+			return 0
+		})
+		// Relative to the first start: %globaltimer is ~1e18 ns, beyond float64's exact integers.
+		base := rs[0].t0
+		for i := range rs {
+			for _, p := range []*uint64{&rs[i].t0, &rs[i].t1, &rs[i].t2, &rs[i].t3} {
+				*p -= min(base, *p)
+			}
+		}
+		// Launch of each record: its block's occurrence count in start order
+		// (block b of launch L+1 cannot start before block b of launch L).
+		seen := map[uint32]int{}
+		byL := make([][]gemvTraceRec, inner)
+		for _, c := range rs {
+			l := seen[c.blk]
+			seen[c.blk]++
+			if l < inner {
+				byL[l] = append(byL[l], c)
+			}
+		}
+		var tick uint64 = math.MaxUint64
+		for _, c := range rs {
+			for _, d := range []uint64{c.t1 - c.t0, c.t2 - c.t1, c.t3 - c.t2} {
+				if d > 0 && d < tick && d < 1<<40 {
+					tick = d
+				}
+			}
+		}
+		end := make([]float64, inner)
+		for l, cs := range byL {
+			for _, c := range cs {
+				end[l] = math.Max(end[l], float64(c.t3))
+			}
+		}
+		med := func(v []float64) float64 {
+			if len(v) == 0 {
+				return math.NaN()
+			}
+			slices.Sort(v)
+			return v[len(v)/2]
+		}
+		var period, early, lag, staged, stage, tail, resident []float64
+		for l := 1; l < inner; l++ {
+			cs := byL[l]
+			if len(cs) == 0 {
+				continue
+			}
+			start, w0 := math.Inf(1), math.Inf(1)
+			var t2s, st, t3s []float64
+			res := 0
+			for _, c := range cs {
+				start = math.Min(start, float64(c.t0))
+				w0 = math.Min(w0, float64(c.t1))
+				t2s = append(t2s, float64(c.t2))
+				st = append(st, float64(c.t2)-float64(c.t1))
+				t3s = append(t3s, float64(c.t3))
+				if float64(c.t0) < end[l-1] {
+					res++
+				}
+			}
+			slices.Sort(t3s)
+			period = append(period, end[l]-end[l-1])
+			early = append(early, end[l-1]-start)
+			lag = append(lag, w0-end[l-1])
+			staged = append(staged, med(t2s)-end[l-1])
+			stage = append(stage, med(st))
+			tail = append(tail, end[l]-t3s[len(t3s)*9/10])
+			resident = append(resident, float64(res))
+		}
+		us := func(v []float64) float64 { return med(v) / 1e3 }
+		t.Logf("| %s | trace %s Q8_0 %dx%d n=1 | %d | %.2f us | %.1f us | %.2f us | %.2f us | %.2f us | %.2f us | %.2f us | %.0f | %d ns |",
+			label, sh.name, sh.k, sh.m, len(byL[1]), us(period), floor, us(early), us(lag), us(staged), us(stage), us(tail),
+			med(resident), tick)
+	}
 }
