@@ -56,6 +56,12 @@ int main() {
       }
     }
   }
+  // 1b. The kernel's copy loop: thread (row n0 = tid / 8 < 32, chunk c)
+  // writes rows n0 + 32 u at its row-n0 offset + 4096 u.
+  for (uint32_t n = 0; n < 32; n++)
+    for (uint32_t c = 0; c < 8; c++)
+      for (uint32_t u = 0; u < 8; u++)
+        EXPECT(wg_sw128_off(n + 32 * u, c) == wg_sw128_off(n, c) + 4096 * u, "row %u + 32 x %u", n, u);
   // 2. Fragments: per warp the mma.sync m16n8k16 tables (moe_gemm.cuh):
   // A a0 = (g, 2t), a1 = (g+8, 2t), a2 = (g, 2t+8), a3 = (g+8, 2t+8); D d0,d1 = (g, 2t..),
   // d2,d3 = (g+8, 2t..) per n8 block; every element of the 64 x 16 A / 64 x N D
