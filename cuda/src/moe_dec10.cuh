@@ -107,27 +107,34 @@ template <int B> __device__ __forceinline__ void moe10_copy(uint4 *dst, const ui
 }
 #endif
 
-// part: [n][S][n_exp] partial logits; xg: n rows of xstride words (staged x,
-// then xinv); ids / wts: [n][k_slots]. kind / x14: the staging of weight type
-// T (dec16_traits<T>::kind, T == MXFP4).
-__global__ void __launch_bounds__(MOE10_THREADS)
-moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t *__restrict__ ids,
-                   float *__restrict__ wts, const float *__restrict__ x, const float *__restrict__ rw,
-                   const float *__restrict__ rbias, int dim, int n_exp, int k_slots, int kind, int x14) {
-  MOE10_SHARED unsigned last;
-  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
-  const int tid = threadIdx.x, e = tid >> 3, q = tid & 7;
+// The route kernel's parts, also run inside MoE v11's expert kernel
+// (ORCH_CUDA_MOE11_ROUTE=1): 256 threads, thread tid = (expert e = tid >> 3,
+// q = tid & 7); whole warps call them.
+struct moe10_rwv {
+  float4 w0, w1;
+};
+// This thread's 8 router weights of slice s (constant: may be read before pdl_wait).
+__device__ __forceinline__ moe10_rwv moe10_route_w(const float *__restrict__ rw, int s, int dim, int n_exp, int tid) {
+  const int e = tid >> 3, k0 = s * MOE10_RK + 8 * (tid & 7);
+  const bool ok0 = e < n_exp && k0 < dim, ok1 = e < n_exp && k0 + 4 < dim;
+  const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
+  moe10_rwv v;
+  v.w0 = ok0 ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)e * dim + k0)) : z4;
+  v.w1 = ok1 ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)e * dim + k0 + 4)) : z4;
+  return v;
+}
+// Slice s of token t: partial logits into part, x's chunks (2s, 2s+1) staged into xg.
+__device__ __forceinline__ void moe10_route_slice(float *__restrict__ part, uint32_t *__restrict__ xg,
+                                                  const float *__restrict__ x, const moe10_rwv &w, int s, int t, int S,
+                                                  int dim, int n_exp, int kind, int x14, int tid) {
+  const int e = tid >> 3, q = tid & 7;
   const int k0 = s * MOE10_RK + 8 * q; // this thread's 8 elements of expert e's row
   const bool ok0 = e < n_exp && k0 < dim, ok1 = e < n_exp && k0 + 4 < dim;
   const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
-  // The router weights are constant (uploaded before any step): read before the wait.
-  const float4 w0 = ok0 ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)e * dim + k0)) : z4;
-  const float4 w1 = ok1 ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)e * dim + k0 + 4)) : z4;
-  pdl_wait(); // x comes from the previous kernel; part / xg / ids / wts are read by earlier ones
-  pdl_trigger();
   const float *xt = x + (int64_t)t * dim;
   const float4 x0 = ok0 ? *reinterpret_cast<const float4 *>(xt + k0) : z4;
   const float4 x1 = ok1 ? *reinterpret_cast<const float4 *>(xt + k0 + 4) : z4;
+  const float4 w0 = w.w0, w1 = w.w1;
   float acc = w0.x * x0.x;
   acc = fmaf(w0.y, x0.y, acc);
   acc = fmaf(w0.z, x0.z, acc);
@@ -162,18 +169,18 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
       if (o == 0) reinterpret_cast<float *>(xr + nch * DEC16_XW)[c] = inv;
     }
   }
-  // The last CTA of token t (ticket) routes it.
-  moe10_fence(); // this thread's partial / staged writes before the ticket
-  __syncthreads();
-  if (tid == 0) last = moe10_ticket(&g_moe10_ticket[t], (unsigned)(S - 1)) == (unsigned)(S - 1);
-  __syncthreads();
-  if (!last) return; // uniform over the CTA
-  moe10_fence();
-  // Thread (e, q) sums the partials of slices q, q + 8, ... (all its loads in
-  // flight at once: one L2 round trip, not S / 8 dependent ones), then the 8
-  // threads of expert e add theirs in a fixed tree: deterministic.
-  MOE10_SHARED float lg[32];
-  {
+}
+// Token t's routing from its S partials (written by other CTAs: read through
+// L2): thread (e, q) sums slices q, q + 8, ... (all its loads in flight at
+// once: one L2 round trip, not S / 8 dependent ones), then the 8 threads of
+// expert e add theirs in a fixed tree (deterministic); warp 0 adds the bias
+// and runs v6's top-k: ids / wts[r] for rank r < k_slots (any memory space).
+// Every thread of the CTA calls it (it syncs); lg: 32 floats of shared memory.
+__device__ __forceinline__ void moe10_route_finish(const float *part, const float *__restrict__ rbias, float *lg,
+                                                   int32_t *ids, float *wts, int t, int S, int n_exp, int k_slots,
+                                                   int tid) {
+  if (tid < MOE10_THREADS) {
+    const int e = tid >> 3, q = tid & 7;
     constexpr int JM = 8; // slices per thread in flight (S <= 64: dim <= 4096)
     const float *pp = part + (int64_t)t * S * n_exp + e;
     float pv[JM];
@@ -199,10 +206,36 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
     float w;
     moe_topk32_warp(v, tid, n_exp, k_slots, id, w);
     if (tid < k_slots) {
-      ids[t * k_slots + tid] = id;
-      wts[t * k_slots + tid] = w;
+      ids[tid] = id;
+      wts[tid] = w;
     }
   }
+}
+
+// part: [n][S][n_exp] partial logits; xg: n rows of xstride words (staged x,
+// then xinv); ids / wts: [n][k_slots]. kind / x14: the staging of weight type
+// T (dec16_traits<T>::kind, T == MXFP4).
+__global__ void __launch_bounds__(MOE10_THREADS)
+moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t *__restrict__ ids,
+                   float *__restrict__ wts, const float *__restrict__ x, const float *__restrict__ rw,
+                   const float *__restrict__ rbias, int dim, int n_exp, int k_slots, int kind, int x14) {
+  MOE10_SHARED unsigned last;
+  MOE10_SHARED float lg[32];
+  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
+  const int tid = threadIdx.x;
+  // The router weights are constant (uploaded before any step): read before the wait.
+  const moe10_rwv w = moe10_route_w(rw, s, dim, n_exp, tid);
+  pdl_wait(); // x comes from the previous kernel; part / xg / ids / wts are read by earlier ones
+  pdl_trigger();
+  moe10_route_slice(part, xg, x, w, s, t, S, dim, n_exp, kind, x14, tid);
+  // The last CTA of token t (ticket) routes it.
+  moe10_fence(); // this thread's partial / staged writes before the ticket
+  __syncthreads();
+  if (tid == 0) last = moe10_ticket(&g_moe10_ticket[t], (unsigned)(S - 1)) == (unsigned)(S - 1);
+  __syncthreads();
+  if (!last) return; // uniform over the CTA
+  moe10_fence();
+  moe10_route_finish(part, rbias, lg, ids + t * k_slots, wts + t * k_slots, t, S, n_exp, k_slots, tid);
 }
 
 // act (staged for down: pair p's chunk c at acth words ((p * nch_m + c) *
@@ -361,16 +394,24 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     float *part = ybuf;
     uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
     const float sc = moe6_act_scale<T>(alpha, limit);
-    {
+    const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
+    int wave = 0, sb = 0;
+    size_t sm11 = 0;
+    const bool run11 = v11 && !(only & 2) && moe11_plan<T>(n, n_slots, dim, ff, wave, sm11, sb);
+    const bool fold = run11 && moe11_fold();
+    if (!fold) {
       auto kern = moe10_route_kernel;
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0);
     }
-    const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
-    if (v11 && !(only & 2) &&
-        launch_ffn11<T>(st, out, reinterpret_cast<uint16_t *>(act), reinterpret_cast<const uint4 *>(xg), wg, wu, gb,
-                        ub, wd, db, ids, wts, n, n_slots, dim, ff, alpha, limit, sc, dxinv, only))
+    if (run11) {
+      moe11_route rt{};
+      if (fold)
+        rt = moe11_route{part, xg, ids, wts, x, rw, rbias, n_exp, S, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0};
+      launch_ffn11<T>(st, wave, sm11, sb, out, reinterpret_cast<uint16_t *>(act), reinterpret_cast<const uint4 *>(xg),
+                      wg, wu, gb, ub, wd, db, ids, wts, n, n_slots, dim, ff, alpha, limit, sc, dxinv, only, rt);
       return;
+    }
     if (!(only & 2)) {
       constexpr int NB = gate_up_nb<T>();
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;

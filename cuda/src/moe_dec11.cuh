@@ -160,20 +160,61 @@ __device__ __forceinline__ void moe11_grid_sync(unsigned G) {
 // down's 1/scale (v10's). Shared memory (moe11_smem): moe11_xa_words words,
 // MOE11_W rings of MOE11_R stages of sb bytes, then the down partials (one
 // float per (row, slot) of the CTA: moe11_count(dim, lb, Gt) * n_slots).
+// ORCH_CUDA_MOE11_ROUTE=1: the route kernel folded in (phases bit 4: the
+// router slices, then a grid barrier; bit 8: every CTA sums its token's
+// partials and runs the top-k itself — the route kernel's code and order, so
+// the same ids and weights).
+struct moe11_route {
+  float *part;   // [n][S][n_exp] partial logits (v10's scratch)
+  uint32_t *xg;  // staged x (v10's scratch)
+  int32_t *ids;  // [n][n_slots] outputs (written by the CTAs of rank 0 of each token)
+  float *wts;
+  const float *x, *rw, *rbias;
+  int n_exp, S, kind, x14;
+};
+
 template <int T, int NBG, int NBD>
 __global__ void __launch_bounds__(MOE11_W * 32, 1)
 moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                  const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
-                 const uint8_t *__restrict__ wd, const float *__restrict__ db, const int32_t *__restrict__ ids,
-                 const float *__restrict__ wts, int n, int n_slots, int dim, int ff, int64_t rbg, int64_t rbd,
-                 float alpha, float limit, float sc, float dxinv, int sb, int phases) {
+                 const uint8_t *__restrict__ wd, const float *__restrict__ db, const int32_t *ids, const float *wts,
+                 int n, int n_slots, int dim, int ff, int64_t rbg, int64_t rbd, float alpha, float limit, float sc,
+                 float dxinv, int sb, int phases, moe11_route rt) {
   DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_wait(); // ids / staged x come from the route kernel; act / out are read by earlier kernels
-  if (phases != 3) pdl_trigger();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  MOE10_SHARED int32_t sids[32];
+  MOE10_SHARED float swts[32], slg[32];
   const int G = (int)gridDim.x, b = (int)blockIdx.x;
+  const bool fused = (phases & 3) == 3;
+  // Router slices (bit 4): two per CTA at a time (256 threads each); the
+  // first one's router weights (constant) before the wait.
+  const int rtid = (int)(threadIdx.x & 255), task0 = 2 * b + (int)(threadIdx.x >> 8);
+  moe10_rwv rw0 = {};
+  if ((phases & 4) && task0 < n * rt.S) rw0 = moe10_route_w(rt.rw, task0 % rt.S, dim, rt.n_exp, rtid);
+  pdl_wait(); // ids / staged x come from the route kernel; act / out are read by earlier kernels
+  if (!fused) pdl_trigger();
+  if (phases & 4) {
+    for (int task = task0; task < n * rt.S; task += 2 * G) { // whole warps
+      const moe10_rwv w = task == task0 ? rw0 : moe10_route_w(rt.rw, task % rt.S, dim, rt.n_exp, rtid);
+      moe10_route_slice(rt.part, rt.xg, rt.x, w, task % rt.S, task / rt.S, rt.S, dim, rt.n_exp, rt.kind, rt.x14, rtid);
+    }
+    if (!(phases & 3)) return; // split: the route launch
+    moe11_grid_sync((unsigned)G);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int t = b % n, lb = b / n, Gt = (G - t + n - 1) / n; // token of this CTA; its index among token t's Gt CTAs
   const int Wt = Gt * MOE11_W, wl = warp * Gt + lb;          // phase A: this warp among token t's
+  const int32_t *tid = ids + (int64_t)t * n_slots;
+  const float *wv = wts + (int64_t)t * n_slots;
+  if (phases & 8) { // token t's routing from the partials, in this CTA
+    moe10_route_finish(rt.part, rt.rbias, slg, sids, swts, t, rt.S, rt.n_exp, n_slots, (int)threadIdx.x);
+    __syncthreads();
+    if (lb == 0 && (int)threadIdx.x < n_slots) {
+      rt.ids[(int64_t)t * n_slots + threadIdx.x] = sids[threadIdx.x];
+      rt.wts[(int64_t)t * n_slots + threadIdx.x] = swts[threadIdx.x];
+    }
+    tid = sids;
+    wv = swts;
+  }
   const int nchg = dim / 32, nchd = ff / 32;
   // Phase A units (token t's (slot, row) pairs) are dealt to token t's warps;
   // phase B rows R = lb + i Gt (i < nr) to the CTAs, and their (row, slot)
@@ -184,7 +225,6 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
   const int nA = (phases & 1) ? moe11_count(n_slots * ff, wl, Wt) : 0;
   const int nB = (phases & 2) ? moe11_count(nr * n_slots, warp, MOE11_W) : 0;
   const int itemsA = 2 * nA, items = itemsA + nB;
-  const int32_t *tid = ids + (int64_t)t * n_slots;
   uint8_t *rings = reinterpret_cast<uint8_t *>(xsm + moe11_xa_words(dim, ff, n_slots));
   uint8_t *ring = rings + warp * MOE11_R * sb;
   float *part = reinterpret_cast<float *>(rings + MOE11_W * MOE11_R * sb);
@@ -247,7 +287,7 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
     }
   }
   if (!(phases & 2)) return; // (pending groups: all empty)
-  if (phases == 3) {
+  if (fused) {
     moe11_grid_sync((unsigned)G); // every activation written (the rings keep filling meanwhile)
     pdl_trigger();
   } else {
@@ -283,7 +323,7 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
     float res = 0.f;
     for (int s = 0; s < n_slots; s++) {
       const int e = tid[s];
-      res += wts[(int64_t)t * n_slots + s] * (part[i * n_slots + s] + (db ? db[(int64_t)e * dim + R] : 0.f));
+      res += wv[s] * (part[i * n_slots + s] + (db ? db[(int64_t)e * dim + R] : 0.f));
     }
     out[(int64_t)t * dim + R] = res;
   }
@@ -311,34 +351,33 @@ static size_t moe11_smem(int n, int dim, int ff, int n_slots, int sb, int g) {
          (size_t)((dim + gt - 1) / gt) * n_slots * 4;
 }
 
-// Launches v11's expert kernel(s) after the route kernel; false (nothing
-// launched: the caller runs v10's) when its shared memory does not fit one
-// CTA per SM. only: moe_only()'s bits (1: no down).
-template <int T>
-static bool launch_ffn11(cudaStream_t st, float *out, uint16_t *acth, const uint4 *xg, const uint8_t *wg,
-                         const uint8_t *wu, const float *gb, const float *ub, const uint8_t *wd, const float *db,
-                         const int32_t *ids, const float *wts, int n, int n_slots, int dim, int ff, float alpha,
-                         float limit, float sc, float dxinv, int only) {
+static bool moe11_fold() {
+  const char *v = getenv("ORCH_CUDA_MOE11_ROUTE");
+  return v && std::strcmp(v, "1") == 0;
+}
+
+// One wave: CTAs per SM (occupancy API) x SMs, for the shared memory of that
+// grid (the partials shrink as the grid grows: a fixed point in <= 3 steps).
+// Per process, type and token count (one device per process). False when the
+// shared memory does not fit one CTA per SM (v10 runs).
+struct moe11_wave {
+  int dim, ff, ns, sms, wave;
+  size_t sm;
+};
+template <int T> static bool moe11_plan(int n, int n_slots, int dim, int ff, int &wave, size_t &smem, int &sb) {
   constexpr int NBG = gate_up_nb<T>(), NBD = down_h_nb<T>();
-  const int64_t rbg = orch_row_bytes(T, dim), rbd = orch_row_bytes(T, ff);
-  const int sb = moe11_stage_bytes(rbg > rbd ? rbg : rbd);
   auto kern = moe_ffn11_kernel<T, NBG, NBD>;
-  // One wave: CTAs per SM (occupancy API) x SMs, for the shared memory of that
-  // grid (the partials shrink as the grid grows: a fixed point in <= 3 steps).
-  // Per process, type and token count (one device per process).
-  struct wave_t {
-    int dim, ff, ns, sms, wave;
-    size_t sm;
-  };
-  static wave_t cache[MOE10_MAX_N + 1];
+  const int64_t rbg = orch_row_bytes(T, dim), rbd = orch_row_bytes(T, ff);
+  sb = moe11_stage_bytes(rbg > rbd ? rbg : rbd);
+  static moe11_wave cache[MOE10_MAX_N + 1];
   static size_t attr_sm = 0; // the largest dynamic shared memory allowed so far
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  wave_t &c = cache[n];
+  moe11_wave &c = cache[n];
   if (c.dim != dim || c.ff != ff || c.ns != n_slots || c.sms != sms) {
     int g = sms > n ? sms : n;
-    c = wave_t{dim, ff, n_slots, sms, 0, 0};
+    c = moe11_wave{dim, ff, n_slots, sms, 0, 0};
     for (int step = 0; step < 3 && g >= 1; step++) {
       const size_t sm = moe11_smem(n, dim, ff, n_slots, sb, g);
       if (sm > 227 * 1024) break;
@@ -356,24 +395,42 @@ static bool launch_ffn11(cudaStream_t st, float *out, uint16_t *acth, const uint
     }
     cudaGetLastError(); // a refused attribute / occupancy query: v10 runs
   }
-  if (c.wave < 1) return false;
-  const float *dbv = db;
-  // Fused: one wave with the barrier (needs a CTA per token); split: two
-  // launches, no barrier, any grid of at least one CTA per token (the
-  // partials region is sized for the wave: enough for a larger grid).
-  if (!moe11_split() && c.wave >= n && !(only & 1)) {
-    DEC16_LAUNCH_PDL(kern, dim3((unsigned)c.wave), MOE11_W * 32, c.sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv,
-                     ids, wts, n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 3);
-    return true;
-  }
-  const int g = c.wave > n ? c.wave : n;
+  wave = c.wave;
+  smem = c.sm;
+  return c.wave >= 1;
+}
+
+// Launches v11's expert kernel(s) (after v10's route kernel, or with the
+// routing folded in: rt.part != nullptr) on moe11_plan's grid. Fused: one
+// wave with the grid barrier(s) (needs a CTA per token); split: one launch per
+// phase, no barrier, any grid of at least one CTA per token (the partials
+// region is sized for the wave: enough for a larger grid). only: moe_only()'s
+// bits (1: no down).
+template <int T>
+static void launch_ffn11(cudaStream_t st, int wave, size_t sm, int sb, float *out, uint16_t *acth, const uint4 *xg,
+                         const uint8_t *wg, const uint8_t *wu, const float *gb, const float *ub, const uint8_t *wd,
+                         const float *db, const int32_t *ids, const float *wts, int n, int n_slots, int dim, int ff,
+                         float alpha, float limit, float sc, float dxinv, int only, const moe11_route &rt) {
+  constexpr int NBG = gate_up_nb<T>(), NBD = down_h_nb<T>();
+  auto kern = moe_ffn11_kernel<T, NBG, NBD>;
+  const int64_t rbg = orch_row_bytes(T, dim), rbd = orch_row_bytes(T, ff);
+  const int fold = rt.part ? 8 : 0;
 #if defined(ORCH_EMU)
   g_moe11_runs++;
 #endif
-  DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, c.sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv, ids, wts,
-                   n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 1);
+  if (!moe11_split() && wave >= n) {
+    const int ph = (only & 1 ? 1 : 3) | (fold ? 4 | 8 : 0);
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)wave), MOE11_W * 32, sm, st, out, acth, xg, wg, wu, gb, ub, wd, db, ids, wts,
+                     n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, ph, rt);
+    return;
+  }
+  const int g = wave > n ? wave : n;
+  if (fold)
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, sm, st, out, acth, xg, wg, wu, gb, ub, wd, db, ids, wts,
+                     n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 4, rt);
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, sm, st, out, acth, xg, wg, wu, gb, ub, wd, db, ids, wts, n,
+                   n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 1 | fold, rt);
   if (!(only & 1))
-    DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, c.sm, st, out, acth, xg, wg, wu, gb, ub, wd, dbv, ids,
-                     wts, n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 2);
-  return true;
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)g), MOE11_W * 32, sm, st, out, acth, xg, wg, wu, gb, ub, wd, db, ids, wts,
+                     n, n_slots, dim, ff, rbg, rbd, alpha, limit, sc, dxinv, sb, 2 | fold, rt);
 }

@@ -26,13 +26,15 @@ import (
 // at 1..8 tokens in three launches, orch_moe_decode; session 5) and v11 (v10's
 // route kernel + one persistent expert kernel with a grid barrier between
 // gate_up and down; session 6), also split into two launches
-// (ORCH_CUDA_MOE11_SPLIT=1). (v7 and v8 were removed.)
+// (ORCH_CUDA_MOE11_SPLIT=1) and with the routing folded into it
+// (ORCH_CUDA_MOE11_ROUTE=1). (v7 and v8 were removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
-	for _, v := range []string{"v4", "v6", "v9", "v10", "v11", "v11 ORCH_CUDA_MOE11_SPLIT=1"} {
+	for _, v := range []string{"v4", "v6", "v9", "v10", "v11", "v11 ORCH_CUDA_MOE11_SPLIT=1",
+		"v11 ORCH_CUDA_MOE11_ROUTE=1", "v11 ORCH_CUDA_MOE11_ROUTE=1 ORCH_CUDA_MOE11_SPLIT=1"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -48,7 +50,8 @@ func TestMoEVersions(t *testing.T) {
 // (router GEMV + top-4 + gate_up + down; graph of 16 calls, median of 20
 // replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
 // grouped tile path under v6, v10 and v11, v9 unpinned) under ORCH_CUDA_MOE=v6,
-// v10, v11 (fused, and split: ORCH_CUDA_MOE11_SPLIT=1) and unpinned (the default: v6 at 1, v10 at 2..8, v9 from 16), in child
+// v10, v11 (fused; split: ORCH_CUDA_MOE11_SPLIT=1; routing folded in:
+// ORCH_CUDA_MOE11_ROUTE=1) and unpinned (the default: v6 at 1, v10 at 2..8, v9 from 16), in child
 // processes on the same card; under v6 at n = 1 also the op's parts (router
 // GEMV, top-k, gate_up + down) alone; at n = 1 and 8 the op without its down
 // kernel (ORCH_CUDA_MOE_ONLY=gate_up: v10's gate_up kernel, v11's phase A
@@ -68,7 +71,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v11",
-				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_SPLIT=1", "ORCH_CUDA_MOE=",
+				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_SPLIT=1", "ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_ROUTE=1", "ORCH_CUDA_MOE=",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
@@ -94,7 +97,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		experts := min(ne, topk*n) // upper bound: random routing of n tokens
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
 		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-		for _, v := range []string{"ORCH_CUDA_MOE11_SPLIT", "ORCH_CUDA_MOE_ONLY"} {
+		for _, v := range []string{"ORCH_CUDA_MOE11_SPLIT", "ORCH_CUDA_MOE11_ROUTE", "ORCH_CUDA_MOE_ONLY"} {
 			if e := os.Getenv(v); e != "" {
 				label += " " + v + "=" + e
 			}
