@@ -372,8 +372,14 @@ static bool moe10_pinned(const orch_ctx *ctx) {
 // run 1 of session 5, H100: n = 2 / 4 / 8 59 / 101 / 184 us vs v6's 62.5 /
 // 109 / 207; n = 1 36.0 vs 36.3: equal, v6 kept there).
 constexpr int MOE10_AUTO_MIN_N = 2;
+// Unpinned: v11 (v10's route + the persistent expert kernel) up to
+// MOE11_AUTO_MAX_N tokens (0: never; set from the device tables and tg128).
+constexpr int MOE11_AUTO_MAX_N = 0;
+static bool moe11_on(const orch_ctx *ctx, int64_t n) {
+  return moe11_pinned() || ctx->moe == 11 || (ctx->moe_auto && n <= MOE11_AUTO_MAX_N);
+}
 static bool moe10_on(const orch_ctx *ctx, int64_t n) {
-  return moe10_pinned(ctx) || (ctx->moe_auto && n >= MOE10_AUTO_MIN_N);
+  return moe10_pinned(ctx) || (ctx->moe_auto && (n >= MOE10_AUTO_MIN_N || n <= MOE11_AUTO_MAX_N));
 }
 
 // Scratch: ybuf holds the partial logits (n * S * n_exp floats, rounded up to
@@ -464,7 +470,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe_only(), moe11_pinned() || ctx->moe == 11);
+                     limit, moe_only(), moe11_on(ctx, n));
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }
