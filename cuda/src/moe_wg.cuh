@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1) moe_gemm4_kernel(c
   constexpr int BB = type_block_bytes(ORCH_T_MXFP4), CH = qg_chunks(BB, C::KB), RAWROW = SM::RAWROW;
   constexpr int BM = C::BM, KB = C::KB, NS = C::NS, D = C::D, THREADS = C::THREADS;
   constexpr bool DUAL = MODE == MODE_GATE_UP;
-  extern __shared__ __align__(1024) uint8_t mg4_dsm[];
+  extern __shared__ __align__(16) uint8_t mg4_dsm[]; // 16, not 1024: the runtime guarantees no more, so the
+  // compiler must not fold the alignment fix below
   // SW128 atoms must sit on 1024-byte shared-memory addresses.
   const uint32_t s0 = (uint32_t)__cvta_generic_to_shared(mg4_dsm);
   uint8_t *smem = mg4_dsm + ((1024u - (s0 & 1023u)) & 1023u);
