@@ -235,7 +235,19 @@ gemv5_multi_kernel_b5(const gemv5_parts P, const float *__restrict__ x, int64_t 
 }
 
 template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
-static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : 1; }
+// Rows per warp: 2 for the LM heads; ORCH_CUDA_GEMV5_RPW=2 (session 6,
+// timing, opt-in) takes 2 everywhere (plain and merged v5; not the SwiGLU
+// fold): half as many CTAs, so half the x
+// staging traffic from L2 (Llama down: 512 CTAs x 57 KB = 29 MB per call,
+// half of its 62 MB of weights). Read once per process.
+static inline int gemv5_rpw_env() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_RPW");
+    return e && e[0] == '2' && !e[1] ? 2 : 0;
+  }();
+  return v;
+}
+static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : gemv5_rpw_env() ? gemv5_rpw_env() : 1; }
 
 // One token (session 4, device runs 6-7: v5 at 59-82% of the bytes floor):
 // Q8_0 at NT = 1 takes 60 registers, so 4 CTAs of 256 threads per SM (528
