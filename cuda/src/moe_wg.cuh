@@ -56,11 +56,39 @@ struct Mg4Smem {
   static constexpr int RAWROW = 16 * (qg_chunks(type_block_bytes(ORCH_T_MXFP4), C::KB) | 1);
   static constexpr size_t XS1 = (size_t)C::BN * 128;       // one B stage (whole 1024-byte atoms)
   static constexpr size_t RAW1 = (size_t)C::BM * RAWROW;   // one raw W stage
-  static constexpr size_t TOTAL = 1024 + C::NS * (XS1 + RAW1) + 2 * C::BN * 4; // + alignment slack
+  static constexpr size_t TOTAL = 1024 + C::NS * (XS1 + RAW1) + 2 * C::BN * 4 + C::NS * 8; // + alignment slack, mbarriers
   static_assert(XS1 % 1024 == 0, "atoms");
 };
 
+// A CUtensorMap (128 opaque bytes, 64-aligned) as the kernel sees it; the
+// type exists in every build, the encoder only with CUDA >= 12 (mg4_tmap).
+struct alignas(64) Mg4Tmap {
+  uint64_t w[16];
+};
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// mbarrier / TMA (B of tiles 32 / 33): one barrier a stage, armed by thread 0
+// with the stage's byte count, completed by the TMA loads' transactions.
+__device__ __forceinline__ void mb_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mb_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mb_wait(uint32_t bar, uint32_t parity) {
+  asm volatile("{\n.reg .pred P1;\nLAB_WAIT:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+               "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+               "r"(parity)
+               : "memory");
+}
+// Box (64 k, rows) at (k c0, row c1) of the 2D bf16 tensor map -> dst (128-byte swizzled).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const Mg4Tmap *tm, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -99,8 +127,13 @@ __device__ __forceinline__ void mg4_mma(int nsel, float (&d)[CAP], const uint32_
 }
 #endif
 
-template <int MODE, int MW, int BN>
-__global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1) moe_gemm4_kernel(const QArgs a) {
+// TMA: B (the pairs' activations) through cp.async.bulk.tensor (tmb: a 2D
+// map over the bf16 rows, box 64 k x NSTEP rows, 128-byte swizzle: the same
+// layout as the cp.async path writes), nsel boxes a stage issued by thread 0,
+// completion on a per-stage mbarrier; else 16-byte cp.async by all threads.
+template <int MODE, int MW, int BN, bool TMA>
+__global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
+    moe_gemm4_kernel(const QArgs a, const __grid_constant__ Mg4Tmap tmb) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Mg4Cfg<MW, BN>;
   using SM = Mg4Smem<MW, BN>;
@@ -117,6 +150,7 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1) moe_gemm4_kernel(c
   uint8_t *raw = smem + NS * SM::XS1;
   int *arow = reinterpret_cast<int *>(raw + NS * SM::RAW1);
   int *orow = arow + BN;
+  const uint32_t sbar = (uint32_t)__cvta_generic_to_shared(orow + BN); // NS mbarriers (8-aligned)
   const int tid = threadIdx.x;
 
   const int ty = blockIdx.y;
@@ -129,6 +163,12 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1) moe_gemm4_kernel(c
     arow[i] = pos < lim ? pos : -1;
     orow[i] = pos >= lim ? -1 : DUAL ? pos : a.sorted[pos];
   }
+  if (TMA && tid == 0) {
+#pragma unroll
+    for (int i = 0; i < NS; i++) mb_init(sbar + 8 * i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  const int nsel = min(4, (cnt + C::NSTEP - 1) / C::NSTEP); // N = nsel * NSTEP
   const int64_t r0 = (int64_t)blockIdx.x * (DUAL ? BM / 2 : BM);
   const uint8_t *wb = a.w + (int64_t)e * a.expert_bytes;
   const uint8_t *wb2 = DUAL ? a.w2 + (int64_t)e * a.expert_bytes : nullptr;
@@ -180,13 +220,22 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1) moe_gemm4_kernel(c
         if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
       }
       (void)nblk;
-      uint8_t *xd = xs + (size_t)(s % NS) * SM::XS1 + b_dst;
-      const int64_t col = kb0 * 32; // + 8 bc, in b_src
-      const bool colok = col + 8 * bc < a.k;
+      if constexpr (TMA) {
+        if (tid == 0) {
+          const uint32_t bar = sbar + 8 * (s % NS), xd = sxs + (uint32_t)((s % NS) * SM::XS1);
+          mb_expect_tx(bar, (uint32_t)(nsel * C::NSTEP * 128));
+          for (int j = 0; j < nsel; j++)
+            tma_load_2d(xd + (uint32_t)(j * C::NSTEP * 128), &tmb, bar, (int)(kb0 * 32), base + j * C::NSTEP);
+        }
+      } else {
+        uint8_t *xd = xs + (size_t)(s % NS) * SM::XS1 + b_dst;
+        const int64_t col = kb0 * 32; // + 8 bc, in b_src
+        const bool colok = col + 8 * bc < a.k;
 #pragma unroll
-      for (int u = 0; u < BPT; u++) {
-        if (!b_src[u]) continue;
-        cp_async16(xd + 4096 * u, b_src[u] + (colok ? col : 0), colok ? 16 : 0);
+        for (int u = 0; u < BPT; u++) {
+          if (!b_src[u]) continue;
+          cp_async16(xd + 4096 * u, b_src[u] + (colok ? col : 0), colok ? 16 : 0);
+        }
       }
     }
     cp_async_commit();
@@ -208,7 +257,6 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1) moe_gemm4_kernel(c
       r_off[mi][h] = i * RAWROW;
       r_lo4[mi][h] = row < a.m ? (uint32_t)((uintptr_t)((up ? wb2 : wb) + row * a.rb) & 15) : 0u;
     }
-  const int nsel = min(4, (cnt + C::NSTEP - 1) / C::NSTEP);
   float acc[MW][BN / 2];
 #pragma unroll
   for (int mi = 0; mi < MW; mi++)
@@ -238,13 +286,14 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1) moe_gemm4_kernel(c
         }
   };
   auto step = [&](int s, uint32_t (&af)[MW][2 * KB][4]) {
-    cp_async_wait<D - 1>(); // this thread's copies of stage s have landed
-    wg_fence_proxy();       // ... and are visible to wgmma's (async proxy) reads
-    __syncthreads();        // everyone's; stage s-2's decode and wgmma done (wait_group 1 below)
-    issue(s + D);           // into stage s-2's buffers
+    cp_async_wait<D - 1>();      // this thread's copies of stage s have landed
+    if (!TMA) wg_fence_proxy();  // ... and are visible to wgmma's (async proxy) reads
+    __syncthreads();             // everyone's; stage s-2's decode and wgmma done (wait_group 1 below)
+    issue(s + D);                // into stage s-2's buffers
     if (active) {
       const int nblk = (int)min((int64_t)KB, nb - (int64_t)s * KB);
       decode(s, af);
+      if (TMA) mb_wait(sbar + 8 * (s % NS), (uint32_t)((s / NS) & 1)); // stage s's B has landed
 #pragma unroll
       for (int mi = 0; mi < MW; mi++) wg_pin(acc[mi]);
       wg_fence();
@@ -311,10 +360,11 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1) moe_gemm4_kernel(c
 #endif
 }
 
-// Tile codes of v4: 30 = 128 W rows x 256 pairs (MW 1), 31 = 256 W rows x 128 pairs (MW 2).
-constexpr bool mg4_tile_ok(int tile) { return tile == 30 || tile == 31; }
-constexpr int mg4_bn(int tile) { return tile == 30 ? 256 : 128; }
-constexpr size_t mg4_smem(int tile) { return tile == 30 ? Mg4Smem<1, 256>::TOTAL : Mg4Smem<2, 128>::TOTAL; }
+// Tile codes of v4: 30 = 128 W rows x 256 pairs (MW 1), 31 = 256 W rows x 128 pairs (MW 2);
+// 32 / 33 = the same with B loaded by TMA.
+constexpr bool mg4_tile_ok(int tile) { return tile >= 30 && tile <= 33; }
+constexpr int mg4_bn(int tile) { return (tile & 1) == 0 ? 256 : 128; }
+constexpr size_t mg4_smem(int tile) { return (tile & 1) == 0 ? Mg4Smem<1, 256>::TOTAL : Mg4Smem<2, 128>::TOTAL; }
 
 // Whether this library holds the sm_90a build of v4 for the current device:
 // the stub that other targets compile has no accumulators, the real kernel
@@ -326,7 +376,7 @@ bool mg4_available() {
 #else
   static const bool ok = [] {
     cudaFuncAttributes fa{};
-    if (cudaFuncGetAttributes(&fa, moe_gemm4_kernel<MODE_DOWN, 1, 256>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&fa, moe_gemm4_kernel<MODE_DOWN, 1, 256, false>) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
@@ -336,7 +386,36 @@ bool mg4_available() {
 #endif
 }
 
-template <int MODE, int MW, int BN>
+// The TMA map of B: a.xa as rows of a.k bf16, a.n rows (the pairs), box 64 k
+// x box_rows, 128-byte swizzle, zero fill outside. False where the driver's
+// encoder is not at hand (built with CUDA < 12, or no libcuda symbol).
+bool mg4_tmap(Mg4Tmap *m, const QArgs &a, int box_rows) {
+#if defined(ORCH_MG4_TMA_HOST)
+  using Enc = CUresult (*)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                           const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                           CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  // dlsym instead of cudaGetDriverEntryPoint (renamed / versioned across CUDA 12 .. 13).
+  static const Enc enc = [] {
+    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
+    return h ? reinterpret_cast<Enc>(dlsym(h, "cuTensorMapEncodeTiled")) : (Enc) nullptr;
+  }();
+  static_assert(sizeof(CUtensorMap) == sizeof(Mg4Tmap) && alignof(CUtensorMap) <= alignof(Mg4Tmap), "tensor map");
+  if (!enc || a.n <= 0) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)a.k, (cuuint64_t)a.n};
+  const cuuint64_t strides[1] = {(cuuint64_t)a.k * 2};
+  const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
+  const cuuint32_t es[2] = {1, 1};
+  return enc(reinterpret_cast<CUtensorMap *>(m), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16 *>(a.xa),
+             dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+#else
+  (void)m, (void)a, (void)box_rows;
+  return false;
+#endif
+}
+
+template <int MODE, int MW, int BN, bool TMA>
 int launch_moe_gemm4(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
   using C = Mg4Cfg<MW, BN>;
   constexpr size_t sm = Mg4Smem<MW, BN>::TOTAL;
@@ -350,14 +429,24 @@ int launch_moe_gemm4(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
     orch_set_error("moe_gemm v4: tile needs %zu bytes of shared memory, the device allows %zu", sm, optin);
     return ORCH_ERR_UNSUPPORTED;
   }
+  Mg4Tmap tm{};
+  if (TMA && !mg4_tmap(&tm, a, C::NSTEP)) {
+    orch_set_error("moe_gemm v4 (TMA): could not encode the activations' tensor map");
+    return ORCH_ERR_UNSUPPORTED;
+  }
   const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
-  cudaFuncSetAttribute(moe_gemm4_kernel<MODE, MW, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs) = moe_gemm4_kernel<MODE, MW, BN>;
-  QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a);
+  cudaFuncSetAttribute(moe_gemm4_kernel<MODE, MW, BN, TMA>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs, const Mg4Tmap) = moe_gemm4_kernel<MODE, MW, BN, TMA>;
+  QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a, tm);
   return ORCH_OK;
 }
 
 template <int MODE>
 int launch_moe_gemm4_tile(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
-  return tile == 30 ? launch_moe_gemm4<MODE, 1, 256>(st, a, rows_w, gy) : launch_moe_gemm4<MODE, 2, 128>(st, a, rows_w, gy);
+  switch (tile) {
+    case 30: return launch_moe_gemm4<MODE, 1, 256, false>(st, a, rows_w, gy);
+    case 31: return launch_moe_gemm4<MODE, 2, 128, false>(st, a, rows_w, gy);
+    case 32: return launch_moe_gemm4<MODE, 1, 256, true>(st, a, rows_w, gy);
+    default: return launch_moe_gemm4<MODE, 2, 128, true>(st, a, rows_w, gy);
+  }
 }

@@ -47,6 +47,14 @@
 #include "qgemm.cuh"
 #include "quant.cuh"
 
+// MoE GEMM v4's TMA tiles encode a tensor map with the driver's
+// cuTensorMapEncodeTiled (CUDA >= 12 headers; found with dlsym at run time).
+#if !defined(ORCH_EMU) && defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12
+#include <cuda.h>
+#include <dlfcn.h>
+#define ORCH_MG4_TMA_HOST 1
+#endif
+
 #ifdef ORCH_EMU
 // The test provides qg_emu_smem / qg_emu_cp_async / qg_emu_commit /
 // qg_emu_wait and runs launches through emu_launch.
@@ -751,6 +759,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.tile_r0 = a.tile_e + tb;
   a.alpha = alpha;
   a.limit = limit;
+  a.n = pairs; // rows of the gathered x / the activations (v4's TMA map)
   // x rows gathered in sorted order, as bf16
   launch_to_bf16(ctx->stream, (__nv_bfloat16 *)xg, x, pairs, dim, a.sorted, route + n_exp, n_slots);
   ORCH_LAUNCHED(op);

@@ -30,6 +30,7 @@
 #define __shared__
 #undef __launch_bounds__
 #define __launch_bounds__(...) // qgemm passes (threads, min CTAs per SM)
+#define __grid_constant__ // MoE GEMM v4's tensor-map parameter (v4 never runs here)
 typedef void *cudaStream_t;
 typedef void *cublasHandle_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };

@@ -339,10 +339,11 @@ func TestMoEGrouped(t *testing.T) {
 					// 17, 19: v3 with 96 / 64 pairs a tile (moe_gemm.cuh; MXFP4
 					// only, other types fall back to v1's tiles); 30, 31: v4
 					// (moe_wg.cuh, wgmma: 256 / 128 pairs a tile; sm_90a builds
-					// only, skipped where the library reports it unsupported)
-					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 19, 30, 31}
+					// only, skipped where the library reports it unsupported;
+					// 32, 33: the same with the activations loaded by TMA)
+					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 19, 30, 31, 32, 33}
 					if !withBias || dts[0] != dts[1] {
-						tiles = []int32{0, 5, 17, 30}
+						tiles = []int32{0, 5, 17, 30, 33}
 					}
 					for _, tile := range tiles {
 						name := fmt.Sprintf("%v+%v/bias=%v/n=%d/%s/tile=%d", dts[0], dts[1], withBias, n, kind, tile)
@@ -382,7 +383,7 @@ func TestMoEGroupedGraph(t *testing.T) {
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
 	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v1", "uniform/v1", "skew/v3", "uniform/v3", "one/v3s", "uniform/v3s",
-		"skew/v4", "one/v4", "uniform/v4n", "skew/v4n"} {
+		"skew/v4", "one/v4", "uniform/v4n", "skew/v4n", "skew/v4t", "one/v4tn"} {
 		tile := int32(0)
 		if k, ok := strings.CutSuffix(kind, "/v1"); ok {
 			kind, tile = k, 5
@@ -399,7 +400,13 @@ func TestMoEGroupedGraph(t *testing.T) {
 		if k, ok := strings.CutSuffix(kind, "/v4n"); ok {
 			kind, tile = k, 31
 		}
-		if tile >= 30 && !moeV4Built(t, m, c) {
+		if k, ok := strings.CutSuffix(kind, "/v4t"); ok {
+			kind, tile = k, 32
+		}
+		if k, ok := strings.CutSuffix(kind, "/v4tn"); ok {
+			kind, tile = k, 33
+		}
+		if tile >= 30 && !moeV4Built(t, m, c, tile) {
 			continue
 		}
 		x := randF32(r, dim*n, 1)
@@ -420,10 +427,11 @@ func TestMoEGroupedGraph(t *testing.T) {
 	gpu.ResetGraphs()
 }
 
-// moeV4Built: whether the library runs the grouped GEMM v4 (tile 30: an
-// sm_90a build on an sm_90 device), by one uncaptured call.
-func moeV4Built(t *testing.T, m *moeRef, c *moeGroupedCall) bool {
-	err := gpu.l.status("moe_ffn_grouped", c.run(t, m, 30))
+// moeV4Built: whether the library runs the grouped GEMM v4 tile (30..33:
+// an sm_90a build on an sm_90 device; 32 / 33 also the driver's tensor-map
+// encoder), by one uncaptured call.
+func moeV4Built(t *testing.T, m *moeRef, c *moeGroupedCall, tile int32) bool {
+	err := gpu.l.status("moe_ffn_grouped", c.run(t, m, tile))
 	if errors.Is(err, ErrUnsupported) {
 		t.Logf("v4 not in this build: %v", err)
 		return false
