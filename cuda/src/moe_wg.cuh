@@ -75,12 +75,20 @@ __device__ __forceinline__ void mb_init(uint32_t bar, uint32_t count) {
 __device__ __forceinline__ void mb_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+// Bounded: a TMA that never completes (a mistake here, untestable off the
+// device) must not hang the process and the test suite behind it: after
+// ~2^31 clocks (~1 s) the wait gives up and the result is garbage, which the
+// GPU tests report as an error.
 __device__ __forceinline__ void mb_wait(uint32_t bar, uint32_t parity) {
-  asm volatile("{\n.reg .pred P1;\nLAB_WAIT:\n"
-               "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-               "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
-               "r"(parity)
-               : "memory");
+  const long long t0 = clock64();
+  for (;;) {
+    uint32_t done;
+    asm volatile("{\n.reg .pred P1;\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\nselp.u32 %0, 1, 0, P1;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+    if (done || clock64() - t0 > (1ll << 31)) return;
+  }
 }
 // Box (64 k, rows) at (k c0, row c1) of the 2D bf16 tensor map -> dst (128-byte swizzled).
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const Mg4Tmap *tm, uint32_t bar, int c0, int c1) {
