@@ -26,9 +26,11 @@
 //    slot) items to its warps: at gpt-oss's shape and one token <= 6 down rows
 //    per warp <= MOE11_R, i.e. ALL of down's weights are requested before the
 //    barrier.
-//  - Phase A computes v10's gate_up (same blocks per lane, moe6_dot2, same
-//    fold) with x copied from the route kernel's staging, and writes the
-//    activation staged for down (v10's format, v6's fixed scale).
+//  - Phase A (a token's slots in ascending expert order: shared experts are
+//    read by the token groups at about the same time) computes v10's gate_up
+//    (same blocks per lane, moe6_dot2, same fold) with x copied from the
+//    route kernel's staging, and writes the activation staged for down (v10's
+//    format, v6's fixed scale).
 //  - Grid barrier (fused mode): arrival counter (atomicInc, wraps to 0 by
 //    itself) + generation word; graph-safe (no memset). It is safe only if
 //    every CTA is co-resident: the grid is sized from
@@ -181,7 +183,7 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
                  int n, int n_slots, int dim, int ff, int64_t rbg, int64_t rbd, float alpha, float limit, float sc,
                  float dxinv, int sb, int phases, moe11_route rt) {
   DEC16_DYN_SMEM(uint32_t, xsm);
-  MOE10_SHARED int32_t sids[32];
+  MOE10_SHARED int32_t sids[32], sperm[32];
   MOE10_SHARED float swts[32], slg[32];
   const int G = (int)gridDim.x, b = (int)blockIdx.x;
   const bool fused = (phases & 3) == 3;
@@ -221,6 +223,22 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
   // items q = i n_slots + s to the CTA's warps (q = warp + k MOE11_W): at most
   // ceil(nr n_slots / MOE11_W) down rows per warp (gpt-oss at one token: 6 <=
   // MOE11_R — all of a warp's down rows are in flight before the barrier).
+  // Phase A takes token t's slots in ascending expert order (sperm: the slot
+  // of rank k; ties by slot): the CTA groups of tokens that share an expert
+  // read it at about the same time (L2 hits from 2 tokens; the results do not
+  // depend on the order).
+  if (phases & 1) {
+    if ((int)threadIdx.x < n_slots) {
+      const int me = tid[threadIdx.x];
+      int rank = 0;
+      for (int s2 = 0; s2 < n_slots; s2++) {
+        const int o = tid[s2];
+        rank += (o < me || (o == me && s2 < (int)threadIdx.x)) ? 1 : 0;
+      }
+      sperm[rank] = (int)threadIdx.x;
+    }
+    __syncthreads();
+  }
   const int nr = moe11_count(dim, lb, Gt);
   const int nA = (phases & 1) ? moe11_count(n_slots * ff, wl, Wt) : 0;
   const int nB = (phases & 2) ? moe11_count(nr * n_slots, warp, MOE11_W) : 0;
@@ -231,7 +249,7 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
   // Row of item it (gate / up rows of phase A, then the down rows of phase B).
   auto row_of = [&](int it, int64_t &rb) -> const uint8_t * {
     if (it < itemsA) {
-      const int u = wl + (it >> 1) * Wt, s = u / ff, r = u - s * ff;
+      const int u = wl + (it >> 1) * Wt, k = u / ff, r = u - k * ff, s = sperm[k];
       rb = rbg;
       return ((it & 1) ? wu : wg) + ((int64_t)tid[s] * ff + r) * rbg;
     }
@@ -260,7 +278,7 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
   for (int j = 0; j < nA; j++, it += 2) { // phase A: one (gate, up) row pair per unit
     moe11_wait<MOE11_R - 2>();
     __syncwarp();
-    const int u = wl + j * Wt, s = u / ff, r = u - s * ff;
+    const int u = wl + j * Wt, k = u / ff, r = u - k * ff, s = sperm[k];
     const int e = tid[s];
     const int o = (int)(((uintptr_t)wg + ((int64_t)e * ff + r) * rbg) & 15); // gate and up: 16-byte aligned bases
     const uint8_t *sg = ring + (it % MOE11_R) * sb + o, *su = ring + ((it + 1) % MOE11_R) * sb + o;
