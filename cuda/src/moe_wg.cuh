@@ -97,6 +97,25 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const Mg4Tmap *tm, uin
       "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
+// The same box written into the smem (same offset) of every CTA of the
+// cluster in mask, each CTA's mbarrier at bar completing its bytes.
+__device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const Mg4Tmap *tm, uint32_t bar, int c0, int c1,
+                                               uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], "
+      "[%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// All threads of all CTAs of the cluster (a superset of __syncthreads).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -139,7 +158,11 @@ __device__ __forceinline__ void mg4_mma(int nsel, float (&d)[CAP], const uint32_
 // map over the bf16 rows, box 64 k x NSTEP rows, 128-byte swizzle: the same
 // layout as the cp.async path writes), nsel boxes a stage issued by thread 0,
 // completion on a per-stage mbarrier; else 16-byte cp.async by all threads.
-template <int MODE, int MW, int BN, bool TMA>
+// CL = 2 (TMA only): clusters of two CTAs side by side in x (W rows; the same
+// tile of pairs) share B: each CTA loads half of the boxes and multicasts
+// them into both, halving B's L2 -> SM traffic; the per-stage barrier is then
+// the cluster's, so neither overwrites a stage the other still reads.
+template <int MODE, int MW, int BN, bool TMA, int CL = 1>
 __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
     moe_gemm4_kernel(const QArgs a, const __grid_constant__ Mg4Tmap tmb) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -162,7 +185,7 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
   const int tid = threadIdx.x;
 
   const int ty = blockIdx.y;
-  if (ty >= *a.ntiles) return;
+  if (ty >= *a.ntiles) return; // uniform over a cluster (same y)
   const int e = a.tile_e[ty];
   const int base = a.exp_off[e] + a.tile_r0[ty], lim = a.exp_off[e + 1];
   const int cnt = min(BN, lim - base);
@@ -171,6 +194,8 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
     arow[i] = pos < lim ? pos : -1;
     orow[i] = pos >= lim ? -1 : DUAL ? pos : a.sorted[pos];
   }
+  static_assert(CL == 1 || (CL == 2 && TMA), "clusters share B through TMA multicast");
+  const uint32_t crank = CL == 2 ? cluster_rank() : 0u;
   if (TMA && tid == 0) {
 #pragma unroll
     for (int i = 0; i < NS; i++) mb_init(sbar + 8 * i, 1);
@@ -182,7 +207,8 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
   const uint8_t *wb2 = DUAL ? a.w2 + (int64_t)e * a.expert_bytes : nullptr;
   const int64_t nb = a.k / 32;
   const int nstages = (int)((nb + KB - 1) / KB);
-  __syncthreads(); // row maps
+  if constexpr (CL == 2) cluster_sync(); // row maps; both CTAs' mbarriers initialized before any multicast
+  else __syncthreads();                  // row maps
 
   // W copy tasks (as v3): BM rows x CH 16-byte chunks a stage.
   constexpr int WPT = BM * CH / THREADS;
@@ -231,9 +257,15 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
       if constexpr (TMA) {
         if (tid == 0) {
           const uint32_t bar = sbar + 8 * (s % NS), xd = sxs + (uint32_t)((s % NS) * SM::XS1);
-          mb_expect_tx(bar, (uint32_t)(nsel * C::NSTEP * 128));
-          for (int j = 0; j < nsel; j++)
-            tma_load_2d(xd + (uint32_t)(j * C::NSTEP * 128), &tmb, bar, (int)(kb0 * 32), base + j * C::NSTEP);
+          mb_expect_tx(bar, (uint32_t)(nsel * C::NSTEP * 128)); // all boxes, whoever loads them
+          for (int j = 0; j < nsel; j++) {
+            if constexpr (CL == 2) {
+              if ((uint32_t)(j & 1) == crank)
+                tma_load_2d_mc(xd + (uint32_t)(j * C::NSTEP * 128), &tmb, bar, (int)(kb0 * 32), base + j * C::NSTEP, 3);
+            } else {
+              tma_load_2d(xd + (uint32_t)(j * C::NSTEP * 128), &tmb, bar, (int)(kb0 * 32), base + j * C::NSTEP);
+            }
+          }
         }
       } else {
         uint8_t *xd = xs + (size_t)(s % NS) * SM::XS1 + b_dst;
@@ -296,8 +328,12 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
   auto step = [&](int s, uint32_t (&af)[MW][2 * KB][4]) {
     cp_async_wait<D - 1>();      // this thread's copies of stage s have landed
     if (!TMA) wg_fence_proxy();  // ... and are visible to wgmma's (async proxy) reads
-    __syncthreads();             // everyone's; stage s-2's decode and wgmma done (wait_group 1 below)
+    if constexpr (CL == 2) cluster_sync(); // both CTAs: stage s-2 free in both (the peer multicasts into ours)
+    else __syncthreads();        // everyone's; stage s-2's decode and wgmma done (wait_group 1 below)
     issue(s + D);                // into stage s-2's buffers
+    // CL = 2: every thread waits (inactive warpgroups too), so no CTA leaves
+    // while the peer's multicast still writes into its shared memory.
+    if (CL == 2 && !active) mb_wait(sbar + 8 * (s % NS), (uint32_t)((s / NS) & 1));
     if (active) {
       const int nblk = (int)min((int64_t)KB, nb - (int64_t)s * KB);
       decode(s, af);
@@ -369,8 +405,9 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
 }
 
 // Tile codes of v4: 30 = 128 W rows x 256 pairs (MW 1), 31 = 256 W rows x 128 pairs (MW 2);
-// 32 / 33 = the same with B loaded by TMA.
-constexpr bool mg4_tile_ok(int tile) { return tile >= 30 && tile <= 33; }
+// 32 / 33 = the same with B loaded by TMA; 34 / 35 = 32 / 33 in clusters of
+// two CTAs that multicast B.
+constexpr bool mg4_tile_ok(int tile) { return tile >= 30 && tile <= 35; }
 constexpr int mg4_bn(int tile) { return (tile & 1) == 0 ? 256 : 128; }
 constexpr size_t mg4_smem(int tile) { return (tile & 1) == 0 ? Mg4Smem<1, 256>::TOTAL : Mg4Smem<2, 128>::TOTAL; }
 
@@ -423,7 +460,7 @@ bool mg4_tmap(Mg4Tmap *m, const QArgs &a, int box_rows) {
 #endif
 }
 
-template <int MODE, int MW, int BN, bool TMA>
+template <int MODE, int MW, int BN, bool TMA, int CL = 1>
 int launch_moe_gemm4(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
   using C = Mg4Cfg<MW, BN>;
   constexpr size_t sm = Mg4Smem<MW, BN>::TOTAL;
@@ -442,10 +479,35 @@ int launch_moe_gemm4(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
     orch_set_error("moe_gemm v4 (TMA): could not encode the activations' tensor map");
     return ORCH_ERR_UNSUPPORTED;
   }
-  const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
-  cudaFuncSetAttribute(moe_gemm4_kernel<MODE, MW, BN, TMA>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs, const Mg4Tmap) = moe_gemm4_kernel<MODE, MW, BN, TMA>;
+  // CL = 2: x rounded up to whole clusters (an extra CTA's rows are all past m: it only loads).
+  const int64_t gx = ceil_div(ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM), CL) * CL;
+  cudaFuncSetAttribute(moe_gemm4_kernel<MODE, MW, BN, TMA, CL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs, const Mg4Tmap) = moe_gemm4_kernel<MODE, MW, BN, TMA, CL>;
+#ifdef ORCH_EMU
   QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a, tm);
+#else
+  if constexpr (CL == 1) {
+    QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a, tm);
+  } else {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3((unsigned)gx, (unsigned)gy);
+    cfg.blockDim = dim3(C::THREADS);
+    cfg.dynamicSmemBytes = sm;
+    cfg.stream = st;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = CL;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    const cudaError_t e = cudaLaunchKernelEx(&cfg, kern, a, tm);
+    if (e != cudaSuccess) {
+      orch_set_error("moe_gemm v4 (cluster launch): %s", cudaGetErrorString(e));
+      return ORCH_ERR_CUDA;
+    }
+  }
+#endif
   return ORCH_OK;
 }
 
@@ -455,6 +517,8 @@ int launch_moe_gemm4_tile(cudaStream_t st, const QArgs &a, int tile, int64_t row
     case 30: return launch_moe_gemm4<MODE, 1, 256, false>(st, a, rows_w, gy);
     case 31: return launch_moe_gemm4<MODE, 2, 128, false>(st, a, rows_w, gy);
     case 32: return launch_moe_gemm4<MODE, 1, 256, true>(st, a, rows_w, gy);
-    default: return launch_moe_gemm4<MODE, 2, 128, true>(st, a, rows_w, gy);
+    case 33: return launch_moe_gemm4<MODE, 2, 128, true>(st, a, rows_w, gy);
+    case 34: return launch_moe_gemm4<MODE, 1, 256, true, 2>(st, a, rows_w, gy);
+    default: return launch_moe_gemm4<MODE, 2, 128, true, 2>(st, a, rows_w, gy);
   }
 }

@@ -340,15 +340,16 @@ func TestMoEGrouped(t *testing.T) {
 					// only, other types fall back to v1's tiles); 30, 31: v4
 					// (moe_wg.cuh, wgmma: 256 / 128 pairs a tile; sm_90a builds
 					// only, skipped where the library reports it unsupported;
-					// 32, 33: the same with the activations loaded by TMA)
+					// 32, 33: the same with the activations loaded by TMA; 34,
+					// 35: TMA multicast in clusters of two CTAs)
 					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 19}
 					if !withBias || dts[0] != dts[1] {
 						tiles = []int32{0, 5, 17}
 					}
 					if moeV4Child() {
-						tiles = []int32{30, 31, 32, 33}
+						tiles = []int32{30, 31, 32, 33, 34, 35}
 						if !withBias || dts[0] != dts[1] {
-							tiles = []int32{30, 33}
+							tiles = []int32{30, 33, 34}
 						}
 					}
 					for _, tile := range tiles {
@@ -389,7 +390,7 @@ func TestMoEGroupedGraph(t *testing.T) {
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
 	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v1", "uniform/v1", "skew/v3", "uniform/v3", "one/v3s", "uniform/v3s",
-		"skew/v4", "one/v4", "uniform/v4n", "skew/v4n", "skew/v4t", "one/v4tn"} {
+		"skew/v4", "one/v4", "uniform/v4n", "skew/v4n", "skew/v4t", "one/v4tn", "skew/v4c", "uniform/v4cn"} {
 		tile := int32(0)
 		if k, ok := strings.CutSuffix(kind, "/v1"); ok {
 			kind, tile = k, 5
@@ -411,6 +412,12 @@ func TestMoEGroupedGraph(t *testing.T) {
 		}
 		if k, ok := strings.CutSuffix(kind, "/v4tn"); ok {
 			kind, tile = k, 33
+		}
+		if k, ok := strings.CutSuffix(kind, "/v4c"); ok {
+			kind, tile = k, 34
+		}
+		if k, ok := strings.CutSuffix(kind, "/v4cn"); ok {
+			kind, tile = k, 35
 		}
 		if (tile >= 30) != moeV4Child() || tile >= 30 && !moeV4Built(t, m, c, tile) {
 			continue
@@ -458,9 +465,9 @@ func TestMoEGroupedV4(t *testing.T) {
 	}
 }
 
-// moeV4Built: whether the library runs the grouped GEMM v4 tile (30..33:
+// moeV4Built: whether the library runs the grouped GEMM v4 tile (30..35:
 // an sm_90a build on an sm_90 device; 32 / 33 also the driver's tensor-map
-// encoder), by one uncaptured call.
+// encoder, 34 / 35 cluster launches), by one uncaptured call.
 func moeV4Built(t *testing.T, m *moeRef, c *moeGroupedCall, tile int32) bool {
 	err := gpu.l.status("moe_ffn_grouped", c.run(t, m, tile))
 	if errors.Is(err, ErrUnsupported) {

@@ -25,7 +25,8 @@ import (
 // 5 (WMMA, 128 x 96), by shape (v3 unless ORCH_CUDA_MOEGEMM=v1 / v4), v3's
 // two tiles (moe_gemm.cuh: 96 / 64 pairs a tile) and v4's (moe_wg.cuh,
 // wgmma, sm_90a builds only: tile 30 = 128 W rows x 256 pairs, 31 = 256 x
-// 128; 32 / 33 the same with the activations loaded by TMA). It also checks v3's and v4's outputs against v1's at that shape
+// 128; 32 / 33 the same with the activations loaded by TMA, 34 / 35 with
+// TMA multicast in clusters of two CTAs). It also checks v3's and v4's outputs against v1's at that shape
 // (relative L2 error: all round activations to bf16 and sum in fp32 in
 // different orders), with the intermediate buffers poisoned. ORCH_GPU_PERF=1 runs it; the
 // table goes to stdout and, with ORCH_PERF_OUT, to perf-moe-prefill.md next
@@ -79,7 +80,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 		// v4 runs only where the library holds its sm_90a build (and its TMA
 		// tiles where the driver's tensor-map encoder is found).
 		skip := map[int32]bool{}
-		for _, tile := range []int32{30, 31, 32, 33} {
+		for _, tile := range []int32{30, 31, 32, 33, 34, 35} {
 			if err := gpu.l.status("moe_ffn_grouped", call(tile)); errors.Is(err, ErrUnsupported) {
 				skip[tile] = true
 				notes = append(notes, fmt.Sprintf("n=%d: tile %d not in this build (%v)", n, tile, err))
@@ -99,6 +100,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 			{"v3 96 pairs (tile 17)", 17}, {"v3 64 pairs (tile 19)", 19},
 			{"v4 wgmma 128 rows x 256 pairs (tile 30)", 30}, {"v4 wgmma 256 rows x 128 pairs (tile 31)", 31},
 			{"v4 + TMA 128 x 256 (tile 32)", 32}, {"v4 + TMA 256 x 128 (tile 33)", 33},
+			{"v4 + TMA multicast x2 128 x 256 (tile 34)", 34}, {"v4 + TMA multicast x2 256 x 128 (tile 35)", 35},
 		} {
 			if skip[c.tile] {
 				continue
@@ -145,7 +147,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 			return v
 		}
 		v1 := got(5)
-		for _, tile := range []int32{0, 17, 19, 30, 31, 32, 33} {
+		for _, tile := range []int32{0, 17, 19, 30, 31, 32, 33, 34, 35} {
 			if skip[tile] {
 				continue
 			}
