@@ -188,6 +188,14 @@ int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, 
  * resets them; then traces (on != 0) or not the one-token Q8_0 v5 GEMVs
  * launched (or captured) from now on. */
 int orch_gemv_trace(orch_ctx *ctx, int32_t on, void *out, int64_t cap, int64_t *count);
+/* (session 6) y[n, m] = x · W^T + bias (as orch_matmul, no accumulate), then
+ * res += y and out = rmsnorm(res) * nw (as orch_rmsnorm(ctx, out, res, y, nw,
+ * n, m, eps)), in one launch: same bits as the two calls. out may alias res;
+ * neither may overlap x, W, bias or y. ORCH_ERR_UNSUPPORTED (nothing
+ * launched) unless orch_matmul runs the v5 GEMV (n = 1, 2) and m <= 4096, or
+ * with ORCH_CUDA_GEMV_NORM=0: the caller then makes the two calls. */
+int orch_matmul_rmsnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
+                        int64_t n, int64_t k, int64_t m, float *res, float *out, const float *nw, float eps);
 
 /* ---- norm.cu ----
  * If add != NULL: x += add (x is written back: the residual stream).

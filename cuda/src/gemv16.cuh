@@ -9,6 +9,7 @@
 #include "quant.cuh"
 #include "dec16.cuh"
 #include "qgemm.cuh"
+#include "norm_row.cuh"
 
 constexpr int GEMV16_WARPS = 8;
 
@@ -361,6 +362,114 @@ static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_
     else if (n == 2) launch_gemv5_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
     else if (n <= 4) launch_gemv5_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
     else launch_gemv5_nt<T, 8>(st, y, x, w, bias, n, k, m, rb, acc);
+  }
+}
+
+// ---- GEMV v5 + residual add + RMSNorm (orch_matmul_rmsnorm; session 6) ----
+// y = x.W^T + bias, then res += y and out = rmsnorm(res) * nw — the GEMV and
+// the AddRMSNorm after it (Llama: down -> next layer's attention norm, attention
+// out -> FFN norm; gpt-oss: attention out -> post-attention norm) in one
+// launch: every CTA runs gemv5_rows, fences its y rows and takes a ticket; the
+// last CTA (ticket gridDim.x - 1) normalises the n rows with norm.cu's own
+// row code (norm_row.cuh, reading y and res through L2) and resets the
+// ticket. This removes the norm's kernel boundary (session 5: ~3 us in the PDL
+// chain) for one CTA's serial epilogue; session 5's fold into the *consumer*
+// re-read the row in every CTA (+10% Llama) — here it is read once.
+// Tickets: a device array (zero at module load), one 32-word slot per context
+// (round-robin over GEMVN_SLOTS, as attention v8's).
+constexpr int GEMVN_SLOTS = 16;
+#if !defined(ORCH_EMU)
+__device__ unsigned g_gemvn_tickets[GEMVN_SLOTS * 32];
+#endif
+
+struct gemv5_norm_args {
+  float *res, *out;
+  const float *w;
+  float eps;
+  unsigned *ticket;
+};
+
+__device__ __forceinline__ bool gemvn_last(unsigned *ticket) {
+#if defined(__CUDA_ARCH__)
+  const unsigned t = atomicAdd(ticket, 1u);
+  const bool last = t + 1 == gridDim.x;
+  if (last) {
+    atomicExch(ticket, 0u); // every other CTA has taken its ticket
+    __threadfence();
+  }
+  return last;
+#else
+  const unsigned t = *ticket; // the emulation runs one CTA at a time
+  const bool last = t + 1 == gridDim.x;
+  *ticket = last ? 0u : t + 1;
+  return last;
+#endif
+}
+
+// The last CTA's norm of n rows: a call of its own (noinline), so that its
+// registers (NN floats per thread) do not weigh on the GEMV loop's allocation
+// (inlined, ptxas spilled 24 bytes at NN = 16).
+#if defined(ORCH_EMU)
+#define GEMVN_NOINLINE
+#else
+#define GEMVN_NOINLINE __noinline__
+#endif
+template <int NN>
+__device__ GEMVN_NOINLINE void gemvn_norm_rows(const gemv5_norm_args N, float *y, int nt, int64_t m, float *sh) {
+  for (int j = 0; j < nt; j++) norm_reg_row<false, NN, true>(N.out + j * m, N.res + j * m, y + j * m, N.w, nullptr, m, N.eps, sh);
+}
+
+template <int T, int NT, int NB, int NN>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_norm_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+                  const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes,
+                  int rows_per_warp, const gemv5_norm_args N) {
+  static_assert(GEMV16_WARPS * 32 == NORM_THREADS, "the epilogue is norm.cu's row code for its block size");
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  gemv5_rows<T, NT, NB>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, rows_per_warp);
+#if defined(__CUDA_ARCH__)
+  __threadfence(); // this thread's y stores before the ticket
+#endif
+  __syncthreads(); // every warp done with xsm and y: xsm now holds the flag and the reduction scratch
+  float *sh = reinterpret_cast<float *>(xsm);
+  unsigned *flag = xsm + 32;
+  if (threadIdx.x == 0) *flag = gemvn_last(N.ticket) ? 1u : 0u;
+  __syncthreads();
+  if (!*flag) return; // uniform over the CTA
+  gemvn_norm_rows<NN>(N, y, (int)min((int64_t)NT, n), m, sh);
+}
+
+template <int T, int NT, int NN>
+static void launch_gemv5_norm_nn(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
+                                 int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_norm_args &N) {
+  constexpr int NB = gemv5_nb<T, NT>();
+  const int rpw = gemv5_rpw(m);
+  size_t sm = dec16_smem(k, NT);
+  if (sm < 33 * 4) sm = 33 * 4; // the epilogue's flag and scratch
+  auto kern = gemv5_norm_kernel<T, NT, NB, NN>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
+  DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, rpw, N);
+}
+
+// n = 1, 2 and m <= 16 * NORM_THREADS (4096; gpt-oss 2880): the caller checks.
+template <int T>
+static void launch_gemv5_norm(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
+                              int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_norm_args &N) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const int64_t per = ceil_div(m, NORM_THREADS); // as norm.cu launch_norm
+    if (n == 1) {
+      if (per <= 4) launch_gemv5_norm_nn<T, 1, 4>(st, y, x, w, bias, n, k, m, rb, N);
+      else if (per <= 8) launch_gemv5_norm_nn<T, 1, 8>(st, y, x, w, bias, n, k, m, rb, N);
+      else if (per <= 12) launch_gemv5_norm_nn<T, 1, 12>(st, y, x, w, bias, n, k, m, rb, N);
+      else launch_gemv5_norm_nn<T, 1, 16>(st, y, x, w, bias, n, k, m, rb, N);
+    } else {
+      if (per <= 4) launch_gemv5_norm_nn<T, 2, 4>(st, y, x, w, bias, n, k, m, rb, N);
+      else if (per <= 8) launch_gemv5_norm_nn<T, 2, 8>(st, y, x, w, bias, n, k, m, rb, N);
+      else if (per <= 12) launch_gemv5_norm_nn<T, 2, 12>(st, y, x, w, bias, n, k, m, rb, N);
+      else launch_gemv5_norm_nn<T, 2, 16>(st, y, x, w, bias, n, k, m, rb, N);
+    }
   }
 }
 

@@ -14,6 +14,9 @@
 #include "dec16.cuh"
 #include "gemv16.cuh"
 
+#include <mutex>
+#include <unordered_map>
+
 constexpr int GEMV_WARPS = 4;
 
 extern "C" int64_t orch_row_bytes(int32_t t, int64_t k) {
@@ -639,6 +642,63 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
   }
   gemv5_glu_args A = {(const uint8_t *)g.w, (const uint8_t *)u.w, g.bias, u.bias, g.y, u.y, out, g.m};
   ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+// The ticket slot of ctx for gemv5_norm_kernel (as attention.cu's
+// attn8_tickets): a context gets one of GEMVN_SLOTS on its first call,
+// round-robin; nullptr if the symbol cannot be resolved (the caller declines).
+static unsigned *gemvn_ticket(orch_ctx *ctx) {
+  static std::mutex mu;
+  static std::unordered_map<orch_ctx *, std::pair<int, unsigned *>> slots; // ctx -> (device, ticket)
+  static int next = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = slots.find(ctx);
+  if (it != slots.end() && it->second.first == ctx->device) return it->second.second;
+  void *base = nullptr;
+  int cur = ctx->device;
+  cudaGetDevice(&cur);
+  if (cur != ctx->device) cudaSetDevice(ctx->device); // the symbol's copy on the context's device
+  const cudaError_t e = cudaGetSymbolAddress(&base, g_gemvn_tickets);
+  if (cur != ctx->device) cudaSetDevice(cur);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  unsigned *t = (unsigned *)base + (size_t)(next++ % GEMVN_SLOTS) * 32;
+  slots[ctx] = {ctx->device, t};
+  return t;
+}
+
+// GEMV + AddRMSNorm in one launch (gemv16.cuh gemv5_norm_kernel): only where
+// orch_matmul would run v5 (n = 1, 2, default routing) and m <= 4096; y is
+// then bit-identical to orch_matmul's and res / out to orch_rmsnorm(out, res,
+// y, nw) after it. ORCH_CUDA_GEMV_NORM=0 declines always.
+static bool gemvn_off_env() {
+  static const bool v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV_NORM");
+    return e && strcmp(e, "0") == 0;
+  }();
+  return v;
+}
+
+extern "C" int orch_matmul_rmsnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype,
+                                   const float *bias, int64_t n, int64_t k, int64_t m, float *res, float *out,
+                                   const float *nw, float eps) {
+  const char *op = "matmul_rmsnorm";
+  ORCH_CHECK_ARG(ctx && y && x && w && res && out && nw && n >= 0 && k > 0 && m > 0, op);
+  const int64_t rb = orch_row_bytes(wtype, k);
+  const bool ok = !gemvn_off_env() && n >= 1 && n <= 2 && m <= 16 * NORM_THREADS && gemv3_type(wtype) && k % 32 == 0 &&
+                  aligned16(x) && aligned16(w) && gemv_route(ctx, wtype, n, k, m, rb) == GR_V5;
+  unsigned *tk = ok ? gemvn_ticket(ctx) : nullptr;
+  if (!tk) {
+    orch_set_error("matmul_rmsnorm: not the v5 GEMV (type %d, n=%lld, k=%lld, m=%lld)", wtype, (long long)n,
+                   (long long)k, (long long)m);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  const gemv5_norm_args N = {res, out, nw, eps, tk};
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_norm, ctx->stream, y, x, (const uint8_t *)w, bias, n, k, m, rb, N);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

@@ -1,8 +1,7 @@
 // norm.cu — RMSNorm and LayerNorm, each optionally fused with the residual
 // add (x += add, written back) so the residual stream costs one pass.
 #include "common.cuh"
-
-constexpr int NORM_THREADS = 256;
+#include "norm_row.cuh"
 
 template <bool LAYER>
 __global__ void __launch_bounds__(NORM_THREADS)
@@ -41,11 +40,11 @@ norm_kernel(float *__restrict__ out, float *__restrict__ x, const float *__restr
 }
 
 // The same norm with each thread's elements held in registers (dim <= N *
-// NORM_THREADS): x (+ add) is read once, instead of once per pass (the loop
-// above reads x again for the variance and again for the output: two more
-// dependent memory round trips on the decode step's critical path, twice per
-// layer). Each thread owns the same elements in the same order and every
-// expression is the one above, so the results are bit-identical.
+// NORM_THREADS; norm_row.cuh): x (+ add) is read once, instead of once per
+// pass (the loop above reads x again for the variance and again for the
+// output: two more dependent memory round trips on the decode step's critical
+// path, twice per layer). Each thread owns the same elements in the same order
+// and every expression is the one above, so the results are bit-identical.
 template <bool LAYER, int N>
 __global__ void __launch_bounds__(NORM_THREADS)
 norm_reg_kernel(float *__restrict__ out, float *__restrict__ x, const float *__restrict__ add,
@@ -53,51 +52,8 @@ norm_reg_kernel(float *__restrict__ out, float *__restrict__ x, const float *__r
   __shared__ float sh[32];
   pdl_trigger();
   pdl_wait(); // PDL: everything below reads or writes what earlier kernels use
-  float *xr = x + blockIdx.x * dim;
-  const float *ar = add ? add + blockIdx.x * dim : nullptr;
-  float *orow = out + blockIdx.x * dim;
-  float v[N];
-  float s = 0.f;
-#pragma unroll
-  for (int j = 0; j < N; j++) {
-    const int64_t i = threadIdx.x + (int64_t)j * NORM_THREADS;
-    v[j] = 0.f;
-    if (i < dim) {
-      v[j] = xr[i];
-      if (ar) v[j] += ar[i];
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < N; j++) {
-    const int64_t i = threadIdx.x + (int64_t)j * NORM_THREADS;
-    if (i < dim) {
-      if (ar) xr[i] = v[j];
-      s += v[j];
-    }
-  }
-  float mean = 0.f;
-  if (LAYER) mean = block_sum(s, sh) / (float)dim;
-  float ss = 0.f;
-#pragma unroll
-  for (int j = 0; j < N; j++) {
-    const int64_t i = threadIdx.x + (int64_t)j * NORM_THREADS;
-    if (i < dim) {
-      float d = v[j] - mean;
-      ss += d * d;
-    }
-  }
-  float var = block_sum(ss, sh) / (float)dim;
-  float r = rsqrtf(var + eps);
-#pragma unroll
-  for (int j = 0; j < N; j++) {
-    const int64_t i = threadIdx.x + (int64_t)j * NORM_THREADS;
-    if (i < dim) {
-      float o = (v[j] - mean) * r;
-      if (w) o *= w[i];
-      if (b) o += b[i];
-      orow[i] = o;
-    }
-  }
+  norm_reg_row<LAYER, N, false>(out + blockIdx.x * dim, x + blockIdx.x * dim, add ? add + blockIdx.x * dim : nullptr,
+                                w, b, dim, eps, sh);
 }
 
 // Launches the register version for dim <= 32 * NORM_THREADS (N a multiple

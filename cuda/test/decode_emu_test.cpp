@@ -359,6 +359,40 @@ static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
               (long long)m, n, rpw);
 }
 
+// GEMV + residual add + RMSNorm in one launch (orch_matmul_rmsnorm's
+// kernel): y bit-identical to launch_gemv5, res and out to norm.cu's
+// launch_norm after it; the ticket back at 0 (two launches in a row).
+static void test_gemv_norm(int t, int64_t k, int64_t m, int n, bool bias, bool inplace, int reps = 1) {
+  QW w;
+  make_weight(w, t, k, m);
+  const size_t ny = (size_t)(n * m);
+  const auto res0 = randv(ny, 2.f), nw = randv((size_t)m, 1.f);
+  Buf<float> bx(randv((size_t)(n * k), 1.f)), bb(randv((size_t)m, 1.f)), bw(nw);
+  Buf<float> yr(ny, NAN), rr(res0), orr(ny, NAN), yf(ny, NAN), rf(res0), of(ny, NAN);
+  Buf<unsigned> tk(1, 0u);
+  const int64_t rb = orch_row_bytes(t, k);
+  const float eps = 1e-5f;
+  ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, yr.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m, rb, 0)
+  launch_norm<false>(nullptr, n, inplace ? rr.p : orr.p, rr.p, yr.p, bw.p, nullptr, m, eps);
+  for (int rep = 0; rep < reps; rep++) {
+    if (rep) { // again from the same inputs: the ticket must have been reset
+      std::memcpy(rf.p, res0.data(), ny * 4);
+      for (size_t i = 0; i < ny; i++) yf.p[i] = of.p[i] = NAN;
+    }
+    const gemv5_norm_args N = {rf.p, inplace ? rf.p : of.p, bw.p, eps, tk.p};
+    ORCH_DISPATCH_TYPE(t, launch_gemv5_norm, nullptr, yf.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m, rb, N)
+    EXPECT(std::memcmp(yf.p, yr.p, ny * 4) == 0, "GEMV+norm y (%s k=%lld m=%lld n=%d) != v5", tname(t), (long long)k,
+           (long long)m, n);
+    EXPECT(std::memcmp(rf.p, rr.p, ny * 4) == 0, "GEMV+norm res (%s m=%lld n=%d) != norm.cu", tname(t), (long long)m, n);
+    if (!inplace)
+      EXPECT(std::memcmp(of.p, orr.p, ny * 4) == 0, "GEMV+norm out (%s m=%lld n=%d) != norm.cu", tname(t), (long long)m,
+             n);
+    EXPECT(tk.p[0] == 0u, "GEMV+norm: ticket %u after the launch", tk.p[0]);
+  }
+  std::printf("GEMV v5+AddRMSNorm %-5s k=%-4lld m=%-4lld n=%d bias=%d inplace=%d: bit-identical to gemv + norm\n",
+              tname(t), (long long)k, (long long)m, n, bias, inplace);
+}
+
 // RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
 // (bit for bit) and a float64 reference.
 static void test_rope2(int neox) {
@@ -542,6 +576,12 @@ int main(int argc, char **argv) {
   test_gemv_glu(ORCH_T_Q4_0, 96, 8, 2, false, true);
   test_gemv_glu(ORCH_T_Q8_0, 4096, 12, 2, true, true, 1); // x per round: 2 rounds
   test_gemv_glu(ORCH_T_MXFP4, 2880, 8, 1, false, false, 1); // 90 chunks: a partial second round
+  test_gemv_norm(ORCH_T_Q8_0, 96, 2880 / 8, 1, true, false, 2); // m = 360: N 4 (45 CTAs); twice: the ticket reset
+  test_gemv_norm(ORCH_T_Q8_0, 128, 1040, 2, false, true);       // N 8; ragged last CTA; in place
+  if (long_run) {
+    test_gemv_norm(ORCH_T_MXFP4, 64, 3000, 1, false, false);    // N 12
+    test_gemv_norm(ORCH_T_Q4_0, 64, 4096, 2, true, false);      // N 16 (Llama's width)
+  }
   test_gemv_xr(ORCH_T_Q8_0, 14336, 8, 1, 1);  // Llama down's k: 5 rounds, the last partial
   test_gemv_xr(ORCH_T_Q8_0, 4096, 20, 2, 2);  // 2 rows per warp: the second row reads what the first staged
   test_gemv_xr(ORCH_T_MXFP4, 2880, 12, 1, 1);

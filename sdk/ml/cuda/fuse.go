@@ -26,6 +26,12 @@ var fuseOps = os.Getenv("ORCH_CUDA_FUSE") != "0"
 // library reads the same variable and declines too).
 var fuseGLU = os.Getenv("ORCH_CUDA_GLU") != "0"
 
+// fuseNorm (session 6): a held single GEMV followed by AddRMSNorm(res, out, y)
+// of its output becomes one orch_matmul_rmsnorm launch (the last CTA of the
+// GEMV normalises). ORCH_CUDA_GEMV_NORM=0 turns it off (the library reads the
+// same variable and declines too).
+var fuseNorm = os.Getenv("ORCH_CUDA_GEMV_NORM") != "0"
+
 const maxGEMVParts = 3 // orch_matmul_multi's limit (GEMV_MAX_PARTS)
 
 // gemvPart mirrors orch_gemv_part field by field.
@@ -257,5 +263,40 @@ func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
 	p.mm = 0
 	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
 	b.call("swiglu", rc)
+	return true
+}
+
+// foldNorm launches the held GEMV y = x.W^T (+ bias) together with
+// AddRMSNorm(res, out, y, nw) as one kernel (orch_matmul_rmsnorm) when y is
+// exactly the held part's output (one part, n <= 2, as many rows as the norm
+// is wide) and res and out overlap none of the GEMV's operands (out may be
+// res); it reports whether it did. On false nothing was launched.
+func (b *Backend) foldNorm(op string, out, res, y *tensor, nw uintptr, eps float32) bool {
+	p := &b.pend
+	if !fuseOps || !fuseNorm || p.mm != 1 || p.n > 2 || p.parts[0].y != y.ptr {
+		return false
+	}
+	q := p.parts[0]
+	dim, n := rows2(y)
+	if int64(dim) != q.m || int64(n) != p.n {
+		return false
+	}
+	rs, outs := span{res.ptr, uintptr(res.bytes)}, span{out.ptr, uintptr(out.bytes)}
+	ys := span{y.ptr, uintptr(y.bytes)}
+	if rs.overlaps(ys) || outs.overlaps(ys) || (outs.overlaps(rs) && (out.ptr != res.ptr || out.n != res.n)) {
+		return false
+	}
+	for _, s := range p.reads {
+		if rs.overlaps(s) || outs.overlaps(s) {
+			return false
+		}
+	}
+	rc := b.l.matmulRMSNorm(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, res.ptr, out.ptr, nw, eps)
+	if rc == stUnsupported { // not the v5 GEMV: the caller flushes and runs both
+		return false
+	}
+	p.mm = 0
+	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
+	b.call(op, rc)
 	return true
 }

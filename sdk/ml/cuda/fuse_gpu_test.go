@@ -330,7 +330,7 @@ func TestGEMV5XR(t *testing.T) {
 	if os.Getenv("ORCH_CUDA_GEMV5_XR") != "" || os.Getenv("ORCH_CUDA_GEMV") != "" {
 		t.Skip("ORCH_CUDA_GEMV5_XR / ORCH_CUDA_GEMV set: the XR child runs from a process without them")
 	}
-	tests := []string{"TestMatMul", "TestFusedLaunches", "TestFusedSwiGLU", "TestPDLChain"}
+	tests := []string{"TestMatMul", "TestFusedLaunches", "TestFusedSwiGLU", "TestFusedNorm", "TestPDLChain"}
 	cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 	cmd.Env = append(os.Environ(), "ORCH_CUDA_GEMV5_XR=1")
 	outp, err := cmd.CombinedOutput()
@@ -428,6 +428,96 @@ func TestFusedSwiGLU(t *testing.T) {
 					ref.SwiGLU(o.c, g.c, u.c)
 					co := make([]float32, ff*n)
 					require.NoError(t, ref.ReadF32(o.c, co))
+					checkVec(t, name+" out vs CPU", fused[2], co, 2*gemvTol(dt, n, true))
+				})
+			}
+		}
+	}
+}
+
+// GEMV + AddRMSNorm of its output in one launch (orch_matmul_rmsnorm, fuse.go
+// foldNorm): y, res and out bit-identical to the GEMV + orch_rmsnorm, eagerly
+// and over a graph capture and two replays (res restored before each), in
+// place and not, with and without bias; the library must take n = 1, 2 itself
+// (called directly) and decline n = 3; and against the CPU backend.
+func TestFusedNorm(t *testing.T) {
+	r := newRNG(t)
+	defer func(v, g bool) { fuseOps, fuseNorm = v, g }(fuseOps, fuseNorm)
+	fuseOps = true
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4, ml.Q4_0} {
+		for _, sh := range []struct{ k, m int }{{4096, 2880}, {1024, 4096}} {
+			for _, n := range []int{1, 2, 3} {
+				inplace := n == 2
+				name := fmt.Sprintf("%v/%dx%d/n=%d/inplace=%v", dt, sh.k, sh.m, n, inplace)
+				t.Run(name, func(t *testing.T) {
+					k, m := sh.k, sh.m
+					x := f32Pair(t, randF32(r, k*n, 1), k, n)
+					w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
+					var bias pair
+					if n != 2 {
+						bias = f32Pair(t, randF32(r, m, 1), m)
+					}
+					nw := f32Pair(t, randF32(r, m, 1), m)
+					res0 := randF32(r, m*n, 4)
+					y, res, o := out(t, m, n), f32Pair(t, res0, m, n), out(t, m, n)
+					dst := o
+					if inplace {
+						dst = res
+					}
+					record := func() {
+						gpu.MatMul(y.g, x.g, w.g, bias.g)
+						gpu.AddRMSNorm(res.g, dst.g, y.g, nw.g, 1e-5)
+					}
+					reset := func() {
+						gpu.Fill(y.g, float32(math.NaN()))
+						gpu.Fill(o.g, float32(math.NaN()))
+						require.NoError(t, gpu.WriteF32(res.g, res0))
+					}
+					run := func() [3][]float32 {
+						reset()
+						record()
+						return [3][]float32{readF32(t, y.g), readF32(t, res.g), readF32(t, dst.g)}
+					}
+					fuseNorm = false
+					sep := run()
+					fuseNorm = true
+					fused := run()
+					for i := range sep {
+						sameBits(t, fmt.Sprintf("%s output %d fused vs separate", name, i), sep[i], fused[i])
+					}
+					for rep := 0; rep < 3; rep++ { // capture, then replays: the ticket must be back at 0 each time
+						reset()
+						require.NoError(t, gpu.Run("norm-"+name, record))
+						sameBits(t, fmt.Sprintf("%s graph %d y", name, rep), sep[0], readF32(t, y.g))
+						sameBits(t, fmt.Sprintf("%s graph %d res", name, rep), sep[1], readF32(t, res.g))
+						sameBits(t, fmt.Sprintf("%s graph %d out", name, rep), sep[2], readF32(t, dst.g))
+					}
+					ptr := func(p pair) uintptr {
+						if p.g == nil {
+							return 0
+						}
+						return p.g.(*tensor).ptr
+					}
+					reset()
+					require.NoError(t, gpu.Sync())
+					rc := gpu.l.matmulRMSNorm(gpu.ctx, ptr(y), ptr(x), ptr(w), int32(dt), ptr(bias), int64(n), int64(k),
+						int64(m), ptr(res), ptr(dst), ptr(nw), 1e-5)
+					if n <= 2 && os.Getenv("ORCH_CUDA_GEMV") == "" && os.Getenv("ORCH_CUDA_GEMV_NORM") != "0" {
+						require.NoError(t, gpu.l.status("matmul_rmsnorm", rc))
+						require.NoError(t, gpu.Sync())
+						sameBits(t, name+" direct out", sep[2], readF32(t, dst.g))
+					} else if n > 2 {
+						require.Equal(t, int32(stUnsupported), rc, "n = %d must be declined", n)
+					}
+					// CPU backend.
+					var rb ml.Tensor
+					if bias.c != nil {
+						rb = bias.c
+					}
+					ref.MatMul(y.c, x.c, w.c, rb)
+					ref.AddRMSNorm(res.c, dst.c, y.c, nw.c, 1e-5)
+					co := make([]float32, m*n)
+					require.NoError(t, ref.ReadF32(dst.c, co))
 					checkVec(t, name+" out vs CPU", fused[2], co, 2*gemvTol(dt, n, true))
 				})
 			}

@@ -20,8 +20,8 @@ type fakeLib struct {
 	// multiRC is what orch_matmul_multi answers (stUnsupported: the library
 	// declines, e.g. not the v5 GEMV).
 	multiRC int32
-	// gluRC is what orch_matmul_swiglu answers.
-	gluRC int32
+	// gluRC / normRC: what orch_matmul_swiglu / orch_matmul_rmsnorm answer.
+	gluRC, normRC int32
 }
 
 func (f *fakeLib) add(format string, a ...any) int32 {
@@ -55,6 +55,13 @@ func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
 			return f.add("matmul_swiglu x=%x n=%d k=%d gate=%x/%d up=%x/%d out=%x", x, n, k, ps[0].y, ps[0].m, ps[1].y,
 				ps[1].m, out)
 		},
+		matmulRMSNorm: func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, out, nw uintptr,
+			eps float32) int32 {
+			if f.normRC != stOK {
+				return f.normRC
+			}
+			return f.add("matmul_rmsnorm y=%x x=%x n=%d m=%d res=%x out=%x", y, x, n, m, res, out)
+		},
 		swiglu: func(ctx, out, gate, up uintptr, n, dim, gs, us int64) int32 {
 			return f.add("swiglu out=%x gate=%x up=%x", out, gate, up)
 		},
@@ -76,7 +83,7 @@ func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
 			return f.add("kv_write k=%x kc=%x", k, kc)
 		},
 		rmsnorm: func(ctx, out, x, add, w uintptr, n, dim int64, eps float32) int32 {
-			return f.add("rmsnorm out=%x", out)
+			return f.add("rmsnorm out=%x x=%x add=%x", out, x, add)
 		},
 		add:          func(ctx, out, a, b uintptr, n int64) int32 { return f.add("add out=%x", out) },
 		sync:         func(ctx uintptr) int32 { return f.add("sync") },
@@ -141,7 +148,7 @@ func TestFuseAttentionBlock(t *testing.T) {
 	b.RoPE(qh, pos, rope)
 	b.RoPE(kh, pos, rope)
 	require.Equal(t, []string{
-		fmt.Sprintf("rmsnorm out=%x", h.ptr),
+		fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, x.ptr),
 		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d %x/%d]", h.ptr, d, q.ptr, hd*nh, k.ptr, hd*nkv, v.ptr, hd*nkv),
 	}, f.take(), "the third GEMV launches the merged kernel; the RoPE pair waits for the KV write")
 	b.KVWrite(kc, vc, kh, vh, bt)
@@ -341,4 +348,71 @@ func TestFuseSwiGLU(t *testing.T) {
 	b.MatMul(u, h, wu, nil)
 	b.SwiGLU(g, g, u)
 	require.Equal(t, unfused(g.ptr, g.ptr, u.ptr), f.take())
+}
+
+// A GEMV followed by AddRMSNorm of its output (Llama's down / attention out
+// -> the next norm): one orch_matmul_rmsnorm launch; not when the norm reads
+// something else, res or out overlap the GEMV's operands, the GEMV is merged
+// with others, n > 2, the library declines, or the switches are off.
+func TestFuseNorm(t *testing.T) {
+	defer func(v, g bool) { fuseOps, fuseNorm = v, g }(fuseOps, fuseNorm)
+	fuseOps, fuseNorm = true, true
+	b, f := newFakeBackend(t)
+	const d, ff = 64, 96
+	g := fakeT(b, ml.F32, ff, 1)
+	wd := fakeT(b, ml.Q8_0, ff, d)
+	fo, x, h, nw := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d)
+	fused := func(res, out uintptr) string {
+		return fmt.Sprintf("matmul_rmsnorm y=%x x=%x n=1 m=%d res=%x out=%x", fo.ptr, g.ptr, d, res, out)
+	}
+	unfused := func(res, out uintptr) []string {
+		return []string{fmt.Sprintf("matmul y=%x x=%x n=1", fo.ptr, g.ptr), fmt.Sprintf("rmsnorm out=%x x=%x add=%x", out, res, fo.ptr)}
+	}
+
+	b.MatMul(fo, g, wd, nil)
+	b.AddRMSNorm(x, h, fo, nw, 1e-5)
+	require.Equal(t, []string{fused(x.ptr, h.ptr)}, f.take())
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{"sync"}, f.take(), "nothing left held")
+
+	b.MatMul(fo, g, wd, nil)
+	b.AddRMSNorm(x, x, fo, nw, 1e-5) // out in place over res
+	require.Equal(t, []string{fused(x.ptr, x.ptr)}, f.take())
+
+	b.MatMul(fo, g, wd, nil)
+	b.RMSNorm(h, fo, nw, 1e-5) // no residual: not folded
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", fo.ptr, g.ptr),
+		fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, fo.ptr)}, f.take())
+
+	b.MatMul(fo, g, wd, nil)
+	b.AddRMSNorm(x, h, h, nw, 1e-5) // adds another tensor
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", fo.ptr, g.ptr),
+		fmt.Sprintf("rmsnorm out=%x x=%x add=%x", h.ptr, x.ptr, h.ptr)}, f.take())
+
+	// out overlapping the GEMV's input: no fold.
+	gv := &tensor{}
+	*gv = *g
+	gv.shape, gv.n, gv.bytes = []int{d, 1}, d, 4*d
+	b.MatMul(fo, g, wd, nil)
+	b.AddRMSNorm(x, gv, fo, nw, 1e-5)
+	require.Equal(t, unfused(x.ptr, g.ptr), f.take())
+
+	// Merged GEMVs (two parts) are not folded.
+	fo2 := fakeT(b, ml.F32, d, 1)
+	b.MatMul(fo, g, wd, nil)
+	b.MatMul(fo2, g, wd, nil)
+	b.AddRMSNorm(x, h, fo, nw, 1e-5)
+	require.Equal(t, []string{fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d]", g.ptr, ff, fo.ptr, d, fo2.ptr, d),
+		fmt.Sprintf("rmsnorm out=%x x=%x add=%x", h.ptr, x.ptr, fo.ptr)}, f.take())
+
+	// The library declines; then the switch off.
+	f.normRC = stUnsupported
+	b.MatMul(fo, g, wd, nil)
+	b.AddRMSNorm(x, h, fo, nw, 1e-5)
+	require.Equal(t, unfused(x.ptr, h.ptr), f.take())
+	f.normRC = stOK
+	fuseNorm = false
+	b.MatMul(fo, g, wd, nil)
+	b.AddRMSNorm(x, h, fo, nw, 1e-5)
+	require.Equal(t, unfused(x.ptr, h.ptr), f.take())
 }

@@ -100,6 +100,8 @@ type lib struct {
 	// Session 6 (fuse.go foldSwiGLU): gateUp points at 2 parts (gate, up; same m).
 	matmulSwiGLU func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32
 	gemvTrace    func(ctx uintptr, on int32, out *gemvTraceRec, cap int64, count *int64) int32
+	// matmulRMSNorm: y = x.W^T + bias, res += y, out = rmsnorm(res) * nw in one launch.
+	matmulRMSNorm func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, out, nw uintptr, eps float32) int32
 
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32
@@ -234,6 +236,7 @@ func (l *lib) bind() (err error) {
 		{&l.moeFFNRoute, "orch_moe_ffn_route"},
 		{&l.moeDecode, "orch_moe_decode"},
 		{&l.matmulSwiGLU, "orch_matmul_swiglu"}, {&l.gemvTrace, "orch_gemv_trace"},
+		{&l.matmulRMSNorm, "orch_matmul_rmsnorm"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {

@@ -198,45 +198,60 @@ func (b *Backend) Add(dst, x, y ml.Tensor) {
 	b.call(op, b.l.add(b.ctx, d.ptr, a.ptr, c.ptr, int64(d.n)))
 }
 
-func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, layer bool) {
-	d, xx := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
-	if d == nil || xx == nil {
-		return
+// normOps: the validated operands of a norm.
+type normOps struct {
+	d, x, r  *tensor // r: the residual (nil without)
+	wp, bp   uintptr
+	dim, n   int
+	xp, addp uintptr // the kernel normalises xp, adding addp into it first
+}
+
+func (b *Backend) normArgs(op string, res, dst, x, w, bias ml.Tensor, layer bool) (a normOps, ok bool) {
+	a.d, a.x = b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
+	if a.d == nil || a.x == nil {
+		return a, false
 	}
-	if d.n != xx.n {
-		b.failf(op, "dst %v, x %v", d.shape, xx.shape)
-		return
+	if a.d.n != a.x.n {
+		b.failf(op, "dst %v, x %v", a.d.shape, a.x.shape)
+		return a, false
 	}
-	dim, n := rows2(xx)
-	wp, ok := b.optF32(op, "w", w, dim)
-	if !ok {
-		return
+	a.dim, a.n = rows2(a.x)
+	if a.wp, ok = b.optF32(op, "w", w, a.dim); !ok {
+		return a, false
 	}
 	if w == nil && !layer {
 		b.failf(op, "w is nil")
-		return
+		return a, false
 	}
-	bp, ok := b.optF32(op, "b", bias, dim)
-	if !ok {
-		return
+	if a.bp, ok = b.optF32(op, "b", bias, a.dim); !ok {
+		return a, false
 	}
-	// The kernel normalises its x argument, adding `add` into it first.
-	xp, addp := xx.ptr, uintptr(0)
+	a.xp = a.x.ptr
 	if res != nil {
-		r := b.arg(op, "res", res, ml.F32)
-		if r == nil {
-			return
+		if a.r = b.arg(op, "res", res, ml.F32); a.r == nil {
+			return a, false
 		}
-		if r.n != xx.n {
-			b.failf(op, "res %v, x %v", r.shape, xx.shape)
-			return
+		if a.r.n != a.x.n {
+			b.failf(op, "res %v, x %v", a.r.shape, a.x.shape)
+			return a, false
 		}
-		xp, addp = r.ptr, xx.ptr
+		a.xp, a.addp = a.r.ptr, a.x.ptr
 	}
+	return a, true
+}
+
+func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, layer bool) {
+	b.holdFlush = true // a held GEMV writing x may take this norm into its launch (fuse.go foldNorm)
+	a, ok := b.normArgs(op, res, dst, x, w, bias, layer)
+	b.holdFlush = false
+	if !ok || (!layer && a.r != nil && b.foldNorm(op, a.d, a.r, a.x, a.wp, eps)) {
+		return
+	}
+	b.flush()
 	if layer {
-		b.call(op, b.l.layernorm(b.ctx, d.ptr, xp, addp, wp, bp, int64(n), int64(dim), eps))
+		b.call(op, b.l.layernorm(b.ctx, a.d.ptr, a.xp, a.addp, a.wp, a.bp, int64(a.n), int64(a.dim), eps))
 	} else {
-		b.call(op, b.l.rmsnorm(b.ctx, d.ptr, xp, addp, wp, int64(n), int64(dim), eps))
+		b.call(op, b.l.rmsnorm(b.ctx, a.d.ptr, a.xp, a.addp, a.wp, int64(a.n), int64(a.dim), eps))
 	}
 }
 
