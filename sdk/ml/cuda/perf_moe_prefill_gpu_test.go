@@ -114,6 +114,36 @@ func TestPerfMoEPrefill(t *testing.T) {
 		// The whole op through Backend.MoE (router GEMV + top-k + expert
 		// FFN): the fused v9 route (moeRouteMaxN = 64), as routed, and the
 		// grouped GEMMs (moeRouteMaxN = 0).
+		if n >= 512 {
+			// The whole Backend.MoE next to its parts (device run 1: moe is
+			// 57.6% of pp2048's op time, more than the grouped GEMMs alone
+			// explain): router GEMM (orch_matmul, F32 router), top-k, and
+			// the grouped op (bucketing + gather + gate_up + down + combine:
+			// the rows above; its inner split in the note of
+			// TestMoEGroupedParts' table).
+			xm := alloc(ml.F32, d, n)
+			require.NoError(t, gpu.WriteF32(xm, r.f32(d*n)))
+			logits, tids, tw := alloc(ml.F32, ne, n), alloc(ml.I32, p), alloc(ml.F32, p)
+			parts := []struct {
+				label string
+				fn    func()
+			}{
+				{"Backend.MoE (router + top-k + grouped FFN)", func() { gpu.MoE(out, xm, mo) }},
+				{"part: router GEMM (orch_matmul F32 2880x32)", func() {
+					gpu.call("matmul", gpu.l.matmul(gpu.ctx, dptr(t, logits), dptr(t, xm), dptr(t, mo.Router), int32(ml.F32),
+						dptr(t, mo.RouterBias), int64(n), d, ne, 0))
+				}},
+				{"part: top-k (orch_moe_topk)", func() {
+					gpu.call("moe_topk", gpu.l.moeTopK(gpu.ctx, dptr(t, tids), dptr(t, tw), dptr(t, logits), int64(n), ne, topk))
+				}},
+			}
+			for _, c := range parts {
+				ms := timeKernel(t, 10, 5, c.fn)
+				require.NoError(t, gpu.Sync())
+				fmt.Fprintf(&sb, "| n=%d %s | %.4f ms | %.0f | %.4f ms | %.0f%% |\n", n, c.label, ms,
+					flops/(ms*1e-3)/1e12, floor, 100*floor/ms)
+			}
+		}
 		if n <= 64 {
 			xm := alloc(ml.F32, d, n)
 			require.NoError(t, gpu.WriteF32(xm, r.f32(d*n)))
