@@ -648,6 +648,52 @@ __global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ id
     }
 }
 
+// ORCH_CUDA_MOEGEMM_PARTS=1 (timing aid, read once; session 6): each
+// orch_moe_ffn_grouped call outside a stream capture records an event after
+// each of its launches, waits for them and prints one line to stderr with
+// the time of each part (bucketing, gather, gate_up, down, combine), so the
+// perf test can account for the whole op (TestMoEGroupedParts).
+struct MoeParts {
+#ifndef ORCH_EMU
+  cudaEvent_t ev[6] = {};
+#endif
+  int used = 0;
+  bool on = false;
+  MoeParts(cudaStream_t st) {
+#ifndef ORCH_EMU
+    static const bool env = getenv("ORCH_CUDA_MOEGEMM_PARTS") && getenv("ORCH_CUDA_MOEGEMM_PARTS")[0] == '1';
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    if (!env || cudaStreamIsCapturing(st, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) return;
+    on = true;
+    for (auto &e : ev) cudaEventCreate(&e);
+#else
+    (void)st;
+#endif
+  }
+  void mark(cudaStream_t st) {
+#ifndef ORCH_EMU
+    if (on && used < 6) cudaEventRecord(ev[used++], st);
+#else
+    (void)st;
+#endif
+  }
+  void report(int64_t n, int tile) {
+#ifndef ORCH_EMU
+    if (!on) return;
+    if (used == 6 && cudaEventSynchronize(ev[5]) == cudaSuccess) {
+      float t[5];
+      for (int i = 0; i < 5; i++) cudaEventElapsedTime(&t[i], ev[i], ev[i + 1]);
+      fprintf(stderr, "orch moe_ffn_grouped parts n=%lld tile=%d: bucket %.1f us, gather %.1f us, gate_up %.1f us, down %.1f us, combine %.1f us\n",
+              (long long)n, tile, 1e3 * t[0], 1e3 * t[1], 1e3 * t[2], 1e3 * t[3], 1e3 * t[4]);
+    }
+    for (auto &e : ev) cudaEventDestroy(e);
+    on = false;
+#else
+    (void)n, (void)tile;
+#endif
+  }
+};
+
 } // namespace
 
 extern "C" int orch_qgemm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
@@ -748,9 +794,12 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   const int64_t rb_gu = orch_row_bytes(gu_type, dim), rb_dn = orch_row_bytes(down_type, ff);
   // Route layout (qgemm.cuh): exp_off[n_exp+1] | ntiles | sorted[pairs] | tile_e[tb] | tile_r0[tb]
   // (tb for this call's bn; orch_moe_route_ints sizes for bn = 16, the largest bound).
+  MoeParts parts(ctx->stream);
+  parts.mark(ctx->stream);
   QG_LAUNCH(moe_bucket_kernel, dim3(1), 1024, (size_t)(4 * n_exp + 2) * sizeof(int), ctx->stream, route, ids,
             (int)pairs, n_exp, bn, tb);
   ORCH_LAUNCHED(op);
+  parts.mark(ctx->stream);
   QArgs a{};
   a.exp_off = route;
   a.ntiles = route + n_exp + 1;
@@ -763,6 +812,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   // x rows gathered in sorted order, as bf16
   launch_to_bf16(ctx->stream, (__nv_bfloat16 *)xg, x, pairs, dim, a.sorted, route + n_exp, n_slots);
   ORCH_LAUNCHED(op);
+  parts.mark(ctx->stream);
   // gate + up (+ biases, clamped SwiGLU) -> act[pos, ff] (bf16, sorted order)
   a.y = act;
   a.xa = (const __nv_bfloat16 *)xg;
@@ -779,8 +829,9 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   int rc = tile_v4(tile)   ? launch_moe_gemm4_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
            : tile_v3(tile) ? launch_moe_gemm3_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
                            : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
-  if (rc != ORCH_OK) return rc;
+  if (rc != ORCH_OK) return parts.report(n, -1), rc;
   ORCH_LAUNCHED(op);
+  parts.mark(ctx->stream);
   // down (+ bias) -> ybuf[pair, dim]
   a.y = ybuf;
   a.xa = (const __nv_bfloat16 *)act;
@@ -797,7 +848,11 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   rc = tile_v4(tile)   ? launch_moe_gemm4_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
        : tile_v3(tile) ? launch_moe_gemm3_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
                        : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
-  if (rc != ORCH_OK) return rc;
+  if (rc != ORCH_OK) return parts.report(n, -1), rc;
   ORCH_LAUNCHED(op);
-  return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
+  parts.mark(ctx->stream);
+  rc = orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
+  parts.mark(ctx->stream);
+  parts.report(n, tile);
+  return rc;
 }

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -194,6 +195,29 @@ func TestPerfMoEPrefill(t *testing.T) {
 			require.Less(t, rel, 5e-3, "n=%d: tile %d differs from v1", n, tile)
 		}
 	}
+	// The grouped op's inner split (bucketing, gather, gate_up, down,
+	// combine) from a child process with the library's timing aid on.
+	cmd := exec.Command(os.Args[0], "-test.run", "^TestMoEGroupedParts$", "-test.v")
+	cmd.Env = append(os.Environ(), "ORCH_CUDA_MOEGEMM_PARTS=1")
+	outp, err := cmd.CombinedOutput()
+	if err != nil {
+		notes = append(notes, fmt.Sprintf("TestMoEGroupedParts child failed: %v", err))
+	}
+	last := map[string]string{} // the warm (last) call of each n and tile
+	var keys []string
+	for _, l := range strings.Split(string(outp), "\n") {
+		if k, _, ok := strings.Cut(l, ":"); ok && strings.Contains(l, "moe_ffn_grouped parts") {
+			if _, seen := last[k]; !seen {
+				keys = append(keys, k)
+			}
+			last[k] = strings.TrimSpace(l)
+		} else if strings.Contains(l, "--- FAIL") {
+			notes = append(notes, strings.TrimSpace(l))
+		}
+	}
+	for _, k := range keys {
+		notes = append(notes, last[k])
+	}
 	sb.WriteString("\n")
 	for _, s := range notes {
 		sb.WriteString("- " + s + "\n")
@@ -202,4 +226,55 @@ func TestPerfMoEPrefill(t *testing.T) {
 	if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
 		require.NoError(t, os.WriteFile(filepath.Join(filepath.Dir(po), "perf-moe-prefill.md"), []byte(sb.String()), 0o644))
 	}
+}
+
+// TestMoEGroupedParts runs the grouped MoE op at gpt-oss shape (n = 512,
+// 2048; by shape and every v3 / v4 tile) with the library's per-part timing
+// aid on (ORCH_CUDA_MOEGEMM_PARTS=1, read once per process: TestPerfMoEPrefill
+// starts this as a child and collects the lines the library prints).
+func TestMoEGroupedParts(t *testing.T) {
+	if os.Getenv("ORCH_CUDA_MOEGEMM_PARTS") != "1" {
+		t.Skip("child of TestPerfMoEPrefill (ORCH_CUDA_MOEGEMM_PARTS=1)")
+	}
+	r := newRandSrc(newRNG(t))
+	rng := rand.New(rand.NewPCG(7, 11))
+	const d, ff, ne, topk = 2880, 2880, 32, 4
+	mo := r.moe(t, d, ff, ne, topk)
+	for _, n := range []int{512, 2048} {
+		p := n * topk
+		alloc := func(dt ml.DType, shape ...int) ml.Tensor {
+			x := mustA(t, dt, shape...)
+			t.Cleanup(func() { gpu.Free(x) })
+			return x
+		}
+		out, x := alloc(ml.F32, d, n), alloc(ml.F32, d, n)
+		ids, w := alloc(ml.I32, p), alloc(ml.F32, p)
+		xg, act, ybuf := alloc(ml.F32, d/2, p), alloc(ml.F32, ff/2, p), alloc(ml.F32, d, p)
+		route := alloc(ml.I32, int(gpu.l.moeRouteInts(int64(p), ne)))
+		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
+		iv := make([]int32, 0, p)
+		wv := make([]float32, 0, p)
+		for range n {
+			for _, e := range rng.Perm(ne)[:topk] {
+				iv = append(iv, int32(e))
+				wv = append(wv, 0.25)
+			}
+		}
+		require.NoError(t, gpu.WriteI32(ids, iv))
+		require.NoError(t, gpu.WriteF32(w, wv))
+		for _, tile := range []int32{0, 17, 30, 31, 32, 33, 34, 35} {
+			for range 3 { // the last of three is warm
+				rc := gpu.l.moeFFNGrouped(gpu.ctx, dptr(t, out), dptr(t, x), dptr(t, ids), dptr(t, w),
+					dptr(t, mo.Gate), dptr(t, mo.Up), int32(ml.MXFP4), dptr(t, mo.GateBias), dptr(t, mo.UpBias),
+					dptr(t, mo.Down), int32(ml.MXFP4), dptr(t, mo.DownBias), int64(n), topk, ne, d, ff,
+					mo.Alpha, mo.Limit, dptr(t, xg), dptr(t, act), dptr(t, ybuf), dptr(t, route), tile)
+				if err := gpu.l.status("moe_ffn_grouped", rc); errors.Is(err, ErrUnsupported) {
+					break
+				} else {
+					require.NoError(t, err)
+				}
+			}
+		}
+	}
+	require.NoError(t, gpu.Sync())
 }
