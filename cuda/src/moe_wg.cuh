@@ -445,15 +445,22 @@ bool mg4_tmap(Mg4Tmap *m, const QArgs &a, int box_rows) {
     if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
     return h ? reinterpret_cast<Enc>(dlsym(h, "cuTensorMapEncodeTiled")) : (Enc) nullptr;
   }();
-  static_assert(sizeof(CUtensorMap) == sizeof(Mg4Tmap) && alignof(CUtensorMap) <= alignof(Mg4Tmap), "tensor map");
-  if (!enc || a.n <= 0) return false;
+  // CUDA 13 declares CUtensorMap with a larger alignment than CUDA 12's 64 (the device built with 13 failed a
+  // static_assert here): encode into a real CUtensorMap and copy its 128 bytes into the 64-aligned kernel parameter
+  // (TMA needs the descriptor 64-byte aligned); a size mismatch turns the TMA tiles off instead of failing the build.
+  static_assert(sizeof(Mg4Tmap) == 128, "Mg4Tmap is 16 qwords");
+  if (!enc || a.n <= 0 || sizeof(CUtensorMap) != sizeof(Mg4Tmap)) return false;
   const cuuint64_t dims[2] = {(cuuint64_t)a.k, (cuuint64_t)a.n};
   const cuuint64_t strides[1] = {(cuuint64_t)a.k * 2};
   const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
   const cuuint32_t es[2] = {1, 1};
-  return enc(reinterpret_cast<CUtensorMap *>(m), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16 *>(a.xa),
-             dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  CUtensorMap tm;
+  if (enc(&tm, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16 *>(a.xa), dims, strides, box, es,
+          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return false;
+  memcpy(m, &tm, sizeof(Mg4Tmap));
+  return true;
 #else
   (void)m, (void)a, (void)box_rows;
   return false;
