@@ -93,47 +93,53 @@ func TestQGemm(t *testing.T) {
 // paths; both must match the CPU backend. Outside that range both settings
 // must be bit-identical (the same GEMV / cuBLAS path), inside they must
 // differ (another kernel, another summation order), which shows the switch
-// really switches.
+// really switches. It runs with the session-5 border (denseV2From above
+// qgemmMaxN) and with the default one (n >= denseV2From: dequantize +
+// cuBLAS whatever gemmV1 says, so both settings are bit-identical there).
 func TestQGemmRoute(t *testing.T) {
 	r := newRNG(t)
-	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4} {
-		for _, n := range []int{4, 8, 9, 64, 96, 97, 512} {
-			name := fmt.Sprintf("%v/n=%d", dt, n)
-			t.Run(name, func(t *testing.T) {
-				k, m := 2880, 130
-				w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
-				x := f32Pair(t, randF32(r, k*n, 1), k, n)
-				bias := f32Pair(t, randF32(r, m, 1), m)
-				y := out(t, m, n)
-				ref.MatMul(y.c, x.c, w.c, bias.c)
-				tol := bf16Tol
-				if n < qgemmMinN {
-					tol = gemvTol(dt, n, true) // the GEMV (fp16 decode by default: gpu_test.go)
-				}
-				gpu.MatMul(y.g, x.g, w.g, bias.g)
-				checkClose(t, name+"/default", y, tol)
-				cur, _ := readBoth(t, y)
+	defer func(v int) { denseV2From = v }(denseV2From)
+	for _, from := range []int{qgemmMaxN + 1, 17} {
+		denseV2From = from
+		for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4} {
+			for _, n := range []int{4, 8, 9, 64, 96, 97, 512} {
+				name := fmt.Sprintf("%v/n=%d/v2from=%d", dt, n, from)
+				t.Run(name, func(t *testing.T) {
+					k, m := 2880, 130
+					w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
+					x := f32Pair(t, randF32(r, k*n, 1), k, n)
+					bias := f32Pair(t, randF32(r, m, 1), m)
+					y := out(t, m, n)
+					ref.MatMul(y.c, x.c, w.c, bias.c)
+					tol := bf16Tol
+					if n < qgemmMinN {
+						tol = gemvTol(dt, n, true) // the GEMV (fp16 decode by default: gpu_test.go)
+					}
+					gpu.MatMul(y.g, x.g, w.g, bias.g)
+					checkClose(t, name+"/default", y, tol)
+					cur, _ := readBoth(t, y)
 
-				defer func(v bool) { gemmV1 = v }(gemmV1)
-				gemmV1 = true
-				gpu.Fill(y.g, float32(math.NaN()))
-				gpu.MatMul(y.g, x.g, w.g, bias.g)
-				v1tol := gemvTol(dt, n, true)
-				if n > 8 {
-					v1tol = bf16Tol
-				}
-				checkClose(t, name+"/v1", y, v1tol)
-				old, _ := readBoth(t, y)
-				same := true
-				for i := range cur {
-					same = same && cur[i] == old[i]
-				}
-				if n < qgemmMinN || n > qgemmMaxN {
-					require.True(t, same, "n outside [%d, %d]: both settings run the same kernels", qgemmMinN, qgemmMaxN)
-				} else {
-					require.False(t, same, "n in [%d, %d]: the GEMM must differ from dequantize + cuBLAS", qgemmMinN, qgemmMaxN)
-				}
-			})
+					defer func(v bool) { gemmV1 = v }(gemmV1)
+					gemmV1 = true
+					gpu.Fill(y.g, float32(math.NaN()))
+					gpu.MatMul(y.g, x.g, w.g, bias.g)
+					v1tol := gemvTol(dt, n, true)
+					if n > 8 {
+						v1tol = bf16Tol
+					}
+					checkClose(t, name+"/v1", y, v1tol)
+					old, _ := readBoth(t, y)
+					same := true
+					for i := range cur {
+						same = same && cur[i] == old[i]
+					}
+					if n < qgemmMinN || n > qgemmMaxN || n >= denseV2From {
+						require.True(t, same, "n outside [%d, %d]: both settings run the same kernels", qgemmMinN, min(qgemmMaxN, denseV2From-1))
+					} else {
+						require.False(t, same, "n in [%d, %d]: the GEMM must differ from dequantize + cuBLAS", qgemmMinN, min(qgemmMaxN, denseV2From-1))
+					}
+				})
+			}
 		}
 	}
 }
