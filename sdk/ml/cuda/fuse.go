@@ -26,11 +26,15 @@ var fuseOps = os.Getenv("ORCH_CUDA_FUSE") != "0"
 // library reads the same variable and declines too).
 var fuseGLU = os.Getenv("ORCH_CUDA_GLU") != "0"
 
-// fuseNorm (session 6): a held single GEMV followed by AddRMSNorm(res, out, y)
-// of its output becomes one orch_matmul_rmsnorm launch (the last CTA of the
-// GEMV normalises). ORCH_CUDA_GEMV_NORM=0 turns it off (the library reads the
-// same variable and declines too).
-var fuseNorm = os.Getenv("ORCH_CUDA_GEMV_NORM") != "0"
+// fuseNorm (session 6, opt-in ORCH_CUDA_GEMV_NORM=1): a held single GEMV
+// followed by AddRMSNorm(res, out, y) of its output becomes one
+// orch_matmul_rmsnorm launch (the last CTA of the GEMV normalises).
+// Off by default: device run 2 (H100) measured it slower end to end (Llama
+// tg128 206.6 vs 222.8 with the SwiGLU fold off too, gpt-oss 448-451 vs 461):
+// the last CTA's fence + ticket + serial norm sits on the critical path where
+// the separate norm kernel's start overlapped the GEMV's tail.
+// ORCH_CUDA_GEMV_NORM=0 makes the library decline as well.
+var fuseNorm = os.Getenv("ORCH_CUDA_GEMV_NORM") == "1"
 
 const maxGEMVParts = 3 // orch_matmul_multi's limit (GEMV_MAX_PARTS)
 
