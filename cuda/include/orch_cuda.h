@@ -111,6 +111,7 @@ int orch_set_pdl(orch_ctx *ctx, int32_t on, int32_t *was);
 enum {
   ORCH_PF_EVICT_LAST = 1, /* L2::evict_last cache policy on the prefetched lines */
   ORCH_PF_LINES = 2,      /* prefetch.global.L2 per 128-byte line even where bulk prefetch exists */
+  ORCH_PF_DRY = 4,        /* the node's kernel issues nothing (measures the graph fork alone) */
   ORCH_PF_CTAS_SHIFT = 8  /* flags bits 8..15: most CTAs of 128 threads per prefetch node (0: 64) */
 };
 typedef struct {
@@ -130,8 +131,10 @@ int orch_pf_mark(orch_ctx *ctx, int64_t *marks);
 int orch_pf_l2(orch_ctx *ctx, int64_t anchor, const orch_pf_range *ranges, int32_t count, int32_t flags,
                int32_t *added);
 /* Test helper: one warp busy-waits ns nanoseconds on ctx's stream (an
- * "idle" link of a decode chain: no DRAM traffic). */
-int orch_spin(orch_ctx *ctx, int64_t ns);
+ * "idle" link of a decode chain: no DRAM traffic); a PDL launch that waits
+ * for the previous kernel; trigger != 0: lets the next PDL-launched kernel
+ * start at once (as the decode kernels do). */
+int orch_spin(orch_ctx *ctx, int64_t ns, int32_t trigger);
 
 /* ---- matmul.cu ----
  * y[n, m] (+)= x[n, k] · W^T + bias. W: m rows of k elements of type wtype,

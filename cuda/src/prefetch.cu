@@ -60,6 +60,7 @@ bool capturing(cudaStream_t s) {
 }
 
 __global__ void __launch_bounds__(PF_THREADS) l2_prefetch_kernel(pf_args a) {
+  if (a.dry) return; // ORCH_PF_DRY: the node without its requests (cost of the graph fork alone)
   const int64_t total = a.units[a.n];
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12
@@ -96,8 +97,12 @@ __global__ void __launch_bounds__(PF_THREADS) l2_prefetch_kernel(pf_args a) {
 }
 
 // Busy-waits ns nanoseconds (one warp): the "idle link" of the prefetch perf
-// test (like decode attention at short depth: little DRAM traffic).
-__global__ void spin_kernel(int64_t ns) {
+// test (like decode attention at short depth: little DRAM traffic). trigger:
+// lets the next (PDL-launched) kernel start at once, as the decode kernels
+// do, so that its CTAs load their first weights while this one spins.
+__global__ void spin_kernel(int64_t ns, int trigger) {
+  if (trigger) pdl_trigger();
+  pdl_wait();
   uint64_t t0, t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
   do {
@@ -126,6 +131,7 @@ int pf_launch(orch_ctx *ctx, cudaStream_t st, const orch_pf_range *ranges, int32
   if (pf_plan(&a, ranges, count, line ? PF_LINE : PF_CHUNK) == 0) return ORCH_OK;
   a.policy = flags & ORCH_PF_EVICT_LAST;
   a.line = line;
+  a.dry = (flags & ORCH_PF_DRY) != 0;
   const int64_t max_ctas = (flags >> ORCH_PF_CTAS_SHIFT) & 0xff; // 0: the default
   const int64_t ctas = pf_ctas(a, PF_THREADS, PF_BYTES_PER_CTA, max_ctas ? max_ctas : PF_MAX_CTAS);
   l2_prefetch_kernel<<<(unsigned)ctas, PF_THREADS, 0, st>>>(a);
@@ -235,9 +241,9 @@ extern "C" int orch_pf_l2(orch_ctx *ctx, int64_t anchor, const orch_pf_range *ra
   return rc;
 }
 
-extern "C" int orch_spin(orch_ctx *ctx, int64_t ns) {
+extern "C" int orch_spin(orch_ctx *ctx, int64_t ns, int32_t trigger) {
   ORCH_CHECK_ARG(ctx && ns >= 0, "spin");
-  spin_kernel<<<1, 32, 0, ctx->stream>>>(ns);
+  orch_launch_pdl(spin_kernel, dim3(1), dim3(32), 0, ctx->stream, ns, trigger ? 1 : 0);
   ORCH_LAUNCHED("spin");
   return ORCH_OK;
 }

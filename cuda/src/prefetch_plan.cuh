@@ -26,6 +26,7 @@ struct pf_args {
   int n;
   int policy; // ORCH_PF_EVICT_LAST bit
   int line;   // 1: prefetch.global.L2 per line (no bulk prefetch)
+  int dry;    // 1: issue nothing (ORCH_PF_DRY)
 };
 
 // Fills a from ranges: empty or NULL ones dropped, the rest widened to whole

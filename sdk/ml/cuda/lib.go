@@ -121,7 +121,7 @@ type lib struct {
 	pfInit func(ctx uintptr) int32
 	pfMark func(ctx uintptr, marks *int64) int32
 	pfL2   func(ctx uintptr, anchor int64, ranges *pfRange, count, flags int32, added *int32) int32
-	spin   func(ctx uintptr, ns int64) int32
+	spin   func(ctx uintptr, ns int64, trigger int32) int32
 }
 
 // gemvTraceRec mirrors gemv_trace_rec (cuda/src/gemv16.cuh; orch_gemv_trace).

@@ -32,7 +32,9 @@ import (
 // weight stream and being evicted by it), ORCH_CUDA_L2PF_CTAS (most CTAs of
 // 128 threads a prefetch node uses, 1..255, default 64: each issues one 16 KB
 // bulk prefetch per thread and exits, but needs a free SM slot while the
-// kernels it overlaps run). Outside a capture nothing is prefetched.
+// kernels it overlaps run), ORCH_CUDA_L2PF_DRY=1 (the nodes, but their
+// kernel issues nothing: what the graph fork alone costs). Outside a capture
+// nothing is prefetched.
 //
 // Why marks and a side stream instead of adding graph nodes directly: the
 // graph-node query APIs (cudaStreamGetCaptureInfo, cudaGraphNodeGetDependencies)
@@ -49,6 +51,7 @@ const maxL2PFTokens = 8
 const (
 	pfEvictLast = 1
 	pfLines     = 2
+	pfDry       = 4
 	pfCTAsShift = 8 // ORCH_PF_CTAS_SHIFT: flags bits 8..15 = most CTAs
 	pfMaxRanges = 4 // ORCH_PF_MAX_RANGES
 )
@@ -64,7 +67,7 @@ type l2pfConfig struct {
 const defaultL2PFMaxBytes = 32 << 20
 
 // parseL2PF reads the ORCH_CUDA_L2PF* values (empty = default).
-func parseL2PF(dist, maxMB, policy, lines, mode, ctas string) (l2pfConfig, error) {
+func parseL2PF(dist, maxMB, policy, lines, mode, ctas, dry string) (l2pfConfig, error) {
 	c := l2pfConfig{maxBytes: defaultL2PFMaxBytes}
 	if s := strings.TrimSpace(dist); s != "" {
 		d, err := strconv.Atoi(s)
@@ -108,6 +111,13 @@ func parseL2PF(dist, maxMB, policy, lines, mode, ctas string) (l2pfConfig, error
 		}
 		c.flags |= int32(n) << pfCTAsShift
 	}
+	switch strings.TrimSpace(dry) {
+	case "", "0":
+	case "1":
+		c.flags |= pfDry
+	default:
+		return l2pfConfig{}, fmt.Errorf("ORCH_CUDA_L2PF_DRY=%q: want 0 or 1", dry)
+	}
 	return c, nil
 }
 
@@ -115,7 +125,7 @@ func parseL2PF(dist, maxMB, policy, lines, mode, ctas string) (l2pfConfig, error
 // stderr (New reports it), as a bad ORCH_CUDA_* version falls back.
 var l2pfEnv, l2pfEnvErr = parseL2PF(os.Getenv("ORCH_CUDA_L2PF"), os.Getenv("ORCH_CUDA_L2PF_MAX_MB"),
 	os.Getenv("ORCH_CUDA_L2PF_POLICY"), os.Getenv("ORCH_CUDA_L2PF_LINES"), os.Getenv("ORCH_CUDA_L2PF_MODE"),
-	os.Getenv("ORCH_CUDA_L2PF_CTAS"))
+	os.Getenv("ORCH_CUDA_L2PF_CTAS"), os.Getenv("ORCH_CUDA_L2PF_DRY"))
 
 // pfRange mirrors orch_pf_range.
 type pfRange struct {

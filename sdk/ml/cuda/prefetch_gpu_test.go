@@ -163,9 +163,9 @@ func TestPerfL2Prefetch(t *testing.T) {
 	if os.Getenv("ORCH_L2PF_STEP_CHILD") != "" {
 		r := newRandSrc(newRNG(t))
 		ms, _ := r.decodeSteps(t, 128, 1, true, []stepCfg{{name: "default", fuse: fuseOps}})
-		fmt.Printf("| ORCH_CUDA_L2PF=%s mode=%s policy=%s ctas=%s | %.3f | %.0f | nodes %d |\n",
+		fmt.Printf("| ORCH_CUDA_L2PF=%s mode=%s policy=%s ctas=%s dry=%s | %.3f | %.0f | nodes %d |\n",
 			os.Getenv("ORCH_CUDA_L2PF"), os.Getenv("ORCH_CUDA_L2PF_MODE"), os.Getenv("ORCH_CUDA_L2PF_POLICY"),
-			os.Getenv("ORCH_CUDA_L2PF_CTAS"), ms[0], 1e3/ms[0], gpu.pf.nodes)
+			os.Getenv("ORCH_CUDA_L2PF_CTAS"), os.Getenv("ORCH_CUDA_L2PF_DRY"), ms[0], 1e3/ms[0], gpu.pf.nodes)
 		return
 	}
 	if gpu.l.spin == nil {
@@ -188,7 +188,7 @@ func TestPerfL2Prefetch(t *testing.T) {
 		{"Llama-8B q/k/v (Q8_0 4096 -> 4096+1024+1024, 26.7 MB)", 4096, []int{4096, 1024, 1024}},
 	}
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| chain: flush -> spin S -> GEMV, n=1, graph | S µs | spin alone | GEMV cold (no spin) | GEMV hot (in L2) | after spin, no prefetch | prefetch | prefetch evict_last | prefetch lines | prefetch 8 CTAs |\n|---|---|---|---|---|---|---|---|---|---|\n",
+	fmt.Fprintf(&sb, "device: %s (cc %d)\n\n| chain: flush -> spin S -> GEMV, n=1, graph | S µs | spin alone | GEMV cold (no spin) | GEMV hot (in L2) | after spin, no prefetch | prefetch | prefetch evict_last | prefetch lines | prefetch 8 CTAs | early spin, no prefetch | early spin + prefetch |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
 		gpu.DeviceName(), gpu.ComputeCapability())
 	seq := 0
 	for _, sh := range shapes {
@@ -200,7 +200,9 @@ func TestPerfL2Prefetch(t *testing.T) {
 			ys = append(ys, mustA(t, ml.F32, m, 1))
 		}
 		// chain returns the median µs between the events around spin + GEMVs.
-		chain := func(doFlush bool, spinNs int64, gemv bool, pf l2pfConfig) float64 {
+		// early: the spin lets the GEMV start at once (PDL trigger), as the decode
+		// kernels do: its CTAs load their first weights while the spin runs.
+		chain := func(doFlush bool, spinNs int64, early, gemv bool, pf l2pfConfig) float64 {
 			withL2PF(t, pf)
 			var e0, e1 uintptr
 			require.NoError(t, gpu.l.status("event", gpu.l.eventCreate(&e0)))
@@ -216,7 +218,7 @@ func TestPerfL2Prefetch(t *testing.T) {
 				}
 				gpu.call("event", gpu.l.eventRecord(gpu.ctx, e0))
 				if spinNs > 0 {
-					gpu.call("spin", gpu.l.spin(gpu.ctx, spinNs))
+					gpu.call("spin", gpu.l.spin(gpu.ctx, spinNs, b2i(early)))
 				}
 				if gemv {
 					for i := range ws {
@@ -249,19 +251,21 @@ func TestPerfL2Prefetch(t *testing.T) {
 		// The event records go through call, so they are marks too: the GEMV's want sees the
 		// marks memset (1), event (2), spin (3) and anchors at 3 - dist; dist 2 = after the memset.
 		on := func(flags int32) l2pfConfig { return l2pfConfig{dist: 2, maxBytes: 64 << 20, flags: flags} }
-		cold := chain(true, 0, true, off)
-		hot := chain(false, 0, true, off)
+		cold := chain(true, 0, false, true, off)
+		hot := chain(false, 0, false, true, off)
 		for _, spinUs := range []int64{3, 8, 14} {
 			ns := spinUs * 1000
-			alone := chain(true, ns, false, off)
-			plain := chain(true, ns, true, off)
-			pf := chain(true, ns, true, on(0))
-			last := chain(true, ns, true, on(pfEvictLast))
-			lines := chain(true, ns, true, on(pfLines))
-			few := chain(true, ns, true, on(8<<pfCTAsShift))
-			fmt.Fprintf(&sb, "| %s | %d | %.1f | %.1f | %.1f | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) |\n",
+			alone := chain(true, ns, false, false, off)
+			plain := chain(true, ns, false, true, off)
+			pf := chain(true, ns, false, true, on(0))
+			last := chain(true, ns, false, true, on(pfEvictLast))
+			lines := chain(true, ns, false, true, on(pfLines))
+			few := chain(true, ns, false, true, on(8<<pfCTAsShift))
+			early := chain(true, ns, true, true, off)
+			earlyPf := chain(true, ns, true, true, on(0))
+			fmt.Fprintf(&sb, "| %s | %d | %.1f | %.1f | %.1f | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) | %.1f (+%.1f) |\n",
 				sh.name, spinUs, alone, cold, hot, plain, plain-alone, pf, pf-alone, last, last-alone, lines, lines-alone,
-				few, few-alone)
+				few, few-alone, early, early-alone, earlyPf, earlyPf-alone)
 		}
 		for i := range ws {
 			gpu.Free(ws[i])
@@ -278,7 +282,8 @@ func TestPerfL2Prefetch(t *testing.T) {
 		perfChildren(t, "TestPerfL2Prefetch", "ORCH_L2PF_STEP_CHILD",
 			[]string{"ORCH_CUDA_L2PF=0", "ORCH_CUDA_L2PF=1", "ORCH_CUDA_L2PF=2", "ORCH_CUDA_L2PF=3",
 				"ORCH_CUDA_L2PF=3 ORCH_CUDA_L2PF_MODE=stream", "ORCH_CUDA_L2PF=1 ORCH_CUDA_L2PF_POLICY=last",
-				"ORCH_CUDA_L2PF=2 ORCH_CUDA_L2PF_POLICY=last", "ORCH_CUDA_L2PF=1 ORCH_CUDA_L2PF_CTAS=8"},
+				"ORCH_CUDA_L2PF=2 ORCH_CUDA_L2PF_POLICY=last", "ORCH_CUDA_L2PF=1 ORCH_CUDA_L2PF_CTAS=8",
+				"ORCH_CUDA_L2PF=1 ORCH_CUDA_L2PF_DRY=1"},
 			[]string{"| synthetic gpt-oss decode step (separate q/k/v, depth 128), graph | ms | tok/s | |", "|---|---|---|---|"},
 			"perf-l2pf-step.md")
 	}
