@@ -282,6 +282,9 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
     const int e = tid[s];
     const int o = (int)(((uintptr_t)wg + ((int64_t)e * ff + r) * rbg) & 15); // gate and up: 16-byte aligned bases
     const uint8_t *sg = ring + (it % MOE11_R) * sb + o, *su = ring + ((it + 1) % MOE11_R) * sb + o;
+    // The biases now, not in the epilogue: their global latency hides behind the dot.
+    const float gbv = lane == 0 && gb ? gb[(int64_t)e * ff + r] : 0.f;
+    const float ubv = lane == 0 && ub ? ub[(int64_t)e * ff + r] : 0.f;
     float ag = 0.f, au = 0.f;
     for (int c0 = 0; c0 < nchg; c0 += 32 * NBG) {
       wblocks<T, NBG> bg, bu;
@@ -295,8 +298,8 @@ moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const
     ag = warp_sum(ag);
     au = warp_sum(au);
     if (lane == 0) { // gate_up10's epilogue
-      const float g = ag + (gb ? gb[(int64_t)e * ff + r] : 0.f);
-      const float uu = au + (ub ? ub[(int64_t)e * ff + r] : 0.f);
+      const float g = ag + gbv;
+      const float uu = au + ubv;
       const float v = swiglu_oai(g, uu, alpha, limit);
       int word, half;
       moe8_half_pos(dec16_traits<T>::kind, r & 31, word, half);
