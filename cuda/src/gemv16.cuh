@@ -56,6 +56,92 @@ __device__ __forceinline__ void gemv5_stage_range(uint32_t *xh, float *xinv, con
     }
 }
 
+// cp.async for gemv5_stage_cp (as v9's g9_cp_*, defined further down; the
+// CPU emulation lands copies at once unless the test defines
+// GEMV9_EMU_CP_ASYNC, then as late as each wait allows).
+#if defined(ORCH_EMU)
+#if defined(GEMV9_EMU_CP_ASYNC)
+inline void g5_cp_async16(void *d, const void *s) { gemv9_emu_cp_async(d, s, 16); }
+inline void g5_cp_commit_wait() {
+  gemv9_emu_commit();
+  gemv9_emu_wait(0);
+}
+#else
+inline void g5_cp_async16(void *d, const void *s) { memcpy(d, s, 16); }
+inline void g5_cp_commit_wait() {}
+#endif
+#else
+__device__ __forceinline__ void g5_cp_async16(void *d, const void *s) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = (unsigned)__cvta_generic_to_shared(d);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(s) : "memory");
+#else
+  *static_cast<float4 *>(d) = *static_cast<const float4 *>(s);
+#endif
+}
+__device__ __forceinline__ void g5_cp_commit_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+#endif
+
+// Staging with the loads batched (XR = 2, the default since session 6):
+// dec16_stage's loop waits one L2 round trip per float4 per thread (a load,
+// then the shuffles and stores that need it, then the next load) — device run
+// 2's trace measured 7.1 us of staging after the PDL wait for Llama down (14
+// float4 per thread), 1.5 us at k = 4096. Here each thread first copies
+// GEMV5_XU of its float4 into its own slots of a raw area in shared memory
+// (cp.async: no registers held, all in flight), waits for its own copies only
+// (no barrier: a thread reads back what it copied), then converts them: ~k /
+// (1024 GEMV5_XU) round trips. Same elements per lane, same arithmetic, same
+// layout: bit-identical to dec16_stage. raw: blockDim.x * GEMV5_XU float4
+// (16-byte aligned).
+constexpr int GEMV5_XU = 4;
+constexpr size_t GEMV5_RAW_BYTES = (size_t)GEMV16_WARPS * 32 * GEMV5_XU * 16;
+__device__ __forceinline__ void gemv5_stage_cp(uint32_t *xh, float *xinv, float4 *raw, const float *__restrict__ x,
+                                               int nr, int64_t k, int kind) {
+  const int64_t nch = k / 32, nq = k / 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int64_t step = (int64_t)nw * 32;
+  for (int r = 0; r < nr; r++)
+#pragma unroll 1
+    for (int64_t base = (int64_t)warp * 32; base < nq; base += step * GEMV5_XU) {
+#pragma unroll
+      for (int u = 0; u < GEMV5_XU; u++) {
+        const int64_t i = base + u * step + lane;
+        if (i < nq) g5_cp_async16(raw + u * blockDim.x + threadIdx.x, x + r * k + 4 * i);
+      }
+      g5_cp_commit_wait();
+#pragma unroll 1
+      for (int u = 0; u < GEMV5_XU; u++) { // (not unrolled: the copies have landed; one float4 live at a time)
+        const int64_t i = base + u * step + lane; // the warp's lanes: all in or all out of each 8-lane group
+        const bool ok = i < nq;
+        const float4 v = ok ? raw[u * blockDim.x + threadIdx.x] : make_float4(0.f, 0.f, 0.f, 0.f);
+        uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
+        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        float sc, inv;
+        dec16_chunk_scale(mx, sc, inv);
+        if (ok) {
+          const int64_t c = i >> 3;
+          const int o = (int)(i & 7);
+          dec16_put4(xh + (r * nch + c) * DEC16_XW, kind, o, v.x * sc, v.y * sc, v.z * sc, v.w * sc);
+          if (o == 0) xinv[r * nch + c] = inv;
+        }
+      }
+    }
+}
+// Shared memory of a v5 kernel: staged x for NT tokens, plus the raw area
+// when XR = 2 (at a 16-byte aligned offset).
+DEC16_HD size_t gemv5_raw_off(int64_t k, int nt) { // (dec16_smem rounded up to 16 bytes)
+  return ((size_t)nt * (size_t)(k / 32) * (DEC16_XW * 4 + 4) + 15) & ~(size_t)15;
+}
+static inline size_t gemv5_smem(int64_t k, int nt, int xr) {
+  return xr == 2 ? gemv5_raw_off(k, nt) + GEMV5_RAW_BYTES : dec16_smem(k, nt);
+}
+
 // Per-CTA timestamps of the one-token v5 GEMV (orch_gemv_trace; session 6,
 // timing only): %globaltimer at CTA start (t0), after the PDL wait (t1),
 // after x is staged (t2; XR: the first round's chunks) and at the end (t3,
@@ -104,7 +190,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
     for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
       wblocks<T, NB> b;
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
-      if constexpr (XR) {
+      if constexpr (XR == 1) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
             pdl_wait();
@@ -118,7 +204,10 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       } else if (!staged) { // first round of the first row: uniform over the CTA
         pdl_wait();
         if constexpr (TR) tr[1] = gemv_gtime();
-        dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+        if constexpr (XR == 2)
+          gemv5_stage_cp(xsm, xinv, reinterpret_cast<float4 *>(reinterpret_cast<uint8_t *>(xsm) + gemv5_raw_off(k, NT)),
+                         x, nt, k, dec16_traits<T>::kind);
+        else dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
         __syncthreads();
         if constexpr (TR) tr[2] = gemv_gtime();
         staged = true;
@@ -275,21 +364,30 @@ static inline bool gemv5_xr() {
   }();
   return v;
 }
+// How the one- and two-token v5 kernels stage x (their XR template
+// argument): 2 whole x with batched loads (default since session 6), 1 per
+// round (ORCH_CUDA_GEMV5_XR=1), 0 dec16_stage's one load at a time
+// (ORCH_CUDA_GEMV5_XB=0: the session-5 kernel). Read once per process.
+static inline int gemv5_stage_mode() {
+  static const int v = [] {
+    if (gemv5_xr()) return 1;
+    const char *e = getenv("ORCH_CUDA_GEMV5_XB");
+    return e && e[0] == '0' && !e[1] ? 0 : 2;
+  }();
+  return v;
+}
 
-// MINB: 1 the default kernel, 5 its 5-CTA build, 2 the default with XR = 1;
-// 3 / 4: 1 / 2 with the trace (orch_gemv_trace).
+// MINB: 5 the 5-CTA build; else 10 + XR + 3 TR: gemv5_kernel with x staged
+// as XR says (gemv5_stage_mode) and the trace (orch_gemv_trace) when TR.
 template <int T, int NT, int MINB>
 static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                               int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
   constexpr int NB = gemv5_nb<T, NT>();
   const int rpw = gemv5_rpw(m);
-  size_t sm = dec16_smem(k, NT);
+  size_t sm = gemv5_smem(k, NT, MINB == 5 ? 0 : (MINB - 10) % 3);
   auto kern = [] { // only the instance asked for is compiled
     if constexpr (MINB == 5) return gemv5_kernel_b5<T, NT, NB>;
-    else if constexpr (MINB == 2) return gemv5_kernel<T, NT, NB, 1>;
-    else if constexpr (MINB == 3) return gemv5_kernel<T, NT, NB, 0, 1>;
-    else if constexpr (MINB == 4) return gemv5_kernel<T, NT, NB, 1, 1>;
-    else return gemv5_kernel<T, NT, NB>;
+    else return gemv5_kernel<T, NT, NB, (MINB - 10) % 3, (MINB - 10) / 3>;
   }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
@@ -300,16 +398,21 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
                             int64_t k, int64_t m, int64_t rb, int acc) {
   if constexpr (NT == 1)
     if (gemv5_minb() == 5) return launch_gemv5_nt_b<T, NT, 5>(st, y, x, w, bias, n, k, m, rb, acc);
+  const int mode = gemv5_stage_mode();
 #if !defined(ORCH_EMU)
   if constexpr (NT == 1 && T == ORCH_T_Q8_0)
     if (g_gemv_trace_on) {
-      if (gemv5_xr()) return launch_gemv5_nt_b<T, NT, 4>(st, y, x, w, bias, n, k, m, rb, acc);
-      return launch_gemv5_nt_b<T, NT, 3>(st, y, x, w, bias, n, k, m, rb, acc);
+      if (mode == 2) return launch_gemv5_nt_b<T, NT, 15>(st, y, x, w, bias, n, k, m, rb, acc);
+      if (mode == 1) return launch_gemv5_nt_b<T, NT, 14>(st, y, x, w, bias, n, k, m, rb, acc);
+      return launch_gemv5_nt_b<T, NT, 13>(st, y, x, w, bias, n, k, m, rb, acc);
     }
 #endif
+  // XR = 2 at one token only (two: x's raw area would cost a CTA per SM of shared memory)
+  if constexpr (NT == 1)
+    if (mode == 2) return launch_gemv5_nt_b<T, NT, 12>(st, y, x, w, bias, n, k, m, rb, acc);
   if constexpr (NT <= 2)
-    if (gemv5_xr()) return launch_gemv5_nt_b<T, NT, 2>(st, y, x, w, bias, n, k, m, rb, acc);
-  launch_gemv5_nt_b<T, NT, 1>(st, y, x, w, bias, n, k, m, rb, acc);
+    if (mode == 1) return launch_gemv5_nt_b<T, NT, 11>(st, y, x, w, bias, n, k, m, rb, acc);
+  launch_gemv5_nt_b<T, NT, 10>(st, y, x, w, bias, n, k, m, rb, acc);
 }
 
 // P: count parts filled in (w, bias, y, m); rpw and end are set here.
@@ -317,11 +420,10 @@ template <int T, int NT, int MINB>
 static void launch_gemv5_multi_nt_b(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                     int64_t rb) {
   constexpr int NB = gemv5_nb<T, NT>();
-  size_t sm = dec16_smem(k, NT);
+  size_t sm = gemv5_smem(k, NT, MINB == 5 ? 0 : MINB - 10);
   auto kern = [] {
     if constexpr (MINB == 5) return gemv5_multi_kernel_b5<T, NT, NB>;
-    else if constexpr (MINB == 2) return gemv5_multi_kernel<T, NT, NB, 1>;
-    else return gemv5_multi_kernel<T, NT, NB>;
+    else return gemv5_multi_kernel<T, NT, NB, MINB - 10>; // 10 + XR
   }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned total = 0;
@@ -338,9 +440,13 @@ static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, con
                                   int64_t rb) {
   if constexpr (NT == 1)
     if (gemv5_minb() == 5) return launch_gemv5_multi_nt_b<T, NT, 5>(st, P, count, x, n, k, rb);
-  if constexpr (NT <= 2)
-    if (gemv5_xr()) return launch_gemv5_multi_nt_b<T, NT, 2>(st, P, count, x, n, k, rb);
-  launch_gemv5_multi_nt_b<T, NT, 1>(st, P, count, x, n, k, rb);
+  if constexpr (NT <= 2) {
+    const int mode = gemv5_stage_mode();
+    if constexpr (NT == 1)
+      if (mode == 2) return launch_gemv5_multi_nt_b<T, NT, 12>(st, P, count, x, n, k, rb);
+    if (mode == 1) return launch_gemv5_multi_nt_b<T, NT, 11>(st, P, count, x, n, k, rb);
+  }
+  launch_gemv5_multi_nt_b<T, NT, 10>(st, P, count, x, n, k, rb);
 }
 
 template <int T>
@@ -539,13 +645,16 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
     wblocks<T, NB> bg, bu;
     ffn_load<T, NB>(bg, wg, c0, lane, nch, valid);
     ffn_load<T, NB>(bu, wu, c0, lane, nch, valid);
-    if constexpr (XR) { // every round (gemv5_rows XR)
+    if constexpr (XR == 1) { // every round (gemv5_rows XR)
       if (c0 == 0) pdl_wait();
       gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
       __syncthreads();
     } else if (c0 == 0) { // uniform over the CTA
       pdl_wait();
-      dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+      if constexpr (XR == 2)
+        gemv5_stage_cp(xsm, xinv, reinterpret_cast<float4 *>(reinterpret_cast<uint8_t *>(xsm) + gemv5_raw_off(k, NT)), x,
+                       nt, k, dec16_traits<T>::kind);
+      else dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
       __syncthreads();
     }
     gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt);
@@ -573,24 +682,27 @@ template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 
 
 template <int T, int NT>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
-                                int64_t rb, bool xr) {
+                                int64_t rb, int mode) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
-  size_t sm = dec16_smem(k, NT);
-  auto kern = xr ? gemv5_glu_kernel<T, NT, NB, 1> : gemv5_glu_kernel<T, NT, NB>;
+  if (NT > 1 && mode == 2) mode = 0; // two tokens: x's raw area would cost a CTA per SM (shared memory)
+  size_t sm = gemv5_smem(k, NT, mode);
+  auto kern = mode == 2 ? gemv5_glu_kernel<T, NT, NB, 2>
+              : mode == 1 ? gemv5_glu_kernel<T, NT, NB, 1>
+                          : gemv5_glu_kernel<T, NT, NB, 0>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, A, x, n, k,
                    rb);
 }
 
-// n = 1, 2 (v5's one- and two-token route); the caller checks. xr: -1 as
-// ORCH_CUDA_GEMV5_XR, else x staged per round (1) or not (0).
+// n = 1, 2 (v5's one- and two-token route); the caller checks. xr: how x is
+// staged (gemv5_stage_mode's values), -1: as gemv5_stage_mode.
 template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                              int64_t rb, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const bool x1 = xr < 0 ? gemv5_xr() : xr != 0;
-    if (n == 1) launch_gemv5_glu_nt<T, 1>(st, A, x, n, k, rb, x1);
-    else launch_gemv5_glu_nt<T, 2>(st, A, x, n, k, rb, x1);
+    const int mode = xr < 0 ? gemv5_stage_mode() : xr;
+    if (n == 1) launch_gemv5_glu_nt<T, 1>(st, A, x, n, k, rb, mode);
+    else launch_gemv5_glu_nt<T, 2>(st, A, x, n, k, rb, mode);
   }
 }
 

@@ -337,6 +337,14 @@ static void gemv5_xr_pair(float *y0, float *y1, const float *x, const uint8_t *w
     auto k1 = gemv5_kernel<T, NT, NB, 1>;
     DEC16_LAUNCH_PDL(k0, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y0, x, w, bias, n, k, m, rb, 0, rpw);
     DEC16_LAUNCH_PDL(k1, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y1, x, w, bias, n, k, m, rb, 0, rpw);
+    if constexpr (NT == 1) { // XR = 2 (batched cp.async staging) must match too: into y2, compared to y0
+      std::vector<float> y2((size_t)(n * m), NAN);
+      auto k2 = gemv5_kernel<T, NT, NB, 2>;
+      DEC16_LAUNCH_PDL(k2, dim3(gx), GEMV16_WARPS * 32, gemv5_smem(k, NT, 2), nullptr, y2.data(), x, w, bias, n, k, m,
+                       rb, 0, rpw);
+      EXPECT(std::memcmp(y0, y2.data(), y2.size() * 4) == 0, "GEMV v5 XR 2 (%s k=%lld m=%lld rpw=%d) != XR 0",
+             tname(T), (long long)k, (long long)m, rpw);
+    }
   }
 }
 template <int T>
@@ -355,7 +363,7 @@ static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
   EXPECT(std::memcmp(y0.p, y1.p, y0.n * 4) == 0, "GEMV v5 XR (%s k=%lld m=%lld n=%d rpw=%d) != XR 0", tname(t),
          (long long)k, (long long)m, n, rpw);
   for (size_t i = 0; i < y1.n; i++) EXPECT(std::isfinite(y1.p[i]), "GEMV v5 XR: y[%zu] not written", i);
-  std::printf("GEMV v5 XR %-5s k=%-5lld m=%-3lld n=%d rpw=%d: bit-identical to XR 0\n", tname(t), (long long)k,
+  std::printf("GEMV v5 XR 1 (2 at n = 1) %-5s k=%-5lld m=%-3lld n=%d rpw=%d: bit-identical to XR 0\n", tname(t), (long long)k,
               (long long)m, n, rpw);
 }
 
@@ -576,6 +584,7 @@ int main(int argc, char **argv) {
   test_gemv_glu(ORCH_T_Q4_0, 96, 8, 2, false, true);
   test_gemv_glu(ORCH_T_Q8_0, 4096, 12, 2, true, true, 1); // x per round: 2 rounds
   test_gemv_glu(ORCH_T_MXFP4, 2880, 8, 1, false, false, 1); // 90 chunks: a partial second round
+  test_gemv_glu(ORCH_T_Q8_0, 4096, 12, 1, true, false, 2);  // batched cp.async staging
   test_gemv_norm(ORCH_T_Q8_0, 96, 2880 / 8, 1, true, false, 2); // m = 360: N 4 (45 CTAs); twice: the ticket reset
   test_gemv_norm(ORCH_T_Q8_0, 128, 1040, 2, false, true);       // N 8; ragged last CTA; in place
   if (long_run) {
