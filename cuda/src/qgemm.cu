@@ -544,6 +544,11 @@ int moegemm_version() {
 }
 constexpr bool tile_v3(int t) { return mg3_tile_ok(t); }
 constexpr bool tile_v4(int t) { return mg4_tile_ok(t); }
+// 36: hybrid (session 6, after device run 2: v4 tile 30 is 1.92 ms at n =
+// 2048 against v3's 2.38, but its per-tile cost is ~1.5x v3's, so it loses
+// on experts with few pairs): per call, experts with >= MG_HYB_THR pairs run
+// v4 tile 30, the others v3 tile 17 (two tile lists, four GEMM launches).
+constexpr int MG_HYB = 36, MG_HYB_THR = 96;
 
 // The two-barrier schedule is built for the dense GEMM only (A/B timing;
 // fewer instantiations): the MoE modes always pipeline.
@@ -557,7 +562,7 @@ int launch_qgemm(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy, bo
 // Tile code: bits 0-2 the configuration (1..4), bit 3 (8) the two-barrier
 // schedule instead of the pipelined one.
 constexpr int bn_of(int tile) {
-  return tile_v4(tile) ? mg4_bn(tile) : tile_v3(tile) ? mg3_bn(tile) : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
+  return tile == MG_HYB ? 256 : tile_v4(tile) ? mg4_bn(tile) : tile_v3(tile) ? mg3_bn(tile) : (tile & 7) == 1 ? 16 : (tile & 7) == 4 ? 128 : (tile & 7) == 5 ? 96 : 64;
 }
 
 // gy: grid rows (token tiles or the MoE tile bound) for this tile's BN.
@@ -585,7 +590,7 @@ int dispatch(cudaStream_t st, int wtype, const QArgs &a, int tile, int64_t rows_
   return ORCH_ERR_UNSUPPORTED;
 }
 
-bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || tile_v3(t) || tile_v4(t); } // 0..5, 8..13; v3's, v4's (grouped MoE)
+bool tile_ok(int t) { return ((t & ~15) == 0 && (t & 7) <= 5) || tile_v3(t) || tile_v4(t) || t == MG_HYB; } // 0..5, 8..13; v3's, v4's (grouped MoE)
 bool qgemm_type(int t) { return t == ORCH_T_Q8_0 || t == ORCH_T_Q4_0 || t == ORCH_T_MXFP4; }
 bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
@@ -621,12 +626,16 @@ int launch_to_bf16(cudaStream_t st, __nv_bfloat16 *out, const float *x, int64_t 
 // (each pair's row is computed alone and combined per token in slot order).
 // Pairs with an expert id outside [0, n_exp) are dropped (their rows of the
 // per-pair buffer are not written).
+// bn2 > 0 (hybrid, tile 36): experts with >= thr pairs go to the first tile
+// list (tiles of bn), the others to a second one after it (ntiles2 |
+// tile_e2[tb2] | tile_r02[tb2], tiles of bn2): moe_tile_plan2.
 __global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ ids, int pairs, int n_exp, int bn,
-                                  int64_t tiles_bound) {
+                                  int64_t tiles_bound, int bn2, int thr, int64_t tb2) {
   QG_DYN_SMEM(int, shb);
   int *cnt = shb, *fill = shb + n_exp, *off = shb + 2 * n_exp, *tst = off + n_exp + 1;
   int32_t *exp_off = route, *ntiles = route + n_exp + 1, *sorted = ntiles + 1;
   int32_t *tile_e = sorted + pairs, *tile_r0 = tile_e + tiles_bound;
+  int32_t *ntiles2 = tile_r0 + tiles_bound, *tile_e2 = ntiles2 + 1, *tile_r02 = tile_e2 + tb2;
   for (int e = threadIdx.x; e < n_exp; e += blockDim.x) cnt[e] = fill[e] = 0;
   __syncthreads();
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
@@ -634,12 +643,27 @@ __global__ void moe_bucket_kernel(int32_t *route, const int32_t *__restrict__ id
     if (e >= 0 && e < n_exp) atomicAdd(&cnt[e], 1);
   }
   __syncthreads();
-  if (threadIdx.x == 0) *ntiles = moe_tile_plan(cnt, n_exp, bn, off, tst);
+  if (threadIdx.x == 0) {
+    if (bn2 > 0) *ntiles = moe_tile_plan2(cnt, n_exp, bn, bn2, thr, off, tst, ntiles2);
+    else *ntiles = moe_tile_plan(cnt, n_exp, bn, off, tst);
+  }
   __syncthreads();
   for (int e = threadIdx.x; e <= n_exp; e += blockDim.x) exp_off[e] = off[e];
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int e = ids[p];
     if (e >= 0 && e < n_exp) sorted[off[e] + atomicAdd(&fill[e], 1)] = p;
+  }
+  if (bn2 > 0) {
+    for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
+      const bool big = cnt[e] >= thr;
+      const int b = big ? bn : bn2;
+      int32_t *te = big ? tile_e : tile_e2, *tr = big ? tile_r0 : tile_r02;
+      for (int t = 0, r = 0; r < cnt[e]; t++, r += b) {
+        te[tst[e] + t] = e;
+        tr[tst[e] + t] = r;
+      }
+    }
+    return;
   }
   for (int e = threadIdx.x; e < n_exp; e += blockDim.x)
     for (int t = tst[e], r = 0; t < tst[e + 1]; t++, r += bn) {
@@ -677,19 +701,34 @@ struct MoeParts {
     (void)st;
 #endif
   }
-  void report(int64_t n, int tile) {
+  // route: the call's exp_off (n_exp + 1 ints): the routing's shape is
+  // printed too (experts used, largest, how many with >= 96 pairs).
+  void report(int64_t n, int tile, const int32_t *route = nullptr, int n_exp = 0) {
 #ifndef ORCH_EMU
     if (!on) return;
     if (used == 6 && cudaEventSynchronize(ev[5]) == cudaSuccess) {
       float t[5];
       for (int i = 0; i < 5; i++) cudaEventElapsedTime(&t[i], ev[i], ev[i + 1]);
-      fprintf(stderr, "orch moe_ffn_grouped parts n=%lld tile=%d: bucket %.1f us, gather %.1f us, gate_up %.1f us, down %.1f us, combine %.1f us\n",
-              (long long)n, tile, 1e3 * t[0], 1e3 * t[1], 1e3 * t[2], 1e3 * t[3], 1e3 * t[4]);
+      int usedx = 0, big = 0, mx = 0;
+      if (route && n_exp > 0 && n_exp <= 4096) {
+        static int32_t off[4097];
+        if (cudaMemcpy(off, route, sizeof(int32_t) * (n_exp + 1), cudaMemcpyDeviceToHost) == cudaSuccess)
+          for (int e = 0; e < n_exp; e++) {
+            const int c = off[e + 1] - off[e];
+            usedx += c > 0;
+            big += c >= 96;
+            mx = c > mx ? c : mx;
+          }
+      }
+      fprintf(stderr,
+              "orch moe_ffn_grouped parts n=%lld tile=%d: bucket %.1f us, gather %.1f us, gate_up %.1f us, down %.1f "
+              "us, combine %.1f us (experts used %d, >= 96 pairs %d, largest %d)\n",
+              (long long)n, tile, 1e3 * t[0], 1e3 * t[1], 1e3 * t[2], 1e3 * t[3], 1e3 * t[4], usedx, big, mx);
     }
     for (auto &e : ev) cudaEventDestroy(e);
     on = false;
 #else
-    (void)n, (void)tile;
+    (void)n, (void)tile, (void)route, (void)n_exp;
 #endif
   }
 };
@@ -762,12 +801,12 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   // types take v1's tiles (a v3 tile code then means "by shape").
   const bool mx = gu_type == ORCH_T_MXFP4 && down_type == ORCH_T_MXFP4;
   if (tile == 0 && mx && moegemm_version() == 4 && mg4_available()) {
-    // v4 by mean pairs per expert (predictions, session 6: few pairs stay on
-    // v3's 64-pair tile; up to 96 the 256-row x 128-pair tile 31, above it
-    // the 128-row x 256-pair tile 30).
+    // v4 by mean pairs per expert: few pairs stay on v3's 64-pair tile, else
+    // the hybrid (v4 for the experts with >= 96 pairs, v3 for the rest;
+    // device run 2: v4 alone loses at n = 512, 0.83 vs 0.77 ms, and end to end).
     const int64_t per = pairs / n_exp;
-    const int pick = per <= 16 ? 19 : per <= 96 ? 31 : 30;
-    if ((tile_v4(pick) ? mg4_smem(pick) : mg3_smem(pick)) <= smem_optin()) tile = pick;
+    const int pick = per <= 16 ? 19 : MG_HYB;
+    if ((pick == MG_HYB ? mg4_smem(30) : mg3_smem(pick)) <= smem_optin()) tile = pick;
   }
   if (tile == 0 && mx && moegemm_version() >= 3) {
     // By mean pairs per expert (device runs 1-2, gpt-oss: n = 64 (8 per
@@ -776,7 +815,15 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
     const int pick = pairs / n_exp <= 16 ? 19 : 17;
     if (mg3_smem(pick) <= smem_optin()) tile = pick; // else (A100: 163 KB) v1's tiles
   }
-  const bool v3 = tile_v3(tile) || tile_v4(tile);
+  // The hybrid needs v4 and room for both tile lists in the route scratch
+  // (sized for one list of 16-pair tiles: fits from ~30 pairs per expert);
+  // else v3 tile 17.
+  if (tile == MG_HYB &&
+      !(mg4_available() && mx &&
+        n_exp + 3 + pairs + 2 * moe_tiles_bound(pairs, n_exp, 256) + 2 * moe_tiles_bound(pairs, n_exp, 96) <=
+            moe_route_ints(pairs, n_exp)))
+    tile = mx ? 17 : 0;
+  const bool v3 = tile_v3(tile) || tile_v4(tile) || tile == MG_HYB;
   if (v3 && !mx) tile = 0;
   if (!(v3 && mx) && (tile & 7) == 0) {
     const int64_t per = pairs / n_exp; // mean pairs per expert
@@ -786,6 +833,13 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   }
   const int bn = bn_of(tile);
   const int64_t tb = moe_tiles_bound(pairs, n_exp, bn);
+  // hybrid: the second tile list (v3, 96 pairs) after the first; both must fit the scratch
+  const bool hyb = tile == MG_HYB;
+  const int64_t tb2 = hyb ? moe_tiles_bound(pairs, n_exp, 96) : 0;
+  if (hyb && n_exp + 2 + pairs + 2 * tb + 1 + 2 * tb2 > moe_route_ints(pairs, n_exp)) {
+    orch_set_error("moe_ffn_grouped: hybrid tile lists of %lld pairs do not fit the route scratch", (long long)pairs);
+    return ORCH_ERR_INVALID; // unreachable: checked above
+  }
   if (pairs > INT32_MAX / 2 || tb > 65535 || ff > INT32_MAX / 2 || dim > INT32_MAX / 2) {
     orch_set_error("moe_ffn_grouped: %lld pairs too many for the grid", (long long)pairs);
     return ORCH_ERR_UNSUPPORTED;
@@ -797,7 +851,7 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   MoeParts parts(ctx->stream);
   parts.mark(ctx->stream);
   QG_LAUNCH(moe_bucket_kernel, dim3(1), 1024, (size_t)(4 * n_exp + 2) * sizeof(int), ctx->stream, route, ids,
-            (int)pairs, n_exp, bn, tb);
+            (int)pairs, n_exp, bn, tb, hyb ? 96 : 0, MG_HYB_THR, tb2);
   ORCH_LAUNCHED(op);
   parts.mark(ctx->stream);
   QArgs a{};
@@ -826,9 +880,19 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = dim;
   a.m = ff;
   a.rb = rb_gu;
-  int rc = tile_v4(tile)   ? launch_moe_gemm4_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
+  // hybrid: the second list's arguments (v3 tile 17)
+  auto second = [&](const QArgs &q) {
+    QArgs b = q;
+    b.ntiles = a.tile_r0 + tb;
+    b.tile_e = b.ntiles + 1;
+    b.tile_r0 = b.tile_e + tb2;
+    return b;
+  };
+  int rc = hyb              ? launch_moe_gemm4_tile<MODE_GATE_UP>(ctx->stream, a, 30, ff, tb)
+           : tile_v4(tile) ? launch_moe_gemm4_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
            : tile_v3(tile) ? launch_moe_gemm3_tile<MODE_GATE_UP>(ctx->stream, a, tile, ff, tb)
                            : dispatch<MODE_GATE_UP>(ctx->stream, gu_type, a, tile, ff, tb);
+  if (hyb && rc == ORCH_OK) rc = launch_moe_gemm3_tile<MODE_GATE_UP>(ctx->stream, second(a), 17, ff, tb2);
   if (rc != ORCH_OK) return parts.report(n, -1), rc;
   ORCH_LAUNCHED(op);
   parts.mark(ctx->stream);
@@ -845,14 +909,16 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   a.k = ff;
   a.m = dim;
   a.rb = rb_dn;
-  rc = tile_v4(tile)   ? launch_moe_gemm4_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
+  rc = hyb              ? launch_moe_gemm4_tile<MODE_DOWN>(ctx->stream, a, 30, dim, tb)
+       : tile_v4(tile) ? launch_moe_gemm4_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
        : tile_v3(tile) ? launch_moe_gemm3_tile<MODE_DOWN>(ctx->stream, a, tile, dim, tb)
                        : dispatch<MODE_DOWN>(ctx->stream, down_type, a, tile, dim, tb);
+  if (hyb && rc == ORCH_OK) rc = launch_moe_gemm3_tile<MODE_DOWN>(ctx->stream, second(a), 17, dim, tb2);
   if (rc != ORCH_OK) return parts.report(n, -1), rc;
   ORCH_LAUNCHED(op);
   parts.mark(ctx->stream);
   rc = orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
   parts.mark(ctx->stream);
-  parts.report(n, tile);
+  parts.report(n, tile, route, n_exp);
   return rc;
 }

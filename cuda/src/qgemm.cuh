@@ -61,6 +61,30 @@ QG_HD int moe_tile_plan(const int *cnt, int n_exp, int bn, int *exp_off, int *ti
   return tiles;
 }
 
+// Hybrid plan (tile code 36: MoE GEMM v4 for the experts with >= thr pairs
+// in tiles of bn, v3 for the others in tiles of bn2): exp_off as
+// moe_tile_plan, tile_start[e] = expert e's first tile in ITS list, *tiles2
+// = the second list's tile count; returns the first list's.
+QG_HD int moe_tile_plan2(const int *cnt, int n_exp, int bn, int bn2, int thr, int *exp_off, int *tile_start,
+                         int *tiles2) {
+  int off = 0, ta = 0, tb = 0;
+  for (int e = 0; e < n_exp; e++) {
+    exp_off[e] = off;
+    off += cnt[e];
+    if (cnt[e] >= thr) {
+      tile_start[e] = ta;
+      ta += (cnt[e] + bn - 1) / bn;
+    } else {
+      tile_start[e] = tb;
+      tb += (cnt[e] + bn2 - 1) / bn2;
+    }
+  }
+  exp_off[n_exp] = off;
+  tile_start[n_exp] = 0;
+  *tiles2 = tb;
+  return ta;
+}
+
 // Ints of the routing scratch of orch_moe_ffn_grouped for P pairs (sized for
 // the smallest tile, 16 pairs): exp_off[n_exp+1], ntiles[1], sorted[P],
 // tile_e[TB], tile_r0[TB] with TB = moe_tiles_bound(P, n_exp, 16).

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../src/moe_wg_layout.cuh"
+#include "../src/qgemm.cuh"
 
 static int fails = 0;
 #define EXPECT(c, ...)                                     \
@@ -114,6 +115,34 @@ int main() {
           EXPECT(wg_w_row(64 * mt + 16 * wq + g, true, r0, &up) == r0 + 32 * mt + 8 * wq + g && up == 0,
                  "epilogue row (%d,%d,%d)", mt, wq, g);
         }
+  }
+  // 4. Hybrid tile plan (tile 36): experts with >= thr pairs in list A
+  // (tiles of bn), the rest in list B (tiles of bn2); offsets as the scan;
+  // every pair of every expert in exactly one tile; both lists within the
+  // route scratch whenever the host's fit check passes.
+  {
+    const int ne = 32;
+    unsigned seed = 12345;
+    for (int trial = 0; trial < 200; trial++) {
+      int cnt[ne], off[ne + 1], tst[ne + 1], t2 = -1, P = 0;
+      for (int e = 0; e < ne; e++) {
+        seed = seed * 1103515245u + 12345u;
+        const int r = (int)((seed >> 8) % 1000);
+        cnt[e] = trial % 3 == 0 ? (r < 300 ? 0 : r % 700) : trial % 3 == 1 ? r % 97 + (e == 3 ? 900 : 0) : 256 + r % 33 - 16;
+        P += cnt[e];
+      }
+      const int t1 = moe_tile_plan2(cnt, ne, 256, 96, 96, off, tst, &t2);
+      int ta = 0, tb = 0, o = 0;
+      for (int e = 0; e < ne; e++) {
+        EXPECT(off[e] == o, "hybrid plan: offset of expert %d", e);
+        o += cnt[e];
+        const bool big = cnt[e] >= 96;
+        EXPECT(tst[e] == (big ? ta : tb), "hybrid plan: expert %d starts at tile %d", e, tst[e]);
+        (big ? ta : tb) += (cnt[e] + (big ? 255 : 95)) / (big ? 256 : 96);
+      }
+      EXPECT(off[ne] == P && t1 == ta && t2 == tb, "hybrid plan totals (%d/%d, %d/%d)", t1, ta, t2, tb);
+      EXPECT(t1 <= moe_tiles_bound(P, ne, 256) && t2 <= moe_tiles_bound(P, ne, 96), "hybrid plan within the grid bounds");
+    }
   }
   if (fails) {
     std::fprintf(stderr, "moe_wg_layout_test: %d failures\n", fails);

@@ -347,15 +347,16 @@ func TestMoEGrouped(t *testing.T) {
 					// (moe_wg.cuh, wgmma: 256 / 128 pairs a tile; sm_90a builds
 					// only, skipped where the library reports it unsupported;
 					// 32, 33: the same with the activations loaded by TMA; 34,
-					// 35: TMA multicast in clusters of two CTAs)
+					// 35: TMA multicast in clusters of two CTAs; 36: hybrid, v4
+					// for experts with >= 96 pairs and v3 for the others)
 					tiles := []int32{0, 1, 2, 3, 4, 5, 17, 19}
 					if !withBias || dts[0] != dts[1] {
 						tiles = []int32{0, 5, 17}
 					}
 					if moeV4Child() {
-						tiles = []int32{30, 31, 32, 33, 34, 35}
+						tiles = []int32{30, 31, 32, 33, 34, 35, 36}
 						if !withBias || dts[0] != dts[1] {
-							tiles = []int32{30, 33, 34}
+							tiles = []int32{30, 33, 34, 36}
 						}
 					}
 					for _, tile := range tiles {
@@ -396,7 +397,7 @@ func TestMoEGroupedGraph(t *testing.T) {
 	m := newMoERef(t, r, ml.MXFP4, ml.MXFP4, dim, ff, ne, true)
 	c := newMoEGroupedCall(t, m, n, k)
 	for it, kind := range []string{"uniform", "one", "skew", "uniform", "one/v1", "uniform/v1", "skew/v3", "uniform/v3", "one/v3s", "uniform/v3s",
-		"skew/v4", "one/v4", "uniform/v4n", "skew/v4n", "skew/v4t", "one/v4tn", "skew/v4c", "uniform/v4cn"} {
+		"skew/v4", "one/v4", "uniform/v4n", "skew/v4n", "skew/v4t", "one/v4tn", "skew/v4c", "uniform/v4cn", "skew/v4h", "one/v4h"} {
 		tile := int32(0)
 		if k, ok := strings.CutSuffix(kind, "/v1"); ok {
 			kind, tile = k, 5
@@ -424,6 +425,9 @@ func TestMoEGroupedGraph(t *testing.T) {
 		}
 		if k, ok := strings.CutSuffix(kind, "/v4cn"); ok {
 			kind, tile = k, 35
+		}
+		if k, ok := strings.CutSuffix(kind, "/v4h"); ok {
+			kind, tile = k, 36
 		}
 		if (tile >= 30) != moeV4Child() || tile >= 30 && !moeV4Built(t, m, c, tile) {
 			continue
