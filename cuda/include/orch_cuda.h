@@ -364,10 +364,12 @@ int64_t orch_moe_route_ints(int64_t n_pairs, int32_t n_exp);
  * for MXFP4 also 17 / 19: the v3 kernel of moe_gemm.cuh with 96 / 64 pairs a
  * tile (what 0 picks for MXFP4 unless ORCH_CUDA_MOEGEMM=v1; session 5), and
  * 30 / 31: the v4 kernel of moe_wg.cuh (wgmma; sm_90a builds only, else
- * ORCH_ERR_UNSUPPORTED) with 256 / 128 pairs a tile (what 0 picks above 16
- * pairs per expert with ORCH_CUDA_MOEGEMM=v4 where built; session 6), 32 / 33
+ * ORCH_ERR_UNSUPPORTED) with 256 / 128 pairs a tile (session 6), 32 / 33
  * the same with the activations loaded by TMA, 34 / 35 with TMA multicast
- * in clusters of two CTAs.
+ * in clusters of two CTAs; 36: hybrid, v4 (30) for the experts with >= 96
+ * pairs and v3 (17) for the others (v3 alone where v4 is not built or the
+ * route scratch cannot hold both tile lists: below ~175 tokens at top-4 of
+ * 32); what 0 picks above 16 pairs per expert with ORCH_CUDA_MOEGEMM=v4.
  * Returns ORCH_ERR_UNSUPPORTED for what it does not handle. */
 int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, const float *weights,
                          const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
