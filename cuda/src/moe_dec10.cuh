@@ -403,7 +403,10 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
     int wave = 0, sb = 0;
     size_t sm11 = 0;
-    const bool run11 = v11 && !(only & 2) && moe11_plan<T>(n, n_slots, dim, ff, wave, sm11, sb);
+    const bool wide = v11 && moe11_wide();
+    const bool run11 = v11 && !(only & 2) &&
+                       (wide ? moe11_plan<T, MOE11_W32, MOE11_R32>(n, n_slots, dim, ff, wave, sm11, sb)
+                             : moe11_plan<T, MOE11_W16, MOE11_R16>(n, n_slots, dim, ff, wave, sm11, sb));
     const bool fold = run11 && moe11_fold();
     if (!fold) {
       auto kern = moe10_route_kernel;
@@ -414,8 +417,14 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       moe11_route rt{};
       if (fold)
         rt = moe11_route{part, xg, ids, wts, x, rw, rbias, n_exp, S, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0};
-      launch_ffn11<T>(st, wave, sm11, sb, out, reinterpret_cast<uint16_t *>(act), reinterpret_cast<const uint4 *>(xg),
-                      wg, wu, gb, ub, wd, db, ids, wts, n, n_slots, dim, ff, alpha, limit, sc, dxinv, only, rt);
+      if (wide)
+        launch_ffn11<T, MOE11_W32, MOE11_R32>(st, wave, sm11, sb, out, reinterpret_cast<uint16_t *>(act),
+                                              reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, wd, db, ids, wts,
+                                              n, n_slots, dim, ff, alpha, limit, sc, dxinv, only, rt);
+      else
+        launch_ffn11<T, MOE11_W16, MOE11_R16>(st, wave, sm11, sb, out, reinterpret_cast<uint16_t *>(act),
+                                              reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, wd, db, ids, wts,
+                                              n, n_slots, dim, ff, alpha, limit, sc, dxinv, only, rt);
       return;
     }
     if (!(only & 2)) {

@@ -52,8 +52,12 @@
 // not run concurrently on two streams of one device (as v10's tickets).
 #pragma once
 
-constexpr int MOE11_W = 16; // warps per CTA (one CTA per SM: one copy of x / the activation per SM)
-constexpr int MOE11_R = 7;  // row stages per warp (ring depth)
+// Kernel shapes (template parameters MOE11_W, MOE11_R below): warps per CTA
+// (one CTA per SM: one copy of x / the activation per SM) and row stages per
+// warp (ring depth). Default 16 x 7 (<= 128 registers); ORCH_CUDA_MOE11_WIDE=1:
+// 32 x 3 (32 warps per SM as v10's gate_up, <= 64 registers, 1 row in flight
+// per warp while it computes a pair).
+constexpr int MOE11_W16 = 16, MOE11_R16 = 7, MOE11_W32 = 32, MOE11_R32 = 3;
 
 __device__ unsigned g_moe11_bar[2]; // [0] arrivals (wraps to 0), [1] generation
 #if defined(ORCH_EMU)
@@ -175,7 +179,7 @@ struct moe11_route {
   int n_exp, S, kind, x14;
 };
 
-template <int T, int NBG, int NBD>
+template <int T, int NBG, int NBD, int MOE11_W, int MOE11_R>
 __global__ void __launch_bounds__(MOE11_W * 32, 1)
 moe_ffn11_kernel(float *__restrict__ out, uint16_t *acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                  const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
@@ -366,12 +370,16 @@ static bool moe11_split() {
 #endif
 }
 // Shared memory of a grid of g CTAs (the partials: the most rows any CTA takes).
-static size_t moe11_smem(int n, int dim, int ff, int n_slots, int sb, int g) {
+static size_t moe11_smem(int n, int dim, int ff, int n_slots, int sb, int g, int W, int R) {
   const int gt = g / n > 0 ? g / n : 1;
-  return (size_t)moe11_xa_words(dim, ff, n_slots) * 4 + (size_t)MOE11_W * MOE11_R * sb +
+  return (size_t)moe11_xa_words(dim, ff, n_slots) * 4 + (size_t)W * R * sb +
          (size_t)((dim + gt - 1) / gt) * n_slots * 4;
 }
 
+static bool moe11_wide() {
+  const char *v = getenv("ORCH_CUDA_MOE11_WIDE");
+  return v && std::strcmp(v, "1") == 0;
+}
 static bool moe11_fold() {
   const char *v = getenv("ORCH_CUDA_MOE11_ROUTE");
   return v && std::strcmp(v, "1") == 0;
@@ -385,9 +393,10 @@ struct moe11_wave {
   int dim, ff, ns, sms, wave;
   size_t sm;
 };
-template <int T> static bool moe11_plan(int n, int n_slots, int dim, int ff, int &wave, size_t &smem, int &sb) {
+template <int T, int MOE11_W, int MOE11_R>
+static bool moe11_plan(int n, int n_slots, int dim, int ff, int &wave, size_t &smem, int &sb) {
   constexpr int NBG = gate_up_nb<T>(), NBD = down_h_nb<T>();
-  auto kern = moe_ffn11_kernel<T, NBG, NBD>;
+  auto kern = moe_ffn11_kernel<T, NBG, NBD, MOE11_W, MOE11_R>;
   const int64_t rbg = orch_row_bytes(T, dim), rbd = orch_row_bytes(T, ff);
   sb = moe11_stage_bytes(rbg > rbd ? rbg : rbd);
   static moe11_wave cache[MOE10_MAX_N + 1];
@@ -400,7 +409,7 @@ template <int T> static bool moe11_plan(int n, int n_slots, int dim, int ff, int
     int g = sms > n ? sms : n;
     c = moe11_wave{dim, ff, n_slots, sms, 0, 0};
     for (int step = 0; step < 3 && g >= 1; step++) {
-      const size_t sm = moe11_smem(n, dim, ff, n_slots, sb, g);
+      const size_t sm = moe11_smem(n, dim, ff, n_slots, sb, g, MOE11_W, MOE11_R);
       if (sm > 227 * 1024) break;
       if (sm > attr_sm && cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) == cudaSuccess)
         attr_sm = sm;
@@ -427,13 +436,13 @@ template <int T> static bool moe11_plan(int n, int n_slots, int dim, int ff, int
 // phase, no barrier, any grid of at least one CTA per token (the partials
 // region is sized for the wave: enough for a larger grid). only: moe_only()'s
 // bits (1: no down).
-template <int T>
+template <int T, int MOE11_W, int MOE11_R>
 static void launch_ffn11(cudaStream_t st, int wave, size_t sm, int sb, float *out, uint16_t *acth, const uint4 *xg,
                          const uint8_t *wg, const uint8_t *wu, const float *gb, const float *ub, const uint8_t *wd,
                          const float *db, const int32_t *ids, const float *wts, int n, int n_slots, int dim, int ff,
                          float alpha, float limit, float sc, float dxinv, int only, const moe11_route &rt) {
   constexpr int NBG = gate_up_nb<T>(), NBD = down_h_nb<T>();
-  auto kern = moe_ffn11_kernel<T, NBG, NBD>;
+  auto kern = moe_ffn11_kernel<T, NBG, NBD, MOE11_W, MOE11_R>;
   const int64_t rbg = orch_row_bytes(T, dim), rbd = orch_row_bytes(T, ff);
   const int fold = rt.part ? 8 : 0;
 #if defined(ORCH_EMU)

@@ -416,26 +416,30 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   // ORCH_CUDA_MOE11_ROUTE=1: the routing folded into v11's kernel (split: a
   // route launch, every CTA summing the partials and running the top-k) —
   // the same ids, weights and output bits.
-  for (int sms : {2, 5})
-    for (int fold : {0, 1}) {
-      const int keep = g_emu_sms;
-      g_emu_sms = sms;
-      ver = "v11";
-      if (fold) setenv("ORCH_CUDA_MOE11_ROUTE", "1", 1);
-      std::vector<int32_t> id11;
-      std::vector<float> w11, o11;
-      const int runs = g_moe11_runs;
-      EXPECT(run10(true, n, limit, &id11, &w11, &o11) == ORCH_OK, "moe_decode v11: %s", g_err);
-      EXPECT(g_moe11_runs == runs + 1, "moe_decode v11 did not launch v11's expert kernels (fell back to v10's)");
-      unsetenv("ORCH_CUDA_MOE11_ROUTE");
-      ver = "v10";
-      g_emu_sms = keep;
-      EXPECT(id11 == id10 && std::memcmp(w11.data(), w10.data(), w10.size() * 4) == 0,
-             "v11 routing != v10's (fold %d, %d SMs)", fold, sms);
-      EXPECT(std::memcmp(o10.data(), o11.data(), o10.size() * 4) == 0,
-             "MoE v11 != v10 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d, %d SMs, fold %d)", tname(t),
-             (long long)dim, (long long)ff, topk, ne, n, sms, fold);
-    }
+  // ORCH_CUDA_MOE11_WIDE=1: 32 warps per CTA, 3-row rings.
+  const int cfgs[5][3] = {{2, 0, 0}, {2, 1, 0}, {5, 0, 0}, {5, 1, 0}, {2, 0, 1}}; // SMs, fold, wide
+  for (const auto &cf : cfgs) {
+    const int sms = cf[0], fold = cf[1], wide = cf[2];
+    const int keep = g_emu_sms;
+    g_emu_sms = sms;
+    ver = "v11";
+    if (fold) setenv("ORCH_CUDA_MOE11_ROUTE", "1", 1);
+    if (wide) setenv("ORCH_CUDA_MOE11_WIDE", "1", 1);
+    std::vector<int32_t> id11;
+    std::vector<float> w11, o11;
+    const int runs = g_moe11_runs;
+    EXPECT(run10(true, n, limit, &id11, &w11, &o11) == ORCH_OK, "moe_decode v11: %s", g_err);
+    EXPECT(g_moe11_runs == runs + 1, "moe_decode v11 did not launch v11's expert kernels (fell back to v10's)");
+    unsetenv("ORCH_CUDA_MOE11_ROUTE");
+    unsetenv("ORCH_CUDA_MOE11_WIDE");
+    ver = "v10";
+    g_emu_sms = keep;
+    EXPECT(id11 == id10 && std::memcmp(w11.data(), w10.data(), w10.size() * 4) == 0,
+           "v11 routing != v10's (fold %d, wide %d, %d SMs)", fold, wide, sms);
+    EXPECT(std::memcmp(o10.data(), o11.data(), o10.size() * 4) == 0,
+           "MoE v11 != v10 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d, %d SMs, fold %d, wide %d)", tname(t),
+           (long long)dim, (long long)ff, topk, ne, n, sms, fold, wide);
+  }
   // v6 on v10's routing
   {
     orch_ctx ctx;

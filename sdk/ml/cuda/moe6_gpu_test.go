@@ -27,14 +27,15 @@ import (
 // route kernel + one persistent expert kernel with a grid barrier between
 // gate_up and down; session 6), also split into two launches
 // (ORCH_CUDA_MOE11_SPLIT=1) and with the routing folded into it
-// (ORCH_CUDA_MOE11_ROUTE=1). (v7 and v8 were removed.)
+// (ORCH_CUDA_MOE11_ROUTE=1) or 32 warps per CTA (ORCH_CUDA_MOE11_WIDE=1). (v7
+// and v8 were removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
 	for _, v := range []string{"v4", "v6", "v9", "v10", "v11", "v11 ORCH_CUDA_MOE11_SPLIT=1",
-		"v11 ORCH_CUDA_MOE11_ROUTE=1", "v11 ORCH_CUDA_MOE11_ROUTE=1 ORCH_CUDA_MOE11_SPLIT=1"} {
+		"v11 ORCH_CUDA_MOE11_ROUTE=1", "v11 ORCH_CUDA_MOE11_ROUTE=1 ORCH_CUDA_MOE11_SPLIT=1", "v11 ORCH_CUDA_MOE11_WIDE=1"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -71,11 +72,13 @@ func TestPerfMoEVersions(t *testing.T) {
 		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v11",
-				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_SPLIT=1", "ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_ROUTE=1", "ORCH_CUDA_MOE=",
+				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_SPLIT=1", "ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_ROUTE=1",
+				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_WIDE=1", "ORCH_CUDA_MOE=",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10",
+				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_WIDE=1 ORCH_CUDA_MOE_ONLY=gate_up",
+				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10",
 				"ORCH_CUDA_MOE=v11"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
@@ -97,7 +100,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		experts := min(ne, topk*n) // upper bound: random routing of n tokens
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
 		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-		for _, v := range []string{"ORCH_CUDA_MOE11_SPLIT", "ORCH_CUDA_MOE11_ROUTE", "ORCH_CUDA_MOE_ONLY"} {
+		for _, v := range []string{"ORCH_CUDA_MOE11_SPLIT", "ORCH_CUDA_MOE11_ROUTE", "ORCH_CUDA_MOE11_WIDE", "ORCH_CUDA_MOE_ONLY"} {
 			if e := os.Getenv(v); e != "" {
 				label += " " + v + "=" + e
 			}
