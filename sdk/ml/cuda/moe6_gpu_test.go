@@ -72,7 +72,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v11",
-				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_SPLIT=1", "ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_ROUTE=1",
+				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_ROUTE=1",
 				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_WIDE=1", "ORCH_CUDA_MOE=",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
