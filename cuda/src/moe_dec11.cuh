@@ -48,6 +48,15 @@
 //    one thread per row forms v10's weighted sum, slots in order.
 // Every product, fp16 partial sum, fold and sum is v10's in v10's order: the
 // output equals v10's bit for bit (cuda/test/moe_emu_test.cpp, split mode).
+// Measured (H100, session 6 run 2): n = 1 / 2 / 4 / 8 47.1 / 74.4 / 126.7 /
+// 236.1 us vs v10's 34.6 / 58.1 / 99.7 / 181.8 (split 48.6 at one token, routing
+// folded 47.4; tg128 -13%): slower everywhere. Phase A alone (~24.6 us) is
+// slower than v10's gate_up (~16) although it keeps ~120 KB per SM in flight:
+// the decode (~900 instructions per row pair, ~11 us of issue at IPC 1 per
+// scheduler) with 4 warps per scheduler runs at about half v10's IPC — gate_up
+// at one token is bound by the decode's instruction latency, not by bytes in
+// flight (.orch-notes/S6-moep-round7.md). Opt-in; ORCH_CUDA_MOE11_WIDE=1
+// (32 warps, 64 registers) tests that.
 // The barrier words are per device (static): MoE v11 ops of one process must
 // not run concurrently on two streams of one device (as v10's tickets).
 #pragma once
