@@ -69,7 +69,7 @@ fi
 
 if has kernels && [ -x bin/cuda-gpu.test ]; then
   t0=$(date +%s)
-  if timeout 200 bin/cuda-gpu.test -test.timeout 190s >"$OUT/cuda-gpu.log" 2>&1; then
+  if timeout 420 bin/cuda-gpu.test -test.timeout 410s >"$OUT/cuda-gpu.log" 2>&1; then
     log "cuda-gpu.test: PASS ($(grep -c -- '--- PASS' "$OUT/cuda-gpu.log") passed, $(( $(date +%s) - t0 )) s)"
   else log "cuda-gpu.test: FAIL"; grep -E -A4 -- '--- FAIL' "$OUT/cuda-gpu.log" | head -30 | tee -a "$OUT/summary.md"; fi
   timeout 150 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 bin/cuda-gpu.test -test.timeout 140s \
