@@ -365,16 +365,23 @@ static inline bool gemv5_xr() {
   return v;
 }
 // How the one- and two-token v5 kernels stage x (their XR template
-// argument): 2 whole x with batched loads (default since session 6), 1 per
-// round (ORCH_CUDA_GEMV5_XR=1), 0 dec16_stage's one load at a time
-// (ORCH_CUDA_GEMV5_XB=0: the session-5 kernel). Read once per process.
-static inline int gemv5_stage_mode() {
+// argument): 2 whole x with batched cp.async loads, 1 per round, 0
+// dec16_stage's one load at a time (the session-5 kernel). Default by k:
+// per round (1) from k = 8192 (Llama down, k = 14336: its x staging sat
+// after the PDL wait), 0 below. Session 6, device run 3 (H100, same call):
+// gpt-oss tg128 458.2 with 0 vs 445.5 with 2 everywhere; Llama 231.3 with 1
+// everywhere, 229.6 with 2, 226.8 with 0 (run 2: 1 vs 0 on gpt-oss 448.3 vs
+// 448.2). ORCH_CUDA_GEMV5_XR=1 / ORCH_CUDA_GEMV5_XB=1 / ORCH_CUDA_GEMV5_XB=0
+// pin 1 / 2 / 0 for every k. Read once per process.
+static inline int gemv5_stage_mode(int64_t k) {
   static const int v = [] {
     if (gemv5_xr()) return 1;
     const char *e = getenv("ORCH_CUDA_GEMV5_XB");
-    return e && e[0] == '0' && !e[1] ? 0 : 2;
+    if (e && e[0] == '0' && !e[1]) return 0;
+    if (e && e[0] == '1' && !e[1]) return 2;
+    return -1;
   }();
-  return v;
+  return v >= 0 ? v : k >= 8192 ? 1 : 0;
 }
 
 // MINB: 5 the 5-CTA build; else 10 + XR + 3 TR: gemv5_kernel with x staged
@@ -398,7 +405,7 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
                             int64_t k, int64_t m, int64_t rb, int acc) {
   if constexpr (NT == 1)
     if (gemv5_minb() == 5) return launch_gemv5_nt_b<T, NT, 5>(st, y, x, w, bias, n, k, m, rb, acc);
-  const int mode = gemv5_stage_mode();
+  const int mode = gemv5_stage_mode(k);
 #if !defined(ORCH_EMU)
   if constexpr (NT == 1 && T == ORCH_T_Q8_0)
     if (g_gemv_trace_on) {
@@ -441,7 +448,7 @@ static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, con
   if constexpr (NT == 1)
     if (gemv5_minb() == 5) return launch_gemv5_multi_nt_b<T, NT, 5>(st, P, count, x, n, k, rb);
   if constexpr (NT <= 2) {
-    const int mode = gemv5_stage_mode();
+    const int mode = gemv5_stage_mode(k);
     if constexpr (NT == 1)
       if (mode == 2) return launch_gemv5_multi_nt_b<T, NT, 12>(st, P, count, x, n, k, rb);
     if (mode == 1) return launch_gemv5_multi_nt_b<T, NT, 11>(st, P, count, x, n, k, rb);
@@ -700,7 +707,7 @@ template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                              int64_t rb, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const int mode = xr < 0 ? gemv5_stage_mode() : xr;
+    const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     if (n == 1) launch_gemv5_glu_nt<T, 1>(st, A, x, n, k, rb, mode);
     else launch_gemv5_glu_nt<T, 2>(st, A, x, n, k, rb, mode);
   }
