@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define ORCH_ABI_VERSION 7 /* 6: orch_moe_ffn_route (session 4); 7: orch_moe_decode (session 5) */
+#define ORCH_ABI_VERSION 8 /* 6: orch_moe_ffn_route (session 4); 7: orch_moe_decode (session 5); 8: orch_matmul_swiglu, orch_matmul_rmsnorm, orch_gemv_trace (session 6; orch_pf_* / orch_spin are optional) */
 
 typedef enum {
   ORCH_OK = 0,
