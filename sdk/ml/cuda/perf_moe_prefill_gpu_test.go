@@ -59,15 +59,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 	}{{16, false}, {64, false}, {512, false}, {2048, false}, {512, true}, {2048, true}} {
 		n := cs.n
 		p := n * topk
-		alloc := func(dt ml.DType, shape ...int) ml.Tensor {
-			x := mustA(t, dt, shape...)
-			t.Cleanup(func() { gpu.Free(x) })
-			return x
-		}
-		out, x := alloc(ml.F32, d, n), alloc(ml.F32, d, n)
-		ids, w := alloc(ml.I32, p), alloc(ml.F32, p)
-		xg, act, ybuf := alloc(ml.F32, d/2, p), alloc(ml.F32, ff/2, p), alloc(ml.F32, d, p)
-		route := alloc(ml.I32, int(gpu.l.moeRouteInts(int64(p), ne)))
+		out, x, ids, w, xg, act, ybuf, route := moePrefillBufs(t, d, ff, n, p, ne)
 		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
 		iv := make([]int32, 0, p)
 		wv := make([]float32, 0, p)
@@ -148,6 +140,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 			// the grouped op (bucketing + gather + gate_up + down + combine:
 			// the rows above; its inner split in the note of
 			// TestMoEGroupedParts' table).
+			alloc := func(dt ml.DType, shape ...int) ml.Tensor { return cleanupA(t, dt, shape...) }
 			xm := alloc(ml.F32, d, n)
 			require.NoError(t, gpu.WriteF32(xm, r.f32(d*n)))
 			logits, tids, tw := alloc(ml.F32, ne, n), alloc(ml.I32, p), alloc(ml.F32, p)
@@ -172,6 +165,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 			}
 		}
 		if n <= 64 {
+			alloc := func(dt ml.DType, shape ...int) ml.Tensor { return cleanupA(t, dt, shape...) }
 			xm := alloc(ml.F32, d, n)
 			require.NoError(t, gpu.WriteF32(xm, r.f32(d*n)))
 			for _, c := range []struct {
@@ -268,15 +262,7 @@ func TestMoEGroupedParts(t *testing.T) {
 	mo := r.moe(t, d, ff, ne, topk)
 	for _, n := range []int{512, 2048} {
 		p := n * topk
-		alloc := func(dt ml.DType, shape ...int) ml.Tensor {
-			x := mustA(t, dt, shape...)
-			t.Cleanup(func() { gpu.Free(x) })
-			return x
-		}
-		out, x := alloc(ml.F32, d, n), alloc(ml.F32, d, n)
-		ids, w := alloc(ml.I32, p), alloc(ml.F32, p)
-		xg, act, ybuf := alloc(ml.F32, d/2, p), alloc(ml.F32, ff/2, p), alloc(ml.F32, d, p)
-		route := alloc(ml.I32, int(gpu.l.moeRouteInts(int64(p), ne)))
+		out, x, ids, w, xg, act, ybuf, route := moePrefillBufs(t, d, ff, n, p, ne)
 		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
 		iv := make([]int32, 0, p)
 		wv := make([]float32, 0, p)
@@ -328,4 +314,23 @@ func zipfExperts(rng *rand.Rand, ne, k int) []int {
 		}
 	}
 	return out
+}
+
+// moePrefillBufs allocates (freed at cleanup) the grouped MoE op's operands
+// for n tokens and p = n*topk pairs: out, x [d, n]; ids, weights [p]; the
+// gathered x, activations and per-pair down output; the route scratch.
+func moePrefillBufs(t *testing.T, d, ff, n, p int, ne int32) (out, x, ids, w, xg, act, ybuf, route ml.Tensor) {
+	alloc := func(dt ml.DType, shape ...int) ml.Tensor { return cleanupA(t, dt, shape...) }
+	out, x = alloc(ml.F32, d, n), alloc(ml.F32, d, n)
+	ids, w = alloc(ml.I32, p), alloc(ml.F32, p)
+	xg, act, ybuf = alloc(ml.F32, d/2, p), alloc(ml.F32, ff/2, p), alloc(ml.F32, d, p)
+	route = alloc(ml.I32, int(gpu.l.moeRouteInts(int64(p), ne)))
+	return
+}
+
+// cleanupA allocates a device tensor that is freed when t ends.
+func cleanupA(t *testing.T, dt ml.DType, shape ...int) ml.Tensor {
+	a := mustA(t, dt, shape...)
+	t.Cleanup(func() { gpu.Free(a) })
+	return a
 }
