@@ -107,8 +107,7 @@ template <int B> __device__ __forceinline__ void moe10_copy(uint4 *dst, const ui
 }
 #endif
 
-// The route kernel's parts, also run inside MoE v11's expert kernel
-// (ORCH_CUDA_MOE11_ROUTE=1): 256 threads, thread tid = (expert e = tid >> 3,
+// The route kernel's parts: 256 threads, thread tid = (expert e = tid >> 3,
 // q = tid & 7); whole warps call them.
 struct moe10_rwv {
   float4 w0, w1;
@@ -357,29 +356,19 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
 }
 
 
-// MoE v11 (session 6): v10's route kernel + one persistent expert kernel.
-#include "moe_dec11.cuh"
-
 // ---- launch ----
-// ORCH_CUDA_MOE=v10 (orch_env_version reads one digit: parsed here); v11 runs
-// v10's route kernel, so it counts as pinned here too.
+// ORCH_CUDA_MOE=v10 (orch_env_version reads one digit: parsed here).
 static bool moe10_pinned(const orch_ctx *ctx) {
-  if (ctx->moe >= 10) return ctx->moe == 10 || ctx->moe == 11;
+  if (ctx->moe >= 10) return ctx->moe == 10;
   const char *v = getenv("ORCH_CUDA_MOE");
-  return v && (std::strcmp(v, "v10") == 0 || std::strcmp(v, "v11") == 0);
+  return v && std::strcmp(v, "v10") == 0;
 }
 // Unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens (device
 // run 1 of session 5, H100: n = 2 / 4 / 8 59 / 101 / 184 us vs v6's 62.5 /
 // 109 / 207; n = 1 36.0 vs 36.3: equal, v6 kept there).
 constexpr int MOE10_AUTO_MIN_N = 2;
-// Unpinned: v11 (v10's route + the persistent expert kernel) up to
-// MOE11_AUTO_MAX_N tokens (0: never; set from the device tables and tg128).
-constexpr int MOE11_AUTO_MAX_N = 0;
-static bool moe11_on(const orch_ctx *ctx, int64_t n) {
-  return moe11_pinned() || ctx->moe == 11 || (ctx->moe_auto && n <= MOE11_AUTO_MAX_N);
-}
 static bool moe10_on(const orch_ctx *ctx, int64_t n) {
-  return moe10_pinned(ctx) || (ctx->moe_auto && (n >= MOE10_AUTO_MIN_N || n <= MOE11_AUTO_MAX_N));
+  return moe10_pinned(ctx) || (ctx->moe_auto && n >= MOE10_AUTO_MIN_N);
 }
 
 // Scratch: ybuf holds the partial logits (n * S * n_exp floats, rounded up to
@@ -394,38 +383,17 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int only, bool v11) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int only) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
     uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
     const float sc = moe6_act_scale<T>(alpha, limit);
     const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
-    int wave = 0, sb = 0;
-    size_t sm11 = 0;
-    const bool wide = v11 && moe11_wide();
-    const bool run11 = v11 && !(only & 2) &&
-                       (wide ? moe11_plan<T, MOE11_W32, MOE11_R32>(n, n_slots, dim, ff, wave, sm11, sb)
-                             : moe11_plan<T, MOE11_W16, MOE11_R16>(n, n_slots, dim, ff, wave, sm11, sb));
-    const bool fold = run11 && moe11_fold();
-    if (!fold) {
+    {
       auto kern = moe10_route_kernel;
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0);
-    }
-    if (run11) {
-      moe11_route rt{};
-      if (fold)
-        rt = moe11_route{part, xg, ids, wts, x, rw, rbias, n_exp, S, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0};
-      if (wide)
-        launch_ffn11<T, MOE11_W32, MOE11_R32>(st, wave, sm11, sb, out, reinterpret_cast<uint16_t *>(act),
-                                              reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, wd, db, ids, wts,
-                                              n, n_slots, dim, ff, alpha, limit, sc, dxinv, only, rt);
-      else
-        launch_ffn11<T, MOE11_W16, MOE11_R16>(st, wave, sm11, sb, out, reinterpret_cast<uint16_t *>(act),
-                                              reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, wd, db, ids, wts,
-                                              n, n_slots, dim, ff, alpha, limit, sc, dxinv, only, rt);
-      return;
     }
     if (!(only & 2)) {
       constexpr int NB = gate_up_nb<T>();
@@ -479,7 +447,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe_only(), moe11_on(ctx, n));
+                     limit, moe_only());
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

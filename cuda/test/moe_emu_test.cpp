@@ -15,8 +15,7 @@
 //    against a float64 reference (ids and weights = orch_moe_topk's), and the
 //    declines (v7 and v8 — both removed —, other types, one token, infinite
 //    limit);
-//  - orch_moe_decode (session 5, MoE v10, 1..8 tokens; session 6, MoE v11:
-//    the persistent expert kernel in split mode): see test_decode10.
+//  - orch_moe_decode (session 5, MoE v10, 1..8 tokens): see test_decode10.
 //
 //   g++ -std=c++20 -O1 -g -pthread -fsanitize=address -Wno-unknown-pragmas -Icuda/include \
 //     -o /tmp/moe_emu cuda/test/moe_emu_test.cpp && /tmp/moe_emu [long]
@@ -410,36 +409,6 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     g_moe6_stale_id = -1;
     EXPECT(std::memcmp(o10.data(), o10s.data(), o10.size() * 4) == 0, "v10 with stale speculative routing differs");
   }
-  // v11 (split mode: the emulation runs one CTA at a time) == v10 bit for bit,
-  // with 2 and 5 "SMs" (one CTA per SM here; grids of max(SMs, n): at 3 tokens
-  // on 5, token groups of 2, 2, 1 CTAs; many rows per warp through the ring).
-  // ORCH_CUDA_MOE11_ROUTE=1: the routing folded into v11's kernel (split: a
-  // route launch, every CTA summing the partials and running the top-k) —
-  // the same ids, weights and output bits.
-  // ORCH_CUDA_MOE11_WIDE=1: 32 warps per CTA, 3-row rings.
-  const int cfgs[3][3] = {{2, 0, 0}, {5, 1, 0}, {2, 0, 1}}; // SMs, fold, wide (CI time: 3 runs per case)
-  for (const auto &cf : cfgs) {
-    const int sms = cf[0], fold = cf[1], wide = cf[2];
-    const int keep = g_emu_sms;
-    g_emu_sms = sms;
-    ver = "v11";
-    if (fold) setenv("ORCH_CUDA_MOE11_ROUTE", "1", 1);
-    if (wide) setenv("ORCH_CUDA_MOE11_WIDE", "1", 1);
-    std::vector<int32_t> id11;
-    std::vector<float> w11, o11;
-    const int runs = g_moe11_runs;
-    EXPECT(run10(true, n, limit, &id11, &w11, &o11) == ORCH_OK, "moe_decode v11: %s", g_err);
-    EXPECT(g_moe11_runs == runs + 1, "moe_decode v11 did not launch v11's expert kernels (fell back to v10's)");
-    unsetenv("ORCH_CUDA_MOE11_ROUTE");
-    unsetenv("ORCH_CUDA_MOE11_WIDE");
-    ver = "v10";
-    g_emu_sms = keep;
-    EXPECT(id11 == id10 && std::memcmp(w11.data(), w10.data(), w10.size() * 4) == 0,
-           "v11 routing != v10's (fold %d, wide %d, %d SMs)", fold, wide, sms);
-    EXPECT(std::memcmp(o10.data(), o11.data(), o10.size() * 4) == 0,
-           "MoE v11 != v10 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d, %d SMs, fold %d, wide %d)", tname(t),
-           (long long)dim, (long long)ff, topk, ne, n, sms, fold, wide);
-  }
   // v6 on v10's routing
   {
     orch_ctx ctx;
@@ -476,14 +445,14 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit (v11: v10's), tickets back to 0%s\n",
+              "v6's bit for bit, tickets back to 0%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
 
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
-  const bool only10 = argc > 1 && (std::strcmp(argv[1], "v10") == 0 || std::strcmp(argv[1], "v11") == 0); // the v10 / v11 cases only (development)
+  const bool only10 = argc > 1 && std::strcmp(argv[1], "v10") == 0; // the v10 cases only (development)
   if (!only10) {
   test_decoder();
   test_act_scale();

@@ -23,19 +23,14 @@ import (
 // speculative routing read before pdl_wait and v10's routing ticket) under
 // ORCH_CUDA_MOE=v4, v6, v9 (expert-major tensor-core kernels for MXFP4, 2..64
 // tokens, orch_moe_ffn_route; v6 below) and v10 (router + top-k + expert FFN
-// at 1..8 tokens in three launches, orch_moe_decode; session 5) and v11 (v10's
-// route kernel + one persistent expert kernel with a grid barrier between
-// gate_up and down; session 6), also split into two launches
-// (ORCH_CUDA_MOE11_SPLIT=1) and with the routing folded into it
-// (ORCH_CUDA_MOE11_ROUTE=1) or 32 warps per CTA (ORCH_CUDA_MOE11_WIDE=1). (v7
-// and v8 were removed.)
+// at 1..8 tokens in three launches, orch_moe_decode; session 5). (v7, v8 and
+// v11 were removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
-	for _, v := range []string{"v4", "v6", "v9", "v10", "v11", "v11 ORCH_CUDA_MOE11_SPLIT=1",
-		"v11 ORCH_CUDA_MOE11_ROUTE=1", "v11 ORCH_CUDA_MOE11_ROUTE=1 ORCH_CUDA_MOE11_SPLIT=1", "v11 ORCH_CUDA_MOE11_WIDE=1"} {
+	for _, v := range []string{"v4", "v6", "v9", "v10"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -50,13 +45,12 @@ func TestMoEVersions(t *testing.T) {
 // TestPerfMoEVersions times the fused MoE decode op at the gpt-oss-20b shape
 // (router GEMV + top-4 + gate_up + down; graph of 16 calls, median of 20
 // replays) at n = 1, 2, 4, 8, 16 tokens (from 16 tokens = 64 pairs: the
-// grouped tile path under v6, v10 and v11, v9 unpinned) under ORCH_CUDA_MOE=v6,
-// v10, v11 (fused; split: ORCH_CUDA_MOE11_SPLIT=1; routing folded in:
-// ORCH_CUDA_MOE11_ROUTE=1) and unpinned (the default: v6 at 1, v10 at 2..8, v9 from 16), in child
+// grouped tile path under v6 and v10, v9 unpinned) under ORCH_CUDA_MOE=v6,
+// v10 and unpinned (the default: v6 at 1, v10 at 2..8, v9 from 16), in child
 // processes on the same card; under v6 at n = 1 also the op's parts (router
 // GEMV, top-k, gate_up + down) alone; at n = 1 and 8 the op without its down
-// kernel (ORCH_CUDA_MOE_ONLY=gate_up: v10's gate_up kernel, v11's phase A
-// alone) and v10's routing kernel alone
+// kernel (ORCH_CUDA_MOE_ONLY=gate_up: v10's route + gate_up kernels) and
+// v10's routing kernel alone
 // (=route): a timing hook, the result is garbage. Writes perf-moe.md next to
 // ORCH_PERF_OUT.
 //
@@ -71,15 +65,11 @@ func TestPerfMoEVersions(t *testing.T) {
 		}
 		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
-			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=v11",
-				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_ROUTE=1",
-				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_WIDE=1", "ORCH_CUDA_MOE=",
+			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v11 ORCH_CUDA_MOE11_WIDE=1 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10",
-				"ORCH_CUDA_MOE=v11"},
+				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -100,7 +90,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		experts := min(ne, topk*n) // upper bound: random routing of n tokens
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
 		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-		for _, v := range []string{"ORCH_CUDA_MOE11_SPLIT", "ORCH_CUDA_MOE11_ROUTE", "ORCH_CUDA_MOE11_WIDE", "ORCH_CUDA_MOE_ONLY"} {
+		for _, v := range []string{"ORCH_CUDA_MOE_ONLY"} {
 			if e := os.Getenv(v); e != "" {
 				label += " " + v + "=" + e
 			}
