@@ -291,7 +291,9 @@ func TestWindowKVAdmitsMore(t *testing.T) {
 		return sdk.LoadOptions{Device: "cpu", Threads: 2, ContextLength: 256, MaxSequences: 8, KVCacheFraction: 0.5,
 			Extra: map[string]string{"block_size": "4", "kv_groups": groups, "engine.max_batch_tokens": "64"}}
 	}
-	plain, err := NewPlanner(nil)(ctx, sdk.LoadRequest{Path: path, Options: sdk.LoadOptions{Device: "cpu", MaxSequences: 8}})
+	// the same step budget as the loads below: it sizes the workspace
+	plain, err := NewPlanner(nil)(ctx, sdk.LoadRequest{Path: path, Options: sdk.LoadOptions{Device: "cpu", MaxSequences: 8,
+		Extra: map[string]string{"engine.max_batch_tokens": "64"}}})
 	require.NoError(t, err)
 	// KV share: 0.5 x 2 MiB = 1 MiB: 252 shared blocks of 4 KiB (4 layers)
 	withFree(t, plain.WeightBytes+plain.WorkspaceBytes+2<<20)

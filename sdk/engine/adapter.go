@@ -23,8 +23,18 @@ type options struct {
 	planner        PlanFunc
 }
 
+// DefaultMaxBatchTokens is the token budget of one forward step when none is
+// given (engine.max_batch_tokens / WithMaxBatchTokens). 2048 since session 7:
+// a 2048-token step lets the CUDA backend run each prefill GEMM once over
+// 2048 rows (gpt-oss pp2048 on an H100: 12,238 tok/s in 512-token steps with
+// 256-token sub-batches, 33,205 in 2048-token steps; docs/perf.md); the cost
+// is a longer step (decodes of other streams wait for it) when a long prompt
+// arrives while others decode.
+const DefaultMaxBatchTokens = 2048
+
 // WithMaxBatchTokens sets the token budget of one forward step (decodes plus
-// prefill chunks; default 512, never less than the max sequences). A long
+// prefill chunks; default DefaultMaxBatchTokens, never less than the max
+// sequences). A long
 // prompt is prefilled in chunks of at most this many tokens, mixed with the
 // running decodes.
 func WithMaxBatchTokens(n int) Option { return func(o *options) { o.maxBatchTokens = n } }
@@ -106,7 +116,7 @@ func NewAdapter(load Loader, log hclog.Logger, opts ...Option) sdk.Adapter {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	o := options{maxBatchTokens: 512, maxQueue: 256, prefixCache: true}
+	o := options{maxBatchTokens: DefaultMaxBatchTokens, maxQueue: 256, prefixCache: true}
 	for _, f := range opts {
 		f(&o)
 	}

@@ -116,7 +116,7 @@ func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hc
 	}
 	budget := max(o.maxBatchTokens, maxSeqs, 1)
 	if o.maxBatchTokens <= 0 {
-		budget = max(512, maxSeqs)
+		budget = max(DefaultMaxBatchTokens, maxSeqs)
 	}
 	// A sequence alone must always fit in every pool: that is what makes
 	// preemption (of others) always able to make progress.

@@ -55,12 +55,12 @@ func WindowBlocks(window, blockSize, stepTokens, context, seqs int) int {
 }
 
 // stepTokens is the engine's token budget per step for o: o.StepTokens, or
-// the engine's default, max(512, sequences).
+// the engine's default, max(engine.DefaultMaxBatchTokens, sequences).
 func stepTokens(o Options, seqs int) int {
 	if o.StepTokens > 0 {
 		return max(o.StepTokens, seqs)
 	}
-	return max(512, seqs)
+	return max(engine.DefaultMaxBatchTokens, seqs)
 }
 
 // KVGroups groups layers by their window for normalized options o: group 0

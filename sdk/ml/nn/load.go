@@ -17,12 +17,16 @@ import (
 	"github.com/llama-orch/orch/sdk/tp"
 )
 
+// MaxForwardTokens caps the default forward sub-batch (Options.MaxTokens):
+// activations and scratch grow with it.
+const MaxForwardTokens = 2048
+
 // Options configure building a model from an open GGUF file.
 type Options struct {
 	Backend       ml.Backend // required
 	NumBlocks     int        // KV blocks in the pool (0 = enough for one sequence of ContextLength)
 	BlockSize     int        // tokens per KV block (0 = DefaultBlockSize)
-	MaxTokens     int        // tokens per internal forward sub-batch (0 = 256)
+	MaxTokens     int        // tokens per internal forward sub-batch (0 = the step budget, at most MaxForwardTokens)
 	ContextLength int        // max tokens per sequence (0 = min(trained, 4096))
 	KVType        ml.DType   // KV cache element type: F32 (the zero value), or F16/BF16 on the GPU
 	// KV groups (see KVGroups): MaxSequences and StepTokens (the engine's
@@ -70,15 +74,16 @@ func (o Options) Normalize(trained int) (Options, error) {
 		o.NumBlocks = (o.ContextLength + o.BlockSize - 1) / o.BlockSize
 	}
 	if o.MaxTokens <= 0 {
-		o.MaxTokens = 256
-		// An explicit engine step budget (engine.max_batch_tokens, e.g.
-		// --batch-tokens) also sizes the forward sub-batch, up to 2048 tokens:
-		// with 256-token pieces a 2048-token step ran the MoE GEMMs 8 times at
-		// n = 256 (session 6: the grouped MoE op is 2.37 ms at n = 2048 vs ~0.6
-		// at n = 256, per layer). Without it: 256, as before.
-		if o.StepTokens > o.MaxTokens {
-			o.MaxTokens = min(o.StepTokens, 2048)
+		// The forward sub-batch follows the engine's step budget (explicit,
+		// or engine.DefaultMaxBatchTokens), up to MaxForwardTokens: with
+		// 256-token pieces (the default before session 7) a 2048-token step
+		// ran the MoE GEMMs 8 times at n = 256 (the grouped MoE op is 2.37 ms
+		// at n = 2048 vs ~0.6 at n = 256, per layer, H100).
+		step := o.StepTokens
+		if step <= 0 {
+			step = engine.DefaultMaxBatchTokens
 		}
+		o.MaxTokens = min(step, MaxForwardTokens)
 	}
 	return o, nil
 }

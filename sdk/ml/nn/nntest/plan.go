@@ -77,13 +77,16 @@ func CheckPlan(t *testing.T, c Config, opts sdk.LoadOptions, a PlanAdapter, extr
 	sz, err := nn.Size(opts, c.Context, "cpu")
 	require.NoError(t, err)
 	cb := &Counting{Backend: cpu.New(1)}
-	m2, err := a.Load(path, nn.Options{Backend: cb, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType,
-		MaxSequences: sz.MaxSeqs, StepTokens: sz.StepTokens, WindowBlocks: sz.WindowBlocks, SharedKV: sz.SharedKV})
+	lo := nn.Options{Backend: cb, NumBlocks: sz.NumBlocks, BlockSize: sz.BlockSize, ContextLength: sz.Context, KVType: sz.KVType,
+		MaxSequences: sz.MaxSeqs, StepTokens: sz.StepTokens, WindowBlocks: sz.WindowBlocks, SharedKV: sz.SharedKV}
+	m2, err := a.Load(path, lo)
+	require.NoError(t, err)
+	norm, err := lo.Normalize(c.Context)
 	require.NoError(t, err)
 	require.NoError(t, m2.Close())
 	f, err := OpenFootprint(path, a.Footprint)
 	require.NoError(t, err)
-	assert.Equal(t, plan.Total()-nn.CPUMargin-4*extra(f)*256, cb.Allocated+cb.Weights, "every allocated byte is planned")
+	assert.Equal(t, plan.Total()-nn.CPUMargin-4*extra(f)*int64(norm.MaxTokens), cb.Allocated+cb.Weights, "every allocated byte is planned")
 }
 
 // OpenFootprint reads the footprint fp computes from the GGUF at path
