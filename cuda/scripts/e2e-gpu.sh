@@ -112,7 +112,7 @@ fi
 if has bench; then
   log "bench gpt-oss-20b (cuda)"
   timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 512,2048 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
-  timeout 120 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 2048 -n 0 --batch-tokens 2048 -r 2 2>>"$OUT/bench.log" | tail -1 | sed 's/$/ (--batch-tokens 2048)/' | tee -a "$OUT/summary.md"
+  timeout 120 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 2048 -n 0 --batch-tokens 512 -r 2 2>>"$OUT/bench.log" | tail -1 | sed 's/$/ (--batch-tokens 512: the step budget before session 7)/' | tee -a "$OUT/summary.md"
   timeout 300 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 8,32,64 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
   # KV cache sized from free device memory (issue 8): half of what is free after the weights
   timeout 200 bin/orch-host bench --model "$M/gpt-oss-20b.gguf" --device cuda -p 0 -n 128 --streams 64 --kv-cache-fraction 0.5 -r 1 --log-level debug 2>"$OUT/bench-kvfrac.log" | tail -1 | sed 's/$/ (--kv-cache-fraction 0.5)/' | tee -a "$OUT/summary.md"
@@ -169,7 +169,7 @@ fi
 if has llama; then
   synth llama llama3-8b "$M/llama3-8b.gguf" && {
     log "bench llama3-8b Q8_0 (cuda)"
-    timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 512 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
+    timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 512,2048 -n 128 -r 3 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
     timeout 200 bin/orch-host bench --model "$M/llama3-8b.gguf" --device cuda -p 0 -n 128 --streams 8,32,64 -r 1 2>>"$OUT/bench.log" | tee -a "$OUT/summary.md"
     has profile && profile llama3-8b "$M/llama3-8b.gguf" && profile llama3-8b-pp2048 "$M/llama3-8b.gguf" prefill
     rm -f "$M/llama3-8b.gguf"; }
