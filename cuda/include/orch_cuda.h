@@ -144,6 +144,18 @@ int orch_spin(orch_ctx *ctx, int64_t ns, int32_t trigger);
  * alias x. */
 int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                 int64_t n, int64_t k, int64_t m, int32_t accumulate);
+/* bf16 weight cache (session 7; optional symbol): registers bf16 (m*k bf16,
+ * 16-byte aligned, owned by the caller) as the bf16 copy of the weight w (m
+ * rows of k elements of type wtype: quantized or F16; k % 32 == 0) and fills
+ * it on ctx's stream with the dequantization the large-n path uses (the
+ * same bf16 values). From then on orch_matmul's large-n path multiplies w,
+ * and any whole-row range inside it, from bf16 instead of dequantizing per
+ * call (bit-identical output). bf16 == NULL unregisters w (before the caller
+ * frees the buffer or w). While ctx's stream is being captured the fill
+ * runs at once on a private stream (waited for), not in the graph.
+ * ORCH_ERR_UNSUPPORTED for F32 / BF16 weights (BF16 ones are used in place
+ * anyway). */
+int orch_bf16_cache(orch_ctx *ctx, const void *w, int32_t wtype, int64_t m, int64_t k, void *bf16);
 /* Mixture-of-experts matmul: for each (token t, slot s), p = t*n_slots + s,
  * e = ids[p], y[p, :] = x[xi, :] · W_e^T + bias[e, :], xi = p if x_per_slot
  * else t. W: n_exp experts of m rows of k (GGUF ne=[k, m, n_exp]). */
@@ -363,10 +375,10 @@ int64_t orch_moe_route_ints(int64_t n_pairs, int32_t n_exp);
  * out may alias x. tile as orch_qgemm (0: chosen by pairs per expert), and
  * for MXFP4 also 17 / 19: the v3 kernel of moe_gemm.cuh with 96 / 64 pairs a
  * tile (what 0 picks for MXFP4 unless ORCH_CUDA_MOEGEMM=v1; session 5), and
- * 30 / 31: the v4 kernel of moe_wg.cuh (wgmma; sm_90a builds only, else
- * ORCH_ERR_UNSUPPORTED) with 256 / 128 pairs a tile (session 6), 32 / 33
- * the same with the activations loaded by TMA, 34 / 35 with TMA multicast
- * in clusters of two CTAs; 36: hybrid, v4 (30) for the experts with >= 96
+ * 30: the v4 kernel of moe_wg.cuh (wgmma; sm_90a builds only, else
+ * ORCH_ERR_UNSUPPORTED) with 256 pairs a tile (session 6), 32 the same with
+ * the activations loaded by TMA (31 / 33 / 34 / 35 were deleted in session
+ * 7 and are invalid); 36: hybrid, v4 (30) for the experts with >= 96
  * pairs and v3 (17) for the others (v3 alone where v4 is not built or the
  * route scratch cannot hold both tile lists: below ~175 tokens at top-4 of
  * 32); what 0 picks above 16 pairs per expert with ORCH_CUDA_MOEGEMM=v4.

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <map>
 #include <vector>
 
 #include "../include/orch_cuda.h"
@@ -19,6 +20,15 @@ static inline int orch_env_version(const char *name, int def) {
   if (v && v[0] == 'v' && v[1] >= '1' && v[1] <= '9' && v[2] == 0) return v[1] - '0';
   return def;
 }
+
+// A weight's bf16 copy in the bf16 weight cache (orch_bf16_cache,
+// matmul_prefill.cu): the quantized weight's bytes, type, row length k and
+// row bytes, and the caller's buffer of its rows as bf16 (rows of k).
+struct orch_bf16_entry {
+  int64_t bytes = 0, k = 0, rb = 0;
+  int32_t wtype = 0;
+  void *bf16 = nullptr;
+};
 
 struct orch_ctx {
   int device = 0;
@@ -32,6 +42,9 @@ struct orch_ctx {
   void *scratch = nullptr;
   size_t scratch_bytes = 0;
   std::vector<void *> retired;
+  // bf16 weight cache (orch_bf16_cache): weight base address -> its bf16
+  // copy; matmul_large multiplies any row range of a registered weight on it.
+  std::map<uintptr_t, orch_bf16_entry> bf16_cache;
   // Kernel versions kept for A/B timing: ORCH_CUDA_GEMV=v1..v6 (GEMV for
   // n <= 8; v5 (fp16 decode; plus the split-k F32 GEMV for small m) is the
   // default where it applies, then v4's fp32 path (n <= 4), then v3, else

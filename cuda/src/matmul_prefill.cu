@@ -13,6 +13,13 @@
 //    16-byte store (coalesced), x converted 4 floats per thread; without
 //    accumulate the bias is written into y first and cuBLAS adds into it
 //    (beta = 1) instead of a read-modify-write pass afterwards.
+// bf16 weight cache (session 7, orch_bf16_cache below): a weight registered
+// with its bf16 copy (made once by the same dequantization, so the same bf16
+// values) is multiplied from that copy: no per-call dequantization, the same
+// tiles and cuBLAS calls, so the output is bit-identical to the uncached
+// path's. BF16 weights (16-byte aligned) are multiplied in place, never
+// copied. The Go side (sdk/ml/cuda/bf16cache.go) owns the buffers and the
+// memory policy.
 // ORCH_CUDA_PREFILL_CAP=<MiB> sets v2's tile cap (default 128; 32 measured
 // mixed on the H100: gate/up n=512 0.157 vs 0.164 ms, down 0.195 vs 0.156).
 // ORCH_CUDA_PREFILL_TIMING=dequant / gemm (TestPerfPrefillMatMul only; the
@@ -170,6 +177,83 @@ static int64_t prefill_tile_rows(int version, int64_t m, int64_t k, int64_t cap)
   return min(mc, m);
 }
 
+// Dequantizes rows [0, mc) of w (rb bytes a row, type wtype) into bf16
+// wt[mc, k] as v1 / v2 do it (v2: Q8_0 8 elements a thread; v1 and the other
+// types dequant_chunk: the same values bit for bit).
+static void dequant_rows(cudaStream_t st, bool v2, __nv_bfloat16 *wt, const uint8_t *w, int32_t wtype, int64_t mc,
+                         int64_t k, int64_t rb) {
+  if (v2 && wtype == ORCH_T_Q8_0 && ((uintptr_t)w & 1) == 0) {
+    const int64_t items = mc * k / 8;
+    dequant_q8_bf16_v2<<<grid_for(items), 256, 0, st>>>((uint4 *)wt, w, items);
+  } else {
+    ORCH_DISPATCH_TYPE(wtype, launch_dequant_bf16, st, wt, w, mc, k, rb);
+  }
+}
+
+// The bf16 rows of the weight rows [wb, wb + m rb) (type wtype, rows of k):
+// a BF16 weight itself (16-byte aligned), else the bf16 weight cache's copy
+// when a registered weight holds those rows, else nullptr (dequantize).
+static const __nv_bfloat16 *bf16_rows(orch_ctx *ctx, const uint8_t *wb, int32_t wtype, int64_t m, int64_t k,
+                                      int64_t rb) {
+  if (wtype == ORCH_T_BF16 && ((uintptr_t)wb & 15) == 0) return (const __nv_bfloat16 *)wb;
+  const auto &c = ctx->bf16_cache;
+  if (c.empty()) return nullptr;
+  auto it = c.upper_bound((uintptr_t)wb);
+  if (it == c.begin()) return nullptr;
+  --it;
+  const orch_bf16_entry &e = it->second;
+  const uint64_t off = (uint64_t)((uintptr_t)wb - it->first);
+  if (e.wtype != wtype || e.k != k || e.rb != rb || off % (uint64_t)rb || (int64_t)off + m * rb > e.bytes) return nullptr;
+  return (const __nv_bfloat16 *)e.bf16 + (int64_t)(off / (uint64_t)rb) * k;
+}
+
+extern "C" int orch_bf16_cache(orch_ctx *ctx, const void *w, int32_t wtype, int64_t m, int64_t k, void *bf16) {
+  const char *op = "bf16_cache";
+  ORCH_CHECK_ARG(ctx && w, op);
+  if (!bf16) {
+    ctx->bf16_cache.erase((uintptr_t)w);
+    return ORCH_OK;
+  }
+  ORCH_CHECK_ARG(m > 0 && k > 0 && ((uintptr_t)bf16 & 15) == 0, op);
+  if (wtype == ORCH_T_F32 || wtype == ORCH_T_BF16 || orch_row_bytes(wtype, k) <= 0 || k % 32) {
+    orch_set_error("bf16_cache: weight type %d, k=%lld: only quantized / F16 weights with k %% 32 == 0 are cached "
+                   "(F32 runs in fp32, BF16 in place)",
+                   wtype, (long long)k);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  const int64_t rb = orch_row_bytes(wtype, k);
+  // While ctx's stream is captured (the first step of a graph may be the
+  // weight's first large-n use) the fill runs now on a private non-blocking
+  // stream (not part of the capture: it reads only the weight) and is waited
+  // for, so the graph's matmul reads a finished copy; else on ctx's stream.
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  ORCH_CUDA(cudaStreamIsCapturing(ctx->stream, &cs), op);
+  cudaStream_t st = ctx->stream, side = nullptr;
+  if (cs != cudaStreamCaptureStatusNone) {
+    ORCH_CUDA(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), op);
+    st = side;
+  }
+  dequant_rows(st, true, (__nv_bfloat16 *)bf16, (const uint8_t *)w, wtype, m, k, rb);
+  cudaError_t err = cudaGetLastError();
+  if (side) {
+    const cudaError_t e2 = cudaStreamSynchronize(side);
+    if (err == cudaSuccess) err = e2;
+    cudaStreamDestroy(side);
+  }
+  if (err != cudaSuccess) {
+    orch_set_error("bf16_cache: fill failed: %s", cudaGetErrorString(err));
+    return ORCH_ERR_CUDA;
+  }
+  orch_bf16_entry e;
+  e.bytes = m * rb;
+  e.k = k;
+  e.rb = rb;
+  e.wtype = wtype;
+  e.bf16 = bf16;
+  ctx->bf16_cache[(uintptr_t)w] = e;
+  return ORCH_OK;
+}
+
 // matmul_large: y[n, m] (+)= x[n, k] · W[m, k]^T (+ bias) for orch_matmul when
 // no GEMV takes the shape. rb = bytes per weight row.
 int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int32_t wtype, const float *bias,
@@ -195,10 +279,12 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
     return ORCH_OK;
   }
   const int version = prefill_version();
-  // Prefill: bf16 x once, then weight tiles of mc rows.
+  // Prefill: bf16 x once, then weight tiles of mc rows (dequantized into
+  // scratch unless W's bf16 rows exist: wc; the same tiles either way).
   const int64_t mc = prefill_tile_rows(version, m, k, prefill_cap_bytes());
+  const __nv_bfloat16 *wc = prefill_timing() ? nullptr : bf16_rows(ctx, wb, wtype, m, k, rb);
   size_t xbytes = (size_t)(n * k * 2 + 255) / 256 * 256;
-  size_t need = xbytes + (size_t)(mc * k * 2);
+  size_t need = xbytes + (wc ? 0 : (size_t)(mc * k * 2));
   void *scr = nullptr;
   int rc = orch_scratch(ctx, need, &scr);
   if (rc != ORCH_OK) return rc;
@@ -209,7 +295,7 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
   // (Not when y overlaps the bias: the fill would overwrite it.)
   const bool bias_first = v2 && bias && !accumulate &&
                           ((const char *)bias >= (const char *)(y + n * m) || (const char *)(bias + m) <= (const char *)y);
-  const bool q8_v2 = v2 && wtype == ORCH_T_Q8_0 && ((uintptr_t)wb & 1) == 0;
+  const bool q8_v2 = v2 && !wc && wtype == ORCH_T_Q8_0 && ((uintptr_t)wb & 1) == 0;
   // v2: x, the bias fill and (Q8_0) tile 0's dequantization in one launch.
   const bool fuse0 = q8_v2 && prefill_timing() != 2;
   if (v2 && (n * k) % 4 == 0 && ((uintptr_t)x & 15) == 0) {
@@ -235,18 +321,14 @@ int matmul_large(orch_ctx *ctx, float *y, const float *x, const uint8_t *wb, int
   const bool deq0_done = fuse0 && (n * k) % 4 == 0 && ((uintptr_t)x & 15) == 0;
   for (int64_t m0 = 0; m0 < m; m0 += mc) {
     const int64_t rows = min(mc, m - m0);
-    if (prefill_timing() != 2 && !(m0 == 0 && deq0_done)) {
-      if (q8_v2) {
-        const int64_t items = rows * k / 8;
-        dequant_q8_bf16_v2<<<grid_for(items), 256, 0, ctx->stream>>>((uint4 *)wt, wb + m0 * rb, items);
-      } else {
-        ORCH_DISPATCH_TYPE(wtype, launch_dequant_bf16, ctx->stream, wt, wb + m0 * rb, rows, k, rb);
-      }
+    if (!wc && prefill_timing() != 2 && !(m0 == 0 && deq0_done)) {
+      dequant_rows(ctx->stream, v2, wt, wb + m0 * rb, wtype, rows, k, rb);
       ORCH_LAUNCHED(op);
     }
     if (prefill_timing() == 1) continue;
     // Column-major view: Y^T[m, n] = W[m, k] · X^T[k, n].
-    cublasStatus_t s = cublasGemmEx(ctx->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n, (int)k, &one, wt,
+    const __nv_bfloat16 *wa = wc ? wc + m0 * k : wt;
+    cublasStatus_t s = cublasGemmEx(ctx->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n, (int)k, &one, wa,
                                     CUDA_R_16BF, (int)k, xb, CUDA_R_16BF, (int)k,
                                     (accumulate || bias_first) ? &one : &zero, y + m0, CUDA_R_32F, (int)m,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);

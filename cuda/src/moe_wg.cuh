@@ -1,5 +1,6 @@
 // moe_wg.cuh — grouped MoE expert GEMM v4 on wgmma (sm_90a; tile codes 30
-// and 31 of orch_moe_ffn_grouped, ORCH_CUDA_MOEGEMM=v4; session 6, issue 7).
+// and 32 of orch_moe_ffn_grouped, and the v4 half of the hybrid 36,
+// ORCH_CUDA_MOEGEMM=v4; session 6, issue 7).
 // Included by qgemm.cu inside its anonymous namespace after moe_gemm.cuh: it
 // reuses QArgs, the cp.async wrappers, v3's MXFP4 pair decode (mx_pair_bf16)
 // and the route (bucketing, gather, tile plan, combine). MXFP4 weights only.
@@ -21,9 +22,10 @@
 //  - N is picked per CTA from the tile's pair count (4 steps of BN / 4), so
 //    a ragged last tile of an expert does not pay for BN columns;
 //  - CTA = 2 consumer warpgroups (256 threads), each MW m64 tiles of W rows:
-//    tile 30 = MW 1, BN 256 (128 W rows x 256 pairs), tile 31 = MW 2, BN 128
-//    (256 W rows x 128 pairs: half the activation bytes per MAC, twice the
-//    decode per pair). gate_up: each 16 W rows are 8 gate rows then the same
+//    tile 30 = MW 1, BN 256 (128 W rows x 256 pairs); tile 32 = the same with
+//    B loaded by TMA. (Session 7 deleted tile 31 = MW 2, BN 128, its TMA
+//    twin 33 and the two-CTA TMA-multicast clusters 34 / 35: none was faster
+//    than 30 in session 6's device runs.) gate_up: each 16 W rows are 8 gate rows then the same
 //    8 up rows, so D rows g and g + 8 of a thread are gate and up of one ff
 //    row and the clamped SwiGLU (v3's swiglu_oai) runs on the accumulators.
 //  - 5 stages of 64 k (2 MXFP4 blocks), prefetch distance 3 (stage s - 1's
@@ -31,11 +33,11 @@
 // Everything index-like (swizzle, descriptor, fragments, row map) is in
 // moe_wg_layout.cuh and checked on the host (cuda/test/moe_wg_layout_test.cpp);
 // the CPU emulation cannot run wgmma, so the kernel itself is checked on the
-// device against the float64 reference (TestMoEGrouped tiles 30 / 31) and
+// device against the float64 reference (TestMoEGrouped tiles 30 / 32 / 36) and
 // against v1 (TestPerfMoEPrefill).
 // Built only where __CUDA_ARCH_FEAT_SM90_ALL is defined (CUDA >= 12, -arch
 // sm_90a); elsewhere the kernel is an empty stub and mg4_available() is false,
-// so tile 0 keeps v3 and an explicit 30 / 31 returns ORCH_ERR_UNSUPPORTED.
+// so tile 0 keeps v3 and an explicit 30 / 32 returns ORCH_ERR_UNSUPPORTED.
 #pragma once
 #include "moe_wg_layout.cuh"
 #include "moe_wg_mma.cuh"
@@ -67,7 +69,7 @@ struct alignas(64) Mg4Tmap {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// mbarrier / TMA (B of tiles 32 / 33): one barrier a stage, armed by thread 0
+// mbarrier / TMA (B of tile 32): one barrier a stage, armed by thread 0
 // with the stage's byte count, completed by the TMA loads' transactions.
 __device__ __forceinline__ void mb_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -97,25 +99,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const Mg4Tmap *tm, uin
       "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
-// The same box written into the smem (same offset) of every CTA of the
-// cluster in mask, each CTA's mbarrier at bar completing its bytes.
-__device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const Mg4Tmap *tm, uint32_t bar, int c0, int c1,
-                                               uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], "
-      "[%4], %5;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
-      : "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// All threads of all CTAs of the cluster (a superset of __syncthreads).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -143,13 +126,7 @@ __device__ __forceinline__ void mg4_mma(int nsel, float (&d)[CAP], const uint32_
       default: wg_mma_n256(d, a, desc); break;
     }
   } else {
-    static_assert(BN == 128, "BN");
-    switch (nsel) {
-      case 1: wg_mma_n32(d, a, desc); break;
-      case 2: wg_mma_n64(d, a, desc); break;
-      case 3: wg_mma_n96(d, a, desc); break;
-      default: wg_mma_n128(d, a, desc); break;
-    }
+    static_assert(BN == 256, "BN: tile 30 / 32 only (session 7)");
   }
 }
 #endif
@@ -158,11 +135,7 @@ __device__ __forceinline__ void mg4_mma(int nsel, float (&d)[CAP], const uint32_
 // map over the bf16 rows, box 64 k x NSTEP rows, 128-byte swizzle: the same
 // layout as the cp.async path writes), nsel boxes a stage issued by thread 0,
 // completion on a per-stage mbarrier; else 16-byte cp.async by all threads.
-// CL = 2 (TMA only): clusters of two CTAs side by side in x (W rows; the same
-// tile of pairs) share B: each CTA loads half of the boxes and multicasts
-// them into both, halving B's L2 -> SM traffic; the per-stage barrier is then
-// the cluster's, so neither overwrites a stage the other still reads.
-template <int MODE, int MW, int BN, bool TMA, int CL = 1>
+template <int MODE, int MW, int BN, bool TMA>
 __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
     moe_gemm4_kernel(const QArgs a, const __grid_constant__ Mg4Tmap tmb) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -185,7 +158,7 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
   const int tid = threadIdx.x;
 
   const int ty = blockIdx.y;
-  if (ty >= *a.ntiles) return; // uniform over a cluster (same y)
+  if (ty >= *a.ntiles) return; // uniform
   const int e = a.tile_e[ty];
   const int base = a.exp_off[e] + a.tile_r0[ty], lim = a.exp_off[e + 1];
   const int cnt = min(BN, lim - base);
@@ -194,12 +167,10 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
     arow[i] = pos < lim ? pos : -1;
     orow[i] = pos >= lim ? -1 : DUAL ? pos : a.sorted[pos];
   }
-  static_assert(CL == 1 || (CL == 2 && TMA), "clusters share B through TMA multicast");
-  const uint32_t crank = CL == 2 ? cluster_rank() : 0u;
   if (TMA && tid == 0) {
 #pragma unroll
     for (int i = 0; i < NS; i++) mb_init(sbar + 8 * i, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); // (the PTX form; a CTA is its own cluster)
   }
   const int nsel = min(4, (cnt + C::NSTEP - 1) / C::NSTEP); // N = nsel * NSTEP
   const int64_t r0 = (int64_t)blockIdx.x * (DUAL ? BM / 2 : BM);
@@ -207,8 +178,7 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
   const uint8_t *wb2 = DUAL ? a.w2 + (int64_t)e * a.expert_bytes : nullptr;
   const int64_t nb = a.k / 32;
   const int nstages = (int)((nb + KB - 1) / KB);
-  if constexpr (CL == 2) cluster_sync(); // row maps; both CTAs' mbarriers initialized before any multicast
-  else __syncthreads();                  // row maps
+  __syncthreads(); // row maps, mbarriers
 
   // W copy tasks (as v3): BM rows x CH 16-byte chunks a stage.
   constexpr int WPT = BM * CH / THREADS;
@@ -258,14 +228,8 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
         if (tid == 0) {
           const uint32_t bar = sbar + 8 * (s % NS), xd = sxs + (uint32_t)((s % NS) * SM::XS1);
           mb_expect_tx(bar, (uint32_t)(nsel * C::NSTEP * 128)); // all boxes, whoever loads them
-          for (int j = 0; j < nsel; j++) {
-            if constexpr (CL == 2) {
-              if ((uint32_t)(j & 1) == crank)
-                tma_load_2d_mc(xd + (uint32_t)(j * C::NSTEP * 128), &tmb, bar, (int)(kb0 * 32), base + j * C::NSTEP, 3);
-            } else {
-              tma_load_2d(xd + (uint32_t)(j * C::NSTEP * 128), &tmb, bar, (int)(kb0 * 32), base + j * C::NSTEP);
-            }
-          }
+          for (int j = 0; j < nsel; j++)
+            tma_load_2d(xd + (uint32_t)(j * C::NSTEP * 128), &tmb, bar, (int)(kb0 * 32), base + j * C::NSTEP);
         }
       } else {
         uint8_t *xd = xs + (size_t)(s % NS) * SM::XS1 + b_dst;
@@ -328,12 +292,8 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
   auto step = [&](int s, uint32_t (&af)[MW][2 * KB][4]) {
     cp_async_wait<D - 1>();      // this thread's copies of stage s have landed
     if (!TMA) wg_fence_proxy();  // ... and are visible to wgmma's (async proxy) reads
-    if constexpr (CL == 2) cluster_sync(); // both CTAs: stage s-2 free in both (the peer multicasts into ours)
-    else __syncthreads();        // everyone's; stage s-2's decode and wgmma done (wait_group 1 below)
+    __syncthreads();             // everyone's; stage s-2's decode and wgmma done (wait_group 1 below)
     issue(s + D);                // into stage s-2's buffers
-    // CL = 2: every thread waits (inactive warpgroups too), so no CTA leaves
-    // while the peer's multicast still writes into its shared memory.
-    if (CL == 2 && !active) mb_wait(sbar + 8 * (s % NS), (uint32_t)((s / NS) & 1));
     if (active) {
       const int nblk = (int)min((int64_t)KB, nb - (int64_t)s * KB);
       decode(s, af);
@@ -404,12 +364,11 @@ __global__ void __launch_bounds__(Mg4Cfg<MW, BN>::THREADS, 1)
 #endif
 }
 
-// Tile codes of v4: 30 = 128 W rows x 256 pairs (MW 1), 31 = 256 W rows x 128 pairs (MW 2);
-// 32 / 33 = the same with B loaded by TMA; 34 / 35 = 32 / 33 in clusters of
-// two CTAs that multicast B.
-constexpr bool mg4_tile_ok(int tile) { return tile >= 30 && tile <= 35; }
-constexpr int mg4_bn(int tile) { return (tile & 1) == 0 ? 256 : 128; }
-constexpr size_t mg4_smem(int tile) { return (tile & 1) == 0 ? Mg4Smem<1, 256>::TOTAL : Mg4Smem<2, 128>::TOTAL; }
+// Tile codes of v4: 30 = 128 W rows x 256 pairs (MW 1), 32 = the same with
+// B loaded by TMA (31 / 33 / 34 / 35 were deleted in session 7).
+constexpr bool mg4_tile_ok(int tile) { return tile == 30 || tile == 32; }
+constexpr int mg4_bn(int) { return 256; }
+constexpr size_t mg4_smem(int) { return Mg4Smem<1, 256>::TOTAL; }
 
 // Whether this library holds the sm_90a build of v4 for the current device:
 // the stub that other targets compile has no accumulators, the real kernel
@@ -467,7 +426,7 @@ bool mg4_tmap(Mg4Tmap *m, const QArgs &a, int box_rows) {
 #endif
 }
 
-template <int MODE, int MW, int BN, bool TMA, int CL = 1>
+template <int MODE, int MW, int BN, bool TMA>
 int launch_moe_gemm4(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy) {
   using C = Mg4Cfg<MW, BN>;
   constexpr size_t sm = Mg4Smem<MW, BN>::TOTAL;
@@ -486,35 +445,10 @@ int launch_moe_gemm4(cudaStream_t st, const QArgs &a, int64_t rows_w, int64_t gy
     orch_set_error("moe_gemm v4 (TMA): could not encode the activations' tensor map");
     return ORCH_ERR_UNSUPPORTED;
   }
-  // CL = 2: x rounded up to whole clusters (an extra CTA's rows are all past m: it only loads).
-  const int64_t gx = ceil_div(ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM), CL) * CL;
-  cudaFuncSetAttribute(moe_gemm4_kernel<MODE, MW, BN, TMA, CL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  void (*kern)(const QArgs, const Mg4Tmap) = moe_gemm4_kernel<MODE, MW, BN, TMA, CL>;
-#ifdef ORCH_EMU
+  const int64_t gx = ceil_div(rows_w, MODE == MODE_GATE_UP ? C::BM / 2 : C::BM);
+  cudaFuncSetAttribute(moe_gemm4_kernel<MODE, MW, BN, TMA>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  void (*kern)(const QArgs, const Mg4Tmap) = moe_gemm4_kernel<MODE, MW, BN, TMA>;
   QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a, tm);
-#else
-  if constexpr (CL == 1) {
-    QG_LAUNCH(kern, dim3((unsigned)gx, (unsigned)gy), C::THREADS, sm, st, a, tm);
-  } else {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3((unsigned)gx, (unsigned)gy);
-    cfg.blockDim = dim3(C::THREADS);
-    cfg.dynamicSmemBytes = sm;
-    cfg.stream = st;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = CL;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    const cudaError_t e = cudaLaunchKernelEx(&cfg, kern, a, tm);
-    if (e != cudaSuccess) {
-      orch_set_error("moe_gemm v4 (cluster launch): %s", cudaGetErrorString(e));
-      return ORCH_ERR_CUDA;
-    }
-  }
-#endif
   return ORCH_OK;
 }
 
@@ -522,10 +456,6 @@ template <int MODE>
 int launch_moe_gemm4_tile(cudaStream_t st, const QArgs &a, int tile, int64_t rows_w, int64_t gy) {
   switch (tile) {
     case 30: return launch_moe_gemm4<MODE, 1, 256, false>(st, a, rows_w, gy);
-    case 31: return launch_moe_gemm4<MODE, 2, 128, false>(st, a, rows_w, gy);
-    case 32: return launch_moe_gemm4<MODE, 1, 256, true>(st, a, rows_w, gy);
-    case 33: return launch_moe_gemm4<MODE, 2, 128, true>(st, a, rows_w, gy);
-    case 34: return launch_moe_gemm4<MODE, 1, 256, true, 2>(st, a, rows_w, gy);
-    default: return launch_moe_gemm4<MODE, 2, 128, true, 2>(st, a, rows_w, gy);
+    default: return launch_moe_gemm4<MODE, 1, 256, true>(st, a, rows_w, gy);
   }
 }

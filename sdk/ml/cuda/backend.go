@@ -29,7 +29,10 @@ type tensor struct {
 	ptr   uintptr // device address
 	bytes int
 	owned bool // allocated by Alloc/Weight (views: false)
-	be    *Backend
+	// weight: made by Weight (or a view of one): read-only device data, so a
+	// bf16 copy of it stays valid (bf16cache.go)
+	weight bool
+	be     *Backend
 }
 
 func (t *tensor) DType() ml.DType { return t.dt }
@@ -54,6 +57,8 @@ type Backend struct {
 	holdFlush bool
 	// ot times every op when ORCH_CUDA_OPTIME is set (optime.go); nil otherwise.
 	ot *opTimer
+	// bc: bf16 copies of quantized weights for the large-n matmul (bf16cache.go).
+	bc bf16Cache
 	// pf: L2 prefetch of decode weights in captured graphs (prefetch.go).
 	pf prefetcher
 }
@@ -98,6 +103,7 @@ func New(device int) (*Backend, error) {
 	b.name = cstr(name)
 	b.cc = int(cc)
 	b.ot = newOpTimer()
+	b.initBF16Cache()
 	if l2pfEnvErr != nil {
 		fmt.Fprintf(os.Stderr, "orch cuda: %v: L2 prefetch off\n", l2pfEnvErr)
 	} else if err := b.initL2PF(l2pfEnv); err != nil {
@@ -140,6 +146,7 @@ func (b *Backend) Close() error {
 	for _, s := range b.scratch {
 		b.l.free(b.ctx, s.ptr)
 	}
+	b.bf16Close()
 	for _, p := range b.retired {
 		b.l.free(b.ctx, p)
 	}
@@ -271,7 +278,8 @@ func (b *Backend) Weight(name string, dt ml.DType, shape []int, data []byte) (ml
 		b.l.free(b.ctx, p)
 		return nil, err
 	}
-	return &tensor{dt: dt, shape: append([]int(nil), shape...), n: n, ptr: p, bytes: nb, owned: true, be: b}, nil
+	b.bc.names[p] = name
+	return &tensor{dt: dt, shape: append([]int(nil), shape...), n: n, ptr: p, bytes: nb, owned: true, weight: true, be: b}, nil
 }
 
 func (b *Backend) Free(t ml.Tensor) {
@@ -279,6 +287,9 @@ func (b *Backend) Free(t ml.Tensor) {
 	ct, ok := t.(*tensor)
 	if !ok || ct.be != b || !ct.owned || ct.ptr == 0 {
 		return
+	}
+	if ct.weight {
+		b.bf16Drop(ct.ptr, ct.bytes)
 	}
 	b.call("free", b.l.free(b.ctx, ct.ptr))
 	ct.ptr = 0
@@ -311,7 +322,7 @@ func (b *Backend) Rows(t ml.Tensor, start, n int) (ml.Tensor, error) {
 	rb := ct.bytes / outer
 	shape := append([]int(nil), ct.shape...)
 	shape[len(shape)-1] = n
-	return &tensor{dt: ct.dt, shape: shape, n: ct.n / outer * n, ptr: ct.ptr + uintptr(start*rb), bytes: rb * n, be: b}, nil
+	return &tensor{dt: ct.dt, shape: shape, n: ct.n / outer * n, ptr: ct.ptr + uintptr(start*rb), bytes: rb * n, weight: ct.weight, be: b}, nil
 }
 
 func (b *Backend) Reshape(t ml.Tensor, shape ...int) (ml.Tensor, error) {
@@ -323,7 +334,7 @@ func (b *Backend) Reshape(t ml.Tensor, shape ...int) (ml.Tensor, error) {
 	if err != nil || n != ct.n || nb != ct.bytes {
 		return nil, fmt.Errorf("cuda reshape: %v -> %v: element count or block layout differs", ct.shape, shape)
 	}
-	return &tensor{dt: ct.dt, shape: append([]int(nil), shape...), n: n, ptr: ct.ptr, bytes: nb, be: b}, nil
+	return &tensor{dt: ct.dt, shape: append([]int(nil), shape...), n: n, ptr: ct.ptr, bytes: nb, weight: ct.weight, be: b}, nil
 }
 
 func (b *Backend) write(t ml.Tensor, dt ml.DType, src unsafe.Pointer, n, size int) error {

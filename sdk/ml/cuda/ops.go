@@ -294,6 +294,9 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 		return
 	}
 	b.l2pfWant(ww, xx, n) // L2 prefetch of W while capturing (prefetch.go)
+	if ww.weight {
+		b.bf16Want(ww, n, in, out) // its bf16 copy for the large-n path (bf16cache.go)
+	}
 	if n > 8 && gemvWideFor(n, in, out) && qgemmType(ww.dt) {
 		// GEMV v9: held for merging, or one orch_matmul_multi part
 		// (orch_matmul runs the GEMM for n > 8); the library declines
