@@ -96,46 +96,6 @@ int orch_event_elapsed(void *ev0, void *ev1, float *ms);
  * launches they captured. (Session 3.) */
 int orch_set_pdl(orch_ctx *ctx, int32_t on, int32_t *was);
 
-/* ---- prefetch.cu (session 6): L2 prefetch of weights inside a captured graph ----
- * While ctx's stream is captured (orch_graph_begin .. orch_graph_end), the
- * caller marks each op it enqueued (orch_pf_mark: a capture-time marker, no
- * graph node) and may add prefetch nodes (orch_pf_l2) that pull byte ranges
- * (a later GEMV's weight) into L2. Such a node depends only on the op of mark
- * `anchor` (1-based, counted from orch_graph_begin) and has no successors:
- * it runs concurrently with the ops enqueued after that op, delays none of
- * them, and changes no memory (results are bit-identical without it).
- * orch_graph_end joins the prefetch nodes before the capture ends. Outside a
- * capture both are no-ops. Not while the library is used from another thread
- * on the same ctx. */
-#define ORCH_PF_MAX_RANGES 4
-enum {
-  ORCH_PF_EVICT_LAST = 1, /* L2::evict_last cache policy on the prefetched lines */
-  ORCH_PF_LINES = 2,      /* prefetch.global.L2 per 128-byte line even where bulk prefetch exists */
-  ORCH_PF_DRY = 4,        /* the node's kernel issues nothing (measures the graph fork alone) */
-  ORCH_PF_CTAS_SHIFT = 8  /* flags bits 8..15: most CTAs of 128 threads per prefetch node (0: 64) */
-};
-typedef struct {
-  const void *ptr; /* device memory from orch_malloc (or inside it) */
-  int64_t bytes;
-} orch_pf_range;
-/* Creates ctx's prefetch state (a side stream, events); not while capturing.
- * orch_pf_mark / orch_pf_l2 fail with ORCH_ERR_INVALID before it. */
-int orch_pf_init(orch_ctx *ctx);
-/* Marks the op just enqueued; *marks (may be NULL) = marks so far in this capture. */
-int orch_pf_mark(orch_ctx *ctx, int64_t *marks);
-/* Adds one prefetch node for ranges[0..count) (count <= ORCH_PF_MAX_RANGES;
- * empty ranges skipped) after the op of mark anchor; flags: ORCH_PF_*.
- * anchor < 1, or older than the last 32 marks: nothing added (ORCH_OK);
- * anchor beyond the marks so far: ORCH_ERR_INVALID. *added (may be NULL) =
- * 1 when a node was added. */
-int orch_pf_l2(orch_ctx *ctx, int64_t anchor, const orch_pf_range *ranges, int32_t count, int32_t flags,
-               int32_t *added);
-/* Test helper: one warp busy-waits ns nanoseconds on ctx's stream (an
- * "idle" link of a decode chain: no DRAM traffic); a PDL launch that waits
- * for the previous kernel; trigger != 0: lets the next PDL-launched kernel
- * start at once (as the decode kernels do). */
-int orch_spin(orch_ctx *ctx, int64_t ns, int32_t trigger);
-
 /* ---- matmul.cu ----
  * y[n, m] (+)= x[n, k] · W^T + bias. W: m rows of k elements of type wtype,
  * row stride row_bytes(wtype, k). bias: float[m] or NULL. accumulate != 0
@@ -196,6 +156,16 @@ int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, i
  * ORCH_CUDA_GLU=0: the caller then runs the three ops. */
 int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,
                        const orch_gemv_part *gate_up, float *out);
+/* (session 7) The same two calls with x packed in fp16 by its producer
+ * (orch_rmsnorm_xh; kind 0 for Q8_0 weights, 1 for MXFP4 / Q4_0): outputs
+ * bit-identical to the float-x calls on the x the producer wrote, in half the
+ * bytes and without conversion in the GEMV. ORCH_ERR_UNSUPPORTED (nothing
+ * launched) unless every part runs the v5 GEMV (n = 1, 2), kind is wtype's
+ * and xh is 16-byte aligned (and, for swiglu, as orch_matmul_swiglu). */
+int orch_matmul_multi_xh(orch_ctx *ctx, const void *xh, int32_t kind, int32_t wtype, int64_t n, int64_t k,
+                         int32_t count, const orch_gemv_part *parts);
+int orch_matmul_swiglu_xh(orch_ctx *ctx, const void *xh, int32_t kind, int32_t wtype, int64_t n, int64_t k,
+                          const orch_gemv_part *gate_up, float *out);
 /* (session 6, timing aid) Syncs ctx's stream; copies up to cap records of
  * the GEMV trace (48 bytes each: u64 t0 CTA start, t1 after the PDL wait, t2
  * after x staging, t3 end (%globaltimer ns); u32 block, SM, 2 pad) to out,
@@ -203,20 +173,21 @@ int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, 
  * resets them; then traces (on != 0) or not the one-token Q8_0 v5 GEMVs
  * launched (or captured) from now on. */
 int orch_gemv_trace(orch_ctx *ctx, int32_t on, void *out, int64_t cap, int64_t *count);
-/* (session 6) y[n, m] = x · W^T + bias (as orch_matmul, no accumulate), then
- * res += y and out = rmsnorm(res) * nw (as orch_rmsnorm(ctx, out, res, y, nw,
- * n, m, eps)), in one launch: same bits as the two calls. out may alias res;
- * neither may overlap x, W, bias or y. ORCH_ERR_UNSUPPORTED (nothing
- * launched) unless orch_matmul runs the v5 GEMV (n = 1, 2) and m <= 4096, or
- * with ORCH_CUDA_GEMV_NORM=0: the caller then makes the two calls. */
-int orch_matmul_rmsnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
-                        int64_t n, int64_t k, int64_t m, float *res, float *out, const float *nw, float eps);
 
 /* ---- norm.cu ----
  * If add != NULL: x += add (x is written back: the residual stream).
  * Then out = norm(x) * w (+ b). w, b may be NULL. out may alias x. */
 int orch_rmsnorm(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, int64_t n, int64_t dim,
                  float eps);
+/* (session 7) orch_rmsnorm (w required) that also writes out in fp16,
+ * packed for the v5 GEMV that reads it (row r at xh + r *
+ * orch_xh_row_bytes(dim); kind as orch_matmul_multi_xh). dim % 32 == 0 and
+ * dim <= 8192, xh 16-byte aligned, else ORCH_ERR_UNSUPPORTED (nothing
+ * launched). out, x bit-identical to orch_rmsnorm. */
+int orch_rmsnorm_xh(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, int64_t n, int64_t dim,
+                    float eps, void *xh, int32_t kind);
+/* Bytes of one packed row of k elements (k % 32 == 0; else 0). */
+int64_t orch_xh_row_bytes(int64_t k);
 int orch_layernorm(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, const float *b,
                    int64_t n, int64_t dim, float eps);
 
@@ -348,19 +319,6 @@ int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const void *route
                     const void *up, int32_t gu_type, const float *gate_bias, const float *up_bias, const void *down,
                     int32_t down_type, const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots,
                     int64_t dim, int64_t ff, float alpha, float limit);
-/* (session 7) orch_moe_decode with the AddRMSNorm before it folded into its
- * route kernel: res[n][dim] += add (written back), x = RMSNorm(res) * norm_w
- * (written, bit-identical to orch_rmsnorm(x, res, add, norm_w)), then the MoE
- * op of x as orch_moe_decode (v10's kernels, also at one token). x, res and
- * add must not overlap. Declines (ORCH_ERR_UNSUPPORTED, nothing launched)
- * where orch_moe_decode would at n = 2, for dim > 4096, and when ORCH_CUDA_MOE
- * pins another version; the caller then runs orch_rmsnorm and the MoE op. */
-int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *res, const float *add, const float *norm_w,
-                         float eps, const void *router, int32_t router_type, const float *router_bias, int32_t n_exp,
-                         int32_t *ids, float *weights, const void *gate, const void *up, int32_t gu_type,
-                         const float *gate_bias, const float *up_bias, const void *down, int32_t down_type,
-                         const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim,
-                         int64_t ff, float alpha, float limit);
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,

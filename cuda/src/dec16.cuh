@@ -411,5 +411,30 @@ __device__ __forceinline__ void dec16_stage(uint32_t *xh, float *xinv, const flo
 }
 #endif
 
+// Packed x (session 7): the staged image written once by x's producer (norm.cu
+// orch_rmsnorm_xh), so that the GEMV stages it with plain 16-byte copies
+// (gemv16.cuh gemv5_stage_xh). Row layout: nch = k / 32 chunks of 64 bytes
+// (the chunk's 16 half2 words as dec16_stage stores them, without the
+// padding), then nch floats (the chunks' 1/scale); rows dec16_xh_row_bytes
+// apart (16-byte multiples).
+DEC16_HD size_t dec16_xh_row_bytes(int64_t k) { return ((size_t)(k / 32) * 68 + 15) & ~(size_t)15; }
+
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+// One warp packs chunk c of a packed row: lane a holds element a of the
+// chunk (v: the float the producer also writes to x). Same scale (integer max
+// of |v| bits over the 32 elements, dec16_chunk_scale), same product and
+// rounding as dec16_stage on that float: the same bits. All 32 lanes call it.
+__device__ __forceinline__ void dec16_pack_chunk(uint8_t *row, int64_t nch, int64_t c, int kind, float v) {
+  const int lane = threadIdx.x & 31;
+  uint32_t mx = dec16_absbits(v);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sc, inv;
+  dec16_chunk_scale(mx, sc, inv);
+  reinterpret_cast<uint16_t *>(row + c * 64)[dec16_xh_index(kind, lane)] = (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+  if (lane == 0) reinterpret_cast<float *>(row + nch * 64)[c] = inv;
+}
+#endif
+
 // Shared-memory bytes for nr staged rows of k.
 static inline size_t dec16_smem(int64_t k, int nr) { return (size_t)nr * (k / 32) * (DEC16_XW * 4 + 4); }

@@ -6,10 +6,10 @@
 // F32 GEMV for small m. Included by matmul.cu (gemv_route picks the version)
 // and by the CPU emulation test cuda/test/decode_emu_test.cpp.
 #pragma once
+#include <type_traits>
 #include "quant.cuh"
 #include "dec16.cuh"
 #include "qgemm.cuh"
-#include "norm_row.cuh"
 
 constexpr int GEMV16_WARPS = 8;
 
@@ -56,7 +56,7 @@ __device__ __forceinline__ void gemv5_stage_range(uint32_t *xh, float *xinv, con
     }
 }
 
-// cp.async for gemv5_stage_cp (as v9's g9_cp_*, defined further down; the
+// cp.async for gemv5_stage_xh (as v9's g9_cp_*, defined further down; the
 // CPU emulation lands copies at once unless the test defines
 // GEMV9_EMU_CP_ASYNC, then as late as each wait allows).
 #if defined(ORCH_EMU)
@@ -86,61 +86,30 @@ __device__ __forceinline__ void g5_cp_commit_wait() {
 }
 #endif
 
-// Staging with the loads batched (XR = 2, the default since session 6):
-// dec16_stage's loop waits one L2 round trip per float4 per thread (a load,
-// then the shuffles and stores that need it, then the next load) — device run
-// 2's trace measured 7.1 us of staging after the PDL wait for Llama down (14
-// float4 per thread), 1.5 us at k = 4096. Here each thread first copies
-// GEMV5_XU of its float4 into its own slots of a raw area in shared memory
-// (cp.async: no registers held, all in flight), waits for its own copies only
-// (no barrier: a thread reads back what it copied), then converts them: ~k /
-// (1024 GEMV5_XU) round trips. Same elements per lane, same arithmetic, same
-// layout: bit-identical to dec16_stage. raw: blockDim.x * GEMV5_XU float4
-// (16-byte aligned).
-constexpr int GEMV5_XU = 4;
-constexpr size_t GEMV5_RAW_BYTES = (size_t)GEMV16_WARPS * 32 * GEMV5_XU * 16;
-__device__ __forceinline__ void gemv5_stage_cp(uint32_t *xh, float *xinv, float4 *raw, const float *__restrict__ x,
-                                               int nr, int64_t k, int kind) {
-  const int64_t nch = k / 32, nq = k / 4;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  const int64_t step = (int64_t)nw * 32;
-  for (int r = 0; r < nr; r++)
-#pragma unroll 1
-    for (int64_t base = (int64_t)warp * 32; base < nq; base += step * GEMV5_XU) {
-#pragma unroll
-      for (int u = 0; u < GEMV5_XU; u++) {
-        const int64_t i = base + u * step + lane;
-        if (i < nq) g5_cp_async16(raw + u * blockDim.x + threadIdx.x, x + r * k + 4 * i);
-      }
-      g5_cp_commit_wait();
-#pragma unroll 1
-      for (int u = 0; u < GEMV5_XU; u++) { // (not unrolled: the copies have landed; one float4 live at a time)
-        const int64_t i = base + u * step + lane; // the warp's lanes: all in or all out of each 8-lane group
-        const bool ok = i < nq;
-        const float4 v = ok ? raw[u * blockDim.x + threadIdx.x] : make_float4(0.f, 0.f, 0.f, 0.f);
-        uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
-        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-        float sc, inv;
-        dec16_chunk_scale(mx, sc, inv);
-        if (ok) {
-          const int64_t c = i >> 3;
-          const int o = (int)(i & 7);
-          dec16_put4(xh + (r * nch + c) * DEC16_XW, kind, o, v.x * sc, v.y * sc, v.z * sc, v.w * sc);
-          if (o == 0) xinv[r * nch + c] = inv;
-        }
-      }
-    }
+// x packed in fp16 by its producer (XR = 2, session 7): the staged image
+// (dec16.cuh "x staging": per 32-element chunk 16 half2 words in the
+// decoder's pair order, then the chunk's 1/scale) written once by the kernel
+// that computed x (norm.cu orch_rmsnorm_xh), in the row layout of
+// dec16_xh_row_bytes. Staging it is plain 16-byte copies (cp.async, all in
+// flight at once, no registers held, no conversion): half the bytes of the
+// float x and one L2 round trip, where dec16_stage waits one round trip per
+// float4 per thread (~0.5 us each after the PDL wait: session 6 trace). Same
+// staged bits as dec16_stage on the float x (the producer runs
+// dec16_chunk_scale / the same rounding on the same floats).
+__device__ __forceinline__ void gemv5_stage_xh(uint32_t *xh, float *xinv, const uint8_t *__restrict__ src, int nr,
+                                               int64_t k) {
+  const int64_t nch = k / 32;
+  const size_t stride = dec16_xh_row_bytes(k);
+  for (int r = 0; r < nr; r++) {
+    const uint8_t *s = src + r * stride;
+    for (int64_t q = threadIdx.x; q < nch * 4; q += blockDim.x) // 16-byte pieces: chunk q / 4, quarter q % 4
+      g5_cp_async16(xh + (r * nch + (q >> 2)) * DEC16_XW + (q & 3) * 4, s + q * 16);
+    const float *inv = reinterpret_cast<const float *>(s + nch * 64);
+    for (int64_t q = threadIdx.x; q < nch; q += blockDim.x) xinv[r * nch + q] = inv[q];
+  }
+  g5_cp_commit_wait();
 }
-// Shared memory of a v5 kernel: staged x for NT tokens, plus the raw area
-// when XR = 2 (at a 16-byte aligned offset).
-DEC16_HD size_t gemv5_raw_off(int64_t k, int nt) { // (dec16_smem rounded up to 16 bytes)
-  return ((size_t)nt * (size_t)(k / 32) * (DEC16_XW * 4 + 4) + 15) & ~(size_t)15;
-}
-static inline size_t gemv5_smem(int64_t k, int nt, int xr) {
-  return xr == 2 ? gemv5_raw_off(k, nt) + GEMV5_RAW_BYTES : dec16_smem(k, nt);
-}
+static inline size_t gemv5_smem(int64_t k, int nt) { return dec16_smem(k, nt); }
 
 // Per-CTA timestamps of the one-token v5 GEMV (orch_gemv_trace; session 6,
 // timing only): %globaltimer at CTA start (t0), after the PDL wait (t1),
@@ -204,9 +173,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       } else if (!staged) { // first round of the first row: uniform over the CTA
         pdl_wait();
         if constexpr (TR) tr[1] = gemv_gtime();
-        if constexpr (XR == 2)
-          gemv5_stage_cp(xsm, xinv, reinterpret_cast<float4 *>(reinterpret_cast<uint8_t *>(xsm) + gemv5_raw_off(k, NT)),
-                         x, nt, k, dec16_traits<T>::kind);
+        if constexpr (XR == 2) gemv5_stage_xh(xsm, xinv, reinterpret_cast<const uint8_t *>(x), nt, k);
         else dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
         __syncthreads();
         if constexpr (TR) tr[2] = gemv_gtime();
@@ -263,21 +230,6 @@ gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
   pdl_trigger();
   gemv5_rows<T, NT, NB, XR, TR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
 }
-// The same compiled for 5 CTAs per SM (ORCH_CUDA_GEMV5_MINB=5, opt-in: see
-// gemv5_minb). A separate kernel, not a template argument of the one above:
-// __launch_bounds__(256, 1) is not the same request as (256) — device run 8
-// measured the default one-token Q8_0 kernel slower with it (68 registers
-// instead of 60: 3 CTAs per SM instead of 4; Llama down 30.1 -> 34.3 us).
-template <int T, int NT, int NB>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 5)
-gemv5_kernel_b5(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
-                const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
-                int rows_per_warp) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  gemv5_rows<T, NT, NB>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
-}
-
 // Multi-weight GEMV v5 (orch_matmul_multi): up to GEMV_MAX_PARTS weights of
 // one type with the same x (q, k and v of a layer) in one launch; part p owns
 // CTAs [end[p-1], end[p]) and runs exactly gemv5_kernel's code on them, so
@@ -307,95 +259,43 @@ gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, 
                         GEMV5_PICK(rpw));
 #undef GEMV5_PICK
 }
-// gemv5_multi_kernel compiled for 5 CTAs per SM (as gemv5_kernel_b5).
-template <int T, int NT, int NB>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 5)
-gemv5_multi_kernel_b5(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  // Selects instead of P.x[p]: a dynamic index would copy P to local memory.
-  static_assert(GEMV_MAX_PARTS == 3, "part selection below");
-  const unsigned b = blockIdx.x;
-  const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
-#define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
-  const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv5_rows<T, NT, NB>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m), row_bytes, 0,
-                        GEMV5_PICK(rpw));
-#undef GEMV5_PICK
-}
 
 template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
-// Rows per warp: 2 for the LM heads; ORCH_CUDA_GEMV5_RPW=2 (session 6,
-// timing, opt-in) takes 2 everywhere (plain and merged v5; not the SwiGLU
-// fold): half as many CTAs, so half the x
-// staging traffic from L2 (Llama down: 512 CTAs x 57 KB = 29 MB per call,
-// half of its 62 MB of weights). Read once per process.
-static inline int gemv5_rpw_env() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_RPW");
-    return e && e[0] == '2' && !e[1] ? 2 : 0;
-  }();
-  return v;
-}
-static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : gemv5_rpw_env() ? gemv5_rpw_env() : 1; }
+// Rows per warp: 2 for the LM heads (m >= 32768), else 1.
+static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : 1; }
 
-// One token (session 4, device runs 6-7: v5 at 59-82% of the bytes floor):
-// Q8_0 at NT = 1 takes 60 registers, so 4 CTAs of 256 threads per SM (528
-// on an H100) — gpt-oss qkv's 640 CTAs and Llama qkv's 768 run in 1.2 / 1.45
-// waves, the next GEMV's CTAs cannot start early under PDL, and a partial
-// wave ends each call. ORCH_CUDA_GEMV5_MINB=5 (timing, opt-in) compiles the
-// NT = 1 kernels for 5 CTAs per SM (<= 48 registers; Q8_0 spills 24 bytes):
-// one wave for 640 CTAs. Read once per process.
-static inline int gemv5_minb() {
+// ORCH_CUDA_GEMV5_XR=1 / =0 pins the float-x staging of the one- and
+// two-token v5 kernels (plain, multi, SwiGLU fold) to per round / once for
+// every k. Read once per process.
+static inline int gemv5_xr_env() {
   static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_MINB");
-    return e && e[0] == '5' && !e[1] ? 5 : 1;
-  }();
-  return v;
-}
-
-// ORCH_CUDA_GEMV5_XR=1 (session 6, opt-in until measured): x staged per
-// round (gemv5_rows XR = 1) in the one- and two-token v5 kernels (plain,
-// multi, and the SwiGLU fold). Read once per process.
-static inline bool gemv5_xr() {
-  static const bool v = [] {
     const char *e = getenv("ORCH_CUDA_GEMV5_XR");
-    return e && e[0] == '1' && !e[1];
+    return e && (e[0] == '0' || e[0] == '1') && !e[1] ? e[0] - '0' : -1;
   }();
   return v;
 }
-// How the one- and two-token v5 kernels stage x (their XR template
-// argument): 2 whole x with batched cp.async loads, 1 per round, 0
-// dec16_stage's one load at a time (the session-5 kernel). Default by k:
-// per round (1) from k = 8192 (Llama down, k = 14336: its x staging sat
-// after the PDL wait), 0 below. Session 6, device run 3 (H100, same call):
-// gpt-oss tg128 458.2 with 0 vs 445.5 with 2 everywhere; Llama 231.3 with 1
-// everywhere, 229.6 with 2, 226.8 with 0 (run 2: 1 vs 0 on gpt-oss 448.3 vs
-// 448.2). ORCH_CUDA_GEMV5_XR=1 / ORCH_CUDA_GEMV5_XB=1 / ORCH_CUDA_GEMV5_XB=0
-// pin 1 / 2 / 0 for every k. Read once per process.
+// How the one- and two-token v5 kernels stage a float x (their XR template
+// argument): 1 per round, 0 dec16_stage's one load at a time (the session-5
+// kernel). Default by k: per round from k = 8192 (Llama down, k = 14336: its
+// x staging sat after the PDL wait), 0 below. Session 6, device run 3 (H100,
+// same call): Llama tg128 231.3 with 1 everywhere vs 226.8 with 0; gpt-oss
+// 458.2 with 0 (batched cp.async staging of the float x, 445.5 / 229.6, was
+// deleted in session 7). XR = 2 (x packed by its producer) is chosen by the
+// caller (the *_xh entry points), not here.
 static inline int gemv5_stage_mode(int64_t k) {
-  static const int v = [] {
-    if (gemv5_xr()) return 1;
-    const char *e = getenv("ORCH_CUDA_GEMV5_XB");
-    if (e && e[0] == '0' && !e[1]) return 0;
-    if (e && e[0] == '1' && !e[1]) return 2;
-    return -1;
-  }();
-  return v >= 0 ? v : k >= 8192 ? 1 : 0;
+  const int e = gemv5_xr_env();
+  return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
 
-// MINB: 5 the 5-CTA build; else 10 + XR + 3 TR: gemv5_kernel with x staged
-// as XR says (gemv5_stage_mode) and the trace (orch_gemv_trace) when TR.
-template <int T, int NT, int MINB>
-static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
+// XR: gemv5_kernel's staging (0, 1, 2 = packed x), TR: the trace
+// (orch_gemv_trace).
+template <int T, int NT, int XR, int TR = 0>
+static void launch_gemv5_nt_x(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                               int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
   constexpr int NB = gemv5_nb<T, NT>();
   const int rpw = gemv5_rpw(m);
-  size_t sm = gemv5_smem(k, NT, MINB == 5 ? 0 : (MINB - 10) % 3);
-  auto kern = [] { // only the instance asked for is compiled
-    if constexpr (MINB == 5) return gemv5_kernel_b5<T, NT, NB>;
-    else return gemv5_kernel<T, NT, NB, (MINB - 10) % 3, (MINB - 10) / 3>;
-  }();
+  const size_t sm = gemv5_smem(k, NT);
+  auto kern = gemv5_kernel<T, NT, NB, XR, TR>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
   DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
@@ -403,35 +303,27 @@ static void launch_gemv5_nt_b(cudaStream_t st, float *y, const float *x, const u
 template <int T, int NT>
 static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
                             int64_t k, int64_t m, int64_t rb, int acc) {
-  if constexpr (NT == 1)
-    if (gemv5_minb() == 5) return launch_gemv5_nt_b<T, NT, 5>(st, y, x, w, bias, n, k, m, rb, acc);
   const int mode = gemv5_stage_mode(k);
 #if !defined(ORCH_EMU)
   if constexpr (NT == 1 && T == ORCH_T_Q8_0)
     if (g_gemv_trace_on) {
-      if (mode == 2) return launch_gemv5_nt_b<T, NT, 15>(st, y, x, w, bias, n, k, m, rb, acc);
-      if (mode == 1) return launch_gemv5_nt_b<T, NT, 14>(st, y, x, w, bias, n, k, m, rb, acc);
-      return launch_gemv5_nt_b<T, NT, 13>(st, y, x, w, bias, n, k, m, rb, acc);
+      if (mode == 1) return launch_gemv5_nt_x<T, NT, 1, 1>(st, y, x, w, bias, n, k, m, rb, acc);
+      return launch_gemv5_nt_x<T, NT, 0, 1>(st, y, x, w, bias, n, k, m, rb, acc);
     }
 #endif
-  // XR = 2 at one token only (two: x's raw area would cost a CTA per SM of shared memory)
-  if constexpr (NT == 1)
-    if (mode == 2) return launch_gemv5_nt_b<T, NT, 12>(st, y, x, w, bias, n, k, m, rb, acc);
   if constexpr (NT <= 2)
-    if (mode == 1) return launch_gemv5_nt_b<T, NT, 11>(st, y, x, w, bias, n, k, m, rb, acc);
-  launch_gemv5_nt_b<T, NT, 10>(st, y, x, w, bias, n, k, m, rb, acc);
+    if (mode == 1) return launch_gemv5_nt_x<T, NT, 1>(st, y, x, w, bias, n, k, m, rb, acc);
+  launch_gemv5_nt_x<T, NT, 0>(st, y, x, w, bias, n, k, m, rb, acc);
 }
 
-// P: count parts filled in (w, bias, y, m); rpw and end are set here.
-template <int T, int NT, int MINB>
-static void launch_gemv5_multi_nt_b(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
+// P: count parts filled in (w, bias, y, m); rpw and end are set here. XR as
+// launch_gemv5_nt_x (2: x is the packed x).
+template <int T, int NT, int XR>
+static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                     int64_t rb) {
   constexpr int NB = gemv5_nb<T, NT>();
-  size_t sm = gemv5_smem(k, NT, MINB == 5 ? 0 : MINB - 10);
-  auto kern = [] {
-    if constexpr (MINB == 5) return gemv5_multi_kernel_b5<T, NT, NB>;
-    else return gemv5_multi_kernel<T, NT, NB, MINB - 10>; // 10 + XR
-  }();
+  const size_t sm = gemv5_smem(k, NT);
+  auto kern = gemv5_multi_kernel<T, NT, NB, XR>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned total = 0;
   for (int p = 0; p < count; p++) {
@@ -445,15 +337,22 @@ static void launch_gemv5_multi_nt_b(cudaStream_t st, gemv5_parts P, int count, c
 template <int T, int NT>
 static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb) {
-  if constexpr (NT == 1)
-    if (gemv5_minb() == 5) return launch_gemv5_multi_nt_b<T, NT, 5>(st, P, count, x, n, k, rb);
-  if constexpr (NT <= 2) {
-    const int mode = gemv5_stage_mode(k);
-    if constexpr (NT == 1)
-      if (mode == 2) return launch_gemv5_multi_nt_b<T, NT, 12>(st, P, count, x, n, k, rb);
-    if (mode == 1) return launch_gemv5_multi_nt_b<T, NT, 11>(st, P, count, x, n, k, rb);
+  if constexpr (NT <= 2)
+    if (gemv5_stage_mode(k) == 1) return launch_gemv5_multi_nt_x<T, NT, 1>(st, P, count, x, n, k, rb);
+  launch_gemv5_multi_nt_x<T, NT, 0>(st, P, count, x, n, k, rb);
+}
+
+// One- and two-token merged GEMV with x packed by its producer (XR = 2;
+// orch_matmul_multi_xh): n = 1, 2 and the packed x's kind that of T; the
+// caller checks.
+template <int T>
+static void launch_gemv5_multi_xh(cudaStream_t st, const gemv5_parts &P, int count, const uint8_t *xh, int64_t n,
+                                  int64_t k, int64_t rb) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const float *x = reinterpret_cast<const float *>(xh);
+    if (n == 1) launch_gemv5_multi_nt_x<T, 1, 2>(st, P, count, x, n, k, rb);
+    else launch_gemv5_multi_nt_x<T, 2, 2>(st, P, count, x, n, k, rb);
   }
-  launch_gemv5_multi_nt_b<T, NT, 10>(st, P, count, x, n, k, rb);
 }
 
 template <int T>
@@ -475,114 +374,6 @@ static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_
     else if (n == 2) launch_gemv5_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
     else if (n <= 4) launch_gemv5_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
     else launch_gemv5_nt<T, 8>(st, y, x, w, bias, n, k, m, rb, acc);
-  }
-}
-
-// ---- GEMV v5 + residual add + RMSNorm (orch_matmul_rmsnorm; session 6) ----
-// y = x.W^T + bias, then res += y and out = rmsnorm(res) * nw — the GEMV and
-// the AddRMSNorm after it (Llama: down -> next layer's attention norm, attention
-// out -> FFN norm; gpt-oss: attention out -> post-attention norm) in one
-// launch: every CTA runs gemv5_rows, fences its y rows and takes a ticket; the
-// last CTA (ticket gridDim.x - 1) normalises the n rows with norm.cu's own
-// row code (norm_row.cuh, reading y and res through L2) and resets the
-// ticket. This removes the norm's kernel boundary (session 5: ~3 us in the PDL
-// chain) for one CTA's serial epilogue; session 5's fold into the *consumer*
-// re-read the row in every CTA (+10% Llama) — here it is read once.
-// Tickets: a device array (zero at module load), one 32-word slot per context
-// (round-robin over GEMVN_SLOTS, as attention v8's).
-constexpr int GEMVN_SLOTS = 16;
-#if !defined(ORCH_EMU)
-__device__ unsigned g_gemvn_tickets[GEMVN_SLOTS * 32];
-#endif
-
-struct gemv5_norm_args {
-  float *res, *out;
-  const float *w;
-  float eps;
-  unsigned *ticket;
-};
-
-__device__ __forceinline__ bool gemvn_last(unsigned *ticket) {
-#if defined(__CUDA_ARCH__)
-  const unsigned t = atomicAdd(ticket, 1u);
-  const bool last = t + 1 == gridDim.x;
-  if (last) {
-    atomicExch(ticket, 0u); // every other CTA has taken its ticket
-    __threadfence();
-  }
-  return last;
-#else
-  const unsigned t = *ticket; // the emulation runs one CTA at a time
-  const bool last = t + 1 == gridDim.x;
-  *ticket = last ? 0u : t + 1;
-  return last;
-#endif
-}
-
-// The last CTA's norm of n rows: a call of its own (noinline), so that its
-// registers (NN floats per thread) do not weigh on the GEMV loop's allocation
-// (inlined, ptxas spilled 24 bytes at NN = 16).
-#if defined(ORCH_EMU)
-#define GEMVN_NOINLINE
-#else
-#define GEMVN_NOINLINE __noinline__
-#endif
-template <int NN>
-__device__ GEMVN_NOINLINE void gemvn_norm_rows(const gemv5_norm_args N, float *y, int nt, int64_t m, float *sh) {
-  for (int j = 0; j < nt; j++) norm_reg_row<false, NN, true>(N.out + j * m, N.res + j * m, y + j * m, N.w, nullptr, m, N.eps, sh);
-}
-
-template <int T, int NT, int NB, int NN>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
-gemv5_norm_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
-                  const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes,
-                  int rows_per_warp, const gemv5_norm_args N) {
-  static_assert(GEMV16_WARPS * 32 == NORM_THREADS, "the epilogue is norm.cu's row code for its block size");
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  gemv5_rows<T, NT, NB>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, rows_per_warp);
-#if defined(__CUDA_ARCH__)
-  __threadfence(); // this thread's y stores before the ticket
-#endif
-  __syncthreads(); // every warp done with xsm and y: xsm now holds the flag and the reduction scratch
-  float *sh = reinterpret_cast<float *>(xsm);
-  unsigned *flag = xsm + 32;
-  if (threadIdx.x == 0) *flag = gemvn_last(N.ticket) ? 1u : 0u;
-  __syncthreads();
-  if (!*flag) return; // uniform over the CTA
-  gemvn_norm_rows<NN>(N, y, (int)min((int64_t)NT, n), m, sh);
-}
-
-template <int T, int NT, int NN>
-static void launch_gemv5_norm_nn(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
-                                 int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_norm_args &N) {
-  constexpr int NB = gemv5_nb<T, NT>();
-  const int rpw = gemv5_rpw(m);
-  size_t sm = dec16_smem(k, NT);
-  if (sm < 33 * 4) sm = 33 * 4; // the epilogue's flag and scratch
-  auto kern = gemv5_norm_kernel<T, NT, NB, NN>;
-  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
-  DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, rpw, N);
-}
-
-// n = 1, 2 and m <= 16 * NORM_THREADS (4096; gpt-oss 2880): the caller checks.
-template <int T>
-static void launch_gemv5_norm(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
-                              int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_norm_args &N) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const int64_t per = ceil_div(m, NORM_THREADS); // as norm.cu launch_norm
-    if (n == 1) {
-      if (per <= 4) launch_gemv5_norm_nn<T, 1, 4>(st, y, x, w, bias, n, k, m, rb, N);
-      else if (per <= 8) launch_gemv5_norm_nn<T, 1, 8>(st, y, x, w, bias, n, k, m, rb, N);
-      else if (per <= 12) launch_gemv5_norm_nn<T, 1, 12>(st, y, x, w, bias, n, k, m, rb, N);
-      else launch_gemv5_norm_nn<T, 1, 16>(st, y, x, w, bias, n, k, m, rb, N);
-    } else {
-      if (per <= 4) launch_gemv5_norm_nn<T, 2, 4>(st, y, x, w, bias, n, k, m, rb, N);
-      else if (per <= 8) launch_gemv5_norm_nn<T, 2, 8>(st, y, x, w, bias, n, k, m, rb, N);
-      else if (per <= 12) launch_gemv5_norm_nn<T, 2, 12>(st, y, x, w, bias, n, k, m, rb, N);
-      else launch_gemv5_norm_nn<T, 2, 16>(st, y, x, w, bias, n, k, m, rb, N);
-    }
   }
 }
 
@@ -658,9 +449,7 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
       __syncthreads();
     } else if (c0 == 0) { // uniform over the CTA
       pdl_wait();
-      if constexpr (XR == 2)
-        gemv5_stage_cp(xsm, xinv, reinterpret_cast<float4 *>(reinterpret_cast<uint8_t *>(xsm) + gemv5_raw_off(k, NT)), x,
-                       nt, k, dec16_traits<T>::kind);
+      if constexpr (XR == 2) gemv5_stage_xh(xsm, xinv, reinterpret_cast<const uint8_t *>(x), nt, k);
       else dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
       __syncthreads();
     }
@@ -687,29 +476,33 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
 // 77 registers: 3 CTAs per SM).
 template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 && NT > 1 ? 1 : 2; }
 
-template <int T, int NT>
+template <int T, int NT, int XR>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
-                                int64_t rb, int mode) {
+                                int64_t rb) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
-  if (NT > 1 && mode == 2) mode = 0; // two tokens: x's raw area would cost a CTA per SM (shared memory)
-  size_t sm = gemv5_smem(k, NT, mode);
-  auto kern = mode == 2 ? gemv5_glu_kernel<T, NT, NB, 2>
-              : mode == 1 ? gemv5_glu_kernel<T, NT, NB, 1>
-                          : gemv5_glu_kernel<T, NT, NB, 0>;
+  const size_t sm = gemv5_smem(k, NT);
+  auto kern = gemv5_glu_kernel<T, NT, NB, XR>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, A, x, n, k,
                    rb);
 }
 
 // n = 1, 2 (v5's one- and two-token route); the caller checks. xr: how x is
-// staged (gemv5_stage_mode's values), -1: as gemv5_stage_mode.
+// staged (gemv5_rows's XR: 0, 1, 2 = x is the packed x of
+// dec16_xh_row_bytes' layout, passed as x), -1: as gemv5_stage_mode.
 template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                              int64_t rb, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
-    if (n == 1) launch_gemv5_glu_nt<T, 1>(st, A, x, n, k, rb, mode);
-    else launch_gemv5_glu_nt<T, 2>(st, A, x, n, k, rb, mode);
+    auto go = [&](auto nt) {
+      constexpr int NT = decltype(nt)::value;
+      if (mode == 2) launch_gemv5_glu_nt<T, NT, 2>(st, A, x, n, k, rb);
+      else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb);
+      else launch_gemv5_glu_nt<T, NT, 0>(st, A, x, n, k, rb);
+    };
+    if (n == 1) go(std::integral_constant<int, 1>{});
+    else go(std::integral_constant<int, 2>{});
   }
 }
 

@@ -14,9 +14,6 @@
 #include "dec16.cuh"
 #include "gemv16.cuh"
 
-#include <mutex>
-#include <unordered_map>
-
 constexpr int GEMV_WARPS = 4;
 
 extern "C" int64_t orch_row_bytes(int32_t t, int64_t k) {
@@ -646,59 +643,59 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
   return ORCH_OK;
 }
 
-// The ticket slot of ctx for gemv5_norm_kernel (as attention.cu's
-// attn8_tickets): a context gets one of GEMVN_SLOTS on its first call,
-// round-robin; nullptr if the symbol cannot be resolved (the caller declines).
-static unsigned *gemvn_ticket(orch_ctx *ctx) {
-  static std::mutex mu;
-  static std::unordered_map<orch_ctx *, std::pair<int, unsigned *>> slots; // ctx -> (device, ticket)
-  static int next = 0;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = slots.find(ctx);
-  if (it != slots.end() && it->second.first == ctx->device) return it->second.second;
-  void *base = nullptr;
-  int cur = ctx->device;
-  cudaGetDevice(&cur);
-  if (cur != ctx->device) cudaSetDevice(ctx->device); // the symbol's copy on the context's device
-  const cudaError_t e = cudaGetSymbolAddress(&base, g_gemvn_tickets);
-  if (cur != ctx->device) cudaSetDevice(cur);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return nullptr;
-  }
-  unsigned *t = (unsigned *)base + (size_t)(next++ % GEMVN_SLOTS) * 32;
-  slots[ctx] = {ctx->device, t};
-  return t;
+// x packed by its producer (session 7; dec16.cuh "Packed x", orch_rmsnorm_xh):
+// the one- and two-token v5 kernels stage it with 16-byte copies (gemv16.cuh
+// gemv5_stage_xh). Only where the float-x call would run v5 for every part,
+// and for the packed kind of wtype (dec16_traits): the outputs are then
+// bit-identical to orch_matmul_multi / orch_matmul_swiglu on the float x the
+// producer wrote. Otherwise ORCH_ERR_UNSUPPORTED (nothing launched): the
+// caller makes the float-x call.
+static int xh_kind(int32_t wtype) { return wtype == ORCH_T_Q8_0 ? 0 : 1; }
+static bool xh_ok(const void *xh, int32_t wtype, int32_t kind, int64_t n, int64_t k) {
+  return xh && aligned16(xh) && n >= 1 && n <= 2 && gemv3_type(wtype) && k % 32 == 0 && kind == xh_kind(wtype);
 }
 
-// GEMV + AddRMSNorm in one launch (gemv16.cuh gemv5_norm_kernel): only where
-// orch_matmul would run v5 (n = 1, 2, default routing) and m <= 4096; y is
-// then bit-identical to orch_matmul's and res / out to orch_rmsnorm(out, res,
-// y, nw) after it. ORCH_CUDA_GEMV_NORM=0 declines always.
-static bool gemvn_off_env() {
-  static const bool v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV_NORM");
-    return e && strcmp(e, "0") == 0;
-  }();
-  return v;
-}
-
-extern "C" int orch_matmul_rmsnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype,
-                                   const float *bias, int64_t n, int64_t k, int64_t m, float *res, float *out,
-                                   const float *nw, float eps) {
-  const char *op = "matmul_rmsnorm";
-  ORCH_CHECK_ARG(ctx && y && x && w && res && out && nw && n >= 0 && k > 0 && m > 0, op);
+extern "C" int orch_matmul_multi_xh(orch_ctx *ctx, const void *xh, int32_t kind, int32_t wtype, int64_t n, int64_t k,
+                                    int32_t count, const orch_gemv_part *parts) {
+  const char *op = "matmul_multi_xh";
+  ORCH_CHECK_ARG(ctx && xh && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
+  for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
   const int64_t rb = orch_row_bytes(wtype, k);
-  const bool ok = !gemvn_off_env() && n >= 1 && n <= 2 && m <= 16 * NORM_THREADS && gemv3_type(wtype) && k % 32 == 0 &&
-                  aligned16(x) && aligned16(w) && gemv_route(ctx, wtype, n, k, m, rb) == GR_V5;
-  unsigned *tk = ok ? gemvn_ticket(ctx) : nullptr;
-  if (!tk) {
-    orch_set_error("matmul_rmsnorm: not the v5 GEMV (type %d, n=%lld, k=%lld, m=%lld)", wtype, (long long)n,
-                   (long long)k, (long long)m);
+  bool ok = xh_ok(xh, wtype, kind, n, k);
+  gemv5_parts P = {};
+  for (int p = 0; ok && p < count; p++) {
+    ok = gemv_route(ctx, wtype, n, k, parts[p].m, rb) == GR_V5 && aligned16(parts[p].w);
+    P.w[p] = (const uint8_t *)parts[p].w;
+    P.bias[p] = parts[p].bias;
+    P.y[p] = parts[p].y;
+    P.m[p] = parts[p].m;
+  }
+  if (!ok) {
+    orch_set_error("matmul_multi_xh: not the v5 GEMV for all parts, or not its packed kind (type %d, kind %d, n=%lld, "
+                   "k=%lld)", wtype, kind, (long long)n, (long long)k);
     return ORCH_ERR_UNSUPPORTED;
   }
-  const gemv5_norm_args N = {res, out, nw, eps, tk};
-  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_norm, ctx->stream, y, x, (const uint8_t *)w, bias, n, k, m, rb, N);
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi_xh, ctx->stream, P, count, (const uint8_t *)xh, n, k, rb);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+extern "C" int orch_matmul_swiglu_xh(orch_ctx *ctx, const void *xh, int32_t kind, int32_t wtype, int64_t n, int64_t k,
+                                     const orch_gemv_part *gate_up, float *out) {
+  const char *op = "matmul_swiglu_xh";
+  ORCH_CHECK_ARG(ctx && xh && gate_up && out && n >= 0 && k > 0, op);
+  const orch_gemv_part &g = gate_up[0], &u = gate_up[1];
+  ORCH_CHECK_ARG(g.w && g.y && u.w && u.y && g.m > 0 && g.m == u.m, op);
+  const int64_t rb = orch_row_bytes(wtype, k);
+  const bool ok = !glu_off_env() && xh_ok(xh, wtype, kind, n, k) && aligned16(g.w) && aligned16(u.w) &&
+                  gemv_route(ctx, wtype, n, k, g.m, rb) == GR_V5;
+  if (!ok) {
+    orch_set_error("matmul_swiglu_xh: not the v5 GEMV or not its packed kind (type %d, kind %d, n=%lld, k=%lld, m=%lld)",
+                   wtype, kind, (long long)n, (long long)k, (long long)g.m);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  gemv5_glu_args A = {(const uint8_t *)g.w, (const uint8_t *)u.w, g.bias, u.bias, g.y, u.y, out, g.m};
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, (const float *)xh, n, k, rb, 2);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

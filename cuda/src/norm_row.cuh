@@ -1,11 +1,10 @@
 // norm_row.cuh — one row of RMSNorm / LayerNorm (with the residual add) by
 // one CTA of NORM_THREADS threads, each thread's elements in registers: the
-// body of norm.cu's norm_reg_kernel, shared with the GEMV epilogue that
-// normalises the GEMV's output in its last CTA (gemv16.cuh gemv5_norm_kernel,
-// orch_matmul_rmsnorm), so that both compile the same expressions and give the
-// same bits. CG: read x and add through L2 (__ldcg) — for rows other CTAs of
-// the running kernel wrote (L1 is not coherent within a kernel).
+// body of norm.cu's norm_reg_kernel (a header of its own so that the CPU
+// emulation, cuda/test/decode_emu_test.cpp, compiles the same expressions).
+// CG: read x and add through L2 (__ldcg).
 #pragma once
+#include "dec16.cuh"
 
 constexpr int NORM_THREADS = 256;
 
@@ -20,10 +19,14 @@ __device__ __forceinline__ float norm_ld(const float *p) {
 // x[i] (+= add[i], written back when add) for i = threadIdx.x + j *
 // NORM_THREADS < dim, j < N; out = (x - mean) * rsqrt(var + eps) (* w) (+ b),
 // mean 0 for RMSNorm (!LAYER). sh: >= 32 floats of shared memory; every
-// thread of the CTA calls it (block reductions).
-template <bool LAYER, int N, bool CG>
+// thread of the CTA calls it (block reductions). XH (session 7): out also
+// packed into xh (a row of dec16_xh_row_bytes(dim); dim % 32 == 0) for the
+// GEMV that reads it (weight kind `kind`, dec16_traits): element i is lane
+// i % 32 of warp (i / 32) % 8 in its j-th element, so each warp packs whole
+// chunks.
+template <bool LAYER, int N, bool CG, bool XH = false>
 __device__ __forceinline__ void norm_reg_row(float *orow, float *xr, const float *ar, const float *w, const float *b,
-                                             int64_t dim, float eps, float *sh) {
+                                             int64_t dim, float eps, float *sh, uint8_t *xh = nullptr, int kind = 0) {
   float v[N];
   float s = 0.f;
 #pragma unroll
@@ -64,6 +67,15 @@ __device__ __forceinline__ void norm_reg_row(float *orow, float *xr, const float
       if (w) o *= w[i];
       if (b) o += b[i];
       orow[i] = o;
+      v[j] = o;
+    }
+  }
+  if constexpr (XH) {
+    static_assert(NORM_THREADS % 32 == 0, "whole warps per chunk");
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+      const int64_t i0 = (threadIdx.x & ~31) + (int64_t)j * NORM_THREADS; // the warp's chunk: uniform
+      if (i0 < dim) dec16_pack_chunk(xh, dim / 32, i0 / 32, kind, v[j]);
     }
   }
 }

@@ -6,11 +6,6 @@
 
 #include "common.cuh"
 
-// prefetch.cu: ctx's L2 prefetch state around a capture, and its release.
-void orch_pf_capture_begin(orch_ctx *ctx);
-int orch_pf_capture_end(orch_ctx *ctx);
-void orch_pf_release(orch_ctx *ctx);
-
 static std::mutex g_err_mu;
 static char g_err[1024] = "";
 
@@ -170,7 +165,6 @@ extern "C" int orch_destroy(orch_ctx *ctx) {
   if (!ctx) return ORCH_OK;
   cudaSetDevice(ctx->device);
   cudaStreamSynchronize(ctx->stream);
-  orch_pf_release(ctx);
   for (void *p : ctx->retired) cudaFree(p);
   if (ctx->scratch) cudaFree(ctx->scratch);
   if (ctx->cublas) cublasDestroy(ctx->cublas);
@@ -303,22 +297,13 @@ extern "C" int orch_graph_begin(orch_ctx *ctx) {
   ORCH_CHECK_ARG(ctx, "graph_begin");
   // Relaxed: the GEMM path may grow its scratch (cudaMalloc) while capturing.
   ORCH_CUDA(cudaStreamBeginCapture(ctx->stream, cudaStreamCaptureModeRelaxed), "graph_begin");
-  orch_pf_capture_begin(ctx);
   return ORCH_OK;
 }
 
 extern "C" int orch_graph_end(orch_ctx *ctx, void **graph_exec) {
   ORCH_CHECK_ARG(ctx && graph_exec, "graph_end");
-  // Prefetch nodes (prefetch.cu) sit on a side stream: join it first (the
-  // capture must end with every forked stream joined), and end the capture
-  // even when the join failed, so that the stream leaves capture mode.
-  const int pf = orch_pf_capture_end(ctx);
   cudaGraph_t g = nullptr;
   ORCH_CUDA(cudaStreamEndCapture(ctx->stream, &g), "graph_end");
-  if (pf != ORCH_OK) {
-    cudaGraphDestroy(g);
-    return pf;
-  }
   cudaGraphExec_t ex = nullptr;
   cudaError_t e = cudaGraphInstantiateWithFlags(&ex, g, 0);
   cudaGraphDestroy(g);

@@ -337,14 +337,6 @@ static void gemv5_xr_pair(float *y0, float *y1, const float *x, const uint8_t *w
     auto k1 = gemv5_kernel<T, NT, NB, 1>;
     DEC16_LAUNCH_PDL(k0, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y0, x, w, bias, n, k, m, rb, 0, rpw);
     DEC16_LAUNCH_PDL(k1, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y1, x, w, bias, n, k, m, rb, 0, rpw);
-    if constexpr (NT == 1) { // XR = 2 (batched cp.async staging) must match too: into y2, compared to y0
-      std::vector<float> y2((size_t)(n * m), NAN);
-      auto k2 = gemv5_kernel<T, NT, NB, 2>;
-      DEC16_LAUNCH_PDL(k2, dim3(gx), GEMV16_WARPS * 32, gemv5_smem(k, NT, 2), nullptr, y2.data(), x, w, bias, n, k, m,
-                       rb, 0, rpw);
-      EXPECT(std::memcmp(y0, y2.data(), y2.size() * 4) == 0, "GEMV v5 XR 2 (%s k=%lld m=%lld rpw=%d) != XR 0",
-             tname(T), (long long)k, (long long)m, rpw);
-    }
   }
 }
 template <int T>
@@ -363,42 +355,64 @@ static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
   EXPECT(std::memcmp(y0.p, y1.p, y0.n * 4) == 0, "GEMV v5 XR (%s k=%lld m=%lld n=%d rpw=%d) != XR 0", tname(t),
          (long long)k, (long long)m, n, rpw);
   for (size_t i = 0; i < y1.n; i++) EXPECT(std::isfinite(y1.p[i]), "GEMV v5 XR: y[%zu] not written", i);
-  std::printf("GEMV v5 XR 1 (2 at n = 1) %-5s k=%-5lld m=%-3lld n=%d rpw=%d: bit-identical to XR 0\n", tname(t), (long long)k,
+  std::printf("GEMV v5 XR 1 %-5s k=%-5lld m=%-3lld n=%d rpw=%d: bit-identical to XR 0\n", tname(t), (long long)k,
               (long long)m, n, rpw);
 }
 
-// GEMV + residual add + RMSNorm in one launch (orch_matmul_rmsnorm's
-// kernel): y bit-identical to launch_gemv5, res and out to norm.cu's
-// launch_norm after it; the ticket back at 0 (two launches in a row).
-static void test_gemv_norm(int t, int64_t k, int64_t m, int n, bool bias, bool inplace, int reps = 1) {
-  QW w;
-  make_weight(w, t, k, m);
-  const size_t ny = (size_t)(n * m);
-  const auto res0 = randv(ny, 2.f), nw = randv((size_t)m, 1.f);
-  Buf<float> bx(randv((size_t)(n * k), 1.f)), bb(randv((size_t)m, 1.f)), bw(nw);
-  Buf<float> yr(ny, NAN), rr(res0), orr(ny, NAN), yf(ny, NAN), rf(res0), of(ny, NAN);
-  Buf<unsigned> tk(1, 0u);
-  const int64_t rb = orch_row_bytes(t, k);
+// x packed by its producer (session 7): norm.cu's norm_xh_kernel writes out
+// bit-identical to launch_norm, and the v5 GEMVs staging the packed x (XR =
+// 2: merged q/k/v, the SwiGLU fold) give bit-identical outputs to the same
+// launches on the float out.
+static void test_norm_xh(int t, int64_t dim, int n, std::vector<int64_t> ms, bool glu) {
+  const int kind = t == ORCH_T_Q8_0 ? 0 : 1;
+  const size_t nx = (size_t)(n * dim);
+  auto x0 = randv(nx, 3.f);
+  for (size_t i = 0; i < nx; i += 97) x0[i] *= 1e-6f; // tiny elements: fp16 subnormals after the chunk scale
+  const auto add = randv(nx, 1.f), nw = randv((size_t)dim, 1.f);
+  Buf<float> xr(x0), xf(x0), ba(add), bw(nw), orr(nx, NAN), of(nx, NAN);
+  const size_t rowb = dec16_xh_row_bytes(dim);
+  Buf<uint8_t> xh(rowb * n + 16, 0xAB);
   const float eps = 1e-5f;
-  ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, yr.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m, rb, 0)
-  launch_norm<false>(nullptr, n, inplace ? rr.p : orr.p, rr.p, yr.p, bw.p, nullptr, m, eps);
-  for (int rep = 0; rep < reps; rep++) {
-    if (rep) { // again from the same inputs: the ticket must have been reset
-      std::memcpy(rf.p, res0.data(), ny * 4);
-      for (size_t i = 0; i < ny; i++) yf.p[i] = of.p[i] = NAN;
-    }
-    const gemv5_norm_args N = {rf.p, inplace ? rf.p : of.p, bw.p, eps, tk.p};
-    ORCH_DISPATCH_TYPE(t, launch_gemv5_norm, nullptr, yf.p, bx.p, w.bytes, bias ? bb.p : nullptr, n, k, m, rb, N)
-    EXPECT(std::memcmp(yf.p, yr.p, ny * 4) == 0, "GEMV+norm y (%s k=%lld m=%lld n=%d) != v5", tname(t), (long long)k,
-           (long long)m, n);
-    EXPECT(std::memcmp(rf.p, rr.p, ny * 4) == 0, "GEMV+norm res (%s m=%lld n=%d) != norm.cu", tname(t), (long long)m, n);
-    if (!inplace)
-      EXPECT(std::memcmp(of.p, orr.p, ny * 4) == 0, "GEMV+norm out (%s m=%lld n=%d) != norm.cu", tname(t), (long long)m,
-             n);
-    EXPECT(tk.p[0] == 0u, "GEMV+norm: ticket %u after the launch", tk.p[0]);
+  launch_norm<false>(nullptr, n, orr.p, xr.p, ba.p, bw.p, nullptr, dim, eps);
+  launch_norm_xh(nullptr, n, of.p, xf.p, ba.p, bw.p, dim, eps, xh.p, kind);
+  EXPECT(std::memcmp(of.p, orr.p, nx * 4) == 0, "norm_xh out (dim=%lld n=%d) != launch_norm", (long long)dim, n);
+  EXPECT(std::memcmp(xf.p, xr.p, nx * 4) == 0, "norm_xh x (dim=%lld n=%d) != launch_norm", (long long)dim, n);
+  const int64_t rb = orch_row_bytes(t, dim);
+  std::vector<std::unique_ptr<QW>> ws;
+  std::vector<std::unique_ptr<Buf<float>>> bias, ya, yb;
+  gemv5_parts Pa = {}, Pb = {};
+  for (size_t p = 0; p < ms.size(); p++) {
+    ws.push_back(std::make_unique<QW>());
+    make_weight(*ws[p], t, dim, ms[p]);
+    bias.push_back(std::make_unique<Buf<float>>(randv((size_t)ms[p], 1.f)));
+    ya.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
+    yb.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
+    Pa.w[p] = Pb.w[p] = ws[p]->bytes;
+    Pa.bias[p] = Pb.bias[p] = p == 1 ? nullptr : bias[p]->p;
+    Pa.y[p] = ya[p]->p, Pb.y[p] = yb[p]->p;
+    Pa.m[p] = Pb.m[p] = ms[p];
   }
-  std::printf("GEMV v5+AddRMSNorm %-5s k=%-4lld m=%-4lld n=%d bias=%d inplace=%d: bit-identical to gemv + norm\n",
-              tname(t), (long long)k, (long long)m, n, bias, inplace);
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, Pa, (int)ms.size(), of.p, n, dim, rb)
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi_xh, nullptr, Pb, (int)ms.size(), xh.p, n, dim, rb)
+  for (size_t p = 0; p < ms.size(); p++) {
+    EXPECT(std::memcmp(ya[p]->p, yb[p]->p, ya[p]->n * 4) == 0, "GEMV v5 multi packed x part %zu (%s k=%lld m=%lld n=%d) "
+           "!= float x", p, tname(t), (long long)dim, (long long)ms[p], n);
+    for (size_t i = 0; i < yb[p]->n; i++) EXPECT(std::isfinite(yb[p]->p[i]), "packed x multi: y[%zu] not written", i);
+  }
+  if (glu) { // parts 0 and 1 as gate and up (same m)
+    const int64_t m = ms[0];
+    const size_t ny = (size_t)(n * m);
+    Buf<float> ga(ny, NAN), ua(ny, NAN), oa(ny, NAN), gb(ny, NAN), ub(ny, NAN), ob(ny, NAN);
+    gemv5_glu_args A = {ws[0]->bytes, ws[1]->bytes, bias[0]->p, nullptr, ga.p, ua.p, oa.p, m};
+    gemv5_glu_args B = {ws[0]->bytes, ws[1]->bytes, bias[0]->p, nullptr, gb.p, ub.p, ob.p, m};
+    ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, A, of.p, n, dim, rb, 0)
+    ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, B, reinterpret_cast<const float *>(xh.p), n, dim, rb, 2)
+    EXPECT(std::memcmp(ga.p, gb.p, ny * 4) == 0 && std::memcmp(ua.p, ub.p, ny * 4) == 0 &&
+               std::memcmp(oa.p, ob.p, ny * 4) == 0,
+           "GEMV v5+SwiGLU packed x (%s k=%lld m=%lld n=%d) != float x", tname(t), (long long)dim, (long long)m, n);
+  }
+  std::printf("norm -> packed x %-5s dim=%-4lld n=%d parts=%zu glu=%d: norm and GEMVs bit-identical to float x\n",
+              tname(t), (long long)dim, n, ms.size(), glu);
 }
 
 // RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
@@ -584,13 +598,10 @@ int main(int argc, char **argv) {
   test_gemv_glu(ORCH_T_Q4_0, 96, 8, 2, false, true);
   test_gemv_glu(ORCH_T_Q8_0, 4096, 12, 2, true, true, 1); // x per round: 2 rounds
   test_gemv_glu(ORCH_T_MXFP4, 2880, 8, 1, false, false, 1); // 90 chunks: a partial second round
-  test_gemv_glu(ORCH_T_Q8_0, 4096, 12, 1, true, false, 2);  // batched cp.async staging
-  test_gemv_norm(ORCH_T_Q8_0, 96, 2880 / 8, 1, true, false, 2); // m = 360: N 4 (45 CTAs); twice: the ticket reset
-  test_gemv_norm(ORCH_T_Q8_0, 128, 1040, 2, false, true);       // N 8; ragged last CTA; in place
-  if (long_run) {
-    test_gemv_norm(ORCH_T_MXFP4, 64, 3000, 1, false, false);    // N 12
-    test_gemv_norm(ORCH_T_Q4_0, 64, 4096, 2, true, false);      // N 16 (Llama's width)
-  }
+  test_norm_xh(ORCH_T_Q8_0, 4096, 1, {12, 20, 8}, true);  // Llama's width (N 16): q/k/v parts, gate/up
+  test_norm_xh(ORCH_T_Q8_0, 2880, 2, {8, 16}, true);      // gpt-oss width (N 12), two tokens
+  test_norm_xh(ORCH_T_MXFP4, 96, 1, {8, 8}, true);        // N 4, warps without chunks; pair order
+  test_norm_xh(ORCH_T_Q4_0, 1024, 2, {24}, false);        // N 4, every warp
   test_gemv_xr(ORCH_T_Q8_0, 14336, 8, 1, 1);  // Llama down's k: 5 rounds, the last partial
   test_gemv_xr(ORCH_T_Q8_0, 4096, 20, 2, 2);  // 2 rows per warp: the second row reads what the first staged
   test_gemv_xr(ORCH_T_MXFP4, 2880, 12, 1, 1);

@@ -15,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"os"
 	"unsafe"
 
 	"github.com/llama-orch/orch/sdk/ml"
@@ -59,8 +58,9 @@ type Backend struct {
 	ot *opTimer
 	// bc: bf16 copies of quantized weights for the large-n matmul (bf16cache.go).
 	bc bf16Cache
-	// pf: L2 prefetch of decode weights in captured graphs (prefetch.go).
-	pf prefetcher
+	// launches counts calls (call); xh: the packed x of the last norm (xh.go).
+	launches uint64
+	xh       xhState
 }
 
 var _ ml.GraphBackend = (*Backend)(nil)
@@ -104,11 +104,6 @@ func New(device int) (*Backend, error) {
 	b.cc = int(cc)
 	b.ot = newOpTimer()
 	b.initBF16Cache()
-	if l2pfEnvErr != nil {
-		fmt.Fprintf(os.Stderr, "orch cuda: %v: L2 prefetch off\n", l2pfEnvErr)
-	} else if err := b.initL2PF(l2pfEnv); err != nil {
-		fmt.Fprintf(os.Stderr, "orch cuda: %v: L2 prefetch off\n", err)
-	}
 	return b, nil
 }
 
@@ -197,15 +192,13 @@ func (b *Backend) failf(op, format string, args ...any) {
 
 // call records a C status as the sticky error.
 func (b *Backend) call(op string, rc int32) {
+	b.launches++
 	if rc != stOK {
 		b.fail(b.l.status(op, rc))
 		return
 	}
 	if b.ot != nil { // op timing (optime.go); while capturing, as a graph node
 		b.ot.mark(b, op)
-	}
-	if b.capturing { // L2 prefetch nodes and the launch mark (prefetch.go)
-		b.l2pfLaunched(op)
 	}
 }
 
@@ -284,6 +277,7 @@ func (b *Backend) Weight(name string, dt ml.DType, shape []int, data []byte) (ml
 
 func (b *Backend) Free(t ml.Tensor) {
 	b.flush()
+	b.forgetXH()
 	ct, ok := t.(*tensor)
 	if !ok || ct.be != b || !ct.owned || ct.ptr == 0 {
 		return
@@ -297,6 +291,9 @@ func (b *Backend) Free(t ml.Tensor) {
 
 func (b *Backend) get(t ml.Tensor) (*tensor, error) {
 	b.flush() // every op, read and write looks its operands up here: launch what is held back first
+	if !b.holdFlush {
+		b.forgetXH() // memory may change next without a launch (xh.go)
+	}
 	ct, ok := t.(*tensor)
 	if !ok || ct == nil {
 		return nil, fmt.Errorf("tensor %v is not a CUDA tensor", t)
@@ -421,6 +418,7 @@ func (b *Backend) scratchBuf(name string, bytes int) uintptr {
 // record enqueues into a CUDA graph, later calls replay it.
 func (b *Backend) Run(key string, record func()) error {
 	b.flush() // not into the graph
+	b.forgetXH()
 	if b.err != nil {
 		return b.err
 	}
@@ -438,13 +436,12 @@ func (b *Backend) Run(key string, record func()) error {
 		return err
 	}
 	b.capturing = true
-	b.l2pfBegin()
 	if b.ot != nil {
 		b.ot.beginCapture(b)
 	}
 	record()
 	b.flush() // into the graph
-	b.l2pfEnd()
+	b.forgetXH()
 	b.capturing = false
 	var g uintptr
 	endErr := b.l.status("graph_end", b.l.graphEnd(b.ctx, &g))

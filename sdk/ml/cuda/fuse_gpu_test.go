@@ -330,7 +330,7 @@ func TestGEMV5XR(t *testing.T) {
 	if os.Getenv("ORCH_CUDA_GEMV5_XR") != "" || os.Getenv("ORCH_CUDA_GEMV") != "" {
 		t.Skip("ORCH_CUDA_GEMV5_XR / ORCH_CUDA_GEMV set: the XR child runs from a process without them")
 	}
-	tests := []string{"TestMatMul", "TestFusedLaunches", "TestFusedSwiGLU", "TestFusedNorm", "TestPDLChain"}
+	tests := []string{"TestMatMul", "TestFusedLaunches", "TestFusedSwiGLU", "TestFusedXH", "TestPDLChain"}
 	cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 	cmd.Env = append(os.Environ(), "ORCH_CUDA_GEMV5_XR=1")
 	outp, err := cmd.CombinedOutput()
@@ -435,92 +435,112 @@ func TestFusedSwiGLU(t *testing.T) {
 	}
 }
 
-// GEMV + AddRMSNorm of its output in one launch (orch_matmul_rmsnorm, fuse.go
-// foldNorm): y, res and out bit-identical to the GEMV + orch_rmsnorm, eagerly
-// and over a graph capture and two replays (res restored before each), in
-// place and not, with and without bias; the library must take n = 1, 2 itself
-// (called directly) and decline n = 3; and against the CPU backend.
-func TestFusedNorm(t *testing.T) {
+// x packed in fp16 by the norm for the GEMV after it (xh.go, ORCH_CUDA_XH):
+// a Llama-like step (AddRMSNorm -> merged q/k/v, RMSNorm -> gate/up +
+// SwiGLU, RMSNorm -> one GEMV) gives bit-identical outputs with and without
+// the packed x, eagerly and over a graph capture and two replays; MXFP4
+// weights (the other pair order: the library declines the kind the norm
+// packed) and n = 3 (not v5) take the float path; the library must take n =
+// 1, 2 itself (called directly) for Q8_0; and against the CPU backend.
+func TestFusedXH(t *testing.T) {
+	if gpu.l.rmsnormXH == nil {
+		t.Skip("library without orch_rmsnorm_xh")
+	}
 	r := newRNG(t)
-	defer func(v, g bool) { fuseOps, fuseNorm = v, g }(fuseOps, fuseNorm)
+	defer func(v, x bool) { fuseOps, fuseXH = v, x }(fuseOps, fuseXH)
 	fuseOps = true
-	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4, ml.Q4_0} {
-		for _, sh := range []struct{ k, m int }{{4096, 2880}, {1024, 4096}} {
-			for _, n := range []int{1, 2, 3} {
-				inplace := n == 2
-				name := fmt.Sprintf("%v/%dx%d/n=%d/inplace=%v", dt, sh.k, sh.m, n, inplace)
-				t.Run(name, func(t *testing.T) {
-					k, m := sh.k, sh.m
-					x := f32Pair(t, randF32(r, k*n, 1), k, n)
-					w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
-					var bias pair
-					if n != 2 {
-						bias = f32Pair(t, randF32(r, m, 1), m)
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4} {
+		for _, n := range []int{1, 2, 3} {
+			name := fmt.Sprintf("%v/n=%d", dt, n)
+			t.Run(name, func(t *testing.T) {
+				const d, ff, qd, kvd = 2880, 1024, 512, 128
+				x := f32Pair(t, randF32(r, d*n, 1), d, n)
+				res0 := randF32(r, d*n, 4)
+				res := f32Pair(t, res0, d, n)
+				nw := f32Pair(t, randF32(r, d, 1), d)
+				wq := weightPair(t, "q", dt, []int{d, qd}, randWeight(r, dt, d, qd))
+				wk := weightPair(t, "k", dt, []int{d, kvd}, randWeight(r, dt, d, kvd))
+				wv := weightPair(t, "v", dt, []int{d, kvd}, randWeight(r, dt, d, kvd))
+				wg := weightPair(t, "gate", dt, []int{d, ff}, randWeight(r, dt, d, ff))
+				wu := weightPair(t, "up", dt, []int{d, ff}, randWeight(r, dt, d, ff))
+				bq := f32Pair(t, randF32(r, qd, 1), qd)
+				h, q, k, v := out(t, d, n), out(t, qd, n), out(t, kvd, n), out(t, kvd, n)
+				h2, g, u, o := out(t, d, n), out(t, ff, n), out(t, ff, n), out(t, ff, n)
+				record := func() {
+					gpu.AddRMSNorm(res.g, h.g, x.g, nw.g, 1e-5)
+					gpu.MatMul(q.g, h.g, wq.g, bq.g)
+					gpu.MatMul(k.g, h.g, wk.g, nil)
+					gpu.MatMul(v.g, h.g, wv.g, nil)
+					gpu.RMSNorm(h2.g, res.g, nw.g, 1e-5)
+					gpu.MatMul(g.g, h2.g, wg.g, nil)
+					gpu.MatMul(u.g, h2.g, wu.g, nil)
+					gpu.SwiGLU(o.g, g.g, u.g)
+					gpu.RMSNorm(h.g, h2.g, nw.g, 1e-5)
+					gpu.MatMul(q.g, h.g, wq.g, nil) // one part (as an LM head)
+				}
+				outs := []pair{res, h, q, k, v, h2, g, u, o}
+				reset := func() {
+					for _, p := range outs[1:] {
+						gpu.Fill(p.g, float32(math.NaN()))
 					}
-					nw := f32Pair(t, randF32(r, m, 1), m)
-					res0 := randF32(r, m*n, 4)
-					y, res, o := out(t, m, n), f32Pair(t, res0, m, n), out(t, m, n)
-					dst := o
-					if inplace {
-						dst = res
+					require.NoError(t, gpu.WriteF32(res.g, res0))
+				}
+				run := func() [][]float32 {
+					var all [][]float32
+					for _, p := range outs {
+						all = append(all, readF32(t, p.g))
 					}
-					record := func() {
-						gpu.MatMul(y.g, x.g, w.g, bias.g)
-						gpu.AddRMSNorm(res.g, dst.g, y.g, nw.g, 1e-5)
-					}
-					reset := func() {
-						gpu.Fill(y.g, float32(math.NaN()))
-						gpu.Fill(o.g, float32(math.NaN()))
-						require.NoError(t, gpu.WriteF32(res.g, res0))
-					}
-					run := func() [3][]float32 {
-						reset()
-						record()
-						return [3][]float32{readF32(t, y.g), readF32(t, res.g), readF32(t, dst.g)}
-					}
-					fuseNorm = false
-					sep := run()
-					fuseNorm = true
-					fused := run()
-					for i := range sep {
-						sameBits(t, fmt.Sprintf("%s output %d fused vs separate", name, i), sep[i], fused[i])
-					}
-					for rep := 0; rep < 3; rep++ { // capture, then replays: the ticket must be back at 0 each time
-						reset()
-						require.NoError(t, gpu.Run("norm-"+name, record))
-						sameBits(t, fmt.Sprintf("%s graph %d y", name, rep), sep[0], readF32(t, y.g))
-						sameBits(t, fmt.Sprintf("%s graph %d res", name, rep), sep[1], readF32(t, res.g))
-						sameBits(t, fmt.Sprintf("%s graph %d out", name, rep), sep[2], readF32(t, dst.g))
-					}
-					ptr := func(p pair) uintptr {
-						if p.g == nil {
-							return 0
-						}
-						return p.g.(*tensor).ptr
-					}
+					return all
+				}
+				fuseXH = false
+				reset()
+				record()
+				sep := run()
+				fuseXH = true
+				reset()
+				record()
+				packed := run()
+				for i := range sep {
+					sameBits(t, fmt.Sprintf("%s output %d packed vs float x", name, i), sep[i], packed[i])
+				}
+				for rep := 0; rep < 3; rep++ {
 					reset()
+					require.NoError(t, gpu.Run("xh-"+name, record))
+					for i, got := range run() {
+						sameBits(t, fmt.Sprintf("%s graph %d output %d", name, rep, i), sep[i], got)
+					}
+				}
+				// The library takes the packed launch itself for Q8_0, n <= 2.
+				ptr := func(p pair) uintptr {
+					if p.g == nil {
+						return 0
+					}
+					return p.g.(*tensor).ptr
+				}
+				reset()
+				xh := gpu.scratchBuf("xh-test", int(2*gpu.l.xhRowBytes(d)))
+				require.NoError(t, gpu.Err())
+				rc := gpu.l.rmsnormXH(gpu.ctx, ptr(h), ptr(res), ptr(x), ptr(nw), int64(n), d, 1e-5, xh, 0)
+				require.NoError(t, gpu.l.status("rmsnorm_xh", rc))
+				parts := [1]gemvPart{{w: ptr(wq), bias: ptr(bq), y: ptr(q), m: qd}}
+				rc = gpu.l.matmulMultiXH(gpu.ctx, xh, 0, int32(dt), int64(n), d, 1, &parts[0])
+				if n <= 2 && dt == ml.Q8_0 && os.Getenv("ORCH_CUDA_GEMV") == "" {
+					require.NoError(t, gpu.l.status("matmul_multi_xh", rc))
 					require.NoError(t, gpu.Sync())
-					rc := gpu.l.matmulRMSNorm(gpu.ctx, ptr(y), ptr(x), ptr(w), int32(dt), ptr(bias), int64(n), int64(k),
-						int64(m), ptr(res), ptr(dst), ptr(nw), 1e-5)
-					if n <= 2 && os.Getenv("ORCH_CUDA_GEMV") == "" && os.Getenv("ORCH_CUDA_GEMV_NORM") != "0" {
-						require.NoError(t, gpu.l.status("matmul_rmsnorm", rc))
-						require.NoError(t, gpu.Sync())
-						sameBits(t, name+" direct out", sep[2], readF32(t, dst.g))
-					} else if n > 2 {
-						require.Equal(t, int32(stUnsupported), rc, "n = %d must be declined", n)
-					}
-					// CPU backend.
-					var rb ml.Tensor
-					if bias.c != nil {
-						rb = bias.c
-					}
-					ref.MatMul(y.c, x.c, w.c, rb)
-					ref.AddRMSNorm(res.c, dst.c, y.c, nw.c, 1e-5)
-					co := make([]float32, m*n)
-					require.NoError(t, ref.ReadF32(dst.c, co))
-					checkVec(t, name+" out vs CPU", fused[2], co, 2*gemvTol(dt, n, true))
-				})
-			}
+					gpu.MatMul(k.g, h.g, wq.g, bq.g) // the float-x launch of the same GEMV, into k's... scratch
+					kk := out(t, qd, n)
+					gpu.MatMul(kk.g, h.g, wq.g, bq.g)
+					sameBits(t, name+" direct multi_xh", readF32(t, kk.g), readF32(t, q.g))
+				} else {
+					require.Equal(t, int32(stUnsupported), rc, "%s must be declined", name)
+				}
+				// CPU backend: the norm and q.
+				ref.AddRMSNorm(res.c, h.c, x.c, nw.c, 1e-5)
+				ref.MatMul(q.c, h.c, wq.c, bq.c)
+				cq := make([]float32, qd*n)
+				require.NoError(t, ref.ReadF32(q.c, cq))
+				checkVec(t, name+" q vs CPU", packed[2], cq, gemvTol(dt, n, true))
+			})
 		}
 	}
 }

@@ -20,8 +20,8 @@ type fakeLib struct {
 	// multiRC is what orch_matmul_multi answers (stUnsupported: the library
 	// declines, e.g. not the v5 GEMV).
 	multiRC int32
-	// gluRC / normRC: what orch_matmul_swiglu / orch_matmul_rmsnorm answer.
-	gluRC, normRC int32
+	// gluRC / xhRC: what orch_matmul_swiglu / the packed-x GEMVs answer.
+	gluRC, xhRC int32
 }
 
 func (f *fakeLib) add(format string, a ...any) int32 {
@@ -55,12 +55,31 @@ func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
 			return f.add("matmul_swiglu x=%x n=%d k=%d gate=%x/%d up=%x/%d out=%x", x, n, k, ps[0].y, ps[0].m, ps[1].y,
 				ps[1].m, out)
 		},
-		matmulRMSNorm: func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, out, nw uintptr,
-			eps float32) int32 {
-			if f.normRC != stOK {
-				return f.normRC
+		rmsnormXH: func(ctx, out, x, add, w uintptr, n, dim int64, eps float32, xh uintptr, kind int32) int32 {
+			return f.add("rmsnorm_xh out=%x x=%x add=%x n=%d xh=%x kind=%d", out, x, add, n, xh, kind)
+		},
+		xhRowBytes: func(k int64) int64 { return (k/32*68 + 15) &^ 15 },
+		matmulMultiXH: func(ctx, xh uintptr, kind, wtype int32, n, k int64, count int32, parts *gemvPart) int32 {
+			if f.xhRC != stOK {
+				return f.xhRC
 			}
-			return f.add("matmul_rmsnorm y=%x x=%x n=%d m=%d res=%x out=%x", y, x, n, m, res, out)
+			var ys []string
+			for _, p := range unsafe.Slice(parts, count) {
+				ys = append(ys, fmt.Sprintf("%x/%d", p.y, p.m))
+			}
+			return f.add("multi_xh xh=%x n=%d k=%d [%s]", xh, n, k, strings.Join(ys, " "))
+		},
+		matmulSwiGLUXH: func(ctx, xh uintptr, kind, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32 {
+			if f.xhRC != stOK {
+				return f.xhRC
+			}
+			ps := unsafe.Slice(gateUp, 2)
+			return f.add("swiglu_xh xh=%x n=%d k=%d gate=%x up=%x out=%x", xh, n, k, ps[0].y, ps[1].y, out)
+		},
+		malloc: func(ctx uintptr, bytes int64, out *uintptr) int32 {
+			*out = fakeNext
+			fakeNext += uintptr(bytes+255) &^ 255
+			return stOK
 		},
 		swiglu: func(ctx, out, gate, up uintptr, n, dim, gs, us int64) int32 {
 			return f.add("swiglu out=%x gate=%x up=%x", out, gate, up)
@@ -350,69 +369,103 @@ func TestFuseSwiGLU(t *testing.T) {
 	require.Equal(t, unfused(g.ptr, g.ptr, u.ptr), f.take())
 }
 
-// A GEMV followed by AddRMSNorm of its output (Llama's down / attention out
-// -> the next norm): one orch_matmul_rmsnorm launch; not when the norm reads
-// something else, res or out overlap the GEMV's operands, the GEMV is merged
-// with others, n > 2, the library declines, or the switches are off.
-func TestFuseNorm(t *testing.T) {
-	defer func(v, g bool) { fuseOps, fuseNorm = v, g }(fuseOps, fuseNorm)
-	fuseOps, fuseNorm = true, true
+// x packed by the norm (xh.go): the norm packs for the GEMVs right after it
+// (merged q/k/v, gate/up + SwiGLU, one part); not across another launch, a
+// host write or a graph boundary, not for another x, not for n > 2 or the
+// other pair order, the float path when the library declines, nothing with
+// the switch off.
+func TestFuseXH(t *testing.T) {
+	defer func(v, x bool) { fuseOps, fuseXH = v, x }(fuseOps, fuseXH)
+	fuseOps, fuseXH = true, true
 	b, f := newFakeBackend(t)
 	const d, ff = 64, 96
-	g := fakeT(b, ml.F32, ff, 1)
-	wd := fakeT(b, ml.Q8_0, ff, d)
-	fo, x, h, nw := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d)
-	fused := func(res, out uintptr) string {
-		return fmt.Sprintf("matmul_rmsnorm y=%x x=%x n=1 m=%d res=%x out=%x", fo.ptr, g.ptr, d, res, out)
-	}
-	unfused := func(res, out uintptr) []string {
-		return []string{fmt.Sprintf("matmul y=%x x=%x n=1", fo.ptr, g.ptr), fmt.Sprintf("rmsnorm out=%x x=%x add=%x", out, res, fo.ptr)}
-	}
+	x, h, res, nw := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d)
+	wq, wk := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, 32)
+	wg, wu, wm := fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.MXFP4, d, ff)
+	q, k, g, u := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, 32, 1), fakeT(b, ml.F32, ff, 1), fakeT(b, ml.F32, ff, 1)
 
-	b.MatMul(fo, g, wd, nil)
-	b.AddRMSNorm(x, h, fo, nw, 1e-5)
-	require.Equal(t, []string{fused(x.ptr, h.ptr)}, f.take())
+	b.AddRMSNorm(res, h, x, nw, 1e-5)
+	log := f.take()
+	require.Len(t, log, 1)
+	var xh uintptr
+	_, err := fmt.Sscanf(log[0], fmt.Sprintf("rmsnorm_xh out=%x x=%x add=%x n=1 xh=%%x kind=0", h.ptr, res.ptr, x.ptr), &xh)
+	require.NoError(t, err, log[0])
+	norm := func(out, in, add uintptr) string {
+		return fmt.Sprintf("rmsnorm_xh out=%x x=%x add=%x n=1 xh=%x kind=0", out, in, add, xh)
+	}
+	b.MatMul(q, h, wq, nil)
+	b.MatMul(k, h, wk, nil)
+	b.Add(x, x, x) // the next op launches the held pair
+	require.Equal(t, []string{fmt.Sprintf("multi_xh xh=%x n=1 k=%d [%x/%d %x/32]", xh, d, q.ptr, d, k.ptr),
+		fmt.Sprintf("add out=%x", x.ptr)}, f.take())
+
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(g, g, u)
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh xh=%x n=1 k=%d gate=%x up=%x out=%x", xh,
+		d, g.ptr, u.ptr, g.ptr)}, f.take())
+
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.MatMul(q, h, wq, nil) // one part: still the packed launch
 	require.NoError(t, b.Sync())
-	require.Equal(t, []string{"sync"}, f.take(), "nothing left held")
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("multi_xh xh=%x n=1 k=%d [%x/%d]", xh, d, q.ptr, d),
+		"sync"}, f.take())
 
-	b.MatMul(fo, g, wd, nil)
-	b.AddRMSNorm(x, x, fo, nw, 1e-5) // out in place over res
-	require.Equal(t, []string{fused(x.ptr, x.ptr)}, f.take())
+	// Another launch between the norm and the GEMV; a host write to its output; another x; a graph boundary.
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.Add(x, x, x)
+	b.MatMul(q, h, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("add out=%x", x.ptr),
+		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
+	b.RMSNorm(h, res, nw, 1e-5)
+	require.NoError(t, b.WriteF32(h, make([]float32, d)))
+	b.MatMul(q, h, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("h2d %x", h.ptr),
+		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.MatMul(q, x, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, x.ptr), "sync"}, f.take())
+	b.RMSNorm(h, res, nw, 1e-5)
+	require.NoError(t, b.Run("g", func() { b.MatMul(q, h, wq, nil) }))
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), "graph_begin", fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr),
+		"graph_end", "graph_launch"}, f.take())
 
-	b.MatMul(fo, g, wd, nil)
-	b.RMSNorm(h, fo, nw, 1e-5) // no residual: not folded
-	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", fo.ptr, g.ptr),
-		fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, fo.ptr)}, f.take())
+	// MXFP4 (the other pair order): the float path.
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.MatMul(g, h, wm, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("matmul y=%x x=%x n=1", g.ptr, h.ptr), "sync"}, f.take())
 
-	b.MatMul(fo, g, wd, nil)
-	b.AddRMSNorm(x, h, h, nw, 1e-5) // adds another tensor
-	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", fo.ptr, g.ptr),
-		fmt.Sprintf("rmsnorm out=%x x=%x add=%x", h.ptr, x.ptr, h.ptr)}, f.take())
+	// Three tokens: the plain norm.
+	x3, h3, q3 := fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3)
+	b.RMSNorm(h3, x3, nw, 1e-5)
+	b.MatMul(q3, h3, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x x=%x add=0", h3.ptr, x3.ptr),
+		fmt.Sprintf("matmul y=%x x=%x n=3", q3.ptr, h3.ptr), "sync"}, f.take())
 
-	// out overlapping the GEMV's input: no fold.
-	gv := &tensor{}
-	*gv = *g
-	gv.shape, gv.n, gv.bytes = []int{d, 1}, d, 4*d
-	b.MatMul(fo, g, wd, nil)
-	b.AddRMSNorm(x, gv, fo, nw, 1e-5)
-	require.Equal(t, unfused(x.ptr, g.ptr), f.take())
+	// The library declines the packed GEMVs: the float launches.
+	f.xhRC = stUnsupported
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(g, g, u)
+	b.MatMul(q, h, wq, nil)
+	b.MatMul(k, h, wk, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0),
+		fmt.Sprintf("matmul_swiglu x=%x n=1 k=%d gate=%x/%d up=%x/%d out=%x", h.ptr, d, g.ptr, ff, u.ptr, ff, g.ptr),
+		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/32]", h.ptr, d, q.ptr, d, k.ptr), "sync"}, f.take())
+	f.xhRC = stOK
 
-	// Merged GEMVs (two parts) are not folded.
-	fo2 := fakeT(b, ml.F32, d, 1)
-	b.MatMul(fo, g, wd, nil)
-	b.MatMul(fo2, g, wd, nil)
-	b.AddRMSNorm(x, h, fo, nw, 1e-5)
-	require.Equal(t, []string{fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d]", g.ptr, ff, fo.ptr, d, fo2.ptr, d),
-		fmt.Sprintf("rmsnorm out=%x x=%x add=%x", h.ptr, x.ptr, fo.ptr)}, f.take())
-
-	// The library declines; then the switch off.
-	f.normRC = stUnsupported
-	b.MatMul(fo, g, wd, nil)
-	b.AddRMSNorm(x, h, fo, nw, 1e-5)
-	require.Equal(t, unfused(x.ptr, h.ptr), f.take())
-	f.normRC = stOK
-	fuseNorm = false
-	b.MatMul(fo, g, wd, nil)
-	b.AddRMSNorm(x, h, fo, nw, 1e-5)
-	require.Equal(t, unfused(x.ptr, h.ptr), f.take())
+	fuseXH = false
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.MatMul(q, h, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, res.ptr),
+		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
 }

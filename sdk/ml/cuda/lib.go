@@ -100,8 +100,12 @@ type lib struct {
 	// Session 6 (fuse.go foldSwiGLU): gateUp points at 2 parts (gate, up; same m).
 	matmulSwiGLU func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32
 	gemvTrace    func(ctx uintptr, on int32, out *gemvTraceRec, cap int64, count *int64) int32
-	// matmulRMSNorm: y = x.W^T + bias, res += y, out = rmsnorm(res) * nw in one launch.
-	matmulRMSNorm func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, out, nw uintptr, eps float32) int32
+	// Session 7, optional (nil when the library lacks them: xh.go is then off):
+	// x packed in fp16 by the norm for the GEMV after it.
+	rmsnormXH      func(ctx, out, x, add, w uintptr, n, dim int64, eps float32, xh uintptr, kind int32) int32
+	xhRowBytes     func(k int64) int64
+	matmulMultiXH  func(ctx, xh uintptr, kind, wtype int32, n, k int64, count int32, parts *gemvPart) int32
+	matmulSwiGLUXH func(ctx, xh uintptr, kind, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32
 
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32
@@ -118,14 +122,6 @@ type lib struct {
 	bf16Cache func(ctx, w uintptr, wtype int32, m, k int64, bf16 uintptr) int32
 	// MoE v10: router + top-k + fused expert FFN for 1..8 tokens (orch_moe_decode; ABI 7).
 	moeDecode func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
-	// orch_moe_decode with the AddRMSNorm before it folded in (orch_moe_decode_norm; session 7).
-	moeDecodeNorm func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
-	// Session 6, optional (nil when the library lacks them; no ABI bump): L2
-	// prefetch nodes in captured graphs (prefetch.go) and the spin test kernel.
-	pfInit func(ctx uintptr) int32
-	pfMark func(ctx uintptr, marks *int64) int32
-	pfL2   func(ctx uintptr, anchor int64, ranges *pfRange, count, flags int32, added *int32) int32
-	spin   func(ctx uintptr, ns int64, trigger int32) int32
 }
 
 // gemvTraceRec mirrors gemv_trace_rec (cuda/src/gemv16.cuh; orch_gemv_trace).
@@ -239,9 +235,7 @@ func (l *lib) bind() (err error) {
 		{&l.commAbort, "orch_comm_abort"}, {&l.commDestroy, "orch_comm_destroy"},
 		{&l.moeFFNRoute, "orch_moe_ffn_route"},
 		{&l.moeDecode, "orch_moe_decode"},
-		{&l.moeDecodeNorm, "orch_moe_decode_norm"},
 		{&l.matmulSwiGLU, "orch_matmul_swiglu"}, {&l.gemvTrace, "orch_gemv_trace"},
-		{&l.matmulRMSNorm, "orch_matmul_rmsnorm"},
 	}
 	for _, s := range syms {
 		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
@@ -253,17 +247,22 @@ func (l *lib) bind() (err error) {
 	if _, err := purego.Dlsym(l.handle, "orch_bf16_cache"); err == nil {
 		purego.RegisterLibFunc(&l.bf16Cache, l.handle, "orch_bf16_cache")
 	}
-	// Optional entry points: left nil when missing (the feature is then off).
+	// Optional entry points: all or none (the feature is then off).
 	opt := []struct {
 		fn   any
 		name string
 	}{
-		{&l.pfInit, "orch_pf_init"}, {&l.pfMark, "orch_pf_mark"}, {&l.pfL2, "orch_pf_l2"}, {&l.spin, "orch_spin"},
+		{&l.rmsnormXH, "orch_rmsnorm_xh"}, {&l.xhRowBytes, "orch_xh_row_bytes"},
+		{&l.matmulMultiXH, "orch_matmul_multi_xh"}, {&l.matmulSwiGLUXH, "orch_matmul_swiglu_xh"},
 	}
 	for _, s := range opt {
-		if _, err := purego.Dlsym(l.handle, s.name); err == nil {
-			purego.RegisterLibFunc(s.fn, l.handle, s.name)
+		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
+			l.rmsnormXH = nil
+			return nil
 		}
+	}
+	for _, s := range opt {
+		purego.RegisterLibFunc(s.fn, l.handle, s.name)
 	}
 	return nil
 }

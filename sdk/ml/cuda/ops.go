@@ -241,14 +241,12 @@ func (b *Backend) normArgs(op string, res, dst, x, w, bias ml.Tensor, layer bool
 }
 
 func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, layer bool) {
-	b.holdFlush = true // a held GEMV writing x may take this norm into its launch (fuse.go foldNorm)
 	a, ok := b.normArgs(op, res, dst, x, w, bias, layer)
-	b.holdFlush = false
-	if !ok || (!layer && a.r != nil && b.foldNorm(op, a.d, a.r, a.x, a.wp, eps)) {
+	if !ok {
 		return
 	}
 	b.flush()
-	if !layer && b.holdMoENorm(op, res, dst, x, w, a, eps) { // the MoE after it may take it in (fuse.go)
+	if !layer && b.normXH(op, a, eps) { // also packed for the GEMV after it (xh.go)
 		return
 	}
 	if layer {
@@ -296,7 +294,6 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	if !okb {
 		return
 	}
-	b.l2pfWant(ww, xx, n) // L2 prefetch of W while capturing (prefetch.go)
 	if ww.weight {
 		b.bf16Want(ww, n, in, out) // its bf16 copy for the large-n path (bf16cache.go)
 	}
@@ -544,9 +541,6 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 
 func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	const op = "moe"
-	if b.foldMoENorm(dst, x, m) { // with the AddRMSNorm of x held before it (fuse.go)
-		return
-	}
 	d, xx := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
 	if d == nil || xx == nil {
 		return

@@ -661,9 +661,7 @@ func perfChildren(t *testing.T, test, childVar string, settings, header []string
 // runs in a child process on the same card. Under v5 / v7 pinned, n > 8 is
 // the bf16 GEMM (qgemm, n = 9..96: the pre-v9 route), so the table has the
 // old and the new path of every (shape, n) side by side; the path column
-// says which kernel ran. ORCH_CUDA_GEMV5_MINB=5: the default routing with
-// v5's one-token kernels compiled for 5 CTAs per SM (gemv16.cuh gemv5_minb);
-// ORCH_CUDA_GEMV9_STAGE_KB=6: v9 with half-size stages (less shared memory
+// says which kernel ran. ORCH_CUDA_GEMV9_STAGE_KB=6: v9 with half-size stages (less shared memory
 // per CTA, more stages); ORCH_CUDA_GEMV9_RG=1 (not in the list; run 7: RG 2
 // faster at n = 32) pins one 16-row group per CTA.
 //
@@ -680,23 +678,23 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// route; ORCH_GEMV_PERF_WIDE=1 restores session 4's table (n up to 64,
 		// v7 / v9 / 5-CTA / small-stage children).
 		// Session 6: the default (v5 at n <= 2, so the v5-pinned child is the same kernels and
-		// is left out; x staged with batched cp.async loads), the session-5 staging (XB=0) and
-		// x staged per round (XR). (2 rows per warp, ORCH_CUDA_GEMV5_RPW=2, lost in run 2:
-		// Llama down 37.6 vs 30.3 us.)
-		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_XB=0", "ORCH_CUDA_GEMV5_XR=1"}
+		// is left out; x staged per round from k = 8192), x staged once (XR=0) and per round
+		// (XR=1) for every k. (2 rows per warp lost in run 2: Llama down 37.6 vs 30.3 us; batched
+		// cp.async staging of the float x lost end to end in run 3: deleted in session 7.)
+		// Session 7: the packed-x rows (norm -> GEMV, ORCH_CUDA_XH off / on) run in every child.
+		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_XR=0", "ORCH_CUDA_GEMV5_XR=1"}
 		if os.Getenv("ORCH_GEMV_PERF_WIDE") != "" {
 			settings = []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
-				"ORCH_CUDA_GEMV5_MINB=5", "ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"}
+				"ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"}
 		}
 		perfChildren(t, "TestPerfGEMVVersions", "ORCH_GEMV_SPEED_CHILD", settings,
 			[]string{"| setting | shape | path | median | floor | of floor |", "|---|---|---|---|---|---|"}, "perf-gemv.md")
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_MINB", "ORCH_CUDA_GEMV5_XR",
-		"ORCH_CUDA_GEMV5_RPW", "ORCH_CUDA_GEMV5_XB"} {
+	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_XR"} {
 		if e := os.Getenv(v); e != "" {
-			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's CTAs per SM at n = 1
+			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's x staging
 			label += " " + v + "=" + e
 		}
 	}
@@ -788,6 +786,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 			gpu.Free(wu[i])
 		}
 	}()
+	gemvXHTable(t, r, label, peak)
 	gemvTraceTable(t, r, label, peak)
 	// MoE decode at gpt-oss shape (router + top-4 + fused expert FFN), 1 and 8 tokens.
 	const d, ff, ne, topk = 2880, 2880, 32, 4
@@ -827,6 +826,86 @@ func copyPeak(t *testing.T) float64 {
 	gpu.l.memset(gpu.ctx, src, 7, cb)
 	copyMs := timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) })
 	return 2 * cb / (copyMs * 1e-3)
+}
+
+// gemvXHTable (session 7, xh.go): the norm and the GEMV after it, as in the
+// decode step (RMSNorm(h, x) then the GEMV(s) of h; 16 pairs per graph),
+// with x as floats (ORCH_CUDA_XH off) and packed in fp16 by the norm (on):
+// gpt-oss / Llama q/k/v (3 merged parts), Llama gate/up + SwiGLU (the fold),
+// the LM heads (one part). The difference of the two rows is what the
+// packed x saves per GEMV (the norm writes 1/16 more bytes).
+func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
+	if gpu.l.rmsnormXH == nil {
+		t.Logf("| %s | packed x | library without orch_rmsnorm_xh | | | |", label)
+		return
+	}
+	defer func(v bool) { fuseXH = v }(fuseXH)
+	for _, sh := range []struct {
+		name string
+		k    int
+		ms   []int
+		glu  bool
+	}{{"gpt-oss norm+qkv", 2880, []int{4096, 512, 512}, false}, {"llama norm+qkv", 4096, []int{4096, 1024, 1024}, false},
+		{"llama norm+gate/up+SwiGLU", 4096, []int{14336, 14336}, true}, {"llama norm+head", 4096, []int{128256}, false},
+		{"gpt-oss norm+head", 2880, []int{201088}, false}} {
+		copies := 4
+		if sh.ms[0] > 100000 {
+			copies = 2
+		}
+		ws := make([][]ml.Tensor, copies)
+		bytes := 0.0
+		for i := range ws {
+			for _, m := range sh.ms {
+				ws[i] = append(ws[i], mustW(t, r, sh.name, ml.Q8_0, sh.k, m))
+				if i == 0 {
+					rb, _ := ml.Q8_0.RowBytes(sh.k)
+					bytes += float64(rb * m)
+				}
+			}
+		}
+		nw := mustA(t, ml.F32, sh.k)
+		require.NoError(t, gpu.WriteF32(nw, r.f32(sh.k)))
+		for _, n := range []int{1, 2} {
+			x, h := mustA(t, ml.F32, sh.k, n), mustA(t, ml.F32, sh.k, n)
+			require.NoError(t, gpu.WriteF32(x, r.f32(sh.k*n)))
+			ys := make([]ml.Tensor, len(sh.ms))
+			for j, m := range sh.ms {
+				ys[j] = mustA(t, ml.F32, m, n)
+			}
+			floor := bytes / peak * 1e3
+			var base float64
+			for _, on := range []bool{false, true} {
+				fuseXH = on
+				i := 0
+				ms := timeKernel(t, 20, 16, func() {
+					gpu.RMSNorm(h, x, nw, 1e-5)
+					for j := range sh.ms {
+						gpu.MatMul(ys[j], h, ws[i%copies][j], nil)
+					}
+					if sh.glu {
+						gpu.SwiGLU(ys[0], ys[0], ys[1])
+					}
+					i++
+				})
+				path := "float x"
+				if on {
+					path = fmt.Sprintf("packed x (%+.1f us)", (ms-base)*1e3)
+				}
+				base = ms
+				t.Logf("| %s | %s Q8_0 k=%d n=%d | %s | %.1f us | %.1f us | %.0f%% |", label, sh.name, sh.k, n, path,
+					ms*1e3, floor*1e3, 100*floor/ms)
+			}
+			for _, y := range append(ys, x, h) {
+				gpu.Free(y)
+			}
+		}
+		gpu.Free(nw)
+		for _, w := range ws {
+			for _, t := range w {
+				gpu.Free(t)
+			}
+		}
+	}
 }
 
 // gemvTraceTable (session 6, goal: where the ~3-4 us between two dependent
