@@ -319,6 +319,19 @@ int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const void *route
                     const void *up, int32_t gu_type, const float *gate_bias, const float *up_bias, const void *down,
                     int32_t down_type, const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots,
                     int64_t dim, int64_t ff, float alpha, float limit);
+/* (session 7) orch_moe_decode with the AddRMSNorm before it folded into its
+ * route kernel: res[n][dim] += add (written back), x = RMSNorm(res) * norm_w
+ * (written, bit-identical to orch_rmsnorm(x, res, add, norm_w)), then the MoE
+ * op of x as orch_moe_decode (v10's kernels, also at one token). x, res and
+ * add must not overlap. Declines (ORCH_ERR_UNSUPPORTED, nothing launched)
+ * where orch_moe_decode would at n = 2, for dim > 4096, and when ORCH_CUDA_MOE
+ * pins another version; the caller then runs orch_rmsnorm and the MoE op. */
+int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *res, const float *add, const float *norm_w,
+                         float eps, const void *router, int32_t router_type, const float *router_bias, int32_t n_exp,
+                         int32_t *ids, float *weights, const void *gate, const void *up, int32_t gu_type,
+                         const float *gate_bias, const float *up_bias, const void *down, int32_t down_type,
+                         const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim,
+                         int64_t ff, float alpha, float limit);
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,

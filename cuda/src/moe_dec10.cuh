@@ -123,16 +123,17 @@ __device__ __forceinline__ moe10_rwv moe10_route_w(const float *__restrict__ rw,
   return v;
 }
 // Slice s of token t: partial logits into part, x's chunks (2s, 2s+1) staged into xg.
+// xsl: x[t][s * MOE10_RK ...] (16-byte aligned; global memory, or the
+// normalized slice in shared memory when the AddRMSNorm is folded in).
 __device__ __forceinline__ void moe10_route_slice(float *__restrict__ part, uint32_t *__restrict__ xg,
-                                                  const float *__restrict__ x, const moe10_rwv &w, int s, int t, int S,
+                                                  const float *xsl, const moe10_rwv &w, int s, int t, int S,
                                                   int dim, int n_exp, int kind, int x14, int tid) {
   const int e = tid >> 3, q = tid & 7;
   const int k0 = s * MOE10_RK + 8 * q; // this thread's 8 elements of expert e's row
   const bool ok0 = e < n_exp && k0 < dim, ok1 = e < n_exp && k0 + 4 < dim;
   const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
-  const float *xt = x + (int64_t)t * dim;
-  const float4 x0 = ok0 ? *reinterpret_cast<const float4 *>(xt + k0) : z4;
-  const float4 x1 = ok1 ? *reinterpret_cast<const float4 *>(xt + k0 + 4) : z4;
+  const float4 x0 = ok0 ? *reinterpret_cast<const float4 *>(xsl + 8 * q) : z4;
+  const float4 x1 = ok1 ? *reinterpret_cast<const float4 *>(xsl + 8 * q + 4) : z4;
   const float4 w0 = w.w0, w1 = w.w1;
   float acc = w0.x * x0.x;
   acc = fmaf(w0.y, x0.y, acc);
@@ -152,7 +153,7 @@ __device__ __forceinline__ void moe10_route_slice(float *__restrict__ part, uint
   if (tid < 32) {
     const int kk = s * MOE10_RK + 4 * tid;
     const bool ok = tid < 16 && kk < dim;
-    const float4 v = ok ? *reinterpret_cast<const float4 *>(xt + kk) : z4;
+    const float4 v = ok ? *reinterpret_cast<const float4 *>(xsl + 4 * tid) : z4;
     uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
     mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -211,22 +212,87 @@ __device__ __forceinline__ void moe10_route_finish(const float *part, const floa
   }
 }
 
+// The post-attention AddRMSNorm folded into the route kernel (S7, opt-in
+// ORCH_CUDA_MOE_NORM=1 on the Go side; orch_moe_decode_norm): the MoE input
+// x = h = RMSNorm(res + add) * w, res += add written back. Every route CTA
+// of token t reads the whole row (res + add, 2 x dim floats from L2) into
+// registers exactly as norm.cu's norm_reg_kernel does (thread i owns
+// elements i + 256 j, same block_sum, same expressions: h and res are that
+// kernel's bits), normalizes its own 64-wide slice into shared memory (and
+// writes that slice of h), and routes / stages from it. res is written back
+// only by the token's last CTA (after the ticket: every CTA of the token has
+// read the row by then; writing it earlier would feed a second add to a later
+// CTA).
+struct moe10_norm {
+  float *res;
+  const float *add, *w;
+  float *h;
+  float eps;
+};
+
+// NN: 0 = no norm (x read from global memory); else norm_reg_row's N (dim <=
+// NN * MOE10_THREADS, elements per thread in registers).
 // part: [n][S][n_exp] partial logits; xg: n rows of xstride words (staged x,
 // then xinv); ids / wts: [n][k_slots]. kind / x14: the staging of weight type
 // T (dec16_traits<T>::kind, T == MXFP4).
+template <int NN>
 __global__ void __launch_bounds__(MOE10_THREADS)
 moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t *__restrict__ ids,
-                   float *__restrict__ wts, const float *__restrict__ x, const float *__restrict__ rw,
-                   const float *__restrict__ rbias, int dim, int n_exp, int k_slots, int kind, int x14) {
+                   float *__restrict__ wts, const float *x /* = nm.h when NN: not restrict */,
+                   const float *__restrict__ rw, const float *__restrict__ rbias, int dim, int n_exp, int k_slots,
+                   int kind, int x14, moe10_norm nm) {
   MOE10_SHARED unsigned last;
   MOE10_SHARED float lg[32];
+  MOE10_SHARED __align__(16) float xs[NN ? MOE10_RK : 4];
   const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
   const int tid = threadIdx.x;
   // The router weights are constant (uploaded before any step): read before the wait.
   const moe10_rwv w = moe10_route_w(rw, s, dim, n_exp, tid);
   pdl_wait(); // x comes from the previous kernel; part / xg / ids / wts are read by earlier ones
   pdl_trigger();
-  moe10_route_slice(part, xg, x, w, s, t, S, dim, n_exp, kind, x14, tid);
+  float v[NN ? NN : 1];
+  const float *xsl = x + (int64_t)t * dim + s * MOE10_RK;
+  if constexpr (NN > 0) {
+    float *rr = nm.res + (int64_t)t * dim;
+    const float *ar = nm.add + (int64_t)t * dim;
+    // norm_reg_row<false, NN, false>'s loads, sum of squares and scale
+#pragma unroll
+    for (int j = 0; j < NN; j++) {
+      const int i = tid + j * MOE10_THREADS;
+      v[j] = 0.f;
+      if (i < dim) {
+        v[j] = rr[i];
+        v[j] += ar[i];
+      }
+    }
+    const float mean = 0.f;
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NN; j++) {
+      const int i = tid + j * MOE10_THREADS;
+      if (i < dim) {
+        float d = v[j] - mean;
+        ss += d * d;
+      }
+    }
+    float var = block_sum(ss, lg) / (float)dim;
+    float r = rsqrtf(var + nm.eps);
+    // this CTA's slice [64 s, 64 s + 64): threads (64 s) % 256 .. + 63, element j = s / 4
+    const int i = s * MOE10_RK + (tid & (MOE10_RK - 1));
+    if ((tid >> 6) == (s & 3)) {
+      float vj = 0.f;
+#pragma unroll
+      for (int j = 0; j < NN; j++)
+        if (j == (s >> 2)) vj = v[j];
+      float o = (vj - mean) * r;
+      o *= nm.w[i < dim ? i : 0];
+      xs[tid & (MOE10_RK - 1)] = i < dim ? o : 0.f;
+      if (i < dim) nm.h[(int64_t)t * dim + i] = o;
+    }
+    __syncthreads(); // xs; lg is free again (block_sum's last read was before this)
+    xsl = xs;
+  }
+  moe10_route_slice(part, xg, xsl, w, s, t, S, dim, n_exp, kind, x14, tid);
   // The last CTA of token t (ticket) routes it.
   moe10_fence(); // this thread's partial / staged writes before the ticket
   __syncthreads();
@@ -234,6 +300,14 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
   __syncthreads();
   if (!last) return; // uniform over the CTA
   moe10_fence();
+  if constexpr (NN > 0) { // every CTA of the token has read the row: write the residual back
+    float *rr = nm.res + (int64_t)t * dim;
+#pragma unroll
+    for (int j = 0; j < NN; j++) {
+      const int i = tid + j * MOE10_THREADS;
+      if (i < dim) rr[i] = v[j];
+    }
+  }
   moe10_route_finish(part, rbias, lg, ids + t * k_slots, wts + t * k_slots, t, S, n_exp, k_slots, tid);
 }
 
@@ -383,7 +457,7 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int only) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int only, const moe10_norm *nm) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -391,9 +465,15 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     const float sc = moe6_act_scale<T>(alpha, limit);
     const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
     {
-      auto kern = moe10_route_kernel;
+      const moe10_norm nv = nm ? *nm : moe10_norm{};
+      const int per = nm ? (dim + MOE10_THREADS - 1) / MOE10_THREADS : 0; // <= MOE10_NORM_MAX_N (caller)
+      auto kern = per == 0 ? moe10_route_kernel<0>
+                  : per <= 4 ? moe10_route_kernel<4>
+                  : per <= 8 ? moe10_route_kernel<8>
+                  : per <= 12 ? moe10_route_kernel<12>
+                             : moe10_route_kernel<16>;
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
-                       dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0);
+                       dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0, nv);
     }
     if (!(only & 2)) {
       constexpr int NB = gate_up_nb<T>();
@@ -417,6 +497,17 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
   }
 }
 
+// Why orch_moe_decode / orch_moe_decode_norm decline (0: they run), before the pointer checks.
+static bool moe10_declines(const orch_ctx *ctx, int64_t n, int32_t router_type, int32_t n_exp, int32_t gu_type,
+                           int32_t down_type, int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit) {
+  return ctx->moe_v1 || n < 1 || n > MOE10_MAX_N || router_type != ORCH_T_F32 || n_exp > 32 || gu_type != down_type ||
+         !ffn_type(gu_type) || dim % 32 || ff % 32 || ffn_smem(dim, 1) > FFN_MAX_SMEM ||
+         (ff * orch_row_bytes(gu_type, dim)) % 4 || (dim * orch_row_bytes(down_type, ff)) % 4 ||
+         ffn_smem(ff, n_slots) > FFN_MAX_SMEM || !(act_scale(gu_type, alpha, limit) > 0.f) ||
+         // the caller's scratch (ybuf n*n_slots*dim floats, act n*n_slots*ff floats) must hold v10's
+         moe10_ybuf_floats(n, dim, n_exp) > n * n_slots * dim || (ff / 32) * DEC16_XW > ff * 2;
+}
+
 extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const void *router, int32_t router_type,
                                const float *router_bias, int32_t n_exp, int32_t *ids, float *weights,
                                const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
@@ -433,13 +524,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   // warp's top-k); gate / up and down of different or unfused types; an
   // infinite SwiGLU limit (no fixed activation scale); where orch_moe_ffn
   // declines.
-  if (!moe10_on(ctx, n) || ctx->moe_v1 || n < 1 || n > MOE10_MAX_N || router_type != ORCH_T_F32 || n_exp > 32 ||
-      gu_type != down_type || !ffn_type(gu_type) || dim % 32 || ff % 32 || ffn_smem(dim, 1) > FFN_MAX_SMEM ||
-      (ff * orch_row_bytes(gu_type, dim)) % 4 || (dim * orch_row_bytes(down_type, ff)) % 4 ||
-      ffn_smem(ff, n_slots) > FFN_MAX_SMEM || !(act_scale(gu_type, alpha, limit) > 0.f))
-    return ORCH_ERR_UNSUPPORTED;
-  // The caller's scratch (ybuf n*n_slots*dim floats, act n*n_slots*ff floats) must hold v10's.
-  if (moe10_ybuf_floats(n, dim, n_exp) > n * n_slots * dim || (ff / 32) * DEC16_XW > ff * 2)
+  if (!moe10_on(ctx, n) || moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
     return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
                      aligned16p(up) && aligned16p(down),
@@ -447,7 +532,40 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe_only());
+                     limit, moe_only(), nullptr);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+// orch_moe_decode with the AddRMSNorm before it folded into the route kernel
+// (moe10_norm above): res += add (written back), x = RMSNorm(res) * norm_w
+// (written: the norm's output), then the MoE of x. v10's kernels at 1..8
+// tokens whenever ORCH_CUDA_MOE is unset or v10 (one token included: v10 =
+// v6 there, and the fold needs v10's route kernel).
+constexpr int MOE10_NORM_MAX_N = 16; // elements per thread: dim <= 4096
+extern "C" int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *res, const float *add,
+                                    const float *norm_w, float eps, const void *router, int32_t router_type,
+                                    const float *router_bias, int32_t n_exp, int32_t *ids, float *weights,
+                                    const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
+                                    const float *up_bias, const void *down, int32_t down_type, const float *down_bias,
+                                    float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim, int64_t ff,
+                                    float alpha, float limit) {
+  const char *op = "moe_decode_norm";
+  ORCH_CHECK_ARG(ctx && out && x && res && add && norm_w && router && ids && weights && gate && up && down && act &&
+                     ybuf,
+                 op);
+  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
+  if (!(ctx->moe_auto || moe10_pinned(ctx)) || dim > MOE10_NORM_MAX_N * MOE10_THREADS ||
+      moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
+    return ORCH_ERR_UNSUPPORTED;
+  ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
+                     aligned16p(up) && aligned16p(down),
+                 op);
+  const moe10_norm nm{res, add, norm_w, x, eps};
+  ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
+                     ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
+                     (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
+                     limit, moe_only(), &nm);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

@@ -15,7 +15,9 @@
 //    against a float64 reference (ids and weights = orch_moe_topk's), and the
 //    declines (v7 and v8 — both removed —, other types, one token, infinite
 //    limit);
-//  - orch_moe_decode (session 5, MoE v10, 1..8 tokens): see test_decode10.
+//  - orch_moe_decode (session 5, MoE v10, 1..8 tokens): see test_decode10;
+//  - orch_moe_decode_norm (session 7: the AddRMSNorm folded into v10's route
+//    kernel): see test_decode_norm.
 //
 //   g++ -std=c++20 -O1 -g -pthread -fsanitize=address -Wno-unknown-pragmas -Icuda/include \
 //     -o /tmp/moe_emu cuda/test/moe_emu_test.cpp && /tmp/moe_emu [long]
@@ -32,8 +34,17 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __shfl_xor_sync(unsigned m, int v, int o) { return (int)__shfl_xor_sync(m, (unsigned)v, o); }
 inline int __shfl_sync(unsigned m, int v, int src) { return (int)__shfl_sync(m, (long long)v, src); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline float rsqrtf(float v) { return 1.f / std::sqrt(v); } // the device's approximate rsqrt: any function, the same in both kernels
 #include "../src/moe_ffn.cu"
 #include "../src/moe.cu"
+// norm.cu (the reference of the folded AddRMSNorm): its kernels use a static
+// __shared__ array: one CTA at a time, so a static local is exactly the CTA's
+// array (cuda_emu.h).
+#undef __shared__
+#define __shared__ static
+#include "../src/norm.cu"
+#undef __shared__
+#define __shared__
 #undef warp_sum
 #undef warp_max
 #include "emu_lib.h"
@@ -450,10 +461,94 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
               stale ? ", stale speculative routing: bit-identical" : "");
 }
 
+// orch_moe_decode_norm (session 7): res += add, h = RMSNorm(res) * nw, then
+// the MoE of h, the norm folded into v10's route kernel. Checks against
+// norm.cu's launch_norm followed by orch_moe_decode (pinned v10) on its
+// output: res, h, ids, weights and the output BIT FOR BIT; tickets back to 0;
+// unpinned at one token it runs (v10), pinned to v6 it declines (nothing
+// written), dim > 4096 declines.
+static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias) {
+  QW gate, up, down;
+  make_weight(gate, t, dim, ff * ne);
+  make_weight(up, t, dim, ff * ne);
+  make_weight(down, t, ff, dim * ne);
+  const auto res0 = randv((size_t)(n * dim), 4.f), add = randv((size_t)(n * dim), 1.f), nwv = randv((size_t)dim, 1.f);
+  const auto rw = randv((size_t)(ne * dim), 1.f), rb = randv((size_t)ne, 4.f);
+  const auto gbv = randv((size_t)(ff * ne), 1.f), ubv = randv((size_t)(ff * ne), 1.f),
+             dbv = randv((size_t)(dim * ne), 1.f);
+  Buf<float> badd(add), bnw(nwv), brw(rw), brb(rb), bgb(gbv), bub(ubv), bdb(dbv);
+  auto gp = [&](Buf<float> &b) { return bias ? b.p : nullptr; };
+  const float limit = 7.f, eps = 1e-5f;
+  const size_t nd = (size_t)(n * dim);
+  // reference: the norm kernel, then v10 on its output
+  std::vector<float> rres, rh, rout, rw8;
+  std::vector<int32_t> rid;
+  {
+    Buf<float> res(res0), h(nd, NAN);
+    launch_norm<false>(nullptr, n, h.p, res.p, badd.p, bnw.p, nullptr, dim, eps);
+    setenv("ORCH_CUDA_MOE", "v10", 1);
+    orch_ctx ctx;
+    ctx.moe = 6;
+    ctx.moe_auto = false;
+    Buf<int32_t> ib((size_t)(n * topk), -1);
+    Buf<float> wb((size_t)(n * topk), NAN), out(nd, NAN), act((size_t)(n * topk * ff), NAN),
+        yb((size_t)(n * topk * dim), NAN);
+    const int rc = orch_moe_decode(&ctx, out.p, h.p, brw.p, ORCH_T_F32, gp(brb), ne, ib.p, wb.p, gate.bytes, up.bytes,
+                                   t, gp(bgb), gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f,
+                                   limit);
+    unsetenv("ORCH_CUDA_MOE");
+    EXPECT(rc == ORCH_OK, "moe_decode v10 (reference): %s", g_err);
+    rres = res.vec();
+    rh = h.vec();
+    rout = out.vec();
+    rid = ib.vec();
+    rw8 = wb.vec();
+  }
+  auto fused = [&](bool unpinned, int64_t d2, std::vector<float> *o, std::vector<float> *r, std::vector<float> *hh,
+                   std::vector<int32_t> *ids, std::vector<float> *w) {
+    orch_ctx ctx;
+    ctx.moe = 6;
+    ctx.moe_auto = unpinned;
+    Buf<float> res(res0), h(nd, NAN), out(nd, NAN), wb((size_t)(n * topk), NAN), act((size_t)(n * topk * ff), NAN),
+        yb((size_t)(n * topk * dim), NAN);
+    Buf<int32_t> ib((size_t)(n * topk), -1);
+    const int rc = orch_moe_decode_norm(&ctx, out.p, h.p, res.p, badd.p, bnw.p, eps, brw.p, ORCH_T_F32, gp(brb), ne,
+                                        ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb), gp(bub), down.bytes, t, gp(bdb),
+                                        act.p, yb.p, n, topk, d2, ff, 1.702f, limit);
+    if (o) *o = out.vec();
+    if (r) *r = res.vec();
+    if (hh) *hh = h.vec();
+    if (ids) *ids = ib.vec();
+    if (w) *w = wb.vec();
+    return rc;
+  };
+  std::vector<float> o, r, hh, w;
+  std::vector<int32_t> ids;
+  EXPECT(fused(true, dim, &o, &r, &hh, &ids, &w) == ORCH_OK, "moe_decode_norm: %s", g_err);
+  for (int i = 0; i < MOE10_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "ticket %d = %u after the op", i, g_moe10_ticket[i]);
+  const char *tn = tname(t);
+  EXPECT(std::memcmp(r.data(), rres.data(), nd * 4) == 0, "fold: res != norm.cu's (%s dim=%lld n=%d)", tn, (long long)dim, n);
+  EXPECT(std::memcmp(hh.data(), rh.data(), nd * 4) == 0, "fold: h != norm.cu's (%s dim=%lld n=%d)", tn, (long long)dim, n);
+  EXPECT(ids == rid && std::memcmp(w.data(), rw8.data(), w.size() * 4) == 0, "fold: routing != v10's (%s dim=%lld n=%d)",
+         tn, (long long)dim, n);
+  EXPECT(std::memcmp(o.data(), rout.data(), nd * 4) == 0, "fold: output != norm + v10 (%s dim=%lld n=%d)", tn,
+         (long long)dim, n);
+  // declines: pinned to another version (nothing written), dim > 4096
+  EXPECT(fused(false, dim, &o, &r, &hh, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode_norm under v6 must decline");
+  EXPECT(std::memcmp(r.data(), res0.data(), nd * 4) == 0 && std::isnan(hh[0]) && std::isnan(o[0]),
+         "moe_decode_norm wrote something while declining");
+  EXPECT(fused(true, 4096 + 32, nullptr, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
+         "moe_decode_norm must decline dim > 4096");
+  std::printf("MoE v10 + AddRMSNorm %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: res, h = norm.cu's, routing "
+              "and output = orch_moe_decode's, bit for bit\n",
+              tn, (long long)dim, (long long)ff, topk, ne, n, bias);
+}
+
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
   const bool only10 = argc > 1 && std::strcmp(argv[1], "v10") == 0; // the v10 cases only (development)
-  if (!only10) {
+  const bool only_norm = argc > 1 && std::strcmp(argv[1], "norm") == 0; // the norm-fold cases only (development)
+  if (!only10 && !only_norm) {
   test_decoder();
   test_act_scale();
   test_topk();
@@ -473,6 +568,10 @@ int main(int argc, char **argv) {
   test_route(ORCH_T_MXFP4, 64, 32, 32, 4, 20, true); // 80 pairs
   test_route(ORCH_T_MXFP4, 64, 32, 8, 4, 19, false, 7.f, true); // skewed: 19 tokens on experts 0..3 (3 passes)
   }
+  test_decode_norm(ORCH_T_MXFP4, 96, 64, 32, 4, 1, true); // a half last slice, N = 4
+  test_decode_norm(ORCH_T_MXFP4, 1056, 32, 8, 4, 2, false); // 17 slices (elements j = 0..4 of a thread), N = 8
+  test_decode_norm(ORCH_T_Q8_0, 64, 32, 6, 2, 3, true);
+  if (only_norm) return fails ? 1 : 0;
   test_decode10(ORCH_T_MXFP4, 96, 64, 32, 4, 1, true, true); // 32 experts, a half last router slice, stale reads
   test_decode10(ORCH_T_MXFP4, 64, 32, 8, 4, 8, false); // 8 tokens (v10's maximum), no biases
   test_decode10(ORCH_T_Q8_0, 64, 64, 6, 2, 3, true);

@@ -1,6 +1,10 @@
 package cuda
 
-import "os"
+import (
+	"os"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
 
 // Fewer decode launches without touching model code (issue 7, session 3):
 // the backend holds back a small-n MatMul (or a RoPE) instead of launching
@@ -60,6 +64,9 @@ type pending struct {
 	rfreq    uintptr
 	rscale   float32
 	rneox    int32
+
+	norm       heldNorm // an AddRMSNorm the MoE after it may take in (foldMoENorm); never with mm / rope
+	normLaunch bool     // flush is launching the held norm through the norm op
 }
 
 // flush launches what is held back (a no-op while an op validates its own
@@ -69,6 +76,13 @@ func (b *Backend) flush() {
 		return
 	}
 	p := &b.pend
+	if p.norm.on { // held alone (holdMoENorm): launched as the norm op would have been
+		h := p.norm
+		p.norm = heldNorm{}
+		p.normLaunch = true // not held again
+		b.norm(h.op, h.res, h.dst, h.x, h.w, nil, h.eps, false)
+		p.normLaunch = false
+	}
 	if xh := b.xhFor(); xh != 0 && p.mm >= 1 { // x packed by the norm (xh.go)
 		rc := b.l.matmulMultiXH(b.ctx, xh, b.xh.kind, p.wtype, p.n, p.k, int32(p.mm), &p.parts[0])
 		if rc != stUnsupported {
@@ -270,5 +284,103 @@ func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
 	p.mm = 0
 	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
 	b.call("swiglu", rc)
+	return true
+}
+
+// fuseMoENorm (session 7, opt-in ORCH_CUDA_MOE_NORM=1 until the device
+// measures it): an AddRMSNorm of 1..8 rows is held back (holdMoENorm); when
+// the next op is the MoE of its output (gpt-oss: attention out -> residual
+// add -> post-attention norm -> MoE), both become one orch_moe_decode_norm
+// call: the norm folded into MoE v10's route kernel (one launch fewer on the
+// step's critical path; res and the norm's output are norm.cu's bits, the
+// MoE output orch_moe_decode's: cuda/test/moe_emu_test.cpp test_decode_norm).
+// Anything else launches the held norm first, through the norm op itself
+// (flush), so other folds of the norm (xh.go) still see it.
+var fuseMoENorm = os.Getenv("ORCH_CUDA_MOE_NORM") == "1"
+
+// moeNormMaxDim: orch_moe_decode_norm's widest row (16 elements per thread of 256).
+const moeNormMaxDim = 4096
+
+// heldNorm is a held AddRMSNorm(res, dst, x, w, eps): the op's own operands.
+type heldNorm struct {
+	on             bool
+	op             string
+	res, dst, x, w ml.Tensor
+	d, r, add      *tensor
+	wp             uintptr
+	eps            float32
+}
+
+// holdMoENorm holds the validated AddRMSNorm a (flushed before: nothing else
+// is held) for foldMoENorm and reports whether it did; false: the caller
+// launches it. Only where the fold could run: 1..8 rows of at most
+// moeNormMaxDim, a norm weight, and an output that overlaps none of res, x
+// and w (the route kernel's CTAs write their slice of it while others read
+// those).
+func (b *Backend) holdMoENorm(op string, res, dst, x, w ml.Tensor, a normOps, eps float32) bool {
+	if !fuseOps || !fuseMoENorm || b.pend.normLaunch || a.r == nil || a.n < 1 || a.n > 8 || a.dim > moeNormMaxDim ||
+		a.wp == 0 {
+		return false
+	}
+	ds := span{a.d.ptr, uintptr(a.d.bytes)}
+	if ds.overlaps(span{a.r.ptr, uintptr(a.r.bytes)}) || ds.overlaps(span{a.x.ptr, uintptr(a.x.bytes)}) ||
+		ds.overlaps(span{a.wp, uintptr(4 * a.dim)}) {
+		return false
+	}
+	b.pend.norm = heldNorm{on: true, op: op, res: res, dst: dst, x: x, w: w, d: a.d, r: a.r, add: a.x, wp: a.wp,
+		eps: eps}
+	return true
+}
+
+// foldMoENorm runs the held AddRMSNorm and MoE(dst, x, m) as one
+// orch_moe_decode_norm call when x is exactly the norm's output and the
+// library takes it, and reports whether it did; false: nothing launched (the
+// caller's MoE flushes the norm and runs as without it). Operand errors are
+// left to the caller's checks.
+func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
+	hn := &b.pend.norm
+	if !hn.on || m == nil || m.Router == nil || m.Gate == nil || m.Up == nil || m.Down == nil || b.err != nil {
+		return false
+	}
+	const op = "moe"
+	b.holdFlush = true // the operand lookups must not launch the held norm
+	defer func() { b.holdFlush = false }()
+	d, xx := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
+	if d == nil || xx == nil || xx.ptr != hn.d.ptr || xx.n != hn.d.n {
+		return false
+	}
+	router, gate := b.arg(op, "router", m.Router, anyType), b.arg(op, "gate", m.Gate, anyType)
+	up, down := b.arg(op, "up", m.Up, anyType), b.arg(op, "down", m.Down, anyType)
+	if router == nil || gate == nil || up == nil || down == nil || router.dt != ml.F32 || gate.dt != up.dt {
+		return false
+	}
+	md, err := ml.MoEShapes(d.shape, xx.shape, router.shape, gate.shape, up.shape, down.shape, m.TopK)
+	if err != nil || md.N > 8 || m.TopK > 16 {
+		return false
+	}
+	dim, n, ne, ff, k := md.Dim, md.N, md.Experts, md.FF, m.TopK
+	rb, ok1 := b.optF32(op, "router_bias", m.RouterBias, ne)
+	gb, ok2 := b.optF32(op, "gate_bias", m.GateBias, ff*ne)
+	ub, ok3 := b.optF32(op, "up_bias", m.UpBias, ff*ne)
+	db, ok4 := b.optF32(op, "down_bias", m.DownBias, dim*ne)
+	if !ok1 || !ok2 || !ok3 || !ok4 {
+		return false
+	}
+	// the MoE op's scratch (ops.go MoE: the same names and sizes)
+	ids := b.scratchBuf("moe.ids", 4*k*n)
+	wts := b.scratchBuf("moe.w", 4*k*n)
+	g := b.scratchBuf("moe.gate", 4*ff*k*n)
+	y := b.scratchBuf("moe.down", 4*dim*k*n)
+	if b.err != nil {
+		return false
+	}
+	rc := b.l.moeDecodeNorm(b.ctx, d.ptr, xx.ptr, hn.r.ptr, hn.add.ptr, hn.wp, hn.eps, router.ptr, int32(router.dt), rb,
+		int32(ne), ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb, ub, down.ptr, int32(down.dt), db, g, y, int64(n),
+		int32(k), int64(dim), int64(ff), m.Alpha, m.Limit)
+	if rc == stUnsupported {
+		return false
+	}
+	*hn = heldNorm{}
+	b.call(op, rc)
 	return true
 }

@@ -122,6 +122,8 @@ type lib struct {
 	bf16Cache func(ctx, w uintptr, wtype int32, m, k int64, bf16 uintptr) int32
 	// MoE v10: router + top-k + fused expert FFN for 1..8 tokens (orch_moe_decode; ABI 7).
 	moeDecode func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
+	// orch_moe_decode with the AddRMSNorm before it folded in (orch_moe_decode_norm; session 7).
+	moeDecodeNorm func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 }
 
 // gemvTraceRec mirrors gemv_trace_rec (cuda/src/gemv16.cuh; orch_gemv_trace).
@@ -235,6 +237,7 @@ func (l *lib) bind() (err error) {
 		{&l.commAbort, "orch_comm_abort"}, {&l.commDestroy, "orch_comm_destroy"},
 		{&l.moeFFNRoute, "orch_moe_ffn_route"},
 		{&l.moeDecode, "orch_moe_decode"},
+		{&l.moeDecodeNorm, "orch_moe_decode_norm"},
 		{&l.matmulSwiGLU, "orch_matmul_swiglu"}, {&l.gemvTrace, "orch_gemv_trace"},
 	}
 	for _, s := range syms {

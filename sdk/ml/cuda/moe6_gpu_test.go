@@ -29,7 +29,7 @@ func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
-	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain"}
+	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold"}
 	for _, v := range []string{"v4", "v6", "v9", "v10"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
@@ -66,6 +66,8 @@ func TestPerfMoEVersions(t *testing.T) {
 		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=",
+				// the post-attention AddRMSNorm folded into the route kernel (S7): "+norm" rows vs the unpinned ones
+				"ORCH_CUDA_MOE= ORCH_CUDA_MOE_NORM=1",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
@@ -78,6 +80,9 @@ func TestPerfMoEVersions(t *testing.T) {
 	const d, ff, ne, topk = 2880, 2880, 32, 4
 	mo := r.moe(t, d, ff, ne, topk)
 	rb, _ := ml.MXFP4.RowBytes(d)
+	nw := mustA(t, ml.F32, d)
+	require.NoError(t, gpu.WriteF32(nw, r.f32(d)))
+	defer gpu.Free(nw)
 	ns := []int{1, 2, 4, 8, 16}
 	if os.Getenv("ORCH_CUDA_MOE_ONLY") != "" {
 		ns = []int{1, 8}
@@ -90,13 +95,28 @@ func TestPerfMoEVersions(t *testing.T) {
 		experts := min(ne, topk*n) // upper bound: random routing of n tokens
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
 		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-		for _, v := range []string{"ORCH_CUDA_MOE_ONLY"} {
+		for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY"} {
 			if e := os.Getenv(v); e != "" {
 				label += " " + v + "=" + e
 			}
 		}
 		t.Logf("| %s | moe decode gpt-oss n=%d | %.4f ms | %.0f%% (<= %d experts) |", label, n, ms,
 			100*bytes/peak*1e3/ms, experts)
+		if os.Getenv("ORCH_CUDA_MOE_ONLY") == "" && n <= 8 {
+			// AddRMSNorm + MoE (gpt-oss's post-attention norm): two ops, or one with ORCH_CUDA_MOE_NORM=1
+			res, add := mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n)
+			require.NoError(t, gpu.WriteF32(res, r.f32(d*n)))
+			require.NoError(t, gpu.WriteF32(add, r.f32(d*n)))
+			ms := timeKernel(t, 20, 16, func() {
+				gpu.AddRMSNorm(res, x, add, nw, 1e-5)
+				gpu.MoE(y, x, mo)
+			})
+			nb := bytes + 4*float64(3*d*n+d)
+			t.Logf("| %s | norm+moe decode gpt-oss n=%d | %.4f ms | %.0f%% (<= %d experts) |", label, n, ms,
+				100*nb/peak*1e3/ms, experts)
+			gpu.Free(res)
+			gpu.Free(add)
+		}
 		if n == 1 && os.Getenv("ORCH_CUDA_MOE") == "v6" && os.Getenv("ORCH_CUDA_MOE_ONLY") == "" {
 			moePartsN1(t, mo, x, y, peak)
 		}

@@ -246,6 +246,9 @@ func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, l
 		return
 	}
 	b.flush()
+	if !layer && b.holdMoENorm(op, res, dst, x, w, a, eps) { // the MoE after it may take it in (fuse.go)
+		return
+	}
 	if !layer && b.normXH(op, a, eps) { // also packed for the GEMV after it (xh.go)
 		return
 	}
@@ -541,6 +544,9 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 
 func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 	const op = "moe"
+	if b.foldMoENorm(dst, x, m) { // with the AddRMSNorm of x held before it (fuse.go)
+		return
+	}
 	d, xx := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
 	if d == nil || xx == nil {
 		return
