@@ -36,6 +36,7 @@
 
 #include "../include/orch_cuda.h"
 #include "attention_index.cuh"
+#include "ldsm.cuh"
 
 namespace attn_fa {
 
@@ -75,22 +76,6 @@ __device__ __forceinline__ uint4 fa_f32x8_to_f16x8(float4 a, float4 b) {
 // tile lands during this tile's math; dynamic shared memory, 45 / 78 KB at
 // head dim 64 / 128), the slots from a block-table cache in shared memory
 // (FaBt); F32 caches load, round and store (no overlap).
-__device__ __forceinline__ void fa_ldsm_x4(unsigned r[4], const __half *p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#elif defined(ORCH_EMU)
-  // Lanes 8i .. 8i + 7 give the row addresses of matrix i; lane l gets, of
-  // matrix i, row l / 4, halves 2 (l % 4) and 2 (l % 4) + 1.
-  const int lane = threadIdx.x & 31;
-  for (int i = 0; i < 4; i++) {
-    const __half *rp = (const __half *)__shfl_sync(0xffffffffu, (long long)p, i * 8 + lane / 4);
-    r[i] = *reinterpret_cast<const unsigned *>(rp + 2 * (lane % 4));
-  }
-#endif
-}
 __device__ __forceinline__ void fa_ldsm_x4_trans(unsigned r[4], const __half *p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
@@ -294,7 +279,7 @@ __global__ void ATTN_FA11_BOUNDS(HD, HPC) attn_fa11_kernel(orch_attn_args a) {
 #pragma unroll
         for (int k = 0; k < HD / 16; k += 2) {
           unsigned b[4];
-          fa_ldsm_x4(b, Kt + (n * 8 + lr) * LDK + k * 16 + lm * 8);
+          orch_ldsm_x4(b, Kt + (n * 8 + lr) * LDK + k * 16 + lm * 8);
           fa_mma(s[n], qf[k], b);
           fa_mma(s[n], qf[k + 1], b + 2);
         }

@@ -74,22 +74,15 @@ __device__ __forceinline__ void mg_mma_bf16(float d[4], const uint32_t a[4], con
 #endif
 }
 
+// ldmatrix x4 (orch_ldsm_x4, ldsm.cuh); the emulation also checks that the
+// row addresses are 16-byte aligned and inside the dynamic shared memory.
 __device__ __forceinline__ void mg_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#elif defined(ORCH_EMU)
+#ifdef ORCH_EMU
   const unsigned char *c = (const unsigned char *)p;
   CHECK(((uintptr_t)p & 15) == 0, "ldmatrix row address %p not 16-byte aligned", (const void *)p);
   CHECK(c >= attn_tc::smem && c + 16 <= attn_tc::smem + g_smem_bytes, "ldmatrix row outside shared memory");
-  const int lane = threadIdx.x & 31;
-  for (int i = 0; i < 4; i++) {
-    const unsigned char *rp = (const unsigned char *)__shfl_sync(0xffffffffu, (long long)p, i * 8 + lane / 4);
-    std::memcpy(&r[i], rp + 4 * (lane % 4), 4);
-  }
 #endif
+  orch_ldsm_x4(r, p);
 }
 
 // ---- v3: MXFP4 decoded straight into A fragments ----
@@ -189,63 +182,10 @@ __global__ void __launch_bounds__(Mg3Cfg<BN_>::THREADS, 1) moe_gemm3_kernel(cons
   };
   __syncthreads(); // row maps
 
-  constexpr int WPT = (BM * CH + THREADS - 1) / THREADS;
-  constexpr int APT = (BN * KB * 4 + THREADS - 1) / THREADS;
-  static_assert(BM * RAWROW < 65536 && BN * LDS < 65536, "packed shared-memory offsets");
-  const uint8_t *w_row[WPT];
-  uint32_t w_pk[WPT];
-#pragma unroll
-  for (int u = 0; u < WPT; u++) {
-    const int q = tid + u * THREADS;
-    w_row[u] = nullptr;
-    w_pk[u] = 0;
-    if (q < BM * CH) {
-      const int i = q / CH, c = q % CH;
-      const uint8_t *wbase, *wend;
-      const int64_t row = wrow(i, wbase, wend);
-      if (row < a.m) w_row[u] = wbase + row * a.rb;
-      w_pk[u] = (uint32_t)(i * RAWROW + 16 * c) | (uint32_t)c << 16 | (uint32_t)(wend != a.w_end) << 24;
-    }
-  }
-  const __nv_bfloat16 *a_src[APT];
-  uint32_t a_pk[APT];
-#pragma unroll
-  for (int u = 0; u < APT; u++) {
-    const int q = tid + u * THREADS;
-    a_src[u] = nullptr;
-    a_pk[u] = 0;
-    if (q < BN * KB * 4) {
-      const int i = q / (KB * 4), c = q % (KB * 4);
-      const int ar = arow[i];
-      if (ar >= 0) a_src[u] = a.xa + (int64_t)ar * a.k;
-      a_pk[u] = (uint32_t)(i * LDS + 8 * c) | (uint32_t)(8 * c) << 16;
-    }
-  }
+  // Copy tasks of a stage (qgemm.cu's QgStager, as the v1 kernel).
+  const QgStager<BM, BN, KB, THREADS, BB, RAWROW, LDS> stg(tid, a, arow, wrow);
   auto issue = [&](int s) {
-    if (s < nstages) {
-      const int64_t kb0 = (int64_t)s * KB;
-      const int nblk = (int)min((int64_t)KB, nb - kb0);
-      uint8_t *dst = raw + (size_t)(s % NS) * BM * RAWROW;
-#pragma unroll
-      for (int u = 0; u < WPT; u++) {
-        if (!w_row[u]) continue;
-        const int c = (int)((w_pk[u] >> 16) & 0xffu);
-        const uint8_t *seg = w_row[u] + kb0 * BB;
-        const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
-        if (c >= sp.chunks) continue;
-        const uint64_t addr = sp.a0 + 16ull * c;
-        const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
-        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
-      }
-      __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
-#pragma unroll
-      for (int u = 0; u < APT; u++) {
-        if (!a_src[u]) continue;
-        const int64_t col = kb0 * 32 + (a_pk[u] >> 16);
-        cp_async16(xd + (a_pk[u] & 0xffffu), a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
-      }
-    }
-    cp_async_commit();
+    stg.issue(s, nstages, nb, raw + (size_t)(s % NS) * BM * RAWROW, Xs + (size_t)(s % NS) * BN * LDS, a);
   };
 
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;

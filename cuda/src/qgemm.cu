@@ -44,6 +44,7 @@
 #include <mma.h>
 #endif
 
+#include "ldsm.cuh"
 #include "qgemm.cuh"
 #include "quant.cuh"
 
@@ -211,6 +212,91 @@ __device__ __forceinline__ void dequant_block_bf16(const uint32_t *w, uint32_t s
   for (int i = 0; i < 4; i++) p[i] = make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
 }
 
+// One thread's cp.async copy tasks of a pipeline stage, shared by
+// qgemm_kernel and moe_gemm.cuh's v3: the raw bytes of BM W row segments of
+// KB blocks (BB bytes each; the CH 16-byte chunks covering a segment, into
+// rows of RAWROW bytes) and BN A rows of 32 KB bf16 (into rows of LDS). The
+// tasks (rows, pointers, shared-memory offsets) are the same in every stage
+// and are set up once, in registers (device run 2: integer index math per
+// stage was most of the loop's instructions).
+template <int BM, int BN, int KB, int THREADS, int BB, int RAWROW, int LDS>
+struct QgStager {
+  static constexpr int CH = qg_chunks(BB, KB);
+  static constexpr int WPT = (BM * CH + THREADS - 1) / THREADS;     // W chunk copies
+  static constexpr int APT = (BN * KB * 4 + THREADS - 1) / THREADS; // A chunk copies
+  static_assert(BM * RAWROW < 65536 && BN * LDS < 65536, "packed shared-memory offsets");
+  // Packed per task: W copy: smem offset | chunk << 16 | (second matrix) << 24,
+  // row pointer (null: no row); A copy: smem offset | first column << 16, row
+  // pointer (null: no row).
+  const uint8_t *w_row[WPT];
+  uint32_t w_pk[WPT];
+  const __nv_bfloat16 *a_src[APT];
+  uint32_t a_pk[APT];
+
+  // wrow(i, base, end): tile row i's W row (< a.m: it exists), its matrix and
+  // that matrix's end; arow[i]: tile row i's A row (-1: none).
+  template <class WRow>
+  __device__ __forceinline__ QgStager(int tid, const QArgs &a, const int *arow, WRow wrow) {
+#pragma unroll
+    for (int u = 0; u < WPT; u++) {
+      const int q = tid + u * THREADS;
+      w_row[u] = nullptr;
+      w_pk[u] = 0;
+      if (q < BM * CH) {
+        const int i = q / CH, c = q % CH;
+        const uint8_t *base, *end;
+        const int64_t row = wrow(i, base, end);
+        if (row < a.m) w_row[u] = base + row * a.rb;
+        w_pk[u] = (uint32_t)(i * RAWROW + 16 * c) | (uint32_t)c << 16 | (uint32_t)(end != a.w_end) << 24;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < APT; u++) {
+      const int q = tid + u * THREADS;
+      a_src[u] = nullptr;
+      a_pk[u] = 0;
+      if (q < BN * KB * 4) {
+        const int i = q / (KB * 4), c = q % (KB * 4);
+        const int ar = arow[i];
+        if (ar >= 0) a_src[u] = a.xa + (int64_t)ar * a.k; // rows without a pair feed only outputs never stored
+        a_pk[u] = (uint32_t)(i * LDS + 8 * c) | (uint32_t)(8 * c) << 16;
+      }
+    }
+  }
+
+  // Issues the copies of stage s (of nstages; nb blocks a row): W raw into
+  // raw (this stage's buffer), A into xd (this stage's buffer), and commits
+  // them as one group (an empty one past the end, to keep the group count per
+  // step uniform). W: the 16-byte chunks covering each row's segment, the one
+  // at the tensor's end copied partially. A: columns past k are zero-filled
+  // (W is zero there too, but stale shared memory could hold NaN bits).
+  __device__ __forceinline__ void issue(int s, int nstages, int64_t nb, uint8_t *dst, __nv_bfloat16 *xd,
+                                        const QArgs &a) const {
+    if (s < nstages) {
+      const int64_t kb0 = (int64_t)s * KB;
+      const int nblk = (int)min((int64_t)KB, nb - kb0);
+#pragma unroll
+      for (int u = 0; u < WPT; u++) {
+        if (!w_row[u]) continue;
+        const int c = (int)((w_pk[u] >> 16) & 0xffu);
+        const uint8_t *seg = w_row[u] + kb0 * BB;
+        const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
+        if (c >= sp.chunks) continue;
+        const uint64_t addr = sp.a0 + 16ull * c;
+        const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
+        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
+      }
+#pragma unroll
+      for (int u = 0; u < APT; u++) {
+        if (!a_src[u]) continue;
+        const int64_t col = kb0 * 32 + (a_pk[u] >> 16);
+        cp_async16(xd + (a_pk[u] & 0xffffu), a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  }
+};
+
 // Shared memory: Ws (two buffers when PIPE) | Xs stages | raw W stages (the
 // epilogue scratch reuses them) | row maps.
 template <int T, class C, bool PIPE>
@@ -292,43 +378,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) qgemm_kernel(const QArgs 
   // their rows, pointers and shared-memory offsets are computed once here
   // (device run 2: integer index math per stage was most of the loop's
   // instructions).
-  constexpr int WPT = (BM * CH + THREADS - 1) / THREADS;     // W chunk copies
-  constexpr int APT = (BN * KB * 4 + THREADS - 1) / THREADS; // A chunk copies
   constexpr int DPT = (BM * KB + THREADS - 1) / THREADS;     // blocks to dequantize
-  static_assert(BM * RAWROW < 65536 && BN * LDS < 65536 && BM * LDS < 65536, "packed shared-memory offsets");
-  // Packed per task (registers: these live through the whole loop):
-  // W copy: smem offset | chunk << 16 | (up matrix) << 24, row pointer (null: no row);
-  // A copy: smem offset | first column << 16, row pointer (null: no row);
-  // dequant: W-tile offset | block << 16 (-1: no task), row pointer (null: zeros).
-  const uint8_t *w_row[WPT];
-  uint32_t w_pk[WPT];
-#pragma unroll
-  for (int u = 0; u < WPT; u++) {
-    const int q = tid + u * THREADS;
-    w_row[u] = nullptr;
-    w_pk[u] = 0;
-    if (q < BM * CH) {
-      const int i = q / CH, c = q % CH;
-      const uint8_t *base, *end;
-      const int64_t row = wrow(i, base, end);
-      if (row < a.m) w_row[u] = base + row * a.rb;
-      w_pk[u] = (uint32_t)(i * RAWROW + 16 * c) | (uint32_t)c << 16 | (uint32_t)(end != a.w_end) << 24;
-    }
-  }
-  const __nv_bfloat16 *a_src[APT];
-  uint32_t a_pk[APT];
-#pragma unroll
-  for (int u = 0; u < APT; u++) {
-    const int q = tid + u * THREADS;
-    a_src[u] = nullptr;
-    a_pk[u] = 0;
-    if (q < BN * KB * 4) {
-      const int i = q / (KB * 4), c = q % (KB * 4);
-      const int ar = arow[i];
-      if (ar >= 0) a_src[u] = a.xa + (int64_t)ar * a.k; // rows without a pair feed only outputs never stored
-      a_pk[u] = (uint32_t)(i * LDS + 8 * c) | (uint32_t)(8 * c) << 16;
-    }
-  }
+  static_assert(BM * LDS < 65536, "packed shared-memory offsets");
+  // Copy tasks (QgStager); dequant: W-tile offset | block << 16 (-1: no
+  // task), row pointer (null: zeros), computed once as well.
+  const QgStager<BM, BN, KB, THREADS, BB, RAWROW, LDS> stg(tid, a, arow, wrow);
   const uint8_t *d_row[DPT];
   int d_pk[DPT];
 #pragma unroll
@@ -345,37 +399,9 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) qgemm_kernel(const QArgs 
     }
   }
 
-  // Issues the cp.async copies of stage s (W raw into raw[s % NS], A into
-  // Xs[s % NS]) and commits them as one group (an empty one past the end, to
-  // keep the group count per step uniform). W: the 16-byte chunks covering
-  // each row's segment, the one at the tensor's end copied partially. A:
-  // columns past k are zero-filled (W is zero there too, but stale shared
-  // memory could hold NaN bits).
+  // The copies of stage s: W raw into raw[s % NS], A into Xs[s % NS].
   auto issue = [&](int s) {
-    if (s < nstages) {
-      const int64_t kb0 = (int64_t)s * KB;
-      const int nblk = (int)min((int64_t)KB, nb - kb0);
-      uint8_t *dst = raw + (size_t)(s % NS) * BM * RAWROW;
-#pragma unroll
-      for (int u = 0; u < WPT; u++) {
-        if (!w_row[u]) continue;
-        const int c = (int)((w_pk[u] >> 16) & 0xffu);
-        const uint8_t *seg = w_row[u] + kb0 * BB;
-        const qg_span sp = qg_stage_span((uint64_t)seg, (uint64_t)(seg + nblk * BB));
-        if (c >= sp.chunks) continue;
-        const uint64_t addr = sp.a0 + 16ull * c;
-        const int bytes = qg_chunk_bytes(addr, (uint64_t)((w_pk[u] >> 24) ? a.w2_end : a.w_end));
-        if (bytes > 0) cp_async16(dst + (w_pk[u] & 0xffffu), reinterpret_cast<const void *>(addr), bytes);
-      }
-      __nv_bfloat16 *xd = Xs + (size_t)(s % NS) * BN * LDS;
-#pragma unroll
-      for (int u = 0; u < APT; u++) {
-        if (!a_src[u]) continue;
-        const int64_t col = kb0 * 32 + (a_pk[u] >> 16);
-        cp_async16(xd + (a_pk[u] & 0xffffu), a_src[u] + (col < a.k ? col : 0), col < a.k ? 16 : 0);
-      }
-    }
-    cp_async_commit();
+    stg.issue(s, nstages, nb, raw + (size_t)(s % NS) * BM * RAWROW, Xs + (size_t)(s % NS) * BN * LDS, a);
   };
   // Dequantizes stage s's raw blocks into the W tile wt (zeros past m / past k).
   auto dequant = [&](int s, __nv_bfloat16 *wt) {

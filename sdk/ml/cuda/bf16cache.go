@@ -34,8 +34,9 @@ import (
 )
 
 type bf16Entry struct {
-	buf   uintptr // the bf16 copy (m x k)
+	buf   uintptr // the bf16 copy (m x k); 0: rows of another entry's weight (a view)
 	bytes int64
+	end   uintptr // the quantized rows' end address
 }
 
 type bf16Cache struct {
@@ -100,7 +101,14 @@ func (b *Backend) SetBF16Cache(on bool, capBytes, reserveBytes int64) {
 }
 
 // BF16CacheStats reports the weights that have a bf16 copy and its bytes.
-func (b *Backend) BF16CacheStats() (weights int, bytes int64) { return len(b.bc.entries), b.bc.bytes }
+func (b *Backend) BF16CacheStats() (weights int, bytes int64) {
+	for _, e := range b.bc.entries {
+		if e.buf != 0 {
+			weights++
+		}
+	}
+	return weights, b.bc.bytes
+}
 
 // bf16Eligible: a weight type the large-n path dequantizes (F32 runs in
 // fp32 and BF16 in place).
@@ -112,14 +120,14 @@ func bf16Eligible(dt ml.DType) bool {
 	return false
 }
 
-// largeNPath reports whether a quantized MatMul of n tokens reaches
-// orch_matmul's large-n path (MatMul's routing; a GEMV or qgemm that
-// declines a shape also ends there, which is not predicted).
-func largeNPath(n int) bool {
+// largeNPath reports whether a MatMul of n tokens with weights of type dt
+// reaches orch_matmul's large-n path (MatMul's routing; a GEMV or qgemm
+// that declines a shape also ends there, which is not predicted).
+func largeNPath(dt ml.DType, n int) bool {
 	switch {
 	case n <= 8:
 		return false
-	case gemmV1:
+	case gemmV1 || !qgemmType(dt): // F16, K-quants: no GEMV v9 / qgemm above 8
 		return true
 	case gemvPin9 && n <= gemvMaxN():
 		return false
@@ -131,11 +139,19 @@ func largeNPath(n int) bool {
 // fits the policy (MatMul, before the large-n call).
 func (b *Backend) bf16Want(w *tensor, n, k, m int) {
 	c := &b.bc
-	if !c.on || !bf16Eligible(w.dt) || k%32 != 0 || !largeNPath(n) {
+	if !c.on || !bf16Eligible(w.dt) || k%32 != 0 || !largeNPath(w.dt, n) {
 		return
 	}
 	if _, ok := c.entries[w.ptr]; ok || c.declined[w.ptr] {
 		return
+	}
+	// A view (Rows) of a weight with a copy: the library finds its rows in
+	// that copy (orch_bf16_cache: any whole-row range), nothing to make.
+	for wp, e := range c.entries {
+		if e.buf != 0 && w.ptr >= wp && w.ptr+uintptr(w.bytes) <= e.end {
+			c.entries[w.ptr] = bf16Entry{end: w.ptr + uintptr(w.bytes)}
+			return
+		}
 	}
 	need := (int64(m)*int64(k)*2 + 255) / 256 * 256
 	free, total := b.MemoryInfo()
@@ -150,9 +166,10 @@ func (b *Backend) bf16Want(w *tensor, n, k, m int) {
 		c.declined[w.ptr] = true
 		if !c.full {
 			c.full = true
+			n, _ := b.BF16CacheStats()
 			fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache full at %d weights, %.2f GiB: %s (%.0f MiB) and any later "+
 				"weight that does not fit dequantize per call (free %.2f GiB, reserve %.2f GiB, cap %s)\n",
-				len(c.entries), gib(c.bytes), name, float64(need)/(1<<20), gib(free), gib(c.reserve), capStr(c.cap))
+				n, gib(c.bytes), name, float64(need)/(1<<20), gib(free), gib(c.reserve), capStr(c.cap))
 		}
 		return
 	}
@@ -168,15 +185,16 @@ func (b *Backend) bf16Want(w *tensor, n, k, m int) {
 		fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache: %s not cached: %v\n", name, err)
 		return
 	}
-	if len(c.entries) == 0 {
+	if c.bytes == 0 {
 		fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache on: quantized weights keep a bf16 copy from their first "+
 			"large-n matmul (reserve %.2f GiB free, cap %s; ORCH_CUDA_BF16_CACHE=off turns it off)\n", gib(c.reserve), capStr(c.cap))
 	}
-	c.entries[w.ptr] = bf16Entry{buf: p, bytes: need}
+	c.entries[w.ptr] = bf16Entry{buf: p, bytes: need, end: w.ptr + uintptr(w.bytes)}
 	c.bytes += need
 	if g := c.bytes >> 30; g > c.logged {
 		c.logged = g
-		fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache: %d weights, %.2f GiB (last %s)\n", len(c.entries), gib(c.bytes), name)
+		n, _ := b.BF16CacheStats()
+		fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache: %d weights, %.2f GiB (last %s)\n", n, gib(c.bytes), name)
 	}
 }
 
@@ -187,9 +205,11 @@ func (b *Backend) bf16Drop(p uintptr, bytes int) {
 	delete(c.names, p)
 	for wp, e := range c.entries {
 		if wp >= p && wp < p+uintptr(bytes) {
-			b.l.bf16Cache(b.ctx, wp, 0, 0, 0, 0)
-			b.l.free(b.ctx, e.buf)
-			c.bytes -= e.bytes
+			if e.buf != 0 {
+				b.l.bf16Cache(b.ctx, wp, 0, 0, 0, 0)
+				b.l.free(b.ctx, e.buf)
+				c.bytes -= e.bytes
+			}
 			delete(c.entries, wp)
 		}
 	}
@@ -203,7 +223,9 @@ func (b *Backend) bf16Drop(p uintptr, bytes int) {
 // bf16Close frees every copy (Close, before the context goes).
 func (b *Backend) bf16Close() {
 	for _, e := range b.bc.entries {
-		b.l.free(b.ctx, e.buf)
+		if e.buf != 0 {
+			b.l.free(b.ctx, e.buf)
+		}
 	}
 	clear(b.bc.entries)
 	b.bc.bytes = 0

@@ -542,3 +542,122 @@ func TestMoEGEMMVersions(t *testing.T) {
 		})
 	}
 }
+
+// TestBF16Cache: the large-n MatMul from a weight's bf16 copy (bf16cache.go,
+// orch_bf16_cache) is bit-identical to the per-call dequantization of a
+// second weight with the same bytes that is never cached: every cached type,
+// with and without bias, a row view (Rows) of a cached weight (no copy of
+// its own: the library finds its rows in the parent's), eagerly and in a
+// captured graph (replayed with new x), and a first use inside a capture
+// (the copy is then filled on a side stream). After the copy exists the
+// quantized bytes are zeroed: the result must not change (the copy is what
+// is read). Free drops the copy.
+func TestBF16Cache(t *testing.T) {
+	if gpu.l.bf16Cache == nil {
+		t.Skip("library without orch_bf16_cache")
+	}
+	defer func(on bool, c, r int64) { gpu.SetBF16Cache(on, c, r) }(gpu.bc.on, gpu.bc.cap, gpu.bc.reserve)
+	r := newRNG(t)
+	bits := func(v []float32) []uint32 {
+		u := make([]uint32, len(v))
+		for i, f := range v {
+			u[i] = math.Float32bits(f)
+		}
+		return u
+	}
+	// run: y = x.W^T (+ bias) through Backend.MatMul, eagerly or as the
+	// graph key (captured the first time), read back.
+	run := func(t *testing.T, w, x, bias ml.Tensor, m, n int, key string) []float32 {
+		y, err := gpu.Alloc(ml.F32, m, n)
+		require.NoError(t, err)
+		defer gpu.Free(y)
+		gpu.Fill(y, float32(math.NaN()))
+		if key == "" {
+			gpu.MatMul(y, x, w, bias)
+		} else {
+			require.NoError(t, gpu.Run(key, func() { gpu.MatMul(y, x, w, bias) }))
+		}
+		v := make([]float32, m*n)
+		require.NoError(t, gpu.ReadF32(y, v))
+		return v
+	}
+	graphs := 0
+	for _, dt := range []ml.DType{ml.Q8_0, ml.Q4_0, ml.MXFP4, ml.F16, ml.Q4_K, ml.Q6_K} {
+		for _, n := range []int{17, 64, 300} {
+			for _, withBias := range []bool{false, true} {
+				name := fmt.Sprintf("%v/n=%d/bias=%v", dt, n, withBias)
+				t.Run(name, func(t *testing.T) {
+					const k, m = 512, 200
+					data := randWeight(r, dt, k, m)
+					mk := func(tag string) ml.Tensor {
+						w, err := gpu.Weight("bf16cache."+tag, dt, []int{k, m}, data)
+						require.NoError(t, err)
+						t.Cleanup(func() { gpu.Free(w) })
+						return w
+					}
+					wRef, wC, wG := mk("ref"), mk("cached"), mk("graph-first")
+					var bias ml.Tensor
+					if withBias {
+						bias = f32Pair(t, randF32(r, m, 1), m).g
+					}
+					xs := make([]ml.Tensor, 3)
+					for i := range xs {
+						xs[i] = f32Pair(t, randF32(r, k*n, 1), k, n).g
+					}
+					// references: per-call dequantization (cache off, wRef never cached)
+					gpu.SetBF16Cache(false, 0, 0)
+					want := make([][]float32, len(xs))
+					for i, x := range xs {
+						want[i] = run(t, wRef, x, bias, m, n, "")
+					}
+					// a row view of wRef, uncached
+					vRef, err := gpu.Rows(wRef, 40, 120)
+					require.NoError(t, err)
+					wantView := run(t, vRef, xs[0], nil, 120, n, "")
+					w0, b0 := gpu.BF16CacheStats()
+
+					gpu.SetBF16Cache(true, 0, 0) // no cap, no reserve: the test device has room
+					require.Equal(t, bits(want[0]), bits(run(t, wC, xs[0], bias, m, n, "")), "eager, first use (makes the copy)")
+					w1, b1 := gpu.BF16CacheStats()
+					require.Equal(t, w0+1, w1, "one copy made")
+					require.Equal(t, b0+int64(m*k*2+255)/256*256, b1, "its bytes")
+					// the copy is what is read from now on
+					ct, err := gpu.get(wC)
+					require.NoError(t, err)
+					require.NoError(t, gpu.l.status("memset", gpu.l.memset(gpu.ctx, ct.ptr, 0, int64(ct.bytes))))
+					require.Equal(t, bits(want[1]), bits(run(t, wC, xs[1], bias, m, n, "")), "eager, from the copy")
+					vC, err := gpu.Rows(wC, 40, 120)
+					require.NoError(t, err)
+					require.Equal(t, bits(wantView), bits(run(t, vC, xs[0], nil, 120, n, "")), "row view inside the copy")
+					w2, _ := gpu.BF16CacheStats()
+					require.Equal(t, w1, w2, "a view makes no copy")
+					// graph: captured with the copy, replayed with other x (same tensor)
+					graphs++
+					key := fmt.Sprintf("bf16cache-%d", graphs)
+					x := xs[2]
+					require.NoError(t, gpu.WriteF32(x, readF32(t, xs[0])))
+					require.Equal(t, bits(want[0]), bits(run(t, wC, x, bias, m, n, key)), "graph, capture")
+					require.NoError(t, gpu.WriteF32(x, readF32(t, xs[1])))
+					require.Equal(t, bits(want[1]), bits(run(t, wC, x, bias, m, n, key)), "graph, replay")
+					// first use inside a capture: the fill runs on a side stream
+					graphs++
+					key = fmt.Sprintf("bf16cache-%d", graphs)
+					require.Equal(t, bits(want[1]), bits(run(t, wG, x, bias, m, n, key)), "graph, first use in the capture")
+					w3, _ := gpu.BF16CacheStats()
+					require.Equal(t, w1+1, w3, "copy made during the capture")
+					ct, err = gpu.get(wG)
+					require.NoError(t, err)
+					require.NoError(t, gpu.l.status("memset", gpu.l.memset(gpu.ctx, ct.ptr, 0, int64(ct.bytes))))
+					require.NoError(t, gpu.WriteF32(x, readF32(t, xs[0])))
+					require.Equal(t, bits(want[0]), bits(run(t, wG, x, bias, m, n, key)), "graph, replay from the copy")
+					gpu.Free(wC)
+					gpu.Free(wG)
+					w4, b4 := gpu.BF16CacheStats()
+					require.Equal(t, w0, w4, "Free drops the copies")
+					require.Equal(t, b0, b4)
+				})
+			}
+		}
+	}
+	gpu.ResetGraphs()
+}

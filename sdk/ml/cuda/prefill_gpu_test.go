@@ -26,7 +26,10 @@ import (
 // process): v1, v2 (default), v2 with 32 MiB tiles (the bf16 tile then
 // stays in L2 for cuBLAS, at the price of thinner cuBLAS calls); timing only
 // (wrong results, not checked): v2's dequantization alone and its cuBLAS
-// calls alone (each with x's conversion and the bias fill).
+// calls alone (each with x's conversion and the bias fill); v2 with the bf16
+// weight cache (bf16cache.go: each weight's bf16 copy made on its first
+// Backend.MatMul, then cuBLAS only; timing here, its correctness is
+// TestBF16Cache: bit-identical to the per-call dequantization).
 var prefillVariants = []struct {
 	name       string
 	env        []string
@@ -37,6 +40,7 @@ var prefillVariants = []struct {
 	{"v2 cap 32 MiB", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_CAP=32"}, false},
 	{"v2 dequant only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=dequant"}, true},
 	{"v2 cuBLAS only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=gemm"}, true},
+	{"v2 + bf16 cache", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_BF16_CACHE=on"}, true},
 }
 
 // runPrefillChildren re-runs test in one child process per variant (same
@@ -212,6 +216,18 @@ func TestPerfPrefillMatMul(t *testing.T) {
 		w := mustW(t, r, sh.name, ml.Q8_0, sh.k, sh.m)
 		bias := mustA(t, ml.F32, sh.m)
 		require.NoError(t, gpu.WriteF32(bias, r.f32(sh.m)))
+		if os.Getenv("ORCH_CUDA_BF16_CACHE") != "" {
+			// the bf16 copy, made by one Backend.MatMul at a large n (the
+			// "direct" rows call orch_matmul, which only uses it)
+			x, y := mustA(t, ml.F32, sh.k, 512), mustA(t, ml.F32, sh.m, 512)
+			gpu.MatMul(y, x, w, nil)
+			require.NoError(t, gpu.Sync())
+			gpu.Free(x)
+			gpu.Free(y)
+			nw, nb := gpu.BF16CacheStats()
+			require.Positive(t, nw, "no bf16 copy made")
+			t.Logf("bf16 cache: %d weights, %d MiB", nw, nb>>20)
+		}
 		// n = 32 .. 128: where the large-n path could take over from GEMV v9
 		// / qgemm (Backend.MatMul routes n <= qgemmMaxN there): "direct"
 		// calls orch_matmul (this version's large-n path) at any n, "routed"
