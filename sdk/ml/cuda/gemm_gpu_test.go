@@ -566,11 +566,27 @@ func TestBF16Cache(t *testing.T) {
 		return u
 	}
 	// run: y = x.W^T (+ bias) through Backend.MatMul, eagerly or as the
-	// graph key (captured the first time), read back.
+	// graph key (captured the first time; a graph keeps its y: one per key,
+	// freed after ResetGraphs), read back.
+	ys := map[string]ml.Tensor{}
+	defer func() {
+		gpu.ResetGraphs()
+		for _, y := range ys {
+			gpu.Free(y)
+		}
+	}()
 	run := func(t *testing.T, w, x, bias ml.Tensor, m, n int, key string) []float32 {
-		y, err := gpu.Alloc(ml.F32, m, n)
-		require.NoError(t, err)
-		defer gpu.Free(y)
+		y := ys[key]
+		if y == nil || key == "" {
+			var err error
+			y, err = gpu.Alloc(ml.F32, m, n)
+			require.NoError(t, err)
+			if key == "" {
+				defer gpu.Free(y)
+			} else {
+				ys[key] = y
+			}
+		}
 		gpu.Fill(y, float32(math.NaN()))
 		if key == "" {
 			gpu.MatMul(y, x, w, bias)
@@ -659,5 +675,4 @@ func TestBF16Cache(t *testing.T) {
 			}
 		}
 	}
-	gpu.ResetGraphs()
 }
