@@ -164,8 +164,12 @@ int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, 
  * and xh is 16-byte aligned (and, for swiglu, as orch_matmul_swiglu). */
 int orch_matmul_multi_xh(orch_ctx *ctx, const void *xh, int32_t kind, int32_t wtype, int64_t n, int64_t k,
                          int32_t count, const orch_gemv_part *parts);
-int orch_matmul_swiglu_xh(orch_ctx *ctx, const void *xh, int32_t kind, int32_t wtype, int64_t n, int64_t k,
-                          const orch_gemv_part *gate_up, float *out);
+/* orch_matmul_swiglu_xh: x (float) when xh is NULL; xh_out != NULL: out also
+ * packed (kind `kind`, row r at xh_out + r * orch_xh_row_bytes(m)) for the
+ * down GEMV: needs m % 32 == 0 and sm_90 (clusters of 4 CTAs), else
+ * ORCH_ERR_UNSUPPORTED. */
+int orch_matmul_swiglu_xh(orch_ctx *ctx, const float *x, const void *xh, int32_t kind, int32_t wtype, int64_t n,
+                          int64_t k, const orch_gemv_part *gate_up, float *out, void *xh_out);
 /* (session 6, timing aid) Syncs ctx's stream; copies up to cap records of
  * the GEMV trace (48 bytes each: u64 t0 CTA start, t1 after the PDL wait, t2
  * after x staging, t3 end (%globaltimer ns); u32 block, SM, 2 pad) to out,

@@ -397,7 +397,57 @@ struct gemv5_glu_args {
   const float *bg, *bu;
   float *yg, *yu, *out; // yg / yu: the gate / up outputs as orch_matmul writes them; out may alias either
   int64_t m;
+  // PK (session 7): out also packed for the down GEMV (dec16.cuh "Packed x";
+  // row j at xh_out + j * dec16_xh_row_bytes(m), pair order kind); the CPU
+  // emulation's exchange buffer pk_emu (m / 32 * NT * 32 floats).
+  uint8_t *xh_out = nullptr;
+  int kind = 0;
+  float *pk_emu = nullptr;
 };
+
+// out packed by the fold itself (PK, session 7): a 32-element chunk of out is
+// 32 rows, 4 CTAs of 8 warps, so the fold is launched in clusters of 4 CTAs
+// (sm_90): each CTA's warps store their out values into the cluster's rank-0
+// CTA's shared memory (DSMEM), the cluster barrier publishes them, and rank
+// 0's warp j packs token j's chunk with the norm's own code (dec16_pack_chunk:
+// the same bits as dec16_stage on the float out). No global fence or ticket
+// (session 6's GEMV+norm fold lost to those). The CPU emulation runs the CTAs
+// one at a time in order: there the exchange goes through pk_emu and rank 3
+// packs. Requires m % 32 == 0 (whole chunks; every row valid).
+constexpr int GEMV5_PK_CLUSTER = 4;
+template <int NT>
+__device__ __forceinline__ void gemv5_glu_pack(const gemv5_glu_args &A, const float (&o)[NT], int nt, int lane, int warp) {
+  const int64_t nch = A.m / 32, c = blockIdx.x / GEMV5_PK_CLUSTER;
+  const size_t rowb = dec16_xh_row_bytes(A.m);
+#if defined(ORCH_EMU)
+  const int rank = (int)(blockIdx.x % GEMV5_PK_CLUSTER);
+  float *pk = A.pk_emu + c * NT * 32;
+  if (lane == 0)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+      if (j < nt) pk[j * 32 + rank * GEMV16_WARPS + warp] = o[j];
+  __syncthreads();
+  if (rank == GEMV5_PK_CLUSTER - 1 && warp < nt) dec16_pack_chunk(A.xh_out + warp * rowb, nch, c, A.kind, pk[warp * 32 + lane]);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ float pk[NT][32]; // read in rank 0 only
+  unsigned rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  if (lane == 0)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+      if (j < nt) { // (unrolled: o stays in registers)
+        const unsigned local = (unsigned)__cvta_generic_to_shared(&pk[j][rank * GEMV16_WARPS + warp]);
+        unsigned remote;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(0u));
+        asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(o[j]) : "memory");
+      }
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  if (rank == 0 && warp < nt) dec16_pack_chunk(A.xh_out + warp * rowb, nch, c, A.kind, pk[warp][lane]);
+#else
+  (void)A, (void)o, (void)nt, (void)lane, (void)warp, (void)nch, (void)c, (void)rowb;
+  __trap(); // the host launches PK only on sm_90 (gemv5_pk_ok)
+#endif
+}
 
 // One round of one row: gemv5_rows's inner loop (a function of its own: a
 // ternary reference between the gate and up blocks sent them to local memory).
@@ -424,7 +474,7 @@ __device__ __forceinline__ void gemv5_glu_round(const wblocks<T, NB> &b, float (
   }
 }
 
-template <int T, int NT, int NB, int XR = 0>
+template <int T, int NT, int NB, int XR = 0, int PK = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM (XR = 1 took 70)
 gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -456,18 +506,24 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
     gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt);
     gemv5_glu_round<T, NT, NB>(bu, accu, xsm, xinv, c0, lane, nch, nt);
   }
+  float ov[NT];
 #pragma unroll
   for (int j = 0; j < NT; j++) {
     float g = warp_sum(accg[j]), u = warp_sum(accu[j]);
-    if (lane == 0 && j < nt && valid) {
+    ov[j] = 0.f;
+    if (j < nt && valid) { // every lane (the sums are the warp's): PK packs them
       if (A.bg) g += A.bg[row];
       if (A.bu) u += A.bu[row];
-      const int64_t o = j * A.m + row;
-      A.yg[o] = g;
-      A.yu[o] = u;
-      A.out[o] = gemv5_silu_mul(g, u);
+      ov[j] = gemv5_silu_mul(g, u);
+      if (lane == 0) {
+        const int64_t o = j * A.m + row;
+        A.yg[o] = g;
+        A.yu[o] = u;
+        A.out[o] = ov[j];
+      }
     }
   }
+  if constexpr (PK) gemv5_glu_pack<NT>(A, ov, nt, lane, warp);
 }
 
 // NB per matrix: v5's NB for Q8_0 at one token is 3; two rows of 3 blocks
@@ -476,15 +532,42 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
 // 77 registers: 3 CTAs per SM).
 template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 && NT > 1 ? 1 : 2; }
 
-template <int T, int NT, int XR>
+#if !defined(ORCH_EMU)
+// A launch in clusters of cx CTAs (and PDL as orch_launch_pdl).
+template <typename... KArgs, typename... Args>
+static inline void gemv5_launch_cluster(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                                        unsigned cx, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute at[2];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = cx;
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = g_orch_pdl ? 2 : 1;
+  cudaLaunchKernelEx(&cfg, kern, args...);
+}
+#endif
+
+template <int T, int NT, int XR, int PK = 0>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                                 int64_t rb) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = gemv5_glu_kernel<T, NT, NB, XR>;
+  auto kern = gemv5_glu_kernel<T, NT, NB, XR, PK>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, A, x, n, k,
-                   rb);
+  const unsigned gx = (unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS);
+#if !defined(ORCH_EMU)
+  if constexpr (PK) return gemv5_launch_cluster(kern, dim3(gx), dim3(GEMV16_WARPS * 32), sm, st, GEMV5_PK_CLUSTER, A, x,
+                                                n, k, rb);
+#endif
+  DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, A, x, n, k, rb);
 }
 
 // n = 1, 2 (v5's one- and two-token route); the caller checks. xr: how x is
@@ -497,7 +580,11 @@ static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const flo
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     auto go = [&](auto nt) {
       constexpr int NT = decltype(nt)::value;
-      if (mode == 2) launch_gemv5_glu_nt<T, NT, 2>(st, A, x, n, k, rb);
+      if (A.xh_out) { // out packed too (PK): the caller checked gemv5_pk_ok
+        if (mode == 2) launch_gemv5_glu_nt<T, NT, 2, 1>(st, A, x, n, k, rb);
+        else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1, 1>(st, A, x, n, k, rb);
+        else launch_gemv5_glu_nt<T, NT, 0, 1>(st, A, x, n, k, rb);
+      } else if (mode == 2) launch_gemv5_glu_nt<T, NT, 2>(st, A, x, n, k, rb);
       else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb);
       else launch_gemv5_glu_nt<T, NT, 0>(st, A, x, n, k, rb);
     };

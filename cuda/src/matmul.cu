@@ -680,22 +680,43 @@ extern "C" int orch_matmul_multi_xh(orch_ctx *ctx, const void *xh, int32_t kind,
   return ORCH_OK;
 }
 
-extern "C" int orch_matmul_swiglu_xh(orch_ctx *ctx, const void *xh, int32_t kind, int32_t wtype, int64_t n, int64_t k,
-                                     const orch_gemv_part *gate_up, float *out) {
+// The fold's packed output (PK) needs clusters (sm_90; gemv16.cuh
+// gemv5_glu_pack): the device's major compute capability, read once per device.
+static bool gemv5_pk_ok(const orch_ctx *ctx) {
+  static int major[64] = {0};
+  const int d = ctx->device;
+  if (d < 0 || d >= 64) return false;
+  if (!major[d]) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, d) != cudaSuccess) {
+      cudaGetLastError();
+      v = -1;
+    }
+    major[d] = v ? v : -1;
+  }
+  return major[d] >= 9;
+}
+
+extern "C" int orch_matmul_swiglu_xh(orch_ctx *ctx, const float *x, const void *xh, int32_t kind, int32_t wtype,
+                                     int64_t n, int64_t k, const orch_gemv_part *gate_up, float *out, void *xh_out) {
   const char *op = "matmul_swiglu_xh";
-  ORCH_CHECK_ARG(ctx && xh && gate_up && out && n >= 0 && k > 0, op);
+  ORCH_CHECK_ARG(ctx && (x || xh) && gate_up && out && n >= 0 && k > 0, op);
   const orch_gemv_part &g = gate_up[0], &u = gate_up[1];
   ORCH_CHECK_ARG(g.w && g.y && u.w && u.y && g.m > 0 && g.m == u.m, op);
   const int64_t rb = orch_row_bytes(wtype, k);
-  const bool ok = !glu_off_env() && xh_ok(xh, wtype, kind, n, k) && aligned16(g.w) && aligned16(u.w) &&
-                  gemv_route(ctx, wtype, n, k, g.m, rb) == GR_V5;
+  bool ok = !glu_off_env() && (xh ? xh_ok(xh, wtype, kind, n, k) : (n >= 1 && n <= 2 && gemv3_type(wtype) &&
+                                                                      k % 32 == 0 && aligned16(x))) &&
+            aligned16(g.w) && aligned16(u.w) && gemv_route(ctx, wtype, n, k, g.m, rb) == GR_V5;
+  if (xh_out) ok = ok && g.m % 32 == 0 && aligned16(xh_out) && (kind == 0 || kind == 1) && gemv5_pk_ok(ctx);
   if (!ok) {
-    orch_set_error("matmul_swiglu_xh: not the v5 GEMV or not its packed kind (type %d, kind %d, n=%lld, k=%lld, m=%lld)",
-                   wtype, kind, (long long)n, (long long)k, (long long)g.m);
+    orch_set_error("matmul_swiglu_xh: not the v5 GEMV, not its packed kind, or out not packable (type %d, kind %d, "
+                   "n=%lld, k=%lld, m=%lld)", wtype, kind, (long long)n, (long long)k, (long long)g.m);
     return ORCH_ERR_UNSUPPORTED;
   }
   gemv5_glu_args A = {(const uint8_t *)g.w, (const uint8_t *)u.w, g.bias, u.bias, g.y, u.y, out, g.m};
-  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, (const float *)xh, n, k, rb, 2);
+  A.xh_out = (uint8_t *)xh_out;
+  A.kind = kind;
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, xh ? (const float *)xh : x, n, k, rb, xh ? 2 : -1);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

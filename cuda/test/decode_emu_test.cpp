@@ -415,6 +415,46 @@ static void test_norm_xh(int t, int64_t dim, int n, std::vector<int64_t> ms, boo
               tname(t), (long long)dim, n, ms.size(), glu);
 }
 
+// The SwiGLU fold packing its output for the down GEMV (PK; session 7):
+// norm -> packed x -> fold (XR 2, PK) gives gate, up, out bit-identical to the
+// float-x fold, and down on the packed out (multi_xh) bit-identical to down
+// on the float out. (The emulation's exchange is pk_emu; the device's DSMEM +
+// cluster barrier runs in the GPU suite: TestFusedXH.)
+static void test_glu_pack(int t, int64_t dim, int64_t m, int n, int64_t mdown) {
+  const int kind = t == ORCH_T_Q8_0 ? 0 : 1;
+  const size_t nx = (size_t)(n * dim), ny = (size_t)(n * m);
+  Buf<float> x(randv(nx, 2.f)), bw(randv((size_t)dim, 1.f)), h(nx, NAN), bg(randv((size_t)m, 1.f));
+  Buf<uint8_t> xh(dec16_xh_row_bytes(dim) * n, 0xAB), xo(dec16_xh_row_bytes(m) * n, 0xCD);
+  Buf<float> pk((size_t)(m / 32 * n * 32), NAN);
+  launch_norm_xh(nullptr, n, h.p, x.p, nullptr, bw.p, dim, 1e-5f, xh.p, kind);
+  QW wg, wu, wd;
+  make_weight(wg, t, dim, m);
+  make_weight(wu, t, dim, m);
+  make_weight(wd, t, m, mdown);
+  const int64_t rb = orch_row_bytes(t, dim), rbd = orch_row_bytes(t, m);
+  Buf<float> ga(ny, NAN), ua(ny, NAN), oa(ny, NAN), gb(ny, NAN), ub(ny, NAN), ob(ny, NAN);
+  gemv5_glu_args A = {wg.bytes, wu.bytes, bg.p, nullptr, ga.p, ua.p, oa.p, m};
+  gemv5_glu_args B = {wg.bytes, wu.bytes, bg.p, nullptr, gb.p, ub.p, ob.p, m};
+  B.xh_out = xo.p, B.kind = kind, B.pk_emu = pk.p;
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, A, h.p, n, dim, rb, 0)
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, B, reinterpret_cast<const float *>(xh.p), n, dim, rb, 2)
+  EXPECT(std::memcmp(ga.p, gb.p, ny * 4) == 0 && std::memcmp(ua.p, ub.p, ny * 4) == 0 &&
+             std::memcmp(oa.p, ob.p, ny * 4) == 0,
+         "GLU PK (%s k=%lld m=%lld n=%d): gate/up/out != the float-x fold", tname(t), (long long)dim, (long long)m, n);
+  Buf<float> da((size_t)(n * mdown), NAN), db((size_t)(n * mdown), NAN);
+  gemv5_parts Pa = {}, Pb = {};
+  Pa.w[0] = Pb.w[0] = wd.bytes;
+  Pa.y[0] = da.p, Pb.y[0] = db.p;
+  Pa.m[0] = Pb.m[0] = mdown;
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, Pa, 1, oa.p, n, m, rbd)
+  ORCH_DISPATCH_TYPE(t, launch_gemv5_multi_xh, nullptr, Pb, 1, xo.p, n, m, rbd)
+  EXPECT(std::memcmp(da.p, db.p, da.n * 4) == 0, "down on the fold's packed out (%s k=%lld m=%lld n=%d) != float out",
+         tname(t), (long long)m, (long long)mdown, n);
+  for (size_t i = 0; i < db.n; i++) EXPECT(std::isfinite(db.p[i]), "down packed: y[%zu] not written", i);
+  std::printf("SwiGLU fold packing out %-5s k=%-4lld m=%-4lld n=%d -> down m=%lld: bit-identical to float x\n", tname(t),
+              (long long)dim, (long long)m, n, (long long)mdown);
+}
+
 // RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
 // (bit for bit) and a float64 reference.
 static void test_rope2(int neox) {
@@ -602,6 +642,9 @@ int main(int argc, char **argv) {
   test_norm_xh(ORCH_T_Q8_0, 2880, 2, {8, 16}, true);      // gpt-oss width (N 12), two tokens
   test_norm_xh(ORCH_T_MXFP4, 96, 1, {8, 8}, true);        // N 4, warps without chunks; pair order
   test_norm_xh(ORCH_T_Q4_0, 1024, 2, {24}, false);        // N 4, every warp
+  test_glu_pack(ORCH_T_Q8_0, 96, 64, 1, 8);     // 2 chunks = 2 clusters of 4 CTAs
+  test_glu_pack(ORCH_T_MXFP4, 128, 96, 2, 12);  // pair order, two tokens, 3 clusters
+  test_glu_pack(ORCH_T_Q8_0, 2880, 128, 2, 4);  // gpt-oss width in (norm N 12)
   test_gemv_xr(ORCH_T_Q8_0, 14336, 8, 1, 1);  // Llama down's k: 5 rounds, the last partial
   test_gemv_xr(ORCH_T_Q8_0, 4096, 20, 2, 2);  // 2 rows per warp: the second row reads what the first staged
   test_gemv_xr(ORCH_T_MXFP4, 2880, 12, 1, 1);

@@ -271,10 +271,7 @@ func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
 			}
 		}
 	}
-	rc := int32(stUnsupported)
-	if xh := b.xhFor(); xh != 0 { // x packed by the norm (xh.go)
-		rc = b.l.matmulSwiGLUXH(b.ctx, xh, b.xh.kind, p.wtype, p.n, p.k, &gu[0], d.ptr)
-	}
+	rc, xo := b.swigluXH(d, gu) // x packed by the norm, out packed for down (xh.go)
 	if rc == stUnsupported {
 		rc = b.l.matmulSwiGLU(b.ctx, p.x, p.wtype, p.n, p.k, &gu[0], d.ptr)
 	}
@@ -284,6 +281,10 @@ func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
 	p.mm = 0
 	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
 	b.call("swiglu", rc)
+	if xo.buf != 0 && rc == stOK {
+		xo.seq = b.launches
+		b.xh = xo
+	}
 	return true
 }
 

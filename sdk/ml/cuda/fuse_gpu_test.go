@@ -437,7 +437,8 @@ func TestFusedSwiGLU(t *testing.T) {
 
 // x packed in fp16 by the norm for the GEMV after it (xh.go, ORCH_CUDA_XH):
 // a Llama-like step (AddRMSNorm -> merged q/k/v, RMSNorm -> gate/up +
-// SwiGLU, RMSNorm -> one GEMV) gives bit-identical outputs with and without
+// SwiGLU -> down (the fold packs its output: clusters of 4 CTAs, DSMEM),
+// RMSNorm -> one GEMV) gives bit-identical outputs with and without
 // the packed x, eagerly and over a graph capture and two replays; MXFP4
 // weights (the other pair order: the library declines the kind the norm
 // packed) and n = 3 (not v5) take the float path; the library must take n =
@@ -463,9 +464,10 @@ func TestFusedXH(t *testing.T) {
 				wv := weightPair(t, "v", dt, []int{d, kvd}, randWeight(r, dt, d, kvd))
 				wg := weightPair(t, "gate", dt, []int{d, ff}, randWeight(r, dt, d, ff))
 				wu := weightPair(t, "up", dt, []int{d, ff}, randWeight(r, dt, d, ff))
+				wd := weightPair(t, "down", dt, []int{ff, d}, randWeight(r, dt, ff, d))
 				bq := f32Pair(t, randF32(r, qd, 1), qd)
 				h, q, k, v := out(t, d, n), out(t, qd, n), out(t, kvd, n), out(t, kvd, n)
-				h2, g, u, o := out(t, d, n), out(t, ff, n), out(t, ff, n), out(t, ff, n)
+				h2, g, u, o, y := out(t, d, n), out(t, ff, n), out(t, ff, n), out(t, ff, n), out(t, d, n)
 				record := func() {
 					gpu.AddRMSNorm(res.g, h.g, x.g, nw.g, 1e-5)
 					gpu.MatMul(q.g, h.g, wq.g, bq.g)
@@ -475,10 +477,11 @@ func TestFusedXH(t *testing.T) {
 					gpu.MatMul(g.g, h2.g, wg.g, nil)
 					gpu.MatMul(u.g, h2.g, wu.g, nil)
 					gpu.SwiGLU(o.g, g.g, u.g)
+					gpu.MatMul(y.g, o.g, wd.g, nil)
 					gpu.RMSNorm(h.g, h2.g, nw.g, 1e-5)
 					gpu.MatMul(q.g, h.g, wq.g, nil) // one part (as an LM head)
 				}
-				outs := []pair{res, h, q, k, v, h2, g, u, o}
+				outs := []pair{res, h, q, k, v, h2, g, u, o, y}
 				reset := func() {
 					for _, p := range outs[1:] {
 						gpu.Fill(p.g, float32(math.NaN()))
@@ -527,8 +530,7 @@ func TestFusedXH(t *testing.T) {
 				if n <= 2 && dt == ml.Q8_0 && os.Getenv("ORCH_CUDA_GEMV") == "" {
 					require.NoError(t, gpu.l.status("matmul_multi_xh", rc))
 					require.NoError(t, gpu.Sync())
-					gpu.MatMul(k.g, h.g, wq.g, bq.g) // the float-x launch of the same GEMV, into k's... scratch
-					kk := out(t, qd, n)
+					kk := out(t, qd, n) // the float-x launch of the same GEMV
 					gpu.MatMul(kk.g, h.g, wq.g, bq.g)
 					sameBits(t, name+" direct multi_xh", readF32(t, kk.g), readF32(t, q.g))
 				} else {

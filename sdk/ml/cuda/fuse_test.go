@@ -20,8 +20,9 @@ type fakeLib struct {
 	// multiRC is what orch_matmul_multi answers (stUnsupported: the library
 	// declines, e.g. not the v5 GEMV).
 	multiRC int32
-	// gluRC / xhRC: what orch_matmul_swiglu / the packed-x GEMVs answer.
-	gluRC, xhRC int32
+	// gluRC / xhRC: what orch_matmul_swiglu / the packed-x GEMVs answer;
+	// xoRC: what orch_matmul_swiglu_xh answers when asked to pack its output.
+	gluRC, xhRC, xoRC int32
 }
 
 func (f *fakeLib) add(format string, a ...any) int32 {
@@ -69,12 +70,17 @@ func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
 			}
 			return f.add("multi_xh xh=%x n=%d k=%d [%s]", xh, n, k, strings.Join(ys, " "))
 		},
-		matmulSwiGLUXH: func(ctx, xh uintptr, kind, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32 {
+		matmulSwiGLUXH: func(ctx, x, xh uintptr, kind, wtype int32, n, k int64, gateUp *gemvPart, out,
+			xo uintptr) int32 {
 			if f.xhRC != stOK {
 				return f.xhRC
 			}
+			if xo != 0 && f.xoRC != stOK {
+				return f.xoRC
+			}
 			ps := unsafe.Slice(gateUp, 2)
-			return f.add("swiglu_xh xh=%x n=%d k=%d gate=%x up=%x out=%x", xh, n, k, ps[0].y, ps[1].y, out)
+			return f.add("swiglu_xh x=%x xh=%x n=%d k=%d gate=%x up=%x out=%x xo=%t", x, xh, n, k, ps[0].y, ps[1].y, out,
+				xo != 0)
 		},
 		malloc: func(ctx uintptr, bytes int64, out *uintptr) int32 {
 			*out = fakeNext
@@ -399,12 +405,32 @@ func TestFuseXH(t *testing.T) {
 	require.Equal(t, []string{fmt.Sprintf("multi_xh xh=%x n=1 k=%d [%x/%d %x/32]", xh, d, q.ptr, d, k.ptr),
 		fmt.Sprintf("add out=%x", x.ptr)}, f.take())
 
+	// gate/up + SwiGLU from the packed x, out packed for down (its own buffer).
+	wd, y := fakeT(b, ml.Q8_0, ff, d), fakeT(b, ml.F32, d, 1)
 	b.RMSNorm(h, res, nw, 1e-5)
 	b.MatMul(g, h, wg, nil)
 	b.MatMul(u, h, wu, nil)
 	b.SwiGLU(g, g, u)
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh xh=%x n=1 k=%d gate=%x up=%x out=%x", xh,
-		d, g.ptr, u.ptr, g.ptr)}, f.take())
+	b.MatMul(y, g, wd, nil)
+	require.NoError(t, b.Sync())
+	log = f.take()
+	require.Len(t, log, 4)
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh x=%x xh=%x n=1 k=%d gate=%x up=%x out=%x xo=true",
+		h.ptr, xh, d, g.ptr, u.ptr, g.ptr)}, log[:2])
+	require.Regexp(t, fmt.Sprintf("^multi_xh xh=[0-9a-f]+ n=1 k=%d \\[%x/%d\\]$", ff, y.ptr, d), log[2])
+	require.NotContains(t, log[2], fmt.Sprintf("xh=%x ", xh), "down reads the fold's buffer, not the norm's")
+	require.Equal(t, "sync", log[3])
+	// The library cannot pack the fold's output (not sm_90): x still packed, down on floats.
+	f.xoRC = stUnsupported
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(g, g, u)
+	b.MatMul(y, g, wd, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh x=%x xh=%x n=1 k=%d gate=%x up=%x out=%x xo=false",
+		h.ptr, xh, d, g.ptr, u.ptr, g.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", y.ptr, g.ptr), "sync"}, f.take())
+	f.xoRC = stOK
 
 	b.RMSNorm(h, res, nw, 1e-5)
 	b.MatMul(q, h, wq, nil) // one part: still the packed launch

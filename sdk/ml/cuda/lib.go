@@ -105,7 +105,7 @@ type lib struct {
 	rmsnormXH      func(ctx, out, x, add, w uintptr, n, dim int64, eps float32, xh uintptr, kind int32) int32
 	xhRowBytes     func(k int64) int64
 	matmulMultiXH  func(ctx, xh uintptr, kind, wtype int32, n, k int64, count int32, parts *gemvPart) int32
-	matmulSwiGLUXH func(ctx, xh uintptr, kind, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32
+	matmulSwiGLUXH func(ctx, x, xh uintptr, kind, wtype int32, n, k int64, gateUp *gemvPart, out, xhOut uintptr) int32
 
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32

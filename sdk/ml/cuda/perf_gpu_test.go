@@ -831,8 +831,8 @@ func copyPeak(t *testing.T) float64 {
 // gemvXHTable (session 7, xh.go): the norm and the GEMV after it, as in the
 // decode step (RMSNorm(h, x) then the GEMV(s) of h; 16 pairs per graph),
 // with x as floats (ORCH_CUDA_XH off) and packed in fp16 by the norm (on):
-// gpt-oss / Llama q/k/v (3 merged parts), Llama gate/up + SwiGLU (the fold),
-// the LM heads (one part). The difference of the two rows is what the
+// gpt-oss / Llama q/k/v (3 merged parts), Llama gate/up + SwiGLU (the fold)
+// + down (the fold packs its output on sm_90), the LM heads (one part). The difference of the two rows is what the
 // packed x saves per GEMV (the norm writes 1/16 more bytes).
 func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 	if gpu.l.rmsnormXH == nil {
@@ -846,7 +846,7 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 		ms   []int
 		glu  bool
 	}{{"gpt-oss norm+qkv", 2880, []int{4096, 512, 512}, false}, {"llama norm+qkv", 4096, []int{4096, 1024, 1024}, false},
-		{"llama norm+gate/up+SwiGLU", 4096, []int{14336, 14336}, true}, {"llama norm+head", 4096, []int{128256}, false},
+		{"llama norm+gate/up+SwiGLU+down", 4096, []int{14336, 14336}, true}, {"llama norm+head", 4096, []int{128256}, false},
 		{"gpt-oss norm+head", 2880, []int{201088}, false}} {
 		copies := 4
 		if sh.ms[0] > 100000 {
@@ -854,12 +854,20 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 		}
 		ws := make([][]ml.Tensor, copies)
 		bytes := 0.0
+		const down = 4096 // the fold's down GEMV: 14336 -> 4096 (last weight of ws[i])
 		for i := range ws {
 			for _, m := range sh.ms {
 				ws[i] = append(ws[i], mustW(t, r, sh.name, ml.Q8_0, sh.k, m))
 				if i == 0 {
 					rb, _ := ml.Q8_0.RowBytes(sh.k)
 					bytes += float64(rb * m)
+				}
+			}
+			if sh.glu {
+				ws[i] = append(ws[i], mustW(t, r, "down", ml.Q8_0, sh.ms[0], down))
+				if i == 0 {
+					rb, _ := ml.Q8_0.RowBytes(sh.ms[0])
+					bytes += float64(rb * down)
 				}
 			}
 		}
@@ -872,6 +880,7 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 			for j, m := range sh.ms {
 				ys[j] = mustA(t, ml.F32, m, n)
 			}
+			yd := mustA(t, ml.F32, down, n)
 			floor := bytes / peak * 1e3
 			var base float64
 			for _, on := range []bool{false, true} {
@@ -884,6 +893,7 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 					}
 					if sh.glu {
 						gpu.SwiGLU(ys[0], ys[0], ys[1])
+						gpu.MatMul(yd, ys[0], ws[i%copies][len(sh.ms)], nil)
 					}
 					i++
 				})
@@ -895,7 +905,7 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 				t.Logf("| %s | %s Q8_0 k=%d n=%d | %s | %.1f us | %.1f us | %.0f%% |", label, sh.name, sh.k, n, path,
 					ms*1e3, floor*1e3, 100*floor/ms)
 			}
-			for _, y := range append(ys, x, h) {
+			for _, y := range append(ys, x, h, yd) {
 				gpu.Free(y)
 			}
 		}

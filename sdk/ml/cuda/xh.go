@@ -27,8 +27,13 @@ import (
 // checks), Free and Run forget it.
 var fuseXH = os.Getenv("ORCH_CUDA_XH") == "1"
 
-// xhMaxK: the widest x packed (orch_rmsnorm_xh's limit: 32 x 256 threads).
-const xhMaxK = 8192
+// xhMaxK: the widest x packed by a norm (orch_rmsnorm_xh's limit: 32 x 256
+// threads); xhGLUMaxM: the widest SwiGLU fold output packed (its own buffer:
+// the fold reads the norm's while it writes).
+const (
+	xhMaxK    = 8192
+	xhGLUMaxM = 16384
+)
 
 type xhState struct {
 	src  uintptr // the norm's output (0: nothing packed)
@@ -68,6 +73,38 @@ func (b *Backend) normXH(op string, a normOps, eps float32) bool {
 		b.xh = xhState{src: a.d.ptr, n: int64(a.n), k: int64(a.dim), kind: 0, seq: b.launches, buf: buf}
 	}
 	return true
+}
+
+// swigluXH runs the held gate/up GEMVs + SwiGLU(d) (foldSwiGLU's checks
+// passed) with x packed by the norm when it is, and out packed for the down
+// GEMV after it (orch_matmul_swiglu_xh; sm_90 clusters); xo: the packed out
+// (buf 0: none). stUnsupported: nothing launched, the caller runs
+// orch_matmul_swiglu.
+func (b *Backend) swigluXH(d *tensor, gu [2]gemvPart) (rc int32, xo xhState) {
+	p := &b.pend
+	if !fuseXH || b.l.matmulSwiGLUXH == nil || p.n > 2 {
+		return stUnsupported, xo
+	}
+	xin, kind := b.xhFor(), xhKind(p.wtype)
+	var xout uintptr
+	if m := gu[0].m; m%32 == 0 && m <= xhGLUMaxM {
+		xout = b.scratchBuf("xh.glu", int(2*b.l.xhRowBytes(xhGLUMaxM)))
+		if b.err != nil {
+			return stUnsupported, xo
+		}
+	}
+	rc = stUnsupported
+	if xin != 0 || xout != 0 {
+		rc = b.l.matmulSwiGLUXH(b.ctx, p.x, xin, kind, p.wtype, p.n, p.k, &gu[0], d.ptr, xout)
+	}
+	if rc == stUnsupported && xout != 0 && xin != 0 { // out not packable here (not sm_90): x still is
+		xout = 0
+		rc = b.l.matmulSwiGLUXH(b.ctx, p.x, xin, kind, p.wtype, p.n, p.k, &gu[0], d.ptr, 0)
+	}
+	if rc != stUnsupported && xout != 0 {
+		xo = xhState{src: d.ptr, n: p.n, k: gu[0].m, kind: kind, buf: xout}
+	}
+	return rc, xo
 }
 
 // xhFor returns the packed copy of the held GEMVs' x, or 0.
