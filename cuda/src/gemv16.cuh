@@ -244,7 +244,7 @@ struct gemv5_parts {
   unsigned end[GEMV_MAX_PARTS]; // cumulative CTA counts (unused parts: the total)
 };
 
-template <int T, int NT, int NB, int XR = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -255,8 +255,8 @@ gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, 
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
 #define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv5_rows<T, NT, NB, XR>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m), row_bytes, 0,
-                        GEMV5_PICK(rpw));
+  gemv5_rows<T, NT, NB, XR, TR>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
+                                row_bytes, 0, GEMV5_PICK(rpw));
 #undef GEMV5_PICK
 }
 
@@ -317,13 +317,13 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
 }
 
 // P: count parts filled in (w, bias, y, m); rpw and end are set here. XR as
-// launch_gemv5_nt_x (2: x is the packed x).
-template <int T, int NT, int XR>
+// launch_gemv5_nt_x (2: x is the packed x), TR: the trace.
+template <int T, int NT, int XR, int TR = 0>
 static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                     int64_t rb) {
   constexpr int NB = gemv5_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = gemv5_multi_kernel<T, NT, NB, XR>;
+  auto kern = gemv5_multi_kernel<T, NT, NB, XR, TR>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned total = 0;
   for (int p = 0; p < count; p++) {
@@ -350,6 +350,10 @@ static void launch_gemv5_multi_xh(cudaStream_t st, const gemv5_parts &P, int cou
                                   int64_t k, int64_t rb) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const float *x = reinterpret_cast<const float *>(xh);
+#if !defined(ORCH_EMU)
+    if constexpr (T == ORCH_T_Q8_0) // the trace (orch_gemv_trace) of the one-token packed-x GEMVs
+      if (n == 1 && g_gemv_trace_on) return launch_gemv5_multi_nt_x<T, 1, 2, 1>(st, P, count, x, n, k, rb);
+#endif
     if (n == 1) launch_gemv5_multi_nt_x<T, 1, 2>(st, P, count, x, n, k, rb);
     else launch_gemv5_multi_nt_x<T, 2, 2>(st, P, count, x, n, k, rb);
   }
