@@ -521,7 +521,7 @@ func TestFusedXH(t *testing.T) {
 					return p.g.(*tensor).ptr
 				}
 				reset()
-				xh := gpu.scratchBuf("xh-test", int(2*gpu.l.xhRowBytes(d)))
+				xh := gpu.scratchBuf("xh-test", n*int(gpu.l.xhRowBytes(d)))
 				require.NoError(t, gpu.Err())
 				rc := gpu.l.rmsnormXH(gpu.ctx, ptr(h), ptr(res), ptr(x), ptr(nw), int64(n), d, 1e-5, xh, 0)
 				require.NoError(t, gpu.l.status("rmsnorm_xh", rc))
