@@ -448,8 +448,8 @@ func TestFusedXH(t *testing.T) {
 		t.Skip("library without orch_rmsnorm_xh")
 	}
 	r := newRNG(t)
-	defer func(v, x bool) { fuseOps, fuseXH = v, x }(fuseOps, fuseXH)
-	fuseOps = true
+	defer func(v, x, o bool) { fuseOps, fuseXH, xhGLUOut = v, x, o }(fuseOps, fuseXH, xhGLUOut)
+	fuseOps, xhGLUOut = true, true
 	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4} {
 		for _, n := range []int{1, 2, 3} {
 			name := fmt.Sprintf("%v/n=%d", dt, n)

@@ -381,8 +381,8 @@ func TestFuseSwiGLU(t *testing.T) {
 // other pair order, the float path when the library declines, nothing with
 // the switch off.
 func TestFuseXH(t *testing.T) {
-	defer func(v, x bool) { fuseOps, fuseXH = v, x }(fuseOps, fuseXH)
-	fuseOps, fuseXH = true, true
+	defer func(v, x, o bool) { fuseOps, fuseXH, xhGLUOut = v, x, o }(fuseOps, fuseXH, xhGLUOut)
+	fuseOps, fuseXH, xhGLUOut = true, true, true
 	b, f := newFakeBackend(t)
 	const d, ff = 64, 96
 	x, h, res, nw := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d)
@@ -431,6 +431,17 @@ func TestFuseXH(t *testing.T) {
 	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh x=%x xh=%x n=1 k=%d gate=%x up=%x out=%x xo=false",
 		h.ptr, xh, d, g.ptr, u.ptr, g.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", y.ptr, g.ptr), "sync"}, f.take())
 	f.xoRC = stOK
+	// ORCH_CUDA_XH=1: the fold's output is not packed.
+	xhGLUOut = false
+	b.RMSNorm(h, res, nw, 1e-5)
+	b.MatMul(g, h, wg, nil)
+	b.MatMul(u, h, wu, nil)
+	b.SwiGLU(g, g, u)
+	b.MatMul(y, g, wd, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh x=%x xh=%x n=1 k=%d gate=%x up=%x out=%x xo=false",
+		h.ptr, xh, d, g.ptr, u.ptr, g.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", y.ptr, g.ptr), "sync"}, f.take())
+	xhGLUOut = true
 
 	b.RMSNorm(h, res, nw, 1e-5)
 	b.MatMul(q, h, wq, nil) // one part: still the packed launch

@@ -839,7 +839,7 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 		t.Logf("| %s | packed x | library without orch_rmsnorm_xh | | | |", label)
 		return
 	}
-	defer func(v bool) { fuseXH = v }(fuseXH)
+	defer func(v, o bool) { fuseXH, xhGLUOut = v, o }(fuseXH, xhGLUOut)
 	for _, sh := range []struct {
 		name string
 		k    int
@@ -882,9 +882,13 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 			}
 			yd := mustA(t, ml.F32, down, n)
 			floor := bytes / peak * 1e3
+			modes := []int{0, 1} // float x; packed by the norm (ORCH_CUDA_XH=1)
+			if sh.glu {
+				modes = append(modes, 2) // + the fold's output packed for down (=2)
+			}
 			var base float64
-			for _, on := range []bool{false, true} {
-				fuseXH = on
+			for _, mode := range modes {
+				fuseXH, xhGLUOut = mode > 0, mode == 2
 				i := 0
 				ms := timeKernel(t, 20, 16, func() {
 					gpu.RMSNorm(h, x, nw, 1e-5)
@@ -898,10 +902,11 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 					i++
 				})
 				path := "float x"
-				if on {
-					path = fmt.Sprintf("packed x (%+.1f us)", (ms-base)*1e3)
+				if mode == 0 {
+					base = ms
+				} else {
+					path = fmt.Sprintf("XH=%d packed x (%+.1f us)", mode, (ms-base)*1e3)
 				}
-				base = ms
 				t.Logf("| %s | %s Q8_0 k=%d n=%d | %s | %.1f us | %.1f us | %.0f%% |", label, sh.name, sh.k, n, path,
 					ms*1e3, floor*1e3, 100*floor/ms)
 			}

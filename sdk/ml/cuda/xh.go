@@ -25,7 +25,15 @@ import (
 // is the norm's output and no launch happened since (the held q/k/v or
 // gate/up are the very next launch); get (outside an op's own operand
 // checks), Free and Run forget it.
-var fuseXH = os.Getenv("ORCH_CUDA_XH") == "1"
+//
+// ORCH_CUDA_XH=2 also packs the SwiGLU fold's output for the down GEMV (Llama
+// down, k = 14336: the bigger staging; the fold then runs in clusters of 4
+// CTAs on sm_90, gemv16.cuh gemv5_glu_pack): its own switch so that the
+// device can time the clusters apart.
+var (
+	fuseXH   = os.Getenv("ORCH_CUDA_XH") == "1" || os.Getenv("ORCH_CUDA_XH") == "2"
+	xhGLUOut = os.Getenv("ORCH_CUDA_XH") == "2"
+)
 
 // xhMaxK: the widest x packed by a norm (orch_rmsnorm_xh's limit: 32 x 256
 // threads); xhGLUMaxM: the widest SwiGLU fold output packed (its own buffer:
@@ -87,7 +95,7 @@ func (b *Backend) swigluXH(d *tensor, gu [2]gemvPart) (rc int32, xo xhState) {
 	}
 	xin, kind := b.xhFor(), xhKind(p.wtype)
 	var xout uintptr
-	if m := gu[0].m; m%32 == 0 && m <= xhGLUMaxM {
+	if m := gu[0].m; xhGLUOut && m%32 == 0 && m <= xhGLUMaxM {
 		xout = b.scratchBuf("xh.glu", int(2*b.l.xhRowBytes(xhGLUMaxM)))
 		if b.err != nil {
 			return stUnsupported, xo
