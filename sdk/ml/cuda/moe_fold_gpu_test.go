@@ -18,14 +18,14 @@ import (
 // kernel (fuse.go foldMoENorm, orch_moe_decode_norm) is bit-identical to the
 // two ops launched separately in res, h and y, eagerly and over a graph
 // capture and two replays (res restored before each: the route tickets must
-// be back at 0), runs (the library takes it) where ORCH_CUDA_MOE is unset or
-// v10, and matches the CPU backend (h 1e-5, y the MoE tolerance).
+// be back at 0), runs (the library takes it) where ORCH_CUDA_MOE is unset,
+// v10 or v12, and matches the CPU backend (h 1e-5, y the MoE tolerance).
 func TestMoENormFold(t *testing.T) {
 	r := newRNG(t)
 	defer func(v, g bool) { fuseOps, fuseMoENorm = v, g }(fuseOps, fuseMoENorm)
 	fuseOps = true
 	ver := os.Getenv("ORCH_CUDA_MOE")
-	folds := ver == "" || ver == "v10"
+	folds := ver == "" || ver == "v10" || ver == "v12"
 	folded := 0 // orch_moe_decode_norm calls that ran
 	orig := gpu.l.moeDecodeNorm
 	defer func() { gpu.l.moeDecodeNorm = orig }()
