@@ -29,8 +29,6 @@ ORCH_HD constexpr bool attn_dim_ok(int hd, int lane, int e) {
 // kernels compute the run from the same device arrays with attn_tc_run.
 constexpr int ATTN_TC_ROWS = 64;
 constexpr int ATTN_TC_MIN_RUN = 16;
-// Tensor-core prefill kernel variants (attention_tc.cu attn_tc_launch).
-constexpr int ATTN_TC_SMEM = 0, ATTN_TC_OREG = 1, ATTN_TC_FA11 = 4, ATTN_TC_FA12 = 5;
 
 // Whether row t continues the run that starts at t0.
 ORCH_HD bool attn_tc_row_ok(const int32_t *seq, const int32_t *pos, int64_t n_tok, int64_t t0, int64_t t) {
@@ -51,7 +49,7 @@ ORCH_HD int attn_tc_run_from_bits(uint32_t lo, uint32_t hi) {
 // tensor-core kernel's.
 ORCH_HD bool attn_tc_takes(int run, int r) { return run >= ATTN_TC_MIN_RUN && r < run; }
 
-// ---- depth-adaptive decode splits (v6) ----
+// ---- depth-adaptive decode splits ----
 // A flash-decoding grid has `splits` CTAs per (row, head group), fixed when
 // the launch is made (and captured in a graph) from an upper bound of the
 // span (Batch.MaxPos: the context length in a captured decode step). The
@@ -75,7 +73,7 @@ ORCH_HD int attn_split_per(int span, int splits, int gran) {
 // Splits that hold keys (1 .. splits for span >= 1).
 ORCH_HD int attn_split_used(int span, int per) { return (span + per - 1) / per; }
 
-// Host: splits of a v6 grid of `ctas` (row, head group) CTAs for rows of at
+// Host: splits of a flash-decoding grid of `ctas` (row, head group) CTAs for rows of at
 // most span_max keys: enough gran-key splits to cover span_max, at most
 // budget / ctas (so a one-token decode fills the GPU and a big batch does not
 // multiply its CTAs), 1 .. cap.
@@ -88,7 +86,7 @@ inline int attn_grid_splits(long long ctas, long long span_max, int gran, long l
   return s < 1 ? 1 : (int)s;
 }
 
-// Host: query heads per CTA of the grouped kernel (v6): the largest of 8, 4,
+// Host: query heads per CTA of the grouped kernel (attn_gd7): the largest of 8, 4,
 // 2, 1 that divides the group size g while the grid keeps >= min_ctas CTAs
 // (n_heads / gc x rows x splits); 1 if none does. A CTA reads its kv head's
 // K/V once for all its heads, so fewer, fatter CTAs read less; a short grid
@@ -97,24 +95,4 @@ inline int attn_gd_heads_per_cta(int g, int n_heads, long long rows, int splits,
   for (int gc = 8; gc > 1; gc /= 2)
     if (g % gc == 0 && (long long)(n_heads / gc) * rows * splits >= min_ctas) return gc;
   return 1;
-}
-
-// ---- single-launch decode (v8) ----
-// Working CTAs below which a v8 row spreads its heads (attn8_heads_per_cta).
-constexpr int ATTN8_MIN_CTAS = 256;
-
-// Device, per row: query heads per working CTA of the v8 kernel, whose grid
-// has `splits` CTAs per (row, head group of gc heads; gc a power of two) and
-// `groups` (head group, row) pairs. The row's `used` key splits times
-// gc / hc head slices are its working CTAs: hc starts at gc (K/V read once
-// per group) and halves while the row has fewer than min_ctas working CTAs
-// over the grid (groups x used x gc / hc) and the halved count still fits
-// the grid's splits. So a short row in a grid sized for a long context runs
-// on many thin CTAs (the idle splits' slots) and a long row keeps fat ones.
-// Always used x gc / hc <= splits (used <= splits).
-ORCH_HD int attn8_heads_per_cta(int gc, int used, int splits, long long groups, long long min_ctas) {
-  int hc = gc;
-  while (hc > 1 && (long long)used * (gc / hc) * groups < min_ctas && (long long)used * (gc / (hc / 2)) <= splits)
-    hc /= 2;
-  return hc;
 }

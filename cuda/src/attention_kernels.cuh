@@ -1,5 +1,6 @@
-// attention_kernels.cuh — the fp32 attention kernels of attention.cu (v1,
-// v2 flash-decoding + combine; see there). A header of its own so that
+// attention_kernels.cuh — the fp32 flash-decoding kernels of attention.cu
+// (the grouped decode kernel attn_gd7 for head dims 64/128, attn2 for the
+// others, and the combine of their split partials; see there). A header of its own so that
 // cuda/test/attention_emu_test.cpp can compile the same kernel source on the
 // CPU against an emulation of the CUDA features it uses. Included after
 // common.cuh (warp_sum, warp_max).
@@ -62,96 +63,18 @@ struct AttnRows {
 
 constexpr int ATTN_WARPS = 4;
 
-template <typename KV, int HD>
-__global__ void __launch_bounds__(ATTN_WARPS * 32) attn_kernel(orch_attn_args a) {
-  constexpr int E = attn_lane_dims(HD); // dims per lane
-  const int h = blockIdx.x;
-  const int64_t t = blockIdx.y;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kvh = h / (a.n_heads / a.n_kv_heads);
-  const int qp = a.tok_pos[t];
-  const int seq = a.tok_seq[t];
-  const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks;
-  const KV *kc = (const KV *)a.k_cache;
-  const KV *vc = (const KV *)a.v_cache;
-  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
-
-  float q[E], acc[E];
-  const float *qr = a.q + t * a.q_stride + (int64_t)h * HD;
-#pragma unroll
-  for (int e = 0; e < E; e++) {
-    q[e] = attn_dim_ok(HD, lane, e) ? qr[lane * E + e] * a.scale : 0.f;
-    acc[e] = 0.f;
-  }
-  float m = -INFINITY, l = 0.f;
-  int start = 0;
-  if (a.window > 0) start = max(0, qp - a.window + 1);
-  for (int kp = start + warp; kp <= qp; kp += ATTN_WARPS) {
-    int64_t slot = (int64_t)bt[kp / a.block_size] * a.block_size + kp % a.block_size;
-    const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD + lane * E;
-    const KV *vr = vc + slot * slot_stride + (int64_t)kvh * HD + lane * E;
-    float s = 0.f;
-#pragma unroll
-    for (int e = 0; e < E; e++)
-      if (attn_dim_ok(HD, lane, e)) s += q[e] * kv_load<KV>(kr + e);
-    s = warp_sum(s);
-    float mn = fmaxf(m, s);
-    float corr = __expf(m - mn), p = __expf(s - mn);
-    l = l * corr + p;
-#pragma unroll
-    for (int e = 0; e < E; e++)
-      if (attn_dim_ok(HD, lane, e)) acc[e] = acc[e] * corr + p * kv_load<KV>(vr + e);
-    m = mn;
-  }
-  __shared__ float sm[ATTN_WARPS], sl[ATTN_WARPS];
-  __shared__ float sacc[ATTN_WARPS][HD];
-  if (lane == 0) {
-    sm[warp] = m;
-    sl[warp] = l;
-  }
-#pragma unroll
-  for (int e = 0; e < E; e++)
-    if (attn_dim_ok(HD, lane, e)) sacc[warp][lane * E + e] = acc[e];
-  __syncthreads();
-  if (warp == 0) {
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w]);
-    float sink = a.sinks ? a.sinks[h] : -INFINITY;
-    M = fmaxf(M, sink);
-    float L = a.sinks ? __expf(sink - M) : 0.f;
-    float f[ATTN_WARPS];
-#pragma unroll
-    for (int w = 0; w < ATTN_WARPS; w++) {
-      f[w] = sl[w] > 0.f ? __expf(sm[w] - M) : 0.f;
-      L += sl[w] * f[w];
-    }
-    float inv = 1.f / L;
-    float *o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
-#pragma unroll
-    for (int e = 0; e < E; e++) {
-      if (!attn_dim_ok(HD, lane, e)) continue;
-      int d = lane * E + e;
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][d] * f[w];
-      o[d] = v * inv;
-    }
-  }
-}
-
-
-// v2 (flash-decoding): grid (head, row, split). Each split takes a slice of
-// the visible keys; inside it a warp scores 32 keys at once (lane = key, the
-// q vector in shared memory), keeps an online softmax, and accumulates V with
-// lanes over dims. Partial (m, l, acc) go to scratch; attn_combine merges the
-// splits with the sink (one split: the CTA writes the output). Replaces v1's
-// one-key-at-a-time warp chain. A CTA takes a chunk of consecutive rows
+// attn2 (flash-decoding, the head dims without a grouped instance): grid
+// (head, row, split). Each used split takes a slice of the visible keys
+// (depth-adaptive, as attn_gd_body); inside it a warp scores 32 keys at once
+// (lane = key, the q vector in shared memory), keeps an online softmax, and
+// accumulates V with lanes over dims. Partial (m, l, acc) go to scratch;
+// attn_combine6 merges the splits with the sink (one used split: the CTA
+// writes the output). A CTA takes a chunk of consecutive rows
 // (AttnRows: one row unless the tensor-core kernel ran; then fewer CTAs, as
 // most rows are skipped and an exiting CTA still costs its launch).
 template <typename KV, int HD>
 __global__ void __launch_bounds__(ATTN_WARPS * 32)
-    attn2_kernel(orch_attn_args a, float *part, int splits, int tc_skip, int gran = 0) {
+    attn2_kernel(orch_attn_args a, float *part, int splits, int tc_skip, int gran) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 8 == 0, "K rows are read in 16-byte vectors");
   const int h = blockIdx.x, sp = blockIdx.z;
@@ -173,10 +96,10 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
     const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
     int start = a.window > 0 ? max(0, qp - a.window + 1) : 0;
     const int span = qp - start + 1;
-    // gran > 0 (v6): splits sized from this row's span (attention_index.cuh),
-    // unused ones skip the row; else (v2..v5) span / splits, every split runs.
-    const int per = gran > 0 ? attn_split_per(span, splits, gran) : (span + splits - 1) / splits;
-    const int used = gran > 0 ? attn_split_used(span, per) : splits;
+    // Splits sized from this row's span (attention_index.cuh); unused ones
+    // skip the row.
+    const int per = attn_split_per(span, splits, gran);
+    const int used = attn_split_used(span, per);
     if (sp >= used) continue; // uniform over the CTA, before any barrier of the row
     const float *qr = a.q + t * a.q_stride + (int64_t)h * HD;
     for (int i = threadIdx.x; i < HD; i += blockDim.x) qs[i] = qr[i] * a.scale;
@@ -281,155 +204,6 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
   } // rows
 }
 
-// v5 (GQA-grouped flash-decoding): grid (kv head, row, split). As attn2, but
-// a CTA serves all G query heads that share kv head blockIdx.x: each K row a
-// lane loads is dotted with G q vectors, and each V element is loaded once
-// for G accumulators, so K/V are read once per kv head instead of G times
-// (gpt-oss: G = 8). Partials use attn2's layout (per query head), so
-// attn_combine merges them; one split writes the output directly.
-template <typename KV, int HD, int G>
-__global__ void __launch_bounds__(ATTN_WARPS * 32)
-    attn_gq_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
-  constexpr int E = attn_lane_dims(HD);
-  static_assert(HD % 32 == 0, "lanes hold whole dims");
-  const int kvh = blockIdx.x, sp = blockIdx.z;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const KV *kc = (const KV *)a.k_cache;
-  const KV *vc = (const KV *)a.v_cache;
-  const int64_t slot_stride = (int64_t)a.n_kv_heads * HD;
-  __shared__ float qs[G][HD];
-  __shared__ float sm[ATTN_WARPS][G], sl[ATTN_WARPS][G];
-  __shared__ float sacc[ATTN_WARPS][G][HD];
-  // Rows as in attn2 (no barrier needed between rows, same argument).
-  AttnRows rows(a);
-  for (int64_t t = rows.r0; t < rows.r1; t++) {
-    if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
-    const int qp = a.tok_pos[t];
-    const int32_t *bt = a.block_tables + (int64_t)a.tok_seq[t] * a.max_blocks;
-    const float *qr = a.q + t * a.q_stride + (int64_t)kvh * G * HD;
-    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) qs[i / HD][i % HD] = qr[i] * a.scale;
-    __syncthreads();
-    const int start = a.window > 0 ? max(0, qp - a.window + 1) : 0;
-    const int span = qp - start + 1;
-    const int per = (span + splits - 1) / splits;
-    const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
-    float m[G], l[G], acc[G][E];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-      m[g] = -INFINITY;
-      l[g] = 0.f;
-#pragma unroll
-      for (int e = 0; e < E; e++) acc[g][e] = 0.f;
-    }
-    for (int base = k0 + warp * 32; base < k1; base += ATTN_WARPS * 32) {
-      const int kp = base + lane;
-      const bool ok = kp < k1;
-      int64_t slot = 0;
-      float s[G];
-#pragma unroll
-      for (int g = 0; g < G; g++) s[g] = 0.f;
-      if (ok) {
-        slot = (int64_t)bt[kp / a.block_size] * a.block_size + kp % a.block_size;
-        const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
-#pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-          float kf[8];
-          if constexpr (sizeof(KV) == 4) {
-            const float4 *k4 = reinterpret_cast<const float4 *>(kr) + 2 * i;
-            const float4 x = k4[0], y = k4[1];
-            kf[0] = x.x, kf[1] = x.y, kf[2] = x.z, kf[3] = x.w, kf[4] = y.x, kf[5] = y.y, kf[6] = y.z, kf[7] = y.w;
-          } else {
-            const uint4 u = reinterpret_cast<const uint4 *>(kr)[i];
-            const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-              const float2 f = attn_h2f2(w[j]);
-              kf[2 * j] = f.x, kf[2 * j + 1] = f.y;
-            }
-          }
-#pragma unroll
-          for (int g = 0; g < G; g++)
-#pragma unroll
-            for (int j = 0; j < 8; j++) s[g] += qs[g][8 * i + j] * kf[j];
-        }
-      }
-      float p[G];
-#pragma unroll
-      for (int g = 0; g < G; g++) {
-        const float sg = ok ? s[g] : -INFINITY;
-        const float mn = fmaxf(m[g], warp_max(sg));
-        const float corr = __expf(m[g] - mn); // m = -inf first: 0
-        p[g] = ok ? __expf(sg - mn) : 0.f;
-        l[g] = l[g] * corr + warp_sum(p[g]);
-#pragma unroll
-        for (int e = 0; e < E; e++) acc[g][e] *= corr;
-        m[g] = mn;
-      }
-      const int cnt = min(32, k1 - base);
-      for (int j = 0; j < cnt; j++) {
-        const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
-        const KV *vr = vc + sj * slot_stride + (int64_t)kvh * HD + lane * E;
-        float v[E];
-#pragma unroll
-        for (int e = 0; e < E; e++) v[e] = kv_load<KV>(vr + e);
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-          const float pj = __shfl_sync(0xffffffffu, p[g], j);
-#pragma unroll
-          for (int e = 0; e < E; e++) acc[g][e] += pj * v[e];
-        }
-      }
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int g = 0; g < G; g++) {
-        sm[warp][g] = m[g];
-        sl[warp][g] = l[g];
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < G; g++)
-#pragma unroll
-      for (int e = 0; e < E; e++) sacc[warp][g][lane * E + e] = acc[g][e];
-    __syncthreads();
-    // Merge: warp w handles heads w, w + ATTN_WARPS, ... of the group.
-    for (int g = warp; g < G; g += ATTN_WARPS) {
-      const int h = kvh * G + g;
-      const bool direct = splits == 1;
-      float M = -INFINITY;
-#pragma unroll
-      for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm[w][g]);
-      const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
-      M = fmaxf(M, sink);
-      float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
-#pragma unroll
-      for (int w = 0; w < ATTN_WARPS; w++) {
-        f[w] = sl[w][g] > 0.f ? __expf(sm[w][g] - M) : 0.f;
-        L += sl[w][g] * f[w];
-      }
-      float *o, inv = 1.f;
-      if (direct) {
-        o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
-        inv = 1.f / L;
-      } else {
-        o = part + ((t * a.n_heads + h) * (int64_t)splits + sp) * (HD + 2);
-        if (lane == 0) {
-          o[HD] = M;
-          o[HD + 1] = L;
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        const int dd = lane * E + e;
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < ATTN_WARPS; w++) v += sacc[w][g][dd] * f[w];
-        o[dd] = v * inv;
-      }
-    }
-  } // rows
-}
-
 // ---- v6: depth-adaptive GQA-grouped flash-decoding ----
 // Keys per used split are a multiple of ATTN_GD_GRAN (one 32-key step per
 // warp); the grid has at most ATTN_GD_MAX_SPLITS splits (the combine's lanes
@@ -473,11 +247,10 @@ template <int E> struct AttnVRow<float, E> {
   __device__ __forceinline__ float get(int e) const { return f[e]; }
 };
 
-// Shared memory of the grouped decode kernels, sized for GC heads per CTA (a
-// v8 CTA may serve fewer of them for one row: attn_gd_row<..., HC, ...> uses
-// the first HC slots). p first, for its 16-byte loads.
-template <int HD, int GC, bool TIGHT> struct __align__(16) AttnGdSmem {
-  float p[TIGHT ? ATTN_WARPS : 1][TIGHT ? GC : 1][32]; // TIGHT: p of a key step
+// Shared memory of the grouped decode kernel, sized for GC heads per CTA.
+// p first, for its 16-byte loads.
+template <int HD, int GC> struct __align__(16) AttnGdSmem {
+  float p[ATTN_WARPS][GC][32]; // p of a key step
   float qs[GC][HD];
   float sm[ATTN_WARPS][GC], sl[ATTN_WARPS][GC];
   float sacc[ATTN_WARPS][GC][HD];
@@ -485,23 +258,22 @@ template <int HD, int GC, bool TIGHT> struct __align__(16) AttnGdSmem {
 
 // One row's keys [k0, k1) for HC query heads h0 .. h0 + HC - 1 (sharing kv
 // head kvh): the output (direct: this CTA holds every key of the row; sink
-// included) or the partial (m, l, acc) of split slot sp. The body of
-// attn_gd_kernel (v6), attn_gd7_kernel (v7) and attn_gd8_kernel (v8). TIGHT
-// (v7, v8): V chunks of half the rows at 8 heads per CTA, for the
-// 128-register cap of the v7/v8 launch bounds, and the probabilities of a key
+// included) or the partial (m, l, acc) of split slot sp; the body of
+// attn_gd7_kernel. V chunks of half the rows at 8 heads per CTA, for the
+// 128-register cap of the launch bounds, and the probabilities of a key
 // step go through shared memory (one 16-byte broadcast load per 4 keys and
 // head) instead of one shuffle per key and head (HC x 32 shuffles per step;
 // a shuffle issues at a quarter of the FMA rate). Starts with a barrier-free
 // q load and ends after the merge's reads of S (see attn_gd_body for why no
 // barrier is needed between rows).
-template <typename KV, int HD, int HC, bool TIGHT, typename SM>
+template <typename KV, int HD, int HC, typename SM>
 __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int64_t t, int seq, int h0, int kvh,
                                             int k0, int k1, bool direct, float *part, int splits, int sp) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
   // V rows per chunk: <= 32 registers of raw V per lane.
   constexpr int VW = E * (int)sizeof(KV) / 4;
-  constexpr int VCH = (VW >= 4 ? 8 : VW >= 2 ? 16 : 32) / (TIGHT && HC >= 8 ? 2 : 1);
+  constexpr int VCH = (VW >= 4 ? 8 : VW >= 2 ? 16 : 32) / (HC >= 8 ? 2 : 1);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const KV *kc = (const KV *)a.k_cache;
   const KV *vc = (const KV *)a.v_cache;
@@ -575,11 +347,9 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
       for (int e = 0; e < E; e++) acc[g][e] *= corr;
       m[g] = mn;
     }
-    if constexpr (TIGHT) {
 #pragma unroll
-      for (int g = 0; g < HC; g++) S.p[warp][g][lane] = p[g];
-      __syncwarp();
-    }
+    for (int g = 0; g < HC; g++) S.p[warp][g][lane] = p[g];
+    __syncwarp();
 #pragma unroll
     for (int c = 0; c < 32; c += VCH) {
       if (c >= cnt) break; // uniform
@@ -590,32 +360,20 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
           v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
         }
       }
-      if constexpr (TIGHT) {
 #pragma unroll
-        for (int j4 = 0; j4 < VCH; j4 += 4) {
+      for (int j4 = 0; j4 < VCH; j4 += 4) {
 #pragma unroll
-          for (int g = 0; g < HC; g++) {
-            const float4 p4 = *reinterpret_cast<const float4 *>(&S.p[warp][g][c + j4]);
-            const float pj[4] = {p4.x, p4.y, p4.z, p4.w};
+        for (int g = 0; g < HC; g++) {
+          const float4 p4 = *reinterpret_cast<const float4 *>(&S.p[warp][g][c + j4]);
+          const float pj[4] = {p4.x, p4.y, p4.z, p4.w};
 #pragma unroll
-            for (int jj = 0; jj < 4; jj++)
+          for (int jj = 0; jj < 4; jj++)
 #pragma unroll
-              for (int e = 0; e < E; e++) acc[g][e] += pj[jj] * v[j4 + jj].get(e);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < VCH; j++) {
-#pragma unroll
-          for (int g = 0; g < HC; g++) {
-            const float pj = __shfl_sync(0xffffffffu, p[g], c + j);
-#pragma unroll
-            for (int e = 0; e < E; e++) acc[g][e] += pj * v[j].get(e);
-          }
+            for (int e = 0; e < E; e++) acc[g][e] += pj[jj] * v[j4 + jj].get(e);
         }
       }
     }
-    if constexpr (TIGHT) __syncwarp(); // every lane read S.p before the next step writes it
+    __syncwarp(); // every lane read S.p before the next step writes it
   }
   if (lane == 0) {
 #pragma unroll
@@ -668,8 +426,7 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
 // v6 (depth-adaptive GQA-grouped flash-decoding): grid (n_heads / GC, row,
 // split). A CTA serves GC consecutive query heads that share one kv head
 // (GC divides the group size G = n_heads / n_kv_heads, read at run time), so
-// K/V are read G / GC times per kv head (once for GC = G). Differences from
-// v5 (attn_gq_kernel):
+// K/V are read G / GC times per kv head (once for GC = G). Besides:
 //  - the split of the keys comes from the row's actual span on the device
 //    (attn_split_per / attn_split_used with ATTN_GD_GRAN), not from the grid:
 //    a grid captured for the context length costs a short row one CTA per
@@ -680,13 +437,14 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
 //    first chunk before the K dot product): one memory latency per step
 //    instead of one per key of a serial V loop.
 // Partials use attn2's layout (per query head, `splits` = gridDim.z slots);
-// attn_combine6 merges the used ones. The body of attn_gd_kernel (v6) and
-// attn_gd7_kernel (v7).
-template <typename KV, int HD, int GC, bool TIGHT>
+// attn_combine6 merges the used ones. The body of attn_gd7_kernel. (v5, v6's
+// kernel without the launch bounds / PDL, and v8's single-launch variant
+// were deleted in session 7.)
+template <typename KV, int HD, int GC>
 __device__ __forceinline__ void attn_gd_body(const orch_attn_args &a, float *part, int splits, int tc_skip) {
   const int G = a.n_heads / a.n_kv_heads;
   const int h0 = blockIdx.x * GC, kvh = h0 / G, sp = blockIdx.z;
-  __shared__ AttnGdSmem<HD, GC, TIGHT> S;
+  __shared__ AttnGdSmem<HD, GC> S;
   // Rows as in attn2 (no barrier needed between rows, same argument).
   AttnRows rows(a);
   for (int64_t t = rows.r0; t < rows.r1; t++) {
@@ -697,14 +455,8 @@ __device__ __forceinline__ void attn_gd_body(const orch_attn_args &a, float *par
     const int used = attn_split_used(span, per);
     if (sp >= used) continue; // uniform: this split has no keys of this row
     const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
-    attn_gd_row<KV, HD, GC, TIGHT>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp);
+    attn_gd_row<KV, HD, GC>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp);
   } // rows
-}
-
-template <typename KV, int HD, int GC>
-__global__ void __launch_bounds__(ATTN_WARPS * 32)
-    attn_gd_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
-  attn_gd_body<KV, HD, GC, false>(a, part, splits, tc_skip);
 }
 
 // v7 = v6 with (a) launch bounds for 4 CTAs/SM at >= 4 heads per CTA (v6's
@@ -722,22 +474,14 @@ template <typename KV, int HD, int GC>
 __global__ void ATTN_GD7_BOUNDS(GC) attn_gd7_kernel(orch_attn_args a, float *part, int splits, int tc_skip) {
   pdl_wait();
   pdl_trigger();
-  attn_gd_body<KV, HD, GC, true>(a, part, splits, tc_skip);
-}
-
-// A partial written by another CTA of the same grid (v8's in-kernel combine):
-// loaded through L2 (ld.global.cg; L1 is not coherent across SMs). The v6
-// combine kernel reads its partials plainly (written by an earlier launch).
-template <bool L2> __device__ __forceinline__ float attn_ld_part(const float *p) {
-  if constexpr (L2) return __ldcg(p);
-  else return *p;
+  attn_gd_body<KV, HD, GC>(a, part, splits, tc_skip);
 }
 
 // The weights of a combine of `used` split partials of (row t, head h) with
 // the sink: lane j of the result holds f of splits j, 32 + j, ... (f[r]) and
 // the returned L (sum over the splits of l * f, plus the sink's term); M is
 // the max over the splits' m and the sink. One warp; used <= ATTN_GD_MAX_SPLITS.
-template <int HD, bool L2>
+template <int HD>
 __device__ __forceinline__ float attn_combine_weights(const orch_attn_args &a, const float *pp, int used, int h,
                                                       float (&f)[ATTN_GD_MAX_SPLITS / 32]) {
   constexpr int R = ATTN_GD_MAX_SPLITS / 32;
@@ -746,8 +490,8 @@ __device__ __forceinline__ float attn_combine_weights(const orch_attn_args &a, c
 #pragma unroll
   for (int r = 0; r < R; r++) {
     const int s = r * 32 + lane;
-    ms[r] = s < used ? attn_ld_part<L2>(pp + s * (HD + 2) + HD) : -INFINITY;
-    ls[r] = s < used ? attn_ld_part<L2>(pp + s * (HD + 2) + HD + 1) : 0.f;
+    ms[r] = s < used ? pp[s * (HD + 2) + HD] : -INFINITY;
+    ls[r] = s < used ? pp[s * (HD + 2) + HD + 1] : 0.f;
     if (ls[r] > 0.f) M = fmaxf(M, ms[r]);
   }
   M = warp_max(M);
@@ -760,114 +504,18 @@ __device__ __forceinline__ float attn_combine_weights(const orch_attn_args &a, c
   return warp_sum(L) + (a.sinks ? __expf(a.sinks[h] - M) : 0.f);
 }
 
-// v8 (single-launch depth-adaptive decode): v7's kernel, grid and partials,
-// plus two things decided on the device per row:
-//  - heads per working CTA (attn8_heads_per_cta): a short row (few used
-//    splits) in a grid sized for a long context spreads its GC heads over
-//    otherwise idle split CTAs — CTA z of the row's head group takes split
-//    z / (GC / hc) of heads (z % (GC / hc)) * hc .. + hc — so a depth-128
-//    row runs on 64 one-head CTAs instead of 8 eight-head ones, and a
-//    depth-8192 row keeps v7's 8 heads per CTA (K/V read once);
-//  - the combine: a row with several used splits is merged by the last of
-//    its head group's working CTAs to finish (an atomic ticket per (row,
-//    head group) in `tickets`, zero before the launch; the last CTA sets it
-//    back to zero, so a replayed graph finds it zero), not by a second
-//    launch. Partials go through L2 (__threadfence before the ticket,
-//    __ldcg after). The merge is attn_combine6's arithmetic in its order
-//    (bit-identical): one warp per head computes the weights into shared
-//    memory, then each thread sums float4 columns of one head over the splits.
-template <typename KV, int HD, int GC>
-__global__ void ATTN_GD7_BOUNDS(GC)
-    attn_gd8_kernel(orch_attn_args a, float *part, int splits, int tc_skip, unsigned *tickets) {
-  pdl_wait();
-  pdl_trigger();
-  __shared__ AttnGdSmem<HD, GC, true> S;
-  __shared__ float cf[GC][ATTN_GD_MAX_SPLITS], cinv[GC];
-  __shared__ unsigned last;
-  constexpr int R = ATTN_GD_MAX_SPLITS / 32;
-  const int G = a.n_heads / a.n_kv_heads;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int z = blockIdx.z;
-  AttnRows rows(a);
-  for (int64_t t = rows.r0; t < rows.r1; t++) {
-    if (tc_skip && rows.taken(a, t)) continue; // uniform over the CTA
-    const int qp = a.tok_pos[t], seq = a.tok_seq[t]; // (both loads in flight together)
-    const int span = attn_span(qp, a.window), start = qp + 1 - span;
-    const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
-    const int used = attn_split_used(span, per);
-    const int hc = attn8_heads_per_cta(GC, used, splits, (long long)gridDim.x * gridDim.y, ATTN8_MIN_CTAS);
-    const int sub = GC / hc;
-    if (z >= used * sub) continue; // uniform: no work of this row here
-    const int sp = z / sub, h0 = blockIdx.x * GC + (z % sub) * hc, kvh = h0 / G;
-    const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
-    const bool direct = used == 1;
-    constexpr int GC2 = GC >= 2 ? GC / 2 : 1, GC4 = GC >= 4 ? GC / 4 : 1;
-    if (hc == GC)
-      attn_gd_row<KV, HD, GC, true>(a, S, t, seq, h0, kvh, k0, k1, direct, part, splits, sp);
-    else if (GC >= 4 && hc == GC2)
-      attn_gd_row<KV, HD, GC2, true>(a, S, t, seq, h0, kvh, k0, k1, direct, part, splits, sp);
-    else if (GC >= 8 && hc == GC4)
-      attn_gd_row<KV, HD, GC4, true>(a, S, t, seq, h0, kvh, k0, k1, direct, part, splits, sp);
-    else
-      attn_gd_row<KV, HD, 1, true>(a, S, t, seq, h0, kvh, k0, k1, direct, part, splits, sp);
-    if (direct) continue;
-    // Partials out; the last working CTA of (t, head group) merges them.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned *tk = tickets + t * gridDim.x + blockIdx.x;
-      const unsigned n = atomicAdd(tk, 1u);
-      last = n + 1 == (unsigned)(used * sub);
-      if (last) {
-        atomicExch(tk, 0u); // every other working CTA has taken its ticket
-        __threadfence();
-      }
-    }
-    __syncthreads();
-    if (!last) continue; // uniform
-    const int64_t hg = (int64_t)blockIdx.x * GC;
-    for (int g = warp; g < GC; g += ATTN_WARPS) {
-      float f[R];
-      const float *pp = part + (t * a.n_heads + hg + g) * (int64_t)splits * (HD + 2);
-      const float L = attn_combine_weights<HD, true>(a, pp, used, (int)(hg + g), f);
-#pragma unroll
-      for (int r = 0; r < R; r++) cf[g][r * 32 + lane] = f[r];
-      if (lane == 0) cinv[g] = 1.f / L;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < GC * HD / 2; i += blockDim.x) {
-      // Thread i: head g, dims 2c, 2c + 1 (lane-pair columns as attn_combine6's lanes hold them for E = 2; the
-      // sum over the splits runs in the same order).
-      const int g = i / (HD / 2), c = i % (HD / 2);
-      const float *pp = part + (t * a.n_heads + hg + g) * (int64_t)splits * (HD + 2) + 2 * c;
-      float a0 = 0.f, a1 = 0.f;
-#pragma unroll 8
-      for (int s = 0; s < used; s++) {
-        const float fs = cf[g][s];
-        const float2 x = __ldcg(reinterpret_cast<const float2 *>(pp + s * (HD + 2)));
-        a0 += x.x * fs;
-        a1 += x.y * fs;
-      }
-      float *o = a.out + t * (int64_t)a.n_heads * HD + (hg + g) * HD + 2 * c;
-      o[0] = a0 * cinv[g];
-      o[1] = a1 * cinv[g];
-    }
-    __syncthreads(); // cf / cinv / last are rewritten by the next row
-  } // rows
-}
-
 // v6 combine: grid (head, row), one warp. Merges only the splits the split
 // kernel used for this row (same attn_split_* on the same device arrays;
 // gran = the split kernel's granularity) with the sink; a row with one used
 // split was written by the split kernel and is skipped. The lanes read the
 // (M, L) of 4 splits each at once (splits <= ATTN_GD_MAX_SPLITS), and the
 // partial rows are read in unrolled runs so that many loads are in flight
-// (the v2..v5 combine walks the splits one dependent step at a time).
+// (not one dependent step per split).
 template <int HD>
 __global__ void attn_combine6_kernel(orch_attn_args a, const float *part, int splits, int gran, int tc_skip) {
   constexpr int E = attn_lane_dims(HD);
   constexpr int R = ATTN_GD_MAX_SPLITS / 32;
-  pdl_wait(); // v7 launches it with PDL (a no-op otherwise)
+  pdl_wait(); // launched with PDL after attn_gd7 (a no-op after attn2)
   const int h = blockIdx.x, lane = threadIdx.x;
   const int64_t t = blockIdx.y;
   if (tc_skip && attn_row_taken_by_tc(a, t)) return;
@@ -876,7 +524,7 @@ __global__ void attn_combine6_kernel(orch_attn_args a, const float *part, int sp
   if (used <= 1) return; // written by the split kernel
   const float *pp = part + (t * a.n_heads + h) * (int64_t)splits * (HD + 2);
   float f[R];
-  const float L = attn_combine_weights<HD, false>(a, pp, used, h, f);
+  const float L = attn_combine_weights<HD>(a, pp, used, h, f);
   float acc[E];
 #pragma unroll
   for (int e = 0; e < E; e++) acc[e] = 0.f;
@@ -894,38 +542,6 @@ __global__ void attn_combine6_kernel(orch_attn_args a, const float *part, int sp
     }
   }
   const float inv = 1.f / L;
-  float *o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
-#pragma unroll
-  for (int e = 0; e < E; e++)
-    if (attn_dim_ok(HD, lane, e)) o[lane * E + e] = acc[e] * inv;
-}
-
-// Merges the splits of (token, head) with the sink logit: one warp per CTA.
-template <int HD>
-__global__ void attn_combine_kernel(orch_attn_args a, const float *part, int splits, int tc_skip) {
-  constexpr int E = attn_lane_dims(HD);
-  const int h = blockIdx.x, lane = threadIdx.x;
-  const int64_t t = blockIdx.y;
-  if (tc_skip && attn_row_taken_by_tc(a, t)) return;
-  const float *pp = part + (t * a.n_heads + h) * (int64_t)splits * (HD + 2);
-  float M = a.sinks ? a.sinks[h] : -INFINITY;
-  for (int s = 0; s < splits; s++)
-    if (pp[s * (HD + 2) + HD + 1] > 0.f) M = fmaxf(M, pp[s * (HD + 2) + HD]);
-  float L = a.sinks ? __expf(a.sinks[h] - M) : 0.f;
-  float acc[E];
-#pragma unroll
-  for (int e = 0; e < E; e++) acc[e] = 0.f;
-  for (int s = 0; s < splits; s++) {
-    const float *ps = pp + s * (HD + 2);
-    float ls = ps[HD + 1];
-    if (!(ls > 0.f)) continue;
-    float f = __expf(ps[HD] - M);
-    L += ls * f;
-#pragma unroll
-    for (int e = 0; e < E; e++)
-      if (attn_dim_ok(HD, lane, e)) acc[e] += ps[lane * E + e] * f;
-  }
-  float inv = 1.f / L;
   float *o = a.out + t * (int64_t)a.n_heads * HD + (int64_t)h * HD;
 #pragma unroll
   for (int e = 0; e < E; e++)

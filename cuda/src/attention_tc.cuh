@@ -85,18 +85,17 @@ __device__ __forceinline__ void tc_load_kv(__half *Ks, __half *Vs, const KV *kc,
   }
 }
 
-// Lazy rescaling (OREG): a row keeps its running max m until a tile's max
+// Lazy rescaling: a row keeps its running max m until a tile's max
 // exceeds it by more than TC_RESCALE (natural-log units), so P = exp(s - m)
 // stays <= e^8 (fine in fp16 and fp32) and most tiles need no rescale.
 constexpr float TC_RESCALE = 8.f;
 
-// OREG = false (ORCH_CUDA_ATTN=v3): O lives in shared memory; every tile
-// rescales its rows and loads/stores the O fragments around P V.
-// OREG = true (v4): O stays in accumulator fragments across tiles; only when
-// some row of the warp moves its max (lazy, above) do the fragments go
-// through shared memory for the per-row rescale (fragment layouts are
-// opaque, so a row can only be scaled in memory).
-template <typename KV, int HD, bool OREG>
+// O stays in accumulator fragments across tiles; only when some row of the
+// warp moves its max (lazy, above) do the fragments go through shared memory
+// for the per-row rescale (fragment layouts are opaque, so a row can only be
+// scaled in memory). (The variant with O in shared memory, ORCH_CUDA_ATTN=v3,
+// was deleted in session 7.)
+template <typename KV, int HD>
 __global__ void __launch_bounds__(TC_WARPS * 32) attn_tc_kernel(orch_attn_args a) {
   using L = TcLayout<HD>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -129,7 +128,6 @@ __global__ void __launch_bounds__(TC_WARPS * 32) attn_tc_kernel(orch_attn_args a
     const int r = i / HD, d = i % HD;
     const float v = r < run ? a.q[(t0 + r) * a.q_stride + (int64_t)h * HD + d] * a.scale : 0.f;
     Qs[r * L::LDQ + d] = __float2half(v);
-    if constexpr (!OREG) Os[r * L::LDO + d] = 0.f;
   }
   __syncthreads();
 
@@ -148,11 +146,9 @@ __global__ void __launch_bounds__(TC_WARPS * 32) attn_tc_kernel(orch_attn_args a
   float *Sw = Ss + warp * 16 * L::LDS;
   float *Ow = Os + warp * 16 * L::LDO;
   float m = -INFINITY, l = 0.f;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[OREG ? HD / 16 : 1];
-  if constexpr (OREG) {
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[HD / 16];
 #pragma unroll
-    for (int n = 0; n < HD / 16; n++) wmma::fill_fragment(of[n], 0.f);
-  }
+  for (int n = 0; n < HD / 16; n++) wmma::fill_fragment(of[n], 0.f);
 
   for (int kb = kstart; kb <= kend; kb += TC_BK) {
     __syncthreads(); // every warp is done with the previous K/V tile
@@ -191,92 +187,52 @@ __global__ void __launch_bounds__(TC_WARPS * 32) attn_tc_kernel(orch_attn_args a
     const __half *Pw = reinterpret_cast<const __half *>(Sw);
     __half *prow = reinterpret_cast<__half *>(Sw + rr * L::LDS) + hh * 32;
     float *orow = Ow + rr * L::LDO + hh * (HD / 2);
-    if constexpr (OREG) {
-      // Lazy rescale (both lanes of a row see the same m and mx). m = -inf
-      // (nothing visible yet) and a finite mx: need, corr = 0.
-      const bool need = mx > m + TC_RESCALE;
-      if (__any_sync(0xffffffffu, need)) {
+    // Lazy rescale (both lanes of a row see the same m and mx). m = -inf
+    // (nothing visible yet) and a finite mx: need, corr = 0.
+    const bool need = mx > m + TC_RESCALE;
+    if (__any_sync(0xffffffffu, need)) {
 #pragma unroll
-        for (int n = 0; n < HD / 16; n++) wmma::store_matrix_sync(Ow + n * 16, of[n], L::LDO, wmma::mem_row_major);
-        __syncwarp();
-        const float corr = need ? __expf(m - mx) : 1.f;
-        if (need) m = mx;
-        l *= corr;
-#pragma unroll
-        for (int d = 0; d < HD / 2; d++) orow[d] *= corr;
-        __syncwarp();
-#pragma unroll
-        for (int n = 0; n < HD / 16; n++) wmma::load_matrix_sync(of[n], Ow + n * 16, L::LDO, wmma::mem_row_major);
-      }
-      const float base = m == -INFINITY ? 0.f : m; // no visible key yet: p = 0
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < 32; j++) {
-        s[j] = __expf(s[j] - base);
-        sum += s[j];
-      }
-      l += sum + __shfl_xor_sync(0xffffffffu, sum, 1);
-      __syncwarp(); // both lanes of every row have read S before P overwrites it
-#pragma unroll
-      for (int j = 0; j < 32; j += 2) *reinterpret_cast<__half2 *>(prow + j) = __floats2half2_rn(s[j], s[j + 1]);
+      for (int n = 0; n < HD / 16; n++) wmma::store_matrix_sync(Ow + n * 16, of[n], L::LDO, wmma::mem_row_major);
       __syncwarp();
-      // O += P V, each P fragment loaded once.
-#pragma unroll
-      for (int k = 0; k < TC_BK / 16; k++) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> pf;
-        wmma::load_matrix_sync(pf, Pw + k * 16, L::LDP);
-#pragma unroll
-        for (int n = 0; n < HD / 16; n++) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> vf;
-          wmma::load_matrix_sync(vf, Vs + k * 16 * L::LDK + n * 16, L::LDK);
-          wmma::mma_sync(of[n], pf, vf, of[n]);
-        }
-      }
-      __syncwarp(); // P (over S) is read before the next tile's S store
-    } else {
-      const float mn = fmaxf(m, mx);
-      const float base = mn == -INFINITY ? 0.f : mn; // no visible key yet: p = 0, corr = 0 (O, l are 0)
-      const float corr = __expf(m - base);
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < 32; j++) {
-        s[j] = __expf(s[j] - base);
-        sum += s[j];
-      }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      l = l * corr + sum;
-      m = mn;
-      __syncwarp(); // both lanes of every row have read S before P overwrites it
-#pragma unroll
-      for (int j = 0; j < 32; j += 2) *reinterpret_cast<__half2 *>(prow + j) = __floats2half2_rn(s[j], s[j + 1]);
+      const float corr = need ? __expf(m - mx) : 1.f;
+      if (need) m = mx;
+      l *= corr;
 #pragma unroll
       for (int d = 0; d < HD / 2; d++) orow[d] *= corr;
       __syncwarp();
-
-      // O += P V.
+#pragma unroll
+      for (int n = 0; n < HD / 16; n++) wmma::load_matrix_sync(of[n], Ow + n * 16, L::LDO, wmma::mem_row_major);
+    }
+    const float base = m == -INFINITY ? 0.f : m; // no visible key yet: p = 0
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+      s[j] = __expf(s[j] - base);
+      sum += s[j];
+    }
+    l += sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+    __syncwarp(); // both lanes of every row have read S before P overwrites it
+#pragma unroll
+    for (int j = 0; j < 32; j += 2) *reinterpret_cast<__half2 *>(prow + j) = __floats2half2_rn(s[j], s[j + 1]);
+    __syncwarp();
+    // O += P V, each P fragment loaded once.
+#pragma unroll
+    for (int k = 0; k < TC_BK / 16; k++) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> pf;
+      wmma::load_matrix_sync(pf, Pw + k * 16, L::LDP);
 #pragma unroll
       for (int n = 0; n < HD / 16; n++) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-        wmma::load_matrix_sync(o, Ow + n * 16, L::LDO, wmma::mem_row_major);
-#pragma unroll
-        for (int k = 0; k < TC_BK / 16; k++) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> pf;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> vf;
-          wmma::load_matrix_sync(pf, Pw + k * 16, L::LDP);
-          wmma::load_matrix_sync(vf, Vs + k * 16 * L::LDK + n * 16, L::LDK);
-          wmma::mma_sync(o, pf, vf, o);
-        }
-        wmma::store_matrix_sync(Ow + n * 16, o, L::LDO, wmma::mem_row_major);
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> vf;
+        wmma::load_matrix_sync(vf, Vs + k * 16 * L::LDK + n * 16, L::LDK);
+        wmma::mma_sync(of[n], pf, vf, of[n]);
       }
-      __syncwarp();
     }
+    __syncwarp(); // P (over S) is read before the next tile's S store
   }
   if (!warp_live) return;
-  if constexpr (OREG) {
 #pragma unroll
-    for (int n = 0; n < HD / 16; n++) wmma::store_matrix_sync(Ow + n * 16, of[n], L::LDO, wmma::mem_row_major);
-    __syncwarp();
-  }
+  for (int n = 0; n < HD / 16; n++) wmma::store_matrix_sync(Ow + n * 16, of[n], L::LDO, wmma::mem_row_major);
+  __syncwarp();
 
   // out = O / (l + sink term), stable in the max of m and the sink.
   float sc;

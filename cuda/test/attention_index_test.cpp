@@ -66,27 +66,6 @@ int main() {
   EXPECT(attn_gd_heads_per_cta(6, 48, 1, 65, 256) == 2, "gc group 6");
   EXPECT(attn_gd_heads_per_cta(7, 28, 1, 128, 256) == 1, "gc group 7");
   EXPECT(attn_gd_heads_per_cta(4, 32, 1, 65, 256) == 4, "gc llama");
-  // v8 heads per working CTA: every (gc, used <= splits, groups) keeps the
-  // working CTAs within the grid, hc a power of two dividing gc; the gpt-oss
-  // decode rows (8 groups of 8 heads, grid 65) at depths 128 / 512 / 2048 /
-  // 8192, 64 streams (grid 8), a window layer (grid 1).
-  for (int gc : {1, 2, 4, 8})
-    for (int splits = 1; splits <= 128; splits++)
-      for (int used = 1; used <= splits; used++)
-        for (long long groups : {1LL, 8LL, 64LL, 512LL, 4096LL}) {
-          const int hc = attn8_heads_per_cta(gc, used, splits, groups, ATTN8_MIN_CTAS);
-          EXPECT(hc >= 1 && gc % hc == 0 && (hc & (hc - 1)) == 0, "v8 gc %d used %d: hc %d", gc, used, hc);
-          EXPECT((long long)used * (gc / hc) <= splits, "v8 gc %d used %d splits %d: hc %d overflows", gc, used,
-                 splits, hc);
-          EXPECT(hc == gc || used * (gc / hc) * groups <= 2 * ATTN8_MIN_CTAS, "v8 gc %d used %d: hc %d too thin", gc,
-                 used, hc);
-        }
-  EXPECT(attn8_heads_per_cta(8, 1, 65, 8, 256) == 1, "v8 depth 128");
-  EXPECT(attn8_heads_per_cta(8, 4, 65, 8, 256) == 1, "v8 depth 512");
-  EXPECT(attn8_heads_per_cta(8, 16, 65, 8, 256) == 4, "v8 depth 2048");
-  EXPECT(attn8_heads_per_cta(8, 64, 65, 8, 256) == 8, "v8 depth 8192");
-  EXPECT(attn8_heads_per_cta(8, 1, 8, 512, 256) == 8, "v8 64 streams");
-  EXPECT(attn8_heads_per_cta(1, 1, 1, 64, 256) == 1, "v8 window");
   if (fails) {
     std::printf("attention_index_test: %d failures\n", fails);
     return 1;

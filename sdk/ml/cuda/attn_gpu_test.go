@@ -14,7 +14,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -140,11 +139,10 @@ func runAttn(t *testing.T, r *rand.Rand, c attnSpec) {
 }
 
 // attnTCOn mirrors the library's choice of the tensor-core prefill kernel
-// (attention.cu launch_attn): not under ORCH_CUDA_ATTN=v1|v2, head dim <= 128,
-// at least attnTCMinRun query rows in the call.
+// (attention.cu launch_attn): head dim <= 128, at least attnTCMinRun query
+// rows in the call.
 func attnTCOn(hd, nq int) bool {
-	v := os.Getenv("ORCH_CUDA_ATTN")
-	return v != "v1" && v != "v2" && hd%16 == 0 && hd <= 128 && nq >= attnTCMinRun
+	return hd%16 == 0 && hd <= 128 && nq >= attnTCMinRun
 }
 
 const (
@@ -283,51 +281,32 @@ func TestAttentionHeadDims(t *testing.T) {
 // TestPerfAttentionPrefill times Attend for prefill chunks of gpt-oss-20b (64
 // q / 8 kv heads of 64; full and window-128 layers) and Llama-3-8B (32 / 8
 // heads of 128), one sequence from position 0, eager (events around one
-// call) and in a graph (4 calls per graph, per call), for ORCH_CUDA_ATTN v4
-// (tensor-core prefill, per-head decode), v7, v11 and v12 (the default; a
-// child process each; v2/v3/v5/v6/v8 and the removed v9/v10 were timed in
-// earlier runs), and
-// decode rows of 1 and 64 sequences at depths 128 .. 8192, eager and in a
-// graph (attnDecodeSpeed):
+// call) and in a graph (4 calls per graph, per call), and decode rows of 1
+// and 64 sequences at depths 128 .. 8192, eager and in a graph
+// (attnDecodeSpeed). (The per-version children were dropped in session 7
+// with the opt-in versions.)
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PerfAttentionPrefill -test.v
 //
 // (gpu-check --perf runs it with TestPerf: the name matches its -test.run.)
+// The table also goes next to ORCH_PERF_OUT as perf-attention.md.
 func TestPerfAttentionPrefill(t *testing.T) {
 	if os.Getenv("ORCH_GPU_PERF") == "" {
 		t.Skip("set ORCH_GPU_PERF=1 to time prefill attention")
 	}
-	// The library reads ORCH_CUDA_ATTN once per process: the parent re-runs
-	// this test in a child process per version, on the same card. The table
-	// also goes next to ORCH_PERF_OUT (gpu-check --perf) as perf-attention.md.
-	if os.Getenv("ORCH_ATTN_SPEED_CHILD") == "" {
-		if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
-			t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the timing runs from an unpinned one", v)
-		}
-		var table []string
-		for _, v := range []string{"v4", "v7", "v11", "v12"} {
-			cmd := exec.Command(os.Args[0], "-test.run", "^TestPerfAttentionPrefill$", "-test.v")
-			cmd.Env = append(os.Environ(), "ORCH_ATTN_SPEED_CHILD=1", "ORCH_CUDA_ATTN="+v)
-			outp, err := cmd.CombinedOutput()
-			for _, line := range strings.Split(string(outp), "\n") {
-				if i := strings.Index(line, "|"); i >= 0 {
-					t.Log(line[i:])
-					table = append(table, line[i:])
-				}
-			}
-			require.NoError(t, err, "ORCH_CUDA_ATTN=%s child:\n%s", v, outp)
-		}
-		if po := os.Getenv("ORCH_PERF_OUT"); po != "" {
+	var table []string
+	logRow := func(format string, args ...any) {
+		line := fmt.Sprintf(format, args...)
+		t.Log(line)
+		table = append(table, line)
+	}
+	defer func() {
+		if po := os.Getenv("ORCH_PERF_OUT"); po != "" && len(table) > 0 {
 			f := filepath.Join(filepath.Dir(po), "perf-attention.md")
 			require.NoError(t, os.WriteFile(f, []byte(strings.Join(table, "\n")+"\n"), 0o644))
 		}
-		return
-	}
+	}()
 	const nh, nkv, hd, bs = 64, 8, 64, 16
-	version := os.Getenv("ORCH_CUDA_ATTN")
-	if version == "" {
-		version = "default (v12: v7 decode + mma.sync/ldmatrix/cp.async prefill, 2 heads per CTA)"
-	}
 	r := newRNG(t)
 	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
 		x, err := gpu.Alloc(dt, shape...)
@@ -335,8 +314,8 @@ func TestPerfAttentionPrefill(t *testing.T) {
 		t.Cleanup(func() { gpu.Free(x) })
 		return x
 	}
-	t.Logf("| attention version %s on %s | time | FLOP/s (4*hd*heads per visible pair) |", version, gpu.DeviceName())
-	attnDecodeSpeed(t, r, alloc)
+	logRow("| attention on %s | time | FLOP/s (4*hd*heads per visible pair) |", gpu.DeviceName())
+	attnDecodeSpeed(t, r, alloc, logRow)
 	// Prefill: gpt-oss (64 q / 8 kv heads of 64, sinks; full and window-128
 	// layers) and Llama-3-8B (32 / 8 heads of 128, full), one sequence from 0.
 	for _, sh := range []struct {
@@ -377,7 +356,7 @@ func TestPerfAttentionPrefill(t *testing.T) {
 						}
 					}
 					flop := 4 * float64(sh.hd) * float64(sh.nh) * float64(pairs)
-					t.Logf("| prefill %s n=%d, %v KV, window %d | %.4f ms | graph %.4f ms | %.1f TFLOP/s in graph |",
+					logRow("| prefill %s n=%d, %v KV, window %d | %.4f ms | graph %.4f ms | %.1f TFLOP/s in graph |",
 						sh.name, n, kv, window, ms, graph, flop/graph/1e9)
 				}
 			}
@@ -418,7 +397,8 @@ func oneSeqBatch(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...in
 // floor (K and V of every visible key read once). The 64-sequence caches
 // are zero-filled (distinct, shuffled blocks; timing does not depend on the
 // values).
-func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...int) ml.Tensor) {
+func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape ...int) ml.Tensor,
+	logRow func(format string, args ...any)) {
 	const nh, nkv, hd, bs, depth, maxPos = 64, 8, 64, 16, 8192, 8192 + 128 + 64
 	nb := depth / bs
 	bw, slots := oneSeqBatch(t, r, alloc, depth, bs)
@@ -475,7 +455,7 @@ func attnDecodeSpeed(t *testing.T, r *rand.Rand, alloc func(dt ml.DType, shape .
 					keys = min(d, window)
 				}
 				bytes := float64(ns) * float64(keys) * nkv * hd * 2 * 2
-				t.Logf("| decode %d seq x 1 token at depth %d (MaxPos %d), F16 KV, window %d | eager %.4f ms | graph %.4f ms | %.0f GB/s in graph (floor %.4f ms at 3 TB/s) |",
+				logRow("| decode %d seq x 1 token at depth %d (MaxPos %d), F16 KV, window %d | eager %.4f ms | graph %.4f ms | %.0f GB/s in graph (floor %.4f ms at 3 TB/s) |",
 					ns, d, maxPos, window, eager, graph, bytes/graph/1e6, bytes/3e12*1e3)
 			}
 		}
@@ -507,42 +487,6 @@ func attnTimeMs(t *testing.T, reps int, fn func()) float64 {
 	slices.Sort(ts)
 	return ts[len(ts)/2]
 }
-
-// TestTensorCoreAttentionVersions re-runs TestAttentionHeadDims in a child
-// process per non-default ORCH_CUDA_ATTN version that is still selectable
-// (the library reads the variable once per process), so the suite checks
-// them next to the default (v12: v7's decode + v12's prefill): v7 (v6 with
-// launch bounds for 4 CTAs/SM and programmatic dependent launch; v4's WMMA
-// prefill), v3 (tensor-core prefill, O in shared
-// memory), v4 (O in registers, per-head flash-decoding with splits from
-// MaxPos), v5 (v4 + the GQA-grouped flash-decoding kernel), v6
-// (depth-adaptive grouped decode) and v8 (v7 in one launch: heads spread over
-// idle splits, in-kernel combine; opt-in, measured no faster) and v11 (v7
-// with the register-resident mma.sync prefill kernel of attention_fa.cuh, one
-// query head per CTA; v12 has two).
-func TestTensorCoreAttentionVersions(t *testing.T) {
-	if v := os.Getenv("ORCH_CUDA_ATTN"); v != "" {
-		t.Skipf("ORCH_CUDA_ATTN=%s pins this process; the version children run from an unpinned one", v)
-	}
-	for _, v := range attnChildVersions {
-		t.Run(v, func(t *testing.T) {
-			cmd := exec.Command(os.Args[0], "-test.run", "^TestAttentionHeadDims$", "-test.v")
-			cmd.Env = append(os.Environ(), "ORCH_CUDA_ATTN="+v)
-			outp, err := cmd.CombinedOutput()
-			n := 0
-			for _, line := range strings.Split(string(outp), "\n") {
-				if strings.Contains(line, "tensor-core kernel:") {
-					n++
-				}
-			}
-			require.NoError(t, err, "ORCH_CUDA_ATTN=%s child:\n%s", v, outp)
-			require.Positive(t, n, "the %s child ran no tensor-core rows:\n%s", v, outp)
-			t.Logf("ORCH_CUDA_ATTN=%s: TestAttentionHeadDims passed, %d cases with tensor-core rows", v, n)
-		})
-	}
-}
-
-var attnChildVersions = []string{"v3", "v4", "v5", "v6", "v7", "v8", "v11"}
 
 // Head dims the kernels do not take fail with a clear error (and no launch).
 func TestAttentionUnsupportedHeadDim(t *testing.T) {
