@@ -66,9 +66,13 @@ inline void g5_cp_commit_wait() {
   gemv9_emu_commit();
   gemv9_emu_wait(0);
 }
+inline void g5_cp_commit() { gemv9_emu_commit(); }
+inline void g5_cp_wait_le(int n) { gemv9_emu_wait(n); }
 #else
 inline void g5_cp_async16(void *d, const void *s) { memcpy(d, s, 16); }
 inline void g5_cp_commit_wait() {}
+inline void g5_cp_commit() {}
+inline void g5_cp_wait_le(int) {}
 #endif
 #else
 __device__ __forceinline__ void g5_cp_async16(void *d, const void *s) {
@@ -82,6 +86,26 @@ __device__ __forceinline__ void g5_cp_async16(void *d, const void *s) {
 __device__ __forceinline__ void g5_cp_commit_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void g5_cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// cp.async.wait_group n for n = 0..7 (an immediate operand; n is uniform).
+__device__ __forceinline__ void g5_cp_wait_le(int n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  switch (n) {
+  case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+  case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+  case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+  case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+  case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+  case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
+  case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
+  default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+  }
 #endif
 }
 #endif
@@ -110,6 +134,50 @@ __device__ __forceinline__ void gemv5_stage_xh(uint32_t *xh, float *xinv, const 
   g5_cp_commit_wait();
 }
 static inline size_t gemv5_smem(int64_t k, int nt) { return dec16_smem(k, nt); }
+
+// The packed x staged per round (XR = 3, session 7): the same copies as
+// gemv5_stage_xh, all issued at once after the PDL wait, but in one commit
+// group per round of cpr chunks (at most GEMV5_XG groups: later rounds share
+// the last), and round j waits only for its group (gemv5_xh_wait): the first
+// round starts after ~cpr * 68 bytes instead of the whole x (Llama down: 6.5
+// of 30 KB), the rest lands under the rounds' weight streaming. 1/scales are
+// copied with their round where k % 128 == 0 (16-byte pieces), else loaded
+// up front. Same staged bits as gemv5_stage_xh.
+constexpr int GEMV5_XG = 8;
+__device__ __forceinline__ int gemv5_xh_groups(int64_t nch, int64_t cpr) {
+  return (int)min((int64_t)GEMV5_XG, (nch + cpr - 1) / cpr);
+}
+__device__ __forceinline__ void gemv5_stage_xh_issue(uint32_t *xh, float *xinv, const uint8_t *__restrict__ src, int nr,
+                                                     int64_t k, int64_t cpr) {
+  const int64_t nch = k / 32;
+  const size_t stride = dec16_xh_row_bytes(k);
+  const int G = gemv5_xh_groups(nch, cpr);
+  const bool inv16 = nch % 4 == 0;
+  if (!inv16)
+    for (int r = 0; r < nr; r++) {
+      const float *inv = reinterpret_cast<const float *>(src + r * stride + nch * 64);
+      for (int64_t q = threadIdx.x; q < nch; q += blockDim.x) xinv[r * nch + q] = inv[q];
+    }
+  for (int g = 0; g < G; g++) {
+    const int64_t ch0 = g * cpr, ch1 = g == G - 1 ? nch : min(nch, (g + 1) * cpr);
+    for (int r = 0; r < nr; r++) {
+      const uint8_t *s = src + r * stride;
+      for (int64_t q = ch0 * 4 + threadIdx.x; q < ch1 * 4; q += blockDim.x)
+        g5_cp_async16(xh + (r * nch + (q >> 2)) * DEC16_XW + (q & 3) * 4, s + q * 16);
+      if (inv16) // chunks ch0..ch1 (multiples of 4 but the end): 1/scales in 16-byte pieces
+        for (int64_t q = ch0 / 4 + threadIdx.x; q < (ch1 + 3) / 4; q += blockDim.x)
+          g5_cp_async16(xinv + r * nch + 4 * q, s + nch * 64 + q * 16);
+    }
+    g5_cp_commit();
+  }
+}
+// Before round j (chunks from c0 = j * cpr): its group has landed in this
+// thread's copies; the caller syncs the CTA.
+__device__ __forceinline__ void gemv5_xh_wait(int64_t nch, int64_t cpr, int64_t c0) {
+  const int G = gemv5_xh_groups(nch, cpr);
+  const int g = (int)min((int64_t)(G - 1), c0 / cpr);
+  g5_cp_wait_le(G - 1 - g);
+}
 
 // Per-CTA timestamps of the one-token v5 GEMV (orch_gemv_trace; session 6,
 // timing only): %globaltimer at CTA start (t0), after the PDL wait (t1),
@@ -159,13 +227,15 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
     for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
       wblocks<T, NB> b;
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
-      if constexpr (XR == 1) {
+      if constexpr (XR == 1 || XR == 3) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
             pdl_wait();
             if constexpr (TR) tr[1] = gemv_gtime();
+            if constexpr (XR == 3) gemv5_stage_xh_issue(xsm, xinv, reinterpret_cast<const uint8_t *>(x), nt, k, 32 * NB);
           }
-          gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
+          if constexpr (XR == 3) gemv5_xh_wait(nch, 32 * NB, c0);
+          else gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
           __syncthreads();
           if constexpr (TR)
             if (c0 == 0) tr[2] = gemv_gtime();
@@ -350,10 +420,19 @@ static void launch_gemv5_multi_xh(cudaStream_t st, const gemv5_parts &P, int cou
                                   int64_t k, int64_t rb) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const float *x = reinterpret_cast<const float *>(xh);
+    const bool rounds = gemv5_stage_mode(k) == 1; // per round (XR 3) where the float x is staged per round
 #if !defined(ORCH_EMU)
     if constexpr (T == ORCH_T_Q8_0) // the trace (orch_gemv_trace) of the one-token packed-x GEMVs
-      if (n == 1 && g_gemv_trace_on) return launch_gemv5_multi_nt_x<T, 1, 2, 1>(st, P, count, x, n, k, rb);
+      if (n == 1 && g_gemv_trace_on) {
+        if (rounds) return launch_gemv5_multi_nt_x<T, 1, 3, 1>(st, P, count, x, n, k, rb);
+        return launch_gemv5_multi_nt_x<T, 1, 2, 1>(st, P, count, x, n, k, rb);
+      }
 #endif
+    if (rounds) {
+      if (n == 1) launch_gemv5_multi_nt_x<T, 1, 3>(st, P, count, x, n, k, rb);
+      else launch_gemv5_multi_nt_x<T, 2, 3>(st, P, count, x, n, k, rb);
+      return;
+    }
     if (n == 1) launch_gemv5_multi_nt_x<T, 1, 2>(st, P, count, x, n, k, rb);
     else launch_gemv5_multi_nt_x<T, 2, 2>(st, P, count, x, n, k, rb);
   }

@@ -455,6 +455,69 @@ static void test_glu_pack(int t, int64_t dim, int64_t m, int n, int64_t mdown) {
               (long long)dim, (long long)m, n, (long long)mdown);
 }
 
+// Host packer of dec16.cuh's "Packed x" layout (the reference for the
+// staging tests: independent of the device producers).
+static std::vector<uint8_t> host_pack(const float *x, int n, int64_t k, int kind) {
+  const int64_t nch = k / 32;
+  const size_t rowb = dec16_xh_row_bytes(k);
+  std::vector<uint8_t> out(rowb * n, 0);
+  for (int r = 0; r < n; r++)
+    for (int64_t c = 0; c < nch; c++) {
+      const float *v = x + r * k + c * 32;
+      uint32_t mx = 0;
+      for (int a = 0; a < 32; a++) mx = std::max(mx, dec16_absbits(v[a]));
+      float sc, inv;
+      dec16_chunk_scale(mx, sc, inv);
+      uint16_t *h = reinterpret_cast<uint16_t *>(out.data() + r * rowb + c * 64);
+      for (int a = 0; a < 32; a++) h[dec16_xh_index(kind, a)] = (uint16_t)(dec16_f2h2(v[a] * sc, 0.f) & 0xFFFFu);
+      std::memcpy(out.data() + r * rowb + nch * 64 + c * 4, &inv, 4);
+    }
+  return out;
+}
+
+// The packed x staged at once (XR 2) and per round in cp.async groups (XR 3:
+// Llama down's k, more rounds than groups, 1/scales as plain loads when k %
+// 128 != 0): bit-identical to the float-x GEMV. The emulation lands each
+// copy only when a wait allows it: a round reading a group it did not wait
+// for reads NaN garbage.
+template <int T, int NT>
+static void xh_rounds_run(const float *x, const uint8_t *xh, const QW &w, int64_t n, int64_t k, int64_t m, float *y0,
+                          float *y2, float *y3) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const int64_t rb = orch_row_bytes(T, k);
+    gemv5_parts P = {};
+    P.w[0] = w.bytes, P.m[0] = m;
+    P.y[0] = y0;
+    launch_gemv5_multi_nt_x<T, NT, 0>(nullptr, P, 1, x, n, k, rb);
+    P.y[0] = y2;
+    launch_gemv5_multi_nt_x<T, NT, 2>(nullptr, P, 1, reinterpret_cast<const float *>(xh), n, k, rb);
+    P.y[0] = y3;
+    launch_gemv5_multi_nt_x<T, NT, 3>(nullptr, P, 1, reinterpret_cast<const float *>(xh), n, k, rb);
+  }
+}
+template <int T>
+static void xh_rounds_nt(const float *x, const uint8_t *xh, const QW &w, int64_t n, int64_t k, int64_t m, float *y0,
+                         float *y2, float *y3) {
+  if (n == 1) xh_rounds_run<T, 1>(x, xh, w, n, k, m, y0, y2, y3);
+  else xh_rounds_run<T, 2>(x, xh, w, n, k, m, y0, y2, y3);
+}
+static void test_xh_rounds(int t, int64_t k, int64_t m, int n) {
+  QW w;
+  make_weight(w, t, k, m);
+  auto xv = randv((size_t)(n * k), 3.f);
+  for (size_t i = 0; i < xv.size(); i += 61) xv[i] *= 1e-7f;
+  const auto packed = host_pack(xv.data(), n, k, t == ORCH_T_Q8_0 ? 0 : 1);
+  Buf<float> x(xv), y0((size_t)(n * m), NAN), y2((size_t)(n * m), NAN), y3((size_t)(n * m), NAN);
+  Buf<uint8_t> xh(packed);
+  ORCH_DISPATCH_TYPE(t, xh_rounds_nt, x.p, xh.p, w, n, k, m, y0.p, y2.p, y3.p)
+  EXPECT(std::memcmp(y0.p, y2.p, y0.n * 4) == 0, "GEMV v5 packed x XR 2 (%s k=%lld m=%lld n=%d) != float x", tname(t),
+         (long long)k, (long long)m, n);
+  EXPECT(std::memcmp(y0.p, y3.p, y0.n * 4) == 0, "GEMV v5 packed x per round XR 3 (%s k=%lld m=%lld n=%d) != float x",
+         tname(t), (long long)k, (long long)m, n);
+  std::printf("GEMV v5 packed x (host-packed) XR 2 / 3 %-5s k=%-5lld m=%-3lld n=%d: bit-identical to float x\n", tname(t),
+              (long long)k, (long long)m, n);
+}
+
 // RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
 // (bit for bit) and a float64 reference.
 static void test_rope2(int neox) {
@@ -642,6 +705,10 @@ int main(int argc, char **argv) {
   test_norm_xh(ORCH_T_Q8_0, 2880, 2, {8, 16}, true);      // gpt-oss width (N 12), two tokens
   test_norm_xh(ORCH_T_MXFP4, 96, 1, {8, 8}, true);        // N 4, warps without chunks; pair order
   test_norm_xh(ORCH_T_Q4_0, 1024, 2, {24}, false);        // N 4, every warp
+  test_xh_rounds(ORCH_T_Q8_0, 14336, 8, 1);   // Llama down: 5 rounds of 96 chunks, 1/scales in 16-byte pieces
+  test_xh_rounds(ORCH_T_Q8_0, 16384, 4, 2);   // NB 2: 8 rounds = 8 groups
+  test_xh_rounds(ORCH_T_MXFP4, 2880, 8, 1);   // nch 90: 1/scales as plain loads, a partial second round
+  test_xh_rounds(ORCH_T_Q4_0, 20480, 4, 2);   // 10 rounds > 8 groups: the last group holds three
   test_glu_pack(ORCH_T_Q8_0, 96, 64, 1, 8);     // 2 chunks = 2 clusters of 4 CTAs
   test_glu_pack(ORCH_T_MXFP4, 128, 96, 2, 12);  // pair order, two tokens, 3 clusters
   test_glu_pack(ORCH_T_Q8_0, 2880, 128, 2, 4);  // gpt-oss width in (norm N 12)
