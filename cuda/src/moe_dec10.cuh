@@ -487,6 +487,129 @@ moe_gate_up12_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
 // Shared memory of moe_gate_up12_kernel.
 static size_t moe12_smem(int k) { return (size_t)(moe10_xstride(k / 32) + DEC16_XW + MOE12_W * 8 * 2) * 4; }
 
+// MoE v12 down (MXFP4, n_slots <= 2 * MOE12_MAXP): the gate_up12 scheme for
+// down10's dots. A CTA is 8 output rows of token t x 8 warps splitting k;
+// lane (g, t) owns row r0 + g of the experts of slots 2q and 2q + 1 (mma rows
+// g and g + 8) and blocks c = t + 4 warp + 32 i; B column 2t = activation of
+// slot 2q (lane (2t, t) reads it), column 2t + 1 = slot 2q + 1 (lane (2t + 1,
+// t)), so D[g][2t] and D[g + 8][2t + 1] are the lane's own block dots of the
+// two slots. Every slot's dots are summed (quad shuffles, then the 8 warps in
+// a fixed order) and combined as down10 does: out = sum_s w_s (dot_s + bias).
+// Weights of the first round are loaded before pdl_wait from speculatively
+// read routing (down10's scheme: re-checked after the wait, reloaded if stale).
+constexpr int MOE12_MAXP = 2; // slot pairs: top-k <= 4
+template <int NB>
+__global__ void __launch_bounds__(MOE12_W * 32, 3) // <= 80 registers (down10's occupancy)
+moe_down12_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
+                  const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
+                  const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv) {
+  DEC16_DYN_SMEM(uint32_t, xsm); // moe12_down_smem: staged activation rows, a zero chunk, partials
+  constexpr int BB = 17;
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int tok = (int)blockIdx.y, row = (int)blockIdx.x * 8 + g; // m % 8 == 0 (caller)
+  const int nch = k / 32, np = (n_slots + 1) / 2;
+  const int cb = t + 4 * warp;
+  const int32_t *ip = ids + (int64_t)tok * n_slots;
+  int es[2 * MOE12_MAXP];
+#pragma unroll
+  for (int s = 0; s < 2 * MOE12_MAXP; s++) es[s] = s < n_slots ? moe6_ld_id(ip + s) : 0;
+  uint32_t w[MOE12_MAXP][2][NB][5], shv[NB];
+  auto load = [&](int c0) {
+#pragma unroll
+    for (int q = 0; q < MOE12_MAXP; q++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int s = 2 * q + h;
+#pragma unroll
+        for (int i = 0; i < NB; i++) {
+          const int c = c0 + cb + 32 * i;
+          const bool ok = s < n_slots && c < nch;
+          const uintptr_t pw = (uintptr_t)(wd + ((int64_t)es[s] * m + row) * rb + (ok ? c : 0) * BB);
+          if (q == 0 && h == 0) shv[i] = (uint32_t)(pw & 3); // the same for every slot (rows 16-byte aligned)
+          const uint32_t *qw = reinterpret_cast<const uint32_t *>(pw & ~(uintptr_t)3);
+#pragma unroll
+          for (int j = 0; j < 5; j++) w[q][h][i][j] = ok ? __ldg(qw + j) : 0u;
+        }
+      }
+  };
+  load(0);
+  pdl_wait(); // the activation (and ids / weights, formally) come from the previous kernels
+  bool stale = false;
+#pragma unroll
+  for (int s = 0; s < 2 * MOE12_MAXP; s++)
+    if (s < n_slots && ip[s] != es[s]) { // uniform over the CTA
+      es[s] = ip[s];
+      stale = true;
+    }
+  if (stale) load(0);
+  const int xsw = n_slots * nch * DEC16_XW;
+  uint32_t *zero = xsm + xsw;
+  float *red = reinterpret_cast<float *>(zero + DEC16_XW);
+  moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth + (int64_t)tok * (xsw / 4), xsw / 4);
+  if (threadIdx.x < DEC16_XW) zero[threadIdx.x] = 0u;
+  __syncthreads();
+  float acc[MOE12_MAXP][2] = {};
+  for (int c0 = 0; c0 < nch; c0 += 32 * NB) { // uniform over the CTA
+    if (c0 > 0) load(c0);
+#pragma unroll
+    for (int q = 0; q < MOE12_MAXP; q++) {
+      if (q < np) { // uniform
+        // B lanes: (2t, t) slot 2q, (2t + 1, t) slot 2q + 1 (if any); the others the zero chunk
+        const int bs = g == 2 * t ? 2 * q : g == 2 * t + 1 ? 2 * q + 1 : -1;
+#pragma unroll
+        for (int i = 0; i < NB; i++) {
+          if (c0 + 4 * warp + 32 * i < nch) { // uniform over the warp
+            const int c = c0 + cb + 32 * i;
+            const uint4 *xb = reinterpret_cast<const uint4 *>(
+                bs >= 0 && bs < n_slots && c < nch ? xsm + (bs * nch + c) * DEC16_XW : zero);
+            float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+              uint32_t ha[4], hb[4];
+              moe6_mxfp4_word(dec16_funnel_rc(w[q][0][i][u], w[q][0][i][u + 1], 8 * shv[i] + 8), ha);
+              moe6_mxfp4_word(dec16_funnel_rc(w[q][1][i][u], w[q][1][i][u + 1], 8 * shv[i] + 8), hb);
+              const uint4 X = xb[u];
+              const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, b0[2] = {X.x, X.y};
+              const uint32_t a1[4] = {ha[2], hb[2], ha[3], hb[3]}, b1[2] = {X.z, X.w};
+              dec16_mma16816(u < 2 ? d0 : d1, a0, b0);
+              dec16_mma16816(u < 2 ? d0 : d1, a1, b1);
+            }
+            const uint32_t sel = 0x4440u | shv[i];
+            acc[q][0] = fmaf(dec16_u2f(dec16_prmt(w[q][0][i][0], 0u, sel) << 23), d0[0] + d1[0], acc[q][0]);
+            acc[q][1] = fmaf(dec16_u2f(dec16_prmt(w[q][1][i][0], 0u, sel) << 23), d0[3] + d1[3], acc[q][1]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < MOE12_MAXP; q++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      float v = acc[q][h];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      if (t == 0) red[(warp * 8 + g) * 2 * MOE12_MAXP + 2 * q + h] = v;
+    }
+  __syncthreads();
+  if (threadIdx.x < 8) {
+    const int r = (int)threadIdx.x, R = (int)blockIdx.x * 8 + r;
+    float res = 0.f;
+    for (int s = 0; s < n_slots; s++) {
+      float a = 0.f;
+#pragma unroll
+      for (int v = 0; v < MOE12_W; v++) a += red[(v * 8 + r) * 2 * MOE12_MAXP + s];
+      const int64_t p = (int64_t)tok * n_slots + s;
+      res += wts[p] * (a * xinv + (db ? db[(int64_t)ip[s] * m + R] : 0.f));
+    }
+    out[(int64_t)tok * m + R] = res;
+  }
+}
+static size_t moe12_down_smem(int k, int n_slots) {
+  return (size_t)(n_slots * (k / 32) * DEC16_XW + DEC16_XW + MOE12_W * 8 * 2 * MOE12_MAXP) * 4;
+}
+
 // moe6_dot with one 1/scale for every chunk (the fixed activation scale).
 template <int T, int NB>
 __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
@@ -571,6 +694,11 @@ static bool moe10_pinned(const orch_ctx *ctx) {
 // MXFP4, ff % 8 == 0), read per call (tests flip it). Unpinned: up to
 // MOE12_AUTO_MAX_N tokens (0: never, until the device tables and tg128 say so).
 constexpr int MOE12_AUTO_MAX_N = 0;
+// ORCH_CUDA_MOE12_DOWN=1: v12 also runs the tensor-core down (moe_down12_kernel; top-k <= 4).
+static bool moe12_down() {
+  const char *v = getenv("ORCH_CUDA_MOE12_DOWN");
+  return v && std::strcmp(v, "1") == 0;
+}
 static bool moe12_nb2() {
   const char *v = getenv("ORCH_CUDA_MOE12_NB");
   return v && std::strcmp(v, "2") == 0;
@@ -640,7 +768,15 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
                        orch_row_bytes(T, dim), alpha, limit, sc);
     }
-    if (!(only & 1)) {
+    if (!(only & 1) && T == ORCH_T_MXFP4 && v12 && dim % 8 == 0 && n_slots <= 2 * MOE12_MAXP && moe12_down()) {
+      constexpr int NB = 2;
+      const size_t sm = moe12_down_smem(ff, n_slots);
+      auto kern = moe_down12_kernel<NB>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)(dim / 8), (unsigned)n);
+      DEC16_LAUNCH_PDL(kern, grid, MOE12_W * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids, wts,
+                       n_slots, ff, dim, orch_row_bytes(T, ff), dxinv);
+    } else if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
       auto kern = moe_down10_kernel<T, NB>;
