@@ -16,7 +16,9 @@ import (
 // TestMoENormFold: AddRMSNorm(res, h, add) then MoE(y, h) (gpt-oss's
 // post-attention norm and MoE) with the norm folded into the MoE's route
 // kernel (fuse.go foldMoENorm, orch_moe_decode_norm) is bit-identical to the
-// two ops launched separately in res, h and y, eagerly and over a graph
+// two ops launched separately in res, h and y (y: where both run v10 / v12;
+// unpinned at one token the separate MoE is v6: within the MoE tolerance),
+// eagerly, and the fold's own bits over a graph
 // capture and two replays (res restored before each: the route tickets must
 // be back at 0), runs (the library takes it) where ORCH_CUDA_MOE is unset,
 // v10 or v12, and matches the CPU backend (h 1e-5, y the MoE tolerance).
@@ -87,9 +89,16 @@ func TestMoENormFold(t *testing.T) {
 				sep := run()
 				fuseMoENorm = true
 				fused := run()
-				what := []string{"res", "h", "y"}
-				for i := range sep {
-					sameBits(t, name+" "+what[i]+" fused vs separate", sep[i], fused[i])
+				// y: the same bits where both paths run the same MoE kernels (v10 / v12 from 2 tokens, or pinned);
+				// unpinned at one token the separate MoE is v6 (router GEMV + top-k: logits summed in another
+				// order than v10's route kernel, so the weights may differ in the last bits)
+				sameY := n >= 2 || ver == "v10" || ver == "v12" || !folds
+				sameBits(t, name+" res fused vs separate", sep[0], fused[0])
+				sameBits(t, name+" h fused vs separate", sep[1], fused[1])
+				if sameY {
+					sameBits(t, name+" y fused vs separate", sep[2], fused[2])
+				} else {
+					checkVec(t, name+" y fused vs separate", fused[2], sep[2], moeTol())
 				}
 				for rep := 0; rep < 3; rep++ { // capture, then replays
 					reset()
@@ -97,7 +106,7 @@ func TestMoENormFold(t *testing.T) {
 					require.NoError(t, gpu.Sync())
 					sameBits(t, fmt.Sprintf("%s graph %d res", name, rep), sep[0], readF32(t, res.g))
 					sameBits(t, fmt.Sprintf("%s graph %d h", name, rep), sep[1], readF32(t, h.g))
-					sameBits(t, fmt.Sprintf("%s graph %d y", name, rep), sep[2], readF32(t, y.g))
+					sameBits(t, fmt.Sprintf("%s graph %d y", name, rep), fused[2], readF32(t, y.g))
 				}
 				ref.AddRMSNorm(res.c, h.c, add.c, nw.c, 1e-5)
 				ref.MoE(y.c, h.c, &mc)
