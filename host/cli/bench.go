@@ -124,6 +124,7 @@ func newBenchCmd() *cobra.Command {
 		model, device, adapterName string
 		o                          benchOptions
 		threads, batchTokens       int
+		mixedTokens                int
 		kvType                     string
 		kvFraction                 float64
 	)
@@ -182,6 +183,9 @@ random tokens, different in every run, so the prefix cache does not help.`,
 			if batchTokens > 0 {
 				lo.Extra[engine.ExtraMaxBatchTokens] = strconv.Itoa(batchTokens)
 			}
+			if mixedTokens > 0 {
+				lo.Extra[engine.ExtraMixedTokens] = strconv.Itoa(mixedTokens)
+			}
 			if kvType != "" {
 				lo.Extra["kv_type"] = kvType
 			}
@@ -229,6 +233,7 @@ random tokens, different in every run, so the prefix cache does not help.`,
 	f.StringVar(&kvType, "kv-type", "", "KV cache element type for engine-based adapters: f32, f16 or bf16 (default: the adapter's)")
 	f.Float64Var(&kvFraction, "kv-cache-fraction", 0, "size the KV cache from this fraction of free device memory (0 = from context x streams)")
 	f.IntVar(&batchTokens, "batch-tokens", 0, "tokens per forward step of engine-based adapters (prefill chunk size; 0 = adapter default)")
+	f.IntVar(&mixedTokens, "mixed-tokens", 0, "tokens per forward step that carries decodes (engine-based adapters; 0 = adapter default)")
 	f.String("plugins-dir", "", "extra directory to scan for orch-adapter-* binaries (plugins.dir)")
 	f.StringVar(&adapterName, "adapter", "", "use this adapter (by name) instead of the one declaring the model's architecture")
 	f.Int("tensor-parallel", 0, "split the model over N ranks (one adapter process per GPU, or N CPU processes with --device cpu); 0 = one process (docs/multi-gpu.md)")

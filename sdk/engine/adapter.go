@@ -17,6 +17,7 @@ type Option func(*options)
 
 type options struct {
 	maxBatchTokens int
+	mixedTokens    int
 	maxQueue       int
 	maxSeqs        int
 	prefixCache    bool
@@ -39,6 +40,20 @@ const DefaultMaxBatchTokens = 2048
 // running decodes.
 func WithMaxBatchTokens(n int) Option { return func(o *options) { o.maxBatchTokens = n } }
 
+// DefaultMixedBatchTokens is the token budget of a step that carries
+// decodes (WithMixedBatchTokens), when it is below the step budget: prefill
+// chunks then share what the decodes leave of it, so that a burst of long
+// prompts stalls the running streams for a 512-token step rather than a
+// 2048-token one (H100, gpt-oss, 64 streams x pp128+tg128: inter-token
+// latency p99 30.5 ms vs 61.1 ms, the same tok/s). A step with no decodes
+// uses the whole step budget.
+const DefaultMixedBatchTokens = 512
+
+// WithMixedBatchTokens sets the token budget of a step that carries decodes
+// (default DefaultMixedBatchTokens; never more than the step budget, never
+// less than the decodes). A step without decodes uses the whole step budget.
+func WithMixedBatchTokens(n int) Option { return func(o *options) { o.mixedTokens = n } }
+
 // WithMaxQueue bounds the waiting queue (default 256); Generate returns
 // sdk.ErrBusy when it is full.
 func WithMaxQueue(n int) Option { return func(o *options) { o.maxQueue = n } }
@@ -57,9 +72,10 @@ func WithPlanner(p PlanFunc) Option { return func(o *options) { o.planner = p } 
 // LoadOptions.Extra keys the engine reads (the host passes them through from
 // its configuration); they override the Options given to NewAdapter.
 const (
-	ExtraMaxBatchTokens = "engine.max_batch_tokens" // integer > 0
-	ExtraMaxQueue       = "engine.max_queue"        // integer > 0
-	ExtraPrefixCache    = "engine.prefix_cache"     // true or false
+	ExtraMaxBatchTokens = "engine.max_batch_tokens"   // integer > 0
+	ExtraMixedTokens    = "engine.mixed_batch_tokens" // integer > 0
+	ExtraMaxQueue       = "engine.max_queue"          // integer > 0
+	ExtraPrefixCache    = "engine.prefix_cache"       // true or false
 )
 
 func (o options) withExtra(extra map[string]string) (options, error) {
@@ -76,6 +92,9 @@ func (o options) withExtra(extra map[string]string) (options, error) {
 		return nil
 	}
 	if err := positive(ExtraMaxBatchTokens, &o.maxBatchTokens); err != nil {
+		return o, err
+	}
+	if err := positive(ExtraMixedTokens, &o.mixedTokens); err != nil {
 		return o, err
 	}
 	if err := positive(ExtraMaxQueue, &o.maxQueue); err != nil {
@@ -116,7 +135,7 @@ func NewAdapter(load Loader, log hclog.Logger, opts ...Option) sdk.Adapter {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	o := options{maxBatchTokens: DefaultMaxBatchTokens, maxQueue: 256, prefixCache: true}
+	o := options{maxBatchTokens: DefaultMaxBatchTokens, mixedTokens: DefaultMixedBatchTokens, maxQueue: 256, prefixCache: true}
 	for _, f := range opts {
 		f(&o)
 	}

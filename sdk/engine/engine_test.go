@@ -196,6 +196,42 @@ func TestChunkedPrefillMixesWithDecode(t *testing.T) {
 	assert.Greater(t, m.MixedSteps.Load(), int64(10), "long prefill ran alongside the running decode")
 }
 
+// A step that carries decodes plans at most the mixed budget; a prefill
+// alone gets the whole step budget.
+func TestMixedStepBudget(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, NumBlocks: 1024, ContextLength: 2048, StepCost: 200 * time.Microsecond}
+	a, m := load(t, cfg, engine.WithMaxBatchTokens(64), engine.WithMixedBatchTokens(16))
+	ctx := ctxT(t)
+	r := rand.New(rand.NewPCG(7, 8))
+	short, long := randPrompt(r, 5, cfg.Vocab), randPrompt(r, 400, cfg.Vocab)
+	alone := collect(ctx, a, greedy(long, 2))
+	require.NoError(t, alone.err)
+	assert.Equal(t, 64, m.MaxChunk(), "a prefill alone runs in whole-budget steps")
+	started := make(chan struct{})
+	var wg sync.WaitGroup
+	var first result
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		var once sync.Once
+		first.err = a.Generate(ctx, greedy(short, 200), func(c sdk.Chunk) error {
+			first.toks = append(first.toks, c.Tokens...)
+			once.Do(func() { close(started) })
+			return nil
+		})
+	}()
+	<-started
+	long2 := randPrompt(r, 400, cfg.Vocab)
+	second := collect(ctx, a, greedy(long2, 8))
+	wg.Wait()
+	require.NoError(t, first.err)
+	require.NoError(t, second.err)
+	assert.Equal(t, enginetest.Greedy(short, 200, cfg.Vocab), first.toks)
+	assert.Equal(t, enginetest.Greedy(long2, 8, cfg.Vocab), second.toks)
+	assert.Greater(t, m.MixedSteps.Load(), int64(10), "the prefill ran alongside the decode")
+	assert.LessOrEqual(t, m.MaxMixed.Load(), int64(16), "steps with decodes keep to the mixed budget")
+}
+
 func TestPrefixReuse(t *testing.T) {
 	cfg := enginetest.Config{Vocab: 64, BlockSize: 4}
 	a, m := load(t, cfg)

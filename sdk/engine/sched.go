@@ -30,8 +30,9 @@ import (
 //     prompt plus one spare block per running sequence; the head of the queue
 //     is never overtaken. Admission looks the prompt up in the prefix cache;
 //  3. plan: every decoding sequence gets its one token, prefilling sequences
-//     share the rest of the token budget (oldest first), so a long prompt is
-//     prefilled in chunks mixed with the running decodes. Blocks are
+//     share the rest of the token budget (oldest first; with decodes in the
+//     step the smaller mixed budget), so a long prompt is prefilled in
+//     chunks mixed with the running decodes. Blocks are
 //     allocated as positions need them; when the pool is exhausted the
 //     youngest running sequence is preempted (blocks freed, back to the
 //     queue in arrival order, recomputed from its prompt and generated tokens
@@ -65,6 +66,7 @@ type sched struct {
 	ctxLen  int // max tokens per sequence (prompt + generated)
 	maxSeqs int
 	budget  int // tokens per forward step
+	mixed   int // tokens per forward step that carries decodes (<= budget)
 	queue   int // max waiting requests
 	prefix  bool
 
@@ -142,7 +144,7 @@ func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hc
 	ctx, cancel := context.WithCancel(context.Background())
 	e := &sched{
 		model: m, spec: spec, log: log,
-		ctxLen: ctxLen, maxSeqs: maxSeqs, budget: budget, queue: queue, prefix: o.prefixCache,
+		ctxLen: ctxLen, maxSeqs: maxSeqs, budget: budget, mixed: mixedBudget(o.mixedTokens, budget), queue: queue, prefix: o.prefixCache,
 		pool: groups[0].pool, groups: groups, gm: gm, chunk: chunk,
 		byID:   make(map[string]*seq),
 		wake:   make(chan struct{}, 1),
@@ -867,6 +869,15 @@ func (e *sched) grow(s *seq, upto, bs int) (bool, error) {
 	return true, nil
 }
 
+// mixedBudget is the token budget of a step with decodes: n (0 = the whole
+// budget), at most the budget.
+func mixedBudget(n, budget int) int {
+	if n <= 0 {
+		return budget
+	}
+	return min(n, budget)
+}
+
 // step plans one forward batch, runs it and handles its logits. It reports
 // whether anything ran.
 func (e *sched) step(ctx context.Context) bool {
@@ -876,7 +887,11 @@ func (e *sched) step(ctx context.Context) bool {
 			decodes++
 		}
 	}
-	prefill := e.budget - decodes
+	limit := e.budget
+	if decodes > 0 {
+		limit = max(e.mixed, decodes)
+	}
+	prefill := limit - decodes
 	var batch Batch
 	var in []*seq
 	for i := 0; i < len(e.running); i++ {

@@ -82,6 +82,7 @@ type Model struct {
 	Tokens       atomic.Int64 // tokens processed (prefill + decode)
 	MaxBatchSeqs atomic.Int64 // largest number of sequences in one Forward
 	MixedSteps   atomic.Int64 // Forward calls holding both a decode (1 token) and a prefill chunk (>1 token)
+	MaxMixed     atomic.Int64 // most tokens in one such mixed Forward call
 	Copies       atomic.Int64 // CopyBlock calls
 	GreedySteps  atomic.Int64 // ForwardGreedy calls
 	WindowCopies atomic.Int64 // CopyGroupBlock calls
@@ -260,6 +261,12 @@ func (m *Model) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, e
 	m.Tokens.Add(int64(tokens))
 	if decode && prefill {
 		m.MixedSteps.Add(1)
+		for {
+			cur := m.MaxMixed.Load()
+			if int64(tokens) <= cur || m.MaxMixed.CompareAndSwap(cur, int64(tokens)) {
+				break
+			}
+		}
 	}
 	for {
 		cur := m.MaxBatchSeqs.Load()
