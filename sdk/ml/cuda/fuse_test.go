@@ -381,8 +381,10 @@ func TestFuseSwiGLU(t *testing.T) {
 // other pair order, the float path when the library declines, nothing with
 // the switch off.
 func TestFuseXH(t *testing.T) {
-	defer func(v, x, o bool) { fuseOps, fuseXH, xhGLUOut = v, x, o }(fuseOps, fuseXH, xhGLUOut)
+	defer func(v, x, o, mn bool) { fuseOps, fuseXH, xhGLUOut, fuseMoENorm = v, x, o, mn }(fuseOps, fuseXH, xhGLUOut,
+		fuseMoENorm)
 	fuseOps, fuseXH, xhGLUOut = true, true, true
+	fuseMoENorm = false // the norm launches at once (not held for a MoE: moe_fold_test.go)
 	b, f := newFakeBackend(t)
 	const d, ff = 64, 96
 	x, h, res, nw := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d)

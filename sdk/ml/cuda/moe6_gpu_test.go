@@ -68,11 +68,10 @@ func TestPerfMoEVersions(t *testing.T) {
 		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=",
-				// the post-attention AddRMSNorm folded into the route kernel (S7): "+norm" rows vs the unpinned ones
-				"ORCH_CUDA_MOE= ORCH_CUDA_MOE_NORM=1",
+				// the post-attention AddRMSNorm folded into the route kernel (S7, default): norm+moe rows without it
+				"ORCH_CUDA_MOE= ORCH_CUDA_MOE_NORM=0",
 				// v12: v10 with the tensor-core gate_up (S7); NB=2: two blocks per lane per round
-				"ORCH_CUDA_MOE=v12", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=2", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE_NORM=1",
-				"ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_DOWN=1", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_DOWN=1 ORCH_CUDA_MOE_NORM=1",
+				"ORCH_CUDA_MOE=v12", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=2", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_DOWN=1",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
@@ -109,7 +108,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		t.Logf("| %s | moe decode gpt-oss n=%d | %.4f ms | %.0f%% (<= %d experts) |", label, n, ms,
 			100*bytes/peak*1e3/ms, experts)
 		if os.Getenv("ORCH_CUDA_MOE_ONLY") == "" && n <= 8 {
-			// AddRMSNorm + MoE (gpt-oss's post-attention norm): two ops, or one with ORCH_CUDA_MOE_NORM=1
+			// AddRMSNorm + MoE (gpt-oss's post-attention norm): one op (the fold, default), or two with ORCH_CUDA_MOE_NORM=0
 			res, add := mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n)
 			require.NoError(t, gpu.WriteF32(res, r.f32(d*n)))
 			require.NoError(t, gpu.WriteF32(add, r.f32(d*n)))
