@@ -369,7 +369,8 @@ int64_t orch_moe_route_ints(int64_t n_pairs, int32_t n_exp);
  * 7 and are invalid); 36: hybrid, v4 (30) for the experts with >= 96
  * pairs and v3 (17) for the others (v3 alone where v4 is not built or the
  * route scratch cannot hold both tile lists: below ~175 tokens at top-4 of
- * 32); what 0 picks above 16 pairs per expert with ORCH_CUDA_MOEGEMM=v4.
+ * 32); what 0 picks above 64 pairs per expert (ORCH_CUDA_MOEGEMM4_FROM)
+ * with ORCH_CUDA_MOEGEMM=v4 (the default; v3's tile 17 from 17 to 64).
  * Returns ORCH_ERR_UNSUPPORTED for what it does not handle. */
 int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, const int32_t *ids, const float *weights,
                          const void *gate, const void *up, int32_t gu_type, const float *gate_bias,

@@ -569,6 +569,21 @@ int moegemm_version() {
   static const int v = orch_env_version("ORCH_CUDA_MOEGEMM", 4);
   return v;
 }
+// v4's pick by mean pairs per expert (tile 0): v3's 64-pair tile (19) up to
+// 16, v3's 96-pair tile (17) up to moegemm4_from(), the hybrid (36) above.
+// Session 7, device run 1 (H100, gpt-oss e2e): the hybrid lost at pp512 (64
+// pairs per expert: 18,532 vs v3's 19,630 tok/s) and won at pp2048 (256:
+// 32,655 vs 27,484), so 64 stays on v3. ORCH_CUDA_MOEGEMM4_FROM=N (pairs per
+// expert, read once) moves the border (A/B timing of the crossing).
+int64_t moegemm4_from() {
+  static const int64_t v = [] {
+    const char *e = getenv("ORCH_CUDA_MOEGEMM4_FROM");
+    char *end = nullptr;
+    const long long x = e && e[0] ? strtoll(e, &end, 10) : -1;
+    return (end && *end == 0 && x >= 16 && x < (1ll << 30)) ? (int64_t)x : (int64_t)64;
+  }();
+  return v;
+}
 constexpr bool tile_v3(int t) { return mg3_tile_ok(t); }
 constexpr bool tile_v4(int t) { return mg4_tile_ok(t); }
 // 36: hybrid (session 6, after device run 2: v4 tile 30 is 1.92 ms at n =
@@ -828,11 +843,12 @@ extern "C" int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, c
   // types take v1's tiles (a v3 tile code then means "by shape").
   const bool mx = gu_type == ORCH_T_MXFP4 && down_type == ORCH_T_MXFP4;
   if (tile == 0 && mx && moegemm_version() == 4 && mg4_available()) {
-    // v4 by mean pairs per expert: few pairs stay on v3's 64-pair tile, else
-    // the hybrid (v4 for the experts with >= 96 pairs, v3 for the rest;
+    // v4 by mean pairs per expert (moegemm4_from): few pairs stay on v3's
+    // 64-pair tile, up to the border on v3's 96-pair tile, else the hybrid
+    // (v4 for the experts with >= 96 pairs, v3 for the rest; session 6
     // device run 2: v4 alone loses at n = 512, 0.83 vs 0.77 ms, and end to end).
     const int64_t per = pairs / n_exp;
-    const int pick = per <= 16 ? 19 : MG_HYB;
+    const int pick = per <= 16 ? 19 : per <= moegemm4_from() ? 17 : MG_HYB;
     if ((pick == MG_HYB ? mg4_smem(30) : mg3_smem(pick)) <= smem_optin()) tile = pick;
   }
   if (tile == 0 && mx && moegemm_version() >= 3) {

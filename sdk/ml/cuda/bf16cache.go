@@ -19,10 +19,16 @@ package cuda
 // than a general allocator: it is one map of device buffers owned by the
 // backend, freed with the weight or at Close.
 //
-// ORCH_CUDA_BF16_CACHE (read once): unset, "off" or "0": off (the default
-// until the device runs show the gain); "on": on, no cap; N > 0: on, at most
-// N MiB. ORCH_CUDA_BF16_CACHE_RESERVE=N (MiB) sets the reserve (default
-// 4 GiB + 1/32 of the device's memory). Backend.SetBF16Cache sets both.
+// ORCH_CUDA_BF16_CACHE (read once): unset or "on": on, no cap (the default
+// since session 7's device run 1, H100: Llama-3-8B Q8_0 x32 / x64 decode
+// 1,915 / 3,552 -> 3,690 / 6,491 tok/s, pp512 19,657 -> 28,073, pp2048
+// 27,135 -> 29,805, for ~15 GB of bf16 copies); "off" or "0": off; N > 0:
+// on, at most N MiB. ORCH_CUDA_BF16_CACHE_RESERVE=N (MiB) sets the reserve
+// (default 4 GiB + 1/32 of the device's memory). Backend.SetBF16Cache sets
+// both. What it takes: 2 bytes per weight element of every quantized weight
+// that runs a large-n matmul (Llama-3-8B: all projections + the output head,
+// ~15 GB; gpt-oss-20b: attention + head, ~1.3 GB), never more than leaves
+// the reserve free; the log says how much.
 
 import (
 	"fmt"
@@ -56,8 +62,8 @@ type bf16Cache struct {
 func bf16CacheEnv(v, reserve string) (on bool, capBytes, reserveBytes int64, err error) {
 	reserveBytes = -1
 	switch strings.TrimSpace(v) {
-	case "", "off", "0":
-	case "on", "auto":
+	case "off", "0":
+	case "", "on", "auto":
 		on = true
 	default:
 		mib, e := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
@@ -168,7 +174,8 @@ func (b *Backend) bf16Want(w *tensor, n, k, m int) {
 			c.full = true
 			n, _ := b.BF16CacheStats()
 			fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache full at %d weights, %.2f GiB: %s (%.0f MiB) and any later "+
-				"weight that does not fit dequantize per call (free %.2f GiB, reserve %.2f GiB, cap %s)\n",
+				"weight that does not fit dequantize per call (free %.2f GiB, reserve %.2f GiB, cap %s; "+
+				"ORCH_CUDA_BF16_CACHE_RESERVE / ORCH_CUDA_BF16_CACHE=<MiB> set them)\n",
 				n, gib(c.bytes), name, float64(need)/(1<<20), gib(free), gib(c.reserve), capStr(c.cap))
 		}
 		return
@@ -186,12 +193,14 @@ func (b *Backend) bf16Want(w *tensor, n, k, m int) {
 		return
 	}
 	if c.bytes == 0 {
-		fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache on: quantized weights keep a bf16 copy from their first "+
-			"large-n matmul (reserve %.2f GiB free, cap %s; ORCH_CUDA_BF16_CACHE=off turns it off)\n", gib(c.reserve), capStr(c.cap))
+		fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache on: each quantized weight gets a bf16 copy (2 bytes a weight, "+
+			"device memory) at its first large-n matmul while %.2f GiB stay free (cap %s; ORCH_CUDA_BF16_CACHE=off turns it off)\n",
+			gib(c.reserve), capStr(c.cap))
 	}
 	c.entries[w.ptr] = bf16Entry{buf: p, bytes: need, end: w.ptr + uintptr(w.bytes)}
 	c.bytes += need
-	if g := c.bytes >> 30; g > c.logged {
+	// at 1 GiB, then each time the total doubles (a few lines, not one per weight)
+	if g := c.bytes >> 30; g >= 1 && g >= 2*c.logged {
 		c.logged = g
 		n, _ := b.BF16CacheStats()
 		fmt.Fprintf(os.Stderr, "orch cuda: bf16 weight cache: %d weights, %.2f GiB (last %s)\n", n, gib(c.bytes), name)

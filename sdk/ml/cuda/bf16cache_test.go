@@ -16,7 +16,7 @@ func TestBF16CacheEnv(t *testing.T) {
 		cap, res  int64
 		wantError bool
 	}{
-		{"", "", false, 0, -1, false},
+		{"", "", true, 0, -1, false},
 		{"off", "", false, 0, -1, false},
 		{"0", "", false, 0, -1, false},
 		{"on", "", true, 0, -1, false},

@@ -55,7 +55,7 @@ func TestPerfMoEPrefill(t *testing.T) {
 	for _, cs := range []struct {
 		n    int
 		zipf bool
-	}{{16, false}, {64, false}, {512, false}, {2048, false}, {512, true}, {2048, true}} {
+	}{{16, false}, {64, false}, {512, false}, {1024, false}, {2048, false}, {512, true}, {1024, true}, {2048, true}} {
 		n := cs.n
 		p := n * topk
 		out, x, ids, w, xg, act, ybuf, route := moePrefillBufs(t, d, ff, n, p, ne)

@@ -35,11 +35,11 @@ var prefillVariants = []struct {
 	env        []string
 	timingOnly bool
 }{
-	{"v1", []string{"ORCH_CUDA_PREFILL=v1"}, false},
-	{"v2", []string{"ORCH_CUDA_PREFILL=v2"}, false},
-	{"v2 cap 32 MiB", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_CAP=32"}, false},
-	{"v2 dequant only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=dequant"}, true},
-	{"v2 cuBLAS only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=gemm"}, true},
+	{"v1", []string{"ORCH_CUDA_PREFILL=v1", "ORCH_CUDA_BF16_CACHE=off"}, false},
+	{"v2", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_BF16_CACHE=off"}, false},
+	{"v2 cap 32 MiB", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_CAP=32", "ORCH_CUDA_BF16_CACHE=off"}, false},
+	{"v2 dequant only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=dequant", "ORCH_CUDA_BF16_CACHE=off"}, true},
+	{"v2 cuBLAS only", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_PREFILL_TIMING=gemm", "ORCH_CUDA_BF16_CACHE=off"}, true},
 	{"v2 + bf16 cache", []string{"ORCH_CUDA_PREFILL=v2", "ORCH_CUDA_BF16_CACHE=on"}, true},
 }
 
@@ -216,7 +216,7 @@ func TestPerfPrefillMatMul(t *testing.T) {
 		w := mustW(t, r, sh.name, ml.Q8_0, sh.k, sh.m)
 		bias := mustA(t, ml.F32, sh.m)
 		require.NoError(t, gpu.WriteF32(bias, r.f32(sh.m)))
-		if os.Getenv("ORCH_CUDA_BF16_CACHE") != "" {
+		if gpu.bc.on {
 			// the bf16 copy, made by one Backend.MatMul at a large n (the
 			// "direct" rows call orch_matmul, which only uses it)
 			x, y := mustA(t, ml.F32, sh.k, 512), mustA(t, ml.F32, sh.m, 512)
