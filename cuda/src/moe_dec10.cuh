@@ -378,8 +378,8 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
 //  - the 4 lanes of a row (2 shuffles) and the 8 warps (shared memory, fixed
 //    order) are summed, then v10's epilogue (bias, SwiGLU, staged for down).
 constexpr int MOE12_W = 8; // warps per CTA (k split); rows pairs per CTA: 8
-template <int NB>
-__global__ void __launch_bounds__(MOE12_W * 32, 4) // <= 64 registers: 32 warps per SM
+template <int NB, int MINB = 4>
+__global__ void __launch_bounds__(MOE12_W * 32, MINB) // MINB 4: <= 64 registers, 32 warps per SM
 moe_gate_up12_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                      const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha, float limit,
@@ -699,9 +699,9 @@ static bool moe12_down() {
   const char *v = getenv("ORCH_CUDA_MOE12_DOWN");
   return v && std::strcmp(v, "1") == 0;
 }
-static bool moe12_nb2() {
+static int moe12_nb() { // 3 (default), 2 (=2), 4 (=3w: NB = 3 at 3 CTAs per SM)
   const char *v = getenv("ORCH_CUDA_MOE12_NB");
-  return v && std::strcmp(v, "2") == 0;
+  return !v ? 3 : std::strcmp(v, "2") == 0 ? 2 : std::strcmp(v, "3w") == 0 ? 4 : 3;
 }
 static bool moe12_on(const orch_ctx *ctx, int64_t n) {
   if (ctx->moe == 12) return true;
@@ -750,9 +750,10 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     if (!(only & 2) && T == ORCH_T_MXFP4 && v12 && ff % 8 == 0) {
       // NB blocks per lane per round (3: one round up to k = 3072, gpt-oss 2880 = 90 blocks; 64 registers with
       // a 28-byte spill); ORCH_CUDA_MOE12_NB=2: 2 (no spill, 2/3 of the bytes in flight), for the A/B.
-      const bool nb2 = moe12_nb2();
+      // ORCH_CUDA_MOE12_NB=3w: NB = 3 at <= 80 registers (no spill, 24 warps per SM).
+      const int nbv = moe12_nb();
       const size_t sm = moe12_smem(dim);
-      auto kern = nb2 ? moe_gate_up12_kernel<2> : moe_gate_up12_kernel<3>;
+      auto kern = nbv == 2 ? moe_gate_up12_kernel<2> : nbv == 4 ? moe_gate_up12_kernel<3, 3> : moe_gate_up12_kernel<3>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)(ff / 8), (unsigned)n_slots, (unsigned)n);
       DEC16_LAUNCH_PDL(kern, grid, MOE12_W * 32, sm, st, reinterpret_cast<uint16_t *>(act),

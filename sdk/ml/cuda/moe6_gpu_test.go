@@ -71,11 +71,13 @@ func TestPerfMoEVersions(t *testing.T) {
 				// the post-attention AddRMSNorm folded into the route kernel (S7, default): norm+moe rows without it
 				"ORCH_CUDA_MOE= ORCH_CUDA_MOE_NORM=0",
 				// v12: v10 with the tensor-core gate_up (S7); NB=2: two blocks per lane per round
-				"ORCH_CUDA_MOE=v12", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=2", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_DOWN=1",
+				"ORCH_CUDA_MOE=v12", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=2", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=3w",
+				"ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_DOWN=1",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
 				"ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=2 ORCH_CUDA_MOE_ONLY=gate_up",
+				"ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=3w ORCH_CUDA_MOE_ONLY=gate_up",
 				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
