@@ -55,6 +55,11 @@ type bf16Cache struct {
 	names    map[uintptr]string // weight names (Backend.Weight), for the log
 	logged   int64              // GiB already reported
 	full     bool               // the first decline was reported
+	// free memory as last queried minus the copies made since (MemoryInfo
+	// is a device-properties query: not once per weight); queried again
+	// after 32 copies or when the estimate nears the reserve
+	freeEst  int64
+	sinceQry int
 }
 
 // bf16CacheEnv parses ORCH_CUDA_BF16_CACHE / _RESERVE (values as the file
@@ -104,6 +109,7 @@ func (b *Backend) SetBF16Cache(on bool, capBytes, reserveBytes int64) {
 	b.bc.reserve = reserveBytes
 	clear(b.bc.declined)
 	b.bc.full = false
+	b.bc.sinceQry = 0 // query free memory at the next copy
 }
 
 // BF16CacheStats reports the weights that have a bf16 copy and its bytes.
@@ -160,10 +166,14 @@ func (b *Backend) bf16Want(w *tensor, n, k, m int) {
 		}
 	}
 	need := (int64(m)*int64(k)*2 + 255) / 256 * 256
-	free, total := b.MemoryInfo()
-	if c.reserve < 0 {
-		c.reserve = 4<<30 + total/32
+	if c.reserve < 0 || c.sinceQry == 0 || c.sinceQry >= 32 || c.freeEst-need < c.reserve+2<<30 {
+		free, total := b.MemoryInfo()
+		if c.reserve < 0 {
+			c.reserve = 4<<30 + total/32
+		}
+		c.freeEst, c.sinceQry = free, 0
 	}
+	free := c.freeEst
 	name := c.names[w.ptr]
 	if name == "" {
 		name = fmt.Sprintf("%v %v", w.dt, w.shape)
@@ -199,6 +209,8 @@ func (b *Backend) bf16Want(w *tensor, n, k, m int) {
 	}
 	c.entries[w.ptr] = bf16Entry{buf: p, bytes: need, end: w.ptr + uintptr(w.bytes)}
 	c.bytes += need
+	c.freeEst -= need
+	c.sinceQry++
 	// at 1 GiB, then each time the total doubles (a few lines, not one per weight)
 	if g := c.bytes >> 30; g >= 1 && g >= 2*c.logged {
 		c.logged = g

@@ -676,3 +676,46 @@ func TestBF16Cache(t *testing.T) {
 		}
 	}
 }
+
+// TestBF16CacheBudget: a weight over the cache's cap, or whose copy would
+// leave less than the reserve free, gets no copy and is not retried; its
+// MatMul runs the per-call dequantization (the same bits as with the cache
+// off).
+func TestBF16CacheBudget(t *testing.T) {
+	if gpu.l.bf16Cache == nil {
+		t.Skip("library without orch_bf16_cache")
+	}
+	defer func(on bool, c, r int64) { gpu.SetBF16Cache(on, c, r) }(gpu.bc.on, gpu.bc.cap, gpu.bc.reserve)
+	r := newRNG(t)
+	const k, m, n = 512, 200, 64
+	for _, c := range []struct {
+		name         string
+		cap, reserve int64
+	}{{"cap", 1 << 20, 0}, {"reserve", 0, 1 << 50}} {
+		t.Run(c.name, func(t *testing.T) {
+			w := weightPair(t, "w", ml.Q8_0, []int{k, m}, randWeight(r, ml.Q8_0, k, m))
+			x := f32Pair(t, randF32(r, k*n, 1), k, n)
+			y := out(t, m, n)
+			mul := func() []float32 {
+				gpu.Fill(y.g, float32(math.NaN()))
+				gpu.MatMul(y.g, x.g, w.g, nil)
+				v := make([]float32, m*n)
+				require.NoError(t, gpu.ReadF32(y.g, v))
+				return v
+			}
+			gpu.SetBF16Cache(false, 0, 0)
+			want := mul()
+			gpu.SetBF16Cache(true, c.cap, c.reserve)
+			n0, b0 := gpu.BF16CacheStats()
+			for range 2 {
+				require.Equal(t, want, mul())
+			}
+			n1, b1 := gpu.BF16CacheStats()
+			require.Equal(t, n0, n1, "no copy")
+			require.Equal(t, b0, b1)
+			require.True(t, gpu.bc.declined[dptr(t, w.g)], "declined, not retried")
+			ref.MatMul(y.c, x.c, w.c, nil)
+			checkClose(t, c.name, y, bf16Tol)
+		})
+	}
+}
