@@ -270,6 +270,29 @@ typedef struct {
  * logit per head in the denominator only). */
 int orch_attention(orch_ctx *ctx, const orch_attn_args *a);
 
+/* (session 7, optional) RoPE of q and k + the KV write of the rotated k and v
+ * folded into the decode attention launch: the result (out, k_cache,
+ * v_cache) of orch_rope_kv(q, k, v, ...) followed by orch_attention(a),
+ * bit-identical, in one launch (plus the split combine where the grid has
+ * splits). a->q and k are the UNROTATED rows and stay unrotated (the kernel
+ * rotates in registers; orch_rope_kv rotates them in place). slots[t] must
+ * be the cache slot of (tok_seq[t], tok_pos[t]) per the block tables.
+ * Returns ORCH_ERR_UNSUPPORTED (without recording an error, nothing
+ * launched) for batches it does not fold (more than 8 tokens, head dims
+ * other than 64/128); the caller then runs the two ops. */
+typedef struct {
+  const float *k;         /* n_tok rows of n_kv_heads*head_dim, k_stride apart (unrotated) */
+  const float *v;         /* n_tok rows, v_stride apart */
+  int64_t k_stride;
+  int64_t v_stride;
+  const int32_t *slots;   /* [n_tok] cache slot of each token */
+  const float *inv_freq;  /* [rot_dim/2] (as orch_rope) */
+  float attn_factor;      /* multiplies cos and sin */
+  int32_t rot_dim;        /* rotated dims per head (even, <= head_dim) */
+  int32_t neox;           /* 1: rotate halves (NeoX), 0: adjacent pairs (GPT-J) */
+} orch_attn_rope_args;
+int orch_attention_rope(orch_ctx *ctx, const orch_attn_args *a, const orch_attn_rope_args *r);
+
 /* ---- moe.cu ----
  * Router: for each row of logits[n, n_exp], the top-k expert ids (largest
  * first; ties by lower index) and weights = softmax over the k selected. */

@@ -208,3 +208,54 @@ extern "C" int orch_attention(orch_ctx *ctx, const orch_attn_args *a) {
   orch_set_error("attention: kv_dtype %d not supported", a->kv_dtype);
   return ORCH_ERR_UNSUPPORTED;
 }
+
+// The folded RoPE + KV write (attn_gdr_kernel; orch_attention_rope): the
+// grouped kernel's grid and head grouping (launch_attn_gd_any's choice), one
+// row per CTA, then the combine where the grid has splits.
+template <typename KV, int HD, int GC>
+static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_attn_rope_args *r, int splits) {
+  void *part = nullptr;
+  if (splits > 1) {
+    int rc = orch_scratch(ctx, (size_t)a->n_heads * a->n_tok * splits * (HD + 2) * sizeof(float), &part);
+    if (rc != ORCH_OK) return rc;
+  }
+  dim3 grid((unsigned)(a->n_heads / GC), (unsigned)a->n_tok, (unsigned)splits);
+  orch_launch_pdl(attn_gdr_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), 0, ctx->stream, *a, *r, (float *)part,
+                  splits);
+  ORCH_LAUNCHED("attention (RoPE + KV write folded)");
+  if (splits == 1) return ORCH_OK;
+  return launch_combine6<HD>(ctx, a, (const float *)part, splits, 0, true);
+}
+
+template <typename KV>
+static int launch_attn_rope(orch_ctx *ctx, const orch_attn_args *a, const orch_attn_rope_args *r) {
+  const int G = a->n_heads / a->n_kv_heads;
+  const int splits = attn_grid_splits((int64_t)a->n_kv_heads * a->n_tok, attn_span_max(a), ATTN_GD_GRAN, 4096,
+                                      ATTN_GD_MAX_SPLITS);
+  const int gc = attn_gd_heads_per_cta(G, a->n_heads, a->n_tok, splits, ATTN_GD_MIN_CTAS);
+#define GDR_CASE(H, GG) \
+  if (a->head_dim == H && gc == GG) return launch_attn_gdr<KV, H, GG>(ctx, a, r, splits);
+  GDR_CASE(64, 1) GDR_CASE(64, 2) GDR_CASE(64, 4) GDR_CASE(64, 8)
+  GDR_CASE(128, 1) GDR_CASE(128, 2) GDR_CASE(128, 4) GDR_CASE(128, 8)
+#undef GDR_CASE
+  return ORCH_ERR_UNSUPPORTED;
+}
+
+extern "C" int orch_attention_rope(orch_ctx *ctx, const orch_attn_args *a, const orch_attn_rope_args *r) {
+  const char *op = "attention_rope";
+  ORCH_CHECK_ARG(ctx && a && r, op);
+  ORCH_CHECK_ARG(a->out && a->q && a->k_cache && a->v_cache && a->tok_seq && a->tok_pos && a->block_tables, op);
+  ORCH_CHECK_ARG(a->n_tok >= 0 && a->n_tok <= 65535 && a->n_heads > 0 && a->n_kv_heads > 0, op);
+  ORCH_CHECK_ARG(a->n_heads % a->n_kv_heads == 0 && a->block_size > 0 && a->max_blocks > 0, op);
+  ORCH_CHECK_ARG(a->q_stride >= (int64_t)a->n_heads * a->head_dim, op);
+  ORCH_CHECK_ARG(r->k && r->v && r->slots && r->inv_freq, op);
+  ORCH_CHECK_ARG(r->rot_dim > 0 && r->rot_dim <= a->head_dim && r->rot_dim % 2 == 0, op);
+  ORCH_CHECK_ARG(r->k_stride >= (int64_t)a->n_kv_heads * a->head_dim &&
+                     r->v_stride >= (int64_t)a->n_kv_heads * a->head_dim,
+                 op);
+  if (a->n_tok == 0) return ORCH_OK;
+  if (a->n_tok > ATTN_ROPE_MAX_TOK || (a->head_dim != 64 && a->head_dim != 128)) return ORCH_ERR_UNSUPPORTED;
+  if (a->kv_dtype == ORCH_KV_F32) return launch_attn_rope<float>(ctx, a, r);
+  if (a->kv_dtype == ORCH_KV_F16) return launch_attn_rope<__half>(ctx, a, r);
+  return ORCH_ERR_UNSUPPORTED;
+}

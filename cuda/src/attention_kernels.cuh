@@ -12,6 +12,7 @@
 
 #include "../include/orch_cuda.h"
 #include "attention_index.cuh"
+#include "rope.cuh"
 
 namespace attn_k {
 
@@ -256,6 +257,30 @@ template <int HD, int GC> struct __align__(16) AttnGdSmem {
   float sacc[ATTN_WARPS][GC][HD];
 };
 
+// The folded RoPE + KV write (attn_gdr_kernel): up to ATTN_ROPE_MAX_TOK
+// tokens per launch; the new rows of the CTA's sequence whose positions lie
+// in its keys are staged in shared memory as the cache would hold them (k
+// rotated, then both converted to the cache type), and the key loop reads
+// those rows from there instead of the cache (which another CTA of this
+// grid writes).
+constexpr int ATTN_ROPE_MAX_TOK = 8;
+template <typename KV, int HD, int GC> struct __align__(16) AttnGdrSmem : AttnGdSmem<HD, GC> {
+  KV nk[ATTN_ROPE_MAX_TOK][HD]; // staged new rows (kv head of the CTA): k rotated, as stored
+  KV nv[ATTN_ROPE_MAX_TOK][HD];
+  int npos[ATTN_ROPE_MAX_TOK], nrow[ATTN_ROPE_MAX_TOK];
+  int nnew;
+};
+// The row's RoPE parameters (q of the row rotated at position qp on load).
+struct AttnRopeRow {
+  const float *inv_freq;
+  float attn_factor;
+  int rot_dim, neox, qp;
+};
+
+template <typename KV> __device__ __forceinline__ KV attn_kv_store(float v);
+template <> __device__ __forceinline__ float attn_kv_store<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half attn_kv_store<__half>(float v) { return __float2half(v); }
+
 // One row's keys [k0, k1) for HC query heads h0 .. h0 + HC - 1 (sharing kv
 // head kvh): the output (direct: this CTA holds every key of the row; sink
 // included) or the partial (m, l, acc) of split slot sp; the body of
@@ -266,9 +291,14 @@ template <int HD, int GC> struct __align__(16) AttnGdSmem {
 // a shuffle issues at a quarter of the FMA rate). Starts with a barrier-free
 // q load and ends after the merge's reads of S (see attn_gd_body for why no
 // barrier is needed between rows).
-template <typename KV, int HD, int HC, typename SM>
+// ROPE (attn_gdr_kernel): q is rotated as it is loaded, and the K / V rows
+// of keys staged in S (new rows of this batch) are read from S: a lane
+// carries its key's K and V row pointers (generic: the cache or S) instead
+// of its slot.
+template <typename KV, int HD, int HC, bool ROPE = false, typename SM>
 __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int64_t t, int seq, int h0, int kvh,
-                                            int k0, int k1, bool direct, float *part, int splits, int sp) {
+                                            int k0, int k1, bool direct, float *part, int splits, int sp,
+                                            AttnRopeRow rr = {}) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
   // V rows per chunk: <= 32 registers of raw V per lane.
@@ -287,10 +317,40 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
     const int kk = kp < k1 ? kp : base; // a valid key: its V is finite, and p = 0
     return (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
   };
+  // ROPE: this lane's key's K and V rows for kv head kvh (staged or cached).
+  auto key_rows = [&](int base, const KV *&kr, const KV *&vr) {
+    const int kp = base + lane;
+    const int kk = kp < k1 ? kp : base;
+    int j = -1;
+    if constexpr (ROPE) {
+      for (int i = 0; i < S.nnew; i++)
+        if (S.npos[i] == kk) j = i;
+    }
+    if (j >= 0) {
+      if constexpr (ROPE) {
+        kr = S.nk[j];
+        vr = S.nv[j];
+      }
+    } else {
+      const int64_t sl = (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
+      kr = kc + sl * slot_stride + (int64_t)kvh * HD;
+      vr = vc + sl * slot_stride + (int64_t)kvh * HD;
+    }
+  };
   const int b0 = k0 + warp * 32;
-  const int64_t slot0 = b0 < k1 ? key_slot(b0) : 0;
+  const int64_t slot0 = !ROPE && b0 < k1 ? key_slot(b0) : 0;
+  const KV *kr0 = kc, *vr0 = vc; // ROPE
+  if constexpr (ROPE) {
+    if (b0 < k1) key_rows(b0, kr0, vr0);
+  }
   const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
-  for (int i = threadIdx.x; i < HC * HD; i += blockDim.x) S.qs[i / HD][i % HD] = qr[i] * a.scale;
+  if constexpr (ROPE) {
+    for (int i = threadIdx.x; i < HC * HD; i += blockDim.x)
+      S.qs[i / HD][i % HD] =
+          rope_elem(qr + (i / HD) * HD, i % HD, rr.rot_dim, rr.qp, rr.inv_freq, rr.attn_factor, rr.neox) * a.scale;
+  } else {
+    for (int i = threadIdx.x; i < HC * HD; i += blockDim.x) S.qs[i / HD][i % HD] = qr[i] * a.scale;
+  }
   __syncthreads();
   float m[HC], l[HC], acc[HC][E];
 #pragma unroll
@@ -302,15 +362,23 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
   }
   for (int base = b0; base < k1; base += ATTN_WARPS * 32) {
     const bool ok = base + lane < k1;
-    const int64_t slot = base == b0 ? slot0 : key_slot(base);
+    const int64_t slot = ROPE ? 0 : base == b0 ? slot0 : key_slot(base);
     const int cnt = min(32, k1 - base);
+    const KV *krr = kr0, *vrow = vr0; // ROPE: this lane's key's K and V rows
+    if constexpr (ROPE) {
+      if (base != b0) key_rows(base, krr, vrow);
+    }
     AttnVRow<KV, E> v[VCH];
 #pragma unroll
     for (int j = 0; j < VCH; j++) {
-      const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
-      v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
+      if constexpr (ROPE) {
+        v[j].load((const KV *)__shfl_sync(0xffffffffu, (long long)vrow, j) + lane * E);
+      } else {
+        const int64_t sj = __shfl_sync(0xffffffffu, slot, j);
+        v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
+      }
     }
-    const KV *kr = kc + slot * slot_stride + (int64_t)kvh * HD;
+    const KV *kr = ROPE ? krr : kc + slot * slot_stride + (int64_t)kvh * HD;
     float s[HC];
 #pragma unroll
     for (int g = 0; g < HC; g++) s[g] = 0.f;
@@ -356,8 +424,12 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
       if (c > 0) {
 #pragma unroll
         for (int j = 0; j < VCH; j++) {
-          const int64_t sj = __shfl_sync(0xffffffffu, slot, c + j);
-          v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
+          if constexpr (ROPE) {
+            v[j].load((const KV *)__shfl_sync(0xffffffffu, (long long)vrow, c + j) + lane * E);
+          } else {
+            const int64_t sj = __shfl_sync(0xffffffffu, slot, c + j);
+            v[j].load(vc + sj * slot_stride + (int64_t)kvh * HD + lane * E);
+          }
         }
       }
 #pragma unroll
@@ -475,6 +547,74 @@ __global__ void ATTN_GD7_BOUNDS(GC) attn_gd7_kernel(orch_attn_args a, float *par
   pdl_wait();
   pdl_trigger();
   attn_gd_body<KV, HD, GC>(a, part, splits, tc_skip);
+}
+
+// RoPE of q and k + the KV write folded into the decode attention
+// (orch_attention_rope, ORCH_CUDA_ATTN_ROPE=1): attn_gd7_kernel's grid, work
+// split and arithmetic, for batches of <= ATTN_ROPE_MAX_TOK rows (one row per
+// CTA: no tensor-core rows) from the unrotated q / k / v of the GEMVs:
+//  - the CTA's q heads are rotated as they are loaded (rope_elem: the bits
+//    orch_rope_kv writes back);
+//  - the rows of the batch of this CTA's sequence whose positions are among
+//    its keys (the row itself in the last used split; more for a multi-token
+//    row of one sequence) are staged in shared memory, k rotated, both as the
+//    cache type, and read from there by the key loop;
+//  - the first head group of each kv head, in the split that holds the row's
+//    own position, writes the row's k / v of that kv head to the cache at
+//    slots[t] (what orch_rope_kv stores). No CTA of this grid reads a cache
+//    slot that this grid writes: a row's new positions come from the stage.
+// So out and the caches are bit-identical to orch_rope_kv + orch_attention;
+// q and k stay unrotated in memory.
+template <typename KV, int HD, int GC>
+__global__ void ATTN_GD7_BOUNDS(GC)
+    attn_gdr_kernel(orch_attn_args a, orch_attn_rope_args r, float *part, int splits) {
+  pdl_wait();
+  pdl_trigger();
+  const int G = a.n_heads / a.n_kv_heads;
+  const int h0 = blockIdx.x * GC, kvh = h0 / G, sp = blockIdx.z;
+  __shared__ AttnGdrSmem<KV, HD, GC> S;
+  const int64_t t = blockIdx.y;
+  const int qp = a.tok_pos[t], seq = a.tok_seq[t];
+  const int span = attn_span(qp, a.window), start = qp + 1 - span;
+  const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
+  const int used = attn_split_used(span, per);
+  if (sp >= used) return; // uniform: this split has no keys of this row
+  const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
+  if (threadIdx.x == 0) { // the batch's rows of this sequence among the keys (<= ATTN_ROPE_MAX_TOK)
+    int n = 0;
+    for (int u = 0; u < (int)a.n_tok; u++) {
+      const int pu = a.tok_pos[u];
+      if (a.tok_seq[u] == seq && pu >= k0 && pu < k1) {
+        S.npos[n] = pu;
+        S.nrow[n] = u;
+        n++;
+      }
+    }
+    S.nnew = n;
+  }
+  __syncthreads();
+  const int nnew = S.nnew;
+  for (int i = threadIdx.x; i < nnew * HD; i += blockDim.x) {
+    const int j = i / HD, d = i % HD;
+    const int64_t u = S.nrow[j];
+    S.nk[j][d] = attn_kv_store<KV>(
+        rope_elem(r.k + u * r.k_stride + (int64_t)kvh * HD, d, r.rot_dim, S.npos[j], r.inv_freq, r.attn_factor, r.neox));
+    S.nv[j][d] = attn_kv_store<KV>(r.v[u * r.v_stride + (int64_t)kvh * HD + d]);
+  }
+  __syncthreads();
+  if (h0 % G == 0 && sp == used - 1) { // the KV write of (row t, kv head kvh)
+    int j = 0;
+    for (int i = 0; i < nnew; i++)
+      if (S.nrow[i] == (int)t) j = i;
+    KV *kc = (KV *)a.k_cache + (int64_t)r.slots[t] * a.n_kv_heads * HD + (int64_t)kvh * HD;
+    KV *vc = (KV *)a.v_cache + (int64_t)r.slots[t] * a.n_kv_heads * HD + (int64_t)kvh * HD;
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+      kc[d] = S.nk[j][d];
+      vc[d] = S.nv[j][d];
+    }
+  }
+  const AttnRopeRow rr{r.inv_freq, r.attn_factor, r.rot_dim, r.neox, qp};
+  attn_gd_row<KV, HD, GC, true>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp, rr);
 }
 
 // The weights of a combine of `used` split partials of (row t, head h) with

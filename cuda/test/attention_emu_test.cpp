@@ -33,6 +33,11 @@
 // thread (emu_launch_pdl).
 inline void pdl_wait() { emu_pdl_wait(); }
 inline void pdl_trigger() {}
+// rope.cuh's explicit roundings (cuda_emu.h has no math intrinsics beyond __expf).
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+#define ROPE_KERNELS // rope_kv_kernel: the two-launch reference of the folded RoPE + KV write
+#include "../src/rope.cuh"
 #define __shared__ static // static __shared__ arrays: one CTA at a time
 #include "../src/attention_kernels.cuh"
 #undef __shared__
@@ -206,6 +211,158 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
   }
 }
 
+// The folded RoPE + KV write (attn_gdr_kernel, orch_attention_rope) on
+// decode batches (<= 8 rows) from unrotated q / k / v, against the two
+// launches it replaces (rope_kv_kernel, then attn_gd7 + combine) on the same
+// inputs: the output and both caches bit-identical (memcmp, the caches'
+// untouched NaN slots included), q and k left unrotated, nothing NaN.
+// Rows of one sequence at consecutive positions (a multi-token step) need
+// each other's new keys (staged in shared memory, across split boundaries).
+template <typename KV, int HD>
+static void rope_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs, int nh, int nkv, int bs, int window,
+                      bool sinks, int splits, int rot, int neox, int gc = 0) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  int max_len = 0;
+  for (auto &s : seqs) max_len = max(max_len, s.hist + s.n);
+  const int max_blocks = (max_len + bs - 1) / bs, nseq = (int)seqs.size();
+  const int nb = max_blocks * nseq + 3;
+  std::vector<int32_t> perm(nb);
+  for (int i = 0; i < nb; i++) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> blocks(perm.begin(), perm.begin() + max_blocks * nseq);
+  const int64_t slot_stride = (int64_t)nkv * HD;
+  auto slot_of = [&](int s, int p) { return (int64_t)blocks[s * max_blocks + p / bs] * bs + p % bs; };
+  // Cached history (positions < hist) random, everything else NaN (the new positions are written by the op).
+  std::vector<KV> kc0((size_t)nb * bs * slot_stride), vc0(kc0.size());
+  for (size_t i = 0; i < kc0.size(); i++) kc0[i] = vc0[i] = KV(NAN);
+  for (int s = 0; s < nseq; s++)
+    for (int p = 0; p < seqs[s].hist; p++)
+      for (int64_t j = 0; j < slot_stride; j++) {
+        kc0[slot_of(s, p) * slot_stride + j] = KV(nd(rng));
+        vc0[slot_of(s, p) * slot_stride + j] = KV(nd(rng));
+      }
+  std::vector<int32_t> tseq, tpos, tslot;
+  for (int s = 0; s < nseq; s++)
+    for (int p = seqs[s].hist; p < seqs[s].hist + seqs[s].n; p++)
+      tseq.push_back(s), tpos.push_back(p), tslot.push_back((int32_t)slot_of(s, p));
+  const int64_t n_tok = (int64_t)tseq.size();
+  CHECK(n_tok <= attn_k::ATTN_ROPE_MAX_TOK, "%s: %ld rows", name, (long)n_tok);
+  // q, k, v as one fused GEMV output row each: [q | k | v], strides past the packed sizes.
+  const int64_t q_stride = (int64_t)nh * HD + 2 * slot_stride + 8;
+  std::vector<float> qkv(n_tok * q_stride), sk(nh), inv(rot / 2);
+  for (auto &x : qkv) x = nd(rng);
+  for (auto &x : sk) x = 2 * nd(rng);
+  for (int i = 0; i < rot / 2; i++) inv[i] = std::pow(10000.f, -2.f * i / rot) * (1.f + 0.1f * nd(rng));
+  const float attn_factor = 1.1f;
+  orch_attn_args a{};
+  a.tok_seq = tseq.data();
+  a.tok_pos = tpos.data();
+  a.block_tables = blocks.data();
+  a.sinks = sinks ? sk.data() : nullptr;
+  a.q_stride = q_stride;
+  a.n_tok = n_tok;
+  a.max_blocks = max_blocks;
+  a.block_size = bs;
+  a.n_heads = nh;
+  a.n_kv_heads = nkv;
+  a.head_dim = HD;
+  a.window = window;
+  a.kv_dtype = sizeof(KV) == 2 ? ORCH_KV_F16 : ORCH_KV_F32;
+  a.scale = 1.f / std::sqrt((float)HD);
+  a.max_pos = max_len;
+  const int G = nh / nkv;
+  if (gc == 0) gc = attn_gd_heads_per_cta(G, nh, n_tok, splits, 256);
+  CHECK(G % gc == 0, "%s: gc %d does not divide G %d", name, gc, G);
+  auto gd = [&](auto kern) { // grid of attn_gd7 / attn_gdr: heads / gc, rows, splits
+    emu_launch_pdl(dim3{(unsigned)(nh / gc), (unsigned)n_tok, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, kern);
+  };
+  auto combine = [&](std::vector<float> &part) {
+    if (splits > 1)
+      emu_launch_pdl(dim3{(unsigned)nh, (unsigned)n_tok, 1}, 32, 0,
+                     [&] { attn_k::attn_combine6_kernel<HD>(a, part.data(), splits, attn_k::ATTN_GD_GRAN, 0); });
+  };
+  // A: orch_rope_kv, then orch_attention (the grouped decode kernel).
+  std::vector<float> qa = qkv, outa(n_tok * nh * HD, NAN), parta(n_tok * nh * splits * (HD + 2), NAN);
+  std::vector<KV> kca = kc0, vca = vc0;
+  {
+    const rope_set qs{qa.data(), q_stride, nh}, ks{qa.data() + (int64_t)nh * HD, q_stride, nkv};
+    const float *v = qa.data() + (int64_t)nh * HD + slot_stride;
+    const int64_t total = n_tok * ((int64_t)nh * (rot / 2) + (int64_t)nkv * (rot / 2) + (int64_t)nkv * (HD - rot) +
+                                   slot_stride);
+    emu_launch_pdl(dim3{(unsigned)((total + 255) / 256), 1, 1}, 256, 0, [&] {
+      rope_kv_kernel<KV>(qs, ks, v, q_stride, kca.data(), vca.data(), tslot.data(), n_tok, HD, rot, tpos.data(),
+                         inv.data(), attn_factor, neox);
+    });
+    a.q = qa.data(), a.out = outa.data(), a.k_cache = kca.data(), a.v_cache = vca.data();
+    gd([&] {
+      using namespace attn_k;
+      switch (gc) {
+        case 1: attn_gd7_kernel<KV, HD, 1>(a, parta.data(), splits, 0); break;
+        case 2: attn_gd7_kernel<KV, HD, 2>(a, parta.data(), splits, 0); break;
+        case 4: attn_gd7_kernel<KV, HD, 4>(a, parta.data(), splits, 0); break;
+        default: attn_gd7_kernel<KV, HD, 8>(a, parta.data(), splits, 0); break;
+      }
+    });
+    combine(parta);
+  }
+  // B: orch_attention_rope from the unrotated rows.
+  std::vector<float> qb = qkv, outb(outa.size(), NAN), partb(parta.size(), NAN);
+  std::vector<KV> kcb = kc0, vcb = vc0;
+  {
+    a.q = qb.data(), a.out = outb.data(), a.k_cache = kcb.data(), a.v_cache = vcb.data();
+    orch_attn_rope_args r{};
+    r.k = qb.data() + (int64_t)nh * HD;
+    r.v = qb.data() + (int64_t)nh * HD + slot_stride;
+    r.k_stride = r.v_stride = q_stride;
+    r.slots = tslot.data();
+    r.inv_freq = inv.data();
+    r.attn_factor = attn_factor;
+    r.rot_dim = rot;
+    r.neox = neox;
+    gd([&] {
+      using namespace attn_k;
+      switch (gc) {
+        case 1: attn_gdr_kernel<KV, HD, 1>(a, r, partb.data(), splits); break;
+        case 2: attn_gdr_kernel<KV, HD, 2>(a, r, partb.data(), splits); break;
+        case 4: attn_gdr_kernel<KV, HD, 4>(a, r, partb.data(), splits); break;
+        default: attn_gdr_kernel<KV, HD, 8>(a, r, partb.data(), splits); break;
+      }
+    });
+    combine(partb);
+  }
+  for (float x : outb) CHECK(std::isfinite(x), "%s: output not finite", name);
+  CHECK(std::memcmp(outa.data(), outb.data(), outa.size() * sizeof(float)) == 0, "%s: output differs", name);
+  CHECK(std::memcmp(kca.data(), kcb.data(), kca.size() * sizeof(KV)) == 0, "%s: k cache differs", name);
+  CHECK(std::memcmp(vca.data(), vcb.data(), vca.size() * sizeof(KV)) == 0, "%s: v cache differs", name);
+  CHECK(std::memcmp(qkv.data(), qb.data(), qkv.size() * sizeof(float)) == 0, "%s: q/k/v were modified", name);
+  CHECK(std::memcmp(qkv.data(), qa.data(), qkv.size() * sizeof(float)) != 0, "%s: the reference rotated nothing", name);
+  std::printf("%-38s hd %3d %s splits %3d gc %d rot %3d %s rows %ld: folded == rope_kv + attention (bits)\n", name, HD,
+              sizeof(KV) == 2 ? "f16" : "f32", splits, gc, rot, neox ? "neox" : "gptj", (long)n_tok);
+}
+
+// full: every case (head dim 64 F16, 128 F32); else three (the other two configs).
+template <typename KV, int HD>
+static void rope_cases(std::mt19937 &rng, bool full) {
+  // gpt-oss-like decode (GQA 8, NeoX, sinks; full and window 128 layers), depths 1, 38, 300.
+  const std::vector<Seq> decode = {{0, 1}, {37, 1}, {299, 1}};
+  if (full) {
+    // The host's grid for a context of 8320 (one decode row of 8 kv heads: 65 splits).
+    const int s8k = attn_grid_splits(8, 8320, attn_k::ATTN_GD_GRAN, 4096, attn_k::ATTN_GD_MAX_SPLITS);
+    rope_case<KV, HD>("rope gqa8 neox sinks grid 65", rng, decode, 8, 1, 16, 0, true, s8k, HD, 1);
+  }
+  rope_case<KV, HD>("rope gqa8 neox window128 grid 1", rng, decode, 8, 1, 16, 128, true, 1, HD, 1);
+  // Llama-like (GQA 4, GPT-J pairs), odd block size; partial rotary (rot < head dim); MHA.
+  rope_case<KV, HD>("rope gqa4 gptj gc2 grid 3 bs7", rng, decode, 8, 2, 7, 0, false, 3, HD, 0, 2);
+  if (!full) return;
+  rope_case<KV, HD>("rope gqa2 neox rot/2 gc1 grid 2", rng, decode, 4, 2, 16, 0, true, 2, HD / 2, 1, 1);
+  rope_case<KV, HD>("rope mha gptj rot/4 window16", rng, decode, 2, 2, 16, 16, false, 4, HD / 4, 0);
+  // Multi-token rows of one sequence: positions 126..129 straddle the 128-key split boundary (grid 3: 128 keys
+  // per split), next to a 2-token row of another sequence; 8 rows, window 3 over 5 new rows.
+  rope_case<KV, HD>("rope multi-token gqa8 grid 3", rng, {{126, 4}, {5, 2}}, 8, 1, 16, 0, true, 3, HD, 1, 8);
+  rope_case<KV, HD>("rope multi-token gqa4 gc4 window3", rng, {{20, 5}, {0, 1}, {300, 2}}, 8, 2, 5, 3, true, 2, HD,
+                    0, 4);
+}
+
 // The depth-adaptive decode: the grid is sized for a long context (graph
 // capture: Batch.MaxPos = context length) while the rows are short, long,
 // or of very different lengths in one batch; every heads-per-CTA instance;
@@ -242,9 +399,17 @@ static void cases(std::mt19937 &rng, bool full) {
   run_case<KV, HD>("mixed gqa, 5 row CTAs grid 4", rng, mixed, nhm, 1, 16, 0, true, 4, 5);
 }
 
-int main() {
+int main(int argc, char **argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::mt19937 rng(777);
+  rope_cases<__half, 64>(rng, true);
+  rope_cases<float, 128>(rng, true);
+  rope_cases<float, 64>(rng, false);
+  rope_cases<__half, 128>(rng, false);
+  if (argc > 1 && std::strcmp(argv[1], "rope") == 0) { // `attention_emu_test rope`: only the folded RoPE cases
+    std::printf("attention_emu_test rope: ok\n");
+    return 0;
+  }
   cases<float, 16>(rng, true);
   cases<__half, 32>(rng, false);
   cases<float, 48>(rng, false);

@@ -511,3 +511,330 @@ func TestAttentionUnsupportedHeadDim(t *testing.T) {
 		})
 	}
 }
+
+// ropeFoldSpec is one RoPE(q), RoPE(k), KVWrite, Attend sequence of a decode
+// step (foldAttnRoPE): sequence s has hist[s] cached positions and newT[s]
+// new tokens (<= 8 in all).
+type ropeFoldSpec struct {
+	hd, nh, nkv, rot int
+	mode             ml.RopeMode
+	yarn             bool
+	window           int
+	sinks            bool
+	kv               ml.DType
+	hist, newT       []int
+	maxPosSlack      int
+	replays          int // > 0: the four ops captured in a graph and replayed (inputs rewritten, output poisoned)
+}
+
+// TestAttentionRoPEFold checks the RoPE + KV write folded into the decode
+// attention launch (ORCH_CUDA_ATTN_ROPE=1, fuse.go foldAttend,
+// orch_attention_rope) against the same ops unfolded on the GPU (orch_rope_kv
+// + orch_attention: output, F32 caches and q / k read back afterwards
+// bit-identical; F16 caches through a second, plain Attend over them,
+// bit-identical) and against the CPU backend (2e-5): gpt-oss's shape (NeoX,
+// YaRN factor, sinks, full and window-128 layers, F16 KV), Llama's (GPT-J
+// pairs, F16 and F32 KV), partial rotary, multi-token rows of one sequence,
+// a graph-sized grid (MaxPos far past the rows), eager and graph replays.
+func TestAttentionRoPEFold(t *testing.T) {
+	if gpu.l.attentionRope == nil {
+		t.Skip("library without orch_attention_rope")
+	}
+	defer func(v, w bool) { fuseOps, foldAttnRoPE = v, w }(fuseOps, foldAttnRoPE)
+	fuseOps = true
+	r := newRNG(t)
+	var cases []ropeFoldSpec
+	for _, kv := range []ml.DType{ml.F16, ml.F32} {
+		for _, window := range []int{0, 128} {
+			cases = append(cases,
+				ropeFoldSpec{hd: 64, nh: 64, nkv: 8, rot: 64, mode: ml.RopeNeoX, yarn: true, window: window, sinks: true,
+					kv: kv, hist: []int{r.IntN(3000)}, newT: []int{1}, maxPosSlack: 8320, replays: 2},
+				ropeFoldSpec{hd: 64, nh: 64, nkv: 8, rot: 64, mode: ml.RopeNeoX, yarn: true, window: window, sinks: true,
+					kv: kv, hist: []int{0, 5, 127, 1000}, newT: []int{1, 1, 1, 1}, maxPosSlack: 131072 - 1024})
+		}
+		cases = append(cases,
+			ropeFoldSpec{hd: 128, nh: 32, nkv: 8, rot: 128, mode: ml.RopeNormal, kv: kv, hist: []int{r.IntN(5000)},
+				newT: []int{1}, maxPosSlack: 8320, replays: 2},
+			ropeFoldSpec{hd: 128, nh: 32, nkv: 8, rot: 128, mode: ml.RopeNormal, kv: kv, hist: []int{126, 7},
+				newT: []int{4, 2}, maxPosSlack: 300},
+			ropeFoldSpec{hd: 64, nh: 8, nkv: 2, rot: 32, mode: ml.RopeNeoX, window: 5, sinks: true, kv: kv,
+				hist: []int{20, 0, 300}, newT: []int{5, 1, 2}})
+	}
+	for i, c := range cases {
+		name := fmt.Sprintf("%d/hd=%d/h=%d/kv=%d/rot=%d/mode=%d/win=%d/%v/hist=%v/new=%v/replays=%d", i, c.hd, c.nh,
+			c.nkv, c.rot, c.mode, c.window, c.kv, c.hist, c.newT, c.replays)
+		t.Run(name, func(t *testing.T) { runRoPEFold(t, r, c) })
+	}
+}
+
+func runRoPEFold(t *testing.T, r *rand.Rand, c ropeFoldSpec) {
+	const bs = 16
+	hd, nh, nkv := c.hd, c.nh, c.nkv
+	maxLen := 0
+	for s := range c.hist {
+		maxLen = max(maxLen, c.hist[s]+c.newT[s])
+	}
+	maxBlocks := (maxLen + bs - 1) / bs
+	nb := maxBlocks*len(c.hist) + 3
+	perm := r.Perm(nb)
+	blocks := make([]int32, maxBlocks*len(c.hist))
+	for i := range blocks {
+		blocks[i] = int32(perm[i])
+	}
+	var hpos, hseq, hslots, qpos, qseq, qslots []int32
+	for s := range c.hist {
+		for p := 0; p < c.hist[s]+c.newT[s]; p++ {
+			sl := blocks[s*maxBlocks+p/bs]*bs + int32(p%bs)
+			if p < c.hist[s] {
+				hpos, hseq, hslots = append(hpos, int32(p)), append(hseq, int32(s)), append(hslots, sl)
+			} else {
+				qpos, qseq, qslots = append(qpos, int32(p)), append(qseq, int32(s)), append(qslots, sl)
+			}
+		}
+	}
+	n := len(qpos)
+	bp := i32Pair(t, blocks, maxBlocks, len(c.hist))
+	mkBatch := func(pos, seq, slots []int32, slack int) (*ml.Batch, *ml.Batch) {
+		pp, sp, slp := i32Pair(t, pos, len(pos)), i32Pair(t, seq, len(pos)), i32Pair(t, slots, len(pos))
+		return &ml.Batch{Pos: pp.g, Seq: sp.g, Slots: slp.g, Blocks: bp.g, BlockSize: bs, MaxPos: maxLen + slack},
+			&ml.Batch{Pos: pp.c, Seq: sp.c, Slots: slp.c, Blocks: bp.c, BlockSize: bs, MaxPos: maxLen}
+	}
+	qbg, qbc := mkBatch(qpos, qseq, qslots, c.maxPosSlack)
+	// Caches: [0] folded, [1] unfolded (GPU), and the CPU's (F32; F16 values pre-rounded).
+	var kcg, vcg [2]ml.Tensor
+	for i := range kcg {
+		for _, p := range []*ml.Tensor{&kcg[i], &vcg[i]} {
+			x, err := gpu.Alloc(c.kv, hd, nkv, bs, nb)
+			require.NoError(t, err)
+			t.Cleanup(func() { gpu.Free(x) })
+			*p = x
+		}
+	}
+	kcc, err := ref.Alloc(ml.F32, hd, nkv, bs, nb)
+	require.NoError(t, err)
+	vcc, err := ref.Alloc(ml.F32, hd, nkv, bs, nb)
+	require.NoError(t, err)
+	round := func(v []float32) []float32 {
+		if c.kv == ml.F16 {
+			return roundHalf(v)
+		}
+		return v
+	}
+	if len(hpos) > 0 { // the history, already rotated keys
+		hbg, hbc := mkBatch(hpos, hseq, hslots, 0)
+		kh := f32Pair(t, round(randF32(r, hd*nkv*len(hpos), 1)), hd, nkv, len(hpos))
+		vh := f32Pair(t, round(randF32(r, hd*nkv*len(hpos), 1)), hd, nkv, len(hpos))
+		for i := range kcg {
+			gpu.KVWrite(kcg[i], vcg[i], kh.g, vh.g, hbg)
+		}
+		ref.KVWrite(kcc, vcc, kh.c, vh.c, hbc)
+	}
+	// RoPE parameters.
+	var inv []float32
+	scale := float32(1)
+	if c.yarn {
+		inv, scale, err = ml.YaRNInvFreq(150000, c.rot, ml.YaRN{Factor: 32, OrigContext: 4096})
+	} else {
+		inv, err = ml.RopeInvFreq(500000, c.rot, nil)
+	}
+	require.NoError(t, err)
+	fr := f32Pair(t, inv, c.rot/2)
+	rg := &ml.Rope{Mode: c.mode, Dims: c.rot, Scale: scale, InvFreq: fr.g}
+	rcpu := *rg
+	rcpu.InvFreq = fr.c
+	a := &ml.Attention{Scale: float32(1 / math.Sqrt(float64(hd))), Window: c.window}
+	acpu := *a
+	if c.sinks {
+		s := f32Pair(t, randF32(r, nh, 2), nh)
+		a.Sinks, acpu.Sinks = s.g, s.c
+	}
+	// Inputs: raw q, k, v (k rounded for F16 caches is not needed: the CPU
+	// rounds nothing, so compare F16 runs against the GPU's unfolded path only
+	// for bits and against the CPU with the cache's rounding in the tolerance).
+	qd, kd, vd := randF32(r, hd*nh*n, 1), randF32(r, hd*nkv*n, 1), randF32(r, hd*nkv*n, 1)
+	var qg, kg, vg, yg [2]ml.Tensor
+	for i := range qg {
+		for _, p := range []struct {
+			t     *ml.Tensor
+			heads int
+		}{{&qg[i], nh}, {&kg[i], nkv}, {&vg[i], nkv}, {&yg[i], nh}} {
+			x, err := gpu.Alloc(ml.F32, hd, p.heads, n)
+			require.NoError(t, err)
+			t.Cleanup(func() { gpu.Free(x) })
+			*p.t = x
+		}
+	}
+	write := func(i int) {
+		require.NoError(t, gpu.WriteF32(qg[i], qd))
+		require.NoError(t, gpu.WriteF32(kg[i], kd))
+		require.NoError(t, gpu.WriteF32(vg[i], vd))
+		gpu.Fill(yg[i], float32(math.NaN()))
+	}
+	step := func(i int) {
+		gpu.RoPE(qg[i], qbg.Pos, rg)
+		gpu.RoPE(kg[i], qbg.Pos, rg)
+		gpu.KVWrite(kcg[i], vcg[i], kg[i], vg[i], qbg)
+		gpu.Attend(yg[i], qg[i], kcg[i], vcg[i], qbg, a)
+	}
+	for i, fold := range []bool{true, false} {
+		foldAttnRoPE = fold
+		write(i)
+		if c.replays == 0 {
+			step(i)
+			require.NoError(t, gpu.Err())
+			continue
+		}
+		graphSeq++
+		key := fmt.Sprintf("rope-fold-%d", graphSeq)
+		for rep := 0; rep < c.replays; rep++ {
+			if rep > 0 {
+				write(i) // RoPE works in place (unfolded) / q, k were rotated by a read (folded): fresh inputs
+			}
+			require.NoError(t, gpu.Run(key, func() { step(i) }), "graph run %d", rep)
+			require.NoError(t, gpu.Err(), "graph run %d", rep)
+		}
+	}
+	foldAttnRoPE = false
+	// CPU reference.
+	qc, kc, vc := f32Pair(t, qd, hd, nh, n), f32Pair(t, kd, hd, nkv, n), f32Pair(t, vd, hd, nkv, n)
+	yc := out(t, hd, nh, n)
+	ref.RoPE(qc.c, qbc.Pos, &rcpu)
+	ref.RoPE(kc.c, qbc.Pos, &rcpu)
+	if c.kv == ml.F16 { // the cache holds the rotated k and v rounded to fp16
+		kr := make([]float32, hd*nkv*n)
+		require.NoError(t, ref.ReadF32(kc.c, kr))
+		require.NoError(t, ref.WriteF32(kc.c, roundHalf(kr)))
+		require.NoError(t, ref.WriteF32(vc.c, roundHalf(append([]float32(nil), vd...))))
+	}
+	ref.KVWrite(kcc, vcc, kc.c, vc.c, qbc)
+	ref.Attend(yc.c, qc.c, kcc, vcc, qbc, &acpu)
+	read := func(x ml.Tensor) []float32 {
+		v := make([]float32, x.Len())
+		require.NoError(t, gpu.ReadF32(x, v))
+		return v
+	}
+	y0, y1 := read(yg[0]), read(yg[1])
+	require.Equal(t, y1, y0, "output: folded vs rope_kv + attention (bits)")
+	for _, v := range y0 {
+		require.False(t, math.IsNaN(float64(v)) || math.IsInf(float64(v), 0), "output not finite")
+	}
+	require.Equal(t, read(qg[1]), read(qg[0]), "q read back after the fold (rotated on demand)")
+	require.Equal(t, read(kg[1]), read(kg[0]), "k read back after the fold")
+	if c.kv == ml.F32 {
+		require.Equal(t, read(kcg[1]), read(kcg[0]), "k cache")
+		require.Equal(t, read(vcg[1]), read(vcg[0]), "v cache")
+	} else { // the caches through a plain Attend of fresh queries at the same positions
+		q2 := f32Pair(t, randF32(r, hd*nh*n, 1), hd, nh, n)
+		var z [2]ml.Tensor
+		for i := range z {
+			z[i] = out(t, hd, nh, n).g
+			gpu.Attend(z[i], q2.g, kcg[i], vcg[i], qbg, a)
+		}
+		require.Equal(t, read(z[1]), read(z[0]), "F16 caches (through a second attention)")
+	}
+	// Against the CPU: the decode kernels' fp32 tolerance (all rows are < 16, so no tensor-core rows).
+	yc.g = yg[0]
+	checkAttnRows(t, yc, qseq, qpos, hd, nh)
+}
+
+// TestPerfAttentionRoPEFold times a layer's RoPE(q), RoPE(k), KVWrite,
+// Attend for one decode token, folded (ORCH_CUDA_ATTN_ROPE=1: one
+// orch_attention_rope launch + the combine) and not (orch_rope_kv +
+// attention + combine), in a graph of 16 back-to-back layers (per layer; the
+// next layer's q / k GEMVs, which overwrite q and k, are not timed: their
+// effect on the fold's bookkeeping is applied by hand), at depths 128 and
+// 8192 with MaxPos of a depth-8192 context, for gpt-oss's attention (64 q /
+// 8 kv heads of 64, NeoX + YaRN factor, sinks; full and window-128 layers,
+// F16 KV) and Llama-3-8B's (32 / 8 heads of 128, GPT-J pairs, F16 KV):
+//
+//	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PerfAttentionRoPEFold -test.v
+func TestPerfAttentionRoPEFold(t *testing.T) {
+	if os.Getenv("ORCH_GPU_PERF") == "" {
+		t.Skip("set ORCH_GPU_PERF=1 to time the folded RoPE + KV write")
+	}
+	if gpu.l.attentionRope == nil {
+		t.Skip("library without orch_attention_rope")
+	}
+	defer func(v, w bool) { fuseOps, foldAttnRoPE = v, w }(fuseOps, foldAttnRoPE)
+	fuseOps = true
+	r := newRNG(t)
+	const bs, depth, maxPos = 16, 8192, 8192 + 128 + 64
+	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
+		x, err := gpu.Alloc(dt, shape...)
+		require.NoError(t, err)
+		t.Cleanup(func() { gpu.Free(x) })
+		return x
+	}
+	i32 := func(v []int32, shape ...int) ml.Tensor {
+		x := alloc(ml.I32, shape...)
+		require.NoError(t, gpu.WriteI32(x, v))
+		return x
+	}
+	t.Logf("| RoPE + KV write + attention, 1 token, on %s | unfolded (rope_kv + attention) | folded | saved |",
+		gpu.DeviceName())
+	for _, sh := range []struct {
+		name        string
+		nh, nkv, hd int
+		mode        ml.RopeMode
+		yarn, sinks bool
+		windows     []int
+	}{{"gpt-oss", 64, 8, 64, ml.RopeNeoX, true, true, []int{0, 128}},
+		{"llama-8b", 32, 8, 128, ml.RopeNormal, false, false, []int{0}}} {
+		nb := depth/bs + 1
+		perm := r.Perm(nb)
+		blocks := make([]int32, nb)
+		for i := range blocks {
+			blocks[i] = int32(perm[i])
+		}
+		bt := i32(blocks, nb, 1)
+		kc, vc := alloc(ml.F16, sh.hd, sh.nkv, bs, nb), alloc(ml.F16, sh.hd, sh.nkv, bs, nb)
+		for _, c := range []ml.Tensor{kc, vc} {
+			require.NoError(t, gpu.l.status("memset", gpu.l.memset(gpu.ctx, c.(*tensor).ptr, 0, int64(c.(*tensor).bytes))))
+		}
+		q, k, v := alloc(ml.F32, sh.hd, sh.nh, 1), alloc(ml.F32, sh.hd, sh.nkv, 1), alloc(ml.F32, sh.hd, sh.nkv, 1)
+		require.NoError(t, gpu.WriteF32(q, randF32(r, sh.hd*sh.nh, 1)))
+		require.NoError(t, gpu.WriteF32(k, randF32(r, sh.hd*sh.nkv, 1)))
+		require.NoError(t, gpu.WriteF32(v, randF32(r, sh.hd*sh.nkv, 1)))
+		y := alloc(ml.F32, sh.hd, sh.nh, 1)
+		var inv []float32
+		scale := float32(1)
+		var err error
+		if sh.yarn {
+			inv, scale, err = ml.YaRNInvFreq(150000, sh.hd, ml.YaRN{Factor: 32, OrigContext: 4096})
+		} else {
+			inv, err = ml.RopeInvFreq(500000, sh.hd, nil)
+		}
+		require.NoError(t, err)
+		fr := alloc(ml.F32, sh.hd/2)
+		require.NoError(t, gpu.WriteF32(fr, inv))
+		rope := &ml.Rope{Mode: sh.mode, Dims: sh.hd, Scale: scale, InvFreq: fr}
+		var sinks ml.Tensor
+		if sh.sinks {
+			sinks = alloc(ml.F32, sh.nh)
+			require.NoError(t, gpu.WriteF32(sinks, randF32(r, sh.nh, 1)))
+		}
+		for _, d := range []int{128, depth} {
+			p := int32(d - 1)
+			b := &ml.Batch{Pos: i32([]int32{p}, 1), Seq: i32([]int32{0}, 1),
+				Slots: i32([]int32{blocks[p/bs]*bs + p%bs}, 1), Blocks: bt, BlockSize: bs, MaxPos: maxPos}
+			for _, window := range sh.windows {
+				a := &ml.Attention{Scale: float32(1 / math.Sqrt(float64(sh.hd))), Window: window, Sinks: sinks}
+				fn := func() {
+					gpu.RoPE(q, b.Pos, rope)
+					gpu.RoPE(k, b.Pos, rope)
+					gpu.KVWrite(kc, vc, k, v, b)
+					gpu.Attend(y, q, kc, vc, b, a)
+					gpu.pend.unrot = unrotated{} // the next layer's GEMVs overwrite q and k whole
+				}
+				var ms [2]float64
+				for i, fold := range []bool{false, true} {
+					foldAttnRoPE = fold
+					ms[i] = timeKernel(t, 10, 16, fn)
+				}
+				foldAttnRoPE = false
+				t.Logf("| %s depth %d (MaxPos %d), window %d, F16 KV | graph %.4f ms | graph %.4f ms | %.1f us |", sh.name,
+					d, maxPos, window, ms[0], ms[1], (ms[0]-ms[1])*1e3)
+			}
+		}
+	}
+}

@@ -284,6 +284,7 @@ func (b *Backend) Free(t ml.Tensor) {
 	if !ok || ct.be != b || !ct.owned || ct.ptr == 0 {
 		return
 	}
+	b.forgetUnrotated(ct) // fuse.go foldAttend
 	if ct.weight {
 		b.bf16Drop(ct.ptr, ct.bytes)
 	}
@@ -341,6 +342,7 @@ func (b *Backend) write(t ml.Tensor, dt ml.DType, src unsafe.Pointer, n, size in
 	if err != nil {
 		return fmt.Errorf("cuda write: %w", err)
 	}
+	b.touchUnrotated(ct, false) // fuse.go foldAttend
 	if ct.dt != dt || n > ct.n {
 		return fmt.Errorf("cuda write: %d %v values into %v", n, dt, ct)
 	}
@@ -372,6 +374,7 @@ func (b *Backend) read(t ml.Tensor, dt ml.DType, dst unsafe.Pointer, n, size int
 	if err != nil {
 		return fmt.Errorf("cuda read: %w", err)
 	}
+	b.touchUnrotated(ct, false) // fuse.go foldAttend
 	if ct.dt != dt || n > ct.n {
 		return fmt.Errorf("cuda read: %d %v values from %v", n, dt, ct)
 	}
@@ -420,6 +423,8 @@ func (b *Backend) scratchBuf(name string, bytes int) uintptr {
 // record enqueues into a CUDA graph, later calls replay it.
 func (b *Backend) Run(key string, record func()) error {
 	b.flush() // not into the graph
+	// (fuse.go foldAttend) a graph starts and ends with q / k as RoPE leaves them.
+	b.rotateUnrotated()
 	b.forgetXH()
 	if b.err != nil {
 		return b.err
@@ -443,6 +448,8 @@ func (b *Backend) Run(key string, record func()) error {
 	}
 	record()
 	b.flush() // into the graph
+	// Into the graph: a replay leaves q / k rotated, as the capture's ops did.
+	b.rotateUnrotated()
 	b.forgetXH()
 	b.capturing = false
 	var g uintptr

@@ -30,6 +30,29 @@ var fuseOps = os.Getenv("ORCH_CUDA_FUSE") != "0"
 // library reads the same variable and declines too).
 var fuseGLU = os.Getenv("ORCH_CUDA_GLU") != "0"
 
+// foldAttnRoPE (session 7, opt-in ORCH_CUDA_ATTN_ROPE=1): a held RoPE pair
+// + KV write (what orch_rope_kv launches) followed by Attend over the same
+// q, caches, positions and slots, for <= 8 tokens, becomes one launch
+// (orch_attention_rope: the decode attention kernel rotates q and the new
+// keys in registers and writes the caches itself). Outputs and caches are
+// bit-identical to the two launches; q and k are left unrotated in memory,
+// so the backend tracks them (pending.unrot) and rotates them in place
+// (orch_rope2, the launch the fold saved) before any later op, read or
+// write uses them — unless a MatMul overwrites them whole first, which is
+// what the next layer's q/k GEMVs do.
+var foldAttnRoPE = os.Getenv("ORCH_CUDA_ATTN_ROPE") == "1"
+
+// attnRopeArgs mirrors orch_attn_rope_args field by field.
+type attnRopeArgs struct {
+	k, v             uintptr
+	kStride, vStride int64
+	slots, invFreq   uintptr
+	attnFactor       float32
+	rotDim, neox     int32
+}
+
+const attnRopeMaxTok = 8 // ATTN_ROPE_MAX_TOK (attention_kernels.cuh)
+
 const maxGEMVParts = 3 // orch_matmul_multi's limit (GEMV_MAX_PARTS)
 
 // gemvPart mirrors orch_gemv_part field by field.
@@ -64,9 +87,37 @@ type pending struct {
 	rfreq    uintptr
 	rscale   float32
 	rneox    int32
+	// rope == 3: the pair plus the held KV write (orch_rope_kv's other
+	// operands), for foldAttnRoPE.
+	kv kvHeld
+	// q and k left unrotated by a folded Attend (not a pending launch: see
+	// foldAttnRoPE); survives flush.
+	unrot unrotated
 
 	norm       heldNorm // an AddRMSNorm the MoE after it may take in (foldMoENorm); never with mm / rope
 	normLaunch bool     // flush is launching the held norm through the norm op
+}
+
+type kvHeld struct {
+	v, kc, vc, slots uintptr
+	vs               span
+	kvt              int32
+}
+
+// unrotated: the RoPE pair (q = x[0], k = x[1]) a folded Attend did not
+// apply in memory; x[i] is 0 once overwritten whole or freed.
+type unrotated struct {
+	on      bool
+	x       [2]uintptr
+	stride  [2]int64
+	heads   [2]int32
+	spans   [2]span
+	n       int64
+	hd, rot int32
+	pos     uintptr
+	freq    uintptr
+	scale   float32
+	neox    int32
 }
 
 // flush launches what is held back (a no-op while an op validates its own
@@ -110,6 +161,8 @@ func (b *Backend) flush() {
 	case p.rope == 2:
 		b.call("rope", b.l.rope2(b.ctx, p.rx[0], p.rstride[0], p.rheads[0], p.rx[1], p.rstride[1], p.rheads[1], p.rn,
 			p.rhd, p.rot, p.rpos, p.rfreq, p.rscale, p.rneox))
+	case p.rope == 3:
+		b.launchRopeKV()
 	}
 	p.mm, p.rope = 0, 0
 	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
@@ -149,8 +202,9 @@ func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
 			return false
 		}
 	}
+	unrot := p.unrot // not a held launch (foldAttend): kept
 	*p = pending{mm: 1, x: x.ptr, wtype: int32(w.dt), n: int64(n), k: int64(k), reads: append(p.reads[:0], xs),
-		dsts: append(p.dsts[:0], dst)}
+		dsts: append(p.dsts[:0], dst), unrot: unrot}
 	p.parts[0] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
 	p.reads = append(p.reads, rd...)
 	return true
@@ -224,10 +278,123 @@ func (b *Backend) holdKVWrite(kc, vc *tensor, kvt int32, k, v *tensor, slots uin
 		b.flush()
 		return false
 	}
-	b.call("rope", b.l.ropeKV(b.ctx, p.rx[0], p.rstride[0], p.rheads[0], k.ptr, p.rstride[1], nkv, v.ptr, int64(nkv*hd),
-		kc.ptr, vc.ptr, kvt, slots, n, hd, p.rot, p.rpos, p.rfreq, p.rscale, p.rneox))
-	p.rope = 0
+	p.kv = kvHeld{v: v.ptr, kc: kc.ptr, vc: vc.ptr, slots: slots, vs: span{v.ptr, uintptr(v.bytes)}, kvt: kvt}
+	p.rope = 3
+	if !foldAttnRoPE || b.l.attentionRope == nil || n > attnRopeMaxTok {
+		b.flush() // launches it now (orch_rope_kv)
+	}
 	return true
+}
+
+// launchRopeKV launches the held RoPE pair + KV write (rope == 3).
+func (b *Backend) launchRopeKV() {
+	p := &b.pend
+	nkv := p.rheads[1]
+	b.call("rope", b.l.ropeKV(b.ctx, p.rx[0], p.rstride[0], p.rheads[0], p.rx[1], p.rstride[1], nkv, p.kv.v,
+		int64(nkv*p.rhd), p.kv.kc, p.kv.vc, p.kv.kvt, p.kv.slots, p.rn, p.rhd, p.rot, p.rpos, p.rfreq, p.rscale,
+		p.rneox))
+}
+
+// foldAttend launches Attend a (its operands validated; pos and slots of its
+// batch) together with the held RoPE pair + KV write as one
+// orch_attention_rope when they are the same computation: the held q is a's
+// q (whole, same stride), the write went to a's caches at its batch's slots,
+// the RoPE used its positions, and out overlaps none of q, k, v. It reports
+// whether it did; on false nothing was launched (the caller flushes).
+func (b *Backend) foldAttend(a *attnArgs, out span, pos, slots uintptr) bool {
+	p := &b.pend
+	if p.rope != 3 || !foldAttnRoPE || b.l.attentionRope == nil {
+		return false
+	}
+	if p.rx[0] != a.q || p.rstride[0] != a.qStride || p.rheads[0] != a.nHeads || p.rhd != a.headDim ||
+		p.rheads[1] != a.nKVHeads || p.rn != a.nTok || p.kv.kc != a.kCache || p.kv.vc != a.vCache ||
+		p.kv.kvt != a.kvDType || p.kv.slots != slots || p.rpos != pos {
+		return false
+	}
+	if out.overlaps(p.rspan[0]) || out.overlaps(p.rspan[1]) || out.overlaps(p.kv.vs) {
+		return false
+	}
+	r := attnRopeArgs{k: p.rx[1], v: p.kv.v, kStride: p.rstride[1], vStride: int64(a.nKVHeads * a.headDim),
+		slots: slots, invFreq: p.rfreq, attnFactor: p.rscale, rotDim: p.rot, neox: p.rneox}
+	rc := b.l.attentionRope(b.ctx, a, &r)
+	if rc == stUnsupported { // not a batch the kernel folds: the caller flushes (orch_rope_kv) and attends
+		return false
+	}
+	p.rope = 0
+	b.call("attend", rc)
+	if rc == stOK {
+		p.unrot = unrotated{on: true, x: p.rx, stride: p.rstride, heads: p.rheads, spans: p.rspan, n: p.rn,
+			hd: p.rhd, rot: p.rot, pos: p.rpos, freq: p.rfreq, scale: p.rscale, neox: p.rneox}
+	}
+	return true
+}
+
+// touchUnrotated is called for every tensor an op, read or write is about
+// to use: if it overlaps q or k left unrotated by a folded Attend, they are
+// rotated in place first (orch_rope2 / orch_rope, as the RoPE ops would
+// have) — unless overwrite (a MatMul's dst: written whole before anything
+// reads it) covers them, which only forgets them.
+func (b *Backend) touchUnrotated(t *tensor, overwrite bool) {
+	u := &b.pend.unrot
+	if !u.on || t == nil {
+		return
+	}
+	ts := span{t.ptr, uintptr(t.bytes)}
+	hit := false
+	for i := range u.spans {
+		if u.x[i] == 0 || !ts.overlaps(u.spans[i]) {
+			continue
+		}
+		if overwrite && ts.p <= u.spans[i].p && u.spans[i].p+u.spans[i].n <= ts.p+ts.n {
+			u.x[i], u.spans[i] = 0, span{} // overwritten whole
+			continue
+		}
+		hit = true
+	}
+	if u.x[0] == 0 && u.x[1] == 0 {
+		u.on = false
+	}
+	if hit {
+		b.rotateUnrotated()
+	}
+}
+
+// forgetUnrotated drops q / k overlapping memory being freed.
+func (b *Backend) forgetUnrotated(t *tensor) {
+	u := &b.pend.unrot
+	if !u.on || t == nil {
+		return
+	}
+	ts := span{t.ptr, uintptr(t.bytes)}
+	for i := range u.spans {
+		if ts.overlaps(u.spans[i]) {
+			u.x[i], u.spans[i] = 0, span{}
+		}
+	}
+	if u.x[0] == 0 && u.x[1] == 0 {
+		u.on = false
+	}
+}
+
+// rotateUnrotated applies, in place, the RoPE a folded Attend left out.
+func (b *Backend) rotateUnrotated() {
+	u := &b.pend.unrot
+	if !u.on {
+		return
+	}
+	u.on = false
+	switch {
+	case u.x[0] != 0 && u.x[1] != 0:
+		b.call("rope", b.l.rope2(b.ctx, u.x[0], u.stride[0], u.heads[0], u.x[1], u.stride[1], u.heads[1], u.n, u.hd,
+			u.rot, u.pos, u.freq, u.scale, u.neox))
+	case u.x[0] != 0 || u.x[1] != 0:
+		i := 0
+		if u.x[0] == 0 {
+			i = 1
+		}
+		b.call("rope", b.l.rope(b.ctx, u.x[i], u.stride[i], u.n, u.heads[i], u.hd, u.rot, u.pos, u.freq, u.scale,
+			u.neox))
+	}
 }
 
 // setPDL turns programmatic dependent launch on or off for the kernels

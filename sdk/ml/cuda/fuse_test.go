@@ -508,3 +508,128 @@ func TestFuseXH(t *testing.T) {
 	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, res.ptr),
 		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
 }
+
+// The RoPE pair + KV write folded into Attend (foldAttnRoPE): one
+// orch_attention_rope launch for a decode batch; q and k left unrotated are
+// rotated in place (rope2) before any later op reads them, and forgotten
+// when the next GEMVs overwrite them whole; the library declining, or more
+// than 8 tokens, runs the two launches.
+func TestFuseAttentionRoPE(t *testing.T) {
+	defer func(v, w bool) { fuseOps, foldAttnRoPE = v, w }(fuseOps, foldAttnRoPE)
+	fuseOps, foldAttnRoPE = true, true
+	b, f := newFakeBackend(t)
+	ropeRC := int32(stOK)
+	b.l.attentionRope = func(ctx uintptr, a *attnArgs, r *attnRopeArgs) int32 {
+		if ropeRC != stOK {
+			return ropeRC
+		}
+		return f.add("attention_rope out=%x q=%x k=%x v=%x kc=%x slots=%x n=%d rot=%d", a.out, a.q, r.k, r.v, a.kCache,
+			r.slots, a.nTok, r.rotDim)
+	}
+	b.l.attention = func(ctx uintptr, a *attnArgs) int32 { return f.add("attention out=%x q=%x", a.out, a.q) }
+	const d, hd, nh, nkv, bs = 64, 16, 4, 2, 16
+	run := func(n int, rc int32) (q, k, v, att, x *tensor) {
+		ropeRC = rc
+		x, h := fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n)
+		wq, wk, wv := fakeT(b, ml.Q8_0, d, hd*nh), fakeT(b, ml.Q8_0, d, hd*nkv), fakeT(b, ml.Q8_0, d, hd*nkv)
+		q, k, v = fakeT(b, ml.F32, hd*nh, n), fakeT(b, ml.F32, hd*nkv, n), fakeT(b, ml.F32, hd*nkv, n)
+		view := func(t *tensor, heads int) *tensor {
+			c := *t
+			c.shape = []int{hd, heads, n}
+			return &c
+		}
+		pos, freq := fakeT(b, ml.I32, n), fakeT(b, ml.F32, hd/2)
+		rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
+		kc, vc := fakeT(b, ml.F16, hd, nkv, bs, 4), fakeT(b, ml.F16, hd, nkv, bs, 4)
+		bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, n), Slots: fakeT(b, ml.I32, n), Blocks: fakeT(b, ml.I32, 4, 1),
+			BlockSize: bs}
+		att = fakeT(b, ml.F32, hd, nh, n)
+		b.MatMul(q, h, wq, nil)
+		b.MatMul(k, h, wk, nil)
+		b.MatMul(v, h, wv, nil)
+		b.RoPE(view(q, nh), pos, rope)
+		b.RoPE(view(k, nkv), pos, rope)
+		b.KVWrite(kc, vc, view(k, nkv), view(v, nkv), bt)
+		b.Attend(att, view(q, nh), kc, vc, bt, &ml.Attention{Scale: 0.25})
+		// The next layer's GEMVs overwrite q and k whole: nothing to rotate.
+		b.MatMul(q, h, wq, nil)
+		b.MatMul(k, h, wk, nil)
+		b.MatMul(v, h, wv, nil)
+		b.Add(x, x, h)
+		log := f.take()
+		require.Equal(t, fmt.Sprintf("multi x=%x n=%d k=%d [%x/%d %x/%d %x/%d]", h.ptr, n, d, q.ptr, hd*nh, k.ptr,
+			hd*nkv, v.ptr, hd*nkv), log[0])
+		require.Equal(t, fmt.Sprintf("multi x=%x n=%d k=%d [%x/%d %x/%d %x/%d]", h.ptr, n, d, q.ptr, hd*nh, k.ptr,
+			hd*nkv, v.ptr, hd*nkv), log[len(log)-2])
+		require.Equal(t, fmt.Sprintf("add out=%x", x.ptr), log[len(log)-1])
+		mid := log[1 : len(log)-2]
+		if n <= attnRopeMaxTok && rc == stOK {
+			require.Equal(t, []string{fmt.Sprintf("attention_rope out=%x q=%x k=%x v=%x kc=%x slots=%x n=%d rot=%d",
+				att.ptr, q.ptr, k.ptr, v.ptr, kc.ptr, bt.Slots.(*tensor).ptr, n, hd)}, mid)
+		} else {
+			require.Equal(t, []string{fmt.Sprintf("rope_kv q=%x k=%x v=%x kc=%x", q.ptr, k.ptr, v.ptr, kc.ptr),
+				fmt.Sprintf("attention out=%x q=%x", att.ptr, q.ptr)}, mid)
+		}
+		return q, k, v, att, x
+	}
+	run(1, stOK)
+	run(8, stOK)
+	run(9, stOK)          // more tokens than the kernel folds: not even offered
+	run(2, stUnsupported) // the library declines: the two launches
+	// A folded Attend, then an op reading q: q and k are rotated first (rope2), then the op.
+	q, k, _, att, x := run(1, stOK)
+	ropeRC = stOK
+	h := fakeT(b, ml.F32, d, 1)
+	wq, wk, wv := fakeT(b, ml.Q8_0, d, hd*nh), fakeT(b, ml.Q8_0, d, hd*nkv), fakeT(b, ml.Q8_0, d, hd*nkv)
+	_ = att
+	b.pend.unrot = unrotated{} // (run's last GEMVs overwrote them; fold again without them)
+	f.take()
+	foldOnce := func() {
+		v := fakeT(b, ml.F32, hd*nkv, 1)
+		qv, kv, vv := *q, *k, *v
+		qv.shape, kv.shape, vv.shape = []int{hd, nh, 1}, []int{hd, nkv, 1}, []int{hd, nkv, 1}
+		pos, freq := fakeT(b, ml.I32, 1), fakeT(b, ml.F32, hd/2)
+		rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
+		kc, vc := fakeT(b, ml.F16, hd, nkv, bs, 4), fakeT(b, ml.F16, hd, nkv, bs, 4)
+		bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, 1), Slots: fakeT(b, ml.I32, 1), Blocks: fakeT(b, ml.I32, 4, 1),
+			BlockSize: bs}
+		b.RoPE(&qv, pos, rope)
+		b.RoPE(&kv, pos, rope)
+		b.KVWrite(kc, vc, &kv, &vv, bt)
+		b.Attend(fakeT(b, ml.F32, hd, nh, 1), &qv, kc, vc, bt, &ml.Attention{Scale: 0.25})
+		require.Len(t, f.take(), 1)
+		require.True(t, b.pend.unrot.on)
+	}
+	foldOnce()
+	b.Add(q, q, q) // reads q
+	require.Equal(t, []string{fmt.Sprintf("rope2 x0=%x heads=%d x1=%x heads=%d", q.ptr, nh, k.ptr, nkv),
+		fmt.Sprintf("add out=%x", q.ptr)}, f.take())
+	require.False(t, b.pend.unrot.on)
+	// Only q overwritten whole: k alone is rotated when an op touches it.
+	foldOnce()
+	b.MatMul(q, h, wq, nil)
+	b.Add(x, x, h)
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), fmt.Sprintf("add out=%x", x.ptr)},
+		f.take())
+	b.Add(k, k, k)
+	require.Equal(t, []string{fmt.Sprintf("rope x=%x heads=%d", k.ptr, nkv), fmt.Sprintf("add out=%x", k.ptr)}, f.take())
+	// A write into q (partial or not) first rotates q and k; a freed k is forgotten.
+	foldOnce()
+	kp := k.ptr
+	b.Free(k)
+	require.NoError(t, b.WriteF32(q, []float32{1}))
+	require.Equal(t, []string{fmt.Sprintf("free %x", kp), fmt.Sprintf("rope x=%x heads=%d", q.ptr, nh),
+		fmt.Sprintf("h2d %x", q.ptr)}, f.take())
+	// A graph capture ends with q and k rotated (inside the graph), so a replay leaves them as the RoPE ops would.
+	unrotQ := func() {
+		b.pend.unrot = unrotated{on: true, x: [2]uintptr{q.ptr}, stride: [2]int64{hd * nh}, heads: [2]int32{nh},
+			spans: [2]span{{q.ptr, uintptr(q.bytes)}}, n: 1, hd: hd, rot: hd}
+	}
+	unrotQ()
+	require.NoError(t, b.Run("rope-fold", func() { b.Add(x, x, h); unrotQ() }))
+	require.Equal(t, []string{fmt.Sprintf("rope x=%x heads=%d", q.ptr, nh), "graph_begin",
+		fmt.Sprintf("add out=%x", x.ptr), fmt.Sprintf("rope x=%x heads=%d", q.ptr, nh), "graph_end", "graph_launch"},
+		f.take())
+	require.False(t, b.pend.unrot.on)
+	_, _ = wk, wv
+}

@@ -118,6 +118,9 @@ type lib struct {
 	commDestroy      func(comm uintptr) int32
 	// MoE v9: top-k routing + the fused expert-major FFN (orch_moe_ffn_route; ABI 6).
 	moeFFNRoute func(ctx, out, x, logits uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
+	// RoPE + KV write folded into the decode attention (session 7, fuse.go foldAttend; optional: nil
+	// where the library lacks it).
+	attentionRope func(ctx uintptr, args *attnArgs, r *attnRopeArgs) int32
 	// bf16 weight cache (session 7, bf16cache.go; optional: nil where the library lacks it).
 	bf16Cache func(ctx, w uintptr, wtype int32, m, k int64, bf16 uintptr) int32
 	// MoE v10: router + top-k + fused expert FFN for 1..8 tokens (orch_moe_decode; ABI 7).
@@ -245,6 +248,10 @@ func (l *lib) bind() (err error) {
 			return fmt.Errorf("symbol %s: %w", s.name, err)
 		}
 		purego.RegisterLibFunc(s.fn, l.handle, s.name)
+	}
+	// Optional: the folded RoPE + KV write + attention (fuse.go; nil: off).
+	if _, err := purego.Dlsym(l.handle, "orch_attention_rope"); err == nil {
+		purego.RegisterLibFunc(&l.attentionRope, l.handle, "orch_attention_rope")
 	}
 	// Optional: the bf16 weight cache (bf16cache.go; nil: off).
 	if _, err := purego.Dlsym(l.handle, "orch_bf16_cache"); err == nil {

@@ -127,6 +127,7 @@ func (b *Backend) arg(op, name string, t ml.Tensor, dt ml.DType) *tensor {
 		b.failf(op, "%s: %v", name, err)
 		return nil
 	}
+	b.touchUnrotated(ct, op == "matmul" && name == "dst") // q / k a folded Attend left unrotated (fuse.go)
 	if dt != anyType && ct.dt != dt {
 		b.failf(op, "%s is %v, want %v", name, ct.dt, dt)
 		return nil
@@ -507,6 +508,8 @@ func (b *Backend) kvWriteArgs(op string, kCache, vCache, k, v ml.Tensor, bt *ml.
 
 func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.Attention) {
 	const op = "attend"
+	b.holdFlush = true // a held RoPE pair + KV write may fold into this launch (fuse.go foldAttend)
+	defer func() { b.holdFlush = false }()
 	kc, vc, kvt, ok := b.caches(op, kCache, vCache)
 	if !ok {
 		return
@@ -525,7 +528,7 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 		b.failf(op, "%v", err)
 		return
 	}
-	pos, seq, _, blocks, ok := b.batch(op, bt, n, bs)
+	pos, seq, slots, blocks, ok := b.batch(op, bt, n, bs)
 	if !ok {
 		return
 	}
@@ -533,12 +536,17 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 	if !ok {
 		return
 	}
+	b.holdFlush = false
 	args := attnArgs{
 		out: d.ptr, q: qq.ptr, kCache: kc.ptr, vCache: vc.ptr, tokSeq: seq.ptr, tokPos: pos.ptr,
 		blockTables: blocks.ptr, sinks: sp, qStride: int64(hd * nh), nTok: int64(n),
 		maxBlocks: int32(blocks.shape[0]), blockSize: int32(bs), nHeads: int32(nh), nKVHeads: int32(nkv),
 		headDim: int32(hd), window: int32(a.Window), kvDType: kvt, scale: a.Scale, maxPos: int32(bt.MaxPos),
 	}
+	if b.foldAttend(&args, span{d.ptr, uintptr(d.bytes)}, pos.ptr, slots.ptr) {
+		return
+	}
+	b.flush() // a held RoPE pair + KV write that did not fold
 	b.call(op, b.l.attention(b.ctx, &args))
 }
 
