@@ -58,7 +58,7 @@ if has tests; then
       fi
       # find which new kernel breaks it: switch them off one at a time, keep the first combination
       # that passes for the rest of the run (ORCH_CUDA_FALLBACK overrides the list)
-      for combo in ${ORCH_CUDA_FALLBACK:-"ORCH_CUDA_GEMM=v1" "ORCH_CUDA_MOE=v3 ORCH_CUDA_GEMV=v5" "ORCH_CUDA_MOE=v2 ORCH_CUDA_GEMV=v4" "ORCH_CUDA_ATTN=v2" "ORCH_CUDA_GEMM=v1 ORCH_CUDA_MOE=v2 ORCH_CUDA_GEMV=v4 ORCH_CUDA_ATTN=v2" "ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3 ORCH_CUDA_GEMM=v1"}; do
+      for combo in ${ORCH_CUDA_FALLBACK:-"ORCH_CUDA_GEMM=v1" "ORCH_CUDA_MOE=v3 ORCH_CUDA_GEMV=v5" "ORCH_CUDA_MOE=v2 ORCH_CUDA_GEMV=v4" "ORCH_CUDA_GEMM=v1 ORCH_CUDA_MOE=v2 ORCH_CUDA_GEMV=v4" "ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3 ORCH_CUDA_GEMM=v1"}; do
         if (cd "$pkg" && env $combo timeout 200 "../../$b" -test.timeout 190s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan|TestWindowKVDevice') >"$OUT/$(basename "$b")-fallback.log" 2>&1; then
           log "$(basename "$b") with $combo: PASS (used for the rest of the run)"; export $combo; break
         else log "$(basename "$b") with $combo: FAIL"; fi

@@ -45,9 +45,9 @@ done
 if [ -x bin/cuda-gpu.test ]; then
   for v in v1 v2; do
     log=/tmp/cuda-gpu-$v.log
-    if ORCH_CUDA_GEMV=$v ORCH_CUDA_ATTN=v1 bin/cuda-gpu.test -test.timeout 300s >"$log" 2>&1; then
-      row "cuda-gpu (GEMV $v, attention v1)" PASS "$(tail -1 "$log")"
-    else status=1; cp "$log" "$OUT/"; row "cuda-gpu (GEMV $v, attention v1)" FAIL "$(grep -E -- '--- FAIL' "$log" | head -3 | tr '\n' ' ')"; fi
+    if ORCH_CUDA_GEMV=$v bin/cuda-gpu.test -test.timeout 300s >"$log" 2>&1; then
+      row "cuda-gpu (GEMV $v)" PASS "$(tail -1 "$log")"
+    else status=1; cp "$log" "$OUT/"; row "cuda-gpu (GEMV $v)" FAIL "$(grep -E -- '--- FAIL' "$log" | head -3 | tr '\n' ' ')"; fi
   done
 fi
 
@@ -62,8 +62,8 @@ if [ -x bin/cuda-gpu.test ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 if [ $perf = 1 ] && [ -x bin/cuda-gpu.test ]; then
-  # Kept kernel versions first (ORCH_CUDA_GEMV=v1 ORCH_CUDA_ATTN=v1), then the current ones, same machine.
-  ORCH_CUDA_GEMV=v1 ORCH_CUDA_ATTN=v1 ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf-v1.md" bin/cuda-gpu.test \
+  # Kept kernel versions first (ORCH_CUDA_GEMV=v1), then the current ones, same machine.
+  ORCH_CUDA_GEMV=v1 ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf-v1.md" bin/cuda-gpu.test \
     -test.run 'TestPerf' -test.v -test.timeout 400s >/tmp/perf-v1.log 2>&1 \
     && row perf-v1 ok "perf-v1.md" || { row perf-v1 FAIL "see perf-v1.log"; cp /tmp/perf-v1.log "$OUT/"; tail -30 /tmp/perf-v1.log; }
   ORCH_GPU_PERF=1 ORCH_PERF_OUT="$OUT/perf.md" bin/cuda-gpu.test -test.run 'TestPerf' -test.v -test.timeout 400s \

@@ -52,13 +52,12 @@ struct orch_ctx {
   // than v5 in device run 3 and is opt-in; v7 (session 3): tensor-core
   // mma.sync GEMV, routed by n when the variable is unset (gemv_auto); v9
   // (session 4) the tensor-core GEMV for 9..64 tokens; v8 and session 5's
-  // v10 were deleted: no faster), ORCH_CUDA_ATTN=v1.
+  // v10 were deleted: no faster).
   int gemv = orch_env_version("ORCH_CUDA_GEMV", 5);
   // ORCH_CUDA_GEMV unset: the decode GEMV is routed by n (matmul.cu
   // gemv_route: v7 from n = 3 (Q8_0, Q4_0) / 4 (MXFP4), v5 below); a
   // version set pins it everywhere.
   bool gemv_auto = !getenv("ORCH_CUDA_GEMV") || !getenv("ORCH_CUDA_GEMV")[0];
-  bool attn_v1 = false;
   // ORCH_CUDA_MOE=v1: MoE through the unfused ops (orch_moe_ffn declines).
   bool moe_v1 = false;
   // Fused MoE FFN version: 6 (default; docs/perf-cuda.md "Round 4: MoE

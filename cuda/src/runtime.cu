@@ -149,8 +149,6 @@ extern "C" int orch_init(int32_t device, orch_ctx **out) {
   if (gv && strcmp(gv, "v1") == 0) c->gemv = 1;
   if (gv && strcmp(gv, "v2") == 0) c->gemv = 2;
   if (gv && strcmp(gv, "v3") == 0) c->gemv = 3;
-  const char *av = getenv("ORCH_CUDA_ATTN");
-  c->attn_v1 = av && strcmp(av, "v1") == 0;
   const char *mv = getenv("ORCH_CUDA_MOE");
   c->moe_v1 = mv && strcmp(mv, "v1") == 0;
   // Programmatic dependent launch of the decode kernels: on by default on
