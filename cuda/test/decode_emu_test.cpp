@@ -60,6 +60,9 @@ inline void gemv9_emu_wait(int n) {
 #define GEMV9_EMU_CP_ASYNC 1
 
 inline float rsqrtf(float v) { return 1.f / std::sqrt(v); } // the device's approximate rsqrt: any function, the same in both kernels
+// rope.cuh's explicit roundings (as attention_emu_test.cpp): one fma, one product.
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max

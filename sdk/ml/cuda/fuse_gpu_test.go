@@ -536,12 +536,29 @@ func TestFusedXH(t *testing.T) {
 				} else {
 					require.Equal(t, int32(stUnsupported), rc, "%s must be declined", name)
 				}
-				// CPU backend: the norm and q.
+				// CPU backend: record's ops in order (q is last written by the one-part GEMV, k by the
+				// merged one, y by down after the fold).
 				ref.AddRMSNorm(res.c, h.c, x.c, nw.c, 1e-5)
-				ref.MatMul(q.c, h.c, wq.c, bq.c)
-				cq := make([]float32, qd*n)
-				require.NoError(t, ref.ReadF32(q.c, cq))
-				checkVec(t, name+" q vs CPU", packed[2], cq, gemvTol(dt, n, true))
+				ref.MatMul(k.c, h.c, wk.c, nil)
+				ref.RMSNorm(h2.c, res.c, nw.c, 1e-5)
+				ref.MatMul(g.c, h2.c, wg.c, nil)
+				ref.MatMul(u.c, h2.c, wu.c, nil)
+				ref.SwiGLU(o.c, g.c, u.c)
+				ref.MatMul(y.c, o.c, wd.c, nil)
+				ref.RMSNorm(h.c, h2.c, nw.c, 1e-5)
+				ref.MatMul(q.c, h.c, wq.c, nil)
+				for _, c := range []struct {
+					what string
+					i    int
+					p    pair
+					m    int
+					tol  float64
+				}{{"k", 3, k, kvd, gemvTol(dt, n, true)}, {"q", 2, q, qd, 2 * gemvTol(dt, n, true)},
+					{"down", 9, y, d, 4 * gemvTol(dt, n, true)}} {
+					cv := make([]float32, c.m*n)
+					require.NoError(t, ref.ReadF32(c.p.c, cv))
+					checkVec(t, name+" "+c.what+" vs CPU", packed[c.i], cv, c.tol)
+				}
 			})
 		}
 	}

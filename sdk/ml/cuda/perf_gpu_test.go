@@ -840,14 +840,37 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 		return
 	}
 	defer func(v, o bool) { fuseXH, xhGLUOut = v, o }(fuseXH, xhGLUOut)
+	// The norm alone (16 in a graph, nothing consumes the packed copy): what packing costs the producer.
+	for _, k := range []int{2880, 4096} {
+		x, h, nw := mustA(t, ml.F32, k, 1), mustA(t, ml.F32, k, 1), mustA(t, ml.F32, k)
+		require.NoError(t, gpu.WriteF32(x, r.f32(k)))
+		require.NoError(t, gpu.WriteF32(nw, r.f32(k)))
+		var base float64
+		for _, on := range []bool{false, true} {
+			fuseXH = on
+			ms := timeKernel(t, 20, 16, func() { gpu.RMSNorm(h, x, nw, 1e-5) })
+			path := "RMSNorm"
+			if on {
+				path = fmt.Sprintf("RMSNorm + packed x (%+.2f us)", (ms-base)*1e3)
+			}
+			base = ms
+			t.Logf("| %s | norm only k=%d n=1 | %s | %.2f us | | |", label, k, path, ms*1e3)
+		}
+		for _, v := range []ml.Tensor{x, h, nw} {
+			gpu.Free(v)
+		}
+	}
 	for _, sh := range []struct {
 		name string
 		k    int
 		ms   []int
 		glu  bool
-	}{{"gpt-oss norm+qkv", 2880, []int{4096, 512, 512}, false}, {"llama norm+qkv", 4096, []int{4096, 1024, 1024}, false},
-		{"llama norm+gate/up+SwiGLU+down", 4096, []int{14336, 14336}, true}, {"llama norm+head", 4096, []int{128256}, false},
-		{"gpt-oss norm+head", 2880, []int{201088}, false}} {
+		down bool // after the fold (glu): Llama's down GEMV
+	}{{"gpt-oss norm+qkv", 2880, []int{4096, 512, 512}, false, false},
+		{"llama norm+qkv", 4096, []int{4096, 1024, 1024}, false, false},
+		{"llama norm+gate/up+SwiGLU", 4096, []int{14336, 14336}, true, false},
+		{"llama norm+gate/up+SwiGLU+down", 4096, []int{14336, 14336}, true, true},
+		{"llama norm+head", 4096, []int{128256}, false, false}, {"gpt-oss norm+head", 2880, []int{201088}, false, false}} {
 		copies := 4
 		if sh.ms[0] > 100000 {
 			copies = 2
@@ -863,7 +886,7 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 					bytes += float64(rb * m)
 				}
 			}
-			if sh.glu {
+			if sh.down {
 				ws[i] = append(ws[i], mustW(t, r, "down", ml.Q8_0, sh.ms[0], down))
 				if i == 0 {
 					rb, _ := ml.Q8_0.RowBytes(sh.ms[0])
@@ -897,6 +920,8 @@ func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
 					}
 					if sh.glu {
 						gpu.SwiGLU(ys[0], ys[0], ys[1])
+					}
+					if sh.down {
 						gpu.MatMul(yd, ys[0], ws[i%copies][len(sh.ms)], nil)
 					}
 					i++
