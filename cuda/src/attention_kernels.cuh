@@ -580,17 +580,21 @@ __global__ void ATTN_GD7_BOUNDS(GC)
   const int used = attn_split_used(span, per);
   if (sp >= used) return; // uniform: this split has no keys of this row
   const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
-  if (threadIdx.x == 0) { // the batch's rows of this sequence among the keys (<= ATTN_ROPE_MAX_TOK)
-    int n = 0;
-    for (int u = 0; u < (int)a.n_tok; u++) {
-      const int pu = a.tok_pos[u];
-      if (a.tok_seq[u] == seq && pu >= k0 && pu < k1) {
-        S.npos[n] = pu;
-        S.nrow[n] = u;
-        n++;
-      }
+  if (threadIdx.x < 32) { // the batch's rows of this sequence among the keys: lane u checks row u (n_tok <= 8)
+    const int u = threadIdx.x;
+    int pu = 0;
+    bool in = false;
+    if (u < a.n_tok) {
+      pu = a.tok_pos[u];
+      in = a.tok_seq[u] == seq && pu >= k0 && pu < k1;
     }
-    S.nnew = n;
+    const unsigned m = __ballot_sync(0xffffffffu, in);
+    if (in) {
+      const int j = __popc(m & ((1u << u) - 1u));
+      S.npos[j] = pu;
+      S.nrow[j] = u;
+    }
+    if (u == 0) S.nnew = __popc(m);
   }
   __syncthreads();
   const int nnew = S.nnew;
