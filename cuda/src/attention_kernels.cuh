@@ -270,13 +270,6 @@ template <typename KV, int HD, int GC> struct __align__(16) AttnGdrSmem : AttnGd
   int npos[ATTN_ROPE_MAX_TOK], nrow[ATTN_ROPE_MAX_TOK];
   int nnew;
 };
-// The row's RoPE parameters (q of the row rotated at position qp on load).
-struct AttnRopeRow {
-  const float *inv_freq;
-  float attn_factor;
-  int rot_dim, neox, qp;
-};
-
 template <typename KV> __device__ __forceinline__ KV attn_kv_store(float v);
 template <> __device__ __forceinline__ float attn_kv_store<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half attn_kv_store<__half>(float v) { return __float2half(v); }
@@ -291,14 +284,13 @@ template <> __device__ __forceinline__ __half attn_kv_store<__half>(float v) { r
 // a shuffle issues at a quarter of the FMA rate). Starts with a barrier-free
 // q load and ends after the merge's reads of S (see attn_gd_body for why no
 // barrier is needed between rows).
-// ROPE (attn_gdr_kernel): q is rotated as it is loaded, and the K / V rows
-// of keys staged in S (new rows of this batch) are read from S: a lane
-// carries its key's K and V row pointers (generic: the cache or S) instead
-// of its slot.
+// ROPE (attn_gdr_kernel): S.qs already holds the rotated q (loaded by the
+// kernel before its first barrier), and the K / V rows of keys staged in S
+// (new rows of this batch) are read from S: a lane carries its key's K and V
+// row pointers (generic: the cache or S) instead of its slot.
 template <typename KV, int HD, int HC, bool ROPE = false, typename SM>
 __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int64_t t, int seq, int h0, int kvh,
-                                            int k0, int k1, bool direct, float *part, int splits, int sp,
-                                            AttnRopeRow rr = {}) {
+                                            int k0, int k1, bool direct, float *part, int splits, int sp) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
   // V rows per chunk: <= 32 registers of raw V per lane.
@@ -343,12 +335,8 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
   if constexpr (ROPE) {
     if (b0 < k1) key_rows(b0, kr0, vr0);
   }
-  const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
-  if constexpr (ROPE) {
-    for (int i = threadIdx.x; i < HC * HD; i += blockDim.x)
-      S.qs[i / HD][i % HD] =
-          rope_elem(qr + (i / HD) * HD, i % HD, rr.rot_dim, rr.qp, rr.inv_freq, rr.attn_factor, rr.neox) * a.scale;
-  } else {
+  if constexpr (!ROPE) {
+    const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
     for (int i = threadIdx.x; i < HC * HD; i += blockDim.x) S.qs[i / HD][i % HD] = qr[i] * a.scale;
   }
   __syncthreads();
@@ -554,7 +542,7 @@ __global__ void ATTN_GD7_BOUNDS(GC) attn_gd7_kernel(orch_attn_args a, float *par
 // split and arithmetic, for batches of <= ATTN_ROPE_MAX_TOK rows (one row per
 // CTA: no tensor-core rows) from the unrotated q / k / v of the GEMVs:
 //  - the CTA's q heads are rotated as they are loaded (rope_elem: the bits
-//    orch_rope_kv writes back);
+//    orch_rope_kv writes back), before the first barrier, with the row scan;
 //  - the rows of the batch of this CTA's sequence whose positions are among
 //    its keys (the row itself in the last used split; more for a multi-token
 //    row of one sequence) are staged in shared memory, k rotated, both as the
@@ -580,6 +568,12 @@ __global__ void ATTN_GD7_BOUNDS(GC)
   const int used = attn_split_used(span, per);
   if (sp >= used) return; // uniform: this split has no keys of this row
   const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
+  { // q of the CTA's heads, rotated (in flight with the row scan below)
+    const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
+    for (int i = threadIdx.x; i < GC * HD; i += blockDim.x)
+      S.qs[i / HD][i % HD] =
+          rope_elem(qr + (i / HD) * HD, i % HD, r.rot_dim, qp, r.inv_freq, r.attn_factor, r.neox) * a.scale;
+  }
   if (threadIdx.x < 32) { // the batch's rows of this sequence among the keys: lane u checks row u (n_tok <= 8)
     const int u = threadIdx.x;
     int pu = 0;
@@ -617,8 +611,7 @@ __global__ void ATTN_GD7_BOUNDS(GC)
       vc[d] = S.nv[j][d];
     }
   }
-  const AttnRopeRow rr{r.inv_freq, r.attn_factor, r.rot_dim, r.neox, qp};
-  attn_gd_row<KV, HD, GC, true>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp, rr);
+  attn_gd_row<KV, HD, GC, true>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp);
 }
 
 // The weights of a combine of `used` split partials of (row t, head h) with
