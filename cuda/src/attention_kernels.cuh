@@ -574,41 +574,53 @@ __global__ void ATTN_GD7_BOUNDS(GC)
       S.qs[i / HD][i % HD] =
           rope_elem(qr + (i / HD) * HD, i % HD, r.rot_dim, qp, r.inv_freq, r.attn_factor, r.neox) * a.scale;
   }
-  if (threadIdx.x < 32) { // the batch's rows of this sequence among the keys: lane u checks row u (n_tok <= 8)
+  // Stages new row j (batch row u at position pu) for this CTA's kv head: k rotated, both as the cache holds them.
+  auto stage = [&](int j, int64_t u, int pu, int i) {
+    S.nk[j][i] = attn_kv_store<KV>(
+        rope_elem(r.k + u * r.k_stride + (int64_t)kvh * HD, i, r.rot_dim, pu, r.inv_freq, r.attn_factor, r.neox));
+    S.nv[j][i] = attn_kv_store<KV>(r.v[u * r.v_stride + (int64_t)kvh * HD + i]);
+  };
+  // The row's own position is among the keys of its last used split: staged first (slot 0), with the scan.
+  const int own = sp == used - 1 ? 1 : 0;
+  if (own)
+    for (int i = threadIdx.x; i < HD; i += blockDim.x) stage(0, t, qp, i);
+  if (threadIdx.x < 32) { // the batch's other rows of this sequence among the keys: lane u checks row u (n_tok <= 8)
     const int u = threadIdx.x;
     int pu = 0;
     bool in = false;
-    if (u < a.n_tok) {
+    if (u < a.n_tok && u != t) {
       pu = a.tok_pos[u];
       in = a.tok_seq[u] == seq && pu >= k0 && pu < k1;
     }
     const unsigned m = __ballot_sync(0xffffffffu, in);
     if (in) {
-      const int j = __popc(m & ((1u << u) - 1u));
+      const int j = own + __popc(m & ((1u << u) - 1u));
       S.npos[j] = pu;
       S.nrow[j] = u;
     }
-    if (u == 0) S.nnew = __popc(m);
+    if (u == 0) {
+      S.nnew = own + __popc(m);
+      if (own) {
+        S.npos[0] = qp;
+        S.nrow[0] = (int)t;
+      }
+    }
   }
   __syncthreads();
   const int nnew = S.nnew;
-  for (int i = threadIdx.x; i < nnew * HD; i += blockDim.x) {
-    const int j = i / HD, d = i % HD;
-    const int64_t u = S.nrow[j];
-    S.nk[j][d] = attn_kv_store<KV>(
-        rope_elem(r.k + u * r.k_stride + (int64_t)kvh * HD, d, r.rot_dim, S.npos[j], r.inv_freq, r.attn_factor, r.neox));
-    S.nv[j][d] = attn_kv_store<KV>(r.v[u * r.v_stride + (int64_t)kvh * HD + d]);
+  if (nnew > own) { // uniform: a multi-token row of one sequence
+    for (int i = threadIdx.x; i < (nnew - own) * HD; i += blockDim.x) {
+      const int j = own + i / HD;
+      stage(j, S.nrow[j], S.npos[j], i % HD);
+    }
+    __syncthreads();
   }
-  __syncthreads();
-  if (h0 % G == 0 && sp == used - 1) { // the KV write of (row t, kv head kvh)
-    int j = 0;
-    for (int i = 0; i < nnew; i++)
-      if (S.nrow[i] == (int)t) j = i;
+  if (own && h0 % G == 0) { // the KV write of (row t, kv head kvh): slot 0
     KV *kc = (KV *)a.k_cache + (int64_t)r.slots[t] * a.n_kv_heads * HD + (int64_t)kvh * HD;
     KV *vc = (KV *)a.v_cache + (int64_t)r.slots[t] * a.n_kv_heads * HD + (int64_t)kvh * HD;
     for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-      kc[d] = S.nk[j][d];
-      vc[d] = S.nv[j][d];
+      kc[d] = S.nk[0][d];
+      vc[d] = S.nv[0][d];
     }
   }
   attn_gd_row<KV, HD, GC, true>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp);
