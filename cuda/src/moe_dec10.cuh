@@ -357,259 +357,6 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   }
 }
 
-// ---- MoE v12 gate_up (session 7; ORCH_CUDA_MOE=v12, opt-in; MXFP4) ----
-// v10's gate_up spends per 32-bit weight word 1 funnel + 11 decode + 4 HFMA2
-// + 1/4 LDS.128, plus per block a fold of two half2 accumulators (4 HADD2.F32,
-// 3 FADD, scale, FMUL, FFMA): ~22 instructions a word in the loop body, and
-// every warp does one row pair (the fixed prologue / warp_sum / epilogue on
-// 24 words a lane). Here the 4 HFMA2 of a word become half an HMMA and the
-// fold loses its half2 unpacking:
-//  - a CTA is 8 (gate, up) row pairs x 8 warps splitting k; lane (g, t) owns
-//    gate row r0 + g and up row r0 + g and the blocks c = c0 + t + 4 warp +
-//    32 i (v10's loads: 5 aligned words per block and row).
-//  - one m16n8k16 per half word: A rows g (gate) and g + 8 (up) = the decoded
-//    word's half2 pairs h[0], h[1] (then h[2], h[3]; moe6_mxfp4_word, x staged
-//    times 2^14 by the route kernel as for v10); B column 2t = x of lane t's
-//    block (only lane (2t, t) loads it, every other lane reads zeros), so
-//    D[g][2t] and D[g + 8][2t] — held by lane (g, t) itself — are the gate and
-//    up dots of its own block: folded with its own weight scales and x's
-//    chunk scale in fp32 (products exact, sums fp32: more accurate than v10's
-//    fp16 partial sums, not its bits).
-//  - the 4 lanes of a row (2 shuffles) and the 8 warps (shared memory, fixed
-//    order) are summed, then v10's epilogue (bias, SwiGLU, staged for down).
-constexpr int MOE12_W = 8; // warps per CTA (k split); rows pairs per CTA: 8
-template <int NB, int MINB = 4>
-__global__ void __launch_bounds__(MOE12_W * 32, MINB) // MINB 4: <= 64 registers, 32 warps per SM
-moe_gate_up12_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
-                     const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
-                     const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha, float limit,
-                     float sc) {
-  DEC16_DYN_SMEM(uint32_t, xsm); // moe12_smem
-  constexpr int T = ORCH_T_MXFP4, BB = 17;
-  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
-  pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int p = (int)blockIdx.z * n_slots + (int)blockIdx.y;
-  const int e = ids[p];
-  const int row = (int)blockIdx.x * 8 + g; // m % 8 == 0 (caller)
-  const int nch = k / 32, xsw = moe10_xstride(nch);
-  const uint8_t *gr = wg + ((int64_t)e * m + row) * rb, *ur = wu + ((int64_t)e * m + row) * rb;
-  // Shared memory: staged x (chunks c at c * DEC16_XW, then nch 1/scales),
-  // one zero chunk (the B of every lane but the B lanes, and theirs past nch),
-  // the partials.
-  uint32_t *zero = xsm + xsw;
-  float *red = reinterpret_cast<float *>(zero + DEC16_XW);
-  const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
-  float bg = 0.f, bu = 0.f; // the epilogue threads' biases, loaded early
-  if (threadIdx.x < 8) {
-    const int64_t br = (int64_t)e * m + (int)blockIdx.x * 8 + (int)threadIdx.x;
-    bg = gb ? gb[br] : 0.f;
-    bu = ub ? ub[br] : 0.f;
-  }
-  const int cb = t + 4 * warp; // this lane's block in each group of 32
-  const bool blane = g == 2 * t;
-  // B of block cb + 32 j: x chunk (staged, or padding) for B lanes, the zero chunk for the others
-  const uint32_t *xb0 = blane ? xsm + cb * DEC16_XW : zero;
-  const int xstep = blane ? 32 * DEC16_XW : 0;
-  float ag = 0.f, au = 0.f;
-  for (int c0 = 0; c0 < nch; c0 += 32 * NB) { // uniform over the CTA
-    uint32_t wgw[NB][5], wuw[NB][5], shv[NB];
-#pragma unroll
-    for (int i = 0; i < NB; i++) {
-      const int c = c0 + cb + 32 * i;
-      const bool ok = c < nch;
-      const uintptr_t pg = (uintptr_t)(gr + (ok ? c : 0) * BB), pu = (uintptr_t)(ur + (ok ? c : 0) * BB);
-      shv[i] = (uint32_t)(pg & 3); // = pu & 3: gate / up bases 16-byte aligned, same offsets
-      const uint32_t *qg = reinterpret_cast<const uint32_t *>(pg & ~(uintptr_t)3);
-      const uint32_t *qu = reinterpret_cast<const uint32_t *>(pu & ~(uintptr_t)3);
-#pragma unroll
-      for (int j = 0; j < 5; j++) {
-        wgw[i][j] = ok ? __ldg(qg + j) : 0u;
-        wuw[i][j] = ok ? __ldg(qu + j) : 0u;
-      }
-    }
-    if (c0 == 0) {
-      moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg + (int64_t)blockIdx.z * (xsw / 4), xsw / 4);
-      if (threadIdx.x < DEC16_XW) zero[threadIdx.x] = 0u;
-      __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < NB; i++) {
-      if (c0 + 4 * warp + 32 * i < nch) { // uniform over the warp (lanes past nch hold zero words)
-        const int c = c0 + cb + 32 * i;
-        const uint4 *xb = reinterpret_cast<const uint4 *>(c < nch ? xb0 + (c0 + 32 * i) / 32 * xstep : zero);
-        float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f}; // two chains of 4 mmas
-#pragma unroll
-        for (int w = 0; w < 4; w++) {
-          uint32_t hg[4], hu[4];
-          moe6_mxfp4_word(dec16_funnel_rc(wgw[i][w], wgw[i][w + 1], 8 * shv[i] + 8), hg);
-          moe6_mxfp4_word(dec16_funnel_rc(wuw[i][w], wuw[i][w + 1], 8 * shv[i] + 8), hu);
-          const uint4 X = xb[w]; // zeros unless g == 2t
-          const uint32_t a0[4] = {hg[0], hu[0], hg[1], hu[1]}, b0[2] = {X.x, X.y};
-          const uint32_t a1[4] = {hg[2], hu[2], hg[3], hu[3]}, b1[2] = {X.z, X.w};
-          dec16_mma16816(w < 2 ? d0 : d1, a0, b0);
-          dec16_mma16816(w < 2 ? d0 : d1, a1, b1);
-        }
-        // weight scales (E8M0; e = 0 taken as 0 instead of 2^-127) times x's chunk scale
-        const float xi = xinv[c < nch ? c : 0];
-        const uint32_t sel = 0x4440u | shv[i];
-        const float sg = dec16_u2f(dec16_prmt(wgw[i][0], 0u, sel) << 23);
-        const float su = dec16_u2f(dec16_prmt(wuw[i][0], 0u, sel) << 23);
-        ag = fmaf(sg * xi, d0[0] + d1[0], ag);
-        au = fmaf(su * xi, d0[2] + d1[2], au);
-      }
-    }
-  }
-  ag += __shfl_xor_sync(0xffffffffu, ag, 1);
-  au += __shfl_xor_sync(0xffffffffu, au, 1);
-  ag += __shfl_xor_sync(0xffffffffu, ag, 2);
-  au += __shfl_xor_sync(0xffffffffu, au, 2);
-  if (t == 0) {
-    red[(warp * 8 + g) * 2] = ag;
-    red[(warp * 8 + g) * 2 + 1] = au;
-  }
-  __syncthreads();
-  if (threadIdx.x < 8) {
-    const int r = (int)threadIdx.x, R = (int)blockIdx.x * 8 + r;
-    float sg = 0.f, su = 0.f;
-#pragma unroll
-    for (int v = 0; v < MOE12_W; v++) {
-      sg += red[(v * 8 + r) * 2];
-      su += red[(v * 8 + r) * 2 + 1];
-    }
-    const float val = swiglu_oai(sg + bg, su + bu, alpha, limit);
-    int word, half;
-    moe8_half_pos(dec16_traits<T>::kind, R & 31, word, half);
-    acth[(((int64_t)p * (m / 32) + R / 32) * DEC16_XW + word) * 2 + half] =
-        (uint16_t)(dec16_f2h2(val * sc, 0.f) & 0xFFFFu);
-  }
-}
-// Shared memory of moe_gate_up12_kernel.
-static size_t moe12_smem(int k) { return (size_t)(moe10_xstride(k / 32) + DEC16_XW + MOE12_W * 8 * 2) * 4; }
-
-// MoE v12 down (MXFP4, n_slots <= 2 * MOE12_MAXP): the gate_up12 scheme for
-// down10's dots. A CTA is 8 output rows of token t x 8 warps splitting k;
-// lane (g, t) owns row r0 + g of the experts of slots 2q and 2q + 1 (mma rows
-// g and g + 8) and blocks c = t + 4 warp + 32 i; B column 2t = activation of
-// slot 2q (lane (2t, t) reads it), column 2t + 1 = slot 2q + 1 (lane (2t + 1,
-// t)), so D[g][2t] and D[g + 8][2t + 1] are the lane's own block dots of the
-// two slots. Every slot's dots are summed (quad shuffles, then the 8 warps in
-// a fixed order) and combined as down10 does: out = sum_s w_s (dot_s + bias).
-// Weights of the first round are loaded before pdl_wait from speculatively
-// read routing (down10's scheme: re-checked after the wait, reloaded if stale).
-constexpr int MOE12_MAXP = 2; // slot pairs: top-k <= 4
-template <int NB>
-__global__ void __launch_bounds__(MOE12_W * 32, 3) // <= 80 registers (down10's occupancy)
-moe_down12_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
-                  const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
-                  const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv) {
-  DEC16_DYN_SMEM(uint32_t, xsm); // moe12_down_smem: staged activation rows, a zero chunk, partials
-  constexpr int BB = 17;
-  pdl_trigger();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int tok = (int)blockIdx.y, row = (int)blockIdx.x * 8 + g; // m % 8 == 0 (caller)
-  const int nch = k / 32, np = (n_slots + 1) / 2;
-  const int cb = t + 4 * warp;
-  const int32_t *ip = ids + (int64_t)tok * n_slots;
-  int es[2 * MOE12_MAXP];
-#pragma unroll
-  for (int s = 0; s < 2 * MOE12_MAXP; s++) es[s] = s < n_slots ? moe6_ld_id(ip + s) : 0;
-  uint32_t w[MOE12_MAXP][2][NB][5], shv[NB];
-  auto load = [&](int c0) {
-#pragma unroll
-    for (int q = 0; q < MOE12_MAXP; q++)
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int s = 2 * q + h;
-#pragma unroll
-        for (int i = 0; i < NB; i++) {
-          const int c = c0 + cb + 32 * i;
-          const bool ok = s < n_slots && c < nch;
-          const uintptr_t pw = (uintptr_t)(wd + ((int64_t)es[s] * m + row) * rb + (ok ? c : 0) * BB);
-          if (q == 0 && h == 0) shv[i] = (uint32_t)(pw & 3); // the same for every slot (rows 16-byte aligned)
-          const uint32_t *qw = reinterpret_cast<const uint32_t *>(pw & ~(uintptr_t)3);
-#pragma unroll
-          for (int j = 0; j < 5; j++) w[q][h][i][j] = ok ? __ldg(qw + j) : 0u;
-        }
-      }
-  };
-  load(0);
-  pdl_wait(); // the activation (and ids / weights, formally) come from the previous kernels
-  bool stale = false;
-#pragma unroll
-  for (int s = 0; s < 2 * MOE12_MAXP; s++)
-    if (s < n_slots && ip[s] != es[s]) { // uniform over the CTA
-      es[s] = ip[s];
-      stale = true;
-    }
-  if (stale) load(0);
-  const int xsw = n_slots * nch * DEC16_XW;
-  uint32_t *zero = xsm + xsw;
-  float *red = reinterpret_cast<float *>(zero + DEC16_XW);
-  moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth + (int64_t)tok * (xsw / 4), xsw / 4);
-  if (threadIdx.x < DEC16_XW) zero[threadIdx.x] = 0u;
-  __syncthreads();
-  float acc[MOE12_MAXP][2] = {};
-  for (int c0 = 0; c0 < nch; c0 += 32 * NB) { // uniform over the CTA
-    if (c0 > 0) load(c0);
-#pragma unroll
-    for (int q = 0; q < MOE12_MAXP; q++) {
-      if (q < np) { // uniform
-        // B lanes: (2t, t) slot 2q, (2t + 1, t) slot 2q + 1 (if any); the others the zero chunk
-        const int bs = g == 2 * t ? 2 * q : g == 2 * t + 1 ? 2 * q + 1 : -1;
-#pragma unroll
-        for (int i = 0; i < NB; i++) {
-          if (c0 + 4 * warp + 32 * i < nch) { // uniform over the warp
-            const int c = c0 + cb + 32 * i;
-            const uint4 *xb = reinterpret_cast<const uint4 *>(
-                bs >= 0 && bs < n_slots && c < nch ? xsm + (bs * nch + c) * DEC16_XW : zero);
-            float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-              uint32_t ha[4], hb[4];
-              moe6_mxfp4_word(dec16_funnel_rc(w[q][0][i][u], w[q][0][i][u + 1], 8 * shv[i] + 8), ha);
-              moe6_mxfp4_word(dec16_funnel_rc(w[q][1][i][u], w[q][1][i][u + 1], 8 * shv[i] + 8), hb);
-              const uint4 X = xb[u];
-              const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, b0[2] = {X.x, X.y};
-              const uint32_t a1[4] = {ha[2], hb[2], ha[3], hb[3]}, b1[2] = {X.z, X.w};
-              dec16_mma16816(u < 2 ? d0 : d1, a0, b0);
-              dec16_mma16816(u < 2 ? d0 : d1, a1, b1);
-            }
-            const uint32_t sel = 0x4440u | shv[i];
-            acc[q][0] = fmaf(dec16_u2f(dec16_prmt(w[q][0][i][0], 0u, sel) << 23), d0[0] + d1[0], acc[q][0]);
-            acc[q][1] = fmaf(dec16_u2f(dec16_prmt(w[q][1][i][0], 0u, sel) << 23), d0[3] + d1[3], acc[q][1]);
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int q = 0; q < MOE12_MAXP; q++)
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      float v = acc[q][h];
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
-      if (t == 0) red[(warp * 8 + g) * 2 * MOE12_MAXP + 2 * q + h] = v;
-    }
-  __syncthreads();
-  if (threadIdx.x < 8) {
-    const int r = (int)threadIdx.x, R = (int)blockIdx.x * 8 + r;
-    float res = 0.f;
-    for (int s = 0; s < n_slots; s++) {
-      float a = 0.f;
-#pragma unroll
-      for (int v = 0; v < MOE12_W; v++) a += red[(v * 8 + r) * 2 * MOE12_MAXP + s];
-      const int64_t p = (int64_t)tok * n_slots + s;
-      res += wts[p] * (a * xinv + (db ? db[(int64_t)ip[s] * m + R] : 0.f));
-    }
-    out[(int64_t)tok * m + R] = res;
-  }
-}
-static size_t moe12_down_smem(int k, int n_slots) {
-  return (size_t)(n_slots * (k / 32) * DEC16_XW + DEC16_XW + MOE12_W * 8 * 2 * MOE12_MAXP) * 4;
-}
-
 // moe6_dot with one 1/scale for every chunk (the fixed activation scale).
 template <int T, int NB>
 __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
@@ -686,27 +433,9 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
 // ---- launch ----
 // ORCH_CUDA_MOE=v10 (orch_env_version reads one digit: parsed here).
 static bool moe10_pinned(const orch_ctx *ctx) {
-  if (ctx->moe >= 10) return ctx->moe == 10 || ctx->moe == 12;
+  if (ctx->moe >= 10) return ctx->moe == 10;
   const char *v = getenv("ORCH_CUDA_MOE");
-  return v && (std::strcmp(v, "v10") == 0 || std::strcmp(v, "v12") == 0);
-}
-// ORCH_CUDA_MOE=v12: v10 with the tensor-core gate_up (moe_gate_up12_kernel;
-// MXFP4, ff % 8 == 0), read per call (tests flip it). Unpinned: up to
-// MOE12_AUTO_MAX_N tokens (0: never, until the device tables and tg128 say so).
-constexpr int MOE12_AUTO_MAX_N = 0;
-// ORCH_CUDA_MOE12_DOWN=1: v12 also runs the tensor-core down (moe_down12_kernel; top-k <= 4).
-static bool moe12_down() {
-  const char *v = getenv("ORCH_CUDA_MOE12_DOWN");
-  return v && std::strcmp(v, "1") == 0;
-}
-static int moe12_nb() { // 3 (default), 2 (=2), 4 (=3w: NB = 3 at 3 CTAs per SM)
-  const char *v = getenv("ORCH_CUDA_MOE12_NB");
-  return !v ? 3 : std::strcmp(v, "2") == 0 ? 2 : std::strcmp(v, "3w") == 0 ? 4 : 3;
-}
-static bool moe12_on(const orch_ctx *ctx, int64_t n) {
-  if (ctx->moe == 12) return true;
-  const char *v = getenv("ORCH_CUDA_MOE");
-  return (v && std::strcmp(v, "v12") == 0) || (ctx->moe_auto && n <= MOE12_AUTO_MAX_N);
+  return v && std::strcmp(v, "v10") == 0;
 }
 // Unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens (device
 // run 1 of session 5, H100: n = 2 / 4 / 8 59 / 101 / 184 us vs v6's 62.5 /
@@ -728,8 +457,7 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int only, const moe10_norm *nm,
-                            bool v12) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int only, const moe10_norm *nm) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -747,19 +475,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0, nv);
     }
-    if (!(only & 2) && T == ORCH_T_MXFP4 && v12 && ff % 8 == 0) {
-      // NB blocks per lane per round (3: one round up to k = 3072, gpt-oss 2880 = 90 blocks; 64 registers with
-      // a 28-byte spill); ORCH_CUDA_MOE12_NB=2: 2 (no spill, 2/3 of the bytes in flight), for the A/B.
-      // ORCH_CUDA_MOE12_NB=3w: NB = 3 at <= 80 registers (no spill, 24 warps per SM).
-      const int nbv = moe12_nb();
-      const size_t sm = moe12_smem(dim);
-      auto kern = nbv == 2 ? moe_gate_up12_kernel<2> : nbv == 4 ? moe_gate_up12_kernel<3, 3> : moe_gate_up12_kernel<3>;
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      dim3 grid((unsigned)(ff / 8), (unsigned)n_slots, (unsigned)n);
-      DEC16_LAUNCH_PDL(kern, grid, MOE12_W * 32, sm, st, reinterpret_cast<uint16_t *>(act),
-                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
-                       orch_row_bytes(T, dim), alpha, limit, sc);
-    } else if (!(only & 2)) {
+    if (!(only & 2)) {
       constexpr int NB = gate_up_nb<T>();
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
       auto kern = moe_gate_up10_kernel<T, NB>;
@@ -769,15 +485,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
                        orch_row_bytes(T, dim), alpha, limit, sc);
     }
-    if (!(only & 1) && T == ORCH_T_MXFP4 && v12 && dim % 8 == 0 && n_slots <= 2 * MOE12_MAXP && moe12_down()) {
-      constexpr int NB = 2;
-      const size_t sm = moe12_down_smem(ff, n_slots);
-      auto kern = moe_down12_kernel<NB>;
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      dim3 grid((unsigned)(dim / 8), (unsigned)n);
-      DEC16_LAUNCH_PDL(kern, grid, MOE12_W * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids, wts,
-                       n_slots, ff, dim, orch_row_bytes(T, ff), dxinv);
-    } else if (!(only & 1)) {
+    if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
       auto kern = moe_down10_kernel<T, NB>;
@@ -824,7 +532,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe_only(), nullptr, moe12_on(ctx, n));
+                     limit, moe_only(), nullptr);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }
@@ -857,7 +565,7 @@ extern "C" int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe_only(), &nm, moe12_on(ctx, n));
+                     limit, moe_only(), &nm);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

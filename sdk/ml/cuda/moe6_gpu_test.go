@@ -23,16 +23,14 @@ import (
 // speculative routing read before pdl_wait and v10's routing ticket) under
 // ORCH_CUDA_MOE=v4, v6, v9 (expert-major tensor-core kernels for MXFP4, 2..64
 // tokens, orch_moe_ffn_route; v6 below) and v10 (router + top-k + expert FFN
-// at 1..8 tokens in three launches, orch_moe_decode; session 5) and v12 (v10
-// with the tensor-core gate_up, MXFP4; session 7; also with two blocks per
-// lane per round, ORCH_CUDA_MOE12_NB=2, and with the tensor-core down,
-// ORCH_CUDA_MOE12_DOWN=1). (v7, v8 and v11 were removed.)
+// at 1..8 tokens in three launches, orch_moe_decode; session 5). (v7, v8, v11
+// and v12 were removed.)
 func TestMoEVersions(t *testing.T) {
 	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
 		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold"}
-	for _, v := range []string{"v4", "v6", "v9", "v10", "v12", "v12 ORCH_CUDA_MOE12_NB=2", "v12 ORCH_CUDA_MOE12_DOWN=1"} {
+	for _, v := range []string{"v4", "v6", "v9", "v10"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
 		outp, err := cmd.CombinedOutput()
@@ -70,14 +68,9 @@ func TestPerfMoEVersions(t *testing.T) {
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=",
 				// the post-attention AddRMSNorm folded into the route kernel (S7, default): norm+moe rows without it
 				"ORCH_CUDA_MOE= ORCH_CUDA_MOE_NORM=0",
-				// v12: v10 with the tensor-core gate_up (S7); NB=2: two blocks per lane per round
-				"ORCH_CUDA_MOE=v12", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=2", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=3w",
-				"ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_DOWN=1",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE_ONLY=gate_up", "ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=2 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v12 ORCH_CUDA_MOE12_NB=3w ORCH_CUDA_MOE_ONLY=gate_up",
 				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
@@ -102,7 +95,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		experts := min(ne, topk*n) // upper bound: random routing of n tokens
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
 		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-		for _, v := range []string{"ORCH_CUDA_MOE12_NB", "ORCH_CUDA_MOE12_DOWN", "ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY"} {
+		for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY"} {
 			if e := os.Getenv(v); e != "" {
 				label += " " + v + "=" + e
 			}

@@ -16,18 +16,18 @@ import (
 // TestMoENormFold: AddRMSNorm(res, h, add) then MoE(y, h) (gpt-oss's
 // post-attention norm and MoE) with the norm folded into the MoE's route
 // kernel (fuse.go foldMoENorm, orch_moe_decode_norm) is bit-identical to the
-// two ops launched separately in res, h and y (y: where both run v10 / v12;
+// two ops launched separately in res, h and y (y: where both run v10;
 // unpinned at one token the separate MoE is v6: within the MoE tolerance),
 // eagerly, and the fold's own bits over a graph
 // capture and two replays (res restored before each: the route tickets must
-// be back at 0), runs (the library takes it) where ORCH_CUDA_MOE is unset,
-// v10 or v12, and matches the CPU backend (h 1e-5, y the MoE tolerance).
+// be back at 0), runs (the library takes it) where ORCH_CUDA_MOE is unset or
+// v10, and matches the CPU backend (h 1e-5, y the MoE tolerance).
 func TestMoENormFold(t *testing.T) {
 	r := newRNG(t)
 	defer func(v, g bool) { fuseOps, fuseMoENorm = v, g }(fuseOps, fuseMoENorm)
 	fuseOps = true
 	ver := os.Getenv("ORCH_CUDA_MOE")
-	folds := ver == "" || ver == "v10" || ver == "v12"
+	folds := ver == "" || ver == "v10"
 	folded := 0 // orch_moe_decode_norm calls that ran
 	orig := gpu.l.moeDecodeNorm
 	defer func() { gpu.l.moeDecodeNorm = orig }()
@@ -89,10 +89,10 @@ func TestMoENormFold(t *testing.T) {
 				sep := run()
 				fuseMoENorm = true
 				fused := run()
-				// y: the same bits where both paths run the same MoE kernels (v10 / v12 from 2 tokens, or pinned);
+				// y: the same bits where both paths run the same MoE kernels (v10 from 2 tokens, or pinned);
 				// unpinned at one token the separate MoE is v6 (router GEMV + top-k: logits summed in another
 				// order than v10's route kernel, so the weights may differ in the last bits)
-				sameY := n >= 2 || ver == "v10" || ver == "v12" || !folds
+				sameY := n >= 2 || ver == "v10" || !folds
 				sameBits(t, name+" res fused vs separate", sep[0], fused[0])
 				sameBits(t, name+" h fused vs separate", sep[1], fused[1])
 				if sameY {
