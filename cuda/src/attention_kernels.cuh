@@ -538,7 +538,7 @@ __global__ void ATTN_GD7_BOUNDS(GC) attn_gd7_kernel(orch_attn_args a, float *par
 }
 
 // RoPE of q and k + the KV write folded into the decode attention
-// (orch_attention_rope, ORCH_CUDA_ATTN_ROPE=1): attn_gd7_kernel's grid, work
+// (orch_attention_rope; default, ORCH_CUDA_ATTN_ROPE=0 off): attn_gd7_kernel's grid, work
 // split and arithmetic, for batches of <= ATTN_ROPE_MAX_TOK rows (one row per
 // CTA: no tensor-core rows) from the unrotated q / k / v of the GEMVs:
 //  - the CTA's q heads are rotated as they are loaded (rope_elem: the bits

@@ -1,5 +1,5 @@
 // rope.cuh — the RoPE kernels of rope.cu and the per-element rotation the
-// folded decode attention (attention_kernels.cuh, ORCH_CUDA_ATTN_ROPE=1) uses:
+// folded decode attention (attention_kernels.cuh, fuse.go foldAttnRoPE) uses:
 // one header so that every path rotates with the same arithmetic (bit-
 // identical), and so that cuda/test/attention_emu_test.cpp can run
 // rope_kv_kernel on the CPU. Included after common.cuh (pdl_wait).

@@ -528,7 +528,7 @@ type ropeFoldSpec struct {
 }
 
 // TestAttentionRoPEFold checks the RoPE + KV write folded into the decode
-// attention launch (ORCH_CUDA_ATTN_ROPE=1, fuse.go foldAttend,
+// attention launch (the default; ORCH_CUDA_ATTN_ROPE=0 off; fuse.go foldAttend,
 // orch_attention_rope) against the same ops unfolded on the GPU (orch_rope_kv
 // + orch_attention: output, F32 caches and q / k read back afterwards
 // bit-identical; F16 caches through a second, plain Attend over them,
@@ -734,7 +734,7 @@ func runRoPEFold(t *testing.T, r *rand.Rand, c ropeFoldSpec) {
 }
 
 // TestPerfAttentionRoPEFold times a layer's RoPE(q), RoPE(k), KVWrite,
-// Attend for one decode token, folded (ORCH_CUDA_ATTN_ROPE=1: one
+// Attend for one decode token, folded (the default: one
 // orch_attention_rope launch + the combine) and not (orch_rope_kv +
 // attention + combine), in a graph of 16 back-to-back layers (per layer; the
 // next layer's q / k GEMVs, which overwrite q and k, are not timed: their
