@@ -147,11 +147,28 @@ func largeNPath(dt ml.DType, n int) bool {
 	return n >= denseV2From || n > qgemmMaxN
 }
 
+// bf16From: from this many tokens a MatMul whose weight has a bf16 copy
+// runs cuBLAS on it (bf16Route) instead of GEMV v9 / qgemm below
+// denseV2From. Session 7, device run 2 (H100, with the cache): Llama x16
+// decode 1,997 tok/s with 9 vs 1,207 with 17; weights without a copy keep
+// denseV2From. ORCH_CUDA_GEMV=v9 keeps v9.
+var bf16From = 9
+
+// bf16Route reports whether MatMul sends w at n tokens to the large-n path
+// because w has a bf16 copy (see bf16From).
+func (b *Backend) bf16Route(w *tensor, n int) bool {
+	if n < bf16From || n >= denseV2From || gemvPin9 || gemmV1 {
+		return false // the large-n path anyway, or the pinned routes
+	}
+	_, ok := b.bc.entries[w.ptr]
+	return ok
+}
+
 // bf16Want makes w's bf16 copy if the cache is on, w has none yet and it
 // fits the policy (MatMul, before the large-n call).
 func (b *Backend) bf16Want(w *tensor, n, k, m int) {
 	c := &b.bc
-	if !c.on || !bf16Eligible(w.dt) || k%32 != 0 || !largeNPath(w.dt, n) {
+	if !c.on || !bf16Eligible(w.dt) || k%32 != 0 || !(largeNPath(w.dt, n) || n >= bf16From && !gemvPin9) {
 		return
 	}
 	if _, ok := c.entries[w.ptr]; ok || c.declined[w.ptr] {

@@ -98,6 +98,9 @@ func TestQGemm(t *testing.T) {
 // cuBLAS whatever gemmV1 says, so both settings are bit-identical there).
 func TestQGemmRoute(t *testing.T) {
 	r := newRNG(t)
+	// the GEMV / qgemm routes: no bf16 copies (bf16Route would take 9..16)
+	defer func(on bool, c, r int64) { gpu.SetBF16Cache(on, c, r) }(gpu.bc.on, gpu.bc.cap, gpu.bc.reserve)
+	gpu.SetBF16Cache(false, 0, 0)
 	defer func(v int) { denseV2From = v }(denseV2From)
 	for _, from := range []int{qgemmMaxN + 1, 17} {
 		denseV2From = from
@@ -691,7 +694,7 @@ func TestBF16CacheBudget(t *testing.T) {
 	for _, c := range []struct {
 		name         string
 		cap, reserve int64
-	}{{"cap", 1 << 20, 0}, {"reserve", 0, 1 << 50}} {
+	}{{"cap", 1, 0}, {"reserve", 0, 1 << 50}} { // cap 1 byte: any copy is over it
 		t.Run(c.name, func(t *testing.T) {
 			w := weightPair(t, "w", ml.Q8_0, []int{k, m}, randWeight(r, ml.Q8_0, k, m))
 			x := f32Pair(t, randF32(r, k*n, 1), k, n)
@@ -717,5 +720,37 @@ func TestBF16CacheBudget(t *testing.T) {
 			ref.MatMul(y.c, x.c, w.c, nil)
 			checkClose(t, c.name, y, bf16Tol)
 		})
+	}
+}
+
+// TestBF16CacheRoute: from bf16From (9) tokens a weight with a bf16 copy
+// runs cuBLAS on it (not GEMV v9 / qgemm): after its quantized bytes are
+// zeroed the result must not change; against the CPU at the bf16 tolerance.
+func TestBF16CacheRoute(t *testing.T) {
+	if gpu.l.bf16Cache == nil {
+		t.Skip("library without orch_bf16_cache")
+	}
+	defer func(on bool, c, r int64) { gpu.SetBF16Cache(on, c, r) }(gpu.bc.on, gpu.bc.cap, gpu.bc.reserve)
+	gpu.SetBF16Cache(true, 0, 0)
+	r := newRNG(t)
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4} {
+		for _, n := range []int{9, 12, 16} {
+			t.Run(fmt.Sprintf("%v/n=%d", dt, n), func(t *testing.T) {
+				const k, m = 512, 200
+				w := weightPair(t, "w", dt, []int{k, m}, randWeight(r, dt, k, m))
+				x := f32Pair(t, randF32(r, k*n, 1), k, n)
+				y := out(t, m, n)
+				gpu.MatMul(y.g, x.g, w.g, nil)
+				ref.MatMul(y.c, x.c, w.c, nil)
+				checkClose(t, "cached route", y, bf16Tol)
+				first := readF32(t, y.g)
+				ct, err := gpu.get(w.g)
+				require.NoError(t, err)
+				require.NoError(t, gpu.l.status("memset", gpu.l.memset(gpu.ctx, ct.ptr, 0, int64(ct.bytes))))
+				gpu.Fill(y.g, float32(math.NaN()))
+				gpu.MatMul(y.g, x.g, w.g, nil)
+				require.Equal(t, first, readF32(t, y.g), "read from the bf16 copy")
+			})
+		}
 	}
 }

@@ -300,6 +300,13 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	}
 	if ww.weight {
 		b.bf16Want(ww, n, in, out) // its bf16 copy for the large-n path (bf16cache.go)
+		if b.bf16Route(ww, n) {
+			// a weight with a bf16 copy: cuBLAS on it from bf16From tokens
+			// (not GEMV v9 / qgemm; not merged with siblings into a v9 launch)
+			b.flush()
+			b.call(op, b.l.matmul(b.ctx, d.ptr, xx.ptr, ww.ptr, int32(ww.dt), bp, int64(n), int64(in), int64(out), 0))
+			return
+		}
 	}
 	if n > 8 && gemvWideFor(n, in, out) && qgemmType(ww.dt) {
 		// GEMV v9: held for merging, or one orch_matmul_multi part
