@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define ORCH_ABI_VERSION 8 /* 6: orch_moe_ffn_route (session 4); 7: orch_moe_decode (session 5); 8: orch_matmul_swiglu, orch_matmul_rmsnorm, orch_gemv_trace (session 6; orch_pf_* / orch_spin are optional) */
+#define ORCH_ABI_VERSION 9 /* 6: orch_moe_ffn_route (session 4); 7: orch_moe_decode (session 5); 8: orch_matmul_swiglu, orch_gemv_trace (session 6); 9: orch_moe_decode_norm required, orch_matmul_rmsnorm and orch_pf_* / orch_spin removed (session 7; orch_attention_rope, orch_bf16_cache and the *_xh entries are optional) */
 
 typedef enum {
   ORCH_OK = 0,
