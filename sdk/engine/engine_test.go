@@ -166,12 +166,12 @@ func TestThroughputScalesWithStreams(t *testing.T) {
 	assert.Greater(t, eight, 2*one)
 }
 
-func TestChunkedPrefillMixesWithDecode(t *testing.T) {
-	cfg := enginetest.Config{Vocab: 64, NumBlocks: 1024, ContextLength: 2048, StepCost: 200 * time.Microsecond}
-	a, m := load(t, cfg, engine.WithMaxBatchTokens(16))
+// prefillWhileDecoding starts a greedy decode of short for n tokens, and once
+// its first token streamed runs a greedy request of long for 8 tokens
+// alongside it; both must give the reference tokens.
+func prefillWhileDecoding(t *testing.T, a sdk.Adapter, vocab int, short []int32, n int, long []int32) {
+	t.Helper()
 	ctx := ctxT(t)
-	r := rand.New(rand.NewPCG(3, 4))
-	short, long := randPrompt(r, 5, cfg.Vocab), randPrompt(r, 400, cfg.Vocab)
 	started := make(chan struct{})
 	var wg sync.WaitGroup
 	var first result
@@ -179,7 +179,7 @@ func TestChunkedPrefillMixesWithDecode(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		var once sync.Once
-		first.err = a.Generate(ctx, greedy(short, 120), func(c sdk.Chunk) error {
+		first.err = a.Generate(ctx, greedy(short, n), func(c sdk.Chunk) error {
 			first.toks = append(first.toks, c.Tokens...)
 			once.Do(func() { close(started) })
 			return nil
@@ -190,8 +190,16 @@ func TestChunkedPrefillMixesWithDecode(t *testing.T) {
 	wg.Wait()
 	require.NoError(t, first.err)
 	require.NoError(t, second.err)
-	assert.Equal(t, enginetest.Greedy(short, 120, cfg.Vocab), first.toks)
-	assert.Equal(t, enginetest.Greedy(long, 8, cfg.Vocab), second.toks)
+	assert.Equal(t, enginetest.Greedy(short, n, vocab), first.toks)
+	assert.Equal(t, enginetest.Greedy(long, 8, vocab), second.toks)
+}
+
+func TestChunkedPrefillMixesWithDecode(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 64, NumBlocks: 1024, ContextLength: 2048, StepCost: 200 * time.Microsecond}
+	a, m := load(t, cfg, engine.WithMaxBatchTokens(16))
+	r := rand.New(rand.NewPCG(3, 4))
+	short, long := randPrompt(r, 5, cfg.Vocab), randPrompt(r, 400, cfg.Vocab)
+	prefillWhileDecoding(t, a, cfg.Vocab, short, 120, long)
 	assert.LessOrEqual(t, m.MaxChunk(), 16, "prefill chunked to the step budget")
 	assert.Greater(t, m.MixedSteps.Load(), int64(10), "long prefill ran alongside the running decode")
 }
@@ -201,33 +209,12 @@ func TestChunkedPrefillMixesWithDecode(t *testing.T) {
 func TestMixedStepBudget(t *testing.T) {
 	cfg := enginetest.Config{Vocab: 64, NumBlocks: 1024, ContextLength: 2048, StepCost: 200 * time.Microsecond}
 	a, m := load(t, cfg, engine.WithMaxBatchTokens(64), engine.WithMixedBatchTokens(16))
-	ctx := ctxT(t)
 	r := rand.New(rand.NewPCG(7, 8))
 	short, long := randPrompt(r, 5, cfg.Vocab), randPrompt(r, 400, cfg.Vocab)
-	alone := collect(ctx, a, greedy(long, 2))
+	alone := collect(ctxT(t), a, greedy(long, 2))
 	require.NoError(t, alone.err)
 	assert.Equal(t, 64, m.MaxChunk(), "a prefill alone runs in whole-budget steps")
-	started := make(chan struct{})
-	var wg sync.WaitGroup
-	var first result
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		var once sync.Once
-		first.err = a.Generate(ctx, greedy(short, 200), func(c sdk.Chunk) error {
-			first.toks = append(first.toks, c.Tokens...)
-			once.Do(func() { close(started) })
-			return nil
-		})
-	}()
-	<-started
-	long2 := randPrompt(r, 400, cfg.Vocab)
-	second := collect(ctx, a, greedy(long2, 8))
-	wg.Wait()
-	require.NoError(t, first.err)
-	require.NoError(t, second.err)
-	assert.Equal(t, enginetest.Greedy(short, 200, cfg.Vocab), first.toks)
-	assert.Equal(t, enginetest.Greedy(long2, 8, cfg.Vocab), second.toks)
+	prefillWhileDecoding(t, a, cfg.Vocab, short, 200, randPrompt(r, 400, cfg.Vocab))
 	assert.Greater(t, m.MixedSteps.Load(), int64(10), "the prefill ran alongside the decode")
 	assert.LessOrEqual(t, m.MaxMixed.Load(), int64(16), "steps with decodes keep to the mixed budget")
 }
