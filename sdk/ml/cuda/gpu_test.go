@@ -144,6 +144,24 @@ func f32Pair(t *testing.T, v []float32, shape ...int) pair {
 	return pair{g, c}
 }
 
+// randMoE returns a random MoE (router, experts, biases; gpt-oss's alpha and
+// limit) on the GPU and its CPU twin with the same values.
+func randMoE(t *testing.T, r *rand.Rand, dt ml.DType, d, ff, ne, topk int) (m, mc *ml.MoE) {
+	m = &ml.MoE{TopK: topk, Alpha: 1.702, Limit: 7}
+	c := *m
+	mc = &c
+	set := func(dst, dstc *ml.Tensor, p pair) { *dst, *dstc = p.g, p.c }
+	set(&m.Router, &mc.Router, weightPair(t, "router", ml.F32, []int{d, ne}, randWeight(r, ml.F32, d, ne)))
+	set(&m.RouterBias, &mc.RouterBias, f32Pair(t, randF32(r, ne, 1), ne))
+	set(&m.Gate, &mc.Gate, weightPair(t, "gate", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
+	set(&m.Up, &mc.Up, weightPair(t, "up", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
+	set(&m.Down, &mc.Down, weightPair(t, "down", dt, []int{ff, d, ne}, randWeight(r, dt, ff, d*ne)))
+	set(&m.GateBias, &mc.GateBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
+	set(&m.UpBias, &mc.UpBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
+	set(&m.DownBias, &mc.DownBias, f32Pair(t, randF32(r, d*ne, 1), d, ne))
+	return m, mc
+}
+
 func i32Pair(t *testing.T, v []int32, shape ...int) pair {
 	g, err := gpu.Alloc(ml.I32, shape...)
 	require.NoError(t, err)
@@ -474,21 +492,11 @@ func TestMoE(t *testing.T) {
 				name := fmt.Sprintf("%v/n=%d/k=%d", dt, n, topk)
 				t.Run(name, func(t *testing.T) {
 					d, ff, ne := 128, 96, 8
-					m := &ml.MoE{TopK: topk, Alpha: 1.702, Limit: 7}
-					mc := *m
-					set := func(dst, dstc *ml.Tensor, p pair) { *dst, *dstc = p.g, p.c }
-					set(&m.Router, &mc.Router, weightPair(t, "router", ml.F32, []int{d, ne}, randWeight(r, ml.F32, d, ne)))
-					set(&m.RouterBias, &mc.RouterBias, f32Pair(t, randF32(r, ne, 1), ne))
-					set(&m.Gate, &mc.Gate, weightPair(t, "gate", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
-					set(&m.Up, &mc.Up, weightPair(t, "up", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
-					set(&m.Down, &mc.Down, weightPair(t, "down", dt, []int{ff, d, ne}, randWeight(r, dt, ff, d*ne)))
-					set(&m.GateBias, &mc.GateBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
-					set(&m.UpBias, &mc.UpBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
-					set(&m.DownBias, &mc.DownBias, f32Pair(t, randF32(r, d*ne, 1), d, ne))
+					m, mc := randMoE(t, r, dt, d, ff, ne, topk)
 					x := f32Pair(t, randF32(r, d*n, 1), d, n)
 					y := out(t, d, n)
 					gpu.MoE(y.g, x.g, m)
-					ref.MoE(y.c, x.c, &mc)
+					ref.MoE(y.c, x.c, mc)
 					checkClose(t, name, y, moeTol())
 				})
 			}

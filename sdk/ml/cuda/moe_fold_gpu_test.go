@@ -49,17 +49,7 @@ func TestMoENormFold(t *testing.T) {
 			name := fmt.Sprintf("%v/d=%d/n=%d", c.dt, c.d, n)
 			t.Run(name, func(t *testing.T) {
 				d, ff, ne, dt := c.d, c.ff, c.ne, c.dt
-				m := &ml.MoE{TopK: 4, Alpha: 1.702, Limit: 7}
-				mc := *m
-				set := func(dst, dstc *ml.Tensor, p pair) { *dst, *dstc = p.g, p.c }
-				set(&m.Router, &mc.Router, weightPair(t, "router", ml.F32, []int{d, ne}, randWeight(r, ml.F32, d, ne)))
-				set(&m.RouterBias, &mc.RouterBias, f32Pair(t, randF32(r, ne, 1), ne))
-				set(&m.Gate, &mc.Gate, weightPair(t, "gate", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
-				set(&m.Up, &mc.Up, weightPair(t, "up", dt, []int{d, ff, ne}, randWeight(r, dt, d, ff*ne)))
-				set(&m.Down, &mc.Down, weightPair(t, "down", dt, []int{ff, d, ne}, randWeight(r, dt, ff, d*ne)))
-				set(&m.GateBias, &mc.GateBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
-				set(&m.UpBias, &mc.UpBias, f32Pair(t, randF32(r, ff*ne, 1), ff, ne))
-				set(&m.DownBias, &mc.DownBias, f32Pair(t, randF32(r, d*ne, 1), d, ne))
+				m, mc := randMoE(t, r, dt, d, ff, ne, 4)
 				res0 := randF32(r, d*n, 4)
 				res, add, nw := f32Pair(t, res0, d, n), f32Pair(t, randF32(r, d*n, 1), d, n), f32Pair(t, randF32(r, d, 1), d)
 				h, y := out(t, d, n), out(t, d, n)
@@ -109,7 +99,7 @@ func TestMoENormFold(t *testing.T) {
 					sameBits(t, fmt.Sprintf("%s graph %d y", name, rep), fused[2], readF32(t, y.g))
 				}
 				ref.AddRMSNorm(res.c, h.c, add.c, nw.c, 1e-5)
-				ref.MoE(y.c, h.c, &mc)
+				ref.MoE(y.c, h.c, mc)
 				checkClose(t, name+" h vs CPU", h, 1e-5)
 				checkClose(t, name+" y vs CPU", y, moeTol())
 			})
