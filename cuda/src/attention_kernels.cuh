@@ -664,7 +664,9 @@ template <int HD>
 __global__ void attn_combine6_kernel(orch_attn_args a, const float *part, int splits, int gran, int tc_skip) {
   constexpr int E = attn_lane_dims(HD);
   constexpr int R = ATTN_GD_MAX_SPLITS / 32;
-  pdl_wait(); // launched with PDL after attn_gd7 (a no-op after attn2)
+  pdl_trigger(); // the out projection's CTAs launch now and stream their weights while this runs (session 8: without
+                 // it, every layer's out GEMV after a combine started cold, ~3 us (gpt-oss) / ~6 us (Llama) later)
+  pdl_wait();    // launched with PDL after attn_gd7 (a no-op after attn2)
   const int h = blockIdx.x, lane = threadIdx.x;
   const int64_t t = blockIdx.y;
   if (tc_skip && attn_row_taken_by_tc(a, t)) return;

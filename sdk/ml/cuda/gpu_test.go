@@ -553,22 +553,57 @@ func TestMatMulTall(t *testing.T) {
 	}
 }
 
+// TestArgmax covers the split kernel (rows <= 64 of a large vocabulary: 64 slices a row, a last-CTA pick) and the
+// one-CTA kernel (more rows, small vocabularies): planted maxima, ties across slices (lowest index), a row of NaN
+// (0, as the CPU backend), a row of -Inf, and repeated calls (the split kernel's per-row tickets wrap).
 func TestArgmax(t *testing.T) {
-	r := newRNG(t)
-	v, n := 201088, 4
-	x := randF32(r, v*n, 3)
-	x[1*v+77] = 100 // planted max
-	x[2*v+5], x[2*v+9] = 200, 200
-	xp := f32Pair(t, x, v, n)
-	ids := i32Pair(t, []int32{-1, -1, -1, -1}, n)
-	gpu.Argmax(ids.g, xp.g)
-	ref.Argmax(ids.c, xp.c)
-	g, c := make([]int32, n), make([]int32, n)
-	require.NoError(t, gpu.ReadI32(ids.g, g))
-	require.NoError(t, ref.ReadI32(ids.c, c))
-	require.Equal(t, c, g)
-	require.Equal(t, int32(77), g[1])
-	require.Equal(t, int32(5), g[2], "ties: lowest index")
+	nan, inf := float32(math.NaN()), float32(math.Inf(-1))
+	for _, tc := range []struct{ v, n int }{{201088, 4}, {128256, 1}, {201088, 64}, {50000, 70}, {1000, 3}, {4099, 5}} {
+		t.Run(fmt.Sprintf("v%d_n%d", tc.v, tc.n), func(t *testing.T) {
+			r := newRNG(t)
+			v, n := tc.v, tc.n
+			x := randF32(r, v*n, 3)
+			if n > 1 {
+				x[1*v+77] = 100 // planted max
+			}
+			if n > 2 {
+				x[2*v+v/3], x[2*v+v-1], x[2*v+v/2] = 200, 200, 200 // ties in different slices
+			}
+			if n > 3 {
+				for i := 0; i < v; i++ {
+					x[3*v+i] = nan
+				}
+			}
+			if n > 4 {
+				for i := 0; i < v; i++ {
+					x[4*v+i] = inf
+				}
+			}
+			xp := f32Pair(t, x, v, n)
+			for rep := 0; rep < 3; rep++ {
+				init := make([]int32, n)
+				for i := range init {
+					init[i] = -1
+				}
+				ids := i32Pair(t, init, n)
+				gpu.Argmax(ids.g, xp.g)
+				ref.Argmax(ids.c, xp.c)
+				g, c := make([]int32, n), make([]int32, n)
+				require.NoError(t, gpu.ReadI32(ids.g, g))
+				require.NoError(t, ref.ReadI32(ids.c, c))
+				require.Equal(t, c, g, "repeat %d", rep)
+				if n > 1 {
+					require.Equal(t, int32(77), g[1])
+				}
+				if n > 2 {
+					require.Equal(t, int32(v/3), g[2], "ties: lowest index")
+				}
+				if n > 4 {
+					require.Equal(t, int32(0), g[4], "a row of -Inf: index 0")
+				}
+			}
+		})
+	}
 }
 
 // Sampling has no CPU backend op; the reference here is the documented
