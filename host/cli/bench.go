@@ -38,6 +38,9 @@ type benchOptions struct {
 	Streams []int // aggregate decode with S concurrent pp128+tgN requests
 	Repeats int
 	Seed    uint64
+	// Sampling of every generated token (--temperature, --top-p, --top-k,
+	// --min-p); the zero value is greedy decoding.
+	Sampling sdk.SamplingParams
 }
 
 // benchRow is one line of the table: a test and its rate in each repeat.
@@ -227,6 +230,10 @@ random tokens, different in every run, so the prefix cache does not help.`,
 	f.IntSliceVarP(&o.Depths, "depth", "d", []int{0}, "prompt depths before tg tests (comma-separated)")
 	f.IntSliceVar(&o.Streams, "streams", nil, "concurrent streams for aggregate decode tests, e.g. 1,8,32,64")
 	f.IntVarP(&o.Repeats, "repetitions", "r", 3, "repeats per test")
+	f.Float32Var(&o.Sampling.Temperature, "temperature", 0, "sampling temperature of the generated tokens (0 = greedy, as before)")
+	f.IntVar(&o.Sampling.TopK, "top-k", 0, "top-k of the generated tokens' sampling (0 = off)")
+	f.Float32Var(&o.Sampling.TopP, "top-p", 1, "top-p of the generated tokens' sampling (1 = off)")
+	f.Float32Var(&o.Sampling.MinP, "min-p", 0, "min-p of the generated tokens' sampling (0 = off)")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompts")
 	f.StringVar(&device, "device", "auto", "device: auto, cpu or cuda")
 	f.IntVarP(&threads, "threads", "t", 0, "CPU threads (0 = all cores)")
@@ -259,10 +266,36 @@ func (o *benchOptions) validate() error {
 	if o.Repeats < 1 {
 		return fmt.Errorf("--repetitions must be at least 1: %w", sdk.ErrInvalidArgument)
 	}
+	sp := o.Sampling
+	if sp.Temperature < 0 || sp.TopK < 0 || sp.TopP < 0 || sp.TopP > 1 || sp.MinP < 0 || sp.MinP > 1 ||
+		math.IsNaN(float64(sp.Temperature)) || math.IsNaN(float64(sp.TopP)) || math.IsNaN(float64(sp.MinP)) {
+		return fmt.Errorf("sampling: --temperature %g, --top-k %d, --top-p %g, --min-p %g: want T >= 0, k >= 0, p and min-p in [0, 1]: %w",
+			sp.Temperature, sp.TopK, sp.TopP, sp.MinP, sdk.ErrInvalidArgument)
+	}
 	if len(o.Prompts)+len(o.Gens)+len(o.Streams) == 0 {
 		return fmt.Errorf("nothing to run: %w", sdk.ErrInvalidArgument)
 	}
 	return nil
+}
+
+// samplingLabel names the sampling of the generated tokens in the test
+// names ("" for greedy).
+func (o benchOptions) samplingLabel() string {
+	sp := o.Sampling
+	if sp.Temperature == 0 {
+		return ""
+	}
+	l := fmt.Sprintf(" T=%g", sp.Temperature)
+	if sp.TopK > 0 {
+		l += fmt.Sprintf(" top_k=%d", sp.TopK)
+	}
+	if sp.TopP > 0 && sp.TopP < 1 {
+		l += fmt.Sprintf(" top_p=%g", sp.TopP)
+	}
+	if sp.MinP > 0 {
+		l += fmt.Sprintf(" min_p=%g", sp.MinP)
+	}
+	return l
 }
 
 // streamGen is the generation length of the --streams tests.
@@ -329,7 +362,7 @@ func runBench(ctx context.Context, a sdk.Adapter, info sdk.ModelInfo, o benchOpt
 	}
 	for _, n := range o.Prompts {
 		err := repeat(fmt.Sprintf("pp%d", n), func() (float64, error) {
-			t, err := generateOnce(ctx, a, prompt(n), 1)
+			t, err := generateOnce(ctx, a, prompt(n), 1, o.Sampling)
 			if err != nil {
 				return 0, err
 			}
@@ -348,8 +381,9 @@ func runBench(ctx context.Context, a sdk.Adapter, info sdk.ModelInfo, o benchOpt
 			if d > 0 {
 				test += fmt.Sprintf(" @ d%d", d)
 			}
+			test += o.samplingLabel()
 			err := repeat(test, func() (float64, error) {
-				t, err := generateOnce(ctx, a, prompt(max(d, 1)), g)
+				t, err := generateOnce(ctx, a, prompt(max(d, 1)), g, o.Sampling)
 				if err != nil {
 					return 0, err
 				}
@@ -366,10 +400,10 @@ func runBench(ctx context.Context, a sdk.Adapter, info sdk.ModelInfo, o benchOpt
 	g := o.streamGen()
 	for _, s := range o.Streams {
 		var itl []time.Duration
-		test := fmt.Sprintf("pp%d+tg%d x%d", streamPrompt, g, s)
+		test := fmt.Sprintf("pp%d+tg%d x%d", streamPrompt, g, s) + o.samplingLabel()
 		first := true
 		err := repeat(test, func() (float64, error) {
-			rate, gaps, err := streamsOnce(ctx, a, s, g, prompt)
+			rate, gaps, err := streamsOnce(ctx, a, s, g, prompt, o.Sampling)
 			if err == nil && !first {
 				itl = append(itl, gaps...)
 			}
@@ -406,11 +440,12 @@ func benchProgress(cmd *cobra.Command, o benchOptions) (func(string), func()) {
 		}
 }
 
-// generateOnce runs one greedy request with no stop tokens and returns its timings.
-func generateOnce(ctx context.Context, a sdk.Adapter, prompt []int32, n int) (sdk.Timings, error) {
+// generateOnce runs one request with no stop tokens (greedy unless sp says
+// otherwise) and returns its timings.
+func generateOnce(ctx context.Context, a sdk.Adapter, prompt []int32, n int, sp sdk.SamplingParams) (sdk.Timings, error) {
 	var t *sdk.Timings
 	got := 0
-	err := a.Generate(ctx, sdk.GenerateRequest{Prompt: prompt, MaxTokens: n}, func(c sdk.Chunk) error {
+	err := a.Generate(ctx, sdk.GenerateRequest{Prompt: prompt, MaxTokens: n, Sampling: sp}, func(c sdk.Chunk) error {
 		got += len(c.Tokens)
 		if c.Timings != nil {
 			t = c.Timings
@@ -436,7 +471,7 @@ func generateOnce(ctx context.Context, a sdk.Adapter, prompt []int32, n int) (sd
 // overlap it falls back to all tokens after each stream's first over the
 // whole span. gaps are the inter-token gaps the clients saw (all of them:
 // stalls while other prompts are prefilled included).
-func streamsOnce(ctx context.Context, a sdk.Adapter, s, g int, prompt func(int) []int32) (float64, []time.Duration, error) {
+func streamsOnce(ctx context.Context, a sdk.Adapter, s, g int, prompt func(int) []int32, sp sdk.SamplingParams) (float64, []time.Duration, error) {
 	prompts := make([][]int32, s)
 	for i := range prompts {
 		prompts[i] = prompt(streamPrompt)
@@ -453,7 +488,7 @@ func streamsOnce(ctx context.Context, a sdk.Adapter, s, g int, prompt func(int) 
 		go func() {
 			defer wg.Done()
 			r := &out[i]
-			r.err = a.Generate(ctx, sdk.GenerateRequest{Prompt: prompts[i], MaxTokens: g}, func(c sdk.Chunk) error {
+			r.err = a.Generate(ctx, sdk.GenerateRequest{Prompt: prompts[i], MaxTokens: g, Sampling: sp}, func(c sdk.Chunk) error {
 				if len(c.Tokens) == 0 {
 					return nil
 				}

@@ -78,6 +78,31 @@ func TestBenchCommandOnFakeModel(t *testing.T) {
 	assert.Equal(t, 128, (*model).MaxChunk(), "--batch-tokens reaches the engine")
 }
 
+func TestBenchSamplingFlags(t *testing.T) {
+	model := fakeBenchAdapter(t, enginetest.Config{Vocab: 50, NumBlocks: 1024, ContextLength: 4096, DeviceGreedy: true})
+	file := filepath.Join(t.TempDir(), "tiny.gguf")
+	require.NoError(t, os.WriteFile(file, make([]byte, 1<<20), 0o644))
+	run := func(args ...string) string {
+		root := NewRoot()
+		var out, errb bytes.Buffer
+		root.SetOut(&out)
+		root.SetErr(&errb)
+		root.SetArgs(append([]string{"bench", "--model", file, "-p", "0", "-n", "8", "-r", "1", "--log-level", "warn"}, args...))
+		require.NoError(t, root.Execute(), errb.String())
+		return out.String()
+	}
+	table := run("--streams", "2")
+	assert.Contains(t, table, "| tg8 |")
+	assert.Contains(t, table, "| pp128+tg8 x2 |")
+	assert.Positive(t, (*model).GreedySteps.Load(), "default: greedy decoding (device argmax)")
+
+	table = run("--streams", "2", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--min-p", "0.05")
+	assert.Contains(t, table, "| tg8 T=0.8 top_k=20 top_p=0.9 min_p=0.05 |")
+	assert.Contains(t, table, "| pp128+tg8 x2 T=0.8 top_k=20 top_p=0.9 min_p=0.05 |")
+	assert.Zero(t, (*model).GreedySteps.Load(), "sampled requests never take the greedy path")
+	assert.Positive(t, (*model).Forwards.Load())
+}
+
 func TestBenchRejectsBadFlags(t *testing.T) {
 	fakeBenchAdapter(t, enginetest.Config{})
 	model := filepath.Join(t.TempDir(), "m.gguf")
@@ -87,6 +112,10 @@ func TestBenchRejectsBadFlags(t *testing.T) {
 		{"bench", "--model", model, "-r", "0"},
 		{"bench", "--model", model, "--streams", "0"},
 		{"bench", "--model", model, "-p", "-5"},
+		{"bench", "--model", model, "--temperature", "-1"},
+		{"bench", "--model", model, "--top-p", "1.5"},
+		{"bench", "--model", model, "--min-p", "-0.1"},
+		{"bench", "--model", model, "--top-k", "-2"},
 		{"bench", "--model", filepath.Join(t.TempDir(), "missing.gguf")},
 	} {
 		root := NewRoot()
