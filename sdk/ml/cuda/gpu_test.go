@@ -487,7 +487,7 @@ func TestAttention(t *testing.T) {
 func TestMoE(t *testing.T) {
 	r := newRNG(t)
 	for _, dt := range []ml.DType{ml.MXFP4, ml.Q8_0} {
-		for _, n := range []int{1, 3, 12} {
+		for _, n := range []int{1, 3, 12, 64} { // 64: MoE v13's largest step (2 passes of 16 tokens per expert)
 			for _, topk := range []int{4, 2} {
 				name := fmt.Sprintf("%v/n=%d/k=%d", dt, n, topk)
 				t.Run(name, func(t *testing.T) {
@@ -508,7 +508,7 @@ func TestMoE(t *testing.T) {
 // unfused ones under ORCH_CUDA_MOE=v1) need several rounds of blocks per lane.
 func TestMoEWide(t *testing.T) {
 	r := newRNG(t)
-	for _, n := range []int{1, 2} {
+	for _, n := range []int{1, 2, 24} { // 24: MoE v13 with 100-block rows (71 KB of shared gate / up tiles)
 		name := fmt.Sprintf("MXFP4/n=%d", n)
 		t.Run(name, func(t *testing.T) {
 			d, ff, ne, topk := 3200, 3200, 3, 2
@@ -736,6 +736,7 @@ func TestGraphReplay(t *testing.T) {
 		gpu.MatMul(logits.g, h.g, head.g, nil)
 		gpu.Argmax(am, logits.g)
 	}
+	graphs := len(gpu.graphs) // other tests' captured graphs stay cached in the shared backend
 	for it := 0; it < 3; it++ {
 		in := make([]int32, n)
 		for i := range in {
@@ -744,13 +745,13 @@ func TestGraphReplay(t *testing.T) {
 		require.NoError(t, gpu.WriteI32(ids.g, in))
 		require.NoError(t, ref.WriteI32(ids.c, in))
 		gpu.Fill(logits.g, float32(math.NaN()))
-		require.NoError(t, gpu.Run("step", step))
+		require.NoError(t, gpu.Run("graph-replay-step", step))
 		ref.Embed(h.c, tok.c, ids.c, false)
 		ref.RMSNorm(h.c, h.c, w.c, 1e-5)
 		ref.MatMul(logits.c, h.c, head.c, nil)
 		checkClose(t, fmt.Sprintf("replay %d logits", it), logits, gemvTol(ml.Q8_0, n, true))
 	}
-	require.Len(t, gpu.graphs, 1)
+	require.Len(t, gpu.graphs, graphs+1, "one graph captured, then replayed")
 }
 
 func TestCopyBlock(t *testing.T) {
