@@ -42,8 +42,11 @@
 constexpr int MOE10_MAX_N = 8;  // tokens per op (one ticket each)
 constexpr int MOE10_RK = 64;    // router k per route CTA: two staged chunks
 constexpr int MOE10_THREADS = 256;
+constexpr int MOE13_MAX_N = 64; // MoE v13 (moe_dec13.cuh) runs this route kernel for up to 64 tokens
 
-__device__ unsigned g_moe10_ticket[MOE10_MAX_N];
+__device__ unsigned g_moe10_ticket[MOE13_MAX_N];
+// MoE v13: tokens routed so far (the last token's last CTA groups the pairs by expert; wraps to 0).
+__device__ unsigned g_moe13_done;
 
 #if defined(ORCH_EMU)
 #define MOE10_SHARED static // one CTA at a time: a static local is the CTA's shared variable
@@ -235,12 +238,15 @@ struct moe10_norm {
 // part: [n][S][n_exp] partial logits; xg: n rows of xstride words (staged x,
 // then xinv); ids / wts: [n][k_slots]. kind / x14: the staging of weight type
 // T (dec16_traits<T>::kind, T == MXFP4).
-template <int NN>
+// GROUP (MoE v13; tab, else null): once every token is routed, the pairs grouped by
+// expert (moe13_group, moe_dec13.cuh) by the CTA that routes the last token.
+__device__ __forceinline__ void moe13_group(int32_t *tab, const int32_t *ids, int np, int n_exp, int tid);
+template <int NN, bool GROUP = false>
 __global__ void __launch_bounds__(MOE10_THREADS)
-moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t *__restrict__ ids,
-                   float *__restrict__ wts, const float *x /* = nm.h when NN: not restrict */,
-                   const float *__restrict__ rw, const float *__restrict__ rbias, int dim, int n_exp, int k_slots,
-                   int kind, int x14, moe10_norm nm) {
+moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t *ids, float *__restrict__ wts,
+                   const float *x /* = nm.h when NN: not restrict */, const float *__restrict__ rw,
+                   const float *__restrict__ rbias, int dim, int n_exp, int k_slots, int kind, int x14,
+                   moe10_norm nm, int32_t *tab) {
   MOE10_SHARED unsigned last;
   MOE10_SHARED float lg[32];
   MOE10_SHARED __align__(16) float xs[NN ? MOE10_RK : 4];
@@ -309,6 +315,15 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
     }
   }
   moe10_route_finish(part, rbias, lg, ids + t * k_slots, wts + t * k_slots, t, S, n_exp, k_slots, tid);
+  if constexpr (GROUP) { // MoE v13: the CTA that routes the last token groups the pairs of the step
+    moe10_fence(); // this token's ids before the ticket
+    __syncthreads();
+    if (tid == 0) last = moe10_ticket(&g_moe13_done, gridDim.y - 1) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return; // uniform
+    moe10_fence();
+    moe13_group(tab, ids, (int)gridDim.y * k_slots, n_exp, tid);
+  }
 }
 
 // act (staged for down: pair p's chunk c at acth words ((p * nch_m + c) *
@@ -473,7 +488,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                   : per <= 12 ? moe10_route_kernel<12>
                              : moe10_route_kernel<16>;
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
-                       dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0, nv);
+                       dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0, nv, (int32_t *)nullptr);
     }
     if (!(only & 2)) {
       constexpr int NB = gate_up_nb<T>();
@@ -508,6 +523,9 @@ static bool moe10_declines(const orch_ctx *ctx, int64_t n, int32_t router_type, 
          moe10_ybuf_floats(n, dim, n_exp) > n * n_slots * dim || (ff / 32) * DEC16_XW > ff * 2;
 }
 
+// MoE v13 (9..64 tokens, expert-major): its kernels and routing.
+#include "moe_dec13.cuh"
+
 extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const void *router, int32_t router_type,
                                const float *router_bias, int32_t n_exp, int32_t *ids, float *weights,
                                const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
@@ -524,7 +542,19 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   // warp's top-k); gate / up and down of different or unfused types; an
   // infinite SwiGLU limit (no fixed activation scale); where orch_moe_ffn
   // declines.
-  if (!moe10_on(ctx, n) || moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
+  if (moe13_on(ctx, n) &&
+      !moe13_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit)) {
+    ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
+                       aligned16p(up) && aligned16p(down),
+                   op);
+    launch_decode13(ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids, weights,
+                    (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
+                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit);
+    ORCH_LAUNCHED(op);
+    return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
+  }
+  if (moe13_pinned() || !moe10_on(ctx, n) ||
+      moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
     return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
                      aligned16p(up) && aligned16p(down),

@@ -803,11 +803,12 @@ __device__ __forceinline__ float moe9_decode(const moe9_blk &b, uint32_t sh, uin
   return dec16_e8m0((b.s >> (8 * sh)) & 0xFFu);
 }
 
-// acc[4] (D of rows g, g+8 x tokens 2t, 2t+1) += one block of rows (r0, r1).
-__device__ __forceinline__ void moe9_mma_block(float acc[4], const moe9_blk &b0, const moe9_blk &b1, uint32_t sh,
-                                               uint4 X, float xi0, float xi1) {
-  uint32_t ha[4], hb[4];
-  const float s0 = moe9_decode(b0, sh, ha), s1 = moe9_decode(b1, sh, hb);
+// acc[4] (D of rows g, g+8 x tokens 2t, 2t+1) += one block of rows (r0, r1),
+// decoded (ha / hb, scales s0 / s1): the two mmas and the fold. MoE v13
+// (moe_dec13.cuh) calls it once per tile of 8 tokens on one decode: the same
+// expressions per (row, token), so v13's bits are v9's.
+__device__ __forceinline__ void moe9_mma_fold(float acc[4], const uint32_t ha[4], const uint32_t hb[4], float s0,
+                                              float s1, uint4 X, float xi0, float xi1) {
   float d[4] = {0.f, 0.f, 0.f, 0.f};
   const uint32_t a0[4] = {ha[0], hb[0], ha[1], hb[1]}, bx0[2] = {X.x, X.y};
   dec16_mma16816(d, a0, bx0);
@@ -817,6 +818,12 @@ __device__ __forceinline__ void moe9_mma_block(float acc[4], const moe9_blk &b0,
   acc[1] += s0 * xi1 * d[1];
   acc[2] += s1 * xi0 * d[2];
   acc[3] += s1 * xi1 * d[3];
+}
+__device__ __forceinline__ void moe9_mma_block(float acc[4], const moe9_blk &b0, const moe9_blk &b1, uint32_t sh,
+                                               uint4 X, float xi0, float xi1) {
+  uint32_t ha[4], hb[4];
+  const float s0 = moe9_decode(b0, sh, ha), s1 = moe9_decode(b1, sh, hb);
+  moe9_mma_fold(acc, ha, hb, s0, s1, X, xi0, xi1);
 }
 
 // Shared memory: list (MOE8_MAX_TOK) + 2 + pad to 16 B, then red.

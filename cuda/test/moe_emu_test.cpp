@@ -544,10 +544,192 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
               tn, (long long)dim, (long long)ff, topk, ne, n, bias);
 }
 
+// MoE v13 (orch_moe_decode, 2..64 tokens, MXFP4; ORCH_CUDA_MOE=v13, or
+// unpinned from ORCH_CUDA_MOE13_FROM tokens): v10's route kernel for up to 64
+// tokens + the pairs grouped by expert once (moe13_group), then gate_up13 /
+// down13 (each expert's 16-row tiles copied into shared memory once for all
+// its tokens) and orch_moe_combine. Checks: ids = orch_moe_topk's over the
+// float64 logits, weights within 1e-5; the output = v9's kernels
+// (launch_batched9) + combine on v13's ids and weights BIT FOR BIT, and
+// within 6e-3 of a float64 reference; the grouping table (every pair once,
+// under its expert, ascending); tickets back to 0; a second call identical;
+// a stale early expert read in down13 changes nothing; declines (one token,
+// Q8_0, infinite limit, unpinned without ORCH_CUDA_MOE13_FROM).
+static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, bool skew = false,
+                          bool full = false) {
+  QW gate, up, down;
+  make_weight(gate, t, dim, ff * ne);
+  make_weight(up, t, dim, ff * ne);
+  make_weight(down, t, ff, dim * ne);
+  const auto x = randv((size_t)(n * dim), 1.f), rw = randv((size_t)(ne * dim), 1.f);
+  auto rb = randv((size_t)ne, 4.f);
+  if (skew)
+    for (int e = 0; e < topk; e++) rb[(size_t)e] = 1000.f + 10.f * (float)e; // every token: experts 0..topk-1
+  const auto gbv = randv((size_t)(ff * ne), 1.f), ubv = randv((size_t)(ff * ne), 1.f),
+             dbv = randv((size_t)(dim * ne), 1.f);
+  const bool rbias = bias || skew;
+  Buf<float> bx(x), brw(rw), brb(rb), bgb(gbv), bub(ubv), bdb(dbv);
+  auto gp = [&](Buf<float> &b) { return bias ? b.p : nullptr; };
+  const float limit = 7.f;
+  const int np = n * topk;
+  std::vector<float> lg((size_t)(n * ne));
+  for (int i = 0; i < n; i++)
+    for (int e = 0; e < ne; e++) {
+      double v = rbias ? rb[(size_t)e] : 0.0;
+      for (int64_t c = 0; c < dim; c++) v += (double)rw[(size_t)(e * dim + c)] * x[(size_t)(i * dim + c)];
+      lg[(size_t)(i * ne + e)] = (float)v;
+    }
+  std::vector<int32_t> idr;
+  std::vector<float> wr;
+  {
+    orch_ctx ctx;
+    ctx.moe = 6;
+    Buf<float> l(lg), wb((size_t)np, NAN);
+    Buf<int32_t> ib((size_t)np, -1);
+    EXPECT(orch_moe_topk(&ctx, ib.p, wb.p, l.p, n, ne, topk) == ORCH_OK, "moe_topk: %s", g_err);
+    idr = ib.vec();
+    wr = wb.vec();
+  }
+  // mode: 0 pinned (ORCH_CUDA_MOE=v13), 1 unpinned, 2 unpinned with ORCH_CUDA_MOE13_FROM=9
+  auto run13 = [&](int mode, int tt, int nn, float lim, std::vector<int32_t> *ids, std::vector<float> *w,
+                   std::vector<float> *o, std::vector<int32_t> *tab) {
+    if (mode == 0) setenv("ORCH_CUDA_MOE", "v13", 1);
+    if (mode == 2) setenv("ORCH_CUDA_MOE13_FROM", "9", 1);
+    orch_ctx ctx;
+    ctx.moe = 6;
+    ctx.moe_auto = mode != 0;
+    const QW &G = tt == t ? gate : up, &U = up, &D = down; // (tt != t: the same bytes, another type: declines)
+    Buf<int32_t> ib((size_t)(nn * topk), -1);
+    Buf<float> wb((size_t)(nn * topk), NAN), out((size_t)(nn * dim), NAN), act((size_t)(nn * topk * ff), NAN),
+        yb((size_t)(nn * topk * dim), NAN), xx((size_t)(nn * dim), 0.5f);
+    const int rc = orch_moe_decode(&ctx, out.p, nn <= n ? bx.p : xx.p, brw.p, ORCH_T_F32, rbias ? brb.p : nullptr, ne,
+                                   ib.p, wb.p, G.bytes, U.bytes, tt, gp(bgb), gp(bub), D.bytes, tt, gp(bdb), act.p,
+                                   yb.p, nn, topk, dim, ff, 1.702f, lim);
+    unsetenv("ORCH_CUDA_MOE");
+    unsetenv("ORCH_CUDA_MOE13_FROM");
+    if (ids) *ids = ib.vec();
+    if (w) *w = wb.vec();
+    if (o) *o = out.vec();
+    if (tab) {
+      const auto a = act.vec();
+      const int64_t w0 = moe13_tab_word(nn * topk, ff);
+      tab->resize((size_t)(MOE13_TAB_LIST + nn * topk));
+      std::memcpy(tab->data(), a.data() + w0, tab->size() * 4);
+    }
+    return rc;
+  };
+  std::vector<int32_t> id13, tab;
+  std::vector<float> w13, o13, o13b, o13s;
+  EXPECT(run13(0, t, n, limit, &id13, &w13, &o13, &tab) == ORCH_OK, "moe_decode v13: %s", g_err);
+  for (int i = 0; i < MOE13_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "ticket %d = %u after the op", i, g_moe10_ticket[i]);
+  EXPECT(g_moe13_done == 0, "done ticket = %u after the op", g_moe13_done);
+  EXPECT(id13 == idr, "v13 ids differ from orch_moe_topk's over the float64 logits (n=%d top-%d of %d)", n, topk, ne);
+  for (size_t i = 0; i < wr.size(); i++)
+    EXPECT(std::fabs(w13[i] - wr[i]) <= 1e-5f * (1.f + std::fabs(wr[i])), "v13 weight %zu: %g vs %g", i, w13[i], wr[i]);
+  { // the table: used experts ascending, each pair once under its expert, ascending
+    const int U = tab[0];
+    std::vector<int> seen((size_t)np, 0);
+    int prev = -1, next_off = 0;
+    for (int j = 0; j < U; j++) {
+      const int e = tab[(size_t)(MOE13_TAB_E + j)], off = tab[(size_t)(MOE13_TAB_OFF + j)],
+                c = tab[(size_t)(MOE13_TAB_CNT + j)];
+      EXPECT(e > prev && e < ne && off == next_off && c > 0, "table entry %d: e %d off %d cnt %d", j, e, off, c);
+      prev = e;
+      next_off = off + c;
+      for (int i = 0; i < c && off + i < np; i++) {
+        const int p = tab[(size_t)(MOE13_TAB_LIST + off + i)];
+        EXPECT(p >= 0 && p < np && id13[(size_t)p] == e, "table: pair %d under expert %d", p, e);
+        if (p >= 0 && p < np) seen[(size_t)p]++;
+        if (i) EXPECT(p > tab[(size_t)(MOE13_TAB_LIST + off + i - 1)], "table: expert %d's list not ascending", e);
+      }
+    }
+    EXPECT(next_off == np, "table covers %d of %d pairs", next_off, np);
+    for (int p = 0; p < np; p++) EXPECT(seen[(size_t)p] == 1, "pair %d listed %d times", p, seen[(size_t)p]);
+    if (skew) EXPECT(U == topk && tab[MOE13_TAB_CNT] == n, "skewed: %d experts, %d pairs on the first", U, tab[MOE13_TAB_CNT]);
+  }
+  if (full) { // (the emulation of each launch is slow: once)
+    EXPECT(run13(0, t, n, limit, nullptr, nullptr, &o13b, nullptr) == ORCH_OK, "moe_decode v13 (again): %s", g_err);
+    EXPECT(std::memcmp(o13.data(), o13b.data(), o13.size() * 4) == 0, "v13: a second call differs");
+    g_moe13_stale_e = id13[0] == 0 ? 1 : 0;
+    EXPECT(run13(0, t, n, limit, nullptr, nullptr, &o13s, nullptr) == ORCH_OK, "moe_decode v13 (stale): %s", g_err);
+    g_moe13_stale_e = -1;
+    EXPECT(std::memcmp(o13.data(), o13s.data(), o13.size() * 4) == 0, "v13 with a stale early expert read differs");
+  }
+  // v9's kernels + combine on v13's routing: bit for bit
+  {
+    orch_ctx ctx;
+    Buf<int32_t> ib(id13);
+    Buf<float> wb(w13), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN),
+        yb((size_t)(n * topk * dim), NAN);
+    launch_batched9(nullptr, yb.p, act.p, bx.p, ne, ib.p, gate.bytes, up.bytes, gp(bgb), gp(bub), down.bytes, gp(bdb), n,
+                    topk, dim, ff, 1.702f, limit);
+    EXPECT(orch_moe_combine(&ctx, out.p, yb.p, wb.p, n, topk, dim, 0) == ORCH_OK, "combine: %s", g_err);
+    const auto o9 = out.vec();
+    EXPECT(std::memcmp(o13.data(), o9.data(), o9.size() * 4) == 0,
+           "MoE v13 != v9 bit for bit (dim=%lld ff=%lld top-%d of %d n=%d)", (long long)dim, (long long)ff, topk, ne, n);
+  }
+  // float64 reference on v13's routing
+  std::vector<double> want((size_t)(n * dim), 0.0);
+  for (int i = 0; i < n; i++)
+    for (int sl = 0; sl < topk; sl++) {
+      const int e = id13[(size_t)(i * topk + sl)];
+      std::vector<double> a((size_t)ff);
+      for (int64_t r = 0; r < ff; r++) {
+        double g = bias ? gbv[(size_t)(e * ff + r)] : 0.0, u = bias ? ubv[(size_t)(e * ff + r)] : 0.0;
+        for (int64_t c = 0; c < dim; c++) {
+          g += gate.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
+          u += up.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
+        }
+        a[(size_t)r] = swiglu(g, u, 1.702, limit);
+      }
+      for (int64_t r = 0; r < dim; r++) {
+        double y = bias ? dbv[(size_t)(e * dim + r)] : 0.0;
+        for (int64_t c = 0; c < ff; c++) y += down.val[(size_t)((e * dim + r) * ff + c)] * a[(size_t)c];
+        want[(size_t)(i * dim + r)] += w13[(size_t)(i * topk + sl)] * y;
+      }
+    }
+  const double err = rel_l2(o13, want);
+  EXPECT(err <= 6e-3, "MoE v13 (dim=%lld ff=%lld n=%d): relative error %.3g", (long long)dim, (long long)ff, n, err);
+  // routing and declines
+  if (full) {
+  EXPECT(run13(0, t, 1, limit, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "v13 must decline one token");
+  EXPECT(run13(0, t, n, INFINITY, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
+         "v13 must decline an infinite limit");
+  EXPECT(run13(0, ORCH_T_Q8_0, n, limit, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
+         "v13 must decline Q8_0");
+  if (n > MOE10_MAX_N)
+    EXPECT(run13(1, t, n, limit, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
+           "unpinned without ORCH_CUDA_MOE13_FROM must decline %d tokens", n);
+  std::vector<float> oa;
+  const int rca = run13(2, t, n, limit, nullptr, nullptr, &oa, nullptr);
+  if (n >= 9)
+    EXPECT(rca == ORCH_OK && std::memcmp(oa.data(), o13.data(), o13.size() * 4) == 0,
+           "unpinned with ORCH_CUDA_MOE13_FROM=9 at n=%d must be v13 (rc %d)", n, rca);
+  else
+    EXPECT(rca == ORCH_ERR_UNSUPPORTED || n >= MOE10_AUTO_MIN_N, "unpinned below ORCH_CUDA_MOE13_FROM: rc %d", rca);
+  }
+  std::printf("MoE v13 MXFP4 dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d%s: %d experts; ids = top-k of the float64 "
+              "logits, output = v9's bit for bit (relative error %.2e), table, tickets%s\n",
+              (long long)dim, (long long)ff, topk, ne, n, bias, skew ? " skewed" : "", tab[0], err,
+              full ? "; second call, stale read, declines ok" : "");
+}
+
+static void test_decode13_cases() {
+  test_decode13(ORCH_T_MXFP4, 64, 64, 8, 4, 12, true, false, true); // ~6 tokens per expert (1-2 tiles of 8)
+  test_decode13(ORCH_T_MXFP4, 64, 32, 8, 4, 20, false, true); // skewed: 20 tokens on experts 0..3 (2 passes)
+  test_decode13(ORCH_T_MXFP4, 64, 32, 32, 4, 64, true); // 64 tokens, 256 pairs (the maximum)
+  test_decode13(ORCH_T_MXFP4, 1056, 32, 32, 4, 9, true); // 33 chunks: a second gate_up round (warp 0), 17 route slices
+  test_decode13(ORCH_T_MXFP4, 32, 576, 4, 2, 2, false); // 18 chunks: down's blocks on 3 warps
+}
+
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
   const bool only10 = argc > 1 && std::strcmp(argv[1], "v10") == 0; // the v10 cases only (development)
   const bool only_norm = argc > 1 && std::strcmp(argv[1], "norm") == 0; // the norm-fold cases only (development)
+  if (argc > 1 && std::strcmp(argv[1], "v13") == 0) { // the v13 cases only (development)
+    test_decode13_cases();
+    return fails ? 1 : 0;
+  }
   if (!only10 && !only_norm) {
   test_decoder();
   test_act_scale();
@@ -572,6 +754,7 @@ int main(int argc, char **argv) {
   test_decode_norm(ORCH_T_MXFP4, 1056, 32, 8, 4, 2, false); // 17 slices (elements j = 0..4 of a thread), N = 8
   test_decode_norm(ORCH_T_Q8_0, 64, 32, 6, 2, 3, true);
   if (only_norm) return fails ? 1 : 0;
+  test_decode13_cases();
   test_decode10(ORCH_T_MXFP4, 96, 64, 32, 4, 1, true, true); // 32 experts, a half last router slice, stale reads
   test_decode10(ORCH_T_MXFP4, 64, 32, 8, 4, 8, false); // 8 tokens (v10's maximum), no biases
   test_decode10(ORCH_T_Q8_0, 64, 64, 6, 2, 3, true);

@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"encoding/binary"
 	"os"
 	"os/exec"
 	"strings"
@@ -23,22 +24,25 @@ import (
 // speculative routing read before pdl_wait and v10's routing ticket) under
 // ORCH_CUDA_MOE=v4, v6, v9 (expert-major tensor-core kernels for MXFP4, 2..64
 // tokens, orch_moe_ffn_route; v6 below) and v10 (router + top-k + expert FFN
-// at 1..8 tokens in three launches, orch_moe_decode; session 5). (v7, v8, v11
-// and v12 were removed.)
+// at 1..8 tokens in three launches, orch_moe_decode; session 5), v13
+// (2..64 tokens, each touched expert's tiles copied to shared memory once for
+// all its tokens; session 8) and unpinned with ORCH_CUDA_MOE13_FROM=9 (v13
+// from 9 tokens, the default route below). (v7, v8, v11 and v12 were removed.)
 func TestMoEVersions(t *testing.T) {
-	if v := os.Getenv("ORCH_CUDA_MOE"); v != "" {
-		t.Skipf("ORCH_CUDA_MOE=%s pins this process; the version children run from an unpinned one", v)
+	if v := os.Getenv("ORCH_CUDA_MOE") + os.Getenv("ORCH_CUDA_MOE13_FROM"); v != "" {
+		t.Skipf("ORCH_CUDA_MOE / ORCH_CUDA_MOE13_FROM pin this process; the version children run from an unpinned one")
 	}
-	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold"}
-	for _, v := range []string{"v4", "v6", "v9", "v10"} {
+	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold", "TestMoEDecode13"}
+	for _, v := range []string{"ORCH_CUDA_MOE=v4", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v9", "ORCH_CUDA_MOE=v10",
+		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE13_FROM=9"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
-		cmd.Env = append(os.Environ(), strings.Fields("ORCH_CUDA_MOE="+v)...)
+		cmd.Env = append(os.Environ(), strings.Fields(v)...)
 		outp, err := cmd.CombinedOutput()
-		require.NoError(t, err, "ORCH_CUDA_MOE=%s child:\n%s", v, outp)
+		require.NoError(t, err, "%s child:\n%s", v, outp)
 		for _, name := range tests {
-			require.Contains(t, string(outp), "--- PASS: "+name+" ", "ORCH_CUDA_MOE=%s child:\n%s", v, outp)
+			require.Contains(t, string(outp), "--- PASS: "+name+" ", "%s child:\n%s", v, outp)
 		}
-		t.Logf("ORCH_CUDA_MOE=%s: %s passed", v, strings.Join(tests, ", "))
+		t.Logf("%s: %s passed", v, strings.Join(tests, ", "))
 	}
 }
 
@@ -66,6 +70,8 @@ func TestPerfMoEVersions(t *testing.T) {
 		// v6 and the unpinned route timed as in run 1 (the run-to-run reference)
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=",
+				// session 8: MoE v13 (2..64 tokens), and the default route with v13 from 9 tokens
+				"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE= ORCH_CUDA_MOE13_FROM=9",
 				// the post-attention AddRMSNorm folded into the route kernel (S7, default): norm+moe rows without it
 				"ORCH_CUDA_MOE= ORCH_CUDA_MOE_NORM=0",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
@@ -87,21 +93,46 @@ func TestPerfMoEVersions(t *testing.T) {
 	if os.Getenv("ORCH_CUDA_MOE_ONLY") != "" {
 		ns = []int{1, 8}
 	}
+	if os.Getenv("ORCH_CUDA_MOE") == "v13" || (os.Getenv("ORCH_CUDA_MOE") == "" && os.Getenv("ORCH_CUDA_MOE_ONLY") == "" &&
+		os.Getenv("ORCH_CUDA_MOE_NORM") == "") {
+		ns = []int{1, 2, 4, 8, 9, 12, 16, 24, 32, 40, 64} // session 8: the 9..64-token steps
+	}
+	label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
+	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM"} {
+		if e := os.Getenv(v); e != "" {
+			label += " " + v + "=" + e
+		}
+	}
 	for _, n := range ns {
 		x := mustA(t, ml.F32, d, n)
 		require.NoError(t, gpu.WriteF32(x, r.f32(d*n)))
 		y := mustA(t, ml.F32, d, n)
 		ms := timeKernel(t, 20, 16, func() { gpu.MoE(y, x, mo) })
-		experts := min(ne, topk*n) // upper bound: random routing of n tokens
+		// the floor: every expert the op touched (its ids, read back) read once
+		experts := moeTouched(t, n*topk, ne)
 		bytes := float64(experts)*3*float64(rb)*ff + 4*float64(d*ne)
-		label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-		for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY"} {
-			if e := os.Getenv(v); e != "" {
-				label += " " + v + "=" + e
+		t.Logf("| %s | moe decode gpt-oss n=%d | %.4f ms | %.0f%% (%d experts touched) |", label, n, ms,
+			100*bytes/peak*1e3/ms, experts)
+		if label == "ORCH_CUDA_MOE=" && (n == 16 || n == 32) {
+			// the n-token step as n/8 v10 ops of 8 tokens (L2 may hold part of the later ops' experts)
+			var xs, ys []ml.Tensor
+			for i := 0; i < n/8; i++ {
+				xi, yi := mustA(t, ml.F32, d, 8), mustA(t, ml.F32, d, 8)
+				require.NoError(t, gpu.WriteF32(xi, r.f32(d*8)))
+				xs, ys = append(xs, xi), append(ys, yi)
+			}
+			ms := timeKernel(t, 20, 16, func() {
+				for i := range xs {
+					gpu.MoE(ys[i], xs[i], mo)
+				}
+			})
+			t.Logf("| %s | moe decode gpt-oss n=%d as %d v10 ops of 8 | %.4f ms | %.0f%% (%d experts touched at n) |",
+				label, n, n/8, ms, 100*bytes/peak*1e3/ms, experts)
+			for i := range xs {
+				gpu.Free(xs[i])
+				gpu.Free(ys[i])
 			}
 		}
-		t.Logf("| %s | moe decode gpt-oss n=%d | %.4f ms | %.0f%% (<= %d experts) |", label, n, ms,
-			100*bytes/peak*1e3/ms, experts)
 		if os.Getenv("ORCH_CUDA_MOE_ONLY") == "" && n <= 8 {
 			// AddRMSNorm + MoE (gpt-oss's post-attention norm): one op (the fold, default), or two with ORCH_CUDA_MOE_NORM=0
 			res, add := mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n)
@@ -127,6 +158,22 @@ func TestPerfMoEVersions(t *testing.T) {
 		gpu.Free(w)
 	}
 	require.NoError(t, gpu.Sync())
+}
+
+// moeTouched: the distinct experts in the last MoE op's routing (the
+// backend's moe.ids scratch: np ids; every MoE path writes them there).
+func moeTouched(t *testing.T, np, ne int) int {
+	s, ok := gpu.scratch["moe.ids"]
+	require.True(t, ok, "moe.ids scratch")
+	b := make([]byte, 4*np)
+	require.NoError(t, gpu.l.status("d2h", gpu.l.memcpyD2H(gpu.ctx, &b[0], s.ptr, int64(len(b)))))
+	seen := map[int32]bool{}
+	for i := 0; i < np; i++ {
+		if e := int32(binary.LittleEndian.Uint32(b[4*i:])); e >= 0 && int(e) < ne {
+			seen[e] = true
+		}
+	}
+	return len(seen)
 }
 
 // moePartsN1 times the parts of the v6 MoE op at one token alone (graphs of

@@ -52,6 +52,10 @@ var (
 	// dominate); v9 grows ~4.2 us a token (session 4: 406 / 472 / 606 us at
 	// 16 / 32 / 64): they cross at ~41 tokens.
 	moeRouteMaxN = 40
+	// moeDecodeMaxN: the largest n that tries orch_moe_decode (v10 takes
+	// up to 8 tokens, v13 — cuda/src/moe_dec13.cuh, where routed — up to 64;
+	// the library declines the rest).
+	moeDecodeMaxN = 64
 	// moeV3 is read once, as the library reads ORCH_CUDA_MOEGEMM.
 	moeV3 = func() bool {
 		g, m := os.Getenv("ORCH_CUDA_MOEGEMM"), os.Getenv("ORCH_CUDA_MOE")
@@ -602,12 +606,15 @@ func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 		return
 	}
 	N, K := int64(n), int32(k)
-	if n <= 8 && router.dt == ml.F32 && gate.dt == up.dt {
+	if n <= moeDecodeMaxN && router.dt == ml.F32 && gate.dt == up.dt {
 		// MoE v10 (ORCH_CUDA_MOE=v10 1..8 tokens; unpinned 2..8): router
 		// GEMV + top-k in one kernel, then the fused expert FFN (three
-		// launches). The library declines otherwise (other versions, one
-		// token unpinned, other router types, what orch_moe_ffn declines) and
-		// the path below runs.
+		// launches). MoE v13 (ORCH_CUDA_MOE=v13 2..64 tokens; unpinned from
+		// ORCH_CUDA_MOE13_FROM tokens when set): the same route kernel, then
+		// each touched expert read once for all its tokens (MXFP4). The
+		// library declines otherwise (other versions, one token unpinned,
+		// more than 8 tokens outside v13, other router types, what
+		// orch_moe_ffn declines) and the path below runs.
 		rc := b.l.moeDecode(b.ctx, d.ptr, xx.ptr, router.ptr, int32(router.dt), rb, int32(ne), ids, wts, gate.ptr,
 			up.ptr, int32(gate.dt), gb, ub, down.ptr, int32(down.dt), db, g, y, N, K, int64(dim), int64(ff), m.Alpha,
 			m.Limit)

@@ -1,0 +1,432 @@
+// moe_dec13.cuh — MoE v13 (session 8; ORCH_CUDA_MOE=v13 pins it for 2..64
+// tokens; unpinned it runs from ORCH_CUDA_MOE13_FROM tokens to 64 when that
+// is set): the MXFP4 MoE decode op at 9..64 tokens with each touched expert's
+// weights read from DRAM once for all its tokens. Included by moe_ffn.cu
+// after moe_dec10.cuh (it uses v10's route kernel and v9's fragment decode).
+//
+// Why not v9 (the 16..40-token route in session 7; 0.52 ms at 16 tokens, 27%
+// of its bytes floor): every v9 CTA (16 rows of one expert) first groups the
+// step's pairs itself (warp 0 scans all ids twice after pdl_wait, the other
+// warps wait at a barrier), then runs 3 dependent rounds of register loads
+// per warp (a DRAM round trip each) with 2 CTAs of 128 registers per SM, and
+// repeats all weight loads for each further tile of 8 tokens; ~22 waves of
+// such latency-bound CTAs. Here:
+//  1. v10's route kernel (router GEMV + top-k per token, x staged once per
+//     token, chunk-scaled fp16 for the fragment decoder) is run for up to 64
+//     tokens, and the CTA that routes the last token (a second ticket) groups
+//     the pairs by expert once per step (moe13_group: a table of the used
+//     experts, their pair counts and pair lists in ascending pair order);
+//  2. gate_up13: CTA = 16 rows of gate and of up of one used expert (two
+//     contiguous, 16-byte aligned 24 KB ranges at gpt-oss's shape) copied into
+//     shared memory with cp.async at once (one DRAM round trip, 49 KB in
+//     flight per CTA, 3 CTAs per SM), then v9's fragment scheme from shared
+//     memory: lane (g, t) decodes word t of rows g, g + 8 (the A fragments of
+//     two m16n8k16 mmas) once per block and multiplies it into up to 2 tiles
+//     of 8 tokens (B = staged x from L2/L1); more than 16 tokens: further
+//     passes over the same shared tile (no second DRAM read); the 8 warps'
+//     partial sums added in v9's fixed order; SwiGLU, activation staged for
+//     down (v9's fixed scale);
+//  3. down13: the same for 16 down rows (24 KB), the expert and its weight
+//     copy issued BEFORE pdl_wait (the table is two launches old: gate_up13
+//     triggers after its own wait; re-checked after the wait), per-pair rows
+//     into ybuf; orch_moe_combine sums the slots (moe.cu).
+// Per (token, slot), every product, fold and sum is v9's (moe9_mma_fold, same
+// block order per warp, same cross-warp order): with the same ids and weights
+// the output is v9's bit for bit (cuda/test/moe_emu_test.cpp test_decode13).
+#pragma once
+#include <cstdlib>
+#include <cstring>
+
+constexpr int MOE13_W = 8;   // warps per CTA (v9's k split)
+constexpr int MOE13_TT = 2;  // tiles of 8 tokens per pass over the shared weights
+// Table (ints, at the end of the staged activation in act): [0] used experts
+// U, [1 + j] the j-th used expert (ascending id), [33 + j] its first list
+// index, [65 + j] its pair count, then the list of pairs (p = t * k + s).
+constexpr int MOE13_TAB_E = 1, MOE13_TAB_OFF = 33, MOE13_TAB_CNT = 65, MOE13_TAB_LIST = 97;
+constexpr int MOE13_MAX_PAIRS = 256; // one route thread per pair in moe13_group
+
+// Lanes of the warp holding the same v (__match_any_sync; a shuffle loop in the emulation).
+__device__ __forceinline__ unsigned moe13_match(int v) {
+#if defined(__CUDA_ARCH__)
+  return __match_any_sync(0xffffffffu, v);
+#else
+  unsigned m = 0;
+  for (int j = 0; j < 32; j++) m |= (__shfl_sync(0xffffffffu, v, j) == v ? 1u : 0u) << j;
+  return m;
+#endif
+}
+
+// Groups the np pairs of ids (written by other CTAs: read through L2) by
+// expert into tab; ids out of range count as expert 0 (only NaN logits give
+// them, with weight 0), as v9's moe8_bucket. Every thread of the CTA calls it
+// (it syncs); np <= MOE13_MAX_PAIRS = threads, n_exp <= 32.
+__device__ __forceinline__ void moe13_group(int32_t *tab, const int32_t *ids, int np, int n_exp, int tid) {
+  MOE10_SHARED int wc[MOE10_THREADS / 32][32]; // pairs per (warp, expert)
+  MOE10_SHARED int eoff[32];                   // list offset of each expert
+  const int lane = tid & 31, warp = tid >> 5;
+  const bool valid = tid < np;
+  int id = -1;
+  if (valid) {
+#if defined(__CUDA_ARCH__)
+    id = __ldcg(ids + tid);
+#else
+    id = ids[tid];
+#endif
+    id = id >= 0 && id < n_exp ? id : 0;
+  }
+  wc[warp][lane] = 0;
+  __syncthreads();
+  const unsigned m = moe13_match(id);
+  const int rank_w = __popc(m & ((1u << lane) - 1u));
+  if (valid && rank_w == 0) wc[warp][id] = __popc(m);
+  __syncthreads();
+  if (warp == 0) {
+    int c = 0, before = 0;
+    for (int w = 0; w < MOE10_THREADS / 32; w++) c += wc[w][lane];
+    // exclusive prefix over the experts (lane order), one shuffle per lane
+    for (int j = 0; j < 32; j++) {
+      const int cj = __shfl_sync(0xffffffffu, c, j);
+      before += j < lane ? cj : 0;
+    }
+    const unsigned used = __ballot_sync(0xffffffffu, c > 0);
+    const int jj = __popc(used & ((1u << lane) - 1u));
+    eoff[lane] = before;
+    if (lane == 0) tab[0] = __popc(used);
+    if (c > 0) {
+      tab[MOE13_TAB_E + jj] = lane;
+      tab[MOE13_TAB_OFF + jj] = before;
+      tab[MOE13_TAB_CNT + jj] = c;
+    }
+  }
+  __syncthreads();
+  if (valid) {
+    int base = eoff[id];
+    for (int w = 0; w < warp; w++) base += wc[w][id];
+    tab[MOE13_TAB_LIST + base + rank_w] = tid;
+  }
+}
+
+// ---- cp.async (16 bytes global -> shared; a plain copy in the emulation) ----
+__device__ __forceinline__ void moe13_cp16(void *dst, const void *src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+  std::memcpy(dst, src, 16);
+#endif
+}
+__device__ __forceinline__ void moe13_cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void moe13_cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+// n16 16-byte pieces from src (16-byte aligned) to dst, by the whole CTA.
+__device__ __forceinline__ void moe13_copy_tile(uint8_t *dst, const uint8_t *src, int n16) {
+  for (int i = (int)threadIdx.x; i < n16; i += (int)blockDim.x) moe13_cp16(dst + 16 * i, src + 16 * i);
+}
+
+// moe9_load from shared memory: blk = the block's first byte, sh = its offset
+// in its 32-bit word (the tile keeps the global alignment mod 16).
+__device__ __forceinline__ void moe13_lds(moe9_blk &b, const uint8_t *blk, uint32_t sh, int t) {
+  const uintptr_t p = (uintptr_t)blk;
+  b.s = *reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
+  const uint32_t *wq = reinterpret_cast<const uint32_t *>((p + 1 + 4 * (uintptr_t)t) & ~(uintptr_t)3);
+  b.q0 = wq[0];
+  b.q1 = sh != 3 ? wq[1] : 0u;
+}
+
+// Shared memory of gate_up13 / down13: nmat weight tiles of 16 rows (16-byte
+// multiples), then the cross-warp partials (MOE13_TT tiles x 8 warps x 32
+// lanes x nred floats), then the CTA's pair list (MOE13_MAX_N ints).
+static size_t moe13_smem(int64_t rb, int nmat, int nred) {
+  return (size_t)nmat * 16 * rb + (size_t)MOE13_TT * MOE13_W * 32 * nred * 4 + MOE13_MAX_N * 4;
+}
+
+// gate_up: rows [16 bx, 16 bx + 16) of the y-th used expert; x staged by the
+// route kernel (token t at xg + t * xs words: chunks, then 1/scales).
+__global__ void __launch_bounds__(MOE13_W * 32, 3)
+moe_gate_up13_kernel(uint16_t *__restrict__ acth, const uint32_t *xg, int xs, const uint8_t *__restrict__ wg,
+                     const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                     const int32_t *tab, int n_slots, int k, int m, int rb, float alpha, float limit, float sc) {
+  DEC16_DYN_SMEM(uint8_t, sm);
+  pdl_wait(); // the table and staged x come from the route kernel; act is read by earlier kernels
+  pdl_trigger(); // after the wait: down13 reads the table before its own wait
+  const int y = (int)blockIdx.y;
+  if (y >= tab[0]) return; // uniform
+  const int e = tab[MOE13_TAB_E + y], off = tab[MOE13_TAB_OFF + y];
+  const int cnt = min(tab[MOE13_TAB_CNT + y], MOE13_MAX_N); // more only with NaN logits (ids clamped to 0)
+  const int tb = 16 * rb; // tile bytes (a multiple of 16: k % 32 == 0)
+  uint8_t *sg = sm, *su = sm + tb;
+  float *red = reinterpret_cast<float *>(sm + 2 * tb);
+  int *list = reinterpret_cast<int *>(red + MOE13_TT * MOE13_W * 32 * 8);
+  const int64_t base = ((int64_t)e * m + (int64_t)blockIdx.x * 16) * rb;
+  moe13_copy_tile(sg, wg + base, tb / 16);
+  moe13_copy_tile(su, wu + base, tb / 16);
+  moe13_cp_commit();
+  const int tid = (int)threadIdx.x;
+  if (tid < cnt) list[tid] = tab[MOE13_TAB_LIST + off + tid];
+  // the epilogue's biases (thread: row (tid >> 3) & 15)
+  const int R = (int)blockIdx.x * 16 + ((tid >> 3) & 15);
+  const float gbv = gb ? gb[(int64_t)e * m + R] : 0.f, ubv = ub ? ub[(int64_t)e * m + R] : 0.f;
+  moe13_cp_wait();
+  __syncthreads();
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int nch = k / 32;
+  constexpr int BB = type_block_bytes(ORCH_T_MXFP4), NB = MOE9_NB;
+  const float *xinv0 = reinterpret_cast<const float *>(xg) + nch * DEC16_XW; // token 0's 1/scales
+  for (int t0 = 0; t0 < cnt; t0 += 8 * MOE13_TT) {
+    int xo[MOE13_TT], ta0[MOE13_TT], ta1[MOE13_TT], nt[MOE13_TT]; // 32-bit offsets: fewer registers than pointers
+#pragma unroll
+    for (int j = 0; j < MOE13_TT; j++) {
+      nt[j] = min(8, max(0, cnt - t0 - 8 * j));
+      const int tk = g < nt[j] ? list[t0 + 8 * j + g] / n_slots : 0;
+      xo[j] = tk * (xs / 4) + t; // uint4s
+      ta0[j] = (2 * t < nt[j] ? list[t0 + 8 * j + 2 * t] / n_slots : 0) * xs;
+      ta1[j] = (2 * t + 1 < nt[j] ? list[t0 + 8 * j + 2 * t + 1] / n_slots : 0) * xs;
+    }
+    float ag[MOE13_TT][4], au[MOE13_TT][4];
+#pragma unroll
+    for (int j = 0; j < MOE13_TT; j++)
+#pragma unroll
+      for (int q = 0; q < 4; q++) ag[j][q] = au[j][q] = 0.f;
+    for (int c0 = 0; c0 < nch; c0 += MOE13_W * NB) { // v9's blocks per warp, in v9's order
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int c = c0 + warp * NB + i;
+        if (c < nch) { // uniform over the warp
+          const int o = g * rb + c * BB;
+          const uint32_t sh = (uint32_t)o & 3u;
+          uint4 X[MOE13_TT];
+          float xi0[MOE13_TT], xi1[MOE13_TT];
+#pragma unroll
+          for (int j = 0; j < MOE13_TT; j++) { // B fragments and chunk scales of the tiles (L2 / L1)
+            const bool ok = nt[j] > 0;
+            X[j] = ok && g < nt[j] ? __ldg(reinterpret_cast<const uint4 *>(xg) + xo[j] + c * (DEC16_XW / 4))
+                                   : make_uint4(0u, 0u, 0u, 0u);
+            xi0[j] = ok && 2 * t < nt[j] ? __ldg(xinv0 + ta0[j] + c) : 0.f;
+            xi1[j] = ok && 2 * t + 1 < nt[j] ? __ldg(xinv0 + ta1[j] + c) : 0.f;
+          }
+#pragma unroll
+          for (int mat = 0; mat < 2; mat++) { // gate, then up: one decoded pair of rows live at a time
+            const uint8_t *w = mat ? su : sg;
+            moe9_blk b0, b1;
+            uint32_t ha[4], hb[4];
+            moe13_lds(b0, w + o, sh, t);
+            moe13_lds(b1, w + o + 8 * rb, sh, t);
+            const float s0 = moe9_decode(b0, sh, ha), s1 = moe9_decode(b1, sh, hb);
+#pragma unroll
+            for (int j = 0; j < MOE13_TT; j++)
+              if (nt[j] > 0) moe9_mma_fold(mat ? au[j] : ag[j], ha, hb, s0, s1, X[j], xi0[j], xi1[j]); // uniform
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < MOE13_TT; j++) {
+      float *rw = red + ((j * MOE13_W + warp) * 32 + lane) * 8;
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        rw[q] = ag[j][q];
+        rw[4 + q] = au[j][q];
+      }
+    }
+    __syncthreads();
+    { // thread (tile j, row, token): D element of lane l, summed over the warps in v9's order
+      const int j = tid >> 7, row = (tid >> 3) & 15, tok = tid & 7;
+      const int l = (row & 7) * 4 + (tok >> 1), jj = (row >> 3) * 2 + (tok & 1);
+      if (j < MOE13_TT && tok < nt[j]) {
+        float sg2 = 0.f, su2 = 0.f;
+        for (int v = 0; v < MOE13_W; v++) {
+          sg2 += red[((j * MOE13_W + v) * 32 + l) * 8 + jj];
+          su2 += red[((j * MOE13_W + v) * 32 + l) * 8 + 4 + jj];
+        }
+        const int p = list[t0 + 8 * j + tok];
+        const float v = swiglu_oai(sg2 + gbv, su2 + ubv, alpha, limit);
+        int word, half;
+        moe8_half_pos(1, R & 31, word, half);
+        acth[(((int64_t)p * (m / 32) + R / 32) * DEC16_XW + word) * 2 + half] =
+            (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+      }
+    }
+    __syncthreads(); // red reused by the next pass
+  }
+}
+
+// Table reads of down13 before its pdl_wait (through L2; re-checked after it).
+#if defined(ORCH_EMU)
+inline int g_moe13_stale_e = -1; // emulation test hook: >= 0 makes every speculative expert read return this
+#endif
+__device__ __forceinline__ int moe13_ld_tab(const int32_t *p, bool expert) {
+#if defined(__CUDA_ARCH__)
+  (void)expert;
+  return __ldcg(p);
+#elif defined(ORCH_EMU)
+  return expert && g_moe13_stale_e >= 0 ? g_moe13_stale_e : *p;
+#else
+  (void)expert;
+  return *p;
+#endif
+}
+
+// down: ybuf[p, R] = act[p] . down_e[R] + db[e, R] for rows [16 bx, 16 bx + 16) of the y-th used expert.
+__global__ void __launch_bounds__(MOE13_W * 32, 4)
+moe_down13_kernel(float *__restrict__ ybuf, const uint4 *acth, const uint8_t *__restrict__ wd,
+                  const float *__restrict__ db, const int32_t *tab /* read before and after the wait */, int k, int m,
+                  int rb, float xinv) {
+  DEC16_DYN_SMEM(uint8_t, sm);
+  pdl_trigger();
+  const int y = (int)blockIdx.y, tid = (int)threadIdx.x;
+  const int tb = 16 * rb;
+  uint8_t *sw = sm;
+  float *red = reinterpret_cast<float *>(sm + tb);
+  int *list = reinterpret_cast<int *>(red + MOE13_TT * MOE13_W * 32 * 4);
+  // The table is complete here (gate_up13 triggered this launch after its own
+  // wait for the route kernel): the weight copy starts before the wait.
+  const int y_ok = y < moe13_ld_tab(tab, false);
+  const int e0 = y_ok ? moe13_ld_tab(tab + MOE13_TAB_E + y, true) : 0;
+  if (y_ok) moe13_copy_tile(sw, wd + ((int64_t)e0 * m + (int64_t)blockIdx.x * 16) * rb, tb / 16);
+  moe13_cp_commit();
+  pdl_wait(); // act comes from gate_up13
+  const bool used = y < tab[0];
+  const int e = used ? tab[MOE13_TAB_E + y] : 0;
+  if (!used || !y_ok || e != e0) { // uniform over the CTA: not taken unless the early read was stale
+    moe13_cp_wait();
+    __syncthreads();
+    if (!used) return;
+    moe13_copy_tile(sw, wd + ((int64_t)e * m + (int64_t)blockIdx.x * 16) * rb, tb / 16);
+    moe13_cp_commit();
+  }
+  const int off = tab[MOE13_TAB_OFF + y], cnt = min(tab[MOE13_TAB_CNT + y], MOE13_MAX_N);
+  if (tid < cnt) list[tid] = tab[MOE13_TAB_LIST + off + tid];
+  const int R = (int)blockIdx.x * 16 + ((tid >> 3) & 15);
+  const float dbv = db ? db[(int64_t)e * m + R] : 0.f;
+  moe13_cp_wait();
+  __syncthreads();
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int nch = k / 32;
+  constexpr int BB = type_block_bytes(ORCH_T_MXFP4), NB = 2 * MOE9_NB; // v9's down: twice gate_up's blocks a round
+  for (int t0 = 0; t0 < cnt; t0 += 8 * MOE13_TT) {
+    int xo[MOE13_TT], nt[MOE13_TT];
+#pragma unroll
+    for (int j = 0; j < MOE13_TT; j++) {
+      nt[j] = min(8, max(0, cnt - t0 - 8 * j));
+      const int pb = g < nt[j] ? list[t0 + 8 * j + g] : 0;
+      xo[j] = pb * nch * (DEC16_XW / 4) + t;
+    }
+    float acc[MOE13_TT][4];
+#pragma unroll
+    for (int j = 0; j < MOE13_TT; j++)
+#pragma unroll
+      for (int q = 0; q < 4; q++) acc[j][q] = 0.f;
+    for (int c0 = 0; c0 < nch; c0 += MOE13_W * NB) {
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int c = c0 + warp * NB + i;
+        if (c < nch) {
+          const int o = g * rb + c * BB;
+          const uint32_t sh = (uint32_t)o & 3u;
+          moe9_blk b0, b1;
+          uint32_t ha[4], hb[4];
+          moe13_lds(b0, sw + o, sh, t);
+          moe13_lds(b1, sw + o + 8 * rb, sh, t);
+          const float s0 = moe9_decode(b0, sh, ha), s1 = moe9_decode(b1, sh, hb);
+#pragma unroll
+          for (int j = 0; j < MOE13_TT; j++) {
+            if (nt[j] == 0) continue;
+            const uint4 X = g < nt[j] ? acth[xo[j] + c * (DEC16_XW / 4)] : make_uint4(0u, 0u, 0u, 0u);
+            moe9_mma_fold(acc[j], ha, hb, s0, s1, X, 2 * t < nt[j] ? xinv : 0.f, 2 * t + 1 < nt[j] ? xinv : 0.f);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < MOE13_TT; j++) {
+      float *rw = red + ((j * MOE13_W + warp) * 32 + lane) * 4;
+#pragma unroll
+      for (int q = 0; q < 4; q++) rw[q] = acc[j][q];
+    }
+    __syncthreads();
+    {
+      const int j = tid >> 7, row = (tid >> 3) & 15, tok = tid & 7;
+      const int l = (row & 7) * 4 + (tok >> 1), jj = (row >> 3) * 2 + (tok & 1);
+      if (j < MOE13_TT && tok < nt[j]) {
+        float s = 0.f;
+        for (int v = 0; v < MOE13_W; v++) s += red[((j * MOE13_W + v) * 32 + l) * 4 + jj];
+        ybuf[(int64_t)list[t0 + 8 * j + tok] * m + R] = s + dbv;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---- routing and launch ----
+static bool moe13_pinned() {
+  const char *v = getenv("ORCH_CUDA_MOE");
+  return v && std::strcmp(v, "v13") == 0;
+}
+// Unpinned: v13 from ORCH_CUDA_MOE13_FROM tokens (unset: never, until the
+// device tables and end-to-end runs say where it wins).
+static int moe13_auto_from() {
+  const char *v = getenv("ORCH_CUDA_MOE13_FROM");
+  const int f = v ? atoi(v) : 0;
+  return f >= 2 ? f : MOE13_MAX_N + 1;
+}
+static bool moe13_on(const orch_ctx *ctx, int64_t n) {
+  return moe13_pinned() ? n >= 2 : ctx->moe_auto && n >= moe13_auto_from();
+}
+
+// Scratch (the caller's): ybuf (n * n_slots * dim floats): the route
+// kernel's partial logits and staged x, then (after gate_up13) the per-pair
+// down rows; act (n * n_slots * ff floats): the staged activation, then the table.
+static int64_t moe13_tab_word(int64_t np, int64_t ff) { return np * (ff / 32) * DEC16_XW; }
+
+static bool moe13_declines(const orch_ctx *ctx, int64_t n, int32_t router_type, int32_t n_exp, int32_t gu_type,
+                           int32_t down_type, int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit) {
+  const int64_t np = n * n_slots;
+  return ctx->moe_v1 || n < 2 || n > MOE13_MAX_N || np > MOE13_MAX_PAIRS || router_type != ORCH_T_F32 ||
+         n_exp > 32 || gu_type != ORCH_T_MXFP4 || down_type != ORCH_T_MXFP4 || dim % 32 || ff % 32 ||
+         dim > 16 * MOE10_THREADS || !(act_scale(gu_type, alpha, limit) > 0.f) ||
+         moe13_smem(orch_row_bytes(ORCH_T_MXFP4, dim), 2, 8) > 200 * 1024 ||
+         moe13_smem(orch_row_bytes(ORCH_T_MXFP4, ff), 1, 4) > 200 * 1024 ||
+         moe10_ybuf_floats(n, dim, n_exp) > np * dim ||
+         moe13_tab_word(np, ff) + MOE13_TAB_LIST + np > np * ff;
+}
+
+static void launch_decode13(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
+                            int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
+                            const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
+                            int n_slots, int dim, int ff, float alpha, float limit) {
+  constexpr int T = ORCH_T_MXFP4;
+  const int S = (dim + MOE10_RK - 1) / MOE10_RK, np = n * n_slots;
+  float *part = ybuf;
+  uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
+  int32_t *tab = reinterpret_cast<int32_t *>(act) + moe13_tab_word(np, ff);
+  const float sc = moe6_act_scale<T>(alpha, limit);
+  const unsigned ge = (unsigned)min(np, n_exp);
+  {
+    auto kern = moe10_route_kernel<0, true>; // x staged for the fragment decoder: kind 1, unscaled (v9's staging)
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias, dim,
+                     n_exp, n_slots, 1, 0, moe10_norm{}, tab);
+  }
+  {
+    const int rb = (int)orch_row_bytes(T, dim);
+    const size_t sm = moe13_smem(rb, 2, 8);
+    auto kern = moe_gate_up13_kernel;
+    if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)(ff / 16), ge), MOE13_W * 32, sm, st, reinterpret_cast<uint16_t *>(act), xg,
+                     moe10_xstride(dim / 32), wg, wu, gb, ub, tab, n_slots, dim, ff, rb, alpha, limit, sc);
+  }
+  {
+    const int rb = (int)orch_row_bytes(T, ff);
+    const size_t sm = moe13_smem(rb, 1, 4);
+    auto kern = moe_down13_kernel;
+    if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)(dim / 16), ge), MOE13_W * 32, sm, st, ybuf,
+                     reinterpret_cast<const uint4 *>(act), wd, db, tab, ff, dim, rb, 1.f / sc);
+  }
+}

@@ -1,0 +1,93 @@
+//go:build gpu
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"strconv"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// moe13Expected: whether this process routes n tokens to MoE v13
+// (cuda/src/moe_dec13.cuh; the library reads the switches per call, but Go
+// cannot change the C environment: they are set for child processes).
+func moe13Expected(n int) bool {
+	if os.Getenv("ORCH_CUDA_MOE") == "v13" {
+		return n >= 2 && n <= 64
+	}
+	from, err := strconv.Atoi(os.Getenv("ORCH_CUDA_MOE13_FROM"))
+	return os.Getenv("ORCH_CUDA_MOE") == "" && err == nil && from >= 2 && n >= from && n <= 64
+}
+
+// TestMoEDecode13 runs two chained MoE ops (the second reads the first's
+// output) at 9..64 tokens on gpt-oss's d (2880: 24 KB gate / up / down tiles)
+// with 32 experts, top-4: under ORCH_CUDA_MOE=v13 (or ORCH_CUDA_MOE13_FROM)
+// both must run MoE v13 (orch_moe_decode takes them); the first op's output
+// matches the CPU backend (MoE tolerance); PDL off, and a graph capture with
+// two replays (outputs poisoned before each: the route tickets and the
+// grouping table must be rebuilt every time), give the eager bits. Under
+// other settings it checks the path they route to (v9 / grouped / v6).
+func TestMoEDecode13(t *testing.T) {
+	r := newRNG(t)
+	ran := 0 // orch_moe_decode calls above 8 tokens that ran
+	orig := gpu.l.moeDecode
+	defer func() { gpu.l.moeDecode = orig }()
+	gpu.l.moeDecode = func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate,
+		up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64,
+		slots int32, dim, ff int64, alpha, limit float32) int32 {
+		rc := orig(ctx, out, x, router, routerType, routerBias, nExp, ids, w, gate, up, guType, gateBias, upBias, down,
+			downType, downBias, act, ybuf, n, slots, dim, ff, alpha, limit)
+		if rc == stOK && n > 8 {
+			ran++
+		}
+		return rc
+	}
+	const d, ff, ne, topk = 2880, 576, 32, 4
+	m, mc := randMoE(t, r, ml.MXFP4, d, ff, ne, topk)
+	for _, n := range []int{9, 16, 40, 64} {
+		name := fmt.Sprintf("n=%d", n)
+		t.Run(name, func(t *testing.T) {
+			x := f32Pair(t, randF32(r, d*n, 1), d, n)
+			y, y2 := out(t, d, n), out(t, d, n)
+			step := func() {
+				gpu.MoE(y.g, x.g, m)
+				gpu.MoE(y2.g, y.g, m)
+			}
+			poison := func() {
+				gpu.Fill(y.g, float32(math.NaN()))
+				gpu.Fill(y2.g, float32(math.NaN()))
+			}
+			r0 := ran
+			step()
+			require.NoError(t, gpu.Sync())
+			if moe13Expected(n) {
+				require.Equal(t, 2, ran-r0, "both ops must run MoE v13")
+			} else if n > 8 {
+				require.Equal(t, 0, ran-r0, "MoE v13 must not run")
+			}
+			e1, e2 := readF32(t, y.g), readF32(t, y2.g)
+			was := gpu.setPDL(false)
+			poison()
+			step()
+			require.NoError(t, gpu.Sync())
+			gpu.setPDL(was)
+			sameBits(t, name+" PDL off: y", e1, readF32(t, y.g))
+			sameBits(t, name+" PDL off: y2", e2, readF32(t, y2.g))
+			for rep := 0; rep < 3; rep++ { // capture, then replays
+				poison()
+				require.NoError(t, gpu.Run("moe13-"+name, step))
+				require.NoError(t, gpu.Sync())
+				sameBits(t, fmt.Sprintf("%s graph %d: y", name, rep), e1, readF32(t, y.g))
+				sameBits(t, fmt.Sprintf("%s graph %d: y2", name, rep), e2, readF32(t, y2.g))
+			}
+			ref.MoE(y.c, x.c, mc)
+			checkClose(t, name+" vs CPU", y, moeTol())
+		})
+	}
+}
