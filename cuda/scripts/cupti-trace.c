@@ -1,6 +1,6 @@
 // cupti-trace.c — a CUDA injection library (CUDA_INJECTION64_PATH=libcupti-trace.so) that records every kernel's
 // start and end (CUPTI concurrent-kernel activity: kernels of replayed CUDA graphs are one record per node, and PDL
-// overlap is kept) into $CUDA_ORCH_TRACE.<pid>.csv as "start_ns,end_ns,gridX,blockX,name". The driver calls
+// overlap is kept) into $CUDA_ORCH_TRACE.<pid>.csv as "start_ns,end_ns,gridXxYxZ,blockX,name". The driver calls
 // InitializeInjection in every process that initialises CUDA (the adapter plugins inherit the variable from
 // orch-host). Used by cuda/scripts/e2e-gpu.sh step trace, summarised by trace-summary.py.
 //
@@ -30,14 +30,16 @@ static void CUPTIAPI buf_done(CUcontext ctx, uint32_t stream, uint8_t *buf, size
     if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && rec->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
     const uint8_t *r = (const uint8_t *)rec;
     uint64_t start, end;
-    int32_t gx, bx;
+    int32_t gx, gy, gz, bx;
     const char *name;
     memcpy(&start, r + 16, 8);
     memcpy(&end, r + 24, 8);
     memcpy(&gx, r + 52, 4);
+    memcpy(&gy, r + 56, 4);
+    memcpy(&gz, r + 60, 4);
     memcpy(&bx, r + 64, 4);
     memcpy(&name, r + 104, sizeof name);
-    if (out) fprintf(out, "%llu,%llu,%d,%d,%s\n", (unsigned long long)start, (unsigned long long)end, gx, bx,
+    if (out) fprintf(out, "%llu,%llu,%dx%dx%d,%d,%s\n", (unsigned long long)start, (unsigned long long)end, gx, gy, gz, bx,
                      name ? name : "?");
   }
   if (out) fflush(out);

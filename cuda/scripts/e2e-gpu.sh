@@ -160,7 +160,8 @@ trace() { # name model.gguf [bench args]: every kernel's start and end through C
 if has trace; then
   synth gpt-oss 20b "$M/gpt-oss-20b.gguf" && {
     trace gpt-oss-20b "$M/gpt-oss-20b.gguf"
-    trace gpt-oss-20b-x16 "$M/gpt-oss-20b.gguf" "-p 0 -n 64 --streams 16 -r 1"; }
+    trace gpt-oss-20b-x16 "$M/gpt-oss-20b.gguf" "-p 0 -n 64 --streams 16 -r 1"
+    has depth && trace gpt-oss-20b-d8192 "$M/gpt-oss-20b.gguf" "-p 0 -n 32 --depth 8192 -r 1"; }
   synth llama llama3-8b "$M/llama3-8b.gguf" && trace llama3-8b "$M/llama3-8b.gguf"
 fi
 # step ab: A/B bench lines from $E2E_AB (default .gpu/ab.txt), one per line: "label;ENV=v ENV2=v;gpt|llama;bench args"

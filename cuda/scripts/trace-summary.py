@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarise an Nsight Systems kernel trace of one-stream decode (e2e-gpu.sh step trace).
 
-Input: the CSVs of cuda/scripts/cupti-trace.c ("start_ns,end_ns,gridX,blockX,mangled name", one per
+Input: the CSVs of cuda/scripts/cupti-trace.c ("start_ns,end_ns,gridXxYxZ,blockX,mangled name", one per
 process), or of `nsys stats -r cuda_gpu_trace -f csv` taken with --cuda-graph-trace=node: every kernel of
 every replayed decode graph is a row with its real start and end (PDL overlap included).
 A decode step is the run of kernels that ends with the sampling kernel (argmax / sample). Steps of
