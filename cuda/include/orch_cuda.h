@@ -156,20 +156,6 @@ int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, i
  * ORCH_CUDA_GLU=0: the caller then runs the three ops. */
 int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,
                        const orch_gemv_part *gate_up, float *out);
-/* (session 7) The same two calls with x packed in fp16 by its producer
- * (orch_rmsnorm_xh; kind 0 for Q8_0 weights, 1 for MXFP4 / Q4_0): outputs
- * bit-identical to the float-x calls on the x the producer wrote, in half the
- * bytes and without conversion in the GEMV. ORCH_ERR_UNSUPPORTED (nothing
- * launched) unless every part runs the v5 GEMV (n = 1, 2), kind is wtype's
- * and xh is 16-byte aligned (and, for swiglu, as orch_matmul_swiglu). */
-int orch_matmul_multi_xh(orch_ctx *ctx, const void *xh, int32_t kind, int32_t wtype, int64_t n, int64_t k,
-                         int32_t count, const orch_gemv_part *parts);
-/* orch_matmul_swiglu_xh: x (float) when xh is NULL; xh_out != NULL: out also
- * packed (kind `kind`, row r at xh_out + r * orch_xh_row_bytes(m)) for the
- * down GEMV: needs m % 32 == 0 and sm_90 (clusters of 4 CTAs), else
- * ORCH_ERR_UNSUPPORTED. */
-int orch_matmul_swiglu_xh(orch_ctx *ctx, const float *x, const void *xh, int32_t kind, int32_t wtype, int64_t n,
-                          int64_t k, const orch_gemv_part *gate_up, float *out, void *xh_out);
 /* (session 6, timing aid) Syncs ctx's stream; copies up to cap records of
  * the GEMV trace (48 bytes each: u64 t0 CTA start, t1 after the PDL wait, t2
  * after x staging, t3 end (%globaltimer ns); u32 block, SM, 2 pad) to out,
@@ -183,15 +169,6 @@ int orch_gemv_trace(orch_ctx *ctx, int32_t on, void *out, int64_t cap, int64_t *
  * Then out = norm(x) * w (+ b). w, b may be NULL. out may alias x. */
 int orch_rmsnorm(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, int64_t n, int64_t dim,
                  float eps);
-/* (session 7) orch_rmsnorm (w required) that also writes out in fp16,
- * packed for the v5 GEMV that reads it (row r at xh + r *
- * orch_xh_row_bytes(dim); kind as orch_matmul_multi_xh). dim % 32 == 0 and
- * dim <= 8192, xh 16-byte aligned, else ORCH_ERR_UNSUPPORTED (nothing
- * launched). out, x bit-identical to orch_rmsnorm. */
-int orch_rmsnorm_xh(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, int64_t n, int64_t dim,
-                    float eps, void *xh, int32_t kind);
-/* Bytes of one packed row of k elements (k % 32 == 0; else 0). */
-int64_t orch_xh_row_bytes(int64_t k);
 int orch_layernorm(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, const float *b,
                    int64_t n, int64_t dim, float eps);
 

@@ -56,128 +56,7 @@ __device__ __forceinline__ void gemv5_stage_range(uint32_t *xh, float *xinv, con
     }
 }
 
-// cp.async for gemv5_stage_xh (as v9's g9_cp_*, defined further down; the
-// CPU emulation lands copies at once unless the test defines
-// GEMV9_EMU_CP_ASYNC, then as late as each wait allows).
-#if defined(ORCH_EMU)
-#if defined(GEMV9_EMU_CP_ASYNC)
-inline void g5_cp_async16(void *d, const void *s) { gemv9_emu_cp_async(d, s, 16); }
-inline void g5_cp_commit_wait() {
-  gemv9_emu_commit();
-  gemv9_emu_wait(0);
-}
-inline void g5_cp_commit() { gemv9_emu_commit(); }
-inline void g5_cp_wait_le(int n) { gemv9_emu_wait(n); }
-#else
-inline void g5_cp_async16(void *d, const void *s) { memcpy(d, s, 16); }
-inline void g5_cp_commit_wait() {}
-inline void g5_cp_commit() {}
-inline void g5_cp_wait_le(int) {}
-#endif
-#else
-__device__ __forceinline__ void g5_cp_async16(void *d, const void *s) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned a = (unsigned)__cvta_generic_to_shared(d);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(s) : "memory");
-#else
-  *static_cast<float4 *>(d) = *static_cast<const float4 *>(s);
-#endif
-}
-__device__ __forceinline__ void g5_cp_commit_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void g5_cp_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-// cp.async.wait_group n for n = 0..7 (an immediate operand; n is uniform).
-__device__ __forceinline__ void g5_cp_wait_le(int n) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  switch (n) {
-  case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
-  case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
-  case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
-  case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
-  case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
-  case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
-  case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
-  default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
-  }
-#endif
-}
-#endif
-
-// x packed in fp16 by its producer (XR = 2, session 7): the staged image
-// (dec16.cuh "x staging": per 32-element chunk 16 half2 words in the
-// decoder's pair order, then the chunk's 1/scale) written once by the kernel
-// that computed x (norm.cu orch_rmsnorm_xh), in the row layout of
-// dec16_xh_row_bytes. Staging it is plain 16-byte copies (cp.async, all in
-// flight at once, no registers held, no conversion): half the bytes of the
-// float x and one L2 round trip, where dec16_stage waits one round trip per
-// float4 per thread (~0.5 us each after the PDL wait: session 6 trace). Same
-// staged bits as dec16_stage on the float x (the producer runs
-// dec16_chunk_scale / the same rounding on the same floats).
-__device__ __forceinline__ void gemv5_stage_xh(uint32_t *xh, float *xinv, const uint8_t *__restrict__ src, int nr,
-                                               int64_t k) {
-  const int64_t nch = k / 32;
-  const size_t stride = dec16_xh_row_bytes(k);
-  for (int r = 0; r < nr; r++) {
-    const uint8_t *s = src + r * stride;
-    for (int64_t q = threadIdx.x; q < nch * 4; q += blockDim.x) // 16-byte pieces: chunk q / 4, quarter q % 4
-      g5_cp_async16(xh + (r * nch + (q >> 2)) * DEC16_XW + (q & 3) * 4, s + q * 16);
-    const float *inv = reinterpret_cast<const float *>(s + nch * 64);
-    for (int64_t q = threadIdx.x; q < nch; q += blockDim.x) xinv[r * nch + q] = inv[q];
-  }
-  g5_cp_commit_wait();
-}
 static inline size_t gemv5_smem(int64_t k, int nt) { return dec16_smem(k, nt); }
-
-// The packed x staged per round (XR = 3, session 7): the same copies as
-// gemv5_stage_xh, all issued at once after the PDL wait, but in one commit
-// group per round of cpr chunks (at most GEMV5_XG groups: later rounds share
-// the last), and round j waits only for its group (gemv5_xh_wait): the first
-// round starts after ~cpr * 68 bytes instead of the whole x (Llama down: 6.5
-// of 30 KB), the rest lands under the rounds' weight streaming. 1/scales are
-// copied with their round where k % 128 == 0 (16-byte pieces), else loaded
-// up front. Same staged bits as gemv5_stage_xh.
-constexpr int GEMV5_XG = 8;
-__device__ __forceinline__ int gemv5_xh_groups(int64_t nch, int64_t cpr) {
-  return (int)min((int64_t)GEMV5_XG, (nch + cpr - 1) / cpr);
-}
-__device__ __forceinline__ void gemv5_stage_xh_issue(uint32_t *xh, float *xinv, const uint8_t *__restrict__ src, int nr,
-                                                     int64_t k, int64_t cpr) {
-  const int64_t nch = k / 32;
-  const size_t stride = dec16_xh_row_bytes(k);
-  const int G = gemv5_xh_groups(nch, cpr);
-  const bool inv16 = nch % 4 == 0;
-  if (!inv16)
-    for (int r = 0; r < nr; r++) {
-      const float *inv = reinterpret_cast<const float *>(src + r * stride + nch * 64);
-      for (int64_t q = threadIdx.x; q < nch; q += blockDim.x) xinv[r * nch + q] = inv[q];
-    }
-  for (int g = 0; g < G; g++) {
-    const int64_t ch0 = g * cpr, ch1 = g == G - 1 ? nch : min(nch, (g + 1) * cpr);
-    for (int r = 0; r < nr; r++) {
-      const uint8_t *s = src + r * stride;
-      for (int64_t q = ch0 * 4 + threadIdx.x; q < ch1 * 4; q += blockDim.x)
-        g5_cp_async16(xh + (r * nch + (q >> 2)) * DEC16_XW + (q & 3) * 4, s + q * 16);
-      if (inv16) // chunks ch0..ch1 (multiples of 4 but the end): 1/scales in 16-byte pieces
-        for (int64_t q = ch0 / 4 + threadIdx.x; q < (ch1 + 3) / 4; q += blockDim.x)
-          g5_cp_async16(xinv + r * nch + 4 * q, s + nch * 64 + q * 16);
-    }
-    g5_cp_commit();
-  }
-}
-// Before round j (chunks from c0 = j * cpr): its group has landed in this
-// thread's copies; the caller syncs the CTA.
-__device__ __forceinline__ void gemv5_xh_wait(int64_t nch, int64_t cpr, int64_t c0) {
-  const int G = gemv5_xh_groups(nch, cpr);
-  const int g = (int)min((int64_t)(G - 1), c0 / cpr);
-  g5_cp_wait_le(G - 1 - g);
-}
 
 // Per-CTA timestamps of the one-token v5 GEMV (orch_gemv_trace; session 6,
 // timing only): %globaltimer at CTA start (t0), after the PDL wait (t1),
@@ -227,15 +106,13 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
     for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
       wblocks<T, NB> b;
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
-      if constexpr (XR == 1 || XR == 3) {
+      if constexpr (XR == 1) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
             pdl_wait();
             if constexpr (TR) tr[1] = gemv_gtime();
-            if constexpr (XR == 3) gemv5_stage_xh_issue(xsm, xinv, reinterpret_cast<const uint8_t *>(x), nt, k, 32 * NB);
           }
-          if constexpr (XR == 3) gemv5_xh_wait(nch, 32 * NB, c0);
-          else gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
+          gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
           __syncthreads();
           if constexpr (TR)
             if (c0 == 0) tr[2] = gemv_gtime();
@@ -243,8 +120,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       } else if (!staged) { // first round of the first row: uniform over the CTA
         pdl_wait();
         if constexpr (TR) tr[1] = gemv_gtime();
-        if constexpr (XR == 2) gemv5_stage_xh(xsm, xinv, reinterpret_cast<const uint8_t *>(x), nt, k);
-        else dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+        dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
         __syncthreads();
         if constexpr (TR) tr[2] = gemv_gtime();
         staged = true;
@@ -350,14 +226,14 @@ static inline int gemv5_xr_env() {
 // x staging sat after the PDL wait), 0 below. Session 6, device run 3 (H100,
 // same call): Llama tg128 231.3 with 1 everywhere vs 226.8 with 0; gpt-oss
 // 458.2 with 0 (batched cp.async staging of the float x, 445.5 / 229.6, was
-// deleted in session 7). XR = 2 (x packed by its producer) is chosen by the
-// caller (the *_xh entry points), not here.
+// deleted in session 7; x packed in fp16 by its producer, XR = 2 / 3, in
+// session 8).
 static inline int gemv5_stage_mode(int64_t k) {
   const int e = gemv5_xr_env();
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
 
-// XR: gemv5_kernel's staging (0, 1, 2 = packed x), TR: the trace
+// XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
 // (orch_gemv_trace).
 template <int T, int NT, int XR, int TR = 0>
 static void launch_gemv5_nt_x(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
@@ -387,7 +263,7 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
 }
 
 // P: count parts filled in (w, bias, y, m); rpw and end are set here. XR as
-// launch_gemv5_nt_x (2: x is the packed x), TR: the trace.
+// launch_gemv5_nt_x, TR: the trace.
 template <int T, int NT, int XR, int TR = 0>
 static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                     int64_t rb) {
@@ -410,32 +286,6 @@ static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, con
   if constexpr (NT <= 2)
     if (gemv5_stage_mode(k) == 1) return launch_gemv5_multi_nt_x<T, NT, 1>(st, P, count, x, n, k, rb);
   launch_gemv5_multi_nt_x<T, NT, 0>(st, P, count, x, n, k, rb);
-}
-
-// One- and two-token merged GEMV with x packed by its producer (XR = 2;
-// orch_matmul_multi_xh): n = 1, 2 and the packed x's kind that of T; the
-// caller checks.
-template <int T>
-static void launch_gemv5_multi_xh(cudaStream_t st, const gemv5_parts &P, int count, const uint8_t *xh, int64_t n,
-                                  int64_t k, int64_t rb) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const float *x = reinterpret_cast<const float *>(xh);
-    const bool rounds = gemv5_stage_mode(k) == 1; // per round (XR 3) where the float x is staged per round
-#if !defined(ORCH_EMU)
-    if constexpr (T == ORCH_T_Q8_0) // the trace (orch_gemv_trace) of the one-token packed-x GEMVs
-      if (n == 1 && g_gemv_trace_on) {
-        if (rounds) return launch_gemv5_multi_nt_x<T, 1, 3, 1>(st, P, count, x, n, k, rb);
-        return launch_gemv5_multi_nt_x<T, 1, 2, 1>(st, P, count, x, n, k, rb);
-      }
-#endif
-    if (rounds) {
-      if (n == 1) launch_gemv5_multi_nt_x<T, 1, 3>(st, P, count, x, n, k, rb);
-      else launch_gemv5_multi_nt_x<T, 2, 3>(st, P, count, x, n, k, rb);
-      return;
-    }
-    if (n == 1) launch_gemv5_multi_nt_x<T, 1, 2>(st, P, count, x, n, k, rb);
-    else launch_gemv5_multi_nt_x<T, 2, 2>(st, P, count, x, n, k, rb);
-  }
 }
 
 template <int T>
@@ -480,57 +330,7 @@ struct gemv5_glu_args {
   const float *bg, *bu;
   float *yg, *yu, *out; // yg / yu: the gate / up outputs as orch_matmul writes them; out may alias either
   int64_t m;
-  // PK (session 7): out also packed for the down GEMV (dec16.cuh "Packed x";
-  // row j at xh_out + j * dec16_xh_row_bytes(m), pair order kind); the CPU
-  // emulation's exchange buffer pk_emu (m / 32 * NT * 32 floats).
-  uint8_t *xh_out = nullptr;
-  int kind = 0;
-  float *pk_emu = nullptr;
 };
-
-// out packed by the fold itself (PK, session 7): a 32-element chunk of out is
-// 32 rows, 4 CTAs of 8 warps, so the fold is launched in clusters of 4 CTAs
-// (sm_90): each CTA's warps store their out values into the cluster's rank-0
-// CTA's shared memory (DSMEM), the cluster barrier publishes them, and rank
-// 0's warp j packs token j's chunk with the norm's own code (dec16_pack_chunk:
-// the same bits as dec16_stage on the float out). No global fence or ticket
-// (session 6's GEMV+norm fold lost to those). The CPU emulation runs the CTAs
-// one at a time in order: there the exchange goes through pk_emu and rank 3
-// packs. Requires m % 32 == 0 (whole chunks; every row valid).
-constexpr int GEMV5_PK_CLUSTER = 4;
-template <int NT>
-__device__ __forceinline__ void gemv5_glu_pack(const gemv5_glu_args &A, const float (&o)[NT], int nt, int lane, int warp) {
-  const int64_t nch = A.m / 32, c = blockIdx.x / GEMV5_PK_CLUSTER;
-  const size_t rowb = dec16_xh_row_bytes(A.m);
-#if defined(ORCH_EMU)
-  const int rank = (int)(blockIdx.x % GEMV5_PK_CLUSTER);
-  float *pk = A.pk_emu + c * NT * 32;
-  if (lane == 0)
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-      if (j < nt) pk[j * 32 + rank * GEMV16_WARPS + warp] = o[j];
-  __syncthreads();
-  if (rank == GEMV5_PK_CLUSTER - 1 && warp < nt) dec16_pack_chunk(A.xh_out + warp * rowb, nch, c, A.kind, pk[warp * 32 + lane]);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __shared__ float pk[NT][32]; // read in rank 0 only
-  unsigned rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  if (lane == 0)
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-      if (j < nt) { // (unrolled: o stays in registers)
-        const unsigned local = (unsigned)__cvta_generic_to_shared(&pk[j][rank * GEMV16_WARPS + warp]);
-        unsigned remote;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(0u));
-        asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(o[j]) : "memory");
-      }
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-  if (rank == 0 && warp < nt) dec16_pack_chunk(A.xh_out + warp * rowb, nch, c, A.kind, pk[warp][lane]);
-#else
-  (void)A, (void)o, (void)nt, (void)lane, (void)warp, (void)nch, (void)c, (void)rowb;
-  __trap(); // the host launches PK only on sm_90 (gemv5_pk_ok)
-#endif
-}
 
 // One round of one row: gemv5_rows's inner loop (a function of its own: a
 // ternary reference between the gate and up blocks sent them to local memory).
@@ -557,7 +357,7 @@ __device__ __forceinline__ void gemv5_glu_round(const wblocks<T, NB> &b, float (
   }
 }
 
-template <int T, int NT, int NB, int XR = 0, int PK = 0>
+template <int T, int NT, int NB, int XR = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM (XR = 1 took 70)
 gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -582,31 +382,24 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
       __syncthreads();
     } else if (c0 == 0) { // uniform over the CTA
       pdl_wait();
-      if constexpr (XR == 2) gemv5_stage_xh(xsm, xinv, reinterpret_cast<const uint8_t *>(x), nt, k);
-      else dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+      dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
       __syncthreads();
     }
     gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt);
     gemv5_glu_round<T, NT, NB>(bu, accu, xsm, xinv, c0, lane, nch, nt);
   }
-  float ov[NT];
 #pragma unroll
   for (int j = 0; j < NT; j++) {
     float g = warp_sum(accg[j]), u = warp_sum(accu[j]);
-    ov[j] = 0.f;
-    if (j < nt && valid) { // every lane (the sums are the warp's): PK packs them
+    if (lane == 0 && j < nt && valid) {
       if (A.bg) g += A.bg[row];
       if (A.bu) u += A.bu[row];
-      ov[j] = gemv5_silu_mul(g, u);
-      if (lane == 0) {
-        const int64_t o = j * A.m + row;
-        A.yg[o] = g;
-        A.yu[o] = u;
-        A.out[o] = ov[j];
-      }
+      const int64_t o = j * A.m + row;
+      A.yg[o] = g;
+      A.yu[o] = u;
+      A.out[o] = gemv5_silu_mul(g, u);
     }
   }
-  if constexpr (PK) gemv5_glu_pack<NT>(A, ov, nt, lane, warp);
 }
 
 // NB per matrix: v5's NB for Q8_0 at one token is 3; two rows of 3 blocks
@@ -615,47 +408,19 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
 // 77 registers: 3 CTAs per SM).
 template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 && NT > 1 ? 1 : 2; }
 
-#if !defined(ORCH_EMU)
-// A launch in clusters of cx CTAs (and PDL as orch_launch_pdl).
-template <typename... KArgs, typename... Args>
-static inline void gemv5_launch_cluster(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
-                                        unsigned cx, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = st;
-  cudaLaunchAttribute at[2];
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.x = cx;
-  at[0].val.clusterDim.y = 1;
-  at[0].val.clusterDim.z = 1;
-  at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = g_orch_pdl ? 2 : 1;
-  cudaLaunchKernelEx(&cfg, kern, args...);
-}
-#endif
-
-template <int T, int NT, int XR, int PK = 0>
+template <int T, int NT, int XR>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                                 int64_t rb) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = gemv5_glu_kernel<T, NT, NB, XR, PK>;
+  auto kern = gemv5_glu_kernel<T, NT, NB, XR>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   const unsigned gx = (unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS);
-#if !defined(ORCH_EMU)
-  if constexpr (PK) return gemv5_launch_cluster(kern, dim3(gx), dim3(GEMV16_WARPS * 32), sm, st, GEMV5_PK_CLUSTER, A, x,
-                                                n, k, rb);
-#endif
   DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, A, x, n, k, rb);
 }
 
 // n = 1, 2 (v5's one- and two-token route); the caller checks. xr: how x is
-// staged (gemv5_rows's XR: 0, 1, 2 = x is the packed x of
-// dec16_xh_row_bytes' layout, passed as x), -1: as gemv5_stage_mode.
+// staged (gemv5_rows's XR: 0, 1), -1: as gemv5_stage_mode.
 template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                              int64_t rb, int xr = -1) {
@@ -663,12 +428,7 @@ static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const flo
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     auto go = [&](auto nt) {
       constexpr int NT = decltype(nt)::value;
-      if (A.xh_out) { // out packed too (PK): the caller checked gemv5_pk_ok
-        if (mode == 2) launch_gemv5_glu_nt<T, NT, 2, 1>(st, A, x, n, k, rb);
-        else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1, 1>(st, A, x, n, k, rb);
-        else launch_gemv5_glu_nt<T, NT, 0, 1>(st, A, x, n, k, rb);
-      } else if (mode == 2) launch_gemv5_glu_nt<T, NT, 2>(st, A, x, n, k, rb);
-      else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb);
+      if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb);
       else launch_gemv5_glu_nt<T, NT, 0>(st, A, x, n, k, rb);
     };
     if (n == 1) go(std::integral_constant<int, 1>{});

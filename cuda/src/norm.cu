@@ -56,21 +56,6 @@ norm_reg_kernel(float *__restrict__ out, float *__restrict__ x, const float *__r
                                 w, b, dim, eps, sh);
 }
 
-// The register RMSNorm that also packs its output for the next GEMV
-// (orch_rmsnorm_xh; dec16.cuh "Packed x"): row r into xh + r *
-// dec16_xh_row_bytes(dim).
-template <int N>
-__global__ void __launch_bounds__(NORM_THREADS)
-norm_xh_kernel(float *__restrict__ out, float *__restrict__ x, const float *__restrict__ add,
-               const float *__restrict__ w, int64_t dim, float eps, uint8_t *__restrict__ xh, int kind) {
-  __shared__ float sh[32];
-  pdl_trigger();
-  pdl_wait();
-  norm_reg_row<false, N, false, true>(out + blockIdx.x * dim, x + blockIdx.x * dim,
-                                      add ? add + blockIdx.x * dim : nullptr, w, nullptr, dim, eps, sh,
-                                      xh + blockIdx.x * dec16_xh_row_bytes(dim), kind);
-}
-
 // Launches the register version for dim <= 32 * NORM_THREADS (N a multiple
 // of 4 covering dim), else the looping one.
 template <bool LAYER>
@@ -92,35 +77,6 @@ extern "C" int orch_rmsnorm(orch_ctx *ctx, float *out, float *x, const float *ad
   if (n == 0) return ORCH_OK;
   launch_norm<false>(ctx->stream, n, out, x, add, w, nullptr, dim, eps);
   ORCH_LAUNCHED("rmsnorm");
-  return ORCH_OK;
-}
-
-// The same N as launch_norm picks (so the same row code: bit-identical out).
-static void launch_norm_xh(cudaStream_t st, int64_t n, float *out, float *x, const float *add, const float *w,
-                           int64_t dim, float eps, uint8_t *xh, int kind) {
-  const int64_t per = ceil_div(dim, NORM_THREADS);
-  const dim3 grid((unsigned)n), block(NORM_THREADS);
-  if (per <= 4) orch_launch_pdl(norm_xh_kernel<4>, grid, block, 0, st, out, x, add, w, dim, eps, xh, kind);
-  else if (per <= 8) orch_launch_pdl(norm_xh_kernel<8>, grid, block, 0, st, out, x, add, w, dim, eps, xh, kind);
-  else if (per <= 12) orch_launch_pdl(norm_xh_kernel<12>, grid, block, 0, st, out, x, add, w, dim, eps, xh, kind);
-  else if (per <= 16) orch_launch_pdl(norm_xh_kernel<16>, grid, block, 0, st, out, x, add, w, dim, eps, xh, kind);
-  else orch_launch_pdl(norm_xh_kernel<32>, grid, block, 0, st, out, x, add, w, dim, eps, xh, kind);
-}
-
-extern "C" int64_t orch_xh_row_bytes(int64_t k) { return k > 0 && k % 32 == 0 ? (int64_t)dec16_xh_row_bytes(k) : 0; }
-
-extern "C" int orch_rmsnorm_xh(orch_ctx *ctx, float *out, float *x, const float *add, const float *w, int64_t n,
-                               int64_t dim, float eps, void *xh, int32_t kind) {
-  ORCH_CHECK_ARG(ctx && out && x && w && xh && n >= 0 && dim > 0 && n < (1ll << 31) && (kind == 0 || kind == 1),
-                 "rmsnorm_xh");
-  if (dim % 32 != 0 || dim > 32 * NORM_THREADS || ((uintptr_t)xh & 15) != 0) {
-    orch_set_error("rmsnorm_xh: dim %lld (a multiple of 32 up to %d) or xh not 16-byte aligned", (long long)dim,
-                   32 * NORM_THREADS);
-    return ORCH_ERR_UNSUPPORTED;
-  }
-  if (n == 0) return ORCH_OK;
-  launch_norm_xh(ctx->stream, n, out, x, add, w, dim, eps, (uint8_t *)xh, kind);
-  ORCH_LAUNCHED("rmsnorm_xh");
   return ORCH_OK;
 }
 

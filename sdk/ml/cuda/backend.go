@@ -58,9 +58,8 @@ type Backend struct {
 	ot *opTimer
 	// bc: bf16 copies of quantized weights for the large-n matmul (bf16cache.go).
 	bc bf16Cache
-	// launches counts calls (call); xh: the packed x of the last norm (xh.go).
+	// launches counts calls (call).
 	launches uint64
-	xh       xhState
 }
 
 var _ ml.GraphBackend = (*Backend)(nil)
@@ -279,7 +278,6 @@ func (b *Backend) Weight(name string, dt ml.DType, shape []int, data []byte) (ml
 
 func (b *Backend) Free(t ml.Tensor) {
 	b.flush()
-	b.forgetXH()
 	ct, ok := t.(*tensor)
 	if !ok || ct.be != b || !ct.owned || ct.ptr == 0 {
 		return
@@ -294,9 +292,6 @@ func (b *Backend) Free(t ml.Tensor) {
 
 func (b *Backend) get(t ml.Tensor) (*tensor, error) {
 	b.flush() // every op, read and write looks its operands up here: launch what is held back first
-	if !b.holdFlush {
-		b.forgetXH() // memory may change next without a launch (xh.go)
-	}
 	ct, ok := t.(*tensor)
 	if !ok || ct == nil {
 		return nil, fmt.Errorf("tensor %v is not a CUDA tensor", t)
@@ -425,7 +420,6 @@ func (b *Backend) Run(key string, record func()) error {
 	b.flush() // not into the graph
 	// (fuse.go foldAttend) a graph starts and ends with q / k as RoPE leaves them.
 	b.rotateUnrotated()
-	b.forgetXH()
 	if b.err != nil {
 		return b.err
 	}
@@ -450,7 +444,6 @@ func (b *Backend) Run(key string, record func()) error {
 	b.flush() // into the graph
 	// Into the graph: a replay leaves q / k rotated, as the capture's ops did.
 	b.rotateUnrotated()
-	b.forgetXH()
 	b.capturing = false
 	var g uintptr
 	endErr := b.l.status("graph_end", b.l.graphEnd(b.ctx, &g))

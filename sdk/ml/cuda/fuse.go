@@ -136,13 +136,6 @@ func (b *Backend) flush() {
 		b.norm(h.op, h.res, h.dst, h.x, h.w, nil, h.eps, false)
 		p.normLaunch = false
 	}
-	if xh := b.xhFor(); xh != 0 && p.mm >= 1 { // x packed by the norm (xh.go)
-		rc := b.l.matmulMultiXH(b.ctx, xh, b.xh.kind, p.wtype, p.n, p.k, int32(p.mm), &p.parts[0])
-		if rc != stUnsupported {
-			b.call("matmul", rc)
-			p.mm = 0
-		}
-	}
 	switch {
 	case p.mm == 1 && p.n <= 8:
 		q := p.parts[0]
@@ -440,20 +433,13 @@ func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
 			}
 		}
 	}
-	rc, xo := b.swigluXH(d, gu) // x packed by the norm, out packed for down (xh.go)
-	if rc == stUnsupported {
-		rc = b.l.matmulSwiGLU(b.ctx, p.x, p.wtype, p.n, p.k, &gu[0], d.ptr)
-	}
+	rc := b.l.matmulSwiGLU(b.ctx, p.x, p.wtype, p.n, p.k, &gu[0], d.ptr)
 	if rc == stUnsupported { // not the v5 GEMV: the caller flushes and runs the three ops
 		return false
 	}
 	p.mm = 0
 	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
 	b.call("swiglu", rc)
-	if xo.buf != 0 && rc == stOK {
-		xo.seq = b.launches
-		b.xh = xo
-	}
 	return true
 }
 
@@ -466,7 +452,7 @@ func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
 // step's critical path; res and the norm's output are norm.cu's bits, the
 // MoE output orch_moe_decode's: cuda/test/moe_emu_test.cpp test_decode_norm).
 // Anything else launches the held norm first, through the norm op itself
-// (flush), so other folds of the norm (xh.go) still see it.
+// (flush).
 var fuseMoENorm = os.Getenv("ORCH_CUDA_MOE_NORM") != "0"
 
 // moeNormMaxDim: orch_moe_decode_norm's widest row (16 elements per thread of 256).

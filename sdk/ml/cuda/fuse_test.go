@@ -20,9 +20,8 @@ type fakeLib struct {
 	// multiRC is what orch_matmul_multi answers (stUnsupported: the library
 	// declines, e.g. not the v5 GEMV).
 	multiRC int32
-	// gluRC / xhRC: what orch_matmul_swiglu / the packed-x GEMVs answer;
-	// xoRC: what orch_matmul_swiglu_xh answers when asked to pack its output.
-	gluRC, xhRC, xoRC int32
+	// gluRC: what orch_matmul_swiglu answers.
+	gluRC int32
 }
 
 func (f *fakeLib) add(format string, a ...any) int32 {
@@ -55,32 +54,6 @@ func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
 			ps := unsafe.Slice(gateUp, 2)
 			return f.add("matmul_swiglu x=%x n=%d k=%d gate=%x/%d up=%x/%d out=%x", x, n, k, ps[0].y, ps[0].m, ps[1].y,
 				ps[1].m, out)
-		},
-		rmsnormXH: func(ctx, out, x, add, w uintptr, n, dim int64, eps float32, xh uintptr, kind int32) int32 {
-			return f.add("rmsnorm_xh out=%x x=%x add=%x n=%d xh=%x kind=%d", out, x, add, n, xh, kind)
-		},
-		xhRowBytes: func(k int64) int64 { return (k/32*68 + 15) &^ 15 },
-		matmulMultiXH: func(ctx, xh uintptr, kind, wtype int32, n, k int64, count int32, parts *gemvPart) int32 {
-			if f.xhRC != stOK {
-				return f.xhRC
-			}
-			var ys []string
-			for _, p := range unsafe.Slice(parts, count) {
-				ys = append(ys, fmt.Sprintf("%x/%d", p.y, p.m))
-			}
-			return f.add("multi_xh xh=%x n=%d k=%d [%s]", xh, n, k, strings.Join(ys, " "))
-		},
-		matmulSwiGLUXH: func(ctx, x, xh uintptr, kind, wtype int32, n, k int64, gateUp *gemvPart, out,
-			xo uintptr) int32 {
-			if f.xhRC != stOK {
-				return f.xhRC
-			}
-			if xo != 0 && f.xoRC != stOK {
-				return f.xoRC
-			}
-			ps := unsafe.Slice(gateUp, 2)
-			return f.add("swiglu_xh x=%x xh=%x n=%d k=%d gate=%x up=%x out=%x xo=%t", x, xh, n, k, ps[0].y, ps[1].y, out,
-				xo != 0)
 		},
 		malloc: func(ctx uintptr, bytes int64, out *uintptr) int32 {
 			*out = fakeNext
@@ -373,140 +346,6 @@ func TestFuseSwiGLU(t *testing.T) {
 	b.MatMul(u, h, wu, nil)
 	b.SwiGLU(g, g, u)
 	require.Equal(t, unfused(g.ptr, g.ptr, u.ptr), f.take())
-}
-
-// x packed by the norm (xh.go): the norm packs for the GEMVs right after it
-// (merged q/k/v, gate/up + SwiGLU, one part); not across another launch, a
-// host write or a graph boundary, not for another x, not for n > 2 or the
-// other pair order, the float path when the library declines, nothing with
-// the switch off.
-func TestFuseXH(t *testing.T) {
-	defer func(v, x, o, mn bool) { fuseOps, fuseXH, xhGLUOut, fuseMoENorm = v, x, o, mn }(fuseOps, fuseXH, xhGLUOut,
-		fuseMoENorm)
-	fuseOps, fuseXH, xhGLUOut = true, true, true
-	fuseMoENorm = false // the norm launches at once (not held for a MoE: moe_fold_test.go)
-	b, f := newFakeBackend(t)
-	const d, ff = 64, 96
-	x, h, res, nw := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d)
-	wq, wk := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, 32)
-	wg, wu, wm := fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.MXFP4, d, ff)
-	q, k, g, u := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, 32, 1), fakeT(b, ml.F32, ff, 1), fakeT(b, ml.F32, ff, 1)
-
-	b.AddRMSNorm(res, h, x, nw, 1e-5)
-	log := f.take()
-	require.Len(t, log, 1)
-	var xh uintptr
-	_, err := fmt.Sscanf(log[0], fmt.Sprintf("rmsnorm_xh out=%x x=%x add=%x n=1 xh=%%x kind=0", h.ptr, res.ptr, x.ptr), &xh)
-	require.NoError(t, err, log[0])
-	norm := func(out, in, add uintptr) string {
-		return fmt.Sprintf("rmsnorm_xh out=%x x=%x add=%x n=1 xh=%x kind=0", out, in, add, xh)
-	}
-	b.MatMul(q, h, wq, nil)
-	b.MatMul(k, h, wk, nil)
-	b.Add(x, x, x) // the next op launches the held pair
-	require.Equal(t, []string{fmt.Sprintf("multi_xh xh=%x n=1 k=%d [%x/%d %x/32]", xh, d, q.ptr, d, k.ptr),
-		fmt.Sprintf("add out=%x", x.ptr)}, f.take())
-
-	// gate/up + SwiGLU from the packed x, out packed for down (its own buffer).
-	wd, y := fakeT(b, ml.Q8_0, ff, d), fakeT(b, ml.F32, d, 1)
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.MatMul(g, h, wg, nil)
-	b.MatMul(u, h, wu, nil)
-	b.SwiGLU(g, g, u)
-	b.MatMul(y, g, wd, nil)
-	require.NoError(t, b.Sync())
-	log = f.take()
-	require.Len(t, log, 4)
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh x=%x xh=%x n=1 k=%d gate=%x up=%x out=%x xo=true",
-		h.ptr, xh, d, g.ptr, u.ptr, g.ptr)}, log[:2])
-	require.Regexp(t, fmt.Sprintf("^multi_xh xh=[0-9a-f]+ n=1 k=%d \\[%x/%d\\]$", ff, y.ptr, d), log[2])
-	require.NotContains(t, log[2], fmt.Sprintf("xh=%x ", xh), "down reads the fold's buffer, not the norm's")
-	require.Equal(t, "sync", log[3])
-	// The library cannot pack the fold's output (not sm_90): x still packed, down on floats.
-	f.xoRC = stUnsupported
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.MatMul(g, h, wg, nil)
-	b.MatMul(u, h, wu, nil)
-	b.SwiGLU(g, g, u)
-	b.MatMul(y, g, wd, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh x=%x xh=%x n=1 k=%d gate=%x up=%x out=%x xo=false",
-		h.ptr, xh, d, g.ptr, u.ptr, g.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", y.ptr, g.ptr), "sync"}, f.take())
-	f.xoRC = stOK
-	// ORCH_CUDA_XH=1: the fold's output is not packed.
-	xhGLUOut = false
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.MatMul(g, h, wg, nil)
-	b.MatMul(u, h, wu, nil)
-	b.SwiGLU(g, g, u)
-	b.MatMul(y, g, wd, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("swiglu_xh x=%x xh=%x n=1 k=%d gate=%x up=%x out=%x xo=false",
-		h.ptr, xh, d, g.ptr, u.ptr, g.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", y.ptr, g.ptr), "sync"}, f.take())
-	xhGLUOut = true
-
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.MatMul(q, h, wq, nil) // one part: still the packed launch
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("multi_xh xh=%x n=1 k=%d [%x/%d]", xh, d, q.ptr, d),
-		"sync"}, f.take())
-
-	// Another launch between the norm and the GEMV; a host write to its output; another x; a graph boundary.
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.Add(x, x, x)
-	b.MatMul(q, h, wq, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("add out=%x", x.ptr),
-		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
-	b.RMSNorm(h, res, nw, 1e-5)
-	require.NoError(t, b.WriteF32(h, make([]float32, d)))
-	b.MatMul(q, h, wq, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("h2d %x", h.ptr),
-		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.MatMul(q, x, wq, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, x.ptr), "sync"}, f.take())
-	b.RMSNorm(h, res, nw, 1e-5)
-	require.NoError(t, b.Run("g", func() { b.MatMul(q, h, wq, nil) }))
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), "graph_begin", fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr),
-		"graph_end", "graph_launch"}, f.take())
-
-	// MXFP4 (the other pair order): the float path.
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.MatMul(g, h, wm, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0), fmt.Sprintf("matmul y=%x x=%x n=1", g.ptr, h.ptr), "sync"}, f.take())
-
-	// Three tokens: the plain norm.
-	x3, h3, q3 := fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3)
-	b.RMSNorm(h3, x3, nw, 1e-5)
-	b.MatMul(q3, h3, wq, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x x=%x add=0", h3.ptr, x3.ptr),
-		fmt.Sprintf("matmul y=%x x=%x n=3", q3.ptr, h3.ptr), "sync"}, f.take())
-
-	// The library declines the packed GEMVs: the float launches.
-	f.xhRC = stUnsupported
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.MatMul(g, h, wg, nil)
-	b.MatMul(u, h, wu, nil)
-	b.SwiGLU(g, g, u)
-	b.MatMul(q, h, wq, nil)
-	b.MatMul(k, h, wk, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{norm(h.ptr, res.ptr, 0),
-		fmt.Sprintf("matmul_swiglu x=%x n=1 k=%d gate=%x/%d up=%x/%d out=%x", h.ptr, d, g.ptr, ff, u.ptr, ff, g.ptr),
-		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/32]", h.ptr, d, q.ptr, d, k.ptr), "sync"}, f.take())
-	f.xhRC = stOK
-
-	fuseXH = false
-	b.RMSNorm(h, res, nw, 1e-5)
-	b.MatMul(q, h, wq, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, res.ptr),
-		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
 }
 
 // The RoPE pair + KV write folded into Attend (foldAttnRoPE): one

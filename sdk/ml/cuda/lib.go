@@ -100,12 +100,6 @@ type lib struct {
 	// Session 6 (fuse.go foldSwiGLU): gateUp points at 2 parts (gate, up; same m).
 	matmulSwiGLU func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32
 	gemvTrace    func(ctx uintptr, on int32, out *gemvTraceRec, cap int64, count *int64) int32
-	// Session 7, optional (nil when the library lacks them: xh.go is then off):
-	// x packed in fp16 by the norm for the GEMV after it.
-	rmsnormXH      func(ctx, out, x, add, w uintptr, n, dim int64, eps float32, xh uintptr, kind int32) int32
-	xhRowBytes     func(k int64) int64
-	matmulMultiXH  func(ctx, xh uintptr, kind, wtype int32, n, k int64, count int32, parts *gemvPart) int32
-	matmulSwiGLUXH func(ctx, x, xh uintptr, kind, wtype int32, n, k int64, gateUp *gemvPart, out, xhOut uintptr) int32
 
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32
@@ -256,23 +250,6 @@ func (l *lib) bind() (err error) {
 	// Optional: the bf16 weight cache (bf16cache.go; nil: off).
 	if _, err := purego.Dlsym(l.handle, "orch_bf16_cache"); err == nil {
 		purego.RegisterLibFunc(&l.bf16Cache, l.handle, "orch_bf16_cache")
-	}
-	// Optional entry points: all or none (the feature is then off).
-	opt := []struct {
-		fn   any
-		name string
-	}{
-		{&l.rmsnormXH, "orch_rmsnorm_xh"}, {&l.xhRowBytes, "orch_xh_row_bytes"},
-		{&l.matmulMultiXH, "orch_matmul_multi_xh"}, {&l.matmulSwiGLUXH, "orch_matmul_swiglu_xh"},
-	}
-	for _, s := range opt {
-		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
-			l.rmsnormXH = nil
-			return nil
-		}
-	}
-	for _, s := range opt {
-		purego.RegisterLibFunc(s.fn, l.handle, s.name)
 	}
 	return nil
 }

@@ -254,9 +254,6 @@ func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, l
 	if !layer && b.holdMoENorm(op, res, dst, x, w, a, eps) { // the MoE after it may take it in (fuse.go)
 		return
 	}
-	if !layer && b.normXH(op, a, eps) { // also packed for the GEMV after it (xh.go)
-		return
-	}
 	if layer {
 		b.call(op, b.l.layernorm(b.ctx, a.d.ptr, a.xp, a.addp, a.wp, a.bp, int64(a.n), int64(a.dim), eps))
 	} else {

@@ -681,7 +681,6 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// is left out; x staged per round from k = 8192), x staged once (XR=0) and per round
 		// (XR=1) for every k. (2 rows per warp lost in run 2: Llama down 37.6 vs 30.3 us; batched
 		// cp.async staging of the float x lost end to end in run 3: deleted in session 7.)
-		// Session 7: the packed-x rows (norm -> GEMV, ORCH_CUDA_XH off / on) run in every child.
 		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_XR=0", "ORCH_CUDA_GEMV5_XR=1"}
 		if os.Getenv("ORCH_GEMV_PERF_WIDE") != "" {
 			settings = []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
@@ -786,7 +785,6 @@ func TestPerfGEMVVersions(t *testing.T) {
 			gpu.Free(wu[i])
 		}
 	}()
-	gemvXHTable(t, r, label, peak)
 	gemvTraceTable(t, r, label, peak)
 	// MoE decode at gpt-oss shape (router + top-4 + fused expert FFN), 1 and 8 tokens.
 	const d, ff, ne, topk = 2880, 2880, 32, 4
@@ -828,126 +826,6 @@ func copyPeak(t *testing.T) float64 {
 	return 2 * cb / (copyMs * 1e-3)
 }
 
-// gemvXHTable (session 7, xh.go): the norm and the GEMV after it, as in the
-// decode step (RMSNorm(h, x) then the GEMV(s) of h; 16 pairs per graph),
-// with x as floats (ORCH_CUDA_XH off) and packed in fp16 by the norm (on):
-// gpt-oss / Llama q/k/v (3 merged parts), Llama gate/up + SwiGLU (the fold)
-// + down (the fold packs its output on sm_90), the LM heads (one part). The difference of the two rows is what the
-// packed x saves per GEMV (the norm writes 1/16 more bytes).
-func gemvXHTable(t *testing.T, r randSrc, label string, peak float64) {
-	if gpu.l.rmsnormXH == nil {
-		t.Logf("| %s | packed x | library without orch_rmsnorm_xh | | | |", label)
-		return
-	}
-	defer func(v, o bool) { fuseXH, xhGLUOut = v, o }(fuseXH, xhGLUOut)
-	// The norm alone (16 in a graph, nothing consumes the packed copy): what packing costs the producer.
-	for _, k := range []int{2880, 4096} {
-		x, h, nw := mustA(t, ml.F32, k, 1), mustA(t, ml.F32, k, 1), mustA(t, ml.F32, k)
-		require.NoError(t, gpu.WriteF32(x, r.f32(k)))
-		require.NoError(t, gpu.WriteF32(nw, r.f32(k)))
-		var base float64
-		for _, on := range []bool{false, true} {
-			fuseXH = on
-			ms := timeKernel(t, 20, 16, func() { gpu.RMSNorm(h, x, nw, 1e-5) })
-			path := "RMSNorm"
-			if on {
-				path = fmt.Sprintf("RMSNorm + packed x (%+.2f us)", (ms-base)*1e3)
-			}
-			base = ms
-			t.Logf("| %s | norm only k=%d n=1 | %s | %.2f us | | |", label, k, path, ms*1e3)
-		}
-		for _, v := range []ml.Tensor{x, h, nw} {
-			gpu.Free(v)
-		}
-	}
-	for _, sh := range []struct {
-		name string
-		k    int
-		ms   []int
-		glu  bool
-		down bool // after the fold (glu): Llama's down GEMV
-	}{{"gpt-oss norm+qkv", 2880, []int{4096, 512, 512}, false, false},
-		{"llama norm+qkv", 4096, []int{4096, 1024, 1024}, false, false},
-		{"llama norm+gate/up+SwiGLU", 4096, []int{14336, 14336}, true, false},
-		{"llama norm+gate/up+SwiGLU+down", 4096, []int{14336, 14336}, true, true},
-		{"llama norm+head", 4096, []int{128256}, false, false}, {"gpt-oss norm+head", 2880, []int{201088}, false, false}} {
-		copies := 4
-		if sh.ms[0] > 100000 {
-			copies = 2
-		}
-		ws := make([][]ml.Tensor, copies)
-		bytes := 0.0
-		const down = 4096 // the fold's down GEMV: 14336 -> 4096 (last weight of ws[i])
-		for i := range ws {
-			for _, m := range sh.ms {
-				ws[i] = append(ws[i], mustW(t, r, sh.name, ml.Q8_0, sh.k, m))
-				if i == 0 {
-					rb, _ := ml.Q8_0.RowBytes(sh.k)
-					bytes += float64(rb * m)
-				}
-			}
-			if sh.down {
-				ws[i] = append(ws[i], mustW(t, r, "down", ml.Q8_0, sh.ms[0], down))
-				if i == 0 {
-					rb, _ := ml.Q8_0.RowBytes(sh.ms[0])
-					bytes += float64(rb * down)
-				}
-			}
-		}
-		nw := mustA(t, ml.F32, sh.k)
-		require.NoError(t, gpu.WriteF32(nw, r.f32(sh.k)))
-		for _, n := range []int{1, 2} {
-			x, h := mustA(t, ml.F32, sh.k, n), mustA(t, ml.F32, sh.k, n)
-			require.NoError(t, gpu.WriteF32(x, r.f32(sh.k*n)))
-			ys := make([]ml.Tensor, len(sh.ms))
-			for j, m := range sh.ms {
-				ys[j] = mustA(t, ml.F32, m, n)
-			}
-			yd := mustA(t, ml.F32, down, n)
-			floor := bytes / peak * 1e3
-			modes := []int{0, 1} // float x; packed by the norm (ORCH_CUDA_XH=1)
-			if sh.glu {
-				modes = append(modes, 2) // + the fold's output packed for down (=2)
-			}
-			var base float64
-			for _, mode := range modes {
-				fuseXH, xhGLUOut = mode > 0, mode == 2
-				i := 0
-				ms := timeKernel(t, 20, 16, func() {
-					gpu.RMSNorm(h, x, nw, 1e-5)
-					for j := range sh.ms {
-						gpu.MatMul(ys[j], h, ws[i%copies][j], nil)
-					}
-					if sh.glu {
-						gpu.SwiGLU(ys[0], ys[0], ys[1])
-					}
-					if sh.down {
-						gpu.MatMul(yd, ys[0], ws[i%copies][len(sh.ms)], nil)
-					}
-					i++
-				})
-				path := "float x"
-				if mode == 0 {
-					base = ms
-				} else {
-					path = fmt.Sprintf("XH=%d packed x (%+.1f us)", mode, (ms-base)*1e3)
-				}
-				t.Logf("| %s | %s Q8_0 k=%d n=%d | %s | %.1f us | %.1f us | %.0f%% |", label, sh.name, sh.k, n, path,
-					ms*1e3, floor*1e3, 100*floor/ms)
-			}
-			for _, y := range append(ys, x, h, yd) {
-				gpu.Free(y)
-			}
-		}
-		gpu.Free(nw)
-		for _, w := range ws {
-			for _, t := range w {
-				gpu.Free(t)
-			}
-		}
-	}
-}
-
 // gemvTraceTable (session 6, goal: where the ~3-4 us between two dependent
 // one-token GEMVs go): a graph of 16 back-to-back Q8_0 GEMVs of each shape
 // (as TestPerfGEMVVersions times them, PDL on) replayed once with the
@@ -967,17 +845,13 @@ func gemvTraceTable(t *testing.T, r randSrc, label string, peak float64) {
 	for _, sh := range []struct {
 		name string
 		k, m int
-		// session 7: 1 = RMSNorm -> GEMV pairs with float x, 2 = x packed by the norm (ORCH_CUDA_XH); the
-		// norm is not traced (its time is in period, lag and staged)
+		// session 7: 1 = RMSNorm -> GEMV pairs; the norm is not traced (its time is in period, lag and
+		// staged)
 		norm int
 	}{{"attn qkv", 2880, 5120, 0}, {"attn out", 4096, 2880, 0}, {"llama qkv", 4096, 6144, 0},
 		{"llama gate/up", 4096, 14336, 0}, {"llama down", 14336, 4096, 0},
-		{"attn qkv, norm -> float x", 2880, 5120, 1}, {"attn qkv, norm -> packed x", 2880, 5120, 2},
-		{"llama qkv, norm -> float x", 4096, 6144, 1}, {"llama qkv, norm -> packed x", 4096, 6144, 2},
-		{"llama gate/up, norm -> float x", 4096, 14336, 1}, {"llama gate/up, norm -> packed x", 4096, 14336, 2}} {
-		if sh.norm == 2 && gpu.l.rmsnormXH == nil {
-			continue
-		}
+		{"attn qkv, norm -> GEMV", 2880, 5120, 1}, {"llama qkv, norm -> GEMV", 4096, 6144, 1},
+		{"llama gate/up, norm -> GEMV", 4096, 14336, 1}} {
 		const copies = 4 // >= 100 MB: more than the L2 (and the table's time budget)
 		ws := make([]ml.Tensor, copies)
 		for i := range ws {
@@ -987,8 +861,6 @@ func gemvTraceTable(t *testing.T, r randSrc, label string, peak float64) {
 		require.NoError(t, gpu.WriteF32(x, r.f32(sh.k)))
 		h, nw := mustA(t, ml.F32, sh.k, 1), mustA(t, ml.F32, sh.k)
 		require.NoError(t, gpu.WriteF32(nw, r.f32(sh.k)))
-		was := fuseXH
-		fuseXH = sh.norm == 2
 		var cnt int64
 		trace := func(on int32) {
 			require.NoError(t, gpu.l.status("gemv_trace", gpu.l.gemvTrace(gpu.ctx, on, &recs[0], int64(len(recs)), &cnt)))
@@ -1013,7 +885,6 @@ func gemvTraceTable(t *testing.T, r randSrc, label string, peak float64) {
 		trace(1) // reset
 		require.NoError(t, gpu.Run(key, body))
 		trace(0)
-		fuseXH = was
 		n := int(min(cnt, int64(len(recs))))
 		rs := slices.Clone(recs[:n])
 		for _, w := range ws {
