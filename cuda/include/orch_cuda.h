@@ -386,6 +386,24 @@ int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int
  * (rng[i], advanced in place so a replayed graph draws fresh numbers). */
 int orch_sample(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab, float temperature,
                 int32_t top_k, float top_p, float min_p, uint64_t *rng);
+/* Per-row sampling settings of orch_sample_rows (32 bytes; sdk/ml SampleParams packs them). */
+typedef struct {
+  float temperature; /* < 1e-5 (or NaN): greedy (argmax) */
+  float top_p;       /* in (0, 1) keeps the smallest top set with at least this mass; else off */
+  float min_p;       /* > 0 keeps p >= min_p * p_max */
+  int32_t top_k;     /* in (0, vocab) keeps the k largest (ties at the k-th all kept); else off */
+  uint64_t seed;     /* the request's seed */
+  uint64_t counter;  /* the token's index in the request: the draw is a pure function of (logits, params) */
+} orch_sample_params;
+/* Session 8 (optional entry point; cuda/src/sample_rows.cuh): one token per row of logits [n, vocab] into out,
+ * each row with its own params (DEVICE memory, n entries): greedy rows the argmax, the others an exact draw
+ * from softmax(l / T) over the top-k / top-p / min-p set (Gumbel-max with counter-based noise; thresholds by
+ * radix select). filters: 0 when no row samples with a filter (one launch per 64 rows), else 1 + the number
+ * of threshold searches any row needs (0, 1 or 2: top-k and/or top-p): the launches are fixed by it, so a
+ * captured graph replays any params with the same filters value. */
+int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab,
+                     const orch_sample_params *params, int32_t filters);
+
 
 /* ---- comm.cu (ABI 5): tensor-parallel collectives through NCCL ----
  * libnccl is loaded at run time (dlopen) on first use: $ORCH_NCCL_LIB, then

@@ -243,3 +243,27 @@ extern "C" int orch_sample(orch_ctx *ctx, int32_t *out, const float *logits, int
   ORCH_LAUNCHED("sample");
   return ORCH_OK;
 }
+
+#include "sample_rows.cuh"
+
+extern "C" int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab,
+                                const orch_sample_params *params, int32_t filters) {
+  ORCH_CHECK_ARG(ctx && out && logits && params && n >= 0 && vocab > 0 && vocab < (1ll << 31) && filters >= 0 &&
+                     filters <= 3,
+                 "sample_rows");
+  const int P = sr_parts(vocab);
+  for (int64_t r0 = 0; r0 < n; r0 += SR_MAX_ROWS) {
+    const unsigned rows = (unsigned)(n - r0 < SR_MAX_ROWS ? n - r0 : SR_MAX_ROWS);
+    const float *l = logits + r0 * vocab;
+    const orch_sample_params *pr = params + r0;
+    if (filters > 0) {
+      orch_launch_pdl(srows_max_kernel, dim3((unsigned)P, rows), dim3(SR_THREADS), 0, ctx->stream, l, vocab, pr);
+      for (int pass = 0; pass < 3 * (filters - 1); pass++)
+        orch_launch_pdl(srows_hist_kernel, dim3((unsigned)P, rows), dim3(SR_THREADS), 0, ctx->stream, l, vocab, pr);
+    }
+    orch_launch_pdl(srows_draw_kernel, dim3((unsigned)P, rows), dim3(SR_THREADS), 0, ctx->stream, out + r0, l, vocab,
+                    pr);
+  }
+  ORCH_LAUNCHED("sample_rows");
+  return ORCH_OK;
+}

@@ -200,6 +200,23 @@ type Backend interface {
 	CopyBlock(cache Tensor, dst, src int)
 }
 
+// SamplingBackend is implemented by backends that draw tokens on the device
+// (session 8; sample.go holds the settings and the host reference).
+type SamplingBackend interface {
+	Backend
+	// SampleRows: dst I32 [n] = one token per row of logits x [v, n], row i
+	// drawn with the settings params holds for it (I32 [SampleParamsWords*n],
+	// written with WriteI32 of PackSampleParams before the op, so a captured
+	// step replays with new settings). filters must be SampleFilters of the
+	// settings (or larger): it fixes the launches. The token of a row is
+	// SampleRowRef's (up to float rounding in near ties), whatever the other
+	// rows.
+	SampleRows(dst, x, params Tensor, filters int)
+	// SampleRowsAvailable reports whether SampleRows works here (a CUDA
+	// library built before it lacks the kernels).
+	SampleRowsAvailable() bool
+}
+
 // GraphBackend is implemented by backends that can record a step and replay
 // it (CUDA graphs). Run calls record the first time key is seen (capturing
 // the ops it issues) and replays the recording on later calls without calling

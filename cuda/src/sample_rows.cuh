@@ -1,0 +1,338 @@
+// sample_rows.cuh — per-row token sampling for the decode step (session 8; orch_sample_rows). Included by
+// sample.cu after common.cuh (pdl_wait / pdl_trigger), and by cuda/test/sample_emu_test.cpp against cuda_emu.h.
+//
+// Each row has its own settings (orch_sample_params: temperature, top-k, top-p, min-p, seed, counter), read from
+// device memory, so one captured graph serves any mix of greedy and sampled requests and replays fresh draws when
+// the host rewrites the params (the counter is the token's index in its request). Several CTAs a row (a contiguous
+// slice each, as argmax_split_kernel), the row's last CTA finishing the row (atomicInc ticket wrapping to 0 by
+// itself: graph-safe). Launches, all grid (P, rows <= SR_MAX_ROWS):
+//  1. srows_max_kernel (only when a row has a filter): the row max M (for the probabilities and min-p).
+//  2. srows_hist_kernel, 3 launches per filter search (top-k, then top-p over the top-k set): a radix select over
+//     the logits' order-preserving 32-bit keys, 11 + 11 + 10 bits. Each pass histograms (count and probability
+//     mass, fixed point 2^-40 of p / p_max, integer atomics: the result does not depend on the order CTAs add
+//     in) the keys under the prefix found so far; the last CTA finds the bin where the weight from the top
+//     reaches the target (k for top-k; ceil(top_p * mass of the top-k set) for top-p) and extends the prefix.
+//     A bin holding one key ends the search early (later passes return at once). The result: threshold keys,
+//     kept = key >= thr — the top-k / top-p sets of the host sampler (sdk/engine/sample.go), except that ties
+//     at the threshold are all kept (the host keeps exactly k, lower ids first).
+//  3. srows_draw_kernel: greedy rows (temperature < 1e-5) take the argmax (largest logit, lowest index on ties,
+//     NaN never wins, as argmax_kernel); sampled rows take argmax over kept i of l_i / T + G_i, G_i a Gumbel
+//     variable from a counter-based hash of (seed, counter, i): an exact draw from softmax(l / T) restricted to
+//     the kept set (Gumbel-max trick), min-p as the logit cut M + T ln(min_p). No sort, no prefix sum, no
+//     normalisation; the token is a pure function of (logits, params), whatever the split or the batch.
+// Rows whose logits are all -Inf / NaN get token 0 (as the host). A row with a +Inf logit takes the first one.
+// The scratch (tickets, partials, histograms, per-row state) is per device (static): sample_rows ops of one
+// process must not run concurrently on two streams of one device (as argmax and MoE v10).
+#pragma once
+
+#include <stdint.h>
+
+#include "orch_cuda.h"
+
+constexpr int SR_MAX_ROWS = 64;  // rows per launch set (the host function loops over chunks)
+constexpr int SR_MAX_SPLIT = 64; // CTAs per row
+constexpr int SR_THREADS = 256;
+constexpr int SR_BITS = 11, SR_BINS = 1 << SR_BITS;
+constexpr float SR_MIN_TEMP = 1e-5f;      // below: greedy (sdk/engine/sample.go minTemperature)
+constexpr float SR_MASS_ONE = 1099511627776.f; // 2^40: fixed-point unit of p / p_max in the histograms
+
+enum { SR_DONE = 0, SR_TOPK = 1, SR_TOPP = 2 };
+
+// Per-row state between the launches of one sample_rows op.
+struct SRowState {
+  float mx;                    // row max (filtered rows)
+  uint32_t thr;                // kept: key >= thr (0: every logit)
+  uint32_t base;               // the current search counts keys >= base only
+  uint32_t prefix;             // high bits found so far by the current search
+  int32_t resolved;            // how many
+  int32_t stage;               // SR_DONE, SR_TOPK, SR_TOPP
+  unsigned long long target;   // weight to reach from the top (0 in SR_TOPP until its first pass)
+  unsigned long long above;    // weight of the keys above the prefix's range
+};
+
+// Order-preserving key of a float: a > b (numbers) <=> key(a) > key(b).
+__host__ __device__ inline uint32_t sr_key(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__host__ __device__ inline bool sr_greedy(const orch_sample_params &p) { return !(p.temperature >= SR_MIN_TEMP); }
+__host__ __device__ inline bool sr_topk(const orch_sample_params &p, int64_t V) { return p.top_k > 0 && p.top_k < V; }
+__host__ __device__ inline bool sr_topp(const orch_sample_params &p) { return p.top_p > 0.f && p.top_p < 1.f; }
+__host__ __device__ inline bool sr_minp(const orch_sample_params &p) { return p.min_p > 0.f; }
+__host__ __device__ inline bool sr_filtered(const orch_sample_params &p, int64_t V) {
+  return !sr_greedy(p) && (sr_topk(p, V) || sr_topp(p) || sr_minp(p));
+}
+
+__host__ __device__ inline uint64_t sr_mix64(uint64_t z) { // SplitMix64's finalizer
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+// The row's stream: element i's 64 random bits are SplitMix64's (i+1)-th output from state base.
+__host__ __device__ inline uint64_t sr_base(uint64_t seed, uint64_t counter) {
+  return sr_mix64(seed ^ sr_mix64(counter + 0x632BE59BD9B4E019ull));
+}
+// Gumbel(0, 1) noise of element i: -ln(E), E = -ln(1 - u) ~ Exp(1) by log1p, accurate where E is small (the
+// winners); u in (0, 1) from 32 random bits (the largest noise is -ln(-ln(1 - 2^-33)) ~ 22.9).
+__host__ __device__ inline float sr_gumbel(uint64_t base, int64_t i) {
+  const uint64_t h = sr_mix64(base + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull);
+  const float u = ((float)(uint32_t)(h >> 32) + 0.5f) * 2.3283064365386963e-10f;
+  return -logf(-log1pf(-u));
+}
+
+// No sr_gumbel value exceeds this (u >= 2^-33: -ln(-ln(1 - u)) <= 22.87), so an element whose l / T is more than
+// this below the best value so far cannot win (exact pruning: the noise is computed for few elements).
+constexpr float SR_GUMBEL_MAX = 23.f;
+
+// The slice [b0, b1) of part `part` of P (as argmax_split_kernel: multiples of 4).
+__host__ __device__ inline void sr_slice(int64_t V, int part, int P, int64_t &b0, int64_t &b1) {
+  const int64_t per = (V / P + 3) & ~(int64_t)3;
+  b0 = part * per < V ? part * per : V;
+  b1 = part == P - 1 ? V : (b0 + per < V ? b0 + per : V);
+}
+
+__device__ unsigned g_sr_ticket[SR_MAX_ROWS];
+__device__ float g_sr_pval[SR_MAX_ROWS * SR_MAX_SPLIT];
+__device__ int64_t g_sr_pidx[SR_MAX_ROWS * SR_MAX_SPLIT];
+__device__ SRowState g_sr_state[SR_MAX_ROWS];
+__device__ unsigned g_sr_cnt[SR_MAX_ROWS * SR_BINS];
+__device__ unsigned long long g_sr_mass[SR_MAX_ROWS * SR_BINS];
+
+// Larger value wins, the lower index on ties; NaN never wins.
+__device__ __forceinline__ void sr_pick(float &v, int64_t &i, float ov, int64_t oi) {
+  if (ov > v || (ov == v && oi < i)) {
+    v = ov;
+    i = oi;
+  }
+}
+
+// Block-wide pick of each thread's (v, i): the result in thread 0.
+__device__ __forceinline__ void sr_pick_block(float &v, int64_t &i) {
+  __shared__ float sv[SR_THREADS / 32];
+  __shared__ int64_t si[SR_THREADS / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, (long long)i, o);
+    sr_pick(v, i, ov, oi);
+  }
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  if (lane == 0) {
+    sv[w] = v;
+    si[w] = i;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int j = 1; j < SR_THREADS / 32; j++) sr_pick(v, i, sv[j], si[j]);
+}
+
+// Thread 0 of every CTA of the row: publish, then true in the row's last CTA (all threads).
+__device__ __forceinline__ bool sr_last(int row, int P) {
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicInc(&g_sr_ticket[row], (unsigned)P - 1) == (unsigned)P - 1;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+__global__ void __launch_bounds__(SR_THREADS)
+srows_max_kernel(const float *logits, int64_t V, const orch_sample_params *params) {
+  __shared__ float sh[32];
+  pdl_trigger();
+  pdl_wait();
+  const int row = blockIdx.y, part = blockIdx.x, P = gridDim.x;
+  const orch_sample_params p = params[row];
+  if (!sr_filtered(p, V)) return;
+  const float *lr = logits + (int64_t)row * V;
+  int64_t b0, b1;
+  sr_slice(V, part, P, b0, b1);
+  float mx = -INFINITY;
+  for (int64_t i = b0 + threadIdx.x; i < b1; i += SR_THREADS) mx = fmaxf(mx, lr[i]);
+  // block max (thread 0)
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = mx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int j = 1; j < SR_THREADS / 32; j++) mx = fmaxf(mx, sh[j]);
+    g_sr_pval[row * SR_MAX_SPLIT + part] = mx;
+  }
+  if (!sr_last(row, P) || threadIdx.x != 0) return;
+  float M = -INFINITY;
+  for (int j = 0; j < P; j++) M = fmaxf(M, ((volatile float *)g_sr_pval)[row * SR_MAX_SPLIT + j]);
+  SRowState st;
+  st.mx = M;
+  st.thr = st.base = st.prefix = 0;
+  st.resolved = 0;
+  st.above = 0;
+  st.target = sr_topk(p, V) ? (unsigned long long)p.top_k : 0;
+  st.stage = sr_topk(p, V) ? SR_TOPK : sr_topp(p) ? SR_TOPP : SR_DONE;
+  if (!(M > -INFINITY && M < INFINITY)) st.stage = SR_DONE; // nothing finite, or +Inf logits: no search
+  g_sr_state[row] = st;
+}
+
+// One radix pass of the row's current search (see the file comment).
+__global__ void __launch_bounds__(SR_THREADS)
+srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *params) {
+  __shared__ unsigned s_cnt[SR_BINS];
+  __shared__ unsigned long long s_mass[SR_BINS];
+  __shared__ unsigned long long s_scan[SR_THREADS];
+  __shared__ int s_found;
+  __shared__ unsigned long long s_above;
+  pdl_trigger();
+  pdl_wait();
+  const int row = blockIdx.y, part = blockIdx.x, P = gridDim.x;
+  const orch_sample_params p = params[row];
+  if (!sr_filtered(p, V)) return;
+  SRowState st = g_sr_state[row];
+  if (st.stage == SR_DONE) return;
+  const int bits = 32 - st.resolved < SR_BITS ? 32 - st.resolved : SR_BITS;
+  const int shift = 32 - st.resolved - bits, nb = 1 << bits;
+  for (int b = threadIdx.x; b < nb; b += SR_THREADS) {
+    s_cnt[b] = 0;
+    s_mass[b] = 0;
+  }
+  __syncthreads();
+  const float *lr = logits + (int64_t)row * V;
+  const float invT = 1.f / p.temperature;
+  int64_t b0, b1;
+  sr_slice(V, part, P, b0, b1);
+  for (int64_t i = b0 + threadIdx.x; i < b1; i += SR_THREADS) {
+    const float l = lr[i];
+    if (!(l > -INFINITY)) continue; // -Inf, NaN: never candidates
+    const uint32_t k = sr_key(l);
+    if (k < st.base || (st.resolved > 0 && (k >> (32 - st.resolved)) != st.prefix)) continue;
+    const uint32_t b = (k >> shift) & (uint32_t)(nb - 1);
+    atomicAdd(&s_cnt[b], 1u);
+    atomicAdd(&s_mass[b], (unsigned long long)(expf((l - st.mx) * invT) * SR_MASS_ONE));
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < nb; b += SR_THREADS)
+    if (s_cnt[b]) {
+      atomicAdd(&g_sr_cnt[row * SR_BINS + b], s_cnt[b]);
+      atomicAdd(&g_sr_mass[row * SR_BINS + b], s_mass[b]);
+    }
+  __syncthreads();
+  if (!sr_last(row, P)) return;
+  // The row's last CTA: take the histogram (and clear it for the next pass), then find the bin.
+  for (int b = threadIdx.x; b < nb; b += SR_THREADS) {
+    s_cnt[b] = ((volatile unsigned *)g_sr_cnt)[row * SR_BINS + b];
+    s_mass[b] = ((volatile unsigned long long *)g_sr_mass)[row * SR_BINS + b];
+    g_sr_cnt[row * SR_BINS + b] = 0;
+    g_sr_mass[row * SR_BINS + b] = 0;
+  }
+  if (threadIdx.x == 0) s_found = -1;
+  __syncthreads();
+  const bool count = st.stage == SR_TOPK;
+  // thread t owns bins [nb - (t+1) per, nb - t per), scanned from the top
+  const int per = nb / SR_THREADS, hi = nb - threadIdx.x * per;
+  unsigned long long mine = 0;
+  for (int b = hi - 1; b >= hi - per; b--) mine += count ? s_cnt[b] : s_mass[b];
+  s_scan[threadIdx.x] = mine;
+  __syncthreads();
+  for (int o = 1; o < SR_THREADS; o <<= 1) { // inclusive scan (Hillis-Steele)
+    const unsigned long long v = (int)threadIdx.x >= o ? s_scan[threadIdx.x - o] : 0;
+    __syncthreads();
+    s_scan[threadIdx.x] += v;
+    __syncthreads();
+  }
+  if (st.stage == SR_TOPP && st.resolved == 0) { // first top-p pass: the kept mass is the whole histogram
+    const double t = ceil((double)s_scan[SR_THREADS - 1] * (double)p.top_p);
+    st.target = t < 1.0 ? 1ull : (unsigned long long)t;
+  }
+  const unsigned long long before = st.above + s_scan[threadIdx.x] - mine; // weight above my bins
+  if (before < st.target && before + mine >= st.target) {
+    unsigned long long cum = before;
+    for (int b = hi - 1; b >= hi - per; b--) {
+      const unsigned long long w = count ? s_cnt[b] : s_mass[b];
+      if (cum + w >= st.target) {
+        s_found = b;
+        s_above = cum;
+        break;
+      }
+      cum += w;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  bool done = true;
+  uint32_t t = st.base; // no crossing (fewer than k candidates, no mass): keep everything the search counted
+  if (s_found >= 0) {
+    st.above = s_above;
+    st.prefix = (st.prefix << bits) | (uint32_t)s_found;
+    st.resolved += bits;
+    done = st.resolved == 32 || s_cnt[s_found] == 1;
+    const uint32_t lo = st.resolved == 32 ? st.prefix : st.prefix << (32 - st.resolved);
+    t = lo > st.base ? lo : st.base;
+  }
+  if (done) {
+    st.thr = t;
+    if (st.stage == SR_TOPK && sr_topp(p)) {
+      st.stage = SR_TOPP;
+      st.base = t;
+      st.prefix = 0;
+      st.resolved = 0;
+      st.above = 0;
+      st.target = 0;
+    } else {
+      st.stage = SR_DONE;
+    }
+  }
+  g_sr_state[row] = st;
+}
+
+__global__ void __launch_bounds__(SR_THREADS)
+srows_draw_kernel(int32_t *out, const float *logits, int64_t V, const orch_sample_params *params) {
+  pdl_trigger();
+  pdl_wait();
+  const int row = blockIdx.y, part = blockIdx.x, P = gridDim.x;
+  const orch_sample_params p = params[row];
+  const bool greedy = sr_greedy(p);
+  const float invT = greedy ? 1.f : 1.f / p.temperature;
+  uint32_t thr = 0;
+  float cut = -INFINITY;
+  if (sr_filtered(p, V)) {
+    const SRowState st = g_sr_state[row];
+    thr = st.thr;
+    if (sr_minp(p)) cut = st.mx + p.temperature * logf(p.min_p);
+    if (st.mx == INFINITY) cut = INFINITY; // +Inf logits take all the mass
+  }
+  const uint64_t base = sr_base(p.seed, p.counter);
+  const float *lr = logits + (int64_t)row * V;
+  int64_t b0, b1;
+  sr_slice(V, part, P, b0, b1);
+  float best = -INFINITY;
+  int64_t bi = INT64_MAX;
+  if (greedy) {
+    for (int64_t i = b0 + threadIdx.x; i < b1; i += SR_THREADS) sr_pick(best, bi, lr[i], i);
+  } else {
+    for (int64_t i = b0 + threadIdx.x; i < b1; i += SR_THREADS) {
+      const float l = lr[i];
+      if (!(l > -INFINITY) || !(l >= cut) || sr_key(l) < thr) continue;
+      const float s = l * invT;
+      if (s + SR_GUMBEL_MAX < best) continue; // cannot win: skip the hash and the logs
+      sr_pick(best, bi, s + sr_gumbel(base, i), i);
+    }
+  }
+  sr_pick_block(best, bi);
+  if (threadIdx.x == 0) {
+    g_sr_pval[row * SR_MAX_SPLIT + part] = best;
+    g_sr_pidx[row * SR_MAX_SPLIT + part] = bi;
+  }
+  if (!sr_last(row, P) || threadIdx.x != 0) return;
+  float v = -INFINITY;
+  int64_t i = INT64_MAX;
+  for (int j = 0; j < P; j++)
+    sr_pick(v, i, ((volatile float *)g_sr_pval)[row * SR_MAX_SPLIT + j],
+            ((volatile int64_t *)g_sr_pidx)[row * SR_MAX_SPLIT + j]);
+  out[row] = i == INT64_MAX ? 0 : (int32_t)i;
+}
+
+// CTAs a row: at least 16 elements a thread, at most SR_MAX_SPLIT.
+__host__ __device__ inline int sr_parts(int64_t V) {
+  const int64_t P = V / (16 * SR_THREADS);
+  return P < 1 ? 1 : P > SR_MAX_SPLIT ? SR_MAX_SPLIT : (int)P;
+}

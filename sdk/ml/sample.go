@@ -1,0 +1,170 @@
+package ml
+
+import (
+	"cmp"
+	"math"
+	"slices"
+)
+
+// SampleParams are one row's settings for SamplingBackend.SampleRows (the
+// C struct orch_sample_params, cuda/include/orch_cuda.h).
+type SampleParams struct {
+	Temperature float32 // below SampleMinTemperature (or NaN): greedy, the argmax (lowest index on ties)
+	TopK        int32   // in (0, vocab): keep the k largest logits (all ties at the k-th); else off
+	TopP        float32 // in (0, 1): keep the smallest top set holding this share of the (top-k) mass; else off
+	MinP        float32 // > 0: keep p >= MinP * p_max
+	Seed        uint64  // the request's seed
+	Counter     uint64  // the token's index in the request: a fresh draw per token, the same on a replay
+}
+
+// SampleMinTemperature: below it a row is greedy (as the engine's host
+// sampler).
+const SampleMinTemperature = 1e-5
+
+// SampleParamsWords is the size of one packed SampleParams in int32 words.
+const SampleParamsWords = 8
+
+// PackSampleParams writes ps in the device layout (orch_sample_params:
+// temperature, top_p, min_p, top_k, seed, counter; little-endian words) into
+// dst, which must hold SampleParamsWords*len(ps) words.
+func PackSampleParams(dst []int32, ps []SampleParams) {
+	for i, p := range ps {
+		w := dst[i*SampleParamsWords : (i+1)*SampleParamsWords]
+		w[0] = int32(math.Float32bits(p.Temperature))
+		w[1] = int32(math.Float32bits(p.TopP))
+		w[2] = int32(math.Float32bits(p.MinP))
+		w[3] = p.TopK
+		w[4], w[5] = int32(uint32(p.Seed)), int32(uint32(p.Seed>>32))
+		w[6], w[7] = int32(uint32(p.Counter)), int32(uint32(p.Counter>>32))
+	}
+}
+
+func (p SampleParams) greedy() bool        { return !(p.Temperature >= SampleMinTemperature) }
+func (p SampleParams) topK(v int) bool     { return p.TopK > 0 && int(p.TopK) < v }
+func (p SampleParams) topP() bool          { return p.TopP > 0 && p.TopP < 1 }
+func (p SampleParams) minP() bool          { return p.MinP > 0 }
+func (p SampleParams) filtered(v int) bool { return !p.greedy() && (p.topK(v) || p.topP() || p.minP()) }
+
+// SampleFilters is the filters argument SampleRows needs for these rows of
+// a vocabulary of v: 0 when no row samples with a filter, else 1 + the
+// threshold searches a row needs (top-k, top-p: 0 to 2).
+func SampleFilters(v int, ps []SampleParams) int {
+	f := 0
+	for _, p := range ps {
+		if p.filtered(v) {
+			n := 1
+			if p.topK(v) {
+				n++
+			}
+			if p.topP() {
+				n++
+			}
+			f = max(f, n)
+		}
+	}
+	return f
+}
+
+// sampleKey is the order-preserving key of a float (sr_key).
+func sampleKey(f float32) uint32 {
+	u := math.Float32bits(f)
+	if u&0x80000000 != 0 {
+		return ^u
+	}
+	return u | 0x80000000
+}
+
+func sampleMix(z uint64) uint64 {
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+	return z ^ (z >> 31)
+}
+
+// SampleGumbel is the noise of element i of a row with this seed and
+// counter (sr_gumbel): Gumbel(0, 1) from 32 bits of SplitMix64, never above
+// 22.9.
+func SampleGumbel(seed, counter uint64, i int) float32 {
+	base := sampleMix(seed ^ sampleMix(counter+0x632BE59BD9B4E019))
+	h := sampleMix(base + uint64(i+1)*0x9E3779B97F4A7C15)
+	u := (float32(uint32(h>>32)) + 0.5) * 2.3283064365386963e-10
+	return float32(-math.Log(float64(float32(-math.Log1p(-float64(u))))))
+}
+
+// SampleRowRef is the host reference of SampleRows for one row: greedy rows
+// the argmax (NaN never wins; ties and -Inf rows: the lowest index), sampled
+// rows the argmax over the kept logits of l/T + SampleGumbel — an exact draw
+// from softmax(l/T) over the set top-k, then top-p (of the top-k mass), then
+// min-p keep, threshold sets by logit (all ties at a threshold kept). Rows
+// without a finite candidate give 0; +Inf logits take all the mass (the
+// first wins). Float32 like the kernels (whose logf may differ in the last
+// bit: near ties can resolve differently).
+func SampleRowRef(l []float32, p SampleParams) int32 {
+	if p.greedy() {
+		best, bi := float32(math.Inf(-1)), -1
+		for i, v := range l {
+			if v > best || (v == best && bi < 0) {
+				best, bi = v, i
+			}
+		}
+		return int32(max(bi, 0))
+	}
+	inf := float32(math.Inf(1))
+	mx := float32(math.Inf(-1))
+	var cand []float32
+	for _, v := range l {
+		if v > -inf {
+			mx = max(mx, v)
+			if p.filtered(len(l)) {
+				cand = append(cand, v)
+			}
+		}
+	}
+	thr, cut := uint32(0), float32(math.Inf(-1))
+	if p.filtered(len(l)) && mx > -inf && mx < inf {
+		slices.SortFunc(cand, func(a, b float32) int { return cmp.Compare(b, a) })
+		keep := len(cand)
+		if p.topK(len(l)) && int(p.TopK) < len(cand) {
+			k := int(p.TopK)
+			thr, keep = sampleKey(cand[k-1]), k
+			for keep < len(cand) && cand[keep] == cand[k-1] {
+				keep++
+			}
+		}
+		if p.topP() {
+			invT := 1 / float64(p.Temperature)
+			tot := 0.0
+			for _, v := range cand[:keep] {
+				tot += math.Exp((float64(v) - float64(mx)) * invT)
+			}
+			cum := 0.0
+			for _, v := range cand[:keep] {
+				cum += math.Exp((float64(v) - float64(mx)) * invT)
+				if cum >= float64(p.TopP)*tot {
+					thr = sampleKey(v)
+					break
+				}
+			}
+		}
+		if p.minP() {
+			cut = mx + p.Temperature*float32(math.Log(float64(p.MinP)))
+		}
+	}
+	if mx == inf {
+		cut = inf
+	}
+	invT := 1 / p.Temperature
+	best, bi := float32(math.Inf(-1)), -1
+	for i, v := range l {
+		if !(v > -inf) || !(v >= cut) || sampleKey(v) < thr {
+			continue
+		}
+		s := v * invT
+		if s+23 < best {
+			continue
+		}
+		if x := s + SampleGumbel(p.Seed, p.Counter, i); x > best || (x == best && bi < 0) {
+			best, bi = x, i
+		}
+	}
+	return int32(max(bi, 0))
+}
