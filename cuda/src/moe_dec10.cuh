@@ -551,7 +551,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
                     (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
                     act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit);
     ORCH_LAUNCHED(op);
-    return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
+    return ORCH_OK;
   }
   if (moe13_pinned() || !moe10_on(ctx, n) ||
       moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))

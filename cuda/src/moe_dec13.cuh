@@ -29,7 +29,9 @@
 //  3. down13: the same for 16 down rows (24 KB), the expert and its weight
 //     copy issued BEFORE pdl_wait (the table is two launches old: gate_up13
 //     triggers after its own wait; re-checked after the wait), per-pair rows
-//     into ybuf; orch_moe_combine sums the slots (moe.cu).
+//     into ybuf; the last CTA of each 16-row tile (a ticket per tile over the
+//     used experts) sums the slots of every token for its rows: orch_moe_combine's
+//     expression and order (no combine launch).
 // Per (token, slot), every product, fold and sum is v9's (moe9_mma_fold, same
 // block order per warp, same cross-warp order): with the same ids and weights
 // the output is v9's bit for bit (cuda/test/moe_emu_test.cpp test_decode13).
@@ -273,12 +275,19 @@ __device__ __forceinline__ int moe13_ld_tab(const int32_t *p, bool expert) {
 #endif
 }
 
-// down: ybuf[p, R] = act[p] . down_e[R] + db[e, R] for rows [16 bx, 16 bx + 16) of the y-th used expert.
+// Row tiles of down13 (one combine ticket each): dim <= 16 * MOE13_MAX_TILES.
+constexpr int MOE13_MAX_TILES = 256;
+__device__ unsigned g_moe13_tile[MOE13_MAX_TILES];
+
+// down: ybuf[p, R] = act[p] . down_e[R] + db[e, R] for rows [16 bx, 16 bx + 16) of the y-th used expert; the
+// last CTA of the row tile (ticket over the used experts) then writes out[t, R] = sum_s w[t, s] ybuf[t k + s, R]
+// for every token (orch_moe_combine's expression and order: its bits).
 __global__ void __launch_bounds__(MOE13_W * 32, 4)
-moe_down13_kernel(float *__restrict__ ybuf, const uint4 *acth, const uint8_t *__restrict__ wd,
-                  const float *__restrict__ db, const int32_t *tab /* read before and after the wait */, int k, int m,
-                  int rb, float xinv) {
+moe_down13_kernel(float *__restrict__ out, float *ybuf, const uint4 *acth, const uint8_t *__restrict__ wd,
+                  const float *__restrict__ db, const int32_t *tab /* read before and after the wait */,
+                  const float *__restrict__ wts, int n_tok, int n_slots, int k, int m, int rb, float xinv) {
   DEC16_DYN_SMEM(uint8_t, sm);
+  MOE10_SHARED unsigned last;
   pdl_trigger();
   const int y = (int)blockIdx.y, tid = (int)threadIdx.x;
   const int tb = 16 * rb;
@@ -362,6 +371,20 @@ moe_down13_kernel(float *__restrict__ ybuf, const uint4 *acth, const uint8_t *__
     }
     __syncthreads();
   }
+  // The combine of this row tile, by its last CTA.
+  moe10_fence(); // this thread's ybuf rows before the ticket
+  __syncthreads();
+  if (tid == 0) last = moe10_ticket(&g_moe13_tile[blockIdx.x], (unsigned)(tab[0] - 1)) == (unsigned)(tab[0] - 1);
+  __syncthreads();
+  if (!last) return; // uniform
+  moe10_fence();
+  for (int i = tid; i < n_tok * 16; i += (int)blockDim.x) {
+    const int tt = i >> 4, r = (int)blockIdx.x * 16 + (i & 15);
+    float v = 0.f;
+    for (int j = 0; j < n_slots; j++)
+      v += wts[tt * n_slots + j] * moe10_ldcg(ybuf + ((int64_t)tt * n_slots + j) * m + r);
+    out[(int64_t)tt * m + r] = v;
+  }
 }
 
 // ---- routing and launch ----
@@ -390,7 +413,7 @@ static bool moe13_declines(const orch_ctx *ctx, int64_t n, int32_t router_type, 
   const int64_t np = n * n_slots;
   return ctx->moe_v1 || n < 2 || n > MOE13_MAX_N || np > MOE13_MAX_PAIRS || router_type != ORCH_T_F32 ||
          n_exp > 32 || gu_type != ORCH_T_MXFP4 || down_type != ORCH_T_MXFP4 || dim % 32 || ff % 32 ||
-         dim > 16 * MOE10_THREADS || !(act_scale(gu_type, alpha, limit) > 0.f) ||
+         dim > 16 * MOE10_THREADS || dim > 16 * MOE13_MAX_TILES || !(act_scale(gu_type, alpha, limit) > 0.f) ||
          moe13_smem(orch_row_bytes(ORCH_T_MXFP4, dim), 2, 8) > 200 * 1024 ||
          moe13_smem(orch_row_bytes(ORCH_T_MXFP4, ff), 1, 4) > 200 * 1024 ||
          moe10_ybuf_floats(n, dim, n_exp) > np * dim ||
@@ -426,7 +449,7 @@ static void launch_decode13(cudaStream_t st, float *out, const float *x, const f
     const size_t sm = moe13_smem(rb, 1, 4);
     auto kern = moe_down13_kernel;
     if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-    DEC16_LAUNCH_PDL(kern, dim3((unsigned)(dim / 16), ge), MOE13_W * 32, sm, st, ybuf,
-                     reinterpret_cast<const uint4 *>(act), wd, db, tab, ff, dim, rb, 1.f / sc);
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)(dim / 16), ge), MOE13_W * 32, sm, st, out, ybuf,
+                     reinterpret_cast<const uint4 *>(act), wd, db, tab, wts, n, n_slots, ff, dim, rb, 1.f / sc);
   }
 }

@@ -548,7 +548,7 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
 // unpinned from ORCH_CUDA_MOE13_FROM tokens): v10's route kernel for up to 64
 // tokens + the pairs grouped by expert once (moe13_group), then gate_up13 /
 // down13 (each expert's 16-row tiles copied into shared memory once for all
-// its tokens) and orch_moe_combine. Checks: ids = orch_moe_topk's over the
+// its tokens; the last CTA of each row tile combines the slots). Checks: ids = orch_moe_topk's over the
 // float64 logits, weights within 1e-5; the output = v9's kernels
 // (launch_batched9) + combine on v13's ids and weights BIT FOR BIT, and
 // within 6e-3 of a float64 reference; the grouping table (every pair once,
@@ -623,6 +623,7 @@ static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run13(0, t, n, limit, &id13, &w13, &o13, &tab) == ORCH_OK, "moe_decode v13: %s", g_err);
   for (int i = 0; i < MOE13_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "ticket %d = %u after the op", i, g_moe10_ticket[i]);
   EXPECT(g_moe13_done == 0, "done ticket = %u after the op", g_moe13_done);
+  for (int i = 0; i < MOE13_MAX_TILES; i++) EXPECT(g_moe13_tile[i] == 0, "tile ticket %d = %u after the op", i, g_moe13_tile[i]);
   EXPECT(id13 == idr, "v13 ids differ from orch_moe_topk's over the float64 logits (n=%d top-%d of %d)", n, topk, ne);
   for (size_t i = 0; i < wr.size(); i++)
     EXPECT(std::fabs(w13[i] - wr[i]) <= 1e-5f * (1.f + std::fabs(wr[i])), "v13 weight %zu: %g vs %g", i, w13[i], wr[i]);
