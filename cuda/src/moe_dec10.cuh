@@ -549,7 +549,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
                    op);
     launch_decode13(ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids, weights,
                     (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
-                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit);
+                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit, nullptr);
     ORCH_LAUNCHED(op);
     return ORCH_OK;
   }
@@ -571,7 +571,8 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
 // (moe10_norm above): res += add (written back), x = RMSNorm(res) * norm_w
 // (written: the norm's output), then the MoE of x. v10's kernels at 1..8
 // tokens whenever ORCH_CUDA_MOE is unset or v10 (one token included: v10 =
-// v6 there, and the fold needs v10's route kernel).
+// v6 there, and the fold needs v10's route kernel); MoE v13's where
+// orch_moe_decode runs v13 (the same route kernel, grouping after it).
 constexpr int MOE10_NORM_MAX_N = 16; // elements per thread: dim <= 4096
 extern "C" int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *res, const float *add,
                                     const float *norm_w, float eps, const void *router, int32_t router_type,
@@ -585,13 +586,25 @@ extern "C" int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *
                      ybuf,
                  op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
-  if (!(ctx->moe_auto || moe10_pinned(ctx)) || dim > MOE10_NORM_MAX_N * MOE10_THREADS ||
+  const moe10_norm nm{res, add, norm_w, x, eps};
+  if (moe13_on(ctx, n) && dim <= MOE10_NORM_MAX_N * MOE10_THREADS &&
+      !moe13_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit)) {
+    // MoE v13 with the norm in its route kernel (session 8)
+    ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
+                       aligned16p(up) && aligned16p(down),
+                   op);
+    launch_decode13(ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids, weights,
+                    (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
+                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit, &nm);
+    ORCH_LAUNCHED(op);
+    return ORCH_OK;
+  }
+  if (moe13_pinned() || !(ctx->moe_auto || moe10_pinned(ctx)) || dim > MOE10_NORM_MAX_N * MOE10_THREADS ||
       moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
     return ORCH_ERR_UNSUPPORTED;
   ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
                      aligned16p(up) && aligned16p(down),
                  op);
-  const moe10_norm nm{res, add, norm_w, x, eps};
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,

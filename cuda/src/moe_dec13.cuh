@@ -423,7 +423,7 @@ static bool moe13_declines(const orch_ctx *ctx, int64_t n, int32_t router_type, 
 static void launch_decode13(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit) {
+                            int n_slots, int dim, int ff, float alpha, float limit, const moe10_norm *nm) {
   constexpr int T = ORCH_T_MXFP4;
   const int S = (dim + MOE10_RK - 1) / MOE10_RK, np = n * n_slots;
   float *part = ybuf;
@@ -432,9 +432,16 @@ static void launch_decode13(cudaStream_t st, float *out, const float *x, const f
   const float sc = moe6_act_scale<T>(alpha, limit);
   const unsigned ge = (unsigned)min(np, n_exp);
   {
-    auto kern = moe10_route_kernel<0, true>; // x staged for the fragment decoder: kind 1, unscaled (v9's staging)
+    // x staged for the fragment decoder: kind 1, unscaled (v9's staging); nm: the AddRMSNorm folded in (as v10's)
+    const moe10_norm nv = nm ? *nm : moe10_norm{};
+    const int per = nm ? (dim + MOE10_THREADS - 1) / MOE10_THREADS : 0; // <= MOE10_NORM_MAX_N (caller)
+    auto kern = per == 0 ? moe10_route_kernel<0, true>
+                : per <= 4 ? moe10_route_kernel<4, true>
+                : per <= 8 ? moe10_route_kernel<8, true>
+                : per <= 12 ? moe10_route_kernel<12, true>
+                           : moe10_route_kernel<16, true>;
     DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias, dim,
-                     n_exp, n_slots, 1, 0, moe10_norm{}, tab);
+                     n_exp, n_slots, 1, 0, nv, tab);
   }
   {
     const int rb = (int)orch_row_bytes(T, dim);

@@ -467,7 +467,9 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
 // output: res, h, ids, weights and the output BIT FOR BIT; tickets back to 0;
 // unpinned at one token it runs (v10), pinned to v6 it declines (nothing
 // written), dim > 4096 declines.
-static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias) {
+static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias,
+                             const char *ver = "v10") {
+  const bool v13 = std::strcmp(ver, "v13") == 0; // MoE v13's route kernel (unpinned: ORCH_CUDA_MOE13_FROM=2)
   QW gate, up, down;
   make_weight(gate, t, dim, ff * ne);
   make_weight(up, t, dim, ff * ne);
@@ -486,7 +488,7 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
   {
     Buf<float> res(res0), h(nd, NAN);
     launch_norm<false>(nullptr, n, h.p, res.p, badd.p, bnw.p, nullptr, dim, eps);
-    setenv("ORCH_CUDA_MOE", "v10", 1);
+    setenv("ORCH_CUDA_MOE", ver, 1);
     orch_ctx ctx;
     ctx.moe = 6;
     ctx.moe_auto = false;
@@ -497,7 +499,7 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
                                    t, gp(bgb), gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f,
                                    limit);
     unsetenv("ORCH_CUDA_MOE");
-    EXPECT(rc == ORCH_OK, "moe_decode v10 (reference): %s", g_err);
+    EXPECT(rc == ORCH_OK, "moe_decode %s (reference): %s", ver, g_err);
     rres = res.vec();
     rh = h.vec();
     rout = out.vec();
@@ -512,9 +514,11 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
     Buf<float> res(res0), h(nd, NAN), out(nd, NAN), wb((size_t)(n * topk), NAN), act((size_t)(n * topk * ff), NAN),
         yb((size_t)(n * topk * dim), NAN);
     Buf<int32_t> ib((size_t)(n * topk), -1);
+    if (v13 && unpinned) setenv("ORCH_CUDA_MOE13_FROM", "2", 1);
     const int rc = orch_moe_decode_norm(&ctx, out.p, h.p, res.p, badd.p, bnw.p, eps, brw.p, ORCH_T_F32, gp(brb), ne,
                                         ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb), gp(bub), down.bytes, t, gp(bdb),
                                         act.p, yb.p, n, topk, d2, ff, 1.702f, limit);
+    unsetenv("ORCH_CUDA_MOE13_FROM");
     if (o) *o = out.vec();
     if (r) *r = res.vec();
     if (hh) *hh = h.vec();
@@ -525,7 +529,8 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
   std::vector<float> o, r, hh, w;
   std::vector<int32_t> ids;
   EXPECT(fused(true, dim, &o, &r, &hh, &ids, &w) == ORCH_OK, "moe_decode_norm: %s", g_err);
-  for (int i = 0; i < MOE10_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "ticket %d = %u after the op", i, g_moe10_ticket[i]);
+  for (int i = 0; i < MOE13_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "ticket %d = %u after the op", i, g_moe10_ticket[i]);
+  EXPECT(g_moe13_done == 0, "done ticket = %u after the op", g_moe13_done);
   const char *tn = tname(t);
   EXPECT(std::memcmp(r.data(), rres.data(), nd * 4) == 0, "fold: res != norm.cu's (%s dim=%lld n=%d)", tn, (long long)dim, n);
   EXPECT(std::memcmp(hh.data(), rh.data(), nd * 4) == 0, "fold: h != norm.cu's (%s dim=%lld n=%d)", tn, (long long)dim, n);
@@ -539,9 +544,9 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
          "moe_decode_norm wrote something while declining");
   EXPECT(fused(true, 4096 + 32, nullptr, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode_norm must decline dim > 4096");
-  std::printf("MoE v10 + AddRMSNorm %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: res, h = norm.cu's, routing "
+  std::printf("MoE %s + AddRMSNorm %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: res, h = norm.cu's, routing "
               "and output = orch_moe_decode's, bit for bit\n",
-              tn, (long long)dim, (long long)ff, topk, ne, n, bias);
+              ver, tn, (long long)dim, (long long)ff, topk, ne, n, bias);
 }
 
 // MoE v13 (orch_moe_decode, 2..64 tokens, MXFP4; ORCH_CUDA_MOE=v13, or
@@ -721,6 +726,7 @@ static void test_decode13_cases() {
   test_decode13(ORCH_T_MXFP4, 64, 32, 32, 4, 64, true); // 64 tokens, 256 pairs (the maximum)
   test_decode13(ORCH_T_MXFP4, 1056, 32, 32, 4, 9, true); // 33 chunks: a second gate_up round (warp 0), 17 route slices
   test_decode13(ORCH_T_MXFP4, 32, 576, 4, 2, 2, false); // 18 chunks: down's blocks on 3 warps
+  test_decode_norm(ORCH_T_MXFP4, 1056, 32, 8, 4, 12, true, "v13"); // the norm in v13's route kernel: 12 tokens, 17 slices
 }
 
 int main(int argc, char **argv) {

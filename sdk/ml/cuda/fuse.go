@@ -445,10 +445,12 @@ func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
 
 // fuseMoENorm (session 7; default since device run 1 of session 7, H100:
 // gpt-oss tg128 497.8 vs 468.6 tok/s, x8 1,310 vs 1,289; ORCH_CUDA_MOE_NORM=0
-// turns it off): an AddRMSNorm of 1..8 rows is held back (holdMoENorm); when
+// turns it off): an AddRMSNorm of 1..64 rows is held back (holdMoENorm); when
 // the next op is the MoE of its output (gpt-oss: attention out -> residual
 // add -> post-attention norm -> MoE), both become one orch_moe_decode_norm
-// call: the norm folded into MoE v10's route kernel (one launch fewer on the
+// call: the norm folded into MoE v10's route kernel (up to 8 tokens; MoE v13's
+// from 2 or 9 tokens where it is routed — the library declines the rest, and
+// the held norm is launched as before) (one launch fewer on the
 // step's critical path; res and the norm's output are norm.cu's bits, the
 // MoE output orch_moe_decode's: cuda/test/moe_emu_test.cpp test_decode_norm).
 // Anything else launches the held norm first, through the norm op itself
@@ -470,12 +472,12 @@ type heldNorm struct {
 
 // holdMoENorm holds the validated AddRMSNorm a (flushed before: nothing else
 // is held) for foldMoENorm and reports whether it did; false: the caller
-// launches it. Only where the fold could run: 1..8 rows of at most
+// launches it. Only where the fold could run: 1..moeDecodeMaxN rows of at most
 // moeNormMaxDim, a norm weight, and an output that overlaps none of res, x
 // and w (the route kernel's CTAs write their slice of it while others read
 // those).
 func (b *Backend) holdMoENorm(op string, res, dst, x, w ml.Tensor, a normOps, eps float32) bool {
-	if !fuseOps || !fuseMoENorm || b.pend.normLaunch || a.r == nil || a.n < 1 || a.n > 8 || a.dim > moeNormMaxDim ||
+	if !fuseOps || !fuseMoENorm || b.pend.normLaunch || a.r == nil || a.n < 1 || a.n > moeDecodeMaxN || a.dim > moeNormMaxDim ||
 		a.wp == 0 {
 		return false
 	}
@@ -512,7 +514,7 @@ func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
 		return false
 	}
 	md, err := ml.MoEShapes(d.shape, xx.shape, router.shape, gate.shape, up.shape, down.shape, m.TopK)
-	if err != nil || md.N > 8 || m.TopK > 16 {
+	if err != nil || md.N > moeDecodeMaxN || m.TopK > 16 {
 		return false
 	}
 	dim, n, ne, ff, k := md.Dim, md.N, md.Experts, md.FF, m.TopK

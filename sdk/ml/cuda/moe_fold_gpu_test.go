@@ -21,13 +21,18 @@ import (
 // eagerly, and the fold's own bits over a graph
 // capture and two replays (res restored before each: the route tickets must
 // be back at 0), runs (the library takes it) where ORCH_CUDA_MOE is unset or
-// v10, and matches the CPU backend (h 1e-5, y the MoE tolerance).
+// v10 (1..8 tokens) and where MoE v13 runs (ORCH_CUDA_MOE=v13, or
+// ORCH_CUDA_MOE13_FROM; MXFP4), and matches the CPU backend (h 1e-5, y the
+// MoE tolerance).
 func TestMoENormFold(t *testing.T) {
 	r := newRNG(t)
 	defer func(v, g bool) { fuseOps, fuseMoENorm = v, g }(fuseOps, fuseMoENorm)
 	fuseOps = true
 	ver := os.Getenv("ORCH_CUDA_MOE")
-	folds := ver == "" || ver == "v10"
+	// the library takes the fold: v10 (unpinned or pinned) at 1..8 tokens, MoE v13 where it is routed (MXFP4)
+	folds := func(dt ml.DType, n int) bool {
+		return (n <= 8 && (ver == "" || ver == "v10")) || (dt == ml.MXFP4 && moe13Expected(n))
+	}
 	folded := 0 // orch_moe_decode_norm calls that ran
 	orig := gpu.l.moeDecodeNorm
 	defer func() { gpu.l.moeDecodeNorm = orig }()
@@ -45,7 +50,7 @@ func TestMoENormFold(t *testing.T) {
 		dt        ml.DType
 		d, ff, ne int
 	}{{ml.MXFP4, 2880, 96, 32}, {ml.Q8_0, 1056, 64, 8}} {
-		for _, n := range []int{1, 2, 8} {
+		for _, n := range []int{1, 2, 8, 16} { // 16: MoE v13's route kernel where it is routed
 			name := fmt.Sprintf("%v/d=%d/n=%d", c.dt, c.d, n)
 			t.Run(name, func(t *testing.T) {
 				d, ff, ne, dt := c.d, c.ff, c.ne, c.dt
@@ -68,7 +73,7 @@ func TestMoENormFold(t *testing.T) {
 					f0 := folded
 					record()
 					require.NoError(t, gpu.Sync())
-					if fuseMoENorm && folds {
+					if fuseMoENorm && folds(dt, n) {
 						require.Equal(t, 1, folded-f0, "the fold must run (orch_moe_decode_norm)")
 					} else {
 						require.Equal(t, 0, folded-f0, "no fold with the switch off / another MoE version")
@@ -82,7 +87,7 @@ func TestMoENormFold(t *testing.T) {
 				// y: the same bits where both paths run the same MoE kernels (v10 from 2 tokens, or pinned);
 				// unpinned at one token the separate MoE is v6 (router GEMV + top-k: logits summed in another
 				// order than v10's route kernel, so the weights may differ in the last bits)
-				sameY := n >= 2 || ver == "v10" || !folds
+				sameY := n >= 2 || ver == "v10" || !folds(dt, n)
 				sameBits(t, name+" res fused vs separate", sep[0], fused[0])
 				sameBits(t, name+" h fused vs separate", sep[1], fused[1])
 				if sameY {

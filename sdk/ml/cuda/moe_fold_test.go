@@ -14,7 +14,7 @@ import (
 // into one orch_moe_decode_norm call when the MoE reads exactly its output;
 // it is launched as a plain norm before anything else, when the library
 // declines, for a MoE of another tensor, for a plain RMSNorm, an output
-// overlapping the residual, more than 8 rows, and with the switch off; a held
+// overlapping the residual, more than 64 rows (moeDecodeMaxN), and with the switch off; a held
 // norm followed by a GEMV launches before it.
 func TestFuseMoENorm(t *testing.T) {
 	defer func(v, g bool) { fuseOps, fuseMoENorm = v, g }(fuseOps, fuseMoENorm)
@@ -78,14 +78,14 @@ func TestFuseMoENorm(t *testing.T) {
 	require.Equal(t, []string{norm(h.ptr, x.ptr, o.ptr), plain}, f.take())
 	foldRC = stOK
 
-	// Not held: a plain RMSNorm, an output overlapping the residual, more than 8 rows, the switch off.
+	// Not held: a plain RMSNorm, an output overlapping the residual, more than 64 rows, the switch off.
 	b.RMSNorm(h, x, nw, 1e-5)
 	require.Equal(t, []string{norm(h.ptr, x.ptr, 0)}, f.take())
 	b.AddRMSNorm(x, x, o, nw, 1e-5)
 	require.Equal(t, []string{norm(x.ptr, x.ptr, o.ptr)}, f.take())
-	x9, h9, o9 := fakeT(b, ml.F32, d, 9), fakeT(b, ml.F32, d, 9), fakeT(b, ml.F32, d, 9)
-	b.AddRMSNorm(x9, h9, o9, nw, 1e-5)
-	require.Equal(t, []string{norm(h9.ptr, x9.ptr, o9.ptr)}, f.take())
+	x65, h65, o65 := fakeT(b, ml.F32, d, 65), fakeT(b, ml.F32, d, 65), fakeT(b, ml.F32, d, 65)
+	b.AddRMSNorm(x65, h65, o65, nw, 1e-5)
+	require.Equal(t, []string{norm(h65.ptr, x65.ptr, o65.ptr)}, f.take())
 	fuseMoENorm = false
 	b.AddRMSNorm(x, h, o, nw, 1e-5)
 	b.MoE(mo, h, moe)
@@ -100,6 +100,15 @@ func TestFuseMoENorm(t *testing.T) {
 	require.NoError(t, b.Sync())
 	require.Equal(t, []string{norm(h.ptr, x.ptr, o.ptr), fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"},
 		f.take())
+
+	// 64 tokens are held and offered to the library (MoE v13's route kernel takes it where routed).
+	x64, h64, o64, mo64 := fakeT(b, ml.F32, d, 64), fakeT(b, ml.F32, d, 64), fakeT(b, ml.F32, d, 64),
+		fakeT(b, ml.F32, d, 64)
+	b.AddRMSNorm(x64, h64, o64, nw, 1e-5)
+	require.Empty(t, f.take(), "held")
+	b.MoE(mo64, h64, moe)
+	require.Equal(t, []string{fmt.Sprintf("moe_decode_norm out=%x x=%x res=%x add=%x n=64", mo64.ptr, h64.ptr, x64.ptr,
+		o64.ptr)}, f.take())
 
 	// Two tokens fold too.
 	x2, h2, o2, mo2 := fakeT(b, ml.F32, d, 2), fakeT(b, ml.F32, d, 2), fakeT(b, ml.F32, d, 2), fakeT(b, ml.F32, d, 2)
