@@ -15,6 +15,7 @@ import (
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/engine/enginetest"
+	"github.com/llama-orch/orch/sdk/ml"
 )
 
 type result struct {
@@ -842,4 +843,71 @@ func TestAdmissionIsFIFO(t *testing.T) {
 	for i := 0; i+2 < len(ps); i++ {
 		assert.Less(t, pos[i], pos[i+2], "order %v", order)
 	}
+}
+
+// TestDeviceSampling: requests that need nothing on the host are drawn by
+// the model's device sampler (SamplingModel), with the seed and the token's
+// index: a seeded request gives the same tokens alone and in any batch, and
+// the tokens of the reference (enginetest.Sampled). Greedy, logprobs,
+// penalty and stop-masked requests in the same steps keep their paths
+// (device argmax rows, host rows).
+func TestDeviceSampling(t *testing.T) {
+	cfg := enginetest.Config{Vocab: 200, DeviceSample: true, StepCost: 100 * time.Microsecond}
+	a, m := load(t, cfg)
+	ctx := ctxT(t)
+	ps := prompts(7, cfg.Vocab)
+	sp := sdk.SamplingParams{Temperature: 1.2, TopK: 50, TopP: 0.95, MinP: 0.01, Seed: 42, HasSeed: true}
+	ref := enginetest.Sampled(ps[0], 30, cfg.Vocab, ml.SampleParams{Temperature: 1.2, TopK: 50, TopP: 0.95, MinP: 0.01, Seed: 42})
+	alone := collect(ctx, a, sdk.GenerateRequest{Prompt: ps[0], MaxTokens: 30, Sampling: sp})
+	require.NoError(t, alone.err)
+	assert.Equal(t, ref, alone.toks, "the device draw with (seed, token index)")
+	assert.NotEqual(t, enginetest.Greedy(ps[0], 30, cfg.Vocab), alone.toks, "sampling is not greedy")
+	rows := m.SampledRows.Load()
+	assert.Equal(t, int64(30), rows, "every token drawn on the device")
+
+	stop := enginetest.Greedy(ps[5], 10, cfg.Vocab)[3]
+	reqs := []sdk.GenerateRequest{
+		{Prompt: ps[0], MaxTokens: 30, Sampling: sp},
+		greedy(ps[1], 25),
+		{Prompt: ps[2], MaxTokens: 10, Logprobs: true, Sampling: sdk.SamplingParams{Temperature: 1, Seed: 1, HasSeed: true}}, // host
+		{Prompt: ps[3], MaxTokens: 20, Sampling: sdk.SamplingParams{Temperature: 1, RepetitionPenalty: 1.3}},                 // host
+		{Prompt: ps[4], MaxTokens: 40, Sampling: sdk.SamplingParams{Temperature: 0.8, Seed: 9, HasSeed: true}},
+		{Prompt: ps[5], MaxTokens: 12, MinTokens: 6, StopTokens: []int32{stop}, Sampling: sdk.SamplingParams{Temperature: 1, TopP: 0.5}},
+		{Prompt: ps[6], MaxTokens: 15, Logprobs: true}, // greedy with logprobs: host
+	}
+	res := runConcurrent(ctx, a, reqs)
+	for i, r := range res {
+		require.NoError(t, r.err, "request %d", i)
+	}
+	assert.Equal(t, alone.toks, res[0].toks, "same seed, same tokens, whatever the batch")
+	assert.Equal(t, enginetest.Greedy(ps[1], 25, cfg.Vocab), res[1].toks, "greedy rows: the device argmax")
+	assert.Equal(t, enginetest.Sampled(ps[4], 40, cfg.Vocab, ml.SampleParams{Temperature: 0.8, Seed: 9}), res[4].toks)
+	assert.Equal(t, enginetest.Greedy(ps[6], 15, cfg.Vocab), res[6].toks)
+	assert.Len(t, res[2].info, 10, "logprobs: host rows")
+	assert.Len(t, res[6].info, 15)
+	assert.NotContains(t, res[5].toks[:6], stop, "stop tokens masked on the host before MinTokens")
+	// device rows: request 0 (30), greedy 1 unless it ran in a greedy-only step, 4 (40), 5 after MinTokens
+	drawn := m.SampledRows.Load() - rows
+	assert.GreaterOrEqual(t, drawn, int64(30+40+(len(res[5].toks)-6)))
+	assert.Less(t, drawn, int64(30+25+40+12+1), "host rows are not drawn on the device")
+	assert.Positive(t, m.SampleSteps.Load())
+
+	// The seeded host-sampled request (logprobs) is unchanged by device sampling elsewhere.
+	h := collect(ctx, a, reqs[2])
+	require.NoError(t, h.err)
+	assert.Equal(t, h.toks, res[2].toks, "host streams are seeded as before")
+}
+
+// ORCH_DEVICE_SAMPLE=0 keeps every sampled token on the host.
+func TestDeviceSamplingSwitch(t *testing.T) {
+	t.Setenv("ORCH_DEVICE_SAMPLE", "0")
+	cfg := enginetest.Config{Vocab: 100, DeviceSample: true}
+	a, m := load(t, cfg)
+	ctx := ctxT(t)
+	p := prompts(1, cfg.Vocab)[0]
+	r := collect(ctx, a, sdk.GenerateRequest{Prompt: p, MaxTokens: 20, Sampling: sdk.SamplingParams{Temperature: 1, Seed: 5, HasSeed: true}})
+	require.NoError(t, r.err)
+	assert.Len(t, r.toks, 20)
+	assert.Zero(t, m.SampleSteps.Load())
+	assert.Positive(t, m.Forwards.Load())
 }

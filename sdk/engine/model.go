@@ -163,3 +163,36 @@ type GreedyModel interface {
 	Model
 	ForwardGreedy(ctx context.Context, b *Batch) ([]int32, error)
 }
+
+// SampleSpec is one sequence's token choice in a SamplingModel step.
+type SampleSpec struct {
+	// Host: return the row's logits in Output.Logits (as Forward) instead of
+	// a token; the engine samples it on the host.
+	Host bool
+	// Temperature below 1e-5: the argmax (as ForwardGreedy). Otherwise an
+	// exact draw from softmax(logits / Temperature) restricted to the top-k
+	// (TopK in (0, vocab); ties at the k-th all kept), then the top-p share
+	// of their mass (TopP in (0, 1)), then p >= MinP * p_max (MinP > 0).
+	Temperature float32
+	TopK        int
+	TopP, MinP  float32
+	// The draw is a pure function of the logits row and (Seed, Index), the
+	// index of the token in the request: the same for a seeded request in
+	// any batch, fresh for every token.
+	Seed, Index uint64
+}
+
+// SamplingModel is optionally implemented by models that can draw tokens on
+// the device (temperature / top-k / top-p / min-p; no logits copied to the
+// host). When DeviceSampling reports true, a step in which some sequence
+// samples with nothing else that needs its logits on the host (no logit
+// bias, penalties, logprobs or stop-token masking) calls ForwardSample with
+// one SampleSpec per SeqInput (AllLogits never set). It returns one token
+// per SeqInput (ignored where Host) and, when any spec is Host, an Output
+// whose Logits[i] holds the row Forward would return for those i (nil
+// elsewhere). Tokens of unfinished prefill chunks are ignored.
+type SamplingModel interface {
+	Model
+	DeviceSampling() bool
+	ForwardSample(ctx context.Context, b *Batch, specs []SampleSpec) ([]int32, *Output, error)
+}

@@ -22,6 +22,7 @@ import (
 // unmodified logits), the convention of vLLM's default "raw_logprobs".
 type sampler struct {
 	p         sdk.SamplingParams
+	seed      uint64 // the request's seed (or a random one): the host stream's and the device draws'
 	rng       *rand.Rand
 	seen      map[int32]struct{} // prompt + generated tokens (repetition penalty)
 	counts    map[int32]int      // generated tokens (presence/frequency penalties)
@@ -42,6 +43,7 @@ func newSampler(req sdk.GenerateRequest) *sampler {
 	}
 	s := &sampler{
 		p:         req.Sampling,
+		seed:      seed,
 		rng:       rand.New(rand.NewPCG(seed, seed^0x2545f4914f6cdd1d)),
 		counts:    make(map[int32]int),
 		stop:      req.StopTokens,
@@ -64,6 +66,22 @@ func (s *sampler) plain(generated int) bool {
 	return s.p.Temperature < minTemperature && len(s.p.LogitBias) == 0 && s.seen == nil &&
 		s.p.PresencePenalty == 0 && s.p.FrequencyPenalty == 0 && !s.logprobs &&
 		(generated >= s.minTokens || len(s.stop) == 0)
+}
+
+// device returns the settings of the next token's draw on the device
+// (SamplingModel), or false when it needs the host: greedy decoding (plain
+// greedy steps go to GreedyModel; a greedy row in a sampled step is a
+// SampleSpec with temperature 0, see sched.deviceSpecs), logit bias,
+// penalties, logprobs or stop-token masking. Like plain, it depends on the
+// request's parameters and the number of tokens generated only, so a seeded
+// request takes the same path, and gives the same tokens, in any batch.
+func (s *sampler) device(generated int) (SampleSpec, bool) {
+	if s.p.Temperature < minTemperature || math.IsNaN(float64(s.p.Temperature)) || len(s.p.LogitBias) > 0 || s.seen != nil ||
+		s.p.PresencePenalty != 0 || s.p.FrequencyPenalty != 0 || s.logprobs || (generated < s.minTokens && len(s.stop) > 0) {
+		return SampleSpec{}, false
+	}
+	return SampleSpec{Temperature: s.p.Temperature, TopK: s.p.TopK, TopP: s.p.TopP, MinP: s.p.MinP,
+		Seed: s.seed, Index: uint64(generated)}, true
 }
 
 // accept records a generated token for the penalties.

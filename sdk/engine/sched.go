@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -40,9 +41,12 @@ import (
 //     cache). A sequence never writes into a block someone else can read:
 //     such a block is copied first (Model.CopyBlock);
 //  4. forward: one Model.Forward (or GreedyModel.ForwardGreedy when only
-//     plain greedy tokens are needed) over the mixed batch;
-//  5. sample and stream: finished prefills and decodes sample their next
-//     token on the host (in parallel over sequences for big batches), full
+//     plain greedy tokens are needed, or SamplingModel.ForwardSample when a
+//     sequence's token can be drawn on the device: sampler.device; unless
+//     ORCH_DEVICE_SAMPLE=0) over the mixed batch;
+//  5. sample and stream: finished prefills and decodes not drawn on the
+//     device sample their next token on the host (in parallel over
+//     sequences for big batches), full
 //     blocks are registered in the prefix cache, stop conditions are checked;
 //     then the stats are published and the tokens and final chunks delivered.
 //
@@ -70,13 +74,14 @@ type sched struct {
 	queue   int // max waiting requests
 	prefix  bool
 
-	pool    *blockPool // scheduler-owned; groups[0].pool
-	groups  []kvGroup  // scheduler-owned: one per KV group (one when the model declares none)
-	gm      GroupModel // the model when it declares groups, else nil
-	chunk   int        // max prefill tokens of one sequence in one step (window pools bound it)
-	running []*seq     // scheduler-owned, in arrival order
-	ended   []ending   // scheduler-owned: finished, to be ended by flush
-	pushed  []pushed   // scheduler-owned: tokens to deliver in flush
+	pool    *blockPool    // scheduler-owned; groups[0].pool
+	groups  []kvGroup     // scheduler-owned: one per KV group (one when the model declares none)
+	gm      GroupModel    // the model when it declares groups, else nil
+	sm      SamplingModel // the model when it samples on the device (and ORCH_DEVICE_SAMPLE is not 0), else nil
+	chunk   int           // max prefill tokens of one sequence in one step (window pools bound it)
+	running []*seq        // scheduler-owned, in arrival order
+	ended   []ending      // scheduler-owned: finished, to be ended by flush
+	pushed  []pushed      // scheduler-owned: tokens to deliver in flush
 	jobs    []sampleJob
 
 	mu       sync.Mutex
@@ -153,6 +158,9 @@ func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hc
 	}
 	for _, g := range groups {
 		e.stats.KVTotalBlocks += g.pool.total()
+	}
+	if sm, ok := m.(SamplingModel); ok && sm.DeviceSampling() && os.Getenv("ORCH_DEVICE_SAMPLE") != "0" {
+		e.sm = sm
 	}
 	go e.loop(ctx)
 	return e, info, nil
@@ -934,12 +942,19 @@ func (e *sched) step(ctx context.Context) bool {
 		finishing := s.computed+len(batch.Seqs[k].Tokens) == len(s.tokens)
 		greedy = !s.eval && (!finishing || s.samp.plain(s.generated))
 	}
+	var specs []SampleSpec
+	if !greedy {
+		specs = e.deviceSpecs(in, &batch)
+	}
 	var out *Output
 	var picked []int32
 	var err error
-	if greedy {
+	switch {
+	case greedy:
 		picked, err = e.forwardGreedy(ctx, gm, &batch)
-	} else {
+	case specs != nil:
+		picked, out, err = e.forwardSample(ctx, &batch, specs)
+	default:
 		out, err = e.forward(ctx, &batch)
 		if err == nil {
 			err = e.checkOutput(&batch, out)
@@ -975,8 +990,8 @@ func (e *sched) step(ctx context.Context) bool {
 			continue // more prompt to prefill
 		}
 		j := sampleJob{s: s}
-		if greedy {
-			j.tok = picked[k]
+		if greedy || (specs != nil && !specs[k].Host) {
+			j.tok, j.done = picked[k], true
 		} else {
 			rows := out.Logits[k]
 			j.row = rows[len(rows)-e.spec.VocabSize:]
@@ -1017,6 +1032,76 @@ type sampleJob struct {
 	row  []float32
 	tok  int32
 	info *sdk.TokenInfo
+	done bool // tok was picked on the device
+}
+
+// deviceSpecs returns the SampleSpecs of a step for the model's device
+// sampler, or nil when the step has no sequence to sample there (or the model
+// has none). Each sequence's path depends on its own parameters only
+// (sampler.device): a step mixes device-drawn rows, greedy rows (temperature
+// 0: the device argmax) and rows whose logits go to the host.
+func (e *sched) deviceSpecs(in []*seq, b *Batch) []SampleSpec {
+	if e.sm == nil {
+		return nil
+	}
+	specs := make([]SampleSpec, len(in))
+	any := false
+	for k, s := range in {
+		if s.eval {
+			return nil // AllLogits rows: Forward
+		}
+		if s.computed+len(b.Seqs[k].Tokens) < len(s.tokens) {
+			continue // unfinished prefill chunk: its token is ignored (greedy spec: the cheapest)
+		}
+		if sp, ok := s.samp.device(s.generated); ok {
+			specs[k], any = sp, true
+		} else if !s.samp.plain(s.generated) {
+			specs[k].Host = true
+		}
+	}
+	if !any {
+		return nil
+	}
+	return specs
+}
+
+// forwardSample calls the model's device sampler, turning a panic into an
+// error, and checks its tokens and host rows.
+func (e *sched) forwardSample(ctx context.Context, b *Batch, specs []SampleSpec) (toks []int32, out *Output, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("model panic: %v\n%s", r, debug.Stack())
+		}
+	}()
+	toks, out, err = e.sm.ForwardSample(ctx, b, specs)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(toks) != len(b.Seqs) {
+		return nil, nil, fmt.Errorf("model returned %d sampled tokens for %d sequences", len(toks), len(b.Seqs))
+	}
+	host := false
+	for i, sp := range specs {
+		if sp.Host {
+			host = true
+			continue
+		}
+		if toks[i] < 0 || int(toks[i]) >= e.spec.VocabSize {
+			return nil, nil, fmt.Errorf("model returned sampled token %d outside the vocabulary", toks[i])
+		}
+	}
+	if !host {
+		return toks, out, nil
+	}
+	if out == nil || len(out.Logits) != len(b.Seqs) {
+		return nil, nil, errors.New("model returned no logits for the host-sampled sequences")
+	}
+	for i, sp := range specs {
+		if sp.Host && len(out.Logits[i]) != e.spec.VocabSize {
+			return nil, nil, fmt.Errorf("model returned %d logits for host-sampled sequence %d, want %d", len(out.Logits[i]), i, e.spec.VocabSize)
+		}
+	}
+	return toks, out, nil
 }
 
 // sampleAll samples the jobs' tokens, spreading big batches over the cores.
@@ -1024,10 +1109,17 @@ type sampleJob struct {
 // depend on how the work is split.
 func sampleAll(jobs []sampleJob, vocab int) {
 	workers := min(runtime.GOMAXPROCS(0), len(jobs))
-	if workers < 2 || len(jobs)*vocab < 1<<18 {
+	host := 0
+	for i := range jobs {
+		if !jobs[i].done {
+			host++
+		}
+	}
+	if workers < 2 || host*vocab < 1<<18 {
 		for i := range jobs {
-			j := &jobs[i]
-			j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
+			if j := &jobs[i]; !j.done {
+				j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
+			}
 		}
 		return
 	}
@@ -1042,8 +1134,9 @@ func sampleAll(jobs []sampleJob, vocab int) {
 				if i >= len(jobs) {
 					return
 				}
-				j := &jobs[i]
-				j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
+				if j := &jobs[i]; !j.done {
+					j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
+				}
 			}
 		}()
 	}

@@ -22,12 +22,14 @@ package enginetest
 import (
 	"context"
 	"fmt"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/ml"
 )
 
 // Config shapes a fake model.
@@ -40,6 +42,9 @@ type Config struct {
 	TokenCost     time.Duration // simulated time per token in a Forward call
 	MaxSequences  int           // reported in ModelInfo (0 = let the engine choose)
 	DeviceGreedy  bool          // the model implements engine.GreedyModel
+	// DeviceSample: the model implements engine.SamplingModel (and
+	// GreedyModel) with ml.SampleRowRef, the host twin of the CUDA sampler.
+	DeviceSample bool
 	// Window > 0 declares a second KV group of window layers with
 	// WindowBlocks blocks (default NumBlocks) in its own pool.
 	Window, WindowBlocks int
@@ -85,6 +90,8 @@ type Model struct {
 	MaxMixed     atomic.Int64 // most tokens in one such mixed Forward call
 	Copies       atomic.Int64 // CopyBlock calls
 	GreedySteps  atomic.Int64 // ForwardGreedy calls
+	SampleSteps  atomic.Int64 // ForwardSample calls
+	SampledRows  atomic.Int64 // tokens drawn by ForwardSample (greedy and sampled rows, not Host ones)
 	WindowCopies atomic.Int64 // CopyGroupBlock calls
 	// MaxWindowBlocks is the most window-group blocks one sequence's table
 	// held in a Forward call; OverWindow counts tables holding more than
@@ -117,6 +124,9 @@ func Loader(cfg Config, got func(*Model)) engine.Loader {
 		var em engine.Model = m
 		if c.DeviceGreedy {
 			em = DeviceGreedy{m}
+		}
+		if c.DeviceSample {
+			em = DeviceSampler{DeviceGreedy{m}}
 		}
 		return em, sdk.ModelInfo{
 			Architecture: "fake", Name: "fake", Backend: "cpu", DeviceName: "cpu (fake)",
@@ -191,6 +201,26 @@ func Greedy(prompt []int32, n, vocab int) []int32 {
 		out = append(out, int32(best))
 		h = Step(h, int32(best), len(toks))
 		toks = append(toks, int32(best))
+	}
+	return out
+}
+
+// Sampled is the continuation a DeviceSampler draws for prompt with these
+// settings: token i is ml.SampleRowRef of the context's logits with counter
+// i (the reference for engine tests of device sampling).
+func Sampled(prompt []int32, n, vocab int, p ml.SampleParams) []int32 {
+	h := Root
+	for i, t := range prompt {
+		h = Step(h, t, i)
+	}
+	var out []int32
+	row := make([]float32, 0, vocab)
+	for len(out) < n {
+		row = Logits(h, vocab, row[:0])
+		p.Counter = uint64(len(out))
+		tok := ml.SampleRowRef(row, p)
+		h = Step(h, tok, len(prompt)+len(out))
+		out = append(out, tok)
 	}
 	return out
 }
@@ -373,6 +403,44 @@ func (g DeviceGreedy) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int
 		toks[i] = int32(best)
 	}
 	return toks, nil
+}
+
+// DeviceSampler is the fake with a "device" sampler: it implements
+// engine.SamplingModel (and GreedyModel) with ml.SampleRowRef.
+type DeviceSampler struct{ DeviceGreedy }
+
+// DeviceSampling implements engine.SamplingModel.
+func (d DeviceSampler) DeviceSampling() bool { return true }
+
+// ForwardSample implements engine.SamplingModel: each non-Host row's token
+// is ml.SampleRowRef of the row Forward returns; Host rows' logits are
+// returned.
+func (d DeviceSampler) ForwardSample(ctx context.Context, b *engine.Batch, specs []engine.SampleSpec) ([]int32, *engine.Output, error) {
+	if len(specs) != len(b.Seqs) {
+		return nil, nil, fmt.Errorf("fake: %d sample specs for %d sequences", len(specs), len(b.Seqs))
+	}
+	for _, s := range b.Seqs {
+		if s.AllLogits {
+			return nil, nil, fmt.Errorf("fake: ForwardSample with AllLogits")
+		}
+	}
+	out, err := d.Forward(ctx, b)
+	if err != nil {
+		return nil, nil, err
+	}
+	d.SampleSteps.Add(1)
+	toks := make([]int32, len(out.Logits))
+	for i, sp := range specs {
+		if sp.Host {
+			continue
+		}
+		row := out.Logits[i]
+		toks[i] = ml.SampleRowRef(row[len(row)-d.cfg.Vocab:], ml.SampleParams{Temperature: sp.Temperature, TopK: int32(min(sp.TopK, math.MaxInt32)),
+			TopP: sp.TopP, MinP: sp.MinP, Seed: sp.Seed, Counter: sp.Index})
+		out.Logits[i] = nil
+		d.SampledRows.Add(1)
+	}
+	return toks, out, nil
 }
 
 // MaxChunk is the largest number of tokens any one sequence had in a Forward call.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"sync/atomic"
 
@@ -315,10 +316,12 @@ type Runner struct {
 	// Params and WeightBytes describe the bound weights (for sdk.ModelInfo).
 	Params, WeightBytes int64
 
-	tokens, pos, seq, slots, outIdx ml.Tensor // I32 [MaxTokens]
-	argmax                          ml.Tensor // I32 [MaxTokens]
-	blocks                          ml.Tensor // I32, grown on demand
-	gathered, logits                ml.Tensor // F32 [d, MaxTokens], [vocab, chunk]
+	tokens, pos, seq, slots, outIdx ml.Tensor          // I32 [MaxTokens]
+	argmax                          ml.Tensor          // I32 [MaxTokens] (the device's tokens: argmax or sampled)
+	params                          ml.Tensor          // I32 [ml.SampleParamsWords * MaxTokens]: per-row sampling settings
+	sampler                         ml.SamplingBackend // B when it samples on the device, else nil
+	blocks                          ml.Tensor          // I32, grown on demand
+	gathered, logits                ml.Tensor          // F32 [d, MaxTokens], [vocab, chunk]
 	logitRows                       int
 	graphs                          ml.GraphBackend // nil: the backend cannot replay steps
 	id                              uint64          // namespaces this runner's graph keys on a shared backend
@@ -328,8 +331,9 @@ type Runner struct {
 }
 
 var (
-	_ engine.GreedyModel = (*Runner)(nil)
-	_ engine.GroupModel  = (*Runner)(nil)
+	_ engine.GreedyModel   = (*Runner)(nil)
+	_ engine.GroupModel    = (*Runner)(nil)
+	_ engine.SamplingModel = (*Runner)(nil)
 )
 
 // runnerIDs numbers runners: a captured decode graph bakes in one model's
@@ -354,6 +358,10 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 	m := cfg.MaxTokens
 	r.tokens, r.pos, r.seq = alloc(ml.I32, m), alloc(ml.I32, m), alloc(ml.I32, m)
 	r.slots, r.outIdx, r.argmax = alloc(ml.I32, m), alloc(ml.I32, m), alloc(ml.I32, m)
+	if sb, ok := b.(ml.SamplingBackend); ok && sb.SampleRowsAvailable() {
+		r.sampler = sb
+		r.params = alloc(ml.I32, ml.SampleParamsWords*m)
+	}
 	r.gathered = alloc(ml.F32, cfg.Width, m)
 	// logits are computed at most logitRows rows at a time (bounded memory for big vocabularies)
 	r.logitRows = max(1, min(m, (64<<20)/(4*cfg.Spec.VocabSize)))
@@ -385,7 +393,7 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 }
 
 func (r *Runner) freeStaging() {
-	for _, t := range append([]ml.Tensor{r.tokens, r.pos, r.seq, r.slots, r.outIdx, r.argmax, r.blocks, r.gathered, r.logits}, append(r.gslots, r.gblocks...)...) {
+	for _, t := range append([]ml.Tensor{r.tokens, r.pos, r.seq, r.slots, r.outIdx, r.argmax, r.params, r.blocks, r.gathered, r.logits}, append(r.gslots, r.gblocks...)...) {
 		if t != nil {
 			r.B.Free(t)
 		}
@@ -569,9 +577,18 @@ func (p *Piece) padTables(mb int) {
 	p.MaxBlocks = mb
 }
 
-// head issues the output norm, LM head (and argmax) for gathered rows
-// [lo, lo+m) into the first m rows of the logits (and argmax) buffers.
-func (r *Runner) head(lo, m int, greedy bool) error {
+// pick says what the device does with the logits of a step: nothing
+// (Forward), the argmax (ForwardGreedy), or draws with the per-row settings
+// staged in Runner.params (ForwardSample; filters as ml.SampleFilters).
+type pick struct {
+	greedy, sample bool
+	filters        int
+	specs          []engine.SampleSpec // ForwardSample: per SeqInput
+}
+
+// head issues the output norm, LM head (and argmax or sampling) for gathered
+// rows [lo, lo+m) into the first m rows of the logits (and argmax) buffers.
+func (r *Runner) head(lo, m int, pk *pick) error {
 	rows, err := r.B.Rows(r.gathered, lo, m)
 	if err != nil {
 		return err
@@ -580,16 +597,39 @@ func (r *Runner) head(lo, m int, greedy bool) error {
 	if err := r.Net.Head(lg, rows); err != nil {
 		return err
 	}
-	if greedy {
+	switch {
+	case pk.sample:
+		r.sampler.SampleRows(r.view(r.argmax, m), lg, r.view(r.params, ml.SampleParamsWords*m), pk.filters)
+	case pk.greedy:
 		r.B.Argmax(r.view(r.argmax, m), lg)
 	}
 	return r.B.Err()
 }
 
+// stageParams writes the sampling settings of output rows [lo, lo+m) of p
+// (Host rows: greedy, their token is not used) and returns their filters.
+func (r *Runner) stageParams(p *Piece, lo, m int, specs []engine.SampleSpec) (int, error) {
+	ps := make([]ml.SampleParams, m)
+	for j := range ps {
+		sp := specs[p.OutOwner[lo+j]]
+		if sp.Host {
+			continue
+		}
+		ps[j] = ml.SampleParams{Temperature: sp.Temperature, TopK: int32(max(min(sp.TopK, math.MaxInt32), 0)), TopP: sp.TopP,
+			MinP: sp.MinP, Seed: sp.Seed, Counter: sp.Index}
+	}
+	w := make([]int32, ml.SampleParamsWords*m)
+	ml.PackSampleParams(w, ps)
+	if err := r.B.WriteI32(r.params, w); err != nil {
+		return 0, fmt.Errorf("stage sampling: %w", err)
+	}
+	return ml.SampleFilters(r.cfg.Spec.VocabSize, ps), nil
+}
+
 // Forward runs a batch (see engine.Model).
 func (r *Runner) Forward(ctx context.Context, b *engine.Batch) (*engine.Output, error) {
 	out := &engine.Output{Logits: make([][]float32, len(b.Seqs))}
-	err := r.commErr(r.forward(ctx, b, out, nil))
+	err := r.commErr(r.forward(ctx, b, out, nil, &pick{}))
 	if err != nil {
 		r.B.Sync() //nolint:errcheck // clear the sticky op error so the next step starts clean
 		return nil, err
@@ -608,12 +648,79 @@ func (r *Runner) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, e
 		}
 	}
 	toks := make([]int32, 0, len(b.Seqs))
-	err := r.commErr(r.forward(ctx, b, nil, &toks))
+	err := r.commErr(r.forward(ctx, b, nil, &toks, &pick{greedy: true}))
 	if err != nil {
 		r.B.Sync() //nolint:errcheck // as in Forward
 		return nil, err
 	}
 	return toks, nil
+}
+
+// DeviceSampling reports whether the backend draws tokens on the device
+// (engine.SamplingModel; the CUDA backend with orch_sample_rows).
+func (r *Runner) DeviceSampling() bool { return r.sampler != nil }
+
+// ForwardSample runs a batch and returns one token per sequence drawn on the
+// device with its SampleSpec, and the logits of the Host rows
+// (engine.SamplingModel). Without a device sampler it runs Forward and draws
+// with ml.SampleRowRef on the host (the same tokens up to float rounding).
+func (r *Runner) ForwardSample(ctx context.Context, b *engine.Batch, specs []engine.SampleSpec) ([]int32, *engine.Output, error) {
+	if b == nil || len(specs) != len(b.Seqs) {
+		return nil, nil, fmt.Errorf("ForwardSample: %d specs for a batch of %d sequences: %w", len(specs), len(b.Seqs), sdk.ErrInvalidArgument)
+	}
+	for i, s := range b.Seqs {
+		if s.AllLogits {
+			return nil, nil, fmt.Errorf("sequence %d: ForwardSample with AllLogits: %w", i, sdk.ErrInvalidArgument)
+		}
+	}
+	if r.sampler == nil {
+		out, err := r.Forward(ctx, b)
+		if err != nil {
+			return nil, nil, err
+		}
+		V := r.cfg.Spec.VocabSize
+		toks := make([]int32, len(specs))
+		for i, sp := range specs {
+			if sp.Host || len(out.Logits[i]) < V {
+				continue
+			}
+			row := out.Logits[i][len(out.Logits[i])-V:]
+			toks[i] = ml.SampleRowRef(row, ml.SampleParams{Temperature: sp.Temperature, TopK: int32(max(min(sp.TopK, math.MaxInt32), 0)),
+				TopP: sp.TopP, MinP: sp.MinP, Seed: sp.Seed, Counter: sp.Index})
+			out.Logits[i] = nil
+		}
+		return toks, out, nil
+	}
+	out := &engine.Output{Logits: make([][]float32, len(b.Seqs))}
+	toks := make([]int32, 0, len(b.Seqs))
+	err := r.commErr(r.forward(ctx, b, out, &toks, &pick{sample: true, specs: specs}))
+	if err != nil {
+		r.B.Sync() //nolint:errcheck // as in Forward
+		return nil, nil, err
+	}
+	return toks, out, nil
+}
+
+// hostRows reads the logits of the Host rows among output rows [lo, lo+m)
+// of p into out (one row each: ForwardSample has no AllLogits).
+func (r *Runner) hostRows(p *Piece, lo, m int, specs []engine.SampleSpec, out *engine.Output) error {
+	V := r.cfg.Spec.VocabSize
+	for j := 0; j < m; j++ {
+		owner := p.OutOwner[lo+j]
+		if !specs[owner].Host {
+			continue
+		}
+		row, err := r.B.Rows(r.logits, j, 1)
+		if err != nil {
+			return err
+		}
+		host := make([]float32, V)
+		if err := r.B.ReadF32(row, host); err != nil {
+			return fmt.Errorf("forward: %w", err)
+		}
+		out.Logits[owner] = host
+	}
+	return nil
 }
 
 // commErr is err, or the tensor-parallel group's collective error when
@@ -628,9 +735,10 @@ func (r *Runner) commErr(err error) error {
 	return err
 }
 
-// forward runs b; it appends logits rows to out, or (greedy) the argmax of
-// each returned row to toks, in SeqInput order.
-func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Output, toks *[]int32) error {
+// forward runs b; it appends logits rows to out, or (greedy, sample) the
+// device's token of each returned row to toks, in SeqInput order (sample: and
+// the logits of the Host rows to out).
+func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Output, toks *[]int32, pk *pick) error {
 	spec := r.cfg.Spec
 	if b != nil {
 		for i, s := range b.Seqs {
@@ -666,9 +774,13 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 			}
 			continue
 		}
-		greedy := toks != nil
 		for lo := 0; lo < st.NOut; lo += r.logitRows {
 			m := min(r.logitRows, st.NOut-lo)
+			if pk.sample {
+				if pk.filters, err = r.stageParams(p, lo, m, pk.specs); err != nil {
+					return err
+				}
+			}
 			if lo == 0 {
 				// the layers, then the first logits chunk
 				step := func() error {
@@ -678,7 +790,7 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 					}
 					g := r.view(r.gathered, st.NOut)
 					r.B.Embed(g, h, st.OutIdx, false) // gather the rows whose logits are wanted
-					return r.head(0, m, greedy)
+					return r.head(0, m, pk)
 				}
 				if graph {
 					st.Batch.MaxPos = r.cfg.Spec.ContextLength
@@ -686,22 +798,31 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 						st.GroupBatch[g].MaxPos = r.cfg.Spec.ContextLength
 					}
 					var recErr error
-					err = r.graphs.Run(fmt.Sprintf("runner%d/decode/n=%d/greedy=%t", r.id, st.N, greedy), func() { recErr = step() })
+					key := fmt.Sprintf("runner%d/decode/n=%d/greedy=%t", r.id, st.N, pk.greedy)
+					if pk.sample {
+						key = fmt.Sprintf("runner%d/decode/n=%d/sample=%d", r.id, st.N, pk.filters)
+					}
+					err = r.graphs.Run(key, func() { recErr = step() })
 					err = errors.Join(recErr, err)
 				} else {
 					err = step()
 				}
 			} else {
-				err = r.head(lo, m, greedy)
+				err = r.head(lo, m, pk)
 			}
 			if err != nil {
 				return err
 			}
-			if greedy {
+			if pk.greedy || pk.sample {
 				n := len(*toks)
 				*toks = slices.Grow(*toks, m)[:n+m] // read straight into the result
 				if err := r.B.ReadI32(r.view(r.argmax, m), (*toks)[n:]); err != nil {
 					return fmt.Errorf("forward: %w", err)
+				}
+				if pk.sample {
+					if err := r.hostRows(p, lo, m, pk.specs, out); err != nil {
+						return err
+					}
 				}
 				continue
 			}

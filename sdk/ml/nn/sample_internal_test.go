@@ -1,0 +1,168 @@
+package nn
+
+import (
+	"context"
+	"encoding/binary"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/ml"
+	"github.com/llama-orch/orch/sdk/ml/cpu"
+)
+
+// tokNet: hidden = the tokens' embedding rows, logits = hidden x head.
+type tokNet struct {
+	b           ml.Backend
+	table, head ml.Tensor // F32 [d, vocab]
+	hidden      ml.Tensor // F32 [d, maxTokens]
+}
+
+func (n *tokNet) Hidden(st *Staged) (ml.Tensor, error) {
+	h, err := n.b.Rows(n.hidden, 0, st.N)
+	if err != nil {
+		return nil, err
+	}
+	n.b.Embed(h, n.table, st.Tokens, false)
+	return h, n.b.Err()
+}
+
+func (n *tokNet) Head(dst, rows ml.Tensor) error {
+	n.b.MatMul(dst, rows, n.head, nil)
+	return n.b.Err()
+}
+
+func (n *tokNet) Close() error { return nil }
+
+// hostSampler gives a CPU backend SampleRows through ml.SampleRowRef, so the
+// runner's device-sampling path (params staging, head, Host rows) runs here.
+type hostSampler struct {
+	*cpu.Backend
+	calls, filters int
+}
+
+func (h *hostSampler) SampleRowsAvailable() bool { return true }
+
+func (h *hostSampler) SampleRows(dst, x, params ml.Tensor, filters int) {
+	v, n := x.Shape()[0], x.Len()/x.Shape()[0]
+	lg, w := make([]float32, v*n), make([]int32, ml.SampleParamsWords*n)
+	if h.ReadF32(x, lg) != nil || h.ReadI32(params, w) != nil {
+		panic("hostSampler: read")
+	}
+	out := make([]int32, n)
+	ps := make([]ml.SampleParams, n)
+	for i := range n {
+		ps[i] = unpackSampleParams(w[i*ml.SampleParamsWords:])
+		out[i] = ml.SampleRowRef(lg[i*v:(i+1)*v], ps[i])
+	}
+	if filters < ml.SampleFilters(v, ps) {
+		panic("hostSampler: filters too small for the rows")
+	}
+	h.calls++
+	h.filters = max(h.filters, filters)
+	if h.WriteI32(dst, out) != nil {
+		panic("hostSampler: write")
+	}
+}
+
+func unpackSampleParams(w []int32) ml.SampleParams {
+	return ml.SampleParams{Temperature: math.Float32frombits(uint32(w[0])), TopP: math.Float32frombits(uint32(w[1])),
+		MinP: math.Float32frombits(uint32(w[2])), TopK: w[3], Seed: uint64(uint32(w[4])) | uint64(uint32(w[5]))<<32,
+		Counter: uint64(uint32(w[6])) | uint64(uint32(w[7]))<<32}
+}
+
+func newTokRunner(t *testing.T, b ml.Backend, maxTokens, vocab int) *Runner {
+	const d = 64
+	r := rand.New(rand.NewPCG(3, 4))
+	w := func() ml.Tensor {
+		v := make([]byte, 4*d*vocab)
+		for i := 0; i < len(v); i += 4 {
+			binary.LittleEndian.PutUint32(v[i:], math.Float32bits(float32(r.NormFloat64())))
+		}
+		x, err := b.Weight("w", ml.F32, []int{d, vocab}, v)
+		require.NoError(t, err)
+		return x
+	}
+	hidden, err := b.Alloc(ml.F32, d, maxTokens)
+	require.NoError(t, err)
+	net := &tokNet{b: b, table: w(), head: w(), hidden: hidden}
+	kv, err := NewKVCache(b, ml.F32, 1, 2, 1, 4, 64)
+	require.NoError(t, err)
+	cfg := RunnerConfig{Width: d, MaxTokens: maxTokens}
+	cfg.Spec.VocabSize, cfg.Spec.ContextLength, cfg.Spec.BlockSize, cfg.Spec.NumBlocks = vocab, 256, 4, 64
+	rn, err := NewRunner(b, kv, net, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { rn.Close() })
+	return rn
+}
+
+// ForwardSample: device rows are ml.SampleRowRef of Forward's rows with their
+// (seed, index), greedy rows ForwardGreedy's tokens, Host rows come back as
+// logits; with a device sampler (hostSampler) and without one (the host
+// fallback). Sub-batches (MaxTokens 8 < the batch's tokens) and a prefill
+// chunk mix in.
+func TestForwardSample(t *testing.T) {
+	batch := func() *engine.Batch {
+		blk := func(i int32) []int32 { return []int32{4 * i, 4*i + 1, 4*i + 2, 4*i + 3} }
+		return &engine.Batch{Seqs: []engine.SeqInput{
+			{Tokens: []int32{5, 6, 7, 8, 9, 10}, Pos: 0, Blocks: blk(0)},
+			{Tokens: []int32{11}, Pos: 3, Blocks: blk(1)},
+			{Tokens: []int32{12}, Pos: 2, Blocks: blk(2)},
+			{Tokens: []int32{13}, Pos: 7, Blocks: blk(3)},
+			{Tokens: []int32{14, 15}, Pos: 1, Blocks: blk(4)},
+		}}
+	}
+	specs := []engine.SampleSpec{
+		{Temperature: 1, TopP: 0.9, Seed: 1, Index: 4},
+		{}, // greedy
+		{Host: true},
+		{Temperature: 0.7, TopK: 20, TopP: 0.95, MinP: 0.05, Seed: 2, Index: 9},
+		{Temperature: 1.5, Seed: 3, Index: 0},
+	}
+	for _, dev := range []bool{true, false} {
+		cb := cpu.New(1)
+		var b ml.Backend = cb
+		hs := &hostSampler{Backend: cb}
+		if dev {
+			b = hs
+		}
+		rn := newTokRunner(t, b, 8, 300)
+		assert.Equal(t, dev, rn.DeviceSampling())
+		ctx := context.Background()
+		ref, err := rn.Forward(ctx, batch())
+		require.NoError(t, err)
+		greedy, err := rn.ForwardGreedy(ctx, batch())
+		require.NoError(t, err)
+		toks, out, err := rn.ForwardSample(ctx, batch(), specs)
+		require.NoError(t, err)
+		require.Len(t, toks, len(specs))
+		for i, sp := range specs {
+			switch {
+			case sp.Host:
+				assert.Equal(t, ref.Logits[i], out.Logits[i], "dev=%v: Host row %d: Forward's logits", dev, i)
+			case sp.Temperature == 0:
+				assert.Equal(t, greedy[i], toks[i], "dev=%v: greedy row %d", dev, i)
+				assert.Nil(t, out.Logits[i])
+			default:
+				want := ml.SampleRowRef(ref.Logits[i], ml.SampleParams{Temperature: sp.Temperature, TopK: int32(sp.TopK),
+					TopP: sp.TopP, MinP: sp.MinP, Seed: sp.Seed, Counter: sp.Index})
+				assert.Equal(t, want, toks[i], "dev=%v: row %d", dev, i)
+				assert.Nil(t, out.Logits[i])
+			}
+		}
+		if dev {
+			assert.Positive(t, hs.calls)
+			assert.Equal(t, 3, hs.filters, "top-k and top-p rows: filters 3")
+		}
+		_, _, err = rn.ForwardSample(ctx, batch(), specs[:2])
+		assert.Error(t, err, "one spec per sequence")
+		b2 := batch()
+		b2.Seqs[0].AllLogits = true
+		_, _, err = rn.ForwardSample(ctx, b2, specs)
+		assert.Error(t, err, "AllLogits is refused")
+	}
+}
