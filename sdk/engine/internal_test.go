@@ -141,8 +141,9 @@ func softmax(w []float32, temp float64) []float64 {
 	return out
 }
 
-// nucleusRef is the textbook top-p: sort everything, cut at the mass.
-func nucleusRef(p []float64, topP float64) map[int32]bool {
+// nucleusRef is the textbook top-p: sort everything, cut where the mass
+// reaches target (top_p for normalised p).
+func nucleusRef(p []float64, target float64) map[int32]bool {
 	idx := make([]int32, len(p))
 	for i := range idx {
 		idx[i] = int32(i)
@@ -158,7 +159,7 @@ func nucleusRef(p []float64, topP float64) map[int32]bool {
 	for _, t := range idx {
 		keep[t] = true
 		cum += p[t]
-		if cum >= topP {
+		if cum >= target {
 			break
 		}
 	}
@@ -180,9 +181,16 @@ func TestNucleusMatchesFullSort(t *testing.T) {
 		for i := range idx {
 			idx[i] = int32(i)
 		}
-		pmax := slices.Max(p)
-		got, _ := nucleus(idx, slices.Clone(p), pmax, topP)
-		want := nucleusRef(p, topP)
+		p32 := make([]float32, n) // the sampler's relative probabilities
+		p64 := make([]float64, n)
+		sum, pm := 0.0, slices.Max(p)
+		for i, x := range p {
+			p32[i] = float32(x / pm)
+			p64[i] = float64(p32[i])
+			sum += p64[i]
+		}
+		got, _, _ := nucleus(idx, p32, topP*sum, nil)
+		want := nucleusRef(p64, topP*sum)
 		require.Len(t, got, len(want), "trial %d n %d topP %.3f", trial, n, topP)
 		for _, tk := range got {
 			require.True(t, want[tk])

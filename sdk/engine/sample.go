@@ -31,9 +31,12 @@ type sampler struct {
 	logprobs  bool
 	top       int
 
-	work  []float32
-	idx   []int32
-	probs []float64
+	work   []float32 // scratch, kept between tokens (no allocation per token)
+	idx    []int32
+	probs  []float32 // relative probabilities: dense (a row) or of idx
+	blocks []float64 // dense draw: sums of sampleBlock probabilities
+	sparse []float32
+	sel    []cand
 }
 
 func newSampler(req sdk.GenerateRequest) *sampler {
@@ -162,50 +165,153 @@ func argmax(w []float32) int32 {
 }
 
 // draw samples from temperature-scaled, top-k/top-p/min-p filtered logits.
+//
+// Cost (session 8): this runs over the whole vocabulary for every sampled
+// token (gpt-oss: 201,088 logits), so it works in float32 with relative
+// probabilities p = exp((l - max) / T) (the max has p = 1, so min-p needs no
+// normalisation and top-p compares against top_p x the sum), a polynomial
+// exp (exp32: relative error < 1e-6 where it matters), and skips the exp of every logit with
+// (l - max) / T < -expCut: those probabilities are below e^-40 = 4.2e-18 of
+// the max, so all of them together hold less than V x 4.2e-18 (< 1e-12 for
+// any vocabulary under 2^37) of the mass, far below float32 resolution of the
+// sum. The sum is accumulated in float64. Candidates and probabilities live
+// in buffers the sampler keeps (no allocation per token). The distribution
+// is the float64 version's to ~1e-7; a seeded stream reproduces itself, and
+// the token differs from the float64 version's only where the uniform draw
+// falls within that rounding of a boundary.
 func (s *sampler) draw(w []float32) int32 {
-	invT := 1 / float64(s.p.Temperature)
-	idx := s.idx[:0]
-	if k := s.p.TopK; k > 0 && k < len(w) {
-		idx = topK(w, k, idx)
+	invT := 1 / s.p.Temperature
+	topk := s.p.TopK > 0 && s.p.TopK < len(w)
+	mx := float32(math.Inf(-1))
+	var idx []int32
+	if topk {
+		idx = topK(w, s.p.TopK, s.idx[:0])
+		for _, t := range idx {
+			mx = max(mx, w[t])
+		}
 	} else {
-		for i, v := range w {
-			if !math.IsInf(float64(v), -1) && !math.IsNaN(float64(v)) {
-				idx = append(idx, int32(i))
+		for _, v := range w {
+			if v > mx { // (NaN never: the builtin max would propagate it)
+				mx = v
 			}
 		}
 	}
-	if len(idx) == 0 {
-		return argmax(w)
+	if !(mx > float32(math.Inf(-1))) {
+		return argmax(w) // no candidate
 	}
-	// softmax over the candidates; probs is indexed like idx.
-	maxv := math.Inf(-1)
-	for _, t := range idx {
-		maxv = max(maxv, float64(w[t])*invT)
+	if math.IsInf(float64(mx), 1) || topk {
+		// sparse candidates: top-k's, or the +Inf logits (they share all the mass)
+		if !topk {
+			idx = s.idx[:0]
+			for i, v := range w {
+				if v == mx {
+					idx = append(idx, int32(i))
+				}
+			}
+		}
+		probs := s.probs[:0]
+		j := 0
+		inf := math.IsInf(float64(mx), 1)
+		for _, t := range idx {
+			x := (w[t] - mx) * invT
+			if inf && w[t] == mx {
+				x = 0
+			}
+			if x >= -expCut { // (with +Inf logits only they pass: the others' x is -Inf or NaN)
+				idx[j] = t
+				probs = append(probs, exp32(x))
+				j++
+			}
+		}
+		s.probs = probs
+		return s.drawSparse(idx[:j], probs)
 	}
-	probs := s.probs[:0]
+	// dense: the relative probability of every logit (0 when skipped, NaN, -Inf)
+	probs := slices.Grow(s.probs[:0], len(w))[:len(w)]
+	nb := (len(w) + sampleBlock - 1) / sampleBlock
+	blocks := slices.Grow(s.blocks[:0], nb)[:nb]
 	sum := 0.0
-	for _, t := range idx {
-		x := float64(w[t]) * invT
-		var p float64
-		if math.IsInf(maxv, 1) { // +Inf logits (or overflow at a tiny temperature) share all the mass
-			if math.IsInf(x, 1) {
-				p = 1
+	for b := range nb {
+		lo, hi := b*sampleBlock, min((b+1)*sampleBlock, len(w))
+		var acc [4]float64 // four chains: the float64 adds need not wait for each other
+		for i := lo; i < hi; i++ {
+			p := float32(0)
+			// NaN and -Inf fail the comparison: never candidates
+			if x := (w[i] - mx) * invT; x >= -expCut {
+				p = exp32(x)
 			}
-		} else {
-			p = math.Exp(x - maxv)
+			probs[i] = p
+			acc[i&3] += float64(p)
 		}
-		probs = append(probs, p)
-		sum += p
+		blocks[b] = (acc[0] + acc[1]) + (acc[2] + acc[3])
+		sum += blocks[b]
 	}
-	pmax := 0.0
-	for i := range probs {
-		probs[i] /= sum
-		pmax = max(pmax, probs[i])
+	s.probs, s.blocks = probs, blocks
+	tp, mp := float64(s.p.TopP), s.p.MinP
+	if tp > 0 && tp < 1 {
+		// the nucleus: few candidates, as a sparse list in nucleus order
+		var sel []cand
+		sel, s.sel = nucleusDense(probs, tp*sum, s.sel)
+		idx, sp := s.idx[:0], s.sparse[:0]
+		for _, c := range sel {
+			if c.p >= mp { // min-p: p_max is 1 (the max logit), which the nucleus always holds
+				idx, sp = append(idx, c.t), append(sp, c.p)
+			}
+		}
+		s.sparse = sp
+		return s.drawSparse(idx, sp)
 	}
-	if tp := float64(s.p.TopP); tp > 0 && tp < 1 {
-		idx, probs = nucleus(idx, probs, pmax, tp)
+	if mp > 0 {
+		idx, sp := s.idx[:0], s.sparse[:0]
+		for i, p := range probs {
+			if p >= mp {
+				idx, sp = append(idx, int32(i)), append(sp, p)
+			}
+		}
+		s.sparse = sp
+		return s.drawSparse(idx, sp)
 	}
-	if mp := float64(s.p.MinP); mp > 0 {
+	// the draw over the dense row: find the block, then the token
+	u := s.rng.Float64() * sum
+	for b, bs := range blocks {
+		if u >= bs && b < nb-1 {
+			u -= bs
+			continue
+		}
+		lo, hi := b*sampleBlock, min((b+1)*sampleBlock, len(w))
+		last := int32(-1)
+		for i := lo; i < hi; i++ {
+			if probs[i] > 0 {
+				u -= float64(probs[i])
+				last = int32(i)
+				if u < 0 {
+					return last
+				}
+			}
+		}
+		if last >= 0 {
+			return last // rounding left u >= 0 at the end of the block
+		}
+	}
+	return argmax(w)
+}
+
+// drawSparse draws from candidates idx with relative probabilities probs
+// (top-k, min-p: after top-p and min-p filtering in that order), in their
+// order. It keeps the buffers for the next token.
+func (s *sampler) drawSparse(idx []int32, probs []float32) int32 {
+	if tp := float64(s.p.TopP); tp > 0 && tp < 1 && s.p.TopK > 0 {
+		total := 0.0
+		for _, p := range probs {
+			total += float64(p)
+		}
+		idx, probs, s.sel = nucleus(idx, probs, tp*total, s.sel)
+	}
+	if mp := s.p.MinP; mp > 0 && s.p.TopK > 0 {
+		pmax := float32(0)
+		for _, p := range probs {
+			pmax = max(pmax, p)
+		}
 		thr := mp * pmax
 		j := 0
 		for i := range idx {
@@ -216,22 +322,41 @@ func (s *sampler) draw(w []float32) int32 {
 		}
 		idx, probs = idx[:j], probs[:j]
 	}
-	s.idx, s.probs = idx, probs
+	s.idx = idx
 	if len(idx) == 0 {
-		return argmax(w)
+		return 0
 	}
 	total := 0.0
 	for _, p := range probs {
-		total += p
+		total += float64(p)
 	}
 	u := s.rng.Float64() * total
 	for i, p := range probs {
-		u -= p
+		u -= float64(p)
 		if u < 0 {
 			return idx[i]
 		}
 	}
 	return idx[len(idx)-1]
+}
+
+// sampleBlock: the dense draw keeps a float64 sum per this many logits.
+const sampleBlock = 256
+
+// expCut: draw skips the exp of logits with (l - max) / T below -expCut
+// (relative probability < e^-40; see draw).
+const expCut = 40
+
+// exp32 is e^x for x in [-expCut, 0] in float32 (relative error < 3e-6,
+// < 1e-6 above -10; exp32(0) = 1 exactly): 2^k x 2^f with k = round(x log2 e), |f| <= 1/2,
+// 2^f by its Taylor series to degree 7 in f ln 2 (truncation < 6e-9). It is
+// written out because math.Exp (float64) was most of the sampler's time.
+func exp32(x float32) float32 {
+	t := x * 1.442695040888963
+	k := int32(t - 0.5) // t <= 0: truncation of t - 1/2 rounds t to the nearest integer
+	f := (t - float32(k)) * 0.6931471805599453
+	p := 1 + f*(1+f*(1.0/2+f*(1.0/6+f*(1.0/24+f*(1.0/120+f*(1.0/720+f*(1.0/5040)))))))
+	return math.Float32frombits(math.Float32bits(p) + uint32(k)<<23)
 }
 
 // topK returns, in dst's storage, the indices of the k largest finite values
@@ -283,25 +408,26 @@ func topK(w []float32, k int, dst []int32) []int32 {
 }
 
 // nucleus keeps the smallest set of most probable candidates whose mass
-// reaches topP. Instead of sorting the whole vocabulary it sorts only the
+// reaches target (top_p x the candidates' mass; probs need not be
+// normalised). Instead of sorting the whole vocabulary it sorts only the
 // candidates above a threshold, lowering the threshold until they hold at
-// least topP of the mass; those always contain the nucleus.
-func nucleus(idx []int32, probs []float64, pmax, topP float64) ([]int32, []float64) {
-	type cand struct {
-		t int32
-		p float64
+// least target; those always contain the nucleus. sel is scratch (returned
+// for reuse).
+func nucleus(idx []int32, probs []float32, target float64, sel []cand) ([]int32, []float32, []cand) {
+	pmax := float32(0)
+	for _, p := range probs {
+		pmax = max(pmax, p)
 	}
-	var sel []cand
 	for thr := pmax / 64; ; thr /= 64 {
 		sel = sel[:0]
 		mass := 0.0
 		for i, p := range probs {
 			if p >= thr {
 				sel = append(sel, cand{idx[i], p})
-				mass += p
+				mass += float64(p)
 			}
 		}
-		if mass >= topP || len(sel) == len(idx) || !(thr > 1e-300) { // (NaN-safe)
+		if mass >= target || len(sel) == len(idx) || !(thr > 0) { // (NaN-safe)
 			break
 		}
 	}
@@ -316,12 +442,55 @@ func nucleus(idx []int32, probs []float64, pmax, topP float64) ([]int32, []float
 	for _, c := range sel {
 		idx = append(idx, c.t)
 		probs = append(probs, c.p)
-		cum += c.p
-		if cum >= topP {
+		cum += float64(c.p)
+		if cum >= target {
 			break
 		}
 	}
-	return idx, probs
+	return idx, probs, sel
+}
+
+// nucleusDense is nucleus over a dense row of relative probabilities
+// (index = token); it returns the nucleus in order (most probable first) in
+// sel's storage, and sel for reuse.
+func nucleusDense(probs []float32, target float64, sel []cand) ([]cand, []cand) {
+	pmax := float32(0)
+	for _, p := range probs {
+		pmax = max(pmax, p)
+	}
+	for thr := pmax / 64; ; thr /= 64 {
+		sel = sel[:0]
+		mass := 0.0
+		for i, p := range probs {
+			if p >= thr && p > 0 {
+				sel = append(sel, cand{int32(i), p})
+				mass += float64(p)
+			}
+		}
+		if mass >= target || !(thr > 0) {
+			break
+		}
+	}
+	slices.SortFunc(sel, func(a, b cand) int {
+		if c := cmp.Compare(b.p, a.p); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.t, b.t)
+	})
+	cum := 0.0
+	for i, c := range sel {
+		cum += float64(c.p)
+		if cum >= target {
+			return sel[:i+1], sel
+		}
+	}
+	return sel, sel
+}
+
+// cand is a nucleus candidate.
+type cand struct {
+	t int32
+	p float32
 }
 
 // logprobInfo computes the chosen token's logprob and the top alternatives
