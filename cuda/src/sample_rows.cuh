@@ -57,6 +57,14 @@ __host__ __device__ inline uint32_t sr_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The float of a key (sr_key's inverse).
+__host__ __device__ inline float sr_unkey(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
 __host__ __device__ inline bool sr_greedy(const orch_sample_params &p) { return !(p.temperature >= SR_MIN_TEMP); }
 __host__ __device__ inline bool sr_topk(const orch_sample_params &p, int64_t V) { return p.top_k > 0 && p.top_k < V; }
 __host__ __device__ inline bool sr_topp(const orch_sample_params &p) { return p.top_p > 0.f && p.top_p < 1.f; }
@@ -306,6 +314,12 @@ srows_draw_kernel(int32_t *out, const float *logits, int64_t V, const orch_sampl
   sr_slice(V, part, P, b0, b1);
   float best = -INFINITY;
   int64_t bi = INT64_MAX;
+  // The CTA's best value so far (order-preserving key, atomicMax): a lower bound of the slice's winner, so an
+  // element whose l / T + SR_GUMBEL_MAX is below it cannot win (the noise is computed for few elements once a
+  // likely token has been seen; exact: such an element's value is strictly below the winner's).
+  __shared__ unsigned s_best;
+  if (threadIdx.x == 0) s_best = sr_key(-INFINITY);
+  __syncthreads();
   if (greedy) {
     for (int64_t i = b0 + threadIdx.x; i < b1; i += SR_THREADS) sr_pick(best, bi, lr[i], i);
   } else {
@@ -313,8 +327,14 @@ srows_draw_kernel(int32_t *out, const float *logits, int64_t V, const orch_sampl
       const float l = lr[i];
       if (!(l > -INFINITY) || !(l >= cut) || sr_key(l) < thr) continue;
       const float s = l * invT;
-      if (s + SR_GUMBEL_MAX < best) continue; // cannot win: skip the hash and the logs
-      sr_pick(best, bi, s + sr_gumbel(base, i), i);
+      const float floor = fmaxf(best, sr_unkey(*(volatile unsigned *)&s_best));
+      if (s + SR_GUMBEL_MAX < floor) continue; // cannot win: skip the hash and the logs
+      const float v = s + sr_gumbel(base, i);
+      if (v > best || (v == best && i < bi)) {
+        best = v;
+        bi = i;
+        if (v > -INFINITY) atomicMax(&s_best, sr_key(v));
+      }
     }
   }
   sr_pick_block(best, bi);

@@ -42,6 +42,11 @@ inline unsigned long long atomicAdd(unsigned long long *a, unsigned long long v)
   *a += v;
   return old;
 }
+inline unsigned atomicMax(unsigned *a, unsigned v) {
+  const unsigned old = *a;
+  *a = old > v ? old : v;
+  return old;
+}
 inline long long __shfl_xor_sync(unsigned m, long long v, int o) {
   return __shfl_sync(m, v, (int)(threadIdx.x & 31) ^ o);
 }
@@ -255,6 +260,7 @@ int main() {
     EXPECT(g_sr_cnt[i] == 0 && g_sr_mass[i] == 0, "histogram bin %d left dirty", i);
     if (g_sr_cnt[i] || g_sr_mass[i]) break;
   }
+  for (float f : {-INFINITY, -3.5f, -0.f, 0.f, 1e-30f, 2.f, INFINITY}) EXPECT(sr_unkey(sr_key(f)) == f, "unkey(key(%g))", f);
   for (int i = 0; i < SR_MAX_ROWS; i++) EXPECT(g_sr_ticket[i] == 0, "ticket %d left at %u", i, g_sr_ticket[i]);
   if (fails) {
     std::printf("%d failures\n", fails);
