@@ -37,6 +37,9 @@ type sampler struct {
 	blocks []float64 // dense draw: sums of sampleBlock probabilities
 	sparse []float32
 	sel    []cand
+	// drawNucleus: mass per probability bucket, a bucket's sorted entries
+	hist    []float64
+	scratch []cand
 }
 
 func newSampler(req sdk.GenerateRequest) *sampler {
@@ -249,17 +252,10 @@ func (s *sampler) draw(w []float32) int32 {
 	s.probs, s.blocks = probs, blocks
 	tp, mp := float64(s.p.TopP), s.p.MinP
 	if tp > 0 && tp < 1 {
-		// the nucleus: few candidates, as a sparse list in nucleus order
-		var sel []cand
-		sel, s.sel = nucleusDense(probs, tp*sum, s.sel)
-		idx, sp := s.idx[:0], s.sparse[:0]
-		for _, c := range sel {
-			if c.p >= mp { // min-p: p_max is 1 (the max logit), which the nucleus always holds
-				idx, sp = append(idx, c.t), append(sp, c.p)
-			}
+		if tok, ok := s.drawNucleus(probs, tp*sum, mp); ok {
+			return tok
 		}
-		s.sparse = sp
-		return s.drawSparse(idx, sp)
+		return argmax(w) // min-p above 1 keeps nothing
 	}
 	if mp > 0 {
 		idx, sp := s.idx[:0], s.sparse[:0]
@@ -294,6 +290,148 @@ func (s *sampler) draw(w []float32) int32 {
 		}
 	}
 	return argmax(w)
+}
+
+// nucleusShift: drawNucleus buckets probabilities by their float bits above
+// this (sign 0, 8 exponent and 4 mantissa bits: buckets ordered like the
+// values, each within a factor 1 + 1/16).
+const nucleusShift = 19
+
+// drawNucleus draws from the top-p nucleus of a dense row of relative
+// probabilities (the smallest set, by decreasing probability and then id,
+// whose mass reaches target), then min-p, walking it in that order as the
+// sparse nucleus does — without sorting the row: probabilities are bucketed
+// by their top float bits, only the bucket where the mass from the top
+// reaches target is sorted to cut the nucleus, and the draw sorts only the
+// bucket its uniform falls in (a flat distribution's nucleus can hold most
+// of a 200k vocabulary). ok is false when min-p keeps nothing.
+func (s *sampler) drawNucleus(probs []float32, target float64, mp float32) (int32, bool) {
+	nb := int(math.Float32bits(1)>>nucleusShift) + 1
+	hist := slices.Grow(s.hist[:0], nb)[:nb]
+	clear(hist)
+	for _, p := range probs {
+		if p > 0 {
+			hist[math.Float32bits(p)>>nucleusShift] += float64(p)
+		}
+	}
+	s.hist = hist
+	c, above := nb-1, 0.0 // the bucket where the nucleus ends, the mass above it
+	for ; c > 0 && above+hist[c] < target; c-- {
+		above += hist[c]
+	}
+	sc := s.bucket(probs, c, s.sel[:0])
+	cum, m := above, 0
+	for m < len(sc) {
+		cum += float64(sc[m].p)
+		m++
+		if cum >= target {
+			break
+		}
+	}
+	sc = sc[:m]
+	s.sel = sc
+	if mp > 0 {
+		if mp > 1 {
+			return 0, false
+		}
+		if int(math.Float32bits(mp)>>nucleusShift) > c {
+			// min-p cuts inside the buckets above the nucleus's last: its set, sorted
+			sel := s.sel[:0]
+			for i, p := range probs {
+				if p >= mp {
+					sel = append(sel, cand{int32(i), p})
+				}
+			}
+			sortCands(sel)
+			s.sel = sel
+			total := 0.0
+			for _, cd := range sel {
+				total += float64(cd.p)
+			}
+			return walk(sel, s.rng.Float64()*total), true
+		}
+		for k, cd := range sc { // sorted: keep the prefix >= mp
+			if cd.p < mp {
+				sc = sc[:k]
+				break
+			}
+		}
+	}
+	total := above
+	for _, cd := range sc {
+		total += float64(cd.p)
+	}
+	u := s.rng.Float64() * total
+	for b := nb - 1; b > c; b-- {
+		if hist[b] == 0 {
+			continue
+		}
+		if u < hist[b] {
+			return s.walkBucket(probs, b, u), true
+		}
+		u -= hist[b]
+	}
+	if len(sc) == 0 { // rounding ran past the buckets above
+		return s.walkBucket(probs, c+1, 0), true
+	}
+	for _, cd := range sc {
+		u -= float64(cd.p)
+		if u < 0 {
+			return cd.t, true
+		}
+	}
+	return sc[len(sc)-1].t, true
+}
+
+// bucket appends bucket b's entries of probs to dst, sorted by decreasing
+// probability, then id.
+func (s *sampler) bucket(probs []float32, b int, dst []cand) []cand {
+	for i, p := range probs {
+		if p > 0 && int(math.Float32bits(p)>>nucleusShift) == b {
+			dst = append(dst, cand{int32(i), p})
+		}
+	}
+	sortCands(dst)
+	return dst
+}
+
+// walkBucket returns the token of bucket b (or, when b is empty, the next
+// non-empty bucket above it) where u, the uniform's offset into the bucket,
+// falls.
+func (s *sampler) walkBucket(probs []float32, b int, u float64) int32 {
+	nb := len(s.hist)
+	for ; b < nb && s.hist[b] == 0; b++ {
+	}
+	if b >= nb {
+		return argmax(probs)
+	}
+	sel := s.bucket(probs, b, s.scratch[:0])
+	s.scratch = sel
+	return walk(sel, u)
+}
+
+// walk returns the candidate where u (an offset into their mass) falls,
+// the last one when rounding leaves u past the end.
+func walk(sel []cand, u float64) int32 {
+	if len(sel) == 0 {
+		return 0
+	}
+	for _, cd := range sel {
+		u -= float64(cd.p)
+		if u < 0 {
+			return cd.t
+		}
+	}
+	return sel[len(sel)-1].t
+}
+
+func sortCands(sel []cand) {
+	slices.SortFunc(sel, func(a, b cand) int {
+		if c := cmp.Compare(b.p, a.p); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.t, b.t)
+	})
 }
 
 // drawSparse draws from candidates idx with relative probabilities probs
@@ -448,43 +586,6 @@ func nucleus(idx []int32, probs []float32, target float64, sel []cand) ([]int32,
 		}
 	}
 	return idx, probs, sel
-}
-
-// nucleusDense is nucleus over a dense row of relative probabilities
-// (index = token); it returns the nucleus in order (most probable first) in
-// sel's storage, and sel for reuse.
-func nucleusDense(probs []float32, target float64, sel []cand) ([]cand, []cand) {
-	pmax := float32(0)
-	for _, p := range probs {
-		pmax = max(pmax, p)
-	}
-	for thr := pmax / 64; ; thr /= 64 {
-		sel = sel[:0]
-		mass := 0.0
-		for i, p := range probs {
-			if p >= thr && p > 0 {
-				sel = append(sel, cand{int32(i), p})
-				mass += float64(p)
-			}
-		}
-		if mass >= target || !(thr > 0) {
-			break
-		}
-	}
-	slices.SortFunc(sel, func(a, b cand) int {
-		if c := cmp.Compare(b.p, a.p); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.t, b.t)
-	})
-	cum := 0.0
-	for i, c := range sel {
-		cum += float64(c.p)
-		if cum >= target {
-			return sel[:i+1], sel
-		}
-	}
-	return sel, sel
 }
 
 // cand is a nucleus candidate.

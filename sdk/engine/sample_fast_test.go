@@ -26,7 +26,11 @@ func TestSamplerMatchesFloat64(t *testing.T) {
 		{5000, 4, sdk.SamplingParams{Temperature: 1.7, TopK: 200, TopP: 0.8}},
 		{5000, 1, sdk.SamplingParams{Temperature: 1, MinP: 0.05}},
 		{5000, 3, sdk.SamplingParams{Temperature: 0.8, TopK: 40, TopP: 0.95, MinP: 0.02}},
-		{300, 30, sdk.SamplingParams{Temperature: 0.05}}, // most relative probabilities below e^-40: skipped
+		{300, 30, sdk.SamplingParams{Temperature: 0.05}},                      // most relative probabilities below e^-40: skipped
+		{5000, 2, sdk.SamplingParams{Temperature: 1, TopP: 0.95, MinP: 0.3}},  // min-p cuts above the nucleus's last bucket
+		{5000, 2, sdk.SamplingParams{Temperature: 1, TopP: 0.5, MinP: 0.001}}, // min-p inside or below it
+		{8000, 0.3, sdk.SamplingParams{Temperature: 1, TopP: 0.9}},            // flat: the nucleus is most of the row
+		{8000, 0.3, sdk.SamplingParams{Temperature: 1, TopP: 0.9, MinP: 0.7}}, // flat, min-p in the top buckets
 		{201088, 2.5, sdk.SamplingParams{Temperature: 1, TopP: 0.9}},
 	} {
 		w := make([]float32, c.v)
