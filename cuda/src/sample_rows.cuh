@@ -223,6 +223,7 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
       atomicAdd(&g_sr_cnt[row * SR_BINS + b], s_cnt[b]);
       atomicAdd(&g_sr_mass[row * SR_BINS + b], s_mass[b]);
     }
+  __threadfence(); // every thread's adds before the ticket (sr_last fences thread 0 only)
   __syncthreads();
   if (!sr_last(row, P)) return;
   // The row's last CTA: take the histogram (and clear it for the next pass), then find the bin.
