@@ -149,8 +149,44 @@ static size_t moe13_smem(int64_t rb, int nmat, int nred) {
   return (size_t)nmat * 16 * rb + (size_t)MOE13_TT * MOE13_W * 32 * nred * 4 + MOE13_MAX_N * 4;
 }
 
+// cp.async.wait_group with the number of newer groups that may stay in flight (0..2; more: wait for all).
+__device__ __forceinline__ void moe13_cp_wait_n(int newer) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if (newer >= 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
+  else if (newer == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
+  else asm volatile("cp.async.wait_group 0;" ::: "memory");
+#else
+  (void)newer;
+#endif
+}
+// ORCH_CUDA_MOE13_PIPE=1 (opt-in): gate_up13 copies its tiles in one
+// commit group per round of v9's blocks (32 blocks: the 16-byte pieces that
+// hold round q's bytes of each of the 32 rows, a piece shared with round q-1
+// copied with round q-1), and computes round q once its group has landed.
+// Pieces of round q of the 2 x 16 rows (tile offsets; rb: row bytes) from
+// blocks [b0, b1): row i's bytes [i rb + b0 BB, i rb + b1 BB); its first
+// piece is skipped when it starts inside round q-1's last piece, and a row's
+// last piece, when it holds the next row's first bytes, goes with that row's
+// round 0 (every piece is copied once, in the earliest round that needs it).
+__device__ __forceinline__ void moe13_copy_round(uint8_t *sg, uint8_t *su, const uint8_t *g, const uint8_t *u, int rb,
+                                                 int b0, int b1, int nch) {
+  constexpr int BB = type_block_bytes(ORCH_T_MXFP4);
+  const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
+  for (int i = warp; i < 32; i += MOE13_W) { // rows: gate 0..15, up 16..31
+    const int r = i & 15;
+    const int lo = r * rb + b0 * BB, hi = r * rb + (b1 < nch ? b1 * BB : rb); // last round: to the row's end
+    // the last piece of a row's last round, when it also holds the next row's start, goes with that row's round 0
+    const bool shared_end = b1 >= nch && r < 15 && (hi & 15) != 0;
+    const int p0 = (b0 == 0 || (lo & 15) == 0) ? lo >> 4 : (lo >> 4) + 1, p1 = ((hi - 1) >> 4) - (shared_end ? 1 : 0);
+    uint8_t *d = i < 16 ? sg : su;
+    const uint8_t *src = i < 16 ? g : u;
+    for (int p = p0 + lane; p <= p1; p += 32) moe13_cp16(d + 16 * p, src + 16 * p);
+  }
+}
+
 // gate_up: rows [16 bx, 16 bx + 16) of the y-th used expert; x staged by the
 // route kernel (token t at xg + t * xs words: chunks, then 1/scales).
+template <bool PIPE>
 __global__ void __launch_bounds__(MOE13_W * 32, 3)
 moe_gate_up13_kernel(uint16_t *__restrict__ acth, const uint32_t *xg, int xs, const uint8_t *__restrict__ wg,
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
@@ -167,19 +203,27 @@ moe_gate_up13_kernel(uint16_t *__restrict__ acth, const uint32_t *xg, int xs, co
   float *red = reinterpret_cast<float *>(sm + 2 * tb);
   int *list = reinterpret_cast<int *>(red + MOE13_TT * MOE13_W * 32 * 8);
   const int64_t base = ((int64_t)e * m + (int64_t)blockIdx.x * 16) * rb;
-  moe13_copy_tile(sg, wg + base, tb / 16);
-  moe13_copy_tile(su, wu + base, tb / 16);
-  moe13_cp_commit();
+  const int nch = k / 32;
+  constexpr int BB = type_block_bytes(ORCH_T_MXFP4), NB = MOE9_NB, RB = MOE13_W * NB; // RB: blocks per round
+  const int rounds = (nch + RB - 1) / RB;
+  if constexpr (PIPE) {
+    for (int q = 0; q < rounds; q++) {
+      moe13_copy_round(sg, su, wg + base, wu + base, rb, q * RB, (q + 1) * RB, nch);
+      moe13_cp_commit();
+    }
+  } else {
+    moe13_copy_tile(sg, wg + base, tb / 16);
+    moe13_copy_tile(su, wu + base, tb / 16);
+    moe13_cp_commit();
+  }
   const int tid = (int)threadIdx.x;
   if (tid < cnt) list[tid] = tab[MOE13_TAB_LIST + off + tid];
   // the epilogue's biases (thread: row (tid >> 3) & 15)
   const int R = (int)blockIdx.x * 16 + ((tid >> 3) & 15);
   const float gbv = gb ? gb[(int64_t)e * m + R] : 0.f, ubv = ub ? ub[(int64_t)e * m + R] : 0.f;
-  moe13_cp_wait();
-  __syncthreads();
+  if constexpr (!PIPE) moe13_cp_wait();
+  __syncthreads(); // list (and, without PIPE, the tiles)
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int nch = k / 32;
-  constexpr int BB = type_block_bytes(ORCH_T_MXFP4), NB = MOE9_NB;
   const float *xinv0 = reinterpret_cast<const float *>(xg) + nch * DEC16_XW; // token 0's 1/scales
   for (int t0 = 0; t0 < cnt; t0 += 8 * MOE13_TT) {
     int xo[MOE13_TT], ta0[MOE13_TT], ta1[MOE13_TT], nt[MOE13_TT]; // 32-bit offsets: fewer registers than pointers
@@ -196,7 +240,11 @@ moe_gate_up13_kernel(uint16_t *__restrict__ acth, const uint32_t *xg, int xs, co
     for (int j = 0; j < MOE13_TT; j++)
 #pragma unroll
       for (int q = 0; q < 4; q++) ag[j][q] = au[j][q] = 0.f;
-    for (int c0 = 0; c0 < nch; c0 += MOE13_W * NB) { // v9's blocks per warp, in v9's order
+    for (int c0 = 0; c0 < nch; c0 += RB) { // v9's blocks per warp, in v9's order
+      if (PIPE && t0 == 0) { // round c0 / RB's group (uniform over the CTA)
+        moe13_cp_wait_n(rounds - 1 - c0 / RB);
+        __syncthreads();
+      }
 #pragma unroll
       for (int i = 0; i < NB; i++) {
         const int c = c0 + warp * NB + i;
@@ -399,6 +447,10 @@ static int moe13_auto_from() {
   const int f = v ? atoi(v) : 0;
   return f >= 2 ? f : MOE13_MAX_N + 1;
 }
+static bool moe13_pipe() {
+  const char *v = getenv("ORCH_CUDA_MOE13_PIPE");
+  return v && std::strcmp(v, "1") == 0;
+}
 static bool moe13_on(const orch_ctx *ctx, int64_t n) {
   return moe13_pinned() ? n >= 2 : ctx->moe_auto && n >= moe13_auto_from();
 }
@@ -446,7 +498,7 @@ static void launch_decode13(cudaStream_t st, float *out, const float *x, const f
   {
     const int rb = (int)orch_row_bytes(T, dim);
     const size_t sm = moe13_smem(rb, 2, 8);
-    auto kern = moe_gate_up13_kernel;
+    auto kern = moe13_pipe() ? moe_gate_up13_kernel<true> : moe_gate_up13_kernel<false>;
     if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     DEC16_LAUNCH_PDL(kern, dim3((unsigned)(ff / 16), ge), MOE13_W * 32, sm, st, reinterpret_cast<uint16_t *>(act), xg,
                      moe10_xstride(dim / 32), wg, wu, gb, ub, tab, n_slots, dim, ff, rb, alpha, limit, sc);

@@ -653,6 +653,14 @@ static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     for (int p = 0; p < np; p++) EXPECT(seen[(size_t)p] == 1, "pair %d listed %d times", p, seen[(size_t)p]);
     if (skew) EXPECT(U == topk && tab[MOE13_TAB_CNT] == n, "skewed: %d experts, %d pairs on the first", U, tab[MOE13_TAB_CNT]);
   }
+  const bool pipe = full || dim > 1024;
+  if (pipe) { // ORCH_CUDA_MOE13_PIPE=1: gate_up13's tiles copied round by round: the same bits
+    std::vector<float> op;
+    setenv("ORCH_CUDA_MOE13_PIPE", "1", 1);
+    EXPECT(run13(0, t, n, limit, nullptr, nullptr, &op, nullptr) == ORCH_OK, "moe_decode v13 (pipe): %s", g_err);
+    unsetenv("ORCH_CUDA_MOE13_PIPE");
+    EXPECT(std::memcmp(o13.data(), op.data(), o13.size() * 4) == 0, "v13 with ORCH_CUDA_MOE13_PIPE=1 differs");
+  }
   if (full) { // (the emulation of each launch is slow: once)
     EXPECT(run13(0, t, n, limit, nullptr, nullptr, &o13b, nullptr) == ORCH_OK, "moe_decode v13 (again): %s", g_err);
     EXPECT(std::memcmp(o13.data(), o13b.data(), o13.size() * 4) == 0, "v13: a second call differs");
@@ -715,9 +723,9 @@ static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     EXPECT(rca == ORCH_ERR_UNSUPPORTED || n >= MOE10_AUTO_MIN_N, "unpinned below ORCH_CUDA_MOE13_FROM: rc %d", rca);
   }
   std::printf("MoE v13 MXFP4 dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d%s: %d experts; ids = top-k of the float64 "
-              "logits, output = v9's bit for bit (relative error %.2e), table, tickets%s\n",
+              "logits, output = v9's bit for bit (relative error %.2e), table, tickets%s%s\n",
               (long long)dim, (long long)ff, topk, ne, n, bias, skew ? " skewed" : "", tab[0], err,
-              full ? "; second call, stale read, declines ok" : "");
+              full ? "; second call, stale read, declines ok" : "", pipe ? "; PIPE=1 bit-identical" : "");
 }
 
 static void test_decode13_cases() {

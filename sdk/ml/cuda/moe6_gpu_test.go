@@ -34,7 +34,7 @@ func TestMoEVersions(t *testing.T) {
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold", "TestMoEDecode13"}
 	for _, v := range []string{"ORCH_CUDA_MOE=v4", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v9", "ORCH_CUDA_MOE=v10",
-		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE13_FROM=9"} {
+		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=9"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields(v)...)
 		outp, err := cmd.CombinedOutput()
@@ -72,6 +72,7 @@ func TestPerfMoEVersions(t *testing.T) {
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=",
 				// session 8: MoE v13 (2..64 tokens), and the default route with v13 from 9 tokens
 				"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE= ORCH_CUDA_MOE13_FROM=9",
+				"ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", // gate_up13's tiles copied round by round
 				// the post-attention AddRMSNorm folded into the route kernel (S7, default): norm+moe rows without it
 				"ORCH_CUDA_MOE= ORCH_CUDA_MOE_NORM=0",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
@@ -98,7 +99,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		ns = []int{1, 2, 4, 8, 9, 12, 16, 24, 32, 40, 64} // session 8: the 9..64-token steps
 	}
 	label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM"} {
+	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM", "ORCH_CUDA_MOE13_PIPE"} {
 		if e := os.Getenv(v); e != "" {
 			label += " " + v + "=" + e
 		}
