@@ -258,7 +258,7 @@ extern "C" int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits
     const orch_sample_params *pr = params + r0;
     if (filters > 0) {
       orch_launch_pdl(srows_max_kernel, dim3((unsigned)P, rows), dim3(SR_THREADS), 0, ctx->stream, l, vocab, pr);
-      for (int pass = 0; pass < 3 * (filters - 1); pass++)
+      for (int pass = 0; pass < SR_PASSES * (filters - 1); pass++)
         orch_launch_pdl(srows_hist_kernel, dim3((unsigned)P, rows), dim3(SR_THREADS), 0, ctx->stream, l, vocab, pr);
     }
     orch_launch_pdl(srows_draw_kernel, dim3((unsigned)P, rows), dim3(SR_THREADS), 0, ctx->stream, out + r0, l, vocab,

@@ -7,14 +7,17 @@
 // slice each, as argmax_split_kernel), the row's last CTA finishing the row (atomicInc ticket wrapping to 0 by
 // itself: graph-safe). Launches, all grid (P, rows <= SR_MAX_ROWS):
 //  1. srows_max_kernel (only when a row has a filter): the row max M (for the probabilities and min-p).
-//  2. srows_hist_kernel, 3 launches per filter search (top-k, then top-p over the top-k set): a radix select over
-//     the logits' order-preserving 32-bit keys, 11 + 11 + 10 bits. Each pass histograms (count and probability
-//     mass, fixed point 2^-40 of p / p_max, integer atomics: the result does not depend on the order CTAs add
-//     in) the keys under the prefix found so far; the last CTA finds the bin where the weight from the top
-//     reaches the target (k for top-k; ceil(top_p * mass of the top-k set) for top-p) and extends the prefix.
-//     A bin holding one key ends the search early (later passes return at once). The result: threshold keys,
-//     kept = key >= thr — the top-k / top-p sets of the host sampler (sdk/engine/sample.go), except that ties
-//     at the threshold are all kept (the host keeps exactly k, lower ids first).
+//  2. srows_hist_kernel, SR_PASSES launches per filter search (top-k, then top-p over the top-k set): a select
+//     of the threshold. Each pass histograms (count and probability mass, fixed point 2^-40 of p / p_max,
+//     integer atomics: the result does not depend on the order CTAs add in) the candidates left, and the row's
+//     last CTA finds the bin where the weight from the top reaches the target (k for top-k; ceil(top_p * mass
+//     of the top-k set) for top-p). Pass 1 bins by log-probability, (M - l) / T in steps of 1/16 (bins spread
+//     the keys: a radix pass on the float bits put most of a row into a handful of exponent bins, and the
+//     shared-memory atomics of a warp serialised on them); passes 2-4 refine inside that bin by the logits'
+//     order-preserving 32-bit keys, 11 + 11 + 10 bits (exact), touching only the bin's few elements. A key
+//     bin holding one element ends the search early (later passes return at once). The result: threshold
+//     keys, kept = key >= thr — the top-k / top-p sets of the host sampler (sdk/engine/sample.go), except that
+//     ties at the threshold are all kept (the host keeps exactly k, lower ids first).
 //  3. srows_draw_kernel: greedy rows (temperature < 1e-5) take the argmax (largest logit, lowest index on ties,
 //     NaN never wins, as argmax_kernel); sampled rows take argmax over kept i of l_i / T + G_i, G_i a Gumbel
 //     variable from a counter-based hash of (seed, counter, i): an exact draw from softmax(l / T) restricted to
@@ -37,6 +40,9 @@ constexpr float SR_MIN_TEMP = 1e-5f;      // below: greedy (sdk/engine/sample.go
 constexpr float SR_MASS_ONE = 1099511627776.f; // 2^40: fixed-point unit of p / p_max in the histograms
 
 enum { SR_DONE = 0, SR_TOPK = 1, SR_TOPP = 2 };
+constexpr int SR_PASSES = 4;          // hist launches per search: the log-probability pass + 3 key passes
+constexpr float SR_LOG_STEP = 16.f;   // pass 1 bins per unit of (M - l) / T
+constexpr int SR_LOG_BINS = SR_BINS;  // (the last bin takes everything below 127.9 / T ... of the max)
 
 // Per-row state between the launches of one sample_rows op.
 struct SRowState {
@@ -44,8 +50,9 @@ struct SRowState {
   uint32_t thr;                // kept: key >= thr (0: every logit)
   uint32_t base;               // the current search counts keys >= base only
   uint32_t prefix;             // high bits found so far by the current search
-  int32_t resolved;            // how many
+  int32_t resolved;            // how many (key passes)
   int32_t stage;               // SR_DONE, SR_TOPK, SR_TOPP
+  int32_t lbin;                // the log-probability bin of the threshold (-1: pass 1 not run yet)
   unsigned long long target;   // weight to reach from the top (0 in SR_TOPP until its first pass)
   unsigned long long above;    // weight of the keys above the prefix's range
 };
@@ -63,6 +70,12 @@ __host__ __device__ inline float sr_unkey(uint32_t k) {
   float f;
   memcpy(&f, &u, 4);
   return f;
+}
+
+// Pass 1's bin of a candidate l <= M: higher bins hold larger logits (bin SR_LOG_BINS - 1 starts at the max).
+__host__ __device__ inline int sr_lbin(float l, float M, float invT) {
+  const float d = (M - l) * invT * SR_LOG_STEP; // >= 0; monotone in l
+  return d < (float)(SR_LOG_BINS - 1) ? SR_LOG_BINS - 1 - (int)d : 0;
 }
 
 __host__ __device__ inline bool sr_greedy(const orch_sample_params &p) { return !(p.temperature >= SR_MIN_TEMP); }
@@ -175,6 +188,7 @@ srows_max_kernel(const float *logits, int64_t V, const orch_sample_params *param
   st.mx = M;
   st.thr = st.base = st.prefix = 0;
   st.resolved = 0;
+  st.lbin = -1;
   st.above = 0;
   st.target = sr_topk(p, V) ? (unsigned long long)p.top_k : 0;
   st.stage = sr_topk(p, V) ? SR_TOPK : sr_topp(p) ? SR_TOPP : SR_DONE;
@@ -197,8 +211,9 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
   if (!sr_filtered(p, V)) return;
   SRowState st = g_sr_state[row];
   if (st.stage == SR_DONE) return;
-  const int bits = 32 - st.resolved < SR_BITS ? 32 - st.resolved : SR_BITS;
-  const int shift = 32 - st.resolved - bits, nb = 1 << bits;
+  const bool logp = st.lbin < 0; // pass 1
+  const int bits = logp ? SR_BITS : 32 - st.resolved < SR_BITS ? 32 - st.resolved : SR_BITS;
+  const int shift = logp ? 0 : 32 - st.resolved - bits, nb = 1 << bits;
   for (int b = threadIdx.x; b < nb; b += SR_THREADS) {
     s_cnt[b] = 0;
     s_mass[b] = 0;
@@ -212,8 +227,14 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
     const float l = lr[i];
     if (!(l > -INFINITY)) continue; // -Inf, NaN: never candidates
     const uint32_t k = sr_key(l);
-    if (k < st.base || (st.resolved > 0 && (k >> (32 - st.resolved)) != st.prefix)) continue;
-    const uint32_t b = (k >> shift) & (uint32_t)(nb - 1);
+    if (k < st.base) continue;
+    uint32_t b;
+    if (logp) {
+      b = (uint32_t)sr_lbin(l, st.mx, invT);
+    } else {
+      if (sr_lbin(l, st.mx, invT) != st.lbin || (st.resolved > 0 && (k >> (32 - st.resolved)) != st.prefix)) continue;
+      b = (k >> shift) & (uint32_t)(nb - 1);
+    }
     atomicAdd(&s_cnt[b], 1u);
     atomicAdd(&s_mass[b], (unsigned long long)(expf((l - st.mx) * invT) * SR_MASS_ONE));
   }
@@ -248,7 +269,7 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
     s_scan[threadIdx.x] += v;
     __syncthreads();
   }
-  if (st.stage == SR_TOPP && st.resolved == 0) { // first top-p pass: the kept mass is the whole histogram
+  if (st.stage == SR_TOPP && logp) { // first top-p pass: the kept mass is the whole histogram
     const double t = ceil((double)s_scan[SR_THREADS - 1] * (double)p.top_p);
     st.target = t < 1.0 ? 1ull : (unsigned long long)t;
   }
@@ -269,11 +290,17 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
   if (threadIdx.x != 0) return;
   bool done = true;
   uint32_t t = st.base; // no crossing (fewer than k candidates, no mass): keep everything the search counted
-  if (s_found >= 0) {
+  if (s_found >= 0 && logp) {
+    st.above = s_above;
+    st.lbin = s_found; // the key passes refine inside it
+    done = false;
+  } else if (s_found >= 0) {
     st.above = s_above;
     st.prefix = (st.prefix << bits) | (uint32_t)s_found;
     st.resolved += bits;
-    done = st.resolved == 32 || s_cnt[s_found] == 1;
+    // One element in the key bin: its keys below it are of lower log bins (or below base): the bin's lowest key
+    // would keep those too, so the search goes on to the exact key unless the bin is the whole key range left.
+    done = st.resolved == 32;
     const uint32_t lo = st.resolved == 32 ? st.prefix : st.prefix << (32 - st.resolved);
     t = lo > st.base ? lo : st.base;
   }
@@ -284,6 +311,7 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
       st.base = t;
       st.prefix = 0;
       st.resolved = 0;
+      st.lbin = -1;
       st.above = 0;
       st.target = 0;
     } else {

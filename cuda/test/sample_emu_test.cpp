@@ -131,7 +131,7 @@ static void run_op(std::vector<int32_t> &out, const std::vector<float> &l, int64
   const dim3 grid{(unsigned)P, (unsigned)n, 1};
   if (filters > 0) {
     emu_launch_pdl(grid, SR_THREADS, 0, [&] { srows_max_kernel(l.data(), V, ps.data()); });
-    for (int pass = 0; pass < 3 * (filters - 1); pass++)
+    for (int pass = 0; pass < SR_PASSES * (filters - 1); pass++)
       emu_launch_pdl(grid, SR_THREADS, 0, [&] { srows_hist_kernel(l.data(), V, ps.data()); });
   }
   emu_launch_pdl(grid, SR_THREADS, 0, [&] { srows_draw_kernel(out.data(), l.data(), V, ps.data()); });
