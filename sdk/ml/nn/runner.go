@@ -702,23 +702,35 @@ func (r *Runner) ForwardSample(ctx context.Context, b *engine.Batch, specs []eng
 }
 
 // hostRows reads the logits of the Host rows among output rows [lo, lo+m)
-// of p into out (one row each: ForwardSample has no AllLogits).
+// of p into out (one row each: ForwardSample has no AllLogits), with one
+// copy from the first Host row to the last.
 func (r *Runner) hostRows(p *Piece, lo, m int, specs []engine.SampleSpec, out *engine.Output) error {
 	V := r.cfg.Spec.VocabSize
+	first, last := -1, -1
 	for j := 0; j < m; j++ {
-		owner := p.OutOwner[lo+j]
-		if !specs[owner].Host {
-			continue
+		if specs[p.OutOwner[lo+j]].Host {
+			if first < 0 {
+				first = j
+			}
+			last = j
 		}
-		row, err := r.B.Rows(r.logits, j, 1)
-		if err != nil {
-			return err
+	}
+	if first < 0 {
+		return nil
+	}
+	rows, err := r.B.Rows(r.logits, first, last-first+1)
+	if err != nil {
+		return err
+	}
+	host := make([]float32, (last-first+1)*V)
+	if err := r.B.ReadF32(rows, host); err != nil {
+		return fmt.Errorf("forward: %w", err)
+	}
+	for j := first; j <= last; j++ {
+		if owner := p.OutOwner[lo+j]; specs[owner].Host {
+			k := j - first
+			out.Logits[owner] = host[k*V : (k+1)*V : (k+1)*V]
 		}
-		host := make([]float32, V)
-		if err := r.B.ReadF32(row, host); err != nil {
-			return fmt.Errorf("forward: %w", err)
-		}
-		out.Logits[owner] = host
 	}
 	return nil
 }

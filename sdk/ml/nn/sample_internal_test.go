@@ -114,6 +114,7 @@ func TestForwardSample(t *testing.T) {
 			{Tokens: []int32{12}, Pos: 2, Blocks: blk(2)},
 			{Tokens: []int32{13}, Pos: 7, Blocks: blk(3)},
 			{Tokens: []int32{14, 15}, Pos: 1, Blocks: blk(4)},
+			{Tokens: []int32{16}, Pos: 0, Blocks: blk(5)},
 		}}
 	}
 	specs := []engine.SampleSpec{
@@ -122,6 +123,7 @@ func TestForwardSample(t *testing.T) {
 		{Host: true},
 		{Temperature: 0.7, TopK: 20, TopP: 0.95, MinP: 0.05, Seed: 2, Index: 9},
 		{Temperature: 1.5, Seed: 3, Index: 0},
+		{Host: true}, // two Host rows around a device row: one copy, sliced
 	}
 	for _, dev := range []bool{true, false} {
 		cb := cpu.New(1)
@@ -158,6 +160,8 @@ func TestForwardSample(t *testing.T) {
 			assert.Positive(t, hs.calls)
 			assert.Equal(t, 3, hs.filters, "top-k and top-p rows: filters 3")
 		}
+		assert.Len(t, out.Logits[2], 300)
+		assert.Len(t, out.Logits[5], 300)
 		_, _, err = rn.ForwardSample(ctx, batch(), specs[:2])
 		assert.Error(t, err, "one spec per sequence")
 		b2 := batch()
