@@ -46,11 +46,16 @@ func TestGPUMatchesCPU(t *testing.T) {
 func TestGPUGoldens(t *testing.T) {
 	g := gpuBackend(t)
 	dir := nntest.FindDir("plugins/testdata/golden", "../testdata/golden")
-	nntest.RunGPUGoldens(t, dir, []string{"gpt-oss", "gpt2"}, func(t *testing.T, path string, n, maxTokens int) engine.Model {
-		m, err := Load(path, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: maxTokens})
-		require.NoError(t, err)
-		return m
-	})
+	// f16 is the KV type the adapter loads on the GPU by default (nn.Size); f32 on request
+	for _, kv := range []ml.DType{ml.F16, ml.F32} {
+		t.Run("kv_"+kv.String(), func(t *testing.T) {
+			nntest.RunGPUGoldens(t, dir, []string{"gpt-oss", "gpt2"}, func(t *testing.T, path string, n, maxTokens int) engine.Model {
+				m, err := Load(path, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: maxTokens, KVType: kv})
+				require.NoError(t, err)
+				return m
+			})
+		})
+	}
 }
 
 // TestGPUDecodeSpeed times single-stream greedy decode (ForwardGreedy, the

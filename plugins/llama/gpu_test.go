@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/cpu"
 	"github.com/llama-orch/orch/sdk/ml/cuda"
 	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
@@ -35,9 +36,14 @@ func TestGPUGoldens(t *testing.T) {
 	require.NoError(t, err, "CUDA backend")
 	defer g.Close()
 	dir := nntest.FindDir("plugins/testdata/golden", "../testdata/golden")
-	nntest.RunGPUGoldens(t, dir, []string{"llama"}, func(t *testing.T, path string, n, maxTokens int) engine.Model {
-		m, err := Load(path, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: maxTokens})
-		require.NoError(t, err)
-		return m
-	})
+	// f16 is the KV type the adapter loads on the GPU by default (nn.Size); f32 on request
+	for _, kv := range []ml.DType{ml.F16, ml.F32} {
+		t.Run("kv_"+kv.String(), func(t *testing.T) {
+			nntest.RunGPUGoldens(t, dir, []string{"llama"}, func(t *testing.T, path string, n, maxTokens int) engine.Model {
+				m, err := Load(path, Options{Backend: g, NumBlocks: n/16 + 2, BlockSize: 16, ContextLength: n, MaxTokens: maxTokens, KVType: kv})
+				require.NoError(t, err)
+				return m
+			})
+		})
+	}
 }
