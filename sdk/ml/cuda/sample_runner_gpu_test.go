@@ -95,7 +95,7 @@ func TestForwardSampleGPU(t *testing.T) {
 		batch := func() *engine.Batch {
 			b := &engine.Batch{}
 			for i := range n {
-				b.Seqs = append(b.Seqs, engine.SeqInput{Tokens: []int32{toks[i]}, Pos: step, Blocks: []int32{int32(4*i + step/4)}})
+				b.Seqs = append(b.Seqs, engine.SeqInput{Tokens: []int32{toks[i]}, Pos: step, Blocks: []int32{int32(3 * i), int32(3*i + 1), int32(3*i + 2)}})
 			}
 			return b
 		}

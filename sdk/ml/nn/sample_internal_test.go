@@ -170,3 +170,50 @@ func TestForwardSample(t *testing.T) {
 		assert.Error(t, err, "AllLogits is refused")
 	}
 }
+
+// Decode steps with rotating settings (the loop of sdk/ml/cuda
+// TestForwardSampleGPU, on the CPU with hostSampler): every row as the
+// reference draws it.
+func TestForwardSampleSteps(t *testing.T) {
+	cb := cpu.New(1)
+	hs := &hostSampler{Backend: cb}
+	rn := newTokRunner(t, hs, 16, 3000)
+	ctx := context.Background()
+	settings := []engine.SampleSpec{
+		{Temperature: 1}, {Temperature: 0.8, TopP: 0.9}, {}, {Host: true}, {Temperature: 1, TopK: 40, TopP: 0.95},
+		{Temperature: 1.3, MinP: 0.05}, {Temperature: 1, TopK: 5}, {Temperature: 0.6, TopK: 100, TopP: 0.8, MinP: 0.01},
+	}
+	const n = 8
+	toks := make([]int32, n)
+	for i := range toks {
+		toks[i] = int32(300*i + 7)
+	}
+	for step := range 12 {
+		batch := func() *engine.Batch {
+			b := &engine.Batch{}
+			for i := range n {
+				b.Seqs = append(b.Seqs, engine.SeqInput{Tokens: []int32{toks[i]}, Pos: step, Blocks: []int32{int32(3 * i), int32(3*i + 1), int32(3*i + 2)}})
+			}
+			return b
+		}
+		specs := make([]engine.SampleSpec, n)
+		for i := range specs {
+			specs[i] = settings[(i+step)%len(settings)]
+			specs[i].Seed, specs[i].Index = uint64(i+1), uint64(step)
+		}
+		ref, err := rn.Forward(ctx, batch())
+		require.NoError(t, err)
+		got, out, err := rn.ForwardSample(ctx, batch(), specs)
+		require.NoError(t, err)
+		for i, sp := range specs {
+			want := ml.SampleRowRef(ref.Logits[i], ml.SampleParams{Temperature: sp.Temperature, TopK: int32(sp.TopK),
+				TopP: sp.TopP, MinP: sp.MinP, Seed: sp.Seed, Counter: sp.Index})
+			if sp.Host {
+				require.Equal(t, ref.Logits[i], out.Logits[i])
+				got[i] = want
+			}
+			require.Equal(t, want, got[i], "step %d row %d", step, i)
+			toks[i] = got[i]
+		}
+	}
+}
