@@ -156,6 +156,20 @@ int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, i
  * ORCH_CUDA_GLU=0: the caller then runs the three ops. */
 int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,
                        const orch_gemv_part *gate_up, float *out);
+/* (session 8) The RMSNorm between two decode GEMVs folded into them (ORCH_CUDA_NORM_FOLD; gemv16.cuh gemv5_nf):
+ * orch_matmul_addnorm is orch_matmul (accumulate 0; m = the norm's dim) that also does, per token j and row r,
+ * res[j*m+r] += y[j*m+r], xt[j*m+r] = res[j*m+r] * nw[r], and writes ss[j * nss + b] = the sum of res^2 over the
+ * rows of its block b (nss = m / 8 blocks: fixed slots, deterministic; ss 16-byte aligned). The consumers are
+ * orch_matmul_multi / orch_matmul_swiglu on x = xt with every GEMV output (before its bias) scaled by
+ * rsqrt(sum_b ss[j * nss + b] / k + eps): the GEMVs of RMSNorm(res) * nw up to rounding (res itself is
+ * bit-identical to orch_rmsnorm's). ORCH_ERR_UNSUPPORTED (nothing launched) unless the v5 GEMV runs (n = 1, 2),
+ * m % 32 == 0 and nss = m / 8 <= 1024. */
+int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
+                        int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss);
+int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
+                         const orch_gemv_part *parts, const float *ss, int64_t nss, float eps);
+int orch_matmul_swiglu_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,
+                          const orch_gemv_part *gate_up, float *out, const float *ss, int64_t nss, float eps);
 /* (session 6, timing aid) Syncs ctx's stream; copies up to cap records of
  * the GEMV trace (48 bytes each: u64 t0 CTA start, t1 after the PDL wait, t2
  * after x staging, t3 end (%globaltimer ns); u32 block, SM, 2 pad) to out,

@@ -83,15 +83,110 @@ __device__ __forceinline__ unsigned long long gemv_gtime() {
 #endif
 }
 
-template <int T, int NT, int NB, int XR = 0, int TR = 0>
+// cp.async (16 bytes, the first `bytes` read, the rest zero-filled) in commit
+// groups (v9's weight tiles, the folded norm's partial sums). The CPU emulation lands copies at once unless the test defines
+// GEMV9_EMU_CP_ASYNC and provides gemv9_emu_cp_async / _commit / _wait (it
+// then lands them as late as each wait allows).
+#if defined(ORCH_EMU)
+#if defined(GEMV9_EMU_CP_ASYNC)
+inline void g9_cp_async16(void *d, const void *s, int bytes) { gemv9_emu_cp_async(d, s, bytes); }
+inline void g9_cp_commit() { gemv9_emu_commit(); }
+template <int N> inline void g9_cp_wait() { gemv9_emu_wait(N); }
+#else
+inline void g9_cp_async16(void *d, const void *s, int bytes) {
+  memcpy(d, s, (size_t)bytes);
+  memset(static_cast<char *>(d) + bytes, 0, (size_t)(16 - bytes));
+}
+inline void g9_cp_commit() {}
+template <int N> inline void g9_cp_wait() {}
+#endif
+#else
+__device__ __forceinline__ void g9_cp_async16(void *d, const void *s, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = (unsigned)__cvta_generic_to_shared(d);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(s), "r"(bytes) : "memory");
+#else
+  for (int i = 0; i < 16; i++) static_cast<uint8_t *>(d)[i] = i < bytes ? static_cast<const uint8_t *>(s)[i] : 0;
+#endif
+}
+__device__ __forceinline__ void g9_cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void g9_cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#endif
+
+// ---- The RMSNorm folded into the GEMVs around it (session 8; ORCH_CUDA_NORM_FOLD, sdk/ml/cuda/normfold.go) ----
+// Llama's decode layer runs GEMV -> AddRMSNorm -> GEMV twice (attention out -> FFN norm -> gate/up, down -> next
+// attention norm -> q/k/v); each norm is a one-CTA kernel with almost no work, all kernel boundary (~8.8 us of
+// critical path in the session-8 trace). Folded, without a serial tail and without every consumer CTA re-reading
+// the row (both lost before: perf-cuda.md Rounds 6 and 7):
+//  - the PRODUCER GEMV (NF = 1; y = x.W, m = dim rows, one row per warp) also adds each output into the residual
+//    (res += y: every row has one owner warp), writes xt = res * w (the norm weight) for its rows and one partial
+//    sum of res^2 per CTA and token into fixed slots (ss[j * gridDim.x + cta]: no atomics, deterministic);
+//  - the CONSUMER GEMVs (NF = 2: merged q/k/v, gate/up + SwiGLU) run on xt as on any x and scale each output by
+//    s = rsqrt(sum(ss) / dim + eps) before the bias (the GEMV is linear in x: h = (res * r) * w = r * xt). The
+//    partials are copied to shared memory by cp.async right after the PDL wait (no registers held while x is
+//    staged, landed by the staging barrier); each warp sums them at the end in one fixed order (lane l: slots l,
+//    l + 32, ..., then warp_sum): every warp and CTA gets the same s, run to run the same bits.
+// Rounding differs from norm.cu (the sum of squares in another order, the scale applied after the dot rather than
+// to x before the fp16 staging); res is bit-identical (one fp32 add of the same y).
+struct gemv5_nf {
+  float *res = nullptr;       // producer: the residual [n, m] (+= y)
+  const float *w = nullptr;   // producer: the norm weight [m]
+  float *xt = nullptr;        // producer: res * w [n, m]
+  float *ss = nullptr;        // producer writes, consumer reads: nss partial sums of squares per token
+  int nss = 0;                // consumer: partials per token (the producer's CTA count)
+  float eps = 0.f;            // consumer
+};
+constexpr int GEMV5_NF_MAX = 1024; // consumer: partials per token (shared memory: NT x nss floats)
+// Shared floats the fold uses after the staged x (dynamic shared memory): the producer's NT x 8 warp sums, the
+// consumer's NT x nss partials.
+// (16-byte aligned: the cp.async destinations; 16 bytes of padding in the size.)
+static inline size_t gemv5_nf_smem(int nt, int nss) {
+  return 16 + (size_t)nt * (nss > GEMV16_WARPS ? nss : GEMV16_WARPS) * sizeof(float);
+}
+__device__ __forceinline__ float *gemv5_nf_sh(uint32_t *xsm, int64_t nch, int NT) {
+  return reinterpret_cast<float *>(xsm) + (((int64_t)NT * nch * (DEC16_XW + 1) + 3) & ~(int64_t)3);
+}
+// Consumer, right after the PDL wait: the nt x nss partials (nss % 4 == 0, ss 16-byte aligned) copied into sh
+// with 16-byte cp.async (no registers held while x is staged); gemv5_nf_wait before the staging barrier.
+__device__ __forceinline__ void gemv5_nf_issue(const gemv5_nf &F, int nt, float *sh) {
+  const int q4 = F.nss / 4;
+  for (int q = threadIdx.x; q < nt * q4; q += GEMV16_WARPS * 32) g9_cp_async16(sh + 4 * q, F.ss + 4 * q, 16);
+  g9_cp_commit();
+}
+__device__ __forceinline__ void gemv5_nf_wait() { g9_cp_wait<0>(); }
+// Token j's scale (after the staging barrier), the same in every lane, warp and CTA: lane l sums partials l,
+// l + 32, ... in order, then warp_sum.
+__device__ __forceinline__ float gemv5_nf_scale(const float *sh, int j, int nss, int64_t dim, float eps) {
+  const float *p = sh + j * nss;
+  const int lane = threadIdx.x & 31;
+  float t = 0.f;
+  for (int i = lane; i < nss; i += 32) t += p[i];
+  t = warp_sum(t);
+  return rsqrtf(t / (float)dim + eps);
+}
+
+// NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
+// (gemv5_nf above; F unused at 0).
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
-                                           int64_t row_bytes, int accumulate, int rows_per_warp) {
+                                           int64_t row_bytes, int accumulate, int rows_per_warp,
+                                           const gemv5_nf &F = gemv5_nf{}) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
+  float *nfsh = gemv5_nf_sh(xsm, nch, NT);
+  float nfres = 0.f, nfw = 0.f; // NF 1: lane j's res of token j at its row, the row's norm weight
   const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
   bool staged = false;
   unsigned long long tr[3] = {0, 0, 0};
@@ -111,8 +206,13 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
           if (c0 == 0) {
             pdl_wait();
             if constexpr (TR) tr[1] = gemv_gtime();
+            if constexpr (NF == 1)
+              if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
+            if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
           }
           gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
+          if constexpr (NF == 2)
+            if (c0 == 0) gemv5_nf_wait();
           __syncthreads();
           if constexpr (TR)
             if (c0 == 0) tr[2] = gemv_gtime();
@@ -120,7 +220,11 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       } else if (!staged) { // first round of the first row: uniform over the CTA
         pdl_wait();
         if constexpr (TR) tr[1] = gemv_gtime();
+        if constexpr (NF == 1)
+          if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
+        if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
         dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+        if constexpr (NF == 2) gemv5_nf_wait();
         __syncthreads();
         if constexpr (TR) tr[2] = gemv_gtime();
         staged = true;
@@ -144,14 +248,48 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
         }
       }
     }
+    if constexpr (NF == 1) {
+      // y as the plain GEMV writes it; lane j: res += y, xt = res * w and res^2 for token j
+      float q = 0.f;
 #pragma unroll
-    for (int j = 0; j < NT; j++) {
-      float s = warp_sum(acc[j]);
-      if (lane == 0 && j < nt && valid) {
-        if (bias) s += bias[row];
-        float *yp = y + j * m + row;
-        *yp = accumulate ? *yp + s : s;
+      for (int j = 0; j < NT; j++) {
+        float s = warp_sum(acc[j]);
+        if (j < nt && valid) {
+          if (bias) s += bias[row];
+          if (lane == 0) y[j * m + row] = s;
+          if (lane == j) {
+            const float rn = nfres + s;
+            F.res[j * m + row] = rn;
+            F.xt[j * m + row] = rn * nfw;
+            q = rn * rn;
+          }
+        }
       }
+      if (lane < NT) nfsh[lane * GEMV16_WARPS + warp] = q; // 0 for invalid rows and tokens
+    } else {
+      float sc[NT];
+#pragma unroll
+      for (int j = 0; j < NT; j++) sc[j] = NF == 2 && j < nt ? gemv5_nf_scale(nfsh, j, F.nss, k, F.eps) : 1.f;
+#pragma unroll
+      for (int j = 0; j < NT; j++) {
+        float s = warp_sum(acc[j]);
+        if (lane == 0 && j < nt && valid) {
+          if constexpr (NF == 2) s *= sc[j];
+          if (bias) s += bias[row];
+          float *yp = y + j * m + row;
+          *yp = accumulate ? *yp + s : s;
+        }
+      }
+    }
+  }
+  if constexpr (NF == 1) { // the CTA's partial sums of squares: the 8 warps' rows in order
+    __syncthreads();
+    if (threadIdx.x < nt) {
+      const float *q = nfsh + threadIdx.x * GEMV16_WARPS;
+      float t = q[0];
+#pragma unroll
+      for (int w8 = 1; w8 < GEMV16_WARPS; w8++) t += q[w8];
+      F.ss[threadIdx.x * gridDim.x + cta] = t;
     }
   }
 #if !defined(ORCH_EMU)
@@ -190,9 +328,10 @@ struct gemv5_parts {
   unsigned end[GEMV_MAX_PARTS]; // cumulative CTA counts (unused parts: the total)
 };
 
-template <int T, int NT, int NB, int XR = 0, int TR = 0>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
-gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
+// NF (gemv5_nf): 0, or 2 = the folded norm's consumer (F's ss, nss, eps).
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0>
+__device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const float *__restrict__ x, int64_t n,
+                                                 int64_t k, int64_t row_bytes, const gemv5_nf &F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   // Selects instead of P.x[p]: a dynamic index would copy P to local memory.
@@ -201,9 +340,30 @@ gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, 
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
 #define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv5_rows<T, NT, NB, XR, TR>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
-                                row_bytes, 0, GEMV5_PICK(rpw));
+  gemv5_rows<T, NT, NB, XR, TR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
+                                    row_bytes, 0, GEMV5_PICK(rpw), F);
 #undef GEMV5_PICK
+}
+template <int T, int NT, int NB, int XR = 0, int TR = 0>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
+  gemv5_multi_body<T, NT, NB, XR, TR>(P, x, n, k, row_bytes, gemv5_nf{});
+}
+// The folded norm's consumer (orch_matmul_multi_nf): x is the producer's xt.
+template <int T, int NT, int NB, int XR>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_multi_nf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
+                      const gemv5_nf F) {
+  gemv5_multi_body<T, NT, NB, XR, 0, 2>(P, x, n, k, row_bytes, F);
+}
+// The folded norm's producer (orch_matmul_addnorm): one row per warp, y written (no accumulate).
+template <int T, int NT, int NB, int XR>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_nf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+                const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, const gemv5_nf F) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  gemv5_rows<T, NT, NB, XR, 0, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
 }
 
 template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
@@ -310,6 +470,58 @@ static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_
   }
 }
 
+// The folded norm (gemv5_nf), n = 1, 2 on v5's route (the caller checks; the producer's m < 32768: one row per
+// warp). Producer: F.res, F.w, F.xt, F.ss (n * ceil(m / 8) floats); x staged as gemv5_stage_mode says.
+template <int T>
+static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
+                                 int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_nf &F) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const int mode = gemv5_stage_mode(k);
+    auto go = [&](auto nt, auto xr) {
+      constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
+      constexpr int NB = gemv5_nb<T, NT>();
+      const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0);
+      auto kern = gemv5_nf_kernel<T, NT, NB, XR>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, y, x, w,
+                       bias, n, k, m, rb, F);
+    };
+    using I0 = std::integral_constant<int, 0>;
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
+    else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
+  }
+}
+// Consumer, merged parts (rpw and end set here, as launch_gemv5_multi_nt_x): F.ss, F.nss, F.eps.
+template <int T>
+static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
+                                  int64_t rb, const gemv5_nf &F) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    unsigned total = 0;
+    for (int p = 0; p < count; p++) {
+      P.rpw[p] = gemv5_rpw(P.m[p]);
+      total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
+      P.end[p] = total;
+    }
+    for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
+    const int mode = gemv5_stage_mode(k);
+    auto go = [&](auto nt, auto xr) {
+      constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
+      constexpr int NB = gemv5_nb<T, NT>();
+      const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
+      auto kern = gemv5_multi_nf_kernel<T, NT, NB, XR>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, F);
+    };
+    using I0 = std::integral_constant<int, 0>;
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
+    else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
+  }
+}
+
 // ---- GEMV v5 + SwiGLU (orch_matmul_swiglu; session 6) ----
 // Llama's feed-forward runs gate = x.Wg, up = x.Wu (one orch_matmul_multi
 // launch) and then SwiGLU(gate, up) as its own launch: a kernel boundary
@@ -357,15 +569,18 @@ __device__ __forceinline__ void gemv5_glu_round(const wblocks<T, NB> &b, float (
   }
 }
 
-template <int T, int NT, int NB, int XR = 0>
+// NF 2: the folded norm's consumer (gemv5_nf: F.ss, F.nss, F.eps; orch_matmul_swiglu_nf).
+template <int T, int NT, int NB, int XR = 0, int NF = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM (XR = 1 took 70)
-gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
+gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
+                 const gemv5_nf F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
+  float *nfsh = gemv5_nf_sh(xsm, nch, NT);
   const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
   const bool valid = row < A.m;
   const uint8_t *wg = A.wg + (valid ? row : 0) * row_bytes, *wu = A.wu + (valid ? row : 0) * row_bytes;
@@ -377,12 +592,19 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
     ffn_load<T, NB>(bg, wg, c0, lane, nch, valid);
     ffn_load<T, NB>(bu, wu, c0, lane, nch, valid);
     if constexpr (XR == 1) { // every round (gemv5_rows XR)
-      if (c0 == 0) pdl_wait();
+      if (c0 == 0) {
+        pdl_wait();
+        if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
+      }
       gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
+      if constexpr (NF == 2)
+        if (c0 == 0) gemv5_nf_wait();
       __syncthreads();
     } else if (c0 == 0) { // uniform over the CTA
       pdl_wait();
+      if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
       dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+      if constexpr (NF == 2) gemv5_nf_wait();
       __syncthreads();
     }
     gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt);
@@ -391,6 +613,12 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
 #pragma unroll
   for (int j = 0; j < NT; j++) {
     float g = warp_sum(accg[j]), u = warp_sum(accu[j]);
+    if constexpr (NF == 2)
+      if (j < nt) { // every lane (the scale's warp_sum)
+        const float sc = gemv5_nf_scale(nfsh, j, F.nss, k, F.eps);
+        g *= sc;
+        u *= sc;
+      }
     if (lane == 0 && j < nt && valid) {
       if (A.bg) g += A.bg[row];
       if (A.bu) u += A.bu[row];
@@ -408,28 +636,33 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
 // 77 registers: 3 CTAs per SM).
 template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 && NT > 1 ? 1 : 2; }
 
-template <int T, int NT, int XR>
+template <int T, int NT, int XR, int NF = 0>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
-                                int64_t rb) {
+                                int64_t rb, const gemv5_nf &F) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
-  const size_t sm = gemv5_smem(k, NT);
-  auto kern = gemv5_glu_kernel<T, NT, NB, XR>;
+  const size_t sm = gemv5_smem(k, NT) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
+  auto kern = gemv5_glu_kernel<T, NT, NB, XR, NF>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   const unsigned gx = (unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS);
-  DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, A, x, n, k, rb);
+  DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, A, x, n, k, rb, F);
 }
 
 // n = 1, 2 (v5's one- and two-token route); the caller checks. xr: how x is
-// staged (gemv5_rows's XR: 0, 1), -1: as gemv5_stage_mode.
+// staged (gemv5_rows's XR: 0, 1), -1: as gemv5_stage_mode. nf: the folded
+// norm's consumer (x = xt; F.ss, F.nss, F.eps).
 template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
-                             int64_t rb, int xr = -1) {
+                             int64_t rb, int xr = -1, const gemv5_nf *nf = nullptr) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
+    const gemv5_nf F = nf ? *nf : gemv5_nf{};
     auto go = [&](auto nt) {
       constexpr int NT = decltype(nt)::value;
-      if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb);
-      else launch_gemv5_glu_nt<T, NT, 0>(st, A, x, n, k, rb);
+      if (nf) {
+        if (mode == 1) launch_gemv5_glu_nt<T, NT, 1, 2>(st, A, x, n, k, rb, F);
+        else launch_gemv5_glu_nt<T, NT, 0, 2>(st, A, x, n, k, rb, F);
+      } else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb, F);
+      else launch_gemv5_glu_nt<T, NT, 0>(st, A, x, n, k, rb, F);
     };
     if (n == 1) go(std::integral_constant<int, 1>{});
     else go(std::integral_constant<int, 2>{});
@@ -869,44 +1102,6 @@ constexpr int GEMV9_WARPS = 4;
 constexpr int GEMV9_STAGE_BYTES = 13 * 1024;
 constexpr int GEMV9_NBUF = 4;
 constexpr int GEMV9_XS_MAX_BYTES = 24 * 1024; // x staged in shared memory up to this size (XS)
-
-// cp.async (16 bytes, the first `bytes` read, the rest zero-filled) in commit
-// groups. The CPU emulation lands copies at once unless the test defines
-// GEMV9_EMU_CP_ASYNC and provides gemv9_emu_cp_async / _commit / _wait (it
-// then lands them as late as each wait allows).
-#if defined(ORCH_EMU)
-#if defined(GEMV9_EMU_CP_ASYNC)
-inline void g9_cp_async16(void *d, const void *s, int bytes) { gemv9_emu_cp_async(d, s, bytes); }
-inline void g9_cp_commit() { gemv9_emu_commit(); }
-template <int N> inline void g9_cp_wait() { gemv9_emu_wait(N); }
-#else
-inline void g9_cp_async16(void *d, const void *s, int bytes) {
-  memcpy(d, s, (size_t)bytes);
-  memset(static_cast<char *>(d) + bytes, 0, (size_t)(16 - bytes));
-}
-inline void g9_cp_commit() {}
-template <int N> inline void g9_cp_wait() {}
-#endif
-#else
-__device__ __forceinline__ void g9_cp_async16(void *d, const void *s, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned a = (unsigned)__cvta_generic_to_shared(d);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(s), "r"(bytes) : "memory");
-#else
-  for (int i = 0; i < 16; i++) static_cast<uint8_t *>(d)[i] = i < bytes ? static_cast<const uint8_t *>(s)[i] : 0;
-#endif
-}
-__device__ __forceinline__ void g9_cp_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N> __device__ __forceinline__ void g9_cp_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-#endif
 
 // q7_load from shared memory (plain loads; same words, same zeros).
 template <int T>

@@ -643,6 +643,88 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
   return ORCH_OK;
 }
 
+// The RMSNorm folded into the one- and two-token v5 GEMVs around it (session 8; gemv16.cuh gemv5_nf, orch_cuda.h).
+// Only where orch_matmul / orch_matmul_multi / orch_matmul_swiglu would run v5 (so y, and the consumers' dots,
+// are theirs); otherwise ORCH_ERR_UNSUPPORTED, nothing launched, and the caller runs the unfolded ops.
+constexpr int64_t NF_MAX_PARTIALS = GEMV5_NF_MAX; // the consumer's limit (rows <= 8 x this)
+
+extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype,
+                                   const float *bias, int64_t n, int64_t k, int64_t m, float *res, const float *nw,
+                                   float *xt, float *ss) {
+  const char *op = "matmul_addnorm";
+  ORCH_CHECK_ARG(ctx && y && x && w && res && nw && xt && ss && n >= 0 && k > 0 && m > 0, op);
+  const int64_t rb = orch_row_bytes(wtype, k);
+  const bool ok = n >= 1 && n <= 2 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && aligned16(w) &&
+                  gemv5_rpw(m) == 1 && m % 32 == 0 && m / GEMV16_WARPS <= NF_MAX_PARTIALS && aligned16(ss) &&
+                  gemv_route(ctx, wtype, n, k, m, rb) == GR_V5;
+  if (!ok) {
+    orch_set_error("matmul_addnorm: not the one-row-per-warp v5 GEMV (type %d, n=%lld, k=%lld, m=%lld)", wtype,
+                   (long long)n, (long long)k, (long long)m);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  gemv5_nf F;
+  F.res = res, F.w = nw, F.xt = xt, F.ss = ss;
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_nf_prod, ctx->stream, y, x, (const uint8_t *)w, bias, n, k, m, rb, F);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+// ss: the producer's partials (16-byte aligned, nss % 4 == 0: the consumer copies them in 16-byte pieces).
+static bool nf_args_ok(const float *ss, int64_t nss) {
+  return ss && aligned16(ss) && nss >= 4 && nss % 4 == 0 && nss <= NF_MAX_PARTIALS;
+}
+
+extern "C" int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
+                                    const orch_gemv_part *parts, const float *ss, int64_t nss, float eps) {
+  const char *op = "matmul_multi_nf";
+  ORCH_CHECK_ARG(ctx && x && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
+  for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
+  const int64_t rb = orch_row_bytes(wtype, k);
+  bool ok = n >= 1 && n <= 2 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && nf_args_ok(ss, nss);
+  gemv5_parts P = {};
+  for (int p = 0; ok && p < count; p++) {
+    ok = gemv_route(ctx, wtype, n, k, parts[p].m, rb) == GR_V5 && aligned16(parts[p].w);
+    P.w[p] = (const uint8_t *)parts[p].w;
+    P.bias[p] = parts[p].bias;
+    P.y[p] = parts[p].y;
+    P.m[p] = parts[p].m;
+  }
+  if (!ok) {
+    orch_set_error("matmul_multi_nf: not the v5 GEMV for all parts, or nss=%lld (type %d, n=%lld, k=%lld)",
+                   (long long)nss, wtype, (long long)n, (long long)k);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  gemv5_nf F;
+  F.ss = (float *)ss, F.nss = (int)nss, F.eps = eps;
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi_nf, ctx->stream, P, count, x, n, k, rb, F);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+extern "C" int orch_matmul_swiglu_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,
+                                     const orch_gemv_part *gate_up, float *out, const float *ss, int64_t nss,
+                                     float eps) {
+  const char *op = "matmul_swiglu_nf";
+  ORCH_CHECK_ARG(ctx && x && gate_up && out && n >= 0 && k > 0, op);
+  const orch_gemv_part &g = gate_up[0], &u = gate_up[1];
+  ORCH_CHECK_ARG(g.w && g.y && u.w && u.y && g.m > 0 && g.m == u.m, op);
+  const int64_t rb = orch_row_bytes(wtype, k);
+  const bool ok = !glu_off_env() && n >= 1 && n <= 2 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) &&
+                  aligned16(g.w) && aligned16(u.w) && gemv_route(ctx, wtype, n, k, g.m, rb) == GR_V5 &&
+                  nf_args_ok(ss, nss);
+  if (!ok) {
+    orch_set_error("matmul_swiglu_nf: not the v5 GEMV, or nss=%lld (type %d, n=%lld, k=%lld, m=%lld)", (long long)nss,
+                   wtype, (long long)n, (long long)k, (long long)g.m);
+    return ORCH_ERR_UNSUPPORTED;
+  }
+  gemv5_glu_args A = {(const uint8_t *)g.w, (const uint8_t *)u.w, g.bias, u.bias, g.y, u.y, out, g.m};
+  gemv5_nf F;
+  F.ss = (float *)ss, F.nss = (int)nss, F.eps = eps;
+  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb, -1, &F);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
 // Timing aid (session 6): see orch_cuda.h. The trace kernels run for Q8_0
 // at n = 1 on v5's route while on.
 extern "C" int orch_gemv_trace(orch_ctx *ctx, int32_t on, void *out, int64_t cap, int64_t *count) {

@@ -362,6 +362,122 @@ static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
               (long long)m, n, rpw);
 }
 
+// The RMSNorm folded into the GEMVs around it (gemv16.cuh gemv5_nf; session 8): producer GEMV (y = xp.Wp, m = dim,
+// + bias) -> AddRMSNorm(res, h, y, nw) -> consumers on h (merged parts; gate/up + SwiGLU), against the unfolded
+// kernels (launch_gemv5, launch_norm, launch_gemv5_multi, launch_gemv5_glu): y and res bit-identical, xt = res * nw
+// exactly, the partial sums of squares within 1e-5 of float64, the consumers' outputs within the GEMV bound of the
+// unfolded ones and of a float64 reference on the exact norm; and bit-identical from run to run.
+static void test_norm_fold(int t, int64_t kp, int64_t dim, int n, std::vector<int64_t> ms, int64_t mg, bool bias,
+                           int xr = -1) {
+  QW wp, wg, wu;
+  make_weight(wp, t, kp, dim);
+  make_weight(wg, t, dim, mg);
+  make_weight(wu, t, dim, mg);
+  std::vector<std::unique_ptr<QW>> wc;
+  for (int64_t m : ms) {
+    wc.push_back(std::make_unique<QW>());
+    make_weight(*wc.back(), t, dim, m);
+  }
+  const auto xp = randv((size_t)(n * kp), 0.5f), res0 = randv((size_t)(n * dim), 4.f), nwv = randv((size_t)dim, 1.f),
+             bv = randv((size_t)dim, 1.f);
+  const int64_t rbp = orch_row_bytes(t, kp), rbc = orch_row_bytes(t, dim);
+  const size_t nx = (size_t)(n * dim);
+  const int nss = (int)(dim / GEMV16_WARPS);
+  const float eps = 1e-5f;
+  Buf<float> bxp(xp), bnw(nwv), bb(bv);
+  // Unfolded.
+  Buf<float> y0(nx, NAN), r0(res0), h0(nx, NAN);
+  ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, y0.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp, dim, rbp, 0)
+  launch_norm<false>(nullptr, n, h0.p, r0.p, y0.p, bnw.p, nullptr, dim, eps);
+  auto consumers = [&](const float *x, const gemv5_nf *F, std::vector<std::vector<float>> &outs) {
+    gemv5_parts P = {};
+    std::vector<std::unique_ptr<Buf<float>>> ys;
+    for (size_t p = 0; p < ms.size(); p++) {
+      ys.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
+      P.w[p] = wc[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p];
+      P.bias[p] = p == 0 && bias ? bb.p : nullptr; // dim >= ms[0]: a bias of the part's rows
+    }
+    if (F) ORCH_DISPATCH_TYPE(t, launch_gemv5_multi_nf, nullptr, P, (int)ms.size(), x, n, dim, rbc, *F)
+    else ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), x, n, dim, rbc)
+    Buf<float> g((size_t)(n * mg), NAN), u((size_t)(n * mg), NAN), o((size_t)(n * mg), NAN);
+    gemv5_glu_args A = {wg.bytes, wu.bytes, nullptr, bias ? bb.p : nullptr, g.p, u.p, o.p, mg};
+    ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, A, x, n, dim, rbc, xr, F)
+    outs.clear();
+    for (auto &y : ys) outs.push_back(y->vec());
+    outs.push_back(g.vec());
+    outs.push_back(u.vec());
+    outs.push_back(o.vec());
+  };
+  std::vector<std::vector<float>> want, got, again;
+  consumers(h0.p, nullptr, want);
+  // Folded, twice.
+  for (int run = 0; run < 2; run++) {
+    Buf<float> y1(nx, NAN), r1(res0), xt(nx, NAN), ss((size_t)(n * nss), NAN);
+    gemv5_nf F;
+    F.res = r1.p, F.w = bnw.p, F.xt = xt.p, F.ss = ss.p;
+    ORCH_DISPATCH_TYPE(t, launch_gemv5_nf_prod, nullptr, y1.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp, dim, rbp,
+                       F)
+    EXPECT(std::memcmp(y1.p, y0.p, nx * 4) == 0, "norm fold producer y (%s kp=%lld dim=%lld n=%d) != GEMV v5",
+           tname(t), (long long)kp, (long long)dim, n);
+    EXPECT(std::memcmp(r1.p, r0.p, nx * 4) == 0, "norm fold res (%s dim=%lld n=%d) != the norm's", tname(t),
+           (long long)dim, n);
+    int bad = 0;
+    for (size_t i = 0; i < nx; i++) {
+      const float want_xt = r0.p[i] * nwv[i % (size_t)dim];
+      if (std::memcmp(&xt.p[i], &want_xt, 4) != 0) bad++;
+    }
+    EXPECT(bad == 0, "norm fold xt: %d of %zu != res * w", bad, nx);
+    double worst = 0;
+    for (int j = 0; j < n; j++)
+      for (int b = 0; b < nss; b++) {
+        double s = 0;
+        for (int r = 0; r < GEMV16_WARPS; r++) s += (double)r0.p[j * dim + b * GEMV16_WARPS + r] * r0.p[j * dim + b * GEMV16_WARPS + r];
+        worst = std::max(worst, std::fabs(ss.p[j * nss + b] - s) / std::max(s, 1e-30));
+      }
+    EXPECT(worst < 1e-5, "norm fold partial sums: relative error %.3g", worst);
+    F.nss = nss, F.eps = eps;
+    consumers(xt.p, &F, run ? again : got);
+  }
+  // float64 reference of the consumers on the exact norm of the (bit-identical) residual.
+  std::vector<double> h64(nx);
+  for (int j = 0; j < n; j++) {
+    double ssum = 0;
+    for (int64_t i = 0; i < dim; i++) ssum += (double)r0.p[j * dim + i] * r0.p[j * dim + i];
+    const double rs = 1 / std::sqrt(ssum / dim + eps);
+    for (int64_t i = 0; i < dim; i++) h64[(size_t)(j * dim + i)] = r0.p[j * dim + i] * rs * nwv[(size_t)i];
+  }
+  auto gemv64 = [&](const QW &w, int64_t m, const float *b) {
+    std::vector<double> y((size_t)(n * m));
+    for (int j = 0; j < n; j++)
+      for (int64_t r = 0; r < m; r++) {
+        double s = b ? b[r] : 0.0;
+        for (int64_t c = 0; c < dim; c++) s += w.val[(size_t)(r * dim + c)] * h64[(size_t)(j * dim + c)];
+        y[(size_t)(j * m + r)] = s;
+      }
+    return y;
+  };
+  const size_t np = ms.size();
+  for (size_t i = 0; i < got.size(); i++) {
+    EXPECT(std::memcmp(got[i].data(), again[i].data(), got[i].size() * 4) == 0, "norm fold output %zu differs run to run", i);
+    std::vector<double> w64(want[i].begin(), want[i].end());
+    const double e = rel_l2(got[i], w64);
+    std::vector<double> ref;
+    if (i < np) ref = gemv64(*wc[i], ms[i], i == 0 && bias ? bb.p : nullptr);
+    else if (i == np) ref = gemv64(wg, mg, nullptr);
+    else if (i == np + 1) ref = gemv64(wu, mg, bias ? bb.p : nullptr);
+    else {
+      const auto g64 = gemv64(wg, mg, nullptr), u64 = gemv64(wu, mg, bias ? bb.p : nullptr);
+      for (size_t q = 0; q < g64.size(); q++) ref.push_back(g64[q] / (1 + std::exp(-g64[q])) * u64[q]);
+    }
+    const double e64 = rel_l2(got[i], ref), eu = rel_l2(want[i], ref);
+    const double tol = i == np + 2 ? 3e-3 : 1.5e-3;
+    EXPECT(e <= tol && e64 <= tol, "norm fold output %zu (%s kp=%lld dim=%lld n=%d): relative error %.3g vs unfolded, "
+           "%.3g vs float64 (unfolded: %.3g)", i, tname(t), (long long)kp, (long long)dim, n, e, e64, eu);
+    std::printf("norm fold %-5s kp=%-5lld dim=%-4lld n=%d output %zu: vs unfolded %.2e, vs float64 %.2e (unfolded %.2e)\n",
+                tname(t), (long long)kp, (long long)dim, n, i, e, e64, eu);
+  }
+}
+
 // RoPE of q and k in one launch (orch_rope2) against two orch_rope calls
 // (bit for bit) and a float64 reference.
 static void test_rope2(int neox) {
@@ -493,7 +609,13 @@ static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulat
 
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
+  const bool fold_only = argc > 1 && std::strcmp(argv[1], "fold") == 0; // the norm-fold cases alone
   // Default (cuda-check): every version and type on small shapes; `long`: wide rows too.
+  test_norm_fold(ORCH_T_Q8_0, 96, 64, 1, {24, 8, 8}, 16, true);  // out -> norm -> q/k/v and gate/up; nss 8
+  test_norm_fold(ORCH_T_Q8_0, 8192, 64, 2, {16}, 24, false);     // down-like k: x staged per round; two tokens
+  test_norm_fold(ORCH_T_MXFP4, 64, 96, 2, {40, 8}, 8, true, 1);  // ragged consumer CTAs; GLU x per round
+  test_norm_fold(ORCH_T_Q4_0, 128, 160, 1, {8}, 16, false);     // nss 20: 5 partial copies per token
+  if (fold_only) return fails ? 1 : 0;
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
     test_moe(t, 64, 32, 3, 2, 3);
     if (t == ORCH_T_MXFP4) test_moe(t, 128, 96, 6, 4, 1);

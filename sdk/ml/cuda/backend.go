@@ -60,6 +60,8 @@ type Backend struct {
 	bc bf16Cache
 	// launches counts calls (call).
 	launches uint64
+	// xt: h holds a norm fold's xt (normfold.go).
+	xt xtState
 }
 
 var _ ml.GraphBackend = (*Backend)(nil)
@@ -283,6 +285,7 @@ func (b *Backend) Free(t ml.Tensor) {
 		return
 	}
 	b.forgetUnrotated(ct) // fuse.go foldAttend
+	b.forgetXT(ct)        // normfold.go
 	if ct.weight {
 		b.bf16Drop(ct.ptr, ct.bytes)
 	}
@@ -338,6 +341,7 @@ func (b *Backend) write(t ml.Tensor, dt ml.DType, src unsafe.Pointer, n, size in
 		return fmt.Errorf("cuda write: %w", err)
 	}
 	b.touchUnrotated(ct, false) // fuse.go foldAttend
+	b.touchXT(ct, false, false) // normfold.go
 	if ct.dt != dt || n > ct.n {
 		return fmt.Errorf("cuda write: %d %v values into %v", n, dt, ct)
 	}
@@ -370,6 +374,7 @@ func (b *Backend) read(t ml.Tensor, dt ml.DType, dst unsafe.Pointer, n, size int
 		return fmt.Errorf("cuda read: %w", err)
 	}
 	b.touchUnrotated(ct, false) // fuse.go foldAttend
+	b.touchXT(ct, false, false) // normfold.go
 	if ct.dt != dt || n > ct.n {
 		return fmt.Errorf("cuda read: %d %v values from %v", n, dt, ct)
 	}
@@ -420,6 +425,7 @@ func (b *Backend) Run(key string, record func()) error {
 	b.flush() // not into the graph
 	// (fuse.go foldAttend) a graph starts and ends with q / k as RoPE leaves them.
 	b.rotateUnrotated()
+	b.materializeXT() // (normfold.go) and with h the norm's output
 	if b.err != nil {
 		return b.err
 	}
@@ -444,6 +450,7 @@ func (b *Backend) Run(key string, record func()) error {
 	b.flush() // into the graph
 	// Into the graph: a replay leaves q / k rotated, as the capture's ops did.
 	b.rotateUnrotated()
+	b.materializeXT()
 	b.capturing = false
 	var g uintptr
 	endErr := b.l.status("graph_end", b.l.graphEnd(b.ctx, &g))

@@ -98,6 +98,12 @@ type pending struct {
 
 	norm       heldNorm // an AddRMSNorm the MoE after it may take in (foldMoENorm); never with mm / rope
 	normLaunch bool     // flush is launching the held norm through the norm op
+
+	// normfold.go: pnorm, an AddRMSNorm held with the single held GEMV
+	// producing its add; nf.on: the held parts are a fold's scaled consumers
+	// (x = xt; nf is the fold's state).
+	pnorm prodNorm
+	nf    xtState
 }
 
 type kvHeld struct {
@@ -136,6 +142,16 @@ func (b *Backend) flush() {
 		b.norm(h.op, h.res, h.dst, h.x, h.w, nil, h.eps, false)
 		p.normLaunch = false
 	}
+	pn := p.pnorm // launched after its GEMV (normfold.go)
+	p.pnorm = prodNorm{}
+	if p.nf.on && p.mm >= 1 { // a fold's scaled consumers (normfold.go)
+		if b.launchNF() {
+			p.mm = 0
+		} else { // the library declines: the norm's output into h, then the plain launches below
+			b.dropNF()
+		}
+	}
+	p.nf = xtState{}
 	switch {
 	case p.mm == 1 && p.n <= 8:
 		q := p.parts[0]
@@ -161,6 +177,9 @@ func (b *Backend) flush() {
 	}
 	p.mm, p.rope = 0, 0
 	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
+	if pn.on {
+		b.launchProdNorm(pn)
+	}
 }
 
 // holdMatMul queues y = x·W^T + bias (validated, no accumulate) for merging
@@ -169,6 +188,12 @@ func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
 	if !fuseOps || n < 1 || (n > 8 && !gemvWideFor(n, k, m)) || !qgemmType(w.dt) {
 		b.flush()
 		return false
+	}
+	if b.pend.pnorm.on { // a GEMV + AddRMSNorm held: this MatMul may be the fold's consumer (normfold.go)
+		if b.startNormFold(d, x, w, bias, n, k, m) {
+			return true
+		}
+		b.flush()
 	}
 	dst := span{d.ptr, uintptr(d.bytes)}
 	rd := []span{{w.ptr, uintptr(w.bytes)}}
@@ -433,11 +458,21 @@ func (b *Backend) foldSwiGLU(d, g, u *tensor) bool {
 			}
 		}
 	}
-	rc := b.l.matmulSwiGLU(b.ctx, p.x, p.wtype, p.n, p.k, &gu[0], d.ptr)
+	rc := int32(stUnsupported)
+	if p.nf.on { // a fold's scaled consumers (normfold.go)
+		rc = b.l.matmulSwiGLUNF(b.ctx, p.x, p.wtype, p.n, p.k, &gu[0], d.ptr, p.nf.ss, p.nf.nss, p.nf.eps)
+		if rc == stUnsupported { // the norm's output into h: the plain fold below reads it
+			b.dropNF()
+		}
+	}
+	if rc == stUnsupported {
+		rc = b.l.matmulSwiGLU(b.ctx, p.x, p.wtype, p.n, p.k, &gu[0], d.ptr)
+	}
 	if rc == stUnsupported { // not the v5 GEMV: the caller flushes and runs the three ops
 		return false
 	}
 	p.mm = 0
+	p.nf = xtState{}
 	p.reads, p.dsts = p.reads[:0], p.dsts[:0]
 	b.call("swiglu", rc)
 	return true
@@ -497,6 +532,7 @@ func (b *Backend) holdMoENorm(op string, res, dst, x, w ml.Tensor, a normOps, ep
 // caller's MoE flushes the norm and runs as without it). Operand errors are
 // left to the caller's checks.
 func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
+	b.unholdProdNorm() // a norm held with its GEMV (normfold.go): the GEMV goes out, the norm is held here
 	hn := &b.pend.norm
 	if !hn.on || m == nil || m.Router == nil || m.Gate == nil || m.Up == nil || m.Down == nil || b.err != nil {
 		return false

@@ -434,3 +434,144 @@ func TestFusedSwiGLU(t *testing.T) {
 		}
 	}
 }
+
+// The RMSNorm folded into the GEMVs around it (normfold.go, ORCH_CUDA_NORM_FOLD): a Llama layer (attention out ->
+// AddRMSNorm -> gate/up + SwiGLU -> down -> AddRMSNorm -> q/k/v) with the fold on runs the producer with the fold
+// and the scaled consumers (the library must take them itself for n <= 2: called directly); its outputs agree
+// with the unfolded launches within the GEMV bound (the attention out bit-identical; h materialised by the read
+// bit-identical to the norm of the folded residual), and are bit-identical from run to run, eagerly and over a
+// graph capture and two replays; n = 3 takes the plain path (bit-identical to the fold off); and against the
+// CPU backend.
+func TestFusedNormFold(t *testing.T) {
+	if gpu.l.matmulAddNorm == nil {
+		t.Skip("library without orch_matmul_addnorm")
+	}
+	r := newRNG(t)
+	defer func(v, nf bool) { fuseOps, fuseNormFold = v, nf }(fuseOps, fuseNormFold)
+	fuseOps = true
+	for _, dt := range []ml.DType{ml.Q8_0, ml.MXFP4} {
+		for _, n := range []int{1, 2, 3} {
+			name := fmt.Sprintf("%v/n=%d", dt, n)
+			t.Run(name, func(t *testing.T) {
+				const d, ff, qd, kvd, eps = 1024, 2048, 1024, 256, 1e-5
+				att := f32Pair(t, randF32(r, d*n, 1), d, n)
+				res0 := randF32(r, d*n, 4)
+				res := f32Pair(t, res0, d, n)
+				n1, n2 := f32Pair(t, randF32(r, d, 1), d), f32Pair(t, randF32(r, d, 1), d)
+				wo := weightPair(t, "o", dt, []int{d, d}, randWeight(r, dt, d, d))
+				wq := weightPair(t, "q", dt, []int{d, qd}, randWeight(r, dt, d, qd))
+				wk := weightPair(t, "k", dt, []int{d, kvd}, randWeight(r, dt, d, kvd))
+				wv := weightPair(t, "v", dt, []int{d, kvd}, randWeight(r, dt, d, kvd))
+				wg := weightPair(t, "gate", dt, []int{d, ff}, randWeight(r, dt, d, ff))
+				wu := weightPair(t, "up", dt, []int{d, ff}, randWeight(r, dt, d, ff))
+				wd := weightPair(t, "down", dt, []int{ff, d}, randWeight(r, dt, ff, d))
+				bo, bq := f32Pair(t, randF32(r, d, 1), d), f32Pair(t, randF32(r, qd, 1), qd)
+				o, h, g, u, f := out(t, d, n), out(t, d, n), out(t, ff, n), out(t, ff, n), out(t, d, n)
+				q, k, v := out(t, qd, n), out(t, kvd, n), out(t, kvd, n)
+				record := func() {
+					gpu.MatMul(o.g, att.g, wo.g, bo.g)
+					gpu.AddRMSNorm(res.g, h.g, o.g, n2.g, eps)
+					gpu.MatMul(g.g, h.g, wg.g, nil)
+					gpu.MatMul(u.g, h.g, wu.g, nil)
+					gpu.SwiGLU(g.g, g.g, u.g)
+					gpu.MatMul(f.g, g.g, wd.g, nil)
+					gpu.AddRMSNorm(res.g, h.g, f.g, n1.g, eps)
+					gpu.MatMul(q.g, h.g, wq.g, bq.g)
+					gpu.MatMul(k.g, h.g, wk.g, nil)
+					gpu.MatMul(v.g, h.g, wv.g, nil)
+				}
+				outs := []pair{o, u, g, f, q, k, v, res, h} // h last: its read materialises it
+				names := []string{"o", "up", "swiglu", "down", "q", "k", "v", "res", "h"}
+				reset := func() {
+					for _, p := range outs[:len(outs)-2] {
+						gpu.Fill(p.g, float32(math.NaN()))
+					}
+					gpu.Fill(h.g, float32(math.NaN()))
+					require.NoError(t, gpu.WriteF32(res.g, res0))
+				}
+				run := func() [][]float32 {
+					var all [][]float32
+					for _, p := range outs {
+						all = append(all, readF32(t, p.g))
+					}
+					return all
+				}
+				fuseNormFold = false
+				reset()
+				record()
+				plain := run()
+				fuseNormFold = true
+				reset()
+				record()
+				if n <= 2 {
+					require.True(t, gpu.xt.on, "the fold ran: h holds xt")
+				}
+				folded := run()
+				require.False(t, gpu.xt.on, "the read of h materialised it")
+				tol := gemvTol(dt, n, true)
+				for i := range plain {
+					switch {
+					case n > 2 || i == 0: // no fold / the producer's own output
+						sameBits(t, fmt.Sprintf("%s %s fold vs plain", name, names[i]), plain[i], folded[i])
+					default:
+						checkVec(t, fmt.Sprintf("%s %s fold vs plain", name, names[i]), folded[i], plain[i], 4*tol)
+					}
+				}
+				reset()
+				record()
+				for i, got := range run() {
+					sameBits(t, fmt.Sprintf("%s %s eager run 2", name, names[i]), folded[i], got)
+				}
+				for rep := 0; rep < 3; rep++ {
+					reset()
+					require.NoError(t, gpu.Run("nf-"+name, record))
+					for i, got := range run() {
+						sameBits(t, fmt.Sprintf("%s graph %d %s", name, rep, names[i]), folded[i], got)
+					}
+				}
+				// h as the norm of the folded residual: orch_rmsnorm(h, res) bit for bit.
+				hh := out(t, d, n)
+				gpu.RMSNorm(hh.g, res.g, n1.g, eps)
+				sameBits(t, name+" h materialised vs the norm of res", readF32(t, hh.g), folded[8])
+				// The library takes the fold itself for n <= 2 (the default GEMV route).
+				ptr := func(p pair) uintptr {
+					if p.g == nil {
+						return 0
+					}
+					return p.g.(*tensor).ptr
+				}
+				reset()
+				ss := gpu.scratchBuf("nf-test", 4*n*d/8)
+				require.NoError(t, gpu.Err())
+				rc := gpu.l.matmulAddNorm(gpu.ctx, ptr(o), ptr(att), ptr(wo), int32(dt), ptr(bo), int64(n), d, d, ptr(res),
+					ptr(n2), ptr(h), ss)
+				parts := [1]gemvPart{{w: ptr(wq), bias: ptr(bq), y: ptr(q), m: qd}}
+				if n <= 2 && os.Getenv("ORCH_CUDA_GEMV") == "" {
+					require.NoError(t, gpu.l.status("matmul_addnorm", rc))
+					rc = gpu.l.matmulMultiNF(gpu.ctx, ptr(h), int32(dt), int64(n), d, 1, &parts[0], ss, d/8, eps)
+					require.NoError(t, gpu.l.status("matmul_multi_nf", rc))
+					require.NoError(t, gpu.Sync())
+					sameBits(t, name+" direct producer y", plain[0], readF32(t, o.g))
+				} else if n > 2 {
+					require.Equal(t, int32(stUnsupported), rc, "%s must be declined", name)
+				}
+				// CPU backend.
+				ref.MatMul(o.c, att.c, wo.c, bo.c)
+				ref.AddRMSNorm(res.c, h.c, o.c, n2.c, eps)
+				ref.MatMul(g.c, h.c, wg.c, nil)
+				ref.MatMul(u.c, h.c, wu.c, nil)
+				ref.SwiGLU(g.c, g.c, u.c)
+				ref.MatMul(f.c, g.c, wd.c, nil)
+				ref.AddRMSNorm(res.c, h.c, f.c, n1.c, eps)
+				ref.MatMul(q.c, h.c, wq.c, bq.c)
+				ref.MatMul(k.c, h.c, wk.c, nil)
+				ref.MatMul(v.c, h.c, wv.c, nil)
+				for i, p := range outs {
+					cv := make([]float32, p.c.Len())
+					require.NoError(t, ref.ReadF32(p.c, cv))
+					checkVec(t, name+" "+names[i]+" vs CPU", folded[i], cv, 4*tol)
+				}
+			})
+		}
+	}
+}

@@ -20,8 +20,9 @@ type fakeLib struct {
 	// multiRC is what orch_matmul_multi answers (stUnsupported: the library
 	// declines, e.g. not the v5 GEMV).
 	multiRC int32
-	// gluRC: what orch_matmul_swiglu answers.
-	gluRC int32
+	// gluRC: what orch_matmul_swiglu answers; nfRC: what the norm fold's
+	// consumers answer (orch_matmul_multi_nf / _swiglu_nf), prodRC its producer.
+	gluRC, nfRC, prodRC int32
 }
 
 func (f *fakeLib) add(format string, a ...any) int32 {
@@ -54,6 +55,32 @@ func newFakeBackend(*testing.T) (*Backend, *fakeLib) {
 			ps := unsafe.Slice(gateUp, 2)
 			return f.add("matmul_swiglu x=%x n=%d k=%d gate=%x/%d up=%x/%d out=%x", x, n, k, ps[0].y, ps[0].m, ps[1].y,
 				ps[1].m, out)
+		},
+		matmulAddNorm: func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, nw, xt,
+			ss uintptr) int32 {
+			if f.prodRC != stOK {
+				return f.prodRC
+			}
+			return f.add("addnorm y=%x x=%x n=%d res=%x nw=%x xt=%x", y, x, n, res, nw, xt)
+		},
+		matmulMultiNF: func(ctx, x uintptr, wtype int32, n, k int64, count int32, parts *gemvPart, ss uintptr, nss int64,
+			eps float32) int32 {
+			if f.nfRC != stOK {
+				return f.nfRC
+			}
+			var ys []string
+			for _, p := range unsafe.Slice(parts, count) {
+				ys = append(ys, fmt.Sprintf("%x/%d", p.y, p.m))
+			}
+			return f.add("multi_nf x=%x n=%d k=%d [%s] nss=%d eps=%g", x, n, k, strings.Join(ys, " "), nss, eps)
+		},
+		matmulSwiGLUNF: func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out, ss uintptr, nss int64,
+			eps float32) int32 {
+			if f.nfRC != stOK {
+				return f.nfRC
+			}
+			ps := unsafe.Slice(gateUp, 2)
+			return f.add("swiglu_nf x=%x n=%d gate=%x up=%x out=%x nss=%d", x, n, ps[0].y, ps[1].y, out, nss)
 		},
 		malloc: func(ctx uintptr, bytes int64, out *uintptr) int32 {
 			*out = fakeNext

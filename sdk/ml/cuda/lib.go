@@ -100,6 +100,10 @@ type lib struct {
 	// Session 6 (fuse.go foldSwiGLU): gateUp points at 2 parts (gate, up; same m).
 	matmulSwiGLU func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out uintptr) int32
 	gemvTrace    func(ctx uintptr, on int32, out *gemvTraceRec, cap int64, count *int64) int32
+	// Session 8, optional (nil when the library lacks them: normfold.go is then off): the folded RMSNorm.
+	matmulAddNorm  func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, nw, xt, ss uintptr) int32
+	matmulMultiNF  func(ctx, x uintptr, wtype int32, n, k int64, count int32, parts *gemvPart, ss uintptr, nss int64, eps float32) int32
+	matmulSwiGLUNF func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out, ss uintptr, nss int64, eps float32) int32
 
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32
@@ -250,6 +254,22 @@ func (l *lib) bind() (err error) {
 	// Optional: the bf16 weight cache (bf16cache.go; nil: off).
 	if _, err := purego.Dlsym(l.handle, "orch_bf16_cache"); err == nil {
 		purego.RegisterLibFunc(&l.bf16Cache, l.handle, "orch_bf16_cache")
+	}
+	// Optional entry points: all or none (the feature is then off).
+	opt := []struct {
+		fn   any
+		name string
+	}{
+		{&l.matmulAddNorm, "orch_matmul_addnorm"}, {&l.matmulMultiNF, "orch_matmul_multi_nf"},
+		{&l.matmulSwiGLUNF, "orch_matmul_swiglu_nf"},
+	}
+	for _, s := range opt {
+		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
+			return nil
+		}
+	}
+	for _, s := range opt {
+		purego.RegisterLibFunc(s.fn, l.handle, s.name)
 	}
 	return nil
 }

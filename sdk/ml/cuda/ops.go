@@ -132,6 +132,8 @@ func (b *Backend) arg(op, name string, t ml.Tensor, dt ml.DType) *tensor {
 		return nil
 	}
 	b.touchUnrotated(ct, op == "matmul" && name == "dst") // q / k a folded Attend left unrotated (fuse.go)
+	// h holding a norm fold's xt (normfold.go)
+	b.touchXT(ct, op == "matmul" && name == "dst", op == "matmul" && name == "x")
 	if dt != anyType && ct.dt != dt {
 		b.failf(op, "%s is %v, want %v", name, ct.dt, dt)
 		return nil
@@ -246,8 +248,16 @@ func (b *Backend) normArgs(op string, res, dst, x, w, bias ml.Tensor, layer bool
 }
 
 func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, layer bool) {
+	// normfold.go: an AddRMSNorm of a held GEMV's output may be held with it
+	fold := fuseNormFold && !layer && res != nil && b.pend.mm == 1 && !b.pend.nf.on
+	b.preNormXT(res, dst, x)
+	b.holdFlush = fold
 	a, ok := b.normArgs(op, res, dst, x, w, bias, layer)
+	b.holdFlush = false
 	if !ok {
+		return
+	}
+	if fold && b.holdProdNorm(op, res, dst, x, w, a, eps) {
 		return
 	}
 	b.flush()
@@ -298,6 +308,10 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	}
 	if !okb {
 		return
+	}
+	if b.xt.on && (span{xx.ptr, uintptr(xx.bytes)}).overlaps(b.xt.h) && !b.nfJoins(d, xx, ww, bp, n, in, out) {
+		b.flush() // x is a fold's h (normfold.go) and this MatMul is not one of its scaled consumers
+		b.materializeXT()
 	}
 	if ww.weight {
 		b.bf16Want(ww, n, in, out) // its bf16 copy for the large-n path (bf16cache.go)

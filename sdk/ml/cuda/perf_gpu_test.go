@@ -785,6 +785,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 			gpu.Free(wu[i])
 		}
 	}()
+	gemvFoldTable(t, r, label, peak)
 	gemvTraceTable(t, r, label, peak)
 	// MoE decode at gpt-oss shape (router + top-4 + fused expert FFN), 1 and 8 tokens.
 	const d, ff, ne, topk = 2880, 2880, 32, 4
@@ -824,6 +825,91 @@ func copyPeak(t *testing.T) float64 {
 	gpu.l.memset(gpu.ctx, src, 7, cb)
 	copyMs := timeMs(t, 10, func() { gpu.call("copy", gpu.l.memcpyD2D(gpu.ctx, dst, src, cb)) })
 	return 2 * cb / (copyMs * 1e-3)
+}
+
+// gemvFoldTable (session 8, normfold.go): Llama's GEMV -> AddRMSNorm -> GEMV(s) pairs as in the decode step
+// (attention out -> FFN norm -> gate/up + SwiGLU; down -> attention norm -> q/k/v), 16 per graph, with the
+// norm as its own kernel and folded into the two GEMVs (ORCH_CUDA_NORM_FOLD). Every 16th pair also runs a plain
+// RMSNorm of the residual into h in both rows (the fold's h is otherwise materialised at the graph's end).
+func gemvFoldTable(t *testing.T, r randSrc, label string, peak float64) {
+	if gpu.l.matmulAddNorm == nil {
+		t.Logf("| %s | norm fold | library without orch_matmul_addnorm | | | |", label)
+		return
+	}
+	defer func(v bool) { fuseNormFold = v }(fuseNormFold)
+	const d = 4096
+	for _, sh := range []struct {
+		name string
+		kp   int   // the producer's k (its m is d)
+		ms   []int // the consumers
+		glu  bool
+	}{{"llama out -> norm -> gate/up+SwiGLU", 4096, []int{14336, 14336}, true},
+		{"llama down -> norm -> q/k/v", 14336, []int{4096, 1024, 1024}, false}} {
+		const copies = 2
+		wp, wc := make([]ml.Tensor, copies), make([][]ml.Tensor, copies)
+		bytes := 0.0
+		for i := 0; i < copies; i++ {
+			wp[i] = mustW(t, r, "prod", ml.Q8_0, sh.kp, d)
+			for _, m := range sh.ms {
+				wc[i] = append(wc[i], mustW(t, r, "cons", ml.Q8_0, d, m))
+			}
+		}
+		rb, _ := ml.Q8_0.RowBytes(sh.kp)
+		bytes += float64(rb * d)
+		for _, m := range sh.ms {
+			rb, _ := ml.Q8_0.RowBytes(d)
+			bytes += float64(rb * m)
+		}
+		nw := mustA(t, ml.F32, d)
+		require.NoError(t, gpu.WriteF32(nw, r.f32(d)))
+		for _, n := range []int{1, 2} {
+			x, y, res, h := mustA(t, ml.F32, sh.kp, n), mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n)
+			require.NoError(t, gpu.WriteF32(x, r.f32(sh.kp*n)))
+			ys := make([]ml.Tensor, len(sh.ms))
+			for j, m := range sh.ms {
+				ys[j] = mustA(t, ml.F32, m, n)
+			}
+			floor := bytes / peak * 1e3
+			var base float64
+			for _, fold := range []bool{false, true} {
+				fuseNormFold = fold
+				require.NoError(t, gpu.WriteF32(res, r.f32(d*n)))
+				i := 0
+				ms := timeKernel(t, 20, 16, func() {
+					gpu.MatMul(y, x, wp[i%copies], nil)
+					gpu.AddRMSNorm(res, h, y, nw, 1e-5)
+					for j := range sh.ms {
+						gpu.MatMul(ys[j], h, wc[i%copies][j], nil)
+					}
+					if sh.glu {
+						gpu.SwiGLU(ys[0], ys[0], ys[1])
+					}
+					if i%16 == 15 {
+						gpu.RMSNorm(h, res, nw, 1e-5)
+					}
+					i++
+				})
+				path := "GEMV -> norm -> GEMV"
+				if fold {
+					path = fmt.Sprintf("norm folded (%+.1f us)", (ms-base)*1e3)
+				} else {
+					base = ms
+				}
+				t.Logf("| %s | %s Q8_0 n=%d | %s | %.1f us | %.1f us | %.0f%% |", label, sh.name, n, path, ms*1e3,
+					floor*1e3, 100*floor/ms)
+			}
+			for _, v := range append(ys, x, y, res, h) {
+				gpu.Free(v)
+			}
+		}
+		gpu.Free(nw)
+		for i := range wp {
+			gpu.Free(wp[i])
+			for _, w := range wc[i] {
+				gpu.Free(w)
+			}
+		}
+	}
 }
 
 // gemvTraceTable (session 6, goal: where the ~3-4 us between two dependent

@@ -1,0 +1,146 @@
+package cuda
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// Host test of the folded RMSNorm (normfold.go) against the fake library of
+// fuse_test.go: a Llama layer's GEMV -> AddRMSNorm -> GEMVs become the
+// producer with the fold and scaled consumers (merged q/k/v; gate/up +
+// SwiGLU), the next layer's norm reuses h without materialising it, and the
+// residual add after the last layer materialises h first (a plain norm without
+// the add); the plain launches when the switch is off, when the library
+// declines (producer or consumers), for a norm followed by something else,
+// three tokens, a MoE after the norm (its own fold takes the norm), a host
+// read of h and a graph boundary.
+func TestFuseNormFold(t *testing.T) {
+	defer func(v, nf bool) { fuseOps, fuseNormFold = v, nf }(fuseOps, fuseNormFold)
+	fuseOps, fuseNormFold = true, true
+	b, f := newFakeBackend(t)
+	b.l.memcpyD2H = func(ctx uintptr, dst *byte, src uintptr, bytes int64) int32 { return f.add("d2h %x", src) }
+	const d, ff = 64, 96
+	x, h, o, att, fo := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1),
+		fakeT(b, ml.F32, d, 1)
+	n1, n2 := fakeT(b, ml.F32, d), fakeT(b, ml.F32, d)
+	wo, wq, wk, wv := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, 32), fakeT(b, ml.Q8_0, d, 32)
+	wg, wu, wd := fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.Q8_0, ff, d)
+	q, k, v, g, u := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, 32, 1), fakeT(b, ml.F32, 32, 1), fakeT(b, ml.F32, ff, 1),
+		fakeT(b, ml.F32, ff, 1)
+	addnorm := func(y, xx, res, nw uintptr) string {
+		return fmt.Sprintf("addnorm y=%x x=%x n=1 res=%x nw=%x xt=%x", y, xx, res, nw, h.ptr)
+	}
+	rms := func(out, res, add uintptr) string { return fmt.Sprintf("rmsnorm out=%x x=%x add=%x", out, res, add) }
+	swigluNF := fmt.Sprintf("swiglu_nf x=%x n=1 gate=%x up=%x out=%x nss=8", h.ptr, g.ptr, u.ptr, g.ptr)
+	qkvNF := fmt.Sprintf("multi_nf x=%x n=1 k=%d [%x/%d %x/32 %x/32] nss=8 eps=1e-05", h.ptr, d, q.ptr, d, k.ptr, v.ptr)
+	layer := func() {
+		b.MatMul(o, att, wo, nil)
+		b.AddRMSNorm(x, h, o, n2, 1e-5)
+		b.MatMul(g, h, wg, nil)
+		b.MatMul(u, h, wu, nil)
+		b.SwiGLU(g, g, u)
+		b.MatMul(fo, g, wd, nil)
+		b.AddRMSNorm(x, h, fo, n1, 1e-5)
+		b.MatMul(q, h, wq, nil)
+		b.MatMul(k, h, wk, nil)
+		b.MatMul(v, h, wv, nil)
+	}
+
+	layer()
+	require.Equal(t, []string{addnorm(o.ptr, att.ptr, x.ptr, n2.ptr), swigluNF, addnorm(fo.ptr, g.ptr, x.ptr, n1.ptr),
+		qkvNF}, f.take())
+	require.True(t, b.xt.on, "h holds xt")
+	b.Add(x, x, fo) // the residual: h materialised first
+	require.Equal(t, []string{rms(h.ptr, x.ptr, 0), fmt.Sprintf("add out=%x", x.ptr)}, f.take())
+	require.False(t, b.xt.on)
+
+	// A host read of h materialises it; so does a graph's end (and its start).
+	layer()
+	f.take()
+	buf := make([]float32, d)
+	require.NoError(t, b.ReadF32(h, buf))
+	require.Equal(t, []string{rms(h.ptr, x.ptr, 0), fmt.Sprintf("d2h %x", h.ptr)}, f.take())
+	require.NoError(t, b.Run("g", layer))
+	log := f.take()
+	require.Equal(t, "graph_begin", log[0])
+	require.Equal(t, []string{qkvNF, rms(h.ptr, x.ptr, 0), "graph_end", "graph_launch"}, log[len(log)-4:])
+	require.False(t, b.xt.on)
+
+	// A MatMul of h that is not one of the scaled consumers: h materialised first.
+	layer()
+	f.take()
+	b.MatMul(g, h, wg, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{rms(h.ptr, x.ptr, 0), fmt.Sprintf("matmul y=%x x=%x n=1", g.ptr, h.ptr), "sync"}, f.take())
+
+	// The consumers' library declines: h materialised, then the plain launches.
+	f.nfRC = stUnsupported
+	layer()
+	require.Equal(t, []string{addnorm(o.ptr, att.ptr, x.ptr, n2.ptr), rms(h.ptr, x.ptr, 0),
+		fmt.Sprintf("matmul_swiglu x=%x n=1 k=%d gate=%x/%d up=%x/%d out=%x", h.ptr, d, g.ptr, ff, u.ptr, ff, g.ptr),
+		addnorm(fo.ptr, g.ptr, x.ptr, n1.ptr), rms(h.ptr, x.ptr, 0),
+		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/32 %x/32]", h.ptr, d, q.ptr, d, k.ptr, v.ptr)}, f.take())
+	require.False(t, b.xt.on)
+	f.nfRC = stOK
+	// The producer declines: GEMV, norm, consumers as without the fold.
+	f.prodRC = stUnsupported
+	b.MatMul(o, att, wo, nil)
+	b.AddRMSNorm(x, h, o, n2, 1e-5)
+	b.MatMul(q, h, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
+		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
+	f.prodRC = stOK
+
+	// The norm followed by something else: the GEMV, the norm, that op.
+	b.MatMul(o, att, wo, nil)
+	b.AddRMSNorm(x, h, o, n2, 1e-5)
+	require.Empty(t, f.take(), "held")
+	b.Add(att, att, att)
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
+		fmt.Sprintf("add out=%x", att.ptr)}, f.take())
+	// A MatMul of another x.
+	b.MatMul(o, att, wo, nil)
+	b.AddRMSNorm(x, h, o, n2, 1e-5)
+	b.MatMul(q, att, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
+		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, att.ptr), "sync"}, f.take())
+
+	// A MoE after the norm: the GEMV goes out, the MoE fold takes the norm.
+	b.l.moeDecodeNorm = func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32,
+		routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr,
+		downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32 {
+		return f.add("moe_decode_norm out=%x x=%x res=%x add=%x n=%d", out, x, res, add, n)
+	}
+	moe := &ml.MoE{Router: fakeT(b, ml.F32, d, 4), Gate: fakeT(b, ml.MXFP4, d, 32, 4),
+		Up: fakeT(b, ml.MXFP4, d, 32, 4), Down: fakeT(b, ml.MXFP4, 32, d, 4), TopK: 2, Alpha: 1.702, Limit: 7}
+	b.MatMul(o, att, wo, nil)
+	b.AddRMSNorm(x, h, o, n2, 1e-5)
+	b.MoE(fo, h, moe)
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr),
+		fmt.Sprintf("moe_decode_norm out=%x x=%x res=%x add=%x n=1", fo.ptr, h.ptr, x.ptr, o.ptr)}, f.take())
+
+	// Three tokens: no fold.
+	x3, h3, o3, a3, q3 := fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3),
+		fakeT(b, ml.F32, d, 3)
+	b.MatMul(o3, a3, wo, nil)
+	b.AddRMSNorm(x3, h3, o3, n2, 1e-5)
+	b.MatMul(q3, h3, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=3", o3.ptr, a3.ptr), rms(h3.ptr, x3.ptr, o3.ptr),
+		fmt.Sprintf("matmul y=%x x=%x n=3", q3.ptr, h3.ptr), "sync"}, f.take())
+
+	// The switch off.
+	fuseNormFold = false
+	b.MatMul(o, att, wo, nil)
+	b.AddRMSNorm(x, h, o, n2, 1e-5)
+	b.MatMul(q, h, wq, nil)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
+		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
+}
