@@ -549,7 +549,7 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
                    op);
     launch_decode13(ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids, weights,
                     (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
-                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit, nullptr);
+                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit, nullptr, moe_only());
     ORCH_LAUNCHED(op);
     return ORCH_OK;
   }
@@ -595,7 +595,7 @@ extern "C" int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *
                    op);
     launch_decode13(ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids, weights,
                     (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
-                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit, &nm);
+                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit, &nm, moe_only());
     ORCH_LAUNCHED(op);
     return ORCH_OK;
   }

@@ -475,7 +475,8 @@ static bool moe13_declines(const orch_ctx *ctx, int64_t n, int32_t router_type, 
 static void launch_decode13(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, const moe10_norm *nm) {
+                            int n_slots, int dim, int ff, float alpha, float limit, const moe10_norm *nm,
+                            int only) {
   constexpr int T = ORCH_T_MXFP4;
   const int S = (dim + MOE10_RK - 1) / MOE10_RK, np = n * n_slots;
   float *part = ybuf;
@@ -495,7 +496,9 @@ static void launch_decode13(cudaStream_t st, float *out, const float *x, const f
     DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias, dim,
                      n_exp, n_slots, 1, 0, nv, tab);
   }
-  {
+  // ORCH_CUDA_MOE_ONLY (moe_only, timing hook): =route the route kernel alone, =gate_up without down13 (down13
+  // re-reads the table after its wait, so it could even run without gate_up13 before it; not offered)
+  if (!(only & 2)) {
     const int rb = (int)orch_row_bytes(T, dim);
     const size_t sm = moe13_smem(rb, 2, 8);
     auto kern = moe13_pipe() ? moe_gate_up13_kernel<true> : moe_gate_up13_kernel<false>;
@@ -503,7 +506,7 @@ static void launch_decode13(cudaStream_t st, float *out, const float *x, const f
     DEC16_LAUNCH_PDL(kern, dim3((unsigned)(ff / 16), ge), MOE13_W * 32, sm, st, reinterpret_cast<uint16_t *>(act), xg,
                      moe10_xstride(dim / 32), wg, wu, gb, ub, tab, n_slots, dim, ff, rb, alpha, limit, sc);
   }
-  {
+  if (!(only & 1)) {
     const int rb = (int)orch_row_bytes(T, ff);
     const size_t sm = moe13_smem(rb, 1, 4);
     auto kern = moe_down13_kernel;

@@ -73,6 +73,8 @@ func TestPerfMoEVersions(t *testing.T) {
 				// session 8: MoE v13 (2..64 tokens), and the default route with v13 from 9 tokens
 				"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE= ORCH_CUDA_MOE13_FROM=9",
 				"ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", // gate_up13's tiles copied round by round
+				// where v13's time goes (n = 8, 16, 64): route alone, route + gate_up13 (timing hook; results garbage)
+				"ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE_ONLY=gate_up",
 				// the post-attention AddRMSNorm folded into the route kernel (S7, default): norm+moe rows without it
 				"ORCH_CUDA_MOE= ORCH_CUDA_MOE_NORM=0",
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
@@ -93,9 +95,12 @@ func TestPerfMoEVersions(t *testing.T) {
 	ns := []int{1, 2, 4, 8, 16}
 	if os.Getenv("ORCH_CUDA_MOE_ONLY") != "" {
 		ns = []int{1, 8}
+		if os.Getenv("ORCH_CUDA_MOE") == "v13" {
+			ns = []int{8, 16, 64}
+		}
 	}
-	if os.Getenv("ORCH_CUDA_MOE") == "v13" || (os.Getenv("ORCH_CUDA_MOE") == "" && os.Getenv("ORCH_CUDA_MOE_ONLY") == "" &&
-		os.Getenv("ORCH_CUDA_MOE_NORM") == "") {
+	if os.Getenv("ORCH_CUDA_MOE_ONLY") == "" && (os.Getenv("ORCH_CUDA_MOE") == "v13" ||
+		(os.Getenv("ORCH_CUDA_MOE") == "" && os.Getenv("ORCH_CUDA_MOE_NORM") == "")) {
 		ns = []int{1, 2, 4, 8, 9, 12, 16, 24, 32, 40, 64} // session 8: the 9..64-token steps
 	}
 	label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
