@@ -164,13 +164,26 @@ __device__ __forceinline__ void gemv5_nf_issue(const gemv5_nf &F, int nt, float 
 __device__ __forceinline__ void gemv5_nf_wait() { g9_cp_wait<0>(); }
 // Token j's scale (after the staging barrier), the same in every lane, warp and CTA: lane l sums partials l,
 // l + 32, ... in order, then warp_sum.
+// Four running sums per lane (slots l + 128 i + 32 a go to sum a), added as (s0 + s1) + (s2 + s3): a short
+// dependent chain. Consumers call it for all tokens (gemv5_nf_scales) once x is staged, after the second
+// round's weight loads are issued where there is one (its latency under theirs), else at the end.
 __device__ __forceinline__ float gemv5_nf_scale(const float *sh, int j, int nss, int64_t dim, float eps) {
   const float *p = sh + j * nss;
   const int lane = threadIdx.x & 31;
-  float t = 0.f;
-  for (int i = lane; i < nss; i += 32) t += p[i];
-  t = warp_sum(t);
-  return rsqrtf(t / (float)dim + eps);
+  float t[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int i = lane; i < nss; i += 128) {
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+      if (i + 32 * a < nss) t[a] += p[i + 32 * a];
+  }
+  const float v = warp_sum((t[0] + t[1]) + (t[2] + t[3]));
+  return rsqrtf(v / (float)dim + eps);
+}
+template <int NT>
+__device__ __forceinline__ void gemv5_nf_scales(float (&sc)[NT], const float *sh, int nt, int nss, int64_t dim,
+                                                float eps) {
+#pragma unroll
+  for (int j = 0; j < NT; j++) sc[j] = j < nt ? gemv5_nf_scale(sh, j, nss, dim, eps) : 1.f;
 }
 
 // NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
@@ -187,6 +200,8 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
   float *nfsh = gemv5_nf_sh(xsm, nch, NT);
   float nfres = 0.f, nfw = 0.f; // NF 1: lane j's res of token j at its row, the row's norm weight
+  float nfsc[NT];               // NF 2: the tokens' scales
+  bool nfscd = false;           // ... computed
   const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
   bool staged = false;
   unsigned long long tr[3] = {0, 0, 0};
@@ -229,6 +244,11 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
         if constexpr (TR) tr[2] = gemv_gtime();
         staged = true;
       }
+      if constexpr (NF == 2)
+        if (c0 > 0 && !nfscd) { // this round's loads in flight (uniform)
+          gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
+          nfscd = true;
+        }
 #pragma unroll
       for (int i = 0; i < NB; i++) {
         const int64_t c = c0 + lane + 32 * i;
@@ -267,14 +287,16 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       }
       if (lane < NT) nfsh[lane * GEMV16_WARPS + warp] = q; // 0 for invalid rows and tokens
     } else {
-      float sc[NT];
-#pragma unroll
-      for (int j = 0; j < NT; j++) sc[j] = NF == 2 && j < nt ? gemv5_nf_scale(nfsh, j, F.nss, k, F.eps) : 1.f;
+      if constexpr (NF == 2)
+        if (!nfscd) { // one round only
+          gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
+          nfscd = true;
+        }
 #pragma unroll
       for (int j = 0; j < NT; j++) {
         float s = warp_sum(acc[j]);
         if (lane == 0 && j < nt && valid) {
-          if constexpr (NF == 2) s *= sc[j];
+          if constexpr (NF == 2) s *= nfsc[j];
           if (bias) s += bias[row];
           float *yp = y + j * m + row;
           *yp = accumulate ? *yp + s : s;
@@ -351,7 +373,7 @@ gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, 
 }
 // The folded norm's consumer (orch_matmul_multi_nf): x is the producer's xt.
 template <int T, int NT, int NB, int XR>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM as the plain kernel
 gemv5_multi_nf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                       const gemv5_nf F) {
   gemv5_multi_body<T, NT, NB, XR, 0, 2>(P, x, n, k, row_bytes, F);
@@ -581,6 +603,8 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
   const int64_t nch = k / 32;
   float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
   float *nfsh = gemv5_nf_sh(xsm, nch, NT);
+  float nfsc[NT]; // NF 2: the tokens' scales
+  bool nfscd = false;
   const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
   const bool valid = row < A.m;
   const uint8_t *wg = A.wg + (valid ? row : 0) * row_bytes, *wu = A.wu + (valid ? row : 0) * row_bytes;
@@ -607,18 +631,23 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
       if constexpr (NF == 2) gemv5_nf_wait();
       __syncthreads();
     }
+    if constexpr (NF == 2)
+      if (c0 > 0 && !nfscd) { // this round's loads in flight (uniform)
+        gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
+        nfscd = true;
+      }
     gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt);
     gemv5_glu_round<T, NT, NB>(bu, accu, xsm, xinv, c0, lane, nch, nt);
   }
+  if constexpr (NF == 2)
+    if (!nfscd) gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps); // one round only
 #pragma unroll
   for (int j = 0; j < NT; j++) {
     float g = warp_sum(accg[j]), u = warp_sum(accu[j]);
-    if constexpr (NF == 2)
-      if (j < nt) { // every lane (the scale's warp_sum)
-        const float sc = gemv5_nf_scale(nfsh, j, F.nss, k, F.eps);
-        g *= sc;
-        u *= sc;
-      }
+    if constexpr (NF == 2) {
+      g *= nfsc[j];
+      u *= nfsc[j];
+    }
     if (lane == 0 && j < nt && valid) {
       if (A.bg) g += A.bg[row];
       if (A.bu) u += A.bu[row];
