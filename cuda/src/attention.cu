@@ -220,8 +220,13 @@ static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_at
     if (rc != ORCH_OK) return rc;
   }
   dim3 grid((unsigned)(a->n_heads / GC), (unsigned)a->n_tok, (unsigned)splits);
+  // ORCH_CUDA_ATTN_PREFETCH=0: no L2 prefetch of the keys before pdl_wait (A/B; read once)
+  static const int prefetch = [] {
+    const char *e = getenv("ORCH_CUDA_ATTN_PREFETCH");
+    return e && strcmp(e, "0") == 0 ? 0 : 1;
+  }();
   orch_launch_pdl(attn_gdr_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), 0, ctx->stream, *a, *r, (float *)part,
-                  splits);
+                  splits, prefetch);
   ORCH_LAUNCHED("attention (RoPE + KV write folded)");
   if (splits == 1) return ORCH_OK;
   return launch_combine6<HD>(ctx, a, (const float *)part, splits, 0, true);

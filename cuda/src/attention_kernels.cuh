@@ -553,9 +553,46 @@ __global__ void ATTN_GD7_BOUNDS(GC) attn_gd7_kernel(orch_attn_args a, float *par
 //    slot that this grid writes: a row's new positions come from the stage.
 // So out and the caches are bit-identical to orch_rope_kv + orch_attention;
 // q and k stay unrotated in memory.
+// The K / V rows of the keys a decode CTA of attn_gdr_kernel will read, into L2 BEFORE pdl_wait (session 8): they
+// were written by earlier steps, and the row's position, sequence and block table are step inputs copied in before
+// the step's first kernel, so nothing the previous kernels of this step write is touched. The loads then hit L2
+// instead of paying DRAM latency after the q/k/v GEMV. A slot this grid is about to write (the row's own
+// position) may be prefetched too: L2 is where every SM's write lands, so a later read still sees the new data.
+// One key per thread, at most blockDim.x keys of the CTA's split (all of them at the depths a 4096-CTA grid
+// splits into 32..256-key slices).
+__device__ __forceinline__ void attn_prefetch_l2(const void *p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
+template <typename KV, int HD>
+__device__ __forceinline__ void attn_gdr_prefetch(const orch_attn_args &a, int kvh, int splits) {
+  const int64_t t = blockIdx.y;
+  const int qp = a.tok_pos[t], seq = a.tok_seq[t];
+  const int span = attn_span(qp, a.window), start = qp + 1 - span;
+  const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
+  const int sp = blockIdx.z;
+  if (sp >= attn_split_used(span, per)) return;
+  const int k0 = start + sp * per, k1 = min(k0 + per, qp); // qp itself comes from the staged row
+  const int kk = k0 + (int)threadIdx.x;
+  if (kk >= k1) return;
+  const int64_t sl = (int64_t)a.block_tables[(int64_t)seq * a.max_blocks + kk / a.block_size] * a.block_size +
+                     kk % a.block_size;
+  const int64_t off = (sl * a.n_kv_heads + kvh) * HD;
+  constexpr int LINES = (HD * (int)sizeof(KV) + 127) / 128;
+#pragma unroll
+  for (int i = 0; i < LINES; i++) {
+    attn_prefetch_l2((const char *)((const KV *)a.k_cache + off) + 128 * i);
+    attn_prefetch_l2((const char *)((const KV *)a.v_cache + off) + 128 * i);
+  }
+}
+
 template <typename KV, int HD, int GC>
 __global__ void ATTN_GD7_BOUNDS(GC)
-    attn_gdr_kernel(orch_attn_args a, orch_attn_rope_args r, float *part, int splits) {
+    attn_gdr_kernel(orch_attn_args a, orch_attn_rope_args r, float *part, int splits, int prefetch) {
+  if (prefetch) attn_gdr_prefetch<KV, HD>(a, blockIdx.x * GC / (a.n_heads / a.n_kv_heads), splits);
   pdl_wait();
   pdl_trigger();
   const int G = a.n_heads / a.n_kv_heads;
