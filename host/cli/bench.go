@@ -130,6 +130,7 @@ func newBenchCmd() *cobra.Command {
 		mixedTokens                int
 		kvType                     string
 		kvFraction                 float64
+		deviceSample               bool
 	)
 	cmd := &cobra.Command{
 		Use:   "bench --model FILE",
@@ -192,6 +193,9 @@ random tokens, different in every run, so the prefix cache does not help.`,
 			if kvType != "" {
 				lo.Extra["kv_type"] = kvType
 			}
+			if !deviceSample {
+				lo.Extra[engine.ExtraDeviceSample] = "false"
+			}
 			if kvFraction < 0 || kvFraction > 1 {
 				return fmt.Errorf("bench: --kv-cache-fraction %g: want a fraction between 0 and 1", kvFraction)
 			}
@@ -234,6 +238,7 @@ random tokens, different in every run, so the prefix cache does not help.`,
 	f.IntVar(&o.Sampling.TopK, "top-k", 0, "top-k of the generated tokens' sampling (0 = off)")
 	f.Float32Var(&o.Sampling.TopP, "top-p", 1, "top-p of the generated tokens' sampling (1 = off)")
 	f.Float32Var(&o.Sampling.MinP, "min-p", 0, "min-p of the generated tokens' sampling (0 = off)")
+	f.BoolVar(&deviceSample, "device-sample", true, "engine-based adapters: draw sampled tokens on the device where the model can (false: copy the logits and sample on the host; engine.device_sample)")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompts")
 	f.StringVar(&device, "device", "auto", "device: auto, cpu or cuda")
 	f.IntVarP(&threads, "threads", "t", 0, "CPU threads (0 = all cores)")

@@ -103,6 +103,26 @@ func TestBenchSamplingFlags(t *testing.T) {
 	assert.Positive(t, (*model).Forwards.Load())
 }
 
+func TestBenchDeviceSampleFlag(t *testing.T) {
+	model := fakeBenchAdapter(t, enginetest.Config{Vocab: 50, NumBlocks: 1024, ContextLength: 4096, DeviceSample: true})
+	file := filepath.Join(t.TempDir(), "tiny.gguf")
+	require.NoError(t, os.WriteFile(file, make([]byte, 1<<20), 0o644))
+	for _, dev := range []bool{true, false} {
+		root := NewRoot()
+		var out, errb bytes.Buffer
+		root.SetOut(&out)
+		root.SetErr(&errb)
+		root.SetArgs([]string{"bench", "--model", file, "-p", "0", "-n", "8", "-r", "1", "--log-level", "warn",
+			"--temperature", "1", "--device-sample=" + strconv.FormatBool(dev)})
+		require.NoError(t, root.Execute(), errb.String())
+		if dev {
+			assert.Positive(t, (*model).SampleSteps.Load(), "sampled tokens drawn by the device sampler")
+		} else {
+			assert.Zero(t, (*model).SampleSteps.Load(), "--device-sample=false: host sampling")
+		}
+	}
+}
+
 func TestBenchRejectsBadFlags(t *testing.T) {
 	fakeBenchAdapter(t, enginetest.Config{})
 	model := filepath.Join(t.TempDir(), "m.gguf")

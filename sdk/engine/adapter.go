@@ -21,6 +21,7 @@ type options struct {
 	maxQueue       int
 	maxSeqs        int
 	prefixCache    bool
+	hostSample     bool // never use the model's device sampler (SamplingModel)
 	planner        PlanFunc
 }
 
@@ -65,6 +66,11 @@ func WithMaxSequences(n int) Option { return func(o *options) { o.maxSeqs = n } 
 // WithPrefixCache turns prefix caching on (the default) or off.
 func WithPrefixCache(on bool) Option { return func(o *options) { o.prefixCache = on } }
 
+// WithDeviceSampling turns drawing tokens on the device (for models that
+// implement SamplingModel) on (the default) or off: off, every token that
+// is not plain greedy is sampled on the host from the copied logits.
+func WithDeviceSampling(on bool) Option { return func(o *options) { o.hostSample = !on } }
+
 // WithPlanner gives the adapter a memory planner: the adapter returned by
 // NewAdapter then implements sdk.Planner.
 func WithPlanner(p PlanFunc) Option { return func(o *options) { o.planner = p } }
@@ -76,6 +82,7 @@ const (
 	ExtraMixedTokens    = "engine.mixed_batch_tokens" // integer > 0
 	ExtraMaxQueue       = "engine.max_queue"          // integer > 0
 	ExtraPrefixCache    = "engine.prefix_cache"       // true or false
+	ExtraDeviceSample   = "engine.device_sample"      // true or false (WithDeviceSampling)
 )
 
 func (o options) withExtra(extra map[string]string) (options, error) {
@@ -106,6 +113,13 @@ func (o options) withExtra(extra map[string]string) (options, error) {
 			return o, fmt.Errorf("option %s=%q: want true or false: %w", ExtraPrefixCache, v, sdk.ErrInvalidArgument)
 		}
 		o.prefixCache = b
+	}
+	if v, ok := extra[ExtraDeviceSample]; ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return o, fmt.Errorf("option %s=%q: want true or false: %w", ExtraDeviceSample, v, sdk.ErrInvalidArgument)
+		}
+		o.hostSample = !b
 	}
 	return o, nil
 }

@@ -898,16 +898,34 @@ func TestDeviceSampling(t *testing.T) {
 	assert.Equal(t, h.toks, res[2].toks, "host streams are seeded as before")
 }
 
-// ORCH_DEVICE_SAMPLE=0 keeps every sampled token on the host.
+// engine.device_sample=false (or WithDeviceSampling(false)) keeps every
+// sampled token on the host.
 func TestDeviceSamplingSwitch(t *testing.T) {
-	t.Setenv("ORCH_DEVICE_SAMPLE", "0")
 	cfg := enginetest.Config{Vocab: 100, DeviceSample: true}
-	a, m := load(t, cfg)
-	ctx := ctxT(t)
-	p := prompts(1, cfg.Vocab)[0]
-	r := collect(ctx, a, sdk.GenerateRequest{Prompt: p, MaxTokens: 20, Sampling: sdk.SamplingParams{Temperature: 1, Seed: 5, HasSeed: true}})
-	require.NoError(t, r.err)
-	assert.Len(t, r.toks, 20)
-	assert.Zero(t, m.SampleSteps.Load())
-	assert.Positive(t, m.Forwards.Load())
+	req := sdk.GenerateRequest{Prompt: prompts(1, cfg.Vocab)[0], MaxTokens: 20, Sampling: sdk.SamplingParams{Temperature: 1, Seed: 5, HasSeed: true}}
+	for _, c := range []struct {
+		name  string
+		opts  []engine.Option
+		extra map[string]string
+	}{
+		{"option", []engine.Option{engine.WithDeviceSampling(false)}, nil},
+		{"extra", nil, map[string]string{engine.ExtraDeviceSample: "false"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var m *enginetest.Model
+			a := engine.NewAdapter(enginetest.Loader(cfg, func(x *enginetest.Model) { m = x }), nil, c.opts...)
+			ctx := ctxT(t)
+			_, err := a.Load(ctx, sdk.LoadRequest{Path: "fake", Options: sdk.LoadOptions{Extra: c.extra}}, nil)
+			require.NoError(t, err)
+			defer a.Unload(context.Background())
+			r := collect(ctx, a, req)
+			require.NoError(t, r.err)
+			assert.Len(t, r.toks, 20)
+			assert.Zero(t, m.SampleSteps.Load())
+			assert.Positive(t, m.Forwards.Load())
+		})
+	}
+	a := engine.NewAdapter(enginetest.Loader(cfg, nil), nil)
+	_, err := a.Load(ctxT(t), sdk.LoadRequest{Path: "fake", Options: sdk.LoadOptions{Extra: map[string]string{engine.ExtraDeviceSample: "maybe"}}}, nil)
+	assert.ErrorIs(t, err, sdk.ErrInvalidArgument)
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -43,7 +42,8 @@ import (
 //  4. forward: one Model.Forward (or GreedyModel.ForwardGreedy when only
 //     plain greedy tokens are needed, or SamplingModel.ForwardSample when a
 //     sequence's token can be drawn on the device: sampler.device; unless
-//     ORCH_DEVICE_SAMPLE=0) over the mixed batch;
+//     WithDeviceSampling(false) / engine.device_sample=false) over the mixed
+//     batch;
 //  5. sample and stream: finished prefills and decodes not drawn on the
 //     device sample their next token on the host (in parallel over
 //     sequences for big batches), full
@@ -77,7 +77,7 @@ type sched struct {
 	pool    *blockPool    // scheduler-owned; groups[0].pool
 	groups  []kvGroup     // scheduler-owned: one per KV group (one when the model declares none)
 	gm      GroupModel    // the model when it declares groups, else nil
-	sm      SamplingModel // the model when it samples on the device (and ORCH_DEVICE_SAMPLE is not 0), else nil
+	sm      SamplingModel // the model when it samples on the device (unless WithDeviceSampling(false)), else nil
 	chunk   int           // max prefill tokens of one sequence in one step (window pools bound it)
 	running []*seq        // scheduler-owned, in arrival order
 	ended   []ending      // scheduler-owned: finished, to be ended by flush
@@ -159,7 +159,7 @@ func newSched(m Model, info sdk.ModelInfo, lo sdk.LoadOptions, o options, log hc
 	for _, g := range groups {
 		e.stats.KVTotalBlocks += g.pool.total()
 	}
-	if sm, ok := m.(SamplingModel); ok && sm.DeviceSampling() && os.Getenv("ORCH_DEVICE_SAMPLE") != "0" {
+	if sm, ok := m.(SamplingModel); ok && sm.DeviceSampling() && !o.hostSample {
 		e.sm = sm
 	}
 	go e.loop(ctx)
