@@ -394,12 +394,6 @@ int orch_moe_ffn_grouped(orch_ctx *ctx, float *out, const float *x, const int32_
 
 /* ---- sample.cu ---- */
 int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab);
-/* Per row: temperature <= 0 → argmax. Else p ∝ exp(l/T); keep the top_k
- * (0 = all), then the smallest set with mass >= top_p (1 = all) of those,
- * then p >= min_p * p_max (0 = all); draw u from the row's RNG state
- * (rng[i], advanced in place so a replayed graph draws fresh numbers). */
-int orch_sample(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab, float temperature,
-                int32_t top_k, float top_p, float min_p, uint64_t *rng);
 /* Per-row sampling settings of orch_sample_rows (32 bytes; sdk/ml SampleParams packs them). */
 typedef struct {
   float temperature; /* < 1e-5 (or NaN): greedy (argmax) */

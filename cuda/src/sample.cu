@@ -1,19 +1,9 @@
-// sample.cu — on-GPU token selection: argmax, and seeded temperature /
-// top-k / top-p / min-p sampling. One CTA per row. The filters are applied
-// as probability thresholds found by bisection over the float bit patterns
-// (no sort of the vocabulary): top-k keeps p >= the k-th largest p, top-p
-// then keeps the largest threshold whose kept mass >= top_p of the top-k
-// mass, min-p keeps p >= min_p * p_max. The draw walks the kept mass in index
-// order, so the result is a pure function of (logits, params, rng state).
+// sample.cu — on-GPU token selection: argmax, and per-row seeded temperature / top-k / top-p / min-p sampling
+// (orch_sample_rows, sample_rows.cuh). (The one-CTA-a-row orch_sample with ~30 bisection passes per filter was
+// deleted in session 8: 116 us a gpt-oss row at T=1 and 1,360 with top_p 0.9, vs 13.3 / 54.5 for sample_rows.)
 #include "common.cuh"
 
 constexpr int SAMPLE_THREADS = 1024;
-
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 // Best of (v, i) and (ov, oi): the larger value, the lower index on ties (NaN never wins).
 __device__ __forceinline__ void argmax_pick(float &v, int64_t &i, float ov, int64_t oi) {
@@ -124,123 +114,6 @@ extern "C" int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int
   else
     orch_launch_pdl(argmax_kernel, dim3((unsigned)n), dim3(SAMPLE_THREADS), 0, ctx->stream, out, logits, vocab);
   ORCH_LAUNCHED("argmax");
-  return ORCH_OK;
-}
-
-struct SampleRow {
-  const float *l;
-  int64_t V;
-  float mx, invT;
-  __device__ float p(int64_t i) const { return expf((l[i] - mx) * invT); }
-};
-
-// Sum (mass) or count of p >= t over the row; every thread gets it.
-__device__ float kept(const SampleRow &r, float t, bool count, float *sh) {
-  float s = 0.f;
-  for (int64_t i = threadIdx.x; i < r.V; i += blockDim.x) {
-    float p = r.p(i);
-    if (p >= t) s += count ? 1.f : p;
-  }
-  return block_sum(s, sh);
-}
-
-__global__ void __launch_bounds__(SAMPLE_THREADS)
-sample_kernel(int32_t *out, const float *logits, int64_t vocab, float temperature, int top_k, float top_p,
-              float min_p, uint64_t *rng) {
-  __shared__ float sh[32];
-  __shared__ float chunk[SAMPLE_THREADS];
-  __shared__ int32_t result;
-  pdl_trigger();
-  pdl_wait(); // PDL: everything below reads or writes what earlier kernels use
-  SampleRow r{logits + blockIdx.x * vocab, vocab, 0.f, 1.f / temperature};
-  float mx = -INFINITY;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, r.l[i]);
-  r.mx = block_max(mx, sh);
-
-  uint32_t tbits = 0; // threshold as float bits; p in (0, 1]
-  if (top_k > 0 && top_k < vocab) {
-    uint32_t lo = 0, hi = 0x3f800001u;
-    while (hi - lo > 1) {
-      uint32_t mid = lo + (hi - lo) / 2;
-      if (kept(r, __uint_as_float(mid), true, sh) >= (float)top_k) lo = mid; else hi = mid;
-    }
-    tbits = lo;
-  }
-  if (top_p < 1.f) {
-    float target = top_p * kept(r, __uint_as_float(tbits), false, sh);
-    uint32_t lo = tbits, hi = 0x3f800001u;
-    while (hi - lo > 1) {
-      uint32_t mid = lo + (hi - lo) / 2;
-      if (kept(r, __uint_as_float(mid), false, sh) >= target) lo = mid; else hi = mid;
-    }
-    tbits = lo;
-  }
-  float t = __uint_as_float(tbits);
-  if (min_p > 0.f) t = fmaxf(t, min_p);
-
-  // Deterministic draw: contiguous index ranges per thread, prefix in order.
-  const int64_t C = (vocab + blockDim.x - 1) / blockDim.x;
-  const int64_t b0 = threadIdx.x * C, b1 = min(b0 + C, vocab);
-  float s = 0.f;
-  for (int64_t i = b0; i < b1; i++) {
-    float p = r.p(i);
-    if (p >= t) s += p;
-  }
-  chunk[threadIdx.x] = s;
-  if (threadIdx.x == 0) result = -1;
-  __syncthreads();
-  __shared__ float target_s;
-  __shared__ int owner;
-  if (threadIdx.x == 0) {
-    uint64_t st = rng[blockIdx.x] + 0x9E3779B97F4A7C15ull;
-    rng[blockIdx.x] = st;
-    float u = (float)(splitmix64(st) >> 40) * (1.0f / 16777216.0f);
-    float total = 0.f;
-    for (int j = 0; j < (int)blockDim.x; j++) total += chunk[j];
-    float target = u * total, cum = 0.f;
-    owner = -1;
-    for (int j = 0; j < (int)blockDim.x; j++) {
-      if (chunk[j] > 0.f && cum + chunk[j] > target) {
-        owner = j;
-        break;
-      }
-      cum += chunk[j];
-    }
-    target_s = target - cum;
-  }
-  __syncthreads();
-  if ((int)threadIdx.x == owner) {
-    float cum = 0.f;
-    int32_t last = -1;
-    for (int64_t i = b0; i < b1; i++) {
-      float p = r.p(i);
-      if (p < t) continue;
-      last = (int32_t)i;
-      cum += p;
-      if (cum > target_s) break;
-    }
-    result = last;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (result < 0) { // rounding left no owner: take the max
-      for (int64_t i = 0; i < vocab; i++)
-        if (r.l[i] == r.mx) { result = (int32_t)i; break; }
-    }
-    out[blockIdx.x] = result < 0 ? 0 : result;
-  }
-}
-
-extern "C" int orch_sample(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab,
-                           float temperature, int32_t top_k, float top_p, float min_p, uint64_t *rng) {
-  ORCH_CHECK_ARG(ctx && out && logits && n >= 0 && n <= 65535 && vocab > 0 && vocab < (1ll << 31), "sample");
-  ORCH_CHECK_ARG(top_k >= 0 && top_p > 0.f && top_p <= 1.f && min_p >= 0.f && min_p <= 1.f, "sample");
-  if (!n) return ORCH_OK;
-  if (temperature <= 0.f) return orch_argmax(ctx, out, logits, n, vocab);
-  ORCH_CHECK_ARG(rng, "sample");
-  orch_launch_pdl(sample_kernel, dim3((unsigned)n), dim3(SAMPLE_THREADS), 0, ctx->stream, out, logits, vocab,
-                  temperature, top_k, top_p, min_p, rng);
-  ORCH_LAUNCHED("sample");
   return ORCH_OK;
 }
 

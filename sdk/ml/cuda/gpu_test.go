@@ -606,65 +606,6 @@ func TestArgmax(t *testing.T) {
 	}
 }
 
-// Sampling has no CPU backend op; the reference here is the documented
-// semantics: the empirical distribution of many rows with identical logits
-// and distinct RNG states must match the filtered softmax.
-func TestSample(t *testing.T) {
-	r := newRNG(t)
-	const v, n = 40, 8192
-	logits := randF32(r, v, 1.5)
-	rows := make([]float32, 0, v*n)
-	for i := 0; i < n; i++ {
-		rows = append(rows, logits...)
-	}
-	xg, err := gpu.Alloc(ml.F32, v, n)
-	require.NoError(t, err)
-	defer gpu.Free(xg)
-	require.NoError(t, gpu.WriteF32(xg, rows))
-	dst, err := gpu.Alloc(ml.I32, n)
-	require.NoError(t, err)
-	defer gpu.Free(dst)
-	rng, err := gpu.Alloc(ml.I32, 2*n)
-	require.NoError(t, err)
-	defer gpu.Free(rng)
-	states := make([]int32, 2*n)
-	for i := range states {
-		states[i] = int32(r.Uint32())
-	}
-	type params struct {
-		temp       float32
-		topK       int
-		topP, minP float32
-	}
-	for _, p := range []params{{1, 0, 1, 0}, {0.7, 5, 1, 0}, {1.3, 0, 0.8, 0}, {1, 0, 1, 0.2}, {0.9, 10, 0.9, 0.05}} {
-		name := fmt.Sprintf("T=%g/k=%d/p=%g/minp=%g", p.temp, p.topK, p.topP, p.minP)
-		t.Run(name, func(t *testing.T) {
-			want := filteredProbs(logits, p.temp, p.topK, p.topP, p.minP)
-			require.NoError(t, gpu.WriteI32(rng, states))
-			require.NoError(t, gpu.WriteI32(dst, make([]int32, n)))
-			gpu.Sample(dst, xg, rng, p.temp, p.topK, p.topP, p.minP)
-			got := make([]int32, n)
-			require.NoError(t, gpu.ReadI32(dst, got))
-			cnt := make([]float64, v)
-			for _, id := range got {
-				require.True(t, id >= 0 && id < v, "token %d", id)
-				require.Greater(t, want[id], 0.0, "token %d is filtered out", id)
-				cnt[id]++
-			}
-			for i := range cnt {
-				f := cnt[i] / n
-				require.InDelta(t, want[i], f, 0.02+3*math.Sqrt(want[i]*(1-want[i])/n), "token %d", i)
-			}
-			// Same states -> same tokens (deterministic).
-			require.NoError(t, gpu.WriteI32(rng, states))
-			gpu.Sample(dst, xg, rng, p.temp, p.topK, p.topP, p.minP)
-			again := make([]int32, n)
-			require.NoError(t, gpu.ReadI32(dst, again))
-			require.Equal(t, got, again)
-		})
-	}
-}
-
 // filteredProbs: softmax(l/T), top-k, then top-p (smallest prefix by
 // descending p with mass >= topP of the top-k mass), then min-p.
 func filteredProbs(l []float32, temp float32, topK int, topP, minP float32) []float64 {

@@ -90,7 +90,6 @@ type lib struct {
 	qgemm         func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32, xbf16 uintptr, tile int32) int32
 	moeRouteInts  func(pairs int64, nExp int32) int64
 	moeFFNGrouped func(ctx, out, x, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias uintptr, n int64, slots, nExp int32, dim, ff int64, alpha, limit float32, xg, act, ybuf, route uintptr, tile int32) int32
-	sample        func(ctx, out, logits uintptr, n, vocab int64, temp float32, topK int32, topP, minP float32, rng uintptr) int32
 	// Session 3 (fuse.go): merged decode launches and the PDL switch.
 	matmulMulti func(ctx, x uintptr, wtype int32, n, k int64, count int32, parts *gemvPart) int32
 	rope2       func(ctx, x0 uintptr, stride0 int64, heads0 int32, x1 uintptr, stride1 int64, heads1 int32, nTok int64, headDim, rotDim int32, pos, invFreq uintptr, attnFactor float32, neox int32) int32
@@ -228,7 +227,7 @@ func (l *lib) bind() (err error) {
 		{&l.add, "orch_add"}, {&l.addBias, "orch_add_bias"}, {&l.scale, "orch_scale"}, {&l.gelu, "orch_gelu"},
 		{&l.swiglu, "orch_swiglu"}, {&l.swigluOAI, "orch_swiglu_oai"}, {&l.rope, "orch_rope"},
 		{&l.kvWrite, "orch_kv_write"}, {&l.attention, "orch_attention"}, {&l.moeTopK, "orch_moe_topk"},
-		{&l.moeCombine, "orch_moe_combine"}, {&l.moeFFN, "orch_moe_ffn"}, {&l.argmax, "orch_argmax"}, {&l.sample, "orch_sample"},
+		{&l.moeCombine, "orch_moe_combine"}, {&l.moeFFN, "orch_moe_ffn"}, {&l.argmax, "orch_argmax"},
 		{&l.qgemm, "orch_qgemm"}, {&l.moeRouteInts, "orch_moe_route_ints"}, {&l.moeFFNGrouped, "orch_moe_ffn_grouped"},
 		{&l.matmulMulti, "orch_matmul_multi"}, {&l.rope2, "orch_rope2"}, {&l.setPDL, "orch_set_pdl"},
 		{&l.ropeKV, "orch_rope_kv"},

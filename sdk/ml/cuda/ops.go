@@ -704,28 +704,6 @@ func (b *Backend) Argmax(dst, x ml.Tensor) {
 	b.call("argmax", b.l.argmax(b.ctx, d.ptr, xx.ptr, int64(n), int64(v)))
 }
 
-// Sample draws one token per row of logits x [v, n] into dst I32 [n] on the
-// GPU (temperature, top-k, top-p, min-p; temperature <= 0 is argmax). rng is
-// a device tensor of n uint64 RNG states (I32 [2n], seeded by the caller with
-// WriteI32 of the seed's two halves) that the kernel advances, so a captured
-// step draws fresh numbers on every replay.
-func (b *Backend) Sample(dst, x, rng ml.Tensor, temperature float32, topK int, topP, minP float32) {
-	const op = "sample"
-	d, xx, r := b.arg(op, "dst", dst, ml.I32), b.arg(op, "x", x, ml.F32), b.arg(op, "rng", rng, ml.I32)
-	if d == nil || xx == nil || r == nil {
-		return
-	}
-	v, n := rows2(xx)
-	if d.n < n || r.n < 2*n {
-		b.failf(op, "dst of %d, rng of %d for %d rows", d.n, r.n/2, n)
-		return
-	}
-	if topP <= 0 || topP > 1 {
-		topP = 1
-	}
-	b.call(op, b.l.sample(b.ctx, d.ptr, xx.ptr, int64(n), int64(v), temperature, int32(topK), topP, minP, r.ptr))
-}
-
 func (b *Backend) CopyBlock(cache ml.Tensor, dst, src int) {
 	c := b.arg("copy_block", "cache", cache, anyType)
 	if c == nil {

@@ -125,8 +125,7 @@ func TestSampleRows(t *testing.T) {
 }
 
 // TestSampleRowsDistribution: the empirical distribution of many rows with
-// identical logits and distinct counters matches the filtered softmax (as
-// TestSample), and the same (seed, counter) gives the same token again.
+// identical logits and distinct counters matches the filtered softmax, and the same (seed, counter) gives the same token again.
 func TestSampleRowsDistribution(t *testing.T) {
 	r := newRNG(t)
 	const v, n = 40, 8192
@@ -213,9 +212,9 @@ func TestSampleRowsGraphReplay(t *testing.T) {
 
 // TestPerfSample times orch_sample_rows (graph-timed, as TestPerf's rows) at
 // gpt-oss's and Llama's vocabularies for 1, 8 and 64 rows: temperature only
-// (one launch), top_p 0.9 (max + 3 radix passes + draw), top_k 50 + top_p
-// 0.9 (max + 6 passes + draw), min_p (max + draw), next to the argmax and
-// the one-CTA-a-row orch_sample. The floor is one read of the logits at the
+// (one launch), top_p 0.9 (max + 4 passes + draw), top_k 50 + top_p
+// 0.9 (max + 8 passes + draw), min_p (max + draw), next to the argmax.
+// (Run 1 also timed the deleted one-CTA-a-row orch_sample.) The floor is one read of the logits at the
 // copy bandwidth. Written next to ORCH_PERF_OUT as perf-sample.md.
 //
 //	ORCH_GPU_PERF=1 bin/cuda-gpu.test -test.run PerfSample -test.v
@@ -254,11 +253,6 @@ func TestPerfSample(t *testing.T) {
 				f := ml.SampleFilters(v, ps)
 				row(c.name, 1e3*timeKernel(t, 20, 8, func() { gpu.SampleRows(o.dst, o.x, o.params, f) }))
 			}
-			rng, err := gpu.Alloc(ml.I32, 2*n)
-			require.NoError(t, err)
-			row("old orch_sample T=1 (one CTA a row)", 1e3*timeKernel(t, 10, 4, func() { gpu.Sample(o.dst, o.x, rng, 1, 0, 1, 0) }))
-			row("old orch_sample T=1 top_p=0.9", 1e3*timeKernel(t, 10, 2, func() { gpu.Sample(o.dst, o.x, rng, 1, 0, 0.9, 0) }))
-			gpu.Free(rng)
 		}
 	}
 	table := strings.Join(lines, "\n") + "\n"
