@@ -515,10 +515,11 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
     else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }
 }
-// Consumer, merged parts (rpw and end set here, as launch_gemv5_multi_nt_x): F.ss, F.nss, F.eps.
+// Consumer, merged parts (rpw and end set here, as launch_gemv5_multi_nt_x): F.ss, F.nss, F.eps. xr: as
+// launch_gemv5_glu.
 template <int T>
 static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
-                                  int64_t rb, const gemv5_nf &F) {
+                                  int64_t rb, const gemv5_nf &F, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     unsigned total = 0;
     for (int p = 0; p < count; p++) {
@@ -527,7 +528,7 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
       P.end[p] = total;
     }
     for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
-    const int mode = gemv5_stage_mode(k);
+    const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();

@@ -397,7 +397,7 @@ static void test_norm_fold(int t, int64_t kp, int64_t dim, int n, std::vector<in
       P.w[p] = wc[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p];
       P.bias[p] = p == 0 && bias ? bb.p : nullptr; // dim >= ms[0]: a bias of the part's rows
     }
-    if (F) ORCH_DISPATCH_TYPE(t, launch_gemv5_multi_nf, nullptr, P, (int)ms.size(), x, n, dim, rbc, *F)
+    if (F) ORCH_DISPATCH_TYPE(t, launch_gemv5_multi_nf, nullptr, P, (int)ms.size(), x, n, dim, rbc, *F, xr)
     else ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), x, n, dim, rbc)
     Buf<float> g((size_t)(n * mg), NAN), u((size_t)(n * mg), NAN), o((size_t)(n * mg), NAN);
     gemv5_glu_args A = {wg.bytes, wu.bytes, nullptr, bias ? bb.p : nullptr, g.p, u.p, o.p, mg};
@@ -437,6 +437,24 @@ static void test_norm_fold(int t, int64_t kp, int64_t dim, int n, std::vector<in
     EXPECT(worst < 1e-5, "norm fold partial sums: relative error %.3g", worst);
     F.nss = nss, F.eps = eps;
     consumers(xt.p, &F, run ? again : got);
+    if (run == 0) // every partial slot is read: the whole sum in one slot (first, middle, last) gives the same s
+      for (int at : {0, nss / 2 + 1, nss - 1}) {
+        Buf<float> s1((size_t)(n * nss), 0.f);
+        for (int j = 0; j < n; j++) {
+          double tot = 0;
+          for (int b = 0; b < nss; b++) tot += ss.p[j * nss + b];
+          s1.p[j * nss + at] = (float)tot;
+        }
+        gemv5_nf F1 = F;
+        F1.ss = s1.p;
+        std::vector<std::vector<float>> one;
+        consumers(xt.p, &F1, one);
+        for (size_t i = 0; i < one.size(); i++) {
+          std::vector<double> g64(got[i].begin(), got[i].end());
+          const double e = rel_l2(one[i], g64);
+          EXPECT(e <= 1e-5, "norm fold output %zu with the sum in slot %d of %d: relative error %.3g", i, at, nss, e);
+        }
+      }
   }
   // float64 reference of the consumers on the exact norm of the (bit-identical) residual.
   std::vector<double> h64(nx);
@@ -612,8 +630,9 @@ int main(int argc, char **argv) {
   const bool fold_only = argc > 1 && std::strcmp(argv[1], "fold") == 0; // the norm-fold cases alone
   // Default (cuda-check): every version and type on small shapes; `long`: wide rows too.
   test_norm_fold(ORCH_T_Q8_0, 96, 64, 1, {24, 8, 8}, 16, true);  // out -> norm -> q/k/v and gate/up; nss 8
+  test_norm_fold(ORCH_T_Q8_0, 32, 3200, 1, {8}, 8, false, 1);    // 2 rounds: scales under the 2nd round; nss 400
   test_norm_fold(ORCH_T_Q8_0, 8192, 64, 2, {16}, 24, false);     // down-like k: x staged per round; two tokens
-  test_norm_fold(ORCH_T_MXFP4, 64, 96, 2, {40, 8}, 8, true, 1);  // ragged consumer CTAs; GLU x per round
+  test_norm_fold(ORCH_T_MXFP4, 64, 96, 2, {40, 8}, 8, true, 1);  // ragged consumer CTAs; consumers' x per round
   test_norm_fold(ORCH_T_Q4_0, 128, 160, 1, {8}, 16, false);     // nss 20: 5 partial copies per token
   if (fold_only) return fails ? 1 : 0;
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
