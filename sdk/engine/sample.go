@@ -5,6 +5,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
+	"sync"
 
 	"github.com/llama-orch/orch/sdk"
 )
@@ -40,6 +41,9 @@ type sampler struct {
 	// drawNucleus: mass per probability bucket, a bucket's sorted entries
 	hist    []float64
 	scratch []cand
+	// par: goroutines the dense pass may use (sampleAll sets it: a few cores
+	// when it samples one row alone, 1 when it spreads rows over them)
+	par int
 }
 
 func newSampler(req sdk.GenerateRequest) *sampler {
@@ -233,21 +237,14 @@ func (s *sampler) draw(w []float32) int32 {
 	probs := slices.Grow(s.probs[:0], len(w))[:len(w)]
 	nb := (len(w) + sampleBlock - 1) / sampleBlock
 	blocks := slices.Grow(s.blocks[:0], nb)[:nb]
+	if k := min(s.par, nb/parBlocks); k > 1 {
+		fillDenseParallel(w, mx, invT, probs, blocks, k)
+	} else {
+		fillDense(w, mx, invT, probs, blocks, 0, nb)
+	}
 	sum := 0.0
-	for b := range nb {
-		lo, hi := b*sampleBlock, min((b+1)*sampleBlock, len(w))
-		var acc [4]float64 // four chains: the float64 adds need not wait for each other
-		for i := lo; i < hi; i++ {
-			p := float32(0)
-			// NaN and -Inf fail the comparison: never candidates
-			if x := (w[i] - mx) * invT; x >= -expCut {
-				p = exp32(x)
-			}
-			probs[i] = p
-			acc[i&3] += float64(p)
-		}
-		blocks[b] = (acc[0] + acc[1]) + (acc[2] + acc[3])
-		sum += blocks[b]
+	for _, bs := range blocks { // in order: the same sum however the blocks were filled
+		sum += bs
 	}
 	s.probs, s.blocks = probs, blocks
 	tp, mp := float64(s.p.TopP), s.p.MinP
@@ -480,6 +477,46 @@ func (s *sampler) drawSparse(idx []int32, probs []float32) int32 {
 
 // sampleBlock: the dense draw keeps a float64 sum per this many logits.
 const sampleBlock = 256
+
+// fillDense writes the relative probabilities of w's blocks [b0, b1) into
+// probs (0 where skipped, NaN, -Inf) and each block's sum into blocks.
+func fillDense(w []float32, mx, invT float32, probs []float32, blocks []float64, b0, b1 int) {
+	for b := b0; b < b1; b++ {
+		lo, hi := b*sampleBlock, min((b+1)*sampleBlock, len(w))
+		var acc [4]float64 // four chains: the float64 adds need not wait for each other
+		for i := lo; i < hi; i++ {
+			p := float32(0)
+			// NaN and -Inf fail the comparison: never candidates
+			if x := (w[i] - mx) * invT; x >= -expCut {
+				p = exp32(x)
+			}
+			probs[i] = p
+			acc[i&3] += float64(p)
+		}
+		blocks[b] = (acc[0] + acc[1]) + (acc[2] + acc[3])
+	}
+}
+
+// fillDenseParallel is fillDense over all blocks in k goroutines (one row
+// alone in the step, single-stream decode: its blocks over k cores).
+func fillDenseParallel(w []float32, mx, invT float32, probs []float32, blocks []float64, k int) {
+	nb := len(blocks)
+	var wg sync.WaitGroup
+	for j := 1; j < k; j++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			fillDense(w, mx, invT, probs, blocks, nb*j/k, nb*(j+1)/k)
+		}()
+	}
+	fillDense(w, mx, invT, probs, blocks, 0, nb/k)
+	wg.Wait()
+}
+
+// parBlocks: a sampler with par > 1 splits the dense pass over up to par
+// goroutines of at least this many blocks each (64k logits: below that the
+// goroutines cost more than they save).
+const parBlocks = 256
 
 // expCut: draw skips the exp of logits with (l - max) / T below -expCut
 // (relative probability < e^-40; see draw).

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"testing"
 
@@ -32,13 +33,16 @@ func BenchmarkSample(b *testing.B) {
 		{"T=0.7,top_k=50", sdk.SamplingParams{Temperature: 0.7, TopK: 50}},
 		{"T=1,min_p=0.05", sdk.SamplingParams{Temperature: 1, MinP: 0.05}},
 	} {
-		b.Run(c.name, func(b *testing.B) {
-			s := newSampler(sdk.GenerateRequest{Sampling: c.p})
-			b.ReportAllocs()
-			for b.Loop() {
-				s.sample(l, 0)
-			}
-		})
+		for _, par := range []int{1, 4} {
+			b.Run(fmt.Sprintf("%s,par=%d", c.name, par), func(b *testing.B) {
+				s := newSampler(sdk.GenerateRequest{Sampling: c.p})
+				s.par = par
+				b.ReportAllocs()
+				for b.Loop() {
+					s.sample(l, 0)
+				}
+			})
+		}
 	}
 }
 

@@ -102,3 +102,23 @@ func TestSamplerEdgeRows(t *testing.T) {
 		assert.Equal(t, int32(0), tok, "no candidate: 0")
 	}
 }
+
+// The dense pass split over goroutines (one row alone in a step) draws the
+// same tokens as one goroutine: same blocks, same sum order.
+func TestSamplerParallelDense(t *testing.T) {
+	w := make([]float32, 201088)
+	r := rand.New(rand.NewPCG(8, 8))
+	for i := range w {
+		w[i] = float32(r.NormFloat64() * 2)
+	}
+	for _, p := range []sdk.SamplingParams{{Temperature: 1, Seed: 3, HasSeed: true}, {Temperature: 0.8, TopP: 0.9, Seed: 4, HasSeed: true}} {
+		one, four := newTestSampler(p), newTestSampler(p)
+		four.par = 4
+		for range 5 {
+			a, _ := one.sample(w, 0)
+			b, _ := four.sample(w, 0)
+			require.Equal(t, a, b, "%+v", p)
+		}
+		assert.Equal(t, one.blocks, four.blocks)
+	}
+}

@@ -1116,8 +1116,13 @@ func sampleAll(jobs []sampleJob, vocab int) {
 		}
 	}
 	if workers < 2 || host*vocab < 1<<18 {
+		par := 1
+		if host == 1 {
+			par = min(runtime.GOMAXPROCS(0), 4)
+		}
 		for i := range jobs {
 			if j := &jobs[i]; !j.done {
+				j.s.samp.par = par
 				j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
 			}
 		}
@@ -1135,6 +1140,7 @@ func sampleAll(jobs []sampleJob, vocab int) {
 					return
 				}
 				if j := &jobs[i]; !j.done {
+					j.s.samp.par = 1
 					j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
 				}
 			}
