@@ -253,6 +253,34 @@ func TestPerfSample(t *testing.T) {
 				f := ml.SampleFilters(v, ps)
 				row(c.name, 1e3*timeKernel(t, 20, 8, func() { gpu.SampleRows(o.dst, o.x, o.params, f) }))
 			}
+			// LM-like rows: a bulk well below a few dozen likely tokens (N(-4, 3), 30 tokens +18): once a CTA
+			// has seen a likely token the draw skips the noise of the bulk; N(0, 2) rows above are the worst case.
+			peaked := randF32(r, v*n, 3)
+			for i := range peaked {
+				peaked[i] -= 4
+			}
+			for i := range n {
+				for range 30 {
+					peaked[i*v+r.IntN(v)] += 18
+				}
+			}
+			require.NoError(t, gpu.WriteF32(o.x, peaked))
+			for _, c := range []struct {
+				name string
+				p    ml.SampleParams
+			}{
+				{"sample_rows T=1, LM-like row", ml.SampleParams{Temperature: 1}},
+				{"sample_rows T=1 top_p=0.9, LM-like row", ml.SampleParams{Temperature: 1, TopP: 0.9}},
+			} {
+				ps := make([]ml.SampleParams, n)
+				for i := range ps {
+					ps[i] = c.p
+					ps[i].Seed = uint64(i)
+				}
+				o.write(t, ps)
+				f := ml.SampleFilters(v, ps)
+				row(c.name, 1e3*timeKernel(t, 20, 8, func() { gpu.SampleRows(o.dst, o.x, o.params, f) }))
+			}
 		}
 	}
 	table := strings.Join(lines, "\n") + "\n"
