@@ -700,12 +700,13 @@ func TestFullPoolPromptWithCachedPrefix(t *testing.T) {
 func TestStress(t *testing.T) {
 	for _, tc := range []struct {
 		dev    bool
-		window int // > 0: a window KV group of 16 blocks
-	}{{false, 0}, {true, 0}, {false, 5}, {true, 7}} {
+		window int  // > 0: a window KV group of 16 blocks
+		sample bool // device sampling (enginetest.DeviceSampler)
+	}{{false, 0, false}, {true, 0, false}, {false, 5, false}, {true, 7, false}, {true, 0, true}, {true, 5, true}} {
 		dev := tc.dev
-		t.Run(fmt.Sprintf("device_greedy=%v/window=%d", dev, tc.window), func(t *testing.T) {
+		t.Run(fmt.Sprintf("device_greedy=%v/window=%d/device_sample=%v", dev, tc.window, tc.sample), func(t *testing.T) {
 			cfg := enginetest.Config{Vocab: 48, BlockSize: 4, NumBlocks: 40, ContextLength: 120,
-				StepCost: 50 * time.Microsecond, DeviceGreedy: dev, Window: tc.window, WindowBlocks: 16}
+				StepCost: 50 * time.Microsecond, DeviceGreedy: dev, Window: tc.window, WindowBlocks: 16, DeviceSample: tc.sample}
 			a, _ := load(t, cfg, engine.WithMaxBatchTokens(24), engine.WithMaxSequences(6), engine.WithMaxQueue(1000))
 			ctx := ctxT(t)
 			r := rand.New(rand.NewPCG(11, 12))
@@ -749,6 +750,19 @@ func TestStress(t *testing.T) {
 							Sampling: sdk.SamplingParams{Temperature: 0.9, TopP: 0.9, PresencePenalty: 0.5, Seed: uint64(i), HasSeed: true}})
 						assert.NoError(t, res.err)
 						assert.Len(t, res.info, len(res.toks))
+					case kind == 3: // seeded, drawn on the device when it can: the reference's tokens despite
+						// preemption, chunked prefill and whatever else shares the steps
+						sp := ml.SampleParams{Temperature: 0.8, TopK: 10, TopP: 0.9, Seed: uint64(1000 + i)}
+						res := collect(ctx, a, sdk.GenerateRequest{Prompt: p, MaxTokens: n, Sampling: sdk.SamplingParams{
+							Temperature: sp.Temperature, TopK: int(sp.TopK), TopP: sp.TopP, Seed: sp.Seed, HasSeed: true}})
+						if !assert.NoError(t, res.err) || !tc.sample {
+							return
+						}
+						want := enginetest.Sampled(p, n, cfg.Vocab, sp)
+						if len(p)+n > cfg.ContextLength+1 {
+							want = want[:cfg.ContextLength+1-len(p)]
+						}
+						assert.Equal(t, want, res.toks, "seeded device-sampled request %d", i)
 					default:
 						res := collect(ctx, a, greedy(p, n))
 						if !assert.NoError(t, res.err) {

@@ -191,6 +191,12 @@ type SampleSpec struct {
 // per SeqInput (ignored where Host) and, when any spec is Host, an Output
 // whose Logits[i] holds the row Forward would return for those i (nil
 // elsewhere). Tokens of unfinished prefill chunks are ignored.
+//
+// A drawn token must be ml.SampleRowRef's for the row and the spec's
+// settings (Counter = Index), up to float rounding in near ties: in a step
+// that cannot use ForwardSample (an evaluation's AllLogits rows in it) the
+// engine draws such a sequence's token with ml.SampleRowRef on the host, so
+// a seeded request's tokens do not depend on what shares its steps.
 type SamplingModel interface {
 	Model
 	DeviceSampling() bool

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -14,6 +15,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/ml"
 )
 
 // How the engine serves (the design in one place):
@@ -995,6 +997,13 @@ func (e *sched) step(ctx context.Context) bool {
 		} else {
 			rows := out.Logits[k]
 			j.row = rows[len(rows)-e.spec.VocabSize:]
+			if e.sm != nil {
+				// a step that could not use ForwardSample (an evaluation in it): a token the device would
+				// draw is drawn by its host twin, so the request's tokens do not depend on the step
+				if sp, ok := s.samp.device(s.generated); ok {
+					j.twin = &sp
+				}
+			}
 		}
 		jobs = append(jobs, j)
 	}
@@ -1032,7 +1041,20 @@ type sampleJob struct {
 	row  []float32
 	tok  int32
 	info *sdk.TokenInfo
-	done bool // tok was picked on the device
+	done bool        // tok was picked on the device
+	twin *SampleSpec // draw with the device sampler's host twin (ml.SampleRowRef), not the host sampler
+}
+
+// pick samples j's token from its row on the host.
+func (j *sampleJob) pick(par int) {
+	if j.twin != nil {
+		sp := j.twin
+		j.tok = ml.SampleRowRef(j.row, ml.SampleParams{Temperature: sp.Temperature, TopK: int32(max(min(sp.TopK, math.MaxInt32), 0)),
+			TopP: sp.TopP, MinP: sp.MinP, Seed: sp.Seed, Counter: sp.Index})
+		return
+	}
+	j.s.samp.par = par
+	j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
 }
 
 // deviceSpecs returns the SampleSpecs of a step for the model's device
@@ -1122,8 +1144,7 @@ func sampleAll(jobs []sampleJob, vocab int) {
 		}
 		for i := range jobs {
 			if j := &jobs[i]; !j.done {
-				j.s.samp.par = par
-				j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
+				j.pick(par)
 			}
 		}
 		return
@@ -1140,8 +1161,7 @@ func sampleAll(jobs []sampleJob, vocab int) {
 					return
 				}
 				if j := &jobs[i]; !j.done {
-					j.s.samp.par = 1
-					j.tok, j.info = j.s.samp.sample(j.row, j.s.generated)
+					j.pick(1)
 				}
 			}
 		}()
