@@ -231,7 +231,7 @@ func (s *sampler) draw(w []float32) int32 {
 			}
 		}
 		s.probs = probs
-		return s.drawSparse(idx[:j], probs)
+		return s.drawSparse(w, idx[:j], probs)
 	}
 	// dense: the relative probability of every logit (0 when skipped, NaN, -Inf)
 	probs := slices.Grow(s.probs[:0], len(w))[:len(w)]
@@ -262,7 +262,7 @@ func (s *sampler) draw(w []float32) int32 {
 			}
 		}
 		s.sparse = sp
-		return s.drawSparse(idx, sp)
+		return s.drawSparse(w, idx, sp)
 	}
 	// the draw over the dense row: find the block, then the token
 	u := s.rng.Float64() * sum
@@ -431,10 +431,11 @@ func sortCands(sel []cand) {
 	})
 }
 
-// drawSparse draws from candidates idx with relative probabilities probs
-// (top-k, min-p: after top-p and min-p filtering in that order), in their
-// order. It keeps the buffers for the next token.
-func (s *sampler) drawSparse(idx []int32, probs []float32) int32 {
+// drawSparse draws from candidates idx of row w with relative probabilities
+// probs (top-k, min-p: after top-p and min-p filtering in that order), in
+// their order; nothing left: the argmax. It keeps the buffers for the next
+// token.
+func (s *sampler) drawSparse(w []float32, idx []int32, probs []float32) int32 {
 	if tp := float64(s.p.TopP); tp > 0 && tp < 1 && s.p.TopK > 0 {
 		total := 0.0
 		for _, p := range probs {
@@ -459,7 +460,7 @@ func (s *sampler) drawSparse(idx []int32, probs []float32) int32 {
 	}
 	s.idx = idx
 	if len(idx) == 0 {
-		return 0
+		return argmax(w) // (min-p above 1 keeps nothing)
 	}
 	total := 0.0
 	for _, p := range probs {

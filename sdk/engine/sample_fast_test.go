@@ -122,3 +122,14 @@ func TestSamplerParallelDense(t *testing.T) {
 		assert.Equal(t, one.blocks, four.blocks)
 	}
 }
+
+// min-p above 1 keeps nothing: the argmax, as the float64 sampler.
+func TestSamplerMinPAboveOne(t *testing.T) {
+	w := []float32{0.5, 3, -1, 2.9}
+	for _, p := range []sdk.SamplingParams{{Temperature: 1, MinP: 1.5}, {Temperature: 1, MinP: 1.5, TopK: 3}, {Temperature: 1, MinP: 1.5, TopP: 0.9}} {
+		s := newTestSampler(p)
+		tok, _ := s.sample(w, 0)
+		assert.Equal(t, int32(1), tok, "%+v", p)
+		assert.Equal(t, int32(1), draw64(p, rand.New(rand.NewPCG(1, 1)), w), "%+v (float64 sampler)", p)
+	}
+}
