@@ -122,3 +122,66 @@ func TestSampleRowRefEdges(t *testing.T) {
 		require.LessOrEqual(t, SampleGumbel(7, 9, i), float32(22.9))
 	}
 }
+
+// sortThreshold is sampleThreshold by a full sort (SampleRowRef before the
+// cut loop), the reference of TestSampleThresholdMatchesSort.
+func sortThreshold(cand []float32, mx float32, p SampleParams, v int) uint32 {
+	cand = slices.Clone(cand)
+	slices.SortFunc(cand, func(a, b float32) int { return cmp.Compare(b, a) })
+	thr, keep := uint32(0), len(cand)
+	if p.topK(v) && int(p.TopK) < len(cand) {
+		k := int(p.TopK)
+		thr, keep = sampleKey(cand[k-1]), k
+		for keep < len(cand) && cand[keep] == cand[k-1] {
+			keep++
+		}
+	}
+	if p.topP() {
+		invT := 1 / float64(p.Temperature)
+		tot := 0.0
+		for _, x := range cand[:keep] {
+			tot += math.Exp((float64(x) - float64(mx)) * invT)
+		}
+		cum := 0.0
+		for _, x := range cand[:keep] {
+			cum += math.Exp((float64(x) - float64(mx)) * invT)
+			if cum >= float64(p.TopP)*tot {
+				return sampleKey(x)
+			}
+		}
+	}
+	return thr
+}
+
+func TestSampleThresholdMatchesSort(t *testing.T) {
+	r := rand.New(rand.NewPCG(4, 4))
+	for trial := range 400 {
+		n := 1 + r.IntN(3000)
+		l := make([]float32, n)
+		scale := []float64{0.05, 1, 4, 30}[trial%4]
+		for i := range l {
+			l[i] = float32(r.NormFloat64() * scale)
+			if r.IntN(50) == 0 {
+				l[i] = float32(r.IntN(3)) // ties
+			}
+		}
+		p := SampleParams{Temperature: []float32{0.1, 0.7, 1, 1.8}[r.IntN(4)]}
+		if r.IntN(2) == 0 {
+			p.TopK = int32(1 + r.IntN(n+5))
+		}
+		if r.IntN(3) > 0 {
+			p.TopP = float32(r.Float64())
+		}
+		mx := slices.Max(l)
+		got, want := sampleThreshold(l, mx, p, n), sortThreshold(l, mx, p, n)
+		if got != want { // only where the mass crosses top_p within rounding of an element
+			k := 0
+			for _, x := range l {
+				if sampleKey(x) >= got {
+					k++
+				}
+			}
+			require.Failf(t, "threshold", "trial %d %+v n %d: %08x (%d kept), sort %08x", trial, p, n, got, k, want)
+		}
+	}
+}
