@@ -40,7 +40,10 @@
 #include <cstring>
 
 constexpr int MOE13_W = 8;   // warps per CTA (v9's k split)
-constexpr int MOE13_TT = 2;  // tiles of 8 tokens per pass over the shared weights
+// Tiles of 8 tokens per pass over the shared weights. Run 1 (H100) had 2 with the B fragments loaded block by
+// block: ~12.5 us per touched expert (~1 TB/s), each warp waiting out an L2 round trip per block; now 1 tile with
+// the B fragments of a whole round (v9's 4 / 8 blocks a warp) loaded before its mmas.
+constexpr int MOE13_TT = 1;
 // Table (ints, at the end of the staged activation in act): [0] used experts
 // U, [1 + j] the j-th used expert (ascending id), [33 + j] its first list
 // index, [65 + j] its pair count, then the list of pairs (p = t * k + s).
@@ -132,14 +135,14 @@ __device__ __forceinline__ void moe13_copy_tile(uint8_t *dst, const uint8_t *src
   for (int i = (int)threadIdx.x; i < n16; i += (int)blockDim.x) moe13_cp16(dst + 16 * i, src + 16 * i);
 }
 
-// moe9_load from shared memory: blk = the block's first byte, sh = its offset
-// in its 32-bit word (the tile keeps the global alignment mod 16).
-__device__ __forceinline__ void moe13_lds(moe9_blk &b, const uint8_t *blk, uint32_t sh, int t) {
-  const uintptr_t p = (uintptr_t)blk;
-  b.s = *reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
-  const uint32_t *wq = reinterpret_cast<const uint32_t *>((p + 1 + 4 * (uintptr_t)t) & ~(uintptr_t)3);
-  b.q0 = wq[0];
-  b.q1 = sh != 3 ? wq[1] : 0u;
+// moe9_load from shared memory: the block's first byte at byte offset o of
+// the 16-byte aligned tile w (its words), sh = o & 3. Word indices on the
+// shared array (no integer address casts: those made generic LD.E loads).
+__device__ __forceinline__ void moe13_lds(moe9_blk &b, const uint32_t *w, int o, uint32_t sh, int t) {
+  const int iq = (o + 1 + 4 * t) >> 2;
+  b.s = w[o >> 2];
+  b.q0 = w[iq];
+  b.q1 = sh != 3 ? w[iq + 1] : 0u;
 }
 
 // Shared memory of gate_up13 / down13: nmat weight tiles of 16 rows (16-byte
@@ -245,33 +248,38 @@ moe_gate_up13_kernel(uint16_t *__restrict__ acth, const uint32_t *xg, int xs, co
         moe13_cp_wait_n(rounds - 1 - c0 / RB);
         __syncthreads();
       }
+      uint4 X[NB][MOE13_TT];
+      float xi0[NB][MOE13_TT], xi1[NB][MOE13_TT];
+#pragma unroll
+      for (int i = 0; i < NB; i++) { // the round's B fragments and chunk scales first (L2 / L1), as v9
+        const int c = c0 + warp * NB + i;
+        const bool okc = c < nch;
+#pragma unroll
+        for (int j = 0; j < MOE13_TT; j++) {
+          const bool ok = okc && nt[j] > 0;
+          X[i][j] = ok && g < nt[j] ? __ldg(reinterpret_cast<const uint4 *>(xg) + xo[j] + c * (DEC16_XW / 4))
+                                    : make_uint4(0u, 0u, 0u, 0u);
+          xi0[i][j] = ok && 2 * t < nt[j] ? __ldg(xinv0 + ta0[j] + c) : 0.f;
+          xi1[i][j] = ok && 2 * t + 1 < nt[j] ? __ldg(xinv0 + ta1[j] + c) : 0.f;
+        }
+      }
 #pragma unroll
       for (int i = 0; i < NB; i++) {
         const int c = c0 + warp * NB + i;
         if (c < nch) { // uniform over the warp
           const int o = g * rb + c * BB;
           const uint32_t sh = (uint32_t)o & 3u;
-          uint4 X[MOE13_TT];
-          float xi0[MOE13_TT], xi1[MOE13_TT];
-#pragma unroll
-          for (int j = 0; j < MOE13_TT; j++) { // B fragments and chunk scales of the tiles (L2 / L1)
-            const bool ok = nt[j] > 0;
-            X[j] = ok && g < nt[j] ? __ldg(reinterpret_cast<const uint4 *>(xg) + xo[j] + c * (DEC16_XW / 4))
-                                   : make_uint4(0u, 0u, 0u, 0u);
-            xi0[j] = ok && 2 * t < nt[j] ? __ldg(xinv0 + ta0[j] + c) : 0.f;
-            xi1[j] = ok && 2 * t + 1 < nt[j] ? __ldg(xinv0 + ta1[j] + c) : 0.f;
-          }
 #pragma unroll
           for (int mat = 0; mat < 2; mat++) { // gate, then up: one decoded pair of rows live at a time
-            const uint8_t *w = mat ? su : sg;
+            const uint32_t *w = reinterpret_cast<const uint32_t *>(mat ? su : sg);
             moe9_blk b0, b1;
             uint32_t ha[4], hb[4];
-            moe13_lds(b0, w + o, sh, t);
-            moe13_lds(b1, w + o + 8 * rb, sh, t);
+            moe13_lds(b0, w, o, sh, t);
+            moe13_lds(b1, w, o + 8 * rb, sh, t);
             const float s0 = moe9_decode(b0, sh, ha), s1 = moe9_decode(b1, sh, hb);
 #pragma unroll
             for (int j = 0; j < MOE13_TT; j++)
-              if (nt[j] > 0) moe9_mma_fold(mat ? au[j] : ag[j], ha, hb, s0, s1, X[j], xi0[j], xi1[j]); // uniform
+              if (nt[j] > 0) moe9_mma_fold(mat ? au[j] : ag[j], ha, hb, s0, s1, X[i][j], xi0[i][j], xi1[i][j]); // uniform
           }
         }
       }
@@ -381,6 +389,14 @@ moe_down13_kernel(float *__restrict__ out, float *ybuf, const uint4 *acth, const
 #pragma unroll
       for (int q = 0; q < 4; q++) acc[j][q] = 0.f;
     for (int c0 = 0; c0 < nch; c0 += MOE13_W * NB) {
+      uint4 X[NB][MOE13_TT];
+#pragma unroll
+      for (int i = 0; i < NB; i++) { // the round's B fragments first (L2), as v9
+        const int c = c0 + warp * NB + i;
+#pragma unroll
+        for (int j = 0; j < MOE13_TT; j++)
+          X[i][j] = c < nch && g < nt[j] ? acth[xo[j] + c * (DEC16_XW / 4)] : make_uint4(0u, 0u, 0u, 0u);
+      }
 #pragma unroll
       for (int i = 0; i < NB; i++) {
         const int c = c0 + warp * NB + i;
@@ -389,14 +405,13 @@ moe_down13_kernel(float *__restrict__ out, float *ybuf, const uint4 *acth, const
           const uint32_t sh = (uint32_t)o & 3u;
           moe9_blk b0, b1;
           uint32_t ha[4], hb[4];
-          moe13_lds(b0, sw + o, sh, t);
-          moe13_lds(b1, sw + o + 8 * rb, sh, t);
+          moe13_lds(b0, reinterpret_cast<const uint32_t *>(sw), o, sh, t);
+          moe13_lds(b1, reinterpret_cast<const uint32_t *>(sw), o + 8 * rb, sh, t);
           const float s0 = moe9_decode(b0, sh, ha), s1 = moe9_decode(b1, sh, hb);
 #pragma unroll
           for (int j = 0; j < MOE13_TT; j++) {
             if (nt[j] == 0) continue;
-            const uint4 X = g < nt[j] ? acth[xo[j] + c * (DEC16_XW / 4)] : make_uint4(0u, 0u, 0u, 0u);
-            moe9_mma_fold(acc[j], ha, hb, s0, s1, X, 2 * t < nt[j] ? xinv : 0.f, 2 * t + 1 < nt[j] ? xinv : 0.f);
+            moe9_mma_fold(acc[j], ha, hb, s0, s1, X[i][j], 2 * t < nt[j] ? xinv : 0.f, 2 * t + 1 < nt[j] ? xinv : 0.f);
           }
         }
       }

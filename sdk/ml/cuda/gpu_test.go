@@ -497,7 +497,7 @@ func TestMoE(t *testing.T) {
 					y := out(t, d, n)
 					gpu.MoE(y.g, x.g, m)
 					ref.MoE(y.c, x.c, mc)
-					checkClose(t, name, y, moeTol())
+					checkClose(t, name, y, moeRouteTol(dt, n, topk)) // n = 64: the grouped GEMM's bf16 bound where it runs
 				})
 			}
 		}

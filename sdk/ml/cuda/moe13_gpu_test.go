@@ -25,11 +25,25 @@ func moe13Expected(n int) bool {
 	return os.Getenv("ORCH_CUDA_MOE") == "" && err == nil && from >= 2 && n >= from && n <= 64
 }
 
+// moeRouteTol: the bound for an n-token MoE (top-k) of this process against
+// the CPU backend: moeTol() where MoE v13 or the fp16 decode kernels run;
+// where the grouped GEMM may run (n*k >= moeGroupedPairs outside v13: bf16
+// activations) bf16Tol with margin — device run 1 of session 8 (H100):
+// 0.0100-0.0103 at d = 2880, ff = 576 (n = 16, 40, 64 under ORCH_CUDA_MOE=v4)
+// and 0.0075-0.0085 at ff = 96 / 64 (TestMoENormFold, n = 16), over moeTol's 0.006.
+func moeRouteTol(dt ml.DType, n, k int) float64 {
+	if (dt == ml.MXFP4 && moe13Expected(n)) || n*k < moeGroupedPairs {
+		return moeTol()
+	}
+	return 1.5 * bf16Tol
+}
+
 // TestMoEDecode13 runs two chained MoE ops (the second reads the first's
 // output) at 9..64 tokens on gpt-oss's d (2880: 24 KB gate / up / down tiles)
 // with 32 experts, top-4: under ORCH_CUDA_MOE=v13 (or ORCH_CUDA_MOE13_FROM)
 // both must run MoE v13 (orch_moe_decode takes them); the first op's output
-// matches the CPU backend (MoE tolerance); PDL off, and a graph capture with
+// matches the CPU backend (MoE tolerance; moeRouteTol: the grouped GEMM's bf16 bound
+// where that path runs); PDL off, and a graph capture with
 // two replays (outputs poisoned before each: the route tickets and the
 // grouping table must be rebuilt every time), give the eager bits. Under
 // other settings it checks the path they route to (v9 / grouped / v6).
@@ -87,7 +101,7 @@ func TestMoEDecode13(t *testing.T) {
 				sameBits(t, fmt.Sprintf("%s graph %d: y2", name, rep), e2, readF32(t, y2.g))
 			}
 			ref.MoE(y.c, x.c, mc)
-			checkClose(t, name+" vs CPU", y, moeTol())
+			checkClose(t, name+" vs CPU", y, moeRouteTol(ml.MXFP4, n, topk))
 		})
 	}
 }

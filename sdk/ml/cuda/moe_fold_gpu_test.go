@@ -106,7 +106,7 @@ func TestMoENormFold(t *testing.T) {
 				ref.AddRMSNorm(res.c, h.c, add.c, nw.c, 1e-5)
 				ref.MoE(y.c, h.c, mc)
 				checkClose(t, name+" h vs CPU", h, 1e-5)
-				checkClose(t, name+" y vs CPU", y, moeTol())
+				checkClose(t, name+" y vs CPU", y, moeRouteTol(dt, n, 4)) // n = 16: the grouped GEMM's bf16 bound where it runs
 			})
 		}
 	}
