@@ -162,8 +162,8 @@ int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, 
  * rows of its block b (nss = m / 8 blocks: fixed slots, deterministic; ss 16-byte aligned). The consumers are
  * orch_matmul_multi / orch_matmul_swiglu on x = xt with every GEMV output (before its bias) scaled by
  * rsqrt(sum_b ss[j * nss + b] / k + eps): the GEMVs of RMSNorm(res) * nw up to rounding (res itself is
- * bit-identical to orch_rmsnorm's). ORCH_ERR_UNSUPPORTED (nothing launched) unless the v5 GEMV runs (n = 1, 2),
- * m % 32 == 0 and nss = m / 8 <= 1024. */
+ * bit-identical to orch_rmsnorm's). ORCH_ERR_UNSUPPORTED (nothing launched) unless the v5 GEMV (n = 1, 2) or the
+ * v7 GEMV (n = 3..8) runs, m % 32 == 0 and nss = m / 8 <= 1024 (swiglu_nf: v5 only). */
 int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                         int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss);
 int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,

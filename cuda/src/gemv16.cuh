@@ -912,11 +912,16 @@ gemv7_stage_kernel(uint32_t *__restrict__ xs, float *__restrict__ xinv, const fl
 // warps splitting k, one round of loads in flight. (v8, two rounds in flight
 // with 4-warp CTAs, measured slower and was deleted in session 5.)
 // red: W x 32 lanes x 4 floats of shared memory.
-template <int T, int W>
+// NF (gemv5_nf, session 8): 0 plain; 1 the folded norm's producer (cta = blockIdx.x, accumulate 0: the reducing
+// thread of (row, token) adds y into res, writes xt, and the CTA writes two partial sums of squares per token,
+// rows 0-7 and 8-15, into slots 2 cta and 2 cta + 1: the same m / 8 slots as v5's producer); 2 its consumer (x
+// staged from xt; outputs scaled before the bias). nf: shared memory after red (16 x 8 floats for the producer,
+// the n x nss partials for the consumer) and 8 token scales.
+template <int T, int W, int NF = 0>
 __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__restrict__ y, const uint4 *__restrict__ xs,
                                            const float *__restrict__ xinv, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
-                                           int64_t row_bytes, int accumulate) {
+                                           int64_t row_bytes, int accumulate, const gemv5_nf &F = gemv5_nf{}) {
   constexpr int NB = GEMV7_NB, BB = type_block_bytes(T);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int nt = (int)min((int64_t)8, n);
@@ -978,11 +983,21 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
   };
   constexpr int64_t STEP = W * NB;
   round_buf ra;
+  float *nfsh = red + W * 32 * 4 + 8; // NF: after red and the 8 token scales (16-byte aligned)
+  float *nfsc = red + W * 32 * 4;
+  float nfres = 0.f, nfw = 0.f; // NF 1: the reducing thread's res and norm weight
   // PDL: the first round of weight words (never written while a step runs)
   // is loaded before the wait; the staged x only after it.
   load_w(ra, 0);
   pdl_wait();
   load_x(ra, 0);
+  if constexpr (NF == 1)
+    if (threadIdx.x < 128) {
+      const int64_t R = cta * 16 + (threadIdx.x >> 3);
+      const int tok = threadIdx.x & 7;
+      if (R < m && tok < nt) nfres = F.res[tok * m + R], nfw = F.w[R];
+    }
+  if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
   for (int64_t c0 = 0; c0 < nch; c0 += STEP) {
     if (c0) {
       load_w(ra, c0);
@@ -993,7 +1008,16 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
   float *rw = red + (warp * 32 + lane) * 4;
 #pragma unroll
   for (int e = 0; e < 4; e++) rw[e] = acc[e];
+  if constexpr (NF == 2) {
+    gemv5_nf_wait();
+    __syncthreads();
+    if (warp < nt) { // warp j: token j's scale
+      const float sc = gemv5_nf_scale(nfsh, warp, F.nss, k, F.eps);
+      if (lane == 0) nfsc[warp] = sc;
+    }
+  }
   __syncthreads();
+  float nfq = 0.f; // NF 1: res^2 of this thread's (row, token)
   if (threadIdx.x < 128) { // (row, token) = D element e of lane l, summed over the warps in order
     const int row = threadIdx.x >> 3, tok = threadIdx.x & 7;
     const int l = (row & 7) * 4 + (tok >> 1), e = (row >> 3) * 2 + (tok & 1);
@@ -1001,9 +1025,28 @@ __device__ __forceinline__ void gemv7_rows(float *red, int64_t cta, float *__res
     for (int v = 0; v < W; v++) s += red[(v * 32 + l) * 4 + e];
     const int64_t R = cta * 16 + row;
     if (R < m && tok < nt) {
+      if constexpr (NF == 2) s *= nfsc[tok];
       if (bias) s += bias[R];
       float *yp = y + tok * m + R;
       *yp = accumulate ? *yp + s : s;
+      if constexpr (NF == 1) {
+        const float rn = nfres + s;
+        F.res[tok * m + R] = rn;
+        F.xt[tok * m + R] = rn * nfw;
+        nfq = rn * rn;
+      }
+    }
+  }
+  if constexpr (NF == 1) { // the two partial sums of squares per token: rows 0-7, 8-15 in order
+    float *q = red + W * 32 * 4 + 8;
+    if (threadIdx.x < 128) q[threadIdx.x] = nfq; // [row][token]
+    __syncthreads();
+    if (threadIdx.x < 2 * nt) {
+      const int tok = threadIdx.x >> 1, half = threadIdx.x & 1;
+      float t = q[(8 * half) * 8 + tok];
+#pragma unroll
+      for (int r = 1; r < 8; r++) t += q[(8 * half + r) * 8 + tok];
+      F.ss[tok * 2 * gridDim.x + 2 * cta + half] = t;
     }
   }
 }
@@ -1018,14 +1061,25 @@ gemv7_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *_
   gemv7_rows<T, W>(red, blockIdx.x, y, xs, xinv, w, bias, n, k, m, row_bytes, accumulate);
 }
 
+// The folded norm's producer (orch_matmul_addnorm where v7 is the route; gemv7_rows NF 1).
+template <int T, int W>
+__global__ void __launch_bounds__(W * 32)
+gemv7_nf_kernel(float *__restrict__ y, const uint4 *__restrict__ xs, const float *__restrict__ xinv,
+                const uint8_t *__restrict__ w, const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
+                int64_t row_bytes, const gemv5_nf F) {
+  DEC16_DYN_SMEM(float, red);
+  pdl_trigger();
+  gemv7_rows<T, W, 1>(red, blockIdx.x, y, xs, xinv, w, bias, n, k, m, row_bytes, 0, F);
+}
+
 // Multi-weight v7 (orch_matmul_multi for n where v7 is the route): up to
 // GEMV_MAX_PARTS weights of one type with the same x staged once; part p
 // owns CTAs [end[p-1], end[p]) (16 rows each) and runs exactly
 // gemv7_kernel's code on them: bit-identical to separate launches.
-template <int T, int W>
+template <int T, int W, int NF = 0>
 __global__ void __launch_bounds__(W * 32)
 gemv7_multi_kernel(const gemv5_parts P, const uint4 *__restrict__ xs, const float *__restrict__ xinv, int64_t n,
-                   int64_t k, int64_t row_bytes) {
+                   int64_t k, int64_t row_bytes, const gemv5_nf F) {
   DEC16_DYN_SMEM(float, red);
   pdl_trigger();
   static_assert(GEMV_MAX_PARTS == 3, "part selection below");
@@ -1033,8 +1087,8 @@ gemv7_multi_kernel(const gemv5_parts P, const uint4 *__restrict__ xs, const floa
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0; // selects: a dynamic P.x[p] would copy P to local memory
 #define GEMV7_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv7_rows<T, W>(red, cta, GEMV7_PICK(y), xs, xinv, GEMV7_PICK(w), GEMV7_PICK(bias), n, k, GEMV7_PICK(m),
-                       row_bytes, 0);
+  gemv7_rows<T, W, NF>(red, cta, GEMV7_PICK(y), xs, xinv, GEMV7_PICK(w), GEMV7_PICK(bias), n, k, GEMV7_PICK(m),
+                       row_bytes, 0, F);
 #undef GEMV7_PICK
 }
 
@@ -1067,10 +1121,26 @@ static void launch_gemv7(cudaStream_t st, void *scratch, float *y, const float *
   }
 }
 
-// P: count parts filled in (w, bias, y, m); end is set here. x staged once.
+// The folded norm's producer on v7 (F.res, F.w, F.xt, F.ss: n * m / 8 floats; m % 16 == 0).
+template <int T>
+static void launch_gemv7_nf_prod(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w,
+                                 const float *bias, int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_nf &F) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    constexpr int W = GEMV7_WARPS;
+    uint32_t *xs;
+    float *xinv;
+    launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv);
+    auto kern = gemv7_nf_kernel<T, W>;
+    DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, 16)), W * 32, (W * 32 * 4 + 8 + 128) * sizeof(float), st, y,
+                     reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, F);
+  }
+}
+
+// P: count parts filled in (w, bias, y, m); end is set here. x staged once. nf: the folded norm's consumer
+// (x = xt; F.ss, F.nss, F.eps).
 template <int T>
 static void launch_gemv7_multi(cudaStream_t st, void *scratch, gemv5_parts P, int count, const float *x, int64_t n,
-                               int64_t k, int64_t rb) {
+                               int64_t k, int64_t rb, const gemv5_nf *nf = nullptr) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     constexpr int W = GEMV7_WARPS;
     uint32_t *xs;
@@ -1082,9 +1152,16 @@ static void launch_gemv7_multi(cudaStream_t st, void *scratch, gemv5_parts P, in
       P.end[p] = total;
     }
     for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
+    const gemv5_nf F = nf ? *nf : gemv5_nf{};
+    if (nf) {
+      auto kern = gemv7_multi_kernel<T, W, 2>;
+      DEC16_LAUNCH_PDL(kern, dim3(total), W * 32, (W * 32 * 4 + 8 + n * F.nss) * sizeof(float), st, P,
+                       reinterpret_cast<const uint4 *>(xs), xinv, n, k, rb, F);
+      return;
+    }
     auto kern = gemv7_multi_kernel<T, W>;
     DEC16_LAUNCH_PDL(kern, dim3(total), W * 32, W * 32 * 4 * sizeof(float), st, P, reinterpret_cast<const uint4 *>(xs),
-                     xinv, n, k, rb);
+                     xinv, n, k, rb, F);
   }
 }
 

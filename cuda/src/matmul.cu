@@ -654,17 +654,25 @@ extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, cons
   const char *op = "matmul_addnorm";
   ORCH_CHECK_ARG(ctx && y && x && w && res && nw && xt && ss && n >= 0 && k > 0 && m > 0, op);
   const int64_t rb = orch_row_bytes(wtype, k);
-  const bool ok = n >= 1 && n <= 2 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && aligned16(w) &&
-                  gemv5_rpw(m) == 1 && m % 32 == 0 && m / GEMV16_WARPS <= NF_MAX_PARTIALS && aligned16(ss) &&
-                  gemv_route(ctx, wtype, n, k, m, rb) == GR_V5;
+  const int route = n >= 1 && n <= 8 ? gemv_route(ctx, wtype, n, k, m, rb) : GR_NONE;
+  const bool ok = gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && aligned16(w) && gemv5_rpw(m) == 1 &&
+                  m % 32 == 0 && m / GEMV16_WARPS <= NF_MAX_PARTIALS && aligned16(ss) &&
+                  ((route == GR_V5 && n <= 2) || route == GR_V7);
   if (!ok) {
-    orch_set_error("matmul_addnorm: not the one-row-per-warp v5 GEMV (type %d, n=%lld, k=%lld, m=%lld)", wtype,
-                   (long long)n, (long long)k, (long long)m);
+    orch_set_error("matmul_addnorm: not the one-row-per-warp v5 or the v7 GEMV (type %d, n=%lld, k=%lld, m=%lld)",
+                   wtype, (long long)n, (long long)k, (long long)m);
     return ORCH_ERR_UNSUPPORTED;
   }
   gemv5_nf F;
   F.res = res, F.w = nw, F.xt = xt, F.ss = ss;
-  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_nf_prod, ctx->stream, y, x, (const uint8_t *)w, bias, n, k, m, rb, F);
+  if (route == GR_V7) {
+    void *scr = nullptr;
+    int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
+    if (rc != ORCH_OK) return rc;
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv7_nf_prod, ctx->stream, scr, y, x, (const uint8_t *)w, bias, n, k, m, rb, F);
+  } else {
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv5_nf_prod, ctx->stream, y, x, (const uint8_t *)w, bias, n, k, m, rb, F);
+  }
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }
@@ -680,23 +688,33 @@ extern "C" int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype
   ORCH_CHECK_ARG(ctx && x && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
   for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
   const int64_t rb = orch_row_bytes(wtype, k);
-  bool ok = n >= 1 && n <= 2 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && nf_args_ok(ss, nss);
+  bool ok = n >= 1 && n <= 8 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && nf_args_ok(ss, nss);
+  int route = -1;
   gemv5_parts P = {};
   for (int p = 0; ok && p < count; p++) {
-    ok = gemv_route(ctx, wtype, n, k, parts[p].m, rb) == GR_V5 && aligned16(parts[p].w);
+    const int r = gemv_route(ctx, wtype, n, k, parts[p].m, rb);
+    ok = ((r == GR_V5 && n <= 2) || r == GR_V7) && (route < 0 || r == route) && aligned16(parts[p].w);
+    route = r;
     P.w[p] = (const uint8_t *)parts[p].w;
     P.bias[p] = parts[p].bias;
     P.y[p] = parts[p].y;
     P.m[p] = parts[p].m;
   }
   if (!ok) {
-    orch_set_error("matmul_multi_nf: not the v5 GEMV for all parts, or nss=%lld (type %d, n=%lld, k=%lld)",
+    orch_set_error("matmul_multi_nf: not one v5 / v7 GEMV for all parts, or nss=%lld (type %d, n=%lld, k=%lld)",
                    (long long)nss, wtype, (long long)n, (long long)k);
     return ORCH_ERR_UNSUPPORTED;
   }
   gemv5_nf F;
   F.ss = (float *)ss, F.nss = (int)nss, F.eps = eps;
-  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi_nf, ctx->stream, P, count, x, n, k, rb, F);
+  if (route == GR_V7) {
+    void *scr = nullptr;
+    int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
+    if (rc != ORCH_OK) return rc;
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb, &F)
+  } else {
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi_nf, ctx->stream, P, count, x, n, k, rb, F);
+  }
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

@@ -385,9 +385,13 @@ static void test_norm_fold(int t, int64_t kp, int64_t dim, int n, std::vector<in
   const int nss = (int)(dim / GEMV16_WARPS);
   const float eps = 1e-5f;
   Buf<float> bxp(xp), bnw(nwv), bb(bv);
+  const bool v7 = n > 2; // the library's route: v5 at n = 1, 2, v7 (x staged to scratch) above
+  Buf<uint8_t> scp(gemv7_scratch(n, kp), 0xAB), scc(gemv7_scratch(n, dim), 0xAB);
   // Unfolded.
   Buf<float> y0(nx, NAN), r0(res0), h0(nx, NAN);
-  ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, y0.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp, dim, rbp, 0)
+  if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scp.p, y0.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp, dim,
+                             rbp, 0)
+  else ORCH_DISPATCH_TYPE(t, launch_gemv5, nullptr, y0.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp, dim, rbp, 0)
   launch_norm<false>(nullptr, n, h0.p, r0.p, y0.p, bnw.p, nullptr, dim, eps);
   auto consumers = [&](const float *x, const gemv5_nf *F, std::vector<std::vector<float>> &outs) {
     gemv5_parts P = {};
@@ -397,11 +401,20 @@ static void test_norm_fold(int t, int64_t kp, int64_t dim, int n, std::vector<in
       P.w[p] = wc[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p];
       P.bias[p] = p == 0 && bias ? bb.p : nullptr; // dim >= ms[0]: a bias of the part's rows
     }
-    if (F) ORCH_DISPATCH_TYPE(t, launch_gemv5_multi_nf, nullptr, P, (int)ms.size(), x, n, dim, rbc, *F, xr)
+    if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7_multi, nullptr, scc.p, P, (int)ms.size(), x, n, dim, rbc, F)
+    else if (F) ORCH_DISPATCH_TYPE(t, launch_gemv5_multi_nf, nullptr, P, (int)ms.size(), x, n, dim, rbc, *F, xr)
     else ORCH_DISPATCH_TYPE(t, launch_gemv5_multi, nullptr, P, (int)ms.size(), x, n, dim, rbc)
     Buf<float> g((size_t)(n * mg), NAN), u((size_t)(n * mg), NAN), o((size_t)(n * mg), NAN);
-    gemv5_glu_args A = {wg.bytes, wu.bytes, nullptr, bias ? bb.p : nullptr, g.p, u.p, o.p, mg};
-    ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, A, x, n, dim, rbc, xr, F)
+    if (v7) { // gate/up merged (v7), then act.cu's SwiGLU expression
+      gemv5_parts G = {};
+      G.w[0] = wg.bytes, G.w[1] = wu.bytes, G.y[0] = g.p, G.y[1] = u.p, G.m[0] = G.m[1] = mg;
+      G.bias[1] = bias ? bb.p : nullptr;
+      ORCH_DISPATCH_TYPE(t, launch_gemv7_multi, nullptr, scc.p, G, 2, x, n, dim, rbc, F)
+      for (size_t i = 0; i < o.n; i++) o.p[i] = g.p[i] / (1.f + expf(-g.p[i])) * u.p[i];
+    } else {
+      gemv5_glu_args A = {wg.bytes, wu.bytes, nullptr, bias ? bb.p : nullptr, g.p, u.p, o.p, mg};
+      ORCH_DISPATCH_TYPE(t, launch_gemv5_glu, nullptr, A, x, n, dim, rbc, xr, F)
+    }
     outs.clear();
     for (auto &y : ys) outs.push_back(y->vec());
     outs.push_back(g.vec());
@@ -415,9 +428,11 @@ static void test_norm_fold(int t, int64_t kp, int64_t dim, int n, std::vector<in
     Buf<float> y1(nx, NAN), r1(res0), xt(nx, NAN), ss((size_t)(n * nss), NAN);
     gemv5_nf F;
     F.res = r1.p, F.w = bnw.p, F.xt = xt.p, F.ss = ss.p;
-    ORCH_DISPATCH_TYPE(t, launch_gemv5_nf_prod, nullptr, y1.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp, dim, rbp,
-                       F)
-    EXPECT(std::memcmp(y1.p, y0.p, nx * 4) == 0, "norm fold producer y (%s kp=%lld dim=%lld n=%d) != GEMV v5",
+    if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7_nf_prod, nullptr, scp.p, y1.p, bxp.p, wp.bytes, bias ? bb.p : nullptr,
+                               n, kp, dim, rbp, F)
+    else ORCH_DISPATCH_TYPE(t, launch_gemv5_nf_prod, nullptr, y1.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp, dim,
+                            rbp, F)
+    EXPECT(std::memcmp(y1.p, y0.p, nx * 4) == 0, "norm fold producer y (%s kp=%lld dim=%lld n=%d) != the GEMV's",
            tname(t), (long long)kp, (long long)dim, n);
     EXPECT(std::memcmp(r1.p, r0.p, nx * 4) == 0, "norm fold res (%s dim=%lld n=%d) != the norm's", tname(t),
            (long long)dim, n);
@@ -634,6 +649,8 @@ int main(int argc, char **argv) {
   test_norm_fold(ORCH_T_Q8_0, 8192, 64, 2, {16}, 24, false);     // down-like k: x staged per round; two tokens
   test_norm_fold(ORCH_T_MXFP4, 64, 96, 2, {40, 8}, 8, true, 1);  // ragged consumer CTAs; consumers' x per round
   test_norm_fold(ORCH_T_Q4_0, 128, 160, 1, {8}, 16, false);     // nss 20: 5 partial copies per token
+  test_norm_fold(ORCH_T_Q8_0, 96, 64, 8, {24, 8, 8}, 16, true);  // v7 (n = 3..8): 16-row CTAs, two slots each
+  test_norm_fold(ORCH_T_MXFP4, 1024, 96, 3, {40}, 8, false);    // v7: ragged 16-row CTAs, 3 tokens
   if (fold_only) return fails ? 1 : 0;
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
     test_moe(t, 64, 32, 3, 2, 3);

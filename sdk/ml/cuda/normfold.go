@@ -29,10 +29,11 @@ import (
 //
 // The backend sees the op stream (as fuse.go): a single held GEMV whose
 // output is the add of the next AddRMSNorm is held together with that norm
-// (holdProdNorm); when the next op is a MatMul of the norm's output (n <= 2,
-// the v5 GEMV route), the producer launches with the fold and the MatMul is
+// (holdProdNorm); when the next op is a MatMul of the norm's output (n <= 8:
+// the v5 and v7 GEMV routes), the producer launches with the fold and the MatMul is
 // held as a scaled consumer (startNormFold), q/k/v merging as before; the
-// SwiGLU fold takes a scaled gate/up pair. Anything else first launches the
+// SwiGLU fold takes a scaled gate/up pair (n <= 2; at 3..8 tokens gate/up are
+// a scaled merged GEMV and SwiGLU its own launch). Anything else first launches the
 // GEMV and the norm as without the fold (flush), and a MoE after them gets the
 // norm for its own fold (unholdProdNorm).
 //
@@ -47,7 +48,7 @@ import (
 var fuseNormFold = os.Getenv("ORCH_CUDA_NORM_FOLD") == "1"
 
 const (
-	nfMaxN        = 2    // the v5 GEMV's one- and two-token route
+	nfMaxN        = 8    // the v5 (n = 1, 2) and v7 (n = 3..8) GEMV routes
 	nfMaxPartials = 1024 // GEMV5_NF_MAX: the producer's m <= 8192
 	nfRowsPerCTA  = 8    // the producer's partials per token: m / 8
 )

@@ -2,6 +2,7 @@ package cuda
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -16,7 +17,7 @@ import (
 // residual add after the last layer materialises h first (a plain norm without
 // the add); the plain launches when the switch is off, when the library
 // declines (producer or consumers), for a norm followed by something else,
-// three tokens, a MoE after the norm (its own fold takes the norm), a host
+// nine tokens (eight fold: gate/up and SwiGLU as two launches), a MoE after the norm (its own fold takes the norm), a host
 // read of h and a graph boundary.
 func TestFuseNormFold(t *testing.T) {
 	defer func(v, nf bool) { fuseOps, fuseNormFold = v, nf }(fuseOps, fuseNormFold)
@@ -125,15 +126,31 @@ func TestFuseNormFold(t *testing.T) {
 	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr),
 		fmt.Sprintf("moe_decode_norm out=%x x=%x res=%x add=%x n=1", fo.ptr, h.ptr, x.ptr, o.ptr)}, f.take())
 
-	// Three tokens: no fold.
-	x3, h3, o3, a3, q3 := fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3), fakeT(b, ml.F32, d, 3),
-		fakeT(b, ml.F32, d, 3)
-	b.MatMul(o3, a3, wo, nil)
-	b.AddRMSNorm(x3, h3, o3, n2, 1e-5)
-	b.MatMul(q3, h3, wq, nil)
+	// Eight tokens fold (GEMV v7 in the library); gate/up then SwiGLU as two launches.
+	x8, h8, o8, a8, g8, u8 := fakeT(b, ml.F32, d, 8), fakeT(b, ml.F32, d, 8), fakeT(b, ml.F32, d, 8),
+		fakeT(b, ml.F32, d, 8), fakeT(b, ml.F32, ff, 8), fakeT(b, ml.F32, ff, 8)
+	b.MatMul(o8, a8, wo, nil)
+	b.AddRMSNorm(x8, h8, o8, n2, 1e-5)
+	b.MatMul(g8, h8, wg, nil)
+	b.MatMul(u8, h8, wu, nil)
+	b.SwiGLU(g8, g8, u8)
+	require.Equal(t, []string{fmt.Sprintf("addnorm y=%x x=%x n=8 res=%x nw=%x xt=%x", o8.ptr, a8.ptr, x8.ptr, n2.ptr, h8.ptr),
+		fmt.Sprintf("multi_nf x=%x n=8 k=%d [%x/%d %x/%d] nss=8 eps=1e-05", h8.ptr, d, g8.ptr, ff, u8.ptr, ff),
+		fmt.Sprintf("swiglu out=%x gate=%x up=%x", g8.ptr, g8.ptr, u8.ptr)}, f.take())
+	b.Add(x8, x8, x8)
+	require.Equal(t, []string{rms(h8.ptr, x8.ptr, 0), fmt.Sprintf("add out=%x", x8.ptr)}, f.take())
+
+	// Nine tokens: no fold.
+	x9, h9, o9, a9, q9 := fakeT(b, ml.F32, d, 9), fakeT(b, ml.F32, d, 9), fakeT(b, ml.F32, d, 9), fakeT(b, ml.F32, d, 9),
+		fakeT(b, ml.F32, d, 9)
+	b.MatMul(o9, a9, wo, nil)
+	b.AddRMSNorm(x9, h9, o9, n2, 1e-5)
+	b.MatMul(q9, h9, wq, nil)
 	require.NoError(t, b.Sync())
-	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=3", o3.ptr, a3.ptr), rms(h3.ptr, x3.ptr, o3.ptr),
-		fmt.Sprintf("matmul y=%x x=%x n=3", q3.ptr, h3.ptr), "sync"}, f.take())
+	log = f.take()
+	require.Len(t, log, 4, "%v", log)
+	require.Equal(t, rms(h9.ptr, x9.ptr, o9.ptr), log[1])
+	require.NotContains(t, strings.Join(log, " "), "addnorm")
 
 	// The switch off.
 	fuseNormFold = false

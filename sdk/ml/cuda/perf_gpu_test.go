@@ -862,7 +862,7 @@ func gemvFoldTable(t *testing.T, r randSrc, label string, peak float64) {
 		}
 		nw := mustA(t, ml.F32, d)
 		require.NoError(t, gpu.WriteF32(nw, r.f32(d)))
-		for _, n := range []int{1, 2} {
+		for _, n := range []int{1, 2, 8} { // 8: GEMV v7 (gate/up then SwiGLU: two launches)
 			x, y, res, h := mustA(t, ml.F32, sh.kp, n), mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n)
 			require.NoError(t, gpu.WriteF32(x, r.f32(sh.kp*n)))
 			ys := make([]ml.Tensor, len(sh.ms))
