@@ -350,6 +350,19 @@ int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *res, const 
                          const float *gate_bias, const float *up_bias, const void *down, int32_t down_type,
                          const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim,
                          int64_t ff, float alpha, float limit);
+/* (session 8, optional) orch_moe_decode (res == NULL) or orch_moe_decode_norm (res, add, norm_w) under MoE v10
+ * with the NEXT RMSNorm's producer half folded into the down kernel (the orch_matmul_addnorm contract for the
+ * orch_matmul_multi_nf consumer): per token j and row r, res2[j*dim+r] += out[j*dim+r], xt[j*dim+r] = res2[j*dim+r] *
+ * nw2[r], ss[j * (dim / 8) + b] = the sum of res2^2 over rows [8b, 8b + 8) (fixed order). out is written as by
+ * orch_moe_decode. ORCH_ERR_UNSUPPORTED (nothing launched) where orch_moe_decode_norm would decline (v10 not
+ * routed: 1..8 tokens, ORCH_CUDA_MOE unset or v10), dim % 8, dim / 8 > 1024, under ORCH_CUDA_MOE_ONLY. */
+int orch_moe_decode_addnorm(orch_ctx *ctx, float *out, float *x, float *res, const float *add, const float *norm_w,
+                            float eps, const void *router, int32_t router_type, const float *router_bias,
+                            int32_t n_exp, int32_t *ids, float *weights, const void *gate, const void *up,
+                            int32_t gu_type, const float *gate_bias, const float *up_bias, const void *down,
+                            int32_t down_type, const float *down_bias, float *act, float *ybuf, int64_t n,
+                            int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit, float *res2,
+                            const float *nw2, float *xt, float *ss);
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,

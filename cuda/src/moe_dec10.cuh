@@ -389,13 +389,25 @@ __device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32
   return s;
 }
 
+// The RMSNorm after the MoE folded into down10's epilogue (session 8, the
+// producer half of orch_matmul_addnorm's fold, for the consumer
+// orch_matmul_multi_nf): per token t and row r, res[t m + r] += out[t m + r],
+// xt[t m + r] = res[t m + r] * w[r], and ss[t (m / 8) + b] = the sum of the
+// new res^2 over the CTA's 8 rows (warp order: fixed, deterministic).
+struct moe10_addnorm {
+  float *res;
+  const float *w;
+  float *xt, *ss;
+};
+
 // out[t, row] = sum_s w[t, s] * (act[t, s] . down_e[row] + db[e, row]): v6's
 // down kernel with the staged activation copied in (xinv: v6's 1/scale).
-template <int T, int NB>
+template <int T, int NB, bool AN = false>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
 moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
-                  const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv) {
+                  const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv,
+                  moe10_addnorm an) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   const int lane = threadIdx.x & 31;
@@ -442,6 +454,22 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
     }
   }
   if (valid && lane == 0) out[(int64_t)t * m + row] = res;
+  if constexpr (AN) { // m % 8 == 0 (caller): every row of the CTA is valid
+    MOE10_SHARED float wsq[FFN_WARPS];
+    if (lane == 0) {
+      const int64_t i = (int64_t)t * m + row;
+      const float r = an.res[i] + res;
+      an.res[i] = r;
+      an.xt[i] = r * an.w[row];
+      wsq[threadIdx.x >> 5] = r * r;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float sum = 0.f;
+      for (int w = 0; w < FFN_WARPS; w++) sum += wsq[w];
+      an.ss[(int64_t)t * (m / FFN_WARPS) + blockIdx.x] = sum;
+    }
+  }
 }
 
 
@@ -472,7 +500,8 @@ template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
-                            int n_slots, int dim, int ff, float alpha, float limit, int only, const moe10_norm *nm) {
+                            int n_slots, int dim, int ff, float alpha, float limit, int only, const moe10_norm *nm,
+                            const moe10_addnorm *an = nullptr) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -503,11 +532,12 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
-      auto kern = moe_down10_kernel<T, NB>;
+      auto kern = an ? moe_down10_kernel<T, NB, true> : moe_down10_kernel<T, NB, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
+      const moe10_addnorm av = an ? *an : moe10_addnorm{};
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,
-                       wts, n_slots, ff, dim, orch_row_bytes(T, ff), dxinv);
+                       wts, n_slots, ff, dim, orch_row_bytes(T, ff), dxinv, av);
     }
   }
 }
@@ -609,6 +639,44 @@ extern "C" int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *
                      ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
                      (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
                      limit, moe_only(), &nm);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
+// orch_moe_decode (res == NULL) or orch_moe_decode_norm (res != NULL) under
+// v10 with the next RMSNorm's producer half in down10 (moe10_addnorm): res2
+// += out, xt = res2 * nw2, ss[t * (dim / 8) + b] = sum of res2^2 over rows
+// [8b, 8b + 8) (orch_matmul_addnorm's layout: orch_matmul_multi_nf consumes
+// it). Declines (nothing launched) where v10 would not run (as
+// orch_moe_decode_norm: unpinned or pinned v10, 1..8 tokens), for dim % 8,
+// dim / 8 > 1024, and under ORCH_CUDA_MOE_ONLY.
+extern "C" int orch_moe_decode_addnorm(orch_ctx *ctx, float *out, float *x, float *res, const float *add,
+                                       const float *norm_w, float eps, const void *router, int32_t router_type,
+                                       const float *router_bias, int32_t n_exp, int32_t *ids, float *weights,
+                                       const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
+                                       const float *up_bias, const void *down, int32_t down_type,
+                                       const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots,
+                                       int64_t dim, int64_t ff, float alpha, float limit, float *res2,
+                                       const float *nw2, float *xt, float *ss) {
+  const char *op = "moe_decode_addnorm";
+  ORCH_CHECK_ARG(ctx && out && x && router && ids && weights && gate && up && down && act && ybuf && res2 && nw2 &&
+                     xt && ss,
+                 op);
+  ORCH_CHECK_ARG(!res || (add && norm_w), op);
+  ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
+  if (!(ctx->moe_auto || moe10_pinned(ctx)) || moe13_pinned() || (res && dim > MOE10_NORM_MAX_N * MOE10_THREADS) ||
+      dim % FFN_WARPS || dim / FFN_WARPS > 1024 || moe_only() ||
+      moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
+    return ORCH_ERR_UNSUPPORTED;
+  ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
+                     aligned16p(up) && aligned16p(down),
+                 op);
+  const moe10_norm nm{res, add, norm_w, x, eps};
+  const moe10_addnorm an{res2, nw2, xt, ss};
+  ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
+                     ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
+                     (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
+                     limit, 0, res ? &nm : nullptr, &an);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

@@ -538,6 +538,41 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
          tn, (long long)dim, n);
   EXPECT(std::memcmp(o.data(), rout.data(), nd * 4) == 0, "fold: output != norm + v10 (%s dim=%lld n=%d)", tn,
          (long long)dim, n);
+  if (!v13) { // orch_moe_decode_addnorm: the same op + the next RMSNorm's producer half in down10
+    const auto r2v = randv(nd, 2.f), nw2 = randv((size_t)dim, 1.f);
+    for (int with_norm = 1; with_norm >= 0; with_norm--) {
+      orch_ctx ctx;
+      ctx.moe = 6;
+      ctx.moe_auto = true;
+      Buf<float> res(res0), h(rh), out(nd, NAN), wb((size_t)(n * topk), NAN), act((size_t)(n * topk * ff), NAN),
+          yb((size_t)(n * topk * dim), NAN), r2(r2v), bnw2(nw2), xt(nd, NAN), ss((size_t)(n * dim / 8), NAN);
+      Buf<int32_t> ib((size_t)(n * topk), -1);
+      const int rc = orch_moe_decode_addnorm(&ctx, out.p, h.p, with_norm ? res.p : nullptr, badd.p, bnw.p, eps, brw.p,
+                                             ORCH_T_F32, gp(brb), ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb),
+                                             gp(bub), down.bytes, t, gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f,
+                                             limit, r2.p, bnw2.p, xt.p, ss.p);
+      EXPECT(rc == ORCH_OK, "moe_decode_addnorm (norm %d): rc %d %s", with_norm, rc, g_err);
+      const auto ov = out.vec(), r2o = r2.vec(), xto = xt.vec(), sso = ss.vec();
+      EXPECT(std::memcmp(ov.data(), rout.data(), nd * 4) == 0, "addnorm: output != orch_moe_decode's (norm %d)", with_norm);
+      if (with_norm) EXPECT(std::memcmp(res.vec().data(), rres.data(), nd * 4) == 0, "addnorm: res != norm.cu's");
+      for (size_t i = 0; i < nd; i++) {
+        const float want = r2v[i] + ov[i];
+        EXPECT(fbits(r2o[i]) == fbits(want), "addnorm: res2[%zu] %g vs %g", i, r2o[i], want);
+        EXPECT(fbits(xto[i]) == fbits(want * nw2[i % dim]), "addnorm: xt[%zu]", i);
+      }
+      for (int tt = 0; tt < n; tt++)
+        for (int64_t b = 0; b < dim / 8; b++) {
+          float sum = 0.f;
+          for (int w = 0; w < 8; w++) {
+            const float v = r2o[(size_t)(tt * dim + 8 * b + w)];
+            sum += v * v;
+          }
+          EXPECT(fbits(sso[(size_t)(tt * (dim / 8) + b)]) == fbits(sum), "addnorm: ss[%d][%lld]", tt, (long long)b);
+        }
+    }
+    std::printf("MoE v10 + next norm's producer (orch_moe_decode_addnorm) %-5s dim=%lld n=%d: output = orch_moe_decode's, "
+                "res2 / xt / ss exact\n", tn, (long long)dim, n);
+  }
   // declines: pinned to another version (nothing written), dim > 4096
   EXPECT(fused(false, dim, &o, &r, &hh, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode_norm under v6 must decline");
   EXPECT(std::memcmp(r.data(), res0.data(), nd * 4) == 0 && std::isnan(hh[0]) && std::isnan(o[0]),

@@ -124,6 +124,9 @@ type lib struct {
 	moeDecode func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
 	// orch_moe_decode with the AddRMSNorm before it folded in (orch_moe_decode_norm; session 7).
 	moeDecodeNorm func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32
+	// orch_moe_decode(_norm) with the next RMSNorm's producer half in v10's down kernel (session 8, optional: nil
+	// where the library lacks it; the orch_matmul_addnorm contract for orch_matmul_multi_nf).
+	moeDecodeAddNorm func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32, res2, nw2, xt, ss uintptr) int32
 }
 
 // gemvTraceRec mirrors gemv_trace_rec (cuda/src/gemv16.cuh; orch_gemv_trace).
@@ -249,6 +252,10 @@ func (l *lib) bind() (err error) {
 	// Optional: the folded RoPE + KV write + attention (fuse.go; nil: off).
 	if _, err := purego.Dlsym(l.handle, "orch_attention_rope"); err == nil {
 		purego.RegisterLibFunc(&l.attentionRope, l.handle, "orch_attention_rope")
+	}
+	// Optional: MoE v10 with the next RMSNorm's producer half (orch_moe_decode_addnorm; nil: off).
+	if _, err := purego.Dlsym(l.handle, "orch_moe_decode_addnorm"); err == nil {
+		purego.RegisterLibFunc(&l.moeDecodeAddNorm, l.handle, "orch_moe_decode_addnorm")
 	}
 	// Optional: the bf16 weight cache (bf16cache.go; nil: off).
 	if _, err := purego.Dlsym(l.handle, "orch_bf16_cache"); err == nil {
