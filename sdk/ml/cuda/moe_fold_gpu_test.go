@@ -111,3 +111,77 @@ func TestMoENormFold(t *testing.T) {
 		}
 	}
 }
+
+// TestMoEAddNorm: orch_moe_decode_addnorm (MoE v10 + the next RMSNorm's
+// producer half in its down kernel) against the plain op: the output is
+// gpu.MoE's bits (MoE v10, unpinned / pinned at 2..8 tokens; the norm-folded
+// form at one token), res2 += out, xt = res2 * w2 and the per-8-row sums of
+// res2^2 exactly as computed here, eagerly and over a graph capture + replay.
+func TestMoEAddNorm(t *testing.T) {
+	if gpu.l.moeDecodeAddNorm == nil {
+		t.Skip("library without orch_moe_decode_addnorm")
+	}
+	ver := os.Getenv("ORCH_CUDA_MOE")
+	if ver != "" && ver != "v10" {
+		t.Skipf("ORCH_CUDA_MOE=%s: v10 does not run (the entry declines)", ver)
+	}
+	r := newRNG(t)
+	const d, ff, ne, k = 2880, 96, 32, 4
+	m, _ := randMoE(t, r, ml.MXFP4, d, ff, ne, k)
+	for _, n := range []int{2, 8} {
+		name := fmt.Sprintf("n=%d", n)
+		t.Run(name, func(t *testing.T) {
+			x := f32Pair(t, randF32(r, d*n, 1), d, n)
+			y, y0 := out(t, d, n), out(t, d, n)
+			r2v, w2v := randF32(r, d*n, 2), randF32(r, d, 1)
+			r2, w2, xt, ss := f32Pair(t, r2v, d, n), f32Pair(t, w2v, d), out(t, d, n), out(t, d/8, n)
+			gpu.MoE(y0.g, x.g, m) // the plain op (v10 at 2..8 tokens)
+			const op = "moe_addnorm"
+			b := gpu
+			d0, xx := b.arg(op, "y", y.g, ml.F32), b.arg(op, "x", x.g, ml.F32)
+			router, gate := b.arg(op, "router", m.Router, anyType), b.arg(op, "gate", m.Gate, anyType)
+			up, down := b.arg(op, "up", m.Up, anyType), b.arg(op, "down", m.Down, anyType)
+			rb, _ := b.optF32(op, "router_bias", m.RouterBias, ne)
+			gb, _ := b.optF32(op, "gate_bias", m.GateBias, ff*ne)
+			ub, _ := b.optF32(op, "up_bias", m.UpBias, ff*ne)
+			db, _ := b.optF32(op, "down_bias", m.DownBias, d*ne)
+			ids, wts := b.scratchBuf("moe.ids", 4*k*n), b.scratchBuf("moe.w", 4*k*n)
+			g, yb := b.scratchBuf("moe.gate", 4*ff*k*n), b.scratchBuf("moe.down", 4*d*k*n)
+			a2, aw, axt, ass := b.arg(op, "r2", r2.g, ml.F32), b.arg(op, "w2", w2.g, ml.F32), b.arg(op, "xt", xt.g, ml.F32),
+				b.arg(op, "ss", ss.g, ml.F32)
+			require.NoError(t, b.err)
+			call := func() {
+				b.call(op, b.l.moeDecodeAddNorm(b.ctx, d0.ptr, xx.ptr, 0, 0, 0, 0, router.ptr, int32(router.dt), rb,
+					int32(ne), ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb, ub, down.ptr, int32(down.dt), db, g, yb,
+					int64(n), int32(k), int64(d), int64(ff), m.Alpha, m.Limit, a2.ptr, aw.ptr, axt.ptr, ass.ptr))
+			}
+			check := func(what string) {
+				require.NoError(t, b.Sync())
+				yv := readF32(t, y.g)
+				sameBits(t, what+": y vs the plain MoE", readF32(t, y0.g), yv)
+				r2o, xto, sso := readF32(t, r2.g), readF32(t, xt.g), readF32(t, ss.g)
+				for i := range r2o {
+					want := r2v[i] + yv[i]
+					require.Equal(t, math.Float32bits(want), math.Float32bits(r2o[i]), "%s: res2[%d]", what, i)
+					require.Equal(t, math.Float32bits(want*w2v[i%d]), math.Float32bits(xto[i]), "%s: xt[%d]", what, i)
+				}
+				for j := 0; j < n; j++ {
+					for blk := 0; blk < d/8; blk++ {
+						var s float32
+						for w := 0; w < 8; w++ {
+							v := r2o[j*d+8*blk+w]
+							s += float32(v * v)
+						}
+						require.Equal(t, math.Float32bits(s), math.Float32bits(sso[j*(d/8)+blk]), "%s: ss[%d][%d]", what, j, blk)
+					}
+				}
+			}
+			call()
+			check("eager")
+			require.NoError(t, gpu.WriteF32(r2.g, r2v))
+			gpu.Fill(y.g, float32(math.NaN()))
+			require.NoError(t, gpu.Run("moe-addnorm-"+name, call))
+			check("graph")
+		})
+	}
+}
