@@ -45,23 +45,3 @@ func BenchmarkSample(b *testing.B) {
 		}
 	}
 }
-
-// BenchmarkSample64: the float64 sampler of sessions 1-7 (sample64_test.go),
-// for comparison on the same machine and load.
-func BenchmarkSample64(b *testing.B) {
-	l := gptLogits(1)
-	for _, c := range []struct {
-		name string
-		p    sdk.SamplingParams
-	}{
-		{"T=1", sdk.SamplingParams{Temperature: 1}},
-		{"T=1,top_p=0.9", sdk.SamplingParams{Temperature: 1, TopP: 0.9}},
-	} {
-		b.Run(c.name, func(b *testing.B) {
-			rng := rand.New(rand.NewPCG(1, 2))
-			for b.Loop() {
-				draw64(c.p, rng, l)
-			}
-		})
-	}
-}

@@ -183,8 +183,21 @@ func mix(x uint64) uint64 {
 // Greedy returns the tokens greedy decoding produces after prompt, computed
 // directly (no KV cache): the reference the engine's output must equal.
 func Greedy(prompt []int32, n, vocab int) []int32 {
+	return continuation(prompt, n, vocab, func(row []float32, _ int) int32 {
+		best := 0
+		for v := range row {
+			if row[v] > row[best] {
+				best = v
+			}
+		}
+		return int32(best)
+	})
+}
+
+// continuation feeds prompt, then n tokens, each pick(logits of the context,
+// its index), and returns those tokens.
+func continuation(prompt []int32, n, vocab int, pick func(row []float32, i int) int32) []int32 {
 	h := Root
-	toks := append([]int32(nil), prompt...)
 	for i, t := range prompt {
 		h = Step(h, t, i)
 	}
@@ -192,15 +205,9 @@ func Greedy(prompt []int32, n, vocab int) []int32 {
 	row := make([]float32, 0, vocab)
 	for len(out) < n {
 		row = Logits(h, vocab, row[:0])
-		best := 0
-		for v := range row {
-			if row[v] > row[best] {
-				best = v
-			}
-		}
-		out = append(out, int32(best))
-		h = Step(h, int32(best), len(toks))
-		toks = append(toks, int32(best))
+		tok := pick(row, len(out))
+		h = Step(h, tok, len(prompt)+len(out))
+		out = append(out, tok)
 	}
 	return out
 }
@@ -209,20 +216,10 @@ func Greedy(prompt []int32, n, vocab int) []int32 {
 // settings: token i is ml.SampleRowRef of the context's logits with counter
 // i (the reference for engine tests of device sampling).
 func Sampled(prompt []int32, n, vocab int, p ml.SampleParams) []int32 {
-	h := Root
-	for i, t := range prompt {
-		h = Step(h, t, i)
-	}
-	var out []int32
-	row := make([]float32, 0, vocab)
-	for len(out) < n {
-		row = Logits(h, vocab, row[:0])
-		p.Counter = uint64(len(out))
-		tok := ml.SampleRowRef(row, p)
-		h = Step(h, tok, len(prompt)+len(out))
-		out = append(out, tok)
-	}
-	return out
+	return continuation(prompt, n, vocab, func(row []float32, i int) int32 {
+		p.Counter = uint64(i)
+		return ml.SampleRowRef(row, p)
+	})
 }
 
 // Forward implements engine.Model.

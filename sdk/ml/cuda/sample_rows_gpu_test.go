@@ -235,24 +235,21 @@ func TestPerfSample(t *testing.T) {
 				lines = append(lines, fmt.Sprintf("| %s | %d | %d | %.1f | %.1f |", name, v, n, us, floor))
 			}
 			row("argmax", 1e3*timeKernel(t, 20, 8, func() { gpu.Argmax(o.dst, o.x) }))
-			for _, c := range []struct {
-				name string
-				p    ml.SampleParams
-			}{
-				{"sample_rows T=1", ml.SampleParams{Temperature: 1}},
-				{"sample_rows T=1 min_p=0.05", ml.SampleParams{Temperature: 1, MinP: 0.05}},
-				{"sample_rows T=1 top_p=0.9", ml.SampleParams{Temperature: 1, TopP: 0.9}},
-				{"sample_rows T=1 top_k=50 top_p=0.9", ml.SampleParams{Temperature: 1, TopK: 50, TopP: 0.9}},
-			} {
+			// every row with settings p (seed = row), timed on what o.x holds
+			timeSettings := func(name string, p ml.SampleParams) {
 				ps := make([]ml.SampleParams, n)
 				for i := range ps {
-					ps[i] = c.p
+					ps[i] = p
 					ps[i].Seed = uint64(i)
 				}
 				o.write(t, ps)
 				f := ml.SampleFilters(v, ps)
-				row(c.name, 1e3*timeKernel(t, 20, 8, func() { gpu.SampleRows(o.dst, o.x, o.params, f) }))
+				row(name, 1e3*timeKernel(t, 20, 8, func() { gpu.SampleRows(o.dst, o.x, o.params, f) }))
 			}
+			timeSettings("sample_rows T=1", ml.SampleParams{Temperature: 1})
+			timeSettings("sample_rows T=1 min_p=0.05", ml.SampleParams{Temperature: 1, MinP: 0.05})
+			timeSettings("sample_rows T=1 top_p=0.9", ml.SampleParams{Temperature: 1, TopP: 0.9})
+			timeSettings("sample_rows T=1 top_k=50 top_p=0.9", ml.SampleParams{Temperature: 1, TopK: 50, TopP: 0.9})
 			// LM-like rows: a bulk well below a few dozen likely tokens (N(-4, 3), 30 tokens +18): once a CTA
 			// has seen a likely token the draw skips the noise of the bulk; N(0, 2) rows above are the worst case.
 			peaked := randF32(r, v*n, 3)
@@ -265,22 +262,8 @@ func TestPerfSample(t *testing.T) {
 				}
 			}
 			require.NoError(t, gpu.WriteF32(o.x, peaked))
-			for _, c := range []struct {
-				name string
-				p    ml.SampleParams
-			}{
-				{"sample_rows T=1, LM-like row", ml.SampleParams{Temperature: 1}},
-				{"sample_rows T=1 top_p=0.9, LM-like row", ml.SampleParams{Temperature: 1, TopP: 0.9}},
-			} {
-				ps := make([]ml.SampleParams, n)
-				for i := range ps {
-					ps[i] = c.p
-					ps[i].Seed = uint64(i)
-				}
-				o.write(t, ps)
-				f := ml.SampleFilters(v, ps)
-				row(c.name, 1e3*timeKernel(t, 20, 8, func() { gpu.SampleRows(o.dst, o.x, o.params, f) }))
-			}
+			timeSettings("sample_rows T=1, LM-like row", ml.SampleParams{Temperature: 1})
+			timeSettings("sample_rows T=1 top_p=0.9, LM-like row", ml.SampleParams{Temperature: 1, TopP: 0.9})
 		}
 	}
 	table := strings.Join(lines, "\n") + "\n"

@@ -4,9 +4,6 @@ package cuda_test
 
 import (
 	"context"
-	"encoding/binary"
-	"math"
-	"math/rand/v2"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -15,57 +12,8 @@ import (
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/cuda"
-	"github.com/llama-orch/orch/sdk/ml/nn"
+	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
 )
-
-// tokNet: hidden = the tokens' embedding rows, logits = hidden x head
-// (the runner's sampling path needs no real model).
-type tokNet struct {
-	b           ml.Backend
-	table, head ml.Tensor // F32 [d, vocab]
-	hidden      ml.Tensor // F32 [d, maxTokens]
-}
-
-func (n *tokNet) Hidden(st *nn.Staged) (ml.Tensor, error) {
-	h, err := n.b.Rows(n.hidden, 0, st.N)
-	if err != nil {
-		return nil, err
-	}
-	n.b.Embed(h, n.table, st.Tokens, false)
-	return h, n.b.Err()
-}
-
-func (n *tokNet) Head(dst, rows ml.Tensor) error {
-	n.b.MatMul(dst, rows, n.head, nil)
-	return n.b.Err()
-}
-
-func (n *tokNet) Close() error { return nil }
-
-func newTokRunner(t *testing.T, b ml.Backend, maxTokens, vocab int) *nn.Runner {
-	const d = 64
-	r := rand.New(rand.NewPCG(3, 4))
-	w := func() ml.Tensor {
-		v := make([]byte, 4*d*vocab)
-		for i := 0; i < len(v); i += 4 {
-			binary.LittleEndian.PutUint32(v[i:], math.Float32bits(float32(r.NormFloat64())))
-		}
-		x, err := b.Weight("w", ml.F32, []int{d, vocab}, v)
-		require.NoError(t, err)
-		return x
-	}
-	hidden, err := b.Alloc(ml.F32, d, maxTokens)
-	require.NoError(t, err)
-	net := &tokNet{b: b, table: w(), head: w(), hidden: hidden}
-	kv, err := nn.NewKVCache(b, ml.F32, 1, 2, 1, 4, 64)
-	require.NoError(t, err)
-	cfg := nn.RunnerConfig{Width: d, MaxTokens: maxTokens}
-	cfg.Spec.VocabSize, cfg.Spec.ContextLength, cfg.Spec.BlockSize, cfg.Spec.NumBlocks = vocab, 256, 4, 64
-	rn, err := nn.NewRunner(b, kv, net, cfg)
-	require.NoError(t, err)
-	t.Cleanup(func() { rn.Close() })
-	return rn
-}
 
 // TestForwardSampleGPU: the runner's device sampling on the CUDA backend
 // (orch_sample_rows after the LM head, in captured decode graphs replayed
@@ -78,7 +26,7 @@ func TestForwardSampleGPU(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { g.Close() })
 	const vocab = 201088
-	rn := newTokRunner(t, g, 16, vocab)
+	rn := nntest.NewTokRunner(t, g, 16, vocab)
 	require.True(t, rn.DeviceSampling(), "the CUDA library has orch_sample_rows")
 	ctx := context.Background()
 	settings := []engine.SampleSpec{

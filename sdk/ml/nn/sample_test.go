@@ -1,10 +1,8 @@
-package nn
+package nn_test
 
 import (
 	"context"
-	"encoding/binary"
 	"math"
-	"math/rand/v2"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -13,30 +11,8 @@ import (
 	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/ml"
 	"github.com/llama-orch/orch/sdk/ml/cpu"
+	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
 )
-
-// tokNet: hidden = the tokens' embedding rows, logits = hidden x head.
-type tokNet struct {
-	b           ml.Backend
-	table, head ml.Tensor // F32 [d, vocab]
-	hidden      ml.Tensor // F32 [d, maxTokens]
-}
-
-func (n *tokNet) Hidden(st *Staged) (ml.Tensor, error) {
-	h, err := n.b.Rows(n.hidden, 0, st.N)
-	if err != nil {
-		return nil, err
-	}
-	n.b.Embed(h, n.table, st.Tokens, false)
-	return h, n.b.Err()
-}
-
-func (n *tokNet) Head(dst, rows ml.Tensor) error {
-	n.b.MatMul(dst, rows, n.head, nil)
-	return n.b.Err()
-}
-
-func (n *tokNet) Close() error { return nil }
 
 // hostSampler gives a CPU backend SampleRows through ml.SampleRowRef, so the
 // runner's device-sampling path (params staging, head, Host rows) runs here.
@@ -75,31 +51,6 @@ func unpackSampleParams(w []int32) ml.SampleParams {
 		Counter: uint64(uint32(w[6])) | uint64(uint32(w[7]))<<32}
 }
 
-func newTokRunner(t *testing.T, b ml.Backend, maxTokens, vocab int) *Runner {
-	const d = 64
-	r := rand.New(rand.NewPCG(3, 4))
-	w := func() ml.Tensor {
-		v := make([]byte, 4*d*vocab)
-		for i := 0; i < len(v); i += 4 {
-			binary.LittleEndian.PutUint32(v[i:], math.Float32bits(float32(r.NormFloat64())))
-		}
-		x, err := b.Weight("w", ml.F32, []int{d, vocab}, v)
-		require.NoError(t, err)
-		return x
-	}
-	hidden, err := b.Alloc(ml.F32, d, maxTokens)
-	require.NoError(t, err)
-	net := &tokNet{b: b, table: w(), head: w(), hidden: hidden}
-	kv, err := NewKVCache(b, ml.F32, 1, 2, 1, 4, 64)
-	require.NoError(t, err)
-	cfg := RunnerConfig{Width: d, MaxTokens: maxTokens}
-	cfg.Spec.VocabSize, cfg.Spec.ContextLength, cfg.Spec.BlockSize, cfg.Spec.NumBlocks = vocab, 256, 4, 64
-	rn, err := NewRunner(b, kv, net, cfg)
-	require.NoError(t, err)
-	t.Cleanup(func() { rn.Close() })
-	return rn
-}
-
 // ForwardSample: device rows are ml.SampleRowRef of Forward's rows with their
 // (seed, index), greedy rows ForwardGreedy's tokens, Host rows come back as
 // logits; with a device sampler (hostSampler) and without one (the host
@@ -132,7 +83,7 @@ func TestForwardSample(t *testing.T) {
 		if dev {
 			b = hs
 		}
-		rn := newTokRunner(t, b, 8, 300)
+		rn := nntest.NewTokRunner(t, b, 8, 300)
 		assert.Equal(t, dev, rn.DeviceSampling())
 		ctx := context.Background()
 		ref, err := rn.Forward(ctx, batch())
@@ -177,7 +128,7 @@ func TestForwardSample(t *testing.T) {
 func TestForwardSampleSteps(t *testing.T) {
 	cb := cpu.New(1)
 	hs := &hostSampler{Backend: cb}
-	rn := newTokRunner(t, hs, 16, 3000)
+	rn := nntest.NewTokRunner(t, hs, 16, 3000)
 	ctx := context.Background()
 	settings := []engine.SampleSpec{
 		{Temperature: 1}, {Temperature: 0.8, TopP: 0.9}, {}, {Host: true}, {Temperature: 1, TopK: 40, TopP: 0.95},
