@@ -198,9 +198,10 @@ moe_gate_up13_kernel(uint16_t *__restrict__ acth, const uint32_t *xg, int xs, co
   pdl_wait(); // the table and staged x come from the route kernel; act is read by earlier kernels
   pdl_trigger(); // after the wait: down13 reads the table before its own wait
   const int y = (int)blockIdx.y;
-  if (y >= tab[0]) return; // uniform
-  const int e = tab[MOE13_TAB_E + y], off = tab[MOE13_TAB_OFF + y];
-  const int cnt = min(tab[MOE13_TAB_CNT + y], MOE13_MAX_N); // more only with NaN logits (ids clamped to 0)
+  // the header entries together (one L2 round trip; entries y >= U are in the table, unused)
+  const int used = tab[0], e = tab[MOE13_TAB_E + y], off = tab[MOE13_TAB_OFF + y], cnt0 = tab[MOE13_TAB_CNT + y];
+  if (y >= used) return; // uniform
+  const int cnt = min(cnt0, MOE13_MAX_N); // more only with NaN logits (ids clamped to 0)
   const int tb = 16 * rb; // tile bytes (a multiple of 16: k % 32 == 0)
   uint8_t *sg = sm, *su = sm + tb;
   float *red = reinterpret_cast<float *>(sm + 2 * tb);
