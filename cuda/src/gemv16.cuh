@@ -1107,32 +1107,26 @@ static void launch_gemv7_stage(cudaStream_t st, void *scratch, const float *x, i
                    dec16_traits<T>::kind, xst);
 }
 
+// nf: the folded norm's producer (gemv7_nf_kernel; F.res, F.w, F.xt, F.ss: n * m / 8 floats; m % 16 == 0;
+// acc 0).
 template <int T>
 static void launch_gemv7(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w, const float *bias,
-                         int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
+                         int64_t n, int64_t k, int64_t m, int64_t rb, int acc, const gemv5_nf *nf = nullptr) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     constexpr int W = GEMV7_WARPS;
     uint32_t *xs;
     float *xinv;
     launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv);
+    const dim3 grid((unsigned)ceil_div(m, 16));
+    if (nf) {
+      auto kern = gemv7_nf_kernel<T, W>;
+      DEC16_LAUNCH_PDL(kern, grid, W * 32, (W * 32 * 4 + 8 + 128) * sizeof(float), st, y,
+                       reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, *nf);
+      return;
+    }
     auto kern = gemv7_kernel<T, W>;
-    DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, 16)), W * 32, W * 32 * 4 * sizeof(float), st, y,
-                     reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, acc);
-  }
-}
-
-// The folded norm's producer on v7 (F.res, F.w, F.xt, F.ss: n * m / 8 floats; m % 16 == 0).
-template <int T>
-static void launch_gemv7_nf_prod(cudaStream_t st, void *scratch, float *y, const float *x, const uint8_t *w,
-                                 const float *bias, int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_nf &F) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    constexpr int W = GEMV7_WARPS;
-    uint32_t *xs;
-    float *xinv;
-    launch_gemv7_stage<T>(st, scratch, x, n, k, xs, xinv);
-    auto kern = gemv7_nf_kernel<T, W>;
-    DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, 16)), W * 32, (W * 32 * 4 + 8 + 128) * sizeof(float), st, y,
-                     reinterpret_cast<const uint4 *>(xs), xinv, w, bias, n, k, m, rb, F);
+    DEC16_LAUNCH_PDL(kern, grid, W * 32, W * 32 * 4 * sizeof(float), st, y, reinterpret_cast<const uint4 *>(xs), xinv,
+                     w, bias, n, k, m, rb, acc);
   }
 }
 

@@ -669,7 +669,7 @@ extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, cons
     void *scr = nullptr;
     int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;
-    ORCH_DISPATCH_TYPE(wtype, launch_gemv7_nf_prod, ctx->stream, scr, y, x, (const uint8_t *)w, bias, n, k, m, rb, F);
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, (const uint8_t *)w, bias, n, k, m, rb, 0, &F);
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_nf_prod, ctx->stream, y, x, (const uint8_t *)w, bias, n, k, m, rb, F);
   }

@@ -428,8 +428,8 @@ static void test_norm_fold(int t, int64_t kp, int64_t dim, int n, std::vector<in
     Buf<float> y1(nx, NAN), r1(res0), xt(nx, NAN), ss((size_t)(n * nss), NAN);
     gemv5_nf F;
     F.res = r1.p, F.w = bnw.p, F.xt = xt.p, F.ss = ss.p;
-    if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7_nf_prod, nullptr, scp.p, y1.p, bxp.p, wp.bytes, bias ? bb.p : nullptr,
-                               n, kp, dim, rbp, F)
+    if (v7) ORCH_DISPATCH_TYPE(t, launch_gemv7, nullptr, scp.p, y1.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp,
+                               dim, rbp, 0, &F)
     else ORCH_DISPATCH_TYPE(t, launch_gemv5_nf_prod, nullptr, y1.p, bxp.p, wp.bytes, bias ? bb.p : nullptr, n, kp, dim,
                             rbp, F)
     EXPECT(std::memcmp(y1.p, y0.p, nx * 4) == 0, "norm fold producer y (%s kp=%lld dim=%lld n=%d) != the GEMV's",

@@ -471,18 +471,20 @@ func TestFusedNormFold(t *testing.T) {
 				bo, bq := f32Pair(t, randF32(r, d, 1), d), f32Pair(t, randF32(r, qd, 1), qd)
 				o, h, g, u, f := out(t, d, n), out(t, d, n), out(t, ff, n), out(t, ff, n), out(t, d, n)
 				q, k, v := out(t, qd, n), out(t, kvd, n), out(t, kvd, n)
-				record := func() {
-					gpu.MatMul(o.g, att.g, wo.g, bo.g)
-					gpu.AddRMSNorm(res.g, h.g, o.g, n2.g, eps)
-					gpu.MatMul(g.g, h.g, wg.g, nil)
-					gpu.MatMul(u.g, h.g, wu.g, nil)
-					gpu.SwiGLU(g.g, g.g, u.g)
-					gpu.MatMul(f.g, g.g, wd.g, nil)
-					gpu.AddRMSNorm(res.g, h.g, f.g, n1.g, eps)
-					gpu.MatMul(q.g, h.g, wq.g, bq.g)
-					gpu.MatMul(k.g, h.g, wk.g, nil)
-					gpu.MatMul(v.g, h.g, wv.g, nil)
+				// the layer on be with each pair's tensor of that backend (sel)
+				layer := func(be ml.Backend, sel func(pair) ml.Tensor) {
+					be.MatMul(sel(o), sel(att), sel(wo), sel(bo))
+					be.AddRMSNorm(sel(res), sel(h), sel(o), sel(n2), eps)
+					be.MatMul(sel(g), sel(h), sel(wg), nil)
+					be.MatMul(sel(u), sel(h), sel(wu), nil)
+					be.SwiGLU(sel(g), sel(g), sel(u))
+					be.MatMul(sel(f), sel(g), sel(wd), nil)
+					be.AddRMSNorm(sel(res), sel(h), sel(f), sel(n1), eps)
+					be.MatMul(sel(q), sel(h), sel(wq), sel(bq))
+					be.MatMul(sel(k), sel(h), sel(wk), nil)
+					be.MatMul(sel(v), sel(h), sel(wv), nil)
 				}
+				record := func() { layer(gpu, func(p pair) ml.Tensor { return p.g }) }
 				outs := []pair{o, u, g, f, q, k, v, res, h} // h last: its read materialises it
 				names := []string{"o", "up", "swiglu", "down", "q", "k", "v", "res", "h"}
 				reset := func() {
@@ -555,17 +557,7 @@ func TestFusedNormFold(t *testing.T) {
 					require.NoError(t, gpu.Sync())
 					sameBits(t, name+" direct producer y", plain[0], readF32(t, o.g))
 				}
-				// CPU backend.
-				ref.MatMul(o.c, att.c, wo.c, bo.c)
-				ref.AddRMSNorm(res.c, h.c, o.c, n2.c, eps)
-				ref.MatMul(g.c, h.c, wg.c, nil)
-				ref.MatMul(u.c, h.c, wu.c, nil)
-				ref.SwiGLU(g.c, g.c, u.c)
-				ref.MatMul(f.c, g.c, wd.c, nil)
-				ref.AddRMSNorm(res.c, h.c, f.c, n1.c, eps)
-				ref.MatMul(q.c, h.c, wq.c, bq.c)
-				ref.MatMul(k.c, h.c, wk.c, nil)
-				ref.MatMul(v.c, h.c, wv.c, nil)
+				layer(ref, func(p pair) ml.Tensor { return p.c }) // CPU backend
 				for i, p := range outs {
 					cv := make([]float32, p.c.Len())
 					require.NoError(t, ref.ReadF32(p.c, cv))

@@ -87,14 +87,18 @@ func TestFuseNormFold(t *testing.T) {
 		fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/32 %x/32]", h.ptr, d, q.ptr, d, k.ptr, v.ptr)}, f.take())
 	require.False(t, b.xt.on)
 	f.nfRC = stOK
-	// The producer declines: GEMV, norm, consumers as without the fold.
+	// GEMV -> AddRMSNorm -> MatMul of qx launched as without the fold: the GEMV, the norm, the MatMul.
+	plainPair := func(what string, qx *tensor) {
+		t.Helper()
+		b.MatMul(o, att, wo, nil)
+		b.AddRMSNorm(x, h, o, n2, 1e-5)
+		b.MatMul(q, qx, wq, nil)
+		require.NoError(t, b.Sync())
+		require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
+			fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, qx.ptr), "sync"}, f.take(), what)
+	}
 	f.prodRC = stUnsupported
-	b.MatMul(o, att, wo, nil)
-	b.AddRMSNorm(x, h, o, n2, 1e-5)
-	b.MatMul(q, h, wq, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
-		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
+	plainPair("the producer declines", h)
 	f.prodRC = stOK
 
 	// The norm followed by something else: the GEMV, the norm, that op.
@@ -104,13 +108,7 @@ func TestFuseNormFold(t *testing.T) {
 	b.Add(att, att, att)
 	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
 		fmt.Sprintf("add out=%x", att.ptr)}, f.take())
-	// A MatMul of another x.
-	b.MatMul(o, att, wo, nil)
-	b.AddRMSNorm(x, h, o, n2, 1e-5)
-	b.MatMul(q, att, wq, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
-		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, att.ptr), "sync"}, f.take())
+	plainPair("a MatMul of another x", att)
 
 	// A MoE after the norm: the GEMV goes out, the MoE fold takes the norm.
 	b.l.moeDecodeNorm = func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32,
@@ -152,12 +150,6 @@ func TestFuseNormFold(t *testing.T) {
 	require.Equal(t, rms(h9.ptr, x9.ptr, o9.ptr), log[1])
 	require.NotContains(t, strings.Join(log, " "), "addnorm")
 
-	// The switch off.
 	fuseNormFold = false
-	b.MatMul(o, att, wo, nil)
-	b.AddRMSNorm(x, h, o, n2, 1e-5)
-	b.MatMul(q, h, wq, nil)
-	require.NoError(t, b.Sync())
-	require.Equal(t, []string{fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att.ptr), rms(h.ptr, x.ptr, o.ptr),
-		fmt.Sprintf("matmul y=%x x=%x n=1", q.ptr, h.ptr), "sync"}, f.take())
+	plainPair("the switch off", h)
 }
