@@ -302,9 +302,10 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
   __syncthreads();
   const bool count = st.stage == SR_TOPK;
   // thread t owns bins [nb - (t+1) per, nb - t per), scanned from the top
-  const int per = nb / SR_THREADS, hi = nb - threadIdx.x * per;
+  // (a pass of fewer than 8 bits: one bin a thread, threads past the bins own none)
+  const int per = nb >= SR_THREADS ? nb / SR_THREADS : 1, hi = nb - (int)threadIdx.x * per;
   unsigned long long mine = 0;
-  for (int b = hi - 1; b >= hi - per; b--) mine += count ? s_cnt[b] : s_mass[b];
+  for (int b = hi - 1; b >= hi - per && b >= 0; b--) mine += count ? s_cnt[b] : s_mass[b];
   s_scan[threadIdx.x] = mine;
   __syncthreads();
   for (int o = 1; o < SR_THREADS; o <<= 1) { // inclusive scan (Hillis-Steele)
@@ -320,7 +321,7 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
   const unsigned long long before = st.above + s_scan[threadIdx.x] - mine; // weight above my bins
   if (before < st.target && before + mine >= st.target) {
     unsigned long long cum = before;
-    for (int b = hi - 1; b >= hi - per; b--) {
+    for (int b = hi - 1; b >= hi - per && b >= 0; b--) {
       const unsigned long long w = count ? s_cnt[b] : s_mass[b];
       if (cum + w >= st.target) {
         s_found = b;
@@ -338,6 +339,18 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
     st.above = s_above;
     st.lbin = s_found; // the key passes refine inside it
     done = false;
+    // The bin's logits lie in (M - (D+1) T/16, M - D T/16], D = SR_LOG_BINS - 1 - bin (up to rounding: a margin of
+    // 2^-10 of the scale); their keys share the high bits of that range's two ends, which the key passes then skip
+    // (the first key pass used to find them all in one bin). At most 21 so that the three key passes reach 32 bits.
+    const float D = (float)(SR_LOG_BINS - 1 - s_found), w = p.temperature / SR_LOG_STEP;
+    const float slack = (fabsf(st.mx) + (D + 1.f) * w) * 0.0009765625f;
+    const float hi = st.mx - D * w + slack;
+    const uint32_t khi = sr_key(hi), klo = s_found == 0 ? 0u : sr_key(st.mx - (D + 1.f) * w - slack);
+    int common = 0;
+    while (common < 21 && ((khi ^ klo) >> (31 - common)) == 0) common++;
+    if (!(hi < INFINITY) || !(w > 0.f)) common = 0;
+    st.resolved = common;
+    st.prefix = common ? khi >> (32 - common) : 0;
   } else if (s_found >= 0) {
     st.above = s_above;
     st.prefix = (st.prefix << bits) | (uint32_t)s_found;
