@@ -1,6 +1,6 @@
 // moe_dec13.cuh — MoE v13 (session 8; ORCH_CUDA_MOE=v13 pins it for 2..64
-// tokens; unpinned it runs from ORCH_CUDA_MOE13_FROM tokens to 64 when that
-// is set): the MXFP4 MoE decode op at 9..64 tokens with each touched expert's
+// tokens; unpinned it runs from 9 tokens to 64 — ORCH_CUDA_MOE13_FROM=N from
+// N, =0 never): the MXFP4 MoE decode op at 9..64 tokens with each touched expert's
 // weights read from DRAM once for all its tokens. Included by moe_ffn.cu
 // after moe_dec10.cuh (it uses v10's route kernel and v9's fragment decode).
 //
@@ -456,11 +456,15 @@ static bool moe13_pinned() {
   const char *v = getenv("ORCH_CUDA_MOE");
   return v && std::strcmp(v, "v13") == 0;
 }
-// Unpinned: v13 from ORCH_CUDA_MOE13_FROM tokens (unset: never, until the
-// device tables and end-to-end runs say where it wins).
+// Unpinned: v13 from ORCH_CUDA_MOE13_FROM tokens; unset: from 9 (the
+// default since session 8: device runs 1-2, H100, gpt-oss x16 / x32 / x64
+// +13 / +12 / +8% tok/s; v10 keeps 1..8); 0 (or any value < 2): never (the
+// session-7 route: v6 per pair / v9 / the grouped GEMM).
+constexpr int MOE13_AUTO_FROM = 9;
 static int moe13_auto_from() {
   const char *v = getenv("ORCH_CUDA_MOE13_FROM");
-  const int f = v ? atoi(v) : 0;
+  if (!v || !v[0]) return MOE13_AUTO_FROM;
+  const int f = atoi(v);
   return f >= 2 ? f : MOE13_MAX_N + 1;
 }
 static bool moe13_pipe() {

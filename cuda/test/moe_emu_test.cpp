@@ -594,7 +594,7 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
 // within 6e-3 of a float64 reference; the grouping table (every pair once,
 // under its expert, ascending); tickets back to 0; a second call identical;
 // a stale early expert read in down13 changes nothing; declines (one token,
-// Q8_0, infinite limit, unpinned without ORCH_CUDA_MOE13_FROM).
+// Q8_0, infinite limit, ORCH_CUDA_MOE13_FROM=0); unpinned from 9 tokens by default.
 static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bool bias, bool skew = false,
                           bool full = false) {
   QW gate, up, down;
@@ -630,11 +630,12 @@ static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     idr = ib.vec();
     wr = wb.vec();
   }
-  // mode: 0 pinned (ORCH_CUDA_MOE=v13), 1 unpinned, 2 unpinned with ORCH_CUDA_MOE13_FROM=9
+  // mode: 0 pinned (ORCH_CUDA_MOE=v13), 1 unpinned, 2 unpinned with ORCH_CUDA_MOE13_FROM=9, 3 with =0 (off)
   auto run13 = [&](int mode, int tt, int nn, float lim, std::vector<int32_t> *ids, std::vector<float> *w,
                    std::vector<float> *o, std::vector<int32_t> *tab) {
     if (mode == 0) setenv("ORCH_CUDA_MOE", "v13", 1);
     if (mode == 2) setenv("ORCH_CUDA_MOE13_FROM", "9", 1);
+    if (mode == 3) setenv("ORCH_CUDA_MOE13_FROM", "0", 1); // off
     orch_ctx ctx;
     ctx.moe = 6;
     ctx.moe_auto = mode != 0;
@@ -746,9 +747,14 @@ static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int 
          "v13 must decline an infinite limit");
   EXPECT(run13(0, ORCH_T_Q8_0, n, limit, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "v13 must decline Q8_0");
-  if (n > MOE10_MAX_N)
-    EXPECT(run13(1, t, n, limit, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
-           "unpinned without ORCH_CUDA_MOE13_FROM must decline %d tokens", n);
+  if (n > MOE10_MAX_N) {
+    EXPECT(run13(3, t, n, limit, nullptr, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
+           "unpinned with ORCH_CUDA_MOE13_FROM=0 must decline %d tokens", n);
+    std::vector<float> od;
+    const int rcd = run13(1, t, n, limit, nullptr, nullptr, &od, nullptr); // unpinned default: v13 from 9
+    EXPECT(rcd == ORCH_OK && std::memcmp(od.data(), o13.data(), o13.size() * 4) == 0,
+           "unpinned (ORCH_CUDA_MOE13_FROM unset) at n=%d must be v13 (rc %d)", n, rcd);
+  }
   std::vector<float> oa;
   const int rca = run13(2, t, n, limit, nullptr, nullptr, &oa, nullptr);
   if (n >= 9)

@@ -35,7 +35,7 @@ func TestMoEVersions(t *testing.T) {
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold", "TestMoEDecode13"}
 	for _, v := range []string{"ORCH_CUDA_MOE=v4", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v9", "ORCH_CUDA_MOE=v10",
-		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=9"} {
+		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=0"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields(v)...)
 		outp, err := cmd.CombinedOutput()
@@ -75,7 +75,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		perfChildren(t, "TestPerfMoEVersions", "ORCH_MOE_SPEED_CHILD",
 			[]string{"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10", "ORCH_CUDA_MOE=",
 				// session 8: MoE v13 (2..64 tokens), and the default route with v13 from 9 tokens
-				"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE= ORCH_CUDA_MOE13_FROM=9",
+				"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE= ORCH_CUDA_MOE13_FROM=0", // v13 pinned; the session-7 route
 				"ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", // gate_up13's tiles copied round by round
 				// where v13's time goes (n = 8, 16, 64): route alone, route + gate_up13 (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE_ONLY=gate_up",
