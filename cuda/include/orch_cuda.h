@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define ORCH_ABI_VERSION 9 /* 6: orch_moe_ffn_route (session 4); 7: orch_moe_decode (session 5); 8: orch_matmul_swiglu, orch_gemv_trace (session 6); 9: orch_moe_decode_norm required, orch_matmul_rmsnorm and orch_pf_* / orch_spin removed (session 7; orch_attention_rope, orch_bf16_cache and the *_xh entries are optional) */
+#define ORCH_ABI_VERSION 10 /* 6: orch_moe_ffn_route (session 4); 7: orch_moe_decode (session 5); 8: orch_matmul_swiglu, orch_gemv_trace (session 6); 9: orch_moe_decode_norm required, orch_matmul_rmsnorm and orch_pf_* / orch_spin removed (session 7; orch_attention_rope, orch_bf16_cache and the *_xh entries are optional); 10: orch_sample and the *_xh entries removed, orch_sample_rows, orch_matmul_addnorm / orch_matmul_multi_nf / orch_matmul_swiglu_nf and orch_moe_decode_addnorm added as optional (session 8) */
 
 typedef enum {
   ORCH_OK = 0,
@@ -424,7 +424,6 @@ typedef struct {
  * captured graph replays any params with the same filters value. */
 int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab,
                      const orch_sample_params *params, int32_t filters);
-
 
 /* ---- comm.cu (ABI 5): tensor-parallel collectives through NCCL ----
  * libnccl is loaded at run time (dlopen) on first use: $ORCH_NCCL_LIB, then

@@ -15,7 +15,7 @@ import (
 const LibName = "liborch_cuda.so"
 
 // abiVersion must equal ORCH_ABI_VERSION in cuda/include/orch_cuda.h.
-const abiVersion = 9
+const abiVersion = 10
 
 // ErrUnavailable is returned (wrapped, with the reason) when the CUDA backend
 // cannot run here: the library is missing or does not load, or there is no
