@@ -556,6 +556,51 @@ static bool moe10_declines(const orch_ctx *ctx, int64_t n, int32_t router_type, 
 // MoE v13 (9..64 tokens, expert-major): its kernels and routing.
 #include "moe_dec13.cuh"
 
+// The arguments the MoE decode entry points share, and their two launches (after the version choice): the pointer
+// alignment check, then v13's or v10's kernels with the optional folds.
+struct moe_dec_args {
+  float *out;
+  const float *x;
+  const void *router;
+  const float *router_bias;
+  int32_t n_exp;
+  int32_t *ids;
+  float *weights;
+  const void *gate, *up;
+  int32_t gu_type;
+  const float *gate_bias, *up_bias;
+  const void *down;
+  const float *down_bias;
+  float *act, *ybuf;
+  int64_t n;
+  int32_t n_slots;
+  int64_t dim, ff;
+  float alpha, limit;
+};
+static bool moe_dec_aligned(const moe_dec_args &a) {
+  return aligned16p(a.x) && aligned16p(a.act) && aligned16p(a.ybuf) && aligned16p(a.router) && aligned16p(a.gate) &&
+         aligned16p(a.up) && aligned16p(a.down);
+}
+static int moe_dec_launch13(orch_ctx *ctx, const char *op, const moe_dec_args &a, const moe10_norm *nm) {
+  ORCH_CHECK_ARG(moe_dec_aligned(a), op);
+  launch_decode13(ctx->stream, a.out, a.x, (const float *)a.router, a.router_bias, (int)a.n_exp, a.ids, a.weights,
+                  (const uint8_t *)a.gate, (const uint8_t *)a.up, a.gate_bias, a.up_bias, (const uint8_t *)a.down,
+                  a.down_bias, a.act, a.ybuf, (int)a.n, (int)a.n_slots, (int)a.dim, (int)a.ff, a.alpha, a.limit, nm,
+                  moe_only());
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+static int moe_dec_launch10(orch_ctx *ctx, const char *op, const moe_dec_args &a, int only, const moe10_norm *nm,
+                            const moe10_addnorm *an = nullptr) {
+  ORCH_CHECK_ARG(moe_dec_aligned(a), op);
+  ORCH_DISPATCH_TYPE(a.gu_type, launch_decode10, ctx->stream, a.out, a.x, (const float *)a.router, a.router_bias,
+                     (int)a.n_exp, a.ids, a.weights, (const uint8_t *)a.gate, (const uint8_t *)a.up, a.gate_bias,
+                     a.up_bias, (const uint8_t *)a.down, a.down_bias, a.act, a.ybuf, (int)a.n, (int)a.n_slots,
+                     (int)a.dim, (int)a.ff, a.alpha, a.limit, only, nm, an);
+  ORCH_LAUNCHED(op);
+  return ORCH_OK;
+}
+
 extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const void *router, int32_t router_type,
                                const float *router_bias, int32_t n_exp, int32_t *ids, float *weights,
                                const void *gate, const void *up, int32_t gu_type, const float *gate_bias,
@@ -565,6 +610,8 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   const char *op = "moe_decode";
   ORCH_CHECK_ARG(ctx && out && x && router && ids && weights && gate && up && down && act && ybuf, op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
+  const moe_dec_args a{out,     x,         router,     router_bias, n_exp, ids, weights, gate, up,    gu_type, gate_bias,
+                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit};
   // Declines (not an error; the caller runs the router GEMV, orch_moe_topk and
   // orch_moe_ffn / orch_moe_ffn_route): unless pinned to v10 or unpinned with
   // n >= MOE10_AUTO_MIN_N; more than
@@ -574,27 +621,12 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
   // declines.
   if (moe13_on(ctx, n) &&
       !moe13_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit)) {
-    ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
-                       aligned16p(up) && aligned16p(down),
-                   op);
-    launch_decode13(ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids, weights,
-                    (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
-                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit, nullptr, moe_only());
-    ORCH_LAUNCHED(op);
-    return ORCH_OK;
+    return moe_dec_launch13(ctx, op, a, nullptr);
   }
   if (moe13_pinned() || !moe10_on(ctx, n) ||
       moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
     return ORCH_ERR_UNSUPPORTED;
-  ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
-                     aligned16p(up) && aligned16p(down),
-                 op);
-  ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
-                     ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
-                     (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe_only(), nullptr);
-  ORCH_LAUNCHED(op);
-  return ORCH_OK;
+  return moe_dec_launch10(ctx, op, a, moe_only(), nullptr);
 }
 
 // orch_moe_decode with the AddRMSNorm before it folded into the route kernel
@@ -616,31 +648,17 @@ extern "C" int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *
                      ybuf,
                  op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
+  const moe_dec_args a{out,     x,         router,     router_bias, n_exp, ids, weights, gate, up,    gu_type, gate_bias,
+                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit};
   const moe10_norm nm{res, add, norm_w, x, eps};
   if (moe13_on(ctx, n) && dim <= MOE10_NORM_MAX_N * MOE10_THREADS &&
       !moe13_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit)) {
-    // MoE v13 with the norm in its route kernel (session 8)
-    ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
-                       aligned16p(up) && aligned16p(down),
-                   op);
-    launch_decode13(ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids, weights,
-                    (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down, down_bias,
-                    act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha, limit, &nm, moe_only());
-    ORCH_LAUNCHED(op);
-    return ORCH_OK;
+    return moe_dec_launch13(ctx, op, a, &nm); // MoE v13 with the norm in its route kernel (session 8)
   }
   if (moe13_pinned() || !(ctx->moe_auto || moe10_pinned(ctx)) || dim > MOE10_NORM_MAX_N * MOE10_THREADS ||
       moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
     return ORCH_ERR_UNSUPPORTED;
-  ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
-                     aligned16p(up) && aligned16p(down),
-                 op);
-  ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
-                     ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
-                     (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, moe_only(), &nm);
-  ORCH_LAUNCHED(op);
-  return ORCH_OK;
+  return moe_dec_launch10(ctx, op, a, moe_only(), &nm);
 }
 
 // orch_moe_decode (res == NULL) or orch_moe_decode_norm (res != NULL) under
@@ -668,15 +686,9 @@ extern "C" int orch_moe_decode_addnorm(orch_ctx *ctx, float *out, float *x, floa
       dim % FFN_WARPS || dim / FFN_WARPS > 1024 || moe_only() ||
       moe10_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit))
     return ORCH_ERR_UNSUPPORTED;
-  ORCH_CHECK_ARG(aligned16p(x) && aligned16p(act) && aligned16p(ybuf) && aligned16p(router) && aligned16p(gate) &&
-                     aligned16p(up) && aligned16p(down),
-                 op);
   const moe10_norm nm{res, add, norm_w, x, eps};
   const moe10_addnorm an{res2, nw2, xt, ss};
-  ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
-                     ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
-                     (const uint8_t *)down, down_bias, act, ybuf, (int)n, (int)n_slots, (int)dim, (int)ff, alpha,
-                     limit, 0, res ? &nm : nullptr, &an);
-  ORCH_LAUNCHED(op);
-  return ORCH_OK;
+  const moe_dec_args a{out,     x,         router,     router_bias, n_exp, ids, weights, gate, up,    gu_type, gate_bias,
+                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit};
+  return moe_dec_launch10(ctx, op, a, 0, res ? &nm : nullptr, &an);
 }
