@@ -568,14 +568,7 @@ __device__ __forceinline__ void attn_prefetch_l2(const void *p) {
 #endif
 }
 template <typename KV, int HD>
-__device__ __forceinline__ void attn_gdr_prefetch(const orch_attn_args &a, int kvh, int splits) {
-  const int64_t t = blockIdx.y;
-  const int qp = a.tok_pos[t], seq = a.tok_seq[t];
-  const int span = attn_span(qp, a.window), start = qp + 1 - span;
-  const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
-  const int sp = blockIdx.z;
-  if (sp >= attn_split_used(span, per)) return;
-  const int k0 = start + sp * per, k1 = min(k0 + per, qp); // qp itself comes from the staged row
+__device__ __forceinline__ void attn_gdr_prefetch(const orch_attn_args &a, int seq, int kvh, int k0, int k1) {
   const int kk = k0 + (int)threadIdx.x;
   if (kk >= k1) return;
   const int64_t sl = (int64_t)a.block_tables[(int64_t)seq * a.max_blocks + kk / a.block_size] * a.block_size +
@@ -592,19 +585,20 @@ __device__ __forceinline__ void attn_gdr_prefetch(const orch_attn_args &a, int k
 template <typename KV, int HD, int GC>
 __global__ void ATTN_GD7_BOUNDS(GC)
     attn_gdr_kernel(orch_attn_args a, orch_attn_rope_args r, float *part, int splits, int prefetch) {
-  if (prefetch) attn_gdr_prefetch<KV, HD>(a, blockIdx.x * GC / (a.n_heads / a.n_kv_heads), splits);
-  pdl_wait();
-  pdl_trigger();
   const int G = a.n_heads / a.n_kv_heads;
   const int h0 = blockIdx.x * GC, kvh = h0 / G, sp = blockIdx.z;
   __shared__ AttnGdrSmem<KV, HD, GC> S;
+  // the row's position, sequence and split are step inputs (read before pdl_wait, see attn_gdr_prefetch)
   const int64_t t = blockIdx.y;
   const int qp = a.tok_pos[t], seq = a.tok_seq[t];
   const int span = attn_span(qp, a.window), start = qp + 1 - span;
   const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
   const int used = attn_split_used(span, per);
-  if (sp >= used) return; // uniform: this split has no keys of this row
   const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
+  if (prefetch && sp < used) attn_gdr_prefetch<KV, HD>(a, seq, kvh, k0, min(k1, qp)); // qp: the staged row
+  pdl_wait();
+  pdl_trigger();
+  if (sp >= used) return; // uniform: this split has no keys of this row
   { // q of the CTA's heads, rotated (in flight with the row scan below)
     const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
     for (int i = threadIdx.x; i < GC * HD; i += blockDim.x)
