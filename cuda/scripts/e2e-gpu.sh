@@ -15,7 +15,7 @@
 # E2E_REPLICAS="1 2 4" sets the replica counts of step replicas (default "1 2").
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf tables bench depth serve llama profile trace ab replicas tp llamatp)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf tables ncu bench depth serve llama profile trace ab replicas tp llamatp)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -97,6 +97,28 @@ if has tables && [ -x bin/cuda-gpu.test ]; then
       grep -E -A5 -- '--- FAIL|panic' "/tmp/$tst.log" | head -20; echo; } >>"$OUT/tables.md"
     log "table $tst: rc=$rc ($(( $(date +%s) - t0 )) s)"
   done
+fi
+
+# step ncu: Nsight Compute on single kernels of the kernel-table children (not the bench: its kernels run in the
+# adapter process, inside graphs). E2E_NCU: lines "name;ENV=v ...;test;kernel regex;launch-skip;launch-count", each
+# into ncu-<name>.txt (packed into logs.tar.gz), a one-line summary per kernel into ncu.md.
+if has ncu && [ -x bin/cuda-gpu.test ]; then
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -z "$ncu" ]; then log "ncu: not found"; else
+    while IFS=';' read -r name envs tst kre skip cnt; do
+      [ -z "$name" ] || [[ "$name" == \#* ]] && continue
+      t0=$(date +%s)
+      env $envs ORCH_GPU_PERF=1 timeout 300 "$ncu" --kernel-name "regex:$kre" --launch-skip "$skip" --launch-count "$cnt" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+        --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis --section SourceCounters \
+        bin/cuda-gpu.test -test.run "^$tst\$" -test.timeout 280s >"$OUT/ncu-$name.txt" 2>&1
+      rc=$?
+      { echo "### ncu $name ($envs $tst, /$kre/ skip $skip count $cnt): rc=$rc, $(( $(date +%s) - t0 )) s"
+        grep -E '^  [a-z_0-9]+.*\(|Duration|DRAM Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy|Registers Per|Block Size|Grid Size|Warp Cycles Per Issued|One or More Eligible|Active Warps Per' "$OUT/ncu-$name.txt" | cut -c1-160
+        echo; } >>"$OUT/ncu.md"
+      log "ncu $name: rc=$rc"
+    done <"${E2E_NCU:-.gpu/ncu.txt}"
+  fi
 fi
 
 synth() { # arch size file

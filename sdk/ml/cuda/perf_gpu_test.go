@@ -707,6 +707,9 @@ func TestPerfGEMVVersions(t *testing.T) {
 		{"expert gate_up", ml.MXFP4, 2880, 5760}, {"llama qkv", ml.Q8_0, 4096, 6144},
 		{"llama gate/up", ml.Q8_0, 4096, 14336}, {"llama down", ml.Q8_0, 14336, 4096},
 		{"llama head", ml.Q8_0, 4096, 128256}, {"gpt-oss head", ml.Q8_0, 2880, 201088}} {
+		if only := os.Getenv("ORCH_GEMV_PERF_SHAPE"); only != "" && only != strings.ReplaceAll(sh.name, " ", "_") {
+			continue // one shape, spaces as _ (e2e-gpu.sh step ncu profiles its kernels alone)
+		}
 		copies := 8 // > the L2 (50-60 MB) for every shape but the small ones
 		if sh.m > 100000 {
 			copies = 2 // the LM heads: 0.56 / 0.62 GB each
