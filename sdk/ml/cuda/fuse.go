@@ -98,6 +98,9 @@ type pending struct {
 
 	norm       heldNorm // an AddRMSNorm the MoE after it may take in (foldMoENorm); never with mm / rope
 	normLaunch bool     // flush is launching the held norm through the norm op
+	// normfold.go: a MoE (its orch_moe_decode_norm call) held as the producer
+	// of the next AddRMSNorm's fold; never with mm / rope / norm.
+	moe heldMoE
 
 	// normfold.go: pnorm, an AddRMSNorm held with the single held GEMV
 	// producing its add; nf.on: the held parts are a fold's scaled consumers
@@ -152,6 +155,9 @@ func (b *Backend) flush() {
 		}
 	}
 	p.nf = xtState{}
+	if p.moe.on { // a MoE held as a norm fold's producer (normfold.go): its plain call
+		b.launchHeldMoE()
+	}
 	switch {
 	case p.mm == 1 && p.n <= 8:
 		q := p.parts[0]
@@ -569,13 +575,56 @@ func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
 	if b.err != nil {
 		return false
 	}
-	rc := b.l.moeDecodeNorm(b.ctx, d.ptr, xx.ptr, hn.r.ptr, hn.add.ptr, hn.wp, hn.eps, router.ptr, int32(router.dt), rb,
-		int32(ne), ids, wts, gate.ptr, up.ptr, int32(gate.dt), gb, ub, down.ptr, int32(down.dt), db, g, y, int64(n),
-		int32(k), int64(dim), int64(ff), m.Alpha, m.Limit)
+	c := moeCall{out: d.ptr, x: xx.ptr, res: hn.r.ptr, add: hn.add.ptr, normW: hn.wp, eps: hn.eps, router: router.ptr,
+		routerType: int32(router.dt), routerBias: rb, nExp: int32(ne), ids: ids, w: wts, gate: gate.ptr, up: up.ptr,
+		guType: int32(gate.dt), gateBias: gb, upBias: ub, down: down.ptr, downType: int32(down.dt), downBias: db, act: g,
+		ybuf: y, n: int64(n), slots: int32(k), dim: int64(dim), ff: int64(ff), alpha: m.Alpha, limit: m.Limit}
+	// held instead (normfold.go): the next AddRMSNorm of its output and a MatMul of that norm may fold into it
+	if b.holdMoEProd(dst, x, m, &c, *hn, d, []*tensor{router, gate, up, down},
+		[]span{{rb, uintptr(4 * ne)}, {gb, uintptr(4 * ff * ne)}, {ub, uintptr(4 * ff * ne)}, {db, uintptr(4 * dim * ne)}}) {
+		*hn = heldNorm{}
+		return true
+	}
+	rc := b.moeDecodeNormCall(&c)
 	if rc == stUnsupported {
 		return false
 	}
 	*hn = heldNorm{}
 	b.call(op, rc)
 	return true
+}
+
+// moeCall: orch_moe_decode_norm's operands (foldMoENorm), kept while the MoE
+// is held (normfold.go).
+type moeCall struct {
+	out, x, res, add, normW uintptr
+	eps                     float32
+	router                  uintptr
+	routerType              int32
+	routerBias              uintptr
+	nExp                    int32
+	ids, w, gate, up        uintptr
+	guType                  int32
+	gateBias, upBias, down  uintptr
+	downType                int32
+	downBias, act, ybuf     uintptr
+	n                       int64
+	slots                   int32
+	dim, ff                 int64
+	alpha, limit            float32
+}
+
+// moeDecodeNormCall makes the call c (orch_moe_decode_norm).
+func (b *Backend) moeDecodeNormCall(c *moeCall) int32 {
+	return b.l.moeDecodeNorm(b.ctx, c.out, c.x, c.res, c.add, c.normW, c.eps, c.router, c.routerType, c.routerBias,
+		c.nExp, c.ids, c.w, c.gate, c.up, c.guType, c.gateBias, c.upBias, c.down, c.downType, c.downBias, c.act, c.ybuf,
+		c.n, c.slots, c.dim, c.ff, c.alpha, c.limit)
+}
+
+// moeDecodeAddNormCall makes the call c with the next RMSNorm's producer half
+// (orch_moe_decode_addnorm: res2 += out, xt = res2 * nw2, ss).
+func (b *Backend) moeDecodeAddNormCall(c *moeCall, res2, nw2, xt, ss uintptr) int32 {
+	return b.l.moeDecodeAddNorm(b.ctx, c.out, c.x, c.res, c.add, c.normW, c.eps, c.router, c.routerType,
+		c.routerBias, c.nExp, c.ids, c.w, c.gate, c.up, c.guType, c.gateBias, c.upBias, c.down, c.downType, c.downBias,
+		c.act, c.ybuf, c.n, c.slots, c.dim, c.ff, c.alpha, c.limit, res2, nw2, xt, ss)
 }

@@ -185,3 +185,131 @@ func TestMoEAddNorm(t *testing.T) {
 		})
 	}
 }
+
+// TestMoEAddNormFold: gpt-oss's layer end through the backend — AddRMSNorm
+// (folded into the MoE's route kernel) -> MoE -> AddRMSNorm of its output ->
+// q/k/v MatMuls of that norm — with the MoE held as the norm fold's producer
+// (normfold.go: orch_moe_decode_addnorm, then orch_matmul_multi_nf) against
+// the same ops with ORCH_CUDA_MOE_ADDNORM=0 (fuseMoEAddNorm off): the MoE
+// output and the residual bit-identical, q/k/v and h (materialised by its
+// read) within the GEMV fold's bound, h = orch_rmsnorm of the residual bit
+// for bit; the fold runs where the library takes it (v10 unpinned or pinned,
+// 1..8 tokens, MoE v13 not routed); eager runs and a graph capture + replays
+// give the same bits; all within the MoE bound of the CPU backend.
+func TestMoEAddNormFold(t *testing.T) {
+	if gpu.l.moeDecodeAddNorm == nil || gpu.l.matmulMultiNF == nil {
+		t.Skip("library without orch_moe_decode_addnorm / orch_matmul_multi_nf")
+	}
+	r := newRNG(t)
+	defer func(v, nf, mn, an bool) { fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm = v, nf, mn, an }(fuseOps,
+		fuseNormFold, fuseMoENorm, fuseMoEAddNorm)
+	fuseOps, fuseNormFold, fuseMoENorm = true, true, true
+	ver := os.Getenv("ORCH_CUDA_MOE")
+	folds := func(n int) bool { // the library runs orch_moe_decode_addnorm (v10)
+		return (ver == "" || ver == "v10") && !moe13Expected(n) && os.Getenv("ORCH_CUDA_MOE_ONLY") == ""
+	}
+	calls := 0 // orch_moe_decode_addnorm calls that ran
+	orig := gpu.l.moeDecodeAddNorm
+	defer func() { gpu.l.moeDecodeAddNorm = orig }()
+	gpu.l.moeDecodeAddNorm = func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32,
+		routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr,
+		downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32, res2,
+		nw2, xt, ss uintptr) int32 {
+		rc := orig(ctx, out, x, res, add, normW, eps, router, routerType, routerBias, nExp, ids, w, gate, up, guType,
+			gateBias, upBias, down, downType, downBias, act, ybuf, n, slots, dim, ff, alpha, limit, res2, nw2, xt, ss)
+		if rc == stOK {
+			calls++
+		}
+		return rc
+	}
+	const d, ff, ne, topk, qd, kvd, eps = 2880, 96, 32, 4, 4096, 512, 1e-5 // gpt-oss-20b's dim and q/k/v; a small ff
+	m, mc := randMoE(t, r, ml.MXFP4, d, ff, ne, topk)
+	wq := weightPair(t, "q", ml.Q8_0, []int{d, qd}, randWeight(r, ml.Q8_0, d, qd))
+	wk := weightPair(t, "k", ml.Q8_0, []int{d, kvd}, randWeight(r, ml.Q8_0, d, kvd))
+	wv := weightPair(t, "v", ml.Q8_0, []int{d, kvd}, randWeight(r, ml.Q8_0, d, kvd))
+	bq := f32Pair(t, randF32(r, qd, 1), qd)
+	n1, n2 := f32Pair(t, randF32(r, d, 1), d), f32Pair(t, randF32(r, d, 1), d)
+	for _, n := range []int{1, 2, 4, 8} { // the consumer: GEMV v5 at 1, 2; v7 at 4, 8
+		name := fmt.Sprintf("n=%d", n)
+		t.Run(name, func(t *testing.T) {
+			res0 := randF32(r, d*n, 4)
+			res, add := f32Pair(t, res0, d, n), f32Pair(t, randF32(r, d*n, 1), d, n)
+			h, y := out(t, d, n), out(t, d, n)
+			q, k, v := out(t, qd, n), out(t, kvd, n), out(t, kvd, n)
+			layer := func(be ml.Backend, sel func(pair) ml.Tensor, mo *ml.MoE) {
+				be.AddRMSNorm(sel(res), sel(h), sel(add), sel(n1), eps)
+				be.MoE(sel(y), sel(h), mo)
+				be.AddRMSNorm(sel(res), sel(h), sel(y), sel(n2), eps)
+				be.MatMul(sel(q), sel(h), sel(wq), sel(bq))
+				be.MatMul(sel(k), sel(h), sel(wk), nil)
+				be.MatMul(sel(v), sel(h), sel(wv), nil)
+			}
+			record := func() { layer(gpu, func(p pair) ml.Tensor { return p.g }, m) }
+			outs := []pair{y, q, k, v, res, h} // h last: its read materialises it
+			names := []string{"y", "q", "k", "v", "res", "h"}
+			reset := func() {
+				for _, p := range []pair{y, q, k, v, h} {
+					gpu.Fill(p.g, float32(math.NaN()))
+				}
+				require.NoError(t, gpu.WriteF32(res.g, res0))
+			}
+			read := func() [][]float32 {
+				var all [][]float32
+				for _, p := range outs {
+					all = append(all, readF32(t, p.g))
+				}
+				return all
+			}
+			fuseMoEAddNorm = false
+			reset()
+			c0 := calls
+			record()
+			plain := read()
+			require.Equal(t, c0, calls, "ORCH_CUDA_MOE_ADDNORM=0: no fold")
+			fuseMoEAddNorm = true
+			reset()
+			record()
+			if folds(n) {
+				require.Equal(t, c0+1, calls, "the fold must run (orch_moe_decode_addnorm)")
+				if os.Getenv("ORCH_CUDA_GEMV") == "" { // (a pinned GEMV may leave the consumers to the plain launches)
+					require.True(t, gpu.xt.on, "the consumers took it: h holds xt")
+				}
+			} else {
+				require.Equal(t, c0, calls, "no fold where the library runs another MoE version")
+			}
+			folded := read()
+			require.False(t, gpu.xt.on, "the read of h materialised it")
+			tol := gemvTol(ml.Q8_0, n, true)
+			for i := range plain {
+				if names[i] == "y" || names[i] == "res" { // the MoE output and the residual: the plain ops' bits
+					sameBits(t, fmt.Sprintf("%s %s fold vs plain", name, names[i]), plain[i], folded[i])
+				} else {
+					checkVec(t, fmt.Sprintf("%s %s fold vs plain", name, names[i]), folded[i], plain[i], 4*tol)
+				}
+			}
+			reset()
+			record()
+			for i, got := range read() {
+				sameBits(t, fmt.Sprintf("%s %s eager run 2", name, names[i]), folded[i], got)
+			}
+			for rep := 0; rep < 3; rep++ { // capture, then replays
+				reset()
+				require.NoError(t, gpu.Run("moe-addnorm-fold-"+name, record))
+				for i, got := range read() {
+					sameBits(t, fmt.Sprintf("%s graph %d %s", name, rep, names[i]), folded[i], got)
+				}
+			}
+			// h as the norm of the folded residual: orch_rmsnorm(h, res) bit for bit.
+			hh := out(t, d, n)
+			gpu.RMSNorm(hh.g, res.g, n2.g, eps)
+			sameBits(t, name+" h materialised vs the norm of res", readF32(t, hh.g), folded[5])
+			layer(ref, func(p pair) ml.Tensor { return p.c }, mc) // CPU backend
+			ctol := moeRouteTol(ml.MXFP4, n, topk) + 4*tol
+			for i, p := range outs {
+				cv := make([]float32, p.c.Len())
+				require.NoError(t, ref.ReadF32(p.c, cv))
+				checkVec(t, name+" "+names[i]+" vs CPU", folded[i], cv, ctol)
+			}
+		})
+	}
+}

@@ -2,6 +2,7 @@ package cuda
 
 import (
 	"os"
+	"strconv"
 
 	"github.com/llama-orch/orch/sdk/ml"
 )
@@ -48,6 +49,43 @@ import (
 // materialised (Run), as foldAttend's q / k.
 var fuseNormFold = os.Getenv("ORCH_CUDA_NORM_FOLD") != "0"
 
+// The same fold with gpt-oss's MoE as the producer (session 9; the library
+// entry orch_moe_decode_addnorm landed in session 8): the layer ends MoE ->
+// AddRMSNorm(res, h, moe_out, attn_norm) -> q/k/v MatMuls of h. foldMoENorm
+// (fuse.go), instead of making its orch_moe_decode_norm call, holds it
+// (holdMoEProd: 1..8 tokens, where MoE v13 is not routed); the next
+// AddRMSNorm of exactly its output is held with it (holdProdNorm), and a
+// MatMul of the norm's output makes the call as orch_moe_decode_addnorm (v10's
+// down kernel adds out into res, writes xt and the partial sums: the
+// orch_matmul_addnorm contract) and becomes the scaled consumer group as after
+// a GEMV producer. Anything else (another op, a graph boundary, the library
+// declining the fold) first makes the held call as it would have been made
+// (launchHeldMoE; where the library declines that too, the MoE op's plain
+// path with the held pre-norm, as foldMoENorm's false), then the norm. The
+// MoE output, the residual and xt are the plain ops' bits (TestMoEAddNorm);
+// h2 and the consumers' outputs round as the GEMV fold's.
+// ORCH_CUDA_MOE_ADDNORM=0 turns off only this fold (ORCH_CUDA_NORM_FOLD=0 and
+// ORCH_CUDA_MOE_NORM=0 too).
+var fuseMoEAddNorm = os.Getenv("ORCH_CUDA_MOE_ADDNORM") != "0"
+
+// moe13From mirrors the library's MoE v13 route (moe_dec13.cuh moe13_on,
+// unpinned: from ORCH_CUDA_MOE13_FROM tokens, default 9; < 2 or not a
+// number: never): where orch_moe_decode_norm would run v13, the MoE is not
+// held (orch_moe_decode_addnorm is v10's).
+var moe13From = func() int {
+	v := os.Getenv("ORCH_CUDA_MOE13_FROM")
+	if v == "" {
+		return 9
+	}
+	if f, err := strconv.Atoi(v); err == nil && f >= 2 {
+		return f
+	}
+	return 1 << 30
+}()
+
+// moeAuto: ORCH_CUDA_MOE unset (the library's ctx->moe_auto).
+var moeAuto = os.Getenv("ORCH_CUDA_MOE") == ""
+
 const (
 	nfMaxN        = 8    // the v5 (n = 1, 2) and v7 (n = 3..8) GEMV routes
 	nfMaxPartials = 1024 // GEMV5_NF_MAX: the producer's m <= 8192
@@ -80,13 +118,76 @@ type xtState struct {
 	nss     int64
 }
 
-// holdProdNorm holds the validated AddRMSNorm a with the held GEMV that
-// produces its add (exactly: the GEMV's whole output) and reports whether it
-// did; false: the caller flushes and launches it.
+// heldMoE is a MoE held as a norm fold's producer: its orch_moe_decode_norm
+// call c, the pre-norm it took in and the op's operands (launchHeldMoE's
+// fallback), and the memory its down kernel reads or writes (out, weights,
+// biases), which the next norm's h, residual and weight must not overlap.
+type heldMoE struct {
+	on      bool
+	c       moeCall
+	pre     heldNorm
+	dst, x  ml.Tensor
+	m       *ml.MoE
+	out     span
+	touched [9]span // out, router, gate, up, down, the four biases
+}
+
+// prodHeld: a producer the next AddRMSNorm may be held with (norm): one held
+// GEMV, or a held MoE.
+func (b *Backend) prodHeld() bool {
+	p := &b.pend
+	return (p.mm == 1 && !p.nf.on) || p.moe.on
+}
+
+// holdMoEProd holds foldMoENorm's call c (its operands validated; pre: the
+// AddRMSNorm it takes in) instead of making it, and reports whether it did:
+// only where the fold could follow (1..8 tokens, the consumer's dim, the
+// library's entries present) and the library would run MoE v10 for c.
+func (b *Backend) holdMoEProd(dst, x ml.Tensor, m *ml.MoE, c *moeCall, pre heldNorm, d *tensor, ws []*tensor,
+	biases []span) bool {
+	p := &b.pend
+	if !fuseOps || !fuseNormFold || !fuseMoEAddNorm || b.l.moeDecodeAddNorm == nil || b.l.matmulMultiNF == nil ||
+		p.mm != 0 || p.rope != 0 || p.pnorm.on || p.moe.on || c.n < 1 || c.n > nfMaxN || c.dim%32 != 0 ||
+		c.dim/nfRowsPerCTA > nfMaxPartials || (moeAuto && c.n >= int64(moe13From)) {
+		return false
+	}
+	h := heldMoE{on: true, c: *c, pre: pre, dst: dst, x: x, m: m, out: span{d.ptr, uintptr(d.bytes)}}
+	h.touched[0] = h.out
+	for i, t := range ws {
+		h.touched[1+i] = span{t.ptr, uintptr(t.bytes)}
+	}
+	copy(h.touched[1+len(ws):], biases)
+	p.moe = h
+	return true
+}
+
+// launchHeldMoE makes the held MoE's call as foldMoENorm would have (flush);
+// where the library declines it, the held pre-norm and the MoE op's plain
+// path (foldMoENorm false), re-entered: its operand lookups launch the norm.
+func (b *Backend) launchHeldMoE() {
+	h := b.pend.moe
+	b.pend.moe = heldMoE{}
+	if rc := b.moeDecodeNormCall(&h.c); rc != stUnsupported {
+		b.call("moe", rc)
+		return
+	}
+	b.pend.norm = h.pre
+	b.moePlain(h.dst, h.x, h.m)
+}
+
+// holdProdNorm holds the validated AddRMSNorm a with the held GEMV (or MoE)
+// that produces its add (exactly: the producer's whole output) and reports
+// whether it did; false: the caller flushes and launches it.
 func (b *Backend) holdProdNorm(op string, res, dst, x, w ml.Tensor, a normOps, eps float32) bool {
 	p := &b.pend
-	if !fuseNormFold || !fuseOps || b.l.matmulAddNorm == nil || p.mm != 1 || p.nf.on || p.rope != 0 || p.norm.on ||
-		p.pnorm.on || a.r == nil || a.wp == 0 || a.bp != 0 || a.n < 1 || a.n > nfMaxN || int64(a.n) != p.n {
+	if !fuseNormFold || !fuseOps || p.nf.on || p.rope != 0 || p.norm.on || p.pnorm.on || a.r == nil || a.wp == 0 ||
+		a.bp != 0 || a.n < 1 || a.n > nfMaxN {
+		return false
+	}
+	if p.moe.on {
+		return b.holdMoENormProd(op, res, dst, x, w, a, eps)
+	}
+	if b.l.matmulAddNorm == nil || p.mm != 1 || int64(a.n) != p.n {
 		return false
 	}
 	q := p.parts[0]
@@ -102,6 +203,30 @@ func (b *Backend) holdProdNorm(op string, res, dst, x, w ml.Tensor, a normOps, e
 		}
 	}
 	if hs.overlaps(rs) || hs.overlaps(ws) || rs.overlaps(ws) {
+		return false
+	}
+	p.pnorm = prodNorm{on: true, op: op, res: res, dst: dst, x: x, w: w, a: a, eps: eps}
+	return true
+}
+
+// holdMoENormProd is holdProdNorm with a held MoE producing the add. h and
+// the residual may be the MoE's input and residual (gpt-oss: the same
+// tensors; the route kernel has read them before the down kernel's epilogue
+// writes), but overlap nothing the down kernel reads or writes, nor each
+// other or the weight; the weight overlaps none of out, h, res.
+func (b *Backend) holdMoENormProd(op string, res, dst, x, w ml.Tensor, a normOps, eps float32) bool {
+	p := &b.pend
+	hm := &p.moe
+	if int64(a.n) != hm.c.n || int64(a.dim) != hm.c.dim || a.x.ptr != hm.c.out || int64(a.x.n) != hm.c.n*hm.c.dim {
+		return false
+	}
+	hs, rs, ws := span{a.d.ptr, uintptr(a.d.bytes)}, span{a.r.ptr, uintptr(a.r.bytes)}, span{a.wp, uintptr(4 * a.dim)}
+	for _, s := range hm.touched {
+		if hs.overlaps(s) || rs.overlaps(s) {
+			return false
+		}
+	}
+	if hs.overlaps(rs) || hs.overlaps(ws) || rs.overlaps(ws) || ws.overlaps(hm.out) {
 		return false
 	}
 	p.pnorm = prodNorm{on: true, op: op, res: res, dst: dst, x: x, w: w, a: a, eps: eps}
@@ -142,7 +267,7 @@ func (b *Backend) startNormFold(d, x, w *tensor, bias uintptr, n, k, m int) bool
 	pn := &p.pnorm
 	a := pn.a
 	if !pn.on || x.ptr != a.d.ptr || x.n != a.d.n || n != a.n || k != a.dim || n > nfMaxN || !qgemmType(w.dt) ||
-		b.l.matmulMultiNF == nil {
+		b.l.matmulMultiNF == nil || (p.moe.on && b.l.moeDecodeAddNorm == nil) {
 		return false
 	}
 	ds := span{d.ptr, uintptr(d.bytes)}
@@ -160,19 +285,34 @@ func (b *Backend) startNormFold(d, x, w *tensor, bias uintptr, n, k, m int) bool
 			return false
 		}
 	}
+	if p.moe.on {
+		for _, s := range p.moe.touched {
+			if ds.overlaps(s) {
+				return false
+			}
+		}
+	}
 	ss := b.scratchBuf("nf.ss", 4*nfMaxN*nfMaxPartials) // one size: never regrown between captures
 	if b.err != nil {
 		return false
 	}
-	q := p.parts[0]
-	rc := b.l.matmulAddNorm(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, a.r.ptr, a.wp, a.d.ptr, ss)
+	var rc int32
+	op, nss := "matmul", int64(0)
+	if p.moe.on { // the held MoE as the producer: orch_moe_decode_addnorm
+		op, nss = "moe", p.moe.c.dim/nfRowsPerCTA
+		rc = b.moeDecodeAddNormCall(&p.moe.c, a.r.ptr, a.wp, a.d.ptr, ss)
+	} else {
+		q := p.parts[0]
+		nss = q.m / nfRowsPerCTA
+		rc = b.l.matmulAddNorm(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, a.r.ptr, a.wp, a.d.ptr, ss)
+	}
 	if rc == stUnsupported {
 		return false
 	}
-	b.call("matmul", rc)
+	b.call(op, rc)
 	b.xt = xtState{on: rc == stOK, h: span{a.d.ptr, uintptr(a.d.bytes)}, hp: a.d.ptr, res: a.r.ptr,
 		rs: span{a.r.ptr, uintptr(a.r.bytes)}, ws: span{a.wp, uintptr(4 * a.dim)}, w: a.wp, n: int64(a.n),
-		dim: int64(a.dim), eps: pn.eps, ss: ss, nss: q.m / nfRowsPerCTA}
+		dim: int64(a.dim), eps: pn.eps, ss: ss, nss: nss}
 	unrot := p.unrot
 	*p = pending{mm: 1, x: x.ptr, wtype: int32(w.dt), n: int64(n), k: int64(k), unrot: unrot,
 		reads: append(p.reads[:0], span{x.ptr, uintptr(x.bytes)}), dsts: append(p.dsts[:0], ds)}

@@ -248,8 +248,8 @@ func (b *Backend) normArgs(op string, res, dst, x, w, bias ml.Tensor, layer bool
 }
 
 func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, layer bool) {
-	// normfold.go: an AddRMSNorm of a held GEMV's output may be held with it
-	fold := fuseNormFold && !layer && res != nil && b.pend.mm == 1 && !b.pend.nf.on
+	// normfold.go: an AddRMSNorm of a held GEMV's (or MoE's) output may be held with it
+	fold := fuseNormFold && !layer && res != nil && b.prodHeld()
 	b.preNormXT(res, dst, x)
 	b.holdFlush = fold
 	a, ok := b.normArgs(op, res, dst, x, w, bias, layer)
@@ -573,10 +573,17 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 }
 
 func (b *Backend) MoE(dst, x ml.Tensor, m *ml.MoE) {
-	const op = "moe"
-	if b.foldMoENorm(dst, x, m) { // with the AddRMSNorm of x held before it (fuse.go)
+	if b.foldMoENorm(dst, x, m) { // with the AddRMSNorm of x held before it (fuse.go), or held itself (normfold.go)
 		return
 	}
+	b.moePlain(dst, x, m)
+}
+
+// moePlain is the MoE op without the held-norm fold (a held norm is launched
+// by the first operand lookup); normfold.go's held MoE re-enters it where the
+// library declines the call it held.
+func (b *Backend) moePlain(dst, x ml.Tensor, m *ml.MoE) {
+	const op = "moe"
 	d, xx := b.arg(op, "dst", dst, ml.F32), b.arg(op, "x", x, ml.F32)
 	if d == nil || xx == nil {
 		return

@@ -1,0 +1,233 @@
+package cuda
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// Host test of the norm fold with the MoE as its producer (normfold.go
+// holdMoEProd / holdMoENormProd / launchHeldMoE) against the fake library of
+// fuse_test.go: gpt-oss's layer end (attention out GEMV -> AddRMSNorm -> MoE
+// -> AddRMSNorm -> q/k/v) becomes the GEMV, orch_moe_decode_addnorm and the
+// scaled q/k/v; the held MoE makes its plain orch_moe_decode_norm call
+// before anything else (another op, a norm of something else, Sync), where
+// the library declines the fold (then the norm, then the plain MatMuls), and
+// re-enters the MoE op's plain path where the library declines that call too;
+// not held with the switches off, without the library entry, for nine
+// tokens, where MoE v13 is routed; a graph ends with h materialised; the
+// consumers declining materialise h.
+func TestFuseMoEAddNorm(t *testing.T) {
+	defer func(v, nf, mn, an, from bool, f13 int) {
+		fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAuto, moe13From = v, nf, mn, an, from, f13
+	}(fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAuto, moe13From)
+	fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAuto, moe13From = true, true, true, true, true, 9
+	b, f := newFakeBackend(t)
+	normRC, addRC := int32(stOK), int32(stOK)
+	b.l.moeDecodeNorm = func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32,
+		routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr,
+		downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32 {
+		if normRC != stOK {
+			return normRC
+		}
+		return f.add("moe_decode_norm out=%x x=%x res=%x add=%x n=%d", out, x, res, add, n)
+	}
+	b.l.moeDecodeAddNorm = func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32,
+		routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr,
+		downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32, res2,
+		nw2, xt, ss uintptr) int32 {
+		if addRC != stOK {
+			return addRC
+		}
+		return f.add("moe_decode_addnorm out=%x x=%x res=%x add=%x n=%d res2=%x nw2=%x xt=%x", out, x, res, add, n, res2,
+			nw2, xt)
+	}
+	b.l.moeDecode = func(ctx, out, x, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate,
+		up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64,
+		slots int32, dim, ff int64, alpha, limit float32) int32 {
+		return f.add("moe_decode out=%x x=%x n=%d", out, x, n)
+	}
+	const d, ff, ne, eps = 64, 32, 4, 1e-5
+	moe := &ml.MoE{Router: fakeT(b, ml.F32, d, ne), Gate: fakeT(b, ml.MXFP4, d, ff, ne),
+		Up: fakeT(b, ml.MXFP4, d, ff, ne), Down: fakeT(b, ml.MXFP4, ff, d, ne), TopK: 2, Alpha: 1.702, Limit: 7}
+	pnw, anw := fakeT(b, ml.F32, d), fakeT(b, ml.F32, d) // post-attention and attention norm weights
+	wo, wq, wk, wv := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, 32), fakeT(b, ml.Q8_0, d, 32)
+	type acts struct{ x, h, o, att, mo, q, k, v *tensor }
+	mk := func(n int) acts {
+		return acts{fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n),
+			fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, 32, n), fakeT(b, ml.F32, 32, n)}
+	}
+	a1 := mk(1)
+	// the layer's end up to the MoE, then the next layer's norm and q/k/v
+	toMoE := func(a acts) {
+		b.MatMul(a.o, a.att, wo, nil)
+		b.AddRMSNorm(a.x, a.h, a.o, pnw, eps)
+		b.MoE(a.mo, a.h, moe)
+	}
+	qkv := func(a acts) {
+		b.MatMul(a.q, a.h, wq, nil)
+		b.MatMul(a.k, a.h, wk, nil)
+		b.MatMul(a.v, a.h, wv, nil)
+	}
+	layer := func(a acts) {
+		toMoE(a)
+		b.AddRMSNorm(a.x, a.h, a.mo, anw, eps)
+		qkv(a)
+	}
+	gemv := func(a acts) string { return fmt.Sprintf("matmul y=%x x=%x n=%d", a.o.ptr, a.att.ptr, a.x.shape[1]) }
+	fold := func(a acts) string {
+		return fmt.Sprintf("moe_decode_addnorm out=%x x=%x res=%x add=%x n=%d res2=%x nw2=%x xt=%x", a.mo.ptr, a.h.ptr,
+			a.x.ptr, a.o.ptr, a.x.shape[1], a.x.ptr, anw.ptr, a.h.ptr)
+	}
+	plainMoE := func(a acts) string {
+		return fmt.Sprintf("moe_decode_norm out=%x x=%x res=%x add=%x n=%d", a.mo.ptr, a.h.ptr, a.x.ptr, a.o.ptr,
+			a.x.shape[1])
+	}
+	rms := func(out, res, add *tensor) string {
+		ap := uintptr(0)
+		if add != nil {
+			ap = add.ptr
+		}
+		return fmt.Sprintf("rmsnorm out=%x x=%x add=%x", out.ptr, res.ptr, ap)
+	}
+	qkvNF := func(a acts) string {
+		return fmt.Sprintf("multi_nf x=%x n=%d k=%d [%x/%d %x/32 %x/32] nss=8 eps=1e-05", a.h.ptr, a.x.shape[1], d, a.q.ptr,
+			d, a.k.ptr, a.v.ptr)
+	}
+	qkvPlain := func(a acts) string {
+		return fmt.Sprintf("multi x=%x n=%d k=%d [%x/%d %x/32 %x/32]", a.h.ptr, a.x.shape[1], d, a.q.ptr, d, a.k.ptr,
+			a.v.ptr)
+	}
+	// without the fold: the GEMV, the MoE with its pre-norm, the norm, q/k/v (rest: after the MoE call)
+	plainLayer := func(what string, a acts, rest ...string) {
+		t.Helper()
+		layer(a)
+		require.NoError(t, b.Sync())
+		want := append([]string{gemv(a), plainMoE(a), rms(a.h, a.x, a.mo), qkvPlain(a)}, rest...)
+		require.Equal(t, append(want, "sync"), f.take(), what)
+		require.False(t, b.xt.on, what)
+	}
+
+	// The fold: the GEMV goes out at the MoE (its norm taken in), the MoE is held and launches with the next norm's
+	// producer half at q; q/k/v are the scaled consumers.
+	toMoE(a1)
+	require.Equal(t, []string{gemv(a1)}, f.take(), "the MoE is held")
+	b.AddRMSNorm(a1.x, a1.h, a1.mo, anw, eps)
+	require.Empty(t, f.take(), "the norm is held with it")
+	qkv(a1) // (three parts: launched)
+	require.Equal(t, []string{fold(a1), qkvNF(a1)}, f.take())
+	require.True(t, b.xt.on, "h holds xt")
+	// the next layer's post-attention norm overwrites h: no materialisation
+	layer(a1)
+	require.Equal(t, []string{gemv(a1), fold(a1), qkvNF(a1)}, f.take())
+	// the residual add after the last layer: h materialised first
+	b.Add(a1.x, a1.x, a1.mo)
+	require.Equal(t, []string{rms(a1.h, a1.x, nil), fmt.Sprintf("add out=%x", a1.x.ptr)}, f.take())
+	require.False(t, b.xt.on)
+
+	// The held MoE followed by something else: its plain call, then that op.
+	toMoE(a1)
+	b.Add(a1.x, a1.x, a1.mo)
+	require.Equal(t, []string{gemv(a1), plainMoE(a1), fmt.Sprintf("add out=%x", a1.x.ptr)}, f.take())
+	toMoE(a1)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{gemv(a1), plainMoE(a1), "sync"}, f.take())
+	// ... by the norm, then something else: the MoE, the norm, that op.
+	toMoE(a1)
+	b.AddRMSNorm(a1.x, a1.h, a1.mo, anw, eps)
+	b.Add(a1.att, a1.att, a1.att)
+	require.Equal(t, []string{gemv(a1), plainMoE(a1), rms(a1.h, a1.x, a1.mo), fmt.Sprintf("add out=%x", a1.att.ptr)},
+		f.take())
+	// ... by a norm of another tensor (not held with it; held for a MoE after it as before).
+	toMoE(a1)
+	b.AddRMSNorm(a1.x, a1.h, a1.o, anw, eps)
+	qkv(a1)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{gemv(a1), plainMoE(a1), rms(a1.h, a1.x, a1.o), qkvPlain(a1), "sync"}, f.take())
+	// ... by a norm writing its output into the MoE's output: not held with it.
+	toMoE(a1)
+	b.AddRMSNorm(a1.x, a1.mo, a1.mo, anw, eps)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{gemv(a1), plainMoE(a1), rms(a1.mo, a1.x, a1.mo), "sync"}, f.take())
+
+	// The library declines the fold: the MoE's plain call, the norm, the plain q/k/v.
+	addRC = stUnsupported
+	plainLayer("the fold declined", a1)
+	// ... and the plain call too: the pre-norm, the MoE op's plain path, the norm, q/k/v.
+	normRC = stUnsupported
+	layer(a1)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{gemv(a1), rms(a1.h, a1.x, a1.o), fmt.Sprintf("moe_decode out=%x x=%x n=1", a1.mo.ptr, a1.h.ptr),
+		rms(a1.h, a1.x, a1.mo), qkvPlain(a1), "sync"}, f.take())
+	normRC, addRC = stOK, stOK
+
+	// The consumers decline: h materialised, then the plain q/k/v.
+	f.nfRC = stUnsupported
+	layer(a1)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{gemv(a1), fold(a1), rms(a1.h, a1.x, nil), qkvPlain(a1), "sync"}, f.take())
+	f.nfRC = stOK
+
+	// A graph: the layer captured with the fold, h materialised at its end.
+	require.NoError(t, b.Run("moe-addnorm", func() { layer(a1) }))
+	require.Equal(t, []string{"graph_begin", gemv(a1), fold(a1), qkvNF(a1), rms(a1.h, a1.x, nil), "graph_end",
+		"graph_launch"}, f.take())
+	require.False(t, b.xt.on)
+
+	// Not held: each switch off, the library without the entry.
+	for _, c := range []struct {
+		what string
+		sw   *bool
+	}{{"ORCH_CUDA_MOE_ADDNORM=0", &fuseMoEAddNorm}, {"ORCH_CUDA_NORM_FOLD=0", &fuseNormFold}} {
+		*c.sw = false
+		toMoE(a1)
+		require.Equal(t, []string{gemv(a1), plainMoE(a1)}, f.take(), c.what)
+		b.AddRMSNorm(a1.x, a1.h, a1.mo, anw, eps)
+		qkv(a1)
+		require.NoError(t, b.Sync())
+		require.Equal(t, []string{rms(a1.h, a1.x, a1.mo), qkvPlain(a1), "sync"}, f.take(), c.what)
+		*c.sw = true
+	}
+	fuseMoENorm = false // ORCH_CUDA_MOE_NORM=0: no pre-norm fold, no MoE hold
+	toMoE(a1)
+	require.Equal(t, []string{gemv(a1), rms(a1.h, a1.x, a1.o), fmt.Sprintf("moe_decode out=%x x=%x n=1", a1.mo.ptr, a1.h.ptr)},
+		f.take())
+	require.NoError(t, b.Sync())
+	f.take()
+	fuseMoENorm = true
+	an := b.l.moeDecodeAddNorm
+	b.l.moeDecodeAddNorm = nil
+	toMoE(a1)
+	require.Equal(t, []string{gemv(a1), plainMoE(a1)}, f.take(), "library without orch_moe_decode_addnorm")
+	require.NoError(t, b.Sync())
+	f.take()
+	b.l.moeDecodeAddNorm = an
+
+	// Two and eight tokens fold; nine do not (MoE v13 from 9 by default); nor two where v13 is routed from 2.
+	for _, n := range []int{2, 8} {
+		a := mk(n)
+		layer(a)
+		require.NoError(t, b.Sync())
+		require.Equal(t, []string{gemv(a), fold(a), qkvNF(a), "sync"}, f.take(), "n=%d", n)
+		b.Add(a.x, a.x, a.mo)
+		f.take()
+	}
+	a9 := mk(9)
+	toMoE(a9)
+	require.Equal(t, plainMoE(a9), f.take()[1], "n=9: not held")
+	require.NoError(t, b.Sync())
+	f.take()
+	moe13From = 2
+	a2 := mk(2)
+	toMoE(a2)
+	require.Equal(t, []string{gemv(a2), plainMoE(a2)}, f.take(), "ORCH_CUDA_MOE13_FROM=2: v13 at 2 tokens, not held")
+	moeAuto = false // ORCH_CUDA_MOE pinned: no v13 from MOE13_FROM; the library decides (v10 or declines)
+	toMoE(a2)
+	require.Equal(t, []string{gemv(a2)}, f.take(), "held")
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{plainMoE(a2), "sync"}, f.take())
+	require.NoError(t, b.Err())
+}
