@@ -231,3 +231,118 @@ func TestFuseMoEAddNorm(t *testing.T) {
 	require.Equal(t, []string{plainMoE(a2), "sync"}, f.take())
 	require.NoError(t, b.Err())
 }
+
+// gpt-oss's Hidden (plugins/gpt gptoss.go) for three layers and one token
+// through the fake library, eagerly and captured: per step one plain norm
+// (layer 0), the folded pre-norm + MoE (orch_moe_decode_addnorm) ending
+// layers 0 and 1 with the next layer's q/k/v as its scaled consumers, the
+// last layer's MoE plain (the residual add after it), no norm materialised,
+// and the attention fold (RoPE + KV write in orch_attention_rope) unchanged.
+func TestFuseMoEAddNormStep(t *testing.T) {
+	defer func(v, nf, mn, an, ar bool) {
+		fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, foldAttnRoPE = v, nf, mn, an, ar
+	}(fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, foldAttnRoPE)
+	fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, foldAttnRoPE = true, true, true, true, true
+	b, f := newFakeBackend(t)
+	b.l.moeDecodeNorm = func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32,
+		routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr,
+		downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32) int32 {
+		return f.add("moe_decode_norm")
+	}
+	b.l.moeDecodeAddNorm = func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32,
+		routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr,
+		downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32, res2,
+		nw2, xt, ss uintptr) int32 {
+		return f.add("moe_decode_addnorm")
+	}
+	b.l.attentionRope = func(ctx uintptr, a *attnArgs, r *attnRopeArgs) int32 { return f.add("attention_rope") }
+	b.l.getRows = func(ctx, dst, table uintptr, tt int32, ids uintptr, n, dim int64, add int32) int32 {
+		return f.add("embed")
+	}
+	const d, hd, nh, nkv, bs, ne, ff, layers = 64, 16, 4, 2, 16, 4, 32, 3
+	type lw struct {
+		an, pn, q, k, v, o, qb, kc, vc *tensor
+		moe                            *ml.MoE
+	}
+	var L [layers]lw
+	for i := range L {
+		L[i] = lw{an: fakeT(b, ml.F32, d), pn: fakeT(b, ml.F32, d), q: fakeT(b, ml.Q8_0, d, hd*nh),
+			k: fakeT(b, ml.Q8_0, d, hd*nkv), v: fakeT(b, ml.Q8_0, d, hd*nkv), o: fakeT(b, ml.Q8_0, hd*nh, d),
+			qb: fakeT(b, ml.F32, hd*nh), kc: fakeT(b, ml.F16, hd, nkv, bs, 4), vc: fakeT(b, ml.F16, hd, nkv, bs, 4),
+			moe: &ml.MoE{Router: fakeT(b, ml.F32, d, ne), Gate: fakeT(b, ml.MXFP4, d, ff, ne),
+				Up: fakeT(b, ml.MXFP4, d, ff, ne), Down: fakeT(b, ml.MXFP4, ff, d, ne), TopK: 2, Alpha: 1.702, Limit: 7}}
+	}
+	emb := fakeT(b, ml.Q8_0, d, 16)
+	x, h, mo, o := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1)
+	q2, k2, v2, att2 := fakeT(b, ml.F32, hd*nh, 1), fakeT(b, ml.F32, hd*nkv, 1), fakeT(b, ml.F32, hd*nkv, 1),
+		fakeT(b, ml.F32, hd*nh, 1)
+	view := func(t *tensor, heads int) *tensor {
+		c := *t
+		c.shape = []int{hd, heads, 1}
+		return &c
+	}
+	q, k, v, att := view(q2, nh), view(k2, nkv), view(v2, nkv), view(att2, nh)
+	ids, pos, freq := fakeT(b, ml.I32, 1), fakeT(b, ml.I32, 1), fakeT(b, ml.F32, hd/2)
+	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
+	bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, 1), Slots: fakeT(b, ml.I32, 1), Blocks: fakeT(b, ml.I32, 4, 1),
+		BlockSize: bs, MaxPos: 1}
+	step := func() {
+		b.Embed(x, emb, ids, false)
+		for i := range L {
+			l := &L[i]
+			if i == 0 {
+				b.RMSNorm(h, x, l.an, eps5)
+			} else {
+				b.AddRMSNorm(x, h, mo, l.an, eps5)
+			}
+			b.MatMul(q2, h, l.q, l.qb)
+			b.MatMul(k2, h, l.k, nil)
+			b.MatMul(v2, h, l.v, nil)
+			b.RoPE(q, pos, rope)
+			b.RoPE(k, pos, rope)
+			b.KVWrite(l.kc, l.vc, k, v, bt)
+			b.Attend(att, q, l.kc, l.vc, bt, &ml.Attention{Scale: 0.25})
+			b.MatMul(o, att2, l.o, nil)
+			b.AddRMSNorm(x, h, o, l.pn, eps5)
+			b.MoE(mo, h, l.moe)
+		}
+		b.Add(x, x, mo)
+	}
+	multi := fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d %x/%d]", h.ptr, d, q2.ptr, hd*nh, k2.ptr, hd*nkv, v2.ptr,
+		hd*nkv)
+	multiNF := fmt.Sprintf("multi_nf x=%x n=1 k=%d [%x/%d %x/%d %x/%d] nss=8 eps=1e-05", h.ptr, d, q2.ptr, hd*nh, k2.ptr,
+		hd*nkv, v2.ptr, hd*nkv)
+	oGEMV := fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att2.ptr)
+	want := []string{"embed", fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, x.ptr), multi}
+	for i := 0; i < layers; i++ {
+		want = append(want, "attention_rope", oGEMV)
+		if i < layers-1 {
+			want = append(want, "moe_decode_addnorm", multiNF)
+		} else {
+			want = append(want, "moe_decode_norm")
+		}
+	}
+	want = append(want, fmt.Sprintf("add out=%x", x.ptr))
+	step()
+	require.NoError(t, b.Sync())
+	require.Equal(t, append(append([]string(nil), want...), "sync"), f.take())
+	require.False(t, b.xt.on)
+	require.NoError(t, b.Run("step", step))
+	// (the last layer's q / k, left unrotated by the attention fold, are rotated at the graph's start and end: fuse.go)
+	rot := fmt.Sprintf("rope2 x0=%x heads=%d x1=%x heads=%d", q2.ptr, nh, k2.ptr, nkv)
+	require.Equal(t, append(append([]string{rot, "graph_begin"}, want...), rot, "graph_end", "graph_launch"), f.take())
+	// ORCH_CUDA_MOE_ADDNORM=0: the norms back (layers 1 and 2), q/k/v plain.
+	fuseMoEAddNorm = false
+	step()
+	require.NoError(t, b.Sync())
+	off := []string{"embed", fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, x.ptr), multi}
+	for i := 0; i < layers; i++ {
+		off = append(off, "attention_rope", oGEMV, "moe_decode_norm")
+		if i < layers-1 {
+			off = append(off, fmt.Sprintf("rmsnorm out=%x x=%x add=%x", h.ptr, x.ptr, mo.ptr), multi)
+		}
+	}
+	require.Equal(t, append(append(off, fmt.Sprintf("add out=%x", x.ptr)), "sync"), f.take())
+}
+
+const eps5 = 1e-5
