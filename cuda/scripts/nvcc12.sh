@@ -18,8 +18,10 @@ if [ ! -x "$nvcc" ] || [ ! -f "$root/.ready" ]; then
   apt-get "${apt[@]}" -q update >&2
   (cd "$tmp/debs" && apt-get "${apt[@]}" -q download nvidia-cuda-toolkit nvidia-cuda-dev libcudart12 libnvvm4 libcu++-dev >&2)
   for f in "$tmp"/debs/*.deb; do dpkg -x "$f" "$root"; done
-  # The packaged nvcc.profile points at /usr/...: re-root it.
+  # The packaged nvcc.profile points at /usr/...: re-root it. It is a symlink to /etc/nvcc.profile (the
+  # system nvcc's, Debian's 11.8 included): replace the link with a file rather than write through it.
   r="$root/usr"
+  rm -f "$r/lib/nvidia-cuda-toolkit/bin/nvcc.profile"
   cat >"$r/lib/nvidia-cuda-toolkit/bin/nvcc.profile" <<PROFILE
 NVVMIR_LIBRARY_DIR = $r/lib/nvidia-cuda-toolkit/libdevice
 PATH += $r/lib/nvidia-cuda-toolkit/bin:$r/bin:
