@@ -313,3 +313,77 @@ func TestMoEAddNormFold(t *testing.T) {
 		})
 	}
 }
+
+// TestPerfMoEAddNorm (ORCH_GPU_PERF=1; a table for e2e-gpu.sh tables): gpt-oss
+// -20b's layer end — AddRMSNorm + MoE (4 of 32 experts, the pre-norm in the
+// route kernel) -> AddRMSNorm -> q/k/v (Q8_0) — graph-captured, 16 a graph,
+// two weight copies alternating, with the post-MoE norm folded (default) and
+// not (ORCH_CUDA_MOE_ADDNORM=0); n = 1, 2, 8.
+func TestPerfMoEAddNorm(t *testing.T) {
+	if os.Getenv("ORCH_GPU_PERF") == "" {
+		t.Skip("set ORCH_GPU_PERF=1 to time the MoE norm fold")
+	}
+	if gpu.l.moeDecodeAddNorm == nil {
+		t.Skip("library without orch_moe_decode_addnorm")
+	}
+	defer func(nf, an bool) { fuseNormFold, fuseMoEAddNorm = nf, an }(fuseNormFold, fuseMoEAddNorm)
+	fuseNormFold = true
+	r := newRandSrc(newRNG(t))
+	const d, ff, ne, topk, qd, kvd, copies = 2880, 2880, 32, 4, 4096, 512, 2
+	type lw struct {
+		moe        *ml.MoE
+		q, k, v, b ml.Tensor
+	}
+	var ws [copies]lw
+	for i := range ws {
+		qb := mustA(t, ml.F32, qd)
+		require.NoError(t, gpu.WriteF32(qb, r.f32(qd)))
+		ws[i] = lw{r.moe(t, d, ff, ne, topk), mustW(t, r, "q", ml.Q8_0, d, qd), mustW(t, r, "k", ml.Q8_0, d, kvd),
+			mustW(t, r, "v", ml.Q8_0, d, kvd), qb}
+	}
+	n1, n2 := mustA(t, ml.F32, d), mustA(t, ml.F32, d)
+	defer func() {
+		for _, w := range ws {
+			m := w.moe
+			for _, x := range []ml.Tensor{m.Router, m.RouterBias, m.Gate, m.GateBias, m.Up, m.UpBias, m.Down, m.DownBias,
+				w.q, w.k, w.v, w.b} {
+				gpu.Free(x)
+			}
+		}
+		gpu.Free(n1)
+		gpu.Free(n2)
+	}()
+	require.NoError(t, gpu.WriteF32(n1, r.f32(d)))
+	require.NoError(t, gpu.WriteF32(n2, r.f32(d)))
+	for _, n := range []int{1, 2, 8} {
+		res, add, h, y := mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n), mustA(t, ml.F32, d, n)
+		q, k, v := mustA(t, ml.F32, qd, n), mustA(t, ml.F32, kvd, n), mustA(t, ml.F32, kvd, n)
+		require.NoError(t, gpu.WriteF32(add, r.f32(d*n)))
+		var base float64
+		for _, fold := range []bool{false, true} {
+			fuseMoEAddNorm = fold
+			require.NoError(t, gpu.WriteF32(res, r.f32(d*n)))
+			i := 0
+			ms := timeKernel(t, 20, 16, func() {
+				w := &ws[i%copies]
+				gpu.AddRMSNorm(res, h, add, n1, 1e-5)
+				gpu.MoE(y, h, w.moe)
+				gpu.AddRMSNorm(res, h, y, n2, 1e-5)
+				gpu.MatMul(q, h, w.q, w.b)
+				gpu.MatMul(k, h, w.k, nil)
+				gpu.MatMul(v, h, w.v, nil)
+				i++
+			})
+			path := "norm kernel"
+			if fold {
+				path = fmt.Sprintf("norm folded (%+.1f us)", (ms-base)*1e3)
+			} else {
+				base = ms
+			}
+			t.Logf("| gpt-oss norm+MoE -> norm -> q/k/v n=%d | %s | %.1f us |", n, path, ms*1e3)
+		}
+		for _, x := range []ml.Tensor{res, add, h, y, q, k, v} {
+			gpu.Free(x)
+		}
+	}
+}
