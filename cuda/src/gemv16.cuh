@@ -327,6 +327,174 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
 #endif
 }
 
+// ---- v5 with the weight words of D work items ahead in flight (PF; session 9, ORCH_CUDA_GEMV5_PF, opt-in) ----
+// gemv5_rows loads a round of NB blocks per lane, then waits for it and computes it: with XR = 1's per-round
+// barriers the warps of a CTA (and, in a grid of ~1 wave, of the GPU) load in step and compute in step, so DRAM
+// idles while they compute (ncu, session 9: Llama down at DRAM 54%, issue 42%, latency-bound). Here a warp's work
+// items (row r of its rows_per_warp, round of NB blocks) are a ring of D + 1 register buffers: item i + D is loaded
+// before item i is computed, across rows too (rows_per_warp 2: the next row's first rounds under this row's last),
+// and D + 1 items (all weights, never written in a step) before the PDL wait. XR = 1 stages x in steps of SR chunks
+// (a multiple of the round, >= 96: not one barrier per 32 chunks at NB = 1). Each block's byte offset in its first
+// word is the same for all of a lane's blocks of a row (c = c0 + lane + 32 i, c0 a multiple of 32): one register per
+// row, not one per block. Same blocks per lane in the same order, same arithmetic: bit-identical to gemv5_rows.
+template <int NB> __host__ __device__ constexpr int gemv5_pf_sr() { return 32 * (NB >= 3 ? NB : NB * ((3 + NB - 1) / NB)); }
+template <int T, int NT, int NB, int D, int XR = 0, int NF = 0>
+__device__ __forceinline__ void gemv5_rows_pf(uint32_t *xsm, int64_t cta, float *__restrict__ y,
+                                              const float *__restrict__ x, const uint8_t *__restrict__ w,
+                                              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
+                                              int64_t row_bytes, int accumulate, int rows_per_warp,
+                                              const gemv5_nf &F = gemv5_nf{}) {
+  static_assert(D >= 1 && NB >= 1 && XR <= 1, "PF: depth >= 1; float x staged (XR 0 / 1)");
+  constexpr int BW = block_words<T>(), BB = type_block_bytes(T), R = 32 * NB, SR = gemv5_pf_sr<NB>();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (int)min((int64_t)NT, n);
+  const int64_t nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
+  float *nfsh = gemv5_nf_sh(xsm, nch, NT);
+  float nfres = 0.f, nfw = 0.f; // NF 1 (rows_per_warp 1): as gemv5_rows
+  float nfsc[NT];               // NF 2
+  bool nfscd = false;
+  const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
+  const int rounds = (int)((nch + R - 1) / R);
+  const int items = rows_per_warp * rounds; // the same in every warp of the CTA
+  uint32_t wb[D + 1][NB][BW];
+  int lr = 0;      // the next item to load: row lr, chunk lc0
+  int64_t lc0 = 0;
+  auto load_next = [&](uint32_t(&b)[NB][BW]) {
+    if (lr < rows_per_warp) { // uniform
+      const int64_t row = row0 + lr;
+      const bool valid = row < m;
+      const uint8_t *wr = w + (valid ? row : 0) * row_bytes;
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int64_t c = lc0 + lane + 32 * i;
+        const bool ok = valid && c < nch;
+        const uint32_t *q = reinterpret_cast<const uint32_t *>((uintptr_t)(wr + (ok ? c : 0) * BB) & ~(uintptr_t)3);
+#pragma unroll
+        for (int j = 0; j < BW; j++) b[i][j] = ok ? __ldg(q + j) : 0u;
+      }
+      lc0 += R;
+      if (lc0 >= nch) lc0 = 0, lr++;
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < D; s++) load_next(wb[s]);
+  int cr = 0;      // the item computed: row cr, chunk cc0
+  int64_t cc0 = 0;
+  float acc[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) acc[j] = 0.f;
+  for (int it0 = 0; it0 < items; it0 += D + 1) {
+#pragma unroll
+    for (int u = 0; u <= D; u++) {
+      if (it0 + u < items) { // uniform
+        load_next(wb[(u + D) % (D + 1)]);
+        const int64_t row = row0 + cr;
+        const bool valid = row < m;
+        if (cr == 0) { // the first row stages x: uniform over the CTA
+          if constexpr (XR == 1) {
+            if (cc0 % SR == 0) {
+              if (cc0 == 0) {
+                pdl_wait();
+                if constexpr (NF == 1)
+                  if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
+                if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
+              }
+              gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, cc0, min(cc0 + SR, nch));
+              if constexpr (NF == 2)
+                if (cc0 == 0) gemv5_nf_wait();
+              __syncthreads();
+            }
+          } else if (cc0 == 0) {
+            pdl_wait();
+            if constexpr (NF == 1)
+              if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
+            if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
+            dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+            if constexpr (NF == 2) gemv5_nf_wait();
+            __syncthreads();
+          }
+        }
+        if constexpr (NF == 2)
+          if (it0 + u > 0 && !nfscd) { // later items' loads in flight (uniform)
+            gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
+            nfscd = true;
+          }
+        const uint32_t sh = (uint32_t)((uintptr_t)(w + (valid ? row : 0) * row_bytes + lane * BB) & 3);
+#pragma unroll
+        for (int i = 0; i < NB; i++) {
+          const int64_t c = cc0 + lane + 32 * i;
+          if (c < nch) {
+            const uint4 *xp[NT];
+            uint32_t a[NT][2];
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+              xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
+              a[j][0] = a[j][1] = 0u;
+            }
+            dec16_block_acc<T, NT>(wb[u][i], sh, xp, nt, a);
+            const float ws = dec16_wscale<T>(wb[u][i], sh);
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+              if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
+          }
+        }
+        cc0 += R;
+        if (cc0 >= nch) { // the row is done (uniform): gemv5_rows's epilogue
+          if constexpr (NF == 1) {
+            float q = 0.f;
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+              float s = warp_sum(acc[j]);
+              if (j < nt && valid) {
+                if (bias) s += bias[row];
+                if (lane == 0) y[j * m + row] = s;
+                if (lane == j) {
+                  const float rn = nfres + s;
+                  F.res[j * m + row] = rn;
+                  F.xt[j * m + row] = rn * nfw;
+                  q = rn * rn;
+                }
+              }
+            }
+            if (lane < NT) nfsh[lane * GEMV16_WARPS + warp] = q;
+          } else {
+            if constexpr (NF == 2)
+              if (!nfscd) { // one item only
+                gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
+                nfscd = true;
+              }
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+              float s = warp_sum(acc[j]);
+              if (lane == 0 && j < nt && valid) {
+                if constexpr (NF == 2) s *= nfsc[j];
+                if (bias) s += bias[row];
+                float *yp = y + j * m + row;
+                *yp = accumulate ? *yp + s : s;
+              }
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < NT; j++) acc[j] = 0.f;
+          cc0 = 0;
+          cr++;
+        }
+      }
+    }
+  }
+  if constexpr (NF == 1) { // as gemv5_rows
+    __syncthreads();
+    if (threadIdx.x < nt) {
+      const float *q = nfsh + threadIdx.x * GEMV16_WARPS;
+      float t = q[0];
+#pragma unroll
+      for (int w8 = 1; w8 < GEMV16_WARPS; w8++) t += q[w8];
+      F.ss[threadIdx.x * gridDim.x + cta] = t;
+    }
+  }
+}
+
 template <int T, int NT, int NB, int XR = 0, int TR = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
@@ -335,6 +503,17 @@ gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
   DEC16_DYN_SMEM(uint32_t, xsm); // nt rows of nch staged chunks, then nt*nch 1/scales
   pdl_trigger();
   gemv5_rows<T, NT, NB, XR, TR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
+}
+// gemv5_kernel as gemv5_rows_pf of depth PF (kernels of their own: an explicit minimum of blocks changes the plain
+// kernels' register allocation; <= 64 registers: 4 CTAs per SM as the plain kernel).
+template <int T, int NT, int NB, int XR, int PF>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
+gemv5_pf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+                const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
+                int rows_per_warp) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  gemv5_rows_pf<T, NT, NB, PF, XR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
 }
 // Multi-weight GEMV v5 (orch_matmul_multi): up to GEMV_MAX_PARTS weights of
 // one type with the same x (q, k and v of a layer) in one launch; part p owns
@@ -351,7 +530,7 @@ struct gemv5_parts {
 };
 
 // NF (gemv5_nf): 0, or 2 = the folded norm's consumer (F's ss, nss, eps).
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int PF = 0>
 __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const float *__restrict__ x, int64_t n,
                                                  int64_t k, int64_t row_bytes, const gemv5_nf &F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -362,8 +541,12 @@ __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const flo
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
 #define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv5_rows<T, NT, NB, XR, TR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
-                                    row_bytes, 0, GEMV5_PICK(rpw), F);
+  if constexpr (PF)
+    gemv5_rows_pf<T, NT, NB, PF, XR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
+                                         GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F);
+  else
+    gemv5_rows<T, NT, NB, XR, TR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
+                                      GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F);
 #undef GEMV5_PICK
 }
 template <int T, int NT, int NB, int XR = 0, int TR = 0>
@@ -371,12 +554,17 @@ __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   gemv5_multi_body<T, NT, NB, XR, TR>(P, x, n, k, row_bytes, gemv5_nf{});
 }
+template <int T, int NT, int NB, int XR, int PF>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
+gemv5_multi_pf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
+  gemv5_multi_body<T, NT, NB, XR, 0, 0, PF>(P, x, n, k, row_bytes, gemv5_nf{});
+}
 // The folded norm's consumer (orch_matmul_multi_nf): x is the producer's xt.
-template <int T, int NT, int NB, int XR>
+template <int T, int NT, int NB, int XR, int PF = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM as the plain kernel
 gemv5_multi_nf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                       const gemv5_nf F) {
-  gemv5_multi_body<T, NT, NB, XR, 0, 2>(P, x, n, k, row_bytes, F);
+  gemv5_multi_body<T, NT, NB, XR, 0, 2, PF>(P, x, n, k, row_bytes, F);
 }
 // The folded norm's producer (orch_matmul_addnorm): one row per warp, y written (no accumulate).
 template <int T, int NT, int NB, int XR>
@@ -386,6 +574,15 @@ gemv5_nf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   gemv5_rows<T, NT, NB, XR, 0, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
+}
+template <int T, int NT, int NB, int XR, int PF>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
+gemv5_nf_pf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+                   const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes,
+                   const gemv5_nf F) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  gemv5_rows_pf<T, NT, NB, PF, XR, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
 }
 
 template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
@@ -415,15 +612,51 @@ static inline int gemv5_stage_mode(int64_t k) {
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
 
+// ORCH_CUDA_GEMV5_PF (session 9, opt-in): the one-token Q8_0 v5 kernels (plain, merged, the folded norm's
+// producer and merged consumer) as gemv5_rows_pf: 0 off (default), 1 NB 2 depth 1 (2 rounds of 2 blocks per lane
+// in flight), 2 NB 1 depth 2, 3 NB 1 depth 3. ORCH_CUDA_GEMV5_PF_RPW=2: with PF on, 2 rows per warp for the plain
+// and merged kernels (half the CTAs: Llama q/k/v's 768 CTAs = 1.45 waves -> 384, the second row's first items
+// loaded under the first row's last). Read once per process; g_gemv5_pf / g_gemv5_pf_rpw (>= 0) override (tests).
+static int g_gemv5_pf = -1, g_gemv5_pf_rpw = -1;
+static inline int gemv5_pf_mode() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_PF");
+    return e && e[0] >= '0' && e[0] <= '3' && !e[1] ? e[0] - '0' : 0;
+  }();
+  return g_gemv5_pf >= 0 ? g_gemv5_pf : v;
+}
+static inline int gemv5_pf_rpw(int64_t m) {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_PF_RPW");
+    return e && e[0] == '2' && !e[1] ? 2 : 1;
+  }();
+  return max(g_gemv5_pf_rpw >= 1 ? g_gemv5_pf_rpw : v, gemv5_rpw(m));
+}
+// Calls fn(NB, D) (integral constants) for PF mode 1..3; false for 0.
+template <class Fn> static bool gemv5_pf_go(int mode, Fn &&fn) {
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I3 = std::integral_constant<int, 3>;
+  if (mode == 1) fn(I2{}, I1{});
+  else if (mode == 2) fn(I1{}, I2{});
+  else if (mode == 3) fn(I1{}, I3{});
+  else return false;
+  return true;
+}
+template <int T, int NT> constexpr bool gemv5_pf_ok() { return T == ORCH_T_Q8_0 && NT == 1; }
+
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
-// (orch_gemv_trace).
-template <int T, int NT, int XR, int TR = 0>
+// (orch_gemv_trace); PF > 0: gemv5_rows_pf of depth PF with NBX blocks per round.
+template <int T, int NT, int XR, int TR = 0, int NBX = 0, int PF = 0>
 static void launch_gemv5_nt_x(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                               int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
-  constexpr int NB = gemv5_nb<T, NT>();
-  const int rpw = gemv5_rpw(m);
+  constexpr int NB = NBX ? NBX : gemv5_nb<T, NT>();
+  const int rpw = PF ? gemv5_pf_rpw(m) : gemv5_rpw(m);
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = gemv5_kernel<T, NT, NB, XR, TR>;
+  auto kern = [] {
+    if constexpr (PF) return gemv5_pf_kernel<T, NT, NB, XR, PF>;
+    else return gemv5_kernel<T, NT, NB, XR, TR>;
+  }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
   DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
@@ -439,6 +672,13 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
       return launch_gemv5_nt_x<T, NT, 0, 1>(st, y, x, w, bias, n, k, m, rb, acc);
     }
 #endif
+  if constexpr (gemv5_pf_ok<T, NT>())
+    if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d) {
+          constexpr int NB = decltype(nb)::value, D = decltype(d)::value;
+          if (mode == 1) launch_gemv5_nt_x<T, NT, 1, 0, NB, D>(st, y, x, w, bias, n, k, m, rb, acc);
+          else launch_gemv5_nt_x<T, NT, 0, 0, NB, D>(st, y, x, w, bias, n, k, m, rb, acc);
+        }))
+      return;
   if constexpr (NT <= 2)
     if (mode == 1) return launch_gemv5_nt_x<T, NT, 1>(st, y, x, w, bias, n, k, m, rb, acc);
   launch_gemv5_nt_x<T, NT, 0>(st, y, x, w, bias, n, k, m, rb, acc);
@@ -446,16 +686,19 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
 
 // P: count parts filled in (w, bias, y, m); rpw and end are set here. XR as
 // launch_gemv5_nt_x, TR: the trace.
-template <int T, int NT, int XR, int TR = 0>
+template <int T, int NT, int XR, int TR = 0, int NBX = 0, int PF = 0>
 static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                     int64_t rb) {
-  constexpr int NB = gemv5_nb<T, NT>();
+  constexpr int NB = NBX ? NBX : gemv5_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = gemv5_multi_kernel<T, NT, NB, XR, TR>;
+  auto kern = [] {
+    if constexpr (PF) return gemv5_multi_pf_kernel<T, NT, NB, XR, PF>;
+    else return gemv5_multi_kernel<T, NT, NB, XR, TR>;
+  }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned total = 0;
   for (int p = 0; p < count; p++) {
-    P.rpw[p] = gemv5_rpw(P.m[p]);
+    P.rpw[p] = PF ? gemv5_pf_rpw(P.m[p]) : gemv5_rpw(P.m[p]);
     total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
     P.end[p] = total;
   }
@@ -465,6 +708,13 @@ static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, c
 template <int T, int NT>
 static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb) {
+  if constexpr (gemv5_pf_ok<T, NT>())
+    if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d) {
+          constexpr int NB = decltype(nb)::value, D = decltype(d)::value;
+          if (gemv5_stage_mode(k) == 1) launch_gemv5_multi_nt_x<T, NT, 1, 0, NB, D>(st, P, count, x, n, k, rb);
+          else launch_gemv5_multi_nt_x<T, NT, 0, 0, NB, D>(st, P, count, x, n, k, rb);
+        }))
+      return;
   if constexpr (NT <= 2)
     if (gemv5_stage_mode(k) == 1) return launch_gemv5_multi_nt_x<T, NT, 1>(st, P, count, x, n, k, rb);
   launch_gemv5_multi_nt_x<T, NT, 0>(st, P, count, x, n, k, rb);
@@ -499,14 +749,21 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
                                  int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_nf &F) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int mode = gemv5_stage_mode(k);
+    auto launch = [&](auto kern, size_t sm) {
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, y, x, w,
+                       bias, n, k, m, rb, F);
+    };
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0);
-      auto kern = gemv5_nf_kernel<T, NT, NB, XR>;
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, y, x, w,
-                       bias, n, k, m, rb, F);
+      if constexpr (gemv5_pf_ok<T, NT>())
+        if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d) {
+              launch(gemv5_nf_pf_kernel<T, NT, decltype(nb)::value, XR, decltype(d)::value>, sm);
+            }))
+          return;
+      launch(gemv5_nf_kernel<T, NT, NB, XR>, sm);
     };
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;
@@ -521,21 +778,29 @@ template <int T>
 static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb, const gemv5_nf &F, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    const int pf = n == 1 && T == ORCH_T_Q8_0 ? gemv5_pf_mode() : 0;
     unsigned total = 0;
     for (int p = 0; p < count; p++) {
-      P.rpw[p] = gemv5_rpw(P.m[p]);
+      P.rpw[p] = pf ? gemv5_pf_rpw(P.m[p]) : gemv5_rpw(P.m[p]);
       total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
       P.end[p] = total;
     }
     for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
+    auto launch = [&](auto kern, size_t sm) {
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, F);
+    };
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
-      auto kern = gemv5_multi_nf_kernel<T, NT, NB, XR>;
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, F);
+      if constexpr (gemv5_pf_ok<T, NT>())
+        if (gemv5_pf_go(pf, [&](auto nb, auto d) {
+              launch(gemv5_multi_nf_kernel<T, NT, decltype(nb)::value, XR, decltype(d)::value>, sm);
+            }))
+          return;
+      launch(gemv5_multi_nf_kernel<T, NT, NB, XR>, sm);
     };
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;

@@ -362,6 +362,72 @@ static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
               (long long)m, n, rpw);
 }
 
+// GEMV v5 with the weights of D items ahead in flight (gemv16.cuh gemv5_rows_pf, ORCH_CUDA_GEMV5_PF; session 9):
+// bit-identical to gemv5_rows for every mode (NB 2 depth 1, NB 1 depth 2 / 3) and rows per warp 1 / 2 — plain with
+// bias and accumulate, merged parts, the folded norm's producer (y, res, xt, ss) and merged consumer — on the
+// one-token Q8_0 route it serves; x staged once (k < 8192) and per step (k >= 8192), ragged CTAs, partial rounds.
+static void test_gemv_pf(int64_t k, std::vector<int64_t> ms, int mode, int rpw) {
+  const int t = ORCH_T_Q8_0, n = 1;
+  const int64_t rb = orch_row_bytes(t, k), m0 = ms[0];
+  std::vector<std::unique_ptr<QW>> ws;
+  for (int64_t m : ms) {
+    ws.push_back(std::make_unique<QW>());
+    make_weight(*ws.back(), t, k, m);
+  }
+  Buf<float> bx(randv((size_t)(n * k), 2.f)), bb(randv((size_t)m0, 1.f)), nw(randv((size_t)m0, 1.f));
+  const auto y0 = randv((size_t)(n * m0), 1.f), res0 = randv((size_t)(n * m0), 4.f);
+  const int nss = (int)((ceil_div(m0, (int64_t)GEMV16_WARPS) + 3) / 4 * 4);
+  auto ssv = randv((size_t)(n * nss), 1.f);
+  for (float &v : ssv) v = v * v + 0.01f;
+  Buf<float> ssb(ssv);
+  // out: plain (accumulate + bias), plain (bias), merged parts, producer y / res / xt / ss, merged consumer parts.
+  auto run = [&](int pf) {
+    g_gemv5_pf = pf;
+    g_gemv5_pf_rpw = rpw;
+    std::vector<std::vector<float>> out;
+    Buf<float> ya(y0), yb((size_t)(n * m0), NAN);
+    launch_gemv5<ORCH_T_Q8_0>(nullptr, ya.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 1);
+    launch_gemv5<ORCH_T_Q8_0>(nullptr, yb.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 0);
+    out.push_back(ya.vec());
+    out.push_back(yb.vec());
+    for (int nf = 0; nf < 2; nf++) {
+      gemv5_parts P = {};
+      std::vector<std::unique_ptr<Buf<float>>> ys;
+      for (size_t p = 0; p < ms.size(); p++) {
+        ys.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
+        P.w[p] = ws[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p], P.bias[p] = p == 0 ? bb.p : nullptr;
+      }
+      if (nf) {
+        gemv5_nf F;
+        F.ss = ssb.p, F.nss = nss, F.eps = 1e-5f;
+        launch_gemv5_multi_nf<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb, F);
+      } else
+        launch_gemv5_multi<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb);
+      for (auto &y : ys) out.push_back(y->vec());
+    }
+    Buf<float> yp((size_t)(n * m0), NAN), rs(res0), xt((size_t)(n * m0), NAN),
+        ss((size_t)(n * ceil_div(m0, (int64_t)GEMV16_WARPS)), NAN);
+    gemv5_nf F;
+    F.res = rs.p, F.w = nw.p, F.xt = xt.p, F.ss = ss.p;
+    launch_gemv5_nf_prod<ORCH_T_Q8_0>(nullptr, yp.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, F);
+    for (auto *b : {&yp, &rs, &xt, &ss}) out.push_back(b->vec());
+    g_gemv5_pf = g_gemv5_pf_rpw = -1;
+    return out;
+  };
+  const auto want = run(0), got = run(mode);
+  for (size_t i = 0; i < want.size(); i++) {
+    EXPECT(std::memcmp(want[i].data(), got[i].data(), want[i].size() * 4) == 0,
+           "GEMV v5 PF %d rpw %d (k=%lld m=%lld): output %zu != gemv5_rows", mode, rpw, (long long)k, (long long)m0, i);
+    for (size_t q = 0; q < got[i].size(); q++)
+      if (!std::isfinite(got[i][q])) {
+        EXPECT(false, "GEMV v5 PF: output %zu [%zu] not written", i, q);
+        break;
+      }
+  }
+  std::printf("GEMV v5 PF %d rpw %d Q8_0 k=%-5lld m=%-3lld (%zu parts): %zu outputs bit-identical to gemv5_rows\n", mode,
+              rpw, (long long)k, (long long)m0, ms.size(), want.size());
+}
+
 // The RMSNorm folded into the GEMVs around it (gemv16.cuh gemv5_nf; session 8): producer GEMV (y = xp.Wp, m = dim,
 // + bias) -> AddRMSNorm(res, h, y, nw) -> consumers on h (merged parts; gate/up + SwiGLU), against the unfolded
 // kernels (launch_gemv5, launch_norm, launch_gemv5_multi, launch_gemv5_glu): y and res bit-identical, xt = res * nw
@@ -640,8 +706,21 @@ static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulat
               bias, accumulate, e);
 }
 
+static void test_gemv_pf_all() {
+  for (int mode = 1; mode <= 3; mode++) {
+    test_gemv_pf(14336, {8}, mode, 1);                       // Llama down's k: x per step, partial last round / step
+    test_gemv_pf(4096, {20, 8, 8}, mode, mode == 2 ? 2 : 1); // x once; ragged CTA; 2 rows per warp crossing rows
+    test_gemv_pf(96, {36, 8}, mode, 2);                      // 3 chunks: one item per row, lanes without blocks
+  }
+  test_gemv_pf(8192, {12, 4}, 1, 2); // x per step with 2 rows per warp (the second reads it)
+}
+
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
+  if (argc > 1 && std::strcmp(argv[1], "pf") == 0) { // the PF cases alone
+    test_gemv_pf_all();
+    return fails ? 1 : 0;
+  }
   const bool fold_only = argc > 1 && std::strcmp(argv[1], "fold") == 0; // the norm-fold cases alone
   // Default (cuda-check): every version and type on small shapes; `long`: wide rows too.
   test_norm_fold(ORCH_T_Q8_0, 96, 64, 1, {24, 8, 8}, 16, true);  // out -> norm -> q/k/v and gate/up; nss 8
@@ -707,6 +786,7 @@ int main(int argc, char **argv) {
   test_gemv_xr(ORCH_T_Q8_0, 4096, 20, 2, 2);  // 2 rows per warp: the second row reads what the first staged
   test_gemv_xr(ORCH_T_MXFP4, 2880, 12, 1, 1);
   test_gemv_xr(ORCH_T_Q4_0, 96, 8, 2, 1);     // 3 chunks: one round, lanes without blocks
+  test_gemv_pf_all();
   test_rope2(1);
   test_rope2(0);
   test_norm<false, 12>(2, 2880, true, true); // gpt-oss width
