@@ -473,6 +473,9 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
 }
 
 
+// MoE v14's gate_up (opt-in ORCH_CUDA_MOE14=1; launched by launch_decode10).
+#include "moe_dec14.cuh"
+
 // ---- launch ----
 // ORCH_CUDA_MOE=v10 (orch_env_version reads one digit: parsed here).
 static bool moe10_pinned(const orch_ctx *ctx) {
@@ -519,7 +522,9 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0, nv, (int32_t *)nullptr);
     }
-    if (!(only & 2)) {
+    if (!(only & 2) && !(moe14_on() && launch_gate_up14<T>(st, reinterpret_cast<uint16_t *>(act),
+                                                          reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids,
+                                                          n, n_slots, dim, ff, alpha, limit, sc))) {
       constexpr int NB = gate_up_nb<T>();
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
       auto kern = moe_gate_up10_kernel<T, NB>;
@@ -529,7 +534,9 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
                        orch_row_bytes(T, dim), alpha, limit, sc);
     }
-    if (!(only & 1)) {
+    if (!(only & 1) &&
+        !(moe14_down_on() && launch_down14<T>(st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids, wts, n,
+                                               n_slots, n_exp, ff, dim, dxinv, an))) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
       auto kern = an ? moe_down10_kernel<T, NB, true> : moe_down10_kernel<T, NB, false>;

@@ -28,6 +28,46 @@
 
 #include "emu_decode_shims.h"
 
+// cp.async for MoE v14's gate_up ring (moe_dec14.cuh), as decode_emu_test.cpp:
+// wait_group(N) lands every group but the newest N (the latest moment the
+// hardware may), so a missing wait or warp barrier reads stale stage bytes.
+struct EmuCopy {
+  void *dst;
+  const void *src;
+  int bytes;
+};
+inline std::vector<EmuCopy> g_open[EMU_MAX_THREADS];
+inline std::vector<std::vector<EmuCopy>> g_groups[EMU_MAX_THREADS];
+inline void gemv9_emu_cp_async(void *dst, const void *src, int bytes) {
+  const unsigned char *d = (const unsigned char *)dst;
+  CHECK(d >= attn_tc::smem && d + 16 <= attn_tc::smem + g_smem_bytes, "cp.async destination outside shared memory");
+  CHECK(((uintptr_t)dst & 15) == 0 && ((uintptr_t)src & 15) == 0, "cp.async 16: unaligned %p <- %p", dst, src);
+  CHECK(bytes > 0 && bytes <= 16, "cp.async src-size %d", bytes);
+  g_open[threadIdx.x].push_back({dst, src, bytes});
+}
+inline void gemv9_emu_commit() {
+  g_groups[threadIdx.x].push_back(std::move(g_open[threadIdx.x]));
+  g_open[threadIdx.x].clear();
+}
+inline void gemv9_emu_wait(int n) {
+  auto &gs = g_groups[threadIdx.x];
+  while ((int)gs.size() > n) {
+    for (const EmuCopy &c : gs.front()) {
+      std::memcpy(c.dst, c.src, (size_t)c.bytes);
+      std::memset((char *)c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
+    }
+    gs.erase(gs.begin());
+  }
+}
+// Copies a kernel never waited for (v14's empty tail groups) are dropped at the next launch.
+static void emu_cp_reset() {
+  for (int i = 0; i < EMU_MAX_THREADS; i++) {
+    g_open[i].clear();
+    g_groups[i].clear();
+  }
+}
+#define GEMV9_EMU_CP_ASYNC 1
+
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
 inline int __ffs(int x) { return __builtin_ffs(x); }
@@ -434,6 +474,33 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
            "MoE v10 != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d)", tname(t), (long long)dim,
            (long long)ff, topk, ne, n);
   }
+  // MoE v14 (ORCH_CUDA_MOE14=1: gate_up14; ORCH_CUDA_MOE14_DOWN=1: down14 too): v10's output bit for bit, for each
+  // ring depth (the emulated device: 2 SMs of one CTA: warps stride over several items / row groups); stale
+  // speculative routing (down14 issues its first items from it before pdl_wait)
+  const char *v14cfg[][3] = {{"2", "0", "2"}, {"3", "1", "2"}, {"3", "1", "3"}, {"4", "1", "4"}}; // STG, DOWN, DSTG
+  for (const auto &cf : v14cfg) {
+    setenv("ORCH_CUDA_MOE14", "1", 1);
+    setenv("ORCH_CUDA_MOE14_STG", cf[0], 1);
+    setenv("ORCH_CUDA_MOE14_DOWN", cf[1], 1);
+    setenv("ORCH_CUDA_MOE14_DSTG", cf[2], 1);
+    std::vector<float> o14;
+    for (int st = 0; st < (stale ? 2 : 1); st++) {
+      if (st) g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
+      emu_cp_reset();
+      const int l0 = g_moe14_launches[0], l1 = g_moe14_launches[1];
+      EXPECT(run10(true, n, limit, nullptr, nullptr, &o14) == ORCH_OK, "moe_decode v14 (%s %s %s): %s", cf[0], cf[1],
+             cf[2], g_err);
+      g_moe6_stale_id = -1;
+      EXPECT(g_moe14_launches[0] == l0 + 1 && g_moe14_launches[1] == l1 + (cf[1][0] == '1'),
+             "v14 kernels not launched (%s %s %s)", cf[0], cf[1], cf[2]);
+      EXPECT(std::memcmp(o10.data(), o14.data(), o10.size() * 4) == 0,
+             "MoE v14 (STG %s, down %s, DSTG %s%s) != v10 (%s dim=%lld ff=%lld n=%d)", cf[0], cf[1], cf[2],
+             st ? ", stale routing" : "", tname(t), (long long)dim, (long long)ff, n);
+    }
+    for (const char *v : {"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG"})
+      unsetenv(v);
+    emu_cp_reset();
+  }
   EXPECT(run10(false, n, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode under v6 must decline");
   { // unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens, else decline (v6)
     orch_ctx ctx;
@@ -456,7 +523,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit, tickets back to 0%s\n",
+              "v6's bit for bit, tickets back to 0, v14 (gate_up / + down, STG 2-4) = v10%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
@@ -540,6 +607,11 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
          (long long)dim, n);
   if (!v13) { // orch_moe_decode_addnorm: the same op + the next RMSNorm's producer half in down10
     const auto r2v = randv(nd, 2.f), nw2 = randv((size_t)dim, 1.f);
+    for (int v14 = 0; v14 < 3; v14++) { // v10, v14's gate_up (ORCH_CUDA_MOE14=1), v14's gate_up + down: the same bits
+    if (v14) setenv("ORCH_CUDA_MOE14", "1", 1);
+    if (v14 == 2) setenv("ORCH_CUDA_MOE14_DOWN", "1", 1);
+    emu_cp_reset();
+    const int l1 = g_moe14_launches[1];
     for (int with_norm = 1; with_norm >= 0; with_norm--) {
       orch_ctx ctx;
       ctx.moe = 6;
@@ -570,8 +642,13 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
           EXPECT(fbits(sso[(size_t)(tt * (dim / 8) + b)]) == fbits(sum), "addnorm: ss[%d][%lld]", tt, (long long)b);
         }
     }
+    EXPECT(g_moe14_launches[1] == l1 + (v14 == 2 ? 2 : 0), "addnorm: down14 launches (v14 %d)", v14);
+    unsetenv("ORCH_CUDA_MOE14");
+    unsetenv("ORCH_CUDA_MOE14_DOWN");
+    emu_cp_reset();
+    }
     std::printf("MoE v10 + next norm's producer (orch_moe_decode_addnorm) %-5s dim=%lld n=%d: output = orch_moe_decode's, "
-                "res2 / xt / ss exact\n", tn, (long long)dim, n);
+                "res2 / xt / ss exact (v10, v14 gate_up, v14 gate_up + down)\n", tn, (long long)dim, n);
   }
   // declines: pinned to another version (nothing written), dim > 4096
   EXPECT(fused(false, dim, &o, &r, &hh, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode_norm under v6 must decline");
@@ -816,6 +893,7 @@ int main(int argc, char **argv) {
   test_decode10(ORCH_T_Q8_0, 64, 64, 6, 2, 3, true);
   test_decode10(ORCH_T_Q4_0, 128, 32, 5, 1, 2, true); // one slot: one down item per warp
   test_decode10(ORCH_T_MXFP4, 576, 32, 8, 2, 1, true); // 9 router slices (2 for a summing thread)
+  test_decode10(ORCH_T_MXFP4, 3104, 32, 4, 2, 1, true); // 97 chunks: 2 rounds of v14's unrolled blocks, rb % 16 = 1
   if (long_run) test_decode10(ORCH_T_MXFP4, 4160, 32, 8, 2, 1, true); // 65 slices (> 64); 2 gate_up rounds (~5 min)
   if (long_run) { // ~3 min on 2 cores
     test_moe(ORCH_T_MXFP4, 3200, 32, 2, 2, 1, true, true); // 100 chunks: 2 rounds of blocks per lane (gate/up)

@@ -35,7 +35,10 @@ func TestMoEVersions(t *testing.T) {
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold", "TestMoEDecode13"}
 	for _, v := range []string{"ORCH_CUDA_MOE=v4", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v9", "ORCH_CUDA_MOE=v10",
-		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=0"} {
+		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=0",
+		// session 9: MoE v14's gate_up and down (persistent, cp.async rings) in v10's launches, pinned and unpinned
+		"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1",
+		"ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields(v)...)
 		outp, err := cmd.CombinedOutput()
@@ -84,7 +87,16 @@ func TestPerfMoEVersions(t *testing.T) {
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10"},
+				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10",
+				// session 9: MoE v14's gate_up (one-wave persistent, per-warp cp.async ring of STG row pairs) in
+				// v10's launches; its ring depth; gate_up alone (with route; timing hook); v14's down too (=DOWN)
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=4",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE_ONLY=gate_up",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2 ORCH_CUDA_MOE_ONLY=gate_up",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=2",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -108,7 +120,9 @@ func TestPerfMoEVersions(t *testing.T) {
 		ns = []int{1, 2, 4, 8, 9, 12, 16, 24, 32, 40, 64} // session 8: the 9..64-token steps
 	}
 	label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM", "ORCH_CUDA_MOE13_PIPE"} {
+	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM", "ORCH_CUDA_MOE13_PIPE",
+		"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_CTAS", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG",
+		"ORCH_CUDA_MOE14_DCTAS"} {
 		if e := os.Getenv(v); e != "" {
 			label += " " + v + "=" + e
 		}

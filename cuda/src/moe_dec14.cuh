@@ -1,0 +1,448 @@
+// moe_dec14.cuh — MoE v14 gate_up (session 9, opt-in ORCH_CUDA_MOE14=1): v10's
+// gate_up as a one-wave persistent kernel whose warps stream their row pairs
+// through a per-warp ring of STG shared-memory stages filled by 16-byte
+// cp.async, so that one warp's decode overlaps the loads of its next STG - 1
+// row pairs (and the other warps' loads), instead of v10's generations of
+// CTAs that load together and then compute together (ncu, session 9 run 1:
+// DRAM 46%, issue 51%, 3 local spills a warp, 71% excessive L1->L2 sectors
+// from the 5 x 4-byte loads at a 17-byte lane stride).
+//
+// Work: item q = one (token, slot, row) = the gate row and the up row of
+// expert ids[t, s] (2 x rb bytes), q = t * n_slots * m + s * m + row; warp g
+// of G = grid x MOE14_W takes items g, g + G, ... (consecutive warps take
+// consecutive rows: DRAM locality as v10). A row is copied as the aligned-down
+// 16-byte chunks covering [off, off + rb) (off = its byte offset; the last
+// chunk reads only up to the 4-byte word holding the row's last byte, as
+// ffn_load, the rest zero-filled), so block c of the row starts at byte
+// (off & 15) + c * BB of the stage, with the same byte offset within its
+// aligned word as in global memory: the lane reads the same 5 words ffn_load
+// would, from shared memory, and decodes them with v6's moe6_block_acc. Lane l
+// computes chunks l, l + 32, ... in that order and the warp sums as v10: the
+// activation is v10's bit for bit (cuda/test/moe_emu_test.cpp). The staged x
+// of every token (route kernel) is copied once per CTA.
+#pragma once
+
+constexpr int MOE14_W = 8; // warps per CTA
+#if defined(ORCH_EMU)
+inline int g_moe14_launches[2]; // emulation test hook: v14 gate_up / down launches
+#endif
+constexpr int MOE14_R = 4; // 16-byte copies a lane a row at most: rows up to 2,030 bytes (MXFP4 dim <= 3,808)
+
+// 16-byte cp.async (src 16-aligned; the first `bytes` read, the rest zeroed).
+#if defined(ORCH_EMU)
+#if defined(GEMV9_EMU_CP_ASYNC) // the test's late-landing copies (decode_emu_test.cpp / moe_emu_test.cpp)
+inline void moe14_cp16(void *d, const void *s, int bytes) { gemv9_emu_cp_async(d, s, bytes); }
+inline void moe14_commit() { gemv9_emu_commit(); }
+template <int N> inline void moe14_wait() { gemv9_emu_wait(N); }
+#else
+inline void moe14_cp16(void *d, const void *s, int bytes) {
+  memcpy(d, s, (size_t)bytes);
+  memset(static_cast<char *>(d) + bytes, 0, (size_t)(16 - bytes));
+}
+inline void moe14_commit() {}
+template <int N> inline void moe14_wait() {}
+#endif
+#else
+__device__ __forceinline__ void moe14_cp16(void *d, const void *s, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = (unsigned)__cvta_generic_to_shared(d);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(s), "r"(bytes) : "memory");
+#else
+  for (int i = 0; i < 16; i++) static_cast<uint8_t *>(d)[i] = i < bytes ? static_cast<const uint8_t *>(s)[i] : 0;
+#endif
+}
+__device__ __forceinline__ void moe14_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void moe14_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#endif
+
+// Bytes of one row's stage slot: the 16-byte chunks covering rb bytes at any offset.
+// (off & 15) + rb bytes rounded up to a 4-byte word: at most rb + 18.
+static inline int moe14_row_slot(int64_t rb) { return (int)((rb + 18 + 15) / 16 * 16); }
+// Dynamic shared memory: n tokens' staged x, then MOE14_W x STG x (gate, up) slots.
+static inline size_t moe14_smem(int n, int nch, int64_t rb, int stg) {
+  return (size_t)n * moe10_xstride(nch) * 4 + (size_t)MOE14_W * stg * 2 * moe14_row_slot(rb);
+}
+
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+// acth: v10's staged activation; xg: the route kernel's staged x (n tokens);
+// rs: moe14_row_slot(rb). Items I = n * n_slots * m.
+template <int T, int STG>
+__global__ void __launch_bounds__(MOE14_W * 32, 3) // <= 80 registers
+moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
+                     const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
+                     const int32_t *ids, int n, int n_slots, int k, int m, int64_t rb, int rs, float alpha,
+                     float limit, float sc) {
+  static_assert(STG >= 2, "a ring of at least two stages");
+  constexpr int BB = type_block_bytes(T), BW = block_words<T>(), NB = 3; // NB: blocks a lane a round (unrolled)
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
+  pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nch = k / 32, xs4 = moe10_xstride(nch) / 4;
+  uint8_t *ring = reinterpret_cast<uint8_t *>(xsm + (int64_t)n * xs4 * 4) + (int64_t)warp * STG * 2 * rs;
+  const int G = (int)gridDim.x * MOE14_W, g = (int)blockIdx.x * MOE14_W + warp;
+  const int I = n * n_slots * m;
+  const int nit = g < I ? (I - 1 - g) / G + 1 : 0;
+  // Item cursors (pair p = t * n_slots + s, row): item g + j G, advanced by G without divisions.
+  struct cursor {
+    int p, row;
+  };
+  auto advance = [&](cursor &c) {
+    c.row += G;
+    while (c.row >= m) {
+      c.row -= m;
+      c.p++;
+    }
+  };
+  cursor ci{0, g}, cc{0, g};
+  while (ci.row >= m) { // g >= m only where the grid has more warps than rows
+    ci.row -= m;
+    ci.p++;
+  }
+  cc = ci;
+  // The next item (ci) into stage j % STG; an empty group past the last (the wait counts stay uniform).
+  auto issue = [&](int j) {
+    if (j < nit) {
+      const int64_t off = ((int64_t)ids[ci.p] * m + ci.row) * rb;
+      const int64_t a0 = off & ~(int64_t)15;
+      const int rend = (int)(((off + rb + 3) & ~(int64_t)3) - a0); // bytes to copy from a0 (ffn_load's last word)
+      uint8_t *d = ring + (j % STG) * 2 * rs + 16 * lane;
+      const uint8_t *sgp = wg + a0 + 16 * lane, *sup = wu + a0 + 16 * lane;
+#pragma unroll
+      for (int i = 0; i < MOE14_R; i++) {
+        const int b = rend - 16 * (lane + 32 * i);
+        if (b > 0) {
+          moe14_cp16(d + 512 * i, sgp + 512 * i, b < 16 ? b : 16);
+          moe14_cp16(d + rs + 512 * i, sup + 512 * i, b < 16 ? b : 16);
+        }
+      }
+      advance(ci);
+    }
+    moe14_commit();
+  };
+#pragma unroll
+  for (int j = 0; j < STG - 1; j++) issue(j);
+  moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg, n * xs4); // every token's staged x
+  __syncthreads();
+  int cs = 0, ct = 0; // cc's slot and token
+  for (int j = 0; j < nit; j++) {
+    moe14_wait<STG - 2>(); // item j's copies (this lane's) have landed
+    __syncwarp();          // ... every lane's; and every lane is done with item j - 1's stage
+    issue(j + STG - 1);    // into item j - 1's stage
+    const int p = cc.p, row = cc.row;
+    while (cs + ct * n_slots < p) { // cc.p's token and slot (p only grows)
+      if (++cs == n_slots) {
+        cs = 0;
+        ct++;
+      }
+    }
+    const int t = ct;
+    advance(cc);
+    const int e = ids[p];
+    const int sh0 = (int)((((int64_t)e * m + row) * rb) & 15);
+    const uint32_t *sg = reinterpret_cast<const uint32_t *>(ring + (j % STG) * 2 * rs);
+    const uint32_t *su = sg + rs / 4;
+    const uint32_t *xh = xsm + (int64_t)t * xs4 * 4;
+    const float *xinv = reinterpret_cast<const float *>(xh + nch * DEC16_XW);
+    float ag = 0.f, au = 0.f;
+    for (int c0 = 0; c0 < nch; c0 += 32 * NB) { // moe6_dot2's blocks in its order
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int c = c0 + lane + 32 * i;
+        if (c < nch) {
+          const int bo = sh0 + c * BB, wo = bo >> 2;
+          const uint32_t sh = (uint32_t)(bo & 3);
+          uint32_t wgw[BW], wuw[BW];
+#pragma unroll
+          for (int b = 0; b < BW; b++) {
+            wgw[b] = sg[wo + b];
+            wuw[b] = su[wo + b];
+          }
+          const uint4 *xp = reinterpret_cast<const uint4 *>(xh + c * DEC16_XW);
+          const float xi = xinv[c];
+          uint32_t ga[2] = {0u, 0u}, ua[2] = {0u, 0u};
+          moe6_block_acc<T>(wgw, sh, xp, ga);
+          moe6_block_acc<T>(wuw, sh, xp, ua);
+          ag += dec16_fold(ga, dec16_wscale<T>(wgw, sh), xi);
+          au += dec16_fold(ua, dec16_wscale<T>(wuw, sh), xi);
+        }
+      }
+    }
+    ag = warp_sum(ag);
+    au = warp_sum(au);
+    if (lane == 0) { // v10's epilogue
+      const float gv = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
+      const float uv = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+      const float v = swiglu_oai(gv, uv, alpha, limit);
+      int word, half;
+      moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
+      acth[(((int64_t)p * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
+          (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
+    }
+  }
+}
+#endif
+
+// ---- launch ----
+// ORCH_CUDA_MOE14=1: v14's gate_up in v10's launches (orch_moe_decode /
+// _norm / _addnorm at 1..8 tokens); ORCH_CUDA_MOE14_STG=2..4 ring stages
+// (default 3); ORCH_CUDA_MOE14_CTAS=N at most N CTAs per SM (default: as many
+// as fit).
+static int moe14_env(const char *name, int def) {
+  const char *v = getenv(name);
+  return v && *v ? atoi(v) : def;
+}
+static bool moe14_on() { return moe14_env("ORCH_CUDA_MOE14", 0) == 1; }
+
+// Launches v14's gate_up; false (nothing launched) where it does not fit.
+template <int T, int STG>
+static bool launch_gate_up14_stg(cudaStream_t st, uint16_t *acth, const uint4 *xg, const uint8_t *wg,
+                                 const uint8_t *wu, const float *gb, const float *ub, const int32_t *ids, int n,
+                                 int n_slots, int dim, int ff, float alpha, float limit, float sc) {
+  const int64_t rb = orch_row_bytes(T, dim);
+  const int rs = moe14_row_slot(rb);
+  const size_t sm = moe14_smem(n, dim / 32, rb, STG);
+  if (sm > 200 * 1024 || rs > 16 * 32 * MOE14_R) return false;
+  auto kern = moe_gate_up14_kernel<T, STG>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  int dev = 0, sms = 0, per = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, MOE14_W * 32, sm);
+  const int cap = moe14_env("ORCH_CUDA_MOE14_CTAS", 0);
+  if (cap > 0 && per > cap) per = cap;
+  if (per < 1 || sms < 1) return false;
+  const int64_t items = (int64_t)n * n_slots * ff;
+  const int64_t want = (items + MOE14_W - 1) / MOE14_W;
+  const int grid = (int)(want < (int64_t)sms * per ? want : (int64_t)sms * per);
+#if defined(ORCH_EMU)
+  g_moe14_launches[0]++;
+#endif
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)grid), MOE14_W * 32, sm, st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, rb, rs,
+                   alpha, limit, sc);
+  return true;
+}
+template <int T>
+static bool launch_gate_up14(cudaStream_t st, uint16_t *acth, const uint4 *xg, const uint8_t *wg, const uint8_t *wu,
+                             const float *gb, const float *ub, const int32_t *ids, int n, int n_slots, int dim,
+                             int ff, float alpha, float limit, float sc) {
+  switch (moe14_env("ORCH_CUDA_MOE14_STG", 3)) {
+    case 2:
+      return launch_gate_up14_stg<T, 2>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
+    case 4:
+      return launch_gate_up14_stg<T, 4>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
+    default:
+      return launch_gate_up14_stg<T, 3>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
+  }
+}
+
+// ---- MoE v14 down (opt-in ORCH_CUDA_MOE14_DOWN=1 with ORCH_CUDA_MOE14=1) ----
+// v10's down as a one-wave persistent kernel: CTA c of DW warps takes the row
+// groups u = c, c + grid, ... (u = t * (m / DW) + b: token t, rows DW b ..
+// DW b + DW - 1, one a warp); warp w streams its row's n_slots expert rows
+// (item = one slot's row) through a ring of STG shared-memory stages as
+// gate_up14 (the first STG - 1 items issued before pdl_wait from the
+// speculative routing read, v6's moe6_ld_id, and issued again after the wait
+// where any of them changed). The staged activation of every token is copied
+// once per CTA (fewer CTAs than v10's 360: fewer 28.8 KB copies from L2).
+// Per item v10's sums in v10's order (per round of NB blocks a lane, then the
+// slot's warp sum, bias and weight, slots in order): the output is v10's bit
+// for bit, and so is the AN epilogue (res2 / xt per row, ss per 8 rows in warp
+// order: DW = 8, or DW = 16 with two 8-row sums).
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+template <int T, int STG, int DW, bool AN>
+__global__ void __launch_bounds__(DW * 32, DW == 8 ? 3 : 1) // DW = 8: <= 80 registers
+moe_down14_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
+                  const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
+                  const float *__restrict__ wts, int n, int n_slots, int n_exp, int k, int m, int64_t rb, int rs,
+                  float xinv, moe10_addnorm an) {
+  static_assert(STG >= 2 && DW % 8 == 0, "ring of two stages or more; whole 8-row sums");
+  constexpr int BB = type_block_bytes(T), BW = block_words<T>(), NB = T == ORCH_T_Q8_0 ? 2 : 3; // down_h_nb<T>()
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nch = k / 32, cw4 = nch * DEC16_XW / 4; // uint4s per staged pair
+  const int ngr = m / DW;                           // row groups per token (m % DW == 0: caller)
+  const int U = n * ngr, gs = (int)gridDim.x;
+  const int nu = (int)blockIdx.x < U ? (U - 1 - (int)blockIdx.x) / gs + 1 : 0;
+  const int nit = nu * n_slots; // items of every warp of the CTA
+  uint8_t *ring = reinterpret_cast<uint8_t *>(xsm + (int64_t)n * n_slots * cw4 * 4) + (int64_t)warp * STG * rs;
+  // item j -> (token t, row, slot s); cursors advance without divisions
+  struct cursor {
+    int t, b, s;
+  };
+  auto at = [&](int j) {
+    const int u = (int)blockIdx.x + (j / n_slots) * gs;
+    return cursor{u / ngr, u % ngr, j % n_slots};
+  };
+  auto advance = [&](cursor &c) {
+    if (++c.s == n_slots) {
+      c.s = 0;
+      c.b += gs;
+      while (c.b >= ngr) {
+        c.b -= ngr;
+        c.t++;
+      }
+    }
+  };
+  auto issue_e = [&](int j, const cursor &c, int e) { // item j (cursor c, expert e) into stage j % STG
+    const int row = c.b * DW + warp;
+    const int64_t off = ((int64_t)e * m + row) * rb;
+    const int64_t a0 = off & ~(int64_t)15;
+    const int rend = (int)(((off + rb + 3) & ~(int64_t)3) - a0);
+    uint8_t *d = ring + (j % STG) * rs + 16 * lane;
+    const uint8_t *sp = wd + a0 + 16 * lane;
+#pragma unroll
+    for (int i = 0; i < MOE14_R; i++) {
+      const int b = rend - 16 * (lane + 32 * i);
+      if (b > 0) moe14_cp16(d + 512 * i, sp + 512 * i, b < 16 ? b : 16);
+    }
+  };
+  // The first STG - 1 items before the wait, from the speculative routing (clamped: any stale value is an expert).
+  int spec[STG - 1];
+#pragma unroll
+  for (int j = 0; j < STG - 1; j++) {
+    spec[j] = -1;
+    if (j < nit) {
+      const cursor c = at(j);
+      const int e = moe6_ld_id(ids + (int64_t)c.t * n_slots + c.s);
+      spec[j] = e < 0 ? 0 : e >= n_exp ? n_exp - 1 : e;
+      issue_e(j, c, spec[j]);
+    }
+    moe14_commit();
+  }
+  pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
+  bool stale = false;
+#pragma unroll
+  for (int j = 0; j < STG - 1; j++)
+    if (j < nit) {
+      const cursor c = at(j);
+      stale |= ids[(int64_t)c.t * n_slots + c.s] != spec[j];
+    }
+  if (stale) { // uniform over the warp: land the stale copies, then issue the items again
+    moe14_wait<0>();
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < STG - 1; j++) {
+      if (j < nit) {
+        const cursor c = at(j);
+        issue_e(j, c, ids[(int64_t)c.t * n_slots + c.s]);
+      }
+      moe14_commit();
+    }
+  }
+  moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth, n * n_slots * cw4);
+  __syncthreads();
+  cursor ci = at(STG - 1), cc = at(0);
+  float res = 0.f;
+  for (int j = 0; j < nit; j++) {
+    moe14_wait<STG - 2>();
+    __syncwarp();
+    if (j + STG - 1 < nit) {
+      issue_e(j + STG - 1, ci, ids[(int64_t)ci.t * n_slots + ci.s]);
+      advance(ci);
+    }
+    moe14_commit();
+    const int t = cc.t, row = cc.b * DW + warp, s = cc.s;
+    const int b8 = cc.b;
+    advance(cc);
+    const int64_t p = (int64_t)t * n_slots + s;
+    const int e = ids[p];
+    const int sh0 = (int)((((int64_t)e * m + row) * rb) & 15);
+    const uint32_t *sw = reinterpret_cast<const uint32_t *>(ring + (j % STG) * rs);
+    const uint32_t *xh = xsm + p * nch * DEC16_XW;
+    float acc = 0.f;
+    for (int c0 = 0; c0 < nch; c0 += 32 * NB) { // moe10_dot's rounds, summed into acc as down10
+      float sr = 0.f;
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int c = c0 + lane + 32 * i;
+        if (c < nch) {
+          const int bo = sh0 + c * BB, wo = bo >> 2;
+          const uint32_t sh = (uint32_t)(bo & 3);
+          uint32_t w[BW];
+#pragma unroll
+          for (int q = 0; q < BW; q++) w[q] = sw[wo + q];
+          uint32_t a[2] = {0u, 0u};
+          moe6_block_acc<T>(w, sh, reinterpret_cast<const uint4 *>(xh + c * DEC16_XW), a);
+          sr += dec16_fold(a, dec16_wscale<T>(w, sh), xinv);
+        }
+      }
+      acc += sr;
+    }
+    const float a = warp_sum(acc);
+    res += wts[p] * (a + (db ? db[(int64_t)e * m + row] : 0.f));
+    if (s == n_slots - 1) { // the row is done
+      if (lane == 0) out[(int64_t)t * m + row] = res;
+      if constexpr (AN) { // down10's epilogue; DW / 8 sums of 8 rows (warp order)
+        MOE10_SHARED float wsq[DW];
+        if (lane == 0) {
+          const int64_t i = (int64_t)t * m + row;
+          const float r = an.res[i] + res;
+          an.res[i] = r;
+          an.xt[i] = r * an.w[row];
+          wsq[warp] = r * r;
+        }
+        __syncthreads(); // every warp of the CTA finishes its row at the same item
+        if ((int)threadIdx.x < DW / 8) {
+          float sum = 0.f;
+          for (int w8 = 0; w8 < 8; w8++) sum += wsq[8 * threadIdx.x + w8];
+          an.ss[(int64_t)t * (m / 8) + b8 * (DW / 8) + threadIdx.x] = sum;
+        }
+        __syncthreads(); // wsq is written again for the next row group
+      }
+      res = 0.f;
+    }
+  }
+}
+#endif
+
+static bool moe14_down_on() { return moe14_on() && moe14_env("ORCH_CUDA_MOE14_DOWN", 0) == 1; }
+
+// Launches v14's down; false (nothing launched) where it does not fit.
+template <int T, int STG, int DW>
+static bool launch_down14_stg(cudaStream_t st, float *out, const uint4 *acth, const uint8_t *wd, const float *db,
+                              const int32_t *ids, const float *wts, int n, int n_slots, int n_exp, int ff, int dim,
+                              float xinv, const moe10_addnorm *an) {
+  const int64_t rb = orch_row_bytes(T, ff);
+  const int rs = moe14_row_slot(rb);
+  const size_t sm = (size_t)n * n_slots * (ff / 32) * DEC16_XW * 4 + (size_t)DW * STG * rs;
+  if (dim % DW || sm > 200 * 1024 || rs > 16 * 32 * MOE14_R) return false;
+  auto kern = an ? moe_down14_kernel<T, STG, DW, true> : moe_down14_kernel<T, STG, DW, false>;
+  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+  int dev = 0, sms = 0, per = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, DW * 32, sm);
+  const int cap = moe14_env("ORCH_CUDA_MOE14_DCTAS", 0);
+  if (cap > 0 && per > cap) per = cap;
+  if (per < 1 || sms < 1) return false;
+  const int64_t units = (int64_t)n * (dim / DW);
+  const int grid = (int)(units < (int64_t)sms * per ? units : (int64_t)sms * per);
+  const moe10_addnorm av = an ? *an : moe10_addnorm{};
+#if defined(ORCH_EMU)
+  g_moe14_launches[1]++;
+#endif
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)grid), DW * 32, sm, st, out, acth, wd, db, ids, wts, n, n_slots, n_exp, ff,
+                   dim, rb, rs, xinv, av);
+  return true;
+}
+// ORCH_CUDA_MOE14_DSTG=2..4 (default 3: at gpt-oss n = 1, 66 KB a CTA of 8 warps, 3 CTAs an SM, 396 >= 360 row
+// groups: one group a CTA), ORCH_CUDA_MOE14_DCTAS=N CTAs per SM at most.
+template <int T>
+static bool launch_down14(cudaStream_t st, float *out, const uint4 *acth, const uint8_t *wd, const float *db,
+                          const int32_t *ids, const float *wts, int n, int n_slots, int n_exp, int ff, int dim,
+                          float xinv, const moe10_addnorm *an) {
+  const int stg = moe14_env("ORCH_CUDA_MOE14_DSTG", 3);
+#define MOE14_DOWN(S, W) launch_down14_stg<T, S, W>(st, out, acth, wd, db, ids, wts, n, n_slots, n_exp, ff, dim, xinv, an)
+  return stg == 2 ? MOE14_DOWN(2, 8) : stg == 4 ? MOE14_DOWN(4, 8) : MOE14_DOWN(3, 8);
+#undef MOE14_DOWN
+}
