@@ -337,15 +337,43 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
 // (a multiple of the round, >= 96: not one barrier per 32 chunks at NB = 1). Each block's byte offset in its first
 // word is the same for all of a lane's blocks of a row (c = c0 + lane + 32 i, c0 a multiple of 32): one register per
 // row, not one per block. Same blocks per lane in the same order, same arithmetic: bit-identical to gemv5_rows.
+// LW (Q8_0 only): the width of the weight loads. 4: the block's 9 aligned words (9 loads at a 34-byte lane stride:
+// ncu, session 9, 83% of L1 -> L2 sectors "excessive"); 8 / 16: the 5 / 3 aligned 8- / 16-byte units that cover
+// the block (10 / 12 registers), the block's 9 words selected at compute time by the lane's offset in the unit (the
+// same for all of a lane's blocks of a row, as the byte offset): fewer load instructions and sector requests.
 template <int NB> __host__ __device__ constexpr int gemv5_pf_sr() { return 32 * (NB >= 3 ? NB : NB * ((3 + NB - 1) / NB)); }
-template <int T, int NT, int NB, int D, int XR = 0, int NF = 0>
+template <int T, int LW> __host__ __device__ constexpr int gemv5_pf_words() {
+  return LW == 4 ? block_words<T>() : LW == 8 ? 10 : 12;
+}
+// One LW-byte unit at a (LW-aligned) into d[LW / 4]. The emulation copies only the bytes before lim (the end of the
+// block; the rest is zero and never used): the unit may extend past the tensor's end within its aligned granule.
+template <int LW>
+__device__ __forceinline__ void gemv5_pf_ldu(uint32_t *d, uintptr_t a, const uint8_t *lim) {
+#if defined(ORCH_EMU)
+  uint8_t b[LW] = {};
+  const uint8_t *p = reinterpret_cast<const uint8_t *>(a);
+  for (int i = 0; i < LW && p + i < lim; i++) b[i] = p[i];
+  memcpy(d, b, LW);
+#else
+  (void)lim;
+  if constexpr (LW == 8) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2 *>(a));
+    d[0] = v.x, d[1] = v.y;
+  } else {
+    const uint4 v = __ldg(reinterpret_cast<const uint4 *>(a));
+    d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+  }
+#endif
+}
+template <int T, int NT, int NB, int D, int XR = 0, int NF = 0, int LW = 4>
 __device__ __forceinline__ void gemv5_rows_pf(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                               const float *__restrict__ x, const uint8_t *__restrict__ w,
                                               const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
                                               int64_t row_bytes, int accumulate, int rows_per_warp,
                                               const gemv5_nf &F = gemv5_nf{}) {
   static_assert(D >= 1 && NB >= 1 && XR <= 1, "PF: depth >= 1; float x staged (XR 0 / 1)");
-  constexpr int BW = block_words<T>(), BB = type_block_bytes(T), R = 32 * NB, SR = gemv5_pf_sr<NB>();
+  static_assert(LW == 4 || (T == ORCH_T_Q8_0 && (LW == 8 || LW == 16)), "PF: wide loads for Q8_0");
+  constexpr int BW = gemv5_pf_words<T, LW>(), BB = type_block_bytes(T), R = 32 * NB, SR = gemv5_pf_sr<NB>();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
@@ -369,9 +397,20 @@ __device__ __forceinline__ void gemv5_rows_pf(uint32_t *xsm, int64_t cta, float 
       for (int i = 0; i < NB; i++) {
         const int64_t c = lc0 + lane + 32 * i;
         const bool ok = valid && c < nch;
-        const uint32_t *q = reinterpret_cast<const uint32_t *>((uintptr_t)(wr + (ok ? c : 0) * BB) & ~(uintptr_t)3);
+        if constexpr (LW == 4) {
+          const uint32_t *q = reinterpret_cast<const uint32_t *>((uintptr_t)(wr + (ok ? c : 0) * BB) & ~(uintptr_t)3);
 #pragma unroll
-        for (int j = 0; j < BW; j++) b[i][j] = ok ? __ldg(q + j) : 0u;
+          for (int j = 0; j < BW; j++) b[i][j] = ok ? __ldg(q + j) : 0u;
+        } else {
+          const uintptr_t a = (uintptr_t)(wr + (ok ? c : 0) * BB) & ~(uintptr_t)(LW - 1);
+#pragma unroll
+          for (int j = 0; j < BW; j += LW / 4) {
+            if (ok) gemv5_pf_ldu<LW>(&b[i][j], a + 4 * j, wr + (c + 1) * BB);
+            else
+#pragma unroll
+              for (int e = 0; e < LW / 4; e++) b[i][j + e] = 0u;
+          }
+        }
       }
       lc0 += R;
       if (lc0 >= nch) lc0 = 0, lr++;
@@ -420,7 +459,8 @@ __device__ __forceinline__ void gemv5_rows_pf(uint32_t *xsm, int64_t cta, float 
             gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
             nfscd = true;
           }
-        const uint32_t sh = (uint32_t)((uintptr_t)(w + (valid ? row : 0) * row_bytes + lane * BB) & 3);
+        const uintptr_t a0 = (uintptr_t)(w + (valid ? row : 0) * row_bytes + lane * BB);
+        const uint32_t sh = (uint32_t)(a0 & 3), wo = (uint32_t)(a0 & (LW - 1)) >> 2; // byte in word, word in unit
 #pragma unroll
         for (int i = 0; i < NB; i++) {
           const int64_t c = cc0 + lane + 32 * i;
@@ -432,8 +472,22 @@ __device__ __forceinline__ void gemv5_rows_pf(uint32_t *xsm, int64_t cta, float 
               xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
               a[j][0] = a[j][1] = 0u;
             }
-            dec16_block_acc<T, NT>(wb[u][i], sh, xp, nt, a);
-            const float ws = dec16_wscale<T>(wb[u][i], sh);
+            uint32_t ws9[block_words<T>()]; // the block's words (LW 8 / 16: selected by wo)
+            if constexpr (LW == 4) {
+#pragma unroll
+              for (int j = 0; j < BW; j++) ws9[j] = wb[u][i][j];
+            } else if constexpr (LW == 8) {
+#pragma unroll
+              for (int j = 0; j < 9; j++) ws9[j] = wo & 1 ? wb[u][i][j + 1] : wb[u][i][j];
+            } else {
+              uint32_t t1[11];
+#pragma unroll
+              for (int j = 0; j < 11; j++) t1[j] = wo & 1 ? wb[u][i][j + 1] : wb[u][i][j];
+#pragma unroll
+              for (int j = 0; j < 9; j++) ws9[j] = wo & 2 ? t1[j + 2] : t1[j];
+            }
+            dec16_block_acc<T, NT>(ws9, sh, xp, nt, a);
+            const float ws = dec16_wscale<T>(ws9, sh);
 #pragma unroll
             for (int j = 0; j < NT; j++)
               if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
@@ -506,14 +560,15 @@ gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
 }
 // gemv5_kernel as gemv5_rows_pf of depth PF (kernels of their own: an explicit minimum of blocks changes the plain
 // kernels' register allocation; <= 64 registers: 4 CTAs per SM as the plain kernel).
-template <int T, int NT, int NB, int XR, int PF>
+template <int T, int NT, int NB, int XR, int PF, int LW>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
 gemv5_pf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
                 const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
                 int rows_per_warp) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
-  gemv5_rows_pf<T, NT, NB, PF, XR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
+  gemv5_rows_pf<T, NT, NB, PF, XR, 0, LW>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate,
+                                          rows_per_warp);
 }
 // Multi-weight GEMV v5 (orch_matmul_multi): up to GEMV_MAX_PARTS weights of
 // one type with the same x (q, k and v of a layer) in one launch; part p owns
@@ -530,7 +585,7 @@ struct gemv5_parts {
 };
 
 // NF (gemv5_nf): 0, or 2 = the folded norm's consumer (F's ss, nss, eps).
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int PF = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int PF = 0, int LW = 4>
 __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const float *__restrict__ x, int64_t n,
                                                  int64_t k, int64_t row_bytes, const gemv5_nf &F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -542,7 +597,7 @@ __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const flo
 #define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
   if constexpr (PF)
-    gemv5_rows_pf<T, NT, NB, PF, XR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
+    gemv5_rows_pf<T, NT, NB, PF, XR, NF, LW>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
                                          GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F);
   else
     gemv5_rows<T, NT, NB, XR, TR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
@@ -554,17 +609,17 @@ __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   gemv5_multi_body<T, NT, NB, XR, TR>(P, x, n, k, row_bytes, gemv5_nf{});
 }
-template <int T, int NT, int NB, int XR, int PF>
+template <int T, int NT, int NB, int XR, int PF, int LW>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
 gemv5_multi_pf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
-  gemv5_multi_body<T, NT, NB, XR, 0, 0, PF>(P, x, n, k, row_bytes, gemv5_nf{});
+  gemv5_multi_body<T, NT, NB, XR, 0, 0, PF, LW>(P, x, n, k, row_bytes, gemv5_nf{});
 }
 // The folded norm's consumer (orch_matmul_multi_nf): x is the producer's xt.
-template <int T, int NT, int NB, int XR, int PF = 0>
+template <int T, int NT, int NB, int XR, int PF = 0, int LW = 4>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM as the plain kernel
 gemv5_multi_nf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                       const gemv5_nf F) {
-  gemv5_multi_body<T, NT, NB, XR, 0, 2, PF>(P, x, n, k, row_bytes, F);
+  gemv5_multi_body<T, NT, NB, XR, 0, 2, PF, LW>(P, x, n, k, row_bytes, F);
 }
 // The folded norm's producer (orch_matmul_addnorm): one row per warp, y written (no accumulate).
 template <int T, int NT, int NB, int XR>
@@ -575,14 +630,14 @@ gemv5_nf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_
   pdl_trigger();
   gemv5_rows<T, NT, NB, XR, 0, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
 }
-template <int T, int NT, int NB, int XR, int PF>
+template <int T, int NT, int NB, int XR, int PF, int LW>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
 gemv5_nf_pf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
                    const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes,
                    const gemv5_nf F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
-  gemv5_rows_pf<T, NT, NB, PF, XR, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
+  gemv5_rows_pf<T, NT, NB, PF, XR, 1, LW>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
 }
 
 template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
@@ -614,14 +669,15 @@ static inline int gemv5_stage_mode(int64_t k) {
 
 // ORCH_CUDA_GEMV5_PF (session 9, opt-in): the one-token Q8_0 v5 kernels (plain, merged, the folded norm's
 // producer and merged consumer) as gemv5_rows_pf: 0 off (default), 1 NB 2 depth 1 (2 rounds of 2 blocks per lane
-// in flight), 2 NB 1 depth 2, 3 NB 1 depth 3. ORCH_CUDA_GEMV5_PF_RPW=2: with PF on, 2 rows per warp for the plain
+// in flight), 2 NB 1 depth 2, 3 NB 1 depth 3; 4 / 5: mode 2 with 16- / 8-byte weight loads (LW).
+// ORCH_CUDA_GEMV5_PF_RPW=2: with PF on, 2 rows per warp for the plain
 // and merged kernels (half the CTAs: Llama q/k/v's 768 CTAs = 1.45 waves -> 384, the second row's first items
 // loaded under the first row's last). Read once per process; g_gemv5_pf / g_gemv5_pf_rpw (>= 0) override (tests).
 static int g_gemv5_pf = -1, g_gemv5_pf_rpw = -1;
 static inline int gemv5_pf_mode() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_GEMV5_PF");
-    return e && e[0] >= '0' && e[0] <= '3' && !e[1] ? e[0] - '0' : 0;
+    return e && e[0] >= '0' && e[0] <= '5' && !e[1] ? e[0] - '0' : 0;
   }();
   return g_gemv5_pf >= 0 ? g_gemv5_pf : v;
 }
@@ -632,14 +688,19 @@ static inline int gemv5_pf_rpw(int64_t m) {
   }();
   return max(g_gemv5_pf_rpw >= 1 ? g_gemv5_pf_rpw : v, gemv5_rpw(m));
 }
-// Calls fn(NB, D) (integral constants) for PF mode 1..3; false for 0.
+// Calls fn(NB, D, LW) (integral constants) for PF mode 1..5; false for 0.
 template <class Fn> static bool gemv5_pf_go(int mode, Fn &&fn) {
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;
   using I3 = std::integral_constant<int, 3>;
-  if (mode == 1) fn(I2{}, I1{});
-  else if (mode == 2) fn(I1{}, I2{});
-  else if (mode == 3) fn(I1{}, I3{});
+  using I4 = std::integral_constant<int, 4>;
+  using I8 = std::integral_constant<int, 8>;
+  using I16 = std::integral_constant<int, 16>;
+  if (mode == 1) fn(I2{}, I1{}, I4{});
+  else if (mode == 2) fn(I1{}, I2{}, I4{});
+  else if (mode == 3) fn(I1{}, I3{}, I4{});
+  else if (mode == 4) fn(I1{}, I2{}, I16{});
+  else if (mode == 5) fn(I1{}, I2{}, I8{});
   else return false;
   return true;
 }
@@ -647,14 +708,14 @@ template <int T, int NT> constexpr bool gemv5_pf_ok() { return T == ORCH_T_Q8_0 
 
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
 // (orch_gemv_trace); PF > 0: gemv5_rows_pf of depth PF with NBX blocks per round.
-template <int T, int NT, int XR, int TR = 0, int NBX = 0, int PF = 0>
+template <int T, int NT, int XR, int TR = 0, int NBX = 0, int PF = 0, int LW = 4>
 static void launch_gemv5_nt_x(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                               int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
   constexpr int NB = NBX ? NBX : gemv5_nb<T, NT>();
   const int rpw = PF ? gemv5_pf_rpw(m) : gemv5_rpw(m);
   const size_t sm = gemv5_smem(k, NT);
   auto kern = [] {
-    if constexpr (PF) return gemv5_pf_kernel<T, NT, NB, XR, PF>;
+    if constexpr (PF) return gemv5_pf_kernel<T, NT, NB, XR, PF, LW>;
     else return gemv5_kernel<T, NT, NB, XR, TR>;
   }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -673,10 +734,10 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
     }
 #endif
   if constexpr (gemv5_pf_ok<T, NT>())
-    if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d) {
-          constexpr int NB = decltype(nb)::value, D = decltype(d)::value;
-          if (mode == 1) launch_gemv5_nt_x<T, NT, 1, 0, NB, D>(st, y, x, w, bias, n, k, m, rb, acc);
-          else launch_gemv5_nt_x<T, NT, 0, 0, NB, D>(st, y, x, w, bias, n, k, m, rb, acc);
+    if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d, auto lw) {
+          constexpr int NB = decltype(nb)::value, D = decltype(d)::value, LW = decltype(lw)::value;
+          if (mode == 1) launch_gemv5_nt_x<T, NT, 1, 0, NB, D, LW>(st, y, x, w, bias, n, k, m, rb, acc);
+          else launch_gemv5_nt_x<T, NT, 0, 0, NB, D, LW>(st, y, x, w, bias, n, k, m, rb, acc);
         }))
       return;
   if constexpr (NT <= 2)
@@ -686,13 +747,13 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
 
 // P: count parts filled in (w, bias, y, m); rpw and end are set here. XR as
 // launch_gemv5_nt_x, TR: the trace.
-template <int T, int NT, int XR, int TR = 0, int NBX = 0, int PF = 0>
+template <int T, int NT, int XR, int TR = 0, int NBX = 0, int PF = 0, int LW = 4>
 static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                     int64_t rb) {
   constexpr int NB = NBX ? NBX : gemv5_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT);
   auto kern = [] {
-    if constexpr (PF) return gemv5_multi_pf_kernel<T, NT, NB, XR, PF>;
+    if constexpr (PF) return gemv5_multi_pf_kernel<T, NT, NB, XR, PF, LW>;
     else return gemv5_multi_kernel<T, NT, NB, XR, TR>;
   }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -709,10 +770,10 @@ template <int T, int NT>
 static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb) {
   if constexpr (gemv5_pf_ok<T, NT>())
-    if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d) {
-          constexpr int NB = decltype(nb)::value, D = decltype(d)::value;
-          if (gemv5_stage_mode(k) == 1) launch_gemv5_multi_nt_x<T, NT, 1, 0, NB, D>(st, P, count, x, n, k, rb);
-          else launch_gemv5_multi_nt_x<T, NT, 0, 0, NB, D>(st, P, count, x, n, k, rb);
+    if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d, auto lw) {
+          constexpr int NB = decltype(nb)::value, D = decltype(d)::value, LW = decltype(lw)::value;
+          if (gemv5_stage_mode(k) == 1) launch_gemv5_multi_nt_x<T, NT, 1, 0, NB, D, LW>(st, P, count, x, n, k, rb);
+          else launch_gemv5_multi_nt_x<T, NT, 0, 0, NB, D, LW>(st, P, count, x, n, k, rb);
         }))
       return;
   if constexpr (NT <= 2)
@@ -759,8 +820,8 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0);
       if constexpr (gemv5_pf_ok<T, NT>())
-        if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d) {
-              launch(gemv5_nf_pf_kernel<T, NT, decltype(nb)::value, XR, decltype(d)::value>, sm);
+        if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d, auto lw) {
+              launch(gemv5_nf_pf_kernel<T, NT, decltype(nb)::value, XR, decltype(d)::value, decltype(lw)::value>, sm);
             }))
           return;
       launch(gemv5_nf_kernel<T, NT, NB, XR>, sm);
@@ -796,8 +857,9 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
       if constexpr (gemv5_pf_ok<T, NT>())
-        if (gemv5_pf_go(pf, [&](auto nb, auto d) {
-              launch(gemv5_multi_nf_kernel<T, NT, decltype(nb)::value, XR, decltype(d)::value>, sm);
+        if (gemv5_pf_go(pf, [&](auto nb, auto d, auto lw) {
+              launch(gemv5_multi_nf_kernel<T, NT, decltype(nb)::value, XR, decltype(d)::value, decltype(lw)::value>,
+                     sm);
             }))
           return;
       launch(gemv5_multi_nf_kernel<T, NT, NB, XR>, sm);

@@ -363,7 +363,7 @@ static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
 }
 
 // GEMV v5 with the weights of D items ahead in flight (gemv16.cuh gemv5_rows_pf, ORCH_CUDA_GEMV5_PF; session 9):
-// bit-identical to gemv5_rows for every mode (NB 2 depth 1, NB 1 depth 2 / 3) and rows per warp 1 / 2 — plain with
+// bit-identical to gemv5_rows for every mode (NB 2 depth 1, NB 1 depth 2 / 3, 16- / 8-byte loads) and rows per warp 1 / 2 — plain with
 // bias and accumulate, merged parts, the folded norm's producer (y, res, xt, ss) and merged consumer — on the
 // one-token Q8_0 route it serves; x staged once (k < 8192) and per step (k >= 8192), ragged CTAs, partial rounds.
 static void test_gemv_pf(int64_t k, std::vector<int64_t> ms, int mode, int rpw) {
@@ -707,12 +707,14 @@ static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulat
 }
 
 static void test_gemv_pf_all() {
-  for (int mode = 1; mode <= 3; mode++) {
+  for (int mode = 1; mode <= 5; mode++) {
     test_gemv_pf(14336, {8}, mode, 1);                       // Llama down's k: x per step, partial last round / step
     test_gemv_pf(4096, {20, 8, 8}, mode, mode == 2 ? 2 : 1); // x once; ragged CTA; 2 rows per warp crossing rows
     test_gemv_pf(96, {36, 8}, mode, 2);                      // 3 chunks: one item per row, lanes without blocks
   }
   test_gemv_pf(8192, {12, 4}, 1, 2); // x per step with 2 rows per warp (the second reads it)
+  test_gemv_pf(2880, {12, 8}, 4, 2);  // rows of 3060 bytes: 16-byte units at a per-row offset
+  test_gemv_pf(2880, {12}, 5, 1);     // ... 8-byte units
 }
 
 int main(int argc, char **argv) {

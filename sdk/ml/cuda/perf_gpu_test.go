@@ -682,11 +682,11 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// (XR=1) for every k. (2 rows per warp lost in run 2: Llama down 37.6 vs 30.3 us; batched
 		// cp.async staging of the float x lost end to end in run 3: deleted in session 7.)
 		// Session 9: the default against the one-token Q8_0 kernels with the weights of later work items in
-		// flight (ORCH_CUDA_GEMV5_PF=1: 2 blocks a round, one round ahead; 2 / 3: 1 block, 2 / 3 ahead;
-		// ORCH_CUDA_GEMV5_PF_RPW=2: 2 rows per warp); the XR children (settled in session 6) are left out.
-		// ORCH_GEMV_PERF_SETTINGS="A=1 B=2;C=3" replaces the list (one child per ;-separated setting).
+		// flight (ORCH_CUDA_GEMV5_PF=1: 2 blocks a round, one round ahead; 2 / 3: 1 block, 2 / 3 ahead; 4 / 5: 2
+		// with 16- / 8-byte weight loads; ORCH_CUDA_GEMV5_PF_RPW=2: 2 rows per warp); the XR children (settled in
+		// session 6) are left out. ORCH_GEMV_PERF_SETTINGS="A=1 B=2;C=3" replaces the list (a child per setting).
 		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_PF=1", "ORCH_CUDA_GEMV5_PF=2", "ORCH_CUDA_GEMV5_PF=3",
-			"ORCH_CUDA_GEMV5_PF=1 ORCH_CUDA_GEMV5_PF_RPW=2"}
+			"ORCH_CUDA_GEMV5_PF=4", "ORCH_CUDA_GEMV5_PF=5", "ORCH_CUDA_GEMV5_PF=3 ORCH_CUDA_GEMV5_PF_RPW=2"}
 		if v := os.Getenv("ORCH_GEMV_PERF_SETTINGS"); v != "" {
 			settings = strings.Split(v, ";")
 		}
@@ -1081,7 +1081,7 @@ func gemvTraceTable(t *testing.T, r randSrc, label string, peak float64) {
 }
 
 // TestGEMV5PFBits (session 9): the one-token Q8_0 GEMVs with the weights of later work items in flight
-// (ORCH_CUDA_GEMV5_PF=1..3, ORCH_CUDA_GEMV5_PF_RPW=2; gemv16.cuh gemv5_rows_pf) give the default kernels' bits
+// (ORCH_CUDA_GEMV5_PF=1..5, ORCH_CUDA_GEMV5_PF_RPW=2; gemv16.cuh gemv5_rows_pf) give the default kernels' bits
 // on the device: each setting runs in a child process (the library reads the variables once) on fixed-seed inputs
 // — plain GEMVs at Llama's down (x staged per step), q/k/v and gpt-oss's q/k/v shapes, 2 rows per warp (m >= 32768),
 // and down -> AddRMSNorm -> q/k/v as the decode step runs it (the folded norm's producer and consumer by default) —
@@ -1109,7 +1109,8 @@ func TestGEMV5PFBits(t *testing.T) {
 		}
 		want := hashes("E2E_BASE=1")
 		for _, s := range []string{"ORCH_CUDA_GEMV5_PF=1", "ORCH_CUDA_GEMV5_PF=2", "ORCH_CUDA_GEMV5_PF=3",
-			"ORCH_CUDA_GEMV5_PF=1 ORCH_CUDA_GEMV5_PF_RPW=2", "ORCH_CUDA_GEMV5_PF=3 ORCH_CUDA_GEMV5_PF_RPW=2"} {
+			"ORCH_CUDA_GEMV5_PF=4", "ORCH_CUDA_GEMV5_PF=5", "ORCH_CUDA_GEMV5_PF=1 ORCH_CUDA_GEMV5_PF_RPW=2",
+			"ORCH_CUDA_GEMV5_PF=3 ORCH_CUDA_GEMV5_PF_RPW=2"} {
 			require.Equal(t, want, hashes(s), "%s: outputs differ from the default kernels'", s)
 			t.Logf("%s: %d outputs bit-identical to the default", s, len(want))
 		}
