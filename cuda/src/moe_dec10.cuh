@@ -125,12 +125,13 @@ __device__ __forceinline__ moe10_rwv moe10_route_w(const float *__restrict__ rw,
   v.w1 = ok1 ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)e * dim + k0 + 4)) : z4;
   return v;
 }
-// Slice s of token t: partial logits into part, x's chunks (2s, 2s+1) staged into xg.
+// Slice s of token t: partial logits into prow[0 .. n_exp) (the (t, s) row of
+// the partials), x's chunks (2s, 2s+1) staged into xg.
 // xsl: x[t][s * MOE10_RK ...] (16-byte aligned; global memory, or the
 // normalized slice in shared memory when the AddRMSNorm is folded in).
-__device__ __forceinline__ void moe10_route_slice(float *__restrict__ part, uint32_t *__restrict__ xg,
-                                                  const float *xsl, const moe10_rwv &w, int s, int t, int S,
-                                                  int dim, int n_exp, int kind, int x14, int tid) {
+__device__ __forceinline__ void moe10_route_slice(float *__restrict__ prow, uint32_t *__restrict__ xg,
+                                                  const float *xsl, const moe10_rwv &w, int s, int t, int dim,
+                                                  int n_exp, int kind, int x14, int tid) {
   const int e = tid >> 3, q = tid & 7;
   const int k0 = s * MOE10_RK + 8 * q; // this thread's 8 elements of expert e's row
   const bool ok0 = e < n_exp && k0 < dim, ok1 = e < n_exp && k0 + 4 < dim;
@@ -149,7 +150,7 @@ __device__ __forceinline__ void moe10_route_slice(float *__restrict__ part, uint
   acc += __shfl_xor_sync(0xffffffffu, acc, 1);
   acc += __shfl_xor_sync(0xffffffffu, acc, 2);
   acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-  if (q == 0 && e < n_exp) part[((int64_t)t * S + s) * n_exp + e] = acc;
+  if (q == 0 && e < n_exp) prow[e] = acc;
   // Stage the slice's chunks (2s, 2s+1): moe6_stage's values (the 8 lanes of
   // a chunk share its max), written where gate_up10 copies them from.
   const int nch = dim / 32;
@@ -298,7 +299,7 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
     __syncthreads(); // xs; lg is free again (block_sum's last read was before this)
     xsl = xs;
   }
-  moe10_route_slice(part, xg, xsl, w, s, t, S, dim, n_exp, kind, x14, tid);
+  moe10_route_slice(part + ((int64_t)t * S + s) * n_exp, xg, xsl, w, s, t, dim, n_exp, kind, x14, tid);
   // The last CTA of token t (ticket) routes it.
   moe10_fence(); // this thread's partial / staged writes before the ticket
   __syncthreads();
@@ -511,7 +512,8 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
     const float sc = moe6_act_scale<T>(alpha, limit);
     const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
-    {
+    if (!(moe14_route_on() && launch_route14(st, xg, ids, wts, x, rw, rbias, dim, n_exp, n_slots,
+                                             dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0, n, nm))) {
       const moe10_norm nv = nm ? *nm : moe10_norm{};
       const int per = nm ? (dim + MOE10_THREADS - 1) / MOE10_THREADS : 0; // <= MOE10_NORM_MAX_N (caller)
       auto kern = per == 0 ? moe10_route_kernel<0>

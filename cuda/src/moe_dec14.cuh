@@ -1,7 +1,7 @@
 // moe_dec14.cuh — MoE v14 gate_up (session 9, opt-in ORCH_CUDA_MOE14=1): v10's
 // gate_up as a one-wave persistent kernel whose warps stream their row pairs
 // through a per-warp ring of STG shared-memory stages filled by 16-byte
-// cp.async, so that one warp's decode overlaps the loads of its next STG - 1
+// cp.async, so that one warp's decode overlaps the loads of its next STG
 // row pairs (and the other warps' loads), instead of v10's generations of
 // CTAs that load together and then compute together (ncu, session 9 run 1:
 // DRAM 46%, issue 51%, 3 local spills a warp, 71% excessive L1->L2 sectors
@@ -24,7 +24,7 @@
 
 constexpr int MOE14_W = 8; // warps per CTA
 #if defined(ORCH_EMU)
-inline int g_moe14_launches[2]; // emulation test hook: v14 gate_up / down launches
+inline int g_moe14_launches[3]; // emulation test hook: v14 gate_up / down / route launches
 #endif
 constexpr int MOE14_R = 4; // 16-byte copies a lane a row at most: rows up to 2,030 bytes (MXFP4 dim <= 3,808)
 
@@ -109,6 +109,7 @@ moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   }
   cc = ci;
   // The next item (ci) into stage j % STG; an empty group past the last (the wait counts stay uniform).
+// STG items are in flight: item j + STG is issued into item j's stage once item j is decoded.
   auto issue = [&](int j) {
     if (j < nit) {
       const int64_t off = ((int64_t)ids[ci.p] * m + ci.row) * rb;
@@ -129,14 +130,13 @@ moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
     moe14_commit();
   };
 #pragma unroll
-  for (int j = 0; j < STG - 1; j++) issue(j);
+  for (int j = 0; j < STG; j++) issue(j); // every stage in flight
   moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg, n * xs4); // every token's staged x
   __syncthreads();
   int cs = 0, ct = 0; // cc's slot and token
   for (int j = 0; j < nit; j++) {
-    moe14_wait<STG - 2>(); // item j's copies (this lane's) have landed
-    __syncwarp();          // ... every lane's; and every lane is done with item j - 1's stage
-    issue(j + STG - 1);    // into item j - 1's stage
+    moe14_wait<STG - 1>(); // item j's copies (this lane's) have landed (items j + 1 .. j + STG - 1 in flight)
+    __syncwarp();          // ... every lane's
     const int p = cc.p, row = cc.row;
     while (cs + ct * n_slots < p) { // cc.p's token and slot (p only grows)
       if (++cs == n_slots) {
@@ -178,6 +178,8 @@ moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
     }
     ag = warp_sum(ag);
     au = warp_sum(au);
+    __syncwarp();       // every lane is done with item j's stage
+    issue(j + STG);     // into item j's stage
     if (lane == 0) { // v10's epilogue
       const float gv = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
       const float uv = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
@@ -193,8 +195,8 @@ moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
 
 // ---- launch ----
 // ORCH_CUDA_MOE14=1: v14's gate_up in v10's launches (orch_moe_decode /
-// _norm / _addnorm at 1..8 tokens); ORCH_CUDA_MOE14_STG=2..4 ring stages
-// (default 3); ORCH_CUDA_MOE14_CTAS=N at most N CTAs per SM (default: as many
+// _norm / _addnorm at 1..8 tokens); ORCH_CUDA_MOE14_STG=2..4 ring stages = row pairs in flight a warp
+// (default 2: 55.8 KB a CTA at gpt-oss n = 1, 3 CTAs = 24 warps an SM); ORCH_CUDA_MOE14_CTAS=N at most N CTAs per SM (default: as many
 // as fit).
 static int moe14_env(const char *name, int def) {
   const char *v = getenv(name);
@@ -234,13 +236,13 @@ template <int T>
 static bool launch_gate_up14(cudaStream_t st, uint16_t *acth, const uint4 *xg, const uint8_t *wg, const uint8_t *wu,
                              const float *gb, const float *ub, const int32_t *ids, int n, int n_slots, int dim,
                              int ff, float alpha, float limit, float sc) {
-  switch (moe14_env("ORCH_CUDA_MOE14_STG", 3)) {
-    case 2:
-      return launch_gate_up14_stg<T, 2>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
+  switch (moe14_env("ORCH_CUDA_MOE14_STG", 2)) {
+    case 3:
+      return launch_gate_up14_stg<T, 3>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
     case 4:
       return launch_gate_up14_stg<T, 4>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
     default:
-      return launch_gate_up14_stg<T, 3>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
+      return launch_gate_up14_stg<T, 2>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
   }
 }
 
@@ -249,7 +251,7 @@ static bool launch_gate_up14(cudaStream_t st, uint16_t *acth, const uint4 *xg, c
 // groups u = c, c + grid, ... (u = t * (m / DW) + b: token t, rows DW b ..
 // DW b + DW - 1, one a warp); warp w streams its row's n_slots expert rows
 // (item = one slot's row) through a ring of STG shared-memory stages as
-// gate_up14 (the first STG - 1 items issued before pdl_wait from the
+// gate_up14 (the first STG items issued before pdl_wait from the
 // speculative routing read, v6's moe6_ld_id, and issued again after the wait
 // where any of them changed). The staged activation of every token is copied
 // once per CTA (fewer CTAs than v10's 360: fewer 28.8 KB copies from L2).
@@ -306,10 +308,11 @@ moe_down14_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
       if (b > 0) moe14_cp16(d + 512 * i, sp + 512 * i, b < 16 ? b : 16);
     }
   };
-  // The first STG - 1 items before the wait, from the speculative routing (clamped: any stale value is an expert).
-  int spec[STG - 1];
+  // The first STG items (every stage) before the wait, from the speculative routing (clamped: any stale value is
+  // an expert).
+  int spec[STG];
 #pragma unroll
-  for (int j = 0; j < STG - 1; j++) {
+  for (int j = 0; j < STG; j++) {
     spec[j] = -1;
     if (j < nit) {
       const cursor c = at(j);
@@ -322,7 +325,7 @@ moe_down14_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
   bool stale = false;
 #pragma unroll
-  for (int j = 0; j < STG - 1; j++)
+  for (int j = 0; j < STG; j++)
     if (j < nit) {
       const cursor c = at(j);
       stale |= ids[(int64_t)c.t * n_slots + c.s] != spec[j];
@@ -331,7 +334,7 @@ moe_down14_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
     moe14_wait<0>();
     __syncwarp();
 #pragma unroll
-    for (int j = 0; j < STG - 1; j++) {
+    for (int j = 0; j < STG; j++) {
       if (j < nit) {
         const cursor c = at(j);
         issue_e(j, c, ids[(int64_t)c.t * n_slots + c.s]);
@@ -341,16 +344,11 @@ moe_down14_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   }
   moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth, n * n_slots * cw4);
   __syncthreads();
-  cursor ci = at(STG - 1), cc = at(0);
+  cursor ci = at(STG), cc = at(0);
   float res = 0.f;
   for (int j = 0; j < nit; j++) {
-    moe14_wait<STG - 2>();
-    __syncwarp();
-    if (j + STG - 1 < nit) {
-      issue_e(j + STG - 1, ci, ids[(int64_t)ci.t * n_slots + ci.s]);
-      advance(ci);
-    }
-    moe14_commit();
+    moe14_wait<STG - 1>(); // item j landed (this lane's copies); j + 1 .. j + STG - 1 in flight
+    __syncwarp();          // ... every lane's
     const int t = cc.t, row = cc.b * DW + warp, s = cc.s;
     const int b8 = cc.b;
     advance(cc);
@@ -379,6 +377,12 @@ moe_down14_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
       acc += sr;
     }
     const float a = warp_sum(acc);
+    __syncwarp(); // every lane is done with item j's stage: item j + STG into it
+    if (j + STG < nit) {
+      issue_e(j + STG, ci, ids[(int64_t)ci.t * n_slots + ci.s]);
+      advance(ci);
+    }
+    moe14_commit();
     res += wts[p] * (a + (db ? db[(int64_t)e * m + row] : 0.f));
     if (s == n_slots - 1) { // the row is done
       if (lane == 0) out[(int64_t)t * m + row] = res;
@@ -435,8 +439,9 @@ static bool launch_down14_stg(cudaStream_t st, float *out, const uint4 *acth, co
                    dim, rb, rs, xinv, av);
   return true;
 }
-// ORCH_CUDA_MOE14_DSTG=2..4 (default 3: at gpt-oss n = 1, 66 KB a CTA of 8 warps, 3 CTAs an SM, 396 >= 360 row
-// groups: one group a CTA), ORCH_CUDA_MOE14_DCTAS=N CTAs per SM at most.
+// ORCH_CUDA_MOE14_DSTG=2..4 = rows in flight a warp (default 3: at gpt-oss n = 1, 66 KB a CTA of 8 warps, 3 CTAs
+// an SM, 396 >= 360 row groups: one group a CTA, 3 of its 4 slot rows issued before pdl_wait; 4: all 4, but 78.5 KB,
+// 2 CTAs an SM: 264 CTAs for 360 groups), ORCH_CUDA_MOE14_DCTAS=N CTAs per SM at most.
 template <int T>
 static bool launch_down14(cudaStream_t st, float *out, const uint4 *acth, const uint8_t *wd, const float *db,
                           const int32_t *ids, const float *wts, int n, int n_slots, int n_exp, int ff, int dim,
@@ -445,4 +450,230 @@ static bool launch_down14(cudaStream_t st, float *out, const uint4 *acth, const 
 #define MOE14_DOWN(S, W) launch_down14_stg<T, S, W>(st, out, acth, wd, db, ids, wts, n, n_slots, n_exp, ff, dim, xinv, an)
   return stg == 2 ? MOE14_DOWN(2, 8) : stg == 4 ? MOE14_DOWN(4, 8) : MOE14_DOWN(3, 8);
 #undef MOE14_DOWN
+}
+
+// ---- MoE v14 route (opt-in ORCH_CUDA_MOE14_ROUTE=1; sm_90: thread-block clusters) ----
+// v10's route kernel with the cross-CTA reduction in distributed shared
+// memory instead of global partials + __threadfence + atomic ticket + the last
+// CTA's L2 reads: one cluster of MOE14_RC = 8 CTAs per token; CTA r takes the
+// 64-wide slices r, r + 8, ... (v10: one CTA a slice; S <= 64, so <= 8 a CTA;
+// their router weights loaded before pdl_wait), computes each slice as v10
+// (moe10_route_slice: the same partial and the same x staging) into its own
+// shared memory, and after a cluster barrier CTA 0 sums them as
+// moe10_route_finish does (thread (e, q) adds slices q, q + 8, ... in order —
+// all in CTA q's shared memory, index 0, 1, ... — then the same shuffle tree),
+// adds the bias and runs v6's top-k: ids and weights are v10's bit for bit.
+// With NN (the AddRMSNorm folded in, moe10_norm): every CTA reads the whole
+// row as v10's CTAs do, normalizes its slices (h written by the slice's CTA),
+// and CTA 0 writes res back after the barrier (every CTA has read the row).
+// A second cluster barrier keeps every CTA's shared memory alive until CTA 0
+// has read it. No tickets. The CPU emulation runs the CTAs one at a time, rank
+// 0 last, with the partials in a static array per rank.
+constexpr int MOE14_RC = 8;
+#if defined(ORCH_EMU)
+inline float g_moe14_cpart[MOE10_MAX_N][MOE14_RC][MOE14_RC][32]; // emulated DSMEM: [token][rank][slice][expert]
+#endif
+
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+__device__ __forceinline__ int moe14_cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return (int)r;
+#elif defined(ORCH_EMU)
+  return (int)(gridDim.x - 1 - blockIdx.x); // rank 0 runs last
+#else
+  return (int)blockIdx.x;
+#endif
+}
+__device__ __forceinline__ void moe14_cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory"); // release / acquire (the defaults)
+#elif defined(ORCH_EMU)
+  __syncthreads();
+#endif
+}
+// p (this CTA's shared memory) in CTA rank's shared memory.
+__device__ __forceinline__ float moe14_ld_dsmem(const float *p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  unsigned ra;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(ra) : "memory");
+  return v;
+#else
+  (void)rank;
+  return *p;
+#endif
+}
+
+template <int NN>
+__global__ void __launch_bounds__(MOE10_THREADS)
+moe14_route_kernel(uint32_t *__restrict__ xg, int32_t *ids, float *__restrict__ wts,
+                   const float *x /* = nm.h when NN: not restrict */, const float *__restrict__ rw,
+                   const float *__restrict__ rbias, int dim, int n_exp, int k_slots, int kind, int x14,
+                   moe10_norm nm) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap(); // clusters: sm_90 only (the launcher checks)
+#else
+  MOE10_SHARED float lg[32];
+  MOE10_SHARED __align__(16) float xs[NN ? MOE10_RK : 4];
+  const int rank = moe14_cluster_rank(), t = blockIdx.y;
+  const int S = (dim + MOE10_RK - 1) / MOE10_RK; // <= 64 (launcher)
+  const int tid = threadIdx.x;
+#if defined(ORCH_EMU)
+  float(*part)[32] = g_moe14_cpart[t][rank];
+#else
+  __shared__ float part[MOE14_RC][32];
+#endif
+  moe10_rwv w[MOE14_RC]; // slices rank + 8 j: the router weights are constant (read before the wait)
+#pragma unroll
+  for (int j = 0; j < MOE14_RC; j++) {
+    const int s = rank + MOE14_RC * j;
+    if (s < S) w[j] = moe10_route_w(rw, s, dim, n_exp, tid);
+  }
+  pdl_wait(); // x comes from the previous kernel; xg / ids / wts are read by earlier ones
+  pdl_trigger();
+  float v[NN ? NN : 1];
+  float r = 0.f;
+  if constexpr (NN > 0) { // moe10_route_kernel's norm: the whole row in registers, its scale
+    const float *rr = nm.res + (int64_t)t * dim;
+    const float *ar = nm.add + (int64_t)t * dim;
+#pragma unroll
+    for (int j = 0; j < NN; j++) {
+      const int i = tid + j * MOE10_THREADS;
+      v[j] = 0.f;
+      if (i < dim) {
+        v[j] = rr[i];
+        v[j] += ar[i];
+      }
+    }
+    const float mean = 0.f;
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NN; j++) {
+      const int i = tid + j * MOE10_THREADS;
+      if (i < dim) {
+        float d = v[j] - mean;
+        ss += d * d;
+      }
+    }
+    float var = block_sum(ss, lg) / (float)dim;
+    r = rsqrtf(var + nm.eps);
+  }
+#pragma unroll
+  for (int j = 0; j < MOE14_RC; j++) {
+    const int s = rank + MOE14_RC * j;
+    if (s >= S) break; // uniform over the CTA
+    const float *xsl = x + (int64_t)t * dim + s * MOE10_RK;
+    if constexpr (NN > 0) { // slice s: element i = 64 s + (tid & 63) is v[s >> 2] of the threads tid >> 6 == s & 3
+      const int i = s * MOE10_RK + (tid & (MOE10_RK - 1));
+      if ((tid >> 6) == (s & 3)) {
+        float vj = 0.f;
+#pragma unroll
+        for (int q = 0; q < NN; q++)
+          if (q == (s >> 2)) vj = v[q];
+        float o = (vj - 0.f) * r;
+        o *= nm.w[i < dim ? i : 0];
+        xs[tid & (MOE10_RK - 1)] = i < dim ? o : 0.f;
+        if (i < dim) nm.h[(int64_t)t * dim + i] = o;
+      }
+      __syncthreads();
+      xsl = xs;
+    }
+    moe10_route_slice(part[j], xg, xsl, w[j], s, t, dim, n_exp, kind, x14, tid);
+    if constexpr (NN > 0) __syncthreads(); // xs is written again for the next slice
+  }
+  moe14_cluster_sync(); // every CTA's partials (and its reads of the row) done
+  if (rank == 0) {
+    if constexpr (NN > 0) { // every CTA of the token has read the row: write the residual back
+      float *rr = nm.res + (int64_t)t * dim;
+#pragma unroll
+      for (int j = 0; j < NN; j++) {
+        const int i = tid + j * MOE10_THREADS;
+        if (i < dim) rr[i] = v[j];
+      }
+    }
+    { // moe10_route_finish's sums, from CTA q's shared memory
+      const int e = tid >> 3, q = tid & 7;
+      float pv[MOE14_RC];
+#pragma unroll
+      for (int j = 0; j < MOE14_RC; j++) {
+        const int sl = q + MOE14_RC * j;
+#if defined(ORCH_EMU)
+        pv[j] = e < n_exp && sl < S ? g_moe14_cpart[t][q][j][e] : 0.f;
+#else
+        pv[j] = e < n_exp && sl < S ? moe14_ld_dsmem(&part[j][e], q) : 0.f;
+#endif
+      }
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < MOE14_RC; j++) sum += pv[j];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+      if (q == 0) lg[e] = sum;
+    }
+    __syncthreads();
+    if (tid < 32) {
+      float lv = 0.f;
+      if (tid < n_exp) lv = lg[tid] + (rbias ? rbias[tid] : 0.f);
+      int id;
+      float wv;
+      moe_topk32_warp(lv, tid, n_exp, k_slots, id, wv);
+      if (tid < k_slots) {
+        ids[t * k_slots + tid] = id;
+        wts[t * k_slots + tid] = wv;
+      }
+    }
+  }
+  moe14_cluster_sync(); // CTA 0 has read every CTA's partials
+#endif
+}
+#endif
+
+static bool moe14_route_on() { return moe14_env("ORCH_CUDA_MOE14_ROUTE", 0) == 1; }
+
+// Launches v14's route kernel (grid (8, n), clusters of 8); false (nothing launched) without cluster support
+// (sm < 90) or for dim > 64 * 64.
+static bool launch_route14(cudaStream_t st, uint32_t *xg, int32_t *ids, float *wts, const float *x, const float *rw,
+                           const float *rbias, int dim, int n_exp, int k_slots, int kind, int x14, int n,
+                           const moe10_norm *nm) {
+  const int S = (dim + MOE10_RK - 1) / MOE10_RK;
+  if (S > MOE14_RC * MOE14_RC || n_exp > 32 || n > MOE10_MAX_N) return false;
+  const moe10_norm nv = nm ? *nm : moe10_norm{};
+  const int per = nm ? (dim + MOE10_THREADS - 1) / MOE10_THREADS : 0; // <= MOE10_NORM_MAX_N (caller)
+  auto kern = per == 0 ? moe14_route_kernel<0>
+              : per <= 4 ? moe14_route_kernel<4>
+              : per <= 8 ? moe14_route_kernel<8>
+              : per <= 12 ? moe14_route_kernel<12>
+                         : moe14_route_kernel<16>;
+#if defined(ORCH_EMU)
+  g_moe14_launches[2]++;
+  DEC16_LAUNCH_PDL(kern, dim3((unsigned)MOE14_RC, (unsigned)n), MOE10_THREADS, 0, st, xg, ids, wts, x, rw, rbias, dim,
+                   n_exp, k_slots, kind, x14, nv);
+  return true;
+#else
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (major < 9) return false;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)MOE14_RC, (unsigned)n);
+  cfg.blockDim = dim3(MOE10_THREADS);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = st;
+  cudaLaunchAttribute at[2];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = MOE14_RC;
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = g_orch_pdl ? 2 : 1;
+  cudaLaunchKernelEx(&cfg, kern, xg, ids, wts, x, rw, rbias, dim, n_exp, k_slots, kind, x14, nv);
+  return true;
+#endif
 }

@@ -477,27 +477,36 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   // MoE v14 (ORCH_CUDA_MOE14=1: gate_up14; ORCH_CUDA_MOE14_DOWN=1: down14 too): v10's output bit for bit, for each
   // ring depth (the emulated device: 2 SMs of one CTA: warps stride over several items / row groups); stale
   // speculative routing (down14 issues its first items from it before pdl_wait)
-  const char *v14cfg[][3] = {{"2", "0", "2"}, {"3", "1", "2"}, {"3", "1", "3"}, {"4", "1", "4"}}; // STG, DOWN, DSTG
+  // ORCH_CUDA_MOE14_ROUTE=1: the cluster route kernel (emulated: rank 0 last): ids / weights = v10's bits too
+  const char *v14cfg[][4] = {{"2", "0", "2", "0"}, {"3", "1", "2", "1"}, {"3", "1", "3", "0"},
+                             {"4", "1", "4", "1"}}; // STG, DOWN, DSTG, ROUTE
   for (const auto &cf : v14cfg) {
     setenv("ORCH_CUDA_MOE14", "1", 1);
     setenv("ORCH_CUDA_MOE14_STG", cf[0], 1);
     setenv("ORCH_CUDA_MOE14_DOWN", cf[1], 1);
     setenv("ORCH_CUDA_MOE14_DSTG", cf[2], 1);
-    std::vector<float> o14;
+    setenv("ORCH_CUDA_MOE14_ROUTE", cf[3], 1);
+    std::vector<float> o14, w14;
+    std::vector<int32_t> id14;
     for (int st = 0; st < (stale ? 2 : 1); st++) {
       if (st) g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
       emu_cp_reset();
-      const int l0 = g_moe14_launches[0], l1 = g_moe14_launches[1];
-      EXPECT(run10(true, n, limit, nullptr, nullptr, &o14) == ORCH_OK, "moe_decode v14 (%s %s %s): %s", cf[0], cf[1],
-             cf[2], g_err);
+      const int l0 = g_moe14_launches[0], l1 = g_moe14_launches[1], l2 = g_moe14_launches[2];
+      EXPECT(run10(true, n, limit, &id14, &w14, &o14) == ORCH_OK, "moe_decode v14 (%s %s %s %s): %s", cf[0], cf[1],
+             cf[2], cf[3], g_err);
       g_moe6_stale_id = -1;
-      EXPECT(g_moe14_launches[0] == l0 + 1 && g_moe14_launches[1] == l1 + (cf[1][0] == '1'),
-             "v14 kernels not launched (%s %s %s)", cf[0], cf[1], cf[2]);
+      EXPECT(g_moe14_launches[0] == l0 + 1 && g_moe14_launches[1] == l1 + (cf[1][0] == '1') &&
+                 g_moe14_launches[2] == l2 + (cf[3][0] == '1'),
+             "v14 kernels not launched (%s %s %s %s)", cf[0], cf[1], cf[2], cf[3]);
+      EXPECT(id14 == id10 && std::memcmp(w14.data(), w10.data(), w10.size() * 4) == 0,
+             "MoE v14 routing (route %s) != v10's", cf[3]);
+      for (int i = 0; i < MOE10_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "v14: ticket %d = %u", i, g_moe10_ticket[i]);
       EXPECT(std::memcmp(o10.data(), o14.data(), o10.size() * 4) == 0,
-             "MoE v14 (STG %s, down %s, DSTG %s%s) != v10 (%s dim=%lld ff=%lld n=%d)", cf[0], cf[1], cf[2],
-             st ? ", stale routing" : "", tname(t), (long long)dim, (long long)ff, n);
+             "MoE v14 (STG %s, down %s, DSTG %s, route %s%s) != v10 (%s dim=%lld ff=%lld n=%d)", cf[0], cf[1], cf[2],
+             cf[3], st ? ", stale routing" : "", tname(t), (long long)dim, (long long)ff, n);
     }
-    for (const char *v : {"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG"})
+    for (const char *v : {"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG",
+                          "ORCH_CUDA_MOE14_ROUTE"})
       unsetenv(v);
     emu_cp_reset();
   }
@@ -523,7 +532,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit, tickets back to 0, v14 (gate_up / + down, STG 2-4) = v10%s\n",
+              "v6's bit for bit, tickets back to 0, v14 (gate_up / + down / + route, STG 2-4) = v10%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
@@ -607,11 +616,13 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
          (long long)dim, n);
   if (!v13) { // orch_moe_decode_addnorm: the same op + the next RMSNorm's producer half in down10
     const auto r2v = randv(nd, 2.f), nw2 = randv((size_t)dim, 1.f);
-    for (int v14 = 0; v14 < 3; v14++) { // v10, v14's gate_up (ORCH_CUDA_MOE14=1), v14's gate_up + down: the same bits
+    // v10; v14's gate_up (ORCH_CUDA_MOE14=1); v14's route (clusters; the norm in it) + gate_up + down: the same bits
+    for (int v14 = 0; v14 < 3; v14++) {
     if (v14) setenv("ORCH_CUDA_MOE14", "1", 1);
     if (v14 == 2) setenv("ORCH_CUDA_MOE14_DOWN", "1", 1);
+    if (v14 == 2) setenv("ORCH_CUDA_MOE14_ROUTE", "1", 1);
     emu_cp_reset();
-    const int l1 = g_moe14_launches[1];
+    const int l1 = g_moe14_launches[1], l2 = g_moe14_launches[2];
     for (int with_norm = 1; with_norm >= 0; with_norm--) {
       orch_ctx ctx;
       ctx.moe = 6;
@@ -642,13 +653,16 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
           EXPECT(fbits(sso[(size_t)(tt * (dim / 8) + b)]) == fbits(sum), "addnorm: ss[%d][%lld]", tt, (long long)b);
         }
     }
-    EXPECT(g_moe14_launches[1] == l1 + (v14 == 2 ? 2 : 0), "addnorm: down14 launches (v14 %d)", v14);
+    EXPECT(g_moe14_launches[1] == l1 + (v14 == 2 ? 2 : 0) && g_moe14_launches[2] == l2 + (v14 == 2 ? 2 : 0),
+           "addnorm: down14 / route14 launches (v14 %d)", v14);
+    for (int i = 0; i < MOE10_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "addnorm: ticket %d = %u", i, g_moe10_ticket[i]);
     unsetenv("ORCH_CUDA_MOE14");
     unsetenv("ORCH_CUDA_MOE14_DOWN");
+    unsetenv("ORCH_CUDA_MOE14_ROUTE");
     emu_cp_reset();
     }
     std::printf("MoE v10 + next norm's producer (orch_moe_decode_addnorm) %-5s dim=%lld n=%d: output = orch_moe_decode's, "
-                "res2 / xt / ss exact (v10, v14 gate_up, v14 gate_up + down)\n", tn, (long long)dim, n);
+                "res2 / xt / ss exact (v10, v14 gate_up, v14 route + gate_up + down)\n", tn, (long long)dim, n);
   }
   // declines: pinned to another version (nothing written), dim > 4096
   EXPECT(fused(false, dim, &o, &r, &hh, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode_norm under v6 must decline");
@@ -894,6 +908,7 @@ int main(int argc, char **argv) {
   test_decode10(ORCH_T_Q4_0, 128, 32, 5, 1, 2, true); // one slot: one down item per warp
   test_decode10(ORCH_T_MXFP4, 576, 32, 8, 2, 1, true); // 9 router slices (2 for a summing thread)
   test_decode10(ORCH_T_MXFP4, 3104, 32, 4, 2, 1, true); // 97 chunks: 2 rounds of v14's unrolled blocks, rb % 16 = 1
+  test_decode10(ORCH_T_MXFP4, 64, 3104, 4, 2, 2, true); // down rows of 97 chunks: 2 rounds (down10's per-round sums)
   if (long_run) test_decode10(ORCH_T_MXFP4, 4160, 32, 8, 2, 1, true); // 65 slices (> 64); 2 gate_up rounds (~5 min)
   if (long_run) { // ~3 min on 2 cores
     test_moe(ORCH_T_MXFP4, 3200, 32, 2, 2, 1, true, true); // 100 chunks: 2 rounds of blocks per lane (gate/up)

@@ -36,9 +36,10 @@ func TestMoEVersions(t *testing.T) {
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold", "TestMoEDecode13"}
 	for _, v := range []string{"ORCH_CUDA_MOE=v4", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v9", "ORCH_CUDA_MOE=v10",
 		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=0",
-		// session 9: MoE v14's gate_up and down (persistent, cp.async rings) in v10's launches, pinned and unpinned
-		"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1",
-		"ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4"} {
+		// session 9: MoE v14's gate_up and down (persistent, cp.async rings) and route (clusters) in v10's launches,
+		// pinned and unpinned
+		"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_ROUTE=1",
+		"ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=3 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4 ORCH_CUDA_MOE14_ROUTE=1"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields(v)...)
 		outp, err := cmd.CombinedOutput()
@@ -96,7 +97,11 @@ func TestPerfMoEVersions(t *testing.T) {
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2 ORCH_CUDA_MOE_ONLY=gate_up",
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1",
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=2",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4"},
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4",
+				// v14's route (thread-block clusters, DSMEM reduction): alone, and with v14's gate_up + down
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14_ROUTE=1 ORCH_CUDA_MOE_ONLY=route",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14_ROUTE=1",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_ROUTE=1"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -122,7 +127,7 @@ func TestPerfMoEVersions(t *testing.T) {
 	label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
 	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM", "ORCH_CUDA_MOE13_PIPE",
 		"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_CTAS", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG",
-		"ORCH_CUDA_MOE14_DCTAS"} {
+		"ORCH_CUDA_MOE14_DCTAS", "ORCH_CUDA_MOE14_ROUTE"} {
 		if e := os.Getenv(v); e != "" {
 			label += " " + v + "=" + e
 		}
