@@ -207,9 +207,10 @@ func TestMoEAddNormFold(t *testing.T) {
 		t.Skip("library without orch_moe_decode_addnorm / orch_matmul_multi_nf")
 	}
 	r := newRNG(t)
-	defer func(v, nf, mn, an bool) { fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm = v, nf, mn, an }(fuseOps,
-		fuseNormFold, fuseMoENorm, fuseMoEAddNorm)
-	fuseOps, fuseNormFold, fuseMoENorm = true, true, true
+	defer func(v, nf, mn, an bool, mx int64) {
+		fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAddNormMaxN = v, nf, mn, an, mx
+	}(fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAddNormMaxN)
+	fuseOps, fuseNormFold, fuseMoENorm, moeAddNormMaxN = true, true, true, nfMaxN // every n here (default: one token)
 	ver := os.Getenv("ORCH_CUDA_MOE")
 	folds := func(n int) bool { // the library runs orch_moe_decode_addnorm (v10)
 		return (ver == "" || ver == "v10") && !moe13Expected(n) && os.Getenv("ORCH_CUDA_MOE_ONLY") == ""
@@ -332,8 +333,9 @@ func TestPerfMoEAddNorm(t *testing.T) {
 	if gpu.l.moeDecodeAddNorm == nil {
 		t.Skip("library without orch_moe_decode_addnorm")
 	}
-	defer func(nf, an bool) { fuseNormFold, fuseMoEAddNorm = nf, an }(fuseNormFold, fuseMoEAddNorm)
-	fuseNormFold = true
+	defer func(nf, an bool, mx int64) { fuseNormFold, fuseMoEAddNorm, moeAddNormMaxN = nf, an, mx }(fuseNormFold,
+		fuseMoEAddNorm, moeAddNormMaxN)
+	fuseNormFold, moeAddNormMaxN = true, nfMaxN // the fold timed at every n (default: one token)
 	r := newRandSrc(newRNG(t))
 	const d, ff, ne, topk, qd, kvd, copies = 2880, 2880, 32, 4, 4096, 512, 2
 	type lw struct {

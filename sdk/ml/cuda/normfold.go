@@ -53,7 +53,7 @@ var fuseNormFold = os.Getenv("ORCH_CUDA_NORM_FOLD") != "0"
 // entry orch_moe_decode_addnorm landed in session 8): the layer ends MoE ->
 // AddRMSNorm(res, h, moe_out, attn_norm) -> q/k/v MatMuls of h. foldMoENorm
 // (fuse.go), instead of making its orch_moe_decode_norm call, holds it
-// (holdMoEProd: 1..8 tokens, where MoE v13 is not routed); the next
+// (holdMoEProd: one token by default, up to 8, where MoE v13 is not routed); the next
 // AddRMSNorm of exactly its output is held with it (holdProdNorm), and a
 // MatMul of the norm's output makes the call as orch_moe_decode_addnorm (v10's
 // down kernel adds out into res, writes xt and the partial sums: the
@@ -65,8 +65,22 @@ var fuseNormFold = os.Getenv("ORCH_CUDA_NORM_FOLD") != "0"
 // MoE output, the residual and xt are the plain ops' bits (TestMoEAddNorm);
 // h2 and the consumers' outputs round as the GEMV fold's.
 // ORCH_CUDA_MOE_ADDNORM=0 turns off only this fold (ORCH_CUDA_NORM_FOLD=0 and
-// ORCH_CUDA_MOE_NORM=0 too).
+// ORCH_CUDA_MOE_NORM=0 too). Device run 2 of session 9 (H100): gpt-oss tg128
+// 549.6 vs 533.0 tok/s (+3.1%), x8 1,332.5 vs 1,330.5 (noise);
+// TestPerfMoEAddNorm (norm + MoE -> norm -> q/k/v, graph of 16): n = 1 53.1 ->
+// 49.9 us, but n = 2 75.8 -> 76.7 and n = 8 199.2 -> 200.4 (down10's epilogue
+// loads res2 and w after the dots: its per-CTA tail repeats every wave — 1 wave
+// at one token, 2 at two, 7 at eight — against one norm boundary saved). So by
+// default only one token folds; ORCH_CUDA_MOE_ADDNORM=N (2..8) folds up to N.
 var fuseMoEAddNorm = os.Getenv("ORCH_CUDA_MOE_ADDNORM") != "0"
+
+// moeAddNormMaxN: the most tokens the MoE fold takes (ORCH_CUDA_MOE_ADDNORM=N, 1..8; default 1).
+var moeAddNormMaxN = func() int64 {
+	if v, err := strconv.Atoi(os.Getenv("ORCH_CUDA_MOE_ADDNORM")); err == nil && v >= 1 {
+		return int64(min(v, nfMaxN))
+	}
+	return 1
+}()
 
 // moe13From mirrors the library's MoE v13 route (moe_dec13.cuh moe13_on,
 // unpinned: from ORCH_CUDA_MOE13_FROM tokens, default 9; < 2 or not a
@@ -141,13 +155,13 @@ func (b *Backend) prodHeld() bool {
 
 // holdMoEProd holds foldMoENorm's call c (its operands validated; pre: the
 // AddRMSNorm it takes in) instead of making it, and reports whether it did:
-// only where the fold could follow (1..8 tokens, the consumer's dim, the
+// only where the fold could follow (1..moeAddNormMaxN tokens, the consumer's dim, the
 // library's entries present) and the library would run MoE v10 for c.
 func (b *Backend) holdMoEProd(dst, x ml.Tensor, m *ml.MoE, c *moeCall, pre heldNorm, d *tensor, ws []*tensor,
 	biases []span) bool {
 	p := &b.pend
 	if !fuseOps || !fuseNormFold || !fuseMoEAddNorm || b.l.moeDecodeAddNorm == nil || b.l.matmulMultiNF == nil ||
-		p.mm != 0 || p.rope != 0 || p.pnorm.on || p.moe.on || c.n < 1 || c.n > nfMaxN || c.dim%32 != 0 ||
+		p.mm != 0 || p.rope != 0 || p.pnorm.on || p.moe.on || c.n < 1 || c.n > moeAddNormMaxN || c.dim%32 != 0 ||
 		c.dim/nfRowsPerCTA > nfMaxPartials || (moeAuto && c.n >= int64(moe13From)) {
 		return false
 	}

@@ -18,13 +18,15 @@ import (
 // the library declines the fold (then the norm, then the plain MatMuls), and
 // re-enters the MoE op's plain path where the library declines that call too;
 // not held with the switches off, without the library entry, for nine
-// tokens, where MoE v13 is routed; a graph ends with h materialised; the
+// tokens (two by default: ORCH_CUDA_MOE_ADDNORM=N widens it), where MoE v13 is routed; a graph ends with h materialised; the
 // consumers declining materialise h.
 func TestFuseMoEAddNorm(t *testing.T) {
-	defer func(v, nf, mn, an, from bool, f13 int) {
-		fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAuto, moe13From = v, nf, mn, an, from, f13
-	}(fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAuto, moe13From)
+	defer func(v, nf, mn, an, from bool, f13 int, mx int64) {
+		fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAuto, moe13From, moeAddNormMaxN = v, nf, mn, an, from,
+			f13, mx
+	}(fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAuto, moe13From, moeAddNormMaxN)
 	fuseOps, fuseNormFold, fuseMoENorm, fuseMoEAddNorm, moeAuto, moe13From = true, true, true, true, true, 9
+	moeAddNormMaxN = 8 // ORCH_CUDA_MOE_ADDNORM=8 (the default folds one token: checked below)
 	b, f := newFakeBackend(t)
 	normRC, addRC := int32(stOK), int32(stOK)
 	b.l.moeDecodeNorm = func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32,
@@ -215,6 +217,13 @@ func TestFuseMoEAddNorm(t *testing.T) {
 		b.Add(a.x, a.x, a.mo)
 		f.take()
 	}
+	moeAddNormMaxN = 1 // the default: two tokens are not held
+	a2d := mk(2)
+	toMoE(a2d)
+	require.Equal(t, []string{gemv(a2d), plainMoE(a2d)}, f.take(), "default: one token folds")
+	require.NoError(t, b.Sync())
+	f.take()
+	moeAddNormMaxN = 8
 	a9 := mk(9)
 	toMoE(a9)
 	require.Equal(t, plainMoE(a9), f.take()[1], "n=9: not held")
