@@ -987,18 +987,157 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
   }
 }
 
+// gemv5_glu_kernel with its work items (a round of NB blocks of the gate row and of the up row) in a ring of D + 1
+// register buffers as gemv5_rows_pf (session 9, opt-in ORCH_CUDA_GEMV5_PF_GLU=1: NB 1, D 1 — 2 x 2 x 9 words, as
+// today's 2 x 2 blocks, but the next round's in flight while this one is computed; Q8_0, one token). Each lane's
+// gate and up sums take the same blocks in the same order: bit-identical to gemv5_glu_kernel.
+template <int T, int NT, int NB, int D, int XR = 0, int NF = 0>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
+gemv5_glu_pf_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
+                    const gemv5_nf F) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  constexpr int BW = block_words<T>(), BB = type_block_bytes(T), R = 32 * NB, SR = gemv5_pf_sr<NB>();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (int)min((int64_t)NT, n);
+  const int64_t nch = k / 32;
+  float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
+  float *nfsh = gemv5_nf_sh(xsm, nch, NT);
+  float nfsc[NT];
+  bool nfscd = false;
+  const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
+  const bool valid = row < A.m;
+  const uint8_t *wg = A.wg + (valid ? row : 0) * row_bytes, *wu = A.wu + (valid ? row : 0) * row_bytes;
+  const int rounds = (int)((nch + R - 1) / R);
+  uint32_t wb[D + 1][2][NB][BW];
+  int64_t lc0 = 0; // the next round to load
+  auto load_next = [&](uint32_t(&b)[2][NB][BW]) {
+    if (lc0 < nch) { // uniform
+#pragma unroll
+      for (int i = 0; i < NB; i++) {
+        const int64_t c = lc0 + lane + 32 * i;
+        const bool ok = valid && c < nch;
+        const uint32_t *qg = reinterpret_cast<const uint32_t *>((uintptr_t)(wg + (ok ? c : 0) * BB) & ~(uintptr_t)3);
+        const uint32_t *qu = reinterpret_cast<const uint32_t *>((uintptr_t)(wu + (ok ? c : 0) * BB) & ~(uintptr_t)3);
+#pragma unroll
+        for (int j = 0; j < BW; j++) b[0][i][j] = ok ? __ldg(qg + j) : 0u;
+#pragma unroll
+        for (int j = 0; j < BW; j++) b[1][i][j] = ok ? __ldg(qu + j) : 0u;
+      }
+      lc0 += R;
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < D; s++) load_next(wb[s]);
+  const uint32_t shg = (uint32_t)((uintptr_t)(wg + lane * BB) & 3), shu = (uint32_t)((uintptr_t)(wu + lane * BB) & 3);
+  float accg[NT], accu[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) accg[j] = accu[j] = 0.f;
+  int64_t cc0 = 0; // the round computed
+  for (int it0 = 0; it0 < rounds; it0 += D + 1) {
+#pragma unroll
+    for (int u = 0; u <= D; u++) {
+      if (it0 + u < rounds) { // uniform
+        load_next(wb[(u + D) % (D + 1)]);
+        if constexpr (XR == 1) {
+          if (cc0 % SR == 0) {
+            if (cc0 == 0) {
+              pdl_wait();
+              if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
+            }
+            gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, cc0, min(cc0 + SR, nch));
+            if constexpr (NF == 2)
+              if (cc0 == 0) gemv5_nf_wait();
+            __syncthreads();
+          }
+        } else if (cc0 == 0) {
+          pdl_wait();
+          if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
+          dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
+          if constexpr (NF == 2) gemv5_nf_wait();
+          __syncthreads();
+        }
+        if constexpr (NF == 2)
+          if (it0 + u > 0 && !nfscd) { // later rounds' loads in flight (uniform)
+            gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
+            nfscd = true;
+          }
+#pragma unroll
+        for (int h = 0; h < 2; h++) { // gate, then up (gemv5_glu_round's order)
+          float(&acc)[NT] = h ? accu : accg;
+          const uint32_t sh = h ? shu : shg;
+#pragma unroll
+          for (int i = 0; i < NB; i++) {
+            const int64_t c = cc0 + lane + 32 * i;
+            if (c < nch) {
+              const uint4 *xp[NT];
+              uint32_t a[NT][2];
+#pragma unroll
+              for (int j = 0; j < NT; j++) {
+                xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
+                a[j][0] = a[j][1] = 0u;
+              }
+              dec16_block_acc<T, NT>(wb[u][h][i], sh, xp, nt, a);
+              const float ws = dec16_wscale<T>(wb[u][h][i], sh);
+#pragma unroll
+              for (int j = 0; j < NT; j++)
+                if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
+            }
+          }
+        }
+        cc0 += R;
+      }
+    }
+  }
+  if constexpr (NF == 2)
+    if (!nfscd) gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps); // one round only
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    float g = warp_sum(accg[j]), u = warp_sum(accu[j]);
+    if constexpr (NF == 2) {
+      g *= nfsc[j];
+      u *= nfsc[j];
+    }
+    if (lane == 0 && j < nt && valid) {
+      if (A.bg) g += A.bg[row];
+      if (A.bu) u += A.bu[row];
+      const int64_t o = j * A.m + row;
+      A.yg[o] = g;
+      A.yu[o] = u;
+      A.out[o] = gemv5_silu_mul(g, u);
+    }
+  }
+}
+
 // NB per matrix: v5's NB for Q8_0 at one token is 3; two rows of 3 blocks
 // would hold ~60 words of weights per lane, so 2 each (4 blocks in flight:
 // 64 registers, 4 CTAs per SM as v5); Q8_0 at two tokens 1 each (NB 2 took
 // 77 registers: 3 CTAs per SM).
 template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 && NT > 1 ? 1 : 2; }
 
+// ORCH_CUDA_GEMV5_PF_GLU=1 (session 9, opt-in): the one-token Q8_0 gate/up + SwiGLU as gemv5_glu_pf_kernel (NB 1,
+// D 1). Read once; g_gemv5_pf_glu (>= 0) overrides (tests).
+static int g_gemv5_pf_glu = -1;
+static inline int gemv5_pf_glu_mode() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_PF_GLU");
+    return e && e[0] == '1' && !e[1] ? 1 : 0;
+  }();
+  return g_gemv5_pf_glu >= 0 ? g_gemv5_pf_glu : v;
+}
+
 template <int T, int NT, int XR, int NF = 0>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                                 int64_t rb, const gemv5_nf &F) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
-  auto kern = gemv5_glu_kernel<T, NT, NB, XR, NF>;
+  auto kern = [&] {
+    if constexpr (gemv5_pf_ok<T, NT>()) {
+      if (gemv5_pf_glu_mode() == 1) return gemv5_glu_pf_kernel<T, NT, 1, 1, XR, NF>;
+      return gemv5_glu_kernel<T, NT, NB, XR, NF>;
+    } else
+      return gemv5_glu_kernel<T, NT, NB, XR, NF>;
+  }();
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   const unsigned gx = (unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS);
   DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, A, x, n, k, rb, F);

@@ -706,6 +706,46 @@ static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulat
               bias, accumulate, e);
 }
 
+// gate/up + SwiGLU with the next round in flight (gemv5_glu_pf_kernel, ORCH_CUDA_GEMV5_PF_GLU=1): gate, up and out
+// bit-identical to gemv5_glu_kernel, plain (biases) and as the folded norm's consumer; x once / per step.
+static void test_gemv_glu_pf(int64_t k, int64_t m) {
+  const int t = ORCH_T_Q8_0, n = 1;
+  const int64_t rb = orch_row_bytes(t, k);
+  QW wg, wu;
+  make_weight(wg, t, k, m);
+  make_weight(wu, t, k, m);
+  Buf<float> bx(randv((size_t)k, 2.f)), bg(randv((size_t)m, 1.f)), bu(randv((size_t)m, 1.f));
+  auto ssv = randv(8, 1.f);
+  for (float &v : ssv) v = v * v + 0.01f;
+  Buf<float> ssb(ssv);
+  auto run = [&](int pf) {
+    g_gemv5_pf_glu = pf;
+    std::vector<std::vector<float>> out;
+    for (int nf = 0; nf < 2; nf++) {
+      Buf<float> g((size_t)m, NAN), u((size_t)m, NAN), o((size_t)m, NAN);
+      gemv5_glu_args A = {wg.bytes, wu.bytes, nf ? nullptr : bg.p, bu.p, g.p, u.p, o.p, m};
+      gemv5_nf F;
+      F.ss = ssb.p, F.nss = 8, F.eps = 1e-5f;
+      launch_gemv5_glu<ORCH_T_Q8_0>(nullptr, A, bx.p, n, k, rb, -1, nf ? &F : nullptr);
+      for (auto *b : {&g, &u, &o}) out.push_back(b->vec());
+    }
+    g_gemv5_pf_glu = -1;
+    return out;
+  };
+  const auto want = run(0), got = run(1);
+  for (size_t i = 0; i < want.size(); i++) {
+    EXPECT(std::memcmp(want[i].data(), got[i].data(), want[i].size() * 4) == 0,
+           "GEMV v5+SwiGLU PF (k=%lld m=%lld): output %zu != gemv5_glu_kernel", (long long)k, (long long)m, i);
+    for (float v : got[i])
+      if (!std::isfinite(v)) {
+        EXPECT(false, "GEMV v5+SwiGLU PF: output %zu not written", i);
+        break;
+      }
+  }
+  std::printf("GEMV v5+SwiGLU PF Q8_0 k=%-5lld m=%-3lld: %zu outputs bit-identical to gemv5_glu_kernel\n", (long long)k,
+              (long long)m, want.size());
+}
+
 static void test_gemv_pf_all() {
   for (int mode = 1; mode <= 5; mode++) {
     test_gemv_pf(14336, {8}, mode, 1);                       // Llama down's k: x per step, partial last round / step
@@ -715,6 +755,9 @@ static void test_gemv_pf_all() {
   test_gemv_pf(8192, {12, 4}, 1, 2); // x per step with 2 rows per warp (the second reads it)
   test_gemv_pf(2880, {12, 8}, 4, 2);  // rows of 3060 bytes: 16-byte units at a per-row offset
   test_gemv_pf(2880, {12}, 5, 1);     // ... 8-byte units
+  test_gemv_glu_pf(4096, 20);  // 4 rounds of 1 block, x once; ragged CTA
+  test_gemv_glu_pf(8192, 8);   // x per step (3 rounds a step)
+  test_gemv_glu_pf(96, 12);    // one round, lanes without blocks
 }
 
 int main(int argc, char **argv) {

@@ -686,7 +686,8 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// with 16- / 8-byte weight loads; ORCH_CUDA_GEMV5_PF_RPW=2: 2 rows per warp); the XR children (settled in
 		// session 6) are left out. ORCH_GEMV_PERF_SETTINGS="A=1 B=2;C=3" replaces the list (a child per setting).
 		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_PF=1", "ORCH_CUDA_GEMV5_PF=2", "ORCH_CUDA_GEMV5_PF=3",
-			"ORCH_CUDA_GEMV5_PF=4", "ORCH_CUDA_GEMV5_PF=5", "ORCH_CUDA_GEMV5_PF=3 ORCH_CUDA_GEMV5_PF_RPW=2"}
+			"ORCH_CUDA_GEMV5_PF=4", "ORCH_CUDA_GEMV5_PF=5", "ORCH_CUDA_GEMV5_PF=3 ORCH_CUDA_GEMV5_PF_RPW=2",
+			"ORCH_CUDA_GEMV5_PF_GLU=1"} // the last: the llama ffn rows (gate/up + SwiGLU folded, next round in flight)
 		if v := os.Getenv("ORCH_GEMV_PERF_SETTINGS"); v != "" {
 			settings = strings.Split(v, ";")
 		}
@@ -700,7 +701,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
 	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_XR", "ORCH_CUDA_GEMV5_PF",
-		"ORCH_CUDA_GEMV5_PF_RPW"} {
+		"ORCH_CUDA_GEMV5_PF_RPW", "ORCH_CUDA_GEMV5_PF_GLU"} {
 		if e := os.Getenv(v); e != "" {
 			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's x staging
 			label += " " + v + "=" + e
@@ -1084,7 +1085,8 @@ func gemvTraceTable(t *testing.T, r randSrc, label string, peak float64) {
 // (ORCH_CUDA_GEMV5_PF=1..5, ORCH_CUDA_GEMV5_PF_RPW=2; gemv16.cuh gemv5_rows_pf) give the default kernels' bits
 // on the device: each setting runs in a child process (the library reads the variables once) on fixed-seed inputs
 // — plain GEMVs at Llama's down (x staged per step), q/k/v and gpt-oss's q/k/v shapes, 2 rows per warp (m >= 32768),
-// and down -> AddRMSNorm -> q/k/v as the decode step runs it (the folded norm's producer and consumer by default) —
+// down -> AddRMSNorm -> q/k/v as the decode step runs it (the folded norm's producer and consumer by default), and
+// gate/up + SwiGLU (ORCH_CUDA_GEMV5_PF_GLU=1: gemv5_glu_pf_kernel) —
 // and prints an FNV-1a hash of every output; the hashes must match the default child's. The CPU emulation checks
 // the same bit for bit (cuda/test/decode_emu_test.cpp test_gemv_pf); this is the compiled kernels on the card.
 func TestGEMV5PFBits(t *testing.T) {
@@ -1110,7 +1112,7 @@ func TestGEMV5PFBits(t *testing.T) {
 		want := hashes("E2E_BASE=1")
 		for _, s := range []string{"ORCH_CUDA_GEMV5_PF=1", "ORCH_CUDA_GEMV5_PF=2", "ORCH_CUDA_GEMV5_PF=3",
 			"ORCH_CUDA_GEMV5_PF=4", "ORCH_CUDA_GEMV5_PF=5", "ORCH_CUDA_GEMV5_PF=1 ORCH_CUDA_GEMV5_PF_RPW=2",
-			"ORCH_CUDA_GEMV5_PF=3 ORCH_CUDA_GEMV5_PF_RPW=2"} {
+			"ORCH_CUDA_GEMV5_PF=3 ORCH_CUDA_GEMV5_PF_RPW=2", "ORCH_CUDA_GEMV5_PF_GLU=1"} {
 			require.Equal(t, want, hashes(s), "%s: outputs differ from the default kernels'", s)
 			t.Logf("%s: %d outputs bit-identical to the default", s, len(want))
 		}
@@ -1166,7 +1168,15 @@ func TestGEMV5PFBits(t *testing.T) {
 	for j, m := range []int{4096, 1024, 1024} {
 		hash(fmt.Sprintf("fold_qkv%d", j), ys[j], m)
 	}
-	for _, v := range append(append(ys, ws...), wd, nw, x, y, res, h) {
+	// gate/up + SwiGLU (folded into one launch by default: orch_matmul_swiglu; ORCH_CUDA_GEMV5_PF_GLU=1).
+	wg, wu := mustW(t, r, "gate", ml.Q8_0, d, ff), mustW(t, r, "up", ml.Q8_0, d, ff)
+	g, u := mustA(t, ml.F32, ff), mustA(t, ml.F32, ff)
+	gpu.MatMul(g, h, wg, nil)
+	gpu.MatMul(u, h, wu, nil)
+	gpu.SwiGLU(g, g, u)
+	hash("glu_out", g, ff)
+	hash("glu_up", u, ff)
+	for _, v := range append(append(ys, ws...), wd, nw, x, y, res, h, wg, wu, g, u) {
 		gpu.Free(v)
 	}
 }
