@@ -226,9 +226,14 @@ srows_max_kernel(const float *logits, int64_t V, const orch_sample_params *param
     for (int j = 1; j < SR_THREADS / 32; j++) mx = fmaxf(mx, sh[j]);
     g_sr_pval[row * SR_MAX_SPLIT + part] = mx;
   }
-  if (!sr_last(row, P) || threadIdx.x != 0) return;
+  if (!sr_last(row, P) || threadIdx.x >= 32) return;
+  // warp 0: lane j takes partials j, j + 32 (all loads in flight at once; thread 0 alone waited for about a dozen
+  // dependent L2 round trips over the 49 partials of a gpt-oss row), then the warp's max (fmaxf of numbers:
+  // any order gives the same M)
   float M = -INFINITY;
-  for (int j = 0; j < P; j++) M = fmaxf(M, ((volatile float *)g_sr_pval)[row * SR_MAX_SPLIT + j]);
+  for (int j = threadIdx.x; j < P; j += 32) M = fmaxf(M, ((volatile float *)g_sr_pval)[row * SR_MAX_SPLIT + j]);
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  if (threadIdx.x != 0) return;
   SRowState st;
   st.mx = M;
   st.thr = st.base = st.prefix = 0;
@@ -291,12 +296,30 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
   __threadfence(); // every thread's adds before the ticket (sr_last fences thread 0 only)
   __syncthreads();
   if (!sr_last(row, P)) return;
-  // The row's last CTA: take the histogram (and clear it for the next pass), then find the bin.
-  for (int b = threadIdx.x; b < nb; b += SR_THREADS) {
-    s_cnt[b] = ((volatile unsigned *)g_sr_cnt)[row * SR_BINS + b];
-    s_mass[b] = ((volatile unsigned long long *)g_sr_mass)[row * SR_BINS + b];
-    g_sr_cnt[row * SR_BINS + b] = 0;
-    g_sr_mass[row * SR_BINS + b] = 0;
+  // The row's last CTA: take the histogram (and clear it for the next pass), then find the bin. Every bin load of a
+  // thread is issued before the first is used (one L2 round trip, not one per pair of bins).
+  {
+    constexpr int R = SR_BINS / SR_THREADS;
+    unsigned c[R];
+    unsigned long long m[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const int b = (int)threadIdx.x + r * SR_THREADS;
+      if (b < nb) {
+        c[r] = ((volatile unsigned *)g_sr_cnt)[row * SR_BINS + b];
+        m[r] = ((volatile unsigned long long *)g_sr_mass)[row * SR_BINS + b];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const int b = (int)threadIdx.x + r * SR_THREADS;
+      if (b < nb) {
+        s_cnt[b] = c[r];
+        s_mass[b] = m[r];
+        g_sr_cnt[row * SR_BINS + b] = 0;
+        g_sr_mass[row * SR_BINS + b] = 0;
+      }
+    }
   }
   if (threadIdx.x == 0) s_found = -1;
   __syncthreads();
@@ -306,12 +329,19 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
   const int per = nb >= SR_THREADS ? nb / SR_THREADS : 1, hi = nb - (int)threadIdx.x * per;
   unsigned long long mine = 0;
   for (int b = hi - 1; b >= hi - per && b >= 0; b--) mine += count ? s_cnt[b] : s_mass[b];
-  s_scan[threadIdx.x] = mine;
-  __syncthreads();
-  for (int o = 1; o < SR_THREADS; o <<= 1) { // inclusive scan (Hillis-Steele)
-    const unsigned long long v = (int)threadIdx.x >= o ? s_scan[threadIdx.x - o] : 0;
+  { // inclusive scan over the threads: in the warp by shuffles, then the warps' totals before it (integer sums:
+    // the same values in any order; 2 barriers instead of Hillis-Steele's 16)
+    __shared__ unsigned long long s_wtot[SR_THREADS / 32];
+    const int lane = (int)threadIdx.x & 31, wp = (int)threadIdx.x >> 5;
+    unsigned long long inc = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned long long y = (unsigned long long)__shfl_sync(0xffffffffu, (long long)inc, (lane - o) & 31);
+      if (lane >= o) inc += y;
+    }
+    if (lane == 31) s_wtot[wp] = inc;
     __syncthreads();
-    s_scan[threadIdx.x] += v;
+    for (int j = 0; j < wp; j++) inc += s_wtot[j];
+    s_scan[threadIdx.x] = inc;
     __syncthreads();
   }
   if (st.stage == SR_TOPP && logp) { // first top-p pass: the kept mass is the whole histogram
@@ -427,13 +457,20 @@ srows_draw_kernel(int32_t *out, const float *logits, int64_t V, const orch_sampl
     g_sr_pval[row * SR_MAX_SPLIT + part] = best;
     g_sr_pidx[row * SR_MAX_SPLIT + part] = bi;
   }
-  if (!sr_last(row, P) || threadIdx.x != 0) return;
+  if (!sr_last(row, P) || threadIdx.x >= 32) return;
+  // warp 0: lane j picks among partials j, j + 32, then the warp (as argmax_split_kernel; sr_pick over partials that
+  // are never NaN is a total order — larger value, lower index — so any order gives the same token)
   float v = -INFINITY;
   int64_t i = INT64_MAX;
-  for (int j = 0; j < P; j++)
+  for (int j = threadIdx.x; j < P; j += 32)
     sr_pick(v, i, ((volatile float *)g_sr_pval)[row * SR_MAX_SPLIT + j],
             ((volatile int64_t *)g_sr_pidx)[row * SR_MAX_SPLIT + j]);
-  out[row] = i == INT64_MAX ? 0 : (int32_t)i;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, (long long)i, o);
+    sr_pick(v, i, ov, oi);
+  }
+  if (threadIdx.x == 0) out[row] = i == INT64_MAX ? 0 : (int32_t)i;
 }
 
 // CTAs a row: at least 16 elements a thread, at most SR_MAX_SPLIT.
