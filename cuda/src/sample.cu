@@ -124,9 +124,9 @@ extern "C" int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits
   ORCH_CHECK_ARG(ctx && out && logits && params && n >= 0 && vocab > 0 && vocab < (1ll << 31) && filters >= 0 &&
                      filters <= 3,
                  "sample_rows");
-  const int P = sr_parts(vocab);
   for (int64_t r0 = 0; r0 < n; r0 += SR_MAX_ROWS) {
     const unsigned rows = (unsigned)(n - r0 < SR_MAX_ROWS ? n - r0 : SR_MAX_ROWS);
+    const int P = sr_parts(vocab, rows);
     const float *l = logits + r0 * vocab;
     const orch_sample_params *pr = params + r0;
     if (filters > 0) {

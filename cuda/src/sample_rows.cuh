@@ -5,7 +5,8 @@
 // device memory, so one captured graph serves any mix of greedy and sampled requests and replays fresh draws when
 // the host rewrites the params (the counter is the token's index in its request). Several CTAs a row (a contiguous
 // slice each, as argmax_split_kernel), the row's last CTA finishing the row (atomicInc ticket wrapping to 0 by
-// itself: graph-safe). Launches, all grid (P, rows <= SR_MAX_ROWS):
+// itself: graph-safe); P = sr_parts(V, rows): 16 elements a thread, more CTAs for few rows (a gpt-oss row alone:
+// 128). Launches, all grid (P, rows <= SR_MAX_ROWS):
 //  1. srows_max_kernel (only when a row has a filter): the row max M (for the probabilities and min-p).
 //  2. srows_hist_kernel, SR_PASSES launches per filter search (top-k, then top-p over the top-k set): a select
 //     of the threshold. Each pass histograms (count and probability mass, fixed point 2^-40 of p / p_max,
@@ -33,7 +34,7 @@
 #include "orch_cuda.h"
 
 constexpr int SR_MAX_ROWS = 64;  // rows per launch set (the host function loops over chunks)
-constexpr int SR_MAX_SPLIT = 64; // CTAs per row
+constexpr int SR_MAX_SPLIT = 128; // CTAs per row
 constexpr int SR_THREADS = 256;
 constexpr int SR_BITS = 11, SR_BINS = 1 << SR_BITS;
 constexpr float SR_MIN_TEMP = 1e-5f;      // below: greedy (sdk/engine/sample.go minTemperature)
@@ -246,6 +247,17 @@ srows_max_kernel(const float *logits, int64_t V, const orch_sample_params *param
   g_sr_state[row] = st;
 }
 
+// c += v for a 64-bit shared-memory counter as two native 32-bit atomics: the low word, then the high word plus the
+// low word's carry (the 64-bit atomicAdd on shared memory is a compare-and-swap loop on sm_90, retried on every
+// collision of a warp's lanes on a bin). The same sum in any order: each wrap of the low word adds 2^32 once.
+__device__ __forceinline__ void sr_add64(unsigned long long *c, unsigned long long v) {
+  unsigned *w = reinterpret_cast<unsigned *>(c); // little-endian: w[0] the low word
+  const unsigned lo = (unsigned)v, hi = (unsigned)(v >> 32);
+  const unsigned old = atomicAdd(w, lo);
+  const unsigned up = hi + (old + lo < old ? 1u : 0u);
+  if (up) atomicAdd(w + 1, up);
+}
+
 // One radix pass of the row's current search (see the file comment).
 __global__ void __launch_bounds__(SR_THREADS)
 srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *params) {
@@ -285,7 +297,7 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
       b = (k >> shift) & (uint32_t)(nb - 1);
     }
     atomicAdd(&s_cnt[b], 1u);
-    atomicAdd(&s_mass[b], (unsigned long long)(sr_exp((l - st.mx) * invT) * SR_MASS_ONE));
+    sr_add64(&s_mass[b], (unsigned long long)(sr_exp((l - st.mx) * invT) * SR_MASS_ONE));
   });
   __syncthreads();
   for (int b = threadIdx.x; b < nb; b += SR_THREADS)
@@ -473,8 +485,15 @@ srows_draw_kernel(int32_t *out, const float *logits, int64_t V, const orch_sampl
   if (threadIdx.x == 0) out[row] = i == INT64_MAX ? 0 : (int32_t)i;
 }
 
-// CTAs a row: at least 16 elements a thread, at most SR_MAX_SPLIT.
-__host__ __device__ inline int sr_parts(int64_t V) {
-  const int64_t P = V / (16 * SR_THREADS);
+// CTAs a row: at least 16 elements a thread, at most SR_MAX_SPLIT — and, for few rows, enough CTAs that the set
+// has about SR_TARGET_CTAS (down to 4 elements a thread): the draw and the first histogram pass are compute-bound
+// per element (the noise hash + two logs of nearly every element: an element is pruned only 23 T below the best
+// value seen, which N(0, 2) rows and an LLM row's bulk rarely are; pass 1's exp + two shared atomics), and one row
+// of gpt-oss's vocabulary in 49 CTAs left 83 of an H100's 132 SMs idle.
+constexpr int SR_TARGET_CTAS = 256;
+__host__ __device__ inline int sr_parts(int64_t V, int64_t n) {
+  int64_t P = V / (16 * SR_THREADS);
+  const int64_t want = (SR_TARGET_CTAS + n - 1) / (n > 0 ? n : 1), most = V / (4 * SR_THREADS);
+  if (P < want) P = want < most ? want : most;
   return P < 1 ? 1 : P > SR_MAX_SPLIT ? SR_MAX_SPLIT : (int)P;
 }

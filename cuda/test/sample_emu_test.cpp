@@ -1,5 +1,6 @@
 // CPU emulation test of orch_sample_rows's kernels (cuda/src/sample_rows.cuh, compiled against cuda_emu.h under
-// AddressSanitizer). Rows of several CTAs (vocab 8,315: 2 slices), mixed settings in one launch set:
+// AddressSanitizer). Rows of several CTAs (vocab 8,315: 8 slices for a few rows, 2 from 128 rows), mixed settings in
+// one launch set:
 //  - the thresholds the radix passes leave (SRowState.thr) against a sort-based reference: top-k keeps the keys
 //    >= the k-th largest, top-p the smallest top prefix (by logit) whose probability mass reaches top_p of the
 //    top-k set's (mass in float64 here, the kernels' 2^-40 fixed point there: random logits keep the boundary
@@ -8,6 +9,7 @@
 //    (the same host/device noise function), so every draw must match exactly; greedy rows against the argmax;
 //  - edge rows: all -Inf (token 0), a +Inf logit (the first one), NaN logits (never drawn), top-k >= vocab,
 //    ties at the top-k threshold (all kept), top-p of a one-hot row (one key: early exit), k = 1;
+//  - a row's token independent of the batch and of the split (1, 2, 3 CTAs a row give sr_parts's 8's tokens);
 //  - the scratch is left clean (histograms zero, tickets 0) so the next op (or a graph replay) starts right.
 //
 //   g++ -std=c++20 -O1 -g -pthread -fsanitize=address -Wno-unknown-pragmas -Icuda/include \
@@ -125,8 +127,8 @@ static int filters_of(const std::vector<orch_sample_params> &ps, int64_t V) {
 }
 
 static void run_op(std::vector<int32_t> &out, const std::vector<float> &l, int64_t V,
-                   const std::vector<orch_sample_params> &ps) {
-  const int n = (int)ps.size(), P = sr_parts(V), filters = filters_of(ps, V);
+                   const std::vector<orch_sample_params> &ps, int Pforce = 0) {
+  const int n = (int)ps.size(), P = Pforce ? Pforce : sr_parts(V, n), filters = filters_of(ps, V);
   out.assign(n, -7);
   const dim3 grid{(unsigned)P, (unsigned)n, 1};
   if (filters > 0) {
@@ -138,7 +140,7 @@ static void run_op(std::vector<int32_t> &out, const std::vector<float> &l, int64
 }
 
 int main() {
-  const int64_t V = 2 * 4096 + 123; // 2 slices a row
+  const int64_t V = 2 * 4096 + 123; // 8 slices a row (sr_parts: few rows), 2 from 128 rows
   std::mt19937_64 rng(7);
   std::normal_distribution<float> nd(0.f, 3.f);
   struct Row {
@@ -254,6 +256,19 @@ int main() {
       std::vector<float> lone(l.begin() + r * V, l.begin() + (r + 1) * V);
       run_op(out, lone, V, one);
       EXPECT(out[0] == all[r], "%s alone: token %d, in the batch %d", rows[r].name, out[0], all[r]);
+    }
+  }
+  // Nor on the split: 1, 2, 3 CTAs a row (odd slices) give sr_parts's tokens (8 CTAs a row here: few rows).
+  {
+    for (int r = 0; r < n; r++) ps[r].counter = 9;
+    EXPECT(sr_parts(V, n) == 8 && sr_parts(V, 64) == 4 && sr_parts(V, 256) == 2, "sr_parts %d / %d / %d",
+           sr_parts(V, n), sr_parts(V, 64), sr_parts(V, 256));
+    run_op(out, l, V, ps);
+    const std::vector<int32_t> all = out;
+    for (int Pf : {1, 2, 3}) {
+      run_op(out, l, V, ps, Pf);
+      for (int r = 0; r < n; r++)
+        EXPECT(out[r] == all[r], "%s, %d CTAs: token %d, want %d", rows[r].name, Pf, out[r], all[r]);
     }
   }
   for (int i = 0; i < SR_MAX_ROWS * SR_BINS; i++) {
