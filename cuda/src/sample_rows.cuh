@@ -117,11 +117,28 @@ __host__ __device__ inline float sr_exp(float x) {
 // series u + u^2/2 + u^3/3 + u^4/4 below u = 2^-7 (truncation < u^5/5: 1e-11 relative), -ln(1 - u) above (1 - u
 // exact there); u in (0, 1) from 32 random bits (the largest noise is -ln(2^-33) ~ 22.9). ml.SampleGumbel is the
 // same variable with libm's log1p.
-__host__ __device__ inline float sr_gumbel(uint64_t base, int64_t i) {
-  const uint64_t h = sr_mix64(base + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull);
-  const float u = ((float)(uint32_t)(h >> 32) + 0.5f) * 2.3283064365386963e-10f;
+// (sr_bits: element i's 32 random bits; sr_gumbel_of: the noise of those bits.)
+__host__ __device__ inline uint32_t sr_bits(uint64_t base, int64_t i) {
+  return (uint32_t)(sr_mix64(base + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull) >> 32);
+}
+__host__ __device__ inline float sr_gumbel_of(uint32_t bits) {
+  const float u = ((float)bits + 0.5f) * 2.3283064365386963e-10f;
   const float e = u < 0.0078125f ? u * (1.f + u * (0.5f + u * (1.f / 3.f + u * 0.25f))) : -sr_ln(1.f - u);
   return -sr_ln(e);
+}
+__host__ __device__ inline float sr_gumbel(uint64_t base, int64_t i) { return sr_gumbel_of(sr_bits(base, i)); }
+
+// An upper bound of sr_gumbel_of(bits) from the bits' leading zeros, without logs: E = -ln(1 - u) >= u, so the
+// noise -ln(E) <= -ln(u), and u >= 2^-(1 + clz) (bits >= 2^(31 - clz)), so -ln(u) <= (1 + clz) ln 2; + 2^-10 for
+// the float rounding of u, E and the approximate logs (__logf: ~1e-6 relative; the noise is <= 23). Mostly ~0.7-2:
+// the draw skips the logs of an element whose l / T plus this is below the best value seen (exact pruning).
+__host__ __device__ inline float sr_gumbel_bound(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  const int z = __clz(bits);
+#else
+  const int z = bits ? __builtin_clz(bits) : 32;
+#endif
+  return (float)(1 + z) * 0.69314718f + 0.0009765625f;
 }
 
 // No sr_gumbel value exceeds this (u >= 2^-33: -ln(-ln(1 - u)) <= 22.87), so an element whose l / T is more than
@@ -456,7 +473,9 @@ srows_draw_kernel(int32_t *out, const float *logits, int64_t V, const orch_sampl
       const float s = l * invT;
       const float floor = fmaxf(best, sr_unkey(*(volatile unsigned *)&s_best));
       if (s + SR_GUMBEL_MAX < floor) return; // cannot win: skip the hash and the logs
-      const float v = s + sr_gumbel(base, i);
+      const uint32_t bits = sr_bits(base, i);
+      if (s + sr_gumbel_bound(bits) < floor) return; // nor with these bits' noise: skip the logs
+      const float v = s + sr_gumbel_of(bits);
       if (v > best || (v == best && i < bi)) {
         best = v;
         bi = i;
