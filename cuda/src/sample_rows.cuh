@@ -322,7 +322,9 @@ srows_hist_kernel(const float *logits, int64_t V, const orch_sample_params *para
       atomicAdd(&g_sr_cnt[row * SR_BINS + b], s_cnt[b]);
       atomicAdd(&g_sr_mass[row * SR_BINS + b], s_mass[b]);
     }
-  __threadfence(); // every thread's adds before the ticket (sr_last fences thread 0 only)
+  // Every thread's adds before the ticket: the barrier, then thread 0's fence in sr_last (cooperative groups'
+  // grid sync does the same: __syncthreads, then one thread's __threadfence + atomic) — not a fence in every thread
+  // (MEMBAR.SC.GPU in each of the CTA's 256 threads, every pass).
   __syncthreads();
   if (!sr_last(row, P)) return;
   // The row's last CTA: take the histogram (and clear it for the next pass), then find the bin. Every bin load of a
