@@ -512,7 +512,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
     const float sc = moe6_act_scale<T>(alpha, limit);
     const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
-    if (!(moe14_route_on() && launch_route14(st, xg, ids, wts, x, rw, rbias, dim, n_exp, n_slots,
+    if (!(moe14_route_on(n) && launch_route14(st, xg, ids, wts, x, rw, rbias, dim, n_exp, n_slots,
                                              dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0, n, nm))) {
       const moe10_norm nv = nm ? *nm : moe10_norm{};
       const int per = nm ? (dim + MOE10_THREADS - 1) / MOE10_THREADS : 0; // <= MOE10_NORM_MAX_N (caller)
@@ -524,9 +524,9 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       DEC16_LAUNCH_PDL(kern, dim3((unsigned)S, (unsigned)n), MOE10_THREADS, 0, st, part, xg, ids, wts, x, rw, rbias,
                        dim, n_exp, n_slots, dec16_traits<T>::kind, T == ORCH_T_MXFP4 ? 1 : 0, nv, (int32_t *)nullptr);
     }
-    if (!(only & 2) && !(moe14_on() && launch_gate_up14<T>(st, reinterpret_cast<uint16_t *>(act),
+    if (!(only & 2) && !(moe14_on(n) && launch_gate_up14<T>(st, reinterpret_cast<uint16_t *>(act),
                                                           reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids,
-                                                          n, n_slots, dim, ff, alpha, limit, sc))) {
+                                                          n, n_slots, n_exp, dim, ff, alpha, limit, sc))) {
       constexpr int NB = gate_up_nb<T>();
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
       auto kern = moe_gate_up10_kernel<T, NB>;
@@ -537,7 +537,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        orch_row_bytes(T, dim), alpha, limit, sc);
     }
     if (!(only & 1) &&
-        !(moe14_down_on() && launch_down14<T>(st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids, wts, n,
+        !(moe14_down_on(n) && launch_down14<T>(st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids, wts, n,
                                                n_slots, n_exp, ff, dim, dxinv, an))) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;

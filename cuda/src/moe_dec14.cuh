@@ -63,6 +63,92 @@ template <int N> __device__ __forceinline__ void moe14_wait() {
 }
 #endif
 
+// Bulk copies (ORCH_CUDA_MOE14_BULK=1, gate_up14): lane 0 copies a whole row with one
+// cp.async.bulk (PTX 8.0: CUDA 12, sm_90) completing on the stage's mbarrier,
+// instead of 32 lanes x 4 cp.async of 16 bytes (~120 of ~790 instructions a
+// row pair). Without PTX 8.0 (CUDA 11.8 / sm_80 builds) the lanes copy the row
+// synchronously (correct, slow: such builds never run the H100 benches); the
+// emulation lands lane 0's copies at its wait (as the cp.async groups).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12
+#define MOE14_BULK_PTX 1
+#endif
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+// Stage barrier init (lane 0; the warp syncs after).
+__device__ __forceinline__ void moe14_bar_init(uint64_t *bar) {
+#if defined(MOE14_BULK_PTX)
+  const unsigned b = (unsigned)__cvta_generic_to_shared(bar);
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\tfence.mbarrier_init.release.cluster;" ::"r"(b) : "memory");
+#else
+  (void)bar;
+#endif
+}
+// Row [src, src + bytes) (16-aligned, bytes % 16 == 0) into dst (two rows: dst2 / src2) on bar; every lane calls it.
+__device__ __forceinline__ void moe14_bulk2(uint8_t *dst, const uint8_t *src, uint8_t *dst2, const uint8_t *src2,
+                                            int bytes, uint64_t *bar, int lane) {
+#if defined(MOE14_BULK_PTX)
+  if (lane == 0) {
+    const unsigned b = (unsigned)__cvta_generic_to_shared(bar);
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst), d2 = (unsigned)__cvta_generic_to_shared(dst2);
+    // the warp's generic reads of the stage (synced before this call) before the async-proxy writes
+    asm volatile("fence.proxy.async.shared::cta;\n\t"
+                 "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b),
+                 "r"(2 * bytes)
+                 : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d),
+                 "l"(src), "r"(bytes), "r"(b)
+                 : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d2),
+                 "l"(src2), "r"(bytes), "r"(b)
+                 : "memory");
+  }
+#elif defined(ORCH_EMU)
+  (void)bar;
+  if (lane == 0)
+    for (int c = 0; c < bytes; c += 16) {
+      moe14_cp16(dst + c, src + c, 16);
+      moe14_cp16(dst2 + c, src2 + c, 16);
+    }
+#else
+  (void)bar;
+  for (int c = 16 * lane; c < bytes; c += 512) {
+    *reinterpret_cast<uint4 *>(dst + c) = *reinterpret_cast<const uint4 *>(src + c);
+    *reinterpret_cast<uint4 *>(dst2 + c) = *reinterpret_cast<const uint4 *>(src2 + c);
+  }
+#endif
+}
+// After every issue (copies or none): the emulation's group (lane 0's).
+__device__ __forceinline__ void moe14_bulk_commit(int lane) {
+#if defined(ORCH_EMU)
+  if (lane == 0) moe14_commit();
+#else
+  (void)lane;
+#endif
+}
+// Waits for the stage's copies (phase parity of its k-th use).
+template <int STG> __device__ __forceinline__ void moe14_bulk_wait(uint64_t *bar, uint32_t parity, int lane) {
+#if defined(MOE14_BULK_PTX)
+  (void)lane;
+  const unsigned b = (unsigned)__cvta_generic_to_shared(bar);
+  for (;;) {
+    uint32_t done;
+    asm volatile("{\n.reg .pred P1;\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\nselp.u32 %0, 1, 0, P1;\n}"
+                 : "=r"(done)
+                 : "r"(b), "r"(parity)
+                 : "memory");
+    if (done) return;
+  }
+#elif defined(ORCH_EMU)
+  (void)bar;
+  (void)parity;
+  if (lane == 0) moe14_wait<STG - 1>();
+#else
+  (void)bar;
+  (void)parity;
+  (void)lane;
+#endif
+}
+#endif
+
 // Bytes of one row's stage slot: the 16-byte chunks covering rb bytes at any offset.
 // (off & 15) + rb bytes rounded up to a 4-byte word: at most rb + 18.
 static inline int moe14_row_slot(int64_t rb) { return (int)((rb + 18 + 15) / 16 * 16); }
@@ -74,7 +160,8 @@ static inline size_t moe14_smem(int n, int nch, int64_t rb, int stg) {
 #if defined(__CUDACC__) || defined(ORCH_EMU)
 // acth: v10's staged activation; xg: the route kernel's staged x (n tokens);
 // rs: moe14_row_slot(rb). Items I = n * n_slots * m.
-template <int T, int STG>
+// BULK: rows by cp.async.bulk on per-stage mbarriers (MOE14_W x STG x 8 bytes after the ring).
+template <int T, int STG, bool BULK>
 __global__ void __launch_bounds__(MOE14_W * 32, 3) // <= 80 registers
 moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
@@ -87,7 +174,14 @@ moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nch = k / 32, xs4 = moe10_xstride(nch) / 4;
-  uint8_t *ring = reinterpret_cast<uint8_t *>(xsm + (int64_t)n * xs4 * 4) + (int64_t)warp * STG * 2 * rs;
+  uint8_t *ring0 = reinterpret_cast<uint8_t *>(xsm + (int64_t)n * xs4 * 4);
+  uint8_t *ring = ring0 + (int64_t)warp * STG * 2 * rs;
+  uint64_t *bars = reinterpret_cast<uint64_t *>(ring0 + (int64_t)MOE14_W * STG * 2 * rs) + warp * STG;
+  if constexpr (BULK) {
+    if (lane == 0)
+      for (int i = 0; i < STG; i++) moe14_bar_init(bars + i);
+    __syncwarp();
+  }
   const int G = (int)gridDim.x * MOE14_W, g = (int)blockIdx.x * MOE14_W + warp;
   const int I = n * n_slots * m;
   const int nit = g < I ? (I - 1 - g) / G + 1 : 0;
@@ -111,6 +205,18 @@ moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   // The next item (ci) into stage j % STG; an empty group past the last (the wait counts stay uniform).
 // STG items are in flight: item j + STG is issued into item j's stage once item j is decoded.
   auto issue = [&](int j) {
+    if constexpr (BULK) { // whole 16-byte chunks (the tensors end on 16 bytes: launcher)
+      if (j < nit) {
+        const int64_t off = ((int64_t)ids[ci.p] * m + ci.row) * rb;
+        const int64_t a0 = off & ~(int64_t)15;
+        const int bytes = (int)((((off + rb + 3) & ~(int64_t)3) - a0 + 15) & ~(int64_t)15);
+        uint8_t *d = ring + (j % STG) * 2 * rs;
+        moe14_bulk2(d, wg + a0, d + rs, wu + a0, bytes, bars + j % STG, lane);
+        advance(ci);
+      }
+      moe14_bulk_commit(lane);
+      return;
+    }
     if (j < nit) {
       const int64_t off = ((int64_t)ids[ci.p] * m + ci.row) * rb;
       const int64_t a0 = off & ~(int64_t)15;
@@ -135,8 +241,11 @@ moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   __syncthreads();
   int cs = 0, ct = 0; // cc's slot and token
   for (int j = 0; j < nit; j++) {
-    moe14_wait<STG - 1>(); // item j's copies (this lane's) have landed (items j + 1 .. j + STG - 1 in flight)
-    __syncwarp();          // ... every lane's
+    if constexpr (BULK)
+      moe14_bulk_wait<STG>(bars + j % STG, (uint32_t)(j / STG) & 1u, lane);
+    else
+      moe14_wait<STG - 1>(); // item j's copies (this lane's) have landed (items j + 1 .. j + STG - 1 in flight)
+    __syncwarp();            // ... every lane's
     const int p = cc.p, row = cc.row;
     while (cs + ct * n_slots < p) { // cc.p's token and slot (p only grows)
       if (++cs == n_slots) {
@@ -194,26 +303,35 @@ moe_gate_up14_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
 #endif
 
 // ---- launch ----
-// ORCH_CUDA_MOE14=1: v14's gate_up in v10's launches (orch_moe_decode /
-// _norm / _addnorm at 1..8 tokens); ORCH_CUDA_MOE14_STG=2..4 ring stages = row pairs in flight a warp
-// (default 2: 55.8 KB a CTA at gpt-oss n = 1, 3 CTAs = 24 warps an SM); ORCH_CUDA_MOE14_CTAS=N at most N CTAs per SM (default: as many
-// as fit).
+// ORCH_CUDA_MOE14=1: v14's gate_up in v10's launches (orch_moe_decode / _norm /
+// _addnorm at 1..8 tokens); ORCH_CUDA_MOE14_STG=2..4 ring stages = row pairs in
+// flight a warp (default 2: 55.8 KB a CTA at gpt-oss n = 1, 3-4 CTAs an SM);
+// ORCH_CUDA_MOE14_CTAS=N at most N CTAs per SM (default: as many as fit).
 static int moe14_env(const char *name, int def) {
   const char *v = getenv(name);
   return v && *v ? atoi(v) : def;
 }
-static bool moe14_on() { return moe14_env("ORCH_CUDA_MOE14", 0) == 1; }
+// The three v14 kernels' switches (each independent): =1 on (1..8 tokens, where the kernel fits), =0 off,
+// unset: on up to MOE14_AUTO_*_MAX_N tokens — 0 (never) until a device run shows the kernel wins.
+constexpr int MOE14_AUTO_GU_MAX_N = 0, MOE14_AUTO_DOWN_MAX_N = 0, MOE14_AUTO_ROUTE_MAX_N = 0;
+static bool moe14_switch(const char *name, int n, int auto_max) {
+  const char *v = getenv(name);
+  return v && *v ? atoi(v) == 1 : n <= auto_max;
+}
+static bool moe14_on(int n) { return moe14_switch("ORCH_CUDA_MOE14", n, MOE14_AUTO_GU_MAX_N); }
 
 // Launches v14's gate_up; false (nothing launched) where it does not fit.
 template <int T, int STG>
 static bool launch_gate_up14_stg(cudaStream_t st, uint16_t *acth, const uint4 *xg, const uint8_t *wg,
                                  const uint8_t *wu, const float *gb, const float *ub, const int32_t *ids, int n,
-                                 int n_slots, int dim, int ff, float alpha, float limit, float sc) {
+                                 int n_slots, int n_exp, int dim, int ff, float alpha, float limit, float sc) {
   const int64_t rb = orch_row_bytes(T, dim);
   const int rs = moe14_row_slot(rb);
-  const size_t sm = moe14_smem(n, dim / 32, rb, STG);
+  // bulk copies read whole 16-byte chunks: only where the expert tensors end on 16 bytes
+  const bool bulk = moe14_env("ORCH_CUDA_MOE14_BULK", 0) == 1 && ((int64_t)n_exp * ff * rb) % 16 == 0;
+  const size_t sm = moe14_smem(n, dim / 32, rb, STG) + (bulk ? (size_t)MOE14_W * STG * 8 : 0);
   if (sm > 200 * 1024 || rs > 16 * 32 * MOE14_R) return false;
-  auto kern = moe_gate_up14_kernel<T, STG>;
+  auto kern = bulk ? moe_gate_up14_kernel<T, STG, true> : moe_gate_up14_kernel<T, STG, false>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   int dev = 0, sms = 0, per = 0;
   cudaGetDevice(&dev);
@@ -234,19 +352,22 @@ static bool launch_gate_up14_stg(cudaStream_t st, uint16_t *acth, const uint4 *x
 }
 template <int T>
 static bool launch_gate_up14(cudaStream_t st, uint16_t *acth, const uint4 *xg, const uint8_t *wg, const uint8_t *wu,
-                             const float *gb, const float *ub, const int32_t *ids, int n, int n_slots, int dim,
-                             int ff, float alpha, float limit, float sc) {
+                             const float *gb, const float *ub, const int32_t *ids, int n, int n_slots, int n_exp,
+                             int dim, int ff, float alpha, float limit, float sc) {
   switch (moe14_env("ORCH_CUDA_MOE14_STG", 2)) {
     case 3:
-      return launch_gate_up14_stg<T, 3>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
+      return launch_gate_up14_stg<T, 3>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, n_exp, dim, ff, alpha, limit,
+                                        sc);
     case 4:
-      return launch_gate_up14_stg<T, 4>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
+      return launch_gate_up14_stg<T, 4>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, n_exp, dim, ff, alpha, limit,
+                                        sc);
     default:
-      return launch_gate_up14_stg<T, 2>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, dim, ff, alpha, limit, sc);
+      return launch_gate_up14_stg<T, 2>(st, acth, xg, wg, wu, gb, ub, ids, n, n_slots, n_exp, dim, ff, alpha, limit,
+                                        sc);
   }
 }
 
-// ---- MoE v14 down (opt-in ORCH_CUDA_MOE14_DOWN=1 with ORCH_CUDA_MOE14=1) ----
+// ---- MoE v14 down (opt-in ORCH_CUDA_MOE14_DOWN=1) ----
 // v10's down as a one-wave persistent kernel: CTA c of DW warps takes the row
 // groups u = c, c + grid, ... (u = t * (m / DW) + b: token t, rows DW b ..
 // DW b + DW - 1, one a warp); warp w streams its row's n_slots expert rows
@@ -409,7 +530,7 @@ moe_down14_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
 }
 #endif
 
-static bool moe14_down_on() { return moe14_on() && moe14_env("ORCH_CUDA_MOE14_DOWN", 0) == 1; }
+static bool moe14_down_on(int n) { return moe14_switch("ORCH_CUDA_MOE14_DOWN", n, MOE14_AUTO_DOWN_MAX_N); }
 
 // Launches v14's down; false (nothing launched) where it does not fit.
 template <int T, int STG, int DW>
@@ -633,7 +754,7 @@ moe14_route_kernel(uint32_t *__restrict__ xg, int32_t *ids, float *__restrict__ 
 }
 #endif
 
-static bool moe14_route_on() { return moe14_env("ORCH_CUDA_MOE14_ROUTE", 0) == 1; }
+static bool moe14_route_on(int n) { return moe14_switch("ORCH_CUDA_MOE14_ROUTE", n, MOE14_AUTO_ROUTE_MAX_N); }
 
 // Launches v14's route kernel (grid (8, n), clusters of 8); false (nothing launched) without cluster support
 // (sm < 90) or for dim > 64 * 64.

@@ -151,6 +151,46 @@ static std::vector<float> run_moe(int ver, int t, const QW &gate, const QW &up, 
   return out.vec();
 }
 
+// float64 reference of the routed FFN: out[i] = sum over slots s of w[i, s] * (down_e . swiglu(gate_e . x_i + gb,
+// up_e . x_i + ub) + db), e = ids[i, s] (gb / ub / db null: no biases).
+static std::vector<double> ref_moe(const QW &gate, const QW &up, const QW &down, const std::vector<float> &x,
+                                   const float *gb, const float *ub, const float *db, const std::vector<int32_t> &ids,
+                                   const std::vector<float> &w, int n, int topk, int64_t dim, int64_t ff, double limit) {
+  std::vector<double> want((size_t)(n * dim), 0.0);
+  for (int i = 0; i < n; i++)
+    for (int s = 0; s < topk; s++) {
+      const int e = ids[(size_t)(i * topk + s)];
+      std::vector<double> act((size_t)ff);
+      for (int64_t r = 0; r < ff; r++) {
+        double g = gb ? gb[e * ff + r] : 0.0, u = ub ? ub[e * ff + r] : 0.0;
+        for (int64_t c = 0; c < dim; c++) {
+          g += gate.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
+          u += up.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
+        }
+        act[(size_t)r] = swiglu(g, u, 1.702, limit);
+      }
+      for (int64_t r = 0; r < dim; r++) {
+        double y = db ? db[e * dim + r] : 0.0;
+        for (int64_t c = 0; c < ff; c++) y += down.val[(size_t)((e * dim + r) * ff + c)] * act[(size_t)c];
+        want[(size_t)(i * dim + r)] += w[(size_t)(i * topk + s)] * y;
+      }
+    }
+  return want;
+}
+
+// Router logits in float64 (rounded to float): lg[i, e] = rb[e] + rw_e . x_i (rb null: no bias).
+static std::vector<float> ref_logits(const std::vector<float> &rw, const std::vector<float> &x, const float *rb, int n,
+                                     int ne, int64_t dim) {
+  std::vector<float> lg((size_t)(n * ne));
+  for (int i = 0; i < n; i++)
+    for (int e = 0; e < ne; e++) {
+      double v = rb ? rb[e] : 0.0;
+      for (int64_t c = 0; c < dim; c++) v += (double)rw[(size_t)(e * dim + c)] * x[(size_t)(i * dim + c)];
+      lg[(size_t)(i * ne + e)] = (float)v;
+    }
+  return lg;
+}
+
 // spread: multiply every 7th x element by 1e-6 (chunks whose small elements
 // stage as fp16 subnormals in v4: v6 must round them identically).
 // limit = +inf: no fixed staging scale for down (chunk-scaled as v4), so v6
@@ -177,26 +217,8 @@ static void test_moe(int t, int64_t dim, int64_t ff, int ne, int topk, int n, bo
       wv[(size_t)(i * topk + s)] = 0.1f + (rng() % 1000) / 1000.f;
     }
   }
-  const double alpha = 1.702;
-  std::vector<double> want((size_t)(n * dim), 0.0);
-  for (int i = 0; i < n; i++)
-    for (int s = 0; s < topk; s++) {
-      const int e = idv[(size_t)(i * topk + s)];
-      std::vector<double> act((size_t)ff);
-      for (int64_t r = 0; r < ff; r++) {
-        double g = bias ? gbv[(size_t)(e * ff + r)] : 0.0, u = bias ? ubv[(size_t)(e * ff + r)] : 0.0;
-        for (int64_t c = 0; c < dim; c++) {
-          g += gate.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
-          u += up.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
-        }
-        act[(size_t)r] = swiglu(g, u, alpha, limit);
-      }
-      for (int64_t r = 0; r < dim; r++) {
-        double y = bias ? dbv[(size_t)(e * dim + r)] : 0.0;
-        for (int64_t c = 0; c < ff; c++) y += down.val[(size_t)((e * dim + r) * ff + c)] * act[(size_t)c];
-        want[(size_t)(i * dim + r)] += wv[(size_t)(i * topk + s)] * y;
-      }
-    }
+  const auto want = ref_moe(gate, up, down, x, bias ? gbv.data() : nullptr, bias ? ubv.data() : nullptr,
+                            bias ? dbv.data() : nullptr, idv, wv, n, topk, dim, ff, limit);
   const auto o4 = run_moe(4, t, gate, up, down, x, gbv, ubv, dbv, idv, wv, n, topk, dim, ff, bias, limit);
   const auto o6 = run_moe(6, t, gate, up, down, x, gbv, ubv, dbv, idv, wv, n, topk, dim, ff, bias, limit);
   // The down kernel's speculative routing reads all return a wrong expert
@@ -353,25 +375,8 @@ static void test_route(int t, int64_t dim, int64_t ff, int ne, int topk, int n, 
     EXPECT(std::memcmp(w7.data(), w6.data(), w6.size() * 4) == 0, "v%d weights differ from orch_moe_topk's", ver);
     { // v9, tensor cores: fp32 sums, not v6's fp16 partial sums
       // float64 reference of the routed FFN (ids / weights as orch_moe_topk's)
-      std::vector<double> want((size_t)(n * dim), 0.0);
-      for (int i = 0; i < n; i++)
-        for (int sl = 0; sl < topk; sl++) {
-          const int e = id6[(size_t)(i * topk + sl)];
-          std::vector<double> a((size_t)ff);
-          for (int64_t r = 0; r < ff; r++) {
-            double g = bias ? gbv[(size_t)(e * ff + r)] : 0.0, u = bias ? ubv[(size_t)(e * ff + r)] : 0.0;
-            for (int64_t c = 0; c < dim; c++) {
-              g += gate.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
-              u += up.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
-            }
-            a[(size_t)r] = swiglu(g, u, 1.702, limit);
-          }
-          for (int64_t r = 0; r < dim; r++) {
-            double y = bias ? dbv[(size_t)(e * dim + r)] : 0.0;
-            for (int64_t c = 0; c < ff; c++) y += down.val[(size_t)((e * dim + r) * ff + c)] * a[(size_t)c];
-            want[(size_t)(i * dim + r)] += w6[(size_t)(i * topk + sl)] * y;
-          }
-        }
+      const auto want = ref_moe(gate, up, down, x, bias ? gbv.data() : nullptr, bias ? ubv.data() : nullptr,
+                                bias ? dbv.data() : nullptr, id6, w6, n, topk, dim, ff, limit);
       e9 = rel_l2(o7, want);
       o9 = o7;
       const double e6 = rel_l2(o6, want);
@@ -407,13 +412,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   auto gp = [&](Buf<float> &b) { return bias ? b.p : nullptr; };
   const float limit = 7.f;
   // reference routing: orch_moe_topk (v6) over the float64 logits
-  std::vector<float> lg((size_t)(n * ne));
-  for (int i = 0; i < n; i++)
-    for (int e = 0; e < ne; e++) {
-      double v = bias ? rb[(size_t)e] : 0.0;
-      for (int64_t c = 0; c < dim; c++) v += (double)rw[(size_t)(e * dim + c)] * x[(size_t)(i * dim + c)];
-      lg[(size_t)(i * ne + e)] = (float)v;
-    }
+  const auto lg = ref_logits(rw, x, bias ? rb.data() : nullptr, n, ne, dim);
   std::vector<int32_t> idr;
   std::vector<float> wr;
   {
@@ -478,22 +477,24 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   // ring depth (the emulated device: 2 SMs of one CTA: warps stride over several items / row groups); stale
   // speculative routing (down14 issues its first items from it before pdl_wait)
   // ORCH_CUDA_MOE14_ROUTE=1: the cluster route kernel (emulated: rank 0 last): ids / weights = v10's bits too
-  const char *v14cfg[][4] = {{"2", "0", "2", "0"}, {"3", "1", "2", "1"}, {"3", "1", "3", "0"},
-                             {"4", "1", "4", "1"}}; // STG, DOWN, DSTG, ROUTE
+  // ORCH_CUDA_MOE14_BULK=1: gate_up14's rows by bulk copies (emulated: lane 0's 16-byte copies, landing at its wait)
+  const char *v14cfg[][5] = {{"2", "0", "2", "0", "1"}, {"3", "1", "2", "1", "0"}, {"3", "1", "3", "0", "1"},
+                             {"4", "1", "4", "1", "1"}, {"2", "1", "3", "1", "0"}}; // STG, DOWN, DSTG, ROUTE, BULK
   for (const auto &cf : v14cfg) {
     setenv("ORCH_CUDA_MOE14", "1", 1);
     setenv("ORCH_CUDA_MOE14_STG", cf[0], 1);
     setenv("ORCH_CUDA_MOE14_DOWN", cf[1], 1);
     setenv("ORCH_CUDA_MOE14_DSTG", cf[2], 1);
     setenv("ORCH_CUDA_MOE14_ROUTE", cf[3], 1);
+    setenv("ORCH_CUDA_MOE14_BULK", cf[4], 1);
     std::vector<float> o14, w14;
     std::vector<int32_t> id14;
     for (int st = 0; st < (stale ? 2 : 1); st++) {
       if (st) g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
       emu_cp_reset();
       const int l0 = g_moe14_launches[0], l1 = g_moe14_launches[1], l2 = g_moe14_launches[2];
-      EXPECT(run10(true, n, limit, &id14, &w14, &o14) == ORCH_OK, "moe_decode v14 (%s %s %s %s): %s", cf[0], cf[1],
-             cf[2], cf[3], g_err);
+      EXPECT(run10(true, n, limit, &id14, &w14, &o14) == ORCH_OK, "moe_decode v14 (%s %s %s %s %s): %s", cf[0],
+             cf[1], cf[2], cf[3], cf[4], g_err);
       g_moe6_stale_id = -1;
       EXPECT(g_moe14_launches[0] == l0 + 1 && g_moe14_launches[1] == l1 + (cf[1][0] == '1') &&
                  g_moe14_launches[2] == l2 + (cf[3][0] == '1'),
@@ -502,11 +503,11 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
              "MoE v14 routing (route %s) != v10's", cf[3]);
       for (int i = 0; i < MOE10_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "v14: ticket %d = %u", i, g_moe10_ticket[i]);
       EXPECT(std::memcmp(o10.data(), o14.data(), o10.size() * 4) == 0,
-             "MoE v14 (STG %s, down %s, DSTG %s, route %s%s) != v10 (%s dim=%lld ff=%lld n=%d)", cf[0], cf[1], cf[2],
-             cf[3], st ? ", stale routing" : "", tname(t), (long long)dim, (long long)ff, n);
+             "MoE v14 (STG %s, down %s, DSTG %s, route %s, bulk %s%s) != v10 (%s dim=%lld ff=%lld n=%d)", cf[0], cf[1],
+             cf[2], cf[3], cf[4], st ? ", stale routing" : "", tname(t), (long long)dim, (long long)ff, n);
     }
     for (const char *v : {"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG",
-                          "ORCH_CUDA_MOE14_ROUTE"})
+                          "ORCH_CUDA_MOE14_ROUTE", "ORCH_CUDA_MOE14_BULK"})
       unsetenv(v);
     emu_cp_reset();
   }
@@ -621,6 +622,7 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
     if (v14) setenv("ORCH_CUDA_MOE14", "1", 1);
     if (v14 == 2) setenv("ORCH_CUDA_MOE14_DOWN", "1", 1);
     if (v14 == 2) setenv("ORCH_CUDA_MOE14_ROUTE", "1", 1);
+    if (v14 == 2) setenv("ORCH_CUDA_MOE14_BULK", "1", 1);
     emu_cp_reset();
     const int l1 = g_moe14_launches[1], l2 = g_moe14_launches[2];
     for (int with_norm = 1; with_norm >= 0; with_norm--) {
@@ -659,6 +661,7 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
     unsetenv("ORCH_CUDA_MOE14");
     unsetenv("ORCH_CUDA_MOE14_DOWN");
     unsetenv("ORCH_CUDA_MOE14_ROUTE");
+    unsetenv("ORCH_CUDA_MOE14_BULK");
     emu_cp_reset();
     }
     std::printf("MoE v10 + next norm's producer (orch_moe_decode_addnorm) %-5s dim=%lld n=%d: output = orch_moe_decode's, "
@@ -703,13 +706,7 @@ static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   auto gp = [&](Buf<float> &b) { return bias ? b.p : nullptr; };
   const float limit = 7.f;
   const int np = n * topk;
-  std::vector<float> lg((size_t)(n * ne));
-  for (int i = 0; i < n; i++)
-    for (int e = 0; e < ne; e++) {
-      double v = rbias ? rb[(size_t)e] : 0.0;
-      for (int64_t c = 0; c < dim; c++) v += (double)rw[(size_t)(e * dim + c)] * x[(size_t)(i * dim + c)];
-      lg[(size_t)(i * ne + e)] = (float)v;
-    }
+  const auto lg = ref_logits(rw, x, rbias ? rb.data() : nullptr, n, ne, dim);
   std::vector<int32_t> idr;
   std::vector<float> wr;
   {
@@ -810,25 +807,8 @@ static void test_decode13(int t, int64_t dim, int64_t ff, int ne, int topk, int 
            "MoE v13 != v9 bit for bit (dim=%lld ff=%lld top-%d of %d n=%d)", (long long)dim, (long long)ff, topk, ne, n);
   }
   // float64 reference on v13's routing
-  std::vector<double> want((size_t)(n * dim), 0.0);
-  for (int i = 0; i < n; i++)
-    for (int sl = 0; sl < topk; sl++) {
-      const int e = id13[(size_t)(i * topk + sl)];
-      std::vector<double> a((size_t)ff);
-      for (int64_t r = 0; r < ff; r++) {
-        double g = bias ? gbv[(size_t)(e * ff + r)] : 0.0, u = bias ? ubv[(size_t)(e * ff + r)] : 0.0;
-        for (int64_t c = 0; c < dim; c++) {
-          g += gate.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
-          u += up.val[(size_t)((e * ff + r) * dim + c)] * x[(size_t)(i * dim + c)];
-        }
-        a[(size_t)r] = swiglu(g, u, 1.702, limit);
-      }
-      for (int64_t r = 0; r < dim; r++) {
-        double y = bias ? dbv[(size_t)(e * dim + r)] : 0.0;
-        for (int64_t c = 0; c < ff; c++) y += down.val[(size_t)((e * dim + r) * ff + c)] * a[(size_t)c];
-        want[(size_t)(i * dim + r)] += w13[(size_t)(i * topk + sl)] * y;
-      }
-    }
+  const auto want = ref_moe(gate, up, down, x, bias ? gbv.data() : nullptr, bias ? ubv.data() : nullptr,
+                            bias ? dbv.data() : nullptr, id13, w13, n, topk, dim, ff, limit);
   const double err = rel_l2(o13, want);
   EXPECT(err <= 6e-3, "MoE v13 (dim=%lld ff=%lld n=%d): relative error %.3g", (long long)dim, (long long)ff, n, err);
   // routing and declines

@@ -39,7 +39,8 @@ func TestMoEVersions(t *testing.T) {
 		// session 9: MoE v14's gate_up and down (persistent, cp.async rings) and route (clusters) in v10's launches,
 		// pinned and unpinned
 		"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_ROUTE=1",
-		"ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=3 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4 ORCH_CUDA_MOE14_ROUTE=1"} {
+		"ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=3 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4 ORCH_CUDA_MOE14_ROUTE=1 " +
+			"ORCH_CUDA_MOE14_BULK=1"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields(v)...)
 		outp, err := cmd.CombinedOutput()
@@ -93,6 +94,7 @@ func TestPerfMoEVersions(t *testing.T) {
 				// v10's launches; its ring depth; gate_up alone (with route; timing hook); v14's down too (=DOWN)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2",
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=4",
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_BULK=1", // rows by cp.async.bulk (one lane)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE_ONLY=gate_up",
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2 ORCH_CUDA_MOE_ONLY=gate_up",
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1",
@@ -127,7 +129,7 @@ func TestPerfMoEVersions(t *testing.T) {
 	label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
 	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM", "ORCH_CUDA_MOE13_PIPE",
 		"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_CTAS", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG",
-		"ORCH_CUDA_MOE14_DCTAS", "ORCH_CUDA_MOE14_ROUTE"} {
+		"ORCH_CUDA_MOE14_DCTAS", "ORCH_CUDA_MOE14_ROUTE", "ORCH_CUDA_MOE14_BULK"} {
 		if e := os.Getenv(v); e != "" {
 			label += " " + v + "=" + e
 		}
