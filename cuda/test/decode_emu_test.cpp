@@ -746,6 +746,95 @@ static void test_gemv_glu_pf(int64_t k, int64_t m) {
               (long long)m, want.size());
 }
 
+// GEMV v5 on int8 x (gemv5_rows_i8, ORCH_CUDA_GEMV5_I8=1; session 9): x rounded to 8 bits per 32-chunk, so checked
+// against float64 (bound 1.5e-2 on these few rows; the fp16 path's 1.5e-3 does not hold) and for consistency: plain, merged part 0 and
+// the folded norm's producer y bit-identical (the same rows code), accumulate = y0 + plain, producer res / xt exact
+// from its y, the consumer = the merged part times the fold's scale within 1e-5; run to run the same bits.
+static void test_gemv_i8(int64_t k, std::vector<int64_t> ms, int mode = 1) {
+  const int t = ORCH_T_Q8_0, n = 1;
+  const int64_t rb = orch_row_bytes(t, k), m0 = ms[0];
+  std::vector<std::unique_ptr<QW>> ws;
+  for (int64_t m : ms) {
+    ws.push_back(std::make_unique<QW>());
+    make_weight(*ws.back(), t, k, m);
+  }
+  const auto xv = randv((size_t)k, 2.f), bv = randv((size_t)m0, 1.f), res0 = randv((size_t)m0, 4.f),
+             nwv = randv((size_t)m0, 1.f), y0 = randv((size_t)m0, 1.f);
+  Buf<float> bx(xv), bb(bv), nw(nwv);
+  const int nss = (int)((ceil_div(m0, (int64_t)GEMV16_WARPS) + 3) / 4 * 4);
+  auto ssv = randv((size_t)nss, 1.f);
+  for (float &v : ssv) v = v * v + 0.01f;
+  Buf<float> ssb(ssv);
+  g_gemv5_i8 = mode;
+  std::vector<std::vector<float>> runs[2];
+  for (int run = 0; run < 2; run++) {
+    auto &out = runs[run];
+    Buf<float> yp((size_t)m0, NAN), ya(y0);
+    launch_gemv5<ORCH_T_Q8_0>(nullptr, yp.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 0);
+    launch_gemv5<ORCH_T_Q8_0>(nullptr, ya.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 1);
+    out.push_back(yp.vec());
+    out.push_back(ya.vec());
+    for (int nf = 0; nf < 2; nf++) {
+      gemv5_parts P = {};
+      std::vector<std::unique_ptr<Buf<float>>> ys;
+      for (size_t p = 0; p < ms.size(); p++) {
+        ys.push_back(std::make_unique<Buf<float>>((size_t)ms[p], NAN));
+        P.w[p] = ws[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p], P.bias[p] = p == 0 ? bb.p : nullptr;
+      }
+      gemv5_nf F;
+      F.ss = ssb.p, F.nss = nss, F.eps = 1e-5f;
+      if (nf) launch_gemv5_multi_nf<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb, F);
+      else launch_gemv5_multi<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb);
+      for (auto &y : ys) out.push_back(y->vec());
+    }
+    Buf<float> y1((size_t)m0, NAN), rs(res0), xt((size_t)m0, NAN), ss((size_t)ceil_div(m0, (int64_t)GEMV16_WARPS), NAN);
+    gemv5_nf F;
+    F.res = rs.p, F.w = nw.p, F.xt = xt.p, F.ss = ss.p;
+    launch_gemv5_nf_prod<ORCH_T_Q8_0>(nullptr, y1.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, F);
+    for (auto *b : {&y1, &rs, &xt, &ss}) out.push_back(b->vec());
+  }
+  g_gemv5_i8 = -1;
+  const auto &o = runs[0];
+  const size_t np = ms.size();
+  for (size_t i = 0; i < o.size(); i++)
+    EXPECT(std::memcmp(o[i].data(), runs[1][i].data(), o[i].size() * 4) == 0, "GEMV i8: output %zu differs run to run", i);
+  // float64 references
+  std::vector<double> worst;
+  for (size_t p = 0; p < np; p++) {
+    std::vector<double> ref((size_t)ms[p]);
+    for (int64_t r = 0; r < ms[p]; r++) {
+      double s = p == 0 ? bv[(size_t)r] : 0.0;
+      for (int64_t c = 0; c < k; c++) s += ws[p]->val[(size_t)(r * k + c)] * xv[(size_t)c];
+      ref[(size_t)r] = s;
+    }
+    const double e = rel_l2(o[2 + p], ref);
+    EXPECT(e <= 1.5e-2, "GEMV i8 (k=%lld m=%lld part %zu): relative error %.3g vs float64", (long long)k, (long long)ms[p],
+           p, e);
+    worst.push_back(e);
+  }
+  EXPECT(std::memcmp(o[0].data(), o[2].data(), m0 * 4) == 0, "GEMV i8: plain != merged part 0");
+  const size_t prod = 2 + 2 * np;
+  EXPECT(std::memcmp(o[0].data(), o[prod].data(), m0 * 4) == 0, "GEMV i8: plain != the producer's y");
+  int bad = 0;
+  double sc_err = 0;
+  double tot = 0;
+  for (float v : ssv) tot += v;
+  const double scale = 1 / std::sqrt(tot / k + 1e-5);
+  for (int64_t r = 0; r < m0; r++) {
+    const float want_acc = y0[(size_t)r] + o[0][(size_t)r], rn = res0[(size_t)r] + o[0][(size_t)r];
+    if (std::memcmp(&want_acc, &o[1][(size_t)r], 4) != 0) bad++;
+    if (std::memcmp(&rn, &o[prod + 1][(size_t)r], 4) != 0) bad++;
+    const float xtv = rn * nwv[(size_t)r];
+    if (std::memcmp(&xtv, &o[prod + 2][(size_t)r], 4) != 0) bad++;
+    const double want_c = (o[2][(size_t)r] - bv[(size_t)r]) * scale + bv[(size_t)r];
+    sc_err = std::max(sc_err, std::fabs(o[2 + np][(size_t)r] - want_c) / (std::fabs(want_c) + 1e-3));
+  }
+  EXPECT(bad == 0, "GEMV i8: %d accumulate / res / xt values differ", bad);
+  EXPECT(sc_err < 1e-4, "GEMV i8 consumer: relative error %.3g vs the merged part x the scale", sc_err);
+  std::printf("GEMV v5 I8 %d Q8_0 k=%-5lld m=%-3lld (%zu parts): vs float64 %.2e (part 0), consistent\n", mode,
+              (long long)k, (long long)m0, np, worst[0]);
+}
+
 static void test_gemv_pf_all() {
   for (int mode = 1; mode <= 5; mode++) {
     test_gemv_pf(14336, {8}, mode, 1);                       // Llama down's k: x per step, partial last round / step
@@ -758,6 +847,12 @@ static void test_gemv_pf_all() {
   test_gemv_glu_pf(4096, 20);  // 4 rounds of 1 block, x once; ragged CTA
   test_gemv_glu_pf(8192, 8);   // x per step (3 rounds a step)
   test_gemv_glu_pf(96, 12);    // one round, lanes without blocks
+  test_gemv_i8(14336, {8});        // Llama down's k: x per step
+  test_gemv_i8(4096, {20, 8, 8});  // x once; ragged CTA
+  test_gemv_i8(2880, {12, 8});     // rows of 3060 bytes
+  test_gemv_i8(96, {36});          // lanes without blocks
+  test_gemv_i8(14336, {8}, 2);     // 2 blocks a round
+  test_gemv_i8(4096, {20, 8}, 2);
 }
 
 int main(int argc, char **argv) {
