@@ -316,7 +316,9 @@ type Runner struct {
 	// Params and WeightBytes describe the bound weights (for sdk.ModelInfo).
 	Params, WeightBytes int64
 
-	tokens, pos, seq, slots, outIdx ml.Tensor          // I32 [MaxTokens]
+	tokens, pos, seq, slots, outIdx ml.Tensor          // I32 [MaxTokens] each: views of inputs
+	inputs                          ml.Tensor          // I32 [(5 + KV groups - 1) * MaxTokens]: the per-token inputs, one upload a step
+	inBuf                           []int32            // stage's host image of inputs (reused)
 	argmax                          ml.Tensor          // I32 [MaxTokens] (the device's tokens: argmax or sampled)
 	params                          ml.Tensor          // I32 [ml.SampleParamsWords * MaxTokens]: per-row sampling settings
 	sampler                         ml.SamplingBackend // B when it samples on the device, else nil
@@ -359,8 +361,23 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 		return t
 	}
 	m := cfg.MaxTokens
-	r.tokens, r.pos, r.seq = alloc(ml.I32, m), alloc(ml.I32, m), alloc(ml.I32, m)
-	r.slots, r.outIdx, r.argmax = alloc(ml.I32, m), alloc(ml.I32, m), alloc(ml.I32, m)
+	ng := 0 // KV groups past the first
+	if kv != nil && len(kv.Groups) > 1 {
+		ng = len(kv.Groups) - 1
+	}
+	// tokens, positions, sequences, slots, output rows and each further group's
+	// slots: consecutive views of one buffer, so a step uploads them in one copy
+	r.inputs = alloc(ml.I32, (5+ng)*m)
+	seg := func(i int) ml.Tensor {
+		if err != nil {
+			return nil
+		}
+		var t ml.Tensor
+		t, err = b.Rows(r.inputs, i*m, m)
+		return t
+	}
+	r.tokens, r.pos, r.seq, r.slots, r.outIdx = seg(0), seg(1), seg(2), seg(3), seg(4)
+	r.argmax = alloc(ml.I32, m)
 	if sb, ok := b.(ml.SamplingBackend); ok && sb.SampleRowsAvailable() {
 		r.sampler = sb
 		r.params = alloc(ml.I32, ml.SampleParamsWords*m)
@@ -376,8 +393,8 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 	r.groups = []KVGroup{{NumBlocks: cfg.Spec.NumBlocks}}
 	if kv != nil && len(kv.Groups) > 1 {
 		r.groups = kv.Groups
-		for range kv.Groups[1:] {
-			r.gslots = append(r.gslots, alloc(ml.I32, m))
+		for g := range kv.Groups[1:] {
+			r.gslots = append(r.gslots, seg(5+g))
 			r.gblocks = append(r.gblocks, alloc(ml.I32, min(m*r.tableBlocks, 1<<24)))
 		}
 	}
@@ -397,7 +414,7 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 
 func (r *Runner) freeStaging() {
 	r.staged = nil
-	for _, t := range append([]ml.Tensor{r.tokens, r.pos, r.seq, r.slots, r.outIdx, r.argmax, r.params, r.blocks, r.gathered, r.logits}, append(r.gslots, r.gblocks...)...) {
+	for _, t := range append([]ml.Tensor{r.inputs, r.argmax, r.params, r.blocks, r.gathered, r.logits}, r.gblocks...) {
 		if t != nil {
 			r.B.Free(t)
 		}
@@ -550,9 +567,23 @@ func (r *Runner) stage(p *Piece) (*Staged, error) {
 		t ml.Tensor
 		v []int32
 	}
-	writes := []write{{r.tokens, p.Tokens}, {r.pos, p.Pos}, {r.seq, p.Seq}, {r.slots, p.Slots}, {r.outIdx, p.OutRows}, {r.blocks, p.Blocks}}
+	// the per-token inputs into the host image of r.inputs (what the device
+	// holds, then this piece's values over it): one upload of the changed span
+	m := r.cfg.MaxTokens
+	in := append(r.inBuf[:0], r.staged[r.inputs]...)
+	if tot := r.inputs.Len(); len(in) < tot {
+		in = append(in, make([]int32, tot-len(in))...)
+	}
+	for i, v := range [][]int32{p.Tokens, p.Pos, p.Seq, p.Slots, p.OutRows} {
+		copy(in[i*m:], v)
+	}
+	for g := range r.gslots {
+		copy(in[(5+g)*m:], p.GroupSlots[g])
+	}
+	r.inBuf = in
+	writes := []write{{r.inputs, in}, {r.blocks, p.Blocks}}
 	for g := range r.gblocks {
-		writes = append(writes, write{r.gslots[g], p.GroupSlots[g]}, write{r.gblocks[g], p.GroupBlocks[g]})
+		writes = append(writes, write{r.gblocks[g], p.GroupBlocks[g]})
 	}
 	for _, w := range writes {
 		if err := r.upload(w.t, w.v); err != nil {
@@ -669,7 +700,7 @@ func (r *Runner) stageParams(p *Piece, lo, m int, specs []engine.SampleSpec) (in
 	}
 	w := make([]int32, ml.SampleParamsWords*m)
 	ml.PackSampleParams(w, ps)
-	if err := r.B.WriteI32(r.params, w); err != nil {
+	if err := r.upload(r.params, w); err != nil {
 		return 0, fmt.Errorf("stage sampling: %w", err)
 	}
 	return ml.SampleFilters(r.cfg.Spec.VocabSize, ps), nil
