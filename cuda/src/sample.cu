@@ -119,16 +119,6 @@ extern "C" int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int
 
 #include "sample_rows.cuh"
 
-// ORCH_CUDA_SAMPLE_CTAS=N: about N CTAs a launch set for few rows (sr_parts; default SR_TARGET_CTAS = 256);
-// 0: the session-8 split (16 elements a thread: 49 CTAs a gpt-oss row). Read once.
-static int sr_target_ctas() {
-  static const int t = [] {
-    const char *v = getenv("ORCH_CUDA_SAMPLE_CTAS");
-    return v && v[0] ? atoi(v) : SR_TARGET_CTAS;
-  }();
-  return t;
-}
-
 extern "C" int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab,
                                 const orch_sample_params *params, int32_t filters) {
   ORCH_CHECK_ARG(ctx && out && logits && params && n >= 0 && vocab > 0 && vocab < (1ll << 31) && filters >= 0 &&
@@ -136,7 +126,7 @@ extern "C" int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits
                  "sample_rows");
   for (int64_t r0 = 0; r0 < n; r0 += SR_MAX_ROWS) {
     const unsigned rows = (unsigned)(n - r0 < SR_MAX_ROWS ? n - r0 : SR_MAX_ROWS);
-    const int P = sr_parts(vocab, rows, sr_target_ctas());
+    const int P = sr_parts(vocab, rows);
     const float *l = logits + r0 * vocab;
     const orch_sample_params *pr = params + r0;
     if (filters > 0) {

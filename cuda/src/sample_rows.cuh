@@ -507,15 +507,17 @@ srows_draw_kernel(int32_t *out, const float *logits, int64_t V, const orch_sampl
 }
 
 // CTAs a row: at least 16 elements a thread, at most SR_MAX_SPLIT — and, for few rows, enough CTAs that the set
-// has about SR_TARGET_CTAS (down to 4 elements a thread): the draw and the first histogram pass are compute-bound
-// per element (the noise hash + two logs of nearly every element: an element is pruned only 23 T below the best
-// value seen, which N(0, 2) rows and an LLM row's bulk rarely are; pass 1's exp + two shared atomics), and one row
-// of gpt-oss's vocabulary in 49 CTAs left 83 of an H100's 132 SMs idle.
-// (target <= 0: the session-8 split, 16 elements a thread whatever the rows; ORCH_CUDA_SAMPLE_CTAS, sample.cu.)
+// has about SR_TARGET_CTAS (down to 4 elements a thread): the draw and the first histogram pass are latency-bound
+// per thread (each element's dependent chain: the noise hash + logs of nearly every element — one is pruned only
+// when its bound puts it below the best value seen — or pass 1's exp + shared atomics, behind the slice's
+// sequential loads, with 8 warps an SM), and one row of gpt-oss's vocabulary in 49 CTAs left 83 of an H100's 132
+// SMs idle.
+// (Device run 3 of session 9, H100, gpt-oss tg128 at T=1: 548.2 tok/s vs 535.5 with the session-8 split of 16
+// elements a thread; one row's T=1 op 10.8 -> 5.7 us with the warp pick and the log-free bound.)
 constexpr int SR_TARGET_CTAS = 256;
-__host__ __device__ inline int sr_parts(int64_t V, int64_t n, int target = SR_TARGET_CTAS) {
+__host__ __device__ inline int sr_parts(int64_t V, int64_t n) {
   int64_t P = V / (16 * SR_THREADS);
-  const int64_t want = target > 0 ? (target + n - 1) / (n > 0 ? n : 1) : 0, most = V / (4 * SR_THREADS);
+  const int64_t want = (SR_TARGET_CTAS + n - 1) / (n > 0 ? n : 1), most = V / (4 * SR_THREADS);
   if (P < want) P = want < most ? want : most;
   return P < 1 ? 1 : P > SR_MAX_SPLIT ? SR_MAX_SPLIT : (int)P;
 }
