@@ -28,7 +28,7 @@
 
 #include "emu_decode_shims.h"
 
-// cp.async for MoE v14's gate_up ring (moe_dec14.cuh), as decode_emu_test.cpp:
+// cp.async for down10h's staged activation (moe_dec10.cuh), as decode_emu_test.cpp:
 // wait_group(N) lands every group but the newest N (the latest moment the
 // hardware may), so a missing wait or warp barrier reads stale stage bytes.
 struct EmuCopy {
@@ -59,7 +59,7 @@ inline void gemv9_emu_wait(int n) {
     gs.erase(gs.begin());
   }
 }
-// Copies a kernel never waited for (v14's empty tail groups) are dropped at the next launch.
+// Copies a kernel never waited for are dropped before the next launch.
 static void emu_cp_reset() {
   for (int i = 0; i < EMU_MAX_THREADS; i++) {
     g_open[i].clear();
@@ -473,44 +473,22 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
            "MoE v10 != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d)", tname(t), (long long)dim,
            (long long)ff, topk, ne, n);
   }
-  // MoE v14 (ORCH_CUDA_MOE14=1: gate_up14; ORCH_CUDA_MOE14_DOWN=1: down14 too): v10's output bit for bit, for each
-  // ring depth (the emulated device: 2 SMs of one CTA: warps stride over several items / row groups); stale
-  // speculative routing (down14 issues its first items from it before pdl_wait)
-  // ORCH_CUDA_MOE14_ROUTE=1: the cluster route kernel (emulated: rank 0 last): ids / weights = v10's bits too
-  // ORCH_CUDA_MOE14_BULK=1: gate_up14's rows by bulk copies (emulated: lane 0's 16-byte copies, landing at its wait)
-  const char *v14cfg[][5] = {{"2", "0", "2", "0", "1"}, {"3", "1", "2", "1", "0"}, {"3", "1", "3", "0", "1"},
-                             {"4", "1", "4", "1", "1"}, {"2", "1", "3", "1", "0"}}; // STG, DOWN, DSTG, ROUTE, BULK
-  for (const auto &cf : v14cfg) {
-    setenv("ORCH_CUDA_MOE14", "1", 1);
-    setenv("ORCH_CUDA_MOE14_STG", cf[0], 1);
-    setenv("ORCH_CUDA_MOE14_DOWN", cf[1], 1);
-    setenv("ORCH_CUDA_MOE14_DSTG", cf[2], 1);
-    setenv("ORCH_CUDA_MOE14_ROUTE", cf[3], 1);
-    setenv("ORCH_CUDA_MOE14_BULK", cf[4], 1);
-    std::vector<float> o14, w14;
-    std::vector<int32_t> id14;
-    for (int st = 0; st < (stale ? 2 : 1); st++) {
-      if (st) g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
-      emu_cp_reset();
-      const int l0 = g_moe14_launches[0], l1 = g_moe14_launches[1], l2 = g_moe14_launches[2];
-      EXPECT(run10(true, n, limit, &id14, &w14, &o14) == ORCH_OK, "moe_decode v14 (%s %s %s %s %s): %s", cf[0],
-             cf[1], cf[2], cf[3], cf[4], g_err);
-      g_moe6_stale_id = -1;
-      EXPECT(g_moe14_launches[0] == l0 + 1 && g_moe14_launches[1] == l1 + (cf[1][0] == '1') &&
-                 g_moe14_launches[2] == l2 + (cf[3][0] == '1'),
-             "v14 kernels not launched (%s %s %s %s)", cf[0], cf[1], cf[2], cf[3]);
-      EXPECT(id14 == id10 && std::memcmp(w14.data(), w10.data(), w10.size() * 4) == 0,
-             "MoE v14 routing (route %s) != v10's", cf[3]);
-      for (int i = 0; i < MOE10_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "v14: ticket %d = %u", i, g_moe10_ticket[i]);
-      EXPECT(std::memcmp(o10.data(), o14.data(), o10.size() * 4) == 0,
-             "MoE v14 (STG %s, down %s, DSTG %s, route %s, bulk %s%s) != v10 (%s dim=%lld ff=%lld n=%d)", cf[0], cf[1],
-             cf[2], cf[3], cf[4], st ? ", stale routing" : "", tname(t), (long long)dim, (long long)ff, n);
-    }
-    for (const char *v : {"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG",
-                          "ORCH_CUDA_MOE14_ROUTE", "ORCH_CUDA_MOE14_BULK"})
-      unsetenv(v);
+  // down10h (ORCH_CUDA_MOE_DOWN2=1: a warp a (row, 2 slots)): v10's output bit for bit, also with stale
+  // speculative routing (it loads both rows before pdl_wait)
+  setenv("ORCH_CUDA_MOE_DOWN2", "1", 1);
+  for (int st = 0; st < (stale ? 2 : 1); st++) {
+    std::vector<float> o2;
+    if (st) g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
     emu_cp_reset();
+    const int l0 = g_moe10h_launches;
+    EXPECT(run10(true, n, limit, nullptr, nullptr, &o2) == ORCH_OK, "moe_decode down10h: %s", g_err);
+    g_moe6_stale_id = -1;
+    EXPECT(g_moe10h_launches == l0 + (topk <= 4), "down10h launches (top-%d)", topk);
+    EXPECT(std::memcmp(o10.data(), o2.data(), o10.size() * 4) == 0, "down10h%s != v10 (%s dim=%lld ff=%lld n=%d)",
+           st ? " (stale routing)" : "", tname(t), (long long)dim, (long long)ff, n);
   }
+  unsetenv("ORCH_CUDA_MOE_DOWN2");
+  emu_cp_reset();
   EXPECT(run10(false, n, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode under v6 must decline");
   { // unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens, else decline (v6)
     orch_ctx ctx;
@@ -533,7 +511,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit, tickets back to 0, v14 (gate_up / + down / + route, STG 2-4) = v10%s\n",
+              "v6's bit for bit, tickets back to 0, down10h = v10%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
@@ -617,14 +595,10 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
          (long long)dim, n);
   if (!v13) { // orch_moe_decode_addnorm: the same op + the next RMSNorm's producer half in down10
     const auto r2v = randv(nd, 2.f), nw2 = randv((size_t)dim, 1.f);
-    // v10; v14's gate_up (ORCH_CUDA_MOE14=1); v14's route (clusters; the norm in it) + gate_up + down: the same bits
-    for (int v14 = 0; v14 < 3; v14++) {
-    if (v14) setenv("ORCH_CUDA_MOE14", "1", 1);
-    if (v14 == 2) setenv("ORCH_CUDA_MOE14_DOWN", "1", 1);
-    if (v14 == 2) setenv("ORCH_CUDA_MOE14_ROUTE", "1", 1);
-    if (v14 == 2) setenv("ORCH_CUDA_MOE14_BULK", "1", 1);
+    for (int d2 = 0; d2 < 2; d2++) { // down10, then down10h (ORCH_CUDA_MOE_DOWN2=1) with the AN epilogue: the same bits
+    if (d2) setenv("ORCH_CUDA_MOE_DOWN2", "1", 1);
     emu_cp_reset();
-    const int l1 = g_moe14_launches[1], l2 = g_moe14_launches[2];
+    const int l1 = g_moe10h_launches;
     for (int with_norm = 1; with_norm >= 0; with_norm--) {
       orch_ctx ctx;
       ctx.moe = 6;
@@ -655,17 +629,32 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
           EXPECT(fbits(sso[(size_t)(tt * (dim / 8) + b)]) == fbits(sum), "addnorm: ss[%d][%lld]", tt, (long long)b);
         }
     }
-    EXPECT(g_moe14_launches[1] == l1 + (v14 == 2 ? 2 : 0) && g_moe14_launches[2] == l2 + (v14 == 2 ? 2 : 0),
-           "addnorm: down14 / route14 launches (v14 %d)", v14);
-    for (int i = 0; i < MOE10_MAX_N; i++) EXPECT(g_moe10_ticket[i] == 0, "addnorm: ticket %d = %u", i, g_moe10_ticket[i]);
-    unsetenv("ORCH_CUDA_MOE14");
-    unsetenv("ORCH_CUDA_MOE14_DOWN");
-    unsetenv("ORCH_CUDA_MOE14_ROUTE");
-    unsetenv("ORCH_CUDA_MOE14_BULK");
+    EXPECT(g_moe10h_launches == l1 + (d2 && topk <= 4 ? 2 : 0), "addnorm: down10h launches (DOWN2 %d)", d2);
+    unsetenv("ORCH_CUDA_MOE_DOWN2");
     emu_cp_reset();
     }
+    if (n >= 2) { // where orch_moe_decode_norm runs MoE v13 (ORCH_CUDA_MOE13_FROM=2), the addnorm entry declines
+      setenv("ORCH_CUDA_MOE13_FROM", "2", 1);
+      orch_ctx ctx;
+      ctx.moe = 6;
+      ctx.moe_auto = true;
+      Buf<float> res(res0), h(rh), out(nd, NAN), wb((size_t)(n * topk), NAN), act((size_t)(n * topk * ff), NAN),
+          yb((size_t)(n * topk * dim), NAN), r2(r2v), bnw2(nw2), xt(nd, NAN), ss((size_t)(n * dim / 8), NAN);
+      Buf<int32_t> ib((size_t)(n * topk), -1);
+      const int rc = orch_moe_decode_addnorm(&ctx, out.p, h.p, res.p, badd.p, bnw.p, eps, brw.p, ORCH_T_F32, gp(brb),
+                                             ne, ib.p, wb.p, gate.bytes, up.bytes, t, gp(bgb), gp(bub), down.bytes, t,
+                                             gp(bdb), act.p, yb.p, n, topk, dim, ff, 1.702f, limit, r2.p, bnw2.p, xt.p,
+                                             ss.p);
+      const bool v13runs =
+          moe13_on(&ctx, n) && !moe13_declines(&ctx, n, ORCH_T_F32, ne, t, t, topk, dim, ff, 1.702f, limit);
+      unsetenv("ORCH_CUDA_MOE13_FROM");
+      EXPECT(rc == (n >= 2 && v13runs ? ORCH_ERR_UNSUPPORTED : ORCH_OK),
+             "addnorm must decline exactly where v13 runs (%s dim=%lld ff=%lld n=%d): rc %d", tname(t), (long long)dim,
+             (long long)ff, n, rc);
+      if (t == ORCH_T_MXFP4 && dim == 64 && ff == 64) EXPECT(rc == ORCH_ERR_UNSUPPORTED, "this case: v13 runs");
+    }
     std::printf("MoE v10 + next norm's producer (orch_moe_decode_addnorm) %-5s dim=%lld n=%d: output = orch_moe_decode's, "
-                "res2 / xt / ss exact (v10, v14 gate_up, v14 route + gate_up + down)\n", tn, (long long)dim, n);
+                "res2 / xt / ss exact (down10 and down10h)\n", tn, (long long)dim, n);
   }
   // declines: pinned to another version (nothing written), dim > 4096
   EXPECT(fused(false, dim, &o, &r, &hh, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode_norm under v6 must decline");
@@ -880,6 +869,7 @@ int main(int argc, char **argv) {
   test_decode_norm(ORCH_T_MXFP4, 96, 64, 32, 4, 1, true); // a half last slice, N = 4
   test_decode_norm(ORCH_T_MXFP4, 1056, 32, 8, 4, 2, false); // 17 slices (elements j = 0..4 of a thread), N = 8
   test_decode_norm(ORCH_T_Q8_0, 64, 32, 6, 2, 3, true);
+  test_decode_norm(ORCH_T_MXFP4, 64, 64, 8, 4, 2, true); // where MoE v13 could run (ORCH_CUDA_MOE13_FROM=2)
   if (only_norm) return fails ? 1 : 0;
   test_decode13_cases();
   test_decode10(ORCH_T_MXFP4, 96, 64, 32, 4, 1, true, true); // 32 experts, a half last router slice, stale reads
@@ -887,7 +877,7 @@ int main(int argc, char **argv) {
   test_decode10(ORCH_T_Q8_0, 64, 64, 6, 2, 3, true);
   test_decode10(ORCH_T_Q4_0, 128, 32, 5, 1, 2, true); // one slot: one down item per warp
   test_decode10(ORCH_T_MXFP4, 576, 32, 8, 2, 1, true); // 9 router slices (2 for a summing thread)
-  test_decode10(ORCH_T_MXFP4, 3104, 32, 4, 2, 1, true); // 97 chunks: 2 rounds of v14's unrolled blocks, rb % 16 = 1
+  test_decode10(ORCH_T_MXFP4, 3104, 32, 4, 2, 1, true); // 97 chunks: 2 rounds of blocks a lane in gate_up
   test_decode10(ORCH_T_MXFP4, 64, 3104, 4, 2, 2, true); // down rows of 97 chunks: 2 rounds (down10's per-round sums)
   if (long_run) test_decode10(ORCH_T_MXFP4, 4160, 32, 8, 2, 1, true); // 65 slices (> 64); 2 gate_up rounds (~5 min)
   if (long_run) { // ~3 min on 2 cores

@@ -36,11 +36,8 @@ func TestMoEVersions(t *testing.T) {
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold", "TestMoEDecode13"}
 	for _, v := range []string{"ORCH_CUDA_MOE=v4", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v9", "ORCH_CUDA_MOE=v10",
 		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=0",
-		// session 9: MoE v14's gate_up and down (persistent, cp.async rings) and route (clusters) in v10's launches,
-		// pinned and unpinned
-		"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_ROUTE=1",
-		"ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=3 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4 ORCH_CUDA_MOE14_ROUTE=1 " +
-			"ORCH_CUDA_MOE14_BULK=1"} {
+		// session 9: v10 with the split-slot down (down10h), unpinned (the norm folds at one token) and pinned
+		"ORCH_CUDA_MOE_DOWN2=1", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_DOWN2=1"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields(v)...)
 		outp, err := cmd.CombinedOutput()
@@ -90,20 +87,8 @@ func TestPerfMoEVersions(t *testing.T) {
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
 				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10",
-				// session 9: MoE v14's gate_up (one-wave persistent, per-warp cp.async ring of STG row pairs) in
-				// v10's launches; its ring depth; gate_up alone (with route; timing hook); v14's down too (=DOWN)
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=4",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_BULK=1", // rows by cp.async.bulk (one lane)
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_STG=2 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=2",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_DSTG=4",
-				// v14's route (thread-block clusters, DSMEM reduction): alone, and with v14's gate_up + down
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14_ROUTE=1 ORCH_CUDA_MOE_ONLY=route",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14_ROUTE=1",
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE14=1 ORCH_CUDA_MOE14_DOWN=1 ORCH_CUDA_MOE14_ROUTE=1"},
+				// session 9: v10 with the split-slot down (down10h: a warp a row and 2 slots, both rows' blocks at once)
+				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_DOWN2=1"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -128,8 +113,7 @@ func TestPerfMoEVersions(t *testing.T) {
 	}
 	label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
 	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM", "ORCH_CUDA_MOE13_PIPE",
-		"ORCH_CUDA_MOE14", "ORCH_CUDA_MOE14_STG", "ORCH_CUDA_MOE14_CTAS", "ORCH_CUDA_MOE14_DOWN", "ORCH_CUDA_MOE14_DSTG",
-		"ORCH_CUDA_MOE14_DCTAS", "ORCH_CUDA_MOE14_ROUTE", "ORCH_CUDA_MOE14_BULK"} {
+		"ORCH_CUDA_MOE_DOWN2"} {
 		if e := os.Getenv(v); e != "" {
 			label += " " + v + "=" + e
 		}
