@@ -188,12 +188,18 @@ __device__ __forceinline__ void gemv5_nf_scales(float (&sc)[NT], const float *sh
 
 // NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
 // (gemv5_nf above; F unused at 0).
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0>
+// EG (session 9, opt-in ORCH_CUDA_GEMV5_EVEN; not with NF 1): the even grid — the m rows are split over ncta CTAs
+// as evenly as integers allow (CTA c: rows [c m / ncta, (c + 1) m / ncta)), warp w taking rows w, w + 8, ... of
+// its CTA (rows_per_warp of them, the last ones possibly invalid), so that a grid of exactly the resident CTAs
+// (e.g. 4 x 132 = 528 for Llama down's 4096 rows, 7-8 a CTA, instead of 512 CTAs of 8) gives every SM the same
+// rows. Each row's dot is gemv5_rows's: the same bits.
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int EG = 0>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
                                            int64_t row_bytes, int accumulate, int rows_per_warp,
-                                           const gemv5_nf &F = gemv5_nf{}) {
+                                           const gemv5_nf &F = gemv5_nf{}, int64_t ncta = 0) {
+  static_assert(!(EG && NF == 1), "the even grid: not the folded norm's producer (one partial per 8 rows)");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
@@ -202,13 +208,14 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   float nfres = 0.f, nfw = 0.f; // NF 1: lane j's res of token j at its row, the row's norm weight
   float nfsc[NT];               // NF 2: the tokens' scales
   bool nfscd = false;           // ... computed
-  const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
+  const int64_t row0 = EG ? cta * m / ncta + warp : (cta * GEMV16_WARPS + warp) * rows_per_warp;
+  const int64_t row_end = EG ? (cta + 1) * m / ncta : m;
   bool staged = false;
   unsigned long long tr[3] = {0, 0, 0};
   if constexpr (TR) tr[0] = gemv_gtime();
   for (int r = 0; r < rows_per_warp; r++) {
-    const int64_t row = row0 + r;
-    const bool valid = row < m;
+    const int64_t row = EG ? row0 + GEMV16_WARPS * r : row0 + r;
+    const bool valid = row < row_end;
     const uint8_t *wr = w + (valid ? row : 0) * row_bytes;
     float acc[NT];
 #pragma unroll
@@ -327,228 +334,6 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
 #endif
 }
 
-// ---- v5 with the weight words of D work items ahead in flight (PF; session 9, ORCH_CUDA_GEMV5_PF, opt-in) ----
-// gemv5_rows loads a round of NB blocks per lane, then waits for it and computes it: with XR = 1's per-round
-// barriers the warps of a CTA (and, in a grid of ~1 wave, of the GPU) load in step and compute in step, so DRAM
-// idles while they compute (ncu, session 9: Llama down at DRAM 54%, issue 42%, latency-bound). Here a warp's work
-// items (row r of its rows_per_warp, round of NB blocks) are a ring of D + 1 register buffers: item i + D is loaded
-// before item i is computed, across rows too (rows_per_warp 2: the next row's first rounds under this row's last),
-// and D + 1 items (all weights, never written in a step) before the PDL wait. XR = 1 stages x in steps of SR chunks
-// (a multiple of the round, >= 96: not one barrier per 32 chunks at NB = 1). Each block's byte offset in its first
-// word is the same for all of a lane's blocks of a row (c = c0 + lane + 32 i, c0 a multiple of 32): one register per
-// row, not one per block. Same blocks per lane in the same order, same arithmetic: bit-identical to gemv5_rows.
-// LW (Q8_0 only): the width of the weight loads. 4: the block's 9 aligned words (9 loads at a 34-byte lane stride:
-// ncu, session 9, 83% of L1 -> L2 sectors "excessive"); 8 / 16: the 5 / 3 aligned 8- / 16-byte units that cover
-// the block (10 / 12 registers), the block's 9 words selected at compute time by the lane's offset in the unit (the
-// same for all of a lane's blocks of a row, as the byte offset): fewer load instructions and sector requests.
-template <int NB> __host__ __device__ constexpr int gemv5_pf_sr() { return 32 * (NB >= 3 ? NB : NB * ((3 + NB - 1) / NB)); }
-template <int T, int LW> __host__ __device__ constexpr int gemv5_pf_words() {
-  return LW == 4 ? block_words<T>() : LW == 8 ? 10 : 12;
-}
-// One LW-byte unit at a (LW-aligned) into d[LW / 4]. The emulation copies only the bytes before lim (the end of the
-// block; the rest is zero and never used): the unit may extend past the tensor's end within its aligned granule.
-template <int LW>
-__device__ __forceinline__ void gemv5_pf_ldu(uint32_t *d, uintptr_t a, const uint8_t *lim) {
-#if defined(ORCH_EMU)
-  uint8_t b[LW] = {};
-  const uint8_t *p = reinterpret_cast<const uint8_t *>(a);
-  for (int i = 0; i < LW && p + i < lim; i++) b[i] = p[i];
-  memcpy(d, b, LW);
-#else
-  (void)lim;
-  if constexpr (LW == 8) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2 *>(a));
-    d[0] = v.x, d[1] = v.y;
-  } else {
-    const uint4 v = __ldg(reinterpret_cast<const uint4 *>(a));
-    d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
-  }
-#endif
-}
-template <int T, int NT, int NB, int D, int XR = 0, int NF = 0, int LW = 4>
-__device__ __forceinline__ void gemv5_rows_pf(uint32_t *xsm, int64_t cta, float *__restrict__ y,
-                                              const float *__restrict__ x, const uint8_t *__restrict__ w,
-                                              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
-                                              int64_t row_bytes, int accumulate, int rows_per_warp,
-                                              const gemv5_nf &F = gemv5_nf{}) {
-  static_assert(D >= 1 && NB >= 1 && XR <= 1, "PF: depth >= 1; float x staged (XR 0 / 1)");
-  static_assert(LW == 4 || (T == ORCH_T_Q8_0 && (LW == 8 || LW == 16)), "PF: wide loads for Q8_0");
-  constexpr int BW = gemv5_pf_words<T, LW>(), BB = type_block_bytes(T), R = 32 * NB, SR = gemv5_pf_sr<NB>();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nt = (int)min((int64_t)NT, n);
-  const int64_t nch = k / 32;
-  float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
-  float *nfsh = gemv5_nf_sh(xsm, nch, NT);
-  float nfres = 0.f, nfw = 0.f; // NF 1 (rows_per_warp 1): as gemv5_rows
-  float nfsc[NT];               // NF 2
-  bool nfscd = false;
-  const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
-  const int rounds = (int)((nch + R - 1) / R);
-  const int items = rows_per_warp * rounds; // the same in every warp of the CTA
-  uint32_t wb[D + 1][NB][BW];
-  int lr = 0;      // the next item to load: row lr, chunk lc0
-  int64_t lc0 = 0;
-  auto load_next = [&](uint32_t(&b)[NB][BW]) {
-    if (lr < rows_per_warp) { // uniform
-      const int64_t row = row0 + lr;
-      const bool valid = row < m;
-      const uint8_t *wr = w + (valid ? row : 0) * row_bytes;
-#pragma unroll
-      for (int i = 0; i < NB; i++) {
-        const int64_t c = lc0 + lane + 32 * i;
-        const bool ok = valid && c < nch;
-        if constexpr (LW == 4) {
-          const uint32_t *q = reinterpret_cast<const uint32_t *>((uintptr_t)(wr + (ok ? c : 0) * BB) & ~(uintptr_t)3);
-#pragma unroll
-          for (int j = 0; j < BW; j++) b[i][j] = ok ? __ldg(q + j) : 0u;
-        } else {
-          const uintptr_t a = (uintptr_t)(wr + (ok ? c : 0) * BB) & ~(uintptr_t)(LW - 1);
-#pragma unroll
-          for (int j = 0; j < BW; j += LW / 4) {
-            if (ok) gemv5_pf_ldu<LW>(&b[i][j], a + 4 * j, wr + (c + 1) * BB);
-            else
-#pragma unroll
-              for (int e = 0; e < LW / 4; e++) b[i][j + e] = 0u;
-          }
-        }
-      }
-      lc0 += R;
-      if (lc0 >= nch) lc0 = 0, lr++;
-    }
-  };
-#pragma unroll
-  for (int s = 0; s < D; s++) load_next(wb[s]);
-  int cr = 0;      // the item computed: row cr, chunk cc0
-  int64_t cc0 = 0;
-  float acc[NT];
-#pragma unroll
-  for (int j = 0; j < NT; j++) acc[j] = 0.f;
-  for (int it0 = 0; it0 < items; it0 += D + 1) {
-#pragma unroll
-    for (int u = 0; u <= D; u++) {
-      if (it0 + u < items) { // uniform
-        load_next(wb[(u + D) % (D + 1)]);
-        const int64_t row = row0 + cr;
-        const bool valid = row < m;
-        if (cr == 0) { // the first row stages x: uniform over the CTA
-          if constexpr (XR == 1) {
-            if (cc0 % SR == 0) {
-              if (cc0 == 0) {
-                pdl_wait();
-                if constexpr (NF == 1)
-                  if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
-                if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-              }
-              gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, cc0, min(cc0 + SR, nch));
-              if constexpr (NF == 2)
-                if (cc0 == 0) gemv5_nf_wait();
-              __syncthreads();
-            }
-          } else if (cc0 == 0) {
-            pdl_wait();
-            if constexpr (NF == 1)
-              if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
-            if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-            dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
-            if constexpr (NF == 2) gemv5_nf_wait();
-            __syncthreads();
-          }
-        }
-        if constexpr (NF == 2)
-          if (it0 + u > 0 && !nfscd) { // later items' loads in flight (uniform)
-            gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
-            nfscd = true;
-          }
-        const uintptr_t a0 = (uintptr_t)(w + (valid ? row : 0) * row_bytes + lane * BB);
-        const uint32_t sh = (uint32_t)(a0 & 3), wo = (uint32_t)(a0 & (LW - 1)) >> 2; // byte in word, word in unit
-#pragma unroll
-        for (int i = 0; i < NB; i++) {
-          const int64_t c = cc0 + lane + 32 * i;
-          if (c < nch) {
-            const uint4 *xp[NT];
-            uint32_t a[NT][2];
-#pragma unroll
-            for (int j = 0; j < NT; j++) {
-              xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
-              a[j][0] = a[j][1] = 0u;
-            }
-            uint32_t ws9[block_words<T>()]; // the block's words (LW 8 / 16: selected by wo)
-            if constexpr (LW == 4) {
-#pragma unroll
-              for (int j = 0; j < BW; j++) ws9[j] = wb[u][i][j];
-            } else if constexpr (LW == 8) {
-#pragma unroll
-              for (int j = 0; j < 9; j++) ws9[j] = wo & 1 ? wb[u][i][j + 1] : wb[u][i][j];
-            } else {
-              uint32_t t1[11];
-#pragma unroll
-              for (int j = 0; j < 11; j++) t1[j] = wo & 1 ? wb[u][i][j + 1] : wb[u][i][j];
-#pragma unroll
-              for (int j = 0; j < 9; j++) ws9[j] = wo & 2 ? t1[j + 2] : t1[j];
-            }
-            dec16_block_acc<T, NT>(ws9, sh, xp, nt, a);
-            const float ws = dec16_wscale<T>(ws9, sh);
-#pragma unroll
-            for (int j = 0; j < NT; j++)
-              if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
-          }
-        }
-        cc0 += R;
-        if (cc0 >= nch) { // the row is done (uniform): gemv5_rows's epilogue
-          if constexpr (NF == 1) {
-            float q = 0.f;
-#pragma unroll
-            for (int j = 0; j < NT; j++) {
-              float s = warp_sum(acc[j]);
-              if (j < nt && valid) {
-                if (bias) s += bias[row];
-                if (lane == 0) y[j * m + row] = s;
-                if (lane == j) {
-                  const float rn = nfres + s;
-                  F.res[j * m + row] = rn;
-                  F.xt[j * m + row] = rn * nfw;
-                  q = rn * rn;
-                }
-              }
-            }
-            if (lane < NT) nfsh[lane * GEMV16_WARPS + warp] = q;
-          } else {
-            if constexpr (NF == 2)
-              if (!nfscd) { // one item only
-                gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
-                nfscd = true;
-              }
-#pragma unroll
-            for (int j = 0; j < NT; j++) {
-              float s = warp_sum(acc[j]);
-              if (lane == 0 && j < nt && valid) {
-                if constexpr (NF == 2) s *= nfsc[j];
-                if (bias) s += bias[row];
-                float *yp = y + j * m + row;
-                *yp = accumulate ? *yp + s : s;
-              }
-            }
-          }
-#pragma unroll
-          for (int j = 0; j < NT; j++) acc[j] = 0.f;
-          cc0 = 0;
-          cr++;
-        }
-      }
-    }
-  }
-  if constexpr (NF == 1) { // as gemv5_rows
-    __syncthreads();
-    if (threadIdx.x < nt) {
-      const float *q = nfsh + threadIdx.x * GEMV16_WARPS;
-      float t = q[0];
-#pragma unroll
-      for (int w8 = 1; w8 < GEMV16_WARPS; w8++) t += q[w8];
-      F.ss[threadIdx.x * gridDim.x + cta] = t;
-    }
-  }
-}
-
 // ---- int8 x (opt-in ORCH_CUDA_GEMV5_I8=1; session 9): the one-token Q8_0 v5 GEMVs as llama.cpp's mmvq ----
 // The fp16 path spends ~90 instructions a Q8_0 block (9 loads, 8 funnel shifts, 8 x (xor + 2 prmt + 2 hsub2), 16
 // HFMA2, the fold): the kernel is issue-bound as much as memory-bound (ncu, session 9). Here x is quantized per
@@ -602,6 +387,22 @@ __device__ __forceinline__ void gemv5_stage_i8(uint32_t *xs, const float *__rest
       if (o == 0) ch[0] = 0u, ch[24] = dec16_f2u(amax / 127.f); // dx
     }
   }
+}
+
+// One block (its 9 aligned words w, the block sh bytes into w[0]) against staged chunk xc: dw * dx * the integer dot.
+__device__ __forceinline__ float gemv5_i8_block(const uint32_t *w, uint32_t sh, const uint32_t *xc) {
+  const uint4 *X = reinterpret_cast<const uint4 *>(xc + (sh ? 0 : 12));
+  const uint4 x0 = X[0], x1 = X[1], x2 = X[2];
+  int s = gemv5_dp4a(w[0], x0.x, 0);
+  s = gemv5_dp4a(w[1], x0.y, s);
+  s = gemv5_dp4a(w[2], x0.z, s);
+  s = gemv5_dp4a(w[3], x0.w, s);
+  s = gemv5_dp4a(w[4], x1.x, s);
+  s = gemv5_dp4a(w[5], x1.y, s);
+  s = gemv5_dp4a(w[6], x1.z, s);
+  s = gemv5_dp4a(w[7], x1.w, s);
+  s = gemv5_dp4a(w[8], x2.x, s);
+  return dec16_wscale<ORCH_T_Q8_0>(w, sh) * dec16_u2f(xc[24]) * (float)s;
 }
 
 // ffn_load without the zero fill: blocks past the row or of an invalid row are never computed (c >= nch) or never
@@ -678,21 +479,7 @@ __device__ __forceinline__ void gemv5_rows_i8(uint32_t *xsm, int64_t cta, float 
 #pragma unroll
       for (int i = 0; i < NB; i++) {
         const int64_t c = c0 + lane + 32 * i;
-        if (c < nch) {
-          const uint32_t *xc = xsm + c * GEMV5_I8_W;
-          const uint4 *X = reinterpret_cast<const uint4 *>(xc + (b.sh[i] ? 0 : 12));
-          const uint4 x0 = X[0], x1 = X[1], x2 = X[2];
-          int s = gemv5_dp4a(b.w[i][0], x0.x, 0);
-          s = gemv5_dp4a(b.w[i][1], x0.y, s);
-          s = gemv5_dp4a(b.w[i][2], x0.z, s);
-          s = gemv5_dp4a(b.w[i][3], x0.w, s);
-          s = gemv5_dp4a(b.w[i][4], x1.x, s);
-          s = gemv5_dp4a(b.w[i][5], x1.y, s);
-          s = gemv5_dp4a(b.w[i][6], x1.z, s);
-          s = gemv5_dp4a(b.w[i][7], x1.w, s);
-          s = gemv5_dp4a(b.w[i][8], x2.x, s);
-          acc += dec16_wscale<T>(b.w[i], b.sh[i]) * dec16_u2f(xc[24]) * (float)s;
-        }
+        if (c < nch) acc += gemv5_i8_block(b.w[i], b.sh[i], xsm + c * GEMV5_I8_W);
       }
     }
     float s = warp_sum(acc);
@@ -760,17 +547,16 @@ gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
   pdl_trigger();
   gemv5_rows<T, NT, NB, XR, TR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
 }
-// gemv5_kernel as gemv5_rows_pf of depth PF (kernels of their own: an explicit minimum of blocks changes the plain
-// kernels' register allocation; <= 64 registers: 4 CTAs per SM as the plain kernel).
-template <int T, int NT, int NB, int XR, int PF, int LW>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_pf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
+// gemv5_kernel on the even grid (gemv5_rows EG; gridDim.x CTAs share the m rows).
+template <int T, int NT, int NB, int XR>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+gemv5_eg_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
                 const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
                 int rows_per_warp) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
-  gemv5_rows_pf<T, NT, NB, PF, XR, 0, LW>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate,
-                                          rows_per_warp);
+  gemv5_rows<T, NT, NB, XR, 0, 0, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp,
+                                     gemv5_nf{}, gridDim.x);
 }
 // Multi-weight GEMV v5 (orch_matmul_multi): up to GEMV_MAX_PARTS weights of
 // one type with the same x (q, k and v of a layer) in one launch; part p owns
@@ -787,7 +573,8 @@ struct gemv5_parts {
 };
 
 // NF (gemv5_nf): 0, or 2 = the folded norm's consumer (F's ss, nss, eps).
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int PF = 0, int LW = 4, int I8 = 0>
+// EG: the even grid per part (part p's CTAs share its rows; gemv5_rows EG).
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int I8 = 0, int EG = 0>
 __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const float *__restrict__ x, int64_t n,
                                                  int64_t k, int64_t row_bytes, const gemv5_nf &F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -801,9 +588,10 @@ __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const flo
   if constexpr (I8)
     gemv5_rows_i8<NB, XR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
                               row_bytes, 0, GEMV5_PICK(rpw), F);
-  else if constexpr (PF)
-    gemv5_rows_pf<T, NT, NB, PF, XR, NF, LW>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
-                                         GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F);
+  else if constexpr (EG)
+    gemv5_rows<T, NT, NB, XR, TR, NF, 1>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
+                                         GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F,
+                                         (int64_t)(p == 0 ? P.end[0] : p == 1 ? P.end[1] - P.end[0] : P.end[2] - P.end[1]));
   else
     gemv5_rows<T, NT, NB, XR, TR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
                                       GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F);
@@ -819,19 +607,21 @@ template <int NB, int XR, int NF>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
 gemv5_multi_i8_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                       const gemv5_nf F) {
-  gemv5_multi_body<ORCH_T_Q8_0, 1, NB, XR, 0, NF, 0, 4, 1>(P, x, n, k, row_bytes, F);
+  gemv5_multi_body<ORCH_T_Q8_0, 1, NB, XR, 0, NF, 1>(P, x, n, k, row_bytes, F);
 }
-template <int T, int NT, int NB, int XR, int PF, int LW>
+// The even-grid merged kernels (NF 0 plain, 2 the folded norm's consumer).
+template <int T, int NT, int NB, int XR, int NF>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_multi_pf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
-  gemv5_multi_body<T, NT, NB, XR, 0, 0, PF, LW>(P, x, n, k, row_bytes, gemv5_nf{});
+gemv5_multi_eg_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
+                      const gemv5_nf F) {
+  gemv5_multi_body<T, NT, NB, XR, 0, NF, 0, 1>(P, x, n, k, row_bytes, F);
 }
 // The folded norm's consumer (orch_matmul_multi_nf): x is the producer's xt.
-template <int T, int NT, int NB, int XR, int PF = 0, int LW = 4>
+template <int T, int NT, int NB, int XR>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM as the plain kernel
 gemv5_multi_nf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                       const gemv5_nf F) {
-  gemv5_multi_body<T, NT, NB, XR, 0, 2, PF, LW>(P, x, n, k, row_bytes, F);
+  gemv5_multi_body<T, NT, NB, XR, 0, 2>(P, x, n, k, row_bytes, F);
 }
 // The folded norm's producer (orch_matmul_addnorm): one row per warp, y written (no accumulate).
 template <int T, int NT, int NB, int XR>
@@ -841,15 +631,6 @@ gemv5_nf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   gemv5_rows<T, NT, NB, XR, 0, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
-}
-template <int T, int NT, int NB, int XR, int PF, int LW>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_nf_pf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
-                   const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes,
-                   const gemv5_nf F) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  gemv5_rows_pf<T, NT, NB, PF, XR, 1, LW>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
 }
 
 template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
@@ -879,27 +660,6 @@ static inline int gemv5_stage_mode(int64_t k) {
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
 
-// ORCH_CUDA_GEMV5_PF (session 9, opt-in): the one-token Q8_0 v5 kernels (plain, merged, the folded norm's
-// producer and merged consumer) as gemv5_rows_pf: 0 off (default), 1 NB 2 depth 1 (2 rounds of 2 blocks per lane
-// in flight), 2 NB 1 depth 2, 3 NB 1 depth 3; 4 / 5: mode 2 with 16- / 8-byte weight loads (LW).
-// ORCH_CUDA_GEMV5_PF_RPW=2: with PF on, 2 rows per warp for the plain
-// and merged kernels (half the CTAs: Llama q/k/v's 768 CTAs = 1.45 waves -> 384, the second row's first items
-// loaded under the first row's last). Read once per process; g_gemv5_pf / g_gemv5_pf_rpw (>= 0) override (tests).
-static int g_gemv5_pf = -1, g_gemv5_pf_rpw = -1;
-static inline int gemv5_pf_mode() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_PF");
-    return e && e[0] >= '0' && e[0] <= '5' && !e[1] ? e[0] - '0' : 0;
-  }();
-  return g_gemv5_pf >= 0 ? g_gemv5_pf : v;
-}
-static inline int gemv5_pf_rpw(int64_t m) {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_PF_RPW");
-    return e && e[0] == '2' && !e[1] ? 2 : 1;
-  }();
-  return max(g_gemv5_pf_rpw >= 1 ? g_gemv5_pf_rpw : v, gemv5_rpw(m));
-}
 // ORCH_CUDA_GEMV5_I8=1 (session 9, opt-in; numerics change): the one-token Q8_0 v5 kernels (plain, merged, the
 // folded norm's producer and consumer) on int8 x (gemv5_rows_i8). Read once; g_gemv5_i8 (>= 0) overrides (tests).
 // =1: 3 blocks a round (as v5), =2: 2 (fewer registers: the producer's 24-byte spill at 3).
@@ -917,36 +677,68 @@ template <class Fn> static void gemv5_i8_go(Fn &&fn) {
   if (gemv5_i8_mode() == 2) fn(std::integral_constant<int, 2>{});
   else fn(std::integral_constant<int, 3>{});
 }
-// Calls fn(NB, D, LW) (integral constants) for PF mode 1..5; false for 0.
-template <class Fn> static bool gemv5_pf_go(int mode, Fn &&fn) {
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  using I3 = std::integral_constant<int, 3>;
-  using I4 = std::integral_constant<int, 4>;
-  using I8 = std::integral_constant<int, 8>;
-  using I16 = std::integral_constant<int, 16>;
-  if (mode == 1) fn(I2{}, I1{}, I4{});
-  else if (mode == 2) fn(I1{}, I2{}, I4{});
-  else if (mode == 3) fn(I1{}, I3{}, I4{});
-  else if (mode == 4) fn(I1{}, I2{}, I16{});
-  else if (mode == 5) fn(I1{}, I2{}, I8{});
-  else return false;
+// ORCH_CUDA_GEMV5_EVEN=1 (session 9, opt-in): the one-token Q8_0 plain and merged GEMVs (the folded norm's
+// consumer too, not its producer) on the even grid (gemv5_rows EG): exactly the resident CTAs (occupancy x SMs),
+// the rows split evenly (Llama down 4096 rows: 528 CTAs of 7-8 instead of 512 of 8 = 116 SMs x 4 + 16 x 3; q/k/v
+// 6144: 528 of 11-12, 2 rows for some warps, instead of 768 = 1.45 waves). Same bits. Read once; g_gemv5_even /
+// g_gemv5_even_ctas (> 0) override (tests; the emulation has no occupancy query).
+static int g_gemv5_even = -1, g_gemv5_even_ctas = 0;
+static inline bool gemv5_even_on() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_EVEN");
+    return e && e[0] == '1' && !e[1] ? 1 : 0;
+  }();
+  return (g_gemv5_even >= 0 ? g_gemv5_even : v) == 1;
+}
+// The even grid's CTAs for kern at sm bytes of shared memory: resident CTAs per SM x SMs; 0: not known.
+template <class K> static int64_t gemv5_even_ctas(K kern, size_t sm) {
+  if (g_gemv5_even_ctas > 0) return g_gemv5_even_ctas;
+#if defined(ORCH_EMU)
+  (void)kern, (void)sm;
+  return 0;
+#else
+  static int sms = 0;
+  if (sms == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  int per = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, GEMV16_WARPS * 32, sm) != cudaSuccess) return 0;
+  return (int64_t)per * sms;
+#endif
+}
+// Part p's CTAs (proportional to its rows, >= 1) and rows per warp on an even grid of G CTAs; false: not used
+// (G unknown, the LM-head sizes, or fewer than 64 row groups).
+static inline bool gemv5_even_parts(gemv5_parts &P, int count, int64_t G, unsigned &total) {
+  int64_t M = 0;
+  for (int p = 0; p < count; p++) {
+    if (P.m[p] >= 32768) return false;
+    M += P.m[p];
+  }
+  if (G <= 0 || ceil_div(M, (int64_t)GEMV16_WARPS) < 64) return false;
+  total = 0;
+  for (int p = 0; p < count; p++) {
+    const int64_t g = max((int64_t)1, (G * P.m[p] + M / 2) / M);
+    P.rpw[p] = (int)ceil_div(ceil_div(P.m[p], g), (int64_t)GEMV16_WARPS);
+    total += (unsigned)g;
+    P.end[p] = total;
+  }
+  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
   return true;
 }
-template <int T, int NT> constexpr bool gemv5_pf_ok() { return T == ORCH_T_Q8_0 && NT == 1; }
+// The one-token Q8_0 kernels the opt-in session-9 paths (I8, PF_GLU, EVEN) replace.
+template <int T, int NT> constexpr bool gemv5_q8_one() { return T == ORCH_T_Q8_0 && NT == 1; }
 
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
-// (orch_gemv_trace); PF > 0: gemv5_rows_pf of depth PF with NBX blocks per round.
-template <int T, int NT, int XR, int TR = 0, int NBX = 0, int PF = 0, int LW = 4>
+// (orch_gemv_trace).
+template <int T, int NT, int XR, int TR = 0>
 static void launch_gemv5_nt_x(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                               int64_t n, int64_t k, int64_t m, int64_t rb, int acc) {
-  constexpr int NB = NBX ? NBX : gemv5_nb<T, NT>();
-  const int rpw = PF ? gemv5_pf_rpw(m) : gemv5_rpw(m);
+  constexpr int NB = gemv5_nb<T, NT>();
+  const int rpw = gemv5_rpw(m);
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = [] {
-    if constexpr (PF) return gemv5_pf_kernel<T, NT, NB, XR, PF, LW>;
-    else return gemv5_kernel<T, NT, NB, XR, TR>;
-  }();
+  auto kern = gemv5_kernel<T, NT, NB, XR, TR>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
   DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
@@ -962,7 +754,7 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
       return launch_gemv5_nt_x<T, NT, 0, 1>(st, y, x, w, bias, n, k, m, rb, acc);
     }
 #endif
-  if constexpr (gemv5_pf_ok<T, NT>())
+  if constexpr (gemv5_q8_one<T, NT>())
     if (gemv5_i8_on()) {
       gemv5_i8_go([&](auto nb) {
         constexpr int NB = decltype(nb)::value;
@@ -975,13 +767,19 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
       });
       return;
     }
-  if constexpr (gemv5_pf_ok<T, NT>())
-    if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d, auto lw) {
-          constexpr int NB = decltype(nb)::value, D = decltype(d)::value, LW = decltype(lw)::value;
-          if (mode == 1) launch_gemv5_nt_x<T, NT, 1, 0, NB, D, LW>(st, y, x, w, bias, n, k, m, rb, acc);
-          else launch_gemv5_nt_x<T, NT, 0, 0, NB, D, LW>(st, y, x, w, bias, n, k, m, rb, acc);
-        }))
-      return;
+  if constexpr (gemv5_q8_one<T, NT>())
+    if (gemv5_even_on() && m < 32768 && ceil_div(m, (int64_t)GEMV16_WARPS) >= 64) {
+      constexpr int NB = gemv5_nb<T, NT>();
+      const size_t sm = gemv5_smem(k, NT);
+      auto kern = mode == 1 ? gemv5_eg_kernel<T, NT, NB, 1> : gemv5_eg_kernel<T, NT, NB, 0>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      const int64_t G = gemv5_even_ctas(kern, sm);
+      if (G > 0) {
+        const int rpw = (int)ceil_div(ceil_div(m, G), (int64_t)GEMV16_WARPS);
+        DEC16_LAUNCH_PDL(kern, dim3((unsigned)G), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
+        return;
+      }
+    }
   if constexpr (NT <= 2)
     if (mode == 1) return launch_gemv5_nt_x<T, NT, 1>(st, y, x, w, bias, n, k, m, rb, acc);
   launch_gemv5_nt_x<T, NT, 0>(st, y, x, w, bias, n, k, m, rb, acc);
@@ -1005,19 +803,16 @@ static void launch_gemv5_multi_i8(cudaStream_t st, gemv5_parts P, int count, con
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, F);
 }
-template <int T, int NT, int XR, int TR = 0, int NBX = 0, int PF = 0, int LW = 4>
+template <int T, int NT, int XR, int TR = 0>
 static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                     int64_t rb) {
-  constexpr int NB = NBX ? NBX : gemv5_nb<T, NT>();
+  constexpr int NB = gemv5_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = [] {
-    if constexpr (PF) return gemv5_multi_pf_kernel<T, NT, NB, XR, PF, LW>;
-    else return gemv5_multi_kernel<T, NT, NB, XR, TR>;
-  }();
+  auto kern = gemv5_multi_kernel<T, NT, NB, XR, TR>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   unsigned total = 0;
   for (int p = 0; p < count; p++) {
-    P.rpw[p] = PF ? gemv5_pf_rpw(P.m[p]) : gemv5_rpw(P.m[p]);
+    P.rpw[p] = gemv5_rpw(P.m[p]);
     total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
     P.end[p] = total;
   }
@@ -1027,20 +822,25 @@ static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, c
 template <int T, int NT>
 static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb) {
-  if constexpr (gemv5_pf_ok<T, NT>())
+  if constexpr (gemv5_q8_one<T, NT>())
     if (gemv5_i8_on()) {
       gemv5_i8_go([&](auto nb) {
         launch_gemv5_multi_i8<decltype(nb)::value, 0>(st, P, count, x, n, k, rb, gemv5_nf{}, gemv5_stage_mode(k));
       });
       return;
     }
-  if constexpr (gemv5_pf_ok<T, NT>())
-    if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d, auto lw) {
-          constexpr int NB = decltype(nb)::value, D = decltype(d)::value, LW = decltype(lw)::value;
-          if (gemv5_stage_mode(k) == 1) launch_gemv5_multi_nt_x<T, NT, 1, 0, NB, D, LW>(st, P, count, x, n, k, rb);
-          else launch_gemv5_multi_nt_x<T, NT, 0, 0, NB, D, LW>(st, P, count, x, n, k, rb);
-        }))
-      return;
+  if constexpr (gemv5_q8_one<T, NT>())
+    if (gemv5_even_on()) {
+      constexpr int NB = gemv5_nb<T, NT>();
+      const size_t sm = gemv5_smem(k, NT);
+      auto kern = gemv5_stage_mode(k) == 1 ? gemv5_multi_eg_kernel<T, NT, NB, 1, 0> : gemv5_multi_eg_kernel<T, NT, NB, 0, 0>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      unsigned total = 0;
+      if (gemv5_even_parts(P, count, gemv5_even_ctas(kern, sm), total)) {
+        DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, gemv5_nf{});
+        return;
+      }
+    }
   if constexpr (NT <= 2)
     if (gemv5_stage_mode(k) == 1) return launch_gemv5_multi_nt_x<T, NT, 1>(st, P, count, x, n, k, rb);
   launch_gemv5_multi_nt_x<T, NT, 0>(st, P, count, x, n, k, rb);
@@ -1084,16 +884,11 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0);
-      if constexpr (gemv5_pf_ok<T, NT>())
+      if constexpr (gemv5_q8_one<T, NT>())
         if (gemv5_i8_on())
           return gemv5_i8_go([&](auto nb) {
             launch(gemv5_nf_i8_kernel<decltype(nb)::value, XR>, gemv5_i8_smem(k) + gemv5_nf_smem(NT, 0));
           });
-      if constexpr (gemv5_pf_ok<T, NT>())
-        if (gemv5_pf_go(gemv5_pf_mode(), [&](auto nb, auto d, auto lw) {
-              launch(gemv5_nf_pf_kernel<T, NT, decltype(nb)::value, XR, decltype(d)::value, decltype(lw)::value>, sm);
-            }))
-          return;
       launch(gemv5_nf_kernel<T, NT, NB, XR>, sm);
     };
     using I0 = std::integral_constant<int, 0>;
@@ -1109,10 +904,9 @@ template <int T>
 static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb, const gemv5_nf &F, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    const int pf = n == 1 && T == ORCH_T_Q8_0 && !gemv5_i8_on() ? gemv5_pf_mode() : 0;
     unsigned total = 0;
     for (int p = 0; p < count; p++) {
-      P.rpw[p] = pf ? gemv5_pf_rpw(P.m[p]) : gemv5_rpw(P.m[p]);
+      P.rpw[p] = gemv5_rpw(P.m[p]);
       total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
       P.end[p] = total;
     }
@@ -1126,17 +920,22 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
-      if constexpr (gemv5_pf_ok<T, NT>())
+      if constexpr (gemv5_q8_one<T, NT>())
         if (gemv5_i8_on())
           return gemv5_i8_go([&](auto nb) {
             launch(gemv5_multi_i8_kernel<decltype(nb)::value, XR, 2>, gemv5_i8_smem(k) + gemv5_nf_smem(NT, F.nss));
           });
-      if constexpr (gemv5_pf_ok<T, NT>())
-        if (gemv5_pf_go(pf, [&](auto nb, auto d, auto lw) {
-              launch(gemv5_multi_nf_kernel<T, NT, decltype(nb)::value, XR, decltype(d)::value, decltype(lw)::value>,
-                     sm);
-            }))
-          return;
+      if constexpr (gemv5_q8_one<T, NT>())
+        if (gemv5_even_on()) {
+          auto kern = gemv5_multi_eg_kernel<T, NT, NB, XR, 2>;
+          if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+          gemv5_parts Q = P;
+          unsigned tq = 0;
+          if (gemv5_even_parts(Q, count, gemv5_even_ctas(kern, sm), tq)) {
+            DEC16_LAUNCH_PDL(kern, dim3(tq), GEMV16_WARPS * 32, sm, st, Q, x, n, k, rb, F);
+            return;
+          }
+        }
       launch(gemv5_multi_nf_kernel<T, NT, NB, XR>, sm);
     };
     using I0 = std::integral_constant<int, 0>;
@@ -1263,16 +1062,19 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
 }
 
 // gemv5_glu_kernel with its work items (a round of NB blocks of the gate row and of the up row) in a ring of D + 1
-// register buffers as gemv5_rows_pf (session 9, opt-in ORCH_CUDA_GEMV5_PF_GLU=1: NB 1, D 1 — 2 x 2 x 9 words, as
-// today's 2 x 2 blocks, but the next round's in flight while this one is computed; Q8_0, one token). Each lane's
-// gate and up sums take the same blocks in the same order: bit-identical to gemv5_glu_kernel.
+// register buffers: item i + D loaded before item i is computed, D + 1 items before pdl_wait (session 9, opt-in
+// ORCH_CUDA_GEMV5_PF_GLU=1: NB 1, D 1 — 2 x 2 x 9 words, as today's 2 x 2 blocks, but the next round's in flight
+// while this one is computed; Q8_0, one token; device run 3: 264.8 vs 261.8 tok/s, within two sd). The same
+// scheme for the plain / merged / folded GEMVs (ORCH_CUDA_GEMV5_PF=1..5, session 9) lost in every mode and was
+// deleted. Each lane's gate and up sums take the same blocks in the same order: bit-identical to gemv5_glu_kernel.
 template <int T, int NT, int NB, int D, int XR = 0, int NF = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
 gemv5_glu_pf_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                     const gemv5_nf F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
-  constexpr int BW = block_words<T>(), BB = type_block_bytes(T), R = 32 * NB, SR = gemv5_pf_sr<NB>();
+  // SR: XR 1's staging step (chunks; a multiple of the round, >= 96: not one barrier per 32 chunks at NB 1).
+  constexpr int BW = block_words<T>(), BB = type_block_bytes(T), R = 32 * NB, SR = R * ((96 + R - 1) / R);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
@@ -1384,6 +1186,76 @@ gemv5_glu_pf_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t
   }
 }
 
+// gemv5_glu_kernel on the int8 x (gemv5_rows_i8; opt-in ORCH_CUDA_GEMV5_I8_GLU=1, with ORCH_CUDA_GEMV5_I8's numerics):
+// Q8_0, one token, NB blocks of the gate and the up row a round; out = gemv5_silu_mul as the fp16 kernel.
+template <int NB, int XR = 0, int NF = 0>
+__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
+gemv5_glu_i8_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
+                    const gemv5_nf F) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = 1;
+  const int64_t nch = k / 32;
+  float *nfsh = reinterpret_cast<float *>(xsm + nch * GEMV5_I8_W);
+  float nfsc[1];
+  bool nfscd = false;
+  const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
+  const bool valid = row < A.m;
+  const uint8_t *wg = A.wg + (valid ? row : 0) * row_bytes, *wu = A.wu + (valid ? row : 0) * row_bytes;
+  float accg = 0.f, accu = 0.f;
+  for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+    wblocks<ORCH_T_Q8_0, NB> bg, bu;
+    gemv5_i8_load<NB>(bg, wg, c0, lane, nch, valid);
+    gemv5_i8_load<NB>(bu, wu, c0, lane, nch, valid);
+    if constexpr (XR == 1) {
+      if (c0 == 0) {
+        pdl_wait();
+        if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
+      }
+      gemv5_stage_i8(xsm, x, c0, min(c0 + 32 * NB, nch));
+      if constexpr (NF == 2)
+        if (c0 == 0) gemv5_nf_wait();
+      __syncthreads();
+    } else if (c0 == 0) {
+      pdl_wait();
+      if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
+      gemv5_stage_i8(xsm, x, 0, nch);
+      if constexpr (NF == 2) gemv5_nf_wait();
+      __syncthreads();
+    }
+    if constexpr (NF == 2)
+      if (c0 > 0 && !nfscd) {
+        gemv5_nf_scales<1>(nfsc, nfsh, nt, F.nss, k, F.eps);
+        nfscd = true;
+      }
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int64_t c = c0 + lane + 32 * i;
+      if (c < nch) accg += gemv5_i8_block(bg.w[i], bg.sh[i], xsm + c * GEMV5_I8_W);
+    }
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int64_t c = c0 + lane + 32 * i;
+      if (c < nch) accu += gemv5_i8_block(bu.w[i], bu.sh[i], xsm + c * GEMV5_I8_W);
+    }
+  }
+  if constexpr (NF == 2)
+    if (!nfscd) gemv5_nf_scales<1>(nfsc, nfsh, nt, F.nss, k, F.eps);
+  float g = warp_sum(accg), u = warp_sum(accu);
+  if constexpr (NF == 2) {
+    g *= nfsc[0];
+    u *= nfsc[0];
+  }
+  if (lane == 0 && valid) {
+    if (A.bg) g += A.bg[row];
+    if (A.bu) u += A.bu[row];
+    A.yg[row] = g;
+    A.yu[row] = u;
+    A.out[row] = gemv5_silu_mul(g, u);
+  }
+}
+
 // NB per matrix: v5's NB for Q8_0 at one token is 3; two rows of 3 blocks
 // would hold ~60 words of weights per lane, so 2 each (4 blocks in flight:
 // 64 registers, 4 CTAs per SM as v5); Q8_0 at two tokens 1 each (NB 2 took
@@ -1401,13 +1273,35 @@ static inline int gemv5_pf_glu_mode() {
   return g_gemv5_pf_glu >= 0 ? g_gemv5_pf_glu : v;
 }
 
+// ORCH_CUDA_GEMV5_I8_GLU=1|2 (session 9, opt-in; numerics as ORCH_CUDA_GEMV5_I8): the one-token Q8_0 gate/up +
+// SwiGLU on the int8 x (gemv5_glu_i8_kernel; 1: 2 blocks a matrix a round, 8-16 bytes of spills; 2: 1 block, no
+// spills). g_gemv5_i8_glu (>= 0) overrides (tests).
+static int g_gemv5_i8_glu = -1;
+static inline int gemv5_i8_glu_mode() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_I8_GLU");
+    return e && (e[0] == '1' || e[0] == '2') && !e[1] ? e[0] - '0' : 0;
+  }();
+  return g_gemv5_i8_glu >= 0 ? g_gemv5_i8_glu : v;
+}
+static inline bool gemv5_i8_glu_on() { return gemv5_i8_glu_mode() != 0; }
+
 template <int T, int NT, int XR, int NF = 0>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                                 int64_t rb, const gemv5_nf &F) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
+  if constexpr (gemv5_q8_one<T, NT>())
+    if (gemv5_i8_glu_on()) {
+      const size_t smi = gemv5_i8_smem(k) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
+      auto kern = gemv5_i8_glu_mode() == 2 ? gemv5_glu_i8_kernel<1, XR, NF> : gemv5_glu_i8_kernel<2, XR, NF>;
+      if (smi > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smi);
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, smi, st, A, x, n,
+                       k, rb, F);
+      return;
+    }
   auto kern = [&] {
-    if constexpr (gemv5_pf_ok<T, NT>()) {
+    if constexpr (gemv5_q8_one<T, NT>()) {
       if (gemv5_pf_glu_mode() == 1) return gemv5_glu_pf_kernel<T, NT, 1, 1, XR, NF>;
       return gemv5_glu_kernel<T, NT, NB, XR, NF>;
     } else

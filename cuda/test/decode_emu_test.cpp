@@ -362,72 +362,6 @@ static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
               (long long)m, n, rpw);
 }
 
-// GEMV v5 with the weights of D items ahead in flight (gemv16.cuh gemv5_rows_pf, ORCH_CUDA_GEMV5_PF; session 9):
-// bit-identical to gemv5_rows for every mode (NB 2 depth 1, NB 1 depth 2 / 3, 16- / 8-byte loads) and rows per warp 1 / 2 — plain with
-// bias and accumulate, merged parts, the folded norm's producer (y, res, xt, ss) and merged consumer — on the
-// one-token Q8_0 route it serves; x staged once (k < 8192) and per step (k >= 8192), ragged CTAs, partial rounds.
-static void test_gemv_pf(int64_t k, std::vector<int64_t> ms, int mode, int rpw) {
-  const int t = ORCH_T_Q8_0, n = 1;
-  const int64_t rb = orch_row_bytes(t, k), m0 = ms[0];
-  std::vector<std::unique_ptr<QW>> ws;
-  for (int64_t m : ms) {
-    ws.push_back(std::make_unique<QW>());
-    make_weight(*ws.back(), t, k, m);
-  }
-  Buf<float> bx(randv((size_t)(n * k), 2.f)), bb(randv((size_t)m0, 1.f)), nw(randv((size_t)m0, 1.f));
-  const auto y0 = randv((size_t)(n * m0), 1.f), res0 = randv((size_t)(n * m0), 4.f);
-  const int nss = (int)((ceil_div(m0, (int64_t)GEMV16_WARPS) + 3) / 4 * 4);
-  auto ssv = randv((size_t)(n * nss), 1.f);
-  for (float &v : ssv) v = v * v + 0.01f;
-  Buf<float> ssb(ssv);
-  // out: plain (accumulate + bias), plain (bias), merged parts, producer y / res / xt / ss, merged consumer parts.
-  auto run = [&](int pf) {
-    g_gemv5_pf = pf;
-    g_gemv5_pf_rpw = rpw;
-    std::vector<std::vector<float>> out;
-    Buf<float> ya(y0), yb((size_t)(n * m0), NAN);
-    launch_gemv5<ORCH_T_Q8_0>(nullptr, ya.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 1);
-    launch_gemv5<ORCH_T_Q8_0>(nullptr, yb.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 0);
-    out.push_back(ya.vec());
-    out.push_back(yb.vec());
-    for (int nf = 0; nf < 2; nf++) {
-      gemv5_parts P = {};
-      std::vector<std::unique_ptr<Buf<float>>> ys;
-      for (size_t p = 0; p < ms.size(); p++) {
-        ys.push_back(std::make_unique<Buf<float>>((size_t)(n * ms[p]), NAN));
-        P.w[p] = ws[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p], P.bias[p] = p == 0 ? bb.p : nullptr;
-      }
-      if (nf) {
-        gemv5_nf F;
-        F.ss = ssb.p, F.nss = nss, F.eps = 1e-5f;
-        launch_gemv5_multi_nf<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb, F);
-      } else
-        launch_gemv5_multi<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb);
-      for (auto &y : ys) out.push_back(y->vec());
-    }
-    Buf<float> yp((size_t)(n * m0), NAN), rs(res0), xt((size_t)(n * m0), NAN),
-        ss((size_t)(n * ceil_div(m0, (int64_t)GEMV16_WARPS)), NAN);
-    gemv5_nf F;
-    F.res = rs.p, F.w = nw.p, F.xt = xt.p, F.ss = ss.p;
-    launch_gemv5_nf_prod<ORCH_T_Q8_0>(nullptr, yp.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, F);
-    for (auto *b : {&yp, &rs, &xt, &ss}) out.push_back(b->vec());
-    g_gemv5_pf = g_gemv5_pf_rpw = -1;
-    return out;
-  };
-  const auto want = run(0), got = run(mode);
-  for (size_t i = 0; i < want.size(); i++) {
-    EXPECT(std::memcmp(want[i].data(), got[i].data(), want[i].size() * 4) == 0,
-           "GEMV v5 PF %d rpw %d (k=%lld m=%lld): output %zu != gemv5_rows", mode, rpw, (long long)k, (long long)m0, i);
-    for (size_t q = 0; q < got[i].size(); q++)
-      if (!std::isfinite(got[i][q])) {
-        EXPECT(false, "GEMV v5 PF: output %zu [%zu] not written", i, q);
-        break;
-      }
-  }
-  std::printf("GEMV v5 PF %d rpw %d Q8_0 k=%-5lld m=%-3lld (%zu parts): %zu outputs bit-identical to gemv5_rows\n", mode,
-              rpw, (long long)k, (long long)m0, ms.size(), want.size());
-}
-
 // The RMSNorm folded into the GEMVs around it (gemv16.cuh gemv5_nf; session 8): producer GEMV (y = xp.Wp, m = dim,
 // + bias) -> AddRMSNorm(res, h, y, nw) -> consumers on h (merged parts; gate/up + SwiGLU), against the unfolded
 // kernels (launch_gemv5, launch_norm, launch_gemv5_multi, launch_gemv5_glu): y and res bit-identical, xt = res * nw
@@ -835,15 +769,117 @@ static void test_gemv_i8(int64_t k, std::vector<int64_t> ms, int mode = 1) {
               (long long)k, (long long)m0, np, worst[0]);
 }
 
-static void test_gemv_pf_all() {
-  for (int mode = 1; mode <= 5; mode++) {
-    test_gemv_pf(14336, {8}, mode, 1);                       // Llama down's k: x per step, partial last round / step
-    test_gemv_pf(4096, {20, 8, 8}, mode, mode == 2 ? 2 : 1); // x once; ragged CTA; 2 rows per warp crossing rows
-    test_gemv_pf(96, {36, 8}, mode, 2);                      // 3 chunks: one item per row, lanes without blocks
+// gate/up + SwiGLU on int8 x (gemv5_glu_i8_kernel, ORCH_CUDA_GEMV5_I8_GLU=1): gate and up bit-identical to the int8
+// GEMV of each weight (plain with biases: launch_gemv5; folded: the merged consumer with the same partials), out =
+// gemv5_silu_mul(gate, up) exactly, gate within 1.5e-2 of float64.
+static void test_gemv_glu_i8(int64_t k, int64_t m, int mode = 1) {
+  const int t = ORCH_T_Q8_0, n = 1;
+  const int64_t rb = orch_row_bytes(t, k);
+  QW wg, wu;
+  make_weight(wg, t, k, m);
+  make_weight(wu, t, k, m);
+  const auto xv = randv((size_t)k, 2.f);
+  Buf<float> bx(xv), bg(randv((size_t)m, 1.f)), bu(randv((size_t)m, 1.f));
+  auto ssv = randv(8, 1.f);
+  for (float &v : ssv) v = v * v + 0.01f;
+  Buf<float> ssb(ssv);
+  g_gemv5_i8 = 1;
+  g_gemv5_i8_glu = mode;
+  for (int nf = 0; nf < 2; nf++) {
+    gemv5_nf F;
+    F.ss = ssb.p, F.nss = 8, F.eps = 1e-5f;
+    Buf<float> g((size_t)m, NAN), u((size_t)m, NAN), o((size_t)m, NAN), rg((size_t)m, NAN), ru((size_t)m, NAN);
+    gemv5_glu_args A = {wg.bytes, wu.bytes, nf ? nullptr : bg.p, bu.p, g.p, u.p, o.p, m};
+    launch_gemv5_glu<ORCH_T_Q8_0>(nullptr, A, bx.p, n, k, rb, -1, nf ? &F : nullptr);
+    if (nf) {
+      gemv5_parts P = {};
+      P.w[0] = wg.bytes, P.w[1] = wu.bytes, P.y[0] = rg.p, P.y[1] = ru.p, P.m[0] = P.m[1] = m, P.bias[1] = bu.p;
+      launch_gemv5_multi_nf<ORCH_T_Q8_0>(nullptr, P, 2, bx.p, n, k, rb, F);
+    } else {
+      launch_gemv5<ORCH_T_Q8_0>(nullptr, rg.p, bx.p, wg.bytes, bg.p, n, k, m, rb, 0);
+      launch_gemv5<ORCH_T_Q8_0>(nullptr, ru.p, bx.p, wu.bytes, bu.p, n, k, m, rb, 0);
+    }
+    EXPECT(std::memcmp(g.p, rg.p, m * 4) == 0, "GEMV i8 SwiGLU (k=%lld nf=%d): gate != the int8 GEMV's", (long long)k, nf);
+    EXPECT(std::memcmp(u.p, ru.p, m * 4) == 0, "GEMV i8 SwiGLU (k=%lld nf=%d): up != the int8 GEMV's", (long long)k, nf);
+    int bad = 0;
+    for (int64_t r = 0; r < m; r++) {
+      const float want = gemv5_silu_mul(g.p[r], u.p[r]);
+      if (std::memcmp(&want, &o.p[r], 4) != 0) bad++;
+    }
+    EXPECT(bad == 0, "GEMV i8 SwiGLU: %d outputs != silu(gate) * up", bad);
+    if (!nf) {
+      std::vector<double> ref((size_t)m);
+      for (int64_t r = 0; r < m; r++) {
+        double sum = bg.p[r];
+        for (int64_t c = 0; c < k; c++) sum += wg.val[(size_t)(r * k + c)] * xv[(size_t)c];
+        ref[(size_t)r] = sum;
+      }
+      const double e = rel_l2(g.vec(), ref);
+      EXPECT(e <= 1.5e-2, "GEMV i8 SwiGLU gate: relative error %.3g vs float64", e);
+    }
   }
-  test_gemv_pf(8192, {12, 4}, 1, 2); // x per step with 2 rows per warp (the second reads it)
-  test_gemv_pf(2880, {12, 8}, 4, 2);  // rows of 3060 bytes: 16-byte units at a per-row offset
-  test_gemv_pf(2880, {12}, 5, 1);     // ... 8-byte units
+  g_gemv5_i8 = g_gemv5_i8_glu = -1;
+  std::printf("GEMV v5+SwiGLU I8 Q8_0 k=%-5lld m=%-3lld: gate / up = the int8 GEMV's bits, out exact\n", (long long)k,
+              (long long)m);
+}
+
+// GEMV v5 on the even grid (gemv5_rows EG, ORCH_CUDA_GEMV5_EVEN=1): G CTAs share the rows evenly (7-8 or, with
+// fewer CTAs, 2 rows for some warps); plain (bias, accumulate), merged parts and the folded norm's consumer
+// bit-identical to the default grid.
+static void test_gemv_even(int64_t k, std::vector<int64_t> ms, int G) {
+  const int t = ORCH_T_Q8_0, n = 1;
+  const int64_t rb = orch_row_bytes(t, k), m0 = ms[0];
+  std::vector<std::unique_ptr<QW>> ws;
+  for (int64_t m : ms) {
+    ws.push_back(std::make_unique<QW>());
+    make_weight(*ws.back(), t, k, m);
+  }
+  Buf<float> bx(randv((size_t)k, 2.f)), bb(randv((size_t)m0, 1.f));
+  const auto y0 = randv((size_t)m0, 1.f);
+  auto ssv = randv(64, 1.f);
+  for (float &v : ssv) v = v * v + 0.01f;
+  Buf<float> ssb(ssv);
+  auto run = [&](int even) {
+    g_gemv5_even = even;
+    g_gemv5_even_ctas = even ? G : 0;
+    std::vector<std::vector<float>> out;
+    Buf<float> ya(y0), yb((size_t)m0, NAN);
+    launch_gemv5<ORCH_T_Q8_0>(nullptr, ya.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 1);
+    launch_gemv5<ORCH_T_Q8_0>(nullptr, yb.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 0);
+    out.push_back(ya.vec());
+    out.push_back(yb.vec());
+    for (int nf = 0; nf < 2; nf++) {
+      gemv5_parts P = {};
+      std::vector<std::unique_ptr<Buf<float>>> ys;
+      for (size_t p = 0; p < ms.size(); p++) {
+        ys.push_back(std::make_unique<Buf<float>>((size_t)ms[p], NAN));
+        P.w[p] = ws[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p], P.bias[p] = p == 0 ? bb.p : nullptr;
+      }
+      gemv5_nf F;
+      F.ss = ssb.p, F.nss = 64, F.eps = 1e-5f;
+      if (nf) launch_gemv5_multi_nf<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb, F);
+      else launch_gemv5_multi<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb);
+      for (auto &y : ys) out.push_back(y->vec());
+    }
+    g_gemv5_even = -1;
+    g_gemv5_even_ctas = 0;
+    return out;
+  };
+  const auto want = run(0), got = run(1);
+  for (size_t i = 0; i < want.size(); i++) {
+    EXPECT(std::memcmp(want[i].data(), got[i].data(), want[i].size() * 4) == 0,
+           "GEMV v5 even grid %d (k=%lld m=%lld): output %zu != the default grid's", G, (long long)k, (long long)m0, i);
+    for (float v : got[i])
+      if (!std::isfinite(v)) {
+        EXPECT(false, "GEMV v5 even grid: output %zu not written", i);
+        break;
+      }
+  }
+  std::printf("GEMV v5 even grid %-3d Q8_0 k=%-5lld m=%-4lld (%zu parts): %zu outputs bit-identical\n", G,
+              (long long)k, (long long)m0, ms.size(), want.size());
+}
+
+static void test_gemv_pf_all() { // the session-9 opt-in one-token Q8_0 paths (PF_GLU, I8)
   test_gemv_glu_pf(4096, 20);  // 4 rounds of 1 block, x once; ragged CTA
   test_gemv_glu_pf(8192, 8);   // x per step (3 rounds a step)
   test_gemv_glu_pf(96, 12);    // one round, lanes without blocks
@@ -853,11 +889,19 @@ static void test_gemv_pf_all() {
   test_gemv_i8(96, {36});          // lanes without blocks
   test_gemv_i8(14336, {8}, 2);     // 2 blocks a round
   test_gemv_i8(4096, {20, 8}, 2);
+  test_gemv_glu_i8(4096, 20);  // x once; ragged CTA
+  test_gemv_glu_i8(8192, 12);  // x per round
+  test_gemv_glu_i8(96, 8);
+  test_gemv_glu_i8(8192, 12, 2); // 1 block a matrix a round
+  test_gemv_glu_i8(4096, 20, 2);
+  test_gemv_even(96, {520, 8, 8}, 66);    // 7-8 rows a CTA (the merged parts: 64 + 1 + 1 CTAs)
+  test_gemv_even(96, {520}, 40);          // 13 rows a CTA: 2 rows for some warps
+  test_gemv_even(8192, {512, 24}, 70);    // x per round (XR 1)
 }
 
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
-  if (argc > 1 && std::strcmp(argv[1], "pf") == 0) { // the PF cases alone
+  if (argc > 1 && std::strcmp(argv[1], "pf") == 0) { // the session-9 opt-in cases alone
     test_gemv_pf_all();
     return fails ? 1 : 0;
   }

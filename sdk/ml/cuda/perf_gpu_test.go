@@ -681,13 +681,15 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// is left out; x staged per round from k = 8192), x staged once (XR=0) and per round
 		// (XR=1) for every k. (2 rows per warp lost in run 2: Llama down 37.6 vs 30.3 us; batched
 		// cp.async staging of the float x lost end to end in run 3: deleted in session 7.)
-		// Session 9: the default against the opt-in one-token Q8_0 kernels: ORCH_CUDA_GEMV5_PF=1..3 (later work
-		// items' weights in flight; lost in device run 2: 262.7 / 263.4 / 253.7 vs 268.0 tok/s, so left out), 4
-		// (PF 2 with 16-byte weight loads), PF_GLU=1 (the llama ffn rows: gate/up + SwiGLU, next round in flight),
-		// I8=1 / 2 (int8 x + DP4A, 3 / 2 blocks a round; numerics change: TestGEMV5I8). The XR children (settled
-		// in session 6) are left out. ORCH_GEMV_PERF_SETTINGS="A=1 B=2;C=3" replaces the list (a child per setting).
-		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_PF=4", "ORCH_CUDA_GEMV5_PF_GLU=1", "ORCH_CUDA_GEMV5_I8=1",
-			"ORCH_CUDA_GEMV5_I8=2"}
+		// Session 9: the default against the opt-in one-token Q8_0 kernels: EVEN=1 (the plain / merged GEMVs on an
+		// even grid of the resident CTAs), PF_GLU=1 (the llama ffn rows: gate/up +
+		// SwiGLU with the next round in flight), I8=1 / 2 (int8 x + DP4A, 3 / 2 blocks a round; numerics change:
+		// TestGEMV5I8), I8 + I8_GLU (the ffn rows on int8 x too). (ORCH_CUDA_GEMV5_PF=1..5 — later work items'
+		// weights in flight for the plain / merged / folded kernels — lost in device runs 2 and 3 and was deleted.)
+		// The XR children (settled in session 6) are left out. ORCH_GEMV_PERF_SETTINGS="A=1 B=2;C=3" replaces the
+		// list (a child per setting).
+		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_EVEN=1", "ORCH_CUDA_GEMV5_PF_GLU=1", "ORCH_CUDA_GEMV5_I8=1",
+			"ORCH_CUDA_GEMV5_I8=2", "ORCH_CUDA_GEMV5_I8=1 ORCH_CUDA_GEMV5_I8_GLU=1"}
 		if v := os.Getenv("ORCH_GEMV_PERF_SETTINGS"); v != "" {
 			settings = strings.Split(v, ";")
 		}
@@ -700,8 +702,8 @@ func TestPerfGEMVVersions(t *testing.T) {
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_XR", "ORCH_CUDA_GEMV5_PF",
-		"ORCH_CUDA_GEMV5_PF_RPW", "ORCH_CUDA_GEMV5_PF_GLU", "ORCH_CUDA_GEMV5_I8"} {
+	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_XR", "ORCH_CUDA_GEMV5_PF_GLU",
+		"ORCH_CUDA_GEMV5_I8", "ORCH_CUDA_GEMV5_I8_GLU", "ORCH_CUDA_GEMV5_EVEN"} {
 		if e := os.Getenv(v); e != "" {
 			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's x staging
 			label += " " + v + "=" + e
@@ -1081,19 +1083,21 @@ func gemvTraceTable(t *testing.T, r randSrc, label string, peak float64) {
 	}
 }
 
-// TestGEMV5PFBits (session 9): the one-token Q8_0 GEMVs with the weights of later work items in flight
-// (ORCH_CUDA_GEMV5_PF=1..5, ORCH_CUDA_GEMV5_PF_RPW=2; gemv16.cuh gemv5_rows_pf) give the default kernels' bits
-// on the device: each setting runs in a child process (the library reads the variables once) on fixed-seed inputs
-// — plain GEMVs at Llama's down (x staged per step), q/k/v and gpt-oss's q/k/v shapes, 2 rows per warp (m >= 32768),
+// TestGEMV5PFBits (session 9): the opt-in one-token Q8_0 paths that keep the default's arithmetic give its bits on
+// the device — ORCH_CUDA_GEMV5_PF_GLU=1 (gemv16.cuh gemv5_glu_pf_kernel: gate/up + SwiGLU with the next round in
+// flight) and ORCH_CUDA_GEMV5_EVEN=1 (gemv5_rows EG: the plain / merged / consumer GEMVs on an even grid of the
+// resident CTAs). Each setting runs in a child process (the library reads the variables once) on fixed-seed inputs
+// — plain GEMVs at Llama's down (x staged per step), q/k/v and gpt-oss's q/k/v shapes, 32776 rows (2 per warp),
 // down -> AddRMSNorm -> q/k/v as the decode step runs it (the folded norm's producer and consumer by default), and
-// gate/up + SwiGLU (ORCH_CUDA_GEMV5_PF_GLU=1: gemv5_glu_pf_kernel) —
-// and prints an FNV-1a hash of every output; the hashes must match the default child's. The CPU emulation checks
-// the same bit for bit (cuda/test/decode_emu_test.cpp test_gemv_pf); this is the compiled kernels on the card.
+// gate/up + SwiGLU — and prints an FNV-1a hash of every output; the hashes must match the default child's. The CPU
+// emulation checks the same bit for bit (cuda/test/decode_emu_test.cpp test_gemv_glu_pf, test_gemv_even). (Named
+// for ORCH_CUDA_GEMV5_PF=1..5, deleted after device runs 2-3.)
 func TestGEMV5PFBits(t *testing.T) {
 	const childVar = "ORCH_GEMV5_PF_CHILD"
 	if os.Getenv(childVar) == "" {
-		if os.Getenv("ORCH_CUDA_GEMV5_PF")+os.Getenv("ORCH_CUDA_GEMV")+os.Getenv("ORCH_CUDA_GEMV5_I8") != "" {
-			t.Skip("ORCH_CUDA_GEMV5_PF / ORCH_CUDA_GEMV / ORCH_CUDA_GEMV5_I8 set: the children run from a process without them")
+		if os.Getenv("ORCH_CUDA_GEMV5_PF_GLU")+os.Getenv("ORCH_CUDA_GEMV5_EVEN")+os.Getenv("ORCH_CUDA_GEMV")+
+			os.Getenv("ORCH_CUDA_GEMV5_I8")+os.Getenv("ORCH_CUDA_GEMV5_I8_GLU") != "" {
+			t.Skip("a GEMV switch is set: the children run from a process without them")
 		}
 		hashes := func(setting string) map[string]string {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestGEMV5PFBits$", "-test.v")
@@ -1110,9 +1114,7 @@ func TestGEMV5PFBits(t *testing.T) {
 			return h
 		}
 		want := hashes("E2E_BASE=1")
-		for _, s := range []string{"ORCH_CUDA_GEMV5_PF=1", "ORCH_CUDA_GEMV5_PF=2", "ORCH_CUDA_GEMV5_PF=3",
-			"ORCH_CUDA_GEMV5_PF=4", "ORCH_CUDA_GEMV5_PF=5", "ORCH_CUDA_GEMV5_PF=1 ORCH_CUDA_GEMV5_PF_RPW=2",
-			"ORCH_CUDA_GEMV5_PF=3 ORCH_CUDA_GEMV5_PF_RPW=2", "ORCH_CUDA_GEMV5_PF_GLU=1"} {
+		for _, s := range []string{"ORCH_CUDA_GEMV5_PF_GLU=1", "ORCH_CUDA_GEMV5_EVEN=1"} {
 			require.Equal(t, want, hashes(s), "%s: outputs differ from the default kernels'", s)
 			t.Logf("%s: %d outputs bit-identical to the default", s, len(want))
 		}
@@ -1190,7 +1192,7 @@ func TestGEMV5I8(t *testing.T) {
 	const childVar = "ORCH_GEMV5_I8_CHILD"
 	if os.Getenv(childVar) == "" {
 		cmd := exec.Command(os.Args[0], "-test.run", "^TestGEMV5I8$", "-test.v")
-		cmd.Env = append(os.Environ(), childVar+"=1", "ORCH_CUDA_GEMV5_I8=1")
+		cmd.Env = append(os.Environ(), childVar+"=1", "ORCH_CUDA_GEMV5_I8=1", "ORCH_CUDA_GEMV5_I8_GLU=1")
 		outp, err := cmd.CombinedOutput()
 		require.NoError(t, err, "ORCH_CUDA_GEMV5_I8=1 child:\n%s", outp)
 		for _, line := range strings.Split(string(outp), "\n") {
@@ -1239,7 +1241,29 @@ func TestGEMV5I8(t *testing.T) {
 		name string
 		v    pair
 	}{{"i8 fold y", y}, {"i8 fold res", res}, {"i8 fold q", q}, {"i8 fold k", k}} {
-		g, c := readBoth(t, p.v)
-		checkVec(t, p.name, g, c, tol)
+		gv, c := readBoth(t, p.v)
+		checkVec(t, p.name, gv, c, tol)
+	}
+	// gate/up + SwiGLU (orch_matmul_swiglu: gemv5_glu_i8_kernel under ORCH_CUDA_GEMV5_I8_GLU=1) on h, after a sync.
+	wg := weightPair(t, "gate", ml.Q8_0, []int{d, ff}, randWeight(r, ml.Q8_0, d, ff))
+	wu := weightPair(t, "up", ml.Q8_0, []int{d, ff}, randWeight(r, ml.Q8_0, d, ff))
+	g, u := out(t, ff), out(t, ff)
+	for i, be := range []ml.Backend{gpu, ref} {
+		pick := func(p pair) ml.Tensor {
+			if i == 0 {
+				return p.g
+			}
+			return p.c
+		}
+		be.MatMul(pick(g), pick(h), pick(wg), nil)
+		be.MatMul(pick(u), pick(h), pick(wu), nil)
+		be.SwiGLU(pick(g), pick(g), pick(u))
+	}
+	for _, p := range []struct {
+		name string
+		v    pair
+	}{{"i8 swiglu out", g}, {"i8 up", u}} {
+		gv, c := readBoth(t, p.v)
+		checkVec(t, p.name, gv, c, tol)
 	}
 }
