@@ -334,210 +334,6 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
 #endif
 }
 
-// ---- int8 x (opt-in ORCH_CUDA_GEMV5_I8=1; session 9): the one-token Q8_0 v5 GEMVs as llama.cpp's mmvq ----
-// The fp16 path spends ~90 instructions a Q8_0 block (9 loads, 8 funnel shifts, 8 x (xor + 2 prmt + 2 hsub2), 16
-// HFMA2, the fold): the kernel is issue-bound as much as memory-bound (ncu, session 9). Here x is quantized per
-// 32-chunk to int8 with a float scale dx = max|x| / 127 (q = round-to-nearest(x * 127 / max|x|)), staged per CTA
-// twice: A = [0, q words 0..7] and B = q shifted by 2 bytes ([0, 0, q0, q1], ..., [q30, q31, 0, 0]), so the
-// block's 9 aligned weight words (the fp16 scale's 2 bytes and the neighbour's meet zeros) go to DP4A as they are:
-// A for blocks starting 2 bytes into their word, B for aligned ones. A block: 9 loads + 3 LDS.128 + 9 DP4A + the
-// scales (~30 instructions). Numerics change: x is rounded to 8 bits (~2-5e-3 relative a dot vs fp32; the fp16 path
-// ~2e-4): opt-in, its own bound in the tests. Deterministic (integer dot, fixed order of the float folds).
-constexpr int GEMV5_I8_W = 28; // words a staged chunk: A 0..11, B 12..23, dx at 24 (112 bytes: LDS.128 over 8 lanes
-                               // in distinct banks); the 9 words used of each copy
-__device__ __forceinline__ int gemv5_dp4a(uint32_t a, uint32_t b, int c) {
-#if defined(__CUDA_ARCH__)
-  return __dp4a((int)a, (int)b, c);
-#else
-  for (int i = 0; i < 4; i++) c += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
-  return c;
-#endif
-}
-__device__ __forceinline__ int gemv5_rint(float v) {
-#if defined(__CUDA_ARCH__)
-  return __float2int_rn(v);
-#else
-  return (int)nearbyintf(v);
-#endif
-}
-static inline size_t gemv5_i8_smem(int64_t k) { return (size_t)(k / 32) * GEMV5_I8_W * 4; }
-// Chunks [ch0, ch1) of one token's x (as gemv5_stage_range: 8 lanes a chunk, 4 floats a lane; every lane of a warp
-// runs the same iterations; caller syncs).
-__device__ __forceinline__ void gemv5_stage_i8(uint32_t *xs, const float *__restrict__ x, int64_t ch0, int64_t ch1) {
-  const int64_t q0 = ch0 * 8, q1 = ch1 * 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  for (int64_t base = q0 + (int64_t)warp * 32; base < q1; base += (int64_t)nw * 32) {
-    const int64_t i = base + lane;
-    const bool ok = i < q1;
-    const float4 v = ok ? __ldg(reinterpret_cast<const float4 *>(x) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
-    uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-    const float amax = dec16_u2f(mx), inv = amax > 0.f ? 127.f / amax : 0.f;
-    const uint32_t p = (uint32_t)(gemv5_rint(v.x * inv) & 0xFF) | (uint32_t)(gemv5_rint(v.y * inv) & 0xFF) << 8 |
-                       (uint32_t)(gemv5_rint(v.z * inv) & 0xFF) << 16 | (uint32_t)(gemv5_rint(v.w * inv) & 0xFF) << 24;
-    const int o = (int)(i & 7);
-    const uint32_t prev = (uint32_t)__shfl_sync(0xffffffffu, (int)p, (lane + 31) & 31); // lane - 1 (o > 0)
-    if (ok) {
-      uint32_t *ch = xs + (i >> 3) * GEMV5_I8_W;
-      ch[1 + o] = p;                                            // A
-      ch[12 + o] = (o ? prev >> 16 : 0u) | p << 16;             // B
-      if (o == 7) ch[12 + 8] = p >> 16;
-      if (o == 0) ch[0] = 0u, ch[24] = dec16_f2u(amax / 127.f); // dx
-    }
-  }
-}
-
-// One block (its 9 aligned words w, the block sh bytes into w[0]) against staged chunk xc: dw * dx * the integer dot.
-__device__ __forceinline__ float gemv5_i8_block(const uint32_t *w, uint32_t sh, const uint32_t *xc) {
-  const uint4 *X = reinterpret_cast<const uint4 *>(xc + (sh ? 0 : 12));
-  const uint4 x0 = X[0], x1 = X[1], x2 = X[2];
-  int s = gemv5_dp4a(w[0], x0.x, 0);
-  s = gemv5_dp4a(w[1], x0.y, s);
-  s = gemv5_dp4a(w[2], x0.z, s);
-  s = gemv5_dp4a(w[3], x0.w, s);
-  s = gemv5_dp4a(w[4], x1.x, s);
-  s = gemv5_dp4a(w[5], x1.y, s);
-  s = gemv5_dp4a(w[6], x1.z, s);
-  s = gemv5_dp4a(w[7], x1.w, s);
-  s = gemv5_dp4a(w[8], x2.x, s);
-  return dec16_wscale<ORCH_T_Q8_0>(w, sh) * dec16_u2f(xc[24]) * (float)s;
-}
-
-// ffn_load without the zero fill: blocks past the row or of an invalid row are never computed (c >= nch) or never
-// written (!valid), so their words may be anything (saves a select a word).
-template <int NB>
-__device__ __forceinline__ void gemv5_i8_load(wblocks<ORCH_T_Q8_0, NB> &b, const uint8_t *__restrict__ wr, int64_t c0,
-                                              int lane, int64_t nch, bool valid) {
-#pragma unroll
-  for (int i = 0; i < NB; i++) {
-    const int64_t c = c0 + lane + 32 * i;
-    const uintptr_t p = (uintptr_t)(wr + c * 34);
-    b.sh[i] = (uint32_t)(p & 3);
-    const uint32_t *q = reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
-    if (valid && c < nch)
-#pragma unroll
-      for (int j = 0; j < 9; j++) b.w[i][j] = __ldg(q + j);
-  }
-}
-
-// gemv5_rows for Q8_0 at one token on the int8 x (NF as gemv5_rows: 0 plain, 1 the folded norm's producer, 2 its
-// consumer); the same rounds, staging steps and epilogues.
-template <int NB, int XR = 0, int NF = 0>
-__device__ __forceinline__ void gemv5_rows_i8(uint32_t *xsm, int64_t cta, float *__restrict__ y,
-                                              const float *__restrict__ x, const uint8_t *__restrict__ w,
-                                              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
-                                              int64_t row_bytes, int accumulate, int rows_per_warp,
-                                              const gemv5_nf &F = gemv5_nf{}) {
-  constexpr int T = ORCH_T_Q8_0, NT = 1;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nt = 1;
-  const int64_t nch = k / 32;
-  float *nfsh = reinterpret_cast<float *>(xsm + nch * GEMV5_I8_W);
-  float nfres = 0.f, nfw = 0.f;
-  float nfsc[NT];
-  bool nfscd = false;
-  const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
-  bool staged = false;
-  for (int r = 0; r < rows_per_warp; r++) {
-    const int64_t row = row0 + r;
-    const bool valid = row < m;
-    const uint8_t *wr = w + (valid ? row : 0) * row_bytes;
-    float acc = 0.f;
-    for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
-      wblocks<T, NB> b;
-      gemv5_i8_load<NB>(b, wr, c0, lane, nch, valid);
-      if constexpr (XR == 1) {
-        if (r == 0) {
-          if (c0 == 0) {
-            pdl_wait();
-            if constexpr (NF == 1)
-              if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
-            if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-          }
-          gemv5_stage_i8(xsm, x, c0, min(c0 + 32 * NB, nch));
-          if constexpr (NF == 2)
-            if (c0 == 0) gemv5_nf_wait();
-          __syncthreads();
-        }
-      } else if (!staged) {
-        pdl_wait();
-        if constexpr (NF == 1)
-          if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
-        if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-        gemv5_stage_i8(xsm, x, 0, nch);
-        if constexpr (NF == 2) gemv5_nf_wait();
-        __syncthreads();
-        staged = true;
-      }
-      if constexpr (NF == 2)
-        if (c0 > 0 && !nfscd) {
-          gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
-          nfscd = true;
-        }
-#pragma unroll
-      for (int i = 0; i < NB; i++) {
-        const int64_t c = c0 + lane + 32 * i;
-        if (c < nch) acc += gemv5_i8_block(b.w[i], b.sh[i], xsm + c * GEMV5_I8_W);
-      }
-    }
-    float s = warp_sum(acc);
-    if constexpr (NF == 1) {
-      float q = 0.f;
-      if (valid) {
-        if (bias) s += bias[row];
-        if (lane == 0) {
-          y[row] = s;
-          const float rn = nfres + s;
-          F.res[row] = rn;
-          F.xt[row] = rn * nfw;
-          q = rn * rn;
-        }
-      }
-      if (lane == 0) nfsh[warp] = q;
-    } else {
-      if constexpr (NF == 2)
-        if (!nfscd) {
-          gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
-          nfscd = true;
-        }
-      if (lane == 0 && valid) {
-        if constexpr (NF == 2) s *= nfsc[0];
-        if (bias) s += bias[row];
-        y[row] = accumulate ? y[row] + s : s;
-      }
-    }
-  }
-  if constexpr (NF == 1) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float t = nfsh[0];
-#pragma unroll
-      for (int w8 = 1; w8 < GEMV16_WARPS; w8++) t += nfsh[w8];
-      F.ss[cta] = t;
-    }
-  }
-}
-template <int NB, int XR>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_i8_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
-                const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
-                int rows_per_warp) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  gemv5_rows_i8<NB, XR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
-}
-template <int NB, int XR>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_nf_i8_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
-                   const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes,
-                   const gemv5_nf F) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  gemv5_rows_i8<NB, XR, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
-}
-
 template <int T, int NT, int NB, int XR = 0, int TR = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
@@ -574,7 +370,7 @@ struct gemv5_parts {
 
 // NF (gemv5_nf): 0, or 2 = the folded norm's consumer (F's ss, nss, eps).
 // EG: the even grid per part (part p's CTAs share its rows; gemv5_rows EG).
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int I8 = 0, int EG = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int EG = 0>
 __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const float *__restrict__ x, int64_t n,
                                                  int64_t k, int64_t row_bytes, const gemv5_nf &F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -585,10 +381,7 @@ __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const flo
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
 #define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  if constexpr (I8)
-    gemv5_rows_i8<NB, XR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
-                              row_bytes, 0, GEMV5_PICK(rpw), F);
-  else if constexpr (EG)
+  if constexpr (EG)
     gemv5_rows<T, NT, NB, XR, TR, NF, 1>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
                                          GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F,
                                          (int64_t)(p == 0 ? P.end[0] : p == 1 ? P.end[1] - P.end[0] : P.end[2] - P.end[1]));
@@ -602,19 +395,12 @@ __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   gemv5_multi_body<T, NT, NB, XR, TR>(P, x, n, k, row_bytes, gemv5_nf{});
 }
-// The int8-x kernels merged (NF 0 plain, 2 the folded norm's consumer): Q8_0, one token.
-template <int NB, int XR, int NF>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_multi_i8_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
-                      const gemv5_nf F) {
-  gemv5_multi_body<ORCH_T_Q8_0, 1, NB, XR, 0, NF, 1>(P, x, n, k, row_bytes, F);
-}
 // The even-grid merged kernels (NF 0 plain, 2 the folded norm's consumer).
 template <int T, int NT, int NB, int XR, int NF>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
 gemv5_multi_eg_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                       const gemv5_nf F) {
-  gemv5_multi_body<T, NT, NB, XR, 0, NF, 0, 1>(P, x, n, k, row_bytes, F);
+  gemv5_multi_body<T, NT, NB, XR, 0, NF, 1>(P, x, n, k, row_bytes, F);
 }
 // The folded norm's consumer (orch_matmul_multi_nf): x is the producer's xt.
 template <int T, int NT, int NB, int XR>
@@ -660,23 +446,6 @@ static inline int gemv5_stage_mode(int64_t k) {
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
 
-// ORCH_CUDA_GEMV5_I8=1 (session 9, opt-in; numerics change): the one-token Q8_0 v5 kernels (plain, merged, the
-// folded norm's producer and consumer) on int8 x (gemv5_rows_i8). Read once; g_gemv5_i8 (>= 0) overrides (tests).
-// =1: 3 blocks a round (as v5), =2: 2 (fewer registers: the producer's 24-byte spill at 3).
-static int g_gemv5_i8 = -1;
-static inline int gemv5_i8_mode() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_I8");
-    return e && (e[0] == '1' || e[0] == '2') && !e[1] ? e[0] - '0' : 0;
-  }();
-  return g_gemv5_i8 >= 0 ? g_gemv5_i8 : v;
-}
-static inline bool gemv5_i8_on() { return gemv5_i8_mode() != 0; }
-// Calls fn(NB) (an integral constant) for the int8 path's blocks a round.
-template <class Fn> static void gemv5_i8_go(Fn &&fn) {
-  if (gemv5_i8_mode() == 2) fn(std::integral_constant<int, 2>{});
-  else fn(std::integral_constant<int, 3>{});
-}
 // ORCH_CUDA_GEMV5_EVEN=1 (session 9, opt-in): the one-token Q8_0 plain and merged GEMVs (the folded norm's
 // consumer too, not its producer) on the even grid (gemv5_rows EG): exactly the resident CTAs (occupancy x SMs),
 // the rows split evenly (Llama down 4096 rows: 528 CTAs of 7-8 instead of 512 of 8 = 116 SMs x 4 + 16 x 3; q/k/v
@@ -727,7 +496,7 @@ static inline bool gemv5_even_parts(gemv5_parts &P, int count, int64_t G, unsign
   for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
   return true;
 }
-// The one-token Q8_0 kernels the opt-in session-9 paths (I8, PF_GLU, EVEN) replace.
+// The one-token Q8_0 kernels the opt-in session-9 paths (PF_GLU, EVEN) replace.
 template <int T, int NT> constexpr bool gemv5_q8_one() { return T == ORCH_T_Q8_0 && NT == 1; }
 
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
@@ -755,19 +524,6 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
     }
 #endif
   if constexpr (gemv5_q8_one<T, NT>())
-    if (gemv5_i8_on()) {
-      gemv5_i8_go([&](auto nb) {
-        constexpr int NB = decltype(nb)::value;
-        const int rpw = gemv5_rpw(m);
-        const size_t sm = gemv5_i8_smem(k);
-        auto kern = mode == 1 ? gemv5_i8_kernel<NB, 1> : gemv5_i8_kernel<NB, 0>;
-        if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-        const unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
-        DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
-      });
-      return;
-    }
-  if constexpr (gemv5_q8_one<T, NT>())
     if (gemv5_even_on() && m < 32768 && ceil_div(m, (int64_t)GEMV16_WARPS) >= 64) {
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT);
@@ -787,22 +543,6 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
 
 // P: count parts filled in (w, bias, y, m); rpw and end are set here. XR as
 // launch_gemv5_nt_x, TR: the trace.
-// The int8-x merged kernel (NF 0 / 2), rpw and end set here; xr: gemv5_rows's XR.
-template <int NB, int NF>
-static void launch_gemv5_multi_i8(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
-                                  int64_t rb, const gemv5_nf &F, int xr) {
-  unsigned total = 0;
-  for (int p = 0; p < count; p++) {
-    P.rpw[p] = gemv5_rpw(P.m[p]);
-    total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
-    P.end[p] = total;
-  }
-  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
-  const size_t sm = gemv5_i8_smem(k) + (NF ? gemv5_nf_smem(1, F.nss) : 0);
-  auto kern = xr == 1 ? gemv5_multi_i8_kernel<NB, 1, NF> : gemv5_multi_i8_kernel<NB, 0, NF>;
-  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, F);
-}
 template <int T, int NT, int XR, int TR = 0>
 static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                     int64_t rb) {
@@ -822,13 +562,6 @@ static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, c
 template <int T, int NT>
 static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb) {
-  if constexpr (gemv5_q8_one<T, NT>())
-    if (gemv5_i8_on()) {
-      gemv5_i8_go([&](auto nb) {
-        launch_gemv5_multi_i8<decltype(nb)::value, 0>(st, P, count, x, n, k, rb, gemv5_nf{}, gemv5_stage_mode(k));
-      });
-      return;
-    }
   if constexpr (gemv5_q8_one<T, NT>())
     if (gemv5_even_on()) {
       constexpr int NB = gemv5_nb<T, NT>();
@@ -884,11 +617,6 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0);
-      if constexpr (gemv5_q8_one<T, NT>())
-        if (gemv5_i8_on())
-          return gemv5_i8_go([&](auto nb) {
-            launch(gemv5_nf_i8_kernel<decltype(nb)::value, XR>, gemv5_i8_smem(k) + gemv5_nf_smem(NT, 0));
-          });
       launch(gemv5_nf_kernel<T, NT, NB, XR>, sm);
     };
     using I0 = std::integral_constant<int, 0>;
@@ -920,11 +648,6 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
-      if constexpr (gemv5_q8_one<T, NT>())
-        if (gemv5_i8_on())
-          return gemv5_i8_go([&](auto nb) {
-            launch(gemv5_multi_i8_kernel<decltype(nb)::value, XR, 2>, gemv5_i8_smem(k) + gemv5_nf_smem(NT, F.nss));
-          });
       if constexpr (gemv5_q8_one<T, NT>())
         if (gemv5_even_on()) {
           auto kern = gemv5_multi_eg_kernel<T, NT, NB, XR, 2>;
@@ -1186,76 +909,6 @@ gemv5_glu_pf_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t
   }
 }
 
-// gemv5_glu_kernel on the int8 x (gemv5_rows_i8; opt-in ORCH_CUDA_GEMV5_I8_GLU=1, with ORCH_CUDA_GEMV5_I8's numerics):
-// Q8_0, one token, NB blocks of the gate and the up row a round; out = gemv5_silu_mul as the fp16 kernel.
-template <int NB, int XR = 0, int NF = 0>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_glu_i8_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
-                    const gemv5_nf F) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nt = 1;
-  const int64_t nch = k / 32;
-  float *nfsh = reinterpret_cast<float *>(xsm + nch * GEMV5_I8_W);
-  float nfsc[1];
-  bool nfscd = false;
-  const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
-  const bool valid = row < A.m;
-  const uint8_t *wg = A.wg + (valid ? row : 0) * row_bytes, *wu = A.wu + (valid ? row : 0) * row_bytes;
-  float accg = 0.f, accu = 0.f;
-  for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
-    wblocks<ORCH_T_Q8_0, NB> bg, bu;
-    gemv5_i8_load<NB>(bg, wg, c0, lane, nch, valid);
-    gemv5_i8_load<NB>(bu, wu, c0, lane, nch, valid);
-    if constexpr (XR == 1) {
-      if (c0 == 0) {
-        pdl_wait();
-        if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-      }
-      gemv5_stage_i8(xsm, x, c0, min(c0 + 32 * NB, nch));
-      if constexpr (NF == 2)
-        if (c0 == 0) gemv5_nf_wait();
-      __syncthreads();
-    } else if (c0 == 0) {
-      pdl_wait();
-      if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-      gemv5_stage_i8(xsm, x, 0, nch);
-      if constexpr (NF == 2) gemv5_nf_wait();
-      __syncthreads();
-    }
-    if constexpr (NF == 2)
-      if (c0 > 0 && !nfscd) {
-        gemv5_nf_scales<1>(nfsc, nfsh, nt, F.nss, k, F.eps);
-        nfscd = true;
-      }
-#pragma unroll
-    for (int i = 0; i < NB; i++) {
-      const int64_t c = c0 + lane + 32 * i;
-      if (c < nch) accg += gemv5_i8_block(bg.w[i], bg.sh[i], xsm + c * GEMV5_I8_W);
-    }
-#pragma unroll
-    for (int i = 0; i < NB; i++) {
-      const int64_t c = c0 + lane + 32 * i;
-      if (c < nch) accu += gemv5_i8_block(bu.w[i], bu.sh[i], xsm + c * GEMV5_I8_W);
-    }
-  }
-  if constexpr (NF == 2)
-    if (!nfscd) gemv5_nf_scales<1>(nfsc, nfsh, nt, F.nss, k, F.eps);
-  float g = warp_sum(accg), u = warp_sum(accu);
-  if constexpr (NF == 2) {
-    g *= nfsc[0];
-    u *= nfsc[0];
-  }
-  if (lane == 0 && valid) {
-    if (A.bg) g += A.bg[row];
-    if (A.bu) u += A.bu[row];
-    A.yg[row] = g;
-    A.yu[row] = u;
-    A.out[row] = gemv5_silu_mul(g, u);
-  }
-}
-
 // NB per matrix: v5's NB for Q8_0 at one token is 3; two rows of 3 blocks
 // would hold ~60 words of weights per lane, so 2 each (4 blocks in flight:
 // 64 registers, 4 CTAs per SM as v5); Q8_0 at two tokens 1 each (NB 2 took
@@ -1273,33 +926,11 @@ static inline int gemv5_pf_glu_mode() {
   return g_gemv5_pf_glu >= 0 ? g_gemv5_pf_glu : v;
 }
 
-// ORCH_CUDA_GEMV5_I8_GLU=1|2 (session 9, opt-in; numerics as ORCH_CUDA_GEMV5_I8): the one-token Q8_0 gate/up +
-// SwiGLU on the int8 x (gemv5_glu_i8_kernel; 1: 2 blocks a matrix a round, 8-16 bytes of spills; 2: 1 block, no
-// spills). g_gemv5_i8_glu (>= 0) overrides (tests).
-static int g_gemv5_i8_glu = -1;
-static inline int gemv5_i8_glu_mode() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_I8_GLU");
-    return e && (e[0] == '1' || e[0] == '2') && !e[1] ? e[0] - '0' : 0;
-  }();
-  return g_gemv5_i8_glu >= 0 ? g_gemv5_i8_glu : v;
-}
-static inline bool gemv5_i8_glu_on() { return gemv5_i8_glu_mode() != 0; }
-
 template <int T, int NT, int XR, int NF = 0>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                                 int64_t rb, const gemv5_nf &F) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
-  if constexpr (gemv5_q8_one<T, NT>())
-    if (gemv5_i8_glu_on()) {
-      const size_t smi = gemv5_i8_smem(k) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
-      auto kern = gemv5_i8_glu_mode() == 2 ? gemv5_glu_i8_kernel<1, XR, NF> : gemv5_glu_i8_kernel<2, XR, NF>;
-      if (smi > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smi);
-      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, smi, st, A, x, n,
-                       k, rb, F);
-      return;
-    }
   auto kern = [&] {
     if constexpr (gemv5_q8_one<T, NT>()) {
       if (gemv5_pf_glu_mode() == 1) return gemv5_glu_pf_kernel<T, NT, 1, 1, XR, NF>;

@@ -680,149 +680,6 @@ static void test_gemv_glu_pf(int64_t k, int64_t m) {
               (long long)m, want.size());
 }
 
-// GEMV v5 on int8 x (gemv5_rows_i8, ORCH_CUDA_GEMV5_I8=1; session 9): x rounded to 8 bits per 32-chunk, so checked
-// against float64 (bound 1.5e-2 on these few rows; the fp16 path's 1.5e-3 does not hold) and for consistency: plain, merged part 0 and
-// the folded norm's producer y bit-identical (the same rows code), accumulate = y0 + plain, producer res / xt exact
-// from its y, the consumer = the merged part times the fold's scale within 1e-5; run to run the same bits.
-static void test_gemv_i8(int64_t k, std::vector<int64_t> ms, int mode = 1) {
-  const int t = ORCH_T_Q8_0, n = 1;
-  const int64_t rb = orch_row_bytes(t, k), m0 = ms[0];
-  std::vector<std::unique_ptr<QW>> ws;
-  for (int64_t m : ms) {
-    ws.push_back(std::make_unique<QW>());
-    make_weight(*ws.back(), t, k, m);
-  }
-  const auto xv = randv((size_t)k, 2.f), bv = randv((size_t)m0, 1.f), res0 = randv((size_t)m0, 4.f),
-             nwv = randv((size_t)m0, 1.f), y0 = randv((size_t)m0, 1.f);
-  Buf<float> bx(xv), bb(bv), nw(nwv);
-  const int nss = (int)((ceil_div(m0, (int64_t)GEMV16_WARPS) + 3) / 4 * 4);
-  auto ssv = randv((size_t)nss, 1.f);
-  for (float &v : ssv) v = v * v + 0.01f;
-  Buf<float> ssb(ssv);
-  g_gemv5_i8 = mode;
-  std::vector<std::vector<float>> runs[2];
-  for (int run = 0; run < 2; run++) {
-    auto &out = runs[run];
-    Buf<float> yp((size_t)m0, NAN), ya(y0);
-    launch_gemv5<ORCH_T_Q8_0>(nullptr, yp.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 0);
-    launch_gemv5<ORCH_T_Q8_0>(nullptr, ya.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 1);
-    out.push_back(yp.vec());
-    out.push_back(ya.vec());
-    for (int nf = 0; nf < 2; nf++) {
-      gemv5_parts P = {};
-      std::vector<std::unique_ptr<Buf<float>>> ys;
-      for (size_t p = 0; p < ms.size(); p++) {
-        ys.push_back(std::make_unique<Buf<float>>((size_t)ms[p], NAN));
-        P.w[p] = ws[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p], P.bias[p] = p == 0 ? bb.p : nullptr;
-      }
-      gemv5_nf F;
-      F.ss = ssb.p, F.nss = nss, F.eps = 1e-5f;
-      if (nf) launch_gemv5_multi_nf<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb, F);
-      else launch_gemv5_multi<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb);
-      for (auto &y : ys) out.push_back(y->vec());
-    }
-    Buf<float> y1((size_t)m0, NAN), rs(res0), xt((size_t)m0, NAN), ss((size_t)ceil_div(m0, (int64_t)GEMV16_WARPS), NAN);
-    gemv5_nf F;
-    F.res = rs.p, F.w = nw.p, F.xt = xt.p, F.ss = ss.p;
-    launch_gemv5_nf_prod<ORCH_T_Q8_0>(nullptr, y1.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, F);
-    for (auto *b : {&y1, &rs, &xt, &ss}) out.push_back(b->vec());
-  }
-  g_gemv5_i8 = -1;
-  const auto &o = runs[0];
-  const size_t np = ms.size();
-  for (size_t i = 0; i < o.size(); i++)
-    EXPECT(std::memcmp(o[i].data(), runs[1][i].data(), o[i].size() * 4) == 0, "GEMV i8: output %zu differs run to run", i);
-  // float64 references
-  std::vector<double> worst;
-  for (size_t p = 0; p < np; p++) {
-    std::vector<double> ref((size_t)ms[p]);
-    for (int64_t r = 0; r < ms[p]; r++) {
-      double s = p == 0 ? bv[(size_t)r] : 0.0;
-      for (int64_t c = 0; c < k; c++) s += ws[p]->val[(size_t)(r * k + c)] * xv[(size_t)c];
-      ref[(size_t)r] = s;
-    }
-    const double e = rel_l2(o[2 + p], ref);
-    EXPECT(e <= 1.5e-2, "GEMV i8 (k=%lld m=%lld part %zu): relative error %.3g vs float64", (long long)k, (long long)ms[p],
-           p, e);
-    worst.push_back(e);
-  }
-  EXPECT(std::memcmp(o[0].data(), o[2].data(), m0 * 4) == 0, "GEMV i8: plain != merged part 0");
-  const size_t prod = 2 + 2 * np;
-  EXPECT(std::memcmp(o[0].data(), o[prod].data(), m0 * 4) == 0, "GEMV i8: plain != the producer's y");
-  int bad = 0;
-  double sc_err = 0;
-  double tot = 0;
-  for (float v : ssv) tot += v;
-  const double scale = 1 / std::sqrt(tot / k + 1e-5);
-  for (int64_t r = 0; r < m0; r++) {
-    const float want_acc = y0[(size_t)r] + o[0][(size_t)r], rn = res0[(size_t)r] + o[0][(size_t)r];
-    if (std::memcmp(&want_acc, &o[1][(size_t)r], 4) != 0) bad++;
-    if (std::memcmp(&rn, &o[prod + 1][(size_t)r], 4) != 0) bad++;
-    const float xtv = rn * nwv[(size_t)r];
-    if (std::memcmp(&xtv, &o[prod + 2][(size_t)r], 4) != 0) bad++;
-    const double want_c = (o[2][(size_t)r] - bv[(size_t)r]) * scale + bv[(size_t)r];
-    sc_err = std::max(sc_err, std::fabs(o[2 + np][(size_t)r] - want_c) / (std::fabs(want_c) + 1e-3));
-  }
-  EXPECT(bad == 0, "GEMV i8: %d accumulate / res / xt values differ", bad);
-  EXPECT(sc_err < 1e-4, "GEMV i8 consumer: relative error %.3g vs the merged part x the scale", sc_err);
-  std::printf("GEMV v5 I8 %d Q8_0 k=%-5lld m=%-3lld (%zu parts): vs float64 %.2e (part 0), consistent\n", mode,
-              (long long)k, (long long)m0, np, worst[0]);
-}
-
-// gate/up + SwiGLU on int8 x (gemv5_glu_i8_kernel, ORCH_CUDA_GEMV5_I8_GLU=1): gate and up bit-identical to the int8
-// GEMV of each weight (plain with biases: launch_gemv5; folded: the merged consumer with the same partials), out =
-// gemv5_silu_mul(gate, up) exactly, gate within 1.5e-2 of float64.
-static void test_gemv_glu_i8(int64_t k, int64_t m, int mode = 1) {
-  const int t = ORCH_T_Q8_0, n = 1;
-  const int64_t rb = orch_row_bytes(t, k);
-  QW wg, wu;
-  make_weight(wg, t, k, m);
-  make_weight(wu, t, k, m);
-  const auto xv = randv((size_t)k, 2.f);
-  Buf<float> bx(xv), bg(randv((size_t)m, 1.f)), bu(randv((size_t)m, 1.f));
-  auto ssv = randv(8, 1.f);
-  for (float &v : ssv) v = v * v + 0.01f;
-  Buf<float> ssb(ssv);
-  g_gemv5_i8 = 1;
-  g_gemv5_i8_glu = mode;
-  for (int nf = 0; nf < 2; nf++) {
-    gemv5_nf F;
-    F.ss = ssb.p, F.nss = 8, F.eps = 1e-5f;
-    Buf<float> g((size_t)m, NAN), u((size_t)m, NAN), o((size_t)m, NAN), rg((size_t)m, NAN), ru((size_t)m, NAN);
-    gemv5_glu_args A = {wg.bytes, wu.bytes, nf ? nullptr : bg.p, bu.p, g.p, u.p, o.p, m};
-    launch_gemv5_glu<ORCH_T_Q8_0>(nullptr, A, bx.p, n, k, rb, -1, nf ? &F : nullptr);
-    if (nf) {
-      gemv5_parts P = {};
-      P.w[0] = wg.bytes, P.w[1] = wu.bytes, P.y[0] = rg.p, P.y[1] = ru.p, P.m[0] = P.m[1] = m, P.bias[1] = bu.p;
-      launch_gemv5_multi_nf<ORCH_T_Q8_0>(nullptr, P, 2, bx.p, n, k, rb, F);
-    } else {
-      launch_gemv5<ORCH_T_Q8_0>(nullptr, rg.p, bx.p, wg.bytes, bg.p, n, k, m, rb, 0);
-      launch_gemv5<ORCH_T_Q8_0>(nullptr, ru.p, bx.p, wu.bytes, bu.p, n, k, m, rb, 0);
-    }
-    EXPECT(std::memcmp(g.p, rg.p, m * 4) == 0, "GEMV i8 SwiGLU (k=%lld nf=%d): gate != the int8 GEMV's", (long long)k, nf);
-    EXPECT(std::memcmp(u.p, ru.p, m * 4) == 0, "GEMV i8 SwiGLU (k=%lld nf=%d): up != the int8 GEMV's", (long long)k, nf);
-    int bad = 0;
-    for (int64_t r = 0; r < m; r++) {
-      const float want = gemv5_silu_mul(g.p[r], u.p[r]);
-      if (std::memcmp(&want, &o.p[r], 4) != 0) bad++;
-    }
-    EXPECT(bad == 0, "GEMV i8 SwiGLU: %d outputs != silu(gate) * up", bad);
-    if (!nf) {
-      std::vector<double> ref((size_t)m);
-      for (int64_t r = 0; r < m; r++) {
-        double sum = bg.p[r];
-        for (int64_t c = 0; c < k; c++) sum += wg.val[(size_t)(r * k + c)] * xv[(size_t)c];
-        ref[(size_t)r] = sum;
-      }
-      const double e = rel_l2(g.vec(), ref);
-      EXPECT(e <= 1.5e-2, "GEMV i8 SwiGLU gate: relative error %.3g vs float64", e);
-    }
-  }
-  g_gemv5_i8 = g_gemv5_i8_glu = -1;
-  std::printf("GEMV v5+SwiGLU I8 Q8_0 k=%-5lld m=%-3lld: gate / up = the int8 GEMV's bits, out exact\n", (long long)k,
-              (long long)m);
-}
-
 // GEMV v5 on the even grid (gemv5_rows EG, ORCH_CUDA_GEMV5_EVEN=1): G CTAs share the rows evenly (7-8 or, with
 // fewer CTAs, 2 rows for some warps); plain (bias, accumulate), merged parts and the folded norm's consumer
 // bit-identical to the default grid.
@@ -879,21 +736,10 @@ static void test_gemv_even(int64_t k, std::vector<int64_t> ms, int G) {
               (long long)k, (long long)m0, ms.size(), want.size());
 }
 
-static void test_gemv_pf_all() { // the session-9 opt-in one-token Q8_0 paths (PF_GLU, I8)
+static void test_gemv_pf_all() { // the session-9 opt-in one-token Q8_0 paths (PF_GLU, EVEN)
   test_gemv_glu_pf(4096, 20);  // 4 rounds of 1 block, x once; ragged CTA
   test_gemv_glu_pf(8192, 8);   // x per step (3 rounds a step)
   test_gemv_glu_pf(96, 12);    // one round, lanes without blocks
-  test_gemv_i8(14336, {8});        // Llama down's k: x per step
-  test_gemv_i8(4096, {20, 8, 8});  // x once; ragged CTA
-  test_gemv_i8(2880, {12, 8});     // rows of 3060 bytes
-  test_gemv_i8(96, {36});          // lanes without blocks
-  test_gemv_i8(14336, {8}, 2);     // 2 blocks a round
-  test_gemv_i8(4096, {20, 8}, 2);
-  test_gemv_glu_i8(4096, 20);  // x once; ragged CTA
-  test_gemv_glu_i8(8192, 12);  // x per round
-  test_gemv_glu_i8(96, 8);
-  test_gemv_glu_i8(8192, 12, 2); // 1 block a matrix a round
-  test_gemv_glu_i8(4096, 20, 2);
   test_gemv_even(96, {520, 8, 8}, 66);    // 7-8 rows a CTA (the merged parts: 64 + 1 + 1 CTAs)
   test_gemv_even(96, {520}, 40);          // 13 rows a CTA: 2 rows for some warps
   test_gemv_even(8192, {512, 24}, 70);    // x per round (XR 1)
