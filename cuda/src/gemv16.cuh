@@ -188,18 +188,12 @@ __device__ __forceinline__ void gemv5_nf_scales(float (&sc)[NT], const float *sh
 
 // NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
 // (gemv5_nf above; F unused at 0).
-// EG (session 9, opt-in ORCH_CUDA_GEMV5_EVEN; not with NF 1): the even grid — the m rows are split over ncta CTAs
-// as evenly as integers allow (CTA c: rows [c m / ncta, (c + 1) m / ncta)), warp w taking rows w, w + 8, ... of
-// its CTA (rows_per_warp of them, the last ones possibly invalid), so that a grid of exactly the resident CTAs
-// (e.g. 4 x 132 = 528 for Llama down's 4096 rows, 7-8 a CTA, instead of 512 CTAs of 8) gives every SM the same
-// rows. Each row's dot is gemv5_rows's: the same bits.
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int EG = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
                                            int64_t row_bytes, int accumulate, int rows_per_warp,
-                                           const gemv5_nf &F = gemv5_nf{}, int64_t ncta = 0) {
-  static_assert(!(EG && NF == 1), "the even grid: not the folded norm's producer (one partial per 8 rows)");
+                                           const gemv5_nf &F = gemv5_nf{}) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = (int)min((int64_t)NT, n);
   const int64_t nch = k / 32;
@@ -208,14 +202,13 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   float nfres = 0.f, nfw = 0.f; // NF 1: lane j's res of token j at its row, the row's norm weight
   float nfsc[NT];               // NF 2: the tokens' scales
   bool nfscd = false;           // ... computed
-  const int64_t row0 = EG ? cta * m / ncta + warp : (cta * GEMV16_WARPS + warp) * rows_per_warp;
-  const int64_t row_end = EG ? (cta + 1) * m / ncta : m;
+  const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
   bool staged = false;
   unsigned long long tr[3] = {0, 0, 0};
   if constexpr (TR) tr[0] = gemv_gtime();
   for (int r = 0; r < rows_per_warp; r++) {
-    const int64_t row = EG ? row0 + GEMV16_WARPS * r : row0 + r;
-    const bool valid = row < row_end;
+    const int64_t row = row0 + r;
+    const bool valid = row < m;
     const uint8_t *wr = w + (valid ? row : 0) * row_bytes;
     float acc[NT];
 #pragma unroll
@@ -343,17 +336,6 @@ gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *
   pdl_trigger();
   gemv5_rows<T, NT, NB, XR, TR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
 }
-// gemv5_kernel on the even grid (gemv5_rows EG; gridDim.x CTAs share the m rows).
-template <int T, int NT, int NB, int XR>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
-gemv5_eg_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
-                const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
-                int rows_per_warp) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  gemv5_rows<T, NT, NB, XR, 0, 0, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp,
-                                     gemv5_nf{}, gridDim.x);
-}
 // Multi-weight GEMV v5 (orch_matmul_multi): up to GEMV_MAX_PARTS weights of
 // one type with the same x (q, k and v of a layer) in one launch; part p owns
 // CTAs [end[p-1], end[p]) and runs exactly gemv5_kernel's code on them, so
@@ -369,8 +351,7 @@ struct gemv5_parts {
 };
 
 // NF (gemv5_nf): 0, or 2 = the folded norm's consumer (F's ss, nss, eps).
-// EG: the even grid per part (part p's CTAs share its rows; gemv5_rows EG).
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int EG = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0>
 __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const float *__restrict__ x, int64_t n,
                                                  int64_t k, int64_t row_bytes, const gemv5_nf &F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -381,26 +362,14 @@ __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const flo
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
 #define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  if constexpr (EG)
-    gemv5_rows<T, NT, NB, XR, TR, NF, 1>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
-                                         GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F,
-                                         (int64_t)(p == 0 ? P.end[0] : p == 1 ? P.end[1] - P.end[0] : P.end[2] - P.end[1]));
-  else
-    gemv5_rows<T, NT, NB, XR, TR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
-                                      GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F);
+  gemv5_rows<T, NT, NB, XR, TR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
+                                    row_bytes, 0, GEMV5_PICK(rpw), F);
 #undef GEMV5_PICK
 }
 template <int T, int NT, int NB, int XR = 0, int TR = 0>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
   gemv5_multi_body<T, NT, NB, XR, TR>(P, x, n, k, row_bytes, gemv5_nf{});
-}
-// The even-grid merged kernels (NF 0 plain, 2 the folded norm's consumer).
-template <int T, int NT, int NB, int XR, int NF>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_multi_eg_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
-                      const gemv5_nf F) {
-  gemv5_multi_body<T, NT, NB, XR, 0, NF, 1>(P, x, n, k, row_bytes, F);
 }
 // The folded norm's consumer (orch_matmul_multi_nf): x is the producer's xt.
 template <int T, int NT, int NB, int XR>
@@ -446,59 +415,6 @@ static inline int gemv5_stage_mode(int64_t k) {
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
 
-// ORCH_CUDA_GEMV5_EVEN=1 (session 9, opt-in): the one-token Q8_0 plain and merged GEMVs (the folded norm's
-// consumer too, not its producer) on the even grid (gemv5_rows EG): exactly the resident CTAs (occupancy x SMs),
-// the rows split evenly (Llama down 4096 rows: 528 CTAs of 7-8 instead of 512 of 8 = 116 SMs x 4 + 16 x 3; q/k/v
-// 6144: 528 of 11-12, 2 rows for some warps, instead of 768 = 1.45 waves). Same bits. Read once; g_gemv5_even /
-// g_gemv5_even_ctas (> 0) override (tests; the emulation has no occupancy query).
-static int g_gemv5_even = -1, g_gemv5_even_ctas = 0;
-static inline bool gemv5_even_on() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_EVEN");
-    return e && e[0] == '1' && !e[1] ? 1 : 0;
-  }();
-  return (g_gemv5_even >= 0 ? g_gemv5_even : v) == 1;
-}
-// The even grid's CTAs for kern at sm bytes of shared memory: resident CTAs per SM x SMs; 0: not known.
-template <class K> static int64_t gemv5_even_ctas(K kern, size_t sm) {
-  if (g_gemv5_even_ctas > 0) return g_gemv5_even_ctas;
-#if defined(ORCH_EMU)
-  (void)kern, (void)sm;
-  return 0;
-#else
-  static int sms = 0;
-  if (sms == 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  }
-  int per = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, GEMV16_WARPS * 32, sm) != cudaSuccess) return 0;
-  return (int64_t)per * sms;
-#endif
-}
-// Part p's CTAs (proportional to its rows, >= 1) and rows per warp on an even grid of G CTAs; false: not used
-// (G unknown, the LM-head sizes, or fewer than 64 row groups).
-static inline bool gemv5_even_parts(gemv5_parts &P, int count, int64_t G, unsigned &total) {
-  int64_t M = 0;
-  for (int p = 0; p < count; p++) {
-    if (P.m[p] >= 32768) return false;
-    M += P.m[p];
-  }
-  if (G <= 0 || ceil_div(M, (int64_t)GEMV16_WARPS) < 64) return false;
-  total = 0;
-  for (int p = 0; p < count; p++) {
-    const int64_t g = max((int64_t)1, (G * P.m[p] + M / 2) / M);
-    P.rpw[p] = (int)ceil_div(ceil_div(P.m[p], g), (int64_t)GEMV16_WARPS);
-    total += (unsigned)g;
-    P.end[p] = total;
-  }
-  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
-  return true;
-}
-// The one-token Q8_0 kernels the opt-in session-9 paths (PF_GLU, EVEN) replace.
-template <int T, int NT> constexpr bool gemv5_q8_one() { return T == ORCH_T_Q8_0 && NT == 1; }
-
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
 // (orch_gemv_trace).
 template <int T, int NT, int XR, int TR = 0>
@@ -523,19 +439,6 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
       return launch_gemv5_nt_x<T, NT, 0, 1>(st, y, x, w, bias, n, k, m, rb, acc);
     }
 #endif
-  if constexpr (gemv5_q8_one<T, NT>())
-    if (gemv5_even_on() && m < 32768 && ceil_div(m, (int64_t)GEMV16_WARPS) >= 64) {
-      constexpr int NB = gemv5_nb<T, NT>();
-      const size_t sm = gemv5_smem(k, NT);
-      auto kern = mode == 1 ? gemv5_eg_kernel<T, NT, NB, 1> : gemv5_eg_kernel<T, NT, NB, 0>;
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      const int64_t G = gemv5_even_ctas(kern, sm);
-      if (G > 0) {
-        const int rpw = (int)ceil_div(ceil_div(m, G), (int64_t)GEMV16_WARPS);
-        DEC16_LAUNCH_PDL(kern, dim3((unsigned)G), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
-        return;
-      }
-    }
   if constexpr (NT <= 2)
     if (mode == 1) return launch_gemv5_nt_x<T, NT, 1>(st, y, x, w, bias, n, k, m, rb, acc);
   launch_gemv5_nt_x<T, NT, 0>(st, y, x, w, bias, n, k, m, rb, acc);
@@ -562,18 +465,6 @@ static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, c
 template <int T, int NT>
 static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb) {
-  if constexpr (gemv5_q8_one<T, NT>())
-    if (gemv5_even_on()) {
-      constexpr int NB = gemv5_nb<T, NT>();
-      const size_t sm = gemv5_smem(k, NT);
-      auto kern = gemv5_stage_mode(k) == 1 ? gemv5_multi_eg_kernel<T, NT, NB, 1, 0> : gemv5_multi_eg_kernel<T, NT, NB, 0, 0>;
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      unsigned total = 0;
-      if (gemv5_even_parts(P, count, gemv5_even_ctas(kern, sm), total)) {
-        DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, gemv5_nf{});
-        return;
-      }
-    }
   if constexpr (NT <= 2)
     if (gemv5_stage_mode(k) == 1) return launch_gemv5_multi_nt_x<T, NT, 1>(st, P, count, x, n, k, rb);
   launch_gemv5_multi_nt_x<T, NT, 0>(st, P, count, x, n, k, rb);
@@ -608,16 +499,14 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
                                  int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_nf &F) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int mode = gemv5_stage_mode(k);
-    auto launch = [&](auto kern, size_t sm) {
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, y, x, w,
-                       bias, n, k, m, rb, F);
-    };
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0);
-      launch(gemv5_nf_kernel<T, NT, NB, XR>, sm);
+      auto kern = gemv5_nf_kernel<T, NT, NB, XR>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, y, x, w,
+                       bias, n, k, m, rb, F);
     };
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;
@@ -640,26 +529,13 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
     }
     for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
-    auto launch = [&](auto kern, size_t sm) {
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, F);
-    };
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
       const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
-      if constexpr (gemv5_q8_one<T, NT>())
-        if (gemv5_even_on()) {
-          auto kern = gemv5_multi_eg_kernel<T, NT, NB, XR, 2>;
-          if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-          gemv5_parts Q = P;
-          unsigned tq = 0;
-          if (gemv5_even_parts(Q, count, gemv5_even_ctas(kern, sm), tq)) {
-            DEC16_LAUNCH_PDL(kern, dim3(tq), GEMV16_WARPS * 32, sm, st, Q, x, n, k, rb, F);
-            return;
-          }
-        }
-      launch(gemv5_multi_nf_kernel<T, NT, NB, XR>, sm);
+      auto kern = gemv5_multi_nf_kernel<T, NT, NB, XR>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, F);
     };
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;
@@ -784,160 +660,18 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
   }
 }
 
-// gemv5_glu_kernel with its work items (a round of NB blocks of the gate row and of the up row) in a ring of D + 1
-// register buffers: item i + D loaded before item i is computed, D + 1 items before pdl_wait (session 9, opt-in
-// ORCH_CUDA_GEMV5_PF_GLU=1: NB 1, D 1 — 2 x 2 x 9 words, as today's 2 x 2 blocks, but the next round's in flight
-// while this one is computed; Q8_0, one token; device run 3: 264.8 vs 261.8 tok/s, within two sd). The same
-// scheme for the plain / merged / folded GEMVs (ORCH_CUDA_GEMV5_PF=1..5, session 9) lost in every mode and was
-// deleted. Each lane's gate and up sums take the same blocks in the same order: bit-identical to gemv5_glu_kernel.
-template <int T, int NT, int NB, int D, int XR = 0, int NF = 0>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4)
-gemv5_glu_pf_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
-                    const gemv5_nf F) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  // SR: XR 1's staging step (chunks; a multiple of the round, >= 96: not one barrier per 32 chunks at NB 1).
-  constexpr int BW = block_words<T>(), BB = type_block_bytes(T), R = 32 * NB, SR = R * ((96 + R - 1) / R);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nt = (int)min((int64_t)NT, n);
-  const int64_t nch = k / 32;
-  float *xinv = reinterpret_cast<float *>(xsm + nt * nch * DEC16_XW);
-  float *nfsh = gemv5_nf_sh(xsm, nch, NT);
-  float nfsc[NT];
-  bool nfscd = false;
-  const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
-  const bool valid = row < A.m;
-  const uint8_t *wg = A.wg + (valid ? row : 0) * row_bytes, *wu = A.wu + (valid ? row : 0) * row_bytes;
-  const int rounds = (int)((nch + R - 1) / R);
-  uint32_t wb[D + 1][2][NB][BW];
-  int64_t lc0 = 0; // the next round to load
-  auto load_next = [&](uint32_t(&b)[2][NB][BW]) {
-    if (lc0 < nch) { // uniform
-#pragma unroll
-      for (int i = 0; i < NB; i++) {
-        const int64_t c = lc0 + lane + 32 * i;
-        const bool ok = valid && c < nch;
-        const uint32_t *qg = reinterpret_cast<const uint32_t *>((uintptr_t)(wg + (ok ? c : 0) * BB) & ~(uintptr_t)3);
-        const uint32_t *qu = reinterpret_cast<const uint32_t *>((uintptr_t)(wu + (ok ? c : 0) * BB) & ~(uintptr_t)3);
-#pragma unroll
-        for (int j = 0; j < BW; j++) b[0][i][j] = ok ? __ldg(qg + j) : 0u;
-#pragma unroll
-        for (int j = 0; j < BW; j++) b[1][i][j] = ok ? __ldg(qu + j) : 0u;
-      }
-      lc0 += R;
-    }
-  };
-#pragma unroll
-  for (int s = 0; s < D; s++) load_next(wb[s]);
-  const uint32_t shg = (uint32_t)((uintptr_t)(wg + lane * BB) & 3), shu = (uint32_t)((uintptr_t)(wu + lane * BB) & 3);
-  float accg[NT], accu[NT];
-#pragma unroll
-  for (int j = 0; j < NT; j++) accg[j] = accu[j] = 0.f;
-  int64_t cc0 = 0; // the round computed
-  for (int it0 = 0; it0 < rounds; it0 += D + 1) {
-#pragma unroll
-    for (int u = 0; u <= D; u++) {
-      if (it0 + u < rounds) { // uniform
-        load_next(wb[(u + D) % (D + 1)]);
-        if constexpr (XR == 1) {
-          if (cc0 % SR == 0) {
-            if (cc0 == 0) {
-              pdl_wait();
-              if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-            }
-            gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, cc0, min(cc0 + SR, nch));
-            if constexpr (NF == 2)
-              if (cc0 == 0) gemv5_nf_wait();
-            __syncthreads();
-          }
-        } else if (cc0 == 0) {
-          pdl_wait();
-          if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-          dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
-          if constexpr (NF == 2) gemv5_nf_wait();
-          __syncthreads();
-        }
-        if constexpr (NF == 2)
-          if (it0 + u > 0 && !nfscd) { // later rounds' loads in flight (uniform)
-            gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
-            nfscd = true;
-          }
-#pragma unroll
-        for (int h = 0; h < 2; h++) { // gate, then up (gemv5_glu_round's order)
-          float(&acc)[NT] = h ? accu : accg;
-          const uint32_t sh = h ? shu : shg;
-#pragma unroll
-          for (int i = 0; i < NB; i++) {
-            const int64_t c = cc0 + lane + 32 * i;
-            if (c < nch) {
-              const uint4 *xp[NT];
-              uint32_t a[NT][2];
-#pragma unroll
-              for (int j = 0; j < NT; j++) {
-                xp[j] = reinterpret_cast<const uint4 *>(xsm + ((j < nt ? j : 0) * nch + c) * DEC16_XW);
-                a[j][0] = a[j][1] = 0u;
-              }
-              dec16_block_acc<T, NT>(wb[u][h][i], sh, xp, nt, a);
-              const float ws = dec16_wscale<T>(wb[u][h][i], sh);
-#pragma unroll
-              for (int j = 0; j < NT; j++)
-                if (j < nt) acc[j] += dec16_fold(a[j], ws, xinv[j * nch + c]);
-            }
-          }
-        }
-        cc0 += R;
-      }
-    }
-  }
-  if constexpr (NF == 2)
-    if (!nfscd) gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps); // one round only
-#pragma unroll
-  for (int j = 0; j < NT; j++) {
-    float g = warp_sum(accg[j]), u = warp_sum(accu[j]);
-    if constexpr (NF == 2) {
-      g *= nfsc[j];
-      u *= nfsc[j];
-    }
-    if (lane == 0 && j < nt && valid) {
-      if (A.bg) g += A.bg[row];
-      if (A.bu) u += A.bu[row];
-      const int64_t o = j * A.m + row;
-      A.yg[o] = g;
-      A.yu[o] = u;
-      A.out[o] = gemv5_silu_mul(g, u);
-    }
-  }
-}
-
 // NB per matrix: v5's NB for Q8_0 at one token is 3; two rows of 3 blocks
 // would hold ~60 words of weights per lane, so 2 each (4 blocks in flight:
 // 64 registers, 4 CTAs per SM as v5); Q8_0 at two tokens 1 each (NB 2 took
 // 77 registers: 3 CTAs per SM).
 template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 && NT > 1 ? 1 : 2; }
 
-// ORCH_CUDA_GEMV5_PF_GLU=1 (session 9, opt-in): the one-token Q8_0 gate/up + SwiGLU as gemv5_glu_pf_kernel (NB 1,
-// D 1). Read once; g_gemv5_pf_glu (>= 0) overrides (tests).
-static int g_gemv5_pf_glu = -1;
-static inline int gemv5_pf_glu_mode() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_PF_GLU");
-    return e && e[0] == '1' && !e[1] ? 1 : 0;
-  }();
-  return g_gemv5_pf_glu >= 0 ? g_gemv5_pf_glu : v;
-}
-
 template <int T, int NT, int XR, int NF = 0>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                                 int64_t rb, const gemv5_nf &F) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
-  auto kern = [&] {
-    if constexpr (gemv5_q8_one<T, NT>()) {
-      if (gemv5_pf_glu_mode() == 1) return gemv5_glu_pf_kernel<T, NT, 1, 1, XR, NF>;
-      return gemv5_glu_kernel<T, NT, NB, XR, NF>;
-    } else
-      return gemv5_glu_kernel<T, NT, NB, XR, NF>;
-  }();
+  auto kern = gemv5_glu_kernel<T, NT, NB, XR, NF>;
   if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
   const unsigned gx = (unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS);
   DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, A, x, n, k, rb, F);

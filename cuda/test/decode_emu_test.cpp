@@ -640,117 +640,8 @@ static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulat
               bias, accumulate, e);
 }
 
-// gate/up + SwiGLU with the next round in flight (gemv5_glu_pf_kernel, ORCH_CUDA_GEMV5_PF_GLU=1): gate, up and out
-// bit-identical to gemv5_glu_kernel, plain (biases) and as the folded norm's consumer; x once / per step.
-static void test_gemv_glu_pf(int64_t k, int64_t m) {
-  const int t = ORCH_T_Q8_0, n = 1;
-  const int64_t rb = orch_row_bytes(t, k);
-  QW wg, wu;
-  make_weight(wg, t, k, m);
-  make_weight(wu, t, k, m);
-  Buf<float> bx(randv((size_t)k, 2.f)), bg(randv((size_t)m, 1.f)), bu(randv((size_t)m, 1.f));
-  auto ssv = randv(8, 1.f);
-  for (float &v : ssv) v = v * v + 0.01f;
-  Buf<float> ssb(ssv);
-  auto run = [&](int pf) {
-    g_gemv5_pf_glu = pf;
-    std::vector<std::vector<float>> out;
-    for (int nf = 0; nf < 2; nf++) {
-      Buf<float> g((size_t)m, NAN), u((size_t)m, NAN), o((size_t)m, NAN);
-      gemv5_glu_args A = {wg.bytes, wu.bytes, nf ? nullptr : bg.p, bu.p, g.p, u.p, o.p, m};
-      gemv5_nf F;
-      F.ss = ssb.p, F.nss = 8, F.eps = 1e-5f;
-      launch_gemv5_glu<ORCH_T_Q8_0>(nullptr, A, bx.p, n, k, rb, -1, nf ? &F : nullptr);
-      for (auto *b : {&g, &u, &o}) out.push_back(b->vec());
-    }
-    g_gemv5_pf_glu = -1;
-    return out;
-  };
-  const auto want = run(0), got = run(1);
-  for (size_t i = 0; i < want.size(); i++) {
-    EXPECT(std::memcmp(want[i].data(), got[i].data(), want[i].size() * 4) == 0,
-           "GEMV v5+SwiGLU PF (k=%lld m=%lld): output %zu != gemv5_glu_kernel", (long long)k, (long long)m, i);
-    for (float v : got[i])
-      if (!std::isfinite(v)) {
-        EXPECT(false, "GEMV v5+SwiGLU PF: output %zu not written", i);
-        break;
-      }
-  }
-  std::printf("GEMV v5+SwiGLU PF Q8_0 k=%-5lld m=%-3lld: %zu outputs bit-identical to gemv5_glu_kernel\n", (long long)k,
-              (long long)m, want.size());
-}
-
-// GEMV v5 on the even grid (gemv5_rows EG, ORCH_CUDA_GEMV5_EVEN=1): G CTAs share the rows evenly (7-8 or, with
-// fewer CTAs, 2 rows for some warps); plain (bias, accumulate), merged parts and the folded norm's consumer
-// bit-identical to the default grid.
-static void test_gemv_even(int64_t k, std::vector<int64_t> ms, int G) {
-  const int t = ORCH_T_Q8_0, n = 1;
-  const int64_t rb = orch_row_bytes(t, k), m0 = ms[0];
-  std::vector<std::unique_ptr<QW>> ws;
-  for (int64_t m : ms) {
-    ws.push_back(std::make_unique<QW>());
-    make_weight(*ws.back(), t, k, m);
-  }
-  Buf<float> bx(randv((size_t)k, 2.f)), bb(randv((size_t)m0, 1.f));
-  const auto y0 = randv((size_t)m0, 1.f);
-  auto ssv = randv(64, 1.f);
-  for (float &v : ssv) v = v * v + 0.01f;
-  Buf<float> ssb(ssv);
-  auto run = [&](int even) {
-    g_gemv5_even = even;
-    g_gemv5_even_ctas = even ? G : 0;
-    std::vector<std::vector<float>> out;
-    Buf<float> ya(y0), yb((size_t)m0, NAN);
-    launch_gemv5<ORCH_T_Q8_0>(nullptr, ya.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 1);
-    launch_gemv5<ORCH_T_Q8_0>(nullptr, yb.p, bx.p, ws[0]->bytes, bb.p, n, k, m0, rb, 0);
-    out.push_back(ya.vec());
-    out.push_back(yb.vec());
-    for (int nf = 0; nf < 2; nf++) {
-      gemv5_parts P = {};
-      std::vector<std::unique_ptr<Buf<float>>> ys;
-      for (size_t p = 0; p < ms.size(); p++) {
-        ys.push_back(std::make_unique<Buf<float>>((size_t)ms[p], NAN));
-        P.w[p] = ws[p]->bytes, P.y[p] = ys[p]->p, P.m[p] = ms[p], P.bias[p] = p == 0 ? bb.p : nullptr;
-      }
-      gemv5_nf F;
-      F.ss = ssb.p, F.nss = 64, F.eps = 1e-5f;
-      if (nf) launch_gemv5_multi_nf<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb, F);
-      else launch_gemv5_multi<ORCH_T_Q8_0>(nullptr, P, (int)ms.size(), bx.p, n, k, rb);
-      for (auto &y : ys) out.push_back(y->vec());
-    }
-    g_gemv5_even = -1;
-    g_gemv5_even_ctas = 0;
-    return out;
-  };
-  const auto want = run(0), got = run(1);
-  for (size_t i = 0; i < want.size(); i++) {
-    EXPECT(std::memcmp(want[i].data(), got[i].data(), want[i].size() * 4) == 0,
-           "GEMV v5 even grid %d (k=%lld m=%lld): output %zu != the default grid's", G, (long long)k, (long long)m0, i);
-    for (float v : got[i])
-      if (!std::isfinite(v)) {
-        EXPECT(false, "GEMV v5 even grid: output %zu not written", i);
-        break;
-      }
-  }
-  std::printf("GEMV v5 even grid %-3d Q8_0 k=%-5lld m=%-4lld (%zu parts): %zu outputs bit-identical\n", G,
-              (long long)k, (long long)m0, ms.size(), want.size());
-}
-
-static void test_gemv_pf_all() { // the session-9 opt-in one-token Q8_0 paths (PF_GLU, EVEN)
-  test_gemv_glu_pf(4096, 20);  // 4 rounds of 1 block, x once; ragged CTA
-  test_gemv_glu_pf(8192, 8);   // x per step (3 rounds a step)
-  test_gemv_glu_pf(96, 12);    // one round, lanes without blocks
-  test_gemv_even(96, {520, 8, 8}, 66);    // 7-8 rows a CTA (the merged parts: 64 + 1 + 1 CTAs)
-  test_gemv_even(96, {520}, 40);          // 13 rows a CTA: 2 rows for some warps
-  test_gemv_even(8192, {512, 24}, 70);    // x per round (XR 1)
-}
-
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
-  if (argc > 1 && std::strcmp(argv[1], "pf") == 0) { // the session-9 opt-in cases alone
-    test_gemv_pf_all();
-    return fails ? 1 : 0;
-  }
   const bool fold_only = argc > 1 && std::strcmp(argv[1], "fold") == 0; // the norm-fold cases alone
   // Default (cuda-check): every version and type on small shapes; `long`: wide rows too.
   test_norm_fold(ORCH_T_Q8_0, 96, 64, 1, {24, 8, 8}, 16, true);  // out -> norm -> q/k/v and gate/up; nss 8
@@ -816,7 +707,6 @@ int main(int argc, char **argv) {
   test_gemv_xr(ORCH_T_Q8_0, 4096, 20, 2, 2);  // 2 rows per warp: the second row reads what the first staged
   test_gemv_xr(ORCH_T_MXFP4, 2880, 12, 1, 1);
   test_gemv_xr(ORCH_T_Q4_0, 96, 8, 2, 1);     // 3 chunks: one round, lanes without blocks
-  test_gemv_pf_all();
   test_rope2(1);
   test_rope2(0);
   test_norm<false, 12>(2, 2880, true, true); // gpt-oss width

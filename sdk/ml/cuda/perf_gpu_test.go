@@ -681,15 +681,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// is left out; x staged per round from k = 8192), x staged once (XR=0) and per round
 		// (XR=1) for every k. (2 rows per warp lost in run 2: Llama down 37.6 vs 30.3 us; batched
 		// cp.async staging of the float x lost end to end in run 3: deleted in session 7.)
-		// Session 9: the default against the opt-in one-token Q8_0 kernels: EVEN=1 (the plain / merged GEMVs on an
-		// even grid of the resident CTAs) and PF_GLU=1 (the llama ffn rows: gate/up + SwiGLU with the next round in
-		// flight). Deleted after device runs 2-3b: ORCH_CUDA_GEMV5_PF=1..5 (later work items' weights in flight for
-		// the plain / merged / folded kernels) and ORCH_CUDA_GEMV5_I8 (int8 x + DP4A) lost end to end. The XR
-		// children (settled in session 6) are left out. ORCH_GEMV_PERF_SETTINGS="A=1 B=2;C=3" replaces the list.
-		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_EVEN=1", "ORCH_CUDA_GEMV5_PF_GLU=1"}
-		if v := os.Getenv("ORCH_GEMV_PERF_SETTINGS"); v != "" {
-			settings = strings.Split(v, ";")
-		}
+		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_XR=0", "ORCH_CUDA_GEMV5_XR=1"}
 		if os.Getenv("ORCH_GEMV_PERF_WIDE") != "" {
 			settings = []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
 				"ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"}
@@ -699,8 +691,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_XR", "ORCH_CUDA_GEMV5_PF_GLU",
-		"ORCH_CUDA_GEMV5_EVEN"} {
+	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_XR"} {
 		if e := os.Getenv(v); e != "" {
 			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's x staging
 			label += " " + v + "=" + e
@@ -1077,104 +1068,5 @@ func gemvTraceTable(t *testing.T, r randSrc, label string, peak float64) {
 		t.Logf("| %s | trace %s Q8_0 %dx%d n=1 | %d | %.2f us | %.1f us | %.2f us | %.2f us | %.2f us | %.2f us | %.2f us | %.0f | %d ns |",
 			label, sh.name, sh.k, sh.m, len(byL[1]), us(period), floor, us(early), us(lag), us(staged), us(stage), us(tail),
 			med(resident), tick)
-	}
-}
-
-// TestGEMV5PFBits (session 9): the opt-in one-token Q8_0 paths that keep the default's arithmetic give its bits on
-// the device — ORCH_CUDA_GEMV5_PF_GLU=1 (gemv16.cuh gemv5_glu_pf_kernel: gate/up + SwiGLU with the next round in
-// flight) and ORCH_CUDA_GEMV5_EVEN=1 (gemv5_rows EG: the plain / merged / consumer GEMVs on an even grid of the
-// resident CTAs). Each setting runs in a child process (the library reads the variables once) on fixed-seed inputs
-// — plain GEMVs at Llama's down (x staged per step), q/k/v and gpt-oss's q/k/v shapes, 32776 rows (2 per warp),
-// down -> AddRMSNorm -> q/k/v as the decode step runs it (the folded norm's producer and consumer by default), and
-// gate/up + SwiGLU — and prints an FNV-1a hash of every output; the hashes must match the default child's. The CPU
-// emulation checks the same bit for bit (cuda/test/decode_emu_test.cpp test_gemv_glu_pf, test_gemv_even). (Named
-// for ORCH_CUDA_GEMV5_PF=1..5, deleted after device runs 2-3.)
-func TestGEMV5PFBits(t *testing.T) {
-	const childVar = "ORCH_GEMV5_PF_CHILD"
-	if os.Getenv(childVar) == "" {
-		if os.Getenv("ORCH_CUDA_GEMV5_PF_GLU")+os.Getenv("ORCH_CUDA_GEMV5_EVEN")+os.Getenv("ORCH_CUDA_GEMV") != "" {
-			t.Skip("a GEMV switch is set: the children run from a process without them")
-		}
-		hashes := func(setting string) map[string]string {
-			cmd := exec.Command(os.Args[0], "-test.run", "^TestGEMV5PFBits$", "-test.v")
-			cmd.Env = append(append(os.Environ(), childVar+"=1"), strings.Fields(setting)...)
-			outp, err := cmd.CombinedOutput()
-			require.NoError(t, err, "%s child:\n%s", setting, outp)
-			h := map[string]string{}
-			for _, line := range strings.Split(string(outp), "\n") {
-				if f := strings.Fields(line); len(f) >= 3 && f[len(f)-3] == "pfbits" {
-					h[f[len(f)-2]] = f[len(f)-1]
-				}
-			}
-			require.NotEmpty(t, h, "%s child printed no hashes:\n%s", setting, outp)
-			return h
-		}
-		want := hashes("E2E_BASE=1")
-		for _, s := range []string{"ORCH_CUDA_GEMV5_PF_GLU=1", "ORCH_CUDA_GEMV5_EVEN=1"} {
-			require.Equal(t, want, hashes(s), "%s: outputs differ from the default kernels'", s)
-			t.Logf("%s: %d outputs bit-identical to the default", s, len(want))
-		}
-		return
-	}
-	r := newRandSrc(pcgFrom(9))
-	hash := func(name string, y ml.Tensor, n int) {
-		require.NoError(t, gpu.Sync())
-		v := make([]float32, n)
-		require.NoError(t, gpu.ReadF32(y, v))
-		h := uint64(14695981039346656037)
-		for _, f := range v {
-			b := math.Float32bits(f)
-			for i := 0; i < 4; i++ {
-				h = (h ^ uint64(b>>(8*i)&0xff)) * 1099511628211
-			}
-		}
-		fmt.Printf("pfbits %s %016x\n", name, h)
-	}
-	for _, sh := range []struct {
-		name string
-		k, m int
-	}{{"down", 14336, 4096}, {"qkv", 4096, 6144}, {"gpt_qkv", 2880, 5120}, {"rpw2", 4096, 32776}} {
-		w := mustW(t, r, sh.name, ml.Q8_0, sh.k, sh.m)
-		b := mustA(t, ml.F32, sh.m)
-		require.NoError(t, gpu.WriteF32(b, r.f32(sh.m)))
-		x, y := mustA(t, ml.F32, sh.k), mustA(t, ml.F32, sh.m)
-		require.NoError(t, gpu.WriteF32(x, r.f32(sh.k)))
-		gpu.MatMul(y, x, w, nil)
-		hash(sh.name, y, sh.m)
-		gpu.MatMul(y, x, w, b)
-		hash(sh.name+"_bias", y, sh.m)
-		for _, v := range []ml.Tensor{w, b, x, y} {
-			gpu.Free(v)
-		}
-	}
-	// down -> AddRMSNorm -> q/k/v (the norm fold by default: producer + merged consumer).
-	const d, ff = 4096, 14336
-	wd := mustW(t, r, "down", ml.Q8_0, ff, d)
-	ws := []ml.Tensor{mustW(t, r, "q", ml.Q8_0, d, 4096), mustW(t, r, "k", ml.Q8_0, d, 1024), mustW(t, r, "v", ml.Q8_0, d, 1024)}
-	nw, x, y, res, h := mustA(t, ml.F32, d), mustA(t, ml.F32, ff), mustA(t, ml.F32, d), mustA(t, ml.F32, d), mustA(t, ml.F32, d)
-	require.NoError(t, gpu.WriteF32(nw, r.f32(d)))
-	require.NoError(t, gpu.WriteF32(x, r.f32(ff)))
-	require.NoError(t, gpu.WriteF32(res, r.f32(d)))
-	ys := []ml.Tensor{mustA(t, ml.F32, 4096), mustA(t, ml.F32, 1024), mustA(t, ml.F32, 1024)}
-	gpu.MatMul(y, x, wd, nil)
-	gpu.AddRMSNorm(res, h, y, nw, 1e-5)
-	for j := range ws {
-		gpu.MatMul(ys[j], h, ws[j], nil)
-	}
-	hash("fold_y", y, d)
-	hash("fold_res", res, d)
-	for j, m := range []int{4096, 1024, 1024} {
-		hash(fmt.Sprintf("fold_qkv%d", j), ys[j], m)
-	}
-	// gate/up + SwiGLU (folded into one launch by default: orch_matmul_swiglu; ORCH_CUDA_GEMV5_PF_GLU=1).
-	wg, wu := mustW(t, r, "gate", ml.Q8_0, d, ff), mustW(t, r, "up", ml.Q8_0, d, ff)
-	g, u := mustA(t, ml.F32, ff), mustA(t, ml.F32, ff)
-	gpu.MatMul(g, h, wg, nil)
-	gpu.MatMul(u, h, wu, nil)
-	gpu.SwiGLU(g, g, u)
-	hash("glu_out", g, ff)
-	hash("glu_up", u, ff)
-	for _, v := range append(append(ys, ws...), wd, nw, x, y, res, h, wg, wu, g, u) {
-		gpu.Free(v)
 	}
 }
