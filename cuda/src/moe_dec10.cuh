@@ -34,14 +34,14 @@
 // 211 us), gate_up rows by 16-byte cp.async into shared memory (= v10 at one
 // token, n = 8 194), an L2 prefetch of down's later slots before pdl_wait
 // (n = 1 38.0) — see docs/perf-cuda.md "Round 6".
-// Session 9 (docs/perf-cuda.md "Round 10"): down10h, the down with a warp per
-// (row, 2 slots) — opt-in ORCH_CUDA_MOE_DOWN2=1, bit-identical; down10's AN
-// epilogue loads res2 / its norm weight right after pdl_wait (cp.async). Tried
-// and removed after device runs 2-3 (MoE "v14", all bit-identical, all
-// slower): gate_up as a one-wave persistent kernel streaming row pairs
-// through per-warp cp.async rings in shared memory (2-4 stages, also by
-// cp.async.bulk), down as such a kernel over row groups, and the route kernel
-// as one 8-CTA thread-block cluster per token reducing through DSMEM.
+// Session 9 (docs/perf-cuda.md "Round 10"): down10's AN epilogue loads res2 /
+// its norm weight right after pdl_wait (cp.async). Tried and removed after
+// device runs 2-4 (all bit-identical, all slower): gate_up as a one-wave
+// persistent kernel streaming row pairs through per-warp cp.async rings in
+// shared memory (2-4 stages, also by cp.async.bulk), down as such a kernel over
+// row groups, the route kernel as one 8-CTA thread-block cluster per token
+// reducing through DSMEM ("v14"), and a down with a warp per (row, 2 slots),
+// all six blocks a lane in flight at once (tg128 -6%).
 #pragma once
 #include <cstring>
 
@@ -507,169 +507,6 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   }
 }
 
-#if defined(ORCH_EMU)
-inline int g_moe10h_launches; // emulation test hook: down10h launches
-#endif
-
-// 16-byte cp.async (src 16-aligned; the first `bytes` read, the rest zeroed) in
-// commit groups. The CPU emulation lands copies at once unless the test
-// defines GEMV9_EMU_CP_ASYNC (its late-landing copies: a missing wait reads
-// stale bytes).
-#if defined(ORCH_EMU)
-#if defined(GEMV9_EMU_CP_ASYNC) // the test's late-landing copies (decode_emu_test.cpp / moe_emu_test.cpp)
-inline void moe10_cp16(void *d, const void *s, int bytes) { gemv9_emu_cp_async(d, s, bytes); }
-inline void moe10_commit() { gemv9_emu_commit(); }
-template <int N> inline void moe10_wait() { gemv9_emu_wait(N); }
-#else
-inline void moe10_cp16(void *d, const void *s, int bytes) {
-  memcpy(d, s, (size_t)bytes);
-  memset(static_cast<char *>(d) + bytes, 0, (size_t)(16 - bytes));
-}
-inline void moe10_commit() {}
-template <int N> inline void moe10_wait() {}
-#endif
-#else
-__device__ __forceinline__ void moe10_cp16(void *d, const void *s, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned a = (unsigned)__cvta_generic_to_shared(d);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(s), "r"(bytes) : "memory");
-#else
-  for (int i = 0; i < 16; i++) static_cast<uint8_t *>(d)[i] = i < bytes ? static_cast<const uint8_t *>(s)[i] : 0;
-#endif
-}
-__device__ __forceinline__ void moe10_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N> __device__ __forceinline__ void moe10_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-#endif
-
-// ---- down10h: v10's down with split slots (opt-in ORCH_CUDA_MOE_DOWN2=1, 1..8 tokens, n_slots <= 4; session 9
-// device run 2: down10 ~14.7 us at one token for a ~5.9 us bytes floor, its warp loading 1 row x 4 slots, 2 items
-// at a time, in series) ----
-// CTA = 8 rows x 2 slot halves = 16 warps: warp w takes row 8 b + (w & 7) of slots 2 (w >> 3) and 2 (w >> 3) + 1
-// (n_slots <= 4) and loads both rows' NB blocks a lane at once (gate_up's load shape: 2 rows x 3 blocks a lane),
-// before pdl_wait from the speculative routing (v6's moe6_ld_id, clamped; reloaded after the wait where it
-// changed). Per slot v10's sums (per-round moe10_dot into acc, warp_sum); the 4 slot sums of a row meet in shared
-// memory and lane 0 of the row's first warp adds them as down10 does (s = 0..n_slots-1: res += w * (a + db)):
-// bits = v10's, with the AN epilogue (8 rows a CTA: down10's ss layout; res2 / w by cp.async right after the
-// wait, landing with the activation's copies).
-#if defined(__CUDACC__) || defined(ORCH_EMU)
-template <int T, bool AN>
-__global__ void __launch_bounds__(16 * 32, 2) // <= 64 registers: 2 CTAs (32 warps) an SM
-moe_down10h_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
-                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
-                   const float *__restrict__ wts, int n_slots, int n_exp, int k, int m, int64_t rb, float xinv,
-                   moe10_addnorm an) {
-  constexpr int NB = T == ORCH_T_Q8_0 ? 2 : 3; // down_h_nb<T>()
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  MOE10_SHARED float sa[8][4];  // [row][slot] warp sums
-  MOE10_SHARED float pre[8][2]; // AN: the row's res2 and norm weight (cp.async right after the wait)
-  pdl_trigger();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rl = warp & 7, h = warp >> 3;
-  const int row = blockIdx.x * 8 + rl, t = blockIdx.y;
-  const bool valid = row < m;
-  const int nch = k / 32;
-  const int s0 = 2 * h, s1 = 2 * h + 1;
-  const bool has0 = s0 < n_slots, has1 = s1 < n_slots;
-  const int32_t *tid_ids = ids + (int64_t)t * n_slots;
-  auto clampe = [&](int e) { return e < 0 ? 0 : e >= n_exp ? n_exp - 1 : e; };
-  int e0 = has0 ? clampe(moe6_ld_id(tid_ids + s0)) : 0, e1 = has1 ? clampe(moe6_ld_id(tid_ids + s1)) : 0;
-  wblocks<T, NB> b0, b1;
-  ffn_load<T, NB>(b0, wd + ((int64_t)e0 * m + (valid ? row : 0)) * rb, 0, lane, nch, valid && has0);
-  ffn_load<T, NB>(b1, wd + ((int64_t)e1 * m + (valid ? row : 0)) * rb, 0, lane, nch, valid && has1);
-  pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
-  if constexpr (AN) { // the epilogue's loads, off its tail (into shared memory: no registers held)
-    if (h == 0 && lane == 0 && valid) {
-      moe10_cp4(&pre[rl][0], an.res + (int64_t)t * m + row);
-      moe10_cp4(&pre[rl][1], an.w + row);
-    }
-  }
-  if (has0 && tid_ids[s0] != e0) { // uniform over the warp
-    e0 = tid_ids[s0];
-    ffn_load<T, NB>(b0, wd + ((int64_t)e0 * m + (valid ? row : 0)) * rb, 0, lane, nch, valid);
-  }
-  if (has1 && tid_ids[s1] != e1) {
-    e1 = tid_ids[s1];
-    ffn_load<T, NB>(b1, wd + ((int64_t)e1 * m + (valid ? row : 0)) * rb, 0, lane, nch, valid);
-  }
-  const int cw4 = nch * DEC16_XW / 4; // uint4s per staged pair
-  { // the staged activation by cp.async (all in flight, no registers held next to b0 / b1)
-    const uint4 *src = acth + (int64_t)t * n_slots * cw4;
-    for (int i = (int)threadIdx.x; i < n_slots * cw4; i += 16 * 32)
-      moe10_cp16(reinterpret_cast<uint4 *>(xsm) + i, src + i, 16);
-    moe10_commit();
-    moe10_wait<0>();
-  }
-  __syncthreads();
-  float acc0 = 0.f, acc1 = 0.f;
-  for (int c0 = 0; c0 < nch; c0 += 32 * NB) { // down10's rounds: acc += the round's moe10_dot
-    if (c0 > 0) {
-      ffn_load<T, NB>(b0, wd + ((int64_t)e0 * m + (valid ? row : 0)) * rb, c0, lane, nch, valid && has0);
-      ffn_load<T, NB>(b1, wd + ((int64_t)e1 * m + (valid ? row : 0)) * rb, c0, lane, nch, valid && has1);
-    }
-    if (has0) acc0 += moe10_dot<T, NB>(b0, xsm + s0 * nch * DEC16_XW, xinv, c0, lane, nch);
-    if (has1) acc1 += moe10_dot<T, NB>(b1, xsm + s1 * nch * DEC16_XW, xinv, c0, lane, nch);
-  }
-  const float a0 = warp_sum(acc0), a1 = warp_sum(acc1);
-  if (lane == 0) {
-    if (has0) sa[rl][s0] = a0;
-    if (has1) sa[rl][s1] = a1;
-  }
-  __syncthreads();
-  if (h == 0 && lane == 0) {
-    float res = 0.f;
-    for (int s = 0; s < n_slots; s++) { // down10's fold, slots in order
-      const int64_t p = (int64_t)t * n_slots + s;
-      const int e = ids[p];
-      res += wts[p] * (sa[rl][s] + (db && valid ? db[(int64_t)e * m + row] : 0.f));
-    }
-    if (valid) out[(int64_t)t * m + row] = res;
-    if constexpr (AN) { // m % 8 == 0 (caller): every row of the CTA is valid
-      const int64_t i = (int64_t)t * m + row;
-      const float r = pre[rl][0] + res;
-      an.res[i] = r;
-      an.xt[i] = r * pre[rl][1];
-      sa[rl][0] = r * r; // this row's slot sums are read (above): reuse
-    }
-  }
-  if constexpr (AN) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float sum = 0.f;
-      for (int w = 0; w < 8; w++) sum += sa[w][0];
-      an.ss[(int64_t)t * (m / 8) + blockIdx.x] = sum;
-    }
-  }
-}
-#endif
-
-// Launches the split-slot down; false (nothing launched) for more than 4 slots.
-template <int T>
-static bool launch_down10h(cudaStream_t st, float *out, const uint4 *acth, const uint8_t *wd, const float *db,
-                           const int32_t *ids, const float *wts, int n, int n_slots, int n_exp, int ff, int dim,
-                           float xinv, const moe10_addnorm *an) {
-  if (n_slots > 4) return false;
-  const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
-  auto kern = an ? moe_down10h_kernel<T, true> : moe_down10h_kernel<T, false>;
-  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  const moe10_addnorm av = an ? *an : moe10_addnorm{};
-#if defined(ORCH_EMU)
-  g_moe10h_launches++;
-#endif
-  DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(dim, 8), (unsigned)n), 16 * 32, sm, st, out, acth, wd, db, ids, wts,
-                   n_slots, n_exp, ff, dim, orch_row_bytes(T, ff), xinv, av);
-  return true;
-}
-static bool moe10_down2_on() {
-  const char *v = getenv("ORCH_CUDA_MOE_DOWN2");
-  return v && std::strcmp(v, "1") == 0;
-}
 
 
 // ---- launch ----
@@ -728,8 +565,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
                        orch_row_bytes(T, dim), alpha, limit, sc);
     }
-    if (!(only & 1) && !(moe10_down2_on() && launch_down10h<T>(st, out, reinterpret_cast<const uint4 *>(act), wd, db,
-                                                               ids, wts, n, n_slots, n_exp, ff, dim, dxinv, an))) {
+    if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
       auto kern = an ? moe_down10_kernel<T, NB, true> : moe_down10_kernel<T, NB, false>;

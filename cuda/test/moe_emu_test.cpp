@@ -28,7 +28,7 @@
 
 #include "emu_decode_shims.h"
 
-// cp.async for down10h's staged activation (moe_dec10.cuh), as decode_emu_test.cpp:
+// cp.async (moe_dec10.cuh's GEMV9_EMU_CP_ASYNC hooks), as decode_emu_test.cpp:
 // wait_group(N) lands every group but the newest N (the latest moment the
 // hardware may), so a missing wait or warp barrier reads stale stage bytes.
 struct EmuCopy {
@@ -473,21 +473,6 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
            "MoE v10 != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d)", tname(t), (long long)dim,
            (long long)ff, topk, ne, n);
   }
-  // down10h (ORCH_CUDA_MOE_DOWN2=1: a warp a (row, 2 slots)): v10's output bit for bit, also with stale
-  // speculative routing (it loads both rows before pdl_wait)
-  setenv("ORCH_CUDA_MOE_DOWN2", "1", 1);
-  for (int st = 0; st < (stale ? 2 : 1); st++) {
-    std::vector<float> o2;
-    if (st) g_moe6_stale_id = id10[0] == 0 ? 1 : 0;
-    emu_cp_reset();
-    const int l0 = g_moe10h_launches;
-    EXPECT(run10(true, n, limit, nullptr, nullptr, &o2) == ORCH_OK, "moe_decode down10h: %s", g_err);
-    g_moe6_stale_id = -1;
-    EXPECT(g_moe10h_launches == l0 + (topk <= 4), "down10h launches (top-%d)", topk);
-    EXPECT(std::memcmp(o10.data(), o2.data(), o10.size() * 4) == 0, "down10h%s != v10 (%s dim=%lld ff=%lld n=%d)",
-           st ? " (stale routing)" : "", tname(t), (long long)dim, (long long)ff, n);
-  }
-  unsetenv("ORCH_CUDA_MOE_DOWN2");
   emu_cp_reset();
   EXPECT(run10(false, n, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode under v6 must decline");
   { // unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens, else decline (v6)
@@ -511,7 +496,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
   EXPECT(run10(true, MOE10_MAX_N + 1, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED,
          "moe_decode must decline %d tokens", MOE10_MAX_N + 1);
   std::printf("MoE v10 %-5s dim=%-4lld ff=%-4lld top-%d of %d n=%d bias=%d: ids = top-k of the float64 logits, output = "
-              "v6's bit for bit, tickets back to 0, down10h = v10%s\n",
+              "v6's bit for bit, tickets back to 0%s\n",
               tname(t), (long long)dim, (long long)ff, topk, ne, n, bias,
               stale ? ", stale speculative routing: bit-identical" : "");
 }
@@ -595,10 +580,8 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
          (long long)dim, n);
   if (!v13) { // orch_moe_decode_addnorm: the same op + the next RMSNorm's producer half in down10
     const auto r2v = randv(nd, 2.f), nw2 = randv((size_t)dim, 1.f);
-    for (int d2 = 0; d2 < 2; d2++) { // down10, then down10h (ORCH_CUDA_MOE_DOWN2=1) with the AN epilogue: the same bits
-    if (d2) setenv("ORCH_CUDA_MOE_DOWN2", "1", 1);
+    {
     emu_cp_reset();
-    const int l1 = g_moe10h_launches;
     for (int with_norm = 1; with_norm >= 0; with_norm--) {
       orch_ctx ctx;
       ctx.moe = 6;
@@ -629,8 +612,6 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
           EXPECT(fbits(sso[(size_t)(tt * (dim / 8) + b)]) == fbits(sum), "addnorm: ss[%d][%lld]", tt, (long long)b);
         }
     }
-    EXPECT(g_moe10h_launches == l1 + (d2 && topk <= 4 ? 2 : 0), "addnorm: down10h launches (DOWN2 %d)", d2);
-    unsetenv("ORCH_CUDA_MOE_DOWN2");
     emu_cp_reset();
     }
     if (n >= 2) { // where orch_moe_decode_norm runs MoE v13 (ORCH_CUDA_MOE13_FROM=2), the addnorm entry declines
@@ -654,7 +635,7 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
       if (t == ORCH_T_MXFP4 && dim == 64 && ff == 64) EXPECT(rc == ORCH_ERR_UNSUPPORTED, "this case: v13 runs");
     }
     std::printf("MoE v10 + next norm's producer (orch_moe_decode_addnorm) %-5s dim=%lld n=%d: output = orch_moe_decode's, "
-                "res2 / xt / ss exact (down10 and down10h)\n", tn, (long long)dim, n);
+                "res2 / xt / ss exact\n", tn, (long long)dim, n);
   }
   // declines: pinned to another version (nothing written), dim > 4096
   EXPECT(fused(false, dim, &o, &r, &hh, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode_norm under v6 must decline");

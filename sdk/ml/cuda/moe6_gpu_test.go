@@ -35,9 +35,7 @@ func TestMoEVersions(t *testing.T) {
 	}
 	tests := []string{"TestMoE", "TestMoEWide", "TestPDLChain", "TestMoENormFold", "TestMoEDecode13"}
 	for _, v := range []string{"ORCH_CUDA_MOE=v4", "ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v9", "ORCH_CUDA_MOE=v10",
-		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=0",
-		// session 9: v10 with the split-slot down (down10h), unpinned (the norm folds at one token) and pinned
-		"ORCH_CUDA_MOE_DOWN2=1", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_DOWN2=1"} {
+		"ORCH_CUDA_MOE=v13", "ORCH_CUDA_MOE=v13 ORCH_CUDA_MOE13_PIPE=1", "ORCH_CUDA_MOE13_FROM=0"} {
 		cmd := exec.Command(os.Args[0], "-test.run", "^("+strings.Join(tests, "|")+")$", "-test.v")
 		cmd.Env = append(os.Environ(), strings.Fields(v)...)
 		outp, err := cmd.CombinedOutput()
@@ -86,9 +84,7 @@ func TestPerfMoEVersions(t *testing.T) {
 				// where the time goes (n = 1, 8): the op without down / without both expert kernels
 				// (timing hook; results garbage)
 				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=route", "ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_ONLY=gate_up",
-				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10",
-				// session 9: v10 with the split-slot down (down10h: a warp a row and 2 slots, both rows' blocks at once)
-				"ORCH_CUDA_MOE=v10 ORCH_CUDA_MOE_DOWN2=1"},
+				"ORCH_CUDA_MOE=v6", "ORCH_CUDA_MOE=v10"},
 			[]string{"| MoE version | shape | median | of the bytes floor |", "|---|---|---|---|"}, "perf-moe.md")
 		return
 	}
@@ -112,8 +108,7 @@ func TestPerfMoEVersions(t *testing.T) {
 		ns = []int{1, 2, 4, 8, 9, 12, 16, 24, 32, 40, 64} // session 8: the 9..64-token steps
 	}
 	label := "ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM", "ORCH_CUDA_MOE13_PIPE",
-		"ORCH_CUDA_MOE_DOWN2"} {
+	for _, v := range []string{"ORCH_CUDA_MOE_NORM", "ORCH_CUDA_MOE_ONLY", "ORCH_CUDA_MOE13_FROM", "ORCH_CUDA_MOE13_PIPE"} {
 		if e := os.Getenv(v); e != "" {
 			label += " " + v + "=" + e
 		}
