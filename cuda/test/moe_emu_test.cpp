@@ -28,46 +28,6 @@
 
 #include "emu_decode_shims.h"
 
-// cp.async (moe_dec10.cuh's GEMV9_EMU_CP_ASYNC hooks), as decode_emu_test.cpp:
-// wait_group(N) lands every group but the newest N (the latest moment the
-// hardware may), so a missing wait or warp barrier reads stale stage bytes.
-struct EmuCopy {
-  void *dst;
-  const void *src;
-  int bytes;
-};
-inline std::vector<EmuCopy> g_open[EMU_MAX_THREADS];
-inline std::vector<std::vector<EmuCopy>> g_groups[EMU_MAX_THREADS];
-inline void gemv9_emu_cp_async(void *dst, const void *src, int bytes) {
-  const unsigned char *d = (const unsigned char *)dst;
-  CHECK(d >= attn_tc::smem && d + 16 <= attn_tc::smem + g_smem_bytes, "cp.async destination outside shared memory");
-  CHECK(((uintptr_t)dst & 15) == 0 && ((uintptr_t)src & 15) == 0, "cp.async 16: unaligned %p <- %p", dst, src);
-  CHECK(bytes > 0 && bytes <= 16, "cp.async src-size %d", bytes);
-  g_open[threadIdx.x].push_back({dst, src, bytes});
-}
-inline void gemv9_emu_commit() {
-  g_groups[threadIdx.x].push_back(std::move(g_open[threadIdx.x]));
-  g_open[threadIdx.x].clear();
-}
-inline void gemv9_emu_wait(int n) {
-  auto &gs = g_groups[threadIdx.x];
-  while ((int)gs.size() > n) {
-    for (const EmuCopy &c : gs.front()) {
-      std::memcpy(c.dst, c.src, (size_t)c.bytes);
-      std::memset((char *)c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
-    }
-    gs.erase(gs.begin());
-  }
-}
-// Copies a kernel never waited for are dropped before the next launch.
-static void emu_cp_reset() {
-  for (int i = 0; i < EMU_MAX_THREADS; i++) {
-    g_open[i].clear();
-    g_groups[i].clear();
-  }
-}
-#define GEMV9_EMU_CP_ASYNC 1
-
 #define warp_sum common_warp_sum
 #define warp_max common_warp_max
 inline int __ffs(int x) { return __builtin_ffs(x); }
@@ -473,7 +433,6 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
            "MoE v10 != v6 bit for bit (%s dim=%lld ff=%lld top-%d of %d n=%d)", tname(t), (long long)dim,
            (long long)ff, topk, ne, n);
   }
-  emu_cp_reset();
   EXPECT(run10(false, n, limit, nullptr, nullptr, nullptr) == ORCH_ERR_UNSUPPORTED, "moe_decode under v6 must decline");
   { // unpinned (ORCH_CUDA_MOE unset): v10 from MOE10_AUTO_MIN_N tokens, else decline (v6)
     orch_ctx ctx;
@@ -581,7 +540,6 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
   if (!v13) { // orch_moe_decode_addnorm: the same op + the next RMSNorm's producer half in down10
     const auto r2v = randv(nd, 2.f), nw2 = randv((size_t)dim, 1.f);
     {
-    emu_cp_reset();
     for (int with_norm = 1; with_norm >= 0; with_norm--) {
       orch_ctx ctx;
       ctx.moe = 6;
@@ -612,7 +570,6 @@ static void test_decode_norm(int t, int64_t dim, int64_t ff, int ne, int topk, i
           EXPECT(fbits(sso[(size_t)(tt * (dim / 8) + b)]) == fbits(sum), "addnorm: ss[%d][%lld]", tt, (long long)b);
         }
     }
-    emu_cp_reset();
     }
     if (n >= 2) { // where orch_moe_decode_norm runs MoE v13 (ORCH_CUDA_MOE13_FROM=2), the addnorm entry declines
       setenv("ORCH_CUDA_MOE13_FROM", "2", 1);
