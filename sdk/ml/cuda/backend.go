@@ -56,6 +56,8 @@ type Backend struct {
 	holdFlush bool
 	// ot times every op when ORCH_CUDA_OPTIME is set (optime.go); nil otherwise.
 	ot *opTimer
+	// gt times the idle gaps between replayed graphs when ORCH_CUDA_GAPTIME is set (gaptime.go).
+	gt *gapTimer
 	// bc: bf16 copies of quantized weights for the large-n matmul (bf16cache.go).
 	bc bf16Cache
 	// launches counts calls (call).
@@ -104,6 +106,7 @@ func New(device int) (*Backend, error) {
 	b.name = cstr(name)
 	b.cc = int(cc)
 	b.ot = newOpTimer()
+	b.gt = newGapTimer()
 	b.initBF16Cache()
 	return b, nil
 }
@@ -138,6 +141,9 @@ func (b *Backend) Close() error {
 	}
 	if b.ot != nil { // after the graphs that hold its event nodes
 		b.ot.close(b)
+	}
+	if b.gt != nil {
+		b.gt.close(b)
 	}
 	for _, s := range b.scratch {
 		b.l.free(b.ctx, s.ptr)
@@ -430,7 +436,13 @@ func (b *Backend) Run(key string, record func()) error {
 		return b.err
 	}
 	if g, ok := b.graphs[key]; ok {
-		err := b.l.status("graph_launch", b.l.graphLaunch(b.ctx, g))
+		launch := func() error { return b.l.status("graph_launch", b.l.graphLaunch(b.ctx, g)) }
+		var err error
+		if b.gt != nil {
+			err = b.gt.around(b, launch)
+		} else {
+			err = launch()
+		}
 		if b.ot != nil && err == nil {
 			b.ot.replayed(b, key)
 		}
