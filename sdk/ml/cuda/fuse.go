@@ -538,7 +538,10 @@ func (b *Backend) holdMoENorm(op string, res, dst, x, w ml.Tensor, a normOps, ep
 // caller's MoE flushes the norm and runs as without it). Operand errors are
 // left to the caller's checks.
 func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
-	b.unholdProdNorm() // a norm held with its GEMV (normfold.go): the GEMV goes out, the norm is held here
+	// a norm held with its GEMV (normfold.go): the norm is held here, the GEMV goes out — or is kept (pj) for
+	// orch_moe_decode_oproj, launched on return where the call does not take it (before the caller's norm)
+	pj := b.unholdProdNorm()
+	defer b.launchProj(&pj)
 	hn := &b.pend.norm
 	if !hn.on || m == nil || m.Router == nil || m.Gate == nil || m.Up == nil || m.Down == nil || b.err != nil {
 		return false
@@ -579,13 +582,17 @@ func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
 		routerType: int32(router.dt), routerBias: rb, nExp: int32(ne), ids: ids, w: wts, gate: gate.ptr, up: up.ptr,
 		guType: int32(gate.dt), gateBias: gb, upBias: ub, down: down.ptr, downType: int32(down.dt), downBias: db, act: g,
 		ybuf: y, n: int64(n), slots: int32(k), dim: int64(dim), ff: int64(ff), alpha: m.Alpha, limit: m.Limit}
+	if pj.on && pj.y == c.add && pj.m == c.dim && c.n == 1 {
+		c.pj, pj = pj, oproj{} // the call makes it (moeNormCall, or held: moeAddNormCall / launchHeldMoE)
+	}
+	b.launchProj(&pj) // (not taken: before the call)
 	// held instead (normfold.go): the next AddRMSNorm of its output and a MatMul of that norm may fold into it
 	if b.holdMoEProd(dst, x, m, &c, *hn, d, []*tensor{router, gate, up, down},
 		[]span{{rb, uintptr(4 * ne)}, {gb, uintptr(4 * ff * ne)}, {ub, uintptr(4 * ff * ne)}, {db, uintptr(4 * dim * ne)}}) {
 		*hn = heldNorm{}
 		return true
 	}
-	rc := b.moeDecodeNormCall(&c)
+	rc := b.moeNormCall(&c) // (declined: the projection was launched)
 	if rc == stUnsupported {
 		return false
 	}
@@ -595,7 +602,7 @@ func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
 }
 
 // moeCall: orch_moe_decode_norm's operands (foldMoENorm), kept while the MoE
-// is held (normfold.go).
+// is held (normfold.go), and the out projection it may take in.
 type moeCall struct {
 	out, x, res, add, normW uintptr
 	eps                     float32
@@ -612,6 +619,7 @@ type moeCall struct {
 	slots                   int32
 	dim, ff                 int64
 	alpha, limit            float32
+	pj                      oproj // the out projection producing add (normfold.go fuseMoEOProj; on: not launched)
 }
 
 // moeDecodeNormCall makes the call c (orch_moe_decode_norm).

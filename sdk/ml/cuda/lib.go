@@ -127,6 +127,10 @@ type lib struct {
 	// orch_moe_decode(_norm) with the next RMSNorm's producer half in v10's down kernel (session 8, optional: nil
 	// where the library lacks it; the orch_matmul_addnorm contract for orch_matmul_multi_nf).
 	moeDecodeAddNorm func(ctx, out, x, res, add, normW uintptr, eps float32, router uintptr, routerType int32, routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr, downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32, res2, nw2, xt, ss uintptr) int32
+	// One token's attention out projection + AddRMSNorm + MoE v10 with the route in the projection's last CTA
+	// (session 10, optional: nil where the library lacks it; normfold.go). Bound through the one-pointer wrapper
+	// orch_moe_decode_oproj_args: orch_moe_decode_oproj's 35 integer arguments are more than purego passes (32).
+	moeDecodeOProj func(ctx uintptr, a *oprojArgs) int32
 }
 
 // gemvTraceRec mirrors gemv_trace_rec (cuda/src/gemv16.cuh; orch_gemv_trace).
@@ -134,6 +138,21 @@ type gemvTraceRec struct {
 	t0, t1, t2, t3 uint64 // ns: CTA start, after the PDL wait, x staged, end
 	blk, sm        uint32
 	_              [2]uint32
+}
+
+// oprojArgs mirrors orch_moe_oproj_args field by field (same order, same sizes: 264 bytes).
+type oprojArgs struct {
+	ox, ow, obias, y                 uintptr
+	out, x, res, normW               uintptr
+	router, routerBias, ids, w       uintptr
+	gate, up, gateBias, upBias       uintptr
+	down, downBias, act, ybuf        uintptr
+	res2, nw2, xt, ss                uintptr
+	ok, n, dim, ff                   int64
+	owtype, routerType, nExp, guType int32
+	downType, slots                  int32
+	eps, alpha, limit                float32
+	_                                int32
 }
 
 // attnArgs mirrors orch_attn_args field by field (same order, same sizes).
@@ -256,6 +275,11 @@ func (l *lib) bind() (err error) {
 	// Optional: MoE v10 with the next RMSNorm's producer half (orch_moe_decode_addnorm; nil: off).
 	if _, err := purego.Dlsym(l.handle, "orch_moe_decode_addnorm"); err == nil {
 		purego.RegisterLibFunc(&l.moeDecodeAddNorm, l.handle, "orch_moe_decode_addnorm")
+	}
+	// Optional: the out projection with the MoE's route in its tail (orch_moe_decode_oproj through its struct
+	// wrapper; nil: off).
+	if _, err := purego.Dlsym(l.handle, "orch_moe_decode_oproj_args"); err == nil {
+		purego.RegisterLibFunc(&l.moeDecodeOProj, l.handle, "orch_moe_decode_oproj_args")
 	}
 	// Optional: the bf16 weight cache (bf16cache.go; nil: off).
 	if _, err := purego.Dlsym(l.handle, "orch_bf16_cache"); err == nil {

@@ -74,6 +74,36 @@ var fuseNormFold = os.Getenv("ORCH_CUDA_NORM_FOLD") != "0"
 // default only one token folds; ORCH_CUDA_MOE_ADDNORM=N (2..8) folds up to N.
 var fuseMoEAddNorm = os.Getenv("ORCH_CUDA_MOE_ADDNORM") != "0"
 
+// The attention out projection as the pre-norm's producer of the MoE fold
+// (session 10, issue 7; gpt-oss's one-token layer: out-projection GEMV ->
+// AddRMSNorm -> MoE). foldMoENorm takes the held GEMV out of pend instead
+// of launching it (unholdProdNorm: one token, a quantized weight, the held
+// norm's add exactly its output) and keeps its operands in the MoE's call
+// (moeCall.pj); the call is then made as orch_moe_decode_oproj (through its
+// struct wrapper orch_moe_decode_oproj_args): the GEMV is orch_matmul_addnorm's
+// producer (y, res += y, x = xt = res * w) and its last CTA routes and stages
+// x for v10's gate_up, so the route kernel and its re-read of the row go. With
+// the next norm folded (startNormFold: res2 .. ss set) the norm's output must
+// cover the MoE's x (gpt-oss: both are h), which then holds the next fold's
+// xt; without it (the MoE not held: foldMoENorm's own call) x holds this
+// fold's xt (xtState: a later reader materialises the norm; the next layer's
+// norm overwrites it). A held MoE launched by anything else (launchHeldMoE:
+// in gpt-oss the last layer, whose residual add would force that
+// materialisation, a norm launch for the route kernel saved) runs the GEMV and
+// orch_moe_decode_norm as before. Where the library declines, the GEMV goes
+// out plainly and the call is made as without the fold.
+// ORCH_CUDA_MOE_OPROJ=0 turns off only this.
+var fuseMoEOProj = os.Getenv("ORCH_CUDA_MOE_OPROJ") != "0"
+
+// oproj: a one-token GEMV y = x . W^T + bias (m = dim rows) taken out of pend
+// for orch_moe_decode_oproj; on: not launched yet.
+type oproj struct {
+	on            bool
+	x, w, bias, y uintptr
+	wtype         int32
+	k, m          int64
+}
+
 // moeAddNormMaxN: the most tokens the MoE fold takes (ORCH_CUDA_MOE_ADDNORM=N, 1..8; default 1).
 var moeAddNormMaxN = func() int64 {
 	if v, err := strconv.Atoi(os.Getenv("ORCH_CUDA_MOE_ADDNORM")); err == nil && v >= 1 {
@@ -175,12 +205,14 @@ func (b *Backend) holdMoEProd(dst, x ml.Tensor, m *ml.MoE, c *moeCall, pre heldN
 	return true
 }
 
-// launchHeldMoE makes the held MoE's call as foldMoENorm would have (flush);
+// launchHeldMoE makes the held MoE's call as foldMoENorm would have (flush),
+// its out projection (if it kept one) launched plainly first (fuseMoEOProj);
 // where the library declines it, the held pre-norm and the MoE op's plain
 // path (foldMoENorm false), re-entered: its operand lookups launch the norm.
 func (b *Backend) launchHeldMoE() {
 	h := b.pend.moe
 	b.pend.moe = heldMoE{}
+	b.launchProj(&h.c.pj)
 	if rc := b.moeDecodeNormCall(&h.c); rc != stUnsupported {
 		b.call("moe", rc)
 		return
@@ -253,23 +285,109 @@ func (b *Backend) launchProdNorm(h prodNorm) {
 	b.call(h.op, b.l.rmsnorm(b.ctx, a.d.ptr, a.xp, a.addp, a.wp, int64(a.n), int64(a.dim), h.eps))
 }
 
-// unholdProdNorm (foldMoENorm, a MoE after the norm): launches the held
-// GEMV and holds the norm for the MoE fold where it may take it, else
-// launches it.
-func (b *Backend) unholdProdNorm() {
+// unholdProdNorm (foldMoENorm, a MoE after the norm): holds the norm for the
+// MoE fold where it may take it, else launches the GEMV and the norm. The
+// GEMV is returned unlaunched (pj.on) where orch_moe_decode_oproj may take it
+// (oprojFor), else launched.
+func (b *Backend) unholdProdNorm() (pj oproj) {
 	p := &b.pend
 	if !p.pnorm.on {
 		return
 	}
 	h := p.pnorm
 	p.pnorm = prodNorm{}
-	hf := b.holdFlush
-	b.holdFlush = false
-	b.flush() // the GEMV
-	b.holdFlush = hf
+	if b.oprojFor(h) {
+		q := p.parts[0]
+		pj = oproj{on: true, x: p.x, w: q.w, bias: q.bias, y: q.y, wtype: p.wtype, k: p.k, m: q.m}
+		p.mm = 0
+		p.reads, p.dsts = p.reads[:0], p.dsts[:0]
+	} else {
+		hf := b.holdFlush
+		b.holdFlush = false
+		b.flush() // the GEMV
+		b.holdFlush = hf
+	}
 	if !b.holdMoENorm(h.op, h.res, h.dst, h.x, h.w, h.a, h.eps) {
+		b.launchProj(&pj)
 		b.launchProdNorm(h)
 	}
+	return pj
+}
+
+// oprojFor reports whether the held GEMV producing norm h's add may become
+// orch_moe_decode_oproj's projection: the switches and the entry, one token,
+// a weight type and k the library's GEMV v5 producer takes (holdProdNorm
+// checked the rest: its whole output is the add, overlaps).
+func (b *Backend) oprojFor(h prodNorm) bool {
+	p := &b.pend
+	return fuseOps && fuseMoEOProj && fuseMoENorm && b.l.moeDecodeOProj != nil && p.mm == 1 && !p.nf.on &&
+		!p.moe.on && p.rope == 0 && p.n == 1 && qgemmType(ml.DType(p.wtype)) && p.k%32 == 0 &&
+		p.parts[0].y == h.a.x.ptr && p.parts[0].m == int64(h.a.dim)
+}
+
+// launchProj launches a GEMV kept for orch_moe_decode_oproj plainly (no-op
+// when off) and turns it off.
+func (b *Backend) launchProj(pj *oproj) {
+	if !pj.on {
+		return
+	}
+	pj.on = false
+	b.call("matmul", b.l.matmul(b.ctx, pj.y, pj.x, pj.w, pj.wtype, pj.bias, 1, pj.k, pj.m, 0))
+}
+
+// oprojCall makes MoE call c with its projection as one orch_moe_decode_oproj
+// (res2 .. ss: the next norm's producer half, or all 0). A fold's h still
+// holding xt is materialised first (x becomes this call's). On
+// stUnsupported nothing was launched.
+func (b *Backend) oprojCall(c *moeCall, res2, nw2, xt, ss uintptr) int32 {
+	b.materializeXT()
+	a := oprojArgs{ox: c.pj.x, ow: c.pj.w, obias: c.pj.bias, y: c.pj.y, out: c.out, x: c.x, res: c.res,
+		normW: c.normW, router: c.router, routerBias: c.routerBias, ids: c.ids, w: c.w, gate: c.gate, up: c.up,
+		gateBias: c.gateBias, upBias: c.upBias, down: c.down, downBias: c.downBias, act: c.act, ybuf: c.ybuf,
+		res2: res2, nw2: nw2, xt: xt, ss: ss, ok: c.pj.k, n: c.n, dim: c.dim, ff: c.ff, owtype: c.pj.wtype,
+		routerType: c.routerType, nExp: c.nExp, guType: c.guType, downType: c.downType, slots: c.slots, eps: c.eps,
+		alpha: c.alpha, limit: c.limit}
+	rc := b.l.moeDecodeOProj(b.ctx, &a)
+	if rc != stUnsupported {
+		c.pj.on = false
+	}
+	return rc
+}
+
+// moeNormCall makes foldMoENorm's own call c: with its projection
+// orch_moe_decode_oproj, x then holding xt (xtState); where the library
+// declines that, the projection plainly and orch_moe_decode_norm.
+func (b *Backend) moeNormCall(c *moeCall) int32 {
+	if c.pj.on {
+		rc := b.oprojCall(c, 0, 0, 0, 0)
+		if rc == stOK {
+			nb := uintptr(4 * c.n * c.dim)
+			b.xt = xtState{on: true, h: span{c.x, nb}, hp: c.x, res: c.res, rs: span{c.res, nb},
+				ws: span{c.normW, uintptr(4 * c.dim)}, w: c.normW, n: c.n, dim: c.dim, eps: c.eps}
+		}
+		if rc != stUnsupported {
+			return rc
+		}
+		b.launchProj(&c.pj)
+	}
+	return b.moeDecodeNormCall(c)
+}
+
+// moeAddNormCall is startNormFold's call of the held MoE c with the next
+// norm's producer half (its output xt covering hs): with its projection
+// orch_moe_decode_oproj where xt covers the MoE's x (which would otherwise
+// be left holding this fold's xt), else (or where the library declines) the
+// projection plainly and orch_moe_decode_addnorm.
+func (b *Backend) moeAddNormCall(c *moeCall, res2, nw2, xt, ss uintptr, hs span) int32 {
+	if c.pj.on {
+		if x := (span{c.x, uintptr(4 * c.n * c.dim)}); hs.p <= x.p && x.p+x.n <= hs.p+hs.n {
+			if rc := b.oprojCall(c, res2, nw2, xt, ss); rc != stUnsupported {
+				return rc
+			}
+		}
+		b.launchProj(&c.pj)
+	}
+	return b.moeDecodeAddNormCall(c, res2, nw2, xt, ss)
 }
 
 // startNormFold is holdMatMul's first step while a GEMV + AddRMSNorm are
@@ -314,7 +432,7 @@ func (b *Backend) startNormFold(d, x, w *tensor, bias uintptr, n, k, m int) bool
 	op, nss := "matmul", int64(0)
 	if p.moe.on { // the held MoE as the producer: orch_moe_decode_addnorm
 		op, nss = "moe", p.moe.c.dim/nfRowsPerCTA
-		rc = b.moeDecodeAddNormCall(&p.moe.c, a.r.ptr, a.wp, a.d.ptr, ss)
+		rc = b.moeAddNormCall(&p.moe.c, a.r.ptr, a.wp, a.d.ptr, ss, span{a.d.ptr, uintptr(a.d.bytes)})
 	} else {
 		q := p.parts[0]
 		nss = q.m / nfRowsPerCTA
