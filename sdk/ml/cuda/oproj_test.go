@@ -26,14 +26,15 @@ func TestOProjArgsLayout(t *testing.T) {
 
 // oprojFake installs orch_moe_decode_oproj_args, orch_moe_decode_norm and
 // _addnorm, orch_moe_decode into the fake library of fuse_test.go; rc: what
-// the oproj entry answers; last: its last operands.
+// the oproj entry answers, addRC orch_moe_decode_addnorm; last: the oproj
+// entry's last operands.
 type oprojFake struct {
-	rc   int32
-	last oprojArgs
+	rc, addRC int32
+	last      oprojArgs
 }
 
 func installOProjFake(b *Backend, f *fakeLib) *oprojFake {
-	o := &oprojFake{rc: stOK}
+	o := &oprojFake{rc: stOK, addRC: stOK}
 	b.l.moeDecodeOProj = func(ctx uintptr, a *oprojArgs) int32 {
 		if o.rc != stOK {
 			return o.rc
@@ -51,6 +52,9 @@ func installOProjFake(b *Backend, f *fakeLib) *oprojFake {
 		routerBias uintptr, nExp int32, ids, w, gate, up uintptr, guType int32, gateBias, upBias, down uintptr,
 		downType int32, downBias, act, ybuf uintptr, n int64, slots int32, dim, ff int64, alpha, limit float32, res2,
 		nw2, xt, ss uintptr) int32 {
+		if o.addRC != stOK {
+			return o.addRC
+		}
 		return f.add("moe_decode_addnorm out=%x x=%x res=%x add=%x n=%d res2=%x nw2=%x xt=%x", out, x, res, add, n, res2,
 			nw2, xt)
 	}
@@ -201,7 +205,13 @@ func TestFuseMoEOProj(t *testing.T) {
 	require.Equal(t, []string{gemv(a1), addNorm(a1, a1.h), qkvNF(a1, a1.h), "sync"}, f.take())
 	b.Add(a1.x, a1.x, a1.mo)
 	f.take()
-	o.rc = stOK
+	// ... and orch_moe_decode_addnorm too: the GEMV, orch_moe_decode_norm, the norm, the plain q/k/v.
+	o.addRC = stUnsupported
+	layer(a1)
+	require.NoError(t, b.Sync())
+	require.Equal(t, []string{gemv(a1), plainMoE(a1), rms(a1.h, a1.x, a1.mo), qkvPlain(a1), "sync"}, f.take())
+	require.False(t, b.xt.on)
+	o.rc, o.addRC = stOK, stOK
 
 	// The MoE not held (ORCH_CUDA_MOE_ADDNORM=0): its own call without the next norm; h holds xt, which the next
 	// norm overwrites, and which a later reader materialises.
