@@ -45,10 +45,13 @@
 // # Leader and follower
 //
 // Lead wraps rank 0's engine.Model: each call the engine makes is encoded as
-// a step message (op and engine.Batch, a compact varint encoding), broadcast,
-// then run locally. Follow runs the same calls on a follower's model as they
-// arrive. Every rank thus runs the same forward passes in the same order and
-// meets the others in the model's all-reduces; only rank 0 samples.
+// a step message (op and engine.Batch, plus the SampleSpecs of a
+// ForwardSample step; a compact varint encoding), broadcast, then run
+// locally. Follow runs the same calls on a follower's model as they arrive.
+// Every rank thus runs the same forward passes in the same order and meets
+// the others in the model's all-reduces. The lm head is replicated, so a
+// ForwardGreedy or ForwardSample step picks tokens on every rank; only rank
+// 0's tokens are used, and only rank 0 runs the host sampler.
 package tp
 
 // LoadOptions.Extra keys the host sets on every rank of a split model.

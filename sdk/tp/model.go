@@ -8,14 +8,15 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
 )
 
 // Lead wraps rank 0's model for the engine: every call (Forward,
-// ForwardGreedy, CopyBlock, CopyGroupBlock, Close) is first broadcast to the
-// followers as a step message, then run on m. The result implements
-// engine.GreedyModel and engine.GroupModel exactly when m does (the engine
-// type-asserts them).
+// ForwardGreedy, ForwardSample, CopyBlock, CopyGroupBlock, Close) is first
+// broadcast to the followers as a step message, then run on m. The result
+// implements engine.GreedyModel, engine.GroupModel and engine.SamplingModel
+// exactly when m does (the engine type-asserts them); DeviceSampling is m's.
 //
 // A step, once broadcast, always runs to its end on m: its context is
 // detached from cancellation (the followers are already running it, and a
@@ -26,44 +27,109 @@ import (
 // then m.
 func Lead(m engine.Model, g *Group) engine.Model {
 	l := &leader{m: m, g: g}
-	gm, group := m.(engine.GroupModel)
-	rm, greedy := m.(engine.GreedyModel)
-	l.gm, l.rm = gm, rm
-	switch {
-	case group && greedy:
-		return &leaderGreedyGroup{l}
-	case group:
-		return &leaderGroup{l}
-	case greedy:
-		return &leaderGreedy{l}
-	}
-	return l
+	l.rm, _ = m.(engine.GreedyModel)
+	l.gm, _ = m.(engine.GroupModel)
+	l.sm, _ = m.(engine.SamplingModel)
+	return wrap(l, m)
 }
 
 type leader struct {
 	m      engine.Model
 	gm     engine.GroupModel
 	rm     engine.GreedyModel
+	sm     engine.SamplingModel
 	g      *Group
 	mu     sync.Mutex
 	closed bool
 }
 
-type leaderGreedy struct{ *leader }
-type leaderGroup struct{ *leader }
-type leaderGreedyGroup struct{ *leader }
+// core is what the leader and the follower implement for the optional
+// engine interfaces; wrap exposes those of the rank's model only.
+type core interface {
+	engine.Model
+	forwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, error)
+	copyGroupBlock(group int, dst, src int32) error
+	deviceSampling() bool
+	forwardSample(ctx context.Context, b *engine.Batch, specs []engine.SampleSpec) ([]int32, *engine.Output, error)
+}
 
-func (l *leaderGreedy) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, error) {
-	return l.forwardGreedy(ctx, b)
+// One type per optional interface; the wrappers below embed a set of them.
+type (
+	greedyCap struct{ c core }
+	groupCap  struct{ c core }
+	sampleCap struct{ c core }
+)
+
+func (w greedyCap) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, error) {
+	return w.c.forwardGreedy(ctx, b)
 }
-func (l *leaderGroup) CopyGroupBlock(group int, dst, src int32) error {
-	return l.copyGroupBlock(group, dst, src)
+func (w groupCap) CopyGroupBlock(group int, dst, src int32) error {
+	return w.c.copyGroupBlock(group, dst, src)
 }
-func (l *leaderGreedyGroup) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, error) {
-	return l.forwardGreedy(ctx, b)
+func (w sampleCap) DeviceSampling() bool { return w.c.deviceSampling() }
+func (w sampleCap) ForwardSample(ctx context.Context, b *engine.Batch, specs []engine.SampleSpec) ([]int32, *engine.Output, error) {
+	return w.c.forwardSample(ctx, b, specs)
 }
-func (l *leaderGreedyGroup) CopyGroupBlock(group int, dst, src int32) error {
-	return l.copyGroupBlock(group, dst, src)
+
+type (
+	withGreedy struct {
+		core
+		greedyCap
+	}
+	withGroup struct {
+		core
+		groupCap
+	}
+	withSample struct {
+		core
+		sampleCap
+	}
+	withGreedyGroup struct {
+		core
+		greedyCap
+		groupCap
+	}
+	withGreedySample struct {
+		core
+		greedyCap
+		sampleCap
+	}
+	withGroupSample struct {
+		core
+		groupCap
+		sampleCap
+	}
+	withGreedyGroupSample struct {
+		core
+		greedyCap
+		groupCap
+		sampleCap
+	}
+)
+
+// wrap returns c with the optional engine interfaces that m implements.
+func wrap(c core, m engine.Model) engine.Model {
+	_, greedy := m.(engine.GreedyModel)
+	_, group := m.(engine.GroupModel)
+	_, sample := m.(engine.SamplingModel)
+	r, g, s := greedyCap{c}, groupCap{c}, sampleCap{c}
+	switch {
+	case greedy && group && sample:
+		return withGreedyGroupSample{c, r, g, s}
+	case greedy && group:
+		return withGreedyGroup{c, r, g}
+	case greedy && sample:
+		return withGreedySample{c, r, s}
+	case group && sample:
+		return withGroupSample{c, g, s}
+	case greedy:
+		return withGreedy{c, r}
+	case group:
+		return withGroup{c, g}
+	case sample:
+		return withSample{c, s}
+	}
+	return c
 }
 
 func (l *leader) Spec() engine.Spec { return l.m.Spec() }
@@ -130,6 +196,31 @@ func (l *leader) forwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, e
 	return toks, nil
 }
 
+func (l *leader) deviceSampling() bool { return l.sm.DeviceSampling() }
+
+func (l *leader) forwardSample(ctx context.Context, b *engine.Batch, specs []engine.SampleSpec) ([]int32, *engine.Output, error) {
+	if b == nil || len(specs) != len(b.Seqs) {
+		// Checked before the broadcast: the model would refuse it on every
+		// rank, and a failed step breaks the group.
+		n := 0
+		if b != nil {
+			n = len(b.Seqs)
+		}
+		return nil, nil, fmt.Errorf("tp: ForwardSample: %d specs for a batch of %d sequences: %w", len(specs), n, sdk.ErrInvalidArgument)
+	}
+	var toks []int32
+	var out *engine.Output
+	err := l.step(ctx, step{Op: opForwardSample, Batch: b, Specs: specs}, func(ctx context.Context) error {
+		var err error
+		toks, out, err = l.sm.ForwardSample(ctx, b, specs)
+		return err
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return toks, out, nil
+}
+
 func (l *leader) CopyBlock(dst, src int32) error {
 	return l.step(context.Background(), step{Op: opCopyBlock, Dst: dst, Src: src}, func(context.Context) error {
 		return l.m.CopyBlock(dst, src)
@@ -176,24 +267,15 @@ func (l *leader) Close() error {
 // the group, with the reason sent to the others, so the leader's next
 // broadcast or all-reduce fails instead of waiting.
 //
-// The returned model reports m's Spec and implements engine.GreedyModel /
-// engine.GroupModel when m does, but refuses every call from its own engine
-// (Forward, ForwardGreedy, CopyBlock, CopyGroupBlock): a follower serves no
-// requests. Its Close stops the loop and closes m.
+// The returned model reports m's Spec (and DeviceSampling) and implements
+// engine.GreedyModel, engine.GroupModel and engine.SamplingModel when m
+// does, but refuses every call from its own engine (Forward, ForwardGreedy,
+// ForwardSample, CopyBlock, CopyGroupBlock): a follower serves no requests.
+// Its Close stops the loop and closes m.
 func Follow(m engine.Model, g *Group, done func(error)) engine.Model {
 	f := &follower{m: m, g: g, exited: make(chan struct{})}
 	go f.loop(done)
-	_, group := m.(engine.GroupModel)
-	_, greedy := m.(engine.GreedyModel)
-	switch {
-	case group && greedy:
-		return &followerGreedyGroup{f}
-	case group:
-		return &followerGroup{f}
-	case greedy:
-		return &followerGreedy{f}
-	}
-	return f
+	return wrap(f, m)
 }
 
 type follower struct {
@@ -206,21 +288,15 @@ type follower struct {
 	closeErr  error
 }
 
-type followerGreedy struct{ *follower }
-type followerGroup struct{ *follower }
-type followerGreedyGroup struct{ *follower }
-
-func (f *followerGreedy) ForwardGreedy(context.Context, *engine.Batch) ([]int32, error) {
+func (f *follower) forwardGreedy(context.Context, *engine.Batch) ([]int32, error) {
 	return nil, f.refuse("ForwardGreedy")
 }
-func (f *followerGroup) CopyGroupBlock(int, int32, int32) error {
+func (f *follower) copyGroupBlock(int, int32, int32) error {
 	return f.refuse("CopyGroupBlock")
 }
-func (f *followerGreedyGroup) ForwardGreedy(context.Context, *engine.Batch) ([]int32, error) {
-	return nil, f.refuse("ForwardGreedy")
-}
-func (f *followerGreedyGroup) CopyGroupBlock(int, int32, int32) error {
-	return f.refuse("CopyGroupBlock")
+func (f *follower) deviceSampling() bool { return f.m.(engine.SamplingModel).DeviceSampling() }
+func (f *follower) forwardSample(context.Context, *engine.Batch, []engine.SampleSpec) ([]int32, *engine.Output, error) {
+	return nil, nil, f.refuse("ForwardSample")
 }
 
 // ErrFollower is returned by a follower's model for calls its own engine
@@ -327,6 +403,15 @@ func (f *follower) run(ctx context.Context, s step) error {
 			return errors.New("this rank's model has no ForwardGreedy")
 		}
 		_, err := rm.ForwardGreedy(ctx, s.Batch)
+		return err
+	case opForwardSample:
+		sm, ok := f.m.(engine.SamplingModel)
+		if !ok {
+			return errors.New("this rank's model has no ForwardSample")
+		}
+		// The same specs as rank 0 (Host rows included: the lm head is
+		// replicated, so every rank can); the tokens are dropped.
+		_, _, err := sm.ForwardSample(ctx, s.Batch, s.Specs)
 		return err
 	case opCopyBlock:
 		return f.m.CopyBlock(s.Dst, s.Src)

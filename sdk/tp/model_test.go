@@ -11,11 +11,12 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llama-orch/orch/sdk"
 	"github.com/llama-orch/orch/sdk/engine"
 )
 
-// fakeModel records the calls it gets; it implements GreedyModel and
-// GroupModel through the wrappers below.
+// fakeModel records the calls it gets; it implements GreedyModel,
+// GroupModel and SamplingModel through the wrappers below.
 type fakeModel struct {
 	mu     sync.Mutex
 	calls  []string
@@ -87,23 +88,90 @@ func (m groupFake) CopyGroupBlock(g int, dst, src int32) error {
 	return m.record(fmt.Sprintf("CopyGroupBlock %d %d %d", g, dst, src))
 }
 
-type bothFake struct{ *fakeModel }
+type sampleFake struct{ *fakeModel }
 
-func (m bothFake) ForwardGreedy(ctx context.Context, b *engine.Batch) ([]int32, error) {
-	return greedyFake(m).ForwardGreedy(ctx, b)
-}
-func (m bothFake) CopyGroupBlock(g int, dst, src int32) error {
-	return groupFake(m).CopyGroupBlock(g, dst, src)
+func (m sampleFake) DeviceSampling() bool { return m.spec.VocabSize%2 == 0 }
+
+// ForwardSample returns tokens and Host rows that name the rank (its
+// VocabSize) and the row.
+func (m sampleFake) ForwardSample(ctx context.Context, b *engine.Batch, specs []engine.SampleSpec) ([]int32, *engine.Output, error) {
+	if err := m.record(fmt.Sprintf("ForwardSample %s %+v", batchString(b), specs)); err != nil {
+		return nil, nil, err
+	}
+	toks := make([]int32, len(b.Seqs))
+	out := &engine.Output{Logits: make([][]float32, len(b.Seqs))}
+	for i, sp := range specs {
+		if sp.Host {
+			out.Logits[i] = []float32{float32(m.spec.VocabSize), float32(i)}
+			continue
+		}
+		toks[i] = int32(100*m.spec.VocabSize + i)
+	}
+	return toks, out, nil
 }
 
-func wrapFake(f *fakeModel, greedy, group bool) engine.Model {
+// caps says which optional engine interfaces a fake implements.
+type caps struct{ greedy, group, sample bool }
+
+func (c caps) String() string {
+	s := ""
+	for _, x := range []struct {
+		on   bool
+		name string
+	}{{c.greedy, "greedy"}, {c.group, "group"}, {c.sample, "sample"}} {
+		if x.on {
+			s += "+" + x.name
+		}
+	}
+	if s == "" {
+		return "plain"
+	}
+	return s[1:]
+}
+
+// allCaps is every combination of the optional interfaces.
+var allCaps = func() []caps {
+	var all []caps
+	for i := range 8 {
+		all = append(all, caps{i&1 != 0, i&2 != 0, i&4 != 0})
+	}
+	return all
+}()
+
+func wrapFake(f *fakeModel, c caps) engine.Model {
+	r, g, s := greedyFake{f}, groupFake{f}, sampleFake{f}
 	switch {
-	case greedy && group:
-		return bothFake{f}
-	case greedy:
-		return greedyFake{f}
-	case group:
-		return groupFake{f}
+	case c.greedy && c.group && c.sample:
+		return struct {
+			*fakeModel
+			greedyFake
+			groupFake
+			sampleFake
+		}{f, r, g, s}
+	case c.greedy && c.group:
+		return struct {
+			*fakeModel
+			greedyFake
+			groupFake
+		}{f, r, g}
+	case c.greedy && c.sample:
+		return struct {
+			*fakeModel
+			greedyFake
+			sampleFake
+		}{f, r, s}
+	case c.group && c.sample:
+		return struct {
+			*fakeModel
+			groupFake
+			sampleFake
+		}{f, g, s}
+	case c.greedy:
+		return r
+	case c.group:
+		return g
+	case c.sample:
+		return s
 	}
 	return f
 }
@@ -117,14 +185,14 @@ type tpGroup struct {
 	groups    []*Group
 }
 
-func newTP(t *testing.T, size int, greedy, group bool, failOn map[int]string) *tpGroup {
+func newTP(t *testing.T, size int, c caps, failOn map[int]string) *tpGroup {
 	t.Helper()
 	gs := newGroups(t, size, 0)
 	tg := &tpGroup{groups: gs}
 	for r := range size {
 		f := &fakeModel{failOn: failOn[r], spec: engine.Spec{Architecture: "fake", VocabSize: 10 + r}}
 		tg.fakes = append(tg.fakes, f)
-		m := wrapFake(f, greedy, group)
+		m := wrapFake(f, c)
 		if r == 0 {
 			tg.leader = Lead(m, gs[0])
 			continue
@@ -148,19 +216,20 @@ func waitDone(t *testing.T, c chan error) error {
 }
 
 func TestLeadFollowSameCalls(t *testing.T) {
-	for _, v := range []struct {
-		name          string
-		greedy, group bool
-	}{{"plain", false, false}, {"greedy", true, false}, {"group", false, true}, {"greedy+group", true, true}} {
-		t.Run(v.name, func(t *testing.T) {
-			tg := newTP(t, 3, v.greedy, v.group, nil)
+	for _, v := range allCaps {
+		t.Run(v.String(), func(t *testing.T) {
+			tg := newTP(t, 3, v, nil)
 
 			// The wrappers expose exactly the optional interfaces of the model.
 			for _, m := range append([]engine.Model{tg.leader}, tg.followers...) {
 				_, isGreedy := m.(engine.GreedyModel)
 				_, isGroup := m.(engine.GroupModel)
-				assert.Equal(t, v.greedy, isGreedy)
-				assert.Equal(t, v.group, isGroup)
+				sm, isSample := m.(engine.SamplingModel)
+				assert.Equal(t, v, caps{isGreedy, isGroup, isSample})
+				if isSample {
+					// the model's answer (the fakes: true for an even vocabulary)
+					assert.Equal(t, m.Spec().VocabSize%2 == 0, sm.DeviceSampling())
+				}
 			}
 			assert.Equal(t, 10, tg.leader.Spec().VocabSize)
 			assert.Equal(t, 11, tg.followers[0].Spec().VocabSize)
@@ -174,13 +243,35 @@ func TestLeadFollowSameCalls(t *testing.T) {
 			require.NoError(t, err)
 			assert.Len(t, out.Logits, 2)
 			require.NoError(t, tg.leader.CopyBlock(5, 4))
+			calls := 3 // the two Forwards and CopyBlock
 			if v.greedy {
 				toks, err := tg.leader.(engine.GreedyModel).ForwardGreedy(ctx, &engine.Batch{Seqs: []engine.SeqInput{{Tokens: []int32{3}, Pos: 3, Blocks: []int32{5}}}})
 				require.NoError(t, err)
 				assert.Len(t, toks, 1)
+				calls++
 			}
 			if v.group {
 				require.NoError(t, tg.leader.(engine.GroupModel).CopyGroupBlock(1, 7, 3))
+				calls++
+			}
+			if v.sample {
+				b := &engine.Batch{Seqs: []engine.SeqInput{
+					{Tokens: []int32{3}, Pos: 3, Blocks: []int32{5}},
+					{Tokens: []int32{8}, Pos: 40, Blocks: []int32{1, 2, 6}, GroupBlocks: [][]int32{{1, 2, 6}, {-1, -1, 6}}},
+					{Tokens: []int32{2, 4}, Pos: 0, Blocks: []int32{7}},
+				}}
+				specs := []engine.SampleSpec{
+					{Temperature: 1, Seed: 42, Index: 7},
+					{Host: true},
+					{Temperature: 0.7, TopK: 40, TopP: 0.9, MinP: 0.05, Seed: 1<<64 - 1, Index: 1 << 40},
+				}
+				toks, out, err := tg.leader.(engine.SamplingModel).ForwardSample(ctx, b, specs)
+				require.NoError(t, err)
+				// rank 0's results (its fake's VocabSize is 10)
+				assert.Equal(t, []int32{1000, 0, 1002}, toks)
+				require.NotNil(t, out)
+				assert.Equal(t, [][]float32{nil, {10, 1}, nil}, out.Logits)
+				calls++
 			}
 			_, err = tg.leader.Forward(ctx, &engine.Batch{Seqs: []engine.SeqInput{{Tokens: []int32{4}, Pos: 3, Blocks: []int32{5}}}})
 			require.NoError(t, err)
@@ -190,7 +281,7 @@ func TestLeadFollowSameCalls(t *testing.T) {
 				assert.NoError(t, waitDone(t, d), "follower %d", i+1)
 			}
 			want := tg.fakes[0].Calls()
-			require.Len(t, want, 3+map[bool]int{true: 1}[v.greedy]+map[bool]int{true: 1}[v.group])
+			require.Len(t, want, calls)
 			for r, f := range tg.fakes[1:] {
 				assert.Equal(t, want, f.Calls(), "rank %d", r+1)
 			}
@@ -205,12 +296,16 @@ func TestLeadFollowSameCalls(t *testing.T) {
 			// The closed leader refuses.
 			_, err = tg.leader.Forward(ctx, b1)
 			assert.Error(t, err)
+			if v.sample {
+				_, _, err = tg.leader.(engine.SamplingModel).ForwardSample(ctx, &engine.Batch{}, nil)
+				assert.Error(t, err)
+			}
 		})
 	}
 }
 
 func TestFollowerRefusesEngineCalls(t *testing.T) {
-	tg := newTP(t, 2, true, true, nil)
+	tg := newTP(t, 2, caps{true, true, true}, nil)
 	f := tg.followers[0]
 	_, err := f.Forward(context.Background(), &engine.Batch{})
 	assert.ErrorIs(t, err, ErrFollower)
@@ -219,6 +314,9 @@ func TestFollowerRefusesEngineCalls(t *testing.T) {
 	assert.ErrorIs(t, err, ErrFollower)
 	assert.ErrorIs(t, f.CopyBlock(1, 2), ErrFollower)
 	assert.ErrorIs(t, f.(engine.GroupModel).CopyGroupBlock(1, 1, 2), ErrFollower)
+	_, _, err = f.(engine.SamplingModel).ForwardSample(context.Background(), &engine.Batch{}, nil)
+	assert.ErrorIs(t, err, ErrFollower)
+	assert.False(t, f.(engine.SamplingModel).DeviceSampling(), "the model's (vocabulary 11: false)")
 	assert.Empty(t, tg.fakes[1].Calls())
 
 	// A local Close stops the loop cleanly and closes the model; the
@@ -238,7 +336,7 @@ func TestFollowerRefusesEngineCalls(t *testing.T) {
 // A follower whose step fails breaks the group: the leader's next call
 // fails with the follower's reason, the other followers stop too.
 func TestFollowerFailureBreaksGroup(t *testing.T) {
-	tg := newTP(t, 3, false, false, map[int]string{2: "CopyBlock 1 2"})
+	tg := newTP(t, 3, caps{}, map[int]string{2: "CopyBlock 1 2"})
 	// Rank 2 fails while or after rank 0 runs the step: rank 0 reports it
 	// on this call or the next.
 	if err := tg.leader.CopyBlock(1, 2); err != nil {
@@ -263,7 +361,7 @@ func TestFollowerFailureBreaksGroup(t *testing.T) {
 // A leader-side failure breaks the group too (the followers cannot know how
 // far it got) and they stop with its reason.
 func TestLeaderFailureBreaksGroup(t *testing.T) {
-	tg := newTP(t, 2, false, false, map[int]string{0: "CopyBlock 3 4"})
+	tg := newTP(t, 2, caps{}, map[int]string{0: "CopyBlock 3 4"})
 	err := tg.leader.CopyBlock(3, 4)
 	require.Error(t, err)
 	assert.ErrorContains(t, err, "fake failure")
@@ -276,7 +374,7 @@ func TestLeaderFailureBreaksGroup(t *testing.T) {
 // A cancelled context before the step sends nothing; cancelling during the
 // step does not reach the model (the step runs to its end on every rank).
 func TestLeaderContext(t *testing.T) {
-	tg := newTP(t, 2, false, false, nil)
+	tg := newTP(t, 2, caps{}, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	_, err := tg.leader.Forward(ctx, &engine.Batch{})
@@ -331,4 +429,83 @@ func TestFollowerBadMessage(t *testing.T) {
 	assert.ErrorContains(t, gs[0].Err(), "unknown op 200")
 	assert.Equal(t, 1, f.closed)
 	assert.True(t, errors.Is(gs[0].Err(), ErrBroken))
+}
+
+// ForwardSample breaks the group on a failure as the other steps do: on a
+// follower (its reason reaches the leader) or a panic on the leader.
+func TestForwardSampleFailures(t *testing.T) {
+	b := &engine.Batch{Seqs: []engine.SeqInput{{Tokens: []int32{1}, Blocks: []int32{0}}}}
+	specs := []engine.SampleSpec{{Temperature: 1, Seed: 3}}
+	ctx := context.Background()
+
+	t.Run("follower", func(t *testing.T) {
+		failOn := fmt.Sprintf("ForwardSample %s %+v", batchString(b), specs)
+		tg := newTP(t, 3, caps{sample: true}, map[int]string{2: failOn})
+		sm := tg.leader.(engine.SamplingModel)
+		if _, _, err := sm.ForwardSample(ctx, b, specs); err != nil {
+			assert.ErrorContains(t, err, "ForwardSample failed on rank 2")
+		}
+		assert.ErrorContains(t, waitDone(t, tg.done[1]), "fake failure in ForwardSample")
+		assert.ErrorIs(t, waitDone(t, tg.done[0]), ErrBroken)
+		_, _, err := sm.ForwardSample(ctx, b, specs)
+		assert.ErrorIs(t, err, ErrBroken)
+		assert.ErrorContains(t, err, "ForwardSample failed on rank 2")
+		assert.NoError(t, tg.leader.Close())
+	})
+
+	t.Run("leader panic", func(t *testing.T) {
+		gs := newGroups(t, 2, 0)
+		l := Lead(panicSampler{sampleFake{&fakeModel{}}}, gs[0])
+		done := make(chan error, 1)
+		f := &fakeModel{}
+		Follow(sampleFake{f}, gs[1], func(err error) { done <- err })
+		_, _, err := l.(engine.SamplingModel).ForwardSample(ctx, b, specs)
+		assert.ErrorContains(t, err, "panic: sample boom")
+		err = waitDone(t, done)
+		assert.ErrorIs(t, err, ErrBroken)
+		assert.ErrorContains(t, err, "ForwardSample failed on the leader")
+		assert.NoError(t, l.Close())
+	})
+
+	// A follower's model without ForwardSample (not the leader's kind)
+	// cannot run the step: the group breaks instead of the ranks
+	// diverging.
+	t.Run("follower lacks it", func(t *testing.T) {
+		gs := newGroups(t, 2, 0)
+		l := Lead(sampleFake{&fakeModel{}}, gs[0])
+		done := make(chan error, 1)
+		Follow(&fakeModel{}, gs[1], func(err error) { done <- err })
+		if _, _, err := l.(engine.SamplingModel).ForwardSample(ctx, b, specs); err != nil {
+			assert.ErrorIs(t, err, ErrBroken)
+		}
+		assert.ErrorContains(t, waitDone(t, done), "has no ForwardSample")
+		assert.Eventually(t, func() bool { return gs[0].Err() != nil }, 5*time.Second, 5*time.Millisecond)
+		_, err := l.Forward(ctx, b)
+		assert.ErrorIs(t, err, ErrBroken)
+		assert.NoError(t, l.Close())
+	})
+
+	// Specs that do not match the batch are refused before the broadcast:
+	// the group stays whole.
+	t.Run("bad specs", func(t *testing.T) {
+		tg := newTP(t, 2, caps{sample: true}, nil)
+		sm := tg.leader.(engine.SamplingModel)
+		_, _, err := sm.ForwardSample(ctx, b, nil)
+		assert.ErrorIs(t, err, sdk.ErrInvalidArgument)
+		_, _, err = sm.ForwardSample(ctx, nil, specs)
+		assert.ErrorIs(t, err, sdk.ErrInvalidArgument)
+		toks, _, err := sm.ForwardSample(ctx, b, specs)
+		require.NoError(t, err)
+		assert.Equal(t, []int32{1000}, toks)
+		require.NoError(t, tg.leader.Close())
+		require.NoError(t, waitDone(t, tg.done[0]))
+		assert.Len(t, tg.fakes[1].Calls(), 1)
+		assert.Equal(t, tg.fakes[0].Calls(), tg.fakes[1].Calls())
+	})
+}
+
+type panicSampler struct{ sampleFake }
+
+func (panicSampler) ForwardSample(context.Context, *engine.Batch, []engine.SampleSpec) ([]int32, *engine.Output, error) {
+	panic("sample boom")
 }
