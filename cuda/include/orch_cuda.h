@@ -363,6 +363,25 @@ int orch_moe_decode_addnorm(orch_ctx *ctx, float *out, float *x, float *res, con
                             int32_t down_type, const float *down_bias, float *act, float *ybuf, int64_t n,
                             int32_t n_slots, int64_t dim, int64_t ff, float alpha, float limit, float *res2,
                             const float *nw2, float *xt, float *ss);
+/* (session 10, optional) One token's attention output projection, the AddRMSNorm after it and the MoE of the norm's
+ * output in three launches (no route kernel): the projection runs as orch_matmul_addnorm's producer (y[r] = ox .
+ * ow[r] + obias[r] written (obias may be NULL), res[r] += y[r], x[r] = res[r] * norm_w[r] -- x holds xt, NOT the
+ * normalized row), and its last CTA routes (logits = rsqrt(sum res^2 / dim + eps) * (router . x) + router_bias,
+ * v10's top-k: ids / weights written) and stages x for v10's gate_up; then v10's gate_up and down. With res2, nw2, xt,
+ * ss all non-NULL down also does orch_moe_decode_addnorm's next-norm producer half; all NULL: out written as
+ * orch_moe_decode. ow: owtype (Q8_0 / Q4_0 / MXFP4) rows of ok elements, dim rows. n == 1 only. act / ybuf: as
+ * orch_moe_decode (sizes n*n_slots*ff and n*n_slots*dim floats); act must also hold the n_exp * dim / 8 partial
+ * logits, ybuf dim / 8 sums of squares after v10's staged x. ORCH_ERR_UNSUPPORTED (nothing launched) where
+ * orch_moe_decode_addnorm would decline, for n != 1, where the projection would not run v5's one-token GEMV, or where
+ * the scratch cannot hold the tail's partials, for unaligned pointers and under ORCH_CUDA_MOE_OPROJ=0 (read once);
+ * the caller then runs the projection and orch_moe_decode_norm(_addnorm). */
+int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void *ow, int32_t owtype, const float *obias,
+                          int64_t ok, float *y, float *out, float *x, float *res, const float *norm_w, float eps,
+                          const void *router, int32_t router_type, const float *router_bias, int32_t n_exp,
+                          int32_t *ids, float *weights, const void *gate, const void *up, int32_t gu_type,
+                          const float *gate_bias, const float *up_bias, const void *down, int32_t down_type,
+                          const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim,
+                          int64_t ff, float alpha, float limit, float *res2, const float *nw2, float *xt, float *ss);
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,

@@ -152,6 +152,23 @@ __device__ __forceinline__ moe10_rwv moe10_route_w(const float *__restrict__ rw,
   v.w1 = ok1 ? __ldg(reinterpret_cast<const float4 *>(rw + (int64_t)e * dim + k0 + 4)) : z4;
   return v;
 }
+// One float4 v of a token's staged row xr (nch chunks) as moe6_stage stages it: elements 4o..4o+3 of chunk c; the 8
+// lanes of a chunk (o = lane & 7) share its max. The chunk's 1/scale is stored times rs (1: exact). Whole warps call
+// it; a lane with !ok passes zeros and stores nothing.
+__device__ __forceinline__ void moe10_stage4(uint32_t *xr, int nch, int c, int o, bool ok, float4 v, int kind, bool b14,
+                                             float rs) {
+  uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
+  mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+  float sc, inv;
+  dec16_chunk_scale(mx, sc, inv);
+  if (ok) {
+    dec16_put4(xr + c * DEC16_XW, kind, o, moe6_x14(v.x * sc, b14), moe6_x14(v.y * sc, b14), moe6_x14(v.z * sc, b14),
+               moe6_x14(v.w * sc, b14));
+    if (o == 0) reinterpret_cast<float *>(xr + nch * DEC16_XW)[c] = inv * rs;
+  }
+}
 // Slice s of token t: partial logits into prow[0 .. n_exp) (the (t, s) row of
 // the partials), x's chunks (2s, 2s+1) staged into xg.
 // xsl: x[t][s * MOE10_RK ...] (16-byte aligned; global memory, or the
@@ -185,20 +202,7 @@ __device__ __forceinline__ void moe10_route_slice(float *__restrict__ prow, uint
     const int kk = s * MOE10_RK + 4 * tid;
     const bool ok = tid < 16 && kk < dim;
     const float4 v = ok ? *reinterpret_cast<const float4 *>(xsl + 4 * tid) : z4;
-    uint32_t mx = max(max(dec16_absbits(v.x), dec16_absbits(v.y)), max(dec16_absbits(v.z), dec16_absbits(v.w)));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-    float sc, inv;
-    dec16_chunk_scale(mx, sc, inv);
-    if (ok) {
-      const int c = kk >> 5, o = tid & 7;
-      uint32_t *xr = xg + (int64_t)t * moe10_xstride(nch);
-      const bool b14 = x14 != 0;
-      dec16_put4(xr + c * DEC16_XW, kind, o, moe6_x14(v.x * sc, b14), moe6_x14(v.y * sc, b14),
-                 moe6_x14(v.z * sc, b14), moe6_x14(v.w * sc, b14));
-      if (o == 0) reinterpret_cast<float *>(xr + nch * DEC16_XW)[c] = inv;
-    }
+    moe10_stage4(xg + (int64_t)t * moe10_xstride(nch), nch, kk >> 5, tid & 7, ok, v, kind, x14 != 0, 1.f);
   }
 }
 // Token t's routing from its S partials (written by other CTAs: read through
@@ -544,7 +548,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
     const float sc = moe6_act_scale<T>(alpha, limit);
     const float dxinv = (T == ORCH_T_MXFP4 ? 16384.f : 1.f) / sc;
-    {
+    if (!(only & 4)) { // 4: routed and staged by the caller's kernel (orch_moe_decode_oproj)
       const moe10_norm nv = nm ? *nm : moe10_norm{};
       const int per = nm ? (dim + MOE10_THREADS - 1) / MOE10_THREADS : 0; // <= MOE10_NORM_MAX_N (caller)
       auto kern = per == 0 ? moe10_route_kernel<0>
@@ -732,3 +736,6 @@ extern "C" int orch_moe_decode_addnorm(orch_ctx *ctx, float *out, float *x, floa
                        up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit};
   return moe_dec_launch10(ctx, op, a, 0, res ? &nm : nullptr, &an);
 }
+
+// The attention out projection + AddRMSNorm + MoE at one token (session 10): orch_moe_decode_oproj.
+#include "moe_oproj.cuh"
