@@ -382,6 +382,41 @@ int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void *ow, int32_
                           const float *gate_bias, const float *up_bias, const void *down, int32_t down_type,
                           const float *down_bias, float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim,
                           int64_t ff, float alpha, float limit, float *res2, const float *nw2, float *xt, float *ss);
+/* orch_moe_decode_oproj's operands in one struct (its 38 arguments are more than Go's purego passes: at most 32
+ * integer ones on amd64); orch_moe_decode_oproj_args(ctx, a) makes exactly orch_moe_decode_oproj's call (optional
+ * symbol). Field order is the Go mirror's (sdk/ml/cuda/lib.go oprojArgs): 24 pointers, 4 int64, 6 int32, 3 floats,
+ * 1 pad = 264 bytes. */
+typedef struct {
+  const float *ox;
+  const void *ow;
+  const float *obias;
+  float *y;
+  float *out;
+  float *x;
+  float *res;
+  const float *norm_w;
+  const void *router;
+  const float *router_bias;
+  int32_t *ids;
+  float *weights;
+  const void *gate;
+  const void *up;
+  const float *gate_bias;
+  const float *up_bias;
+  const void *down;
+  const float *down_bias;
+  float *act;
+  float *ybuf;
+  float *res2;
+  const float *nw2;
+  float *xt;
+  float *ss;
+  int64_t ok, n, dim, ff;
+  int32_t owtype, router_type, n_exp, gu_type, down_type, n_slots;
+  float eps, alpha, limit;
+  int32_t pad_;
+} orch_moe_oproj_args;
+int orch_moe_decode_oproj_args(orch_ctx *ctx, const orch_moe_oproj_args *a);
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,

@@ -16,6 +16,8 @@
 // Scratch: part [n_exp][C] (C = dim / 8 CTAs) in act (gate_up10 writes act later), the staged x where launch_decode10
 // puts it in ybuf, ssp after it. The ticket is per device, as v10's.
 #pragma once
+#include <cstddef>
+
 #include "gemv16.cuh"
 
 __device__ unsigned g_moe_oproj_ticket;
@@ -202,9 +204,7 @@ extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void 
       (int64_t)n_exp * C > n * n_slots * ff || ssp_off + C > n * n_slots * dim ||
       !aligned16p(ox) || !aligned16p(ow) || !aligned16p(x) || !aligned16p(act) || !aligned16p(ybuf) ||
       !aligned16p(router) || !aligned16p(gate) || !aligned16p(up) || !aligned16p(down)) {
-    orch_set_error("%s: declined (owtype %d, n=%lld, ok=%lld, dim=%lld)", op, owtype, (long long)n, (long long)ok,
-                   (long long)dim);
-    return ORCH_ERR_UNSUPPORTED;
+    return ORCH_ERR_UNSUPPORTED; // (no error recorded: as the other MoE decode entries)
   }
   const int S = (int)((dim + MOE10_RK - 1) / MOE10_RK);
   uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)S * n_exp + 3) & ~(int64_t)3)); // launch_decode10's
@@ -223,4 +223,19 @@ extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void 
                      an ? &av : nullptr);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
+}
+
+// The struct form for Go (purego passes at most 32 integer arguments): the same call.
+static_assert(sizeof(orch_moe_oproj_args) == 264 && offsetof(orch_moe_oproj_args, ss) == 184 &&
+                  offsetof(orch_moe_oproj_args, ok) == 192 && offsetof(orch_moe_oproj_args, ff) == 216 &&
+                  offsetof(orch_moe_oproj_args, owtype) == 224 && offsetof(orch_moe_oproj_args, n_slots) == 244 &&
+                  offsetof(orch_moe_oproj_args, eps) == 248 && offsetof(orch_moe_oproj_args, limit) == 256,
+              "the Go mirror: sdk/ml/cuda/lib.go oprojArgs");
+extern "C" int orch_moe_decode_oproj_args(orch_ctx *ctx, const orch_moe_oproj_args *a) {
+  ORCH_CHECK_ARG(a, "moe_decode_oproj");
+  return orch_moe_decode_oproj(ctx, a->ox, a->ow, a->owtype, a->obias, a->ok, a->y, a->out, a->x, a->res, a->norm_w,
+                               a->eps, a->router, a->router_type, a->router_bias, a->n_exp, a->ids, a->weights, a->gate,
+                               a->up, a->gu_type, a->gate_bias, a->up_bias, a->down, a->down_type, a->down_bias, a->act,
+                               a->ybuf, a->n, a->n_slots, a->dim, a->ff, a->alpha, a->limit, a->res2, a->nw2, a->xt,
+                               a->ss);
 }

@@ -8,7 +8,8 @@
 //    1e-3 are regenerated), weights within 1e-4; out within the MoE bound (6e-3) of a float64 MoE of that norm;
 //  - the existing path (plain v5 GEMV + orch_moe_decode_norm / _addnorm): same y and res bits, same ids, weights
 //    within 1e-4, out within 6e-3; with res2 .. ss: res2 = res2_0 + out, xt2 = res2 * w2, ss2 exactly;
-//  - the ticket back to 0; a second call identical (first case); declines (nothing written).
+//  - the ticket back to 0; a second call through orch_moe_decode_oproj_args identical (first case); declines
+//    (nothing written).
 //
 //   g++ -std=c++20 -O1 -g -pthread -fsanitize=address -Wno-unknown-pragmas -Icuda/include \
 //     -o /tmp/moe_oproj_emu cuda/test/moe_oproj_emu_test.cpp && /tmp/moe_oproj_emu [seed]
@@ -135,7 +136,7 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
       std::vector<float> y, res, x, w, out, ssp, res2, xt2, ss2;
       std::vector<int32_t> ids;
     };
-    auto run = [&](Got &g) {
+    auto run = [&](Got &g, bool via_struct) {
       orch_ctx ctx;
       ctx.moe = 6;
       ctx.moe_auto = true;
@@ -143,11 +144,23 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
           act((size_t)(topk * ff), NAN), yb((size_t)(topk * dim), NAN), r2(r2v), xt2((size_t)dim, NAN),
           ss2((size_t)C, NAN);
       Buf<int32_t> ib((size_t)topk, -1);
-      const int rc = orch_moe_decode_oproj(&ctx, box.p, wo.bytes, to, gp(bob), ok, y.p, out.p, x.p, res.p, bnw.p, eps,
-                                           brw.p, ORCH_T_F32, gp(brb), ne, ib.p, wb.p, gate.bytes, up.bytes, te,
-                                           gp(bgb), gp(bub), down.bytes, te, gp(bdb), act.p, yb.p, 1, topk, dim, ff,
-                                           1.702f, limit, an ? r2.p : nullptr, an ? bnw2.p : nullptr,
-                                           an ? xt2.p : nullptr, an ? ss2.p : nullptr);
+      int rc;
+      if (via_struct) { // orch_moe_decode_oproj_args: the same call
+        const orch_moe_oproj_args a{box.p,      wo.bytes,  gp(bob),   y.p,        out.p,    x.p,     res.p,
+                                    bnw.p,      brw.p,     gp(brb),   ib.p,       wb.p,     gate.bytes, up.bytes,
+                                    gp(bgb),    gp(bub),   down.bytes, gp(bdb),   act.p,    yb.p,
+                                    an ? r2.p : nullptr,   an ? bnw2.p : nullptr, an ? xt2.p : nullptr,
+                                    an ? ss2.p : nullptr,  ok,        1,          dim,      ff,      to,
+                                    ORCH_T_F32, ne,        te,        te,         topk,     eps,     1.702f,
+                                    limit,      0};
+        rc = orch_moe_decode_oproj_args(&ctx, &a);
+      } else {
+        rc = orch_moe_decode_oproj(&ctx, box.p, wo.bytes, to, gp(bob), ok, y.p, out.p, x.p, res.p, bnw.p, eps, brw.p,
+                                   ORCH_T_F32, gp(brb), ne, ib.p, wb.p, gate.bytes, up.bytes, te, gp(bgb), gp(bub),
+                                   down.bytes, te, gp(bdb), act.p, yb.p, 1, topk, dim, ff, 1.702f, limit,
+                                   an ? r2.p : nullptr, an ? bnw2.p : nullptr, an ? xt2.p : nullptr,
+                                   an ? ss2.p : nullptr);
+      }
       EXPECT(rc == ORCH_OK, "moe_decode_oproj rc %d (%s)", rc, g_err);
       EXPECT(g_moe_oproj_ticket == 0, "ticket %u after the op", g_moe_oproj_ticket);
       g.y = y.vec(), g.res = res.vec(), g.x = x.vec(), g.w = wb.vec(), g.out = out.vec(), g.ids = ib.vec();
@@ -157,7 +170,7 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
       g.res2 = r2.vec(), g.xt2 = xt2.vec(), g.ss2 = ss2.vec();
     };
     Got g;
-    run(g);
+    run(g, false);
     const char *tn = tname(to), *te_n = tname(te);
     EXPECT(same_bits(g.y, py) && same_bits(g.res, pres) && same_bits(g.x, pxt) && same_bits(g.ssp, pss),
            "y / res / x / ss partials != orch_matmul_addnorm's producer (%s dim=%lld ok=%lld)", tn, (long long)dim,
@@ -228,16 +241,16 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
     }
     if (again) {
       Got g2;
-      run(g2);
+      run(g2, true);
       EXPECT(same_bits(g2.out, g.out) && same_bits(g2.w, g.w) && g2.ids == g.ids && same_bits(g2.x, g.x) &&
-                 (!an || same_bits(g2.ss2, g.ss2)),
-             "a second call differs");
+                 same_bits(g2.y, g.y) && same_bits(g2.res, g.res) && (!an || same_bits(g2.ss2, g.ss2)),
+             "a second call (orch_moe_decode_oproj_args) differs");
     }
     std::printf("oproj %-5s ok=%-4lld -> dim=%-4lld, MoE %-5s ff=%-4lld top-%d of %-2d bias=%d next-norm=%d: y/res/x/ss = "
                 "the producer's bits (y err %.1e); ids = float64 top-k; out err %.2e, vs existing path %.2e "
                 "(weights %.1e)%s\n",
                 tn, (long long)ok, (long long)dim, te_n, (long long)ff, topk, ne, bias, an, ey, eo, eold, dwo,
-                again ? "; second call identical" : "");
+                again ? "; second call (struct form) identical" : "");
     return;
   }
 }
@@ -294,6 +307,8 @@ static void test_declines() {
   call("ORCH_CUDA_MOE_OPROJ=0", [](Ctx &, int64_t &, int64_t &, int64_t &, int64_t &, int32_t &, const float *&) {});
   unsetenv("ORCH_CUDA_MOE_OPROJ");
   g_moe_oproj_env = -1;
+  orch_ctx ctx;
+  EXPECT(orch_moe_decode_oproj_args(&ctx, nullptr) == ORCH_ERR_INVALID, "struct form: a NULL struct is invalid");
   std::printf("declines: %d cases, nothing written\n", n);
 }
 
