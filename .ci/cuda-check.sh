@@ -41,6 +41,12 @@ for f in cuda/src/*.cu; do
     fail=1
   fi
 done
+# Link the sm_90a objects into one relocatable object (ld -r: no runtime needed): a kernel or
+# variable defined in a header that two .cu files include (e.g. a non-template, non-static __global__) fails here.
+if [ "$fail" = 0 ] && ! ld -r -o "$out/orch_cuda_link_check.o" "$out"/*.90a.o; then
+  echo "cuda-check: FAILED linking the objects (multiple definitions?)" >&2
+  fail=1
+fi
 # Host tests of the CUDA sources (no GPU): index/tile-plan math, the fp16 decode bit tricks, and the
 # kernels themselves compiled against the CPU emulation cuda/test/cuda_emu.h under ASan (~8–12 min on 2 cores; the attention emulation is most of it).
 if ! bash cuda/test/run.sh; then

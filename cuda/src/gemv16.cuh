@@ -885,7 +885,7 @@ __device__ __forceinline__ float q7_decode(const q7_words<T> &b, uint32_t h[4]) 
 // kind), xinv[c * xst + tok] (v7: xst = 8; v9: 8 per token tile). One thread
 // per float4; 8 consecutive threads own a chunk (k % 32 == 0, so chunks never
 // straddle a warp).
-__global__ void __launch_bounds__(256)
+static __global__ void __launch_bounds__(256) // static: gemv16.cuh is included by matmul.cu and moe_ffn.cu (moe_oproj.cuh)
 gemv7_stage_kernel(uint32_t *__restrict__ xs, float *__restrict__ xinv, const float *__restrict__ x, int64_t n,
                    int64_t k, int kind, int xst) {
   pdl_trigger();
