@@ -88,6 +88,9 @@ func Serve(info Info, factory func(hclog.Logger) (Adapter, error), opts ...Serve
 		}
 		os.Stdout = out // go-plugin writes the handshake to os.Stdout
 	}
+	if cfg.test == nil {
+		startCPUProfile(logger) // ORCH_CPUPROFILE (cpuprofile.go)
+	}
 	impl, err := factory(logger)
 	if err != nil {
 		return fmt.Errorf("create adapter %s: %w", info.Name, err)
