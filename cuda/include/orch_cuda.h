@@ -74,7 +74,7 @@ int orch_host_free(void *p);
 /* Async on the stream; src must stay valid until the stream reaches it. */
 int orch_memcpy_h2d(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
 int orch_memcpy_d2d(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
-/* Synchronous: waits for the stream, then copies. */
+/* Synchronous: the copy is queued behind the stream's pending work and waited for with it (returns once dst holds it). */
 int orch_memcpy_d2h(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
 int orch_memset(orch_ctx *ctx, void *dst, int32_t byte_value, int64_t bytes);
 int orch_fill_f32(orch_ctx *ctx, float *dst, float value, int64_t n);
