@@ -53,10 +53,6 @@ constexpr int MOE10_THREADS = 256;
 constexpr int MOE13_MAX_N = 64; // MoE v13 (moe_dec13.cuh) runs this route kernel for up to 64 tokens
 
 __device__ unsigned g_moe10_ticket[MOE13_MAX_N];
-// orch_moe_decode_oproj's mode 2 (moe_oproj.cuh): 32 router logits and the sum of squares as 64-bit fixed-point
-// sums. Zero at load; the producer adds, gate_up reads, down (ZACC) zeroes them again: one op at a time per device.
-constexpr int MOE_OPROJ_NACC = 33;
-__device__ unsigned long long g_moe_oproj_acc[MOE_OPROJ_NACC];
 // MoE v13: tokens routed so far (the last token's last CTA groups the pairs by expert; wraps to 0).
 __device__ unsigned g_moe13_done;
 
@@ -438,8 +434,7 @@ struct moe10_addnorm {
 
 // out[t, row] = sum_s w[t, s] * (act[t, s] . down_e[row] + db[e, row]): v6's
 // down kernel with the staged activation copied in (xinv: v6's 1/scale).
-// ZACC: zero g_moe_oproj_acc after the wait (gate_up, its last reader, has completed).
-template <int T, int NB, bool AN = false, bool ZACC = false>
+template <int T, int NB, bool AN = false>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
 moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
@@ -464,8 +459,6 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   load(b0, 0, e0);
   if (items > 1) load(b1, 1, e1);
   pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
-  if constexpr (ZACC)
-    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < MOE_OPROJ_NACC) g_moe_oproj_acc[threadIdx.x] = 0ull;
   MOE10_SHARED float anp[FFN_WARPS][2]; // AN: the row's res2 and norm weight, loaded now, used in the epilogue
   if constexpr (AN)
     if (lane == 0) {
@@ -548,7 +541,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
                             int n_slots, int dim, int ff, float alpha, float limit, int only, const moe10_norm *nm,
-                            const moe10_addnorm *an = nullptr, bool zacc = false) {
+                            const moe10_addnorm *an = nullptr) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
@@ -579,8 +572,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
-      auto kern = an ? (zacc ? moe_down10_kernel<T, NB, true, true> : moe_down10_kernel<T, NB, true>)
-                     : (zacc ? moe_down10_kernel<T, NB, false, true> : moe_down10_kernel<T, NB, false>);
+      auto kern = an ? moe_down10_kernel<T, NB, true> : moe_down10_kernel<T, NB, false>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
       const moe10_addnorm av = an ? *an : moe10_addnorm{};

@@ -15,9 +15,6 @@
 // differ from orch_moe_decode_norm's by fp32 / fp16 rounding only (h is staged as r * xt, not as (res * r) * w).
 // Scratch: part [n_exp][C] (C = dim / 8 CTAs) in act (gate_up10 writes act later), the staged x where launch_decode10
 // puts it in ybuf, ssp after it. The ticket is per device, as v10's.
-// Mode 2 (opt-in ORCH_CUDA_MOE_OPROJ=2, below): no last-CTA tail; the producer adds fixed-point partials into 33
-// global sums, every gate_up CTA routes and stages x itself, down zeroes the sums (ids / out within fp32 rounding of
-// mode 1's; cuda/test/moe_oproj_emu_test.cpp).
 #pragma once
 #include <cstddef>
 
@@ -145,180 +142,6 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
   }
 }
 
-// ---- mode 2 (opt-in ORCH_CUDA_MOE_OPROJ=2): no last-CTA tail ----
-// The producer adds each CTA's 32 partial logits and its sum of squares into g_moe_oproj_acc (moe_dec10.cuh) as
-// 64-bit fixed point (RED: no fence, no ticket; integer sums are exact and order-independent: deterministic).
-// gate_up's every CTA then reads the 33 sums and the xt row (one L2 round), computes r, the logits and v10's top-k
-// (the same bits in every CTA), stages xt into its shared memory as moe_oproj_kernel's tail stages it, and runs
-// gate_up10's dots with its slot's expert; CTA (0, 0) writes ids / weights for down10, which zeroes the sums (ZACC).
-// Scales (powers of two: the conversions are exact up to the one rounding to an integer):
-//  - logits 2^32: |router . xt| < 2^31 (2.1e9; gpt-oss: |xt| <= ~1e4, |router| << 1: < ~1e6), error <= C * 2^-33
-//    (4e-8 at C = 360) before r;
-//  - sum of squares 2^20: sum res^2 < 2^43 (8.8e12: 2,880 values of |res| up to 5.5e4), error <= C * 2^-21 on the
-//    sum, i.e. <= 2^-24 (6e-8) on the mean square r's rsqrt sees next to eps (1e-5 for gpt-oss).
-// Each addend is rounded per CTA, so the sums are exact functions of the CTA partials (not of the add order).
-constexpr float MOE_OPROJ_LG_SCALE = 4294967296.f, MOE_OPROJ_LG_INV = 1.f / 4294967296.f;
-constexpr float MOE_OPROJ_SS_SCALE = 1048576.f, MOE_OPROJ_SS_INV = 1.f / 1048576.f;
-
-__device__ __forceinline__ long long moe_oproj_fix(float v, float s) {
-#if defined(__CUDA_ARCH__)
-  return __float2ll_rn(v * s);
-#else
-  return llrintf(v * s); // round to nearest even: __float2ll_rn
-#endif
-}
-__device__ __forceinline__ void moe_oproj_red(unsigned long long *p, long long v) {
-#if defined(__CUDA_ARCH__)
-  atomicAdd(p, (unsigned long long)v); // result unused: RED (two's complement: signed sums wrap exactly)
-#else
-  *p += (unsigned long long)v; // the emulation runs one CTA at a time
-#endif
-}
-__device__ __forceinline__ float moe_oproj_unfix(unsigned long long v, float inv) {
-#if defined(__CUDA_ARCH__)
-  return __ll2float_rn((long long)v) * inv;
-#else
-  return (float)(long long)v * inv;
-#endif
-}
-__device__ __forceinline__ unsigned long long moe_oproj_ldcg8(const unsigned long long *p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(p);
-#else
-  return *p;
-#endif
-}
-
-// moe_oproj_kernel's projection and partial logits, then the 33 REDs (threads 0 .. n_exp - 1 and 32).
-template <int TO, int NB, int XR>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
-moe_oproj2_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint8_t *__restrict__ ow,
-                  const float *__restrict__ obias, int64_t k, int64_t m, int64_t rb, const gemv5_nf F,
-                  const float *__restrict__ rw, int n_exp) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  MOE10_SHARED float lp[GEMV16_WARPS][32];
-  pdl_trigger();
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
-  const float rwv = lane < n_exp ? __ldg(rw + (int64_t)lane * m + row) : 0.f; // constant: before the wait
-  gemv5_rows<TO, 1, NB, XR, 0, 1>(xsm, blockIdx.x, y, ox, ow, obias, 1, k, m, rb, 0, 1, F);
-  lp[warp][lane] = rwv * F.xt[row];
-  __syncthreads(); // lp; thread 0's F.ss[cta] (gemv5_rows) for thread 32
-  if (tid < n_exp) {
-    float s = lp[0][tid];
-#pragma unroll
-    for (int w = 1; w < GEMV16_WARPS; w++) s += lp[w][tid];
-    moe_oproj_red(g_moe_oproj_acc + tid, moe_oproj_fix(s, MOE_OPROJ_LG_SCALE));
-  } else if (tid == 32) {
-    moe_oproj_red(g_moe_oproj_acc + 32, moe_oproj_fix(F.ss[blockIdx.x], MOE_OPROJ_SS_SCALE));
-  }
-}
-
-// gate_up10 (one token) with the routing and x staging above in front; grid (ceil(m / 8), n_slots).
-// xt: the producer's row (k floats, k <= 4096, k % 32 == 0); ids / wts as the route kernel writes them.
-template <int T, int NB>
-__global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
-moe_gate_up_oproj_kernel(uint16_t *__restrict__ acth, const float *xt, const uint8_t *__restrict__ wg,
-                         const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
-                         const float *__restrict__ rbias, int32_t *ids, float *wts, int n_exp, int n_slots, int k,
-                         int m, int64_t rb, float alpha, float limit, float sc, float eps) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  MOE10_SHARED int sid[32];
-  constexpr int NT = FFN_WARPS * 32, XB = 4;
-  static_assert(XB * NT * 4 >= MOE10_NORM_MAX_N * MOE10_THREADS, "the entry declines dim > 4096");
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const float bias = warp == 0 && lane < n_exp && rbias ? __ldg(rbias + lane) : 0.f; // constant: before the wait
-  pdl_wait(); // the sums and xt come from the producer; act is read by earlier ones
-  pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
-  const int n4 = k / 4, nch = k / 32;
-  // one L2 round: xt, the sum of squares, warp 0 the 32 logit sums
-  float4 xv[XB];
-#pragma unroll
-  for (int j = 0; j < XB; j++) {
-    const int i = j * NT + tid;
-    xv[j] = i < n4 ? moe_oproj_ldcg4(xt + 4 * i) : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  const unsigned long long sacc = moe_oproj_ldcg8(g_moe_oproj_acc + 32);
-  const unsigned long long lacc = warp == 0 ? moe_oproj_ldcg8(g_moe_oproj_acc + lane) : 0ull;
-  const float r = rsqrtf(moe_oproj_unfix(sacc, MOE_OPROJ_SS_INV) / (float)k + eps); // gemv5_nf_scale's expression
-  if (warp == 0) {
-    const float v = lane < n_exp ? r * moe_oproj_unfix(lacc, MOE_OPROJ_LG_INV) + bias : 0.f;
-    int id;
-    float w;
-    moe_topk32_warp(v, lane, n_exp, n_slots, id, w);
-    if (lane < n_slots) {
-      sid[lane] = id;
-      if (blockIdx.x == 0 && blockIdx.y == 0) {
-        ids[lane] = id;
-        wts[lane] = w;
-      }
-    }
-  }
-  // xt staged as moe_oproj_kernel's tail stages it (each chunk's 1/scale times r): float4 i by thread i mod 256
-  constexpr bool b14 = T == ORCH_T_MXFP4;
-#pragma unroll
-  for (int j = 0; j < XB; j++) {
-    const int i0 = j * NT + warp * 32, i = i0 + lane;
-    if (i0 < n4) moe10_stage4(xsm, nch, i >> 3, i & 7, i < n4, xv[j], dec16_traits<T>::kind, b14, r); // warp-uniform
-  }
-  __syncthreads(); // sid, the staged x
-  const int row = blockIdx.x * FFN_WARPS + warp;
-  const int p = (int)blockIdx.y;
-  const int e = sid[p];
-  const bool valid = row < m;
-  const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
-  const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
-  float ag = 0.f, au = 0.f;
-  for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
-    wblocks<T, NB> bg, bu;
-    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
-    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
-    moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
-  }
-  ag = warp_sum(ag);
-  au = warp_sum(au);
-  if (valid && lane == 0) { // gate_up10's epilogue
-    const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
-    const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
-    const float v = swiglu_oai(g, u, alpha, limit);
-    int word, half;
-    moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
-    acth[(((int64_t)p * (m / 32) + row / 32) * DEC16_XW + word) * 2 + half] =
-        (uint16_t)(dec16_f2h2(v * sc, 0.f) & 0xFFFFu);
-  }
-}
-
-template <int TO>
-static void launch_moe_oproj2(cudaStream_t st, float *y, const float *ox, const uint8_t *ow, const float *obias,
-                              int64_t k, int64_t m, int64_t rb, const gemv5_nf &F, const float *rw, int n_exp) {
-  if constexpr (TO == ORCH_T_Q8_0 || TO == ORCH_T_Q4_0 || TO == ORCH_T_MXFP4) {
-    constexpr int NB = gemv5_nb<TO, 1>();
-    const size_t sm = gemv5_smem(k, 1) + gemv5_nf_smem(1, 0);
-    auto go = [&](auto kern) {
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      DEC16_LAUNCH_PDL(kern, dim3((unsigned)(m / GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, y, ox, ow, obias, k, m, rb,
-                       F, rw, n_exp);
-    };
-    if (gemv5_stage_mode(k) == 1) go(moe_oproj2_kernel<TO, NB, 1>);
-    else go(moe_oproj2_kernel<TO, NB, 0>);
-  }
-}
-template <int T>
-static void launch_gate_up_oproj(cudaStream_t st, float *act, const float *xt, const uint8_t *wg, const uint8_t *wu,
-                                 const float *gb, const float *ub, const float *rbias, int32_t *ids, float *wts,
-                                 int n_exp, int n_slots, int dim, int ff, float alpha, float limit, float eps) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
-    constexpr int NB = gate_up_nb<T>();
-    const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
-    auto kern = moe_gate_up_oproj_kernel<T, NB>;
-    if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-    dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), (unsigned)n_slots, 1u);
-    DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act), xt, wg, wu, gb, ub, rbias,
-                     ids, wts, n_exp, n_slots, dim, ff, orch_row_bytes(T, dim), alpha, limit,
-                     moe6_act_scale<T>(alpha, limit), eps);
-  }
-}
-
 template <int TO>
 static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const uint8_t *ow, const float *obias,
                              int64_t k, int64_t m, int64_t rb, const gemv5_nf &F, const moe_oproj_args &A) {
@@ -336,17 +159,16 @@ static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const u
   }
 }
 
-// ORCH_CUDA_MOE_OPROJ=0 turns orch_moe_decode_oproj off (it declines), =2 runs mode 2 (fixed-point sums, routing in
-// gate_up), anything else mode 1 (the last-CTA tail); read on the first call (-1: unread; the emulation test sets it).
+// ORCH_CUDA_MOE_OPROJ=0 turns orch_moe_decode_oproj off (it declines); read on the first call (-1: unread; the
+// emulation test resets it).
 static int g_moe_oproj_env = -1;
-static int moe_oproj_mode() {
+static bool moe_oproj_off() {
   if (g_moe_oproj_env < 0) {
     const char *v = getenv("ORCH_CUDA_MOE_OPROJ");
-    g_moe_oproj_env = v && std::strcmp(v, "0") == 0 ? 0 : v && std::strcmp(v, "2") == 0 ? 2 : 1;
+    g_moe_oproj_env = v && std::strcmp(v, "0") == 0 ? 0 : 1;
   }
-  return g_moe_oproj_env;
+  return g_moe_oproj_env == 0;
 }
-static bool moe_oproj_off() { return moe_oproj_mode() == 0; }
 constexpr size_t MOE_OPROJ_MAX_SMEM = 96 * 1024; // matmul.cu GEMV3_MAX_SMEM: v5's limit on the staged x
 
 extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void *ow, int32_t owtype,
@@ -393,21 +215,8 @@ extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void 
   A.n_exp = n_exp, A.k_slots = n_slots;
   A.kind = gu_type == ORCH_T_Q8_0 ? dec16_traits<ORCH_T_Q8_0>::kind : dec16_traits<ORCH_T_MXFP4>::kind; // Q4_0: = MXFP4
   A.x14 = gu_type == ORCH_T_MXFP4 ? 1 : 0;
-  const moe10_addnorm av{res2, nw2, xt, ss};
-  if (moe_oproj_mode() == 2) { // F.ss: the producer's per-CTA partials still land in the scratch (unused)
-    ORCH_DISPATCH_TYPE(owtype, launch_moe_oproj2, ctx->stream, y, ox, (const uint8_t *)ow, obias, ok, dim, rb, F,
-                       (const float *)router, (int)n_exp);
-    ORCH_DISPATCH_TYPE(gu_type, launch_gate_up_oproj, ctx->stream, act, x, (const uint8_t *)gate, (const uint8_t *)up,
-                       gate_bias, up_bias, router_bias, ids, weights, (int)n_exp, (int)n_slots, (int)dim, (int)ff,
-                       alpha, limit, eps);
-    ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp,
-                       ids, weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias,
-                       (const uint8_t *)down, down_bias, act, ybuf, 1, (int)n_slots, (int)dim, (int)ff, alpha, limit,
-                       4 | 2, nullptr, an ? &av : nullptr, true);
-    ORCH_LAUNCHED(op);
-    return ORCH_OK;
-  }
   ORCH_DISPATCH_TYPE(owtype, launch_moe_oproj, ctx->stream, y, ox, (const uint8_t *)ow, obias, ok, dim, rb, F, A);
+  const moe10_addnorm av{res2, nw2, xt, ss};
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids,
                      weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down,
                      down_bias, act, ybuf, 1, (int)n_slots, (int)dim, (int)ff, alpha, limit, 4, nullptr,
