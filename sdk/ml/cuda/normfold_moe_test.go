@@ -268,60 +268,10 @@ func TestFuseMoEAddNormStep(t *testing.T) {
 	b.l.getRows = func(ctx, dst, table uintptr, tt int32, ids uintptr, n, dim int64, add int32) int32 {
 		return f.add("embed")
 	}
-	const d, hd, nh, nkv, bs, ne, ff, layers = 64, 16, 4, 2, 16, 4, 32, 3
-	type lw struct {
-		an, pn, q, k, v, o, qb, kc, vc *tensor
-		moe                            *ml.MoE
-	}
-	var L [layers]lw
-	for i := range L {
-		L[i] = lw{an: fakeT(b, ml.F32, d), pn: fakeT(b, ml.F32, d), q: fakeT(b, ml.Q8_0, d, hd*nh),
-			k: fakeT(b, ml.Q8_0, d, hd*nkv), v: fakeT(b, ml.Q8_0, d, hd*nkv), o: fakeT(b, ml.Q8_0, hd*nh, d),
-			qb: fakeT(b, ml.F32, hd*nh), kc: fakeT(b, ml.F16, hd, nkv, bs, 4), vc: fakeT(b, ml.F16, hd, nkv, bs, 4),
-			moe: &ml.MoE{Router: fakeT(b, ml.F32, d, ne), Gate: fakeT(b, ml.MXFP4, d, ff, ne),
-				Up: fakeT(b, ml.MXFP4, d, ff, ne), Down: fakeT(b, ml.MXFP4, ff, d, ne), TopK: 2, Alpha: 1.702, Limit: 7}}
-	}
-	emb := fakeT(b, ml.Q8_0, d, 16)
-	x, h, mo, o := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1)
-	q2, k2, v2, att2 := fakeT(b, ml.F32, hd*nh, 1), fakeT(b, ml.F32, hd*nkv, 1), fakeT(b, ml.F32, hd*nkv, 1),
-		fakeT(b, ml.F32, hd*nh, 1)
-	view := func(t *tensor, heads int) *tensor {
-		c := *t
-		c.shape = []int{hd, heads, 1}
-		return &c
-	}
-	q, k, v, att := view(q2, nh), view(k2, nkv), view(v2, nkv), view(att2, nh)
-	ids, pos, freq := fakeT(b, ml.I32, 1), fakeT(b, ml.I32, 1), fakeT(b, ml.F32, hd/2)
-	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
-	bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, 1), Slots: fakeT(b, ml.I32, 1), Blocks: fakeT(b, ml.I32, 4, 1),
-		BlockSize: bs, MaxPos: 1}
-	step := func() {
-		b.Embed(x, emb, ids, false)
-		for i := range L {
-			l := &L[i]
-			if i == 0 {
-				b.RMSNorm(h, x, l.an, eps5)
-			} else {
-				b.AddRMSNorm(x, h, mo, l.an, eps5)
-			}
-			b.MatMul(q2, h, l.q, l.qb)
-			b.MatMul(k2, h, l.k, nil)
-			b.MatMul(v2, h, l.v, nil)
-			b.RoPE(q, pos, rope)
-			b.RoPE(k, pos, rope)
-			b.KVWrite(l.kc, l.vc, k, v, bt)
-			b.Attend(att, q, l.kc, l.vc, bt, &ml.Attention{Scale: 0.25})
-			b.MatMul(o, att2, l.o, nil)
-			b.AddRMSNorm(x, h, o, l.pn, eps5)
-			b.MoE(mo, h, l.moe)
-		}
-		b.Add(x, x, mo)
-	}
-	multi := fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d %x/%d]", h.ptr, d, q2.ptr, hd*nh, k2.ptr, hd*nkv, v2.ptr,
-		hd*nkv)
-	multiNF := fmt.Sprintf("multi_nf x=%x n=1 k=%d [%x/%d %x/%d %x/%d] nss=8 eps=1e-05", h.ptr, d, q2.ptr, hd*nh, k2.ptr,
-		hd*nkv, v2.ptr, hd*nkv)
-	oGEMV := fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att2.ptr)
+	g := newOSSStep(b, false)
+	const layers = ossLayers
+	x, h, mo, q2, k2, nh, nkv, step := g.x, g.h, g.mo, g.q2, g.k2, g.nh, g.nkv, g.step
+	multi, multiNF, oGEMV := g.multi, g.multiNF, g.oGEMV
 	want := []string{"embed", fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, x.ptr), multi}
 	for i := 0; i < layers; i++ {
 		want = append(want, "attention_rope", oGEMV)
@@ -355,3 +305,90 @@ func TestFuseMoEAddNormStep(t *testing.T) {
 }
 
 const eps5 = 1e-5
+
+// ossLayers: the layers of newOSSStep's model.
+const ossLayers = 3
+
+// ossStep is gpt-oss's Hidden for ossLayers one-token layers through the fake
+// library (TestFuseMoEAddNormStep, TestFuseMoEOProjStep): step records it,
+// the rest is what the expected calls name.
+type ossStep struct {
+	x, h, mo, o, q2, k2, att2 *tensor
+	an                        []*tensor // each layer's attention norm weight
+	nh, nkv                   int
+	step                      func()
+	multi, multiNF, oGEMV     string // the q/k/v GEMVs plain and scaled (the norm folded), the out projection
+}
+
+// newOSSStep builds the model's fake tensors on b; outBias: the out
+// projection has a bias (nil otherwise).
+func newOSSStep(b *Backend, outBias bool) *ossStep {
+	const d, hd, nh, nkv, bs, ne, ff = 64, 16, 4, 2, 16, 4, 32
+	type lw struct {
+		an, pn, q, k, v, o, ob, qb, kc, vc *tensor
+		moe                                *ml.MoE
+	}
+	var L [ossLayers]lw
+	for i := range L {
+		L[i] = lw{an: fakeT(b, ml.F32, d), pn: fakeT(b, ml.F32, d), q: fakeT(b, ml.Q8_0, d, hd*nh),
+			k: fakeT(b, ml.Q8_0, d, hd*nkv), v: fakeT(b, ml.Q8_0, d, hd*nkv), o: fakeT(b, ml.Q8_0, hd*nh, d),
+			qb: fakeT(b, ml.F32, hd*nh), kc: fakeT(b, ml.F16, hd, nkv, bs, 4), vc: fakeT(b, ml.F16, hd, nkv, bs, 4),
+			moe: &ml.MoE{Router: fakeT(b, ml.F32, d, ne), Gate: fakeT(b, ml.MXFP4, d, ff, ne),
+				Up: fakeT(b, ml.MXFP4, d, ff, ne), Down: fakeT(b, ml.MXFP4, ff, d, ne), TopK: 2, Alpha: 1.702, Limit: 7}}
+	}
+	if outBias {
+		for i := range L {
+			L[i].ob = fakeT(b, ml.F32, d)
+		}
+	}
+	emb := fakeT(b, ml.Q8_0, d, 16)
+	x, h, mo, o := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1)
+	q2, k2, v2, att2 := fakeT(b, ml.F32, hd*nh, 1), fakeT(b, ml.F32, hd*nkv, 1), fakeT(b, ml.F32, hd*nkv, 1),
+		fakeT(b, ml.F32, hd*nh, 1)
+	view := func(t *tensor, heads int) *tensor {
+		c := *t
+		c.shape = []int{hd, heads, 1}
+		return &c
+	}
+	q, k, v, att := view(q2, nh), view(k2, nkv), view(v2, nkv), view(att2, nh)
+	ids, pos, freq := fakeT(b, ml.I32, 1), fakeT(b, ml.I32, 1), fakeT(b, ml.F32, hd/2)
+	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
+	bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, 1), Slots: fakeT(b, ml.I32, 1), Blocks: fakeT(b, ml.I32, 4, 1),
+		BlockSize: bs, MaxPos: 1}
+	step := func() {
+		b.Embed(x, emb, ids, false)
+		for i := range L {
+			l := &L[i]
+			if i == 0 {
+				b.RMSNorm(h, x, l.an, eps5)
+			} else {
+				b.AddRMSNorm(x, h, mo, l.an, eps5)
+			}
+			b.MatMul(q2, h, l.q, l.qb)
+			b.MatMul(k2, h, l.k, nil)
+			b.MatMul(v2, h, l.v, nil)
+			b.RoPE(q, pos, rope)
+			b.RoPE(k, pos, rope)
+			b.KVWrite(l.kc, l.vc, k, v, bt)
+			b.Attend(att, q, l.kc, l.vc, bt, &ml.Attention{Scale: 0.25})
+			if l.ob != nil {
+				b.MatMul(o, att2, l.o, l.ob)
+			} else {
+				b.MatMul(o, att2, l.o, nil)
+			}
+			b.AddRMSNorm(x, h, o, l.pn, eps5)
+			b.MoE(mo, h, l.moe)
+		}
+		b.Add(x, x, mo)
+	}
+	g := &ossStep{x: x, h: h, mo: mo, o: o, q2: q2, k2: k2, att2: att2, nh: nh, nkv: nkv, step: step}
+	for i := range L {
+		g.an = append(g.an, L[i].an)
+	}
+	g.multi = fmt.Sprintf("multi x=%x n=1 k=%d [%x/%d %x/%d %x/%d]", h.ptr, d, q2.ptr, hd*nh, k2.ptr, hd*nkv, v2.ptr,
+		hd*nkv)
+	g.multiNF = fmt.Sprintf("multi_nf x=%x n=1 k=%d [%x/%d %x/%d %x/%d] nss=8 eps=1e-05", h.ptr, d, q2.ptr, hd*nh, k2.ptr,
+		hd*nkv, v2.ptr, hd*nkv)
+	g.oGEMV = fmt.Sprintf("matmul y=%x x=%x n=1", o.ptr, att2.ptr)
+	return g
+}
