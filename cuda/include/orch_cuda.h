@@ -76,6 +76,9 @@ int orch_memcpy_h2d(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
 int orch_memcpy_d2d(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
 /* Synchronous: the copy is queued behind the stream's pending work and waited for with it (returns once dst holds it). */
 int orch_memcpy_d2h(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
+/* Optional (session 11): queued behind the stream's pending work, returns at once; dst must be pinned
+ * (orch_host_alloc). Record an event after it and orch_event_sync before reading dst. */
+int orch_memcpy_d2h_async(orch_ctx *ctx, void *dst, const void *src, int64_t bytes);
 int orch_memset(orch_ctx *ctx, void *dst, int32_t byte_value, int64_t bytes);
 int orch_fill_f32(orch_ctx *ctx, float *dst, float value, int64_t n);
 int orch_sync(orch_ctx *ctx);
@@ -87,6 +90,8 @@ int orch_graph_destroy(void *graph_exec);
 int orch_event_create(void **ev);
 int orch_event_destroy(void *ev);
 int orch_event_record(orch_ctx *ctx, void *ev);
+/* Optional (session 11): waits until the stream has run the work queued before ev's last record. */
+int orch_event_sync(void *ev);
 /* Waits for ev1, returns milliseconds between ev0 and ev1. */
 int orch_event_elapsed(void *ev0, void *ev1, float *ms);
 /* Programmatic dependent launch of the decode kernels (Hopper; process-wide;

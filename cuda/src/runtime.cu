@@ -269,6 +269,17 @@ extern "C" int orch_memcpy_d2h(orch_ctx *ctx, void *dst, const void *src, int64_
   return ORCH_OK;
 }
 
+// Queued behind the stream's pending work; returns at once. dst must be pinned host memory (orch_host_alloc) so
+// that the copy runs when the stream reaches it; the caller records an event after it and waits on that
+// (orch_event_sync) before reading dst (session 11: the runner launches the next decode step before it reads this
+// one's tokens).
+extern "C" int orch_memcpy_d2h_async(orch_ctx *ctx, void *dst, const void *src, int64_t bytes) {
+  ORCH_CHECK_ARG(ctx && dst && src && bytes >= 0, "memcpy_d2h_async");
+  if (bytes == 0) return ORCH_OK;
+  ORCH_CUDA(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToHost, ctx->stream), "memcpy_d2h_async");
+  return ORCH_OK;
+}
+
 extern "C" int orch_memset(orch_ctx *ctx, void *dst, int32_t v, int64_t bytes) {
   ORCH_CHECK_ARG(ctx && dst && bytes >= 0, "memset");
   if (bytes == 0) return ORCH_OK;
@@ -355,6 +366,13 @@ extern "C" int orch_event_record(orch_ctx *ctx, void *ev) {
     ORCH_CUDA(cudaEventRecordWithFlags((cudaEvent_t)ev, ctx->stream, cudaEventRecordExternal), "event_record");
   else
     ORCH_CUDA(cudaEventRecord((cudaEvent_t)ev, ctx->stream), "event_record");
+  return ORCH_OK;
+}
+
+// Blocks until the work before ev's last record has run (its error, e.g. a failed kernel's, is returned).
+extern "C" int orch_event_sync(void *ev) {
+  ORCH_CHECK_ARG(ev, "event_sync");
+  ORCH_CUDA(cudaEventSynchronize((cudaEvent_t)ev), "event_sync");
   return ORCH_OK;
 }
 

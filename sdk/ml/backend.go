@@ -230,3 +230,30 @@ type GraphBackend interface {
 	// use were freed or reallocated).
 	ResetGraphs()
 }
+
+// AheadBackend is implemented by backends whose ops run on a device queue
+// behind the host: a result can be copied to host memory without waiting for
+// work queued after the copy. nn.Runner uses it to launch the next decode
+// step before it reads this step's tokens, so the device does not idle while
+// the host hands the tokens over and stages the next step.
+type AheadBackend interface {
+	Backend
+	// StepAhead reports whether ReadI32Async works here (a library without
+	// the entries, or a switch, turns it off).
+	StepAhead() bool
+	// ReadI32Async queues a copy of t (I32) behind the work queued so far
+	// and returns at once; the values are the ones the queue's earlier work
+	// left in t, whatever is queued after.
+	ReadI32Async(t Tensor) (PendingI32, error)
+}
+
+// PendingI32 is a queued read (AheadBackend.ReadI32Async). Exactly one of
+// Wait and Drop must be called.
+type PendingI32 interface {
+	// Wait blocks until the copy is done and copies its values into dst
+	// (len(dst) <= the tensor's length); it reports an error of the queued
+	// work before the copy.
+	Wait(dst []int32) error
+	// Drop gives the read up without waiting for it.
+	Drop()
+}

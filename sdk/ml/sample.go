@@ -39,6 +39,19 @@ func PackSampleParams(dst []int32, ps []SampleParams) {
 	}
 }
 
+// UnpackSampleParams is the inverse of PackSampleParams: the settings of
+// len(w) / SampleParamsWords rows.
+func UnpackSampleParams(w []int32) []SampleParams {
+	ps := make([]SampleParams, len(w)/SampleParamsWords)
+	for i := range ps {
+		r := w[i*SampleParamsWords : (i+1)*SampleParamsWords]
+		ps[i] = SampleParams{Temperature: math.Float32frombits(uint32(r[0])), TopP: math.Float32frombits(uint32(r[1])),
+			MinP: math.Float32frombits(uint32(r[2])), TopK: r[3], Seed: uint64(uint32(r[4])) | uint64(uint32(r[5]))<<32,
+			Counter: uint64(uint32(r[6])) | uint64(uint32(r[7]))<<32}
+	}
+	return ps
+}
+
 func (p SampleParams) greedy() bool        { return !(p.Temperature >= SampleMinTemperature) }
 func (p SampleParams) topK(v int) bool     { return p.TopK > 0 && int(p.TopK) < v }
 func (p SampleParams) topP() bool          { return p.TopP > 0 && p.TopP < 1 }

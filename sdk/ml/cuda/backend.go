@@ -64,6 +64,8 @@ type Backend struct {
 	launches uint64
 	// xt: h holds a norm fold's xt (normfold.go).
 	xt xtState
+	// ah: pinned buffers and events of step-ahead reads (ahead.go).
+	ah aheadPool
 }
 
 var _ ml.GraphBackend = (*Backend)(nil)
@@ -135,6 +137,7 @@ func (b *Backend) Close() error {
 		return nil
 	}
 	b.flush()
+	b.closeAhead()
 	for k, g := range b.graphs {
 		b.l.graphDestroy(g)
 		delete(b.graphs, k)
@@ -489,6 +492,9 @@ func (b *Backend) Run(key string, record func()) error {
 // ResetGraphs destroys every captured graph (e.g. after reallocating tensors
 // that captured steps use).
 func (b *Backend) ResetGraphs() {
+	if len(b.graphs) > 0 {
+		b.l.sync(b.ctx) // a step launched ahead may still run one of them
+	}
 	for k, g := range b.graphs {
 		b.l.graphDestroy(g)
 		delete(b.graphs, k)

@@ -19,10 +19,11 @@ import (
 // from its start event to its end event. Gaps over 2 ms (between requests)
 // are counted apart. The summary (replays, busy and gap mean / p50 / p90 in
 // µs) is written every 256 replays and at Close. Costs two events a step and no synchronisation:
-// elapsed times are read one replay late, once both events have completed.
+// elapsed times are read two replays late, once their events have completed (with steps launched
+// ahead, nn.Runner queues replay i+1 before it reads replay i's tokens: replay i-1 may still run).
 type gapTimer struct {
 	path      string
-	ev        [3][2]uintptr // rotating (start, end) pairs: replay i uses ev[i % 3]
+	ev        [4][2]uintptr // rotating (start, end) pairs: replay i uses ev[i % 4]
 	i         int           // replays so far
 	busy, gap []float64     // µs
 	long      int           // gaps over gapLongUS
@@ -44,7 +45,7 @@ func (t *gapTimer) around(b *Backend, launch func() error) error {
 	if t.err != nil {
 		return launch()
 	}
-	cur := &t.ev[t.i%3]
+	cur := &t.ev[t.i%4]
 	for j := range cur {
 		if cur[j] == 0 {
 			if rc := b.l.eventCreate(&cur[j]); rc != stOK {
@@ -53,15 +54,15 @@ func (t *gapTimer) around(b *Backend, launch func() error) error {
 			}
 		}
 	}
-	// the previous replay's busy time and gap (its end has completed: the host read its outputs)
-	if t.i >= 1 {
-		prev := t.ev[(t.i-1)%3]
+	// replay i-2's busy time and the gap before it (its events have completed: the host read its outputs)
+	if t.i >= 2 {
+		prev := t.ev[(t.i-2)%4]
 		var ms float32
 		if b.l.eventElapsed(prev[0], prev[1], &ms) == stOK {
 			t.busy = append(t.busy, 1000*float64(ms))
 		}
-		if t.i >= 2 {
-			pp := t.ev[(t.i-2)%3]
+		if t.i >= 3 {
+			pp := t.ev[(t.i-3)%4]
 			if b.l.eventElapsed(pp[1], prev[0], &ms) == stOK {
 				if us := 1000 * float64(ms); us > gapLongUS {
 					t.long++

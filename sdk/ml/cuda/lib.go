@@ -66,6 +66,11 @@ type lib struct {
 	eventDestroy func(ev uintptr) int32
 	eventRecord  func(ctx, ev uintptr) int32
 	eventElapsed func(ev0, ev1 uintptr, ms *float32) int32
+	// Session 11, optional (both or neither; nil: no step-ahead reads, ahead.go).
+	memcpyD2HAsync func(ctx uintptr, dst unsafe.Pointer, src uintptr, bytes int64) int32 // dst: pinned (hostAlloc)
+	eventSync      func(ev uintptr) int32
+	hostAlloc      func(bytes int64, out *unsafe.Pointer) int32
+	hostFree       func(p unsafe.Pointer) int32
 
 	matmul     func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32) int32
 	moeMatmul  func(ctx, y, x uintptr, xPerSlot int32, w uintptr, wtype int32, bias, ids uintptr, n int64, slots int32, k, m int64) int32
@@ -285,23 +290,36 @@ func (l *lib) bind() (err error) {
 	if _, err := purego.Dlsym(l.handle, "orch_bf16_cache"); err == nil {
 		purego.RegisterLibFunc(&l.bf16Cache, l.handle, "orch_bf16_cache")
 	}
+	// Optional: the queued token read of a step launched ahead (ahead.go).
+	bindAll(l.handle, []symbol{
+		{&l.memcpyD2HAsync, "orch_memcpy_d2h_async"}, {&l.eventSync, "orch_event_sync"},
+		{&l.hostAlloc, "orch_host_alloc"}, {&l.hostFree, "orch_host_free"},
+	})
 	// Optional entry points: all or none (the feature is then off).
-	opt := []struct {
-		fn   any
-		name string
-	}{
+	bindAll(l.handle, []symbol{
 		{&l.matmulAddNorm, "orch_matmul_addnorm"}, {&l.matmulMultiNF, "orch_matmul_multi_nf"},
 		{&l.matmulSwiGLUNF, "orch_matmul_swiglu_nf"},
-	}
-	for _, s := range opt {
-		if _, err := purego.Dlsym(l.handle, s.name); err != nil {
-			return nil
+	})
+	return nil
+}
+
+// symbol is a C entry point and the function variable it binds.
+type symbol struct {
+	fn   any
+	name string
+}
+
+// bindAll binds every symbol of syms, or none when the library lacks one
+// (an optional feature is then off).
+func bindAll(handle uintptr, syms []symbol) {
+	for _, s := range syms {
+		if _, err := purego.Dlsym(handle, s.name); err != nil {
+			return
 		}
 	}
-	for _, s := range opt {
-		purego.RegisterLibFunc(s.fn, l.handle, s.name)
+	for _, s := range syms {
+		purego.RegisterLibFunc(s.fn, handle, s.name)
 	}
-	return nil
 }
 
 // status turns an orch_status into a Go error naming op and the library's message.

@@ -333,6 +333,11 @@ type Runner struct {
 	// staged: what stage last wrote into each input tensor (host copies), so
 	// that a step uploads only the span that changed (upload)
 	staged map[ml.Tensor][]int32
+	// ab: the backend when decode steps may be launched ahead (ahead.go);
+	// next: the step launched ahead, nil when none
+	ab                       ml.AheadBackend
+	next                     *ahead
+	aheadLaunched, aheadHits atomic.Int64 // AheadStats (read by tests and logs while steps run)
 }
 
 var (
@@ -404,6 +409,9 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 	}
 	if g, ok := b.(ml.GraphBackend); ok && !cfg.NoGraphs {
 		r.graphs = g
+		if ab, ok := b.(ml.AheadBackend); ok && ab.StepAhead() && cfg.Comm == nil {
+			r.ab = ab // ranks of a tensor-parallel group must run the same steps
+		}
 	}
 	if err != nil {
 		r.freeStaging()
@@ -464,6 +472,11 @@ func (r *Runner) copyBlock(g int, dst, src int32) error {
 // Close frees the net, the cache and the staging tensors, then the backend
 // (when owned) and the file.
 func (r *Runner) Close() error {
+	if r.next != nil {
+		r.dropAhead(r.next)
+		r.next = nil
+		r.B.Sync() //nolint:errcheck // the step launched ahead ends before its buffers are freed
+	}
 	err := r.Net.Close()
 	r.KV.Free(r.B)
 	r.freeStaging()
@@ -827,6 +840,35 @@ func (r *Runner) commErr(err error) error {
 	return err
 }
 
+// launch queues st's layers, the gather of its output rows and the head of
+// the first m of them (with the argmax or the draws pk asks for); a decode
+// step (graph) is captured once per shape and replayed.
+func (r *Runner) launch(st *Staged, m int, graph bool, pk *pick) error {
+	step := func() error {
+		h, err := r.Net.Hidden(st)
+		if err != nil {
+			return err
+		}
+		g := r.view(r.gathered, st.NOut)
+		r.B.Embed(g, h, st.OutIdx, false) // gather the rows whose logits are wanted
+		return r.head(0, m, pk)
+	}
+	if !graph {
+		return step()
+	}
+	st.Batch.MaxPos = r.cfg.Spec.ContextLength
+	for g := range st.GroupBatch {
+		st.GroupBatch[g].MaxPos = r.cfg.Spec.ContextLength
+	}
+	var recErr error
+	key := fmt.Sprintf("runner%d/decode/n=%d/greedy=%t", r.id, st.N, pk.greedy)
+	if pk.sample {
+		key = fmt.Sprintf("runner%d/decode/n=%d/sample=%d", r.id, st.N, pk.filters)
+	}
+	err := r.graphs.Run(key, func() { recErr = step() })
+	return errors.Join(recErr, err)
+}
+
 // forward runs b; it appends logits rows to out, or (greedy, sample) the
 // device's token of each returned row to toks, in SeqInput order (sample: and
 // the logits of the Host rows to out).
@@ -842,6 +884,11 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 	pieces, err := split(b, spec.VocabSize, spec.BlockSize, r.groups, r.cfg.MaxTokens)
 	if err != nil {
 		return err
+	}
+	if r.next != nil {
+		if hit, err := r.takeAhead(ctx, pieces, pk, toks); hit || err != nil {
+			return err
+		}
 	}
 	V := spec.VocabSize
 	for i := range pieces {
@@ -874,31 +921,7 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 				}
 			}
 			if lo == 0 {
-				// the layers, then the first logits chunk
-				step := func() error {
-					h, err := r.Net.Hidden(st)
-					if err != nil {
-						return err
-					}
-					g := r.view(r.gathered, st.NOut)
-					r.B.Embed(g, h, st.OutIdx, false) // gather the rows whose logits are wanted
-					return r.head(0, m, pk)
-				}
-				if graph {
-					st.Batch.MaxPos = r.cfg.Spec.ContextLength
-					for g := range st.GroupBatch {
-						st.GroupBatch[g].MaxPos = r.cfg.Spec.ContextLength
-					}
-					var recErr error
-					key := fmt.Sprintf("runner%d/decode/n=%d/greedy=%t", r.id, st.N, pk.greedy)
-					if pk.sample {
-						key = fmt.Sprintf("runner%d/decode/n=%d/sample=%d", r.id, st.N, pk.filters)
-					}
-					err = r.graphs.Run(key, func() { recErr = step() })
-					err = errors.Join(recErr, err)
-				} else {
-					err = step()
-				}
+				err = r.launch(st, m, graph, pk) // the layers, then the first logits chunk
 			} else {
 				err = r.head(lo, m, pk)
 			}
@@ -908,7 +931,7 @@ func (r *Runner) forward(ctx context.Context, b *engine.Batch, out *engine.Outpu
 			if pk.greedy || pk.sample {
 				n := len(*toks)
 				*toks = slices.Grow(*toks, m)[:n+m] // read straight into the result
-				if err := r.B.ReadI32(r.view(r.argmax, m), (*toks)[n:]); err != nil {
+				if err := r.readTokens(p, m, graph && len(pieces) == 1, pk, (*toks)[n:]); err != nil {
 					return fmt.Errorf("forward: %w", err)
 				}
 				if pk.sample {

@@ -13,6 +13,12 @@ import (
 // so model code that relies on replay is tested without a GPU: per-step
 // inputs must live in the same tensors, written before Run. Host transfers
 // or syncs inside a capture are recorded as violations.
+//
+// With Ahead set it also implements ml.AheadBackend: ReadI32Async reads at
+// once (the wrapped CPU backend has run every op queued before it), so a
+// runner launches decode steps ahead as on a GPU. With Sample set it draws
+// tokens "on the device" (ml.SamplingBackend) with ml.SampleRowRef, the
+// engine's host sampler.
 type ReplayBackend struct {
 	ml.Backend
 	graphs     map[string][]func()
@@ -20,9 +26,74 @@ type ReplayBackend struct {
 	Captures   int
 	Replays    int
 	Violations []string
+	Ahead      bool
+	AheadReads int
+	Sample     bool
 }
 
-var _ ml.GraphBackend = (*ReplayBackend)(nil)
+var (
+	_ ml.GraphBackend    = (*ReplayBackend)(nil)
+	_ ml.AheadBackend    = (*ReplayBackend)(nil)
+	_ ml.SamplingBackend = (*ReplayBackend)(nil)
+)
+
+// SampleRowsAvailable implements ml.SamplingBackend (Sample).
+func (g *ReplayBackend) SampleRowsAvailable() bool { return g.Sample }
+
+// SampleRows implements ml.SamplingBackend: each row's SampleRowRef token.
+func (g *ReplayBackend) SampleRows(dst, x, params ml.Tensor, filters int) {
+	g.do(func() {
+		n := dst.Len()
+		v := x.Len() / n
+		logits := make([]float32, x.Len())
+		w := make([]int32, params.Len())
+		if g.Backend.ReadF32(x, logits) != nil || g.Backend.ReadI32(params, w) != nil {
+			return // the wrapped backend's error is sticky
+		}
+		toks := make([]int32, n)
+		for i, p := range ml.UnpackSampleParams(w)[:n] {
+			toks[i] = ml.SampleRowRef(logits[i*v:(i+1)*v], p)
+		}
+		g.Backend.WriteI32(dst, toks) //nolint:errcheck // as above
+	})
+}
+
+// StepAhead implements ml.AheadBackend (Ahead).
+func (g *ReplayBackend) StepAhead() bool { return g.Ahead }
+
+// ReadI32Async implements ml.AheadBackend.
+func (g *ReplayBackend) ReadI32Async(t ml.Tensor) (ml.PendingI32, error) {
+	if !g.Ahead {
+		return nil, fmt.Errorf("replay: step-ahead reads are off")
+	}
+	g.violation("ReadI32Async")
+	v := make([]int32, t.Len())
+	if err := g.Backend.ReadI32(t, v); err != nil {
+		return nil, err
+	}
+	g.AheadReads++
+	return &doneRead{v: v}, nil
+}
+
+// doneRead is a read that has completed.
+type doneRead struct {
+	v    []int32
+	done bool
+}
+
+func (d *doneRead) Wait(dst []int32) error {
+	if d.done {
+		return fmt.Errorf("replay: read waited for twice")
+	}
+	if len(dst) > len(d.v) {
+		return fmt.Errorf("replay: %d values from a read of %d", len(dst), len(d.v))
+	}
+	d.done = true
+	copy(dst, d.v)
+	return nil
+}
+
+func (d *doneRead) Drop() { d.done = true }
 
 // NewReplay wraps b.
 func NewReplay(b ml.Backend) *ReplayBackend {

@@ -1,0 +1,84 @@
+package gpt
+
+import (
+	"context"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llama-orch/orch/sdk"
+	"github.com/llama-orch/orch/sdk/engine"
+	"github.com/llama-orch/orch/sdk/ml/cpu"
+	"github.com/llama-orch/orch/sdk/ml/nn"
+	"github.com/llama-orch/orch/sdk/ml/nn/nntest"
+)
+
+// Decode steps launched ahead (sdk/ml/nn/ahead.go) give the tokens of the
+// plain path: greedy and seeded sampled streams on the window model (its
+// window pool frees blocks as the streams go; block size 4, so every fourth
+// step is not launched ahead), alone — nearly every step a hit — and four at
+// once, where streams joining, finishing and preempted (a pool of 24 blocks)
+// make misses. The sampled rows are drawn "on the device" in both runs (the
+// replaying backend's SampleRows).
+func TestStepAhead(t *testing.T) {
+	path := windowModel(t)
+	reqs := windowPrompts(4, 10, 9)
+	for i := range reqs {
+		reqs[i].MaxTokens = 24 + 5*i
+		if i%2 == 1 {
+			reqs[i].Sampling = sdk.SamplingParams{Temperature: 0.9, TopK: 40, Seed: uint64(7 + i), HasSeed: true}
+		}
+	}
+	ref := nntest.NewReplay(cpu.New(2))
+	ref.Sample = true // the same draws as below, without steps launched ahead
+	plain, _ := serve(t, path, nn.Options{Backend: ref, NumBlocks: 256, ContextLength: 128, MaxTokens: 8})
+	want := make([][]int32, len(reqs))
+	for i, rq := range reqs {
+		var err error
+		want[i], _, err = generate(context.Background(), plain, rq)
+		require.NoError(t, err)
+		require.Len(t, want[i], rq.MaxTokens)
+	}
+	for _, tc := range []struct {
+		name      string
+		blocks    int
+		alone     bool
+		minHitPct int64
+	}{
+		{"alone", 256, true, 90},
+		{"together", 256, false, 50},
+		{"together, preempted", 24, false, 50},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rb := nntest.NewReplay(cpu.New(2))
+			rb.Ahead, rb.Sample = true, true
+			a, rec := serve(t, path, nn.Options{Backend: rb, NumBlocks: tc.blocks, ContextLength: 128, MaxTokens: 8, MaxSequences: 4},
+				engine.WithMaxSequences(4), engine.WithMaxBatchTokens(16))
+			var got [][]int32
+			if tc.alone {
+				for _, rq := range reqs {
+					toks, _, err := generate(context.Background(), a, rq)
+					require.NoError(t, err)
+					got = append(got, toks)
+				}
+			} else {
+				got = generateAll(t, a, reqs)
+			}
+			for i := range reqs {
+				assert.Equal(t, want[i], got[i], "stream %d", i)
+			}
+			launched, hits := rec.AheadStats()
+			t.Logf("steps %d, launched ahead %d, hits %d", rec.steps.Load(), launched, hits)
+			assert.Positive(t, hits)
+			assert.GreaterOrEqual(t, 100*hits, tc.minHitPct*launched)
+			if !tc.alone {
+				assert.Greater(t, launched, hits, "misses")
+			}
+			assert.Empty(t, rb.Violations)
+			st, err := a.Stats(context.Background())
+			require.NoError(t, err)
+			assert.Zero(t, st.KVUsedBlocks)
+		})
+	}
+}

@@ -1,0 +1,234 @@
+package nn
+
+import (
+	"context"
+	"slices"
+
+	"github.com/llama-orch/orch/sdk/ml"
+)
+
+// Steps launched ahead (session 11). Between two decode steps the device
+// idles while the host reads the step's tokens, the engine hands them out
+// and schedules, and the runner stages and launches the next step: ~90 µs of
+// a ~1.75 ms gpt-oss step on an H100 (ORCH_CUDA_GAPTIME). In steady decode
+// the next step is predictable: the same sequences, one position on, fed the
+// tokens this step draws. So after queuing a captured decode step the runner
+// queues a read of its tokens (ml.AheadBackend), stages the predicted next
+// step — its positions and slots uploaded, its tokens copied on the device
+// from this step's — launches it, and only then waits for this step's
+// tokens. When the engine's next batch is the prediction (takeAhead), that
+// step is already running: the runner queues the one after it and reads.
+//
+// A miss costs the predicted step's device time (its KV writes at the next
+// position are rewritten by whichever step really writes there, before any
+// read: stream order), so it is only tried where a miss is rare and the gap
+// matters: one-piece graph decode steps of at most aheadMaxSeqs sequences,
+// greedy or drawn on the device (no Host rows), no tensor parallelism, and
+// never when the next position needs a block the table may not have yet
+// (the first position of a block).
+
+// aheadMaxSeqs bounds the sequences of a step launched ahead: with more, the
+// gap is a small part of the step and sequences finish or join more often.
+const aheadMaxSeqs = 4
+
+// ahead is a decode step launched before the engine asked for it.
+type ahead struct {
+	p     *Piece // as staged (padded tables); Tokens: the step's input tokens, set once the step before is read
+	pk    pick   // greedy or sample (specs: the predicted ones, Index + 1)
+	read  ml.PendingI32
+	valid bool // p.Tokens is known
+}
+
+// canAhead reports whether the step of p just queued (a one-piece graph
+// decode step with pk) may be followed by one launched ahead.
+func (r *Runner) canAhead(p *Piece, pk *pick) bool {
+	if r.ab == nil || p.NSeq > aheadMaxSeqs || !(pk.greedy || pk.sample) {
+		return false
+	}
+	if pk.sample {
+		for _, j := range p.OutOwner {
+			if pk.specs[j].Host {
+				return false
+			}
+		}
+	}
+	bs := int32(r.KV.BlockSize)
+	for _, pos := range p.Pos {
+		if (pos+1)%bs == 0 || int(pos)+2 > r.cfg.Spec.ContextLength {
+			return false
+		}
+	}
+	return true
+}
+
+// readTokens reads the m tokens of the step just queued into dst. When the
+// step is a one-piece graph decode step (oneGraph) that can be predicted,
+// it first launches the next step (launchAhead) and keeps it in r.next.
+func (r *Runner) readTokens(p *Piece, m int, oneGraph bool, pk *pick, dst []int32) error {
+	if !oneGraph || !r.canAhead(p, pk) {
+		return r.B.ReadI32(r.view(r.argmax, m), dst)
+	}
+	rd, err := r.ab.ReadI32Async(r.view(r.argmax, m))
+	if err != nil {
+		return err
+	}
+	return r.aheadThenWait(p, pk, rd, dst)
+}
+
+// aheadThenWait launches the step after p's (queued, its tokens read by rd),
+// then waits for rd into dst.
+func (r *Runner) aheadThenWait(p *Piece, pk *pick, rd ml.PendingI32, dst []int32) error {
+	nx, err := r.launchAhead(p, pk)
+	if err != nil {
+		rd.Drop()
+		return err
+	}
+	if err := rd.Wait(dst); err != nil {
+		r.dropAhead(nx)
+		return err
+	}
+	nx.p.Tokens = slices.Clone(dst)
+	nx.valid = true
+	r.next = nx
+	return nil
+}
+
+// advance is the piece of the decode step after p's: each sequence one
+// position on (within the same block: canAhead), tokens unset.
+func (p *Piece) advance() *Piece {
+	inc := func(v []int32) []int32 {
+		o := make([]int32, len(v))
+		for i, x := range v {
+			o[i] = x + 1
+		}
+		return o
+	}
+	q := &Piece{Tokens: make([]int32, len(p.Tokens)), Pos: inc(p.Pos), Seq: p.Seq, Slots: inc(p.Slots), Blocks: p.Blocks,
+		MaxBlocks: p.MaxBlocks, NSeq: p.NSeq, OutRows: p.OutRows, OutOwner: p.OutOwner, GroupBlocks: p.GroupBlocks}
+	for _, gs := range p.GroupSlots {
+		q.GroupSlots = append(q.GroupSlots, inc(gs))
+	}
+	return q
+}
+
+// launchAhead stages and launches the decode step after p's (queued just
+// before): its token inputs are copied on the device from p's tokens (the
+// argmax buffer), and a read of its own tokens is queued after it.
+func (r *Runner) launchAhead(p *Piece, pk *pick) (*ahead, error) {
+	q := p.advance()
+	n := len(q.Tokens)
+	// the tokens as the host image holds them: stage uploads none of them
+	copy(q.Tokens, r.staged[r.inputs])
+	st, err := r.stage(q)
+	if err != nil {
+		return nil, err
+	}
+	r.B.Copy(r.view(r.tokens, n), r.view(r.argmax, n))
+	if img := r.staged[r.inputs]; len(img) >= n {
+		for i := range n {
+			img[i] = -1 // the device's tokens: unknown here, so the next upload writes them
+		}
+	}
+	a := &ahead{p: q, pk: pick{greedy: pk.greedy, sample: pk.sample, filters: pk.filters}}
+	if pk.sample {
+		a.pk.specs = slices.Clone(pk.specs)
+		for i, sp := range a.pk.specs {
+			if sp.Temperature >= ml.SampleMinTemperature { // a draw: the next token's index (a greedy row's spec stays)
+				a.pk.specs[i].Index++
+			}
+		}
+		f, err := r.stageParams(q, 0, n, a.pk.specs)
+		if err != nil {
+			return nil, err
+		}
+		a.pk.filters = max(f, pk.filters) // the same: only the draw counter moved
+	}
+	if err := r.launch(st, n, true, &a.pk); err != nil {
+		return nil, err
+	}
+	if a.read, err = r.ab.ReadI32Async(r.view(r.argmax, n)); err != nil {
+		return nil, err
+	}
+	r.aheadLaunched.Add(1)
+	return a, nil
+}
+
+// AheadStats reports how many decode steps were launched ahead so far and
+// how many of them the engine then asked for.
+func (r *Runner) AheadStats() (launched, hits int64) {
+	return r.aheadLaunched.Load(), r.aheadHits.Load()
+}
+
+// dropAhead gives up a step launched ahead (it runs to its end unread).
+func (r *Runner) dropAhead(a *ahead) {
+	if a != nil && a.read != nil {
+		a.read.Drop()
+	}
+}
+
+// takeAhead answers a call from the step launched ahead when the batch is
+// its prediction (hit: the tokens are appended to toks, after the next step
+// is launched ahead in turn); otherwise the step is dropped and the call
+// runs as usual.
+func (r *Runner) takeAhead(ctx context.Context, pieces []Piece, pk *pick, toks *[]int32) (bool, error) {
+	a := r.next
+	r.next = nil
+	if len(pieces) != 1 || !r.matches(a, &pieces[0], pk) {
+		r.dropAhead(a)
+		return false, nil
+	}
+	if err := ctx.Err(); err != nil {
+		r.dropAhead(a)
+		return true, err
+	}
+	r.aheadHits.Add(1)
+	n := len(a.p.Tokens)
+	k := len(*toks)
+	*toks = slices.Grow(*toks, n)[:k+n]
+	dst := (*toks)[k:]
+	if !r.canAhead(a.p, pk) {
+		return true, a.read.Wait(dst)
+	}
+	return true, r.aheadThenWait(a.p, &a.pk, a.read, dst)
+}
+
+// matches reports whether the engine's piece p (pick pk) is the step a
+// predicted. Block table entries that no token of p can see (below a window
+// group's window, freed by the engine: -1, staged as 0) may differ.
+func (r *Runner) matches(a *ahead, p *Piece, pk *pick) bool {
+	if !a.valid || pk.greedy != a.pk.greedy || pk.sample != a.pk.sample || !r.decodeStep(p) {
+		return false
+	}
+	if pk.sample && !slices.Equal(pk.specs, a.pk.specs) {
+		return false
+	}
+	p.padTables(r.tableBlocks)
+	q := a.p
+	if p.NSeq != q.NSeq || p.MaxBlocks != q.MaxBlocks || !slices.Equal(p.Tokens, q.Tokens) ||
+		!slices.Equal(p.Pos, q.Pos) || !slices.Equal(p.Seq, q.Seq) || !slices.Equal(p.Slots, q.Slots) ||
+		!slices.Equal(p.OutRows, q.OutRows) || !slices.Equal(p.OutOwner, q.OutOwner) ||
+		len(p.GroupSlots) != len(q.GroupSlots) || len(p.GroupBlocks) != len(q.GroupBlocks) {
+		return false
+	}
+	for g := range p.GroupSlots {
+		if !slices.Equal(p.GroupSlots[g], q.GroupSlots[g]) {
+			return false
+		}
+	}
+	bs := int32(r.KV.BlockSize)
+	pt, qt := append([][]int32{p.Blocks}, p.GroupBlocks...), append([][]int32{q.Blocks}, q.GroupBlocks...)
+	for g, kg := range r.groups {
+		for s := range p.NSeq {
+			// sequence s's one token: table entries below its window's first block are never read
+			lo := 0
+			if kg.Window > 0 {
+				lo = int(max(0, p.Pos[s]-int32(kg.Window)+1) / bs)
+			}
+			row := s * p.MaxBlocks
+			if !slices.Equal(pt[g][row+lo:row+p.MaxBlocks], qt[g][row+lo:row+p.MaxBlocks]) {
+				return false
+			}
+		}
+	}
+	return true
+}
