@@ -47,7 +47,7 @@ if has tests; then
     [ -x "$b" ] || continue
     t0=$(date +%s)
     pkg=plugins/$(basename "$b" -gpu.test)
-    if (cd "$pkg" && timeout 240 "../../$b" -test.v -test.timeout 230s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan|TestWindowKVDevice') >"$OUT/$(basename "$b").log" 2>&1; then
+    if (cd "$pkg" && timeout 240 "../../$b" -test.v -test.timeout 230s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan|TestWindowKVDevice|TestGPUStepAhead') >"$OUT/$(basename "$b").log" 2>&1; then
       log "$(basename "$b"): PASS ($(grep -c -- '--- PASS' "$OUT/$(basename "$b").log") passed, $(grep -c -- '--- SKIP' "$OUT/$(basename "$b").log") skipped, $(( $(date +%s) - t0 )) s)"
     else
       log "$(basename "$b"): FAIL"; grep -E -A6 -- '--- FAIL|panic' "$OUT/$(basename "$b").log" | head -40 | tee -a "$OUT/summary.md"
@@ -59,7 +59,7 @@ if has tests; then
       # find which new kernel breaks it: switch them off one at a time, keep the first combination
       # that passes for the rest of the run (ORCH_CUDA_FALLBACK overrides the list)
       for combo in ${ORCH_CUDA_FALLBACK:-"ORCH_CUDA_GEMM=v1" "ORCH_CUDA_MOE=v3 ORCH_CUDA_GEMV=v5" "ORCH_CUDA_MOE=v2 ORCH_CUDA_GEMV=v4" "ORCH_CUDA_GEMM=v1 ORCH_CUDA_MOE=v2 ORCH_CUDA_GEMV=v4" "ORCH_CUDA_MOE=v1 ORCH_CUDA_GEMV=v3 ORCH_CUDA_GEMM=v1"}; do
-        if (cd "$pkg" && env $combo timeout 200 "../../$b" -test.timeout 190s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan|TestWindowKVDevice') >"$OUT/$(basename "$b")-fallback.log" 2>&1; then
+        if (cd "$pkg" && env $combo timeout 200 "../../$b" -test.timeout 190s -test.run 'TestGPUMatchesCPU|TestGPUGoldens|TestGPUPlan|TestWindowKVDevice|TestGPUStepAhead') >"$OUT/$(basename "$b")-fallback.log" 2>&1; then
           log "$(basename "$b") with $combo: PASS (used for the rest of the run)"; export $combo; break
         else log "$(basename "$b") with $combo: FAIL"; fi
       done
