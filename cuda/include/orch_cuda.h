@@ -483,6 +483,12 @@ typedef struct {
  * captured graph replays any params with the same filters value. */
 int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab,
                      const orch_sample_params *params, int32_t filters);
+/* Session 11 (optional; the runner's decode steps launched ahead): the next step's inputs from this one's, on
+ * the device. buf holds segments of seg values: segment 0's first n values = src's (the drawn tokens), and for each
+ * bit s >= 1 of inc, segment s's first n values + 1 (positions, KV slots); params (NULL: none; n rows): each row
+ * that draws (temperature >= 1e-5) gets counter + 1. n <= 65535; bit 0 of inc must be clear. */
+int orch_step_advance(orch_ctx *ctx, int32_t *buf, int64_t seg, uint32_t inc, const int32_t *src,
+                      orch_sample_params *params, int32_t n);
 
 /* ---- comm.cu (ABI 5): tensor-parallel collectives through NCCL ----
  * libnccl is loaded at run time (dlopen) on first use: $ORCH_NCCL_LIB, then

@@ -117,6 +117,25 @@ extern "C" int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int
   return ORCH_OK;
 }
 
+__global__ void step_advance_kernel(int32_t *buf, int64_t seg, uint32_t inc, const int32_t *src,
+                                    orch_sample_params *params, int32_t n) {
+  const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i >= n) return;
+  buf[i] = src[i];
+  for (int s = 1; s < 32; s++)
+    if ((inc >> s) & 1u) buf[s * seg + i] += 1;
+  if (params && params[i].temperature >= 1e-5f) params[i].counter += 1;
+}
+
+extern "C" int orch_step_advance(orch_ctx *ctx, int32_t *buf, int64_t seg, uint32_t inc, const int32_t *src,
+                                 orch_sample_params *params, int32_t n) {
+  ORCH_CHECK_ARG(ctx && buf && src && seg >= n && n >= 0 && n <= 65535 && !(inc & 1u), "step_advance");
+  if (!n) return ORCH_OK;
+  step_advance_kernel<<<(unsigned)((n + 127) / 128), 128, 0, ctx->stream>>>(buf, seg, inc, src, params, n);
+  ORCH_LAUNCHED("step_advance");
+  return ORCH_OK;
+}
+
 #include "sample_rows.cuh"
 
 extern "C" int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n, int64_t vocab,

@@ -245,6 +245,13 @@ type AheadBackend interface {
 	// and returns at once; the values are the ones the queue's earlier work
 	// left in t, whatever is queued after.
 	ReadI32Async(t Tensor) (PendingI32, error)
+	// AdvanceStep queues, in buf (I32, segments of seg values), the inputs
+	// of the decode step after one: the first n values = src's (its tokens)
+	// and, for each bit s >= 1 of inc, the first n values of segment s + 1
+	// (positions, KV slots); in params (nil: none; packed SampleParams of n
+	// rows) each row that draws (Temperature >= SampleMinTemperature) gets
+	// Counter + 1.
+	AdvanceStep(buf Tensor, seg int, inc uint32, src, params Tensor, n int)
 }
 
 // PendingI32 is a queued read (AheadBackend.ReadI32Async). Exactly one of

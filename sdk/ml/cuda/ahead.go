@@ -16,9 +16,11 @@ import (
 // which then would include the next step. Each read takes a slot (pinned
 // buffer + event) from a small pool; a dropped read's slot may be reused at
 // once, since a later copy into it is queued after the dropped one.
-// ORCH_CUDA_STEP_AHEAD=0 turns the reads off (the runner then reads as
-// before); so do a library without orch_memcpy_d2h_async / orch_event_sync
-// and op timing (ORCH_CUDA_OPTIME reads its events with stream waits).
+// AdvanceStep (orch_step_advance) writes the next step's inputs from this
+// one's on the device. ORCH_CUDA_STEP_AHEAD=0 turns both off (the runner
+// then reads as before); so do a library without orch_memcpy_d2h_async /
+// orch_event_sync / orch_step_advance and op timing (ORCH_CUDA_OPTIME reads
+// its events with stream waits).
 
 type aheadSlot struct {
 	host unsafe.Pointer // pinned, cap int32 values
@@ -123,6 +125,39 @@ func (r *aheadRead) Drop() {
 		r.b.ah.free = append(r.b.ah.free, r.s)
 		r.s = nil
 	}
+}
+
+// AdvanceStep implements ml.AheadBackend.
+func (b *Backend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, params ml.Tensor, n int) {
+	const op = "step_advance"
+	d, s := b.arg(op, "buf", buf, ml.I32), b.arg(op, "src", src, ml.I32)
+	if d == nil || s == nil {
+		return
+	}
+	var pp uintptr
+	if params != nil {
+		pt := b.arg(op, "params", params, ml.I32)
+		if pt == nil {
+			return
+		}
+		if pt.n < ml.SampleParamsWords*n {
+			b.failf(op, "params of %d values for %d rows", pt.n, n)
+			return
+		}
+		pp = pt.ptr
+	}
+	top := 0
+	for i := 1; i < 32; i++ {
+		if inc>>i&1 != 0 {
+			top = i
+		}
+	}
+	if !b.StepAhead() || inc&1 != 0 || n < 0 || n > seg || s.n < n || d.n < top*seg+n {
+		b.failf(op, "%d rows, segments of %d (inc %#x) in %d values, %d tokens (step-ahead on: %t)", n, seg, inc, d.n, s.n,
+			b.StepAhead())
+		return
+	}
+	b.call(op, b.l.stepAdvance(b.ctx, d.ptr, int64(seg), inc, s.ptr, pp, int32(n)))
 }
 
 // closeAhead frees the slots (after a stream sync: a queued copy may still

@@ -37,6 +37,9 @@ func fakeAhead(b *Backend, f *fakeLib) *[][]int32 {
 		return f.add("d2h_async %x %d", src, bytes)
 	}
 	b.l.destroy = func(ctx uintptr) int32 { return f.add("destroy") }
+	b.l.stepAdvance = func(ctx, buf uintptr, seg int64, inc uint32, src, params uintptr, n int32) int32 {
+		return f.add("step_advance buf=%x seg=%d inc=%#x src=%x params=%x n=%d", buf, seg, inc, src, params, n)
+	}
 	return hosts
 }
 
@@ -87,4 +90,30 @@ func TestReadI32Async(t *testing.T) {
 	f.take()
 	require.NoError(t, b.Close())
 	assert.Equal(t, []string{"sync", "event_destroy 1", "host_free", "event_destroy 2", "host_free", "destroy"}, f.take())
+}
+
+// AdvanceStep launches orch_step_advance with the segments it is given and
+// refuses segments past the buffer, segment 0 in inc, and short params.
+func TestAdvanceStep(t *testing.T) {
+	t.Setenv("ORCH_CUDA_STEP_AHEAD", "")
+	b, f := newFakeBackend(t)
+	_ = fakeAhead(b, f)
+	const m = 8
+	buf, src, params := fakeT(b, ml.I32, 6*m), fakeT(b, ml.I32, m), fakeT(b, ml.I32, ml.SampleParamsWords*m)
+	b.AdvanceStep(buf, m, 1<<1|1<<3|1<<5, src, nil, 2)
+	b.AdvanceStep(buf, m, 1<<1|1<<3, src, params, 3)
+	require.NoError(t, b.Err())
+	assert.Equal(t, []string{
+		fmt.Sprintf("step_advance buf=%x seg=8 inc=0x2a src=%x params=0 n=2", buf.ptr, src.ptr),
+		fmt.Sprintf("step_advance buf=%x seg=8 inc=0xa src=%x params=%x n=3", buf.ptr, src.ptr, params.ptr),
+	}, f.take())
+	for _, bad := range []func(){
+		func() { b.AdvanceStep(buf, m, 1<<6, src, nil, 1) },                                    // segment 6 is past the buffer
+		func() { b.AdvanceStep(buf, m, 1|1<<1, src, nil, 1) },                                  // segment 0 is the tokens'
+		func() { b.AdvanceStep(buf, m, 1<<1, src, fakeT(b, ml.I32, ml.SampleParamsWords), 2) }, // params of one row
+	} {
+		bad()
+		assert.Error(t, b.Sync())
+		assert.NotContains(t, fmt.Sprint(f.take()), "step_advance")
+	}
 }

@@ -71,6 +71,7 @@ type lib struct {
 	eventSync      func(ev uintptr) int32
 	hostAlloc      func(bytes int64, out *unsafe.Pointer) int32
 	hostFree       func(p unsafe.Pointer) int32
+	stepAdvance    func(ctx, buf uintptr, seg int64, inc uint32, src, params uintptr, n int32) int32
 
 	matmul     func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32) int32
 	moeMatmul  func(ctx, y, x uintptr, xPerSlot int32, w uintptr, wtype int32, bias, ids uintptr, n int64, slots int32, k, m int64) int32
@@ -293,7 +294,7 @@ func (l *lib) bind() (err error) {
 	// Optional: the queued token read of a step launched ahead (ahead.go).
 	bindAll(l.handle, []symbol{
 		{&l.memcpyD2HAsync, "orch_memcpy_d2h_async"}, {&l.eventSync, "orch_event_sync"},
-		{&l.hostAlloc, "orch_host_alloc"}, {&l.hostFree, "orch_host_free"},
+		{&l.hostAlloc, "orch_host_alloc"}, {&l.hostFree, "orch_host_free"}, {&l.stepAdvance, "orch_step_advance"},
 	})
 	// Optional entry points: all or none (the feature is then off).
 	bindAll(l.handle, []symbol{

@@ -112,24 +112,16 @@ func (p *Piece) advance() *Piece {
 }
 
 // launchAhead stages and launches the decode step after p's (queued just
-// before): its token inputs are copied on the device from p's tokens (the
-// argmax buffer), and a read of its own tokens is queued after it.
+// before), and queues a read of its tokens after it. Its inputs are written
+// on the device (ml.AheadBackend.AdvanceStep: tokens from p's, positions and
+// slots + 1, draw counters + 1) and the host images updated to match, so
+// stage uploads nothing; without the images it uploads the changed span and
+// copies the tokens on the device.
 func (r *Runner) launchAhead(p *Piece, pk *pick) (*ahead, error) {
 	q := p.advance()
-	n := len(q.Tokens)
-	// the tokens as the host image holds them: stage uploads none of them
-	copy(q.Tokens, r.staged[r.inputs])
-	st, err := r.stage(q)
-	if err != nil {
-		return nil, err
-	}
-	r.B.Copy(r.view(r.tokens, n), r.view(r.argmax, n))
-	if img := r.staged[r.inputs]; len(img) >= n {
-		for i := range n {
-			img[i] = -1 // the device's tokens: unknown here, so the next upload writes them
-		}
-	}
+	n, m := len(q.Tokens), r.cfg.MaxTokens
 	a := &ahead{p: q, pk: pick{greedy: pk.greedy, sample: pk.sample, filters: pk.filters}}
+	var params ml.Tensor
 	if pk.sample {
 		a.pk.specs = slices.Clone(pk.specs)
 		for i, sp := range a.pk.specs {
@@ -137,6 +129,49 @@ func (r *Runner) launchAhead(p *Piece, pk *pick) (*ahead, error) {
 				a.pk.specs[i].Index++
 			}
 		}
+		params = r.view(r.params, ml.SampleParamsWords*n)
+	}
+	img, pimg := r.staged[r.inputs], r.staged[r.params]
+	advanced := len(img) == r.inputs.Len() && (!pk.sample || len(pimg) >= ml.SampleParamsWords*n)
+	if advanced {
+		inc := uint32(1<<1 | 1<<3) // positions, slots; then each further KV group's slots
+		for g := range r.gslots {
+			inc |= 1 << (5 + g)
+		}
+		r.ab.AdvanceStep(r.inputs, m, inc, r.view(r.argmax, n), params, n)
+		for i := range n {
+			img[i] = -1 // the device's tokens: unknown here, so the next upload writes them
+			for s := 1; s < 32; s++ {
+				if inc>>s&1 != 0 {
+					img[s*m+i]++
+				}
+			}
+		}
+		if pk.sample {
+			ps := ml.UnpackSampleParams(pimg[:ml.SampleParamsWords*n])
+			for i := range ps {
+				if ps[i].Temperature >= ml.SampleMinTemperature {
+					ps[i].Counter++
+				}
+			}
+			ml.PackSampleParams(pimg, ps)
+		}
+	}
+	// the tokens as the host image holds them: stage uploads none of them
+	copy(q.Tokens, r.staged[r.inputs])
+	st, err := r.stage(q)
+	if err != nil {
+		return nil, err
+	}
+	if !advanced { // the positions were uploaded: the tokens are copied here
+		r.B.Copy(r.view(r.tokens, n), r.view(r.argmax, n))
+		if img := r.staged[r.inputs]; len(img) >= n {
+			for i := range n {
+				img[i] = -1
+			}
+		}
+	}
+	if pk.sample {
 		f, err := r.stageParams(q, 0, n, a.pk.specs)
 		if err != nil {
 			return nil, err

@@ -75,6 +75,40 @@ func (g *ReplayBackend) ReadI32Async(t ml.Tensor) (ml.PendingI32, error) {
 	return &doneRead{v: v}, nil
 }
 
+// AdvanceStep implements ml.AheadBackend on the host.
+func (g *ReplayBackend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, params ml.Tensor, n int) {
+	g.do(func() {
+		b, t := make([]int32, buf.Len()), make([]int32, n)
+		if g.Backend.ReadI32(buf, b) != nil || g.Backend.ReadI32(src, t) != nil {
+			return // the wrapped backend's error is sticky
+		}
+		copy(b, t)
+		for s := 1; s < 32; s++ {
+			if inc>>s&1 != 0 {
+				for i := range n {
+					b[s*seg+i]++
+				}
+			}
+		}
+		g.Backend.WriteI32(buf, b) //nolint:errcheck // as above
+		if params == nil {
+			return
+		}
+		w := make([]int32, ml.SampleParamsWords*n)
+		if g.Backend.ReadI32(params, w) != nil {
+			return
+		}
+		ps := ml.UnpackSampleParams(w)
+		for i := range ps {
+			if ps[i].Temperature >= ml.SampleMinTemperature {
+				ps[i].Counter++
+			}
+		}
+		ml.PackSampleParams(w, ps)
+		g.Backend.WriteI32(params, w) //nolint:errcheck // as above
+	})
+}
+
 // doneRead is a read that has completed.
 type doneRead struct {
 	v    []int32
