@@ -45,14 +45,16 @@ func TestStepAhead(t *testing.T) {
 		blocks    int
 		alone     bool
 		minHitPct int64
+		upload    bool // the backend declines AdvanceStep: the runner uploads the inputs
 	}{
-		{"alone", 256, true, 90},
-		{"together", 256, false, 50},
-		{"together, preempted", 24, false, 50},
+		{"alone", 256, true, 90, false},
+		{"alone, uploaded", 256, true, 90, true},
+		{"together", 256, false, 50, false},
+		{"together, preempted", 24, false, 50, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rb := nntest.NewReplay(cpu.New(2))
-			rb.Ahead, rb.Sample = true, true
+			rb.Ahead, rb.Sample, rb.NoAdvance = true, true, tc.upload
 			a, rec := serve(t, path, nn.Options{Backend: rb, NumBlocks: tc.blocks, ContextLength: 128, MaxTokens: 8, MaxSequences: 4},
 				engine.WithMaxSequences(4), engine.WithMaxBatchTokens(16))
 			var got [][]int32
@@ -81,4 +83,37 @@ func TestStepAhead(t *testing.T) {
 			assert.Zero(t, st.KVUsedBlocks)
 		})
 	}
+}
+
+// Two sequences decoded in turn, one per call: every step launched ahead is
+// a miss (the next call is the other sequence), yet the tokens are the plain
+// runner's, and after aheadMaxMisses misses in a row of outcomes the runner
+// stops launching ahead for a while (bounded waste).
+func TestStepAheadMisses(t *testing.T) {
+	c := nntest.Tiny("gpt-oss")
+	rb := nntest.NewReplay(cpu.New(2))
+	rb.Ahead = true
+	m := load(t, c, Options{Backend: rb, MaxTokens: 8, NumBlocks: 64, BlockSize: 16, ContextLength: 256})
+	ref := load(t, c, Options{Backend: nntest.NewReplay(cpu.New(2)), MaxTokens: 8, NumBlocks: 64, BlockSize: 16, ContextLength: 256})
+	ctx := context.Background()
+	decode := func(mod engine.Model) [][]int32 {
+		gm := mod.(engine.GreedyModel)
+		tables := [][]int32{{0, 1, 2, 3}, {4, 5, 6, 7}}
+		toks := [][]int32{{5}, {9}}
+		for step := 0; step < 100; step++ {
+			s := step % 2
+			pos := step / 2
+			out, err := gm.ForwardGreedy(ctx, &engine.Batch{Seqs: []engine.SeqInput{{Tokens: toks[s][pos:], Pos: pos, Blocks: tables[s]}}})
+			require.NoError(t, err)
+			toks[s] = append(toks[s], out[0])
+		}
+		return toks
+	}
+	want, got := decode(ref), decode(m)
+	assert.Equal(t, want, got)
+	launched, hits := m.(*nn.Runner).AheadStats()
+	t.Logf("launched ahead %d, hits %d", launched, hits)
+	assert.Zero(t, hits)
+	assert.Positive(t, launched)
+	assert.Less(t, launched, int64(40), "the throttle: 100 candidates")
 }

@@ -250,8 +250,9 @@ type AheadBackend interface {
 	// and, for each bit s >= 1 of inc, the first n values of segment s + 1
 	// (positions, KV slots); in params (nil: none; packed SampleParams of n
 	// rows) each row that draws (Temperature >= SampleMinTemperature) gets
-	// Counter + 1.
-	AdvanceStep(buf Tensor, seg int, inc uint32, src, params Tensor, n int)
+	// Counter + 1. It reports whether it queued the update (false: the
+	// caller uploads the inputs instead).
+	AdvanceStep(buf Tensor, seg int, inc uint32, src, params Tensor, n int) bool
 }
 
 // PendingI32 is a queued read (AheadBackend.ReadI32Async). Exactly one of

@@ -17,10 +17,11 @@ import (
 // buffer + event) from a small pool; a dropped read's slot may be reused at
 // once, since a later copy into it is queued after the dropped one.
 // AdvanceStep (orch_step_advance) writes the next step's inputs from this
-// one's on the device. ORCH_CUDA_STEP_AHEAD=0 turns both off (the runner
-// then reads as before); so do a library without orch_memcpy_d2h_async /
-// orch_event_sync / orch_step_advance and op timing (ORCH_CUDA_OPTIME reads
-// its events with stream waits).
+// one's on the device (ORCH_CUDA_STEP_ADVANCE=0 or a library without it:
+// the runner uploads them). ORCH_CUDA_STEP_AHEAD=0 turns both off (the
+// runner then reads as before); so do a library without
+// orch_memcpy_d2h_async / orch_event_sync and op timing (ORCH_CUDA_OPTIME
+// reads its events with stream waits).
 
 type aheadSlot struct {
 	host unsafe.Pointer // pinned, cap int32 values
@@ -128,21 +129,24 @@ func (r *aheadRead) Drop() {
 }
 
 // AdvanceStep implements ml.AheadBackend.
-func (b *Backend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, params ml.Tensor, n int) {
+func (b *Backend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, params ml.Tensor, n int) bool {
 	const op = "step_advance"
+	if b.l.stepAdvance == nil || os.Getenv("ORCH_CUDA_STEP_ADVANCE") == "0" {
+		return false
+	}
 	d, s := b.arg(op, "buf", buf, ml.I32), b.arg(op, "src", src, ml.I32)
 	if d == nil || s == nil {
-		return
+		return true // the sticky error fails the step
 	}
 	var pp uintptr
 	if params != nil {
 		pt := b.arg(op, "params", params, ml.I32)
 		if pt == nil {
-			return
+			return true
 		}
 		if pt.n < ml.SampleParamsWords*n {
 			b.failf(op, "params of %d values for %d rows", pt.n, n)
-			return
+			return true
 		}
 		pp = pt.ptr
 	}
@@ -155,9 +159,10 @@ func (b *Backend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, params ml
 	if !b.StepAhead() || inc&1 != 0 || n < 0 || n > seg || s.n < n || d.n < top*seg+n {
 		b.failf(op, "%d rows, segments of %d (inc %#x) in %d values, %d tokens (step-ahead on: %t)", n, seg, inc, d.n, s.n,
 			b.StepAhead())
-		return
+		return true
 	}
 	b.call(op, b.l.stepAdvance(b.ctx, d.ptr, int64(seg), inc, s.ptr, pp, int32(n)))
+	return true
 }
 
 // closeAhead frees the slots (after a stream sync: a queued copy may still

@@ -100,19 +100,23 @@ func TestAdvanceStep(t *testing.T) {
 	_ = fakeAhead(b, f)
 	const m = 8
 	buf, src, params := fakeT(b, ml.I32, 6*m), fakeT(b, ml.I32, m), fakeT(b, ml.I32, ml.SampleParamsWords*m)
-	b.AdvanceStep(buf, m, 1<<1|1<<3|1<<5, src, nil, 2)
-	b.AdvanceStep(buf, m, 1<<1|1<<3, src, params, 3)
+	assert.True(t, b.AdvanceStep(buf, m, 1<<1|1<<3|1<<5, src, nil, 2))
+	assert.True(t, b.AdvanceStep(buf, m, 1<<1|1<<3, src, params, 3))
 	require.NoError(t, b.Err())
 	assert.Equal(t, []string{
 		fmt.Sprintf("step_advance buf=%x seg=8 inc=0x2a src=%x params=0 n=2", buf.ptr, src.ptr),
 		fmt.Sprintf("step_advance buf=%x seg=8 inc=0xa src=%x params=%x n=3", buf.ptr, src.ptr, params.ptr),
 	}, f.take())
-	for _, bad := range []func(){
-		func() { b.AdvanceStep(buf, m, 1<<6, src, nil, 1) },                                    // segment 6 is past the buffer
-		func() { b.AdvanceStep(buf, m, 1|1<<1, src, nil, 1) },                                  // segment 0 is the tokens'
-		func() { b.AdvanceStep(buf, m, 1<<1, src, fakeT(b, ml.I32, ml.SampleParamsWords), 2) }, // params of one row
+	t.Setenv("ORCH_CUDA_STEP_ADVANCE", "0")
+	assert.False(t, b.AdvanceStep(buf, m, 1<<1, src, nil, 2), "switched off")
+	assert.Empty(t, f.take())
+	t.Setenv("ORCH_CUDA_STEP_ADVANCE", "")
+	for _, bad := range []func() bool{
+		func() bool { return b.AdvanceStep(buf, m, 1<<6, src, nil, 1) },                                    // segment 6 is past the buffer
+		func() bool { return b.AdvanceStep(buf, m, 1|1<<1, src, nil, 1) },                                  // segment 0 is the tokens'
+		func() bool { return b.AdvanceStep(buf, m, 1<<1, src, fakeT(b, ml.I32, ml.SampleParamsWords), 2) }, // params of one row
 	} {
-		bad()
+		assert.True(t, bad(), "queued an error")
 		assert.Error(t, b.Sync())
 		assert.NotContains(t, fmt.Sprint(f.take()), "step_advance")
 	}

@@ -294,8 +294,9 @@ func (l *lib) bind() (err error) {
 	// Optional: the queued token read of a step launched ahead (ahead.go).
 	bindAll(l.handle, []symbol{
 		{&l.memcpyD2HAsync, "orch_memcpy_d2h_async"}, {&l.eventSync, "orch_event_sync"},
-		{&l.hostAlloc, "orch_host_alloc"}, {&l.hostFree, "orch_host_free"}, {&l.stepAdvance, "orch_step_advance"},
+		{&l.hostAlloc, "orch_host_alloc"}, {&l.hostFree, "orch_host_free"},
 	})
+	bindAll(l.handle, []symbol{{&l.stepAdvance, "orch_step_advance"}})
 	// Optional entry points: all or none (the feature is then off).
 	bindAll(l.handle, []symbol{
 		{&l.matmulAddNorm, "orch_matmul_addnorm"}, {&l.matmulMultiNF, "orch_matmul_multi_nf"},

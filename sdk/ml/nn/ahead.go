@@ -2,6 +2,7 @@ package nn
 
 import (
 	"context"
+	"math/bits"
 	"slices"
 
 	"github.com/llama-orch/orch/sdk/ml"
@@ -31,6 +32,13 @@ import (
 // gap is a small part of the step and sequences finish or join more often.
 const aheadMaxSeqs = 4
 
+// The miss throttle (aheadOutcome).
+const (
+	aheadWindow     = 16
+	aheadMaxMisses  = 8
+	aheadPauseSteps = 64
+)
+
 // ahead is a decode step launched before the engine asked for it.
 type ahead struct {
 	p     *Piece // as staged (padded tables); Tokens: the step's input tokens, set once the step before is read
@@ -43,6 +51,10 @@ type ahead struct {
 // decode step with pk) may be followed by one launched ahead.
 func (r *Runner) canAhead(p *Piece, pk *pick) bool {
 	if r.ab == nil || p.NSeq > aheadMaxSeqs || !(pk.greedy || pk.sample) {
+		return false
+	}
+	if r.aheadPause > 0 {
+		r.aheadPause--
 		return false
 	}
 	if pk.sample {
@@ -132,13 +144,13 @@ func (r *Runner) launchAhead(p *Piece, pk *pick) (*ahead, error) {
 		params = r.view(r.params, ml.SampleParamsWords*n)
 	}
 	img, pimg := r.staged[r.inputs], r.staged[r.params]
-	advanced := len(img) == r.inputs.Len() && (!pk.sample || len(pimg) >= ml.SampleParamsWords*n)
-	if advanced {
-		inc := uint32(1<<1 | 1<<3) // positions, slots; then each further KV group's slots
-		for g := range r.gslots {
-			inc |= 1 << (5 + g)
-		}
+	inc := uint32(1<<1 | 1<<3) // positions, slots; then each further KV group's slots
+	for g := range r.gslots {
+		inc |= 1 << (5 + g)
+	}
+	advanced := len(img) == r.inputs.Len() && (!pk.sample || len(pimg) >= ml.SampleParamsWords*n) &&
 		r.ab.AdvanceStep(r.inputs, m, inc, r.view(r.argmax, n), params, n)
+	if advanced {
 		for i := range n {
 			img[i] = -1 // the device's tokens: unknown here, so the next upload writes them
 			for s := 1; s < 32; s++ {
@@ -188,6 +200,21 @@ func (r *Runner) launchAhead(p *Piece, pk *pick) (*ahead, error) {
 	return a, nil
 }
 
+// aheadOutcome records whether a step launched ahead was used; after more
+// than aheadMaxMisses misses among aheadWindow outcomes no step is launched
+// ahead for the next aheadPauseSteps candidates (every miss costs a step of
+// device time: batches that change every few steps gain nothing from it).
+func (r *Runner) aheadOutcome(hit bool) {
+	r.aheadHist <<= 1
+	if !hit {
+		r.aheadHist |= 1
+	}
+	r.aheadSeen++
+	if r.aheadSeen >= aheadWindow && bits.OnesCount32(r.aheadHist&(1<<aheadWindow-1)) > aheadMaxMisses {
+		r.aheadPause, r.aheadHist, r.aheadSeen = aheadPauseSteps, 0, 0
+	}
+}
+
 // AheadStats reports how many decode steps were launched ahead so far and
 // how many of them the engine then asked for.
 func (r *Runner) AheadStats() (launched, hits int64) {
@@ -208,7 +235,9 @@ func (r *Runner) dropAhead(a *ahead) {
 func (r *Runner) takeAhead(ctx context.Context, pieces []Piece, pk *pick, toks *[]int32) (bool, error) {
 	a := r.next
 	r.next = nil
-	if len(pieces) != 1 || !r.matches(a, &pieces[0], pk) {
+	hit := len(pieces) == 1 && r.matches(a, &pieces[0], pk)
+	r.aheadOutcome(hit)
+	if !hit {
 		r.dropAhead(a)
 		return false, nil
 	}

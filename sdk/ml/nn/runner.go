@@ -338,6 +338,8 @@ type Runner struct {
 	ab                       ml.AheadBackend
 	next                     *ahead
 	aheadLaunched, aheadHits atomic.Int64 // AheadStats (read by tests and logs while steps run)
+	aheadHist                uint32       // the last outcomes (bit set: a miss), aheadSeen of them recorded
+	aheadSeen, aheadPause    int          // aheadPause: candidates left without a step launched ahead
 }
 
 var (

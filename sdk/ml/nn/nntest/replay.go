@@ -29,6 +29,7 @@ type ReplayBackend struct {
 	Ahead      bool
 	AheadReads int
 	Sample     bool
+	NoAdvance  bool // AdvanceStep declines (the runner uploads the next step's inputs)
 }
 
 var (
@@ -76,7 +77,10 @@ func (g *ReplayBackend) ReadI32Async(t ml.Tensor) (ml.PendingI32, error) {
 }
 
 // AdvanceStep implements ml.AheadBackend on the host.
-func (g *ReplayBackend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, params ml.Tensor, n int) {
+func (g *ReplayBackend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, params ml.Tensor, n int) bool {
+	if g.NoAdvance {
+		return false
+	}
 	g.do(func() {
 		b, t := make([]int32, buf.Len()), make([]int32, n)
 		if g.Backend.ReadI32(buf, b) != nil || g.Backend.ReadI32(src, t) != nil {
@@ -107,6 +111,7 @@ func (g *ReplayBackend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, par
 		ml.PackSampleParams(w, ps)
 		g.Backend.WriteI32(params, w) //nolint:errcheck // as above
 	})
+	return true
 }
 
 // doneRead is a read that has completed.
