@@ -288,11 +288,6 @@ typedef struct {
   int32_t neox;           /* 1: rotate halves (NeoX), 0: adjacent pairs (GPT-J) */
 } orch_attn_rope_args;
 int orch_attention_rope(orch_ctx *ctx, const orch_attn_args *a, const orch_attn_rope_args *r);
-/* Session 11 (optional): a weight range [p, p + bytes) the NEXT orch_attention_rope launch prefetches into L2
- * while it runs (before its pdl_wait: the weights are constant), e.g. the out projection that follows it; the
- * next orch_attention / orch_attention_rope call consumes and clears it (only the folded decode kernel uses it).
- * A hint, no effect on results. p = NULL or bytes = 0 clears it. */
-int orch_l2_hint(orch_ctx *ctx, const void *p, int64_t bytes);
 
 /* ---- moe.cu ----
  * Router: for each row of logits[n, n_exp], the top-k expert ids (largest

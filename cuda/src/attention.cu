@@ -197,7 +197,6 @@ static int launch_attn(orch_ctx *ctx, const orch_attn_args *a) {
 
 extern "C" int orch_attention(orch_ctx *ctx, const orch_attn_args *a) {
   ORCH_CHECK_ARG(ctx && a, "attention");
-  ctx->l2_hint = nullptr, ctx->l2_hint_bytes = 0; // orch_l2_hint: only the folded kernel prefetches
   ORCH_CHECK_ARG(a->out && a->q && a->k_cache && a->v_cache && a->tok_seq && a->tok_pos && a->block_tables,
                  "attention");
   ORCH_CHECK_ARG(a->n_tok >= 0 && a->n_tok <= 65535 && a->n_heads > 0 && a->n_kv_heads > 0, "attention");
@@ -226,17 +225,8 @@ static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_at
     const char *e = getenv("ORCH_CUDA_ATTN_PREFETCH");
     return e && strcmp(e, "0") == 0 ? 0 : 1;
   }();
-  // the weight range of orch_l2_hint (16-byte aligned for the bulk prefetch), consumed here
-  const char *wpf = nullptr;
-  int64_t wpf_bytes = 0;
-  if (ctx->l2_hint && ctx->l2_hint_bytes > 0) {
-    const uintptr_t p0 = (uintptr_t)ctx->l2_hint & ~(uintptr_t)15;
-    wpf = (const char *)p0;
-    wpf_bytes = ctx->l2_hint_bytes + (int64_t)((uintptr_t)ctx->l2_hint - p0);
-  }
-  ctx->l2_hint = nullptr, ctx->l2_hint_bytes = 0;
   orch_launch_pdl(attn_gdr_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), 0, ctx->stream, *a, *r, (float *)part,
-                  splits, prefetch, wpf, wpf_bytes);
+                  splits, prefetch);
   ORCH_LAUNCHED("attention (RoPE + KV write folded)");
   if (splits == 1) return ORCH_OK;
   return launch_combine6<HD>(ctx, a, (const float *)part, splits, 0, true);
@@ -254,13 +244,6 @@ static int launch_attn_rope(orch_ctx *ctx, const orch_attn_args *a, const orch_a
   GDR_CASE(128, 1) GDR_CASE(128, 2) GDR_CASE(128, 4) GDR_CASE(128, 8)
 #undef GDR_CASE
   return ORCH_ERR_UNSUPPORTED;
-}
-
-extern "C" int orch_l2_hint(orch_ctx *ctx, const void *p, int64_t bytes) {
-  ORCH_CHECK_ARG(ctx && bytes >= 0, "l2_hint");
-  ctx->l2_hint = bytes > 0 ? p : nullptr;
-  ctx->l2_hint_bytes = p ? bytes : 0;
-  return ORCH_OK;
 }
 
 extern "C" int orch_attention_rope(orch_ctx *ctx, const orch_attn_args *a, const orch_attn_rope_args *r) {

@@ -582,31 +582,9 @@ __device__ __forceinline__ void attn_gdr_prefetch(const orch_attn_args &a, int s
   }
 }
 
-// A weight range into L2 (orch_l2_hint): thread i of the grid prefetches 4 KB chunks i, i + threads, ...
-// (cp.async.bulk.prefetch.L2 where the compiler has it: one instruction a chunk; else a line at a time).
-__device__ __forceinline__ void attn_weight_prefetch(const char *w, int64_t bytes) {
-#if defined(__CUDA_ARCH__)
-  constexpr int64_t CH = 4096;
-  const int64_t nth = (int64_t)gridDim.x * gridDim.y * gridDim.z * blockDim.x;
-  const int64_t i0 = (((int64_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t c = i0 * CH; c < bytes; c += nth * CH) {
-    const int64_t len = min(CH, bytes - c) & ~(int64_t)15;
-#if __CUDA_ARCH__ >= 900 && defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12
-    if (len > 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w + c), "r"((unsigned)len) : "memory");
-#else
-    for (int64_t o = 0; o < len; o += 128) attn_prefetch_l2(w + c + o);
-#endif
-  }
-#else
-  (void)w;
-  (void)bytes;
-#endif
-}
-
 template <typename KV, int HD, int GC>
 __global__ void ATTN_GD7_BOUNDS(GC)
-    attn_gdr_kernel(orch_attn_args a, orch_attn_rope_args r, float *part, int splits, int prefetch,
-                    const char *wpf, int64_t wpf_bytes) {
+    attn_gdr_kernel(orch_attn_args a, orch_attn_rope_args r, float *part, int splits, int prefetch) {
   const int G = a.n_heads / a.n_kv_heads;
   const int h0 = blockIdx.x * GC, kvh = h0 / G, sp = blockIdx.z;
   __shared__ AttnGdrSmem<KV, HD, GC> S;
@@ -618,7 +596,6 @@ __global__ void ATTN_GD7_BOUNDS(GC)
   const int used = attn_split_used(span, per);
   const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
   if (prefetch && sp < used) attn_gdr_prefetch<KV, HD>(a, seq, kvh, k0, min(k1, qp)); // qp: the staged row
-  if (wpf) attn_weight_prefetch(wpf, wpf_bytes); // constant weights (orch_l2_hint): before the wait too
   pdl_wait();
   pdl_trigger();
   if (sp >= used) return; // uniform: this split has no keys of this row

@@ -58,10 +58,6 @@ struct orch_ctx {
   // gemv_route: v7 from n = 3 (Q8_0, Q4_0) / 4 (MXFP4), v5 below); a
   // version set pins it everywhere.
   bool gemv_auto = !getenv("ORCH_CUDA_GEMV") || !getenv("ORCH_CUDA_GEMV")[0];
-  // orch_l2_hint (session 11): a weight range the next decode attention launch prefetches into L2 (consumed and
-  // cleared by the next orch_attention / orch_attention_rope).
-  const void *l2_hint = nullptr;
-  int64_t l2_hint_bytes = 0;
   // ORCH_CUDA_MOE=v1: MoE through the unfused ops (orch_moe_ffn declines).
   bool moe_v1 = false;
   // Fused MoE FFN version: 6 (default; docs/perf-cuda.md "Round 4: MoE

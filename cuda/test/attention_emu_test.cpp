@@ -327,10 +327,10 @@ static void rope_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
     gd([&] {
       using namespace attn_k;
       switch (gc) {
-        case 1: attn_gdr_kernel<KV, HD, 1>(a, r, partb.data(), splits, 1, nullptr, 0); break;
-        case 2: attn_gdr_kernel<KV, HD, 2>(a, r, partb.data(), splits, 1, nullptr, 0); break;
-        case 4: attn_gdr_kernel<KV, HD, 4>(a, r, partb.data(), splits, 1, nullptr, 0); break;
-        default: attn_gdr_kernel<KV, HD, 8>(a, r, partb.data(), splits, 1, nullptr, 0); break;
+        case 1: attn_gdr_kernel<KV, HD, 1>(a, r, partb.data(), splits, 1); break;
+        case 2: attn_gdr_kernel<KV, HD, 2>(a, r, partb.data(), splits, 1); break;
+        case 4: attn_gdr_kernel<KV, HD, 4>(a, r, partb.data(), splits, 1); break;
+        default: attn_gdr_kernel<KV, HD, 8>(a, r, partb.data(), splits, 1); break;
       }
     });
     combine(partb);

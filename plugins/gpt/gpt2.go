@@ -216,7 +216,6 @@ func (m *gpt2) Hidden(st *nn.Staged) (ml.Tensor, error) {
 		b.MatMul(k2, h, L.k, L.kb)
 		b.MatMul(v2, h, L.v, L.vb)
 		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, &st.Batch)
-		nn.HintL2(b, L.o) // the out projection: into L2 while attention runs
 		b.Attend(att, q, st.KV.K[i], st.KV.V[i], &st.Batch, attn)
 		b.MatMul(o, att2, L.o, L.ob) // split: this rank's heads' part, the bias on rank 0
 		if m.comm != nil {

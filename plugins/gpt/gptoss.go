@@ -276,7 +276,6 @@ func (m *gptOSS) Hidden(st *nn.Staged) (ml.Tensor, error) {
 		// each layer's KV group has its own slots and block tables
 		lb := st.LayerBatch(i)
 		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, lb)
-		nn.HintL2(b, L.o) // the out projection: into L2 while attention runs
 		b.Attend(att, q, st.KV.K[i], st.KV.V[i], lb, &ml.Attention{Scale: m.scale, Window: L.window, Sinks: L.sinks})
 		b.MatMul(o, att2, L.o, L.ob) // split: this rank's heads' part, the bias on rank 0
 		if m.comm != nil {

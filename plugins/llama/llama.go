@@ -325,7 +325,6 @@ func (m *model) Hidden(st *nn.Staged) (ml.Tensor, error) {
 		b.RoPE(q, st.Batch.Pos, &m.rope)
 		b.RoPE(k, st.Batch.Pos, &m.rope)
 		b.KVWrite(st.KV.K[i], st.KV.V[i], k, v, &st.Batch)
-		nn.HintL2(b, L.o) // the out projection: into L2 while attention runs
 		b.Attend(att, q, st.KV.K[i], st.KV.V[i], &st.Batch, attn)
 		b.MatMul(o, att2, L.o, L.ob) // split: this rank's heads' part, the bias on rank 0
 		if m.comm != nil {

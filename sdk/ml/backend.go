@@ -265,13 +265,3 @@ type PendingI32 interface {
 	// Drop gives the read up without waiting for it.
 	Drop()
 }
-
-// L2HintBackend is implemented by backends that can pull a weight into the
-// device's L2 cache while the next attention runs (a hint: no effect on
-// results). Nets name the weight the op after Attend reads (the out
-// projection), so that one-token decode, which waits on memory latency,
-// finds it in L2.
-type L2HintBackend interface {
-	// PrefetchHint names w for the next Attend.
-	PrefetchHint(w Tensor)
-}

@@ -66,8 +66,6 @@ type Backend struct {
 	xt xtState
 	// ah: pinned buffers and events of step-ahead reads (ahead.go).
 	ah aheadPool
-	// hint: the weight the next Attend prefetches into L2 (l2hint.go).
-	hint l2Hint
 }
 
 var _ ml.GraphBackend = (*Backend)(nil)

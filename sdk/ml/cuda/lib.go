@@ -72,7 +72,6 @@ type lib struct {
 	hostAlloc      func(bytes int64, out *unsafe.Pointer) int32
 	hostFree       func(p unsafe.Pointer) int32
 	stepAdvance    func(ctx, buf uintptr, seg int64, inc uint32, src, params uintptr, n int32) int32
-	l2Hint         func(ctx, p uintptr, bytes int64) int32 // optional (l2hint.go)
 
 	matmul     func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32) int32
 	moeMatmul  func(ctx, y, x uintptr, xPerSlot int32, w uintptr, wtype int32, bias, ids uintptr, n int64, slots int32, k, m int64) int32
@@ -298,7 +297,6 @@ func (l *lib) bind() (err error) {
 		{&l.hostAlloc, "orch_host_alloc"}, {&l.hostFree, "orch_host_free"},
 	})
 	bindAll(l.handle, []symbol{{&l.stepAdvance, "orch_step_advance"}})
-	bindAll(l.handle, []symbol{{&l.l2Hint, "orch_l2_hint"}})
 	// Optional entry points: all or none (the feature is then off).
 	bindAll(l.handle, []symbol{
 		{&l.matmulAddNorm, "orch_matmul_addnorm"}, {&l.matmulMultiNF, "orch_matmul_multi_nf"},

@@ -565,7 +565,6 @@ func (b *Backend) Attend(dst, q, kCache, vCache ml.Tensor, bt *ml.Batch, a *ml.A
 		maxBlocks: int32(blocks.shape[0]), blockSize: int32(bs), nHeads: int32(nh), nKVHeads: int32(nkv),
 		headDim: int32(hd), window: int32(a.Window), kvDType: kvt, scale: a.Scale, maxPos: int32(bt.MaxPos),
 	}
-	b.passHint() // (l2hint.go) consumed by the attention call below
 	if b.foldAttend(&args, span{d.ptr, uintptr(d.bytes)}, pos.ptr, slots.ptr) {
 		return
 	}

@@ -221,12 +221,3 @@ func View(b ml.Backend, t ml.Tensor, n int, shape ...int) (ml.Tensor, error) {
 	s[len(s)-1] = n
 	return b.Reshape(v, s...)
 }
-
-// HintL2 names w, the weight the op after the next Attend reads, to a
-// backend that can prefetch it into its L2 cache meanwhile
-// (ml.L2HintBackend); other backends ignore it.
-func HintL2(b ml.Backend, w ml.Tensor) {
-	if h, ok := b.(ml.L2HintBackend); ok {
-		h.PrefetchHint(w)
-	}
-}
