@@ -15,29 +15,17 @@
 // differ from orch_moe_decode_norm's by fp32 / fp16 rounding only (h is staged as r * xt, not as (res * r) * w).
 // Scratch: part [n_exp][C] (C = dim / 8 CTAs) in act (gate_up10 writes act later), the staged x where launch_decode10
 // puts it in ybuf, ssp after it. The ticket is per device, as v10's.
-// ORCH_CUDA_OPROJ_TAIL=1 (session 11, opt-in; default: the tail above): a two-level tail, so that the last CTA's chain
-// is short. Fixed groups of MOE_OPROJ_G = 8 consecutive CTAs (64 rows: two staged chunks); a ticket per group; the
-// group's last CTA sums the group's 8 partial logits and sums of squares (one L2 load a thread, a fixed xor tree) into
-// gs[33][NG] and stages the group's two chunks of xt (1/scale unscaled); then a ticket over the NG = C / 8 groups; the
-// last CTA loads NG x 33 group sums and the nch 1/scales (6 KB at gpt-oss, not 59 KB), runs top-k in warp 0 while
-// other warps store each 1/scale times r. Sums are in a fixed order (deterministic), not the default tail's: logits
-// and r differ from it by fp32 rounding. Each ticket: a barrier, then thread 0 fences and takes it (cooperative
-// groups' grid-sync pattern) instead of a fence in every thread. gs lives in ybuf after ssp (else: the default tail).
 #pragma once
 #include <cstddef>
 
 #include "gemv16.cuh"
 
 __device__ unsigned g_moe_oproj_ticket;
-constexpr int MOE_OPROJ_G = 8;                              // ORCH_CUDA_OPROJ_TAIL=1: CTAs per group (= lanes q)
-constexpr int MOE_OPROJ_NG_MAX = GEMV5_NF_MAX / MOE_OPROJ_G; // groups
-__device__ unsigned g_moe_oproj_gticket[MOE_OPROJ_NG_MAX];   // per group; each wraps to 0
 
 struct moe_oproj_args {
   const float *rw;    // router [n_exp][m] F32
   const float *rbias; // [n_exp] or null
   float *part;        // [n_exp][C] partial logits
-  float *gs;          // TL 1: [33][NG] group sums (32 logit rows, then the sums of squares)
   uint32_t *xg;       // the staged x (moe10_xstride(m / 32) words)
   int32_t *ids;
   float *wts;
@@ -52,97 +40,8 @@ __device__ __forceinline__ float4 moe_oproj_ldcg4(const float *p) {
 #endif
 }
 
-// Ticket t (lim + 1 takers) after a barrier: thread 0 fences (cumulative: the CTA's writes before the barrier) and
-// takes it, and fences again when last. Returns (in every thread) whether this CTA took ticket lim.
-__device__ __forceinline__ bool moe_oproj_take(unsigned *t, unsigned lim, unsigned &last) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    moe10_fence();
-    last = moe10_ticket(t, lim) == lim;
-    if (last) moe10_fence();
-  }
-  __syncthreads();
-  return last != 0;
-}
-
-// ORCH_CUDA_OPROJ_TAIL=1: everything after the CTA's partial logits (every thread calls it; see the file's comment).
-// Group g = CTAs [8g, 8g + gn); thread (e, q) = (tid >> 3, tid & 7).
-__device__ __forceinline__ void moe_oproj_tail2(const gemv5_nf &F, const moe_oproj_args &A, int64_t m, int C,
-                                                unsigned &last, float *lg) {
-  constexpr int G = MOE_OPROJ_G, JM = 8;
-  static_assert(G == 8, "lane q of 8 takes CTA g0 + q");
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, e = tid >> 3, q = tid & 7;
-  const int g = (int)blockIdx.x / G, g0 = g * G, gn = min(G, C - g0), NG = (C + G - 1) / G, nch = (int)(m / 32);
-  if (!moe_oproj_take(&g_moe_oproj_gticket[g], (unsigned)(gn - 1), last)) return;
-  // The group's last CTA: one load a thread (expert e's partial of CTA g0 + q; warp 0 also that CTA's sum of squares;
-  // warp 1: float4 lane of the group's 16 of xt), 8-lane xor trees, the group's two chunks staged, 1/scale unscaled.
-  {
-    const bool okq = q < gn;
-    float v = okq && e < A.n_exp ? moe10_ldcg(A.part + (int64_t)e * C + g0 + q) : 0.f;
-    float s2 = warp == 0 && okq ? moe10_ldcg(F.ss + g0 + q) : 0.f;
-    const int i = 2 * g0 + lane; // float4 of xt: CTA c's rows are float4s 2c, 2c + 1
-    const bool okx = lane < 2 * gn;
-    float4 xv = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (warp == 1 && okx) xv = moe_oproj_ldcg4(F.xt + 4 * i);
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    v += __shfl_xor_sync(0xffffffffu, v, 2);
-    v += __shfl_xor_sync(0xffffffffu, v, 4);
-    s2 += __shfl_xor_sync(0xffffffffu, s2, 1);
-    s2 += __shfl_xor_sync(0xffffffffu, s2, 2);
-    s2 += __shfl_xor_sync(0xffffffffu, s2, 4);
-    if (q == 0 && e < A.n_exp) A.gs[e * NG + g] = v;
-    if (tid == 0) A.gs[32 * NG + g] = s2;
-    if (warp == 1) moe10_stage4(A.xg, nch, i >> 3, i & 7, okx, xv, A.kind, A.x14 != 0, 1.f); // uniform over the warp
-  }
-  if (!moe_oproj_take(&g_moe_oproj_ticket, (unsigned)(NG - 1), last)) return;
-  // The last group's last CTA, all loads issued before the first use: expert e's group sums q, q + 8, ... (one batch
-  // of JM for NG <= 64), the NG sums of squares (lane l: l + 32 a, every warp: the same r), chunk tid - 32's 1/scale.
-  static_assert(MOE_OPROJ_NG_MAX <= 128 && MOE10_NORM_MAX_N * MOE10_THREADS / 32 <= GEMV16_WARPS * 32 - 32,
-                "4 sums of squares a lane; a thread per chunk past warp 0");
-  float sv[4];
-#pragma unroll
-  for (int a = 0; a < 4; a++) {
-    const int j = lane + 32 * a;
-    sv[a] = j < NG ? moe10_ldcg(A.gs + 32 * NG + j) : 0.f;
-  }
-  const int c = tid - 32;
-  const bool okc = c >= 0 && c < nch;
-  float *invp = reinterpret_cast<float *>(A.xg + nch * DEC16_XW) + (okc ? c : 0);
-  const float inv = okc ? moe10_ldcg(invp) : 0.f;
-  float acc = 0.f;
-  const float *pe = A.gs + (int64_t)(e < A.n_exp ? e : 0) * NG;
-  for (int j0 = q; j0 < NG; j0 += 8 * JM) {
-    float v[JM];
-#pragma unroll
-    for (int j = 0; j < JM; j++) {
-      const int i = j0 + 8 * j;
-      v[j] = e < A.n_exp && i < NG ? moe10_ldcg(pe + i) : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < JM; j++) acc += v[j];
-  }
-  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-  acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-  if (q == 0) lg[e] = acc; // 0 for e >= n_exp
-  const float r = rsqrtf(warp_sum((sv[0] + sv[1]) + (sv[2] + sv[3])) / (float)m + F.eps);
-  if (okc) *invp = inv * r;
-  __syncthreads();
-  if (warp == 0) {
-    const float v = lane < A.n_exp ? r * lg[lane] + (A.rbias ? A.rbias[lane] : 0.f) : 0.f;
-    int id;
-    float w;
-    moe_topk32_warp(v, lane, A.n_exp, A.k_slots, id, w);
-    if (lane < A.k_slots) {
-      A.ids[lane] = id;
-      A.wts[lane] = w;
-    }
-  }
-}
-
 // m = dim rows (m % 32 == 0, m / 8 <= GEMV5_NF_MAX: every row valid), one per warp; k = the projection's input.
-// TL: the tail (0: the default, 1: ORCH_CUDA_OPROJ_TAIL=1's two levels).
-template <int TO, int NB, int XR, int TL>
+template <int TO, int NB, int XR>
 __global__ void __launch_bounds__(GEMV16_WARPS * 32)
 moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint8_t *__restrict__ ow,
                  const float *__restrict__ obias, int64_t k, int64_t m, int64_t rb, const gemv5_nf F,
@@ -166,10 +65,6 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
 #pragma unroll
     for (int w = 1; w < GEMV16_WARPS; w++) s += lp[w][tid];
     A.part[(int64_t)tid * C + blockIdx.x] = s;
-  }
-  if constexpr (TL == 1) {
-    moe_oproj_tail2(F, A, m, C, last, lg);
-    return;
   }
   moe10_fence(); // this thread's y / res / xt / ssp / part writes before the ticket
   __syncthreads();
@@ -249,7 +144,7 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
 
 template <int TO>
 static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const uint8_t *ow, const float *obias,
-                             int64_t k, int64_t m, int64_t rb, const gemv5_nf &F, const moe_oproj_args &A, int tl) {
+                             int64_t k, int64_t m, int64_t rb, const gemv5_nf &F, const moe_oproj_args &A) {
   if constexpr (TO == ORCH_T_Q8_0 || TO == ORCH_T_Q4_0 || TO == ORCH_T_MXFP4) {
     constexpr int NB = gemv5_nb<TO, 1>();
     const size_t sm = gemv5_smem(k, 1) + gemv5_nf_smem(1, 0);
@@ -259,14 +154,8 @@ static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const u
                        F, A);
     };
     // x staged as orch_matmul_addnorm's producer stages it (gemv5_stage_mode)
-    if (tl == 1) {
-      if (gemv5_stage_mode(k) == 1) go(moe_oproj_kernel<TO, NB, 1, 1>);
-      else go(moe_oproj_kernel<TO, NB, 0, 1>);
-    } else if (gemv5_stage_mode(k) == 1) {
-      go(moe_oproj_kernel<TO, NB, 1, 0>);
-    } else {
-      go(moe_oproj_kernel<TO, NB, 0, 0>);
-    }
+    if (gemv5_stage_mode(k) == 1) go(moe_oproj_kernel<TO, NB, 1>);
+    else go(moe_oproj_kernel<TO, NB, 0>);
   }
 }
 
@@ -279,15 +168,6 @@ static bool moe_oproj_off() {
     g_moe_oproj_env = v && std::strcmp(v, "0") == 0 ? 0 : 1;
   }
   return g_moe_oproj_env == 0;
-}
-// ORCH_CUDA_OPROJ_TAIL=1 picks the two-level tail (moe_oproj_tail2); read on the first call (-1: unread).
-static int g_moe_oproj_tail_env = -1;
-static int moe_oproj_tail() {
-  if (g_moe_oproj_tail_env < 0) {
-    const char *v = getenv("ORCH_CUDA_OPROJ_TAIL");
-    g_moe_oproj_tail_env = v && std::strcmp(v, "1") == 0 ? 1 : 0;
-  }
-  return g_moe_oproj_tail_env;
 }
 constexpr size_t MOE_OPROJ_MAX_SMEM = 96 * 1024; // matmul.cu GEMV3_MAX_SMEM: v5's limit on the staged x
 
@@ -333,13 +213,9 @@ extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void 
   moe_oproj_args A;
   A.rw = (const float *)router, A.rbias = router_bias, A.part = act, A.xg = xg, A.ids = ids, A.wts = weights;
   A.n_exp = n_exp, A.k_slots = n_slots;
-  // ORCH_CUDA_OPROJ_TAIL=1: the 33 x NG group sums after ssp in ybuf (where they fit; else the default tail)
-  const int64_t gs_off = (ssp_off + C + 3) & ~(int64_t)3, ng = (C + MOE_OPROJ_G - 1) / MOE_OPROJ_G;
-  const int tl = moe_oproj_tail() == 1 && gs_off + 33 * ng <= n * n_slots * dim ? 1 : 0;
-  A.gs = ybuf + gs_off;
   A.kind = gu_type == ORCH_T_Q8_0 ? dec16_traits<ORCH_T_Q8_0>::kind : dec16_traits<ORCH_T_MXFP4>::kind; // Q4_0: = MXFP4
   A.x14 = gu_type == ORCH_T_MXFP4 ? 1 : 0;
-  ORCH_DISPATCH_TYPE(owtype, launch_moe_oproj, ctx->stream, y, ox, (const uint8_t *)ow, obias, ok, dim, rb, F, A, tl);
+  ORCH_DISPATCH_TYPE(owtype, launch_moe_oproj, ctx->stream, y, ox, (const uint8_t *)ow, obias, ok, dim, rb, F, A);
   const moe10_addnorm av{res2, nw2, xt, ss};
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids,
                      weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down,
