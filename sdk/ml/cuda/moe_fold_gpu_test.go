@@ -107,9 +107,10 @@ func TestMoENormFold(t *testing.T) {
 				ref.MoE(y.c, h.c, mc)
 				checkClose(t, name+" h vs CPU", h, 1e-5)
 				tol := moeRouteTol(dt, n, 4) // n = 16: the grouped GEMM's bf16 bound where it runs
-				if n == 1 {
-					// one 2,880-wide token spreads wider than TestMoE's calibration of tolF16MoE (6.06e-3
-					// once in session 9's device run 2, h exact; 2e-3..4e-3 at n = 2..16 in the same run)
+				if n <= 2 {
+					// one or two 2,880-wide tokens spread wider than TestMoE's calibration of tolF16MoE (6.06e-3
+					// at n = 1 once in session 9's device run 2, h exact; 2e-3..4e-3 at n = 2..16 in the same
+					// run; 6.11e-3 at n = 2 once in session 11's device run 4 (memcheck, v10 child), h exact)
 					tol *= 1.5
 				}
 				checkClose(t, name+" y vs CPU", y, tol)
