@@ -25,12 +25,12 @@ const EnvPrefix = "ORCH_"
 
 // NonConfigEnvPrefixes are ORCH_* variables that belong to other parts of
 // orch (CUDA library path and kernel switches, NCCL library path, KV-group
-// and tensor-parallel switches read by adapters, the adapters' CPU profile, test helpers, plugin
-// handshake) and are not
+// and tensor-parallel switches read by adapters, the decode-graph switch of the runner, the adapters'
+// CPU profile, test helpers, plugin handshake) and are not
 // configuration keys; Load ignores them instead of rejecting them.
 var NonConfigEnvPrefixes = []string{
 	"ORCH_TEST_", "ORCH_CUDA_", "ORCH_GPU_", "ORCH_PERF_", "ORCH_PLUGIN_", "ORCH_WRITE_", "ORCH_ABI_",
-	"ORCH_NCCL_", "ORCH_KV_", "ORCH_TP_", "ORCH_CPUPROFILE",
+	"ORCH_NCCL_", "ORCH_KV_", "ORCH_TP_", "ORCH_CPUPROFILE", "ORCH_GRAPH_",
 }
 
 // DefaultSearchPaths are tried in order when Load gets no path.

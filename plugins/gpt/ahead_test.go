@@ -117,3 +117,38 @@ func TestStepAheadMisses(t *testing.T) {
 	assert.Positive(t, launched)
 	assert.Less(t, launched, int64(40), "the throttle: 100 candidates")
 }
+
+// One sequence decoded past position 128: the captured decode steps are
+// recorded per bucket of positions (128, then 256; nn.posBucket) and the
+// tokens are the plain CPU runner's. (A bucket starts on a block boundary
+// for block sizes dividing 128, where no step is launched ahead.)
+func TestStepAheadPositionBuckets(t *testing.T) {
+	c := nntest.Tiny("gpt-oss")
+	rb := nntest.NewReplay(cpu.New(2))
+	rb.Ahead = true
+	opts := Options{MaxTokens: 8, NumBlocks: 32, BlockSize: 16, ContextLength: 256}
+	ref := load(t, c, opts)
+	opts.Backend = rb
+	m := load(t, c, opts)
+	ctx := context.Background()
+	decode := func(mod engine.Model) []int32 {
+		gm := mod.(engine.GreedyModel)
+		blocks := make([]int32, 16)
+		for i := range blocks {
+			blocks[i] = int32(i)
+		}
+		toks := []int32{7}
+		for pos := 0; pos < 150; pos++ {
+			out, err := gm.ForwardGreedy(ctx, &engine.Batch{Seqs: []engine.SeqInput{{Tokens: toks[pos:], Pos: pos, Blocks: blocks}}})
+			require.NoError(t, err)
+			toks = append(toks, out[0])
+		}
+		return toks
+	}
+	assert.Equal(t, decode(ref), decode(m))
+	launched, hits := m.(*nn.Runner).AheadStats()
+	t.Logf("captures %d, replays %d, launched ahead %d, hits %d", rb.Captures, rb.Replays, launched, hits)
+	assert.Equal(t, 2, rb.Captures, "one graph per bucket")
+	assert.Greater(t, hits, int64(120))
+	assert.Empty(t, rb.Violations)
+}

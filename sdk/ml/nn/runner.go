@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"os"
 	"slices"
 	"sync/atomic"
 
@@ -340,6 +341,9 @@ type Runner struct {
 	aheadLaunched, aheadHits atomic.Int64 // AheadStats (read by tests and logs while steps run)
 	aheadHist                uint32       // the last outcomes (bit set: a miss), aheadSeen of them recorded
 	aheadSeen, aheadPause    int          // aheadPause: candidates left without a step launched ahead
+	// noPosBuckets: decode graphs recorded for the whole context
+	// (ORCH_GRAPH_POS_BUCKETS=0, for A/Bs; see launch)
+	noPosBuckets bool
 }
 
 var (
@@ -357,7 +361,7 @@ func NewRunner(b ml.Backend, kv *KVCache, net Net, cfg RunnerConfig) (*Runner, e
 	if cfg.MaxTokens <= 0 {
 		cfg.MaxTokens = 256
 	}
-	r := &Runner{B: b, KV: kv, Net: net, cfg: cfg, id: runnerIDs.Add(1)}
+	r := &Runner{B: b, KV: kv, Net: net, cfg: cfg, id: runnerIDs.Add(1), noPosBuckets: os.Getenv("ORCH_GRAPH_POS_BUCKETS") == "0"}
 	var err error
 	alloc := func(dt ml.DType, shape ...int) ml.Tensor {
 		if err != nil {
@@ -858,17 +862,35 @@ func (r *Runner) launch(st *Staged, m int, graph bool, pk *pick) error {
 	if !graph {
 		return step()
 	}
-	st.Batch.MaxPos = r.cfg.Spec.ContextLength
+	// the graph bakes in the attention's split over keys: sized for a bucket
+	// of positions, not the whole context (a short context's step then has
+	// no split to combine), one graph per bucket
+	mp := r.cfg.Spec.ContextLength
+	if !r.noPosBuckets {
+		mp = posBucket(st.Batch.MaxPos, mp)
+	}
+	st.Batch.MaxPos = mp
 	for g := range st.GroupBatch {
-		st.GroupBatch[g].MaxPos = r.cfg.Spec.ContextLength
+		st.GroupBatch[g].MaxPos = mp
 	}
 	var recErr error
-	key := fmt.Sprintf("runner%d/decode/n=%d/greedy=%t", r.id, st.N, pk.greedy)
+	key := fmt.Sprintf("runner%d/decode/n=%d/pos<%d/greedy=%t", r.id, st.N, mp, pk.greedy)
 	if pk.sample {
-		key = fmt.Sprintf("runner%d/decode/n=%d/sample=%d", r.id, st.N, pk.filters)
+		key = fmt.Sprintf("runner%d/decode/n=%d/pos<%d/sample=%d", r.id, st.N, mp, pk.filters)
 	}
 	err := r.graphs.Run(key, func() { recErr = step() })
 	return errors.Join(recErr, err)
+}
+
+// posBucket is the position bound a captured decode step is recorded for:
+// the smallest power of two from 128 that holds maxPos (positions + 1),
+// at most the context length.
+func posBucket(maxPos, ctxLen int) int {
+	b := 128
+	for b < maxPos {
+		b *= 2
+	}
+	return min(b, ctxLen)
 }
 
 // forward runs b; it appends logits rows to out, or (greedy, sample) the

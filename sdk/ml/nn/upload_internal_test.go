@@ -65,3 +65,14 @@ func TestRunnerUploadChangedSpan(t *testing.T) {
 	require.NoError(t, r.upload(r.seq, step2))
 	assert.Equal(t, 1, b.calls, "rewritten after the failure")
 }
+
+// A captured decode step is recorded for the smallest power of two from 128
+// holding its positions, at most the context.
+func TestPosBucket(t *testing.T) {
+	for _, c := range []struct{ maxPos, ctx, want int }{
+		{1, 4096, 128}, {128, 4096, 128}, {129, 4096, 256}, {257, 4096, 512}, {4096, 4096, 4096},
+		{3000, 4096, 4096}, {5, 64, 64}, {129, 200, 200},
+	} {
+		assert.Equal(t, c.want, posBucket(c.maxPos, c.ctx), "maxPos %d, context %d", c.maxPos, c.ctx)
+	}
+}
