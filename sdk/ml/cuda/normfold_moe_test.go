@@ -270,7 +270,7 @@ func TestFuseMoEAddNormStep(t *testing.T) {
 	}
 	g := newOSSStep(b, false)
 	const layers = ossLayers
-	x, h, mo, q2, k2, nh, nkv, step := g.x, g.h, g.mo, g.q2, g.k2, g.nh, g.nkv, g.step
+	x, h, mo, step := g.x, g.h, g.mo, g.step
 	multi, multiNF, oGEMV := g.multi, g.multiNF, g.oGEMV
 	want := []string{"embed", fmt.Sprintf("rmsnorm out=%x x=%x add=0", h.ptr, x.ptr), multi}
 	for i := 0; i < layers; i++ {
@@ -282,14 +282,7 @@ func TestFuseMoEAddNormStep(t *testing.T) {
 		}
 	}
 	want = append(want, fmt.Sprintf("add out=%x", x.ptr))
-	step()
-	require.NoError(t, b.Sync())
-	require.Equal(t, append(append([]string(nil), want...), "sync"), f.take())
-	require.False(t, b.xt.on)
-	require.NoError(t, b.Run("step", step))
-	// (the last layer's q / k, left unrotated by the attention fold, are rotated at the graph's start and end: fuse.go)
-	rot := fmt.Sprintf("rope2 x0=%x heads=%d x1=%x heads=%d", q2.ptr, nh, k2.ptr, nkv)
-	require.Equal(t, append(append([]string{rot, "graph_begin"}, want...), rot, "graph_end", "graph_launch"), f.take())
+	g.checkEagerAndGraph(t, b, f, want)
 	// ORCH_CUDA_MOE_ADDNORM=0: the norms back (layers 1 and 2), q/k/v plain.
 	fuseMoEAddNorm = false
 	step()
@@ -318,6 +311,21 @@ type ossStep struct {
 	nh, nkv                   int
 	step                      func()
 	multi, multiNF, oGEMV     string // the q/k/v GEMVs plain and scaled (the norm folded), the out projection
+}
+
+// checkEagerAndGraph runs the step eagerly (then a sync) and as a captured
+// graph, asserting the launches want both times; the last layer's q / k, left
+// unrotated by the attention fold, are rotated at the graph's start and end
+// (fuse.go).
+func (g *ossStep) checkEagerAndGraph(t *testing.T, b *Backend, f *fakeLib, want []string) {
+	t.Helper()
+	g.step()
+	require.NoError(t, b.Sync())
+	require.Equal(t, append(append([]string(nil), want...), "sync"), f.take())
+	require.False(t, b.xt.on)
+	require.NoError(t, b.Run("step", g.step))
+	rot := fmt.Sprintf("rope2 x0=%x heads=%d x1=%x heads=%d", g.q2.ptr, g.nh, g.k2.ptr, g.nkv)
+	require.Equal(t, append(append([]string{rot, "graph_begin"}, want...), rot, "graph_end", "graph_launch"), f.take())
 }
 
 // newOSSStep builds the model's fake tensors on b; outBias: the out

@@ -159,14 +159,9 @@ func (r *Runner) launchAhead(p *Piece, pk *pick) (*ahead, error) {
 				}
 			}
 		}
-		if pk.sample {
-			ps := ml.UnpackSampleParams(pimg[:ml.SampleParamsWords*n])
-			for i := range ps {
-				if ps[i].Temperature >= ml.SampleMinTemperature {
-					ps[i].Counter++
-				}
-			}
-			ml.PackSampleParams(pimg, ps)
+		if pk.sample { // the device now holds the predicted settings (each drawing row's counter + 1)
+			w, _ := r.packParams(q, 0, n, a.pk.specs)
+			copy(pimg, w)
 		}
 	}
 	// the tokens as the host image holds them: stage uploads none of them

@@ -708,6 +708,16 @@ func (r *Runner) head(lo, m int, pk *pick) error {
 // stageParams writes the sampling settings of output rows [lo, lo+m) of p
 // (Host rows: greedy, their token is not used) and returns their filters.
 func (r *Runner) stageParams(p *Piece, lo, m int, specs []engine.SampleSpec) (int, error) {
+	w, filters := r.packParams(p, lo, m, specs)
+	if err := r.upload(r.params, w); err != nil {
+		return 0, fmt.Errorf("stage sampling: %w", err)
+	}
+	return filters, nil
+}
+
+// packParams is the device image of the sampling settings of output rows
+// [lo, lo+m) of p (Host rows: greedy) and their filters.
+func (r *Runner) packParams(p *Piece, lo, m int, specs []engine.SampleSpec) ([]int32, int) {
 	ps := make([]ml.SampleParams, m)
 	for j := range ps {
 		sp := specs[p.OutOwner[lo+j]]
@@ -719,10 +729,7 @@ func (r *Runner) stageParams(p *Piece, lo, m int, specs []engine.SampleSpec) (in
 	}
 	w := make([]int32, ml.SampleParamsWords*m)
 	ml.PackSampleParams(w, ps)
-	if err := r.upload(r.params, w); err != nil {
-		return 0, fmt.Errorf("stage sampling: %w", err)
-	}
-	return ml.SampleFilters(r.cfg.Spec.VocabSize, ps), nil
+	return w, ml.SampleFilters(r.cfg.Spec.VocabSize, ps)
 }
 
 // Forward runs a batch (see engine.Model).
