@@ -47,7 +47,13 @@ enum {
   ORCH_T_Q4_K = 12,
   ORCH_T_Q6_K = 14,
   ORCH_T_BF16 = 30,
-  ORCH_T_MXFP4 = 39
+  ORCH_T_MXFP4 = 39,
+  /* (session 12; not a GGUF type) an MXFP4 expert tensor followed by its rows repacked for the one-token expert
+   * GEMVs: the rows * (k/32) * 17 original bytes, then from the next multiple of 256 bytes rows repacked rows of
+   * (k/32) * 16 + ((k/32 + 15) & ~15) bytes (filled by orch_mxfp4_repack). Accepted as gu_type / down_type (all
+   * three tensors so) by orch_moe_decode, _norm, _addnorm and _oproj: every kernel reads the original rows except
+   * MoE v10's gate_up / down, which read the repacked ones (same results, bit for bit). */
+  ORCH_T_MXFP4_DUAL = 139
 };
 
 /* KV cache element types. */
@@ -422,6 +428,10 @@ typedef struct {
   int32_t pad_;
 } orch_moe_oproj_args;
 int orch_moe_decode_oproj_args(orch_ctx *ctx, const orch_moe_oproj_args *a);
+/* (session 12, optional) Repacks rows MXFP4 rows of k elements (k % 32 == 0) at src into dst (16-byte aligned):
+ * dst = the tensor + the 256-aligned size of its original rows (ORCH_T_MXFP4_DUAL's layout). Asynchronous on the
+ * context's stream. */
+int orch_mxfp4_repack(orch_ctx *ctx, void *dst, const void *src, int64_t rows, int64_t k);
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,

@@ -44,6 +44,7 @@
 // all six blocks a lane in flight at once (tg128 -6%).
 #pragma once
 #include <cstring>
+#include <type_traits>
 
 #include "moe_route.cuh"
 
@@ -362,7 +363,8 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
 // DEC16_XW), v6's fixed scale sc) = swiglu(x[t] . gate_e[row] + gb, x[t] .
 // up_e[row] + ub), t = blockIdx.z, slot blockIdx.y: v6's gate_up rows and dots
 // with x copied from the route kernel's staging.
-template <int T, int NB>
+// RP (session 12): wg / wu are MXFP4 rows repacked (mxfp4_rp.cuh; rb = mxfp4_rp_row_bytes(k)), same products.
+template <int T, int NB, bool RP = false>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
 moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
@@ -381,14 +383,20 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
   float ag = 0.f, au = 0.f;
   for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
-    wblocks<T, NB> bg, bu;
-    ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
-    ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+    std::conditional_t<RP, rpblocks<NB>, wblocks<T, NB>> bg, bu;
+    if constexpr (RP) {
+      rp_load<NB>(bg, wg + off, c0, lane, nch, valid);
+      rp_load<NB>(bu, wu + off, c0, lane, nch, valid);
+    } else {
+      ffn_load<T, NB>(bg, wg + off, c0, lane, nch, valid);
+      ffn_load<T, NB>(bu, wu + off, c0, lane, nch, valid);
+    }
     if (c0 == 0) { // uniform over the CTA
       moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg + (int64_t)blockIdx.z * xs4, xs4);
       __syncthreads();
     }
-    moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
+    if constexpr (RP) rp_dot2<NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
+    else moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
   }
   ag = warp_sum(ag);
   au = warp_sum(au);
@@ -434,7 +442,7 @@ struct moe10_addnorm {
 
 // out[t, row] = sum_s w[t, s] * (act[t, s] . down_e[row] + db[e, row]): v6's
 // down kernel with the staged activation copied in (xinv: v6's 1/scale).
-template <int T, int NB, bool AN = false>
+template <int T, int NB, bool AN = false, bool RP = false>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
 moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
@@ -449,11 +457,13 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   const int nch = k / 32;
   const int rounds = (nch + 32 * NB - 1) / (32 * NB);
   const int items = n_slots * rounds;
-  auto load = [&](wblocks<T, NB> &b, int it, int e) {
+  using WB = std::conditional_t<RP, rpblocks<NB>, wblocks<T, NB>>;
+  auto load = [&](WB &b, int it, int e) {
     const int c0 = (it % rounds) * 32 * NB;
-    ffn_load<T, NB>(b, wd + ((int64_t)e * m + (valid ? row : 0)) * rb, c0, lane, nch, valid);
+    if constexpr (RP) rp_load<NB>(b, wd + ((int64_t)e * m + (valid ? row : 0)) * rb, c0, lane, nch, valid);
+    else ffn_load<T, NB>(b, wd + ((int64_t)e * m + (valid ? row : 0)) * rb, c0, lane, nch, valid);
   };
-  wblocks<T, NB> b0, b1;
+  WB b0, b1;
   const int e0 = moe6_ld_id(ids + (int64_t)t * n_slots);
   const int e1 = items > 1 ? moe6_ld_id(ids + (int64_t)t * n_slots + 1 / rounds) : 0;
   load(b0, 0, e0);
@@ -471,10 +481,11 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth + (int64_t)t * n_slots * cw4, n_slots * cw4);
   __syncthreads();
   float res = 0.f, acc = 0.f;
-  auto finish = [&](int it, const wblocks<T, NB> &b) {
+  auto finish = [&](int it, const WB &b) {
     const int s = it / rounds;
     const int c0 = (it % rounds) * 32 * NB;
-    acc += moe10_dot<T, NB>(b, xsm + s * nch * DEC16_XW, xinv, c0, lane, nch);
+    if constexpr (RP) acc += rp_dot<NB>(b, xsm + s * nch * DEC16_XW, xinv, c0, lane, nch);
+    else acc += moe10_dot<T, NB>(b, xsm + s * nch * DEC16_XW, xinv, c0, lane, nch);
     if (it % rounds == rounds - 1) {
       const int64_t p = (int64_t)t * n_slots + s;
       const int e = ids[p];
@@ -541,8 +552,17 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
                             const float *ub, const uint8_t *wd, const float *db, float *act, float *ybuf, int n,
                             int n_slots, int dim, int ff, float alpha, float limit, int only, const moe10_norm *nm,
-                            const moe10_addnorm *an = nullptr) {
+                            const moe10_addnorm *an = nullptr, bool rp = false) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+    // rp (ORCH_T_MXFP4_DUAL): gate_up10 / down10 read the repacked rows after the original ones
+    rp = rp && T == ORCH_T_MXFP4;
+    const int64_t rb_gu = rp ? mxfp4_rp_row_bytes(dim) : orch_row_bytes(T, dim);
+    const int64_t rb_d = rp ? mxfp4_rp_row_bytes(ff) : orch_row_bytes(T, ff);
+    if (rp) {
+      wg += mxfp4_rp_offset((int64_t)n_exp * ff, dim);
+      wu += mxfp4_rp_offset((int64_t)n_exp * ff, dim);
+      wd += mxfp4_rp_offset((int64_t)n_exp * dim, ff);
+    }
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;
     uint32_t *xg = reinterpret_cast<uint32_t *>(ybuf + (((int64_t)n * S * n_exp + 3) & ~(int64_t)3));
@@ -562,22 +582,26 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     if (!(only & 2)) {
       constexpr int NB = gate_up_nb<T>();
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
-      auto kern = moe_gate_up10_kernel<T, NB>;
+      auto kern = moe_gate_up10_kernel<T, NB, false>;
+      if constexpr (T == ORCH_T_MXFP4)
+        if (rp) kern = moe_gate_up10_kernel<T, NB, true>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), (unsigned)n_slots, (unsigned)n);
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
-                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff,
-                       orch_row_bytes(T, dim), alpha, limit, sc);
+                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff, rb_gu, alpha,
+                       limit, sc);
     }
     if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
-      auto kern = an ? moe_down10_kernel<T, NB, true> : moe_down10_kernel<T, NB, false>;
+      auto kern = an ? moe_down10_kernel<T, NB, true, false> : moe_down10_kernel<T, NB, false, false>;
+      if constexpr (T == ORCH_T_MXFP4)
+        if (rp) kern = an ? moe_down10_kernel<T, NB, true, true> : moe_down10_kernel<T, NB, false, true>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
       const moe10_addnorm av = an ? *an : moe10_addnorm{};
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,
-                       wts, n_slots, ff, dim, orch_row_bytes(T, ff), dxinv, av);
+                       wts, n_slots, ff, dim, rb_d, dxinv, av);
     }
   }
 }
@@ -616,7 +640,16 @@ struct moe_dec_args {
   int32_t n_slots;
   int64_t dim, ff;
   float alpha, limit;
+  bool rp = false; // ORCH_T_MXFP4_DUAL weights: v10's kernels read the repacked rows
 };
+// ORCH_T_MXFP4_DUAL gate / up and down (all three): the types become MXFP4 (the original rows come first, so every
+// other kernel reads them as before) and true is returned (v10's kernels read the repacked rows). One of them DUAL:
+// unchanged (the type checks decline).
+static bool moe_dual(int32_t &gu_type, int32_t &down_type) {
+  if (gu_type != ORCH_T_MXFP4_DUAL || down_type != ORCH_T_MXFP4_DUAL) return false;
+  gu_type = down_type = ORCH_T_MXFP4;
+  return true;
+}
 static bool moe_dec_aligned(const moe_dec_args &a) {
   return aligned16p(a.x) && aligned16p(a.act) && aligned16p(a.ybuf) && aligned16p(a.router) && aligned16p(a.gate) &&
          aligned16p(a.up) && aligned16p(a.down);
@@ -636,7 +669,7 @@ static int moe_dec_launch10(orch_ctx *ctx, const char *op, const moe_dec_args &a
   ORCH_DISPATCH_TYPE(a.gu_type, launch_decode10, ctx->stream, a.out, a.x, (const float *)a.router, a.router_bias,
                      (int)a.n_exp, a.ids, a.weights, (const uint8_t *)a.gate, (const uint8_t *)a.up, a.gate_bias,
                      a.up_bias, (const uint8_t *)a.down, a.down_bias, a.act, a.ybuf, (int)a.n, (int)a.n_slots,
-                     (int)a.dim, (int)a.ff, a.alpha, a.limit, only, nm, an);
+                     (int)a.dim, (int)a.ff, a.alpha, a.limit, only, nm, an, a.rp);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }
@@ -648,10 +681,11 @@ extern "C" int orch_moe_decode(orch_ctx *ctx, float *out, const float *x, const 
                                float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim, int64_t ff,
                                float alpha, float limit) {
   const char *op = "moe_decode";
+  const bool rp = moe_dual(gu_type, down_type);
   ORCH_CHECK_ARG(ctx && out && x && router && ids && weights && gate && up && down && act && ybuf, op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
   const moe_dec_args a{out,     x,         router,     router_bias, n_exp, ids, weights, gate, up,    gu_type, gate_bias,
-                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit};
+                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit, rp};
   // Declines (not an error; the caller runs the router GEMV, orch_moe_topk and
   // orch_moe_ffn / orch_moe_ffn_route): unless pinned to v10 or unpinned with
   // n >= MOE10_AUTO_MIN_N; more than
@@ -684,12 +718,13 @@ extern "C" int orch_moe_decode_norm(orch_ctx *ctx, float *out, float *x, float *
                                     float *act, float *ybuf, int64_t n, int32_t n_slots, int64_t dim, int64_t ff,
                                     float alpha, float limit) {
   const char *op = "moe_decode_norm";
+  const bool rp = moe_dual(gu_type, down_type);
   ORCH_CHECK_ARG(ctx && out && x && res && add && norm_w && router && ids && weights && gate && up && down && act &&
                      ybuf,
                  op);
   ORCH_CHECK_ARG(n >= 0 && n_slots > 0 && n_exp > 0 && n_slots <= n_exp && dim > 0 && ff > 0, op);
   const moe_dec_args a{out,     x,         router,     router_bias, n_exp, ids, weights, gate, up,    gu_type, gate_bias,
-                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit};
+                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit, rp};
   const moe10_norm nm{res, add, norm_w, x, eps};
   if (moe13_on(ctx, n) && dim <= MOE10_NORM_MAX_N * MOE10_THREADS &&
       !moe13_declines(ctx, n, router_type, n_exp, gu_type, down_type, n_slots, dim, ff, alpha, limit)) {
@@ -718,6 +753,7 @@ extern "C" int orch_moe_decode_addnorm(orch_ctx *ctx, float *out, float *x, floa
                                        int64_t dim, int64_t ff, float alpha, float limit, float *res2,
                                        const float *nw2, float *xt, float *ss) {
   const char *op = "moe_decode_addnorm";
+  const bool rp = moe_dual(gu_type, down_type);
   ORCH_CHECK_ARG(ctx && out && x && router && ids && weights && gate && up && down && act && ybuf && res2 && nw2 &&
                      xt && ss,
                  op);
@@ -733,7 +769,7 @@ extern "C" int orch_moe_decode_addnorm(orch_ctx *ctx, float *out, float *x, floa
   const moe10_norm nm{res, add, norm_w, x, eps};
   const moe10_addnorm an{res2, nw2, xt, ss};
   const moe_dec_args a{out,     x,         router,     router_bias, n_exp, ids, weights, gate, up,    gu_type, gate_bias,
-                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit};
+                       up_bias, down,      down_bias,  act,         ybuf,  n,   n_slots, dim,  ff,    alpha,   limit, rp};
   return moe_dec_launch10(ctx, op, a, 0, res ? &nm : nullptr, &an);
 }
 

@@ -181,6 +181,7 @@ extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void 
                                      int64_t dim, int64_t ff, float alpha, float limit, float *res2,
                                      const float *nw2, float *xt, float *ss) {
   const char *op = "moe_decode_oproj";
+  const bool rp = moe_dual(gu_type, down_type);
   ORCH_CHECK_ARG(ctx && ox && ow && y && out && x && res && norm_w && router && ids && weights && gate && up && down &&
                      act && ybuf,
                  op);
@@ -220,7 +221,7 @@ extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void 
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids,
                      weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down,
                      down_bias, act, ybuf, 1, (int)n_slots, (int)dim, (int)ff, alpha, limit, 4, nullptr,
-                     an ? &av : nullptr);
+                     an ? &av : nullptr, rp);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

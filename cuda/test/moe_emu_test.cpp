@@ -91,7 +91,28 @@ static void test_decoder() {
   for (uint32_t q : {0u, 0xFFFFFFFFu, 0x88888888u, 0x77777777u, 0x80000000u, 0x08000000u})
     EXPECT(word_matches(q), "moe6_mxfp4_word differs (edge %08x)", q);
   std::printf("moe6_mxfp4_word: %ld words, every value = dec16_mxfp4_word's times 2^-14\n", n);
+  // the repacked word (session 12): decoding the re-encoded word gives moe6_mxfp4_word's halves, bit for bit
+  auto rp_ok = [](uint32_t q) {
+    uint32_t a[4], b[4];
+    moe6_mxfp4_word(q, a);
+    mxfp4_rp_word(mxfp4_rp_encode(q), b);
+    return std::memcmp(a, b, sizeof a) == 0;
+  };
+  long m = 0;
+  for (int i = 0; i < 8; i++) // each nibble exhaustively, the others random
+    for (uint32_t v = 0; v < 16; v++)
+      for (int r = 0; r < 64; r++, m++) {
+        const uint32_t q = ((uint32_t)rng() & ~(0xFu << (4 * i))) | (v << (4 * i));
+        EXPECT(rp_ok(q), "mxfp4_rp_word(mxfp4_rp_encode(%08x)) != moe6_mxfp4_word", q);
+      }
+  for (int r = 0; r < 200000; r++, m++) {
+    const uint32_t q = (uint32_t)rng();
+    EXPECT(rp_ok(q), "mxfp4_rp_word(mxfp4_rp_encode(%08x)) != moe6_mxfp4_word (random)", q);
+  }
+  for (int b = 0; b < 32; b++, m++) EXPECT(rp_ok(1u << b), "repacked word: bit %d", b);
+  std::printf("mxfp4_rp_word: %ld repacked words decode to moe6_mxfp4_word's halves\n", m);
 }
+
 
 // Runs orch_moe_ffn under version ver; returns out.
 static std::vector<float> run_moe(int ver, int t, const QW &gate, const QW &up, const QW &down,
@@ -418,6 +439,30 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     EXPECT(run10(true, n, limit, nullptr, nullptr, &o10s) == ORCH_OK, "moe_decode v10 (stale): %s", g_err);
     g_moe6_stale_id = -1;
     EXPECT(std::memcmp(o10.data(), o10s.data(), o10.size() * 4) == 0, "v10 with stale speculative routing differs");
+  }
+  if (t == ORCH_T_MXFP4) { // the repacked rows (ORCH_T_MXFP4_DUAL): v10's output, ids and weights bit for bit
+    DualW dg(gate, ff * ne, dim), du(up, ff * ne, dim), dd(down, dim * ne, ff);
+    setenv("ORCH_CUDA_MOE", ver, 1);
+    orch_ctx ctx;
+    ctx.moe = 6;
+    ctx.moe_auto = false;
+    Buf<int32_t> ib((size_t)(n * topk), -1);
+    Buf<float> wb((size_t)(n * topk), NAN), out((size_t)(n * dim), NAN), act((size_t)(n * topk * ff), NAN),
+        yb((size_t)(n * topk * dim), NAN);
+    const int rc = orch_moe_decode(&ctx, out.p, bx.p, brw.p, ORCH_T_F32, gp(brb), ne, ib.p, wb.p, dg.p, du.p,
+                                   ORCH_T_MXFP4_DUAL, gp(bgb), gp(bub), dd.p, ORCH_T_MXFP4_DUAL, gp(bdb), act.p, yb.p, n,
+                                   topk, dim, ff, 1.702f, limit);
+    const int rc1 = orch_moe_decode(&ctx, out.p, bx.p, brw.p, ORCH_T_F32, gp(brb), ne, ib.p, wb.p, dg.p, du.p,
+                                    ORCH_T_MXFP4_DUAL, gp(bgb), gp(bub), dd.p, ORCH_T_MXFP4, gp(bdb), act.p, yb.p, n,
+                                    topk, dim, ff, 1.702f, limit);
+    unsetenv("ORCH_CUDA_MOE");
+    EXPECT(rc == ORCH_OK, "moe_decode (dual): %s", g_err);
+    EXPECT(rc1 == ORCH_ERR_UNSUPPORTED, "moe_decode with gate / up dual and down not must decline (rc %d)", rc1);
+    EXPECT(ib.vec() == id10 && std::memcmp(wb.vec().data(), w10.data(), w10.size() * 4) == 0,
+           "dual: routing != v10's");
+    EXPECT(std::memcmp(out.vec().data(), o10.data(), o10.size() * 4) == 0,
+           "MoE v10 on the repacked rows != v10 bit for bit (dim=%lld ff=%lld n=%d)", (long long)dim, (long long)ff, n);
+    std::printf("MoE v10 on repacked MXFP4 rows (ORCH_T_MXFP4_DUAL) n=%d: output = v10's bit for bit\n", n);
   }
   // v6 on v10's routing
   {

@@ -136,7 +136,7 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
       std::vector<float> y, res, x, w, out, ssp, res2, xt2, ss2;
       std::vector<int32_t> ids;
     };
-    auto run = [&](Got &g, bool via_struct) {
+    auto run = [&](Got &g, bool via_struct, bool dual = false) {
       orch_ctx ctx;
       ctx.moe = 6;
       ctx.moe_auto = true;
@@ -154,6 +154,13 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
                                     ORCH_T_F32, ne,        te,        te,         topk,     eps,     1.702f,
                                     limit,      0};
         rc = orch_moe_decode_oproj_args(&ctx, &a);
+      } else if (dual) { // the experts' repacked rows (ORCH_T_MXFP4_DUAL)
+        DualW dg(gate, ff * ne, dim), du(up, ff * ne, dim), dd(down, dim * ne, ff);
+        rc = orch_moe_decode_oproj(&ctx, box.p, wo.bytes, to, gp(bob), ok, y.p, out.p, x.p, res.p, bnw.p, eps, brw.p,
+                                   ORCH_T_F32, gp(brb), ne, ib.p, wb.p, dg.p, du.p, ORCH_T_MXFP4_DUAL, gp(bgb),
+                                   gp(bub), dd.p, ORCH_T_MXFP4_DUAL, gp(bdb), act.p, yb.p, 1, topk, dim, ff, 1.702f,
+                                   limit, an ? r2.p : nullptr, an ? bnw2.p : nullptr, an ? xt2.p : nullptr,
+                                   an ? ss2.p : nullptr);
       } else {
         rc = orch_moe_decode_oproj(&ctx, box.p, wo.bytes, to, gp(bob), ok, y.p, out.p, x.p, res.p, bnw.p, eps, brw.p,
                                    ORCH_T_F32, gp(brb), ne, ib.p, wb.p, gate.bytes, up.bytes, te, gp(bgb), gp(bub),
@@ -246,11 +253,19 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
                  same_bits(g2.y, g.y) && same_bits(g2.res, g.res) && (!an || same_bits(g2.ss2, g.ss2)),
              "a second call (orch_moe_decode_oproj_args) differs");
     }
+    if (te == ORCH_T_MXFP4) { // the experts' repacked rows: the same bits
+      Got g3;
+      run(g3, false, true);
+      EXPECT(same_bits(g3.out, g.out) && same_bits(g3.w, g.w) && g3.ids == g.ids && same_bits(g3.x, g.x) &&
+                 (!an || (same_bits(g3.ss2, g.ss2) && same_bits(g3.xt2, g.xt2))),
+             "the repacked rows (ORCH_T_MXFP4_DUAL) differ from the plain ones");
+    }
     std::printf("oproj %-5s ok=%-4lld -> dim=%-4lld, MoE %-5s ff=%-4lld top-%d of %-2d bias=%d next-norm=%d: y/res/x/ss = "
                 "the producer's bits (y err %.1e); ids = float64 top-k; out err %.2e, vs existing path %.2e "
-                "(weights %.1e)%s\n",
+                "(weights %.1e)%s%s\n",
                 tn, (long long)ok, (long long)dim, te_n, (long long)ff, topk, ne, bias, an, ey, eo, eold, dwo,
-                again ? "; second call (struct form) identical" : "");
+                again ? "; second call (struct form) identical" : "",
+                te == ORCH_T_MXFP4 ? "; repacked rows identical" : "");
     return;
   }
 }

@@ -31,7 +31,9 @@ type tensor struct {
 	// weight: made by Weight (or a view of one): read-only device data, so a
 	// bf16 copy of it stays valid (bf16cache.go)
 	weight bool
-	be     *Backend
+	// rp: the allocation holds the rows repacked after the original bytes (mxfp4rp.go; views: false)
+	rp bool
+	be *Backend
 }
 
 func (t *tensor) DType() ml.DType { return t.dt }
@@ -274,17 +276,29 @@ func (b *Backend) Weight(name string, dt ml.DType, shape []int, data []byte) (ml
 		return nil, fmt.Errorf("cuda weight %s: %d bytes, want %d for %v %v", name, len(data), nb, dt, shape)
 	}
 	var p uintptr
-	if err := b.l.status("weight "+name, b.l.malloc(b.ctx, int64(nb), &p)); err != nil {
-		return nil, err
+	rows, k, total, rp := b.rpShape(dt, shape) // room for the repacked rows after the original ones (mxfp4rp.go)
+	if rp && (!b.rpFits(total, nb) || b.l.malloc(b.ctx, total, &p) != stOK) {
+		rp, p = false, 0
+	}
+	if !rp {
+		if err := b.l.status("weight "+name, b.l.malloc(b.ctx, int64(nb), &p)); err != nil {
+			return nil, err
+		}
 	}
 	if err := b.l.status("weight "+name, b.l.memcpyH2D(b.ctx, p, &data[0], int64(nb))); err != nil {
 		b.l.free(b.ctx, p)
 		return nil, err
 	}
+	if rp {
+		if err := b.l.status("weight "+name, b.l.mxfp4Repack(b.ctx, p+uintptr(mxfp4RPOffset(rows, k)), p, rows, k)); err != nil {
+			b.l.free(b.ctx, p)
+			return nil, err
+		}
+	}
 	if b.bc.names != nil { // (nil: a test's backend without New)
 		b.bc.names[p] = name
 	}
-	return &tensor{dt: dt, shape: append([]int(nil), shape...), n: n, ptr: p, bytes: nb, owned: true, weight: true, be: b}, nil
+	return &tensor{dt: dt, shape: append([]int(nil), shape...), n: n, ptr: p, bytes: nb, owned: true, weight: true, rp: rp, be: b}, nil
 }
 
 func (b *Backend) Free(t ml.Tensor) {

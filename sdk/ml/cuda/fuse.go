@@ -578,9 +578,10 @@ func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
 	if b.err != nil {
 		return false
 	}
+	gt, dt := moeWTypes(gate, up, down) // the repacked rows where all three have them (mxfp4rp.go)
 	c := moeCall{out: d.ptr, x: xx.ptr, res: hn.r.ptr, add: hn.add.ptr, normW: hn.wp, eps: hn.eps, router: router.ptr,
 		routerType: int32(router.dt), routerBias: rb, nExp: int32(ne), ids: ids, w: wts, gate: gate.ptr, up: up.ptr,
-		guType: int32(gate.dt), gateBias: gb, upBias: ub, down: down.ptr, downType: int32(down.dt), downBias: db, act: g,
+		guType: gt, gateBias: gb, upBias: ub, down: down.ptr, downType: dt, downBias: db, act: g,
 		ybuf: y, n: int64(n), slots: int32(k), dim: int64(dim), ff: int64(ff), alpha: m.Alpha, limit: m.Limit}
 	if pj.on && pj.y == c.add && pj.m == c.dim && c.n == 1 {
 		c.pj, pj = pj, oproj{} // the call makes it (moeNormCall, or held: moeAddNormCall / launchHeldMoE)

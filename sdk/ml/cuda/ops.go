@@ -633,9 +633,9 @@ func (b *Backend) moePlain(dst, x ml.Tensor, m *ml.MoE) {
 		// library declines otherwise (other versions, one token unpinned,
 		// more than 8 tokens outside v13, other router types, what
 		// orch_moe_ffn declines) and the path below runs.
+		gt, dt := moeWTypes(gate, up, down) // the repacked rows where all three have them (mxfp4rp.go)
 		rc := b.l.moeDecode(b.ctx, d.ptr, xx.ptr, router.ptr, int32(router.dt), rb, int32(ne), ids, wts, gate.ptr,
-			up.ptr, int32(gate.dt), gb, ub, down.ptr, int32(down.dt), db, g, y, N, K, int64(dim), int64(ff), m.Alpha,
-			m.Limit)
+			up.ptr, gt, gb, ub, down.ptr, dt, db, g, y, N, K, int64(dim), int64(ff), m.Alpha, m.Limit)
 		if rc != stUnsupported {
 			b.call(op, rc)
 			return
