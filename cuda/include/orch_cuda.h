@@ -52,8 +52,15 @@ enum {
    * GEMVs: the rows * (k/32) * 17 original bytes, then from the next multiple of 256 bytes rows repacked rows of
    * (k/32) * 16 + ((k/32 + 15) & ~15) bytes (filled by orch_mxfp4_repack). Accepted as gu_type / down_type (all
    * three tensors so) by orch_moe_decode, _norm, _addnorm and _oproj: every kernel reads the original rows except
-   * MoE v10's gate_up / down, which read the repacked ones (same results, bit for bit). */
-  ORCH_T_MXFP4_DUAL = 139
+   * MoE v10's gate_up / down, which read the repacked ones (same results, bit for bit). The original rows are
+   * (k/32) * 17 bytes, the repacked ones (k/32) * 16 + ((k/32 + 15) & ~15). */
+  ORCH_T_MXFP4_DUAL = 139,
+  /* (session 12; not a GGUF type) a Q8_0 matrix followed by its rows repacked for GEMV v5: the rows * (k/32) * 34
+   * original bytes, then from the next multiple of 256 bytes rows repacked rows of 32 * (k/32) + ((2 * (k/32) + 15)
+   * & ~15) bytes (orch_weight_repack). Accepted as the weight type by orch_matmul, orch_matmul_multi(_nf),
+   * orch_matmul_swiglu(_nf), orch_matmul_addnorm and orch_moe_decode_oproj's out projection: GEMV v5 reads the
+   * repacked rows (same results, bit for bit), every other path the original ones. */
+  ORCH_T_Q8_0_DUAL = 108
 };
 
 /* KV cache element types. */
@@ -428,10 +435,10 @@ typedef struct {
   int32_t pad_;
 } orch_moe_oproj_args;
 int orch_moe_decode_oproj_args(orch_ctx *ctx, const orch_moe_oproj_args *a);
-/* (session 12, optional) Repacks rows MXFP4 rows of k elements (k % 32 == 0) at src into dst (16-byte aligned):
- * dst = the tensor + the 256-aligned size of its original rows (ORCH_T_MXFP4_DUAL's layout). Asynchronous on the
- * context's stream. */
-int orch_mxfp4_repack(orch_ctx *ctx, void *dst, const void *src, int64_t rows, int64_t k);
+/* (session 12, optional) Repacks rows wtype (ORCH_T_MXFP4 or ORCH_T_Q8_0) rows of k elements (k % 32 == 0) at src
+ * into dst (16-byte aligned): dst = the tensor + the 256-aligned size of its original rows (the layouts of
+ * ORCH_T_MXFP4_DUAL and ORCH_T_Q8_0_DUAL). Asynchronous on the context's stream. */
+int orch_weight_repack(orch_ctx *ctx, void *dst, const void *src, int32_t wtype, int64_t rows, int64_t k);
 
 /* ---- qgemm.cu (ABI 4) ----
  * Tensor-core GEMM over raw GGUF weights: y[n, m] (+)= x[n, k] . W^T + bias,

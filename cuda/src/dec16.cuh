@@ -271,11 +271,12 @@ DEC16_HD void dec16_q4_0_word(uint32_t q, uint32_t h[4]) {
 // Q8_0 word q = int8 elements 4w..4w+3 -> h[0] = (4w, 4w+1), h[1] = (4w+2, 4w+3).
 // b ^ 0x80 = b + 128 in the low byte under the fp16 exponent of 1024: the
 // half is 1024 + 128 + b, exact; subtracting 1152 (0x6480) is exact too.
-DEC16_HD void dec16_q8_0_word(uint32_t q, uint32_t h[2]) {
-  const uint32_t v = q ^ 0x80808080u;
+// dec16_q8_0_word of q = v ^ 0x80808080 (the repacked rows store v).
+DEC16_HD void dec16_q8_0_word_x(uint32_t v, uint32_t h[2]) {
   h[0] = dec16_hsub2(dec16_prmt(v, 0x64646464u, 0x5140u), 0x64806480u);
   h[1] = dec16_hsub2(dec16_prmt(v, 0x64646464u, 0x5342u), 0x64806480u);
 }
+DEC16_HD void dec16_q8_0_word(uint32_t q, uint32_t h[2]) { dec16_q8_0_word_x(q ^ 0x80808080u, h); }
 
 // Position (half index, 0..31) of chunk element a in the staged x chunk for
 // weight type kind (0: natural order (Q8_0), 1: MXFP4 / Q4_0 pair order).
@@ -310,10 +311,16 @@ template <int T> struct dec16_traits;
 template <> struct dec16_traits<ORCH_T_MXFP4> { static constexpr uint32_t off = 8; static constexpr int kind = 1; };
 template <> struct dec16_traits<ORCH_T_Q4_0> { static constexpr uint32_t off = 16; static constexpr int kind = 1; };
 template <> struct dec16_traits<ORCH_T_Q8_0> { static constexpr uint32_t off = 16; static constexpr int kind = 0; };
+#ifndef ORCH_T_Q8_0R_DECL // (quant.cuh: the repacked Q8_0 rows of GEMV v5)
+#define ORCH_T_Q8_0R_DECL
+constexpr int ORCH_T_Q8_0R = 208;
+#endif
+template <> struct dec16_traits<ORCH_T_Q8_0R> { static constexpr uint32_t off = 0; static constexpr int kind = 0; };
 
 template <int T>
 DEC16_HD float dec16_wscale(const uint32_t *w, uint32_t sh) {
-  if constexpr (T == ORCH_T_MXFP4) return dec16_e8m0((w[0] >> (8 * sh)) & 0xFFu);
+  if constexpr (T == ORCH_T_Q8_0R) return dec16_h2f((uint16_t)sh); // the scale itself (ffn_load)
+  else if constexpr (T == ORCH_T_MXFP4) return dec16_e8m0((w[0] >> (8 * sh)) & 0xFFu);
   else return dec16_h2f((uint16_t)(dec16_funnel_rc(w[0], w[1], 8 * sh) & 0xFFFFu));
 }
 
@@ -326,7 +333,10 @@ DEC16_HD void dec16_block_acc(const uint32_t *w, uint32_t sh, const uint4 *const
 #pragma unroll
   for (int i = 0; i < 4; i++) {
     uint32_t h[4];
-    if constexpr (T == ORCH_T_Q8_0) { // xh[.][i] covers elements 8i..8i+7 = quant words 2i, 2i+1
+    if constexpr (T == ORCH_T_Q8_0R) { // aligned words, each quant already XOR 0x80
+      dec16_q8_0_word_x(w[2 * i], h);
+      dec16_q8_0_word_x(w[2 * i + 1], h + 2);
+    } else if constexpr (T == ORCH_T_Q8_0) { // xh[.][i] covers elements 8i..8i+7 = quant words 2i, 2i+1
       dec16_q8_0_word(dec16_funnel_rc(w[2 * i], w[2 * i + 1], 8 * sh + off), h);
       dec16_q8_0_word(dec16_funnel_rc(w[2 * i + 1], w[2 * i + 2], 8 * sh + off), h + 2);
     } else {

@@ -388,7 +388,7 @@ gemv5_nf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_
   gemv5_rows<T, NT, NB, XR, 0, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
 }
 
-template <int T, int NT> constexpr int gemv5_nb() { return (T == ORCH_T_Q8_0 && NT > 1) || NT > 4 ? 2 : 3; }
+template <int T, int NT> constexpr int gemv5_nb() { return (q8_like<T>() && NT > 1) || NT > 4 ? 2 : 3; }
 // Rows per warp: 2 for the LM heads (m >= 32768), else 1.
 static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : 1; }
 
@@ -473,7 +473,7 @@ static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, con
 template <int T>
 static void launch_gemv5_multi(cudaStream_t st, const gemv5_parts &P, int count, const float *x, int64_t n, int64_t k,
                                int64_t rb) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
     if (n == 1) launch_gemv5_multi_nt<T, 1>(st, P, count, x, n, k, rb);
     else if (n == 2) launch_gemv5_multi_nt<T, 2>(st, P, count, x, n, k, rb);
     else if (n <= 4) launch_gemv5_multi_nt<T, 4>(st, P, count, x, n, k, rb);
@@ -484,7 +484,7 @@ static void launch_gemv5_multi(cudaStream_t st, const gemv5_parts &P, int count,
 template <int T>
 static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
                          int64_t k, int64_t m, int64_t rb, int acc) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
     if (n == 1) launch_gemv5_nt<T, 1>(st, y, x, w, bias, n, k, m, rb, acc);
     else if (n == 2) launch_gemv5_nt<T, 2>(st, y, x, w, bias, n, k, m, rb, acc);
     else if (n <= 4) launch_gemv5_nt<T, 4>(st, y, x, w, bias, n, k, m, rb, acc);
@@ -497,7 +497,7 @@ static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_
 template <int T>
 static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                                  int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_nf &F) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
     const int mode = gemv5_stage_mode(k);
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
@@ -520,7 +520,7 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
 template <int T>
 static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb, const gemv5_nf &F, int xr = -1) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
     unsigned total = 0;
     for (int p = 0; p < count; p++) {
       P.rpw[p] = gemv5_rpw(P.m[p]);
@@ -664,7 +664,7 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
 // would hold ~60 words of weights per lane, so 2 each (4 blocks in flight:
 // 64 registers, 4 CTAs per SM as v5); Q8_0 at two tokens 1 each (NB 2 took
 // 77 registers: 3 CTAs per SM).
-template <int T, int NT> constexpr int gemv5_glu_nb() { return T == ORCH_T_Q8_0 && NT > 1 ? 1 : 2; }
+template <int T, int NT> constexpr int gemv5_glu_nb() { return q8_like<T>() && NT > 1 ? 1 : 2; }
 
 template <int T, int NT, int XR, int NF = 0>
 static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
@@ -683,7 +683,7 @@ static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const 
 template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
                              int64_t rb, int xr = -1, const gemv5_nf *nf = nullptr) {
-  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
+  if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     const gemv5_nf F = nf ? *nf : gemv5_nf{};
     auto go = [&](auto nt) {

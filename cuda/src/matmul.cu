@@ -519,6 +519,7 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
                            int64_t n, int64_t k, int64_t m, int32_t accumulate) {
   const char *op = "matmul";
   ORCH_CHECK_ARG(ctx && y && x && w && n >= 0 && k > 0 && m > 0, op);
+  const bool q8r = q8_dual(wtype); // ORCH_T_Q8_0_DUAL: GEMV v5 reads the repacked rows
   if (!type_known(wtype)) {
     orch_set_error("matmul: unsupported weight type %d", wtype);
     return ORCH_ERR_UNSUPPORTED;
@@ -554,7 +555,13 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
       break;
     }
     case GR_V6: ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
-    case GR_V5: ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
+    case GR_V5:
+      if (q8r)
+        launch_gemv5<ORCH_T_Q8_0R>(ctx->stream, y, x, wb + q8r_offset(m, k), bias, n, k, m, q8r_row_bytes(k),
+                                   accumulate);
+      else
+        ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
+      break;
     case GR_V4: ORCH_DISPATCH_TYPE(wtype, launch_gemv4, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
     case GR_V3: ORCH_DISPATCH_TYPE(wtype, launch_gemv3, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
     case GR_V1: ORCH_DISPATCH_TYPE(wtype, launch_gemv, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
@@ -571,6 +578,7 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
                                  const orch_gemv_part *parts) {
   const char *op = "matmul_multi";
   ORCH_CHECK_ARG(ctx && x && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
+  const bool q8r = q8_dual(wtype);
   for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
   // Only where orch_matmul would run the same GEMV, v5 or v7, for every part
   // (so that each output is bit-identical to its own orch_matmul);
@@ -603,6 +611,9 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
     int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;
     ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb)
+  } else if (q8r) { // the repacked rows
+    for (int p = 0; p < count; p++) P.w[p] += q8r_offset(P.m[p], k);
+    launch_gemv5_multi<ORCH_T_Q8_0R>(ctx->stream, P, count, x, n, k, q8r_row_bytes(k));
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi, ctx->stream, P, count, x, n, k, rb);
   }
@@ -627,6 +638,7 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
                                   const orch_gemv_part *gate_up, float *out) {
   const char *op = "matmul_swiglu";
   ORCH_CHECK_ARG(ctx && x && gate_up && out && n >= 0 && k > 0, op);
+  const bool q8r = q8_dual(wtype);
   const orch_gemv_part &g = gate_up[0], &u = gate_up[1];
   ORCH_CHECK_ARG(g.w && g.y && u.w && u.y && g.m > 0 && g.m == u.m, op);
   const int64_t rb = orch_row_bytes(wtype, k);
@@ -638,7 +650,12 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
     return ORCH_ERR_UNSUPPORTED;
   }
   gemv5_glu_args A = {(const uint8_t *)g.w, (const uint8_t *)u.w, g.bias, u.bias, g.y, u.y, out, g.m};
-  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb);
+  if (q8r) {
+    A.wg += q8r_offset(g.m, k), A.wu += q8r_offset(u.m, k);
+    launch_gemv5_glu<ORCH_T_Q8_0R>(ctx->stream, A, x, n, k, q8r_row_bytes(k));
+  } else {
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb);
+  }
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }
@@ -653,6 +670,7 @@ extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, cons
                                    float *xt, float *ss) {
   const char *op = "matmul_addnorm";
   ORCH_CHECK_ARG(ctx && y && x && w && res && nw && xt && ss && n >= 0 && k > 0 && m > 0, op);
+  const bool q8r = q8_dual(wtype);
   const int64_t rb = orch_row_bytes(wtype, k);
   const int route = n >= 1 && n <= 8 ? gemv_route(ctx, wtype, n, k, m, rb) : GR_NONE;
   const bool ok = gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && aligned16(w) && gemv5_rpw(m) == 1 &&
@@ -670,6 +688,9 @@ extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, cons
     int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;
     ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, (const uint8_t *)w, bias, n, k, m, rb, 0, &F);
+  } else if (q8r) {
+    launch_gemv5_nf_prod<ORCH_T_Q8_0R>(ctx->stream, y, x, (const uint8_t *)w + q8r_offset(m, k), bias, n, k, m,
+                                       q8r_row_bytes(k), F);
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_nf_prod, ctx->stream, y, x, (const uint8_t *)w, bias, n, k, m, rb, F);
   }
@@ -686,6 +707,7 @@ extern "C" int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype
                                     const orch_gemv_part *parts, const float *ss, int64_t nss, float eps) {
   const char *op = "matmul_multi_nf";
   ORCH_CHECK_ARG(ctx && x && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
+  const bool q8r = q8_dual(wtype);
   for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
   const int64_t rb = orch_row_bytes(wtype, k);
   bool ok = n >= 1 && n <= 8 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && nf_args_ok(ss, nss);
@@ -712,6 +734,9 @@ extern "C" int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype
     int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
     if (rc != ORCH_OK) return rc;
     ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb, &F)
+  } else if (q8r) {
+    for (int p = 0; p < count; p++) P.w[p] += q8r_offset(P.m[p], k);
+    launch_gemv5_multi_nf<ORCH_T_Q8_0R>(ctx->stream, P, count, x, n, k, q8r_row_bytes(k), F);
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi_nf, ctx->stream, P, count, x, n, k, rb, F);
   }
@@ -724,6 +749,7 @@ extern "C" int orch_matmul_swiglu_nf(orch_ctx *ctx, const float *x, int32_t wtyp
                                      float eps) {
   const char *op = "matmul_swiglu_nf";
   ORCH_CHECK_ARG(ctx && x && gate_up && out && n >= 0 && k > 0, op);
+  const bool q8r = q8_dual(wtype);
   const orch_gemv_part &g = gate_up[0], &u = gate_up[1];
   ORCH_CHECK_ARG(g.w && g.y && u.w && u.y && g.m > 0 && g.m == u.m, op);
   const int64_t rb = orch_row_bytes(wtype, k);
@@ -738,7 +764,12 @@ extern "C" int orch_matmul_swiglu_nf(orch_ctx *ctx, const float *x, int32_t wtyp
   gemv5_glu_args A = {(const uint8_t *)g.w, (const uint8_t *)u.w, g.bias, u.bias, g.y, u.y, out, g.m};
   gemv5_nf F;
   F.ss = (float *)ss, F.nss = (int)nss, F.eps = eps;
-  ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb, -1, &F);
+  if (q8r) {
+    A.wg += q8r_offset(g.m, k), A.wu += q8r_offset(u.m, k);
+    launch_gemv5_glu<ORCH_T_Q8_0R>(ctx->stream, A, x, n, k, q8r_row_bytes(k), -1, &F);
+  } else {
+    ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb, -1, &F);
+  }
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }

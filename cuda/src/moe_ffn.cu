@@ -1198,8 +1198,8 @@ extern "C" int orch_moe_ffn_route(orch_ctx *ctx, float *out, const float *x, con
   return orch_moe_combine(ctx, out, ybuf, weights, n, n_slots, dim, 0);
 }
 
-// MXFP4 repacked for MoE v10's one-token kernels (session 12).
-#include "mxfp4_rp.cuh"
+// MXFP4 (MoE v10's one-token kernels) and Q8_0 (GEMV v5) rows repacked at load time (session 12).
+#include "weight_rp.cuh"
 
 // MoE v10 (session 5): router + top-k + expert FFN at 1..8 tokens in three launches.
 #include "moe_dec10.cuh"

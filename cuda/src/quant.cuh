@@ -184,7 +184,26 @@ __device__ __forceinline__ float block_dot(const uint8_t *b, const float *xs) {
 // loaded byte by byte (one register per byte), which capped the warps per SM
 // and so the bytes in flight. The last word may extend up to 3 bytes past
 // the block, never past the aligned word holding its last byte.
-template <int T> __host__ __device__ constexpr int block_words() { return T == ORCH_T_Q8_0 ? 9 : 5; }
+// (session 12) Q8_0 rows repacked after the original ones (ORCH_T_Q8_0_DUAL, weight_rp.cuh): the template type of
+// GEMV v5's kernels on them (never a type code of the C ABI). A block's 32 quants (each XOR 0x80) are 8 aligned
+// words at row + 32 c, its fp16 scale at row + 32 nch + 2 c: wblocks holds the words and the scale in sh.
+#ifndef ORCH_T_Q8_0R_DECL
+#define ORCH_T_Q8_0R_DECL
+constexpr int ORCH_T_Q8_0R = 208;
+#endif
+// The repacked layout (ORCH_T_Q8_0_DUAL): bytes of a repacked row of k elements, where the repacked rows of a rows x
+// k tensor start, and the entries' type check (the type becomes Q8_0 for every check and path; true: it was dual).
+__host__ __device__ inline int64_t q8r_row_bytes(int64_t k) { return 32 * (k / 32) + ((2 * (k / 32) + 15) & ~(int64_t)15); }
+__host__ __device__ inline int64_t q8r_offset(int64_t rows, int64_t k) { return (rows * (k / 32) * 34 + 255) & ~(int64_t)255; }
+inline bool q8_dual(int32_t &wtype) {
+  if (wtype != ORCH_T_Q8_0_DUAL) return false;
+  wtype = ORCH_T_Q8_0;
+  return true;
+}
+template <int T> __host__ __device__ constexpr bool q8_like() { return T == ORCH_T_Q8_0 || T == ORCH_T_Q8_0R; }
+template <int T> __host__ __device__ constexpr int block_words() {
+  return T == ORCH_T_Q8_0 ? 9 : T == ORCH_T_Q8_0R ? 8 : 5;
+}
 template <int T, int NB> struct wblocks {
   uint32_t w[NB][block_words<T>()];
   uint32_t sh[NB]; // byte offset of the block in its first word
@@ -195,6 +214,19 @@ template <int T, int NB> struct wblocks {
 template <int T, int NB>
 __device__ __forceinline__ void ffn_load(wblocks<T, NB> &b, const uint8_t *__restrict__ wr, int64_t c0, int lane,
                                          int64_t nch, bool valid) {
+  if constexpr (T == ORCH_T_Q8_0R) {
+#pragma unroll
+    for (int i = 0; i < NB; i++) {
+      const int64_t c = c0 + lane + 32 * i;
+      const bool ok = valid && c < nch;
+      const uint4 *q = reinterpret_cast<const uint4 *>(wr + 32 * (ok ? c : 0));
+      const uint4 z = make_uint4(0u, 0u, 0u, 0u), a = ok ? __ldg(q) : z, d = ok ? __ldg(q + 1) : z;
+      b.w[i][0] = a.x, b.w[i][1] = a.y, b.w[i][2] = a.z, b.w[i][3] = a.w;
+      b.w[i][4] = d.x, b.w[i][5] = d.y, b.w[i][6] = d.z, b.w[i][7] = d.w;
+      b.sh[i] = ok ? (uint32_t)__ldg(reinterpret_cast<const unsigned short *>(wr + 32 * nch) + c) : 0u;
+    }
+    return;
+  }
   constexpr int BB = type_block_bytes(T);
 #pragma unroll
   for (int i = 0; i < NB; i++) {

@@ -640,6 +640,75 @@ static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulat
               bias, accumulate, e);
 }
 
+// Q8_0 rows repacked after the original ones (ORCH_T_Q8_0_DUAL, session 12): GEMV v5's kernels on the repacked rows
+// (template type ORCH_T_Q8_0R, the rows where matmul.cu's entries point them: + q8r_offset, q8r_row_bytes) give the
+// plain rows' outputs bit for bit: plain, multi, SwiGLU, the norm fold's producer and consumers, n = 1, 2.
+static bool same_bits(const std::vector<float> &a, const std::vector<float> &b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+static void test_q8r(int64_t k, int64_t dim, int n) {
+  constexpr int t = ORCH_T_Q8_0, tr = ORCH_T_Q8_0R;
+  const int64_t mq = 40, mk = 8, mg = 24; // q / k parts, gate / up rows; dim: the producer's rows (% 32 == 0)
+  QW wp, wq, wk, wg, wu;
+  make_weight(wp, t, k, dim);
+  make_weight(wq, t, dim, mq);
+  make_weight(wk, t, dim, mk);
+  make_weight(wg, t, dim, mg);
+  make_weight(wu, t, dim, mg);
+  DualW dp(wp, t, dim, k), dq(wq, t, mq, dim), dk(wk, t, mk, dim), dg(wg, t, mg, dim), du(wu, t, mg, dim);
+  const auto xp = randv((size_t)(n * k), 0.5f), res0 = randv((size_t)(n * dim), 4.f), nwv = randv((size_t)dim, 1.f),
+             bv = randv((size_t)std::max(dim, mq), 1.f), xc = randv((size_t)(n * dim), 1.f);
+  Buf<float> bxp(xp), bnw(nwv), bb(bv), bxc(xc);
+  const int nss = (int)(dim / GEMV16_WARPS);
+  using V = std::vector<float>;
+  auto run = [&](auto T, std::vector<V> &r) {
+    constexpr int TT = decltype(T)::value;
+    const bool rp = TT == ORCH_T_Q8_0R;
+    const int64_t rbp = rp ? q8r_row_bytes(k) : orch_row_bytes(t, k), rbc = rp ? q8r_row_bytes(dim) : orch_row_bytes(t, dim);
+    auto at = [&](const DualW &d, const QW &w, int64_t rows, int64_t kk) {
+      return rp ? d.p + q8r_offset(rows, kk) : (const uint8_t *)w.bytes;
+    };
+    const uint8_t *P = at(dp, wp, dim, k), *Q = at(dq, wq, mq, dim), *K = at(dk, wk, mk, dim), *G = at(dg, wg, mg, dim),
+                  *U = at(du, wu, mg, dim);
+    Buf<float> y((size_t)(n * dim), NAN), yq((size_t)(n * mq), NAN), yk((size_t)(n * mk), NAN), g((size_t)(n * mg), NAN),
+        u((size_t)(n * mg), NAN), o((size_t)(n * mg), NAN), res(res0), xt((size_t)(n * dim), NAN),
+        ss((size_t)(n * nss), NAN), y2((size_t)(n * dim), NAN), fq((size_t)(n * mq), NAN), fk((size_t)(n * mk), NAN),
+        fo((size_t)(n * mg), NAN), fg((size_t)(n * mg), NAN), fu((size_t)(n * mg), NAN);
+    launch_gemv5<TT>(nullptr, y.p, bxp.p, P, bb.p, n, k, dim, rbp, 0);
+    gemv5_parts M = {};
+    M.w[0] = Q, M.w[1] = K, M.bias[0] = bb.p, M.y[0] = yq.p, M.y[1] = yk.p, M.m[0] = mq, M.m[1] = mk;
+    launch_gemv5_multi<TT>(nullptr, M, 2, bxc.p, n, dim, rbc);
+    gemv5_glu_args A = {G, U, nullptr, bb.p, g.p, u.p, o.p, mg};
+    launch_gemv5_glu<TT>(nullptr, A, bxc.p, n, dim, rbc);
+    gemv5_nf F;
+    F.res = res.p, F.w = bnw.p, F.xt = xt.p, F.ss = ss.p;
+    launch_gemv5_nf_prod<TT>(nullptr, y2.p, bxp.p, P, bb.p, n, k, dim, rbp, F);
+    gemv5_nf C;
+    C.ss = ss.p, C.nss = nss, C.eps = 1e-5f;
+    gemv5_parts N = M;
+    N.y[0] = fq.p, N.y[1] = fk.p;
+    launch_gemv5_multi_nf<TT>(nullptr, N, 2, xt.p, n, dim, rbc, C);
+    gemv5_glu_args B = {G, U, nullptr, bb.p, fg.p, fu.p, fo.p, mg};
+    launch_gemv5_glu<TT>(nullptr, B, xt.p, n, dim, rbc, -1, &C);
+    r = {y.vec(), yq.vec(), yk.vec(), g.vec(), u.vec(), o.vec(), y2.vec(), res.vec(), xt.vec(), ss.vec(), fq.vec(),
+         fk.vec(), fo.vec()};
+  };
+  std::vector<V> a, b;
+  run(std::integral_constant<int, t>{}, a);
+  run(std::integral_constant<int, tr>{}, b);
+  static const char *names[] = {"y", "multi q", "multi k", "glu gate", "glu up", "glu out", "producer y", "res", "xt",
+                                "ss", "consumer q", "consumer k", "consumer glu out"};
+  for (size_t i = 0; i < a.size(); i++) {
+    bool finite = true;
+    for (float v : a[i]) finite &= std::isfinite(v);
+    EXPECT(finite && same_bits(a[i], b[i]), "Q8_0 repacked rows: %s differs or not written (k=%lld dim=%lld n=%d)",
+           names[i], (long long)k, (long long)dim, n);
+  }
+  std::printf("GEMV v5 on repacked Q8_0 rows (ORCH_T_Q8_0R) k=%lld dim=%lld n=%d: plain, multi, SwiGLU, norm-fold "
+              "producer and consumers bit-identical to the plain rows\n",
+              (long long)k, (long long)dim, n);
+}
+
 int main(int argc, char **argv) {
   const bool long_run = argc > 1 && std::strcmp(argv[1], "long") == 0;
   const bool fold_only = argc > 1 && std::strcmp(argv[1], "fold") == 0; // the norm-fold cases alone
@@ -651,6 +720,9 @@ int main(int argc, char **argv) {
   test_norm_fold(ORCH_T_Q4_0, 128, 160, 1, {8}, 16, false);     // nss 20: 5 partial copies per token
   test_norm_fold(ORCH_T_Q8_0, 96, 64, 8, {24, 8, 8}, 16, true);  // v7 (n = 3..8): 16-row CTAs, two slots each
   test_norm_fold(ORCH_T_MXFP4, 1024, 96, 3, {40}, 8, false);    // v7: ragged 16-row CTAs, 3 tokens
+  test_q8r(96, 64, 1);
+  test_q8r(8192, 64, 2); // x staged per round
+  test_q8r(64, 3200, 1); // two rounds of blocks in the consumers
   if (fold_only) return fails ? 1 : 0;
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
     test_moe(t, 64, 32, 3, 2, 3);

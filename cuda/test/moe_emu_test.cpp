@@ -441,7 +441,7 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     EXPECT(std::memcmp(o10.data(), o10s.data(), o10.size() * 4) == 0, "v10 with stale speculative routing differs");
   }
   if (t == ORCH_T_MXFP4) { // the repacked rows (ORCH_T_MXFP4_DUAL): v10's output, ids and weights bit for bit
-    DualW dg(gate, ff * ne, dim), du(up, ff * ne, dim), dd(down, dim * ne, ff);
+    DualW dg(gate, ORCH_T_MXFP4, ff * ne, dim), du(up, ORCH_T_MXFP4, ff * ne, dim), dd(down, ORCH_T_MXFP4, dim * ne, ff);
     setenv("ORCH_CUDA_MOE", ver, 1);
     orch_ctx ctx;
     ctx.moe = 6;

@@ -155,7 +155,7 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
                                     limit,      0};
         rc = orch_moe_decode_oproj_args(&ctx, &a);
       } else if (dual) { // the experts' repacked rows (ORCH_T_MXFP4_DUAL)
-        DualW dg(gate, ff * ne, dim), du(up, ff * ne, dim), dd(down, dim * ne, ff);
+        DualW dg(gate, ORCH_T_MXFP4, ff * ne, dim), du(up, ORCH_T_MXFP4, ff * ne, dim), dd(down, ORCH_T_MXFP4, dim * ne, ff);
         rc = orch_moe_decode_oproj(&ctx, box.p, wo.bytes, to, gp(bob), ok, y.p, out.p, x.p, res.p, bnw.p, eps, brw.p,
                                    ORCH_T_F32, gp(brb), ne, ib.p, wb.p, dg.p, du.p, ORCH_T_MXFP4_DUAL, gp(bgb),
                                    gp(bub), dd.p, ORCH_T_MXFP4_DUAL, gp(bdb), act.p, yb.p, 1, topk, dim, ff, 1.702f,

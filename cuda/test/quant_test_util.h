@@ -106,18 +106,19 @@ static double swiglu(double g, double u, double alpha, double limit) {
   return (u + 1) * g / (1 + std::exp(-alpha * g));
 }
 
-#ifdef ORCH_MXFP4_RP // the kernel sources include mxfp4_rp.cuh
-// An ORCH_T_MXFP4_DUAL copy of w (rows rows of k): the original bytes, then orch_mxfp4_repack's rows.
+#ifdef ORCH_WEIGHT_RP // the kernel sources include weight_rp.cuh
+// A dual copy of w (type t, MXFP4 or Q8_0; rows rows of k): the original bytes, then orch_weight_repack's rows.
 struct DualW {
   uint8_t *p = nullptr;
-  DualW(const QW &w, int64_t rows, int64_t k) {
-    const int64_t off = mxfp4_rp_offset(rows, k), total = off + rows * mxfp4_rp_row_bytes(k);
+  DualW(const QW &w, int t, int64_t rows, int64_t k) {
+    const int64_t off = t == ORCH_T_MXFP4 ? mxfp4_rp_offset(rows, k) : q8r_offset(rows, k);
+    const int64_t total = off + rows * (t == ORCH_T_MXFP4 ? mxfp4_rp_row_bytes(k) : q8r_row_bytes(k));
     EXPECT(off >= (int64_t)w.size && off % 256 == 0, "dual offset %lld for %zu bytes", (long long)off, w.size);
     p = (uint8_t *)std::aligned_alloc(256, (size_t)((total + 255) & ~(int64_t)255));
     std::memset(p, 0xA5, (size_t)total);
     std::memcpy(p, w.bytes, w.size);
     orch_ctx ctx;
-    EXPECT(orch_mxfp4_repack(&ctx, p + off, p, rows, k) == ORCH_OK, "mxfp4_repack: %s", g_err);
+    EXPECT(orch_weight_repack(&ctx, p + off, p, t, rows, k) == ORCH_OK, "weight_repack: %s", g_err);
   }
   DualW(const DualW &) = delete;
   ~DualW() { std::free(p); }

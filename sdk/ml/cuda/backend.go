@@ -31,7 +31,7 @@ type tensor struct {
 	// weight: made by Weight (or a view of one): read-only device data, so a
 	// bf16 copy of it stays valid (bf16cache.go)
 	weight bool
-	// rp: the allocation holds the rows repacked after the original bytes (mxfp4rp.go; views: false)
+	// rp: the allocation holds the rows repacked after the original bytes (weightrp.go; views: false)
 	rp bool
 	be *Backend
 }
@@ -276,7 +276,7 @@ func (b *Backend) Weight(name string, dt ml.DType, shape []int, data []byte) (ml
 		return nil, fmt.Errorf("cuda weight %s: %d bytes, want %d for %v %v", name, len(data), nb, dt, shape)
 	}
 	var p uintptr
-	rows, k, total, rp := b.rpShape(dt, shape) // room for the repacked rows after the original ones (mxfp4rp.go)
+	rows, k, total, rp := b.rpShape(dt, shape) // room for the repacked rows after the original ones (weightrp.go)
 	if rp && (!b.rpFits(total, nb) || b.l.malloc(b.ctx, total, &p) != stOK) {
 		rp, p = false, 0
 	}
@@ -290,7 +290,7 @@ func (b *Backend) Weight(name string, dt ml.DType, shape []int, data []byte) (ml
 		return nil, err
 	}
 	if rp {
-		if err := b.l.status("weight "+name, b.l.mxfp4Repack(b.ctx, p+uintptr(mxfp4RPOffset(rows, k)), p, rows, k)); err != nil {
+		if err := b.l.status("weight "+name, b.l.weightRepack(b.ctx, p+uintptr(rpOffset(dt, rows, k)), p, int32(dt), rows, k)); err != nil {
 			b.l.free(b.ctx, p)
 			return nil, err
 		}

@@ -208,7 +208,7 @@ func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
 	}
 	p := &b.pend
 	if p.mm > 0 && p.mm < maxGEMVParts && p.x == x.ptr && p.n == int64(n) && p.k == int64(k) &&
-		p.wtype == int32(w.dt) && b.independent(dst, rd) {
+		p.wtype == gemvWType(w) && b.independent(dst, rd) {
 		p.parts[p.mm] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
 		p.mm++
 		p.reads = append(p.reads, rd...)
@@ -229,7 +229,7 @@ func (b *Backend) holdMatMul(d, x, w *tensor, bias uintptr, n, k, m int) bool {
 		}
 	}
 	unrot := p.unrot // not a held launch (foldAttend): kept
-	*p = pending{mm: 1, x: x.ptr, wtype: int32(w.dt), n: int64(n), k: int64(k), reads: append(p.reads[:0], xs),
+	*p = pending{mm: 1, x: x.ptr, wtype: gemvWType(w), n: int64(n), k: int64(k), reads: append(p.reads[:0], xs),
 		dsts: append(p.dsts[:0], dst), unrot: unrot}
 	p.parts[0] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
 	p.reads = append(p.reads, rd...)
@@ -578,7 +578,7 @@ func (b *Backend) foldMoENorm(dst, x ml.Tensor, m *ml.MoE) bool {
 	if b.err != nil {
 		return false
 	}
-	gt, dt := moeWTypes(gate, up, down) // the repacked rows where all three have them (mxfp4rp.go)
+	gt, dt := moeWTypes(gate, up, down) // the repacked rows where all three have them (weightrp.go)
 	c := moeCall{out: d.ptr, x: xx.ptr, res: hn.r.ptr, add: hn.add.ptr, normW: hn.wp, eps: hn.eps, router: router.ptr,
 		routerType: int32(router.dt), routerBias: rb, nExp: int32(ne), ids: ids, w: wts, gate: gate.ptr, up: up.ptr,
 		guType: gt, gateBias: gb, upBias: ub, down: down.ptr, downType: dt, downBias: db, act: g,

@@ -137,9 +137,9 @@ type lib struct {
 	// (session 10, optional: nil where the library lacks it; normfold.go). Bound through the one-pointer wrapper
 	// orch_moe_decode_oproj_args: orch_moe_decode_oproj's 35 integer arguments are more than purego passes (32).
 	moeDecodeOProj func(ctx uintptr, a *oprojArgs) int32
-	// MXFP4 expert rows repacked after the original ones (session 12, optional: nil where the library lacks it;
-	// mxfp4rp.go).
-	mxfp4Repack func(ctx, dst, src uintptr, rows, k int64) int32
+	// MXFP4 / Q8_0 rows repacked after the original ones (session 12, optional: nil where the library lacks it;
+	// weightrp.go).
+	weightRepack func(ctx, dst, src uintptr, wtype int32, rows, k int64) int32
 }
 
 // gemvTraceRec mirrors gemv_trace_rec (cuda/src/gemv16.cuh; orch_gemv_trace).
@@ -300,7 +300,7 @@ func (l *lib) bind() (err error) {
 		{&l.hostAlloc, "orch_host_alloc"}, {&l.hostFree, "orch_host_free"},
 	})
 	bindAll(l.handle, []symbol{{&l.stepAdvance, "orch_step_advance"}})
-	bindAll(l.handle, []symbol{{&l.mxfp4Repack, "orch_mxfp4_repack"}})
+	bindAll(l.handle, []symbol{{&l.weightRepack, "orch_weight_repack"}})
 	// Optional entry points: all or none (the feature is then off).
 	bindAll(l.handle, []symbol{
 		{&l.matmulAddNorm, "orch_matmul_addnorm"}, {&l.matmulMultiNF, "orch_matmul_multi_nf"},

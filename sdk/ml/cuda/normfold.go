@@ -321,7 +321,7 @@ func (b *Backend) unholdProdNorm() (pj oproj) {
 func (b *Backend) oprojFor(h prodNorm) bool {
 	p := &b.pend
 	return fuseOps && fuseMoEOProj && fuseMoENorm && b.l.moeDecodeOProj != nil && p.mm == 1 && !p.nf.on &&
-		!p.moe.on && p.rope == 0 && p.n == 1 && qgemmType(ml.DType(p.wtype)) && p.k%32 == 0 &&
+		!p.moe.on && p.rope == 0 && p.n == 1 && qgemmType(plainWType(p.wtype)) && p.k%32 == 0 &&
 		p.parts[0].y == h.a.x.ptr && p.parts[0].m == int64(h.a.dim)
 }
 
@@ -446,7 +446,7 @@ func (b *Backend) startNormFold(d, x, w *tensor, bias uintptr, n, k, m int) bool
 		rs: span{a.r.ptr, uintptr(a.r.bytes)}, ws: span{a.wp, uintptr(4 * a.dim)}, w: a.wp, n: int64(a.n),
 		dim: int64(a.dim), eps: pn.eps, ss: ss, nss: nss}
 	unrot := p.unrot
-	*p = pending{mm: 1, x: x.ptr, wtype: int32(w.dt), n: int64(n), k: int64(k), unrot: unrot,
+	*p = pending{mm: 1, x: x.ptr, wtype: gemvWType(w), n: int64(n), k: int64(k), unrot: unrot,
 		reads: append(p.reads[:0], span{x.ptr, uintptr(x.bytes)}), dsts: append(p.dsts[:0], ds)}
 	p.nf = b.xt
 	p.parts[0] = gemvPart{w: w.ptr, bias: bias, y: d.ptr, m: int64(m)}
@@ -462,7 +462,7 @@ func (b *Backend) startNormFold(d, x, w *tensor, bias uintptr, n, k, m int) bool
 func (b *Backend) nfJoins(d, x, w *tensor, bias uintptr, n, k, m int) bool {
 	p := &b.pend
 	if !p.nf.on || p.mm < 1 || p.mm >= maxGEMVParts || p.x != x.ptr || p.n != int64(n) || p.k != int64(k) ||
-		p.wtype != int32(w.dt) || !fuseOps {
+		p.wtype != gemvWType(w) || !fuseOps {
 		return false
 	}
 	rd := []span{{w.ptr, uintptr(w.bytes)}}

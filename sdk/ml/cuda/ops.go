@@ -355,7 +355,7 @@ func (b *Backend) MatMul(dst, x, w, bias ml.Tensor) {
 	if b.holdMatMul(d, xx, ww, bp, n, in, out) {
 		return
 	}
-	b.call(op, b.l.matmul(b.ctx, d.ptr, xx.ptr, ww.ptr, int32(ww.dt), bp, int64(n), int64(in), int64(out), 0))
+	b.call(op, b.l.matmul(b.ctx, d.ptr, xx.ptr, ww.ptr, gemvWType(ww), bp, int64(n), int64(in), int64(out), 0))
 }
 
 func (b *Backend) unary(op string, dst, x ml.Tensor) (*tensor, *tensor) {
@@ -633,7 +633,7 @@ func (b *Backend) moePlain(dst, x ml.Tensor, m *ml.MoE) {
 		// library declines otherwise (other versions, one token unpinned,
 		// more than 8 tokens outside v13, other router types, what
 		// orch_moe_ffn declines) and the path below runs.
-		gt, dt := moeWTypes(gate, up, down) // the repacked rows where all three have them (mxfp4rp.go)
+		gt, dt := moeWTypes(gate, up, down) // the repacked rows where all three have them (weightrp.go)
 		rc := b.l.moeDecode(b.ctx, d.ptr, xx.ptr, router.ptr, int32(router.dt), rb, int32(ne), ids, wts, gate.ptr,
 			up.ptr, gt, gb, ub, down.ptr, dt, db, g, y, N, K, int64(dim), int64(ff), m.Alpha, m.Limit)
 		if rc != stUnsupported {

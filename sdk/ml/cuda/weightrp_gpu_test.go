@@ -11,13 +11,13 @@ import (
 	"github.com/llama-orch/orch/sdk/ml"
 )
 
-// TestMoERepacked: MXFP4 expert weights made by Weight carry the repacked rows (mxfp4rp.go), and MoE v10 on them
+// TestMoERepacked: MXFP4 expert weights made by Weight carry the repacked rows (weightrp.go), and MoE v10 on them
 // (ORCH_T_MXFP4_DUAL) gives the plain rows' ids, weights and output bit for bit at the gpt-oss-20b shape: through
 // orch_moe_decode_norm at 1, 2, 5 and 8 tokens (v10 whenever ORCH_CUDA_MOE is unset, one token included) and
 // orch_moe_decode at 2..8 (unpinned: v10 from two tokens), the same tensors passed as MXFP4 and as DUAL.
 func TestMoERepacked(t *testing.T) {
-	if gpu.l.mxfp4Repack == nil || mxfp4RPOff {
-		t.Skip("no orch_mxfp4_repack in the library, or ORCH_CUDA_MXFP4_RP=0")
+	if gpu.l.weightRepack == nil || weightRPOff {
+		t.Skip("no orch_weight_repack in the library, or ORCH_CUDA_WEIGHT_RP=0")
 	}
 	r := newRandSrc(newRNG(t))
 	const d, ff, ne, topk = 2880, 2880, 32, 4
@@ -97,4 +97,62 @@ func bitsF32(v []float32) []uint32 {
 		b[i] = math.Float32bits(f)
 	}
 	return b
+}
+
+// TestGEMVRepacked: Q8_0 matrices made by Weight carry the repacked rows, and GEMV v5 on them (ORCH_T_Q8_0_DUAL
+// through orch_matmul and orch_matmul_multi) gives the plain rows' output bit for bit at one and two tokens: a
+// Llama-3-8B down projection (k 14336), gpt-oss q/k (two parts) and an output head past 32768 rows (two rows a warp).
+func TestGEMVRepacked(t *testing.T) {
+	if gpu.l.weightRepack == nil || weightRPOff {
+		t.Skip("no orch_weight_repack in the library, or ORCH_CUDA_WEIGHT_RP=0")
+	}
+	r := newRandSrc(newRNG(t))
+	ptr := func(x ml.Tensor) uintptr { return x.(*tensor).ptr }
+	for _, c := range []struct {
+		name string
+		k    int
+		ms   []int
+	}{{"llama down", 14336, []int{4096}}, {"gpt-oss q+k", 2880, []int{4096, 512}}, {"head", 2880, []int{40000}}} {
+		ws := make([]*tensor, len(c.ms))
+		for i, m := range c.ms {
+			ws[i] = mustW(t, r, c.name, ml.Q8_0, c.k, m).(*tensor)
+			require.True(t, ws[i].rp, "%s: the Q8_0 weight must carry the repacked rows", c.name)
+			require.Equal(t, int32(tQ80Dual), gemvWType(ws[i]))
+		}
+		for _, n := range []int{1, 2} {
+			x := mustA(t, ml.F32, c.k, n)
+			require.NoError(t, gpu.WriteF32(x, r.f32(c.k*n)))
+			run := func(wt int32) [][]float32 {
+				outs := make([][]float32, len(c.ms))
+				ys := make([]ml.Tensor, len(c.ms))
+				parts := make([]gemvPart, len(c.ms))
+				for i, m := range c.ms {
+					ys[i] = mustA(t, ml.F32, m, n)
+					parts[i] = gemvPart{w: ws[i].ptr, y: ptr(ys[i]), m: int64(m)}
+				}
+				if len(c.ms) == 1 {
+					require.Equal(t, int32(stOK), gpu.l.matmul(gpu.ctx, parts[0].y, ptr(x), ws[0].ptr, wt, 0, int64(n),
+						int64(c.k), int64(c.ms[0]), 0))
+				} else {
+					require.Equal(t, int32(stOK), gpu.l.matmulMulti(gpu.ctx, ptr(x), wt, int64(n), int64(c.k),
+						int32(len(parts)), &parts[0]))
+				}
+				for i, m := range c.ms {
+					outs[i] = make([]float32, m*n)
+					require.NoError(t, gpu.ReadF32(ys[i], outs[i]))
+					gpu.Free(ys[i])
+				}
+				return outs
+			}
+			plain, dual := run(int32(ml.Q8_0)), run(tQ80Dual)
+			for i := range plain {
+				require.Equal(t, bitsF32(plain[i]), bitsF32(dual[i]), "%s n=%d part %d: not bit-identical", c.name, n, i)
+			}
+			t.Logf("%s n=%d: repacked Q8_0 rows = plain rows bit for bit", c.name, n)
+			gpu.Free(x)
+		}
+		for _, w := range ws {
+			gpu.Free(w)
+		}
+	}
 }

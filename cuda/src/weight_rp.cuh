@@ -1,5 +1,6 @@
-// mxfp4_rp.cuh — (session 12) MXFP4 expert weights repacked at load time for the one-token expert GEMVs (MoE
-// v10's gate_up10 / down10), included by moe_ffn.cu after moe6_mxfp4_word.
+// weight_rp.cuh — (session 12) weights repacked at load time for the one-token GEMVs, included by moe_ffn.cu after
+// moe6_mxfp4_word: MXFP4 experts for MoE v10's gate_up10 / down10 (below), Q8_0 matrices for GEMV v5 (the layout at
+// the end; quant.cuh ORCH_T_Q8_0R, dec16.cuh dec16_q8_0_word_x). orch_weight_repack fills either copy.
 //
 // Why: a GGUF MXFP4 block is 17 bytes (an E8M0 scale, then 16 bytes of nibbles), so a lane's block starts at any
 // byte: gate_up10 / down10 load it as 5 aligned 32-bit words and funnel-shift every quant word out (session 9's
@@ -17,7 +18,7 @@
 #pragma once
 #include <stdint.h>
 
-#define ORCH_MXFP4_RP 1
+#define ORCH_WEIGHT_RP 1
 
 // Repacked word -> h[0..3] (moe6_mxfp4_word's pairs): h0 = q & M, h1 = (q << 3) & M, with s = the bits K of q and
 // the others of q rotated left by 4, h2 = (s << 2) & M, h3 = (s << 9) & M (M = 0x8E008E00: each half's sign and
@@ -109,13 +110,38 @@ DEC16_HD void rp_block_acc(const uint4 &q, const uint4 *xh, uint32_t a[2]) {
 }
 #endif
 
-// Fills the repacked half of an ORCH_T_MXFP4_DUAL tensor (see orch_cuda.h).
-extern "C" int orch_mxfp4_repack(orch_ctx *ctx, void *dst, const void *src, int64_t rows, int64_t k) {
-  const char *op = "mxfp4_repack";
+// Q8_0 (ORCH_T_Q8_0_DUAL): why — a Q8_0 block is 34 bytes (fp16 scale + 32 int8), so GEMV v5 loads it as 9 aligned
+// words and funnel-shifts each of its 8 quant words out, then XORs them with 0x80 for the fp16 trick
+// (dec16_q8_0_word). Repacked: a row's blocks as 32-byte aligned quants already XOR 0x80 (two 16-byte loads, no
+// funnel shift, no XOR), the fp16 scales after them (quant.cuh q8r_row_bytes). Same products: bit for bit.
+#if defined(__CUDACC__) || defined(ORCH_EMU)
+__global__ void q8_repack_kernel(uint8_t *__restrict__ dst, const uint8_t *__restrict__ src, int64_t rows, int64_t k) {
+  const int64_t nch = k / 32, rbr = q8r_row_bytes(k);
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= rows * nch) return;
+  const int64_t row = i / nch, c = i % nch;
+  const uint8_t *b = src + (row * nch + c) * 34;
+  uint8_t *d = dst + row * rbr;
+  for (int j = 0; j < 32; j++) d[32 * c + j] = (uint8_t)(b[2 + j] ^ 0x80u);
+  d[32 * nch + 2 * c] = b[0];
+  d[32 * nch + 2 * c + 1] = b[1];
+  if (c == 0)
+    for (int64_t p = 34 * nch; p < rbr; p++) d[p] = 0; // the padding after the scales: defined bytes
+}
+#endif
+
+// Fills the repacked half of an ORCH_T_MXFP4_DUAL or ORCH_T_Q8_0_DUAL tensor (orch_cuda.h).
+extern "C" int orch_weight_repack(orch_ctx *ctx, void *dst, const void *src, int32_t wtype, int64_t rows, int64_t k) {
+  const char *op = "weight_repack";
   ORCH_CHECK_ARG(ctx && dst && src && rows > 0 && k > 0 && k % 32 == 0 && aligned16p(dst), op);
+  ORCH_CHECK_ARG(wtype == ORCH_T_MXFP4 || wtype == ORCH_T_Q8_0, op);
   const int64_t blocks = rows * (k / 32);
-  DEC16_LAUNCH(mxfp4_repack_kernel, dim3((unsigned)((blocks + 255) / 256)), 256, 0, ctx->stream, (uint8_t *)dst,
-               (const uint8_t *)src, rows, k);
+  if (wtype == ORCH_T_MXFP4)
+    DEC16_LAUNCH(mxfp4_repack_kernel, dim3((unsigned)((blocks + 255) / 256)), 256, 0, ctx->stream, (uint8_t *)dst,
+                 (const uint8_t *)src, rows, k);
+  else
+    DEC16_LAUNCH(q8_repack_kernel, dim3((unsigned)((blocks + 255) / 256)), 256, 0, ctx->stream, (uint8_t *)dst,
+                 (const uint8_t *)src, rows, k);
   ORCH_LAUNCHED(op);
   return ORCH_OK;
 }
