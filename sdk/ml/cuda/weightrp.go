@@ -17,7 +17,8 @@ package cuda
 // Llama-3-8B: ~8 GB). It is made only while, after it, at least half of the
 // device's memory stays free (the rest of the model, the KV cache and the
 // bf16 cache come later); a weight that does not fit keeps one copy and the
-// plain kernels. ORCH_CUDA_WEIGHT_RP=0 turns the copies off (A/B; read once).
+// plain kernels. ORCH_CUDA_WEIGHT_RP=0 turns the copies off, =mxfp4 / =q8_0
+// makes only that type's (A/B; read once).
 
 import (
 	"os"
@@ -49,12 +50,25 @@ func rpOffset(dt ml.DType, rows, k int64) int64 {
 	return (rows*(k/32)*bb + 255) &^ 255
 }
 
-var weightRPOff = os.Getenv("ORCH_CUDA_WEIGHT_RP") == "0"
+var weightRPEnv = os.Getenv("ORCH_CUDA_WEIGHT_RP")
+
+// rpType: whether ORCH_CUDA_WEIGHT_RP lets weights of type dt be repacked.
+func rpType(dt ml.DType) bool {
+	switch weightRPEnv {
+	case "0":
+		return false
+	case "mxfp4":
+		return dt == ml.MXFP4
+	case "q8_0":
+		return dt == ml.Q8_0
+	}
+	return true
+}
 
 // rpShape: whether a weight of type dt and shape gets the repacked copy (MXFP4 with three dimensions: experts; Q8_0
 // with two: matrices), its rows and row length, and the bytes of the whole allocation.
 func (b *Backend) rpShape(dt ml.DType, shape []int) (rows, k, total int64, ok bool) {
-	if weightRPOff || b.l.weightRepack == nil || len(shape) < 2 || shape[0]%32 != 0 ||
+	if !rpType(dt) || b.l.weightRepack == nil || len(shape) < 2 || shape[0]%32 != 0 ||
 		!(dt == ml.MXFP4 && len(shape) == 3 || dt == ml.Q8_0 && len(shape) == 2) {
 		return 0, 0, 0, false
 	}

@@ -16,8 +16,8 @@ import (
 // orch_moe_decode_norm at 1, 2, 5 and 8 tokens (v10 whenever ORCH_CUDA_MOE is unset, one token included) and
 // orch_moe_decode at 2..8 (unpinned: v10 from two tokens), the same tensors passed as MXFP4 and as DUAL.
 func TestMoERepacked(t *testing.T) {
-	if gpu.l.weightRepack == nil || weightRPOff {
-		t.Skip("no orch_weight_repack in the library, or ORCH_CUDA_WEIGHT_RP=0")
+	if gpu.l.weightRepack == nil || !rpType(ml.MXFP4) {
+		t.Skip("no orch_weight_repack in the library, or ORCH_CUDA_WEIGHT_RP keeps MXFP4 plain")
 	}
 	r := newRandSrc(newRNG(t))
 	const d, ff, ne, topk = 2880, 2880, 32, 4
@@ -103,8 +103,8 @@ func bitsF32(v []float32) []uint32 {
 // through orch_matmul and orch_matmul_multi) gives the plain rows' output bit for bit at one and two tokens: a
 // Llama-3-8B down projection (k 14336), gpt-oss q/k (two parts) and an output head past 32768 rows (two rows a warp).
 func TestGEMVRepacked(t *testing.T) {
-	if gpu.l.weightRepack == nil || weightRPOff {
-		t.Skip("no orch_weight_repack in the library, or ORCH_CUDA_WEIGHT_RP=0")
+	if gpu.l.weightRepack == nil || !rpType(ml.Q8_0) {
+		t.Skip("no orch_weight_repack in the library, or ORCH_CUDA_WEIGHT_RP keeps Q8_0 plain")
 	}
 	r := newRandSrc(newRNG(t))
 	ptr := func(x ml.Tensor) uintptr { return x.(*tensor).ptr }
