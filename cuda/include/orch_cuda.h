@@ -58,8 +58,8 @@ enum {
   /* (session 12; not a GGUF type) a Q8_0 matrix followed by its rows repacked for GEMV v5: the rows * (k/32) * 34
    * original bytes, then from the next multiple of 256 bytes rows repacked rows of 32 * (k/32) + ((2 * (k/32) + 15)
    * & ~15) bytes (orch_weight_repack). Accepted as the weight type by orch_matmul, orch_matmul_multi(_nf),
-   * orch_matmul_swiglu(_nf), orch_matmul_addnorm and orch_moe_decode_oproj's out projection: GEMV v5 reads the
-   * repacked rows (same results, bit for bit), every other path the original ones. */
+   * orch_matmul_swiglu(_nf), orch_matmul_addnorm (GEMV v5 reads the repacked rows: same results, bit for bit; every
+   * other path the original ones) and as orch_moe_decode_oproj's owtype (the original rows). */
   ORCH_T_Q8_0_DUAL = 108
 };
 

@@ -145,7 +145,7 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
 template <int TO>
 static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const uint8_t *ow, const float *obias,
                              int64_t k, int64_t m, int64_t rb, const gemv5_nf &F, const moe_oproj_args &A) {
-  if constexpr (TO == ORCH_T_Q8_0 || TO == ORCH_T_Q4_0 || TO == ORCH_T_MXFP4 || TO == ORCH_T_Q8_0R) {
+  if constexpr (TO == ORCH_T_Q8_0 || TO == ORCH_T_Q4_0 || TO == ORCH_T_MXFP4) {
     constexpr int NB = gemv5_nb<TO, 1>();
     const size_t sm = gemv5_smem(k, 1) + gemv5_nf_smem(1, 0);
     auto go = [&](auto kern) {
@@ -182,7 +182,10 @@ extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void 
                                      const float *nw2, float *xt, float *ss) {
   const char *op = "moe_decode_oproj";
   const bool rp = moe_dual(gu_type, down_type);
-  const bool oq8r = q8_dual(owtype); // ORCH_T_Q8_0_DUAL: the projection reads the repacked rows
+  // ORCH_T_Q8_0_DUAL: the projection reads the original rows. On the repacked ones (ORCH_T_Q8_0R) this kernel ran
+  // ~1 us slower a layer (TestPerfMoEOProj 51.5-51.6 vs 50.6-50.7 us, H100, session 12 run 4) although the plain
+  // GEMV of that shape gained 0.5 us: gpt-oss tg128 lost ~0.5% against the MoE rows repacked alone.
+  q8_dual(owtype);
   ORCH_CHECK_ARG(ctx && ox && ow && y && out && x && res && norm_w && router && ids && weights && gate && up && down &&
                      act && ybuf,
                  op);
@@ -217,11 +220,7 @@ extern "C" int orch_moe_decode_oproj(orch_ctx *ctx, const float *ox, const void 
   A.n_exp = n_exp, A.k_slots = n_slots;
   A.kind = gu_type == ORCH_T_Q8_0 ? dec16_traits<ORCH_T_Q8_0>::kind : dec16_traits<ORCH_T_MXFP4>::kind; // Q4_0: = MXFP4
   A.x14 = gu_type == ORCH_T_MXFP4 ? 1 : 0;
-  if (oq8r)
-    launch_moe_oproj<ORCH_T_Q8_0R>(ctx->stream, y, ox, (const uint8_t *)ow + q8r_offset(dim, ok), obias, ok, dim,
-                                   q8r_row_bytes(ok), F, A);
-  else
-    ORCH_DISPATCH_TYPE(owtype, launch_moe_oproj, ctx->stream, y, ox, (const uint8_t *)ow, obias, ok, dim, rb, F, A);
+  ORCH_DISPATCH_TYPE(owtype, launch_moe_oproj, ctx->stream, y, ox, (const uint8_t *)ow, obias, ok, dim, rb, F, A);
   const moe10_addnorm av{res2, nw2, xt, ss};
   ORCH_DISPATCH_TYPE(gu_type, launch_decode10, ctx->stream, out, x, (const float *)router, router_bias, (int)n_exp, ids,
                      weights, (const uint8_t *)gate, (const uint8_t *)up, gate_bias, up_bias, (const uint8_t *)down,
