@@ -395,8 +395,7 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
       moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg + (int64_t)blockIdx.z * xs4, xs4);
       __syncthreads();
     }
-    if constexpr (RP) rp_dot2<NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
-    else moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
+    moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
   }
   ag = warp_sum(ag);
   au = warp_sum(au);
@@ -412,18 +411,17 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   }
 }
 
-// moe6_dot with one 1/scale for every chunk (the fixed activation scale).
-template <int T, int NB>
-__device__ __forceinline__ float moe10_dot(const wblocks<T, NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
-                                           int nch) {
+// moe6_dot with one 1/scale for every chunk (the fixed activation scale); B as moe6_dot2's.
+template <int T, int NB, class B>
+__device__ __forceinline__ float moe10_dot(const B &b, const uint32_t *xh, float xinv, int c0, int lane, int nch) {
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < NB; i++) {
     const int c = c0 + lane + 32 * i;
     if (c < nch) {
       uint32_t a[2] = {0u, 0u};
-      moe6_block_acc<T>(b.w[i], b.sh[i], reinterpret_cast<const uint4 *>(xh + c * DEC16_XW), a);
-      s += dec16_fold(a, dec16_wscale<T>(b.w[i], b.sh[i]), xinv);
+      moe6_bacc(b, i, reinterpret_cast<const uint4 *>(xh + c * DEC16_XW), a);
+      s += dec16_fold(a, moe6_bscale(b, i), xinv);
     }
   }
   return s;
@@ -484,8 +482,7 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   auto finish = [&](int it, const WB &b) {
     const int s = it / rounds;
     const int c0 = (it % rounds) * 32 * NB;
-    if constexpr (RP) acc += rp_dot<NB>(b, xsm + s * nch * DEC16_XW, xinv, c0, lane, nch);
-    else acc += moe10_dot<T, NB>(b, xsm + s * nch * DEC16_XW, xinv, c0, lane, nch);
+    acc += moe10_dot<T, NB>(b, xsm + s * nch * DEC16_XW, xinv, c0, lane, nch);
     if (it % rounds == rounds - 1) {
       const int64_t p = (int64_t)t * n_slots + s;
       const int e = ids[p];

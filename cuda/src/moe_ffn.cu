@@ -419,9 +419,20 @@ DEC16_HD void moe6_block_acc(const uint32_t *w, uint32_t sh, const uint4 *xh, ui
   }
 }
 
+// Block i of a lane's loaded blocks: its HFMA2s into a (moe6_block_acc) and its weight scale. Overloaded for the
+// repacked MXFP4 blocks in weight_rp.cuh (found at instantiation), so moe6_dot2 and moe10_dot serve both.
 template <int T, int NB>
-__device__ __forceinline__ void moe6_dot2(const wblocks<T, NB> &bg, const wblocks<T, NB> &bu, const uint32_t *xh,
-                                          const float *xinv, int c0, int lane, int nch, float &ag, float &au) {
+__device__ __forceinline__ void moe6_bacc(const wblocks<T, NB> &b, int i, const uint4 *xp, uint32_t a[2]) {
+  moe6_block_acc<T>(b.w[i], b.sh[i], xp, a);
+}
+template <int T, int NB> __device__ __forceinline__ float moe6_bscale(const wblocks<T, NB> &b, int i) {
+  return dec16_wscale<T>(b.w[i], b.sh[i]);
+}
+
+// B: wblocks<T, NB> or (weight_rp.cuh) rpblocks<NB>.
+template <int T, int NB, class B>
+__device__ __forceinline__ void moe6_dot2(const B &bg, const B &bu, const uint32_t *xh, const float *xinv, int c0,
+                                          int lane, int nch, float &ag, float &au) {
 #pragma unroll
   for (int i = 0; i < NB; i++) {
     const int c = c0 + lane + 32 * i;
@@ -429,10 +440,10 @@ __device__ __forceinline__ void moe6_dot2(const wblocks<T, NB> &bg, const wblock
       const uint4 *xp = reinterpret_cast<const uint4 *>(xh + c * DEC16_XW);
       const float xi = xinv[c];
       uint32_t g[2] = {0u, 0u}, u[2] = {0u, 0u};
-      moe6_block_acc<T>(bg.w[i], bg.sh[i], xp, g);
-      moe6_block_acc<T>(bu.w[i], bu.sh[i], xp, u);
-      ag += dec16_fold(g, dec16_wscale<T>(bg.w[i], bg.sh[i]), xi);
-      au += dec16_fold(u, dec16_wscale<T>(bu.w[i], bu.sh[i]), xi);
+      moe6_bacc(bg, i, xp, g);
+      moe6_bacc(bu, i, xp, u);
+      ag += dec16_fold(g, moe6_bscale(bg, i), xi);
+      au += dec16_fold(u, moe6_bscale(bu, i), xi);
     }
   }
 }

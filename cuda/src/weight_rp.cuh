@@ -147,38 +147,12 @@ extern "C" int orch_weight_repack(orch_ctx *ctx, void *dst, const void *src, int
 }
 
 #if defined(__CUDACC__) || defined(ORCH_EMU)
-// moe6_dot2 on repacked blocks (gate_up10 with RP).
+// moe6_dot2 / moe10_dot's block access (moe_ffn.cu) on repacked blocks.
 template <int NB>
-__device__ __forceinline__ void rp_dot2(const rpblocks<NB> &bg, const rpblocks<NB> &bu, const uint32_t *xh,
-                                        const float *xinv, int c0, int lane, int nch, float &ag, float &au) {
-#pragma unroll
-  for (int i = 0; i < NB; i++) {
-    const int c = c0 + lane + 32 * i;
-    if (c < nch) {
-      const uint4 *xp = reinterpret_cast<const uint4 *>(xh + c * DEC16_XW);
-      const float xi = xinv[c];
-      uint32_t g[2] = {0u, 0u}, u[2] = {0u, 0u};
-      rp_block_acc(bg.q[i], xp, g);
-      rp_block_acc(bu.q[i], xp, u);
-      ag += dec16_fold(g, dec16_e8m0(bg.e[i]), xi);
-      au += dec16_fold(u, dec16_e8m0(bu.e[i]), xi);
-    }
-  }
+__device__ __forceinline__ void moe6_bacc(const rpblocks<NB> &b, int i, const uint4 *xp, uint32_t a[2]) {
+  rp_block_acc(b.q[i], xp, a);
 }
-// moe10_dot on repacked blocks (down10 with RP): one 1/scale for every chunk.
-template <int NB>
-__device__ __forceinline__ float rp_dot(const rpblocks<NB> &b, const uint32_t *xh, float xinv, int c0, int lane,
-                                        int nch) {
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < NB; i++) {
-    const int c = c0 + lane + 32 * i;
-    if (c < nch) {
-      uint32_t a[2] = {0u, 0u};
-      rp_block_acc(b.q[i], reinterpret_cast<const uint4 *>(xh + c * DEC16_XW), a);
-      s += dec16_fold(a, dec16_e8m0(b.e[i]), xinv);
-    }
-  }
-  return s;
+template <int NB> __device__ __forceinline__ float moe6_bscale(const rpblocks<NB> &b, int i) {
+  return dec16_e8m0(b.e[i]);
 }
 #endif
