@@ -396,6 +396,13 @@ DEC16_HD void moe6_mxfp4_word(uint32_t q, uint32_t h[4]) {
 
 // dec16_block_acc<T, 1> with moe6_mxfp4_word for MXFP4 (x staged times 2^14;
 // same order of HFMA2s, same products); the other types use dec16's decoders.
+// One quant word's four half2 pairs times x's (words x.x .. x.w) into acc, in this order.
+DEC16_HD void moe6_hfma4(const uint32_t h[4], const uint4 &x, uint32_t &acc) {
+  acc = dec16_hfma2(h[0], x.x, acc);
+  acc = dec16_hfma2(h[1], x.y, acc);
+  acc = dec16_hfma2(h[2], x.z, acc);
+  acc = dec16_hfma2(h[3], x.w, acc);
+}
 template <int T>
 DEC16_HD void moe6_block_acc(const uint32_t *w, uint32_t sh, const uint4 *xh, uint32_t a[2]) {
   if constexpr (T == ORCH_T_MXFP4) {
@@ -403,12 +410,7 @@ DEC16_HD void moe6_block_acc(const uint32_t *w, uint32_t sh, const uint4 *xh, ui
     for (int i = 0; i < 4; i++) {
       uint32_t h[4];
       moe6_mxfp4_word(dec16_funnel_rc(w[i], w[i + 1], 8 * sh + 8), h);
-      const uint4 x = xh[i];
-      uint32_t &acc = a[i & 1];
-      acc = dec16_hfma2(h[0], x.x, acc);
-      acc = dec16_hfma2(h[1], x.y, acc);
-      acc = dec16_hfma2(h[2], x.z, acc);
-      acc = dec16_hfma2(h[3], x.w, acc);
+      moe6_hfma4(h, xh[i], a[i & 1]);
     }
   } else {
     uint32_t b[1][2] = {{a[0], a[1]}};

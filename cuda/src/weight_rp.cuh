@@ -100,12 +100,7 @@ DEC16_HD void rp_block_acc(const uint4 &q, const uint4 *xh, uint32_t a[2]) {
   for (int i = 0; i < 4; i++) {
     uint32_t h[4];
     mxfp4_rp_word(w[i], h);
-    const uint4 x = xh[i];
-    uint32_t &acc = a[i & 1];
-    acc = dec16_hfma2(h[0], x.x, acc);
-    acc = dec16_hfma2(h[1], x.y, acc);
-    acc = dec16_hfma2(h[2], x.z, acc);
-    acc = dec16_hfma2(h[3], x.w, acc);
+    moe6_hfma4(h, xh[i], a[i & 1]);
   }
 }
 #endif
