@@ -557,8 +557,8 @@ extern "C" int orch_matmul(orch_ctx *ctx, float *y, const float *x, const void *
     case GR_V6: ORCH_DISPATCH_TYPE(wtype, launch_gemv6, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate); break;
     case GR_V5:
       if (q8r)
-        launch_gemv5<ORCH_T_Q8_0R>(ctx->stream, y, x, wb + q8r_offset(m, k), bias, n, k, m, q8r_row_bytes(k),
-                                   accumulate);
+        launch_gemv5<ORCH_T_Q8_0R>(ctx->stream, y, x, wb + rp_offset(ORCH_T_Q8_0, m, k), bias, n, k, m,
+                                   rp_row_bytes(ORCH_T_Q8_0, k), accumulate);
       else
         ORCH_DISPATCH_TYPE(wtype, launch_gemv5, ctx->stream, y, x, wb, bias, n, k, m, rb, accumulate);
       break;
@@ -612,8 +612,8 @@ extern "C" int orch_matmul_multi(orch_ctx *ctx, const float *x, int32_t wtype, i
     if (rc != ORCH_OK) return rc;
     ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb)
   } else if (q8r) { // the repacked rows
-    for (int p = 0; p < count; p++) P.w[p] += q8r_offset(P.m[p], k);
-    launch_gemv5_multi<ORCH_T_Q8_0R>(ctx->stream, P, count, x, n, k, q8r_row_bytes(k));
+    for (int p = 0; p < count; p++) P.w[p] += rp_offset(ORCH_T_Q8_0, P.m[p], k);
+    launch_gemv5_multi<ORCH_T_Q8_0R>(ctx->stream, P, count, x, n, k, rp_row_bytes(ORCH_T_Q8_0, k));
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi, ctx->stream, P, count, x, n, k, rb);
   }
@@ -651,8 +651,8 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
   }
   gemv5_glu_args A = {(const uint8_t *)g.w, (const uint8_t *)u.w, g.bias, u.bias, g.y, u.y, out, g.m};
   if (q8r) {
-    A.wg += q8r_offset(g.m, k), A.wu += q8r_offset(u.m, k);
-    launch_gemv5_glu<ORCH_T_Q8_0R>(ctx->stream, A, x, n, k, q8r_row_bytes(k));
+    A.wg += rp_offset(ORCH_T_Q8_0, g.m, k), A.wu += rp_offset(ORCH_T_Q8_0, u.m, k);
+    launch_gemv5_glu<ORCH_T_Q8_0R>(ctx->stream, A, x, n, k, rp_row_bytes(ORCH_T_Q8_0, k));
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb);
   }
@@ -689,8 +689,8 @@ extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, cons
     if (rc != ORCH_OK) return rc;
     ORCH_DISPATCH_TYPE(wtype, launch_gemv7, ctx->stream, scr, y, x, (const uint8_t *)w, bias, n, k, m, rb, 0, &F);
   } else if (q8r) {
-    launch_gemv5_nf_prod<ORCH_T_Q8_0R>(ctx->stream, y, x, (const uint8_t *)w + q8r_offset(m, k), bias, n, k, m,
-                                       q8r_row_bytes(k), F);
+    launch_gemv5_nf_prod<ORCH_T_Q8_0R>(ctx->stream, y, x, (const uint8_t *)w + rp_offset(ORCH_T_Q8_0, m, k), bias, n,
+                                       k, m, rp_row_bytes(ORCH_T_Q8_0, k), F);
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_nf_prod, ctx->stream, y, x, (const uint8_t *)w, bias, n, k, m, rb, F);
   }
@@ -735,8 +735,8 @@ extern "C" int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype
     if (rc != ORCH_OK) return rc;
     ORCH_DISPATCH_TYPE(wtype, launch_gemv7_multi, ctx->stream, scr, P, count, x, n, k, rb, &F)
   } else if (q8r) {
-    for (int p = 0; p < count; p++) P.w[p] += q8r_offset(P.m[p], k);
-    launch_gemv5_multi_nf<ORCH_T_Q8_0R>(ctx->stream, P, count, x, n, k, q8r_row_bytes(k), F);
+    for (int p = 0; p < count; p++) P.w[p] += rp_offset(ORCH_T_Q8_0, P.m[p], k);
+    launch_gemv5_multi_nf<ORCH_T_Q8_0R>(ctx->stream, P, count, x, n, k, rp_row_bytes(ORCH_T_Q8_0, k), F);
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_multi_nf, ctx->stream, P, count, x, n, k, rb, F);
   }
@@ -765,8 +765,8 @@ extern "C" int orch_matmul_swiglu_nf(orch_ctx *ctx, const float *x, int32_t wtyp
   gemv5_nf F;
   F.ss = (float *)ss, F.nss = (int)nss, F.eps = eps;
   if (q8r) {
-    A.wg += q8r_offset(g.m, k), A.wu += q8r_offset(u.m, k);
-    launch_gemv5_glu<ORCH_T_Q8_0R>(ctx->stream, A, x, n, k, q8r_row_bytes(k), -1, &F);
+    A.wg += rp_offset(ORCH_T_Q8_0, g.m, k), A.wu += rp_offset(ORCH_T_Q8_0, u.m, k);
+    launch_gemv5_glu<ORCH_T_Q8_0R>(ctx->stream, A, x, n, k, rp_row_bytes(ORCH_T_Q8_0, k), -1, &F);
   } else {
     ORCH_DISPATCH_TYPE(wtype, launch_gemv5_glu, ctx->stream, A, x, n, k, rb, -1, &F);
   }

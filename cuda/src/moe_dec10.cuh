@@ -363,7 +363,7 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
 // DEC16_XW), v6's fixed scale sc) = swiglu(x[t] . gate_e[row] + gb, x[t] .
 // up_e[row] + ub), t = blockIdx.z, slot blockIdx.y: v6's gate_up rows and dots
 // with x copied from the route kernel's staging.
-// RP (session 12): wg / wu are MXFP4 rows repacked (mxfp4_rp.cuh; rb = mxfp4_rp_row_bytes(k)), same products.
+// RP (session 12): wg / wu are MXFP4 rows repacked (weight_rp.cuh; rb = rp_row_bytes(ORCH_T_MXFP4, k)), same products.
 template <int T, int NB, bool RP = false>
 __global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
 moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
@@ -553,12 +553,12 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     // rp (ORCH_T_MXFP4_DUAL): gate_up10 / down10 read the repacked rows after the original ones
     rp = rp && T == ORCH_T_MXFP4;
-    const int64_t rb_gu = rp ? mxfp4_rp_row_bytes(dim) : orch_row_bytes(T, dim);
-    const int64_t rb_d = rp ? mxfp4_rp_row_bytes(ff) : orch_row_bytes(T, ff);
+    const int64_t rb_gu = rp ? rp_row_bytes(ORCH_T_MXFP4, dim) : orch_row_bytes(T, dim);
+    const int64_t rb_d = rp ? rp_row_bytes(ORCH_T_MXFP4, ff) : orch_row_bytes(T, ff);
     if (rp) {
-      wg += mxfp4_rp_offset((int64_t)n_exp * ff, dim);
-      wu += mxfp4_rp_offset((int64_t)n_exp * ff, dim);
-      wd += mxfp4_rp_offset((int64_t)n_exp * dim, ff);
+      wg += rp_offset(ORCH_T_MXFP4, (int64_t)n_exp * ff, dim);
+      wu += rp_offset(ORCH_T_MXFP4, (int64_t)n_exp * ff, dim);
+      wd += rp_offset(ORCH_T_MXFP4, (int64_t)n_exp * dim, ff);
     }
     const int S = (dim + MOE10_RK - 1) / MOE10_RK;
     float *part = ybuf;

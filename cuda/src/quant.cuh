@@ -191,10 +191,17 @@ __device__ __forceinline__ float block_dot(const uint8_t *b, const float *xs) {
 #define ORCH_T_Q8_0R_DECL
 constexpr int ORCH_T_Q8_0R = 208;
 #endif
-// The repacked layout (ORCH_T_Q8_0_DUAL): bytes of a repacked row of k elements, where the repacked rows of a rows x
-// k tensor start, and the entries' type check (the type becomes Q8_0 for every check and path; true: it was dual).
-__host__ __device__ inline int64_t q8r_row_bytes(int64_t k) { return 32 * (k / 32) + ((2 * (k / 32) + 15) & ~(int64_t)15); }
-__host__ __device__ inline int64_t q8r_offset(int64_t rows, int64_t k) { return (rows * (k / 32) * 34 + 255) & ~(int64_t)255; }
+// The repacked layouts of ORCH_T_MXFP4_DUAL / ORCH_T_Q8_0_DUAL (t: ORCH_T_MXFP4 or ORCH_T_Q8_0, k % 32 == 0): the
+// bytes of a repacked row of k elements (the blocks' 16 / 32 quant bytes, then the 1- / 2-byte scales padded to 16)
+// and where the repacked rows of a rows x k tensor start (its original rows' size rounded up to 256).
+__host__ __device__ inline int64_t rp_row_bytes(int t, int64_t k) {
+  const int64_t nch = k / 32, sb = t == ORCH_T_Q8_0 ? 2 : 1;
+  return 16 * sb * nch + ((sb * nch + 15) & ~(int64_t)15);
+}
+__host__ __device__ inline int64_t rp_offset(int t, int64_t rows, int64_t k) {
+  return (rows * (k / 32) * type_block_bytes(t) + 255) & ~(int64_t)255;
+}
+// The entries' type check: the type becomes Q8_0 for every check and path; true: it was ORCH_T_Q8_0_DUAL.
 inline bool q8_dual(int32_t &wtype) {
   if (wtype != ORCH_T_Q8_0_DUAL) return false;
   wtype = ORCH_T_Q8_0;

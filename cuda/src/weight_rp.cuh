@@ -13,8 +13,8 @@
 // bit for bit (cuda/test/moe_emu_test.cpp).
 //
 // Layout (ORCH_T_MXFP4_DUAL, orch_cuda.h): the tensor's original rows (rows * k/32 * 17 bytes), then, from the next
-// multiple of 256 bytes, the repacked rows of mxfp4_rp_row_bytes(k) bytes each: nch = k/32 blocks of 16 bytes (quant
-// word i of a block = mxfp4_rp_encode(original word i)), then the nch scale bytes, padded to 16 bytes.
+// multiple of 256 bytes (quant.cuh rp_offset), the repacked rows (rp_row_bytes): nch = k/32 blocks of 16 bytes
+// (quant word i of a block = mxfp4_rp_encode(original word i)), then the nch scale bytes, padded to 16 bytes.
 #pragma once
 #include <stdint.h>
 
@@ -52,16 +52,11 @@ DEC16_HD uint32_t mxfp4_rp_encode(uint32_t q) {
   return r;
 }
 
-// Bytes of a repacked row of k elements (k % 32 == 0) and where the repacked rows of an ORCH_T_MXFP4_DUAL tensor
-// of rows rows start.
-DEC16_HD int64_t mxfp4_rp_row_bytes(int64_t k) { return (k / 32) * 16 + (((k / 32) + 15) & ~(int64_t)15); }
-DEC16_HD int64_t mxfp4_rp_offset(int64_t rows, int64_t k) { return ((rows * (k / 32) * 17) + 255) & ~(int64_t)255; }
-
 #if defined(__CUDACC__) || defined(ORCH_EMU)
 // One thread per block: src's block (row, c) -> dst's (16 nibble bytes re-encoded, scale byte apart).
 __global__ void mxfp4_repack_kernel(uint8_t *__restrict__ dst, const uint8_t *__restrict__ src, int64_t rows,
                                    int64_t k) {
-  const int64_t nch = k / 32, rbr = mxfp4_rp_row_bytes(k);
+  const int64_t nch = k / 32, rbr = rp_row_bytes(ORCH_T_MXFP4, k);
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= rows * nch) return;
   const int64_t row = i / nch, c = i % nch;
@@ -108,10 +103,10 @@ DEC16_HD void rp_block_acc(const uint4 &q, const uint4 *xh, uint32_t a[2]) {
 // Q8_0 (ORCH_T_Q8_0_DUAL): why — a Q8_0 block is 34 bytes (fp16 scale + 32 int8), so GEMV v5 loads it as 9 aligned
 // words and funnel-shifts each of its 8 quant words out, then XORs them with 0x80 for the fp16 trick
 // (dec16_q8_0_word). Repacked: a row's blocks as 32-byte aligned quants already XOR 0x80 (two 16-byte loads, no
-// funnel shift, no XOR), the fp16 scales after them (quant.cuh q8r_row_bytes). Same products: bit for bit.
+// funnel shift, no XOR), the fp16 scales after them (quant.cuh rp_row_bytes). Same products: bit for bit.
 #if defined(__CUDACC__) || defined(ORCH_EMU)
 __global__ void q8_repack_kernel(uint8_t *__restrict__ dst, const uint8_t *__restrict__ src, int64_t rows, int64_t k) {
-  const int64_t nch = k / 32, rbr = q8r_row_bytes(k);
+  const int64_t nch = k / 32, rbr = rp_row_bytes(ORCH_T_Q8_0, k);
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= rows * nch) return;
   const int64_t row = i / nch, c = i % nch;

@@ -641,7 +641,7 @@ static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulat
 }
 
 // Q8_0 rows repacked after the original ones (ORCH_T_Q8_0_DUAL, session 12): GEMV v5's kernels on the repacked rows
-// (template type ORCH_T_Q8_0R, the rows where matmul.cu's entries point them: + q8r_offset, q8r_row_bytes) give the
+// (template type ORCH_T_Q8_0R, the rows where matmul.cu's entries point them: + rp_offset, rp_row_bytes) give the
 // plain rows' outputs bit for bit: plain, multi, SwiGLU, the norm fold's producer and consumers, n = 1, 2.
 static bool same_bits(const std::vector<float> &a, const std::vector<float> &b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
@@ -664,9 +664,10 @@ static void test_q8r(int64_t k, int64_t dim, int n) {
   auto run = [&](auto T, std::vector<V> &r) {
     constexpr int TT = decltype(T)::value;
     const bool rp = TT == ORCH_T_Q8_0R;
-    const int64_t rbp = rp ? q8r_row_bytes(k) : orch_row_bytes(t, k), rbc = rp ? q8r_row_bytes(dim) : orch_row_bytes(t, dim);
+    const int64_t rbp = rp ? rp_row_bytes(t, k) : orch_row_bytes(t, k);
+    const int64_t rbc = rp ? rp_row_bytes(t, dim) : orch_row_bytes(t, dim);
     auto at = [&](const DualW &d, const QW &w, int64_t rows, int64_t kk) {
-      return rp ? d.p + q8r_offset(rows, kk) : (const uint8_t *)w.bytes;
+      return rp ? d.p + rp_offset(t, rows, kk) : (const uint8_t *)w.bytes;
     };
     const uint8_t *P = at(dp, wp, dim, k), *Q = at(dq, wq, mq, dim), *K = at(dk, wk, mk, dim), *G = at(dg, wg, mg, dim),
                   *U = at(du, wu, mg, dim);

@@ -111,8 +111,7 @@ static double swiglu(double g, double u, double alpha, double limit) {
 struct DualW {
   uint8_t *p = nullptr;
   DualW(const QW &w, int t, int64_t rows, int64_t k) {
-    const int64_t off = t == ORCH_T_MXFP4 ? mxfp4_rp_offset(rows, k) : q8r_offset(rows, k);
-    const int64_t total = off + rows * (t == ORCH_T_MXFP4 ? mxfp4_rp_row_bytes(k) : q8r_row_bytes(k));
+    const int64_t off = rp_offset(t, rows, k), total = off + rows * rp_row_bytes(t, k);
     EXPECT(off >= (int64_t)w.size && off % 256 == 0, "dual offset %lld for %zu bytes", (long long)off, w.size);
     p = (uint8_t *)std::aligned_alloc(256, (size_t)((total + 255) & ~(int64_t)255));
     std::memset(p, 0xA5, (size_t)total);

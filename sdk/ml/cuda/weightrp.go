@@ -32,22 +32,20 @@ const (
 	tQ80Dual   = 108
 )
 
-// rpRowBytes and rpOffset mirror weight_rp.cuh / quant.cuh: the bytes of a repacked row of k elements, and where the
-// repacked rows of a rows x k tensor start.
+// rpRowBytes and rpOffset mirror quant.cuh's rp_row_bytes / rp_offset: the bytes of a repacked row of k elements (the
+// blocks' 16 / 32 quant bytes, then the 1- / 2-byte scales padded to 16), and where the repacked rows of a rows x k
+// tensor start (its original rows' size rounded up to 256).
 func rpRowBytes(dt ml.DType, k int64) int64 {
-	nch := k / 32
+	nch, sb := k/32, int64(1)
 	if dt == ml.Q8_0 {
-		return 32*nch + (2*nch+15)&^15
+		sb = 2
 	}
-	return 16*nch + (nch+15)&^15
+	return 16*sb*nch + (sb*nch+15)&^15
 }
 
 func rpOffset(dt ml.DType, rows, k int64) int64 {
-	bb := int64(17)
-	if dt == ml.Q8_0 {
-		bb = 34
-	}
-	return (rows*(k/32)*bb + 255) &^ 255
+	rb, _ := dt.RowBytes(int(k))
+	return (rows*int64(rb) + 255) &^ 255
 }
 
 var weightRPEnv = os.Getenv("ORCH_CUDA_WEIGHT_RP")
@@ -65,19 +63,15 @@ func rpType(dt ml.DType) bool {
 	return true
 }
 
-// rpShape: whether a weight of type dt and shape gets the repacked copy (MXFP4 with three dimensions: experts; Q8_0
-// with two: matrices), its rows and row length, and the bytes of the whole allocation.
+// rpShape: whether a weight of type dt and shape (dims checked > 0 by tensorBytes) gets the repacked copy (MXFP4 with
+// three dimensions: experts; Q8_0 with two: matrices), its rows and row length, and the bytes of the whole allocation.
 func (b *Backend) rpShape(dt ml.DType, shape []int) (rows, k, total int64, ok bool) {
-	if !rpType(dt) || b.l.weightRepack == nil || len(shape) < 2 || shape[0]%32 != 0 ||
-		!(dt == ml.MXFP4 && len(shape) == 3 || dt == ml.Q8_0 && len(shape) == 2) {
+	if !rpType(dt) || b.l.weightRepack == nil || !(dt == ml.MXFP4 && len(shape) == 3 || dt == ml.Q8_0 && len(shape) == 2) {
 		return 0, 0, 0, false
 	}
 	k, rows = int64(shape[0]), 1
 	for _, d := range shape[1:] {
 		rows *= int64(d)
-	}
-	if k <= 0 || rows <= 0 {
-		return 0, 0, 0, false
 	}
 	return rows, k, rpOffset(dt, rows, k) + rows*rpRowBytes(dt, k), true
 }
