@@ -148,8 +148,8 @@ constexpr int GEMV5_NF_MAX = 1024; // consumer: partials per token (shared memor
 // Shared floats the fold uses after the staged x (dynamic shared memory): the producer's NT x 8 warp sums, the
 // consumer's NT x nss partials.
 // (16-byte aligned: the cp.async destinations; 16 bytes of padding in the size.)
-static inline size_t gemv5_nf_smem(int nt, int nss) {
-  return 16 + (size_t)nt * (nss > GEMV16_WARPS ? nss : GEMV16_WARPS) * sizeof(float);
+static inline size_t gemv5_nf_smem(int nt, int nss, int w = GEMV16_WARPS) {
+  return 16 + (size_t)nt * (nss > w ? nss : w) * sizeof(float);
 }
 __device__ __forceinline__ float *gemv5_nf_sh(uint32_t *xsm, int64_t nch, int NT) {
   return reinterpret_cast<float *>(xsm) + (((int64_t)NT * nch * (DEC16_XW + 1) + 3) & ~(int64_t)3);
@@ -187,8 +187,9 @@ __device__ __forceinline__ void gemv5_nf_scales(float (&sc)[NT], const float *sh
 }
 
 // NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
-// (gemv5_nf above; F unused at 0).
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0>
+// (gemv5_nf above; F unused at 0). W: warps per CTA (gemv5_warps; 8, or 16 / 32 for the repacked Q8_0 rows): the
+// rows, their arithmetic and the producer's partial sums (one per 8 consecutive warps) do not depend on it.
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int W = GEMV16_WARPS>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
@@ -202,7 +203,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   float nfres = 0.f, nfw = 0.f; // NF 1: lane j's res of token j at its row, the row's norm weight
   float nfsc[NT];               // NF 2: the tokens' scales
   bool nfscd = false;           // ... computed
-  const int64_t row0 = (cta * GEMV16_WARPS + warp) * rows_per_warp;
+  const int64_t row0 = (cta * W + warp) * rows_per_warp;
   bool staged = false;
   unsigned long long tr[3] = {0, 0, 0};
   if constexpr (TR) tr[0] = gemv_gtime();
@@ -285,7 +286,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
           }
         }
       }
-      if (lane < NT) nfsh[lane * GEMV16_WARPS + warp] = q; // 0 for invalid rows and tokens
+      if (lane < NT) nfsh[lane * W + warp] = q; // 0 for invalid rows and tokens
     } else {
       if constexpr (NF == 2)
         if (!nfscd) { // one round only
@@ -304,14 +305,17 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       }
     }
   }
-  if constexpr (NF == 1) { // the CTA's partial sums of squares: the 8 warps' rows in order
+  if constexpr (NF == 1) { // the partial sums of squares, one per 8 warps (G per CTA): their rows in order
+    constexpr int G = W / GEMV16_WARPS;
     __syncthreads();
-    if (threadIdx.x < nt) {
-      const float *q = nfsh + threadIdx.x * GEMV16_WARPS;
+    const int j = (int)threadIdx.x / G, g = (int)threadIdx.x % G;
+    // gridDim.x * G = m / 8 slots per token (orch_matmul_addnorm: m % 32 == 0, W <= 32)
+    if (j < nt) {
+      const float *q = nfsh + j * W + g * GEMV16_WARPS;
       float t = q[0];
 #pragma unroll
       for (int w8 = 1; w8 < GEMV16_WARPS; w8++) t += q[w8];
-      F.ss[threadIdx.x * gridDim.x + cta] = t;
+      F.ss[j * gridDim.x * G + cta * G + g] = t;
     }
   }
 #if !defined(ORCH_EMU)
@@ -327,14 +331,19 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
 #endif
 }
 
-template <int T, int NT, int NB, int XR = 0, int TR = 0>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+// Minimum CTAs per SM for __launch_bounds__: the 8-warp kernels' own (b8; 0 = none given, which is not the same
+// as 1: (256, 1) took 68-78 registers where (256) takes 56-62), the wider ones 1024 threads per SM (<= 64
+// registers, as the 8-warp kernels at 4 CTAs per SM).
+template <int W> constexpr int gemv5_minb(int b8) { return W == GEMV16_WARPS ? b8 : 1024 / (W * 32); }
+
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int W = GEMV16_WARPS>
+__global__ void __launch_bounds__(W * 32, gemv5_minb<W>(0))
 gemv5_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
              const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, int accumulate,
              int rows_per_warp) {
   DEC16_DYN_SMEM(uint32_t, xsm); // nt rows of nch staged chunks, then nt*nch 1/scales
   pdl_trigger();
-  gemv5_rows<T, NT, NB, XR, TR>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
+  gemv5_rows<T, NT, NB, XR, TR, 0, W>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, accumulate, rows_per_warp);
 }
 // Multi-weight GEMV v5 (orch_matmul_multi): up to GEMV_MAX_PARTS weights of
 // one type with the same x (q, k and v of a layer) in one launch; part p owns
@@ -351,7 +360,7 @@ struct gemv5_parts {
 };
 
 // NF (gemv5_nf): 0, or 2 = the folded norm's consumer (F's ss, nss, eps).
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int W = GEMV16_WARPS>
 __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const float *__restrict__ x, int64_t n,
                                                  int64_t k, int64_t row_bytes, const gemv5_nf &F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -362,35 +371,75 @@ __device__ __forceinline__ void gemv5_multi_body(const gemv5_parts &P, const flo
   const int p = b >= P.end[0] ? (b >= P.end[1] ? 2 : 1) : 0;
 #define GEMV5_PICK(f) (p == 0 ? P.f[0] : p == 1 ? P.f[1] : P.f[2])
   const int64_t cta = (int64_t)b - (p == 0 ? 0u : p == 1 ? P.end[0] : P.end[1]);
-  gemv5_rows<T, NT, NB, XR, TR, NF>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k, GEMV5_PICK(m),
-                                    row_bytes, 0, GEMV5_PICK(rpw), F);
+  gemv5_rows<T, NT, NB, XR, TR, NF, W>(xsm, cta, GEMV5_PICK(y), x, GEMV5_PICK(w), GEMV5_PICK(bias), n, k,
+                                       GEMV5_PICK(m), row_bytes, 0, GEMV5_PICK(rpw), F);
 #undef GEMV5_PICK
 }
-template <int T, int NT, int NB, int XR = 0, int TR = 0>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int W = GEMV16_WARPS>
+__global__ void __launch_bounds__(W * 32, gemv5_minb<W>(0))
 gemv5_multi_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes) {
-  gemv5_multi_body<T, NT, NB, XR, TR>(P, x, n, k, row_bytes, gemv5_nf{});
+  gemv5_multi_body<T, NT, NB, XR, TR, 0, W>(P, x, n, k, row_bytes, gemv5_nf{});
 }
 // The folded norm's consumer (orch_matmul_multi_nf): x is the producer's xt.
-template <int T, int NT, int NB, int XR>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM as the plain kernel
+template <int T, int NT, int NB, int XR, int W = GEMV16_WARPS>
+__global__ void __launch_bounds__(W * 32, gemv5_minb<W>(4)) // <= 64 registers: 4 CTAs per SM as the plain kernel
 gemv5_multi_nf_kernel(const gemv5_parts P, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                       const gemv5_nf F) {
-  gemv5_multi_body<T, NT, NB, XR, 0, 2>(P, x, n, k, row_bytes, F);
+  gemv5_multi_body<T, NT, NB, XR, 0, 2, W>(P, x, n, k, row_bytes, F);
 }
 // The folded norm's producer (orch_matmul_addnorm): one row per warp, y written (no accumulate).
-template <int T, int NT, int NB, int XR>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+template <int T, int NT, int NB, int XR, int W = GEMV16_WARPS>
+__global__ void __launch_bounds__(W * 32, gemv5_minb<W>(0))
 gemv5_nf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
                 const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes, const gemv5_nf F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
-  gemv5_rows<T, NT, NB, XR, 0, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
+  gemv5_rows<T, NT, NB, XR, 0, 1, W>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
 }
 
 template <int T, int NT> constexpr int gemv5_nb() { return (q8_like<T>() && NT > 1) || NT > 4 ? 2 : 3; }
 // Rows per warp: 2 for the LM heads (m >= 32768), else 1.
 static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : 1; }
+
+// Warps per CTA of the one- and two-token v5 kernels (session 13, A/B): ORCH_CUDA_GEMV5_W=<w>[@<kmin>] (w = 8,
+// 16, 32) runs CTAs of w warps on the repacked Q8_0 rows where k >= kmin (default 0) and every part has one row
+// per warp; 8 otherwise (the default). Why wider CTAs might pay: x is staged once per CTA (Llama down: 14336
+// floats, 57 KB from L2, a dependent chain of one L2 round trip per float4 a thread — 14 at 256 threads, 3.5 at
+// 1024) and the producer of the folded norm writes its partial sums per 8 warps whatever w. Same rows, same
+// arithmetic, same bits. Read once per process; g_gemv5_w_force (emulation tests) overrides it.
+struct gemv5_w_cfg {
+  int w = GEMV16_WARPS;
+  int64_t kmin = 0;
+};
+static inline gemv5_w_cfg gemv5_w_env() {
+  static const gemv5_w_cfg v = [] {
+    gemv5_w_cfg c;
+    const char *e = getenv("ORCH_CUDA_GEMV5_W");
+    if (!e || !*e) return c;
+    char *end = nullptr;
+    const long w = strtol(e, &end, 10);
+    if (w == 8 || w == 16 || w == 32) c.w = (int)w;
+    if (end && *end == '@') c.kmin = strtoll(end + 1, nullptr, 10);
+    return c;
+  }();
+  return v;
+}
+static int g_gemv5_w_force = 0;
+template <int T> static inline int gemv5_warps(int64_t k, bool one_row) {
+  if (T != ORCH_T_Q8_0R || !one_row) return GEMV16_WARPS;
+  if (g_gemv5_w_force) return g_gemv5_w_force;
+  const gemv5_w_cfg c = gemv5_w_env();
+  return k >= c.kmin ? c.w : GEMV16_WARPS;
+}
+// f(std::integral_constant<int, W>) for w (the wider kernels exist for the repacked Q8_0 rows at one and two
+// tokens only: WIDE false compiles the 8-warp kernel alone).
+template <int T, bool WIDE = true, typename F> static void gemv5_with_w(int w, F &&f) {
+  if constexpr (T == ORCH_T_Q8_0R && WIDE) {
+    if (w == 32) return f(std::integral_constant<int, 32>{});
+    if (w == 16) return f(std::integral_constant<int, 16>{});
+  }
+  f(std::integral_constant<int, GEMV16_WARPS>{});
+}
 
 // ORCH_CUDA_GEMV5_XR=1 / =0 pins the float-x staging of the one- and
 // two-token v5 kernels (plain, multi, SwiGLU fold) to per round / once for
@@ -423,10 +472,13 @@ static void launch_gemv5_nt_x(cudaStream_t st, float *y, const float *x, const u
   constexpr int NB = gemv5_nb<T, NT>();
   const int rpw = gemv5_rpw(m);
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = gemv5_kernel<T, NT, NB, XR, TR>;
-  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
-  DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
+  gemv5_with_w<T, (NT <= 2 && !TR)>(gemv5_warps<T>(k, rpw == 1), [&](auto wc) {
+    constexpr int W = decltype(wc)::value;
+    auto kern = gemv5_kernel<T, NT, NB, XR, TR, W>;
+    if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    unsigned gx = (unsigned)ceil_div(m, (int64_t)W * rpw);
+    DEC16_LAUNCH_PDL(kern, dim3(gx), W * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
+  });
 }
 template <int T, int NT>
 static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias, int64_t n,
@@ -444,6 +496,26 @@ static void launch_gemv5_nt(cudaStream_t st, float *y, const float *x, const uin
   launch_gemv5_nt_x<T, NT, 0>(st, y, x, w, bias, n, k, m, rb, acc);
 }
 
+// P's rows per warp (gemv5_rpw) for its count parts: the largest.
+static inline int gemv5_parts_rpw(gemv5_parts &P, int count) {
+  int r = 1;
+  for (int p = 0; p < count; p++) {
+    P.rpw[p] = gemv5_rpw(P.m[p]);
+    if (P.rpw[p] > r) r = P.rpw[p];
+  }
+  return r;
+}
+// P.end for CTAs of w warps (after gemv5_parts_rpw); returns the CTA count.
+static inline unsigned gemv5_parts_end(gemv5_parts &P, int count, int w) {
+  unsigned total = 0;
+  for (int p = 0; p < count; p++) {
+    total += (unsigned)ceil_div(P.m[p], (int64_t)w * P.rpw[p]);
+    P.end[p] = total;
+  }
+  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
+  return total;
+}
+
 // P: count parts filled in (w, bias, y, m); rpw and end are set here. XR as
 // launch_gemv5_nt_x, TR: the trace.
 template <int T, int NT, int XR, int TR = 0>
@@ -451,16 +523,13 @@ static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, c
                                     int64_t rb) {
   constexpr int NB = gemv5_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT);
-  auto kern = gemv5_multi_kernel<T, NT, NB, XR, TR>;
-  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  unsigned total = 0;
-  for (int p = 0; p < count; p++) {
-    P.rpw[p] = gemv5_rpw(P.m[p]);
-    total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
-    P.end[p] = total;
-  }
-  for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total; // never selected
-  DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb);
+  gemv5_with_w<T, (NT <= 2 && !TR)>(gemv5_warps<T>(k, gemv5_parts_rpw(P, count) == 1), [&](auto wc) {
+    constexpr int W = decltype(wc)::value;
+    auto kern = gemv5_multi_kernel<T, NT, NB, XR, TR, W>;
+    if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    const unsigned total = gemv5_parts_end(P, count, W);
+    DEC16_LAUNCH_PDL(kern, dim3(total), W * 32, sm, st, P, x, n, k, rb);
+  });
 }
 template <int T, int NT>
 static void launch_gemv5_multi_nt(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
@@ -502,11 +571,14 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
-      const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0);
-      auto kern = gemv5_nf_kernel<T, NT, NB, XR>;
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, y, x, w,
-                       bias, n, k, m, rb, F);
+      gemv5_with_w<T>(gemv5_warps<T>(k, true), [&](auto wc) {
+        constexpr int W = decltype(wc)::value;
+        const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0, W);
+        auto kern = gemv5_nf_kernel<T, NT, NB, XR, W>;
+        if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)W)), W * 32, sm, st, y, x, w, bias, n, k, m, rb,
+                         F);
+      });
     };
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;
@@ -521,21 +593,19 @@ template <int T>
 static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb, const gemv5_nf &F, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
-    unsigned total = 0;
-    for (int p = 0; p < count; p++) {
-      P.rpw[p] = gemv5_rpw(P.m[p]);
-      total += (unsigned)ceil_div(P.m[p], (int64_t)GEMV16_WARPS * P.rpw[p]);
-      P.end[p] = total;
-    }
-    for (int p = count; p < GEMV_MAX_PARTS; p++) P.end[p] = total;
+    const int wn = gemv5_warps<T>(k, gemv5_parts_rpw(P, count) == 1);
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
-      const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
-      auto kern = gemv5_multi_nf_kernel<T, NT, NB, XR>;
-      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      DEC16_LAUNCH_PDL(kern, dim3(total), GEMV16_WARPS * 32, sm, st, P, x, n, k, rb, F);
+      gemv5_with_w<T>(wn, [&](auto wc) {
+        constexpr int W = decltype(wc)::value;
+        const unsigned total = gemv5_parts_end(P, count, W);
+        const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
+        auto kern = gemv5_multi_nf_kernel<T, NT, NB, XR, W>;
+        if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        DEC16_LAUNCH_PDL(kern, dim3(total), W * 32, sm, st, P, x, n, k, rb, F);
+      });
     };
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;
@@ -593,8 +663,8 @@ __device__ __forceinline__ void gemv5_glu_round(const wblocks<T, NB> &b, float (
 }
 
 // NF 2: the folded norm's consumer (gemv5_nf: F.ss, F.nss, F.eps; orch_matmul_swiglu_nf).
-template <int T, int NT, int NB, int XR = 0, int NF = 0>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32, 4) // <= 64 registers: 4 CTAs per SM (XR = 1 took 70)
+template <int T, int NT, int NB, int XR = 0, int NF = 0, int W = GEMV16_WARPS>
+__global__ void __launch_bounds__(W * 32, gemv5_minb<W>(4)) // <= 64 registers: 4 CTAs per SM (XR = 1 took 70)
 gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n, int64_t k, int64_t row_bytes,
                  const gemv5_nf F) {
   DEC16_DYN_SMEM(uint32_t, xsm);
@@ -606,7 +676,7 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
   float *nfsh = gemv5_nf_sh(xsm, nch, NT);
   float nfsc[NT]; // NF 2: the tokens' scales
   bool nfscd = false;
-  const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
+  const int64_t row = (int64_t)blockIdx.x * W + warp;
   const bool valid = row < A.m;
   const uint8_t *wg = A.wg + (valid ? row : 0) * row_bytes, *wu = A.wu + (valid ? row : 0) * row_bytes;
   float accg[NT], accu[NT];
@@ -671,10 +741,13 @@ static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const 
                                 int64_t rb, const gemv5_nf &F) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
-  auto kern = gemv5_glu_kernel<T, NT, NB, XR, NF>;
-  if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-  const unsigned gx = (unsigned)ceil_div(A.m, (int64_t)GEMV16_WARPS);
-  DEC16_LAUNCH_PDL(kern, dim3(gx), GEMV16_WARPS * 32, sm, st, A, x, n, k, rb, F);
+  gemv5_with_w<T>(gemv5_warps<T>(k, true), [&](auto wc) {
+    constexpr int W = decltype(wc)::value;
+    auto kern = gemv5_glu_kernel<T, NT, NB, XR, NF, W>;
+    if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    const unsigned gx = (unsigned)ceil_div(A.m, (int64_t)W);
+    DEC16_LAUNCH_PDL(kern, dim3(gx), W * 32, sm, st, A, x, n, k, rb, F);
+  });
 }
 
 // n = 1, 2 (v5's one- and two-token route); the caller checks. xr: how x is

@@ -642,7 +642,8 @@ static void test_gemv_f32(int64_t k, int64_t m, int n, bool bias, bool accumulat
 
 // Q8_0 rows repacked after the original ones (ORCH_T_Q8_0_DUAL, session 12): GEMV v5's kernels on the repacked rows
 // (template type ORCH_T_Q8_0R, the rows where matmul.cu's entries point them: + rp_offset, rp_row_bytes) give the
-// plain rows' outputs bit for bit: plain, multi, SwiGLU, the norm fold's producer and consumers, n = 1, 2.
+// plain rows' outputs bit for bit: plain, multi, SwiGLU, the norm fold's producer and consumers, n = 1, 2; so do
+// the CTAs of 16 and 32 warps (ORCH_CUDA_GEMV5_W, session 13; g_gemv5_w_force).
 static bool same_bits(const std::vector<float> &a, const std::vector<float> &b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
 }
@@ -694,19 +695,25 @@ static void test_q8r(int64_t k, int64_t dim, int n) {
     r = {y.vec(), yq.vec(), yk.vec(), g.vec(), u.vec(), o.vec(), y2.vec(), res.vec(), xt.vec(), ss.vec(), fq.vec(),
          fk.vec(), fo.vec()};
   };
-  std::vector<V> a, b;
+  std::vector<V> a;
   run(std::integral_constant<int, t>{}, a);
-  run(std::integral_constant<int, tr>{}, b);
   static const char *names[] = {"y", "multi q", "multi k", "glu gate", "glu up", "glu out", "producer y", "res", "xt",
                                 "ss", "consumer q", "consumer k", "consumer glu out"};
-  for (size_t i = 0; i < a.size(); i++) {
-    bool finite = true;
-    for (float v : a[i]) finite &= std::isfinite(v);
-    EXPECT(finite && same_bits(a[i], b[i]), "Q8_0 repacked rows: %s differs or not written (k=%lld dim=%lld n=%d)",
-           names[i], (long long)k, (long long)dim, n);
+  for (int w : {GEMV16_WARPS, 16, 32}) {
+    std::vector<V> b;
+    g_gemv5_w_force = w;
+    run(std::integral_constant<int, tr>{}, b);
+    g_gemv5_w_force = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+      bool finite = true;
+      for (float v : a[i]) finite &= std::isfinite(v);
+      EXPECT(finite && same_bits(a[i], b[i]),
+             "Q8_0 repacked rows, %d-warp CTAs: %s differs or not written (k=%lld dim=%lld n=%d)", w, names[i],
+             (long long)k, (long long)dim, n);
+    }
   }
-  std::printf("GEMV v5 on repacked Q8_0 rows (ORCH_T_Q8_0R) k=%lld dim=%lld n=%d: plain, multi, SwiGLU, norm-fold "
-              "producer and consumers bit-identical to the plain rows\n",
+  std::printf("GEMV v5 on repacked Q8_0 rows (ORCH_T_Q8_0R) k=%lld dim=%lld n=%d, CTAs of 8 / 16 / 32 warps: plain, "
+              "multi, SwiGLU, norm-fold producer and consumers bit-identical to the plain rows\n",
               (long long)k, (long long)dim, n);
 }
 

@@ -681,7 +681,8 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// is left out; x staged per round from k = 8192), x staged once (XR=0) and per round
 		// (XR=1) for every k. (2 rows per warp lost in run 2: Llama down 37.6 vs 30.3 us; batched
 		// cp.async staging of the float x lost end to end in run 3: deleted in session 7.)
-		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_XR=0", "ORCH_CUDA_GEMV5_XR=1"}
+		// Session 13: CTAs of 16 / 32 warps on the repacked Q8_0 rows (ORCH_CUDA_GEMV5_W) instead of the XR children.
+		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_W=16", "ORCH_CUDA_GEMV5_W=32"}
 		if os.Getenv("ORCH_GEMV_PERF_WIDE") != "" {
 			settings = []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
 				"ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"}
@@ -691,7 +692,7 @@ func TestPerfGEMVVersions(t *testing.T) {
 		return
 	}
 	label := "ORCH_CUDA_GEMV=" + os.Getenv("ORCH_CUDA_GEMV") + " ORCH_CUDA_MOE=" + os.Getenv("ORCH_CUDA_MOE")
-	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_XR"} {
+	for _, v := range []string{"ORCH_CUDA_GEMV9_RG", "ORCH_CUDA_GEMV9_STAGE_KB", "ORCH_CUDA_GEMV5_XR", "ORCH_CUDA_GEMV5_W"} {
 		if e := os.Getenv(v); e != "" {
 			// v9's row groups per CTA (default: 2 from n = 17) / stage size (13 KB); v5's x staging
 			label += " " + v + "=" + e
