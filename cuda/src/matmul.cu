@@ -703,21 +703,11 @@ static bool nf_args_ok(const float *ss, int64_t nss) {
   return ss && aligned16(ss) && nss >= 4 && nss % 4 == 0 && nss <= NF_MAX_PARTIALS;
 }
 
-// ORCH_CUDA_Q8R_NF=0: the norm fold's consumers (orch_matmul_multi_nf, orch_matmul_swiglu_nf) read the original Q8_0
-// rows of an ORCH_T_Q8_0_DUAL weight (A/B, session 12). Read once per process.
-static bool q8r_nf_off() {
-  static const bool v = [] {
-    const char *e = getenv("ORCH_CUDA_Q8R_NF");
-    return e && strcmp(e, "0") == 0;
-  }();
-  return v;
-}
-
 extern "C" int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
                                     const orch_gemv_part *parts, const float *ss, int64_t nss, float eps) {
   const char *op = "matmul_multi_nf";
   ORCH_CHECK_ARG(ctx && x && parts && n >= 0 && k > 0 && count >= 1 && count <= GEMV_MAX_PARTS, op);
-  const bool q8r = q8_dual(wtype) && !q8r_nf_off();
+  const bool q8r = q8_dual(wtype);
   for (int p = 0; p < count; p++) ORCH_CHECK_ARG(parts[p].w && parts[p].y && parts[p].m > 0, op);
   const int64_t rb = orch_row_bytes(wtype, k);
   bool ok = n >= 1 && n <= 8 && gemv3_type(wtype) && k % 32 == 0 && aligned16(x) && nf_args_ok(ss, nss);
@@ -759,7 +749,7 @@ extern "C" int orch_matmul_swiglu_nf(orch_ctx *ctx, const float *x, int32_t wtyp
                                      float eps) {
   const char *op = "matmul_swiglu_nf";
   ORCH_CHECK_ARG(ctx && x && gate_up && out && n >= 0 && k > 0, op);
-  const bool q8r = q8_dual(wtype) && !q8r_nf_off();
+  const bool q8r = q8_dual(wtype);
   const orch_gemv_part &g = gate_up[0], &u = gate_up[1];
   ORCH_CHECK_ARG(g.w && g.y && u.w && u.y && g.m > 0 && g.m == u.m, op);
   const int64_t rb = orch_row_bytes(wtype, k);
