@@ -401,14 +401,17 @@ template <int T, int NT> constexpr int gemv5_nb() { return (q8_like<T>() && NT >
 // Rows per warp: 2 for the LM heads (m >= 32768), else 1.
 static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : 1; }
 
-// Warps per CTA of the one- and two-token v5 kernels (session 13, A/B): ORCH_CUDA_GEMV5_W=<w>[@<kmin>] (w = 8,
-// 16, 32) runs CTAs of w warps on the repacked Q8_0 rows where k >= kmin (default 0) and every part has one row
-// per warp; 8 otherwise (the default). Why wider CTAs might pay: x is staged once per CTA (Llama down: 14336
-// floats, 57 KB from L2, a dependent chain of one L2 round trip per float4 a thread — 14 at 256 threads, 3.5 at
-// 1024) and the producer of the folded norm writes its partial sums per 8 warps whatever w. Same rows, same
-// arithmetic, same bits. Read once per process; g_gemv5_w_force (emulation tests) overrides it.
+// Warps per CTA of the one- and two-token v5 kernels on the repacked Q8_0 rows (session 13), where every part has
+// one row per warp (not the LM heads): 8, 16 or 32. x is staged once per CTA (Llama down: 14336 floats, 57 KB from
+// L2, a dependent chain of one L2 round trip per float4 a thread: 14 of them at 256 threads, 7 at 512), so wider
+// CTAs stage it fewer times per SM and sooner; the producer of the folded norm still writes one partial sum per 8
+// warps, so the consumers and the bits do not change. Default (device run 1, H100, TestPerfGEMVVersions): one
+// token 32 below k = 4096 (gpt-oss q/k/v 8.8 -> 7.9 us), 16 from it (Llama down 29.9 -> 24.9, the gate/up +
+// SwiGLU fold 46.6 -> 44.8; 32 there: 27.4 / 45.5); two tokens 8 below k = 4096 (gpt-oss q/k/v 10.0 vs 11.6 at 16),
+// 16 from it (down 45.9 -> 30.2). ORCH_CUDA_GEMV5_W=<w>[@<kmin>] pins w where k >= kmin (default 0), 8 below.
+// Read once per process; g_gemv5_w_force (emulation tests) overrides both.
 struct gemv5_w_cfg {
-  int w = GEMV16_WARPS;
+  int w = 0; // 0: the default above
   int64_t kmin = 0;
 };
 static inline gemv5_w_cfg gemv5_w_env() {
@@ -425,11 +428,13 @@ static inline gemv5_w_cfg gemv5_w_env() {
   return v;
 }
 static int g_gemv5_w_force = 0;
-template <int T> static inline int gemv5_warps(int64_t k, bool one_row) {
-  if (T != ORCH_T_Q8_0R || !one_row) return GEMV16_WARPS;
+template <int T> static inline int gemv5_warps(int64_t k, int nt, bool one_row) {
+  if (T != ORCH_T_Q8_0R || !one_row || nt > 2) return GEMV16_WARPS;
   if (g_gemv5_w_force) return g_gemv5_w_force;
   const gemv5_w_cfg c = gemv5_w_env();
-  return k >= c.kmin ? c.w : GEMV16_WARPS;
+  if (c.w) return k >= c.kmin ? c.w : GEMV16_WARPS;
+  if (k >= 4096) return 16;
+  return nt == 1 ? 32 : GEMV16_WARPS;
 }
 // f(std::integral_constant<int, W>) for w (the wider kernels exist for the repacked Q8_0 rows at one and two
 // tokens only: WIDE false compiles the 8-warp kernel alone).
@@ -472,7 +477,7 @@ static void launch_gemv5_nt_x(cudaStream_t st, float *y, const float *x, const u
   constexpr int NB = gemv5_nb<T, NT>();
   const int rpw = gemv5_rpw(m);
   const size_t sm = gemv5_smem(k, NT);
-  gemv5_with_w<T, (NT <= 2 && !TR)>(gemv5_warps<T>(k, rpw == 1), [&](auto wc) {
+  gemv5_with_w<T, (NT <= 2 && !TR)>(gemv5_warps<T>(k, NT, rpw == 1), [&](auto wc) {
     constexpr int W = decltype(wc)::value;
     auto kern = gemv5_kernel<T, NT, NB, XR, TR, W>;
     if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -523,7 +528,7 @@ static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, c
                                     int64_t rb) {
   constexpr int NB = gemv5_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT);
-  gemv5_with_w<T, (NT <= 2 && !TR)>(gemv5_warps<T>(k, gemv5_parts_rpw(P, count) == 1), [&](auto wc) {
+  gemv5_with_w<T, (NT <= 2 && !TR)>(gemv5_warps<T>(k, NT, gemv5_parts_rpw(P, count) == 1), [&](auto wc) {
     constexpr int W = decltype(wc)::value;
     auto kern = gemv5_multi_kernel<T, NT, NB, XR, TR, W>;
     if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -571,7 +576,7 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
-      gemv5_with_w<T>(gemv5_warps<T>(k, true), [&](auto wc) {
+      gemv5_with_w<T>(gemv5_warps<T>(k, NT, true), [&](auto wc) {
         constexpr int W = decltype(wc)::value;
         const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0, W);
         auto kern = gemv5_nf_kernel<T, NT, NB, XR, W>;
@@ -593,12 +598,12 @@ template <int T>
 static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, const float *x, int64_t n, int64_t k,
                                   int64_t rb, const gemv5_nf &F, int xr = -1) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
-    const int wn = gemv5_warps<T>(k, gemv5_parts_rpw(P, count) == 1);
+    const bool one_row = gemv5_parts_rpw(P, count) == 1;
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
-      gemv5_with_w<T>(wn, [&](auto wc) {
+      gemv5_with_w<T>(gemv5_warps<T>(k, NT, one_row), [&](auto wc) {
         constexpr int W = decltype(wc)::value;
         const unsigned total = gemv5_parts_end(P, count, W);
         const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
@@ -741,7 +746,7 @@ static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const 
                                 int64_t rb, const gemv5_nf &F) {
   constexpr int NB = gemv5_glu_nb<T, NT>();
   const size_t sm = gemv5_smem(k, NT) + (NF ? gemv5_nf_smem(NT, F.nss) : 0);
-  gemv5_with_w<T>(gemv5_warps<T>(k, true), [&](auto wc) {
+  gemv5_with_w<T>(gemv5_warps<T>(k, NT, true), [&](auto wc) {
     constexpr int W = decltype(wc)::value;
     auto kern = gemv5_glu_kernel<T, NT, NB, XR, NF, W>;
     if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
