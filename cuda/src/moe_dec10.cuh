@@ -550,7 +550,7 @@ static int64_t moe10_ybuf_floats(int64_t n, int64_t dim, int n_exp) {
 }
 
 // Warps per CTA of gate_up10 (which 0) and down10 (which 1) on the repacked MXFP4 rows (session 13, A/B):
-// ORCH_CUDA_MOE10_W=<gate_up>[,<down>] (gate_up 8, 16, 32; down 8, 24); default 8, 8. Same rows and dots, same bits.
+// ORCH_CUDA_MOE10_W=<gate_up>[,<down>] (gate_up 4, 8, 16, 32; down 8, 24); default 8, 8. Same rows and dots, same bits.
 // Read once per process; g_moe10_w_force (emulation tests) overrides it.
 static int g_moe10_w_force[2] = {0, 0};
 static inline int moe10_warps(int which) {
@@ -560,7 +560,7 @@ static inline int moe10_warps(int which) {
     if (!e || !*e) return c;
     char *end = nullptr;
     const long a = strtol(e, &end, 10);
-    if (a == 16 || a == 32) c.first = (int)a;
+    if (a == 4 || a == 16 || a == 32) c.first = (int)a;
     if (end && *end == ',' && strtol(end + 1, nullptr, 10) == 24) c.second = 24;
     return c;
   }();
@@ -612,7 +612,8 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       };
       const int w = rp ? moe10_warps(0) : FFN_WARPS;
       if constexpr (T == ORCH_T_MXFP4) {
-        if (rp && w == 32) go(moe_gate_up10_kernel<T, NB, true, 32>, 32);
+        if (rp && w == 4) go(moe_gate_up10_kernel<T, NB, true, 4>, 4);
+        else if (rp && w == 32) go(moe_gate_up10_kernel<T, NB, true, 32>, 32);
         else if (rp && w == 16) go(moe_gate_up10_kernel<T, NB, true, 16>, 16);
         else if (rp) go(moe_gate_up10_kernel<T, NB, true>, FFN_WARPS);
         else go(moe_gate_up10_kernel<T, NB, false>, FFN_WARPS);

@@ -256,7 +256,7 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
     }
     if (te == ORCH_T_MXFP4) // the experts' repacked rows, gate_up10 / down10 in CTAs of 8 / 16 / 32 and 8 / 24 warps
       // (ORCH_CUDA_MOE10_W; down at 24 where dim % 24 == 0): the same bits
-      for (const auto &wf : {std::pair<int, int>{0, 0}, {16, 24}, {32, 24}}) {
+      for (const auto &wf : {std::pair<int, int>{0, 0}, {16, 24}, {32, 24}, {4, 0}}) {
         Got g3;
         g_moe10_w_force[0] = wf.first, g_moe10_w_force[1] = wf.second;
         run(g3, false, true);
