@@ -44,9 +44,7 @@
 // all six blocks a lane in flight at once (tg128 -6%).
 #pragma once
 #include <cstring>
-#include <cstdlib>
 #include <type_traits>
-#include <utility>
 
 #include "moe_route.cuh"
 
@@ -366,9 +364,8 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
 // up_e[row] + ub), t = blockIdx.z, slot blockIdx.y: v6's gate_up rows and dots
 // with x copied from the route kernel's staging.
 // RP (session 12): wg / wu are MXFP4 rows repacked (weight_rp.cuh; rb = rp_row_bytes(ORCH_T_MXFP4, k)), same products.
-// W: warps per CTA (moe10_warps: 8, or 16 / 32 on the repacked rows; <= 64 registers either way).
-template <int T, int NB, bool RP = false, int W = FFN_WARPS>
-__global__ void __launch_bounds__(W * 32, W == FFN_WARPS ? 4 : 1024 / (W * 32)) // <= 64 registers: 32 warps per SM
+template <int T, int NB, bool RP = false>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warps per SM
 moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                      const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha, float limit,
@@ -377,7 +374,7 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
   pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
   const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * W + (threadIdx.x >> 5);
+  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int p = (int)blockIdx.z * n_slots + (int)blockIdx.y;
   const int e = ids[p];
   const bool valid = row < m;
@@ -443,9 +440,8 @@ struct moe10_addnorm {
 
 // out[t, row] = sum_s w[t, s] * (act[t, s] . down_e[row] + db[e, row]): v6's
 // down kernel with the staged activation copied in (xinv: v6's 1/scale).
-// W: warps per CTA (moe10_warps: 8, or 24 on the repacked rows: one CTA per SM, <= 85 registers).
-template <int T, int NB, bool AN = false, bool RP = false, int W = FFN_WARPS>
-__global__ void __launch_bounds__(W * 32, W == FFN_WARPS ? 3 : 1) // two buffers: <= 80 registers
+template <int T, int NB, bool AN = false, bool RP = false>
+__global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 registers
 moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
                   const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv,
@@ -453,7 +449,7 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * W + (threadIdx.x >> 5);
+  const int row = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
   const int t = blockIdx.y;
   const bool valid = row < m;
   const int nch = k / 32;
@@ -471,7 +467,7 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   load(b0, 0, e0);
   if (items > 1) load(b1, 1, e1);
   pdl_wait(); // act (and ids / weights, formally) come from the previous kernels
-  MOE10_SHARED float anp[W][2]; // AN: the row's res2 and norm weight, loaded now, used in the epilogue
+  MOE10_SHARED float anp[FFN_WARPS][2]; // AN: the row's res2 and norm weight, loaded now, used in the epilogue
   if constexpr (AN)
     if (lane == 0) {
       moe10_cp4(&anp[threadIdx.x >> 5][0], an.res + (int64_t)t * m + row);
@@ -504,8 +500,8 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
     }
   }
   if (valid && lane == 0) out[(int64_t)t * m + row] = res;
-  if constexpr (AN) { // m % W == 0 (caller): every row of the CTA is valid
-    MOE10_SHARED float wsq[W];
+  if constexpr (AN) { // m % 8 == 0 (caller): every row of the CTA is valid
+    MOE10_SHARED float wsq[FFN_WARPS];
     if (lane == 0) {
       moe10_cp_wait_all(); // anp (this thread's copies)
       const int64_t i = (int64_t)t * m + row;
@@ -515,11 +511,10 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
       wsq[threadIdx.x >> 5] = r * r;
     }
     __syncthreads();
-    constexpr int G = W / FFN_WARPS; // one sum per 8 rows (the consumers' nss = m / 8), whatever W
-    if (threadIdx.x < G) {
+    if (threadIdx.x == 0) {
       float sum = 0.f;
-      for (int w = 0; w < FFN_WARPS; w++) sum += wsq[threadIdx.x * FFN_WARPS + w];
-      an.ss[(int64_t)t * (m / FFN_WARPS) + blockIdx.x * G + threadIdx.x] = sum;
+      for (int w = 0; w < FFN_WARPS; w++) sum += wsq[w];
+      an.ss[(int64_t)t * (m / FFN_WARPS) + blockIdx.x] = sum;
     }
   }
 }
@@ -547,25 +542,6 @@ static bool moe10_on(const orch_ctx *ctx, int64_t n) {
 static int64_t moe10_ybuf_floats(int64_t n, int64_t dim, int n_exp) {
   const int64_t S = (dim + MOE10_RK - 1) / MOE10_RK;
   return ((n * S * n_exp + 3) & ~(int64_t)3) + n * moe10_xstride((int)(dim / 32));
-}
-
-// Warps per CTA of gate_up10 (which 0) and down10 (which 1) on the repacked MXFP4 rows (session 13, A/B):
-// ORCH_CUDA_MOE10_W=<gate_up>[,<down>] (gate_up 4, 8, 16, 32; down 8, 24); default 8, 8. Same rows and dots, same bits.
-// Read once per process; g_moe10_w_force (emulation tests) overrides it.
-static int g_moe10_w_force[2] = {0, 0};
-static inline int moe10_warps(int which) {
-  static const std::pair<int, int> v = [] {
-    std::pair<int, int> c{FFN_WARPS, FFN_WARPS};
-    const char *e = getenv("ORCH_CUDA_MOE10_W");
-    if (!e || !*e) return c;
-    char *end = nullptr;
-    const long a = strtol(e, &end, 10);
-    if (a == 4 || a == 16 || a == 32) c.first = (int)a;
-    if (end && *end == ',' && strtol(end + 1, nullptr, 10) == 24) c.second = 24;
-    return c;
-  }();
-  if (g_moe10_w_force[which]) return g_moe10_w_force[which];
-  return which == 0 ? v.first : v.second;
 }
 
 template <int T>
@@ -603,42 +579,26 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
     if (!(only & 2)) {
       constexpr int NB = gate_up_nb<T>();
       const size_t sm = (size_t)moe10_xstride(dim / 32) * 4;
-      auto go = [&](auto kern, int w) {
-        if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-        dim3 grid((unsigned)ceil_div(ff, w), (unsigned)n_slots, (unsigned)n);
-        DEC16_LAUNCH_PDL(kern, grid, w * 32, sm, st, reinterpret_cast<uint16_t *>(act),
-                         reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff, rb_gu, alpha,
-                         limit, sc);
-      };
-      const int w = rp ? moe10_warps(0) : FFN_WARPS;
-      if constexpr (T == ORCH_T_MXFP4) {
-        if (rp && w == 4) go(moe_gate_up10_kernel<T, NB, true, 4>, 4);
-        else if (rp && w == 32) go(moe_gate_up10_kernel<T, NB, true, 32>, 32);
-        else if (rp && w == 16) go(moe_gate_up10_kernel<T, NB, true, 16>, 16);
-        else if (rp) go(moe_gate_up10_kernel<T, NB, true>, FFN_WARPS);
-        else go(moe_gate_up10_kernel<T, NB, false>, FFN_WARPS);
-      } else {
-        go(moe_gate_up10_kernel<T, NB, false>, FFN_WARPS);
-      }
+      auto kern = moe_gate_up10_kernel<T, NB, false>;
+      if constexpr (T == ORCH_T_MXFP4)
+        if (rp) kern = moe_gate_up10_kernel<T, NB, true>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), (unsigned)n_slots, (unsigned)n);
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
+                       reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff, rb_gu, alpha,
+                       limit, sc);
     }
     if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
       const size_t sm = (size_t)n_slots * (ff / 32) * DEC16_XW * 4;
+      auto kern = an ? moe_down10_kernel<T, NB, true, false> : moe_down10_kernel<T, NB, false, false>;
+      if constexpr (T == ORCH_T_MXFP4)
+        if (rp) kern = an ? moe_down10_kernel<T, NB, true, true> : moe_down10_kernel<T, NB, false, true>;
+      if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+      dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
       const moe10_addnorm av = an ? *an : moe10_addnorm{};
-      auto go = [&](auto kern, int w) {
-        if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-        dim3 grid((unsigned)ceil_div(dim, w), (unsigned)n);
-        DEC16_LAUNCH_PDL(kern, grid, w * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids, wts,
-                         n_slots, ff, dim, rb_d, dxinv, av);
-      };
-      const int w = rp && dim % 24 == 0 ? moe10_warps(1) : FFN_WARPS; // AN: whole CTAs of rows
-      if constexpr (T == ORCH_T_MXFP4) {
-        if (rp && w == 24) an ? go(moe_down10_kernel<T, NB, true, true, 24>, 24) : go(moe_down10_kernel<T, NB, false, true, 24>, 24);
-        else if (rp) an ? go(moe_down10_kernel<T, NB, true, true>, FFN_WARPS) : go(moe_down10_kernel<T, NB, false, true>, FFN_WARPS);
-        else an ? go(moe_down10_kernel<T, NB, true, false>, FFN_WARPS) : go(moe_down10_kernel<T, NB, false, false>, FFN_WARPS);
-      } else {
-        an ? go(moe_down10_kernel<T, NB, true, false>, FFN_WARPS) : go(moe_down10_kernel<T, NB, false, false>, FFN_WARPS);
-      }
+      DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,
+                       wts, n_slots, ff, dim, rb_d, dxinv, av);
     }
   }
 }
