@@ -412,28 +412,27 @@ static inline int gemv5_rpw(int64_t m) { return m >= 32768 ? 2 : 1; }
 // Read once per process; g_gemv5_w_force (emulation tests) overrides both.
 struct gemv5_w_cfg {
   int w = 0; // 0: the default above
-  int64_t kmin = 0, kmax = INT64_MAX;
+  int64_t kmin = 0;
 };
-static inline gemv5_w_cfg gemv5_w_parse(const char *e) {
-  gemv5_w_cfg c;
-  if (!e || !*e) return c;
-  char *end = nullptr;
-  const long w = strtol(e, &end, 10);
-  if (w == 8 || w == 16 || w == 32) c.w = (int)w;
-  if (end && *end == '@') c.kmin = strtoll(end + 1, &end, 10);
-  if (end && *end == '-') c.kmax = strtoll(end + 1, nullptr, 10);
-  return c;
+static inline gemv5_w_cfg gemv5_w_env() {
+  static const gemv5_w_cfg v = [] {
+    gemv5_w_cfg c;
+    const char *e = getenv("ORCH_CUDA_GEMV5_W");
+    if (!e || !*e) return c;
+    char *end = nullptr;
+    const long w = strtol(e, &end, 10);
+    if (w == 8 || w == 16 || w == 32) c.w = (int)w;
+    if (end && *end == '@') c.kmin = strtoll(end + 1, nullptr, 10);
+    return c;
+  }();
+  return v;
 }
-// ORCH_CUDA_GEMV5_WP=<w>[@<kmin>[-<kmax>]] (A/B, session 13): w for the folded norm's producers alone (Llama's out
-// and down projections) where kmin <= k < kmax, before ORCH_CUDA_GEMV5_W and the default.
 static int g_gemv5_w_force = 0;
-template <int T> static inline int gemv5_warps(int64_t k, int nt, bool one_row, bool prod = false) {
+template <int T> static inline int gemv5_warps(int64_t k, int nt, bool one_row) {
   if (T != ORCH_T_Q8_0R || !one_row || nt > 2) return GEMV16_WARPS;
   if (g_gemv5_w_force) return g_gemv5_w_force;
-  static const gemv5_w_cfg cp = gemv5_w_parse(getenv("ORCH_CUDA_GEMV5_WP"));
-  if (prod && cp.w && k >= cp.kmin && k < cp.kmax) return cp.w;
-  static const gemv5_w_cfg c = gemv5_w_parse(getenv("ORCH_CUDA_GEMV5_W"));
-  if (c.w) return k >= c.kmin && k < c.kmax ? c.w : GEMV16_WARPS;
+  const gemv5_w_cfg c = gemv5_w_env();
+  if (c.w) return k >= c.kmin ? c.w : GEMV16_WARPS;
   if (k >= 4096) return 16;
   return nt == 1 ? 32 : GEMV16_WARPS;
 }
@@ -577,7 +576,7 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;
       constexpr int NB = gemv5_nb<T, NT>();
-      gemv5_with_w<T>(gemv5_warps<T>(k, NT, true, true), [&](auto wc) {
+      gemv5_with_w<T>(gemv5_warps<T>(k, NT, true), [&](auto wc) {
         constexpr int W = decltype(wc)::value;
         const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0, W);
         auto kern = gemv5_nf_kernel<T, NT, NB, XR, W>;
