@@ -41,41 +41,46 @@ __device__ __forceinline__ float4 moe_oproj_ldcg4(const float *p) {
 }
 
 // m = dim rows (m % 32 == 0, m / 8 <= GEMV5_NF_MAX: every row valid), one per warp; k = the projection's input.
-template <int TO, int NB, int XR>
-__global__ void __launch_bounds__(GEMV16_WARPS * 32)
+// W: warps per CTA (moe_oproj_warps; m % W == 0). The partial logits and sums of squares are kept per 8 rows
+// whatever W (C = m / 8 slots), so every sum, and the output, is the 8-warp kernel's bit for bit.
+template <int TO, int NB, int XR, int W = GEMV16_WARPS>
+__global__ void __launch_bounds__(W * 32, gemv5_minb<W>(0))
 moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint8_t *__restrict__ ow,
                  const float *__restrict__ obias, int64_t k, int64_t m, int64_t rb, const gemv5_nf F,
                  const moe_oproj_args A) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   MOE10_SHARED unsigned last;
-  MOE10_SHARED float lp[GEMV16_WARPS][32];    // each warp's products router[e][row] * xt[row]
+  MOE10_SHARED float lp[W][32];               // each warp's products router[e][row] * xt[row]
   MOE10_SHARED __align__(16) float ssh[GEMV5_NF_MAX]; // last CTA: the sum-of-squares partials
   MOE10_SHARED float lg[32];
   pdl_trigger();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int C = (int)gridDim.x;
-  const int64_t row = (int64_t)blockIdx.x * GEMV16_WARPS + warp;
+  constexpr int G = W / GEMV16_WARPS;  // 8-row slots per CTA
+  const int C = (int)gridDim.x * G;    // slots: m / 8
+  const int64_t row = (int64_t)blockIdx.x * W + warp;
   const float rwv = lane < A.n_exp ? __ldg(A.rw + (int64_t)lane * m + row) : 0.f; // constant: before the wait
-  gemv5_rows<TO, 1, NB, XR, 0, 1>(xsm, blockIdx.x, y, ox, ow, obias, 1, k, m, rb, 0, 1, F);
-  // gemv5_rows ends with a barrier after lane 0 of every warp wrote its row's xt (F.xt) and thread 0 ssp[cta]
+  gemv5_rows<TO, 1, NB, XR, 0, 1, W>(xsm, blockIdx.x, y, ox, ow, obias, 1, k, m, rb, 0, 1, F);
+  // gemv5_rows ends with a barrier after lane 0 of every warp wrote its row's xt (F.xt) and thread g its slot's ssp
   lp[warp][lane] = rwv * F.xt[row];
   __syncthreads();
-  if (tid < A.n_exp) {
-    float s = lp[0][tid];
+  if (tid < 32 * G && (tid & 31) < A.n_exp) { // thread (g, e): slot g's 8 warps in order
+    const int e = tid & 31, g = tid >> 5;
+    float s = lp[g * GEMV16_WARPS][e];
 #pragma unroll
-    for (int w = 1; w < GEMV16_WARPS; w++) s += lp[w][tid];
-    A.part[(int64_t)tid * C + blockIdx.x] = s;
+    for (int w = 1; w < GEMV16_WARPS; w++) s += lp[g * GEMV16_WARPS + w][e];
+    A.part[(int64_t)e * C + blockIdx.x * G + g] = s;
   }
   moe10_fence(); // this thread's y / res / xt / ssp / part writes before the ticket
   __syncthreads();
-  if (tid == 0) last = moe10_ticket(&g_moe_oproj_ticket, (unsigned)(C - 1)) == (unsigned)(C - 1);
+  if (tid == 0)
+    last = moe10_ticket(&g_moe_oproj_ticket, gridDim.x - 1u) == gridDim.x - 1u;
   __syncthreads();
   if (!last) return; // uniform over the CTA
   moe10_fence();
   // Everything below reads other CTAs' writes through L2, all loads issued before the first use: the row's xt (for
   // the staging; dim <= 4096: at most XB float4s a thread), the sums of squares, and the partial logits (thread
   // (e, q) sums float4 slots q, q + 8, ... of expert e's row, C % 4 == 0; one batch of JM for C <= 32 JM).
-  constexpr int NT = GEMV16_WARPS * 32, XB = 4, SB = GEMV5_NF_MAX / NT, JM = 12;
+  constexpr int NT = W * 32, XB = 1024 / NT, SB = GEMV5_NF_MAX / NT, JM = 12;
   static_assert(XB * NT * 4 >= MOE10_NORM_MAX_N * MOE10_THREADS, "the entry declines dim > 4096");
   const int n4 = (int)(m / 4), nch = (int)(m / 32);
   float4 xv[XB];
@@ -113,7 +118,7 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
     s += __shfl_xor_sync(0xffffffffu, s, 1);
     s += __shfl_xor_sync(0xffffffffu, s, 2);
     s += __shfl_xor_sync(0xffffffffu, s, 4);
-    if (q == 0) lg[e] = s; // 0 for e >= n_exp
+    if (q == 0 && e < 32) lg[e] = s; // 0 for e >= n_exp
 #pragma unroll
     for (int j = 0; j < SB; j++) {
       const int i = j * NT + tid;
@@ -142,20 +147,35 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
   }
 }
 
+// Warps per CTA of moe_oproj_kernel (session 13, A/B): ORCH_CUDA_OPROJ_W=16 / 32 where dim % w == 0, else 8 (the
+// default). Read once per process; g_moe_oproj_w_force (emulation tests) overrides it.
+static int g_moe_oproj_w_force = 0;
+static inline int moe_oproj_warps(int64_t m) {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_OPROJ_W");
+    const int w = e ? atoi(e) : 0;
+    return w == 16 || w == 32 ? w : GEMV16_WARPS;
+  }();
+  const int w = g_moe_oproj_w_force ? g_moe_oproj_w_force : v;
+  return m % w == 0 ? w : GEMV16_WARPS;
+}
+
 template <int TO>
 static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const uint8_t *ow, const float *obias,
                              int64_t k, int64_t m, int64_t rb, const gemv5_nf &F, const moe_oproj_args &A) {
   if constexpr (TO == ORCH_T_Q8_0 || TO == ORCH_T_Q4_0 || TO == ORCH_T_MXFP4) {
     constexpr int NB = gemv5_nb<TO, 1>();
-    const size_t sm = gemv5_smem(k, 1) + gemv5_nf_smem(1, 0);
+    const int w = moe_oproj_warps(m);
+    const size_t sm = gemv5_smem(k, 1) + gemv5_nf_smem(1, 0, w);
     auto go = [&](auto kern) {
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-      DEC16_LAUNCH_PDL(kern, dim3((unsigned)(m / GEMV16_WARPS)), GEMV16_WARPS * 32, sm, st, y, ox, ow, obias, k, m, rb,
-                       F, A);
+      DEC16_LAUNCH_PDL(kern, dim3((unsigned)(m / w)), w * 32, sm, st, y, ox, ow, obias, k, m, rb, F, A);
     };
     // x staged as orch_matmul_addnorm's producer stages it (gemv5_stage_mode)
-    if (gemv5_stage_mode(k) == 1) go(moe_oproj_kernel<TO, NB, 1>);
-    else go(moe_oproj_kernel<TO, NB, 0>);
+    const bool xr = gemv5_stage_mode(k) == 1;
+    if (w == 32) xr ? go(moe_oproj_kernel<TO, NB, 1, 32>) : go(moe_oproj_kernel<TO, NB, 0, 32>);
+    else if (w == 16) xr ? go(moe_oproj_kernel<TO, NB, 1, 16>) : go(moe_oproj_kernel<TO, NB, 0, 16>);
+    else xr ? go(moe_oproj_kernel<TO, NB, 1>) : go(moe_oproj_kernel<TO, NB, 0>);
   }
 }
 
