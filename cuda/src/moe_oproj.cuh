@@ -147,13 +147,16 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
   }
 }
 
-// Warps per CTA of moe_oproj_kernel (session 13, A/B): ORCH_CUDA_OPROJ_W=16 / 32 where dim % w == 0, else 8 (the
-// default). Read once per process; g_moe_oproj_w_force (emulation tests) overrides it.
+// Warps per CTA of moe_oproj_kernel (session 13): 32 by default where dim % 32 == 0, else 8; ORCH_CUDA_OPROJ_W=8 /
+// 16 / 32 pins it. x (the attention output, k floats) is staged once per CTA, 90 times instead of 360 at gpt-oss's
+// dim 2880, and the last CTA's tail runs on 1024 threads. Device run 6 (H100, same call): gpt-oss tg128 641.8 /
+// 640.3 at 32, 640.6 / 639.8 at 16, 634.2 / 635.7 at 8. Read once per process; g_moe_oproj_w_force (emulation
+// tests) overrides it.
 static int g_moe_oproj_w_force = 0;
 static inline int moe_oproj_warps(int64_t m) {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_OPROJ_W");
-    const int w = e ? atoi(e) : 0;
+    const int w = e ? atoi(e) : 32;
     return w == 16 || w == 32 ? w : GEMV16_WARPS;
   }();
   const int w = g_moe_oproj_w_force ? g_moe_oproj_w_force : v;
