@@ -681,8 +681,9 @@ func TestPerfGEMVVersions(t *testing.T) {
 		// is left out; x staged per round from k = 8192), x staged once (XR=0) and per round
 		// (XR=1) for every k. (2 rows per warp lost in run 2: Llama down 37.6 vs 30.3 us; batched
 		// cp.async staging of the float x lost end to end in run 3: deleted in session 7.)
-		// Session 13: CTAs of 16 / 32 warps on the repacked Q8_0 rows (ORCH_CUDA_GEMV5_W) instead of the XR children.
-		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_W=16", "ORCH_CUDA_GEMV5_W=32"}
+		// Session 13: the default (16 / 32 warps per CTA by k on the repacked Q8_0 rows) against 8 (session 12's
+		// kernels), 16 and 32 everywhere (ORCH_CUDA_GEMV5_W), instead of the XR children.
+		settings := []string{"ORCH_CUDA_GEMV=", "ORCH_CUDA_GEMV5_W=8", "ORCH_CUDA_GEMV5_W=16", "ORCH_CUDA_GEMV5_W=32"}
 		if os.Getenv("ORCH_GEMV_PERF_WIDE") != "" {
 			settings = []string{"ORCH_CUDA_GEMV=v5", "ORCH_CUDA_GEMV=v7", "ORCH_CUDA_GEMV=v9", "ORCH_CUDA_GEMV=",
 				"ORCH_CUDA_GEMV=v9 ORCH_CUDA_GEMV9_STAGE_KB=6"}

@@ -3,7 +3,7 @@
 package cuda
 
 import (
-	"math"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -82,21 +82,14 @@ func TestMoERepacked(t *testing.T) {
 			dual, rc := run(tMXFP4Dual, norm)
 			require.Equal(t, int32(stOK), rc, "n=%d norm=%v: the repacked rows", n, norm)
 			require.Equal(t, plain.ids, dual.ids, "n=%d norm=%v: ids", n, norm)
-			require.Equal(t, bitsF32(plain.w), bitsF32(dual.w), "n=%d norm=%v: weights", n, norm)
-			require.Equal(t, bitsF32(plain.out), bitsF32(dual.out), "n=%d norm=%v: output not bit-identical", n, norm)
-			require.Equal(t, bitsF32(plain.x), bitsF32(dual.x), "n=%d norm=%v: normed x", n, norm)
-			require.Equal(t, bitsF32(plain.res), bitsF32(dual.res), "n=%d norm=%v: residual", n, norm)
+			what := fmt.Sprintf("n=%d norm=%v", n, norm)
+			sameBits(t, what+": weights", plain.w, dual.w)
+			sameBits(t, what+": output", plain.out, dual.out)
+			sameBits(t, what+": normed x", plain.x, dual.x)
+			sameBits(t, what+": residual", plain.res, dual.res)
 			t.Logf("n=%d norm=%v: repacked rows = plain rows bit for bit", n, norm)
 		}
 	}
-}
-
-func bitsF32(v []float32) []uint32 {
-	b := make([]uint32, len(v))
-	for i, f := range v {
-		b[i] = math.Float32bits(f)
-	}
-	return b
 }
 
 // TestGEMVRepacked: Q8_0 matrices made by Weight carry the repacked rows, and GEMV v5 on them (ORCH_T_Q8_0_DUAL
@@ -146,7 +139,7 @@ func TestGEMVRepacked(t *testing.T) {
 			}
 			plain, dual := run(int32(ml.Q8_0)), run(tQ80Dual)
 			for i := range plain {
-				require.Equal(t, bitsF32(plain[i]), bitsF32(dual[i]), "%s n=%d part %d: not bit-identical", c.name, n, i)
+				sameBits(t, fmt.Sprintf("%s n=%d part %d", c.name, n, i), plain[i], dual[i])
 			}
 			t.Logf("%s n=%d: repacked Q8_0 rows = plain rows bit for bit", c.name, n)
 			gpu.Free(x)
