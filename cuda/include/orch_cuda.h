@@ -506,6 +506,11 @@ int orch_sample_rows(orch_ctx *ctx, int32_t *out, const float *logits, int64_t n
  * that draws (temperature >= 1e-5) gets counter + 1. n <= 65535; bit 0 of inc must be clear. */
 int orch_step_advance(orch_ctx *ctx, int32_t *buf, int64_t seg, uint32_t inc, const int32_t *src,
                       orch_sample_params *params, int32_t n);
+/* Session 14 (optional; ABI version unchanged, as for the other optional entries): as orch_memcpy_d2h_async of n
+ * int32 values, written by a kernel (PDL-launched) instead of the copy engine. host_dst must come from
+ * orch_host_alloc (mapped; the kernel writes through its cudaHostGetDevicePointer address). Record an event after
+ * it and orch_event_sync before reading host_dst. */
+int orch_read_i32_host(orch_ctx *ctx, int32_t *host_dst, const int32_t *src, int64_t n);
 
 /* ---- comm.cu (ABI 5): tensor-parallel collectives through NCCL ----
  * libnccl is loaded at run time (dlopen) on first use: $ORCH_NCCL_LIB, then

@@ -117,22 +117,53 @@ extern "C" int orch_argmax(orch_ctx *ctx, int32_t *out, const float *logits, int
   return ORCH_OK;
 }
 
+// PDL (session 14): may start while the read kernel before it runs; waits for it before touching memory.
 __global__ void step_advance_kernel(int32_t *buf, int64_t seg, uint32_t inc, const int32_t *src,
                                     orch_sample_params *params, int32_t n) {
+  pdl_wait();
   const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-  if (i >= n) return;
-  buf[i] = src[i];
-  for (int s = 1; s < 32; s++)
-    if ((inc >> s) & 1u) buf[s * seg + i] += 1;
-  if (params && params[i].temperature >= 1e-5f) params[i].counter += 1;
+  if (i < n) {
+    buf[i] = src[i];
+    for (int s = 1; s < 32; s++)
+      if ((inc >> s) & 1u) buf[s * seg + i] += 1;
+    if (params && params[i].temperature >= 1e-5f) params[i].counter += 1;
+  }
+  pdl_trigger();
 }
 
 extern "C" int orch_step_advance(orch_ctx *ctx, int32_t *buf, int64_t seg, uint32_t inc, const int32_t *src,
                                  orch_sample_params *params, int32_t n) {
   ORCH_CHECK_ARG(ctx && buf && src && seg >= n && n >= 0 && n <= 65535 && !(inc & 1u), "step_advance");
   if (!n) return ORCH_OK;
-  step_advance_kernel<<<(unsigned)((n + 127) / 128), 128, 0, ctx->stream>>>(buf, seg, inc, src, params, n);
+  orch_launch_pdl(step_advance_kernel, dim3((unsigned)((n + 127) / 128)), dim3(128), 0, ctx->stream, buf, seg, inc,
+                  src, params, n);
   ORCH_LAUNCHED("step_advance");
+  return ORCH_OK;
+}
+
+// Session 14: a step's tokens into pinned host memory by a kernel instead of a copy-engine memcpy. With the D2H
+// copy between the step's argmax and step_advance the device idled ~13 us a decode step (CUPTI, H100; taken for
+// the copy engine's setup and the semaphores between the engines); a kernel on the SMs follows the argmax, and
+// step_advance (PDL) may start under its tail. It triggers at once: the dependent waits for this grid anyway.
+constexpr int READ_THREADS = 256;
+__global__ void __launch_bounds__(READ_THREADS) read_i32_kernel(int32_t *dst, const int32_t *src, int64_t n) {
+  pdl_trigger();
+  pdl_wait();
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = src[i];
+}
+
+extern "C" int orch_read_i32_host(orch_ctx *ctx, int32_t *host_dst, const int32_t *src, int64_t n) {
+  ORCH_CHECK_ARG(ctx && host_dst && src && n >= 0, "read_i32_host");
+  if (!n) return ORCH_OK;
+  // orch_host_alloc's cudaMallocHost memory is mapped on every device with unified addressing (all 64-bit
+  // platforms orch runs on); its device address comes from cudaHostGetDevicePointer (an error, not a fault, when
+  // the memory is not mapped: e.g. not from orch_host_alloc).
+  void *d = nullptr;
+  ORCH_CUDA(cudaHostGetDevicePointer(&d, host_dst, 0), "read_i32_host");
+  const int64_t blocks = min(ceil_div(n, (int64_t)READ_THREADS), (int64_t)1024);
+  orch_launch_pdl(read_i32_kernel, dim3((unsigned)blocks), dim3(READ_THREADS), 0, ctx->stream, (int32_t *)d, src, n);
+  ORCH_LAUNCHED("read_i32_host");
   return ORCH_OK;
 }
 

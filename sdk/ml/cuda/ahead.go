@@ -22,6 +22,14 @@ import (
 // runner then reads as before); so do a library without
 // orch_memcpy_d2h_async / orch_event_sync and op timing (ORCH_CUDA_OPTIME
 // reads its events with stream waits).
+//
+// The copy is a kernel where the library has orch_read_i32_host (session 14;
+// ORCH_CUDA_READ_KERNEL=0: cudaMemcpyAsync). With the copy-engine D2H
+// between the step's argmax and step_advance the device idled ~13 us a step
+// (CUPTI, H100; taken for the copy engine's setup and the waits between the
+// engines); a kernel follows the argmax on the SMs, and step_advance (PDL)
+// may start under its tail. It writes the pinned slot through its mapped
+// address; the event recorded after it makes the values visible to Wait.
 
 type aheadSlot struct {
 	host unsafe.Pointer // pinned, cap int32 values
@@ -88,7 +96,13 @@ func (b *Backend) ReadI32Async(t ml.Tensor) (ml.PendingI32, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := b.l.status("read", b.l.memcpyD2HAsync(b.ctx, s.host, ct.ptr, int64(4*ct.n))); err != nil {
+	var rc int32
+	if b.l.readI32Host != nil && os.Getenv("ORCH_CUDA_READ_KERNEL") != "0" {
+		rc = b.l.readI32Host(b.ctx, s.host, ct.ptr, int64(ct.n))
+	} else {
+		rc = b.l.memcpyD2HAsync(b.ctx, s.host, ct.ptr, int64(4*ct.n))
+	}
+	if err := b.l.status("read", rc); err != nil {
 		b.ah.free = append(b.ah.free, s)
 		return nil, err
 	}
@@ -165,8 +179,8 @@ func (b *Backend) AdvanceStep(buf ml.Tensor, seg int, inc uint32, src, params ml
 	return true
 }
 
-// closeAhead frees the slots (after a stream sync: a queued copy may still
-// write into one).
+// closeAhead frees the slots (after a stream sync: a queued copy or read
+// kernel may still write into one).
 func (b *Backend) closeAhead() {
 	if len(b.ah.all) == 0 {
 		return

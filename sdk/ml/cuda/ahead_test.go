@@ -48,6 +48,7 @@ func fakeAhead(b *Backend, f *fakeLib) *[][]int32 {
 // reused once waited for or dropped; Close syncs before freeing them.
 func TestReadI32Async(t *testing.T) {
 	t.Setenv("ORCH_CUDA_STEP_AHEAD", "")
+	t.Setenv("ORCH_CUDA_READ_KERNEL", "") // (no orch_read_i32_host here: the memcpy)
 	b, f := newFakeBackend(t)
 	assert.False(t, b.StepAhead(), "library without the entries")
 	_ = fakeAhead(b, f)
@@ -90,6 +91,55 @@ func TestReadI32Async(t *testing.T) {
 	f.take()
 	require.NoError(t, b.Close())
 	assert.Equal(t, []string{"sync", "event_destroy 1", "host_free", "event_destroy 2", "host_free", "destroy"}, f.take())
+}
+
+// With orch_read_i32_host bound the read is the kernel (n values into the
+// slot) unless ORCH_CUDA_READ_KERNEL=0; a failed launch returns the slot.
+func TestReadI32AsyncKernel(t *testing.T) {
+	t.Setenv("ORCH_CUDA_STEP_AHEAD", "")
+	t.Setenv("ORCH_CUDA_READ_KERNEL", "")
+	b, f := newFakeBackend(t)
+	_ = fakeAhead(b, f)
+	fail := false
+	b.l.readI32Host = func(ctx uintptr, dst unsafe.Pointer, src uintptr, n int64) int32 {
+		if fail {
+			return stInvalid
+		}
+		v := unsafe.Slice((*int32)(dst), n)
+		for i := range v {
+			v[i] = int32(-i)
+		}
+		return f.add("read_i32_host %x %d", src, n)
+	}
+	tok := fakeT(b, ml.I32, 3)
+	got := make([]int32, 3)
+
+	r, err := b.ReadI32Async(tok)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"host_alloc 1024", "event_create 1", fmt.Sprintf("read_i32_host %x 3", tok.ptr), "event_record 1"},
+		f.take())
+	require.NoError(t, r.Wait(got))
+	assert.Equal(t, []int32{0, -1, -2}, got)
+	assert.Equal(t, []string{"event_sync 1"}, f.take())
+
+	t.Setenv("ORCH_CUDA_READ_KERNEL", "0")
+	r, err = b.ReadI32Async(tok)
+	require.NoError(t, err)
+	assert.Equal(t, []string{fmt.Sprintf("d2h_async %x 12", tok.ptr), "event_record 1"}, f.take(), "the memcpy, slot reused")
+	require.NoError(t, r.Wait(got))
+	assert.Equal(t, []int32{100, 101, 102}, got)
+	f.take()
+
+	t.Setenv("ORCH_CUDA_READ_KERNEL", "")
+	fail = true
+	_, err = b.ReadI32Async(tok)
+	assert.Error(t, err)
+	assert.Empty(t, f.take(), "no event after a failed launch")
+	fail = false
+	r, err = b.ReadI32Async(tok)
+	require.NoError(t, err)
+	assert.NotContains(t, fmt.Sprint(f.take()), "host_alloc", "the failed read's slot is free")
+	r.Drop()
 }
 
 // AdvanceStep launches orch_step_advance with the segments it is given and

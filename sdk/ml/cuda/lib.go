@@ -72,6 +72,8 @@ type lib struct {
 	hostAlloc      func(bytes int64, out *unsafe.Pointer) int32
 	hostFree       func(p unsafe.Pointer) int32
 	stepAdvance    func(ctx, buf uintptr, seg int64, inc uint32, src, params uintptr, n int32) int32
+	// Session 14, optional (nil: ahead.go reads with memcpyD2HAsync): the read as a kernel; dst from hostAlloc.
+	readI32Host func(ctx uintptr, dst unsafe.Pointer, src uintptr, n int64) int32
 
 	matmul     func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32) int32
 	moeMatmul  func(ctx, y, x uintptr, xPerSlot int32, w uintptr, wtype int32, bias, ids uintptr, n int64, slots int32, k, m int64) int32
@@ -300,6 +302,7 @@ func (l *lib) bind() (err error) {
 		{&l.hostAlloc, "orch_host_alloc"}, {&l.hostFree, "orch_host_free"},
 	})
 	bindAll(l.handle, []symbol{{&l.stepAdvance, "orch_step_advance"}})
+	bindAll(l.handle, []symbol{{&l.readI32Host, "orch_read_i32_host"}})
 	bindAll(l.handle, []symbol{{&l.weightRepack, "orch_weight_repack"}})
 	// Optional entry points: all or none (the feature is then off).
 	bindAll(l.handle, []symbol{
