@@ -231,6 +231,18 @@ type GraphBackend interface {
 	ResetGraphs()
 }
 
+// Discarder is implemented by backends that may skip work kept only to leave
+// a tensor's contents as the ops wrote them (the CUDA backend rotates q / k
+// after a RoPE it folded into the attention, and writes a norm's output it
+// folded into the next GEMVs, when something touches them or a graph ends).
+// Discard says the contents of ts are no longer needed: they are undefined
+// afterwards, until an op writes them again; ops issued before still see
+// them as written. Models call it through nn.Discard (a no-op on other
+// backends) for per-step workspace that nothing reads after the step.
+type Discarder interface {
+	Discard(ts ...Tensor)
+}
+
 // AheadBackend is implemented by backends whose ops run on a device queue
 // behind the host: a result can be copied to host memory without waiting for
 // work queued after the copy. nn.Runner uses it to launch the next decode

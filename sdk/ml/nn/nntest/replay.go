@@ -2,6 +2,7 @@ package nntest
 
 import (
 	"fmt"
+	"math"
 
 	"github.com/llama-orch/orch/sdk/ml"
 )
@@ -30,13 +31,43 @@ type ReplayBackend struct {
 	AheadReads int
 	Sample     bool
 	NoAdvance  bool // AdvanceStep declines (the runner uploads the next step's inputs)
+	// Discards counts Discard calls (ml.Discarder, forwarded where the
+	// wrapped backend has it); with PoisonDiscards each discarded F32
+	// tensor is filled with NaN, so a model reading one afterwards fails.
+	Discards       int
+	PoisonDiscards bool
 }
 
 var (
 	_ ml.GraphBackend    = (*ReplayBackend)(nil)
 	_ ml.AheadBackend    = (*ReplayBackend)(nil)
 	_ ml.SamplingBackend = (*ReplayBackend)(nil)
+	_ ml.Discarder       = (*ReplayBackend)(nil)
 )
+
+// Discard implements ml.Discarder: recorded, forwarded to the wrapped
+// backend where it has it, and the tensors poisoned with PoisonDiscards.
+func (g *ReplayBackend) Discard(ts ...ml.Tensor) {
+	g.Discards++
+	ts = append([]ml.Tensor(nil), ts...)
+	g.do(func() {
+		if d, ok := g.Backend.(ml.Discarder); ok {
+			d.Discard(ts...)
+		}
+		if !g.PoisonDiscards {
+			return
+		}
+		for _, t := range ts {
+			if t != nil && t.DType() == ml.F32 {
+				nan := make([]float32, t.Len())
+				for i := range nan {
+					nan[i] = float32(math.NaN())
+				}
+				g.Backend.WriteF32(t, nan) //nolint:errcheck // the wrapped backend's error is sticky
+			}
+		}
+	})
+}
 
 // SampleRowsAvailable implements ml.SamplingBackend (Sample).
 func (g *ReplayBackend) SampleRowsAvailable() bool { return g.Sample }
