@@ -51,6 +51,7 @@
 constexpr int MOE10_MAX_N = 8;  // tokens per op (one ticket each)
 constexpr int MOE10_RK = 64;    // router k per route CTA: two staged chunks
 constexpr int MOE10_THREADS = 256;
+constexpr int MOE10_BPF_SLOTS = 8; // down10's prefetched routing weights / biases (ORCH_CUDA_MOE10_BPF)
 constexpr int MOE13_MAX_N = 64; // MoE v13 (moe_dec13.cuh) runs this route kernel for up to 64 tokens
 
 __device__ unsigned g_moe10_ticket[MOE13_MAX_N];
@@ -113,6 +114,18 @@ __device__ __forceinline__ void moe10_cp_wait_all() {
 #endif
 }
 #endif
+
+// One bulk prefetch of [p, p + bytes) into L2 (cp.async.bulk.prefetch.L2: one instruction, the TMA unit walks the
+// range; p and bytes multiples of 16). Built only where nvcc >= 12 targets sm_90; elsewhere (nvcc 11.8's
+// compile check, sm_80, the emulation) nothing is issued.
+__device__ __forceinline__ void moe10_l2pf(const void *p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
 
 // Words of one token's staged x: nch chunks of DEC16_XW words, then nch
 // 1/scale floats, rounded up to whole uint4s.
@@ -359,6 +372,33 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
   }
 }
 
+// Session 14 (ORCH_CUDA_MOE10_PFG=<waves>, repacked rows only): gate_up10's 1440 CTAs (gpt-oss, one token) run ~2.7
+// waves of 528, and a CTA can request its weights only once it runs (the routing comes from the kernel before), so
+// each later wave starts with a DRAM round trip while the DRAM pipe idles between waves. Instead thread 0 of CTA L
+// bulk-prefetches into L2 the gate and up rows of CTA L + a * res (res = CTAs resident at once; the first wave also
+// those of L + res .. L + (a - 1) * res), so later waves find theirs in L2. res = 0: off.
+// bias (ORCH_CUDA_MOE10_BPF=1): lane 0 of each warp copies its row's gate / up biases into shared memory by cp.async
+// right after the routing is read, instead of loading them after the dots (one global round trip at the end of every
+// warp, which holds the CTA's slot for the next wave). Same values: bit for bit.
+struct moe10_gu_pf {
+  int res, ahead, bias;
+};
+__device__ __forceinline__ void moe10_gu_prefetch(const moe10_gu_pf &pf, const uint8_t *wg, const uint8_t *wu,
+                                                  const int32_t *ids, int n_slots, int m, int64_t rb) {
+  const unsigned gx = gridDim.x, gy = gridDim.y, tot = gx * gy * gridDim.z;
+  const unsigned L = blockIdx.x + gx * (blockIdx.y + gy * blockIdx.z);
+  for (int j = L < (unsigned)pf.res ? 1 : pf.ahead; j <= pf.ahead; j++) {
+    const unsigned c = L + (unsigned)j * (unsigned)pf.res;
+    if (c >= tot) break;
+    const unsigned cx = c % gx, cy = (c / gx) % gy, cz = c / (gx * gy);
+    const int e = ids[cz * n_slots + cy];
+    const int r0 = (int)cx * FFN_WARPS, nr = min(FFN_WARPS, m - r0);
+    const int64_t off = ((int64_t)e * m + r0) * rb;
+    moe10_l2pf(wg + off, (uint32_t)(nr * rb));
+    moe10_l2pf(wu + off, (uint32_t)(nr * rb));
+  }
+}
+
 // act (staged for down: pair p's chunk c at acth words ((p * nch_m + c) *
 // DEC16_XW), v6's fixed scale sc) = swiglu(x[t] . gate_e[row] + gb, x[t] .
 // up_e[row] + ub), t = blockIdx.z, slot blockIdx.y: v6's gate_up rows and dots
@@ -369,7 +409,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warp
 moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                      const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha, float limit,
-                     float sc) {
+                     float sc, moe10_gu_pf pf) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
   pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
@@ -381,6 +421,11 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
   const int nch = k / 32, xs4 = moe10_xstride(nch) / 4;
   const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
+  MOE10_SHARED float gub[FFN_WARPS][2]; // pf.bias: the row's gate / up biases
+  if (pf.bias && valid && lane == 0) {
+    if (gb) moe10_cp4(&gub[threadIdx.x >> 5][0], gb + (int64_t)e * m + row);
+    if (ub) moe10_cp4(&gub[threadIdx.x >> 5][1], ub + (int64_t)e * m + row);
+  }
   float ag = 0.f, au = 0.f;
   for (int c0 = 0; c0 < nch; c0 += 32 * NB) {
     std::conditional_t<RP, rpblocks<NB>, wblocks<T, NB>> bg, bu;
@@ -393,6 +438,7 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
     }
     if (c0 == 0) { // uniform over the CTA
       moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg + (int64_t)blockIdx.z * xs4, xs4);
+      if (pf.res > 0 && threadIdx.x == 0) moe10_gu_prefetch(pf, wg, wu, ids, n_slots, m, rb);
       __syncthreads();
     }
     moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
@@ -400,8 +446,9 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   ag = warp_sum(ag);
   au = warp_sum(au);
   if (valid && lane == 0) {
-    const float g = ag + (gb ? gb[(int64_t)e * m + row] : 0.f);
-    const float u = au + (ub ? ub[(int64_t)e * m + row] : 0.f);
+    if (pf.bias) moe10_cp_wait_all();
+    const float g = ag + (gb ? pf.bias ? gub[threadIdx.x >> 5][0] : gb[(int64_t)e * m + row] : 0.f);
+    const float u = au + (ub ? pf.bias ? gub[threadIdx.x >> 5][1] : ub[(int64_t)e * m + row] : 0.f);
     const float v = swiglu_oai(g, u, alpha, limit);
     int word, half;
     moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
@@ -445,7 +492,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 regis
 moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
                   const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv,
-                  moe10_addnorm an) {
+                  moe10_addnorm an, int pfd /* bit 0: the later slots' rows into L2; bit 1: weights / biases */) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   const int lane = threadIdx.x & 31;
@@ -473,6 +520,23 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
       moe10_cp4(&anp[threadIdx.x >> 5][0], an.res + (int64_t)t * m + row);
       moe10_cp4(&anp[threadIdx.x >> 5][1], an.w + row);
     }
+  // Session 14 (ORCH_CUDA_MOE10_PFD=1, repacked rows only): the CTA's rows of the slots not in registers into L2 now
+  // (thread 0, one bulk prefetch a slot), not a DRAM round trip each after the dots of the slots before them.
+  if ((pfd & 1) && threadIdx.x == 0)
+    for (int s = rounds == 1 ? 2 : 1; s < n_slots; s++) {
+      const int r0 = (int)blockIdx.x * FFN_WARPS, nr = min(FFN_WARPS, m - r0);
+      moe10_l2pf(wd + ((int64_t)ids[(int64_t)t * n_slots + s] * m + r0) * rb, (uint32_t)(nr * rb));
+    }
+  // bit 1 (ORCH_CUDA_MOE10_BPF=1; n_slots <= MOE10_BPF_SLOTS): lane 0 copies each slot's routing weight and bias row
+  // into shared memory by cp.async now, not one global round trip at the end of every slot (same values).
+  MOE10_SHARED float dwb[FFN_WARPS][MOE10_BPF_SLOTS][2];
+  const bool bpf = (pfd & 2) != 0;
+  if (bpf && lane == 0)
+    for (int s = 0; s < n_slots; s++) {
+      const int64_t p = (int64_t)t * n_slots + s;
+      moe10_cp4(&dwb[threadIdx.x >> 5][s][0], wts + p);
+      if (db && valid) moe10_cp4(&dwb[threadIdx.x >> 5][s][1], db + (int64_t)ids[p] * m + row);
+    }
   if (ids[(int64_t)t * n_slots] != e0) load(b0, 0, ids[(int64_t)t * n_slots]); // uniform over the CTA
   if (items > 1 && ids[(int64_t)t * n_slots + 1 / rounds] != e1) load(b1, 1, ids[(int64_t)t * n_slots + 1 / rounds]);
   const int cw4 = nch * DEC16_XW / 4; // uint4s per staged pair
@@ -485,9 +549,16 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
     acc += moe10_dot<T, NB>(b, xsm + s * nch * DEC16_XW, xinv, c0, lane, nch);
     if (it % rounds == rounds - 1) {
       const int64_t p = (int64_t)t * n_slots + s;
-      const int e = ids[p];
       const float a = warp_sum(acc);
-      res += wts[p] * (a + (db && valid ? db[(int64_t)e * m + row] : 0.f));
+      if (bpf) {
+        if (lane == 0) { // (only lane 0's res is used)
+          if (s == 0) moe10_cp_wait_all();
+          res += dwb[threadIdx.x >> 5][s][0] * (a + (db && valid ? dwb[threadIdx.x >> 5][s][1] : 0.f));
+        }
+      } else {
+        const int e = ids[p];
+        res += wts[p] * (a + (db && valid ? db[(int64_t)e * m + row] : 0.f));
+      }
       acc = 0.f;
     }
   };
@@ -544,6 +615,32 @@ static int64_t moe10_ybuf_floats(int64_t n, int64_t dim, int n_exp) {
   return ((n * S * n_exp + 3) & ~(int64_t)3) + n * moe10_xstride((int)(dim / 32));
 }
 
+// ORCH_CUDA_MOE10_PFG=<waves ahead, 0..3> / ORCH_CUDA_MOE10_PFD=1: the L2 prefetches of gate_up10 / down10 (session
+// 14; off by default until measured). Read once per process; the emulation tests set g_moe10_pf_force.
+static int g_moe10_pfg_force = -1, g_moe10_pfd_force = -1, g_moe10_bpf_force = -1;
+static int moe10_pfg() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_MOE10_PFG");
+    const int a = e ? atoi(e) : 0;
+    return a < 0 ? 0 : a > 3 ? 3 : a;
+  }();
+  return g_moe10_pfg_force >= 0 ? g_moe10_pfg_force : v;
+}
+static bool moe10_bpf() { // ORCH_CUDA_MOE10_BPF=1 (session 14): the bias / routing-weight copies of gate_up10 / down10
+  static const bool v = [] {
+    const char *e = getenv("ORCH_CUDA_MOE10_BPF");
+    return e && std::strcmp(e, "1") == 0;
+  }();
+  return g_moe10_bpf_force >= 0 ? g_moe10_bpf_force != 0 : v;
+}
+static bool moe10_pfd() {
+  static const bool v = [] {
+    const char *e = getenv("ORCH_CUDA_MOE10_PFD");
+    return e && std::strcmp(e, "1") == 0;
+  }();
+  return g_moe10_pfd_force >= 0 ? g_moe10_pfd_force != 0 : v;
+}
+
 template <int T>
 static void launch_decode10(cudaStream_t st, float *out, const float *x, const float *rw, const float *rbias,
                             int n_exp, int32_t *ids, float *wts, const uint8_t *wg, const uint8_t *wu, const float *gb,
@@ -584,9 +681,15 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
         if (rp) kern = moe_gate_up10_kernel<T, NB, true>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), (unsigned)n_slots, (unsigned)n);
+      moe10_gu_pf pf{0, 0, moe10_bpf() ? 1 : 0};
+      if (rp && rb_gu % 16 == 0 && moe10_pfg() > 0) {
+        static int64_t res = 0; // one device per process (the ticket counters assume it too)
+        if (res == 0) res = one_wave(kern, sm);
+        pf.res = (int)res, pf.ahead = moe10_pfg();
+      }
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff, rb_gu, alpha,
-                       limit, sc);
+                       limit, sc, pf);
     }
     if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
@@ -598,7 +701,9 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
       const moe10_addnorm av = an ? *an : moe10_addnorm{};
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,
-                       wts, n_slots, ff, dim, rb_d, dxinv, av);
+                       wts, n_slots, ff, dim, rb_d, dxinv, av,
+                       (rp && rb_d % 16 == 0 && moe10_pfd() ? 1 : 0) |
+                           (moe10_bpf() && n_slots <= MOE10_BPF_SLOTS ? 2 : 0));
     }
   }
 }
