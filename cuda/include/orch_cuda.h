@@ -142,6 +142,14 @@ int orch_moe_matmul(orch_ctx *ctx, float *y, const float *x, int32_t x_per_slot,
 /* out[i, :] (+)= dequant(table row ids[i]), table: rows of dim elements. */
 int orch_get_rows(orch_ctx *ctx, float *out, const void *table, int32_t ttype, const int32_t *ids, int64_t n,
                   int64_t dim, int32_t accumulate);
+/* Session 14 (optional; ABI version unchanged): orch_get_rows(x_out, table, ttype, ids, n, dim, 0) then
+ * orch_rmsnorm(h_out, x_out, NULL, w, n, dim, eps) in one launch (one CTA per row), both outputs bit-identical to
+ * the two calls. x_out may be NULL (the gathered rows are not kept) or h_out (in place: only the normalised rows are
+ * written); otherwise it must not overlap h_out. Neither output may overlap table, ids or w. ORCH_ERR_UNSUPPORTED
+ * (nothing launched) where orch_get_rows declines, for dim > 8192 (orch_rmsnorm's looping kernel) and for an x_out
+ * not 16-byte aligned. */
+int orch_get_rows_rmsnorm(orch_ctx *ctx, float *x_out, float *h_out, const void *table, int32_t ttype,
+                          const int32_t *ids, int64_t n, int64_t dim, const float *w, float eps);
 /* Bytes of one row of k elements of type t (0 when k is not a multiple of
  * the block size or t is unknown). */
 int64_t orch_row_bytes(int32_t t, int64_t k);

@@ -74,6 +74,9 @@ type lib struct {
 	stepAdvance    func(ctx, buf uintptr, seg int64, inc uint32, src, params uintptr, n int32) int32
 	// Session 14, optional (nil: ahead.go reads with memcpyD2HAsync): the read as a kernel; dst from hostAlloc.
 	readI32Host func(ctx uintptr, dst unsafe.Pointer, src uintptr, n int64) int32
+	// Session 14, optional (nil: rowsnorm.go is off): a row gather and the RMSNorm of those rows in one launch.
+	getRowsRMSNorm func(ctx, xOut, hOut, table uintptr, ttype int32, ids uintptr, n, dim int64, w uintptr,
+		eps float32) int32
 
 	matmul     func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, acc int32) int32
 	moeMatmul  func(ctx, y, x uintptr, xPerSlot int32, w uintptr, wtype int32, bias, ids uintptr, n int64, slots int32, k, m int64) int32
@@ -303,6 +306,7 @@ func (l *lib) bind() (err error) {
 	})
 	bindAll(l.handle, []symbol{{&l.stepAdvance, "orch_step_advance"}})
 	bindAll(l.handle, []symbol{{&l.readI32Host, "orch_read_i32_host"}})
+	bindAll(l.handle, []symbol{{&l.getRowsRMSNorm, "orch_get_rows_rmsnorm"}})
 	bindAll(l.handle, []symbol{{&l.weightRepack, "orch_weight_repack"}})
 	// Optional entry points: all or none (the feature is then off).
 	bindAll(l.handle, []symbol{

@@ -177,6 +177,9 @@ func (b *Backend) Embed(dst, table, ids ml.Tensor, add bool) {
 		b.failf(op, "dst %v, table %v, %d ids", d.shape, tb.shape, id.n)
 		return
 	}
+	if !add && b.holdRows(d, tb, id, dim) { // an RMSNorm of dst may take it in (rowsnorm.go)
+		return
+	}
 	b.call(op, b.l.getRows(b.ctx, d.ptr, tb.ptr, int32(tb.dt), id.ptr, int64(id.n), int64(dim), b2i(add)))
 }
 
@@ -272,6 +275,9 @@ func (b *Backend) norm(op string, res, dst, x, w, bias ml.Tensor, eps float32, l
 }
 
 func (b *Backend) RMSNorm(dst, x, w ml.Tensor, eps float32) {
+	if b.foldRowsNorm(dst, x, w, eps) { // the held Embed of x and this norm in one launch (rowsnorm.go)
+		return
+	}
 	b.norm("rms_norm", nil, dst, x, w, nil, eps, false)
 }
 func (b *Backend) AddRMSNorm(res, dst, x, w ml.Tensor, eps float32) {
