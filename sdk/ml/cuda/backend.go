@@ -55,6 +55,7 @@ type Backend struct {
 	// Ops held back for merging (fuse.go); holdFlush while MatMul / RoPE
 	// validate their own operands.
 	pend      pending
+	rn        rowsState // a held Embed (rowsnorm.go)
 	holdFlush bool
 	// ot times every op when ORCH_CUDA_OPTIME is set (optime.go); nil otherwise.
 	ot *opTimer
@@ -332,7 +333,7 @@ func (b *Backend) get(t ml.Tensor) (*tensor, error) {
 }
 
 func (b *Backend) Rows(t ml.Tensor, start, n int) (ml.Tensor, error) {
-	ct, err := b.get(t)
+	ct, err := b.getKeepRows(t) // a view launches nothing: a held Embed stays held (rowsnorm.go)
 	if err != nil {
 		return nil, fmt.Errorf("cuda rows: %w", err)
 	}

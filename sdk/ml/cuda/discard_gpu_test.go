@@ -105,9 +105,9 @@ func TestDiscard(t *testing.T) {
 					kc, vc   []float32
 				}
 				variant := func(discard bool) result {
-					kc, err := gpu.Alloc(ml.F16, hd, nkv, bs, nb)
+					kc, err := gpu.Alloc(ml.F32, hd, nkv, bs, nb) // F32: read back below (the fold takes both types)
 					require.NoError(t, err)
-					vc, err := gpu.Alloc(ml.F16, hd, nkv, bs, nb)
+					vc, err := gpu.Alloc(ml.F32, hd, nkv, bs, nb)
 					require.NoError(t, err)
 					t.Cleanup(func() { gpu.Free(kc); gpu.Free(vc) })
 					gpu.KVWrite(kc, vc, kh.g, vh.g, hb) // the history (no RoPE held: a plain write)

@@ -137,6 +137,7 @@ func (b *Backend) flush() {
 	if b.holdFlush {
 		return
 	}
+	b.flushRows() // a held Embed (rowsnorm.go): never held with anything else
 	p := &b.pend
 	if p.norm.on { // held alone (holdMoENorm): launched as the norm op would have been
 		h := p.norm

@@ -2,7 +2,6 @@ package cuda
 
 import (
 	"os"
-	"sync"
 
 	"github.com/llama-orch/orch/sdk/ml"
 )
@@ -44,17 +43,7 @@ type rowsState struct {
 	e      heldRows
 }
 
-// rowsStates holds each backend's rowsState. TODO(lead): a Backend field
-// (`rn rowsState`, backend.go) instead; this helper did not own backend.go.
-var rowsStates sync.Map // *Backend -> *rowsState
-
-func (b *Backend) rows() *rowsState {
-	if s, ok := rowsStates.Load(b); ok {
-		return s.(*rowsState)
-	}
-	s, _ := rowsStates.LoadOrStore(b, &rowsState{})
-	return s.(*rowsState)
-}
+func (b *Backend) rows() *rowsState { return &b.rn }
 
 // flushRows launches a held Embed as the Embed op would have. flush calls it
 // first (a held Embed is never held with anything else: holdRows flushes
