@@ -255,6 +255,7 @@ template <int HD, int GC> struct __align__(16) AttnGdSmem {
   float qs[GC][HD];
   float sm[ATTN_WARPS][GC], sl[ATTN_WARPS][GC];
   float sacc[ATTN_WARPS][GC][HD];
+  float sink[GC]; // the heads' sinks (attention weights, constant): loaded with q or before the PDL wait, not in the merge
 };
 
 // The folded RoPE + KV write (attn_gdr_kernel): up to ATTN_ROPE_MAX_TOK
@@ -338,6 +339,7 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
   if constexpr (!ROPE) {
     const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
     for (int i = threadIdx.x; i < HC * HD; i += blockDim.x) S.qs[i / HD][i % HD] = qr[i] * a.scale;
+    if (threadIdx.x < HC) S.sink[threadIdx.x] = a.sinks ? a.sinks[h0 + threadIdx.x] : -INFINITY; // with q's loads
   }
   __syncthreads();
   float m[HC], l[HC], acc[HC][E];
@@ -453,7 +455,7 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, S.sm[w][g]);
-    const float sink = direct && a.sinks ? a.sinks[h] : -INFINITY;
+    const float sink = direct && a.sinks ? S.sink[g] : -INFINITY;
     M = fmaxf(M, sink);
     float L = direct && a.sinks ? __expf(sink - M) : 0.f, f[ATTN_WARPS];
 #pragma unroll
@@ -596,6 +598,7 @@ __global__ void ATTN_GD7_BOUNDS(GC)
   const int used = attn_split_used(span, per);
   const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
   if (prefetch && sp < used) attn_gdr_prefetch<KV, HD>(a, seq, kvh, k0, min(k1, qp)); // qp: the staged row
+  if (threadIdx.x < GC) S.sink[threadIdx.x] = a.sinks ? a.sinks[h0 + threadIdx.x] : -INFINITY; // constant: before the wait
   pdl_wait();
   pdl_trigger();
   if (sp >= used) return; // uniform: this split has no keys of this row

@@ -115,18 +115,6 @@ __device__ __forceinline__ void moe10_cp_wait_all() {
 }
 #endif
 
-// One bulk prefetch of [p, p + bytes) into L2 (cp.async.bulk.prefetch.L2: one instruction, the TMA unit walks the
-// range; p and bytes multiples of 16). Built only where nvcc >= 12 targets sm_90; elsewhere (nvcc 11.8's
-// compile check, sm_80, the emulation) nothing is issued.
-__device__ __forceinline__ void moe10_l2pf(const void *p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // Words of one token's staged x: nch chunks of DEC16_XW words, then nch
 // 1/scale floats, rounded up to whole uint4s.
 DEC16_HD int moe10_xstride(int nch) { return (nch * DEC16_XW + nch + 3) & ~3; }
@@ -228,6 +216,8 @@ __device__ __forceinline__ void moe10_route_slice(float *__restrict__ prow, uint
 __device__ __forceinline__ void moe10_route_finish(const float *part, const float *__restrict__ rbias, float *lg,
                                                    int32_t *ids, float *wts, int t, int S, int n_exp, int k_slots,
                                                    int tid) {
+  // warp 0's router bias (a weight) in flight with the partials below, not a round trip after them (session 14)
+  const float rbv = tid < 32 && tid < n_exp && rbias ? rbias[tid] : 0.f;
   if (tid < MOE10_THREADS) {
     const int e = tid >> 3, q = tid & 7;
     constexpr int JM = 8; // slices per thread in flight (S <= 64: dim <= 4096)
@@ -250,7 +240,7 @@ __device__ __forceinline__ void moe10_route_finish(const float *part, const floa
   __syncthreads();
   if (tid < 32) {
     float v = 0.f;
-    if (tid < n_exp) v = lg[tid] + (rbias ? rbias[tid] : 0.f);
+    if (tid < n_exp) v = lg[tid] + (rbias ? rbv : 0.f);
     int id;
     float w;
     moe_topk32_warp(v, tid, n_exp, k_slots, id, w);
@@ -372,33 +362,10 @@ moe10_route_kernel(float *__restrict__ part, uint32_t *__restrict__ xg, int32_t 
   }
 }
 
-// Session 14 (ORCH_CUDA_MOE10_PFG=<waves>, repacked rows only): gate_up10's 1440 CTAs (gpt-oss, one token) run ~2.7
-// waves of 528, and a CTA can request its weights only once it runs (the routing comes from the kernel before), so
-// each later wave starts with a DRAM round trip while the DRAM pipe idles between waves. Instead thread 0 of CTA L
-// bulk-prefetches into L2 the gate and up rows of CTA L + a * res (res = CTAs resident at once; the first wave also
-// those of L + res .. L + (a - 1) * res), so later waves find theirs in L2. res = 0: off.
-// bias (ORCH_CUDA_MOE10_BPF=1): lane 0 of each warp copies its row's gate / up biases into shared memory by cp.async
-// right after the routing is read, instead of loading them after the dots (one global round trip at the end of every
-// warp, which holds the CTA's slot for the next wave). Same values: bit for bit.
-struct moe10_gu_pf {
-  int res, ahead, bias;
-};
-__device__ __forceinline__ void moe10_gu_prefetch(const moe10_gu_pf &pf, const uint8_t *wg, const uint8_t *wu,
-                                                  const int32_t *ids, int n_slots, int m, int64_t rb) {
-  const unsigned gx = gridDim.x, gy = gridDim.y, tot = gx * gy * gridDim.z;
-  const unsigned L = blockIdx.x + gx * (blockIdx.y + gy * blockIdx.z);
-  for (int j = L < (unsigned)pf.res ? 1 : pf.ahead; j <= pf.ahead; j++) {
-    const unsigned c = L + (unsigned)j * (unsigned)pf.res;
-    if (c >= tot) break;
-    const unsigned cx = c % gx, cy = (c / gx) % gy, cz = c / (gx * gy);
-    const int e = ids[cz * n_slots + cy];
-    const int r0 = (int)cx * FFN_WARPS, nr = min(FFN_WARPS, m - r0);
-    const int64_t off = ((int64_t)e * m + r0) * rb;
-    moe10_l2pf(wg + off, (uint32_t)(nr * rb));
-    moe10_l2pf(wu + off, (uint32_t)(nr * rb));
-  }
-}
-
+// Session 14: lane 0 of each warp copies its row's gate / up biases into shared memory by cp.async right after the
+// routing is read (bpf), instead of loading them after the dots: that was one global round trip at the end of every
+// warp, holding the CTA's slot from the next of the ~2.7 waves. Same values: bit for bit. Device run 1 (H100, same
+// call, with down10's copies below): gpt-oss tg128 668.4 vs 625.5 / 625.2 (ORCH_CUDA_MOE10_BPF=0 gives the old loads).
 // act (staged for down: pair p's chunk c at acth words ((p * nch_m + c) *
 // DEC16_XW), v6's fixed scale sc) = swiglu(x[t] . gate_e[row] + gb, x[t] .
 // up_e[row] + ub), t = blockIdx.z, slot blockIdx.y: v6's gate_up rows and dots
@@ -409,7 +376,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, 4) // <= 64 registers: 32 warp
 moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t *__restrict__ wg,
                      const uint8_t *__restrict__ wu, const float *__restrict__ gb, const float *__restrict__ ub,
                      const int32_t *__restrict__ ids, int n_slots, int k, int m, int64_t rb, float alpha, float limit,
-                     float sc, moe10_gu_pf pf) {
+                     float sc, int bpf) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_wait(); // ids / staged x come from the route kernel; act is read by earlier ones
   pdl_trigger(); // after the wait: down reads the routing before its own wait (v6)
@@ -421,8 +388,8 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   const int64_t off = ((int64_t)e * m + (valid ? row : 0)) * rb;
   const int nch = k / 32, xs4 = moe10_xstride(nch) / 4;
   const float *xinv = reinterpret_cast<const float *>(xsm + nch * DEC16_XW);
-  MOE10_SHARED float gub[FFN_WARPS][2]; // pf.bias: the row's gate / up biases
-  if (pf.bias && valid && lane == 0) {
+  MOE10_SHARED float gub[FFN_WARPS][2]; // bpf: the row's gate / up biases
+  if (bpf && valid && lane == 0) {
     if (gb) moe10_cp4(&gub[threadIdx.x >> 5][0], gb + (int64_t)e * m + row);
     if (ub) moe10_cp4(&gub[threadIdx.x >> 5][1], ub + (int64_t)e * m + row);
   }
@@ -438,7 +405,6 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
     }
     if (c0 == 0) { // uniform over the CTA
       moe10_copy<2>(reinterpret_cast<uint4 *>(xsm), xg + (int64_t)blockIdx.z * xs4, xs4);
-      if (pf.res > 0 && threadIdx.x == 0) moe10_gu_prefetch(pf, wg, wu, ids, n_slots, m, rb);
       __syncthreads();
     }
     moe6_dot2<T, NB>(bg, bu, xsm, xinv, c0, lane, nch, ag, au);
@@ -446,9 +412,9 @@ moe_gate_up10_kernel(uint16_t *__restrict__ acth, const uint4 *xg, const uint8_t
   ag = warp_sum(ag);
   au = warp_sum(au);
   if (valid && lane == 0) {
-    if (pf.bias) moe10_cp_wait_all();
-    const float g = ag + (gb ? pf.bias ? gub[threadIdx.x >> 5][0] : gb[(int64_t)e * m + row] : 0.f);
-    const float u = au + (ub ? pf.bias ? gub[threadIdx.x >> 5][1] : ub[(int64_t)e * m + row] : 0.f);
+    if (bpf) moe10_cp_wait_all();
+    const float g = ag + (gb ? bpf ? gub[threadIdx.x >> 5][0] : gb[(int64_t)e * m + row] : 0.f);
+    const float u = au + (ub ? bpf ? gub[threadIdx.x >> 5][1] : ub[(int64_t)e * m + row] : 0.f);
     const float v = swiglu_oai(g, u, alpha, limit);
     int word, half;
     moe8_half_pos(dec16_traits<T>::kind, row & 31, word, half);
@@ -492,7 +458,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 regis
 moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
                   const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv,
-                  moe10_addnorm an, int pfd /* bit 0: the later slots' rows into L2; bit 1: weights / biases */) {
+                  moe10_addnorm an, int bpf) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   const int lane = threadIdx.x & 31;
@@ -520,17 +486,9 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
       moe10_cp4(&anp[threadIdx.x >> 5][0], an.res + (int64_t)t * m + row);
       moe10_cp4(&anp[threadIdx.x >> 5][1], an.w + row);
     }
-  // Session 14 (ORCH_CUDA_MOE10_PFD=1, repacked rows only): the CTA's rows of the slots not in registers into L2 now
-  // (thread 0, one bulk prefetch a slot), not a DRAM round trip each after the dots of the slots before them.
-  if ((pfd & 1) && threadIdx.x == 0)
-    for (int s = rounds == 1 ? 2 : 1; s < n_slots; s++) {
-      const int r0 = (int)blockIdx.x * FFN_WARPS, nr = min(FFN_WARPS, m - r0);
-      moe10_l2pf(wd + ((int64_t)ids[(int64_t)t * n_slots + s] * m + r0) * rb, (uint32_t)(nr * rb));
-    }
-  // bit 1 (ORCH_CUDA_MOE10_BPF=1; n_slots <= MOE10_BPF_SLOTS): lane 0 copies each slot's routing weight and bias row
-  // into shared memory by cp.async now, not one global round trip at the end of every slot (same values).
+  // bpf (session 14; n_slots <= MOE10_BPF_SLOTS): lane 0 copies each slot's routing weight and bias row into shared
+  // memory by cp.async now, not one global round trip at the end of every slot (same values).
   MOE10_SHARED float dwb[FFN_WARPS][MOE10_BPF_SLOTS][2];
-  const bool bpf = (pfd & 2) != 0;
   if (bpf && lane == 0)
     for (int s = 0; s < n_slots; s++) {
       const int64_t p = (int64_t)t * n_slots + s;
@@ -615,30 +573,15 @@ static int64_t moe10_ybuf_floats(int64_t n, int64_t dim, int n_exp) {
   return ((n * S * n_exp + 3) & ~(int64_t)3) + n * moe10_xstride((int)(dim / 32));
 }
 
-// ORCH_CUDA_MOE10_PFG=<waves ahead, 0..3> / ORCH_CUDA_MOE10_PFD=1: the L2 prefetches of gate_up10 / down10 (session
-// 14; off by default until measured). Read once per process; the emulation tests set g_moe10_pf_force.
-static int g_moe10_pfg_force = -1, g_moe10_pfd_force = -1, g_moe10_bpf_force = -1;
-static int moe10_pfg() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_MOE10_PFG");
-    const int a = e ? atoi(e) : 0;
-    return a < 0 ? 0 : a > 3 ? 3 : a;
-  }();
-  return g_moe10_pfg_force >= 0 ? g_moe10_pfg_force : v;
-}
-static bool moe10_bpf() { // ORCH_CUDA_MOE10_BPF=1 (session 14): the bias / routing-weight copies of gate_up10 / down10
+// ORCH_CUDA_MOE10_BPF=0 (session 14): gate_up10 / down10 load biases and routing weights after their dots, as
+// before (the default copies them early, above). Read once per process; the emulation tests set g_moe10_bpf_force.
+static int g_moe10_bpf_force = -1;
+static bool moe10_bpf() {
   static const bool v = [] {
     const char *e = getenv("ORCH_CUDA_MOE10_BPF");
-    return e && std::strcmp(e, "1") == 0;
+    return !(e && std::strcmp(e, "0") == 0);
   }();
   return g_moe10_bpf_force >= 0 ? g_moe10_bpf_force != 0 : v;
-}
-static bool moe10_pfd() {
-  static const bool v = [] {
-    const char *e = getenv("ORCH_CUDA_MOE10_PFD");
-    return e && std::strcmp(e, "1") == 0;
-  }();
-  return g_moe10_pfd_force >= 0 ? g_moe10_pfd_force != 0 : v;
 }
 
 template <int T>
@@ -681,15 +624,9 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
         if (rp) kern = moe_gate_up10_kernel<T, NB, true>;
       if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
       dim3 grid((unsigned)ceil_div(ff, FFN_WARPS), (unsigned)n_slots, (unsigned)n);
-      moe10_gu_pf pf{0, 0, moe10_bpf() ? 1 : 0};
-      if (rp && rb_gu % 16 == 0 && moe10_pfg() > 0) {
-        static int64_t res = 0; // one device per process (the ticket counters assume it too)
-        if (res == 0) res = one_wave(kern, sm);
-        pf.res = (int)res, pf.ahead = moe10_pfg();
-      }
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, reinterpret_cast<uint16_t *>(act),
                        reinterpret_cast<const uint4 *>(xg), wg, wu, gb, ub, ids, n_slots, dim, ff, rb_gu, alpha,
-                       limit, sc, pf);
+                       limit, sc, moe10_bpf() ? 1 : 0);
     }
     if (!(only & 1)) {
       constexpr int NB = down_h_nb<T>();
@@ -701,9 +638,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
       const moe10_addnorm av = an ? *an : moe10_addnorm{};
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,
-                       wts, n_slots, ff, dim, rb_d, dxinv, av,
-                       (rp && rb_d % 16 == 0 && moe10_pfd() ? 1 : 0) |
-                           (moe10_bpf() && n_slots <= MOE10_BPF_SLOTS ? 2 : 0));
+                       wts, n_slots, ff, dim, rb_d, dxinv, av, moe10_bpf() && n_slots <= MOE10_BPF_SLOTS ? 1 : 0);
     }
   }
 }

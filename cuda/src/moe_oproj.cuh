@@ -81,6 +81,8 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
   // the staging; dim <= 4096: at most XB float4s a thread), the sums of squares, and the partial logits (thread
   // (e, q) sums float4 slots q, q + 8, ... of expert e's row, C % 4 == 0; one batch of JM for C <= 32 JM).
   constexpr int NT = W * 32, XB = 1024 / NT, SB = GEMV5_NF_MAX / NT, JM = 12;
+  // the router bias (a weight) with the tail's first loads, not a round trip of its own after the sums (session 14)
+  const float rbv = warp == 0 && lane < A.n_exp && A.rbias ? A.rbias[lane] : 0.f;
   static_assert(XB * NT * 4 >= MOE10_NORM_MAX_N * MOE10_THREADS, "the entry declines dim > 4096");
   const int n4 = (int)(m / 4), nch = (int)(m / 32);
   float4 xv[XB];
@@ -129,7 +131,7 @@ moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint
   // r as the fold's consumers compute it (every warp: the same bits); warp 0 routes.
   const float r = gemv5_nf_scale(ssh, 0, C, m, F.eps);
   if (warp == 0) {
-    const float v = lane < A.n_exp ? r * lg[lane] + (A.rbias ? A.rbias[lane] : 0.f) : 0.f;
+    const float v = lane < A.n_exp ? r * lg[lane] + (A.rbias ? rbv : 0.f) : 0.f;
     int id;
     float w;
     moe_topk32_warp(v, lane, A.n_exp, A.k_slots, id, w);
