@@ -232,24 +232,12 @@ static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_at
   return launch_combine6<HD>(ctx, a, (const float *)part, splits, 0, true);
 }
 
-// ORCH_CUDA_ATTN_GC=<1|2|4|8> (session 14, device A/B): query heads per CTA of the folded decode attention where it
-// divides the group size (default: attn_gd_heads_per_cta). Read once per process.
-static int attn_gc_force() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_ATTN_GC");
-    const int g = e ? atoi(e) : 0;
-    return g == 1 || g == 2 || g == 4 || g == 8 ? g : 0;
-  }();
-  return v;
-}
-
 template <typename KV>
 static int launch_attn_rope(orch_ctx *ctx, const orch_attn_args *a, const orch_attn_rope_args *r) {
   const int G = a->n_heads / a->n_kv_heads;
   const int splits = attn_grid_splits((int64_t)a->n_kv_heads * a->n_tok, attn_span_max(a), ATTN_GD_GRAN, 4096,
                                       ATTN_GD_MAX_SPLITS);
-  int gc = attn_gd_heads_per_cta(G, a->n_heads, a->n_tok, splits, ATTN_GD_MIN_CTAS);
-  if (attn_gc_force() && G % attn_gc_force() == 0) gc = attn_gc_force();
+  const int gc = attn_gd_heads_per_cta(G, a->n_heads, a->n_tok, splits, ATTN_GD_MIN_CTAS);
 #define GDR_CASE(H, GG) \
   if (a->head_dim == H && gc == GG) return launch_attn_gdr<KV, H, GG>(ctx, a, r, splits);
   GDR_CASE(64, 1) GDR_CASE(64, 2) GDR_CASE(64, 4) GDR_CASE(64, 8)
