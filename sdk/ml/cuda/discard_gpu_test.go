@@ -171,18 +171,10 @@ func TestDiscard(t *testing.T) {
 				outs := []pair{o, g, f, res}
 				names := []string{"o", "swiglu", "down", "res"}
 				reset := func() {
-					for _, p := range []pair{o, h, g, u, f} {
-						gpu.Fill(p.g, float32(math.NaN()))
-					}
+					poisonPairs(o, h, g, u, f)
 					require.NoError(t, gpu.WriteF32(res.g, res0))
 				}
-				read := func() [][]float32 {
-					var all [][]float32
-					for _, p := range outs {
-						all = append(all, readF32(t, p.g))
-					}
-					return all
-				}
+				read := func() [][]float32 { return readPairs(t, outs) }
 				variant := func(discard bool) (uint64, [][]float32) {
 					folded := false
 					record := func() {
@@ -252,18 +244,10 @@ func TestDiscard(t *testing.T) {
 		outs := []pair{o, y, res}
 		names := []string{"o", "y", "res"}
 		reset := func() {
-			for _, p := range []pair{o, h, y} {
-				gpu.Fill(p.g, float32(math.NaN()))
-			}
+			poisonPairs(o, h, y)
 			require.NoError(t, gpu.WriteF32(res.g, res0))
 		}
-		read := func() [][]float32 {
-			var all [][]float32
-			for _, p := range outs {
-				all = append(all, readF32(t, p.g))
-			}
-			return all
-		}
+		read := func() [][]float32 { return readPairs(t, outs) }
 		variant := func(discard bool) (uint64, [][]float32) {
 			held := false
 			record := func() {

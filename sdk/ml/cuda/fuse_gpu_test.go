@@ -28,6 +28,22 @@ func readF32(t *testing.T, x ml.Tensor) []float32 {
 	return v
 }
 
+// readPairs reads the device side of each pair, in order.
+func readPairs(t *testing.T, ps []pair) [][]float32 {
+	all := make([][]float32, 0, len(ps))
+	for _, p := range ps {
+		all = append(all, readF32(t, p.g))
+	}
+	return all
+}
+
+// poisonPairs fills the device side of each pair with NaN.
+func poisonPairs(ps ...pair) {
+	for _, p := range ps {
+		gpu.Fill(p.g, float32(math.NaN()))
+	}
+}
+
 func sameBits(t *testing.T, what string, a, b []float32) {
 	t.Helper()
 	require.Equal(t, len(a), len(b), what)
@@ -375,9 +391,7 @@ func TestFusedSwiGLU(t *testing.T) {
 						gpu.SwiGLU(dst.g, g.g, u.g)
 					}
 					run := func() [3][]float32 {
-						for _, p := range []pair{g, u, o} {
-							gpu.Fill(p.g, float32(math.NaN()))
-						}
+						poisonPairs(g, u, o)
 						record()
 						return [3][]float32{readF32(t, g.g), readF32(t, u.g), readF32(t, dst.g)}
 					}
@@ -389,9 +403,7 @@ func TestFusedSwiGLU(t *testing.T) {
 						sameBits(t, fmt.Sprintf("%s output %d fused vs separate", name, i), sep[i], fused[i])
 					}
 					for rep := 0; rep < 2; rep++ {
-						for _, p := range []pair{g, u, o} {
-							gpu.Fill(p.g, float32(math.NaN()))
-						}
+						poisonPairs(g, u, o)
 						require.NoError(t, gpu.Run("glu-"+name, record))
 						sameBits(t, fmt.Sprintf("%s graph %d gate", name, rep), sep[0], readF32(t, g.g))
 						sameBits(t, fmt.Sprintf("%s graph %d up", name, rep), sep[1], readF32(t, u.g))

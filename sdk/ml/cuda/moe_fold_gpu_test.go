@@ -256,18 +256,10 @@ func TestMoEAddNormFold(t *testing.T) {
 			outs := []pair{y, q, k, v, res, h} // h last: its read materialises it
 			names := []string{"y", "q", "k", "v", "res", "h"}
 			reset := func() {
-				for _, p := range []pair{y, q, k, v, h} {
-					gpu.Fill(p.g, float32(math.NaN()))
-				}
+				poisonPairs(y, q, k, v, h)
 				require.NoError(t, gpu.WriteF32(res.g, res0))
 			}
-			read := func() [][]float32 {
-				var all [][]float32
-				for _, p := range outs {
-					all = append(all, readF32(t, p.g))
-				}
-				return all
-			}
+			read := func() [][]float32 { return readPairs(t, outs) }
 			fuseMoEAddNorm = false
 			reset()
 			c0 := calls

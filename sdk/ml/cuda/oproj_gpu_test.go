@@ -107,18 +107,10 @@ func TestMoEOProjFold(t *testing.T) {
 					outs, names = []pair{o, y, res, h}, []string{"o", "y", "res", "h"}
 				}
 				reset := func() {
-					for _, p := range []pair{o, y, q, k, v, h} {
-						gpu.Fill(p.g, float32(math.NaN()))
-					}
+					poisonPairs(o, y, q, k, v, h)
 					require.NoError(t, gpu.WriteF32(res.g, res0))
 				}
-				read := func() [][]float32 {
-					var all [][]float32
-					for _, p := range outs {
-						all = append(all, readF32(t, p.g))
-					}
-					return all
-				}
+				read := func() [][]float32 { return readPairs(t, outs) }
 				fuseMoEOProj = false
 				reset()
 				c0 := calls
