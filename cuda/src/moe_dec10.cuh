@@ -458,7 +458,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, 3) // two buffers: <= 80 regis
 moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__restrict__ wd,
                   const float *__restrict__ db, const int32_t *ids /* read before and after the wait */,
                   const float *__restrict__ wts, int n_slots, int k, int m, int64_t rb, float xinv,
-                  moe10_addnorm an, int bpf /* bit 0: the bias copies; bit 1: the early ids / act copy */) {
+                  moe10_addnorm an, int bpf) {
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   const int lane = threadIdx.x & 31;
@@ -489,28 +489,16 @@ moe_down10_kernel(float *__restrict__ out, const uint4 *acth, const uint8_t *__r
   // bpf (session 14; n_slots <= MOE10_BPF_SLOTS): lane 0 copies each slot's routing weight and bias row into shared
   // memory by cp.async now, not one global round trip at the end of every slot (same values).
   MOE10_SHARED float dwb[FFN_WARPS][MOE10_BPF_SLOTS][2];
-  auto copy_wb = [&] {
-    if ((bpf & 1) && lane == 0)
-      for (int s = 0; s < n_slots; s++) {
-        const int64_t p = (int64_t)t * n_slots + s;
-        moe10_cp4(&dwb[threadIdx.x >> 5][s][0], wts + p);
-        if (db && valid) moe10_cp4(&dwb[threadIdx.x >> 5][s][1], db + (int64_t)ids[p] * m + row);
-      }
-  };
+  if (bpf && lane == 0)
+    for (int s = 0; s < n_slots; s++) {
+      const int64_t p = (int64_t)t * n_slots + s;
+      moe10_cp4(&dwb[threadIdx.x >> 5][s][0], wts + p);
+      if (db && valid) moe10_cp4(&dwb[threadIdx.x >> 5][s][1], db + (int64_t)ids[p] * m + row);
+    }
+  if (ids[(int64_t)t * n_slots] != e0) load(b0, 0, ids[(int64_t)t * n_slots]); // uniform over the CTA
+  if (items > 1 && ids[(int64_t)t * n_slots + 1 / rounds] != e1) load(b1, 1, ids[(int64_t)t * n_slots + 1 / rounds]);
   const int cw4 = nch * DEC16_XW / 4; // uint4s per staged pair
-  const int64_t p0 = (int64_t)t * n_slots;
-  if (bpf & 2) { // (session 14) the ids re-read in flight with the act copy's first batch
-    const int i0 = ids[p0], i1 = items > 1 ? ids[p0 + 1 / rounds] : 0;
-    moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth + p0 * cw4, n_slots * cw4);
-    copy_wb(); // (its ids: the lines just read)
-    if (i0 != e0) load(b0, 0, i0); // uniform over the CTA
-    if (items > 1 && i1 != e1) load(b1, 1, i1);
-  } else {
-    copy_wb();
-    if (ids[p0] != e0) load(b0, 0, ids[p0]); // uniform over the CTA
-    if (items > 1 && ids[p0 + 1 / rounds] != e1) load(b1, 1, ids[p0 + 1 / rounds]);
-    moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth + p0 * cw4, n_slots * cw4);
-  }
+  moe10_copy<4>(reinterpret_cast<uint4 *>(xsm), acth + (int64_t)t * n_slots * cw4, n_slots * cw4);
   __syncthreads();
   float res = 0.f, acc = 0.f;
   auto finish = [&](int it, const WB &b) {
@@ -588,18 +576,6 @@ static int64_t moe10_ybuf_floats(int64_t n, int64_t dim, int n_exp) {
 // ORCH_CUDA_MOE10_BPF=0 (session 14): gate_up10 / down10 load biases and routing weights after their dots, as
 // before (the default copies them early, above). Read once per process; the emulation tests set g_moe10_bpf_force.
 static int g_moe10_bpf_force = -1;
-// ORCH_CUDA_MOE10_EARLY=0 (session 14, device A/B): down10 re-reads the routing after its wait and only then copies
-// the staged activation (three serial L2 round trips at gpt-oss's 4 x 2880: the ids, two batches of 4 uint4 a
-// thread); the default issues the ids re-read with the copy's first batch (in one batch of 6 it spilled 20-44
-// bytes). Same values.
-static int g_moe10_early_force = -1;
-static bool moe10_early() {
-  static const bool v = [] {
-    const char *e = getenv("ORCH_CUDA_MOE10_EARLY");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
-  return g_moe10_early_force >= 0 ? g_moe10_early_force != 0 : v;
-}
 static bool moe10_bpf() {
   static const bool v = [] {
     const char *e = getenv("ORCH_CUDA_MOE10_BPF");
@@ -662,8 +638,7 @@ static void launch_decode10(cudaStream_t st, float *out, const float *x, const f
       dim3 grid((unsigned)ceil_div(dim, FFN_WARPS), (unsigned)n);
       const moe10_addnorm av = an ? *an : moe10_addnorm{};
       DEC16_LAUNCH_PDL(kern, grid, FFN_WARPS * 32, sm, st, out, reinterpret_cast<const uint4 *>(act), wd, db, ids,
-                       wts, n_slots, ff, dim, rb_d, dxinv, av,
-                       (moe10_bpf() && n_slots <= MOE10_BPF_SLOTS ? 1 : 0) | (moe10_early() ? 2 : 0));
+                       wts, n_slots, ff, dim, rb_d, dxinv, av, moe10_bpf() && n_slots <= MOE10_BPF_SLOTS ? 1 : 0);
     }
   }
 }

@@ -455,17 +455,16 @@ static void test_decode10(int t, int64_t dim, int64_t ff, int ne, int topk, int 
     const int rc1 = orch_moe_decode(&ctx, out.p, bx.p, brw.p, ORCH_T_F32, gp(brb), ne, ib.p, wb.p, dg.p, du.p,
                                     ORCH_T_MXFP4_DUAL, gp(bgb), gp(bub), dd.p, ORCH_T_MXFP4, gp(bdb), act.p, yb.p, n,
                                     topk, dim, ff, 1.702f, limit);
-    // with the biases / routing weights loaded after the dots and down10's ids re-read before its act copy
-    // (ORCH_CUDA_MOE10_BPF=0, ORCH_CUDA_MOE10_EARLY=0: the defaults do both early)
+    // with the biases / routing weights loaded after the dots (ORCH_CUDA_MOE10_BPF=0; the default copies them early)
     Buf<float> outp((size_t)(n * dim), NAN);
-    g_moe10_bpf_force = 0, g_moe10_early_force = 0;
+    g_moe10_bpf_force = 0;
     const int rc2 = orch_moe_decode(&ctx, outp.p, bx.p, brw.p, ORCH_T_F32, gp(brb), ne, ib.p, wb.p, dg.p, du.p,
                                     ORCH_T_MXFP4_DUAL, gp(bgb), gp(bub), dd.p, ORCH_T_MXFP4_DUAL, gp(bdb), act.p, yb.p,
                                     n, topk, dim, ff, 1.702f, limit);
-    g_moe10_bpf_force = g_moe10_early_force = -1;
+    g_moe10_bpf_force = -1;
     unsetenv("ORCH_CUDA_MOE");
     EXPECT(rc2 == ORCH_OK && std::memcmp(outp.vec().data(), o10.data(), o10.size() * 4) == 0,
-           "MoE v10 on the repacked rows with ORCH_CUDA_MOE10_BPF=0 / EARLY=0 != the default bit for bit (rc %d)", rc2);
+           "MoE v10 on the repacked rows with ORCH_CUDA_MOE10_BPF=0 != the default bit for bit (rc %d)", rc2);
     EXPECT(rc == ORCH_OK, "moe_decode (dual): %s", g_err);
     EXPECT(rc1 == ORCH_ERR_UNSUPPORTED, "moe_decode with gate / up dual and down not must decline (rc %d)", rc1);
     EXPECT(ib.vec() == id10 && std::memcmp(wb.vec().data(), w10.data(), w10.size() * 4) == 0,
