@@ -165,6 +165,17 @@ static inline int moe_oproj_warps(int64_t m) {
   return m % w == 0 ? w : GEMV16_WARPS;
 }
 
+// ORCH_CUDA_OPROJ_NB=4 (session 14, device A/B; Q8_0 rows, 32-warp CTAs): four blocks a lane a round instead of
+// three, so a k = 4096 row (128 blocks) is one round, all of it requested before the PDL wait (sm_90a: 64 registers,
+// no spill). Same products in the same order: bit-identical.
+static bool moe_oproj_nb4() {
+  static const bool v = [] {
+    const char *e = getenv("ORCH_CUDA_OPROJ_NB");
+    return e && std::strcmp(e, "4") == 0;
+  }();
+  return v;
+}
+
 template <int TO>
 static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const uint8_t *ow, const float *obias,
                              int64_t k, int64_t m, int64_t rb, const gemv5_nf &F, const moe_oproj_args &A) {
@@ -178,6 +189,8 @@ static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const u
     };
     // x staged as orch_matmul_addnorm's producer stages it (gemv5_stage_mode)
     const bool xr = gemv5_stage_mode(k) == 1;
+    if constexpr (TO == ORCH_T_Q8_0)
+      if (w == 32 && !xr && moe_oproj_nb4()) return go(moe_oproj_kernel<TO, 4, 0, 32>);
     if (w == 32) xr ? go(moe_oproj_kernel<TO, NB, 1, 32>) : go(moe_oproj_kernel<TO, NB, 0, 32>);
     else if (w == 16) xr ? go(moe_oproj_kernel<TO, NB, 1, 16>) : go(moe_oproj_kernel<TO, NB, 0, 16>);
     else xr ? go(moe_oproj_kernel<TO, NB, 1>) : go(moe_oproj_kernel<TO, NB, 0>);
