@@ -165,15 +165,19 @@ static inline int moe_oproj_warps(int64_t m) {
   return m % w == 0 ? w : GEMV16_WARPS;
 }
 
-// ORCH_CUDA_OPROJ_NB=4 (session 14, device A/B; Q8_0 rows, 32-warp CTAs): four blocks a lane a round instead of
-// three, so a k = 4096 row (128 blocks) is one round, all of it requested before the PDL wait (sm_90a: 64 registers,
-// no spill). Same products in the same order: bit-identical.
+// Blocks a lane a round of the 32-warp CTAs on Q8_0 rows (session 14): 4, so a k = 4096 row (gpt-oss, 128 blocks) is
+// one round, all requested before the PDL wait (with 3, a quarter of each row waited for the x staging and the CTAs
+// that start late beside attention made two DRAM round trips). Device run 7 (H100, same call): gpt-oss tg128 685.9 /
+// 687.5 vs 681.9 / 681.6 with ORCH_CUDA_OPROJ_NB=3 (the old kernels). sm_90a: 64 registers, 4 bytes spill. Same
+// blocks per lane in the same order: bit-identical (the emulation compares it with the 8- and 16-warp kernels, which
+// keep 3). Read once per process; g_moe_oproj_nb_force (emulation tests) overrides it.
+static int g_moe_oproj_nb_force = 0;
 static bool moe_oproj_nb4() {
   static const bool v = [] {
     const char *e = getenv("ORCH_CUDA_OPROJ_NB");
-    return e && std::strcmp(e, "4") == 0;
+    return !(e && std::strcmp(e, "3") == 0);
   }();
-  return v;
+  return g_moe_oproj_nb_force ? g_moe_oproj_nb_force == 4 : v;
 }
 
 template <int TO>

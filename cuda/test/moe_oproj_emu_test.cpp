@@ -260,6 +260,16 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
                  (!an || (same_bits(g3.ss2, g.ss2) && same_bits(g3.xt2, g.xt2))),
              "the repacked rows (ORCH_T_MXFP4_DUAL) differ from the plain ones");
     }
+    if (to == ORCH_T_Q8_0) { // 3 blocks a lane a round in the 32-warp CTAs (ORCH_CUDA_OPROJ_NB=3; 4 by default)
+      Got g5;
+      g_moe_oproj_nb_force = 3;
+      run(g5, false);
+      g_moe_oproj_nb_force = 0;
+      EXPECT(same_bits(g5.out, g.out) && same_bits(g5.w, g.w) && g5.ids == g.ids && same_bits(g5.x, g.x) &&
+                 same_bits(g5.y, g.y) && same_bits(g5.res, g.res) && same_bits(g5.ssp, g.ssp) &&
+                 (!an || (same_bits(g5.ss2, g.ss2) && same_bits(g5.xt2, g.xt2))),
+             "the projection with 3 blocks a lane a round differs from the default (ok=%lld)", (long long)ok);
+    }
     for (int w : {8, 16}) { // the projection in CTAs of 8 / 16 warps (ORCH_CUDA_OPROJ_W; 32 by default): the same bits
       if (dim % w) continue;
       Got g4;
@@ -346,6 +356,7 @@ int main(int argc, char **argv) {
   test_oproj(ORCH_T_Q4_0, ORCH_T_Q8_0, 96, 256, 64, 4, 2, false, false);      // C = 12 (3 float4 of partials)
   test_oproj(ORCH_T_MXFP4, ORCH_T_Q4_0, 512, 64, 512, 32, 4, true, false);    // 32 experts, C = 64
   test_oproj(ORCH_T_Q8_0, ORCH_T_MXFP4, 64, 8192, 64, 8, 4, true, true);      // k >= 8192: x staged per round (XR 1)
+  test_oproj(ORCH_T_Q8_0, ORCH_T_MXFP4, 64, 3200, 64, 8, 4, true, true);      // 100 blocks: one round of 4 vs two of 3
   test_oproj(ORCH_T_Q8_0, ORCH_T_MXFP4, 3136, 64, 416, 2, 2, true, false);     // C = 392: two batches of partials
   test_declines();
   if (fails) {
