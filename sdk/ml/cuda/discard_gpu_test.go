@@ -60,6 +60,16 @@ func TestDiscard(t *testing.T) {
 			check(fmt.Sprintf("replay %d", rep))
 		}
 	}
+	// readReplayed reads the captured run's outputs, then checks that two replays give the same bits
+	readReplayed := func(t *testing.T, reset func(), read func() [][]float32, names []string) [][]float32 {
+		got := read()
+		replay(t, reset, func(what string) {
+			for i, v := range read() {
+				sameBits(t, what+" "+names[i], got[i], v)
+			}
+		})
+		return got
+	}
 
 	t.Run("rope", func(t *testing.T) {
 		if gpu.l.attentionRope == nil || os.Getenv("ORCH_CUDA_ATTN_ROPE") == "0" {
@@ -193,12 +203,7 @@ func TestDiscard(t *testing.T) {
 					launches := capture(t, record, reset)
 					require.True(t, folded, "the norm fold ran (h holds xt)")
 					require.False(t, gpu.xt.on)
-					got := read()
-					replay(t, reset, func(what string) {
-						for i, v := range read() {
-							sameBits(t, what+" "+names[i], got[i], v)
-						}
-					})
+					got := readReplayed(t, reset, read, names)
 					return launches, got
 				}
 				lp, plain := variant(false)
@@ -223,16 +228,7 @@ func TestDiscard(t *testing.T) {
 			fuseNormFold, fuseMoENorm, fuseMoEAddNorm, fuseMoEOProj, moeAddNormMaxN = nf, mn, an, op, mx
 		}(fuseNormFold, fuseMoENorm, fuseMoEAddNorm, fuseMoEOProj, moeAddNormMaxN)
 		fuseNormFold, fuseMoENorm, fuseMoEAddNorm, fuseMoEOProj, moeAddNormMaxN = true, true, true, true, 1
-		calls := 0
-		orig := gpu.l.moeDecodeOProj
-		defer func() { gpu.l.moeDecodeOProj = orig }()
-		gpu.l.moeDecodeOProj = func(ctx uintptr, a *oprojArgs) int32 {
-			rc := orig(ctx, a)
-			if rc == stOK {
-				calls++
-			}
-			return rc
-		}
+		calls := countOProjCalls(t)
 		// gpt-oss-20b's shapes (as TestMoEOProjFold)
 		const d, ok, ff, ne, topk, eps = 2880, 4096, 2880, 32, 4, 1e-5
 		m, _ := randMoE(t, r, ml.MXFP4, d, ff, ne, topk)
@@ -260,21 +256,16 @@ func TestDiscard(t *testing.T) {
 				}
 				gpu.Add(res.g, res.g, y.g)
 			}
-			c0 := calls
+			c0 := *calls
 			launches := capture(t, record, reset)
 			require.True(t, held, "the MoE held with its out projection")
 			want := 0
 			if discard {
 				want = 1
 			}
-			require.Equal(t, c0+want, calls, "orch_moe_decode_oproj calls")
+			require.Equal(t, c0+want, *calls, "orch_moe_decode_oproj calls")
 			require.False(t, gpu.xt.on)
-			got := read()
-			replay(t, reset, func(what string) {
-				for i, v := range read() {
-					sameBits(t, what+" "+names[i], got[i], v)
-				}
-			})
+			got := readReplayed(t, reset, read, names)
 			return launches, got
 		}
 		lp, plain := variant(false)

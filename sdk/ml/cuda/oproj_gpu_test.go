@@ -42,16 +42,7 @@ func TestMoEOProjFold(t *testing.T) {
 	// the library takes the call: MoE v10 (unpinned or pinned), GEMV v5 (unpinned), the switch not off
 	folds := (ver == "" || ver == "v10") && os.Getenv("ORCH_CUDA_GEMV") == "" &&
 		os.Getenv("ORCH_CUDA_MOE_OPROJ") != "0" && os.Getenv("ORCH_CUDA_MOE_ONLY") == ""
-	calls := 0 // orch_moe_decode_oproj calls that ran
-	orig := gpu.l.moeDecodeOProj
-	defer func() { gpu.l.moeDecodeOProj = orig }()
-	gpu.l.moeDecodeOProj = func(ctx uintptr, a *oprojArgs) int32 {
-		rc := orig(ctx, a)
-		if rc == stOK {
-			calls++
-		}
-		return rc
-	}
+	calls := countOProjCalls(t)
 	// gpt-oss-20b: dim 2880, 64 heads x 64 (ok 4096), 32 experts top-4 with ff 2880 (the route partials'
 	// scratch is the MoE's act: 32 x 360 CTAs = 4 x 2880 floats, just fits), q/k/v 4096 / 512 / 512
 	const d, ok, ff, ne, topk, qd, kvd, eps = 2880, 4096, 2880, 32, 4, 4096, 512, 1e-5
@@ -113,21 +104,21 @@ func TestMoEOProjFold(t *testing.T) {
 				read := func() [][]float32 { return readPairs(t, outs) }
 				fuseMoEOProj = false
 				reset()
-				c0 := calls
+				c0 := *calls
 				record()
 				offIDs := idsOf()
 				plain := read()
-				require.Equal(t, c0, calls, "ORCH_CUDA_MOE_OPROJ=0: no oproj call")
+				require.Equal(t, c0, *calls, "ORCH_CUDA_MOE_OPROJ=0: no oproj call")
 				fuseMoEOProj = true
 				reset()
 				record()
 				onIDs := idsOf()
 				if folds {
-					require.Equal(t, c0+1, calls, "the fold must run (orch_moe_decode_oproj)")
+					require.Equal(t, c0+1, *calls, "the fold must run (orch_moe_decode_oproj)")
 					// h holds xt (addnorm: the next fold's; read-h: this one's); plain: the next norm overwrote it
 					require.Equal(t, variant != "plain", gpu.xt.on, "h holds xt")
 				} else {
-					require.Equal(t, c0, calls, "no fold where the library runs another MoE / GEMV version")
+					require.Equal(t, c0, *calls, "no fold where the library runs another MoE / GEMV version")
 				}
 				folded := read()
 				require.False(t, gpu.xt.on, "the read of h materialised it")
@@ -245,16 +236,7 @@ func TestPerfMoEOProj(t *testing.T) {
 		fuseNormFold, fuseMoEAddNorm, fuseMoEOProj, moeAddNormMaxN = nf, an, op, mx
 	}(fuseNormFold, fuseMoEAddNorm, fuseMoEOProj, moeAddNormMaxN)
 	fuseNormFold, moeAddNormMaxN = true, 1
-	calls := 0
-	orig := gpu.l.moeDecodeOProj
-	defer func() { gpu.l.moeDecodeOProj = orig }()
-	gpu.l.moeDecodeOProj = func(ctx uintptr, a *oprojArgs) int32 {
-		rc := orig(ctx, a)
-		if rc == stOK {
-			calls++
-		}
-		return rc
-	}
+	calls := countOProjCalls(t)
 	r := newRandSrc(newRNG(t))
 	const d, ok, ff, ne, topk, qd, kvd, copies = 2880, 4096, 2880, 32, 4, 4096, 512, 2
 	type lw struct {
@@ -293,7 +275,7 @@ func TestPerfMoEOProj(t *testing.T) {
 		for _, fold := range []bool{false, true} {
 			fuseMoEAddNorm, fuseMoEOProj = an, fold
 			require.NoError(t, gpu.WriteF32(res, r.f32(d)))
-			i, c0 := 0, calls
+			i, c0 := 0, *calls
 			ms := timeKernel(t, 20, 16, func() {
 				w := &ws[i%copies]
 				gpu.MatMul(o, att, w.o, w.ob)
@@ -307,7 +289,7 @@ func TestPerfMoEOProj(t *testing.T) {
 			})
 			path := "GEMV + route kernel"
 			if fold {
-				path = fmt.Sprintf("oproj fold (%+.1f us; %d calls)", (ms-base)*1e3, calls-c0)
+				path = fmt.Sprintf("oproj fold (%+.1f us; %d calls)", (ms-base)*1e3, *calls-c0)
 			} else {
 				base = ms
 			}
@@ -332,4 +314,19 @@ func relL2(g, want []float32) float64 {
 		den += float64(want[i]) * float64(want[i])
 	}
 	return math.Sqrt(num / math.Max(den, 1e-30))
+}
+
+// countOProjCalls counts the library's orch_moe_decode_oproj calls that ran (rc OK) until t ends.
+func countOProjCalls(t *testing.T) *int {
+	calls := 0
+	orig := gpu.l.moeDecodeOProj
+	t.Cleanup(func() { gpu.l.moeDecodeOProj = orig })
+	gpu.l.moeDecodeOProj = func(ctx uintptr, a *oprojArgs) int32 {
+		rc := orig(ctx, a)
+		if rc == stOK {
+			calls++
+		}
+		return rc
+	}
+	return &calls
 }

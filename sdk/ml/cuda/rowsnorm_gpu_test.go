@@ -27,7 +27,7 @@ func TestRowsNorm(t *testing.T) {
 	r := newRNG(t)
 	require.NotNil(t, gpu.l.getRowsRMSNorm, "the library lacks orch_get_rows_rmsnorm")
 	require.NoError(t, gpu.Sync())
-	require.True(t, gpu.rows().hooked, "flush does not call flushRows (fuse.go; .orch-notes/S14-rowsnorm.md)")
+	require.True(t, gpu.rows().hooked, "flush does not call flushRows (fuse.go)")
 	const vocab, eps = 300, float32(1e-5)
 	poisoned := func(t *testing.T, shape ...int) ml.Tensor {
 		p, err := gpu.Alloc(ml.F32, shape...)
