@@ -110,6 +110,11 @@ __device__ __forceinline__ void pdl_trigger() {
 // orch_set_pdl flips it for A/B timing). Graphs captured before a flip keep
 // the launches they were captured with.
 extern int g_orch_pdl;
+// ORCH_CUDA_CARVEOUT=<percent> (session 15, experiment): every PDL-launched kernel's preferred shared-memory carveout
+// (cudaFuncAttributePreferredSharedMemoryCarveout), so that kernels of different shared-memory needs run under one
+// L1 / shared split and a dependent's CTAs can start on a SM the previous kernel still runs on. -1: unset (the
+// driver's choice per kernel). Read once (runtime.cu).
+int orch_carveout();
 
 #if !defined(ORCH_EMU)
 // Launches kern like kern<<<grid, block, smem, st>>>(args...), with the
@@ -120,6 +125,7 @@ extern int g_orch_pdl;
 template <typename... KArgs, typename... Args>
 static inline void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
                                    Args... args) {
+  if (const int co = orch_carveout(); co >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, co);
   if (!g_orch_pdl) {
     kern<<<grid, block, smem, st>>>(args...);
     return;

@@ -20,6 +20,15 @@ void orch_set_error(const char *fmt, ...) {
 extern "C" int orch_abi_version(void) { return ORCH_ABI_VERSION; }
 
 int g_orch_pdl = 0;
+int orch_carveout() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_CARVEOUT");
+    if (!e || !*e) return -1;
+    const int c = atoi(e);
+    return c >= 0 && c <= 100 ? c : -1;
+  }();
+  return v;
+}
 
 __global__ void pdl_probe_kernel(int *n) {
   pdl_trigger();
