@@ -225,8 +225,30 @@ static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_at
     const char *e = getenv("ORCH_CUDA_ATTN_PREFETCH");
     return e && strcmp(e, "0") == 0 ? 0 : 1;
   }();
-  orch_launch_pdl(attn_gdr_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), 0, ctx->stream, *a, *r, (float *)part,
-                  splits, prefetch);
+  // ORCH_CUDA_ATTN_KV0 (read once): the first key step's rows copied into shared memory before pdl_wait
+  // (attn_kv0_copy). Unset / "auto": K and V where their copies take <= 48 KB (head dim 64 fp16: 34 KB), else K
+  // where it does (128 fp16: 34 KB; beside Llama's attention CTA two 86 KB out-projection CTAs still fit a SM, with
+  // V too only one), else off (fp32 at 128); "k": K; "kv": K and V; "0": off (the kernel as before).
+  static const int kv0_env = [] {
+    const char *e = getenv("ORCH_CUDA_ATTN_KV0");
+    if (!e || !*e || strcmp(e, "auto") == 0) return -1;
+    return strcmp(e, "kv") == 0 ? 2 : strcmp(e, "k") == 0 ? 1 : 0;
+  }();
+  constexpr int kvb = (int)sizeof(KV);
+  int kv0 = kv0_env;
+  if (kv0 < 0) kv0 = attn_kv0_bytes(HD, kvb, 2) <= 48 * 1024 ? 2 : attn_kv0_bytes(HD, kvb, 1) <= 48 * 1024 ? 1 : 0;
+  const int smem = attn_kv0_bytes(HD, kvb, kv0);
+  if (smem && smem + sizeof(AttnGdrSmem<KV, HD, GC>) + 1024 > 48 * 1024) { // the static part counts (1 KB: margin)
+    const cudaError_t attr =
+        cudaFuncSetAttribute(attn_gdr_kernel<KV, HD, GC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (attr != cudaSuccess) {
+      orch_set_error("attention_rope: %d bytes of shared memory (ORCH_CUDA_ATTN_KV0): %s", smem,
+                     cudaGetErrorString(attr));
+      return ORCH_ERR_CUDA;
+    }
+  }
+  orch_launch_pdl(attn_gdr_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), (size_t)smem, ctx->stream, *a, *r,
+                  (float *)part, splits, prefetch, kv0);
   ORCH_LAUNCHED("attention (RoPE + KV write folded)");
   if (splits == 1) return ORCH_OK;
   return launch_combine6<HD>(ctx, a, (const float *)part, splits, 0, true);

@@ -212,6 +212,14 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32)
 constexpr int ATTN_GD_GRAN = ATTN_WARPS * 32;
 constexpr int ATTN_GD_MAX_SPLITS = 128;
 
+// KV0 (attn_gdr_kernel, ORCH_CUDA_ATTN_KV0): the K rows (kv0 = 1) or K and V rows (2) of the first key step of
+// every warp (the CTA's first ATTN_GD_GRAN keys) in dynamic shared memory. A K row is read whole by its key's lane:
+// 16 bytes of padding a row put the 8 lanes of a 16-byte load phase on distinct banks. V rows are read by all lanes.
+ORCH_HD int attn_kv0_ks(int hd, int kv_bytes) { return hd * kv_bytes + 16; }
+ORCH_HD int attn_kv0_bytes(int hd, int kv_bytes, int kv0) {
+  return kv0 ? ATTN_GD_GRAN * (attn_kv0_ks(hd, kv_bytes) + (kv0 == 2 ? hd * kv_bytes : 0)) : 0;
+}
+
 // One lane's E dims of one V row as loaded (raw: fp16 pairs stay packed), so
 // a warp can issue the loads of many rows before it uses any of them.
 template <typename KV, int E> struct AttnVRow;
@@ -289,9 +297,13 @@ template <> __device__ __forceinline__ __half attn_kv_store<__half>(float v) { r
 // kernel before its first barrier), and the K / V rows of keys staged in S
 // (new rows of this batch) are read from S: a lane carries its key's K and V
 // row pointers (generic: the cache or S) instead of its slot.
+// KV0 (ROPE): the keys [k0, kend) were copied before pdl_wait into kv0 (attn_kv0_copy: K rows at stride
+// attn_kv0_ks, then, with kv0v, V rows), and their lanes read them from there.
 template <typename KV, int HD, int HC, bool ROPE = false, typename SM>
 __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int64_t t, int seq, int h0, int kvh,
-                                            int k0, int k1, bool direct, float *part, int splits, int sp) {
+                                            int k0, int k1, bool direct, float *part, int splits, int sp,
+                                            int kend = 0, const unsigned char *kv0 = nullptr,
+                                            bool kv0v = false) {
   constexpr int E = attn_lane_dims(HD);
   static_assert(HD % 64 == 0, "lanes hold whole, even numbers of dims");
   // V rows per chunk: <= 32 registers of raw V per lane.
@@ -311,7 +323,7 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
     return (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
   };
   // ROPE: this lane's key's K and V rows for kv head kvh (staged or cached).
-  auto key_rows = [&](int base, const KV *&kr, const KV *&vr) {
+  auto key_rows = [&](int base, const KV *&kr, const KV *&vr, bool first) { // first: the warp's first step (kv0)
     const int kp = base + lane;
     const int kk = kp < k1 ? kp : base;
     int j = -1;
@@ -324,6 +336,14 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
         kr = S.nk[j];
         vr = S.nv[j];
       }
+    } else if (ROPE && first && kk < kend) { // copied before the wait (kk - k0: the CTA's row; only first steps)
+      kr = reinterpret_cast<const KV *>(kv0 + (kk - k0) * attn_kv0_ks(HD, sizeof(KV)));
+      if (kv0v)
+        vr = reinterpret_cast<const KV *>(kv0 + ATTN_GD_GRAN * attn_kv0_ks(HD, sizeof(KV)) +
+                                          (kk - k0) * HD * (int)sizeof(KV));
+      else
+        vr = vc + ((int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size) * slot_stride +
+             (int64_t)kvh * HD;
     } else {
       const int64_t sl = (int64_t)bt[kk / a.block_size] * a.block_size + kk % a.block_size;
       kr = kc + sl * slot_stride + (int64_t)kvh * HD;
@@ -334,7 +354,7 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
   const int64_t slot0 = !ROPE && b0 < k1 ? key_slot(b0) : 0;
   const KV *kr0 = kc, *vr0 = vc; // ROPE
   if constexpr (ROPE) {
-    if (b0 < k1) key_rows(b0, kr0, vr0);
+    if (b0 < k1) key_rows(b0, kr0, vr0, true);
   }
   if constexpr (!ROPE) {
     const float *qr = a.q + t * a.q_stride + (int64_t)h0 * HD;
@@ -356,7 +376,7 @@ __device__ __forceinline__ void attn_gd_row(const orch_attn_args &a, SM &S, int6
     const int cnt = min(32, k1 - base);
     const KV *krr = kr0, *vrow = vr0; // ROPE: this lane's key's K and V rows
     if constexpr (ROPE) {
-      if (base != b0) key_rows(base, krr, vrow);
+      if (base != b0) key_rows(base, krr, vrow, false);
     }
     AttnVRow<KV, E> v[VCH];
 #pragma unroll
@@ -570,7 +590,8 @@ __device__ __forceinline__ void attn_prefetch_l2(const void *p) {
 #endif
 }
 template <typename KV, int HD>
-__device__ __forceinline__ void attn_gdr_prefetch(const orch_attn_args &a, int seq, int kvh, int k0, int k1) {
+__device__ __forceinline__ void attn_gdr_prefetch(const orch_attn_args &a, int seq, int kvh, int k0, int k1, bool pk,
+                                                  bool pv) {
   const int kk = k0 + (int)threadIdx.x;
   if (kk >= k1) return;
   const int64_t sl = (int64_t)a.block_tables[(int64_t)seq * a.max_blocks + kk / a.block_size] * a.block_size +
@@ -579,14 +600,63 @@ __device__ __forceinline__ void attn_gdr_prefetch(const orch_attn_args &a, int s
   constexpr int LINES = (HD * (int)sizeof(KV) + 127) / 128;
 #pragma unroll
   for (int i = 0; i < LINES; i++) {
-    attn_prefetch_l2((const char *)((const KV *)a.k_cache + off) + 128 * i);
-    attn_prefetch_l2((const char *)((const KV *)a.v_cache + off) + 128 * i);
+    if (pk) attn_prefetch_l2((const char *)((const KV *)a.k_cache + off) + 128 * i);
+    if (pv) attn_prefetch_l2((const char *)((const KV *)a.v_cache + off) + 128 * i);
+  }
+}
+
+// KV0 (session 15): the rows of the keys [k0, kend) of the CTA's first ATTN_GD_GRAN (every warp's first key step)
+// copied into shared memory by cp.async BEFORE pdl_wait, for the same reason as the prefetch (cached rows of
+// earlier steps, constant during this one; kend excludes every position this step writes), so that the key loop's
+// first step after the wait reads K (and V) there: no L2 round trip for K, and with V (kv0v) none for either V chunk.
+// A warp copies its own 32 rows, 16 bytes a lane, consecutive lanes along a row; the kernel waits for them before
+// its first barrier. (Emulation: ATTN_EMU_PRE_WAIT_READ, if defined, sees each source.)
+#ifdef ORCH_EMU
+#define ATTN_KV0_SMEM attn_tc::smem // cuda_emu.h's dynamic shared memory
+#else
+extern __shared__ __align__(16) unsigned char attn_kv0_smem[];
+#define ATTN_KV0_SMEM attn_kv0_smem
+#endif
+__device__ __forceinline__ void attn_cp16(void *dst, const void *src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+#ifdef ATTN_EMU_PRE_WAIT_READ
+  ATTN_EMU_PRE_WAIT_READ(src, 16);
+#endif
+  *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+#endif
+}
+__device__ __forceinline__ void attn_cp_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+template <typename KV, int HD>
+__device__ __forceinline__ void attn_kv0_copy(const orch_attn_args &a, unsigned char *kv0, int seq, int kvh, int k0,
+                                              int kend, bool v) {
+  constexpr int CH = HD * (int)sizeof(KV) / 16; // 16-byte pieces of a row
+  constexpr int KS = HD * (int)sizeof(KV) + 16; // attn_kv0_ks
+  const int lane = threadIdx.x & 31, r0 = threadIdx.x & ~31;
+  const int kk = k0 + (int)threadIdx.x; // this lane's key: row threadIdx.x
+  int64_t off = -1;                     // its row's byte offset in the caches
+  if (kk < kend)
+    off = (((int64_t)a.block_tables[(int64_t)seq * a.max_blocks + kk / a.block_size] * a.block_size +
+            kk % a.block_size) * a.n_kv_heads + kvh) * (HD * (int)sizeof(KV));
+#pragma unroll 4
+  for (int i = lane; i < 32 * CH; i += 32) {
+    const int r = i / CH, c = 16 * (i % CH);
+    const int64_t o = __shfl_sync(0xffffffffu, (long long)off, r);
+    if (o < 0) continue;
+    attn_cp16(kv0 + (r0 + r) * KS + c, (const char *)a.k_cache + o + c);
+    if (v) attn_cp16(kv0 + ATTN_GD_GRAN * KS + (r0 + r) * (HD * (int)sizeof(KV)) + c, (const char *)a.v_cache + o + c);
   }
 }
 
 template <typename KV, int HD, int GC>
 __global__ void ATTN_GD7_BOUNDS(GC)
-    attn_gdr_kernel(orch_attn_args a, orch_attn_rope_args r, float *part, int splits, int prefetch) {
+    attn_gdr_kernel(orch_attn_args a, orch_attn_rope_args r, float *part, int splits, int prefetch, int kv0) {
   const int G = a.n_heads / a.n_kv_heads;
   const int h0 = blockIdx.x * GC, kvh = h0 / G, sp = blockIdx.z;
   __shared__ AttnGdrSmem<KV, HD, GC> S;
@@ -597,7 +667,16 @@ __global__ void ATTN_GD7_BOUNDS(GC)
   const int per = attn_split_per(span, splits, ATTN_GD_GRAN);
   const int used = attn_split_used(span, per);
   const int k0 = start + sp * per, k1 = min(k0 + per, qp + 1);
-  if (prefetch && sp < used) attn_gdr_prefetch<KV, HD>(a, seq, kvh, k0, min(k1, qp)); // qp: the staged row
+  if (prefetch && kv0 < 2 && sp < used) // qp: the staged row
+    attn_gdr_prefetch<KV, HD>(a, seq, kvh, k0, min(k1, qp), kv0 == 0, true);
+  int kend = k0; // kv0: keys [k0, kend) copied before the wait
+  if (kv0 && sp < used) {
+    int lim = min(k1, k0 + ATTN_GD_GRAN);
+    for (int u = 0; u < a.n_tok; u++) // positions this step writes: every new row of the sequence (qp included)
+      if (a.tok_seq[u] == seq) lim = min(lim, a.tok_pos[u]);
+    kend = max(k0, lim);
+    attn_kv0_copy<KV, HD>(a, ATTN_KV0_SMEM, seq, kvh, k0, kend, kv0 == 2);
+  }
   if (threadIdx.x < GC) S.sink[threadIdx.x] = a.sinks ? a.sinks[h0 + threadIdx.x] : -INFINITY; // constant: before the wait
   pdl_wait();
   pdl_trigger();
@@ -640,6 +719,7 @@ __global__ void ATTN_GD7_BOUNDS(GC)
       }
     }
   }
+  if (kv0) attn_cp_wait_all(); // this thread's copies (made visible to its warp by the barrier)
   __syncthreads();
   const int nnew = S.nnew;
   if (nnew > own) { // uniform: a multi-token row of one sequence
@@ -657,7 +737,8 @@ __global__ void ATTN_GD7_BOUNDS(GC)
       vc[d] = S.nv[0][d];
     }
   }
-  attn_gd_row<KV, HD, GC, true>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp);
+  attn_gd_row<KV, HD, GC, true>(a, S, t, seq, h0, kvh, k0, k1, used == 1, part, splits, sp, kend, ATTN_KV0_SMEM,
+                                kv0 == 2);
 }
 
 // The weights of a combine of `used` split partials of (row t, head h) with

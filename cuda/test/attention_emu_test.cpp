@@ -40,6 +40,26 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 #define ROPE_KERNELS // rope_kv_kernel: the two-launch reference of the folded RoPE + KV write
 #include "../src/rope.cuh"
+// attn_gdr_kernel's copies before pdl_wait (ORCH_CUDA_ATTN_KV0): none may read a cache slot this step writes.
+struct PreWaitGuard {
+  const char *kc = nullptr, *vc = nullptr; // the caches of the folded run (null: unchecked)
+  int64_t row_bytes = 0;                   // a slot's bytes (every kv head)
+  std::vector<int32_t> slots;              // the slots the step writes
+  long reads = 0;                          // 16-byte copies seen
+} g_pre_wait;
+inline void attn_emu_pre_wait_read(const void *src, int bytes) {
+  if (!g_pre_wait.kc) return;
+  g_pre_wait.reads++;
+  CHECK(!g_cur->pdl_waited, "kv0 copy after pdl_wait");
+  const char *p = (const char *)src;
+  for (const char *c : {g_pre_wait.kc, g_pre_wait.vc})
+    for (int32_t sl : g_pre_wait.slots) {
+      const char *s0 = c + sl * g_pre_wait.row_bytes;
+      CHECK(p + bytes <= s0 || p >= s0 + g_pre_wait.row_bytes, "kv0: slot %d (written this step) read before pdl_wait",
+            sl);
+    }
+}
+#define ATTN_EMU_PRE_WAIT_READ(src, bytes) attn_emu_pre_wait_read(src, bytes)
 #define __shared__ static // static __shared__ arrays: one CTA at a time
 #include "../src/attention_kernels.cuh"
 #undef __shared__
@@ -219,7 +239,9 @@ static void run_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs,
 // decode batches (<= 8 rows) from unrotated q / k / v, against the two
 // launches it replaces (rope_kv_kernel, then attn_gd7 + combine) on the same
 // inputs: the output and both caches bit-identical (memcmp, the caches'
-// untouched NaN slots included), q and k left unrotated, nothing NaN.
+// untouched NaN slots included), q and k left unrotated, nothing NaN; with
+// each kv0 mode (no copies before pdl_wait, the first key step's K rows, K
+// and V rows), whose copies must not touch a slot the step writes (g_pre_wait).
 // Rows of one sequence at consecutive positions (a multi-token step) need
 // each other's new keys (staged in shared memory, across split boundaries).
 template <typename KV, int HD>
@@ -278,7 +300,7 @@ static void rope_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
   const int G = nh / nkv;
   if (gc == 0) gc = attn_gd_heads_per_cta(G, nh, n_tok, splits, 256);
   CHECK(G % gc == 0, "%s: gc %d does not divide G %d", name, gc, G);
-  auto gd = [&](auto kern) { // grid of attn_gd7 / attn_gdr: heads / gc, rows, splits
+  auto gd = [&](auto kern) { // grid of attn_gd7: heads / gc, rows, splits
     emu_launch_pdl(dim3{(unsigned)(nh / gc), (unsigned)n_tok, (unsigned)splits}, attn_k::ATTN_WARPS * 32, 0, kern);
   };
   auto combine = [&](std::vector<float> &part) {
@@ -310,40 +332,55 @@ static void rope_case(const char *name, std::mt19937 &rng, std::vector<Seq> seqs
     });
     combine(parta);
   }
-  // B: orch_attention_rope from the unrotated rows.
-  std::vector<float> qb = qkv, outb(outa.size(), NAN), partb(parta.size(), NAN);
-  std::vector<KV> kcb = kc0, vcb = vc0;
-  {
-    a.q = qb.data(), a.out = outb.data(), a.k_cache = kcb.data(), a.v_cache = vcb.data();
-    orch_attn_rope_args r{};
-    r.k = qb.data() + (int64_t)nh * HD;
-    r.v = qb.data() + (int64_t)nh * HD + slot_stride;
-    r.k_stride = r.v_stride = q_stride;
-    r.slots = tslot.data();
-    r.inv_freq = inv.data();
-    r.attn_factor = attn_factor;
-    r.rot_dim = rot;
-    r.neox = neox;
-    gd([&] {
-      using namespace attn_k;
-      switch (gc) {
-        case 1: attn_gdr_kernel<KV, HD, 1>(a, r, partb.data(), splits, 1); break;
-        case 2: attn_gdr_kernel<KV, HD, 2>(a, r, partb.data(), splits, 1); break;
-        case 4: attn_gdr_kernel<KV, HD, 4>(a, r, partb.data(), splits, 1); break;
-        default: attn_gdr_kernel<KV, HD, 8>(a, r, partb.data(), splits, 1); break;
-      }
-    });
-    combine(partb);
+  // B: orch_attention_rope from the unrotated rows; kv0 0 (no copies before the wait), 1 (K rows), 2 (K and V).
+  long copies[3] = {};
+  for (int kv0 = 0; kv0 < 3; kv0++) {
+    std::vector<float> qb = qkv, outb(outa.size(), NAN), partb(parta.size(), NAN);
+    std::vector<KV> kcb = kc0, vcb = vc0;
+    {
+      g_pre_wait.kc = (const char *)kcb.data(), g_pre_wait.vc = (const char *)vcb.data();
+      g_pre_wait.row_bytes = slot_stride * (int64_t)sizeof(KV);
+      g_pre_wait.slots = tslot;
+      g_pre_wait.reads = 0;
+      a.q = qb.data(), a.out = outb.data(), a.k_cache = kcb.data(), a.v_cache = vcb.data();
+      orch_attn_rope_args r{};
+      r.k = qb.data() + (int64_t)nh * HD;
+      r.v = qb.data() + (int64_t)nh * HD + slot_stride;
+      r.k_stride = r.v_stride = q_stride;
+      r.slots = tslot.data();
+      r.inv_freq = inv.data();
+      r.attn_factor = attn_factor;
+      r.rot_dim = rot;
+      r.neox = neox;
+      const size_t smem = (size_t)attn_k::attn_kv0_bytes(HD, (int)sizeof(KV), kv0);
+      emu_launch_pdl(dim3{(unsigned)(nh / gc), (unsigned)n_tok, (unsigned)splits}, attn_k::ATTN_WARPS * 32, smem, [&] {
+        using namespace attn_k;
+        switch (gc) {
+          case 1: attn_gdr_kernel<KV, HD, 1>(a, r, partb.data(), splits, 1, kv0); break;
+          case 2: attn_gdr_kernel<KV, HD, 2>(a, r, partb.data(), splits, 1, kv0); break;
+          case 4: attn_gdr_kernel<KV, HD, 4>(a, r, partb.data(), splits, 1, kv0); break;
+          default: attn_gdr_kernel<KV, HD, 8>(a, r, partb.data(), splits, 1, kv0); break;
+        }
+      });
+      copies[kv0] = g_pre_wait.reads;
+      g_pre_wait.kc = g_pre_wait.vc = nullptr;
+      combine(partb);
+    }
+    for (float x : outb) CHECK(std::isfinite(x), "%s: output not finite", name);
+    CHECK(std::memcmp(outa.data(), outb.data(), outa.size() * sizeof(float)) == 0, "%s: output differs", name);
+    CHECK(std::memcmp(kca.data(), kcb.data(), kca.size() * sizeof(KV)) == 0, "%s: k cache differs", name);
+    CHECK(std::memcmp(vca.data(), vcb.data(), vca.size() * sizeof(KV)) == 0, "%s: v cache differs", name);
+    CHECK(std::memcmp(qkv.data(), qb.data(), qkv.size() * sizeof(float)) == 0, "%s: q/k/v were modified", name);
+    CHECK(std::memcmp(qkv.data(), qa.data(), qkv.size() * sizeof(float)) != 0, "%s: the reference rotated nothing",
+          name);
   }
-  for (float x : outb) CHECK(std::isfinite(x), "%s: output not finite", name);
-  CHECK(std::memcmp(outa.data(), outb.data(), outa.size() * sizeof(float)) == 0, "%s: output differs", name);
-  CHECK(std::memcmp(kca.data(), kcb.data(), kca.size() * sizeof(KV)) == 0, "%s: k cache differs", name);
-  CHECK(std::memcmp(vca.data(), vcb.data(), vca.size() * sizeof(KV)) == 0, "%s: v cache differs", name);
-  CHECK(std::memcmp(qkv.data(), qb.data(), qkv.size() * sizeof(float)) == 0, "%s: q/k/v were modified", name);
-  CHECK(std::memcmp(qkv.data(), qa.data(), qkv.size() * sizeof(float)) != 0, "%s: the reference rotated nothing", name);
-  std::printf("%-38s hd %3d %s splits %3d gc %d rot %3d %s rows %ld: folded == rope_kv + attention (bits) (%.1f s)\n",
+  // Every cached key of a first step was copied (16-byte pieces: K; K and V), none without kv0.
+  CHECK(copies[0] == 0 && copies[1] > 0 && copies[2] == 2 * copies[1], "%s: kv0 copies %ld %ld %ld", name, copies[0],
+        copies[1], copies[2]);
+  std::printf("%-38s hd %3d %s splits %3d gc %d rot %3d %s rows %ld: folded (kv0 0/1/2: %ld/%ld 16-byte copies) == "
+              "rope_kv + attention (bits) (%.1f s)\n",
               name, HD, sizeof(KV) == 2 ? "f16" : "f32", splits, gc, rot, neox ? "neox" : "gptj", (long)n_tok,
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());
+              copies[1], copies[2], std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());
 }
 
 // full: every case (head dim 64 F16, 128 F32); else three (the other two configs).
@@ -359,6 +396,8 @@ static void rope_cases(std::mt19937 &rng, bool full) {
   rope_case<KV, HD>("rope gqa8 neox window128 grid 1", rng, decode, 8, 1, 16, 128, true, 1, HD, 1);
   // Llama-like (GQA 4, GPT-J pairs), odd block size; partial rotary (rot < head dim); MHA.
   rope_case<KV, HD>("rope gqa4 gptj gc2 grid 3 bs7", rng, decode, 8, 2, 7, 0, false, 3, HD, 0, 2);
+  // Llama-3-8B's tg128 shape: GQA 4, one head per CTA, 64 and 200 keys in a grid of 2 (200: both splits used).
+  rope_case<KV, HD>("rope llama gqa4 gc1 grid 2", rng, {{63, 1}, {199, 1}}, 8, 2, 16, 0, false, 2, HD, 0, 1);
   if (!full) return;
   rope_case<KV, HD>("rope gqa2 neox rot/2 gc1 grid 2", rng, decode, 4, 2, 16, 0, true, 2, HD / 2, 1, 1);
   rope_case<KV, HD>("rope mha gptj rot/4 window16", rng, decode, 2, 2, 16, 16, false, 4, HD / 4, 0);
