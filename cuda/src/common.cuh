@@ -110,11 +110,15 @@ __device__ __forceinline__ void pdl_trigger() {
 // orch_set_pdl flips it for A/B timing). Graphs captured before a flip keep
 // the launches they were captured with.
 extern int g_orch_pdl;
-// ORCH_CUDA_CARVEOUT=<percent> (session 15, experiment): every PDL-launched kernel's preferred shared-memory carveout
-// (cudaFuncAttributePreferredSharedMemoryCarveout), so that kernels of different shared-memory needs run under one
-// L1 / shared split and a dependent's CTAs can start on a SM the previous kernel still runs on. -1: unset (the
-// driver's choice per kernel). Read once (runtime.cu).
-int orch_carveout();
+// ORCH_CUDA_SM_CARVEOUT=<percent> (session 15): the preferred L1 / shared split (cudaFuncAttributePreferred-
+// SharedMemoryCarveout, percent of the largest shared size) of the one-token kernels that hold weight rows in shared
+// memory (gemv5_nf_sm_kernel, moe_oproj's SM kernels) and of the decode attention whose SMs they should share. The
+// driver gives each kernel its own split, a SM's split changes only when no CTA runs on it, so without this the
+// rows' CTAs could not start beside the attention (device run 2, H100: the Llama out projection's increment 10.0 us
+// with the driver's splits, 5.9 with one split for every kernel). Every kernel at 100 lost (Llama tg128 273 vs 298,
+// gpt-oss 612 vs 684: the GEMVs' loads in flight need the L1), so only these kernels get it. Default 100; "off" or
+// -1: the driver's choice. Read once (runtime.cu).
+int orch_sm_carveout();
 
 #if !defined(ORCH_EMU)
 // Launches kern like kern<<<grid, block, smem, st>>>(args...), with the
@@ -122,10 +126,12 @@ int orch_carveout();
 // stream capture: CUDA 12.3+ records a programmatic edge between the two
 // kernel nodes). Only for kernels that call pdl_wait() as described above.
 // The launch error, if any, is left for cudaGetLastError (ORCH_LAUNCHED).
+template <typename... KArgs> static inline void orch_apply_sm_carveout(void (*kern)(KArgs...)) {
+  if (const int c = orch_sm_carveout(); c >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, c);
+}
 template <typename... KArgs, typename... Args>
 static inline void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
                                    Args... args) {
-  if (const int co = orch_carveout(); co >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, co);
   if (!g_orch_pdl) {
     kern<<<grid, block, smem, st>>>(args...);
     return;

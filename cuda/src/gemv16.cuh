@@ -660,6 +660,9 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
       auto sm_go = [&](auto kern, int W) {
         const size_t sm = gemv5_sm_smem(k, W, rb);
         if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+#if !defined(ORCH_EMU)
+        orch_apply_sm_carveout(kern); // the attention's split (common.cuh)
+#endif
         DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)W)), W * 32, sm, st, y, x, w, bias, n, k, m, rb,
                          F);
       };
