@@ -119,6 +119,11 @@ extern int g_orch_pdl;
 // gpt-oss 612 vs 684: the GEMVs' loads in flight need the L1), so only these kernels get it. Default 100; "off" or
 // -1: the driver's choice. Read once (runtime.cu).
 int orch_sm_carveout();
+// ORCH_CUDA_CARVEOUT=<percent> (session 15, experiment): every PDL-launched kernel's preferred carveout (unset: the
+// driver's per-kernel choice). ORCH_CUDA_GEMV_CARVEOUT=<percent>: the one- and two-token GEMV v5 kernels' (plain,
+// merged, the norm fold's producer and consumers, the SwiGLU fold).
+int orch_carveout();
+int orch_gemv_carveout();
 
 #if !defined(ORCH_EMU)
 // Launches kern like kern<<<grid, block, smem, st>>>(args...), with the
@@ -129,9 +134,13 @@ int orch_sm_carveout();
 template <typename... KArgs> static inline void orch_apply_sm_carveout(void (*kern)(KArgs...)) {
   if (const int c = orch_sm_carveout(); c >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, c);
 }
+template <typename... KArgs> static inline void orch_apply_gemv_carveout(void (*kern)(KArgs...)) {
+  if (const int c = orch_gemv_carveout(); c >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, c);
+}
 template <typename... KArgs, typename... Args>
 static inline void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
                                    Args... args) {
+  if (const int co = orch_carveout(); co >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, co);
   if (!g_orch_pdl) {
     kern<<<grid, block, smem, st>>>(args...);
     return;

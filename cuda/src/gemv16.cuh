@@ -368,6 +368,12 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
 #endif
 }
 
+#if defined(ORCH_EMU)
+#define ORCH_GEMV_CARVEOUT(kern)
+#else
+#define ORCH_GEMV_CARVEOUT(kern) orch_apply_gemv_carveout(kern) // ORCH_CUDA_GEMV_CARVEOUT (common.cuh)
+#endif
+
 // Minimum CTAs per SM for __launch_bounds__: the 8-warp kernels' own (b8; 0 = none given, which is not the same
 // as 1: (256, 1) took 68-78 registers where (256) takes 56-62), the wider ones 1024 threads per SM (<= 64
 // registers, as the 8-warp kernels at 4 CTAs per SM).
@@ -543,6 +549,7 @@ static void launch_gemv5_nt_x(cudaStream_t st, float *y, const float *x, const u
     auto kern = gemv5_kernel<T, NT, NB, XR, TR, W>;
     if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     unsigned gx = (unsigned)ceil_div(m, (int64_t)W * rpw);
+    ORCH_GEMV_CARVEOUT(kern);
     DEC16_LAUNCH_PDL(kern, dim3(gx), W * 32, sm, st, y, x, w, bias, n, k, m, rb, acc, rpw);
   });
 }
@@ -594,6 +601,7 @@ static void launch_gemv5_multi_nt_x(cudaStream_t st, gemv5_parts P, int count, c
     auto kern = gemv5_multi_kernel<T, NT, NB, XR, TR, W>;
     if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     const unsigned total = gemv5_parts_end(P, count, W);
+    ORCH_GEMV_CARVEOUT(kern);
     DEC16_LAUNCH_PDL(kern, dim3(total), W * 32, sm, st, P, x, n, k, rb);
   });
 }
@@ -635,7 +643,7 @@ static int g_gemv5_sm_force = 0;
 static inline int gemv5_sm_w() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_GEMV5_SM");
-    if (!e || !*e) return 16;
+    if (!e || !*e) return 0;
     const int w = atoi(e);
     return w == 16 || w == 32 ? w : 0;
   }();
@@ -663,6 +671,7 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
 #if !defined(ORCH_EMU)
         orch_apply_sm_carveout(kern); // the attention's split (common.cuh)
 #endif
+        ORCH_GEMV_CARVEOUT(kern);
         DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)W)), W * 32, sm, st, y, x, w, bias, n, k, m, rb,
                          F);
       };
@@ -678,6 +687,7 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
         const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, 0, W);
         auto kern = gemv5_nf_kernel<T, NT, NB, XR, W>;
         if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        ORCH_GEMV_CARVEOUT(kern);
         DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)W)), W * 32, sm, st, y, x, w, bias, n, k, m, rb,
                          F);
       });
@@ -706,6 +716,7 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
         const size_t sm = gemv5_smem(k, NT) + gemv5_nf_smem(NT, F.nss);
         auto kern = gemv5_multi_nf_kernel<T, NT, NB, XR, W>;
         if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        ORCH_GEMV_CARVEOUT(kern);
         DEC16_LAUNCH_PDL(kern, dim3(total), W * 32, sm, st, P, x, n, k, rb, F);
       });
     };
@@ -848,6 +859,7 @@ static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const 
     auto kern = gemv5_glu_kernel<T, NT, NB, XR, NF, W>;
     if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     const unsigned gx = (unsigned)ceil_div(A.m, (int64_t)W);
+    ORCH_GEMV_CARVEOUT(kern);
     DEC16_LAUNCH_PDL(kern, dim3(gx), W * 32, sm, st, A, x, n, k, rb, F);
   });
 }
