@@ -247,7 +247,7 @@ static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_at
       return ORCH_ERR_CUDA;
     }
   }
-  orch_apply_sm_carveout(attn_gdr_kernel<KV, HD, GC>); // the split of the out projection's SM kernels (common.cuh)
+  orch_apply_carveout(attn_gdr_kernel<KV, HD, GC>); // the GEMVs' split (common.cuh)
   orch_launch_pdl(attn_gdr_kernel<KV, HD, GC>, grid, dim3(ATTN_WARPS * 32), (size_t)smem, ctx->stream, *a, *r,
                   (float *)part, splits, prefetch, kv0);
   ORCH_LAUNCHED("attention (RoPE + KV write folded)");

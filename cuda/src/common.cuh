@@ -110,20 +110,17 @@ __device__ __forceinline__ void pdl_trigger() {
 // orch_set_pdl flips it for A/B timing). Graphs captured before a flip keep
 // the launches they were captured with.
 extern int g_orch_pdl;
-// ORCH_CUDA_SM_CARVEOUT=<percent> (session 15): the preferred L1 / shared split (cudaFuncAttributePreferred-
-// SharedMemoryCarveout, percent of the largest shared size) of the one-token kernels that hold weight rows in shared
-// memory (gemv5_nf_sm_kernel, moe_oproj's SM kernels) and of the decode attention whose SMs they should share. The
-// driver gives each kernel its own split, a SM's split changes only when no CTA runs on it, so without this the
-// rows' CTAs could not start beside the attention (device run 2, H100: the Llama out projection's increment 10.0 us
-// with the driver's splits, 5.9 with one split for every kernel). Every kernel at 100 lost (Llama tg128 273 vs 298,
-// gpt-oss 612 vs 684: the GEMVs' loads in flight need the L1), so only these kernels get it. Default 100; "off" or
-// -1: the driver's choice. Read once (runtime.cu).
-int orch_sm_carveout();
-// ORCH_CUDA_CARVEOUT=<percent> (session 15, experiment): every PDL-launched kernel's preferred carveout (unset: the
-// driver's per-kernel choice). ORCH_CUDA_GEMV_CARVEOUT=<percent>: the one- and two-token GEMV v5 kernels' (plain,
-// merged, the norm fold's producer and consumers, the SwiGLU fold).
+// ORCH_CUDA_CARVEOUT=<percent> (session 15): the preferred L1 / shared split (cudaFuncAttributePreferredShared-
+// MemoryCarveout, percent of the largest shared size) of the one- and two-token GEMV v5 kernels (plain, merged, the
+// norm fold's producer and consumers, the SwiGLU fold) and of the decode attention (attn_gdr_kernel). The driver
+// picks a split per kernel (Llama: ~32 KB for the k = 4096 GEMVs, ~100 KB for down's 38 KB of staged x a CTA, more
+// for the attention with its KV0 copies), and a SM's split changes only when no CTA runs on it, so a kernel whose
+// split differs from the one before loses the PDL overlap on that SM. Default 43 (~100 KB for all of them; L1 keeps
+// ~156 KB for the loads in flight). Device run 5 (H100, same call): Llama tg128 303.9 vs 299.3 / 298.7 with "off";
+// gpt-oss 688.7 ± 2.1 vs 690.2 / 689.5 (noise). Every kernel at 43: Llama 304.4, gpt-oss 646.4 (the MoE kernels' L1);
+// every kernel at 100: Llama 273, gpt-oss 612; the attention alone at 100: gpt-oss 648 vs 691. "off" or -1: the
+// driver's choice. Read once (runtime.cu).
 int orch_carveout();
-int orch_gemv_carveout();
 
 #if !defined(ORCH_EMU)
 // Launches kern like kern<<<grid, block, smem, st>>>(args...), with the
@@ -131,16 +128,12 @@ int orch_gemv_carveout();
 // stream capture: CUDA 12.3+ records a programmatic edge between the two
 // kernel nodes). Only for kernels that call pdl_wait() as described above.
 // The launch error, if any, is left for cudaGetLastError (ORCH_LAUNCHED).
-template <typename... KArgs> static inline void orch_apply_sm_carveout(void (*kern)(KArgs...)) {
-  if (const int c = orch_sm_carveout(); c >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, c);
-}
-template <typename... KArgs> static inline void orch_apply_gemv_carveout(void (*kern)(KArgs...)) {
-  if (const int c = orch_gemv_carveout(); c >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, c);
+template <typename... KArgs> static inline void orch_apply_carveout(void (*kern)(KArgs...)) {
+  if (const int c = orch_carveout(); c >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, c);
 }
 template <typename... KArgs, typename... Args>
 static inline void orch_launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
                                    Args... args) {
-  if (const int co = orch_carveout(); co >= 0) cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, co);
   if (!g_orch_pdl) {
     kern<<<grid, block, smem, st>>>(args...);
     return;

@@ -186,25 +186,10 @@ __device__ __forceinline__ void gemv5_nf_scales(float (&sc)[NT], const float *sh
   for (int j = 0; j < NT; j++) sc[j] = j < nt ? gemv5_nf_scale(sh, j, nss, dim, eps) : 1.f;
 }
 
-// SMW (session 15): where a CTA's rows are copied whole into shared memory before the PDL wait (gemv5_rows SMW):
-// after the staged x and the fold's floats, 16-byte aligned; W rows of row_bytes, then 16 bytes of slack (the
-// word loads of a row's last block may read up to 3 bytes past it, as in global memory).
-DEC16_HD int64_t gemv5_sm_off(int64_t k, int nt, int w) {
-  const int64_t xb = (int64_t)nt * (k / 32) * (DEC16_XW * 4 + 4), fb = 16 + (int64_t)nt * w * 4; // dec16_smem, nf
-  return (xb + fb + 15) & ~(int64_t)15;
-}
-static inline size_t gemv5_sm_smem(int64_t k, int w, int64_t row_bytes) {
-  return (size_t)(gemv5_sm_off(k, 1, w) + w * row_bytes + 16);
-}
-
 // NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
 // (gemv5_nf above; F unused at 0). W: warps per CTA (gemv5_warps; 8, or 16 / 32 for the repacked Q8_0 rows): the
 // rows, their arithmetic and the producer's partial sums (one per 8 consecutive warps) do not depend on it.
-// SMW 1 (one row per warp, XR 0; shared memory as gemv5_sm_smem): each warp copies its whole row into shared memory
-// by cp.async before the PDL wait — no registers held, so the CTA is small enough to be resident beside the kernel
-// before it (the attention) and the row's DRAM time overlaps that kernel — and reads the blocks from there after x
-// is staged. Same blocks, same order per lane: the same bits.
-template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int W = GEMV16_WARPS, int SMW = 0>
+template <int T, int NT, int NB, int XR = 0, int TR = 0, int NF = 0, int W = GEMV16_WARPS>
 __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__restrict__ y,
                                            const float *__restrict__ x, const uint8_t *__restrict__ w,
                                            const float *__restrict__ bias, int64_t n, int64_t k, int64_t m,
@@ -222,24 +207,6 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
   bool staged = false;
   unsigned long long tr[3] = {0, 0, 0};
   if constexpr (TR) tr[0] = gemv_gtime();
-  const uint8_t *wsm = reinterpret_cast<const uint8_t *>(xsm) + gemv5_sm_off(k, NT, W) + (int64_t)warp * row_bytes;
-  if constexpr (SMW) {
-    static_assert(XR == 0 && TR == 0, "SMW: x staged once, no trace");
-    if (row0 < m) {
-      const uint8_t *src = w + row0 * row_bytes;
-      for (int64_t q = lane; q < row_bytes / 16; q += 32)
-        g9_cp_async16(const_cast<uint8_t *>(wsm) + 16 * q, src + 16 * q, 16);
-    }
-    g9_cp_commit();
-    pdl_wait();
-    if constexpr (NF == 1)
-      if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
-    if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
-    dec16_stage(xsm, xinv, x, nt, k, dec16_traits<T>::kind);
-    g9_cp_wait<0>(); // the row (and NF 2's partials)
-    __syncthreads();
-    staged = true;
-  }
   for (int r = 0; r < rows_per_warp; r++) {
     const int64_t row = row0 + r;
     const bool valid = row < m;
@@ -252,8 +219,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
     for (int j = 0; j < NT; j++) acc[j] = 0.f;
     for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
       wblocks<T, NB> b;
-      if constexpr (SMW) ffn_load<T, NB, true>(b, wsm, c0, lane, nch, valid);
-      else ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
+      ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
       if constexpr (XR == 1) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
@@ -368,10 +334,12 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
 #endif
 }
 
+// The L1 / shared split of the one- and two-token v5 kernels (common.cuh orch_carveout: one split with the decode
+// attention's, session 15).
 #if defined(ORCH_EMU)
 #define ORCH_GEMV_CARVEOUT(kern)
 #else
-#define ORCH_GEMV_CARVEOUT(kern) orch_apply_gemv_carveout(kern) // ORCH_CUDA_GEMV_CARVEOUT (common.cuh)
+#define ORCH_GEMV_CARVEOUT(kern) orch_apply_carveout(kern)
 #endif
 
 // Minimum CTAs per SM for __launch_bounds__: the 8-warp kernels' own (b8; 0 = none given, which is not the same
@@ -438,30 +406,6 @@ gemv5_nf_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_
   DEC16_DYN_SMEM(uint32_t, xsm);
   pdl_trigger();
   gemv5_rows<T, NT, NB, XR, 0, 1, W>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
-}
-
-// The producer at one token with its rows prefetched whole into shared memory (gemv5_rows SMW; orch_matmul_addnorm,
-// Llama's attention out projection). Why: the 16-warp register kernel at 64 registers fills a SM's register file with
-// two CTAs, so on the SMs that run an attention CTA only one fits and the rest start after the attention; and the
-// row's second round of blocks (k = 4096 at 3 a lane) is requested only after the wait. Here nothing is held in
-// registers before the wait (<= 40: two CTAs beside an attention CTA), and all of a CTA's weight bytes are in
-// flight while the attention runs. GEMV5_SM_NB blocks a lane a round (from shared memory: short latency).
-// __maxnreg__(48) (CUDA >= 12.4): 1024 threads of it (two 16-warp CTAs or one of 32) and a Llama attention CTA
-// (128 threads at 122 registers) share a SM's 64 K registers. Older compilers (CI's compile check) get 64.
-constexpr int GEMV5_SM_NB = 2; // sm_90a: 47-48 registers, no spill (NB 1: 46)
-#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
-#define GEMV5_SM_BOUNDS(W) __maxnreg__(48)
-#else
-#define GEMV5_SM_BOUNDS(W) __launch_bounds__((W) * 32, 1024 / ((W) * 32))
-#endif
-template <int T, int W>
-__global__ void GEMV5_SM_BOUNDS(W)
-gemv5_nf_sm_kernel(float *__restrict__ y, const float *__restrict__ x, const uint8_t *__restrict__ w,
-                   const float *__restrict__ bias, int64_t n, int64_t k, int64_t m, int64_t row_bytes,
-                   const gemv5_nf F) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  pdl_trigger();
-  gemv5_rows<T, 1, GEMV5_SM_NB, 0, 0, 1, W, 1>(xsm, blockIdx.x, y, x, w, bias, n, k, m, row_bytes, 0, 1, F);
 }
 
 template <int T, int NT> constexpr int gemv5_nb() { return (q8_like<T>() && NT > 1) || NT > 4 ? 2 : 3; }
@@ -637,47 +581,10 @@ static void launch_gemv5(cudaStream_t st, float *y, const float *x, const uint8_
 
 // The folded norm (gemv5_nf), n = 1, 2 on v5's route (the caller checks; the producer's m < 32768: one row per
 // warp). Producer: F.res, F.w, F.xt, F.ss (n * ceil(m / 8) floats); x staged as gemv5_stage_mode says.
-// ORCH_CUDA_GEMV5_SM: the producer's rows through shared memory (gemv5_nf_sm_kernel) in CTAs of 16 (default) or 32
-// warps; 0 = off. Read once per process; g_gemv5_sm_force (emulation tests: -1 off, 16, 32) overrides it.
-static int g_gemv5_sm_force = 0;
-static inline int gemv5_sm_w() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_SM");
-    if (!e || !*e) return 0;
-    const int w = atoi(e);
-    return w == 16 || w == 32 ? w : 0;
-  }();
-  return g_gemv5_sm_force ? (g_gemv5_sm_force < 0 ? 0 : g_gemv5_sm_force) : v;
-}
-constexpr size_t GEMV5_SM_MAX = 200 * 1024; // the rows + staged x a CTA holds (Llama's down, 16 x 15 KB, declines)
-// Where gemv5_nf_sm_kernel runs: one token, x staged once, whole 16-byte rows (the launcher checks w's alignment).
-template <int T> static inline int gemv5_sm_pick(int64_t n, int64_t k, int64_t rb, const uint8_t *w) {
-  const int W = gemv5_sm_w();
-  if (!W || n != 1 || gemv5_stage_mode(k) != 0 || rb % 16 || ((uintptr_t)w & 15) ||
-      gemv5_sm_smem(k, W, rb) > GEMV5_SM_MAX)
-    return 0;
-  return T == ORCH_T_Q8_0R || T == ORCH_T_Q8_0 ? W : 0;
-}
-
 template <int T>
 static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, const uint8_t *w, const float *bias,
                                  int64_t n, int64_t k, int64_t m, int64_t rb, const gemv5_nf &F) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
-    if constexpr (T == ORCH_T_Q8_0R || T == ORCH_T_Q8_0) {
-      const int sw = gemv5_sm_pick<T>(n, k, rb, w);
-      auto sm_go = [&](auto kern, int W) {
-        const size_t sm = gemv5_sm_smem(k, W, rb);
-        if (sm > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-#if !defined(ORCH_EMU)
-        orch_apply_sm_carveout(kern); // the attention's split (common.cuh)
-#endif
-        ORCH_GEMV_CARVEOUT(kern);
-        DEC16_LAUNCH_PDL(kern, dim3((unsigned)ceil_div(m, (int64_t)W)), W * 32, sm, st, y, x, w, bias, n, k, m, rb,
-                         F);
-      };
-      if (sw == 16) return sm_go(gemv5_nf_sm_kernel<T, 16>, 16);
-      if (sw == 32) return sm_go(gemv5_nf_sm_kernel<T, 32>, 32);
-    }
     const int mode = gemv5_stage_mode(k);
     auto go = [&](auto nt, auto xr) {
       constexpr int NT = decltype(nt)::value, XR = decltype(xr)::value;

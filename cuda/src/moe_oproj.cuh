@@ -11,14 +11,10 @@
 //    runs v10's top-k (ids / weights) and stages xt for gate_up10 as moe10_route_slice stages x, each chunk's 1/scale
 //    times r (gate_up10's dots are linear in it: r * (w . xt) = w . h).
 //  - gate_up10 and down10 as launch_decode10 launches them (the AN epilogue when res2 .. ss are given).
-// moe_oproj_sm_kernel (session 15; default on gpt-oss's Q8_0 rows, ORCH_CUDA_OPROJ_SM=0 off) is moe_oproj_kernel
-// with each warp's row copied whole into shared memory by cp.async before the PDL wait (gemv5_rows SMW) and at most
-// 40 registers, so a 32-warp CTA fits on a SM beside one attention CTA; same bits.
 // y, res, x and ssp are orch_matmul_addnorm's bits (cuda/test/moe_oproj_emu_test.cpp); the logits and the staged x
 // differ from orch_moe_decode_norm's by fp32 / fp16 rounding only (h is staged as r * xt, not as (res * r) * w).
 // Scratch: part [n_exp][C] (C = dim / 8 CTAs) in act (gate_up10 writes act later), the staged x where launch_decode10
-// puts it in ybuf, ssp after it (moe_oproj_sm_kernel's last CTA copies the partials into its shared memory). The
-// ticket is per device, as v10's.
+// puts it in ybuf, ssp after it. The ticket is per device, as v10's.
 #pragma once
 #include <cstddef>
 
@@ -47,14 +43,12 @@ __device__ __forceinline__ float4 moe_oproj_ldcg4(const float *p) {
 // m = dim rows (m % 32 == 0, m / 8 <= GEMV5_NF_MAX: every row valid), one per warp; k = the projection's input.
 // W: warps per CTA (moe_oproj_warps; m % W == 0). The partial logits and sums of squares are kept per 8 rows
 // whatever W (C = m / 8 slots), so every sum, and the output, is the 8-warp kernel's bit for bit.
-// SM (moe_oproj_sm_kernel): the rows through shared memory (gemv5_rows SMW), and the last CTA copies the partial
-// logits by cp.async into the rows' space (free by then; n_exp * C floats <= W * rb, the launcher checks) instead
-// of holding JM float4s a thread in registers: the same sums in the same order.
-template <int TO, int NB, int XR, int W, int SM>
-__device__ __forceinline__ void moe_oproj_body(uint32_t *xsm, float *__restrict__ y, const float *__restrict__ ox,
-                                               const uint8_t *__restrict__ ow, const float *__restrict__ obias,
-                                               int64_t k, int64_t m, int64_t rb, const gemv5_nf &F,
-                                               const moe_oproj_args &A) {
+template <int TO, int NB, int XR, int W = GEMV16_WARPS>
+__global__ void __launch_bounds__(W * 32, gemv5_minb<W>(0))
+moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint8_t *__restrict__ ow,
+                 const float *__restrict__ obias, int64_t k, int64_t m, int64_t rb, const gemv5_nf F,
+                 const moe_oproj_args A) {
+  DEC16_DYN_SMEM(uint32_t, xsm);
   MOE10_SHARED unsigned last;
   MOE10_SHARED float lp[W][32];               // each warp's products router[e][row] * xt[row]
   MOE10_SHARED __align__(16) float ssh[GEMV5_NF_MAX]; // last CTA: the sum-of-squares partials
@@ -65,7 +59,7 @@ __device__ __forceinline__ void moe_oproj_body(uint32_t *xsm, float *__restrict_
   const int C = (int)gridDim.x * G;    // slots: m / 8
   const int64_t row = (int64_t)blockIdx.x * W + warp;
   const float rwv = lane < A.n_exp ? __ldg(A.rw + (int64_t)lane * m + row) : 0.f; // constant: before the wait
-  gemv5_rows<TO, 1, NB, XR, 0, 1, W, SM>(xsm, blockIdx.x, y, ox, ow, obias, 1, k, m, rb, 0, 1, F);
+  gemv5_rows<TO, 1, NB, XR, 0, 1, W>(xsm, blockIdx.x, y, ox, ow, obias, 1, k, m, rb, 0, 1, F);
   // gemv5_rows ends with a barrier after lane 0 of every warp wrote its row's xt (F.xt) and thread g its slot's ssp
   lp[warp][lane] = rwv * F.xt[row];
   __syncthreads();
@@ -87,16 +81,10 @@ __device__ __forceinline__ void moe_oproj_body(uint32_t *xsm, float *__restrict_
   // the staging; dim <= 4096: at most XB float4s a thread), the sums of squares, and the partial logits (thread
   // (e, q) sums float4 slots q, q + 8, ... of expert e's row, C % 4 == 0; one batch of JM for C <= 32 JM).
   constexpr int NT = W * 32, XB = 1024 / NT, SB = GEMV5_NF_MAX / NT, JM = 12;
-  const int n4 = (int)(m / 4), nch = (int)(m / 32);
-  // SM: the partials, expert e's C floats at ps + e * C, in flight with the loads below (no registers held)
-  float *ps = reinterpret_cast<float *>(reinterpret_cast<uint8_t *>(xsm) + gemv5_sm_off(k, 1, W));
-  if constexpr (SM) {
-    for (int q = tid; q < A.n_exp * (C / 4); q += NT) g9_cp_async16(ps + 4 * q, A.part + 4 * q, 16);
-    g9_cp_commit();
-  }
   // the router bias (a weight) with the tail's first loads, not a round trip of its own after the sums (session 14)
   const float rbv = warp == 0 && lane < A.n_exp && A.rbias ? A.rbias[lane] : 0.f;
   static_assert(XB * NT * 4 >= MOE10_NORM_MAX_N * MOE10_THREADS, "the entry declines dim > 4096");
+  const int n4 = (int)(m / 4), nch = (int)(m / 32);
   float4 xv[XB];
 #pragma unroll
   for (int j = 0; j < XB; j++) {
@@ -111,21 +99,9 @@ __device__ __forceinline__ void moe_oproj_body(uint32_t *xsm, float *__restrict_
       sv[j] = i < C ? moe10_ldcg(F.ss + i) : 0.f;
     }
     const int e = tid >> 3, q = tid & 7, C4 = C / 4;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if constexpr (SM) { // float4 slots q, q + 8, ... in order (the register path's zero padding adds nothing)
-      g9_cp_wait<0>();
-      __syncthreads();
-      if (e < A.n_exp)
-        for (int i = q; i < C4; i += 8) {
-          const float4 v = *reinterpret_cast<const float4 *>(ps + (int64_t)e * C + 4 * i);
-          acc.x += v.x;
-          acc.y += v.y;
-          acc.z += v.z;
-          acc.w += v.w;
-        }
-    }
     const float *pe = A.part + (int64_t)(e < A.n_exp ? e : 0) * C;
-    for (int j0 = q; !SM && j0 < C4; j0 += 8 * JM) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j0 = q; j0 < C4; j0 += 8 * JM) {
       float4 v[JM];
 #pragma unroll
       for (int j = 0; j < JM; j++) {
@@ -154,16 +130,6 @@ __device__ __forceinline__ void moe_oproj_body(uint32_t *xsm, float *__restrict_
   __syncthreads();
   // r as the fold's consumers compute it (every warp: the same bits); warp 0 routes.
   const float r = gemv5_nf_scale(ssh, 0, C, m, F.eps);
-  // xt staged for gate_up10 (moe10_route_slice's values, each chunk's 1/scale times r): float4 i by thread i mod 256.
-  auto stage = [&] {
-    const bool b14 = A.x14 != 0;
-#pragma unroll
-    for (int j = 0; j < XB; j++) {
-      const int i0 = j * NT + warp * 32, i = i0 + lane;
-      if (i0 < n4) moe10_stage4(A.xg, nch, i >> 3, i & 7, i < n4, xv[j], A.kind, b14, r); // uniform over the warp
-    }
-  };
-  if constexpr (SM) stage(); // first: xv is not live across the top-k (at 40 registers it spilled there)
   if (warp == 0) {
     const float v = lane < A.n_exp ? r * lg[lane] + (A.rbias ? rbv : 0.f) : 0.f;
     int id;
@@ -174,39 +140,13 @@ __device__ __forceinline__ void moe_oproj_body(uint32_t *xsm, float *__restrict_
       A.wts[lane] = w;
     }
   }
-  if constexpr (!SM) stage();
-}
-
-template <int TO, int NB, int XR, int W = GEMV16_WARPS>
-__global__ void __launch_bounds__(W * 32, gemv5_minb<W>(0))
-moe_oproj_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint8_t *__restrict__ ow,
-                 const float *__restrict__ obias, int64_t k, int64_t m, int64_t rb, const gemv5_nf F,
-                 const moe_oproj_args A) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  moe_oproj_body<TO, NB, XR, W, 0>(xsm, y, ox, ow, obias, k, m, rb, F, A);
-}
-
-// The projection's rows through shared memory (session 15; gemv5_rows SMW, as gemv5_nf_sm_kernel for Llama): each
-// warp cp.async-copies its whole row before the PDL wait, so no weight is held in registers across it. Why: the
-// 32-warp register kernel (64 registers) needs a SM's whole register file, so on the ~64 SMs that run a gpt-oss
-// attention CTA (128 threads, ~136 registers) none starts and ~22 of its 90 CTAs start only after the attention,
-// their rows' DRAM time then on the critical path. __maxnreg__(40) (CUDA >= 12.4): 1024 threads of it fit beside
-// such a CTA (per warp 32 x 136 and 32 x 40 registers: 4 x 4352 + 32 x 1280 <= 64 K; 48 would not). Older compilers
-// (CI's compile check) get 64. sm_90a: 40 registers, 44 bytes spilled, all in the last CTA's top-k (warp 0;
-// moe_topk32_warp's 32 unrolled broadcasts); 2 blocks a lane a round spilled 64.
-constexpr int MOE_OPROJ_SM_NB = 1; // blocks a lane a round, from shared memory
-#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
-#define MOE_OPROJ_SM_BOUNDS(W) __maxnreg__(40)
-#else
-#define MOE_OPROJ_SM_BOUNDS(W) __launch_bounds__((W) * 32, 1024 / ((W) * 32))
-#endif
-template <int TO, int W>
-__global__ void MOE_OPROJ_SM_BOUNDS(W)
-moe_oproj_sm_kernel(float *__restrict__ y, const float *__restrict__ ox, const uint8_t *__restrict__ ow,
-                    const float *__restrict__ obias, int64_t k, int64_t m, int64_t rb, const gemv5_nf F,
-                    const moe_oproj_args A) {
-  DEC16_DYN_SMEM(uint32_t, xsm);
-  moe_oproj_body<TO, MOE_OPROJ_SM_NB, 0, W, 1>(xsm, y, ox, ow, obias, k, m, rb, F, A);
+  // xt staged for gate_up10 (moe10_route_slice's values, each chunk's 1/scale times r): float4 i by thread i mod 256.
+  const bool b14 = A.x14 != 0;
+#pragma unroll
+  for (int j = 0; j < XB; j++) {
+    const int i0 = j * NT + warp * 32, i = i0 + lane;
+    if (i0 < n4) moe10_stage4(A.xg, nch, i >> 3, i & 7, i < n4, xv[j], A.kind, b14, r); // uniform over the warp
+  }
 }
 
 // Warps per CTA of moe_oproj_kernel (session 13): 32 by default where dim % 32 == 0, else 8; ORCH_CUDA_OPROJ_W=8 /
@@ -240,25 +180,6 @@ static bool moe_oproj_nb4() {
   return g_moe_oproj_nb_force ? g_moe_oproj_nb_force == 4 : v;
 }
 
-// The rows through shared memory (moe_oproj_sm_kernel, session 15): ORCH_CUDA_OPROJ_SM=0 turns it off (the register
-// kernels above), on by default where it applies (moe_oproj_sm_fits). Read once per process; g_moe_oproj_sm_force
-// (emulation tests: -1 off, 1 on) overrides it.
-static int g_moe_oproj_sm_force = 0;
-static bool moe_oproj_sm_on() {
-  static const bool v = [] {
-    const char *e = getenv("ORCH_CUDA_OPROJ_SM");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
-  return g_moe_oproj_sm_force ? g_moe_oproj_sm_force > 0 : v;
-}
-// Q8_0 rows of 16-byte multiples (k % 256 == 0) at a 16-byte aligned base, x staged once (k < 8192), 16- or
-// 32-warp CTAs, the rows and staged x within GEMV5_SM_MAX (gpt-oss, k = 4096, 32 warps: 150 KB + 8 KB static), the
-// partial logits within the rows' space.
-static inline bool moe_oproj_sm_fits(int w, int64_t k, int64_t m, int64_t rb, const uint8_t *ow, int n_exp) {
-  return (w == 16 || w == 32) && gemv5_stage_mode(k) == 0 && rb % 16 == 0 && ((uintptr_t)ow & 15) == 0 &&
-         gemv5_sm_smem(k, w, rb) <= GEMV5_SM_MAX && (int64_t)n_exp * (m / 8) * 4 <= w * rb;
-}
-
 template <int TO>
 static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const uint8_t *ow, const float *obias,
                              int64_t k, int64_t m, int64_t rb, const gemv5_nf &F, const moe_oproj_args &A) {
@@ -272,20 +193,8 @@ static void launch_moe_oproj(cudaStream_t st, float *y, const float *ox, const u
     };
     // x staged as orch_matmul_addnorm's producer stages it (gemv5_stage_mode)
     const bool xr = gemv5_stage_mode(k) == 1;
-    if constexpr (TO == ORCH_T_Q8_0) {
-      if (moe_oproj_sm_on() && moe_oproj_sm_fits(w, k, m, rb, ow, A.n_exp)) {
-        const size_t ss = gemv5_sm_smem(k, w, rb); // includes the staged x and the fold's floats
-        auto sgo = [&](auto kern) {
-          if (ss > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)ss);
-#if !defined(ORCH_EMU)
-          orch_apply_sm_carveout(kern); // the attention's split (common.cuh)
-#endif
-          DEC16_LAUNCH_PDL(kern, dim3((unsigned)(m / w)), w * 32, ss, st, y, ox, ow, obias, k, m, rb, F, A);
-        };
-        return w == 32 ? sgo(moe_oproj_sm_kernel<TO, 32>) : sgo(moe_oproj_sm_kernel<TO, 16>);
-      }
+    if constexpr (TO == ORCH_T_Q8_0)
       if (w == 32 && !xr && moe_oproj_nb4()) return go(moe_oproj_kernel<TO, 4, 0, 32>);
-    }
     if (w == 32) xr ? go(moe_oproj_kernel<TO, NB, 1, 32>) : go(moe_oproj_kernel<TO, NB, 0, 32>);
     else if (w == 16) xr ? go(moe_oproj_kernel<TO, NB, 1, 16>) : go(moe_oproj_kernel<TO, NB, 0, 16>);
     else xr ? go(moe_oproj_kernel<TO, NB, 1>) : go(moe_oproj_kernel<TO, NB, 0>);

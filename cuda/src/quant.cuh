@@ -216,16 +216,9 @@ template <int T, int NB> struct wblocks {
   uint32_t sh[NB]; // byte offset of the block in its first word
 };
 
-// A weight load: __ldg from global memory, or (SM) a plain load from a row's image in shared memory (gemv16.cuh
-// gemv5_rows SMW: the same bytes at the same offsets mod 16).
-template <bool SM, typename V> __device__ __forceinline__ V wld(const V *p) {
-  if constexpr (SM) return *p;
-  else return __ldg(p);
-}
-
 // Loads NB blocks of row wr for this lane: chunks c0 + lane + 32 i (zeros
-// past the row or when !valid). SM: wr is the row's image in shared memory.
-template <int T, int NB, bool SM = false>
+// past the row or when !valid).
+template <int T, int NB>
 __device__ __forceinline__ void ffn_load(wblocks<T, NB> &b, const uint8_t *__restrict__ wr, int64_t c0, int lane,
                                          int64_t nch, bool valid) {
   if constexpr (T == ORCH_T_Q8_0R) {
@@ -234,10 +227,10 @@ __device__ __forceinline__ void ffn_load(wblocks<T, NB> &b, const uint8_t *__res
       const int64_t c = c0 + lane + 32 * i;
       const bool ok = valid && c < nch;
       const uint4 *q = reinterpret_cast<const uint4 *>(wr + 32 * (ok ? c : 0));
-      const uint4 z = make_uint4(0u, 0u, 0u, 0u), a = ok ? wld<SM>(q) : z, d = ok ? wld<SM>(q + 1) : z;
+      const uint4 z = make_uint4(0u, 0u, 0u, 0u), a = ok ? __ldg(q) : z, d = ok ? __ldg(q + 1) : z;
       b.w[i][0] = a.x, b.w[i][1] = a.y, b.w[i][2] = a.z, b.w[i][3] = a.w;
       b.w[i][4] = d.x, b.w[i][5] = d.y, b.w[i][6] = d.z, b.w[i][7] = d.w;
-      b.sh[i] = ok ? (uint32_t)wld<SM>(reinterpret_cast<const unsigned short *>(wr + 32 * nch) + c) : 0u;
+      b.sh[i] = ok ? (uint32_t)__ldg(reinterpret_cast<const unsigned short *>(wr + 32 * nch) + c) : 0u;
     }
     return;
   }
@@ -250,7 +243,7 @@ __device__ __forceinline__ void ffn_load(wblocks<T, NB> &b, const uint8_t *__res
     b.sh[i] = (uint32_t)(p & 3);
     const uint32_t *q = reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);
 #pragma unroll
-    for (int j = 0; j < block_words<T>(); j++) b.w[i][j] = ok ? wld<SM>(q + j) : 0u;
+    for (int j = 0; j < block_words<T>(); j++) b.w[i][j] = ok ? __ldg(q + j) : 0u;
   }
 }
 

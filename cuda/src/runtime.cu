@@ -23,25 +23,7 @@ int g_orch_pdl = 0;
 int orch_carveout() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_CARVEOUT");
-    if (!e || !*e) return -1;
-    const int c = atoi(e);
-    return c >= 0 && c <= 100 ? c : -1;
-  }();
-  return v;
-}
-int orch_gemv_carveout() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV_CARVEOUT");
-    if (!e || !*e) return -1;
-    const int c = atoi(e);
-    return c >= 0 && c <= 100 ? c : -1;
-  }();
-  return v;
-}
-int orch_sm_carveout() {
-  static const int v = [] {
-    const char *e = getenv("ORCH_CUDA_SM_CARVEOUT");
-    if (!e || !*e) return -1;
+    if (!e || !*e) return 43;
     if (strcmp(e, "off") == 0) return -1;
     char *end = nullptr;
     const long c = strtol(e, &end, 10);

@@ -696,34 +696,25 @@ static void test_q8r(int64_t k, int64_t dim, int n) {
          fk.vec(), fo.vec()};
   };
   std::vector<V> a;
-  g_gemv5_sm_force = -1; // the reference: the producer's register kernels on the plain rows
   run(std::integral_constant<int, t>{}, a);
   static const char *names[] = {"y", "multi q", "multi k", "glu gate", "glu up", "glu out", "producer y", "res", "xt",
                                 "ss", "consumer q", "consumer k", "consumer glu out"};
-  // sm: the producer's rows through shared memory (gemv5_nf_sm_kernel, 16 / 32 warps; where gemv5_sm_pick takes it)
-  for (int sm : {-1, 16, 32})
-    for (int w : {GEMV16_WARPS, 16, 32}) {
-      if (sm > 0 && w != GEMV16_WARPS) continue; // w does not reach the producer's SM kernel
-      for (int plain = 0; plain < (sm > 0 ? 2 : 1); plain++) { // SM: on the plain Q8_0 rows too (k % 256 == 0)
-        std::vector<V> b;
-        g_gemv5_w_force = w, g_gemv5_sm_force = sm;
-        if (plain) run(std::integral_constant<int, t>{}, b);
-        else run(std::integral_constant<int, tr>{}, b);
-        g_gemv5_w_force = 0, g_gemv5_sm_force = -1;
-        for (size_t i = 0; i < a.size(); i++) {
-          bool finite = true;
-          for (float v : a[i]) finite &= std::isfinite(v);
-          EXPECT(finite && same_bits(a[i], b[i]),
-                 "Q8_0 %s rows, %d-warp CTAs, producer SM %d: %s differs or not written (k=%lld dim=%lld n=%d)",
-                 plain ? "plain" : "repacked", w, sm, names[i], (long long)k, (long long)dim, n);
-        }
-      }
+  for (int w : {GEMV16_WARPS, 16, 32}) {
+    std::vector<V> b;
+    g_gemv5_w_force = w;
+    run(std::integral_constant<int, tr>{}, b);
+    g_gemv5_w_force = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+      bool finite = true;
+      for (float v : a[i]) finite &= std::isfinite(v);
+      EXPECT(finite && same_bits(a[i], b[i]),
+             "Q8_0 repacked rows, %d-warp CTAs: %s differs or not written (k=%lld dim=%lld n=%d)", w, names[i],
+             (long long)k, (long long)dim, n);
     }
-  g_gemv5_sm_force = 0;
-  std::printf("GEMV v5 on repacked Q8_0 rows (ORCH_T_Q8_0R) k=%lld dim=%lld n=%d, CTAs of 8 / 16 / 32 warps, the "
-              "producer's rows through shared memory (16 / 32 warps, %s): plain, multi, SwiGLU, norm-fold producer "
-              "and consumers bit-identical to the plain rows\n",
-              (long long)k, (long long)dim, n, n == 1 && k < 8192 ? "taken" : "declined");
+  }
+  std::printf("GEMV v5 on repacked Q8_0 rows (ORCH_T_Q8_0R) k=%lld dim=%lld n=%d, CTAs of 8 / 16 / 32 warps: plain, "
+              "multi, SwiGLU, norm-fold producer and consumers bit-identical to the plain rows\n",
+              (long long)k, (long long)dim, n);
 }
 
 int main(int argc, char **argv) {
@@ -740,7 +731,7 @@ int main(int argc, char **argv) {
   test_q8r(96, 64, 1);
   test_q8r(8192, 64, 2); // x staged per round
   test_q8r(64, 3200, 1); // two rounds of blocks in the consumers
-  test_q8r(4096, 64, 1); // Llama's out projection k: 128 blocks (the SM producer: 64 rounds of 2 from shared memory)
+  test_q8r(4096, 64, 1); // Llama's out projection k: 128 blocks
   if (fold_only) return fails ? 1 : 0;
   for (int t : {ORCH_T_MXFP4, ORCH_T_Q8_0, ORCH_T_Q4_0}) {
     test_moe(t, 64, 32, 3, 2, 3);
