@@ -227,8 +227,10 @@ static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_at
   }();
   // ORCH_CUDA_ATTN_KV0 (read once): the first key step's rows copied into shared memory before pdl_wait
   // (attn_kv0_copy). Unset / "auto": K and V where their copies take <= 48 KB (head dim 64 fp16: 34 KB), else K
-  // where it does (128 fp16: 34 KB; beside Llama's attention CTA two 86 KB out-projection CTAs still fit a SM, with
-  // V too only one), else off (fp32 at 128); "k": K; "kv": K and V; "0": off (the kernel as before).
+  // where it does (128 fp16: 34 KB), else off (fp32 at 128); "k": K; "kv": K and V; "0": off (the kernel as before).
+  // Device run 3 (H100, same call, before ORCH_CUDA_CARVEOUT): gpt-oss tg128 690.7 (K and V) vs 683.5 off; Llama
+  // 298.7 (K) vs 297.4 / 297.6 off, 281.7 with "kv" (67.6 KB a CTA: its split then differs from the out projection's,
+  // whose CTAs no longer start beside it).
   static const int kv0_env = [] {
     const char *e = getenv("ORCH_CUDA_ATTN_KV0");
     if (!e || !*e || strcmp(e, "auto") == 0) return -1;
