@@ -15,7 +15,7 @@
 # E2E_REPLICAS="1 2 4" sets the replica counts of step replicas (default "1 2").
 # Binaries come from the dev machine, packed by `make gpu-pack` into .gpu/bins.tar.xz
 # (carry ".gpu"). Logs go to $OUT (at most 8 files come back).
-# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf tables ncu bench depth serve llama profile trace ab replicas tp llamatp)
+# Usage: cuda/scripts/e2e-gpu.sh [steps...]   (default: all but depth/perf/tp/llamatp; steps: kernels tests perf tables ncu bench depth serve llama profile trace traceab ab replicas tp llamatp)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -165,17 +165,18 @@ cupti_trace_lib() { # build cuda/scripts/cupti-trace.c (CUPTI kernel activity, a
   gcc -O2 -shared -fPIC -I"$home/include" -I"$(dirname "$inc")" -o /tmp/libcupti-trace.so cuda/scripts/cupti-trace.c \
     "$lib" -Wl,-rpath,"$(dirname "$lib")" >>"$OUT/trace-build.log" 2>&1 || { log "trace: cupti-trace.c build FAILED"; return 1; }
 }
-trace() { # name model.gguf [bench args]: every kernel's start and end through CUPTI (graph nodes one by one, PDL
-  # overlap kept), summarised per kernel and per position in the decode step by cuda/scripts/trace-summary.py into trace.md
+trace() { # name model.gguf [bench args] [ENV=v ...]: every kernel's start and end through CUPTI (graph nodes one by
+  # one, PDL overlap kept), summarised per kernel and per position in the decode step by cuda/scripts/trace-summary.py
+  # into trace.md; the environment assignments (4th argument) apply to that bench only
   cupti_trace_lib || return 0
   local args=${3:-"-p 0 -n 64 -r 1"}
   rm -f /tmp/tr-$1.*
-  CUDA_INJECTION64_PATH=/tmp/libcupti-trace.so CUDA_ORCH_TRACE="/tmp/tr-$1" timeout 240 \
+  env ${4:-} CUDA_INJECTION64_PATH=/tmp/libcupti-trace.so CUDA_ORCH_TRACE="/tmp/tr-$1" timeout 240 \
     bin/orch-host bench --model "$2" --device cuda $args >"$OUT/trace-$1.log" 2>&1
   local rc=$?
   ls -la /tmp/tr-$1.* >>"$OUT/trace-$1.log" 2>&1
   { grep -E '^\| (gpt|llama|synth)' "$OUT/trace-$1.log" | tail -1
-    python3 cuda/scripts/trace-summary.py "$1, bench $args ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)), rc=$rc" \
+    python3 cuda/scripts/trace-summary.py "$1, ${4:+$4, }bench $args ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)), rc=$rc" \
       $(ls -S /tmp/tr-$1.*.csv 2>/dev/null | head -1) || echo "### $1: no trace (rc=$rc)"; echo; } >>"$OUT/trace.md" 2>&1
   log "trace $1: rc=$rc $(grep -A1 "^### $1," "$OUT/trace.md" | tail -1 | cut -c1-200)"
 }
@@ -185,6 +186,19 @@ if has trace; then
     trace gpt-oss-20b-x16 "$M/gpt-oss-20b.gguf" "-p 0 -n 64 --streams 16 -r 1"
     has depth && trace gpt-oss-20b-d8192 "$M/gpt-oss-20b.gguf" "-p 0 -n 32 --depth 8192 -r 1"; }
   synth llama llama3-8b "$M/llama3-8b.gguf" && trace llama3-8b "$M/llama3-8b.gguf"
+fi
+# step traceab: traces under other settings, lines "name;ENV=v ENV2=v;gpt|llama;bench args" from $E2E_TRACE_AB
+# (default .gpu/trace.txt; empty args: -p 0 -n 64 -r 1), each into trace.md as the trace step's (session 15).
+if has traceab; then
+  tf=${E2E_TRACE_AB:-.gpu/trace.txt}
+  if [ -f "$tf" ]; then
+    while IFS=';' read -r name envs model args; do
+      [ -z "$name" ] || [[ "$name" == \#* ]] && continue
+      if [ "$model" = llama ]; then synth llama llama3-8b "$M/llama3-8b.gguf" || continue; f="$M/llama3-8b.gguf"
+      else synth gpt-oss 20b "$M/gpt-oss-20b.gguf" || continue; f="$M/gpt-oss-20b.gguf"; fi
+      trace "$name" "$f" "${args:--p 0 -n 64 -r 1}" "$envs" </dev/null
+    done <"$tf"
+  else log "traceab: no $tf"; fi
 fi
 # step ab: A/B bench lines from $E2E_AB (default .gpu/ab.txt), one per line: "label;ENV=v ENV2=v;gpt|llama;bench args"
 # (e.g. "v2 from 33;ORCH_CUDA_DENSE_V2_FROM=33;gpt;-p 0 -n 128 --streams 64 -r 1") into ab.md, in file order.
