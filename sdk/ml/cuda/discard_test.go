@@ -16,51 +16,14 @@ import (
 // end), while held launches still go out as before; partial overlaps, the
 // residual, other backends' tensors and the switch change nothing.
 
-// ropeFoldStep issues a decode layer's q/k/v GEMVs, RoPE pair, KV write and
-// Attend (n tokens) that fold into one orch_attention_rope launch.
-type ropeFoldStep struct {
-	q, k, v, att, x, h *tensor
-	nh, nkv            int
-	step               func()
-}
-
-func newRopeFoldStep(b *Backend, f *fakeLib, n int) *ropeFoldStep {
-	b.l.attentionRope = func(ctx uintptr, a *attnArgs, r *attnRopeArgs) int32 {
-		return f.add("attention_rope out=%x q=%x", a.out, a.q)
-	}
-	const d, hd, nh, nkv, bs = 64, 16, 4, 2, 16
-	s := &ropeFoldStep{nh: nh, nkv: nkv}
-	s.x, s.h = fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n)
-	wq, wk, wv := fakeT(b, ml.Q8_0, d, hd*nh), fakeT(b, ml.Q8_0, d, hd*nkv), fakeT(b, ml.Q8_0, d, hd*nkv)
-	s.q, s.k, s.v = fakeT(b, ml.F32, hd*nh, n), fakeT(b, ml.F32, hd*nkv, n), fakeT(b, ml.F32, hd*nkv, n)
-	view := func(t *tensor, heads int) *tensor {
-		c := *t
-		c.shape = []int{hd, heads, n}
-		return &c
-	}
-	pos, freq := fakeT(b, ml.I32, n), fakeT(b, ml.F32, hd/2)
-	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
-	kc, vc := fakeT(b, ml.F16, hd, nkv, bs, 4), fakeT(b, ml.F16, hd, nkv, bs, 4)
-	bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, n), Slots: fakeT(b, ml.I32, n), Blocks: fakeT(b, ml.I32, 4, 1),
-		BlockSize: bs}
-	s.att = fakeT(b, ml.F32, hd, nh, n)
-	s.step = func() {
-		b.MatMul(s.q, s.h, wq, nil)
-		b.MatMul(s.k, s.h, wk, nil)
-		b.MatMul(s.v, s.h, wv, nil)
-		b.RoPE(view(s.q, nh), pos, rope)
-		b.RoPE(view(s.k, nkv), pos, rope)
-		b.KVWrite(kc, vc, view(s.k, nkv), view(s.v, nkv), bt)
-		b.Attend(s.att, view(s.q, nh), kc, vc, bt, &ml.Attention{Scale: 0.25})
-	}
-	return s
-}
-
 func TestDiscardRoPEFold(t *testing.T) {
 	defer func(v, w, d bool) { fuseOps, foldAttnRoPE, discardOn = v, w, d }(fuseOps, foldAttnRoPE, discardOn)
 	fuseOps, foldAttnRoPE, discardOn = true, true, true
 	b, f := newFakeBackend(t)
-	s := newRopeFoldStep(b, f, 1)
+	b.l.attentionRope = func(ctx uintptr, a *attnArgs, r *attnRopeArgs) int32 {
+		return f.add("attention_rope out=%x q=%x", a.out, a.q)
+	}
+	s := newRopeFoldStep(b, 1)
 	q, k := s.q, s.k
 	multi := fmt.Sprintf("multi x=%x n=1 k=64 [%x/64 %x/32 %x/32]", s.h.ptr, q.ptr, k.ptr, s.v.ptr)
 	attn := fmt.Sprintf("attention_rope out=%x q=%x", s.att.ptr, q.ptr)
@@ -114,7 +77,7 @@ func TestDiscardRoPEFold(t *testing.T) {
 	require.Equal(t, []string{"graph_launch"}, f.take())
 
 	// Two tokens, the first token's rows of q and k discarded: a partial overlap, still rotated.
-	s2 := newRopeFoldStep(b, f, 2)
+	s2 := newRopeFoldStep(b, 2)
 	q0, k0 := *s2.q, *s2.k
 	q0.bytes, k0.bytes = s2.q.bytes/2, s2.k.bytes/2
 	s2.step()

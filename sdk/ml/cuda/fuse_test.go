@@ -396,27 +396,10 @@ func TestFuseAttentionRoPE(t *testing.T) {
 	const d, hd, nh, nkv, bs = 64, 16, 4, 2, 16
 	run := func(n int, rc int32) (q, k, v, att, x *tensor) {
 		ropeRC = rc
-		x, h := fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n)
-		wq, wk, wv := fakeT(b, ml.Q8_0, d, hd*nh), fakeT(b, ml.Q8_0, d, hd*nkv), fakeT(b, ml.Q8_0, d, hd*nkv)
-		q, k, v = fakeT(b, ml.F32, hd*nh, n), fakeT(b, ml.F32, hd*nkv, n), fakeT(b, ml.F32, hd*nkv, n)
-		view := func(t *tensor, heads int) *tensor {
-			c := *t
-			c.shape = []int{hd, heads, n}
-			return &c
-		}
-		pos, freq := fakeT(b, ml.I32, n), fakeT(b, ml.F32, hd/2)
-		rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
-		kc, vc := fakeT(b, ml.F16, hd, nkv, bs, 4), fakeT(b, ml.F16, hd, nkv, bs, 4)
-		bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, n), Slots: fakeT(b, ml.I32, n), Blocks: fakeT(b, ml.I32, 4, 1),
-			BlockSize: bs}
-		att = fakeT(b, ml.F32, hd, nh, n)
-		b.MatMul(q, h, wq, nil)
-		b.MatMul(k, h, wk, nil)
-		b.MatMul(v, h, wv, nil)
-		b.RoPE(view(q, nh), pos, rope)
-		b.RoPE(view(k, nkv), pos, rope)
-		b.KVWrite(kc, vc, view(k, nkv), view(v, nkv), bt)
-		b.Attend(att, view(q, nh), kc, vc, bt, &ml.Attention{Scale: 0.25})
+		s := newRopeFoldStep(b, n)
+		q, k, v, att, x = s.q, s.k, s.v, s.att, s.x
+		h, wq, wk, wv, kc, bt := s.h, s.wq, s.wk, s.wv, s.kc, s.bt
+		s.step()
 		// The next layer's GEMVs overwrite q and k whole: nothing to rotate.
 		b.MatMul(q, h, wq, nil)
 		b.MatMul(k, h, wk, nil)
@@ -498,4 +481,44 @@ func TestFuseAttentionRoPE(t *testing.T) {
 		f.take())
 	require.False(t, b.pend.unrot.on)
 	_, _ = wk, wv
+}
+
+// ropeFoldStep issues a decode layer's q/k/v GEMVs, RoPE pair, KV write and
+// Attend (n tokens; d 64, head dim 16, 4 heads, 2 kv heads) that fold into one
+// orch_attention_rope launch (TestFuseAttentionRoPE, TestDiscardRoPEFold).
+type ropeFoldStep struct {
+	q, k, v, att, x, h, wq, wk, wv, kc *tensor
+	bt                                 *ml.Batch
+	nh, nkv                            int
+	step                               func()
+}
+
+func newRopeFoldStep(b *Backend, n int) *ropeFoldStep {
+	const d, hd, nh, nkv, bs = 64, 16, 4, 2, 16
+	s := &ropeFoldStep{nh: nh, nkv: nkv}
+	s.x, s.h = fakeT(b, ml.F32, d, n), fakeT(b, ml.F32, d, n)
+	s.wq, s.wk, s.wv = fakeT(b, ml.Q8_0, d, hd*nh), fakeT(b, ml.Q8_0, d, hd*nkv), fakeT(b, ml.Q8_0, d, hd*nkv)
+	s.q, s.k, s.v = fakeT(b, ml.F32, hd*nh, n), fakeT(b, ml.F32, hd*nkv, n), fakeT(b, ml.F32, hd*nkv, n)
+	view := func(t *tensor, heads int) *tensor {
+		c := *t
+		c.shape = []int{hd, heads, n}
+		return &c
+	}
+	pos, freq := fakeT(b, ml.I32, n), fakeT(b, ml.F32, hd/2)
+	rope := &ml.Rope{Mode: ml.RopeNeoX, Dims: hd, InvFreq: freq}
+	kc, vc := fakeT(b, ml.F16, hd, nkv, bs, 4), fakeT(b, ml.F16, hd, nkv, bs, 4)
+	s.kc = kc
+	bt := &ml.Batch{Pos: pos, Seq: fakeT(b, ml.I32, n), Slots: fakeT(b, ml.I32, n), Blocks: fakeT(b, ml.I32, 4, 1),
+		BlockSize: bs}
+	s.bt, s.att = bt, fakeT(b, ml.F32, hd, nh, n)
+	s.step = func() {
+		b.MatMul(s.q, s.h, s.wq, nil)
+		b.MatMul(s.k, s.h, s.wk, nil)
+		b.MatMul(s.v, s.h, s.wv, nil)
+		b.RoPE(view(s.q, nh), pos, rope)
+		b.RoPE(view(s.k, nkv), pos, rope)
+		b.KVWrite(kc, vc, view(s.k, nkv), view(s.v, nkv), bt)
+		b.Attend(s.att, view(s.q, nh), kc, vc, bt, &ml.Attention{Scale: 0.25})
+	}
+	return s
 }

@@ -3,8 +3,13 @@ package nntest
 import (
 	"fmt"
 	"math"
+	"testing"
 
+	"github.com/stretchr/testify/assert"
+
+	"github.com/llama-orch/orch/sdk/engine"
 	"github.com/llama-orch/orch/sdk/ml"
+	"github.com/llama-orch/orch/sdk/ml/cpu"
 )
 
 // ReplayBackend wraps a backend (the CPU one in tests) and emulates CUDA
@@ -286,4 +291,20 @@ func (g *ReplayBackend) MoE(dst, x ml.Tensor, m *ml.MoE) {
 func (g *ReplayBackend) Argmax(dst, x ml.Tensor) { g.do(func() { g.Backend.Argmax(dst, x) }) }
 func (g *ReplayBackend) CopyBlock(cache ml.Tensor, dst, src int) {
 	g.do(func() { g.Backend.CopyBlock(cache, dst, src) })
+}
+
+// CheckDiscardsUnread loads the tiny model of arch twice — on a plain CPU
+// backend, and on a ReplayBackend over one that poisons every tensor the
+// model discards (ml.Discarder) — and compares them (CompareModels: prefill,
+// decode captured and replayed, a mixed batch): nothing reads a discarded
+// tensor. load(b) loads the model with b as its backend (nil: the default).
+func CheckDiscardsUnread(t *testing.T, arch string, load func(c Config, b ml.Backend) engine.Model) {
+	rb := NewReplay(cpu.New(2))
+	rb.PoisonDiscards = true
+	c := Tiny(arch)
+	ref := load(c, nil)
+	m := load(c, rb)
+	CompareModels(t, ref, m, 21, 1e-6)
+	assert.Positive(t, rb.Discards)
+	assert.Positive(t, rb.Replays)
 }
