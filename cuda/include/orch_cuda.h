@@ -192,6 +192,14 @@ int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, 
  * v7 GEMV (n = 3..8) runs, m % 32 == 0 and nss = m / 8 <= 1024 (swiglu_nf: v5 only). */
 int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                         int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss);
+/* (session 16, optional) orch_matmul_addnorm that also asks for the first rows the v5 GEMV of the next weight
+ * (pf_w: pf_m rows of pf_k elements of type pf_wtype, the first consumer's) will read to be prefetched into L2 while
+ * its kernel waits for its input: for a producer launched right after a kernel that leaves DRAM idle (the decode
+ * attention). How much: ORCH_CUDA_L2PF ("MB" or "MB,last"; 0: nothing). A hint: the results are
+ * orch_matmul_addnorm's, bit for bit. */
+int orch_matmul_addnorm_pf(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
+                           int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss,
+                           const void *pf_w, int32_t pf_wtype, int64_t pf_m, int64_t pf_k);
 int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
                          const orch_gemv_part *parts, const float *ss, int64_t nss, float eps);
 int orch_matmul_swiglu_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,

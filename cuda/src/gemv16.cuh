@@ -143,6 +143,9 @@ struct gemv5_nf {
   float *ss = nullptr;        // producer writes, consumer reads: nss partial sums of squares per token
   int nss = 0;                // consumer: partials per token (the producer's CTA count)
   float eps = 0.f;            // consumer
+  const uint8_t *pf = nullptr; // producer: bytes [pf, pf + pfb) into L2 before its PDL wait (gemv5_l2pf)
+  int64_t pfb = 0;
+  int pfm = 0; // 1: with an evict_last policy
 };
 constexpr int GEMV5_NF_MAX = 1024; // consumer: partials per token (shared memory: NT x nss floats)
 // Shared floats the fold uses after the staged x (dynamic shared memory): the producer's NT x 8 warp sums, the
@@ -186,6 +189,41 @@ __device__ __forceinline__ void gemv5_nf_scales(float (&sc)[NT], const float *sh
   for (int j = 0; j < NT; j++) sc[j] = j < nt ? gemv5_nf_scale(sh, j, nss, dim, eps) : 1.f;
 }
 
+// The next GEMV's first weight rows into L2 (session 16; orch_matmul_addnorm_pf, ORCH_CUDA_L2PF): the producer's
+// CTAs, after their own first-round loads and BEFORE pdl_wait, ask for [F.pf, F.pf + F.pfb), a 16-byte aligned
+// slice each (CTA b: bytes [b * per, (b + 1) * per)). Weights are never written while a step runs. Launched after the
+// decode attention (the Go side asks only then), the requests fill the one window of a Llama layer in which DRAM
+// is not the bottleneck (the attention is latency-bound) so that the consumer (the gate/up fold) reads that many
+// bytes from L2 instead. A hint: no result depends on it. Hopper (CUDA 12+): bulk prefetches of up to 16 KB, one
+// thread each; otherwise one prefetch.global.L2 per 32-byte sector.
+__device__ __forceinline__ void gemv5_l2pf(const gemv5_nf &F) {
+  if (F.pfb <= 0) return;
+  const int64_t per = ((F.pfb + gridDim.x - 1) / gridDim.x + 15) & ~(int64_t)15;
+  const int64_t b0 = (int64_t)blockIdx.x * per, b1 = min(b0 + per, F.pfb);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12
+  constexpr int64_t CH = 16 * 1024;
+  const int64_t o = b0 + (int64_t)threadIdx.x * CH;
+  if (o < b1) {
+    const unsigned sz = (unsigned)min(CH, b1 - o); // a multiple of 16: per and pfb are (orch_matmul_addnorm_pf)
+    if (F.pfm == 1) {
+      uint64_t pol;
+      asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+      asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(F.pf + o), "r"(sz), "l"(pol)
+                   : "memory");
+    } else {
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(F.pf + o), "r"(sz) : "memory");
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  for (int64_t o = b0 + (int64_t)threadIdx.x * 32; o < b1; o += (int64_t)blockDim.x * 32) {
+    if (F.pfm == 1) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(F.pf + o));
+    else asm volatile("prefetch.global.L2 [%0];" ::"l"(F.pf + o));
+  }
+#else
+  (void)b0, (void)b1;
+#endif
+}
+
 // NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
 // (gemv5_nf above; F unused at 0). W: warps per CTA (gemv5_warps; 8, or 16 / 32 for the repacked Q8_0 rows): the
 // rows, their arithmetic and the producer's partial sums (one per 8 consecutive warps) do not depend on it.
@@ -223,6 +261,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       if constexpr (XR == 1) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
+            if constexpr (NF == 1) gemv5_l2pf(F);
             pdl_wait();
             if constexpr (TR) tr[1] = gemv_gtime();
             if constexpr (NF == 1)
@@ -237,6 +276,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
             if (c0 == 0) tr[2] = gemv_gtime();
         }
       } else if (!staged) { // first round of the first row: uniform over the CTA
+        if constexpr (NF == 1) gemv5_l2pf(F);
         pdl_wait();
         if constexpr (TR) tr[1] = gemv_gtime();
         if constexpr (NF == 1)

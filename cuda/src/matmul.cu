@@ -665,10 +665,31 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
 // are theirs); otherwise ORCH_ERR_UNSUPPORTED, nothing launched, and the caller runs the unfolded ops.
 constexpr int64_t NF_MAX_PARTIALS = GEMV5_NF_MAX; // the consumer's limit (rows <= 8 x this)
 
-extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype,
-                                   const float *bias, int64_t n, int64_t k, int64_t m, float *res, const float *nw,
-                                   float *xt, float *ss) {
-  const char *op = "matmul_addnorm";
+// ORCH_CUDA_L2PF (read once): how much of the next GEMV's weight orch_matmul_addnorm_pf asks into L2, "MB" or
+// "MB,last" (an evict_last policy); 0: none. Unset: the default below.
+struct l2pf_cfg {
+  int64_t bytes;
+  int mode;
+};
+static l2pf_cfg l2pf_env() {
+  static const l2pf_cfg c = [] {
+    l2pf_cfg r = {0, 0};
+    const char *e = getenv("ORCH_CUDA_L2PF");
+    if (!e || !*e) return r;
+    char *end = nullptr;
+    const double mb = strtod(e, &end);
+    if (end == e || mb < 0 || mb > 1024) return r;
+    r.bytes = (int64_t)(mb * 1024 * 1024) & ~(int64_t)15;
+    r.mode = end && strcmp(end, ",last") == 0 ? 1 : 0;
+    return r;
+  }();
+  return c;
+}
+
+static int matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
+                          int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss,
+                          const void *pf_w, int32_t pf_wtype, int64_t pf_m, int64_t pf_k) {
+  const char *op = pf_w ? "matmul_addnorm_pf" : "matmul_addnorm";
   ORCH_CHECK_ARG(ctx && y && x && w && res && nw && xt && ss && n >= 0 && k > 0 && m > 0, op);
   const bool q8r = q8_dual(wtype);
   const int64_t rb = orch_row_bytes(wtype, k);
@@ -683,6 +704,21 @@ extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, cons
   }
   gemv5_nf F;
   F.res = res, F.w = nw, F.xt = xt, F.ss = ss;
+  const l2pf_cfg pc = l2pf_env();
+  if (pf_w && pc.bytes > 0 && route == GR_V5 && pf_k > 0 && pf_k % 32 == 0 && pf_m > 0) {
+    // the rows the next v5 GEMV reads first: its first rows (the repacked ones of a dual weight)
+    const uint8_t *base = (const uint8_t *)pf_w;
+    int64_t rows_bytes = pf_m * orch_row_bytes(pf_wtype, pf_k);
+    if (q8_dual(pf_wtype)) {
+      base += rp_offset(ORCH_T_Q8_0, pf_m, pf_k);
+      rows_bytes = pf_m * rp_row_bytes(ORCH_T_Q8_0, pf_k);
+    }
+    if (aligned16(base) && rows_bytes > 0) {
+      F.pf = base;
+      F.pfb = min(pc.bytes, rows_bytes) & ~(int64_t)15;
+      F.pfm = pc.mode;
+    }
+  }
   if (route == GR_V7) {
     void *scr = nullptr;
     int rc = orch_scratch(ctx, gemv7_scratch(n, k), &scr);
@@ -696,6 +732,20 @@ extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, cons
   }
   ORCH_LAUNCHED(op);
   return ORCH_OK;
+}
+
+extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype,
+                                   const float *bias, int64_t n, int64_t k, int64_t m, float *res, const float *nw,
+                                   float *xt, float *ss) {
+  return matmul_addnorm(ctx, y, x, w, wtype, bias, n, k, m, res, nw, xt, ss, nullptr, 0, 0, 0);
+}
+
+extern "C" int orch_matmul_addnorm_pf(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype,
+                                      const float *bias, int64_t n, int64_t k, int64_t m, float *res, const float *nw,
+                                      float *xt, float *ss, const void *pf_w, int32_t pf_wtype, int64_t pf_m,
+                                      int64_t pf_k) {
+  ORCH_CHECK_ARG(pf_w && pf_m > 0 && pf_k > 0, "matmul_addnorm_pf");
+  return matmul_addnorm(ctx, y, x, w, wtype, bias, n, k, m, res, nw, xt, ss, pf_w, pf_wtype, pf_m, pf_k);
 }
 
 // ss: the producer's partials (16-byte aligned, nss % 4 == 0: the consumer copies them in 16-byte pieces).

@@ -65,6 +65,8 @@ type Backend struct {
 	bc bf16Cache
 	// launches counts calls (call).
 	launches uint64
+	// afterAttend: the last launch was the decode attention (call; normfold.go's L2 prefetch).
+	afterAttend bool
 	// xt: h holds a norm fold's xt (normfold.go).
 	xt xtState
 	// ah: pinned buffers and events of step-ahead reads (ahead.go).
@@ -206,6 +208,7 @@ func (b *Backend) failf(op, format string, args ...any) {
 // call records a C status as the sticky error.
 func (b *Backend) call(op string, rc int32) {
 	b.launches++
+	b.afterAttend = op == "attend" && rc == stOK
 	if rc != stOK {
 		b.fail(b.l.status(op, rc))
 		return

@@ -568,6 +568,18 @@ func TestFusedNormFold(t *testing.T) {
 					require.NoError(t, gpu.l.status("matmul_multi_nf", rc))
 					require.NoError(t, gpu.Sync())
 					sameBits(t, name+" direct producer y", plain[0], readF32(t, o.g))
+					if gpu.l.matmulAddNormPF != nil { // with the L2 prefetch of the consumer's rows: a hint, same bits
+						qDirect := readF32(t, q.g)
+						reset()
+						rc = gpu.l.matmulAddNormPF(gpu.ctx, ptr(o), ptr(att), ptr(wo), int32(dt), ptr(bo), int64(n), d, d,
+							ptr(res), ptr(n2), ptr(h), ss, ptr(wq), gemvWType(wq.g.(*tensor)), qd, d)
+						require.NoError(t, gpu.l.status("matmul_addnorm_pf", rc))
+						rc = gpu.l.matmulMultiNF(gpu.ctx, ptr(h), int32(dt), int64(n), d, 1, &parts[0], ss, d/8, eps)
+						require.NoError(t, gpu.l.status("matmul_multi_nf", rc))
+						require.NoError(t, gpu.Sync())
+						sameBits(t, name+" direct producer y (L2 prefetch)", plain[0], readF32(t, o.g))
+						sameBits(t, name+" direct consumer q (L2 prefetch)", qDirect, readF32(t, q.g))
+					}
 				}
 				layer(ref, func(p pair) ml.Tensor { return p.c }) // CPU backend
 				for i, p := range outs {

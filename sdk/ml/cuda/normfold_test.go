@@ -153,3 +153,69 @@ func TestFuseNormFold(t *testing.T) {
 	fuseNormFold = false
 	plainPair("the switch off", h)
 }
+
+// The L2 prefetch of the first consumer's weight (startNormFold, l2Prefetch): the out projection's producer right
+// after a decode attention is made through orch_matmul_addnorm_pf with the gate weight, its rows and k; the down
+// projection's producer (after the gate/up fold), a producer after any other launch, and a library without the
+// entry get the plain orch_matmul_addnorm.
+func TestNormFoldL2Prefetch(t *testing.T) {
+	defer func(v, nf, ar bool) { fuseOps, fuseNormFold, foldAttnRoPE = v, nf, ar }(fuseOps, fuseNormFold, foldAttnRoPE)
+	fuseOps, fuseNormFold, foldAttnRoPE = true, true, true
+	b, f := newFakeBackend(t)
+	b.l.attentionRope = func(ctx uintptr, a *attnArgs, r *attnRopeArgs) int32 { return f.add("attention_rope") }
+	pfLib := func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, nw, xt, ss, pfw uintptr,
+		pfType int32, pfM, pfK int64) int32 {
+		return f.add("addnorm_pf y=%x x=%x n=%d res=%x nw=%x xt=%x pf=%x/%d m=%d k=%d", y, x, n, res, nw, xt, pfw, pfType,
+			pfM, pfK)
+	}
+	b.l.matmulAddNormPF = pfLib
+	s := newRopeFoldStep(b, 1)
+	const ff = 96
+	d := s.x.shape[0]
+	o, fo, n1, n2 := fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d, 1), fakeT(b, ml.F32, d), fakeT(b, ml.F32, d)
+	wo, wg, wu, wd := fakeT(b, ml.Q8_0, d, d), fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.Q8_0, d, ff), fakeT(b, ml.Q8_0, ff, d)
+	g, u := fakeT(b, ml.F32, ff, 1), fakeT(b, ml.F32, ff, 1)
+	x, h := s.x, s.h
+	att := *s.att // the attention's output as the projection's x
+	att.shape = []int{d, 1}
+	ffn := func() {
+		b.MatMul(o, &att, wo, nil)
+		b.AddRMSNorm(x, h, o, n2, 1e-5)
+		b.MatMul(g, h, wg, nil)
+		b.MatMul(u, h, wu, nil)
+		b.SwiGLU(g, g, u)
+		b.MatMul(fo, g, wd, nil)
+		b.AddRMSNorm(x, h, fo, n1, 1e-5)
+		b.MatMul(s.q, h, s.wq, nil)
+		b.MatMul(s.k, h, s.wk, nil)
+		b.MatMul(s.v, h, s.wv, nil)
+	}
+	addnorm := func(y, xx, nw uintptr) string {
+		return fmt.Sprintf("addnorm y=%x x=%x n=1 res=%x nw=%x xt=%x", y, xx, x.ptr, nw, h.ptr)
+	}
+	oprojPF := fmt.Sprintf("addnorm_pf y=%x x=%x n=1 res=%x nw=%x xt=%x pf=%x/%d m=%d k=%d", o.ptr, s.att.ptr, x.ptr,
+		n2.ptr, h.ptr, wg.ptr, gemvWType(wg), ff, d)
+	swigluNF := fmt.Sprintf("swiglu_nf x=%x n=1 gate=%x up=%x out=%x nss=8", h.ptr, g.ptr, u.ptr, g.ptr)
+	down := addnorm(fo.ptr, g.ptr, n1.ptr)
+
+	s.step()
+	require.Equal(t, "attention_rope", f.take()[1])
+	ffn()
+	require.Equal(t, []string{oprojPF, swigluNF, down}, f.take()[:3], "after the attention")
+
+	// Another launch between the attention and the producer: no prefetch (the window is gone).
+	s.step()
+	f.take()
+	b.Add(n1, n1, n1)
+	ffn()
+	require.Equal(t, []string{fmt.Sprintf("add out=%x", n1.ptr), addnorm(o.ptr, s.att.ptr, n2.ptr), swigluNF, down},
+		f.take()[:4], "an add between")
+	// No attention before it at all, and a library without the entry.
+	ffn()
+	require.Equal(t, []string{addnorm(o.ptr, s.att.ptr, n2.ptr), swigluNF, down}, f.take()[:3], "no attention")
+	b.l.matmulAddNormPF = nil
+	s.step()
+	f.take()
+	ffn()
+	require.Equal(t, []string{addnorm(o.ptr, s.att.ptr, n2.ptr), swigluNF, down}, f.take()[:3], "no entry")
+}
