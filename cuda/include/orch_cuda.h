@@ -195,7 +195,7 @@ int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, 
 /* (session 16, optional) orch_matmul_addnorm that also asks for the first rows the v5 GEMV of the next weight
  * (pf_w: pf_m rows of pf_k elements of type pf_wtype, the first consumer's) will read to be prefetched into L2 while
  * its kernel waits for its input: for a producer launched right after a kernel that leaves DRAM idle (the decode
- * attention). How much: ORCH_CUDA_L2PF ("MB" or "MB,last"; 0: nothing). A hint: the results are
+ * attention). How much: ORCH_CUDA_L2PF ("MB" or "MB,last"; default 8,last; 0: nothing). A hint: the results are
  * orch_matmul_addnorm's, bit for bit. */
 int orch_matmul_addnorm_pf(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                            int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss,

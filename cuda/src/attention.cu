@@ -226,11 +226,13 @@ static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_at
     return e && strcmp(e, "0") == 0 ? 0 : 1;
   }();
   // ORCH_CUDA_ATTN_KV0 (read once): the first key step's rows copied into shared memory before pdl_wait
-  // (attn_kv0_copy). Unset / "auto": K and V where their copies take <= 48 KB (head dim 64 fp16: 34 KB), else K
-  // where it does (128 fp16: 34 KB), else off (fp32 at 128); "k": K; "kv": K and V; "0": off (the kernel as before).
-  // Device run 3 (H100, same call, before ORCH_CUDA_CARVEOUT): gpt-oss tg128 690.7 (K and V) vs 683.5 off; Llama
-  // 298.7 (K) vs 297.4 / 297.6 off, 281.7 with "kv" (67.6 KB a CTA: its split then differs from the out projection's,
-  // whose CTAs no longer start beside it).
+  // (attn_kv0_copy). Unset / "auto": K and V where their copies take <= 48 KB (head dim 64 fp16: 34 KB) or, with
+  // the GEMVs' shared split (ORCH_CUDA_CARVEOUT, ~98 KB at 43%), <= 72 KB (128 fp16: 67.6 KB, beside two 12 KB
+  // out-projection CTAs); else K where it takes <= 48 KB; else off (fp32 at 128); "k": K; "kv": K and V; "0": off.
+  // Device run 3 of session 15 (H100, same call, driver splits): gpt-oss tg128 690.7 (K and V) vs 683.5 off; Llama
+  // 298.7 (K) vs 297.4 / 297.6 off, 281.7 with "kv" (its split then differed from the out projection's, whose CTAs
+  // no longer started beside it). Session 16 runs 1-2 (H100, the shared split): Llama 305.1 / 305.8 with "kv" vs
+  // 302.5 / 303.1 with K.
   static const int kv0_env = [] {
     const char *e = getenv("ORCH_CUDA_ATTN_KV0");
     if (!e || !*e || strcmp(e, "auto") == 0) return -1;
@@ -238,7 +240,10 @@ static int launch_attn_gdr(orch_ctx *ctx, const orch_attn_args *a, const orch_at
   }();
   constexpr int kvb = (int)sizeof(KV);
   int kv0 = kv0_env;
-  if (kv0 < 0) kv0 = attn_kv0_bytes(HD, kvb, 2) <= 48 * 1024 ? 2 : attn_kv0_bytes(HD, kvb, 1) <= 48 * 1024 ? 1 : 0;
+  if (kv0 < 0) {
+    const int kv_max = orch_carveout() >= 43 ? 72 * 1024 : 48 * 1024;
+    kv0 = attn_kv0_bytes(HD, kvb, 2) <= kv_max ? 2 : attn_kv0_bytes(HD, kvb, 1) <= 48 * 1024 ? 1 : 0;
+  }
   const int smem = attn_kv0_bytes(HD, kvb, kv0);
   if (smem && smem + sizeof(AttnGdrSmem<KV, HD, GC>) + 1024 > 48 * 1024) { // the static part counts (1 KB: margin)
     const cudaError_t attr =
