@@ -30,11 +30,6 @@ constexpr int GEMV16_WARPS = 8;
 // from L2, all before the first FMA with XR = 0) is spread over the rounds and
 // overlaps each round's DRAM latency instead of sitting serially after the
 // PDL wait. Same staged values, same arithmetic: bit-identical to XR = 0.
-// XR = 2 (session 16; ORCH_CUDA_GEMV5_XR2=1, the norm fold's producer): round 0
-// stages its chunks, round 1 all the rest; no barrier after that, so the warps
-// of a CTA stop running the later rounds in lock step (with XR = 1 every round
-// ends in a barrier: the CTA's loads of the next round start only once its
-// slowest warp is done, and DRAM idles between rounds). Bit-identical too.
 // Chunk ranges start at multiples of 32 chunks, so each 8-lane group of
 // dec16_stage's loop still owns one chunk.
 __device__ __forceinline__ void gemv5_stage_range(uint32_t *xh, float *xinv, const float *__restrict__ x, int nr,
@@ -263,8 +258,8 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
     for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
       wblocks<T, NB> b;
       ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
-      if constexpr (XR >= 1) {
-        if (r == 0 && (XR == 1 || c0 <= 32 * NB)) { // the first row's rounds (XR 2: two): uniform over the CTA
+      if constexpr (XR == 1) {
+        if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
             if constexpr (NF == 1) gemv5_l2pf(F);
             pdl_wait();
@@ -273,8 +268,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
               if (lane < nt && row0 < m) nfres = F.res[lane * m + row0], nfw = F.w[row0];
             if constexpr (NF == 2) gemv5_nf_issue(F, nt, nfsh);
           }
-          gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0,
-                            XR == 2 && c0 > 0 ? nch : min(c0 + 32 * NB, nch));
+          gemv5_stage_range(xsm, xinv, x, nt, k, dec16_traits<T>::kind, c0, min(c0 + 32 * NB, nch));
           if constexpr (NF == 2)
             if (c0 == 0) gemv5_nf_wait();
           __syncthreads();
@@ -525,15 +519,6 @@ static inline int gemv5_stage_mode(int64_t k) {
   const int e = gemv5_xr_env();
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
-// ORCH_CUDA_GEMV5_XR2=1 (read once): the norm fold's producer stages per round in two steps (XR = 2) where
-// gemv5_stage_mode says per round.
-static inline bool gemv5_xr2_env() {
-  static const bool v = [] {
-    const char *e = getenv("ORCH_CUDA_GEMV5_XR2");
-    return e && e[0] == '1' && !e[1];
-  }();
-  return v;
-}
 
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
 // (orch_gemv_trace).
@@ -657,9 +642,8 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
-    const bool xr2 = mode == 1 && gemv5_xr2_env();
-    if (n == 1) xr2 ? go(I1{}, I2{}) : mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
-    else xr2 ? go(I2{}, I2{}) : mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
+    if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
+    else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }
 }
 // Consumer, merged parts (rpw and end set here, as launch_gemv5_multi_nt_x): F.ss, F.nss, F.eps. xr: as
