@@ -193,13 +193,13 @@ int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, 
 int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                         int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss);
 /* (session 16, optional) orch_matmul_addnorm that also asks for the first rows the v5 GEMV of the next weight
- * (pf_w: pf_m rows of pf_k elements of type pf_wtype, the first consumer's) will read to be prefetched into L2:
- * pf_at 0 while its kernel waits for its input (for a producer launched right after a kernel that leaves DRAM
- * idle, the decode attention; how much: ORCH_CUDA_L2PF, "MB" or "MB,last", default 8,last, 0: nothing); pf_at 1 in
- * its last round (ORCH_CUDA_L2PF_TAIL, default 0). A hint: the results are orch_matmul_addnorm's, bit for bit. */
+ * (pf_w: pf_m rows of pf_k elements of type pf_wtype, the first consumer's) will read to be prefetched into L2 while
+ * its kernel waits for its input: for a producer launched right after a kernel that leaves DRAM idle (the decode
+ * attention). How much: ORCH_CUDA_L2PF ("MB" or "MB,last"; default 8,last; 0: nothing). A hint: the results are
+ * orch_matmul_addnorm's, bit for bit. */
 int orch_matmul_addnorm_pf(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                            int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss,
-                           const void *pf_w, int32_t pf_wtype, int64_t pf_m, int64_t pf_k, int32_t pf_at);
+                           const void *pf_w, int32_t pf_wtype, int64_t pf_m, int64_t pf_k);
 int orch_matmul_multi_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k, int32_t count,
                          const orch_gemv_part *parts, const float *ss, int64_t nss, float eps);
 int orch_matmul_swiglu_nf(orch_ctx *ctx, const float *x, int32_t wtype, int64_t n, int64_t k,

@@ -143,10 +143,9 @@ struct gemv5_nf {
   float *ss = nullptr;        // producer writes, consumer reads: nss partial sums of squares per token
   int nss = 0;                // consumer: partials per token (the producer's CTA count)
   float eps = 0.f;            // consumer
-  const uint8_t *pf = nullptr; // producer: bytes [pf, pf + pfb) into L2 (gemv5_l2pf)
+  const uint8_t *pf = nullptr; // producer: bytes [pf, pf + pfb) into L2 before its PDL wait (gemv5_l2pf)
   int64_t pfb = 0;
-  int pfm = 0;  // 1: with an evict_last policy
-  int pfat = 0; // 0: before the PDL wait, 1: in the last round
+  int pfm = 0; // 1: with an evict_last policy
 };
 constexpr int GEMV5_NF_MAX = 1024; // consumer: partials per token (shared memory: NT x nss floats)
 // Shared floats the fold uses after the staged x (dynamic shared memory): the producer's NT x 8 warp sums, the
@@ -190,15 +189,13 @@ __device__ __forceinline__ void gemv5_nf_scales(float (&sc)[NT], const float *sh
   for (int j = 0; j < NT; j++) sc[j] = j < nt ? gemv5_nf_scale(sh, j, nss, dim, eps) : 1.f;
 }
 
-// The next GEMV's first weight rows into L2 (session 16; orch_matmul_addnorm_pf): the producer's CTAs ask for
-// [F.pf, F.pf + F.pfb), a 16-byte aligned slice each (CTA b: bytes [b * per, (b + 1) * per)); weights are never
-// written while a step runs. F.pfat 0 (ORCH_CUDA_L2PF): after their own first-round loads and BEFORE pdl_wait —
-// launched after the decode attention (the Go side asks so only then), the requests fill the one window of a Llama
-// layer in which DRAM is not the bottleneck (the attention is latency-bound), and the consumer (the gate/up fold)
-// reads those bytes from L2. F.pfat 1 (ORCH_CUDA_L2PF_TAIL): in the producer's last round, after its loads — the
-// producer's CTAs fill every SM's registers, so the consumer's CTAs start (and load) only as they exit; the
-// requests fill that drain instead. A hint: no result depends on it. Hopper (CUDA 12+): bulk prefetches of up to
-// 16 KB, one thread each; otherwise one prefetch.global.L2 per 32-byte sector.
+// The next GEMV's first weight rows into L2 (session 16; orch_matmul_addnorm_pf, ORCH_CUDA_L2PF): the producer's
+// CTAs, after their own first-round loads and BEFORE pdl_wait, ask for [F.pf, F.pf + F.pfb), a 16-byte aligned
+// slice each (CTA b: bytes [b * per, (b + 1) * per)). Weights are never written while a step runs. Launched after the
+// decode attention (the Go side asks only then), the requests fill the one window of a Llama layer in which DRAM
+// is not the bottleneck (the attention is latency-bound) so that the consumer (the gate/up fold) reads that many
+// bytes from L2 instead. A hint: no result depends on it. Hopper (CUDA 12+): bulk prefetches of up to 16 KB, one
+// thread each; otherwise one prefetch.global.L2 per 32-byte sector.
 __device__ __forceinline__ void gemv5_l2pf(const gemv5_nf &F) {
   if (F.pfb <= 0) return;
   const int64_t per = ((F.pfb + gridDim.x - 1) / gridDim.x + 15) & ~(int64_t)15;
@@ -264,8 +261,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       if constexpr (XR == 1) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
-            if constexpr (NF == 1)
-              if (F.pfat == 0) gemv5_l2pf(F);
+            if constexpr (NF == 1) gemv5_l2pf(F);
             pdl_wait();
             if constexpr (TR) tr[1] = gemv_gtime();
             if constexpr (NF == 1)
@@ -280,8 +276,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
             if (c0 == 0) tr[2] = gemv_gtime();
         }
       } else if (!staged) { // first round of the first row: uniform over the CTA
-        if constexpr (NF == 1)
-          if (F.pfat == 0) gemv5_l2pf(F);
+        if constexpr (NF == 1) gemv5_l2pf(F);
         pdl_wait();
         if constexpr (TR) tr[1] = gemv_gtime();
         if constexpr (NF == 1)
@@ -298,8 +293,6 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
           gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
           nfscd = true;
         }
-      if constexpr (NF == 1)
-        if (F.pfat == 1 && c0 + 32 * NB >= nch) gemv5_l2pf(F); // the last round's loads in flight
 #pragma unroll
       for (int i = 0; i < NB; i++) {
         const int64_t c = c0 + lane + 32 * i;

@@ -670,28 +670,29 @@ constexpr int64_t NF_MAX_PARTIALS = GEMV5_NF_MAX; // the consumer's limit (rows 
 // ORCH_CUDA_ATTN_KV0=k: off 302.5 / 302.6, 4 MB 303.1, 8 303.3, 12 302.7, 16 301.8, 24 299.5 (the prefetches then
 // outlast the attention and compete with the projection's loads), 8,last 304.5, 16,last 301.2; run 2 with K and V:
 // off 305.8, 4..10,last 307.3-307.4, 12,last 306.2, 8 (no policy) 306.7.
-// ORCH_CUDA_L2PF_TAIL (read once): the same for the prefetch in the producer's last round (pf_at 1); default 0.
 struct l2pf_cfg {
   int64_t bytes;
   int mode;
 };
-static l2pf_cfg l2pf_parse(const char *name, l2pf_cfg r) {
-  const char *e = getenv(name);
-  if (!e || !*e) return r;
-  char *end = nullptr;
-  const double mb = strtod(e, &end);
-  if (end == e || mb < 0 || mb > 1024) return {0, 0};
-  return {(int64_t)(mb * 1024 * 1024) & ~(int64_t)15, strcmp(end, ",last") == 0 ? 1 : 0};
-}
-static l2pf_cfg l2pf_env(int at) {
-  static const l2pf_cfg wait = l2pf_parse("ORCH_CUDA_L2PF", {8 << 20, 1});
-  static const l2pf_cfg tail = l2pf_parse("ORCH_CUDA_L2PF_TAIL", {0, 0});
-  return at == 1 ? tail : wait;
+static l2pf_cfg l2pf_env() {
+  static const l2pf_cfg c = [] {
+    l2pf_cfg r = {8 << 20, 1};
+    const char *e = getenv("ORCH_CUDA_L2PF");
+    if (!e || !*e) return r;
+    r = {0, 0};
+    char *end = nullptr;
+    const double mb = strtod(e, &end);
+    if (end == e || mb < 0 || mb > 1024) return r;
+    r.bytes = (int64_t)(mb * 1024 * 1024) & ~(int64_t)15;
+    r.mode = end && strcmp(end, ",last") == 0 ? 1 : 0;
+    return r;
+  }();
+  return c;
 }
 
 static int matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype, const float *bias,
                           int64_t n, int64_t k, int64_t m, float *res, const float *nw, float *xt, float *ss,
-                          const void *pf_w, int32_t pf_wtype, int64_t pf_m, int64_t pf_k, int32_t pf_at) {
+                          const void *pf_w, int32_t pf_wtype, int64_t pf_m, int64_t pf_k) {
   const char *op = pf_w ? "matmul_addnorm_pf" : "matmul_addnorm";
   ORCH_CHECK_ARG(ctx && y && x && w && res && nw && xt && ss && n >= 0 && k > 0 && m > 0, op);
   const bool q8r = q8_dual(wtype);
@@ -707,7 +708,7 @@ static int matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w
   }
   gemv5_nf F;
   F.res = res, F.w = nw, F.xt = xt, F.ss = ss;
-  const l2pf_cfg pc = l2pf_env(pf_at);
+  const l2pf_cfg pc = l2pf_env();
   if (pf_w && pc.bytes > 0 && route == GR_V5 && pf_k > 0 && pf_k % 32 == 0 && pf_m > 0) {
     // the rows the next v5 GEMV reads first: its first rows (the repacked ones of a dual weight)
     const uint8_t *base = (const uint8_t *)pf_w;
@@ -720,7 +721,6 @@ static int matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w
       F.pf = base;
       F.pfb = min(pc.bytes, rows_bytes) & ~(int64_t)15;
       F.pfm = pc.mode;
-      F.pfat = pf_at;
     }
   }
   if (route == GR_V7) {
@@ -741,15 +741,15 @@ static int matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w
 extern "C" int orch_matmul_addnorm(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype,
                                    const float *bias, int64_t n, int64_t k, int64_t m, float *res, const float *nw,
                                    float *xt, float *ss) {
-  return matmul_addnorm(ctx, y, x, w, wtype, bias, n, k, m, res, nw, xt, ss, nullptr, 0, 0, 0, 0);
+  return matmul_addnorm(ctx, y, x, w, wtype, bias, n, k, m, res, nw, xt, ss, nullptr, 0, 0, 0);
 }
 
 extern "C" int orch_matmul_addnorm_pf(orch_ctx *ctx, float *y, const float *x, const void *w, int32_t wtype,
                                       const float *bias, int64_t n, int64_t k, int64_t m, float *res, const float *nw,
                                       float *xt, float *ss, const void *pf_w, int32_t pf_wtype, int64_t pf_m,
-                                      int64_t pf_k, int32_t pf_at) {
-  ORCH_CHECK_ARG(pf_w && pf_m > 0 && pf_k > 0 && (pf_at == 0 || pf_at == 1), "matmul_addnorm_pf");
-  return matmul_addnorm(ctx, y, x, w, wtype, bias, n, k, m, res, nw, xt, ss, pf_w, pf_wtype, pf_m, pf_k, pf_at);
+                                      int64_t pf_k) {
+  ORCH_CHECK_ARG(pf_w && pf_m > 0 && pf_k > 0, "matmul_addnorm_pf");
+  return matmul_addnorm(ctx, y, x, w, wtype, bias, n, k, m, res, nw, xt, ss, pf_w, pf_wtype, pf_m, pf_k);
 }
 
 // ss: the producer's partials (16-byte aligned, nss % 4 == 0: the consumer copies them in 16-byte pieces).

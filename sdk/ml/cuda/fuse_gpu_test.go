@@ -572,7 +572,7 @@ func TestFusedNormFold(t *testing.T) {
 						qDirect := readF32(t, q.g)
 						reset()
 						rc = gpu.l.matmulAddNormPF(gpu.ctx, ptr(o), ptr(att), ptr(wo), int32(dt), ptr(bo), int64(n), d, d,
-							ptr(res), ptr(n2), ptr(h), ss, ptr(wq), gemvWType(wq.g.(*tensor)), qd, d, int32(n%2))
+							ptr(res), ptr(n2), ptr(h), ss, ptr(wq), gemvWType(wq.g.(*tensor)), qd, d)
 						require.NoError(t, gpu.l.status("matmul_addnorm_pf", rc))
 						rc = gpu.l.matmulMultiNF(gpu.ctx, ptr(h), int32(dt), int64(n), d, 1, &parts[0], ss, d/8, eps)
 						require.NoError(t, gpu.l.status("matmul_multi_nf", rc))

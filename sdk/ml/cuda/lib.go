@@ -115,8 +115,8 @@ type lib struct {
 	matmulMultiNF  func(ctx, x uintptr, wtype int32, n, k int64, count int32, parts *gemvPart, ss uintptr, nss int64, eps float32) int32
 	matmulSwiGLUNF func(ctx, x uintptr, wtype int32, n, k int64, gateUp *gemvPart, out, ss uintptr, nss int64, eps float32) int32
 	// Session 16, optional (nil: matmulAddNorm alone): the producer that also prefetches the first consumer's
-	// first rows into L2, before its PDL wait (at 0) or in its last round (at 1) (normfold.go startNormFold).
-	matmulAddNormPF func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, nw, xt, ss, pfw uintptr, pfType int32, pfM, pfK int64, at int32) int32
+	// first rows into L2 before its PDL wait (normfold.go startNormFold, after an attention).
+	matmulAddNormPF func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, nw, xt, ss, pfw uintptr, pfType int32, pfM, pfK int64) int32
 
 	// ABI 5: NCCL collectives (comm.go).
 	commAvailable    func(ctx uintptr, version *int32) int32

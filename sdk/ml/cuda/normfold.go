@@ -395,13 +395,12 @@ func (b *Backend) moeAddNormCall(c *moeCall, res2, nw2, xt, ss uintptr, hs span)
 // scale) launches the producer with the fold and becomes the held, scaled
 // consumer group; it reports whether it did. On false nothing was launched.
 //
-// l2Prefetch (session 16, issue 7): the producer is made through orch_matmul_addnorm_pf (where the library has
-// it) with the first consumer's weight (w), whose first rows its CTAs ask into L2 — right after the decode
-// attention (Llama: attention -> out projection -> FFN norm -> gate/up) while they wait for it (at 0: the
-// attention is latency-bound and leaves DRAM mostly idle, the gate/up fold after the projection is
-// bandwidth-bound); after anything else (the down projection after the gate/up fold) in their last round (at 1:
-// the consumer's CTAs cannot start beside the producer's, so DRAM drains at the boundary). How many bytes is the
-// library's choice (ORCH_CUDA_L2PF, ORCH_CUDA_L2PF_TAIL); the results are the same bits.
+// l2Prefetch (session 16, issue 7): a producer launched right after the decode attention (Llama: attention -> out
+// projection -> FFN norm -> gate/up) is made through orch_matmul_addnorm_pf with the first consumer's weight (w),
+// so that its CTAs, waiting for the attention, ask the first rows of that weight into L2: the attention is
+// latency-bound and leaves DRAM mostly idle, the gate/up fold after the projection is bandwidth-bound. How many
+// bytes is the library's choice (ORCH_CUDA_L2PF); the results are the same bits. Not after any other launch (the
+// down projection's producer follows the bandwidth-bound gate/up fold).
 func (b *Backend) startNormFold(d, x, w *tensor, bias uintptr, n, k, m int) bool {
 	p := &b.pend
 	pn := &p.pnorm
@@ -444,13 +443,9 @@ func (b *Backend) startNormFold(d, x, w *tensor, bias uintptr, n, k, m int) bool
 	} else {
 		q := p.parts[0]
 		nss = q.m / nfRowsPerCTA
-		if b.l.matmulAddNormPF != nil { // see l2Prefetch
-			at := int32(1)
-			if b.afterAttend {
-				at = 0
-			}
+		if b.afterAttend && b.l.matmulAddNormPF != nil { // see l2Prefetch
 			rc = b.l.matmulAddNormPF(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, a.r.ptr, a.wp, a.d.ptr, ss,
-				w.ptr, gemvWType(w), int64(m), int64(k), at)
+				w.ptr, gemvWType(w), int64(m), int64(k))
 		} else {
 			rc = b.l.matmulAddNorm(b.ctx, q.y, p.x, q.w, p.wtype, q.bias, p.n, p.k, q.m, a.r.ptr, a.wp, a.d.ptr, ss)
 		}

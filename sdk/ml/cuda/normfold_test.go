@@ -154,20 +154,19 @@ func TestFuseNormFold(t *testing.T) {
 	plainPair("the switch off", h)
 }
 
-// The L2 prefetch of the first consumer's weight (startNormFold, l2Prefetch): the producers are made through
-// orch_matmul_addnorm_pf with their first consumer's weight, its rows and k — the out projection's right after a
-// decode attention with at 0 (the gate weight), the down projection's (after the gate/up fold) and a producer
-// after any other launch with at 1 (q's weight; the gate's); a library without the entry gets the plain
-// orch_matmul_addnorm.
+// The L2 prefetch of the first consumer's weight (startNormFold, l2Prefetch): the out projection's producer right
+// after a decode attention is made through orch_matmul_addnorm_pf with the gate weight, its rows and k; the down
+// projection's producer (after the gate/up fold), a producer after any other launch, and a library without the
+// entry get the plain orch_matmul_addnorm.
 func TestNormFoldL2Prefetch(t *testing.T) {
 	defer func(v, nf, ar bool) { fuseOps, fuseNormFold, foldAttnRoPE = v, nf, ar }(fuseOps, fuseNormFold, foldAttnRoPE)
 	fuseOps, fuseNormFold, foldAttnRoPE = true, true, true
 	b, f := newFakeBackend(t)
 	b.l.attentionRope = func(ctx uintptr, a *attnArgs, r *attnRopeArgs) int32 { return f.add("attention_rope") }
 	pfLib := func(ctx, y, x, w uintptr, wtype int32, bias uintptr, n, k, m int64, res, nw, xt, ss, pfw uintptr,
-		pfType int32, pfM, pfK int64, at int32) int32 {
-		return f.add("addnorm_pf y=%x x=%x n=%d res=%x nw=%x xt=%x pf=%x/%d m=%d k=%d at=%d", y, x, n, res, nw, xt, pfw,
-			pfType, pfM, pfK, at)
+		pfType int32, pfM, pfK int64) int32 {
+		return f.add("addnorm_pf y=%x x=%x n=%d res=%x nw=%x xt=%x pf=%x/%d m=%d k=%d", y, x, n, res, nw, xt, pfw, pfType,
+			pfM, pfK)
 	}
 	b.l.matmulAddNormPF = pfLib
 	s := newRopeFoldStep(b, 1)
@@ -194,33 +193,29 @@ func TestNormFoldL2Prefetch(t *testing.T) {
 	addnorm := func(y, xx, nw uintptr) string {
 		return fmt.Sprintf("addnorm y=%x x=%x n=1 res=%x nw=%x xt=%x", y, xx, x.ptr, nw, h.ptr)
 	}
-	oprojPF := func(at int) string {
-		return fmt.Sprintf("addnorm_pf y=%x x=%x n=1 res=%x nw=%x xt=%x pf=%x/%d m=%d k=%d at=%d", o.ptr, s.att.ptr,
-			x.ptr, n2.ptr, h.ptr, wg.ptr, gemvWType(wg), ff, d, at)
-	}
+	oprojPF := fmt.Sprintf("addnorm_pf y=%x x=%x n=1 res=%x nw=%x xt=%x pf=%x/%d m=%d k=%d", o.ptr, s.att.ptr, x.ptr,
+		n2.ptr, h.ptr, wg.ptr, gemvWType(wg), ff, d)
 	swigluNF := fmt.Sprintf("swiglu_nf x=%x n=1 gate=%x up=%x out=%x nss=8", h.ptr, g.ptr, u.ptr, g.ptr)
-	downPF := fmt.Sprintf("addnorm_pf y=%x x=%x n=1 res=%x nw=%x xt=%x pf=%x/%d m=%d k=%d at=1", fo.ptr, g.ptr, x.ptr,
-		n1.ptr, h.ptr, s.wq.ptr, gemvWType(s.wq), s.q.shape[0], d)
+	down := addnorm(fo.ptr, g.ptr, n1.ptr)
 
 	s.step()
 	require.Equal(t, "attention_rope", f.take()[1])
 	ffn()
-	require.Equal(t, []string{oprojPF(0), swigluNF, downPF}, f.take()[:3], "after the attention")
+	require.Equal(t, []string{oprojPF, swigluNF, down}, f.take()[:3], "after the attention")
 
-	// Another launch between the attention and the producer: the window is gone (at 1).
+	// Another launch between the attention and the producer: no prefetch (the window is gone).
 	s.step()
 	f.take()
 	b.Add(n1, n1, n1)
 	ffn()
-	require.Equal(t, []string{fmt.Sprintf("add out=%x", n1.ptr), oprojPF(1), swigluNF, downPF}, f.take()[:4],
-		"an add between")
+	require.Equal(t, []string{fmt.Sprintf("add out=%x", n1.ptr), addnorm(o.ptr, s.att.ptr, n2.ptr), swigluNF, down},
+		f.take()[:4], "an add between")
 	// No attention before it at all, and a library without the entry.
 	ffn()
-	require.Equal(t, []string{oprojPF(1), swigluNF, downPF}, f.take()[:3], "no attention")
+	require.Equal(t, []string{addnorm(o.ptr, s.att.ptr, n2.ptr), swigluNF, down}, f.take()[:3], "no attention")
 	b.l.matmulAddNormPF = nil
 	s.step()
 	f.take()
 	ffn()
-	require.Equal(t, []string{addnorm(o.ptr, s.att.ptr, n2.ptr), swigluNF, addnorm(fo.ptr, g.ptr, n1.ptr)},
-		f.take()[:3], "no entry")
+	require.Equal(t, []string{addnorm(o.ptr, s.att.ptr, n2.ptr), swigluNF, down}, f.take()[:3], "no entry")
 }
