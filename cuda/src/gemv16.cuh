@@ -6,6 +6,7 @@
 // F32 GEMV for small m. Included by matmul.cu (gemv_route picks the version)
 // and by the CPU emulation test cuda/test/decode_emu_test.cpp.
 #pragma once
+#include <cstring>
 #include <type_traits>
 #include "quant.cuh"
 #include "dec16.cuh"
@@ -30,6 +31,13 @@ constexpr int GEMV16_WARPS = 8;
 // from L2, all before the first FMA with XR = 0) is spread over the rounds and
 // overlaps each round's DRAM latency instead of sitting serially after the
 // PDL wait. Same staged values, same arithmetic: bit-identical to XR = 0.
+// XR = 3 (session 16; ORCH_CUDA_GEMV5_STAGGER, gemv5_stagger): x staged once (as
+// XR = 0), and warp w's first round covers only 32 (w % NB) chunks (one block a
+// lane each) where w % NB > 0, so the warps of a one-wave grid (Llama down: 256
+// CTAs, all rounds started together) end their rounds at three phases instead of
+// one: DRAM sees a third of the warps' next loads while the rest compute, not a
+// burst and a drain per round. Every lane still folds its blocks (chunks lane,
+// lane + 32, ...) one by one in the same order: bit-identical to XR = 0.
 // Chunk ranges start at multiples of 32 chunks, so each 8-lane group of
 // dec16_stage's loop still owns one chunk.
 __device__ __forceinline__ void gemv5_stage_range(uint32_t *xh, float *xinv, const float *__restrict__ x, int nr,
@@ -145,7 +153,7 @@ struct gemv5_nf {
   float eps = 0.f;            // consumer
   const uint8_t *pf = nullptr; // producer: bytes [pf, pf + pfb) into L2 before its PDL wait (gemv5_l2pf)
   int64_t pfb = 0;
-  int pfm = 0; // 1: with an evict_last policy
+  int pfm = 0; // bit 0: with an evict_last policy; bit 1: once warp 0's first loads have landed
 };
 constexpr int GEMV5_NF_MAX = 1024; // consumer: partials per token (shared memory: NT x nss floats)
 // Shared floats the fold uses after the staged x (dynamic shared memory): the producer's NT x 8 warp sums, the
@@ -205,7 +213,7 @@ __device__ __forceinline__ void gemv5_l2pf(const gemv5_nf &F) {
   const int64_t o = b0 + (int64_t)threadIdx.x * CH;
   if (o < b1) {
     const unsigned sz = (unsigned)min(CH, b1 - o); // a multiple of 16: per and pfb are (orch_matmul_addnorm_pf)
-    if (F.pfm == 1) {
+    if (F.pfm & 1) {
       uint64_t pol;
       asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
       asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(F.pf + o), "r"(sz), "l"(pol)
@@ -216,12 +224,23 @@ __device__ __forceinline__ void gemv5_l2pf(const gemv5_nf &F) {
   }
 #elif defined(__CUDA_ARCH__)
   for (int64_t o = b0 + (int64_t)threadIdx.x * 32; o < b1; o += (int64_t)blockDim.x * 32) {
-    if (F.pfm == 1) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(F.pf + o));
+    if (F.pfm & 1) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(F.pf + o));
     else asm volatile("prefetch.global.L2 [%0];" ::"l"(F.pf + o));
   }
 #else
   (void)b0, (void)b1;
 #endif
+}
+
+// F.pfm bit 1 (ORCH_CUDA_L2PF "...,late"): warp 0 (whose threads issue the bulk prefetches) first waits for its own
+// first-round weight words, so the prefetches start ~one DRAM latency later — after the decode attention's first
+// loads rather than beside them. (An empty asm that reads the words: the scoreboard wait, no instruction.)
+template <int T, int NB> __device__ __forceinline__ void gemv5_l2pf_after(const wblocks<T, NB> &b, const gemv5_nf &F) {
+  if ((F.pfm & 2) && threadIdx.x < 32) {
+#pragma unroll
+    for (int i = 0; i < NB; i++) asm volatile("" ::"r"(b.w[i][0]), "r"(b.sh[i]));
+  }
+  gemv5_l2pf(F);
 }
 
 // NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
@@ -255,13 +274,16 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
     float acc[NT];
 #pragma unroll
     for (int j = 0; j < NT; j++) acc[j] = 0.f;
-    for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+    // XR 3: rounds staggered by warp (gemv5_stagger); otherwise every round ends at c0 + 32 NB.
+    int64_t ce = XR == 3 && warp % NB ? 32 * (warp % NB) : 32 * NB; // (XR 3 only: dead code otherwise)
+    for (int64_t c0 = 0; c0 < nch; c0 = XR == 3 ? ce : c0 + 32 * NB, ce += 32 * NB) {
+      const int64_t lim = XR == 3 ? min(ce, nch) : nch; // this round's chunks end before lim
       wblocks<T, NB> b;
-      ffn_load<T, NB>(b, wr, c0, lane, nch, valid);
+      ffn_load<T, NB>(b, wr, c0, lane, nch, valid, XR == 3 ? lim : INT64_MAX);
       if constexpr (XR == 1) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
-            if constexpr (NF == 1) gemv5_l2pf(F);
+            if constexpr (NF == 1) gemv5_l2pf_after(b, F);
             pdl_wait();
             if constexpr (TR) tr[1] = gemv_gtime();
             if constexpr (NF == 1)
@@ -276,7 +298,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
             if (c0 == 0) tr[2] = gemv_gtime();
         }
       } else if (!staged) { // first round of the first row: uniform over the CTA
-        if constexpr (NF == 1) gemv5_l2pf(F);
+        if constexpr (NF == 1) gemv5_l2pf_after(b, F);
         pdl_wait();
         if constexpr (TR) tr[1] = gemv_gtime();
         if constexpr (NF == 1)
@@ -296,7 +318,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
 #pragma unroll
       for (int i = 0; i < NB; i++) {
         const int64_t c = c0 + lane + 32 * i;
-        if (c < nch) {
+        if (c < lim) {
           const uint4 *xp[NT];
           uint32_t a[NT][2];
 #pragma unroll
@@ -519,6 +541,19 @@ static inline int gemv5_stage_mode(int64_t k) {
   const int e = gemv5_xr_env();
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
+// ORCH_CUDA_GEMV5_STAGGER (read once; words, any order): XR = 3 (x staged once, rounds staggered by warp) for
+// "down": the norm fold's producer where gemv5_stage_mode says per round (k >= 8192: Llama down); "oproj": the
+// producer at the other k (Llama's out projection); "qkv": the fold's merged consumers (q/k/v). Unset: none.
+enum { GEMV5_SG_DOWN = 1, GEMV5_SG_OPROJ = 2, GEMV5_SG_QKV = 4 };
+static inline int gemv5_stagger_env() {
+  static const int v = [] {
+    const char *e = getenv("ORCH_CUDA_GEMV5_STAGGER");
+    if (!e) return 0;
+    return (strstr(e, "down") ? GEMV5_SG_DOWN : 0) | (strstr(e, "oproj") ? GEMV5_SG_OPROJ : 0) |
+           (strstr(e, "qkv") ? GEMV5_SG_QKV : 0);
+  }();
+  return v;
+}
 
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
 // (orch_gemv_trace).
@@ -642,7 +677,10 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
-    if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
+    using I3 = std::integral_constant<int, 3>;
+    const int sg = gemv5_stagger_env();
+    if (sg & (mode == 1 ? GEMV5_SG_DOWN : GEMV5_SG_OPROJ)) n == 1 ? go(I1{}, I3{}) : go(I2{}, I3{});
+    else if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
     else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }
 }
@@ -670,7 +708,9 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
     using I0 = std::integral_constant<int, 0>;
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
-    if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
+    using I3 = std::integral_constant<int, 3>;
+    if (xr < 0 && (gemv5_stagger_env() & GEMV5_SG_QKV) && one_row) n == 1 ? go(I1{}, I3{}) : go(I2{}, I3{});
+    else if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
     else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }
 }

@@ -217,15 +217,15 @@ template <int T, int NB> struct wblocks {
 };
 
 // Loads NB blocks of row wr for this lane: chunks c0 + lane + 32 i (zeros
-// past the row or when !valid).
+// past the row, from chunk lim on, or when !valid).
 template <int T, int NB>
 __device__ __forceinline__ void ffn_load(wblocks<T, NB> &b, const uint8_t *__restrict__ wr, int64_t c0, int lane,
-                                         int64_t nch, bool valid) {
+                                         int64_t nch, bool valid, int64_t lim = INT64_MAX) {
   if constexpr (T == ORCH_T_Q8_0R) {
 #pragma unroll
     for (int i = 0; i < NB; i++) {
       const int64_t c = c0 + lane + 32 * i;
-      const bool ok = valid && c < nch;
+      const bool ok = valid && c < nch && c < lim;
       const uint4 *q = reinterpret_cast<const uint4 *>(wr + 32 * (ok ? c : 0));
       const uint4 z = make_uint4(0u, 0u, 0u, 0u), a = ok ? __ldg(q) : z, d = ok ? __ldg(q + 1) : z;
       b.w[i][0] = a.x, b.w[i][1] = a.y, b.w[i][2] = a.z, b.w[i][3] = a.w;
@@ -238,7 +238,7 @@ __device__ __forceinline__ void ffn_load(wblocks<T, NB> &b, const uint8_t *__res
 #pragma unroll
   for (int i = 0; i < NB; i++) {
     const int64_t c = c0 + lane + 32 * i;
-    const bool ok = valid && c < nch;
+    const bool ok = valid && c < nch && c < lim;
     const uintptr_t p = (uintptr_t)(wr + (ok ? c : 0) * BB);
     b.sh[i] = (uint32_t)(p & 3);
     const uint32_t *q = reinterpret_cast<const uint32_t *>(p & ~(uintptr_t)3);

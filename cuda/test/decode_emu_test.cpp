@@ -330,35 +330,39 @@ static void test_gemv_glu(int t, int64_t k, int64_t m, int n, bool bias, bool in
 // GEMV v5 with x staged per round (gemv5_rows XR = 1, ORCH_CUDA_GEMV5_XR):
 // bit-identical to XR = 0, plain (1 and 2 rows per warp) and multi.
 template <int T, int NT>
-static void gemv5_xr_pair(float *y0, float *y1, const float *x, const uint8_t *w, const float *bias, int64_t n,
-                          int64_t k, int64_t m, int64_t rb, int rpw) {
+static void gemv5_xr_pair(float *y0, float *y1, float *y3, const float *x, const uint8_t *w, const float *bias,
+                          int64_t n, int64_t k, int64_t m, int64_t rb, int rpw) {
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4) {
     constexpr int NB = gemv5_nb<T, NT>();
     const size_t sm = dec16_smem(k, NT);
     const unsigned gx = (unsigned)ceil_div(m, (int64_t)GEMV16_WARPS * rpw);
     auto k0 = gemv5_kernel<T, NT, NB, 0>;
     auto k1 = gemv5_kernel<T, NT, NB, 1>;
+    auto k3 = gemv5_kernel<T, NT, NB, 3>;
     DEC16_LAUNCH_PDL(k0, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y0, x, w, bias, n, k, m, rb, 0, rpw);
     DEC16_LAUNCH_PDL(k1, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y1, x, w, bias, n, k, m, rb, 0, rpw);
+    DEC16_LAUNCH_PDL(k3, dim3(gx), GEMV16_WARPS * 32, sm, nullptr, y3, x, w, bias, n, k, m, rb, 0, rpw);
   }
 }
 template <int T>
-static void gemv5_xr_run(float *y0, float *y1, const float *x, const uint8_t *w, const float *bias, int64_t n, int64_t k,
-                         int64_t m, int64_t rb, int rpw) {
-  if (n == 1) gemv5_xr_pair<T, 1>(y0, y1, x, w, bias, n, k, m, rb, rpw);
-  else gemv5_xr_pair<T, 2>(y0, y1, x, w, bias, n, k, m, rb, rpw);
+static void gemv5_xr_run(float *y0, float *y1, float *y3, const float *x, const uint8_t *w, const float *bias,
+                         int64_t n, int64_t k, int64_t m, int64_t rb, int rpw) {
+  if (n == 1) gemv5_xr_pair<T, 1>(y0, y1, y3, x, w, bias, n, k, m, rb, rpw);
+  else gemv5_xr_pair<T, 2>(y0, y1, y3, x, w, bias, n, k, m, rb, rpw);
 }
 static void test_gemv_xr(int t, int64_t k, int64_t m, int n, int rpw) {
   QW w;
   make_weight(w, t, k, m);
   Buf<float> bx(randv((size_t)(n * k), 3.f)), bb(randv((size_t)m, 1.f));
-  Buf<float> y0((size_t)(n * m), NAN), y1((size_t)(n * m), NAN);
+  Buf<float> y0((size_t)(n * m), NAN), y1((size_t)(n * m), NAN), y3((size_t)(n * m), NAN);
   const int64_t rb = orch_row_bytes(t, k);
-  ORCH_DISPATCH_TYPE(t, gemv5_xr_run, y0.p, y1.p, bx.p, w.bytes, bb.p, n, k, m, rb, rpw)
+  ORCH_DISPATCH_TYPE(t, gemv5_xr_run, y0.p, y1.p, y3.p, bx.p, w.bytes, bb.p, n, k, m, rb, rpw)
   EXPECT(std::memcmp(y0.p, y1.p, y0.n * 4) == 0, "GEMV v5 XR (%s k=%lld m=%lld n=%d rpw=%d) != XR 0", tname(t),
          (long long)k, (long long)m, n, rpw);
+  EXPECT(std::memcmp(y0.p, y3.p, y0.n * 4) == 0, "GEMV v5 XR 3 (staggered; %s k=%lld m=%lld n=%d rpw=%d) != XR 0",
+         tname(t), (long long)k, (long long)m, n, rpw);
   for (size_t i = 0; i < y1.n; i++) EXPECT(std::isfinite(y1.p[i]), "GEMV v5 XR: y[%zu] not written", i);
-  std::printf("GEMV v5 XR 1 %-5s k=%-5lld m=%-3lld n=%d rpw=%d: bit-identical to XR 0\n", tname(t), (long long)k,
+  std::printf("GEMV v5 XR 1, 3 %-5s k=%-5lld m=%-3lld n=%d rpw=%d: bit-identical to XR 0\n", tname(t), (long long)k,
               (long long)m, n, rpw);
 }
 
