@@ -153,7 +153,7 @@ struct gemv5_nf {
   float eps = 0.f;            // consumer
   const uint8_t *pf = nullptr; // producer: bytes [pf, pf + pfb) into L2 before its PDL wait (gemv5_l2pf)
   int64_t pfb = 0;
-  int pfm = 0; // bit 0: with an evict_last policy; bit 1: once warp 0's first loads have landed
+  int pfm = 0; // 1: with an evict_last policy
 };
 constexpr int GEMV5_NF_MAX = 1024; // consumer: partials per token (shared memory: NT x nss floats)
 // Shared floats the fold uses after the staged x (dynamic shared memory): the producer's NT x 8 warp sums, the
@@ -213,7 +213,7 @@ __device__ __forceinline__ void gemv5_l2pf(const gemv5_nf &F) {
   const int64_t o = b0 + (int64_t)threadIdx.x * CH;
   if (o < b1) {
     const unsigned sz = (unsigned)min(CH, b1 - o); // a multiple of 16: per and pfb are (orch_matmul_addnorm_pf)
-    if (F.pfm & 1) {
+    if (F.pfm == 1) {
       uint64_t pol;
       asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
       asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(F.pf + o), "r"(sz), "l"(pol)
@@ -224,23 +224,12 @@ __device__ __forceinline__ void gemv5_l2pf(const gemv5_nf &F) {
   }
 #elif defined(__CUDA_ARCH__)
   for (int64_t o = b0 + (int64_t)threadIdx.x * 32; o < b1; o += (int64_t)blockDim.x * 32) {
-    if (F.pfm & 1) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(F.pf + o));
+    if (F.pfm == 1) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(F.pf + o));
     else asm volatile("prefetch.global.L2 [%0];" ::"l"(F.pf + o));
   }
 #else
   (void)b0, (void)b1;
 #endif
-}
-
-// F.pfm bit 1 (ORCH_CUDA_L2PF "...,late"): warp 0 (whose threads issue the bulk prefetches) first waits for its own
-// first-round weight words, so the prefetches start ~one DRAM latency later — after the decode attention's first
-// loads rather than beside them. (An empty asm that reads the words: the scoreboard wait, no instruction.)
-template <int T, int NB> __device__ __forceinline__ void gemv5_l2pf_after(const wblocks<T, NB> &b, const gemv5_nf &F) {
-  if ((F.pfm & 2) && threadIdx.x < 32) {
-#pragma unroll
-    for (int i = 0; i < NB; i++) asm volatile("" ::"r"(b.w[i][0]), "r"(b.sh[i]));
-  }
-  gemv5_l2pf(F);
 }
 
 // NF: 0 plain, 1 the fold's producer (rows_per_warp 1, accumulate 0, cta = blockIdx.x), 2 its consumer
@@ -283,7 +272,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
       if constexpr (XR == 1) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {
-            if constexpr (NF == 1) gemv5_l2pf_after(b, F);
+            if constexpr (NF == 1) gemv5_l2pf(F);
             pdl_wait();
             if constexpr (TR) tr[1] = gemv_gtime();
             if constexpr (NF == 1)
@@ -298,7 +287,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
             if (c0 == 0) tr[2] = gemv_gtime();
         }
       } else if (!staged) { // first round of the first row: uniform over the CTA
-        if constexpr (NF == 1) gemv5_l2pf_after(b, F);
+        if constexpr (NF == 1) gemv5_l2pf(F);
         pdl_wait();
         if constexpr (TR) tr[1] = gemv_gtime();
         if constexpr (NF == 1)
@@ -543,16 +532,26 @@ static inline int gemv5_stage_mode(int64_t k) {
 }
 // ORCH_CUDA_GEMV5_STAGGER (read once; words, any order): XR = 3 (x staged once, rounds staggered by warp) for
 // "down": the norm fold's producer where gemv5_stage_mode says per round (k >= 8192: Llama down); "oproj": the
-// producer at the other k (Llama's out projection); "qkv": the fold's merged consumers (q/k/v). Unset: none.
-enum { GEMV5_SG_DOWN = 1, GEMV5_SG_OPROJ = 2, GEMV5_SG_QKV = 4 };
+// producer at the other k (Llama's out projection); "qkv": the fold's merged consumers (q/k/v); "glu": the fold's
+// gate/up + SwiGLU consumer; "0": none. Unset: oproj,qkv. Only where the GEMV has two rounds or more (gemv5_sg_ok:
+// staggering a one-round GEMV, gpt-oss's q/k/v at k = 2880, adds a round). Session 16 (H100, same call, Llama
+// tg128): run 9 — default 307.8 / 307.7, qkv 311.2, down 305.5, down + oproj 307.4, down + qkv 309.2, all three
+// 311.3; gpt-oss qkv (one round) 683.1 vs 687.5 / 687.4; run 10 — default 307.7 / 307.5, qkv 311.2 / 311.3,
+// qkv + oproj 312.4, all three 310.8.
+enum { GEMV5_SG_DOWN = 1, GEMV5_SG_OPROJ = 2, GEMV5_SG_QKV = 4, GEMV5_SG_GLU = 8 };
 static inline int gemv5_stagger_env() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_GEMV5_STAGGER");
-    if (!e) return 0;
+    if (!e || !*e) return GEMV5_SG_OPROJ | GEMV5_SG_QKV;
     return (strstr(e, "down") ? GEMV5_SG_DOWN : 0) | (strstr(e, "oproj") ? GEMV5_SG_OPROJ : 0) |
-           (strstr(e, "qkv") ? GEMV5_SG_QKV : 0);
+           (strstr(e, "qkv") ? GEMV5_SG_QKV : 0) | (strstr(e, "glu") ? GEMV5_SG_GLU : 0);
   }();
   return v;
+}
+// Whether the one- (n = 1) or two-token GEMV of k with NB blocks a lane per round (nb1 / nb2) runs more than one
+// round, and ORCH_CUDA_GEMV5_STAGGER has `what`.
+static inline bool gemv5_sg_ok(int what, int64_t n, int64_t k, int nb1, int nb2) {
+  return (gemv5_stagger_env() & what) && k / 32 > 32 * (n == 1 ? nb1 : nb2);
 }
 
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
@@ -678,8 +677,8 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
     using I3 = std::integral_constant<int, 3>;
-    const int sg = gemv5_stagger_env();
-    if (sg & (mode == 1 ? GEMV5_SG_DOWN : GEMV5_SG_OPROJ)) n == 1 ? go(I1{}, I3{}) : go(I2{}, I3{});
+    if (gemv5_sg_ok(mode == 1 ? GEMV5_SG_DOWN : GEMV5_SG_OPROJ, n, k, gemv5_nb<T, 1>(), gemv5_nb<T, 2>()))
+      n == 1 ? go(I1{}, I3{}) : go(I2{}, I3{});
     else if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
     else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }
@@ -709,7 +708,8 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
     using I3 = std::integral_constant<int, 3>;
-    if (xr < 0 && (gemv5_stagger_env() & GEMV5_SG_QKV) && one_row) n == 1 ? go(I1{}, I3{}) : go(I2{}, I3{});
+    if (xr < 0 && one_row && gemv5_sg_ok(GEMV5_SG_QKV, n, k, gemv5_nb<T, 1>(), gemv5_nb<T, 2>()))
+      n == 1 ? go(I1{}, I3{}) : go(I2{}, I3{});
     else if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
     else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }
@@ -741,11 +741,12 @@ struct gemv5_glu_args {
 // ternary reference between the gate and up blocks sent them to local memory).
 template <int T, int NT, int NB>
 __device__ __forceinline__ void gemv5_glu_round(const wblocks<T, NB> &b, float (&acc)[NT], const uint32_t *xsm,
-                                                const float *xinv, int64_t c0, int lane, int64_t nch, int nt) {
+                                                const float *xinv, int64_t c0, int lane, int64_t nch, int nt,
+                                                int64_t lim) {
 #pragma unroll
   for (int i = 0; i < NB; i++) {
     const int64_t c = c0 + lane + 32 * i;
-    if (c < nch) {
+    if (c < lim) {
       const uint4 *xp[NT];
       uint32_t a[NT][2];
 #pragma unroll
@@ -782,10 +783,12 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
   float accg[NT], accu[NT];
 #pragma unroll
   for (int j = 0; j < NT; j++) accg[j] = accu[j] = 0.f;
-  for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
+  int64_t ce = XR == 3 && warp % NB ? 32 * (warp % NB) : 32 * NB; // XR 3: staggered rounds (gemv5_rows)
+  for (int64_t c0 = 0; c0 < nch; c0 = XR == 3 ? ce : c0 + 32 * NB, ce += 32 * NB) {
+    const int64_t lim = XR == 3 ? min(ce, nch) : nch;
     wblocks<T, NB> bg, bu;
-    ffn_load<T, NB>(bg, wg, c0, lane, nch, valid);
-    ffn_load<T, NB>(bu, wu, c0, lane, nch, valid);
+    ffn_load<T, NB>(bg, wg, c0, lane, nch, valid, XR == 3 ? lim : INT64_MAX);
+    ffn_load<T, NB>(bu, wu, c0, lane, nch, valid, XR == 3 ? lim : INT64_MAX);
     if constexpr (XR == 1) { // every round (gemv5_rows XR)
       if (c0 == 0) {
         pdl_wait();
@@ -807,8 +810,8 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
         gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
         nfscd = true;
       }
-    gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt);
-    gemv5_glu_round<T, NT, NB>(bu, accu, xsm, xinv, c0, lane, nch, nt);
+    gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt, lim);
+    gemv5_glu_round<T, NT, NB>(bu, accu, xsm, xinv, c0, lane, nch, nt, lim);
   }
   if constexpr (NF == 2)
     if (!nfscd) gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps); // one round only
@@ -852,7 +855,8 @@ static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const 
 }
 
 // n = 1, 2 (v5's one- and two-token route); the caller checks. xr: how x is
-// staged (gemv5_rows's XR: 0, 1), -1: as gemv5_stage_mode. nf: the folded
+// staged (gemv5_rows's XR: 0, 1, 3), -1: as gemv5_stage_mode (and, for the fold's consumer, ORCH_CUDA_GEMV5_STAGGER's
+// "glu"). nf: the folded
 // norm's consumer (x = xt; F.ss, F.nss, F.eps).
 template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
@@ -860,12 +864,16 @@ static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const flo
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     const gemv5_nf F = nf ? *nf : gemv5_nf{};
+    const bool sg = xr == 3 || (xr < 0 && nf && gemv5_sg_ok(GEMV5_SG_GLU, n, k, gemv5_glu_nb<T, 1>(),
+                                                              gemv5_glu_nb<T, 2>()));
     auto go = [&](auto nt) {
       constexpr int NT = decltype(nt)::value;
       if (nf) {
-        if (mode == 1) launch_gemv5_glu_nt<T, NT, 1, 2>(st, A, x, n, k, rb, F);
+        if (sg) launch_gemv5_glu_nt<T, NT, 3, 2>(st, A, x, n, k, rb, F);
+        else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1, 2>(st, A, x, n, k, rb, F);
         else launch_gemv5_glu_nt<T, NT, 0, 2>(st, A, x, n, k, rb, F);
-      } else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb, F);
+      } else if (sg) launch_gemv5_glu_nt<T, NT, 3>(st, A, x, n, k, rb, F);
+      else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb, F);
       else launch_gemv5_glu_nt<T, NT, 0>(st, A, x, n, k, rb, F);
     };
     if (n == 1) go(std::integral_constant<int, 1>{});

@@ -666,7 +666,7 @@ extern "C" int orch_matmul_swiglu(orch_ctx *ctx, const float *x, int32_t wtype, 
 constexpr int64_t NF_MAX_PARTIALS = GEMV5_NF_MAX; // the consumer's limit (rows <= 8 x this)
 
 // ORCH_CUDA_L2PF (read once): how much of the next GEMV's weight orch_matmul_addnorm_pf asks into L2, "MB" or
-// "MB,last" (an evict_last policy), ",late" too (gemv5_l2pf_after); 0: none. Default 8,last. Session 16 (H100, same call, Llama tg128): run 1 with
+// "MB,last" (an evict_last policy); 0: none. Default 8,last. Session 16 (H100, same call, Llama tg128): run 1 with
 // ORCH_CUDA_ATTN_KV0=k: off 302.5 / 302.6, 4 MB 303.1, 8 303.3, 12 302.7, 16 301.8, 24 299.5 (the prefetches then
 // outlast the attention and compete with the projection's loads), 8,last 304.5, 16,last 301.2; run 2 with K and V:
 // off 305.8, 4..10,last 307.3-307.4, 12,last 306.2, 8 (no policy) 306.7.
@@ -684,7 +684,7 @@ static l2pf_cfg l2pf_env() {
     const double mb = strtod(e, &end);
     if (end == e || mb < 0 || mb > 1024) return r;
     r.bytes = (int64_t)(mb * 1024 * 1024) & ~(int64_t)15;
-    r.mode = (strstr(end, ",last") ? 1 : 0) | (strstr(end, ",late") ? 2 : 0);
+    r.mode = strcmp(end, ",last") == 0 ? 1 : 0;
     return r;
   }();
   return c;
