@@ -31,13 +31,14 @@ constexpr int GEMV16_WARPS = 8;
 // from L2, all before the first FMA with XR = 0) is spread over the rounds and
 // overlaps each round's DRAM latency instead of sitting serially after the
 // PDL wait. Same staged values, same arithmetic: bit-identical to XR = 0.
-// XR = 3 (session 16; ORCH_CUDA_GEMV5_STAGGER, gemv5_stagger): x staged once (as
-// XR = 0), and warp w's first round covers only 32 (w % NB) chunks (one block a
-// lane each) where w % NB > 0, so the warps of a one-wave grid (Llama down: 256
-// CTAs, all rounds started together) end their rounds at three phases instead of
-// one: DRAM sees a third of the warps' next loads while the rest compute, not a
-// burst and a drain per round. Every lane still folds its blocks (chunks lane,
-// lane + 32, ...) one by one in the same order: bit-identical to XR = 0.
+// XR = 3 (session 16; ORCH_CUDA_GEMV5_STAGGER, gemv5_stagger_env): x staged once
+// (as XR = 0), and warp w's first round covers only 32 (w % NB) chunks (one block
+// a lane each) where w % NB > 0, so the warps of a grid whose CTAs start together
+// (Llama's q/k/v and out projection: every CTA of the first wave at once) end
+// their rounds at NB phases instead of one: DRAM sees part of the warps' next
+// loads while the rest compute, not a burst and a drain per round. Every lane
+// still folds its blocks (chunks lane, lane + 32, ...) one by one in the same
+// order: bit-identical to XR = 0.
 // Chunk ranges start at multiples of 32 chunks, so each 8-lane group of
 // dec16_stage's loop still owns one chunk.
 __device__ __forceinline__ void gemv5_stage_range(uint32_t *xh, float *xinv, const float *__restrict__ x, int nr,
@@ -531,27 +532,28 @@ static inline int gemv5_stage_mode(int64_t k) {
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
 // ORCH_CUDA_GEMV5_STAGGER (read once; words, any order): XR = 3 (x staged once, rounds staggered by warp) for
-// "down": the norm fold's producer where gemv5_stage_mode says per round (k >= 8192: Llama down); "oproj": the
-// producer at the other k (Llama's out projection); "qkv": the fold's merged consumers (q/k/v); "glu": the fold's
-// gate/up + SwiGLU consumer; "0": none. Unset: oproj,qkv. Only where the GEMV has two rounds or more (gemv5_sg_ok:
-// staggering a one-round GEMV, gpt-oss's q/k/v at k = 2880, adds a round). Session 16 (H100, same call, Llama
-// tg128): run 9 — default 307.8 / 307.7, qkv 311.2, down 305.5, down + oproj 307.4, down + qkv 309.2, all three
-// 311.3; gpt-oss qkv (one round) 683.1 vs 687.5 / 687.4; run 10 — default 307.7 / 307.5, qkv 311.2 / 311.3,
-// qkv + oproj 312.4, all three 310.8.
-enum { GEMV5_SG_DOWN = 1, GEMV5_SG_OPROJ = 2, GEMV5_SG_QKV = 4, GEMV5_SG_GLU = 8 };
+// "oproj": the norm fold's producer where gemv5_stage_mode says x once (k < 8192: Llama's out projection); "qkv":
+// the fold's merged consumers (q/k/v); "0": none. Unset: oproj,qkv. One token only, where the GEMV has two rounds
+// or more (gemv5_sg_ok: staggering a one-round GEMV, gpt-oss's q/k/v at k = 2880, adds a round). Session 16 (H100, same
+// call, Llama tg128): run 9 — default 307.8 / 307.7, qkv 311.2, down (the producer at k = 14336) 305.5, down +
+// oproj 307.4, down + qkv 309.2, all three 311.3; gpt-oss's q/k/v (one round) 683.1 vs 687.5 / 687.4; run 10 —
+// default 307.7 / 307.5, qkv 311.2 / 311.3, qkv + oproj 312.4, all three 310.8; run 11 (the default since) 312.5 /
+// 312.5 vs 307.4 off, with the gate/up fold staggered too 286.1 (its XR 3 kernel spilled; deleted with "down").
+// Trace (run 13, µs a layer, default vs off): attention 6.7 vs 8.4, out projection 6.8 vs 5.7, down 24.7 vs 25.7,
+// q/k/v 10.3 vs 10.3, gate/up 44.7 vs 44.9: the layer 93.2 vs 94.8.
+enum { GEMV5_SG_OPROJ = 1, GEMV5_SG_QKV = 2 };
 static inline int gemv5_stagger_env() {
   static const int v = [] {
     const char *e = getenv("ORCH_CUDA_GEMV5_STAGGER");
     if (!e || !*e) return GEMV5_SG_OPROJ | GEMV5_SG_QKV;
-    return (strstr(e, "down") ? GEMV5_SG_DOWN : 0) | (strstr(e, "oproj") ? GEMV5_SG_OPROJ : 0) |
-           (strstr(e, "qkv") ? GEMV5_SG_QKV : 0) | (strstr(e, "glu") ? GEMV5_SG_GLU : 0);
+    return (strstr(e, "oproj") ? GEMV5_SG_OPROJ : 0) | (strstr(e, "qkv") ? GEMV5_SG_QKV : 0);
   }();
   return v;
 }
-// Whether the one- (n = 1) or two-token GEMV of k with NB blocks a lane per round (nb1 / nb2) runs more than one
-// round, and ORCH_CUDA_GEMV5_STAGGER has `what`.
-static inline bool gemv5_sg_ok(int what, int64_t n, int64_t k, int nb1, int nb2) {
-  return (gemv5_stagger_env() & what) && k / 32 > 32 * (n == 1 ? nb1 : nb2);
+// Whether the one-token GEMV of k with NB blocks a lane per round runs more than one round and
+// ORCH_CUDA_GEMV5_STAGGER has `what` (two tokens: not measured, and their staggered q/k/v kernel spills).
+static inline bool gemv5_sg_ok(int what, int64_t n, int64_t k, int nb) {
+  return n == 1 && (gemv5_stagger_env() & what) && k / 32 > 32 * nb;
 }
 
 // XR: gemv5_kernel's staging (0 once, 1 per round), TR: the trace
@@ -677,8 +679,7 @@ static void launch_gemv5_nf_prod(cudaStream_t st, float *y, const float *x, cons
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
     using I3 = std::integral_constant<int, 3>;
-    if (gemv5_sg_ok(mode == 1 ? GEMV5_SG_DOWN : GEMV5_SG_OPROJ, n, k, gemv5_nb<T, 1>(), gemv5_nb<T, 2>()))
-      n == 1 ? go(I1{}, I3{}) : go(I2{}, I3{});
+    if (mode == 0 && gemv5_sg_ok(GEMV5_SG_OPROJ, n, k, gemv5_nb<T, 1>())) go(I1{}, I3{});
     else if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
     else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }
@@ -708,8 +709,7 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
     using I3 = std::integral_constant<int, 3>;
-    if (xr < 0 && one_row && gemv5_sg_ok(GEMV5_SG_QKV, n, k, gemv5_nb<T, 1>(), gemv5_nb<T, 2>()))
-      n == 1 ? go(I1{}, I3{}) : go(I2{}, I3{});
+    if (xr < 0 && one_row && gemv5_sg_ok(GEMV5_SG_QKV, n, k, gemv5_nb<T, 1>())) go(I1{}, I3{});
     else if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
     else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }
@@ -741,12 +741,11 @@ struct gemv5_glu_args {
 // ternary reference between the gate and up blocks sent them to local memory).
 template <int T, int NT, int NB>
 __device__ __forceinline__ void gemv5_glu_round(const wblocks<T, NB> &b, float (&acc)[NT], const uint32_t *xsm,
-                                                const float *xinv, int64_t c0, int lane, int64_t nch, int nt,
-                                                int64_t lim) {
+                                                const float *xinv, int64_t c0, int lane, int64_t nch, int nt) {
 #pragma unroll
   for (int i = 0; i < NB; i++) {
     const int64_t c = c0 + lane + 32 * i;
-    if (c < lim) {
+    if (c < nch) {
       const uint4 *xp[NT];
       uint32_t a[NT][2];
 #pragma unroll
@@ -783,12 +782,10 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
   float accg[NT], accu[NT];
 #pragma unroll
   for (int j = 0; j < NT; j++) accg[j] = accu[j] = 0.f;
-  int64_t ce = XR == 3 && warp % NB ? 32 * (warp % NB) : 32 * NB; // XR 3: staggered rounds (gemv5_rows)
-  for (int64_t c0 = 0; c0 < nch; c0 = XR == 3 ? ce : c0 + 32 * NB, ce += 32 * NB) {
-    const int64_t lim = XR == 3 ? min(ce, nch) : nch;
+  for (int64_t c0 = 0; c0 < nch; c0 += 32 * NB) {
     wblocks<T, NB> bg, bu;
-    ffn_load<T, NB>(bg, wg, c0, lane, nch, valid, XR == 3 ? lim : INT64_MAX);
-    ffn_load<T, NB>(bu, wu, c0, lane, nch, valid, XR == 3 ? lim : INT64_MAX);
+    ffn_load<T, NB>(bg, wg, c0, lane, nch, valid);
+    ffn_load<T, NB>(bu, wu, c0, lane, nch, valid);
     if constexpr (XR == 1) { // every round (gemv5_rows XR)
       if (c0 == 0) {
         pdl_wait();
@@ -810,8 +807,8 @@ gemv5_glu_kernel(const gemv5_glu_args A, const float *__restrict__ x, int64_t n,
         gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps);
         nfscd = true;
       }
-    gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt, lim);
-    gemv5_glu_round<T, NT, NB>(bu, accu, xsm, xinv, c0, lane, nch, nt, lim);
+    gemv5_glu_round<T, NT, NB>(bg, accg, xsm, xinv, c0, lane, nch, nt);
+    gemv5_glu_round<T, NT, NB>(bu, accu, xsm, xinv, c0, lane, nch, nt);
   }
   if constexpr (NF == 2)
     if (!nfscd) gemv5_nf_scales<NT>(nfsc, nfsh, nt, F.nss, k, F.eps); // one round only
@@ -855,8 +852,7 @@ static void launch_gemv5_glu_nt(cudaStream_t st, const gemv5_glu_args &A, const 
 }
 
 // n = 1, 2 (v5's one- and two-token route); the caller checks. xr: how x is
-// staged (gemv5_rows's XR: 0, 1, 3), -1: as gemv5_stage_mode (and, for the fold's consumer, ORCH_CUDA_GEMV5_STAGGER's
-// "glu"). nf: the folded
+// staged (gemv5_rows's XR: 0, 1), -1: as gemv5_stage_mode. nf: the folded
 // norm's consumer (x = xt; F.ss, F.nss, F.eps).
 template <int T>
 static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const float *x, int64_t n, int64_t k,
@@ -864,16 +860,12 @@ static void launch_gemv5_glu(cudaStream_t st, const gemv5_glu_args &A, const flo
   if constexpr (T == ORCH_T_Q8_0 || T == ORCH_T_Q4_0 || T == ORCH_T_MXFP4 || T == ORCH_T_Q8_0R) {
     const int mode = xr < 0 ? gemv5_stage_mode(k) : xr;
     const gemv5_nf F = nf ? *nf : gemv5_nf{};
-    const bool sg = xr == 3 || (xr < 0 && nf && gemv5_sg_ok(GEMV5_SG_GLU, n, k, gemv5_glu_nb<T, 1>(),
-                                                              gemv5_glu_nb<T, 2>()));
     auto go = [&](auto nt) {
       constexpr int NT = decltype(nt)::value;
       if (nf) {
-        if (sg) launch_gemv5_glu_nt<T, NT, 3, 2>(st, A, x, n, k, rb, F);
-        else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1, 2>(st, A, x, n, k, rb, F);
+        if (mode == 1) launch_gemv5_glu_nt<T, NT, 1, 2>(st, A, x, n, k, rb, F);
         else launch_gemv5_glu_nt<T, NT, 0, 2>(st, A, x, n, k, rb, F);
-      } else if (sg) launch_gemv5_glu_nt<T, NT, 3>(st, A, x, n, k, rb, F);
-      else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb, F);
+      } else if (mode == 1) launch_gemv5_glu_nt<T, NT, 1>(st, A, x, n, k, rb, F);
       else launch_gemv5_glu_nt<T, NT, 0>(st, A, x, n, k, rb, F);
     };
     if (n == 1) go(std::integral_constant<int, 1>{});

@@ -788,8 +788,6 @@ int main(int argc, char **argv) {
   test_gemv_glu(ORCH_T_Q4_0, 96, 8, 2, false, true);
   test_gemv_glu(ORCH_T_Q8_0, 4096, 12, 2, true, true, 1); // x per round: 2 rounds
   test_gemv_glu(ORCH_T_MXFP4, 2880, 8, 1, false, false, 1); // 90 chunks: a partial second round
-  test_gemv_glu(ORCH_T_Q8_0, 4096, 20, 1, true, false, 3);  // staggered rounds (XR 3): 64 / 32 + 64 + 32 chunks
-  test_gemv_glu(ORCH_T_Q4_0, 4160, 12, 2, false, true, 3);  // 130 chunks: ragged last rounds, two tokens
   test_gemv_xr(ORCH_T_Q8_0, 14336, 8, 1, 1);  // Llama down's k: 5 rounds, the last partial
   test_gemv_xr(ORCH_T_Q8_0, 4096, 20, 2, 2);  // 2 rows per warp: the second row reads what the first staged
   test_gemv_xr(ORCH_T_MXFP4, 2880, 12, 1, 1);

@@ -38,18 +38,8 @@ func TestFuseNormFold(t *testing.T) {
 	rms := func(out, res, add uintptr) string { return fmt.Sprintf("rmsnorm out=%x x=%x add=%x", out, res, add) }
 	swigluNF := fmt.Sprintf("swiglu_nf x=%x n=1 gate=%x up=%x out=%x nss=8", h.ptr, g.ptr, u.ptr, g.ptr)
 	qkvNF := fmt.Sprintf("multi_nf x=%x n=1 k=%d [%x/%d %x/32 %x/32] nss=8 eps=1e-05", h.ptr, d, q.ptr, d, k.ptr, v.ptr)
-	layer := func() {
-		b.MatMul(o, att, wo, nil)
-		b.AddRMSNorm(x, h, o, n2, 1e-5)
-		b.MatMul(g, h, wg, nil)
-		b.MatMul(u, h, wu, nil)
-		b.SwiGLU(g, g, u)
-		b.MatMul(fo, g, wd, nil)
-		b.AddRMSNorm(x, h, fo, n1, 1e-5)
-		b.MatMul(q, h, wq, nil)
-		b.MatMul(k, h, wk, nil)
-		b.MatMul(v, h, wv, nil)
-	}
+	layer := (&foldLayer{o: o, att: att, wo: wo, x: x, h: h, n2: n2, g: g, u: u, wg: wg, wu: wu, fo: fo, wd: wd, n1: n1,
+		q: q, k: k, v: v, wq: wq, wk: wk, wv: wv}).issuer(b)
 
 	layer()
 	require.Equal(t, []string{addnorm(o.ptr, att.ptr, x.ptr, n2.ptr), swigluNF, addnorm(fo.ptr, g.ptr, x.ptr, n1.ptr),
@@ -178,18 +168,8 @@ func TestNormFoldL2Prefetch(t *testing.T) {
 	x, h := s.x, s.h
 	att := *s.att // the attention's output as the projection's x
 	att.shape = []int{d, 1}
-	ffn := func() {
-		b.MatMul(o, &att, wo, nil)
-		b.AddRMSNorm(x, h, o, n2, 1e-5)
-		b.MatMul(g, h, wg, nil)
-		b.MatMul(u, h, wu, nil)
-		b.SwiGLU(g, g, u)
-		b.MatMul(fo, g, wd, nil)
-		b.AddRMSNorm(x, h, fo, n1, 1e-5)
-		b.MatMul(s.q, h, s.wq, nil)
-		b.MatMul(s.k, h, s.wk, nil)
-		b.MatMul(s.v, h, s.wv, nil)
-	}
+	ffn := (&foldLayer{o: o, att: &att, wo: wo, x: x, h: h, n2: n2, g: g, u: u, wg: wg, wu: wu, fo: fo, wd: wd, n1: n1,
+		q: s.q, k: s.k, v: s.v, wq: s.wq, wk: s.wk, wv: s.wv}).issuer(b)
 	addnorm := func(y, xx, nw uintptr) string {
 		return fmt.Sprintf("addnorm y=%x x=%x n=1 res=%x nw=%x xt=%x", y, xx, x.ptr, nw, h.ptr)
 	}
@@ -218,4 +198,26 @@ func TestNormFoldL2Prefetch(t *testing.T) {
 	f.take()
 	ffn()
 	require.Equal(t, []string{addnorm(o.ptr, s.att.ptr, n2.ptr), swigluNF, down}, f.take()[:3], "no entry")
+}
+
+// foldLayer is what the norm fold folds in a Llama decode layer: out projection -> AddRMSNorm -> gate/up + SwiGLU ->
+// down -> AddRMSNorm -> the next layer's q/k/v GEMVs (TestFuseNormFold, TestNormFoldL2Prefetch).
+type foldLayer struct {
+	o, att, wo, x, h, n2, g, u, wg, wu, fo, wd, n1, q, k, v, wq, wk, wv *tensor
+}
+
+// issuer returns a function issuing the layer's ops on b.
+func (l *foldLayer) issuer(b *Backend) func() {
+	return func() {
+		b.MatMul(l.o, l.att, l.wo, nil)
+		b.AddRMSNorm(l.x, l.h, l.o, l.n2, 1e-5)
+		b.MatMul(l.g, l.h, l.wg, nil)
+		b.MatMul(l.u, l.h, l.wu, nil)
+		b.SwiGLU(l.g, l.g, l.u)
+		b.MatMul(l.fo, l.g, l.wd, nil)
+		b.AddRMSNorm(l.x, l.h, l.fo, l.n1, 1e-5)
+		b.MatMul(l.q, l.h, l.wq, nil)
+		b.MatMul(l.k, l.h, l.wk, nil)
+		b.MatMul(l.v, l.h, l.wv, nil)
+	}
 }
