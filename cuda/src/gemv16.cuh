@@ -531,9 +531,9 @@ static inline int gemv5_stage_mode(int64_t k) {
   const int e = gemv5_xr_env();
   return e >= 0 ? e : k >= 8192 ? 1 : 0;
 }
-// ORCH_CUDA_GEMV5_STAGGER (read once; words, any order): XR = 3 (x staged once, rounds staggered by warp) for
-// "oproj": the norm fold's producer where gemv5_stage_mode says x once (k < 8192: Llama's out projection); "qkv":
-// the fold's merged consumers (q/k/v); "0": none. Unset: oproj,qkv. One token only, where the GEMV has two rounds
+// ORCH_CUDA_GEMV5_STAGGER (read once; words, any order): XR = 3 (x staged once, rounds staggered by warp), where
+// gemv5_stage_mode says x once (k < 8192, or ORCH_CUDA_GEMV5_XR=0), for "oproj": the norm fold's producer (Llama's
+// out projection); "qkv": the fold's merged consumers (q/k/v); "0": none. Unset: oproj,qkv. One token only, where the GEMV has two rounds
 // or more (gemv5_sg_ok: staggering a one-round GEMV, gpt-oss's q/k/v at k = 2880, adds a round). Session 16 (H100, same
 // call, Llama tg128): run 9 — default 307.8 / 307.7, qkv 311.2, down (the producer at k = 14336) 305.5, down +
 // oproj 307.4, down + qkv 309.2, all three 311.3; gpt-oss's q/k/v (one round) 683.1 vs 687.5 / 687.4; run 10 —
@@ -709,7 +709,7 @@ static void launch_gemv5_multi_nf(cudaStream_t st, gemv5_parts P, int count, con
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
     using I3 = std::integral_constant<int, 3>;
-    if (xr < 0 && one_row && gemv5_sg_ok(GEMV5_SG_QKV, n, k, gemv5_nb<T, 1>())) go(I1{}, I3{});
+    if (xr < 0 && mode == 0 && one_row && gemv5_sg_ok(GEMV5_SG_QKV, n, k, gemv5_nb<T, 1>())) go(I1{}, I3{});
     else if (n == 1) mode == 1 ? go(I1{}, I1{}) : go(I1{}, I0{});
     else mode == 1 ? go(I2{}, I1{}) : go(I2{}, I0{});
   }

@@ -562,21 +562,21 @@ func TestFusedNormFold(t *testing.T) {
 				rc := gpu.l.matmulAddNorm(gpu.ctx, ptr(o), ptr(att), ptr(wo), int32(dt), ptr(bo), int64(n), d, d, ptr(res),
 					ptr(n2), ptr(h), ss)
 				parts := [1]gemvPart{{w: ptr(wq), bias: ptr(bq), y: ptr(q), m: qd}}
-				if os.Getenv("ORCH_CUDA_GEMV") == "" {
-					require.NoError(t, gpu.l.status("matmul_addnorm", rc))
+				// the producer's status (op), then the scaled consumer of its xt (q) and a sync
+				consume := func(op string, rc int32) {
+					require.NoError(t, gpu.l.status(op, rc))
 					rc = gpu.l.matmulMultiNF(gpu.ctx, ptr(h), int32(dt), int64(n), d, 1, &parts[0], ss, d/8, eps)
 					require.NoError(t, gpu.l.status("matmul_multi_nf", rc))
 					require.NoError(t, gpu.Sync())
+				}
+				if os.Getenv("ORCH_CUDA_GEMV") == "" {
+					consume("matmul_addnorm", rc)
 					sameBits(t, name+" direct producer y", plain[0], readF32(t, o.g))
 					if gpu.l.matmulAddNormPF != nil { // with the L2 prefetch of the consumer's rows: a hint, same bits
 						qDirect := readF32(t, q.g)
 						reset()
-						rc = gpu.l.matmulAddNormPF(gpu.ctx, ptr(o), ptr(att), ptr(wo), int32(dt), ptr(bo), int64(n), d, d,
-							ptr(res), ptr(n2), ptr(h), ss, ptr(wq), gemvWType(wq.g.(*tensor)), qd, d)
-						require.NoError(t, gpu.l.status("matmul_addnorm_pf", rc))
-						rc = gpu.l.matmulMultiNF(gpu.ctx, ptr(h), int32(dt), int64(n), d, 1, &parts[0], ss, d/8, eps)
-						require.NoError(t, gpu.l.status("matmul_multi_nf", rc))
-						require.NoError(t, gpu.Sync())
+						consume("matmul_addnorm_pf", gpu.l.matmulAddNormPF(gpu.ctx, ptr(o), ptr(att), ptr(wo), int32(dt),
+							ptr(bo), int64(n), d, d, ptr(res), ptr(n2), ptr(h), ss, ptr(wq), gemvWType(wq.g.(*tensor)), qd, d))
 						sameBits(t, name+" direct producer y (L2 prefetch)", plain[0], readF32(t, o.g))
 						sameBits(t, name+" direct consumer q (L2 prefetch)", qDirect, readF32(t, q.g))
 					}
