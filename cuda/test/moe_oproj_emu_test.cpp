@@ -5,9 +5,12 @@
 //  - y, res, x (= xt) and the sum-of-squares partials = launch_gemv5_nf_prod's (orch_matmul_addnorm's producer) bit
 //    for bit; y within v5's bound of a float64 GEMV; res = res0 + y, x = res * w exactly;
 //  - ids = orch_moe_topk's over the float64 logits of the float64 norm (cases with adjacent top logits closer than
-//    1e-3 are regenerated), weights within 1e-4; out within the MoE bound (6e-3) of a float64 MoE of that norm;
+//    1e-3 are regenerated), weights within 1e-4; out within the MoE bound (6e-3; 8e-3 above dim 1024, see moe_bound)
+//    of a float64 MoE of that norm;
 //  - the existing path (plain v5 GEMV + orch_moe_decode_norm / _addnorm): same y and res bits, same ids, weights
-//    within 1e-4, out within 6e-3; with res2 .. ss: res2 = res2_0 + out, xt2 = res2 * w2, ss2 exactly;
+//    within 1e-4, out within the same bound of the same float64 MoE (the two paths' outputs are not compared with
+//    each other: each rounds x and the activations to fp16 on its own); with res2 .. ss: res2 = res2_0 + out,
+//    xt2 = res2 * w2, ss2 exactly;
 //  - the ticket back to 0; a second call through orch_moe_decode_oproj_args identical (first case); declines
 //    (nothing written).
 //
@@ -70,6 +73,12 @@ static std::vector<double> ref_moe1(const QW &gate, const QW &up, const QW &down
   }
   return want;
 }
+
+// The MoE output's bound vs float64: gate_up's dots sum fp16 products in fp16 partial sums (v6's arithmetic), whose
+// error grows with their length (dim). 6e-3 as in moe_emu_test up to dim 1024 (errors ~1e-3); above, the dim = 3136
+// case (98 chunks, both paths, 120 draws, session 17): mean 2.9e-3, sd 0.8e-3, max 5.1e-3 -- 8e-3 is 6 sd above the
+// mean (a lost chunk or a wrong scale is off by more than 1e-2).
+static double moe_bound(int64_t dim) { return dim > 1024 ? 8e-3 : 6e-3; }
 
 // to: the projection's type (ok -> dim), te: the experts' (gate / up / down). an: with the next norm's producer.
 static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int ne, int topk, bool bias, bool an,
@@ -202,8 +211,8 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
     EXPECT(dw <= 1e-4, "weights: max difference %.3g vs float64 routing", dw);
     const auto want = ref_moe1(gate, up, down, h64, gp(bgb), gp(bub), gp(bdb), g.ids, g.w, topk, dim, ff);
     const double eo = rel_l2(g.out, want);
-    EXPECT(eo <= 6e-3, "out: relative error %.3g vs float64 (%s %s dim=%lld ff=%lld)", eo, tn, te_n, (long long)dim,
-           (long long)ff);
+    EXPECT(eo <= moe_bound(dim), "out: relative error %.3g vs float64 (%s %s dim=%lld ff=%lld)", eo, tn, te_n,
+           (long long)dim, (long long)ff);
     if (an) {
       for (int64_t i = 0; i < dim; i++) {
         const float r2 = r2v[(size_t)i] + g.out[(size_t)i];
@@ -220,7 +229,7 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
       }
     }
     // The existing path: plain v5 GEMV, then orch_moe_decode_norm (_addnorm).
-    double eold = 0, dwo = 0;
+    double eold = 0, dold = 0, dwo = 0;
     {
       orch_ctx ctx;
       ctx.moe = 6;
@@ -243,8 +252,12 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
       const auto wo8 = wb.vec(), oo = out.vec();
       for (int s = 0; s < topk; s++) dwo = std::max(dwo, (double)std::fabs(wo8[(size_t)s] - g.w[(size_t)s]));
       EXPECT(dwo <= 1e-4, "weights: max difference %.3g vs the existing path", dwo);
-      eold = rel_l2(g.out, std::vector<double>(oo.begin(), oo.end()));
-      EXPECT(eold <= 6e-3, "out: relative difference %.3g vs the existing path", eold);
+      // Both paths round x and the activations to fp16 on their own (the fused op stages x from xt, the existing
+      // path from its norm), so their outputs are two independent draws within the MoE bound of the float64 MoE,
+      // not each other's: each is held to that bound, their difference (~1.4x either error) only printed.
+      eold = rel_l2(oo, want);
+      EXPECT(eold <= moe_bound(dim), "out (existing path): relative error %.3g vs float64", eold);
+      dold = rel_l2(g.out, std::vector<double>(oo.begin(), oo.end()));
     }
     if (again) {
       Got g2;
@@ -282,9 +295,9 @@ static void test_oproj(int to, int te, int64_t dim, int64_t ok, int64_t ff, int 
              "the projection in %d-warp CTAs differs from the default (dim=%lld)", w, (long long)dim);
     }
     std::printf("oproj %-5s ok=%-4lld -> dim=%-4lld, MoE %-5s ff=%-4lld top-%d of %-2d bias=%d next-norm=%d: y/res/x/ss = "
-                "the producer's bits (y err %.1e); ids = float64 top-k; out err %.2e, vs existing path %.2e "
-                "(weights %.1e)%s%s\n",
-                tn, (long long)ok, (long long)dim, te_n, (long long)ff, topk, ne, bias, an, ey, eo, eold, dwo,
+                "the producer's bits (y err %.1e); ids = float64 top-k; out err %.2e (existing path %.2e, "
+                "the two apart %.2e; weights %.1e)%s%s\n",
+                tn, (long long)ok, (long long)dim, te_n, (long long)ff, topk, ne, bias, an, ey, eo, eold, dold, dwo,
                 again ? "; second call (struct form) identical" : "",
                 te == ORCH_T_MXFP4 ? "; repacked rows identical" : "");
     return;
