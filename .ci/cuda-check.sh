@@ -23,24 +23,39 @@ nvcc --version | tail -1
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 fail=0
-for f in cuda/src/*.cu; do
-  for arch in 80 90; do
-    if ! nvcc -std=c++17 -c -arch=sm_$arch -Xptxas=-warn-spills -Icuda/include -o "$out/$(basename "$f").$arch.o" "$f"; then
-      echo "cuda-check: FAILED $f sm_$arch" >&2
-      fail=1
-    fi
-  done
-done
 # sm_90a (what the device builds: wgmma, TMA bulk copies, setmaxnreg behind __CUDA_ARCH_FEAT_SM90_ALL) needs
 # CUDA 12: cuda/scripts/nvcc12.sh unpacks Debian trixie's 12.4 under /opt/cuda124 (~1 GB, ~1 min).
 nvcc12=$(bash cuda/scripts/nvcc12.sh) || { echo "cuda-check: could not install CUDA 12 nvcc" >&2; exit 1; }
 "$nvcc12" --version | tail -1
-for f in cuda/src/*.cu; do
-  if ! "$nvcc12" -std=c++17 -c -arch=sm_90a -Xptxas=-warn-spills -Icuda/include -o "$out/$(basename "$f").90a.o" "$f"; then
-    echo "cuda-check: FAILED $f sm_90a (CUDA 12)" >&2
-    fail=1
+# Every (source, arch) compiles as its own job, ORCH_TEST_JOBS at a time (default: the number of CPUs); each job's
+# compiler output (ptxas spill warnings included) is printed in order once all have run.
+jobs=${ORCH_TEST_JOBS:-$(nproc 2>/dev/null || echo 1)}
+compile() { # compiler, arch, source, job id
+  if ! "$1" -std=c++17 -c -arch=sm_$2 -Xptxas=-warn-spills -Icuda/include -o "$out/$(basename "$3").$2.o" "$3" \
+    >"$out/job$4.log" 2>&1; then
+    echo "cuda-check: FAILED $3 sm_$2 ($1)" >>"$out/job$4.log"
+    return 1
   fi
+}
+n=0
+running=0
+for f in cuda/src/*.cu; do
+  for job in "nvcc 80" "nvcc 90" "$nvcc12 90a"; do
+    set -- $job
+    if [ "$running" -ge "$jobs" ]; then
+      wait -n || fail=1
+      running=$((running - 1))
+    fi
+    compile "$1" "$2" "$f" "$n" &
+    n=$((n + 1))
+    running=$((running + 1))
+  done
 done
+while [ "$running" -gt 0 ]; do
+  wait -n || fail=1
+  running=$((running - 1))
+done
+for ((i = 0; i < n; i++)); do cat "$out/job$i.log" >&2; done
 # Link the sm_90a objects into one relocatable object (ld -r: no runtime needed): a kernel or
 # variable defined in a header that two .cu files include (e.g. a non-template, non-static __global__) fails here.
 if [ "$fail" = 0 ] && ! ld -r -o "$out/orch_cuda_link_check.o" "$out"/*.90a.o; then
@@ -48,7 +63,8 @@ if [ "$fail" = 0 ] && ! ld -r -o "$out/orch_cuda_link_check.o" "$out"/*.90a.o; t
   fail=1
 fi
 # Host tests of the CUDA sources (no GPU): index/tile-plan math, the fp16 decode bit tricks, and the
-# kernels themselves compiled against the CPU emulation cuda/test/cuda_emu.h under ASan (~8–12 min on 2 cores; the attention emulation is most of it).
+# kernels themselves compiled against the CPU emulation cuda/test/cuda_emu.h under ASan (~14 min of CPU, two at a
+# time on 2 cores; MoE v6's is the longest).
 if ! bash cuda/test/run.sh; then
   echo "cuda-check: FAILED cuda/test host tests" >&2
   fail=1
