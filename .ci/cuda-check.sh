@@ -29,7 +29,7 @@ nvcc12=$(bash cuda/scripts/nvcc12.sh) || { echo "cuda-check: could not install C
 "$nvcc12" --version | tail -1
 # Every (source, arch) compiles as its own job, ORCH_TEST_JOBS at a time (default: the number of CPUs); each job's
 # compiler output (ptxas spill warnings included) is printed in order once all have run.
-jobs=${ORCH_TEST_JOBS:-$(nproc 2>/dev/null || echo 1)}
+source cuda/test/pool.sh
 compile() { # compiler, arch, source, job id
   if ! "$1" -std=c++17 -c -arch=sm_$2 -Xptxas=-warn-spills -Icuda/include -o "$out/$(basename "$3").$2.o" "$3" \
     >"$out/job$4.log" 2>&1; then
@@ -38,23 +38,15 @@ compile() { # compiler, arch, source, job id
   fi
 }
 n=0
-running=0
 for f in cuda/src/*.cu; do
   for job in "nvcc 80" "nvcc 90" "$nvcc12 90a"; do
     set -- $job
-    if [ "$running" -ge "$jobs" ]; then
-      wait -n || fail=1
-      running=$((running - 1))
-    fi
-    compile "$1" "$2" "$f" "$n" &
+    pool_run compile "$1" "$2" "$f" "$n"
     n=$((n + 1))
-    running=$((running + 1))
   done
 done
-while [ "$running" -gt 0 ]; do
-  wait -n || fail=1
-  running=$((running - 1))
-done
+pool_wait
+[ "$pool_fail" = 0 ] || fail=1
 for ((i = 0; i < n; i++)); do cat "$out/job$i.log" >&2; done
 # Link the sm_90a objects into one relocatable object (ld -r: no runtime needed): a kernel or
 # variable defined in a header that two .cu files include (e.g. a non-template, non-static __global__) fails here.

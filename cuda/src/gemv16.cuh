@@ -269,7 +269,7 @@ __device__ __forceinline__ void gemv5_rows(uint32_t *xsm, int64_t cta, float *__
     for (int64_t c0 = 0; c0 < nch; c0 = XR == 3 ? ce : c0 + 32 * NB, ce += 32 * NB) {
       const int64_t lim = XR == 3 ? min(ce, nch) : nch; // this round's chunks end before lim
       wblocks<T, NB> b;
-      ffn_load<T, NB>(b, wr, c0, lane, nch, valid, XR == 3 ? lim : INT64_MAX);
+      ffn_load<T, NB>(b, wr, c0, lane, nch, valid, lim);
       if constexpr (XR == 1) {
         if (r == 0) { // every round of the first row: uniform over the CTA
           if (c0 == 0) {

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 filter=${1:-}
-jobs=${ORCH_TEST_JOBS:-$(nproc 2>/dev/null || echo 1)}
+source cuda/test/pool.sh
 # one test: build, run; its result line into $out/NAME.result (with the log's tail on failure)
 one() { # name, build command...
   local name=$1; shift
@@ -58,20 +58,9 @@ cost() {
   esac
 }
 order=$(for n in "${names[@]}"; do echo "$(cost "$n") $n"; done | sort -k1,1nr -k2 | cut -d' ' -f2)
-fail=0
-running=0
-for name in $order; do
-  if [ "$running" -ge "$jobs" ]; then
-    wait -n || fail=1
-    running=$((running - 1))
-  fi
-  eval "one $name ${cmd[$name]}" &
-  running=$((running + 1))
-done
-while [ "$running" -gt 0 ]; do
-  wait -n || fail=1
-  running=$((running - 1))
-done
+for name in $order; do eval "pool_run one $name ${cmd[$name]}"; done
+pool_wait
+fail=$pool_fail
 for name in "${names[@]}"; do
   if [ -f "$out/$name.result" ]; then cat "$out/$name.result"; else echo "cuda host test $name: no result"; fail=1; fi
 done
